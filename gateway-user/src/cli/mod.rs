@@ -1,0 +1,73 @@
+//! The `pgward` command line: one file per subcommand.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub mod audit;
+pub mod init;
+pub mod serve;
+pub mod token;
+
+#[derive(Debug, Parser)]
+#[command(name = "pgward", version, about = "Token-authenticated, audited Postgres gateway")]
+pub struct Cli {
+    /// Log format: human (default on a TTY) or json.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Auto,
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a working configuration directory (config, TLS cert, token keys, audit dir).
+    Init(init::InitArgs),
+    /// Run the gateway.
+    Serve(serve::ServeArgs),
+    /// Issue tokens.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Read, verify and replay the audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
+}
+
+pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PGWARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Human => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal() && std::env::var_os("PGWARD_LOG_JSON").is_some(),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+/// Entry point of the binary: parse, dispatch, turn errors into a message and exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Init(a) => init::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Token(c) => token::run(c),
+        Command::Audit(c) => audit::run(c),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pgward: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! pgward's one configuration file (TOML). Relative paths are resolved against the directory
+//! that holds the config file, so a directory written by `pgward init` can be moved as a whole.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("invalid config {path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub auth: AuthConfig,
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// Directory holding the config file; every relative path is resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// TCP listen address, e.g. "127.0.0.1:6432".
+    pub listen: String,
+    /// Optional directory in which pgward also listens on `.s.PGSQL.<port>` (unix socket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_socket_dir: Option<PathBuf>,
+    /// Port number used in the unix socket's file name; defaults to the TCP listen port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_socket_port: Option<u16>,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// Accept a token without TLS when the client is on loopback or a unix socket.
+    /// Tokens over plain TCP from any other address are always refused.
+    #[serde(default = "default_true")]
+    pub allow_plaintext_local: bool,
+    /// Worker threads for the tokio runtime (0 = one per core).
+    #[serde(default)]
+    pub worker_threads: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    #[default]
+    Disable,
+    Prefer,
+    Require,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Hostname/IP, or an absolute directory holding Postgres's unix socket.
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// pgward's own (service) role on the real Postgres. Clients never see its credential.
+    pub user: String,
+    /// File holding the service role's password (first line). Optional for trust auth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Database used when the client does not name one.
+    #[serde(default = "default_database")]
+    pub default_database: String,
+    #[serde(default)]
+    pub tls: UpstreamTls,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub issuer: String,
+    pub audience: String,
+    /// JWKS file with the public keys tokens are verified against (`kid` selects).
+    pub jwks: PathBuf,
+    /// Private key `pgward token issue` signs with (PKCS#8 PEM, Ed25519). Also signs audit
+    /// checkpoints.
+    pub signing_key: PathBuf,
+    /// `kid` of the signing key in the JWKS.
+    pub signing_kid: String,
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+    #[serde(default = "default_ttl", with = "humantime_serde_compat")]
+    pub default_ttl: Duration,
+    /// Longest lifetime `pgward token issue` accepts.
+    #[serde(default = "default_max_ttl", with = "humantime_serde_compat")]
+    pub max_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// One fsync per record (slowest; for measurement).
+    Always,
+    /// Group commit: one fsync covers every record appended while the previous one ran.
+    #[default]
+    Group,
+    /// No fsync (records reach the page cache only). Not write-ahead durable.
+    Off,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    pub dir: PathBuf,
+    #[serde(default)]
+    pub fsync: FsyncPolicy,
+    /// A signed checkpoint after this many records...
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// ...or after this long, whichever comes first (only when records were added).
+    #[serde(default = "default_checkpoint_interval", with = "humantime_serde_compat")]
+    pub checkpoint_interval: Duration,
+    /// Start a new segment file when the current one passes this size.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    #[serde(default)]
+    pub files: Vec<PathBuf>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_database() -> String {
+    "postgres".into()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_leeway() -> u64 {
+    30
+}
+fn default_ttl() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+fn default_max_ttl() -> Duration {
+    Duration::from_secs(12 * 3600)
+}
+fn default_checkpoint_every() -> u64 {
+    1000
+}
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_segment_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+
+/// (De)serialize a Duration as a humantime string ("15m", "10s").
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut cfg: Config = toml::from_str(&text)
+            .map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        let base = path
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("."));
+        cfg.base_dir = base;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |msg: String| ConfigError::Invalid { path: path.to_owned(), msg };
+        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(bad(format!("server.listen {:?} is not HOST:PORT", self.server.listen)));
+        }
+        if self.audit.checkpoint_every == 0 {
+            return Err(bad("audit.checkpoint_every must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// Resolve a path from the config against the config file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() { p.to_owned() } else { self.base_dir.join(p) }
+    }
+
+    pub fn listen_addr(&self) -> std::net::SocketAddr {
+        // validated in `load`
+        self.server.listen.parse().unwrap_or_else(|_| ([127, 0, 0, 1], 6432).into())
+    }
+
+    /// The service role's password, if a password file is configured.
+    pub fn upstream_password(&self) -> std::io::Result<Option<String>> {
+        match &self.upstream.password_file {
+            None => Ok(None),
+            Some(p) => {
+                let text = std::fs::read_to_string(self.resolve(p))?;
+                Ok(Some(text.lines().next().unwrap_or("").to_string()))
+            }
+        }
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}

@@ -1,0 +1,16 @@
+//! pgward: a token-authenticated, policy-checked, audited Postgres gateway.
+//!
+//! Rooms (see DESIGN.md): `config`, `cli`, `auth` (tokens), `tls`, `wire` (frames),
+//! `session` (per-connection state machine), `upstream` (connect + auth to the real Postgres,
+//! cancel map), `server` (listeners), `policy`, `audit` (records, writer, reader, verify), `ebpf`.
+
+pub mod audit;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod policy;
+pub mod server;
+pub mod session;
+pub mod tls;
+pub mod upstream;
+pub mod wire;
