@@ -1,0 +1,99 @@
+//! Identity tokens: verify a JWT (the client's password) against the configured JWKS, and issue
+//! tokens with the gateway's own signing key.
+//!
+//! * [`Verifier`] — built once from `auth.jwks`; `verify` runs once per connection.
+//! * [`Signer`] — `pgward token issue`: EdDSA tokens signed with `auth.signing_key`.
+//! * [`generate_signing_key`] — `pgward init`: a fresh Ed25519 key (PKCS#8 PEM) + its JWKS.
+//!
+//! The same Ed25519 key also signs audit checkpoints (the audit module reads the PEM and the
+//! OKP entry of the JWKS itself).
+
+mod signer;
+mod verifier;
+
+#[cfg(test)]
+mod tests;
+
+pub use signer::{JWKS_FILE, SIGNING_KEY_FILE, Signer, generate_signing_key, signing_key_pem_path};
+pub use verifier::Verifier;
+
+/// Who a session belongs to, from a verified token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user: String,
+    pub groups: Vec<String>,
+    pub jti: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The token is not acceptable (bad signature, expired, wrong aud/iss, unknown kid, ...).
+    /// SQLSTATE 28P01. `jti`/`sub` are read from the *unverified* payload when possible, for the
+    /// audit record only — never trust them for anything else.
+    #[error("invalid token: {reason}")]
+    InvalidToken { reason: String, jti: Option<String>, sub: Option<String> },
+    /// Token is valid but the startup user is not its subject. SQLSTATE 28000.
+    #[error("token subject {sub:?} does not match user {user:?}")]
+    UserMismatch { sub: String, user: String, jti: String },
+    /// Keys could not be loaded / key material problem (server side).
+    #[error("key error: {0}")]
+    Keys(String),
+}
+
+impl AuthError {
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            AuthError::InvalidToken { .. } => "28P01",
+            AuthError::UserMismatch { .. } => "28000",
+            AuthError::Keys(_) => "28000",
+        }
+    }
+    pub fn jti(&self) -> Option<&str> {
+        match self {
+            AuthError::InvalidToken { jti, .. } => jti.as_deref(),
+            AuthError::UserMismatch { jti, .. } => Some(jti),
+            AuthError::Keys(_) => None,
+        }
+    }
+    pub fn sub(&self) -> Option<&str> {
+        match self {
+            AuthError::InvalidToken { sub, .. } => sub.as_deref(),
+            AuthError::UserMismatch { sub, .. } => Some(sub),
+            AuthError::Keys(_) => None,
+        }
+    }
+}
+
+/// Write `data` to `path` with permission bits `mode` (e.g. 0o600 for private keys). The file is
+/// created with `mode` from the start; an existing file is narrowed to `mode` before it is
+/// truncated, so secret bytes never sit in a file with looser permissions.
+pub(crate) fn write_file_mode(
+    path: &std::path::Path,
+    data: &[u8],
+    mode: u32,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if path.exists() {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Current Unix time in seconds.
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
