@@ -1,1 +1,119 @@
-pub fn run(_cfg: crate::config::Config) -> anyhow::Result<()> { anyhow::bail!("todo") }
+//! `pgward serve`: load keys, start the audit writer, listen (TCP and optionally a unix
+//! socket), hand each connection to a session, shut down cleanly on SIGTERM/SIGINT.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::audit::{AuditHandle, CheckpointSigner, WriterOptions};
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::session::{self, Peer, Shared};
+use crate::upstream::{CancelMap, Target};
+
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let mut rt = if cfg.server.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if cfg.server.worker_threads > 1 {
+            b.worker_threads(cfg.server.worker_threads);
+        }
+        b
+    };
+    let rt = rt.enable_all().build().context("starting the tokio runtime")?;
+    rt.block_on(serve(cfg))
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let verifier = Verifier::load(&cfg).context("loading token keys")?;
+    let tls = crate::tls::server_config(&cfg).context("loading the TLS certificate")?;
+    let upstream_password = cfg.upstream_password().context("reading upstream.password_file")?;
+
+    let signer = CheckpointSigner::from_pem_file(&cfg.resolve(&cfg.auth.signing_key), &cfg.auth.signing_kid)
+        .context("loading the checkpoint signing key")?;
+    let audit = AuditHandle::start(WriterOptions {
+        dir: cfg.resolve(&cfg.audit.dir),
+        fsync: cfg.audit.fsync,
+        checkpoint_every: cfg.audit.checkpoint_every,
+        checkpoint_interval: cfg.audit.checkpoint_interval,
+        segment_bytes: cfg.audit.segment_bytes,
+        signer: Some(signer),
+    })
+    .context("starting the audit log")?;
+
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        verifier,
+        audit: audit.clone(),
+        tls: Some(tokio_rustls::TlsAcceptor::from(tls)),
+        cancels: CancelMap::default(),
+        target: Target::from_config(&cfg),
+        upstream_password,
+    });
+
+    let addr = cfg.listen_addr();
+    let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+    tracing::info!(%addr, "pgward listening");
+
+    let unix = match &cfg.server.unix_socket_dir {
+        Some(dir) => {
+            let port = cfg.server.unix_socket_port.unwrap_or(addr.port());
+            let path = cfg.resolve(dir).join(format!(".s.PGSQL.{port}"));
+            if path.exists() {
+                // A stale socket from a previous run: only remove a socket, never a file.
+                use std::os::unix::fs::FileTypeExt;
+                if std::fs::symlink_metadata(&path).map(|m| m.file_type().is_socket()).unwrap_or(false) {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+            let l = tokio::net::UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
+            // Anyone may connect; the token is the authentication.
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777));
+            tracing::info!(path = %path.display(), "pgward listening on unix socket");
+            Some((l, path))
+        }
+        None => None,
+    };
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+
+    loop {
+        tokio::select! {
+            r = tcp.accept() => match r {
+                Ok((s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    tokio::spawn(session::handle(shared.clone(), Box::new(s), Peer::Tcp(peer)));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            r = async { match &unix { Some((l, _)) => l.accept().await, None => std::future::pending().await } } => match r {
+                Ok((s, _)) => {
+                    let (uid, pid) = match s.peer_cred() {
+                        Ok(c) => (c.uid(), c.pid().unwrap_or(0)),
+                        Err(_) => (u32::MAX, 0),
+                    };
+                    tokio::spawn(session::handle(shared.clone(), Box::new(s), Peer::Unix { uid, pid }));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "unix accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+        }
+    }
+    if let Some((_, path)) = &unix {
+        let _ = std::fs::remove_file(path);
+    }
+    let a = audit.clone();
+    let _ = tokio::task::spawn_blocking(move || a.shutdown()).await;
+    Ok(())
+}

@@ -1,1 +1,911 @@
-//! TODO
+//! One client connection, start to end: startup (TLS, token), upstream login, then the relay
+//! loop with write-ahead audit. This module owns the protocol state machine, not policy.
+//!
+//! Relay invariants:
+//! - Client frames are processed in batches (everything that arrived in one read). Frames that
+//!   execute something (`Q`, `E`, `F`) get a `statement` record; the batch goes upstream only
+//!   once all its records are durable. If the audit append fails, those frames are replaced by
+//!   markers that fail upstream (so Postgres does the transaction/pipeline bookkeeping) and
+//!   the resulting ErrorResponse is rewritten into pgward's own error.
+//! - Every forwarded frame that expects an answer has a `Pending` entry; server answers pop
+//!   them in order, which is how results are matched to statements.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::audit::{AuditError, AuditHandle, Client, Kind, Record};
+use crate::auth::{Identity, Verifier};
+use crate::config::Config;
+use crate::policy::{self, Decision};
+use crate::upstream::{self, CancelMap, Target};
+use crate::wire::{self, BoxStream, Frame, StartupRequest, WireError};
+
+/// Everything sessions share.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub verifier: Verifier,
+    pub audit: AuditHandle,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub cancels: CancelMap,
+    pub target: Target,
+    pub upstream_password: Option<String>,
+}
+
+/// Who is on the other end of an accepted socket.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    Tcp(SocketAddr),
+    Unix { uid: u32, pid: i32 },
+}
+
+impl Peer {
+    fn is_local(&self) -> bool {
+        match self {
+            Peer::Tcp(a) => a.ip().is_loopback(),
+            Peer::Unix { .. } => true,
+        }
+    }
+    fn audit_client(&self) -> Client {
+        match self {
+            Peer::Tcp(a) => Client::Tcp { addr: a.to_string() },
+            Peer::Unix { uid, pid } => Client::Unix { uid: *uid, pid: *pid },
+        }
+    }
+}
+
+/// Above this many buffered bytes in one direction, stop reading the other side.
+const HIGH_WATER: usize = 256 * 1024;
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn new_session_id() -> String {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return uuid::Uuid::new_v4().simple().to_string()[..16].to_string();
+    }
+    hex::encode(b)
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Send a FATAL error to the client and flush (best effort).
+async fn fatal<S: tokio::io::AsyncWrite + Unpin + ?Sized>(s: &mut S, code: &str, msg: &str) {
+    let mut out = BytesMut::new();
+    wire::error_response(&mut out, "FATAL", code, msg);
+    let _ = s.write_all(&out).await;
+    let _ = s.flush().await;
+}
+
+/// Entry point for an accepted connection.
+pub async fn handle(shared: Arc<Shared>, stream: BoxStream, peer: Peer) {
+    let session = new_session_id();
+    let span = tracing::info_span!("session", id = %session);
+    let _ = tracing::Instrument::instrument(run(shared, stream, peer, session), span).await;
+}
+
+struct Login {
+    identity: Identity,
+    database: String,
+    stream: BoxStream,
+    buf: BytesMut,
+    app_name: Option<String>,
+    /// Client startup parameters passed on to the upstream (client_encoding, DateStyle, ...).
+    params: Vec<(String, String)>,
+}
+
+/// Startup parameters never passed upstream: identity and connection routing are pgward's,
+/// and `options` could carry `-c role=...` / `-c session_authorization=...`.
+const STRIPPED_PARAMS: &[&str] = &["user", "database", "options", "replication", "application_name", "role", "session_authorization"];
+
+async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String) -> Option<()> {
+    let login = match tokio::time::timeout(STARTUP_TIMEOUT, startup(&shared, stream, &peer, &session)).await {
+        Ok(Some(l)) => l,
+        Ok(None) => return None,
+        Err(_) => {
+            tracing::info!("startup timed out");
+            return None;
+        }
+    };
+
+    // Upstream login with the service credential. application_name carries the real user so
+    // Postgres's own logs and pg_stat_activity show who it is.
+    let app_name = match login.app_name.as_deref() {
+        Some(a) if !a.is_empty() => format!("pgward:{}:{}", login.identity.user, a),
+        _ => format!("pgward:{}", login.identity.user),
+    };
+    let mut startup_params: Vec<(&str, &str)> = vec![("application_name", app_name.as_str())];
+    startup_params.extend(login.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let up = upstream::connect(
+        &shared.target,
+        &shared.cfg.upstream.user,
+        shared.upstream_password.as_deref(),
+        &login.database,
+        &startup_params,
+    )
+    .await;
+    let Login { identity, database, mut stream, buf, .. } = login;
+    let up = match up {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(error = %e, "upstream login failed");
+            let rec = Record {
+                kind: Kind::LoginFailed,
+                session: Some(session.clone()),
+                user: Some(identity.user.clone()),
+                groups: Some(identity.groups.clone()),
+                client: Some(peer.audit_client()),
+                database: Some(database.clone()),
+                jti: Some(identity.jti.clone()),
+                sqlstate: Some(e.sqlstate().to_string()),
+                error: Some(format!("upstream: {e}")),
+                ..Default::default()
+            };
+            let _ = shared.audit.append_durable(rec).await;
+            fatal(&mut stream, e.sqlstate(), &format!("pgward: {e}")).await;
+            return None;
+        }
+    };
+
+    // Write-ahead: the login is durable before the session can do anything.
+    let login_rec = Record {
+        kind: Kind::Login,
+        session: Some(session.clone()),
+        user: Some(identity.user.clone()),
+        groups: Some(identity.groups.clone()),
+        client: Some(peer.audit_client()),
+        database: Some(database.clone()),
+        jti: Some(identity.jti.clone()),
+        ..Default::default()
+    };
+    if let Err(e) = shared.audit.append_durable(login_rec).await {
+        tracing::error!(error = %e, "audit append failed; refusing login");
+        fatal(&mut stream, "58030", &format!("pgward: audit log unavailable, login refused: {e}")).await;
+        return None;
+    }
+
+    let (pid, key) = shared.cancels.register(up.backend_pid, up.backend_key);
+    let mut hello = BytesMut::new();
+    wire::auth_ok(&mut hello);
+    for (k, v) in &up.params {
+        wire::parameter_status(&mut hello, k, v);
+    }
+    wire::backend_key_data(&mut hello, pid, key);
+    wire::ready_for_query(&mut hello, up.tx_status);
+    if stream.write_all(&hello).await.is_err() || stream.flush().await.is_err() {
+        shared.cancels.remove(pid, key);
+        return None;
+    }
+    tracing::info!(user = %identity.user, database = %database, "session started");
+
+    let mut relay = Relay {
+        shared: shared.clone(),
+        session: session.clone(),
+        identity,
+        database,
+        client: peer.audit_client(),
+        stmts: HashMap::new(),
+        portals: HashMap::new(),
+        pending: VecDeque::new(),
+        tx_status: up.tx_status,
+        nonce: new_session_id(),
+        terminated: false,
+        end_reason: None,
+    };
+    relay.run(stream, buf, up.stream, up.leftover).await;
+    shared.cancels.remove(pid, key);
+
+    let mut end = relay.record(Kind::SessionEnd);
+    end.error = relay.end_reason.clone();
+    shared.audit.append(end);
+    tracing::info!(reason = relay.end_reason.as_deref().unwrap_or("client closed"), "session ended");
+    Some(())
+}
+
+/// Startup phase: SSL negotiation, StartupMessage, token. Returns None when the connection is
+/// finished (cancel request, refused login, client gone).
+async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &Peer, session: &str) -> Option<Login> {
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut tls_on = false;
+    let (version, params) = loop {
+        let pkt = match wire::read_startup_packet(&mut stream, &mut buf).await {
+            Ok(p) => p,
+            Err(WireError::Closed) => return None,
+            Err(e) => {
+                fatal(&mut stream, "08P01", &format!("pgward: invalid startup packet: {e}")).await;
+                return None;
+            }
+        };
+        match wire::parse_startup(&pkt) {
+            Ok(StartupRequest::Ssl) => {
+                if tls_on || !buf.is_empty() {
+                    fatal(&mut stream, "08P01", "pgward: unexpected data around SSLRequest").await;
+                    return None;
+                }
+                match &shared.tls {
+                    Some(acc) => {
+                        if stream.write_all(b"S").await.is_err() || stream.flush().await.is_err() {
+                            return None;
+                        }
+                        match acc.accept(stream).await {
+                            Ok(t) => {
+                                stream = Box::new(t);
+                                tls_on = true;
+                            }
+                            Err(e) => {
+                                tracing::info!(error = %e, "TLS handshake failed");
+                                return None;
+                            }
+                        }
+                    }
+                    None => {
+                        if stream.write_all(b"N").await.is_err() {
+                            return None;
+                        }
+                    }
+                }
+            }
+            Ok(StartupRequest::GssEnc) => {
+                if stream.write_all(b"N").await.is_err() {
+                    return None;
+                }
+            }
+            Ok(StartupRequest::Cancel { pid, key }) => {
+                // Map pgward's key to the upstream's; unknown keys are ignored silently.
+                if let Some((upid, ukey)) = shared.cancels.lookup(pid, key) {
+                    if let Err(e) = upstream::cancel(&shared.target, upid, ukey).await {
+                        tracing::warn!(error = %e, "forwarding cancel request failed");
+                    } else {
+                        tracing::info!("cancel request forwarded");
+                    }
+                } else {
+                    tracing::info!("cancel request with unknown key ignored");
+                }
+                return None;
+            }
+            Ok(StartupRequest::Startup { version, params }) => break (version, params),
+            Err(e) => {
+                fatal(&mut stream, "08P01", &format!("pgward: invalid startup packet: {e}")).await;
+                return None;
+            }
+        }
+    };
+
+    let mut hello = BytesMut::new();
+    if version >> 16 != 3 {
+        fatal(&mut stream, "0A000", &format!("pgward: unsupported frontend protocol {}.{}", version >> 16, version & 0xffff)).await;
+        return None;
+    }
+    let unsupported: Vec<String> = params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
+    if version & 0xffff != 0 || !unsupported.is_empty() {
+        wire::negotiate_protocol_version(&mut hello, &unsupported);
+    }
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let Some(user) = get("user").filter(|u| !u.is_empty()) else {
+        fatal(&mut stream, "28000", "pgward: no user name specified in the startup packet").await;
+        return None;
+    };
+    let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
+        fatal(&mut stream, "28000", "pgward: replication connections are not supported").await;
+        return None;
+    }
+
+    let failed = |reason: String, code: &str, jti: Option<String>, sub: Option<String>| Record {
+        kind: Kind::LoginFailed,
+        session: Some(session.to_string()),
+        user: Some(sub.unwrap_or_else(|| user.clone())),
+        client: Some(peer.audit_client()),
+        database: Some(database.clone()),
+        jti,
+        sqlstate: Some(code.to_string()),
+        error: Some(reason),
+        ..Default::default()
+    };
+
+    if !tls_on && !(peer.is_local() && shared.cfg.server.allow_plaintext_local) {
+        let msg = "pgward accepts tokens only over TLS from this address (use sslmode=require)";
+        let _ = shared.audit.append_durable(failed(msg.into(), "28000", None, None)).await;
+        fatal(&mut stream, "28000", &format!("pgward: {msg}")).await;
+        return None;
+    }
+
+    wire::auth_cleartext(&mut hello);
+    if stream.write_all(&hello).await.is_err() || stream.flush().await.is_err() {
+        return None;
+    }
+    let frame = match wire::read_frame(&mut stream, &mut buf, wire::MAX_STARTUP_FRAME).await {
+        Ok(f) => f,
+        // psql hangs up here to prompt for a password; that is not a failed login.
+        Err(WireError::Closed) => return None,
+        Err(e) => {
+            fatal(&mut stream, "08P01", &format!("pgward: {e}")).await;
+            return None;
+        }
+    };
+    let token = match wire::decode_password(&frame) {
+        Ok(t) => t,
+        Err(e) => {
+            fatal(&mut stream, "08P01", &format!("pgward: {e}")).await;
+            return None;
+        }
+    };
+    match shared.verifier.verify(token, &user) {
+        Ok(identity) => {
+            let app_name = get("application_name");
+            let params = params
+                .iter()
+                .filter(|(k, _)| !STRIPPED_PARAMS.contains(&k.as_str()) && !k.starts_with("_pq_."))
+                .cloned()
+                .collect();
+            Some(Login { identity, database, stream, buf, app_name, params })
+        }
+        Err(e) => {
+            let code = e.sqlstate();
+            tracing::info!(user = %user, error = %e, "login refused");
+            let rec = failed(e.to_string(), code, e.jti().map(str::to_string), e.sub().map(str::to_string));
+            let _ = shared.audit.append_durable(rec).await;
+            let msg = match code {
+                "28P01" => format!("pgward: token authentication failed for user \"{user}\": {e}"),
+                _ => format!("pgward: {e}"),
+            };
+            fatal(&mut stream, code, &msg).await;
+            None
+        }
+    }
+}
+
+/// What a forwarded client frame is waiting for from the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PendKind {
+    Parse,
+    Bind,
+    Describe,
+    Close,
+    Execute,
+    Query,
+    FunctionCall,
+    Sync,
+}
+
+#[derive(Debug)]
+struct Pending {
+    kind: PendKind,
+    /// seq of the statement record (Execute/Query/FunctionCall), 0 if none.
+    seq: u64,
+    started: Instant,
+    /// If set, the frame was replaced by a failing marker; rewrite its error into this.
+    refusal: Option<(&'static str, String)>,
+    /// Index into the batch's record receivers (before durability), usize::MAX if none.
+    rec_idx: usize,
+}
+
+impl Pending {
+    fn new(kind: PendKind) -> Pending {
+        Pending { kind, seq: 0, started: Instant::now(), refusal: None, rec_idx: usize::MAX }
+    }
+    fn is_sync_point(&self) -> bool {
+        matches!(self.kind, PendKind::Sync | PendKind::Query | PendKind::FunctionCall)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Portal {
+    sql: Arc<str>,
+    params: Vec<Option<String>>,
+}
+
+/// Client frames read in one go, waiting for their statement records to be durable.
+struct Batch {
+    frames: Vec<(Frame, Option<usize>)>,
+    pendings: Vec<Pending>,
+    receivers: Vec<tokio::sync::oneshot::Receiver<Result<u64, AuditError>>>,
+}
+
+type DurableFuture = Pin<Box<dyn Future<Output = Result<Vec<u64>, String>> + Send>>;
+
+enum End {
+    Client,
+    Upstream,
+    Fatal(&'static str, String),
+}
+
+struct Relay {
+    shared: Arc<Shared>,
+    session: String,
+    identity: Identity,
+    database: String,
+    client: Client,
+    stmts: HashMap<String, Arc<str>>,
+    portals: HashMap<String, Portal>,
+    pending: VecDeque<Pending>,
+    tx_status: u8,
+    nonce: String,
+    terminated: bool,
+    end_reason: Option<String>,
+}
+
+impl Relay {
+    fn record(&self, kind: Kind) -> Record {
+        Record {
+            kind,
+            session: Some(self.session.clone()),
+            user: Some(self.identity.user.clone()),
+            groups: Some(self.identity.groups.clone()),
+            client: Some(self.client.clone()),
+            database: Some(self.database.clone()),
+            ..Default::default()
+        }
+    }
+
+    async fn run(&mut self, client: BoxStream, mut cbuf: BytesMut, upstream: BoxStream, mut ubuf: BytesMut) {
+        let (mut crd, mut cwr) = tokio::io::split(client);
+        let (mut urd, mut uwr) = tokio::io::split(upstream);
+        cbuf.reserve(16 * 1024);
+        ubuf.reserve(64 * 1024);
+        let mut cout = BytesMut::with_capacity(64 * 1024);
+        let mut uout = BytesMut::with_capacity(16 * 1024);
+        let mut batch: Option<Batch> = None;
+        let mut durable: Option<DurableFuture> = None;
+        let mut client_eof = false;
+
+        // Frames that arrived with the startup packet or the upstream's login.
+        let mut end: Option<End> = None;
+        if !cbuf.is_empty() {
+            match self.on_client_data(&mut cbuf, &mut uout) {
+                Ok(b) => {
+                    if let Some(mut b) = b {
+                        durable = Some(Self::await_records(&mut b));
+                        batch = Some(b);
+                    }
+                }
+                Err(e) => end = Some(e),
+            }
+        }
+        if end.is_none() && !ubuf.is_empty() {
+            self.on_upstream_data(&mut ubuf, &mut cout);
+        }
+
+        while end.is_none() {
+            let read_client = !client_eof && !self.terminated && durable.is_none() && uout.len() < HIGH_WATER;
+            let read_upstream = cout.len() < HIGH_WATER;
+            tokio::select! {
+                r = crd.read_buf(&mut cbuf), if read_client => match r {
+                    Ok(0) | Err(_) => { client_eof = true; end = Some(End::Client); }
+                    Ok(_) => match self.on_client_data(&mut cbuf, &mut uout) {
+                        Ok(Some(mut b)) => { durable = Some(Self::await_records(&mut b)); batch = Some(b); }
+                        Ok(None) => {}
+                        Err(e) => end = Some(e),
+                    },
+                },
+                r = urd.read_buf(&mut ubuf), if read_upstream => match r {
+                    Ok(0) | Err(_) => end = Some(End::Upstream),
+                    Ok(_) => self.on_upstream_data(&mut ubuf, &mut cout),
+                },
+                r = async { match durable.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if durable.is_some() => {
+                    durable = None;
+                    if let Some(b) = batch.take() {
+                        self.release_batch(b, r, &mut uout);
+                    }
+                },
+                r = cwr.write(&cout), if !cout.is_empty() => match r {
+                    Ok(0) | Err(_) => end = Some(End::Client),
+                    Ok(n) => {
+                        let _ = cout.split_to(n);
+                        if cout.is_empty() && cwr.flush().await.is_err() { end = Some(End::Client); }
+                    }
+                },
+                r = uwr.write(&uout), if !uout.is_empty() => match r {
+                    Ok(0) | Err(_) => end = Some(End::Upstream),
+                    Ok(n) => {
+                        let _ = uout.split_to(n);
+                        if uout.is_empty() && uwr.flush().await.is_err() { end = Some(End::Upstream); }
+                    }
+                },
+            }
+        }
+
+        match end {
+            Some(End::Client) | None => {
+                // Tell the upstream we are done (Terminate), best effort.
+                let mut t = BytesMut::new();
+                if !self.terminated {
+                    wire::message(&mut t, b'X', &[]);
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    let _ = uwr.write_all(&uout).await;
+                    let _ = uwr.write_all(&t).await;
+                    let _ = uwr.shutdown().await;
+                })
+                .await;
+                if !self.terminated {
+                    self.end_reason = Some("client disconnected without Terminate".into());
+                }
+            }
+            Some(End::Upstream) => {
+                if !self.terminated {
+                    wire::error_response(&mut cout, "FATAL", "08006", "pgward: connection to the database server was lost");
+                    self.end_reason = Some("database connection lost".into());
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    let _ = cwr.write_all(&cout).await;
+                    let _ = cwr.shutdown().await;
+                })
+                .await;
+            }
+            Some(End::Fatal(code, msg)) => {
+                tracing::info!(code, %msg, "ending session");
+                wire::error_response(&mut cout, "FATAL", code, &msg);
+                self.end_reason = Some(format!("{code}: {msg}"));
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    let _ = cwr.write_all(&cout).await;
+                    let _ = cwr.shutdown().await;
+                    let mut t = BytesMut::new();
+                    wire::message(&mut t, b'X', &[]);
+                    let _ = uwr.write_all(&t).await;
+                })
+                .await;
+            }
+        }
+    }
+
+    /// A future resolving once every record of the batch is durable (their seqs), or the
+    /// first failure.
+    fn await_records(b: &mut Batch) -> DurableFuture {
+        let receivers = std::mem::take(&mut b.receivers);
+        Box::pin(async move {
+            let mut seqs = Vec::with_capacity(receivers.len());
+            for r in receivers {
+                match r.await {
+                    Ok(Ok(seq)) => seqs.push(seq),
+                    Ok(Err(e)) => return Err(e.to_string()),
+                    Err(_) => return Err("the audit writer stopped".to_string()),
+                }
+            }
+            Ok(seqs)
+        })
+    }
+
+    /// Split the client's buffered bytes into frames and decide what to do with each.
+    /// Frames without records go straight into `uout` when nothing is staged; otherwise a
+    /// batch is returned that waits for durability.
+    fn on_client_data(&mut self, cbuf: &mut BytesMut, uout: &mut BytesMut) -> Result<Option<Batch>, End> {
+        let mut batch = Batch { frames: Vec::new(), pendings: Vec::new(), receivers: Vec::new() };
+        loop {
+            let f = match wire::split_frame(cbuf, wire::MAX_FRAME) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return Err(End::Fatal("08P01", format!("pgward: {e}"))),
+            };
+            self.on_client_frame(f, &mut batch)?;
+            if self.terminated {
+                break;
+            }
+        }
+        if batch.receivers.is_empty() && batch.pendings.iter().all(|p| p.rec_idx == usize::MAX) {
+            for (f, _) in &batch.frames {
+                uout.extend_from_slice(&f.raw);
+            }
+            self.pending.extend(batch.pendings);
+            return Ok(None);
+        }
+        Ok(Some(batch))
+    }
+
+    fn check_token(&self) -> Result<(), End> {
+        if now_unix() > self.identity.expires_at {
+            return Err(End::Fatal("28P01", "pgward: your token has expired; log in again with a fresh token".into()));
+        }
+        Ok(())
+    }
+
+    fn submit(&self, batch: &mut Batch, rec: Record) -> usize {
+        batch.receivers.push(self.shared.audit.submit(rec));
+        batch.receivers.len() - 1
+    }
+
+    fn on_client_frame(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
+        let bad = |e: WireError| End::Fatal("08P01", format!("pgward: {e}"));
+        match f.tag {
+            b'Q' => {
+                self.check_token()?;
+                let sql = wire::decode_query(&f).map_err(bad)?;
+                let mut rec = self.record(Kind::Statement);
+                rec.protocol = Some("simple".into());
+                let mut p = Pending::new(PendKind::Query);
+                let frame = match policy::decide(&self.identity, &self.database, sql) {
+                    Decision::Allow { rule } => {
+                        rec.decision = Some("allow".into());
+                        rec.rule = Some(rule);
+                        rec.sql = Some(sql.to_string());
+                        f
+                    }
+                    Decision::Deny { rule, reason } => {
+                        rec.decision = Some("deny".into());
+                        rec.rule = Some(rule.clone());
+                        rec.sql = Some(sql.to_string());
+                        p.refusal = Some(("42501", format!("pgward: permission denied by policy rule \"{rule}\": {reason}")));
+                        self.marker_query()
+                    }
+                };
+                p.rec_idx = self.submit(batch, rec);
+                batch.frames.push((frame, Some(batch.pendings.len())));
+                batch.pendings.push(p);
+            }
+            b'P' => {
+                let (name, sql) = wire::decode_parse(&f).map_err(bad)?;
+                self.stmts.insert(name.to_string(), Arc::from(sql));
+                batch.frames.push((f, None));
+                batch.pendings.push(Pending::new(PendKind::Parse));
+            }
+            b'B' => {
+                let b = wire::decode_bind(&f).map_err(bad)?;
+                let sql = self.stmts.get(b.statement).cloned().unwrap_or_else(|| Arc::from(""));
+                let params = b.params.iter().map(|(fmt, v)| wire::render_param(*fmt, *v)).collect();
+                self.portals.insert(b.portal.to_string(), Portal { sql, params });
+                batch.frames.push((f, None));
+                batch.pendings.push(Pending::new(PendKind::Bind));
+            }
+            b'E' => {
+                self.check_token()?;
+                let portal = wire::decode_execute(&f).map_err(bad)?;
+                let mut rec = self.record(Kind::Statement);
+                rec.protocol = Some("extended".into());
+                rec.decision = Some("allow".into());
+                rec.rule = Some("default".into());
+                match self.portals.get(portal) {
+                    Some(p) => {
+                        rec.sql = Some(p.sql.to_string());
+                        rec.params = Some(p.params.clone());
+                    }
+                    None => rec.sql = Some(String::new()),
+                }
+                let mut p = Pending::new(PendKind::Execute);
+                p.rec_idx = self.submit(batch, rec);
+                batch.frames.push((f, Some(batch.pendings.len())));
+                batch.pendings.push(p);
+            }
+            b'D' => {
+                wire::decode_close_or_describe(&f).map_err(bad)?;
+                batch.frames.push((f, None));
+                batch.pendings.push(Pending::new(PendKind::Describe));
+            }
+            b'C' => {
+                let (kind, name) = wire::decode_close_or_describe(&f).map_err(bad)?;
+                if kind == b'S' {
+                    self.stmts.remove(name);
+                } else {
+                    self.portals.remove(name);
+                }
+                batch.frames.push((f, None));
+                batch.pendings.push(Pending::new(PendKind::Close));
+            }
+            b'S' => {
+                batch.frames.push((f, None));
+                batch.pendings.push(Pending::new(PendKind::Sync));
+            }
+            b'H' | b'd' | b'c' | b'f' => batch.frames.push((f, None)),
+            b'F' => {
+                self.check_token()?;
+                let (oid, args) = wire::decode_function_call(&f).map_err(bad)?;
+                let mut rec = self.record(Kind::Statement);
+                rec.protocol = Some("function_call".into());
+                rec.decision = Some("allow".into());
+                rec.rule = Some("default".into());
+                rec.sql = Some(format!("-- fastpath function call: oid {oid}"));
+                rec.params = Some(args);
+                let mut p = Pending::new(PendKind::FunctionCall);
+                p.rec_idx = self.submit(batch, rec);
+                batch.frames.push((f, Some(batch.pendings.len())));
+                batch.pendings.push(p);
+            }
+            b'X' => {
+                self.terminated = true;
+                self.end_reason = None;
+                batch.frames.push((f, None));
+            }
+            other => {
+                return Err(End::Fatal("08P01", format!("pgward: invalid frontend message type {:?}", other as char)));
+            }
+        }
+        Ok(())
+    }
+
+    /// A query that fails to parse upstream, standing in for a refused statement.
+    fn marker_query(&self) -> Frame {
+        let mut b = BytesMut::new();
+        wire::query(&mut b, &format!("pgward_refused_{} !", self.nonce));
+        Frame { tag: b'Q', raw: b.freeze() }
+    }
+
+    fn marker_execute(&self) -> Frame {
+        let mut b = BytesMut::new();
+        wire::execute(&mut b, &format!("pgward_refused_{}", self.nonce));
+        Frame { tag: b'E', raw: b.freeze() }
+    }
+
+    fn marker_function_call(&self) -> Frame {
+        // A FunctionCall of OID 0 fails with "function with OID 0 does not exist".
+        let mut b = BytesMut::new();
+        wire::message(&mut b, b'F', &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        Frame { tag: b'F', raw: b.freeze() }
+    }
+
+    /// The batch's records are durable (or failed): forward it.
+    fn release_batch(&mut self, b: Batch, result: Result<Vec<u64>, String>, uout: &mut BytesMut) {
+        let Batch { frames, mut pendings, .. } = b;
+        match result {
+            Ok(seqs) => {
+                for p in pendings.iter_mut() {
+                    if let Some(s) = seqs.get(p.rec_idx) {
+                        p.seq = *s;
+                    }
+                    p.started = Instant::now();
+                }
+                for (f, _) in &frames {
+                    uout.extend_from_slice(&f.raw);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit append failed; refusing statements");
+                let msg = format!("pgward: audit log unavailable, statement refused: {e}");
+                for (f, pi) in &frames {
+                    match pi {
+                        Some(i) => {
+                            let marker = match f.tag {
+                                b'Q' => self.marker_query(),
+                                b'E' => self.marker_execute(),
+                                _ => self.marker_function_call(),
+                            };
+                            if let Some(p) = pendings.get_mut(*i) {
+                                p.refusal = Some(("58030", msg.clone()));
+                            }
+                            uout.extend_from_slice(&marker.raw);
+                        }
+                        None => uout.extend_from_slice(&f.raw),
+                    }
+                }
+            }
+        }
+        self.pending.extend(pendings);
+    }
+
+    fn result_record(&self, p: &Pending, tag: Option<&str>, rows: Option<u64>, err: Option<(&str, &str)>) {
+        if p.seq == 0 {
+            return;
+        }
+        let mut rec = self.record(Kind::Result);
+        rec.statement_seq = Some(p.seq);
+        rec.tag = tag.map(str::to_string);
+        rec.rows = rows;
+        rec.duration_us = Some(p.started.elapsed().as_micros() as u64);
+        if let Some((code, msg)) = err {
+            rec.sqlstate = Some(code.to_string());
+            rec.error = Some(msg.to_string());
+        }
+        self.shared.audit.append(rec);
+    }
+
+    /// Process complete server frames: bookkeeping, rewriting, and copying to `cout`.
+    fn on_upstream_data(&mut self, ubuf: &mut BytesMut, cout: &mut BytesMut) {
+        loop {
+            // Pass-through fast path: scan headers in place and copy runs of frames we don't
+            // need to look at.
+            let f = match wire::split_frame(ubuf, wire::MAX_FRAME) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "malformed message from the database server");
+                    wire::error_response(cout, "FATAL", "08P01", "pgward: malformed message from the database server");
+                    ubuf.clear();
+                    self.terminated = true;
+                    break;
+                }
+            };
+            match f.tag {
+                b'1' => self.pop_kind(PendKind::Parse),
+                b'2' => self.pop_kind(PendKind::Bind),
+                b'3' => self.pop_kind(PendKind::Close),
+                b'n' | b'T' => {
+                    if self.pending.front().is_some_and(|p| p.kind == PendKind::Describe) {
+                        self.pending.pop_front();
+                    }
+                }
+                b'C' | b'I' | b's' => {
+                    let (tag, rows) = if f.tag == b'C' {
+                        match wire::decode_command_complete(&f) {
+                            Ok((t, r)) => (Some(t), r),
+                            Err(_) => (None, None),
+                        }
+                    } else if f.tag == b'I' {
+                        (Some("EMPTY"), None)
+                    } else {
+                        (Some("SUSPENDED"), None)
+                    };
+                    if let Some(p) = self.pending.front() {
+                        match p.kind {
+                            PendKind::Execute => {
+                                self.result_record(p, tag, rows, None);
+                                self.pending.pop_front();
+                            }
+                            PendKind::Query => {
+                                self.result_record(p, tag, rows, None);
+                                if let Some(p) = self.pending.front_mut() {
+                                    p.started = Instant::now();
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                b'V' => {
+                    if let Some(p) = self.pending.front().filter(|p| p.kind == PendKind::FunctionCall) {
+                        self.result_record(p, Some("FUNCTION CALL"), None, None);
+                    }
+                }
+                b'E' => {
+                    let e = wire::decode_error(&f);
+                    let mut rewritten: Option<Bytes> = None;
+                    if let Some(p) = self.pending.front() {
+                        if let Some((code, msg)) = &p.refusal {
+                            rewritten = Some(wire::error_response_bytes("ERROR", code, msg));
+                            self.result_record(p, None, None, Some((code, msg)));
+                        } else if matches!(p.kind, PendKind::Execute | PendKind::Query | PendKind::FunctionCall) {
+                            self.result_record(p, None, None, Some((&e.code, &e.message)));
+                        }
+                        match p.kind {
+                            PendKind::Query | PendKind::FunctionCall | PendKind::Sync => {}
+                            _ => {
+                                // Extended protocol: Postgres skips everything up to Sync.
+                                self.pending.pop_front();
+                                while let Some(q) = self.pending.front() {
+                                    if q.is_sync_point() {
+                                        break;
+                                    }
+                                    if q.kind == PendKind::Execute {
+                                        self.result_record(q, None, None, Some(("", "not executed: an earlier message in the pipeline failed")));
+                                    }
+                                    self.pending.pop_front();
+                                }
+                            }
+                        }
+                    }
+                    match rewritten {
+                        Some(b) => cout.extend_from_slice(&b),
+                        None => cout.extend_from_slice(&f.raw),
+                    }
+                    continue;
+                }
+                b'Z' => {
+                    self.tx_status = f.body().first().copied().unwrap_or(b'I');
+                    while let Some(p) = self.pending.pop_front() {
+                        if p.is_sync_point() {
+                            break;
+                        }
+                        if p.kind == PendKind::Execute {
+                            self.result_record(&p, None, None, Some(("", "not executed: an earlier message in the pipeline failed")));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            cout.extend_from_slice(&f.raw);
+        }
+    }
+
+    fn pop_kind(&mut self, kind: PendKind) {
+        if self.pending.front().is_some_and(|p| p.kind == kind) {
+            self.pending.pop_front();
+        }
+    }
+}

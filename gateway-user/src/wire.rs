@@ -1,1 +1,611 @@
-//! TODO
+//! Postgres wire protocol v3 frames: reading whole messages as raw `Bytes`, the handful of
+//! zero-copy decoders the session needs (Query, Parse, Bind, Execute, Close, CommandComplete,
+//! ErrorResponse fields), and builders for the messages pgward itself sends (via pgwire's
+//! message types). `wire` knows frames, not policy.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use pgwire::error::ErrorInfo;
+use pgwire::messages::Message;
+use pgwire::messages::response::ErrorResponse;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// A bidirectional byte stream (TCP, unix socket, or TLS over either).
+pub trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncStream for T {}
+pub type BoxStream = Box<dyn AsyncStream>;
+
+/// Largest message pgward accepts from either side (Postgres's own limit is 1 GiB).
+pub const MAX_FRAME: usize = 1 << 30;
+/// Largest startup-phase message (startup packet, password, SASL).
+pub const MAX_STARTUP_FRAME: usize = 64 * 1024;
+
+pub const PROTOCOL_3_0: u32 = 196_608;
+pub const SSL_REQUEST: u32 = 80_877_103;
+pub const GSSENC_REQUEST: u32 = 80_877_104;
+pub const CANCEL_REQUEST: u32 = 80_877_102;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+impl WireError {
+    pub fn malformed(msg: impl Into<String>) -> WireError {
+        WireError::Malformed(msg.into())
+    }
+}
+
+/// One whole protocol message: tag byte, length, body.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub tag: u8,
+    /// The whole message including the 5-byte header.
+    pub raw: Bytes,
+}
+
+impl Frame {
+    pub fn body(&self) -> &[u8] {
+        &self.raw[5..]
+    }
+}
+
+/// Split one complete frame off the front of `buf`, if there is one.
+pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, WireError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let tag = buf[0];
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if len < 4 {
+        return Err(WireError::malformed(format!("message {:?} has length {len} < 4", tag as char)));
+    }
+    if len > max {
+        return Err(WireError::malformed(format!(
+            "message {:?} of {len} bytes exceeds the limit of {max}",
+            tag as char
+        )));
+    }
+    if buf.len() < len + 1 {
+        // Grow towards the announced size, but never pre-allocate more than 1 MiB on the
+        // word of a peer.
+        let want = (len + 1 - buf.len()).min(1 << 20);
+        buf.reserve(want);
+        return Ok(None);
+    }
+    let raw = buf.split_to(len + 1).freeze();
+    Ok(Some(Frame { tag, raw }))
+}
+
+/// Read from `io` until one startup-phase message (no tag byte) is available.
+pub async fn read_startup_packet<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Bytes, WireError> {
+    loop {
+        if buf.len() >= 4 {
+            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            if !(8..=MAX_STARTUP_FRAME).contains(&len) {
+                return Err(WireError::malformed(format!("startup packet length {len} is invalid")));
+            }
+            if buf.len() >= len {
+                return Ok(buf.split_to(len).freeze());
+            }
+        }
+        if io.read_buf(buf).await? == 0 {
+            return Err(WireError::Closed);
+        }
+    }
+}
+
+/// Read one tagged frame during the startup phase (password, SASL messages).
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Frame, WireError> {
+    loop {
+        if let Some(f) = split_frame(buf, max)? {
+            return Ok(f);
+        }
+        if io.read_buf(buf).await? == 0 {
+            return Err(WireError::Closed);
+        }
+    }
+}
+
+/// What a client opened the connection with.
+#[derive(Debug)]
+pub enum StartupRequest {
+    Ssl,
+    GssEnc,
+    Cancel { pid: i32, key: i32 },
+    Startup { version: u32, params: Vec<(String, String)> },
+}
+
+pub fn parse_startup(pkt: &[u8]) -> Result<StartupRequest, WireError> {
+    let mut b = pkt.get(4..).ok_or_else(|| WireError::malformed("short startup packet"))?;
+    if b.len() < 4 {
+        return Err(WireError::malformed("short startup packet"));
+    }
+    let code = b.get_u32();
+    match code {
+        SSL_REQUEST => Ok(StartupRequest::Ssl),
+        GSSENC_REQUEST => Ok(StartupRequest::GssEnc),
+        CANCEL_REQUEST => {
+            if b.len() < 8 {
+                return Err(WireError::malformed("short CancelRequest"));
+            }
+            let pid = b.get_i32();
+            let key = b.get_i32();
+            Ok(StartupRequest::Cancel { pid, key })
+        }
+        version => {
+            let mut params = Vec::new();
+            let mut r = Reader::new(b);
+            loop {
+                let name = r.cstr()?;
+                if name.is_empty() {
+                    break;
+                }
+                let value = r.cstr()?;
+                params.push((name.to_string(), value.to_string()));
+            }
+            Ok(StartupRequest::Startup { version, params })
+        }
+    }
+}
+
+/// Cursor over a message body.
+pub struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(b: &'a [u8]) -> Reader<'a> {
+        Reader { b }
+    }
+    pub fn remaining(&self) -> usize {
+        self.b.len()
+    }
+    pub fn cstr(&mut self) -> Result<&'a str, WireError> {
+        let nul = self
+            .b
+            .iter()
+            .position(|&c| c == 0)
+            .ok_or_else(|| WireError::malformed("string without terminator"))?;
+        let s = std::str::from_utf8(&self.b[..nul])
+            .map_err(|_| WireError::malformed("string is not valid UTF-8"))?;
+        self.b = &self.b[nul + 1..];
+        Ok(s)
+    }
+    pub fn u8(&mut self) -> Result<u8, WireError> {
+        if self.b.is_empty() {
+            return Err(WireError::malformed("message truncated"));
+        }
+        Ok(self.b.get_u8())
+    }
+    pub fn i16(&mut self) -> Result<i16, WireError> {
+        if self.b.len() < 2 {
+            return Err(WireError::malformed("message truncated"));
+        }
+        Ok(self.b.get_i16())
+    }
+    pub fn i32(&mut self) -> Result<i32, WireError> {
+        if self.b.len() < 4 {
+            return Err(WireError::malformed("message truncated"));
+        }
+        Ok(self.b.get_i32())
+    }
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.b.len() < n {
+            return Err(WireError::malformed("message truncated"));
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    pub fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.b)
+    }
+}
+
+// ---------------------------------------------------------------- client message decoders
+
+/// `Q`: the query string.
+pub fn decode_query(f: &Frame) -> Result<&str, WireError> {
+    Reader::new(f.body()).cstr()
+}
+
+/// `P`: (statement name, SQL text).
+pub fn decode_parse(f: &Frame) -> Result<(&str, &str), WireError> {
+    let mut r = Reader::new(f.body());
+    let name = r.cstr()?;
+    let sql = r.cstr()?;
+    let n = r.i16()?;
+    if n < 0 {
+        return Err(WireError::malformed("Parse with negative parameter type count"));
+    }
+    r.bytes(n as usize * 4)?;
+    Ok((name, sql))
+}
+
+/// A decoded `B`.
+#[derive(Debug)]
+pub struct Bind<'a> {
+    pub portal: &'a str,
+    pub statement: &'a str,
+    /// One entry per parameter: None for SQL NULL, with its format (0 text, 1 binary).
+    pub params: Vec<(i16, Option<&'a [u8]>)>,
+}
+
+pub fn decode_bind(f: &Frame) -> Result<Bind<'_>, WireError> {
+    let mut r = Reader::new(f.body());
+    let portal = r.cstr()?;
+    let statement = r.cstr()?;
+    let nfmt = r.i16()?;
+    if nfmt < 0 {
+        return Err(WireError::malformed("Bind with negative format count"));
+    }
+    let mut fmts = Vec::with_capacity(nfmt as usize);
+    for _ in 0..nfmt {
+        fmts.push(r.i16()?);
+    }
+    let nparams = r.i16()?;
+    if nparams < 0 {
+        return Err(WireError::malformed("Bind with negative parameter count"));
+    }
+    if !(fmts.len() <= 1 || fmts.len() == nparams as usize) {
+        return Err(WireError::malformed("Bind format count does not match parameter count"));
+    }
+    let mut params = Vec::with_capacity(nparams as usize);
+    for i in 0..nparams as usize {
+        let fmt = match fmts.len() {
+            0 => 0,
+            1 => fmts[0],
+            _ => fmts[i],
+        };
+        let len = r.i32()?;
+        let v = if len < 0 { None } else { Some(r.bytes(len as usize)?) };
+        params.push((fmt, v));
+    }
+    Ok(Bind { portal, statement, params })
+}
+
+/// Render a bound parameter for the audit log: text as is (lossy UTF-8), binary as `\x…` hex.
+pub fn render_param(fmt: i16, v: Option<&[u8]>) -> Option<String> {
+    v.map(|b| {
+        if fmt == 0 {
+            String::from_utf8_lossy(b).into_owned()
+        } else {
+            let mut s = String::with_capacity(2 + b.len() * 2);
+            s.push_str("\\x");
+            s.push_str(&hex::encode(b));
+            s
+        }
+    })
+}
+
+/// `E`: portal name.
+pub fn decode_execute(f: &Frame) -> Result<&str, WireError> {
+    let mut r = Reader::new(f.body());
+    let portal = r.cstr()?;
+    r.i32()?;
+    Ok(portal)
+}
+
+/// `C` (Close) and `D` (Describe): ('S' or 'P', name).
+pub fn decode_close_or_describe(f: &Frame) -> Result<(u8, &str), WireError> {
+    let mut r = Reader::new(f.body());
+    let kind = r.u8()?;
+    if kind != b'S' && kind != b'P' {
+        return Err(WireError::malformed(format!("Close/Describe of unknown kind {:?}", kind as char)));
+    }
+    Ok((kind, r.cstr()?))
+}
+
+/// `F` (FunctionCall): the function's OID and its arguments rendered for the audit log.
+pub fn decode_function_call(f: &Frame) -> Result<(i32, Vec<Option<String>>), WireError> {
+    let mut r = Reader::new(f.body());
+    let oid = r.i32()?;
+    let nfmt = r.i16()?;
+    if nfmt < 0 {
+        return Err(WireError::malformed("FunctionCall with negative format count"));
+    }
+    let mut fmts = Vec::with_capacity(nfmt as usize);
+    for _ in 0..nfmt {
+        fmts.push(r.i16()?);
+    }
+    let nargs = r.i16()?;
+    if nargs < 0 {
+        return Err(WireError::malformed("FunctionCall with negative argument count"));
+    }
+    let mut args = Vec::with_capacity(nargs as usize);
+    for i in 0..nargs as usize {
+        let fmt = match fmts.len() {
+            0 => 0,
+            1 => fmts[0],
+            _ => *fmts.get(i).ok_or_else(|| WireError::malformed("FunctionCall format count mismatch"))?,
+        };
+        let len = r.i32()?;
+        let v = if len < 0 { None } else { Some(r.bytes(len as usize)?) };
+        args.push(render_param(fmt, v));
+    }
+    r.i16()?;
+    Ok((oid, args))
+}
+
+/// `p` during the startup phase: the password (the token).
+pub fn decode_password(f: &Frame) -> Result<&str, WireError> {
+    if f.tag != b'p' {
+        return Err(WireError::malformed(format!(
+            "expected a password message, got {:?}",
+            f.tag as char
+        )));
+    }
+    Reader::new(f.body()).cstr()
+}
+
+// ---------------------------------------------------------------- server message decoders
+
+/// `C` (CommandComplete) from the server: the tag and the row count it carries, if any.
+pub fn decode_command_complete(f: &Frame) -> Result<(&str, Option<u64>), WireError> {
+    let tag = Reader::new(f.body()).cstr()?;
+    let rows = tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok());
+    // "INSERT 0 5", "SELECT 3", "UPDATE 2", "COPY 10", "FETCH 1", "MOVE 1"; others carry none.
+    let counted = ["INSERT", "SELECT", "UPDATE", "DELETE", "COPY", "FETCH", "MOVE", "MERGE"];
+    let verb = tag.split(' ').next().unwrap_or("");
+    Ok((tag, if counted.contains(&verb) { rows } else { None }))
+}
+
+/// Fields of an ErrorResponse / NoticeResponse we care about.
+#[derive(Debug, Default, Clone)]
+pub struct ErrorFields {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+}
+
+pub fn decode_error(f: &Frame) -> ErrorFields {
+    let mut out = ErrorFields::default();
+    let mut r = Reader::new(f.body());
+    while let Ok(kind) = r.u8() {
+        if kind == 0 {
+            break;
+        }
+        let Ok(v) = r.cstr() else { break };
+        match kind {
+            b'V' => out.severity = v.to_string(),
+            b'S' if out.severity.is_empty() => out.severity = v.to_string(),
+            b'C' => out.code = v.to_string(),
+            b'M' => out.message = v.to_string(),
+            _ => {}
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- builders
+
+fn encode<M: Message>(m: M, out: &mut BytesMut) {
+    // Encoding into a BytesMut cannot fail for these message types; keep the frame stream
+    // intact even if it ever does (nothing half-written: encode into a scratch buffer).
+    let mut tmp = BytesMut::new();
+    if m.encode(&mut tmp).is_ok() {
+        out.extend_from_slice(&tmp);
+    }
+}
+
+/// ErrorResponse with severity ERROR or FATAL.
+pub fn error_response(out: &mut BytesMut, severity: &str, code: &str, message: &str) {
+    let info = ErrorInfo::new(severity.to_string(), code.to_string(), message.to_string());
+    encode(ErrorResponse::from(info), out);
+}
+
+pub fn error_response_bytes(severity: &str, code: &str, message: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    error_response(&mut b, severity, code, message);
+    b.freeze()
+}
+
+pub fn auth_cleartext(out: &mut BytesMut) {
+    encode(pgwire::messages::startup::Authentication::CleartextPassword, out);
+}
+
+pub fn auth_ok(out: &mut BytesMut) {
+    encode(pgwire::messages::startup::Authentication::Ok, out);
+}
+
+pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
+    encode(pgwire::messages::startup::ParameterStatus::new(name.into(), value.into()), out);
+}
+
+pub fn backend_key_data(out: &mut BytesMut, pid: i32, key: i32) {
+    encode(
+        pgwire::messages::startup::BackendKeyData::new(
+            pid,
+            pgwire::messages::startup::SecretKey::I32(key),
+        ),
+        out,
+    );
+}
+
+pub fn ready_for_query(out: &mut BytesMut, status: u8) {
+    out.put_u8(b'Z');
+    out.put_u32(5);
+    out.put_u8(status);
+}
+
+/// NegotiateProtocolVersion: the newest minor version we support (0) and options we ignore.
+pub fn negotiate_protocol_version(out: &mut BytesMut, unsupported: &[String]) {
+    let mut body = BytesMut::new();
+    body.put_i32(PROTOCOL_3_0 as i32);
+    body.put_i32(unsupported.len() as i32);
+    for o in unsupported {
+        body.put_slice(o.as_bytes());
+        body.put_u8(0);
+    }
+    out.put_u8(b'v');
+    out.put_u32(4 + body.len() as u32);
+    out.put_slice(&body);
+}
+
+/// A tagged frontend/backend message from a body.
+pub fn message(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    out.put_u8(tag);
+    out.put_u32(4 + body.len() as u32);
+    out.put_slice(body);
+}
+
+/// `Q` with the given text.
+pub fn query(out: &mut BytesMut, sql: &str) {
+    out.put_u8(b'Q');
+    out.put_u32(4 + sql.len() as u32 + 1);
+    out.put_slice(sql.as_bytes());
+    out.put_u8(0);
+}
+
+/// `E` (Execute) of `portal`, all rows.
+pub fn execute(out: &mut BytesMut, portal: &str) {
+    out.put_u8(b'E');
+    out.put_u32(4 + portal.len() as u32 + 1 + 4);
+    out.put_slice(portal.as_bytes());
+    out.put_u8(0);
+    out.put_i32(0);
+}
+
+/// Startup packet (protocol 3.0) with the given parameters.
+pub fn startup_packet(out: &mut BytesMut, params: &[(&str, &str)]) {
+    let mut body = BytesMut::new();
+    body.put_u32(PROTOCOL_3_0);
+    for (k, v) in params {
+        body.put_slice(k.as_bytes());
+        body.put_u8(0);
+        body.put_slice(v.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    out.put_u32(4 + body.len() as u32);
+    out.put_slice(&body);
+}
+
+pub fn cancel_request(out: &mut BytesMut, pid: i32, key: i32) {
+    out.put_u32(16);
+    out.put_u32(CANCEL_REQUEST);
+    out.put_i32(pid);
+    out.put_i32(key);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> Frame {
+        let mut b = BytesMut::new();
+        message(&mut b, tag, body);
+        split_frame(&mut b, MAX_FRAME).unwrap().unwrap()
+    }
+
+    #[test]
+    fn split_waits_for_whole_frame_and_rejects_bad_lengths() {
+        let mut b = BytesMut::from(&b"Q\0\0\0\x09sel"[..]);
+        assert!(split_frame(&mut b, MAX_FRAME).unwrap().is_none());
+        b.extend_from_slice(b"1\0");
+        let f = split_frame(&mut b, MAX_FRAME).unwrap().unwrap();
+        assert_eq!(decode_query(&f).unwrap(), "sel1");
+        assert!(b.is_empty());
+        let mut bad = BytesMut::from(&b"Q\0\0\0\x02"[..]);
+        assert!(matches!(split_frame(&mut bad, MAX_FRAME), Err(WireError::Malformed(_))));
+        let mut huge = BytesMut::from(&b"Q\x7f\0\0\0"[..]);
+        assert!(matches!(split_frame(&mut huge, 1 << 20), Err(WireError::Malformed(_))));
+    }
+
+    #[test]
+    fn bind_decodes_text_binary_and_null() {
+        let mut body = BytesMut::new();
+        body.put_slice(b"p1\0s1\0");
+        body.put_i16(2);
+        body.put_i16(0);
+        body.put_i16(1);
+        body.put_i16(3);
+        body.put_i32(2);
+        body.put_slice(b"42");
+        body.put_i32(2);
+        body.put_slice(&[0xde, 0xad]);
+        // third param uses... format count 2 != 3 params: malformed
+        body.put_i32(-1);
+        body.put_i16(0);
+        let f = frame(b'B', &body);
+        assert!(decode_bind(&f).is_err());
+
+        let mut body = BytesMut::new();
+        body.put_slice(b"\0s1\0");
+        body.put_i16(1);
+        body.put_i16(1);
+        body.put_i16(2);
+        body.put_i32(2);
+        body.put_slice(&[0xde, 0xad]);
+        body.put_i32(-1);
+        body.put_i16(0);
+        let f = frame(b'B', &body);
+        let b = decode_bind(&f).unwrap();
+        assert_eq!(b.portal, "");
+        assert_eq!(b.statement, "s1");
+        let rendered: Vec<_> = b.params.iter().map(|(f, v)| render_param(*f, *v)).collect();
+        assert_eq!(rendered, vec![Some("\\xdead".to_string()), None]);
+    }
+
+    #[test]
+    fn truncated_messages_are_errors_not_panics() {
+        for tag in [b'P', b'B', b'E', b'C', b'F', b'Q'] {
+            for body in [&b""[..], b"\0", b"a", b"a\0b", b"\0\0\xff\xff"] {
+                let f = frame(tag, body);
+                let _ = decode_parse(&f);
+                let _ = decode_bind(&f);
+                let _ = decode_execute(&f);
+                let _ = decode_close_or_describe(&f);
+                let _ = decode_function_call(&f);
+                let _ = decode_query(&f);
+                let _ = decode_error(&f);
+            }
+        }
+    }
+
+    #[test]
+    fn command_complete_rows() {
+        let f = frame(b'C', b"INSERT 0 5\0");
+        assert_eq!(decode_command_complete(&f).unwrap(), ("INSERT 0 5", Some(5)));
+        let f = frame(b'C', b"CREATE TABLE\0");
+        assert_eq!(decode_command_complete(&f).unwrap(), ("CREATE TABLE", None));
+    }
+
+    #[test]
+    fn startup_parses_params_and_special_requests() {
+        let mut b = BytesMut::new();
+        startup_packet(&mut b, &[("user", "alice"), ("database", "app")]);
+        match parse_startup(&b).unwrap() {
+            StartupRequest::Startup { version, params } => {
+                assert_eq!(version, PROTOCOL_3_0);
+                assert_eq!(params, vec![("user".into(), "alice".into()), ("database".into(), "app".into())]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut c = BytesMut::new();
+        cancel_request(&mut c, 7, -9);
+        assert!(matches!(parse_startup(&c).unwrap(), StartupRequest::Cancel { pid: 7, key: -9 }));
+    }
+
+    #[test]
+    fn error_response_roundtrip() {
+        let b = error_response_bytes("ERROR", "42501", "denied by rule x");
+        let mut bm = BytesMut::from(&b[..]);
+        let f = split_frame(&mut bm, MAX_FRAME).unwrap().unwrap();
+        assert_eq!(f.tag, b'E');
+        let e = decode_error(&f);
+        assert_eq!((e.severity.as_str(), e.code.as_str(), e.message.as_str()), ("ERROR", "42501", "denied by rule x"));
+    }
+}

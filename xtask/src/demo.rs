@@ -1,14 +1,153 @@
-//! `cargo xtask demo`: the end-to-end demo (not written yet).
+//! `cargo xtask demo`: a throwaway Postgres, pgward in front of it, a sample psql session
+//! authenticated by a token, then the audit tail and verify.
 
-use anyhow::{Result, bail};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::pg::{self, Cluster};
+use crate::util::{self, step};
 
 #[derive(clap::Args, Default)]
 pub struct DemoArgs {
-    /// Extra arguments for the demo.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub args: Vec<String>,
+    /// Keep pgward and Postgres running after the demo until Ctrl-C.
+    #[arg(long)]
+    pub keep: bool,
 }
 
-pub fn run(_args: &DemoArgs) -> Result<()> {
-    bail!("demo: not implemented yet (xtask/src/demo.rs::run is a placeholder)")
+struct Gateway(Child);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        // SIGTERM our own child by pid, then wait.
+        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn run(args: &DemoArgs) -> Result<()> {
+    let root = util::workspace_root();
+    util::run_timed("build pgward", util::cargo().args(["build", "-p", "gateway-user"]).current_dir(&root))?;
+    let pgward = root.join("target/debug/pgward");
+    let base = root.join("target/demo");
+
+    step("starting a throwaway PostgreSQL 15");
+    let cluster = Cluster::start(&base.join("pg"), &[])?;
+    step(&format!("postgres on 127.0.0.1:{} (service role {})", cluster.port, pg::SERVICE_USER));
+
+    let gw_dir = base.join("pgward");
+    let _ = std::fs::remove_dir_all(&gw_dir);
+    let pwfile = base.join("svc.password");
+    std::fs::write(&pwfile, format!("{}\n", pg::SERVICE_PASSWORD))?;
+    let port = pg::free_port()?;
+    let listen = format!("127.0.0.1:{port}");
+    let upstream = format!("postgres://{}@127.0.0.1:{}/app", pg::SERVICE_USER, cluster.port);
+    run_ok(Command::new(&pgward).args(["init", "--dir"]).arg(&gw_dir).args(["--listen", &listen, "--upstream", &upstream, "--upstream-password-file"]).arg(&pwfile))?;
+    let config = gw_dir.join("pgward.toml");
+
+    step(&format!("pgward serve --config {}", config.display()));
+    let log = std::fs::File::create(base.join("pgward.log"))?;
+    let child = Command::new(&pgward)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting pgward serve")?;
+    let gw = Gateway(child);
+    wait_port(port)?;
+
+    let token = run_ok(Command::new(&pgward).args(["token", "issue", "--config"]).arg(&config).args(["--user", "alice", "--groups", "analysts", "--ttl", "15m"]))?;
+    let token = token.trim().to_string();
+    step(&format!("token for alice: {}…", &token[..token.len().min(40)]));
+
+    let sql = "\\echo '--- alice connects to pgward with a token as her password'\n\
+        select current_setting('application_name') as upstream_application_name;\n\
+        create table if not exists customers(id int primary key, name text, card text);\n\
+        insert into customers values (1, 'Ada', '4242424242424242'), (2, 'Grace', '5555555555554444') on conflict do nothing;\n\
+        select id, name from customers order by id;\n\
+        begin; update customers set name = 'Ada L.' where id = 1; commit;\n\
+        select count(*) from customers;\n\
+        select 1/0;\n";
+    step("psql session through pgward");
+    let out = Command::new("psql")
+        .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "alice", "-d", "app", "-v", "ON_ERROR_STOP=0"])
+        .env("PGPASSWORD", &token)
+        .env("PGSSLMODE", "require")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            if let Some(mut i) = c.stdin.take() {
+                i.write_all(sql.as_bytes())?;
+            }
+            c.wait_with_output()
+        })?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+
+    step("the service password is not a token: psql with it is refused");
+    let out = Command::new("psql")
+        .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "alice", "-d", "app", "-c", "select 1"])
+        .env("PGPASSWORD", pg::SERVICE_PASSWORD)
+        .output()?;
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+
+    std::thread::sleep(Duration::from_millis(300));
+    step("pgward audit tail");
+    let tail = run_ok(Command::new(&pgward).args(["audit", "tail", "--config"]).arg(&config))?;
+    print!("{tail}");
+    step("pgward audit verify");
+    let verify = Command::new(&pgward).args(["audit", "verify", "--config"]).arg(&config).output()?;
+    print!("{}", String::from_utf8_lossy(&verify.stdout));
+    eprint!("{}", String::from_utf8_lossy(&verify.stderr));
+    if !verify.status.success() {
+        bail!("audit verify failed");
+    }
+
+    if args.keep {
+        step(&format!(
+            "pgward is on 127.0.0.1:{port}; try: PGPASSWORD=$({} token issue --config {} --user alice) psql -h 127.0.0.1 -p {port} -U alice app   (Ctrl-C to stop)",
+            pgward.display(),
+            config.display()
+        ));
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    drop(gw);
+    cluster.stop();
+    step("demo finished: pgward and Postgres stopped");
+    Ok(())
+}
+
+fn run_ok(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!("{:?} failed: {}{}", cmd.get_args().collect::<Vec<_>>(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn wait_port(port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("pgward did not start listening on {port}; see target/demo/pgward.log")
 }

@@ -7,6 +7,7 @@
 mod bench;
 mod demo;
 mod ebpf;
+mod pg;
 mod util;
 
 use anyhow::Result;

@@ -1,7 +1,16 @@
 //! `pgward audit tail|verify|replay`
 
-use std::path::PathBuf;
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+
+use crate::audit::reader::{ReadError, Reader};
+use crate::audit::{Client, Kind, Record};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum AuditCommand {
@@ -52,6 +61,409 @@ pub struct ReplayArgs {
     pub speed: String,
 }
 
-pub fn run(_cmd: AuditCommand) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    let result = match cmd {
+        AuditCommand::Tail(a) => tail(a),
+        AuditCommand::Verify(a) => verify(a),
+        AuditCommand::Replay(a) => replay(a),
+    };
+    // A reader that went away (`| head`) is a normal way to stop.
+    match result {
+        Err(e) if is_broken_pipe(&e) => Ok(ExitCode::SUCCESS),
+        other => other,
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| c.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe))
+}
+
+fn load(config: &Path) -> anyhow::Result<(crate::config::Config, PathBuf)> {
+    let cfg = crate::config::Config::load(config)?;
+    let dir = cfg.resolve(&cfg.audit.dir);
+    Ok((cfg, dir))
+}
+
+fn parse_ts(ts: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(ts).ok().map(|d| d.with_timezone(&Utc))
+}
+
+// ---------------------------------------------------------------------------------- tail
+
+struct Filter {
+    user: Option<String>,
+    session: Option<String>,
+    since: Option<DateTime<Utc>>,
+}
+
+impl Filter {
+    fn matches(&self, r: &Record) -> bool {
+        if let Some(u) = &self.user {
+            if r.user.as_ref() != Some(u) {
+                return false;
+            }
+        }
+        if let Some(s) = &self.session {
+            if r.session.as_ref() != Some(s) {
+                return false;
+            }
+        }
+        if let Some(since) = self.since {
+            if parse_ts(&r.ts).is_none_or(|t| t < since) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+fn tail(a: TailArgs) -> anyhow::Result<ExitCode> {
+    let (_cfg, dir) = load(&a.config)?;
+    let since = match &a.since {
+        Some(s) => Some(parse_ts(s).with_context(|| format!("--since {s:?} is not an RFC 3339 time"))?),
+        None => None,
+    };
+    let filter = Filter { user: a.user.clone(), session: a.session.clone(), since };
+    let mut reader = Reader::open(&dir).with_context(|| format!("reading the audit log in {}", dir.display()))?;
+    reader.set_hold_partial(true);
+
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    let mut line = String::new();
+    let mut emit = |out: &mut io::BufWriter<io::StdoutLock<'_>>, raw: &[u8], rec: &Record| -> io::Result<()> {
+        if a.json {
+            out.write_all(raw)?;
+        } else {
+            line.clear();
+            format_human(&mut line, rec);
+            out.write_all(line.as_bytes())?;
+        }
+        out.write_all(b"\n")
+    };
+
+    let next = |reader: &mut Reader| -> anyhow::Result<Option<(Vec<u8>, Record)>> {
+        loop {
+            match reader.next() {
+                None => return Ok(None),
+                Some(Ok(e)) if filter.matches(&e.record) => return Ok(Some((e.line.raw, e.record))),
+                Some(Ok(_)) | Some(Err(ReadError::Incomplete { .. })) => {}
+                Some(Err(e @ ReadError::Parse { .. })) => eprintln!("pgward: warning: {e}"),
+                Some(Err(e)) => return Err(e.into()),
+            }
+        }
+    };
+
+    match a.lines {
+        Some(n) => {
+            let mut last: VecDeque<(Vec<u8>, Record)> = VecDeque::with_capacity(n.min(65536));
+            while let Some(item) = next(&mut reader)? {
+                if n == 0 {
+                    continue;
+                }
+                if last.len() == n {
+                    last.pop_front();
+                }
+                last.push_back(item);
+            }
+            for (raw, rec) in &last {
+                emit(&mut out, raw, rec)?;
+            }
+        }
+        None => {
+            while let Some((raw, rec)) = next(&mut reader)? {
+                emit(&mut out, &raw, &rec)?;
+            }
+        }
+    }
+    out.flush()?;
+
+    if a.follow {
+        reader.set_follow(true);
+        while let Some((raw, rec)) = next(&mut reader)? {
+            emit(&mut out, &raw, &rec)?;
+            out.flush()?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Login => "login",
+        Kind::LoginFailed => "login_failed",
+        Kind::Statement => "statement",
+        Kind::Result => "result",
+        Kind::SessionEnd => "session_end",
+        Kind::Checkpoint => "checkpoint",
+        Kind::Start => "start",
+    }
+}
+
+/// Newlines and tabs as spaces, so one record stays one line.
+fn one_line(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+fn fmt_duration_us(us: u64) -> String {
+    if us < 1_000_000 {
+        format!("{:.1} ms", us as f64 / 1000.0)
+    } else {
+        format!("{:.2} s", us as f64 / 1_000_000.0)
+    }
+}
+
+fn fmt_params(params: &[Option<String>]) -> String {
+    let items: Vec<String> = params
+        .iter()
+        .map(|p| match p {
+            Some(v) => format!("'{}'", one_line(v)),
+            None => "NULL".to_string(),
+        })
+        .collect();
+    items.join(", ")
+}
+
+/// `2026-11-29T14:00:00.123456Z  #42 statement  alice  sess=ab12  db=app  SELECT 1`
+fn format_human(s: &mut String, r: &Record) {
+    use std::fmt::Write as _;
+    let _ = write!(s, "{}  #{} {}", r.ts, r.seq, kind_name(r.kind));
+    if let Some(u) = &r.user {
+        let _ = write!(s, "  {u}");
+    }
+    if let Some(x) = &r.session {
+        let _ = write!(s, "  sess={x}");
+    }
+    if let Some(x) = &r.database {
+        let _ = write!(s, "  db={x}");
+    }
+    let field = |s: &mut String, text: String| {
+        s.push_str("  ");
+        s.push_str(&text);
+    };
+    match r.kind {
+        Kind::Login | Kind::LoginFailed => {
+            match &r.client {
+                Some(Client::Tcp { addr }) => field(s, format!("from={addr}")),
+                Some(Client::Unix { uid, pid }) => field(s, format!("from=unix(uid={uid},pid={pid})")),
+                None => {}
+            }
+            if let Some(g) = &r.groups {
+                field(s, format!("groups={}", g.join(",")));
+            }
+            if let Some(j) = &r.jti {
+                field(s, format!("jti={j}"));
+            }
+            if let Some(st) = &r.sqlstate {
+                field(s, format!("ERROR {st}"));
+            }
+            if let Some(e) = &r.error {
+                field(s, one_line(e));
+            }
+        }
+        Kind::Statement => {
+            if r.decision.as_deref() == Some("deny") {
+                field(s, format!("DENIED({})", r.rule.as_deref().unwrap_or("?")));
+            }
+            if let Some(sql) = &r.sql {
+                field(s, one_line(sql));
+            }
+            if let Some(p) = &r.params {
+                field(s, format!("[{}]", fmt_params(p)));
+            }
+        }
+        Kind::Result => {
+            if let Some(st) = r.statement_seq {
+                field(s, format!("-> #{st}"));
+            }
+            if let Some(t) = &r.tag {
+                field(s, t.clone());
+            }
+            if let Some(n) = r.rows {
+                field(s, format!("rows={n}"));
+            }
+            if let Some(us) = r.duration_us {
+                field(s, fmt_duration_us(us));
+            }
+            if let Some(st) = &r.sqlstate {
+                field(s, format!("ERROR {st}"));
+            }
+            if let Some(e) = &r.error {
+                field(s, one_line(e));
+            }
+        }
+        Kind::SessionEnd => {
+            if let Some(e) = &r.error {
+                field(s, one_line(e));
+            }
+        }
+        Kind::Checkpoint => {
+            if let Some(a) = r.anchor_seq {
+                field(s, format!("anchors #{a}"));
+            }
+            if let Some(k) = &r.kid {
+                field(s, format!("kid={k}"));
+            }
+        }
+        Kind::Start => {}
+    }
+    if r.kind != Kind::Checkpoint {
+        if let Some(m) = &r.meta {
+            field(s, m.to_string());
+        }
+    }
+}
+
+// -------------------------------------------------------------------------------- verify
+
+fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let (cfg, dir) = load(&a.config)?;
+    let keys = crate::audit::verify::load_jwks_ed25519(&cfg.resolve(&cfg.auth.jwks))?;
+    let report = crate::audit::verify::verify(&dir, &keys);
+    let mut out = io::stdout().lock();
+    writeln!(out, "{}", report.summary())?;
+    out.flush()?;
+    Ok(if report.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+// -------------------------------------------------------------------------------- replay
+
+fn replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let speed: Option<f64> = match a.speed.trim() {
+        "max" => None,
+        s => Some(
+            s.parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .with_context(|| format!("--speed {s:?}: expected a positive number or `max`"))?,
+        ),
+    };
+    let (_cfg, dir) = load(&a.config)?;
+    let reader = Reader::open(&dir).with_context(|| format!("reading the audit log in {}", dir.display()))?;
+
+    let mut found = false;
+    let (mut user, mut db): (Option<String>, Option<String>) = (None, None);
+    let mut statements: Vec<Record> = Vec::new();
+    let mut results: HashMap<u64, Record> = HashMap::new();
+    for e in reader {
+        let rec = match e {
+            Ok(e) => e.record,
+            Err(ReadError::Io { path, source }) => {
+                return Err(source).with_context(|| format!("reading {}", path.display()));
+            }
+            Err(e) => {
+                eprintln!("pgward: warning: {e}");
+                continue;
+            }
+        };
+        if rec.session.as_deref() != Some(a.session.as_str()) {
+            continue;
+        }
+        found = true;
+        if user.is_none() {
+            user = rec.user.clone();
+        }
+        if db.is_none() {
+            db = rec.database.clone();
+        }
+        match rec.kind {
+            Kind::Statement => statements.push(rec),
+            Kind::Result => {
+                if let Some(s) = rec.statement_seq {
+                    results.insert(s, rec);
+                }
+            }
+            _ => {}
+        }
+    }
+    if !found {
+        eprintln!("pgward: session {:?} not found in the audit log", a.session);
+        return Ok(ExitCode::from(1));
+    }
+
+    let mut out = io::stdout().lock();
+    let t0 = statements.first().and_then(|s| parse_ts(&s.ts));
+    let mut prev = t0;
+    for st in &statements {
+        let t = parse_ts(&st.ts);
+        if let (Some(speed), Some(p), Some(t)) = (speed, prev, t) {
+            let gap = (t - p).to_std().unwrap_or(Duration::ZERO);
+            let wait = gap.as_secs_f64() / speed;
+            if wait > 0.0 {
+                out.flush()?;
+                std::thread::sleep(Duration::from_secs_f64(wait));
+            }
+        }
+        if t.is_some() {
+            prev = t;
+        }
+        let offset = match (t0, t) {
+            (Some(a), Some(b)) => (b - a).num_microseconds().unwrap_or(0) as f64 / 1e6,
+            _ => 0.0,
+        };
+        let who = st.user.as_deref().or(user.as_deref()).unwrap_or("?");
+        let on = st.database.as_deref().or(db.as_deref()).unwrap_or("?");
+        let mut sql = one_line(st.sql.as_deref().unwrap_or(""));
+        if let Some(p) = &st.params {
+            sql.push_str(&format!(" [{}]", fmt_params(p)));
+        }
+        let outcome = match results.get(&st.seq) {
+            Some(r) => match &r.sqlstate {
+                Some(state) => format!("ERROR {state} {}", one_line(r.error.as_deref().unwrap_or(""))).trim_end().to_string(),
+                None => {
+                    let mut parts = Vec::new();
+                    if let Some(n) = r.rows {
+                        parts.push(if n == 1 { "1 row".to_string() } else { format!("{n} rows") });
+                    }
+                    if let Some(us) = r.duration_us {
+                        parts.push(fmt_duration_us(us));
+                    }
+                    let tag = r.tag.as_deref().unwrap_or("OK");
+                    if parts.is_empty() { tag.to_string() } else { format!("{tag} ({})", parts.join(", ")) }
+                }
+            },
+            None if st.decision.as_deref() == Some("deny") => {
+                format!("DENIED by rule {}", st.rule.as_deref().unwrap_or("?"))
+            }
+            None => "(no result recorded)".to_string(),
+        };
+        writeln!(out, "[+{offset:.3}s] {who}@{on}: {sql} -> {outcome}")?;
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_format() {
+        let r = Record {
+            seq: 42,
+            ts: "2026-11-29T14:00:00.123456Z".into(),
+            kind: Kind::Statement,
+            user: Some("alice".into()),
+            session: Some("ab12".into()),
+            database: Some("app".into()),
+            sql: Some("SELECT\n1".into()),
+            ..Record::default()
+        };
+        let mut s = String::new();
+        format_human(&mut s, &r);
+        assert_eq!(s, "2026-11-29T14:00:00.123456Z  #42 statement  alice  sess=ab12  db=app  SELECT 1");
+        let r = Record {
+            seq: 43,
+            ts: "t".into(),
+            kind: Kind::Result,
+            statement_seq: Some(42),
+            tag: Some("SELECT 3".into()),
+            rows: Some(3),
+            duration_us: Some(1234),
+            ..Record::default()
+        };
+        s.clear();
+        format_human(&mut s, &r);
+        assert_eq!(s, "t  #43 result  -> #42  SELECT 3  rows=3  1.2 ms");
+    }
 }

@@ -1,0 +1,688 @@
+//! Tests of the writer, reader and verifier together.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use sha2::{Digest, Sha256};
+
+use super::chain::{self, Head, GENESIS_HASH};
+use super::reader::Reader;
+use super::verify::{self, PublicKeys, VerifyReport};
+use super::writer::fault;
+use super::*;
+use crate::config::FsyncPolicy;
+
+const KID: &str = "gw-test";
+
+fn signing_key() -> SigningKey {
+    SigningKey::from_bytes(&[7u8; 32])
+}
+
+fn keys() -> PublicKeys {
+    let mut k = PublicKeys::new();
+    k.insert(KID.into(), signing_key().verifying_key());
+    k
+}
+
+fn opts(dir: &Path, every: u64) -> WriterOptions {
+    WriterOptions {
+        dir: dir.to_owned(),
+        fsync: FsyncPolicy::Group,
+        checkpoint_every: every,
+        checkpoint_interval: Duration::from_secs(3600),
+        segment_bytes: 64 * 1024 * 1024,
+        signer: Some(CheckpointSigner::new(KID, signing_key())),
+    }
+}
+
+fn stmt(n: u64) -> Record {
+    Record {
+        kind: Kind::Statement,
+        session: Some("s1".into()),
+        user: Some("alice".into()),
+        database: Some("app".into()),
+        sql: Some(format!("SELECT {n}")),
+        protocol: Some("simple".into()),
+        decision: Some("allow".into()),
+        ..Record::default()
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().expect("runtime")
+}
+
+/// Start a writer, append `n` statements durably, shut down. Returns their seqs.
+fn write_log(o: WriterOptions, n: u64) -> Vec<u64> {
+    let h = AuditHandle::start(o).expect("start");
+    let seqs = rt().block_on(async {
+        let mut v = Vec::new();
+        for i in 0..n {
+            v.push(h.append_durable(stmt(i)).await.expect("append"));
+        }
+        v
+    });
+    h.shutdown();
+    seqs
+}
+
+/// Every stored line of the log as (file, line text).
+fn lines(dir: &Path) -> Vec<(PathBuf, String)> {
+    let mut r = Reader::open(dir).expect("reader");
+    let mut out = Vec::new();
+    while let Some(l) = r.next_line() {
+        let l = l.expect("line");
+        out.push((l.segment.to_path_buf(), String::from_utf8(l.raw).expect("utf8")));
+    }
+    out
+}
+
+fn records(dir: &Path) -> Vec<Record> {
+    Reader::open(dir).expect("reader").map(|e| e.expect("entry").record).collect()
+}
+
+fn segment_paths(dir: &Path) -> Vec<PathBuf> {
+    chain::list_segments(dir).expect("list").into_iter().map(|s| s.path).collect()
+}
+
+/// Rewrite one line (by seq) of the log in place with `f` applied to its text.
+fn edit_line(dir: &Path, seq: u64, f: impl Fn(&str) -> Option<String>) {
+    for path in segment_paths(dir) {
+        let text = std::fs::read_to_string(&path).expect("read");
+        let needle = format!("{{\"seq\":{seq},");
+        if !text.lines().any(|l| l.starts_with(&needle)) {
+            continue;
+        }
+        let mut out = String::new();
+        for l in text.lines() {
+            if l.starts_with(&needle) {
+                if let Some(new) = f(l) {
+                    out.push_str(&new);
+                    out.push('\n');
+                }
+            } else {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        std::fs::write(&path, out).expect("write");
+        return;
+    }
+    panic!("seq {seq} not found");
+}
+
+/// What an attacker with write access does: change records and recompute the whole chain.
+/// `f` gets the record and the (new) hash of the record before it.
+fn rewrite_and_rechain(dir: &Path, mut f: impl FnMut(&mut Record, &str)) {
+    let mut prev = GENESIS_HASH.to_string();
+    for path in segment_paths(dir) {
+        let text = std::fs::read_to_string(&path).expect("read");
+        let mut out = String::new();
+        for l in text.lines() {
+            let mut rec: Record = serde_json::from_str(l).expect("parse");
+            f(&mut rec, &prev);
+            rec.prev_hash = prev.clone();
+            rec.hash.clear();
+            let c = serde_json::to_string(&rec).expect("ser");
+            let h = hex::encode(Sha256::new().chain_update(prev.as_bytes()).chain_update(c.as_bytes()).finalize());
+            out.push_str(&c[..c.len() - 1]);
+            out.push_str(&format!(",\"hash\":\"{h}\"}}\n"));
+            prev = h;
+        }
+        std::fs::write(&path, out).expect("write");
+    }
+}
+
+fn problem(r: &VerifyReport) -> &verify::Problem {
+    r.problem.as_ref().unwrap_or_else(|| panic!("expected a problem, got {}", r.summary()))
+}
+
+#[test]
+fn chain_written_then_verified() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("audit");
+    let seqs = write_log(opts(&d, 4), 10);
+    // seq 1 start; statements 2..=4, checkpoint 5, 6..=9, checkpoint 10, 11..=13, final checkpoint 14.
+    assert_eq!(seqs, vec![2, 3, 4, 6, 7, 8, 9, 11, 12, 13]);
+
+    let ls = lines(&d);
+    assert_eq!(ls.len(), 14);
+    // The line format, checked independently of the writer's code.
+    let mut prev = GENESIS_HASH.to_string();
+    for (i, (_, l)) in ls.iter().enumerate() {
+        let pos = l.rfind(",\"hash\":\"").expect("hash suffix");
+        let hash = &l[pos + 9..l.len() - 2];
+        let canonical = format!("{}}}", &l[..pos]);
+        assert!(canonical.starts_with(&format!("{{\"seq\":{},\"ts\":\"", i + 1)), "{canonical}");
+        assert!(canonical.contains(&format!("\"prev_hash\":\"{prev}\"")));
+        let expect = hex::encode(Sha256::new().chain_update(prev.as_bytes()).chain_update(canonical.as_bytes()).finalize());
+        assert_eq!(hash, expect);
+        prev = hash.to_string();
+    }
+    let recs = records(&d);
+    assert_eq!(recs[0].kind, Kind::Start);
+    assert_eq!(recs[0].prev_hash, GENESIS_HASH);
+    let ts = &recs[1].ts;
+    assert_eq!(ts.len(), "2026-11-29T14:00:00.123456Z".len(), "{ts}");
+    assert!(ts.ends_with('Z') && ts.as_bytes()[19] == b'.', "{ts}");
+    let ck = &recs[4];
+    assert_eq!(ck.kind, Kind::Checkpoint);
+    assert_eq!(ck.anchor_seq, Some(4));
+    assert_eq!(ck.anchor_hash.as_deref(), Some(recs[3].hash.as_str()));
+    assert_eq!(ck.kid.as_deref(), Some(KID));
+
+    let head: Head = serde_json::from_slice(&std::fs::read(d.join("HEAD")).expect("HEAD")).expect("parse HEAD");
+    assert_eq!((head.seq, head.anchor_seq), (14, 13));
+    assert_eq!(head.hash, recs[13].hash);
+
+    let r = verify::verify(&d, &keys());
+    assert!(r.is_ok(), "{}", r.summary());
+    assert_eq!((r.records, r.segments, r.checkpoints), (14, 1, 3));
+    assert_eq!((r.last_anchored_seq, r.unanchored, r.head_seq), (Some(13), 0, Some(14)));
+    assert_eq!(
+        r.summary(),
+        "audit log OK: 14 records in 1 segment, 3 checkpoints, last anchored seq 13 (0 unanchored records after it)"
+    );
+}
+
+#[test]
+fn group_commit_from_many_tasks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_owned();
+    let h = AuditHandle::start(opts(&d, 1_000_000)).expect("start");
+    let mut seqs: Vec<u64> = rt().block_on(async {
+        let mut tasks = Vec::new();
+        for t in 0..200u64 {
+            let h = h.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut v = Vec::new();
+                for i in 0..10 {
+                    v.push(h.append_durable(stmt(t * 100 + i)).await.expect("append"));
+                }
+                v
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("join"));
+        }
+        all
+    });
+    // Durable before shutdown: every acknowledged seq is already in the file.
+    let on_disk: Vec<u64> = records(&d).iter().map(|r| r.seq).collect();
+    assert_eq!(on_disk, (1..=2001).collect::<Vec<_>>());
+    seqs.sort_unstable();
+    assert_eq!(seqs, (2..=2001).collect::<Vec<_>>());
+    let st = h.stats();
+    assert_eq!(st.records, 2001);
+    assert_eq!(st.failed_batches, 0);
+    assert_eq!(st.syncs, st.batches);
+    assert!(st.batches < st.records, "no batching happened: {st:?}");
+    h.shutdown();
+    let r = verify::verify(&d, &keys());
+    assert!(r.is_ok(), "{}", r.summary());
+    assert_eq!((r.records, r.checkpoints, r.last_anchored_seq), (2002, 1, Some(2001)));
+}
+
+#[test]
+fn submit_then_wait() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = AuditHandle::start(opts(dir.path(), 100)).expect("start");
+    let rxs: Vec<_> = (0..3).map(|i| h.submit(stmt(i))).collect();
+    let got: Vec<u64> = rt().block_on(async {
+        let mut v = Vec::new();
+        for rx in rxs {
+            v.push(rx.await.expect("answered").expect("durable"));
+        }
+        v
+    });
+    assert_eq!(got, vec![2, 3, 4]);
+    h.shutdown();
+    let rx = h.submit(stmt(9));
+    assert!(matches!(rt().block_on(rx), Ok(Err(AuditError::Closed))));
+}
+
+#[test]
+fn edited_sql_is_detected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write_log(opts(d, 100), 5);
+    assert!(verify::verify(d, &keys()).is_ok());
+    edit_line(d, 3, |l| Some(l.replace("SELECT 1", "SELECT 9")));
+    let r = verify::verify(d, &keys());
+    let p = problem(&r);
+    assert_eq!(p.seq, Some(3));
+    assert_eq!(p.line, Some(3));
+    assert_eq!(p.file.as_deref(), Some(d.join(chain::segment_name(1)).as_path()));
+    assert!(p.reason.starts_with("hash mismatch"), "{}", p.reason);
+    assert!(r.summary().starts_with("audit log BROKEN at seq 3 (audit-0000000000000001.jsonl:3): hash mismatch"));
+}
+
+#[test]
+fn deleted_line_is_detected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write_log(opts(d, 100), 5);
+    edit_line(d, 4, |_| None);
+    let r = verify::verify(d, &keys());
+    let p = problem(&r);
+    assert_eq!((p.seq, p.line), (Some(5), Some(4)));
+    assert_eq!(p.reason, "seq gap: expected seq 4, found 5 (records 4..4 missing)");
+}
+
+#[test]
+fn truncated_tail_past_head_is_detected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write_log(opts(d, 3), 7);
+    // 1 start, 2 3 stmt, 4 ckpt, 5 6 7 stmt, 8 ckpt, 9 10 stmt, 11 final ckpt
+    assert_eq!(verify::verify(d, &keys()).head_seq, Some(11));
+    let seg = d.join(chain::segment_name(1));
+    let text = std::fs::read_to_string(&seg).expect("read");
+    let keep: String = text.lines().take(9).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&seg, keep).expect("truncate");
+    let r = verify::verify(d, &keys());
+    let p = problem(&r);
+    assert_eq!(p.reason, "truncated: log ends at seq 9 but HEAD checkpoint is seq 11");
+    assert_eq!(p.seq, Some(11));
+    assert_eq!(r.summary(), "audit log BROKEN at seq 11 (HEAD): truncated: log ends at seq 9 but HEAD checkpoint is seq 11");
+}
+
+#[test]
+fn unanchored_tail_is_a_warning_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let h = AuditHandle::start(opts(d, 3)).expect("start");
+    rt().block_on(async {
+        for i in 0..4 {
+            h.append_durable(stmt(i)).await.expect("append");
+        }
+    });
+    // No shutdown yet: 1 start, 2 3, 4 ckpt, 5 6 unanchored.
+    let r = verify::verify(d, &keys());
+    assert!(r.is_ok(), "{}", r.summary());
+    assert_eq!((r.last_anchored_seq, r.unanchored), (Some(3), 2));
+    assert_eq!(
+        r.summary(),
+        "audit log OK: 6 records in 1 segment, 1 checkpoint, last anchored seq 3 (2 unanchored records after it)"
+    );
+    h.shutdown();
+}
+
+#[test]
+fn restart_continues_the_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    assert_eq!(write_log(opts(d, 100), 3), vec![2, 3, 4]);
+    // run 1: 1 start, 2..4, 5 final ckpt; run 2: 6 start, 7..9, 10 ckpt
+    assert_eq!(write_log(opts(d, 100), 3), vec![7, 8, 9]);
+    let recs = records(d);
+    assert_eq!(recs.len(), 10);
+    assert_eq!(recs[5].kind, Kind::Start);
+    assert_eq!(recs[5].prev_hash, recs[4].hash);
+    let r = verify::verify(d, &keys());
+    assert!(r.is_ok(), "{}", r.summary());
+    assert_eq!((r.records, r.checkpoints, r.head_seq), (10, 2, Some(10)));
+}
+
+#[test]
+fn restart_drops_an_interrupted_fragment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write_log(opts(d, 100), 2);
+    let seg = d.join(chain::segment_name(1));
+    let good = std::fs::metadata(&seg).expect("stat").len();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&seg).expect("open");
+        f.write_all(b"{\"seq\":5,\"ts\":\"2026").expect("write");
+    }
+    assert_eq!(problem(&verify::verify(d, &keys())).seq, Some(5));
+    let seqs = write_log(opts(d, 100), 1);
+    assert_eq!(seqs, vec![6]);
+    let recs = records(d);
+    assert_eq!(recs[4].kind, Kind::Start);
+    let warnings = recs[4].meta.as_ref().and_then(|m| m.get("warnings")).expect("warning recorded");
+    assert!(warnings.to_string().contains("unterminated fragment"), "{warnings}");
+    assert!(std::fs::metadata(&seg).expect("stat").len() > good);
+    let r = verify::verify(d, &keys());
+    assert!(r.is_ok(), "{}", r.summary());
+}
+
+#[test]
+fn segments_rotate_and_verify() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mut o = opts(d, 10);
+    o.segment_bytes = 1000;
+    write_log(o, 40);
+    let segs = chain::list_segments(d).expect("list");
+    assert!(segs.len() >= 5, "{segs:?}");
+    // Each segment starts with the seq in its name and stays near the limit.
+    for s in &segs {
+        let text = std::fs::read_to_string(&s.path).expect("read");
+        let first: Record = serde_json::from_str(text.lines().next().expect("non-empty")).expect("parse");
+        assert_eq!(first.seq, s.first_seq);
+        assert!(text.len() < 1000 + 400, "{} is {} bytes", s.path.display(), text.len());
+    }
+    let r = verify::verify(d, &keys());
+    assert!(r.is_ok(), "{}", r.summary());
+    assert_eq!(r.segments, segs.len());
+    // Removing a middle segment is a gap at the first record of the next one.
+    let gone = &segs[2];
+    std::fs::remove_file(&gone.path).expect("rm");
+    let r = verify::verify(d, &keys());
+    let p = problem(&r);
+    assert_eq!(p.seq, Some(segs[3].first_seq));
+    assert_eq!(p.line, Some(1));
+    assert!(p.reason.starts_with(&format!("seq gap: expected seq {}", gone.first_seq)), "{}", p.reason);
+}
+
+#[test]
+fn removed_dir_fails_closed_and_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("audit");
+    let moved = dir.path().join("moved");
+    let h = AuditHandle::start(opts(&d, 100)).expect("start");
+    let rt = rt();
+    assert_eq!(rt.block_on(h.append_durable(stmt(1))).expect("append"), 2);
+    let before = std::fs::read(d.join(chain::segment_name(1))).expect("read");
+
+    std::fs::rename(&d, &moved).expect("rename away");
+    let err = rt.block_on(h.append_durable(stmt(2))).expect_err("must fail closed");
+    assert!(matches!(err, AuditError::Unwritable { .. }), "{err:?}");
+    h.append(stmt(3)); // not awaited: also lost, and logged
+    let err = rt.block_on(h.append_durable(stmt(4))).expect_err("still failing");
+    assert!(matches!(err, AuditError::Unwritable { .. }), "{err:?}");
+    // Nothing (partial or whole) was written while failing.
+    assert_eq!(std::fs::read(moved.join(chain::segment_name(1))).expect("read"), before);
+
+    std::fs::rename(&moved, &d).expect("rename back");
+    assert_eq!(rt.block_on(h.append_durable(stmt(5))).expect("recovered"), 3);
+    assert!(h.stats().failed_batches >= 2);
+    h.shutdown();
+    let r = verify::verify(&d, &keys());
+    assert!(r.is_ok(), "{}", r.summary());
+    assert_eq!(r.records, 4);
+}
+
+#[test]
+fn dir_replaced_by_a_file_fails_closed_and_recovers() {
+    // What the end-to-end fail-closed test does (it runs as root, so no chmod).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("audit");
+    let moved = dir.path().join("audit.moved");
+    let h = AuditHandle::start(opts(&d, 100)).expect("start");
+    let rt = rt();
+    assert_eq!(rt.block_on(h.append_durable(stmt(1))).expect("append"), 2);
+    std::fs::rename(&d, &moved).expect("rename away");
+    std::fs::write(&d, b"not a directory\n").expect("file in its place");
+    for i in 2..5 {
+        assert!(rt.block_on(h.append_durable(stmt(i))).is_err(), "append {i} must fail closed");
+    }
+    assert_eq!(std::fs::read(&d).expect("read"), b"not a directory\n");
+    std::fs::remove_file(&d).expect("rm");
+    std::fs::rename(&moved, &d).expect("rename back");
+    assert_eq!(rt.block_on(h.append_durable(stmt(5))).expect("recovered"), 3);
+    h.shutdown();
+    // The writer moved on to a fresh segment; the chain is intact.
+    assert!(d.join(chain::segment_name(3)).exists());
+    let r = verify::verify(&d, &keys());
+    assert!(r.is_ok(), "{}", r.summary());
+    assert_eq!((r.records, r.segments), (4, 2));
+}
+
+#[test]
+fn removed_segment_fails_then_continues_in_a_new_segment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let h = AuditHandle::start(opts(d, 100)).expect("start");
+    let rt = rt();
+    assert_eq!(rt.block_on(h.append_durable(stmt(1))).expect("append"), 2);
+    std::fs::remove_file(d.join(chain::segment_name(1))).expect("rm");
+    let err = rt.block_on(h.append_durable(stmt(2))).expect_err("must fail closed");
+    assert!(matches!(err, AuditError::SegmentGone { .. }), "{err:?}");
+    assert_eq!(rt.block_on(h.append_durable(stmt(3))).expect("continues"), 3);
+    h.shutdown();
+    assert!(d.join(chain::segment_name(3)).exists());
+    // The deletion shows up as a gap where the new segment starts.
+    let p = verify::verify(d, &keys()).problem.expect("gap");
+    assert_eq!(p.seq, Some(3));
+    assert!(p.reason.starts_with("seq gap: expected seq 1, found 3"), "{}", p.reason);
+}
+
+#[test]
+fn failed_write_leaves_nothing_partial() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let h = AuditHandle::start(opts(d, 100)).expect("start");
+    let rt = rt();
+    assert_eq!(rt.block_on(h.append_durable(stmt(1))).expect("append"), 2);
+    let seg = d.join(chain::segment_name(1));
+    let before = std::fs::read(&seg).expect("read");
+    fault::fail_next_write(d);
+    let err = rt.block_on(h.append_durable(stmt(2))).expect_err("injected failure");
+    assert!(matches!(err, AuditError::Io { .. }), "{err:?}");
+    assert_eq!(std::fs::read(&seg).expect("read"), before, "partial line left behind");
+    // The seq was not consumed and the chain continues.
+    assert_eq!(rt.block_on(h.append_durable(stmt(3))).expect("append"), 3);
+    h.shutdown();
+    let r = verify::verify(d, &keys());
+    assert!(r.is_ok(), "{}", r.summary());
+    let sqls: Vec<_> = records(d).into_iter().filter_map(|r| r.sql).collect();
+    assert_eq!(sqls, vec!["SELECT 1", "SELECT 3"]);
+}
+
+#[test]
+fn unwritable_dir_fails_closed() {
+    // root passes access(W_OK) regardless of mode bits; see the writer's module docs.
+    if unsafe { libc::geteuid() } == 0 {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("audit");
+    let h = AuditHandle::start(opts(&d, 100)).expect("start");
+    let rt = rt();
+    rt.block_on(h.append_durable(stmt(1))).expect("append");
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o550)).expect("chmod");
+    let err = rt.block_on(h.append_durable(stmt(2))).expect_err("must fail closed");
+    assert!(matches!(err, AuditError::Unwritable { .. }), "{err:?}");
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    assert_eq!(rt.block_on(h.append_durable(stmt(3))).expect("recovered"), 3);
+    h.shutdown();
+    assert!(verify::verify(&d, &keys()).is_ok());
+}
+
+#[test]
+fn tampered_checkpoint_signature_is_detected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write_log(opts(d, 3), 4);
+    // 1 start, 2 3, 4 ckpt, 5 6, 7 final ckpt
+    // Flip the signature and recompute every hash, as an attacker could.
+    let other = SigningKey::from_bytes(&[9u8; 32]);
+    rewrite_and_rechain(d, |r, _| {
+        if r.seq == 4 {
+            let forged = CheckpointSigner::new(KID, other.clone()).sign(3, r.anchor_hash.as_deref().unwrap_or(""));
+            r.sig = Some(forged);
+        }
+    });
+    let p = problem(&verify::verify(d, &keys())).clone();
+    assert_eq!(p.seq, Some(4));
+    assert_eq!(p.reason, format!("checkpoint signature does not verify (kid {KID:?})"));
+}
+
+#[test]
+fn rechained_edit_is_caught_by_the_next_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write_log(opts(d, 3), 4);
+    // The attacker edits seq 2, recomputes all hashes and fixes up the anchor hash: the
+    // signature over (3, new hash) then fails.
+    rewrite_and_rechain(d, |r, prev| {
+        if r.seq == 2 {
+            r.sql = Some("SELECT 'innocent'".into());
+        }
+        if r.seq == 4 {
+            r.anchor_hash = Some(prev.to_string());
+        }
+    });
+    let p = problem(&verify::verify(d, &keys())).clone();
+    assert_eq!(p.seq, Some(4));
+    assert!(p.reason.starts_with("checkpoint signature does not verify"), "{}", p.reason);
+}
+
+#[test]
+fn unknown_checkpoint_key_is_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write_log(opts(d, 100), 1);
+    let p = problem(&verify::verify(d, &PublicKeys::new())).clone();
+    assert_eq!(p.file.as_deref(), Some(d.join("HEAD").as_path()));
+    assert!(p.reason.contains("unknown key kid \"gw-test\""), "{}", p.reason);
+}
+
+#[test]
+fn interval_checkpoint_and_policies() {
+    for policy in [FsyncPolicy::Always, FsyncPolicy::Off] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let mut o = opts(d, 1000);
+        o.fsync = policy;
+        o.checkpoint_interval = Duration::from_millis(100);
+        let h = AuditHandle::start(o).expect("start");
+        let rt = rt();
+        let rxs: Vec<_> = (0..5).map(|i| h.submit(stmt(i))).collect();
+        rt.block_on(async {
+            for rx in rxs {
+                rx.await.expect("answer").expect("durable");
+            }
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let kinds: Vec<Kind> = records(d).iter().map(|r| r.kind).collect();
+        assert_eq!(kinds.len(), 7, "{policy:?}: {kinds:?}");
+        assert_eq!(kinds[6], Kind::Checkpoint, "{policy:?}");
+        let st = h.stats();
+        match policy {
+            FsyncPolicy::Always => assert!(st.syncs >= 7, "{st:?}"),
+            _ => assert_eq!(st.syncs, 0),
+        }
+        h.shutdown();
+        // Nothing new since the interval checkpoint: shutdown adds no other checkpoint.
+        let r = verify::verify(d, &keys());
+        assert!(r.is_ok(), "{}", r.summary());
+        assert_eq!((r.records, r.checkpoints), (7, 1));
+    }
+}
+
+#[test]
+fn callers_cannot_forge_writer_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = AuditHandle::start(opts(dir.path(), 100)).expect("start");
+    let rec = Record { kind: Kind::Checkpoint, anchor_seq: Some(1), ..Record::default() };
+    let err = rt().block_on(h.append_durable(rec)).expect_err("rejected");
+    assert!(matches!(err, AuditError::InvalidRecord(_)), "{err:?}");
+    h.shutdown();
+    assert!(matches!(rt().block_on(h.append_durable(stmt(1))), Err(AuditError::Closed)));
+}
+
+#[test]
+fn no_signer_means_no_checkpoints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mut o = opts(d, 2);
+    o.signer = None;
+    write_log(o, 3);
+    assert!(!d.join("HEAD").exists());
+    let r = verify::verify(d, &keys());
+    assert!(r.is_ok());
+    assert_eq!(r.summary(), "audit log OK: 4 records in 1 segment, 0 checkpoints, no checkpoint yet (4 unanchored records)");
+}
+
+#[test]
+fn signer_from_pem_and_jwks() {
+    use base64::Engine as _;
+    use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pem = signing_key().to_pkcs8_pem(Default::default()).expect("pem");
+    let key_path = dir.path().join("signing.pem");
+    std::fs::write(&key_path, pem.as_bytes()).expect("write");
+    let signer = CheckpointSigner::from_pem_file(&key_path, KID).expect("load");
+    assert_eq!(signer.verifying_key(), signing_key().verifying_key());
+    assert!(CheckpointSigner::from_pem_file(&dir.path().join("missing"), KID).is_err());
+
+    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signing_key().verifying_key().to_bytes());
+    let jwks = format!(
+        r#"{{"keys":[{{"kty":"RSA","kid":"r","n":"xx","e":"AQAB"}},{{"kty":"OKP","crv":"Ed25519","x":"{x}","kid":"{KID}","alg":"EdDSA"}}]}}"#
+    );
+    let jwks_path = dir.path().join("jwks.json");
+    std::fs::write(&jwks_path, jwks).expect("write");
+    let keys = verify::load_jwks_ed25519(&jwks_path).expect("jwks");
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys.get(KID), Some(&signing_key().verifying_key()));
+    let sig = signer.sign(5, "ab");
+    assert_eq!(verify::check_signature(&keys, Some(KID), Some(&sig), 5, "ab"), Ok(()));
+    assert!(verify::check_signature(&keys, Some(KID), Some(&sig), 6, "ab").is_err());
+}
+
+/// `cargo test -p gateway-user --release --lib audit::tests::throughput -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn throughput() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = AuditHandle::start(opts(dir.path(), 1000)).expect("start");
+    let n_tasks = 256u64;
+    let per_task = 400u64;
+    let t0 = std::time::Instant::now();
+    rt().block_on(async {
+        let mut tasks = Vec::new();
+        for t in 0..n_tasks {
+            let h = h.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..per_task {
+                    h.append_durable(stmt(t * per_task + i)).await.expect("append");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("join");
+        }
+    });
+    let el = t0.elapsed();
+    let st = h.stats();
+    h.shutdown();
+    let n = n_tasks * per_task;
+    println!(
+        "{n} durable appends in {el:?}: {:.0}/s, {} batches ({:.1} records/batch), {} syncs",
+        n as f64 / el.as_secs_f64(),
+        st.batches,
+        st.records as f64 / st.batches as f64,
+        st.syncs
+    );
+    assert!(verify::verify(dir.path(), &keys()).is_ok());
+}
+
+#[test]
+#[ignore]
+fn zz_demo_log() {
+    let cfg = crate::config::Config::load(Path::new("/tmp/pgw/pgward.toml")).expect("cfg");
+    let mut o = WriterOptions::from_config(&cfg).expect("opts");
+    o.checkpoint_every = 5;
+    o.segment_bytes = 2000;
+    let h = AuditHandle::start(o).expect("start");
+    let rt = rt();
+    for (sess, user) in [("ab12", "alice"), ("cd34", "bob")] {
+        let base = Record { session: Some(sess.into()), user: Some(user.into()), database: Some("app".into()), groups: Some(vec!["dev".into()]), client: Some(Client::Tcp { addr: "127.0.0.1:5555".into() }), ..Record::default() };
+        h.append(Record { kind: Kind::Login, jti: Some("j1".into()), ..base.clone() });
+        for i in 0..4u64 {
+            let seq = rt.block_on(h.append_durable(Record { kind: Kind::Statement, sql: Some(format!("SELECT\n  {i}")), protocol: Some("simple".into()), decision: Some("allow".into()), ..base.clone() })).expect("a");
+            std::thread::sleep(Duration::from_millis(150));
+            let res = if i == 2 { Record { kind: Kind::Result, statement_seq: Some(seq), sqlstate: Some("42501".into()), error: Some("permission denied".into()), ..base.clone() } } else { Record { kind: Kind::Result, statement_seq: Some(seq), tag: Some(format!("SELECT {i}")), rows: Some(i), duration_us: Some(1234 * i), ..base.clone() } };
+            h.append(res);
+        }
+        h.append(Record { kind: Kind::SessionEnd, ..base.clone() });
+    }
+    h.shutdown();
+}

@@ -1,0 +1,293 @@
+//! `verify`: walk the whole log and report the first record that breaks the chain.
+//!
+//! Checks, in order, per line: it is complete and parses; its seq is the previous seq + 1
+//! (starting at 1, across segments); its hash recomputes from its bytes; its prev_hash is
+//! the previous record's hash (64 zeros for seq 1); the first record of a segment has the
+//! seq the segment's name announces; a checkpoint anchors the record before it and its
+//! signature verifies with the JWKS key named by its kid. Finally `HEAD` (the latest
+//! checkpoint, if present) must name a record that exists with the same hash and carry a
+//! valid signature, which detects a cut-off tail up to that checkpoint. Records after the
+//! last checkpoint are reported as unanchored (not an error).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use ed25519_dalek::{Signature, VerifyingKey};
+
+use super::chain::{self, Head, GENESIS_HASH, HEAD_FILE};
+use super::reader::Reader;
+use super::record::Kind;
+
+/// Ed25519 public keys by `kid`.
+pub type PublicKeys = HashMap<String, VerifyingKey>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    #[error("cannot read JWKS {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid JWKS {}: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// The OKP/Ed25519 keys of a JWKS file (other key types are ignored).
+pub fn load_jwks_ed25519(path: &Path) -> Result<PublicKeys, JwksError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| JwksError::Read { path: path.to_owned(), source })?;
+    parse_jwks_ed25519(&text).map_err(|reason| JwksError::Invalid { path: path.to_owned(), reason })
+}
+
+/// The OKP/Ed25519 keys of a JWKS document `{"keys":[{"kty":"OKP","crv":"Ed25519","x":…,"kid":…}]}`.
+pub fn parse_jwks_ed25519(json: &str) -> Result<PublicKeys, String> {
+    let doc: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let keys = doc
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .ok_or_else(|| "no \"keys\" array".to_string())?;
+    let mut out = PublicKeys::new();
+    for k in keys {
+        let field = |name: &str| k.get(name).and_then(|v| v.as_str());
+        if field("kty") != Some("OKP") || field("crv") != Some("Ed25519") {
+            continue;
+        }
+        let kid = field("kid").ok_or_else(|| "Ed25519 key without kid".to_string())?;
+        let x = field("x").ok_or_else(|| format!("key {kid:?}: no \"x\""))?;
+        let bytes = decode_b64url(x).ok_or_else(|| format!("key {kid:?}: \"x\" is not base64url"))?;
+        let raw: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| format!("key {kid:?}: \"x\" is {} bytes, not 32", bytes.len()))?;
+        let key = VerifyingKey::from_bytes(&raw).map_err(|e| format!("key {kid:?}: {e}"))?;
+        out.insert(kid.to_owned(), key);
+    }
+    Ok(out)
+}
+
+fn decode_b64url(s: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s.trim_end_matches('=')).ok()
+}
+
+/// Check a checkpoint signature; `Err` says why it is not acceptable.
+pub fn check_signature(
+    keys: &PublicKeys,
+    kid: Option<&str>,
+    sig: Option<&str>,
+    anchor_seq: u64,
+    anchor_hash: &str,
+) -> Result<(), String> {
+    let kid = kid.ok_or("checkpoint has no kid")?;
+    let key = keys.get(kid).ok_or_else(|| format!("checkpoint signed by unknown key kid {kid:?}"))?;
+    let sig = sig.ok_or("checkpoint has no signature")?;
+    let bytes = decode_b64url(sig).ok_or("checkpoint signature is not base64url")?;
+    let sig = Signature::from_slice(&bytes).map_err(|_| "checkpoint signature has the wrong length".to_string())?;
+    let msg = chain::checkpoint_message(anchor_seq, anchor_hash);
+    key.verify_strict(msg.as_bytes(), &sig)
+        .map_err(|_| format!("checkpoint signature does not verify (kid {kid:?})"))
+}
+
+/// Where and why the log is broken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Segment file (or HEAD) the problem is in.
+    pub file: Option<PathBuf>,
+    /// 1-based line within `file`.
+    pub line: Option<u64>,
+    /// The seq of the bad record (for unparseable lines: the seq expected there).
+    pub seq: Option<u64>,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("audit log BROKEN")?;
+        if let Some(seq) = self.seq {
+            write!(f, " at seq {seq}")?;
+        }
+        if let Some(file) = &self.file {
+            let name = file.file_name().map_or_else(|| file.display().to_string(), |n| n.to_string_lossy().into_owned());
+            match self.line {
+                Some(l) => write!(f, " ({name}:{l})")?,
+                None => write!(f, " ({name})")?,
+            }
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Lines checked and found good (all kinds, checkpoints included).
+    pub records: u64,
+    /// Segment files in the directory.
+    pub segments: usize,
+    /// Valid checkpoint records.
+    pub checkpoints: u64,
+    pub last_seq: Option<u64>,
+    /// The seq the last valid checkpoint anchors.
+    pub last_anchored_seq: Option<u64>,
+    /// Non-checkpoint records after the last checkpoint.
+    pub unanchored: u64,
+    /// The seq of the checkpoint `HEAD` names, if there is a HEAD.
+    pub head_seq: Option<u64>,
+    /// The first thing wrong, if anything.
+    pub problem: Option<Problem>,
+}
+
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.problem.is_none()
+    }
+
+    /// One line: `audit log OK: …` or `audit log BROKEN at seq N (file:line): reason`.
+    pub fn summary(&self) -> String {
+        if let Some(p) = &self.problem {
+            return p.to_string();
+        }
+        let mut s = format!(
+            "audit log OK: {} in {}, {}",
+            plural(self.records, "record", "records"),
+            plural(self.segments as u64, "segment", "segments"),
+            plural(self.checkpoints, "checkpoint", "checkpoints"),
+        );
+        match self.last_anchored_seq {
+            Some(a) => s.push_str(&format!(
+                ", last anchored seq {a} ({} after it)",
+                plural(self.unanchored, "unanchored record", "unanchored records")
+            )),
+            None if self.unanchored > 0 => s.push_str(&format!(
+                ", no checkpoint yet ({})",
+                plural(self.unanchored, "unanchored record", "unanchored records")
+            )),
+            None => {}
+        }
+        s
+    }
+}
+
+/// Verify the log in `dir` against the checkpoint keys in `keys`.
+pub fn verify(dir: &Path, keys: &PublicKeys) -> VerifyReport {
+    let mut report = VerifyReport::default();
+    report.problem = run(dir, keys, &mut report).err();
+    report
+}
+
+fn run(dir: &Path, keys: &PublicKeys, report: &mut VerifyReport) -> Result<(), Problem> {
+    let whole = |file: Option<PathBuf>, seq: Option<u64>, reason: String| Problem { file, line: None, seq, reason };
+    if !dir.is_dir() {
+        return Err(whole(Some(dir.to_owned()), None, "audit directory does not exist".into()));
+    }
+
+    let head_path = dir.join(HEAD_FILE);
+    let head: Option<Head> = match std::fs::read(&head_path) {
+        Ok(bytes) => {
+            let head: Head = serde_json::from_slice(&bytes)
+                .map_err(|e| whole(Some(head_path.clone()), None, format!("HEAD does not parse: {e}")))?;
+            check_signature(keys, Some(&head.kid), Some(&head.sig), head.anchor_seq, &head.anchor_hash)
+                .map_err(|r| whole(Some(head_path.clone()), Some(head.seq), format!("HEAD: {r}")))?;
+            report.head_seq = Some(head.seq);
+            Some(head)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(whole(Some(head_path.clone()), None, format!("HEAD unreadable: {e}"))),
+    };
+
+    let mut reader = Reader::open(dir).map_err(|e| whole(Some(dir.to_owned()), None, e.to_string()))?;
+    report.segments = reader.segments().len();
+    let mut prev_hash = GENESIS_HASH.to_owned();
+    let mut expected = 1u64;
+    let mut head_found = false;
+
+    while let Some(line) = reader.next_line() {
+        let line = line.map_err(|e| whole(None, None, e.to_string()))?;
+        let at = |seq: Option<u64>, reason: String| Problem {
+            file: Some(line.segment.to_path_buf()),
+            line: Some(line.line_no),
+            seq,
+            reason,
+        };
+        if !line.complete {
+            return Err(at(Some(expected), "incomplete line (no trailing newline): interrupted write or truncation".into()));
+        }
+        let rec = line
+            .parse()
+            .map_err(|e| at(Some(expected), format!("line does not parse as an audit record: {e}")))?;
+        let seq = rec.seq;
+        if seq != expected {
+            let reason = if seq > expected {
+                format!("seq gap: expected seq {expected}, found {seq} (records {expected}..{} missing)", seq - 1)
+            } else {
+                format!("seq out of order: expected seq {expected}, found {seq} (duplicated or reordered record)")
+            };
+            return Err(at(Some(seq), reason));
+        }
+        match chain::recompute(&line.raw, &rec.prev_hash) {
+            None => return Err(at(Some(seq), "line does not end with a well-formed \"hash\" field".into())),
+            Some((stored, computed)) if stored != computed => {
+                return Err(at(
+                    Some(seq),
+                    format!("hash mismatch: the record was altered (stored {stored}, computed {computed})"),
+                ));
+            }
+            Some(_) => {}
+        }
+        if rec.prev_hash != prev_hash {
+            let what = if seq == 1 { "the genesis hash".to_string() } else { format!("the hash of seq {}", seq - 1) };
+            return Err(at(Some(seq), format!("prev_hash does not match {what} (chain broken)")));
+        }
+        if line.line_no == 1 && seq != line.segment_first_seq {
+            return Err(at(
+                Some(seq),
+                format!("segment name says it starts at seq {}, but its first record is seq {seq}", line.segment_first_seq),
+            ));
+        }
+        if rec.kind == Kind::Checkpoint {
+            let anchor_seq = rec.anchor_seq.unwrap_or(0);
+            let anchor_hash = rec.anchor_hash.as_deref().unwrap_or("");
+            if anchor_seq + 1 != seq || anchor_hash != prev_hash {
+                return Err(at(Some(seq), "checkpoint does not anchor the record before it".into()));
+            }
+            check_signature(keys, rec.kid.as_deref(), rec.sig.as_deref(), anchor_seq, anchor_hash)
+                .map_err(|r| at(Some(seq), r))?;
+            report.checkpoints += 1;
+            report.last_anchored_seq = Some(anchor_seq);
+            report.unanchored = 0;
+        } else {
+            report.unanchored += 1;
+        }
+        if let Some(h) = &head {
+            if h.seq == seq {
+                if rec.kind != Kind::Checkpoint || rec.hash != h.hash {
+                    return Err(at(
+                        Some(seq),
+                        format!("HEAD names checkpoint seq {seq} with hash {}, but the log has a different record there", h.hash),
+                    ));
+                }
+                head_found = true;
+            }
+        }
+        prev_hash = rec.hash;
+        expected += 1;
+        report.records += 1;
+        report.last_seq = Some(seq);
+    }
+
+    if let Some(h) = &head {
+        if !head_found {
+            return Err(whole(
+                Some(head_path),
+                Some(h.seq),
+                format!(
+                    "truncated: log ends at seq {} but HEAD checkpoint is seq {}",
+                    report.last_seq.unwrap_or(0),
+                    h.seq
+                ),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,511 @@
+//! The audit log as its reader sees it: `pgward audit tail --json` shows login, statement (with
+//! bound parameters), result and session_end records carrying who/where; statements precede
+//! their results; `audit verify` passes on the real log and fails on an edited line, a deleted
+//! line and a cut-off tail; `tail` filters and `replay` work.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::gateway::{audit_tail_with, audit_verify_config, rec};
+use common::jwt;
+use common::{Pgward, cluster, contains_number, marker, sqlstate, within};
+use serde_json::Value;
+
+/// Wait until the session that logged in with `token` has ended; return (records, session id).
+#[track_caller]
+fn wait_session_end(pw: &Pgward, token: &str) -> (Vec<Value>, String) {
+    let jti = jwt::jti_of(token);
+    let recs = pw.wait_audit(&format!("login + session_end for jti {jti}"), |r| {
+        rec::login_by_jti(r, &jti)
+            .and_then(|l| l["session"].as_str())
+            .is_some_and(|s| rec::has_session_end(r, s))
+    });
+    let session = rec::login_by_jti(&recs, &jti).unwrap()["session"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (recs, session)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_is_recorded_with_statements_params_results_and_end() {
+    let c = cluster();
+    let db = c.create_database("audit_session");
+    c.fixture_table(&db, "audit_items", "id int, v text", "");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &["analysts", "dev"], "15m");
+    let jti = jwt::jti_of(&token);
+    let m_simple = marker("audit-simple");
+    let m_ext = marker("audit-ext");
+    let m_ins = marker("audit-ins");
+    let m_sel = marker("audit-sel");
+    let m_err = marker("audit-err");
+
+    {
+        let client = pw.login("alice", &token, &db).connect().await.unwrap();
+        within(
+            "simple",
+            client.simple_query(&format!("select '{m_simple}'")),
+        )
+        .await
+        .unwrap();
+        let row = within(
+            "extended",
+            client.query_one(
+                &format!("select $1::int4 + 1 as n, $2::text as t -- {m_ext}"),
+                &[&41i32, &"p-text"],
+            ),
+        )
+        .await
+        .unwrap();
+        assert_eq!(row.get::<_, i32>(0), 42);
+        let n = within(
+            "insert",
+            client.execute(
+                &format!(
+                    "insert into audit_items select g, 'x' from generate_series(1, 3) g -- {m_ins}"
+                ),
+                &[],
+            ),
+        )
+        .await
+        .unwrap();
+        assert_eq!(n, 3);
+        let rows = within(
+            "select",
+            client.query(&format!("select * from audit_items -- {m_sel}"), &[]),
+        )
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 3);
+        let err = within(
+            "error",
+            client.simple_query(&format!("select 1/0 -- {m_err}")),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("22012"));
+    } // client dropped: the session ends
+
+    let (recs, session) = wait_session_end(&pw, &token);
+    let mine = rec::of_session(&recs, &session);
+    let login = rec::login_by_jti(&recs, &jti).unwrap();
+
+    // Who, from where, to what — on every record of the session.
+    assert_eq!(login["user"], "alice", "{login}");
+    assert_eq!(rec::groups(login), vec!["analysts", "dev"], "{login}");
+    assert_eq!(login["database"].as_str(), Some(db.as_str()), "{login}");
+    assert!(
+        login["client"]["addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "login.client should be the TCP peer: {login}"
+    );
+    for r in &mine {
+        for f in ["user", "groups", "client", "database"] {
+            assert_eq!(r[f], login[f], "{f} differs between login and {r}");
+        }
+    }
+    let kinds: Vec<&str> = mine.iter().map(|r| rec::kind(r)).collect();
+    assert_eq!(kinds.first(), Some(&"login"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"session_end"), "{kinds:?}");
+
+    // Statements and their results.
+    let check = |needle: &str, protocol: &str| -> (Value, Value) {
+        let stmts = rec::statements_with(&recs, needle);
+        assert_eq!(
+            stmts.len(),
+            1,
+            "one statement record for {needle}: {stmts:?}"
+        );
+        let st = stmts[0].clone();
+        assert_eq!(st["session"].as_str(), Some(session.as_str()));
+        assert_eq!(st["protocol"].as_str(), Some(protocol), "{st}");
+        let res = rec::result_for(&recs, &st)
+            .unwrap_or_else(|| panic!("no result for {st}"))
+            .clone();
+        assert!(
+            rec::seq(&res) > rec::seq(&st),
+            "result must follow its statement: {st} / {res}"
+        );
+        (st, res)
+    };
+    let (_, res) = check(&m_simple, "simple");
+    assert_eq!(res["tag"], "SELECT 1");
+    assert_eq!(res["rows"], 1);
+
+    let (st, res) = check(&m_ext, "extended");
+    // tokio-postgres binds both parameters in binary: int4 41 and the text bytes.
+    let params: Vec<Option<String>> =
+        serde_json::from_value(st["params"].clone()).expect("params list");
+    let params: Vec<Option<String>> = params
+        .into_iter()
+        .map(|p| p.map(|s| s.to_lowercase()))
+        .collect();
+    assert_eq!(
+        params,
+        vec![
+            Some("\\x00000029".to_string()),
+            Some("\\x702d74657874".to_string())
+        ],
+        "{st}"
+    );
+    assert_eq!(res["tag"], "SELECT 1");
+    assert_eq!(res["rows"], 1);
+
+    let (_, res) = check(&m_ins, "extended");
+    assert_eq!(res["tag"], "INSERT 0 3");
+    assert_eq!(res["rows"], 3);
+    let (_, res) = check(&m_sel, "extended");
+    assert_eq!(res["tag"], "SELECT 3");
+    assert_eq!(res["rows"], 3);
+    let (_, res) = check(&m_err, "simple");
+    assert_eq!(res["sqlstate"], "22012", "{res}");
+
+    let end = mine.last().unwrap();
+    assert!(mine.iter().all(|r| rec::seq(r) <= rec::seq(end)));
+
+    // The chain as stored: seq increases, each prev_hash is the previous record's hash.
+    for w in recs.windows(2) {
+        assert!(
+            rec::seq(&w[1]) > rec::seq(&w[0]),
+            "seq not increasing: {} then {}",
+            w[0],
+            w[1]
+        );
+        assert_eq!(
+            w[1]["prev_hash"], w[0]["hash"],
+            "chain broken between {} and {}",
+            w[0], w[1]
+        );
+    }
+    let (code, out) = pw.audit_verify();
+    assert_eq!(code, 0, "audit verify on the untouched log: {out}");
+
+    // The token is a secret: never in the audit files.
+    let audit = String::from_utf8_lossy(&pw.audit_bytes()).into_owned();
+    assert!(!audit.contains(&token), "token in the audit log");
+    assert!(
+        !audit.contains(jwt::signature_part(&token)),
+        "token signature in the audit log"
+    );
+}
+
+#[test]
+fn text_parameters_and_client_address_from_the_raw_protocol() {
+    let c = cluster();
+    let db = c.create_database("audit_raw");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let m = marker("audit-raw");
+    let mut conn = pw.login("alice", &token, &db).raw().unwrap();
+    let local = conn.local_addr.unwrap();
+    let msgs = conn
+        .extended_query(
+            &format!("select $1::int4 + 1, $2::text -- {m}"),
+            &[Some("41"), None],
+        )
+        .unwrap();
+    assert_eq!(
+        common::raw::rows(&msgs),
+        vec![vec![Some("42".to_string()), None]]
+    );
+    conn.terminate().unwrap();
+
+    let (recs, session) = wait_session_end(&pw, &token);
+    let login = rec::login_by_jti(&recs, &jwt::jti_of(&token)).unwrap();
+    assert_eq!(
+        login["client"]["addr"].as_str(),
+        Some(local.to_string().as_str()),
+        "{login}"
+    );
+    let st = rec::statements_with(&recs, &m);
+    assert_eq!(st.len(), 1);
+    assert_eq!(st[0]["session"].as_str(), Some(session.as_str()));
+    assert_eq!(
+        st[0]["params"],
+        serde_json::json!(["41", null]),
+        "{}",
+        st[0]
+    );
+    let res = rec::result_for(&recs, st[0]).expect("result record");
+    assert_eq!(res["tag"], "SELECT 1");
+}
+
+// ---- tampering ------------------------------------------------------------------------------
+
+/// A gateway with frequent checkpoints, one psql session running `markers` as separate
+/// statements, then stopped (so the log no longer changes).
+fn audited_workload(prefix: &str, n: usize) -> (Pgward, Vec<String>) {
+    let c = cluster();
+    let db = c.create_database(prefix);
+    let mut pw = Pgward::builder().set("audit.checkpoint_every", 4).start();
+    let token = pw.token("alice", &[], "15m");
+    let markers: Vec<String> = (0..n)
+        .map(|i| marker(&format!("audit-tamper-{i}")))
+        .collect();
+    let sql: Vec<String> = markers.iter().map(|m| format!("select '{m}'")).collect();
+    let mut args = Vec::new();
+    for s in &sql {
+        args.push("-c");
+        args.push(s.as_str());
+    }
+    pw.login("alice", &token, &db).psql(&args).expect_ok();
+    wait_session_end(&pw, &token);
+    pw.stop();
+    let (code, out) = pw.audit_verify();
+    assert_eq!(
+        code, 0,
+        "control: verify must pass on the untouched log: {out}"
+    );
+    (pw, markers)
+}
+
+/// Files in an audit dir whose lines are all audit records (JSON objects with seq, kind,
+/// prev_hash and hash), with their lines, ordered by first seq. Other files (e.g. a HEAD that
+/// names the latest checkpoint) are not segments and are left alone.
+fn segments(dir: &Path) -> Vec<(PathBuf, Vec<String>)> {
+    let mut segs: Vec<(u64, PathBuf, Vec<String>)> = Vec::new();
+    for f in common::files_under(dir) {
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            continue;
+        };
+        let lines: Vec<String> = text.lines().map(String::from).collect();
+        let recs: Option<Vec<Value>> = lines
+            .iter()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str::<Value>(l).ok().filter(|v| {
+                    v["seq"].is_u64()
+                        && v["kind"].is_string()
+                        && v["prev_hash"].is_string()
+                        && v["hash"].is_string()
+                })
+            })
+            .collect();
+        if let Some(recs) = recs.filter(|r| !r.is_empty()) {
+            segs.push((rec::seq(&recs[0]), f, lines));
+        }
+    }
+    segs.sort_by_key(|s| s.0);
+    segs.into_iter().map(|(_, f, l)| (f, l)).collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    let mut text = lines.join("\n");
+    if !lines.is_empty() {
+        text.push('\n');
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+/// (file index, line index, record) of the first line whose record satisfies `pred`.
+fn find_line(
+    segs: &[(PathBuf, Vec<String>)],
+    pred: impl Fn(&Value) -> bool,
+) -> Option<(usize, usize, Value)> {
+    for (fi, (_, lines)) in segs.iter().enumerate() {
+        for (li, l) in lines.iter().enumerate() {
+            if let Ok(v) = serde_json::from_str::<Value>(l)
+                && pred(&v)
+            {
+                return Some((fi, li, v));
+            }
+        }
+    }
+    None
+}
+
+/// A copy of the gateway's audit dir and a config that points at it; verify passes on it.
+fn verified_copy(pw: &Pgward) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = pw.copy_with_audit(tmp.path());
+    let (code, out) = audit_verify_config(&cfg);
+    assert_eq!(
+        code, 0,
+        "control: verify must pass on an untouched copy: {out}"
+    );
+    let dir = tmp.path().join("audit");
+    (tmp, cfg, dir)
+}
+
+#[test]
+fn verify_detects_an_edited_record_and_names_its_seq() {
+    let (pw, markers) = audited_workload("audit_edit", 8);
+    let (_tmp, cfg, dir) = verified_copy(&pw);
+    let mut segs = segments(&dir);
+    let target = &markers[5];
+    let (fi, li, v) = find_line(&segs, |v| {
+        rec::kind(v) == "statement"
+            && v["sql"]
+                .as_str()
+                .is_some_and(|s| s.contains(target.as_str()))
+    })
+    .expect("the statement record in the log files");
+    let seq = rec::seq(&v);
+    // Same length, still valid JSON, stored hash untouched: only the content changed.
+    let forged = target.replacen("audit-tamper", "audit-TAMPER", 1);
+    let line = segs[fi].1[li].replacen(target.as_str(), &forged, 1);
+    let parsed: Value = serde_json::from_str(&line).expect("edited line is still JSON");
+    assert_eq!(parsed["hash"], v["hash"]);
+    segs[fi].1[li] = line;
+    write_lines(&segs[fi].0, &segs[fi].1);
+
+    let (code, out) = audit_verify_config(&cfg);
+    assert_eq!(code, 1, "verify must fail on an edited record: {out}");
+    assert!(
+        contains_number(&out, seq),
+        "verify output must name seq {seq}: {out}"
+    );
+}
+
+#[test]
+fn verify_detects_a_deleted_record() {
+    let (pw, markers) = audited_workload("audit_delete", 8);
+    let (_tmp, cfg, dir) = verified_copy(&pw);
+    let mut segs = segments(&dir);
+    let target = &markers[4];
+    let (fi, li, _) = find_line(&segs, |v| {
+        rec::kind(v) == "statement"
+            && v["sql"]
+                .as_str()
+                .is_some_and(|s| s.contains(target.as_str()))
+    })
+    .expect("the statement record in the log files");
+    assert!(
+        li > 0 && li + 1 < segs[fi].1.len(),
+        "pick a line in the middle"
+    );
+    segs[fi].1.remove(li);
+    write_lines(&segs[fi].0, &segs[fi].1);
+
+    let (code, out) = audit_verify_config(&cfg);
+    assert_eq!(code, 1, "verify must fail when a record was deleted: {out}");
+}
+
+#[test]
+fn verify_detects_a_cut_off_tail() {
+    let (pw, _markers) = audited_workload("audit_truncate", 12);
+    let (_tmp, cfg, dir) = verified_copy(&pw);
+    let mut segs = segments(&dir);
+    let all: Vec<Value> = audit_tail_with(&cfg, &[]);
+    let checkpoints: Vec<u64> = rec::of_kind(&all, "checkpoint")
+        .into_iter()
+        .map(rec::seq)
+        .collect();
+    assert!(
+        checkpoints.len() >= 2,
+        "workload should have produced several checkpoints: {checkpoints:?}"
+    );
+    let last_cp = *checkpoints.last().unwrap();
+    let (fi, li, _) = find_line(&segs, |v| rec::seq(v) == last_cp).expect("last checkpoint line");
+    // Cut from a few records before the last checkpoint to the end: later segment files go,
+    // and this one ends early. Files that are not segments (HEAD, ...) stay as they are.
+    let cut_from = li.saturating_sub(3).max(1);
+    let removed = segs[fi].1.len() - cut_from;
+    assert!(removed >= 3, "must cut several lines, not {removed}");
+    segs[fi].1.truncate(cut_from);
+    write_lines(&segs[fi].0, &segs[fi].1);
+    for (path, _) in segs.drain(fi + 1..) {
+        std::fs::remove_file(path).unwrap();
+    }
+
+    let (code, out) = audit_verify_config(&cfg);
+    assert_eq!(code, 1, "verify must fail when the tail was cut off: {out}");
+}
+
+// ---- reading --------------------------------------------------------------------------------
+
+#[test]
+fn tail_json_with_user_session_and_lines_filters() {
+    let c = cluster();
+    let db = c.create_database("audit_tail");
+    let mut pw = Pgward::start();
+    let t_alice = pw.token("alice", &[], "15m");
+    let t_bob = pw.token("bob", &[], "15m");
+    let m_alice = marker("tail-alice");
+    let m_bob = marker("tail-bob");
+    pw.login("alice", &t_alice, &db)
+        .sql(&format!("select '{m_alice}'"))
+        .expect_ok();
+    pw.login("bob", &t_bob, &db)
+        .sql(&format!("select '{m_bob}'"))
+        .expect_ok();
+    let (_, s_alice) = wait_session_end(&pw, &t_alice);
+    wait_session_end(&pw, &t_bob);
+    pw.stop(); // the log stops changing, so separate tail calls see the same records
+
+    let all = pw.audit_records();
+    assert!(
+        !rec::statements_with(&all, &m_alice).is_empty()
+            && !rec::statements_with(&all, &m_bob).is_empty()
+    );
+
+    let bob = pw.audit_tail(&["--user", "bob"]);
+    assert!(!bob.is_empty());
+    assert!(
+        bob.iter().all(|r| r["user"] == "bob"),
+        "--user bob returned others: {bob:?}"
+    );
+    assert_eq!(rec::statements_with(&bob, &m_bob).len(), 1);
+    assert!(rec::statements_with(&bob, &m_alice).is_empty());
+
+    let sess = pw.audit_tail(&["--session", &s_alice]);
+    assert!(
+        sess.iter()
+            .all(|r| r["session"].as_str() == Some(s_alice.as_str())),
+        "{sess:?}"
+    );
+    let kinds: Vec<&str> = sess.iter().map(rec::kind).collect();
+    for k in ["login", "statement", "result", "session_end"] {
+        assert!(kinds.contains(&k), "--session output lacks {k}: {kinds:?}");
+    }
+    assert_eq!(rec::statements_with(&sess, &m_alice).len(), 1);
+    assert!(rec::statements_with(&sess, &m_bob).is_empty());
+
+    let last3 = pw.audit_tail(&["--lines", "3"]);
+    assert_eq!(last3, all[all.len() - 3..].to_vec());
+}
+
+#[test]
+fn replay_prints_the_sessions_statements_in_order() {
+    let c = cluster();
+    let db = c.create_database("audit_replay");
+    let pw = Pgward::start();
+    let t_alice = pw.token("alice", &[], "15m");
+    let t_bob = pw.token("bob", &[], "15m");
+    let ms: Vec<String> = (0..4).map(|i| marker(&format!("replay-{i}"))).collect();
+    let sql: Vec<String> = ms.iter().map(|m| format!("select '{m}'")).collect();
+    let mut args = Vec::new();
+    for s in &sql {
+        args.push("-c");
+        args.push(s.as_str());
+    }
+    pw.login("alice", &t_alice, &db).psql(&args).expect_ok();
+    let m_bob = marker("replay-bob");
+    pw.login("bob", &t_bob, &db)
+        .sql(&format!("select '{m_bob}'"))
+        .expect_ok();
+    let (_, session) = wait_session_end(&pw, &t_alice);
+    wait_session_end(&pw, &t_bob);
+
+    let out = pw.audit_replay(&session, "max");
+    let stdout = out.expect_ok();
+    let mut last = 0;
+    for m in &ms {
+        let pos = stdout
+            .find(m.as_str())
+            .unwrap_or_else(|| panic!("replay output lacks {m}: {}", out.describe()));
+        assert!(
+            pos >= last,
+            "statements out of order in replay: {}",
+            out.describe()
+        );
+        last = pos;
+    }
+    assert!(
+        !stdout.contains(&m_bob),
+        "replay of alice's session shows bob's statement"
+    );
+}

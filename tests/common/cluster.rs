@@ -1,0 +1,437 @@
+//! A real PostgreSQL 15 cluster, one per test binary.
+//!
+//! Why one per binary and not one per test: initdb + start costs a couple of seconds, and the
+//! tests isolate themselves well enough with a fresh database each (every pgward instance gets
+//! its own audit directory anyway). The cluster's server log is shared, so tests look for
+//! markers that are unique to them.
+//!
+//! Lifetime: created on first use by [`cluster()`]; an `atexit` handler runs
+//! `pg_ctl stop -m immediate` and removes the temp dir when the test binary exits (libtest calls
+//! exit() after the last test). A watchdog shell (started by us, ends by itself) does the same if
+//! the test process dies without running atexit handlers (SIGKILL, Ctrl-C).
+//!
+//! Root: initdb/postgres refuse to run as root, so when euid == 0 every server-side command runs
+//! as the `postgres` system user (fallback `nobody`) and the temp dir is chowned to it.
+
+use std::ffi::CString;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use super::{CmdOut, Login, free_port, marker, rand_hex, run_cmd, scrub_pg_env, wait_for};
+
+pub const SVC_USER: &str = "pgward_svc";
+pub const SUPERUSER: &str = "postgres";
+pub const APP_DB: &str = "app";
+
+pub struct PgCluster {
+    /// Temp dir holding everything below (owned by the server's OS user).
+    pub root: PathBuf,
+    pub data_dir: PathBuf,
+    /// unix_socket_directories
+    pub socket_dir: PathBuf,
+    /// Server log (log_statement=all): proof of what did or did not reach Postgres.
+    pub log_file: PathBuf,
+    pub port: u16,
+    pub bin_dir: PathBuf,
+    pub svc_user: String,
+    pub svc_password: String,
+    /// File holding the service password (first line), for `pgward init --upstream-password-file`.
+    pub svc_password_file: PathBuf,
+    run_as: Option<(u32, u32)>,
+    db_counter: AtomicU32,
+}
+
+static CLUSTER: OnceLock<Result<PgCluster, String>> = OnceLock::new();
+
+/// The test binary's cluster (started on first call). If starting failed, every later call
+/// fails at once with the same message instead of trying again.
+#[track_caller]
+pub fn cluster() -> &'static PgCluster {
+    let r = CLUSTER.get_or_init(|| {
+        let r = std::panic::catch_unwind(PgCluster::start).map_err(|e| {
+            e.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into())
+        });
+        if r.is_ok() {
+            // SAFETY: registering a plain extern "C" fn with no captured state.
+            unsafe {
+                libc::atexit(stop_cluster_at_exit);
+            }
+        }
+        r
+    });
+    match r {
+        Ok(c) => c,
+        Err(msg) => panic!("PostgreSQL test cluster could not be started: {msg}"),
+    }
+}
+
+extern "C" fn stop_cluster_at_exit() {
+    if let Some(Ok(c)) = CLUSTER.get() {
+        c.stop();
+        if std::env::var_os("PGWARD_E2E_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&c.root);
+        } else {
+            eprintln!("PGWARD_E2E_KEEP: cluster dir kept at {}", c.root.display());
+        }
+    }
+}
+
+/// (uid, gid) of the OS user that runs server-side commands when we are root.
+fn server_os_user() -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    for name in ["postgres", "nobody"] {
+        let c = CString::new(name).unwrap();
+        // SAFETY: getpwnam with a valid C string; fields copied out immediately. Called once,
+        // under the OnceLock, so the static buffer is not shared with another caller here.
+        let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+        if !pw.is_null() {
+            let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+            return Some((uid, gid));
+        }
+    }
+    panic!("running as root but neither `postgres` nor `nobody` exists to run the server as");
+}
+
+fn chown_tree(p: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(p, Some(uid), Some(gid))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", p.display()));
+    if p.is_dir() {
+        for e in std::fs::read_dir(p).unwrap().flatten() {
+            chown_tree(&e.path(), uid, gid);
+        }
+    }
+}
+
+impl PgCluster {
+    fn start() -> PgCluster {
+        let bin_dir = PathBuf::from(
+            std::env::var("PGWARD_E2E_PG_BIN")
+                .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
+        );
+        assert!(
+            bin_dir.join("initdb").exists(),
+            "PostgreSQL 15 server binaries not found in {} (install postgresql-15)",
+            bin_dir.display()
+        );
+        let run_as = server_os_user();
+        let root = tempfile::Builder::new()
+            .prefix("pgward-e2e-pg-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        assert!(
+            !root.to_string_lossy().contains(char::is_whitespace),
+            "temp dir path must not contain whitespace: {}",
+            root.display()
+        );
+        let data_dir = root.join("data");
+        let socket_dir = root.join("sock");
+        let log_file = root.join("postgres.log");
+        std::fs::create_dir(&socket_dir).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let svc_password = rand_hex(24);
+        let svc_password_file = root.join("svc-password");
+        std::fs::write(&svc_password_file, format!("{svc_password}\n")).unwrap();
+        std::fs::set_permissions(&svc_password_file, std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        if let Some((uid, gid)) = run_as {
+            chown_tree(&root, uid, gid);
+        }
+
+        let mut c = PgCluster {
+            root,
+            data_dir,
+            socket_dir,
+            log_file,
+            port: 0,
+            bin_dir,
+            svc_user: SVC_USER.into(),
+            svc_password,
+            svc_password_file,
+            run_as,
+            db_counter: AtomicU32::new(0),
+        };
+
+        let init = run_cmd(
+            c.server_cmd("initdb")
+                .arg("-D")
+                .arg(&c.data_dir)
+                .args(["-U", SUPERUSER, "-E", "UTF8", "--locale=C", "--no-sync"])
+                .args(["--auth-local=trust", "--auth-host=scram-sha-256"]),
+            None,
+            Duration::from_secs(180),
+        );
+        init.expect_ok();
+        // Settings that need no shell quoting go on the pg_ctl command line; these go here.
+        let extra = "\n# pgward e2e harness\n\
+            password_encryption = 'scram-sha-256'\n\
+            log_line_prefix = '%m [%p] %q%u@%d '\n\
+            synchronous_commit = off\n\
+            full_page_writes = off\n\
+            max_connections = 200\n";
+        let conf = c.data_dir.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str(extra);
+        std::fs::write(&conf, text).unwrap();
+
+        // A port can be taken between our probe and postgres' bind: retry with another.
+        let mut last = None;
+        for _ in 0..5 {
+            let port = free_port();
+            let opts = format!(
+                "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={} \
+                 -c fsync=off -c log_statement=all -c logging_collector=off",
+                c.socket_dir.display()
+            );
+            let out = run_cmd(
+                c.server_cmd("pg_ctl")
+                    .arg("-D")
+                    .arg(&c.data_dir)
+                    .arg("-l")
+                    .arg(&c.log_file)
+                    .args(["-w", "-t", "120", "-o", &opts, "start"]),
+                None,
+                Duration::from_secs(180),
+            );
+            if out.success() {
+                c.port = port;
+                last = None;
+                break;
+            }
+            last = Some((
+                out,
+                std::fs::read_to_string(&c.log_file).unwrap_or_default(),
+            ));
+        }
+        if let Some((out, log)) = last {
+            panic!(
+                "pg_ctl start failed: {}\n--- server log ---\n{log}",
+                out.describe()
+            );
+        }
+        std::fs::create_dir_all(c.scratch_dir()).unwrap();
+        c.spawn_watchdog();
+
+        c.sql(
+            "postgres",
+            &format!(
+                "CREATE ROLE {SVC_USER} LOGIN CREATEDB PASSWORD '{}'",
+                c.svc_password
+            ),
+        );
+        c.sql(
+            "postgres",
+            &format!("CREATE DATABASE {APP_DB} OWNER {SVC_USER}"),
+        );
+        c
+    }
+
+    /// A command for a server-side binary, run as the server's OS user when we are root.
+    fn server_cmd(&self, prog: &str) -> Command {
+        let mut cmd = Command::new(self.bin_dir.join(prog));
+        scrub_pg_env(&mut cmd);
+        cmd.current_dir(&self.root);
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    }
+
+    /// Stops the cluster (and removes the temp dir, including the gateways' dirs under `gw/`)
+    /// if this test process dies without running atexit handlers. Runs as the test's own user:
+    /// it stops the postmaster we started with SIGQUIT (what `pg_ctl stop -m immediate` sends),
+    /// by the pid in our own data dir's postmaster.pid.
+    fn spawn_watchdog(&self) {
+        if std::env::var_os("PGWARD_E2E_KEEP").is_some() {
+            return;
+        }
+        let script = r#"while [ -d "/proc/$1" ]; do sleep 1; done
+pid=$(head -n 1 "$2/postmaster.pid" 2>/dev/null)
+if [ -n "$pid" ] && kill -QUIT "$pid" 2>/dev/null; then
+  n=0; while kill -0 "$pid" 2>/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+fi
+case "$3" in */pgward-e2e-pg-*) rm -rf -- "$3" ;; esac"#;
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(script)
+            .arg("pgward-e2e-watchdog")
+            .arg(std::process::id().to_string())
+            .arg(&self.data_dir)
+            .arg(&self.root)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // own process group: a Ctrl-C to the test's terminal must not kill the cleaner
+            .process_group(0);
+        // Not waited for: it outlives this process on purpose and exits by itself.
+        let _ = cmd.spawn();
+    }
+
+    /// Where gateways put their config dirs (inside the cluster's temp dir, so that the
+    /// watchdog's cleanup covers them too).
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.root.join("gw")
+    }
+
+    fn stop(&self) {
+        let _ = run_cmd(
+            self.server_cmd("pg_ctl")
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args(["stop", "-m", "immediate", "-w"]),
+            None,
+            Duration::from_secs(60),
+        );
+    }
+
+    // ---- logins -------------------------------------------------------------------------
+
+    /// Superuser over the unix socket (trust).
+    pub fn superuser_login(&self, db: &str) -> Login {
+        Login::new(
+            &self.socket_dir.to_string_lossy(),
+            self.port,
+            SUPERUSER,
+            None,
+            db,
+        )
+    }
+    /// The service role over the unix socket (trust): fixtures owned by the role pgward uses.
+    pub fn svc_unix_login(&self, db: &str) -> Login {
+        Login::new(
+            &self.socket_dir.to_string_lossy(),
+            self.port,
+            &self.svc_user,
+            None,
+            db,
+        )
+    }
+    /// The service role over TCP with its password (SCRAM), as pgward connects.
+    pub fn svc_tcp_login(&self, db: &str) -> Login {
+        Login::new(
+            "127.0.0.1",
+            self.port,
+            &self.svc_user,
+            Some(&self.svc_password),
+            db,
+        )
+    }
+
+    // ---- SQL as superuser / service role -------------------------------------------------
+
+    /// Run SQL as the superuser; panic on error; return psql's -At output (trimmed).
+    #[track_caller]
+    pub fn sql(&self, db: &str, sql: &str) -> String {
+        self.superuser_login(db).psql(&["-c", sql]).expect_ok()
+    }
+    /// Run SQL as the superuser, returning the raw result.
+    pub fn try_sql(&self, db: &str, sql: &str) -> CmdOut {
+        self.superuser_login(db).psql(&["-c", sql])
+    }
+    /// Run SQL as the service role (objects it creates are usable through pgward).
+    #[track_caller]
+    pub fn svc_sql(&self, db: &str, sql: &str) -> String {
+        self.svc_unix_login(db).psql(&["-c", sql]).expect_ok()
+    }
+    /// Table fixture: create `table` with `columns` (SQL column list) owned by the service role,
+    /// and insert `rows` (a VALUES list without the keyword, or "" for none).
+    #[track_caller]
+    pub fn fixture_table(&self, db: &str, table: &str, columns: &str, rows: &str) {
+        let mut sql = format!("CREATE TABLE {table} ({columns});");
+        if !rows.is_empty() {
+            sql.push_str(&format!(" INSERT INTO {table} VALUES {rows};"));
+        }
+        self.svc_sql(db, &sql);
+    }
+
+    /// A fresh database owned by the service role; the name starts with `prefix`.
+    pub fn create_database(&self, prefix: &str) -> String {
+        let clean: String = prefix
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .take(40)
+            .collect();
+        let n = self.db_counter.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{clean}_{n}_{}", rand_hex(6));
+        self.sql(
+            "postgres",
+            &format!("CREATE DATABASE {name} OWNER {}", self.svc_user),
+        );
+        name
+    }
+
+    // ---- server log ----------------------------------------------------------------------
+
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// Wait until the server log contains `needle` (bounded); false if it never did.
+    pub fn wait_log_contains(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.server_log().contains(needle) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Log barrier: run a unique statement as the superuser and wait until the log shows it,
+    /// then return the whole log. Anything that reached Postgres before the call has been logged
+    /// by then (each backend logs a statement when it receives it, before answering).
+    pub fn log_after_barrier(&self) -> String {
+        let m = marker("log-barrier");
+        self.sql("postgres", &format!("select '{m}'"));
+        assert!(
+            self.wait_log_contains(&m, Duration::from_secs(30)),
+            "barrier {m} never reached the server log"
+        );
+        self.server_log()
+    }
+
+    /// Number of active backends (other than the asking one) whose query text contains `needle`.
+    pub fn active_queries(&self, needle: &str) -> i64 {
+        let needle = needle.replace('\'', "''");
+        self.sql(
+            "postgres",
+            &format!(
+                "select count(*) from pg_stat_activity where state = 'active' \
+                 and pid <> pg_backend_pid() and position('{needle}' in query) > 0"
+            ),
+        )
+        .parse()
+        .unwrap()
+    }
+
+    /// Wait (bounded) until a query containing `needle` is running in Postgres.
+    #[track_caller]
+    pub fn wait_active_query(&self, needle: &str) {
+        wait_for(
+            &format!("a running query containing {needle:?}"),
+            Duration::from_secs(30),
+            || (self.active_queries(needle) > 0).then_some(()),
+        )
+    }
+}

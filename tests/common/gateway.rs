@@ -1,0 +1,562 @@
+//! The real `pgward` binary: `init` a config dir, tweak its TOML, `serve`, issue tokens, read and
+//! verify the audit log.
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{CmdOut, Login, PgCluster, cluster, copy_dir, files_under, free_port, run_cmd};
+
+pub fn pgward_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pgward")
+}
+
+/// Run `pgward ARGS…` to completion (60 s limit).
+pub fn pgward_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> CmdOut {
+    let mut cmd = Command::new(pgward_bin());
+    cmd.args(args)
+        .env("PGWARD_LOG", log_filter())
+        .env("NO_COLOR", "1")
+        .env_remove("PGWARD_LOG_JSON");
+    run_cmd(&mut cmd, None, Duration::from_secs(60))
+}
+
+fn log_filter() -> String {
+    std::env::var("PGWARD_E2E_LOG").unwrap_or_else(|_| "info".into())
+}
+
+/// Set `dotted` ("audit.checkpoint_every") in a TOML table, creating intermediate tables.
+pub fn toml_set(table: &mut toml::Table, dotted: &str, value: impl Into<toml::Value>) {
+    let mut parts: Vec<&str> = dotted.split('.').collect();
+    let last = parts.pop().expect("non-empty key");
+    let mut t = table;
+    for p in parts {
+        t = t
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .unwrap_or_else(|| panic!("{p} is not a table"));
+    }
+    t.insert(last.to_string(), value.into());
+}
+
+fn toml_get<'a>(table: &'a toml::Table, dotted: &str) -> Option<&'a toml::Value> {
+    let mut parts = dotted.split('.');
+    let mut v = table.get(parts.next()?)?;
+    for p in parts {
+        v = v.as_table()?.get(p)?;
+    }
+    Some(v)
+}
+
+type Edit = Box<dyn FnOnce(&mut toml::Table)>;
+
+pub struct PgwardBuilder {
+    cluster: &'static PgCluster,
+    edits: Vec<Edit>,
+}
+
+impl PgwardBuilder {
+    /// Edit the TOML that `pgward init` wrote, before `serve` reads it.
+    pub fn config(mut self, f: impl FnOnce(&mut toml::Table) + 'static) -> Self {
+        self.edits.push(Box::new(f));
+        self
+    }
+    /// Shorthand for one `toml_set`.
+    pub fn set(self, dotted: &str, value: impl Into<toml::Value>) -> Self {
+        let (k, v) = (dotted.to_string(), value.into());
+        self.config(move |t| toml_set(t, &k, v))
+    }
+    /// `pgward init` + edits; not started.
+    pub fn init(self) -> Pgward {
+        let tmp = tempfile::Builder::new()
+            .prefix("pgward-e2e-gw-")
+            .tempdir_in(self.cluster.scratch_dir())
+            .expect("temp dir");
+        let dir = tmp.path().join("pgward");
+        let port = free_port();
+        let c = self.cluster;
+        let upstream = format!("postgres://{}@127.0.0.1:{}/app", c.svc_user, c.port);
+        let out = pgward_cli(&[
+            "init".as_ref(),
+            "--dir".as_ref(),
+            dir.as_os_str(),
+            "--listen".as_ref(),
+            format!("127.0.0.1:{port}").as_ref(),
+            "--upstream".as_ref(),
+            upstream.as_ref(),
+            "--upstream-password-file".as_ref(),
+            c.svc_password_file.as_os_str(),
+        ] as &[&std::ffi::OsStr]);
+        assert!(out.success(), "pgward init failed: {}", out.describe());
+        let config_path = dir.join("pgward.toml");
+        assert!(
+            config_path.exists(),
+            "pgward init wrote no {}",
+            config_path.display()
+        );
+        let pw = Pgward {
+            stderr_path: tmp.path().join("pgward.stderr"),
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            dir,
+            config_path,
+            child: None,
+            cluster: c,
+            _tmp: tmp,
+        };
+        if !self.edits.is_empty() {
+            let mut t = pw.config();
+            for e in self.edits {
+                e(&mut t);
+            }
+            std::fs::write(&pw.config_path, toml::to_string(&t).unwrap()).unwrap();
+        }
+        pw
+    }
+    /// init + edits + serve.
+    pub fn start(self) -> Pgward {
+        let mut pw = self.init();
+        pw.spawn();
+        pw
+    }
+}
+
+/// A pgward instance: its config dir (in a temp dir removed on Drop) and its `serve` process.
+/// Field order matters: the child is stopped in Drop before the temp dir goes.
+pub struct Pgward {
+    /// The directory `pgward init` wrote (holds pgward.toml).
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    /// Where `serve` listens (127.0.0.1:free port).
+    pub addr: SocketAddr,
+    pub cluster: &'static PgCluster,
+    stderr_path: PathBuf,
+    child: Option<Child>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Pgward {
+    pub fn builder() -> PgwardBuilder {
+        PgwardBuilder {
+            cluster: cluster(),
+            edits: Vec::new(),
+        }
+    }
+    /// Default config, started.
+    pub fn start() -> Pgward {
+        Self::builder().start()
+    }
+
+    /// Spawn `pgward serve --config …` (stderr to a file) and wait until the port accepts.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let cfg = self.config();
+        if let Some(listen) = toml_get(&cfg, "server.listen").and_then(|v| v.as_str()) {
+            self.addr = listen.parse().expect("server.listen is HOST:PORT");
+        }
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_path)
+            .unwrap();
+        let mut cmd = Command::new(pgward_bin());
+        cmd.args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env("PGWARD_LOG", log_filter())
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stderr.try_clone().unwrap()))
+            .stderr(Stdio::from(stderr));
+        // SAFETY: prctl is async-signal-safe. If the test process dies without running Drop,
+        // the kernel kills the gateway (we start it from the test's own thread, which outlives
+        // the instance).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn pgward serve: {e}"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                panic!(
+                    "pgward serve exited with {st} before listening on {}\n--- stderr ---\n{}",
+                    self.addr,
+                    self.stderr_log()
+                );
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "pgward serve did not listen on {} within 30 s\n--- stderr ---\n{}",
+                    self.addr,
+                    self.stderr_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM (graceful), then SIGKILL after 10 s. Our own child, by pid.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// What `serve` printed so far.
+    pub fn stderr_log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    // ---- config ----------------------------------------------------------------------------
+
+    pub fn config(&self) -> toml::Table {
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        toml::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not TOML: {e}", self.config_path.display()))
+    }
+    /// A string value from the config ("auth.signing_kid").
+    #[track_caller]
+    pub fn config_str(&self, dotted: &str) -> String {
+        toml_get(&self.config(), dotted)
+            .and_then(|v| v.as_str())
+            .unwrap_or_else(|| panic!("config has no string {dotted}"))
+            .to_string()
+    }
+    /// A path from the config, resolved against the config's directory (as pgward does).
+    pub fn config_path_value(&self, dotted: &str) -> PathBuf {
+        let p = PathBuf::from(self.config_str(dotted));
+        if p.is_absolute() { p } else { self.dir.join(p) }
+    }
+    pub fn audit_dir(&self) -> PathBuf {
+        self.config_path_value("audit.dir")
+    }
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.config_path_value("auth.signing_key")
+    }
+    pub fn signing_kid(&self) -> String {
+        self.config_str("auth.signing_kid")
+    }
+
+    // ---- clients ---------------------------------------------------------------------------
+
+    /// Login through this gateway (TCP, sslmode=disable) with `token` as the password.
+    pub fn login(&self, user: &str, token: &str, db: &str) -> Login {
+        Login::new("127.0.0.1", self.addr.port(), user, Some(token), db)
+    }
+
+    /// `pgward token issue` for `user` (groups may be empty; ttl like "15m").
+    #[track_caller]
+    pub fn token(&self, user: &str, groups: &[&str], ttl: &str) -> String {
+        let out = self.try_token(user, groups, ttl);
+        let tok = out.expect_ok().trim().to_string();
+        assert_eq!(
+            tok.split('.').count(),
+            3,
+            "token issue printed something that is not a JWT: {tok:?}"
+        );
+        tok
+    }
+    pub fn try_token(&self, user: &str, groups: &[&str], ttl: &str) -> CmdOut {
+        let mut args: Vec<String> = vec![
+            "token".into(),
+            "issue".into(),
+            "--config".into(),
+            self.config_path.display().to_string(),
+        ];
+        args.extend(["--user".into(), user.into()]);
+        if !groups.is_empty() {
+            args.extend(["--groups".into(), groups.join(",")]);
+        }
+        args.extend(["--ttl".into(), ttl.into()]);
+        pgward_cli(&args)
+    }
+
+    // ---- audit CLI ---------------------------------------------------------------------------
+
+    /// `pgward audit tail --config F --json EXTRA…`, every line parsed as a JSON object.
+    #[track_caller]
+    pub fn audit_tail(&self, extra: &[&str]) -> Vec<Value> {
+        audit_tail_with(&self.config_path, extra)
+    }
+    /// Every record, in log order.
+    #[track_caller]
+    pub fn audit_records(&self) -> Vec<Value> {
+        self.audit_tail(&[])
+    }
+    /// Poll the audit log (bounded) until `pred` holds; returns the records that satisfied it.
+    #[track_caller]
+    pub fn wait_audit(&self, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let (ok, recs) = self.poll_audit(pred);
+        if !ok {
+            let tail: Vec<String> = recs
+                .iter()
+                .rev()
+                .take(40)
+                .rev()
+                .map(|r| r.to_string())
+                .collect();
+            panic!(
+                "timed out waiting for audit records: {what}\n--- last records ---\n{}",
+                tail.join("\n")
+            );
+        }
+        recs
+    }
+    /// Poll the audit log (up to 20 s) until `pred` holds: (whether it did, the last records read).
+    #[track_caller]
+    pub fn poll_audit(&self, pred: impl Fn(&[Value]) -> bool) -> (bool, Vec<Value>) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let recs = self.audit_records();
+            if pred(&recs) {
+                return (true, recs);
+            }
+            if Instant::now() > deadline {
+                return (false, recs);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    /// `pgward audit verify` → (exit code, stdout+stderr).
+    pub fn audit_verify(&self) -> (i32, String) {
+        audit_verify_config(&self.config_path)
+    }
+    /// `pgward audit replay SESSION --speed SPEED`.
+    pub fn audit_replay(&self, session: &str, speed: &str) -> CmdOut {
+        pgward_cli(&[
+            "audit".as_ref(),
+            "replay".as_ref(),
+            "--config".as_ref(),
+            self.config_path.as_os_str(),
+            session.as_ref(),
+            "--speed".as_ref(),
+            speed.as_ref(),
+        ] as &[&std::ffi::OsStr])
+    }
+
+    /// Concatenated bytes of every file in the audit directory (for "never logged" checks).
+    pub fn audit_bytes(&self) -> Vec<u8> {
+        let mut all = Vec::new();
+        for f in files_under(&self.audit_dir()) {
+            all.extend(std::fs::read(&f).unwrap_or_default());
+            all.push(b'\n');
+        }
+        all
+    }
+
+    /// Copy the audit dir to `dest/audit` and write `dest/pgward.toml`: this config with every
+    /// relative path made absolute and audit.dir pointing at the copy. Returns the new config
+    /// path (for `audit verify` on a tampered copy).
+    pub fn copy_with_audit(&self, dest: &Path) -> PathBuf {
+        copy_dir(&self.audit_dir(), &dest.join("audit"));
+        let mut t = self.config();
+        for key in [
+            "server.tls_cert",
+            "server.tls_key",
+            "server.unix_socket_dir",
+            "upstream.password_file",
+            "auth.jwks",
+            "auth.signing_key",
+        ] {
+            if let Some(s) = toml_get(&t, key).and_then(|v| v.as_str()).map(String::from) {
+                let p = PathBuf::from(&s);
+                if p.is_relative() {
+                    toml_set(&mut t, key, self.dir.join(p).display().to_string());
+                }
+            }
+        }
+        if let Some(files) = toml_get(&t, "policy.files")
+            .and_then(|v| v.as_array())
+            .cloned()
+        {
+            let abs: Vec<toml::Value> = files
+                .iter()
+                .filter_map(|v| v.as_str())
+                .map(|s| {
+                    let p = PathBuf::from(s);
+                    toml::Value::from(
+                        if p.is_relative() { self.dir.join(p) } else { p }
+                            .display()
+                            .to_string(),
+                    )
+                })
+                .collect();
+            toml_set(&mut t, "policy.files", abs);
+        }
+        toml_set(
+            &mut t,
+            "audit.dir",
+            dest.join("audit").display().to_string(),
+        );
+        let cfg = dest.join("pgward.toml");
+        std::fs::write(&cfg, toml::to_string(&t).unwrap()).unwrap();
+        cfg
+    }
+}
+
+/// `pgward audit tail --config CONFIG --json EXTRA…` parsed.
+#[track_caller]
+pub fn audit_tail_with(config: &Path, extra: &[&str]) -> Vec<Value> {
+    let mut args: Vec<String> = vec![
+        "audit".into(),
+        "tail".into(),
+        "--config".into(),
+        config.display().to_string(),
+        "--json".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = pgward_cli(&args);
+    assert!(out.success(), "audit tail failed: {}", out.describe());
+    out.stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| {
+                panic!("audit tail --json printed a line that is not JSON ({e}): {l}")
+            });
+            assert!(v.is_object(), "audit record is not a JSON object: {l}");
+            v
+        })
+        .collect()
+}
+
+/// `pgward audit verify --config CONFIG` → (exit code, stdout+stderr). -1 when killed.
+pub fn audit_verify_config(config: &Path) -> (i32, String) {
+    let out = pgward_cli(&[
+        "audit".as_ref(),
+        "verify".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ] as &[&std::ffi::OsStr]);
+    (out.code.unwrap_or(-1), out.all_output())
+}
+
+impl Drop for Pgward {
+    fn drop(&mut self) {
+        let was_running = self.child.is_some();
+        self.stop();
+        if std::thread::panicking() && was_running {
+            let log = self.stderr_log();
+            let tail: Vec<&str> = log
+                .lines()
+                .rev()
+                .take(60)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            eprintln!(
+                "--- pgward serve stderr (last 60 lines; config {}) ---\n{}",
+                self.config_path.display(),
+                tail.join("\n")
+            );
+        }
+        if std::env::var_os("PGWARD_E2E_KEEP").is_some() {
+            let kept = std::mem::replace(&mut self._tmp, tempfile::TempDir::new().unwrap());
+            eprintln!(
+                "PGWARD_E2E_KEEP: pgward dir kept at {}",
+                kept.keep().display()
+            );
+        }
+    }
+}
+
+/// Helpers over audit records (serde_json values as stored).
+pub mod rec {
+    use serde_json::Value;
+
+    pub fn kind(r: &Value) -> &str {
+        r["kind"].as_str().unwrap_or("")
+    }
+    pub fn seq(r: &Value) -> u64 {
+        r["seq"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("record without numeric seq: {r}"))
+    }
+    pub fn s<'a>(r: &'a Value, field: &str) -> Option<&'a str> {
+        r[field].as_str()
+    }
+    pub fn of_kind<'a>(recs: &'a [Value], k: &str) -> Vec<&'a Value> {
+        recs.iter().filter(|r| kind(r) == k).collect()
+    }
+    pub fn of_session<'a>(recs: &'a [Value], session: &str) -> Vec<&'a Value> {
+        recs.iter()
+            .filter(|r| r["session"].as_str() == Some(session))
+            .collect()
+    }
+    /// The login record carrying token id `jti`.
+    pub fn login_by_jti<'a>(recs: &'a [Value], jti: &str) -> Option<&'a Value> {
+        recs.iter()
+            .find(|r| kind(r) == "login" && r["jti"].as_str() == Some(jti))
+    }
+    /// Statement record(s) whose SQL contains `needle`.
+    pub fn statements_with<'a>(recs: &'a [Value], needle: &str) -> Vec<&'a Value> {
+        recs.iter()
+            .filter(|r| {
+                kind(r) == "statement" && r["sql"].as_str().is_some_and(|s| s.contains(needle))
+            })
+            .collect()
+    }
+    /// The result record for statement `stmt`.
+    pub fn result_for<'a>(recs: &'a [Value], stmt: &Value) -> Option<&'a Value> {
+        let sq = seq(stmt);
+        recs.iter()
+            .find(|r| kind(r) == "result" && r["statement_seq"].as_u64() == Some(sq))
+    }
+    /// groups as a sorted list.
+    pub fn groups(r: &Value) -> Vec<String> {
+        let mut g: Vec<String> = r["groups"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        g.sort();
+        g
+    }
+    pub fn has_session_end(recs: &[Value], session: &str) -> bool {
+        recs.iter()
+            .any(|r| kind(r) == "session_end" && r["session"].as_str() == Some(session))
+    }
+    /// Does any string anywhere in the record contain `needle`?
+    pub fn mentions(r: &Value, needle: &str) -> bool {
+        match r {
+            Value::String(s) => s.contains(needle),
+            Value::Array(a) => a.iter().any(|v| mentions(v, needle)),
+            Value::Object(o) => o.values().any(|v| mentions(v, needle)),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! A throwaway PostgreSQL 15 cluster for the demo and the bench: initdb under a directory,
+//! its own port on 127.0.0.1, a unix socket in the directory, run as a non-root user.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{Context, Result, bail};
+
+pub const SERVICE_USER: &str = "pgward_svc";
+pub const SERVICE_PASSWORD: &str = "svc-secret-do-not-share";
+
+pub fn bindir() -> PathBuf {
+    std::env::var_os("PGWARD_TEST_PG_BINDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+}
+
+/// (uid, gid) to run Postgres as when we are root.
+fn run_as() -> Option<(u32, u32)> {
+    if unsafe { libc_geteuid() } != 0 {
+        return None;
+    }
+    let name = std::env::var("PGWARD_TEST_PG_USER").unwrap_or_else(|_| "postgres".into());
+    for n in [name.as_str(), "postgres", "pgtest", "nobody"] {
+        if let Ok(out) = Command::new("id").arg("-u").arg(n).output() {
+            if out.status.success() {
+                let uid = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+                let gid_out = Command::new("id").arg("-g").arg(n).output().ok()?;
+                let gid = String::from_utf8_lossy(&gid_out.stdout).trim().parse().ok()?;
+                return Some((uid, gid));
+            }
+        }
+    }
+    None
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub socket_dir: PathBuf,
+    owner: Option<(u32, u32)>,
+}
+
+impl Cluster {
+    fn cmd(&self, prog: &str) -> Command {
+        let mut c = Command::new(bindir().join(prog));
+        if let Some((uid, gid)) = self.owner {
+            c.uid(uid).gid(gid);
+        }
+        c.env_remove("PGPASSWORD");
+        c
+    }
+
+    /// initdb + start. `dir` is created (and emptied first).
+    pub fn start(dir: &Path, extra_conf: &[&str]) -> Result<Cluster> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let owner = run_as();
+        if let Some((uid, gid)) = owner {
+            chown_r(dir, uid, gid)?;
+        }
+        let port = free_port()?;
+        let c = Cluster { dir: dir.to_owned(), port, socket_dir: dir.to_owned(), owner };
+        let data = dir.join("data");
+        let pwfile = dir.join("superuser.pw");
+        std::fs::write(&pwfile, "superuser-pw\n")?;
+        if let Some((uid, gid)) = owner {
+            chown_r(&pwfile, uid, gid)?;
+        }
+        let out = c
+            .cmd("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .output()
+            .context("running initdb")?;
+        check("initdb", &out)?;
+        let mut conf = format!(
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\npassword_encryption = 'scram-sha-256'\nmax_connections = 300\n",
+            dir.display()
+        );
+        for l in extra_conf {
+            conf.push_str(l);
+            conf.push('\n');
+        }
+        std::fs::write(data.join("postgresql.auto.conf"), conf)?;
+        if let Some((uid, gid)) = owner {
+            chown_r(&data.join("postgresql.auto.conf"), uid, gid)?;
+        }
+        let out = c
+            .cmd("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.join("postgres.log"))
+            .args(["-w", "-t", "60", "start"])
+            .output()
+            .context("running pg_ctl start")?;
+        check("pg_ctl start", &out)?;
+        c.psql_super(
+            "postgres",
+            &format!(
+                "CREATE ROLE {SERVICE_USER} LOGIN PASSWORD '{SERVICE_PASSWORD}' CREATEDB; \
+                 CREATE DATABASE app OWNER {SERVICE_USER};"
+            ),
+        )?;
+        Ok(c)
+    }
+
+    /// Run SQL as the superuser over the unix socket.
+    pub fn psql_super(&self, db: &str, sql: &str) -> Result<String> {
+        let out = self
+            .cmd("psql")
+            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-h"])
+            .arg(&self.socket_dir)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-d")
+            .arg(db)
+            .arg("-c")
+            .arg(sql)
+            .output()?;
+        check("psql", &out)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn stop(&self) {
+        let _ = self
+            .cmd("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "fast", "-w", "stop"])
+            .output();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn check(what: &str, out: &Output) -> Result<()> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn chown_r(p: &Path, uid: u32, gid: u32) -> Result<()> {
+    let st = Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(p).status()?;
+    if !st.success() {
+        bail!("chown {} failed", p.display());
+    }
+    Ok(())
+}
