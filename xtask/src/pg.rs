@@ -109,13 +109,8 @@ impl Cluster {
             .output()
             .context("running pg_ctl start")?;
         check("pg_ctl start", &out)?;
-        c.psql_super(
-            "postgres",
-            &format!(
-                "CREATE ROLE {SERVICE_USER} LOGIN PASSWORD '{SERVICE_PASSWORD}' CREATEDB; \
-                 CREATE DATABASE app OWNER {SERVICE_USER};"
-            ),
-        )?;
+        c.psql_super("postgres", &format!("CREATE ROLE {SERVICE_USER} LOGIN PASSWORD '{SERVICE_PASSWORD}' CREATEDB"))?;
+        c.psql_super("postgres", &format!("CREATE DATABASE app OWNER {SERVICE_USER}"))?;
         Ok(c)
     }
 
