@@ -40,10 +40,10 @@ impl Line {
 
     /// `audit-….jsonl:LINE`
     pub fn location(&self) -> String {
-        let name = self.segment.file_name().map_or_else(
-            || self.segment.display().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        );
+        let name = self
+            .segment
+            .file_name()
+            .map_or_else(|| self.segment.display().to_string(), |n| n.to_string_lossy().into_owned());
         format!("{name}:{}", self.line_no)
     }
 }
@@ -82,13 +82,13 @@ pub struct Reader {
     pending: Vec<u8>,
     follow: Option<Duration>,
     hold_partial: bool,
+    keep_following: Option<Box<dyn FnMut() -> bool + Send>>,
 }
 
 impl Reader {
     /// A reader positioned at the first line of the first segment.
     pub fn open(dir: &Path) -> Result<Reader, ReadError> {
-        let segments = chain::list_segments(dir)
-            .map_err(|source| ReadError::Io { path: dir.to_owned(), source })?;
+        let segments = chain::list_segments(dir).map_err(|source| ReadError::Io { path: dir.to_owned(), source })?;
         Ok(Reader {
             dir: dir.to_owned(),
             segments,
@@ -99,12 +99,30 @@ impl Reader {
             pending: Vec::new(),
             follow: None,
             hold_partial: false,
+            keep_following: None,
         })
     }
 
     /// Keep waiting for new lines at the end of the log (polling every `FOLLOW_POLL`).
     pub fn set_follow(&mut self, follow: bool) {
         self.follow = follow.then_some(FOLLOW_POLL);
+    }
+
+    /// While following and idle, ask `check` before every poll; `false` ends the iteration
+    /// (e.g. `tail -f` whose output pipe was closed).
+    pub fn set_follow_check(&mut self, check: impl FnMut() -> bool + Send + 'static) {
+        self.keep_following = Some(Box::new(check));
+    }
+
+    /// Sleep one poll interval; false if the follow check says to stop.
+    fn idle(&mut self, poll: Duration) -> bool {
+        if let Some(check) = self.keep_following.as_mut()
+            && !check()
+        {
+            return false;
+        }
+        std::thread::sleep(poll);
+        true
     }
 
     /// At the end of the log, keep an unterminated last line buffered (it may be a write in
@@ -120,8 +138,7 @@ impl Reader {
 
     fn open_current(&mut self) -> Result<(), ReadError> {
         let Some(seg) = self.segments.get(self.idx) else { return Ok(()) };
-        let file = File::open(&seg.path)
-            .map_err(|source| ReadError::Io { path: seg.path.clone(), source })?;
+        let file = File::open(&seg.path).map_err(|source| ReadError::Io { path: seg.path.clone(), source })?;
         self.cur = Some(Current {
             reader: BufReader::with_capacity(64 * 1024, file),
             path: Arc::from(seg.path.as_path()),
@@ -136,8 +153,8 @@ impl Reader {
     /// Re-list the directory; keeps the current segment and adds newer ones. Returns whether
     /// a segment after the current one exists.
     fn refresh(&mut self) -> Result<bool, ReadError> {
-        let list = chain::list_segments(&self.dir)
-            .map_err(|source| ReadError::Io { path: self.dir.clone(), source })?;
+        let list =
+            chain::list_segments(&self.dir).map_err(|source| ReadError::Io { path: self.dir.clone(), source })?;
         match self.segments.get(self.idx).cloned() {
             Some(cur) => {
                 let mut segs = vec![cur.clone()];
@@ -180,10 +197,14 @@ impl Reader {
         loop {
             if self.cur.is_none() {
                 if self.idx >= self.segments.len() {
-                    let Some(poll) = self.follow else { return None };
+                    let poll = self.follow?;
                     match self.refresh() {
                         Ok(true) => {}
-                        Ok(false) => std::thread::sleep(poll),
+                        Ok(false) => {
+                            if !self.idle(poll) {
+                                return None;
+                            }
+                        }
                         Err(e) => return Some(Err(e)),
                     }
                     continue;
@@ -211,7 +232,9 @@ impl Reader {
                     true
                 };
                 if !newer {
-                    std::thread::sleep(poll);
+                    if !self.idle(poll) {
+                        return None;
+                    }
                     continue;
                 }
                 // The writer finished this segment before creating the next: one more read
@@ -277,16 +300,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         write(&d.join(chain::segment_name(1)), "{\"seq\":1,\"ts\":\"\",\"prev_hash\":\"\",\"kind\":\"start\"}\n");
-        write(&d.join(chain::segment_name(2)), "{\"seq\":2,\"ts\":\"\",\"prev_hash\":\"\",\"kind\":\"statement\"}\n{\"seq\":3,");
+        write(
+            &d.join(chain::segment_name(2)),
+            "{\"seq\":2,\"ts\":\"\",\"prev_hash\":\"\",\"kind\":\"statement\"}\n{\"seq\":3,",
+        );
         let mut r = Reader::open(d).expect("open");
         let seqs: Vec<_> = r.by_ref().map(|e| e.map(|e| e.record.seq).map_err(|e| e.to_string())).collect();
         assert_eq!(seqs.len(), 3);
         assert_eq!(seqs[0], Ok(1));
         assert_eq!(seqs[1], Ok(2));
-        assert_eq!(
-            seqs[2],
-            Err(format!("{}:2: incomplete line (no trailing newline)", chain::segment_name(2)))
-        );
+        assert_eq!(seqs[2], Err(format!("{}:2: incomplete line (no trailing newline)", chain::segment_name(2))));
         // Nothing more at the end; then the fragment is completed and a new segment appears.
         assert!(r.next().is_none());
         write(&d.join(chain::segment_name(2)), "\"ts\":\"\",\"prev_hash\":\"\",\"kind\":\"result\"}\n");

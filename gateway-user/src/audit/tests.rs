@@ -6,7 +6,7 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 use sha2::{Digest, Sha256};
 
-use super::chain::{self, Head, GENESIS_HASH};
+use super::chain::{self, GENESIS_HASH, Head};
 use super::reader::Reader;
 use super::verify::{self, PublicKeys, VerifyReport};
 use super::writer::fault;
@@ -156,7 +156,8 @@ fn chain_written_then_verified() {
         let canonical = format!("{}}}", &l[..pos]);
         assert!(canonical.starts_with(&format!("{{\"seq\":{},\"ts\":\"", i + 1)), "{canonical}");
         assert!(canonical.contains(&format!("\"prev_hash\":\"{prev}\"")));
-        let expect = hex::encode(Sha256::new().chain_update(prev.as_bytes()).chain_update(canonical.as_bytes()).finalize());
+        let expect =
+            hex::encode(Sha256::new().chain_update(prev.as_bytes()).chain_update(canonical.as_bytes()).finalize());
         assert_eq!(hash, expect);
         prev = hash.to_string();
     }
@@ -286,7 +287,10 @@ fn truncated_tail_past_head_is_detected() {
     let p = problem(&r);
     assert_eq!(p.reason, "truncated: log ends at seq 9 but HEAD checkpoint is seq 11");
     assert_eq!(p.seq, Some(11));
-    assert_eq!(r.summary(), "audit log BROKEN at seq 11 (HEAD): truncated: log ends at seq 9 but HEAD checkpoint is seq 11");
+    assert_eq!(
+        r.summary(),
+        "audit log BROKEN at seq 11 (HEAD): truncated: log ends at seq 9 but HEAD checkpoint is seq 11"
+    );
 }
 
 #[test]
@@ -539,9 +543,26 @@ fn unknown_checkpoint_key_is_reported() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     write_log(opts(d, 100), 1);
+    // 1 start, 2 statement, 3 final checkpoint
     let p = problem(&verify::verify(d, &PublicKeys::new())).clone();
-    assert_eq!(p.file.as_deref(), Some(d.join("HEAD").as_path()));
-    assert!(p.reason.contains("unknown key kid \"gw-test\""), "{}", p.reason);
+    assert_eq!((p.seq, p.line), (Some(3), Some(3)));
+    assert_eq!(p.reason, "checkpoint signed by unknown key kid \"gw-test\"");
+}
+
+#[test]
+fn forged_head_is_detected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write_log(opts(d, 100), 1);
+    let head_path = d.join("HEAD");
+    let mut head: Head = serde_json::from_slice(&std::fs::read(&head_path).expect("HEAD")).expect("parse");
+    head.anchor_seq += 1;
+    std::fs::write(&head_path, serde_json::to_vec(&head).expect("ser")).expect("write");
+    let p = problem(&verify::verify(d, &keys())).clone();
+    assert_eq!(p.file.as_deref(), Some(head_path.as_path()));
+    assert_eq!(p.reason, format!("HEAD: checkpoint signature does not verify (kid {KID:?})"));
+    std::fs::write(&head_path, b"{").expect("write");
+    assert!(problem(&verify::verify(d, &keys())).reason.starts_with("HEAD does not parse"));
 }
 
 #[test]
@@ -598,7 +619,10 @@ fn no_signer_means_no_checkpoints() {
     assert!(!d.join("HEAD").exists());
     let r = verify::verify(d, &keys());
     assert!(r.is_ok());
-    assert_eq!(r.summary(), "audit log OK: 4 records in 1 segment, 0 checkpoints, no checkpoint yet (4 unanchored records)");
+    assert_eq!(
+        r.summary(),
+        "audit log OK: 4 records in 1 segment, 0 checkpoints, no checkpoint yet (4 unanchored records)"
+    );
 }
 
 #[test]
@@ -662,27 +686,4 @@ fn throughput() {
         st.syncs
     );
     assert!(verify::verify(dir.path(), &keys()).is_ok());
-}
-
-#[test]
-#[ignore]
-fn zz_demo_log() {
-    let cfg = crate::config::Config::load(Path::new("/tmp/pgw/pgward.toml")).expect("cfg");
-    let mut o = WriterOptions::from_config(&cfg).expect("opts");
-    o.checkpoint_every = 5;
-    o.segment_bytes = 2000;
-    let h = AuditHandle::start(o).expect("start");
-    let rt = rt();
-    for (sess, user) in [("ab12", "alice"), ("cd34", "bob")] {
-        let base = Record { session: Some(sess.into()), user: Some(user.into()), database: Some("app".into()), groups: Some(vec!["dev".into()]), client: Some(Client::Tcp { addr: "127.0.0.1:5555".into() }), ..Record::default() };
-        h.append(Record { kind: Kind::Login, jti: Some("j1".into()), ..base.clone() });
-        for i in 0..4u64 {
-            let seq = rt.block_on(h.append_durable(Record { kind: Kind::Statement, sql: Some(format!("SELECT\n  {i}")), protocol: Some("simple".into()), decision: Some("allow".into()), ..base.clone() })).expect("a");
-            std::thread::sleep(Duration::from_millis(150));
-            let res = if i == 2 { Record { kind: Kind::Result, statement_seq: Some(seq), sqlstate: Some("42501".into()), error: Some("permission denied".into()), ..base.clone() } } else { Record { kind: Kind::Result, statement_seq: Some(seq), tag: Some(format!("SELECT {i}")), rows: Some(i), duration_us: Some(1234 * i), ..base.clone() } };
-            h.append(res);
-        }
-        h.append(Record { kind: Kind::SessionEnd, ..base.clone() });
-    }
-    h.shutdown();
 }

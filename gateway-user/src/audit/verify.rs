@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use ed25519_dalek::{Signature, VerifyingKey};
 
-use super::chain::{self, Head, GENESIS_HASH, HEAD_FILE};
+use super::chain::{self, GENESIS_HASH, HEAD_FILE, Head};
 use super::reader::Reader;
 use super::record::Kind;
 
@@ -33,18 +33,14 @@ pub enum JwksError {
 
 /// The OKP/Ed25519 keys of a JWKS file (other key types are ignored).
 pub fn load_jwks_ed25519(path: &Path) -> Result<PublicKeys, JwksError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| JwksError::Read { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| JwksError::Read { path: path.to_owned(), source })?;
     parse_jwks_ed25519(&text).map_err(|reason| JwksError::Invalid { path: path.to_owned(), reason })
 }
 
 /// The OKP/Ed25519 keys of a JWKS document `{"keys":[{"kty":"OKP","crv":"Ed25519","x":…,"kid":…}]}`.
 pub fn parse_jwks_ed25519(json: &str) -> Result<PublicKeys, String> {
     let doc: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
-    let keys = doc
-        .get("keys")
-        .and_then(|k| k.as_array())
-        .ok_or_else(|| "no \"keys\" array".to_string())?;
+    let keys = doc.get("keys").and_then(|k| k.as_array()).ok_or_else(|| "no \"keys\" array".to_string())?;
     let mut out = PublicKeys::new();
     for k in keys {
         let field = |name: &str| k.get(name).and_then(|v| v.as_str());
@@ -54,10 +50,8 @@ pub fn parse_jwks_ed25519(json: &str) -> Result<PublicKeys, String> {
         let kid = field("kid").ok_or_else(|| "Ed25519 key without kid".to_string())?;
         let x = field("x").ok_or_else(|| format!("key {kid:?}: no \"x\""))?;
         let bytes = decode_b64url(x).ok_or_else(|| format!("key {kid:?}: \"x\" is not base64url"))?;
-        let raw: [u8; 32] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| format!("key {kid:?}: \"x\" is {} bytes, not 32", bytes.len()))?;
+        let raw: [u8; 32] =
+            bytes.as_slice().try_into().map_err(|_| format!("key {kid:?}: \"x\" is {} bytes, not 32", bytes.len()))?;
         let key = VerifyingKey::from_bytes(&raw).map_err(|e| format!("key {kid:?}: {e}"))?;
         out.insert(kid.to_owned(), key);
     }
@@ -82,8 +76,7 @@ pub fn check_signature(
     let bytes = decode_b64url(sig).ok_or("checkpoint signature is not base64url")?;
     let sig = Signature::from_slice(&bytes).map_err(|_| "checkpoint signature has the wrong length".to_string())?;
     let msg = chain::checkpoint_message(anchor_seq, anchor_hash);
-    key.verify_strict(msg.as_bytes(), &sig)
-        .map_err(|_| format!("checkpoint signature does not verify (kid {kid:?})"))
+    key.verify_strict(msg.as_bytes(), &sig).map_err(|_| format!("checkpoint signature does not verify (kid {kid:?})"))
 }
 
 /// Where and why the log is broken.
@@ -105,7 +98,8 @@ impl fmt::Display for Problem {
             write!(f, " at seq {seq}")?;
         }
         if let Some(file) = &self.file {
-            let name = file.file_name().map_or_else(|| file.display().to_string(), |n| n.to_string_lossy().into_owned());
+            let name =
+                file.file_name().map_or_else(|| file.display().to_string(), |n| n.to_string_lossy().into_owned());
             match self.line {
                 Some(l) => write!(f, " ({name}:{l})")?,
                 None => write!(f, " ({name})")?,
@@ -182,19 +176,16 @@ fn run(dir: &Path, keys: &PublicKeys, report: &mut VerifyReport) -> Result<(), P
         return Err(whole(Some(dir.to_owned()), None, "audit directory does not exist".into()));
     }
 
+    // HEAD problems are reported after the records: a bad record is the more precise finding.
     let head_path = dir.join(HEAD_FILE);
-    let head: Option<Head> = match std::fs::read(&head_path) {
-        Ok(bytes) => {
-            let head: Head = serde_json::from_slice(&bytes)
-                .map_err(|e| whole(Some(head_path.clone()), None, format!("HEAD does not parse: {e}")))?;
-            check_signature(keys, Some(&head.kid), Some(&head.sig), head.anchor_seq, &head.anchor_hash)
-                .map_err(|r| whole(Some(head_path.clone()), Some(head.seq), format!("HEAD: {r}")))?;
-            report.head_seq = Some(head.seq);
-            Some(head)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(whole(Some(head_path.clone()), None, format!("HEAD unreadable: {e}"))),
+    let head: Result<Option<Head>, String> = match std::fs::read(&head_path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| format!("HEAD does not parse: {e}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("HEAD unreadable: {e}")),
     };
+    let head_status = head.clone();
+    let head = head.ok().flatten();
+    report.head_seq = head.as_ref().map(|h| h.seq);
 
     let mut reader = Reader::open(dir).map_err(|e| whole(Some(dir.to_owned()), None, e.to_string()))?;
     report.segments = reader.segments().len();
@@ -211,11 +202,13 @@ fn run(dir: &Path, keys: &PublicKeys, report: &mut VerifyReport) -> Result<(), P
             reason,
         };
         if !line.complete {
-            return Err(at(Some(expected), "incomplete line (no trailing newline): interrupted write or truncation".into()));
+            return Err(at(
+                Some(expected),
+                "incomplete line (no trailing newline): interrupted write or truncation".into(),
+            ));
         }
-        let rec = line
-            .parse()
-            .map_err(|e| at(Some(expected), format!("line does not parse as an audit record: {e}")))?;
+        let rec =
+            line.parse().map_err(|e| at(Some(expected), format!("line does not parse as an audit record: {e}")))?;
         let seq = rec.seq;
         if seq != expected {
             let reason = if seq > expected {
@@ -242,7 +235,10 @@ fn run(dir: &Path, keys: &PublicKeys, report: &mut VerifyReport) -> Result<(), P
         if line.line_no == 1 && seq != line.segment_first_seq {
             return Err(at(
                 Some(seq),
-                format!("segment name says it starts at seq {}, but its first record is seq {seq}", line.segment_first_seq),
+                format!(
+                    "segment name says it starts at seq {}, but its first record is seq {seq}",
+                    line.segment_first_seq
+                ),
             ));
         }
         if rec.kind == Kind::Checkpoint {
@@ -259,16 +255,19 @@ fn run(dir: &Path, keys: &PublicKeys, report: &mut VerifyReport) -> Result<(), P
         } else {
             report.unanchored += 1;
         }
-        if let Some(h) = &head {
-            if h.seq == seq {
-                if rec.kind != Kind::Checkpoint || rec.hash != h.hash {
-                    return Err(at(
-                        Some(seq),
-                        format!("HEAD names checkpoint seq {seq} with hash {}, but the log has a different record there", h.hash),
-                    ));
-                }
-                head_found = true;
+        if let Some(h) = &head
+            && h.seq == seq
+        {
+            if rec.kind != Kind::Checkpoint || rec.hash != h.hash {
+                return Err(at(
+                    Some(seq),
+                    format!(
+                        "HEAD names checkpoint seq {seq} with hash {}, but the log has a different record there",
+                        h.hash
+                    ),
+                ));
             }
+            head_found = true;
         }
         prev_hash = rec.hash;
         expected += 1;
@@ -276,17 +275,23 @@ fn run(dir: &Path, keys: &PublicKeys, report: &mut VerifyReport) -> Result<(), P
         report.last_seq = Some(seq);
     }
 
-    if let Some(h) = &head {
-        if !head_found {
-            return Err(whole(
-                Some(head_path),
-                Some(h.seq),
-                format!(
-                    "truncated: log ends at seq {} but HEAD checkpoint is seq {}",
-                    report.last_seq.unwrap_or(0),
-                    h.seq
-                ),
-            ));
+    match head_status {
+        Err(reason) => return Err(whole(Some(head_path), None, reason)),
+        Ok(None) => {}
+        Ok(Some(h)) => {
+            check_signature(keys, Some(&h.kid), Some(&h.sig), h.anchor_seq, &h.anchor_hash)
+                .map_err(|r| whole(Some(head_path.clone()), Some(h.seq), format!("HEAD: {r}")))?;
+            if !head_found {
+                return Err(whole(
+                    Some(head_path),
+                    Some(h.seq),
+                    format!(
+                        "truncated: log ends at seq {} but HEAD checkpoint is seq {}",
+                        report.last_seq.unwrap_or(0),
+                        h.seq
+                    ),
+                ));
+            }
         }
     }
     Ok(())

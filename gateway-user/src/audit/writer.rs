@@ -38,7 +38,7 @@ use ed25519_dalek::pkcs8::DecodePrivateKey as _;
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use tokio::sync::oneshot;
 
-use super::chain::{self, Head, GENESIS_HASH, HEAD_FILE, HASH_HEX_LEN, HASH_PREFIX};
+use super::chain::{self, GENESIS_HASH, HASH_HEX_LEN, HASH_PREFIX, HEAD_FILE, Head};
 use super::record::{Kind, Record};
 use crate::config::FsyncPolicy;
 
@@ -134,10 +134,8 @@ impl WriterOptions {
     /// Options from the config: `[audit]` plus the checkpoint signer from `auth.signing_key`
     /// / `auth.signing_kid`.
     pub fn from_config(cfg: &crate::config::Config) -> Result<WriterOptions, AuditError> {
-        let signer = CheckpointSigner::from_pkcs8_pem_file(
-            &cfg.resolve(&cfg.auth.signing_key),
-            cfg.auth.signing_kid.clone(),
-        )?;
+        let signer =
+            CheckpointSigner::from_pkcs8_pem_file(&cfg.resolve(&cfg.auth.signing_key), cfg.auth.signing_kid.clone())?;
         Ok(WriterOptions {
             dir: cfg.resolve(&cfg.audit.dir),
             fsync: cfg.audit.fsync,
@@ -173,6 +171,8 @@ struct Counters {
 type Reply = oneshot::Sender<Result<u64, AuditError>>;
 type Item = (Record, Option<Reply>);
 
+// Records travel by value: boxing them would cost an allocation per record.
+#[allow(clippy::large_enum_variant)]
 enum Msg {
     Append(Record, Option<Reply>),
     Shutdown,
@@ -207,9 +207,7 @@ impl AuditHandle {
             .name("pgward-audit".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| AuditError::io("spawning the audit writer thread", e))?;
-        Ok(AuditHandle {
-            inner: Arc::new(Inner { tx, thread: Mutex::new(Some(thread)), counters }),
-        })
+        Ok(AuditHandle { inner: Arc::new(Inner { tx, thread: Mutex::new(Some(thread)), counters }) })
     }
 
     /// Append and wait until durable per the fsync policy (group commit). Returns the
@@ -244,10 +242,10 @@ impl AuditHandle {
     pub fn shutdown(&self) {
         let _ = self.inner.tx.send(Msg::Shutdown);
         let handle = self.inner.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(h) = handle {
-            if h.join().is_err() {
-                tracing::error!("the audit writer thread panicked");
-            }
+        if let Some(h) = handle
+            && h.join().is_err()
+        {
+            tracing::error!("the audit writer thread panicked");
         }
     }
 
@@ -342,23 +340,18 @@ impl Writer {
         }
         let dir_c = CString::new(dir.as_os_str().as_bytes())
             .map_err(|_| AuditError::Unwritable { path: dir.clone(), reason: "path contains NUL".into() })?;
-        let segments = chain::list_segments(&dir)
-            .map_err(|e| AuditError::io(format!("listing {}", dir.display()), e))?;
+        let segments =
+            chain::list_segments(&dir).map_err(|e| AuditError::io(format!("listing {}", dir.display()), e))?;
 
         let mut warnings: Vec<String> = Vec::new();
         let mut last: Option<(u64, String)> = None;
         let mut current: Option<(OpenSegment, u64)> = None;
         for (i, s) in segments.iter().enumerate().rev() {
             let is_last = i + 1 == segments.len();
-            let file = if is_last {
-                OpenOptions::new().read(true).append(true).open(&s.path)
-            } else {
-                File::open(&s.path)
-            }
-            .map_err(|e| AuditError::io(format!("opening {}", s.path.display()), e))?;
-            let meta = file
-                .metadata()
-                .map_err(|e| AuditError::io(format!("stat {}", s.path.display()), e))?;
+            let file =
+                if is_last { OpenOptions::new().read(true).append(true).open(&s.path) } else { File::open(&s.path) }
+                    .map_err(|e| AuditError::io(format!("opening {}", s.path.display()), e))?;
+            let meta = file.metadata().map_err(|e| AuditError::io(format!("stat {}", s.path.display()), e))?;
             let (line, good_len) = read_last_line(&file, meta.len())
                 .map_err(|e| AuditError::io(format!("reading {}", s.path.display()), e))?;
             if good_len < meta.len() {
@@ -374,10 +367,8 @@ impl Writer {
                     tracing::warn!("{msg}");
                     warnings.push(msg);
                 } else {
-                    warnings.push(format!(
-                        "{}: unterminated fragment at the end of a non-final segment",
-                        s.path.display()
-                    ));
+                    warnings
+                        .push(format!("{}: unterminated fragment at the end of a non-final segment", s.path.display()));
                 }
             }
             if is_last {
@@ -502,10 +493,10 @@ impl Writer {
                 break;
             }
         }
-        if let Some(seg) = &self.seg {
-            if let Err(e) = seg.file.sync_all() {
-                tracing::error!("audit: final fsync of {} failed: {e}", seg.path.display());
-            }
+        if let Some(seg) = &self.seg
+            && let Err(e) = seg.file.sync_all()
+        {
+            tracing::error!("audit: final fsync of {} failed: {e}", seg.path.display());
         }
     }
 
@@ -597,10 +588,10 @@ impl Writer {
                         let _ = r.send(Ok(seq));
                     }
                 }
-                if let Some(h) = head {
-                    if let Err(e) = self.write_head(&h) {
-                        tracing::error!("audit: writing HEAD failed: {e}");
-                    }
+                if let Some(h) = head
+                    && let Err(e) = self.write_head(&h)
+                {
+                    tracing::error!("audit: writing HEAD failed: {e}");
                 }
                 Ok(())
             }
@@ -708,9 +699,7 @@ impl Writer {
             });
         }
         if let Some(seg) = &mut self.seg {
-            let same = std::fs::metadata(&seg.path)
-                .map(|m| m.dev() == seg.dev && m.ino() == seg.ino)
-                .unwrap_or(false);
+            let same = std::fs::metadata(&seg.path).map(|m| m.dev() == seg.dev && m.ino() == seg.ino).unwrap_or(false);
             if !same {
                 let path = seg.path.clone();
                 self.seg = None;
@@ -781,10 +770,7 @@ impl Writer {
                         }
                     }
                     Err(te) => {
-                        tracing::error!(
-                            "audit: could not truncate {} after a failed write: {te}",
-                            seg.path.display()
-                        );
+                        tracing::error!("audit: could not truncate {} after a failed write: {te}", seg.path.display());
                         seg.dirty = true;
                     }
                 }

@@ -75,8 +75,7 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain()
-        .any(|c| c.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe))
+    e.chain().any(|c| c.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe))
 }
 
 fn load(config: &Path) -> anyhow::Result<(crate::config::Config, PathBuf)> {
@@ -99,22 +98,9 @@ struct Filter {
 
 impl Filter {
     fn matches(&self, r: &Record) -> bool {
-        if let Some(u) = &self.user {
-            if r.user.as_ref() != Some(u) {
-                return false;
-            }
-        }
-        if let Some(s) = &self.session {
-            if r.session.as_ref() != Some(s) {
-                return false;
-            }
-        }
-        if let Some(since) = self.since {
-            if parse_ts(&r.ts).is_none_or(|t| t < since) {
-                return false;
-            }
-        }
-        true
+        self.user.as_ref().is_none_or(|u| r.user.as_ref() == Some(u))
+            && self.session.as_ref().is_none_or(|s| r.session.as_ref() == Some(s))
+            && self.since.is_none_or(|since| parse_ts(&r.ts).is_some_and(|t| t >= since))
     }
 }
 
@@ -180,12 +166,22 @@ fn tail(a: TailArgs) -> anyhow::Result<ExitCode> {
 
     if a.follow {
         reader.set_follow(true);
+        reader.set_follow_check(stdout_open);
         while let Some((raw, rec)) = next(&mut reader)? {
             emit(&mut out, &raw, &rec)?;
             out.flush()?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// False once stdout is a pipe whose reader went away (`tail -f | head`), so an idle follow
+/// ends instead of waiting for the next record to hit EPIPE.
+fn stdout_open() -> bool {
+    let mut fds = libc::pollfd { fd: libc::STDOUT_FILENO, events: 0, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut fds, 1, 0) };
+    !(n > 0 && fds.revents & (libc::POLLERR | libc::POLLHUP) != 0)
 }
 
 fn kind_name(k: Kind) -> &'static str {
@@ -200,17 +196,31 @@ fn kind_name(k: Kind) -> &'static str {
     }
 }
 
-/// Newlines and tabs as spaces, so one record stays one line.
+/// Control characters as spaces (a line break and the indentation after it as one space),
+/// so one record stays one line.
 fn one_line(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    let mut out = String::with_capacity(s.len());
+    let mut after_break = false;
+    for c in s.chars() {
+        if c == '\n' || c == '\r' {
+            if !after_break {
+                out.push(' ');
+            }
+            after_break = true;
+        } else if after_break && (c == ' ' || c == '\t') {
+        } else if c.is_control() {
+            out.push(' ');
+            after_break = false;
+        } else {
+            out.push(c);
+            after_break = false;
+        }
+    }
+    out
 }
 
 fn fmt_duration_us(us: u64) -> String {
-    if us < 1_000_000 {
-        format!("{:.1} ms", us as f64 / 1000.0)
-    } else {
-        format!("{:.2} s", us as f64 / 1_000_000.0)
-    }
+    if us < 1_000_000 { format!("{:.1} ms", us as f64 / 1000.0) } else { format!("{:.2} s", us as f64 / 1_000_000.0) }
 }
 
 fn fmt_params(params: &[Option<String>]) -> String {
@@ -307,10 +317,10 @@ fn format_human(s: &mut String, r: &Record) {
         }
         Kind::Start => {}
     }
-    if r.kind != Kind::Checkpoint {
-        if let Some(m) = &r.meta {
-            field(s, m.to_string());
-        }
+    if r.kind != Kind::Checkpoint
+        && let Some(m) = &r.meta
+    {
+        field(s, m.to_string());
     }
 }
 
@@ -344,7 +354,8 @@ fn replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
     let mut found = false;
     let (mut user, mut db): (Option<String>, Option<String>) = (None, None);
     let mut statements: Vec<Record> = Vec::new();
-    let mut results: HashMap<u64, Record> = HashMap::new();
+    // A multi-statement simple query has one result per command, all naming its statement.
+    let mut results: HashMap<u64, Vec<Record>> = HashMap::new();
     for e in reader {
         let rec = match e {
             Ok(e) => e.record,
@@ -370,7 +381,7 @@ fn replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
             Kind::Statement => statements.push(rec),
             Kind::Result => {
                 if let Some(s) = rec.statement_seq {
-                    results.insert(s, rec);
+                    results.entry(s).or_default().push(rec);
                 }
             }
             _ => {}
@@ -408,29 +419,32 @@ fn replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
             sql.push_str(&format!(" [{}]", fmt_params(p)));
         }
         let outcome = match results.get(&st.seq) {
-            Some(r) => match &r.sqlstate {
-                Some(state) => format!("ERROR {state} {}", one_line(r.error.as_deref().unwrap_or(""))).trim_end().to_string(),
-                None => {
-                    let mut parts = Vec::new();
-                    if let Some(n) = r.rows {
-                        parts.push(if n == 1 { "1 row".to_string() } else { format!("{n} rows") });
-                    }
-                    if let Some(us) = r.duration_us {
-                        parts.push(fmt_duration_us(us));
-                    }
-                    let tag = r.tag.as_deref().unwrap_or("OK");
-                    if parts.is_empty() { tag.to_string() } else { format!("{tag} ({})", parts.join(", ")) }
-                }
-            },
-            None if st.decision.as_deref() == Some("deny") => {
+            Some(rs) if !rs.is_empty() => rs.iter().map(fmt_outcome).collect::<Vec<_>>().join("; "),
+            _ if st.decision.as_deref() == Some("deny") => {
                 format!("DENIED by rule {}", st.rule.as_deref().unwrap_or("?"))
             }
-            None => "(no result recorded)".to_string(),
+            _ => "(no result recorded)".to_string(),
         };
         writeln!(out, "[+{offset:.3}s] {who}@{on}: {sql} -> {outcome}")?;
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `SELECT 3 (3 rows, 1.2 ms)` or `ERROR 42501 message`
+fn fmt_outcome(r: &Record) -> String {
+    if let Some(state) = &r.sqlstate {
+        return format!("ERROR {state} {}", one_line(r.error.as_deref().unwrap_or(""))).trim_end().to_string();
+    }
+    let mut parts = Vec::new();
+    if let Some(n) = r.rows {
+        parts.push(if n == 1 { "1 row".to_string() } else { format!("{n} rows") });
+    }
+    if let Some(us) = r.duration_us {
+        parts.push(fmt_duration_us(us));
+    }
+    let tag = r.tag.as_deref().unwrap_or("OK");
+    if parts.is_empty() { tag.to_string() } else { format!("{tag} ({})", parts.join(", ")) }
 }
 
 #[cfg(test)]
@@ -446,12 +460,12 @@ mod tests {
             user: Some("alice".into()),
             session: Some("ab12".into()),
             database: Some("app".into()),
-            sql: Some("SELECT\n1".into()),
+            sql: Some("SELECT\r\n    1,\t2".into()),
             ..Record::default()
         };
         let mut s = String::new();
         format_human(&mut s, &r);
-        assert_eq!(s, "2026-11-29T14:00:00.123456Z  #42 statement  alice  sess=ab12  db=app  SELECT 1");
+        assert_eq!(s, "2026-11-29T14:00:00.123456Z  #42 statement  alice  sess=ab12  db=app  SELECT 1, 2");
         let r = Record {
             seq: 43,
             ts: "t".into(),
@@ -465,5 +479,8 @@ mod tests {
         s.clear();
         format_human(&mut s, &r);
         assert_eq!(s, "t  #43 result  -> #42  SELECT 3  rows=3  1.2 ms");
+        assert_eq!(fmt_outcome(&r), "SELECT 3 (3 rows, 1.2 ms)");
+        let e = Record { sqlstate: Some("42501".into()), error: Some("denied\nby rule".into()), ..Record::default() };
+        assert_eq!(fmt_outcome(&e), "ERROR 42501 denied by rule");
     }
 }
