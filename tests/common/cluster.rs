@@ -18,8 +18,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use super::{CmdOut, Login, free_port, marker, rand_hex, run_cmd, scrub_pg_env, wait_for};
@@ -46,14 +46,46 @@ pub struct PgCluster {
     db_counter: AtomicU32,
 }
 
-static CLUSTER: OnceLock<Result<PgCluster, String>> = OnceLock::new();
+/// How a cluster is set up (the shared one uses the defaults).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClusterOptions {
+    /// `ssl = on` with a self-signed certificate (made with openssl) in the data directory.
+    pub ssl: bool,
+}
+
+type ClusterCell = OnceLock<Result<PgCluster, String>>;
+
+static CLUSTER: ClusterCell = OnceLock::new();
+/// A second cluster with `ssl = on`, started only by test binaries that ask for it (upstream
+/// TLS); the shared [`cluster()`] keeps `ssl = off`, which is how a server refusing TLS looks.
+static TLS_CLUSTER: ClusterCell = OnceLock::new();
 
 /// The test binary's cluster (started on first call). If starting failed, every later call
 /// fails at once with the same message instead of trying again.
 #[track_caller]
 pub fn cluster() -> &'static PgCluster {
-    let r = CLUSTER.get_or_init(|| {
-        let r = std::panic::catch_unwind(PgCluster::start).map_err(|e| {
+    cluster_in(&CLUSTER, ClusterOptions::default(), stop_cluster_at_exit)
+}
+
+/// A second cluster of this test binary, with `ssl = on` (self-signed certificate). Same
+/// lifetime rules as [`cluster()`]; roles, passwords and databases are its own.
+#[track_caller]
+pub fn tls_cluster() -> &'static PgCluster {
+    cluster_in(
+        &TLS_CLUSTER,
+        ClusterOptions { ssl: true },
+        stop_tls_cluster_at_exit,
+    )
+}
+
+#[track_caller]
+fn cluster_in(
+    cell: &'static ClusterCell,
+    opts: ClusterOptions,
+    at_exit: extern "C" fn(),
+) -> &'static PgCluster {
+    let r = cell.get_or_init(|| {
+        let r = std::panic::catch_unwind(|| PgCluster::start(opts)).map_err(|e| {
             e.downcast_ref::<String>()
                 .cloned()
                 .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
@@ -62,19 +94,27 @@ pub fn cluster() -> &'static PgCluster {
         if r.is_ok() {
             // SAFETY: registering a plain extern "C" fn with no captured state.
             unsafe {
-                libc::atexit(stop_cluster_at_exit);
+                libc::atexit(at_exit);
             }
         }
         r
     });
     match r {
         Ok(c) => c,
-        Err(msg) => panic!("PostgreSQL test cluster could not be started: {msg}"),
+        Err(msg) => panic!("PostgreSQL test cluster ({opts:?}) could not be started: {msg}"),
     }
 }
 
 extern "C" fn stop_cluster_at_exit() {
-    if let Some(Ok(c)) = CLUSTER.get() {
+    stop_and_remove(&CLUSTER);
+}
+
+extern "C" fn stop_tls_cluster_at_exit() {
+    stop_and_remove(&TLS_CLUSTER);
+}
+
+fn stop_and_remove(cell: &ClusterCell) {
+    if let Some(Ok(c)) = cell.get() {
         c.stop();
         if std::env::var_os("PGWARD_E2E_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&c.root);
@@ -83,6 +123,9 @@ extern "C" fn stop_cluster_at_exit() {
         }
     }
 }
+
+/// Serializes read-modify-write of server config files + reload (tests run in parallel).
+static CONFIG_LOCK: Mutex<()> = Mutex::new(());
 
 /// (uid, gid) of the OS user that runs server-side commands when we are root.
 fn server_os_user() -> Option<(u32, u32)> {
@@ -114,7 +157,7 @@ fn chown_tree(p: &Path, uid: u32, gid: u32) {
 }
 
 impl PgCluster {
-    fn start() -> PgCluster {
+    fn start(opts: ClusterOptions) -> PgCluster {
         let bin_dir = PathBuf::from(
             std::env::var("PGWARD_E2E_PG_BIN")
                 .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
@@ -183,6 +226,10 @@ impl PgCluster {
         let conf = c.data_dir.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf).unwrap();
         text.push_str(extra);
+        if opts.ssl {
+            c.make_server_certificate();
+            text.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        }
         std::fs::write(&conf, text).unwrap();
 
         // A port can be taken between our probe and postgres' bind: retry with another.
@@ -294,6 +341,114 @@ case "$3" in */pgward-e2e-pg-*) rm -rf -- "$3" ;; esac"#;
             None,
             Duration::from_secs(60),
         );
+    }
+
+    /// Self-signed certificate + key for `ssl = on`, made with openssl in the data directory,
+    /// owned by the server's OS user, key mode 0600 (Postgres refuses a group/world-readable key).
+    fn make_server_certificate(&self) {
+        let (crt, key) = (
+            self.data_dir.join("server.crt"),
+            self.data_dir.join("server.key"),
+        );
+        let mut cmd = Command::new("openssl");
+        cmd.args([
+            "req", "-x509", "-nodes", "-newkey", "rsa:2048", "-days", "2",
+        ])
+        .args(["-subj", "/CN=localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .current_dir(&self.root);
+        let out = run_cmd(&mut cmd, None, Duration::from_secs(120));
+        assert!(
+            out.success() && crt.exists() && key.exists(),
+            "openssl could not make a server certificate: {}",
+            out.describe()
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&crt, std::fs::Permissions::from_mode(0o644)).unwrap();
+        if let Some((uid, gid)) = self.run_as {
+            chown_tree(&crt, uid, gid);
+            chown_tree(&key, uid, gid);
+        }
+    }
+
+    // ---- server configuration at runtime ----------------------------------------------------
+
+    /// `select pg_reload_conf()` and wait (bounded) until the postmaster has reloaded: a new
+    /// backend inherits the postmaster's config load time, and the postmaster re-reads
+    /// pg_hba.conf in the same SIGHUP handling, so a newer load time seen from a fresh
+    /// connection means later connections get the new postgresql.conf and pg_hba.conf.
+    /// Callers hold [`CONFIG_LOCK`].
+    fn reload_and_wait(&self) {
+        let before = self.sql("postgres", "select pg_conf_load_time()::text");
+        assert_eq!(self.sql("postgres", "select pg_reload_conf()"), "t");
+        wait_for(
+            "PostgreSQL to reload its configuration",
+            Duration::from_secs(30),
+            || {
+                (self.sql(
+                    "postgres",
+                    &format!("select pg_conf_load_time() > '{before}'::timestamptz"),
+                ) == "t")
+                    .then_some(())
+            },
+        );
+    }
+
+    /// Put `lines` at the top of pg_hba.conf (so they win over initdb's rules) and reload.
+    /// Lines stay for the rest of the test binary; make them specific (a role of your own).
+    pub fn prepend_hba_lines(&self, lines: &[&str]) {
+        let _g = CONFIG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let hba = self.data_dir.join("pg_hba.conf");
+        let old = std::fs::read_to_string(&hba).unwrap();
+        let mut text = String::from("# added by a pgward e2e test\n");
+        for l in lines {
+            text.push_str(l);
+            text.push('\n');
+        }
+        text.push_str(&old);
+        // Rewriting the existing file keeps its owner (the server's OS user).
+        std::fs::write(&hba, text).unwrap();
+        self.reload_and_wait();
+    }
+
+    /// `ALTER SYSTEM SET name = value` (value is SQL, e.g. `'on'`) and reload.
+    pub fn alter_system(&self, name: &str, value: &str) {
+        let _g = CONFIG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        self.sql("postgres", &format!("ALTER SYSTEM SET {name} = {value}"));
+        self.reload_and_wait();
+    }
+
+    /// A LOGIN role. `password`: None for no password at all; else the password stored with
+    /// `password_encryption` = `encryption` ("md5" or "scram-sha-256"). Returns how the stored
+    /// verifier starts ("md5…", "SCRAM-SHA-256$…", or "" without a password).
+    #[track_caller]
+    pub fn create_login_role(
+        &self,
+        role: &str,
+        password: Option<&str>,
+        encryption: &str,
+    ) -> String {
+        match password {
+            None => self.sql("postgres", &format!("CREATE ROLE {role} LOGIN")),
+            Some(p) => {
+                let p = p.replace('\'', "''");
+                self.superuser_login("postgres")
+                    .psql(&[
+                        "-c",
+                        &format!("SET password_encryption = '{encryption}'"),
+                        "-c",
+                        &format!("CREATE ROLE {role} LOGIN PASSWORD '{p}'"),
+                    ])
+                    .expect_ok()
+            }
+        };
+        self.sql(
+            "postgres",
+            &format!("select coalesce(rolpassword, '') from pg_authid where rolname = '{role}'"),
+        )
     }
 
     // ---- logins -------------------------------------------------------------------------

@@ -53,11 +53,27 @@ fn toml_get<'a>(table: &'a toml::Table, dotted: &str) -> Option<&'a toml::Value>
     Some(v)
 }
 
+/// Remove `dotted` from a TOML table (no-op when absent).
+pub fn toml_unset(table: &mut toml::Table, dotted: &str) {
+    let mut parts: Vec<&str> = dotted.split('.').collect();
+    let last = parts.pop().expect("non-empty key");
+    let mut t = table;
+    for p in parts {
+        match t.get_mut(p).and_then(|v| v.as_table_mut()) {
+            Some(inner) => t = inner,
+            None => return,
+        }
+    }
+    t.remove(last);
+}
+
 type Edit = Box<dyn FnOnce(&mut toml::Table)>;
+type DirEdit = Box<dyn FnOnce(&Path, &mut toml::Table)>;
 
 pub struct PgwardBuilder {
     cluster: &'static PgCluster,
     edits: Vec<Edit>,
+    dir_edits: Vec<DirEdit>,
 }
 
 impl PgwardBuilder {
@@ -70,6 +86,34 @@ impl PgwardBuilder {
     pub fn set(self, dotted: &str, value: impl Into<toml::Value>) -> Self {
         let (k, v) = (dotted.to_string(), value.into());
         self.config(move |t| toml_set(t, &k, v))
+    }
+    /// Remove a key ("upstream.password_file") from the config, if present.
+    pub fn unset(self, dotted: &str) -> Self {
+        let k = dotted.to_string();
+        self.config(move |t| toml_unset(t, &k))
+    }
+    /// Log in upstream as `user` with `password` (written to a 0600 file next to the config and
+    /// named in upstream.password_file), or with no password at all (trust) when None.
+    pub fn upstream_login(self, user: &str, password: Option<&str>) -> Self {
+        let b = self.set("upstream.user", user);
+        match password {
+            None => b.unset("upstream.password_file"),
+            Some(p) => {
+                let p = p.to_string();
+                b.with_dir(move |dir, t| {
+                    use std::os::unix::fs::PermissionsExt;
+                    let f = dir.join("test-upstream.password");
+                    std::fs::write(&f, format!("{p}\n")).unwrap();
+                    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+                    toml_set(t, "upstream.password_file", f.display().to_string());
+                })
+            }
+        }
+    }
+    /// Like [`Self::config`], with the directory `pgward init` wrote (for files the edit needs).
+    pub fn with_dir(mut self, f: impl FnOnce(&Path, &mut toml::Table) + 'static) -> Self {
+        self.dir_edits.push(Box::new(f));
+        self
     }
     /// `pgward init` + edits; not started.
     pub fn init(self) -> Pgward {
@@ -108,10 +152,13 @@ impl PgwardBuilder {
             cluster: c,
             _tmp: tmp,
         };
-        if !self.edits.is_empty() {
+        if !self.edits.is_empty() || !self.dir_edits.is_empty() {
             let mut t = pw.config();
             for e in self.edits {
                 e(&mut t);
+            }
+            for e in self.dir_edits {
+                e(&pw.dir, &mut t);
             }
             std::fs::write(&pw.config_path, toml::to_string(&t).unwrap()).unwrap();
         }
@@ -141,9 +188,14 @@ pub struct Pgward {
 
 impl Pgward {
     pub fn builder() -> PgwardBuilder {
+        Self::builder_on(cluster())
+    }
+    /// A gateway in front of another cluster (e.g. [`super::tls_cluster`]).
+    pub fn builder_on(c: &'static PgCluster) -> PgwardBuilder {
         PgwardBuilder {
-            cluster: cluster(),
+            cluster: c,
             edits: Vec::new(),
+            dir_edits: Vec::new(),
         }
     }
     /// Default config, started.
@@ -226,6 +278,32 @@ impl Pgward {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether `serve` printed a Rust panic message (any thread, including session tasks).
+    pub fn log_has_panic(&self) -> bool {
+        self.stderr_log().contains("panicked")
+    }
+
+    /// The unix socket directory from server.unix_socket_dir (resolved), if configured.
+    pub fn unix_socket_dir(&self) -> Option<PathBuf> {
+        toml_get(&self.config(), "server.unix_socket_dir")
+            .and_then(|v| v.as_str())
+            .map(|_| self.config_path_value("server.unix_socket_dir"))
+    }
+
+    /// Login through this gateway's unix socket (needs server.unix_socket_dir; the socket's
+    /// port number is server.unix_socket_port or the TCP port).
+    #[track_caller]
+    pub fn unix_login(&self, user: &str, token: &str, db: &str) -> Login {
+        let dir = self
+            .unix_socket_dir()
+            .expect("server.unix_socket_dir is not configured");
+        let port = toml_get(&self.config(), "server.unix_socket_port")
+            .and_then(|v| v.as_integer())
+            .map(|p| p as u16)
+            .unwrap_or(self.addr.port());
+        Login::new(&dir.to_string_lossy(), port, user, Some(token), db)
     }
 
     pub fn is_running(&mut self) -> bool {

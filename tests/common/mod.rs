@@ -37,7 +37,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use clients::{Login, sqlstate, within};
-pub use cluster::{PgCluster, cluster};
+pub use cluster::{ClusterOptions, PgCluster, cluster, tls_cluster};
 pub use gateway::{Pgward, PgwardBuilder, pgward_cli, toml_set};
 
 /// Output of a finished command.

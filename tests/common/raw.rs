@@ -297,10 +297,29 @@ pub mod fe {
     pub fn terminate() -> Vec<u8> {
         msg(b'X', &[])
     }
+    /// Any tagged message with a raw body (for malformed input).
+    pub fn raw_msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        msg(tag, body)
+    }
+    /// SSLRequest (8 bytes).
+    pub fn ssl_request() -> Vec<u8> {
+        let mut out = 8i32.to_be_bytes().to_vec();
+        out.extend_from_slice(&80877103i32.to_be_bytes());
+        out
+    }
+    /// GSSENCRequest (8 bytes).
+    pub fn gssenc_request() -> Vec<u8> {
+        let mut out = 8i32.to_be_bytes().to_vec();
+        out.extend_from_slice(&80877104i32.to_be_bytes());
+        out
+    }
 }
 
 pub struct RawConn {
     stream: Stream,
+    /// Every byte received from the server on this connection, in order (messages as read by
+    /// `recv`, single bytes from `read_bytes`): for "never sent to the client" checks.
+    pub received: Vec<u8>,
     /// ParameterStatus values, latest value wins (updated by every recv).
     pub params: BTreeMap<String, String>,
     /// (process id, secret key) from BackendKeyData.
@@ -314,18 +333,40 @@ pub struct RawConn {
 impl RawConn {
     /// Connect and complete startup + authentication up to the first ReadyForQuery.
     pub fn connect(login: &Login, extra: &[(&str, &str)]) -> Result<RawConn, RawError> {
+        let mut c = RawConn::open(login)?;
+        c.startup(login, extra)?;
+        Ok(c)
+    }
+
+    /// Just the socket: nothing sent yet (for hand-made startup sequences).
+    pub fn open(login: &Login) -> io::Result<RawConn> {
         let stream = Stream::connect(login)?;
         let local_addr = match &stream {
             Stream::Tcp(s) => s.local_addr().ok(),
             Stream::Unix(_) => None,
         };
-        let mut c = RawConn {
+        Ok(RawConn {
             stream,
+            received: Vec::new(),
             params: BTreeMap::new(),
             backend_key: None,
             startup_msgs: Vec::new(),
             local_addr,
-        };
+        })
+    }
+
+    /// Exactly `n` raw bytes (e.g. the one-byte answer to SSLRequest / GSSENCRequest).
+    pub fn read_bytes(&mut self, n: usize) -> io::Result<Vec<u8>> {
+        let mut b = vec![0u8; n];
+        self.stream.read_exact(&mut b)?;
+        self.received.extend_from_slice(&b);
+        Ok(b)
+    }
+
+    /// StartupMessage (user, database, `extra`) and authentication (cleartext password or
+    /// trust) up to the first ReadyForQuery, on an opened connection.
+    pub fn startup(&mut self, login: &Login, extra: &[(&str, &str)]) -> Result<(), RawError> {
+        let c = self;
         let mut params = vec![
             ("user", login.user.as_str()),
             ("database", login.dbname.as_str()),
@@ -359,7 +400,7 @@ impl RawConn {
                     c.backend_key = Some((pid, key));
                 }
                 b'E' => return Err(RawError::Server(m)),
-                b'Z' => return Ok(c),
+                b'Z' => return Ok(()),
                 _ => {} // S handled in recv, N ignored
             }
         }
@@ -383,6 +424,8 @@ impl RawConn {
         }
         let mut body = vec![0u8; len as usize - 4];
         self.stream.read_exact(&mut body)?;
+        self.received.extend_from_slice(&hdr);
+        self.received.extend_from_slice(&body);
         let m = Msg { tag: hdr[0], body };
         if let Some((k, v)) = m.parameter_status() {
             self.params.insert(k, v);

@@ -42,6 +42,9 @@ use super::chain::{self, GENESIS_HASH, HASH_HEX_LEN, HASH_PREFIX, HEAD_FILE, Hea
 use super::record::{Kind, Record};
 use crate::config::FsyncPolicy;
 
+/// Longest time a record appended with `append` (nobody waiting) stays in memory.
+const LAZY_FLUSH: Duration = Duration::from_millis(100);
+
 /// Upper bound on records per batch (bounds the buffer; the rest go in the next batch).
 const MAX_BATCH: usize = 8192;
 
@@ -180,6 +183,9 @@ enum Msg {
 
 struct Inner {
     tx: mpsc::Sender<Msg>,
+    /// Records nobody waits for (`append`): queued without waking the writer thread; they
+    /// ride along with the next batch, or go out within `LAZY_FLUSH` when traffic is idle.
+    lazy: Arc<Mutex<Vec<Record>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     counters: Arc<Counters>,
 }
@@ -203,11 +209,13 @@ impl AuditHandle {
         let counters = Arc::new(Counters::default());
         let mut writer = Writer::open(opts, counters.clone())?;
         let (tx, rx) = mpsc::channel::<Msg>();
+        let lazy = Arc::new(Mutex::new(Vec::new()));
+        let lazy_w = lazy.clone();
         let thread = std::thread::Builder::new()
             .name("pgward-audit".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(rx, lazy_w))
             .map_err(|e| AuditError::io("spawning the audit writer thread", e))?;
-        Ok(AuditHandle { inner: Arc::new(Inner { tx, thread: Mutex::new(Some(thread)), counters }) })
+        Ok(AuditHandle { inner: Arc::new(Inner { tx, lazy, thread: Mutex::new(Some(thread)), counters }) })
     }
 
     /// Append and wait until durable per the fsync policy (group commit). Returns the
@@ -230,11 +238,11 @@ impl AuditHandle {
         rx
     }
 
-    /// Append without waiting (still ordered, still chained); failures are logged.
+    /// Append without waiting (still chained; ordered after every record already made
+    /// durable); failures are logged. Does not wake the writer thread: the record goes out
+    /// with the next batch or within `LAZY_FLUSH`.
     pub fn append(&self, rec: Record) {
-        if self.inner.tx.send(Msg::Append(rec, None)).is_err() {
-            tracing::error!("audit record dropped: the audit writer is not running");
-        }
+        self.inner.lazy.lock().unwrap_or_else(|e| e.into_inner()).push(rec);
     }
 
     /// Write a final checkpoint, fsync, stop the thread. Blocks until the thread has exited
@@ -468,13 +476,18 @@ impl Writer {
         Ok(w)
     }
 
-    fn run(&mut self, rx: mpsc::Receiver<Msg>) {
+    fn run(&mut self, rx: mpsc::Receiver<Msg>, lazy: Arc<Mutex<Vec<Record>>>) {
         let mut batch: Vec<Item> = Vec::with_capacity(1024);
+        let mut lazy_buf: Vec<Record> = Vec::new();
         loop {
-            let first = match self.checkpoint_wait() {
-                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                Some(d) => rx.recv_timeout(d),
-            };
+            let wait = self.checkpoint_wait().map_or(LAZY_FLUSH, |d| d.min(LAZY_FLUSH));
+            let first = rx.recv_timeout(wait);
+            // Records nobody waits for were queued before anything now in the channel that
+            // depends on them (a session's result before its next statement): take them first.
+            std::mem::swap(&mut *lazy.lock().unwrap_or_else(|e| e.into_inner()), &mut lazy_buf);
+            for r in lazy_buf.drain(..) {
+                self.accept(&mut batch, r, None);
+            }
             let mut stop = false;
             match first {
                 Ok(Msg::Append(r, w)) => self.accept(&mut batch, r, w),

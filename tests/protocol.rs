@@ -1,0 +1,470 @@
+//! Bad input on the wire, through the raw client: every malformed frame, before the startup
+//! packet, at the password step or inside a session, gets one ErrorResponse (severity FATAL,
+//! SQLSTATE 08P01, or 28000 for a startup packet without a user) and the connection is closed;
+//! pgward keeps serving other sessions (one opened before the bad input and new ones) and never
+//! panics. Also: the unix socket listener (server.unix_socket_dir) with peer credentials in the
+//! audit log, and GSSENCRequest answered 'N' on a connection that then logs in normally.
+//!
+//! Not covered: SSLRequest answered 'N' followed by a plaintext startup — pgward always has a
+//! TLS certificate (`server.tls_cert` is required and `serve` always answers 'S').
+
+mod common;
+
+use std::time::Duration;
+
+use common::gateway::rec;
+use common::raw::{self, Msg, RawConn, fe};
+use common::{Login, Pgward, cluster, jwt, marker};
+
+/// Where in the conversation the bad bytes are sent.
+#[derive(Clone, Copy, Debug)]
+enum Stage {
+    /// First thing on a fresh connection.
+    BeforeStartup,
+    /// After a valid StartupMessage, when pgward has asked for the password (the token).
+    AtPassword,
+    /// In a logged-in session (after ReadyForQuery).
+    InSession,
+}
+
+struct Case {
+    name: &'static str,
+    stage: Stage,
+    bytes: Vec<u8>,
+    sqlstate: &'static str,
+}
+
+fn case(name: &'static str, stage: Stage, bytes: Vec<u8>, sqlstate: &'static str) -> Case {
+    Case {
+        name,
+        stage,
+        bytes,
+        sqlstate,
+    }
+}
+
+fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+/// Bind of the unnamed statement whose parameter count says 3 but whose body holds only one
+/// parameter (and nothing after it).
+fn truncated_bind() -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(b"\0\0"); // portal "", statement ""
+    b.extend_from_slice(&0i16.to_be_bytes()); // no format codes
+    b.extend_from_slice(&3i16.to_be_bytes()); // 3 parameters...
+    b.extend_from_slice(&1i32.to_be_bytes()); // ...but only the first one follows
+    b.extend_from_slice(b"1");
+    fe::raw_msg(b'B', &b)
+}
+
+/// A startup packet whose last parameter value has no terminating NUL.
+fn unterminated_startup(db: &str) -> Vec<u8> {
+    let mut body = 196608i32.to_be_bytes().to_vec();
+    body.extend_from_slice(b"user\0alice\0database\0");
+    body.extend_from_slice(db.as_bytes()); // no NUL, no final NUL
+    let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+fn cases(db: &str) -> Vec<Case> {
+    use Stage::*;
+    vec![
+        // ---- in a session
+        case(
+            "frame length < 4",
+            InSession,
+            b"Q\0\0\0\x02".to_vec(),
+            "08P01",
+        ),
+        case("frame length 0", InSession, b"S\0\0\0\0".to_vec(), "08P01"),
+        case(
+            "unknown message type 'z'",
+            InSession,
+            fe::raw_msg(b'z', b"hello\0"),
+            "08P01",
+        ),
+        case(
+            "truncated Bind (3 parameters announced, 1 present)",
+            InSession,
+            cat(&[
+                &fe::parse("", "select $1::int, $2::int, $3::int"),
+                &truncated_bind(),
+                &fe::sync(),
+            ]),
+            "08P01",
+        ),
+        case(
+            "oversized length field (0x7fffffff)",
+            InSession,
+            b"Q\x7f\xff\xff\xff".to_vec(),
+            "08P01",
+        ),
+        case(
+            "negative length field (0xffffffff)",
+            InSession,
+            b"Q\xff\xff\xff\xff".to_vec(),
+            "08P01",
+        ),
+        case(
+            "Query string that is not UTF-8",
+            InSession,
+            fe::raw_msg(b'Q', b"select '\xff\xfe\xc3'\0"),
+            "08P01",
+        ),
+        case(
+            "Query string without terminator",
+            InSession,
+            fe::raw_msg(b'Q', b"select 1"),
+            "08P01",
+        ),
+        // ---- before / in the startup packet
+        case(
+            "garbage before startup (an HTTP request)",
+            BeforeStartup,
+            b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(),
+            "08P01",
+        ),
+        case(
+            "startup packet length < 8",
+            BeforeStartup,
+            b"\0\0\0\x05\0".to_vec(),
+            "08P01",
+        ),
+        case(
+            "oversized startup packet length (16 MiB)",
+            BeforeStartup,
+            cat(&[b"\x01\0\0\0", &196608i32.to_be_bytes()]),
+            "08P01",
+        ),
+        case(
+            "startup packet with an unterminated parameter",
+            BeforeStartup,
+            unterminated_startup(db),
+            "08P01",
+        ),
+        case(
+            "startup packet with no user",
+            BeforeStartup,
+            fe::startup(&[("database", db)]),
+            "28000",
+        ),
+        case(
+            "startup packet with an empty user",
+            BeforeStartup,
+            fe::startup(&[("user", ""), ("database", db)]),
+            "28000",
+        ),
+        // A plaintext StartupMessage sent together with the SSLRequest, before the server's
+        // answer: accepting it would let a man in the middle inject a plaintext prefix
+        // (CVE-2021-23214 in Postgres). Must be refused, not answered 'S'.
+        case(
+            "StartupMessage pipelined behind SSLRequest",
+            BeforeStartup,
+            cat(&[
+                &fe::ssl_request(),
+                &fe::startup(&[("user", "alice"), ("database", db)]),
+            ]),
+            "08P01",
+        ),
+        // ---- at the password step
+        case(
+            "password frame length < 4",
+            AtPassword,
+            b"p\0\0\0\x02".to_vec(),
+            "08P01",
+        ),
+        case(
+            "Query instead of the password message",
+            AtPassword,
+            fe::query("select 1"),
+            "08P01",
+        ),
+    ]
+}
+
+/// Play one case on a fresh connection; Err(problem) if pgward did not answer as it must.
+fn play(login: &Login, c: &Case) -> Result<(), String> {
+    let mut conn = match c.stage {
+        Stage::BeforeStartup => RawConn::open(login).map_err(|e| format!("connect: {e}"))?,
+        Stage::AtPassword => {
+            let mut conn = RawConn::open(login).map_err(|e| format!("connect: {e}"))?;
+            conn.send(&fe::startup(&[
+                ("user", &login.user),
+                ("database", &login.dbname),
+            ]))
+            .map_err(|e| format!("send startup: {e}"))?;
+            let m = conn
+                .recv()
+                .map_err(|e| format!("no password request: {e}"))?;
+            if m.tag != b'R' || m.body.get(..4) != Some(&3i32.to_be_bytes()[..]) {
+                return Err(format!(
+                    "expected AuthenticationCleartextPassword, got {}",
+                    m.describe()
+                ));
+            }
+            conn
+        }
+        Stage::InSession => login.raw().map_err(|e| format!("login: {e:?}"))?,
+    };
+    let seen = conn.received.len();
+    conn.send(&c.bytes).map_err(|e| format!("send: {e}"))?;
+    let msgs: Vec<Msg> = conn.read_until_eof(Duration::from_secs(30)).map_err(|e| {
+        format!(
+            "connection not closed within 30 s ({e}); received after the bad input: {:?}",
+            String::from_utf8_lossy(&conn.received[seen..])
+        )
+    })?;
+    let errors: Vec<&Msg> = msgs.iter().filter(|m| m.is_error()).collect();
+    let [err] = errors[..] else {
+        return Err(format!(
+            "want exactly one ErrorResponse before the close, got:\n{}",
+            raw::describe_all(&msgs)
+        ));
+    };
+    let f = err.fields();
+    if f.get(&'S').map(String::as_str) != Some("FATAL") {
+        return Err(format!("severity is not FATAL: {f:?}"));
+    }
+    if err.sqlstate().as_deref() != Some(c.sqlstate) {
+        return Err(format!(
+            "SQLSTATE {:?}, want {}: {f:?}",
+            err.sqlstate(),
+            c.sqlstate
+        ));
+    }
+    if msgs.last().map(|m| m.tag) != Some(b'E') {
+        return Err(format!(
+            "something followed the FATAL error:\n{}",
+            raw::describe_all(&msgs)
+        ));
+    }
+    // In a session, nothing but the error may be sent (no result of the bad batch).
+    if matches!(c.stage, Stage::InSession) && msgs.len() != 1 {
+        return Err(format!(
+            "the bad frame's batch produced output:\n{}",
+            raw::describe_all(&msgs)
+        ));
+    }
+    Ok(())
+}
+
+/// A new session through `login` runs a query.
+fn new_session_works(login: &Login) -> Result<(), String> {
+    let mut conn = login.raw().map_err(|e| format!("login refused: {e:?}"))?;
+    let m = marker("still-serving");
+    let msgs = conn
+        .simple_query(&format!("select '{m}'"))
+        .map_err(|e| format!("query: {e}"))?;
+    if raw::rows(&msgs) != vec![vec![Some(m)]] {
+        return Err(format!("wrong answer: {}", raw::describe_all(&msgs)));
+    }
+    conn.terminate().map_err(|e| format!("terminate: {e}"))?;
+    Ok(())
+}
+
+#[test]
+fn malformed_input_gets_fatal_error_and_close_and_pgward_keeps_serving() {
+    let c = cluster();
+    let db = c.create_database("proto_bad");
+    let mut pw = Pgward::start();
+    let token = pw.token("alice", &[], "30m");
+    let login = pw.login("alice", &token, &db);
+
+    // A session that stays open through all the bad input next to it.
+    let mut bystander = login.raw().expect("bystander login");
+    let mut failures = Vec::new();
+    for cs in cases(&db) {
+        if let Err(e) = play(&login, &cs) {
+            failures.push(format!("[{}] {e}", cs.name));
+        }
+        if let Err(e) = new_session_works(&login) {
+            failures.push(format!(
+                "[{}] afterwards, a new session failed: {e}",
+                cs.name
+            ));
+        }
+    }
+    let m = marker("bystander");
+    let msgs = bystander
+        .simple_query(&format!("select '{m}'"))
+        .expect("bystander session still answers");
+    assert_eq!(raw::rows(&msgs), vec![vec![Some(m)]]);
+    bystander.terminate().unwrap();
+
+    assert!(pw.is_running(), "pgward exited:\n{}", pw.stderr_log());
+    assert!(!pw.log_has_panic(), "pgward panicked:\n{}", pw.stderr_log());
+    assert!(
+        failures.is_empty(),
+        "{} problem(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn bad_frames_in_a_session_end_it_with_an_audit_reason() {
+    // The session that sent garbage is recorded as ended, with the protocol error as reason.
+    let c = cluster();
+    let db = c.create_database("proto_end");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let mut conn = pw.login("alice", &token, &db).raw().unwrap();
+    conn.send(&fe::raw_msg(b'z', b"")).unwrap();
+    let msgs = conn.read_until_eof(Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        raw::first_error(&msgs)
+            .and_then(|e| e.sqlstate())
+            .as_deref(),
+        Some("08P01")
+    );
+    let jti = jwt::jti_of(&token);
+    let recs = pw.wait_audit("session_end of the session that sent a bad frame", |r| {
+        rec::login_by_jti(r, &jti)
+            .and_then(|l| l["session"].as_str())
+            .is_some_and(|s| rec::has_session_end(r, s))
+    });
+    let session = rec::login_by_jti(&recs, &jti).unwrap()["session"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let end = rec::of_session(&recs, &session)
+        .into_iter()
+        .find(|r| rec::kind(r) == "session_end")
+        .unwrap();
+    assert!(
+        end["error"].as_str().is_some_and(|e| e.contains("08P01")),
+        "session_end must carry the protocol error: {end}"
+    );
+}
+
+#[test]
+fn gssenc_request_is_answered_n_and_the_session_continues() {
+    let c = cluster();
+    let db = c.create_database("proto_gss");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let login = pw.login("alice", &token, &db);
+    let mut conn = RawConn::open(&login).unwrap();
+    conn.send(&fe::gssenc_request()).unwrap();
+    assert_eq!(conn.read_bytes(1).unwrap(), b"N", "GSSENCRequest answer");
+    conn.startup(&login, &[])
+        .expect("a normal login after the refused GSSENCRequest");
+    let m = marker("after-gss");
+    let msgs = conn.simple_query(&format!("select '{m}'")).unwrap();
+    assert_eq!(raw::rows(&msgs), vec![vec![Some(m)]]);
+    conn.terminate().unwrap();
+    let jti = jwt::jti_of(&token);
+    pw.wait_audit("login record after GSSENCRequest", |r| {
+        rec::login_by_jti(r, &jti).is_some()
+    });
+}
+
+#[test]
+fn unix_socket_clients_are_audited_with_uid_and_pid() {
+    let c = cluster();
+    let db = c.create_database("proto_unix");
+    let pw = Pgward::builder()
+        .with_dir(|dir, t| {
+            std::fs::create_dir_all(dir.join("sock")).unwrap();
+            // Relative: resolved against the config's directory.
+            common::toml_set(t, "server.unix_socket_dir", "sock");
+        })
+        .start();
+    let sock_dir = pw.unix_socket_dir().unwrap();
+    let sock = sock_dir.join(format!(".s.PGSQL.{}", pw.addr.port()));
+    assert!(sock.exists(), "no socket at {}", sock.display());
+
+    // Raw client: this very process is the peer.
+    let token = pw.token("alice", &[], "15m");
+    let login = pw.unix_login("alice", &token, &db);
+    let mut conn = login.raw().expect("login over pgward's unix socket");
+    let m = marker("unix-raw");
+    let msgs = conn.simple_query(&format!("select '{m}'")).unwrap();
+    assert_eq!(raw::rows(&msgs), vec![vec![Some(m)]]);
+    conn.terminate().unwrap();
+
+    // psql, as users would.
+    let token2 = pw.token("alice", &[], "15m");
+    let out = pw
+        .unix_login("alice", &token2, &db)
+        .sql("select 'unix-psql-ok'");
+    assert_eq!(out.expect_ok(), "unix-psql-ok");
+
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() } as u64;
+    let (jti, jti2) = (jwt::jti_of(&token), jwt::jti_of(&token2));
+    let recs = pw.wait_audit("login records of both unix socket sessions", |r| {
+        rec::login_by_jti(r, &jti).is_some() && rec::login_by_jti(r, &jti2).is_some()
+    });
+    let raw_login = rec::login_by_jti(&recs, &jti).unwrap();
+    assert_eq!(
+        raw_login["client"]["uid"].as_u64(),
+        Some(uid),
+        "{raw_login}"
+    );
+    assert_eq!(
+        raw_login["client"]["pid"].as_u64(),
+        Some(std::process::id() as u64),
+        "{raw_login}"
+    );
+    assert!(raw_login["client"].get("addr").is_none(), "{raw_login}");
+    let psql_login = rec::login_by_jti(&recs, &jti2).unwrap();
+    assert_eq!(
+        psql_login["client"]["uid"].as_u64(),
+        Some(uid),
+        "{psql_login}"
+    );
+    let psql_pid = psql_login["client"]["pid"].as_u64().unwrap_or(0);
+    assert!(
+        psql_pid > 0 && psql_pid != std::process::id() as u64,
+        "psql's own pid expected: {psql_login}"
+    );
+}
+
+/// KNOWN GATEWAY BUG (kept failing on purpose): a client whose client_encoding is LATIN1 — which
+/// pgward passes upstream and tests/relay.rs relies on — sends its query text in LATIN1. Postgres
+/// runs `select 'café'` (é = 0xE9) and answers in LATIN1; pgward treats every non-UTF-8 query
+/// string as a protocol violation and ends the session with FATAL 08P01 "string is not valid
+/// UTF-8". The control runs the same bytes against Postgres itself.
+#[test]
+fn latin1_client_can_send_non_ascii_query_text() {
+    let c = cluster();
+    let db = c.create_database("proto_latin1");
+    let query = fe::raw_msg(b'Q', b"select 'caf\xe9' as word\0");
+
+    // Control: Postgres itself.
+    let mut direct = c
+        .svc_unix_login(&db)
+        .raw_with(&[("client_encoding", "LATIN1")])
+        .unwrap();
+    direct.send(&query).unwrap();
+    let msgs = direct.recv_until_ready().unwrap();
+    let want = vec![vec![Some(b"caf\xe9".to_vec())]];
+    let rows: Vec<_> = msgs.iter().filter_map(Msg::data_row).collect();
+    assert_eq!(rows, want, "Postgres: {}", raw::describe_all(&msgs));
+    direct.terminate().unwrap();
+
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let mut conn = pw
+        .login("alice", &token, &db)
+        .raw_with(&[("client_encoding", "LATIN1")])
+        .unwrap();
+    assert_eq!(
+        conn.params.get("client_encoding").map(String::as_str),
+        Some("LATIN1")
+    );
+    conn.send(&query).unwrap();
+    let msgs = conn.recv_until_ready().unwrap_or_else(|e| {
+        panic!(
+            "pgward ended the session instead of answering ({e}); it sent: {:?}",
+            String::from_utf8_lossy(&conn.received)
+        )
+    });
+    let rows: Vec<_> = msgs.iter().filter_map(Msg::data_row).collect();
+    assert_eq!(rows, want, "through pgward: {}", raw::describe_all(&msgs));
+    conn.terminate().unwrap();
+}
