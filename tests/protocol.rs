@@ -109,12 +109,6 @@ fn cases(db: &str) -> Vec<Case> {
             "08P01",
         ),
         case(
-            "Query string that is not UTF-8",
-            InSession,
-            fe::raw_msg(b'Q', b"select '\xff\xfe\xc3'\0"),
-            "08P01",
-        ),
-        case(
             "Query string without terminator",
             InSession,
             fe::raw_msg(b'Q', b"select 1"),
@@ -424,11 +418,10 @@ fn unix_socket_clients_are_audited_with_uid_and_pid() {
     );
 }
 
-/// KNOWN GATEWAY BUG (kept failing on purpose): a client whose client_encoding is LATIN1 — which
-/// pgward passes upstream and tests/relay.rs relies on — sends its query text in LATIN1. Postgres
-/// runs `select 'café'` (é = 0xE9) and answers in LATIN1; pgward treats every non-UTF-8 query
-/// string as a protocol violation and ends the session with FATAL 08P01 "string is not valid
-/// UTF-8". The control runs the same bytes against Postgres itself.
+/// A client whose client_encoding is LATIN1 — which pgward passes upstream — sends its query
+/// text in LATIN1. Postgres runs `select 'café'` (é = 0xE9) and answers in LATIN1; so must
+/// pgward, and its audit record keeps the text (non-UTF-8 bytes as Latin-1 code points).
+/// The control runs the same bytes against Postgres itself.
 #[test]
 fn latin1_client_can_send_non_ascii_query_text() {
     let c = cluster();
@@ -466,5 +459,28 @@ fn latin1_client_can_send_non_ascii_query_text() {
     });
     let rows: Vec<_> = msgs.iter().filter_map(Msg::data_row).collect();
     assert_eq!(rows, want, "through pgward: {}", raw::describe_all(&msgs));
+    conn.terminate().unwrap();
+    pw.wait_audit("statement with the LATIN1 text", |recs| {
+        recs.iter().any(|r| r["kind"] == "statement" && r["sql"] == "select 'caf\u{e9}' as word")
+    });
+}
+
+/// Bytes that are not valid in the client's encoding (UTF8) are Postgres's to reject: it
+/// answers ERROR 22021 and the session goes on, through pgward as directly.
+#[test]
+fn invalid_utf8_from_utf8_client_is_postgres_error_22021_and_session_continues() {
+    let c = cluster();
+    let db = c.create_database("proto_badutf8");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let mut conn = pw.login("alice", &token, &db).raw().unwrap();
+    conn.send(&fe::raw_msg(b'Q', b"select '\xff\xfe\xc3'\0")).unwrap();
+    let msgs = conn.recv_until_ready().unwrap();
+    let codes: Vec<String> = msgs.iter().filter(|m| m.is_error()).filter_map(|m| m.sqlstate()).collect();
+    assert_eq!(codes, vec!["22021".to_string()], "{}", raw::describe_all(&msgs));
+    conn.send(&fe::raw_msg(b'Q', b"select 41 + 1\0")).unwrap();
+    let msgs = conn.recv_until_ready().unwrap();
+    let rows: Vec<_> = msgs.iter().filter_map(Msg::data_row).collect();
+    assert_eq!(rows, vec![vec![Some(b"42".to_vec())]], "{}", raw::describe_all(&msgs));
     conn.terminate().unwrap();
 }

@@ -340,7 +340,7 @@ async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &Peer, sessi
             return None;
         }
     };
-    match shared.verifier.verify(token, &user) {
+    match shared.verifier.verify(&token, &user) {
         Ok(identity) => {
             let app_name = get("application_name");
             let params = params
@@ -623,7 +623,7 @@ impl Relay {
                 let mut rec = self.record(Kind::Statement);
                 rec.protocol = Some("simple".into());
                 let mut p = Pending::new(PendKind::Query);
-                let frame = match policy::decide(&self.identity, &self.database, sql) {
+                let frame = match policy::decide(&self.identity, &self.database, &sql) {
                     Decision::Allow { rule } => {
                         rec.decision = Some("allow".into());
                         rec.rule = Some(rule);
@@ -650,7 +650,7 @@ impl Relay {
             }
             b'B' => {
                 let b = wire::decode_bind(&f).map_err(bad)?;
-                let sql = self.stmts.get(b.statement).cloned().unwrap_or_else(|| Arc::from(""));
+                let sql = self.stmts.get(b.statement.as_ref()).cloned().unwrap_or_else(|| Arc::from(""));
                 let params = b.params.iter().map(|(fmt, v)| wire::render_param(*fmt, *v)).collect();
                 self.portals.insert(b.portal.to_string(), Portal { sql, params });
                 batch.frames.push((f, None));
@@ -663,7 +663,7 @@ impl Relay {
                 rec.protocol = Some("extended".into());
                 rec.decision = Some("allow".into());
                 rec.rule = Some("default".into());
-                match self.portals.get(portal) {
+                match self.portals.get(portal.as_ref()) {
                     Some(p) => {
                         rec.sql = Some(p.sql.to_string());
                         rec.params = Some(p.params.clone());
@@ -683,9 +683,9 @@ impl Relay {
             b'C' => {
                 let (kind, name) = wire::decode_close_or_describe(&f).map_err(bad)?;
                 if kind == b'S' {
-                    self.stmts.remove(name);
+                    self.stmts.remove(name.as_ref());
                 } else {
-                    self.portals.remove(name);
+                    self.portals.remove(name.as_ref());
                 }
                 batch.frames.push((f, None));
                 batch.pendings.push(Pending::new(PendKind::Close));
@@ -824,22 +824,22 @@ impl Relay {
                 b'C' | b'I' | b's' => {
                     let (tag, rows) = if f.tag == b'C' {
                         match wire::decode_command_complete(&f) {
-                            Ok((t, r)) => (Some(t), r),
+                            Ok((t, r)) => (Some(t.into_owned()), r),
                             Err(_) => (None, None),
                         }
                     } else if f.tag == b'I' {
-                        (Some("EMPTY"), None)
+                        (Some("EMPTY".to_string()), None)
                     } else {
-                        (Some("SUSPENDED"), None)
+                        (Some("SUSPENDED".to_string()), None)
                     };
                     if let Some(p) = self.pending.front() {
                         match p.kind {
                             PendKind::Execute => {
-                                self.result_record(p, tag, rows, None);
+                                self.result_record(p, tag.as_deref(), rows, None);
                                 self.pending.pop_front();
                             }
                             PendKind::Query => {
-                                self.result_record(p, tag, rows, None);
+                                self.result_record(p, tag.as_deref(), rows, None);
                                 if let Some(p) = self.pending.front_mut() {
                                     p.started = Instant::now();
                                 }

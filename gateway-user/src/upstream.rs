@@ -196,7 +196,7 @@ pub async fn connect(
                             }
                             mechs.push(m);
                         }
-                        if !mechs.contains(&SCRAM_SHA_256) {
+                        if !mechs.iter().any(|m| m == SCRAM_SHA_256) {
                             return Err(UpstreamError::Scram(format!(
                                 "server offers {mechs:?}, pgward supports {SCRAM_SHA_256}"
                             )));

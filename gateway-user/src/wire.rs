@@ -3,6 +3,8 @@
 //! ErrorResponse fields), and builders for the messages pgward itself sends (via pgwire's
 //! message types). `wire` knows frames, not policy.
 
+use std::borrow::Cow;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use pgwire::error::ErrorInfo;
 use pgwire::messages::Message;
@@ -160,6 +162,17 @@ pub fn parse_startup(pkt: &[u8]) -> Result<StartupRequest, WireError> {
     }
 }
 
+/// Bytes of a protocol string as text. Clients may use any `client_encoding`, so strings are
+/// not required to be UTF-8: valid UTF-8 is used as is; anything else is read byte for byte as
+/// Latin-1 code points (lossless: each byte maps to one char, so the audit log keeps exactly
+/// what was sent, and is exact for LATIN1 clients).
+pub fn text(b: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(b) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => Cow::Owned(b.iter().map(|&c| c as char).collect()),
+    }
+}
+
 /// Cursor over a message body.
 pub struct Reader<'a> {
     b: &'a [u8],
@@ -172,14 +185,14 @@ impl<'a> Reader<'a> {
     pub fn remaining(&self) -> usize {
         self.b.len()
     }
-    pub fn cstr(&mut self) -> Result<&'a str, WireError> {
+    /// A NUL-terminated string, as text (see [`text`]).
+    pub fn cstr(&mut self) -> Result<Cow<'a, str>, WireError> {
         let nul = self
             .b
             .iter()
             .position(|&c| c == 0)
             .ok_or_else(|| WireError::malformed("string without terminator"))?;
-        let s = std::str::from_utf8(&self.b[..nul])
-            .map_err(|_| WireError::malformed("string is not valid UTF-8"))?;
+        let s = text(&self.b[..nul]);
         self.b = &self.b[nul + 1..];
         Ok(s)
     }
@@ -217,12 +230,12 @@ impl<'a> Reader<'a> {
 // ---------------------------------------------------------------- client message decoders
 
 /// `Q`: the query string.
-pub fn decode_query(f: &Frame) -> Result<&str, WireError> {
+pub fn decode_query(f: &Frame) -> Result<Cow<'_, str>, WireError> {
     Reader::new(f.body()).cstr()
 }
 
 /// `P`: (statement name, SQL text).
-pub fn decode_parse(f: &Frame) -> Result<(&str, &str), WireError> {
+pub fn decode_parse(f: &Frame) -> Result<(Cow<'_, str>, Cow<'_, str>), WireError> {
     let mut r = Reader::new(f.body());
     let name = r.cstr()?;
     let sql = r.cstr()?;
@@ -237,8 +250,8 @@ pub fn decode_parse(f: &Frame) -> Result<(&str, &str), WireError> {
 /// A decoded `B`.
 #[derive(Debug)]
 pub struct Bind<'a> {
-    pub portal: &'a str,
-    pub statement: &'a str,
+    pub portal: Cow<'a, str>,
+    pub statement: Cow<'a, str>,
     /// One entry per parameter: None for SQL NULL, with its format (0 text, 1 binary).
     pub params: Vec<(i16, Option<&'a [u8]>)>,
 }
@@ -291,7 +304,7 @@ pub fn render_param(fmt: i16, v: Option<&[u8]>) -> Option<String> {
 }
 
 /// `E`: portal name.
-pub fn decode_execute(f: &Frame) -> Result<&str, WireError> {
+pub fn decode_execute(f: &Frame) -> Result<Cow<'_, str>, WireError> {
     let mut r = Reader::new(f.body());
     let portal = r.cstr()?;
     r.i32()?;
@@ -299,7 +312,7 @@ pub fn decode_execute(f: &Frame) -> Result<&str, WireError> {
 }
 
 /// `C` (Close) and `D` (Describe): ('S' or 'P', name).
-pub fn decode_close_or_describe(f: &Frame) -> Result<(u8, &str), WireError> {
+pub fn decode_close_or_describe(f: &Frame) -> Result<(u8, Cow<'_, str>), WireError> {
     let mut r = Reader::new(f.body());
     let kind = r.u8()?;
     if kind != b'S' && kind != b'P' {
@@ -340,7 +353,7 @@ pub fn decode_function_call(f: &Frame) -> Result<(i32, Vec<Option<String>>), Wir
 }
 
 /// `p` during the startup phase: the password (the token).
-pub fn decode_password(f: &Frame) -> Result<&str, WireError> {
+pub fn decode_password(f: &Frame) -> Result<Cow<'_, str>, WireError> {
     if f.tag != b'p' {
         return Err(WireError::malformed(format!(
             "expected a password message, got {:?}",
@@ -353,13 +366,13 @@ pub fn decode_password(f: &Frame) -> Result<&str, WireError> {
 // ---------------------------------------------------------------- server message decoders
 
 /// `C` (CommandComplete) from the server: the tag and the row count it carries, if any.
-pub fn decode_command_complete(f: &Frame) -> Result<(&str, Option<u64>), WireError> {
+pub fn decode_command_complete(f: &Frame) -> Result<(Cow<'_, str>, Option<u64>), WireError> {
     let tag = Reader::new(f.body()).cstr()?;
     let rows = tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok());
     // "INSERT 0 5", "SELECT 3", "UPDATE 2", "COPY 10", "FETCH 1", "MOVE 1"; others carry none.
     let counted = ["INSERT", "SELECT", "UPDATE", "DELETE", "COPY", "FETCH", "MOVE", "MERGE"];
-    let verb = tag.split(' ').next().unwrap_or("");
-    Ok((tag, if counted.contains(&verb) { rows } else { None }))
+    let is_counted = counted.contains(&tag.split(' ').next().unwrap_or(""));
+    Ok((tag, if is_counted { rows } else { None }))
 }
 
 /// Fields of an ErrorResponse / NoticeResponse we care about.
