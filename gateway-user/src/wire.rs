@@ -591,9 +591,9 @@ mod tests {
     #[test]
     fn command_complete_rows() {
         let f = frame(b'C', b"INSERT 0 5\0");
-        assert_eq!(decode_command_complete(&f).unwrap(), ("INSERT 0 5", Some(5)));
+        assert_eq!(decode_command_complete(&f).unwrap(), ("INSERT 0 5".into(), Some(5)));
         let f = frame(b'C', b"CREATE TABLE\0");
-        assert_eq!(decode_command_complete(&f).unwrap(), ("CREATE TABLE", None));
+        assert_eq!(decode_command_complete(&f).unwrap(), ("CREATE TABLE".into(), None));
     }
 
     #[test]
