@@ -25,6 +25,9 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// Transparent eBPF interception of Postgres connections (off unless `enabled = true`).
+    #[serde(default, skip_serializing_if = "InterceptConfig::is_default")]
+    pub intercept: InterceptConfig,
     /// Directory holding the config file; every relative path is resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -139,6 +142,85 @@ pub struct PolicyConfig {
     pub files: Vec<PathBuf>,
 }
 
+/// `[intercept]`: see src/ebpf.rs and the README. Every field has a default, so an existing
+/// config without this section keeps loading (interception off).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InterceptConfig {
+    pub enabled: bool,
+    /// cgroup v2 directory the cgroup programs attach to (they apply to everything below it).
+    /// Default: the root of the unified hierarchy (the cgroup2 mount).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    /// cgroup pgward moves itself into at start; its connects are exempt. Default:
+    /// `<cgroup>/pgward-gateway`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_cgroup: Option<PathBuf>,
+    /// Also exempt connects made by this uid (e.g. pgward's dedicated user). Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exempt_uid: Option<u32>,
+    /// `ADDR:PORT` connections to these are steered into pgward; an unspecified address
+    /// (`0.0.0.0`, `[::]`) means any address of that family.
+    pub protected: Vec<String>,
+    /// `ADDR:PORT` connections to these fail with EPERM (anyone but pgward). Default: the
+    /// upstream's address (any local address on its port when the upstream is local), unless
+    /// `protected` already covers it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard: Option<Vec<String>>,
+    /// Where protected IPv4 / IPv6 connects go. Default: derived from `server.listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect_to: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect_to6: Option<String>,
+    /// Attach sk_lookup to `netns`: connections from other hosts to a protected port reach pgward.
+    pub sk_lookup: bool,
+    pub netns: PathBuf,
+    /// What `serve` does when users other than pgward / Postgres / root can reach the real
+    /// Postgres unix socket: `refuse` (do not start), `warn`, `off`.
+    pub unix_socket_check: UnixSocketCheck,
+    /// Directories holding the real Postgres socket. Default: `upstream.host` when it is a
+    /// directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_socket_dirs: Option<Vec<PathBuf>>,
+    /// Where `serve` records what it attached, for `pgward status`.
+    pub state_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnixSocketCheck {
+    #[default]
+    Refuse,
+    Warn,
+    Off,
+}
+
+impl Default for InterceptConfig {
+    fn default() -> Self {
+        InterceptConfig {
+            enabled: false,
+            cgroup: None,
+            gateway_cgroup: None,
+            exempt_uid: None,
+            protected: vec!["0.0.0.0:5432".into(), "[::]:5432".into()],
+            guard: None,
+            redirect_to: None,
+            redirect_to6: None,
+            sk_lookup: true,
+            netns: PathBuf::from("/proc/self/ns/net"),
+            unix_socket_check: UnixSocketCheck::Refuse,
+            upstream_socket_dirs: None,
+            state_file: PathBuf::from("intercept.state.json"),
+        }
+    }
+}
+
+impl InterceptConfig {
+    fn is_default(&self) -> bool {
+        *self == InterceptConfig::default()
+    }
+}
+
 fn default_true() -> bool {
     true
 }
@@ -204,6 +286,12 @@ impl Config {
         let bad = |msg: String| ConfigError::Invalid { path: path.to_owned(), msg };
         if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(bad(format!("server.listen {:?} is not HOST:PORT", self.server.listen)));
+        }
+        let endpoints = self.intercept.protected.iter().chain(self.intercept.guard.iter().flatten());
+        for e in endpoints.chain(&self.intercept.redirect_to).chain(&self.intercept.redirect_to6) {
+            if e.parse::<std::net::SocketAddr>().is_err() {
+                return Err(bad(format!("intercept: {e:?} is not ADDR:PORT (e.g. 0.0.0.0:5432, [::]:5432)")));
+            }
         }
         if self.audit.checkpoint_every == 0 {
             return Err(bad("audit.checkpoint_every must be at least 1".into()));

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod ebpf;
 pub mod policy;
 pub mod server;
 pub mod session;

@@ -56,6 +56,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let addr = cfg.listen_addr();
     let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
     tracing::info!(%addr, "pgward listening");
+    // [intercept]: unix socket check, eBPF programs attached; detached when dropped (below).
+    let intercept = crate::ebpf::Intercept::start(&cfg, &tcp)?;
 
     let unix = match &cfg.server.unix_socket_dir {
         Some(dir) => {
@@ -86,6 +88,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             r = tcp.accept() => match r {
                 Ok((s, peer)) => {
                     let _ = s.set_nodelay(true);
+                    // TODO(session owner): carry `meta` into Peer for the login record.
+                    if let Some(meta) = crate::ebpf::lookup_peer(&s) {
+                        tracing::info!(%peer, meta = %meta.to_json(), "intercepted connection");
+                    }
                     tokio::spawn(session::handle(shared.clone(), Box::new(s), Peer::Tcp(peer)));
                 }
                 Err(e) => {
@@ -110,6 +116,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
         }
     }
+    drop(intercept);
     if let Some((_, path)) = &unix {
         let _ = std::fs::remove_file(path);
     }

@@ -6,7 +6,9 @@ use clap::{Parser, Subcommand};
 
 pub mod audit;
 pub mod init;
+pub mod policy;
 pub mod serve;
+pub mod status;
 pub mod token;
 
 #[derive(Debug, Parser)]
@@ -32,12 +34,17 @@ pub enum Command {
     Init(init::InitArgs),
     /// Run the gateway.
     Serve(serve::ServeArgs),
+    /// Show the attached interception programs and their counters.
+    Status(status::StatusArgs),
     /// Issue tokens.
     #[command(subcommand)]
     Token(token::TokenCommand),
     /// Read, verify and replay the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Check SQL against the policy (dry run) and validate policy files.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 pub fn init_logging(format: LogFormat) {
@@ -60,8 +67,10 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Init(a) => init::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Status(a) => status::run(a),
         Command::Token(c) => token::run(c),
         Command::Audit(c) => audit::run(c),
+        Command::Policy(c) => policy::run(c),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,1052 @@
+//! Transparent interception (`[intercept]`): loads gateway-ebpf's programs, fills their maps,
+//! attaches them, and detaches them on drop (`serve` exit, SIGTERM, or an error after start).
+//!
+//! - cgroup/connect4 + connect6 (attached to `intercept.cgroup`, default the cgroup2 root)
+//!   rewrite connects to `intercept.protected` to pgward's listener and refuse (EPERM) connects
+//!   to `intercept.guard` (default: the real upstream). pgward is exempt by its cgroup v2 id:
+//!   `serve` moves itself into `intercept.gateway_cgroup` first (and optionally by uid). Only
+//!   sockets of pgward's network namespace are touched (netns cookie).
+//! - cgroup/getpeername4 + 6: redirected clients still see the address they dialled.
+//! - sock_ops: records who connected (pid, uid, gid, cgroup, original destination) by 4-tuple;
+//!   [`lookup_peer`] hands that to the session for the login record.
+//! - sk_lookup (in `intercept.netns`): connections from other hosts to a protected port land on
+//!   pgward's listening socket even while Postgres listens there; loopback traffic is left to
+//!   connect4/6 (so pgward's own upstream connection is never steered).
+//! - Unix sockets: aya cannot attach cgroup/connect_unix. pgward listens on the well-known path
+//!   (`server.unix_socket_dir`, e.g. /var/run/postgresql) and the real Postgres socket must live
+//!   in a directory only pgward's user (and Postgres's, and root) can enter;
+//!   [`check_unix_sockets`] enforces that at start (`intercept.unix_socket_check`).
+//!
+//! Kernel log lines (aya-log) reach tracing with target `gateway_ebpf` (e.g.
+//! `PGWARD_LOG=info,gateway_ebpf=debug`). `serve` writes `intercept.state_file`, which
+//! `pgward status` reads ([`status`]).
+
+#[path = "../../gateway-ebpf/src/shared.rs"]
+#[allow(clippy::all)]
+mod shared;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{Context, anyhow, bail};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, SockMap};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, ProgramType, SkLookup, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, UnixSocketCheck};
+use shared::{ConnMeta, PeerKey, RuleKey};
+
+// SAFETY: plain #[repr(C)] integers, no padding holes (see shared.rs); any bit pattern is valid.
+unsafe impl aya::Pod for shared::Config {}
+unsafe impl aya::Pod for RuleKey {}
+unsafe impl aya::Pod for ConnMeta {}
+unsafe impl aya::Pod for PeerKey {}
+
+/// The kernel object, embedded at build time when `cargo xtask build-ebpf` has produced it.
+#[cfg(pgward_ebpf_object)]
+fn object() -> Option<&'static [u8]> {
+    Some(aya::include_bytes_aligned!(env!("PGWARD_EBPF_OBJECT")))
+}
+#[cfg(not(pgward_ebpf_object))]
+fn object() -> Option<&'static [u8]> {
+    None
+}
+
+/// Whether this binary carries the eBPF object.
+pub fn object_embedded() -> bool {
+    object().is_some()
+}
+
+/// cgroup programs: (program, section/attach point).
+const CGROUP_PROGRAMS: [(&str, &str); 4] = [
+    ("pgw_connect4", "cgroup/connect4"),
+    ("pgw_connect6", "cgroup/connect6"),
+    ("pgw_getpeer4", "cgroup/getpeername4"),
+    ("pgw_getpeer6", "cgroup/getpeername6"),
+];
+const SOCKOPS: &str = "pgw_sockops";
+const SK_LOOKUP: &str = "pgw_sk_lookup";
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// Loaded, attached programs. Dropping it detaches them and leaves the gateway cgroup.
+pub struct Intercept {
+    ebpf: Option<Ebpf>,
+    log_task: Option<tokio::task::JoinHandle<()>>,
+    /// Dropped after the programs: pgward leaves its cgroup.
+    _gateway: GatewayCgroup,
+    state_file: PathBuf,
+    attached: usize,
+}
+
+/// What `serve` attached, for `pgward status` (the state file, JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    pub pid: u32,
+    pub started: String,
+    pub cgroup: PathBuf,
+    pub gateway_cgroup: PathBuf,
+    pub gateway_cgroup_id: u64,
+    pub exempt_uid: Option<u32>,
+    pub netns: Option<PathBuf>,
+    pub protected: Vec<SocketAddr>,
+    pub guard: Vec<SocketAddr>,
+    pub redirect4: Option<SocketAddr>,
+    pub redirect6: Option<SocketAddr>,
+    pub programs: Vec<ProgramState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgramState {
+    pub name: String,
+    pub attach: String,
+    pub target: PathBuf,
+    pub id: u32,
+}
+
+/// What pgward learned about a redirected / steered client connection.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PeerMeta {
+    /// The address the client dialled (e.g. 127.0.0.1:5432).
+    pub original_dst: SocketAddr,
+    /// `connect4`, `connect6` (a local process, redirected) or `sk_lookup` (another host).
+    pub via: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
+    /// cgroup v2 path of the client (relative to the cgroup2 root), when it can be resolved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// The client's command name (/proc/<pid>/comm at accept time; best effort).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+}
+
+impl PeerMeta {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+struct PeerState {
+    peers: BpfHashMap<MapData, PeerKey, ConnMeta>,
+    listen_port: u16,
+    cgroup_root: PathBuf,
+}
+
+static PEERS: Mutex<Option<PeerState>> = Mutex::new(None);
+
+/// Who is behind an accepted TCP connection, when interception brought it here: the original
+/// destination, and for local clients their pid, uid, gid and cgroup. Consumes the kernel's
+/// record, so call it once per accepted connection. None when interception is off or the
+/// client dialled pgward directly.
+pub fn lookup_peer(stream: &tokio::net::TcpStream) -> Option<PeerMeta> {
+    let (local, peer) = (stream.local_addr().ok()?, stream.peer_addr().ok()?);
+    let mut guard = PEERS.lock().unwrap_or_else(|e| e.into_inner());
+    let st = guard.as_mut()?;
+    if local.port() != st.listen_port {
+        // Only sk_lookup delivers connections addressed to another port to our socket.
+        return Some(PeerMeta {
+            original_dst: local,
+            via: "sk_lookup",
+            pid: None,
+            uid: None,
+            gid: None,
+            cgroup_id: None,
+            cgroup: None,
+            comm: None,
+        });
+    }
+    let key = PeerKey {
+        client_addr: ip_words(&mapped(peer.ip())),
+        server_addr: ip_words(&mapped(local.ip())),
+        client_port: peer.port() as u32,
+        server_port: local.port() as u32,
+    };
+    let m = st.peers.get(&key, 0).ok()?;
+    let _ = st.peers.remove(&key);
+    let cgroup_root = st.cgroup_root.clone();
+    drop(guard);
+    let ip = if m.family == 4 {
+        IpAddr::V4(Ipv4Addr::from(words_octets(&m.addr)[..4].try_into().unwrap_or([0; 4])))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(words_octets(&m.addr)))
+    };
+    Some(PeerMeta {
+        original_dst: SocketAddr::new(ip, m.port as u16),
+        via: if m.via == 6 { "connect6" } else { "connect4" },
+        pid: Some(m.pid),
+        uid: Some(m.uid),
+        gid: Some(m.gid),
+        cgroup_id: Some(m.cgroup_id),
+        cgroup: cgroup_path_of(m.pid, m.cgroup_id, &cgroup_root),
+        comm: fs::read_to_string(format!("/proc/{}/comm", m.pid)).ok().map(|s| s.trim().to_string()),
+    })
+}
+
+impl Intercept {
+    /// With `[intercept] enabled = true`: check the unix socket layout, load and attach the
+    /// programs, steer protected connections to `listener`. `Ok(None)` when interception is off.
+    pub fn start(cfg: &Config, listener: &tokio::net::TcpListener) -> anyhow::Result<Option<Intercept>> {
+        let ic = &cfg.intercept;
+        if !ic.enabled {
+            return Ok(None);
+        }
+        check_unix_sockets(cfg)?;
+        let Some(object) = object() else {
+            bail!(
+                "intercept: this pgward binary was built without the eBPF object; run \
+                 `cargo xtask build-ebpf` (writes target/bpf/gateway-ebpf.o), then rebuild pgward"
+            );
+        };
+        check_capabilities()?;
+        let listen = listener.local_addr().context("intercept: listener address")?;
+        let plan = Plan::new(cfg, listen)?;
+        raise_memlock();
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("AYA_LOG_LEVEL", &kernel_log_level(), false)
+            .load(object)
+            .context("intercept: loading the eBPF object (maps)")?;
+        let log_task = start_kernel_log(&mut ebpf);
+
+        // pgward's own connects are recognised by its cgroup: move there before any upstream
+        // socket exists (a socket's cgroup is fixed when it is created).
+        let cgroup_root = cgroup2_mount()?;
+        let cgroup = match &ic.cgroup {
+            Some(p) => cfg.resolve(p),
+            None => cgroup_root.clone(),
+        };
+        require_cgroup2(&cgroup)?;
+        let gateway_path = match &ic.gateway_cgroup {
+            Some(p) => cfg.resolve(p),
+            None => cgroup.join("pgward-gateway"),
+        };
+        let gateway = GatewayCgroup::enter(&gateway_path, &cgroup_root)?;
+
+        let netns_cookie = netns_cookie(listener.as_fd().as_raw_fd()).unwrap_or(0);
+        let kcfg = plan.kernel_config(netns_cookie, gateway.id, ic.exempt_uid);
+        let mut config: Array<MapData, shared::Config> = take_map(&mut ebpf, shared::MAP_CONFIG)?.try_into()?;
+        config.set(0, &kcfg, 0).context("intercept: writing PGW_CONFIG")?;
+        let mut rules: BpfHashMap<MapData, RuleKey, u32> = take_map(&mut ebpf, shared::MAP_RULES)?.try_into()?;
+        for (key, action) in plan.rule_entries() {
+            rules.insert(&key, &action, 0).context("intercept: writing PGW_RULES")?;
+        }
+        let peers: BpfHashMap<MapData, PeerKey, ConnMeta> = take_map(&mut ebpf, shared::MAP_PEERS)?.try_into()?;
+        let mut socks: SockMap<MapData> = take_map(&mut ebpf, shared::MAP_SOCKS)?.try_into()?;
+
+        let mut programs = Vec::new();
+        let cg_fd = fs::File::open(&cgroup).with_context(|| format!("intercept: opening cgroup {}", cgroup.display()))?;
+        for (name, hook) in CGROUP_PROGRAMS {
+            let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            p.load().map_err(|e| load_error(name, hook, ProgramType::CgroupSockAddr, e))?;
+            p.attach(&cg_fd, CgroupAttachMode::Single).map_err(|e| attach_error(name, hook, &cgroup, e))?;
+            programs.push(ProgramState { name: name.into(), attach: hook.into(), target: cgroup.clone(), id: p.info()?.id() });
+        }
+        let p: &mut SockOps = program(&mut ebpf, SOCKOPS)?;
+        p.load().map_err(|e| load_error(SOCKOPS, "sock_ops", ProgramType::SockOps, e))?;
+        p.attach(&cg_fd, CgroupAttachMode::Single).map_err(|e| attach_error(SOCKOPS, "sock_ops", &cgroup, e))?;
+        programs.push(ProgramState { name: SOCKOPS.into(), attach: "sock_ops".into(), target: cgroup.clone(), id: p.info()?.id() });
+        let mut netns = None;
+        if ic.sk_lookup {
+            let fd = listener.as_fd();
+            if listen.is_ipv4() || listen.ip().is_unspecified() {
+                socks.set(if listen.is_ipv4() { shared::SOCK_V4 } else { shared::SOCK_V6 }, &fd, 0)?;
+            }
+            if listen.is_ipv6() {
+                socks.set(shared::SOCK_V6, &fd, 0)?;
+                if listen.ip().is_unspecified() {
+                    socks.set(shared::SOCK_V4, &fd, 0)?; // dual-stack [::] takes IPv4 too
+                }
+            }
+            let path = cfg.resolve(&ic.netns);
+            let ns = fs::File::open(&path).with_context(|| format!("intercept: opening netns {}", path.display()))?;
+            let p: &mut SkLookup = program(&mut ebpf, SK_LOOKUP)?;
+            p.load().map_err(|e| load_error(SK_LOOKUP, "sk_lookup", ProgramType::SkLookup, e))?;
+            p.attach(ns).map_err(|e| attach_error(SK_LOOKUP, "sk_lookup", &path, e))?;
+            // e.g. "/proc/self/ns/net (net:[4026531840])": which namespace, not just the path.
+            let target = match fs::read_link(&path) {
+                Ok(l) => PathBuf::from(format!("{} ({})", path.display(), l.display())),
+                Err(_) => path.clone(),
+            };
+            programs.push(ProgramState { name: SK_LOOKUP.into(), attach: "sk_lookup".into(), target, id: p.info()?.id() });
+            netns = Some(path);
+        }
+
+        let attached = programs.len();
+        let state = State {
+            pid: std::process::id(),
+            started: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            cgroup: cgroup.clone(),
+            gateway_cgroup: gateway.path.clone(),
+            gateway_cgroup_id: gateway.id,
+            exempt_uid: ic.exempt_uid,
+            netns,
+            protected: plan.protected.clone(),
+            guard: plan.guard.clone(),
+            redirect4: plan.redirect4,
+            redirect6: plan.redirect6,
+            programs,
+        };
+        let state_file = cfg.resolve(&ic.state_file);
+        write_state(&state_file, &state)?;
+        *PEERS.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(PeerState { peers, listen_port: listen.port(), cgroup_root });
+        // `socks` must outlive the programs only as long as the map does; the map lives in the
+        // kernel while sk_lookup references it, so the handle can go.
+        drop(socks);
+        tracing::info!(
+            cgroup = %cgroup.display(),
+            gateway_cgroup = %gateway.path.display(),
+            protected = ?plan.protected,
+            guard = ?plan.guard,
+            redirect4 = ?plan.redirect4,
+            redirect6 = ?plan.redirect6,
+            sk_lookup = ic.sk_lookup,
+            "interception on: {attached} eBPF programs attached"
+        );
+        Ok(Some(Intercept { ebpf: Some(ebpf), log_task, _gateway: gateway, state_file, attached }))
+    }
+}
+
+impl Drop for Intercept {
+    fn drop(&mut self) {
+        *PEERS.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // Dropping the programs closes their links: detached.
+        drop(self.ebpf.take());
+        if let Some(t) = self.log_task.take() {
+            t.abort();
+        }
+        let _ = fs::remove_file(&self.state_file);
+        // `gateway` is dropped next: pgward leaves its cgroup.
+        tracing::info!("interception off: {} eBPF programs detached", self.attached);
+    }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
+    ebpf.take_map(name).with_context(|| format!("intercept: map {name} missing in the eBPF object"))
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let p = ebpf.program_mut(name).with_context(|| format!("intercept: program {name} missing in the eBPF object"))?;
+    p.try_into().with_context(|| format!("intercept: program {name} has an unexpected type"))
+}
+
+fn load_error(name: &str, hook: &str, ty: ProgramType, e: ProgramError) -> anyhow::Error {
+    if let Ok(false) = aya::sys::is_program_supported(ty) {
+        return anyhow!(
+            "intercept: this kernel does not support {hook} programs ({ty:?}), needed for {name} \
+             (Linux 5.10+ with CONFIG_CGROUP_BPF and CONFIG_BPF_SYSCALL)"
+        );
+    }
+    if let ProgramError::LoadError { io_error, .. } = &e
+        && io_error.raw_os_error() == Some(libc::EPERM)
+    {
+        return anyhow!("intercept: loading {name} ({hook}) was not permitted: pgward needs CAP_BPF (or CAP_SYS_ADMIN)");
+    }
+    anyhow!("intercept: the kernel rejected {name} ({hook}): {e}")
+}
+
+fn attach_error(name: &str, hook: &str, target: &Path, e: ProgramError) -> anyhow::Error {
+    let errno = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .and_then(|io| io.raw_os_error());
+    match errno {
+        Some(libc::EPERM) | Some(libc::EACCES) => anyhow!(
+            "intercept: attaching {name} to {} was not permitted: pgward needs CAP_NET_ADMIN (and CAP_BPF)",
+            target.display()
+        ),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => anyhow!(
+            "intercept: the kernel cannot attach {hook} programs to {} ({e}); this attach type may be missing",
+            target.display()
+        ),
+        _ => anyhow!("intercept: attaching {name} ({hook}) to {} failed: {e}", target.display()),
+    }
+}
+
+// ---- capabilities, rlimit, kernel log -------------------------------------------------------
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+fn effective_caps() -> Option<u64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
+fn check_capabilities() -> anyhow::Result<()> {
+    let Some(caps) = effective_caps() else { return Ok(()) };
+    let has = |c: u32| caps & (1u64 << c) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_NET_ADMIN) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if !missing.is_empty() {
+        bail!(
+            "intercept: pgward lacks {} (needed to load and attach the eBPF programs); run it as \
+             root, or grant them (systemd: AmbientCapabilities=CAP_BPF CAP_NET_ADMIN; or \
+             setcap cap_bpf,cap_net_admin+ep), or set [intercept] enabled = false",
+            missing.join(" and ")
+        );
+    }
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones use memcg accounting.
+fn raise_memlock() {
+    let rl = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit with a valid, initialised struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if aya::util::KernelVersion::current().is_ok_and(|v| v < aya::util::KernelVersion::new(5, 11, 0)) {
+            tracing::warn!(error = %e, "intercept: cannot raise RLIMIT_MEMLOCK; loading may fail on this kernel");
+        } else {
+            tracing::debug!(error = %e, "intercept: cannot raise RLIMIT_MEMLOCK (harmless: memcg accounting)");
+        }
+    }
+}
+
+/// The most verbose level tracing wants from target `gateway_ebpf` (aya-log's numbering).
+fn kernel_log_level() -> u8 {
+    use tracing::Level;
+    if tracing::enabled!(target: "gateway_ebpf", Level::TRACE) {
+        5
+    } else if tracing::enabled!(target: "gateway_ebpf", Level::DEBUG) {
+        4
+    } else if tracing::enabled!(target: "gateway_ebpf", Level::INFO) {
+        3
+    } else if tracing::enabled!(target: "gateway_ebpf", Level::WARN) {
+        2
+    } else {
+        1
+    }
+}
+
+/// Drain aya-log's ring buffer into `log` (bridged to tracing) continuously.
+fn start_kernel_log(ebpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "intercept: kernel log lines will not be shown");
+            return None;
+        }
+    };
+    // SAFETY: the logger owns its ring buffer fd; flushing neither closes nor replaces it.
+    let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut fd = match fd {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(error = %e, "intercept: kernel log lines will not be shown");
+            return None;
+        }
+    };
+    Some(tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else { return };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
+}
+
+// ---- what to steer where ---------------------------------------------------------------------
+
+/// Redirect targets and rules, computed from the config (pure, unit-tested).
+#[derive(Debug, Clone, PartialEq)]
+struct Plan {
+    protected: Vec<SocketAddr>,
+    guard: Vec<SocketAddr>,
+    redirect4: Option<SocketAddr>,
+    redirect6: Option<SocketAddr>,
+}
+
+impl Plan {
+    fn new(cfg: &Config, listen: SocketAddr) -> anyhow::Result<Plan> {
+        let ic = &cfg.intercept;
+        let parse = |s: &String| s.parse::<SocketAddr>().with_context(|| format!("intercept: {s:?} is not ADDR:PORT"));
+        let protected = ic.protected.iter().map(parse).collect::<anyhow::Result<Vec<_>>>()?;
+        let (d4, d6) = default_redirects(listen);
+        let redirect4 = ic.redirect_to.as_ref().map(parse).transpose()?.or(d4);
+        let redirect6 = ic.redirect_to6.as_ref().map(parse).transpose()?.or(d6);
+        if let Some(r) = redirect4
+            && !r.is_ipv4()
+        {
+            bail!("intercept.redirect_to must be an IPv4 ADDR:PORT, got {r}");
+        }
+        let guard = match &ic.guard {
+            Some(g) => g.iter().map(parse).collect::<anyhow::Result<Vec<_>>>()?,
+            None => default_guard(cfg, &local_addresses()),
+        };
+        let guard: Vec<SocketAddr> = guard.into_iter().filter(|g| !covers(&protected, g)).collect();
+        if redirect4.is_none() && protected.iter().any(|p| p.is_ipv4()) {
+            tracing::warn!("intercept: pgward has no IPv4 listener to redirect to; protected IPv4 connects will be refused");
+        }
+        Ok(Plan { protected, guard, redirect4, redirect6 })
+    }
+
+    fn rule_entries(&self) -> Vec<(RuleKey, u32)> {
+        let mut out: Vec<(RuleKey, u32)> = Vec::new();
+        for (list, action) in [(&self.guard, shared::ACTION_REFUSE), (&self.protected, shared::ACTION_REDIRECT)] {
+            for a in list {
+                let key = rule_key(a);
+                out.retain(|(k, _)| *k != key); // protected wins over guard
+                out.push((key, action));
+            }
+        }
+        out
+    }
+
+    fn kernel_config(&self, netns_cookie: u64, gateway_cgroup_id: u64, exempt_uid: Option<u32>) -> shared::Config {
+        let mut c = shared::Config {
+            host_netns_cookie: netns_cookie,
+            gateway_cgroup_id,
+            exempt_uid: exempt_uid.unwrap_or(shared::NO_UID),
+            ..Default::default()
+        };
+        if let Some(SocketAddr::V4(a)) = self.redirect4 {
+            c.redirect4_ip = u32::from_ne_bytes(a.ip().octets());
+            c.redirect4_port = a.port() as u32;
+        }
+        if let Some(a) = self.redirect6 {
+            c.redirect6_ip = ip_words(&mapped(a.ip()));
+            c.redirect6_port = a.port() as u32;
+        }
+        c
+    }
+}
+
+/// pgward's listener as seen from IPv4 and IPv6 clients.
+fn default_redirects(listen: SocketAddr) -> (Option<SocketAddr>, Option<SocketAddr>) {
+    let port = listen.port();
+    match listen.ip() {
+        IpAddr::V4(ip) => {
+            let ip = if ip.is_unspecified() { Ipv4Addr::LOCALHOST } else { ip };
+            (Some((ip, port).into()), Some((ip.to_ipv6_mapped(), port).into()))
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            (Some((Ipv4Addr::LOCALHOST, port).into()), Some((Ipv6Addr::LOCALHOST, port).into()))
+        }
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(v4) => (Some((v4, port).into()), Some((ip, port).into())),
+            None => (None, Some((ip, port).into())),
+        },
+    }
+}
+
+/// The real upstream, unless it is a unix socket: any address on its port when it is local
+/// (a local Postgres listening on `*` is reachable through every local address), else exactly.
+fn default_guard(cfg: &Config, local: &[IpAddr]) -> Vec<SocketAddr> {
+    let up = &cfg.upstream;
+    if up.host.starts_with('/') {
+        return Vec::new();
+    }
+    let addrs: Vec<SocketAddr> = match (up.host.as_str(), up.port).to_socket_addrs() {
+        Ok(a) => a.collect(),
+        Err(e) => {
+            tracing::warn!(host = %up.host, error = %e, "intercept: cannot resolve the upstream for the guard");
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for a in addrs {
+        let ip = a.ip();
+        let entries: Vec<SocketAddr> = if ip.is_loopback() || ip.is_unspecified() || local.contains(&ip) {
+            vec![(Ipv4Addr::UNSPECIFIED, a.port()).into(), (Ipv6Addr::UNSPECIFIED, a.port()).into()]
+        } else {
+            vec![a]
+        };
+        for e in entries {
+            if !out.contains(&e) {
+                out.push(e);
+            }
+        }
+    }
+    out
+}
+
+/// Whether a protected entry already matches `a` (same port; same address or "any").
+fn covers(protected: &[SocketAddr], a: &SocketAddr) -> bool {
+    let k = rule_key(a);
+    protected.iter().any(|p| {
+        let pk = rule_key(p);
+        pk.family == k.family && pk.port == k.port && (pk.addr == [0; 4] || pk.addr == k.addr)
+    })
+}
+
+fn rule_key(a: &SocketAddr) -> RuleKey {
+    let port = a.port() as u32;
+    match a.ip() {
+        IpAddr::V4(ip) => RuleKey { family: 4, port, addr: [u32::from_ne_bytes(ip.octets()), 0, 0, 0] },
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(v4) => RuleKey { family: 4, port, addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0] },
+            None => RuleKey { family: 6, port, addr: ip_words(&ip) },
+        },
+    }
+}
+
+fn mapped(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}
+
+/// IPv6 address as four u32 words holding the network-order bytes (the kernel's layout).
+fn ip_words(ip: &Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+}
+
+fn words_octets(w: &[u32; 4]) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    for (i, x) in w.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&x.to_ne_bytes());
+    }
+    o
+}
+
+/// Every address configured on this host's interfaces.
+fn local_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we walk read-only and free with freeifaddrs.
+    unsafe {
+        if libc::getifaddrs(&mut ifap) != 0 {
+            return out;
+        }
+        let mut cur = ifap;
+        while !cur.is_null() {
+            let sa = (*cur).ifa_addr;
+            if !sa.is_null() {
+                match (*sa).sa_family as i32 {
+                    libc::AF_INET => {
+                        let sin = &*(sa as *const libc::sockaddr_in);
+                        out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(sa as *const libc::sockaddr_in6);
+                        out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(ifap);
+    }
+    out
+}
+
+fn netns_cookie(fd: std::os::fd::RawFd) -> Option<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 of the advertised length.
+    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len) };
+    (r == 0).then_some(cookie)
+}
+
+// ---- cgroups ---------------------------------------------------------------------------------
+
+/// Where the cgroup2 (unified) hierarchy is mounted (/sys/fs/cgroup/unified on hybrid hosts).
+fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").context("intercept: reading /proc/self/mountinfo")?;
+    info.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            if post.split(' ').next() != Some("cgroup2") {
+                return None;
+            }
+            pre.split(' ').nth(4).map(PathBuf::from)
+        })
+        .context("intercept: no cgroup2 (unified) hierarchy is mounted")
+}
+
+fn require_cgroup2(dir: &Path) -> anyhow::Result<()> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).context("cgroup path")?;
+    // SAFETY: statfs into a zeroed struct with a valid C path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        bail!("intercept: cgroup {}: {}", dir.display(), std::io::Error::last_os_error());
+    }
+    if st.f_type as i64 != CGROUP2_SUPER_MAGIC {
+        bail!("intercept: {} is not a cgroup v2 directory (set intercept.cgroup to one under the cgroup2 mount)", dir.display());
+    }
+    Ok(())
+}
+
+/// pgward's own cgroup: entered at start (created if needed), left at exit.
+struct GatewayCgroup {
+    path: PathBuf,
+    id: u64,
+    original: Option<PathBuf>,
+    created: bool,
+}
+
+impl GatewayCgroup {
+    fn enter(path: &Path, root: &Path) -> anyhow::Result<GatewayCgroup> {
+        let original = fs::read_to_string("/proc/self/cgroup")
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(|p| root.join(p.trim_start_matches('/')))));
+        let created = !path.exists();
+        if created {
+            fs::create_dir(path).with_context(|| format!("intercept: creating gateway cgroup {}", path.display()))?;
+        }
+        let mut g = GatewayCgroup { path: path.to_owned(), id: 0, original, created };
+        fs::write(path.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("intercept: moving pgward into {}", path.display()))?;
+        g.id = fs::metadata(path)?.ino();
+        Ok(g)
+    }
+}
+
+impl Drop for GatewayCgroup {
+    fn drop(&mut self) {
+        if let Some(orig) = &self.original {
+            let _ = fs::write(orig.join("cgroup.procs"), std::process::id().to_string());
+        }
+        if self.created {
+            let _ = fs::remove_dir(&self.path);
+        }
+    }
+}
+
+/// The client's cgroup path (relative to the cgroup2 root), checked against the kernel's id.
+fn cgroup_path_of(pid: u32, id: u64, root: &Path) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?.to_string();
+    let ino = fs::metadata(root.join(rel.trim_start_matches('/'))).ok()?.ino();
+    (ino == id).then_some(rel)
+}
+
+fn write_state(path: &Path, state: &State) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(state)?).with_context(|| format!("intercept: writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("intercept: writing {}", path.display()))?;
+    Ok(())
+}
+
+// ---- pgward status ---------------------------------------------------------------------------
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub enabled: bool,
+    /// The `serve` process that wrote the state file is alive.
+    pub running: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<State>,
+    pub programs: Vec<ProgramStatus>,
+    pub counters: Vec<CounterStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProgramStatus {
+    pub name: String,
+    pub attach: String,
+    pub target: PathBuf,
+    pub id: u32,
+    pub loaded: bool,
+    pub attached: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CounterStatus {
+    pub program: String,
+    pub counter: String,
+    pub value: u64,
+}
+
+/// What `serve` attached (from its state file) and the live counters, read from the kernel.
+pub fn status(cfg: &Config) -> anyhow::Result<Status> {
+    let mut st = Status { enabled: cfg.intercept.enabled, running: false, state: None, programs: vec![], counters: vec![] };
+    let path = cfg.resolve(&cfg.intercept.state_file);
+    let state: State = match fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{} is not a pgward state file", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(st),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    st.running = Path::new(&format!("/proc/{}", state.pid)).exists();
+    let loaded: std::collections::HashMap<u32, aya::programs::ProgramInfo> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| (p.id(), p))
+        .collect();
+    let linked: BTreeSet<u32> = aya::programs::loaded_links().filter_map(Result::ok).map(|l| l.program_id()).collect();
+    let mut counters_map = None;
+    for p in &state.programs {
+        let info = loaded.get(&p.id).filter(|i| i.name_as_str().is_some_and(|n| p.name.starts_with(n)));
+        if counters_map.is_none() {
+            counters_map = info.and_then(|i| i.map_ids().ok().flatten()).and_then(|ids| {
+                ids.into_iter().find(|id| {
+                    aya::maps::MapInfo::from_id(*id).is_ok_and(|m| m.name_as_str() == Some(shared::MAP_COUNTERS))
+                })
+            });
+        }
+        st.programs.push(ProgramStatus {
+            name: p.name.clone(),
+            attach: p.attach.clone(),
+            target: p.target.clone(),
+            id: p.id,
+            loaded: info.is_some(),
+            attached: info.is_some() && linked.contains(&p.id),
+        });
+    }
+    if let Some(id) = counters_map {
+        let data = MapData::from_id(id).context("opening PGW_COUNTERS")?;
+        let arr: PerCpuArray<MapData, u64> = Map::PerCpuArray(data).try_into()?;
+        for (i, (program, counter)) in shared::COUNTER_NAMES.iter().enumerate() {
+            let value = arr.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+            st.counters.push(CounterStatus { program: program.to_string(), counter: counter.to_string(), value });
+        }
+    }
+    st.state = Some(state);
+    Ok(st)
+}
+
+// ---- unix sockets ----------------------------------------------------------------------------
+
+/// Refuses (or warns, per `intercept.unix_socket_check`) when a user other than root, pgward's
+/// user and the socket's owner (Postgres's user) can connect to the real Postgres unix socket:
+/// such a user would bypass pgward. Checks directory search and socket write permission along
+/// the whole path, from mode bits and local /etc/passwd + /etc/group (not ACLs).
+pub fn check_unix_sockets(cfg: &Config) -> anyhow::Result<()> {
+    let ic = &cfg.intercept;
+    if ic.unix_socket_check == UnixSocketCheck::Off {
+        return Ok(());
+    }
+    let dirs: Vec<PathBuf> = match &ic.upstream_socket_dirs {
+        Some(d) => d.iter().map(|p| cfg.resolve(p)).collect(),
+        None if cfg.upstream.host.starts_with('/') => vec![PathBuf::from(&cfg.upstream.host)],
+        None => Vec::new(),
+    };
+    if cfg.server.unix_socket_dir.is_none() {
+        tracing::warn!("intercept: server.unix_socket_dir is not set; clients using the default unix socket path do not reach pgward");
+    }
+    let users = Users::load();
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    for dir in dirs {
+        let sock = dir.join(format!(".s.PGSQL.{}", cfg.upstream.port));
+        let problem = match fs::symlink_metadata(&sock) {
+            Err(e) => {
+                tracing::warn!(socket = %sock.display(), error = %e, "intercept: the real Postgres socket is not there; cannot check who can reach it");
+                continue;
+            }
+            Ok(m) => {
+                let allowed = [0, me, m.uid()];
+                reachable_by_others(&sock, &allowed, &users)
+            }
+        };
+        let Some(who) = problem else {
+            tracing::info!(socket = %sock.display(), "intercept: the real Postgres socket is private");
+            continue;
+        };
+        let msg = format!(
+            "intercept: the real Postgres socket {} can be reached by {who}, bypassing pgward; \
+             move it into a directory only pgward's user can enter (e.g. mode 0700 or 0750 with a \
+             group of pgward only)",
+            sock.display()
+        );
+        match ic.unix_socket_check {
+            UnixSocketCheck::Refuse => bail!("{msg} (intercept.unix_socket_check = \"refuse\")"),
+            _ => tracing::warn!("{msg}"),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Users {
+    /// (name, uid, primary gid)
+    users: Vec<(String, u32, u32)>,
+    /// gid → member names
+    groups: std::collections::HashMap<u32, Vec<String>>,
+}
+
+impl Users {
+    fn load() -> Users {
+        let mut u = Users::default();
+        for l in fs::read_to_string("/etc/passwd").unwrap_or_default().lines() {
+            let f: Vec<&str> = l.split(':').collect();
+            if let (Some(n), Some(uid), Some(gid)) = (f.first(), f.get(2).and_then(|v| v.parse().ok()), f.get(3).and_then(|v| v.parse().ok())) {
+                u.users.push((n.to_string(), uid, gid));
+            }
+        }
+        for l in fs::read_to_string("/etc/group").unwrap_or_default().lines() {
+            let f: Vec<&str> = l.split(':').collect();
+            if let (Some(gid), Some(m)) = (f.get(2).and_then(|v| v.parse().ok()), f.get(3)) {
+                u.groups.insert(gid, m.split(',').filter(|s| !s.is_empty()).map(String::from).collect());
+            }
+        }
+        u
+    }
+    fn in_group(&self, name: &str, primary: u32, gid: u32) -> bool {
+        primary == gid || self.groups.get(&gid).is_some_and(|m| m.iter().any(|x| x == name))
+    }
+}
+
+/// Mode/owner of every directory on the way to `sock` (which needs `w`), or who else gets in.
+fn reachable_by_others(sock: &Path, allowed: &[u32], users: &Users) -> Option<String> {
+    // (uid, gid, mode, bit shift: 0 = x for directories, 1 = w for the socket)
+    let mut steps = Vec::new();
+    let mut p = PathBuf::new();
+    for c in sock.parent()?.components() {
+        p.push(c);
+        let m = fs::metadata(&p).ok()?;
+        steps.push((m.uid(), m.gid(), m.mode(), 0u32));
+    }
+    let m = fs::symlink_metadata(sock).ok()?;
+    steps.push((m.uid(), m.gid(), m.mode(), 1));
+    let passes = |uid: u32, name: &str, primary: u32| {
+        steps.iter().all(|&(ou, og, mode, bit)| {
+            let class = if uid == ou { 6 } else if users.in_group(name, primary, og) { 3 } else { 0 };
+            mode & (1 << (class + bit)) != 0
+        })
+    };
+    if passes(u32::MAX - 1, "", u32::MAX - 1) {
+        return Some("every local user".into());
+    }
+    users
+        .users
+        .iter()
+        .filter(|(_, uid, _)| !allowed.contains(uid))
+        .find(|(name, uid, gid)| passes(*uid, name, *gid))
+        .map(|(name, uid, _)| format!("user {name} (uid {uid})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn cfg(extra: &str) -> Config {
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:6432"
+tls_cert = "c.pem"
+tls_key = "k.pem"
+[upstream]
+host = "127.0.0.1"
+port = 5433
+user = "svc"
+[auth]
+issuer = "i"
+audience = "a"
+jwks = "j"
+signing_key = "k"
+signing_kid = "kid"
+[audit]
+dir = "audit"
+{extra}
+"#
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn config_without_intercept_section_loads_with_defaults() {
+        let c = cfg("");
+        assert!(!c.intercept.enabled);
+        assert_eq!(c.intercept.protected, ["0.0.0.0:5432", "[::]:5432"]);
+        assert!(!c.to_toml().contains("[intercept]"), "default section is not written");
+        let c = cfg("[intercept]\nenabled = true\n");
+        assert!(c.intercept.enabled && c.to_toml().contains("[intercept]"));
+    }
+
+    #[test]
+    fn redirect_targets_follow_the_listener() {
+        let p = |s: &str| default_redirects(s.parse().unwrap());
+        assert_eq!(p("127.0.0.1:6432"), (Some("127.0.0.1:6432".parse().unwrap()), Some("[::ffff:127.0.0.1]:6432".parse().unwrap())));
+        assert_eq!(p("0.0.0.0:6432").0, Some("127.0.0.1:6432".parse().unwrap()));
+        assert_eq!(p("[::]:6432"), (Some("127.0.0.1:6432".parse().unwrap()), Some("[::1]:6432".parse().unwrap())));
+        assert_eq!(p("[::1]:6432"), (None, Some("[::1]:6432".parse().unwrap())));
+    }
+
+    #[test]
+    fn guard_defaults_to_the_local_upstream_port_on_any_address() {
+        let c = cfg("[intercept]\nenabled = true\n");
+        let plan = Plan::new(&c, "127.0.0.1:6432".parse().unwrap()).unwrap();
+        assert_eq!(plan.guard, ["0.0.0.0:5433".parse::<SocketAddr>().unwrap(), "[::]:5433".parse().unwrap()]);
+        let rules = plan.rule_entries();
+        assert_eq!(rules.len(), 4);
+        let any5432 = RuleKey { family: 4, port: 5432, addr: [0; 4] };
+        assert!(rules.contains(&(any5432, shared::ACTION_REDIRECT)));
+        assert!(rules.contains(&(RuleKey { family: 6, port: 5433, addr: [0; 4] }, shared::ACTION_REFUSE)));
+    }
+
+    #[test]
+    fn upstream_on_a_protected_port_is_not_guarded() {
+        // The in-place layout: Postgres stays on the protected port; pgward is exempt.
+        let mut c = cfg("[intercept]\nenabled = true\nprotected = [\"0.0.0.0:5433\", \"[::]:5433\"]\n");
+        c.upstream.port = 5433;
+        let plan = Plan::new(&c, "127.0.0.1:6432".parse().unwrap()).unwrap();
+        assert!(plan.guard.is_empty(), "{:?}", plan.guard);
+        c.upstream.host = "/var/run/postgresql".into();
+        assert!(default_guard(&c, &[]).is_empty());
+    }
+
+    #[test]
+    fn rule_keys_use_kernel_byte_order() {
+        let k = rule_key(&"127.0.0.1:5432".parse().unwrap());
+        assert_eq!(k.addr[0].to_ne_bytes(), [127, 0, 0, 1]);
+        assert_eq!(k.port, 5432);
+        // v4-mapped IPv6 destinations are IPv4 rules.
+        assert_eq!(rule_key(&"[::ffff:127.0.0.1]:5432".parse().unwrap()), k);
+        let k6 = rule_key(&"[fd00::2]:5432".parse().unwrap());
+        assert_eq!((k6.family, words_octets(&k6.addr)), (6, "fd00::2".parse::<Ipv6Addr>().unwrap().octets()));
+        let c = Plan { protected: vec![], guard: vec![], redirect4: Some("127.0.0.1:6432".parse().unwrap()), redirect6: Some("[::ffff:127.0.0.1]:6432".parse().unwrap()) }
+            .kernel_config(7, 9, None);
+        assert_eq!((c.redirect4_ip.to_ne_bytes(), c.redirect4_port, c.exempt_uid), ([127, 0, 0, 1], 6432, shared::NO_UID));
+        assert_eq!(words_octets(&c.redirect6_ip)[10..], [0xff, 0xff, 127, 0, 0, 1]);
+    }
+
+    #[test]
+    fn socket_reachability_from_mode_bits() {
+        use std::os::unix::net::UnixListener;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pg");
+        fs::create_dir(&dir).unwrap();
+        let sock = dir.join(".s.PGSQL.5432");
+        let _l = UnixListener::bind(&sock).unwrap();
+        fs::set_permissions(&sock, fs::Permissions::from_mode(0o777)).unwrap();
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let users = Users::default();
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let everyone_can_traverse = sock.ancestors().skip(2).all(|a| fs::metadata(a).unwrap().mode() & 0o001 != 0);
+        if everyone_can_traverse {
+            assert_eq!(reachable_by_others(&sock, &[0, me], &users).as_deref(), Some("every local user"));
+        }
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(reachable_by_others(&sock, &[0, me], &users), None);
+        // A stranger owning nothing, in no group, is not let in by 0750 either.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o750)).unwrap();
+        let strangers = Users { users: vec![("eve".into(), 4242, 4242)], groups: Default::default() };
+        assert_eq!(reachable_by_others(&sock, &[0, me], &strangers), None);
+        // ...unless she is in the directory's group.
+        let gid = fs::metadata(&dir).unwrap().gid();
+        let members = Users { users: vec![("eve".into(), 4242, gid)], groups: Default::default() };
+        if everyone_can_traverse {
+            assert_eq!(reachable_by_others(&sock, &[0, me], &members).as_deref(), Some("user eve (uid 4242)"));
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! A small, forgiving lexical scanner for SQL text the parser did not (or cannot) give an AST
+//! for: statements sqlparser rejects, `DO` blocks, and function/procedure bodies.
+//!
+//! It never fails. It knows Postgres's comments (`--`, nested `/* */`), string forms (`'…'`,
+//! `E'…'`, `$tag$…$tag$`) and quoted identifiers well enough to find words, and it scans the
+//! contents of string literals as SQL too (bodies of `DO`/`CREATE FUNCTION` and `EXECUTE '…'`
+//! are strings). Everything it reports is a conservative guess: it may see a function call or
+//! an identity change that is not there, never the other way round for the forms it looks for.
+
+use super::analyze::{ClassSet, ModSet, Modifier, QName, StatementClass, setting_change};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Lex {
+    /// Identifier or keyword, lowercased (quoted identifiers too: matching is case-insensitive).
+    Word(String),
+    /// Contents of a string literal (any quoting form).
+    Str(String),
+    Punct(char),
+}
+
+/// Split `text` into [`Lex`] items (comments and whitespace dropped).
+pub(crate) fn lex(text: &str) -> Vec<Lex> {
+    let b: Vec<char> = text.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let n = b.len();
+    while i < n {
+        let c = b[i];
+        if c.is_whitespace() {
+            i += 1;
+        } else if c == '-' && i + 1 < n && b[i + 1] == '-' {
+            while i < n && b[i] != '\n' {
+                i += 1;
+            }
+        } else if c == '/' && i + 1 < n && b[i + 1] == '*' {
+            let mut depth = 0usize;
+            while i < n {
+                if b[i] == '/' && i + 1 < n && b[i + 1] == '*' {
+                    depth += 1;
+                    i += 2;
+                } else if b[i] == '*' && i + 1 < n && b[i + 1] == '/' {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        } else if c == '\'' {
+            let (s, next) = quoted(&b, i + 1, '\'', false);
+            out.push(Lex::Str(s));
+            i = next;
+        } else if (c == 'e' || c == 'E') && i + 1 < n && b[i + 1] == '\'' && !prev_is_ident(&b, i) {
+            let (s, next) = quoted(&b, i + 2, '\'', true);
+            out.push(Lex::Str(s));
+            i = next;
+        } else if c == '"' {
+            let (s, next) = quoted(&b, i + 1, '"', false);
+            out.push(Lex::Word(s.to_lowercase()));
+            i = next;
+        } else if c == '$' {
+            // $n parameter, or $tag$ … $tag$ dollar quoting.
+            let mut j = i + 1;
+            if j < n && b[j].is_ascii_digit() {
+                while j < n && b[j].is_ascii_digit() {
+                    j += 1;
+                }
+                out.push(Lex::Punct('$'));
+                i = j;
+                continue;
+            }
+            while j < n && (b[j].is_alphanumeric() || b[j] == '_') {
+                j += 1;
+            }
+            if j < n && b[j] == '$' {
+                let tag: String = b[i..=j].iter().collect();
+                let tag: Vec<char> = tag.chars().collect();
+                let start = j + 1;
+                let mut k = start;
+                let mut end = None;
+                while k + tag.len() <= n {
+                    if b[k..k + tag.len()] == tag[..] {
+                        end = Some(k);
+                        break;
+                    }
+                    k += 1;
+                }
+                let stop = end.unwrap_or(n);
+                out.push(Lex::Str(b[start..stop].iter().collect()));
+                i = end.map(|e| e + tag.len()).unwrap_or(n);
+            } else {
+                out.push(Lex::Punct('$'));
+                i += 1;
+            }
+        } else if c.is_alphabetic() || c == '_' {
+            let mut j = i;
+            while j < n && (b[j].is_alphanumeric() || b[j] == '_' || b[j] == '$') {
+                j += 1;
+            }
+            out.push(Lex::Word(b[i..j].iter().collect::<String>().to_lowercase()));
+            i = j;
+        } else if c.is_ascii_digit() {
+            while i < n && (b[i].is_ascii_alphanumeric() || b[i] == '.' || b[i] == '_') {
+                i += 1;
+            }
+        } else {
+            out.push(Lex::Punct(c));
+            i += 1;
+        }
+    }
+    out
+}
+
+fn prev_is_ident(b: &[char], i: usize) -> bool {
+    i > 0 && (b[i - 1].is_alphanumeric() || b[i - 1] == '_' || b[i - 1] == '$')
+}
+
+/// Read a quoted run starting after the opening quote; a doubled quote is a literal quote,
+/// and with `backslash` a backslash escapes the next character. Returns (contents, index
+/// after the closing quote).
+fn quoted(b: &[char], mut i: usize, q: char, backslash: bool) -> (String, usize) {
+    let mut s = String::new();
+    while i < b.len() {
+        let c = b[i];
+        if backslash && c == '\\' && i + 1 < b.len() {
+            s.push(b[i + 1]);
+            i += 2;
+        } else if c == q {
+            if i + 1 < b.len() && b[i + 1] == q {
+                s.push(q);
+                i += 2;
+            } else {
+                return (s, i + 1);
+            }
+        } else {
+            s.push(c);
+            i += 1;
+        }
+    }
+    (s, i)
+}
+
+/// What a lexical scan found.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Findings {
+    /// The first few words of the text (lowercased), for the class guess.
+    pub lead: Vec<String>,
+    pub functions: Vec<QName>,
+    /// Words and `a.b` pairs that might name tables (for unparsable statements).
+    pub names: Vec<QName>,
+    pub modifiers: ModSet,
+}
+
+/// Words that look like `word(` but are syntax, not function calls.
+const NOT_FUNCTIONS: &[&str] = &[
+    "in",
+    "values",
+    "exists",
+    "any",
+    "all",
+    "some",
+    "as",
+    "and",
+    "or",
+    "not",
+    "on",
+    "using",
+    "over",
+    "filter",
+    "array",
+    "row",
+    "into",
+    "table",
+    "from",
+    "where",
+    "select",
+    "returns",
+    "with",
+    "when",
+    "then",
+    "else",
+    "if",
+    "elsif",
+    "while",
+    "loop",
+    "return",
+    "query",
+    "by",
+    "partition",
+    "is",
+    "distinct",
+    "join",
+    "lateral",
+    "set",
+    "update",
+    "insert",
+    "delete",
+    "check",
+    "references",
+    "primary",
+    "unique",
+    "key",
+    "default",
+    "cast",
+    "window",
+    "group",
+    "order",
+    "having",
+    "limit",
+    "foreach",
+    "perform",
+    "execute",
+    "format",
+    "raise",
+    "within",
+    "ordinality",
+    "case",
+    "end",
+];
+
+/// Scan `text` (recursing into string literals up to a small depth).
+pub(crate) fn scan(text: &str) -> Findings {
+    let mut f = Findings::default();
+    scan_into(text, 0, &mut f);
+    f.functions.sort();
+    f.functions.dedup();
+    f.names.sort();
+    f.names.dedup();
+    f
+}
+
+fn scan_into(text: &str, depth: usize, f: &mut Findings) {
+    let toks = lex(text);
+    if depth == 0 {
+        f.lead =
+            toks.iter().filter_map(|t| if let Lex::Word(w) = t { Some(w.clone()) } else { None }).take(3).collect();
+    }
+    let word = |i: usize| -> Option<&str> {
+        match toks.get(i) {
+            Some(Lex::Word(w)) => Some(w.as_str()),
+            _ => None,
+        }
+    };
+    let punct = |i: usize, c: char| matches!(toks.get(i), Some(Lex::Punct(p)) if *p == c);
+    // Within the current (sub)statement: did we see UPDATE/INSERT (so `SET role = …` is a
+    // column assignment, not SET ROLE)? Reset at `;` and block keywords.
+    let mut in_dml = false;
+    let mut has_settings_table = false;
+    let mut has_write_word = false;
+    for i in 0..toks.len() {
+        match &toks[i] {
+            Lex::Punct(';') => in_dml = false,
+            Lex::Str(s) => {
+                if depth < 3 {
+                    scan_into(s, depth + 1, f);
+                }
+            }
+            Lex::Word(w) => {
+                let w = w.as_str();
+                match w {
+                    "begin" | "then" | "else" | "loop" | "do" => in_dml = false,
+                    "update" | "insert" | "merge" => {
+                        in_dml = true;
+                        has_write_word = true;
+                    }
+                    "delete" | "truncate" | "copy" => has_write_word = true,
+                    "pg_settings" => has_settings_table = true,
+                    _ => {}
+                }
+                // SET [SESSION|LOCAL] ROLE / SESSION AUTHORIZATION / <guc> …
+                if w == "set" && !in_dml {
+                    let mut j = i + 1;
+                    if matches!(word(j), Some("session" | "local")) && word(j + 1) != Some("authorization") {
+                        j += 1;
+                    }
+                    if let Some(name) = word(j) {
+                        let value = match (toks.get(j + 1), toks.get(j + 2)) {
+                            (Some(Lex::Punct('=')), Some(v)) => lex_value(v),
+                            (Some(Lex::Word(t)), Some(v)) if t == "to" => lex_value(v),
+                            _ => None,
+                        };
+                        let name = if name == "session" && word(j + 1) == Some("authorization") {
+                            "session_authorization"
+                        } else {
+                            name
+                        };
+                        f.modifiers |= setting_change(name, value.as_deref());
+                    }
+                }
+                if w == "reset" {
+                    let name = match (word(i + 1), word(i + 2)) {
+                        (Some("session"), Some("authorization")) => Some("session_authorization"),
+                        (Some(n), _) => Some(n),
+                        _ => None,
+                    };
+                    if let Some(n @ ("role" | "session_authorization")) = name {
+                        f.modifiers |= setting_change(n, None);
+                    }
+                }
+                if w == "session" && word(i + 1) == Some("authorization") {
+                    f.modifiers.insert(Modifier::IdentityChange);
+                }
+                if w == "discard" && word(i + 1) == Some("all") {
+                    f.modifiers.insert(Modifier::IdentityChange);
+                }
+                if w == "standard_conforming_strings" {
+                    // Assignments in ALTER ROLE/DATABASE … SET, or anything we cannot read:
+                    // only an explicit "= on" / "TO on" is harmless.
+                    let shown = i > 0 && matches!(word(i - 1), Some("show"));
+                    let value = match (toks.get(i + 1), toks.get(i + 2)) {
+                        (Some(Lex::Punct('=')), Some(v)) => lex_value(v),
+                        (Some(Lex::Word(t)), Some(v)) if t == "to" => lex_value(v),
+                        _ => None,
+                    };
+                    if !shown {
+                        f.modifiers |= setting_change(w, Some(value.as_deref().unwrap_or("?")));
+                    }
+                }
+                if w == "search_path" {
+                    f.modifiers.insert(Modifier::SearchPath);
+                }
+                if w == "set_config" && punct(i + 1, '(') {
+                    match (toks.get(i + 2), toks.get(i + 3)) {
+                        (Some(Lex::Str(name)), Some(Lex::Punct(','))) => {
+                            let value = toks.get(i + 4).and_then(lex_value);
+                            f.modifiers |= setting_change(&name.to_lowercase(), value.as_deref());
+                        }
+                        (Some(Lex::Str(name)), Some(Lex::Punct(')'))) => {
+                            f.modifiers |= setting_change(&name.to_lowercase(), None);
+                        }
+                        // A computed parameter name could be anything, including 'role'.
+                        _ => f.modifiers.insert(Modifier::IdentityChange),
+                    }
+                }
+                // Function calls: word( or schema.word(
+                if punct(i + 1, '(') && !NOT_FUNCTIONS.contains(&w) {
+                    let schema = if i >= 2 && punct(i - 1, '.') { word(i - 2) } else { None };
+                    f.functions.push(QName::new(schema.map(str::to_owned), w.to_owned()));
+                } else if punct(i + 1, '.') {
+                    if let Some(n) = word(i + 2) {
+                        f.names.push(QName::new(Some(w.to_owned()), n.to_owned()));
+                    }
+                } else if !(i >= 1 && punct(i - 1, '.')) {
+                    f.names.push(QName::new(None, w.to_owned()));
+                }
+            }
+            Lex::Punct(_) => {}
+        }
+    }
+    if has_settings_table && has_write_word {
+        // UPDATE pg_settings … calls set_config() through the view's rule.
+        f.modifiers.insert(Modifier::IdentityChange);
+    }
+}
+
+fn lex_value(v: &Lex) -> Option<String> {
+    match v {
+        Lex::Word(w) => Some(w.clone()),
+        Lex::Str(s) => Some(s.to_lowercase()),
+        Lex::Punct(_) => None,
+    }
+}
+
+/// Guess the classes of a statement from its leading words (used for statements sqlparser
+/// rejects). Ambiguous leads get the more dangerous class; an unknown lead is `unknown`.
+pub(crate) fn guess_classes(lead: &[String], f: &Findings) -> (ClassSet, String) {
+    use StatementClass::*;
+    let w0 = lead.first().map(String::as_str).unwrap_or("");
+    let w1 = lead.get(1).map(String::as_str).unwrap_or("");
+    let mut set = ClassSet::default();
+    let command = match w0 {
+        "select" | "values" | "table" | "fetch" | "with" | "explain" => {
+            set.insert(Read);
+            // Could hide a write (data-modifying CTE, FOR UPDATE, EXPLAIN ANALYZE DELETE …):
+            // any DML keyword anywhere makes it a write, too.
+            if f.names.iter().any(|n| {
+                n.schema.is_none()
+                    && matches!(n.name.as_str(), "insert" | "update" | "delete" | "merge" | "into" | "share")
+            }) {
+                set.insert(Write);
+            }
+            w0.to_string()
+        }
+        "insert" | "update" | "delete" | "merge" | "truncate" | "lock" | "refresh" | "notify" => {
+            set.insert(Write);
+            w0.to_string()
+        }
+        "copy" => {
+            set.insert(Write);
+            set.insert(Admin);
+            "copy".into()
+        }
+        "grant" | "revoke" => {
+            set.insert(Dcl);
+            w0.to_string()
+        }
+        "create" | "alter" | "drop" => {
+            let obj = if matches!(w1, "or" | "unique" | "temp" | "temporary" | "unlogged" | "materialized" | "default")
+            {
+                lead.get(2).map(String::as_str).unwrap_or("")
+            } else {
+                w1
+            };
+            if w0 == "alter" && obj == "system" {
+                set.insert(Admin);
+            } else if matches!(obj, "role" | "user" | "group" | "policy" | "privileges") || w1 == "default" {
+                set.insert(Dcl);
+            } else {
+                set.insert(Ddl);
+            }
+            format!("{w0} {obj}").trim().to_string()
+        }
+        "comment" | "security" | "import" => {
+            set.insert(Ddl);
+            w0.to_string()
+        }
+        "begin" | "start" | "commit" | "end" | "rollback" | "abort" | "savepoint" | "release" => {
+            set.insert(Transaction);
+            w0.to_string()
+        }
+        "prepare" if w1 == "transaction" => {
+            set.insert(Transaction);
+            "prepare transaction".into()
+        }
+        "set" | "reset" | "show" | "discard" | "listen" | "unlisten" | "deallocate" | "close" => {
+            set.insert(Session);
+            w0.to_string()
+        }
+        "vacuum" | "analyze" | "analyse" | "checkpoint" | "cluster" | "reindex" | "load" => {
+            set.insert(Admin);
+            w0.to_string()
+        }
+        "do" | "call" => {
+            set.insert(Procedural);
+            w0.to_string()
+        }
+        _ => {
+            set.insert(Unknown);
+            w0.to_string()
+        }
+    };
+    (set, command)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lexes_postgres_quoting() {
+        let t = lex("SELECT E'a\\'b', $x$ in $ side $x$, \"Mixed\" /* a /* nested */ c */ -- x\n, $1");
+        assert_eq!(
+            t,
+            vec![
+                Lex::Word("select".into()),
+                Lex::Str("a'b".into()),
+                Lex::Punct(','),
+                Lex::Str(" in $ side ".into()),
+                Lex::Punct(','),
+                Lex::Word("mixed".into()),
+                Lex::Punct(','),
+                Lex::Punct('$'),
+            ]
+        );
+    }
+
+    #[test]
+    fn finds_identity_changes_in_bodies() {
+        let f = scan("DO $$BEGIN EXECUTE 'reset role'; END$$");
+        assert!(f.modifiers.contains(Modifier::IdentityChange));
+        let f = scan("DO $$BEGIN UPDATE users SET role = 'x' WHERE id = 1; END$$");
+        assert!(!f.modifiers.contains(Modifier::IdentityChange));
+        let f = scan("DO $$BEGIN PERFORM set_config('ro' || 'le', 'x', false); END$$");
+        assert!(f.modifiers.contains(Modifier::IdentityChange));
+        let f = scan("DO $$BEGIN PERFORM pg_catalog.pg_read_file('/etc/passwd'); END$$");
+        assert!(f.functions.contains(&QName::new(Some("pg_catalog".into()), "pg_read_file".into())));
+    }
+}

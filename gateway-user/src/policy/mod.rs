@@ -1,0 +1,749 @@
+//! Policy decisions (pure: no I/O in [`Policy::decide`]).
+//!
+//! * [`Policy::load`] reads and merges the files in `policy.files` (format: `policies/README.md`).
+//! * [`Policy::decide`] classifies every statement of a simple-query string (or a Parse's text)
+//!   with sqlparser and checks it against the rules; the whole string is denied if any
+//!   statement is. [`Policy::decide_with_prepared`] also resolves `EXECUTE name` through the
+//!   session's prepared statements; [`Policy::decide_function_call`] covers fastpath calls.
+//! * [`Policy::role_for`] is the database role the session switches to after login.
+//!
+//! Order of checks for one statement (first that applies decides):
+//! 1. built-in denials, which no policy can lift: identity changes (`builtin:identity-change`)
+//!    and turning standard_conforming_strings off (`builtin:protected-setting`);
+//! 2. unparsable statements when the identity's `unparsable` setting is deny (`unparsable…`);
+//! 3. the rules, top to bottom across the files in order — the first matching rule decides;
+//! 4. the default: `default:<group>` (deny if any of the user's groups defaults to deny) or
+//!    `default` (the `[defaults] action`).
+//!
+//! Caching: the analysis of a statement text is a pure function of the text, so it is cached
+//! (LRU, sharded, keyed by the full text — equality-checked, never by hash alone). Rules are
+//! evaluated per call; the verdict for (user, groups, database, state of every time window) is
+//! memoized next to the analysis, so a repeated statement costs a hash lookup, a short scan and
+//! an `Arc` clone. Time windows are part of the memo key, so a window opening or closing is
+//! seen at once. Verdicts that depend on the session's prepared statements (EXECUTE) are not
+//! memoized.
+
+mod analyze;
+mod file;
+mod lexical;
+mod window;
+
+#[cfg(test)]
+mod tests;
+
+use std::borrow::Cow;
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use chrono::{DateTime, Utc};
+use lru::LruCache;
+use serde::{Deserialize, Serialize};
+
+pub use analyze::{
+    ClassSet, ModSet, Modifier, QName, StatementClass, StatementInfo, analyze_sql, unsafe_client_encoding,
+};
+
+use crate::auth::Identity;
+use crate::config::Config;
+use file::{Compiled, NamePat, Rule};
+
+/// The policy shipped with the binary (the repository's `policies/default.toml`).
+pub const DEFAULT_POLICY_TOML: &str = include_str!("../../../policies/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read policy file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid policy file {path}: {msg}")]
+    Parse { path: PathBuf, msg: String },
+    #[error("invalid policy {path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+}
+
+/// What a rule (or default) does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// The decision for one statement.
+#[derive(Debug, Clone)]
+pub struct StatementVerdict {
+    pub decision: Action,
+    /// Rule name, `default:<group>`, `default`, `unparsable[:<group>]` or `builtin:…`.
+    pub rule: String,
+    /// Why (for denials: the text sent to the client).
+    pub reason: String,
+    pub info: Arc<StatementInfo>,
+}
+
+/// The decision for a whole query string.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    pub decision: Action,
+    /// The rule that decided: for a denial the rule that denied the first denied statement; for
+    /// an allowed multi-statement string the distinct allowing rules, comma-separated;
+    /// `empty` for a string without statements.
+    pub rule: String,
+    pub reason: String,
+    /// Primary class of each statement.
+    pub classes: Vec<StatementClass>,
+    /// Some statement could not be parsed (flag this in the audit record).
+    pub unparsable: bool,
+    pub statement_count: usize,
+    pub statements: Vec<StatementVerdict>,
+}
+
+impl Verdict {
+    pub fn is_allowed(&self) -> bool {
+        self.decision == Action::Allow
+    }
+
+    /// The old [`Decision`] shape.
+    pub fn to_decision(&self) -> Decision {
+        match self.decision {
+            Action::Allow => Decision::Allow { rule: self.rule.clone() },
+            Action::Deny => Decision::Deny { rule: self.rule.clone(), reason: self.reason.clone() },
+        }
+    }
+}
+
+/// Upper bound for a cached statement text; longer texts are analyzed on every call.
+const MAX_CACHED_SQL: usize = 64 * 1024;
+const SHARDS: usize = 16;
+const DEFAULT_CACHE_ENTRIES: usize = 8192;
+/// Verdicts memoized per statement text (distinct identity/database/window states).
+const MEMO_PER_ENTRY: usize = 8;
+
+struct Stmt {
+    info: Arc<StatementInfo>,
+    /// Bit i: rule i's statement conditions (classes, commands, tables, schemas, functions,
+    /// modifiers) hold for this statement.
+    content: Box<[u64]>,
+}
+
+struct Memo {
+    user: String,
+    groups: Vec<String>,
+    database: String,
+    windows: u64,
+    verdict: Arc<Verdict>,
+}
+
+struct Entry {
+    sql: Box<str>,
+    stmts: Vec<Stmt>,
+    has_execute: bool,
+    memo: Mutex<Vec<Memo>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Cache {
+    hasher: RandomState,
+    shards: Box<[Mutex<LruCache<u64, Vec<Arc<Entry>>>>]>,
+}
+
+impl Cache {
+    fn new(entries: usize) -> Cache {
+        let per = NonZeroUsize::new(entries.div_ceil(SHARDS).max(1)).expect("non-zero");
+        Cache { hasher: RandomState::new(), shards: (0..SHARDS).map(|_| Mutex::new(LruCache::new(per))).collect() }
+    }
+}
+
+/// A loaded policy. Cheap to share (`Arc<Policy>`); `decide` takes `&self`.
+pub struct Policy {
+    c: Compiled,
+    cache: Cache,
+    fastpath: Arc<Entry>,
+}
+
+impl fmt::Debug for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Policy")
+            .field("sources", &self.c.sources)
+            .field("rules", &self.c.rules.len())
+            .field("groups", &self.c.groups.len())
+            .finish()
+    }
+}
+
+impl Policy {
+    /// The files in `policy.files` (resolved against the config's directory), merged in order.
+    /// No files: only the built-in denials apply, everything else is allowed (rule `default`).
+    pub fn load(cfg: &Config) -> Result<Policy, PolicyError> {
+        let paths: Vec<PathBuf> = cfg.policy.files.iter().map(|p| cfg.resolve(p)).collect();
+        if paths.is_empty() {
+            return Ok(Policy::builtin_only());
+        }
+        Policy::from_files(&paths)
+    }
+
+    /// Read and merge policy files in order.
+    pub fn from_files(paths: &[PathBuf]) -> Result<Policy, PolicyError> {
+        let mut sources = Vec::new();
+        for p in paths {
+            let text = std::fs::read_to_string(p).map_err(|source| PolicyError::Read { path: p.clone(), source })?;
+            sources.push((p.clone(), text));
+        }
+        Policy::from_sources(&sources)
+    }
+
+    /// Policy from one TOML text (`name` is used in error messages).
+    pub fn from_toml(name: &str, text: &str) -> Result<Policy, PolicyError> {
+        Policy::from_sources(&[(PathBuf::from(name), text.to_string())])
+    }
+
+    /// Merge (name, TOML text) pairs in order.
+    pub fn from_sources(sources: &[(PathBuf, String)]) -> Result<Policy, PolicyError> {
+        let mut files = Vec::new();
+        for (path, text) in sources {
+            files.push((path.clone(), file::parse_file(text, path)?));
+        }
+        Ok(Policy::new(file::compile(files)?))
+    }
+
+    /// Allow everything except the built-in denials.
+    pub fn builtin_only() -> Policy {
+        let mut f = file::PolicyFile::default();
+        f.defaults = Some(file::DefaultsSpec { action: Some(Action::Allow), ..Default::default() });
+        Policy::new(file::compile(vec![(PathBuf::from("<built-in>"), f)]).expect("built-in policy compiles"))
+    }
+
+    fn new(c: Compiled) -> Policy {
+        let mut p = Policy {
+            c,
+            cache: Cache::new(DEFAULT_CACHE_ENTRIES),
+            fastpath: Arc::new(Entry {
+                sql: "".into(),
+                stmts: Vec::new(),
+                has_execute: false,
+                memo: Mutex::new(Vec::new()),
+            }),
+        };
+        let mut info = StatementInfo { text: "<fastpath function call>".into(), ..Default::default() };
+        info.classes.insert(StatementClass::Admin);
+        info.modifiers.insert(Modifier::Fastpath);
+        info.commands.push("function call".into());
+        let stmt = p.stmt(Arc::new(info));
+        p.fastpath =
+            Arc::new(Entry { sql: "".into(), stmts: vec![stmt], has_execute: false, memo: Mutex::new(Vec::new()) });
+        p
+    }
+
+    /// Resize the analysis cache (entries across all shards; default 8192).
+    pub fn with_cache_capacity(mut self, entries: usize) -> Policy {
+        self.cache = Cache::new(entries.max(SHARDS));
+        self
+    }
+
+    /// The files this policy was built from.
+    pub fn sources(&self) -> &[String] {
+        &self.c.sources
+    }
+
+    /// Rule names in evaluation order.
+    pub fn rule_names(&self) -> impl Iterator<Item = &str> {
+        self.c.rules.iter().map(|r| r.name.as_str())
+    }
+
+    /// Human-readable summary (for `pgward policy validate`).
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "files: {}", self.c.sources.join(", "));
+        let _ = writeln!(
+            s,
+            "defaults: action={} unparsable={} role={} search_path={}",
+            self.c.default_action,
+            self.c.default_unparsable.map(|a| a.as_str()).unwrap_or("(derived)"),
+            self.c.default_role.as_deref().unwrap_or("-"),
+            self.c.search_path.join(",")
+        );
+        for g in &self.c.groups {
+            let _ = writeln!(
+                s,
+                "group {}: role={} default={} unparsable={}",
+                g.name,
+                g.role.as_deref().unwrap_or("-"),
+                g.default.map(|a| a.as_str()).unwrap_or("-"),
+                g.unparsable.map(|a| a.as_str()).unwrap_or("-")
+            );
+        }
+        for (n, _) in &self.c.windows {
+            let _ = writeln!(s, "window {n}");
+        }
+        for (i, r) in self.c.rules.iter().enumerate() {
+            let _ = writeln!(s, "rule {:>3} {:<5} {} ({})", i + 1, r.action.as_str(), r.name, r.source);
+        }
+        s
+    }
+
+    /// The database role to `SET ROLE` to after login: the role of the first `[[group]]` (in
+    /// policy order) the identity belongs to that names one, else `[defaults] role`.
+    pub fn role_for(&self, identity: &Identity) -> Option<String> {
+        self.c
+            .groups
+            .iter()
+            .filter(|g| identity.groups.contains(&g.name))
+            .find_map(|g| g.role.clone())
+            .or_else(|| self.c.default_role.clone())
+    }
+
+    /// `SET ROLE "<role>"` for [`Policy::role_for`] (quoted identifier: the role name is used
+    /// exactly as written in the policy).
+    pub fn set_role_sql(&self, identity: &Identity) -> Option<String> {
+        self.role_for(identity).map(|r| format!("SET ROLE \"{}\"", r.replace('"', "\"\"")))
+    }
+
+    /// Decide a simple-query string or a Parse's text. `EXECUTE name` counts as a write (the
+    /// prepared text is unknown here); see [`Policy::decide_with_prepared`].
+    pub fn decide(&self, identity: &Identity, database: &str, sql: &str, now: DateTime<Utc>) -> Arc<Verdict> {
+        self.decide_inner(identity, database, sql, now, None)
+    }
+
+    /// Like [`Policy::decide`], and `EXECUTE name` is decided as the statement `lookup(name)`
+    /// returns (the text the session saw in `PREPARE name AS …` — the whole PREPARE or just
+    /// the statement — or in a Parse that named `name`). Names are passed as Postgres folds
+    /// them (unquoted → lowercase). `None` from `lookup` keeps the conservative "write".
+    pub fn decide_with_prepared(
+        &self,
+        identity: &Identity,
+        database: &str,
+        sql: &str,
+        now: DateTime<Utc>,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Arc<Verdict> {
+        self.decide_inner(identity, database, sql, now, Some(lookup))
+    }
+
+    /// A protocol-level FunctionCall ('F' message): only an OID is known, so it is a statement
+    /// of class `admin` with modifier `fastpath` and no known function name.
+    pub fn decide_function_call(&self, identity: &Identity, database: &str, now: DateTime<Utc>) -> Arc<Verdict> {
+        let windows = self.window_bits(now);
+        self.memoized(&self.fastpath, identity, database, windows, None)
+    }
+
+    /// The analysis of `sql` (cached), without deciding anything.
+    pub fn analyze(&self, sql: &str) -> Vec<Arc<StatementInfo>> {
+        self.entry(sql).stmts.iter().map(|s| s.info.clone()).collect()
+    }
+
+    fn decide_inner(
+        &self,
+        identity: &Identity,
+        database: &str,
+        sql: &str,
+        now: DateTime<Utc>,
+        lookup: Option<&dyn Fn(&str) -> Option<String>>,
+    ) -> Arc<Verdict> {
+        let entry = self.entry(sql);
+        let windows = self.window_bits(now);
+        self.memoized(&entry, identity, database, windows, lookup)
+    }
+
+    fn memoized(
+        &self,
+        entry: &Entry,
+        identity: &Identity,
+        database: &str,
+        windows: u64,
+        lookup: Option<&dyn Fn(&str) -> Option<String>>,
+    ) -> Arc<Verdict> {
+        let memoize = !(entry.has_execute && lookup.is_some());
+        if memoize {
+            let memo = lock(&entry.memo);
+            if let Some(m) = memo.iter().find(|m| {
+                m.windows == windows && m.user == identity.user && m.database == database && m.groups == identity.groups
+            }) {
+                return m.verdict.clone();
+            }
+        }
+        let verdict = Arc::new(self.evaluate(entry, identity, database, windows, lookup));
+        if memoize {
+            let mut memo = lock(&entry.memo);
+            if memo.len() >= MEMO_PER_ENTRY {
+                memo.remove(0);
+            }
+            memo.push(Memo {
+                user: identity.user.clone(),
+                groups: identity.groups.clone(),
+                database: database.to_string(),
+                windows,
+                verdict: verdict.clone(),
+            });
+        }
+        verdict
+    }
+
+    /// The cached analysis of `sql`.
+    fn entry(&self, sql: &str) -> Arc<Entry> {
+        if sql.len() > MAX_CACHED_SQL {
+            return Arc::new(self.build_entry(sql));
+        }
+        let h = self.cache.hasher.hash_one(sql);
+        let shard = &self.cache.shards[(h as usize) % SHARDS];
+        if let Some(bucket) = lock(shard).get(&h) {
+            if let Some(e) = bucket.iter().find(|e| &*e.sql == sql) {
+                return e.clone();
+            }
+        }
+        // Parse outside the lock.
+        let e = Arc::new(self.build_entry(sql));
+        let mut g = lock(shard);
+        match g.get_mut(&h) {
+            Some(bucket) => {
+                if let Some(existing) = bucket.iter().find(|x| &*x.sql == sql) {
+                    return existing.clone();
+                }
+                if bucket.len() >= 4 {
+                    bucket.remove(0);
+                }
+                bucket.push(e.clone());
+            }
+            None => {
+                g.put(h, vec![e.clone()]);
+            }
+        }
+        e
+    }
+
+    fn build_entry(&self, sql: &str) -> Entry {
+        let infos = analyze_sql(sql);
+        let has_execute = infos.iter().any(|i| i.execute.is_some());
+        let stmts = infos.into_iter().map(|i| self.stmt(Arc::new(i))).collect();
+        Entry { sql: sql.into(), stmts, has_execute, memo: Mutex::new(Vec::new()) }
+    }
+
+    fn stmt(&self, info: Arc<StatementInfo>) -> Stmt {
+        let mut content = vec![0u64; self.c.rules.len().div_ceil(64)];
+        for (i, r) in self.c.rules.iter().enumerate() {
+            if content_matches(r, &info, &self.c.search_path) {
+                content[i / 64] |= 1 << (i % 64);
+            }
+        }
+        Stmt { info, content: content.into_boxed_slice() }
+    }
+
+    fn window_bits(&self, now: DateTime<Utc>) -> u64 {
+        let mut bits = 0;
+        for (i, (_, w)) in self.c.windows.iter().enumerate() {
+            if w.contains(now) {
+                bits |= 1 << i;
+            }
+        }
+        bits
+    }
+
+    fn evaluate(
+        &self,
+        entry: &Entry,
+        identity: &Identity,
+        database: &str,
+        windows: u64,
+        lookup: Option<&dyn Fn(&str) -> Option<String>>,
+    ) -> Verdict {
+        let mut out: Vec<StatementVerdict> = Vec::with_capacity(entry.stmts.len());
+        for s in &entry.stmts {
+            if let (Some(name), Some(lookup)) = (&s.info.execute, lookup) {
+                if let Some(resolved) = lookup(name).and_then(|text| self.resolve_execute(&s.info, &text)) {
+                    // The EXECUTE is allowed only if everything the prepared text does is.
+                    let mut verdicts: Vec<StatementVerdict> = resolved
+                        .into_iter()
+                        .map(|r| {
+                            let (decision, rule, reason) = self.decide_stmt(&r, identity, database, windows);
+                            StatementVerdict {
+                                decision,
+                                rule: rule.into_owned(),
+                                reason: reason.into_owned(),
+                                info: r.info,
+                            }
+                        })
+                        .collect();
+                    let pick = verdicts.iter().position(|v| v.decision == Action::Deny).unwrap_or(0);
+                    out.push(verdicts.swap_remove(pick));
+                    continue;
+                }
+            }
+            let (decision, rule, reason) = self.decide_stmt(s, identity, database, windows);
+            out.push(StatementVerdict {
+                decision,
+                rule: rule.into_owned(),
+                reason: reason.into_owned(),
+                info: s.info.clone(),
+            });
+        }
+        combine(out)
+    }
+
+    /// EXECUTE resolved to a prepared text: its statements, carrying the EXECUTE's own
+    /// parameters' functions and the outer string's modifiers.
+    fn resolve_execute(&self, exec: &StatementInfo, text: &str) -> Option<Vec<Stmt>> {
+        let prepared = self.entry(text);
+        if prepared.stmts.is_empty() {
+            return None;
+        }
+        Some(
+            prepared
+                .stmts
+                .iter()
+                .map(|p| {
+                    let mut info = (*p.info).clone();
+                    info.text = format!("{} /* prepared: {} */", exec.text, p.info.text);
+                    info.commands.insert(0, "execute".into());
+                    info.functions.extend(exec.functions.iter().cloned());
+                    info.tables.extend(exec.tables.iter().cloned());
+                    let mut m = exec.modifiers;
+                    m.0 &= !(1 << Modifier::UnknownPrepared as u32);
+                    info.modifiers |= m;
+                    // A prepared EXECUTE inside is not resolved again (stays "unknown_prepared").
+                    self.stmt(Arc::new(info))
+                })
+                .collect(),
+        )
+    }
+
+    fn decide_stmt<'a>(
+        &'a self,
+        s: &Stmt,
+        identity: &Identity,
+        database: &str,
+        windows: u64,
+    ) -> (Action, Cow<'a, str>, Cow<'a, str>) {
+        let info = &s.info;
+        if info.modifiers.contains(Modifier::IdentityChange) {
+            return (
+                Action::Deny,
+                "builtin:identity-change".into(),
+                "changing the session's role or authorization is not allowed through pgward".into(),
+            );
+        }
+        if info.modifiers.contains(Modifier::ProtectedSetting) {
+            return (
+                Action::Deny,
+                "builtin:protected-setting".into(),
+                "standard_conforming_strings must stay on and the client encoding must not be SJIS, BIG5, GBK, GB18030 or JOHAB (pgward checks statements assuming so)".into(),
+            );
+        }
+        if info.unparsable {
+            let (action, rule) = self.unparsable_for(identity);
+            if action == Action::Deny {
+                return (
+                    Action::Deny,
+                    rule,
+                    "pgward could not parse this statement, and the policy denies statements it cannot check".into(),
+                );
+            }
+        }
+        for (i, r) in self.c.rules.iter().enumerate() {
+            if s.content[i / 64] & (1 << (i % 64)) != 0
+                && subject_matches(r, identity)
+                && (r.databases.is_empty() || r.databases.iter().any(|d| d.matches(database)))
+                && (r.during == 0 || windows & r.during != 0)
+                && windows & r.outside == 0
+            {
+                return (r.action, r.name.as_str().into(), r.reason.as_str().into());
+            }
+        }
+        let (action, rule) = self.default_for(identity);
+        let reason = match action {
+            Action::Allow => Cow::Borrowed(""),
+            Action::Deny => format!("no policy rule allows this statement ({rule} is deny)").into(),
+        };
+        (action, rule, reason)
+    }
+
+    /// Deny if any of the identity's groups defaults to deny; else allow if any defaults to
+    /// allow; else `[defaults] action`.
+    fn default_for(&self, identity: &Identity) -> (Action, Cow<'_, str>) {
+        let mut allow: Option<&str> = None;
+        for g in self.c.groups.iter().filter(|g| identity.groups.contains(&g.name)) {
+            match g.default {
+                Some(Action::Deny) => return (Action::Deny, format!("default:{}", g.name).into()),
+                Some(Action::Allow) if allow.is_none() => allow = Some(&g.name),
+                _ => {}
+            }
+        }
+        match allow {
+            Some(g) => (Action::Allow, format!("default:{g}").into()),
+            None => (self.c.default_action, "default".into()),
+        }
+    }
+
+    /// The identity's `unparsable` setting: an explicit group setting (deny wins), else
+    /// `[defaults] unparsable`, else deny if the policy restricts this identity at all (a deny
+    /// default or any deny rule that names it, its groups, or everyone).
+    fn unparsable_for(&self, identity: &Identity) -> (Action, Cow<'_, str>) {
+        let mut allow: Option<&str> = None;
+        for g in self.c.groups.iter().filter(|g| identity.groups.contains(&g.name)) {
+            match g.unparsable {
+                Some(Action::Deny) => return (Action::Deny, format!("unparsable:{}", g.name).into()),
+                Some(Action::Allow) if allow.is_none() => allow = Some(&g.name),
+                _ => {}
+            }
+        }
+        if let Some(g) = allow {
+            return (Action::Allow, format!("unparsable:{g}").into());
+        }
+        if let Some(a) = self.c.default_unparsable {
+            return (a, "unparsable".into());
+        }
+        let restricted = self.default_for(identity).0 == Action::Deny
+            || self.c.rules.iter().any(|r| r.action == Action::Deny && subject_matches(r, identity));
+        (if restricted { Action::Deny } else { Action::Allow }, "unparsable".into())
+    }
+}
+
+fn combine(statements: Vec<StatementVerdict>) -> Verdict {
+    let classes = statements.iter().map(|s| s.info.class()).collect();
+    let unparsable = statements.iter().any(|s| s.info.unparsable);
+    let statement_count = statements.len();
+    if statements.is_empty() {
+        return Verdict {
+            decision: Action::Allow,
+            rule: "empty".into(),
+            reason: String::new(),
+            classes,
+            unparsable,
+            statement_count,
+            statements,
+        };
+    }
+    let (decision, rule, reason) = match statements.iter().find(|s| s.decision == Action::Deny) {
+        Some(d) => (Action::Deny, d.rule.clone(), d.reason.clone()),
+        None => {
+            let mut names: Vec<&str> = Vec::new();
+            for s in &statements {
+                if !names.contains(&s.rule.as_str()) {
+                    names.push(&s.rule);
+                }
+            }
+            (Action::Allow, names.join(","), String::new())
+        }
+    };
+    Verdict { decision, rule, reason, classes, unparsable, statement_count, statements }
+}
+
+fn subject_matches(r: &Rule, id: &Identity) -> bool {
+    let included = (r.users.is_empty() && r.groups.is_empty())
+        || r.users.iter().any(|u| *u == id.user)
+        || r.groups.iter().any(|g| id.groups.contains(g));
+    included && !r.except_users.iter().any(|u| *u == id.user) && !r.except_groups.iter().any(|g| id.groups.contains(g))
+}
+
+/// Does a name (table or function reference) match a pattern?
+///
+/// * qualified reference `s.n`: schema and name must match (a pattern without schema matches
+///   any schema);
+/// * unqualified reference `n` (pgward cannot see the session's search_path): in a **deny**
+///   rule it matches `x.n` for a literal `n` whatever `x` is, and `x.<glob>` when `x` is in
+///   `[defaults] search_path`; in an **allow** rule the pattern's schema must match every
+///   schema of the search_path.
+fn name_matches(p: &NamePat, q: &QName, deny: bool, search_path: &[String]) -> bool {
+    if !p.name.matches(&q.name) {
+        return false;
+    }
+    match (&p.schema, &q.schema) {
+        (None, _) => true,
+        (Some(ps), Some(qs)) => ps.matches(qs),
+        (Some(ps), None) => {
+            if deny {
+                p.name.is_literal() || search_path.iter().any(|s| ps.matches(s))
+            } else {
+                !search_path.is_empty() && search_path.iter().all(|s| ps.matches(s))
+            }
+        }
+    }
+}
+
+/// The statement-dependent conditions of a rule. Deny rules match a statement that does *any*
+/// of the listed things; allow rules only a statement whose classes, commands, tables, schemas
+/// and functions are *all* listed. Modifiers: the statement has any of the listed ones.
+fn content_matches(r: &Rule, info: &StatementInfo, search_path: &[String]) -> bool {
+    let deny = r.action == Action::Deny;
+    // any/all over the statement's items
+    fn check<T>(items: &[T], deny: bool, f: impl Fn(&T) -> bool) -> bool {
+        if deny { items.iter().any(f) } else { items.iter().all(f) }
+    }
+    if !r.classes.is_empty() {
+        let ok = if deny {
+            info.classes.0 & r.classes.0 != 0
+        } else {
+            !info.classes.is_empty() && info.classes.0 & !r.classes.0 == 0
+        };
+        if !ok {
+            return false;
+        }
+    }
+    if !r.commands.is_empty() && !check(&info.commands, deny, |c| r.commands.iter().any(|g| g.matches(c))) {
+        return false;
+    }
+    if !r.tables.is_empty()
+        && !check(&info.tables, deny, |t| r.tables.iter().any(|p| name_matches(p, t, deny, search_path)))
+    {
+        return false;
+    }
+    if !r.schemas.is_empty() {
+        // Schemas touched: explicit ones, and for unqualified tables the search_path.
+        let mut touched: Vec<&str> = info.schemas.iter().map(String::as_str).collect();
+        if info.tables.iter().any(|t| t.schema.is_none()) {
+            touched.extend(search_path.iter().map(String::as_str));
+        }
+        if !check(&touched, deny, |s| r.schemas.iter().any(|g| g.matches(s))) {
+            return false;
+        }
+    }
+    if !r.functions.is_empty()
+        && !check(&info.functions, deny, |f| r.functions.iter().any(|p| name_matches(p, f, deny, search_path)))
+    {
+        return false;
+    }
+    if !r.modifiers.is_empty() && info.modifiers.0 & r.modifiers.0 == 0 {
+        return false;
+    }
+    true
+}
+
+// ---------------------------------------------------------------------------------------------
+// Legacy interface (session.rs calls this until it switches to `Policy`).
+
+/// The old decision shape. Prefer [`Policy::decide`] and [`Verdict`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow { rule: String },
+    Deny { rule: String, reason: String },
+}
+
+/// Stub kept for the session until it holds a [`Policy`]: allows everything under rule
+/// "default". Replace calls with `policy.decide(identity, database, sql, Utc::now())`.
+pub fn decide(_identity: &Identity, _database: &str, _sql: &str) -> Decision {
+    Decision::Allow { rule: "default".into() }
+}
+
+/// Path helper for callers that have a policy file list but no [`Config`].
+pub fn load_files<P: AsRef<Path>>(paths: &[P]) -> Result<Policy, PolicyError> {
+    Policy::from_files(&paths.iter().map(|p| p.as_ref().to_path_buf()).collect::<Vec<_>>())
+}

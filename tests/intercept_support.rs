@@ -1,0 +1,438 @@
+//! Shared by the interception tests (tests/intercept.rs, tests/intercept_lifecycle.rs; included
+//! with `#[path]`, not a test binary of its own).
+//!
+//! - [`TestCgroup`]: a child cgroup `/sys/fs/cgroup/unified/pgwt-<name>-<pid>-<n>` the test's
+//!   pgward attaches to. Only the test's own client processes are moved in (before they create
+//!   sockets: [`Client`] joins it in `pre_exec`). Never the root cgroup. Removed on Drop (also
+//!   when the test panics), children first; cgroup removal also detaches anything attached.
+//! - [`Netns`]: a network namespace with a veth pair (10.213.<k>.1 host side, .2 inside) for
+//!   "remote" clients; deleted on Drop.
+//! - [`Client`]: runs this test binary again as a client process (`intercept_helper` test with
+//!   `PGWARD_ICPT_JOB` set) inside a cgroup and/or namespace; the job's JSON result comes back on
+//!   stdout. Each test binary must define `#[test] fn intercept_helper() { support::helper_main() }`.
+//! - [`intercepting`]: a pgward with `[intercept]` on, attached to the test's cgroup.
+
+#![allow(dead_code)]
+
+use std::ffi::CString;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::common::raw::{Msg, RawConn, fe};
+use crate::common::{CmdOut, Login, Pgward, run_cmd, toml_set};
+
+pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn seq() -> u32 {
+    SEQ.fetch_add(1, Ordering::SeqCst)
+}
+
+// ---- cgroup ----------------------------------------------------------------------------------
+
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    #[track_caller]
+    pub fn new(name: &str) -> TestCgroup {
+        let root = Path::new(CGROUP2_ROOT);
+        assert!(
+            root.join("cgroup.procs").exists(),
+            "cgroup v2 is not mounted at {CGROUP2_ROOT} (the interception tests need it, and root)"
+        );
+        let path = root.join(format!("pgwt-{name}-{}-{}", std::process::id(), seq()));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        TestCgroup { path }
+    }
+    pub fn procs(&self) -> PathBuf {
+        self.path.join("cgroup.procs")
+    }
+    /// "/pgwt-…" as /proc/<pid>/cgroup shows it.
+    pub fn rel(&self) -> String {
+        format!("/{}", self.path.file_name().unwrap().to_string_lossy())
+    }
+    /// pgward's own cgroup below this one (the default `intercept.gateway_cgroup`).
+    pub fn gateway(&self) -> PathBuf {
+        self.path.join("pgward-gateway")
+    }
+}
+
+/// rmdir `dir` and its child cgroups, depth first. Processes still inside (only ever the test's
+/// own, or its pgward when it was killed before cleaning up) are moved to the root cgroup first.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) if Instant::now() > deadline => {
+                eprintln!("warning: could not remove cgroup {}: {e}", dir.display());
+                return;
+            }
+            Err(_) => {
+                let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.split_whitespace() {
+                    let _ = std::fs::write(Path::new(CGROUP2_ROOT).join("cgroup.procs"), pid);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        remove_cgroup_tree(&self.path);
+    }
+}
+
+// ---- network namespace -----------------------------------------------------------------------
+
+pub struct Netns {
+    pub name: String,
+    host_if: String,
+    /// Host side of the veth pair (what the remote client dials).
+    pub host_ip: IpAddr,
+    /// The client's address inside the namespace.
+    pub ns_ip: IpAddr,
+}
+
+fn ip(args: &[&str]) -> CmdOut {
+    run_cmd(Command::new("ip").args(args), None, Duration::from_secs(20))
+}
+
+impl Netns {
+    #[track_caller]
+    pub fn new() -> Netns {
+        let k = (std::process::id() as u32 * 7 + seq()) % 250 + 1;
+        let tag = format!("{:x}", (std::process::id() << 8) ^ seq());
+        let name = format!("pgwt-ns-{tag}");
+        let host_if = format!("pgh{}", &tag[tag.len().saturating_sub(8)..]);
+        let ns_if = format!("pgn{}", &tag[tag.len().saturating_sub(8)..]);
+        let (host_ip, ns_ip) = (format!("10.213.{k}.1"), format!("10.213.{k}.2"));
+        let n = Netns { name: name.clone(), host_if: host_if.clone(), host_ip: host_ip.parse().unwrap(), ns_ip: ns_ip.parse().unwrap() };
+        for args in [
+            vec!["netns", "add", &name],
+            vec!["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if],
+            vec!["link", "set", &ns_if, "netns", &name],
+            vec!["addr", "add", &format!("{host_ip}/24"), "dev", &host_if],
+            vec!["link", "set", &host_if, "up"],
+            vec!["netns", "exec", &name, "ip", "addr", "add", &format!("{ns_ip}/24"), "dev", &ns_if],
+            vec!["netns", "exec", &name, "ip", "link", "set", &ns_if, "up"],
+            vec!["netns", "exec", &name, "ip", "link", "set", "lo", "up"],
+        ] {
+            let out = ip(&args);
+            assert!(out.success(), "setting up netns {name}: {}", out.describe());
+        }
+        n
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+        let _ = ip(&["link", "del", &self.host_if]); // normally gone with its peer
+    }
+}
+
+/// The host's first global IPv4 address that is not one of the tests' veths.
+#[track_caller]
+pub fn host_ipv4() -> IpAddr {
+    let out = ip(&["-4", "-o", "addr", "show", "scope", "global"]);
+    out.stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
+        .filter_map(|cidr| cidr.split('/').next()?.parse::<IpAddr>().ok())
+        .find(|a| !a.to_string().starts_with("10.213."))
+        .unwrap_or_else(|| panic!("this host has no global IPv4 address to test with:\n{}", out.describe()))
+}
+
+// ---- client processes ------------------------------------------------------------------------
+
+/// What a client process does (serialized into `PGWARD_ICPT_JOB`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "job", rename_all = "snake_case")]
+pub enum Job {
+    /// TCP connect; reports errno, getpeername and getsockname.
+    Connect { addr: SocketAddr },
+    /// Startup + password; reports the authentication requests seen, the error's SQLSTATE, and
+    /// with `query`, its rows.
+    Login { addr: SocketAddr, user: String, password: String, db: String, query: Option<String> },
+}
+
+/// The job's outcome (`errno` set when the connect failed).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Outcome {
+    pub pid: u32,
+    pub errno: Option<i32>,
+    pub peer: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+    /// Authentication request codes in order (3 = cleartext: what pgward asks; 10 = SASL).
+    pub auth: Vec<i32>,
+    pub sqlstate: Option<String>,
+    pub message: Option<String>,
+    pub ready: bool,
+    pub rows: Vec<Vec<Option<String>>>,
+    pub failure: Option<String>,
+}
+
+pub struct Client<'a> {
+    cgroup: Option<&'a TestCgroup>,
+    netns: Option<&'a Netns>,
+}
+
+impl<'a> Client<'a> {
+    pub fn in_cgroup(cg: &'a TestCgroup) -> Self {
+        Client { cgroup: Some(cg), netns: None }
+    }
+    pub fn outside() -> Self {
+        Client { cgroup: None, netns: None }
+    }
+    pub fn in_netns(mut self, ns: &'a Netns) -> Self {
+        self.netns = Some(ns);
+        self
+    }
+
+    /// `cmd` with the cgroup join (before exec, so before any socket exists) and the netns.
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let mut cmd = match self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name, program]);
+                c
+            }
+            None => Command::new(program),
+        };
+        cmd.args(args);
+        let procs = self.cgroup.map(|c| CString::new(c.procs().to_string_lossy().into_owned()).unwrap());
+        // SAFETY: only async-signal-safe calls (open, write, close, prctl) on prepared data.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if let Some(p) = &procs {
+                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let r = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                    if r != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    #[track_caller]
+    pub fn run(&self, job: &Job) -> Outcome {
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = self.command(
+            &exe.to_string_lossy(),
+            &["--exact", "intercept_helper", "--nocapture", "--test-threads=1", "-q"],
+        );
+        cmd.env("PGWARD_ICPT_JOB", serde_json::to_string(job).unwrap());
+        let out = run_cmd(&mut cmd, None, Duration::from_secs(60));
+        let line = out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("ICPT-RESULT "))
+            .unwrap_or_else(|| panic!("client process printed no result for {job:?}: {}", out.describe()));
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("bad client result {line}: {e}"))
+    }
+
+    #[track_caller]
+    pub fn connect(&self, addr: SocketAddr) -> Outcome {
+        self.run(&Job::Connect { addr })
+    }
+
+    #[track_caller]
+    pub fn login(&self, addr: SocketAddr, user: &str, password: &str, db: &str, query: Option<&str>) -> Outcome {
+        self.run(&Job::Login {
+            addr,
+            user: user.into(),
+            password: password.into(),
+            db: db.into(),
+            query: query.map(Into::into),
+        })
+    }
+}
+
+/// Body of each binary's `intercept_helper` test: a no-op unless `PGWARD_ICPT_JOB` is set.
+pub fn helper_main() {
+    let Ok(job) = std::env::var("PGWARD_ICPT_JOB") else { return };
+    let job: Job = serde_json::from_str(&job).expect("PGWARD_ICPT_JOB is a Job");
+    let mut o = Outcome { pid: std::process::id(), ..Default::default() };
+    match job {
+        Job::Connect { addr } => match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(s) => {
+                o.peer = s.peer_addr().ok();
+                o.local = s.local_addr().ok();
+            }
+            Err(e) => o.errno = e.raw_os_error(),
+        },
+        Job::Login { addr, user, password, db, query } => login_job(&mut o, addr, &user, &password, &db, query.as_deref()),
+    }
+    println!("ICPT-RESULT {}", serde_json::to_string(&o).unwrap());
+}
+
+fn login_job(o: &mut Outcome, addr: SocketAddr, user: &str, password: &str, db: &str, query: Option<&str>) {
+    let host = match addr.ip() {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    };
+    let login = Login::new(&host, addr.port(), user, Some(password), db);
+    let mut c = match RawConn::open(&login) {
+        Ok(c) => c,
+        Err(e) => {
+            o.errno = e.raw_os_error();
+            o.failure = Some(e.to_string());
+            return;
+        }
+    };
+    o.local = c.local_addr;
+    let mut step = || -> std::io::Result<Option<Msg>> {
+        c.send(&fe::startup(&[("user", user), ("database", db)]))?;
+        loop {
+            let m = c.recv()?;
+            match m.tag {
+                b'R' => {
+                    let code = i32::from_be_bytes(m.body[..4].try_into().unwrap());
+                    if code != 0 {
+                        o.auth.push(code);
+                    }
+                    match code {
+                        0 => {}
+                        3 => c.send(&fe::password(password))?,
+                        _ => return Ok(None), // not pgward's cleartext request: stop here
+                    }
+                }
+                b'E' => return Ok(Some(m)),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        o.ready = true;
+        if let Some(q) = query {
+            let msgs = c.simple_query(q)?;
+            if let Some(e) = msgs.iter().find(|m| m.is_error()) {
+                return Ok(Some(e.clone()));
+            }
+            o.rows = crate::common::raw::rows(&msgs);
+        }
+        Ok(None)
+    };
+    match step() {
+        Ok(Some(err)) => {
+            let f = err.fields();
+            o.sqlstate = f.get(&'C').cloned();
+            o.message = f.get(&'M').cloned();
+        }
+        Ok(None) => {}
+        Err(e) => o.failure = Some(e.to_string()),
+    }
+}
+
+// ---- pgward with interception ----------------------------------------------------------------
+
+/// `0.0.0.0:PORT` and `[::]:PORT`: every address of both families.
+pub fn any_port(port: u16) -> Vec<String> {
+    vec![format!("0.0.0.0:{port}"), format!("[::]:{port}")]
+}
+
+/// A pgward in front of the shared cluster with `[intercept]` on, attached to `cg`, steering
+/// `protected`; sk_lookup off unless the edit turns it on (it is per network namespace, so
+/// tests running in parallel must not overlap in what it matches).
+pub fn intercepting(cg: &TestCgroup, protected: Vec<String>, edit: impl FnOnce(&mut toml::Table) + 'static) -> Pgward {
+    let cg = cg.path.display().to_string();
+    let pw = Pgward::builder()
+        .config(move |t| {
+            toml_set(t, "intercept.enabled", true);
+            toml_set(t, "intercept.cgroup", cg);
+            toml_set(t, "intercept.protected", protected);
+            toml_set(t, "intercept.sk_lookup", false);
+            edit(t);
+        })
+        .start();
+    wait_attached(&pw);
+    pw
+}
+
+/// `serve` listens before it attaches (sk_lookup needs the listening socket); the state file
+/// is written once every program is attached.
+#[track_caller]
+pub fn wait_attached(pw: &Pgward) {
+    let p = pw.dir.join("intercept.state.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !p.exists() {
+        if Instant::now() > deadline {
+            panic!("pgward never attached its programs:\n{}", pw.stderr_log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// pgward's state file (what `serve` attached), parsed.
+pub fn state(pw: &Pgward) -> Value {
+    let p = pw.dir.join("intercept.state.json");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// `pgward status --json` → (exit code, parsed output).
+#[track_caller]
+pub fn status(pw: &Pgward) -> (i32, Value) {
+    let out = crate::common::pgward_cli(&["status".as_ref(), "--config".as_ref(), pw.config_path.as_os_str(), "--json".as_ref()] as &[&std::ffi::OsStr]);
+    let v = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", out.describe()));
+    (out.code.unwrap_or(-1), v)
+}
+
+/// A counter from `pgward status --json`.
+#[track_caller]
+pub fn counter(pw: &Pgward, program: &str, name: &str) -> u64 {
+    let (_, v) = status(pw);
+    v["counters"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["program"] == program && c["counter"] == name))
+        .and_then(|c| c["value"].as_u64())
+        .unwrap_or_else(|| panic!("no counter {program}/{name} in {v}"))
+}
+
+/// Whether a bpf program with this id is still loaded in the kernel.
+pub fn program_loaded(id: u32) -> bool {
+    aya::programs::loaded_programs().filter_map(Result::ok).any(|p| p.id() == id)
+}
+
+/// Wait until pgward's stderr contains `needle` (logs are written asynchronously).
+#[track_caller]
+pub fn wait_log(pw: &Pgward, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = pw.stderr_log();
+        if log.contains(needle) {
+            return log;
+        }
+        if Instant::now() > deadline {
+            panic!("pgward's log never contained {needle:?}:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
