@@ -143,9 +143,8 @@ fn pgward_learns_who_connected() {
     }
 }
 
-/// Needs session.rs to put `ebpf::lookup_peer`'s metadata into the login record (owner: session).
+/// The login record's `client.meta` carries what the kernel recorded about the client.
 #[test]
-#[ignore = "waits for Peer meta wiring in session.rs"]
 fn login_record_carries_who_connected() {
     let (cg, pw, port) = in_place("audit");
     let db = cluster().create_database("icpt_audit");

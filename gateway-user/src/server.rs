@@ -88,11 +88,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             r = tcp.accept() => match r {
                 Ok((s, peer)) => {
                     let _ = s.set_nodelay(true);
-                    // TODO(session owner): carry `meta` into Peer for the login record.
-                    if let Some(meta) = crate::ebpf::lookup_peer(&s) {
-                        tracing::info!(%peer, meta = %meta.to_json(), "intercepted connection");
-                    }
-                    tokio::spawn(session::handle(shared.clone(), Box::new(s), Peer::Tcp(peer)));
+                    // Who connected, as the kernel saw it (redirected connections only); read
+                    // once: the lookup consumes the kernel's record.
+                    let meta = crate::ebpf::lookup_peer(&s).map(|m| {
+                        let v = m.to_json();
+                        tracing::info!(%peer, meta = %v, "intercepted connection");
+                        v
+                    });
+                    tokio::spawn(session::handle(shared.clone(), Box::new(s), Peer::Tcp(peer, meta)));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");

@@ -41,20 +41,22 @@ pub struct Shared {
 /// Who is on the other end of an accepted socket.
 #[derive(Debug, Clone)]
 pub enum Peer {
-    Tcp(SocketAddr),
+    /// Address, and for intercepted connections what the kernel recorded (original
+    /// destination, pid, uid, cgroup, ...).
+    Tcp(SocketAddr, Option<serde_json::Value>),
     Unix { uid: u32, pid: i32 },
 }
 
 impl Peer {
     fn is_local(&self) -> bool {
         match self {
-            Peer::Tcp(a) => a.ip().is_loopback(),
+            Peer::Tcp(a, _) => a.ip().is_loopback(),
             Peer::Unix { .. } => true,
         }
     }
     fn audit_client(&self) -> Client {
         match self {
-            Peer::Tcp(a) => Client::Tcp { addr: a.to_string() },
+            Peer::Tcp(a, meta) => Client::Tcp { addr: a.to_string(), meta: meta.clone() },
             Peer::Unix { uid, pid } => Client::Unix { uid: *uid, pid: *pid },
         }
     }

@@ -22,8 +22,13 @@ pub enum Kind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Client {
-    /// "127.0.0.1:50412"
-    Tcp { addr: String },
+    /// "127.0.0.1:50412"; `meta` for connections steered by the eBPF programs: what the
+    /// kernel saw (original_dst, via, pid, uid, gid, cgroup_id, cgroup, comm).
+    Tcp {
+        addr: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        meta: Option<serde_json::Value>,
+    },
     /// unix socket peer credentials
     Unix { uid: u32, pid: i32 },
 }

@@ -254,7 +254,7 @@ fn format_human(s: &mut String, r: &Record) {
     match r.kind {
         Kind::Login | Kind::LoginFailed => {
             match &r.client {
-                Some(Client::Tcp { addr }) => field(s, format!("from={addr}")),
+                Some(Client::Tcp { addr, .. }) => field(s, format!("from={addr}")),
                 Some(Client::Unix { uid, pid }) => field(s, format!("from=unix(uid={uid},pid={pid})")),
                 None => {}
             }

@@ -310,10 +310,8 @@ pub(crate) fn setting_change(name: &str, value: Option<&str>) -> ModSet {
             }
         }
         "search_path" => m.insert(Modifier::SearchPath),
-        "client_encoding" | "names" => {
-            if value.is_none_or(unsafe_client_encoding) {
-                m.insert(Modifier::ProtectedSetting);
-            }
+        "client_encoding" | "names" if value.is_none_or(unsafe_client_encoding) => {
+            m.insert(Modifier::ProtectedSetting);
         }
         _ => {}
     }
@@ -435,16 +433,16 @@ impl Visitor for Collector<'_> {
                 }
             }
         }
-        if let SetExpr::Select(sel) = &*q.body {
-            if let Some(into) = &sel.into {
-                // SELECT … INTO t creates and fills a table.
-                self.info.classes.insert(StatementClass::Ddl);
-                self.info.classes.insert(StatementClass::Write);
-                self.info.add_command("select into");
-                for t in &into.targets {
-                    if let Some(q) = expr_name(t) {
-                        self.info.tables.push(q);
-                    }
+        if let SetExpr::Select(sel) = &*q.body
+            && let Some(into) = &sel.into
+        {
+            // SELECT … INTO t creates and fills a table.
+            self.info.classes.insert(StatementClass::Ddl);
+            self.info.classes.insert(StatementClass::Write);
+            self.info.add_command("select into");
+            for t in &into.targets {
+                if let Some(q) = expr_name(t) {
+                    self.info.tables.push(q);
                 }
             }
         }
@@ -480,13 +478,13 @@ impl Visitor for Collector<'_> {
     }
 
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-        if let Expr::Function(f) = e {
-            if let Some(q) = QName::from_object(&f.name) {
-                if q.name == "set_config" {
-                    self.info.modifiers |= set_config_call(&f.args);
-                }
-                self.info.functions.push(q);
+        if let Expr::Function(f) = e
+            && let Some(q) = QName::from_object(&f.name)
+        {
+            if q.name == "set_config" {
+                self.info.modifiers |= set_config_call(&f.args);
             }
+            self.info.functions.push(q);
         }
         ControlFlow::Continue(())
     }
@@ -559,10 +557,10 @@ fn classify(s: &Statement, info: &mut StatementInfo) {
         }
         Statement::Copy { source, to, target, .. } => {
             info.add_command("copy");
-            if let CopySource::Table { table_name, .. } = source {
-                if let Some(t) = QName::from_object(table_name) {
-                    info.tables.push(t);
-                }
+            if let CopySource::Table { table_name, .. } = source
+                && let Some(t) = QName::from_object(table_name)
+            {
+                info.tables.push(t);
             }
             info.classes.insert(if *to { Read } else { Write });
             match target {

@@ -311,10 +311,10 @@ pub(crate) fn compile(files: Vec<(PathBuf, PolicyFile)>) -> Result<Compiled, Pol
 
     for (path, f) in files {
         let bad = |msg: String| PolicyError::Invalid { path: path.clone(), msg };
-        if let Some(v) = f.version {
-            if v != 1 {
-                return Err(bad(format!("version = {v} is not supported (this pgward reads version 1)")));
-            }
+        if let Some(v) = f.version
+            && v != 1
+        {
+            return Err(bad(format!("version = {v} is not supported (this pgward reads version 1)")));
         }
         if let Some(d) = f.defaults {
             if d.action.is_some() {

@@ -162,9 +162,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Statement-text hash → entries with that hash (compared by text).
+type Shard = LruCache<u64, Vec<Arc<Entry>>>;
+
+/// How the session resolves `EXECUTE name` to the prepared statement's text.
+pub type PreparedLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
 struct Cache {
     hasher: RandomState,
-    shards: Box<[Mutex<LruCache<u64, Vec<Arc<Entry>>>>]>,
+    shards: Box<[Mutex<Shard>]>,
 }
 
 impl Cache {
@@ -228,8 +234,10 @@ impl Policy {
 
     /// Allow everything except the built-in denials.
     pub fn builtin_only() -> Policy {
-        let mut f = file::PolicyFile::default();
-        f.defaults = Some(file::DefaultsSpec { action: Some(Action::Allow), ..Default::default() });
+        let f = file::PolicyFile {
+            defaults: Some(file::DefaultsSpec { action: Some(Action::Allow), ..Default::default() }),
+            ..Default::default()
+        };
         Policy::new(file::compile(vec![(PathBuf::from("<built-in>"), f)]).expect("built-in policy compiles"))
     }
 
@@ -358,7 +366,7 @@ impl Policy {
         database: &str,
         sql: &str,
         now: DateTime<Utc>,
-        lookup: Option<&dyn Fn(&str) -> Option<String>>,
+        lookup: Option<PreparedLookup<'_>>,
     ) -> Arc<Verdict> {
         let entry = self.entry(sql);
         let windows = self.window_bits(now);
@@ -371,7 +379,7 @@ impl Policy {
         identity: &Identity,
         database: &str,
         windows: u64,
-        lookup: Option<&dyn Fn(&str) -> Option<String>>,
+        lookup: Option<PreparedLookup<'_>>,
     ) -> Arc<Verdict> {
         let memoize = !(entry.has_execute && lookup.is_some());
         if memoize {
@@ -406,10 +414,10 @@ impl Policy {
         }
         let h = self.cache.hasher.hash_one(sql);
         let shard = &self.cache.shards[(h as usize) % SHARDS];
-        if let Some(bucket) = lock(shard).get(&h) {
-            if let Some(e) = bucket.iter().find(|e| &*e.sql == sql) {
-                return e.clone();
-            }
+        if let Some(bucket) = lock(shard).get(&h)
+            && let Some(e) = bucket.iter().find(|e| &*e.sql == sql)
+        {
+            return e.clone();
         }
         // Parse outside the lock.
         let e = Arc::new(self.build_entry(sql));
@@ -464,29 +472,29 @@ impl Policy {
         identity: &Identity,
         database: &str,
         windows: u64,
-        lookup: Option<&dyn Fn(&str) -> Option<String>>,
+        lookup: Option<PreparedLookup<'_>>,
     ) -> Verdict {
         let mut out: Vec<StatementVerdict> = Vec::with_capacity(entry.stmts.len());
         for s in &entry.stmts {
-            if let (Some(name), Some(lookup)) = (&s.info.execute, lookup) {
-                if let Some(resolved) = lookup(name).and_then(|text| self.resolve_execute(&s.info, &text)) {
-                    // The EXECUTE is allowed only if everything the prepared text does is.
-                    let mut verdicts: Vec<StatementVerdict> = resolved
-                        .into_iter()
-                        .map(|r| {
-                            let (decision, rule, reason) = self.decide_stmt(&r, identity, database, windows);
-                            StatementVerdict {
-                                decision,
-                                rule: rule.into_owned(),
-                                reason: reason.into_owned(),
-                                info: r.info,
-                            }
-                        })
-                        .collect();
-                    let pick = verdicts.iter().position(|v| v.decision == Action::Deny).unwrap_or(0);
-                    out.push(verdicts.swap_remove(pick));
-                    continue;
-                }
+            if let (Some(name), Some(lookup)) = (&s.info.execute, lookup)
+                && let Some(resolved) = lookup(name).and_then(|text| self.resolve_execute(&s.info, &text))
+            {
+                // The EXECUTE is allowed only if everything the prepared text does is.
+                let mut verdicts: Vec<StatementVerdict> = resolved
+                    .into_iter()
+                    .map(|r| {
+                        let (decision, rule, reason) = self.decide_stmt(&r, identity, database, windows);
+                        StatementVerdict {
+                            decision,
+                            rule: rule.into_owned(),
+                            reason: reason.into_owned(),
+                            info: r.info,
+                        }
+                    })
+                    .collect();
+                let pick = verdicts.iter().position(|v| v.decision == Action::Deny).unwrap_or(0);
+                out.push(verdicts.swap_remove(pick));
+                continue;
             }
             let (decision, rule, reason) = self.decide_stmt(s, identity, database, windows);
             out.push(StatementVerdict {
@@ -649,9 +657,9 @@ fn combine(statements: Vec<StatementVerdict>) -> Verdict {
 
 fn subject_matches(r: &Rule, id: &Identity) -> bool {
     let included = (r.users.is_empty() && r.groups.is_empty())
-        || r.users.iter().any(|u| *u == id.user)
+        || r.users.contains(&id.user)
         || r.groups.iter().any(|g| id.groups.contains(g));
-    included && !r.except_users.iter().any(|u| *u == id.user) && !r.except_groups.iter().any(|g| id.groups.contains(g))
+    included && !r.except_users.contains(&id.user) && !r.except_groups.iter().any(|g| id.groups.contains(g))
 }
 
 /// Does a name (table or function reference) match a pattern?
