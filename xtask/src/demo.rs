@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: a throwaway Postgres, pgward in front of it, a sample psql session
 //! authenticated by a token, then the audit tail and verify.
 
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,33 @@ pub struct DemoArgs {
     /// Keep pgward and Postgres running after the demo until Ctrl-C.
     #[arg(long)]
     pub keep: bool,
+}
+
+/// A child cgroup v2 for the demo: the eBPF programs attach here (never the root), and the
+/// demo's psql runs inside it. Removed on drop (with pgward's own `pgward-gateway` child).
+struct DemoCgroup(PathBuf);
+
+impl DemoCgroup {
+    fn create() -> Option<DemoCgroup> {
+        let root = Path::new("/sys/fs/cgroup/unified");
+        if unsafe { geteuid() } != 0 || !root.join("cgroup.procs").exists() {
+            return None;
+        }
+        let dir = root.join(format!("pgward-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        Some(DemoCgroup(dir))
+    }
+}
+
+impl Drop for DemoCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(self.0.join("pgward-gateway"));
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+unsafe extern "C" {
+    fn geteuid() -> u32;
 }
 
 struct Gateway(Child);
@@ -54,6 +82,23 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     run_ok(Command::new(&pgward).args(["init", "--dir"]).arg(&gw_dir).args(["--listen", &listen, "--upstream", &upstream, "--upstream-password-file"]).arg(&pwfile))?;
     let config = gw_dir.join("pgward.toml");
 
+    // Interception: clients dial the real Postgres port and land in pgward. The demo Postgres
+    // listens on its own port (standing in for 5432) and stays there ("in place" layout).
+    let cgroup = DemoCgroup::create();
+    match &cgroup {
+        Some(cg) => {
+            let mut text = std::fs::read_to_string(&config)?;
+            text.push_str(&format!(
+                "\n[intercept]\nenabled = true\ncgroup = \"{}\"\nprotected = [\"0.0.0.0:{p}\", \"[::]:{p}\"]\nsk_lookup = false\n",
+                cg.0.display(),
+                p = cluster.port
+            ));
+            std::fs::write(&config, text)?;
+            step(&format!("interception on: connects to port {} from cgroup {} go to pgward", cluster.port, cg.0.display()));
+        }
+        None => step("interception skipped (needs root and cgroup v2 at /sys/fs/cgroup/unified); clients dial pgward directly"),
+    }
+
     step(&format!("pgward serve --config {}", config.display()));
     let log = std::fs::File::create(base.join("pgward.log"))?;
     let child = Command::new(&pgward)
@@ -65,6 +110,32 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         .context("starting pgward serve")?;
     let gw = Gateway(child);
     wait_port(port)?;
+    if cgroup.is_some() {
+        let state = gw_dir.join("intercept.state.json");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !state.exists() {
+            if Instant::now() > deadline {
+                bail!("pgward did not attach its eBPF programs; see target/demo/pgward.log");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // With interception, psql dials the *Postgres* port from inside the demo cgroup.
+    let dial_port = if cgroup.is_some() { cluster.port } else { port };
+    let psql = |args: &[&str]| -> Command {
+        let mut c = match &cgroup {
+            Some(cg) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("echo $$ > {}/cgroup.procs && exec psql \"$@\"", cg.0.display()))
+                    .arg("psql");
+                c
+            }
+            None => Command::new("psql"),
+        };
+        c.args(["-X", "-h", "127.0.0.1", "-p", &dial_port.to_string(), "-U", "alice", "-d", "app"]).args(args);
+        c
+    };
 
     let token = run_ok(Command::new(&pgward).args(["token", "issue", "--config"]).arg(&config).args(["--user", "alice", "--groups", "analysts", "--ttl", "15m"]))?;
     let token = token.trim().to_string();
@@ -78,9 +149,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         begin; update customers set name = 'Ada L.' where id = 1; commit;\n\
         select count(*) from customers;\n\
         select 1/0;\n";
-    step("psql session through pgward");
-    let out = Command::new("psql")
-        .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "alice", "-d", "app", "-v", "ON_ERROR_STOP=0"])
+    step(&format!("psql -h 127.0.0.1 -p {dial_port} -U alice app   (a session through pgward)"));
+    let out = psql(&["-v", "ON_ERROR_STOP=0"])
         .env("PGPASSWORD", &token)
         .env("PGSSLMODE", "require")
         .stdin(Stdio::piped())
@@ -98,12 +168,15 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
 
     step("the service password is not a token: psql with it is refused");
-    let out = Command::new("psql")
-        .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "alice", "-d", "app", "-c", "select 1"])
+    let out = psql(&["-c", "select 1"])
         .env("PGPASSWORD", pg::SERVICE_PASSWORD)
         .output()?;
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
 
+    if cgroup.is_some() {
+        step("pgward status");
+        print!("{}", run_ok(Command::new(&pgward).args(["status", "--config"]).arg(&config))?);
+    }
     std::thread::sleep(Duration::from_millis(300));
     step("pgward audit tail");
     let tail = run_ok(Command::new(&pgward).args(["audit", "tail", "--config"]).arg(&config))?;
@@ -127,6 +200,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         }
     }
     drop(gw);
+    drop(cgroup);
     cluster.stop();
     step("demo finished: pgward and Postgres stopped");
     Ok(())

@@ -254,7 +254,25 @@ fn format_human(s: &mut String, r: &Record) {
     match r.kind {
         Kind::Login | Kind::LoginFailed => {
             match &r.client {
-                Some(Client::Tcp { addr, .. }) => field(s, format!("from={addr}")),
+                Some(Client::Tcp { addr, meta }) => {
+                    field(s, format!("from={addr}"));
+                    // Intercepted connection: who the kernel saw and what it dialled.
+                    if let Some(m) = meta {
+                        let get = |k: &str| m.get(k).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+                        let mut parts = Vec::new();
+                        if let Some(d) = get("original_dst") {
+                            parts.push(format!("dialled={d}"));
+                        }
+                        for k in ["comm", "pid", "uid", "cgroup"] {
+                            if let Some(v) = get(k) {
+                                parts.push(format!("{k}={v}"));
+                            }
+                        }
+                        if !parts.is_empty() {
+                            field(s, format!("[{}]", parts.join(" ")));
+                        }
+                    }
+                }
                 Some(Client::Unix { uid, pid }) => field(s, format!("from=unix(uid={uid},pid={pid})")),
                 None => {}
             }
