@@ -30,6 +30,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let verifier = Verifier::load(&cfg).context("loading token keys")?;
     let tls = crate::tls::server_config(&cfg).context("loading the TLS certificate")?;
     let upstream_password = cfg.upstream_password().context("reading upstream.password_file")?;
+    let policy = crate::policy::Policy::load(&cfg).context("loading the policy")?;
+    tracing::info!(sources = ?policy.sources(), rules = policy.rule_names().count(), "policy loaded");
 
     let signer = CheckpointSigner::from_pem_file(&cfg.resolve(&cfg.auth.signing_key), &cfg.auth.signing_kid)
         .context("loading the checkpoint signing key")?;
@@ -49,6 +51,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         audit: audit.clone(),
         tls: Some(tokio_rustls::TlsAcceptor::from(tls)),
         cancels: CancelMap::default(),
+        policy,
         target: Target::from_config(&cfg),
         upstream_password,
     });

@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::audit::{AuditError, AuditHandle, Client, Kind, Record};
 use crate::auth::{Identity, Verifier};
 use crate::config::Config;
-use crate::policy::{self, Decision};
+use crate::policy::{Policy, Verdict};
 use crate::upstream::{self, CancelMap, Target};
 use crate::wire::{self, BoxStream, Frame, StartupRequest, WireError};
 
@@ -34,6 +34,7 @@ pub struct Shared {
     pub audit: AuditHandle,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub cancels: CancelMap,
+    pub policy: Policy,
     pub target: Target,
     pub upstream_password: Option<String>,
 }
@@ -137,6 +138,15 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
     )
     .await;
     let Login { identity, database, mut stream, buf, .. } = login;
+    // The identity's database role (policy groups → roles), set before the client can act.
+    let role_sql = shared.policy.set_role_sql(&identity);
+    let up = match (up, role_sql) {
+        (Ok(mut u), Some(sql)) => match u.setup_query(&sql).await {
+            Ok(()) => Ok(u),
+            Err(e) => Err(e),
+        },
+        (r, _) => r,
+    };
     let up = match up {
         Ok(u) => u,
         Err(e) => {
@@ -168,6 +178,7 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
         client: Some(peer.audit_client()),
         database: Some(database.clone()),
         jti: Some(identity.jti.clone()),
+        meta: shared.policy.role_for(&identity).map(|r| serde_json::json!({ "role": r })),
         ..Default::default()
     };
     if let Err(e) = shared.audit.append_durable(login_rec).await {
@@ -401,9 +412,17 @@ impl Pending {
     }
 }
 
+/// A Parse the session forwarded: its text and the policy rule that allowed it.
+#[derive(Debug, Clone)]
+struct Prepared {
+    sql: Arc<str>,
+    rule: Arc<str>,
+    unparsable: bool,
+}
+
 #[derive(Debug, Clone)]
 struct Portal {
-    sql: Arc<str>,
+    stmt: Prepared,
     params: Vec<Option<String>>,
 }
 
@@ -428,7 +447,7 @@ struct Relay {
     identity: Identity,
     database: String,
     client: Client,
-    stmts: HashMap<String, Arc<str>>,
+    stmts: HashMap<String, Prepared>,
     portals: HashMap<String, Portal>,
     pending: VecDeque<Pending>,
     tx_status: u8,
@@ -625,36 +644,47 @@ impl Relay {
                 let mut rec = self.record(Kind::Statement);
                 rec.protocol = Some("simple".into());
                 let mut p = Pending::new(PendKind::Query);
-                let frame = match policy::decide(&self.identity, &self.database, &sql) {
-                    Decision::Allow { rule } => {
-                        rec.decision = Some("allow".into());
-                        rec.rule = Some(rule);
-                        rec.sql = Some(sql.to_string());
-                        f
-                    }
-                    Decision::Deny { rule, reason } => {
-                        rec.decision = Some("deny".into());
-                        rec.rule = Some(rule.clone());
-                        rec.sql = Some(sql.to_string());
-                        p.refusal = Some(("42501", format!("pgward: permission denied by policy rule \"{rule}\": {reason}")));
-                        self.marker_query()
-                    }
-                };
+                let verdict = self.shared.policy.decide(&self.identity, &self.database, &sql, chrono::Utc::now());
+                rec.sql = Some(sql.to_string());
+                let frame = if Self::apply_verdict(&mut rec, &mut p, &verdict) { f } else { self.marker_query() };
                 p.rec_idx = self.submit(batch, rec);
                 batch.frames.push((frame, Some(batch.pendings.len())));
                 batch.pendings.push(p);
             }
             b'P' => {
+                self.check_token()?;
                 let (name, sql) = wire::decode_parse(&f).map_err(bad)?;
-                self.stmts.insert(name.to_string(), Arc::from(sql));
-                batch.frames.push((f, None));
-                batch.pendings.push(Pending::new(PendKind::Parse));
+                let verdict = self.shared.policy.decide(&self.identity, &self.database, &sql, chrono::Utc::now());
+                if verdict.is_allowed() {
+                    let prepared =
+                        Prepared { sql: Arc::from(sql.as_ref()), rule: Arc::from(verdict.rule.as_str()), unparsable: verdict.unparsable };
+                    self.stmts.insert(name.to_string(), prepared);
+                    batch.frames.push((f, None));
+                    batch.pendings.push(Pending::new(PendKind::Parse));
+                } else {
+                    // Denied at Parse: audited now (it will never execute), and the Parse is
+                    // replaced by one that fails upstream so Postgres skips to Sync itself.
+                    let mut rec = self.record(Kind::Statement);
+                    rec.protocol = Some("extended".into());
+                    rec.sql = Some(sql.to_string());
+                    let mut p = Pending::new(PendKind::Parse);
+                    Self::apply_verdict(&mut rec, &mut p, &verdict);
+                    let marker = self.marker_parse(&name);
+                    self.stmts.remove(name.as_ref());
+                    p.rec_idx = self.submit(batch, rec);
+                    batch.frames.push((marker, Some(batch.pendings.len())));
+                    batch.pendings.push(p);
+                }
             }
             b'B' => {
                 let b = wire::decode_bind(&f).map_err(bad)?;
-                let sql = self.stmts.get(b.statement.as_ref()).cloned().unwrap_or_else(|| Arc::from(""));
+                let stmt = self.stmts.get(b.statement.as_ref()).cloned().unwrap_or_else(|| Prepared {
+                    sql: Arc::from(""),
+                    rule: Arc::from("unknown-statement"),
+                    unparsable: false,
+                });
                 let params = b.params.iter().map(|(fmt, v)| wire::render_param(*fmt, *v)).collect();
-                self.portals.insert(b.portal.to_string(), Portal { sql, params });
+                self.portals.insert(b.portal.to_string(), Portal { stmt, params });
                 batch.frames.push((f, None));
                 batch.pendings.push(Pending::new(PendKind::Bind));
             }
@@ -664,13 +694,20 @@ impl Relay {
                 let mut rec = self.record(Kind::Statement);
                 rec.protocol = Some("extended".into());
                 rec.decision = Some("allow".into());
-                rec.rule = Some("default".into());
                 match self.portals.get(portal.as_ref()) {
                     Some(p) => {
-                        rec.sql = Some(p.sql.to_string());
+                        rec.sql = Some(p.stmt.sql.to_string());
                         rec.params = Some(p.params.clone());
+                        rec.rule = Some(p.stmt.rule.to_string());
+                        if p.stmt.unparsable {
+                            rec.meta = Some(serde_json::json!({ "unparsable": true }));
+                        }
                     }
-                    None => rec.sql = Some(String::new()),
+                    // Postgres will answer 34000 (no such portal); nothing runs.
+                    None => {
+                        rec.sql = Some(String::new());
+                        rec.rule = Some("unknown-portal".into());
+                    }
                 }
                 let mut p = Pending::new(PendKind::Execute);
                 p.rec_idx = self.submit(batch, rec);
@@ -702,13 +739,13 @@ impl Relay {
                 let (oid, args) = wire::decode_function_call(&f).map_err(bad)?;
                 let mut rec = self.record(Kind::Statement);
                 rec.protocol = Some("function_call".into());
-                rec.decision = Some("allow".into());
-                rec.rule = Some("default".into());
                 rec.sql = Some(format!("-- fastpath function call: oid {oid}"));
                 rec.params = Some(args);
                 let mut p = Pending::new(PendKind::FunctionCall);
+                let verdict = self.shared.policy.decide_function_call(&self.identity, &self.database, chrono::Utc::now());
+                let frame = if Self::apply_verdict(&mut rec, &mut p, &verdict) { f } else { self.marker_function_call() };
                 p.rec_idx = self.submit(batch, rec);
-                batch.frames.push((f, Some(batch.pendings.len())));
+                batch.frames.push((frame, Some(batch.pendings.len())));
                 batch.pendings.push(p);
             }
             b'X' => {
@@ -721,6 +758,37 @@ impl Relay {
             }
         }
         Ok(())
+    }
+
+    /// Put the verdict into the statement record; for a denial, set the pending's refusal
+    /// (42501 naming the rule). Returns whether the statement may go upstream as sent.
+    fn apply_verdict(rec: &mut Record, p: &mut Pending, v: &Verdict) -> bool {
+        rec.rule = Some(v.rule.clone());
+        if v.unparsable {
+            rec.meta = Some(serde_json::json!({ "unparsable": true }));
+        }
+        if v.is_allowed() {
+            rec.decision = Some("allow".into());
+            true
+        } else {
+            rec.decision = Some("deny".into());
+            p.refusal = Some(("42501", format!("pgward: permission denied by policy rule \"{}\": {}", v.rule, v.reason)));
+            false
+        }
+    }
+
+    /// A Parse of `name` whose text fails to parse upstream, standing in for a denied Parse.
+    fn marker_parse(&self, name: &str) -> Frame {
+        use bytes::BufMut;
+        let mut body = BytesMut::new();
+        body.put_slice(name.as_bytes());
+        body.put_u8(0);
+        body.put_slice(format!("pgward_refused_{} !", self.nonce).as_bytes());
+        body.put_u8(0);
+        body.put_i16(0);
+        let mut b = BytesMut::new();
+        wire::message(&mut b, b'P', &body);
+        Frame { tag: b'P', raw: b.freeze() }
     }
 
     /// A query that fails to parse upstream, standing in for a refused statement.
@@ -767,6 +835,10 @@ impl Relay {
                             let marker = match f.tag {
                                 b'Q' => self.marker_query(),
                                 b'E' => self.marker_execute(),
+                                b'P' => {
+                                    let name = wire::decode_parse(f).map(|(n, _)| n.into_owned()).unwrap_or_default();
+                                    self.marker_parse(&name)
+                                }
                                 _ => self.marker_function_call(),
                             };
                             if let Some(p) = pendings.get_mut(*i) {

@@ -262,6 +262,40 @@ pub async fn connect(
     }
 }
 
+impl Upstream {
+    /// Run one statement of pgward's own (e.g. `SET ROLE`) before the client is attached;
+    /// anything but success (an ErrorResponse) is an error carrying the server's SQLSTATE.
+    pub async fn setup_query(&mut self, sql: &str) -> Result<(), UpstreamError> {
+        let mut out = BytesMut::new();
+        wire::query(&mut out, sql);
+        self.stream.write_all(&out).await.map_err(WireError::Io)?;
+        let mut failure = None;
+        loop {
+            let f = wire::read_frame(&mut self.stream, &mut self.leftover, wire::MAX_FRAME).await?;
+            match f.tag {
+                b'E' => {
+                    let e = wire::decode_error(&f);
+                    failure = Some(UpstreamError::Server { code: e.code, message: e.message });
+                }
+                b'S' => {
+                    let mut r = Reader::new(f.body());
+                    let name = r.cstr()?.into_owned();
+                    let value = r.cstr()?.into_owned();
+                    match self.params.iter_mut().find(|(k, _)| *k == name) {
+                        Some(p) => p.1 = value,
+                        None => self.params.push((name, value)),
+                    }
+                }
+                b'Z' => {
+                    self.tx_status = f.body().first().copied().unwrap_or(b'I');
+                    return failure.map_or(Ok(()), Err);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Send a CancelRequest for (pid, key) to the upstream.
 pub async fn cancel(target: &Target, pid: i32, key: i32) -> Result<(), UpstreamError> {
     // CancelRequests go over a fresh plain connection (Postgres accepts them before TLS too).

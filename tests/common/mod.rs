@@ -314,7 +314,10 @@ impl Target {
             }
         } else {
             let pw = Pgward::start();
-            let token = pw.token("alice", &[], "30m");
+            // The relay suite exercises the protocol, so alice is in the group the default
+            // policy restricts nothing for (fastpath calls, unparsable text reach Postgres and
+            // get Postgres's own answers); policy decisions have their own tests.
+            let token = pw.token("alice", &["pgward_admins"], "30m");
             let login = pw.login("alice", &token, &db);
             Target {
                 raw_login: login.clone(),

@@ -2,12 +2,14 @@
 //!
 //! - `build-ebpf`: build the kernel programs (gateway-ebpf) into `target/bpf/gateway-ebpf.o`.
 //! - `test`: build-ebpf, build the workspace, run the workspace tests (the README's test command).
-//! - `demo`, `bench`: see demo.rs and bench.rs.
+//! - `demo`, `bench`: see demo.rs and bench.rs (`splice-proxy`, hidden, is the bench's baseline
+//!   proxy).
 
 mod bench;
 mod demo;
 mod ebpf;
 mod pg;
+mod splice;
 mod util;
 
 use anyhow::Result;
@@ -35,8 +37,11 @@ enum Command {
     Test(TestArgs),
     /// Run the end-to-end demo.
     Demo(demo::DemoArgs),
-    /// Run the benchmarks.
+    /// Run the benchmarks: pgward vs direct, PgBouncer and a bare proxy (see bench.rs).
     Bench(bench::BenchArgs),
+    /// The bench's baseline proxy (accept, connect, copy bytes both ways); started by `bench`.
+    #[command(hide = true)]
+    SpliceProxy(splice::SpliceArgs),
 }
 
 #[derive(clap::Args)]
@@ -67,6 +72,7 @@ fn main() {
         Command::Test(args) => test(args, passthrough),
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::SpliceProxy(args) => splice::run(&args),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

@@ -16,8 +16,9 @@ pub fn bindir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
 }
 
-/// (uid, gid) to run Postgres as when we are root.
-fn run_as() -> Option<(u32, u32)> {
+/// (uid, gid) to run Postgres (and other daemons that refuse root, e.g. PgBouncer) as when we
+/// are root; None when we are not root.
+pub fn run_as() -> Option<(u32, u32)> {
     if unsafe { libc_geteuid() } != 0 {
         return None;
     }
@@ -159,7 +160,7 @@ fn check(what: &str, out: &Output) -> Result<()> {
     Ok(())
 }
 
-fn chown_r(p: &Path, uid: u32, gid: u32) -> Result<()> {
+pub fn chown_r(p: &Path, uid: u32, gid: u32) -> Result<()> {
     let st = Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(p).status()?;
     if !st.success() {
         bail!("chown {} failed", p.display());

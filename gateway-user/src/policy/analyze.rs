@@ -433,6 +433,7 @@ impl Visitor for Collector<'_> {
                 }
             }
         }
+        table_commands(&q.body, self.info);
         if let SetExpr::Select(sel) = &*q.body
             && let Some(into) = &sel.into
         {
@@ -490,19 +491,38 @@ impl Visitor for Collector<'_> {
     }
 }
 
+/// `TABLE name` (also inside UNION/EXCEPT/INTERSECT): the visitor does not report these names.
+fn table_commands(body: &SetExpr, info: &mut StatementInfo) {
+    match body {
+        SetExpr::Table(t) => {
+            if let Some(name) = &t.table_name {
+                let schema = t.schema_name.as_ref().map(|s| s.value.to_lowercase());
+                info.tables.push(QName::new(schema, name.value.to_lowercase()));
+            }
+        }
+        SetExpr::SetOperation { left, right, .. } => {
+            table_commands(left, info);
+            table_commands(right, info);
+        }
+        _ => {}
+    }
+}
+
 /// set_config(name, value, is_local): a literal name is checked like SET; a computed one could
 /// be 'role', so it counts as an identity change.
 fn set_config_call(args: &FunctionArguments) -> ModSet {
+    let mut unknown = ModSet::default();
+    unknown.insert(Modifier::IdentityChange);
     let FunctionArguments::List(list) = args else {
-        let mut m = ModSet::default();
-        m.insert(Modifier::IdentityChange);
-        return m;
+        return unknown;
     };
+    // Named arguments can come in any order: do not guess which one is the name.
+    if list.args.iter().any(|a| !matches!(a, FunctionArg::Unnamed(_))) {
+        return unknown;
+    }
     let arg = |i: usize| -> Option<&Expr> {
         match list.args.get(i)? {
-            FunctionArg::Unnamed(FunctionArgExpr::Expr(e))
-            | FunctionArg::Named { arg: FunctionArgExpr::Expr(e), .. }
-            | FunctionArg::ExprNamed { arg: FunctionArgExpr::Expr(e), .. } => Some(e),
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Some(e),
             _ => None,
         }
     };
@@ -512,11 +532,7 @@ fn set_config_call(args: &FunctionArguments) -> ModSet {
         _ => None,
     }) {
         Some(name) => setting_change(&name, arg(1).and_then(expr_literal).as_deref()),
-        None => {
-            let mut m = ModSet::default();
-            m.insert(Modifier::IdentityChange);
-            m
-        }
+        None => unknown,
     }
 }
 
@@ -665,7 +681,15 @@ fn classify(s: &Statement, info: &mut StatementInfo) {
         | Statement::AlterPolicy(_)
         | Statement::DropPolicy(_) => {
             info.classes.insert(Dcl);
-            info.add_command(leading_words(s, 2));
+            let grant = matches!(
+                s,
+                Statement::Grant(_)
+                    | Statement::Revoke(_)
+                    | Statement::GrantRole(_)
+                    | Statement::RevokeRole(_)
+                    | Statement::Deny(_)
+            );
+            info.add_command(leading_words(s, if grant { 1 } else { 2 }));
             if matches!(s, Statement::AlterRole { .. } | Statement::AlterUser(_)) {
                 // ALTER ROLE … SET standard_conforming_strings = off applies to later logins.
                 let f = lexical::scan(&s.to_string());
@@ -862,14 +886,14 @@ fn analyze_lexically(text: &str) -> StatementInfo {
         unparsable: !is_do,
         ..Default::default()
     };
+    // Any word might be a table: deny rules on tables still see them.
+    info.tables = f.names;
     if is_do {
         // DO [LANGUAGE l] '<body>': a known statement form with an opaque body (scanned).
         info.classes = ClassSet::default();
         info.classes.insert(StatementClass::Procedural);
     } else {
         info.modifiers.insert(Modifier::Unparsable);
-        // Any word might be a table: deny rules on tables still see them.
-        info.tables = f.names;
         let lead = info.commands[0].clone();
         if lead == "copy" && info.tables.iter().any(|t| t.name == "program") {
             info.modifiers.insert(Modifier::CopyProgram);
@@ -945,7 +969,87 @@ fn byte_offset(text: &str, line: u64, column: u64) -> Option<usize> {
     None
 }
 
-fn analyze_tokens(tokens: Vec<TokenWithSpan>, out: &mut Vec<StatementInfo>) {
+/// Decode Postgres Unicode escapes (`\XXXX`, `\+XXXXXX`, doubled escape character).
+pub(crate) fn decode_unicode_escapes(s: &str, esc: char) -> Option<String> {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c != esc {
+            out.push(c);
+            continue;
+        }
+        if it.peek() == Some(&esc) {
+            it.next();
+            out.push(esc);
+            continue;
+        }
+        let n = if it.peek() == Some(&'+') {
+            it.next();
+            6
+        } else {
+            4
+        };
+        let hex: String = (0..n).filter_map(|_| it.next()).collect();
+        if hex.len() != n || !hex.chars().all(|h| h.is_ascii_hexdigit()) {
+            return None;
+        }
+        out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
+    }
+    Some(out)
+}
+
+/// sqlparser reads Postgres's Unicode identifier `U&"\0070g_read_file"` as `U & "\0070…"`
+/// (a bitwise AND): join such tokens into the identifier Postgres sees. `Err` if an escape is
+/// malformed (the statement is then treated as unparsable).
+fn join_unicode_identifiers(tokens: &mut Vec<TokenWithSpan>) -> Result<(), ()> {
+    use sqlparser::keywords::Keyword;
+    let mut i = 0;
+    while i + 2 < tokens.len() {
+        let is_u =
+            matches!(&tokens[i].token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("u"));
+        let adjacent =
+            tokens[i].span.end == tokens[i + 1].span.start && tokens[i + 1].span.end == tokens[i + 2].span.start;
+        let quoted = matches!(&tokens[i + 2].token, Token::Word(w) if w.quote_style == Some('"'));
+        if !(is_u && adjacent && tokens[i + 1].token == Token::Ampersand && quoted) {
+            i += 1;
+            continue;
+        }
+        let Token::Word(w) = &tokens[i + 2].token else { unreachable!() };
+        let raw = w.value.clone();
+        let mut end = i + 3;
+        let mut esc = '\\';
+        // Optional UESCAPE 'c'.
+        let mut j = end;
+        while j < tokens.len() && matches!(tokens[j].token, Token::Whitespace(_)) {
+            j += 1;
+        }
+        if matches!(&tokens.get(j).map(|t| &t.token), Some(Token::Word(w)) if w.value.eq_ignore_ascii_case("uescape")) {
+            let mut k = j + 1;
+            while k < tokens.len() && matches!(tokens[k].token, Token::Whitespace(_)) {
+                k += 1;
+            }
+            match tokens.get(k).map(|t| &t.token) {
+                Some(Token::SingleQuotedString(c)) if c.chars().count() == 1 => {
+                    esc = c.chars().next().ok_or(())?;
+                    end = k + 1;
+                }
+                _ => return Err(()),
+            }
+        }
+        let value = decode_unicode_escapes(&raw, esc).ok_or(())?;
+        let span = tokens[i].span.start.span_to(tokens[end - 1].span.end);
+        let word = sqlparser::tokenizer::Word { value, quote_style: Some('"'), keyword: Keyword::NoKeyword };
+        tokens.splice(i..end, [TokenWithSpan::new(Token::Word(word), span)]);
+        i += 1;
+    }
+    Ok(())
+}
+
+fn analyze_tokens(mut tokens: Vec<TokenWithSpan>, out: &mut Vec<StatementInfo>) {
+    if join_unicode_identifiers(&mut tokens).is_err() {
+        out.push(analyze_lexically(&group_text(&tokens)));
+        return;
+    }
     // Whole string first: one statement after another, each ended by `;` or the end.
     if let Some(stmts) = parse_strict(tokens.clone()) {
         out.extend(stmts.iter().map(analyze_statement));

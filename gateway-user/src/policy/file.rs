@@ -154,6 +154,21 @@ pub(crate) const BUILTIN_SETS: &[(&str, &[&str])] = &[
         ],
     ),
     ("remote", &["dblink*", "postgres_fdw_*"]),
+    (
+        "dynamic_sql",
+        &[
+            "query_to_xml",
+            "query_to_xml_and_xmlschema",
+            "query_to_xmlschema",
+            "cursor_to_xml",
+            "cursor_to_xmlschema",
+            "table_to_xml",
+            "table_to_xml_and_xmlschema",
+            "table_to_xmlschema",
+            "schema_to_xml*",
+            "database_to_xml*",
+        ],
+    ),
     ("large_objects", &["lo_*", "loread", "lowrite"]),
     ("settings", &["set_config"]),
 ];

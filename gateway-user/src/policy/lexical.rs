@@ -7,7 +7,7 @@
 //! are strings). Everything it reports is a conservative guess: it may see a function call or
 //! an identity change that is not there, never the other way round for the forms it looks for.
 
-use super::analyze::{ClassSet, ModSet, Modifier, QName, StatementClass, setting_change};
+use super::analyze::{ClassSet, ModSet, Modifier, QName, StatementClass, decode_unicode_escapes, setting_change};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Lex {
@@ -55,6 +55,18 @@ pub(crate) fn lex(text: &str) -> Vec<Lex> {
         } else if (c == 'e' || c == 'E') && i + 1 < n && b[i + 1] == '\'' && !prev_is_ident(&b, i) {
             let (s, next) = quoted(&b, i + 2, '\'', true);
             out.push(Lex::Str(s));
+            i = next;
+        } else if (c == 'u' || c == 'U')
+            && i + 2 < n
+            && b[i + 1] == '&'
+            && (b[i + 2] == '"' || b[i + 2] == '\'')
+            && !prev_is_ident(&b, i)
+        {
+            // U&"…" / U&'…' with Unicode escapes: what Postgres sees is the decoded text.
+            let q = b[i + 2];
+            let (s, next) = quoted(&b, i + 3, q, false);
+            let s = decode_unicode_escapes(&s, '\\').unwrap_or(s);
+            out.push(if q == '"' { Lex::Word(s.to_lowercase()) } else { Lex::Str(s) });
             i = next;
         } else if c == '"' {
             let (s, next) = quoted(&b, i + 1, '"', false);
@@ -474,6 +486,8 @@ mod tests {
         assert!(!f.modifiers.contains(Modifier::IdentityChange));
         let f = scan("DO $$BEGIN PERFORM set_config('ro' || 'le', 'x', false); END$$");
         assert!(f.modifiers.contains(Modifier::IdentityChange));
+        let f = scan("DO $$BEGIN PERFORM U&\"\\0070g_read_file\"('/etc/passwd'); END$$");
+        assert!(f.functions.contains(&QName::new(None, "pg_read_file".into())), "{:?}", f.functions);
         let f = scan("DO $$BEGIN PERFORM pg_catalog.pg_read_file('/etc/passwd'); END$$");
         assert!(f.functions.contains(&QName::new(Some("pg_catalog".into()), "pg_read_file".into())));
     }

