@@ -50,7 +50,8 @@ pub struct ServerConfig {
     /// Tokens over plain TCP from any other address are always refused.
     #[serde(default = "default_true")]
     pub allow_plaintext_local: bool,
-    /// Worker threads for the tokio runtime (0 = one per core).
+    /// Single-threaded event loops (current-thread runtimes, one OS thread each; 0 = one per
+    /// core). Connections are placed round-robin and stay on their loop.
     #[serde(default)]
     pub worker_threads: usize,
 }

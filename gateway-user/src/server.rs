@@ -11,21 +11,69 @@ use crate::config::Config;
 use crate::session::{self, Peer, Shared};
 use crate::upstream::{CancelMap, Target};
 
+/// pgward runs N single-threaded event loops (a current-thread tokio runtime each, on its own
+/// OS thread; the first is the main thread, which also accepts). Connections are handed out
+/// round-robin and stay on their loop: no work stealing, no cross-thread wakeups inside a
+/// session — on a database host whose cores Postgres needs, that is measurably cheaper than
+/// tokio's multi-thread scheduler.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
-    let mut rt = if cfg.server.worker_threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        if cfg.server.worker_threads > 1 {
-            b.worker_threads(cfg.server.worker_threads);
-        }
-        b
+    let n = match cfg.server.worker_threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
     };
-    let rt = rt.enable_all().build().context("starting the tokio runtime")?;
-    rt.block_on(serve(cfg))
+    let mut loops = Vec::new();
+    for i in 1..n {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("pgward-loop-{i}"))
+            .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => {
+                    let _ = tx.send(Ok(rt.handle().clone()));
+                    rt.block_on(std::future::pending::<()>());
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            })
+            .context("starting an event loop thread")?;
+        loops.push(rx.recv().context("event loop thread died")?.context("starting an event loop")?);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
+    rt.block_on(serve(cfg, loops))
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
+/// Round-robin placement of sessions on the event loops (index 0 = the accepting loop).
+struct Loops {
+    others: Vec<tokio::runtime::Handle>,
+    next: usize,
+}
+
+impl Loops {
+    fn place_tcp(&mut self, shared: &Arc<Shared>, s: tokio::net::TcpStream, peer: Peer) {
+        self.next = (self.next + 1) % (self.others.len() + 1);
+        if self.next == 0 {
+            tokio::spawn(session::handle(shared.clone(), Box::new(s), peer));
+            return;
+        }
+        // Re-register the socket with the target loop's reactor.
+        match s.into_std() {
+            Ok(std) => {
+                let shared = shared.clone();
+                self.others[self.next - 1].spawn(async move {
+                    match tokio::net::TcpStream::from_std(std) {
+                        Ok(s) => session::handle(shared, Box::new(s), peer).await,
+                        Err(e) => tracing::warn!(error = %e, "handing a connection to an event loop failed"),
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "handing a connection to an event loop failed"),
+        }
+    }
+}
+
+
+async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Result<()> {
+    let mut loops = Loops { others: loops, next: 0 };
     let cfg = Arc::new(cfg);
     let verifier = Verifier::load(&cfg).context("loading token keys")?;
     let tls = crate::tls::server_config(&cfg).context("loading the TLS certificate")?;
@@ -98,7 +146,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                         tracing::info!(%peer, meta = %v, "intercepted connection");
                         v
                     });
-                    tokio::spawn(session::handle(shared.clone(), Box::new(s), Peer::Tcp(peer, meta)));
+                    loops.place_tcp(&shared, s, Peer::Tcp(peer, meta));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
