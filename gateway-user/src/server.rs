@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::audit::{AuditHandle, CheckpointSigner, WriterOptions};
+use crate::audit::{AuditHandle, WriterOptions};
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::session::{self, Peer, Shared};
@@ -81,17 +81,8 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
     let policy = crate::policy::Policy::load(&cfg).context("loading the policy")?;
     tracing::info!(sources = ?policy.sources(), rules = policy.rule_names().count(), "policy loaded");
 
-    let signer = CheckpointSigner::from_pem_file(&cfg.resolve(&cfg.auth.signing_key), &cfg.auth.signing_kid)
-        .context("loading the checkpoint signing key")?;
-    let audit = AuditHandle::start(WriterOptions {
-        dir: cfg.resolve(&cfg.audit.dir),
-        fsync: cfg.audit.fsync,
-        checkpoint_every: cfg.audit.checkpoint_every,
-        checkpoint_interval: cfg.audit.checkpoint_interval,
-        segment_bytes: cfg.audit.segment_bytes,
-        signer: Some(signer),
-    })
-    .context("starting the audit log")?;
+    let opts = WriterOptions::from_config(&cfg).context("loading the checkpoint signing key")?;
+    let audit = AuditHandle::start(opts).context("starting the audit log")?;
 
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
