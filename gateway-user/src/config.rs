@@ -28,6 +28,9 @@ pub struct Config {
     /// Transparent eBPF interception of Postgres connections (off unless `enabled = true`).
     #[serde(default, skip_serializing_if = "InterceptConfig::is_default")]
     pub intercept: InterceptConfig,
+    /// Token revocation and just-in-time access (`[access]`; every field has a default).
+    #[serde(default, skip_serializing_if = "AccessConfig::is_default")]
+    pub access: AccessConfig,
     /// Directory holding the config file; every relative path is resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -50,6 +53,9 @@ pub struct ServerConfig {
     /// Tokens over plain TCP from any other address are always refused.
     #[serde(default = "default_true")]
     pub allow_plaintext_local: bool,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g. "127.0.0.1:9187".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
     /// Single-threaded event loops (current-thread runtimes, one OS thread each; 0 = one per
     /// core). Connections are placed round-robin and stay on their loop.
     #[serde(default)]
@@ -134,6 +140,22 @@ pub struct AuditConfig {
     /// Start a new segment file when the current one passes this size.
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,
+    /// Also copy every durable record to the host's log pipeline: "none", "syslog" (RFC 5424
+    /// over `syslog_socket`) or "stdout" (JSON lines, for journald).
+    #[serde(default, skip_serializing_if = "is_default_export")]
+    pub export: crate::audit::ExportKind,
+    #[serde(default = "default_syslog_socket", skip_serializing_if = "is_default_syslog_socket")]
+    pub syslog_socket: PathBuf,
+}
+
+fn is_default_export(k: &crate::audit::ExportKind) -> bool {
+    *k == crate::audit::ExportKind::None
+}
+fn default_syslog_socket() -> PathBuf {
+    PathBuf::from("/dev/log")
+}
+fn is_default_syslog_socket(p: &Path) -> bool {
+    p == Path::new("/dev/log")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -219,6 +241,42 @@ impl Default for InterceptConfig {
 impl InterceptConfig {
     fn is_default(&self) -> bool {
         *self == InterceptConfig::default()
+    }
+}
+
+/// `[access]`: see src/access.rs and the README ("Access and revocation").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Directory of `revoked.jsonl` and `access.jsonl` (written by the CLI, watched by serve).
+    pub state_dir: PathBuf,
+    /// Token groups whose members may approve JIT access requests.
+    pub approver_groups: Vec<String>,
+    /// Database roles a JIT request may ask for (none: JIT access is off).
+    pub grantable_roles: Vec<String>,
+    /// Longest grant.
+    #[serde(with = "humantime_serde_compat")]
+    pub max_ttl: Duration,
+    /// A request not approved within this long lapses.
+    #[serde(with = "humantime_serde_compat")]
+    pub request_ttl: Duration,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        AccessConfig {
+            state_dir: PathBuf::from("state"),
+            approver_groups: Vec::new(),
+            grantable_roles: Vec::new(),
+            max_ttl: Duration::from_secs(8 * 3600),
+            request_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl AccessConfig {
+    fn is_default(&self) -> bool {
+        *self == AccessConfig::default()
     }
 }
 

@@ -2,13 +2,17 @@
 //!
 //! Rooms (see DESIGN.md): `config`, `cli`, `auth` (tokens), `tls`, `wire` (frames),
 //! `session` (per-connection state machine), `upstream` (connect + auth to the real Postgres,
-//! cancel map), `server` (listeners), `policy`, `audit` (records, writer, reader, verify), `ebpf`.
+//! cancel map), `server` (listeners), `policy`, `access` (token revocation, JIT grants),
+//! `audit` (records, writer, reader, verify), `ebpf`.
 
+pub mod access;
 pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod ebpf;
+pub mod mask;
 pub mod policy;
 pub mod server;
 pub mod session;

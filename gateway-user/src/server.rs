@@ -84,6 +84,13 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
     let opts = WriterOptions::from_config(&cfg).context("loading the checkpoint signing key")?;
     let audit = AuditHandle::start(opts).context("starting the audit log")?;
 
+    // Revocations and JIT grants: read the state files, audit what the last run did not, then
+    // watch them (sessions check the snapshot before every statement).
+    let (mut watcher, access) =
+        crate::access::Watcher::load(&cfg, audit.clone()).context("loading the access state (revocations, grants)")?;
+    watcher.tick().await;
+    let watcher = tokio::spawn(watcher.run());
+
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         verifier,
@@ -93,8 +100,15 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
         policy,
         target: Target::from_config(&cfg),
         upstream_password,
+        access,
+        masks: crate::mask::load_for_serve(&cfg).context("loading the masking rules")?,
     });
 
+    if let Some(m) = &cfg.server.metrics_listen {
+        let l = tokio::net::TcpListener::bind(m.as_str()).await.with_context(|| format!("metrics: listening on {m}"))?;
+        tracing::info!(addr = %m, "metrics on GET /metrics");
+        tokio::spawn(crate::metrics::serve(cfg.clone(), l));
+    }
     let addr = cfg.listen_addr();
     let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
     tracing::info!(%addr, "pgward listening");
@@ -162,6 +176,7 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
         }
     }
     drop(intercept);
+    watcher.abort();
     if let Some((_, path)) = &unix {
         let _ = std::fs::remove_file(path);
     }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::access::{Access, SessionCheck, SessionGrant};
 use crate::audit::{AuditError, AuditHandle, Client, Kind, Record};
 use crate::auth::{Identity, Verifier};
 use crate::config::Config;
@@ -37,6 +38,10 @@ pub struct Shared {
     pub policy: Policy,
     pub target: Target,
     pub upstream_password: Option<String>,
+    /// Revocations and JIT grants (see `access`), checked at login and before every statement.
+    pub access: Arc<Access>,
+    /// `[[mask]]` rules (see `mask`): applied to the results of sessions they cover.
+    pub masks: Arc<crate::mask::MaskPolicy>,
 }
 
 /// Who is on the other end of an accepted socket.
@@ -108,11 +113,72 @@ struct Login {
 }
 
 /// Startup parameters never passed upstream: identity and connection routing are pgward's,
-/// and `options` could carry `-c role=...` / `-c session_authorization=...`.
-const STRIPPED_PARAMS: &[&str] = &["user", "database", "options", "replication", "application_name", "role", "session_authorization"];
+/// and `options` could carry `-c role=...` / `-c session_authorization=...`. Compared
+/// case-insensitively, as Postgres compares setting names. `standard_conforming_strings` is
+/// pgward's too: the policy parses SQL with it on.
+const STRIPPED_PARAMS: &[&str] = &[
+    "user",
+    "database",
+    "options",
+    "replication",
+    "application_name",
+    "role",
+    "session_authorization",
+    "standard_conforming_strings",
+];
+
+/// Startup settings that only change how values are presented; passed on without asking the
+/// policy (drivers send them on every login). `client_encoding` is checked on its own.
+const PRESENTATION_PARAMS: &[&str] = &["client_encoding", "datestyle", "timezone", "intervalstyle", "extra_float_digits"];
+
+/// `SET name TO 'value'` for a startup setting, for the policy to decide as if the client had
+/// sent it; None for a name that is not a setting name.
+fn startup_setting_sql(name: &str, value: &str) -> Option<String> {
+    let ok_part = |p: &str| {
+        let mut c = p.chars();
+        c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+            && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '$')
+    };
+    let parts: Vec<&str> = name.split('.').collect();
+    if parts.len() > 2 || !parts.iter().all(|p| ok_part(p)) {
+        return None;
+    }
+    Some(format!("SET {} TO '{}'", name.to_ascii_lowercase(), value.replace('\'', "''")))
+}
+
+/// Refuse a login after the token was verified: `login_failed` record, FATAL to the client.
+#[allow(clippy::too_many_arguments)]
+async fn refuse_login(
+    shared: &Shared,
+    stream: &mut BoxStream,
+    session: &str,
+    peer: &Peer,
+    identity: &Identity,
+    database: &str,
+    code: &str,
+    msg: String,
+    rule: Option<String>,
+) {
+    tracing::info!(user = %identity.user, code, %msg, "login refused");
+    let rec = Record {
+        kind: Kind::LoginFailed,
+        session: Some(session.to_string()),
+        user: Some(identity.user.clone()),
+        groups: Some(identity.groups.clone()),
+        client: Some(peer.audit_client()),
+        database: Some(database.to_string()),
+        jti: Some(identity.jti.clone()),
+        rule,
+        sqlstate: Some(code.to_string()),
+        error: Some(msg.clone()),
+        ..Default::default()
+    };
+    let _ = shared.audit.append_durable(rec).await;
+    fatal(stream, code, &msg).await;
+}
 
 async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String) -> Option<()> {
-    let login = match tokio::time::timeout(STARTUP_TIMEOUT, startup(&shared, stream, &peer, &session)).await {
+    let mut login = match tokio::time::timeout(STARTUP_TIMEOUT, startup(&shared, stream, &peer, &session)).await {
         Ok(Some(l)) => l,
         Ok(None) => return None,
         Err(_) => {
@@ -120,6 +186,51 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
             return None;
         }
     };
+
+    // Revocations and grants: the generation is read before the snapshot, so anything
+    // published after this check is seen by the session's first statement.
+    let access_generation = shared.access.generation();
+    let snap = shared.access.snapshot();
+    if let Some(why) = snap.token_revoked(&login.identity) {
+        let msg = format!("pgward: token authentication failed for user \"{}\": {why}", login.identity.user);
+        refuse_login(&shared, &mut login.stream, &session, &peer, &login.identity, &login.database, "28P01", msg, None).await;
+        return None;
+    }
+    let grant = snap.active_grant(&login.identity.user, now_unix()).and_then(SessionGrant::from_request);
+    drop(snap);
+    // Under a grant, statements are decided as a member of the policy groups that have the
+    // granted role (if any has it), not of the token's groups.
+    let policy_identity = match &grant {
+        Some(g) => {
+            let groups = shared.policy.groups_with_role(&g.role);
+            if groups.is_empty() { login.identity.clone() } else { Identity { groups, ..login.identity.clone() } }
+        }
+        None => login.identity.clone(),
+    };
+
+    // Startup settings other than presentation ones are decided like `SET name TO 'value'`.
+    for (k, v) in &login.params {
+        if PRESENTATION_PARAMS.iter().any(|p| k.eq_ignore_ascii_case(p)) {
+            continue;
+        }
+        let refusal = match startup_setting_sql(k, v) {
+            None => Some(("22023", format!("pgward: invalid startup parameter name \"{k}\""), None)),
+            Some(sql) => {
+                let v = shared.policy.decide(&policy_identity, &login.database, &sql, chrono::Utc::now());
+                (!v.is_allowed()).then(|| {
+                    let msg = format!(
+                        "pgward: startup parameter \"{k}\" refused by policy rule \"{}\": {}",
+                        v.rule, v.reason
+                    );
+                    ("42501", msg, Some(v.rule.clone()))
+                })
+            }
+        };
+        if let Some((code, msg, rule)) = refusal {
+            refuse_login(&shared, &mut login.stream, &session, &peer, &login.identity, &login.database, code, msg, rule).await;
+            return None;
+        }
+    }
 
     // Upstream login with the service credential. application_name carries the real user so
     // Postgres's own logs and pg_stat_activity show who it is.
@@ -138,8 +249,12 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
     )
     .await;
     let Login { identity, database, mut stream, buf, .. } = login;
-    // The identity's database role (policy groups → roles), set before the client can act.
-    let role_sql = shared.policy.set_role_sql(&identity);
+    // The identity's database role (policy groups → roles, or the grant's), set before the
+    // client can act.
+    let role_sql = match &grant {
+        Some(g) => Some(format!("SET ROLE \"{}\"", g.role.replace('"', "\"\""))),
+        None => shared.policy.set_role_sql(&identity),
+    };
     let up = match (up, role_sql) {
         (Ok(mut u), Some(sql)) => match u.setup_query(&sql).await {
             Ok(()) => Ok(u),
@@ -178,7 +293,7 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
         client: Some(peer.audit_client()),
         database: Some(database.clone()),
         jti: Some(identity.jti.clone()),
-        meta: shared.policy.role_for(&identity).map(|r| serde_json::json!({ "role": r })),
+        meta: login_meta(&shared, &identity, &policy_identity, grant.as_ref()),
         ..Default::default()
     };
     if let Err(e) = shared.audit.append_durable(login_rec).await {
@@ -201,10 +316,26 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
     }
     tracing::info!(user = %identity.user, database = %database, "session started");
 
+    let mask = crate::mask::relay::MaskRelay::start(
+        &shared.masks,
+        &identity,
+        &database,
+        crate::mask::catalog::Access {
+            target: shared.target.clone(),
+            user: shared.cfg.upstream.user.clone(),
+            password: shared.upstream_password.clone(),
+        },
+    )
+    .await
+    .map(Box::new);
     let mut relay = Relay {
+        mask,
         shared: shared.clone(),
         session: session.clone(),
         identity,
+        policy_identity,
+        check: SessionCheck::new(access_generation, grant, shared.cfg.auth.leeway_secs),
+        sql_prepared: HashMap::new(),
         database,
         client: peer.audit_client(),
         stmts: HashMap::new(),
@@ -223,6 +354,29 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
     shared.audit.append(end);
     tracing::info!(reason = relay.end_reason.as_deref().unwrap_or("client closed"), "session ended");
     Some(())
+}
+
+/// `meta` of the login record: the role the session got, and the grant that gave it.
+fn login_meta(shared: &Shared, identity: &Identity, policy_identity: &Identity, grant: Option<&SessionGrant>) -> Option<serde_json::Value> {
+    let role = match grant {
+        Some(g) => Some(g.role.clone()),
+        None => shared.policy.role_for(identity),
+    };
+    if role.is_none() && grant.is_none() {
+        return None;
+    }
+    let mut m = serde_json::Map::new();
+    if let Some(r) = role {
+        m.insert("role".into(), r.into());
+    }
+    if let Some(g) = grant {
+        m.insert("grant".into(), g.id.clone().into());
+        m.insert("grant_expires".into(), crate::access::rfc3339(g.expires_at).into());
+        if policy_identity.groups != identity.groups {
+            m.insert("policy_groups".into(), policy_identity.groups.clone().into());
+        }
+    }
+    Some(serde_json::Value::Object(m))
 }
 
 /// Startup phase: SSL negotiation, StartupMessage, token. Returns None when the connection is
@@ -356,11 +510,23 @@ async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &Peer, sessi
     match shared.verifier.verify(&token, &user) {
         Ok(identity) => {
             let app_name = get("application_name");
-            let params = params
+            let params: Vec<(String, String)> = params
                 .iter()
-                .filter(|(k, _)| !STRIPPED_PARAMS.contains(&k.as_str()) && !k.starts_with("_pq_."))
+                .filter(|(k, _)| !STRIPPED_PARAMS.iter().any(|s| k.eq_ignore_ascii_case(s)) && !k.starts_with("_pq_."))
                 .cloned()
                 .collect();
+            // Encodings in which Postgres and pgward's parser would read literals differently.
+            if let Some((_, enc)) = params
+                .iter()
+                .find(|(k, v)| k.eq_ignore_ascii_case("client_encoding") && crate::policy::unsafe_client_encoding(v))
+            {
+                let msg = format!(
+                    "pgward: client_encoding \"{enc}\" is not supported through pgward (SJIS, BIG5, GBK, GB18030 and JOHAB can hide quotes from its SQL parser); use UTF8"
+                );
+                let mut stream = stream;
+                refuse_login(shared, &mut stream, session, peer, &identity, &database, "22023", msg, None).await;
+                return None;
+            }
             Some(Login { identity, database, stream, buf, app_name, params })
         }
         Err(e) => {
@@ -401,11 +567,13 @@ struct Pending {
     refusal: Option<(&'static str, String)>,
     /// Index into the batch's record receivers (before durability), usize::MAX if none.
     rec_idx: usize,
+    /// What masking knows about this frame (statement lineage, portal, described statement).
+    mask: crate::mask::relay::Tag,
 }
 
 impl Pending {
     fn new(kind: PendKind) -> Pending {
-        Pending { kind, seq: 0, started: Instant::now(), refusal: None, rec_idx: usize::MAX }
+        Pending { kind, seq: 0, started: Instant::now(), refusal: None, rec_idx: usize::MAX, mask: Default::default() }
     }
     fn is_sync_point(&self) -> bool {
         matches!(self.kind, PendKind::Sync | PendKind::Query | PendKind::FunctionCall)
@@ -444,7 +612,17 @@ enum End {
 struct Relay {
     shared: Arc<Shared>,
     session: String,
+    /// Who the token says the user is (what the audit records carry).
     identity: Identity,
+    /// Whom the policy decides for: `identity`, or under a JIT grant, with the policy groups
+    /// that have the granted role.
+    policy_identity: Identity,
+    /// Token expiry, revocation, grant expiry: checked before every statement.
+    check: SessionCheck,
+    /// SQL-level `PREPARE name AS …` texts the session saw allowed (name as Postgres folds
+    /// it); None once a name was prepared again with another text (which one Postgres kept is
+    /// unknown, so `EXECUTE name` is then decided as an unknown prepared statement).
+    sql_prepared: HashMap<String, Option<Arc<str>>>,
     database: String,
     client: Client,
     stmts: HashMap<String, Prepared>,
@@ -454,6 +632,8 @@ struct Relay {
     nonce: String,
     terminated: bool,
     end_reason: Option<String>,
+    /// Masking state; None when no mask rule applies to the session (rows are never decoded).
+    mask: Option<Box<crate::mask::relay::MaskRelay>>,
 }
 
 impl Relay {
@@ -608,7 +788,15 @@ impl Relay {
                 Ok(None) => break,
                 Err(e) => return Err(End::Fatal("08P01", format!("pgward: {e}"))),
             };
+            let before = batch.pendings.len();
+            let peek = self.mask.is_some().then(|| f.clone());
             self.on_client_frame(f, &mut batch)?;
+            if let (Some(m), Some(f)) = (self.mask.as_mut(), peek) {
+                let tag = m.on_client_frame(&f);
+                if let Some(p) = batch.pendings[before..].last_mut() {
+                    p.mask = tag;
+                }
+            }
             if self.terminated {
                 break;
             }
@@ -623,11 +811,42 @@ impl Relay {
         Ok(Some(batch))
     }
 
-    fn check_token(&self) -> Result<(), End> {
-        if now_unix() > self.identity.expires_at {
-            return Err(End::Fatal("28P01", "pgward: your token has expired; log in again with a fresh token".into()));
+    /// Before any statement: the token is unexpired and not revoked, and a grant the session
+    /// runs under is neither expired nor revoked. Otherwise the session ends (FATAL).
+    fn check_token(&mut self) -> Result<(), End> {
+        self.check
+            .check(&self.shared.access, &self.identity, now_unix())
+            .map_err(|r| End::Fatal(r.sqlstate(), r.to_string()))
+    }
+
+    /// The text `EXECUTE name` runs, if the session knows it: an SQL-level PREPARE, else a
+    /// protocol-level Parse of that name (they share Postgres's namespace).
+    fn lookup_prepared(&self, name: &str) -> Option<String> {
+        match self.sql_prepared.get(name) {
+            Some(Some(t)) => Some(t.to_string()),
+            Some(None) => None,
+            None => self.stmts.get(name).filter(|_| !name.is_empty()).map(|p| p.sql.to_string()),
         }
-        Ok(())
+    }
+
+    /// Remember the PREPAREs and DEALLOCATEs of an allowed (forwarded) query.
+    fn note_prepared(&mut self, v: &Verdict) {
+        for s in &v.statements {
+            match prepared_note(&s.info) {
+                Some(PreparedNote::Prepare(name, text)) => {
+                    let known = self.stmts.get(&name).map(|p| p.sql.clone());
+                    let e = self.sql_prepared.entry(name).or_insert_with(|| Some(text.clone()));
+                    if e.as_deref() != Some(&*text) || known.is_some_and(|k| *k != *text) {
+                        *e = None;
+                    }
+                }
+                Some(PreparedNote::Deallocate(name)) => {
+                    self.sql_prepared.remove(&name);
+                }
+                Some(PreparedNote::DeallocateAll) => self.sql_prepared.clear(),
+                None => {}
+            }
+        }
     }
 
     fn submit(&self, batch: &mut Batch, rec: Record) -> usize {
@@ -644,9 +863,20 @@ impl Relay {
                 let mut rec = self.record(Kind::Statement);
                 rec.protocol = Some("simple".into());
                 let mut p = Pending::new(PendKind::Query);
-                let verdict = self.shared.policy.decide(&self.identity, &self.database, &sql, chrono::Utc::now());
+                let lookup = |name: &str| self.lookup_prepared(name);
+                let verdict = self.shared.policy.decide_with_prepared(
+                    &self.policy_identity,
+                    &self.database,
+                    &sql,
+                    chrono::Utc::now(),
+                    &lookup,
+                );
                 rec.sql = Some(sql.to_string());
-                let frame = if Self::apply_verdict(&mut rec, &mut p, &verdict) { f } else { self.marker_query() };
+                let allowed = Self::apply_verdict(&mut rec, &mut p, &verdict);
+                if allowed {
+                    self.note_prepared(&verdict);
+                }
+                let frame = if allowed { f } else { self.marker_query() };
                 p.rec_idx = self.submit(batch, rec);
                 batch.frames.push((frame, Some(batch.pendings.len())));
                 batch.pendings.push(p);
@@ -654,8 +884,16 @@ impl Relay {
             b'P' => {
                 self.check_token()?;
                 let (name, sql) = wire::decode_parse(&f).map_err(bad)?;
-                let verdict = self.shared.policy.decide(&self.identity, &self.database, &sql, chrono::Utc::now());
+                let lookup = |n: &str| self.lookup_prepared(n);
+                let verdict = self.shared.policy.decide_with_prepared(
+                    &self.policy_identity,
+                    &self.database,
+                    &sql,
+                    chrono::Utc::now(),
+                    &lookup,
+                );
                 if verdict.is_allowed() {
+                    self.note_prepared(&verdict);
                     let prepared =
                         Prepared { sql: Arc::from(sql.as_ref()), rule: Arc::from(verdict.rule.as_str()), unparsable: verdict.unparsable };
                     self.stmts.insert(name.to_string(), prepared);
@@ -742,7 +980,7 @@ impl Relay {
                 rec.sql = Some(format!("-- fastpath function call: oid {oid}"));
                 rec.params = Some(args);
                 let mut p = Pending::new(PendKind::FunctionCall);
-                let verdict = self.shared.policy.decide_function_call(&self.identity, &self.database, chrono::Utc::now());
+                let verdict = self.shared.policy.decide_function_call(&self.policy_identity, &self.database, chrono::Utc::now());
                 let frame = if Self::apply_verdict(&mut rec, &mut p, &verdict) { f } else { self.marker_function_call() };
                 p.rec_idx = self.submit(batch, rec);
                 batch.frames.push((frame, Some(batch.pendings.len())));
@@ -855,6 +1093,7 @@ impl Relay {
     }
 
     fn result_record(&self, p: &Pending, tag: Option<&str>, rows: Option<u64>, err: Option<(&str, &str)>) {
+        let masked = self.mask.as_ref().and_then(|m| m.take_meta());
         if p.seq == 0 {
             return;
         }
@@ -866,6 +1105,10 @@ impl Relay {
         if let Some((code, msg)) = err {
             rec.sqlstate = Some(code.to_string());
             rec.error = Some(msg.to_string());
+        }
+        // Which columns were masked and how many values (never the values).
+        if let Some(meta) = masked {
+            rec.meta = Some(meta);
         }
         self.shared.audit.append(rec);
     }
@@ -885,6 +1128,15 @@ impl Relay {
                     self.terminated = true;
                     break;
                 }
+            };
+            let f = match self.mask.as_mut() {
+                // None: a DataRow / CopyData rewritten into `cout`. Some: the frame to go on with
+                // (an ErrorResponse / NoticeResponse may come back with detected values masked).
+                Some(m) => match m.on_server_frame(f, self.pending.front().map(|p| &p.mask), cout) {
+                    Some(f) => f,
+                    None => continue,
+                },
+                None => f,
             };
             match f.tag {
                 b'1' => self.pop_kind(PendKind::Parse),
@@ -981,5 +1233,60 @@ impl Relay {
         if self.pending.front().is_some_and(|p| p.kind == kind) {
             self.pending.pop_front();
         }
+    }
+}
+
+/// What an allowed statement does to the session's SQL-level prepared statements.
+#[derive(Debug, PartialEq, Eq)]
+enum PreparedNote {
+    /// Name (as Postgres folds it) and the PREPARE statement's text.
+    Prepare(String, Arc<str>),
+    Deallocate(String),
+    DeallocateAll,
+}
+
+fn prepared_note(info: &crate::policy::StatementInfo) -> Option<PreparedNote> {
+    use sqlparser::ast::Statement;
+    let first = info.commands.first()?;
+    if first != "prepare" && first != "deallocate" {
+        return None;
+    }
+    let fold = |i: &sqlparser::ast::Ident| if i.quote_style.is_some() { i.value.clone() } else { i.value.to_lowercase() };
+    let parsed = sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, &info.text).ok()?;
+    match parsed.as_slice() {
+        [Statement::Prepare { name, .. }] => Some(PreparedNote::Prepare(fold(name), Arc::from(info.text.as_str()))),
+        [Statement::Deallocate { name, .. }] if name.quote_style.is_none() && name.value.eq_ignore_ascii_case("all") => {
+            Some(PreparedNote::DeallocateAll)
+        }
+        [Statement::Deallocate { name, .. }] => Some(PreparedNote::Deallocate(fold(name))),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod prepared_tests {
+    use super::*;
+
+    fn notes(sql: &str) -> Vec<Option<PreparedNote>> {
+        crate::policy::analyze_sql(sql).iter().map(prepared_note).collect()
+    }
+
+    #[test]
+    fn prepare_and_deallocate_names_are_folded() {
+        let n = notes("PREPARE Q(int) AS SELECT $1; DEALLOCATE ALL; deallocate prepare \"X\"; EXECUTE q(1); PREPARE \"Mixed\" AS DELETE FROM t");
+        assert!(matches!(&n[0], Some(PreparedNote::Prepare(name, text)) if name == "q" && text.contains("SELECT $1")), "{n:?}");
+        assert_eq!(n[1], Some(PreparedNote::DeallocateAll));
+        assert_eq!(n[2], Some(PreparedNote::Deallocate("X".into())));
+        assert_eq!(n[3], None);
+        assert!(matches!(&n[4], Some(PreparedNote::Prepare(name, _)) if name == "Mixed"), "{n:?}");
+    }
+
+    #[test]
+    fn startup_settings_become_set_statements() {
+        assert_eq!(startup_setting_sql("Search_Path", "a, b").as_deref(), Some("SET search_path TO 'a, b'"));
+        assert_eq!(startup_setting_sql("myapp.x", "it's").as_deref(), Some("SET myapp.x TO 'it''s'"));
+        assert_eq!(startup_setting_sql("a;b", "x"), None);
+        assert_eq!(startup_setting_sql("a.b.c", "x"), None);
+        assert_eq!(startup_setting_sql("", "x"), None);
     }
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: pgward against direct Postgres, PgBouncer (session mode) and a bare
 //! splice proxy, on one throwaway PostgreSQL 15 cluster.
 //!
-//! Sections (all by default; pick with `--only main,fsync,memory,ebpf`):
+//! Sections (all by default; pick with `--only main,fsync,memory,ebpf,mask`):
 //!
 //! - `main`: the targets A B C D (direct, pgbouncer, splice, pgward) run interleaved — for each
 //!   cycle, for each workload, every target in turn — on pgbench -S in simple, extended and
@@ -11,6 +11,8 @@
 //! - `fsync`: pgward with audit.fsync = always, group, off (and direct) on pgbench -S simple.
 //! - `memory`: pgward's RSS per idle session with N (500) sessions open.
 //! - `ebpf`: placeholder (eBPF redirect vs direct connect is a later issue).
+//! - `mask`: the 100k-row result through one pgward with one masked column (`[[mask]]` on
+//!   `bench_rows.h`, keep_last 4) vs the same result for a session no mask applies to.
 //!
 //! Results: a table on stdout, JSON in target/bench/<timestamp>.json and target/bench/latest.json,
 //! a PNG chart beside them. The process exits non-zero only on errors (setup failures or failed
@@ -43,6 +45,8 @@ pub enum Section {
     Memory,
     /// eBPF redirect vs direct connect (placeholder: a later issue).
     Ebpf,
+    /// The 100k-row result through pgward with one masked column vs the same result unmasked.
+    Mask,
 }
 
 #[derive(clap::Args)]
@@ -305,7 +309,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         idle_sessions: args.idle_sessions.max(1),
     };
     let sections: Vec<Section> = if args.only.is_empty() {
-        vec![Section::Main, Section::Fsync, Section::Memory, Section::Ebpf]
+        vec![Section::Main, Section::Fsync, Section::Memory, Section::Ebpf, Section::Mask]
     } else {
         let mut v = args.only.clone();
         v.sort();
@@ -357,6 +361,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 Section::Fsync => section_fsync(&s, &work, &cluster, &pgward_bin, &mut report.fsync)?,
                 Section::Memory => report.memory = Some(section_memory(&s, &work, &cluster, &pgward_bin)?),
                 Section::Ebpf => {}
+                Section::Mask => section_mask(&s, &work, &cluster, &pgward_bin, &mut report.mask)?,
             }
         }
         cluster.stop();
@@ -568,6 +573,61 @@ fn section_main(
     run_interleaved(s, &MAIN_WORKLOADS, &targets, &mut [&mut bouncer, &mut splice, &mut gw.proc], "main", slot)
 }
 
+const MASK_WORKLOAD: &str = "psql: 100000 rows x 5 columns, column h masked (keep_last 4) vs unmasked, one pgward, wall time";
+
+/// One pgward whose policy masks `bench_rows.h` for everyone but group `bench_raw`: the same
+/// 100k-row query with a token in that group (no mask applies: rows are not decoded) and
+/// without (every row rewritten), interleaved.
+fn section_mask(s: &Settings, work: &WorkDir, cluster: &Cluster, bin: &Path, slot: &mut Option<(Cell, Cell)>) -> Result<()> {
+    step("mask: starting pgward with a [[mask]] rule on bench_rows.h");
+    let policy = "\n[[mask]]\nname = \"bench-h\"\ncolumns = [\"public.bench_rows.h\"]\nstyle = \"keep_last\"\nkeep = 4\nexcept_groups = [\"bench_raw\"]\n";
+    let mut gw = procs::start_pgward_with_policy(bin, work, "pgward-mask", cluster, "group", policy)?;
+    let config = work.join("pgward-mask").join("pgward.toml");
+    let out = Command::new(bin)
+        .args(["token", "issue", "--config"])
+        .arg(&config)
+        .args(["--user", "bench", "--groups", "bench_raw", "--ttl", "12h"])
+        .output()
+        .context("pgward token issue")?;
+    let raw_token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || raw_token.is_empty() {
+        bail!("pgward token issue --groups bench_raw failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let masked = Target::pgward("pgward-masked", &gw);
+    let mut unmasked = masked.clone();
+    unmasked.name = "pgward-unmasked".into();
+    unmasked.password = raw_token;
+    sanity(&masked)?;
+    sanity(&unmasked)?;
+    // The masked session really is masked, the other one is not.
+    for (t, want_masked) in [(&masked, true), (&unmasked, false)] {
+        let (status, out, err) = run_limited(
+            t.client("psql").args(["-X", "-At", "-d", "app", "-c", "select h from bench_rows where id = 1"]),
+            Duration::from_secs(30),
+        )?;
+        if !status.success() || out.trim().starts_with("****") != want_masked {
+            bail!("mask: {} returned {:?} for bench_rows.h (masked expected: {want_masked}) {err}", t.name, out.trim());
+        }
+    }
+    let _ = rows_once(&masked);
+    let _ = rows_once(&unmasked);
+    let (u, m) = slot.insert((Cell::default(), Cell::default()));
+    for _ in 0..s.cycles * s.rows_reps {
+        for (t, cell) in [(&unmasked, &mut *u), (&masked, &mut *m)] {
+            check_interrupted()?;
+            gw.proc.check_alive()?;
+            match rows_once(t) {
+                Ok(v) => {
+                    eprintln!("    [mask] {:<16} {v:>10.1} ms", t.name);
+                    cell.samples.push(v);
+                }
+                Err(e) => cell.errors.push(format!("{e:#}")),
+            }
+        }
+    }
+    Ok(())
+}
+
 fn section_fsync(s: &Settings, work: &WorkDir, cluster: &Cluster, bin: &Path, slot: &mut Option<Table>) -> Result<()> {
     step("fsync: starting pgward with audit.fsync = always, group, off");
     let mut always = procs::start_pgward(bin, work, "pgward-fsync-always", cluster, "always")?;
@@ -706,6 +766,8 @@ struct Report {
     fsync: Option<Table>,
     memory: Option<idle::IdleReport>,
     ebpf: bool,
+    /// (unmasked, masked) samples of the 100k-row psql run, ms.
+    mask: Option<(Cell, Cell)>,
 }
 
 /// One budget line.
@@ -721,7 +783,9 @@ const IDLE_BUDGET_KIB: f64 = 64.0;
 
 impl Report {
     fn errors(&self) -> usize {
-        self.main.as_ref().map_or(0, Table::errors) + self.fsync.as_ref().map_or(0, Table::errors)
+        self.main.as_ref().map_or(0, Table::errors)
+            + self.fsync.as_ref().map_or(0, Table::errors)
+            + self.mask.as_ref().map_or(0, |(a, b)| a.errors.len() + b.errors.len())
     }
 
     fn budget(&self) -> Vec<Check> {
@@ -811,6 +875,17 @@ impl Report {
         if self.ebpf {
             let _ = writeln!(o, "\n== ebpf: eBPF redirect vs direct connect ==\n  not measured yet: a later issue (placeholder)");
         }
+        if let Some((u, m)) = &self.mask {
+            let _ = writeln!(o, "\n== mask: {} ==", MASK_WORKLOAD);
+            match (u.median(), m.median()) {
+                (Some(a), Some(b)) => {
+                    let _ = writeln!(o, "  unmasked {a:.1} ms, masked {b:.1} ms: {:.3}× ({} run(s) each)", b / a, m.samples.len());
+                }
+                _ => {
+                    let _ = writeln!(o, "  not measured ({} error(s))", u.errors.len() + m.errors.len());
+                }
+            }
+        }
         let checks = self.budget();
         if !checks.is_empty() {
             let _ = writeln!(o, "\n== budget ==");
@@ -891,6 +966,12 @@ impl Report {
                 "kib_per_session": m.per_session_kib(),
                 "anon_kib_per_session": m.anon_per_session_kib(),
                 "login_secs": m.login_secs,
+            })),
+            "mask": self.mask.as_ref().map(|(u, m)| json!({
+                "workload": MASK_WORKLOAD,
+                "unmasked_ms": { "median": u.median(), "samples": u.samples, "errors": u.errors },
+                "masked_ms": { "median": m.median(), "samples": m.samples, "errors": m.errors },
+                "ratio": match (u.median(), m.median()) { (Some(a), Some(b)) => Some(b / a), _ => None },
             })),
             "ebpf": if self.ebpf { json!({ "status": "not measured: eBPF redirect vs direct connect is a later issue" }) } else { Value::Null },
             "budget": budget,

@@ -4,7 +4,10 @@
 
 pub mod chain;
 pub mod reader;
+pub mod export;
 pub mod record;
+
+pub use export::{ExportKind, Exporter};
 pub mod verify;
 mod writer;
 

@@ -16,6 +16,17 @@ pub enum Kind {
     Checkpoint,
     /// The audit writer (re)started; first record of every run.
     Start,
+    /// `pgward token revoke` (noticed by serve): `jti` or `user`, details in `meta`.
+    Revoke,
+    /// `pgward access request`: `user` asks for `meta.role` for `meta.ttl`.
+    AccessRequest,
+    /// `pgward access approve`: `user`'s request approved by `meta.approver` (whose token id is
+    /// `jti`); the grant ends at `meta.expires_at`.
+    AccessApprove,
+    /// `pgward access revoke`: a grant or pending request withdrawn.
+    AccessRevoke,
+    /// A grant's time ran out.
+    GrantExpired,
 }
 
 /// Where a client came from.

@@ -27,6 +27,7 @@ fn keys() -> PublicKeys {
 
 fn opts(dir: &Path, every: u64) -> WriterOptions {
     WriterOptions {
+        export: None,
         dir: dir.to_owned(),
         fsync: FsyncPolicy::Group,
         checkpoint_every: every,

@@ -131,6 +131,8 @@ pub struct WriterOptions {
     pub checkpoint_interval: Duration,
     pub segment_bytes: u64,
     pub signer: Option<CheckpointSigner>,
+    /// Copies of durable lines for syslog/journald (best effort).
+    pub export: Option<super::Exporter>,
 }
 
 impl WriterOptions {
@@ -146,6 +148,7 @@ impl WriterOptions {
             checkpoint_interval: cfg.audit.checkpoint_interval,
             segment_bytes: cfg.audit.segment_bytes,
             signer: Some(signer),
+            export: super::Exporter::start(cfg.audit.export, cfg.audit.syslog_socket.clone()),
         })
     }
 }
@@ -287,6 +290,7 @@ struct Writer {
     checkpoint_interval: Duration,
     segment_bytes: u64,
     signer: Option<CheckpointSigner>,
+    export: Option<super::Exporter>,
     seg: Option<OpenSegment>,
     next_seq: u64,
     prev_hash: String,
@@ -453,6 +457,7 @@ impl Writer {
             checkpoint_interval: opts.checkpoint_interval,
             segment_bytes: opts.segment_bytes,
             signer: opts.signer,
+            export: opts.export,
             seg,
             next_seq,
             prev_hash,
@@ -566,10 +571,13 @@ impl Writer {
         self.buf.clear();
         self.waiters.clear();
         let mut head: Option<Head> = None;
+        let mut events = Vec::with_capacity(items.len());
         for (rec, reply) in items.drain(..) {
             let seq = self.next_seq;
+            let event = crate::metrics::Event::of(&rec);
             match self.encode(rec, now_ts()) {
                 Ok(_) => {
+                    events.push(event);
                     self.waiters.push((reply, seq));
                     self.since_ckpt += 1;
                     if signing && self.checkpoint_every > 0 && self.since_ckpt >= self.checkpoint_every {
@@ -595,6 +603,12 @@ impl Writer {
         match self.write_and_sync() {
             Ok(()) => {
                 self.counters.records.fetch_add(lines, Ordering::Relaxed);
+                for e in events {
+                    crate::metrics::METRICS.event(e);
+                }
+                if let Some(ex) = &self.export {
+                    ex.send(&self.buf);
+                }
                 self.counters.batches.fetch_add(1, Ordering::Relaxed);
                 for (reply, seq) in self.waiters.drain(..) {
                     if let Some(r) = reply {
@@ -620,6 +634,7 @@ impl Writer {
 
     fn fail_items(&self, replies: impl Iterator<Item = Option<Reply>>, e: &AuditError) {
         self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::METRICS.audit_batches_failed.inc();
         let mut unanswered = 0usize;
         for r in replies {
             match r {
@@ -761,10 +776,13 @@ impl Writer {
         let Some(seg) = self.seg.as_mut() else {
             return Err(AuditError::Closed);
         };
+        let started = Instant::now();
         let res = write_batch(&mut seg.file, &self.buf, &self.dir).and_then(|()| {
             if fsync != FsyncPolicy::Off {
                 self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-                seg.file.sync_data()
+                let r = seg.file.sync_data();
+                crate::metrics::METRICS.audit_fsync_seconds.observe(started.elapsed().as_secs_f64());
+                r
             } else {
                 Ok(())
             }

@@ -25,6 +25,8 @@ pub struct Identity {
     pub jti: String,
     /// Unix seconds.
     pub expires_at: i64,
+    /// The token's `iat` (unix seconds): a revocation by user kills tokens issued at or before it.
+    pub issued_at: i64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -240,6 +240,7 @@ impl Verifier {
             groups,
             jti,
             expires_at: i64::try_from(expires_at).unwrap_or(i64::MAX),
+            issued_at: i64::try_from(iat).unwrap_or(i64::MAX),
         })
     }
 }

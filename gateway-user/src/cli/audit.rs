@@ -193,6 +193,11 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::SessionEnd => "session_end",
         Kind::Checkpoint => "checkpoint",
         Kind::Start => "start",
+        Kind::Revoke => "revoke",
+        Kind::AccessRequest => "access_request",
+        Kind::AccessApprove => "access_approve",
+        Kind::AccessRevoke => "access_revoke",
+        Kind::GrantExpired => "grant_expired",
     }
 }
 
@@ -334,6 +339,14 @@ fn format_human(s: &mut String, r: &Record) {
             }
         }
         Kind::Start => {}
+        Kind::Revoke | Kind::AccessRequest | Kind::AccessApprove | Kind::AccessRevoke | Kind::GrantExpired => {
+            if let Some(j) = &r.jti {
+                field(s, format!("jti={j}"));
+            }
+            if let Some(e) = &r.error {
+                field(s, one_line(e));
+            }
+        }
     }
     if r.kind != Kind::Checkpoint
         && let Some(m) = &r.meta

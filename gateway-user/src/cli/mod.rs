@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod access;
 pub mod audit;
 pub mod init;
 pub mod policy;
@@ -36,9 +37,12 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Show the attached interception programs and their counters.
     Status(status::StatusArgs),
-    /// Issue tokens.
+    /// Issue and revoke tokens.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Just-in-time access: request a role, approve, list, withdraw.
+    #[command(subcommand)]
+    Access(access::AccessCommand),
     /// Read, verify and replay the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -69,6 +73,7 @@ pub fn main() -> ExitCode {
         Command::Serve(a) => serve::run(a),
         Command::Status(a) => status::run(a),
         Command::Token(c) => token::run(c),
+        Command::Access(c) => access::run(c),
         Command::Audit(c) => audit::run(c),
         Command::Policy(c) => policy::run(c),
     };

@@ -104,6 +104,7 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<(u8, String)> {
         groups: args.groups.iter().map(|g| g.trim()).filter(|g| !g.is_empty()).map(str::to_owned).collect(),
         jti: "policy-check".into(),
         expires_at: i64::MAX,
+        issued_at: 0,
     };
     let database = args.database.clone().unwrap_or(default_db);
     let now: DateTime<Utc> = match &args.at {

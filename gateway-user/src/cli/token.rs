@@ -14,6 +14,26 @@ use crate::config::Config;
 pub enum TokenCommand {
     /// Print a signed JWT for USER on stdout (and nothing else).
     Issue(IssueArgs),
+    /// Revoke one token (--jti) or every token of a user issued until now (--user). A running
+    /// `serve` refuses them from its next look at the revocation file (within a second): live
+    /// sessions end at their next statement, new logins are refused.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["jti", "user"])))]
+pub struct RevokeArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The token's id (`jti`; audit records show it).
+    #[arg(long)]
+    pub jti: Option<String>,
+    /// Every token of this user issued at or before now.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Why (goes into the audit log).
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -38,7 +58,26 @@ pub fn run(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             writeln!(out, "{token}").and_then(|_| out.flush()).context("cannot write the token")?;
             Ok(ExitCode::SUCCESS)
         }
+        TokenCommand::Revoke(args) => {
+            let text = revoke(&args)?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes()).and_then(|_| out.flush()).context("cannot write to stdout")?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Append the revocation; the message for stdout.
+fn revoke(args: &RevokeArgs) -> anyhow::Result<String> {
+    let cfg = Config::load(&args.config)?;
+    let store = crate::access::Store::open(&cfg)?;
+    let r = store.revoke(args.jti.as_deref(), args.user.as_deref(), args.reason.as_deref())?;
+    let when = crate::access::rfc3339(r.at);
+    Ok(match (&r.jti, &r.user) {
+        (Some(j), _) => format!("revoked token {j} ({}, at {when})\n", r.id),
+        (_, Some(u)) => format!("revoked every token of user {u} issued at or before {when} ({})\n", r.id),
+        _ => format!("revoked ({}, at {when})\n", r.id),
+    })
 }
 
 /// The token for `pgward token issue` (everything except printing it).

@@ -25,6 +25,10 @@ pub(crate) struct PolicyFile {
     pub group: Vec<GroupSpec>,
     #[serde(default)]
     pub rule: Vec<RuleSpec>,
+    /// `[[mask]]` rules: compiled by `crate::mask` (accepted, not interpreted, here).
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub mask: Vec<toml::Value>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]

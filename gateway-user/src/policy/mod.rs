@@ -327,6 +327,12 @@ impl Policy {
         self.role_for(identity).map(|r| format!("SET ROLE \"{}\"", r.replace('"', "\"\"")))
     }
 
+    /// The `[[group]]`s whose `role` is exactly `role`, in policy order (a session running
+    /// under a just-in-time grant of `role` is decided as a member of these).
+    pub fn groups_with_role(&self, role: &str) -> Vec<String> {
+        self.c.groups.iter().filter(|g| g.role.as_deref() == Some(role)).map(|g| g.name.clone()).collect()
+    }
+
     /// Decide a simple-query string or a Parse's text. `EXECUTE name` counts as a write (the
     /// prepared text is unknown here); see [`Policy::decide_with_prepared`].
     pub fn decide(&self, identity: &Identity, database: &str, sql: &str, now: DateTime<Utc>) -> Arc<Verdict> {

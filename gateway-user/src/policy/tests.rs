@@ -24,6 +24,7 @@ fn id(user: &str, groups: &[&str]) -> Identity {
         groups: groups.iter().map(|g| g.to_string()).collect(),
         jti: "t".into(),
         expires_at: i64::MAX,
+        issued_at: 0,
     }
 }
 

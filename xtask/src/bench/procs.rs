@@ -136,6 +136,19 @@ pub struct Pgward {
 }
 
 pub fn start_pgward(bin: &Path, work: &WorkDir, name: &str, cluster: &Cluster, fsync: &str) -> Result<Pgward> {
+    start_pgward_with_policy(bin, work, name, cluster, fsync, "")
+}
+
+/// Like [`start_pgward`], with `policy_extra` appended to the policy file `init` wrote (e.g.
+/// `[[mask]]` rules).
+pub fn start_pgward_with_policy(
+    bin: &Path,
+    work: &WorkDir,
+    name: &str,
+    cluster: &Cluster,
+    fsync: &str,
+    policy_extra: &str,
+) -> Result<Pgward> {
     let dir = work.join(name);
     let pwfile = work.join("svc.password");
     std::fs::write(&pwfile, format!("{}\n", pg::SERVICE_PASSWORD))?;
@@ -155,6 +168,12 @@ pub fn start_pgward(bin: &Path, work: &WorkDir, name: &str, cluster: &Cluster, f
     let text = set_toml_key(&text, "audit", "fsync", &format!("\"{fsync}\""))
         .with_context(|| format!("setting audit.fsync in {}", config.display()))?;
     std::fs::write(&config, text)?;
+    if !policy_extra.is_empty() {
+        let policy = dir.join("policies/default.toml");
+        let mut p = std::fs::read_to_string(&policy).with_context(|| format!("reading {}", policy.display()))?;
+        p.push_str(policy_extra);
+        std::fs::write(&policy, p)?;
+    }
 
     let mut cmd = Command::new(bin);
     cmd.args(["serve", "--config"]).arg(&config);

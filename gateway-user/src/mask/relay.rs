@@ -1,0 +1,1093 @@
+//! The session side of masking: per-statement plans and the rewriting of DataRow and CopyData
+//! frames. The session calls [`MaskRelay::on_client_frame`] for every client frame (to learn
+//! statements, portals, result formats) and [`MaskRelay::on_server_frame`] for every server
+//! frame before its own bookkeeping.
+//!
+//! Plans: a RowDescription (simple protocol, FETCH) or the Describe/Bind of a portal (extended
+//! protocol) gives each column's table OID, attribute number, type and format. A column is
+//! masked when its (OID, attnum) is a rule column (catalog), or when lineage ties it to one;
+//! every other value is scanned by the content detectors when the session has any. A result
+//! with nothing to do is marked pass-through: its DataRows are copied without being decoded.
+//!
+//! Value handling by type and format:
+//! * text, varchar, bpchar, name, char, unknown (either format): masked in place;
+//! * any other type in text format, and every non-text type in binary format, of a masked
+//!   column: NULL (a masked string would not parse as the type);
+//! * content hits: replaced in place in string-like values (text types, json, jsonb, xml,
+//!   records and arrays in text format); in numeric values (text format, binary int8) the value
+//!   becomes NULL.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::catalog::{Access, Snapshot};
+use super::detect::{Style, apply_style, mask_content};
+use super::lineage::{self, CopyFormat, CopyKind, Lineage, Resolver, StmtKind, Taint};
+use super::SessionMask;
+use crate::wire::{Frame, Reader};
+
+/// One column of a RowDescription.
+#[derive(Debug, Clone)]
+pub struct Field {
+    pub name: String,
+    pub table_oid: u32,
+    pub attnum: i16,
+    pub type_oid: u32,
+    pub format: i16,
+}
+
+pub fn parse_row_description(body: &[u8]) -> Option<Vec<Field>> {
+    let mut r = Reader::new(body);
+    let n = r.i16().ok()?;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let name = r.cstr().ok()?.into_owned();
+        let table_oid = r.i32().ok()? as u32;
+        let attnum = r.i16().ok()?;
+        let type_oid = r.i32().ok()? as u32;
+        r.i16().ok()?;
+        r.i32().ok()?;
+        let format = r.i16().ok()?;
+        out.push(Field { name, table_oid, attnum, type_oid, format });
+    }
+    Some(out)
+}
+
+/// A Parse the session saw: its lineage and (after Describe S) its columns.
+#[derive(Debug, Default)]
+pub struct PreparedInfo {
+    lineage: Option<StmtKind>,
+    desc: Mutex<Option<Arc<Vec<Field>>>>,
+}
+
+/// A Bind: the statement, result formats and (after Describe P) its columns.
+#[derive(Debug, Default)]
+pub struct PortalInfo {
+    prepared: Option<Arc<PreparedInfo>>,
+    formats: Vec<i16>,
+    desc: Mutex<Option<Arc<Vec<Field>>>>,
+}
+
+#[derive(Debug, Default)]
+pub struct QueryInfo {
+    stmts: Option<Vec<StmtKind>>,
+}
+
+/// What a pending client frame means to masking (stored in the session's `Pending`).
+#[derive(Debug, Default, Clone)]
+pub enum Tag {
+    #[default]
+    None,
+    Query(Arc<QueryInfo>),
+    DescribeStmt(Arc<PreparedInfo>),
+    DescribePortal(Arc<PortalInfo>),
+    Execute(Arc<PortalInfo>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    No,
+    /// Replace hits in place.
+    InPlace,
+    /// jsonb binary: a version byte, then text.
+    JsonbBin,
+    /// A hit makes the value NULL (numbers in text format).
+    NullOnHit,
+    /// binary int8: scanned as its decimal text; a hit makes it NULL.
+    Int8Bin,
+}
+
+#[derive(Debug, Clone)]
+struct ColPlan {
+    /// (rule index, style) for a masked column.
+    whole: Option<(usize, Style)>,
+    scan: Scan,
+}
+
+/// The plan for the result in flight.
+struct Active {
+    pass: bool,
+    cols: Vec<ColPlan>,
+    names: Vec<String>,
+    counts: Vec<u64>,
+    copy: Option<CopyState>,
+}
+
+struct CopyState {
+    fmt: CopyFormat,
+    header_pending: bool,
+    binary_header_seen: bool,
+}
+
+const STRING_TYPES: &[u32] = &[25, 1043, 1042, 19, 705, 18];
+const NUMERIC_TYPES: &[u32] = &[20, 21, 23, 26, 700, 701, 1700, 790];
+/// Types whose binary form is their text (scanned in place).
+const TEXTLIKE_BIN: &[u32] = &[25, 1043, 1042, 19, 705, 18, 114, 142];
+
+fn is_string(ty: u32, binary: bool) -> bool {
+    STRING_TYPES.contains(&ty) || (!binary && ty == 0)
+}
+
+fn scan_kind(ty: u32, binary: bool) -> Scan {
+    if binary {
+        if TEXTLIKE_BIN.contains(&ty) {
+            Scan::InPlace
+        } else if ty == 3802 {
+            Scan::JsonbBin
+        } else if ty == 20 {
+            Scan::Int8Bin
+        } else {
+            Scan::No
+        }
+    } else if ty == 17 {
+        Scan::No
+    } else if NUMERIC_TYPES.contains(&ty) || ty == 0 {
+        Scan::NullOnHit
+    } else {
+        Scan::InPlace
+    }
+}
+
+/// Style for a value derived from a masked column (not the column itself): keeping the last N
+/// characters of `substr(card, 1, 6)` would show digits that are not the card's last ones.
+fn derived_style(s: Style) -> Style {
+    match s {
+        Style::KeepLast(_) | Style::Full => Style::Full,
+        other => other,
+    }
+}
+
+struct Res<'a> {
+    sess: &'a SessionMask,
+    snap: Option<&'a Snapshot>,
+}
+
+impl Resolver for Res<'_> {
+    fn rules_for(&self, schema: Option<&str>, table: &str, column: Option<&str>) -> u64 {
+        let views = self.snap.map(|s| s.view_rules(schema, table, column)).unwrap_or(0);
+        (self.sess.policy.rules_for(schema, table, column) | views) & self.sess.active
+    }
+    fn columns_of(&self, schema: Option<&str>, table: &str) -> Option<Vec<String>> {
+        self.snap?.columns_of(schema, table)
+    }
+}
+
+/// Per-session masking state.
+pub struct MaskRelay {
+    sess: SessionMask,
+    access: Access,
+    snap: Option<Arc<Snapshot>>,
+    prepared: HashMap<String, Arc<PreparedInfo>>,
+    portals: HashMap<String, Arc<PortalInfo>>,
+    sql_prepared: HashMap<String, Lineage>,
+    cursors: HashMap<String, Lineage>,
+    cur_query: Option<Arc<QueryInfo>>,
+    query_idx: usize,
+    active: Option<Active>,
+    /// When this session last saw DDL succeed: a catalog snapshot loaded before it is stale,
+    /// and until a fresh one lands, table columns are also matched by their output name.
+    ddl_at: Option<std::time::Instant>,
+    /// Counts of the result that just completed, for the session's result record.
+    meta: RefCell<Option<serde_json::Value>>,
+}
+
+impl MaskRelay {
+    /// The masking state for a session, or None when no rule applies to it (then nothing is
+    /// decoded, ever).
+    pub async fn start(
+        policy: &Arc<super::MaskPolicy>,
+        identity: &crate::auth::Identity,
+        database: &str,
+        access: Access,
+    ) -> Option<MaskRelay> {
+        let active = policy.active_for(identity);
+        if active == 0 {
+            return None;
+        }
+        let sess = SessionMask { policy: policy.clone(), active, database: database.to_string() };
+        let snap = if sess.column_rules() != 0 { policy.catalog.get(policy, &access, database).await } else { None };
+        Some(MaskRelay {
+            sess,
+            access,
+            snap,
+            prepared: HashMap::new(),
+            portals: HashMap::new(),
+            sql_prepared: HashMap::new(),
+            cursors: HashMap::new(),
+            cur_query: None,
+            query_idx: 0,
+            active: None,
+            ddl_at: None,
+            meta: RefCell::new(None),
+        })
+    }
+
+    fn analyze(&self, sql: &str) -> Option<Vec<StmtKind>> {
+        let current = self.sess.policy.catalog.current(&self.sess.policy, &self.access, &self.sess.database);
+        let res = Res { sess: &self.sess, snap: current.as_deref().or(self.snap.as_deref()) };
+        lineage::analyze(sql, &res)
+    }
+
+    fn remember(&mut self, stmts: &[StmtKind]) {
+        for s in stmts {
+            match s {
+                StmtKind::Declare(n, l) => {
+                    self.cursors.insert(n.clone(), l.clone());
+                }
+                StmtKind::Prepare(n, l) => {
+                    self.sql_prepared.insert(n.clone(), l.clone());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A client frame the session is forwarding; returns the tag for its pending entry.
+    pub fn on_client_frame(&mut self, f: &Frame) -> Tag {
+        match f.tag {
+            b'Q' => {
+                let Ok(sql) = Reader::new(f.body()).cstr() else { return Tag::None };
+                let stmts = self.analyze(&sql);
+                if let Some(s) = &stmts {
+                    self.remember(s);
+                }
+                Tag::Query(Arc::new(QueryInfo { stmts }))
+            }
+            b'P' => {
+                let mut r = Reader::new(f.body());
+                let (Ok(name), Ok(sql)) = (r.cstr(), r.cstr()) else { return Tag::None };
+                let lineage = match self.analyze(&sql) {
+                    Some(mut v) if v.len() == 1 => {
+                        let s = v.remove(0);
+                        self.remember(std::slice::from_ref(&s));
+                        Some(s)
+                    }
+                    Some(v) if v.is_empty() => Some(StmtKind::Other),
+                    _ => Some(StmtKind::Unknown),
+                };
+                self.prepared.insert(name.into_owned(), Arc::new(PreparedInfo { lineage, desc: Mutex::new(None) }));
+                Tag::None
+            }
+            b'B' => {
+                let Some((portal, stmt, formats)) = decode_bind_formats(f.body()) else { return Tag::None };
+                let info = PortalInfo { prepared: self.prepared.get(&stmt).cloned(), formats, desc: Mutex::new(None) };
+                self.portals.insert(portal, Arc::new(info));
+                Tag::None
+            }
+            b'D' => {
+                let mut r = Reader::new(f.body());
+                let (Ok(kind), Ok(name)) = (r.u8(), r.cstr()) else { return Tag::None };
+                if kind == b'S' {
+                    self.prepared.get(name.as_ref()).map(|p| Tag::DescribeStmt(p.clone())).unwrap_or_default()
+                } else {
+                    self.portals.get(name.as_ref()).map(|p| Tag::DescribePortal(p.clone())).unwrap_or_default()
+                }
+            }
+            b'E' => {
+                let Ok(portal) = Reader::new(f.body()).cstr() else { return Tag::None };
+                // A portal pgward did not see bound: Postgres answers 34000; an empty plan is fine.
+                Tag::Execute(self.portals.get(portal.as_ref()).cloned().unwrap_or_default())
+            }
+            b'C' => {
+                let mut r = Reader::new(f.body());
+                if let (Ok(kind), Ok(name)) = (r.u8(), r.cstr()) {
+                    if kind == b'S' {
+                        self.prepared.remove(name.as_ref());
+                    } else {
+                        self.portals.remove(name.as_ref());
+                    }
+                }
+                Tag::None
+            }
+            _ => Tag::None,
+        }
+    }
+
+    /// The mask counts of the result that just completed (for its audit record).
+    pub fn take_meta(&self) -> Option<serde_json::Value> {
+        self.meta.borrow_mut().take()
+    }
+
+    /// A server frame, before the session's bookkeeping. None: the frame was rewritten into
+    /// `out` (DataRow, CopyData). Some: the frame the session goes on with — the same one, or
+    /// an ErrorResponse / NoticeResponse whose text fields had detected values masked.
+    pub fn on_server_frame(&mut self, f: Frame, front: Option<&Tag>, out: &mut BytesMut) -> Option<Frame> {
+        if matches!(f.tag, b'E' | b'N') {
+            if f.tag == b'E' {
+                self.finish();
+            }
+            return Some(self.scrub_message(f));
+        }
+        if self.on_frame(&f, front, out) { None } else { Some(f) }
+    }
+
+    /// Error and notice texts can carry values (`invalid input syntax for type integer:
+    /// "4242…"`, `RAISE NOTICE '%', card`): the content detectors run over their message,
+    /// detail, hint, context and query fields.
+    fn scrub_message(&self, f: Frame) -> Frame {
+        if !self.sess.has_content() {
+            return f;
+        }
+        let mut fields: Vec<(u8, Vec<u8>)> = Vec::new();
+        let mut b = f.body();
+        let mut changed = false;
+        while let Some((&t, rest)) = b.split_first() {
+            if t == 0 {
+                break;
+            }
+            let Some(nul) = rest.iter().position(|&c| c == 0) else { return f };
+            let v = &rest[..nul];
+            let new = if matches!(t, b'M' | b'D' | b'H' | b'W' | b'q' | b'p') {
+                scan_in_place(v, &self.sess).map(|n| n.unwrap_or_else(|| b"(masked)".to_vec()))
+            } else {
+                None
+            };
+            match new {
+                Some(n) => {
+                    changed = true;
+                    fields.push((t, n.into_iter().filter(|&c| c != 0).collect()));
+                }
+                None => fields.push((t, v.to_vec())),
+            }
+            b = &rest[nul + 1..];
+        }
+        if !changed {
+            return f;
+        }
+        let mut body = BytesMut::new();
+        for (t, v) in fields {
+            body.put_u8(t);
+            body.put_slice(&v);
+            body.put_u8(0);
+        }
+        body.put_u8(0);
+        let mut raw = BytesMut::new();
+        crate::wire::message(&mut raw, f.tag, &body);
+        Frame { tag: f.tag, raw: raw.freeze() }
+    }
+
+    fn on_frame(&mut self, f: &Frame, front: Option<&Tag>, out: &mut BytesMut) -> bool {
+        match f.tag {
+            b'D' => {
+                if self.active.is_none() {
+                    if let Some(Tag::Execute(p)) = front {
+                        let p = p.clone();
+                        let n = data_row_width(f.body()).unwrap_or(0);
+                        self.active = Some(self.plan_execute(&p, n));
+                    }
+                }
+                let Some(a) = self.active.as_mut() else { return false };
+                if a.pass {
+                    return false;
+                }
+                match rewrite_row(f.body(), &a.cols, &self.sess, &mut a.counts) {
+                    Ok(None) => false,
+                    Ok(Some(body)) => {
+                        out.put_u8(b'D');
+                        out.put_u32(4 + body.len() as u32);
+                        out.extend_from_slice(&body);
+                        true
+                    }
+                    Err(()) => {
+                        // Cannot read the row: never relay it unmasked.
+                        tracing::error!("masking: malformed DataRow from the server; row replaced by NULLs");
+                        let n = data_row_width(f.body()).unwrap_or(0);
+                        let mut body = BytesMut::new();
+                        body.put_i16(n as i16);
+                        for _ in 0..n {
+                            body.put_i32(-1);
+                        }
+                        out.put_u8(b'D');
+                        out.put_u32(4 + body.len() as u32);
+                        out.extend_from_slice(&body);
+                        true
+                    }
+                }
+            }
+            b'd' => {
+                let Some(a) = self.active.as_mut() else { return false };
+                let Some(c) = a.copy.as_mut() else { return false };
+                if a.pass {
+                    return false;
+                }
+                if c.header_pending {
+                    c.header_pending = false;
+                    return false;
+                }
+                let data = &f.body();
+                let new = match c.fmt.format {
+                    CopyKind::Binary => rewrite_copy_binary(data, c, &a.cols, &self.sess, &mut a.counts),
+                    _ => rewrite_copy_text(data, &c.fmt, &a.cols, &self.sess, &mut a.counts),
+                };
+                match new {
+                    None => false,
+                    Some(body) => {
+                        out.put_u8(b'd');
+                        out.put_u32(4 + body.len() as u32);
+                        out.extend_from_slice(&body);
+                        true
+                    }
+                }
+            }
+            b'T' => {
+                let Some(fields) = parse_row_description(f.body()) else { return false };
+                match front {
+                    Some(Tag::Query(q)) => {
+                        self.sync_query(q);
+                        let lin = self.query_lineage(q);
+                        self.active = Some(self.plan(&fields, fields.len(), &[], lin.as_ref()));
+                    }
+                    Some(Tag::DescribeStmt(p)) => {
+                        if let Ok(mut d) = p.desc.lock() {
+                            *d = Some(Arc::new(fields));
+                        }
+                    }
+                    Some(Tag::DescribePortal(p)) => {
+                        if let Ok(mut d) = p.desc.lock() {
+                            *d = Some(Arc::new(fields));
+                        }
+                    }
+                    _ => {}
+                }
+                false
+            }
+            b'H' => {
+                // CopyOutResponse: overall format, per-column formats.
+                let mut r = Reader::new(f.body());
+                let (Ok(overall), Ok(n)) = (r.u8(), r.i16()) else { return false };
+                let n = n.max(0) as usize;
+                let lin: Option<Lin> = match front {
+                    Some(Tag::Query(q)) => {
+                        self.sync_query(q);
+                        self.query_lineage(q)
+                    }
+                    Some(Tag::Execute(p)) => p.prepared.as_ref().and_then(|pp| self.resolve_kind(pp.lineage.as_ref())),
+                    _ => None,
+                };
+                let mut fmt = match &lin {
+                    Some(Lin::Known(l)) => l.copy.clone(),
+                    _ => None,
+                }
+                .unwrap_or(CopyFormat { format: CopyKind::Text, delimiter: b'\t', quote: b'"', null: b"\\N".to_vec(), header: false });
+                if overall == 1 {
+                    fmt.format = CopyKind::Binary;
+                }
+                // COPY has no RowDescription: columns are unknown types (text for text/CSV).
+                let fields: Vec<Field> = (0..n)
+                    .map(|_| Field { name: String::new(), table_oid: 0, attnum: 0, type_oid: if overall == 1 { 1 } else { 25 }, format: overall as i16 })
+                    .collect();
+                let mut a = self.plan(&fields, n, &[], lin.as_ref());
+                a.copy = Some(CopyState { header_pending: fmt.header && fmt.format == CopyKind::Csv, fmt, binary_header_seen: false });
+                self.active = Some(a);
+                false
+            }
+            b'C' | b's' => {
+                if f.tag == b'C' {
+                    self.after_command(f);
+                }
+                self.finish();
+                false
+            }
+            b'I' => {
+                self.active = None;
+                false
+            }
+            b'Z' => {
+                self.active = None;
+                self.cur_query = None;
+                self.query_idx = 0;
+                false
+            }
+            _ => false,
+        }
+    }
+
+    fn sync_query(&mut self, q: &Arc<QueryInfo>) {
+        if !self.cur_query.as_ref().is_some_and(|c| Arc::ptr_eq(c, q)) {
+            self.cur_query = Some(q.clone());
+            self.query_idx = 0;
+        }
+    }
+
+    fn after_command(&mut self, f: &Frame) {
+        if self.cur_query.is_some() {
+            self.query_idx += 1;
+        }
+        let tag = Reader::new(f.body()).cstr().map(|t| t.into_owned()).unwrap_or_default();
+        let first = tag.split(' ').next().unwrap_or("");
+        if matches!(first, "CREATE" | "ALTER" | "DROP" | "COMMENT") && self.sess.column_rules() != 0 {
+            self.ddl_at = Some(std::time::Instant::now());
+            self.sess.policy.catalog.invalidate(&self.sess.policy, &self.access, &self.sess.database);
+        }
+    }
+
+    /// Result complete: its counts go to the result record.
+    fn finish(&mut self) {
+        if let Some(a) = self.active.take() {
+            let mut cols = Vec::new();
+            for (i, n) in a.counts.iter().enumerate() {
+                if *n == 0 {
+                    continue;
+                }
+                let plan = &a.cols[i];
+                let how = match plan.whole {
+                    Some((r, s)) => serde_json::json!({ "rule": self.sess.rule(r).name, "style": s.name() }),
+                    None => serde_json::json!({ "rule": "content" }),
+                };
+                let mut v = serde_json::json!({ "column": a.names.get(i).cloned().unwrap_or_default(), "index": i, "values": n });
+                if let (Some(o), Some(h)) = (v.as_object_mut(), how.as_object()) {
+                    o.extend(h.clone());
+                }
+                cols.push(v);
+            }
+            if !cols.is_empty() {
+                *self.meta.borrow_mut() = Some(serde_json::json!({ "masked": cols }));
+            }
+        }
+    }
+
+    fn query_lineage(&self, q: &QueryInfo) -> Option<Lin> {
+        match &q.stmts {
+            None => Some(Lin::Unknown),
+            Some(v) => self.resolve_kind(v.get(self.query_idx)).or(Some(Lin::Unknown)),
+        }
+    }
+
+    fn resolve_kind(&self, k: Option<&StmtKind>) -> Option<Lin> {
+        match k? {
+            StmtKind::Rows(l) => Some(Lin::Known(l.clone())),
+            StmtKind::Fetch(n) => Some(self.cursors.get(n).cloned().map(Lin::Known).unwrap_or(Lin::Unknown)),
+            StmtKind::Execute(n) => Some(
+                self.sql_prepared
+                    .get(n)
+                    .cloned()
+                    .or_else(|| match self.prepared.get(n).and_then(|p| p.lineage.clone()) {
+                        Some(StmtKind::Rows(l)) => Some(l),
+                        _ => None,
+                    })
+                    .map(Lin::Known)
+                    .unwrap_or(Lin::Unknown),
+            ),
+            StmtKind::Unknown => Some(Lin::Unknown),
+            StmtKind::Declare(..) | StmtKind::Prepare(..) | StmtKind::Other => Some(Lin::Known(Lineage::default())),
+        }
+    }
+
+    fn plan_execute(&self, p: &PortalInfo, n: usize) -> Active {
+        let desc = p
+            .desc
+            .lock()
+            .ok()
+            .and_then(|d| d.clone())
+            .or_else(|| p.prepared.as_ref().and_then(|pp| pp.desc.lock().ok().and_then(|d| d.clone())));
+        let lin = match &p.prepared {
+            Some(pp) => self.resolve_kind(pp.lineage.as_ref()),
+            None => Some(Lin::Unknown),
+        };
+        match desc {
+            Some(fields) => self.plan(&fields, fields.len().max(n), &p.formats, lin.as_ref()),
+            None => self.plan(&[], n, &p.formats, lin.as_ref()),
+        }
+    }
+
+    /// Build the plan for a result of `n` columns.
+    fn plan(&self, fields: &[Field], n: usize, formats: &[i16], lin: Option<&Lin>) -> Active {
+        let s = &self.sess;
+        let snap = self.sess.policy.catalog.current(&self.sess.policy, &self.access, &self.sess.database).or_else(|| self.snap.clone());
+        let stale = match (&snap, self.ddl_at) {
+            (Some(sn), Some(ddl)) => sn.loaded.is_none_or(|t| t < ddl),
+            _ => false,
+        };
+        let taints: Option<Vec<Taint>> = match lin {
+            Some(Lin::Known(l)) => l.columns(n),
+            _ => None,
+        };
+        // Computed columns when lineage cannot say which rule they come from.
+        let fallback: u64 = match lin {
+            Some(Lin::Known(l)) if taints.is_none() => l.any,
+            Some(Lin::Known(_)) => 0,
+            _ => s.column_rules(),
+        };
+        let has_content = s.has_content();
+        let mut cols = Vec::with_capacity(n);
+        let mut names = Vec::with_capacity(n);
+        let mut any = false;
+        for i in 0..n {
+            let f = fields.get(i);
+            let format = match formats.len() {
+                0 => f.map(|f| f.format).unwrap_or(0),
+                1 => formats[0],
+                _ => formats.get(i).copied().unwrap_or(0),
+            };
+            let binary = format == 1;
+            let ty = f.map(|f| f.type_oid).unwrap_or(0);
+            let oid = f.map(|f| f.table_oid).unwrap_or(0);
+            names.push(f.map(|f| f.name.clone()).unwrap_or_else(|| format!("#{}", i + 1)));
+            let mut rules = 0u64;
+            let mut direct = true;
+            if oid != 0 {
+                // No (fresh) catalog: also match the output name against the rules' column
+                // patterns (over-masks rather than misses).
+                let by_name = || f.map(|f| name_rules(s, &f.name)).unwrap_or(0) & s.column_rules();
+                rules = match &snap {
+                    Some(sn) => {
+                        let attnum = f.map(|f| f.attnum).unwrap_or(0);
+                        if sn.is_derived(oid, attnum) {
+                            direct = false;
+                        }
+                        sn.rules_at(oid, attnum) & s.active
+                    }
+                    None => by_name(),
+                };
+                if rules == 0 && stale {
+                    rules = by_name();
+                }
+            }
+            if rules == 0 {
+                if let Some(t) = taints.as_ref().and_then(|t| t.get(i)) {
+                    rules = t.rules & s.active;
+                    direct = t.direct;
+                } else if oid == 0 {
+                    rules = fallback & s.active;
+                    direct = false;
+                }
+            }
+            let whole = if rules != 0 {
+                let ri = rules.trailing_zeros() as usize;
+                let base = s.rule(ri).style;
+                let mut style = if direct { base } else { derived_style(base) };
+                if !is_string(ty, binary) {
+                    style = Style::Null;
+                }
+                Some((ri, style))
+            } else {
+                None
+            };
+            let scan = if whole.is_none() && has_content { scan_kind(ty, binary) } else { Scan::No };
+            any |= whole.is_some() || scan != Scan::No;
+            cols.push(ColPlan { whole, scan });
+        }
+        Active { pass: !any, counts: vec![0; n], cols, names, copy: None }
+    }
+}
+
+/// Rules whose column pattern's column part matches `name` (any table).
+fn name_rules(s: &SessionMask, name: &str) -> u64 {
+    let name = name.to_lowercase();
+    let mut b = 0;
+    for (i, r) in s.policy.rules.iter().enumerate() {
+        if r.columns.iter().any(|p| super::glob(&p.column, &name)) {
+            b |= 1 << i;
+        }
+    }
+    b
+}
+
+enum Lin {
+    Known(Lineage),
+    Unknown,
+}
+
+fn data_row_width(body: &[u8]) -> Option<usize> {
+    let n = Reader::new(body).i16().ok()?;
+    (n >= 0).then_some(n as usize)
+}
+
+/// (portal, statement, result format codes) of a Bind.
+fn decode_bind_formats(body: &[u8]) -> Option<(String, String, Vec<i16>)> {
+    let mut r = Reader::new(body);
+    let portal = r.cstr().ok()?.into_owned();
+    let stmt = r.cstr().ok()?.into_owned();
+    let nfmt = r.i16().ok()?;
+    for _ in 0..nfmt.max(0) {
+        r.i16().ok()?;
+    }
+    let np = r.i16().ok()?;
+    for _ in 0..np.max(0) {
+        let len = r.i32().ok()?;
+        if len > 0 {
+            r.bytes(len as usize).ok()?;
+        }
+    }
+    let nres = r.i16().ok()?;
+    let mut formats = Vec::with_capacity(nres.max(0) as usize);
+    for _ in 0..nres.max(0) {
+        formats.push(r.i16().ok()?);
+    }
+    Some((portal, stmt, formats))
+}
+
+/// The new value of one column, or None when it stays as it is.
+/// Some(None) = NULL.
+fn mask_value(v: Option<&[u8]>, plan: &ColPlan, sess: &SessionMask) -> Option<Option<Vec<u8>>> {
+    let v = v?;
+    if let Some((_, style)) = plan.whole {
+        return Some(apply_style(style, v, sess.policy.key()));
+    }
+    match plan.scan {
+        Scan::No => None,
+        Scan::InPlace => scan_in_place(v, sess),
+        Scan::JsonbBin => {
+            let (ver, rest) = v.split_first()?;
+            scan_in_place(rest, sess).map(|r| {
+                r.map(|mut t| {
+                    t.insert(0, *ver);
+                    t
+                })
+            })
+        }
+        Scan::NullOnHit => hits_any(v, sess).then_some(None),
+        Scan::Int8Bin => {
+            let b: [u8; 8] = v.try_into().ok()?;
+            let s = i64::from_be_bytes(b).to_string();
+            hits_any(s.as_bytes(), sess).then_some(None)
+        }
+    }
+}
+
+fn hits_any(v: &[u8], sess: &SessionMask) -> bool {
+    sess.content_rules().any(|r| !r.detectors.find(v).is_empty())
+}
+
+fn scan_in_place(v: &[u8], sess: &SessionMask) -> Option<Option<Vec<u8>>> {
+    let mut cur: Option<Vec<u8>> = None;
+    for r in sess.content_rules() {
+        let input: &[u8] = cur.as_deref().unwrap_or(v);
+        if let Some((new, _)) = mask_content(&r.detectors, r.style, input, sess.policy.key()) {
+            match new {
+                None => return Some(None),
+                Some(n) => cur = Some(n),
+            }
+        }
+    }
+    cur.map(Some)
+}
+
+/// Rewrite a DataRow body. Ok(None): unchanged. Err: malformed.
+fn rewrite_row(body: &[u8], cols: &[ColPlan], sess: &SessionMask, counts: &mut [u64]) -> Result<Option<BytesMut>, ()> {
+    let mut r = Reader::new(body);
+    let n = r.i16().map_err(|_| ())?;
+    if n < 0 {
+        return Err(());
+    }
+    let mut vals: Vec<Option<&[u8]>> = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let len = r.i32().map_err(|_| ())?;
+        vals.push(if len < 0 { None } else { Some(r.bytes(len as usize).map_err(|_| ())?) });
+    }
+    if r.remaining() != 0 {
+        return Err(());
+    }
+    let mut changed: Vec<(usize, Option<Vec<u8>>)> = Vec::new();
+    for (i, v) in vals.iter().enumerate() {
+        let Some(plan) = cols.get(i) else { continue };
+        if let Some(new) = mask_value(*v, plan, sess) {
+            if let Some(c) = counts.get_mut(i) {
+                *c += 1;
+            }
+            changed.push((i, new));
+        }
+    }
+    if changed.is_empty() {
+        return Ok(None);
+    }
+    let mut out = BytesMut::with_capacity(body.len() + 16);
+    out.put_i16(n);
+    let mut ci = 0;
+    for (i, v) in vals.iter().enumerate() {
+        let nv: Option<&[u8]> = if changed.get(ci).is_some_and(|(k, _)| *k == i) {
+            ci += 1;
+            changed[ci - 1].1.as_deref()
+        } else {
+            *v
+        };
+        match nv {
+            None => out.put_i32(-1),
+            Some(b) => {
+                out.put_i32(b.len() as i32);
+                out.put_slice(b);
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Text / CSV COPY data: one or more rows, each ending in `\n`.
+fn rewrite_copy_text(data: &[u8], fmt: &CopyFormat, cols: &[ColPlan], sess: &SessionMask, counts: &mut [u64]) -> Option<Bytes> {
+    let mut out = BytesMut::with_capacity(data.len() + 16);
+    let mut changed = false;
+    let mut rest = data;
+    while !rest.is_empty() {
+        let (line, nl) = match fmt.format {
+            CopyKind::Csv => csv_line_end(rest, fmt.quote),
+            _ => match rest.iter().position(|&b| b == b'\n') {
+                Some(p) => (p, true),
+                None => (rest.len(), false),
+            },
+        };
+        let row = &rest[..line];
+        let fields = match fmt.format {
+            CopyKind::Csv => split_csv(row, fmt.delimiter, fmt.quote),
+            _ => split_text(row, fmt.delimiter),
+        };
+        let mut pos = 0;
+        for (i, (range, quoted)) in fields.iter().enumerate() {
+            out.extend_from_slice(&row[pos..range.start]);
+            let raw = &row[range.clone()];
+            let is_null = !quoted && raw == fmt.null.as_slice();
+            let plan = cols.get(i).cloned().unwrap_or(ColPlan { whole: None, scan: if sess.has_content() { Scan::InPlace } else { Scan::No } });
+            let new = if is_null { None } else { mask_value(Some(raw), &plan, sess) };
+            match new {
+                Some(nv) => {
+                    changed = true;
+                    if let Some(c) = counts.get_mut(i) {
+                        *c += 1;
+                    }
+                    match nv {
+                        // NULL: the format's null string (CSV: unquoted)
+                        None => {
+                            if *quoted {
+                                // drop the quote that opened the field
+                                out.truncate(out.len() - 1);
+                            }
+                            out.extend_from_slice(&fmt.null);
+                            pos = range.end + usize::from(*quoted);
+                            continue;
+                        }
+                        Some(b) => out.extend_from_slice(&b),
+                    }
+                }
+                None => out.extend_from_slice(raw),
+            }
+            pos = range.end;
+        }
+        out.extend_from_slice(&row[pos..]);
+        if nl {
+            out.put_u8(b'\n');
+            rest = &rest[line + 1..];
+        } else {
+            rest = &rest[line..];
+        }
+    }
+    changed.then(|| out.freeze())
+}
+
+/// Fields of a text-format COPY row (the delimiter never appears unescaped in data).
+fn split_text(row: &[u8], delim: u8) -> Vec<(std::ops::Range<usize>, bool)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, &b) in row.iter().enumerate() {
+        if b == delim {
+            out.push((start..i, false));
+            start = i + 1;
+        }
+    }
+    out.push((start..row.len(), false));
+    out
+}
+
+/// Fields of a CSV row: (range of the content without the surrounding quotes, quoted).
+fn split_csv(row: &[u8], delim: u8, quote: u8) -> Vec<(std::ops::Range<usize>, bool)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    loop {
+        if i < row.len() && row[i] == quote {
+            let start = i + 1;
+            let mut j = start;
+            loop {
+                if j >= row.len() {
+                    break;
+                }
+                if row[j] == quote {
+                    if j + 1 < row.len() && row[j + 1] == quote {
+                        j += 2;
+                        continue;
+                    }
+                    break;
+                }
+                j += 1;
+            }
+            out.push((start..j.min(row.len()), true));
+            i = j + 1;
+        } else {
+            let start = i;
+            while i < row.len() && row[i] != delim {
+                i += 1;
+            }
+            out.push((start..i, false));
+        }
+        if i < row.len() && row[i] == delim {
+            i += 1;
+            continue;
+        }
+        break;
+    }
+    out
+}
+
+/// End of the first CSV row (a newline outside quotes): (offset of the newline, found).
+fn csv_line_end(data: &[u8], quote: u8) -> (usize, bool) {
+    let mut inq = false;
+    for (i, &b) in data.iter().enumerate() {
+        if b == quote {
+            inq = !inq;
+        } else if b == b'\n' && !inq {
+            return (i, true);
+        }
+    }
+    (data.len(), false)
+}
+
+const BINARY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+
+/// Binary COPY: optional header (first message), then tuples; masked fields become NULL
+/// (types are unknown in COPY), content hits too.
+fn rewrite_copy_binary(data: &[u8], c: &mut CopyState, cols: &[ColPlan], sess: &SessionMask, counts: &mut [u64]) -> Option<Bytes> {
+    match rewrite_copy_binary_inner(data, c, cols, sess, counts) {
+        Ok(r) => r,
+        Err(()) => {
+            // Not whole tuples: never relay what could not be checked.
+            tracing::error!("masking: binary COPY data pgward cannot parse; dropped");
+            Some(Bytes::new())
+        }
+    }
+}
+
+fn rewrite_copy_binary_inner(
+    data: &[u8],
+    c: &mut CopyState,
+    cols: &[ColPlan],
+    sess: &SessionMask,
+    counts: &mut [u64],
+) -> Result<Option<Bytes>, ()> {
+    let mut out = BytesMut::with_capacity(data.len());
+    let mut r = Reader::new(data);
+    if !c.binary_header_seen {
+        c.binary_header_seen = true;
+        if data.starts_with(BINARY_SIGNATURE) {
+            let hdr = r.bytes(BINARY_SIGNATURE.len() + 4).map_err(|_| ())?;
+            out.extend_from_slice(hdr);
+            let ext = r.i32().map_err(|_| ())?;
+            out.put_i32(ext);
+            out.extend_from_slice(r.bytes(ext.max(0) as usize).map_err(|_| ())?);
+        }
+    }
+    let mut changed = false;
+    while r.remaining() > 0 {
+        let n = r.i16().map_err(|_| ())?;
+        out.put_i16(n);
+        if n < 0 {
+            continue; // trailer
+        }
+        for i in 0..n as usize {
+            let len = r.i32().map_err(|_| ())?;
+            let v = if len < 0 { None } else { Some(r.bytes(len as usize).map_err(|_| ())?) };
+            let plan = cols.get(i).cloned().unwrap_or(ColPlan { whole: None, scan: Scan::No });
+            let masked = match v {
+                None => false,
+                Some(v) => plan.whole.is_some() || (plan.scan != Scan::No && hits_any(v, sess)),
+            };
+            if masked {
+                changed = true;
+                if let Some(c) = counts.get_mut(i) {
+                    *c += 1;
+                }
+                out.put_i32(-1);
+            } else {
+                match v {
+                    None => out.put_i32(-1),
+                    Some(b) => {
+                        out.put_i32(b.len() as i32);
+                        out.put_slice(b);
+                    }
+                }
+            }
+        }
+    }
+    Ok(changed.then(|| out.freeze()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mask::MaskPolicy;
+    use std::path::PathBuf;
+
+    fn sess(text: &str) -> SessionMask {
+        let p = Arc::new(MaskPolicy::from_sources(&[(PathBuf::from("t"), text.into())], b"k").unwrap());
+        SessionMask { active: (1u64 << p.rules.len()) - 1, policy: p, database: "db".into() }
+    }
+
+    fn row(vals: &[Option<&str>]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        b.put_i16(vals.len() as i16);
+        for v in vals {
+            match v {
+                None => b.put_i32(-1),
+                Some(s) => {
+                    b.put_i32(s.len() as i32);
+                    b.put_slice(s.as_bytes());
+                }
+            }
+        }
+        b.to_vec()
+    }
+
+    fn decode(body: &[u8]) -> Vec<Option<String>> {
+        super::super::catalog::data_row_text(body).unwrap()
+    }
+
+    #[test]
+    fn rewrites_rows_and_lengths() {
+        let s = sess("[[mask]]\nname = \"c\"\ncolumns = [\"card\"]\ndetect = [\"email\"]\nstyle = \"keep_last\"\n");
+        let cols = vec![
+            ColPlan { whole: Some((0, Style::KeepLast(4))), scan: Scan::No },
+            ColPlan { whole: None, scan: Scan::InPlace },
+            ColPlan { whole: None, scan: Scan::NullOnHit },
+        ];
+        let mut counts = vec![0; 3];
+        let body = row(&[Some("4242424242424242"), Some("mail bob@example.com please"), Some("1")]);
+        let out = rewrite_row(&body, &cols, &s, &mut counts).unwrap().unwrap();
+        assert_eq!(
+            decode(&out),
+            vec![Some("************4242".into()), Some("mail b***@example.com please".into()), Some("1".into())]
+        );
+        assert_eq!(counts, vec![1, 1, 0]);
+        let none = row(&[None, Some("nothing"), Some("2")]);
+        assert!(rewrite_row(&none, &cols, &s, &mut counts).unwrap().is_none());
+        assert!(rewrite_row(&[0, 2, 0, 0], &cols, &s, &mut counts).is_err());
+    }
+
+    #[test]
+    fn copy_text_and_csv() {
+        let s = sess("[[mask]]\nname = \"c\"\ncolumns = [\"card\"]\ndetect = [\"card\"]\nstyle = \"null\"\n");
+        let cols = vec![ColPlan { whole: None, scan: Scan::InPlace }, ColPlan { whole: Some((0, Style::Null)), scan: Scan::No }];
+        let mut counts = vec![0; 2];
+        let text = CopyFormat { format: CopyKind::Text, delimiter: b'\t', quote: b'"', null: b"\\N".to_vec(), header: false };
+        let out = rewrite_copy_text(b"1\t4242424242424242\n", &text, &cols, &s, &mut counts).unwrap();
+        assert_eq!(&out[..], b"1\t\\N\n");
+        let csv = CopyFormat { format: CopyKind::Csv, delimiter: b',', quote: b'"', null: Vec::new(), header: false };
+        let out = rewrite_copy_text(b"\"a,4242424242424242\",\"x\"\"y\"\n", &csv, &cols, &s, &mut counts).unwrap();
+        assert_eq!(&out[..], b",\n");
+        assert_eq!(split_csv(b"a,\"b,c\",", b',', b'"').len(), 3);
+    }
+
+    #[test]
+    fn row_description_roundtrip() {
+        let mut b = BytesMut::new();
+        b.put_i16(1);
+        b.put_slice(b"card\0");
+        b.put_i32(16400);
+        b.put_i16(3);
+        b.put_i32(25);
+        b.put_i16(-1);
+        b.put_i32(-1);
+        b.put_i16(0);
+        let f = parse_row_description(&b).unwrap();
+        assert_eq!((f[0].name.as_str(), f[0].table_oid, f[0].attnum, f[0].type_oid), ("card", 16400, 3, 25));
+        assert!(parse_row_description(&b[..5]).is_none());
+    }
+}

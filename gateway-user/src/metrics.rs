@@ -1,0 +1,206 @@
+//! Prometheus metrics (OpenMetrics text via prometheus-client) on a loopback port
+//! (`server.metrics_listen`). Session counters are derived from the audit records as they
+//! become durable — the audit writer is the one place every login, statement and result
+//! passes — so the numbers agree with the log. eBPF counters are read from the kernel at
+//! scrape time.
+
+use std::sync::{Arc, LazyLock};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::audit::{Kind, Record};
+use crate::config::Config;
+
+pub struct Metrics {
+    registry: Registry,
+    pub logins: Counter,
+    pub logins_failed: Counter,
+    pub sessions_active: Gauge,
+    pub statements: Counter,
+    pub statements_denied: Counter,
+    pub statement_errors: Counter,
+    pub values_masked: Counter,
+    pub audit_records: Counter,
+    pub audit_batches_failed: Counter,
+    pub audit_fsync_seconds: Histogram,
+    ebpf: Family<Vec<(String, String)>, Gauge>,
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// What the metrics need of one audit record (taken before the record is consumed).
+#[derive(Debug, Clone, Copy)]
+pub struct Event {
+    kind: Kind,
+    denied: bool,
+    error: bool,
+    masked: u64,
+}
+
+impl Event {
+    pub fn of(r: &Record) -> Event {
+        Event {
+            kind: r.kind,
+            denied: r.decision.as_deref() == Some("deny"),
+            error: r.sqlstate.as_deref().is_some_and(|s| !s.is_empty()),
+            masked: r.meta.as_ref().and_then(|m| m.get("masked_values")).and_then(|v| v.as_u64()).unwrap_or(0),
+        }
+    }
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("pgward");
+        let m = Metrics {
+            logins: Counter::default(),
+            logins_failed: Counter::default(),
+            sessions_active: Gauge::default(),
+            statements: Counter::default(),
+            statements_denied: Counter::default(),
+            statement_errors: Counter::default(),
+            values_masked: Counter::default(),
+            audit_records: Counter::default(),
+            audit_batches_failed: Counter::default(),
+            // 50 µs .. ~100 ms
+            audit_fsync_seconds: Histogram::new([
+                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+            ]),
+            ebpf: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("logins", "Successful logins (token verified, upstream connected)", m.logins.clone());
+        registry.register("logins_failed", "Refused logins", m.logins_failed.clone());
+        registry.register("sessions_active", "Sessions currently open", m.sessions_active.clone());
+        registry.register("statements", "Statements audited (allowed and denied)", m.statements.clone());
+        registry.register("statements_denied", "Statements blocked by policy", m.statements_denied.clone());
+        registry.register("statement_errors", "Statements that ended in an error", m.statement_errors.clone());
+        registry.register("values_masked", "Result values masked", m.values_masked.clone());
+        registry.register("audit_records", "Audit records made durable", m.audit_records.clone());
+        registry.register("audit_batches_failed", "Audit batches that could not be made durable", m.audit_batches_failed.clone());
+        registry.register("audit_fsync_seconds", "Time of one audit write + fdatasync", m.audit_fsync_seconds.clone());
+        registry.register("ebpf", "eBPF program counters (from the kernel maps)", m.ebpf.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Account one durable audit record.
+    pub fn record(&self, r: &Record) {
+        self.event(Event::of(r));
+    }
+
+    /// Account one durable audit record from its summary.
+    pub fn event(&self, e: Event) {
+        self.audit_records.inc();
+        match e.kind {
+            Kind::Login => {
+                self.logins.inc();
+                self.sessions_active.inc();
+            }
+            Kind::SessionEnd => {
+                self.sessions_active.dec();
+            }
+            Kind::LoginFailed => {
+                self.logins_failed.inc();
+            }
+            Kind::Statement => {
+                self.statements.inc();
+                if e.denied {
+                    self.statements_denied.inc();
+                }
+            }
+            Kind::Result => {
+                if e.error {
+                    self.statement_errors.inc();
+                }
+                if e.masked > 0 {
+                    self.values_masked.inc_by(e.masked);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The OpenMetrics text, with eBPF counters refreshed from the kernel.
+    pub fn render(&self, cfg: &Config) -> String {
+        if cfg.intercept.enabled
+            && let Ok(st) = crate::ebpf::status(cfg)
+        {
+            for c in st.counters {
+                self.ebpf
+                    .get_or_create(&vec![("program".into(), c.program), ("counter".into(), c.counter)])
+                    .set(i64::try_from(c.value).unwrap_or(i64::MAX));
+            }
+        }
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serve `GET /metrics` on `addr` (loopback; plain HTTP/1.1, one response per connection).
+pub async fn serve(cfg: Arc<Config>, listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else { continue };
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            let mut req = Vec::with_capacity(512);
+            let mut buf = [0u8; 512];
+            // Read the request head (bounded); the body, if any, is ignored.
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+                match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => req.extend_from_slice(&buf[..n]),
+                    _ => return,
+                }
+            }
+            let ok = req.starts_with(b"GET /metrics ") || req.starts_with(b"GET /metrics?");
+            let (status, ctype, body) = if ok {
+                let body = tokio::task::spawn_blocking(move || METRICS.render(&cfg)).await.unwrap_or_default();
+                ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
+            } else {
+                ("404 Not Found", "text/plain", "try GET /metrics\n".to_string())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(body.as_bytes()).await;
+            let _ = s.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_drive_the_counters() {
+        let m = Metrics::new();
+        let mut r = Record { kind: Kind::Statement, decision: Some("deny".into()), ..Default::default() };
+        m.record(&r);
+        r.decision = Some("allow".into());
+        m.record(&r);
+        m.record(&Record { kind: Kind::Login, ..Default::default() });
+        m.record(&Record { kind: Kind::Result, sqlstate: Some("22012".into()), ..Default::default() });
+        let mut text = String::new();
+        encode(&mut text, &m.registry).unwrap();
+        for want in [
+            "pgward_statements_total 2",
+            "pgward_statements_denied_total 1",
+            "pgward_logins_total 1",
+            "pgward_sessions_active 1",
+            "pgward_statement_errors_total 1",
+            "pgward_audit_records_total 4",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+}

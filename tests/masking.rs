@@ -1,0 +1,539 @@
+//! Masking of result values, end to end: a real Postgres, the real pgward, psql, tokio-postgres
+//! (binary results, prepared statements) and the raw protocol client. Every test that reads
+//! masked data also scans every byte the client received for the raw values.
+//!
+//! psql and tokio-postgres connect through a small capturing TCP relay (`Capture`) so their
+//! byte streams can be scanned too; the raw client keeps its own transcript.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::gateway::rec;
+use common::raw::{self, Msg};
+use common::{Login, Pgward, cluster, toml_set, within};
+
+const POLICY: &str = r#"
+version = 1
+
+[defaults]
+action = "allow"
+
+[[mask]]
+name = "cards"
+columns = ["public.customers.card", "public.customers.cvv"]
+detect = ["card"]
+style = "keep_last"
+keep = 4
+except_groups = ["pii_readers"]
+
+[[mask]]
+name = "emails"
+columns = ["public.customers.email"]
+detect = ["email"]
+style = "keep_last"
+except_groups = ["pii_readers"]
+
+[[mask]]
+name = "ssn"
+columns = ["*.*.ssn"]
+style = "hash"
+except_groups = ["pii_readers"]
+
+[[mask]]
+name = "notes"
+columns = ["public.customers.notes", "public.vault.secret"]
+style = "null"
+except_groups = ["pii_readers"]
+"#;
+
+/// Raw values that must never reach a masked client, in any form we can spell.
+const CARDS: &[&str] = &["4242424242424242", "5555-5555-5555-4444", "5555555555554444", "378282246310005", "4000056655665556"];
+const EMAILS: &[&str] = &["jane@example.com", "john.doe@corp.example.org", "amy@ex.io"];
+const NOTES: &[&str] = &["secret-note-alpha", "secret-note-bravo", "secret-note-charlie"];
+const SSNS: &[&str] = &["123-45-6789", "078-05-1120", "219-09-9999"];
+/// First six digits of each card (what `substr(card, 1, 6)` gives).
+const PREFIXES: &[&str] = &["424242", "555555", "378282"];
+
+struct Env {
+    pw: Pgward,
+    db: String,
+}
+
+fn env(prefix: &str) -> Env {
+    let c = cluster();
+    let db = c.create_database(prefix);
+    c.fixture_table(
+        &db,
+        "customers",
+        "id int primary key, name text, card text, email varchar(200), ssn text, notes text, cvv int",
+        "(1, 'Jane Roe', '4242424242424242', 'jane@example.com', '123-45-6789', 'secret-note-alpha', 123), \
+         (2, 'John Doe', '5555-5555-5555-4444', 'john.doe@corp.example.org', '078-05-1120', 'secret-note-bravo', 456), \
+         (3, 'Amy Lee', '378282246310005', 'amy@ex.io', '219-09-9999', 'secret-note-charlie', 789)",
+    );
+    c.fixture_table(
+        &db,
+        "orders",
+        "id int, customer_id int, memo text",
+        "(10, 1, 'paid with 4000 0566 5566 5556 on 2024-01-05, receipt to amy@ex.io'), (11, 2, 'no card here')",
+    );
+    c.svc_sql(&db, "CREATE FUNCTION get_card(int) RETURNS text LANGUAGE sql AS 'SELECT card FROM customers WHERE id = $1'");
+    c.svc_sql(&db, "CREATE VIEW customer_cards AS SELECT id, card FROM customers");
+    let pw = Pgward::builder()
+        .with_dir(|dir: &Path, t: &mut toml::Table| {
+            std::fs::write(dir.join("mask-policy.toml"), POLICY).unwrap();
+            toml_set(t, "policy.files", vec![toml::Value::from("mask-policy.toml")]);
+        })
+        .start();
+    Env { pw, db }
+}
+
+impl Env {
+    fn login(&self, groups: &[&str]) -> Login {
+        let token = self.pw.token("sam", groups, "30m");
+        self.pw.login("sam", &token, &self.db)
+    }
+    fn support(&self) -> Login {
+        self.login(&["support"])
+    }
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// Panic if any raw sensitive value occurs in `bytes`.
+#[track_caller]
+fn assert_no_leak(bytes: &[u8], what: &str) {
+    for v in CARDS.iter().chain(EMAILS).chain(NOTES).chain(SSNS) {
+        assert!(!contains(bytes, v), "{what}: the client received the raw value {v:?}\n{}", String::from_utf8_lossy(bytes));
+    }
+}
+
+#[track_caller]
+fn assert_no_prefix(bytes: &[u8], what: &str) {
+    for v in PREFIXES {
+        assert!(!contains(bytes, v), "{what}: the client received a card prefix {v:?}\n{}", String::from_utf8_lossy(bytes));
+    }
+}
+
+fn text_rows(msgs: &[Msg]) -> Vec<Vec<Option<String>>> {
+    raw::rows(msgs)
+}
+
+/// A TCP relay on 127.0.0.1 in front of `target` that records every byte sent to the client.
+struct Capture {
+    port: u16,
+    received: Arc<Mutex<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Capture {
+    fn new(target: SocketAddr) -> Capture {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (rx, st) = (received.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((client, _)) => {
+                        let _ = client.set_nonblocking(false);
+                        let Ok(server) = TcpStream::connect(target) else { continue };
+                        let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                        std::thread::spawn(move || {
+                            let mut b = [0u8; 16384];
+                            while let Ok(n) = c_in.read(&mut b) {
+                                if n == 0 || s_out.write_all(&b[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                            let _ = s_out.shutdown(std::net::Shutdown::Write);
+                        });
+                        let rx = rx.clone();
+                        let (mut s_in, mut c_out) = (server, client);
+                        std::thread::spawn(move || {
+                            let mut b = [0u8; 16384];
+                            while let Ok(n) = s_in.read(&mut b) {
+                                if n == 0 {
+                                    break;
+                                }
+                                rx.lock().unwrap().extend_from_slice(&b[..n]);
+                                if c_out.write_all(&b[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                            let _ = c_out.shutdown(std::net::Shutdown::Write);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Capture { port, received, stop }
+    }
+    fn login(&self, l: &Login) -> Login {
+        let mut l = l.clone();
+        l.port = self.port;
+        l
+    }
+    fn bytes(&self) -> Vec<u8> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn gw_addr(l: &Login) -> SocketAddr {
+    format!("{}:{}", l.host, l.port).parse().unwrap()
+}
+
+#[test]
+fn simple_protocol_masks_columns_whatever_the_alias() {
+    let e = env("mask_simple");
+    let mut c = e.support().raw().expect("login");
+    let msgs = c
+        .simple_query("SELECT id, card, email, card AS x, c.card AS \"Y\", ssn, cvv, name FROM customers c ORDER BY id")
+        .unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    let rows = text_rows(&msgs);
+    assert_eq!(rows.len(), 3);
+    let r0 = &rows[0];
+    assert_eq!(r0[1].as_deref(), Some("************4242"));
+    assert_eq!(r0[2].as_deref(), Some("j***@example.com"));
+    assert_eq!(r0[3].as_deref(), Some("************4242"));
+    assert_eq!(r0[4].as_deref(), Some("************4242"));
+    assert!(r0[5].as_deref().is_some_and(|h| h.starts_with("h:") && h.len() == 18), "{r0:?}");
+    assert_eq!(r0[6], None, "a masked int column is NULL");
+    assert_eq!(r0[7].as_deref(), Some("Jane Roe"));
+    assert_eq!(rows[1][1].as_deref(), Some("****-****-****-4444"));
+    assert_eq!(rows[2][1].as_deref(), Some("***********0005"));
+    // SELECT *, TABLE, a view's column
+    for q in ["SELECT * FROM customers", "TABLE customers", "SELECT * FROM customer_cards", "SELECT card FROM public.customers WHERE id = 1"] {
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+        assert_eq!(text_rows(&msgs).len(), if q.contains("id = 1") { 1 } else { 3 }, "{q}");
+    }
+    // The keyed hash is stable (joins and counts still work).
+    let a = c.simple_query("SELECT ssn FROM customers WHERE id = 2").unwrap();
+    let b = c.simple_query("SELECT x.ssn FROM (SELECT ssn FROM customers) x WHERE true LIMIT 1 OFFSET 1").unwrap();
+    assert_eq!(text_rows(&a)[0][0], text_rows(&b)[0][0]);
+    assert_no_leak(&c.received, "simple protocol");
+}
+
+#[test]
+fn derived_columns_do_not_leak() {
+    let e = env("mask_derived");
+    let mut c = e.support().raw().expect("login");
+    let queries = [
+        "SELECT upper(card) FROM customers",
+        "SELECT card || '' FROM customers",
+        "SELECT substr(card, 1, 6) FROM customers",
+        "SELECT row_to_json(c) FROM customers c",
+        "SELECT c::text FROM customers c",
+        "SELECT c FROM customers c",
+        "SELECT to_jsonb(c.*) FROM customers c",
+        "SELECT string_agg(card, ',') FROM customers",
+        "SELECT card || card FROM customers",
+        "SELECT (SELECT card FROM customers ORDER BY id LIMIT 1)",
+        "SELECT replace(card, '-', '') FROM customers",
+        "SELECT lower(email), notes || '!' FROM customers",
+        "SELECT array_agg(notes)::text FROM customers",
+        "SELECT x FROM (SELECT concat(card, email) AS x FROM customers) s",
+        "WITH t AS (SELECT card AS k FROM customers) SELECT k, 'x' || k FROM t",
+        "SELECT card FROM customers UNION ALL SELECT 'nothing'",
+        "SELECT json_agg(c) FROM customers c",
+    ];
+    for q in queries {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+        assert!(!text_rows(&msgs).is_empty(), "{q}");
+        assert_no_leak(&c.received[before..], q);
+        assert_no_prefix(&c.received[before..], q);
+    }
+    // Lineage: substr(card, 1, 6) is masked as a whole (no detector could know 6 digits).
+    let msgs = c.simple_query("SELECT substr(card, 1, 6) AS bin FROM customers WHERE id = 1").unwrap();
+    assert_eq!(text_rows(&msgs)[0][0].as_deref(), Some("******"));
+    // Unmasked expressions stay as they are.
+    let msgs = c.simple_query("SELECT upper(name), length(card) > 0 FROM customers WHERE id = 1").unwrap();
+    assert_eq!(text_rows(&msgs)[0][0].as_deref(), Some("JANE ROE"));
+    assert_no_leak(&c.received, "derived");
+}
+
+#[test]
+fn content_detectors_catch_what_lineage_cannot_see() {
+    let e = env("mask_content");
+    let mut c = e.support().raw().expect("login");
+    // A function's result (OID 0, no visible lineage) and free text in an unmasked column.
+    let msgs = c.simple_query("SELECT get_card(1), get_card(2)").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    assert_eq!(text_rows(&msgs)[0][0].as_deref(), Some("************4242"));
+    assert_eq!(text_rows(&msgs)[0][1].as_deref(), Some("****-****-****-4444"));
+    let msgs = c.simple_query("SELECT memo FROM orders ORDER BY id").unwrap();
+    let rows = text_rows(&msgs);
+    assert_eq!(rows[0][0].as_deref(), Some("paid with **** **** **** 5556 on 2024-01-05, receipt to a***@ex.io"));
+    assert_eq!(rows[1][0].as_deref(), Some("no card here"));
+    // A literal card typed by the client is masked too (content, not lineage).
+    let msgs = c.simple_query("SELECT '4242424242424242'::text AS lit, 4242424242424242::bigint AS n").unwrap();
+    assert_eq!(text_rows(&msgs)[0][0].as_deref(), Some("************4242"));
+    assert_eq!(text_rows(&msgs)[0][1], None, "a number that is a card becomes NULL");
+    // Values inside error and notice texts.
+    let msgs = c.simple_query("SELECT card::int FROM customers WHERE id = 1").unwrap();
+    let err = raw::first_error(&msgs).expect("cast fails");
+    assert_eq!(err.sqlstate().as_deref(), Some("22003"), "value … is out of range for type integer");
+    assert!(err.fields()[&'M'].contains("************4242"), "{:?}", err.fields());
+    let msgs = c.simple_query("DO $$BEGIN RAISE NOTICE 'mail %', (SELECT email FROM customers WHERE id = 3); END$$").unwrap();
+    let notice = msgs.iter().find(|m| m.tag == b'N').expect("notice");
+    assert_eq!(notice.fields()[&'M'], "mail a***@ex.io");
+    assert_no_leak(&c.received, "content");
+}
+
+#[test]
+fn views_over_masked_columns() {
+    let e = env("mask_view");
+    // Views created before pgward reads the catalog, one over another.
+    let c0 = cluster();
+    c0.svc_sql(&e.db, "CREATE VIEW customer_notes AS SELECT id, notes AS n, upper(name) AS who, substr(card, 1, 6) AS bin FROM customers");
+    c0.svc_sql(&e.db, "CREATE VIEW customer_notes2 AS SELECT n AS m, who FROM customer_notes");
+    let mut c = e.support().raw().expect("login");
+    for q in [
+        "SELECT n, who, bin FROM customer_notes ORDER BY id",
+        "SELECT * FROM customer_notes ORDER BY id",
+        "SELECT m FROM customer_notes2",
+        "SELECT upper(n) FROM customer_notes",
+        "SELECT v FROM customer_notes2 v",
+    ] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+        assert!(!text_rows(&msgs).is_empty(), "{q}");
+        assert_no_leak(&c.received[before..], q);
+        assert_no_prefix(&c.received[before..], q);
+    }
+    let msgs = c.simple_query("SELECT who, bin FROM customer_notes WHERE id = 1").unwrap();
+    assert_eq!(text_rows(&msgs)[0], vec![Some("JANE ROE".into()), Some("******".into())]);
+}
+
+#[test]
+fn exempt_group_sees_raw_values() {
+    let e = env("mask_exempt");
+    let mut c = e.login(&["support", "pii_readers"]).raw().expect("login");
+    let msgs = c.simple_query("SELECT card, email, notes FROM customers WHERE id = 1").unwrap();
+    assert_eq!(
+        text_rows(&msgs)[0],
+        vec![Some("4242424242424242".into()), Some("jane@example.com".into()), Some("secret-note-alpha".into())]
+    );
+}
+
+#[test]
+fn psql_through_a_capture_sees_only_masked_values() {
+    let e = env("mask_psql");
+    let login = e.support();
+    let cap = Capture::new(gw_addr(&login));
+    let out = cap
+        .login(&login)
+        .psql(&["-c", "SELECT card, email, upper(card) FROM customers ORDER BY id", "-c", "SELECT row_to_json(c) FROM customers c"]);
+    let stdout = out.expect_ok();
+    assert!(stdout.contains("************4242|j***@example.com|****************"), "{stdout}");
+    assert_no_leak(stdout.as_bytes(), "psql stdout");
+    assert_no_leak(&cap.bytes(), "psql stream");
+    assert!(cap.bytes().len() > 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_binary_prepared_and_extended() {
+    let e = env("mask_binary");
+    let login = e.support();
+    let cap = Capture::new(gw_addr(&login));
+    let client = cap.login(&login).connect().await.expect("connect");
+    // Prepared in one round trip (Parse/Describe/Sync), executed later (Bind/Execute/Sync),
+    // binary results.
+    let stmt = within("prepare", client.prepare("SELECT id, card, email, upper(card), ssn, cvv, c::text AS whole, name FROM customers c ORDER BY id")).await.unwrap();
+    for _ in 0..2 {
+        let rows = within("query", client.query(&stmt, &[])).await.unwrap();
+        assert_eq!(rows.len(), 3);
+        let r = &rows[0];
+        assert_eq!(r.get::<_, String>(1), "************4242");
+        assert_eq!(r.get::<_, String>(2), "j***@example.com");
+        assert_eq!(r.get::<_, String>(3), "****************");
+        assert!(r.get::<_, String>(4).starts_with("h:"));
+        assert_eq!(r.get::<_, Option<i32>>(5), None, "binary int4 of a masked column: NULL");
+        // whole-row text of a table with masked columns: derived, masked as a whole ("full")
+        assert!(r.get::<_, String>(6).starts_with("(*,\"**** ***\",****************,"), "{:?}", r.get::<_, String>(6));
+        assert_eq!(r.get::<_, String>(7), "Jane Roe");
+    }
+    // Parameters, the unnamed statement, a function (content detection in binary text).
+    let rows = within("query", client.query("SELECT card, get_card($1) FROM customers WHERE id = $1", &[&2i32])).await.unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "****-****-****-4444");
+    assert_eq!(rows[0].get::<_, String>(1), "****-****-****-4444");
+    // binary int8 holding a card number: NULL; jsonb with an email inside: masked in place.
+    let rows = within(
+        "query",
+        client.query("SELECT 4242424242424242::int8, jsonb_build_object('e', 'amy@ex.io'), substr(card, 1, 6) FROM customers WHERE id = 1", &[]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows[0].get::<_, Option<i64>>(0), None);
+    assert_eq!(rows[0].get::<_, String>(2), "******");
+    // The same statement's text through simple_query (text format).
+    let msgs = within("simple", client.simple_query("SELECT substr(card, 1, 6) FROM customers")).await.unwrap();
+    assert!(msgs.len() >= 4);
+    drop(client);
+    assert_no_leak(&cap.bytes(), "tokio-postgres stream");
+    assert_no_prefix(&cap.bytes(), "tokio-postgres stream");
+}
+
+#[test]
+fn copy_to_stdout_text_csv_binary() {
+    let e = env("mask_copy");
+    let mut c = e.support().raw().expect("login");
+    let cases: &[(&str, &str)] = &[
+        ("COPY customers TO STDOUT", "1\tJane Roe\t************4242\tj***@example.com\t"),
+        ("COPY customers (id, card) TO STDOUT WITH (FORMAT csv, HEADER)", "1,************4242\n"),
+        ("COPY (SELECT id, upper(card), notes FROM customers ORDER BY id) TO STDOUT WITH (FORMAT csv)", "1,****************,\n"),
+        ("COPY (SELECT memo FROM orders ORDER BY id) TO STDOUT", "paid with **** **** **** 5556"),
+        ("COPY customers TO STDOUT WITH (FORMAT binary)", "PGCOPY"),
+        ("COPY (SELECT row_to_json(c) FROM customers c) TO STDOUT", "{\"**\":*,"),
+    ];
+    for (q, expect) in cases {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+        let data: Vec<u8> = msgs.iter().filter(|m| m.tag == b'd').flat_map(|m| m.body.clone()).collect();
+        assert!(contains(&data, expect), "{q}: {}", String::from_utf8_lossy(&data));
+        assert_no_leak(&c.received[before..], q);
+        assert_no_prefix(&c.received[before..], q);
+        assert!(raw::tags(&msgs).iter().any(|t| t == "COPY 3" || t == "COPY 2"), "{q}: {:?}", raw::tags(&msgs));
+    }
+    // psql's COPY TO STDOUT, through the capture.
+    let login = e.support();
+    let cap = Capture::new(gw_addr(&login));
+    let out = cap.login(&login).psql(&["-c", "COPY (SELECT card, email, ssn FROM customers) TO STDOUT WITH (FORMAT csv)"]);
+    let stdout = out.expect_ok();
+    assert!(stdout.contains("************4242,j***@example.com,h:"), "{stdout}");
+    assert_no_leak(&cap.bytes(), "psql COPY");
+}
+
+#[test]
+fn cursors_returning_and_extended_raw() {
+    let e = env("mask_cursor");
+    let mut c = e.support().raw().expect("login");
+    let script = [
+        "BEGIN",
+        "DECLARE cur CURSOR FOR SELECT card AS k, upper(email) FROM customers ORDER BY id",
+        "FETCH 2 FROM cur",
+        "FETCH ALL FROM cur",
+        "CLOSE cur",
+        "COMMIT",
+    ];
+    let mut fetched = Vec::new();
+    for q in script {
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+        fetched.extend(text_rows(&msgs));
+    }
+    assert_eq!(fetched.len(), 3);
+    assert_eq!(fetched[0][0].as_deref(), Some("************4242"));
+    assert_eq!(fetched[0][1].as_deref(), Some("****@*******.***"), "upper(email) is derived: full");
+    let msgs = c
+        .simple_query("UPDATE customers SET name = name WHERE id = 1 RETURNING card, upper(email), notes; INSERT INTO customers VALUES (4, 'New', '4000056655665556', 'new@example.com', '111-22-3333', 'n', 1) RETURNING *")
+        .unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    let rows = text_rows(&msgs);
+    assert_eq!(rows[0][0].as_deref(), Some("************4242"));
+    assert_eq!(rows[0][2], None);
+    assert_eq!(rows[1][2].as_deref(), Some("************5556"));
+    // Extended protocol, text results, Describe portal in the same batch; and SQL PREPARE.
+    let msgs = c.extended_query("SELECT card, $1::text FROM customers WHERE id = 2", &[Some("4242424242424242")]).unwrap();
+    assert_eq!(text_rows(&msgs)[0][0].as_deref(), Some("****-****-****-4444"));
+    assert_eq!(text_rows(&msgs)[0][1].as_deref(), Some("************4242"));
+    let msgs = c.simple_query("PREPARE p AS SELECT upper(card) FROM customers; EXECUTE p").unwrap();
+    assert_eq!(text_rows(&msgs).len(), 4);
+    assert_no_leak(&c.received, "cursors/returning/extended");
+    // A cursor fetched in portions with Execute's row limit (PortalSuspended).
+    let mut batch = raw::fe::parse("s1", "SELECT card FROM customers ORDER BY id");
+    batch.extend(raw::fe::bind_text("p1", "s1", &[]));
+    batch.extend(raw::fe::describe_portal("p1"));
+    batch.extend(raw::fe::execute("p1", 2));
+    batch.extend(raw::fe::execute("p1", 0));
+    batch.extend(raw::fe::sync());
+    let before = c.received.len();
+    c.send(&batch).unwrap();
+    let msgs = c.recv_until_ready().unwrap();
+    assert_eq!(text_rows(&msgs).len(), 4, "{}", raw::describe_all(&msgs));
+    assert_no_leak(&c.received[before..], "portal suspended");
+}
+
+#[test]
+fn many_rows_no_limit() {
+    let e = env("mask_many");
+    cluster().svc_sql(
+        &e.db,
+        "CREATE TABLE big AS SELECT g AS id, '4242424242424242'::text AS card, 'u' || g || '@example.com' AS email FROM generate_series(1, 30000) g",
+    );
+    // big.card is not a rule column: the content detectors catch every row.
+    let mut c = e.support().raw().expect("login");
+    let msgs = c.simple_query("SELECT id, card, email FROM big").unwrap();
+    let rows = text_rows(&msgs);
+    assert_eq!(rows.len(), 30000);
+    assert!(rows.iter().all(|r| r[1].as_deref() == Some("************4242")));
+    assert!(rows.iter().all(|r| r[2].as_deref().is_some_and(|v| v.starts_with("u***@"))));
+    assert_no_leak(&c.received, "30k rows");
+}
+
+#[test]
+fn audit_records_masked_columns_and_counts_not_values() {
+    let e = env("mask_audit");
+    let mut c = e.support().raw().expect("login");
+    let msgs = c.simple_query("SELECT id, card, email, upper(card) AS u FROM customers ORDER BY id").unwrap();
+    assert!(raw::first_error(&msgs).is_none());
+    let recs = e.pw.wait_audit("result with masked columns", |r| {
+        r.iter().any(|x| rec::kind(x) == "result" && x["meta"]["masked"].is_array())
+    });
+    let res = recs.iter().find(|x| rec::kind(x) == "result" && x["meta"]["masked"].is_array()).unwrap();
+    let masked = res["meta"]["masked"].as_array().unwrap();
+    let by_col = |name: &str| masked.iter().find(|m| m["column"] == name).unwrap_or_else(|| panic!("{name} in {res}"));
+    assert_eq!(by_col("card")["values"], 3);
+    assert_eq!(by_col("card")["rule"], "cards");
+    assert_eq!(by_col("card")["style"], "keep_last");
+    assert_eq!(by_col("email")["values"], 3);
+    assert_eq!(by_col("u")["style"], "full");
+    assert!(masked.iter().all(|m| m["column"] != "id"));
+    assert_no_leak(&e.pw.audit_bytes(), "audit log");
+    let (code, out) = e.pw.audit_verify();
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn catalog_follows_ddl() {
+    let e = env("mask_ddl");
+    let mut c = e.support().raw().expect("login");
+    // `vault.secret` is a rule column of a table that does not exist yet.
+    let msgs = c.simple_query("CREATE TABLE vault (id int, secret text); INSERT INTO vault VALUES (1, 'topsecret-vault-1')").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    // SELECT * gives lineage nothing by name; the table OID must be known.
+    let msgs = c.simple_query("SELECT * FROM vault").unwrap();
+    assert_eq!(text_rows(&msgs)[0][1], None, "{}", raw::describe_all(&msgs));
+    // Drop and re-create under the same name (new OID), columns reordered.
+    let msgs = c.simple_query("DROP TABLE vault; CREATE TABLE vault (secret text, id int); INSERT INTO vault VALUES ('topsecret-vault-2', 2)").unwrap();
+    assert!(raw::first_error(&msgs).is_none());
+    let msgs = c.simple_query("SELECT * FROM vault").unwrap();
+    assert_eq!(text_rows(&msgs)[0][0], None);
+    // Once the reload landed, the column is matched by OID (the alias below does not fool it).
+    std::thread::sleep(Duration::from_millis(500));
+    let msgs = c.simple_query("SELECT v.* FROM vault v").unwrap();
+    assert_eq!(text_rows(&msgs)[0], vec![None, Some("2".into())]);
+    assert!(!contains(&c.received, "topsecret-vault"));
+}

@@ -1,0 +1,301 @@
+//! Policies enforced end to end: a denied statement gets SQLSTATE 42501 naming the rule, never
+//! reaches Postgres, and leaves the session usable — inside a transaction and in a pipeline it
+//! behaves exactly as a statement that failed in Postgres. The audit log records the decision
+//! and the rule for allowed and denied statements alike. Startup parameters cannot get around
+//! the policy either. The policy (tests/policy_support.rs) is written by the test.
+
+mod common;
+#[path = "policy_support.rs"]
+mod support;
+
+use common::gateway::rec;
+use common::raw::{self, fe};
+use common::{cluster, marker, sqlstate, within};
+use support::{assert_never_reached_postgres, env, never_marker, statement_and_result};
+
+/// psql without ON_ERROR_STOP: every -c runs, errors are printed with their SQLSTATE.
+fn psql_all(login: &common::Login, cmds: &[&str]) -> common::CmdOut {
+    let mut args = vec!["-v", "ON_ERROR_STOP=0"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    login.psql(&args)
+}
+
+#[test]
+fn denied_statements_get_42501_naming_the_rule_and_the_session_stays_usable() {
+    let e = env("pe_deny", |b| b);
+    let (_, login) = e.login("alice", &["analysts"], "15m");
+    let (m_secret, m_insert, m_ok) = (never_marker(), never_marker(), marker("still-usable"));
+    let out = psql_all(
+        &login,
+        &[
+            "select count(*) from items",
+            &format!("select v from secrets where v <> '{m_secret}'"),
+            &format!("insert into items values (100, '{m_insert}')"),
+            &format!("select '{m_ok}', current_user"),
+        ],
+    );
+    assert_eq!(out.sqlstates(), vec!["42501", "42501"], "{}", out.describe());
+    assert!(
+        out.stderr.contains("42501: pgward: permission denied by policy rule \"no-secrets\": the secrets table is off limits"),
+        "{}",
+        out.describe()
+    );
+    assert!(out.stderr.contains("policy rule \"default:analysts\""), "{}", out.describe());
+    // The same connection answered the statements after the denials, as the analysts' role.
+    assert_eq!(out.stdout.trim(), format!("3\n{m_ok}|{}", e.ro), "{}", out.describe());
+
+    // Nothing of the denied statements reached Postgres; the table is unchanged.
+    assert_never_reached_postgres(&m_secret);
+    assert_never_reached_postgres(&m_insert);
+    assert_eq!(cluster().sql(&e.db, "select count(*) from items"), "3");
+
+    // The audit log: decision and rule for allowed and denied statements, the result of a denied
+    // statement carries the 42501.
+    let (s, r) = statement_and_result(&e.pw, "select count(*) from items");
+    assert_eq!((s["decision"].as_str(), s["rule"].as_str()), (Some("allow"), Some("analysts-read")), "{s}");
+    assert_eq!(r["tag"], "SELECT 1", "{r}");
+    let (s, r) = statement_and_result(&e.pw, &m_secret);
+    assert_eq!((s["decision"].as_str(), s["rule"].as_str()), (Some("deny"), Some("no-secrets")), "{s}");
+    assert_eq!(r["sqlstate"], "42501", "{r}");
+    assert!(r["error"].as_str().unwrap_or("").contains("no-secrets"), "{r}");
+    let (s, _) = statement_and_result(&e.pw, &m_insert);
+    assert_eq!((s["decision"].as_str(), s["rule"].as_str()), (Some("deny"), Some("default:analysts")), "{s}");
+    let (s, _) = statement_and_result(&e.pw, &m_ok);
+    assert_eq!(s["decision"], "allow", "{s}");
+    assert!(!e.pw.log_has_panic());
+}
+
+#[test]
+fn unbounded_writes_are_denied_and_bounded_ones_run() {
+    let e = env("pe_nowhere", |b| b);
+    let (_, login) = e.login("wendy", &["writers"], "15m");
+    let m = never_marker();
+    let out = psql_all(
+        &login,
+        &[
+            &format!("delete from items /* {m} */"),
+            &format!("update items set name = '{m}'"),
+            &format!("update items set name = '{m}' where true"),
+            "update items set name = 'uno' where id = 1",
+        ],
+    );
+    assert_eq!(out.sqlstates(), vec!["42501", "42501", "42501"], "{}", out.describe());
+    assert_eq!(out.stderr.matches("policy rule \"no-unbounded-writes\"").count(), 3, "{}", out.describe());
+    assert_eq!(out.stdout.trim(), "UPDATE 1", "{}", out.describe());
+    assert_eq!(cluster().sql(&e.db, "select string_agg(name, ',' order by id) from items"), "uno,two,three");
+    assert_never_reached_postgres(&m);
+}
+
+#[test]
+fn identity_changes_are_denied() {
+    let e = env("pe_identity", |b| b);
+    let (_, login) = e.login("alice", &["writers"], "15m");
+    let out = psql_all(
+        &login,
+        &[
+            "set role postgres",
+            &format!("set role {}", e.ro),
+            "reset role",
+            "set session authorization postgres",
+            "select set_config('role', 'postgres', false)",
+            "select current_user",
+        ],
+    );
+    assert_eq!(out.sqlstates(), vec!["42501"; 5], "{}", out.describe());
+    assert_eq!(out.stderr.matches("policy rule \"builtin:identity-change\"").count(), 5, "{}", out.describe());
+    assert_eq!(out.stdout.trim(), e.rw, "still the writers' role: {}", out.describe());
+}
+
+#[test]
+fn a_denied_statement_inside_begin_makes_commit_roll_back() {
+    let e = env("pe_tx", |b| b);
+    let (_, login) = e.login("wendy", &["writers"], "15m");
+    let keep = marker("in-tx");
+    let out = psql_all(
+        &login,
+        &[
+            "begin",
+            &format!("insert into items values (10, '{keep}')"),
+            "delete from items",
+            "select 1",
+            "commit",
+            "select count(*) from items",
+        ],
+    );
+    // As in Postgres after an error: the transaction is aborted (25P02 for the next
+    // statement) and COMMIT rolls it back.
+    assert_eq!(out.sqlstates(), vec!["42501", "25P02"], "{}", out.describe());
+    assert_eq!(out.stdout.trim(), "BEGIN\nINSERT 0 1\nROLLBACK\n3", "{}", out.describe());
+    assert_eq!(cluster().sql(&e.db, &format!("select count(*) from items where name = '{keep}'")), "0");
+
+    let (s, r) = statement_and_result(&e.pw, "delete from items");
+    assert_eq!((s["decision"].as_str(), s["rule"].as_str()), (Some("deny"), Some("no-unbounded-writes")));
+    assert_eq!(r["sqlstate"], "42501");
+    let (_, r) = statement_and_result(&e.pw, "commit");
+    assert_eq!(r["tag"], "ROLLBACK", "{r}");
+}
+
+/// Parse/Bind/Execute × 3 and one Sync, with the middle statement failing at Parse: through
+/// pgward (a policy denial) exactly as in Postgres (a syntax error) — the first ran, the rest
+/// up to Sync were skipped, and the implicit transaction was rolled back.
+#[test]
+fn pipeline_with_a_denied_statement_skips_to_sync_like_postgres() {
+    let e = env("pe_pipeline", |b| b);
+    let c = cluster();
+    let run = |login: &common::Login, middle: &str, base: i32| -> Vec<raw::Msg> {
+        let mut conn = login.raw().expect("raw login");
+        let mut batch = Vec::new();
+        for sql in [format!("insert into items values ({base}, 'first')"), middle.to_string(), format!("insert into items values ({}, 'third')", base + 1)] {
+            batch.extend(fe::parse("", &sql));
+            batch.extend(fe::bind_text("", "", &[]));
+            batch.extend(fe::execute("", 0));
+        }
+        batch.extend(fe::sync());
+        conn.send(&batch).unwrap();
+        let msgs = conn.recv_until_ready().unwrap();
+        // The connection is still usable.
+        let after = conn.simple_query("select 'after'").unwrap();
+        assert_eq!(raw::rows(&after), vec![vec![Some("after".to_string())]]);
+        let _ = conn.terminate();
+        msgs
+    };
+    let direct = run(&c.svc_unix_login(&e.db), "selec 1", 50);
+    let (_, login) = e.login("wendy", &["writers"], "15m");
+    let via = run(&login, "delete from items", 60);
+
+    let shape = |msgs: &[raw::Msg]| -> Vec<String> {
+        msgs.iter()
+            .map(|m| match m.tag {
+                b'E' => format!("E {}", m.sqlstate().unwrap_or_default()),
+                b'C' => format!("C {}", m.command_tag().unwrap_or_default()),
+                t => (t as char).to_string(),
+            })
+            .collect()
+    };
+    assert_eq!(shape(&direct), ["1", "2", "C INSERT 0 1", "E 42601", "Z"], "Postgres itself");
+    assert_eq!(shape(&via), ["1", "2", "C INSERT 0 1", "E 42501", "Z"], "through pgward");
+    let err = raw::first_error(&via).unwrap().fields();
+    assert!(err[&'M'].contains("no-unbounded-writes"), "{err:?}");
+    assert_eq!(c.sql(&e.db, "select count(*) from items where id >= 50"), "0", "rolled back, third never ran");
+    assert_eq!(c.sql(&e.db, "select count(*) from items"), "3");
+
+    // Audit: the first insert ran; the third is recorded as not executed; the denial names its rule.
+    let (s, r) = statement_and_result(&e.pw, "values (60, 'first')");
+    assert_eq!(s["decision"], "allow");
+    assert_eq!(r["tag"], "INSERT 0 1");
+    let (s, r) = statement_and_result(&e.pw, "delete from items");
+    assert_eq!((s["decision"].as_str(), s["rule"].as_str()), (Some("deny"), Some("no-unbounded-writes")));
+    assert_eq!(r["sqlstate"], "42501");
+    let (_, r) = statement_and_result(&e.pw, "values (61, 'third')");
+    assert!(r["error"].as_str().unwrap_or("").contains("not executed"), "{r}");
+}
+
+/// tokio-postgres pipelines concurrently polled requests (each with its own Sync): the denied
+/// one fails alone with 42501, the others get their rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_pipeline_with_a_denied_statement() {
+    let e = env("pe_tp_pipeline", |b| b);
+    let (_, login) = e.login("alice", &["analysts"], "15m");
+    let client = login.connect().await.unwrap();
+    let m = never_marker();
+    let denied = format!("select v from secrets where v <> '{m}'");
+    let (a, b, c) = within("pipeline", async {
+        tokio::join!(
+            client.query_one("select count(*)::int4 from items", &[]),
+            client.query_one(denied.as_str(), &[]),
+            client.query_one("select max(id) from items where id < $1", &[&3i32])
+        )
+    })
+    .await;
+    assert_eq!(a.unwrap().get::<_, i32>(0), 3);
+    let err = b.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err}");
+    assert!(err.as_db_error().unwrap().message().contains("\"no-secrets\""), "{err}");
+    assert_eq!(c.unwrap().get::<_, i32>(0), 2);
+    // Still usable afterwards, extended and simple protocol.
+    let n: i64 = client.query_one("select count(*) from items", &[]).await.unwrap().get(0);
+    assert_eq!(n, 3);
+    drop(client);
+    assert_never_reached_postgres(&m);
+
+    // A denied Parse is audited with the rule (it never executes).
+    let recs = e.pw.wait_audit("denied Parse", |r| !rec::statements_with(r, &m).is_empty());
+    let s = rec::statements_with(&recs, &m)[0];
+    assert_eq!((s["decision"].as_str(), s["rule"].as_str(), s["protocol"].as_str()), (Some("deny"), Some("no-secrets"), Some("extended")));
+}
+
+/// `EXECUTE name` is decided as the text of the session's `PREPARE name AS …`.
+#[test]
+fn execute_is_decided_as_the_prepared_statement() {
+    let e = env("pe_prepare", |b| b);
+    let (_, login) = e.login("alice", &["analysts"], "15m");
+    let out = psql_all(
+        &login,
+        &[
+            "PREPARE Counted AS select count(*) from items",
+            "EXECUTE counted",
+            "prepare del as delete from items where id = 1",
+            "execute del",
+            "execute nobody_prepared_this",
+        ],
+    );
+    // The analysts may read: the resolved EXECUTE is allowed as analysts-read. The denied
+    // PREPARE never ran, so EXECUTE del is an unknown prepared statement (a write): denied.
+    assert_eq!(out.sqlstates(), vec!["42501", "42501", "42501"], "{}", out.describe());
+    assert!(out.stdout.contains("PREPARE\n3"), "{}", out.describe());
+    let (s, r) = statement_and_result(&e.pw, "EXECUTE counted");
+    assert_eq!((s["decision"].as_str(), s["rule"].as_str()), (Some("allow"), Some("analysts-read")), "{s}");
+    assert_eq!(r["tag"], "SELECT 1");
+    assert_eq!(cluster().sql(&e.db, "select count(*) from items"), "3");
+}
+
+#[test]
+fn startup_parameters_cannot_get_around_the_policy() {
+    let e = env("pe_startup", |b| b);
+    let (_, login) = e.login("alice", &["analysts"], "15m");
+
+    // standard_conforming_strings is not passed on; Role in any case is not either.
+    let mut conn = login
+        .raw_with(&[("standard_conforming_strings", "off"), ("Role", "postgres"), ("ROLE", "postgres")])
+        .expect("login with stripped parameters");
+    let msgs = conn.simple_query("show standard_conforming_strings").unwrap();
+    assert_eq!(raw::rows(&msgs), vec![vec![Some("on".to_string())]]);
+    let msgs = conn.simple_query("select current_user").unwrap();
+    assert_eq!(raw::rows(&msgs), vec![vec![Some(e.ro.clone())]]);
+    let _ = conn.terminate();
+
+    // Presentation settings pass.
+    let mut conn = login.raw_with(&[("client_encoding", "UTF8"), ("DateStyle", "ISO, DMY")]).expect("presentation settings");
+    let msgs = conn.simple_query("show datestyle").unwrap();
+    assert_eq!(raw::rows(&msgs), vec![vec![Some("ISO, DMY".to_string())]]);
+    let _ = conn.terminate();
+
+    // An encoding that could hide quotes from pgward's parser is refused.
+    for enc in ["SJIS", "big5", "GBK"] {
+        let err = login.raw_with(&[("client_encoding", enc)]).err().expect("unsafe encoding refused");
+        assert_eq!(err.sqlstate().as_deref(), Some("22023"), "{enc}: {err:?}");
+    }
+    // Other settings are decided like SET: analysts may not change search_path.
+    let err = login.raw_with(&[("search_path", "evil, public")]).err().expect("search_path refused");
+    assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{err:?}");
+    match &err {
+        common::raw::RawError::Server(m) => assert!(m.fields()[&'M'].contains("analysts-keep-search-path"), "{m:?}"),
+        other => panic!("{other:?}"),
+    }
+    // …writers may.
+    let (_, wlogin) = e.login("wendy", &["writers"], "15m");
+    let mut conn = wlogin.raw_with(&[("search_path", "public")]).expect("writers may set search_path");
+    let msgs = conn.simple_query("show search_path").unwrap();
+    assert_eq!(raw::rows(&msgs), vec![vec![Some("public".to_string())]]);
+    let _ = conn.terminate();
+
+    let recs = e.pw.wait_audit("login_failed for the refused startups", |r| {
+        rec::of_kind(r, "login_failed").iter().filter(|x| x["user"] == "alice").count() >= 4
+    });
+    let failed: Vec<_> = rec::of_kind(&recs, "login_failed").into_iter().filter(|x| x["user"] == "alice").collect();
+    assert!(failed.iter().any(|f| f["sqlstate"] == "22023"), "{failed:?}");
+    assert!(failed.iter().any(|f| f["sqlstate"] == "42501" && f["rule"] == "analysts-keep-search-path"), "{failed:?}");
+}
