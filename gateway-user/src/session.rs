@@ -160,21 +160,26 @@ async fn refuse_login(
     rule: Option<String>,
 ) {
     tracing::info!(user = %identity.user, code, %msg, "login refused");
-    let rec = Record {
-        kind: Kind::LoginFailed,
+    let mut rec = identity_record(Kind::LoginFailed, session, peer, identity, database);
+    rec.rule = rule;
+    rec.sqlstate = Some(code.to_string());
+    rec.error = Some(msg.clone());
+    let _ = shared.audit.append_durable(rec).await;
+    fatal(stream, code, &msg).await;
+}
+
+/// A session-level record for a verified identity (login, login_failed after the token).
+fn identity_record(kind: Kind, session: &str, peer: &Peer, identity: &Identity, database: &str) -> Record {
+    Record {
+        kind,
         session: Some(session.to_string()),
         user: Some(identity.user.clone()),
         groups: Some(identity.groups.clone()),
         client: Some(peer.audit_client()),
         database: Some(database.to_string()),
         jti: Some(identity.jti.clone()),
-        rule,
-        sqlstate: Some(code.to_string()),
-        error: Some(msg.clone()),
         ..Default::default()
-    };
-    let _ = shared.audit.append_durable(rec).await;
-    fatal(stream, code, &msg).await;
+    }
 }
 
 async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String) -> Option<()> {
@@ -266,18 +271,9 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
         Ok(u) => u,
         Err(e) => {
             tracing::warn!(error = %e, "upstream login failed");
-            let rec = Record {
-                kind: Kind::LoginFailed,
-                session: Some(session.clone()),
-                user: Some(identity.user.clone()),
-                groups: Some(identity.groups.clone()),
-                client: Some(peer.audit_client()),
-                database: Some(database.clone()),
-                jti: Some(identity.jti.clone()),
-                sqlstate: Some(e.sqlstate().to_string()),
-                error: Some(format!("upstream: {e}")),
-                ..Default::default()
-            };
+            let mut rec = identity_record(Kind::LoginFailed, &session, &peer, &identity, &database);
+            rec.sqlstate = Some(e.sqlstate().to_string());
+            rec.error = Some(format!("upstream: {e}"));
             let _ = shared.audit.append_durable(rec).await;
             fatal(&mut stream, e.sqlstate(), &format!("pgward: {e}")).await;
             return None;
@@ -285,17 +281,8 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
     };
 
     // Write-ahead: the login is durable before the session can do anything.
-    let login_rec = Record {
-        kind: Kind::Login,
-        session: Some(session.clone()),
-        user: Some(identity.user.clone()),
-        groups: Some(identity.groups.clone()),
-        client: Some(peer.audit_client()),
-        database: Some(database.clone()),
-        jti: Some(identity.jti.clone()),
-        meta: login_meta(&shared, &identity, &policy_identity, grant.as_ref()),
-        ..Default::default()
-    };
+    let mut login_rec = identity_record(Kind::Login, &session, &peer, &identity, &database);
+    login_rec.meta = login_meta(&shared, &identity, &policy_identity, grant.as_ref());
     if let Err(e) = shared.audit.append_durable(login_rec).await {
         tracing::error!(error = %e, "audit append failed; refusing login");
         fatal(&mut stream, "58030", &format!("pgward: audit log unavailable, login refused: {e}")).await;
