@@ -6,7 +6,9 @@ use clap::{Parser, Subcommand};
 
 pub mod access;
 pub mod audit;
+pub mod doctor;
 pub mod init;
+pub mod install;
 pub mod policy;
 pub mod serve;
 pub mod status;
@@ -49,6 +51,14 @@ pub enum Command {
     /// Check SQL against the policy (dry run) and validate policy files.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Make this host a pgward appliance: system user, /etc/pgward, audit log, Postgres socket
+    /// lockdown, sandboxed systemd unit (recorded for `uninstall`).
+    Install(Box<install::InstallArgs>),
+    /// Undo `pgward install` (the audit log is kept unless --purge).
+    Uninstall(install::UninstallArgs),
+    /// Check kernel, capabilities, cgroups, interception, socket lockdown, audit directory,
+    /// clock and keys; a pass/fail table with fixes.
+    Doctor(doctor::DoctorArgs),
 }
 
 pub fn init_logging(format: LogFormat) {
@@ -76,6 +86,9 @@ pub fn main() -> ExitCode {
         Command::Access(c) => access::run(c),
         Command::Audit(c) => audit::run(c),
         Command::Policy(c) => policy::run(c),
+        Command::Install(a) => install::run_install(*a),
+        Command::Uninstall(a) => install::run_uninstall(a),
+        Command::Doctor(a) => doctor::run(a),
     };
     match result {
         Ok(code) => code,

@@ -199,7 +199,7 @@ impl Glob {
     }
 }
 
-fn glob_match(p: &[u8], s: &[u8]) -> bool {
+pub(crate) fn glob_match(p: &[u8], s: &[u8]) -> bool {
     // Iterative matcher with backtracking to the last '*'.
     let (mut pi, mut si) = (0, 0);
     let mut star: Option<(usize, usize)> = None;

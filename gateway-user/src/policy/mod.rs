@@ -50,6 +50,7 @@ pub use analyze::{
 use crate::auth::Identity;
 use crate::config::Config;
 use file::{Compiled, NamePat, Rule};
+pub(crate) use file::glob_match;
 
 /// The policy shipped with the binary (the repository's `policies/default.toml`).
 pub const DEFAULT_POLICY_TOML: &str = include_str!("../../../policies/default.toml");
