@@ -821,7 +821,22 @@ impl Writer {
                 f.sync_all()?;
             }
         }
-        std::fs::rename(&tmp, self.dir.join(HEAD_FILE))?;
+        match std::fs::rename(&tmp, self.dir.join(HEAD_FILE)) {
+            Ok(()) => {}
+            // An append-only directory (`chattr +a`, as `pgward install` sets it) allows no
+            // rename or removal: rewrite HEAD in place (one small write at offset 0).
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                let mut line = json;
+                line.push(b'\n');
+                let f = OpenOptions::new().create(true).write(true).mode(0o640).open(self.dir.join(HEAD_FILE))?;
+                f.write_all_at(&line, 0)?;
+                f.set_len(line.len() as u64)?;
+                if self.fsync != FsyncPolicy::Off {
+                    f.sync_all()?;
+                }
+            }
+            Err(e) => return Err(e),
+        }
         if self.fsync != FsyncPolicy::Off {
             sync_dir(&self.dir)?;
         }

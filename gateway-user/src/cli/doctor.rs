@@ -518,7 +518,10 @@ fn socket_lockdown(cx: &Ctx) -> Check {
         }
     }
     if dirs.is_empty() {
-        warn.push(("the real Postgres socket directory is not configured (intercept.upstream_socket_dirs)".into(), PATHS));
+        warn.push((
+            "the real Postgres socket directory is not configured (intercept.upstream_socket_dirs)".into(),
+            PATHS,
+        ));
     }
     // The path clients use must be pgward's.
     match &cfg.server.unix_socket_dir {
@@ -550,8 +553,12 @@ fn socket_lockdown(cx: &Ctx) -> Check {
                     format!("clients' path {} belongs to {} (not pgward)", path.display(), describe_pids(&holders)),
                     "restart Postgres so it uses its new unix_socket_directories, then start pgward".into(),
                 )),
-                (None, _) => warn.push((format!("clients' path {} is not served (pgward not running)", path.display()), START)),
-                (Some(_), true) => warn.push((format!("cannot tell who holds {}", path.display()), "run pgward doctor as root")),
+                (None, _) => {
+                    warn.push((format!("clients' path {} is not served (pgward not running)", path.display()), START))
+                }
+                (Some(_), true) => {
+                    warn.push((format!("cannot tell who holds {}", path.display()), "run pgward doctor as root"))
+                }
             }
         }
     }
