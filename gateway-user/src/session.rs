@@ -850,14 +850,7 @@ impl Relay {
                 let mut rec = self.record(Kind::Statement);
                 rec.protocol = Some("simple".into());
                 let mut p = Pending::new(PendKind::Query);
-                let lookup = |name: &str| self.lookup_prepared(name);
-                let verdict = self.shared.policy.decide_with_prepared(
-                    &self.policy_identity,
-                    &self.database,
-                    &sql,
-                    chrono::Utc::now(),
-                    &lookup,
-                );
+                let verdict = self.decide(&sql);
                 rec.sql = Some(sql.to_string());
                 let allowed = Self::apply_verdict(&mut rec, &mut p, &verdict);
                 if allowed {
@@ -871,14 +864,7 @@ impl Relay {
             b'P' => {
                 self.check_token()?;
                 let (name, sql) = wire::decode_parse(&f).map_err(bad)?;
-                let lookup = |n: &str| self.lookup_prepared(n);
-                let verdict = self.shared.policy.decide_with_prepared(
-                    &self.policy_identity,
-                    &self.database,
-                    &sql,
-                    chrono::Utc::now(),
-                    &lookup,
-                );
+                let verdict = self.decide(&sql);
                 if verdict.is_allowed() {
                     self.note_prepared(&verdict);
                     let prepared =
@@ -983,6 +969,13 @@ impl Relay {
             }
         }
         Ok(())
+    }
+
+    /// The policy's verdict on a Query's or Parse's text, for this session's effective
+    /// identity, with `EXECUTE name` resolved through the session's prepared statements.
+    fn decide(&self, sql: &str) -> Arc<Verdict> {
+        let lookup = |name: &str| self.lookup_prepared(name);
+        self.shared.policy.decide_with_prepared(&self.policy_identity, &self.database, sql, chrono::Utc::now(), &lookup)
     }
 
     /// Put the verdict into the statement record; for a denial, set the pending's refusal
