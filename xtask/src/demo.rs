@@ -82,6 +82,24 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     run_ok(Command::new(&pgward).args(["init", "--dir"]).arg(&gw_dir).args(["--listen", &listen, "--upstream", &upstream, "--upstream-password-file"]).arg(&pwfile))?;
     let config = gw_dir.join("pgward.toml");
 
+    // A demo policy on top of the default one: no UPDATE/DELETE without WHERE, and card
+    // numbers masked for everyone but pii_readers.
+    std::fs::write(
+        gw_dir.join("policies/demo.toml"),
+        "[[rule]]\nname = \"no-unbounded-writes\"\naction = \"deny\"\nmodifiers = [\"no_where\"]\n\
+         reason = \"UPDATE and DELETE need a WHERE clause\"\n\n\
+         [[mask]]\nname = \"cards\"\ncolumns = [\"public.customers.card\"]\ndetect = [\"card\"]\n\
+         style = \"keep_last\"\nkeep = 4\nexcept_groups = [\"pii_readers\"]\n",
+    )?;
+    {
+        let text = std::fs::read_to_string(&config)?;
+        let text = text.replace(
+            "files = [\"policies/default.toml\"]",
+            "files = [\"policies/default.toml\", \"policies/demo.toml\"]",
+        );
+        std::fs::write(&config, text)?;
+    }
+
     // Interception: clients dial the real Postgres port and land in pgward. The demo Postgres
     // listens on its own port (standing in for 5432) and stays there ("in place" layout).
     let cgroup = DemoCgroup::create();
@@ -145,7 +163,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         select current_setting('application_name') as upstream_application_name;\n\
         create table if not exists customers(id int primary key, name text, card text);\n\
         insert into customers values (1, 'Ada', '4242424242424242'), (2, 'Grace', '5555555555554444') on conflict do nothing;\n\
-        select id, name from customers order by id;\n\
+        \\echo '--- card numbers are masked for alice (whatever the alias or expression)'\n\
+        select id, name, card, upper(card) as also_card from customers order by id;\n\
+        \\echo '--- DELETE without WHERE is blocked by the policy; the session goes on'\n\
+        delete from customers;\n\
         begin; update customers set name = 'Ada L.' where id = 1; commit;\n\
         select count(*) from customers;\n\
         select 1/0;\n";
