@@ -483,22 +483,8 @@ impl Proc {
     }
     /// Send `sig`, wait (bounded), SIGKILL if it does not go.
     fn stop(&mut self, sig: libc::c_int) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        // SAFETY: kill(2) on the pid of our own unreaped child.
-        unsafe {
-            libc::kill(child.id() as i32, sig);
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(st)) = child.try_wait() {
-                return Some(st);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return child.wait().ok();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = self.child.take()?;
+        common::stop_child(child, sig, Duration::from_secs(30))
     }
 }
 

@@ -262,22 +262,8 @@ impl Pgward {
 
     /// SIGTERM (graceful), then SIGKILL after 10 s. Our own child, by pid.
     pub fn stop(&mut self) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(st)) = child.try_wait() {
-                return Some(st);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return child.wait().ok();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = self.child.take()?;
+        super::stop_child(child, libc::SIGTERM, Duration::from_secs(10))
     }
 
     /// Whether `serve` printed a Rust panic message (any thread, including session tasks).

@@ -40,6 +40,26 @@ pub use clients::{Login, sqlstate, within};
 pub use cluster::{ClusterOptions, PgCluster, cluster, tls_cluster};
 pub use gateway::{Pgward, PgwardBuilder, pgward_cli, toml_set};
 
+/// Send `sig` to our own unreaped child (by pid), wait up to `grace` for it to exit, then
+/// SIGKILL it. Returns its exit status.
+pub fn stop_child(mut child: std::process::Child, sig: libc::c_int, grace: Duration) -> Option<std::process::ExitStatus> {
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return child.wait().ok();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Output of a finished command.
 #[derive(Debug, Clone)]
 pub struct CmdOut {

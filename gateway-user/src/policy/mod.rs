@@ -594,34 +594,35 @@ impl Policy {
     /// Deny if any of the identity's groups defaults to deny; else allow if any defaults to
     /// allow; else `[defaults] action`.
     fn default_for(&self, identity: &Identity) -> (Action, Cow<'_, str>) {
+        self.group_setting(identity, "default", |g| g.default)
+            .unwrap_or((self.c.default_action, "default".into()))
+    }
+
+    /// A per-group setting among the identity's groups: deny wins, else the first allow; the
+    /// rule name is `<label>:<group>`. None when no group of the identity sets it.
+    fn group_setting(
+        &self,
+        identity: &Identity,
+        label: &str,
+        setting: impl Fn(&file::Group) -> Option<Action>,
+    ) -> Option<(Action, Cow<'_, str>)> {
         let mut allow: Option<&str> = None;
         for g in self.c.groups.iter().filter(|g| identity.groups.contains(&g.name)) {
-            match g.default {
-                Some(Action::Deny) => return (Action::Deny, format!("default:{}", g.name).into()),
+            match setting(g) {
+                Some(Action::Deny) => return Some((Action::Deny, format!("{label}:{}", g.name).into())),
                 Some(Action::Allow) if allow.is_none() => allow = Some(&g.name),
                 _ => {}
             }
         }
-        match allow {
-            Some(g) => (Action::Allow, format!("default:{g}").into()),
-            None => (self.c.default_action, "default".into()),
-        }
+        allow.map(|g| (Action::Allow, format!("{label}:{g}").into()))
     }
 
     /// The identity's `unparsable` setting: an explicit group setting (deny wins), else
     /// `[defaults] unparsable`, else deny if the policy restricts this identity at all (a deny
     /// default or any deny rule that names it, its groups, or everyone).
     fn unparsable_for(&self, identity: &Identity) -> (Action, Cow<'_, str>) {
-        let mut allow: Option<&str> = None;
-        for g in self.c.groups.iter().filter(|g| identity.groups.contains(&g.name)) {
-            match g.unparsable {
-                Some(Action::Deny) => return (Action::Deny, format!("unparsable:{}", g.name).into()),
-                Some(Action::Allow) if allow.is_none() => allow = Some(&g.name),
-                _ => {}
-            }
-        }
-        if let Some(g) = allow {
-            return (Action::Allow, format!("unparsable:{g}").into());
+        if let Some(v) = self.group_setting(identity, "unparsable", |g| g.unparsable) {
+            return v;
         }
         if let Some(a) = self.c.default_unparsable {
             return (a, "unparsable".into());
