@@ -62,7 +62,7 @@ pub struct ServerConfig {
     pub worker_threads: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamTls {
     #[default]
@@ -90,6 +90,19 @@ pub struct UpstreamConfig {
     pub tls: UpstreamTls,
     #[serde(default = "default_connect_timeout", with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
+    /// Session pooling: a cleanly ended session's upstream connection is reset (`RESET ROLE`,
+    /// `DISCARD ALL`) and kept for the next login with the same database and startup settings.
+    #[serde(default = "default_true")]
+    pub pool: bool,
+    /// Idle pooled connections kept per (database, startup settings).
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle: usize,
+    /// Idle pooled connections kept in all.
+    #[serde(default = "default_pool_max_idle_total")]
+    pub pool_max_idle_total: usize,
+    /// An idle pooled connection older than this is closed.
+    #[serde(default = "default_pool_idle_timeout", with = "humantime_serde_compat")]
+    pub pool_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -291,6 +304,15 @@ fn default_database() -> String {
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_pool_max_idle() -> usize {
+    16
+}
+fn default_pool_max_idle_total() -> usize {
+    64
+}
+fn default_pool_idle_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_leeway() -> u64 {
     30

@@ -2,7 +2,7 @@
 //!
 //! Rooms (see DESIGN.md): `config`, `cli`, `auth` (tokens), `tls`, `wire` (frames),
 //! `session` (per-connection state machine), `upstream` (connect + auth to the real Postgres,
-//! cancel map), `server` (listeners), `policy`, `access` (token revocation, JIT grants),
+//! cancel map), `pool` (upstream session pooling), `server` (listeners), `policy`, `access` (token revocation, JIT grants),
 //! `audit` (records, writer, reader, verify), `ebpf`.
 
 pub mod access;
@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod ebpf;
 pub mod mask;
 pub mod policy;
+pub mod pool;
 pub mod server;
 pub mod session;
 pub mod tls;

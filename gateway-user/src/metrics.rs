@@ -29,6 +29,13 @@ pub struct Metrics {
     pub audit_records: Counter,
     pub audit_batches_failed: Counter,
     pub audit_fsync_seconds: Histogram,
+    /// Upstream session pooling (see `pool`): logins served by a pooled connection, logins
+    /// that opened a new one, connections closed instead of pooled (label `reason`), and the
+    /// idle connections in the pool.
+    pub pool_hits: Counter,
+    pub pool_misses: Counter,
+    pub pool_discards: Family<Vec<(String, String)>, Counter>,
+    pub pool_idle: Gauge,
     ebpf: Family<Vec<(String, String)>, Gauge>,
 }
 
@@ -71,6 +78,10 @@ impl Metrics {
             audit_fsync_seconds: Histogram::new([
                 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
             ]),
+            pool_hits: Counter::default(),
+            pool_misses: Counter::default(),
+            pool_discards: Family::default(),
+            pool_idle: Gauge::default(),
             ebpf: Family::default(),
             registry: Registry::default(),
         };
@@ -84,6 +95,14 @@ impl Metrics {
         registry.register("audit_records", "Audit records made durable", m.audit_records.clone());
         registry.register("audit_batches_failed", "Audit batches that could not be made durable", m.audit_batches_failed.clone());
         registry.register("audit_fsync_seconds", "Time of one audit write + fdatasync", m.audit_fsync_seconds.clone());
+        registry.register("upstream_pool_hits", "Logins served by a pooled upstream connection", m.pool_hits.clone());
+        registry.register("upstream_pool_misses", "Logins that opened a new upstream connection while pooling is on", m.pool_misses.clone());
+        registry.register(
+            "upstream_pool_discards",
+            "Upstream connections closed instead of pooled or reused, by reason",
+            m.pool_discards.clone(),
+        );
+        registry.register("upstream_pool_idle", "Idle upstream connections in the pool", m.pool_idle.clone());
         registry.register("ebpf", "eBPF program counters (from the kernel maps)", m.ebpf.clone());
         Metrics { registry, ..m }
     }
@@ -123,6 +142,11 @@ impl Metrics {
             }
             _ => {}
         }
+    }
+
+    /// One upstream connection closed instead of pooled or reused, for `reason`.
+    pub fn pool_discard(&self, reason: &str) {
+        self.pool_discards.get_or_create(&vec![("reason".into(), reason.into())]).inc();
     }
 
     /// The OpenMetrics text, with eBPF counters refreshed from the kernel.

@@ -102,7 +102,9 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
         upstream_password,
         access,
         masks: crate::mask::load_for_serve(&cfg).context("loading the masking rules")?,
+        pool: Arc::new(crate::pool::Pool::from_config(&cfg)),
     });
+    let reaper = shared.pool.enabled().then(|| tokio::spawn(shared.pool.clone().reaper()));
 
     if let Some(m) = &cfg.server.metrics_listen {
         let l = tokio::net::TcpListener::bind(m.as_str()).await.with_context(|| format!("metrics: listening on {m}"))?;
@@ -177,6 +179,10 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
     }
     drop(intercept);
     watcher.abort();
+    if let Some(r) = reaper {
+        r.abort();
+    }
+    shared.pool.close_all().await;
     if let Some((_, path)) = &unix {
         let _ = std::fs::remove_file(path);
     }

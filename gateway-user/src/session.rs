@@ -25,6 +25,7 @@ use crate::audit::{AuditError, AuditHandle, Client, Kind, Record};
 use crate::auth::{Identity, Verifier};
 use crate::config::Config;
 use crate::policy::{Policy, Verdict};
+use crate::pool::PoolKey;
 use crate::upstream::{self, CancelMap, Target};
 use crate::wire::{self, BoxStream, Frame, StartupRequest, WireError};
 
@@ -42,6 +43,8 @@ pub struct Shared {
     pub access: Arc<Access>,
     /// `[[mask]]` rules (see `mask`): applied to the results of sessions they cover.
     pub masks: Arc<crate::mask::MaskPolicy>,
+    /// Idle upstream connections for reuse (see `pool`).
+    pub pool: Arc<crate::pool::Pool>,
 }
 
 /// Who is on the other end of an accepted socket.
@@ -243,16 +246,7 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
         Some(a) if !a.is_empty() => format!("pgward:{}:{}", login.identity.user, a),
         _ => format!("pgward:{}", login.identity.user),
     };
-    let mut startup_params: Vec<(&str, &str)> = vec![("application_name", app_name.as_str())];
-    startup_params.extend(login.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    let up = upstream::connect(
-        &shared.target,
-        &shared.cfg.upstream.user,
-        shared.upstream_password.as_deref(),
-        &login.database,
-        &startup_params,
-    )
-    .await;
+    let pool_key = PoolKey::new(&shared.target, &shared.cfg.upstream.user, &login.database, &login.params);
     let Login { identity, database, mut stream, buf, .. } = login;
     // The identity's database role (policy groups → roles, or the grant's), set before the
     // client can act.
@@ -260,15 +254,14 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
         Some(g) => Some(format!("SET ROLE \"{}\"", g.role.replace('"', "\"\""))),
         None => shared.policy.set_role_sql(&identity),
     };
-    let up = match (up, role_sql) {
-        (Ok(mut u), Some(sql)) => match u.setup_query(&sql).await {
-            Ok(()) => Ok(u),
-            Err(e) => Err(e),
-        },
-        (r, _) => r,
-    };
-    let up = match up {
-        Ok(u) => u,
+    // A pooled connection (reset at check-in) or a new one; either way named after this user
+    // and with this user's role before the client can act.
+    let up = shared
+        .pool
+        .acquire(&shared.target, &pool_key, shared.upstream_password.as_deref(), &app_name, role_sql.as_deref())
+        .await;
+    let (up, reused) = match up {
+        Ok(a) => (a.up, a.reused),
         Err(e) => {
             tracing::warn!(error = %e, "upstream login failed");
             let mut rec = identity_record(Kind::LoginFailed, &session, &peer, &identity, &database);
@@ -282,7 +275,7 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
 
     // Write-ahead: the login is durable before the session can do anything.
     let mut login_rec = identity_record(Kind::Login, &session, &peer, &identity, &database);
-    login_rec.meta = login_meta(&shared, &identity, &policy_identity, grant.as_ref());
+    login_rec.meta = login_meta(&shared, &identity, &policy_identity, grant.as_ref(), up.backend_pid, reused);
     if let Err(e) = shared.audit.append_durable(login_rec).await {
         tracing::error!(error = %e, "audit append failed; refusing login");
         fatal(&mut stream, "58030", &format!("pgward: audit log unavailable, login refused: {e}")).await;
@@ -332,9 +325,21 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
         nonce: new_session_id(),
         terminated: false,
         end_reason: None,
+        keep_upstream: shared.pool.enabled(),
+        detach: false,
+        unsynced: false,
     };
-    relay.run(stream, buf, up.stream, up.leftover).await;
-    shared.cancels.remove(pid, key);
+    let kept = relay.run(stream, buf, up.stream, up.leftover).await;
+    let cancelled = shared.cancels.remove(pid, key);
+    let kept = kept.map(|(stream, leftover)| upstream::Upstream {
+        stream,
+        leftover,
+        params: up.params,
+        backend_pid: up.backend_pid,
+        backend_key: up.backend_key,
+        tx_status: relay.tx_status,
+    });
+    shared.pool.session_ended(pool_key, kept, cancelled);
 
     let mut end = relay.record(Kind::SessionEnd);
     end.error = relay.end_reason.clone();
@@ -343,16 +348,22 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
     Some(())
 }
 
-/// `meta` of the login record: the role the session got, and the grant that gave it.
-fn login_meta(shared: &Shared, identity: &Identity, policy_identity: &Identity, grant: Option<&SessionGrant>) -> Option<serde_json::Value> {
+/// `meta` of the login record: the role the session got, the grant that gave it, and the
+/// upstream backend (its pid, and whether the connection came from the pool).
+fn login_meta(
+    shared: &Shared,
+    identity: &Identity,
+    policy_identity: &Identity,
+    grant: Option<&SessionGrant>,
+    backend_pid: i32,
+    reused: bool,
+) -> Option<serde_json::Value> {
     let role = match grant {
         Some(g) => Some(g.role.clone()),
         None => shared.policy.role_for(identity),
     };
-    if role.is_none() && grant.is_none() {
-        return None;
-    }
     let mut m = serde_json::Map::new();
+    m.insert("upstream".into(), serde_json::json!({ "pid": backend_pid, "reused": reused }));
     if let Some(r) = role {
         m.insert("role".into(), r.into());
     }
@@ -594,6 +605,8 @@ enum End {
     Client,
     Upstream,
     Fatal(&'static str, String),
+    /// Terminate with a clean upstream (pooling): close the client, keep the upstream.
+    Detach,
 }
 
 struct Relay {
@@ -619,6 +632,14 @@ struct Relay {
     nonce: String,
     terminated: bool,
     end_reason: Option<String>,
+    /// Session pooling is on: a clean end hands the upstream connection back instead of
+    /// closing it (Terminate is then not forwarded).
+    keep_upstream: bool,
+    /// The client sent Terminate while the upstream was clean: end and hand it back.
+    detach: bool,
+    /// An extended-protocol message was forwarded and its Sync not yet (the server may be
+    /// inside an implicit transaction or a COPY): the connection is not clean.
+    unsynced: bool,
     /// Masking state; None when no mask rule applies to the session (rows are never decoded).
     mask: Option<Box<crate::mask::relay::MaskRelay>>,
 }
@@ -636,7 +657,12 @@ impl Relay {
         }
     }
 
-    async fn run(&mut self, client: BoxStream, mut cbuf: BytesMut, upstream: BoxStream, mut ubuf: BytesMut) {
+    /// Relay until the session ends. Returns the upstream connection (and bytes read past the
+    /// last frame) when pooling is on and the session ended cleanly: the client sent
+    /// Terminate or closed at a message boundary, no response is pending, no extended-protocol
+    /// message waits for its Sync, and the last ReadyForQuery said idle. Otherwise the upstream
+    /// is closed here (Postgres rolls back whatever was open).
+    async fn run(&mut self, client: BoxStream, mut cbuf: BytesMut, upstream: BoxStream, mut ubuf: BytesMut) -> Option<(BoxStream, BytesMut)> {
         let (mut crd, mut cwr) = tokio::io::split(client);
         let (mut urd, mut uwr) = tokio::io::split(upstream);
         cbuf.reserve(16 * 1024);
@@ -665,6 +691,10 @@ impl Relay {
         }
 
         while end.is_none() {
+            if self.detach && uout.is_empty() && durable.is_none() {
+                end = Some(End::Detach);
+                break;
+            }
             let read_client = !client_eof && !self.terminated && durable.is_none() && uout.len() < HIGH_WATER;
             let read_upstream = cout.len() < HIGH_WATER;
             tokio::select! {
@@ -704,6 +734,37 @@ impl Relay {
         }
 
         match end {
+            Some(End::Detach) => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    let _ = cwr.write_all(&cout).await;
+                    let _ = cwr.shutdown().await;
+                })
+                .await;
+                if self.upstream_clean() {
+                    return Some((urd.unsplit(uwr), ubuf));
+                }
+                let mut t = BytesMut::new();
+                wire::message(&mut t, b'X', &[]);
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    let _ = uwr.write_all(&t).await;
+                    let _ = uwr.shutdown().await;
+                })
+                .await;
+            }
+            Some(End::Client)
+                if self.keep_upstream
+                    && (self.detach || !self.terminated)
+                    && cbuf.is_empty()
+                    && uout.is_empty()
+                    && durable.is_none()
+                    && self.upstream_clean() =>
+            {
+                // Gone at a message boundary with nothing outstanding: keep the upstream.
+                if !self.terminated {
+                    self.end_reason = Some("client disconnected without Terminate".into());
+                }
+                return Some((urd.unsplit(uwr), ubuf));
+            }
             Some(End::Client) | None => {
                 // Tell the upstream we are done (Terminate), best effort.
                 let mut t = BytesMut::new();
@@ -745,6 +806,13 @@ impl Relay {
                 .await;
             }
         }
+        None
+    }
+
+    /// Nothing outstanding upstream: no response pending, no unsynced extended-protocol
+    /// message, idle (not in a transaction block or a failed one).
+    fn upstream_clean(&self) -> bool {
+        self.pending.is_empty() && !self.unsynced && self.tx_status == b'I'
     }
 
     /// A future resolving once every record of the batch is durable (their seqs), or the
@@ -843,6 +911,11 @@ impl Relay {
 
     fn on_client_frame(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
         let bad = |e: WireError| End::Fatal("08P01", format!("pgward: {e}"));
+        match f.tag {
+            b'P' | b'B' | b'E' | b'D' | b'C' => self.unsynced = true,
+            b'S' => self.unsynced = false,
+            _ => {}
+        }
         match f.tag {
             b'Q' => {
                 self.check_token()?;
@@ -962,7 +1035,13 @@ impl Relay {
             b'X' => {
                 self.terminated = true;
                 self.end_reason = None;
-                batch.frames.push((f, None));
+                // Pooling: a Terminate on its own, with nothing outstanding, is not forwarded;
+                // the upstream goes back to the pool (reset there). Else Postgres gets it.
+                if self.keep_upstream && batch.frames.is_empty() && batch.pendings.is_empty() && self.upstream_clean() {
+                    self.detach = true;
+                } else {
+                    batch.frames.push((f, None));
+                }
             }
             other => {
                 return Err(End::Fatal("08P01", format!("pgward: invalid frontend message type {:?}", other as char)));

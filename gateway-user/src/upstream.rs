@@ -32,6 +32,9 @@ pub enum UpstreamError {
     Wire(#[from] WireError),
     #[error("SCRAM: {0}")]
     Scram(String),
+    /// A pooled connection's reset (`RESET ROLE`, `DISCARD ALL`) did not end as it must.
+    #[error("resetting the connection: {0}")]
+    Reset(String),
 }
 
 impl UpstreamError {
@@ -277,15 +280,7 @@ impl Upstream {
                     let e = wire::decode_error(&f);
                     failure = Some(UpstreamError::Server { code: e.code, message: e.message });
                 }
-                b'S' => {
-                    let mut r = Reader::new(f.body());
-                    let name = r.cstr()?.into_owned();
-                    let value = r.cstr()?.into_owned();
-                    match self.params.iter_mut().find(|(k, _)| *k == name) {
-                        Some(p) => p.1 = value,
-                        None => self.params.push((name, value)),
-                    }
-                }
+                b'S' => self.note_parameter_status(&f)?,
                 b'Z' => {
                     self.tx_status = f.body().first().copied().unwrap_or(b'I');
                     return failure.map_or(Ok(()), Err);
@@ -293,6 +288,97 @@ impl Upstream {
                 _ => {}
             }
         }
+    }
+}
+
+impl Upstream {
+    /// Put the connection back to what a fresh login gives, for session pooling: `RESET ROLE`,
+    /// then `DISCARD ALL` (temp tables, prepared statements, cursors, session settings back to
+    /// the startup values, advisory locks, LISTEN, cached plans, sequences). Two Queries:
+    /// `DISCARD ALL` refuses to run in a transaction block, and a multi-statement Query is one.
+    /// Each must answer exactly CommandComplete + ReadyForQuery 'I' (ParameterStatus, notices
+    /// and stray notifications of the previous session are read and dropped); anything else
+    /// is an error and the connection must not be reused.
+    pub async fn reset(&mut self) -> Result<(), UpstreamError> {
+        self.expect_command("RESET ROLE", "RESET").await?;
+        self.expect_command("DISCARD ALL", "DISCARD ALL").await
+    }
+
+    async fn expect_command(&mut self, sql: &str, tag: &str) -> Result<(), UpstreamError> {
+        if self.tx_status != b'I' {
+            return Err(UpstreamError::Reset(format!("transaction status {:?} before {sql}", self.tx_status as char)));
+        }
+        let mut out = BytesMut::new();
+        wire::query(&mut out, sql);
+        self.stream.write_all(&out).await.map_err(WireError::Io)?;
+        self.stream.flush().await.map_err(WireError::Io)?;
+        let mut completed = false;
+        loop {
+            let f = wire::read_frame(&mut self.stream, &mut self.leftover, wire::MAX_FRAME).await?;
+            match f.tag {
+                b'C' => {
+                    let (t, _) = wire::decode_command_complete(&f)?;
+                    if completed || t != tag {
+                        return Err(UpstreamError::Reset(format!("{sql}: unexpected command tag {t:?}")));
+                    }
+                    completed = true;
+                }
+                b'S' => self.note_parameter_status(&f)?,
+                b'N' | b'A' => {}
+                b'E' => {
+                    let e = wire::decode_error(&f);
+                    return Err(UpstreamError::Server { code: e.code, message: e.message });
+                }
+                b'Z' => {
+                    self.tx_status = f.body().first().copied().unwrap_or(0);
+                    if !completed || self.tx_status != b'I' {
+                        return Err(UpstreamError::Reset(format!(
+                            "{sql}: ReadyForQuery {:?} (completed: {completed})",
+                            self.tx_status as char
+                        )));
+                    }
+                    return Ok(());
+                }
+                other => return Err(UpstreamError::Reset(format!("{sql}: unexpected message {:?}", other as char))),
+            }
+        }
+    }
+
+    fn note_parameter_status(&mut self, f: &wire::Frame) -> Result<(), UpstreamError> {
+        let mut r = Reader::new(f.body());
+        let name = r.cstr()?.into_owned();
+        let value = r.cstr()?.into_owned();
+        match self.params.iter_mut().find(|(k, _)| *k == name) {
+            Some(p) => p.1 = value,
+            None => self.params.push((name, value)),
+        }
+        Ok(())
+    }
+
+    /// Whether an idle connection is still quiet: nothing buffered and nothing to read right
+    /// now (one non-blocking poll). A server that said anything while nobody asked (FATAL on
+    /// `pg_terminate_backend` or `idle_session_timeout`, EOF, an error) has ended the session.
+    pub fn is_quiet(&mut self) -> bool {
+        use std::task::{Context, Poll, Waker};
+        use tokio::io::{AsyncRead, ReadBuf};
+        if !self.leftover.is_empty() {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        let mut rb = ReadBuf::new(&mut byte);
+        let mut cx = Context::from_waker(Waker::noop());
+        matches!(std::pin::Pin::new(&mut self.stream).poll_read(&mut cx, &mut rb), Poll::Pending)
+    }
+
+    /// Close the connection politely (Terminate, then shutdown; bounded, best effort).
+    pub async fn close(mut self) {
+        let mut t = BytesMut::new();
+        wire::message(&mut t, b'X', &[]);
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = self.stream.write_all(&t).await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
     }
 }
 
@@ -311,10 +397,19 @@ pub async fn cancel(target: &Target, pid: i32, key: i32) -> Result<(), UpstreamE
     Ok(())
 }
 
-/// pgward's own cancel keys handed to clients, mapped to the upstream's.
+/// pgward's own cancel keys handed to clients, mapped to the upstream's, and whether a
+/// CancelRequest was forwarded under the key (such a connection is not pooled: the cancel may
+/// reach the backend after the session ended, and must not hit the next user's query).
 #[derive(Default, Clone)]
 pub struct CancelMap {
-    inner: Arc<Mutex<HashMap<(i32, i32), (i32, i32)>>>,
+    inner: Arc<Mutex<HashMap<(i32, i32), CancelEntry>>>,
+}
+
+struct CancelEntry {
+    /// The upstream's (pid, key).
+    upstream: (i32, i32),
+    /// A CancelRequest was forwarded under this key.
+    cancelled: bool,
 }
 
 impl CancelMap {
@@ -334,19 +429,24 @@ impl CancelMap {
             let pid = (i32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x3fff_ffff).max(1);
             let key = i32::from_le_bytes([b[4], b[5], b[6], b[7]]);
             if let std::collections::hash_map::Entry::Vacant(e) = m.entry((pid, key)) {
-                e.insert((upstream_pid, upstream_key));
+                e.insert(CancelEntry { upstream: (upstream_pid, upstream_key), cancelled: false });
                 return (pid, key);
             }
         }
     }
 
+    /// The upstream (pid, key) to forward a CancelRequest to; marks the entry as cancelled.
     pub fn lookup(&self, pid: i32, key: i32) -> Option<(i32, i32)> {
-        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(&(pid, key)).copied()
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        m.get_mut(&(pid, key)).map(|e| {
+            e.cancelled = true;
+            e.upstream
+        })
     }
 
-    pub fn remove(&self, pid: i32, key: i32) {
+    /// Forget a session's key; true if a CancelRequest was forwarded under it.
+    pub fn remove(&self, pid: i32, key: i32) -> bool {
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        m.remove(&(pid, key));
+        m.remove(&(pid, key)).is_some_and(|e| e.cancelled)
     }
 }

@@ -537,6 +537,12 @@ mod tests {
         assert_eq!(cfg.upstream.password_file, Some(PathBuf::from(PASSWORD_FILE)));
         assert_eq!(cfg.upstream_password().unwrap().as_deref(), Some("s3cret"));
         assert_eq!(mode(&dir.join(PASSWORD_FILE)), 0o600);
+        // Session pooling is on by default and its limits are written out for the admin to see.
+        assert!(cfg.upstream.pool);
+        let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap();
+        for key in ["pool = true", "pool_max_idle = 16", "pool_max_idle_total = 64", "pool_idle_timeout = \"1m\""] {
+            assert!(text.contains(key), "{key:?} not in:\n{text}");
+        }
     }
 
     #[test]
