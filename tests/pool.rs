@@ -16,11 +16,14 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::gateway::rec;
 use common::raw::{self, fe};
-use common::{Login, Pgward, PgwardBuilder, cluster, jwt, marker, rand_hex, toml_set, wait_for, within};
+use common::{Login, PgCluster, Pgward, PgwardBuilder, cluster, jwt, marker, rand_hex, tls_cluster, toml_set, wait_for, within};
+use pgward::pool::{Acquired, Pool, PoolKey};
+use pgward::upstream::{Target, Upstream};
 use serde_json::Value;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
@@ -417,4 +420,223 @@ async fn pool_off_means_a_new_backend_per_login() {
     }
     assert_eq!(e.sample("pgward_upstream_pool_idle"), 0.0);
     assert_eq!(e.sample("pgward_upstream_pool_misses_total"), 0.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Event-loop homing, against the library (`pgward::pool`) with real event loops: pgward runs one
+// current-thread runtime per OS thread, and a pooled connection must be driven by the loop of
+// the session that checks it out — not by the loop that opened it.
+
+/// A pgward-style event loop: a current-thread runtime on its own OS thread, running tasks
+/// spawned through its handle (as `server::run` does). Stopping it drops the runtime, and with
+/// it the reactor every socket registered there depends on.
+struct EventLoop {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EventLoop {
+    fn start(name: &str) -> EventLoop {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                tx.send(rt.handle().clone()).unwrap();
+                let _ = rt.block_on(stopped);
+                // `rt` is dropped here: its reactor is gone.
+            })
+            .unwrap();
+        EventLoop { handle: rx.recv().unwrap(), stop: Some(stop), thread: Some(thread) }
+    }
+
+    /// Run `fut` as a task of this loop and wait for its output (a panic in it fails the test).
+    fn run<T: Send + 'static>(&self, fut: impl std::future::Future<Output = T> + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.handle.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv_timeout(Duration::from_secs(60)).expect("the task on the event loop panicked or hung")
+    }
+
+    /// End the loop and drop its runtime (joins the thread).
+    fn shut_down(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for EventLoop {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+/// A pool as `pgward serve` makes it, and the key of a login to `db` as the service role.
+fn lib_pool(c: &PgCluster, host: &str, tls: pgward::config::UpstreamTls, db: &str) -> (Arc<Pool>, Target, PoolKey) {
+    let target = Target { host: host.to_string(), port: c.port, tls, connect_timeout: Duration::from_secs(10) };
+    let key = PoolKey::new(&target, &c.svc_user, db, &[("TimeZone".to_string(), "UTC".to_string())]);
+    (Arc::new(Pool::new(true, 4, 8, Duration::from_secs(300), Duration::from_secs(10))), target, key)
+}
+
+/// Check out a connection for `user` on the current loop (role: none, the service role).
+async fn checkout(pool: &Pool, target: &Target, key: &PoolKey, password: &str, user: &str) -> Acquired {
+    within("checkout", pool.acquire(target, key, Some(password), &format!("pgward:{user}"), None))
+        .await
+        .unwrap_or_else(|e| panic!("checkout for {user}: {e}"))
+}
+
+/// Run a simple query on an upstream connection; the rows as text (None for SQL NULL).
+async fn up_query(up: &mut Upstream, sql: &str) -> Vec<Vec<Option<String>>> {
+    use tokio::io::AsyncWriteExt;
+    let mut out = bytes::BytesMut::new();
+    pgward::wire::query(&mut out, sql);
+    up.stream.write_all(&out).await.unwrap();
+    up.stream.flush().await.unwrap();
+    let mut rows = Vec::new();
+    loop {
+        let f = within(sql, pgward::wire::read_frame(&mut up.stream, &mut up.leftover, 1 << 20)).await.unwrap();
+        match f.tag {
+            b'D' => {
+                let b = f.body();
+                let n = i16::from_be_bytes([b[0], b[1]]) as usize;
+                let mut at = 2;
+                let mut row = Vec::new();
+                for _ in 0..n {
+                    let len = i32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+                    at += 4;
+                    if len < 0 {
+                        row.push(None);
+                    } else {
+                        row.push(Some(String::from_utf8(b[at..at + len as usize].to_vec()).unwrap()));
+                        at += len as usize;
+                    }
+                }
+                rows.push(row);
+            }
+            b'E' => panic!("{sql}: {}", pgward::wire::decode_error(&f).message),
+            b'Z' => {
+                up.tx_status = f.body()[0];
+                return rows;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Wait (from the test thread) until the pool holds `n` idle connections.
+#[track_caller]
+fn wait_pool_idle(pool: &Pool, n: usize) {
+    wait_for(&format!("{n} idle connection(s) in the pool"), Duration::from_secs(20), || (pool.idle() == n).then_some(()));
+}
+
+/// A plain TCP or unix-socket connection opened on loop A and checked in there is checked out
+/// on loop B after loop A's runtime is gone — so B's reactor must be the one driving it: a
+/// stream still registered with A's (dropped) reactor fails its first read, the setup Query
+/// fails, and the pool would open a new connection instead (`reused` false, another pid).
+#[test]
+fn a_pooled_plain_connection_is_driven_by_the_loop_that_checks_it_out() {
+    let c = cluster();
+    for (what, host) in [("tcp", "127.0.0.1".to_string()), ("unix socket", c.socket_dir.display().to_string())] {
+        let db = c.create_database("pool_rehome");
+        let (pool, target, key) = lib_pool(c, &host, pgward::config::UpstreamTls::Disable, &db);
+        let pw = c.svc_password.clone();
+
+        // Loop A: a new login, used, then the session ends cleanly (reset + check-in run on A).
+        let a = EventLoop::start("test-loop-a");
+        let (p, t, k, w) = (pool.clone(), target.clone(), key.clone(), pw.clone());
+        let pid = a.run(async move {
+            let mut got = checkout(&p, &t, &k, &w, "alice").await;
+            assert!(!got.reused, "{what}: the first login opens a connection");
+            let pid = up_query(&mut got.up, "select pg_backend_pid()").await[0][0].clone().unwrap();
+            assert_eq!(pid, got.up.backend_pid.to_string());
+            up_query(&mut got.up, "set statement_timeout = '4242s'").await;
+            p.session_ended(k, Some(got.up), false);
+            pid
+        });
+        wait_pool_idle(&pool, 1);
+        a.shut_down();
+
+        // Loop B (another thread, another runtime): the same backend, working.
+        let b = EventLoop::start("test-loop-b");
+        let (p, t, k, w) = (pool.clone(), target.clone(), key.clone(), pw.clone());
+        let (reused, rows) = b.run(async move {
+            let mut got = checkout(&p, &t, &k, &w, "bob").await;
+            let rows = up_query(
+                &mut got.up,
+                "select pg_backend_pid(), current_setting('application_name'), current_setting('statement_timeout')",
+            )
+            .await;
+            // And again after B's reactor had to wake the task for it.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let again = up_query(&mut got.up, "select 41 + 1").await;
+            assert_eq!(again, vec![vec![Some("42".to_string())]], "{what}");
+            (got.reused, rows)
+        });
+        assert!(reused, "{what}: the pooled connection is reused on another loop after its first loop is gone");
+        assert_eq!(
+            rows,
+            vec![vec![Some(pid.clone()), Some("pgward:bob".to_string()), Some("0".to_string())]],
+            "{what}: the same backend, reset, named after the new user"
+        );
+        assert_eq!(pool.idle(), 0);
+    }
+}
+
+/// A TLS upstream connection cannot leave the loop that registered it (the TLS state lives
+/// in the tokio stream): it is only handed out on that loop. Loop B gets a new connection while
+/// A's stays pooled, and A gets its own back.
+#[test]
+fn a_pooled_tls_connection_stays_on_its_loop() {
+    let c = tls_cluster();
+    let db = c.create_database("pool_tls_home");
+    let (pool, target, key) = lib_pool(c, "127.0.0.1", pgward::config::UpstreamTls::Require, &db);
+    let pw = c.svc_password.clone();
+    let a = EventLoop::start("test-loop-a");
+    let b = EventLoop::start("test-loop-b");
+
+    let (p, t, k, w) = (pool.clone(), target.clone(), key.clone(), pw.clone());
+    let pid_a = a.run(async move {
+        let mut got = checkout(&p, &t, &k, &w, "alice").await;
+        assert!(!got.reused);
+        let ssl = up_query(&mut got.up, "select ssl from pg_stat_ssl where pid = pg_backend_pid()").await;
+        assert_eq!(ssl, vec![vec![Some("t".to_string())]], "the upstream connection is TLS");
+        let pid = got.up.backend_pid;
+        p.session_ended(k, Some(got.up), false);
+        pid
+    });
+    wait_pool_idle(&pool, 1);
+
+    let (p, t, k, w) = (pool.clone(), target.clone(), key.clone(), pw.clone());
+    let (reused_b, pid_b) = b.run(async move {
+        let mut got = checkout(&p, &t, &k, &w, "bob").await;
+        let rows = up_query(&mut got.up, "select 1").await;
+        assert_eq!(rows, vec![vec![Some("1".to_string())]]);
+        let r = (got.reused, got.up.backend_pid);
+        got.up.close().await;
+        r
+    });
+    assert!(!reused_b, "loop B does not get loop A's TLS connection");
+    assert_ne!(pid_b, pid_a);
+    assert_eq!(pool.idle(), 1, "A's TLS connection was skipped, not closed");
+
+    let (p, t, k, w) = (pool.clone(), target.clone(), key.clone(), pw.clone());
+    let (reused_a, rows) = a.run(async move {
+        let mut got = checkout(&p, &t, &k, &w, "carol").await;
+        let rows = up_query(&mut got.up, "select pg_backend_pid(), current_setting('application_name')").await;
+        (got.reused, rows)
+    });
+    assert!(reused_a, "loop A gets its TLS connection back");
+    assert_eq!(rows, vec![vec![Some(pid_a.to_string()), Some("pgward:carol".to_string())]]);
+    assert_eq!(pool.idle(), 0);
 }

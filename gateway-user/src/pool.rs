@@ -23,14 +23,27 @@
 //! - Pooled connections log in with `application_name = 'pgward:'` (no user): that is what
 //!   `DISCARD ALL` / `RESET ALL` returns it to, so a session never shows the previous user's
 //!   name, and an idle pooled backend is recognisable in `pg_stat_activity`.
+//!
+//! Event loops (`server`): pgward runs one current-thread runtime per OS thread, and a socket
+//! is driven by the reactor of the loop that registered it. A pooled plain TCP or unix socket
+//! is taken out of its loop when it is pooled (after the reset, in the check-in task: tokio's
+//! `into_std`, which deregisters it) and registered with the checking-out session's loop at
+//! checkout, so a session's upstream I/O never needs another thread to wake it. A TLS stream
+//! cannot move that way (its TLS state lives in the tokio stream): it stays registered with its
+//! loop and is only handed out on that loop (the OS thread is the loop's identity;
+//! `pool_max_idle` counts such connections per loop).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
 
 use crate::config::{Config, UpstreamTls};
 use crate::metrics::METRICS;
 use crate::upstream::{self, Target, Upstream, UpstreamError};
+use crate::wire::{self, BoxStream, StdStream, WireError};
 
 /// `application_name` in the startup packet of connections that may be pooled.
 pub const POOLED_APPLICATION_NAME: &str = "pgward:";
@@ -46,6 +59,8 @@ pub enum Discard {
     Reset(UpstreamError),
     #[error("reset timed out")]
     ResetTimeout,
+    #[error("taking the connection out of its event loop failed: {0}")]
+    Detach(std::io::Error),
     #[error("the pool is full (upstream.pool_max_idle / pool_max_idle_total)")]
     Full,
     #[error("idle longer than upstream.pool_idle_timeout")]
@@ -66,7 +81,7 @@ impl Discard {
         match self {
             Discard::Unclean => "unclean",
             Discard::Cancelled => "cancelled",
-            Discard::Reset(_) | Discard::ResetTimeout => "reset_failed",
+            Discard::Reset(_) | Discard::ResetTimeout | Discard::Detach(_) => "reset_failed",
             Discard::Full => "full",
             Discard::Expired => "expired",
             Discard::Dead => "dead",
@@ -112,14 +127,63 @@ pub struct Acquired {
     pub reused: bool,
 }
 
+/// An idle connection's socket.
+enum Parked {
+    /// A plain TCP or unix socket out of any event loop (deregistered, non-blocking): the loop
+    /// that checks it out registers it with its own reactor.
+    Free(StdStream),
+    /// A stream that cannot leave the loop that registered it (TLS): handed out only there.
+    Local(BoxStream),
+}
+
+/// An idle pooled connection: an [`Upstream`] with its socket parked.
 struct Idle {
-    up: Upstream,
+    sock: Parked,
+    /// The loop (its OS thread) a [`Parked::Local`] socket belongs to; None for a free one.
+    home: Option<ThreadId>,
     since: Instant,
+    conn: Conn,
+}
+
+/// An [`Upstream`] but its stream.
+struct Conn {
+    leftover: BytesMut,
+    params: Vec<(String, String)>,
+    backend_pid: i32,
+    backend_key: i32,
+    tx_status: u8,
+}
+
+impl Conn {
+    fn with_stream(self, stream: BoxStream) -> Upstream {
+        let Conn { leftover, params, backend_pid, backend_key, tx_status } = self;
+        Upstream { stream, leftover, params, backend_pid, backend_key, tx_status }
+    }
+}
+
+impl Idle {
+    /// Park a reset connection: a plain socket leaves the current event loop (it must be the
+    /// one that registered it), anything else stays with it. An error: the socket is closed.
+    fn park(up: Upstream) -> std::io::Result<Idle> {
+        let Upstream { stream, leftover, params, backend_pid, backend_key, tx_status } = up;
+        let (sock, home) = match stream.into_std() {
+            Ok(Ok(s)) => (Parked::Free(s), None),
+            Ok(Err(e)) => return Err(e),
+            Err(stream) => (Parked::Local(stream), Some(std::thread::current().id())),
+        };
+        let conn = Conn { leftover, params, backend_pid, backend_key, tx_status };
+        Ok(Idle { sock, home, since: Instant::now(), conn })
+    }
+
+    /// Whether the event loop running on thread `here` may check this connection out.
+    fn usable_on(&self, here: ThreadId) -> bool {
+        self.home.is_none_or(|h| h == here)
+    }
 }
 
 #[derive(Default)]
 struct Inner {
-    /// Per key, oldest first (checkout takes the newest).
+    /// Per key, oldest first (checkout takes the newest it may use).
     idle: HashMap<PoolKey, Vec<Idle>>,
     total: usize,
 }
@@ -185,11 +249,8 @@ impl Pool {
         }
 
         let setup = setup_sql(app_name, role_sql);
-        while let Some(mut up) = self.take(key) {
-            if !up.is_quiet() {
-                self.discard(up, Discard::Dead);
-                continue;
-            }
+        while let Some(idle) = self.take(key) {
+            let Some(mut up) = self.adopt(idle) else { continue };
             match tokio::time::timeout(self.op_timeout, up.setup_query(&setup)).await {
                 Ok(Ok(())) if up.tx_status == b'I' => {
                     METRICS.pool_hits.inc();
@@ -216,15 +277,17 @@ impl Pool {
         Ok(Acquired { up, reused: false })
     }
 
-    /// The newest idle connection for `key`, closing the expired ones on the way.
-    fn take(&self, key: &PoolKey) -> Option<Upstream> {
+    /// The newest idle connection for `key` that the current event loop may use (a free one,
+    /// or a loop-local one of this loop), closing the expired ones on the way.
+    fn take(&self, key: &PoolKey) -> Option<Idle> {
         let now = Instant::now();
+        let here = std::thread::current().id();
         let (got, expired) = {
             let mut inner = self.lock();
             let list = inner.idle.get_mut(key)?;
             let n = list.iter().take_while(|i| now.duration_since(i.since) >= self.idle_timeout).count();
             let expired: Vec<Idle> = list.drain(..n).collect();
-            let got = list.pop();
+            let got = list.iter().rposition(|i| i.usable_on(here)).map(|at| list.remove(at));
             if list.is_empty() {
                 inner.idle.remove(key);
             }
@@ -233,9 +296,42 @@ impl Pool {
             (got, expired)
         };
         for i in expired {
-            self.discard(i.up, Discard::Expired);
+            self.discard_idle(i, Discard::Expired);
         }
-        got.map(|i| i.up)
+        got
+    }
+
+    /// Make a pooled connection the current event loop's, if it is still quiet (the server
+    /// said nothing while it was idle): a free socket is peeked without blocking, then
+    /// registered with this loop's reactor; a loop-local one (already this loop's) is polled
+    /// once. A connection that is not quiet is closed (None).
+    fn adopt(&self, idle: Idle) -> Option<Upstream> {
+        let Idle { sock, conn, .. } = idle;
+        match sock {
+            Parked::Free(s) => {
+                if !conn.leftover.is_empty() || !s.is_quiet() {
+                    self.close_free(conn.backend_pid, s, Discard::Dead);
+                    return None;
+                }
+                match s.into_tokio() {
+                    Ok(stream) => Some(conn.with_stream(stream)),
+                    Err(e) => {
+                        // The socket was closed with the error.
+                        self.not_pooled(conn.backend_pid, &Discard::Setup(UpstreamError::Wire(WireError::Io(e))));
+                        None
+                    }
+                }
+            }
+            Parked::Local(stream) => {
+                let mut up = conn.with_stream(stream);
+                if up.is_quiet() {
+                    Some(up)
+                } else {
+                    self.discard(up, Discard::Dead);
+                    None
+                }
+            }
+        }
     }
 
     /// A session ended: `up` is its upstream connection if the relay found the end clean
@@ -264,32 +360,60 @@ impl Pool {
         });
     }
 
-    /// Add a reset connection to the idle list (or close it when the pool is full).
+    /// Add a reset connection to the idle list (or close it when the pool is full). Called on
+    /// the event loop `up` is registered with (the check-in task): a plain socket leaves it
+    /// here, a TLS stream stays with it (see [`Idle::park`]).
     fn put(&self, key: PoolKey, up: Upstream) {
+        let pid = up.backend_pid;
+        let idle = match Idle::park(up) {
+            Ok(idle) => idle,
+            Err(e) => return self.not_pooled(pid, &Discard::Detach(e)),
+        };
         let refused = {
             let mut inner = self.lock();
-            let n = inner.idle.get(&key).map_or(0, Vec::len);
+            // Per key (and, for loop-local connections, per loop).
+            let n = inner.idle.get(&key).map_or(0, |l| l.iter().filter(|i| i.home == idle.home).count());
             if inner.total >= self.max_total || n >= self.max_idle {
-                Some(up)
+                Some(idle)
             } else {
-                tracing::debug!(backend = up.backend_pid, "upstream connection pooled");
-                inner.idle.entry(key).or_default().push(Idle { up, since: Instant::now() });
+                tracing::debug!(backend = pid, loop_local = idle.home.is_some(), "upstream connection pooled");
+                inner.idle.entry(key).or_default().push(idle);
                 inner.total += 1;
                 METRICS.pool_idle.set(inner.total as i64);
                 None
             }
         };
-        if let Some(up) = refused {
-            self.discard(up, Discard::Full);
+        if let Some(idle) = refused {
+            self.discard_idle(idle, Discard::Full);
         }
+    }
+
+    /// Count and log a connection that is not (or no longer) pooled.
+    fn not_pooled(&self, backend_pid: i32, why: &Discard) {
+        tracing::debug!(backend = backend_pid, reason = %why, "upstream connection not pooled");
+        METRICS.pool_discard(why.reason());
     }
 
     /// Close a connection that is not (or no longer) pooled: counted, logged, Terminate sent
     /// in a spawned task.
     fn discard(&self, up: Upstream, why: Discard) {
-        tracing::debug!(backend = up.backend_pid, reason = %why, "upstream connection not pooled");
-        METRICS.pool_discard(why.reason());
+        self.not_pooled(up.backend_pid, &why);
         tokio::spawn(up.close());
+    }
+
+    /// Close a free socket at once (no event loop needed): Terminate if the socket takes it
+    /// without blocking, then shutdown. Counted and logged.
+    fn close_free(&self, backend_pid: i32, s: StdStream, why: Discard) {
+        self.not_pooled(backend_pid, &why);
+        s.close_with(&terminate());
+    }
+
+    /// Close an idle connection: a free one at once, a loop-local one as [`Self::discard`] does.
+    fn discard_idle(&self, idle: Idle, why: Discard) {
+        match idle.sock {
+            Parked::Free(s) => self.close_free(idle.conn.backend_pid, s, why),
+            Parked::Local(stream) => self.discard(idle.conn.with_stream(stream), why),
+        }
     }
 
     /// Close every idle connection older than `pool_idle_timeout`.
@@ -308,7 +432,7 @@ impl Pool {
             out
         };
         for i in expired {
-            self.discard(i.up, Discard::Expired);
+            self.discard_idle(i, Discard::Expired);
         }
     }
 
@@ -332,10 +456,22 @@ impl Pool {
         let mut set = tokio::task::JoinSet::new();
         for i in all {
             METRICS.pool_discard(Discard::Shutdown.reason());
-            set.spawn(i.up.close());
+            match i.sock {
+                Parked::Free(s) => s.close_with(&terminate()),
+                Parked::Local(stream) => {
+                    set.spawn(i.conn.with_stream(stream).close());
+                }
+            }
         }
         let _ = tokio::time::timeout(Duration::from_secs(3), async { while set.join_next().await.is_some() {} }).await;
     }
+}
+
+/// A Terminate message.
+fn terminate() -> BytesMut {
+    let mut t = BytesMut::new();
+    wire::message(&mut t, b'X', &[]);
+    t
 }
 
 /// A new login as the service role, with `application_name` and the key's startup parameters.
@@ -523,10 +659,10 @@ mod tests {
         peers.push(s);
         pool.put(k2.clone(), up);
         assert_eq!(pool.idle(), 3, "total limit");
-        assert_eq!(pool.take(&k1).map(|u| u.backend_pid), Some(2), "newest first");
-        assert_eq!(pool.take(&k1).map(|u| u.backend_pid), Some(1));
+        assert_eq!(pool.take(&k1).map(|i| i.conn.backend_pid), Some(2), "newest first");
+        assert_eq!(pool.take(&k1).map(|i| i.conn.backend_pid), Some(1));
         assert!(pool.take(&k1).is_none());
-        assert_eq!(pool.take(&k2).map(|u| u.backend_pid), Some(10), "never another key's");
+        assert_eq!(pool.take(&k2).map(|i| i.conn.backend_pid), Some(10), "never another key's");
         assert_eq!(pool.idle(), 0);
 
         let short = Pool::new(true, 4, 4, Duration::from_millis(30), Duration::from_secs(1));
@@ -544,5 +680,130 @@ mod tests {
 
         assert!(!Pool::new(true, 0, 4, Duration::from_secs(1), Duration::from_secs(1)).enabled());
         assert!(!Pool::new(false, 4, 4, Duration::from_secs(1), Duration::from_secs(1)).enabled());
+    }
+
+    fn current_thread_rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    /// An Upstream over one end of a unix socket pair, registered with the current runtime;
+    /// the other end (blocking std) plays the server.
+    fn unix_upstream(pid: i32) -> (Upstream, std::os::unix::net::UnixStream) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let (mut up, _) = fake(pid);
+        up.stream = Box::new(tokio::net::UnixStream::from_std(a).unwrap());
+        (up, b)
+    }
+
+    #[test]
+    fn only_plain_sockets_leave_their_event_loop() {
+        current_thread_rt().block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let tcp = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let b: BoxStream = Box::new(tcp);
+            assert!(matches!(b.into_std(), Ok(Ok(StdStream::Tcp(_)))));
+            let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+            let b: BoxStream = Box::new(a);
+            assert!(matches!(b.into_std(), Ok(Ok(StdStream::Unix(_)))));
+            let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+            let inner: BoxStream = Box::new(a);
+            let b: BoxStream = Box::new(inner);
+            assert!(matches!(b.into_std(), Ok(Ok(StdStream::Unix(_)))), "a boxed box: what is inside");
+            let (a, _b) = tokio::io::duplex(64);
+            let b: BoxStream = Box::new(a);
+            assert!(b.into_std().is_err(), "an in-memory pipe (like a TLS stream) cannot move");
+        });
+    }
+
+    #[test]
+    fn a_parked_plain_socket_is_peeked_without_consuming() {
+        use std::io::{Read, Write};
+        let rt = current_thread_rt();
+        let (up, mut srv) = rt.block_on(async { unix_upstream(30) });
+        let idle = rt.block_on(async { Idle::park(up) }).unwrap();
+        assert!(idle.home.is_none(), "a plain socket belongs to no loop");
+        let Parked::Free(s) = &idle.sock else { panic!("a plain socket is parked free") };
+        assert!(s.is_quiet(), "nothing to read");
+        srv.write_all(b"E").unwrap();
+        assert!(!s.is_quiet(), "the server spoke");
+        assert!(!s.is_quiet(), "still there: a peek consumes nothing");
+        let Parked::Free(StdStream::Unix(mut u)) = idle.sock else { unreachable!() };
+        u.set_nonblocking(false).unwrap();
+        let mut b = [0u8; 1];
+        u.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"E");
+        u.set_nonblocking(true).unwrap();
+        let s = StdStream::Unix(u);
+        assert!(s.is_quiet());
+        drop(srv);
+        assert!(!s.is_quiet(), "EOF");
+    }
+
+    /// A plain connection pooled on runtime A is adopted by runtime B (another thread) after
+    /// A was dropped — its reactor gone — and works there: B's reactor drives it.
+    #[test]
+    fn a_free_connection_is_adopted_by_the_checking_out_runtime() {
+        use std::io::{Read, Write};
+        let key = PoolKey::new(&target(), "svc", "a", &[]);
+        let pool = Arc::new(Pool::new(true, 4, 4, Duration::from_secs(60), Duration::from_secs(5)));
+        let rt_a = current_thread_rt();
+        let mut srv = rt_a.block_on(async {
+            let (up, srv) = unix_upstream(40);
+            pool.put(key.clone(), up);
+            srv
+        });
+        assert_eq!(pool.idle(), 1);
+        drop(rt_a);
+
+        let (p, k) = (pool.clone(), key.clone());
+        let client = std::thread::spawn(move || {
+            current_thread_rt().block_on(async move {
+                let idle = p.take(&k).expect("a free connection is usable on any loop");
+                let mut up = p.adopt(idle).expect("still quiet");
+                // The server answers only after a while: the task must be woken by this
+                // runtime's reactor.
+                up.setup_query("SELECT 1").await.map(|()| up.backend_pid)
+            })
+        });
+        let mut hdr = [0u8; 5];
+        srv.read_exact(&mut hdr).unwrap();
+        assert_eq!(hdr[0], b'Q');
+        let mut body = vec![0u8; i32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize - 4];
+        srv.read_exact(&mut body).unwrap();
+        assert_eq!(body, b"SELECT 1\0");
+        std::thread::sleep(Duration::from_millis(50));
+        srv.write_all(&[complete("SELECT 1"), ready(b'I')].concat()).unwrap();
+        assert_eq!(client.join().unwrap().unwrap(), 40);
+    }
+
+    /// A connection that cannot leave its loop (a pipe here, TLS in pgward) is only handed out
+    /// on the loop (thread) that pooled it, and the per-key limit counts per loop for them.
+    #[test]
+    fn a_loop_local_connection_is_only_handed_out_on_its_loop() {
+        let key = PoolKey::new(&target(), "svc", "a", &[]);
+        let pool = Arc::new(Pool::new(true, 1, 4, Duration::from_secs(60), Duration::from_secs(5)));
+        let rt = current_thread_rt();
+        let _srv = rt.block_on(async {
+            let (up, srv) = fake(50);
+            pool.put(key.clone(), up);
+            srv
+        });
+        let (p, k) = (pool.clone(), key.clone());
+        let other = std::thread::spawn(move || {
+            current_thread_rt().block_on(async move {
+                let none = p.take(&k).is_none();
+                let (up, srv) = fake(51);
+                p.put(k.clone(), up);
+                (none, srv, p.take(&k).map(|i| i.conn.backend_pid))
+            })
+        });
+        let (none, _srv2, theirs) = other.join().unwrap();
+        assert!(none, "another loop does not get it");
+        assert_eq!(theirs, Some(51), "its own loop-local connection, pooled despite the per-key limit of 1");
+        assert_eq!(pool.idle(), 1, "skipped, not closed");
+        rt.block_on(async {
+            assert_eq!(pool.take(&key).map(|i| i.conn.backend_pid), Some(50), "its own loop gets it");
+        });
     }
 }

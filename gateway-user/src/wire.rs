@@ -12,9 +12,91 @@ use pgwire::messages::response::ErrorResponse;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// A bidirectional byte stream (TCP, unix socket, or TLS over either).
-pub trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncStream for T {}
+pub trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
+    /// The plain socket under this stream, taken out of the event loop that registered it
+    /// (tokio's `into_std`: deregistered from that loop's reactor, still non-blocking), so that
+    /// another loop can adopt it with [`StdStream::into_tokio`]. `Err(self)`, unchanged, for a
+    /// stream that cannot move that way (TLS: its state lives in the tokio stream; in-memory
+    /// pipes). `Ok(Err(_))`: deregistering failed, and the socket is closed.
+    fn into_std(self: Box<Self>) -> Result<std::io::Result<StdStream>, BoxStream>;
+}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> AsyncStream for T {
+    fn into_std(self: Box<Self>) -> Result<std::io::Result<StdStream>, BoxStream> {
+        let any: Box<dyn std::any::Any> = self;
+        let any = match any.downcast::<tokio::net::TcpStream>() {
+            Ok(s) => return Ok(tokio::net::TcpStream::into_std(*s).map(StdStream::Tcp)),
+            Err(any) => any,
+        };
+        let any = match any.downcast::<tokio::net::UnixStream>() {
+            Ok(s) => return Ok(tokio::net::UnixStream::into_std(*s).map(StdStream::Unix)),
+            Err(any) => any,
+        };
+        // A boxed BoxStream: what is inside.
+        let any = match any.downcast::<BoxStream>() {
+            Ok(inner) => return (*inner).into_std(),
+            Err(any) => any,
+        };
+        match any.downcast::<T>() {
+            Ok(s) => Err(s),
+            Err(_) => unreachable!("a Box<T> downcasts to T"),
+        }
+    }
+}
+
 pub type BoxStream = Box<dyn AsyncStream>;
+
+/// A plain socket out of any event loop ([`AsyncStream::into_std`]): non-blocking, registered
+/// with no reactor.
+#[derive(Debug)]
+pub enum StdStream {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl StdStream {
+    /// Register the socket with the current runtime's reactor: from now on the calling event
+    /// loop drives it. Must be called from within a tokio runtime.
+    pub fn into_tokio(self) -> std::io::Result<BoxStream> {
+        Ok(match self {
+            StdStream::Tcp(s) => Box::new(tokio::net::TcpStream::from_std(s)?),
+            StdStream::Unix(s) => Box::new(tokio::net::UnixStream::from_std(s)?),
+        })
+    }
+
+    /// Whether the peer has nothing for us right now: one non-blocking peek (`MSG_PEEK |
+    /// MSG_DONTWAIT`), which consumes nothing. Would block: quiet. Data, EOF or an error: not.
+    pub fn is_quiet(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            StdStream::Tcp(s) => s.as_raw_fd(),
+            StdStream::Unix(s) => s.as_raw_fd(),
+        };
+        let mut byte = [0u8; 1];
+        loop {
+            // SAFETY: recv(2) into a live 1-byte buffer on a socket this value owns.
+            let n = unsafe { libc::recv(fd, byte.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+            if n >= 0 {
+                return false;
+            }
+            match std::io::Error::last_os_error().kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => return true,
+                _ => return false,
+            }
+        }
+    }
+
+    /// Write `bytes` if the socket takes them without blocking (best effort), then shut it
+    /// down and close it.
+    pub fn close_with(mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let _ = match &mut self {
+            StdStream::Tcp(s) => s.write(bytes).and_then(|_| s.shutdown(std::net::Shutdown::Both)),
+            StdStream::Unix(s) => s.write(bytes).and_then(|_| s.shutdown(std::net::Shutdown::Both)),
+        };
+    }
+}
 
 /// Largest message pgward accepts from either side (Postgres's own limit is 1 GiB).
 pub const MAX_FRAME: usize = 1 << 30;
