@@ -131,7 +131,8 @@ pub struct AuthConfig {
 pub enum FsyncPolicy {
     /// One fsync per record (slowest; for measurement).
     Always,
-    /// Group commit: one fsync covers every record appended while the previous one ran.
+    /// Group commit: one fsync covers every record appended before it started; syncs are
+    /// pipelined over `sync_threads` threads.
     #[default]
     Group,
     /// No fsync (records reach the page cache only). Not write-ahead durable.
@@ -153,6 +154,10 @@ pub struct AuditConfig {
     /// Start a new segment file when the current one passes this size.
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,
+    /// With `fsync = "group"`: threads that write and fdatasync batches. More than one lets
+    /// the next batch's sync start while the previous one is still in flight.
+    #[serde(default = "default_sync_threads")]
+    pub sync_threads: usize,
     /// Also copy every durable record to the host's log pipeline: "none", "syslog" (RFC 5424
     /// over `syslog_socket`) or "stdout" (JSON lines, for journald).
     #[serde(default, skip_serializing_if = "is_default_export")]
@@ -329,6 +334,10 @@ fn default_checkpoint_every() -> u64 {
 fn default_checkpoint_interval() -> Duration {
     Duration::from_secs(10)
 }
+fn default_sync_threads() -> usize {
+    2
+}
+
 fn default_segment_bytes() -> u64 {
     64 * 1024 * 1024
 }

@@ -1,22 +1,37 @@
-//! The audit writer: one dedicated OS thread owns the current segment file.
+//! The audit writer: sessions append records to the log under a lock; writer threads
+//! write and sync them (group commit, pipelined).
 //!
-//! Sessions send records over an unbounded `std::sync::mpsc` channel, each with an optional
-//! oneshot reply. The thread blocks for the first message, drains whatever else is queued,
-//! assigns seq/ts/prev_hash, hashes, writes the whole batch with one `write(2)`, does one
-//! `fdatasync` (policy `group`), then answers every waiter (group commit).
+//! `submit`/`append` encode the record in the caller's thread under the log's mutex: assign
+//! seq/ts/prev_hash, hash, and append the line to an in-memory buffer (so the chain order
+//! is the order of appends). With `fsync = group` a writer thread then takes the whole
+//! buffer, writes it with one `write(2)` (still under the lock, so the file holds records in
+//! seq order), releases the lock and runs one `fdatasync` that covers the batch; meanwhile
+//! the other writer thread can take and write the next batch and start its own sync
+//! (pipelined group commit: a record waits for about one flush, not one and a half). When a
+//! sync returns, every record it covered — in order, including earlier batches still
+//! waiting for their own sync — is answered. With `fsync = off` the appending session
+//! writes the buffer itself: no thread handoff at all. With `always` one record per
+//! write+sync. Records nobody waits for (`append`) wake no thread: they ride along with the
+//! next batch, or go out within `LAZY_FLUSH`.
 //!
 //! Failure handling (fail closed):
-//! * Before every batch the writer checks that the audit directory is writable
+//! * Before every write the writer checks that the audit directory is writable
 //!   (`access(2)` with `W_OK`) and that the segment path still names the open file (same
 //!   device and inode). If either fails, the whole batch is refused. A removed or replaced
 //!   segment is never written again: once the directory is usable, the next batch starts a
 //!   new segment named after the next seq (so `verify` shows the gap, if any, honestly).
 //!   Note: root passes `access(W_OK)` whatever the mode bits, so for root only removing or
 //!   renaming the directory/segment makes the writer refuse.
-//! * If the write or the fdatasync fails, the file is truncated back to its last good
-//!   length (retried before the next batch if that fails too), the in-memory seq and hash
-//!   chain are rolled back, and every waiter of the batch gets `Err`. Later batches work
-//!   again once the disk recovers.
+//! * If a write fails, the file is truncated back to its last good length (retried before
+//!   the next write if that fails too), the in-memory seq and hash chain roll back to the
+//!   last written record, and every queued record gets `Err`.
+//! * If an fdatasync fails, nothing after the last durable record is trusted: the segment is
+//!   truncated to its durable length, the chain rolls back to the last durable record, and
+//!   every record after it gets `Err`. Each writer thread syncs through its own descriptor,
+//!   so no thread's success hides an error another thread's sync reported.
+//! * A segment is rotated only once everything in it is durable.
+//!
+//! Later batches work again once the disk recovers.
 //!
 //! Checkpoints are only written when a [`CheckpointSigner`] is configured.
 
@@ -27,8 +42,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -45,8 +60,10 @@ use crate::config::FsyncPolicy;
 /// Longest time a record appended with `append` (nobody waiting) stays in memory.
 const LAZY_FLUSH: Duration = Duration::from_millis(100);
 
-/// Upper bound on records per batch (bounds the buffer; the rest go in the next batch).
-const MAX_BATCH: usize = 8192;
+/// With `fsync = off` (no durability promise, one write per statement) the directory and
+/// segment path checks run at most this often; with `group`/`always` before every write
+/// (their cost is small next to the fdatasync the batch waits for anyway).
+const OFF_PATH_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {
@@ -130,6 +147,8 @@ pub struct WriterOptions {
     pub checkpoint_every: u64,
     pub checkpoint_interval: Duration,
     pub segment_bytes: u64,
+    /// Writer threads with `fsync = group` (at least 1).
+    pub sync_threads: usize,
     pub signer: Option<CheckpointSigner>,
     /// Copies of durable lines for syslog/journald (best effort).
     pub export: Option<super::Exporter>,
@@ -147,6 +166,7 @@ impl WriterOptions {
             checkpoint_every: cfg.audit.checkpoint_every,
             checkpoint_interval: cfg.audit.checkpoint_interval,
             segment_bytes: cfg.audit.segment_bytes,
+            sync_threads: cfg.audit.sync_threads,
             signer: Some(signer),
             export: super::Exporter::start(cfg.audit.export, cfg.audit.syslog_socket.clone()),
         })
@@ -175,22 +195,67 @@ struct Counters {
 }
 
 type Reply = oneshot::Sender<Result<u64, AuditError>>;
-type Item = (Record, Option<Reply>);
 
-// Records travel by value: boxing them would cost an allocation per record.
-#[allow(clippy::large_enum_variant)]
-enum Msg {
-    Append(Record, Option<Reply>),
-    Shutdown,
+/// A position in the chain: the last record at some point, and the count since the last
+/// checkpoint after it (what a rollback restores).
+#[derive(Clone)]
+struct ChainPos {
+    seq: u64,
+    hash: String,
+    since_ckpt: u64,
+}
+
+/// A record encoded into `Log::buf`, not written yet.
+struct Queued {
+    seq: u64,
+    reply: Option<Reply>,
+    event: Option<crate::metrics::Event>,
+    /// Offset in `buf` just past this record's line.
+    end: usize,
+    /// The chain position after this record.
+    hash: [u8; HASH_HEX_LEN],
+    since_ckpt: u64,
+}
+
+/// Records written to the segment (page cache) and waiting for a sync to cover them.
+struct Chunk {
+    last_seq: u64,
+    items: Vec<(u64, Option<Reply>, Option<crate::metrics::Event>)>,
+    lines: u64,
+    /// A copy of the lines for the exporter (only when exporting).
+    bytes: Option<Vec<u8>>,
+}
+
+/// What a syncer needs to make a write durable without holding the lock.
+struct SyncTicket {
+    epoch: u64,
+    seg_id: u64,
+    len: u64,
+    pos: ChainPos,
+    fd: Arc<File>,
+}
+
+/// State shared by the handles and the writer threads.
+struct Shared {
+    log: Mutex<Log>,
+    /// Writer threads wait here for work.
+    work: Condvar,
+    /// Serializes HEAD rewrites; holds the seq of the checkpoint HEAD names.
+    head_written: Mutex<u64>,
+    dir: PathBuf,
+    fsync: FsyncPolicy,
+    counters: Arc<Counters>,
 }
 
 struct Inner {
-    tx: mpsc::Sender<Msg>,
-    /// Records nobody waits for (`append`): queued without waking the writer thread; they
-    /// ride along with the next batch, or go out within `LAZY_FLUSH` when traffic is idle.
-    lazy: Arc<Mutex<Vec<Record>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-    counters: Arc<Counters>,
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
 }
 
 #[derive(Clone)]
@@ -204,29 +269,44 @@ impl std::fmt::Debug for AuditHandle {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl AuditHandle {
     /// Start the writer: opens/continues the log in `dir` (creating it), continuing seq and
     /// hash chain from the last record of the last segment; writes a `start` record (durable
     /// before this returns).
     pub fn start(opts: WriterOptions) -> Result<AuditHandle, AuditError> {
         let counters = Arc::new(Counters::default());
-        let mut writer = Writer::open(opts, counters.clone())?;
-        let (tx, rx) = mpsc::channel::<Msg>();
-        let lazy = Arc::new(Mutex::new(Vec::new()));
-        let lazy_w = lazy.clone();
-        let thread = std::thread::Builder::new()
-            .name("pgward-audit".into())
-            .spawn(move || writer.run(rx, lazy_w))
-            .map_err(|e| AuditError::io("spawning the audit writer thread", e))?;
-        Ok(AuditHandle { inner: Arc::new(Inner { tx, lazy, thread: Mutex::new(Some(thread)), counters }) })
+        let fsync = opts.fsync;
+        let dir = opts.dir.clone();
+        let threads = if fsync == FsyncPolicy::Group { opts.sync_threads.clamp(1, 16) } else { 1 };
+        let log = Log::open(opts, counters.clone(), threads)?;
+        let shared = Arc::new(Shared {
+            log: Mutex::new(log),
+            work: Condvar::new(),
+            head_written: Mutex::new(0),
+            dir,
+            fsync,
+            counters,
+        });
+        let inner = Inner { shared: shared.clone(), threads: Mutex::new(Vec::new()) };
+        for id in 0..threads {
+            let s = shared.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("pgward-audit-{id}"))
+                .spawn(move || s.writer_thread(id))
+                .map_err(|e| AuditError::io("spawning an audit writer thread", e))?;
+            lock(&inner.threads).push(t);
+        }
+        Ok(AuditHandle { inner: Arc::new(inner) })
     }
 
     /// Append and wait until durable per the fsync policy (group commit). Returns the
     /// record's seq. Any error means the record is not in the log: refuse the statement.
     pub async fn append_durable(&self, rec: Record) -> Result<u64, AuditError> {
-        let (tx, rx) = oneshot::channel();
-        self.inner.tx.send(Msg::Append(rec, Some(tx))).map_err(|_| AuditError::Closed)?;
-        rx.await.unwrap_or(Err(AuditError::Closed))
+        self.submit(rec).await.unwrap_or(Err(AuditError::Closed))
     }
 
     /// Enqueue now (ordered with every other append) and return the receiver that resolves
@@ -235,33 +315,25 @@ impl AuditHandle {
     /// records back to back and then wait for all of them.
     pub fn submit(&self, rec: Record) -> oneshot::Receiver<Result<u64, AuditError>> {
         let (tx, rx) = oneshot::channel();
-        if let Err(mpsc::SendError(Msg::Append(_, Some(tx)))) = self.inner.tx.send(Msg::Append(rec, Some(tx))) {
-            let _ = tx.send(Err(AuditError::Closed));
-        }
+        self.inner.shared.enqueue(rec, Some(tx));
         rx
     }
 
-    /// Append without waiting (still chained; ordered after every record already made
-    /// durable); failures are logged. Does not wake the writer thread: the record goes out
-    /// with the next batch or within `LAZY_FLUSH`.
+    /// Append without waiting (still chained; ordered after every record already appended);
+    /// failures are logged. Wakes no thread: the record goes out with the next batch or
+    /// within `LAZY_FLUSH`.
     pub fn append(&self, rec: Record) {
-        self.inner.lazy.lock().unwrap_or_else(|e| e.into_inner()).push(rec);
+        self.inner.shared.enqueue(rec, None);
     }
 
-    /// Write a final checkpoint, fsync, stop the thread. Blocks until the thread has exited
-    /// (only the first caller waits). Records appended afterwards fail with `Closed`.
+    /// Write a final checkpoint, fsync, stop the threads. Blocks until the threads have
+    /// exited (only the first caller waits). Records appended afterwards fail with `Closed`.
     pub fn shutdown(&self) {
-        let _ = self.inner.tx.send(Msg::Shutdown);
-        let handle = self.inner.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(h) = handle
-            && h.join().is_err()
-        {
-            tracing::error!("the audit writer thread panicked");
-        }
+        self.inner.shutdown();
     }
 
     pub fn stats(&self) -> WriterStats {
-        let c = &self.inner.counters;
+        let c = &self.inner.shared.counters;
         WriterStats {
             records: c.records.load(Ordering::Relaxed),
             batches: c.batches.load(Ordering::Relaxed),
@@ -271,18 +343,163 @@ impl AuditHandle {
     }
 }
 
+impl Inner {
+    fn shutdown(&self) {
+        let threads = {
+            let mut threads = lock(&self.threads);
+            let mut log = lock(&self.shared.log);
+            if log.shutdown {
+                return;
+            }
+            log.shutdown = true;
+            std::mem::take(&mut *threads)
+        };
+        self.shared.work.notify_all();
+        for t in threads {
+            if t.join().is_err() {
+                tracing::error!("an audit writer thread panicked");
+            }
+        }
+        let head = lock(&self.shared.log).final_flush();
+        if let Some(h) = head {
+            self.shared.write_head(&h);
+        }
+    }
+}
+
+impl Shared {
+    fn enqueue(&self, rec: Record, reply: Option<Reply>) {
+        let mut log = lock(&self.log);
+        if log.shutdown {
+            match reply {
+                Some(r) => {
+                    let _ = r.send(Err(AuditError::Closed));
+                }
+                None => tracing::warn!("audit record dropped: the writer has stopped"),
+            }
+            return;
+        }
+        if matches!(rec.kind, Kind::Checkpoint | Kind::Start) {
+            let e = AuditError::InvalidRecord(format!("{:?} records are written by the writer itself", rec.kind));
+            match reply {
+                Some(r) => {
+                    let _ = r.send(Err(e));
+                }
+                None => tracing::error!("audit record dropped: {e}"),
+            }
+            return;
+        }
+        let urgent = reply.is_some();
+        log.queue(rec, reply);
+        if !urgent {
+            log.lazy_since.get_or_insert_with(Instant::now);
+            return;
+        }
+        log.urgent = true;
+        if self.fsync == FsyncPolicy::Off {
+            // Nothing to wait for: write now, in the caller's thread (no handoff).
+            let _ = log.write_queued(0);
+            let head = log.due_head();
+            drop(log);
+            if let Some(h) = head {
+                self.write_head(&h);
+            }
+        } else if log.idle > 0 {
+            drop(log);
+            self.work.notify_one();
+        }
+        // else: every writer thread is busy and takes this batch when it comes back.
+    }
+
+    /// Writer thread `id`: waits for records, writes them (under the lock, so the file holds
+    /// them in seq order), then fdatasyncs (without the lock, so another thread can write and
+    /// sync the next batch meanwhile), then answers every record the sync covered. Also
+    /// writes lazy records within `LAZY_FLUSH` and interval checkpoints.
+    fn writer_thread(&self, id: usize) {
+        let mut log = lock(&self.log);
+        loop {
+            loop {
+                if log.shutdown {
+                    return;
+                }
+                if log.urgent {
+                    break;
+                }
+                // Lazy records are queued without a wakeup, so an idle thread looks again
+                // every LAZY_FLUSH.
+                let now = Instant::now();
+                let mut deadline = now + LAZY_FLUSH;
+                if let Some(t) = log.lazy_since {
+                    let due = t + LAZY_FLUSH;
+                    if due <= now {
+                        break;
+                    }
+                    deadline = deadline.min(due);
+                }
+                if let Some(due) = log.checkpoint_due_at() {
+                    if due <= now {
+                        log.encode_checkpoint();
+                        break;
+                    }
+                    deadline = deadline.min(due);
+                }
+                log.idle += 1;
+                log = self.work.wait_timeout(log, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+                log.idle -= 1;
+            }
+            if let Ok(Some(ticket)) = log.write_queued(id) {
+                drop(log);
+                let started = Instant::now();
+                let res = sync_batch(&ticket.fd, &self.dir);
+                crate::metrics::METRICS.audit_fsync_seconds.observe(started.elapsed().as_secs_f64());
+                log = lock(&self.log);
+                match res {
+                    Ok(()) => log.synced(&ticket),
+                    Err(e) => log.sync_failed(&ticket, e),
+                }
+            }
+            if let Some(h) = log.due_head() {
+                drop(log);
+                self.write_head(&h);
+                log = lock(&self.log);
+            }
+        }
+    }
+
+    fn write_head(&self, head: &Head) {
+        let mut written = lock(&self.head_written);
+        if head.seq <= *written {
+            return;
+        }
+        match write_head(&self.dir, self.fsync, head) {
+            Ok(()) => *written = head.seq,
+            Err(e) => tracing::error!("audit: writing HEAD failed: {e}"),
+        }
+    }
+}
+
 struct OpenSegment {
     file: File,
     path: PathBuf,
-    /// Bytes of complete, chained lines.
+    /// Distinguishes segments (a sync ticket names the one it covers).
+    id: u64,
+    /// Bytes of complete, chained lines written.
     len: u64,
+    /// Bytes a successful sync covered.
+    durable_len: u64,
     dev: u64,
     ino: u64,
     /// A failed write left bytes past `len` that could not be truncated yet.
     dirty: bool,
+    /// One descriptor per writer thread, opened with the segment: each open file
+    /// description sees every writeback error once, so a thread's successful fdatasync
+    /// really means its range reached the disk even when another thread's sync reported
+    /// (and consumed, for its own descriptor) an error.
+    sync_fds: Vec<Arc<File>>,
 }
 
-struct Writer {
+/// The log's state (behind `Shared::log`).
+struct Log {
     dir: PathBuf,
     dir_c: CString,
     fsync: FsyncPolicy,
@@ -292,12 +509,35 @@ struct Writer {
     signer: Option<CheckpointSigner>,
     export: Option<super::Exporter>,
     seg: Option<OpenSegment>,
+    segments_opened: u64,
+    threads: usize,
+    /// Chain head of everything encoded (queued or further).
     next_seq: u64,
     prev_hash: String,
     since_ckpt: u64,
     last_ckpt_at: Instant,
+    /// Encoded lines not written yet, and their records.
     buf: Vec<u8>,
-    waiters: Vec<(Option<Reply>, u64)>,
+    queued: Vec<Queued>,
+    /// Some queued record has a waiter.
+    urgent: bool,
+    /// When the oldest queued lazy record (nobody waiting) was queued.
+    lazy_since: Option<Instant>,
+    /// Written, waiting for a sync; oldest first.
+    unsynced: VecDeque<Chunk>,
+    /// The last record written to the segment, and the last one made durable.
+    written: ChainPos,
+    durable: ChainPos,
+    /// Bumped when non-durable records are rolled back: older sync tickets then prove
+    /// nothing about records with the same (reused) seqs.
+    epoch: u64,
+    /// Writer threads waiting for work.
+    idle: usize,
+    shutdown: bool,
+    /// What HEAD should say once the checkpoint it names is durable.
+    head: Option<Head>,
+    /// When the directory and segment path last checked out fine.
+    paths_checked_at: Option<Instant>,
     counters: Arc<Counters>,
 }
 
@@ -340,8 +580,16 @@ fn is_hex_hash(s: &str) -> bool {
     s.len() == HASH_HEX_LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-impl Writer {
-    fn open(opts: WriterOptions, counters: Arc<Counters>) -> Result<Writer, AuditError> {
+/// Open one descriptor per writer thread for `path` (see `OpenSegment::sync_fds`).
+fn open_sync_fds(path: &Path, n: usize) -> Result<Vec<Arc<File>>, AuditError> {
+    (0..n.max(1))
+        .map(|_| {
+            File::open(path).map(Arc::new).map_err(|e| AuditError::io(format!("opening {}", path.display()), e))
+        })
+        .collect()
+}
+impl Log {
+    fn open(opts: WriterOptions, counters: Arc<Counters>, threads: usize) -> Result<Log, AuditError> {
         let dir = opts.dir;
         if !dir.is_dir() {
             std::fs::DirBuilder::new()
@@ -388,10 +636,13 @@ impl Writer {
                     OpenSegment {
                         file,
                         path: s.path.clone(),
+                        id: 1,
                         len: good_len,
+                        durable_len: good_len,
                         dev: meta.dev(),
                         ino: meta.ino(),
                         dirty: false,
+                        sync_fds: open_sync_fds(&s.path, threads)?,
                     },
                     s.first_seq,
                 ));
@@ -449,7 +700,8 @@ impl Writer {
             Err(e) => warnings.push(format!("HEAD unreadable: {e}")),
         }
 
-        let mut w = Writer {
+        let start_pos = ChainPos { seq: last_seq, hash: prev_hash.clone(), since_ckpt: 0 };
+        let mut w = Log {
             dir,
             dir_c,
             fsync: opts.fsync,
@@ -458,13 +710,25 @@ impl Writer {
             segment_bytes: opts.segment_bytes,
             signer: opts.signer,
             export: opts.export,
+            segments_opened: u64::from(seg.is_some()),
             seg,
+            threads,
             next_seq,
             prev_hash,
             since_ckpt: 0,
             last_ckpt_at: Instant::now(),
             buf: Vec::with_capacity(64 * 1024),
-            waiters: Vec::new(),
+            queued: Vec::new(),
+            urgent: false,
+            lazy_since: None,
+            unsynced: VecDeque::new(),
+            written: start_pos.clone(),
+            durable: start_pos,
+            epoch: 0,
+            idle: 0,
+            shutdown: false,
+            head: None,
+            paths_checked_at: None,
             counters,
         };
 
@@ -475,160 +739,233 @@ impl Writer {
         if !warnings.is_empty() {
             meta["warnings"] = serde_json::json!(warnings);
         }
-        let start = Record { kind: Kind::Start, meta: Some(meta), ..Record::default() };
-        let mut items = vec![(start, None)];
-        w.commit_chunk(&mut items, false)?;
-        Ok(w)
+        let (tx, mut rx) = oneshot::channel();
+        w.queue(Record { kind: Kind::Start, meta: Some(meta), ..Record::default() }, Some(tx));
+        if let Some(ticket) = w.write_queued(0)? {
+            match ticket.fd.sync_data() {
+                Ok(()) => w.synced(&ticket),
+                Err(e) => w.sync_failed(&ticket, e),
+            }
+        }
+        match rx.try_recv() {
+            Ok(Ok(_)) => Ok(w),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(AuditError::Closed),
+        }
     }
 
-    fn run(&mut self, rx: mpsc::Receiver<Msg>, lazy: Arc<Mutex<Vec<Record>>>) {
-        let mut batch: Vec<Item> = Vec::with_capacity(1024);
-        let mut lazy_buf: Vec<Record> = Vec::new();
-        loop {
-            let wait = self.checkpoint_wait().map_or(LAZY_FLUSH, |d| d.min(LAZY_FLUSH));
-            let first = rx.recv_timeout(wait);
-            // Records nobody waits for were queued before anything now in the channel that
-            // depends on them (a session's result before its next statement): take them first.
-            std::mem::swap(&mut *lazy.lock().unwrap_or_else(|e| e.into_inner()), &mut lazy_buf);
-            for r in lazy_buf.drain(..) {
-                self.accept(&mut batch, r, None);
-            }
-            let mut stop = false;
-            match first {
-                Ok(Msg::Append(r, w)) => self.accept(&mut batch, r, w),
-                Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => stop = true,
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-            while !stop && batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(Msg::Append(r, w)) => self.accept(&mut batch, r, w),
-                    Ok(Msg::Shutdown) | Err(TryRecvError::Disconnected) => stop = true,
-                    Err(TryRecvError::Empty) => break,
+    /// Encode `rec` as the next record and queue it (plus a checkpoint when one is due by
+    /// count). An encoding error is answered at once.
+    fn queue(&mut self, rec: Record, reply: Option<Reply>) {
+        let seq = self.next_seq;
+        let event = Some(crate::metrics::Event::of(&rec));
+        match self.encode(rec, now_ts()) {
+            Ok(hash) => {
+                self.since_ckpt += 1;
+                self.push(seq, reply, event, hash);
+                if self.signer.is_some() && self.checkpoint_every > 0 && self.since_ckpt >= self.checkpoint_every {
+                    self.encode_checkpoint();
                 }
             }
-            self.commit(&mut batch, stop);
-            if stop {
-                break;
-            }
-        }
-        if let Some(seg) = &self.seg
-            && let Err(e) = seg.file.sync_all()
-        {
-            tracing::error!("audit: final fsync of {} failed: {e}", seg.path.display());
-        }
-    }
-
-    fn accept(&self, batch: &mut Vec<Item>, rec: Record, reply: Option<Reply>) {
-        if matches!(rec.kind, Kind::Checkpoint | Kind::Start) {
-            let e = AuditError::InvalidRecord(format!("{:?} records are written by the writer itself", rec.kind));
-            match reply {
+            Err(e) => match reply {
                 Some(r) => {
                     let _ = r.send(Err(e));
                 }
                 None => tracing::error!("audit record dropped: {e}"),
-            }
-            return;
+            },
         }
-        batch.push((rec, reply));
     }
 
-    /// How long to wait for records before an interval checkpoint is due (None: forever).
-    fn checkpoint_wait(&self) -> Option<Duration> {
+    fn push(&mut self, seq: u64, reply: Option<Reply>, event: Option<crate::metrics::Event>, hash: [u8; HASH_HEX_LEN]) {
+        let end = self.buf.len();
+        let since_ckpt = self.since_ckpt;
+        self.queued.push(Queued { seq, reply, event, end, hash, since_ckpt });
+    }
+
+    /// When an interval checkpoint is due (None: none needed).
+    fn checkpoint_due_at(&self) -> Option<Instant> {
         if self.signer.is_none() || self.since_ckpt == 0 {
             return None;
         }
-        Some((self.last_ckpt_at + self.checkpoint_interval).saturating_duration_since(Instant::now()))
+        Some(self.last_ckpt_at + self.checkpoint_interval)
     }
 
-    fn commit(&mut self, batch: &mut Vec<Item>, final_ckpt: bool) {
-        if self.fsync == FsyncPolicy::Always && batch.len() > 1 {
-            let n = batch.len();
-            let mut one = Vec::with_capacity(1);
-            for (i, item) in batch.drain(..).enumerate() {
-                one.push(item);
-                let _ = self.commit_chunk(&mut one, final_ckpt && i + 1 == n);
-            }
-        } else {
-            let _ = self.commit_chunk(batch, final_ckpt);
-        }
-    }
-
-    /// Write `items` (drained) plus any due checkpoint with one write and at most one sync,
-    /// then answer the waiters.
-    fn commit_chunk(&mut self, items: &mut Vec<Item>, final_ckpt: bool) -> Result<(), AuditError> {
-        let signing = self.signer.is_some();
-        let interval_due = |w: &Writer| Instant::now() >= w.last_ckpt_at + w.checkpoint_interval;
-        if items.is_empty() && !(signing && self.since_ckpt > 0 && (final_ckpt || interval_due(self))) {
-            return Ok(());
+    /// Write what is queued (one record with `fsync = always`) to the segment. With
+    /// `fsync = off` the records are then durable as far as this policy goes and are answered
+    /// at once; otherwise the returned ticket is what the caller must sync. On error every
+    /// queued record is refused (they are chained onto each other) and the chain rolls back
+    /// to the last written record.
+    fn write_queued(&mut self, thread: usize) -> Result<Option<SyncTicket>, AuditError> {
+        if self.queued.is_empty() {
+            self.urgent = false;
+            self.lazy_since = None;
+            return Ok(None);
         }
         if let Err(e) = self.prepare() {
-            self.last_ckpt_at = Instant::now(); // do not spin on a due checkpoint
-            self.fail_items(items.drain(..).map(|(_, r)| r), &e);
+            self.fail_queued(&e);
             return Err(e);
         }
-
-        let saved = (self.next_seq, self.prev_hash.clone(), self.since_ckpt, self.last_ckpt_at);
-        self.buf.clear();
-        self.waiters.clear();
-        let mut head: Option<Head> = None;
-        let mut events = Vec::with_capacity(items.len());
-        for (rec, reply) in items.drain(..) {
-            let seq = self.next_seq;
-            let event = crate::metrics::Event::of(&rec);
-            match self.encode(rec, now_ts()) {
-                Ok(_) => {
-                    events.push(event);
-                    self.waiters.push((reply, seq));
-                    self.since_ckpt += 1;
-                    if signing && self.checkpoint_every > 0 && self.since_ckpt >= self.checkpoint_every {
-                        head = self.encode_checkpoint().or(head);
+        let take = if self.fsync == FsyncPolicy::Always { 1 } else { self.queued.len() };
+        let end = self.queued[take - 1].end;
+        let Some(seg) = self.seg.as_mut() else {
+            self.fail_queued(&AuditError::Closed);
+            return Err(AuditError::Closed);
+        };
+        if let Err(e) = write_batch(&mut seg.file, &self.buf[..end], &self.dir) {
+            // Never leave a partial batch in front of later appends.
+            match seg.file.set_len(seg.len) {
+                Ok(()) => {
+                    if self.fsync != FsyncPolicy::Off {
+                        let _ = seg.file.sync_data();
                     }
                 }
-                Err(e) => match reply {
-                    Some(r) => {
-                        let _ = r.send(Err(e));
-                    }
-                    None => tracing::error!("audit record dropped: {e}"),
-                },
+                Err(te) => {
+                    tracing::error!("audit: could not truncate {} after a failed write: {te}", seg.path.display());
+                    seg.dirty = true;
+                }
             }
+            let e = AuditError::io(format!("appending to {}", seg.path.display()), e);
+            self.fail_queued(&e);
+            return Err(e);
         }
-        if signing && self.since_ckpt > 0 && (final_ckpt || interval_due(self)) {
-            head = self.encode_checkpoint().or(head);
-        }
-        if self.buf.is_empty() {
-            return Ok(());
-        }
+        seg.len += end as u64;
+        let (seg_id, seg_len) = (seg.id, seg.len);
+        let fd = seg.sync_fds[thread % seg.sync_fds.len()].clone();
 
-        let lines = self.buf.iter().filter(|&&b| b == b'\n').count() as u64;
-        match self.write_and_sync() {
-            Ok(()) => {
-                self.counters.records.fetch_add(lines, Ordering::Relaxed);
-                for e in events {
+        let lines = self.buf[..end].iter().filter(|&&b| b == b'\n').count() as u64;
+        let bytes = self.export.is_some().then(|| self.buf[..end].to_vec());
+        self.buf.drain(..end);
+        let mut items = Vec::with_capacity(take);
+        let mut last: Option<([u8; HASH_HEX_LEN], u64, u64)> = None;
+        for q in self.queued.drain(..take) {
+            last = Some((q.hash, q.seq, q.since_ckpt));
+            items.push((q.seq, q.reply, q.event));
+        }
+        for q in &mut self.queued {
+            q.end -= end;
+        }
+        if let Some((hash, seq, since_ckpt)) = last {
+            self.written = ChainPos { seq, hash: String::from_utf8_lossy(&hash).into_owned(), since_ckpt };
+        }
+        self.unsynced.push_back(Chunk { last_seq: self.written.seq, items, lines, bytes });
+        if self.queued.is_empty() {
+            self.urgent = false;
+            self.lazy_since = None;
+        } else {
+            self.urgent = self.queued.iter().any(|q| q.reply.is_some());
+        }
+        if self.fsync == FsyncPolicy::Off {
+            let pos = self.written.clone();
+            self.advance(pos);
+            return Ok(None);
+        }
+        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(SyncTicket { epoch: self.epoch, seg_id, len: seg_len, pos: self.written.clone(), fd }))
+    }
+
+    /// Refuse every queued record and roll the chain back to the last written record.
+    fn fail_queued(&mut self, e: &AuditError) {
+        self.last_ckpt_at = Instant::now(); // do not spin on a due checkpoint
+        let queued = std::mem::take(&mut self.queued);
+        self.buf.clear();
+        self.urgent = false;
+        self.lazy_since = None;
+        let pos = self.written.clone();
+        self.reset_chain(&pos);
+        if !queued.is_empty() {
+            self.fail_items(queued.into_iter().map(|q| q.reply), e);
+        }
+    }
+
+    fn reset_chain(&mut self, pos: &ChainPos) {
+        self.next_seq = pos.seq + 1;
+        self.prev_hash.clone_from(&pos.hash);
+        self.since_ckpt = pos.since_ckpt;
+        if self.head.as_ref().is_some_and(|h| h.seq > pos.seq) {
+            self.head = None;
+        }
+    }
+
+    /// Everything up to `pos` is durable: answer the records it covers.
+    fn advance(&mut self, pos: ChainPos) {
+        if pos.seq <= self.durable.seq {
+            return;
+        }
+        self.durable = pos;
+        while self.unsynced.front().is_some_and(|c| c.last_seq <= self.durable.seq) {
+            let Some(c) = self.unsynced.pop_front() else { break };
+            self.counters.records.fetch_add(c.lines, Ordering::Relaxed);
+            self.counters.batches.fetch_add(1, Ordering::Relaxed);
+            if let (Some(ex), Some(b)) = (&self.export, &c.bytes) {
+                ex.send(b);
+            }
+            for (seq, reply, event) in c.items {
+                if let Some(e) = event {
                     crate::metrics::METRICS.event(e);
                 }
-                if let Some(ex) = &self.export {
-                    ex.send(&self.buf);
+                if let Some(r) = reply {
+                    let _ = r.send(Ok(seq));
                 }
-                self.counters.batches.fetch_add(1, Ordering::Relaxed);
-                for (reply, seq) in self.waiters.drain(..) {
-                    if let Some(r) = reply {
-                        let _ = r.send(Ok(seq));
-                    }
-                }
-                if let Some(h) = head
-                    && let Err(e) = self.write_head(&h)
-                {
-                    tracing::error!("audit: writing HEAD failed: {e}");
-                }
-                Ok(())
             }
-            Err(e) => {
-                (self.next_seq, self.prev_hash, self.since_ckpt, self.last_ckpt_at) = saved;
-                self.last_ckpt_at = Instant::now();
-                let waiters = std::mem::take(&mut self.waiters);
-                self.fail_items(waiters.into_iter().map(|(r, _)| r), &e);
-                Err(e)
-            }
+        }
+    }
+
+    fn synced(&mut self, t: &SyncTicket) {
+        if t.epoch != self.epoch {
+            return; // what it covered was rolled back meanwhile
+        }
+        if let Some(seg) = &mut self.seg
+            && seg.id == t.seg_id
+        {
+            seg.durable_len = seg.durable_len.max(t.len);
+        }
+        self.advance(t.pos.clone());
+    }
+
+    /// An fdatasync failed: nothing after the last durable record can be trusted (the
+    /// kernel may have dropped the pages). Truncate the segment back to the durable length
+    /// and refuse every record after it.
+    fn sync_failed(&mut self, t: &SyncTicket, e: io::Error) {
+        if self.seg.as_ref().is_none_or(|s| s.id != t.seg_id) {
+            // A segment already closed: closing it synced it through the writer's own
+            // descriptor, which would have reported this error too.
+            tracing::error!("audit: fdatasync of a closed segment failed: {e}");
+            return;
+        }
+        self.truncate_to_durable(e);
+    }
+
+    /// The current segment's sync failed: truncate it to its durable length and roll back.
+    fn truncate_to_durable(&mut self, e: io::Error) -> AuditError {
+        let Some(seg) = &mut self.seg else {
+            let err = AuditError::io("fdatasync", e);
+            self.rollback_to_durable(&err);
+            return err;
+        };
+        let err = AuditError::io(format!("fdatasync of {}", seg.path.display()), e);
+        tracing::error!("audit: {err}");
+        if let Err(te) = seg.file.set_len(seg.durable_len) {
+            tracing::error!("audit: could not truncate {} after a failed sync: {te}", seg.path.display());
+            seg.dirty = true;
+        } else {
+            let _ = seg.file.sync_data();
+        }
+        seg.len = seg.durable_len;
+        self.rollback_to_durable(&err);
+        err
+    }
+
+    /// Refuse every record that is not durable and continue the chain after the last one
+    /// that is.
+    fn rollback_to_durable(&mut self, e: &AuditError) {
+        self.epoch += 1;
+        self.written = self.durable.clone();
+        let unsynced = std::mem::take(&mut self.unsynced);
+        let replies: Vec<Option<Reply>> = unsynced.into_iter().flat_map(|c| c.items.into_iter().map(|i| i.1)).collect();
+        let had_unsynced = !replies.is_empty();
+        self.fail_queued(e);
+        if had_unsynced {
+            self.fail_items(replies.into_iter(), e);
         }
     }
 
@@ -649,6 +986,35 @@ impl Writer {
         } else {
             tracing::warn!("audit: batch refused: {e}");
         }
+    }
+
+    /// The HEAD to write, once the checkpoint it names is durable.
+    fn due_head(&mut self) -> Option<Head> {
+        if self.head.as_ref().is_some_and(|h| h.seq <= self.durable.seq) { self.head.take() } else { None }
+    }
+
+    /// At shutdown (the writer threads have stopped): write what is queued plus a final
+    /// checkpoint, sync, answer. Returns the HEAD to write.
+    fn final_flush(&mut self) -> Option<Head> {
+        if self.signer.is_some() && self.since_ckpt > 0 {
+            self.encode_checkpoint();
+        }
+        while !self.queued.is_empty() {
+            match self.write_queued(0) {
+                Ok(Some(ticket)) => match ticket.fd.sync_data() {
+                    Ok(()) => self.synced(&ticket),
+                    Err(e) => self.sync_failed(&ticket, e),
+                },
+                Ok(None) => {}
+                Err(_) => break,
+            }
+        }
+        if let Some(seg) = &self.seg
+            && let Err(e) = seg.file.sync_all()
+        {
+            tracing::error!("audit: final fsync of {} failed: {e}", seg.path.display());
+        }
+        self.due_head()
     }
 
     /// Serialize `rec` with the next seq into `buf` as a chained line. On error `buf` and the
@@ -679,9 +1045,9 @@ impl Writer {
         Ok(hash)
     }
 
-    /// Append a checkpoint anchoring the record just encoded. Returns what HEAD should say.
-    fn encode_checkpoint(&mut self) -> Option<Head> {
-        let signer = self.signer.as_ref()?;
+    /// Queue a checkpoint anchoring the record just encoded; HEAD will name it once durable.
+    fn encode_checkpoint(&mut self) {
+        let Some(signer) = self.signer.as_ref() else { return };
         let anchor_seq = self.next_seq - 1;
         let anchor_hash = self.prev_hash.clone();
         let sig = signer.sign(anchor_seq, &anchor_hash);
@@ -700,7 +1066,8 @@ impl Writer {
             Ok(hash) => {
                 self.since_ckpt = 0;
                 self.last_ckpt_at = Instant::now();
-                Some(Head {
+                self.push(seq, None, None, hash);
+                self.head = Some(Head {
                     seq,
                     hash: String::from_utf8_lossy(&hash).into_owned(),
                     anchor_seq,
@@ -708,31 +1075,41 @@ impl Writer {
                     sig,
                     kid,
                     ts,
-                })
+                });
             }
             Err(e) => {
+                self.last_ckpt_at = Instant::now();
                 tracing::error!("audit: encoding checkpoint failed: {e}");
-                None
             }
         }
     }
 
     /// Make sure there is a usable segment to append to (see the module docs).
     fn prepare(&mut self) -> Result<(), AuditError> {
+        // Taken: any error below means the next write checks again.
+        let last_check = self.paths_checked_at.take();
+        let check_paths = self.seg.is_none()
+            || self.fsync != FsyncPolicy::Off
+            || last_check.is_none_or(|t| t.elapsed() >= OFF_PATH_CHECK_INTERVAL);
         // SAFETY: dir_c is a valid NUL-terminated path for the duration of the call.
-        if unsafe { libc::access(self.dir_c.as_ptr(), libc::W_OK) } != 0 {
+        if check_paths && unsafe { libc::access(self.dir_c.as_ptr(), libc::W_OK) } != 0 {
             return Err(AuditError::Unwritable {
                 path: self.dir.clone(),
                 reason: io::Error::last_os_error().to_string(),
             });
         }
+        let mut rotate = false;
         if let Some(seg) = &mut self.seg {
-            let same = std::fs::metadata(&seg.path).map(|m| m.dev() == seg.dev && m.ino() == seg.ino).unwrap_or(false);
+            let same = !check_paths
+                || std::fs::metadata(&seg.path).map(|m| m.dev() == seg.dev && m.ino() == seg.ino).unwrap_or(false);
             if !same {
                 let path = seg.path.clone();
                 self.seg = None;
                 tracing::error!("audit: segment {} was removed or replaced", path.display());
-                return Err(AuditError::SegmentGone { path });
+                let e = AuditError::SegmentGone { path };
+                // What was written to it but not yet synced is gone with it.
+                self.rollback_to_durable(&e);
+                return Err(e);
             }
             if seg.dirty {
                 seg.file
@@ -740,18 +1117,38 @@ impl Writer {
                     .map_err(|e| AuditError::io(format!("truncating {}", seg.path.display()), e))?;
                 seg.dirty = false;
             }
-            if seg.len > 0 && seg.len >= self.segment_bytes {
-                self.seg = None;
+            rotate = seg.len > 0 && seg.len >= self.segment_bytes;
+        }
+        if rotate {
+            // Everything in the old segment must be durable before the next one gets
+            // records: a later sync only covers the file it is called on.
+            if self.fsync != FsyncPolicy::Off && self.written.seq > self.durable.seq {
+                self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+                let res = self.seg.as_ref().map_or(Ok(()), |s| s.file.sync_data());
+                match res {
+                    Ok(()) => {
+                        let pos = self.written.clone();
+                        self.advance(pos);
+                    }
+                    Err(e) => {
+                        let err = self.truncate_to_durable(e);
+                        return Err(err);
+                    }
+                }
             }
+            self.seg = None;
         }
         if self.seg.is_none() {
             self.seg = Some(self.open_segment()?);
         }
+        self.paths_checked_at = if check_paths { Some(Instant::now()) } else { last_check };
         Ok(())
     }
 
-    fn open_segment(&self) -> Result<OpenSegment, AuditError> {
-        let path = self.dir.join(chain::segment_name(self.next_seq));
+    fn open_segment(&mut self) -> Result<OpenSegment, AuditError> {
+        // Named after the first record it will hold (the next one to be written).
+        let first_seq = self.written.seq + 1;
+        let path = self.dir.join(chain::segment_name(first_seq));
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -762,91 +1159,80 @@ impl Writer {
         if meta.len() != 0 {
             return Err(AuditError::Corrupt {
                 path,
-                reason: format!("a new segment for seq {} already holds data", self.next_seq),
+                reason: format!("a new segment for seq {first_seq} already holds data"),
             });
         }
         if self.fsync != FsyncPolicy::Off {
             sync_dir(&self.dir).map_err(|e| AuditError::io(format!("fsync {}", self.dir.display()), e))?;
         }
-        Ok(OpenSegment { file, path, len: 0, dev: meta.dev(), ino: meta.ino(), dirty: false })
+        let sync_fds = open_sync_fds(&path, self.threads)?;
+        self.segments_opened += 1;
+        Ok(OpenSegment {
+            file,
+            path,
+            id: self.segments_opened,
+            len: 0,
+            durable_len: 0,
+            dev: meta.dev(),
+            ino: meta.ino(),
+            dirty: false,
+            sync_fds,
+        })
     }
+}
 
-    fn write_and_sync(&mut self) -> Result<(), AuditError> {
-        let fsync = self.fsync;
-        let Some(seg) = self.seg.as_mut() else {
-            return Err(AuditError::Closed);
-        };
-        let started = Instant::now();
-        let res = write_batch(&mut seg.file, &self.buf, &self.dir).and_then(|()| {
-            if fsync != FsyncPolicy::Off {
-                self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-                let r = seg.file.sync_data();
-                crate::metrics::METRICS.audit_fsync_seconds.observe(started.elapsed().as_secs_f64());
-                r
-            } else {
-                Ok(())
-            }
-        });
-        match res {
-            Ok(()) => {
-                seg.len += self.buf.len() as u64;
-                Ok(())
-            }
-            Err(e) => {
-                // Never leave a partial batch in front of later appends.
-                match seg.file.set_len(seg.len) {
-                    Ok(()) => {
-                        if fsync != FsyncPolicy::Off {
-                            let _ = seg.file.sync_data();
-                        }
-                    }
-                    Err(te) => {
-                        tracing::error!("audit: could not truncate {} after a failed write: {te}", seg.path.display());
-                        seg.dirty = true;
-                    }
-                }
-                Err(AuditError::io(format!("appending to {}", seg.path.display()), e))
-            }
+fn write_head(dir: &Path, fsync: FsyncPolicy, head: &Head) -> io::Result<()> {
+    let tmp = dir.join("HEAD.tmp");
+    let json = serde_json::to_vec(head).map_err(io::Error::other)?;
+    {
+        let mut f = OpenOptions::new().create(true).write(true).truncate(true).mode(0o640).open(&tmp)?;
+        f.write_all(&json)?;
+        f.write_all(b"\n")?;
+        if fsync != FsyncPolicy::Off {
+            f.sync_all()?;
         }
     }
-
-    fn write_head(&self, head: &Head) -> io::Result<()> {
-        let tmp = self.dir.join("HEAD.tmp");
-        let json = serde_json::to_vec(head).map_err(io::Error::other)?;
-        {
-            let mut f = OpenOptions::new().create(true).write(true).truncate(true).mode(0o640).open(&tmp)?;
-            f.write_all(&json)?;
-            f.write_all(b"\n")?;
-            if self.fsync != FsyncPolicy::Off {
+    match std::fs::rename(&tmp, dir.join(HEAD_FILE)) {
+        Ok(()) => {}
+        // An append-only directory (`chattr +a`, as `pgward install` sets it) allows no
+        // rename or removal: rewrite HEAD in place (one small write at offset 0).
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            let mut line = json;
+            line.push(b'\n');
+            // No truncate on open: the new line is written over the old one, then cut to size.
+            let f =
+                OpenOptions::new().create(true).write(true).truncate(false).mode(0o640).open(dir.join(HEAD_FILE))?;
+            f.write_all_at(&line, 0)?;
+            f.set_len(line.len() as u64)?;
+            if fsync != FsyncPolicy::Off {
                 f.sync_all()?;
             }
         }
-        match std::fs::rename(&tmp, self.dir.join(HEAD_FILE)) {
-            Ok(()) => {}
-            // An append-only directory (`chattr +a`, as `pgward install` sets it) allows no
-            // rename or removal: rewrite HEAD in place (one small write at offset 0).
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                let mut line = json;
-                line.push(b'\n');
-                let f = OpenOptions::new().create(true).write(true).mode(0o640).open(self.dir.join(HEAD_FILE))?;
-                f.write_all_at(&line, 0)?;
-                f.set_len(line.len() as u64)?;
-                if self.fsync != FsyncPolicy::Off {
-                    f.sync_all()?;
-                }
-            }
-            Err(e) => return Err(e),
-        }
-        if self.fsync != FsyncPolicy::Off {
-            sync_dir(&self.dir)?;
-        }
-        Ok(())
+        Err(e) => return Err(e),
     }
+    if fsync != FsyncPolicy::Off {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 #[cfg(not(test))]
 fn write_batch(file: &mut File, buf: &[u8], _dir: &Path) -> io::Result<()> {
     file.write_all(buf)
+}
+
+#[cfg(not(test))]
+fn sync_batch(file: &File, _dir: &Path) -> io::Result<()> {
+    file.sync_data()
+}
+
+/// Tests can make the next writer-thread fdatasync in a directory fail.
+#[cfg(test)]
+fn sync_batch(file: &File, dir: &Path) -> io::Result<()> {
+    if fault::take_sync(dir) {
+        return Err(io::Error::other("injected fdatasync failure"));
+    }
+    file.sync_data()
 }
 
 /// Tests can make the next write into a directory fail after writing half the batch.
@@ -865,13 +1251,26 @@ pub(crate) mod fault {
     use std::sync::Mutex;
 
     static FAIL_NEXT_WRITE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    static FAIL_NEXT_SYNC: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    pub(crate) fn fail_next_sync(dir: &Path) {
+        FAIL_NEXT_SYNC.lock().unwrap_or_else(|e| e.into_inner()).push(dir.to_owned());
+    }
+
+    pub(crate) fn take_sync(dir: &Path) -> bool {
+        take_from(&FAIL_NEXT_SYNC, dir)
+    }
 
     pub(crate) fn fail_next_write(dir: &Path) {
         FAIL_NEXT_WRITE.lock().unwrap_or_else(|e| e.into_inner()).push(dir.to_owned());
     }
 
     pub(crate) fn take(dir: &Path) -> bool {
-        let mut v = FAIL_NEXT_WRITE.lock().unwrap_or_else(|e| e.into_inner());
+        take_from(&FAIL_NEXT_WRITE, dir)
+    }
+
+    fn take_from(list: &Mutex<Vec<PathBuf>>, dir: &Path) -> bool {
+        let mut v = list.lock().unwrap_or_else(|e| e.into_inner());
         match v.iter().position(|d| d == dir) {
             Some(i) => {
                 v.remove(i);
