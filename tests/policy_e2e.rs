@@ -299,3 +299,60 @@ fn startup_parameters_cannot_get_around_the_policy() {
     assert!(failed.iter().any(|f| f["sqlstate"] == "22023"), "{failed:?}");
     assert!(failed.iter().any(|f| f["sqlstate"] == "42501" && f["rule"] == "analysts-keep-search-path"), "{failed:?}");
 }
+
+/// Statements that differ only in literal values share pgward's parse cache only where the
+/// decision cannot depend on the values: through one session, an allowed statement is followed
+/// by one with the same shape and other literals whose decision does depend on them (`1 = 2`
+/// then `2 = 2`; `set_config('work_mem', …)` then `set_config('role', …)`; a setting's value),
+/// and each gets its own decision. Varying literals in allowed and denied reads, pgbench-style,
+/// are decided per statement as well.
+#[test]
+fn varying_literals_get_their_own_decisions() {
+    let e = env("pe_literals", |b| b);
+    let (_, login) = e.login("wendy", &["writers"], "15m");
+    let out = psql_all(
+        &login,
+        &[
+            "update items set name = 'x' where 1 = 2",
+            "update items set name = 'x' where 2 = 2",
+            "delete from items where 'a' = 'b'",
+            "delete from items where 'a' = 'a'",
+            "select set_config('work_mem', '64MB', false)",
+            "select set_config('role', 'postgres', false)",
+            "set standard_conforming_strings to 'on'",
+            "set standard_conforming_strings to 'no'",
+            "show standard_conforming_strings",
+            "select current_user",
+        ],
+    );
+    assert_eq!(out.sqlstates(), vec!["42501"; 4], "{}", out.describe());
+    assert_eq!(out.stderr.matches("policy rule \"no-unbounded-writes\"").count(), 2, "{}", out.describe());
+    assert_eq!(out.stderr.matches("policy rule \"builtin:identity-change\"").count(), 1, "{}", out.describe());
+    assert_eq!(out.stderr.matches("policy rule \"builtin:protected-setting\"").count(), 1, "{}", out.describe());
+    assert_eq!(out.stdout.trim(), format!("UPDATE 0\nDELETE 0\n64MB\nSET\non\n{}", e.rw), "{}", out.describe());
+    assert_eq!(cluster().sql(&e.db, "select string_agg(name, ',' order by id) from items"), "one,two,three");
+
+    // pgbench-style: the same statements with other numbers and strings, allowed and denied
+    // interleaved.
+    let (_, login) = e.login("alice", &["analysts"], "15m");
+    let markers: Vec<String> = (0..20).map(|_| never_marker()).collect();
+    let mut cmds = Vec::new();
+    for (i, m) in markers.iter().enumerate() {
+        cmds.push(format!("select count(*) from items where id <> {}", i + 10));
+        cmds.push(format!("select v from secrets where v <> '{m}'"));
+    }
+    let out = psql_all(&login, &cmds.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.sqlstates(), vec!["42501"; 20], "{}", out.describe());
+    assert_eq!(out.stderr.matches("policy rule \"no-secrets\"").count(), 20, "{}", out.describe());
+    assert_eq!(out.stdout.trim(), vec!["3"; 20].join("\n"), "{}", out.describe());
+    for m in &markers {
+        assert_never_reached_postgres(m);
+    }
+    // The audit log has each statement as sent, with its own decision.
+    let (s, _) = statement_and_result(&e.pw, &markers[7]);
+    assert_eq!((s["decision"].as_str(), s["rule"].as_str()), (Some("deny"), Some("no-secrets")), "{s}");
+    let (s, r) = statement_and_result(&e.pw, "select count(*) from items where id <> 17");
+    assert_eq!((s["decision"].as_str(), s["rule"].as_str()), (Some("allow"), Some("analysts-read")), "{s}");
+    assert_eq!(r["tag"], "SELECT 1", "{r}");
+    assert!(!e.pw.log_has_panic());
+}

@@ -15,6 +15,7 @@
 //! Functions and views are opaque here (their bodies are not read): that is what the content
 //! detectors are for.
 
+use std::cell::Cell;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
@@ -24,6 +25,8 @@ use sqlparser::ast::{
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
+
+use crate::policy::normalize::{self, Normalized};
 
 /// Rule bits (bit i = mask rule i) and whether the value is exactly a base column's value.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -138,7 +141,22 @@ pub enum StmtKind {
 /// treat each result as `Unknown`).
 pub fn analyze(sql: &str, r: &dyn Resolver) -> Option<Vec<StmtKind>> {
     let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
-    Some(stmts.iter().map(|s| statement(s, r)).collect())
+    let read = Cell::new(false);
+    Some(stmts.iter().map(|s| statement(s, r, &read)).collect())
+}
+
+/// [`analyze`], and whether the result holds for every text with the literal-normalized key
+/// `norm` (computed from `sql`), for the same resolver: true when the text parsed, every
+/// literal became a literal value in the AST where the normalizer saw it (a literal that is
+/// structure — a COPY option's character or NULL string, an identifier — keeps the result to
+/// this text), and lineage read no literal's value (it reads none, except the alias guessed
+/// from an opaque FROM item's text, which counts when that item holds a literal).
+pub(crate) fn analyze_normalized(sql: &str, r: &dyn Resolver, norm: &Normalized) -> (Option<Vec<StmtKind>>, bool) {
+    let Ok(stmts) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else { return (None, false) };
+    let read = Cell::new(false);
+    let out: Vec<StmtKind> = stmts.iter().map(|s| statement(s, r, &read)).collect();
+    let shareable = !read.get() && norm.values_cover_literals(sql, &stmts);
+    (Some(out), shareable)
 }
 
 fn ident_lc(s: &str) -> String {
@@ -153,8 +171,9 @@ fn ident_name(i: &sqlparser::ast::Ident) -> String {
     if i.quote_style.is_some() { i.value.clone() } else { ident_lc(&i.value) }
 }
 
-fn statement(s: &Statement, r: &dyn Resolver) -> StmtKind {
-    let cx = Cx { r };
+/// `read`: set when the result depended on a literal's value.
+fn statement(s: &Statement, r: &dyn Resolver, read: &Cell<bool>) -> StmtKind {
+    let cx = Cx { r, read };
     match s {
         Statement::Query(q) => StmtKind::Rows(cx.lineage(&cx.query(q, &[]))),
         Statement::Insert(ins) => match &ins.returning {
@@ -271,7 +290,7 @@ fn statement(s: &Statement, r: &dyn Resolver) -> StmtKind {
             StmtKind::Other
         }
         Statement::Fetch { name, .. } => StmtKind::Fetch(ident_name(name)),
-        Statement::Prepare { name, statement: inner, .. } => match statement(inner, r) {
+        Statement::Prepare { name, statement: inner, .. } => match statement(inner, r, read) {
             StmtKind::Rows(l) => StmtKind::Prepare(ident_name(name), l),
             _ => StmtKind::Other,
         },
@@ -301,6 +320,8 @@ enum RelKind {
 
 struct Cx<'a> {
     r: &'a dyn Resolver,
+    /// The result depended on a literal's value.
+    read: &'a Cell<bool>,
 }
 
 struct Scope {
@@ -488,6 +509,10 @@ impl<'a> Cx<'a> {
                 scopes.push(Scope { rels: rels.clone() });
                 let mut w = Walker::new(self, &scopes);
                 let _ = other.visit(&mut w);
+                // The alias is read from the item's printed text, literals included.
+                if normalize::has_literal(other) {
+                    self.read.set(true);
+                }
                 let name = factor_alias(other).unwrap_or_default();
                 rels.push(Rel { name, kind: RelKind::Opaque { whole: w.taint } });
             }
@@ -578,7 +603,7 @@ impl<'a> Cx<'a> {
                 let rels = vec![self.base_rel_parts(parts, None)];
                 self.expand_star(&rels)
             }
-            SetExpr::Insert(s) | SetExpr::Update(s) | SetExpr::Delete(s) | SetExpr::Merge(s) => match statement(s, self.r) {
+            SetExpr::Insert(s) | SetExpr::Update(s) | SetExpr::Delete(s) | SetExpr::Merge(s) => match statement(s, self.r, self.read) {
                 StmtKind::Rows(l) => l.items.into_iter().map(|i| (None, i)).collect(),
                 _ => Vec::new(),
             },
@@ -940,6 +965,99 @@ mod tests {
             o => panic!("{o:?}"),
         }
         assert!(analyze("selec nonsense (", &R).is_none());
+    }
+
+    /// Literal values by the normalizer's kind and size class (see `policy::normalize`).
+    fn battery(kind: u8, class: u8) -> &'static [&'static str] {
+        match (kind, class) {
+            (b's', b'0') => &["''"],
+            (b's', b'1') => &["'x'", "'|'", "','", "'1'"],
+            (b's', _) => &["'card'", "'a AS card'", "'customers'", "'email'", "'n/a'", "'x AS c'"],
+            (b'i', _) => &["0", "1", "2", "42"],
+            (b'f', _) => &["1.5", "0.0"],
+            (b'd', _) => &["$$card$$", "$$ AS card $$"],
+            (b'e', b'1') => &["E'x'"],
+            (b'e', _) => &["E'card'"],
+            _ => &[],
+        }
+    }
+
+    fn variants(sql: &str) -> Vec<String> {
+        let Some(n) = normalize::normalize(sql) else { return Vec::new() };
+        let kinds: Vec<(u8, u8)> = n.key.as_bytes().windows(3).filter(|w| w[0] == 0).map(|w| (w[1], w[2])).collect();
+        (0..8usize)
+            .map(|v| {
+                let mut s = String::new();
+                let mut at = 0;
+                for (j, (r, (k, c))) in n.literals.iter().zip(&kinds).enumerate() {
+                    s.push_str(&sql[at..r.start]);
+                    let b = battery(*k, *c);
+                    s.push_str(b.get((v * 5 + j * 3) % b.len().max(1)).copied().unwrap_or(&sql[r.clone()]));
+                    at = r.end;
+                }
+                s.push_str(&sql[at..]);
+                s
+            })
+            .collect()
+    }
+
+    /// Whenever lineage says its result holds for every text with the same normalized key,
+    /// texts with other literal values (chosen to matter if anything read them) get the same
+    /// result; COPY options and opaque FROM items with literals keep the result to the text.
+    #[test]
+    fn shared_lineage_does_not_depend_on_literal_values() {
+        #[rustfmt::skip]
+        let corpus: &[(&str, Option<bool>)] = &[
+            ("select card from customers where id = 1", Some(true)),
+            ("select upper(card), 'x', 1.5 from customers c where c.name = 'bob' limit 5", Some(true)),
+            ("select substr(card, 1, 6) from customers", Some(true)),
+            ("select card || ' ' || email from customers where id in (1, 2, 3)", Some(true)),
+            ("insert into customers(card) values ('1') returning card, id", Some(true)),
+            ("update customers set name = 'x' where id = 5 returning upper(card)", Some(true)),
+            ("delete from customers where id = 7 returning *", Some(true)),
+            ("copy (select card from customers where id = 3) to stdout", Some(true)),
+            ("declare c cursor for select card from customers where id = 9", Some(true)),
+            ("prepare p as select email from customers where id = 4", Some(true)),
+            ("with t as (select card from customers where id = 2) select card from t", Some(true)),
+            ("select card from customers union all select 'x'", Some(true)),
+            ("select x.k from (select card as k, 1 from customers) x", Some(true)),
+            // COPY options are characters and strings, not values
+            ("copy customers to stdout (format csv, delimiter '|')", Some(false)),
+            ("copy customers to stdout (format csv, null 'n/a')", Some(false)),
+            ("copy customers to stdout with csv delimiter ','", Some(false)),
+            // an opaque FROM item holding literals: its alias is read from its printed text
+            ("select * from unnest(array['a AS card']) ", Some(false)),
+            ("select u.x from unnest(array[1, 2]) as u(x)", Some(false)),
+            // does not parse
+            ("selec nonsense (1", Some(false)),
+            ("select card from customers", None),
+        ];
+        let mut failures = Vec::new();
+        for (sql, want) in corpus {
+            let Some(n) = normalize::normalize(sql) else {
+                assert!(want.is_none(), "{sql}: no normalized key");
+                continue;
+            };
+            let (got, shareable) = analyze_normalized(sql, &R, &n);
+            assert_eq!(got, analyze(sql, &R), "{sql}");
+            if Some(shareable) != *want {
+                failures.push(format!("{sql}: shareable {shareable}, want {want:?}"));
+            }
+            if !shareable {
+                continue;
+            }
+            for v in variants(sql) {
+                assert_eq!(normalize::normalize(&v).map(|x| x.key), Some(n.key.clone()), "{v}");
+                if analyze(&v, &R) != got {
+                    failures.push(format!("{sql}: shared, but {v} differs: {:?} vs {got:?}", analyze(&v, &R)));
+                }
+            }
+        }
+        // The COPY options really differ between texts with one key.
+        let a = analyze("copy customers to stdout (format csv, delimiter '|')", &R);
+        let b = analyze("copy customers to stdout (format csv, delimiter ',')", &R);
+        assert_ne!(a, b);
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 
     #[test]

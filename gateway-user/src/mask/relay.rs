@@ -19,6 +19,9 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -175,6 +178,78 @@ impl Resolver for Res<'_> {
     }
 }
 
+/// Statement texts whose lineage a session keeps (per session: lineage depends on the
+/// session's rules and the catalog snapshot).
+const LINEAGE_CACHE_ENTRIES: usize = 64;
+/// Longer texts are analyzed every time.
+const LINEAGE_CACHE_MAX_SQL: usize = 16 * 1024;
+
+/// Lineage of the statement texts a session sent recently, valid for the catalog snapshot it
+/// was computed with. Texts that differ only in literal values share an entry, keyed by the
+/// literal-normalized text, when lineage did not depend on the values
+/// ([`lineage::analyze_normalized`]); other texts are kept by their exact text. Allocated on
+/// first use.
+#[derive(Default)]
+struct LineageCache {
+    map: Option<(RandomState, lru::LruCache<u64, CachedLineage>)>,
+    hits: u64,
+    analyses: u64,
+}
+
+struct CachedLineage {
+    /// The text, or (`normalized`) its literal-normalized key.
+    key: Box<str>,
+    normalized: bool,
+    snap: Option<Arc<Snapshot>>,
+    stmts: Option<Vec<StmtKind>>,
+}
+
+fn same_snapshot(a: &Option<Arc<Snapshot>>, b: &Option<Arc<Snapshot>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
+impl LineageCache {
+    /// Lineage of `sql` with `r`, which resolves names through `snap`.
+    fn analyze(&mut self, sql: &str, snap: &Option<Arc<Snapshot>>, r: &dyn Resolver) -> Option<Vec<StmtKind>> {
+        if sql.len() > LINEAGE_CACHE_MAX_SQL {
+            self.analyses += 1;
+            return lineage::analyze(sql, r);
+        }
+        let norm = crate::policy::normalize::normalize(sql);
+        let (hasher, map) = self.map.get_or_insert_with(|| {
+            let cap = NonZeroUsize::new(LINEAGE_CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN);
+            (RandomState::new(), lru::LruCache::new(cap))
+        });
+        let keys = norm.as_ref().map(|n| (true, n.key.as_str())).into_iter().chain([(false, sql)]);
+        for (normalized, key) in keys {
+            if let Some(c) = map.get(&hasher.hash_one((normalized, key)))
+                && c.normalized == normalized
+                && &*c.key == key
+                && same_snapshot(&c.snap, snap)
+            {
+                self.hits += 1;
+                return c.stmts.clone();
+            }
+        }
+        self.analyses += 1;
+        let (stmts, shareable) = match &norm {
+            Some(n) => lineage::analyze_normalized(sql, r, n),
+            None => (lineage::analyze(sql, r), false),
+        };
+        let (normalized, key): (bool, Box<str>) = match norm {
+            Some(n) if shareable => (true, n.key.into_boxed_str()),
+            _ => (false, sql.into()),
+        };
+        let h = hasher.hash_one((normalized, &*key));
+        map.put(h, CachedLineage { key, normalized, snap: snap.clone(), stmts: stmts.clone() });
+        stmts
+    }
+}
+
 /// Per-session masking state.
 pub struct MaskRelay {
     sess: SessionMask,
@@ -192,6 +267,7 @@ pub struct MaskRelay {
     ddl_at: Option<std::time::Instant>,
     /// Counts of the result that just completed, for the session's result record.
     meta: RefCell<Option<serde_json::Value>>,
+    lineage_cache: LineageCache,
 }
 
 impl MaskRelay {
@@ -222,13 +298,15 @@ impl MaskRelay {
             active: None,
             ddl_at: None,
             meta: RefCell::new(None),
+            lineage_cache: LineageCache::default(),
         })
     }
 
-    fn analyze(&self, sql: &str) -> Option<Vec<StmtKind>> {
+    fn analyze(&mut self, sql: &str) -> Option<Vec<StmtKind>> {
         let current = self.sess.policy.catalog.current(&self.sess.policy, &self.access, &self.sess.database);
-        let res = Res { sess: &self.sess, snap: current.as_deref().or(self.snap.as_deref()) };
-        lineage::analyze(sql, &res)
+        let snap = current.or_else(|| self.snap.clone());
+        let res = Res { sess: &self.sess, snap: snap.as_deref() };
+        self.lineage_cache.analyze(sql, &snap, &res)
     }
 
     fn remember(&mut self, stmts: &[StmtKind]) {
@@ -1073,6 +1151,90 @@ mod tests {
         let out = rewrite_copy_text(b"\"a,4242424242424242\",\"x\"\"y\"\n", &csv, &cols, &s, &mut counts).unwrap();
         assert_eq!(&out[..], b",\n");
         assert_eq!(split_csv(b"a,\"b,c\",", b',', b'"').len(), 3);
+    }
+
+    /// The session's lineage cache: one analysis for texts that differ only in literal values
+    /// (when lineage does not depend on them), exact texts otherwise; entries are only valid
+    /// for the catalog snapshot they were computed with.
+    #[test]
+    fn lineage_cache() {
+        let s = sess("[[mask]]\nname = \"c\"\ncolumns = [\"customers.card\"]\n");
+        let snap = |n: usize| {
+            Some(Arc::new(Snapshot {
+                cols: HashMap::new(),
+                tables: HashMap::new(),
+                derived: Default::default(),
+                views: (0..n)
+                    .map(|i| (("public".to_string(), format!("v{i}")), vec![("card".to_string(), 1)]))
+                    .collect(),
+                loaded: None,
+            }))
+        };
+        let (s1, s2) = (snap(1), snap(2));
+        let mut c = LineageCache::default();
+        let r1 = Res { sess: &s, snap: s1.as_deref() };
+        let first = c.analyze("select card from customers where id = 1", &s1, &r1);
+        assert!(matches!(&first.as_deref(), Some([StmtKind::Rows(l)]) if l.any == 1), "{first:?}");
+        for id in 2..50 {
+            let again = c.analyze(&format!("select card from customers where id = {id}"), &s1, &r1);
+            assert_eq!(again, first);
+        }
+        assert_eq!((c.analyses, c.hits), (1, 48));
+        // literal-dependent (COPY options): by exact text
+        let pipe = c.analyze("copy customers to stdout (format csv, delimiter '|')", &s1, &r1);
+        let comma = c.analyze("copy customers to stdout (format csv, delimiter ',')", &s1, &r1);
+        assert_ne!(pipe, comma);
+        assert_eq!(c.analyze("copy customers to stdout (format csv, delimiter '|')", &s1, &r1), pipe);
+        assert_eq!((c.analyses, c.hits), (3, 49));
+        // another snapshot: analyzed again
+        let r2 = Res { sess: &s, snap: s2.as_deref() };
+        c.analyze("select card from customers where id = 1", &s2, &r2);
+        c.analyze("select card from v1 where id = 1", &s2, &r2);
+        assert_eq!((c.analyses, c.hits), (5, 49));
+        // unparsable texts are cached too (as such)
+        assert_eq!(c.analyze("selec nonsense (", &s2, &r2), None);
+        assert_eq!(c.analyze("selec nonsense (", &s2, &r2), None);
+        assert_eq!((c.analyses, c.hits), (6, 50));
+    }
+
+    /// The measured loop (callgrind: `--toggle-collect='*callgrind_lineage_loop*'`): lineage
+    /// of pgbench -S texts, through the session cache or (`cache` None, as before it existed)
+    /// parsed every time.
+    #[inline(never)]
+    fn callgrind_lineage_loop(cache: Option<&mut LineageCache>, s: &SessionMask, texts: &[String]) -> usize {
+        let r = Res { sess: s, snap: None };
+        match cache {
+            Some(c) => texts.iter().filter(|t| c.analyze(t, &None, &r).is_some()).count(),
+            None => texts.iter().filter(|t| lineage::analyze(t, &r).is_some()).count(),
+        }
+    }
+
+    fn pgbench_select_texts() -> Vec<String> {
+        (0..10_000u32)
+            .map(|i| format!("SELECT abalance FROM pgbench_accounts WHERE aid = {};", (i * 7919) % 1_000_000 + 1))
+            .collect()
+    }
+
+    /// Instruction counts of 10,000 lineage analyses of pgbench -S texts for a session with a
+    /// column rule: `valgrind --tool=callgrind --toggle-collect='*callgrind_lineage_loop*'
+    /// target/release/deps/pgward-<hash> mask::relay::tests::callgrind_lineage_cached --ignored
+    /// --exact` (and `_uncached`).
+    #[test]
+    #[ignore]
+    fn callgrind_lineage_cached() {
+        let s = sess("[[mask]]\nname = \"c\"\ncolumns = [\"customers.card\"]\n");
+        let texts = pgbench_select_texts();
+        let mut c = LineageCache::default();
+        assert_eq!(callgrind_lineage_loop(Some(&mut c), &s, &texts), texts.len());
+        assert_eq!(c.analyses, 1);
+    }
+
+    #[test]
+    #[ignore]
+    fn callgrind_lineage_uncached() {
+        let s = sess("[[mask]]\nname = \"c\"\ncolumns = [\"customers.card\"]\n");
+        let texts = pgbench_select_texts();
+        assert_eq!(callgrind_lineage_loop(None, &s, &texts), texts.len());
     }
 
     #[test]

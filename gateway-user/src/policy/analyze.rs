@@ -29,6 +29,7 @@ use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer, Whitespace};
 
 use super::lexical;
+use super::normalize::{self, Normalized};
 
 /// What kind of statement this is. A statement can be in several classes (`WITH d AS (DELETE
 /// …) SELECT …` is read and write); its *primary* class is the most significant one, in the
@@ -249,6 +250,9 @@ impl fmt::Display for QName {
 #[derive(Debug, Clone, Default)]
 pub struct StatementInfo {
     /// The statement (as sqlparser prints it, or the source text if it could not be parsed).
+    /// An analysis is shared by texts that differ only in literal values when it does not
+    /// depend on them (`literal_dependent` false): then this is the text of the first of
+    /// them pgward analyzed, with that text's literals.
     pub text: String,
     pub classes: ClassSet,
     /// Command names, lowercased: `select`, `insert`, `drop table`, `create function`, …
@@ -263,6 +267,11 @@ pub struct StatementInfo {
     /// `EXECUTE name`: the prepared statement's name (as Postgres folds it).
     pub execute: Option<String>,
     pub unparsable: bool,
+    /// The analysis read the value of a literal — a setting's value, `set_config`'s
+    /// arguments, a DO or function body, `x = x` between literals, the text of an
+    /// unparsable statement — or its text is used later (PREPARE): it holds for this exact
+    /// text only, not for texts that differ in literal values.
+    pub literal_dependent: bool,
 }
 
 impl StatementInfo {
@@ -274,6 +283,12 @@ impl StatementInfo {
         if !self.commands.contains(&c) {
             self.commands.push(c);
         }
+    }
+    /// The statement's first `n` words as its command ([`leading_words`]).
+    fn add_leading_words(&mut self, s: &Statement, n: usize) {
+        let (words, from_literal) = leading_words(s, n);
+        self.literal_dependent |= from_literal;
+        self.add_command(words);
     }
     fn finish(&mut self) {
         // Writing to pg_settings calls set_config() through the view's update rule.
@@ -346,20 +361,30 @@ pub fn unsafe_client_encoding(name: &str) -> bool {
     )
 }
 
-fn expr_literal(e: &Expr) -> Option<String> {
+/// The value of a literal or a bare identifier (`SET x TO 'v'` / `SET x TO v`). Reading a
+/// literal's value marks the analysis literal-dependent (`dep`).
+fn expr_literal(e: &Expr, dep: &mut bool) -> Option<String> {
     match e {
-        Expr::Value(v) => match &v.value {
-            Value::SingleQuotedString(s)
-            | Value::EscapedStringLiteral(s)
-            | Value::UnicodeStringLiteral(s)
-            | Value::NationalStringLiteral(s) => Some(s.to_lowercase()),
-            Value::DollarQuotedString(d) => Some(d.value.to_lowercase()),
-            Value::Boolean(b) => Some(b.to_string()),
-            Value::Number(n, _) => Some(n.to_string()),
-            _ => None,
-        },
+        Expr::Value(v) if !matches!(v.value, Value::Boolean(_) | Value::Null | Value::Placeholder(_)) => {
+            *dep = true;
+            literal_value(&v.value)
+        }
+        Expr::Value(v) => literal_value(&v.value),
         Expr::Identifier(i) => Some(i.value.to_lowercase()),
-        Expr::Nested(e) => expr_literal(e),
+        Expr::Nested(e) => expr_literal(e, dep),
+        _ => None,
+    }
+}
+
+fn literal_value(v: &Value) -> Option<String> {
+    match v {
+        Value::SingleQuotedString(s)
+        | Value::EscapedStringLiteral(s)
+        | Value::UnicodeStringLiteral(s)
+        | Value::NationalStringLiteral(s) => Some(s.to_lowercase()),
+        Value::DollarQuotedString(d) => Some(d.value.to_lowercase()),
+        Value::Boolean(b) => Some(b.to_string()),
+        Value::Number(n, _) => Some(n.to_string()),
         _ => None,
     }
 }
@@ -382,14 +407,34 @@ fn object_last(n: &ObjectName) -> String {
 }
 
 /// A WHERE clause that does not restrict anything: TRUE, `x = x`, `… OR TRUE`, NOT FALSE.
-fn trivially_true(e: &Expr) -> bool {
+/// `x = x` compares the two sides as written; when both hold literals (`1 = 1` against `1 =
+/// 2`) the answer depends on their values (`dep`). A side with a literal is never the same
+/// expression as a side without one (`a = 1` is not trivially true, whatever the value).
+fn trivially_true(e: &Expr, dep: &mut bool) -> bool {
     use sqlparser::ast::{BinaryOperator, UnaryOperator};
     match e {
         Expr::Value(v) => matches!(v.value, Value::Boolean(true)),
-        Expr::Nested(e) => trivially_true(e),
-        Expr::BinaryOp { left, op: BinaryOperator::Eq, right } => left.to_string() == right.to_string(),
-        Expr::BinaryOp { left, op: BinaryOperator::Or, right } => trivially_true(left) || trivially_true(right),
-        Expr::BinaryOp { left, op: BinaryOperator::And, right } => trivially_true(left) && trivially_true(right),
+        Expr::Nested(e) => trivially_true(e, dep),
+        Expr::BinaryOp { left, op: BinaryOperator::Eq, right } => {
+            match (normalize::has_literal(&**left), normalize::has_literal(&**right)) {
+                (false, false) => left.to_string() == right.to_string(),
+                (true, true) => {
+                    *dep = true;
+                    left.to_string() == right.to_string()
+                }
+                _ => false,
+            }
+        }
+        Expr::BinaryOp { left, op: BinaryOperator::Or, right } => {
+            // Both sides are looked at (no short circuit): whether an analysis depended on a
+            // literal must not depend on the order of evaluation.
+            let (l, r) = (trivially_true(left, dep), trivially_true(right, dep));
+            l || r
+        }
+        Expr::BinaryOp { left, op: BinaryOperator::And, right } => {
+            let (l, r) = (trivially_true(left, dep), trivially_true(right, dep));
+            l && r
+        }
         Expr::UnaryOp { op: UnaryOperator::Not, expr } => {
             matches!(&**expr, Expr::Value(v) if matches!(v.value, Value::Boolean(false)))
         }
@@ -397,8 +442,8 @@ fn trivially_true(e: &Expr) -> bool {
     }
 }
 
-fn no_where(selection: &Option<Expr>) -> bool {
-    selection.as_ref().is_none_or(trivially_true)
+fn no_where(selection: &Option<Expr>, dep: &mut bool) -> bool {
+    selection.as_ref().is_none_or(|e| trivially_true(e, dep))
 }
 
 /// The visitor: called for every statement (top level and nested), query, table factor,
@@ -483,7 +528,7 @@ impl Visitor for Collector<'_> {
             && let Some(q) = QName::from_object(&f.name)
         {
             if q.name == "set_config" {
-                self.info.modifiers |= set_config_call(&f.args);
+                self.info.modifiers |= set_config_call(&f.args, &mut self.info.literal_dependent);
             }
             self.info.functions.push(q);
         }
@@ -509,8 +554,8 @@ fn table_commands(body: &SetExpr, info: &mut StatementInfo) {
 }
 
 /// set_config(name, value, is_local): a literal name is checked like SET; a computed one could
-/// be 'role', so it counts as an identity change.
-fn set_config_call(args: &FunctionArguments) -> ModSet {
+/// be 'role', so it counts as an identity change. Reading the literals sets `dep`.
+fn set_config_call(args: &FunctionArguments, dep: &mut bool) -> ModSet {
     let mut unknown = ModSet::default();
     unknown.insert(Modifier::IdentityChange);
     let FunctionArguments::List(list) = args else {
@@ -528,10 +573,10 @@ fn set_config_call(args: &FunctionArguments) -> ModSet {
     };
     match arg(0).and_then(|e| match e {
         // Only a real string literal names the setting; an identifier here is a column.
-        Expr::Value(_) => expr_literal(e),
+        Expr::Value(_) => expr_literal(e, dep),
         _ => None,
     }) {
-        Some(name) => setting_change(&name, arg(1).and_then(expr_literal).as_deref()),
+        Some(name) => setting_change(&name, arg(1).and_then(|e| expr_literal(e, dep)).as_deref()),
         None => unknown,
     }
 }
@@ -551,14 +596,14 @@ fn classify(s: &Statement, info: &mut StatementInfo) {
         Statement::Update(u) => {
             info.classes.insert(Write);
             info.add_command("update");
-            if no_where(&u.selection) {
+            if no_where(&u.selection, &mut info.literal_dependent) {
                 info.modifiers.insert(Modifier::NoWhere);
             }
         }
         Statement::Delete(d) => {
             info.classes.insert(Write);
             info.add_command("delete");
-            if no_where(&d.selection) {
+            if no_where(&d.selection, &mut info.literal_dependent) {
                 info.modifiers.insert(Modifier::NoWhere);
             }
         }
@@ -641,8 +686,10 @@ fn classify(s: &Statement, info: &mut StatementInfo) {
         | Statement::AlterFunction(_)
         | Statement::CreateTrigger(_) => {
             info.classes.insert(Ddl);
-            info.add_command(leading_words(s, 2));
-            // Bodies and SET clauses are opaque strings to the parser: scan them.
+            info.add_leading_words(s, 2);
+            // Bodies and SET clauses are opaque strings to the parser: scan them (their
+            // contents are literals).
+            info.literal_dependent = true;
             let f = lexical::scan(&s.to_string());
             info.modifiers |= f.modifiers;
             info.functions.extend(f.functions);
@@ -689,9 +736,10 @@ fn classify(s: &Statement, info: &mut StatementInfo) {
                     | Statement::RevokeRole(_)
                     | Statement::Deny(_)
             );
-            info.add_command(leading_words(s, if grant { 1 } else { 2 }));
+            info.add_leading_words(s, if grant { 1 } else { 2 });
             if matches!(s, Statement::AlterRole { .. } | Statement::AlterUser(_)) {
                 // ALTER ROLE … SET standard_conforming_strings = off applies to later logins.
+                info.literal_dependent = true;
                 let f = lexical::scan(&s.to_string());
                 info.modifiers |= f.modifiers;
             }
@@ -702,7 +750,7 @@ fn classify(s: &Statement, info: &mut StatementInfo) {
         | Statement::Savepoint { .. }
         | Statement::ReleaseSavepoint { .. } => {
             info.classes.insert(Transaction);
-            info.add_command(leading_words(s, 1));
+            info.add_leading_words(s, 1);
         }
         Statement::Set(set) => classify_set(set, info),
         Statement::Reset(ResetStatement { reset }) => {
@@ -729,7 +777,7 @@ fn classify(s: &Statement, info: &mut StatementInfo) {
         | Statement::Deallocate { .. }
         | Statement::Close { .. } => {
             info.classes.insert(Session);
-            info.add_command(leading_words(s, 1));
+            info.add_leading_words(s, 1);
         }
         Statement::Declare { .. } => {
             info.classes.insert(Read);
@@ -744,7 +792,11 @@ fn classify(s: &Statement, info: &mut StatementInfo) {
             info.add_command("describe");
         }
         // Wrappers: the inner statement is visited and classified on its own.
-        Statement::Prepare { .. } => info.add_command("prepare"),
+        Statement::Prepare { .. } => {
+            info.add_command("prepare");
+            // The session keeps this statement's text (`text`) to decide a later EXECUTE.
+            info.literal_dependent = true;
+        }
         Statement::Explain { .. } => info.add_command("explain"),
         Statement::Execute { name, .. } => {
             info.add_command("execute");
@@ -768,18 +820,19 @@ fn classify(s: &Statement, info: &mut StatementInfo) {
         }
         Statement::Case(_) | Statement::If(_) | Statement::While(_) | Statement::Raise(_) | Statement::Return(_) => {
             info.classes.insert(Procedural);
-            info.add_command(leading_words(s, 1));
+            info.add_leading_words(s, 1);
         }
         Statement::Vacuum(_) | Statement::Analyze(_) | Statement::Kill { .. } | Statement::Load { .. } => {
             info.classes.insert(Admin);
-            info.add_command(leading_words(s, 1));
+            info.add_leading_words(s, 1);
         }
         Statement::Comment { .. } | Statement::RenameTable(_) => {
             info.classes.insert(Ddl);
-            info.add_command(leading_words(s, 1));
+            info.add_leading_words(s, 1);
         }
         other => {
-            let cmd = leading_words(other, 2);
+            let (cmd, from_literal) = leading_words(other, 2);
+            info.literal_dependent |= from_literal;
             if cmd.starts_with("create ") || cmd.starts_with("alter ") || cmd.starts_with("drop ") {
                 info.classes.insert(Ddl);
             } else {
@@ -811,14 +864,15 @@ fn classify_set(set: &Set, info: &mut StatementInfo) {
         Set::SingleAssignment { variable, values, .. } => {
             info.classes.insert(Session);
             info.add_command("set");
-            let v = if values.len() == 1 { expr_literal(&values[0]) } else { None };
+            let v = if values.len() == 1 { expr_literal(&values[0], &mut info.literal_dependent) } else { None };
             info.modifiers |= setting_change(&object_last(variable), v.as_deref());
         }
         Set::MultipleAssignments { assignments } => {
             info.classes.insert(Session);
             info.add_command("set");
             for a in assignments {
-                info.modifiers |= setting_change(&object_last(&a.name), expr_literal(&a.value).as_deref());
+                let v = expr_literal(&a.value, &mut info.literal_dependent);
+                info.modifiers |= setting_change(&object_last(&a.name), v.as_deref());
             }
         }
         Set::ParenthesizedAssignments { variables, .. } => {
@@ -831,6 +885,8 @@ fn classify_set(set: &Set, info: &mut StatementInfo) {
         Set::SetNames { charset_name, .. } => {
             info.classes.insert(Session);
             info.add_command("set names");
+            // `SET NAMES 'big5'`: the name may have been a literal.
+            info.literal_dependent = true;
             info.modifiers |= setting_change("client_encoding", Some(&charset_name.value.to_lowercase()));
         }
         _ => {
@@ -840,27 +896,31 @@ fn classify_set(set: &Set, info: &mut StatementInfo) {
     }
 }
 
-/// The first `n` words of a statement as sqlparser prints it, lowercased ("create function").
-fn leading_words(s: &Statement, n: usize) -> String {
+/// The first `n` words of a statement as sqlparser prints it, lowercased ("create function"),
+/// and whether one of them came from a literal (a number, or the prefix of `E'…'`).
+fn leading_words(s: &Statement, n: usize) -> (String, bool) {
     let text = s.to_string();
     let mut words = Vec::new();
-    for w in text.split_whitespace() {
+    let mut from_literal = false;
+    for piece in text.split_whitespace() {
         let skip =
-            matches!(w.to_ascii_uppercase().as_str(), "OR" | "REPLACE" | "TEMPORARY" | "TEMP" | "UNIQUE" | "ALTER");
+            matches!(piece.to_ascii_uppercase().as_str(), "OR" | "REPLACE" | "TEMPORARY" | "TEMP" | "UNIQUE" | "ALTER");
         // "CREATE OR REPLACE FUNCTION" → "create function"; "CREATE OR ALTER" likewise.
         if skip && !words.is_empty() {
             continue;
         }
-        let w: String = w.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+        let w: String = piece.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
         if w.is_empty() {
             break;
         }
+        let rest = &piece[w.len()..];
+        from_literal |= w.starts_with(|c: char| c.is_ascii_digit()) || rest.starts_with(['\'', '&']);
         words.push(w.to_lowercase());
         if words.len() == n {
             break;
         }
     }
-    words.join(" ")
+    (words.join(" "), from_literal)
 }
 
 /// Analyze one parsed statement.
@@ -884,6 +944,8 @@ fn analyze_lexically(text: &str) -> StatementInfo {
         modifiers: f.modifiers,
         functions: f.functions,
         unparsable: !is_do,
+        // The scan reads string contents (DO bodies, EXECUTE '…') and the text as written.
+        literal_dependent: true,
         ..Default::default()
     };
     // Any word might be a table: deny rules on tables still see them.
@@ -908,7 +970,26 @@ const DIALECT: PostgreSqlDialect = PostgreSqlDialect {};
 /// Split and analyze a simple-query string (or a Parse's text). Never fails: what cannot be
 /// parsed comes back `unparsable`. Empty strings (or only comments) give no statements.
 pub fn analyze_sql(sql: &str) -> Vec<StatementInfo> {
+    analyze_sql_with(sql, None).0
+}
+
+/// [`analyze_sql`], and whether the analysis holds for every text with the same
+/// literal-normalized key as `sql` (`norm`, computed from `sql`): true only when
+///
+/// * no statement's analysis read a literal's value (`literal_dependent`; the places that do
+///   set it: `expr_literal`, `set_config_call`, `trivially_true`, lexical scans, PREPARE), and
+/// * every literal of the text became a literal value in sqlparser's AST, exactly where the
+///   normalizer found it ([`Normalized::values_cover_literals`]) — so a literal that sqlparser
+///   made part of the statement's structure (an identifier, a COPY program or option, a type
+///   modifier, a count) always keeps the analysis to this text, whatever code reads it, and
+/// * the string was not split after `COPY … FROM STDIN;` (where the tokenizer's view of the
+///   rest depends on its contents).
+///
+/// `norm` None: false.
+pub(crate) fn analyze_sql_with(sql: &str, norm: Option<&Normalized>) -> (Vec<StatementInfo>, bool) {
     let mut out = Vec::new();
+    let mut parsed = Vec::new();
+    let mut split = false;
     let mut rest = sql;
     // Segments end after a `COPY … FROM STDIN;` whose following lines the tokenizer would
     // swallow as inline data.
@@ -921,17 +1002,18 @@ pub fn analyze_sql(sql: &str) -> Vec<StatementInfo> {
                 break;
             }
             Ok(tokens) => {
-                if let Some(split) = copy_data_split(rest, &tokens) {
-                    let (head, tail) = rest.split_at(split);
+                if let Some(at) = copy_data_split(rest, &tokens) {
+                    split = true;
+                    let (head, tail) = rest.split_at(at);
                     // `head` ends with the `;` of COPY … FROM STDIN and has no data after it.
                     match Tokenizer::new(&DIALECT, head).tokenize_with_location() {
-                        Ok(t) if copy_data_split(head, &t).is_none() => analyze_tokens(t, &mut out),
+                        Ok(t) if copy_data_split(head, &t).is_none() => analyze_tokens(t, &mut out, &mut parsed),
                         _ => out.push(analyze_lexically(head)),
                     }
                     rest = tail;
                     continue;
                 }
-                analyze_tokens(tokens, &mut out);
+                analyze_tokens(tokens, &mut out, &mut parsed);
                 break;
             }
         }
@@ -941,7 +1023,9 @@ pub fn analyze_sql(sql: &str) -> Vec<StatementInfo> {
             s.modifiers.insert(Modifier::MultiStatement);
         }
     }
-    out
+    let shareable = norm
+        .is_some_and(|n| !split && out.iter().all(|i| !i.literal_dependent) && n.values_cover_literals(sql, &parsed));
+    (out, shareable)
 }
 
 /// If the tokens hold inline COPY data, the byte offset just after the `;` that ends the COPY.
@@ -1045,7 +1129,8 @@ fn join_unicode_identifiers(tokens: &mut Vec<TokenWithSpan>) -> Result<(), ()> {
     Ok(())
 }
 
-fn analyze_tokens(mut tokens: Vec<TokenWithSpan>, out: &mut Vec<StatementInfo>) {
+/// Analyze a segment's tokens into `out`; the statements sqlparser parsed go to `parsed`.
+fn analyze_tokens(mut tokens: Vec<TokenWithSpan>, out: &mut Vec<StatementInfo>, parsed: &mut Vec<Statement>) {
     if join_unicode_identifiers(&mut tokens).is_err() {
         out.push(analyze_lexically(&group_text(&tokens)));
         return;
@@ -1053,16 +1138,20 @@ fn analyze_tokens(mut tokens: Vec<TokenWithSpan>, out: &mut Vec<StatementInfo>) 
     // Whole string first: one statement after another, each ended by `;` or the end.
     if let Some(stmts) = parse_strict(tokens.clone()) {
         out.extend(stmts.iter().map(analyze_statement));
+        parsed.extend(stmts);
         return;
     }
     // Otherwise statement by statement, split at top-level `;` tokens (quotes, comments and
     // dollar-quoted bodies are single tokens, so their semicolons do not split).
     let mut group: Vec<TokenWithSpan> = Vec::new();
-    let flush = |group: &mut Vec<TokenWithSpan>, out: &mut Vec<StatementInfo>| {
+    let flush = |group: &mut Vec<TokenWithSpan>, out: &mut Vec<StatementInfo>, parsed: &mut Vec<Statement>| {
         let significant = group.iter().any(|t| !matches!(t.token, Token::Whitespace(_) | Token::EOF));
         if significant {
             match parse_strict(group.clone()) {
-                Some(stmts) if stmts.len() == 1 => out.push(analyze_statement(&stmts[0])),
+                Some(stmts) if stmts.len() == 1 => {
+                    out.push(analyze_statement(&stmts[0]));
+                    parsed.extend(stmts);
+                }
                 _ => out.push(analyze_lexically(&group_text(group))),
             }
         }
@@ -1070,12 +1159,12 @@ fn analyze_tokens(mut tokens: Vec<TokenWithSpan>, out: &mut Vec<StatementInfo>) 
     };
     for t in tokens {
         if t.token == Token::SemiColon {
-            flush(&mut group, out);
+            flush(&mut group, out, parsed);
         } else {
             group.push(t);
         }
     }
-    flush(&mut group, out);
+    flush(&mut group, out, parsed);
 }
 
 fn group_text(group: &[TokenWithSpan]) -> String {

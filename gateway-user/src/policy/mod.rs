@@ -16,16 +16,24 @@
 //!    `default` (the `[defaults] action`).
 //!
 //! Caching: the analysis of a statement text is a pure function of the text, so it is cached
-//! (LRU, sharded, keyed by the full text — equality-checked, never by hash alone). Rules are
-//! evaluated per call; the verdict for (user, groups, database, state of every time window) is
-//! memoized next to the analysis, so a repeated statement costs a hash lookup, a short scan and
-//! an `Arc` clone. Time windows are part of the memo key, so a window opening or closing is
-//! seen at once. Verdicts that depend on the session's prepared statements (EXECUTE) are not
-//! memoized.
+//! (LRU, sharded, keyed by text — equality-checked, never by hash alone). Rules are evaluated
+//! per call; the verdict for (user, groups, database, state of every time window) is memoized
+//! next to the analysis, so a repeated statement costs a hash lookup, a short scan and an `Arc`
+//! clone. Time windows are part of the memo key, so a window opening or closing is seen at
+//! once. Verdicts that depend on the session's prepared statements (EXECUTE) are not memoized.
+//!
+//! Texts that differ only in literal values (`… WHERE aid = 12345`, `… WHERE aid = 678`) share
+//! one analysis, keyed by the text with its literals replaced by placeholders ([`normalize`]),
+//! when that analysis cannot depend on the values: no statement's analysis read a literal
+//! (`StatementInfo::literal_dependent`), and every literal ended up as a literal value in the
+//! parse, where the normalizer saw it (see `analyze::analyze_sql_with`). Otherwise the
+//! analysis is cached by its exact text, as before. A lookup tries the normalized key first,
+//! then the exact text.
 
 mod analyze;
 mod file;
 mod lexical;
+pub(crate) mod normalize;
 mod window;
 
 #[cfg(test)]
@@ -153,7 +161,9 @@ struct Memo {
 }
 
 struct Entry {
-    sql: Box<str>,
+    /// The statement text, or (`normalized`) its literal-normalized key.
+    key: Box<str>,
+    normalized: bool,
     stmts: Vec<Stmt>,
     has_execute: bool,
     memo: Mutex<Vec<Memo>>,
@@ -163,8 +173,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Statement-text hash → entries with that hash (compared by text).
-type Shard = LruCache<u64, Vec<Arc<Entry>>>;
+/// Key hash → entries with that hash (compared by key), and the shard's counters.
+struct Shard {
+    lru: LruCache<u64, Vec<Arc<Entry>>>,
+    stats: CacheStats,
+}
+
+/// Counters of the analysis cache (summed over its shards; kept under the shard locks, so they
+/// cost no extra synchronization).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Lookups answered by an entry for the exact text.
+    pub exact_hits: u64,
+    /// Lookups answered by an entry shared by texts that differ only in literal values.
+    pub normalized_hits: u64,
+    /// Analyses made and cached (misses).
+    pub analyses: u64,
+    /// … of which were cached under a literal-normalized key.
+    pub shared: u64,
+}
 
 /// How the session resolves `EXECUTE name` to the prepared statement's text.
 pub type PreparedLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -177,7 +204,64 @@ struct Cache {
 impl Cache {
     fn new(entries: usize) -> Cache {
         let per = NonZeroUsize::new(entries.div_ceil(SHARDS).max(1)).expect("non-zero");
-        Cache { hasher: RandomState::new(), shards: (0..SHARDS).map(|_| Mutex::new(LruCache::new(per))).collect() }
+        Cache {
+            hasher: RandomState::new(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Shard { lru: LruCache::new(per), stats: CacheStats::default() }))
+                .collect(),
+        }
+    }
+
+    fn shard(&self, key: &str, normalized: bool) -> (u64, &Mutex<Shard>) {
+        let h = self.hasher.hash_one((normalized, key));
+        (h, &self.shards[(h as usize) % SHARDS])
+    }
+
+    fn get(&self, key: &str, normalized: bool) -> Option<Arc<Entry>> {
+        let (h, shard) = self.shard(key, normalized);
+        let mut g = lock(shard);
+        let e = g.lru.get(&h)?.iter().find(|e| e.normalized == normalized && &*e.key == key)?.clone();
+        if normalized {
+            g.stats.normalized_hits += 1;
+        } else {
+            g.stats.exact_hits += 1;
+        }
+        Some(e)
+    }
+
+    /// Cache a new entry; if another thread cached one for the same key meanwhile, that one.
+    fn insert(&self, e: Arc<Entry>) -> Arc<Entry> {
+        let (h, shard) = self.shard(&e.key, e.normalized);
+        let mut g = lock(shard);
+        g.stats.analyses += 1;
+        g.stats.shared += u64::from(e.normalized);
+        match g.lru.get_mut(&h) {
+            Some(bucket) => {
+                if let Some(existing) = bucket.iter().find(|x| x.normalized == e.normalized && x.key == e.key) {
+                    return existing.clone();
+                }
+                if bucket.len() >= 4 {
+                    bucket.remove(0);
+                }
+                bucket.push(e.clone());
+            }
+            None => {
+                g.lru.put(h, vec![e.clone()]);
+            }
+        }
+        e
+    }
+
+    fn stats(&self) -> CacheStats {
+        let mut t = CacheStats::default();
+        for s in self.shards.iter() {
+            let s = lock(s).stats;
+            t.exact_hits += s.exact_hits;
+            t.normalized_hits += s.normalized_hits;
+            t.analyses += s.analyses;
+            t.shared += s.shared;
+        }
+        t
     }
 }
 
@@ -247,7 +331,8 @@ impl Policy {
             c,
             cache: Cache::new(DEFAULT_CACHE_ENTRIES),
             fastpath: Arc::new(Entry {
-                sql: "".into(),
+                key: "".into(),
+                normalized: false,
                 stmts: Vec::new(),
                 has_execute: false,
                 memo: Mutex::new(Vec::new()),
@@ -258,8 +343,13 @@ impl Policy {
         info.modifiers.insert(Modifier::Fastpath);
         info.commands.push("function call".into());
         let stmt = p.stmt(Arc::new(info));
-        p.fastpath =
-            Arc::new(Entry { sql: "".into(), stmts: vec![stmt], has_execute: false, memo: Mutex::new(Vec::new()) });
+        p.fastpath = Arc::new(Entry {
+            key: "".into(),
+            normalized: false,
+            stmts: vec![stmt],
+            has_execute: false,
+            memo: Mutex::new(Vec::new()),
+        });
         p
     }
 
@@ -267,6 +357,12 @@ impl Policy {
     pub fn with_cache_capacity(mut self, entries: usize) -> Policy {
         self.cache = Cache::new(entries.max(SHARDS));
         self
+    }
+
+    /// Counters of the analysis cache (hits by exact text and by literal-normalized key,
+    /// analyses made).
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
     }
 
     /// The files this policy was built from.
@@ -414,43 +510,51 @@ impl Policy {
         verdict
     }
 
-    /// The cached analysis of `sql`.
+    /// The cached analysis of `sql`: shared with texts that differ only in literal values
+    /// when it does not depend on them, else by exact text.
     fn entry(&self, sql: &str) -> Arc<Entry> {
         if sql.len() > MAX_CACHED_SQL {
-            return Arc::new(self.build_entry(sql));
+            return Arc::new(self.build_entry(sql, None));
         }
-        let h = self.cache.hasher.hash_one(sql);
-        let shard = &self.cache.shards[(h as usize) % SHARDS];
-        if let Some(bucket) = lock(shard).get(&h)
-            && let Some(e) = bucket.iter().find(|e| &*e.sql == sql)
+        let norm = normalize::normalize(sql);
+        if let Some(n) = &norm
+            && let Some(e) = self.cache.get(&n.key, true)
         {
-            return e.clone();
+            return e;
+        }
+        if let Some(e) = self.cache.get(sql, false) {
+            return e;
         }
         // Parse outside the lock.
-        let e = Arc::new(self.build_entry(sql));
-        let mut g = lock(shard);
-        match g.get_mut(&h) {
-            Some(bucket) => {
-                if let Some(existing) = bucket.iter().find(|x| &*x.sql == sql) {
-                    return existing.clone();
-                }
-                if bucket.len() >= 4 {
-                    bucket.remove(0);
-                }
-                bucket.push(e.clone());
-            }
-            None => {
-                g.put(h, vec![e.clone()]);
-            }
-        }
-        e
+        self.cache.insert(Arc::new(self.build_entry(sql, norm)))
     }
 
-    fn build_entry(&self, sql: &str) -> Entry {
-        let infos = analyze_sql(sql);
+    /// Analyze `sql`; the entry is keyed by `norm`'s key when the analysis holds for every text
+    /// with that key, else by `sql`.
+    fn build_entry(&self, sql: &str, norm: Option<normalize::Normalized>) -> Entry {
+        let (infos, shareable) = analyze::analyze_sql_with(sql, norm.as_ref());
         let has_execute = infos.iter().any(|i| i.execute.is_some());
         let stmts = infos.into_iter().map(|i| self.stmt(Arc::new(i))).collect();
-        Entry { sql: sql.into(), stmts, has_execute, memo: Mutex::new(Vec::new()) }
+        let (key, normalized) = match norm {
+            Some(n) if shareable => (n.key.into_boxed_str(), true),
+            _ => (sql.into(), false),
+        };
+        Entry { key, normalized, stmts, has_execute, memo: Mutex::new(Vec::new()) }
+    }
+
+    /// The verdict from a fresh analysis of `sql`, bypassing the cache (tests compare the
+    /// cached paths against this).
+    #[cfg(test)]
+    fn decide_uncached(
+        &self,
+        identity: &Identity,
+        database: &str,
+        sql: &str,
+        now: DateTime<Utc>,
+        lookup: Option<PreparedLookup<'_>>,
+    ) -> Verdict {
+        let entry = self.build_entry(sql, None);
+        self.evaluate(&entry, identity, database, self.window_bits(now), lookup)
     }
 
     fn stmt(&self, info: Arc<StatementInfo>) -> Stmt {

