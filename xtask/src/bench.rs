@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: pgward against direct Postgres, PgBouncer (session mode) and a bare
 //! splice proxy, on one throwaway PostgreSQL 15 cluster.
 //!
-//! Sections (all by default; pick with `--only main,fsync,memory,ebpf,mask`):
+//! Sections (all by default; `--quick` leaves out callgrind and micro unless named in `--only`;
+//! pick with `--only main,fsync,memory,ebpf,mask,callgrind,micro`):
 //!
 //! - `main`: the targets A B C D (direct, pgbouncer, splice, pgward) run interleaved — for each
 //!   cycle, for each workload, every target in turn — on pgbench -S in simple, extended and
@@ -10,16 +11,30 @@
 //!   budget (PASS/FAIL per line).
 //! - `fsync`: pgward with audit.fsync = always, group, off (and direct) on pgbench -S simple.
 //! - `memory`: pgward's RSS per idle session with N (500) sessions open.
-//! - `ebpf`: placeholder (eBPF redirect vs direct connect is a later issue).
+//! - `ebpf`: what the eBPF redirect costs (bench/ebpf.rs): one pgward with `[intercept]` on a
+//!   child cgroup, reached (a) on its own port, (b) by dialing the Postgres port from inside the
+//!   cgroup (redirected by cgroup/connect4), (c) on its own port from inside the cgroup; churn
+//!   (-C) and single-client latency, interleaved; medians and b/a. Skipped, with the reason,
+//!   where the programs cannot be loaded.
 //! - `mask`: the 100k-row result through one pgward with one masked column (`[[mask]]` on
 //!   `bench_rows.h`, keep_last 4) vs the same result for a session no mask applies to.
+//! - `callgrind` (~1 min): instructions per transaction of the pgward process under valgrind's
+//!   callgrind, pgbench -S -c 1 in the three protocol modes, audit fsync off and group (off only
+//!   with `--quick`), startup and login subtracted with a second, shorter run; the top functions
+//!   per transaction (bench/callgrind.rs). Repeatable to ~0.1% on a busy machine.
+//! - `micro`: gateway-user's `#[ignore]` micro-benchmark tests (policy decide, audit writer
+//!   throughput) in release mode, their printed lines (bench/micro.rs). Runs first, before
+//!   the cluster starts; its release test build can take minutes.
 //!
 //! Results: a table on stdout, JSON in target/bench/<timestamp>.json and target/bench/latest.json,
 //! a PNG chart beside them. The process exits non-zero only on errors (setup failures or failed
 //! measurements), never on a budget miss.
 
+mod callgrind;
 mod chart;
+mod ebpf;
 mod idle;
+mod micro;
 mod procs;
 
 use std::collections::BTreeMap;
@@ -43,10 +58,14 @@ pub enum Section {
     Fsync,
     /// pgward's memory per idle session.
     Memory,
-    /// eBPF redirect vs direct connect (placeholder: a later issue).
+    /// eBPF redirect vs connecting to pgward's port (churn and latency).
     Ebpf,
     /// The 100k-row result through pgward with one masked column vs the same result unmasked.
     Mask,
+    /// Instructions per transaction of pgward under callgrind (not in --quick's default set).
+    Callgrind,
+    /// gateway-user's #[ignore] micro-benchmark tests (release build; not in --quick's default set).
+    Micro,
 }
 
 #[derive(clap::Args)]
@@ -75,7 +94,7 @@ pub struct BenchArgs {
     /// Idle sessions for the memory section.
     #[arg(long, default_value_t = 500)]
     pub idle_sessions: usize,
-    /// Sections to run, comma-separated (default: all).
+    /// Sections to run, comma-separated (default: all; with --quick all but callgrind and micro).
     #[arg(long, value_delimiter = ',', value_name = "SECTIONS")]
     pub only: Vec<Section>,
     /// Use this pgward binary instead of building it with `cargo build --release -p gateway-user`.
@@ -147,19 +166,31 @@ struct Target {
     port: u16,
     user: String,
     password: String,
+    /// Run the client inside this cgroup v2 (it moves itself there before it execs).
+    cgroup: Option<PathBuf>,
 }
 
 impl Target {
     fn service(name: &str, port: u16) -> Target {
-        Target { name: name.into(), port, user: pg::SERVICE_USER.into(), password: pg::SERVICE_PASSWORD.into() }
+        Target { name: name.into(), port, user: pg::SERVICE_USER.into(), password: pg::SERVICE_PASSWORD.into(), cgroup: None }
     }
     fn pgward(name: &str, gw: &Pgward) -> Target {
-        Target { name: name.into(), port: gw.port, user: "bench".into(), password: gw.token.clone() }
+        Target { name: name.into(), port: gw.port, user: "bench".into(), password: gw.token.clone(), cgroup: None }
     }
 
     /// A libpq client command (pgbench, psql) aimed at this target.
     fn client(&self, prog: &str) -> Command {
-        let mut c = Command::new(pg::bindir().join(prog));
+        let path = pg::bindir().join(prog);
+        let mut c = match &self.cgroup {
+            // The shell joins the cgroup, then becomes the client (same pid), so every socket
+            // the client creates belongs to the cgroup.
+            Some(cg) => {
+                let mut c = Command::new("sh");
+                c.arg("-c").arg(format!("echo $$ > '{}/cgroup.procs' && exec \"$0\" \"$@\"", cg.display())).arg(path);
+                c
+            }
+            None => Command::new(path),
+        };
         for v in ["PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE", "PGPASSFILE", "PGOPTIONS", "PGSSLMODE"] {
             c.env_remove(v);
         }
@@ -250,7 +281,8 @@ fn median(v: &[f64]) -> Option<f64> {
     Some(if s.len() % 2 == 1 { s[m] } else { (s[m - 1] + s[m]) / 2.0 })
 }
 
-/// Results of a section: cells by (workload, target).
+/// Results of a section: cells by (workload, target). The first target is the baseline the
+/// ratios are to ("direct" in main and fsync).
 struct Table {
     workloads: Vec<Workload>,
     targets: Vec<String>,
@@ -269,9 +301,12 @@ impl Table {
     fn median(&self, w: Workload, target: &str) -> Option<f64> {
         self.cell(w, target).and_then(Cell::median)
     }
-    /// value / direct
+    fn baseline(&self) -> &str {
+        self.targets.first().map_or("direct", String::as_str)
+    }
+    /// value / baseline (direct)
     fn ratio(&self, w: Workload, target: &str) -> Option<f64> {
-        Some(self.median(w, target)? / self.median(w, "direct")?)
+        Some(self.median(w, target)? / self.median(w, self.baseline())?)
     }
     /// Performance relative to direct: higher is better for every workload.
     fn relative(&self, w: Workload, target: &str) -> Option<f64> {
@@ -309,7 +344,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         idle_sessions: args.idle_sessions.max(1),
     };
     let sections: Vec<Section> = if args.only.is_empty() {
-        vec![Section::Main, Section::Fsync, Section::Memory, Section::Ebpf, Section::Mask]
+        let mut v = vec![Section::Main, Section::Fsync, Section::Memory, Section::Ebpf, Section::Mask];
+        if args.quick {
+            step("--quick: leaving out callgrind (~1 min) and micro (a release test build, minutes); name them in --only to add them");
+        } else {
+            v.extend([Section::Callgrind, Section::Micro]);
+        }
+        v
     } else {
         let mut v = args.only.clone();
         v.sort();
@@ -320,7 +361,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let out_dir = args.out.clone().unwrap_or_else(|| root.join("target/bench"));
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
 
-    let needs_pg = sections.iter().any(|s| *s != Section::Ebpf);
+    let needs_pg = sections.iter().any(|s| *s != Section::Micro);
     // Release builds: pgward, and this xtask for the splice proxy (a debug build of tokio
     // would make the baseline proxy look slower than it is).
     let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
@@ -345,6 +386,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let load_start = loadavg();
     let mut report = Report::default();
 
+    // Before the cluster starts: it compiles (possibly for minutes) and needs nothing else.
+    if sections.contains(&Section::Micro) {
+        report.micro = Some(micro::run(&root, &interrupted));
+    }
+
     // Declared before the cluster so it is dropped (removed) after the cluster has stopped.
     let work = WorkDir::create(args.keep_workdir)?;
     let result = (|| -> Result<()> {
@@ -360,8 +406,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 Section::Main => section_main(&s, &work, &cluster, &pgward_bin, &splice_bin, &mut report.main)?,
                 Section::Fsync => section_fsync(&s, &work, &cluster, &pgward_bin, &mut report.fsync)?,
                 Section::Memory => report.memory = Some(section_memory(&s, &work, &cluster, &pgward_bin)?),
-                Section::Ebpf => {}
+                Section::Ebpf => ebpf::section(&s, &work, &cluster, &pgward_bin, &mut report.ebpf)?,
                 Section::Mask => section_mask(&s, &work, &cluster, &pgward_bin, &mut report.mask)?,
+                Section::Callgrind => callgrind::section(
+                    &callgrind::Plan::new(s.quick),
+                    &work,
+                    &cluster,
+                    &pgward_bin,
+                    &out_dir,
+                    &stamp,
+                    &mut report.callgrind,
+                )?,
+                Section::Micro => {}
             }
         }
         cluster.stop();
@@ -383,7 +439,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
     drop(work);
-    report.ebpf = sections.contains(&Section::Ebpf);
 
     // Output.
     let text = report.render(&s);
@@ -765,7 +820,9 @@ struct Report {
     main: Option<Table>,
     fsync: Option<Table>,
     memory: Option<idle::IdleReport>,
-    ebpf: bool,
+    ebpf: Option<ebpf::Outcome>,
+    callgrind: Option<callgrind::Report>,
+    micro: Option<Vec<micro::TestRun>>,
     /// (unmasked, masked) samples of the 100k-row psql run, ms.
     mask: Option<(Cell, Cell)>,
 }
@@ -786,6 +843,12 @@ impl Report {
         self.main.as_ref().map_or(0, Table::errors)
             + self.fsync.as_ref().map_or(0, Table::errors)
             + self.mask.as_ref().map_or(0, |(a, b)| a.errors.len() + b.errors.len())
+            + match &self.ebpf {
+                Some(ebpf::Outcome::Measured(t)) => t.errors(),
+                _ => 0,
+            }
+            + self.callgrind.as_ref().map_or(0, callgrind::Report::errors)
+            + self.micro.as_ref().map_or(0, |v| v.iter().filter(|r| r.error.is_some()).count())
     }
 
     fn budget(&self) -> Vec<Check> {
@@ -872,8 +935,34 @@ impl Report {
                 m.login_secs
             );
         }
-        if self.ebpf {
-            let _ = writeln!(o, "\n== ebpf: eBPF redirect vs direct connect ==\n  not measured yet: a later issue (placeholder)");
+        match &self.ebpf {
+            Some(ebpf::Outcome::Skipped(why)) => {
+                let _ = writeln!(o, "\n== ebpf: eBPF redirect vs connecting to pgward's port ==\n  skipped: {why}");
+            }
+            Some(ebpf::Outcome::Measured(t)) => {
+                let _ = writeln!(
+                    o,
+                    "\n== ebpf: eBPF redirect vs connecting to pgward's port (pgward audit fsync = {}; ratio to {}) ==",
+                    ebpf::FSYNC,
+                    ebpf::DIRECT
+                );
+                render_table(&mut o, t);
+                for (name, what) in ebpf::TARGETS {
+                    let _ = writeln!(o, "  {name:<18} {what}");
+                }
+                for &w in &ebpf::WORKLOADS {
+                    match t.ratio(w, ebpf::REDIRECTED) {
+                        Some(r) => {
+                            let what = if w.higher_is_better() { "throughput" } else { "time" };
+                            let _ = writeln!(o, "  {:<16} redirected / pgward-port (b/a): {r:.3}× ({what}; {})", w.name(), w.describe(s));
+                        }
+                        None => {
+                            let _ = writeln!(o, "  {:<16} redirected / pgward-port (b/a): not measured", w.name());
+                        }
+                    }
+                }
+            }
+            None => {}
         }
         if let Some((u, m)) = &self.mask {
             let _ = writeln!(o, "\n== mask: {} ==", MASK_WORKLOAD);
@@ -883,6 +972,21 @@ impl Report {
                 }
                 _ => {
                     let _ = writeln!(o, "  not measured ({} error(s))", u.errors.len() + m.errors.len());
+                }
+            }
+        }
+        if let Some(c) = &self.callgrind {
+            c.render(&mut o);
+        }
+        if let Some(runs) = &self.micro {
+            let _ = writeln!(o, "\n== micro: gateway-user micro-benchmarks (#[ignore] tests, release build) ==");
+            for r in runs {
+                let _ = writeln!(o, "  {} ({:.1} s){}", r.test, r.secs, if r.error.is_some() { ": ERROR" } else { "" });
+                for l in &r.lines {
+                    let _ = writeln!(o, "    {l}");
+                }
+                if let Some(e) = &r.error {
+                    let _ = writeln!(o, "    error: {e}");
                 }
             }
         }
@@ -905,6 +1009,8 @@ impl Report {
 
     fn json(&self, s: &Settings, sections: &[Section], iso: &str, secs: f64) -> Value {
         let table_json = |t: &Table| -> Value {
+            // main and fsync: ratios to direct Postgres; ebpf: to its own baseline target.
+            let ratio_key = if t.baseline() == "direct" { "ratio_to_direct" } else { "ratio_to_baseline" };
             let workloads: Vec<Value> = t
                 .workloads
                 .iter()
@@ -916,7 +1022,7 @@ impl Report {
                             name.clone(),
                             json!({
                                 "median": cell.median(),
-                                "ratio_to_direct": t.ratio(w, name),
+                                ratio_key: t.ratio(w, name),
                                 "relative_performance": t.relative(w, name),
                                 "samples": cell.samples,
                                 "errors": cell.errors,
@@ -973,7 +1079,26 @@ impl Report {
                 "masked_ms": { "median": m.median(), "samples": m.samples, "errors": m.errors },
                 "ratio": match (u.median(), m.median()) { (Some(a), Some(b)) => Some(b / a), _ => None },
             })),
-            "ebpf": if self.ebpf { json!({ "status": "not measured: eBPF redirect vs direct connect is a later issue" }) } else { Value::Null },
+            "ebpf": match &self.ebpf {
+                None => Value::Null,
+                Some(ebpf::Outcome::Skipped(why)) => json!({ "status": "skipped", "reason": why }),
+                Some(ebpf::Outcome::Measured(t)) => {
+                    let mut v = table_json(t);
+                    v["status"] = json!("measured");
+                    v["baseline"] = json!(ebpf::DIRECT);
+                    v["pgward_fsync"] = json!(ebpf::FSYNC);
+                    v["targets_described"] =
+                        ebpf::TARGETS.iter().map(|(n, w)| (n.to_string(), json!(w))).collect::<serde_json::Map<_, _>>().into();
+                    v["redirect_ratio"] = ebpf::WORKLOADS
+                        .iter()
+                        .map(|&w| (w.name().to_string(), json!(t.ratio(w, ebpf::REDIRECTED))))
+                        .collect::<serde_json::Map<_, _>>()
+                        .into();
+                    v
+                }
+            },
+            "callgrind": self.callgrind.as_ref().map(callgrind::Report::json),
+            "micro": self.micro.as_ref().map(|v| v.iter().map(micro::TestRun::json).collect::<Vec<_>>()),
             "budget": budget,
         })
     }
@@ -1060,7 +1185,7 @@ fn render_table(o: &mut String, t: &Table) {
         let _ = write!(o, "{:<16} {:<5}", w.name(), w.unit());
         for name in &t.targets {
             let cellstr = match (t.median(w, name), t.ratio(w, name)) {
-                (Some(v), _) if name == "direct" => fmt_value(v),
+                (Some(v), _) if name == t.baseline() => fmt_value(v),
                 (Some(v), Some(r)) => format!("{} ({r:.2}×)", fmt_value(v)),
                 (Some(v), None) => fmt_value(v),
                 (None, _) if t.cell(w, name).is_some_and(|c| !c.errors.is_empty()) => "ERROR".to_string(),

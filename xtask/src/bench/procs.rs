@@ -4,7 +4,8 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::ffi::OsString;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -51,7 +52,12 @@ impl Proc {
 
     /// Wait until something accepts TCP connections on 127.0.0.1:`port` (20 s at most).
     pub fn wait_port(&mut self, port: u16) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.wait_port_for(port, Duration::from_secs(20))
+    }
+
+    /// Wait until something accepts TCP connections on 127.0.0.1:`port`, `limit` at most.
+    pub fn wait_port_for(&mut self, port: u16, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             self.check_alive()?;
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -59,7 +65,34 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("{} did not listen on port {port} within 20 s; last lines of {}:\n{}", self.name, self.log.display(), tail(&self.log, 20))
+        bail!(
+            "{} did not listen on port {port} within {} s; last lines of {}:\n{}",
+            self.name,
+            limit.as_secs(),
+            self.log.display(),
+            tail(&self.log, 20)
+        )
+    }
+
+    /// SIGTERM (by our child's pid) and wait up to `limit` for it to exit on its own (e.g. so
+    /// valgrind can write its output); SIGKILL and an error when it does not.
+    pub fn stop_wait(&mut self, limit: Duration) -> Result<ExitStatus> {
+        if let Some(st) = self.child.try_wait()? {
+            return Ok(st);
+        }
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            unsafe { kill(pid, SIGTERM) };
+        }
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        bail!("{} did not exit within {} s of SIGTERM (killed)", self.name, limit.as_secs())
     }
 }
 
@@ -133,10 +166,12 @@ pub struct Pgward {
     pub proc: Proc,
     pub port: u16,
     pub token: String,
+    /// Its directory (pgward.toml, audit/, intercept.state.json).
+    pub dir: PathBuf,
 }
 
 pub fn start_pgward(bin: &Path, work: &WorkDir, name: &str, cluster: &Cluster, fsync: &str) -> Result<Pgward> {
-    start_pgward_with_policy(bin, work, name, cluster, fsync, "")
+    start_pgward_opts(bin, work, name, cluster, &PgwardOpts { fsync, ..PgwardOpts::default() })
 }
 
 /// Like [`start_pgward`], with `policy_extra` appended to the policy file `init` wrote (e.g.
@@ -149,6 +184,41 @@ pub fn start_pgward_with_policy(
     fsync: &str,
     policy_extra: &str,
 ) -> Result<Pgward> {
+    start_pgward_opts(bin, work, name, cluster, &PgwardOpts { fsync, policy_extra, ..PgwardOpts::default() })
+}
+
+/// How to set up and start one pgward.
+pub struct PgwardOpts<'a> {
+    /// `audit.fsync`: "always", "group", "off".
+    pub fsync: &'a str,
+    /// Appended to the policy file `init` wrote.
+    pub policy_extra: &'a str,
+    /// Appended to pgward.toml (e.g. an `[intercept]` section).
+    pub config_extra: &'a str,
+    /// `(section, key, value)` set in pgward.toml (value as TOML, e.g. `false`).
+    pub set: Vec<(&'a str, &'a str, &'a str)>,
+    /// Run `serve` under this command (e.g. `valgrind --tool=callgrind …`).
+    pub wrapper: Vec<OsString>,
+    /// How long `serve` may take to listen.
+    pub start_timeout: Duration,
+}
+
+impl Default for PgwardOpts<'_> {
+    fn default() -> Self {
+        PgwardOpts {
+            fsync: "group",
+            policy_extra: "",
+            config_extra: "",
+            set: Vec::new(),
+            wrapper: Vec::new(),
+            start_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// `pgward init` into `<work>/<name>`, adjust the config and policy, `pgward serve`, and issue a
+/// token for `bench`.
+pub fn start_pgward_opts(bin: &Path, work: &WorkDir, name: &str, cluster: &Cluster, o: &PgwardOpts) -> Result<Pgward> {
     let dir = work.join(name);
     let pwfile = work.join("svc.password");
     std::fs::write(&pwfile, format!("{}\n", pg::SERVICE_PASSWORD))?;
@@ -165,20 +235,31 @@ pub fn start_pgward_with_policy(
     .with_context(|| format!("pgward init for {name}"))?;
     let config = dir.join("pgward.toml");
     let text = std::fs::read_to_string(&config)?;
-    let text = set_toml_key(&text, "audit", "fsync", &format!("\"{fsync}\""))
+    let mut text = set_toml_key(&text, "audit", "fsync", &format!("\"{}\"", o.fsync))
         .with_context(|| format!("setting audit.fsync in {}", config.display()))?;
+    for (section, key, value) in &o.set {
+        text = set_toml_key(&text, section, key, value).with_context(|| format!("setting {section}.{key} in {}", config.display()))?;
+    }
+    text.push_str(o.config_extra);
     std::fs::write(&config, text)?;
-    if !policy_extra.is_empty() {
+    if !o.policy_extra.is_empty() {
         let policy = dir.join("policies/default.toml");
         let mut p = std::fs::read_to_string(&policy).with_context(|| format!("reading {}", policy.display()))?;
-        p.push_str(policy_extra);
+        p.push_str(o.policy_extra);
         std::fs::write(&policy, p)?;
     }
 
-    let mut cmd = Command::new(bin);
+    let mut cmd = match o.wrapper.split_first() {
+        Some((prog, args)) => {
+            let mut c = Command::new(prog);
+            c.args(args).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
     cmd.args(["serve", "--config"]).arg(&config);
     let mut proc = Proc::spawn(name, &mut cmd, work.join(&format!("{name}.log")))?;
-    proc.wait_port(port)?;
+    proc.wait_port_for(port, o.start_timeout)?;
     let token = run_ok(
         Command::new(bin).args(["token", "issue", "--config"]).arg(&config).args(["--user", "bench", "--ttl", "12h"]),
     )
@@ -188,7 +269,7 @@ pub fn start_pgward_with_policy(
     if token.is_empty() {
         bail!("pgward token issue printed no token");
     }
-    Ok(Pgward { proc, port, token })
+    Ok(Pgward { proc, port, token, dir })
 }
 
 /// Set `key = value` in `[section]` of a TOML text (replacing the key's line, or adding it
