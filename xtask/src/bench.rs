@@ -32,6 +32,7 @@
 
 mod callgrind;
 mod chart;
+mod disk;
 mod ebpf;
 mod idle;
 mod micro;
@@ -403,7 +404,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         for sec in &sections {
             check_interrupted()?;
             match sec {
-                Section::Main => section_main(&s, &work, &cluster, &pgward_bin, &splice_bin, &mut report.main)?,
+                Section::Main => {
+                    section_main(&s, &work, &cluster, &pgward_bin, &splice_bin, &mut report.main, &mut report.flush)?
+                }
                 Section::Fsync => section_fsync(&s, &work, &cluster, &pgward_bin, &mut report.fsync)?,
                 Section::Memory => report.memory = Some(section_memory(&s, &work, &cluster, &pgward_bin)?),
                 Section::Ebpf => ebpf::section(&s, &work, &cluster, &pgward_bin, &mut report.ebpf)?,
@@ -607,7 +610,16 @@ fn section_main(
     bin: &Path,
     splice_bin: &Path,
     slot: &mut Option<Table>,
+    flush: &mut Vec<(&'static str, disk::Flush)>,
 ) -> Result<()> {
+    let probe = |label: &'static str, flush: &mut Vec<(&'static str, disk::Flush)>| match disk::measure(&work.path, FLUSH_SAMPLES) {
+        Ok(f) => {
+            step(&format!("main: audit disk flush latency {label}: p50 {:.0} µs, p90 {:.0} µs", f.p50_us, f.p90_us));
+            flush.push((label, f));
+        }
+        Err(e) => step(&format!("main: flush latency probe failed: {e:#}")),
+    };
+    probe("before", flush);
     step("main: starting pgbouncer (session mode), the splice proxy and pgward (audit fsync = group)");
     let (mut bouncer, bouncer_port) = procs::start_pgbouncer(work, cluster)?;
     let (mut splice, splice_port) = procs::start_splice(splice_bin, work, cluster)?;
@@ -625,8 +637,13 @@ fn section_main(
         targets.len(),
         s.duration
     ));
-    run_interleaved(s, &MAIN_WORKLOADS, &targets, &mut [&mut bouncer, &mut splice, &mut gw.proc], "main", slot)
+    let res = run_interleaved(s, &MAIN_WORKLOADS, &targets, &mut [&mut bouncer, &mut splice, &mut gw.proc], "main", slot);
+    probe("after", flush);
+    res
 }
+
+/// fdatasyncs per flush-latency probe.
+const FLUSH_SAMPLES: usize = 100;
 
 const MASK_WORKLOAD: &str = "psql: 100000 rows x 5 columns, column h masked (keep_last 4) vs unmasked, one pgward, wall time";
 
@@ -825,6 +842,9 @@ struct Report {
     micro: Option<Vec<micro::TestRun>>,
     /// (unmasked, masked) samples of the 100k-row psql run, ms.
     mask: Option<(Cell, Cell)>,
+    /// The work directory's flush latency (where pgward's audit log lives), before and after
+    /// the main section.
+    flush: Vec<(&'static str, disk::Flush)>,
 }
 
 /// One budget line.
@@ -909,6 +929,7 @@ impl Report {
             for w in &t.workloads {
                 let _ = writeln!(o, "  {:<16} {}", w.name(), w.describe(s));
             }
+            self.render_flush(&mut o, t, s);
         }
         if let Some(t) = &self.fsync {
             let _ = writeln!(o, "\n== fsync: pgward audit.fsync policy on pgbench -S simple (ratio to direct) ==");
@@ -1007,6 +1028,31 @@ impl Report {
         o
     }
 
+    /// The measured flush latency and what it allows pgward with `fsync = group`.
+    fn render_flush(&self, o: &mut String, t: &Table, s: &Settings) {
+        use std::fmt::Write as _;
+        if self.flush.is_empty() {
+            return;
+        }
+        let _ = writeln!(o, "\naudit disk flush latency (400 B append + fdatasync, {FLUSH_SAMPLES} samples):");
+        for (label, f) in &self.flush {
+            let _ = writeln!(o, "  {label:<7} p50 {:>7.0} µs   p90 {:>7.0} µs", f.p50_us, f.p90_us);
+        }
+        let p50 = self.flush.iter().map(|(_, f)| f.p50_us).sum::<f64>() / self.flush.len() as f64;
+        let _ = writeln!(
+            o,
+            "  write-ahead audit: every statement waits ~one flush, so with fsync = group pgward's single-client\n  \
+             latency is ≥ direct + {p50:.0} µs, and {} closed-loop clients can reach at most:",
+            s.clients
+        );
+        for w in [Workload::SelectSimple, Workload::SelectExtended, Workload::SelectPrepared, Workload::Tpcb] {
+            if let Some(d) = t.median(w, "direct") {
+                let c = disk::group_ceiling_tps(s.clients, d, p50);
+                let _ = writeln!(o, "    {:<16} {:>8.0} tps ({:.2}× direct)", w.name(), c, c / d);
+            }
+        }
+    }
+
     fn json(&self, s: &Settings, sections: &[Section], iso: &str, secs: f64) -> Value {
         let table_json = |t: &Table| -> Value {
             // main and fsync: ratios to direct Postgres; ebpf: to its own baseline target.
@@ -1060,6 +1106,9 @@ impl Report {
                 "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
                 "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
             },
+            "flush_latency": self.flush.iter().map(|(label, f)| json!({
+                "when": label, "p50_us": f.p50_us, "p90_us": f.p90_us, "samples": f.samples,
+            })).collect::<Vec<_>>(),
             "main": self.main.as_ref().map(table_json),
             "fsync": self.fsync.as_ref().map(table_json),
             "memory": self.memory.as_ref().map(|m| json!({
