@@ -55,6 +55,28 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().expect("runtime")
 }
 
+/// `tasks` concurrent tasks each append `per_task` statements durably; all their seqs.
+fn append_from_tasks(h: &AuditHandle, tasks: u64, per_task: u64) -> Vec<u64> {
+    rt().block_on(async {
+        let mut handles = Vec::new();
+        for t in 0..tasks {
+            let h = h.clone();
+            handles.push(tokio::spawn(async move {
+                let mut v = Vec::new();
+                for i in 0..per_task {
+                    v.push(h.append_durable(stmt(t * 100 + i)).await.expect("append"));
+                }
+                v
+            }));
+        }
+        let mut all = Vec::new();
+        for t in handles {
+            all.extend(t.await.expect("join"));
+        }
+        all
+    })
+}
+
 /// Start a writer, append `n` statements durably, shut down. Returns their seqs.
 fn write_log(o: WriterOptions, n: u64) -> Vec<u64> {
     let h = AuditHandle::start(o).expect("start");
@@ -194,24 +216,7 @@ fn group_commit_from_many_tasks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().to_owned();
     let h = AuditHandle::start(opts(&d, 1_000_000)).expect("start");
-    let mut seqs: Vec<u64> = rt().block_on(async {
-        let mut tasks = Vec::new();
-        for t in 0..200u64 {
-            let h = h.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut v = Vec::new();
-                for i in 0..10 {
-                    v.push(h.append_durable(stmt(t * 100 + i)).await.expect("append"));
-                }
-                v
-            }));
-        }
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.expect("join"));
-        }
-        all
-    });
+    let mut seqs = append_from_tasks(&h, 200, 10);
     // Durable before shutdown: every acknowledged seq is already in the file.
     let on_disk: Vec<u64> = records(&d).iter().map(|r| r.seq).collect();
     assert_eq!(on_disk, (1..=2001).collect::<Vec<_>>());
@@ -548,24 +553,7 @@ fn concurrent_appends_across_segment_rotations() {
     let mut o = opts(&d, 50);
     o.segment_bytes = 4096;
     let h = AuditHandle::start(o).expect("start");
-    let mut seqs: Vec<u64> = rt().block_on(async {
-        let mut tasks = Vec::new();
-        for t in 0..40u64 {
-            let h = h.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut v = Vec::new();
-                for i in 0..25 {
-                    v.push(h.append_durable(stmt(t * 100 + i)).await.expect("append"));
-                }
-                v
-            }));
-        }
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.expect("join"));
-        }
-        all
-    });
+    let mut seqs = append_from_tasks(&h, 40, 25);
     // Every acknowledged record is on disk already, in some segment.
     let on_disk: std::collections::HashSet<u64> = records(&d).iter().map(|r| r.seq).collect();
     seqs.sort_unstable();
@@ -762,20 +750,7 @@ fn throughput() {
     let n_tasks = 256u64;
     let per_task = 400u64;
     let t0 = std::time::Instant::now();
-    rt().block_on(async {
-        let mut tasks = Vec::new();
-        for t in 0..n_tasks {
-            let h = h.clone();
-            tasks.push(tokio::spawn(async move {
-                for i in 0..per_task {
-                    h.append_durable(stmt(t * per_task + i)).await.expect("append");
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.expect("join");
-        }
-    });
+    append_from_tasks(&h, n_tasks, per_task);
     let el = t0.elapsed();
     let st = h.stats();
     h.shutdown();
