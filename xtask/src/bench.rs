@@ -711,7 +711,9 @@ fn section_fsync(s: &Settings, work: &WorkDir, cluster: &Cluster, bin: &Path, sl
         Target::pgward("fsync=group", &group),
         Target::pgward("fsync=off", &off),
     ];
-    run_interleaved(s, &[Workload::SelectSimple], &targets, &mut [&mut always.proc, &mut group.proc, &mut off.proc], "fsync", slot)
+    // Latency too: with `off` it shows the relay's own cost, with `group` relay + flush.
+    let workloads = [Workload::SelectSimple, Workload::Latency];
+    run_interleaved(s, &workloads, &targets, &mut [&mut always.proc, &mut group.proc, &mut off.proc], "fsync", slot)
 }
 
 fn section_memory(s: &Settings, work: &WorkDir, cluster: &Cluster, bin: &Path) -> Result<idle::IdleReport> {
@@ -932,7 +934,7 @@ impl Report {
             self.render_flush(&mut o, t, s);
         }
         if let Some(t) = &self.fsync {
-            let _ = writeln!(o, "\n== fsync: pgward audit.fsync policy on pgbench -S simple (ratio to direct) ==");
+            let _ = writeln!(o, "\n== fsync: pgward audit.fsync policy on pgbench -S simple and single-client latency (ratio to direct) ==");
             render_table(&mut o, t);
             if let (Some(a), Some(g), Some(f)) = (
                 t.median(Workload::SelectSimple, "fsync=always"),
@@ -1178,7 +1180,7 @@ fn chart_from_json(v: &Value, path: &Path) -> Result<bool> {
     };
     let panels: Vec<chart::Panel> = [
         panel("main", "direct vs PgBouncer (session) vs splice proxy vs pgward (audit fsync = group)"),
-        panel("fsync", "pgward audit fsync policy (pgbench -S simple)"),
+        panel("fsync", "pgward audit fsync policy (pgbench -S simple; single-client latency)"),
     ]
     .into_iter()
     .flatten()
