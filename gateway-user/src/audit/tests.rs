@@ -463,8 +463,11 @@ fn removed_segment_fails_then_continues_in_a_new_segment() {
     assert!(p.reason.starts_with("seq gap: expected seq 1, found 3"), "{}", p.reason);
 }
 
-#[test]
-fn failed_write_leaves_nothing_partial() {
+/// Append one record, make the next batch fail with `inject`, and check what a failed batch
+/// must leave: an `Io` error, the segment byte for byte as before, the chain continuing at the
+/// next seq (3), a log that verifies. `lazy` also queues a record nobody waits for into the
+/// failing batch. Returns the writer's stats after the failure and the SQL texts in the log.
+fn fail_one_batch(inject: fn(&Path), lazy: bool) -> (WriterStats, Vec<String>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let h = AuditHandle::start(opts(d, 100)).expect("start");
@@ -472,41 +475,33 @@ fn failed_write_leaves_nothing_partial() {
     assert_eq!(rt.block_on(h.append_durable(stmt(1))).expect("append"), 2);
     let seg = d.join(chain::segment_name(1));
     let before = std::fs::read(&seg).expect("read");
-    fault::fail_next_write(d);
-    let err = rt.block_on(h.append_durable(stmt(2))).expect_err("injected failure");
+    inject(d);
+    if lazy {
+        h.append(stmt(2)); // rides along with the failing batch, and is lost with it
+    }
+    let err = rt.block_on(h.append_durable(stmt(3))).expect_err("injected failure");
     assert!(matches!(err, AuditError::Io { .. }), "{err:?}");
-    assert_eq!(std::fs::read(&seg).expect("read"), before, "partial line left behind");
+    assert_eq!(std::fs::read(&seg).expect("read"), before, "failed lines left behind");
+    let stats = h.stats();
     // The seq was not consumed and the chain continues.
-    assert_eq!(rt.block_on(h.append_durable(stmt(3))).expect("append"), 3);
-    h.shutdown();
-    let r = verify::verify(d, &keys());
-    assert!(r.is_ok(), "{}", r.summary());
-    let sqls: Vec<_> = records(d).into_iter().filter_map(|r| r.sql).collect();
-    assert_eq!(sqls, vec!["SELECT 1", "SELECT 3"]);
-}
-
-#[test]
-fn failed_sync_refuses_what_is_not_durable() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    let h = AuditHandle::start(opts(d, 100)).expect("start");
-    let rt = rt();
-    assert_eq!(rt.block_on(h.append_durable(stmt(1))).expect("append"), 2);
-    let seg = d.join(chain::segment_name(1));
-    let before = std::fs::read(&seg).expect("read");
-    fault::fail_next_sync(d);
-    h.append(stmt(2)); // rides along with the next batch, and is lost with it
-    let err = rt.block_on(h.append_durable(stmt(3))).expect_err("injected sync failure");
-    assert!(matches!(err, AuditError::Io { .. }), "{err:?}");
-    // The written but not durable lines were truncated away.
-    assert_eq!(std::fs::read(&seg).expect("read"), before, "undurable lines left behind");
-    assert_eq!(h.stats().failed_batches, 1);
-    // The chain continues after the last durable record.
     assert_eq!(rt.block_on(h.append_durable(stmt(4))).expect("append"), 3);
     h.shutdown();
     let r = verify::verify(d, &keys());
     assert!(r.is_ok(), "{}", r.summary());
-    let sqls: Vec<_> = records(d).into_iter().filter_map(|r| r.sql).collect();
+    (stats, records(d).into_iter().filter_map(|r| r.sql).collect())
+}
+
+#[test]
+fn failed_write_leaves_nothing_partial() {
+    let (_, sqls) = fail_one_batch(fault::fail_next_write, false);
+    assert_eq!(sqls, vec!["SELECT 1", "SELECT 4"]);
+}
+
+#[test]
+fn failed_sync_refuses_what_is_not_durable() {
+    // The written but not durable lines are truncated away, the lazy one with them.
+    let (stats, sqls) = fail_one_batch(fault::fail_next_sync, true);
+    assert_eq!(stats.failed_batches, 1);
     assert_eq!(sqls, vec!["SELECT 1", "SELECT 4"]);
 }
 
