@@ -20,3 +20,9 @@ pub mod session;
 pub mod tls;
 pub mod upstream;
 pub mod wire;
+
+/// Lock a mutex, taking the data even if a thread panicked while holding it: every mutex here
+/// guards state that is consistent between operations, and a gateway must keep serving.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

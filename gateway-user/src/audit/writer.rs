@@ -35,6 +35,7 @@
 //!
 //! Checkpoints are only written when a [`CheckpointSigner`] is configured.
 
+use std::collections::VecDeque;
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -42,8 +43,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,7 @@ use tokio::sync::oneshot;
 use super::chain::{self, GENESIS_HASH, HASH_HEX_LEN, HASH_PREFIX, HEAD_FILE, Head};
 use super::record::{Kind, Record};
 use crate::config::FsyncPolicy;
+use crate::lock;
 
 /// Longest time a record appended with `append` (nobody waiting) stays in memory.
 const LAZY_FLUSH: Duration = Duration::from_millis(100);
@@ -267,10 +268,6 @@ impl std::fmt::Debug for AuditHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuditHandle").finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl AuditHandle {

@@ -113,7 +113,7 @@ pub struct Access {
 
 impl Catalog {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        self.dbs.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.dbs)
     }
 
     /// The current snapshot of `db`, without waiting. Starts a background reload when it is

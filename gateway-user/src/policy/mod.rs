@@ -45,7 +45,7 @@ use std::fmt;
 use std::hash::BuildHasher;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use lru::LruCache;
@@ -57,6 +57,7 @@ pub use analyze::{
 
 use crate::auth::Identity;
 use crate::config::Config;
+use crate::lock;
 use file::{Compiled, NamePat, Rule};
 pub(crate) use file::glob_match;
 
@@ -167,10 +168,6 @@ struct Entry {
     stmts: Vec<Stmt>,
     has_execute: bool,
     memo: Mutex<Vec<Memo>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Key hash → entries with that hash (compared by key), and the shard's counters.
