@@ -6,7 +6,7 @@
 //! stops but keeps its position, so [`Reader::set_follow`] can continue from there.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -215,7 +215,7 @@ impl Reader {
             }
             let Some(cur) = self.cur.as_mut() else { continue };
             let path = cur.path.clone();
-            match cur.reader.read_until(b'\n', &mut self.pending) {
+            match read_line(&mut cur.reader, &mut self.pending) {
                 Err(source) => return Some(Err(ReadError::Io { path: path.to_path_buf(), source })),
                 Ok(_) if self.pending.last() == Some(&b'\n') => return self.take_line(true).map(Ok),
                 Ok(_) => {}
@@ -240,7 +240,7 @@ impl Reader {
                 // The writer finished this segment before creating the next: one more read
                 // sees everything it will ever hold.
                 let Some(cur) = self.cur.as_mut() else { continue };
-                match cur.reader.read_until(b'\n', &mut self.pending) {
+                match read_line(&mut cur.reader, &mut self.pending) {
                     Err(source) => return Some(Err(ReadError::Io { path: path.to_path_buf(), source })),
                     Ok(n) if n > 0 => {
                         if self.pending.last() == Some(&b'\n') {
@@ -264,6 +264,42 @@ impl Reader {
                 return Some(Ok(line));
             }
         }
+    }
+}
+
+/// Like `read_until(b'\n')`, but a NUL byte ends the content: the writer preallocates
+/// segments, and their zero-filled tail is not (yet) part of the log. At a NUL the
+/// read-ahead is dropped, so the next call reads what has been written there since.
+fn read_line(reader: &mut BufReader<File>, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let mut added = 0;
+    loop {
+        let avail = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let Some(i) = avail.iter().position(|&b| b == b'\n' || b == 0) else {
+            if avail.is_empty() {
+                return Ok(added);
+            }
+            let n = avail.len();
+            buf.extend_from_slice(avail);
+            reader.consume(n);
+            added += n;
+            continue;
+        };
+        if avail[i] == b'\n' {
+            buf.extend_from_slice(&avail[..=i]);
+            reader.consume(i + 1);
+            return Ok(added + i + 1);
+        }
+        buf.extend_from_slice(&avail[..i]);
+        reader.consume(i);
+        // Seeking drops BufReader's buffer (the stale zeros after this point);
+        // `stream_position` would keep it.
+        #[allow(clippy::seek_from_current)]
+        reader.seek(SeekFrom::Current(0))?;
+        return Ok(added + i);
     }
 }
 
@@ -322,5 +358,26 @@ mod tests {
             got.push((e.record.seq, e.line.line_no));
         }
         assert_eq!(got, vec![(1, 1), (2, 1), (3, 2), (4, 1)]);
+    }
+
+    /// The writer preallocates the active segment: its content ends at the first NUL, and
+    /// lines written over the zeros later are read from where the reader stopped.
+    #[test]
+    fn stops_at_the_preallocated_tail_and_reads_what_replaces_it() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(chain::segment_name(1));
+        let first = "{\"seq\":1,\"ts\":\"\",\"prev_hash\":\"\",\"kind\":\"start\"}\n";
+        write(&path, first);
+        let f = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+        f.set_len(256 * 1024).expect("preallocate");
+        let mut r = Reader::open(dir.path()).expect("open");
+        assert_eq!(r.next().expect("a line").expect("valid").record.seq, 1);
+        assert!(r.next().is_none(), "the zero tail is not a line");
+        let second = "{\"seq\":2,\"ts\":\"\",\"prev_hash\":\"\",\"kind\":\"statement\"}\n";
+        f.write_all_at(second.as_bytes(), first.len() as u64).expect("write");
+        let e = r.next().expect("the new line").expect("valid");
+        assert_eq!((e.record.seq, e.line.line_no, e.line.offset), (2, 2, first.len() as u64));
+        assert!(r.next().is_none());
     }
 }

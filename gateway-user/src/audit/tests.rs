@@ -361,6 +361,51 @@ fn restart_drops_an_interrupted_fragment() {
     assert!(r.is_ok(), "{}", r.summary());
 }
 
+/// The active segment is preallocated to the segment size (batches overwrite zero-filled
+/// space, so an fdatasync does not also have to write the inode): readers stop at the
+/// zeros, a clean shutdown trims them, and what a crash leaves — the zero tail plus the
+/// bytes of a never-synced batch that reached the disk after a gap — goes at the next start.
+#[test]
+fn preallocated_segment_is_read_live_trimmed_and_recovered() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let size = 1u64 << 20;
+    let o = || WriterOptions { segment_bytes: size, ..opts(d, 100) };
+    let h = AuditHandle::start(o()).expect("start");
+    assert_eq!(append_from_tasks(&h, 2, 5).len(), 10);
+    let seg = d.join(chain::segment_name(1));
+    assert_eq!(std::fs::metadata(&seg).expect("stat").len(), size, "preallocated while in use");
+    let live = verify::verify(d, &keys());
+    assert!(live.is_ok(), "{}", live.summary());
+    assert_eq!(live.records, 11, "start + 10 statements, read up to the zero tail");
+    h.shutdown();
+    let clean = std::fs::read(&seg).expect("read");
+    assert!(!clean.contains(&0) && clean.ends_with(b"\n"), "a closed segment holds just its lines");
+
+    // As a crash leaves it: still preallocated, and a later unsynced write landed on disk
+    // while the one before it did not.
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).expect("open");
+    f.set_len(size).expect("extend");
+    f.write_all_at(b"{\"seq\":99,\"ts\":\"2026\"}\n", clean.len() as u64 + 4096).expect("write");
+    drop(f);
+    let r = verify::verify(d, &keys());
+    assert!(r.is_ok(), "nothing before the first NUL is damaged: {}", r.summary());
+    // run 1: start 1, statements 2..11, final checkpoint 12; run 2: start 13, statement 14.
+    assert_eq!(write_log(o(), 1), vec![14]);
+    let recs = records(d);
+    assert_eq!(recs.len(), 15);
+    assert_eq!((recs[12].kind, recs[12].prev_hash.as_str()), (Kind::Start, recs[11].hash.as_str()));
+    let warnings = recs[12].meta.as_ref().and_then(|m| m.get("warnings")).expect("warning recorded");
+    assert!(warnings.to_string().contains("bytes written after a gap"), "{warnings}");
+    let after = std::fs::read(&seg).expect("read");
+    assert!(after.starts_with(&clean) && !after.contains(&0), "the tail and the stray batch are gone");
+    assert!(!String::from_utf8_lossy(&after).contains("\"seq\":99"));
+    let r = verify::verify(d, &keys());
+    assert!(r.is_ok(), "{}", r.summary());
+    assert_eq!(r.records, 15);
+}
+
 #[test]
 fn segments_rotate_and_verify() {
     let dir = tempfile::tempdir().expect("tempdir");

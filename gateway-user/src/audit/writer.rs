@@ -14,6 +14,14 @@
 //! write+sync. Records nobody waits for (`append`) wake no thread: they ride along with the
 //! next batch, or go out within `LAZY_FLUSH`.
 //!
+//! Segments are preallocated to `segment_bytes` (`fallocate`) and, with `group`/`always`,
+//! filled with written zeros `ZERO_AHEAD` ahead of the last line; batches are `pwrite`s
+//! over those zeros (like Postgres WAL), so an fdatasync flushes the data and nothing else:
+//! appending would change the file size and make every fdatasync write the inode too. The
+//! content of a segment ends at its first NUL byte (JSON lines never hold one): readers stop
+//! there, a clean shutdown or rotation trims the tail, and recovery at start drops whatever
+//! follows the last complete line.
+//!
 //! Failure handling (fail closed):
 //! * Before every write the writer checks that the audit directory is writable
 //!   (`access(2)` with `W_OK`) and that the segment path still names the open file (same
@@ -40,6 +48,7 @@ use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +74,10 @@ const LAZY_FLUSH: Duration = Duration::from_millis(100);
 /// segment path checks run at most this often; with `group`/`always` before every write
 /// (their cost is small next to the fdatasync the batch waits for anyway).
 const OFF_PATH_CHECK_INTERVAL: Duration = Duration::from_millis(10);
+
+/// How far ahead of the last line the active segment is filled with written zeros (with
+/// `group`/`always`; see [`OpenSegment::zero_ahead`]).
+const ZERO_AHEAD: u64 = 1 << 20;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {
@@ -484,6 +497,12 @@ struct OpenSegment {
     len: u64,
     /// Bytes a successful sync covered.
     durable_len: u64,
+    /// The file's size: `len` plus the preallocated, zero-filled tail (see [`preallocate`]).
+    alloc: u64,
+    /// The size to preallocate to (the segment size).
+    reserve: u64,
+    /// Bytes up to here are content or zeros written by [`OpenSegment::zero_ahead`].
+    zeroed: u64,
     dev: u64,
     ino: u64,
     /// A failed write left bytes past `len` that could not be truncated yet.
@@ -585,6 +604,114 @@ fn open_sync_fds(path: &Path, n: usize) -> Result<Vec<Arc<File>>, AuditError> {
         })
         .collect()
 }
+/// Reserve the rest of a segment (up to `size` bytes) so batches overwrite allocated,
+/// zero-filled space instead of appending (like Postgres WAL segments): an append changes
+/// the file's size, so every fdatasync would also write the inode — a second I/O per flush
+/// (measured here: 68 µs CPU and 170 µs per append+fdatasync vs 41 µs and 89 µs
+/// overwriting). Readers treat the first NUL byte as the end of the content (JSON lines
+/// never contain one). Returns the file's size afterwards; where the filesystem cannot
+/// preallocate, the segment just grows with each write as before.
+fn preallocate(file: &File, len: u64, size: u64) -> u64 {
+    if size > len {
+        let size = libc::off_t::try_from(size).unwrap_or(libc::off_t::MAX);
+        // SAFETY: fallocate on a descriptor this File owns; no memory is passed.
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size) } != 0 {
+            tracing::debug!("audit: cannot preallocate segment: {}", io::Error::last_os_error());
+        }
+    }
+    file.metadata().map_or(len, |m| m.len()).max(len)
+}
+
+/// Whether `path` still names the file with this device and inode. Asks `statx` for the
+/// inode number only: a stat that includes the timestamps (as `std::fs::metadata` does)
+/// marks them as observed, so Linux (6.13+, multigrain timestamps) gives the next write a
+/// fine-grained mtime, the inode is dirty after every batch, and every fdatasync writes the
+/// inode as well as the data — measured here: 47 -> 72..92 µs CPU and 109 -> 140..189 µs
+/// per write+fdatasync. Without the query, mtime moves once per clock tick.
+fn names_file(path: &Path, dev: u64, ino: u64) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return false };
+    // SAFETY: an all-zero statx is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `stx` is writable for the duration of the call.
+    let r = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, libc::STATX_INO, &mut stx) };
+    r == 0
+        && stx.stx_mask & libc::STATX_INO != 0
+        && stx.stx_ino == ino
+        && libc::makedev(stx.stx_dev_major, stx.stx_dev_minor) == dev
+}
+
+/// The content of a segment: the offset of its first NUL byte (or `size`), and whether any
+/// non-NUL byte follows it (an interrupted write that reached the disk out of order; never
+/// acknowledged, since a sync covers everything before it).
+fn content_len(file: &File, size: u64) -> io::Result<(u64, bool)> {
+    const CHUNK: usize = 1 << 20;
+    let mut buf = vec![0u8; CHUNK];
+    let mut pos = 0u64;
+    let mut end: Option<u64> = None;
+    while pos < size {
+        let n = usize::try_from(size - pos).map_or(CHUNK, |r| r.min(CHUNK));
+        file.read_exact_at(&mut buf[..n], pos)?;
+        let chunk = &buf[..n];
+        match end {
+            None => {
+                if let Some(i) = chunk.iter().position(|&b| b == 0) {
+                    end = Some(pos + i as u64);
+                    if chunk[i..].iter().any(|&b| b != 0) {
+                        return Ok((pos + i as u64, true));
+                    }
+                }
+            }
+            Some(e) => {
+                if chunk.iter().any(|&b| b != 0) {
+                    return Ok((e, true));
+                }
+            }
+        }
+        pos += n as u64;
+    }
+    Ok((end.unwrap_or(size), false))
+}
+
+impl OpenSegment {
+    /// Cut the segment back to `to` bytes of content (dropping whatever was written after
+    /// it) and preallocate its tail again.
+    fn cut(&mut self, to: u64) -> io::Result<()> {
+        self.file.set_len(to)?;
+        self.alloc = preallocate(&self.file, to, self.reserve);
+        self.zeroed = to;
+        Ok(())
+    }
+
+    /// Before writing `n` bytes at `len`: make sure they land on blocks that already hold
+    /// written zeros, by writing the next `ZERO_AHEAD` bytes of zeros now and then.
+    /// `fallocate` only reserves blocks ("unwritten"); the first write into each one
+    /// converts it, and that metadata change makes the next fdatasync write the inode too
+    /// (measured: 138 µs p50 and 50 µs CPU per batch+fdatasync vs 94 µs and 44 µs). The
+    /// zeros reach the disk with the next sync, in one larger write, once per `ZERO_AHEAD`.
+    fn zero_ahead(&mut self, n: u64) -> io::Result<()> {
+        let need = self.len + n;
+        if need <= self.zeroed || self.zeroed >= self.alloc {
+            return Ok(());
+        }
+        let from = self.zeroed.max(self.len);
+        let to = (need + ZERO_AHEAD).min(self.alloc).max(need);
+        let zeros = vec![0u8; usize::try_from(to - from).map_err(io::Error::other)?];
+        self.file.write_all_at(&zeros, from)?;
+        self.zeroed = to;
+        Ok(())
+    }
+
+    /// Drop the zero-filled tail: a closed segment holds exactly its lines.
+    fn trim(&mut self) {
+        if self.alloc > self.len {
+            match self.file.set_len(self.len) {
+                Ok(()) => self.alloc = self.len,
+                Err(e) => tracing::warn!("audit: could not trim {}: {e}", self.path.display()),
+            }
+        }
+    }
+}
+
 impl Log {
     fn open(opts: WriterOptions, counters: Arc<Counters>, threads: usize) -> Result<Log, AuditError> {
         let dir = opts.dir;
@@ -606,43 +733,56 @@ impl Log {
         for (i, s) in segments.iter().enumerate().rev() {
             let is_last = i + 1 == segments.len();
             let file =
-                if is_last { OpenOptions::new().read(true).append(true).open(&s.path) } else { File::open(&s.path) }
+                if is_last { OpenOptions::new().read(true).write(true).open(&s.path) } else { File::open(&s.path) }
                     .map_err(|e| AuditError::io(format!("opening {}", s.path.display()), e))?;
             let meta = file.metadata().map_err(|e| AuditError::io(format!("stat {}", s.path.display()), e))?;
-            let (line, good_len) = read_last_line(&file, meta.len())
+            // The content ends at the first NUL (the rest is the preallocated tail).
+            let (content, gap) =
+                content_len(&file, meta.len()).map_err(|e| AuditError::io(format!("reading {}", s.path.display()), e))?;
+            let (line, good_len) = read_last_line(&file, content)
                 .map_err(|e| AuditError::io(format!("reading {}", s.path.display()), e))?;
-            if good_len < meta.len() {
-                let msg = format!(
-                    "{}: dropped an unterminated fragment of {} bytes at the end (interrupted write)",
-                    s.path.display(),
-                    meta.len() - good_len
-                );
+            if good_len < content || gap {
+                let mut what = Vec::new();
+                if good_len < content {
+                    what.push(format!("an unterminated fragment of {} bytes at the end", content - good_len));
+                }
+                if gap {
+                    what.push("bytes written after a gap".to_owned());
+                }
+                let what = what.join(" and ");
                 if is_last {
-                    file.set_len(good_len)
-                        .and_then(|_| file.sync_all())
-                        .map_err(|e| AuditError::io(format!("truncating {}", s.path.display()), e))?;
+                    let msg = format!("{}: dropped {what} (interrupted write)", s.path.display());
                     tracing::warn!("{msg}");
                     warnings.push(msg);
                 } else {
-                    warnings
-                        .push(format!("{}: unterminated fragment at the end of a non-final segment", s.path.display()));
+                    warnings.push(format!("{}: {what} in a non-final segment", s.path.display()));
                 }
             }
             if is_last {
-                current = Some((
-                    OpenSegment {
-                        file,
-                        path: s.path.clone(),
-                        id: 1,
-                        len: good_len,
-                        durable_len: good_len,
-                        dev: meta.dev(),
-                        ino: meta.ino(),
-                        dirty: false,
-                        sync_fds: open_sync_fds(&s.path, threads)?,
-                    },
-                    s.first_seq,
-                ));
+                let mut seg = OpenSegment {
+                    file,
+                    path: s.path.clone(),
+                    id: 1,
+                    len: good_len,
+                    durable_len: good_len,
+                    alloc: meta.len(),
+                    reserve: opts.segment_bytes,
+                    zeroed: good_len,
+                    dev: meta.dev(),
+                    ino: meta.ino(),
+                    dirty: false,
+                    sync_fds: open_sync_fds(&s.path, threads)?,
+                };
+                if good_len < meta.len() {
+                    // Whatever follows the last complete line goes, durably, before the
+                    // tail is preallocated again.
+                    seg.file
+                        .set_len(good_len)
+                        .and_then(|()| seg.file.sync_all())
+                        .map_err(|e| AuditError::io(format!("truncating {}", s.path.display()), e))?;
+                    seg.alloc = good_len;
+                }
+                current = Some((seg, s.first_seq));
             }
             if let Some(line) = line {
                 let rec: Record = serde_json::from_slice(&line).map_err(|e| AuditError::Corrupt {
@@ -676,7 +816,10 @@ impl Log {
 
         // Keep appending to the last segment unless it is empty and misnamed.
         let seg = match current {
-            Some((seg, first_seq)) if seg.len > 0 || first_seq == next_seq => Some(seg),
+            Some((mut seg, first_seq)) if seg.len > 0 || first_seq == next_seq => {
+                seg.alloc = preallocate(&seg.file, seg.len, seg.reserve);
+                Some(seg)
+            }
             _ => None,
         };
 
@@ -808,9 +951,10 @@ impl Log {
             self.fail_queued(&AuditError::Closed);
             return Err(AuditError::Closed);
         };
-        if let Err(e) = write_batch(&mut seg.file, &self.buf[..end], &self.dir) {
+        let zeroed = if self.fsync == FsyncPolicy::Off { Ok(()) } else { seg.zero_ahead(end as u64) };
+        if let Err(e) = zeroed.and_then(|()| write_batch(&seg.file, &self.buf[..end], seg.len, &self.dir)) {
             // Never leave a partial batch in front of later appends.
-            match seg.file.set_len(seg.len) {
+            match seg.cut(seg.len) {
                 Ok(()) => {
                     if self.fsync != FsyncPolicy::Off {
                         let _ = seg.file.sync_data();
@@ -826,6 +970,7 @@ impl Log {
             return Err(e);
         }
         seg.len += end as u64;
+        seg.alloc = seg.alloc.max(seg.len);
         let (seg_id, seg_len) = (seg.id, seg.len);
         let fd = seg.sync_fds[thread % seg.sync_fds.len()].clone();
 
@@ -941,11 +1086,11 @@ impl Log {
         };
         let err = AuditError::io(format!("fdatasync of {}", seg.path.display()), e);
         tracing::error!("audit: {err}");
-        if let Err(te) = seg.file.set_len(seg.durable_len) {
+        if let Err(te) = seg.cut(seg.durable_len) {
             tracing::error!("audit: could not truncate {} after a failed sync: {te}", seg.path.display());
             seg.dirty = true;
         } else {
-            let _ = seg.file.sync_data();
+            let _ = seg.file.sync_all();
         }
         seg.len = seg.durable_len;
         self.rollback_to_durable(&err);
@@ -1006,8 +1151,11 @@ impl Log {
                 Err(_) => break,
             }
         }
-        if let Some(seg) = &self.seg
-            && let Err(e) = seg.file.sync_all()
+        if let Some(seg) = &mut self.seg
+            && let Err(e) = {
+                seg.trim();
+                seg.file.sync_all()
+            }
         {
             tracing::error!("audit: final fsync of {} failed: {e}", seg.path.display());
         }
@@ -1098,7 +1246,7 @@ impl Log {
         let mut rotate = false;
         if let Some(seg) = &mut self.seg {
             let same = !check_paths
-                || std::fs::metadata(&seg.path).map(|m| m.dev() == seg.dev && m.ino() == seg.ino).unwrap_or(false);
+                || names_file(&seg.path, seg.dev, seg.ino);
             if !same {
                 let path = seg.path.clone();
                 self.seg = None;
@@ -1109,8 +1257,7 @@ impl Log {
                 return Err(e);
             }
             if seg.dirty {
-                seg.file
-                    .set_len(seg.len)
+                seg.cut(seg.len)
                     .map_err(|e| AuditError::io(format!("truncating {}", seg.path.display()), e))?;
                 seg.dirty = false;
             }
@@ -1118,10 +1265,16 @@ impl Log {
         }
         if rotate {
             // Everything in the old segment must be durable before the next one gets
-            // records: a later sync only covers the file it is called on.
-            if self.fsync != FsyncPolicy::Off && self.written.seq > self.durable.seq {
+            // records: a later sync only covers the file it is called on. A closed segment
+            // holds exactly its lines (no preallocated tail).
+            let trimmed = self.seg.as_mut().is_some_and(|s| {
+                let had_tail = s.alloc > s.len;
+                s.trim();
+                had_tail && s.alloc == s.len
+            });
+            if self.fsync != FsyncPolicy::Off && (trimmed || self.written.seq > self.durable.seq) {
                 self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-                let res = self.seg.as_ref().map_or(Ok(()), |s| s.file.sync_data());
+                let res = self.seg.as_ref().map_or(Ok(()), |s| s.file.sync_all());
                 match res {
                     Ok(()) => {
                         let pos = self.written.clone();
@@ -1148,7 +1301,9 @@ impl Log {
         let path = self.dir.join(chain::segment_name(first_seq));
         let file = OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(false) // an existing file with data is refused below
+            .read(true)
+            .write(true)
             .mode(0o640)
             .open(&path)
             .map_err(|e| AuditError::io(format!("creating {}", path.display()), e))?;
@@ -1164,12 +1319,16 @@ impl Log {
         }
         let sync_fds = open_sync_fds(&path, self.threads)?;
         self.segments_opened += 1;
+        let alloc = preallocate(&file, 0, self.segment_bytes);
         Ok(OpenSegment {
             file,
             path,
             id: self.segments_opened,
             len: 0,
             durable_len: 0,
+            alloc,
+            reserve: self.segment_bytes,
+            zeroed: 0,
             dev: meta.dev(),
             ino: meta.ino(),
             dirty: false,
@@ -1214,8 +1373,8 @@ fn write_head(dir: &Path, fsync: FsyncPolicy, head: &Head) -> io::Result<()> {
 }
 
 #[cfg(not(test))]
-fn write_batch(file: &mut File, buf: &[u8], _dir: &Path) -> io::Result<()> {
-    file.write_all(buf)
+fn write_batch(file: &File, buf: &[u8], at: u64, _dir: &Path) -> io::Result<()> {
+    file.write_all_at(buf, at)
 }
 
 #[cfg(not(test))]
@@ -1234,12 +1393,12 @@ fn sync_batch(file: &File, dir: &Path) -> io::Result<()> {
 
 /// Tests can make the next write into a directory fail after writing half the batch.
 #[cfg(test)]
-fn write_batch(file: &mut File, buf: &[u8], dir: &Path) -> io::Result<()> {
+fn write_batch(file: &File, buf: &[u8], at: u64, dir: &Path) -> io::Result<()> {
     if fault::take(dir) {
-        file.write_all(&buf[..buf.len() / 2])?;
+        file.write_all_at(&buf[..buf.len() / 2], at)?;
         return Err(io::Error::other("injected write failure"));
     }
-    file.write_all(buf)
+    file.write_all_at(buf, at)
 }
 
 #[cfg(test)]

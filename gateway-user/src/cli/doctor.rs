@@ -934,7 +934,10 @@ fn last_audit_ts(dir: &Path) -> Option<chrono::DateTime<chrono::Utc>> {
             .and_then(|n| n.trim_start_matches("audit-").trim_end_matches(".jsonl").parse::<u64>().ok())
             .unwrap_or(0)
     });
-    let text = std::fs::read_to_string(segs.last()?).ok()?;
+    let bytes = std::fs::read(segs.last()?).ok()?;
+    // The active segment is preallocated: its content ends at the first NUL.
+    let content = bytes.split(|&b| b == 0).next().unwrap_or_default();
+    let text = std::str::from_utf8(content).ok()?;
     let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     chrono::DateTime::parse_from_rfc3339(v.get("ts")?.as_str()?).ok().map(|t| t.with_timezone(&chrono::Utc))
