@@ -155,7 +155,10 @@ pub struct AuditConfig {
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,
     /// With `fsync = "group"`: threads that write and fdatasync batches. More than one lets
-    /// the next batch's sync start while the previous one is still in flight.
+    /// the next batch's sync start while the previous one is still in flight — but batches
+    /// share the page being appended to, and a page under writeback is written again only
+    /// after that write completes, so on one disk the second sync mostly waits anyway while
+    /// batches get smaller: 1 measured ~7% more select throughput with less CPU than 2.
     #[serde(default = "default_sync_threads")]
     pub sync_threads: usize,
     /// Also copy every durable record to the host's log pipeline: "none", "syslog" (RFC 5424
@@ -335,7 +338,7 @@ fn default_checkpoint_interval() -> Duration {
     Duration::from_secs(10)
 }
 fn default_sync_threads() -> usize {
-    2
+    1
 }
 
 fn default_segment_bytes() -> u64 {
