@@ -73,6 +73,9 @@ fn env(prefix: &str, tweak: impl FnOnce(PgwardBuilder) -> PgwardBuilder) -> Env 
     let metrics_port = common::free_port();
     let b = Pgward::builder()
         .set("server.metrics_listen", format!("127.0.0.1:{metrics_port}"))
+        // Two event loops (the default is one per 4 cores): pooled backends then move
+        // between loops, which is what the re-homing in pool.rs is for.
+        .set("server.worker_threads", 2)
         .with_dir(move |dir: &Path, t: &mut toml::Table| {
             std::fs::write(dir.join("test-policy.toml"), policy).unwrap();
             toml_set(t, "policy.files", vec![toml::Value::from("test-policy.toml")]);

@@ -57,7 +57,7 @@ pub struct ServerConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
     /// Single-threaded event loops (current-thread runtimes, one OS thread each; 0 = one per
-    /// core). Connections are placed round-robin and stay on their loop.
+    /// 4 cores, at least one). Connections are placed round-robin and stay on their loop.
     #[serde(default)]
     pub worker_threads: usize,
 }
