@@ -957,7 +957,8 @@ impl Log {
             match seg.cut(seg.len) {
                 Ok(()) => {
                     if self.fsync != FsyncPolicy::Off {
-                        let _ = seg.file.sync_data();
+                        // The cut changed the file's blocks: sync them with the data.
+                        let _ = seg.file.sync_all();
                     }
                 }
                 Err(te) => {
@@ -974,7 +975,8 @@ impl Log {
         let (seg_id, seg_len) = (seg.id, seg.len);
         let fd = seg.sync_fds[thread % seg.sync_fds.len()].clone();
 
-        let lines = self.buf[..end].iter().filter(|&&b| b == b'\n').count() as u64;
+        // One line per queued record (JSON escapes newlines inside values).
+        let lines = take as u64;
         let bytes = self.export.is_some().then(|| self.buf[..end].to_vec());
         self.buf.drain(..end);
         let mut items = Vec::with_capacity(take);
