@@ -124,22 +124,28 @@ fn getpeername_shows_the_dialled_address() {
     assert!(counter(&pw, "pgw_getpeer6", "rewritten") >= 1);
 }
 
+/// Over IPv6 too, and for a second client from the same cgroup (whose path pgward then takes
+/// from its cache of resolved cgroups instead of /proc).
 #[test]
 fn pgward_learns_who_connected() {
     let (cg, pw, port) = in_place("meta");
     let db = cluster().create_database("icpt_meta");
     let token = pw.token("alice", &[], "15m");
-    let o = Client::in_cgroup(&cg).login(v6(port), "alice", &token, &db, None);
-    assert!(o.ready, "{o:?}");
-    let log = wait_log(&pw, &format!("\"pid\":{}", o.pid));
-    let line = log.lines().find(|l| l.contains("intercepted connection") && l.contains(&format!("\"pid\":{}", o.pid))).unwrap();
-    for want in [
-        format!("\"original_dst\":\"[::1]:{port}\""),
-        "\"via\":\"connect6\"".to_string(),
-        "\"uid\":0".to_string(),
-        format!("\"cgroup\":\"{}\"", cg.rel()),
-    ] {
-        assert!(line.contains(&want), "missing {want} in {line}");
+    let first = Client::in_cgroup(&cg).login(v6(port), "alice", &token, &db, None);
+    let second = Client::in_cgroup(&cg).login(v6(port), "alice", &token, &db, None);
+    assert!(first.ready && second.ready, "{first:?} {second:?}");
+    assert_ne!(first.pid, second.pid);
+    let recs = pw.wait_audit("two logins", |r| r.iter().filter(|r| r["kind"] == "login").count() >= 2);
+    for o in [&first, &second] {
+        let login = recs
+            .iter()
+            .find(|r| r["kind"] == "login" && r["client"]["meta"]["pid"] == o.pid)
+            .unwrap_or_else(|| panic!("no login record for pid {}: {recs:?}", o.pid));
+        let meta = &login["client"]["meta"];
+        assert_eq!(meta["original_dst"], format!("[::1]:{port}"), "{login}");
+        assert_eq!(meta["via"], "connect6", "{login}");
+        assert_eq!(meta["uid"], 0, "{login}");
+        assert_eq!(meta["cgroup"], cg.rel(), "{login}");
     }
 }
 
@@ -233,8 +239,11 @@ fn remote_client_in_another_netns_lands_in_pgward() {
     assert_eq!(out.expect_ok(), "pgward:alice:psql");
     assert_eq!(accepted(&decoy), 0, "the stand-in for Postgres on {dst} must get nothing");
     assert!(counter(&pw, "pgw_sk_lookup", "redirected") >= 2);
-    let log = wait_log(&pw, "\"via\":\"sk_lookup\"");
-    assert!(log.contains(&format!("\"original_dst\":\"{dst}\"")), "{log}");
+    let recs = pw.wait_audit("a login via sk_lookup", |r| {
+        r.iter().any(|r| r["kind"] == "login" && r["client"]["meta"]["via"] == "sk_lookup")
+    });
+    let login = recs.iter().find(|r| r["kind"] == "login" && r["client"]["meta"]["via"] == "sk_lookup").unwrap();
+    assert_eq!(login["client"]["meta"]["original_dst"], dst.to_string(), "{login}");
 }
 
 #[test]

@@ -143,6 +143,33 @@ struct PeerState {
     peers: BpfHashMap<MapData, PeerKey, ConnMeta>,
     listen_port: u16,
     cgroup_root: PathBuf,
+    /// cgroup id -> path, as resolved (and checked) for an earlier login: a login from a
+    /// known cgroup skips reading /proc/<pid>/cgroup and stat'ing the cgroup directory.
+    cgroups: CgroupCache,
+}
+
+/// Resolved cgroup paths by id. Ids are not reused while the system runs; an entry is
+/// trusted for `CGROUP_CACHE_TTL` (a cgroup directory can be renamed), and the cache is
+/// emptied when it reaches `CGROUP_CACHE_MAX` entries.
+#[derive(Default)]
+struct CgroupCache {
+    by_id: std::collections::HashMap<u64, (String, std::time::Instant)>,
+}
+
+const CGROUP_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+const CGROUP_CACHE_MAX: usize = 4096;
+
+impl CgroupCache {
+    fn get(&self, id: u64) -> Option<String> {
+        self.by_id.get(&id).filter(|(_, at)| at.elapsed() < CGROUP_CACHE_TTL).map(|(p, _)| p.clone())
+    }
+
+    fn put(&mut self, id: u64, path: &str) {
+        if self.by_id.len() >= CGROUP_CACHE_MAX {
+            self.by_id.clear();
+        }
+        self.by_id.insert(id, (path.to_owned(), std::time::Instant::now()));
+    }
 }
 
 static PEERS: Mutex<Option<PeerState>> = Mutex::new(None);
@@ -176,8 +203,16 @@ pub fn lookup_peer(stream: &tokio::net::TcpStream) -> Option<PeerMeta> {
     };
     let m = st.peers.get(&key, 0).ok()?;
     let _ = st.peers.remove(&key);
+    let cached = st.cgroups.get(m.cgroup_id);
     let cgroup_root = st.cgroup_root.clone();
     drop(guard);
+    let cgroup = cached.or_else(|| {
+        let path = cgroup_path_of(m.pid, m.cgroup_id, &cgroup_root)?;
+        if let Some(st) = PEERS.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            st.cgroups.put(m.cgroup_id, &path);
+        }
+        Some(path)
+    });
     let ip = if m.family == 4 {
         IpAddr::V4(Ipv4Addr::from(words_octets(&m.addr)[..4].try_into().unwrap_or([0; 4])))
     } else {
@@ -190,7 +225,7 @@ pub fn lookup_peer(stream: &tokio::net::TcpStream) -> Option<PeerMeta> {
         uid: Some(m.uid),
         gid: Some(m.gid),
         cgroup_id: Some(m.cgroup_id),
-        cgroup: cgroup_path_of(m.pid, m.cgroup_id, &cgroup_root),
+        cgroup,
         comm: fs::read_to_string(format!("/proc/{}/comm", m.pid)).ok().map(|s| s.trim().to_string()),
     })
 }
@@ -302,7 +337,7 @@ impl Intercept {
         let state_file = cfg.resolve(&ic.state_file);
         write_state(&state_file, &state)?;
         *PEERS.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(PeerState { peers, listen_port: listen.port(), cgroup_root });
+            Some(PeerState { peers, listen_port: listen.port(), cgroup_root, cgroups: CgroupCache::default() });
         // `socks` must outlive the programs only as long as the map does; the map lives in the
         // kernel while sk_lookup references it, so the handle can go.
         drop(socks);
@@ -959,6 +994,19 @@ dir = "audit"
 "#
         );
         toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn cgroup_cache_remembers_paths_and_empties_when_full() {
+        let mut c = CgroupCache::default();
+        assert_eq!(c.get(7), None);
+        c.put(7, "/svc/app");
+        assert_eq!(c.get(7).as_deref(), Some("/svc/app"));
+        for id in 0..CGROUP_CACHE_MAX as u64 {
+            c.put(1000 + id, "/other");
+        }
+        assert!(c.by_id.len() < CGROUP_CACHE_MAX, "bounded: {}", c.by_id.len());
+        assert_eq!(c.get(7), None, "emptied when it filled up");
     }
 
     #[test]

@@ -158,7 +158,9 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
                     // once: the lookup consumes the kernel's record.
                     let meta = crate::ebpf::lookup_peer(&s).map(|m| {
                         let v = m.to_json();
-                        tracing::info!(%peer, meta = %v, "intercepted connection");
+                        // debug: the login record carries the same, and at connection-churn
+                        // rates an info line per connection is a measurable cost.
+                        tracing::debug!(%peer, meta = %v, "intercepted connection");
                         v
                     });
                     loops.place_tcp(&shared, s, Peer::Tcp(peer, meta));
