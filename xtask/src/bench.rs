@@ -169,14 +169,35 @@ struct Target {
     password: String,
     /// Run the client inside this cgroup v2 (it moves itself there before it execs).
     cgroup: Option<PathBuf>,
+    /// The proxy process behind the port: its CPU time per transaction is measured too.
+    pid: Option<u32>,
 }
 
 impl Target {
     fn service(name: &str, port: u16) -> Target {
-        Target { name: name.into(), port, user: pg::SERVICE_USER.into(), password: pg::SERVICE_PASSWORD.into(), cgroup: None }
+        Target {
+            name: name.into(),
+            port,
+            user: pg::SERVICE_USER.into(),
+            password: pg::SERVICE_PASSWORD.into(),
+            cgroup: None,
+            pid: None,
+        }
     }
     fn pgward(name: &str, gw: &Pgward) -> Target {
-        Target { name: name.into(), port: gw.port, user: "bench".into(), password: gw.token.clone(), cgroup: None }
+        Target {
+            name: name.into(),
+            port: gw.port,
+            user: "bench".into(),
+            password: gw.token.clone(),
+            cgroup: None,
+            pid: Some(gw.proc.pid()),
+        }
+    }
+    /// Also measure the CPU time of process `pid` (the proxy serving this port).
+    fn charged(mut self, pid: u32) -> Target {
+        self.pid = Some(pid);
+        self
     }
 
     /// A libpq client command (pgbench, psql) aimed at this target.
@@ -264,12 +285,25 @@ impl Workload {
 struct Cell {
     samples: Vec<f64>,
     errors: Vec<String>,
+    /// CPU time of the target's proxy process per transaction (µs), per run.
+    cpu_us: Vec<f64>,
 }
 
 impl Cell {
     fn median(&self) -> Option<f64> {
         median(&self.samples)
     }
+}
+
+/// User + system CPU time of process `pid` (all its threads), in seconds.
+fn process_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3 (state).
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let (utime, stime): (f64, f64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
+    // In clock ticks of USER_HZ, which Linux fixes at 100 for userspace (sysconf(_SC_CLK_TCK)).
+    Some((utime + stime) / 100.0)
 }
 
 fn median(v: &[f64]) -> Option<f64> {
@@ -583,13 +617,26 @@ fn run_interleaved(
                     for p in procs.iter_mut() {
                         p.check_alive()?;
                     }
+                    let cpu_before = t.pid.and_then(process_cpu_secs);
                     let r = measure(w, t, s);
+                    let cpu = cpu_before.zip(t.pid.and_then(process_cpu_secs)).map(|(a, b)| b - a);
                     check_interrupted()?;
                     let cell = table.cells.entry((wi, ti)).or_default();
                     match r {
-                        Ok(v) => {
-                            eprintln!("    [{label} {}/{}] {:<16} {:<width$} {:>10.1} {}", cycle + 1, s.cycles, w.name(), t.name, v, w.unit());
+                        Ok((v, txns)) => {
+                            let per_txn = cpu.zip(txns.filter(|&n| n > 0)).map(|(c, n)| c * 1e6 / n as f64);
+                            let cpu_note = per_txn.map(|u| format!("   cpu {u:.1} µs/txn")).unwrap_or_default();
+                            eprintln!(
+                                "    [{label} {}/{}] {:<16} {:<width$} {:>10.1} {}{cpu_note}",
+                                cycle + 1,
+                                s.cycles,
+                                w.name(),
+                                t.name,
+                                v,
+                                w.unit()
+                            );
                             cell.samples.push(v);
+                            cell.cpu_us.extend(per_txn);
                         }
                         Err(e) => {
                             eprintln!("    [{label} {}/{}] {:<16} {:<width$} ERROR: {e:#}", cycle + 1, s.cycles, w.name(), t.name);
@@ -626,8 +673,8 @@ fn section_main(
     let mut gw = procs::start_pgward(bin, work, "pgward-main", cluster, "group")?;
     let targets = vec![
         Target::service("direct", cluster.port),
-        Target::service("pgbouncer", bouncer_port),
-        Target::service("splice", splice_port),
+        Target::service("pgbouncer", bouncer_port).charged(bouncer.pid()),
+        Target::service("splice", splice_port).charged(splice.pid()),
         Target::pgward("pgward", &gw),
     ];
     step(&format!(
@@ -733,7 +780,7 @@ fn section_memory(s: &Settings, work: &WorkDir, cluster: &Cluster, bin: &Path) -
 }
 
 /// One measurement of `w` through `t`.
-fn measure(w: Workload, t: &Target, s: &Settings) -> Result<f64> {
+fn measure(w: Workload, t: &Target, s: &Settings) -> Result<(f64, Option<u64>)> {
     let (c, j) = (s.clients.to_string(), s.threads.to_string());
     let extra: Vec<&str> = match w {
         Workload::SelectSimple => vec!["-n", "-S", "-M", "simple", "-c", &c, "-j", &j],
@@ -743,18 +790,20 @@ fn measure(w: Workload, t: &Target, s: &Settings) -> Result<f64> {
         Workload::Tpcb => vec!["-M", "simple", "-c", &c, "-j", &j],
         Workload::Latency => vec!["-n", "-S", "-M", "simple", "-c", "1", "-j", "1"],
         Workload::Churn => vec!["-n", "-S", "-C", "-M", "simple", "-c", &c, "-j", &j],
-        Workload::Rows => return rows_once(t),
+        Workload::Rows => return rows_once(t).map(|v| (v, None)),
     };
     let r = pgbench(t, s, &extra)?;
-    match w {
-        Workload::Latency => r.latency_ms.map(|ms| ms * 1000.0).context("pgbench printed no latency average"),
-        _ => Ok(r.tps),
-    }
+    let v = match w {
+        Workload::Latency => r.latency_ms.map(|ms| ms * 1000.0).context("pgbench printed no latency average")?,
+        _ => r.tps,
+    };
+    Ok((v, r.transactions))
 }
 
 struct PgbenchResult {
     tps: f64,
     latency_ms: Option<f64>,
+    transactions: Option<u64>,
 }
 
 fn pgbench(t: &Target, s: &Settings, extra: &[&str]) -> Result<PgbenchResult> {
@@ -776,7 +825,12 @@ fn parse_pgbench(out: &str) -> Result<PgbenchResult> {
     if failed > 0.0 {
         bail!("{failed} failed transactions");
     }
-    Ok(PgbenchResult { tps, latency_ms: num("latency average = ") })
+    let transactions = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|v| v.parse().ok());
+    Ok(PgbenchResult { tps, latency_ms: num("latency average = "), transactions })
 }
 
 /// Wall time (ms) of psql fetching the 100k-row × 5-column table to /dev/null.
@@ -927,6 +981,7 @@ impl Report {
         if let Some(t) = &self.main {
             let _ = writeln!(o, "\n== main: value (ratio to direct) ==");
             render_table(&mut o, t);
+            render_cpu(&mut o, t);
             let _ = writeln!(o, "\nworkloads:");
             for w in &t.workloads {
                 let _ = writeln!(o, "  {:<16} {}", w.name(), w.describe(s));
@@ -936,6 +991,7 @@ impl Report {
         if let Some(t) = &self.fsync {
             let _ = writeln!(o, "\n== fsync: pgward audit.fsync policy on pgbench -S simple and single-client latency (ratio to direct) ==");
             render_table(&mut o, t);
+            render_cpu(&mut o, t);
             if let (Some(a), Some(g), Some(f)) = (
                 t.median(Workload::SelectSimple, "fsync=always"),
                 t.median(Workload::SelectSimple, "fsync=group"),
@@ -1070,6 +1126,8 @@ impl Report {
                             name.clone(),
                             json!({
                                 "median": cell.median(),
+                                "cpu_us_per_txn": median(&cell.cpu_us),
+                                "cpu_us_per_txn_samples": cell.cpu_us,
                                 ratio_key: t.ratio(w, name),
                                 "relative_performance": t.relative(w, name),
                                 "samples": cell.samples,
@@ -1248,6 +1306,34 @@ fn render_table(o: &mut String, t: &Table) {
     }
 }
 
+/// The proxies' CPU time per transaction (medians), for the targets and workloads that have it.
+fn render_cpu(o: &mut String, t: &Table) {
+    use std::fmt::Write as _;
+    let has = |ti: usize| t.cells.iter().any(|(&(_, i), c)| i == ti && !c.cpu_us.is_empty());
+    let cols: Vec<usize> = (0..t.targets.len()).filter(|&i| has(i)).collect();
+    if cols.is_empty() {
+        return;
+    }
+    let cw = 22;
+    let _ = writeln!(o, "proxy CPU per transaction, µs (user+system of the process over each pgbench run / transactions):");
+    let _ = write!(o, "{:<16} {:<5}", "workload", "");
+    for &i in &cols {
+        let _ = write!(o, " {:>cw$}", t.targets[i]);
+    }
+    o.push('\n');
+    for (wi, &w) in t.workloads.iter().enumerate() {
+        let cells: Vec<Option<f64>> = cols.iter().map(|&i| t.cells.get(&(wi, i)).and_then(|c| median(&c.cpu_us))).collect();
+        if cells.iter().all(Option::is_none) {
+            continue;
+        }
+        let _ = write!(o, "{:<16} {:<5}", w.name(), "µs");
+        for c in cells {
+            let _ = write!(o, " {:>cw$}", c.map_or_else(|| "-".to_string(), |v| format!("{v:.1}")));
+        }
+        o.push('\n');
+    }
+}
+
 fn fmt_value(v: f64) -> String {
     if v >= 1000.0 { format!("{v:.0}") } else { format!("{v:.1}") }
 }
@@ -1287,8 +1373,27 @@ mod tests {
         let r = parse_pgbench(out).unwrap();
         assert!((r.tps - 19402.123456).abs() < 1e-6);
         assert_eq!(r.latency_ms, Some(0.412));
+        assert_eq!(r.transactions, None);
+        let r = parse_pgbench("number of transactions actually processed: 228393\ntps = 22839.1 (x)\n").unwrap();
+        assert_eq!(r.transactions, Some(228393));
+        let r = parse_pgbench("number of transactions actually processed: 2000/2000\ntps = 900.0 (x)\n").unwrap();
+        assert_eq!(r.transactions, Some(2000));
         assert!(parse_pgbench("number of failed transactions: 3 (0.1%)\ntps = 5 (x)\n").is_err());
         assert!(parse_pgbench("nothing").is_err());
+    }
+
+    #[test]
+    fn reads_a_process_cpu_time() {
+        let before = process_cpu_secs(std::process::id()).expect("own /proc stat");
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(60) {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        std::hint::black_box(x);
+        let after = process_cpu_secs(std::process::id()).expect("own /proc stat");
+        assert!(after - before >= 0.03, "a 60 ms busy loop shows as CPU time: {before} -> {after}");
+        assert_eq!(process_cpu_secs(u32::MAX), None);
     }
 
     #[test]
@@ -1310,13 +1415,31 @@ mod tests {
     fn relative_inverts_times() {
         let targets = [Target::service("direct", 1), Target::service("pgward", 2)];
         let mut t = Table::new(&[Workload::SelectSimple, Workload::Rows], &targets);
-        t.cells.insert((0, 0), Cell { samples: vec![100.0], errors: vec![] });
-        t.cells.insert((0, 1), Cell { samples: vec![80.0], errors: vec![] });
-        t.cells.insert((1, 0), Cell { samples: vec![100.0], errors: vec![] });
-        t.cells.insert((1, 1), Cell { samples: vec![125.0], errors: vec![] });
+        t.cells.insert((0, 0), Cell { samples: vec![100.0], ..Cell::default() });
+        t.cells.insert((0, 1), Cell { samples: vec![80.0], ..Cell::default() });
+        t.cells.insert((1, 0), Cell { samples: vec![100.0], ..Cell::default() });
+        t.cells.insert((1, 1), Cell { samples: vec![125.0], ..Cell::default() });
         assert_eq!(t.relative(Workload::SelectSimple, "pgward"), Some(0.8));
         assert_eq!(t.ratio(Workload::Rows, "pgward"), Some(1.25));
         assert_eq!(t.relative(Workload::Rows, "pgward"), Some(0.8));
+    }
+
+    #[test]
+    fn cpu_table_lists_only_targets_with_cpu_samples() {
+        let targets = [Target::service("direct", 1), Target::service("pgward", 2)];
+        let mut t = Table::new(&[Workload::SelectSimple, Workload::Rows], &targets);
+        t.cells.insert((0, 0), Cell { samples: vec![100.0], ..Cell::default() });
+        t.cells.insert((0, 1), Cell { samples: vec![80.0], cpu_us: vec![31.0, 29.0, 40.0], ..Cell::default() });
+        t.cells.insert((1, 1), Cell { samples: vec![125.0], ..Cell::default() });
+        let mut o = String::new();
+        render_cpu(&mut o, &t);
+        let lines: Vec<&str> = o.lines().collect();
+        assert_eq!(lines.len(), 3, "{o}");
+        assert!(lines[1].trim_end().ends_with("pgward") && !lines[1].contains("direct"), "{o}");
+        assert!(lines[2].starts_with("select-simple") && lines[2].trim_end().ends_with("31.0"), "{o}");
+        let mut none = String::new();
+        render_cpu(&mut none, &Table::new(&[Workload::SelectSimple], &targets));
+        assert!(none.is_empty());
     }
 
     #[test]
