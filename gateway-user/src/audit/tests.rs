@@ -1,7 +1,7 @@
 //! Tests of the writer, reader and verifier together.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use sha2::{Digest, Sha256};
@@ -404,6 +404,32 @@ fn preallocated_segment_is_read_live_trimmed_and_recovered() {
     let r = verify::verify(d, &keys());
     assert!(r.is_ok(), "{}", r.summary());
     assert_eq!(r.records, 15);
+}
+
+/// HEAD follows the durable checkpoints while the writer runs (its own thread rewrites it),
+/// not only at shutdown.
+#[test]
+fn head_follows_checkpoints_while_running() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let h = AuditHandle::start(opts(d, 10)).expect("start");
+    assert_eq!(append_from_tasks(&h, 1, 25).len(), 25);
+    // start 1, statements 2..10, checkpoint 11 (every 10 records), 12..21, checkpoint 22,
+    // 23..28; the final checkpoint at shutdown is 29.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let head = loop {
+        let head = std::fs::read(d.join("HEAD")).ok().and_then(|b| serde_json::from_slice::<Head>(&b).ok());
+        match head {
+            Some(h) if h.seq == 22 => break h,
+            _ if Instant::now() > deadline => panic!("HEAD did not reach seq 22: {head:?}"),
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    assert_eq!(head.anchor_seq, 21);
+    h.shutdown();
+    let r = verify::verify(d, &keys());
+    assert!(r.is_ok(), "{}", r.summary());
+    assert_eq!(r.head_seq, Some(29), "the final checkpoint at shutdown");
 }
 
 #[test]
