@@ -1,6 +1,6 @@
 //! The audit log: append-only, hash-chained JSON lines with signed checkpoints.
-//! One writer thread owns the segment file (group commit); sessions talk to it via
-//! [`AuditHandle`]. [`reader`] reads (and follows) the log, [`verify`] checks it.
+//! Sessions append through [`AuditHandle`]; writer threads write and sync the segment
+//! files (group commit). [`reader`] reads (and follows) the log, [`verify`] checks it.
 
 pub mod chain;
 pub mod reader;
@@ -15,4 +15,4 @@ mod writer;
 mod tests;
 
 pub use record::{Client, Kind, Record};
-pub use writer::{AuditError, AuditHandle, CheckpointSigner, WriterOptions, WriterStats};
+pub use writer::{AuditError, AuditHandle, CheckpointSigner, WriterOptions, WriterStats, last_line};

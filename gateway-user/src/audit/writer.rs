@@ -695,6 +695,14 @@ fn names_file(path: &Path, dev: u64, ino: u64) -> bool {
         && libc::makedev(stx.stx_dev_major, stx.stx_dev_minor) == dev
 }
 
+/// The last complete line of the segment at `path` (its content ends at the first NUL; an
+/// unterminated fragment after the last newline is not a line).
+pub fn last_line(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let file = File::open(path)?;
+    let (content, _) = content_len(&file, file.metadata()?.len())?;
+    Ok(read_last_line(&file, content)?.0)
+}
+
 /// The content of a segment: the offset of its first NUL byte (or `size`), and whether any
 /// non-NUL byte follows it (an interrupted write that reached the disk out of order; never
 /// acknowledged, since a sync covers everything before it).
@@ -756,12 +764,20 @@ impl OpenSegment {
         Ok(())
     }
 
-    /// Drop the zero-filled tail: a closed segment holds exactly its lines.
-    fn trim(&mut self) {
-        if self.alloc > self.len {
-            match self.file.set_len(self.len) {
-                Ok(()) => self.alloc = self.len,
-                Err(e) => tracing::warn!("audit: could not trim {}: {e}", self.path.display()),
+    /// Drop the zero-filled tail: a closed segment holds exactly its lines. Returns whether
+    /// a tail was cut (the file's size changed).
+    fn trim(&mut self) -> bool {
+        if self.alloc <= self.len {
+            return false;
+        }
+        match self.file.set_len(self.len) {
+            Ok(()) => {
+                self.alloc = self.len;
+                true
+            }
+            Err(e) => {
+                tracing::warn!("audit: could not trim {}: {e}", self.path.display());
+                false
             }
         }
     }
@@ -1324,11 +1340,7 @@ impl Log {
             // Everything in the old segment must be durable before the next one gets
             // records: a later sync only covers the file it is called on. A closed segment
             // holds exactly its lines (no preallocated tail).
-            let trimmed = self.seg.as_mut().is_some_and(|s| {
-                let had_tail = s.alloc > s.len;
-                s.trim();
-                had_tail && s.alloc == s.len
-            });
+            let trimmed = self.seg.as_mut().is_some_and(OpenSegment::trim);
             if self.fsync != FsyncPolicy::Off && (trimmed || self.written.seq > self.durable.seq) {
                 self.counters.syncs.fetch_add(1, Ordering::Relaxed);
                 let res = self.seg.as_ref().map_or(Ok(()), |s| s.file.sync_all());

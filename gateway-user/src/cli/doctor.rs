@@ -920,26 +920,9 @@ fn clock(cx: &Ctx) -> Check {
 }
 
 fn last_audit_ts(dir: &Path) -> Option<chrono::DateTime<chrono::Utc>> {
-    let mut segs: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("audit-") && n.ends_with(".jsonl"))
-        })
-        .collect();
-    segs.sort_by_key(|p| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.trim_start_matches("audit-").trim_end_matches(".jsonl").parse::<u64>().ok())
-            .unwrap_or(0)
-    });
-    let bytes = std::fs::read(segs.last()?).ok()?;
-    // The active segment is preallocated: its content ends at the first NUL.
-    let content = bytes.split(|&b| b == 0).next().unwrap_or_default();
-    let text = std::str::from_utf8(content).ok()?;
-    let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
-    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let last = crate::audit::chain::list_segments(dir).ok()?.pop()?;
+    let line = crate::audit::last_line(&last.path).ok()??;
+    let v: serde_json::Value = serde_json::from_slice(&line).ok()?;
     chrono::DateTime::parse_from_rfc3339(v.get("ts")?.as_str()?).ok().map(|t| t.with_timezone(&chrono::Utc))
 }
 
@@ -1034,6 +1017,22 @@ fn tls(cx: &Ctx) -> Check {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The newest record is the last complete line of the last segment, before the zeros of
+    /// its preallocated tail and any unterminated fragment.
+    #[test]
+    fn last_audit_ts_reads_the_newest_complete_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(last_audit_ts(d), None);
+        let line = |seq: u64, ts: &str| format!("{{\"seq\":{seq},\"ts\":\"{ts}\",\"kind\":\"statement\"}}\n");
+        std::fs::write(d.join(crate::audit::chain::segment_name(1)), line(1, "2026-01-01T00:00:01Z")).unwrap();
+        let mut live = line(2, "2026-01-02T00:00:02Z") + &line(3, "2026-01-03T00:00:03Z") + "{\"seq\":4,\"ts\":\"2026-01-04";
+        live.push_str(&"\0".repeat(4096));
+        std::fs::write(d.join(crate::audit::chain::segment_name(2)), live).unwrap();
+        let want = chrono::DateTime::parse_from_rfc3339("2026-01-03T00:00:03Z").unwrap().with_timezone(&chrono::Utc);
+        assert_eq!(last_audit_ts(d), Some(want));
+    }
 
     #[test]
     fn proc_net_addresses() {
