@@ -7,6 +7,12 @@
 //!   once all its records are durable. If the audit append fails, those frames are replaced by
 //!   markers that fail upstream (so Postgres does the transaction/pipeline bookkeeping) and
 //!   the resulting ErrorResponse is rewritten into pgward's own error.
+//! - With a plaintext upstream and a writer thread (`fsync` = group or always), the audit writer
+//!   sends a held batch upstream itself the moment its last record is durable ([`HeldSend`]),
+//!   instead of waking this session's event loop to do it: one thread hop less per statement.
+//!   Only when nothing else is waiting to go upstream, and never after a failed sync; the
+//!   session claims the batch back when told (sending whatever the writer could not), and
+//!   before anything else of its own goes upstream.
 //! - Every forwarded frame that expects an answer has a `Pending` entry; server answers pop
 //!   them in order, which is how results are matched to statements.
 
@@ -328,6 +334,7 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
         keep_upstream: shared.pool.enabled(),
         detach: false,
         unsynced: false,
+        upstream_fd: None,
     };
     let kept = relay.run(stream, buf, up.stream, up.leftover).await;
     let cancelled = shared.cancels.remove(pid, key);
@@ -593,10 +600,83 @@ struct Portal {
 }
 
 /// Client frames read in one go, waiting for their statement records to be durable.
+#[derive(Default)]
 struct Batch {
     frames: Vec<(Frame, Option<usize>)>,
     pendings: Vec<Pending>,
+    /// Statement records, submitted together once the batch is complete.
+    records: Vec<Record>,
     receivers: Vec<tokio::sync::oneshot::Receiver<Result<u64, AuditError>>>,
+    /// The frames, handed to the audit writer to send once the last record is durable.
+    held: Option<Arc<HeldSend>>,
+}
+
+impl Batch {
+    /// The audit writer sent (some of) the held frames upstream.
+    fn was_sent(&self) -> bool {
+        self.held.as_ref().is_some_and(|h| matches!(*crate::lock(&h.state), HeldState::Sent(_)))
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // A batch dropped unreleased (the session ended meanwhile) must never go out later.
+        if let Some(h) = self.held.take() {
+            h.claim();
+        }
+    }
+}
+
+/// Append the frames to `out`, less the first `sent` bytes (what the writer already sent).
+fn append_unsent(frames: &[(Frame, Option<usize>)], sent: usize, out: &mut BytesMut) {
+    let mut skip = sent;
+    for (f, _) in frames {
+        let raw = &f.raw[..];
+        if skip >= raw.len() {
+            skip -= raw.len();
+            continue;
+        }
+        out.extend_from_slice(&raw[skip..]);
+        skip = 0;
+    }
+}
+
+/// A batch's frames, sent to the upstream socket by the audit writer thread once the batch's
+/// last statement record is durable (records become durable in order, so all of them are),
+/// unless the session claimed them first. The socket is a dup of the session's, so a late
+/// send can never reach another connection; `claim` makes sure there is no late send.
+struct HeldSend {
+    fd: Arc<std::os::fd::OwnedFd>,
+    state: std::sync::Mutex<HeldState>,
+}
+
+enum HeldState {
+    Held(Bytes),
+    /// The writer sent this many bytes (all, unless the socket buffer was full).
+    Sent(usize),
+    Claimed,
+}
+
+impl HeldSend {
+    /// The session takes the batch back: how many bytes the writer already sent. From now on
+    /// the writer sends nothing.
+    fn claim(&self) -> usize {
+        match std::mem::replace(&mut *crate::lock(&self.state), HeldState::Claimed) {
+            HeldState::Sent(n) => n,
+            HeldState::Held(_) | HeldState::Claimed => 0,
+        }
+    }
+}
+
+impl crate::audit::OnDurable for HeldSend {
+    fn durable(&self) {
+        use std::os::fd::AsFd;
+        let mut st = crate::lock(&self.state);
+        if let HeldState::Held(bytes) = &*st {
+            let n = wire::send_now(self.fd.as_fd(), bytes);
+            *st = HeldState::Sent(n);
+        }
+    }
 }
 
 type DurableFuture = Pin<Box<dyn Future<Output = Result<Vec<u64>, String>> + Send>>;
@@ -642,6 +722,8 @@ struct Relay {
     unsynced: bool,
     /// Masking state; None when no mask rule applies to the session (rows are never decoded).
     mask: Option<Box<crate::mask::relay::MaskRelay>>,
+    /// A dup of the upstream socket for [`HeldSend`] (plaintext upstream, writer threads on).
+    upstream_fd: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl Relay {
@@ -663,6 +745,9 @@ impl Relay {
     /// message waits for its Sync, and the last ReadyForQuery said idle. Otherwise the upstream
     /// is closed here (Postgres rolls back whatever was open).
     async fn run(&mut self, client: BoxStream, mut cbuf: BytesMut, upstream: BoxStream, mut ubuf: BytesMut) -> Option<(BoxStream, BytesMut)> {
+        if self.shared.audit.runs_hooks() {
+            self.upstream_fd = upstream.plain_fd().and_then(|fd| fd.try_clone_to_owned().ok()).map(Arc::new);
+        }
         let (mut crd, mut cwr) = tokio::io::split(client);
         let (mut urd, mut uwr) = tokio::io::split(upstream);
         cbuf.reserve(16 * 1024);
@@ -708,7 +793,18 @@ impl Relay {
                 },
                 r = urd.read_buf(&mut ubuf), if read_upstream => match r {
                     Ok(0) | Err(_) => end = Some(End::Upstream),
-                    Ok(_) => self.on_upstream_data(&mut ubuf, &mut cout),
+                    Ok(_) => {
+                        // The writer sent the held batch and Postgres may already be answering
+                        // it: its pendings must be queued first. Its records are durable, so
+                        // the answer is (about to be) there.
+                        if batch.as_ref().is_some_and(Batch::was_sent)
+                            && let (Some(f), Some(b)) = (durable.take(), batch.take())
+                        {
+                            let r = f.await;
+                            self.release_batch(b, r, &mut uout);
+                        }
+                        self.on_upstream_data(&mut ubuf, &mut cout)
+                    }
                 },
                 r = async { match durable.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if durable.is_some() => {
                     durable = None;
@@ -733,6 +829,9 @@ impl Relay {
             }
         }
 
+        // Nothing of the session's own may go upstream ahead of (or after) a held batch the
+        // writer might still send: take it back first.
+        drop(batch);
         match end {
             Some(End::Detach) => {
                 let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -836,7 +935,25 @@ impl Relay {
     /// Frames without records go straight into `uout` when nothing is staged; otherwise a
     /// batch is returned that waits for durability.
     fn on_client_data(&mut self, cbuf: &mut BytesMut, uout: &mut BytesMut) -> Result<Option<Batch>, End> {
-        let mut batch = Batch { frames: Vec::new(), pendings: Vec::new(), receivers: Vec::new() };
+        let mut batch = Batch::default();
+        if let Err(e) = self.split_client_frames(cbuf, &mut batch) {
+            // What was read before the bad frame is still audited (it never runs).
+            self.submit_records(&mut batch, false);
+            return Err(e);
+        }
+        if batch.records.is_empty() && batch.pendings.iter().all(|p| p.rec_idx == usize::MAX) {
+            for (f, _) in &batch.frames {
+                uout.extend_from_slice(&f.raw);
+            }
+            self.pending.extend(std::mem::take(&mut batch.pendings));
+            return Ok(None);
+        }
+        // The writer may send the batch only if it would go out first.
+        self.submit_records(&mut batch, uout.is_empty());
+        Ok(Some(batch))
+    }
+
+    fn split_client_frames(&mut self, cbuf: &mut BytesMut, batch: &mut Batch) -> Result<(), End> {
         loop {
             let f = match wire::split_frame(cbuf, wire::MAX_FRAME) {
                 Ok(Some(f)) => f,
@@ -845,7 +962,7 @@ impl Relay {
             };
             let before = batch.pendings.len();
             let peek = self.mask.is_some().then(|| f.clone());
-            self.on_client_frame(f, &mut batch)?;
+            self.on_client_frame(f, batch)?;
             if let (Some(m), Some(f)) = (self.mask.as_mut(), peek) {
                 let tag = m.on_client_frame(&f);
                 if let Some(p) = batch.pendings[before..].last_mut() {
@@ -856,14 +973,38 @@ impl Relay {
                 break;
             }
         }
-        if batch.receivers.is_empty() && batch.pendings.iter().all(|p| p.rec_idx == usize::MAX) {
-            for (f, _) in &batch.frames {
-                uout.extend_from_slice(&f.raw);
+        Ok(())
+    }
+
+    /// Submit the batch's statement records in order. With `hold`, and a socket to send on, the
+    /// last record carries a [`HeldSend`] of the batch's frames — unless an earlier record was
+    /// refused at once (the later one could then be durable while it never is).
+    fn submit_records(&self, batch: &mut Batch, hold: bool) {
+        let n = batch.records.len();
+        let mut all_queued = true;
+        for (i, rec) in std::mem::take(&mut batch.records).into_iter().enumerate() {
+            let held = match &self.upstream_fd {
+                Some(fd) if hold && all_queued && i + 1 == n => {
+                    let len = batch.frames.iter().map(|(f, _)| f.raw.len()).sum();
+                    let mut bytes = BytesMut::with_capacity(len);
+                    for (f, _) in &batch.frames {
+                        bytes.extend_from_slice(&f.raw);
+                    }
+                    Some(Arc::new(HeldSend {
+                        fd: fd.clone(),
+                        state: std::sync::Mutex::new(HeldState::Held(bytes.freeze())),
+                    }))
+                }
+                _ => None,
+            };
+            let hook = held.clone().map(|h| h as Arc<dyn crate::audit::OnDurable>);
+            let (rx, queued) = self.shared.audit.submit_then(rec, hook);
+            all_queued &= queued;
+            if queued {
+                batch.held = held;
             }
-            self.pending.extend(batch.pendings);
-            return Ok(None);
+            batch.receivers.push(rx);
         }
-        Ok(Some(batch))
     }
 
     /// Before any statement: the token is unexpired and not revoked, and a grant the session
@@ -904,9 +1045,11 @@ impl Relay {
         }
     }
 
+    /// Add a statement record to the batch (submitted with the rest by `submit_records`);
+    /// returns its index among the batch's receivers.
     fn submit(&self, batch: &mut Batch, rec: Record) -> usize {
-        batch.receivers.push(self.shared.audit.submit(rec));
-        batch.receivers.len() - 1
+        batch.records.push(rec);
+        batch.records.len() - 1
     }
 
     fn on_client_frame(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
@@ -1109,8 +1252,19 @@ impl Relay {
     }
 
     /// The batch's records are durable (or failed): forward it.
-    fn release_batch(&mut self, b: Batch, result: Result<Vec<u64>, String>, uout: &mut BytesMut) {
-        let Batch { frames, mut pendings, .. } = b;
+    fn release_batch(&mut self, mut b: Batch, result: Result<Vec<u64>, String>, uout: &mut BytesMut) {
+        let sent = b.held.take().map_or(0, |h| h.claim());
+        let frames = std::mem::take(&mut b.frames);
+        let mut pendings = std::mem::take(&mut b.pendings);
+        let result = match result {
+            Err(e) if sent > 0 => {
+                // Cannot happen (the writer sends only what is durable), but the frames are
+                // upstream: account for them as sent.
+                tracing::error!(error = %e, "audit reported a failure for a batch already sent upstream");
+                Ok(Vec::new())
+            }
+            r => r,
+        };
         match result {
             Ok(seqs) => {
                 for p in pendings.iter_mut() {
@@ -1119,9 +1273,7 @@ impl Relay {
                     }
                     p.started = Instant::now();
                 }
-                for (f, _) in &frames {
-                    uout.extend_from_slice(&f.raw);
-                }
+                append_unsent(&frames, sent, uout);
             }
             Err(e) => {
                 tracing::error!(error = %e, "audit append failed; refusing statements");
@@ -1328,6 +1480,43 @@ mod prepared_tests {
 
     fn notes(sql: &str) -> Vec<Option<PreparedNote>> {
         crate::policy::analyze_sql(sql).iter().map(prepared_note).collect()
+    }
+
+    #[test]
+    fn what_the_writer_did_not_send_follows_in_order() {
+        let frame = |s: &str| (Frame { tag: b'Q', raw: Bytes::copy_from_slice(s.as_bytes()) }, None);
+        let frames = vec![frame("abc"), frame("de"), frame("fghi")];
+        for (sent, want) in
+            [(0, "abcdefghi"), (1, "bcdefghi"), (3, "defghi"), (4, "efghi"), (5, "fghi"), (8, "i"), (9, ""), (12, "")]
+        {
+            let mut out = BytesMut::from(&b">"[..]);
+            append_unsent(&frames, sent, &mut out);
+            assert_eq!(&out[..], format!(">{want}").as_bytes(), "sent {sent}");
+        }
+    }
+
+    #[test]
+    fn a_held_batch_claimed_first_is_never_sent() {
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let fd = Arc::new(std::os::fd::OwnedFd::from(a));
+        let held = |s: &'static str| HeldSend { fd: fd.clone(), state: std::sync::Mutex::new(HeldState::Held(Bytes::from(s))) };
+        use crate::audit::OnDurable as _;
+        use std::io::Read as _;
+
+        // Durable first: the writer sends it all; the session's claim says so.
+        let first = held("sent");
+        first.durable();
+        assert_eq!(first.claim(), 4);
+        first.durable(); // claimed: never again
+        // Claimed first (the session ended or was answered): nothing goes out, ever.
+        let second = held("never");
+        assert_eq!(second.claim(), 0);
+        second.durable();
+        // Every dup closed: the reader sees the end after what was sent.
+        drop((fd, first, second));
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).expect("read");
+        assert_eq!(got, b"sent");
     }
 
     #[test]

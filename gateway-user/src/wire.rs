@@ -19,6 +19,10 @@ pub trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Se
     /// stream that cannot move that way (TLS: its state lives in the tokio stream; in-memory
     /// pipes). `Ok(Err(_))`: deregistering failed, and the socket is closed.
     fn into_std(self: Box<Self>) -> Result<std::io::Result<StdStream>, BoxStream>;
+
+    /// The socket under a plaintext TCP or Unix stream, whose bytes go to the peer as they are
+    /// written; None for TLS or in-memory streams.
+    fn plain_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>>;
 }
 
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> AsyncStream for T {
@@ -42,6 +46,41 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> A
             Err(_) => unreachable!("a Box<T> downcasts to T"),
         }
     }
+
+    fn plain_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        let any: &dyn std::any::Any = self;
+        if let Some(s) = any.downcast_ref::<tokio::net::TcpStream>() {
+            return Some(s.as_fd());
+        }
+        if let Some(s) = any.downcast_ref::<tokio::net::UnixStream>() {
+            return Some(s.as_fd());
+        }
+        any.downcast_ref::<BoxStream>().and_then(|inner| (**inner).plain_fd())
+    }
+}
+
+/// Send as much of `buf` as the socket takes now, without blocking (`MSG_DONTWAIT |
+/// MSG_NOSIGNAL`): the number of bytes sent. Stops at a full send buffer or an error (which
+/// the stream's owner then meets on its own next write).
+pub fn send_now(fd: std::os::fd::BorrowedFd<'_>, buf: &[u8]) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut off = 0;
+    while off < buf.len() {
+        let rest = &buf[off..];
+        // SAFETY: send(2) from a live buffer of `rest.len()` bytes on an open socket.
+        let n = unsafe {
+            libc::send(fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if n > 0 {
+            off += n as usize;
+        } else if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        } else {
+            break;
+        }
+    }
+    off
 }
 
 pub type BoxStream = Box<dyn AsyncStream>;
@@ -598,6 +637,32 @@ pub fn cancel_request(out: &mut BytesMut, pid: i32, key: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn send_now_sends_what_fits_and_never_blocks_or_signals() {
+        use std::io::Read as _;
+        use std::os::fd::AsFd as _;
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        // Far more than a socket buffer holds: part goes, the call returns instead of waiting.
+        let big = vec![7u8; 16 << 20];
+        let n = send_now(a.as_fd(), &big);
+        assert!(n > 0 && n < big.len(), "sent {n}");
+        b.set_nonblocking(true).expect("nonblocking");
+        let mut got = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match b.read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => got += k,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        assert_eq!(got, n, "the peer gets exactly what send_now reported");
+        // A closed peer: nothing sent, no SIGPIPE (the test process would die of it).
+        drop(b);
+        assert_eq!(send_now(a.as_fd(), b"late"), 0);
+    }
 
     fn frame(tag: u8, body: &[u8]) -> Frame {
         let mut b = BytesMut::new();

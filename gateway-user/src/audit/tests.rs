@@ -830,3 +830,72 @@ fn throughput() {
     );
     assert!(verify::verify(dir.path(), &keys()).is_ok());
 }
+
+/// A durable-hook that notes, when it runs, the statements the log then holds.
+struct SeenAtHook {
+    dir: PathBuf,
+    seen: std::sync::Mutex<Option<Vec<String>>>,
+}
+
+impl OnDurable for SeenAtHook {
+    fn durable(&self) {
+        let sqls = records(&self.dir).into_iter().filter_map(|r| r.sql).collect();
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(sqls);
+    }
+}
+
+fn seen_at_hook(dir: &Path) -> std::sync::Arc<SeenAtHook> {
+    std::sync::Arc::new(SeenAtHook { dir: dir.to_owned(), seen: std::sync::Mutex::new(None) })
+}
+
+#[test]
+fn durable_hooks_run_before_the_answer_and_never_on_failure() {
+    for policy in [FsyncPolicy::Group, FsyncPolicy::Always] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let mut o = opts(d, 100);
+        o.fsync = policy;
+        let h = AuditHandle::start(o).expect("start");
+        assert!(h.runs_hooks());
+        let rt = rt();
+
+        // Durable: the hook ran (the record already in the log) before the answer came.
+        let hook = seen_at_hook(d);
+        let (rx, queued) = h.submit_then(stmt(1), Some(hook.clone()));
+        assert!(queued);
+        assert_eq!(rt.block_on(rx).expect("answered").expect("durable"), 2);
+        let seen = hook.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(seen, Some(vec!["SELECT 1".to_string()]), "{policy:?}");
+
+        // A failed sync: refused, and the hook never runs.
+        fault::fail_next_sync(d);
+        let hook = seen_at_hook(d);
+        let (rx, queued) = h.submit_then(stmt(2), Some(hook.clone()));
+        assert!(queued, "queued; the failure comes with the sync");
+        assert!(rt.block_on(rx).expect("answered").is_err(), "{policy:?}");
+        assert_eq!(*hook.seen.lock().unwrap_or_else(|e| e.into_inner()), None, "{policy:?}");
+
+        // Refused at once (the writer writes checkpoints itself): says so, hook never runs.
+        let hook = seen_at_hook(d);
+        let (mut rx, queued) =
+            h.submit_then(Record { kind: Kind::Checkpoint, ..Record::default() }, Some(hook.clone()));
+        assert!(!queued);
+        assert!(rx.try_recv().expect("answered at once").is_err());
+        h.shutdown();
+        assert_eq!(*hook.seen.lock().unwrap_or_else(|e| e.into_inner()), None);
+    }
+
+    // fsync = off has no writer thread to run hooks: dropped unrun, the record still written.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mut o = opts(d, 100);
+    o.fsync = FsyncPolicy::Off;
+    let h = AuditHandle::start(o).expect("start");
+    assert!(!h.runs_hooks());
+    let hook = seen_at_hook(d);
+    let (mut rx, queued) = h.submit_then(stmt(1), Some(hook.clone()));
+    assert!(queued);
+    assert_eq!(rx.try_recv().expect("answered at once").expect("written"), 2);
+    assert_eq!(*hook.seen.lock().unwrap_or_else(|e| e.into_inner()), None);
+    h.shutdown();
+}

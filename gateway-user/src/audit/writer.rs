@@ -210,7 +210,25 @@ struct Counters {
     failed_batches: AtomicU64,
 }
 
-type Reply = oneshot::Sender<Result<u64, AuditError>>;
+/// Work a writer thread runs the moment a record is durable, before the record's waiter is
+/// told, outside the log lock. The session uses it to send a held statement to a plaintext
+/// upstream itself, saving the hop back to the session's event loop (see `session`).
+pub trait OnDurable: Send + Sync {
+    fn durable(&self);
+}
+
+/// Who waits for a record: the channel that tells it the outcome, and what to run first when
+/// the record is durable (never run when it fails).
+struct Reply {
+    tx: oneshot::Sender<Result<u64, AuditError>>,
+    hook: Option<Arc<dyn OnDurable>>,
+}
+
+impl Reply {
+    fn send(self, r: Result<u64, AuditError>) {
+        let _ = self.tx.send(r);
+    }
+}
 
 /// A position in the chain: the last record at some point, and the count since the last
 /// checkpoint after it (what a rollback restores).
@@ -344,9 +362,28 @@ impl AuditHandle {
     /// and must be treated like `Err(AuditError::Closed)`. Lets a caller submit several
     /// records back to back and then wait for all of them.
     pub fn submit(&self, rec: Record) -> oneshot::Receiver<Result<u64, AuditError>> {
+        self.submit_then(rec, None).0
+    }
+
+    /// [`submit`](Self::submit), and run `hook` on a writer thread once the record is durable,
+    /// before the receiver resolves (never when it fails). With `fsync = off` there is no
+    /// writer thread to run it and the hook is dropped unrun. Also says whether the record
+    /// was queued: false means the receiver already holds its error (e.g. it could not be
+    /// encoded), so later records of the caller's may be durable while this one never is.
+    pub fn submit_then(
+        &self,
+        rec: Record,
+        hook: Option<Arc<dyn OnDurable>>,
+    ) -> (oneshot::Receiver<Result<u64, AuditError>>, bool) {
         let (tx, rx) = oneshot::channel();
-        self.inner.shared.enqueue(rec, Some(tx));
-        rx
+        let hook = hook.filter(|_| self.inner.shared.fsync != FsyncPolicy::Off);
+        let queued = self.inner.shared.enqueue(rec, Some(Reply { tx, hook }));
+        (rx, queued)
+    }
+
+    /// Whether durable-hooks run (see [`submit_then`](Self::submit_then)): not with `fsync = off`.
+    pub fn runs_hooks(&self) -> bool {
+        self.inner.shared.fsync != FsyncPolicy::Off
     }
 
     /// Append without waiting (still chained; ordered after every record already appended);
@@ -398,7 +435,9 @@ impl Inner {
         {
             tracing::error!("the audit HEAD thread panicked");
         }
-        let head = lock(&self.shared.log).final_flush();
+        let mut log = lock(&self.shared.log);
+        let head = log.final_flush();
+        drop(self.shared.run_deferred(log));
         if let Some(h) = head {
             self.shared.write_head(&h);
         }
@@ -406,7 +445,8 @@ impl Inner {
 }
 
 impl Shared {
-    fn enqueue(&self, rec: Record, reply: Option<Reply>) {
+    /// Queue `rec`; false if it was refused at once (its waiter has the error).
+    fn enqueue(&self, rec: Record, reply: Option<Reply>) -> bool {
         let mut log = lock(&self.log);
         if log.shutdown {
             match reply {
@@ -415,7 +455,7 @@ impl Shared {
                 }
                 None => tracing::warn!("audit record dropped: the writer has stopped"),
             }
-            return;
+            return false;
         }
         if matches!(rec.kind, Kind::Checkpoint | Kind::Start) {
             let e = AuditError::InvalidRecord(format!("{:?} records are written by the writer itself", rec.kind));
@@ -425,13 +465,15 @@ impl Shared {
                 }
                 None => tracing::error!("audit record dropped: {e}"),
             }
-            return;
+            return false;
         }
         let urgent = reply.is_some();
-        log.queue(rec, reply);
+        if !log.queue(rec, reply) {
+            return false;
+        }
         if !urgent {
             log.lazy_since.get_or_insert_with(Instant::now);
-            return;
+            return true;
         }
         log.urgent = true;
         if self.fsync == FsyncPolicy::Off {
@@ -447,6 +489,24 @@ impl Shared {
             self.work.notify_one();
         }
         // else: every writer thread is busy and takes this batch when it comes back.
+        true
+    }
+
+    /// Run the hooks of records made durable while the lock was held, then tell their
+    /// waiters — with the lock released (a hook may do a system call).
+    fn run_deferred<'a>(&'a self, mut log: std::sync::MutexGuard<'a, Log>) -> std::sync::MutexGuard<'a, Log> {
+        if log.deferred.is_empty() {
+            return log;
+        }
+        let ready = std::mem::take(&mut log.deferred);
+        drop(log);
+        for (seq, r) in ready {
+            if let Some(h) = &r.hook {
+                h.durable();
+            }
+            r.send(Ok(seq));
+        }
+        lock(&self.log)
     }
 
     /// Writer thread `id`: waits for records, writes them (under the lock, so the file holds
@@ -485,7 +545,10 @@ impl Shared {
                 log = self.work.wait_timeout(log, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
                 log.idle -= 1;
             }
-            if let Ok(Some(ticket)) = log.write_queued(id) {
+            let written = log.write_queued(id);
+            // (A segment rotation inside the write may have made records durable.)
+            log = self.run_deferred(log);
+            if let Ok(Some(ticket)) = written {
                 drop(log);
                 let started = Instant::now();
                 let res = sync_batch(&ticket.fd, &self.dir);
@@ -495,6 +558,7 @@ impl Shared {
                     Ok(()) => log.synced(&ticket),
                     Err(e) => log.sync_failed(&ticket, e),
                 }
+                log = self.run_deferred(log);
             }
             if let Some(h) = log.due_head() {
                 self.post_head(h);
@@ -602,6 +666,9 @@ struct Log {
     /// Bumped when non-durable records are rolled back: older sync tickets then prove
     /// nothing about records with the same (reused) seqs.
     epoch: u64,
+    /// Durable records whose waiters have a hook: answered by `Shared::run_deferred` once the
+    /// lock is released.
+    deferred: Vec<(u64, Reply)>,
     /// Writer threads waiting for work.
     idle: usize,
     shutdown: bool,
@@ -937,6 +1004,7 @@ impl Log {
             durable: start_pos,
             epoch: 0,
             idle: 0,
+            deferred: Vec::new(),
             shutdown: false,
             head: None,
             paths_checked_at: None,
@@ -951,7 +1019,7 @@ impl Log {
             meta["warnings"] = serde_json::json!(warnings);
         }
         let (tx, mut rx) = oneshot::channel();
-        w.queue(Record { kind: Kind::Start, meta: Some(meta), ..Record::default() }, Some(tx));
+        w.queue(Record { kind: Kind::Start, meta: Some(meta), ..Record::default() }, Some(Reply { tx, hook: None }));
         if let Some(ticket) = w.write_queued(0)? {
             match ticket.fd.sync_data() {
                 Ok(()) => w.synced(&ticket),
@@ -967,7 +1035,8 @@ impl Log {
 
     /// Encode `rec` as the next record and queue it (plus a checkpoint when one is due by
     /// count). An encoding error is answered at once.
-    fn queue(&mut self, rec: Record, reply: Option<Reply>) {
+    /// False if the record was refused (its waiter has the error).
+    fn queue(&mut self, rec: Record, reply: Option<Reply>) -> bool {
         let seq = self.next_seq;
         let event = Some(crate::metrics::Event::of(&rec));
         match self.encode(rec, now_ts()) {
@@ -977,13 +1046,17 @@ impl Log {
                 if self.signer.is_some() && self.checkpoint_every > 0 && self.since_ckpt >= self.checkpoint_every {
                     self.encode_checkpoint();
                 }
+                true
             }
-            Err(e) => match reply {
-                Some(r) => {
-                    let _ = r.send(Err(e));
+            Err(e) => {
+                match reply {
+                    Some(r) => {
+                        let _ = r.send(Err(e));
+                    }
+                    None => tracing::error!("audit record dropped: {e}"),
                 }
-                None => tracing::error!("audit record dropped: {e}"),
-            },
+                false
+            }
         }
     }
 
@@ -1118,8 +1191,10 @@ impl Log {
                 if let Some(e) = event {
                     crate::metrics::METRICS.event(e);
                 }
-                if let Some(r) = reply {
-                    let _ = r.send(Ok(seq));
+                match reply {
+                    Some(r) if r.hook.is_some() => self.deferred.push((seq, r)),
+                    Some(r) => r.send(Ok(seq)),
+                    None => {}
                 }
             }
         }
