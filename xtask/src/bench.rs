@@ -491,6 +491,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             println!("note: other work was running on this machine; the numbers are noisier than usual");
         }
     }
+    if let Some(line) = cpuidle_line(&json["machine"]["cpuidle"]) {
+        println!("{line}");
+    }
     if let Err(e) = &result {
         json["error"] = json!(format!("{e:#}"));
     }
@@ -1165,6 +1168,7 @@ impl Report {
             "machine": {
                 "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
                 "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+                "cpuidle": cpuidle(),
             },
             "flush_latency": self.flush.iter().map(|(label, f)| json!({
                 "when": label, "p50_us": f.p50_us, "p90_us": f.p90_us, "samples": f.samples,
@@ -1338,6 +1342,32 @@ fn fmt_value(v: f64) -> String {
     if v >= 1000.0 { format!("{v:.0}") } else { format!("{v:.1}") }
 }
 
+/// How idle CPUs wait: cpuidle driver and governor, and for the guest `haltpoll` driver how long
+/// an idle vCPU polls before halting (0: it halts at once, so every wakeup of an idle CPU costs a
+/// VM exit and re-entry — on this project's Firecracker VMs ~30 µs, which dominates loopback
+/// latencies; see README "Performance").
+fn cpuidle() -> serde_json::Value {
+    let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string());
+    json!({
+        "driver": read("/sys/devices/system/cpu/cpuidle/current_driver"),
+        "governor": read("/sys/devices/system/cpu/cpuidle/current_governor_ro")
+            .or_else(|| read("/sys/devices/system/cpu/cpuidle/current_governor")),
+        "guest_halt_poll_ns": read("/sys/module/haltpoll/parameters/guest_halt_poll_ns").and_then(|v| v.parse::<u64>().ok()),
+    })
+}
+
+/// One line about `cpuidle()` for the report, when it says something.
+fn cpuidle_line(v: &serde_json::Value) -> Option<String> {
+    let driver = v["driver"].as_str()?;
+    Some(match v["guest_halt_poll_ns"].as_u64() {
+        Some(0) => format!(
+            "cpuidle: {driver}, guest_halt_poll_ns = 0 (an idle vCPU halts at once: every wakeup pays a VM exit, which dominates loopback latency)"
+        ),
+        Some(ns) => format!("cpuidle: {driver}, guest_halt_poll_ns = {ns}"),
+        None => format!("cpuidle: {driver}"),
+    })
+}
+
 /// The 1-minute load average.
 fn loadavg() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
@@ -1364,6 +1394,17 @@ fn utc_stamp() -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpuidle_line_names_a_halting_guest() {
+        let halting = json!({"driver": "haltpoll", "governor": "haltpoll", "guest_halt_poll_ns": 0});
+        let line = cpuidle_line(&halting).expect("a line");
+        assert!(line.contains("guest_halt_poll_ns = 0") && line.contains("halts at once"), "{line}");
+        let polling = json!({"driver": "haltpoll", "guest_halt_poll_ns": 200000});
+        assert_eq!(cpuidle_line(&polling).as_deref(), Some("cpuidle: haltpoll, guest_halt_poll_ns = 200000"));
+        assert_eq!(cpuidle_line(&json!({"driver": "intel_idle", "guest_halt_poll_ns": null})).as_deref(), Some("cpuidle: intel_idle"));
+        assert_eq!(cpuidle_line(&json!({"driver": null})), None);
+    }
 
     #[test]
     fn parses_pgbench_output() {
