@@ -36,6 +36,10 @@ const PALETTE: [RGBColor; 6] = [
 
 const FONT: &str = "sans-serif";
 
+/// The highest ratio the y axis shows; bars above it are cut, with a break mark, and labelled
+/// with their value.
+const Y_CAP: f64 = 2.5;
+
 fn font_path() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("PGWARD_BENCH_FONT") {
         return Some(PathBuf::from(p));
@@ -113,7 +117,9 @@ fn draw_panel(
     let n = panel.groups.len().max(1);
     let k = panel.series.len().max(1);
     let vmax = panel.groups.iter().flat_map(|g| g.values.iter().flatten()).fold(1.0f64, |a, &b| a.max(b));
-    let ymax = (vmax * 1.12).max(1.2);
+    // One far-off value (connection churn with pooling: ~10×) would flatten every other bar
+    // into the bottom tenth: the axis stops at Y_CAP and taller bars are drawn broken.
+    let ymax = (vmax * 1.12).clamp(1.2, Y_CAP);
 
     // Panel title on the left, a one-line legend on the right, then the chart below them.
     let (x0, y0) = area.get_base_pixel();
@@ -169,6 +175,15 @@ fn draw_panel(
             Some(Rectangle::new([(x0 + bar_w * 0.04, 0.0), (x0 + bar_w * 0.96, v.min(ymax))], color.filled()))
         });
         chart.draw_series(bars)?;
+        // Break marks on the bars the axis cuts.
+        let breaks = panel.groups.iter().enumerate().filter_map(|(gi, g)| {
+            let v = (*g.values.get(si)?)?;
+            (v > ymax).then(|| {
+                let x0 = gi as f64 + (1.0 - group_w) / 2.0 + si as f64 * bar_w;
+                Rectangle::new([(x0, ymax * 0.90), (x0 + bar_w, ymax * 0.92)], WHITE.filled())
+            })
+        });
+        chart.draw_series(breaks)?;
     }
     chart.draw_series(LineSeries::new(vec![(0.0, 1.0), (n as f64, 1.0)], BLACK.stroke_width(2)))?;
     // Value labels last, on a white patch so the 1.0 line does not run through them.
@@ -208,7 +223,11 @@ pub fn sample(path: &Path) -> Result<()> {
         &[Panel {
             title: "panel".into(),
             series,
-            groups: vec![g("select-simple", "tps", [0.7, 0.8, 0.6]), g("latency-1c", "µs (inverted)", [0.9, 0.95, 0.5])],
+            groups: vec![
+                g("select-simple", "tps", [0.7, 0.8, 0.6]),
+                g("latency-1c", "µs (inverted)", [0.9, 0.95, 0.5]),
+                g("churn", "tps", [0.9, 1.0, 11.2]),
+            ],
         }],
     )
     .context("sample chart")
