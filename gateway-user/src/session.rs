@@ -987,9 +987,7 @@ impl Relay {
                 Some(fd) if hold && all_queued && i + 1 == n => {
                     let len = batch.frames.iter().map(|(f, _)| f.raw.len()).sum();
                     let mut bytes = BytesMut::with_capacity(len);
-                    for (f, _) in &batch.frames {
-                        bytes.extend_from_slice(&f.raw);
-                    }
+                    append_unsent(&batch.frames, 0, &mut bytes);
                     Some(Arc::new(HeldSend {
                         fd: fd.clone(),
                         state: std::sync::Mutex::new(HeldState::Held(bytes.freeze())),

@@ -376,7 +376,7 @@ impl AuditHandle {
         hook: Option<Arc<dyn OnDurable>>,
     ) -> (oneshot::Receiver<Result<u64, AuditError>>, bool) {
         let (tx, rx) = oneshot::channel();
-        let hook = hook.filter(|_| self.inner.shared.fsync != FsyncPolicy::Off);
+        let hook = hook.filter(|_| self.runs_hooks());
         let queued = self.inner.shared.enqueue(rec, Some(Reply { tx, hook }));
         (rx, queued)
     }
