@@ -12,7 +12,10 @@
 //!   instead of waking this session's event loop to do it: one thread hop less per statement.
 //!   Only when nothing else is waiting to go upstream, and never after a failed sync; the
 //!   session claims the batch back when told (sending whatever the writer could not), and
-//!   before anything else of its own goes upstream.
+//!   before anything else of its own goes upstream. When the writer sent all of it, it does
+//!   not wake the session either: the session claims the batch when Postgres answers or the
+//!   client sends more, whichever comes first (client bytes read while the batch is still
+//!   held wait, and the writer is then asked to tell).
 //! - Every forwarded frame that expects an answer has a `Pending` entry; server answers pop
 //!   them in order, which is how results are matched to statements.
 
@@ -609,21 +612,35 @@ struct Batch {
     receivers: Vec<tokio::sync::oneshot::Receiver<Result<u64, AuditError>>>,
     /// The frames, handed to the audit writer to send once the last record is durable.
     held: Option<Arc<HeldSend>>,
+    /// Bytes the writer sent, once claimed.
+    sent: usize,
 }
 
 impl Batch {
     /// The audit writer sent (some of) the held frames upstream.
     fn was_sent(&self) -> bool {
-        self.held.as_ref().is_some_and(|h| matches!(*crate::lock(&h.state), HeldState::Sent(_)))
+        self.held.as_ref().is_some_and(|h| matches!(*crate::lock(&h.state), HeldState::Sent { .. }))
+    }
+
+    /// True if the writer sent the held frames; otherwise it will tell the session when the
+    /// records are durable, even if it sends everything.
+    fn sent_or_ask(&self) -> bool {
+        self.held.as_ref().is_some_and(|h| h.sent_or_ask())
+    }
+
+    /// Take the held frames back (idempotent): how many bytes the writer sent.
+    fn claim(&mut self) -> usize {
+        if let Some(h) = self.held.take() {
+            self.sent = h.claim();
+        }
+        self.sent
     }
 }
 
 impl Drop for Batch {
     fn drop(&mut self) {
         // A batch dropped unreleased (the session ended meanwhile) must never go out later.
-        if let Some(h) = self.held.take() {
-            h.claim();
-        }
+        self.claim();
     }
 }
 
@@ -651,31 +668,62 @@ struct HeldSend {
 }
 
 enum HeldState {
-    Held(Bytes),
-    /// The writer sent this many bytes (all, unless the socket buffer was full).
-    Sent(usize),
+    /// Not durable yet. With `quiet`, a writer that sends all of it keeps the record's waiter
+    /// untold (the session learns of it when Postgres answers or the client sends more).
+    Held { bytes: Bytes, quiet: bool },
+    /// The writer sent this many bytes (all, unless the socket buffer was full); `untold` is
+    /// the waiter it kept.
+    Sent { n: usize, untold: Option<crate::audit::Waiter> },
     Claimed,
 }
 
 impl HeldSend {
-    /// The session takes the batch back: how many bytes the writer already sent. From now on
-    /// the writer sends nothing.
+    fn new(fd: Arc<std::os::fd::OwnedFd>, bytes: Bytes, quiet: bool) -> HeldSend {
+        HeldSend { fd, state: std::sync::Mutex::new(HeldState::Held { bytes, quiet }) }
+    }
+
+    /// The session takes the batch back: how many bytes the writer already sent (a waiter
+    /// the writer kept is told now). From now on the writer sends nothing.
     fn claim(&self) -> usize {
         match std::mem::replace(&mut *crate::lock(&self.state), HeldState::Claimed) {
-            HeldState::Sent(n) => n,
-            HeldState::Held(_) | HeldState::Claimed => 0,
+            HeldState::Sent { n, untold } => {
+                if let Some(w) = untold {
+                    w.tell();
+                }
+                n
+            }
+            HeldState::Held { .. } | HeldState::Claimed => 0,
+        }
+    }
+
+    /// True if the writer sent (some of) the frames; otherwise it must tell the waiter when
+    /// it does.
+    fn sent_or_ask(&self) -> bool {
+        match &mut *crate::lock(&self.state) {
+            HeldState::Sent { .. } => true,
+            HeldState::Held { quiet, .. } => {
+                *quiet = false;
+                false
+            }
+            HeldState::Claimed => false,
         }
     }
 }
 
 impl crate::audit::OnDurable for HeldSend {
-    fn durable(&self) {
+    fn durable(&self, waiter: crate::audit::Waiter) -> Option<crate::audit::Waiter> {
         use std::os::fd::AsFd;
         let mut st = crate::lock(&self.state);
-        if let HeldState::Held(bytes) = &*st {
-            let n = wire::send_now(self.fd.as_fd(), bytes);
-            *st = HeldState::Sent(n);
+        let HeldState::Held { bytes, quiet } = &*st else {
+            return Some(waiter);
+        };
+        let n = wire::send_now(self.fd.as_fd(), bytes);
+        if *quiet && n == bytes.len() {
+            *st = HeldState::Sent { n, untold: Some(waiter) };
+            return None;
         }
+        *st = HeldState::Sent { n, untold: None };
+        Some(waiter)
     }
 }
 
@@ -757,39 +805,59 @@ impl Relay {
         let mut batch: Option<Batch> = None;
         let mut durable: Option<DurableFuture> = None;
         let mut client_eof = false;
+        // Client bytes (or its end) read while a batch was outstanding: dealt with once the
+        // batch is released (their records come after its records).
+        let mut unread = !cbuf.is_empty();
 
-        // Frames that arrived with the startup packet or the upstream's login.
         let mut end: Option<End> = None;
-        if !cbuf.is_empty() {
-            match self.on_client_data(&mut cbuf, &mut uout) {
-                Ok(b) => {
-                    if let Some(mut b) = b {
-                        durable = Some(Self::await_records(&mut b));
-                        batch = Some(b);
-                    }
-                }
-                Err(e) => end = Some(e),
-            }
-        }
-        if end.is_none() && !ubuf.is_empty() {
+        if !ubuf.is_empty() {
+            // Frames that arrived with the upstream's login.
             self.on_upstream_data(&mut ubuf, &mut cout);
         }
 
         while end.is_none() {
+            if unread && durable.is_none() {
+                unread = false;
+                if !cbuf.is_empty() {
+                    match self.on_client_data(&mut cbuf, &mut uout, !client_eof) {
+                        Ok(Some(mut b)) => {
+                            durable = Some(Self::await_records(&mut b));
+                            batch = Some(b);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            end = Some(e);
+                            break;
+                        }
+                    }
+                }
+            }
+            if client_eof && durable.is_none() {
+                end = Some(End::Client);
+                break;
+            }
             if self.detach && uout.is_empty() && durable.is_none() {
                 end = Some(End::Detach);
                 break;
             }
-            let read_client = !client_eof && !self.terminated && durable.is_none() && uout.len() < HIGH_WATER;
+            // While a batch is outstanding the client is still read (once): the writer may
+            // have sent the batch without waking this loop.
+            let read_client = !client_eof && !self.terminated && !unread && uout.len() < HIGH_WATER;
             let read_upstream = cout.len() < HIGH_WATER;
             tokio::select! {
-                r = crd.read_buf(&mut cbuf), if read_client => match r {
-                    Ok(0) | Err(_) => { client_eof = true; end = Some(End::Client); }
-                    Ok(_) => match self.on_client_data(&mut cbuf, &mut uout) {
-                        Ok(Some(mut b)) => { durable = Some(Self::await_records(&mut b)); batch = Some(b); }
-                        Ok(None) => {}
-                        Err(e) => end = Some(e),
-                    },
+                r = crd.read_buf(&mut cbuf), if read_client => {
+                    if matches!(r, Ok(0) | Err(_)) {
+                        client_eof = true;
+                    }
+                    // Claim a batch the writer sent; otherwise have it tell us.
+                    if batch.as_ref().is_some_and(Batch::sent_or_ask)
+                        && let (Some(f), Some(mut b)) = (durable.take(), batch.take())
+                    {
+                        b.claim();
+                        let r = f.await;
+                        self.release_batch(b, r, &mut uout);
+                    }
+                    unread = true;
                 },
                 r = urd.read_buf(&mut ubuf), if read_upstream => match r {
                     Ok(0) | Err(_) => end = Some(End::Upstream),
@@ -798,8 +866,9 @@ impl Relay {
                         // it: its pendings must be queued first. Its records are durable, so
                         // the answer is (about to be) there.
                         if batch.as_ref().is_some_and(Batch::was_sent)
-                            && let (Some(f), Some(b)) = (durable.take(), batch.take())
+                            && let (Some(f), Some(mut b)) = (durable.take(), batch.take())
                         {
+                            b.claim();
                             let r = f.await;
                             self.release_batch(b, r, &mut uout);
                         }
@@ -934,11 +1003,11 @@ impl Relay {
     /// Split the client's buffered bytes into frames and decide what to do with each.
     /// Frames without records go straight into `uout` when nothing is staged; otherwise a
     /// batch is returned that waits for durability.
-    fn on_client_data(&mut self, cbuf: &mut BytesMut, uout: &mut BytesMut) -> Result<Option<Batch>, End> {
+    fn on_client_data(&mut self, cbuf: &mut BytesMut, uout: &mut BytesMut, client_open: bool) -> Result<Option<Batch>, End> {
         let mut batch = Batch::default();
         if let Err(e) = self.split_client_frames(cbuf, &mut batch) {
             // What was read before the bad frame is still audited (it never runs).
-            self.submit_records(&mut batch, false);
+            self.submit_records(&mut batch, false, false);
             return Err(e);
         }
         if batch.records.is_empty() && batch.pendings.iter().all(|p| p.rec_idx == usize::MAX) {
@@ -949,7 +1018,7 @@ impl Relay {
             return Ok(None);
         }
         // The writer may send the batch only if it would go out first.
-        self.submit_records(&mut batch, uout.is_empty());
+        self.submit_records(&mut batch, uout.is_empty(), client_open);
         Ok(Some(batch))
     }
 
@@ -978,8 +1047,9 @@ impl Relay {
 
     /// Submit the batch's statement records in order. With `hold`, and a socket to send on, the
     /// last record carries a [`HeldSend`] of the batch's frames — unless an earlier record was
-    /// refused at once (the later one could then be durable while it never is).
-    fn submit_records(&self, batch: &mut Batch, hold: bool) {
+    /// refused at once (the later one could then be durable while it never is). `client_open`:
+    /// the client may still send (so the writer may keep quiet, see [`HeldState`]).
+    fn submit_records(&self, batch: &mut Batch, hold: bool, client_open: bool) {
         let n = batch.records.len();
         let mut all_queued = true;
         for (i, rec) in std::mem::take(&mut batch.records).into_iter().enumerate() {
@@ -988,10 +1058,10 @@ impl Relay {
                     let len = batch.frames.iter().map(|(f, _)| f.raw.len()).sum();
                     let mut bytes = BytesMut::with_capacity(len);
                     append_unsent(&batch.frames, 0, &mut bytes);
-                    Some(Arc::new(HeldSend {
-                        fd: fd.clone(),
-                        state: std::sync::Mutex::new(HeldState::Held(bytes.freeze())),
-                    }))
+                    // Quiet only while the session still reads the client (which may owe
+                    // the Sync that makes Postgres answer).
+                    let quiet = client_open && !self.terminated;
+                    Some(Arc::new(HeldSend::new(fd.clone(), bytes.freeze(), quiet)))
                 }
                 _ => None,
             };
@@ -1251,7 +1321,7 @@ impl Relay {
 
     /// The batch's records are durable (or failed): forward it.
     fn release_batch(&mut self, mut b: Batch, result: Result<Vec<u64>, String>, uout: &mut BytesMut) {
-        let sent = b.held.take().map_or(0, |h| h.claim());
+        let sent = b.claim();
         let frames = std::mem::take(&mut b.frames);
         let mut pendings = std::mem::take(&mut b.pendings);
         let result = match result {
@@ -1497,24 +1567,45 @@ mod prepared_tests {
     fn a_held_batch_claimed_first_is_never_sent() {
         let (a, mut b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
         let fd = Arc::new(std::os::fd::OwnedFd::from(a));
-        let held = |s: &'static str| HeldSend { fd: fd.clone(), state: std::sync::Mutex::new(HeldState::Held(Bytes::from(s))) };
-        use crate::audit::OnDurable as _;
+        let held = |s: &'static str, quiet: bool| HeldSend::new(fd.clone(), Bytes::from(s), quiet);
+        use crate::audit::{OnDurable as _, Waiter};
         use std::io::Read as _;
+        use tokio::sync::oneshot::error::TryRecvError;
 
-        // Durable first: the writer sends it all; the session's claim says so.
-        let first = held("sent");
-        first.durable();
+        // Durable first, quiet: the writer sends it all and keeps the waiter untold; the
+        // session's claim says what was sent and tells the waiter.
+        let first = held("sent", true);
+        let (w, mut rx) = Waiter::for_test(7);
+        assert!(first.durable(w).is_none(), "kept");
+        assert!(matches!(rx.try_recv(), Err(TryRecvError::Empty)));
+        assert!(first.sent_or_ask());
         assert_eq!(first.claim(), 4);
-        first.durable(); // claimed: never again
+        assert_eq!(rx.try_recv().expect("told at the claim").expect("durable"), 7);
+        let (w, _) = Waiter::for_test(8);
+        assert!(first.durable(w).is_some(), "claimed: never again, the writer tells");
+
+        // Not quiet (the client is gone), or asked to tell before the writer got to it: sent,
+        // and the writer tells.
+        for asked in [false, true] {
+            let h = held("told", asked);
+            if asked {
+                assert!(!h.sent_or_ask(), "still held");
+            }
+            let (w, _) = Waiter::for_test(9);
+            assert_eq!(h.durable(w).map(|w| w.seq()), Some(9));
+            assert_eq!(h.claim(), 4);
+        }
+
         // Claimed first (the session ended or was answered): nothing goes out, ever.
-        let second = held("never");
+        let second = held("never", true);
         assert_eq!(second.claim(), 0);
-        second.durable();
+        let (w, _) = Waiter::for_test(10);
+        assert!(second.durable(w).is_some());
         // Every dup closed: the reader sees the end after what was sent.
         drop((fd, first, second));
         let mut got = Vec::new();
         b.read_to_end(&mut got).expect("read");
-        assert_eq!(got, b"sent");
+        assert_eq!(got, b"senttoldtold");
     }
 
     #[test]

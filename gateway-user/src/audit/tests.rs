@@ -33,9 +33,15 @@ fn opts(dir: &Path, every: u64) -> WriterOptions {
         checkpoint_every: every,
         checkpoint_interval: Duration::from_secs(3600),
         segment_bytes: 64 * 1024 * 1024,
-        sync_threads: 2,
+        sync_threads: 1,
+        direct_io: true,
         signer: Some(CheckpointSigner::new(KID, signing_key())),
     }
+}
+
+/// The other way batches reach the disk: through the page cache, two pipelined writer threads.
+fn buffered(o: WriterOptions) -> WriterOptions {
+    WriterOptions { sync_threads: 2, direct_io: false, ..o }
 }
 
 fn stmt(n: u64) -> Record {
@@ -213,9 +219,15 @@ fn chain_written_then_verified() {
 
 #[test]
 fn group_commit_from_many_tasks() {
+    group_commit_from_many_tasks_with(|o| o, true);
+    group_commit_from_many_tasks_with(buffered, false);
+}
+
+fn group_commit_from_many_tasks_with(f: fn(WriterOptions) -> WriterOptions, direct: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().to_owned();
-    let h = AuditHandle::start(opts(&d, 1_000_000)).expect("start");
+    let h = AuditHandle::start(f(opts(&d, 1_000_000))).expect("start");
+    assert_eq!(h.direct_io(), direct);
     let mut seqs = append_from_tasks(&h, 200, 10);
     // Durable before shutdown: every acknowledged seq is already in the file.
     let on_disk: Vec<u64> = records(&d).iter().map(|r| r.seq).collect();
@@ -538,10 +550,10 @@ fn removed_segment_fails_then_continues_in_a_new_segment() {
 /// must leave: an `Io` error, the segment byte for byte as before, the chain continuing at the
 /// next seq (3), a log that verifies. `lazy` also queues a record nobody waits for into the
 /// failing batch. Returns the writer's stats after the failure and the SQL texts in the log.
-fn fail_one_batch(inject: fn(&Path), lazy: bool) -> (WriterStats, Vec<String>) {
+fn fail_one_batch(inject: fn(&Path), lazy: bool, f: fn(WriterOptions) -> WriterOptions) -> (WriterStats, Vec<String>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let h = AuditHandle::start(opts(d, 100)).expect("start");
+    let h = AuditHandle::start(f(opts(d, 100))).expect("start");
     let rt = rt();
     assert_eq!(rt.block_on(h.append_durable(stmt(1))).expect("append"), 2);
     let seg = d.join(chain::segment_name(1));
@@ -564,16 +576,20 @@ fn fail_one_batch(inject: fn(&Path), lazy: bool) -> (WriterStats, Vec<String>) {
 
 #[test]
 fn failed_write_leaves_nothing_partial() {
-    let (_, sqls) = fail_one_batch(fault::fail_next_write, false);
-    assert_eq!(sqls, vec!["SELECT 1", "SELECT 4"]);
+    for f in [|o| o, buffered] {
+        let (_, sqls) = fail_one_batch(fault::fail_next_write, false, f);
+        assert_eq!(sqls, vec!["SELECT 1", "SELECT 4"]);
+    }
 }
 
 #[test]
 fn failed_sync_refuses_what_is_not_durable() {
     // The written but not durable lines are truncated away, the lazy one with them.
-    let (stats, sqls) = fail_one_batch(fault::fail_next_sync, true);
-    assert_eq!(stats.failed_batches, 1);
-    assert_eq!(sqls, vec!["SELECT 1", "SELECT 4"]);
+    for f in [|o| o, buffered] {
+        let (stats, sqls) = fail_one_batch(fault::fail_next_sync, true, f);
+        assert_eq!(stats.failed_batches, 1);
+        assert_eq!(sqls, vec!["SELECT 1", "SELECT 4"]);
+    }
 }
 
 #[test]
@@ -614,9 +630,14 @@ fn lazy_records_go_out_without_other_traffic() {
 
 #[test]
 fn concurrent_appends_across_segment_rotations() {
+    concurrent_appends_across_segment_rotations_with(|o| o);
+    concurrent_appends_across_segment_rotations_with(buffered);
+}
+
+fn concurrent_appends_across_segment_rotations_with(f: fn(WriterOptions) -> WriterOptions) {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().to_owned();
-    let mut o = opts(&d, 50);
+    let mut o = f(opts(&d, 50));
     o.segment_bytes = 4096;
     let h = AuditHandle::start(o).expect("start");
     let mut seqs = append_from_tasks(&h, 40, 25);
@@ -832,20 +853,58 @@ fn throughput() {
 }
 
 /// A durable-hook that notes, when it runs, the statements the log then holds.
+/// With `keep`, it keeps the waiter untold.
 struct SeenAtHook {
     dir: PathBuf,
     seen: std::sync::Mutex<Option<Vec<String>>>,
+    keep: bool,
+    kept: std::sync::Mutex<Option<Waiter>>,
 }
 
 impl OnDurable for SeenAtHook {
-    fn durable(&self) {
+    fn durable(&self, waiter: Waiter) -> Option<Waiter> {
         let sqls = records(&self.dir).into_iter().filter_map(|r| r.sql).collect();
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(sqls);
+        if !self.keep {
+            return Some(waiter);
+        }
+        *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(waiter);
+        None
     }
 }
 
 fn seen_at_hook(dir: &Path) -> std::sync::Arc<SeenAtHook> {
-    std::sync::Arc::new(SeenAtHook { dir: dir.to_owned(), seen: std::sync::Mutex::new(None) })
+    std::sync::Arc::new(SeenAtHook {
+        dir: dir.to_owned(),
+        seen: std::sync::Mutex::new(None),
+        keep: false,
+        kept: std::sync::Mutex::new(None),
+    })
+}
+
+#[test]
+fn a_hook_that_keeps_the_waiter_tells_it_when_it_likes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mut o = opts(d, 100);
+    o.fsync = FsyncPolicy::Group;
+    let h = AuditHandle::start(o).expect("start");
+    let rt = rt();
+    let hook = std::sync::Arc::new(SeenAtHook { keep: true, ..std::sync::Arc::into_inner(seen_at_hook(d)).expect("sole owner") });
+    let (mut rx, queued) = h.submit_then(stmt(1), Some(hook.clone()));
+    assert!(queued);
+    // A later hooked record is answered after the first record's hook was dealt with
+    // (hooks run in order, each record answered after its own hook).
+    let (rx2, _) = h.submit_then(stmt(2), Some(seen_at_hook(d)));
+    assert_eq!(rt.block_on(rx2).expect("answered").expect("durable"), 3);
+    let seen = hook.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert!(seen.is_some_and(|s| s.contains(&"SELECT 1".to_string())), "the hook ran once the record was durable");
+    assert!(matches!(rx.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty)), "the writer kept quiet");
+    let w = hook.kept.lock().unwrap_or_else(|e| e.into_inner()).take().expect("kept");
+    assert_eq!(w.seq(), 2);
+    w.tell();
+    assert_eq!(rx.try_recv().expect("told").expect("durable"), 2);
+    h.shutdown();
 }
 
 #[test]
