@@ -6,41 +6,78 @@
 //! run is what makes the group-mode numbers readable.
 
 use std::fs::OpenOptions;
-use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-/// Flush latency of a 400-byte append + fdatasync (an audit record's size), in µs.
+/// Flush latency of one audit batch written the way pgward's writer does it (see
+/// [`measure`]), in µs.
 #[derive(Debug, Clone, Copy)]
 pub struct Flush {
     pub p50_us: f64,
     pub p90_us: f64,
     pub samples: usize,
+    /// The writes went with O_DIRECT (otherwise through the page cache: the filesystem
+    /// refused direct I/O, and so would pgward's writer).
+    pub direct: bool,
 }
 
-/// Append `n` lines of 400 bytes to a scratch file in `dir`, fdatasync after each.
+const BLOCK: usize = 4096;
+/// Bytes of "records" per sample (a batch of a few audit records).
+const BATCH: usize = 1200;
+
+/// `n` samples of what pgward's writer does per batch with `audit.direct_io` (the default):
+/// the 4 KiB-aligned blocks holding the next ~1.2 KB of a preallocated, zero-filled file,
+/// rewritten with O_DIRECT, then fdatasync — in place, so no size or extent change makes the
+/// sync write the inode too. Falls back to page-cache writes where O_DIRECT is refused.
 pub fn measure(dir: &Path, n: usize) -> Result<Flush> {
+    let n = n.max(1);
     let path = dir.join("flush-probe.log");
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    let line = [b'x'; 400];
+    let size = (n * BATCH).div_ceil(BLOCK) * BLOCK + BLOCK;
+    {
+        // Written zeros, synced: the blocks are allocated and initialized, as pgward's are.
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        f.write_all_at(&vec![0u8; size], 0)?;
+        f.sync_all()?;
+    }
+    let res = probe(&path, n, size);
+    let _ = std::fs::remove_file(&path);
+    let (mut us, direct) = res?;
+    us.sort_by(f64::total_cmp);
+    Ok(Flush { p50_us: percentile(&us, 0.5), p90_us: percentile(&us, 0.9), samples: us.len(), direct })
+}
+
+fn probe(path: &Path, n: usize, size: usize) -> Result<(Vec<f64>, bool)> {
+    let (f, direct) = match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
+        Ok(f) => (f, true),
+        Err(_) => (OpenOptions::new().write(true).open(path)?, false),
+    };
+    // An aligned window into a plain buffer (O_DIRECT needs aligned memory).
+    let mut raw = vec![b'x'; 2 * BLOCK + BLOCK];
+    let off = raw.as_ptr().align_offset(BLOCK).min(BLOCK);
     let mut us = Vec::with_capacity(n);
-    for _ in 0..n.max(1) {
+    let mut end = 0usize;
+    for _ in 0..n {
+        let at = end - end % BLOCK;
+        end += BATCH;
+        let len = (end - at).div_ceil(BLOCK) * BLOCK;
+        if at + len > size {
+            break;
+        }
+        let buf = &mut raw[off..off + len];
         let t = Instant::now();
-        f.write_all(&line)?;
+        f.write_all_at(buf, at as u64)?;
         f.sync_data()?;
         us.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    drop(f);
-    let _ = std::fs::remove_file(&path);
-    us.sort_by(f64::total_cmp);
-    Ok(Flush { p50_us: percentile(&us, 0.5), p90_us: percentile(&us, 0.9), samples: us.len() })
+    Ok((us, direct))
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -86,6 +123,8 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("mkdir");
         let f = measure(&dir, 5).expect("measure");
         assert_eq!(f.samples, 5);
+        // The same filesystem takes the audit writer's direct writes (its unit tests say so).
+        assert!(f.direct, "O_DIRECT refused in {}", dir.display());
         assert!(f.p50_us > 0.0 && f.p90_us >= f.p50_us);
         assert!(!dir.join("flush-probe.log").exists());
         let _ = std::fs::remove_dir(&dir);
