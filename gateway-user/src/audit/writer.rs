@@ -941,9 +941,9 @@ impl OpenSegment {
             .custom_flags(libc::O_DIRECT)
             .open(&self.path)
             .and_then(|f| {
-                let (at, head) = self.head_block()?;
+                let at = self.head_block()?;
                 let mut buf = AlignedBuf::zeroed(DIO_ALIGN)?;
-                buf.as_mut_slice()[..head.len()].copy_from_slice(&head);
+                buf.as_mut_slice()[..self.tail.len()].copy_from_slice(&self.tail);
                 f.write_all_at(buf.as_slice(), at)?;
                 Ok(f)
             });
@@ -955,8 +955,9 @@ impl OpenSegment {
         }
     }
 
-    /// The offset of the block holding `len`, and the content bytes before `len` in it.
-    fn head_block(&mut self) -> io::Result<(u64, Vec<u8>)> {
+    /// The offset of the block holding `len`; `tail` then holds the content bytes before
+    /// `len` in it.
+    fn head_block(&mut self) -> io::Result<u64> {
         let at = self.len - self.len % DIO_ALIGN as u64;
         if self.tail_end != self.len {
             let mut head = vec![0u8; (self.len - at) as usize];
@@ -964,21 +965,22 @@ impl OpenSegment {
             self.tail = head;
             self.tail_end = self.len;
         }
-        Ok((at, self.tail.clone()))
+        Ok(at)
     }
 
     /// The aligned write that appends `batch` at `len`; remembers the new tail block.
     fn direct_batch(&mut self, batch: &[u8]) -> io::Result<DirectWrite> {
-        let (at, head) = self.head_block()?;
-        let total = head.len() + batch.len();
+        let at = self.head_block()?;
+        let head = self.tail.len();
+        let total = head + batch.len();
         let mut buf = AlignedBuf::zeroed(total.div_ceil(DIO_ALIGN) * DIO_ALIGN)?;
         let b = buf.as_mut_slice();
-        b[..head.len()].copy_from_slice(&head);
-        b[head.len()..total].copy_from_slice(batch);
-        let new_len = self.len + batch.len() as u64;
-        let tail_from = (total - total % DIO_ALIGN).min(total);
-        self.tail = b[tail_from..total].to_vec();
-        self.tail_end = new_len;
+        b[..head].copy_from_slice(&self.tail);
+        b[head..total].copy_from_slice(batch);
+        let tail_from = total - total % DIO_ALIGN;
+        self.tail.clear();
+        self.tail.extend_from_slice(&b[tail_from..total]);
+        self.tail_end = self.len + batch.len() as u64;
         Ok(DirectWrite { buf, at })
     }
 
