@@ -11,6 +11,7 @@ use common::raw::{self, fe};
 use common::{Target, cluster, marker, sqlstate, within};
 use futures_util::{SinkExt, TryStreamExt, pin_mut};
 use tokio_postgres::{AsyncMessage, SimpleQueryMessage};
+use std::time::Duration;
 
 fn simple_rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
     msgs.iter()
@@ -643,4 +644,29 @@ fn sync_without_anything_pending_and_flush_are_answered() {
         "{}",
         raw::describe_all(&msgs)
     );
+}
+
+#[test]
+fn an_execute_whose_sync_comes_later_is_answered() {
+    // Parse/Bind/Execute in one write, the Sync in a later one: Postgres answers only after
+    // the Sync, so pgward must still read the client while the statement's batch is out
+    // (the audit writer may have sent it without telling the session). Once with the Sync
+    // right behind (usually while the record is still being made durable) and once well after.
+    let t = Target::new("relay_late_sync");
+    let mut conn = t.raw_login().raw().unwrap();
+    for (i, pause) in [Duration::ZERO, Duration::from_millis(300)].into_iter().enumerate() {
+        let mut batch = fe::parse("", "select $1::text");
+        batch.extend(fe::bind_text("", "", &[Some(&format!("late {i}"))]));
+        batch.extend(fe::execute("", 0));
+        conn.send(&batch).unwrap();
+        std::thread::sleep(pause);
+        conn.send(&fe::sync()).unwrap();
+        let msgs = conn.recv_until_ready().unwrap();
+        assert_eq!(
+            raw::rows(&msgs),
+            vec![vec![s(&format!("late {i}"))]],
+            "{}",
+            raw::describe_all(&msgs)
+        );
+    }
 }

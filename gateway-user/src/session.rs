@@ -853,8 +853,7 @@ impl Relay {
                     if batch.as_ref().is_some_and(Batch::sent_or_ask)
                         && let (Some(f), Some(mut b)) = (durable.take(), batch.take())
                     {
-                        b.claim();
-                        let r = f.await;
+                        let r = Self::claim_sent(f, &mut b).await;
                         self.release_batch(b, r, &mut uout);
                     }
                     unread = true;
@@ -868,8 +867,7 @@ impl Relay {
                         if batch.as_ref().is_some_and(Batch::was_sent)
                             && let (Some(f), Some(mut b)) = (durable.take(), batch.take())
                         {
-                            b.claim();
-                            let r = f.await;
+                            let r = Self::claim_sent(f, &mut b).await;
                             self.release_batch(b, r, &mut uout);
                         }
                         self.on_upstream_data(&mut ubuf, &mut cout)
@@ -981,6 +979,30 @@ impl Relay {
     /// message, idle (not in a transaction block or a failed one).
     fn upstream_clean(&self) -> bool {
         self.pending.is_empty() && !self.unsynced && self.tx_status == b'I'
+    }
+
+    /// Take back a batch the writer sent and collect its records' outcome. Its records are
+    /// durable (the writer sends only then), so the outcome is there or about to be: a waiter
+    /// the writer kept is told by the claim. The records are polled once with a no-op waker
+    /// first, so that telling them does not schedule this task again for nothing.
+    async fn claim_sent(mut f: DurableFuture, b: &mut Batch) -> Result<Vec<u64>, String> {
+        let now = {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let first = f.as_mut().poll(&mut cx);
+            b.claim();
+            match first {
+                std::task::Poll::Ready(r) => Some(r),
+                std::task::Poll::Pending => match f.as_mut().poll(&mut cx) {
+                    std::task::Poll::Ready(r) => Some(r),
+                    std::task::Poll::Pending => None,
+                },
+            }
+        };
+        match now {
+            Some(r) => r,
+            // The writer tells this waiter itself, any moment now.
+            None => f.await,
+        }
     }
 
     /// A future resolving once every record of the batch is durable (their seqs), or the
