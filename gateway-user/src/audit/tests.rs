@@ -958,3 +958,15 @@ fn durable_hooks_run_before_the_answer_and_never_on_failure() {
     assert_eq!(*hook.seen.lock().unwrap_or_else(|e| e.into_inner()), None);
     h.shutdown();
 }
+
+#[test]
+fn record_timestamps_match_chrono_across_seconds() {
+    use chrono::{SecondsFormat, TimeZone, Utc};
+    let mut cache = super::writer::TsCache::default();
+    let base = Utc.with_ymd_and_hms(2026, 12, 31, 23, 59, 58).single().expect("valid");
+    // Within a second, across seconds, a minute, a day and a year; back in time too.
+    for micros in [0i64, 1, 999_999, 1_000_000, 1_000_001, 1_500_000, 2_000_000, 2_000_042, 62_000_000, 123, 86_400_000_007] {
+        let t = base + chrono::Duration::microseconds(micros);
+        assert_eq!(super::writer::format_ts(t, &mut cache), t.to_rfc3339_opts(SecondsFormat::Micros, true), "{t:?}");
+    }
+}
