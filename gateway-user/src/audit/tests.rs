@@ -873,11 +873,11 @@ impl OnDurable for SeenAtHook {
     }
 }
 
-fn seen_at_hook(dir: &Path) -> std::sync::Arc<SeenAtHook> {
+fn seen_at_hook(dir: &Path, keep: bool) -> std::sync::Arc<SeenAtHook> {
     std::sync::Arc::new(SeenAtHook {
         dir: dir.to_owned(),
         seen: std::sync::Mutex::new(None),
-        keep: false,
+        keep,
         kept: std::sync::Mutex::new(None),
     })
 }
@@ -886,16 +886,14 @@ fn seen_at_hook(dir: &Path) -> std::sync::Arc<SeenAtHook> {
 fn a_hook_that_keeps_the_waiter_tells_it_when_it_likes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let mut o = opts(d, 100);
-    o.fsync = FsyncPolicy::Group;
-    let h = AuditHandle::start(o).expect("start");
+    let h = AuditHandle::start(opts(d, 100)).expect("start"); // fsync = group
     let rt = rt();
-    let hook = std::sync::Arc::new(SeenAtHook { keep: true, ..std::sync::Arc::into_inner(seen_at_hook(d)).expect("sole owner") });
+    let hook = seen_at_hook(d, true);
     let (mut rx, queued) = h.submit_then(stmt(1), Some(hook.clone()));
     assert!(queued);
     // A later hooked record is answered after the first record's hook was dealt with
     // (hooks run in order, each record answered after its own hook).
-    let (rx2, _) = h.submit_then(stmt(2), Some(seen_at_hook(d)));
+    let (rx2, _) = h.submit_then(stmt(2), Some(seen_at_hook(d, false)));
     assert_eq!(rt.block_on(rx2).expect("answered").expect("durable"), 3);
     let seen = hook.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
     assert!(seen.is_some_and(|s| s.contains(&"SELECT 1".to_string())), "the hook ran once the record was durable");
@@ -919,7 +917,7 @@ fn durable_hooks_run_before_the_answer_and_never_on_failure() {
         let rt = rt();
 
         // Durable: the hook ran (the record already in the log) before the answer came.
-        let hook = seen_at_hook(d);
+        let hook = seen_at_hook(d, false);
         let (rx, queued) = h.submit_then(stmt(1), Some(hook.clone()));
         assert!(queued);
         assert_eq!(rt.block_on(rx).expect("answered").expect("durable"), 2);
@@ -928,14 +926,14 @@ fn durable_hooks_run_before_the_answer_and_never_on_failure() {
 
         // A failed sync: refused, and the hook never runs.
         fault::fail_next_sync(d);
-        let hook = seen_at_hook(d);
+        let hook = seen_at_hook(d, false);
         let (rx, queued) = h.submit_then(stmt(2), Some(hook.clone()));
         assert!(queued, "queued; the failure comes with the sync");
         assert!(rt.block_on(rx).expect("answered").is_err(), "{policy:?}");
         assert_eq!(*hook.seen.lock().unwrap_or_else(|e| e.into_inner()), None, "{policy:?}");
 
         // Refused at once (the writer writes checkpoints itself): says so, hook never runs.
-        let hook = seen_at_hook(d);
+        let hook = seen_at_hook(d, false);
         let (mut rx, queued) =
             h.submit_then(Record { kind: Kind::Checkpoint, ..Record::default() }, Some(hook.clone()));
         assert!(!queued);
@@ -951,7 +949,7 @@ fn durable_hooks_run_before_the_answer_and_never_on_failure() {
     o.fsync = FsyncPolicy::Off;
     let h = AuditHandle::start(o).expect("start");
     assert!(!h.runs_hooks());
-    let hook = seen_at_hook(d);
+    let hook = seen_at_hook(d, false);
     let (mut rx, queued) = h.submit_then(stmt(1), Some(hook.clone()));
     assert!(queued);
     assert_eq!(rx.try_recv().expect("answered at once").expect("written"), 2);

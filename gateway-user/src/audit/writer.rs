@@ -1290,30 +1290,35 @@ impl Log {
             return Err(AuditError::Closed);
         };
         let zeroed = if self.fsync == FsyncPolicy::Off { Ok(()) } else { seg.zero_ahead(end as u64) };
-        let mut direct: Option<DirectWrite> = None;
-        let wrote = zeroed.and_then(|()| match seg.direct_fd.is_some() {
-            // Written by the syncer, outside the lock.
-            true => seg.direct_batch(&self.buf[..end]).map(|d| direct = Some(d)),
-            false => write_batch(&seg.file, &self.buf[..end], seg.len, &self.dir),
+        let wrote = zeroed.and_then(|()| {
+            if seg.direct_fd.is_some() {
+                // Written by the syncer, outside the lock.
+                seg.direct_batch(&self.buf[..end]).map(Some)
+            } else {
+                write_batch(&seg.file, &self.buf[..end], seg.len, &self.dir).map(|()| None)
+            }
         });
-        if let Err(e) = wrote {
-            // Never leave a partial batch in front of later appends.
-            match seg.cut(seg.len) {
-                Ok(()) => {
-                    if self.fsync != FsyncPolicy::Off {
-                        // The cut changed the file's blocks: sync them with the data.
-                        let _ = seg.file.sync_all();
+        let direct = match wrote {
+            Ok(d) => d,
+            Err(e) => {
+                // Never leave a partial batch in front of later appends.
+                match seg.cut(seg.len) {
+                    Ok(()) => {
+                        if self.fsync != FsyncPolicy::Off {
+                            // The cut changed the file's blocks: sync them with the data.
+                            let _ = seg.file.sync_all();
+                        }
+                    }
+                    Err(te) => {
+                        tracing::error!("audit: could not truncate {} after a failed write: {te}", seg.path.display());
+                        seg.dirty = true;
                     }
                 }
-                Err(te) => {
-                    tracing::error!("audit: could not truncate {} after a failed write: {te}", seg.path.display());
-                    seg.dirty = true;
-                }
+                let e = AuditError::io(format!("appending to {}", seg.path.display()), e);
+                self.fail_queued(&e);
+                return Err(e);
             }
-            let e = AuditError::io(format!("appending to {}", seg.path.display()), e);
-            self.fail_queued(&e);
-            return Err(e);
-        }
+        };
         seg.len += end as u64;
         seg.alloc = seg.alloc.max(seg.len);
         if let Some(d) = &direct {
