@@ -1529,7 +1529,7 @@ impl Log {
         rec.prev_hash = std::mem::take(&mut self.prev_hash);
         rec.hash.clear();
         let start = self.buf.len();
-        if let Err(e) = serde_json::to_writer(&mut self.buf, &rec) {
+        if let Err(e) = rec.write_json(&mut self.buf) {
             self.buf.truncate(start);
             self.prev_hash = rec.prev_hash;
             return Err(AuditError::InvalidRecord(e.to_string()));
