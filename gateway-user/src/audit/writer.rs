@@ -25,7 +25,8 @@
 //! Failure handling (fail closed):
 //! * Before every write the writer checks that the audit directory is writable
 //!   (`access(2)` with `W_OK`) and that the segment path still names the open file (same
-//!   device and inode). If either fails, the whole batch is refused. A removed or replaced
+//!   device and inode) — a writer thread just before it takes the batch, without the log
+//!   lock (see `ProbeTarget`). If either fails, the whole batch is refused. A removed or replaced
 //!   segment is never written again: once the directory is usable, the next batch starts a
 //!   new segment named after the next seq (so `verify` shows the gap, if any, honestly).
 //!   Note: root passes `access(W_OK)` whatever the mode bits, so for root only removing or
@@ -46,7 +47,7 @@
 //! never hold up a batch.
 
 use std::collections::VecDeque;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -566,7 +567,7 @@ impl Shared {
         log.urgent = true;
         if self.fsync == FsyncPolicy::Off {
             // Nothing to wait for: write now, in the caller's thread (no handoff).
-            let _ = log.write_queued(0);
+            let _ = log.write_queued(0, None);
             let head = log.due_head();
             drop(log);
             if let Some(h) = head {
@@ -637,7 +638,17 @@ impl Shared {
                 log = self.work.wait_timeout(log, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
                 log.idle -= 1;
             }
-            let written = log.write_queued(id);
+            // The path checks run without the lock (see `ProbeTarget`).
+            let probe = match log.probe_target() {
+                Some(t) => {
+                    drop(log);
+                    let p = t.run();
+                    log = lock(&self.log);
+                    Some(p)
+                }
+                None => None,
+            };
+            let written = log.write_queued(id, probe);
             // (A segment rotation inside the write may have made records durable.)
             log = self.run_deferred(log);
             if let Ok(Some(ticket)) = written {
@@ -702,6 +713,8 @@ impl Shared {
 struct OpenSegment {
     file: File,
     path: PathBuf,
+    /// `path` for the system calls of the path checks (see [`ProbeTarget`]).
+    path_c: Arc<CString>,
     /// Distinguishes segments (a sync ticket names the one it covers).
     id: u64,
     /// Bytes of complete, chained lines written.
@@ -734,7 +747,7 @@ struct OpenSegment {
 /// The log's state (behind `Shared::log`).
 struct Log {
     dir: PathBuf,
-    dir_c: CString,
+    dir_c: Arc<CString>,
     fsync: FsyncPolicy,
     checkpoint_every: u64,
     checkpoint_interval: Duration,
@@ -880,8 +893,7 @@ fn preallocate(file: &File, len: u64, size: u64) -> u64 {
 /// fine-grained mtime, the inode is dirty after every batch, and every fdatasync writes the
 /// inode as well as the data — measured here: 47 -> 72..92 µs CPU and 109 -> 140..189 µs
 /// per write+fdatasync. Without the query, mtime moves once per clock tick.
-fn names_file(path: &Path, dev: u64, ino: u64) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return false };
+fn names_file(c: &CStr, dev: u64, ino: u64) -> bool {
     // SAFETY: an all-zero statx is a valid value of this plain C struct.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is NUL-terminated and `stx` is writable for the duration of the call.
@@ -890,6 +902,45 @@ fn names_file(path: &Path, dev: u64, ino: u64) -> bool {
         && stx.stx_mask & libc::STATX_INO != 0
         && stx.stx_ino == ino
         && libc::makedev(stx.stx_dev_major, stx.stx_dev_minor) == dev
+}
+
+/// `path` as a C string for system calls. A path that holds a NUL (none that was opened can)
+/// becomes the empty path, which every check fails.
+fn path_cstring(path: &Path) -> Arc<CString> {
+    Arc::new(CString::new(path.as_os_str().as_bytes()).unwrap_or_default())
+}
+
+/// What a writer thread checks before it writes a batch: that the audit directory is
+/// writable and that the segment's path still names the open file. Taken under the log lock
+/// (a few reference counts), run without it: the two system calls used to run under the lock,
+/// and the event loop blocked on the lock, appending its next record, during nearly every
+/// batch (the writer's trace showed a futex wake before every write).
+struct ProbeTarget {
+    dir_c: Arc<CString>,
+    seg_id: u64,
+    seg_c: Arc<CString>,
+    dev: u64,
+    ino: u64,
+}
+
+/// The outcome of a [`ProbeTarget`]'s checks, for the segment it looked at.
+struct PathProbe {
+    seg_id: u64,
+    dir: io::Result<()>,
+    same: bool,
+}
+
+impl ProbeTarget {
+    fn run(&self) -> PathProbe {
+        // SAFETY: dir_c is a valid NUL-terminated path for the duration of the call.
+        let dir = if unsafe { libc::access(self.dir_c.as_ptr(), libc::W_OK) } != 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        };
+        let same = dir.is_ok() && names_file(&self.seg_c, self.dev, self.ino);
+        PathProbe { seg_id: self.seg_id, dir, same }
+    }
 }
 
 /// The last complete line of the segment at `path` (its content ends at the first NUL; an
@@ -1083,6 +1134,7 @@ impl Log {
                 let mut seg = OpenSegment {
                     file,
                     path: s.path.clone(),
+                    path_c: path_cstring(&s.path),
                     id: 1,
                     len: good_len,
                     durable_len: good_len,
@@ -1172,7 +1224,7 @@ impl Log {
         let start_pos = ChainPos { seq: last_seq, hash: prev_hash.clone(), since_ckpt: 0 };
         let mut w = Log {
             dir,
-            dir_c,
+            dir_c: Arc::new(dir_c),
             fsync: opts.fsync,
             checkpoint_every: opts.checkpoint_every,
             checkpoint_interval: opts.checkpoint_interval,
@@ -1213,7 +1265,7 @@ impl Log {
         }
         let (tx, mut rx) = oneshot::channel();
         w.queue(Record { kind: Kind::Start, meta: Some(meta), ..Record::default() }, Some(Reply { tx, hook: None }));
-        if let Some(ticket) = w.write_queued(0)? {
+        if let Some(ticket) = w.write_queued(0, None)? {
             match sync_ticket(&ticket, &w.dir) {
                 Ok(()) => w.synced(&ticket),
                 Err(e) => w.sync_failed(&ticket, e),
@@ -1268,18 +1320,34 @@ impl Log {
         Some(self.last_ckpt_at + self.checkpoint_interval)
     }
 
+    /// What the writer thread should check before the next batch, if it is to check the
+    /// paths itself (durable policies, an open segment, records waiting).
+    fn probe_target(&self) -> Option<ProbeTarget> {
+        if self.fsync == FsyncPolicy::Off || self.queued.is_empty() {
+            return None;
+        }
+        let seg = self.seg.as_ref()?;
+        Some(ProbeTarget {
+            dir_c: self.dir_c.clone(),
+            seg_id: seg.id,
+            seg_c: seg.path_c.clone(),
+            dev: seg.dev,
+            ino: seg.ino,
+        })
+    }
+
     /// Write what is queued (one record with `fsync = always`) to the segment. With
     /// `fsync = off` the records are then durable as far as this policy goes and are answered
     /// at once; otherwise the returned ticket is what the caller must sync. On error every
     /// queued record is refused (they are chained onto each other) and the chain rolls back
     /// to the last written record.
-    fn write_queued(&mut self, thread: usize) -> Result<Option<SyncTicket>, AuditError> {
+    fn write_queued(&mut self, thread: usize, probe: Option<PathProbe>) -> Result<Option<SyncTicket>, AuditError> {
         if self.queued.is_empty() {
             self.urgent = false;
             self.lazy_since = None;
             return Ok(None);
         }
-        if let Err(e) = self.prepare() {
+        if let Err(e) = self.prepare(probe) {
             self.fail_queued(&e);
             return Err(e);
         }
@@ -1501,7 +1569,7 @@ impl Log {
             self.encode_checkpoint();
         }
         while !self.queued.is_empty() {
-            match self.write_queued(0) {
+            match self.write_queued(0, None) {
                 Ok(Some(ticket)) => match sync_ticket(&ticket, &self.dir) {
                     Ok(()) => self.synced(&ticket),
                     Err(e) => self.sync_failed(&ticket, e),
@@ -1589,23 +1657,30 @@ impl Log {
     }
 
     /// Make sure there is a usable segment to append to (see the module docs).
-    fn prepare(&mut self) -> Result<(), AuditError> {
+    fn prepare(&mut self, probe: Option<PathProbe>) -> Result<(), AuditError> {
         // Taken: any error below means the next write checks again.
         let last_check = self.paths_checked_at.take();
         let check_paths = self.seg.is_none()
             || self.fsync != FsyncPolicy::Off
             || last_check.is_none_or(|t| t.elapsed() >= OFF_PATH_CHECK_INTERVAL);
-        // SAFETY: dir_c is a valid NUL-terminated path for the duration of the call.
-        if check_paths && unsafe { libc::access(self.dir_c.as_ptr(), libc::W_OK) } != 0 {
-            return Err(AuditError::Unwritable {
-                path: self.dir.clone(),
-                reason: io::Error::last_os_error().to_string(),
-            });
+        // Checks the writer thread ran just before it took the lock stand for the segment they
+        // looked at; for any other (rotated or replaced meanwhile) they are run here.
+        let probe = probe.filter(|p| check_paths && self.seg.as_ref().is_some_and(|s| s.id == p.seg_id));
+        let (dir, probed_same) = match probe {
+            Some(p) => (p.dir, Some(p.same)),
+            // SAFETY: dir_c is a valid NUL-terminated path for the duration of the call.
+            None if check_paths && unsafe { libc::access(self.dir_c.as_ptr(), libc::W_OK) } != 0 => {
+                (Err(io::Error::last_os_error()), None)
+            }
+            None => (Ok(()), None),
+        };
+        if let Err(e) = dir {
+            return Err(AuditError::Unwritable { path: self.dir.clone(), reason: e.to_string() });
         }
         let mut rotate = false;
         if let Some(seg) = &mut self.seg {
             let same = !check_paths
-                || names_file(&seg.path, seg.dev, seg.ino);
+                || probed_same.unwrap_or_else(|| names_file(&seg.path_c, seg.dev, seg.ino));
             if !same {
                 let path = seg.path.clone();
                 self.seg = None;
@@ -1677,6 +1752,7 @@ impl Log {
         let alloc = preallocate(&file, 0, self.segment_bytes);
         let mut seg = OpenSegment {
             file,
+            path_c: path_cstring(&path),
             path,
             id: self.segments_opened,
             len: 0,
