@@ -407,6 +407,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if sections.contains(&Section::Main) {
         packages.extend(["-p", "xtask"]);
     }
+    // The ebpf section needs pgward built with the kernel programs embedded: build them first
+    // (as `cargo xtask test` does). If that fails, the section is skipped with the reason.
+    if sections.contains(&Section::Ebpf) && args.pgward.is_none() {
+        if let Err(e) = crate::ebpf::build(&crate::ebpf::BuildEbpfArgs::default()) {
+            util::step(&format!("build-ebpf failed ({e:#}); the ebpf section will be skipped"));
+        }
+    }
     if !packages.is_empty() {
         util::run_timed(
             "build pgward and the splice proxy (release)",
