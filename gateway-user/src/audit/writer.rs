@@ -930,14 +930,15 @@ struct PathProbe {
     same: bool,
 }
 
+/// Whether the directory `c` is writable (`access(2)` with `W_OK`).
+fn dir_writable(c: &CStr) -> io::Result<()> {
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
 impl ProbeTarget {
     fn run(&self) -> PathProbe {
-        // SAFETY: dir_c is a valid NUL-terminated path for the duration of the call.
-        let dir = if unsafe { libc::access(self.dir_c.as_ptr(), libc::W_OK) } != 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        };
+        let dir = dir_writable(&self.dir_c);
         let same = dir.is_ok() && names_file(&self.seg_c, self.dev, self.ino);
         PathProbe { seg_id: self.seg_id, dir, same }
     }
@@ -1668,10 +1669,7 @@ impl Log {
         let probe = probe.filter(|p| check_paths && self.seg.as_ref().is_some_and(|s| s.id == p.seg_id));
         let (dir, probed_same) = match probe {
             Some(p) => (p.dir, Some(p.same)),
-            // SAFETY: dir_c is a valid NUL-terminated path for the duration of the call.
-            None if check_paths && unsafe { libc::access(self.dir_c.as_ptr(), libc::W_OK) } != 0 => {
-                (Err(io::Error::last_os_error()), None)
-            }
+            None if check_paths => (dir_writable(&self.dir_c), None),
             None => (Ok(()), None),
         };
         if let Err(e) = dir {
