@@ -1120,7 +1120,10 @@ impl Report {
         for w in [Workload::SelectSimple, Workload::SelectExtended, Workload::SelectPrepared, Workload::Tpcb] {
             if let Some(d) = t.median(w, "direct") {
                 let c = disk::group_ceiling_tps(s.clients, d, p50);
-                let _ = writeln!(o, "    {:<16} {:>8.0} tps ({:.2}× direct)", w.name(), c, c / d);
+                // Against PgBouncer: below 1.0 even a proxy that added nothing but the flush
+                // would lose to it in this run.
+                let vs_pgb = t.median(w, "pgbouncer").map(|b| format!(", {:.2}× PgBouncer", c / b)).unwrap_or_default();
+                let _ = writeln!(o, "    {:<16} {:>8.0} tps ({:.2}× direct{vs_pgb})", w.name(), c, c / d);
             }
         }
     }
@@ -1474,6 +1477,36 @@ mod tests {
         assert_eq!(t.relative(Workload::SelectSimple, "pgward"), Some(0.8));
         assert_eq!(t.ratio(Workload::Rows, "pgward"), Some(1.25));
         assert_eq!(t.relative(Workload::Rows, "pgward"), Some(0.8));
+    }
+
+    #[test]
+    fn flush_ceiling_is_compared_with_pgbouncer() {
+        let targets = [Target::service("direct", 1), Target::service("pgbouncer", 2), Target::service("pgward", 3)];
+        let mut t = Table::new(&[Workload::SelectSimple, Workload::SelectExtended], &targets);
+        t.cells.insert((0, 0), Cell { samples: vec![40000.0], ..Cell::default() });
+        t.cells.insert((0, 1), Cell { samples: vec![20000.0], ..Cell::default() });
+        t.cells.insert((1, 0), Cell { samples: vec![40000.0], ..Cell::default() });
+        let r = Report {
+            flush: vec![("before", disk::Flush { p50_us: 100.0, p90_us: 120.0, samples: 100, direct: true })],
+            ..Report::default()
+        };
+        let s = Settings {
+            quick: false,
+            duration: 10,
+            cycles: 3,
+            clients: 8,
+            threads: 2,
+            scale: 10,
+            rows_reps: 5,
+            warmup: 3,
+            idle_sessions: 500,
+        };
+        let mut o = String::new();
+        r.render_flush(&mut o, &t, &s);
+        // 8 / (8/40000 s + 100 µs) = 8 / 300 µs: 0.67× direct, 1.33× PgBouncer's 20000.
+        assert!(o.contains("select-simple       26667 tps (0.67× direct, 1.33× PgBouncer)\n"), "{o}");
+        // No PgBouncer figure: the ratio to direct only.
+        assert!(o.contains("select-extended     26667 tps (0.67× direct)\n"), "{o}");
     }
 
     #[test]
