@@ -161,7 +161,7 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
                         // debug: the login record carries the same, and at connection-churn
                         // rates an info line per connection is a measurable cost.
                         tracing::debug!(%peer, meta = %v, "intercepted connection");
-                        v
+                        std::sync::Arc::new(v)
                     });
                     loops.place_tcp(&shared, s, Peer::Tcp(peer, meta));
                 }

@@ -61,7 +61,7 @@ pub struct Shared {
 pub enum Peer {
     /// Address, and for intercepted connections what the kernel recorded (original
     /// destination, pid, uid, cgroup, ...).
-    Tcp(SocketAddr, Option<serde_json::Value>),
+    Tcp(SocketAddr, Option<Arc<serde_json::Value>>),
     Unix { uid: u32, pid: i32 },
 }
 

@@ -6,6 +6,8 @@
 //! fraction of the cost: serde_json escapes strings byte by byte through a table, which was
 //! the largest user-space cost per statement after SHA-256.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -59,11 +61,12 @@ impl Kind {
 #[serde(untagged)]
 pub enum Client {
     /// "127.0.0.1:50412"; `meta` for connections steered by the eBPF programs: what the
-    /// kernel saw (original_dst, via, pid, uid, gid, cgroup_id, cgroup, comm).
+    /// kernel saw (original_dst, via, pid, uid, gid, cgroup_id, cgroup, comm). Shared: every
+    /// record of the session carries it, and a clone per record would copy the whole map.
     Tcp {
         addr: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        meta: Option<serde_json::Value>,
+        meta: Option<Arc<serde_json::Value>>,
     },
     /// unix socket peer credentials
     Unix { uid: u32, pid: i32 },
@@ -174,7 +177,7 @@ impl Record {
                 Client::Tcp { addr, meta } => {
                     c.str("addr", addr);
                     if let Some(m) = meta {
-                        serde_json::to_writer(&mut *c.key("meta"), m)?;
+                        write_value(c.key("meta"), m)?;
                     }
                 }
                 Client::Unix { uid, pid } => {
@@ -216,7 +219,7 @@ impl Record {
         w.opt_str("sig", &self.sig);
         w.opt_str("kid", &self.kid);
         if let Some(m) = &self.meta {
-            serde_json::to_writer(&mut *w.key("meta"), m)?;
+            write_value(w.key("meta"), m)?;
         }
         if !self.hash.is_empty() {
             w.str("hash", &self.hash);
@@ -224,6 +227,41 @@ impl Record {
         w.end();
         Ok(())
     }
+}
+
+/// `v` as serde_json writes it (objects in the map's own order, numbers by serde_json).
+fn write_value(out: &mut Vec<u8>, v: &serde_json::Value) -> Result<(), serde_json::Error> {
+    use serde_json::Value;
+    match v {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Number(n) => serde_json::to_writer(&mut *out, n)?,
+        Value::String(s) => write_str(out, s),
+        Value::Array(a) => {
+            out.push(b'[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_value(out, x)?;
+            }
+            out.push(b']');
+        }
+        Value::Object(m) => {
+            out.push(b'{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_str(out, k);
+                out.push(b':');
+                write_value(out, x)?;
+            }
+            out.push(b'}');
+        }
+    }
+    Ok(())
 }
 
 /// Writes `{"k":v,...}` one member at a time. Keys are written as they are: every key here is
@@ -387,7 +425,10 @@ mod tests {
             groups: Some(vec![String::new(), s.into(), "g".into()]),
             client: Some(Client::Tcp {
                 addr: format!("127.0.0.1:1{s}"),
-                meta: Some(serde_json::json!({"pid": 7, "comm": s, "z": [1, null, {"a": -1.5}]})),
+                meta: Some(Arc::new(serde_json::json!({
+                    "pid": 7, "comm": s, "z": [1, null, {"a": -1.5, "b": true, "c": false}], "u": u64::MAX, "i": i64::MIN,
+                    "e": {}, "f": [], "q\"k\n": 1e300
+                }))),
             }),
             database: Some(s.into()),
             jti: Some(s.into()),
@@ -406,7 +447,7 @@ mod tests {
             anchor_hash: Some(s.into()),
             sig: Some(s.into()),
             kid: Some(s.into()),
-            meta: Some(serde_json::json!({"k": s})),
+            meta: Some(serde_json::json!({"k": s, "masked": [{"column": s, "values": 3}], "Z": 0.1, "a": null})),
             hash: s.into(),
         }
     }
