@@ -150,7 +150,8 @@ pub struct Record {
 impl Record {
     /// Append the record's JSON to `out`: byte for byte what `serde_json::to_writer` writes
     /// for it (fields in declaration order, `None`s and an empty `hash` left out, compact,
-    /// serde_json's string escapes), only faster. `meta` values go through serde_json.
+    /// serde_json's string escapes), only faster. Numbers inside `meta` values are written by
+    /// serde_json.
     pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
         let mut w = JsonObject::new(out);
         w.u64("seq", self.seq);
