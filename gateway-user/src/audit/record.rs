@@ -161,15 +161,10 @@ impl Record {
         w.opt_str("session", &self.session);
         w.opt_str("user", &self.user);
         if let Some(groups) = &self.groups {
-            let out = w.key("groups");
-            out.push(b'[');
-            for (i, g) in groups.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
+            write_seq(w.key("groups"), b'[', b']', groups, |out, g| {
                 write_str(out, g);
-            }
-            out.push(b']');
+                Ok(())
+            })?;
         }
         if let Some(client) = &self.client {
             let out = w.key("client");
@@ -193,18 +188,13 @@ impl Record {
         w.opt_str("jti", &self.jti);
         w.opt_str("sql", &self.sql);
         if let Some(params) = &self.params {
-            let out = w.key("params");
-            out.push(b'[');
-            for (i, p) in params.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
+            write_seq(w.key("params"), b'[', b']', params, |out, p| {
                 match p {
                     Some(v) => write_str(out, v),
                     None => out.extend_from_slice(b"null"),
                 }
-            }
-            out.push(b']');
+                Ok(())
+            })?;
         }
         w.opt_str("protocol", &self.protocol);
         w.opt_str("decision", &self.decision);
@@ -239,29 +229,32 @@ fn write_value(out: &mut Vec<u8>, v: &serde_json::Value) -> Result<(), serde_jso
         Value::Bool(false) => out.extend_from_slice(b"false"),
         Value::Number(n) => serde_json::to_writer(&mut *out, n)?,
         Value::String(s) => write_str(out, s),
-        Value::Array(a) => {
-            out.push(b'[');
-            for (i, x) in a.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_value(out, x)?;
-            }
-            out.push(b']');
-        }
-        Value::Object(m) => {
-            out.push(b'{');
-            for (i, (k, x)) in m.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_str(out, k);
-                out.push(b':');
-                write_value(out, x)?;
-            }
-            out.push(b'}');
-        }
+        Value::Array(a) => write_seq(out, b'[', b']', a, write_value)?,
+        Value::Object(m) => write_seq(out, b'{', b'}', m, |out, (k, x)| {
+            write_str(out, k);
+            out.push(b':');
+            write_value(out, x)
+        })?,
     }
+    Ok(())
+}
+
+/// `open`, the items separated by commas (each written by `each`), `close`.
+fn write_seq<I: IntoIterator>(
+    out: &mut Vec<u8>,
+    open: u8,
+    close: u8,
+    items: I,
+    mut each: impl FnMut(&mut Vec<u8>, I::Item) -> Result<(), serde_json::Error>,
+) -> Result<(), serde_json::Error> {
+    out.push(open);
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        each(out, item)?;
+    }
+    out.push(close);
     Ok(())
 }
 

@@ -184,23 +184,6 @@ fn stdout_open() -> bool {
     !(n > 0 && fds.revents & (libc::POLLERR | libc::POLLHUP) != 0)
 }
 
-fn kind_name(k: Kind) -> &'static str {
-    match k {
-        Kind::Login => "login",
-        Kind::LoginFailed => "login_failed",
-        Kind::Statement => "statement",
-        Kind::Result => "result",
-        Kind::SessionEnd => "session_end",
-        Kind::Checkpoint => "checkpoint",
-        Kind::Start => "start",
-        Kind::Revoke => "revoke",
-        Kind::AccessRequest => "access_request",
-        Kind::AccessApprove => "access_approve",
-        Kind::AccessRevoke => "access_revoke",
-        Kind::GrantExpired => "grant_expired",
-    }
-}
-
 /// Control characters as spaces (a line break and the indentation after it as one space),
 /// so one record stays one line.
 fn one_line(s: &str) -> String {
@@ -242,7 +225,7 @@ fn fmt_params(params: &[Option<String>]) -> String {
 /// `2026-11-29T14:00:00.123456Z  #42 statement  alice  sess=ab12  db=app  SELECT 1`
 fn format_human(s: &mut String, r: &Record) {
     use std::fmt::Write as _;
-    let _ = write!(s, "{}  #{} {}", r.ts, r.seq, kind_name(r.kind));
+    let _ = write!(s, "{}  #{} {}", r.ts, r.seq, r.kind.as_str());
     if let Some(u) = &r.user {
         let _ = write!(s, "  {u}");
     }
