@@ -356,3 +356,42 @@ fn varying_literals_get_their_own_decisions() {
     assert_eq!(r["tag"], "SELECT 1", "{r}");
     assert!(!e.pw.log_has_panic());
 }
+
+/// sqlparser builds operator and UNION chains in loops, so a statement of 30 000 `UNION ALL`s
+/// parsed into a tree that deep — and walking it overflowed the event loop's stack: the whole
+/// gateway aborted. Such a statement is now not parsed (unparsable: denied under this policy),
+/// one over 1 MiB is denied outright (`builtin:too-large`), and the session and the gateway
+/// go on. A deep-but-allowed statement still runs.
+#[test]
+fn statements_nested_too_deep_or_too_long_are_denied_and_the_gateway_survives() {
+    let mut e = env("pe_deep", |b| b);
+    let (_, login) = e.login("alice", &["analysts"], "15m");
+    let (m_deep, m_long, m_ok) = (never_marker(), never_marker(), marker("after-deep"));
+    let deep = format!("select '{m_deep}'{};\n", " union all select 'x'".repeat(30_000));
+    let long = format!("select '{m_long}' /* {} */;\n", "x".repeat(1_100_000));
+    let allowed = format!("select 1{};\n", " + 1".repeat(999));
+    let script = format!("{deep}{long}{allowed}select '{m_ok}';\n");
+    let out = login.psql_with_stdin(&["-v", "ON_ERROR_STOP=0", "-f", "-"], Some(script.as_bytes()));
+    assert_eq!(out.sqlstates(), vec!["42501", "42501"], "{}", out.describe());
+    assert!(out.stderr.contains("permission denied by policy rule \"unparsable"), "{}", out.describe());
+    assert!(
+        out.stderr.contains("policy rule \"builtin:too-large\": the statement is longer than pgward checks"),
+        "{}",
+        out.describe()
+    );
+    // The same session answered what came after.
+    assert_eq!(out.stdout.trim(), format!("1000\n{m_ok}"), "{}", out.describe());
+    assert_never_reached_postgres(&m_deep);
+    assert_never_reached_postgres(&m_long);
+
+    // The gateway is still up for everybody.
+    assert!(e.pw.is_running(), "{}", e.pw.stderr_log());
+    let again = login.sql("select 'again'");
+    assert_eq!(again.stdout.trim(), "again", "{}", again.describe());
+    let (s, r) = statement_and_result(&e.pw, &m_deep);
+    assert_eq!(s["decision"], "deny", "{s}");
+    assert_eq!(r["sqlstate"], "42501", "{r}");
+    let (s, _) = statement_and_result(&e.pw, &m_long);
+    assert_eq!((s["decision"].as_str(), s["rule"].as_str()), (Some("deny"), Some("builtin:too-large")), "{s}");
+    assert!(!e.pw.log_has_panic());
+}

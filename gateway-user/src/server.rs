@@ -26,6 +26,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name(format!("pgward-loop-{i}"))
+            .stack_size(LOOP_STACK)
             .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => {
                     let _ = tx.send(Ok(rt.handle().clone()));
@@ -38,9 +39,25 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .context("starting an event loop thread")?;
         loops.push(rx.recv().context("event loop thread died")?.context("starting an event loop")?);
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
-    rt.block_on(serve(cfg, loops))
+    // The accepting loop too runs on a thread of known stack size (the main thread's is
+    // whatever RLIMIT_STACK says).
+    std::thread::Builder::new()
+        .name("pgward-loop-0".into())
+        .stack_size(LOOP_STACK)
+        .spawn(move || {
+            let rt =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
+            rt.block_on(serve(cfg, loops))
+        })
+        .context("starting the accepting event loop")?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the accepting event loop panicked"))?
 }
+
+/// Stack of each event loop thread. Statements are parsed and their trees walked on the loop
+/// that relays them; `policy::MAX_NESTING` bounds their depth so that they need far less, and
+/// this leaves a wide margin (only the pages a thread touches take memory).
+const LOOP_STACK: usize = 64 << 20;
 
 /// `worker_threads = 0`: one event loop per 4 cores, at least one. pgward shares the host
 /// with Postgres, and one loop relays ~18k pgbench selects/s at about half a core on this

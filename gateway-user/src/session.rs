@@ -1553,7 +1553,7 @@ fn prepared_note(info: &crate::policy::StatementInfo) -> Option<PreparedNote> {
         return None;
     }
     let fold = |i: &sqlparser::ast::Ident| if i.quote_style.is_some() { i.value.clone() } else { i.value.to_lowercase() };
-    let parsed = sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, &info.text).ok()?;
+    let parsed = crate::policy::parse_sql(&info.text)?;
     match parsed.as_slice() {
         [Statement::Prepare { name, .. }] => Some(PreparedNote::Prepare(fold(name), Arc::from(info.text.as_str()))),
         [Statement::Deallocate { name, .. }] if name.quote_style.is_none() && name.value.eq_ignore_ascii_case("all") => {

@@ -23,8 +23,6 @@ use sqlparser::ast::{
     Select, SelectItem, SelectItemQualifiedWildcardKind, SetExpr, Statement, TableFactor, TableObject, TableWithJoins,
     Visit, Visitor,
 };
-use sqlparser::dialect::PostgreSqlDialect;
-use sqlparser::parser::Parser;
 
 use crate::policy::normalize::{self, Normalized};
 
@@ -140,7 +138,7 @@ pub enum StmtKind {
 /// Analyze a query string: one entry per statement. None: the string does not parse (callers
 /// treat each result as `Unknown`).
 pub fn analyze(sql: &str, r: &dyn Resolver) -> Option<Vec<StmtKind>> {
-    let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
+    let stmts = crate::policy::parse_sql(sql)?;
     let read = Cell::new(false);
     Some(stmts.iter().map(|s| statement(s, r, &read)).collect())
 }
@@ -152,7 +150,7 @@ pub fn analyze(sql: &str, r: &dyn Resolver) -> Option<Vec<StmtKind>> {
 /// this text), and lineage read no literal's value (it reads none, except the alias guessed
 /// from an opaque FROM item's text, which counts when that item holds a literal).
 pub(crate) fn analyze_normalized(sql: &str, r: &dyn Resolver, norm: &Normalized) -> (Option<Vec<StmtKind>>, bool) {
-    let Ok(stmts) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else { return (None, false) };
+    let Some(stmts) = crate::policy::parse_sql(sql) else { return (None, false) };
     let read = Cell::new(false);
     let out: Vec<StmtKind> = stmts.iter().map(|s| statement(s, r, &read)).collect();
     let shareable = !read.get() && norm.values_cover_literals(sql, &stmts);

@@ -29,6 +29,7 @@ use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer, Whitespace};
 
 use super::lexical;
+use super::limits;
 use super::normalize::{self, Normalized};
 
 /// What kind of statement this is. A statement can be in several classes (`WITH d AS (DELETE
@@ -143,16 +144,20 @@ pub enum Modifier {
     /// either would make Postgres read string literals differently from pgward's parser.
     /// Always denied (built-in).
     ProtectedSetting,
-    /// sqlparser could not parse the statement; what is known comes from a lexical scan.
+    /// sqlparser could not parse the statement (or it might nest deeper than pgward parses,
+    /// see `limits`); what is known comes from a lexical scan.
     Unparsable,
     /// EXECUTE of a prepared statement whose text the engine was not given.
     UnknownPrepared,
     /// A protocol-level function call (FunctionCall message): only the function's OID is known.
     Fastpath,
+    /// The text is longer than pgward parses or scans (`limits::MAX_PARSE_BYTES`). Always
+    /// denied (built-in).
+    TooLarge,
 }
 
 impl Modifier {
-    pub const ALL: [Modifier; 12] = [
+    pub const ALL: [Modifier; 13] = [
         Modifier::NoWhere,
         Modifier::MultiStatement,
         Modifier::ForUpdate,
@@ -165,6 +170,7 @@ impl Modifier {
         Modifier::Unparsable,
         Modifier::UnknownPrepared,
         Modifier::Fastpath,
+        Modifier::TooLarge,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -180,6 +186,7 @@ impl Modifier {
             Modifier::Unparsable => "unparsable",
             Modifier::UnknownPrepared => "unknown_prepared",
             Modifier::Fastpath => "fastpath",
+            Modifier::TooLarge => "too_large",
         }
     }
 }
@@ -967,6 +974,26 @@ fn analyze_lexically(text: &str) -> StatementInfo {
 
 const DIALECT: PostgreSqlDialect = PostgreSqlDialect {};
 
+/// A text over [`limits::MAX_PARSE_BYTES`]: neither parsed nor scanned (a scan allocates per
+/// word too), denied by the policy as `builtin:too-large`. Its `text` is the first 256 bytes.
+fn too_large(sql: &str) -> StatementInfo {
+    let mut end = 256.min(sql.len());
+    while !sql.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut info = StatementInfo {
+        text: format!("{}…", sql[..end].trim_start()),
+        commands: vec!["unknown".to_string()],
+        unparsable: true,
+        literal_dependent: true,
+        ..Default::default()
+    };
+    info.modifiers.insert(Modifier::TooLarge);
+    info.modifiers.insert(Modifier::Unparsable);
+    info.finish();
+    info
+}
+
 /// Split and analyze a simple-query string (or a Parse's text). Never fails: what cannot be
 /// parsed comes back `unparsable`. Empty strings (or only comments) give no statements.
 pub fn analyze_sql(sql: &str) -> Vec<StatementInfo> {
@@ -987,6 +1014,9 @@ pub fn analyze_sql(sql: &str) -> Vec<StatementInfo> {
 ///
 /// `norm` None: false.
 pub(crate) fn analyze_sql_with(sql: &str, norm: Option<&Normalized>) -> (Vec<StatementInfo>, bool) {
+    if sql.len() > limits::MAX_PARSE_BYTES {
+        return (vec![too_large(sql)], false);
+    }
     let mut out = Vec::new();
     let mut parsed = Vec::new();
     let mut split = false;
@@ -1179,8 +1209,12 @@ fn group_text(group: &[TokenWithSpan]) -> String {
         .collect()
 }
 
-/// Parse all statements; `None` unless every statement is followed by `;` or the end.
+/// Parse all statements; `None` unless every statement is followed by `;` or the end, or when
+/// a statement might nest deeper than pgward parses ([`limits::parseable`]).
 fn parse_strict(mut tokens: Vec<TokenWithSpan>) -> Option<Vec<Statement>> {
+    if !limits::parseable(&tokens) {
+        return None;
+    }
     if !matches!(tokens.last().map(|t| &t.token), Some(Token::EOF)) {
         tokens.push(TokenWithSpan::new_eof());
     }

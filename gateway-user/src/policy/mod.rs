@@ -8,8 +8,9 @@
 //! * [`Policy::role_for`] is the database role the session switches to after login.
 //!
 //! Order of checks for one statement (first that applies decides):
-//! 1. built-in denials, which no policy can lift: identity changes (`builtin:identity-change`)
-//!    and turning standard_conforming_strings off (`builtin:protected-setting`);
+//! 1. built-in denials, which no policy can lift: texts over [`MAX_PARSE_BYTES`]
+//!    (`builtin:too-large`), identity changes (`builtin:identity-change`) and turning
+//!    standard_conforming_strings off (`builtin:protected-setting`);
 //! 2. unparsable statements when the identity's `unparsable` setting is deny (`unparsable…`);
 //! 3. the rules, top to bottom across the files in order — the first matching rule decides;
 //! 4. the default: `default:<group>` (deny if any of the user's groups defaults to deny) or
@@ -33,6 +34,7 @@
 mod analyze;
 mod file;
 mod lexical;
+mod limits;
 pub(crate) mod normalize;
 mod window;
 
@@ -51,6 +53,7 @@ use chrono::{DateTime, Utc};
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
 
+pub use limits::{MAX_NESTING, MAX_PARSE_BYTES, parse_sql};
 pub use analyze::{
     ClassSet, ModSet, Modifier, QName, StatementClass, StatementInfo, analyze_sql, unsafe_client_encoding,
 };
@@ -650,6 +653,13 @@ impl Policy {
         windows: u64,
     ) -> (Action, Cow<'a, str>, Cow<'a, str>) {
         let info = &s.info;
+        if info.modifiers.contains(Modifier::TooLarge) {
+            return (
+                Action::Deny,
+                "builtin:too-large".into(),
+                format!("the statement is longer than pgward checks ({} bytes)", MAX_PARSE_BYTES).into(),
+            );
+        }
         if info.modifiers.contains(Modifier::IdentityChange) {
             return (
                 Action::Deny,
