@@ -395,3 +395,66 @@ fn statements_nested_too_deep_or_too_long_are_denied_and_the_gateway_survives() 
     assert_eq!((s["decision"].as_str(), s["rule"].as_str()), (Some("deny"), Some("builtin:too-large")), "{s}");
     assert!(!e.pw.log_has_panic());
 }
+
+/// Long statement texts (over 8 KiB, not in the policy's cache) are parsed on a blocking
+/// thread so the event loop keeps relaying other sessions, then decided exactly as short
+/// ones: rules apply, Parse texts too, and `EXECUTE name` sees what the session prepared
+/// earlier in the same read.
+#[test]
+fn long_statements_are_analyzed_off_the_event_loop_and_decided_the_same() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let e = env("pe_long", move |b| b.set("server.metrics_listen", format!("127.0.0.1:{port}")));
+    let (_, login) = e.login("alice", &["analysts"], "15m");
+    let ids = (0..3000).map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+    let m_secret = never_marker();
+    let long_read = format!("select count(*) from items where id in ({ids})");
+    let long_secret = format!("select v from secrets where v <> '{m_secret}' and id in ({ids})");
+    let pad = format!("/* {} */", "p".repeat(10_000));
+    assert!(long_read.len() > 8192 && long_secret.len() > 8192);
+
+    let mut c = login.raw().unwrap();
+    // One read: an allowed long Query, a denied long Query, a short PREPARE and a long
+    // EXECUTE of it.
+    let mut batch = Vec::new();
+    batch.extend(fe::query(&long_read));
+    batch.extend(fe::query(&long_secret));
+    batch.extend(fe::query("prepare p as select count(*) + 100 from items"));
+    batch.extend(fe::query(&format!("execute p {pad}")));
+    c.send(&batch).unwrap();
+    let read = c.recv_until_ready().unwrap();
+    assert_eq!(raw::rows(&read), vec![vec![Some("3".to_string())]], "{}", raw::describe_all(&read));
+    let denied = c.recv_until_ready().unwrap();
+    let err = raw::first_error(&denied).map(|m| m.fields()).unwrap_or_default();
+    assert_eq!(err.get(&'C').map(String::as_str), Some("42501"), "{}", raw::describe_all(&denied));
+    assert!(err.get(&'M').is_some_and(|m| m.contains("\"no-secrets\"")), "{err:?}");
+    let prepared = c.recv_until_ready().unwrap();
+    assert!(raw::first_error(&prepared).is_none(), "{}", raw::describe_all(&prepared));
+    let executed = c.recv_until_ready().unwrap();
+    assert_eq!(raw::rows(&executed), vec![vec![Some("103".to_string())]], "{}", raw::describe_all(&executed));
+
+    let long_secret_2 = format!("select id, v from secrets where v <> '{m_secret}' and id in ({ids})");
+    let parsed = c.extended_query(&long_secret_2, &[]).unwrap();
+    let err = raw::first_error(&parsed).map(|m| m.fields()).unwrap_or_default();
+    assert_eq!(err.get(&'C').map(String::as_str), Some("42501"), "{}", raw::describe_all(&parsed));
+    assert!(err.get(&'M').is_some_and(|m| m.contains("\"no-secrets\"")), "{err:?}");
+    assert_never_reached_postgres(&m_secret);
+    // A long text analyzed before is in the policy's cache: decided on the loop.
+    let again = c.simple_query(&long_read).unwrap();
+    assert_eq!(raw::rows(&again), vec![vec![Some("3".to_string())]], "{}", raw::describe_all(&again));
+
+    // Four long texts went to the blocking pool (not the short PREPARE, nor the repeat).
+    let metrics = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let n = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pgward_statements_analyzed_off_loop_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert_eq!(n, Some(4.0), "{metrics}");
+    assert!(!e.pw.log_has_panic());
+}

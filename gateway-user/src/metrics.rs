@@ -36,6 +36,8 @@ pub struct Metrics {
     pub pool_misses: Counter,
     pub pool_discards: Family<Vec<(String, String)>, Counter>,
     pub pool_idle: Gauge,
+    /// Long statement texts parsed on the blocking pool instead of the event loop (session).
+    pub statements_analyzed_off_loop: Counter,
     ebpf: Family<Vec<(String, String)>, Gauge>,
 }
 
@@ -80,6 +82,7 @@ impl Metrics {
             ]),
             pool_hits: Counter::default(),
             pool_misses: Counter::default(),
+            statements_analyzed_off_loop: Counter::default(),
             pool_discards: Family::default(),
             pool_idle: Gauge::default(),
             ebpf: Family::default(),
@@ -97,6 +100,11 @@ impl Metrics {
         registry.register("audit_fsync_seconds", "Time of one audit write + fdatasync", m.audit_fsync_seconds.clone());
         registry.register("upstream_pool_hits", "Logins served by a pooled upstream connection", m.pool_hits.clone());
         registry.register("upstream_pool_misses", "Logins that opened a new upstream connection while pooling is on", m.pool_misses.clone());
+        registry.register(
+            "statements_analyzed_off_loop",
+            "Long statement texts the policy parsed on a blocking thread, not on the event loop",
+            m.statements_analyzed_off_loop.clone(),
+        );
         registry.register(
             "upstream_pool_discards",
             "Upstream connections closed instead of pooled or reused, by reason",

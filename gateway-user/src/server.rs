@@ -27,7 +27,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name(format!("pgward-loop-{i}"))
             .stack_size(LOOP_STACK)
-            .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().thread_stack_size(LOOP_STACK).build() {
                 Ok(rt) => {
                     let _ = tx.send(Ok(rt.handle().clone()));
                     rt.block_on(std::future::pending::<()>());
@@ -45,8 +45,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .name("pgward-loop-0".into())
         .stack_size(LOOP_STACK)
         .spawn(move || {
-            let rt =
-                tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .thread_stack_size(LOOP_STACK)
+                .build()
+                .context("starting the tokio runtime")?;
             rt.block_on(serve(cfg, loops))
         })
         .context("starting the accepting event loop")?
@@ -54,9 +57,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("the accepting event loop panicked"))?
 }
 
-/// Stack of each event loop thread. Statements are parsed and their trees walked on the loop
-/// that relays them; `policy::MAX_NESTING` bounds their depth so that they need far less, and
-/// this leaves a wide margin (only the pages a thread touches take memory).
+/// Stack of each event loop thread and of the runtimes' blocking threads. Statements are
+/// parsed and their trees walked on the loop that relays them (long ones on the blocking
+/// pool); `policy::MAX_NESTING` bounds their depth so that they need far less, and this
+/// leaves a wide margin (only the pages a thread touches take memory).
 const LOOP_STACK: usize = 64 << 20;
 
 /// `worker_threads = 0`: one event loop per 4 cores, at least one. pgward shares the host

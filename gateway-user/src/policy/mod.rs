@@ -164,6 +164,10 @@ struct Memo {
     verdict: Arc<Verdict>,
 }
 
+/// The analysis of one statement text ([`Policy::analysis`]), to decide it later.
+#[derive(Clone)]
+pub struct Analysis(Arc<Entry>);
+
 struct Entry {
     /// The statement text, or (`normalized`) its literal-normalized key.
     key: Box<str>,
@@ -517,16 +521,51 @@ impl Policy {
             return Arc::new(self.build_entry(sql, None));
         }
         let norm = normalize::normalize(sql);
-        if let Some(n) = &norm
-            && let Some(e) = self.cache.get(&n.key, true)
-        {
-            return e;
-        }
-        if let Some(e) = self.cache.get(sql, false) {
+        if let Some(e) = self.cached(sql, norm.as_ref()) {
             return e;
         }
         // Parse outside the lock.
         self.cache.insert(Arc::new(self.build_entry(sql, norm)))
+    }
+
+    fn cached(&self, sql: &str, norm: Option<&normalize::Normalized>) -> Option<Arc<Entry>> {
+        if let Some(n) = norm
+            && let Some(e) = self.cache.get(&n.key, true)
+        {
+            return Some(e);
+        }
+        self.cache.get(sql, false)
+    }
+
+    /// Whether deciding `sql` would parse it: a text within [`MAX_PARSE_BYTES`] that the cache
+    /// does not hold. (Texts over [`MAX_PARSE_BYTES`] are denied without parsing.)
+    pub fn would_parse(&self, sql: &str) -> bool {
+        match sql.len() {
+            n if n > MAX_PARSE_BYTES => false,
+            n if n > MAX_CACHED_SQL => true,
+            _ => self.cached(sql, normalize::normalize(sql).as_ref()).is_none(),
+        }
+    }
+
+    /// Analyze `sql` (or take its analysis from the cache) ahead of deciding it with
+    /// [`Policy::decide_analyzed`] — a session does this on a blocking thread for long texts,
+    /// so that parsing them does not stall its event loop.
+    pub fn analysis(&self, sql: &str) -> Analysis {
+        Analysis(self.entry(sql))
+    }
+
+    /// [`Policy::decide_with_prepared`] for a text analyzed ahead: the same verdict (the
+    /// session's prepared statements are looked up now, not when it was analyzed).
+    pub fn decide_analyzed(
+        &self,
+        analysis: &Analysis,
+        identity: &Identity,
+        database: &str,
+        now: DateTime<Utc>,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Arc<Verdict> {
+        let windows = self.window_bits(now);
+        self.memoized(&analysis.0, identity, database, windows, Some(lookup))
     }
 
     /// Analyze `sql`; the entry is keyed by `norm`'s key when the analysis holds for every text
