@@ -784,6 +784,22 @@ struct Relay {
 /// handing a text over costs two thread wakeups (~60 µs here).
 const ANALYZE_AHEAD_BYTES: usize = 8 * 1024;
 
+/// Whether `buf` holds a complete Query or Parse frame of [`ANALYZE_AHEAD_BYTES`] or more
+/// (checked before building [`Relay::analyze_ahead`]'s future, off the common path).
+fn has_long_text(mut buf: &[u8]) -> bool {
+    while buf.len() >= 5 {
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        if len < 4 || buf.len() - 1 < len {
+            return false;
+        }
+        if len >= 4 + ANALYZE_AHEAD_BYTES && matches!(buf[0], b'Q' | b'P') {
+            return true;
+        }
+        buf = &buf[1 + len..];
+    }
+    false
+}
+
 impl Relay {
     fn record(&self, kind: Kind) -> Record {
         Record {
@@ -829,7 +845,9 @@ impl Relay {
             if unread && durable.is_none() {
                 unread = false;
                 if !cbuf.is_empty() {
-                    self.analyze_ahead(&cbuf).await;
+                    if has_long_text(&cbuf) {
+                        self.analyze_ahead(&cbuf).await;
+                    }
                     let r = self.on_client_data(&mut cbuf, &mut uout, !client_eof);
                     self.analyzed.clear();
                     match r {

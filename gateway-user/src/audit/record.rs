@@ -272,6 +272,7 @@ impl<'a> JsonObject<'a> {
     }
 
     /// Start a member: its separator and key; the caller writes the value.
+    #[inline]
     fn key(&mut self, k: &str) -> &mut Vec<u8> {
         if !self.first {
             self.out.push(b',');
