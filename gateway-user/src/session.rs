@@ -784,20 +784,10 @@ struct Relay {
 /// handing a text over costs two thread wakeups (~60 µs here).
 const ANALYZE_AHEAD_BYTES: usize = 8 * 1024;
 
-/// Whether `buf` holds a complete Query or Parse frame of [`ANALYZE_AHEAD_BYTES`] or more
-/// (checked before building [`Relay::analyze_ahead`]'s future, off the common path).
-fn has_long_text(mut buf: &[u8]) -> bool {
-    while buf.len() >= 5 {
-        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-        if len < 4 || buf.len() - 1 < len {
-            return false;
-        }
-        if len >= 4 + ANALYZE_AHEAD_BYTES && matches!(buf[0], b'Q' | b'P') {
-            return true;
-        }
-        buf = &buf[1 + len..];
-    }
-    false
+/// A complete Query or Parse frame (tag, whole message) whose body is [`ANALYZE_AHEAD_BYTES`]
+/// or more: its text is worth analyzing off the loop ([`Relay::analyze_ahead`]).
+fn is_long_text(tag: u8, raw: &[u8]) -> bool {
+    raw.len() >= 5 + ANALYZE_AHEAD_BYTES && matches!(tag, b'Q' | b'P')
 }
 
 impl Relay {
@@ -845,7 +835,8 @@ impl Relay {
             if unread && durable.is_none() {
                 unread = false;
                 if !cbuf.is_empty() {
-                    if has_long_text(&cbuf) {
+                    // Checked before building analyze_ahead's future: off the common path.
+                    if wire::complete_frames(&cbuf).any(|(tag, raw)| is_long_text(tag, raw)) {
                         self.analyze_ahead(&cbuf).await;
                     }
                     let r = self.on_client_data(&mut cbuf, &mut uout, !client_eof);
@@ -1331,17 +1322,7 @@ impl Relay {
     /// that analysis. Frames are only peeked at: `on_client_data` reads them as always (and
     /// rejects what is malformed). A text whose analysis fails here is analyzed there.
     async fn analyze_ahead(&mut self, cbuf: &[u8]) {
-        let mut rest = cbuf;
-        while rest.len() >= 5 {
-            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-            if len < 4 || rest.len() - 1 < len {
-                break;
-            }
-            let (tag, raw) = (rest[0], &rest[..1 + len]);
-            rest = &rest[1 + len..];
-            if raw.len() < 5 + ANALYZE_AHEAD_BYTES || !matches!(tag, b'Q' | b'P') {
-                continue;
-            }
+        for (tag, raw) in wire::complete_frames(cbuf).filter(|&(tag, raw)| is_long_text(tag, raw)) {
             let f = Frame { tag, raw: Bytes::copy_from_slice(raw) };
             let text: Arc<str> = match tag {
                 b'Q' => match wire::decode_query(&f) {

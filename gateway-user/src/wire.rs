@@ -204,6 +204,24 @@ pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, Wire
     Ok(Some(Frame { tag, raw }))
 }
 
+/// The complete frames at the front of `buf` as (tag, whole message), without taking them
+/// off: it stops at the first frame that is incomplete or whose length is below 4
+/// ([`split_frame`] is what reads them, and rejects what is malformed).
+pub fn complete_frames(mut buf: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 5 {
+            return None;
+        }
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        if len < 4 || buf.len() - 1 < len {
+            return None;
+        }
+        let (raw, rest) = buf.split_at(1 + len);
+        buf = rest;
+        Some((raw[0], raw))
+    })
+}
+
 /// Read from `io` until one startup-phase message (no tag byte) is available.
 pub async fn read_startup_packet<R: AsyncRead + Unpin>(
     io: &mut R,
@@ -668,6 +686,27 @@ mod tests {
         let mut b = BytesMut::new();
         message(&mut b, tag, body);
         split_frame(&mut b, MAX_FRAME).unwrap().unwrap()
+    }
+
+    #[test]
+    fn complete_frames_peeks_whole_frames_and_stops_at_a_partial_or_bad_one() {
+        let mut b = BytesMut::new();
+        query(&mut b, "select 1");
+        message(&mut b, b'S', b"");
+        let two = b.len();
+        let cases: &[(&[u8], Vec<u8>)] = &[
+            (&b[..two], vec![b'Q', b'S']),
+            (&b[..two - 1], vec![b'Q']),
+            (b"", vec![]),
+            (b"Q\0\0", vec![]),
+            (b"Q\0\0\0\x02S\0\0\0\x04", vec![]),
+        ];
+        for (buf, tags) in cases {
+            let got: Vec<u8> = complete_frames(buf).map(|(t, _)| t).collect();
+            assert_eq!(&got, tags, "{buf:?}");
+        }
+        let frames: Vec<&[u8]> = complete_frames(&b).map(|(_, raw)| raw).collect();
+        assert_eq!(frames.concat(), b.to_vec(), "each item is the whole message, header included");
     }
 
     #[test]

@@ -437,7 +437,7 @@ impl Policy {
     /// Decide a simple-query string or a Parse's text. `EXECUTE name` counts as a write (the
     /// prepared text is unknown here); see [`Policy::decide_with_prepared`].
     pub fn decide(&self, identity: &Identity, database: &str, sql: &str, now: DateTime<Utc>) -> Arc<Verdict> {
-        self.decide_inner(identity, database, sql, now, None)
+        self.decide_entry(&self.entry(sql), identity, database, now, None)
     }
 
     /// Like [`Policy::decide`], and `EXECUTE name` is decided as the statement `lookup(name)`
@@ -452,7 +452,7 @@ impl Policy {
         now: DateTime<Utc>,
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Arc<Verdict> {
-        self.decide_inner(identity, database, sql, now, Some(lookup))
+        self.decide_entry(&self.entry(sql), identity, database, now, Some(lookup))
     }
 
     /// A protocol-level FunctionCall ('F' message): only an OID is known, so it is a statement
@@ -467,17 +467,16 @@ impl Policy {
         self.entry(sql).stmts.iter().map(|s| s.info.clone()).collect()
     }
 
-    fn decide_inner(
+    fn decide_entry(
         &self,
+        entry: &Entry,
         identity: &Identity,
         database: &str,
-        sql: &str,
         now: DateTime<Utc>,
         lookup: Option<PreparedLookup<'_>>,
     ) -> Arc<Verdict> {
-        let entry = self.entry(sql);
         let windows = self.window_bits(now);
-        self.memoized(&entry, identity, database, windows, lookup)
+        self.memoized(entry, identity, database, windows, lookup)
     }
 
     fn memoized(
@@ -564,8 +563,7 @@ impl Policy {
         now: DateTime<Utc>,
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Arc<Verdict> {
-        let windows = self.window_bits(now);
-        self.memoized(&analysis.0, identity, database, windows, Some(lookup))
+        self.decide_entry(&analysis.0, identity, database, now, Some(lookup))
     }
 
     /// Analyze `sql`; the entry is keyed by `norm`'s key when the analysis holds for every text
