@@ -1602,20 +1602,11 @@ enum PreparedNote {
 }
 
 fn prepared_note(info: &crate::policy::StatementInfo) -> Option<PreparedNote> {
-    use sqlparser::ast::Statement;
-    let first = info.commands.first()?;
-    if first != "prepare" && first != "deallocate" {
-        return None;
-    }
-    let fold = |i: &sqlparser::ast::Ident| if i.quote_style.is_some() { i.value.clone() } else { i.value.to_lowercase() };
-    let parsed = crate::policy::parse_sql(&info.text)?;
-    match parsed.as_slice() {
-        [Statement::Prepare { name, .. }] => Some(PreparedNote::Prepare(fold(name), Arc::from(info.text.as_str()))),
-        [Statement::Deallocate { name, .. }] if name.quote_style.is_none() && name.value.eq_ignore_ascii_case("all") => {
-            Some(PreparedNote::DeallocateAll)
-        }
-        [Statement::Deallocate { name, .. }] => Some(PreparedNote::Deallocate(fold(name))),
-        _ => None,
+    use crate::policy::PreparedOp;
+    match info.prepared.as_ref()? {
+        PreparedOp::Prepare(name) => Some(PreparedNote::Prepare(name.clone(), Arc::from(info.text.as_str()))),
+        PreparedOp::Deallocate(name) => Some(PreparedNote::Deallocate(name.clone())),
+        PreparedOp::DeallocateAll => Some(PreparedNote::DeallocateAll),
     }
 }
 

@@ -24,7 +24,7 @@ use sqlparser::ast::{
     Visit, Visitor,
 };
 
-use crate::policy::normalize::{self, Normalized};
+use crate::mask::sqlparser_normalize::{self as normalize, Normalized};
 
 /// Rule bits (bit i = mask rule i) and whether the value is exactly a base column's value.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -138,7 +138,7 @@ pub enum StmtKind {
 /// Analyze a query string: one entry per statement. None: the string does not parse (callers
 /// treat each result as `Unknown`).
 pub fn analyze(sql: &str, r: &dyn Resolver) -> Option<Vec<StmtKind>> {
-    let stmts = crate::policy::parse_sql(sql)?;
+    let stmts = crate::mask::sqlparser_limits::parse_sql(sql)?;
     let read = Cell::new(false);
     Some(stmts.iter().map(|s| statement(s, r, &read)).collect())
 }
@@ -150,7 +150,7 @@ pub fn analyze(sql: &str, r: &dyn Resolver) -> Option<Vec<StmtKind>> {
 /// this text), and lineage read no literal's value (it reads none, except the alias guessed
 /// from an opaque FROM item's text, which counts when that item holds a literal).
 pub(crate) fn analyze_normalized(sql: &str, r: &dyn Resolver, norm: &Normalized) -> (Option<Vec<StmtKind>>, bool) {
-    let Some(stmts) = crate::policy::parse_sql(sql) else { return (None, false) };
+    let Some(stmts) = crate::mask::sqlparser_limits::parse_sql(sql) else { return (None, false) };
     let read = Cell::new(false);
     let out: Vec<StmtKind> = stmts.iter().map(|s| statement(s, r, &read)).collect();
     let shareable = !read.get() && norm.values_cover_literals(sql, &stmts);
@@ -965,7 +965,7 @@ mod tests {
         assert!(analyze("selec nonsense (", &R).is_none());
     }
 
-    /// Literal values by the normalizer's kind and size class (see `policy::normalize`).
+    /// Literal values by the normalizer's kind and size class (see `mask::sqlparser_normalize`).
     fn battery(kind: u8, class: u8) -> &'static [&'static str] {
         match (kind, class) {
             (b's', b'0') => &["''"],

@@ -16,6 +16,10 @@ pub mod catalog;
 pub mod detect;
 pub mod lineage;
 pub mod relay;
+// sqlparser-based reading of statements for lineage; replaced by the libpg_query tree
+// together with strict masking.
+pub(crate) mod sqlparser_limits;
+pub(crate) mod sqlparser_normalize;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -219,7 +219,7 @@ impl LineageCache {
             self.analyses += 1;
             return lineage::analyze(sql, r);
         }
-        let norm = crate::policy::normalize::normalize(sql);
+        let norm = crate::mask::sqlparser_normalize::normalize(sql);
         let (hasher, map) = self.map.get_or_insert_with(|| {
             let cap = NonZeroUsize::new(LINEAGE_CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN);
             (RandomState::new(), lru::LruCache::new(cap))

@@ -2,35 +2,23 @@
 //! statements and says, for each, its statement classes, command(s), tables, schemas and
 //! functions touched, and modifiers (UPDATE without WHERE, COPY … PROGRAM, identity changes …).
 //!
-//! sqlparser (Postgres dialect, with its visitor) does the work. Two places where stock
-//! sqlparser and Postgres disagree in a way that would *hide* a statement are handled here:
-//!
-//! * `parse_statements` stops quietly at a bare `END` after a statement (`SELECT 1 END; DROP
-//!   TABLE t` parses as just `SELECT 1`, while Postgres reads `END` as a column alias and runs
-//!   the DROP). We parse statement by statement and require `;` or the end after each one.
-//! * The tokenizer takes the lines after `COPY … FROM STDIN;` as inline COPY data (psql script
-//!   style). On the wire, a Query message never carries COPY data: that text is more SQL. We
-//!   split the string after such a `COPY …;` and analyze the rest on its own.
-//!
-//! Statements sqlparser rejects are scanned lexically ([`super::lexical`]) and marked
-//! `unparsable`; `DO` blocks (which sqlparser does not support) are recognized lexically and
-//! classed `procedural`.
+//! The tree is Postgres's own ([`super::pgparse`]: the server's lexer and grammar), so pgward
+//! splits and reads a string exactly as the server will. The walk visits every node in every
+//! position: a function call in FROM, LATERAL, a subquery, a CTE, RETURNING, a DEFAULT, an
+//! index expression or COPY (…) is seen like one in a select list, and a setting change in
+//! SET, set_config(), ALTER ROLE … SET, ALTER SYSTEM or a function's SET clause is checked the
+//! same way. Bodies the grammar keeps as strings (DO blocks, function bodies) are scanned
+//! lexically ([`super::lexical`]).
 
 use std::fmt;
-use std::ops::ControlFlow;
 
 use serde::{Deserialize, Serialize};
-use sqlparser::ast::{
-    CopySource, CopyTarget, DiscardObject, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, ObjectName,
-    ObjectType, Query, Reset, ResetStatement, Set, SetExpr, Statement, TableFactor, Value, Visit, Visitor,
-};
-use sqlparser::dialect::PostgreSqlDialect;
-use sqlparser::parser::Parser;
-use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer, Whitespace};
+use serde_json::{Map, Value};
 
 use super::lexical;
 use super::limits;
-use super::normalize::{self, Normalized};
+use super::normalize::Normalized;
+use super::pgparse::{self, ParseError};
 
 /// What kind of statement this is. A statement can be in several classes (`WITH d AS (DELETE
 /// …) SELECT …` is read and write); its *primary* class is the most significant one, in the
@@ -57,7 +45,7 @@ pub enum StatementClass {
     /// VACUUM, ANALYZE, CHECKPOINT, LOAD, ALTER SYSTEM, COPY to/from server files or programs.
     #[serde(alias = "utility")]
     Admin,
-    /// A statement sqlparser could not parse and whose leading word says nothing.
+    /// A statement pgward could not parse and whose leading word says nothing.
     Unknown,
 }
 
@@ -144,8 +132,8 @@ pub enum Modifier {
     /// either would make Postgres read string literals differently from pgward's parser.
     /// Always denied (built-in).
     ProtectedSetting,
-    /// sqlparser could not parse the statement (or it might nest deeper than pgward parses,
-    /// see `limits`); what is known comes from a lexical scan.
+    /// The statement does not parse (Postgres rejects it too) or nests deeper than pgward
+    /// reads; what is known comes from a lexical scan.
     Unparsable,
     /// EXECUTE of a prepared statement whose text the engine was not given.
     UnknownPrepared,
@@ -233,15 +221,6 @@ impl QName {
     pub fn new(schema: Option<String>, name: String) -> QName {
         QName { schema, name }
     }
-    /// From an AST name: the last two parts (`db.schema.table` → `schema.table`).
-    fn from_object(n: &ObjectName) -> Option<QName> {
-        let parts: Vec<String> = n.0.iter().filter_map(|p| p.as_ident()).map(|i| i.value.to_lowercase()).collect();
-        match parts.as_slice() {
-            [] => None,
-            [name] => Some(QName::new(None, name.clone())),
-            [.., schema, name] => Some(QName::new(Some(schema.clone()), name.clone())),
-        }
-    }
 }
 
 impl fmt::Display for QName {
@@ -256,7 +235,7 @@ impl fmt::Display for QName {
 /// Everything the policy engine knows about one statement.
 #[derive(Debug, Clone, Default)]
 pub struct StatementInfo {
-    /// The statement (as sqlparser prints it, or the source text if it could not be parsed).
+    /// The statement's source text (one statement of a multi-statement string).
     /// An analysis is shared by texts that differ only in literal values when it does not
     /// depend on them (`literal_dependent` false): then this is the text of the first of
     /// them pgward analyzed, with that text's literals.
@@ -273,6 +252,8 @@ pub struct StatementInfo {
     pub functions: Vec<QName>,
     /// `EXECUTE name`: the prepared statement's name (as Postgres folds it).
     pub execute: Option<String>,
+    /// PREPARE / DEALLOCATE: what it does to the session's prepared statements.
+    pub prepared: Option<PreparedOp>,
     pub unparsable: bool,
     /// The analysis read the value of a literal — a setting's value, `set_config`'s
     /// arguments, a DO or function body, `x = x` between literals, the text of an
@@ -290,12 +271,6 @@ impl StatementInfo {
         if !self.commands.contains(&c) {
             self.commands.push(c);
         }
-    }
-    /// The statement's first `n` words as its command ([`leading_words`]).
-    fn add_leading_words(&mut self, s: &Statement, n: usize) {
-        let (words, from_literal) = leading_words(s, n);
-        self.literal_dependent |= from_literal;
-        self.add_command(words);
     }
     fn finish(&mut self) {
         // Writing to pg_settings calls set_config() through the view's update rule.
@@ -317,27 +292,6 @@ impl StatementInfo {
             self.classes.insert(StatementClass::Unknown);
         }
     }
-}
-
-/// The modifiers a change of setting `name` (lowercase) to `value` (lowercase literal, if
-/// known) implies.
-pub(crate) fn setting_change(name: &str, value: Option<&str>) -> ModSet {
-    let mut m = ModSet::default();
-    match name {
-        "role" | "session_authorization" => m.insert(Modifier::IdentityChange),
-        "standard_conforming_strings" => {
-            let harmless = matches!(value, Some("on" | "true" | "yes" | "1" | "t" | "y" | "default"));
-            if !harmless {
-                m.insert(Modifier::ProtectedSetting);
-            }
-        }
-        "search_path" => m.insert(Modifier::SearchPath),
-        "client_encoding" | "names" if value.is_none_or(unsafe_client_encoding) => {
-            m.insert(Modifier::ProtectedSetting);
-        }
-        _ => {}
-    }
-    m
 }
 
 /// Client encodings whose multibyte characters can contain the byte 0x5C (backslash): with
@@ -368,581 +322,600 @@ pub fn unsafe_client_encoding(name: &str) -> bool {
     )
 }
 
-/// The value of a literal or a bare identifier (`SET x TO 'v'` / `SET x TO v`). Reading a
-/// literal's value marks the analysis literal-dependent (`dep`).
-fn expr_literal(e: &Expr, dep: &mut bool) -> Option<String> {
-    match e {
-        Expr::Value(v) if !matches!(v.value, Value::Boolean(_) | Value::Null | Value::Placeholder(_)) => {
-            *dep = true;
-            literal_value(&v.value)
+/// What a PREPARE or DEALLOCATE does to the session's SQL-level prepared statements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PreparedOp {
+    /// `PREPARE name AS …` (name as Postgres folds it).
+    Prepare(String),
+    /// `DEALLOCATE name`.
+    Deallocate(String),
+    /// `DEALLOCATE ALL`.
+    DeallocateAll,
+}
+
+/// The modifiers a change of setting `name` (lowercase) to `value` (lowercase literal, if
+/// known; `default` for RESET and `SET … TO DEFAULT`) implies. The lexical settings must stay
+/// what pgward parses with (standard_conforming_strings on, a UTF-8 client encoding,
+/// backslash_quote safe_encoding): setting one to anything else is a protected setting. The
+/// session starts upstream with those values, so RESET and DEFAULT restore them.
+pub(crate) fn setting_change(name: &str, value: Option<&str>) -> ModSet {
+    let mut m = ModSet::default();
+    let keeps = match name {
+        "role" | "session_authorization" => {
+            m.insert(Modifier::IdentityChange);
+            true
         }
-        Expr::Value(v) => literal_value(&v.value),
-        Expr::Identifier(i) => Some(i.value.to_lowercase()),
-        Expr::Nested(e) => expr_literal(e, dep),
-        _ => None,
+        "search_path" => {
+            m.insert(Modifier::SearchPath);
+            true
+        }
+        "standard_conforming_strings" => value.is_some_and(|v| v == "default" || bool_true(v)),
+        "client_encoding" | "names" => value.is_some_and(|v| v == "default" || utf8_encoding(v)),
+        "backslash_quote" => matches!(value, Some("default" | "safe_encoding")),
+        _ => true,
+    };
+    if !keeps {
+        m.insert(Modifier::ProtectedSetting);
+    }
+    m
+}
+
+/// A value Postgres reads as boolean true (`parse_bool`: unique prefixes of true/yes, on, 1).
+fn bool_true(v: &str) -> bool {
+    let v = v.trim();
+    (!v.is_empty() && ("true".starts_with(v) || "yes".starts_with(v))) || v == "on" || v == "1"
+}
+
+/// An encoding name Postgres reads as UTF8 (case and punctuation ignored, as Postgres does).
+pub fn utf8_encoding(name: &str) -> bool {
+    matches!(encoding_key(name).as_str(), "utf8" | "unicode")
+}
+
+/// A client encoding pgward relays: UTF8, or SQL_ASCII (which a UTF8 server checks as UTF-8).
+pub fn supported_client_encoding(name: &str) -> bool {
+    utf8_encoding(name) || encoding_key(name) == "sqlascii"
+}
+
+fn encoding_key(name: &str) -> String {
+    name.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase()
+}
+
+/// The JSON body of a node `{"Type": {…}}`, if `v` is one of type `ty`.
+fn node<'a>(v: &'a Value, ty: &str) -> Option<&'a Map<String, Value>> {
+    v.get(ty)?.as_object()
+}
+
+/// The single `{"Type": {…}}` wrapper of a node: its type and body.
+fn wrapped(m: &Map<String, Value>) -> Option<(&str, &Map<String, Value>)> {
+    if m.len() != 1 {
+        return None;
+    }
+    let (k, v) = m.iter().next()?;
+    if !k.starts_with(|c: char| c.is_ascii_uppercase()) {
+        return None;
+    }
+    Some((k.as_str(), v.as_object()?))
+}
+
+/// The strings of a name list (`[{"String":{"sval":"pg_catalog"}}, …]`).
+fn name_list(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|n| node(n, "String")?.get("sval")?.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+/// The last two parts of a name list, lowercased (matching is case-insensitive).
+fn qname(parts: &[String]) -> Option<QName> {
+    match parts {
+        [] => None,
+        [name] => Some(QName::new(None, name.to_lowercase())),
+        [.., schema, name] => Some(QName::new(Some(schema.to_lowercase()), name.to_lowercase())),
     }
 }
 
-fn literal_value(v: &Value) -> Option<String> {
+fn str_field<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
+    m.get(k)?.as_str()
+}
+
+/// The value of a constant node, lowercased, as text (`'on'`, `1`, `true`); reading it makes
+/// the analysis literal-dependent (`dep`).
+fn const_value(v: &Value, dep: &mut bool) -> Option<String> {
+    let c = node(v, "A_Const")?;
+    *dep = true;
+    if let Some(s) = c.get("sval") {
+        return Some(s.get("sval").and_then(Value::as_str).unwrap_or("").to_lowercase());
+    }
+    if let Some(i) = c.get("ival") {
+        return Some(i.get("ival").and_then(Value::as_i64).unwrap_or(0).to_string());
+    }
+    if let Some(f) = c.get("fval") {
+        return f.get("fval").and_then(Value::as_str).map(str::to_string);
+    }
+    if let Some(b) = c.get("boolval") {
+        return Some(b.get("boolval").and_then(Value::as_bool).unwrap_or(false).to_string());
+    }
+    None
+}
+
+/// A JSON value with every `location` removed: two expressions written the same way at
+/// different places compare equal.
+fn without_locations(v: &Value) -> Value {
     match v {
-        Value::SingleQuotedString(s)
-        | Value::EscapedStringLiteral(s)
-        | Value::UnicodeStringLiteral(s)
-        | Value::NationalStringLiteral(s) => Some(s.to_lowercase()),
-        Value::DollarQuotedString(d) => Some(d.value.to_lowercase()),
-        Value::Boolean(b) => Some(b.to_string()),
-        Value::Number(n, _) => Some(n.to_string()),
-        _ => None,
+        Value::Object(m) => Value::Object(
+            m.iter().filter(|(k, _)| k.as_str() != "location").map(|(k, v)| (k.clone(), without_locations(v))).collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(without_locations).collect()),
+        other => other.clone(),
     }
 }
 
-/// A name written as an expression (`SELECT … INTO s.t`).
-fn expr_name(e: &Expr) -> Option<QName> {
-    match e {
-        Expr::Identifier(i) => Some(QName::new(None, i.value.to_lowercase())),
-        Expr::CompoundIdentifier(parts) => match parts.as_slice() {
-            [.., s, n] => Some(QName::new(Some(s.value.to_lowercase()), n.value.to_lowercase())),
-            [n] => Some(QName::new(None, n.value.to_lowercase())),
-            [] => None,
-        },
-        _ => None,
-    }
-}
-
-fn object_last(n: &ObjectName) -> String {
-    n.0.last().and_then(|p| p.as_ident()).map(|i| i.value.to_lowercase()).unwrap_or_default()
-}
-
-/// A WHERE clause that does not restrict anything: TRUE, `x = x`, `… OR TRUE`, NOT FALSE.
-/// `x = x` compares the two sides as written; when both hold literals (`1 = 1` against `1 =
-/// 2`) the answer depends on their values (`dep`). A side with a literal is never the same
-/// expression as a side without one (`a = 1` is not trivially true, whatever the value).
-fn trivially_true(e: &Expr, dep: &mut bool) -> bool {
-    use sqlparser::ast::{BinaryOperator, UnaryOperator};
-    match e {
-        Expr::Value(v) => matches!(v.value, Value::Boolean(true)),
-        Expr::Nested(e) => trivially_true(e, dep),
-        Expr::BinaryOp { left, op: BinaryOperator::Eq, right } => {
-            match (normalize::has_literal(&**left), normalize::has_literal(&**right)) {
-                (false, false) => left.to_string() == right.to_string(),
-                (true, true) => {
-                    *dep = true;
-                    left.to_string() == right.to_string()
-                }
-                _ => false,
-            }
-        }
-        Expr::BinaryOp { left, op: BinaryOperator::Or, right } => {
-            // Both sides are looked at (no short circuit): whether an analysis depended on a
-            // literal must not depend on the order of evaluation.
-            let (l, r) = (trivially_true(left, dep), trivially_true(right, dep));
-            l || r
-        }
-        Expr::BinaryOp { left, op: BinaryOperator::And, right } => {
-            let (l, r) = (trivially_true(left, dep), trivially_true(right, dep));
-            l && r
-        }
-        Expr::UnaryOp { op: UnaryOperator::Not, expr } => {
-            matches!(&**expr, Expr::Value(v) if matches!(v.value, Value::Boolean(false)))
-        }
+fn has_const(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => m.contains_key("A_Const") || m.values().any(has_const),
+        Value::Array(a) => a.iter().any(has_const),
         _ => false,
     }
 }
 
-fn no_where(selection: &Option<Expr>, dep: &mut bool) -> bool {
-    selection.as_ref().is_none_or(|e| trivially_true(e, dep))
+/// A WHERE clause that does not restrict anything: TRUE, `x = x`, `… OR TRUE`, NOT FALSE.
+/// When both sides of `x = x` hold constants the answer depends on their values (`dep`); a
+/// side with a constant is never the same expression as a side without one.
+fn trivially_true(e: &Value, dep: &mut bool) -> bool {
+    if let Some(c) = node(e, "A_Const") {
+        return c.get("boolval").and_then(|b| b.get("boolval")).and_then(Value::as_bool) == Some(true);
+    }
+    if let Some(b) = node(e, "BoolExpr") {
+        let args: Vec<&Value> = b.get("args").and_then(Value::as_array).map(|a| a.iter().collect()).unwrap_or_default();
+        // Every argument is looked at (no short circuit): whether the analysis depended on a
+        // constant must not depend on the order of evaluation.
+        let vals: Vec<bool> = args.iter().map(|a| trivially_true(a, dep)).collect();
+        return match str_field(b, "boolop") {
+            Some("OR_EXPR") => vals.iter().any(|v| *v),
+            Some("AND_EXPR") => !vals.is_empty() && vals.iter().all(|v| *v),
+            Some("NOT_EXPR") => args.first().is_some_and(|a| {
+                node(a, "A_Const").and_then(|c| c.get("boolval")).is_some_and(|b| b.get("boolval").is_none())
+            }),
+            _ => false,
+        };
+    }
+    if let Some(a) = node(e, "A_Expr")
+        && str_field(a, "kind") == Some("AEXPR_OP")
+        && name_list(a.get("name")).last().map(String::as_str) == Some("=")
+    {
+        let (Some(l), Some(r)) = (a.get("lexpr"), a.get("rexpr")) else { return false };
+        return match (has_const(l), has_const(r)) {
+            (false, false) => without_locations(l) == without_locations(r),
+            (true, true) => {
+                *dep = true;
+                without_locations(l) == without_locations(r)
+            }
+            _ => false,
+        };
+    }
+    false
 }
 
-/// The visitor: called for every statement (top level and nested), query, table factor,
-/// relation and expression.
-struct Collector<'a> {
+fn no_where(body: &Map<String, Value>, dep: &mut bool) -> bool {
+    body.get("whereClause").is_none_or(|w| trivially_true(w, dep))
+}
+
+/// Node fields that hold a statement in a statement's place (EXPLAIN, PREPARE, COPY, DECLARE,
+/// CREATE TABLE AS / VIEW, WITH): a SELECT there is read as a statement of its own.
+const STATEMENT_FIELDS: &[&str] = &["stmt", "query", "ctequery"];
+
+/// The walk over one statement's tree: every node in every position is visited, and
+/// relations, function calls, setting changes and nested statements are collected.
+struct Walker<'a> {
     info: &'a mut StatementInfo,
-    /// The next relation is a table function's name (`FROM pg_ls_dir('.')`), not a table.
-    skip_relation: bool,
+    /// Locations of the constant nodes (for literal-normalized cache keys).
+    consts: &'a mut Vec<usize>,
 }
 
-impl Visitor for Collector<'_> {
-    type Break = ();
-
-    fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<()> {
-        classify(s, self.info);
-        ControlFlow::Continue(())
-    }
-
-    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
-        if !q.locks.is_empty() {
-            self.info.classes.insert(StatementClass::Write);
-            self.info.modifiers.insert(Modifier::ForUpdate);
-        }
-        if let Some(with) = &q.with {
-            for cte in &with.cte_tables {
-                if matches!(
-                    &*cte.query.body,
-                    SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_)
-                ) {
-                    self.info.classes.insert(StatementClass::Write);
-                    self.info.modifiers.insert(Modifier::CteWrite);
-                }
-            }
-        }
-        table_commands(&q.body, self.info);
-        if let SetExpr::Select(sel) = &*q.body
-            && let Some(into) = &sel.into
-        {
-            // SELECT … INTO t creates and fills a table.
-            self.info.classes.insert(StatementClass::Ddl);
-            self.info.classes.insert(StatementClass::Write);
-            self.info.add_command("select into");
-            for t in &into.targets {
-                if let Some(q) = expr_name(t) {
-                    self.info.tables.push(q);
-                }
-            }
-        }
-        ControlFlow::Continue(())
-    }
-
-    fn pre_visit_table_factor(&mut self, tf: &TableFactor) -> ControlFlow<()> {
-        match tf {
-            TableFactor::Table { name, args: Some(_), .. } => {
-                if let Some(f) = QName::from_object(name) {
-                    self.info.functions.push(f);
-                }
-                self.skip_relation = true;
-            }
-            TableFactor::Function { name, .. } => {
-                if let Some(f) = QName::from_object(name) {
-                    self.info.functions.push(f);
-                }
-            }
+impl Walker<'_> {
+    fn value(&mut self, v: &Value, field: Option<&str>) {
+        match v {
+            Value::Object(m) => self.object(m, field),
+            Value::Array(a) => a.iter().for_each(|x| self.value(x, field)),
             _ => {}
         }
-        ControlFlow::Continue(())
     }
 
-    fn pre_visit_relation(&mut self, name: &ObjectName) -> ControlFlow<()> {
-        if std::mem::take(&mut self.skip_relation) {
-            return ControlFlow::Continue(());
-        }
-        if let Some(t) = QName::from_object(name) {
-            self.info.tables.push(t);
-        }
-        ControlFlow::Continue(())
-    }
-
-    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-        if let Expr::Function(f) = e
-            && let Some(q) = QName::from_object(&f.name)
-        {
-            if q.name == "set_config" {
-                self.info.modifiers |= set_config_call(&f.args, &mut self.info.literal_dependent);
+    fn object(&mut self, m: &Map<String, Value>, field: Option<&str>) {
+        let body = match wrapped(m) {
+            Some((ty, body)) => {
+                self.typed(ty, body, field);
+                body
             }
-            self.info.functions.push(q);
+            None => m,
+        };
+        self.shape(body, field);
+        for (k, v) in body {
+            self.value(v, Some(k.as_str()));
         }
-        ControlFlow::Continue(())
+    }
+
+    /// Nodes recognized by their fields (also where the tree holds them without a type
+    /// wrapper): relations, function calls, setting changes.
+    fn shape(&mut self, b: &Map<String, Value>, field: Option<&str>) {
+        if let Some(rel) = str_field(b, "relname") {
+            let schema = str_field(b, "schemaname").map(str::to_lowercase);
+            self.info.tables.push(QName::new(schema, rel.to_lowercase()));
+        }
+        if b.contains_key("funcname") {
+            let parts = name_list(b.get("funcname"));
+            if let Some(q) = qname(&parts) {
+                if q.name == "set_config" {
+                    self.info.modifiers |= set_config_call(b, &mut self.info.literal_dependent);
+                }
+                self.info.functions.push(q);
+            }
+        }
+        if str_field(b, "kind").is_some_and(|k| k.starts_with("VAR_")) {
+            self.setting(b, field);
+        }
+    }
+
+    fn typed(&mut self, ty: &str, b: &Map<String, Value>, field: Option<&str>) {
+        if ty == "A_Const" {
+            if let Some(loc) = b.get("location").and_then(Value::as_u64).and_then(|l| usize::try_from(l).ok()) {
+                self.consts.push(loc);
+            }
+            return;
+        }
+        classify(ty, b, field, self.info);
+    }
+
+    /// A VariableSetStmt: as a statement (SET/RESET) or inside another (ALTER ROLE … SET,
+    /// ALTER SYSTEM, a function's SET clause).
+    fn setting(&mut self, b: &Map<String, Value>, field: Option<&str>) {
+        let name = str_field(b, "name").unwrap_or("").to_lowercase();
+        let kind = str_field(b, "kind").unwrap_or("");
+        let args: &[Value] = b.get("args").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+        let info = &mut *self.info;
+        let value = match kind {
+            "VAR_SET_DEFAULT" | "VAR_RESET" => Some("default".to_string()),
+            "VAR_SET_VALUE" if args.len() == 1 => const_value(&args[0], &mut info.literal_dependent),
+            _ => None,
+        };
+        match kind {
+            // SET TRANSACTION …, SET SESSION CHARACTERISTICS …; RESET ALL (which leaves role
+            // and session_authorization alone and restores the startup lexical settings).
+            "VAR_SET_MULTI" | "VAR_RESET_ALL" => {}
+            _ => info.modifiers |= setting_change(&name, value.as_deref()),
+        }
+        if field.is_some() && field != Some("stmt") {
+            return;
+        }
+        let multi = kind == "VAR_SET_MULTI";
+        info.classes.insert(if multi && name != "session characteristics" {
+            StatementClass::Transaction
+        } else {
+            StatementClass::Session
+        });
+        let command = match (kind, name.as_str()) {
+            ("VAR_SET_MULTI", "transaction") => "set transaction",
+            ("VAR_SET_MULTI", _) => "set session characteristics",
+            ("VAR_RESET" | "VAR_RESET_ALL", _) => "reset",
+            (_, "role") => "set role",
+            (_, "session_authorization") => "set session authorization",
+            _ => "set",
+        };
+        info.add_command(command);
     }
 }
 
-/// `TABLE name` (also inside UNION/EXCEPT/INTERSECT): the visitor does not report these names.
-fn table_commands(body: &SetExpr, info: &mut StatementInfo) {
-    match body {
-        SetExpr::Table(t) => {
-            if let Some(name) = &t.table_name {
-                let schema = t.schema_name.as_ref().map(|s| s.value.to_lowercase());
-                info.tables.push(QName::new(schema, name.value.to_lowercase()));
+/// set_config(name, value, is_local), in any position: a constant name is checked like SET; a
+/// computed one (or named or variadic arguments) could be 'role', so it counts as an identity
+/// change. Reading the constants sets `dep`.
+fn set_config_call(call: &Map<String, Value>, dep: &mut bool) -> ModSet {
+    let mut unknown = ModSet::default();
+    unknown.insert(Modifier::IdentityChange);
+    let args: &[Value] = call.get("args").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+    if call.get("func_variadic").and_then(Value::as_bool) == Some(true) || args.iter().any(|a| a.get("NamedArgExpr").is_some())
+    {
+        return unknown;
+    }
+    let Some(name) = args.first().and_then(|a| node(a, "A_Const")).and_then(|c| c.get("sval")) else {
+        return unknown;
+    };
+    *dep = true;
+    let name = name.get("sval").and_then(Value::as_str).unwrap_or("").to_lowercase();
+    let value = args.get(1).and_then(|v| const_value(v, dep));
+    setting_change(name.trim(), value.as_deref())
+}
+
+/// Words of a statement text (comments and whitespace skipped), lowercased, up to `n`, with
+/// the modifiers between CREATE and the object's kind left out (`create or replace temp view`
+/// → `create view`).
+fn leading_words(text: &str, n: usize) -> String {
+    let mut words: Vec<String> = Vec::new();
+    for w in lexical::lex(text) {
+        let lexical::Lex::Word(w) = w else { break };
+        let skip = matches!(w.as_str(), "or" | "replace" | "temporary" | "temp" | "unique" | "unlogged" | "global" | "local" | "trusted" | "procedural" | "recursive" | "default" | "constraint");
+        if skip && !words.is_empty() {
+            continue;
+        }
+        words.push(w);
+        if words.len() == n {
+            break;
+        }
+    }
+    words.join(" ")
+}
+
+fn object_kind(objtype: Option<&str>) -> String {
+    let t = objtype.unwrap_or("OBJECT_UNKNOWN").trim_start_matches("OBJECT_").to_ascii_lowercase();
+    match t.as_str() {
+        "matview" => "materialized view".into(),
+        "foreign_table" => "foreign table".into(),
+        "fdw" => "foreign data wrapper".into(),
+        "foreign_server" => "server".into(),
+        "tsconfiguration" => "text search configuration".into(),
+        "tsdictionary" => "text search dictionary".into(),
+        "tsparser" => "text search parser".into(),
+        "tstemplate" => "text search template".into(),
+        "event_trigger" => "event trigger".into(),
+        "opclass" => "operator class".into(),
+        "opfamily" => "operator family".into(),
+        "largeobject" => "large object".into(),
+        "statistic_ext" => "statistics".into(),
+        other => other.replace('_', " "),
+    }
+}
+
+/// A node's own contribution when it is a statement (nested statements are classified when
+/// the walk reaches them). `field`: where it stands in its parent (None: the root).
+fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut StatementInfo) {
+    use StatementClass::*;
+    // In a statement's place, not a subquery.
+    let top = field.is_none_or(|f| STATEMENT_FIELDS.contains(&f));
+    match ty {
+        "SelectStmt" => {
+            if b.get("lockingClause").is_some_and(|l| l.as_array().is_some_and(|a| !a.is_empty())) {
+                info.classes.insert(Write);
+                info.modifiers.insert(Modifier::ForUpdate);
+            }
+            if b.contains_key("intoClause") {
+                // SELECT … INTO t creates and fills a table.
+                info.classes.insert(Ddl);
+                info.classes.insert(Write);
+                info.add_command("select into");
+            }
+            if top {
+                info.classes.insert(Read);
+                info.add_command("select");
             }
         }
-        SetExpr::SetOperation { left, right, .. } => {
-            table_commands(left, info);
-            table_commands(right, info);
+        "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
+            info.classes.insert(Write);
+            let cmd = ty.trim_end_matches("Stmt").to_ascii_lowercase();
+            if matches!(ty, "UpdateStmt" | "DeleteStmt") && no_where(b, &mut info.literal_dependent) {
+                info.modifiers.insert(Modifier::NoWhere);
+            }
+            if field == Some("ctequery") {
+                info.modifiers.insert(Modifier::CteWrite);
+            }
+            info.add_command(cmd);
+        }
+        "CommonTableExpr" => {}
+        "TruncateStmt" => {
+            info.classes.insert(Write);
+            info.add_command("truncate");
+            info.modifiers.insert(Modifier::NoWhere);
+        }
+        "CopyStmt" => {
+            info.add_command("copy");
+            let from = b.get("is_from").and_then(Value::as_bool) == Some(true);
+            info.classes.insert(if from { Write } else { Read });
+            if b.contains_key("filename") {
+                info.classes.insert(Admin);
+                let program = b.get("is_program").and_then(Value::as_bool) == Some(true);
+                info.modifiers.insert(if program { Modifier::CopyProgram } else { Modifier::CopyFile });
+            }
+        }
+        "LockStmt" | "NotifyStmt" => {
+            info.classes.insert(Write);
+            info.add_command(ty.trim_end_matches("Stmt").to_ascii_lowercase());
+        }
+        "RefreshMatViewStmt" => {
+            info.classes.insert(Write);
+            info.add_command("refresh materialized view");
+        }
+        "ListenStmt" | "UnlistenStmt" | "DiscardStmt" | "VariableShowStmt" | "DeallocateStmt" | "ClosePortalStmt" => {
+            info.classes.insert(Session);
+            let cmd = match ty {
+                "VariableShowStmt" => "show",
+                "ClosePortalStmt" => "close",
+                other => other.trim_end_matches("Stmt"),
+            };
+            info.add_command(cmd.to_ascii_lowercase());
+            if ty == "DiscardStmt" && str_field(b, "target") == Some("DISCARD_ALL") {
+                // DISCARD ALL includes SET SESSION AUTHORIZATION DEFAULT.
+                info.modifiers.insert(Modifier::IdentityChange);
+            }
+            if ty == "DeallocateStmt" {
+                info.prepared = Some(match str_field(b, "name") {
+                    Some(n) => PreparedOp::Deallocate(n.to_string()),
+                    None => PreparedOp::DeallocateAll,
+                });
+            }
+        }
+        "TransactionStmt" => {
+            info.classes.insert(Transaction);
+            let cmd = match str_field(b, "kind") {
+                Some("TRANS_STMT_PREPARE") => "prepare transaction".to_string(),
+                Some("TRANS_STMT_COMMIT_PREPARED") => "commit prepared".to_string(),
+                Some("TRANS_STMT_ROLLBACK_PREPARED") => "rollback prepared".to_string(),
+                _ => leading_words(&info.text, 1),
+            };
+            info.add_command(cmd);
+        }
+        "DeclareCursorStmt" | "FetchStmt" => {
+            info.classes.insert(Read);
+            let mv = b.get("ismove").and_then(Value::as_bool) == Some(true);
+            info.add_command(if ty == "FetchStmt" { if mv { "move" } else { "fetch" } } else { "declare" });
+        }
+        "PrepareStmt" => {
+            info.add_command("prepare");
+            // The session keeps this statement's text to decide a later EXECUTE.
+            info.literal_dependent = true;
+            info.prepared = Some(PreparedOp::Prepare(str_field(b, "name").unwrap_or("").to_string()));
+        }
+        "ExplainStmt" => info.add_command("explain"),
+        "ExecuteStmt" => {
+            info.add_command("execute");
+            // Until the session tells us what it runs: a write.
+            info.classes.insert(Write);
+            info.modifiers.insert(Modifier::UnknownPrepared);
+            info.execute = Some(str_field(b, "name").unwrap_or("").to_string());
+        }
+        "CallStmt" => {
+            info.classes.insert(Procedural);
+            info.add_command("call");
+        }
+        "DoStmt" => {
+            info.classes.insert(Procedural);
+            info.add_command("do");
+            scan_bodies(b, info);
+        }
+        "CreateFunctionStmt" => {
+            info.classes.insert(Ddl);
+            let proc = b.get("is_procedure").and_then(Value::as_bool) == Some(true);
+            info.add_command(if proc { "create procedure" } else { "create function" });
+            // Bodies given as strings are opaque to the parser: scan them.
+            scan_bodies(b, info);
+        }
+        "VacuumStmt" => {
+            info.classes.insert(Admin);
+            let vacuum = b.get("is_vacuumcmd").and_then(Value::as_bool) == Some(true);
+            info.add_command(if vacuum { "vacuum" } else { "analyze" });
+        }
+        "CheckPointStmt" | "LoadStmt" | "ClusterStmt" | "ReindexStmt" | "AlterSystemStmt" => {
+            info.classes.insert(Admin);
+            { let w = leading_words(&info.text, if ty == "AlterSystemStmt" { 2 } else { 1 }); info.add_command(w) };
+        }
+        "GrantStmt" => {
+            info.classes.insert(Dcl);
+            let grant = b.get("is_grant").and_then(Value::as_bool) == Some(true);
+            info.add_command(if grant { "grant" } else { "revoke" });
+        }
+        "GrantRoleStmt" => {
+            info.classes.insert(Dcl);
+            let grant = b.get("is_grant").and_then(Value::as_bool) == Some(true);
+            info.add_command(if grant { "grant" } else { "revoke" });
+        }
+        "CreateRoleStmt" | "AlterRoleStmt" | "AlterRoleSetStmt" | "DropRoleStmt" | "AlterDefaultPrivilegesStmt"
+        | "CreatePolicyStmt" | "AlterPolicyStmt" | "ReassignOwnedStmt" | "DropOwnedStmt" => {
+            info.classes.insert(Dcl);
+            { let w = leading_words(&info.text, 2); info.add_command(w) };
+        }
+        "DropStmt" => {
+            let kind = object_kind(str_field(b, "removeType"));
+            info.add_command(format!("drop {kind}"));
+            match kind.as_str() {
+                "policy" => info.classes.insert(Dcl),
+                "schema" => {
+                    info.classes.insert(Ddl);
+                    // DROP SCHEMA's objects are name lists of one part.
+                    for o in b.get("objects").and_then(Value::as_array).into_iter().flatten() {
+                        if let Some(s) = node(o, "String").and_then(|s| str_field(s, "sval")) {
+                            info.schemas.push(s.to_lowercase());
+                        }
+                    }
+                }
+                "table" | "view" | "materialized view" | "index" | "sequence" | "foreign table" => {
+                    info.classes.insert(Ddl);
+                    for o in b.get("objects").and_then(Value::as_array).into_iter().flatten() {
+                        if let Some(q) = node(o, "List").and_then(|l| qname(&name_list(l.get("items")))) {
+                            info.tables.push(q);
+                        }
+                    }
+                }
+                _ => info.classes.insert(Ddl),
+            }
+        }
+        "CreateSchemaStmt" => {
+            info.classes.insert(Ddl);
+            info.add_command("create schema");
+            if let Some(s) = str_field(b, "schemaname") {
+                info.schemas.push(s.to_lowercase());
+            }
+        }
+        "CreateTableAsStmt" => {
+            info.classes.insert(Ddl);
+            info.classes.insert(Write);
+            let matview = str_field(b, "objtype") == Some("OBJECT_MATVIEW");
+            info.add_command(if matview { "create materialized view" } else { "create table" });
+        }
+        "CreateStmt" => {
+            info.classes.insert(Ddl);
+            info.add_command("create table");
+        }
+        "ViewStmt" => {
+            info.classes.insert(Ddl);
+            info.add_command("create view");
+        }
+        "RenameStmt" | "AlterObjectSchemaStmt" | "AlterOwnerStmt" => {
+            info.classes.insert(Ddl);
+            let kind = object_kind(str_field(b, "renameType").or(str_field(b, "objectType")));
+            info.add_command(format!("alter {kind}"));
+            if str_field(b, "renameType") == Some("OBJECT_SCHEMA")
+                && let Some(s) = str_field(b, "subname")
+            {
+                info.schemas.push(s.to_lowercase());
+            }
+        }
+        "CommentStmt" | "SecLabelStmt" => {
+            info.classes.insert(Ddl);
+            { let w = leading_words(&info.text, 1); info.add_command(w) };
+        }
+        "CreatedbStmt" | "DropdbStmt" | "AlterDatabaseStmt" | "AlterDatabaseSetStmt" | "AlterDatabaseRefreshCollStmt" => {
+            info.classes.insert(Ddl);
+            { let w = leading_words(&info.text, 2); info.add_command(w) };
+        }
+        other if other.ends_with("Stmt") && other != "RawStmt" && other != "VariableSetStmt" => {
+            let cmd = leading_words(&info.text, 2);
+            if cmd.starts_with("create ") || cmd.starts_with("alter ") || cmd.starts_with("drop ") || cmd.starts_with("import ") {
+                info.classes.insert(Ddl);
+            } else {
+                info.classes.insert(Admin);
+            }
+            info.add_command(cmd);
         }
         _ => {}
     }
 }
 
-/// set_config(name, value, is_local): a literal name is checked like SET; a computed one could
-/// be 'role', so it counts as an identity change. Reading the literals sets `dep`.
-fn set_config_call(args: &FunctionArguments, dep: &mut bool) -> ModSet {
-    let mut unknown = ModSet::default();
-    unknown.insert(Modifier::IdentityChange);
-    let FunctionArguments::List(list) = args else {
-        return unknown;
-    };
-    // Named arguments can come in any order: do not guess which one is the name.
-    if list.args.iter().any(|a| !matches!(a, FunctionArg::Unnamed(_))) {
-        return unknown;
-    }
-    let arg = |i: usize| -> Option<&Expr> {
-        match list.args.get(i)? {
-            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Some(e),
-            _ => None,
+/// Scan the string bodies of a DO block or a function (`AS '…'`) for what they call: they
+/// are opaque to the parser (PL/pgSQL, or SQL run later).
+fn scan_bodies(b: &Map<String, Value>, info: &mut StatementInfo) {
+    let key = if b.contains_key("args") { "args" } else { "options" };
+    for opt in b.get(key).and_then(Value::as_array).into_iter().flatten() {
+        let Some(d) = node(opt, "DefElem") else { continue };
+        if str_field(d, "defname") != Some("as") {
+            continue;
         }
-    };
-    match arg(0).and_then(|e| match e {
-        // Only a real string literal names the setting; an identifier here is a column.
-        Expr::Value(_) => expr_literal(e, dep),
-        _ => None,
-    }) {
-        Some(name) => setting_change(&name, arg(1).and_then(|e| expr_literal(e, dep)).as_deref()),
-        None => unknown,
-    }
-}
-
-/// A statement's own contribution (nested statements are visited separately).
-fn classify(s: &Statement, info: &mut StatementInfo) {
-    use StatementClass::*;
-    match s {
-        Statement::Query(_) => {
-            info.classes.insert(Read);
-            info.add_command("select");
-        }
-        Statement::Insert(_) => {
-            info.classes.insert(Write);
-            info.add_command("insert");
-        }
-        Statement::Update(u) => {
-            info.classes.insert(Write);
-            info.add_command("update");
-            if no_where(&u.selection, &mut info.literal_dependent) {
-                info.modifiers.insert(Modifier::NoWhere);
-            }
-        }
-        Statement::Delete(d) => {
-            info.classes.insert(Write);
-            info.add_command("delete");
-            if no_where(&d.selection, &mut info.literal_dependent) {
-                info.modifiers.insert(Modifier::NoWhere);
-            }
-        }
-        Statement::Merge(_) => {
-            info.classes.insert(Write);
-            info.add_command("merge");
-        }
-        Statement::Truncate(_) => {
-            info.classes.insert(Write);
-            info.add_command("truncate");
-            info.modifiers.insert(Modifier::NoWhere);
-        }
-        Statement::Copy { source, to, target, .. } => {
-            info.add_command("copy");
-            if let CopySource::Table { table_name, .. } = source
-                && let Some(t) = QName::from_object(table_name)
-            {
-                info.tables.push(t);
-            }
-            info.classes.insert(if *to { Read } else { Write });
-            match target {
-                CopyTarget::Program { .. } => {
-                    info.classes.insert(Admin);
-                    info.modifiers.insert(Modifier::CopyProgram);
-                }
-                CopyTarget::File { .. } => {
-                    info.classes.insert(Admin);
-                    info.modifiers.insert(Modifier::CopyFile);
-                }
-                CopyTarget::Stdin | CopyTarget::Stdout => {}
-            }
-        }
-        Statement::Lock(_) => {
-            info.classes.insert(Write);
-            info.add_command("lock");
-        }
-        Statement::RefreshMaterializedView(_) => {
-            info.classes.insert(Write);
-            info.add_command("refresh materialized view");
-        }
-        Statement::NOTIFY { .. } => {
-            info.classes.insert(Write);
-            info.add_command("notify");
-        }
-        Statement::LISTEN { .. } => {
-            info.classes.insert(Session);
-            info.add_command("listen");
-        }
-        Statement::UNLISTEN { .. } => {
-            info.classes.insert(Session);
-            info.add_command("unlisten");
-        }
-        Statement::CreateTable(ct) => {
-            info.classes.insert(Ddl);
-            if ct.query.is_some() {
-                info.classes.insert(Write);
-            }
-            info.add_command("create table");
-        }
-        Statement::CreateView(v) => {
-            info.classes.insert(Ddl);
-            info.add_command(if v.materialized { "create materialized view" } else { "create view" });
-        }
-        Statement::CreateSchema { schema_name, .. } => {
-            info.classes.insert(Ddl);
-            info.add_command("create schema");
-            let name = schema_name.to_string();
-            let name = name.split_whitespace().next().unwrap_or("").trim_matches('"').to_lowercase();
-            if !name.is_empty() && name != "authorization" {
-                info.schemas.push(name);
-            }
-        }
-        Statement::AlterSchema(a) => {
-            info.classes.insert(Ddl);
-            info.add_command("alter schema");
-            info.schemas.push(object_last(&a.name));
-        }
-        Statement::CreateFunction(_)
-        | Statement::CreateProcedure { .. }
-        | Statement::AlterFunction(_)
-        | Statement::CreateTrigger(_) => {
-            info.classes.insert(Ddl);
-            info.add_leading_words(s, 2);
-            // Bodies and SET clauses are opaque strings to the parser: scan them (their
-            // contents are literals).
-            info.literal_dependent = true;
-            let f = lexical::scan(&s.to_string());
+        info.literal_dependent = true;
+        let bodies: Vec<String> = match d.get("arg") {
+            Some(a) => match node(a, "String") {
+                Some(s) => str_field(s, "sval").map(str::to_string).into_iter().collect(),
+                None => node(a, "List").map(|l| name_list(l.get("items"))).unwrap_or_default(),
+            },
+            None => Vec::new(),
+        };
+        for body in &bodies {
+            let f = lexical::scan(body);
             info.modifiers |= f.modifiers;
             info.functions.extend(f.functions);
         }
-        Statement::Drop { object_type, names, .. } => {
-            info.add_command(format!("drop {}", object_type.to_string().to_lowercase()));
-            match object_type {
-                ObjectType::Role | ObjectType::User | ObjectType::Group => info.classes.insert(Dcl),
-                ObjectType::Schema => {
-                    info.classes.insert(Ddl);
-                    info.schemas.extend(names.iter().map(object_last));
-                }
-                ObjectType::Table
-                | ObjectType::View
-                | ObjectType::MaterializedView
-                | ObjectType::Index
-                | ObjectType::Sequence
-                | ObjectType::ForeignTable => {
-                    info.classes.insert(Ddl);
-                    info.tables.extend(names.iter().filter_map(QName::from_object));
-                }
-                _ => info.classes.insert(Ddl),
-            }
-        }
-        Statement::Grant(_)
-        | Statement::Revoke(_)
-        | Statement::GrantRole(_)
-        | Statement::RevokeRole(_)
-        | Statement::Deny(_)
-        | Statement::CreateRole(_)
-        | Statement::CreateUser(_)
-        | Statement::AlterUser(_)
-        | Statement::AlterRole { .. }
-        | Statement::AlterDefaultPrivileges(_)
-        | Statement::CreatePolicy(_)
-        | Statement::AlterPolicy(_)
-        | Statement::DropPolicy(_) => {
-            info.classes.insert(Dcl);
-            let grant = matches!(
-                s,
-                Statement::Grant(_)
-                    | Statement::Revoke(_)
-                    | Statement::GrantRole(_)
-                    | Statement::RevokeRole(_)
-                    | Statement::Deny(_)
-            );
-            info.add_leading_words(s, if grant { 1 } else { 2 });
-            if matches!(s, Statement::AlterRole { .. } | Statement::AlterUser(_)) {
-                // ALTER ROLE … SET standard_conforming_strings = off applies to later logins.
-                info.literal_dependent = true;
-                let f = lexical::scan(&s.to_string());
-                info.modifiers |= f.modifiers;
-            }
-        }
-        Statement::StartTransaction { .. }
-        | Statement::Commit { .. }
-        | Statement::Rollback { .. }
-        | Statement::Savepoint { .. }
-        | Statement::ReleaseSavepoint { .. } => {
-            info.classes.insert(Transaction);
-            info.add_leading_words(s, 1);
-        }
-        Statement::Set(set) => classify_set(set, info),
-        Statement::Reset(ResetStatement { reset }) => {
-            info.classes.insert(Session);
-            info.add_command("reset");
-            match reset {
-                Reset::ALL => {}
-                Reset::SessionAuthorization => info.modifiers.insert(Modifier::IdentityChange),
-                Reset::ConfigurationParameter(n) => info.modifiers |= setting_change(&object_last(n), Some("default")),
-            }
-        }
-        Statement::Discard { object_type } => {
-            info.classes.insert(Session);
-            info.add_command("discard");
-            if matches!(object_type, DiscardObject::ALL) {
-                // DISCARD ALL includes RESET SESSION AUTHORIZATION and resets the role.
-                info.modifiers.insert(Modifier::IdentityChange);
-            }
-        }
-        Statement::ShowVariable { .. }
-        | Statement::ShowVariables { .. }
-        | Statement::ShowStatus { .. }
-        | Statement::Use(_)
-        | Statement::Deallocate { .. }
-        | Statement::Close { .. } => {
-            info.classes.insert(Session);
-            info.add_leading_words(s, 1);
-        }
-        Statement::Declare { .. } => {
-            info.classes.insert(Read);
-            info.add_command("declare");
-        }
-        Statement::Fetch { .. } => {
-            info.classes.insert(Read);
-            info.add_command("fetch");
-        }
-        Statement::ExplainTable { .. } => {
-            info.classes.insert(Read);
-            info.add_command("describe");
-        }
-        // Wrappers: the inner statement is visited and classified on its own.
-        Statement::Prepare { .. } => {
-            info.add_command("prepare");
-            // The session keeps this statement's text (`text`) to decide a later EXECUTE.
-            info.literal_dependent = true;
-        }
-        Statement::Explain { .. } => info.add_command("explain"),
-        Statement::Execute { name, .. } => {
-            info.add_command("execute");
-            // Until the session tells us what it runs: a write.
-            info.classes.insert(Write);
-            info.modifiers.insert(Modifier::UnknownPrepared);
-            info.execute = Some(
-                name.as_ref()
-                    .and_then(|n| n.0.last())
-                    .and_then(|p| p.as_ident())
-                    .map(|i| if i.quote_style.is_some() { i.value.clone() } else { i.value.to_lowercase() })
-                    .unwrap_or_default(),
-            );
-        }
-        Statement::Call(f) => {
-            info.classes.insert(Procedural);
-            info.add_command("call");
-            if let Some(q) = QName::from_object(&f.name) {
-                info.functions.push(q);
-            }
-        }
-        Statement::Case(_) | Statement::If(_) | Statement::While(_) | Statement::Raise(_) | Statement::Return(_) => {
-            info.classes.insert(Procedural);
-            info.add_leading_words(s, 1);
-        }
-        Statement::Vacuum(_) | Statement::Analyze(_) | Statement::Kill { .. } | Statement::Load { .. } => {
-            info.classes.insert(Admin);
-            info.add_leading_words(s, 1);
-        }
-        Statement::Comment { .. } | Statement::RenameTable(_) => {
-            info.classes.insert(Ddl);
-            info.add_leading_words(s, 1);
-        }
-        other => {
-            let (cmd, from_literal) = leading_words(other, 2);
-            info.literal_dependent |= from_literal;
-            if cmd.starts_with("create ") || cmd.starts_with("alter ") || cmd.starts_with("drop ") {
-                info.classes.insert(Ddl);
-            } else {
-                // Anything else sqlparser knows (mostly other dialects' utilities).
-                info.classes.insert(Admin);
-            }
-            info.add_command(cmd);
-        }
     }
 }
 
-fn classify_set(set: &Set, info: &mut StatementInfo) {
-    use StatementClass::*;
-    match set {
-        Set::SetTransaction { .. } => {
-            info.classes.insert(Transaction);
-            info.add_command("set transaction");
-        }
-        Set::SetRole { .. } => {
-            info.classes.insert(Session);
-            info.add_command("set role");
-            info.modifiers.insert(Modifier::IdentityChange);
-        }
-        Set::SetSessionAuthorization(_) => {
-            info.classes.insert(Session);
-            info.add_command("set session authorization");
-            info.modifiers.insert(Modifier::IdentityChange);
-        }
-        Set::SingleAssignment { variable, values, .. } => {
-            info.classes.insert(Session);
-            info.add_command("set");
-            let v = if values.len() == 1 { expr_literal(&values[0], &mut info.literal_dependent) } else { None };
-            info.modifiers |= setting_change(&object_last(variable), v.as_deref());
-        }
-        Set::MultipleAssignments { assignments } => {
-            info.classes.insert(Session);
-            info.add_command("set");
-            for a in assignments {
-                let v = expr_literal(&a.value, &mut info.literal_dependent);
-                info.modifiers |= setting_change(&object_last(&a.name), v.as_deref());
-            }
-        }
-        Set::ParenthesizedAssignments { variables, .. } => {
-            info.classes.insert(Session);
-            info.add_command("set");
-            for v in variables {
-                info.modifiers |= setting_change(&object_last(v), None);
-            }
-        }
-        Set::SetNames { charset_name, .. } => {
-            info.classes.insert(Session);
-            info.add_command("set names");
-            // `SET NAMES 'big5'`: the name may have been a literal.
-            info.literal_dependent = true;
-            info.modifiers |= setting_change("client_encoding", Some(&charset_name.value.to_lowercase()));
-        }
-        _ => {
-            info.classes.insert(Session);
-            info.add_command("set");
-        }
-    }
-}
-
-/// The first `n` words of a statement as sqlparser prints it, lowercased ("create function"),
-/// and whether one of them came from a literal (a number, or the prefix of `E'…'`).
-fn leading_words(s: &Statement, n: usize) -> (String, bool) {
-    let text = s.to_string();
-    let mut words = Vec::new();
-    let mut from_literal = false;
-    for piece in text.split_whitespace() {
-        let skip =
-            matches!(piece.to_ascii_uppercase().as_str(), "OR" | "REPLACE" | "TEMPORARY" | "TEMP" | "UNIQUE" | "ALTER");
-        // "CREATE OR REPLACE FUNCTION" → "create function"; "CREATE OR ALTER" likewise.
-        if skip && !words.is_empty() {
-            continue;
-        }
-        let w: String = piece.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-        if w.is_empty() {
-            break;
-        }
-        let rest = &piece[w.len()..];
-        from_literal |= w.starts_with(|c: char| c.is_ascii_digit()) || rest.starts_with(['\'', '&']);
-        words.push(w.to_lowercase());
-        if words.len() == n {
-            break;
-        }
-    }
-    (words.join(" "), from_literal)
-}
-
-/// Analyze one parsed statement.
-fn analyze_statement(s: &Statement) -> StatementInfo {
-    let mut info = StatementInfo { text: s.to_string(), ..Default::default() };
-    let mut v = Collector { info: &mut info, skip_relation: false };
-    let _ = s.visit(&mut v);
-    info.finish();
-    info
-}
-
-/// Analyze a statement sqlparser rejected (or a DO block).
+/// A statement pgward could not parse — Postgres rejects it too (same parser), or it is over
+/// pgward's depth bound. What is known comes from a lexical scan (for rules and the audit
+/// log); its class comes from the leading words. `DO` is never here (it parses).
 fn analyze_lexically(text: &str) -> StatementInfo {
     let f = lexical::scan(text);
-    let is_do = f.lead.first().map(String::as_str) == Some("do");
     let (classes, command) = lexical::guess_classes(&f.lead, &f);
     let mut info = StatementInfo {
         text: text.trim().to_string(),
@@ -950,32 +923,23 @@ fn analyze_lexically(text: &str) -> StatementInfo {
         commands: vec![command],
         modifiers: f.modifiers,
         functions: f.functions,
-        unparsable: !is_do,
-        // The scan reads string contents (DO bodies, EXECUTE '…') and the text as written.
+        unparsable: true,
+        // The scan reads string contents and the text as written.
         literal_dependent: true,
         ..Default::default()
     };
     // Any word might be a table: deny rules on tables still see them.
     info.tables = f.names;
-    if is_do {
-        // DO [LANGUAGE l] '<body>': a known statement form with an opaque body (scanned).
-        info.classes = ClassSet::default();
-        info.classes.insert(StatementClass::Procedural);
-    } else {
-        info.modifiers.insert(Modifier::Unparsable);
-        let lead = info.commands[0].clone();
-        if lead == "copy" && info.tables.iter().any(|t| t.name == "program") {
-            info.modifiers.insert(Modifier::CopyProgram);
-        }
+    info.modifiers.insert(Modifier::Unparsable);
+    if info.commands[0] == "copy" && info.tables.iter().any(|t| t.name == "program") {
+        info.modifiers.insert(Modifier::CopyProgram);
     }
     info.finish();
     info
 }
 
-const DIALECT: PostgreSqlDialect = PostgreSqlDialect {};
-
-/// A text over [`limits::MAX_PARSE_BYTES`]: neither parsed nor scanned (a scan allocates per
-/// word too), denied by the policy as `builtin:too-large`. Its `text` is the first 256 bytes.
+/// A text over [`limits::MAX_PARSE_BYTES`]: neither parsed nor scanned, denied by the policy
+/// as `builtin:too-large`. Its `text` is the first 256 bytes.
 fn too_large(sql: &str) -> StatementInfo {
     let mut end = 256.min(sql.len());
     while !sql.is_char_boundary(end) {
@@ -1000,87 +964,50 @@ pub fn analyze_sql(sql: &str) -> Vec<StatementInfo> {
     analyze_sql_with(sql, None).0
 }
 
+/// The text of one raw statement: `stmt_location`/`stmt_len` are byte offsets (a length of 0
+/// runs to the end of the string).
+fn statement_text<'a>(sql: &'a str, raw: &Value) -> &'a str {
+    let at = |k: &str| raw.get(k).and_then(Value::as_u64).and_then(|v| usize::try_from(v).ok()).unwrap_or(0);
+    let (start, len) = (at("stmt_location"), at("stmt_len"));
+    let end = if len == 0 { sql.len() } else { start.saturating_add(len).min(sql.len()) };
+    sql.get(start..end).unwrap_or(sql).trim()
+}
+
 /// [`analyze_sql`], and whether the analysis holds for every text with the same
-/// literal-normalized key as `sql` (`norm`, computed from `sql`): true only when
-///
-/// * no statement's analysis read a literal's value (`literal_dependent`; the places that do
-///   set it: `expr_literal`, `set_config_call`, `trivially_true`, lexical scans, PREPARE), and
-/// * every literal of the text became a literal value in sqlparser's AST, exactly where the
-///   normalizer found it ([`Normalized::values_cover_literals`]) — so a literal that sqlparser
-///   made part of the statement's structure (an identifier, a COPY program or option, a type
-///   modifier, a count) always keeps the analysis to this text, whatever code reads it, and
-/// * the string was not split after `COPY … FROM STDIN;` (where the tokenizer's view of the
-///   rest depends on its contents).
-///
-/// `norm` None: false.
+/// literal-normalized key as `sql` (`norm`, computed from `sql`): true only when no
+/// statement's analysis read a constant's value (`literal_dependent`), and every constant of
+/// the text is a constant node of the tree where the lexer found it
+/// ([`Normalized::covered_by`]). `norm` None: false.
 pub(crate) fn analyze_sql_with(sql: &str, norm: Option<&Normalized>) -> (Vec<StatementInfo>, bool) {
     if sql.len() > limits::MAX_PARSE_BYTES {
         return (vec![too_large(sql)], false);
     }
-    let mut out = Vec::new();
-    let mut parsed = Vec::new();
-    let mut split = false;
-    let mut rest = sql;
-    // Segments end after a `COPY … FROM STDIN;` whose following lines the tokenizer would
-    // swallow as inline data.
-    loop {
-        match Tokenizer::new(&DIALECT, rest).tokenize_with_location() {
-            Err(_) => {
-                if !rest.trim().is_empty() {
-                    out.push(analyze_lexically(rest));
-                }
-                break;
-            }
-            Ok(tokens) => {
-                if let Some(at) = copy_data_split(rest, &tokens) {
-                    split = true;
-                    let (head, tail) = rest.split_at(at);
-                    // `head` ends with the `;` of COPY … FROM STDIN and has no data after it.
-                    match Tokenizer::new(&DIALECT, head).tokenize_with_location() {
-                        Ok(t) if copy_data_split(head, &t).is_none() => analyze_tokens(t, &mut out, &mut parsed),
-                        _ => out.push(analyze_lexically(head)),
-                    }
-                    rest = tail;
-                    continue;
-                }
-                analyze_tokens(tokens, &mut out, &mut parsed);
-                break;
-            }
+    let tree = match pgparse::parse(sql) {
+        Ok(t) => t,
+        Err(ParseError::Syntax { .. } | ParseError::Nul | ParseError::TooDeep | ParseError::Internal(_)) => {
+            let out = if sql.trim().is_empty() { Vec::new() } else { vec![analyze_lexically(sql)] };
+            return (out, false);
         }
+    };
+    let raws: &[Value] = tree.get("stmts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+    let mut consts = Vec::new();
+    let mut out = Vec::with_capacity(raws.len());
+    for raw in raws {
+        let mut info = StatementInfo { text: statement_text(sql, raw).to_string(), ..Default::default() };
+        if let Some(stmt) = raw.get("stmt") {
+            let mut w = Walker { info: &mut info, consts: &mut consts };
+            w.value(stmt, None);
+        }
+        info.finish();
+        out.push(info);
     }
     if out.len() > 1 {
         for s in &mut out {
             s.modifiers.insert(Modifier::MultiStatement);
         }
     }
-    let shareable = norm
-        .is_some_and(|n| !split && out.iter().all(|i| !i.literal_dependent) && n.values_cover_literals(sql, &parsed));
+    let shareable = norm.is_some_and(|n| out.iter().all(|i| !i.literal_dependent) && n.covered_by(&consts));
     (out, shareable)
-}
-
-/// If the tokens hold inline COPY data, the byte offset just after the `;` that ends the COPY.
-fn copy_data_split(text: &str, tokens: &[TokenWithSpan]) -> Option<usize> {
-    let at = tokens.iter().position(|t| matches!(t.token, Token::CopyData { .. }))?;
-    let semi = tokens[at..].iter().find(|t| t.token == Token::SemiColon)?;
-    let off = byte_offset(text, semi.span.start.line, semi.span.start.column)?;
-    Some(off + 1)
-}
-
-/// Byte offset of a 1-based (line, column-in-chars) location.
-fn byte_offset(text: &str, line: u64, column: u64) -> Option<usize> {
-    let (mut l, mut c) = (1u64, 1u64);
-    for (i, ch) in text.char_indices() {
-        if l == line && c == column {
-            return Some(i);
-        }
-        if ch == '\n' {
-            l += 1;
-            c = 1;
-        } else {
-            c += 1;
-        }
-    }
-    None
 }
 
 /// Decode Postgres Unicode escapes (`\XXXX`, `\+XXXXXX`, doubled escape character).
@@ -1110,125 +1037,4 @@ pub(crate) fn decode_unicode_escapes(s: &str, esc: char) -> Option<String> {
         out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
     }
     Some(out)
-}
-
-/// sqlparser reads Postgres's Unicode identifier `U&"\0070g_read_file"` as `U & "\0070…"`
-/// (a bitwise AND): join such tokens into the identifier Postgres sees. `Err` if an escape is
-/// malformed (the statement is then treated as unparsable).
-fn join_unicode_identifiers(tokens: &mut Vec<TokenWithSpan>) -> Result<(), ()> {
-    use sqlparser::keywords::Keyword;
-    let mut i = 0;
-    while i + 2 < tokens.len() {
-        let is_u =
-            matches!(&tokens[i].token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("u"));
-        let adjacent =
-            tokens[i].span.end == tokens[i + 1].span.start && tokens[i + 1].span.end == tokens[i + 2].span.start;
-        let quoted = matches!(&tokens[i + 2].token, Token::Word(w) if w.quote_style == Some('"'));
-        if !(is_u && adjacent && tokens[i + 1].token == Token::Ampersand && quoted) {
-            i += 1;
-            continue;
-        }
-        let Token::Word(w) = &tokens[i + 2].token else { unreachable!() };
-        let raw = w.value.clone();
-        let mut end = i + 3;
-        let mut esc = '\\';
-        // Optional UESCAPE 'c'.
-        let mut j = end;
-        while j < tokens.len() && matches!(tokens[j].token, Token::Whitespace(_)) {
-            j += 1;
-        }
-        if matches!(&tokens.get(j).map(|t| &t.token), Some(Token::Word(w)) if w.value.eq_ignore_ascii_case("uescape")) {
-            let mut k = j + 1;
-            while k < tokens.len() && matches!(tokens[k].token, Token::Whitespace(_)) {
-                k += 1;
-            }
-            match tokens.get(k).map(|t| &t.token) {
-                Some(Token::SingleQuotedString(c)) if c.chars().count() == 1 => {
-                    esc = c.chars().next().ok_or(())?;
-                    end = k + 1;
-                }
-                _ => return Err(()),
-            }
-        }
-        let value = decode_unicode_escapes(&raw, esc).ok_or(())?;
-        let span = tokens[i].span.start.span_to(tokens[end - 1].span.end);
-        let word = sqlparser::tokenizer::Word { value, quote_style: Some('"'), keyword: Keyword::NoKeyword };
-        tokens.splice(i..end, [TokenWithSpan::new(Token::Word(word), span)]);
-        i += 1;
-    }
-    Ok(())
-}
-
-/// Analyze a segment's tokens into `out`; the statements sqlparser parsed go to `parsed`.
-fn analyze_tokens(mut tokens: Vec<TokenWithSpan>, out: &mut Vec<StatementInfo>, parsed: &mut Vec<Statement>) {
-    if join_unicode_identifiers(&mut tokens).is_err() {
-        out.push(analyze_lexically(&group_text(&tokens)));
-        return;
-    }
-    // Whole string first: one statement after another, each ended by `;` or the end.
-    if let Some(stmts) = parse_strict(tokens.clone()) {
-        out.extend(stmts.iter().map(analyze_statement));
-        parsed.extend(stmts);
-        return;
-    }
-    // Otherwise statement by statement, split at top-level `;` tokens (quotes, comments and
-    // dollar-quoted bodies are single tokens, so their semicolons do not split).
-    let mut group: Vec<TokenWithSpan> = Vec::new();
-    let flush = |group: &mut Vec<TokenWithSpan>, out: &mut Vec<StatementInfo>, parsed: &mut Vec<Statement>| {
-        let significant = group.iter().any(|t| !matches!(t.token, Token::Whitespace(_) | Token::EOF));
-        if significant {
-            match parse_strict(group.clone()) {
-                Some(stmts) if stmts.len() == 1 => {
-                    out.push(analyze_statement(&stmts[0]));
-                    parsed.extend(stmts);
-                }
-                _ => out.push(analyze_lexically(&group_text(group))),
-            }
-        }
-        group.clear();
-    };
-    for t in tokens {
-        if t.token == Token::SemiColon {
-            flush(&mut group, out, parsed);
-        } else {
-            group.push(t);
-        }
-    }
-    flush(&mut group, out, parsed);
-}
-
-fn group_text(group: &[TokenWithSpan]) -> String {
-    group
-        .iter()
-        .map(|t| match &t.token {
-            Token::Whitespace(Whitespace::SingleLineComment { .. } | Whitespace::MultiLineComment(_)) => {
-                " ".to_string()
-            }
-            other => other.to_string(),
-        })
-        .collect()
-}
-
-/// Parse all statements; `None` unless every statement is followed by `;` or the end, or when
-/// a statement might nest deeper than pgward parses ([`limits::parseable`]).
-fn parse_strict(mut tokens: Vec<TokenWithSpan>) -> Option<Vec<Statement>> {
-    if !limits::parseable(&tokens) {
-        return None;
-    }
-    if !matches!(tokens.last().map(|t| &t.token), Some(Token::EOF)) {
-        tokens.push(TokenWithSpan::new_eof());
-    }
-    let mut p = Parser::new(&DIALECT).with_tokens_with_locations(tokens);
-    let mut out = Vec::new();
-    loop {
-        while p.consume_token(&Token::SemiColon) {}
-        if p.peek_token().token == Token::EOF {
-            return Some(out);
-        }
-        out.push(p.parse_statement().ok()?);
-        match p.peek_token().token {
-            Token::SemiColon | Token::EOF => {}
-            _ => return None,
-        }
-    }
 }

@@ -2,7 +2,7 @@
 //!
 //! * [`Policy::load`] reads and merges the files in `policy.files` (format: `policies/README.md`).
 //! * [`Policy::decide`] classifies every statement of a simple-query string (or a Parse's text)
-//!   with sqlparser and checks it against the rules; the whole string is denied if any
+//!   on Postgres's own parse tree (libpg_query, [`pgparse`]) and checks it against the rules; the whole string is denied if any
 //!   statement is. [`Policy::decide_with_prepared`] also resolves `EXECUTE name` through the
 //!   session's prepared statements; [`Policy::decide_function_call`] covers fastpath calls.
 //! * [`Policy::role_for`] is the database role the session switches to after login.
@@ -36,6 +36,7 @@ mod file;
 mod lexical;
 mod limits;
 pub(crate) mod normalize;
+pub mod pgparse;
 mod window;
 
 #[cfg(test)]
@@ -53,9 +54,10 @@ use chrono::{DateTime, Utc};
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
 
-pub use limits::{MAX_NESTING, MAX_PARSE_BYTES, parse_sql};
+pub use limits::MAX_PARSE_BYTES;
 pub use analyze::{
-    ClassSet, ModSet, Modifier, QName, StatementClass, StatementInfo, analyze_sql, unsafe_client_encoding,
+    ClassSet, ModSet, Modifier, PreparedOp, QName, StatementClass, StatementInfo, analyze_sql, supported_client_encoding,
+    unsafe_client_encoding, utf8_encoding,
 };
 
 use crate::auth::Identity;

@@ -131,8 +131,8 @@ const CASES: &[Case] = &[
     (Ex, E, "app", Noon, "INSERT INTO orders VALUES (1); insert into orders values (2)", Allow, "engineers-dml"),
     // sqlparser stops at a bare END; Postgres reads END as an alias and runs the DROP.
     (Ex, DBA, "app", Noon, "SELECT 1 END; DROP TABLE orders", Deny, "ddl-outside-window"),
-    (Ex, E, "app", Noon, "SELECT 1 END; DROP TABLE orders", Deny, "unparsable"),
-    (Ex, A, "app", Noon, "SELECT 1 END", Deny, "unparsable:analysts"),
+    (Ex, E, "app", Noon, "SELECT 1 END; DROP TABLE orders", Deny, "ddl-outside-window"),
+    (Ex, A, "app", Noon, "SELECT 1 END", Allow, "analysts-read"),
     // The tokenizer would swallow the lines after COPY … FROM STDIN; as inline data.
     (Ex, E, "app", Noon, "COPY orders FROM STDIN;\nDROP TABLE orders", Deny, "ddl-outside-window"),
     // --- DDL and time windows ---
@@ -178,8 +178,8 @@ const CASES: &[Case] = &[
     (Ex, A, "app", Noon, "SET NAMES 'big5'", Deny, "builtin:protected-setting"),
     (Ex, A, "app", Noon, "SET client_encoding TO 'UTF8'", Allow, "analysts-read"),
     // --- unparsable statements ---
-    (Ex, A, "app", Noon, "CHECKPOINT", Deny, "unparsable:analysts"),
-    (Ex, DBA, "app", Noon, "CHECKPOINT", Allow, "default:dba"),
+    (Ex, A, "app", Noon, "CHECKPOINT NOW", Deny, "unparsable:analysts"),
+    (Ex, DBA, "app", Noon, "CHECKPOINT NOW", Allow, "default:dba"),
     (Ex, DBA, "app", Noon, "ALTER SYSTEM SET standard_conforming_strings = off", Deny, "builtin:protected-setting"),
     // --- the default policy ---
     (Dflt, NONE, "app", Noon, "DROP TABLE orders", Allow, "default"),
@@ -190,8 +190,8 @@ const CASES: &[Case] = &[
     (Dflt, A, "app", Noon, "SELECT * FROM dblink('dbname=app', 'select 1') AS t(x int)", Deny, "no-server-functions"),
     (Dflt, A, "app", Noon, "DO $$BEGIN PERFORM pg_read_file('/etc/passwd'); END$$", Deny, "no-server-functions"),
     (Dflt, A, "app", Noon, "SET ROLE postgres", Deny, "builtin:identity-change"),
-    (Dflt, A, "app", Noon, "CHECKPOINT", Deny, "unparsable"),
-    (Dflt, ADM, "app", Noon, "CHECKPOINT", Allow, "default:pgward_admins"),
+    (Dflt, A, "app", Noon, "CHECKPOINT NOW", Deny, "unparsable"),
+    (Dflt, ADM, "app", Noon, "CHECKPOINT NOW", Allow, "default:pgward_admins"),
 ];
 
 #[test]
@@ -264,7 +264,7 @@ const CLASSES: &[(&str, StatementClass, &[Modifier])] = &[
     ("DO $$ BEGIN NULL; END $$", StatementClass::Procedural, &[]),
     ("DO LANGUAGE plpgsql $$ BEGIN NULL; END $$", StatementClass::Procedural, &[]),
     ("EXECUTE p", StatementClass::Write, &[Modifier::UnknownPrepared]),
-    ("CHECKPOINT", StatementClass::Admin, &[Modifier::Unparsable]),
+    ("CHECKPOINT NOW", StatementClass::Admin, &[Modifier::Unparsable]),
     ("FROBNICATE everything", StatementClass::Unknown, &[Modifier::Unparsable]),
 ];
 
@@ -370,7 +370,7 @@ fn builtin_only_policy_allows_all_but_identity_changes() {
     let a = id("a", NONE);
     let v = p.decide(&a, "app", "DROP TABLE x", noon());
     assert_eq!((v.decision, v.rule.as_str()), (Allow, "default"));
-    let v = p.decide(&a, "app", "CHECKPOINT", noon());
+    let v = p.decide(&a, "app", "CHECKPOINT NOW", noon());
     assert_eq!((v.decision, v.rule.as_str()), (Allow, "default"));
     assert!(v.unparsable);
     let v = p.decide(&a, "app", "SET SESSION AUTHORIZATION DEFAULT", noon());
@@ -473,7 +473,7 @@ fn merging_files_and_errors() {
 fn unparsable_setting_is_derived_from_restrictions() {
     // A policy that restricts nothing lets unparsable statements through (flagged).
     let open = Policy::from_toml("open.toml", "[defaults]\naction = \"allow\"\n").unwrap();
-    let v = open.decide(&id("u", &["g"]), "db", "CHECKPOINT", noon());
+    let v = open.decide(&id("u", &["g"]), "db", "CHECKPOINT NOW", noon());
     assert_eq!((v.decision, v.rule.as_str(), v.unparsable), (Allow, "default", true));
     // A deny rule naming the user's group makes them restricted.
     let closed = Policy::from_toml(
@@ -481,12 +481,12 @@ fn unparsable_setting_is_derived_from_restrictions() {
         "[defaults]\naction = \"allow\"\n[[rule]]\nname = \"g-no-ddl\"\naction = \"deny\"\ngroups = [\"g\"]\nclasses = [\"ddl\"]\n",
     )
     .unwrap();
-    let v = closed.decide(&id("u", &["g"]), "db", "CHECKPOINT", noon());
+    let v = closed.decide(&id("u", &["g"]), "db", "CHECKPOINT NOW", noon());
     assert_eq!((v.decision, v.rule.as_str()), (Deny, "unparsable"));
-    let v = closed.decide(&id("u", &["other"]), "db", "CHECKPOINT", noon());
+    let v = closed.decide(&id("u", &["other"]), "db", "CHECKPOINT NOW", noon());
     assert_eq!(v.decision, Allow);
     // An allowed unparsable statement still meets deny rules through the lexical scan.
-    let v = open.decide(&id("u", &[]), "db", "CHECKPOINT; SELECT 1", noon());
+    let v = open.decide(&id("u", &[]), "db", "CHECKPOINT NOW; SELECT 1", noon());
     assert_eq!(v.decision, Allow);
     let fn_rule = Policy::from_toml(
         "f.toml",
@@ -709,12 +709,12 @@ const PAIRS: &[Pair] = &[
     (Ex, E, Noon, "copy orders from '/var/lib/postgresql/x.csv'", "no-server-access", "copy orders from '/tmp/y.csv'", "no-server-access", false),
     (Ex, E, Noon, "COPY orders FROM STDIN (DELIMITER '|')", "engineers-dml", "COPY orders FROM STDIN (DELIMITER ',')", "engineers-dml", false),
     // a literal that is structure, not a value (a type modifier); a FETCH count is a value
-    (Ex, A, Noon, "FETCH 5 FROM c", "analysts-read", "FETCH 10 FROM c", "analysts-read", true),
-    (Ex, A, Noon, "SELECT CAST(total AS varchar(10)) FROM orders", "analysts-read", "SELECT CAST(total AS varchar(20)) FROM orders", "analysts-read", false),
+    (Ex, A, Noon, "FETCH 5 FROM c", "analysts-read", "FETCH 10 FROM c", "analysts-read", false),
+    (Ex, A, Noon, "SELECT CAST(total AS varchar(10)) FROM orders", "analysts-read", "SELECT CAST(total AS varchar(20)) FROM orders", "analysts-read", true),
     // PREPARE: the session keeps the text for EXECUTE
     (Ex, A, Noon, "PREPARE p AS SELECT * FROM orders WHERE id = 1", "analysts-read", "PREPARE p AS SELECT * FROM orders WHERE id = 2", "analysts-read", false),
     // unparsable: scanned lexically, string contents included
-    (Ex, A, Noon, "SELECT 1 END", "unparsable:analysts", "SELECT 2 END", "unparsable:analysts", false),
+    (Ex, A, Noon, "SELECT 1 END", "analysts-read", "SELECT 2 END", "analysts-read", true),
     // values the analysis never looks at: shared
     (Ex, A, Noon, "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;", "analysts-read", "SELECT abalance FROM pgbench_accounts WHERE aid = 1;", "analysts-read", true),
     (Ex, E, Noon, "DELETE FROM orders WHERE id = 1", "engineers-dml", "DELETE FROM orders WHERE id = 2", "engineers-dml", true),
@@ -849,18 +849,33 @@ fn battery(kind: u8, class: u8) -> &'static [&'static str] {
     }
 }
 
+/// The battery kind (`s`, `e`, `d`, `i`, `f`, `b`, `x`; `s` for a national string, whose `N`
+/// the lexer reads as a keyword) and size class (`0`, `1`, `2`) of a literal's text.
+fn literal_kind(lit: &str) -> (u8, u8) {
+    let first = lit.as_bytes().first().copied().unwrap_or(b'0').to_ascii_lowercase();
+    let (kind, body) = match first {
+        b'e' | b'b' | b'x' => (first, &lit[1..]),
+        b'$' => (b'd', lit),
+        b'\'' => (b's', lit),
+        b'u' => (b's', &lit[2..]),
+        _ if lit.contains(['.', 'e', 'E']) => (b'f', lit),
+        _ => (b'i', lit),
+    };
+    let len = body.trim_matches(|c| c == '\'' || c == '$').len();
+    (kind, match len { 0 => b'0', 1 => b'1', _ => b'2' })
+}
+
 /// Variants of `sql` with the same normalized key: each literal replaced by values from the
 /// battery (different ones per variant), and one where every literal of a kind is the same.
 fn variants(sql: &str) -> Vec<String> {
     let Some(n) = normalize::normalize(sql) else { return Vec::new() };
-    // kind and class of each literal, from the key's placeholders
-    let kinds: Vec<(u8, u8)> = n.key.as_bytes().windows(3).filter(|w| w[0] == 0).map(|w| (w[1], w[2])).collect();
-    assert_eq!(kinds.len(), n.literals.len(), "{sql:?}");
+    // kind and size class of each literal, from its text
+    let kinds: Vec<(u8, u8)> = n.ranges.iter().map(|r| literal_kind(&sql[r.clone()])).collect();
     let mut out = Vec::new();
     for v in 0..12usize {
         let mut s = String::new();
         let mut at = 0;
-        for (j, (r, (kind, class))) in n.literals.iter().zip(&kinds).enumerate() {
+        for (j, (r, (kind, class))) in n.ranges.iter().zip(&kinds).enumerate() {
             let values = battery(*kind, *class);
             s.push_str(&sql[at..r.start]);
             // v == 0: every literal gets the first value of its battery (so `a = b` compares
@@ -1114,4 +1129,30 @@ fn garbage_through_decide() {
         let want = p.decide_uncached(&who, "db", &sql, noon(), None);
         assert_eq!(verdict_shape(&got), verdict_shape(&want), "{sql:?}");
     }
+}
+
+/// Trees deeper than pgward reads make the string unparsable (the server parses the whole
+/// string before it runs any of it); far deeper ones cost a scan of the parser's output, not
+/// a stack overflow. Texts over the byte limit are not parsed at all.
+#[test]
+fn depth_and_size_bounds() {
+    let run = std::thread::Builder::new()
+        .stack_size(8 << 20)
+        .spawn(|| {
+            let deep = format!("SELECT 1{}", " UNION ALL SELECT 1".repeat(50_000));
+            let infos = analyze_sql(&format!("{deep}; DELETE FROM accounts"));
+            assert_eq!(infos.len(), 1);
+            assert!(infos[0].unparsable && infos[0].modifiers.contains(Modifier::Unparsable));
+            let fine = format!("SELECT 1{}", " + 1".repeat(1000));
+            assert!(!analyze_sql(&fine)[0].unparsable);
+            let in_list = format!("SELECT * FROM t WHERE a IN ({})", (0..100_000).map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+            assert!(!analyze_sql(&in_list)[0].unparsable, "a long IN list");
+        })
+        .expect("thread");
+    assert!(run.join().is_ok());
+    let sql = format!("SELECT 1 /* {} */", "x".repeat(MAX_PARSE_BYTES));
+    let infos = analyze_sql(&sql);
+    assert_eq!(infos.len(), 1);
+    assert!(infos[0].modifiers.contains(Modifier::TooLarge));
+    assert!(infos[0].text.len() < 300);
 }
