@@ -1156,3 +1156,109 @@ fn depth_and_size_bounds() {
     assert!(infos[0].modifiers.contains(Modifier::TooLarge));
     assert!(infos[0].text.len() < 300);
 }
+
+/// Attempts to walk past the engine with a read-only identity: statements Postgres runs that a
+/// parser reading differently would have taken for a harmless SELECT, and identity or lexical
+/// changes in positions a select-list check would miss. Every one must be denied (the rule
+/// varies: built-in, or the analysts' default deny).
+#[test]
+fn evasion_attempts_are_denied() {
+    let ex = example();
+    let dflt = default_policy();
+    let analyst = id("ann", A);
+    let anyone = id("eve", NONE);
+    #[rustfmt::skip]
+    let builtin: &[(&str, &str)] = &[
+        // operator followed by a comment start: Postgres ends the operator there
+        ("SELECT 1 #-- '\n2; RESET ROLE", "builtin:identity-change"),
+        ("SELECT 1 |/* x */ 2; SET ROLE postgres", "builtin:identity-change"),
+        ("SELECT 1 >>-- '\n2; SET SESSION AUTHORIZATION postgres", "builtin:identity-change"),
+        ("SELECT 1 @-- '\n; DISCARD ALL", "builtin:identity-change"),
+        ("SELECT true &&/* '*/ true; SET standard_conforming_strings = off", "builtin:protected-setting"),
+        // set_config wherever a function can be called
+        ("SELECT * FROM set_config('role', 'postgres', false)", "builtin:identity-change"),
+        ("SELECT * FROM t, LATERAL set_config('role', 'x', false) s", "builtin:identity-change"),
+        ("SELECT EXISTS (SELECT set_config('session_authorization', 'x', false))", "builtin:identity-change"),
+        ("COPY (SELECT set_config('role', 'x', false)) TO STDOUT", "builtin:identity-change"),
+        ("PREPARE p AS SELECT * FROM set_config('role', 'x', false)", "builtin:identity-change"),
+        ("WITH c AS (SELECT set_config('role', 'x', false)) SELECT * FROM c", "builtin:identity-change"),
+        ("SELECT (SELECT x FROM set_config('role', 'x', true) x)", "builtin:identity-change"),
+        ("SELECT set_config(name => 'role', value => 'x', is_local => false)", "builtin:identity-change"),
+        ("SELECT pg_catalog.set_config(lower('ROLE'), 'x', false)", "builtin:identity-change"),
+        ("SELECT set_config(VARIADIC ARRAY['role','x'])", "builtin:identity-change"),
+        ("INSERT INTO t VALUES (1) RETURNING set_config('role', 'x', false)", "builtin:identity-change"),
+        ("CREATE TABLE t2 (a text DEFAULT set_config('role', 'x', false))", "builtin:identity-change"),
+        ("CREATE INDEX ON t ((set_config('role', a, false)))", "builtin:identity-change"),
+        ("SELECT * FROM set_config('standard_conforming_strings', 'off', false)", "builtin:protected-setting"),
+        ("SELECT set_config('client_encoding', 'LATIN1', false)", "builtin:protected-setting"),
+        ("SELECT set_config('backslash_quote', 'on', false)", "builtin:protected-setting"),
+        // lexical settings by any statement
+        ("SET client_encoding = 'SJIS'", "builtin:protected-setting"),
+        ("SET NAMES 'LATIN1'", "builtin:protected-setting"),
+        ("SET LOCAL standard_conforming_strings TO off", "builtin:protected-setting"),
+        ("SET standard_conforming_strings FROM CURRENT", "builtin:protected-setting"),
+        ("SET backslash_quote = on", "builtin:protected-setting"),
+        ("ALTER ROLE CURRENT_USER SET standard_conforming_strings = off", "builtin:protected-setting"),
+        ("ALTER DATABASE app SET client_encoding = 'BIG5'", "builtin:protected-setting"),
+        ("ALTER SYSTEM SET standard_conforming_strings = off", "builtin:protected-setting"),
+        ("CREATE FUNCTION f() RETURNS int LANGUAGE sql SET role = 'postgres' AS 'SELECT 1'", "builtin:identity-change"),
+        ("ALTER FUNCTION f() SET session_authorization = 'postgres'", "builtin:identity-change"),
+        ("ALTER ROLE CURRENT_USER SET role = 'postgres'", "builtin:identity-change"),
+        ("UPDATE pg_settings SET setting = 'postgres' WHERE name = 'role'", "builtin:identity-change"),
+        ("SET SESSION ROLE NONE", "builtin:identity-change"),
+        ("RESET SESSION AUTHORIZATION", "builtin:identity-change"),
+        ("DO $$BEGIN PERFORM set_config('role', 'postgres', false); END$$", "builtin:identity-change"),
+    ];
+    let mut failures = Vec::new();
+    for (sql, rule) in builtin {
+        // The example policy may deny by its own rule first (analysts: one statement per
+        // string); the default policy leaves only the built-in denial.
+        let v = ex.decide(&analyst, "app", sql, noon());
+        if v.decision != Deny {
+            failures.push(format!("analyst: {sql:?} allowed by {}", v.rule));
+        }
+        let v = dflt.decide(&anyone, "app", sql, noon());
+        if v.decision != Deny || v.rule != *rule {
+            failures.push(format!("{sql:?}: {:?} by {} (want deny by {rule})", v.decision, v.rule));
+        }
+    }
+    // What a read-only analyst must not get through: writes and server access dressed as reads.
+    #[rustfmt::skip]
+    let writes: &[&str] = &[
+        "SELECT 1 #-- '\n2; DELETE FROM orders",
+        "SELECT 1 >-- '\n; COPY orders TO PROGRAM 'id'",
+        "SELECT 1 |/* '*/ 2; GRANT ALL ON orders TO PUBLIC",
+        "SELECT 1 END; DROP TABLE orders",
+        "SELECT U&\"\\0070g_read_file\"('/etc/passwd')",
+        "SELECT * FROM pg_read_file('/etc/passwd')",
+        "SELECT * FROM orders, LATERAL pg_ls_dir('.') d",
+        "WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
+        "SELECT * FROM orders FOR UPDATE",
+        "EXPLAIN ANALYZE DELETE FROM orders",
+        "SELECT 1; SELECT * INTO copy_of_orders FROM orders",
+        "COPY (SELECT 1) TO '/tmp/x'",
+        "SELECT lo_import('/etc/passwd')",
+        "DECLARE c CURSOR FOR SELECT pg_terminate_backend(1)",
+    ];
+    for sql in writes {
+        let v = ex.decide(&analyst, "app", sql, noon());
+        if v.decision != Deny {
+            failures.push(format!("analyst: {sql:?} allowed by {}", v.rule));
+        }
+    }
+    // Things that stay allowed: keeping a setting at the value pgward parses with.
+    for sql in [
+        "SET standard_conforming_strings = on",
+        "SET client_encoding = 'UTF8'",
+        "SET NAMES 'utf-8'",
+        "RESET client_encoding",
+        "SELECT set_config('application_name', 'x', false)",
+        "SELECT 'set role x', $$RESET ROLE$$",
+    ] {
+        let v = dflt.decide(&anyone, "app", sql, noon());
+        if v.decision != Allow {
+            failures.push(format!("{sql:?}: denied by {}", v.rule));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
