@@ -465,8 +465,9 @@ fn latin1_client_can_send_non_ascii_query_text() {
     });
 }
 
-/// Bytes that are not valid in the client's encoding (UTF8) are Postgres's to reject: it
-/// answers ERROR 22021 and the session goes on, through pgward as directly.
+/// Bytes that are not valid in the client's encoding (UTF8) are refused as Postgres would
+/// refuse them — ERROR 22021, and the session goes on — without being forwarded (pgward
+/// decides only on text it reads exactly as the server does).
 #[test]
 fn invalid_utf8_from_utf8_client_is_postgres_error_22021_and_session_continues() {
     let c = cluster();

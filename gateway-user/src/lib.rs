@@ -11,6 +11,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod metrics;
+pub mod param_watch;
 pub mod ebpf;
 pub mod mask;
 pub mod policy;

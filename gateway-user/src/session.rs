@@ -137,7 +137,23 @@ const STRIPPED_PARAMS: &[&str] = &[
     "role",
     "session_authorization",
     "standard_conforming_strings",
+    "backslash_quote",
 ];
+
+/// The settings pgward's parser reads SQL with, sent upstream at every login (so RESET and
+/// `SET … TO DEFAULT` restore them, whatever the server's configuration says). The client's
+/// own `client_encoding` stays when it is one pgward supports (checked before).
+const LEXICAL_SETTINGS: &[(&str, &str)] =
+    &[("client_encoding", "UTF8"), ("standard_conforming_strings", "on"), ("backslash_quote", "safe_encoding")];
+
+fn with_lexical_settings(mut params: Vec<(String, String)>) -> Vec<(String, String)> {
+    for (k, v) in LEXICAL_SETTINGS {
+        if !params.iter().any(|(p, _)| p.eq_ignore_ascii_case(k)) {
+            params.push((k.to_string(), v.to_string()));
+        }
+    }
+    params
+}
 
 /// Startup settings that only change how values are presented; passed on without asking the
 /// policy (drivers send them on every login). `client_encoding` is checked on its own.
@@ -227,7 +243,8 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
 
     // Startup settings other than presentation ones are decided like `SET name TO 'value'`.
     for (k, v) in &login.params {
-        if PRESENTATION_PARAMS.iter().any(|p| k.eq_ignore_ascii_case(p)) {
+        let pgwards = LEXICAL_SETTINGS.iter().any(|(p, _)| k.eq_ignore_ascii_case(p));
+        if pgwards || PRESENTATION_PARAMS.iter().any(|p| k.eq_ignore_ascii_case(p)) {
             continue;
         }
         let refusal = match startup_setting_sql(k, v) {
@@ -278,6 +295,16 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
             rec.error = Some(format!("upstream: {e}"));
             let _ = shared.audit.append_durable(rec).await;
             fatal(&mut stream, e.sqlstate(), &format!("pgward: {e}")).await;
+            return None;
+        }
+    };
+
+    // The server must report the settings pgward parses SQL with.
+    let watch = match crate::param_watch::ParamWatch::at_login(&up.params) {
+        Ok(w) => w,
+        Err(msg) => {
+            let msg = format!("pgward: {msg}");
+            refuse_login(&shared, &mut stream, &session, &peer, &identity, &database, "42501", msg, None).await;
             return None;
         }
     };
@@ -339,6 +366,8 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
         unsynced: false,
         upstream_fd: None,
         analyzed: Vec::new(),
+        watch,
+        watch_violation: None,
     };
     let kept = relay.run(stream, buf, up.stream, up.leftover).await;
     let cancelled = shared.cancels.remove(pid, key);
@@ -524,18 +553,18 @@ async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &Peer, sessi
                 .filter(|(k, _)| !STRIPPED_PARAMS.iter().any(|s| k.eq_ignore_ascii_case(s)) && !k.starts_with("_pq_."))
                 .cloned()
                 .collect();
-            // Encodings in which Postgres and pgward's parser would read literals differently.
+            // pgward parses SQL as UTF-8: other client encodings would be converted by the
+            // server into text pgward did not check.
             if let Some((_, enc)) = params
                 .iter()
-                .find(|(k, v)| k.eq_ignore_ascii_case("client_encoding") && crate::policy::unsafe_client_encoding(v))
+                .find(|(k, v)| k.eq_ignore_ascii_case("client_encoding") && !crate::policy::supported_client_encoding(v))
             {
-                let msg = format!(
-                    "pgward: client_encoding \"{enc}\" is not supported through pgward (SJIS, BIG5, GBK, GB18030 and JOHAB can hide quotes from its SQL parser); use UTF8"
-                );
+                let msg = format!("pgward: client_encoding \"{enc}\" is not supported through pgward; use UTF8");
                 let mut stream = stream;
                 refuse_login(shared, &mut stream, session, peer, &identity, &database, "22023", msg, None).await;
                 return None;
             }
+            let params = with_lexical_settings(params);
             Some(Login { identity, database, stream, buf, app_name, params })
         }
         Err(e) => {
@@ -760,6 +789,10 @@ struct Relay {
     tx_status: u8,
     nonce: String,
     terminated: bool,
+    /// What the server must keep reporting ([`crate::param_watch`]).
+    watch: crate::param_watch::ParamWatch,
+    /// A ParameterStatus that broke it: the session ends with this message.
+    watch_violation: Option<String>,
     end_reason: Option<String>,
     /// Session pooling is on: a clean end hands the upstream connection back instead of
     /// closing it (Terminate is then not forwarded).
@@ -829,6 +862,9 @@ impl Relay {
         if !ubuf.is_empty() {
             // Frames that arrived with the upstream's login.
             self.on_upstream_data(&mut ubuf, &mut cout);
+            if let Some(msg) = self.watch_violation.take() {
+                end = Some(End::Fatal("42501", format!("pgward: {msg}")));
+            }
         }
 
         while end.is_none() {
@@ -892,7 +928,10 @@ impl Relay {
                             let r = Self::claim_sent(f, &mut b).await;
                             self.release_batch(b, r, &mut uout);
                         }
-                        self.on_upstream_data(&mut ubuf, &mut cout)
+                        self.on_upstream_data(&mut ubuf, &mut cout);
+                        if let Some(msg) = self.watch_violation.take() {
+                            end = Some(End::Fatal("42501", format!("pgward: {msg}")));
+                        }
                     }
                 },
                 r = async { match durable.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if durable.is_some() => {
@@ -1165,7 +1204,7 @@ impl Relay {
     }
 
     fn on_client_frame(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
-        let bad = |e: WireError| End::Fatal("08P01", format!("pgward: {e}"));
+        let bad = |e: WireError| End::Fatal(e.sqlstate(), format!("pgward: {e}"));
         match f.tag {
             b'P' | b'B' | b'E' | b'D' | b'C' => self.unsynced = true,
             b'S' => self.unsynced = false,
@@ -1174,7 +1213,13 @@ impl Relay {
         match f.tag {
             b'Q' => {
                 self.check_token()?;
-                let sql = wire::decode_query(&f).map_err(bad)?;
+                let sql = match wire::decode_query(&f, self.watch.encoding()) {
+                    Err(WireError::Encoding(at)) => {
+                        self.refuse_undecodable(&f, at, batch);
+                        return Ok(());
+                    }
+                    r => r.map_err(bad)?,
+                };
                 let mut rec = self.record(Kind::Statement);
                 rec.protocol = Some("simple".into());
                 let mut p = Pending::new(PendKind::Query);
@@ -1191,7 +1236,13 @@ impl Relay {
             }
             b'P' => {
                 self.check_token()?;
-                let (name, sql) = wire::decode_parse(&f).map_err(bad)?;
+                let (name, sql) = match wire::decode_parse(&f, self.watch.encoding()) {
+                    Err(WireError::Encoding(at)) => {
+                        self.refuse_undecodable(&f, at, batch);
+                        return Ok(());
+                    }
+                    r => r.map_err(bad)?,
+                };
                 let verdict = self.decide(&sql);
                 if verdict.is_allowed() {
                     self.note_prepared(&verdict);
@@ -1325,11 +1376,11 @@ impl Relay {
         for (tag, raw) in wire::complete_frames(cbuf).filter(|&(tag, raw)| is_long_text(tag, raw)) {
             let f = Frame { tag, raw: Bytes::copy_from_slice(raw) };
             let text: Arc<str> = match tag {
-                b'Q' => match wire::decode_query(&f) {
+                b'Q' => match wire::decode_query(&f, self.watch.encoding()) {
                     Ok(t) => Arc::from(t.as_ref()),
                     Err(_) => continue,
                 },
-                _ => match wire::decode_parse(&f) {
+                _ => match wire::decode_parse(&f, self.watch.encoding()) {
                     Ok((_, t)) => Arc::from(t.as_ref()),
                     Err(_) => continue,
                 },
@@ -1347,6 +1398,40 @@ impl Relay {
 
     /// Put the verdict into the statement record; for a denial, set the pending's refusal
     /// (42501 naming the rule). Returns whether the statement may go upstream as sent.
+    /// A Query or Parse whose text is not valid in the client's encoding: never decided on and
+    /// never forwarded. In its place goes a marker that fails upstream, so Postgres does the
+    /// transaction and pipeline bookkeeping; the client gets ERROR 22021, as from Postgres
+    /// itself, and the session goes on. Audited as denied (`builtin:encoding`).
+    fn refuse_undecodable(&mut self, f: &Frame, at: usize, batch: &mut Batch) {
+        let (kind, name, raw) = if f.tag == b'Q' {
+            (PendKind::Query, String::new(), f.body())
+        } else {
+            let mut r = wire::Reader::new(f.body());
+            let name = r.cstr().map(|n| n.into_owned()).unwrap_or_default();
+            (PendKind::Parse, name, r.rest())
+        };
+        let mut rec = self.record(Kind::Statement);
+        rec.protocol = Some(if kind == PendKind::Query { "simple" } else { "extended" }.into());
+        rec.sql = Some(String::from_utf8_lossy(raw.split(|&b| b == 0).next().unwrap_or(&[])).into_owned());
+        rec.decision = Some("deny".into());
+        rec.rule = Some("builtin:encoding".into());
+        let mut p = Pending::new(kind);
+        let enc = self.watch.encoding_name();
+        p.refusal = Some((
+            sqlstate::CHARACTER_NOT_IN_REPERTOIRE,
+            format!("pgward: invalid byte sequence for encoding \"{enc}\" at byte {at} of the statement text"),
+        ));
+        let marker = if kind == PendKind::Query {
+            self.marker_query()
+        } else {
+            self.stmts.remove(name.as_str());
+            self.marker_parse(&name)
+        };
+        p.rec_idx = self.submit(batch, rec);
+        batch.frames.push((marker, Some(batch.pendings.len())));
+        batch.pendings.push(p);
+    }
+
     fn apply_verdict(rec: &mut Record, p: &mut Pending, v: &Verdict) -> bool {
         rec.rule = Some(v.rule.clone());
         if v.unparsable {
@@ -1430,7 +1515,7 @@ impl Relay {
                                 b'Q' => self.marker_query(),
                                 b'E' => self.marker_execute(),
                                 b'P' => {
-                                    let name = wire::decode_parse(f).map(|(n, _)| n.into_owned()).unwrap_or_default();
+                                    let name = wire::decode_parse(f, self.watch.encoding()).map(|(n, _)| n.into_owned()).unwrap_or_default();
                                     self.marker_parse(&name)
                                 }
                                 _ => self.marker_function_call(),
@@ -1568,6 +1653,17 @@ impl Relay {
                     }
                     continue;
                 }
+                b'S' => {
+                    let (name, value) = wire::decode_parameter_status(&f);
+                    if let Err(msg) = self.watch.check(&name, &value) {
+                        // Nothing after this report reaches the client; the relay loop ends
+                        // the session before it forwards another statement.
+                        tracing::error!(%msg, "server reported an unexpected setting; ending the session");
+                        self.watch_violation = Some(msg);
+                        ubuf.clear();
+                        break;
+                    }
+                }
                 b'Z' => {
                     self.tx_status = f.body().first().copied().unwrap_or(b'I');
                     while let Some(p) = self.pending.pop_front() {
@@ -1590,6 +1686,11 @@ impl Relay {
             self.pending.pop_front();
         }
     }
+}
+
+/// SQLSTATEs the session answers with itself.
+mod sqlstate {
+    pub const CHARACTER_NOT_IN_REPERTOIRE: &str = "22021";
 }
 
 /// What an allowed statement does to the session's SQL-level prepared statements.

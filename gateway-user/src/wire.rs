@@ -155,11 +155,21 @@ pub enum WireError {
     Io(#[from] std::io::Error),
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// SQL text that is not valid in the session's client encoding (byte offset).
+    #[error("invalid byte sequence for encoding \"UTF8\" at byte {0} of the statement text")]
+    Encoding(usize),
 }
 
 impl WireError {
     pub fn malformed(msg: impl Into<String>) -> WireError {
         WireError::Malformed(msg.into())
+    }
+    /// The SQLSTATE a client gets for this error (the connection is then closed).
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            WireError::Encoding(_) => "22021",
+            _ => "08P01",
+        }
     }
 }
 
@@ -312,6 +322,35 @@ pub fn text(b: &[u8]) -> Cow<'_, str> {
     }
 }
 
+/// The client encodings pgward decodes SQL text from exactly as a UTF-8 server converts it
+/// before lexing: UTF8 (and SQL_ASCII, which such a server checks as UTF-8), and LATIN1
+/// (each byte is the code point of the same value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientEncoding {
+    Utf8,
+    Latin1,
+}
+
+impl ClientEncoding {
+    /// From a `client_encoding` value (case and punctuation ignored, as Postgres does).
+    pub fn from_name(name: &str) -> Option<ClientEncoding> {
+        let key: String = name.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase();
+        match key.as_str() {
+            "utf8" | "unicode" | "sqlascii" => Some(ClientEncoding::Utf8),
+            "latin1" | "iso88591" => Some(ClientEncoding::Latin1),
+            _ => None,
+        }
+    }
+
+    /// The text the server will lex; Err with the offset of the first invalid byte.
+    pub fn decode(self, b: &[u8]) -> Result<Cow<'_, str>, WireError> {
+        match self {
+            ClientEncoding::Utf8 => std::str::from_utf8(b).map(Cow::Borrowed).map_err(|e| WireError::Encoding(e.valid_up_to())),
+            ClientEncoding::Latin1 => Ok(text(b)),
+        }
+    }
+}
+
 /// Cursor over a message body.
 pub struct Reader<'a> {
     b: &'a [u8],
@@ -334,6 +373,28 @@ impl<'a> Reader<'a> {
         let s = text(&self.b[..nul]);
         self.b = &self.b[nul + 1..];
         Ok(s)
+    }
+    /// A NUL-terminated SQL text, decoded from the session's client encoding into the text
+    /// the server lexes (no lossy fallback: pgward must not decide on text the server reads
+    /// differently).
+    pub fn sql(&mut self, enc: ClientEncoding) -> Result<Cow<'a, str>, WireError> {
+        let nul = self
+            .b
+            .iter()
+            .position(|&c| c == 0)
+            .ok_or_else(|| WireError::malformed("string without terminator"))?;
+        let s = enc.decode(&self.b[..nul])?;
+        self.b = &self.b[nul + 1..];
+        Ok(s)
+    }
+    /// The message must end here: bytes after its last field (a NUL inside a text, say)
+    /// would be read one way by pgward and refused or read another way by the server.
+    pub fn end(&self, what: &str) -> Result<(), WireError> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::malformed(format!("{what} has {} bytes after its last field (a NUL inside its text?)", self.b.len())))
+        }
     }
     pub fn u8(&mut self) -> Result<u8, WireError> {
         if self.b.is_empty() {
@@ -368,21 +429,33 @@ impl<'a> Reader<'a> {
 
 // ---------------------------------------------------------------- client message decoders
 
-/// `Q`: the query string.
-pub fn decode_query(f: &Frame) -> Result<Cow<'_, str>, WireError> {
-    Reader::new(f.body()).cstr()
+/// `Q`: the query string, in the client's encoding, with nothing after its terminator.
+pub fn decode_query(f: &Frame, enc: ClientEncoding) -> Result<Cow<'_, str>, WireError> {
+    let mut r = Reader::new(f.body());
+    let sql = r.sql(enc)?;
+    r.end("Query")?;
+    Ok(sql)
 }
 
-/// `P`: (statement name, SQL text).
-pub fn decode_parse(f: &Frame) -> Result<(Cow<'_, str>, Cow<'_, str>), WireError> {
+/// Server `S` (ParameterStatus): (name, value); empty strings where the frame is short.
+pub fn decode_parameter_status(f: &Frame) -> (String, String) {
+    let mut r = Reader::new(f.body());
+    let name = r.cstr().map(Cow::into_owned).unwrap_or_default();
+    let value = r.cstr().map(Cow::into_owned).unwrap_or_default();
+    (name, value)
+}
+
+/// `P`: (statement name, SQL text in the client's encoding).
+pub fn decode_parse(f: &Frame, enc: ClientEncoding) -> Result<(Cow<'_, str>, Cow<'_, str>), WireError> {
     let mut r = Reader::new(f.body());
     let name = r.cstr()?;
-    let sql = r.cstr()?;
+    let sql = r.sql(enc)?;
     let n = r.i16()?;
     if n < 0 {
         return Err(WireError::malformed("Parse with negative parameter type count"));
     }
     r.bytes(n as usize * 4)?;
+    r.end("Parse")?;
     Ok((name, sql))
 }
 
@@ -715,7 +788,7 @@ mod tests {
         assert!(split_frame(&mut b, MAX_FRAME).unwrap().is_none());
         b.extend_from_slice(b"1\0");
         let f = split_frame(&mut b, MAX_FRAME).unwrap().unwrap();
-        assert_eq!(decode_query(&f).unwrap(), "sel1");
+        assert_eq!(decode_query(&f, ClientEncoding::Utf8).unwrap(), "sel1");
         assert!(b.is_empty());
         let mut bad = BytesMut::from(&b"Q\0\0\0\x02"[..]);
         assert!(matches!(split_frame(&mut bad, MAX_FRAME), Err(WireError::Malformed(_))));
@@ -763,12 +836,12 @@ mod tests {
         for tag in [b'P', b'B', b'E', b'C', b'F', b'Q'] {
             for body in [&b""[..], b"\0", b"a", b"a\0b", b"\0\0\xff\xff"] {
                 let f = frame(tag, body);
-                let _ = decode_parse(&f);
+                let _ = decode_parse(&f, ClientEncoding::Utf8);
                 let _ = decode_bind(&f);
                 let _ = decode_execute(&f);
                 let _ = decode_close_or_describe(&f);
                 let _ = decode_function_call(&f);
-                let _ = decode_query(&f);
+                let _ = decode_query(&f, ClientEncoding::Utf8);
                 let _ = decode_error(&f);
             }
         }

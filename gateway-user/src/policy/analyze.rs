@@ -371,9 +371,11 @@ pub fn utf8_encoding(name: &str) -> bool {
     matches!(encoding_key(name).as_str(), "utf8" | "unicode")
 }
 
-/// A client encoding pgward relays: UTF8, or SQL_ASCII (which a UTF8 server checks as UTF-8).
+/// A client encoding pgward relays: UTF8, SQL_ASCII (which a UTF8 server checks as UTF-8),
+/// or LATIN1 — those whose text pgward decodes exactly as the server converts it
+/// (`wire::ClientEncoding`).
 pub fn supported_client_encoding(name: &str) -> bool {
-    utf8_encoding(name) || encoding_key(name) == "sqlascii"
+    crate::wire::ClientEncoding::from_name(name).is_some()
 }
 
 fn encoding_key(name: &str) -> String {

@@ -1,0 +1,188 @@
+//! Enforcement Postgres cannot disagree with, tried as an attacker holding a valid token for a
+//! restricted group would: statements hidden from a parser that reads differently from the
+//! server, identity and lexical changes in positions a select-list check misses, bytes pgward
+//! did not check, and a setting changed behind the policy's back (the server's own
+//! ParameterStatus reports end the session). Every test checks what did not happen upstream.
+
+mod common;
+#[path = "policy_support.rs"]
+mod support;
+
+use std::time::Duration;
+
+use common::raw::{self, RawConn, RawError, fe};
+use common::{cluster, marker};
+use support::{assert_never_reached_postgres, env, never_marker};
+
+fn first_sqlstate(msgs: &[raw::Msg]) -> Option<String> {
+    raw::first_error(msgs).and_then(|m| m.sqlstate())
+}
+
+fn current_user(c: &mut RawConn) -> String {
+    let msgs = c.simple_query("select current_user").expect("session usable");
+    raw::rows(&msgs)[0][0].clone().unwrap_or_default()
+}
+
+/// Texts where a parser that joins an operator with the comment start after it (`#--`,
+/// `|/*`, `>>--`, …) would see one SELECT of a string, while Postgres runs what follows.
+#[test]
+fn statements_hidden_behind_operator_comment_splits_are_seen_and_denied() {
+    let e = env("enf_split", |b| b);
+    let (_, login) = e.login("ann", &["analysts"], "15m");
+    let mut c = RawConn::connect(&login, &[]).expect("login");
+    let shell = std::env::temp_dir().join(marker("enf-copy-program"));
+    let m = never_marker();
+    let attacks = [
+        format!("SELECT 1 #-- '\n2; DELETE FROM items /* {m} */"),
+        format!("SELECT 1 >>-- '\n2; UPDATE items SET name = '{m}' WHERE true"),
+        format!("SELECT 1 |/* '*/ 2; COPY items TO PROGRAM 'touch {}'", shell.display()),
+        format!("SELECT true &&/* '*/ true; GRANT ALL ON items TO PUBLIC /* {m} */"),
+        "SELECT 1 @-- '\n; RESET ROLE".to_string(),
+        format!("SELECT 1 END; DELETE FROM items /* {m} */"),
+    ];
+    for sql in &attacks {
+        let msgs = c.simple_query(sql).expect("answered");
+        assert_eq!(first_sqlstate(&msgs).as_deref(), Some("42501"), "{sql:?}: {}", raw::describe_all(&msgs));
+    }
+    assert_eq!(current_user(&mut c), e.ro, "still the analysts' role");
+    assert_eq!(cluster().sql(&e.db, "select count(*) from items where name not like 'never%'"), "3");
+    assert_eq!(cluster().sql(&e.db, "select count(*) from information_schema.role_table_grants where table_name = 'items' and grantee = 'PUBLIC'"), "0");
+    assert!(!shell.exists(), "COPY … TO PROGRAM ran");
+    assert_never_reached_postgres(&m);
+}
+
+/// set_config() wherever a function can be called, through the simple and the extended
+/// protocol: denied, and the session keeps its role.
+#[test]
+fn identity_changes_in_every_position_are_denied() {
+    let e = env("enf_setcfg", |b| b);
+    let (_, login) = e.login("wendy", &["writers"], "15m");
+    let mut c = RawConn::connect(&login, &[]).expect("login");
+    let positions = [
+        "SELECT * FROM set_config('role', 'postgres', false)",
+        "SELECT * FROM items, LATERAL set_config('role', 'postgres', false) s",
+        "SELECT EXISTS (SELECT set_config('session_authorization', 'postgres', false))",
+        "COPY (SELECT set_config('role', 'postgres', false)) TO STDOUT",
+        "WITH c AS (SELECT set_config('role', 'postgres', false)) SELECT * FROM c",
+        "INSERT INTO items VALUES (50, 'x') RETURNING set_config('role', 'postgres', false)",
+        "SELECT set_config(name => 'role', value => 'postgres', is_local => false)",
+        "SELECT pg_catalog.set_config(lower('ROLE'), 'postgres', false)",
+        "SELECT * FROM set_config('standard_conforming_strings', 'off', false)",
+        "SET client_encoding = 'SJIS'",
+        "ALTER ROLE CURRENT_USER SET standard_conforming_strings = off",
+    ];
+    for sql in positions {
+        let msgs = c.simple_query(sql).expect("answered");
+        assert_eq!(first_sqlstate(&msgs).as_deref(), Some("42501"), "simple {sql:?}: {}", raw::describe_all(&msgs));
+        let msgs = c.extended_query(sql, &[]).expect("answered");
+        assert_eq!(first_sqlstate(&msgs).as_deref(), Some("42501"), "extended {sql:?}: {}", raw::describe_all(&msgs));
+    }
+    let msgs = c.simple_query("PREPARE p AS SELECT * FROM set_config('role', 'postgres', false)").expect("answered");
+    assert_eq!(first_sqlstate(&msgs).as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
+    let msgs = c.simple_query("EXECUTE p").expect("answered");
+    assert!(first_sqlstate(&msgs).is_some(), "EXECUTE of the refused PREPARE must fail: {}", raw::describe_all(&msgs));
+    assert_eq!(current_user(&mut c), e.rw, "still the writers' role");
+    let msgs = c.simple_query("show standard_conforming_strings").expect("answered");
+    assert_eq!(raw::rows(&msgs)[0][0].as_deref(), Some("on"));
+    assert_eq!(cluster().sql(&e.db, "select count(*) from items where id = 50"), "0");
+}
+
+/// A Query or Parse whose text pgward would read differently from the server is never
+/// forwarded: a NUL inside it ends the session (FATAL 08P01, a malformed message); text that is
+/// not valid in the client's encoding (invalid or overlong UTF-8) gets ERROR 22021, as from
+/// Postgres itself, and the session goes on.
+#[test]
+fn bytes_pgward_did_not_check_never_reach_postgres() {
+    let e = env("enf_bytes", |b| b);
+    let (_, login) = e.login("wendy", &["writers"], "15m");
+    let m = never_marker();
+    let fatal: Vec<(&str, Vec<u8>)> = vec![
+        ("NUL in Query", msg(b'Q', &[b"SELECT 1\0; DELETE FROM items /* ", m.as_bytes(), b" */\0"])),
+        ("NUL in Parse", msg(b'P', &[b"\0SELECT 1\0; DELETE FROM items /* ", m.as_bytes(), b" */\0\0\0"])),
+    ];
+    for (what, bytes) in fatal {
+        let mut c = RawConn::connect(&login, &[]).expect("login");
+        c.send(&bytes).expect("send");
+        c.send(&fe::sync()).ok();
+        let msgs = c.read_until_eof(Duration::from_secs(10)).unwrap_or_else(|err| panic!("{what}: connection stayed open: {err}"));
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{what}: no error: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("08P01"), "{what}: {}", err.describe());
+        assert_eq!(err.fields().get(&'S').map(String::as_str), Some("FATAL"), "{what}");
+    }
+    let undecodable: Vec<(&str, Vec<u8>)> = vec![
+        ("overlong UTF-8 in Query", msg(b'Q', &[b"DELETE FROM items WHERE name <> '\xC0\xA7' /* ", m.as_bytes(), b" */\0"])),
+        ("invalid UTF-8 in Query", msg(b'Q', &[b"DELETE FROM items WHERE id > 0 /* \xFF ", m.as_bytes(), b" */\0"])),
+        ("surrogate in Parse", [msg(b'P', &[b"\0DELETE FROM items WHERE name <> '\xED\xA0\x80' /* ", m.as_bytes(), b" */\0\0\0"]), fe::bind_text("", "", &[]), fe::execute("", 0), fe::sync()].concat()),
+    ];
+    let mut c = RawConn::connect(&login, &[]).expect("login");
+    for (what, bytes) in undecodable {
+        c.send(&bytes).expect("send");
+        let msgs = c.recv_until_ready().unwrap_or_else(|err| panic!("{what}: session ended: {err}"));
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{what}: no error: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("22021"), "{what}: {}", err.describe());
+        assert_eq!(err.fields().get(&'S').map(String::as_str), Some("ERROR"), "{what}");
+    }
+    assert_eq!(current_user(&mut c), e.rw, "the session goes on");
+    assert_eq!(cluster().sql(&e.db, "select count(*) from items"), "3");
+    assert_never_reached_postgres(&m);
+    // Audited as refused, with the rule that refused them.
+    e.pw.wait_audit("refused undecodable statements", |r| {
+        r.iter().filter(|x| x["kind"] == "statement" && x["rule"] == "builtin:encoding" && x["decision"] == "deny").count() == 3
+    });
+}
+
+/// Startup client encodings pgward cannot decode exactly as the server does are refused at
+/// login; UTF8 and LATIN1 work.
+#[test]
+fn client_encodings_pgward_cannot_parse_are_refused_at_login() {
+    let e = env("enf_enc", |b| b);
+    let (_, login) = e.login("wendy", &["writers"], "15m");
+    for enc in ["SJIS", "BIG5", "WIN1251", "KOI8R", "EUC_JP"] {
+        match RawConn::connect(&login, &[("client_encoding", enc)]) {
+            Err(RawError::Server(m)) => assert_eq!(m.sqlstate().as_deref(), Some("22023"), "{enc}: {}", m.describe()),
+            Err(other) => panic!("{enc}: {other:?}"),
+            Ok(_) => panic!("{enc}: login accepted"),
+        }
+    }
+    let mut c = RawConn::connect(&login, &[("client_encoding", "UTF8")]).expect("UTF8 login");
+    assert_eq!(c.params.get("standard_conforming_strings").map(String::as_str), Some("on"));
+    assert_eq!(current_user(&mut c), e.rw);
+    // A LATIN1 session that switches to another encoding mid-session: the policy denies it,
+    // and were it to happen anyway, the server's report would end the session.
+    let mut l = RawConn::connect(&login, &[("client_encoding", "LATIN1")]).expect("LATIN1 login");
+    let msgs = l.simple_query("SET client_encoding = 'WIN1251'").expect("answered");
+    assert_eq!(first_sqlstate(&msgs).as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
+    assert_eq!(current_user(&mut l), e.rw);
+}
+
+/// A function created by the DBA that flips a lexical setting from inside: the policy sees only
+/// a function call, but the server reports the change, and pgward ends the session before it
+/// forwards anything else; the end is audited with the reported value.
+#[test]
+fn a_setting_changed_behind_the_policys_back_ends_the_session() {
+    let e = env("enf_watch", |b| b);
+    cluster().sql(
+        &e.db,
+        "CREATE FUNCTION public.flip() RETURNS text LANGUAGE sql \
+         AS $$ SELECT set_config('standard_conforming_strings', 'off', false) $$; \
+         GRANT EXECUTE ON FUNCTION public.flip() TO PUBLIC",
+    );
+    let (_, login) = e.login("wendy", &["writers"], "15m");
+    let mut c = RawConn::connect(&login, &[]).expect("login");
+    c.send(&fe::query("SELECT public.flip()")).expect("send");
+    let msgs = c.read_until_eof(Duration::from_secs(10)).expect("pgward closes the session");
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("no error: {}", raw::describe_all(&msgs)));
+    assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{}", err.describe());
+    assert!(err.describe().contains("standard_conforming_strings"), "{}", err.describe());
+    // Nothing after the report reached the client: no ReadyForQuery to send more on.
+    assert!(!msgs.iter().any(|m| m.tag == b'Z'), "{}", raw::describe_all(&msgs));
+    let recs = e.pw.wait_audit("session_end with the reported value", |r| {
+        r.iter().any(|x| x["kind"] == "session_end" && x["error"].as_str().is_some_and(|s| s.contains("standard_conforming_strings")))
+    });
+    assert!(!recs.is_empty());
+}
+
+/// A frontend message whose body is `parts` joined.
+fn msg(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    fe::raw_msg(tag, &parts.concat())
+}
