@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod ebpf;
+pub mod evict;
 pub mod mask;
 pub mod policy;
 pub mod pool;
@@ -19,6 +20,7 @@ pub mod server;
 pub mod session;
 pub mod tls;
 pub mod upstream;
+pub mod upstream_admin;
 pub mod wire;
 
 /// Lock a mutex, taking the data even if a thread panicked while holding it: every mutex here

@@ -1102,6 +1102,10 @@ fn install_report(plan: &Plan, notes: &[String]) -> String {
 fn uninstall(root: &Root, purge: bool, systemctl: bool) -> anyhow::Result<(String, bool)> {
     let m = read_manifest(root)?;
     let mut o = String::new();
+    // Interception is pinned and outlives pgward: stop the service, then detach (audited, while
+    // the config and keys are still there). Only on the running system (the pins are the
+    // host's, not the tree's).
+    let detached = if root.host() { detach_interception(root, systemctl && m.systemctl, &mut o) } else { true };
     if !purge {
         match retire_config(root) {
             Ok(()) => {}
@@ -1112,6 +1116,7 @@ fn uninstall(root: &Root, purge: bool, systemctl: bool) -> anyhow::Result<(Strin
     }
     let (report, ok) = undo_all(root, &m, purge, systemctl && m.systemctl)?;
     o.push_str(&report);
+    let ok = ok && detached;
     if ok {
         let _ = writeln!(o, "pgward uninstalled from {}.", root.dir.display());
         if !purge {
@@ -1128,6 +1133,29 @@ fn uninstall(root: &Root, purge: bool, systemctl: bool) -> anyhow::Result<(Strin
         );
     }
     Ok((o, ok))
+}
+
+/// `pgward intercept detach` for the installed config (after stopping the unit). False, with
+/// the reason in `o`, when the programs could not be detached.
+fn detach_interception(root: &Root, systemctl: bool, o: &mut String) -> bool {
+    let path = root.p(CONFIG_FILE);
+    let Ok(cfg) = Config::load(&path) else { return true };
+    if !cfg.intercept.enabled && !crate::ebpf::pins::any_pinned(&crate::ebpf::pins::pin_dir(&cfg)) {
+        return true;
+    }
+    if systemctl && let Err(e) = run_systemctl(&["stop", UNIT_NAME]) {
+        let _ = writeln!(o, "warning: stopping {UNIT_NAME}: {e:#}");
+    }
+    match super::intercept::detach(&cfg, Some("pgward uninstall")) {
+        Ok(report) => {
+            o.push_str(&report);
+            true
+        }
+        Err(e) => {
+            let _ = writeln!(o, "error: the interception programs stay attached: {e:#}; stop pgward, then `pgward intercept detach --config {CONFIG_FILE}`");
+            false
+        }
+    }
 }
 
 /// Keep the config (without private keys) next to the audit log, to verify it later.
