@@ -752,7 +752,8 @@ fn write_config(plan: &Plan, dir: &Path, gid: u32, notes: &mut Vec<String>) -> a
         upstream.insert("password_file".into(), "upstream.password".into());
         notes.push(format!(
             "a service password was generated into {CONFIG_DIR}/upstream.password; create the role with it:\n    \
-             printf \"CREATE ROLE %s LOGIN PASSWORD '%s';\\n\" {role} \"$(head -n1 {CONFIG_DIR}/upstream.password)\" \\\n      \
+             printf \"CREATE ROLE %s LOGIN PASSWORD '%s';\\nGRANT pg_signal_backend, pg_read_all_settings TO %s;\\n\" \\\n      \
+             {role} \"$(head -n1 {CONFIG_DIR}/upstream.password)\" {role} \\\n      \
              | runuser -u {pg} -- psql -h {real} -p {port}",
             role = sh_quote(&plan.service_role),
             pg = plan.pg_user,
@@ -1593,6 +1594,10 @@ Group={user}
 CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON
 AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON
 NoNewPrivileges=yes
+# The programs are pinned in bpffs so that interception outlives pgward (closed while it is
+# stopped or restarting); the pin directory is pgward's. '+': run with full privileges, before
+# the sandbox below applies.
+ExecStartPre=+/bin/sh -c 'mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; install -d -m 0700 -o {user} -g {user} /sys/fs/bpf/pgward'
 # pgward moves itself into a child cgroup ("gateway") whose connects the programs exempt.
 Delegate=yes
 # Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
@@ -1602,7 +1607,7 @@ LimitNOFILE=65536
 # File system: everything read-only but the audit log, the access state, pgward's socket
 # directory and its runtime directory (/run/pgward: the interception state file).
 ProtectSystem=strict
-ReadWritePaths={AUDIT_DIR} {ACCESS_DIR} {sock}
+ReadWritePaths={AUDIT_DIR} {ACCESS_DIR} {sock} -/sys/fs/bpf/pgward
 RuntimeDirectory=pgward
 RuntimeDirectoryMode=0750
 ProtectHome=yes

@@ -166,7 +166,7 @@ mod tests {
     fn proc_net_tcp_rows_parse() {
         let l = "   3: 0100007F:1538 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000   106        0 424242 1 0000000000000000 20 4 30 10 -1";
         let r = parse_tcp_row(l, false).unwrap();
-        assert_eq!((r.local, r.remote, r.inode), ("127.0.0.1:5432".parse().unwrap(), "127.0.0.1:53999".parse().unwrap(), 424242));
+        assert_eq!((r.local, r.remote, r.inode), ("127.0.0.1:5432".parse().unwrap(), "127.0.0.1:54000".parse().unwrap(), 424242));
         let listen = l.replace(" 01 ", " 0A ");
         assert!(parse_tcp_row(&listen, false).is_none(), "only established connections");
         // ::1 and v4-mapped 127.0.0.1 as /proc/net/tcp6 prints them on a little-endian host.
