@@ -55,6 +55,7 @@ impl Drop for Detach {
         let _ = Command::new(&self.0)
             .args(["intercept", "detach", "--reason", "demo ends", "--config"])
             .arg(&self.1)
+            .env("PGWARD_LOG", "warn")
             .stdout(Stdio::null())
             .status();
     }

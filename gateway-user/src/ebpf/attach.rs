@@ -51,6 +51,15 @@ impl Intercept {
     pub fn prepare(cfg: &Config, listener: &tokio::net::TcpListener) -> anyhow::Result<Option<Intercept>> {
         let ic = &cfg.intercept;
         if !ic.enabled {
+            let dir = pins::pin_dir(cfg);
+            if pins::any_pinned(&dir) {
+                bail!(
+                    "intercept: [intercept] enabled = false, but programs an earlier pgward pinned at {} are \
+                     still attached (protected connects are refused); detach them first: \
+                     pgward intercept detach --config <this config>",
+                    dir.display()
+                );
+            }
             return Ok(None);
         }
         let Some(object) = object() else {
