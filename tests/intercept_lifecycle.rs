@@ -338,29 +338,37 @@ fn sessions_older_than_the_switch_on_are_evicted() {
     let outside_app = format!("bystander-{}", std::process::id());
     let mut inside = Client::in_cgroup(&cg).hold_session(v4(c.port), &c.svc_user, &c.svc_password, &db, &inside_app);
     let mut outside = Client::outside().hold_session(v4(c.port), &c.svc_user, &c.svc_password, &db, &outside_app);
+    // Over the real unix socket too (root may reach it; the peer is found by its credentials).
+    let unix_app = format!("attacker-unix-{}", std::process::id());
+    let socket_dir = c.socket_dir.display().to_string();
+    let mut inside_unix = Client::in_cgroup(&cg).hold_session_at(&socket_dir, c.port, &c.svc_user, &c.svc_password, &db, &unix_app);
     let backend = |app: &str| -> Option<(i64, String)> {
         let out = c.sql("postgres", &format!("select pid, client_port from pg_stat_activity where application_name = '{app}'"));
         let (pid, port) = out.trim().split_once('|')?;
         Some((pid.parse().ok()?, port.to_string()))
     };
-    wait_until("both sessions open", || backend(&inside_app).is_some() && backend(&outside_app).is_some());
+    wait_until("the sessions open", || backend(&inside_app).is_some() && backend(&outside_app).is_some() && backend(&unix_app).is_some());
+    let (unix_pid, _) = backend(&unix_app).unwrap();
     let (pid, client_port) = backend(&inside_app).unwrap();
 
     let pw = intercepting(&cg, any_port(c.port), |_| {});
+    // Eviction runs once the programs are attached, before the first accept; it says when done.
+    let log = wait_log(&pw, "sessions older than the switch-on that did not come through pgward");
+    assert!(log.contains("evicted a session that did not come through pgward"), "{log}");
     // The old session is gone on the server (checked as superuser), its client saw why...
     assert_eq!(backend(&inside_app), None, "the session from the protected cgroup must be ended");
     let status = support::wait_child(&mut inside, Duration::from_secs(10));
     let mut err = String::new();
     std::io::Read::read_to_string(inside.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(!status.success() && err.contains("terminating connection due to administrator command"), "{status:?} {err}");
+    assert_eq!(backend(&unix_app), None, "the unix-socket session from the protected cgroup must be ended");
+    assert!(!support::wait_child(&mut inside_unix, Duration::from_secs(10)).success());
     // ...and the bystander outside the protected cgroup still has its session.
     assert!(backend(&outside_app).is_some(), "a session outside the intercepted cgroup is left alone");
     assert!(outside.try_wait().unwrap().is_none());
     let _ = outside.kill();
     let _ = outside.wait();
 
-    let log = wait_log(&pw, "sessions older than the switch-on that did not come through pgward");
-    assert!(log.contains("evicted a session that did not come through pgward"), "{log}");
     // (Tests run in parallel on one cluster: other sessions may be in the record too, but
     // never the bystander's.)
     let recs = pw.wait_audit("an evicted record", |r| r.iter().any(|r| r["kind"] == "evicted"));
@@ -374,6 +382,10 @@ fn sessions_older_than_the_switch_on_are_evicted() {
     assert_eq!(ev["meta"]["terminated"], true, "{ev}");
     assert_eq!(ev["client"]["addr"], format!("127.0.0.1:{client_port}"), "{ev}");
     assert_eq!(ev["meta"]["client_cgroup"], cg.rel(), "{ev}");
+    let ev = recs.iter().find(|r| r["kind"] == "evicted" && r["meta"]["pid"] == unix_pid).unwrap_or_else(|| panic!("{recs:?}"));
+    assert_eq!((&ev["meta"]["application_name"], &ev["meta"]["client_cgroup"]), (&serde_json::json!(unix_app), &serde_json::json!(cg.rel())), "{ev}");
+    assert_eq!(ev["client"]["uid"], 0, "a unix-socket client is named by its credentials: {ev}");
+    assert_eq!(ev["client"]["pid"], ev["meta"]["client_pid"], "{ev}");
 }
 
 #[test]

@@ -278,10 +278,15 @@ impl<'a> Client<'a> {
     /// service password (what an attacker holding it would open), running `pg_sleep` with
     /// `application_name = app`. Returns the running child (killed on drop by the caller).
     pub fn hold_session(&self, addr: SocketAddr, user: &str, password: &str, db: &str, app: &str) -> std::process::Child {
+        self.hold_session_at(&addr.ip().to_string(), addr.port(), user, password, db, app)
+    }
+
+    /// [`Self::hold_session`] with a libpq `host` (an address, or a unix socket directory).
+    pub fn hold_session_at(&self, host: &str, port: u16, user: &str, password: &str, db: &str, app: &str) -> std::process::Child {
         let mut cmd = self.command(&crate::common::clients::psql_bin(), &["-X", "-At", "-w", "-c", "select pg_sleep(300)", "-d"]);
         crate::common::scrub_pg_env(&mut cmd)
             .env("PGPASSWORD", password)
-            .arg(format!("host={} port={} user={user} dbname={db} application_name={app} sslmode=disable", addr.ip(), addr.port()))
+            .arg(format!("host={host} port={port} user={user} dbname={db} application_name={app} sslmode=disable"))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());

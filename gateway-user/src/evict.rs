@@ -36,6 +36,8 @@ pub struct Scope {
     pub cgroup_root: PathBuf,
     /// Postgres runs on this host: its backends' sockets can be inspected.
     pub upstream_local: bool,
+    /// The TCP port the server listens on (a backend's client socket is on it).
+    pub port: u16,
 }
 
 /// One row of pg_stat_activity.
@@ -64,8 +66,8 @@ pub async fn run(conn: &mut AdminConn, scope: &Scope, audit: &AuditHandle) -> an
     let mut ended = 0;
     for b in backends(&rows).into_iter().filter(|b| b.pid != own) {
         let Some(ev) = decide(b, scope) else { continue };
-        let (terminated, error) = match conn.query(&format!("SELECT pg_terminate_backend({}, {})", ev.backend.pid, TERMINATE_WAIT.as_millis())).await {
-            Ok(r) => (r.first().and_then(|row| row.first()).cloned().flatten().as_deref() == Some("t"), None),
+        let (terminated, error) = match terminate(conn, ev.backend.pid).await {
+            Ok(t) => (t, None),
             Err(e) => (false, Some(e.to_string())),
         };
         let rec = record(&ev, terminated, error.as_deref());
@@ -81,6 +83,18 @@ pub async fn run(conn: &mut AdminConn, scope: &Scope, audit: &AuditHandle) -> an
     }
     tracing::info!("interception on: evicted {ended} sessions older than the switch-on that did not come through pgward");
     Ok(ended)
+}
+
+/// SQLSTATE undefined_function: Postgres before 14 has no timeout argument.
+const UNDEFINED_FUNCTION: &str = "42883";
+
+/// pg_terminate_backend, waiting (Postgres 14+) until the backend is gone.
+async fn terminate(conn: &mut AdminConn, pid: i32) -> Result<bool, crate::upstream::UpstreamError> {
+    let yes = |r: Rows| r.first().and_then(|row| row.first()).cloned().flatten().as_deref() == Some("t");
+    match conn.query(&format!("SELECT pg_terminate_backend({pid}, {})", TERMINATE_WAIT.as_millis())).await {
+        Err(e) if e.sqlstate() == UNDEFINED_FUNCTION => conn.query(&format!("SELECT pg_terminate_backend({pid})")).await.map(yes),
+        r => r.map(yes),
+    }
 }
 
 fn backends(rows: &Rows) -> Vec<Backend> {
@@ -104,7 +118,7 @@ fn decide(backend: Backend, scope: &Scope) -> Option<Eviction> {
     if !scope.upstream_local {
         return Some(Eviction { backend, peer: None, cgroup: None });
     }
-    let peer = procnet::backend_peer(backend.pid.max(0) as u32);
+    let peer = procnet::backend_peer(backend.pid.max(0) as u32, scope.port);
     let cgroup = match &peer {
         Some(Peer::Local { pid, .. }) => procnet::cgroup_of(*pid),
         _ => None,

@@ -240,7 +240,7 @@ async fn switch_on(
     let found = crate::ebpf::discover::discover(&mut conn).await?;
     tracing::info!(socket_dirs = ?found.socket_dirs, listen_addresses = ?found.listen_addresses, port = found.port, "intercept: the upstream listens here");
     intercept.finish(cfg, Some(&found))?;
-    crate::evict::run(&mut conn, &intercept.scope(cfg), audit).await?;
+    crate::evict::run(&mut conn, &intercept.scope(cfg, &found), audit).await?;
     conn.close().await;
     Ok(Some(intercept))
 }

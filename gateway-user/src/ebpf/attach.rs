@@ -202,8 +202,13 @@ impl Intercept {
     }
 
     /// What interception covers, for ending the sessions older than it ([`crate::evict`]).
-    pub fn scope(&self, cfg: &Config) -> crate::evict::Scope {
-        crate::evict::Scope { cgroup: self.cgroup.clone(), cgroup_root: self.cgroup_root.clone(), upstream_local: upstream_is_local(cfg) }
+    pub fn scope(&self, cfg: &Config, found: &Found) -> crate::evict::Scope {
+        crate::evict::Scope {
+            cgroup: self.cgroup.clone(),
+            cgroup_root: self.cgroup_root.clone(),
+            upstream_local: upstream_is_local(cfg),
+            port: found.port,
+        }
     }
 }
 

@@ -27,14 +27,24 @@ struct TcpRow {
     inode: u64,
 }
 
-/// The client of backend `pid`, if it can be found.
-pub fn backend_peer(pid: u32) -> Option<Peer> {
+/// What a Postgres backend's /proc/<pid>/comm says (its process title is in cmdline).
+const BACKEND_COMM: &str = "postgres";
+
+/// The client of backend `pid`, if it can be found. None also when /proc/<pid> is not a
+/// Postgres backend listening on `port` (e.g. Postgres in another pid namespace).
+pub fn backend_peer(pid: u32, port: u16) -> Option<Peer> {
+    if fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim() != BACKEND_COMM {
+        return None;
+    }
     let socks = socket_inodes(pid);
     if socks.is_empty() {
         return None;
     }
     let rows = tcp_rows(pid);
     if let Some(mine) = rows.iter().find(|r| socks.contains_key(&r.inode)) {
+        if mine.local.port() != port {
+            return None;
+        }
         // The client's socket: local and remote swapped, in the same table.
         let theirs = rows.iter().find(|r| r.local == mine.remote && r.remote == mine.local);
         return Some(match theirs.and_then(|t| owner_of(t.inode)) {
@@ -179,16 +189,13 @@ mod tests {
     }
 
     #[test]
-    fn a_connected_pair_is_found_with_its_owner() {
+    fn only_postgres_backends_are_inspected_and_unix_peers_are_found() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (_s, _) = l.accept().unwrap();
         let me = std::process::id();
-        // This process is both ends: the "backend" is us, and so is the client.
-        match backend_peer(me) {
-            Some(Peer::Local { pid, .. }) => assert_eq!(pid, me),
-            other => panic!("{other:?}"),
-        }
+        // Not a Postgres backend: nothing is concluded from its sockets.
+        assert_eq!(backend_peer(me, l.local_addr().unwrap().port()), None);
         drop(c);
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&a);
