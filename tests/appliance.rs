@@ -361,7 +361,8 @@ fn snapshot_diff(before: &BTreeMap<String, String>, after: &BTreeMap<String, Str
 // ---- namespaces, processes, cgroups ----------------------------------------------------------
 
 /// A mount + network namespace in which the tree is the system: its /etc, /var, /run, /home,
-/// /root and /usr/local are bind-mounted over the host's (private to the namespace), loopback up.
+/// /root and /usr/local are bind-mounted over the host's (private to the namespace), loopback up,
+/// and a bpffs of its own at /sys/fs/bpf (pgward's pins go there, and with the namespace).
 /// Kept alive by a holder process (ours, SIGKILLed on Drop, and by the kernel if we die).
 struct Ns {
     holder: Child,
@@ -372,6 +373,7 @@ impl Ns {
         let script = r#"set -e
 ip link set lo up
 for d in etc var run home root usr/local; do mount --bind "$1/$d" "/$d"; done
+mount -t bpf bpf /sys/fs/bpf
 echo ready
 exec sleep 100000"#;
         let mut cmd = Command::new("unshare");
@@ -574,6 +576,11 @@ fn start_pgward(ns: &Ns, tree: &Tree, cg: &TestCg) -> Proc {
     let (uid, gid) = tree.user("pgward").expect("user pgward");
     mkdir(&tree.p("/run/pgward"), 0o750, uid, gid);
     cg.delegate(uid, gid);
+    // The unit's ExecStartPre=+ (privileged): bpffs and pgward's pin directory.
+    let unit = std::fs::read_to_string(tree.p("/etc/systemd/system/pgward.service")).expect("the unit");
+    let pre = unit.lines().find_map(|l| l.strip_prefix("ExecStartPre=+")).expect("ExecStartPre=+ in the unit");
+    let out = ns_run(ns, "/bin/sh", &["-c", pre]);
+    assert!(out.success(), "ExecStartPre: {}", out.describe());
     let script = r#"echo $$ > "$1/cgroup.procs" && shift && exec "$@""#;
     let mut cmd = ns.cmd("/bin/sh");
     cmd.args(["-c", script, "sh"])
@@ -594,12 +601,13 @@ fn start_pgward(ns: &Ns, tree: &Tree, cg: &TestCg) -> Proc {
     p
 }
 
-/// Stop pgward (SIGTERM: it detaches and leaves its cgroup) and remove /run/pgward, as systemd
+/// Stop pgward (SIGTERM: it leaves its cgroup; the programs stay pinned) and remove /run/pgward, as systemd
 /// would after the unit stops.
 fn stop_pgward(p: &mut Proc, tree: &Tree) {
     let st = p.stop(libc::SIGTERM).expect("pgward was running");
     assert!(st.success(), "pgward serve exited with {st}:\n{}", p.log_text());
-    let _ = std::fs::remove_dir(tree.p("/run/pgward"));
+    // RuntimeDirectory= is removed with what is in it (the state file).
+    let _ = std::fs::remove_dir_all(tree.p("/run/pgward"));
 }
 
 /// Who runs a client.
@@ -705,6 +713,7 @@ fn install_session_uninstall_leaves_no_trace() {
             psql(&ns, As::User(pg.uid, pg.gid), None, "host=/var/run/postgresql port=5432 dbname=postgres", None, sql)
         };
         su(&format!("CREATE ROLE pgward_svc LOGIN PASSWORD '{svc_password}'")).expect_ok();
+        su("GRANT pg_signal_backend, pg_read_all_settings TO pgward_svc").expect_ok();
         su("CREATE DATABASE app OWNER pgward_svc").expect_ok();
         assert!(postgres.stop(libc::SIGINT).unwrap().success());
     }
@@ -1043,6 +1052,8 @@ fn provision_script_in_isolated_root() {
     let out = ns_run(&ns, PGWARD, &["uninstall", "--no-systemctl"]);
     let report = out.expect_ok();
     assert!(report.contains("Kept: the audit log"), "{report}");
+    // The pinned interception (it outlived pgward's stop) is detached by uninstall, audited.
+    assert!(report.contains("detached 6 interception programs"), "{report}");
     for gone in [
         "/etc/pgward",
         "/etc/systemd/system/pgward.service",

@@ -290,3 +290,58 @@ fn default_unix_socket_path_lands_in_pgward() {
         Ok(_) => panic!("the service password must not log in through pgward's socket"),
     }
 }
+
+/// MPTCP sockets are redirected through their first subflow; getpeername on the MPTCP socket
+/// itself must still show the dialled address, not pgward's listener.
+#[test]
+fn getpeername_shows_the_dialled_address_for_mptcp() {
+    let (cg, pw, port) = in_place("mptcp");
+    let client = Client::in_cgroup(&cg);
+    for dst in [v4(port), v6(port)] {
+        let o = client.connect_mptcp(dst);
+        assert_eq!(o.errno, None, "{dst}: {o:?}");
+        assert_eq!(o.peer, Some(dst), "{dst}: getpeername of an MPTCP socket must show the dialled address");
+    }
+    assert!(counter(&pw, "pgw_getpeer", "mptcp") >= 2);
+    // And it is pgward that answers an MPTCP client, not Postgres.
+    assert!(counter(&pw, "pgw_connect4", "redirected") >= 1 && counter(&pw, "pgw_connect6", "redirected") >= 1);
+}
+
+/// The attacker of the threat model: a non-root-ish process inside the protected cgroup that
+/// holds the service password, trying every address form and socket kind while pgward is
+/// stopped (SIGTERM). Every attempt fails; nothing reaches the real Postgres.
+#[test]
+fn bypass_attempts_while_pgward_is_stopped_all_fail() {
+    let cg = TestCgroup::new("bypassdown");
+    let c = cluster();
+    let protected = common::free_port();
+    let mut pw = intercepting(&cg, any_port(protected), |_| {});
+    let db = c.create_database("icpt_bypassdown");
+    assert!(pw.stop().is_some_and(|s| s.success()));
+    let client = Client::in_cgroup(&cg);
+    let mapped = |p: u16| addr("::ffff:127.0.0.1".parse().unwrap(), p);
+    let host = host_ipv4();
+    for dst in [v4(protected), v6(protected), addr(host, protected), mapped(protected)] {
+        assert_eq!(client.connect(dst).errno, Some(libc::ECONNREFUSED), "{dst}: nothing serves the protected port");
+        assert_eq!(client.connect_mptcp(dst).errno, Some(libc::ECONNREFUSED), "{dst} (MPTCP)");
+    }
+    for dst in [v4(c.port), v6(c.port), addr(host, c.port), mapped(c.port)] {
+        assert_eq!(client.connect(dst).errno, Some(libc::EPERM), "{dst}: the guard holds while pgward is stopped");
+        assert_eq!(client.connect_mptcp(dst).errno, Some(libc::EPERM), "{dst} (MPTCP)");
+        let o = client.login(dst, &c.svc_user, &c.svc_password, &db, Some("select 1"));
+        assert!(!o.ready && o.auth.is_empty(), "{dst}: the service password gets nowhere: {o:?}");
+    }
+    // A process in a cgroup below the protected one is covered the same way.
+    let nested = TestCgroup { path: cg.path.join("nested") };
+    std::fs::create_dir(&nested.path).unwrap();
+    assert_eq!(Client::in_cgroup(&nested).connect(v4(c.port)).errno, Some(libc::EPERM));
+    // pgward's exemption is its cgroup: a non-root process cannot move itself there (the
+    // gateway's cgroup is gone once pgward stopped; its parent is root's).
+    let gw = cg.gateway();
+    std::fs::create_dir_all(&gw).unwrap();
+    let mut sh = std::process::Command::new("setpriv");
+    sh.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", "sh", "-c"])
+        .arg(format!("echo $$ > {}/cgroup.procs", gw.display()));
+    let out = common::run_cmd(&mut sh, None, std::time::Duration::from_secs(10));
+    assert!(!out.success() && out.stderr.contains("Permission denied"), "{}", out.describe());
+}

@@ -63,7 +63,7 @@ fn status_shows_attached_programs_and_counters() {
     );
     assert!(programs.iter().all(|p| p["attached"] == true), "{st}");
     assert!(programs[..5].iter().all(|p| p["target"] == cg.path.display().to_string()), "{st}");
-    assert_eq!(st["counters"].as_array().unwrap().len(), 11);
+    assert_eq!(st["counters"].as_array().unwrap().len(), 12);
 
     assert_eq!(counter(&pw, "pgw_connect4", "redirected"), 0);
     let o = Client::in_cgroup(&cg).connect(v4(port));
@@ -81,8 +81,20 @@ fn status_shows_attached_programs_and_counters() {
     }
 }
 
+/// The programs pinned for a gateway: (name, program id), from `pgward status --json`.
+fn pinned_ids(pw: &Pgward) -> Vec<(String, u64)> {
+    let (_, st) = status(pw);
+    st["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["pinned"] == true)
+        .map(|p| (p["name"].as_str().unwrap().to_string(), p["id"].as_u64().unwrap()))
+        .collect()
+}
+
 #[test]
-fn sigterm_detaches_the_programs_and_leaves_the_cgroup() {
+fn sigterm_leaves_interception_closed_until_detached() {
     let cg = TestCgroup::new("sigterm");
     let c = cluster();
     let mut pw = intercepting(&cg, any_port(c.port), |_| {});
@@ -97,31 +109,92 @@ fn sigterm_detaches_the_programs_and_leaves_the_cgroup() {
 
     let st = pw.stop().expect("pgward was running");
     assert!(st.success(), "serve exits 0 on SIGTERM: {st:?}\n{}", pw.stderr_log());
-    assert!(pw.stderr_log().contains("interception off: 5 eBPF programs detached"), "{}", pw.stderr_log());
-    wait_until("programs unloaded", || ids.iter().all(|id| !program_loaded(*id)));
+    assert!(pw.stderr_log().contains("interception stays closed while pgward is stopped: 5 eBPF programs remain pinned"), "{}", pw.stderr_log());
+    // ...and while no pgward serves, the service password gets nowhere: refused, every family.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(ids.iter().all(|id| program_loaded(*id)), "the programs stay loaded");
     assert!(!cg.gateway().exists(), "pgward removes the cgroup it created");
-    assert!(!pw.dir.join("intercept.state.json").exists());
+    for dst in [v4(c.port), SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, c.port))] {
+        let o = Client::in_cgroup(&cg).login(dst, &c.svc_user, &c.svc_password, &db, None);
+        assert_eq!(o.errno, Some(libc::ECONNREFUSED), "{dst}: protected connects are refused while pgward is down: {o:?}");
+        assert!(o.auth.is_empty(), "{o:?}");
+    }
     let (code, v) = status(&pw);
-    assert_eq!((code, &v["running"], &v["programs"]), (1, &serde_json::json!(false), &serde_json::json!([])));
-    // ...and afterwards the real Postgres (SCRAM) again.
+    assert_eq!((code, &v["running"], &v["pinned"]), (1, &serde_json::json!(false), &serde_json::json!(true)), "{v}");
+    let text = common::pgward_cli(&["status".as_ref(), "--config".as_ref(), pw.config_path.as_os_str()] as &[&std::ffi::OsStr]);
+    assert!(text.stdout.starts_with("interception: CLOSED"), "{}", text.describe());
+
+    // Detaching is the explicit, audited step; afterwards the real Postgres (SCRAM) again.
+    let out = support::detach(&pw);
+    assert!(out.success() && out.stdout.contains("detached 5 interception programs"), "{}", out.describe());
+    wait_until("programs unloaded after detach", || ids.iter().all(|id| !program_loaded(*id)));
     let o = Client::in_cgroup(&cg).login(v4(c.port), &c.svc_user, &c.svc_password, &db, None);
     assert_eq!(o.auth, [10], "{o:?}");
+    let recs = pw.audit_records();
+    let rec = recs.iter().find(|r| r["kind"] == "intercept_detach").unwrap_or_else(|| panic!("no intercept_detach record: {recs:?}"));
+    assert_eq!(rec["meta"]["reason"], "test", "{rec}");
+    assert_eq!(rec["meta"]["programs"].as_array().map(|a| a.len()), Some(5), "{rec}");
+    let (code, _) = pw.audit_verify();
+    assert_eq!(code, 0, "the audit chain stays intact across serve and detach");
 }
 
 #[test]
-fn killed_gateway_leaves_nothing_attached() {
+fn killed_gateway_stays_closed_and_a_restart_adopts_the_pins() {
     let cg = TestCgroup::new("sigkill");
-    let port = common::free_port();
-    let pw = intercepting(&cg, any_port(port), |t| toml_set(t, "intercept.sk_lookup", true));
-    let ids = program_ids(&pw);
-    assert_eq!(ids.len(), 6);
+    let c = cluster();
+    let protected = common::free_port();
+    // Moved layout: clients dial `protected`, the real Postgres port is guarded (EPERM).
+    let mut pw = intercepting(&cg, any_port(protected), |t| toml_set(t, "intercept.sk_lookup", true));
+    let before = pinned_ids(&pw);
+    assert_eq!(before.len(), 6, "{before:?}");
     let pid = state(&pw)["pid"].as_u64().unwrap() as i32;
     // SAFETY: kill(2) on the pid of the `serve` process this test started (via the harness).
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    // The links are file descriptors of the process: gone with it, no cleanup code needed.
-    wait_until("programs unloaded after SIGKILL", || ids.iter().all(|id| !program_loaded(*id)));
-    let o = Client::in_cgroup(&cg).connect(v4(port));
-    assert_eq!(o.errno, Some(libc::ECONNREFUSED), "nothing redirects any more: {o:?}");
+    let st = pw.stop().expect("reaped");
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(libc::SIGKILL));
+    let db = c.create_database("icpt_sigkill");
+    let client = Client::in_cgroup(&cg);
+    // Nothing cleaned up, nothing fails open: the redirect target is gone (ECONNREFUSED) and
+    // the guard still refuses the real Postgres (EPERM) — the dead gateway's exemption (its
+    // cgroup) does not let a client in the protected cgroup through.
+    assert_eq!(client.connect(v4(protected)).errno, Some(libc::ECONNREFUSED));
+    let o = client.login(v4(c.port), &c.svc_user, &c.svc_password, &db, None);
+    assert_eq!(o.errno, Some(libc::EPERM), "direct connect to the real Postgres while pgward is dead: {o:?}");
+    assert_eq!(client.connect_mptcp(v4(c.port)).errno, Some(libc::EPERM), "MPTCP too");
+    let (code, v) = status(&pw);
+    assert_eq!((code, &v["running"], &v["pinned"]), (1, &serde_json::json!(false), &serde_json::json!(true)), "{v}");
+
+    // A restart adopts the pinned programs instead of attaching twice: same programs, and
+    // the protected port works again.
+    pw.spawn();
+    wait_log(&pw, "interception on: 6 eBPF programs adopted");
+    assert_eq!(pinned_ids(&pw), before, "the very same programs");
+    assert_eq!(status(&pw).0, 0);
+    let token = pw.token("alice", &[], "15m");
+    let o = client.login(v4(protected), "alice", &token, &db, Some("show application_name"));
+    assert_eq!(o.rows, [[Some("pgward:alice".to_string())]], "{o:?}");
+    assert_eq!(client.connect(v4(c.port)).errno, Some(libc::EPERM), "the guard holds after the restart");
+}
+
+#[test]
+fn status_piped_into_a_closed_reader_ends_quietly() {
+    let cg = TestCgroup::new("pipe");
+    let pw = intercepting(&cg, any_port(common::free_port()), |_| {});
+    let bin = common::gateway::pgward_bin();
+    for reader in ["head -1", "head -c0", "true"] {
+        let script = format!("set -o pipefail; {bin} status --config {} | {reader}", pw.config_path.display());
+        let out = run_cmd(Command::new("bash").args(["-c", &script]), None, Duration::from_secs(30));
+        assert!(!out.stderr.contains("panicked") && !out.stderr.contains("Broken pipe"), "{reader}: {}", out.describe());
+        assert_eq!(out.code, Some(0), "{reader}: status exits as usual (0: serving): {}", out.describe());
+        if reader == "head -1" {
+            assert!(out.stdout.starts_with("interception: on"), "{}", out.describe());
+        }
+    }
+}
+
+/// Wait until pgward's stderr contains `needle`.
+fn wait_log(pw: &Pgward, needle: &str) -> String {
+    support::wait_log(pw, needle)
 }
 
 #[test]
@@ -200,21 +273,119 @@ fn with_socket_check(cg: &TestCgroup, dir: &Path, mode: &'static str) -> Pgward 
 #[test]
 fn world_reachable_real_socket_refuses_start_or_warns() {
     let cg = TestCgroup::new("unixchk");
-    let c = cluster();
-    // The test cluster's socket directory is open to everyone (like a default install).
-    let sock = c.socket_dir.join(format!(".s.PGSQL.{}", c.port));
-    assert!(sock.exists());
-    let pw = with_socket_check(&cg, &c.socket_dir, "refuse");
+    let port = cluster().port;
+    // A directory open to everyone (like a default install), configured explicitly.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let open = tmp.path().join("pg-open");
+    let _l = fake_socket(&open, port);
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = open.join(format!(".s.PGSQL.{port}"));
+    let pw = with_socket_check(&cg, &open, "refuse");
     let out = serve_fails(&pw, &[]);
     let want = format!("the real Postgres socket {} can be reached by every local user", sock.display());
     assert!(out.stderr.contains(&want) && out.stderr.contains("unix_socket_check = \"refuse\""), "{}", out.describe());
     assert!(!cg.gateway().exists(), "refused before attaching anything");
+    assert!(!support::pinned_anything(&pw), "nothing pinned");
 
-    let mut pw = with_socket_check(&cg, &c.socket_dir, "warn");
+    let mut pw = with_socket_check(&cg, &open, "warn");
     pw.spawn();
     wait_attached(&pw);
     let log = pw.stderr_log();
     assert!(log.contains(" WARN ") && log.contains(&want), "{log}");
+}
+
+/// The quick-start layout: a TCP upstream and nothing about unix sockets in the config. pgward
+/// asks the server where its sockets are and refuses a world-reachable one (the default).
+#[test]
+fn world_reachable_socket_is_found_without_configuration() {
+    let cg = TestCgroup::new("unixfound");
+    let c = common::cluster::open_socket_cluster();
+    let sock = c.socket_dir.join(format!(".s.PGSQL.{}", c.port));
+    let cgp = cg.path.display().to_string();
+    let pw = Pgward::builder_on(c)
+        .config(move |t| {
+            toml_set(t, "intercept.enabled", true);
+            toml_set(t, "intercept.cgroup", cgp);
+            toml_set(t, "intercept.protected", any_port(common::free_port()));
+            toml_set(t, "intercept.sk_lookup", false);
+        })
+        .init();
+    let text = std::fs::read_to_string(&pw.config_path).unwrap();
+    assert!(!text.contains("upstream_socket_dirs") && !text.contains("unix_socket_check"), "nothing configured:\n{text}");
+    let out = serve_fails(&pw, &[]);
+    let want = format!("the real Postgres socket {} can be reached by every local user", sock.display());
+    assert!(out.stderr.contains(&want), "{}", out.describe());
+    // ...and what that refusal protects: any local user could log in there with the password.
+    let mut psql = Command::new(common::clients::psql_bin());
+    common::scrub_pg_env(&mut psql)
+        .args(["-X", "-At", "-w", "-c", "select current_user", "-d"])
+        .arg(format!("host={} port={} user={} dbname=postgres", c.socket_dir.display(), c.port, c.svc_user))
+        .env("PGPASSWORD", &c.svc_password);
+    let nobody = run_cmd(Command::new("setpriv").args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(psql.get_program()).args(psql.get_args()).env("PGPASSWORD", &c.svc_password), None, Duration::from_secs(30));
+    assert_eq!(nobody.expect_ok(), c.svc_user, "the world-reachable socket really lets uid 65534 in");
+}
+
+/// A session opened straight to the real Postgres with the service password before pgward
+/// switched interception on (from inside the protected cgroup) is ended when it does — and
+/// audited; one from a process outside the protected cgroup is not pgward's to end.
+#[test]
+fn sessions_older_than_the_switch_on_are_evicted() {
+    let cg = TestCgroup::new("evict");
+    let c = cluster();
+    let db = c.create_database("icpt_evict");
+    let inside_app = format!("attacker-{}", std::process::id());
+    let outside_app = format!("bystander-{}", std::process::id());
+    let mut inside = Client::in_cgroup(&cg).hold_session(v4(c.port), &c.svc_user, &c.svc_password, &db, &inside_app);
+    let mut outside = Client::outside().hold_session(v4(c.port), &c.svc_user, &c.svc_password, &db, &outside_app);
+    // Over the real unix socket too (root may reach it; the peer is found by its credentials).
+    let unix_app = format!("attacker-unix-{}", std::process::id());
+    let socket_dir = c.socket_dir.display().to_string();
+    let mut inside_unix = Client::in_cgroup(&cg).hold_session_at(&socket_dir, c.port, &c.svc_user, &c.svc_password, &db, &unix_app);
+    let backend = |app: &str| -> Option<(i64, String)> {
+        let out = c.sql("postgres", &format!("select pid, client_port from pg_stat_activity where application_name = '{app}'"));
+        let (pid, port) = out.trim().split_once('|')?;
+        Some((pid.parse().ok()?, port.to_string()))
+    };
+    wait_until("the sessions open", || backend(&inside_app).is_some() && backend(&outside_app).is_some() && backend(&unix_app).is_some());
+    let (unix_pid, _) = backend(&unix_app).unwrap();
+    let (pid, client_port) = backend(&inside_app).unwrap();
+
+    let pw = intercepting(&cg, any_port(c.port), |_| {});
+    // Eviction runs once the programs are attached, before the first accept; it says when done.
+    let log = wait_log(&pw, "sessions older than the switch-on that did not come through pgward");
+    assert!(log.contains("evicted a session that did not come through pgward"), "{log}");
+    // The old session is gone on the server (checked as superuser), its client saw why...
+    assert_eq!(backend(&inside_app), None, "the session from the protected cgroup must be ended");
+    let status = support::wait_child(&mut inside, Duration::from_secs(10));
+    let mut err = String::new();
+    std::io::Read::read_to_string(inside.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success() && err.contains("terminating connection due to administrator command"), "{status:?} {err}");
+    assert_eq!(backend(&unix_app), None, "the unix-socket session from the protected cgroup must be ended");
+    assert!(!support::wait_child(&mut inside_unix, Duration::from_secs(10)).success());
+    // ...and the bystander outside the protected cgroup still has its session.
+    assert!(backend(&outside_app).is_some(), "a session outside the intercepted cgroup is left alone");
+    assert!(outside.try_wait().unwrap().is_none());
+    let _ = outside.kill();
+    let _ = outside.wait();
+
+    // (Tests run in parallel on one cluster: other sessions may be in the record too, but
+    // never the bystander's.)
+    let recs = pw.wait_audit("an evicted record", |r| r.iter().any(|r| r["kind"] == "evicted"));
+    assert!(!recs.iter().any(|r| r["kind"] == "evicted" && r["meta"]["application_name"] == outside_app.as_str()), "{recs:?}");
+    let ev: Vec<&serde_json::Value> = recs.iter().filter(|r| r["kind"] == "evicted" && r["meta"]["pid"] == pid).collect();
+    assert_eq!(ev.len(), 1, "{recs:?}");
+    let ev = ev[0];
+    assert_eq!(ev["user"], c.svc_user.as_str(), "{ev}");
+    assert_eq!(ev["meta"]["pid"], pid, "{ev}");
+    assert_eq!(ev["meta"]["application_name"], inside_app.as_str(), "{ev}");
+    assert_eq!(ev["meta"]["terminated"], true, "{ev}");
+    assert_eq!(ev["client"]["addr"], format!("127.0.0.1:{client_port}"), "{ev}");
+    assert_eq!(ev["meta"]["client_cgroup"], cg.rel(), "{ev}");
+    let ev = recs.iter().find(|r| r["kind"] == "evicted" && r["meta"]["pid"] == unix_pid).unwrap_or_else(|| panic!("{recs:?}"));
+    assert_eq!((&ev["meta"]["application_name"], &ev["meta"]["client_cgroup"]), (&serde_json::json!(unix_app), &serde_json::json!(cg.rel())), "{ev}");
+    assert_eq!(ev["client"]["uid"], 0, "a unix-socket client is named by its credentials: {ev}");
+    assert_eq!(ev["client"]["pid"], ev["meta"]["client_pid"], "{ev}");
 }
 
 #[test]

@@ -169,8 +169,13 @@ pub fn host_ipv4() -> IpAddr {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "job", rename_all = "snake_case")]
 pub enum Job {
-    /// TCP connect; reports errno, getpeername and getsockname.
-    Connect { addr: SocketAddr },
+    /// TCP connect; reports errno, getpeername and getsockname. With `mptcp`, the socket is
+    /// `socket(AF_INET[6], SOCK_STREAM, IPPROTO_MPTCP)`.
+    Connect {
+        addr: SocketAddr,
+        #[serde(default)]
+        mptcp: bool,
+    },
     /// Startup + password; reports the authentication requests seen, the error's SQLSTATE, and
     /// with `query`, its rows.
     Login { addr: SocketAddr, user: String, password: String, db: String, query: Option<String> },
@@ -261,7 +266,31 @@ impl<'a> Client<'a> {
 
     #[track_caller]
     pub fn connect(&self, addr: SocketAddr) -> Outcome {
-        self.run(&Job::Connect { addr })
+        self.run(&Job::Connect { addr, mptcp: false })
+    }
+
+    #[track_caller]
+    pub fn connect_mptcp(&self, addr: SocketAddr) -> Outcome {
+        self.run(&Job::Connect { addr, mptcp: true })
+    }
+
+    /// A psql session as the service role, straight to the real Postgres over TCP with the
+    /// service password (what an attacker holding it would open), running `pg_sleep` with
+    /// `application_name = app`. Returns the running child (killed on drop by the caller).
+    pub fn hold_session(&self, addr: SocketAddr, user: &str, password: &str, db: &str, app: &str) -> std::process::Child {
+        self.hold_session_at(&addr.ip().to_string(), addr.port(), user, password, db, app)
+    }
+
+    /// [`Self::hold_session`] with a libpq `host` (an address, or a unix socket directory).
+    pub fn hold_session_at(&self, host: &str, port: u16, user: &str, password: &str, db: &str, app: &str) -> std::process::Child {
+        let mut cmd = self.command(&crate::common::clients::psql_bin(), &["-X", "-At", "-w", "-c", "select pg_sleep(300)", "-d"]);
+        crate::common::scrub_pg_env(&mut cmd)
+            .env("PGPASSWORD", password)
+            .arg(format!("host={host} port={port} user={user} dbname={db} application_name={app} sslmode=disable"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd.spawn().unwrap_or_else(|e| panic!("spawning psql: {e}"))
     }
 
     #[track_caller]
@@ -282,7 +311,14 @@ pub fn helper_main() {
     let job: Job = serde_json::from_str(&job).expect("PGWARD_ICPT_JOB is a Job");
     let mut o = Outcome { pid: std::process::id(), ..Default::default() };
     match job {
-        Job::Connect { addr } => match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+        Job::Connect { addr, mptcp: false } => match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(s) => {
+                o.peer = s.peer_addr().ok();
+                o.local = s.local_addr().ok();
+            }
+            Err(e) => o.errno = e.raw_os_error(),
+        },
+        Job::Connect { addr, mptcp: true } => match mptcp_connect(addr) {
             Ok(s) => {
                 o.peer = s.peer_addr().ok();
                 o.local = s.local_addr().ok();
@@ -292,6 +328,46 @@ pub fn helper_main() {
         Job::Login { addr, user, password, db, query } => login_job(&mut o, addr, &user, &password, &db, query.as_deref()),
     }
     println!("ICPT-RESULT {}", serde_json::to_string(&o).unwrap());
+}
+
+/// A blocking MPTCP connect (the kernel's IPPROTO_MPTCP socket), as a TcpStream.
+fn mptcp_connect(addr: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd;
+    const IPPROTO_MPTCP: libc::c_int = 262;
+    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: socket(2); the fd is owned by the TcpStream at once.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, IPPROTO_MPTCP) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let s = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: connect(2) with a sockaddr of the given length.
+    if unsafe { libc::connect(fd, (&storage as *const libc::sockaddr_storage).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(s)
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid; the family-specific view is filled in.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            (ss, std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            (ss, std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+        }
+    }
 }
 
 fn login_job(o: &mut Outcome, addr: SocketAddr, user: &str, password: &str, db: &str, query: Option<&str>) {
@@ -414,6 +490,41 @@ pub fn counter(pw: &Pgward, program: &str, name: &str) -> u64 {
         .and_then(|a| a.iter().find(|c| c["program"] == program && c["counter"] == name))
         .and_then(|c| c["value"].as_u64())
         .unwrap_or_else(|| panic!("no counter {program}/{name} in {v}"))
+}
+
+/// `pgward intercept detach --config …` (serve must be stopped).
+#[track_caller]
+pub fn detach(pw: &Pgward) -> CmdOut {
+    crate::common::pgward_cli(&[
+        "intercept".as_ref(),
+        "detach".as_ref(),
+        "--reason".as_ref(),
+        "test".as_ref(),
+        "--config".as_ref(),
+        pw.config_path.as_os_str(),
+    ] as &[&std::ffi::OsStr])
+}
+
+/// Whether anything is pinned for this gateway (`pgward status --json`).
+pub fn pinned_anything(pw: &Pgward) -> bool {
+    status(pw).1["pinned"] == true
+}
+
+/// Wait for a child process to exit (bounded; killed if it does not).
+#[track_caller]
+pub fn wait_child(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let st = child.wait().unwrap();
+            panic!("the child process did not exit within {timeout:?} ({st:?})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Whether a bpf program with this id is still loaded in the kernel.

@@ -111,6 +111,7 @@ esac
 psql_pg -d postgres <<SQL
 SELECT 'CREATE ROLE $SVC_ROLE LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$SVC_ROLE') \\gexec
 ALTER ROLE $SVC_ROLE LOGIN PASSWORD '$SVC_PASSWORD';
+GRANT pg_signal_backend, pg_read_all_settings TO $SVC_ROLE;
 SELECT 'CREATE DATABASE $DEMO_DB OWNER $SVC_ROLE' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$DEMO_DB') \\gexec
 SQL
 psql_pg -d "$DEMO_DB" <<SQL

@@ -6,9 +6,12 @@
 //!   (its cgroup v2 id, optionally a uid; `PGW_CONFIG`) is exempt. The original destination and
 //!   the caller's pid/uid/gid/cgroup go to `PGW_CONNS` (by socket cookie).
 //! - `pgw_getpeer4` / `pgw_getpeer6` (cgroup/getpeername4, getpeername6): a redirected socket
-//!   still reports the address it dialled.
+//!   still reports the address it dialled. An MPTCP socket is redirected through its first
+//!   subflow (a TCP socket with a cookie of its own), so its record is found by 4-tuple in
+//!   `PGW_TUPLES` instead.
 //! - `pgw_sockops` (sock_ops, TCP_CONNECT_CB): once the client's port is known, copies the
-//!   metadata to `PGW_PEERS`, keyed by the 4-tuple pgward's accepted socket sees.
+//!   metadata to `PGW_PEERS`, keyed by the 4-tuple pgward's accepted socket sees (consumed by
+//!   pgward), and to `PGW_TUPLES` (the same key; read by getpeername of MPTCP sockets).
 //! - `pgw_sk_lookup` (sk_lookup, host network namespace): connections arriving from other hosts
 //!   on a protected port go to pgward's listening socket (`PGW_SOCKS`), even while Postgres
 //!   listens there; ones to a refused port are dropped. Loopback traffic is left to connect4/6.
@@ -42,6 +45,7 @@ const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_MPTCP: u32 = 262;
 const LOOPBACK_IFINDEX: u32 = 1;
 
 #[map(name = "PGW_CONFIG")]
@@ -52,6 +56,8 @@ static RULES: HashMap<RuleKey, u32> = HashMap::with_max_entries(256, 0);
 static CONNS: LruHashMap<u64, ConnMeta> = LruHashMap::with_max_entries(65536, 0);
 #[map(name = "PGW_PEERS")]
 static PEERS: LruHashMap<PeerKey, ConnMeta> = LruHashMap::with_max_entries(65536, 0);
+#[map(name = "PGW_TUPLES")]
+static TUPLES: LruHashMap<PeerKey, ConnMeta> = LruHashMap::with_max_entries(65536, 0);
 #[map(name = "PGW_SOCKS")]
 static SOCKS: SockMap = SockMap::with_max_entries(2, 0);
 #[map(name = "PGW_COUNTERS")]
@@ -213,9 +219,45 @@ fn original(ctx: &SockAddrContext) -> Option<ConnMeta> {
     unsafe { CONNS.get(&cookie) }.copied()
 }
 
+/// An MPTCP socket's record, by the 4-tuple its first subflow had (the MPTCP socket carries
+/// the same addresses): src = the client's end, dst = pgward's listener.
+#[inline(always)]
+fn original_mptcp(ctx: &SockAddrContext, v6: bool) -> Option<ConnMeta> {
+    let sa = ctx.sock_addr;
+    if unsafe { read_volatile(addr_of!((*sa).protocol)) } != IPPROTO_MPTCP {
+        return None;
+    }
+    let sk = unsafe { read_volatile(addr_of!((*sa).__bindgen_anon_1.sk)) };
+    if sk.is_null() {
+        return None;
+    }
+    let (client_addr, server_addr) = if v6 {
+        let src = unsafe { addr_of!((*sk).src_ip6) as *const u32 };
+        let dst = unsafe { addr_of!((*sk).dst_ip6) as *const u32 };
+        unsafe {
+            (
+                [read_volatile(src), read_volatile(src.add(1)), read_volatile(src.add(2)), read_volatile(src.add(3))],
+                [read_volatile(dst), read_volatile(dst.add(1)), read_volatile(dst.add(2)), read_volatile(dst.add(3))],
+            )
+        }
+    } else {
+        let (s4, d4) = unsafe { (read_volatile(addr_of!((*sk).src_ip4)), read_volatile(addr_of!((*sk).dst_ip4))) };
+        ([0, 0, 0xffff_u32.to_be(), s4], [0, 0, 0xffff_u32.to_be(), d4])
+    };
+    let key = PeerKey {
+        client_addr,
+        server_addr,
+        client_port: unsafe { read_volatile(addr_of!((*sk).src_port)) },
+        server_port: u16::from_be(unsafe { read_volatile(addr_of!((*sk).dst_port)) }) as u32,
+    };
+    let m = unsafe { TUPLES.get(&key) }.copied()?;
+    count(C_GETPEER_MPTCP);
+    Some(m)
+}
+
 #[cgroup_sock_addr(getpeername4)]
 pub fn pgw_getpeer4(ctx: SockAddrContext) -> i32 {
-    let Some(m) = original(&ctx) else { return ALLOW };
+    let Some(m) = original(&ctx).or_else(|| original_mptcp(&ctx, false)) else { return ALLOW };
     if m.family == 4 {
         let sa = ctx.sock_addr;
         unsafe {
@@ -229,7 +271,7 @@ pub fn pgw_getpeer4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn pgw_getpeer6(ctx: SockAddrContext) -> i32 {
-    let Some(m) = original(&ctx) else { return ALLOW };
+    let Some(m) = original(&ctx).or_else(|| original_mptcp(&ctx, true)) else { return ALLOW };
     let sa = ctx.sock_addr;
     let ip = if m.family == 4 { [0, 0, 0xffff_u32.to_be(), m.addr[0]] } else { m.addr };
     write_ip6(sa, ip);
@@ -267,6 +309,7 @@ pub fn pgw_sockops(ctx: SockOpsContext) -> u32 {
         client_port: ctx_u32!(o, local_port),
         server_port: u32::from_be(ctx_u32!(o, remote_port)),
     };
+    let _ = TUPLES.insert(&key, meta, 0);
     if PEERS.insert(&key, meta, 0).is_ok() {
         count(C_SOCKOPS_RECORDED);
     }

@@ -14,6 +14,11 @@ pub const MAP_CONNS: &str = "PGW_CONNS";
 pub const MAP_PEERS: &str = "PGW_PEERS";
 pub const MAP_SOCKS: &str = "PGW_SOCKS";
 pub const MAP_COUNTERS: &str = "PGW_COUNTERS";
+pub const MAP_TUPLES: &str = "PGW_TUPLES";
+
+/// `Config::gateway_cgroup_id` when no gateway serves: no cgroup has this id, so nobody is
+/// exempt (a stale id of a removed cgroup would not be reused either, but this says so).
+pub const NO_CGROUP: u64 = u64::MAX;
 
 /// `Config::exempt_uid` when no uid is exempt.
 pub const NO_UID: u32 = u32::MAX;
@@ -72,7 +77,7 @@ pub struct ConnMeta {
     pub cgroup_id: u64,
 }
 
-/// Key of `PGW_PEERS`: the client socket's 4-tuple as pgward's accepted socket sees it
+/// Key of `PGW_PEERS` and `PGW_TUPLES`: the client socket's 4-tuple as pgward's accepted socket sees it
 /// (addresses IPv6 or v4-mapped, network order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -99,7 +104,9 @@ pub const C_GETPEER6_REWRITTEN: u32 = 7;
 pub const C_SOCKOPS_RECORDED: u32 = 8;
 pub const C_SKLOOKUP_REDIRECTED: u32 = 9;
 pub const C_SKLOOKUP_REFUSED: u32 = 10;
-pub const COUNTERS: u32 = 11;
+/// getpeername of an MPTCP socket, answered from `PGW_TUPLES` (its subflow was redirected).
+pub const C_GETPEER_MPTCP: u32 = 11;
+pub const COUNTERS: u32 = 12;
 
 /// (program, counter) names for `pgward status`, indexed like the counters.
 pub const COUNTER_NAMES: [(&str, &str); COUNTERS as usize] = [
@@ -114,4 +121,5 @@ pub const COUNTER_NAMES: [(&str, &str); COUNTERS as usize] = [
     ("pgw_sockops", "recorded"),
     ("pgw_sk_lookup", "redirected"),
     ("pgw_sk_lookup", "refused"),
+    ("pgw_getpeer", "mptcp"),
 ];

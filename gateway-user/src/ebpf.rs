@@ -1,11 +1,12 @@
 //! Transparent interception (`[intercept]`): loads gateway-ebpf's programs, fills their maps,
-//! attaches them, and detaches them on drop (`serve` exit, SIGTERM, or an error after start).
+//! attaches them and pins them in bpffs ([`pins`]), so that interception outlives `serve`.
 //!
 //! - cgroup/connect4 + connect6 (attached to `intercept.cgroup`, default the cgroup2 root)
 //!   rewrite connects to `intercept.protected` to pgward's listener and refuse (EPERM) connects
-//!   to `intercept.guard` (default: the real upstream). pgward is exempt by its cgroup v2 id:
-//!   `serve` moves itself into `intercept.gateway_cgroup` first (and optionally by uid). Only
-//!   sockets of pgward's network namespace are touched (netns cookie).
+//!   to `intercept.guard` (default: the real upstream, on every port it says it listens on).
+//!   pgward is exempt by its cgroup v2 id: `serve` moves itself into `intercept.gateway_cgroup`
+//!   first (and optionally by uid). Only sockets of pgward's network namespace are touched
+//!   (netns cookie).
 //! - cgroup/getpeername4 + 6: redirected clients still see the address they dialled.
 //! - sock_ops: records who connected (pid, uid, gid, cgroup, original destination) by 4-tuple;
 //!   [`lookup_peer`] hands that to the session for the login record.
@@ -15,11 +16,23 @@
 //! - Unix sockets: aya cannot attach cgroup/connect_unix. pgward listens on the well-known path
 //!   (`server.unix_socket_dir`, e.g. /var/run/postgresql) and the real Postgres socket must live
 //!   in a directory only pgward's user (and Postgres's, and root) can enter;
-//!   [`check_unix_sockets`] enforces that at start (`intercept.unix_socket_check`).
+//!   [`check_unix_sockets`] enforces that at start for every directory the upstream says it
+//!   uses ([`discover`]) and every configured one (`intercept.unix_socket_check`).
+//!
+//! Fail closed: links and maps are pinned under [`pins::pin_dir`]. When `serve` exits (SIGTERM,
+//! SIGKILL, crash, restart) the programs stay attached: protected connects go to pgward's
+//! address where nothing listens (ECONNREFUSED) and the guard keeps refusing (EPERM). A
+//! restarted `serve` adopts the pins and re-points the maps at itself ([`attach`]).
+//! `pgward intercept detach` (audited) removes the pins.
 //!
 //! Kernel log lines (aya-log) reach tracing with target `gateway_ebpf` (e.g.
 //! `PGWARD_LOG=info,gateway_ebpf=debug`). `serve` writes `intercept.state_file`, which
-//! `pgward status` reads ([`status`]).
+//! `pgward status` reads together with the pins ([`status`]).
+
+mod attach;
+pub mod discover;
+mod nss;
+pub mod pins;
 
 #[path = "../../gateway-ebpf/src/shared.rs"]
 #[allow(clippy::all)]
@@ -75,13 +88,27 @@ const SK_LOOKUP: &str = "pgw_sk_lookup";
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
-/// Loaded, attached programs. Dropping it detaches them and leaves the gateway cgroup.
+/// Interception of this `serve`: the pinned programs (attached now, or adopted from an earlier
+/// run), re-pointed at this process. Dropping it does NOT detach: the pins keep interception
+/// closed while no gateway serves (protected connects are refused); it clears this process's
+/// exemption and leaves the gateway cgroup. Detaching is `pgward intercept detach`.
 pub struct Intercept {
+    /// A freshly loaded object, until [`Intercept::finish`] has attached and pinned it.
     ebpf: Option<Ebpf>,
     log_task: Option<tokio::task::JoinHandle<()>>,
-    /// Dropped after the programs: pgward leaves its cgroup.
+    /// Dropped after the exemption is cleared: pgward leaves its cgroup.
     _gateway: GatewayCgroup,
     state_file: PathBuf,
+    pin_dir: PathBuf,
+    config: Array<MapData, shared::Config>,
+    rules: BpfHashMap<MapData, RuleKey, u32>,
+    kcfg: shared::Config,
+    listen: SocketAddr,
+    cgroup: PathBuf,
+    cgroup_root: PathBuf,
+    /// Programs were pinned by an earlier run and taken over.
+    adopted: bool,
+    /// Programs are attached (pinned): from here on a drop leaves them closed, not gone.
     attached: usize,
 }
 
@@ -90,6 +117,14 @@ pub struct Intercept {
 pub struct State {
     pub pid: u32,
     pub started: String,
+    /// Set when that `serve` stopped cleanly (the programs stay pinned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
+    /// The programs were pinned by an earlier run and adopted by this one.
+    #[serde(default)]
+    pub adopted: bool,
+    #[serde(default)]
+    pub pin_dir: PathBuf,
     pub cgroup: PathBuf,
     pub gateway_cgroup: PathBuf,
     pub gateway_cgroup_id: u64,
@@ -99,6 +134,9 @@ pub struct State {
     pub guard: Vec<SocketAddr>,
     pub redirect4: Option<SocketAddr>,
     pub redirect6: Option<SocketAddr>,
+    /// Where the real Postgres said it listens (unix socket directories), checked at start.
+    #[serde(default)]
+    pub upstream_socket_dirs: Vec<PathBuf>,
     pub programs: Vec<ProgramState>,
 }
 
@@ -230,149 +268,6 @@ pub fn lookup_peer(stream: &tokio::net::TcpStream) -> Option<PeerMeta> {
     })
 }
 
-impl Intercept {
-    /// With `[intercept] enabled = true`: check the unix socket layout, load and attach the
-    /// programs, steer protected connections to `listener`. `Ok(None)` when interception is off.
-    pub fn start(cfg: &Config, listener: &tokio::net::TcpListener) -> anyhow::Result<Option<Intercept>> {
-        let ic = &cfg.intercept;
-        if !ic.enabled {
-            return Ok(None);
-        }
-        check_unix_sockets(cfg)?;
-        let Some(object) = object() else {
-            bail!(
-                "intercept: this pgward binary was built without the eBPF object; run \
-                 `cargo xtask build-ebpf` (writes target/bpf/gateway-ebpf.o), then rebuild pgward"
-            );
-        };
-        check_capabilities()?;
-        let listen = listener.local_addr().context("intercept: listener address")?;
-        let plan = Plan::new(cfg, listen)?;
-        raise_memlock();
-
-        let mut ebpf = EbpfLoader::new()
-            .override_global("AYA_LOG_LEVEL", &kernel_log_level(), false)
-            .load(object)
-            .context("intercept: loading the eBPF object (maps)")?;
-        let log_task = start_kernel_log(&mut ebpf);
-
-        // pgward's own connects are recognised by its cgroup: move there before any upstream
-        // socket exists (a socket's cgroup is fixed when it is created).
-        let cgroup_root = cgroup2_mount()?;
-        let cgroup = match &ic.cgroup {
-            Some(p) => cfg.resolve(p),
-            None => cgroup_root.clone(),
-        };
-        require_cgroup2(&cgroup)?;
-        let gateway_path = match &ic.gateway_cgroup {
-            Some(p) => cfg.resolve(p),
-            None => cgroup.join("pgward-gateway"),
-        };
-        let gateway = GatewayCgroup::enter(&gateway_path, &cgroup_root)?;
-
-        let netns_cookie = netns_cookie(listener.as_fd().as_raw_fd()).unwrap_or(0);
-        let kcfg = plan.kernel_config(netns_cookie, gateway.id, ic.exempt_uid);
-        let mut config: Array<MapData, shared::Config> = take_map(&mut ebpf, shared::MAP_CONFIG)?.try_into()?;
-        config.set(0, &kcfg, 0).context("intercept: writing PGW_CONFIG")?;
-        let mut rules: BpfHashMap<MapData, RuleKey, u32> = take_map(&mut ebpf, shared::MAP_RULES)?.try_into()?;
-        for (key, action) in plan.rule_entries() {
-            rules.insert(&key, &action, 0).context("intercept: writing PGW_RULES")?;
-        }
-        let peers: BpfHashMap<MapData, PeerKey, ConnMeta> = take_map(&mut ebpf, shared::MAP_PEERS)?.try_into()?;
-        let mut socks: SockMap<MapData> = take_map(&mut ebpf, shared::MAP_SOCKS)?.try_into()?;
-
-        let mut programs = Vec::new();
-        let cg_fd = fs::File::open(&cgroup).with_context(|| format!("intercept: opening cgroup {}", cgroup.display()))?;
-        for (name, hook) in CGROUP_PROGRAMS {
-            let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            p.load().map_err(|e| load_error(name, hook, ProgramType::CgroupSockAddr, e))?;
-            p.attach(&cg_fd, CgroupAttachMode::Single).map_err(|e| attach_error(name, hook, &cgroup, e))?;
-            programs.push(ProgramState { name: name.into(), attach: hook.into(), target: cgroup.clone(), id: p.info()?.id() });
-        }
-        let p: &mut SockOps = program(&mut ebpf, SOCKOPS)?;
-        p.load().map_err(|e| load_error(SOCKOPS, "sock_ops", ProgramType::SockOps, e))?;
-        p.attach(&cg_fd, CgroupAttachMode::Single).map_err(|e| attach_error(SOCKOPS, "sock_ops", &cgroup, e))?;
-        programs.push(ProgramState { name: SOCKOPS.into(), attach: "sock_ops".into(), target: cgroup.clone(), id: p.info()?.id() });
-        let mut netns = None;
-        if ic.sk_lookup {
-            let fd = listener.as_fd();
-            if listen.is_ipv4() || listen.ip().is_unspecified() {
-                socks.set(if listen.is_ipv4() { shared::SOCK_V4 } else { shared::SOCK_V6 }, &fd, 0)?;
-            }
-            if listen.is_ipv6() {
-                socks.set(shared::SOCK_V6, &fd, 0)?;
-                if listen.ip().is_unspecified() {
-                    socks.set(shared::SOCK_V4, &fd, 0)?; // dual-stack [::] takes IPv4 too
-                }
-            }
-            let path = cfg.resolve(&ic.netns);
-            let ns = fs::File::open(&path).with_context(|| format!("intercept: opening netns {}", path.display()))?;
-            let p: &mut SkLookup = program(&mut ebpf, SK_LOOKUP)?;
-            p.load().map_err(|e| load_error(SK_LOOKUP, "sk_lookup", ProgramType::SkLookup, e))?;
-            p.attach(ns).map_err(|e| attach_error(SK_LOOKUP, "sk_lookup", &path, e))?;
-            // e.g. "/proc/self/ns/net (net:[4026531840])": which namespace, not just the path.
-            let target = match fs::read_link(&path) {
-                Ok(l) => PathBuf::from(format!("{} ({})", path.display(), l.display())),
-                Err(_) => path.clone(),
-            };
-            programs.push(ProgramState { name: SK_LOOKUP.into(), attach: "sk_lookup".into(), target, id: p.info()?.id() });
-            netns = Some(path);
-        }
-
-        let attached = programs.len();
-        let state = State {
-            pid: std::process::id(),
-            started: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            cgroup: cgroup.clone(),
-            gateway_cgroup: gateway.path.clone(),
-            gateway_cgroup_id: gateway.id,
-            exempt_uid: ic.exempt_uid,
-            netns,
-            protected: plan.protected.clone(),
-            guard: plan.guard.clone(),
-            redirect4: plan.redirect4,
-            redirect6: plan.redirect6,
-            programs,
-        };
-        let state_file = cfg.resolve(&ic.state_file);
-        write_state(&state_file, &state)?;
-        *PEERS.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(PeerState { peers, listen_port: listen.port(), cgroup_root, cgroups: CgroupCache::default() });
-        // `socks` must outlive the programs only as long as the map does; the map lives in the
-        // kernel while sk_lookup references it, so the handle can go.
-        drop(socks);
-        tracing::info!(
-            cgroup = %cgroup.display(),
-            gateway_cgroup = %gateway.path.display(),
-            protected = ?plan.protected,
-            guard = ?plan.guard,
-            redirect4 = ?plan.redirect4,
-            redirect6 = ?plan.redirect6,
-            sk_lookup = ic.sk_lookup,
-            "interception on: {attached} eBPF programs attached"
-        );
-        Ok(Some(Intercept { ebpf: Some(ebpf), log_task, _gateway: gateway, state_file, attached }))
-    }
-}
-
-impl Drop for Intercept {
-    fn drop(&mut self) {
-        *PEERS.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        // Dropping the programs closes their links: detached.
-        drop(self.ebpf.take());
-        if let Some(t) = self.log_task.take() {
-            t.abort();
-        }
-        let _ = fs::remove_file(&self.state_file);
-        // `gateway` is dropped next: pgward leaves its cgroup.
-        tracing::info!("interception off: {} eBPF programs detached", self.attached);
-    }
-}
-
-fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
-    ebpf.take_map(name).with_context(|| format!("intercept: map {name} missing in the eBPF object"))
-}
-
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
@@ -476,9 +371,14 @@ fn kernel_log_level() -> u8 {
     }
 }
 
-/// Drain aya-log's ring buffer into `log` (bridged to tracing) continuously.
-fn start_kernel_log(ebpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
-    let logger = match aya_log::EbpfLogger::init(ebpf) {
+/// Drain aya-log's ring buffer into `log` (bridged to tracing) continuously; `flush` is
+/// `EbpfLogger::flush` (passed in: the logger's type names the `log` crate's trait).
+fn start_kernel_log<L, E>(logger: Result<L, E>, flush: fn(&mut L)) -> Option<tokio::task::JoinHandle<()>>
+where
+    L: std::os::fd::AsRawFd + Send + 'static,
+    E: std::fmt::Display,
+{
+    let logger = match logger {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!(error = %e, "intercept: kernel log lines will not be shown");
@@ -497,7 +397,7 @@ fn start_kernel_log(ebpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
     Some(tokio::spawn(async move {
         loop {
             let Ok(mut guard) = fd.readable_mut().await else { return };
-            guard.get_inner_mut().flush();
+            flush(guard.get_inner_mut());
             guard.clear_ready();
         }
     }))
@@ -515,7 +415,8 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(cfg: &Config, listen: SocketAddr) -> anyhow::Result<Plan> {
+    /// `found`: where the upstream said it listens (its TCP port is guarded too).
+    fn new(cfg: &Config, listen: SocketAddr, found: Option<&discover::Found>) -> anyhow::Result<Plan> {
         let ic = &cfg.intercept;
         let parse = |s: &String| s.parse::<SocketAddr>().with_context(|| format!("intercept: {s:?} is not ADDR:PORT"));
         let protected = ic.protected.iter().map(parse).collect::<anyhow::Result<Vec<_>>>()?;
@@ -529,7 +430,7 @@ impl Plan {
         }
         let guard = match &ic.guard {
             Some(g) => g.iter().map(parse).collect::<anyhow::Result<Vec<_>>>()?,
-            None => default_guard(cfg, &local_addresses()),
+            None => default_guard(cfg, &local_addresses(), found),
         };
         let guard: Vec<SocketAddr> = guard.into_iter().filter(|g| !covers(&protected, g)).collect();
         if redirect4.is_none() && protected.iter().any(|p| p.is_ipv4()) {
@@ -587,31 +488,45 @@ fn default_redirects(listen: SocketAddr) -> (Option<SocketAddr>, Option<SocketAd
     }
 }
 
-/// The real upstream, unless it is a unix socket: any address on its port when it is local
-/// (a local Postgres listening on `*` is reachable through every local address), else exactly.
-fn default_guard(cfg: &Config, local: &[IpAddr]) -> Vec<SocketAddr> {
+/// The real upstream: any address on its port when it is local (a local Postgres listening on
+/// `*` is reachable through every local address), else exactly. With `found` (what the server
+/// said): the port it really listens on, also when the configured upstream is a unix socket,
+/// unless it listens on no TCP address at all.
+fn default_guard(cfg: &Config, local: &[IpAddr], found: Option<&discover::Found>) -> Vec<SocketAddr> {
     let up = &cfg.upstream;
+    let mut out = Vec::new();
+    let mut push = |e: SocketAddr| {
+        if !out.contains(&e) {
+            out.push(e);
+        }
+    };
+    let any = |port: u16| -> [SocketAddr; 2] { [(Ipv4Addr::UNSPECIFIED, port).into(), (Ipv6Addr::UNSPECIFIED, port).into()] };
+    let listens_tcp = found.is_some_and(|f| !f.listen_addresses.is_empty());
     if up.host.starts_with('/') {
-        return Vec::new();
+        // A unix-socket upstream is local: whatever TCP port it also has is guarded everywhere.
+        if let Some(f) = found.filter(|_| listens_tcp) {
+            any(f.port).into_iter().for_each(&mut push);
+        }
+        return out;
     }
     let addrs: Vec<SocketAddr> = match (up.host.as_str(), up.port).to_socket_addrs() {
         Ok(a) => a.collect(),
         Err(e) => {
             tracing::warn!(host = %up.host, error = %e, "intercept: cannot resolve the upstream for the guard");
-            return Vec::new();
+            return out;
         }
     };
-    let mut out = Vec::new();
+    let ports: Vec<u16> = match found.filter(|_| listens_tcp) {
+        Some(f) if f.port != up.port => vec![up.port, f.port],
+        _ => vec![up.port],
+    };
     for a in addrs {
         let ip = a.ip();
-        let entries: Vec<SocketAddr> = if ip.is_loopback() || ip.is_unspecified() || local.contains(&ip) {
-            vec![(Ipv4Addr::UNSPECIFIED, a.port()).into(), (Ipv6Addr::UNSPECIFIED, a.port()).into()]
-        } else {
-            vec![a]
-        };
-        for e in entries {
-            if !out.contains(&e) {
-                out.push(e);
+        for &port in &ports {
+            if ip.is_loopback() || ip.is_unspecified() || local.contains(&ip) {
+                any(port).into_iter().for_each(&mut push);
+            } else {
+                push(SocketAddr::new(ip, port));
             }
         }
     }
@@ -784,8 +699,12 @@ fn write_state(path: &Path, state: &State) -> anyhow::Result<()> {
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub enabled: bool,
-    /// The `serve` process that wrote the state file is alive.
+    /// A `serve` process is serving with these programs (it wrote the state file, is alive,
+    /// and has not stopped).
     pub running: bool,
+    /// Where the programs are pinned, and whether anything is.
+    pub pin_dir: PathBuf,
+    pub pinned: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<State>,
     pub programs: Vec<ProgramStatus>,
@@ -800,6 +719,8 @@ pub struct ProgramStatus {
     pub id: u32,
     pub loaded: bool,
     pub attached: bool,
+    /// Its link is pinned (it stays attached when pgward exits).
+    pub pinned: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -809,82 +730,113 @@ pub struct CounterStatus {
     pub value: u64,
 }
 
-/// What `serve` attached (from its state file) and the live counters, read from the kernel.
+/// The pinned programs (from bpffs), what `serve` recorded (its state file), whether it is
+/// serving, and the live counters.
 pub fn status(cfg: &Config) -> anyhow::Result<Status> {
-    let mut st = Status { enabled: cfg.intercept.enabled, running: false, state: None, programs: vec![], counters: vec![] };
+    let pin_dir = pins::pin_dir(cfg);
+    let pinned = pins::pinned_links(&pin_dir);
+    let mut st = Status {
+        enabled: cfg.intercept.enabled,
+        running: false,
+        pin_dir: pin_dir.clone(),
+        pinned: !pinned.is_empty(),
+        state: None,
+        programs: vec![],
+        counters: vec![],
+    };
     let path = cfg.resolve(&cfg.intercept.state_file);
-    let state: State = match fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{} is not a pgward state file", path.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(st),
+    let state: Option<State> = match fs::read(&path) {
+        Ok(b) => Some(serde_json::from_slice(&b).with_context(|| format!("{} is not a pgward state file", path.display()))?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    st.running = Path::new(&format!("/proc/{}", state.pid)).exists();
+    st.running = state.as_ref().is_some_and(|s| s.stopped.is_none() && is_pgward_process(s.pid));
     let loaded: std::collections::HashMap<u32, aya::programs::ProgramInfo> = aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .map(|p| (p.id(), p))
         .collect();
     let linked: BTreeSet<u32> = aya::programs::loaded_links().filter_map(Result::ok).map(|l| l.program_id()).collect();
-    let mut counters_map = None;
-    for p in &state.programs {
-        let info = loaded.get(&p.id).filter(|i| i.name_as_str().is_some_and(|n| p.name.starts_with(n)));
-        if counters_map.is_none() {
-            counters_map = info.and_then(|i| i.map_ids().ok().flatten()).and_then(|ids| {
-                ids.into_iter().find(|id| {
-                    aya::maps::MapInfo::from_id(*id).is_ok_and(|m| m.name_as_str() == Some(shared::MAP_COUNTERS))
-                })
-            });
-        }
+    let recorded = |name: &str| state.as_ref().and_then(|s| s.programs.iter().find(|p| p.name == name));
+    let mut names: Vec<(String, String)> = attach::expected_programs(true).into_iter().map(|(n, h)| (n.into(), h.into())).collect();
+    names.retain(|(n, _)| pinned.iter().any(|p| p.name == *n) || recorded(n).is_some());
+    for (name, hook) in names {
+        let pin = pinned.iter().find(|p| p.name == name);
+        let rec = recorded(&name);
+        let id = pin.and_then(|p| p.program_id).or(rec.map(|r| r.id)).unwrap_or(0);
+        let info = loaded.get(&id).filter(|i| i.name_as_str().is_some_and(|n| name.starts_with(n)));
         st.programs.push(ProgramStatus {
-            name: p.name.clone(),
-            attach: p.attach.clone(),
-            target: p.target.clone(),
-            id: p.id,
+            name: name.clone(),
+            attach: rec.map(|r| r.attach.clone()).unwrap_or(hook),
+            target: rec.map(|r| r.target.clone()).unwrap_or_default(),
+            id,
             loaded: info.is_some(),
-            attached: info.is_some() && linked.contains(&p.id),
+            attached: info.is_some() && linked.contains(&id),
+            pinned: pin.is_some(),
         });
     }
-    if let Some(id) = counters_map {
-        let data = MapData::from_id(id).context("opening PGW_COUNTERS")?;
+    if st.pinned
+        && let Ok(data) = pins::open_map(&pin_dir, shared::MAP_COUNTERS)
+    {
         let arr: PerCpuArray<MapData, u64> = Map::PerCpuArray(data).try_into()?;
         for (i, (program, counter)) in shared::COUNTER_NAMES.iter().enumerate() {
             let value = arr.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
             st.counters.push(CounterStatus { program: program.to_string(), counter: counter.to_string(), value });
         }
     }
-    st.state = Some(state);
+    st.state = state;
     Ok(st)
 }
+
+/// `pid` is alive and is a pgward (not a process that reused the pid of one that died).
+fn is_pgward_process(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == PROCESS_NAME)
+}
+const PROCESS_NAME: &str = "pgward";
 
 // ---- unix sockets ----------------------------------------------------------------------------
 
 /// Refuses (or warns, per `intercept.unix_socket_check`) when a user other than root, pgward's
-/// user and the socket's owner (Postgres's user) can connect to the real Postgres unix socket:
-/// such a user would bypass pgward. Checks directory search and socket write permission along
-/// the whole path, from mode bits and local /etc/passwd + /etc/group (not ACLs).
-pub fn check_unix_sockets(cfg: &Config) -> anyhow::Result<()> {
+/// user and the socket's owner (Postgres's user) can connect to a real Postgres unix socket:
+/// such a user would bypass pgward. The sockets: every directory the upstream said it uses
+/// (`found`) and every configured one. Checks directory search and socket write permission
+/// along the whole path, from mode bits and the users and groups NSS knows (not ACLs).
+pub fn check_unix_sockets(cfg: &Config, found: Option<&discover::Found>) -> anyhow::Result<()> {
     let ic = &cfg.intercept;
     if ic.unix_socket_check == UnixSocketCheck::Off {
         return Ok(());
     }
-    let dirs: Vec<PathBuf> = match &ic.upstream_socket_dirs {
+    let mut socks: Vec<PathBuf> = match &ic.upstream_socket_dirs {
         Some(d) => d.iter().map(|p| cfg.resolve(p)).collect(),
         None if cfg.upstream.host.starts_with('/') => vec![PathBuf::from(&cfg.upstream.host)],
         None => Vec::new(),
-    };
+    }
+    .into_iter()
+    .map(|d| d.join(format!(".s.PGSQL.{}", cfg.upstream.port)))
+    .collect();
+    if let Some(f) = found {
+        for d in &f.socket_dirs {
+            let s = d.join(format!(".s.PGSQL.{}", f.port));
+            if !socks.contains(&s) {
+                socks.push(s);
+            }
+        }
+    }
     if cfg.server.unix_socket_dir.is_none() {
         tracing::warn!("intercept: server.unix_socket_dir is not set; clients using the default unix socket path do not reach pgward");
     }
-    let users = Users::load();
+    let mut users = nss::Users::load();
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    for dir in dirs {
-        let sock = dir.join(format!(".s.PGSQL.{}", cfg.upstream.port));
+    for sock in socks {
         let problem = match fs::symlink_metadata(&sock) {
             Err(e) => {
                 tracing::warn!(socket = %sock.display(), error = %e, "intercept: the real Postgres socket is not there; cannot check who can reach it");
                 continue;
             }
             Ok(m) => {
+                for gid in path_groups(&sock) {
+                    users.add_group(gid);
+                }
                 let allowed = [0, me, m.uid()];
                 reachable_by_others(&sock, &allowed, &users)
             }
@@ -907,38 +859,13 @@ pub fn check_unix_sockets(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Default)]
-struct Users {
-    /// (name, uid, primary gid)
-    users: Vec<(String, u32, u32)>,
-    /// gid → member names
-    groups: std::collections::HashMap<u32, Vec<String>>,
-}
-
-impl Users {
-    fn load() -> Users {
-        let mut u = Users::default();
-        for l in fs::read_to_string("/etc/passwd").unwrap_or_default().lines() {
-            let f: Vec<&str> = l.split(':').collect();
-            if let (Some(n), Some(uid), Some(gid)) = (f.first(), f.get(2).and_then(|v| v.parse().ok()), f.get(3).and_then(|v| v.parse().ok())) {
-                u.users.push((n.to_string(), uid, gid));
-            }
-        }
-        for l in fs::read_to_string("/etc/group").unwrap_or_default().lines() {
-            let f: Vec<&str> = l.split(':').collect();
-            if let (Some(gid), Some(m)) = (f.get(2).and_then(|v| v.parse().ok()), f.get(3)) {
-                u.groups.insert(gid, m.split(',').filter(|s| !s.is_empty()).map(String::from).collect());
-            }
-        }
-        u
-    }
-    fn in_group(&self, name: &str, primary: u32, gid: u32) -> bool {
-        primary == gid || self.groups.get(&gid).is_some_and(|m| m.iter().any(|x| x == name))
-    }
+/// Group ids of the socket and every directory above it.
+fn path_groups(sock: &Path) -> Vec<u32> {
+    sock.ancestors().filter_map(|p| fs::metadata(p).ok()).map(|m| m.gid()).collect()
 }
 
 /// Mode/owner of every directory on the way to `sock` (which needs `w`), or who else gets in.
-fn reachable_by_others(sock: &Path, allowed: &[u32], users: &Users) -> Option<String> {
+fn reachable_by_others(sock: &Path, allowed: &[u32], users: &nss::Users) -> Option<String> {
     // (uid, gid, mode, bit shift: 0 = x for directories, 1 = w for the socket)
     let mut steps = Vec::new();
     let mut p = PathBuf::new();
@@ -1031,7 +958,7 @@ dir = "audit"
     #[test]
     fn guard_defaults_to_the_local_upstream_port_on_any_address() {
         let c = cfg("[intercept]\nenabled = true\n");
-        let plan = Plan::new(&c, "127.0.0.1:6432".parse().unwrap()).unwrap();
+        let plan = Plan::new(&c, "127.0.0.1:6432".parse().unwrap(), None).unwrap();
         assert_eq!(plan.guard, ["0.0.0.0:5433".parse::<SocketAddr>().unwrap(), "[::]:5433".parse().unwrap()]);
         let rules = plan.rule_entries();
         assert_eq!(rules.len(), 4);
@@ -1045,10 +972,15 @@ dir = "audit"
         // The in-place layout: Postgres stays on the protected port; pgward is exempt.
         let mut c = cfg("[intercept]\nenabled = true\nprotected = [\"0.0.0.0:5433\", \"[::]:5433\"]\n");
         c.upstream.port = 5433;
-        let plan = Plan::new(&c, "127.0.0.1:6432".parse().unwrap()).unwrap();
+        let plan = Plan::new(&c, "127.0.0.1:6432".parse().unwrap(), None).unwrap();
         assert!(plan.guard.is_empty(), "{:?}", plan.guard);
         c.upstream.host = "/var/run/postgresql".into();
-        assert!(default_guard(&c, &[]).is_empty());
+        assert!(default_guard(&c, &[], None).is_empty());
+        // ...but a TCP port the server says it listens on is guarded even then.
+        let found = discover::Found { socket_dirs: vec![], listen_addresses: vec!["*".into()], port: 5499 };
+        assert_eq!(default_guard(&c, &[], Some(&found)), ["0.0.0.0:5499".parse::<SocketAddr>().unwrap(), "[::]:5499".parse().unwrap()]);
+        let no_tcp = discover::Found { listen_addresses: vec![], ..found };
+        assert!(default_guard(&c, &[], Some(&no_tcp)).is_empty());
     }
 
     #[test]
@@ -1076,7 +1008,7 @@ dir = "audit"
         let _l = UnixListener::bind(&sock).unwrap();
         fs::set_permissions(&sock, fs::Permissions::from_mode(0o777)).unwrap();
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        let users = Users::default();
+        let users = nss::Users::default();
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
@@ -1088,11 +1020,11 @@ dir = "audit"
         assert_eq!(reachable_by_others(&sock, &[0, me], &users), None);
         // A stranger owning nothing, in no group, is not let in by 0750 either.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o750)).unwrap();
-        let strangers = Users { users: vec![("eve".into(), 4242, 4242)], groups: Default::default() };
+        let strangers = nss::Users { users: vec![("eve".into(), 4242, 4242)], groups: Default::default() };
         assert_eq!(reachable_by_others(&sock, &[0, me], &strangers), None);
         // ...unless she is in the directory's group.
         let gid = fs::metadata(&dir).unwrap().gid();
-        let members = Users { users: vec![("eve".into(), 4242, gid)], groups: Default::default() };
+        let members = nss::Users { users: vec![("eve".into(), 4242, gid)], groups: Default::default() };
         if everyone_can_traverse {
             assert_eq!(reachable_by_others(&sock, &[0, me], &members).as_deref(), Some("user eve (uid 4242)"));
         }

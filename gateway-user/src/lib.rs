@@ -13,6 +13,7 @@ pub mod config;
 pub mod metrics;
 pub mod param_watch;
 pub mod ebpf;
+pub mod evict;
 pub mod mask;
 pub mod policy;
 pub mod pool;
@@ -20,6 +21,7 @@ pub mod server;
 pub mod session;
 pub mod tls;
 pub mod upstream;
+pub mod upstream_admin;
 pub mod wire;
 
 /// Lock a mutex, taking the data even if a thread panicked while holding it: every mutex here

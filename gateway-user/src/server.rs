@@ -143,8 +143,10 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
     let addr = cfg.listen_addr();
     let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
     tracing::info!(%addr, "pgward listening");
-    // [intercept]: unix socket check, eBPF programs attached; detached when dropped (below).
-    let intercept = crate::ebpf::Intercept::start(&cfg, &tcp)?;
+    // [intercept]: eBPF programs attached and pinned (or adopted from an earlier run), the real
+    // Postgres's sockets checked, and the sessions older than the switch-on ended. When dropped
+    // (below) the programs stay pinned: interception stays closed while pgward is stopped.
+    let intercept = switch_on(&cfg, &tcp, shared.upstream_password.as_deref(), &audit).await?;
 
     let unix = match &cfg.server.unix_socket_dir {
         Some(dir) => {
@@ -220,6 +222,27 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
     let a = audit.clone();
     let _ = tokio::task::spawn_blocking(move || a.shutdown()).await;
     Ok(())
+}
+
+/// Interception, when configured: adopt or load the programs, ask the upstream where it
+/// listens, check its sockets and attach, then end the sessions that did not come through
+/// pgward — all before the first accept.
+async fn switch_on(
+    cfg: &Config,
+    tcp: &tokio::net::TcpListener,
+    password: Option<&str>,
+    audit: &AuditHandle,
+) -> anyhow::Result<Option<crate::ebpf::Intercept>> {
+    let Some(mut intercept) = crate::ebpf::Intercept::prepare(cfg, tcp)? else { return Ok(None) };
+    let mut conn = crate::upstream_admin::AdminConn::open(cfg, password)
+        .await
+        .context("intercept: logging in to the upstream to ask where it listens and which sessions it has")?;
+    let found = crate::ebpf::discover::discover(&mut conn).await?;
+    tracing::info!(socket_dirs = ?found.socket_dirs, listen_addresses = ?found.listen_addresses, port = found.port, "intercept: the upstream listens here");
+    intercept.finish(cfg, Some(&found))?;
+    crate::evict::run(&mut conn, &intercept.scope(cfg, &found), audit).await?;
+    conn.close().await;
+    Ok(Some(intercept))
 }
 
 #[cfg(test)]

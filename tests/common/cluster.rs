@@ -51,6 +51,10 @@ pub struct PgCluster {
 pub struct ClusterOptions {
     /// `ssl = on` with a self-signed certificate (made with openssl) in the data directory.
     pub ssl: bool,
+    /// Leave the socket directory open to every local user (a default install's layout, which
+    /// pgward's interception refuses). Otherwise it is 0700, owned by the server's user: only
+    /// that user and root (the tests, pgward) can reach the socket.
+    pub open_socket: bool,
 }
 
 type ClusterCell = OnceLock<Result<PgCluster, String>>;
@@ -59,6 +63,9 @@ static CLUSTER: ClusterCell = OnceLock::new();
 /// A second cluster with `ssl = on`, started only by test binaries that ask for it (upstream
 /// TLS); the shared [`cluster()`] keeps `ssl = off`, which is how a server refusing TLS looks.
 static TLS_CLUSTER: ClusterCell = OnceLock::new();
+/// A cluster whose unix socket every local user can reach, for the interception test that
+/// pgward finds such a socket by asking the server (started only by the binary that asks).
+static OPEN_SOCKET_CLUSTER: ClusterCell = OnceLock::new();
 
 /// The test binary's cluster (started on first call). If starting failed, every later call
 /// fails at once with the same message instead of trying again.
@@ -73,8 +80,19 @@ pub fn cluster() -> &'static PgCluster {
 pub fn tls_cluster() -> &'static PgCluster {
     cluster_in(
         &TLS_CLUSTER,
-        ClusterOptions { ssl: true },
+        ClusterOptions { ssl: true, ..Default::default() },
         stop_tls_cluster_at_exit,
+    )
+}
+
+/// A cluster of this test binary whose socket directory is open to everyone (see
+/// [`ClusterOptions::open_socket`]). Same lifetime rules as [`cluster()`].
+#[track_caller]
+pub fn open_socket_cluster() -> &'static PgCluster {
+    cluster_in(
+        &OPEN_SOCKET_CLUSTER,
+        ClusterOptions { open_socket: true, ..Default::default() },
+        stop_open_socket_cluster_at_exit,
     )
 }
 
@@ -111,6 +129,10 @@ extern "C" fn stop_cluster_at_exit() {
 
 extern "C" fn stop_tls_cluster_at_exit() {
     stop_and_remove(&TLS_CLUSTER);
+}
+
+extern "C" fn stop_open_socket_cluster_at_exit() {
+    stop_and_remove(&OPEN_SOCKET_CLUSTER);
 }
 
 fn stop_and_remove(cell: &ClusterCell) {
@@ -190,6 +212,9 @@ impl PgCluster {
             .unwrap();
         if let Some((uid, gid)) = run_as {
             chown_tree(&root, uid, gid);
+        }
+        if !opts.open_socket {
+            std::fs::set_permissions(&socket_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         }
 
         let mut c = PgCluster {
@@ -280,6 +305,12 @@ impl PgCluster {
         c.sql(
             "postgres",
             &format!("CREATE DATABASE {APP_DB} OWNER {SVC_USER}"),
+        );
+        // pgward with interception asks where the server listens (unix_socket_directories is
+        // for pg_read_all_settings) and ends sessions that did not come through it.
+        c.sql(
+            "postgres",
+            &format!("GRANT pg_signal_backend, pg_read_all_settings TO {SVC_USER}"),
         );
         c
     }

@@ -525,10 +525,33 @@ pub fn audit_verify_config(config: &Path) -> (i32, String) {
     (out.code.unwrap_or(-1), out.all_output())
 }
 
+impl Pgward {
+    /// Interception is pinned and outlives `serve`: a gateway with `[intercept]` on removes its
+    /// pins when the test is done with it (`pgward intercept detach`, after `serve` stopped).
+    fn detach_interception(&self) {
+        let enabled = toml_get(&self.config(), "intercept.enabled").and_then(|v| v.as_bool()).unwrap_or(false);
+        if !enabled {
+            return;
+        }
+        let out = pgward_cli(&[
+            "intercept".as_ref(),
+            "detach".as_ref(),
+            "--reason".as_ref(),
+            "test cleanup".as_ref(),
+            "--config".as_ref(),
+            self.config_path.as_os_str(),
+        ] as &[&std::ffi::OsStr]);
+        if !out.success() {
+            eprintln!("warning: test cleanup could not detach interception: {}", out.describe());
+        }
+    }
+}
+
 impl Drop for Pgward {
     fn drop(&mut self) {
         let was_running = self.child.is_some();
         self.stop();
+        self.detach_interception();
         if std::thread::panicking() && was_running {
             let log = self.stderr_log();
             let tail: Vec<&str> = log

@@ -46,6 +46,21 @@ unsafe extern "C" {
 
 struct Gateway(Child);
 
+/// Interception is pinned and outlives pgward: the demo removes it at the end (audited), after
+/// the gateway has stopped (declared before the `Gateway`, so dropped after it).
+struct Detach(PathBuf, PathBuf);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.0)
+            .args(["intercept", "detach", "--reason", "demo ends", "--config"])
+            .arg(&self.1)
+            .env("PGWARD_LOG", "warn")
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
 impl Drop for Gateway {
     fn drop(&mut self) {
         // SIGTERM our own child by pid, then wait.
@@ -126,6 +141,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         .stderr(log)
         .spawn()
         .context("starting pgward serve")?;
+    let _detach = cgroup.is_some().then(|| Detach(pgward.clone(), config.clone()));
     let gw = Gateway(child);
     wait_port(port)?;
     if cgroup.is_some() {

@@ -71,6 +71,9 @@ impl Cluster {
         if let Some((uid, gid)) = owner {
             chown_r(dir, uid, gid)?;
         }
+        // The socket lives here: only the server's user (and root, pgward) may enter, as
+        // pgward's interception requires of the real Postgres socket.
+        std::fs::set_permissions(dir, <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o700))?;
         let port = free_port()?;
         let c = Cluster { dir: dir.to_owned(), port, socket_dir: dir.to_owned(), owner };
         let data = dir.join("data");
@@ -111,6 +114,9 @@ impl Cluster {
             .context("running pg_ctl start")?;
         check("pg_ctl start", &out)?;
         c.psql_super("postgres", &format!("CREATE ROLE {SERVICE_USER} LOGIN PASSWORD '{SERVICE_PASSWORD}' CREATEDB"))?;
+        // pgward with interception asks where the server listens (unix_socket_directories)
+        // and ends the sessions that did not come through it.
+        c.psql_super("postgres", &format!("GRANT pg_signal_backend, pg_read_all_settings TO {SERVICE_USER}"))?;
         c.psql_super("postgres", &format!("CREATE DATABASE app OWNER {SERVICE_USER}"))?;
         Ok(c)
     }

@@ -34,6 +34,11 @@ pub enum Kind {
     AccessRevoke,
     /// A grant's time ran out.
     GrantExpired,
+    /// At switch-on, a session on the real Postgres that did not come through pgward was
+    /// ended: `user`, `client`, backend pid / application in `meta`.
+    Evicted,
+    /// `pgward intercept detach`: the pinned interception programs were removed.
+    InterceptDetach,
 }
 
 impl Kind {
@@ -52,6 +57,8 @@ impl Kind {
             Kind::AccessApprove => "access_approve",
             Kind::AccessRevoke => "access_revoke",
             Kind::GrantExpired => "grant_expired",
+            Kind::Evicted => "evicted",
+            Kind::InterceptDetach => "intercept_detach",
         }
     }
 }

@@ -322,7 +322,13 @@ fn format_human(s: &mut String, r: &Record) {
             }
         }
         Kind::Start => {}
-        Kind::Revoke | Kind::AccessRequest | Kind::AccessApprove | Kind::AccessRevoke | Kind::GrantExpired => {
+        Kind::Revoke
+        | Kind::AccessRequest
+        | Kind::AccessApprove
+        | Kind::AccessRevoke
+        | Kind::GrantExpired
+        | Kind::Evicted
+        | Kind::InterceptDetach => {
             if let Some(j) = &r.jti {
                 field(s, format!("jti={j}"));
             }

@@ -436,12 +436,12 @@ fn programs(cx: &Ctx) -> Check {
         return check(name, Outcome::Fail, "no pgward serve has attached the programs (no state file)", Some(start));
     };
     if !st.running {
-        return check(
-            name,
-            Outcome::Fail,
-            format!("the state file is stale: pid {} is gone, nothing is attached", state.pid),
-            Some(start),
-        );
+        let what = if st.pinned {
+            "the programs stay pinned and attached (closed: protected connects are refused)"
+        } else {
+            "nothing is attached"
+        };
+        return check(name, Outcome::Fail, format!("no gateway is serving (last: pid {}); {what}", state.pid), Some(start));
     }
     let detached: Vec<&str> = st.programs.iter().filter(|p| !p.attached).map(|p| p.name.as_str()).collect();
     if st.programs.is_empty() || !detached.is_empty() {

@@ -752,7 +752,8 @@ fn write_config(plan: &Plan, dir: &Path, gid: u32, notes: &mut Vec<String>) -> a
         upstream.insert("password_file".into(), "upstream.password".into());
         notes.push(format!(
             "a service password was generated into {CONFIG_DIR}/upstream.password; create the role with it:\n    \
-             printf \"CREATE ROLE %s LOGIN PASSWORD '%s';\\n\" {role} \"$(head -n1 {CONFIG_DIR}/upstream.password)\" \\\n      \
+             printf \"CREATE ROLE %s LOGIN PASSWORD '%s';\\nGRANT pg_signal_backend, pg_read_all_settings TO %s;\\n\" \\\n      \
+             {role} \"$(head -n1 {CONFIG_DIR}/upstream.password)\" {role} \\\n      \
              | runuser -u {pg} -- psql -h {real} -p {port}",
             role = sh_quote(&plan.service_role),
             pg = plan.pg_user,
@@ -1102,6 +1103,10 @@ fn install_report(plan: &Plan, notes: &[String]) -> String {
 fn uninstall(root: &Root, purge: bool, systemctl: bool) -> anyhow::Result<(String, bool)> {
     let m = read_manifest(root)?;
     let mut o = String::new();
+    // Interception is pinned and outlives pgward: stop the service, then detach (audited, while
+    // the config and keys are still there). Only on the running system (the pins are the
+    // host's, not the tree's).
+    let detached = if root.host() { detach_interception(root, systemctl && m.systemctl, &mut o) } else { true };
     if !purge {
         match retire_config(root) {
             Ok(()) => {}
@@ -1112,6 +1117,7 @@ fn uninstall(root: &Root, purge: bool, systemctl: bool) -> anyhow::Result<(Strin
     }
     let (report, ok) = undo_all(root, &m, purge, systemctl && m.systemctl)?;
     o.push_str(&report);
+    let ok = ok && detached;
     if ok {
         let _ = writeln!(o, "pgward uninstalled from {}.", root.dir.display());
         if !purge {
@@ -1128,6 +1134,29 @@ fn uninstall(root: &Root, purge: bool, systemctl: bool) -> anyhow::Result<(Strin
         );
     }
     Ok((o, ok))
+}
+
+/// `pgward intercept detach` for the installed config (after stopping the unit). False, with
+/// the reason in `o`, when the programs could not be detached.
+fn detach_interception(root: &Root, systemctl: bool, o: &mut String) -> bool {
+    let path = root.p(CONFIG_FILE);
+    let Ok(cfg) = Config::load(&path) else { return true };
+    if !cfg.intercept.enabled && !crate::ebpf::pins::any_pinned(&crate::ebpf::pins::pin_dir(&cfg)) {
+        return true;
+    }
+    if systemctl && let Err(e) = run_systemctl(&["stop", UNIT_NAME]) {
+        let _ = writeln!(o, "warning: stopping {UNIT_NAME}: {e:#}");
+    }
+    match super::intercept::detach(&cfg, Some("pgward uninstall")) {
+        Ok(report) => {
+            o.push_str(&report);
+            true
+        }
+        Err(e) => {
+            let _ = writeln!(o, "error: the interception programs stay attached: {e:#}; stop pgward, then `pgward intercept detach --config {CONFIG_FILE}`");
+            false
+        }
+    }
 }
 
 /// Keep the config (without private keys) next to the audit log, to verify it later.
@@ -1565,6 +1594,10 @@ Group={user}
 CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON
 AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON
 NoNewPrivileges=yes
+# The programs are pinned in bpffs so that interception outlives pgward (closed while it is
+# stopped or restarting); the pin directory is pgward's. '+': run with full privileges, before
+# the sandbox below applies.
+ExecStartPre=+/bin/sh -c 'mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; install -d -m 0700 -o {user} -g {user} /sys/fs/bpf/pgward'
 # pgward moves itself into a child cgroup ("gateway") whose connects the programs exempt.
 Delegate=yes
 # Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
@@ -1574,7 +1607,7 @@ LimitNOFILE=65536
 # File system: everything read-only but the audit log, the access state, pgward's socket
 # directory and its runtime directory (/run/pgward: the interception state file).
 ProtectSystem=strict
-ReadWritePaths={AUDIT_DIR} {ACCESS_DIR} {sock}
+ReadWritePaths={AUDIT_DIR} {ACCESS_DIR} {sock} -/sys/fs/bpf/pgward
 RuntimeDirectory=pgward
 RuntimeDirectoryMode=0750
 ProtectHome=yes

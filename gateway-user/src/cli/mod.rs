@@ -9,6 +9,7 @@ pub mod audit;
 pub mod doctor;
 pub mod init;
 pub mod install;
+pub mod intercept;
 pub mod policy;
 pub mod serve;
 pub mod status;
@@ -37,8 +38,11 @@ pub enum Command {
     Init(init::InitArgs),
     /// Run the gateway.
     Serve(serve::ServeArgs),
-    /// Show the attached interception programs and their counters.
+    /// Show the pinned interception programs, whether a gateway serves, and the counters.
     Status(status::StatusArgs),
+    /// Interception admin: `detach` removes the pinned programs (audited).
+    #[command(subcommand)]
+    Intercept(intercept::InterceptCommand),
     /// Issue and revoke tokens.
     #[command(subcommand)]
     Token(token::TokenCommand),
@@ -74,6 +78,17 @@ pub fn init_logging(format: LogFormat) {
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
+/// Write `text` to stdout; a reader that went away (`pgward status | head -1`) ends the output
+/// quietly instead of being an error (or, with println!, a panic).
+pub fn print_quietly(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 /// Entry point of the binary: parse, dispatch, turn errors into a message and exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -82,6 +97,7 @@ pub fn main() -> ExitCode {
         Command::Init(a) => init::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Status(a) => status::run(a),
+        Command::Intercept(c) => intercept::run(c),
         Command::Token(c) => token::run(c),
         Command::Access(c) => access::run(c),
         Command::Audit(c) => audit::run(c),

@@ -40,6 +40,20 @@ pub const TARGETS: [(&str, &str); 3] = [
     (IN_CGROUP, "(c) pgbench -> pgward's listen port from inside the child cgroup (programs run, nothing rewritten)"),
 ];
 
+/// `pgward intercept detach` for a config, on drop.
+struct Detach(PathBuf, PathBuf);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.0)
+            .args(["intercept", "detach", "--reason", "bench ends", "--config"])
+            .arg(&self.1)
+            .env("PGWARD_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}
+
 pub enum Outcome {
     /// Not measured, and why.
     Skipped(String),
@@ -134,6 +148,9 @@ pub fn section(s: &Settings, work: &WorkDir, cluster: &Cluster, bin: &Path, slot
             return skip(slot, why);
         }
     };
+    // Interception is pinned and outlives pgward: detached (audited) once pgward has stopped
+    // (declared after `cg`, before `gw` is dropped below: dropped after it, before `cg`).
+    let _detach = Detach(bin.to_owned(), gw.dir.join("pgward.toml"));
     // serve writes the state file once the programs are attached.
     let state = gw.dir.join("intercept.state.json");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -169,6 +186,7 @@ pub fn section(s: &Settings, work: &WorkDir, cluster: &Cluster, bin: &Path, slot
     let mut table = None;
     let r = run_interleaved(s, &WORKLOADS, &targets, &mut [&mut gw.proc], "ebpf", &mut table);
     drop(gw);
+    drop(_detach);
     drop(cg);
     // Keep what was measured even when stopped by an error.
     if let Some(t) = table {
