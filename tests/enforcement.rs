@@ -186,3 +186,44 @@ fn a_setting_changed_behind_the_policys_back_ends_the_session() {
 fn msg(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
     fe::raw_msg(tag, &parts.concat())
 }
+
+/// A policy that denies catalog function classes (`@dynamic_sql`, `@outside`) to analysts:
+/// the classes come from the database's own pg_proc — a DBA-created PL/pgSQL function that
+/// runs EXECUTE is caught without being listed anywhere, a plain one is not — and a function
+/// created during the session is in every class until the catalog is reloaded.
+#[test]
+fn catalog_function_classes_are_enforced() {
+    let e = env("enf_classes", |b| {
+        b.with_dir(|dir, t| {
+            std::fs::write(
+                dir.join("classes.toml"),
+                "version = 1\n[[rule]]\nname = \"no-dynamic-sql\"\naction = \"deny\"\ngroups = [\"analysts\"]\n\
+                 functions = [\"@dynamic_sql\", \"@outside\"]\nreason = \"functions that run SQL from text or reach outside the database\"\n",
+            )
+            .unwrap();
+            common::toml_set(t, "policy.files", vec![toml::Value::from("classes.toml"), toml::Value::from("test-policy.toml")]);
+        })
+    });
+    cluster().sql(
+        &e.db,
+        "CREATE FUNCTION public.run_text(q text) RETURNS void LANGUAGE plpgsql AS $$ BEGIN EXECUTE q; END $$; \
+         CREATE FUNCTION public.shout(t text) RETURNS text LANGUAGE plpgsql AS $$ BEGIN RETURN upper(t); END $$; \
+         GRANT EXECUTE ON FUNCTION public.run_text(text), public.shout(text) TO PUBLIC",
+    );
+    let (_, login) = e.login("ann", &["analysts"], "15m");
+    let mut c = RawConn::connect(&login, &[]).expect("login");
+    for sql in [
+        "SELECT * FROM ts_stat('SELECT to_tsvector(v) FROM secrets')",
+        "SELECT query_to_xml('SELECT v FROM secrets', true, false, '')",
+        "SELECT public.run_text('SELECT 1')",
+        "SELECT pg_read_file('/etc/hostname')",
+        "SELECT lo_get(1)",
+    ] {
+        let msgs = c.simple_query(sql).expect("answered");
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{sql}: allowed: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{sql}: {}", err.describe());
+        assert!(err.describe().contains("no-dynamic-sql"), "{sql}: {}", err.describe());
+    }
+    let msgs = c.simple_query("SELECT public.shout('ok'), lower('X'), count(*) FROM items").expect("answered");
+    assert_eq!(raw::rows(&msgs), vec![vec![Some("OK".into()), Some("x".into()), Some("3".into())]], "{}", raw::describe_all(&msgs));
+}

@@ -581,7 +581,7 @@ fn parameter_status_and_backend_key_data_reach_the_client() {
 
     // Changes during the session are reported as they happen.
     let msgs = conn
-        .simple_query("set datestyle to 'German'; set client_encoding to 'LATIN1'")
+        .simple_query("set datestyle to 'German'; set application_name to 'relay-test'")
         .unwrap();
     let reported: Vec<(String, String)> =
         msgs.iter().filter_map(|m| m.parameter_status()).collect();
@@ -590,9 +590,13 @@ fn parameter_status_and_backend_key_data_reach_the_client() {
         "{reported:?}"
     );
     assert!(
-        reported.contains(&("client_encoding".into(), "LATIN1".into())),
+        reported.contains(&("application_name".into(), "relay-test".into())),
         "{reported:?}"
     );
+    // The client encoding is fixed for the session (pgward reads SQL in it).
+    let msgs = conn.simple_query("set client_encoding to 'LATIN1'").unwrap();
+    let codes: Vec<String> = msgs.iter().filter_map(|m| m.sqlstate()).collect();
+    assert_eq!(codes, vec!["42501".to_string()], "{}", raw::describe_all(&msgs));
 }
 
 #[test]

@@ -16,6 +16,7 @@ pub mod ebpf;
 pub mod evict;
 pub mod mask;
 pub mod policy;
+pub mod policy_catalog;
 pub mod pool;
 pub mod server;
 pub mod session;

@@ -132,6 +132,7 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
         access,
         masks: crate::mask::load_for_serve(&cfg).context("loading the masking rules")?,
         pool: Arc::new(crate::pool::Pool::from_config(&cfg)),
+        fn_catalogs: Default::default(),
     });
     let reaper = shared.pool.enabled().then(|| tokio::spawn(shared.pool.clone().reaper()));
 

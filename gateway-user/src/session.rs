@@ -54,6 +54,8 @@ pub struct Shared {
     pub masks: Arc<crate::mask::MaskPolicy>,
     /// Idle upstream connections for reuse (see `pool`).
     pub pool: Arc<crate::pool::Pool>,
+    /// Function catalogs for policy rules that name catalog function classes.
+    pub fn_catalogs: crate::policy_catalog::FunctionCatalogs,
 }
 
 /// Who is on the other end of an accepted socket.
@@ -308,6 +310,9 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
             return None;
         }
     };
+
+    // The database's function classes, before the first statement is decided.
+    shared.fn_catalogs.ensure(&shared, &database).await;
 
     // Write-ahead: the login is durable before the session can do anything.
     let mut login_rec = identity_record(Kind::Login, &session, &peer, &identity, &database);
@@ -1599,6 +1604,9 @@ impl Relay {
                     } else {
                         (Some("SUSPENDED".to_string()), None)
                     };
+                    if tag.as_deref().is_some_and(crate::policy_catalog::changes_functions) {
+                        self.shared.fn_catalogs.reload(&self.shared, &self.database);
+                    }
                     if let Some(p) = self.pending.front() {
                         match p.kind {
                             PendKind::Execute => {

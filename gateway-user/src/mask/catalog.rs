@@ -239,7 +239,7 @@ pub fn catalog_sql(policy: &MaskPolicy) -> Option<String> {
 }
 
 /// Run one query on a catalog connection: its rows as text.
-async fn rows(up: &mut upstream::Upstream, buf: &mut BytesMut, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+pub(crate) async fn rows(up: &mut upstream::Upstream, buf: &mut BytesMut, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
     let mut out = BytesMut::new();
     wire::query(&mut out, sql);
     up.stream.write_all(&out).await.map_err(|e| e.to_string())?;

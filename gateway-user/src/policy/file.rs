@@ -273,6 +273,9 @@ pub(crate) struct Rule {
     pub tables: Vec<NamePat>,
     pub schemas: Vec<Glob>,
     pub functions: Vec<NamePat>,
+    /// Catalog function classes (`@volatile`, …; deny rules only): a function in any of them
+    /// matches like a listed name ([`super::functions`]).
+    pub fn_classes: u8,
     pub modifiers: ModSet,
     /// Bit i = window i. Rule applies only inside one of `during` (if any) and outside all of
     /// `outside` (if any).
@@ -408,7 +411,7 @@ pub(crate) fn compile(files: Vec<(PathBuf, PolicyFile)>) -> Result<Compiled, Pol
     };
 
     for (name, (list, path)) in &sets {
-        if BUILTIN_SETS.iter().any(|(b, _)| b == name) {
+        if BUILTIN_SETS.iter().any(|(b, _)| b == name) || super::functions::CLASS_NAMES.iter().any(|(b, _)| b == name) {
             return Err(PolicyError::Invalid {
                 path: path.clone(),
                 msg: format!("function set {name:?} is built in; choose another name"),
@@ -445,12 +448,21 @@ pub(crate) fn compile(files: Vec<(PathBuf, PolicyFile)>) -> Result<Compiled, Pol
         }
         let tables = r.tables.iter().map(|t| NamePat::parse(t)).collect::<Result<Vec<_>, _>>().map_err(bad)?;
         let mut functions = Vec::new();
+        let mut fn_classes = 0u8;
         for f in &r.functions {
             if let Some(set) = f.strip_prefix('@') {
+                let class = super::functions::CLASS_NAMES.iter().find(|(n, _)| *n == set).map(|(_, b)| *b);
+                if let Some(bits) = class {
+                    if r.action != Action::Deny {
+                        return Err(bad(format!("the catalog function class {f:?} can only be used in deny rules")));
+                    }
+                    fn_classes |= bits;
+                }
                 let list: Vec<String> = match BUILTIN_SETS.iter().find(|(n, _)| *n == set) {
                     Some((_, l)) => l.iter().map(|s| s.to_string()).collect(),
                     None => match sets.get(set) {
                         Some((l, _)) => l.clone(),
+                        None if class.is_some() => Vec::new(),
                         None => return Err(bad(format!("unknown function set {f:?}"))),
                     },
                 };
@@ -485,6 +497,7 @@ pub(crate) fn compile(files: Vec<(PathBuf, PolicyFile)>) -> Result<Compiled, Pol
             tables,
             schemas: r.schemas.iter().map(|s| Glob::new(s, true)).collect(),
             functions,
+            fn_classes,
             modifiers,
             during,
             outside,

@@ -33,6 +33,7 @@
 
 mod analyze;
 mod file;
+pub mod functions;
 mod lexical;
 mod limits;
 pub(crate) mod normalize;
@@ -163,6 +164,8 @@ struct Memo {
     groups: Vec<String>,
     database: String,
     windows: u64,
+    /// Generation of the database's function catalog the verdict was made with.
+    catalog: u64,
     verdict: Arc<Verdict>,
 }
 
@@ -276,7 +279,17 @@ pub struct Policy {
     c: Compiled,
     cache: Cache,
     fastpath: Arc<Entry>,
+    /// Function catalogs by database, for rules that name catalog function classes:
+    /// (generation, catalog). A database without one: every function is in every class.
+    catalogs: std::sync::RwLock<std::collections::HashMap<String, (u64, Arc<functions::FunctionCatalog>)>>,
+    catalog_generation: std::sync::atomic::AtomicU64,
+    /// Some rule names a catalog function class.
+    class_rules: bool,
 }
+
+/// The function catalog a decision is made with: (generation, catalog); None: no rule needs
+/// one.
+type CatalogRef = Option<(u64, Option<Arc<functions::FunctionCatalog>>)>;
 
 impl fmt::Debug for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -333,8 +346,12 @@ impl Policy {
     }
 
     fn new(c: Compiled) -> Policy {
+        let class_rules = c.rules.iter().any(|r| r.fn_classes != 0);
         let mut p = Policy {
             c,
+            catalogs: Default::default(),
+            catalog_generation: std::sync::atomic::AtomicU64::new(1),
+            class_rules,
             cache: Cache::new(DEFAULT_CACHE_ENTRIES),
             fastpath: Arc::new(Entry {
                 key: "".into(),
@@ -357,6 +374,31 @@ impl Policy {
             memo: Mutex::new(Vec::new()),
         });
         p
+    }
+
+    /// Whether some rule names a catalog function class (`@volatile`, `@outside`, …): then the
+    /// gateway loads each database's function catalog ([`Policy::set_function_catalog`]).
+    pub fn uses_function_classes(&self) -> bool {
+        self.class_rules
+    }
+
+    /// The function catalog of `database`, for rules that name catalog function classes.
+    /// Until one is set, every function of that database is in every class (fail closed).
+    pub fn set_function_catalog(&self, database: &str, catalog: functions::FunctionCatalog) {
+        let generation = self.catalog_generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let mut g = self.catalogs.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.insert(database.to_string(), (generation, Arc::new(catalog)));
+    }
+
+    fn catalog_for(&self, database: &str) -> CatalogRef {
+        if !self.class_rules {
+            return None;
+        }
+        let g = self.catalogs.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some(match g.get(database) {
+            Some((generation, c)) => (*generation, Some(c.clone())),
+            None => (0, None),
+        })
     }
 
     /// Resize the analysis cache (entries across all shards; default 8192).
@@ -490,15 +532,21 @@ impl Policy {
         lookup: Option<PreparedLookup<'_>>,
     ) -> Arc<Verdict> {
         let memoize = !(entry.has_execute && lookup.is_some());
+        let cat = self.catalog_for(database);
+        let generation = cat.as_ref().map_or(0, |(g, _)| *g);
         if memoize {
             let memo = lock(&entry.memo);
             if let Some(m) = memo.iter().find(|m| {
-                m.windows == windows && m.user == identity.user && m.database == database && m.groups == identity.groups
+                m.windows == windows
+                    && m.catalog == generation
+                    && m.user == identity.user
+                    && m.database == database
+                    && m.groups == identity.groups
             }) {
                 return m.verdict.clone();
             }
         }
-        let verdict = Arc::new(self.evaluate(entry, identity, database, windows, lookup));
+        let verdict = Arc::new(self.evaluate(entry, identity, database, windows, lookup, &cat));
         if memoize {
             let mut memo = lock(&entry.memo);
             if memo.len() >= MEMO_PER_ENTRY {
@@ -509,6 +557,7 @@ impl Policy {
                 groups: identity.groups.clone(),
                 database: database.to_string(),
                 windows,
+                catalog: generation,
                 verdict: verdict.clone(),
             });
         }
@@ -593,13 +642,13 @@ impl Policy {
         lookup: Option<PreparedLookup<'_>>,
     ) -> Verdict {
         let entry = self.build_entry(sql, None);
-        self.evaluate(&entry, identity, database, self.window_bits(now), lookup)
+        self.evaluate(&entry, identity, database, self.window_bits(now), lookup, &self.catalog_for(database))
     }
 
     fn stmt(&self, info: Arc<StatementInfo>) -> Stmt {
         let mut content = vec![0u64; self.c.rules.len().div_ceil(64)];
         for (i, r) in self.c.rules.iter().enumerate() {
-            if content_matches(r, &info, &self.c.search_path) {
+            if content_matches(r, &info, &self.c.search_path, None) {
                 content[i / 64] |= 1 << (i % 64);
             }
         }
@@ -623,6 +672,7 @@ impl Policy {
         database: &str,
         windows: u64,
         lookup: Option<PreparedLookup<'_>>,
+        cat: &CatalogRef,
     ) -> Verdict {
         let mut out: Vec<StatementVerdict> = Vec::with_capacity(entry.stmts.len());
         for s in &entry.stmts {
@@ -633,7 +683,7 @@ impl Policy {
                 let mut verdicts: Vec<StatementVerdict> = resolved
                     .into_iter()
                     .map(|r| {
-                        let (decision, rule, reason) = self.decide_stmt(&r, identity, database, windows);
+                        let (decision, rule, reason) = self.decide_stmt(&r, identity, database, windows, cat);
                         StatementVerdict {
                             decision,
                             rule: rule.into_owned(),
@@ -646,7 +696,7 @@ impl Policy {
                 out.push(verdicts.swap_remove(pick));
                 continue;
             }
-            let (decision, rule, reason) = self.decide_stmt(s, identity, database, windows);
+            let (decision, rule, reason) = self.decide_stmt(s, identity, database, windows, cat);
             out.push(StatementVerdict {
                 decision,
                 rule: rule.into_owned(),
@@ -690,6 +740,7 @@ impl Policy {
         identity: &Identity,
         database: &str,
         windows: u64,
+        cat: &CatalogRef,
     ) -> (Action, Cow<'a, str>, Cow<'a, str>) {
         let info = &s.info;
         if info.modifiers.contains(Modifier::TooLarge) {
@@ -710,7 +761,7 @@ impl Policy {
             return (
                 Action::Deny,
                 "builtin:protected-setting".into(),
-                "standard_conforming_strings must stay on and the client encoding must not be SJIS, BIG5, GBK, GB18030 or JOHAB (pgward checks statements assuming so)".into(),
+                "standard_conforming_strings must stay on, client_encoding as the session started and backslash_quote safe_encoding (pgward reads statements assuming so)".into(),
             );
         }
         if info.unparsable {
@@ -723,8 +774,14 @@ impl Policy {
                 );
             }
         }
+        let classes_of = |f: &QName| match cat {
+            Some((_, Some(c))) => c.classes_of(f),
+            _ => functions::ALL,
+        };
         for (i, r) in self.c.rules.iter().enumerate() {
-            if s.content[i / 64] & (1 << (i % 64)) != 0
+            let content = s.content[i / 64] & (1 << (i % 64)) != 0
+                || (r.fn_classes != 0 && content_matches(r, info, &self.c.search_path, Some(&classes_of)));
+            if content
                 && subject_matches(r, identity)
                 && (r.databases.is_empty() || r.databases.iter().any(|d| d.matches(database)))
                 && (r.during == 0 || windows & r.during != 0)
@@ -848,7 +905,14 @@ fn name_matches(p: &NamePat, q: &QName, deny: bool, search_path: &[String]) -> b
 /// The statement-dependent conditions of a rule. Deny rules match a statement that does *any*
 /// of the listed things; allow rules only a statement whose classes, commands, tables, schemas
 /// and functions are *all* listed. Modifiers: the statement has any of the listed ones.
-fn content_matches(r: &Rule, info: &StatementInfo, search_path: &[String]) -> bool {
+/// `classes`: the catalog classes of a function, for rules that name catalog function classes
+/// (None: such a rule's class condition is not met; it is checked again with the catalog).
+fn content_matches(
+    r: &Rule,
+    info: &StatementInfo,
+    search_path: &[String],
+    classes: Option<&dyn Fn(&QName) -> u8>,
+) -> bool {
     let deny = r.action == Action::Deny;
     // any/all over the statement's items
     fn check<T>(items: &[T], deny: bool, f: impl Fn(&T) -> bool) -> bool {
@@ -882,8 +946,11 @@ fn content_matches(r: &Rule, info: &StatementInfo, search_path: &[String]) -> bo
             return false;
         }
     }
-    if !r.functions.is_empty()
-        && !check(&info.functions, deny, |f| r.functions.iter().any(|p| name_matches(p, f, deny, search_path)))
+    let in_class = |f: &QName| r.fn_classes != 0 && classes.is_some_and(|c| c(f) & r.fn_classes != 0);
+    if (!r.functions.is_empty() || r.fn_classes != 0)
+        && !check(&info.functions, deny, |f| {
+            r.functions.iter().any(|p| name_matches(p, f, deny, search_path)) || in_class(f)
+        })
     {
         return false;
     }

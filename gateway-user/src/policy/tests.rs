@@ -10,12 +10,32 @@ use super::*;
 
 const EXAMPLE: &str = include_str!("../../../policies/example.toml");
 
+/// `pg_proc` of a fresh PostgreSQL 15 database, as `functions::CATALOG_SQL` returns it
+/// (`psql -At -F '\t'`; NULL is empty).
+const PG15_PROC: &str = include_str!("testdata/pg15_proc.tsv");
+
+fn pg15_catalog() -> super::functions::FunctionCatalog {
+    let rows = PG15_PROC.lines().filter_map(|l| {
+        let row: Vec<Option<String>> = l.split('\t').map(|f| (!f.is_empty()).then(|| f.to_string())).collect();
+        super::functions::ProcRow::from_text(&row)
+    });
+    super::functions::FunctionCatalog::from_rows(rows)
+}
+
+/// The databases the tables below use, each with the PostgreSQL 15 catalog.
+fn with_catalogs(p: Policy) -> Policy {
+    for db in ["app", "db", "hr", "analytics", "other"] {
+        p.set_function_catalog(db, pg15_catalog());
+    }
+    p
+}
+
 fn example() -> Policy {
-    Policy::from_toml("policies/example.toml", EXAMPLE).expect("example policy compiles")
+    with_catalogs(Policy::from_toml("policies/example.toml", EXAMPLE).expect("example policy compiles"))
 }
 
 fn default_policy() -> Policy {
-    Policy::from_toml("policies/default.toml", DEFAULT_POLICY_TOML).expect("default policy compiles")
+    with_catalogs(Policy::from_toml("policies/default.toml", DEFAULT_POLICY_TOML).expect("default policy compiles"))
 }
 
 fn id(user: &str, groups: &[&str]) -> Identity {
@@ -143,7 +163,8 @@ const CASES: &[Case] = &[
     (Ex, DBA, "app", Evening, "drop table orders", Allow, "default:dba"),
     // --- procedural code, prepared statements ---
     (Ex, A, "app", Noon, "DO $$BEGIN EXECUTE 'DROP TABLE orders'; END$$", Deny, "default:analysts"),
-    (Ex, E, "app", Noon, "CALL refresh_all()", Deny, "default:engineers"),
+    // Not in the catalog: in every function class, so the dynamic-SQL rule denies it first.
+    (Ex, E, "app", Noon, "CALL refresh_all()", Deny, "no-dangerous-functions"),
     (Ex, A, "app", Noon, "PREPARE p AS DELETE FROM orders WHERE id = $1", Deny, "default:analysts"),
     (Ex, A, "app", Noon, "PREPARE q AS SELECT * FROM orders WHERE id = $1", Allow, "analysts-read"),
     (Ex, A, "app", Noon, "EXECUTE q(1)", Deny, "default:analysts"),
@@ -1261,4 +1282,91 @@ fn evasion_attempts_are_denied() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Rules naming catalog function classes: decided with the database's catalog; a function the
+/// catalog does not know, or a database without a catalog, is in every class (fail closed).
+#[test]
+fn catalog_function_classes() {
+    use super::functions::{FunctionCatalog, ProcRow};
+    let p = Policy::from_toml(
+        "classes.toml",
+        r#"
+[defaults]
+action = "allow"
+
+[[rule]]
+name = "no-dynamic-or-outside"
+action = "deny"
+except_groups = ["dba"]
+functions = ["@dynamic_sql", "@outside"]
+reason = "functions that run SQL from text or reach outside the database"
+"#,
+    )
+    .unwrap();
+    assert!(p.uses_function_classes());
+    let row = |name: &str, vol: &str, lang: &str, symbol: Option<&str>, executes: bool| ProcRow {
+        schema: "pg_catalog".into(),
+        name: name.into(),
+        volatility: vol.chars().next().unwrap(),
+        language: lang.into(),
+        language_trusted: lang != "internal",
+        symbol: symbol.map(str::to_string),
+        executes,
+        ..Default::default()
+    };
+    let who = id("ann", A);
+    let deny = |db: &str, sql: &str| p.decide(&who, db, sql, noon()).decision == Deny;
+    // No catalog yet: every function is in every class.
+    assert!(deny("app", "SELECT lower('x')"));
+    assert!(!deny("app", "SELECT 1"), "no function, no class");
+    p.set_function_catalog(
+        "app",
+        FunctionCatalog::from_rows([
+            row("lower", "i", "internal", Some("lower"), false),
+            row("ts_stat", "v", "internal", Some("ts_stat1"), false),
+            row("query_to_xml", "s", "internal", Some("query_to_xml"), false),
+            row("pg_ls_dir", "v", "internal", Some("pg_ls_dir_1arg"), false),
+            row("lo_get", "v", "internal", Some("be_lo_get"), false),
+            row("run_any", "v", "plpgsql", None, true),
+            row("plain", "v", "plpgsql", None, false),
+        ]),
+    );
+    assert!(!deny("app", "SELECT lower('x')"));
+    assert!(!deny("app", "SELECT plain()"));
+    for sql in [
+        "SELECT * FROM ts_stat('SELECT v FROM secrets')",
+        "SELECT query_to_xml('select * from secrets', true, false, '')",
+        "SELECT x FROM t, LATERAL pg_ls_dir('.') x",
+        "SELECT lo_get(42)",
+        "SELECT run_any('DELETE FROM t')",
+        "SELECT made_up_since(1)",
+        "WITH c AS (SELECT pg_catalog.ts_stat('x')) SELECT * FROM c",
+    ] {
+        assert!(deny("app", sql), "{sql}");
+    }
+    // Another database has its own catalog (none yet: fail closed); dba is exempt.
+    assert!(deny("elsewhere", "SELECT lower('x')"));
+    // The real PostgreSQL 15 catalog: the functions of the issue's attacks are classed.
+    p.set_function_catalog("pg15", pg15_catalog());
+    for (sql, denied) in [
+        ("SELECT * FROM ts_stat('SELECT v FROM secrets')", true),
+        ("SELECT ts_rewrite('a'::tsquery, 'SELECT * FROM aliases')", true),
+        ("SELECT pg_read_file('/etc/passwd')", true),
+        ("SELECT lo_import('/etc/passwd')", true),
+        ("SELECT table_to_xml('secrets', true, false, '')", true),
+        ("SELECT lower(name), count(*), now() FROM t GROUP BY 1", false),
+        // Classes are per name: every overload of ts_rewrite has the (text) one's.
+        ("SELECT ts_rewrite('a'::tsquery, 'b'::tsquery, 'c'::tsquery)", true),
+    ] {
+        assert_eq!(deny("pg15", sql), denied, "{sql}");
+    }
+    assert_eq!(p.decide(&id("d", DBA), "app", "SELECT run_any('x')", noon()).decision, Allow);
+    // A new catalog is seen at once by cached verdicts.
+    assert!(!deny("app", "SELECT plain()"));
+    p.set_function_catalog("app", FunctionCatalog::from_rows([row("plain", "v", "plpgsql", None, true)]));
+    assert!(deny("app", "SELECT plain()"));
+    // Classes are for deny rules.
+    let bad = Policy::from_toml("b.toml", "[[rule]]\nname = \"a\"\naction = \"allow\"\nfunctions = [\"@volatile\"]\n");
+    assert!(bad.is_err());
 }
