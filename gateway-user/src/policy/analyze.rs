@@ -665,6 +665,20 @@ fn object_kind(objtype: Option<&str>) -> String {
     }
 }
 
+/// Statements whose class and command follow from their node type alone.
+const SIMPLE_STATEMENTS: &[(&str, StatementClass, &str)] = &[
+    ("LockStmt", StatementClass::Write, "lock"),
+    ("NotifyStmt", StatementClass::Write, "notify"),
+    ("RefreshMatViewStmt", StatementClass::Write, "refresh materialized view"),
+    ("ListenStmt", StatementClass::Session, "listen"),
+    ("UnlistenStmt", StatementClass::Session, "unlisten"),
+    ("VariableShowStmt", StatementClass::Session, "show"),
+    ("ClosePortalStmt", StatementClass::Session, "close"),
+    ("CallStmt", StatementClass::Procedural, "call"),
+    ("CreateStmt", StatementClass::Ddl, "create table"),
+    ("ViewStmt", StatementClass::Ddl, "create view"),
+];
+
 /// A node's own contribution when it is a statement (nested statements are classified when
 /// the walk reaches them). `field`: where it stands in its parent (None: the root).
 fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut StatementInfo) {
@@ -715,32 +729,21 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
                 info.modifiers.insert(if program { Modifier::CopyProgram } else { Modifier::CopyFile });
             }
         }
-        "LockStmt" | "NotifyStmt" => {
-            info.classes.insert(Write);
-            info.add_command(ty.trim_end_matches("Stmt").to_ascii_lowercase());
-        }
-        "RefreshMatViewStmt" => {
-            info.classes.insert(Write);
-            info.add_command("refresh materialized view");
-        }
-        "ListenStmt" | "UnlistenStmt" | "DiscardStmt" | "VariableShowStmt" | "DeallocateStmt" | "ClosePortalStmt" => {
+        "DiscardStmt" => {
             info.classes.insert(Session);
-            let cmd = match ty {
-                "VariableShowStmt" => "show",
-                "ClosePortalStmt" => "close",
-                other => other.trim_end_matches("Stmt"),
-            };
-            info.add_command(cmd.to_ascii_lowercase());
-            if ty == "DiscardStmt" && str_field(b, "target") == Some("DISCARD_ALL") {
+            info.add_command("discard");
+            if str_field(b, "target") == Some("DISCARD_ALL") {
                 // DISCARD ALL includes SET SESSION AUTHORIZATION DEFAULT.
                 info.modifiers.insert(Modifier::IdentityChange);
             }
-            if ty == "DeallocateStmt" {
-                info.prepared = Some(match str_field(b, "name") {
-                    Some(n) => PreparedOp::Deallocate(n.to_string()),
-                    None => PreparedOp::DeallocateAll,
-                });
-            }
+        }
+        "DeallocateStmt" => {
+            info.classes.insert(Session);
+            info.add_command("deallocate");
+            info.prepared = Some(match str_field(b, "name") {
+                Some(n) => PreparedOp::Deallocate(n.to_string()),
+                None => PreparedOp::DeallocateAll,
+            });
         }
         "TransactionStmt" => {
             info.classes.insert(Transaction);
@@ -764,16 +767,16 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
             info.prepared = Some(PreparedOp::Prepare(str_field(b, "name").unwrap_or("").to_string()));
         }
         "ExplainStmt" => info.add_command("explain"),
+        simple if let Some((_, class, command)) = SIMPLE_STATEMENTS.iter().find(|(t, _, _)| *t == simple) => {
+            info.classes.insert(*class);
+            info.add_command(*command);
+        }
         "ExecuteStmt" => {
             info.add_command("execute");
             // Until the session tells us what it runs: a write.
             info.classes.insert(Write);
             info.modifiers.insert(Modifier::UnknownPrepared);
             info.execute = Some(str_field(b, "name").unwrap_or("").to_string());
-        }
-        "CallStmt" => {
-            info.classes.insert(Procedural);
-            info.add_command("call");
         }
         "DoStmt" => {
             info.classes.insert(Procedural);
@@ -848,14 +851,6 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
             info.classes.insert(Write);
             let matview = str_field(b, "objtype") == Some("OBJECT_MATVIEW");
             info.add_command(if matview { "create materialized view" } else { "create table" });
-        }
-        "CreateStmt" => {
-            info.classes.insert(Ddl);
-            info.add_command("create table");
-        }
-        "ViewStmt" => {
-            info.classes.insert(Ddl);
-            info.add_command("create view");
         }
         "RenameStmt" | "AlterObjectSchemaStmt" | "AlterOwnerStmt" => {
             info.classes.insert(Ddl);
