@@ -59,7 +59,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
 /// Stack of each event loop thread and of the runtimes' blocking threads. Statements are
 /// parsed and their trees walked on the loop that relays them (long ones on the blocking
-/// pool); `policy::MAX_NESTING` bounds their depth so that they need far less, and this
+/// pool); `policy::pgparse::MAX_NESTING` bounds their depth so that they need far less, and this
 /// leaves a wide margin (only the pages a thread touches take memory).
 const LOOP_STACK: usize = 64 << 20;
 

@@ -1,5 +1,5 @@
 //! A small, forgiving lexical scanner for SQL text the parser did not (or cannot) give an AST
-//! for: statements sqlparser rejects, `DO` blocks, and function/procedure bodies.
+//! for: statements the parser rejects, `DO` blocks, and function/procedure bodies.
 //!
 //! It never fails. It knows Postgres's comments (`--`, nested `/* */`), string forms (`'…'`,
 //! `E'…'`, `$tag$…$tag$`) and quoted identifiers well enough to find words, and it scans the
@@ -375,7 +375,7 @@ fn lex_value(v: &Lex) -> Option<String> {
     }
 }
 
-/// Guess the classes of a statement from its leading words (used for statements sqlparser
+/// Guess the classes of a statement from its leading words (used for statements the parser
 /// rejects). Ambiguous leads get the more dangerous class; an unknown lead is `unknown`.
 pub(crate) fn guess_classes(lead: &[String], f: &Findings) -> (ClassSet, String) {
     use StatementClass::*;

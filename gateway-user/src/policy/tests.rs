@@ -127,7 +127,7 @@ const CASES: &[Case] = &[
     (Ex, A, "app", Noon, "SELECT id FROM orders WHERE id IN (SELECT length(dblink_exec('host=x', 'drop table t')))", Deny, "no-dangerous-functions"),
     (Ex, A, "app", Noon, "WITH x AS (SELECT lo_export(1, '/tmp/x')) SELECT * FROM x", Deny, "no-dangerous-functions"),
     (Ex, A, "app", Noon, "SELECT CASE WHEN true THEN pg_terminate_backend(42) END", Deny, "no-dangerous-functions"),
-    // Unicode-escaped identifier: sqlparser alone reads this as `U & "\0070g_read_file"(…)`.
+    // Unicode-escaped identifier: Postgres reads the name pg_read_file.
     (Ex, A, "app", Noon, "SELECT U&\"\\0070g_read_file\"('PG_VERSION')", Deny, "no-dangerous-functions"),
     (Ex, A, "app", Noon, "SELECT U&\"!0070g_read_file\" UESCAPE '!'('PG_VERSION')", Deny, "no-dangerous-functions"),
     (Ex, A, "app", Noon, "SELECT * FROM table_to_xml('hr.salaries', true, false, '')", Deny, "no-dangerous-functions"),
@@ -149,7 +149,7 @@ const CASES: &[Case] = &[
     (Ex, A, "app", Noon, "SELECT 1; SELECT 2", Deny, "analysts-single-statement"),
     (Ex, E, "app", Noon, "SELECT 1; DROP TABLE orders", Deny, "ddl-outside-window"),
     (Ex, E, "app", Noon, "INSERT INTO orders VALUES (1); insert into orders values (2)", Allow, "engineers-dml"),
-    // sqlparser stops at a bare END; Postgres reads END as an alias and runs the DROP.
+    // Postgres reads END as an alias and runs the DROP.
     (Ex, DBA, "app", Noon, "SELECT 1 END; DROP TABLE orders", Deny, "ddl-outside-window"),
     (Ex, E, "app", Noon, "SELECT 1 END; DROP TABLE orders", Deny, "ddl-outside-window"),
     (Ex, A, "app", Noon, "SELECT 1 END", Allow, "analysts-read"),
