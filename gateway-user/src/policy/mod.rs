@@ -570,8 +570,14 @@ impl Policy {
         if sql.len() > MAX_CACHED_SQL {
             return Arc::new(self.build_entry(sql, None));
         }
+        // The exact text first: a text without constants (a Parse with $n) needs no key.
+        if let Some(e) = self.cache.get(sql, false) {
+            return e;
+        }
         let norm = normalize::normalize(sql);
-        if let Some(e) = self.cached(sql, norm.as_ref()) {
+        if let Some(n) = &norm
+            && let Some(e) = self.cache.get(&n.key, true)
+        {
             return e;
         }
         // Parse outside the lock.
