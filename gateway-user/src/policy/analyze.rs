@@ -142,10 +142,13 @@ pub enum Modifier {
     /// The text is longer than pgward parses or scans (`limits::MAX_PARSE_BYTES`). Always
     /// denied (built-in).
     TooLarge,
+    /// A DO block or function body that runs SQL text built at run time (`EXECUTE` of
+    /// anything but a string constant): pgward cannot see what it will run.
+    DynamicSql,
 }
 
 impl Modifier {
-    pub const ALL: [Modifier; 13] = [
+    pub const ALL: [Modifier; 14] = [
         Modifier::NoWhere,
         Modifier::MultiStatement,
         Modifier::ForUpdate,
@@ -159,6 +162,7 @@ impl Modifier {
         Modifier::UnknownPrepared,
         Modifier::Fastpath,
         Modifier::TooLarge,
+        Modifier::DynamicSql,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -175,6 +179,7 @@ impl Modifier {
             Modifier::UnknownPrepared => "unknown_prepared",
             Modifier::Fastpath => "fastpath",
             Modifier::TooLarge => "too_large",
+            Modifier::DynamicSql => "dynamic_sql",
         }
     }
 }
@@ -250,6 +255,10 @@ pub struct StatementInfo {
     /// Schemas named explicitly (schema-qualified names, CREATE/DROP/ALTER SCHEMA).
     pub schemas: Vec<String>,
     pub functions: Vec<QName>,
+    /// Functions a lexical scan of a body (DO, CREATE FUNCTION … AS '…') names: matched by
+    /// name patterns like `functions`, but not looked up for catalog classes (the body is not
+    /// run by this statement, and a scan also reports words that are not functions).
+    pub body_functions: Vec<QName>,
     /// `EXECUTE name`: the prepared statement's name (as Postgres folds it).
     pub execute: Option<String>,
     /// PREPARE / DEALLOCATE: what it does to the session's prepared statements.
@@ -286,6 +295,8 @@ impl StatementInfo {
         self.tables.dedup();
         self.functions.sort();
         self.functions.dedup();
+        self.body_functions.sort();
+        self.body_functions.dedup();
         self.schemas.sort();
         self.schemas.dedup();
         if self.classes.is_empty() {
@@ -903,7 +914,7 @@ fn scan_bodies(b: &Map<String, Value>, info: &mut StatementInfo) {
         for body in &bodies {
             let f = lexical::scan(body);
             info.modifiers |= f.modifiers;
-            info.functions.extend(f.functions);
+            info.body_functions.extend(f.functions);
         }
     }
 }

@@ -333,6 +333,15 @@ fn scan_into(text: &str, depth: usize, f: &mut Findings) {
                 if w == "search_path" {
                     f.modifiers.insert(Modifier::SearchPath);
                 }
+                // PL/pgSQL `EXECUTE <expression>`: SQL text built at run time, unless the
+                // expression is a single string constant (whose contents are scanned above).
+                if w == "execute" && depth == 0 {
+                    let constant = matches!(toks.get(i + 1), Some(Lex::Str(_)))
+                        && matches!(toks.get(i + 2), None | Some(Lex::Punct(';')) | Some(Lex::Word(_)));
+                    if !constant {
+                        f.modifiers.insert(Modifier::DynamicSql);
+                    }
+                }
                 if w == "set_config" && punct(i + 1, '(') {
                     match (toks.get(i + 2), toks.get(i + 3)) {
                         (Some(Lex::Str(name)), Some(Lex::Punct(','))) => {

@@ -953,12 +953,14 @@ fn content_matches(
         }
     }
     let in_class = |f: &QName| r.fn_classes != 0 && classes.is_some_and(|c| c(f) & r.fn_classes != 0);
-    if (!r.functions.is_empty() || r.fn_classes != 0)
-        && !check(&info.functions, deny, |f| {
-            r.functions.iter().any(|p| name_matches(p, f, deny, search_path)) || in_class(f)
-        })
-    {
-        return false;
+    let named = |f: &QName| r.functions.iter().any(|p| name_matches(p, f, deny, search_path));
+    if !r.functions.is_empty() || r.fn_classes != 0 {
+        let called = check(&info.functions, deny, |f| named(f) || in_class(f));
+        let in_bodies = check(&info.body_functions, deny, named);
+        let ok = if deny { called || in_bodies } else { called && in_bodies };
+        if !ok {
+            return false;
+        }
     }
     if !r.modifiers.is_empty() && info.modifiers.0 & r.modifiers.0 == 0 {
         return false;

@@ -1267,6 +1267,38 @@ fn evasion_attempts_are_denied() {
             failures.push(format!("analyst: {sql:?} allowed by {}", v.rule));
         }
     }
+    // SQL built at run time inside a body: denied to non-admins by the default policy, whatever
+    // the string pieces say; a constant EXECUTE is read like any statement.
+    for sql in [
+        "DO $$BEGIN EXECUTE 'SE' || 'T ROLE postgres'; END$$",
+        "DO $$DECLARE r text := 'ROLE'; BEGIN EXECUTE format('SET %s postgres', r); END$$",
+        "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$BEGIN EXECUTE 'RESET ' || 'ROLE'; END$$",
+        "CREATE PROCEDURE p() LANGUAGE plpgsql AS 'BEGIN OPEN c FOR EXECUTE q; END'",
+        "SELECT query_to_xml('SET ROLE postgres', true, false, '')",
+    ] {
+        let v = dflt.decide(&anyone, "app", sql, noon());
+        if v.decision != Deny || !v.rule.starts_with("no-dynamic-sql") {
+            failures.push(format!("{sql:?}: {:?} by {}", v.decision, v.rule));
+        }
+        let v = dflt.decide(&id("root", &["pgward_admins"]), "app", sql, noon());
+        if v.decision != Allow {
+            failures.push(format!("admin: {sql:?}: denied by {}", v.rule));
+        }
+    }
+    for sql in [
+        "DO $$BEGIN EXECUTE 'SET ROLE postgres'; END$$",
+        "DO $$DECLARE r text := 'postgres'; BEGIN EXECUTE format('SET ROLE %I', r); END$$",
+        "CREATE FUNCTION g() RETURNS void LANGUAGE plpgsql AS $$BEGIN EXECUTE 'SELECT set_config(''role'', ''x'', false)'; END$$",
+    ] {
+        let v = dflt.decide(&anyone, "app", sql, noon());
+        if v.decision != Deny || v.rule != "builtin:identity-change" {
+            failures.push(format!("{sql:?}: {:?} by {}", v.decision, v.rule));
+        }
+    }
+    let v = dflt.decide(&anyone, "app", "DO $$BEGIN EXECUTE 'SELECT 1' INTO x; INSERT INTO t(a) VALUES (1); END$$", noon());
+    if v.decision != Allow {
+        failures.push(format!("a constant EXECUTE: denied by {}", v.rule));
+    }
     // Things that stay allowed: keeping a setting at the value pgward parses with.
     for sql in [
         "SET standard_conforming_strings = on",
