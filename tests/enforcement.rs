@@ -227,3 +227,29 @@ fn catalog_function_classes_are_enforced() {
     let msgs = c.simple_query("SELECT public.shout('ok'), lower('X'), count(*) FROM items").expect("answered");
     assert_eq!(raw::rows(&msgs), vec![vec![Some("OK".into()), Some("x".into()), Some("3".into())]], "{}", raw::describe_all(&msgs));
 }
+
+/// set_config called through the protocol's FunctionCall message (by OID, arguments as
+/// bytes): an identity change whatever the arguments, denied to everyone; the session keeps
+/// its role and goes on.
+#[test]
+fn fastpath_set_config_is_denied() {
+    let e = env("enf_fastpath", |b| b);
+    let (_, login) = e.login("wendy", &["writers"], "15m");
+    let mut c = RawConn::connect(&login, &[]).expect("login");
+    let mut body = Vec::new();
+    body.extend_from_slice(&2078i32.to_be_bytes()); // pg_catalog.set_config
+    body.extend_from_slice(&1i16.to_be_bytes()); // one format code: text for all
+    body.extend_from_slice(&0i16.to_be_bytes());
+    body.extend_from_slice(&3i16.to_be_bytes());
+    for arg in ["role", "postgres", "false"] {
+        body.extend_from_slice(&(arg.len() as i32).to_be_bytes());
+        body.extend_from_slice(arg.as_bytes());
+    }
+    body.extend_from_slice(&0i16.to_be_bytes()); // result in text
+    c.send(&fe::raw_msg(b'F', &body)).expect("send");
+    let msgs = c.recv_until_ready().expect("answered");
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("allowed: {}", raw::describe_all(&msgs)));
+    assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{}", err.describe());
+    assert!(err.describe().contains("builtin:identity-change"), "{}", err.describe());
+    assert_eq!(current_user(&mut c), e.rw);
+}

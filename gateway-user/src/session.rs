@@ -1337,7 +1337,7 @@ impl Relay {
                 rec.sql = Some(format!("-- fastpath function call: oid {oid}"));
                 rec.params = Some(args);
                 let mut p = Pending::new(PendKind::FunctionCall);
-                let verdict = self.shared.policy.decide_function_call(&self.policy_identity, &self.database, chrono::Utc::now());
+                let verdict = self.shared.policy.decide_function_call(&self.policy_identity, &self.database, oid, chrono::Utc::now());
                 let frame = if Self::apply_verdict(&mut rec, &mut p, &verdict) { f } else { self.marker_function_call() };
                 p.rec_idx = self.submit(batch, rec);
                 batch.frames.push((frame, Some(batch.pendings.len())));

@@ -67,6 +67,9 @@ use crate::lock;
 use file::{Compiled, NamePat, Rule};
 pub(crate) use file::glob_match;
 
+/// `pg_catalog.set_config(text, text, bool)` in every PostgreSQL release's catalog.
+pub const SET_CONFIG_OID: i32 = 2078;
+
 /// The policy shipped with the binary (the repository's `policies/default.toml`).
 pub const DEFAULT_POLICY_TOML: &str = include_str!("../../../policies/default.toml");
 
@@ -182,6 +185,12 @@ struct Entry {
     memo: Mutex<Vec<Memo>>,
 }
 
+impl Entry {
+    fn empty() -> Entry {
+        Entry { key: "".into(), normalized: false, stmts: Vec::new(), has_execute: false, memo: Mutex::new(Vec::new()) }
+    }
+}
+
 /// Key hash → entries with that hash (compared by key), and the shard's counters.
 struct Shard {
     lru: LruCache<u64, Vec<Arc<Entry>>>,
@@ -279,6 +288,8 @@ pub struct Policy {
     c: Compiled,
     cache: Cache,
     fastpath: Arc<Entry>,
+    /// A fastpath call of set_config (an identity or lexical change pgward cannot read).
+    fastpath_set_config: Arc<Entry>,
     /// Function catalogs by database, for rules that name catalog function classes:
     /// (generation, catalog). A database without one: every function is in every class.
     catalogs: std::sync::RwLock<std::collections::HashMap<String, (u64, Arc<functions::FunctionCatalog>)>>,
@@ -353,26 +364,25 @@ impl Policy {
             catalog_generation: std::sync::atomic::AtomicU64::new(1),
             class_rules,
             cache: Cache::new(DEFAULT_CACHE_ENTRIES),
-            fastpath: Arc::new(Entry {
-                key: "".into(),
-                normalized: false,
-                stmts: Vec::new(),
-                has_execute: false,
-                memo: Mutex::new(Vec::new()),
-            }),
+            fastpath: Arc::new(Entry::empty()),
+            fastpath_set_config: Arc::new(Entry::empty()),
         };
-        let mut info = StatementInfo { text: "<fastpath function call>".into(), ..Default::default() };
-        info.classes.insert(StatementClass::Admin);
-        info.modifiers.insert(Modifier::Fastpath);
-        info.commands.push("function call".into());
-        let stmt = p.stmt(Arc::new(info));
-        p.fastpath = Arc::new(Entry {
-            key: "".into(),
-            normalized: false,
-            stmts: vec![stmt],
-            has_execute: false,
-            memo: Mutex::new(Vec::new()),
-        });
+        let fastpath = |set_config: bool| {
+            let mut info = StatementInfo { text: "<fastpath function call>".into(), ..Default::default() };
+            info.classes.insert(StatementClass::Admin);
+            info.modifiers.insert(Modifier::Fastpath);
+            if set_config {
+                // Its arguments are binary values pgward does not read: any setting, 'role'
+                // included.
+                info.modifiers.insert(Modifier::IdentityChange);
+                info.functions.push(QName::new(Some("pg_catalog".into()), "set_config".into()));
+            }
+            info.commands.push("function call".into());
+            info
+        };
+        let (plain, set_config) = (p.stmt(Arc::new(fastpath(false))), p.stmt(Arc::new(fastpath(true))));
+        p.fastpath = Arc::new(Entry { stmts: vec![plain], ..Entry::empty() });
+        p.fastpath_set_config = Arc::new(Entry { stmts: vec![set_config], ..Entry::empty() });
         p
     }
 
@@ -500,10 +510,12 @@ impl Policy {
     }
 
     /// A protocol-level FunctionCall ('F' message): only an OID is known, so it is a statement
-    /// of class `admin` with modifier `fastpath` and no known function name.
-    pub fn decide_function_call(&self, identity: &Identity, database: &str, now: DateTime<Utc>) -> Arc<Verdict> {
+    /// of class `admin` with modifier `fastpath` and no known function name — except
+    /// set_config's OID, which is an identity change (built-in denial).
+    pub fn decide_function_call(&self, identity: &Identity, database: &str, oid: i32, now: DateTime<Utc>) -> Arc<Verdict> {
         let windows = self.window_bits(now);
-        self.memoized(&self.fastpath, identity, database, windows, None)
+        let entry = if oid == SET_CONFIG_OID { &self.fastpath_set_config } else { &self.fastpath };
+        self.memoized(entry, identity, database, windows, None)
     }
 
     /// The analysis of `sql` (cached), without deciding anything.

@@ -377,12 +377,17 @@ fn roles_and_groups() {
 #[test]
 fn fastpath_calls() {
     let p = example();
-    let v = p.decide_function_call(&id("a", E), "app", noon());
+    let v = p.decide_function_call(&id("a", E), "app", 1, noon());
     assert_eq!((v.decision, v.rule.as_str()), (Deny, "no-server-access"));
-    let v = p.decide_function_call(&id("a", DBA), "app", noon());
+    let v = p.decide_function_call(&id("a", DBA), "app", 1, noon());
     assert_eq!((v.decision, v.rule.as_str()), (Allow, "default:dba"));
-    let v = Policy::builtin_only().decide_function_call(&id("a", NONE), "app", noon());
+    let v = Policy::builtin_only().decide_function_call(&id("a", NONE), "app", 1, noon());
     assert_eq!(v.decision, Allow);
+    // set_config by OID: its arguments could name any setting; nobody may call it this way.
+    for who in [id("a", NONE), id("a", DBA)] {
+        let v = p.decide_function_call(&who, "app", SET_CONFIG_OID, noon());
+        assert_eq!((v.decision, v.rule.as_str()), (Deny, "builtin:identity-change"));
+    }
 }
 
 #[test]
