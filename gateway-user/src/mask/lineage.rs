@@ -135,10 +135,20 @@ pub enum StmtKind {
     Unknown,
 }
 
-/// Analyze a query string: one entry per statement. None: the string does not parse (callers
-/// treat each result as `Unknown`).
-pub fn analyze(sql: &str, r: &dyn Resolver) -> Option<Vec<StmtKind>> {
+/// The statements of `sql` as sqlparser reads them, when Postgres's own parser splits the
+/// string into as many: a text the two read differently (an operator followed by a comment
+/// start, say) has no lineage, and its results are treated as derived from every rule.
+fn parse_agreeing(sql: &str) -> Option<Vec<sqlparser::ast::Statement>> {
     let stmts = crate::mask::sqlparser_limits::parse_sql(sql)?;
+    let server = crate::policy::pgparse::parse(sql).ok()?;
+    let count = server.get("stmts").and_then(|s| s.as_array()).map_or(0, Vec::len);
+    (count == stmts.len()).then_some(stmts)
+}
+
+/// Analyze a query string: one entry per statement. None: the string does not parse, or
+/// sqlparser and Postgres split it differently (callers treat each result as `Unknown`).
+pub fn analyze(sql: &str, r: &dyn Resolver) -> Option<Vec<StmtKind>> {
+    let stmts = parse_agreeing(sql)?;
     let read = Cell::new(false);
     Some(stmts.iter().map(|s| statement(s, r, &read)).collect())
 }
@@ -150,7 +160,7 @@ pub fn analyze(sql: &str, r: &dyn Resolver) -> Option<Vec<StmtKind>> {
 /// this text), and lineage read no literal's value (it reads none, except the alias guessed
 /// from an opaque FROM item's text, which counts when that item holds a literal).
 pub(crate) fn analyze_normalized(sql: &str, r: &dyn Resolver, norm: &Normalized) -> (Option<Vec<StmtKind>>, bool) {
-    let Some(stmts) = crate::mask::sqlparser_limits::parse_sql(sql) else { return (None, false) };
+    let Some(stmts) = parse_agreeing(sql) else { return (None, false) };
     let read = Cell::new(false);
     let out: Vec<StmtKind> = stmts.iter().map(|s| statement(s, r, &read)).collect();
     let shareable = !read.get() && norm.values_cover_literals(sql, &stmts);
@@ -889,6 +899,19 @@ mod tests {
         fn columns_of(&self, _schema: Option<&str>, table: &str) -> Option<Vec<String>> {
             (table == "customers").then(|| vec!["id".into(), "name".into(), "card".into(), "email".into()])
         }
+    }
+
+    /// A string sqlparser reads as one statement and Postgres as several gets no lineage
+    /// (every result is then treated as derived from every rule).
+    #[test]
+    fn texts_the_two_parsers_split_differently_have_no_lineage() {
+        for sql in [
+            "SELECT 1 #-- '\n 2; SELECT upper(card) FROM customers; --'",
+            "SELECT 1 |/* '*/ 2; SELECT upper(card) FROM customers; -- '",
+        ] {
+            assert!(analyze(sql, &R).is_none(), "{sql:?}");
+        }
+        assert!(analyze("SELECT 1; SELECT upper(card) FROM customers", &R).is_some());
     }
 
     fn cols(sql: &str) -> Vec<(u64, bool)> {

@@ -220,6 +220,13 @@ impl LineageCache {
             return lineage::analyze(sql, r);
         }
         let norm = crate::mask::sqlparser_normalize::normalize(sql);
+        // Shared entries are keyed by sqlparser's normalized text and the server lexer's:
+        // texts that share both are read alike by both parsers, whatever their constants.
+        let server_key = norm.as_ref().and(crate::policy::normalize::normalize(sql)).map(|n| n.key);
+        let norm = norm.zip(server_key).map(|(mut n, k)| {
+            n.key = format!("{}\u{1}{k}", n.key);
+            n
+        });
         let (hasher, map) = self.map.get_or_insert_with(|| {
             let cap = NonZeroUsize::new(LINEAGE_CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN);
             (RandomState::new(), lru::LruCache::new(cap))

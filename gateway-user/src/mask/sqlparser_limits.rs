@@ -29,7 +29,7 @@ use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 pub const MAX_PARSE_BYTES: usize = 1 << 20;
 
 /// Most tokens that may deepen the tree, per statement ([`nesting_bound`]). The policy's
-/// and masking's walks of the deepest such tree, and its drop, fit an 8 MiB stack in a debug
+/// and masking's walks of the deepest such tree, and its drop, fit half a 64 MiB stack in a debug
 /// build (test `deepest_allowed_statements_fit_a_small_stack`; 16 000 levels do not); the
 /// event loops have 64 MiB (`server`).
 pub const MAX_NESTING: usize = 4000;
@@ -209,12 +209,12 @@ mod tests {
         assert!(parse_sql(&in_list).is_some(), "a long IN list");
     }
 
-    /// The deepest statements lineage parses are analyzed and dropped on an 8 MiB stack — the
+    /// The deepest statements lineage parses are analyzed and dropped on half the stack pgward's threads have — the
     /// event loops have 64 MiB. A few levels deeper, lineage gives up.
     #[test]
     fn deepest_allowed_statements_fit_a_small_stack() {
         let run = std::thread::Builder::new()
-            .stack_size(8 << 20)
+            .stack_size(32 << 20)
             .spawn(|| {
                 for (name, sql) in chains(MAX_NESTING) {
                     let b = nesting_bound(&tokens(&sql));
