@@ -19,6 +19,8 @@ pub enum PolicyCommand {
     Check(CheckArgs),
     /// Load the policy files and print a summary (exit 0 if they are valid).
     Validate(ValidateArgs),
+    /// Print the catalog query whose output `check --catalog` reads.
+    CatalogSql,
 }
 
 #[derive(Debug, clap::Args)]
@@ -43,6 +45,12 @@ pub struct CheckArgs {
     /// A prepared statement the session knows, NAME=SQL (repeatable), for EXECUTE NAME.
     #[arg(long = "prepared", value_name = "NAME=SQL")]
     pub prepared: Vec<String>,
+    /// The database's function catalog, for rules on catalog function classes (`@volatile`,
+    /// `@dynamic_sql`, …): the output of the query in `pgward policy catalog-sql`, as
+    /// `psql -At -F $'\t'` prints it. Without it such rules treat every function as in every
+    /// class (as the gateway does until it has read the catalog).
+    #[arg(long, value_name = "FILE")]
+    pub catalog: Option<PathBuf>,
     /// Print the verdict as JSON.
     #[arg(long)]
     pub json: bool,
@@ -71,6 +79,10 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
             let mut out = std::io::stdout().lock();
             out.write_all(text.as_bytes()).and_then(|_| out.flush()).context("cannot write the verdict")?;
             Ok(ExitCode::from(code))
+        }
+        PolicyCommand::CatalogSql => {
+            println!("{};", crate::policy::functions::CATALOG_SQL);
+            Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Validate(args) => {
             let (policy, _) = load(args.config.as_ref(), &args.policy)?;
@@ -107,6 +119,19 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<(u8, String)> {
         issued_at: 0,
     };
     let database = args.database.clone().unwrap_or(default_db);
+    let mut note = String::new();
+    match &args.catalog {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let cat = crate::policy::functions::FunctionCatalog::from_tsv(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            policy.set_function_catalog(&database, cat);
+        }
+        None if policy.uses_function_classes() && !args.json => {
+            note = "note: no --catalog: rules on catalog function classes treat every function as in every class\n".into();
+        }
+        None => {}
+    }
     let now: DateTime<Utc> = match &args.at {
         None => Utc::now(),
         Some(s) => DateTime::parse_from_rfc3339(s.trim())
@@ -121,7 +146,8 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<(u8, String)> {
     let sql = args.sql.join(" ");
     let lookup = |n: &str| prepared.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     let verdict = policy.decide_with_prepared(&identity, &database, &sql, now, &lookup);
-    let text = if args.json { render_json(&verdict, &policy, &identity) } else { render(&verdict, &policy, &identity) };
+    let mut text = if args.json { render_json(&verdict, &policy, &identity) } else { render(&verdict, &policy, &identity) };
+    text.push_str(&note);
     Ok((if verdict.decision == Action::Allow { 0 } else { 1 }, text))
 }
 
@@ -228,6 +254,28 @@ mod tests {
             crate::cli::Command::Policy(PolicyCommand::Check(a)) => a,
             other => panic!("not policy check: {other:?}"),
         }
+    }
+
+    #[test]
+    fn catalog_file_for_function_classes() {
+        let default = repo_file("policies/default.toml");
+        let catalog = repo_file("gateway-user/src/policy/testdata/pg15_proc.tsv");
+        let (p, c) = (default.to_str().unwrap(), catalog.to_str().unwrap());
+        let base = ["--policy", p, "--user", "bob", "--groups", "staff", "--database", "app"];
+        let with = |extra: &[&str], sql: &str| {
+            let mut a: Vec<&str> = base.to_vec();
+            a.extend_from_slice(extra);
+            a.extend_from_slice(&["--", sql]);
+            check(&args(&a)).unwrap()
+        };
+        let (code, text) = with(&[], "SELECT lower('x')");
+        assert_eq!(code, 1, "{text}");
+        assert!(text.contains("note: no --catalog"), "{text}");
+        let (code, text) = with(&["--catalog", c], "SELECT lower('x')");
+        assert_eq!(code, 0, "{text}");
+        let (code, text) = with(&["--catalog", c], "SELECT * FROM ts_stat('SELECT v FROM t')");
+        assert_eq!(code, 1, "{text}");
+        assert!(text.contains("no-dynamic-sql-functions"), "{text}");
     }
 
     #[test]

@@ -154,6 +154,16 @@ impl FunctionCatalog {
         if found { bits } else { ALL }
     }
 
+    /// From [`CATALOG_SQL`]'s output as `psql -At -F '<tab>'` prints it (NULL as empty).
+    pub fn from_tsv(text: &str) -> Result<FunctionCatalog, String> {
+        let mut rows = Vec::new();
+        for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let fields: Vec<Option<String>> = line.split('\t').map(|f| (!f.is_empty()).then(|| f.to_string())).collect();
+            rows.push(ProcRow::from_text(&fields).ok_or_else(|| format!("line {}: not a pg_proc row", n + 1))?);
+        }
+        Ok(FunctionCatalog::from_rows(rows))
+    }
+
     pub fn len(&self) -> usize {
         self.by_name.values().map(Vec::len).sum()
     }

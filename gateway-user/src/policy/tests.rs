@@ -15,11 +15,7 @@ const EXAMPLE: &str = include_str!("../../../policies/example.toml");
 const PG15_PROC: &str = include_str!("testdata/pg15_proc.tsv");
 
 fn pg15_catalog() -> super::functions::FunctionCatalog {
-    let rows = PG15_PROC.lines().filter_map(|l| {
-        let row: Vec<Option<String>> = l.split('\t').map(|f| (!f.is_empty()).then(|| f.to_string())).collect();
-        super::functions::ProcRow::from_text(&row)
-    });
-    super::functions::FunctionCatalog::from_rows(rows)
+    super::functions::FunctionCatalog::from_tsv(PG15_PROC).expect("fixture parses")
 }
 
 /// The databases the tables below use, each with the PostgreSQL 15 catalog.
