@@ -117,7 +117,7 @@ fn init(args: &InitArgs) -> anyhow::Result<String> {
         "default policy (existing file kept)"
     } else {
         write(&policy, DEFAULT_POLICY.as_bytes(), 0o644)?;
-        "default policy (allows everything)"
+        "default policy (server files, programs and dynamic SQL for pgward_admins only)"
     };
 
     // Service role password.
