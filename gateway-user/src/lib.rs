@@ -1,6 +1,6 @@
 //! pgward: a token-authenticated, policy-checked, audited Postgres gateway.
 //!
-//! Rooms (see DESIGN.md): `config`, `cli`, `auth` (tokens), `tls`, `wire` (frames),
+//! Rooms (see docs/architecture.md): `config`, `cli`, `auth` (tokens), `tls`, `wire` (frames),
 //! `session` (per-connection state machine), `upstream` (connect + auth to the real Postgres,
 //! cancel map), `pool` (upstream session pooling), `server` (listeners), `policy`, `access` (token revocation, JIT grants),
 //! `audit` (records, writer, reader, verify), `ebpf`.
