@@ -158,12 +158,12 @@ pub struct AuditConfig {
     /// the next batch's sync start while the previous one is still in flight — but batches
     /// share the page being appended to, and a page under writeback is written again only
     /// after that write completes, so on one disk the second sync mostly waits anyway while
-    /// batches get smaller: 1 measured ~7% more select throughput with less CPU than 2.
+    /// batches get smaller: one thread gives more throughput for less CPU.
     #[serde(default = "default_sync_threads")]
     pub sync_threads: usize,
     /// With `fsync` group/always and one sync thread: write batches with O_DIRECT and then
-    /// fdatasync (only a cache flush is left to it), instead of through the page cache. On
-    /// this project's VM disk: 99 vs 154 µs and half the CPU per durable batch. Falls back
+    /// fdatasync (only a cache flush is left to it), instead of through the page cache: less
+    /// latency and about half the CPU per durable batch. Falls back
     /// to the page cache (with a warning) where the filesystem refuses direct I/O.
     #[serde(default = "default_true")]
     pub direct_io: bool,

@@ -64,9 +64,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 const LOOP_STACK: usize = 64 << 20;
 
 /// `worker_threads = 0`: one event loop per 4 cores, at least one. pgward shares the host
-/// with Postgres, and one loop relays ~18k pgbench selects/s at about half a core on this
-/// 2-core VM; a second loop there only added wakeups between the loops (fsync off, 8
-/// clients: 32 vs 28-30 µs of pgward CPU per transaction at the same throughput).
+/// with Postgres, and one loop relays a pgbench select load at about half a core on 2 cores;
+/// on small hosts a second loop only adds wakeups between the loops.
 fn auto_loops(cores: usize) -> usize {
     (cores / 4).max(1)
 }

@@ -817,9 +817,9 @@ struct Relay {
 }
 
 /// Query and Parse texts at least this long that the policy has not analyzed yet are parsed
-/// on tokio's blocking pool, not on the event loop: parsing costs ~0.2–2 µs per byte
-/// (a 480 KB multi-row INSERT stalled every other session on its loop for ~90 ms), and
-/// handing a text over costs two thread wakeups (~60 µs here).
+/// on tokio's blocking pool, not on the event loop: parsing costs in the order of a
+/// microsecond per byte (a long multi-row INSERT would stall every other session on its
+/// loop), while handing a text over costs two thread wakeups, too much for short texts.
 const ANALYZE_AHEAD_BYTES: usize = 8 * 1024;
 
 /// A complete Query or Parse frame (tag, whole message) whose body is [`ANALYZE_AHEAD_BYTES`]

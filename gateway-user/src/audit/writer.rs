@@ -311,9 +311,10 @@ const DIO_ALIGN: usize = 4096;
 
 /// A batch written with O_DIRECT: whole blocks from the one holding the segment's current end
 /// (its earlier bytes rewritten unchanged) to the zero-padded block holding the batch's end.
-/// Measured on this project's VM disk (4 KiB write + fdatasync): 99 µs and 28 µs CPU vs 154
-/// µs and 60 µs through the page cache. The write and the flush both happen outside the log
-/// lock, in order (one writer thread), so blocks are never in flight twice at once.
+/// The fdatasync then only flushes the device cache, where through the page cache it would
+/// also run the writeback machinery for one dirty page: less latency and about half the CPU
+/// per durable batch. The write and the flush both happen outside the log lock, in order (one
+/// writer thread), so blocks are never in flight twice at once.
 struct DirectWrite {
     buf: AlignedBuf,
     at: u64,
@@ -871,9 +872,8 @@ fn open_sync_fds(path: &Path, n: usize) -> Result<Vec<Arc<File>>, AuditError> {
 }
 /// Reserve the rest of a segment (up to `size` bytes) so batches overwrite allocated,
 /// zero-filled space instead of appending (like Postgres WAL segments): an append changes
-/// the file's size, so every fdatasync would also write the inode — a second I/O per flush
-/// (measured here: 68 µs CPU and 170 µs per append+fdatasync vs 41 µs and 89 µs
-/// overwriting). Readers treat the first NUL byte as the end of the content (JSON lines
+/// the file's size, so every fdatasync would also write the inode — a second I/O per flush.
+/// Readers treat the first NUL byte as the end of the content (JSON lines
 /// never contain one). Returns the file's size afterwards; where the filesystem cannot
 /// preallocate, the segment just grows with each write as before.
 fn preallocate(file: &File, len: u64, size: u64) -> u64 {
@@ -891,8 +891,8 @@ fn preallocate(file: &File, len: u64, size: u64) -> u64 {
 /// inode number only: a stat that includes the timestamps (as `std::fs::metadata` does)
 /// marks them as observed, so Linux (6.13+, multigrain timestamps) gives the next write a
 /// fine-grained mtime, the inode is dirty after every batch, and every fdatasync writes the
-/// inode as well as the data — measured here: 47 -> 72..92 µs CPU and 109 -> 140..189 µs
-/// per write+fdatasync. Without the query, mtime moves once per clock tick.
+/// inode as well as the data (a second I/O per flush). Without the query, mtime moves once
+/// per clock tick.
 fn names_file(c: &CStr, dev: u64, ino: u64) -> bool {
     // SAFETY: an all-zero statx is a valid value of this plain C struct.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
@@ -912,9 +912,8 @@ fn path_cstring(path: &Path) -> Arc<CString> {
 
 /// What a writer thread checks before it writes a batch: that the audit directory is
 /// writable and that the segment's path still names the open file. Taken under the log lock
-/// (a few reference counts), run without it: the two system calls used to run under the lock,
-/// and the event loop blocked on the lock, appending its next record, during nearly every
-/// batch (the writer's trace showed a futex wake before every write).
+/// (a few reference counts), run without it: under the lock, the event loop appending its
+/// next record would block on the two system calls during nearly every batch.
 struct ProbeTarget {
     dir_c: Arc<CString>,
     seg_id: u64,
@@ -998,8 +997,7 @@ impl OpenSegment {
     /// Before writing `n` bytes at `len`: make sure they land on blocks that already hold
     /// written zeros, by writing the next `ZERO_AHEAD` bytes of zeros now and then.
     /// `fallocate` only reserves blocks ("unwritten"); the first write into each one
-    /// converts it, and that metadata change makes the next fdatasync write the inode too
-    /// (measured: 138 µs p50 and 50 µs CPU per batch+fdatasync vs 94 µs and 44 µs). The
+    /// converts it, and that metadata change makes the next fdatasync write the inode too. The
     /// zeros reach the disk with the next sync, in one larger write, once per `ZERO_AHEAD`.
     fn zero_ahead(&mut self, n: u64) -> io::Result<()> {
         let need = self.len + n;
