@@ -1053,7 +1053,7 @@ fn provision_script_in_isolated_root() {
     let report = out.expect_ok();
     assert!(report.contains("Kept: the audit log"), "{report}");
     // The pinned interception (it outlived pgward's stop) is detached by uninstall, audited.
-    assert!(report.contains("detached 6 interception programs"), "{report}");
+    assert!(report.contains("detached 8 interception programs"), "{report}");
     for gone in [
         "/etc/pgward",
         "/etc/systemd/system/pgward.service",

@@ -57,13 +57,15 @@ fn status_shows_attached_programs_and_counters() {
             ("pgw_connect6", "cgroup/connect6"),
             ("pgw_getpeer4", "cgroup/getpeername4"),
             ("pgw_getpeer6", "cgroup/getpeername6"),
+            ("pgw_bind4", "cgroup/bind4"),
+            ("pgw_bind6", "cgroup/bind6"),
             ("pgw_sockops", "sock_ops"),
             ("pgw_sk_lookup", "sk_lookup"),
         ]
     );
     assert!(programs.iter().all(|p| p["attached"] == true), "{st}");
-    assert!(programs[..5].iter().all(|p| p["target"] == cg.path.display().to_string()), "{st}");
-    assert_eq!(st["counters"].as_array().unwrap().len(), 12);
+    assert!(programs[..7].iter().all(|p| p["target"] == cg.path.display().to_string()), "{st}");
+    assert_eq!(st["counters"].as_array().unwrap().len(), 16);
 
     assert_eq!(counter(&pw, "pgw_connect4", "redirected"), 0);
     let o = Client::in_cgroup(&cg).connect(v4(port));
@@ -76,7 +78,7 @@ fn status_shows_attached_programs_and_counters() {
     let out = common::pgward_cli(&["status".as_ref(), "--config".as_ref(), pw.config_path.as_os_str()] as &[&std::ffi::OsStr]);
     let text = out.expect_ok();
     assert!(text.starts_with("interception: on"), "{text}");
-    for p in ["pgw_connect4", "pgw_connect6", "pgw_getpeer4", "pgw_getpeer6", "pgw_sockops", "pgw_sk_lookup"] {
+    for p in ["pgw_connect4", "pgw_connect6", "pgw_getpeer4", "pgw_getpeer6", "pgw_bind4", "pgw_bind6", "pgw_sockops", "pgw_sk_lookup"] {
         assert!(text.lines().any(|l| l.starts_with(p) && l.contains("attached")), "{p} in:\n{text}");
     }
 }
@@ -99,7 +101,7 @@ fn sigterm_leaves_interception_closed_until_detached() {
     let c = cluster();
     let mut pw = intercepting(&cg, any_port(c.port), |_| {});
     let ids = program_ids(&pw);
-    assert_eq!(ids.len(), 5);
+    assert_eq!(ids.len(), 7);
     assert!(ids.iter().all(|id| program_loaded(*id)));
     assert!(cg.gateway().exists());
     let db = c.create_database("icpt_sigterm");
@@ -109,7 +111,7 @@ fn sigterm_leaves_interception_closed_until_detached() {
 
     let st = pw.stop().expect("pgward was running");
     assert!(st.success(), "serve exits 0 on SIGTERM: {st:?}\n{}", pw.stderr_log());
-    assert!(pw.stderr_log().contains("interception stays closed while pgward is stopped: 5 eBPF programs remain pinned"), "{}", pw.stderr_log());
+    assert!(pw.stderr_log().contains("interception stays closed while pgward is stopped: 7 eBPF programs remain pinned"), "{}", pw.stderr_log());
     // ...and while no pgward serves, the service password gets nowhere: refused, every family.
     std::thread::sleep(Duration::from_millis(300));
     assert!(ids.iter().all(|id| program_loaded(*id)), "the programs stay loaded");
@@ -126,14 +128,14 @@ fn sigterm_leaves_interception_closed_until_detached() {
 
     // Detaching is the explicit, audited step; afterwards the real Postgres (SCRAM) again.
     let out = support::detach(&pw);
-    assert!(out.success() && out.stdout.contains("detached 5 interception programs"), "{}", out.describe());
+    assert!(out.success() && out.stdout.contains("detached 7 interception programs"), "{}", out.describe());
     wait_until("programs unloaded after detach", || ids.iter().all(|id| !program_loaded(*id)));
     let o = Client::in_cgroup(&cg).login(v4(c.port), &c.svc_user, &c.svc_password, &db, None);
     assert_eq!(o.auth, [10], "{o:?}");
     let recs = pw.audit_records();
     let rec = recs.iter().find(|r| r["kind"] == "intercept_detach").unwrap_or_else(|| panic!("no intercept_detach record: {recs:?}"));
     assert_eq!(rec["meta"]["reason"], "test", "{rec}");
-    assert_eq!(rec["meta"]["programs"].as_array().map(|a| a.len()), Some(5), "{rec}");
+    assert_eq!(rec["meta"]["programs"].as_array().map(|a| a.len()), Some(7), "{rec}");
     let (code, _) = pw.audit_verify();
     assert_eq!(code, 0, "the audit chain stays intact across serve and detach");
 }
@@ -146,7 +148,7 @@ fn killed_gateway_stays_closed_and_a_restart_adopts_the_pins() {
     // Moved layout: clients dial `protected`, the real Postgres port is guarded (EPERM).
     let mut pw = intercepting(&cg, any_port(protected), |t| toml_set(t, "intercept.sk_lookup", true));
     let before = pinned_ids(&pw);
-    assert_eq!(before.len(), 6, "{before:?}");
+    assert_eq!(before.len(), 8, "{before:?}");
     let pid = state(&pw)["pid"].as_u64().unwrap() as i32;
     // SAFETY: kill(2) on the pid of the `serve` process this test started (via the harness).
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
@@ -167,7 +169,7 @@ fn killed_gateway_stays_closed_and_a_restart_adopts_the_pins() {
     // A restart adopts the pinned programs instead of attaching twice: same programs, and
     // the protected port works again.
     pw.spawn();
-    wait_log(&pw, "interception on: 6 eBPF programs adopted");
+    wait_log(&pw, "interception on: 8 eBPF programs adopted");
     assert_eq!(pinned_ids(&pw), before, "the very same programs");
     assert_eq!(status(&pw).0, 0);
     let token = pw.token("alice", &[], "15m");

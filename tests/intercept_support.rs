@@ -179,6 +179,20 @@ pub enum Job {
     /// Startup + password; reports the authentication requests seen, the error's SQLSTATE, and
     /// with `query`, its rows.
     Login { addr: SocketAddr, user: String, password: String, db: String, query: Option<String> },
+    /// An attacker squatting on a port: drops to `uid` (and its gid) first when set, then for
+    /// each address a socket (`mptcp`: IPPROTO_MPTCP; `reuseport`: SO_REUSEPORT) is bound and
+    /// listens; reports each bind's errno (`binds`, None = bound), prints `ICPT-BOUND`, then
+    /// accepts on what it holds for `wait_ms` (`accepted`).
+    Squat {
+        addrs: Vec<SocketAddr>,
+        #[serde(default)]
+        reuseport: bool,
+        #[serde(default)]
+        mptcp: bool,
+        uid: Option<u32>,
+        #[serde(default)]
+        wait_ms: u64,
+    },
 }
 
 /// The job's outcome (`errno` set when the connect failed).
@@ -195,6 +209,11 @@ pub struct Outcome {
     pub ready: bool,
     pub rows: Vec<Vec<Option<String>>>,
     pub failure: Option<String>,
+    /// Squat: errno of each bind (None: bound and listening), connections accepted.
+    #[serde(default)]
+    pub binds: Vec<Option<i32>>,
+    #[serde(default)]
+    pub accepted: u32,
 }
 
 pub struct Client<'a> {
@@ -264,6 +283,20 @@ impl<'a> Client<'a> {
         serde_json::from_str(line).unwrap_or_else(|e| panic!("bad client result {line}: {e}"))
     }
 
+    /// Start a job without waiting for it (e.g. a [`Job::Squat`]); its stdout is piped.
+    pub fn spawn(&self, job: &Job) -> std::process::Child {
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = self.command(
+            &exe.to_string_lossy(),
+            &["--exact", "intercept_helper", "--nocapture", "--test-threads=1", "-q"],
+        );
+        cmd.env("PGWARD_ICPT_JOB", serde_json::to_string(job).unwrap())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        cmd.spawn().unwrap_or_else(|e| panic!("spawning a client job: {e}"))
+    }
+
     #[track_caller]
     pub fn connect(&self, addr: SocketAddr) -> Outcome {
         self.run(&Job::Connect { addr, mptcp: false })
@@ -326,6 +359,7 @@ pub fn helper_main() {
             Err(e) => o.errno = e.raw_os_error(),
         },
         Job::Login { addr, user, password, db, query } => login_job(&mut o, addr, &user, &password, &db, query.as_deref()),
+        Job::Squat { addrs, reuseport, mptcp, uid, wait_ms } => squat_job(&mut o, &addrs, reuseport, mptcp, uid, wait_ms),
     }
     println!("ICPT-RESULT {}", serde_json::to_string(&o).unwrap());
 }
@@ -347,6 +381,92 @@ fn mptcp_connect(addr: SocketAddr) -> std::io::Result<std::net::TcpStream> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(s)
+}
+
+fn squat_job(o: &mut Outcome, addrs: &[SocketAddr], reuseport: bool, mptcp: bool, uid: Option<u32>, wait_ms: u64) {
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    if let Some(uid) = uid {
+        // SAFETY: plain syscalls dropping this (single-threaded helper) process's privileges.
+        let ok = unsafe {
+            libc::setgroups(0, std::ptr::null()) == 0 && libc::setresgid(uid, uid, uid) == 0 && libc::setresuid(uid, uid, uid) == 0
+        };
+        if !ok || unsafe { libc::geteuid() } != uid {
+            o.failure = Some(format!("could not become uid {uid}: {}", std::io::Error::last_os_error()));
+            println!("ICPT-BOUND");
+            return;
+        }
+    }
+    let mut held: Vec<OwnedFd> = Vec::new();
+    for &addr in addrs {
+        let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+        let proto = if mptcp { 262 } else { 0 };
+        // SAFETY: socket(2); the fd is owned at once.
+        let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, proto) };
+        if fd < 0 {
+            o.binds.push(std::io::Error::last_os_error().raw_os_error());
+            continue;
+        }
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let one: libc::c_int = 1;
+        let opt = if reuseport { libc::SO_REUSEPORT } else { libc::SO_REUSEADDR };
+        // SAFETY: setsockopt with an int option of the advertised length.
+        unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, opt, (&one as *const libc::c_int).cast(), 4) };
+        let (storage, len) = sockaddr(addr);
+        // SAFETY: bind(2) / listen(2) with a sockaddr of the given length.
+        let r = unsafe { libc::bind(fd.as_raw_fd(), (&storage as *const libc::sockaddr_storage).cast(), len) };
+        if r != 0 || unsafe { libc::listen(fd.as_raw_fd(), 16) } != 0 {
+            o.binds.push(std::io::Error::last_os_error().raw_os_error());
+            continue;
+        }
+        o.binds.push(None);
+        held.push(fd);
+    }
+    println!("ICPT-BOUND");
+    let _ = std::io::stdout().flush();
+    let deadline = Instant::now() + Duration::from_millis(wait_ms);
+    while Instant::now() < deadline {
+        for fd in &held {
+            // SAFETY: accept(2) on a non-blocking listening socket; a returned fd is closed.
+            let c = unsafe { libc::accept(fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
+            if c >= 0 {
+                o.accepted += 1;
+                unsafe { libc::close(c) };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Wait for a spawned [`Job::Squat`] to hold (or fail to hold) its sockets.
+#[track_caller]
+pub fn wait_bound(child: &mut std::process::Child) {
+    use std::io::Read;
+    // Byte by byte: nothing after the marker may be swallowed (the result line follows).
+    let out = child.stdout.as_mut().expect("piped stdout");
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        let n = out.read(&mut b).unwrap();
+        assert!(n > 0, "the squatter ended before binding: {}", String::from_utf8_lossy(&line));
+        if b[0] != b'\n' {
+            line.push(b[0]);
+            continue;
+        }
+        if line.starts_with(b"ICPT-BOUND") {
+            return;
+        }
+        line.clear();
+    }
+}
+
+/// The result of a spawned job, once it has ended.
+#[track_caller]
+pub fn job_result(child: std::process::Child) -> Outcome {
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find_map(|l| l.strip_prefix("ICPT-RESULT ")).unwrap_or_else(|| panic!("no result: {text}"));
+    serde_json::from_str(line).unwrap()
 }
 
 fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {

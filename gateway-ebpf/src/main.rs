@@ -15,6 +15,11 @@
 //! - `pgw_sk_lookup` (sk_lookup, host network namespace): connections arriving from other hosts
 //!   on a protected port go to pgward's listening socket (`PGW_SOCKS`), even while Postgres
 //!   listens there; ones to a refused port are dropped. Loopback traffic is left to connect4/6.
+//! - `pgw_bind4` / `pgw_bind6` (cgroup/bind4, bind6): the bind guard. A bind in the host network
+//!   namespace to one of pgward's ports (`PGW_BINDS`: its listener and redirect targets), on any
+//!   address and with any socket type, fails with EPERM unless the caller is pgward. Without it,
+//!   while pgward is stopped any local process could listen where the redirect steers clients
+//!   (and, with SO_REUSEPORT, share pgward's port while it runs).
 //!
 //! Every decision is counted in `PGW_COUNTERS` (indexes in shared.rs).
 #![no_std]
@@ -60,6 +65,8 @@ static PEERS: LruHashMap<PeerKey, ConnMeta> = LruHashMap::with_max_entries(65536
 static TUPLES: LruHashMap<PeerKey, ConnMeta> = LruHashMap::with_max_entries(65536, 0);
 #[map(name = "PGW_SOCKS")]
 static SOCKS: SockMap = SockMap::with_max_entries(2, 0);
+#[map(name = "PGW_BINDS")]
+static BINDS: HashMap<u32, u32> = HashMap::with_max_entries(BIND_PORTS_MAX, 0);
 #[map(name = "PGW_COUNTERS")]
 static COUNTER: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
 
@@ -210,6 +217,57 @@ pub fn pgw_connect6(ctx: SockAddrContext) -> i32 {
     count(C_CONNECT6_REFUSED);
     info!(&ctx, "connect6: port {} refused (EPERM)", port);
     DENY
+}
+
+/// The bind guard: a bind to one of pgward's ports (any address, any socket type) by anyone
+/// but pgward. Port 0 (an ephemeral port, chosen after this hook) is not seen here.
+#[inline(always)]
+fn bind_refused(ctx: &SockAddrContext, cfg: &Config) -> Option<bool> {
+    let sa = ctx.sock_addr;
+    let port = u16::from_be(unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16) as u32;
+    if port == 0 || unsafe { BINDS.get(&port) }.is_none() {
+        return None;
+    }
+    if cfg.host_netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != cfg.host_netns_cookie {
+        return None;
+    }
+    Some(!is_pgward(cfg))
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn pgw_bind4(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = CONFIG.get(0) else { return ALLOW };
+    match bind_refused(&ctx, cfg) {
+        None => ALLOW,
+        Some(false) => {
+            count(C_BIND4_EXEMPT);
+            ALLOW
+        }
+        Some(true) => {
+            count(C_BIND4_REFUSED);
+            let port = u16::from_be(unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_port)) } as u16);
+            info!(&ctx, "bind4: port {} is pgward's, refused (EPERM)", port);
+            DENY
+        }
+    }
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn pgw_bind6(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = CONFIG.get(0) else { return ALLOW };
+    match bind_refused(&ctx, cfg) {
+        None => ALLOW,
+        Some(false) => {
+            count(C_BIND6_EXEMPT);
+            ALLOW
+        }
+        Some(true) => {
+            count(C_BIND6_REFUSED);
+            let port = u16::from_be(unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_port)) } as u16);
+            info!(&ctx, "bind6: port {} is pgward's, refused (EPERM)", port);
+            DENY
+        }
+    }
 }
 
 /// The original destination of a redirected socket, if this is one.

@@ -15,6 +15,12 @@ pub const MAP_PEERS: &str = "PGW_PEERS";
 pub const MAP_SOCKS: &str = "PGW_SOCKS";
 pub const MAP_COUNTERS: &str = "PGW_COUNTERS";
 pub const MAP_TUPLES: &str = "PGW_TUPLES";
+pub const MAP_BINDS: &str = "PGW_BINDS";
+
+/// Entries of `PGW_BINDS` (key: a port pgward listens on or is redirected to, host order;
+/// value: `BIND_GUARDED`). Few: pgward's listener and its redirect targets.
+pub const BIND_PORTS_MAX: u32 = 8;
+pub const BIND_GUARDED: u32 = 1;
 
 /// `Config::gateway_cgroup_id` when no gateway serves: no cgroup has this id, so nobody is
 /// exempt (a stale id of a removed cgroup would not be reused either, but this says so).
@@ -106,7 +112,12 @@ pub const C_SKLOOKUP_REDIRECTED: u32 = 9;
 pub const C_SKLOOKUP_REFUSED: u32 = 10;
 /// getpeername of an MPTCP socket, answered from `PGW_TUPLES` (its subflow was redirected).
 pub const C_GETPEER_MPTCP: u32 = 11;
-pub const COUNTERS: u32 = 12;
+/// bind4/bind6 to a port in `PGW_BINDS`: refused (EPERM), or pgward's own (exempt).
+pub const C_BIND4_REFUSED: u32 = 12;
+pub const C_BIND4_EXEMPT: u32 = 13;
+pub const C_BIND6_REFUSED: u32 = 14;
+pub const C_BIND6_EXEMPT: u32 = 15;
+pub const COUNTERS: u32 = 16;
 
 /// (program, counter) names for `pgward status`, indexed like the counters.
 pub const COUNTER_NAMES: [(&str, &str); COUNTERS as usize] = [
@@ -122,4 +133,8 @@ pub const COUNTER_NAMES: [(&str, &str); COUNTERS as usize] = [
     ("pgw_sk_lookup", "redirected"),
     ("pgw_sk_lookup", "refused"),
     ("pgw_getpeer", "mptcp"),
+    ("pgw_bind4", "refused"),
+    ("pgw_bind4", "exempt"),
+    ("pgw_bind6", "refused"),
+    ("pgw_bind6", "exempt"),
 ];

@@ -8,6 +8,11 @@
 //!   first (and optionally by uid). Only sockets of pgward's network namespace are touched
 //!   (netns cookie).
 //! - cgroup/getpeername4 + 6: redirected clients still see the address they dialled.
+//! - cgroup/bind4 + bind6 (the bind guard, same cgroup): a bind to pgward's ports (its
+//!   listener and redirect targets, `PGW_BINDS`) by anyone but pgward fails with EPERM, so no
+//!   other local process can listen where the redirect steers clients, while pgward is stopped
+//!   or (SO_REUSEPORT) while it runs. pgward binds its listener from its gateway cgroup
+//!   ([`Intercept::enter`] runs first), which a restarted pgward re-points the exemption at.
 //! - sock_ops: records who connected (pid, uid, gid, cgroup, original destination) by 4-tuple;
 //!   [`lookup_peer`] hands that to the session for the login record.
 //! - sk_lookup (in `intercept.netns`): connections from other hosts to a protected port land on
@@ -30,6 +35,7 @@
 //! `pgward status` reads together with the pins ([`status`]).
 
 mod attach;
+pub use attach::Entered;
 pub mod discover;
 mod nss;
 pub mod pins;
@@ -77,11 +83,13 @@ pub fn object_embedded() -> bool {
 }
 
 /// cgroup programs: (program, section/attach point).
-const CGROUP_PROGRAMS: [(&str, &str); 4] = [
+const CGROUP_PROGRAMS: [(&str, &str); 6] = [
     ("pgw_connect4", "cgroup/connect4"),
     ("pgw_connect6", "cgroup/connect6"),
     ("pgw_getpeer4", "cgroup/getpeername4"),
     ("pgw_getpeer6", "cgroup/getpeername6"),
+    ("pgw_bind4", "cgroup/bind4"),
+    ("pgw_bind6", "cgroup/bind6"),
 ];
 const SOCKOPS: &str = "pgw_sockops";
 const SK_LOOKUP: &str = "pgw_sk_lookup";
@@ -134,6 +142,9 @@ pub struct State {
     pub guard: Vec<SocketAddr>,
     pub redirect4: Option<SocketAddr>,
     pub redirect6: Option<SocketAddr>,
+    /// Ports only pgward may bind (the bind guard): its listener and redirect targets.
+    #[serde(default)]
+    pub bind_guard: Vec<u16>,
     /// Where the real Postgres said it listens (unix socket directories), checked at start.
     #[serde(default)]
     pub upstream_socket_dirs: Vec<PathBuf>,
@@ -451,6 +462,18 @@ impl Plan {
         out
     }
 
+    /// The bind guard's ports: where protected connects land (the redirect targets) and
+    /// pgward's listener.
+    fn bind_ports(&self, listen: SocketAddr) -> Vec<u16> {
+        let mut out = vec![listen.port()];
+        for p in [self.redirect4, self.redirect6].into_iter().flatten().map(|a| a.port()) {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        out
+    }
+
     fn kernel_config(&self, netns_cookie: u64, gateway_cgroup_id: u64, exempt_uid: Option<u32>) -> shared::Config {
         let mut c = shared::Config {
             host_netns_cookie: netns_cookie,
@@ -572,6 +595,32 @@ fn words_octets(w: &[u32; 4]) -> [u8; 16] {
         o[4 * i..4 * i + 4].copy_from_slice(&x.to_ne_bytes());
     }
     o
+}
+
+/// Those of `ports` the kernel may hand out as ephemeral ports (bind to port 0, listen or
+/// connect on an unbound socket): inside `net.ipv4.ip_local_port_range` (which IPv6 uses too)
+/// and not in `net.ipv4.ip_local_reserved_ports`. Empty when the sysctls cannot be read.
+pub fn ephemeral_ports(ports: &[u16]) -> Vec<u16> {
+    let read = |name: &str| fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).unwrap_or_default();
+    in_ephemeral_range(ports, &read("ip_local_port_range"), &read("ip_local_reserved_ports"))
+}
+
+fn in_ephemeral_range(ports: &[u16], range: &str, reserved: &str) -> Vec<u16> {
+    let mut r = range.split_whitespace().filter_map(|w| w.parse::<u16>().ok());
+    let (Some(lo), Some(hi)) = (r.next(), r.next()) else { return Vec::new() };
+    let reserved: Vec<(u16, u16)> = reserved
+        .trim()
+        .split(',')
+        .filter_map(|item| {
+            let (a, b) = item.split_once('-').unwrap_or((item, item));
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        })
+        .collect();
+    ports
+        .iter()
+        .copied()
+        .filter(|p| (lo..=hi).contains(p) && !reserved.iter().any(|(a, b)| (*a..=*b).contains(p)))
+        .collect()
 }
 
 /// Every address configured on this host's interfaces.
@@ -981,6 +1030,25 @@ dir = "audit"
         assert_eq!(default_guard(&c, &[], Some(&found)), ["0.0.0.0:5499".parse::<SocketAddr>().unwrap(), "[::]:5499".parse().unwrap()]);
         let no_tcp = discover::Found { listen_addresses: vec![], ..found };
         assert!(default_guard(&c, &[], Some(&no_tcp)).is_empty());
+    }
+
+    #[test]
+    fn bind_guard_covers_the_listener_and_the_redirect_targets() {
+        let c = cfg("[intercept]\nenabled = true\n");
+        let listen: SocketAddr = "127.0.0.1:6432".parse().unwrap();
+        assert_eq!(Plan::new(&c, listen, None).unwrap().bind_ports(listen), [6432]);
+        let c = cfg("[intercept]\nenabled = true\nredirect_to = \"127.0.0.1:7000\"\n");
+        assert_eq!(Plan::new(&c, listen, None).unwrap().bind_ports(listen), [6432, 7000]);
+    }
+
+    #[test]
+    fn ephemeral_range_and_reserved_ports() {
+        let ports = [80, 6432, 40000, 40001, 61000];
+        assert_eq!(in_ephemeral_range(&ports, "32768\t60999\n", "\n"), [40000, 40001]);
+        assert_eq!(in_ephemeral_range(&ports, "32768\t60999\n", "40000\n"), [40001]);
+        assert_eq!(in_ephemeral_range(&ports, "32768\t60999\n", "8080,39990-40005\n"), Vec::<u16>::new());
+        assert_eq!(in_ephemeral_range(&ports, "1024 65535", ""), [6432, 40000, 40001, 61000]);
+        assert_eq!(in_ephemeral_range(&ports, "", ""), Vec::<u16>::new());
     }
 
     #[test]

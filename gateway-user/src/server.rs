@@ -141,12 +141,15 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
         tokio::spawn(crate::metrics::serve(cfg.clone(), l));
     }
     let addr = cfg.listen_addr();
+    // [intercept]: pgward enters its own cgroup before it binds its listener; programs pinned
+    // by an earlier run (the bind guard refuses pgward's port to everyone else) exempt it now.
+    let entered = crate::ebpf::Intercept::enter(&cfg)?;
     let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
     tracing::info!(%addr, "pgward listening");
     // [intercept]: eBPF programs attached and pinned (or adopted from an earlier run), the real
     // Postgres's sockets checked, and the sessions older than the switch-on ended. When dropped
     // (below) the programs stay pinned: interception stays closed while pgward is stopped.
-    let intercept = switch_on(&cfg, &tcp, shared.upstream_password.as_deref(), &audit).await?;
+    let intercept = switch_on(&cfg, entered, &tcp, shared.upstream_password.as_deref(), &audit).await?;
 
     let unix = match &cfg.server.unix_socket_dir {
         Some(dir) => {
@@ -229,11 +232,13 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
 /// pgward — all before the first accept.
 async fn switch_on(
     cfg: &Config,
+    entered: Option<crate::ebpf::Entered>,
     tcp: &tokio::net::TcpListener,
     password: Option<&str>,
     audit: &AuditHandle,
 ) -> anyhow::Result<Option<crate::ebpf::Intercept>> {
-    let Some(mut intercept) = crate::ebpf::Intercept::prepare(cfg, tcp)? else { return Ok(None) };
+    let Some(entered) = entered else { return Ok(None) };
+    let mut intercept = entered.prepare(cfg, tcp)?;
     let mut conn = crate::upstream_admin::AdminConn::open(cfg, password)
         .await
         .context("intercept: logging in to the upstream to ask where it listens and which sessions it has")?;

@@ -187,6 +187,7 @@ fn diagnose(args: &DoctorArgs) -> Report {
     checks.push(capabilities(&cx));
     checks.push(cgroup_v2(&cx));
     checks.push(programs(&cx));
+    checks.push(listen_port(&cx));
     checks.push(socket_lockdown(&cx));
     checks.push(postgres_loopback(&cx));
     checks.push(audit_dir(&cx));
@@ -403,6 +404,32 @@ fn cgroup_v2(cx: &Ctx) -> Check {
         format!("programs attach to {}; pgward's own cgroup {}", target.display(), gateway.display()),
         None,
     )
+}
+
+/// The bind guard refuses explicit binds to pgward's port; the kernel can still hand it out
+/// as an ephemeral port (bind to port 0, listen on an unbound socket) while pgward is stopped.
+fn listen_port(cx: &Ctx) -> Check {
+    let name = "listen port";
+    if !cx.cfg.intercept.enabled {
+        return check(name, Outcome::Skip, "interception is off", None);
+    }
+    let port = cx.cfg.listen_addr().port();
+    match crate::ebpf::ephemeral_ports(&[port]).first() {
+        Some(p) => check(
+            name,
+            Outcome::Warn,
+            format!(
+                "port {p} (server.listen) is in the ephemeral range (net.ipv4.ip_local_port_range): while pgward \
+                 is stopped another local process can be given it without binding it explicitly, and receive the \
+                 clients interception steers there"
+            ),
+            Some(format!(
+                "use a port outside the range, or reserve it: sysctl -w net.ipv4.ip_local_reserved_ports={p} \
+                 (persist it in /etc/sysctl.d)"
+            )),
+        ),
+        None => check(name, Outcome::Pass, format!("port {port} is outside the ephemeral range (or reserved); only pgward may bind it"), None),
+    }
 }
 
 fn is_cgroup2(dir: &Path) -> bool {

@@ -61,6 +61,10 @@ fn table(st: &Status, healthy: bool) -> String {
         let _ = writeln!(o, "  guard (EPERM)   {}", if state.guard.is_empty() { "-".into() } else { list(&state.guard) });
         let target = |a: &Option<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "- (refused)".into());
         let _ = writeln!(o, "  redirect to     {} / {}", target(&state.redirect4), target(&state.redirect6));
+        if !state.bind_guard.is_empty() {
+            let ports = state.bind_guard.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
+            let _ = writeln!(o, "  bind guard      port {ports}: only pgward may bind (EPERM)");
+        }
     }
     if !st.programs.is_empty() {
         let _ = writeln!(o);

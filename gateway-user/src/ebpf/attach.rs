@@ -29,13 +29,14 @@ pub(super) fn expected_programs(sk_lookup: bool) -> Vec<(&'static str, &'static 
 
 /// Maps a restarted pgward re-points or reads (all but the LRU connection records it only
 /// reads by 4-tuple, which it also needs: PEERS).
-const PINNED_MAPS: [&str; 6] = [
+const PINNED_MAPS: [&str; 7] = [
     shared::MAP_CONFIG,
     shared::MAP_RULES,
     shared::MAP_PEERS,
     shared::MAP_SOCKS,
     shared::MAP_COUNTERS,
     shared::MAP_TUPLES,
+    shared::MAP_BINDS,
 ];
 
 struct Maps {
@@ -43,12 +44,30 @@ struct Maps {
     rules: BpfHashMap<MapData, RuleKey, u32>,
     peers: BpfHashMap<MapData, PeerKey, ConnMeta>,
     socks: SockMap<MapData>,
+    binds: BpfHashMap<MapData, u32, u32>,
+}
+
+/// Interception's first step, taken before pgward binds its listener: pgward is in its gateway
+/// cgroup and, when an earlier run pinned the programs, exempt in their `PGW_CONFIG` — the
+/// pinned bind guard refuses pgward's port to everyone else, pgward included until then.
+pub struct Entered {
+    gateway: Option<GatewayCgroup>,
+    pin_dir: PathBuf,
+    cgroup: PathBuf,
+    cgroup_root: PathBuf,
+    state_file: PathBuf,
+    adopt: bool,
+    object: &'static [u8],
+    /// The adopted `PGW_CONFIG`, now exempting this process; cleared again when the
+    /// [`Entered`] is dropped without becoming an [`Intercept`] (listening failed).
+    exempted: Option<Array<MapData, shared::Config>>,
 }
 
 impl Intercept {
-    /// With `[intercept] enabled = true`: enter the gateway cgroup and adopt the pinned programs
-    /// (or load fresh ones), pointed at `listener`. `Ok(None)` when interception is off.
-    pub fn prepare(cfg: &Config, listener: &tokio::net::TcpListener) -> anyhow::Result<Option<Intercept>> {
+    /// With `[intercept] enabled = true`: enter the gateway cgroup and, when programs are
+    /// pinned, exempt this process in them. Call before binding the listener. `Ok(None)` when
+    /// interception is off.
+    pub fn enter(cfg: &Config) -> anyhow::Result<Option<Entered>> {
         let ic = &cfg.intercept;
         if !ic.enabled {
             let dir = pins::pin_dir(cfg);
@@ -69,8 +88,8 @@ impl Intercept {
             );
         };
         check_capabilities()?;
-        let listen = listener.local_addr().context("intercept: listener address")?;
-        let plan = Plan::new(cfg, listen, None)?;
+        // Fail on a bad configuration before touching anything.
+        Plan::new(cfg, cfg.listen_addr(), None)?;
         raise_memlock();
         pins::ensure_bpffs()?;
         let pin_dir = pins::pin_dir(cfg);
@@ -87,13 +106,48 @@ impl Intercept {
             check_pins_match(&pin_dir, &state_file, &cgroup, ic.sk_lookup)?;
         }
 
-        // pgward's own connects are recognised by its cgroup: move there before any upstream
+        // pgward's own connects and binds are recognised by its cgroup: move there before any
         // socket exists (a socket's cgroup is fixed when it is created).
         let gateway_path = match &ic.gateway_cgroup {
             Some(p) => cfg.resolve(p),
             None => cgroup.join("pgward-gateway"),
         };
         let gateway = GatewayCgroup::enter(&gateway_path, &cgroup_root)?;
+        let exempted = if adopt {
+            let mut config: Array<MapData, shared::Config> =
+                typed(map_of(pins::open_map(&pin_dir, shared::MAP_CONFIG)?, shared::MAP_CONFIG), shared::MAP_CONFIG)?;
+            let mut k = config.get(&0, 0).context("intercept: reading PGW_CONFIG")?;
+            k.gateway_cgroup_id = gateway.id;
+            k.exempt_uid = ic.exempt_uid.unwrap_or(shared::NO_UID);
+            config.set(0, &k, 0).context("intercept: writing PGW_CONFIG")?;
+            Some(config)
+        } else {
+            None
+        };
+        Ok(Some(Entered { gateway: Some(gateway), pin_dir, cgroup, cgroup_root, state_file, adopt, object, exempted }))
+    }
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        if let Some(mut config) = self.exempted.take()
+            && let Ok(k) = config.get(&0, 0)
+        {
+            let closed = shared::Config { gateway_cgroup_id: shared::NO_CGROUP, exempt_uid: shared::NO_UID, ..k };
+            let _ = config.set(0, &closed, 0);
+        }
+    }
+}
+
+impl Entered {
+    /// Adopt the pinned programs (or load fresh ones) and point them at `listener` (bound
+    /// after [`Intercept::enter`]).
+    pub fn prepare(mut self, cfg: &Config, listener: &tokio::net::TcpListener) -> anyhow::Result<Intercept> {
+        let ic = &cfg.intercept;
+        let listen = listener.local_addr().context("intercept: listener address")?;
+        let plan = Plan::new(cfg, listen, None)?;
+        let gateway = self.gateway.take().context("intercept: prepared twice")?;
+        let (adopt, pin_dir) = (self.adopt, self.pin_dir.clone());
         let netns_cookie = netns_cookie(listener.as_fd().as_raw_fd()).unwrap_or(0);
         let kcfg = plan.kernel_config(netns_cookie, gateway.id, ic.exempt_uid);
 
@@ -106,40 +160,47 @@ impl Intercept {
         } else {
             let mut ebpf = EbpfLoader::new()
                 .override_global("AYA_LOG_LEVEL", &kernel_log_level(), false)
-                .load(object)
+                .load(self.object)
                 .context("intercept: loading the eBPF object (maps)")?;
             let log_task = start_kernel_log(aya_log::EbpfLogger::init(&mut ebpf), |l| l.flush());
             let maps = fresh_maps(&mut ebpf)?;
             (Some(ebpf), log_task, maps)
         };
-        // From here on this process's connects are exempt; before, an adopted CONFIG named no
-        // live gateway (or a dead one's cgroup, which only root can enter).
+        // This process's connects are exempt (an adopted CONFIG already says so since
+        // `enter`; before, it named no live gateway, or a dead one's cgroup, which only root
+        // can enter).
         maps.config.set(0, &kcfg, 0).context("intercept: writing PGW_CONFIG")?;
+        self.exempted = None;
+        let bind_ports = plan.bind_ports(listen);
+        sync_binds(&mut maps.binds, &bind_ports)?;
+        warn_ephemeral(&bind_ports);
         if ic.sk_lookup {
             set_listener(&mut maps.socks, listener, listen)?;
         }
         *PEERS.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(PeerState { peers: maps.peers, listen_port: listen.port(), cgroup_root: cgroup_root.clone(), cgroups: CgroupCache::default() });
+            Some(PeerState { peers: maps.peers, listen_port: listen.port(), cgroup_root: self.cgroup_root.clone(), cgroups: CgroupCache::default() });
         if adopt {
             tracing::info!(pin_dir = %pin_dir.display(), "intercept: adopting the programs an earlier pgward pinned");
         }
-        Ok(Some(Intercept {
+        Ok(Intercept {
             ebpf,
             log_task,
             _gateway: gateway,
-            state_file,
+            state_file: self.state_file.clone(),
             pin_dir,
             config: maps.config,
             rules: maps.rules,
             kcfg,
             listen,
-            cgroup,
-            cgroup_root,
+            cgroup: self.cgroup.clone(),
+            cgroup_root: self.cgroup_root.clone(),
             adopted: adopt,
             attached: 0,
-        }))
+        })
     }
+}
 
+impl Intercept {
     /// Check the unix sockets (configured and `found`), write the rules, and attach + pin a
     /// freshly loaded object. After this the programs stay attached whatever happens to pgward.
     pub fn finish(&mut self, cfg: &Config, found: Option<&Found>) -> anyhow::Result<()> {
@@ -181,6 +242,7 @@ impl Intercept {
             guard: plan.guard.clone(),
             redirect4: plan.redirect4,
             redirect6: plan.redirect6,
+            bind_guard: plan.bind_ports(self.listen),
             upstream_socket_dirs: found_dirs,
             programs,
         };
@@ -194,6 +256,7 @@ impl Intercept {
             guard = ?plan.guard,
             redirect4 = ?plan.redirect4,
             redirect6 = ?plan.redirect6,
+            bind_guard = ?plan.bind_ports(self.listen),
             sk_lookup = ic.sk_lookup,
             "interception on: {} eBPF programs {verb}",
             self.attached
@@ -310,6 +373,7 @@ fn fresh_maps(ebpf: &mut Ebpf) -> anyhow::Result<Maps> {
         rules: typed(open(ebpf, shared::MAP_RULES)?, shared::MAP_RULES)?,
         peers: typed(open(ebpf, shared::MAP_PEERS)?, shared::MAP_PEERS)?,
         socks: typed(open(ebpf, shared::MAP_SOCKS)?, shared::MAP_SOCKS)?,
+        binds: typed(open(ebpf, shared::MAP_BINDS)?, shared::MAP_BINDS)?,
     })
 }
 
@@ -320,6 +384,7 @@ fn adopted_maps(dir: &Path) -> anyhow::Result<Maps> {
         rules: typed(open(shared::MAP_RULES)?, shared::MAP_RULES)?,
         peers: typed(open(shared::MAP_PEERS)?, shared::MAP_PEERS)?,
         socks: typed(open(shared::MAP_SOCKS)?, shared::MAP_SOCKS)?,
+        binds: typed(open(shared::MAP_BINDS)?, shared::MAP_BINDS)?,
     })
 }
 
@@ -337,7 +402,7 @@ fn map_fd(map: &Map) -> anyhow::Result<std::os::fd::OwnedFd> {
 fn map_of(data: MapData, name: &str) -> Map {
     match name {
         shared::MAP_CONFIG => Map::Array(data),
-        shared::MAP_RULES => Map::HashMap(data),
+        shared::MAP_RULES | shared::MAP_BINDS => Map::HashMap(data),
         shared::MAP_SOCKS => Map::SockMap(data),
         shared::MAP_COUNTERS => Map::PerCpuArray(data),
         _ => Map::LruHashMap(data),
@@ -355,6 +420,33 @@ fn sync_rules(rules: &mut BpfHashMap<MapData, RuleKey, u32>, want: &[(RuleKey, u
         rules.remove(&k).context("intercept: removing a stale rule from PGW_RULES")?;
     }
     Ok(())
+}
+
+/// Make the bind guard's map hold exactly `ports` (new ones first, like [`sync_rules`]).
+fn sync_binds(binds: &mut BpfHashMap<MapData, u32, u32>, ports: &[u16]) -> anyhow::Result<()> {
+    for p in ports {
+        binds.insert(&(*p as u32), &shared::BIND_GUARDED, 0).context("intercept: writing PGW_BINDS")?;
+    }
+    let stale: Vec<u32> = binds.keys().filter_map(Result::ok).filter(|k| !ports.iter().any(|p| *p as u32 == *k)).collect();
+    for k in stale {
+        binds.remove(&k).context("intercept: removing a stale port from PGW_BINDS")?;
+    }
+    Ok(())
+}
+
+/// The bind guard sees the port a bind asks for; an ephemeral port is chosen after it (bind
+/// to port 0, listen or connect on an unbound socket). A port the kernel may hand out that way
+/// can be had by anyone while pgward is stopped: say so.
+fn warn_ephemeral(ports: &[u16]) {
+    for p in ephemeral_ports(ports) {
+        tracing::warn!(
+            port = p,
+            "intercept: pgward's port {p} is in the kernel's ephemeral range (net.ipv4.ip_local_port_range) \
+             and not reserved: while pgward is stopped, another local process can be given it without \
+             binding it explicitly (the bind guard cannot see that); use a port outside the range, or \
+             reserve it: sysctl -w net.ipv4.ip_local_reserved_ports={p}"
+        );
+    }
 }
 
 fn set_listener(socks: &mut SockMap<MapData>, listener: &tokio::net::TcpListener, listen: SocketAddr) -> anyhow::Result<()> {
