@@ -4,7 +4,8 @@
 //!
 //! * [`detect`]: content detectors (cards with Luhn, e-mail, SSN, IBAN with mod-97, phone, user
 //!   regexes) and the mask styles (full, keep last N, keyed hash, null) — pure functions.
-//! * [`lineage`]: which output columns of a statement are computed from masked columns (sqlparser).
+//! * [`lineage`]: which output columns of a statement are computed from masked columns
+//!   (Postgres's own parse tree, `policy::pgparse`).
 //! * [`catalog`]: rule columns resolved to (table OID, attribute number) through the database's
 //!   catalog, cached per database, refreshed after DDL and every minute.
 //! * [`relay`]: the per-session state the relay consults: plans built from RowDescription (or
@@ -16,10 +17,6 @@ pub mod catalog;
 pub mod detect;
 pub mod lineage;
 pub mod relay;
-// sqlparser-based reading of statements for lineage; replaced by the libpg_query tree
-// together with strict masking.
-pub(crate) mod sqlparser_limits;
-pub(crate) mod sqlparser_normalize;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

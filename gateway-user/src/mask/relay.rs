@@ -186,7 +186,8 @@ const LINEAGE_CACHE_MAX_SQL: usize = 16 * 1024;
 
 /// Lineage of the statement texts a session sent recently, valid for the catalog snapshot it
 /// was computed with. Texts that differ only in literal values share an entry, keyed by the
-/// literal-normalized text, when lineage did not depend on the values
+/// literal-normalized text (the server lexer's, `policy::normalize`), when every constant is a
+/// constant of the tree and lineage did not depend on the values
 /// ([`lineage::analyze_normalized`]); other texts are kept by their exact text. Allocated on
 /// first use.
 #[derive(Default)]
@@ -219,14 +220,8 @@ impl LineageCache {
             self.analyses += 1;
             return lineage::analyze(sql, r);
         }
-        let norm = crate::mask::sqlparser_normalize::normalize(sql);
-        // Shared entries are keyed by sqlparser's normalized text and the server lexer's:
-        // texts that share both are read alike by both parsers, whatever their constants.
-        let server_key = norm.as_ref().and(crate::policy::normalize::normalize(sql)).map(|n| n.key);
-        let norm = norm.zip(server_key).map(|(mut n, k)| {
-            n.key = format!("{}\u{1}{k}", n.key);
-            n
-        });
+        // Shared entries are keyed by the server lexer's literal-normalized text.
+        let norm = crate::policy::normalize::normalize(sql);
         let (hasher, map) = self.map.get_or_insert_with(|| {
             let cap = NonZeroUsize::new(LINEAGE_CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN);
             (RandomState::new(), lru::LruCache::new(cap))
