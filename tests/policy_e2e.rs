@@ -357,9 +357,8 @@ fn varying_literals_get_their_own_decisions() {
     assert!(!e.pw.log_has_panic());
 }
 
-/// sqlparser builds operator and UNION chains in loops, so a statement of 30 000 `UNION ALL`s
-/// parsed into a tree that deep — and walking it overflowed the event loop's stack: the whole
-/// gateway aborted. Such a statement is now not parsed (unparsable: denied under this policy),
+/// A statement of 30 000 `UNION ALL`s is a tree that deep, and walking it would overflow the
+/// event loop's stack and abort the whole gateway. Such a statement is not parsed (unparsable: denied under this policy),
 /// one over 1 MiB is denied outright (`builtin:too-large`), and the session and the gateway
 /// go on. A deep-but-allowed statement still runs.
 #[test]
