@@ -236,35 +236,29 @@ fn bind_refused(ctx: &SockAddrContext, cfg: &Config) -> Option<bool> {
 
 #[cgroup_sock_addr(bind4)]
 pub fn pgw_bind4(ctx: SockAddrContext) -> i32 {
-    let Some(cfg) = CONFIG.get(0) else { return ALLOW };
-    match bind_refused(&ctx, cfg) {
-        None => ALLOW,
-        Some(false) => {
-            count(C_BIND4_EXEMPT);
-            ALLOW
-        }
-        Some(true) => {
-            count(C_BIND4_REFUSED);
-            let port = u16::from_be(unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_port)) } as u16);
-            info!(&ctx, "bind4: port {} is pgward's, refused (EPERM)", port);
-            DENY
-        }
-    }
+    bind_guard(&ctx, C_BIND4_EXEMPT, C_BIND4_REFUSED)
 }
 
 #[cgroup_sock_addr(bind6)]
 pub fn pgw_bind6(ctx: SockAddrContext) -> i32 {
+    bind_guard(&ctx, C_BIND6_EXEMPT, C_BIND6_REFUSED)
+}
+
+/// A bind by anyone but pgward to one of pgward's ports is refused (EPERM); the counters say
+/// which family's program decided.
+#[inline(always)]
+fn bind_guard(ctx: &SockAddrContext, exempt: u32, refused: u32) -> i32 {
     let Some(cfg) = CONFIG.get(0) else { return ALLOW };
-    match bind_refused(&ctx, cfg) {
+    match bind_refused(ctx, cfg) {
         None => ALLOW,
         Some(false) => {
-            count(C_BIND6_EXEMPT);
+            count(exempt);
             ALLOW
         }
         Some(true) => {
-            count(C_BIND6_REFUSED);
+            count(refused);
             let port = u16::from_be(unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_port)) } as u16);
-            info!(&ctx, "bind6: port {} is pgward's, refused (EPERM)", port);
+            info!(ctx, "bind: port {} is pgward's, refused (EPERM)", port);
             DENY
         }
     }

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use crate::policy::functions::{CATALOG_SQL, FunctionCatalog, ProcRow};
 use crate::session::Shared;
-use crate::upstream;
 
 /// A catalog older than this is reloaded (in the background) when a session starts.
 pub const MAX_AGE: Duration = Duration::from_secs(60);
@@ -85,16 +84,13 @@ pub fn changes_functions(tag: &str) -> bool {
 }
 
 async fn load(shared: &Shared, db: &str) -> Result<FunctionCatalog, String> {
-    let mut up = upstream::connect(
+    let (mut up, mut buf) = crate::mask::catalog::connect(
         &shared.target,
         &shared.cfg.upstream.user,
         shared.upstream_password.as_deref(),
         db,
-        &[("application_name", "pgward:catalog")],
     )
-    .await
-    .map_err(|e| e.to_string())?;
-    let mut buf = std::mem::take(&mut up.leftover);
+    .await?;
     let rows = crate::mask::catalog::rows(&mut up, &mut buf, CATALOG_SQL).await?;
     let procs: Vec<ProcRow> = rows.iter().filter_map(|r| ProcRow::from_text(r)).collect();
     if procs.len() != rows.len() {

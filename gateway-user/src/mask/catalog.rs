@@ -239,6 +239,21 @@ pub fn catalog_sql(policy: &MaskPolicy) -> Option<String> {
 }
 
 /// Run one query on a catalog connection: its rows as text.
+/// A catalog connection to `db` as the service role (`application_name = pgward:catalog`),
+/// and the bytes that arrived with its login.
+pub(crate) async fn connect(
+    target: &Target,
+    user: &str,
+    password: Option<&str>,
+    db: &str,
+) -> Result<(upstream::Upstream, BytesMut), String> {
+    let mut up = upstream::connect(target, user, password, db, &[("application_name", "pgward:catalog")])
+        .await
+        .map_err(|e| e.to_string())?;
+    let buf = std::mem::take(&mut up.leftover);
+    Ok((up, buf))
+}
+
 pub(crate) async fn rows(up: &mut upstream::Upstream, buf: &mut BytesMut, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
     let mut out = BytesMut::new();
     wire::query(&mut out, sql);
@@ -282,16 +297,7 @@ async fn load(policy: &MaskPolicy, access: &Access, db: &str) -> Result<Snapshot
     // A snapshot is as of the moment its load started (DDL after that makes it stale).
     let started = Instant::now();
     let fut = async {
-        let mut up = upstream::connect(
-            &access.target,
-            &access.user,
-            access.password.as_deref(),
-            db,
-            &[("application_name", "pgward:catalog")],
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let mut buf = std::mem::take(&mut up.leftover);
+        let (mut up, mut buf) = connect(&access.target, &access.user, access.password.as_deref(), db).await?;
         let mut snap = Snapshot::default();
         let mut masked_oids: Vec<u32> = Vec::new();
         for row in rows(&mut up, &mut buf, &sql).await? {

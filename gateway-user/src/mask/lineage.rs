@@ -25,7 +25,7 @@
 
 use std::cell::Cell;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::policy::normalize::Normalized;
 use crate::policy::pgparse;
@@ -139,7 +139,7 @@ pub enum StmtKind {
     Unknown,
 }
 
-type Obj = Map<String, Value>;
+use crate::policy::pgtree::{Obj, const_locations, list, names, str_field, sval, typed, wrapped};
 
 /// The parse tree of `sql`, when it parses within pgward's bounds.
 fn parse(sql: &str) -> Option<Value> {
@@ -179,63 +179,6 @@ pub(crate) fn analyze_normalized(sql: &str, r: &dyn Resolver, norm: &Normalized)
     const_locations(&tree, &mut consts);
     let shareable = !read && norm.covered_by(&consts);
     (Some(out), shareable)
-}
-
-/// Locations of every `A_Const` node of the tree.
-fn const_locations(v: &Value, out: &mut Vec<usize>) {
-    match v {
-        Value::Array(a) => a.iter().for_each(|x| const_locations(x, out)),
-        Value::Object(m) => {
-            if let Some(c) = m.get("A_Const").and_then(Value::as_object)
-                && let Some(loc) = c.get("location").and_then(Value::as_u64).and_then(|l| usize::try_from(l).ok())
-            {
-                out.push(loc);
-            }
-            m.values().for_each(|x| const_locations(x, out));
-        }
-        _ => {}
-    }
-}
-
-/// The single `{"Type": {…}}` wrapper of a node: its type and body.
-fn wrapped(v: &Value) -> Option<(&str, &Obj)> {
-    let m = v.as_object()?;
-    if m.len() != 1 {
-        return None;
-    }
-    let (k, b) = m.iter().next()?;
-    if !k.starts_with(|c: char| c.is_ascii_uppercase()) {
-        return None;
-    }
-    Some((k.as_str(), b.as_object()?))
-}
-
-/// The body of a node of type `ty` in a typed field (held without its wrapper) or a Node
-/// field (held with it).
-fn typed<'v>(v: &'v Value, ty: &str) -> Option<&'v Obj> {
-    match wrapped(v) {
-        Some((t, b)) if t == ty => Some(b),
-        Some(_) => None,
-        None => v.as_object(),
-    }
-}
-
-fn str_field<'a>(m: &'a Obj, k: &str) -> Option<&'a str> {
-    m.get(k)?.as_str()
-}
-
-fn list<'a>(m: &'a Obj, k: &str) -> &'a [Value] {
-    m.get(k).and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[])
-}
-
-/// The `sval` of a `String` node.
-fn sval(v: &Value) -> Option<&str> {
-    v.get("String")?.get("sval")?.as_str()
-}
-
-/// The strings of a name list (`[{"String":{"sval":"pg_catalog"}}, …]`).
-fn names(v: &[Value]) -> Vec<String> {
-    v.iter().filter_map(|n| sval(n).map(str::to_string)).collect()
 }
 
 /// An `alias` field: the alias and its column names.

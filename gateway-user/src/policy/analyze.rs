@@ -19,6 +19,7 @@ use super::lexical;
 use super::limits;
 use super::normalize::Normalized;
 use super::pgparse::{self, ParseError};
+use super::pgtree::{name_list, node, str_field, wrapped_map as wrapped};
 
 /// What kind of statement this is. A statement can be in several classes (`WITH d AS (DELETE
 /// …) SELECT …` is read and write); its *primary* class is the most significant one, in the
@@ -393,30 +394,6 @@ fn encoding_key(name: &str) -> String {
     name.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase()
 }
 
-/// The JSON body of a node `{"Type": {…}}`, if `v` is one of type `ty`.
-fn node<'a>(v: &'a Value, ty: &str) -> Option<&'a Map<String, Value>> {
-    v.get(ty)?.as_object()
-}
-
-/// The single `{"Type": {…}}` wrapper of a node: its type and body.
-fn wrapped(m: &Map<String, Value>) -> Option<(&str, &Map<String, Value>)> {
-    if m.len() != 1 {
-        return None;
-    }
-    let (k, v) = m.iter().next()?;
-    if !k.starts_with(|c: char| c.is_ascii_uppercase()) {
-        return None;
-    }
-    Some((k.as_str(), v.as_object()?))
-}
-
-/// The strings of a name list (`[{"String":{"sval":"pg_catalog"}}, …]`).
-fn name_list(v: Option<&Value>) -> Vec<String> {
-    v.and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|n| node(n, "String")?.get("sval")?.as_str().map(str::to_string)).collect())
-        .unwrap_or_default()
-}
-
 /// The last two parts of a name list, lowercased (matching is case-insensitive).
 fn qname(parts: &[String]) -> Option<QName> {
     match parts {
@@ -424,10 +401,6 @@ fn qname(parts: &[String]) -> Option<QName> {
         [name] => Some(QName::new(None, name.to_lowercase())),
         [.., schema, name] => Some(QName::new(Some(schema.to_lowercase()), name.to_lowercase())),
     }
-}
-
-fn str_field<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
-    m.get(k)?.as_str()
 }
 
 /// The value of a constant node, lowercased, as text (`'on'`, `1`, `true`); reading it makes

@@ -38,6 +38,7 @@ mod lexical;
 mod limits;
 pub(crate) mod normalize;
 pub mod pgparse;
+pub mod pgtree;
 mod window;
 
 #[cfg(test)]
