@@ -30,13 +30,19 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::access::{Access, SessionCheck, SessionGrant};
-use crate::audit::{AuditError, AuditHandle, Client, Kind, Record};
+use crate::audit::{AuditHandle, Client, Kind, Record};
 use crate::auth::{Identity, Verifier};
 use crate::config::Config;
 use crate::policy::{Policy, Verdict};
 use crate::pool::PoolKey;
 use crate::upstream::{self, CancelMap, Target};
-use crate::wire::{self, BoxStream, Frame, StartupRequest, WireError};
+use crate::wire::{self, BoxStream, Frame, WireError};
+
+mod held;
+mod startup;
+
+use held::{Batch, HeldSend, append_unsent};
+use startup::{LEXICAL_SETTINGS, Login, PRESENTATION_PARAMS, startup, startup_setting_sql};
 
 /// Everything sessions share.
 pub struct Shared {
@@ -116,65 +122,6 @@ pub async fn handle(shared: Arc<Shared>, stream: BoxStream, peer: Peer) {
     let _ = tracing::Instrument::instrument(run(shared, stream, peer, session), span).await;
 }
 
-struct Login {
-    identity: Identity,
-    database: String,
-    stream: BoxStream,
-    buf: BytesMut,
-    app_name: Option<String>,
-    /// Client startup parameters passed on to the upstream (client_encoding, DateStyle, ...).
-    params: Vec<(String, String)>,
-}
-
-/// Startup parameters never passed upstream: identity and connection routing are pgward's,
-/// and `options` could carry `-c role=...` / `-c session_authorization=...`. Compared
-/// case-insensitively, as Postgres compares setting names. `standard_conforming_strings` is
-/// pgward's too: the policy parses SQL with it on.
-const STRIPPED_PARAMS: &[&str] = &[
-    "user",
-    "database",
-    "options",
-    "replication",
-    "application_name",
-    "role",
-    "session_authorization",
-    "standard_conforming_strings",
-    "backslash_quote",
-];
-
-/// The settings pgward's parser reads SQL with, sent upstream at every login (so RESET and
-/// `SET … TO DEFAULT` restore them, whatever the server's configuration says). The client's
-/// own `client_encoding` stays when it is one pgward supports (checked before).
-const LEXICAL_SETTINGS: &[(&str, &str)] =
-    &[("client_encoding", "UTF8"), ("standard_conforming_strings", "on"), ("backslash_quote", "safe_encoding")];
-
-fn with_lexical_settings(mut params: Vec<(String, String)>) -> Vec<(String, String)> {
-    for (k, v) in LEXICAL_SETTINGS {
-        if !params.iter().any(|(p, _)| p.eq_ignore_ascii_case(k)) {
-            params.push((k.to_string(), v.to_string()));
-        }
-    }
-    params
-}
-
-/// Startup settings that only change how values are presented; passed on without asking the
-/// policy (drivers send them on every login). `client_encoding` is checked on its own.
-const PRESENTATION_PARAMS: &[&str] = &["client_encoding", "datestyle", "timezone", "intervalstyle", "extra_float_digits"];
-
-/// `SET name TO 'value'` for a startup setting, for the policy to decide as if the client had
-/// sent it; None for a name that is not a setting name.
-fn startup_setting_sql(name: &str, value: &str) -> Option<String> {
-    let ok_part = |p: &str| {
-        let mut c = p.chars();
-        c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
-            && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '$')
-    };
-    let parts: Vec<&str> = name.split('.').collect();
-    if parts.len() > 2 || !parts.iter().all(|p| ok_part(p)) {
-        return None;
-    }
-    Some(format!("SET {} TO '{}'", name.to_ascii_lowercase(), value.replace('\'', "''")))
-}
 
 /// Refuse a login after the token was verified: `login_failed` record, FATAL to the client.
 #[allow(clippy::too_many_arguments)]
@@ -422,171 +369,6 @@ fn login_meta(
     Some(serde_json::Value::Object(m))
 }
 
-/// Startup phase: SSL negotiation, StartupMessage, token. Returns None when the connection is
-/// finished (cancel request, refused login, client gone).
-async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &Peer, session: &str) -> Option<Login> {
-    let mut buf = BytesMut::with_capacity(1024);
-    let mut tls_on = false;
-    let (version, params) = loop {
-        let pkt = match wire::read_startup_packet(&mut stream, &mut buf).await {
-            Ok(p) => p,
-            Err(WireError::Closed) => return None,
-            Err(e) => {
-                fatal(&mut stream, "08P01", &format!("pgward: invalid startup packet: {e}")).await;
-                return None;
-            }
-        };
-        match wire::parse_startup(&pkt) {
-            Ok(StartupRequest::Ssl) => {
-                if tls_on || !buf.is_empty() {
-                    fatal(&mut stream, "08P01", "pgward: unexpected data around SSLRequest").await;
-                    return None;
-                }
-                match &shared.tls {
-                    Some(acc) => {
-                        if stream.write_all(b"S").await.is_err() || stream.flush().await.is_err() {
-                            return None;
-                        }
-                        match acc.accept(stream).await {
-                            Ok(t) => {
-                                stream = Box::new(t);
-                                tls_on = true;
-                            }
-                            Err(e) => {
-                                tracing::info!(error = %e, "TLS handshake failed");
-                                return None;
-                            }
-                        }
-                    }
-                    None => {
-                        if stream.write_all(b"N").await.is_err() {
-                            return None;
-                        }
-                    }
-                }
-            }
-            Ok(StartupRequest::GssEnc) => {
-                if stream.write_all(b"N").await.is_err() {
-                    return None;
-                }
-            }
-            Ok(StartupRequest::Cancel { pid, key }) => {
-                // Map pgward's key to the upstream's; unknown keys are ignored silently.
-                if let Some((upid, ukey)) = shared.cancels.lookup(pid, key) {
-                    if let Err(e) = upstream::cancel(&shared.target, upid, ukey).await {
-                        tracing::warn!(error = %e, "forwarding cancel request failed");
-                    } else {
-                        tracing::info!("cancel request forwarded");
-                    }
-                } else {
-                    tracing::info!("cancel request with unknown key ignored");
-                }
-                return None;
-            }
-            Ok(StartupRequest::Startup { version, params }) => break (version, params),
-            Err(e) => {
-                fatal(&mut stream, "08P01", &format!("pgward: invalid startup packet: {e}")).await;
-                return None;
-            }
-        }
-    };
-
-    let mut hello = BytesMut::new();
-    if version >> 16 != 3 {
-        fatal(&mut stream, "0A000", &format!("pgward: unsupported frontend protocol {}.{}", version >> 16, version & 0xffff)).await;
-        return None;
-    }
-    let unsupported: Vec<String> = params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
-    if version & 0xffff != 0 || !unsupported.is_empty() {
-        wire::negotiate_protocol_version(&mut hello, &unsupported);
-    }
-    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let Some(user) = get("user").filter(|u| !u.is_empty()) else {
-        fatal(&mut stream, "28000", "pgward: no user name specified in the startup packet").await;
-        return None;
-    };
-    let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
-    if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
-        fatal(&mut stream, "28000", "pgward: replication connections are not supported").await;
-        return None;
-    }
-
-    let failed = |reason: String, code: &str, jti: Option<String>, sub: Option<String>| Record {
-        kind: Kind::LoginFailed,
-        session: Some(session.to_string()),
-        user: Some(sub.unwrap_or_else(|| user.clone())),
-        client: Some(peer.audit_client()),
-        database: Some(database.clone()),
-        jti,
-        sqlstate: Some(code.to_string()),
-        error: Some(reason),
-        ..Default::default()
-    };
-
-    if !tls_on && !(peer.is_local() && shared.cfg.server.allow_plaintext_local) {
-        let msg = "pgward accepts tokens only over TLS from this address (use sslmode=require)";
-        let _ = shared.audit.append_durable(failed(msg.into(), "28000", None, None)).await;
-        fatal(&mut stream, "28000", &format!("pgward: {msg}")).await;
-        return None;
-    }
-
-    wire::auth_cleartext(&mut hello);
-    if stream.write_all(&hello).await.is_err() || stream.flush().await.is_err() {
-        return None;
-    }
-    let frame = match wire::read_frame(&mut stream, &mut buf, wire::MAX_STARTUP_FRAME).await {
-        Ok(f) => f,
-        // psql hangs up here to prompt for a password; that is not a failed login.
-        Err(WireError::Closed) => return None,
-        Err(e) => {
-            fatal(&mut stream, "08P01", &format!("pgward: {e}")).await;
-            return None;
-        }
-    };
-    let token = match wire::decode_password(&frame) {
-        Ok(t) => t,
-        Err(e) => {
-            fatal(&mut stream, "08P01", &format!("pgward: {e}")).await;
-            return None;
-        }
-    };
-    match shared.verifier.verify(&token, &user) {
-        Ok(identity) => {
-            let app_name = get("application_name");
-            let params: Vec<(String, String)> = params
-                .iter()
-                .filter(|(k, _)| !STRIPPED_PARAMS.iter().any(|s| k.eq_ignore_ascii_case(s)) && !k.starts_with("_pq_."))
-                .cloned()
-                .collect();
-            // pgward parses SQL as UTF-8: other client encodings would be converted by the
-            // server into text pgward did not check.
-            if let Some((_, enc)) = params
-                .iter()
-                .find(|(k, v)| k.eq_ignore_ascii_case("client_encoding") && !crate::policy::supported_client_encoding(v))
-            {
-                let msg = format!("pgward: client_encoding \"{enc}\" is not supported through pgward; use UTF8");
-                let mut stream = stream;
-                refuse_login(shared, &mut stream, session, peer, &identity, &database, "22023", msg, None).await;
-                return None;
-            }
-            let params = with_lexical_settings(params);
-            Some(Login { identity, database, stream, buf, app_name, params })
-        }
-        Err(e) => {
-            let code = e.sqlstate();
-            tracing::info!(user = %user, error = %e, "login refused");
-            let rec = failed(e.to_string(), code, e.jti().map(str::to_string), e.sub().map(str::to_string));
-            let _ = shared.audit.append_durable(rec).await;
-            let msg = match code {
-                "28P01" => format!("pgward: token authentication failed for user \"{user}\": {e}"),
-                _ => format!("pgward: {e}"),
-            };
-            fatal(&mut stream, code, &msg).await;
-            None
-        }
-    }
-}
-
 /// What a forwarded client frame is waiting for from the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PendKind {
@@ -635,131 +417,6 @@ struct Prepared {
 struct Portal {
     stmt: Prepared,
     params: Vec<Option<String>>,
-}
-
-/// Client frames read in one go, waiting for their statement records to be durable.
-#[derive(Default)]
-struct Batch {
-    frames: Vec<(Frame, Option<usize>)>,
-    pendings: Vec<Pending>,
-    /// Statement records, submitted together once the batch is complete.
-    records: Vec<Record>,
-    receivers: Vec<tokio::sync::oneshot::Receiver<Result<u64, AuditError>>>,
-    /// The frames, handed to the audit writer to send once the last record is durable.
-    held: Option<Arc<HeldSend>>,
-    /// Bytes the writer sent, once claimed.
-    sent: usize,
-}
-
-impl Batch {
-    /// The audit writer sent (some of) the held frames upstream.
-    fn was_sent(&self) -> bool {
-        self.held.as_ref().is_some_and(|h| matches!(*crate::lock(&h.state), HeldState::Sent { .. }))
-    }
-
-    /// True if the writer sent the held frames; otherwise it will tell the session when the
-    /// records are durable, even if it sends everything.
-    fn sent_or_ask(&self) -> bool {
-        self.held.as_ref().is_some_and(|h| h.sent_or_ask())
-    }
-
-    /// Take the held frames back (idempotent): how many bytes the writer sent.
-    fn claim(&mut self) -> usize {
-        if let Some(h) = self.held.take() {
-            self.sent = h.claim();
-        }
-        self.sent
-    }
-}
-
-impl Drop for Batch {
-    fn drop(&mut self) {
-        // A batch dropped unreleased (the session ended meanwhile) must never go out later.
-        self.claim();
-    }
-}
-
-/// Append the frames to `out`, less the first `sent` bytes (what the writer already sent).
-fn append_unsent(frames: &[(Frame, Option<usize>)], sent: usize, out: &mut BytesMut) {
-    let mut skip = sent;
-    for (f, _) in frames {
-        let raw = &f.raw[..];
-        if skip >= raw.len() {
-            skip -= raw.len();
-            continue;
-        }
-        out.extend_from_slice(&raw[skip..]);
-        skip = 0;
-    }
-}
-
-/// A batch's frames, sent to the upstream socket by the audit writer thread once the batch's
-/// last statement record is durable (records become durable in order, so all of them are),
-/// unless the session claimed them first. The socket is a dup of the session's, so a late
-/// send can never reach another connection; `claim` makes sure there is no late send.
-struct HeldSend {
-    fd: Arc<std::os::fd::OwnedFd>,
-    state: std::sync::Mutex<HeldState>,
-}
-
-enum HeldState {
-    /// Not durable yet. With `quiet`, a writer that sends all of it keeps the record's waiter
-    /// untold (the session learns of it when Postgres answers or the client sends more).
-    Held { bytes: Bytes, quiet: bool },
-    /// The writer sent this many bytes (all, unless the socket buffer was full); `untold` is
-    /// the waiter it kept.
-    Sent { n: usize, untold: Option<crate::audit::Waiter> },
-    Claimed,
-}
-
-impl HeldSend {
-    fn new(fd: Arc<std::os::fd::OwnedFd>, bytes: Bytes, quiet: bool) -> HeldSend {
-        HeldSend { fd, state: std::sync::Mutex::new(HeldState::Held { bytes, quiet }) }
-    }
-
-    /// The session takes the batch back: how many bytes the writer already sent (a waiter
-    /// the writer kept is told now). From now on the writer sends nothing.
-    fn claim(&self) -> usize {
-        match std::mem::replace(&mut *crate::lock(&self.state), HeldState::Claimed) {
-            HeldState::Sent { n, untold } => {
-                if let Some(w) = untold {
-                    w.tell();
-                }
-                n
-            }
-            HeldState::Held { .. } | HeldState::Claimed => 0,
-        }
-    }
-
-    /// True if the writer sent (some of) the frames; otherwise it must tell the waiter when
-    /// it does.
-    fn sent_or_ask(&self) -> bool {
-        match &mut *crate::lock(&self.state) {
-            HeldState::Sent { .. } => true,
-            HeldState::Held { quiet, .. } => {
-                *quiet = false;
-                false
-            }
-            HeldState::Claimed => false,
-        }
-    }
-}
-
-impl crate::audit::OnDurable for HeldSend {
-    fn durable(&self, waiter: crate::audit::Waiter) -> Option<crate::audit::Waiter> {
-        use std::os::fd::AsFd;
-        let mut st = crate::lock(&self.state);
-        let HeldState::Held { bytes, quiet } = &*st else {
-            return Some(waiter);
-        };
-        let n = wire::send_now(self.fd.as_fd(), bytes);
-        if *quiet && n == bytes.len() {
-            *st = HeldState::Sent { n, untold: Some(waiter) };
-            return None;
-        }
-        *st = HeldState::Sent { n, untold: None };
-        Some(waiter)
-    }
 }
 
 type DurableFuture = Pin<Box<dyn Future<Output = Result<Vec<u64>, String>> + Send>>;

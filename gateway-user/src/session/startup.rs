@@ -1,0 +1,239 @@
+//! The startup phase of a session: SSL negotiation, the StartupMessage, the token, and which
+//! startup parameters go upstream.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+
+use super::{Peer, Shared, fatal, refuse_login};
+use crate::audit::{Kind, Record};
+use crate::auth::Identity;
+use crate::upstream;
+use crate::wire::{self, BoxStream, StartupRequest, WireError};
+
+pub(super) struct Login {
+    pub(super) identity: Identity,
+    pub(super) database: String,
+    pub(super) stream: BoxStream,
+    pub(super) buf: BytesMut,
+    pub(super) app_name: Option<String>,
+    /// Client startup parameters passed on to the upstream (client_encoding, DateStyle, ...).
+    pub(super) params: Vec<(String, String)>,
+}
+
+/// Startup parameters never passed upstream: identity and connection routing are pgward's,
+/// and `options` could carry `-c role=...` / `-c session_authorization=...`. Compared
+/// case-insensitively, as Postgres compares setting names. `standard_conforming_strings` is
+/// pgward's too: the policy parses SQL with it on.
+pub(super) const STRIPPED_PARAMS: &[&str] = &[
+    "user",
+    "database",
+    "options",
+    "replication",
+    "application_name",
+    "role",
+    "session_authorization",
+    "standard_conforming_strings",
+    "backslash_quote",
+];
+
+/// The settings pgward's parser reads SQL with, sent upstream at every login (so RESET and
+/// `SET … TO DEFAULT` restore them, whatever the server's configuration says). The client's
+/// own `client_encoding` stays when it is one pgward supports (checked before).
+pub(super) const LEXICAL_SETTINGS: &[(&str, &str)] =
+    &[("client_encoding", "UTF8"), ("standard_conforming_strings", "on"), ("backslash_quote", "safe_encoding")];
+
+pub(super) fn with_lexical_settings(mut params: Vec<(String, String)>) -> Vec<(String, String)> {
+    for (k, v) in LEXICAL_SETTINGS {
+        if !params.iter().any(|(p, _)| p.eq_ignore_ascii_case(k)) {
+            params.push((k.to_string(), v.to_string()));
+        }
+    }
+    params
+}
+
+/// Startup settings that only change how values are presented; passed on without asking the
+/// policy (drivers send them on every login). `client_encoding` is checked on its own.
+pub(super) const PRESENTATION_PARAMS: &[&str] = &["client_encoding", "datestyle", "timezone", "intervalstyle", "extra_float_digits"];
+
+/// `SET name TO 'value'` for a startup setting, for the policy to decide as if the client had
+/// sent it; None for a name that is not a setting name.
+pub(super) fn startup_setting_sql(name: &str, value: &str) -> Option<String> {
+    let ok_part = |p: &str| {
+        let mut c = p.chars();
+        c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+            && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '$')
+    };
+    let parts: Vec<&str> = name.split('.').collect();
+    if parts.len() > 2 || !parts.iter().all(|p| ok_part(p)) {
+        return None;
+    }
+    Some(format!("SET {} TO '{}'", name.to_ascii_lowercase(), value.replace('\'', "''")))
+}
+
+/// Startup phase: SSL negotiation, StartupMessage, token. Returns None when the connection is
+/// finished (cancel request, refused login, client gone).
+pub(super) async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &Peer, session: &str) -> Option<Login> {
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut tls_on = false;
+    let (version, params) = loop {
+        let pkt = match wire::read_startup_packet(&mut stream, &mut buf).await {
+            Ok(p) => p,
+            Err(WireError::Closed) => return None,
+            Err(e) => {
+                fatal(&mut stream, "08P01", &format!("pgward: invalid startup packet: {e}")).await;
+                return None;
+            }
+        };
+        match wire::parse_startup(&pkt) {
+            Ok(StartupRequest::Ssl) => {
+                if tls_on || !buf.is_empty() {
+                    fatal(&mut stream, "08P01", "pgward: unexpected data around SSLRequest").await;
+                    return None;
+                }
+                match &shared.tls {
+                    Some(acc) => {
+                        if stream.write_all(b"S").await.is_err() || stream.flush().await.is_err() {
+                            return None;
+                        }
+                        match acc.accept(stream).await {
+                            Ok(t) => {
+                                stream = Box::new(t);
+                                tls_on = true;
+                            }
+                            Err(e) => {
+                                tracing::info!(error = %e, "TLS handshake failed");
+                                return None;
+                            }
+                        }
+                    }
+                    None => {
+                        if stream.write_all(b"N").await.is_err() {
+                            return None;
+                        }
+                    }
+                }
+            }
+            Ok(StartupRequest::GssEnc) => {
+                if stream.write_all(b"N").await.is_err() {
+                    return None;
+                }
+            }
+            Ok(StartupRequest::Cancel { pid, key }) => {
+                // Map pgward's key to the upstream's; unknown keys are ignored silently.
+                if let Some((upid, ukey)) = shared.cancels.lookup(pid, key) {
+                    if let Err(e) = upstream::cancel(&shared.target, upid, ukey).await {
+                        tracing::warn!(error = %e, "forwarding cancel request failed");
+                    } else {
+                        tracing::info!("cancel request forwarded");
+                    }
+                } else {
+                    tracing::info!("cancel request with unknown key ignored");
+                }
+                return None;
+            }
+            Ok(StartupRequest::Startup { version, params }) => break (version, params),
+            Err(e) => {
+                fatal(&mut stream, "08P01", &format!("pgward: invalid startup packet: {e}")).await;
+                return None;
+            }
+        }
+    };
+
+    let mut hello = BytesMut::new();
+    if version >> 16 != 3 {
+        fatal(&mut stream, "0A000", &format!("pgward: unsupported frontend protocol {}.{}", version >> 16, version & 0xffff)).await;
+        return None;
+    }
+    let unsupported: Vec<String> = params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
+    if version & 0xffff != 0 || !unsupported.is_empty() {
+        wire::negotiate_protocol_version(&mut hello, &unsupported);
+    }
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let Some(user) = get("user").filter(|u| !u.is_empty()) else {
+        fatal(&mut stream, "28000", "pgward: no user name specified in the startup packet").await;
+        return None;
+    };
+    let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
+        fatal(&mut stream, "28000", "pgward: replication connections are not supported").await;
+        return None;
+    }
+
+    let failed = |reason: String, code: &str, jti: Option<String>, sub: Option<String>| Record {
+        kind: Kind::LoginFailed,
+        session: Some(session.to_string()),
+        user: Some(sub.unwrap_or_else(|| user.clone())),
+        client: Some(peer.audit_client()),
+        database: Some(database.clone()),
+        jti,
+        sqlstate: Some(code.to_string()),
+        error: Some(reason),
+        ..Default::default()
+    };
+
+    if !tls_on && !(peer.is_local() && shared.cfg.server.allow_plaintext_local) {
+        let msg = "pgward accepts tokens only over TLS from this address (use sslmode=require)";
+        let _ = shared.audit.append_durable(failed(msg.into(), "28000", None, None)).await;
+        fatal(&mut stream, "28000", &format!("pgward: {msg}")).await;
+        return None;
+    }
+
+    wire::auth_cleartext(&mut hello);
+    if stream.write_all(&hello).await.is_err() || stream.flush().await.is_err() {
+        return None;
+    }
+    let frame = match wire::read_frame(&mut stream, &mut buf, wire::MAX_STARTUP_FRAME).await {
+        Ok(f) => f,
+        // psql hangs up here to prompt for a password; that is not a failed login.
+        Err(WireError::Closed) => return None,
+        Err(e) => {
+            fatal(&mut stream, "08P01", &format!("pgward: {e}")).await;
+            return None;
+        }
+    };
+    let token = match wire::decode_password(&frame) {
+        Ok(t) => t,
+        Err(e) => {
+            fatal(&mut stream, "08P01", &format!("pgward: {e}")).await;
+            return None;
+        }
+    };
+    match shared.verifier.verify(&token, &user) {
+        Ok(identity) => {
+            let app_name = get("application_name");
+            let params: Vec<(String, String)> = params
+                .iter()
+                .filter(|(k, _)| !STRIPPED_PARAMS.iter().any(|s| k.eq_ignore_ascii_case(s)) && !k.starts_with("_pq_."))
+                .cloned()
+                .collect();
+            // pgward parses SQL as UTF-8: other client encodings would be converted by the
+            // server into text pgward did not check.
+            if let Some((_, enc)) = params
+                .iter()
+                .find(|(k, v)| k.eq_ignore_ascii_case("client_encoding") && !crate::policy::supported_client_encoding(v))
+            {
+                let msg = format!("pgward: client_encoding \"{enc}\" is not supported through pgward; use UTF8");
+                let mut stream = stream;
+                refuse_login(shared, &mut stream, session, peer, &identity, &database, "22023", msg, None).await;
+                return None;
+            }
+            let params = with_lexical_settings(params);
+            Some(Login { identity, database, stream, buf, app_name, params })
+        }
+        Err(e) => {
+            let code = e.sqlstate();
+            tracing::info!(user = %user, error = %e, "login refused");
+            let rec = failed(e.to_string(), code, e.jti().map(str::to_string), e.sub().map(str::to_string));
+            let _ = shared.audit.append_durable(rec).await;
+            let msg = match code {
+                "28P01" => format!("pgward: token authentication failed for user \"{user}\": {e}"),
+                _ => format!("pgward: {e}"),
+            };
+            fatal(&mut stream, code, &msg).await;
+            None
+        }
+    }
+}
+
