@@ -322,6 +322,11 @@ pub fn text(b: &[u8]) -> Cow<'_, str> {
     }
 }
 
+/// An encoding name as Postgres compares them: case and punctuation ignored (`UTF-8` = `utf8`).
+pub fn encoding_key(name: &str) -> String {
+    name.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase()
+}
+
 /// The client encodings pgward decodes SQL text from exactly as a UTF-8 server converts it
 /// before lexing: UTF8 (and SQL_ASCII, which such a server checks as UTF-8), and LATIN1
 /// (each byte is the code point of the same value).
@@ -334,8 +339,7 @@ pub enum ClientEncoding {
 impl ClientEncoding {
     /// From a `client_encoding` value (case and punctuation ignored, as Postgres does).
     pub fn from_name(name: &str) -> Option<ClientEncoding> {
-        let key: String = name.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase();
-        match key.as_str() {
+        match encoding_key(name).as_str() {
             "utf8" | "unicode" | "sqlascii" => Some(ClientEncoding::Utf8),
             "latin1" | "iso88591" => Some(ClientEncoding::Latin1),
             _ => None,

@@ -139,7 +139,7 @@ pub enum StmtKind {
     Unknown,
 }
 
-use crate::policy::pgtree::{Obj, const_locations, list, names, str_field, sval, typed, wrapped};
+use crate::policy::pgtree::{Obj, const_locations, list, names, raw_stmts, str_field, sval, typed, wrapped};
 
 /// The parse tree of `sql`, when it parses within pgward's bounds.
 fn parse(sql: &str) -> Option<Value> {
@@ -147,10 +147,6 @@ fn parse(sql: &str) -> Option<Value> {
         return None;
     }
     pgparse::parse(sql).ok()
-}
-
-fn raw_stmts(tree: &Value) -> &[Value] {
-    tree.get("stmts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[])
 }
 
 fn run(tree: &Value, r: &dyn Resolver) -> (Vec<StmtKind>, bool) {

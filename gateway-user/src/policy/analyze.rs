@@ -18,8 +18,8 @@ use serde_json::{Map, Value};
 use super::lexical;
 use super::limits;
 use super::normalize::Normalized;
-use super::pgparse::{self, ParseError};
-use super::pgtree::{name_list, node, str_field, wrapped_map as wrapped};
+use super::pgparse;
+use super::pgtree::{const_locations, list, name_list, node, raw_stmts, str_field, wrapped_map as wrapped};
 
 /// What kind of statement this is. A statement can be in several classes (`WITH d AS (DELETE
 /// …) SELECT …` is read and write); its *primary* class is the most significant one, in the
@@ -282,6 +282,11 @@ impl StatementInfo {
             self.commands.push(c);
         }
     }
+    /// The statement text's first `n` words as its command ([`leading_words`]).
+    fn add_leading_words(&mut self, n: usize) {
+        let w = leading_words(&self.text, n);
+        self.add_command(w);
+    }
     fn finish(&mut self) {
         // Writing to pg_settings calls set_config() through the view's update rule.
         if self.classes.contains(StatementClass::Write) && self.tables.iter().any(|t| t.name == "pg_settings") {
@@ -304,34 +309,6 @@ impl StatementInfo {
             self.classes.insert(StatementClass::Unknown);
         }
     }
-}
-
-/// Client encodings whose multibyte characters can contain the byte 0x5C (backslash): with
-/// one of these, Postgres and pgward (which reads non-UTF-8 bytes as Latin-1) would split
-/// `E'…'` literals differently. Postgres refuses them as server encodings for the same reason.
-/// The session should refuse them as a startup `client_encoding`, too. `default` is fine.
-pub fn unsafe_client_encoding(name: &str) -> bool {
-    let n: String = name.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase();
-    matches!(
-        n.as_str(),
-        "sjis"
-            | "shiftjis"
-            | "mskanji"
-            | "win932"
-            | "windows932"
-            | "cp932"
-            | "shiftjis2004"
-            | "big5"
-            | "win950"
-            | "windows950"
-            | "cp950"
-            | "gbk"
-            | "win936"
-            | "windows936"
-            | "cp936"
-            | "gb18030"
-            | "johab"
-    )
 }
 
 /// What a PREPARE or DEALLOCATE does to the session's SQL-level prepared statements.
@@ -380,7 +357,7 @@ fn bool_true(v: &str) -> bool {
 
 /// An encoding name Postgres reads as UTF8 (case and punctuation ignored, as Postgres does).
 pub fn utf8_encoding(name: &str) -> bool {
-    matches!(encoding_key(name).as_str(), "utf8" | "unicode")
+    matches!(crate::wire::encoding_key(name).as_str(), "utf8" | "unicode")
 }
 
 /// A client encoding pgward relays: UTF8, SQL_ASCII (which a UTF8 server checks as UTF-8),
@@ -388,10 +365,6 @@ pub fn utf8_encoding(name: &str) -> bool {
 /// (`wire::ClientEncoding`).
 pub fn supported_client_encoding(name: &str) -> bool {
     crate::wire::ClientEncoding::from_name(name).is_some()
-}
-
-fn encoding_key(name: &str) -> String {
-    name.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase()
 }
 
 /// The last two parts of a name list, lowercased (matching is case-insensitive).
@@ -493,8 +466,6 @@ const STATEMENT_FIELDS: &[&str] = &["stmt", "query", "ctequery"];
 /// relations, function calls, setting changes and nested statements are collected.
 struct Walker<'a> {
     info: &'a mut StatementInfo,
-    /// Locations of the constant nodes (for literal-normalized cache keys).
-    consts: &'a mut Vec<usize>,
 }
 
 impl Walker<'_> {
@@ -542,12 +513,6 @@ impl Walker<'_> {
     }
 
     fn typed(&mut self, ty: &str, b: &Map<String, Value>, field: Option<&str>) {
-        if ty == "A_Const" {
-            if let Some(loc) = b.get("location").and_then(Value::as_u64).and_then(|l| usize::try_from(l).ok()) {
-                self.consts.push(loc);
-            }
-            return;
-        }
         classify(ty, b, field, self.info);
     }
 
@@ -556,7 +521,7 @@ impl Walker<'_> {
     fn setting(&mut self, b: &Map<String, Value>, field: Option<&str>) {
         let name = str_field(b, "name").unwrap_or("").to_lowercase();
         let kind = str_field(b, "kind").unwrap_or("");
-        let args: &[Value] = b.get("args").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+        let args = list(b, "args");
         let info = &mut *self.info;
         let value = match kind {
             "VAR_SET_DEFAULT" | "VAR_RESET" => Some("default".to_string()),
@@ -596,7 +561,7 @@ impl Walker<'_> {
 fn set_config_call(call: &Map<String, Value>, dep: &mut bool) -> ModSet {
     let mut unknown = ModSet::default();
     unknown.insert(Modifier::IdentityChange);
-    let args: &[Value] = call.get("args").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+    let args = list(call, "args");
     if call.get("func_variadic").and_then(Value::as_bool) == Some(true) || args.iter().any(|a| a.get("NamedArgExpr").is_some())
     {
         return unknown;
@@ -781,14 +746,9 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
         }
         "CheckPointStmt" | "LoadStmt" | "ClusterStmt" | "ReindexStmt" | "AlterSystemStmt" => {
             info.classes.insert(Admin);
-            { let w = leading_words(&info.text, if ty == "AlterSystemStmt" { 2 } else { 1 }); info.add_command(w) };
+            info.add_leading_words(if ty == "AlterSystemStmt" { 2 } else { 1 });
         }
-        "GrantStmt" => {
-            info.classes.insert(Dcl);
-            let grant = b.get("is_grant").and_then(Value::as_bool) == Some(true);
-            info.add_command(if grant { "grant" } else { "revoke" });
-        }
-        "GrantRoleStmt" => {
+        "GrantStmt" | "GrantRoleStmt" => {
             info.classes.insert(Dcl);
             let grant = b.get("is_grant").and_then(Value::as_bool) == Some(true);
             info.add_command(if grant { "grant" } else { "revoke" });
@@ -796,7 +756,7 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
         "CreateRoleStmt" | "AlterRoleStmt" | "AlterRoleSetStmt" | "DropRoleStmt" | "AlterDefaultPrivilegesStmt"
         | "CreatePolicyStmt" | "AlterPolicyStmt" | "ReassignOwnedStmt" | "DropOwnedStmt" => {
             info.classes.insert(Dcl);
-            { let w = leading_words(&info.text, 2); info.add_command(w) };
+            info.add_leading_words(2);
         }
         "DropStmt" => {
             let kind = object_kind(str_field(b, "removeType"));
@@ -806,7 +766,7 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
                 "schema" => {
                     info.classes.insert(Ddl);
                     // DROP SCHEMA's objects are name lists of one part.
-                    for o in b.get("objects").and_then(Value::as_array).into_iter().flatten() {
+                    for o in list(b, "objects") {
                         if let Some(s) = node(o, "String").and_then(|s| str_field(s, "sval")) {
                             info.schemas.push(s.to_lowercase());
                         }
@@ -814,7 +774,7 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
                 }
                 "table" | "view" | "materialized view" | "index" | "sequence" | "foreign table" => {
                     info.classes.insert(Ddl);
-                    for o in b.get("objects").and_then(Value::as_array).into_iter().flatten() {
+                    for o in list(b, "objects") {
                         if let Some(q) = node(o, "List").and_then(|l| qname(&name_list(l.get("items")))) {
                             info.tables.push(q);
                         }
@@ -848,11 +808,11 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
         }
         "CommentStmt" | "SecLabelStmt" => {
             info.classes.insert(Ddl);
-            { let w = leading_words(&info.text, 1); info.add_command(w) };
+            info.add_leading_words(1);
         }
         "CreatedbStmt" | "DropdbStmt" | "AlterDatabaseStmt" | "AlterDatabaseSetStmt" | "AlterDatabaseRefreshCollStmt" => {
             info.classes.insert(Ddl);
-            { let w = leading_words(&info.text, 2); info.add_command(w) };
+            info.add_leading_words(2);
         }
         other if other.ends_with("Stmt") && other != "RawStmt" && other != "VariableSetStmt" => {
             let cmd = leading_words(&info.text, 2);
@@ -871,7 +831,7 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
 /// are opaque to the parser (PL/pgSQL, or SQL run later).
 fn scan_bodies(b: &Map<String, Value>, info: &mut StatementInfo) {
     let key = if b.contains_key("args") { "args" } else { "options" };
-    for opt in b.get(key).and_then(Value::as_array).into_iter().flatten() {
+    for opt in list(b, key) {
         let Some(d) = node(opt, "DefElem") else { continue };
         if str_field(d, "defname") != Some("as") {
             continue;
@@ -965,19 +925,18 @@ pub(crate) fn analyze_sql_with(sql: &str, norm: Option<&Normalized>) -> (Vec<Sta
     }
     let tree = match pgparse::parse(sql) {
         Ok(t) => t,
-        Err(ParseError::Syntax { .. } | ParseError::Nul | ParseError::TooDeep | ParseError::Internal(_)) => {
+        // Postgres rejects the text too (same parser), or it is over pgward's bounds.
+        Err(_) => {
             let out = if sql.trim().is_empty() { Vec::new() } else { vec![analyze_lexically(sql)] };
             return (out, false);
         }
     };
-    let raws: &[Value] = tree.get("stmts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
-    let mut consts = Vec::new();
+    let raws = raw_stmts(&tree);
     let mut out = Vec::with_capacity(raws.len());
     for raw in raws {
         let mut info = StatementInfo { text: statement_text(sql, raw).to_string(), ..Default::default() };
         if let Some(stmt) = raw.get("stmt") {
-            let mut w = Walker { info: &mut info, consts: &mut consts };
-            w.value(stmt, None);
+            Walker { info: &mut info }.value(stmt, None);
         }
         info.finish();
         out.push(info);
@@ -987,7 +946,11 @@ pub(crate) fn analyze_sql_with(sql: &str, norm: Option<&Normalized>) -> (Vec<Sta
             s.modifiers.insert(Modifier::MultiStatement);
         }
     }
-    let shareable = norm.is_some_and(|n| out.iter().all(|i| !i.literal_dependent) && n.covered_by(&consts));
+    let shareable = norm.is_some_and(|n| {
+        let mut consts = Vec::new();
+        const_locations(&tree, &mut consts);
+        out.iter().all(|i| !i.literal_dependent) && n.covered_by(&consts)
+    });
     (out, shareable)
 }
 

@@ -59,7 +59,7 @@ use serde::{Deserialize, Serialize};
 pub use limits::MAX_PARSE_BYTES;
 pub use analyze::{
     ClassSet, ModSet, Modifier, PreparedOp, QName, StatementClass, StatementInfo, analyze_sql, supported_client_encoding,
-    unsafe_client_encoding, utf8_encoding,
+    utf8_encoding,
 };
 
 use crate::auth::Identity;

@@ -62,6 +62,11 @@ pub fn name_list(v: Option<&Value>) -> Vec<String> {
     names(v.and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]))
 }
 
+/// The raw statements of a parse tree (`{"stmts": [{"stmt": …, "stmt_location": …}]}`).
+pub fn raw_stmts(tree: &Value) -> &[Value] {
+    tree.get("stmts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[])
+}
+
 /// Locations of every `A_Const` node of the tree.
 pub fn const_locations(v: &Value, out: &mut Vec<usize>) {
     match v {

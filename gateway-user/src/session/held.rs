@@ -35,6 +35,15 @@ impl Batch {
         self.held.as_ref().is_some_and(|h| h.sent_or_ask())
     }
 
+    /// A frame that runs a statement (or stands in for a refused one), its statement record
+    /// (submitted with the rest by `submit_records`) and what it waits for from the server.
+    pub(super) fn push_statement(&mut self, frame: Frame, rec: Record, mut p: Pending) {
+        self.records.push(rec);
+        p.rec_idx = self.records.len() - 1;
+        self.frames.push((frame, Some(self.pendings.len())));
+        self.pendings.push(p);
+    }
+
     /// Take the held frames back (idempotent): how many bytes the writer sent.
     pub(super) fn claim(&mut self) -> usize {
         if let Some(h) = self.held.take() {

@@ -858,13 +858,6 @@ impl Relay {
         }
     }
 
-    /// Add a statement record to the batch (submitted with the rest by `submit_records`);
-    /// returns its index among the batch's receivers.
-    fn submit(&self, batch: &mut Batch, rec: Record) -> usize {
-        batch.records.push(rec);
-        batch.records.len() - 1
-    }
-
     fn on_client_frame(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
         let bad = |e: WireError| End::Fatal(e.sqlstate(), format!("pgward: {e}"));
         match f.tag {
@@ -892,9 +885,7 @@ impl Relay {
                     self.note_prepared(&verdict);
                 }
                 let frame = if allowed { f } else { self.marker_query() };
-                p.rec_idx = self.submit(batch, rec);
-                batch.frames.push((frame, Some(batch.pendings.len())));
-                batch.pendings.push(p);
+                batch.push_statement(frame, rec, p);
             }
             b'P' => {
                 self.check_token()?;
@@ -923,9 +914,7 @@ impl Relay {
                     Self::apply_verdict(&mut rec, &mut p, &verdict);
                     let marker = self.marker_parse(&name);
                     self.stmts.remove(name.as_ref());
-                    p.rec_idx = self.submit(batch, rec);
-                    batch.frames.push((marker, Some(batch.pendings.len())));
-                    batch.pendings.push(p);
+                    batch.push_statement(marker, rec, p);
                 }
             }
             b'B' => {
@@ -961,10 +950,8 @@ impl Relay {
                         rec.rule = Some("unknown-portal".into());
                     }
                 }
-                let mut p = Pending::new(PendKind::Execute);
-                p.rec_idx = self.submit(batch, rec);
-                batch.frames.push((f, Some(batch.pendings.len())));
-                batch.pendings.push(p);
+                let p = Pending::new(PendKind::Execute);
+                batch.push_statement(f, rec, p);
             }
             b'D' => {
                 wire::decode_close_or_describe(&f).map_err(bad)?;
@@ -996,9 +983,7 @@ impl Relay {
                 let mut p = Pending::new(PendKind::FunctionCall);
                 let verdict = self.shared.policy.decide_function_call(&self.policy_identity, &self.database, oid, chrono::Utc::now());
                 let frame = if Self::apply_verdict(&mut rec, &mut p, &verdict) { f } else { self.marker_function_call() };
-                p.rec_idx = self.submit(batch, rec);
-                batch.frames.push((frame, Some(batch.pendings.len())));
-                batch.pendings.push(p);
+                batch.push_statement(frame, rec, p);
             }
             b'X' => {
                 self.terminated = true;
@@ -1089,9 +1074,7 @@ impl Relay {
             self.stmts.remove(name.as_str());
             self.marker_parse(&name)
         };
-        p.rec_idx = self.submit(batch, rec);
-        batch.frames.push((marker, Some(batch.pendings.len())));
-        batch.pendings.push(p);
+        batch.push_statement(marker, rec, p);
     }
 
     fn apply_verdict(rec: &mut Record, p: &mut Pending, v: &Verdict) -> bool {
