@@ -59,6 +59,25 @@ pub trait Resolver {
     fn rules_for(&self, schema: Option<&str>, table: &str, column: Option<&str>) -> u64;
     /// The table's column names in order, when known (rule tables, from the catalog).
     fn columns_of(&self, schema: Option<&str>, table: &str) -> Option<Vec<String>>;
+    /// Strict masking: the catalog classes (`policy::functions`) of the functions named
+    /// `name` (in `schema`, or any); every class when the catalog does not know them.
+    fn function_classes(&self, _schema: Option<&str>, _name: &str) -> u8 {
+        crate::policy::functions::ALL
+    }
+    /// Strict masking: whether the catalog has a function of this name.
+    fn is_function(&self, _name: &str) -> bool {
+        true
+    }
+    /// Strict masking: whether every function of this name is a built-in (`pg_catalog`), so
+    /// that an unqualified call cannot reach a function someone created.
+    fn builtin_function(&self, _name: &str) -> bool {
+        false
+    }
+    /// Strict masking: rules an identifier in an opaque body may refer to (a masked column's
+    /// name, a rule table's or masked view's name).
+    fn ident_rules(&self, _ident: &str) -> u64 {
+        u64::MAX
+    }
 }
 
 /// One item of a statement's output list.
@@ -227,14 +246,14 @@ fn figure_name(v: &Value) -> Option<String> {
 
 /// A relation in scope.
 #[derive(Debug, Clone)]
-struct Rel {
+pub(super) struct Rel {
     /// Alias, or the table's own name (CTEs of a WITH: `\0cte:name`).
-    name: String,
-    kind: RelKind,
+    pub(super) name: String,
+    pub(super) kind: RelKind,
 }
 
 #[derive(Debug, Clone)]
-enum RelKind {
+pub(super) enum RelKind {
     Base { schema: Option<String>, table: String, rules_any: u64, columns: Option<Vec<String>> },
     /// Output items in order (stars of unknown width kept in place), and the relations those
     /// stars came from (for lookups by name).
@@ -245,9 +264,9 @@ enum RelKind {
 
 /// The output of a query: named items, and the relations behind its stars of unknown width.
 #[derive(Debug, Default)]
-struct Out {
-    cols: Vec<(Option<String>, Item)>,
-    stars: Vec<Rel>,
+pub(super) struct Out {
+    pub(super) cols: Vec<(Option<String>, Item)>,
+    pub(super) stars: Vec<Rel>,
 }
 
 impl Out {
@@ -262,16 +281,16 @@ impl Out {
 
 /// Relations in scope: this level's, then the enclosing ones.
 #[derive(Clone, Copy)]
-struct Env<'p> {
-    rels: &'p [Rel],
-    parent: Option<&'p Env<'p>>,
+pub(super) struct Env<'p> {
+    pub(super) rels: &'p [Rel],
+    pub(super) parent: Option<&'p Env<'p>>,
 }
 
 impl<'p> Env<'p> {
     fn levels(&self) -> impl Iterator<Item = &Env<'p>> {
         std::iter::successors(Some(self), |e| e.parent)
     }
-    fn find(&self, name: &str) -> Option<&Rel> {
+    pub(super) fn find(&self, name: &str) -> Option<&Rel> {
         self.levels().find_map(|e| e.rels.iter().find(|r| r.name == name))
     }
 }
@@ -294,7 +313,7 @@ fn opaque_items(whole: Taint) -> Vec<(Option<String>, Item)> {
 impl Rel {
     /// The taint of column `name`. `strict`: the column was named with this relation, so a
     /// name lineage does not find here is one it mis-named (every column counts).
-    fn col_with(&self, name: &str, r: &dyn Resolver, strict: bool) -> Taint {
+    pub(super) fn col_with(&self, name: &str, r: &dyn Resolver, strict: bool) -> Taint {
         match &self.kind {
             RelKind::Base { schema, table, .. } => {
                 let bits = r.rules_for(schema.as_deref(), table, Some(name));
@@ -324,7 +343,7 @@ impl Rel {
             RelKind::Opaque { whole } => whole.derived(),
         }
     }
-    fn whole(&self) -> Taint {
+    pub(super) fn whole(&self) -> Taint {
         match &self.kind {
             RelKind::Base { rules_any, .. } => Taint { rules: *rules_any, direct: false },
             RelKind::Derived { cols, stars } => {
@@ -344,13 +363,17 @@ impl Rel {
     }
 }
 
-struct Cx<'a> {
-    r: &'a dyn Resolver,
+pub(super) struct Cx<'a> {
+    pub(super) r: &'a dyn Resolver,
     /// The result depended on a constant's value.
     read: Cell<bool>,
 }
 
-impl Cx<'_> {
+impl<'a> Cx<'a> {
+    pub(super) fn new(r: &'a dyn Resolver) -> Cx<'a> {
+        Cx { r, read: Cell::new(false) }
+    }
+
     fn lineage(&self, items: Vec<Item>) -> Lineage {
         let mut any = 0;
         for i in &items {
@@ -393,7 +416,7 @@ impl Cx<'_> {
 
     /// The output of a query in a query position (a wrapped node): SELECT/VALUES, or a data-
     /// modifying statement's RETURNING list. None: not a query lineage knows.
-    fn rows(&self, q: &Value, env: Option<&Env<'_>>) -> Option<Out> {
+    pub(super) fn rows(&self, q: &Value, env: Option<&Env<'_>>) -> Option<Out> {
         let (ty, b) = wrapped(q)?;
         match ty {
             "SelectStmt" => Some(self.select(b, env)),
@@ -500,7 +523,7 @@ impl Cx<'_> {
     }
 
     /// A base table (RangeVar body) with its alias. `alias`: read the RangeVar's alias.
-    fn base_rel(&self, rv: &Obj, alias: bool) -> Rel {
+    pub(super) fn base_rel(&self, rv: &Obj, alias: bool) -> Rel {
         let schema = str_field(rv, "schemaname").map(str::to_string);
         let table = str_field(rv, "relname").unwrap_or("").to_string();
         let al = if alias { alias_of(rv) } else { None };
@@ -529,16 +552,15 @@ impl Cx<'_> {
     }
 
     /// The CTEs of a `withClause` as relations (`\0cte:name`), each seeing the ones before it.
-    fn ctes(&self, m: &Obj, env: Option<&Env<'_>>) -> Vec<Rel> {
+    pub(super) fn ctes(&self, m: &Obj, env: Option<&Env<'_>>) -> Vec<Rel> {
         let mut ctes: Vec<Rel> = Vec::new();
         let Some(w) = m.get("withClause").and_then(|w| typed(w, "WithClause")) else { return ctes };
+        let recursive = w.get("recursive").and_then(Value::as_bool) == Some(true);
         for c in list(w, "ctes") {
             let Some(cte) = typed(c, "CommonTableExpr") else { continue };
-            let name = str_field(cte, "ctename").unwrap_or("").to_string();
-            // (recursive CTEs see themselves as untainted on the first pass: fine, their
-            // base case carries the taint)
-            let kind = {
-                let inner = Env { rels: &ctes, parent: env };
+            let name = format!("\u{0}cte:{}", str_field(cte, "ctename").unwrap_or(""));
+            let kind_in = |rels: &[Rel]| {
+                let inner = Env { rels, parent: env };
                 let q = cte.get("ctequery");
                 match q.and_then(|q| self.rows(q, Some(&inner))) {
                     Some(mut o) => {
@@ -548,13 +570,37 @@ impl Cx<'_> {
                     None => RelKind::Opaque { whole: q.map_or(Taint::NONE, |q| self.walk_taint(q, &inner)) },
                 }
             };
-            ctes.push(Rel { name: format!("\u{0}cte:{name}"), kind });
+            let mut rel = Rel { name, kind: kind_in(&ctes) };
+            if recursive {
+                rel = self.recursive_cte(rel, &ctes, kind_in);
+            }
+            ctes.push(rel);
         }
         ctes
     }
 
+    /// A CTE of `WITH RECURSIVE` that may read itself: its lineage with itself in scope,
+    /// recomputed until it stops changing (a column's values can reach another column through
+    /// the recursion). When it does not settle within a few passes, every column carries
+    /// everything any column does.
+    fn recursive_cte(&self, first: Rel, before: &[Rel], kind_in: impl Fn(&[Rel]) -> RelKind) -> Rel {
+        const PASSES: usize = 8;
+        let mut rel = first;
+        for _ in 0..PASSES {
+            let mut scope = before.to_vec();
+            scope.push(rel.clone());
+            let next = Rel { name: rel.name.clone(), kind: kind_in(&scope) };
+            if format!("{:?}", next.kind) == format!("{:?}", rel.kind) {
+                return next;
+            }
+            rel = next;
+        }
+        let whole = rel.whole();
+        Rel { name: rel.name, kind: RelKind::Opaque { whole } }
+    }
+
     /// SELECT (with WITH, set operations, VALUES).
-    fn select(&self, b: &Obj, env: Option<&Env<'_>>) -> Out {
+    pub(super) fn select(&self, b: &Obj, env: Option<&Env<'_>>) -> Out {
         let ctes = self.ctes(b, env);
         let cenv;
         let env = if ctes.is_empty() {
@@ -610,7 +656,7 @@ impl Cx<'_> {
         Some(self.targets(returning, &Env { rels: &rels, parent: Some(&cenv) }))
     }
 
-    fn from_list(&self, items: &[Value], env: Option<&Env<'_>>) -> Vec<Rel> {
+    pub(super) fn from_list(&self, items: &[Value], env: Option<&Env<'_>>) -> Vec<Rel> {
         let mut rels = Vec::new();
         for f in items {
             self.from_item(f, env, &mut rels);
@@ -619,7 +665,7 @@ impl Cx<'_> {
     }
 
     /// One FROM item; `rels` holds the items before it (LATERAL references see them).
-    fn from_item(&self, v: &Value, env: Option<&Env<'_>>, rels: &mut Vec<Rel>) {
+    pub(super) fn from_item(&self, v: &Value, env: Option<&Env<'_>>, rels: &mut Vec<Rel>) {
         let Some((ty, b)) = wrapped(v) else {
             let whole = self.walk_taint(v, &Env { rels: rels.as_slice(), parent: env });
             rels.push(Rel { name: String::new(), kind: RelKind::Opaque { whole } });
@@ -706,7 +752,7 @@ impl Cx<'_> {
     }
 
     /// What `rel.*` expands to.
-    fn star_of(&self, r: &Rel) -> Out {
+    pub(super) fn star_of(&self, r: &Rel) -> Out {
         match &r.kind {
             RelKind::Base { columns: Some(cols), schema, table, .. } => Out {
                 cols: cols
@@ -770,7 +816,7 @@ impl Cx<'_> {
     }
 
     /// The taint of everything under `v`.
-    fn walk_taint(&self, v: &Value, env: &Env<'_>) -> Taint {
+    pub(super) fn walk_taint(&self, v: &Value, env: &Env<'_>) -> Taint {
         let mut w = Walker { cx: self, env, taint: Taint::NONE, whole_row: false };
         w.walk(v);
         w.taint

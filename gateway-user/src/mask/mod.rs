@@ -17,6 +17,7 @@ pub mod catalog;
 pub mod detect;
 pub mod lineage;
 pub mod relay;
+pub mod strict;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -34,7 +34,7 @@
 mod analyze;
 mod file;
 pub mod functions;
-mod lexical;
+pub(crate) mod lexical;
 mod limits;
 pub(crate) mod normalize;
 pub mod pgparse;

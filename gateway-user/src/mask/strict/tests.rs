@@ -1,0 +1,268 @@
+use super::*;
+use crate::policy::functions::{ALL, DYNAMIC_SQL, VOLATILE};
+
+/// Rules: bit 0 = customers.card, bit 1 = customers.ssn, bit 2 = *.*.email; view
+/// `cust_v(k)` shows card as `k`.
+struct R;
+
+const BUILTINS: &[&str] = &[
+    "upper", "lower", "initcap", "btrim", "ltrim", "rtrim", "concat", "concat_ws", "coalesce", "nullif", "text", "min", "max",
+    "string_agg", "array_agg", "substr", "substring", "left", "right", "count", "length", "md5", "set_config", "pg_notify",
+    "pg_advisory_lock", "jsonb_each_text", "to_jsonb", "regexp_split_to_table", "row_to_json", "now", "lag", "row_number",
+    "hashtext", "generate_series", "sum", "avg", "ascii", "current_setting", "unnest", "format",
+];
+
+impl Resolver for R {
+    fn rules_for(&self, schema: Option<&str>, table: &str, column: Option<&str>) -> u64 {
+        let mut b = 0;
+        if schema.is_none_or(|s| s == "public") && table == "customers" {
+            if column.is_none_or(|c| c == "card") {
+                b |= 1;
+            }
+            if column.is_none_or(|c| c == "ssn") {
+                b |= 2;
+            }
+        }
+        if table == "cust_v" && column.is_none_or(|c| c == "k") {
+            b |= 1;
+        }
+        if column.is_none_or(|c| c == "email") {
+            b |= 4;
+        }
+        b
+    }
+    fn columns_of(&self, _: Option<&str>, table: &str) -> Option<Vec<String>> {
+        match table {
+            "customers" => Some(["id", "name", "card", "ssn", "email"].map(String::from).to_vec()),
+            "cust_v" => Some(vec!["id".into(), "k".into()]),
+            _ => None,
+        }
+    }
+    fn function_classes(&self, _: Option<&str>, name: &str) -> u8 {
+        match name {
+            "query_to_xml" | "table_to_xml" | "cursor_to_xml" | "ts_stat" | "run_sql" => DYNAMIC_SQL,
+            "now" => 0,
+            n if BUILTINS.contains(&n) || n == "myfunc" => VOLATILE,
+            _ => ALL,
+        }
+    }
+    fn is_function(&self, name: &str) -> bool {
+        BUILTINS.contains(&name) || matches!(name, "query_to_xml" | "run_sql" | "myfunc")
+    }
+    fn builtin_function(&self, name: &str) -> bool {
+        BUILTINS.contains(&name)
+    }
+    fn ident_rules(&self, ident: &str) -> u64 {
+        match ident {
+            "card" | "customers" | "cust_v" | "k" => 1,
+            "ssn" => 2,
+            "email" => 4,
+            _ => 0,
+        }
+    }
+}
+
+fn verdict(sql: &str) -> Result<(), Violation> {
+    let tree = crate::policy::pgparse::parse(sql).expect("parses");
+    check(crate::policy::pgtree::raw_stmts(&tree), &R, 7)
+}
+
+/// What an analyst needs keeps working.
+#[test]
+fn allowed() {
+    let ok = [
+        "select card from customers",
+        "select * from customers",
+        "select c.* from customers c",
+        "select id, name, card, email from customers where id = 5",
+        "select card from customers where card = '4111111111111111'",
+        "select id from customers where card = $1",
+        "select id from customers where '4111' = card and name like 'a%'",
+        "select id from customers where card <> '1' or ssn is null",
+        "select id from customers where card in ('1', '2')",
+        "select id from customers where card is not distinct from $1::text",
+        "select upper(card), lower(email) || '!' from customers",
+        "select coalesce(card, 'none'), card::text, nullif(card, '') from customers",
+        "select count(card), count(distinct ssn), count(*) from customers",
+        "select exists (select 1 from customers where card = 'x')",
+        "select card, count(*) from customers group by card",
+        "select distinct card from customers",
+        "select distinct on (card) card, id from customers",
+        "select min(card), max(ssn), string_agg(email, ',') from customers",
+        "select x.k from (select card as k from customers) x",
+        "with t as (select card from customers) select card from t",
+        "select card from customers union all select card from customers",
+        "select name from customers order by name limit 10",
+        "select k from cust_v where id = 3",
+        "select (select card from customers limit 1)",
+        "copy customers to stdout",
+        "copy customers (id, card) to stdout with (format csv)",
+        "insert into customers (id, card) values (1, '4111')",
+        "update customers set name = 'x', card = '1' where id = 1",
+        "delete from customers where card = '1'",
+        "insert into customers (id, name) values (1, 'a') returning id, name",
+        "declare c cursor for select card from customers",
+        "prepare p as select card from customers where id = $1",
+        "explain select card from customers where card = '1'",
+        "select now(), length(name) from customers",
+        "set application_name = 'x'",
+        "select set_config('application_name', 'x', false)",
+        "begin; select card from customers; commit",
+        "do $$ begin raise notice 'hello'; end $$",
+        "create function f(int) returns int language sql as 'select $1 + 1'",
+        "create table t2 (a int, b text)",
+        "create table t3 as select name from customers",
+        "grant select on customers to bob",
+        "vacuum analyze customers",
+        "select case when card = '1' then 'yes' else 'no' end from customers",
+        "select case card when '1' then 'one' end from customers",
+        "select id from customers c join customers d using (id) where c.card = '1'",
+        "select id from customers where id in (select id from customers where card = '1')",
+        "select card from customers for update",
+        "select card::varchar(20), card::text from customers order by id",
+        "select id from customers join customers c2 using (id)",
+        "select row_number() over (partition by card) from customers",
+    ];
+    let mut bad = Vec::new();
+    for sql in ok {
+        if let Err(v) = verdict(sql) {
+            bad.push(format!("{sql}: {v:?}"));
+        }
+    }
+    assert!(bad.is_empty(), "refused:\n{}", bad.join("\n"));
+}
+
+/// Ways to get a masked value out other than as a masked output column.
+#[test]
+fn refused() {
+    let attacks = [
+        // functions that are not value-preserving built-ins
+        "select length(card) from customers",
+        "select md5(card) from customers",
+        "select ascii(substr(card, 1, 1)) from customers",
+        "select set_config('application_name', card, false) from customers",
+        "select pg_notify('ch', card) from customers",
+        "select pg_advisory_lock(hashtext(ssn)) from customers",
+        "select * from customers c, jsonb_each_text(to_jsonb(c))",
+        "select regexp_split_to_table(card, '') from customers",
+        "select * from regexp_split_to_table((select card from customers limit 1), '')",
+        "select row_to_json(c) from customers c",
+        "select format('%s', card) from customers",
+        "select lag(card) over () from customers",
+        "select myfunc(card) from customers",
+        "select public.upper(card) from customers",
+        "select upper(card) over () from customers",
+        // comparisons other than equality with a literal
+        "select id from customers where card like '4%'",
+        "select id from customers where card < '5'",
+        "select id from customers where card between '4' and '5'",
+        "select id from customers where substr(card, 1, 1) = '4'",
+        "select id from customers where card ~ '^4'",
+        "select id from customers where card = name",
+        "select id from customers a join customers b on a.card = b.email",
+        "select id from customers where card in (select name from customers)",
+        "select id from customers where card = any(array['1', '2'])",
+        "select count(*) filter (where card > '4') from customers",
+        "select case when card > '4' then 1 end from customers",
+        "select id from customers where card::int8 > 4",
+        "select greatest(card, '5') from customers",
+        "select id from (select substr(card, 1, 1) as d from customers) s where d = '4'",
+        "select id from customers having max(card) > '4'",
+        // ordering and limits
+        "select id from customers order by card",
+        "select id from customers order by ssn desc limit 1",
+        "select string_agg(name, ',' order by card) from customers",
+        "select row_number() over (order by card) from customers",
+        "select id from customers limit (select length(card) from customers limit 1)",
+        // writing values elsewhere
+        "insert into t2 select id, card from customers",
+        "insert into t2 (b) values ((select card from customers limit 1))",
+        "update customers set name = card",
+        "update customers set name = c2.card from customers c2 where c2.id = customers.id",
+        "create table t4 as select card from customers",
+        "select card into t5 from customers",
+        "create view v2 as select card from customers",
+        "create materialized view mv as select ssn from customers",
+        "insert into customers (id) values (1) on conflict (id) do update set name = excluded.card",
+        "with x as (insert into t2 select 1, card from customers returning 1) select 1",
+        // RETURNING
+        "update customers set name = 'x' returning card",
+        "delete from customers returning *",
+        "insert into customers (id) values (1) returning ssn",
+        // COPY
+        "copy (select card from customers) to stdout",
+        "copy customers to '/tmp/x'",
+        "copy customers to program 'cat'",
+        // set operations
+        "select card from customers intersect select name from customers",
+        "select card from customers except select '4111'",
+        "select card from customers union select name from customers",
+        "select card from customers union all select name from customers",
+        // bodies and dynamic SQL
+        "do $$ begin raise notice '%', (select card from customers limit 1); end $$",
+        "do $$ begin execute 'select 1'; end $$",
+        "do $$ begin perform query_to_xml('select 1', true, true, ''); end $$",
+        "create function leak() returns text language sql as 'select card from customers'",
+        "create function leak2() returns text language plpgsql as $$ begin return (select \"ssn\" from customers limit 1); end $$",
+        "create function leak3() returns text language sql begin atomic select card from customers limit 1; end",
+        "select query_to_xml('select card from customers', true, true, '')",
+        "select table_to_xml('customers', true, true, '')",
+        "select * from ts_stat('select to_tsvector(card) from customers')",
+        "select run_sql('x')",
+        "select unknown_function(1)",
+        "create operator === (leftarg = text, rightarg = text, function = texteq)",
+        // statistics
+        "select most_common_vals from pg_stats where attname = 'card'",
+        "select * from pg_catalog.pg_statistic",
+        "select * from pg_stats_ext",
+        // DDL with expressions over masked columns
+        "alter table customers add constraint c check (card < '5')",
+        "create index on customers (substr(card, 1, 1))",
+        "alter table customers rename column card to c",
+        // names as the server reads them
+        "select length(U&\"c\\0061rd\") from customers",
+        "select length(CARD) from customers",
+        "select length(x) from customers as t(a, b, x)",
+        "select length(k) from cust_v",
+        "select length(t.card) from (select * from customers) t",
+        // recursive CTEs
+        "with recursive r(x) as (select card from customers union all select substr(x, 2) from r where x <> '') select length(x) from r",
+        "with recursive r(x) as (select card from customers union all select substr(x, 2) from r where x > '') select x from r",
+        // ordering by an output column's position or name
+        "select card from customers order by 1",
+        "select card as x from customers order by x",
+        "select id, ssn from customers union all select id, ssn from customers order by 2",
+        // casts whose errors echo the value
+        "select card::int from customers",
+        "select card::text[] from customers",
+        "select ssn::jsonb from customers",
+        "select id from customers where card::int8 = 4",
+        // joins that compare columns
+        "select count(*) from customers join customers c2 using (card)",
+        "select count(*) from customers natural join dict",
+        // statements after one that is fine
+        "select 1; select length(card) from customers",
+        "select 1; select length(card) from customers",
+    ];
+    let mut passed = Vec::new();
+    for sql in attacks {
+        if verdict(sql).is_ok() {
+            passed.push(sql);
+        }
+    }
+    assert!(passed.is_empty(), "allowed:\n{}", passed.join("\n"));
+}
+
+/// The message names what was refused and the rules are the columns' own.
+#[test]
+fn violations_say_why() {
+    let v = verdict("select length(card) from customers").unwrap_err();
+    assert_eq!(v.rules, 1);
+    assert!(v.reason.contains("length"), "{}", v.reason);
+    let v = verdict("select id from customers order by ssn").unwrap_err();
+    assert_eq!(v.rules, 2);
+    assert!(v.reason.contains("ORDER BY"), "{}", v.reason);
+    let v = verdict("select * from pg_stats").unwrap_err();
+    assert_eq!(v.rules, 7);
+}
+
