@@ -127,9 +127,18 @@ pub struct CopyFormat {
     pub format: CopyKind,
     pub delimiter: u8,
     pub quote: u8,
+    /// CSV ESCAPE (the quote character unless set).
+    pub escape: u8,
     pub null: Vec<u8>,
     /// CSV HEADER: the first CopyData is the header line (not masked).
     pub header: bool,
+}
+
+impl CopyFormat {
+    /// COPY's defaults: text format, tab, `\N`.
+    pub fn text() -> CopyFormat {
+        CopyFormat { format: CopyKind::Text, delimiter: b'\t', quote: b'"', escape: b'"', null: b"\\N".to_vec(), header: false }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -455,8 +464,8 @@ impl<'a> Cx<'a> {
     }
 
     fn copy_format(&self, options: &[Value]) -> CopyFormat {
-        let mut f = CopyFormat { format: CopyKind::Text, delimiter: b'\t', quote: b'"', null: b"\\N".to_vec(), header: false };
-        let (mut null_set, mut delim_set) = (false, false);
+        let mut f = CopyFormat::text();
+        let (mut null_set, mut delim_set, mut escape_set) = (false, false, false);
         for o in options {
             let Some(d) = o.get("DefElem").and_then(Value::as_object) else { continue };
             // The options' values are the text's (structure, not constants): reading them
@@ -494,6 +503,12 @@ impl<'a> Cx<'a> {
                         f.quote = c;
                     }
                 }
+                "escape" => {
+                    if let Some(c) = one_byte(&text) {
+                        f.escape = c;
+                        escape_set = true;
+                    }
+                }
                 "null" => {
                     if let Some(s) = &text {
                         f.null = s.as_bytes().to_vec();
@@ -517,6 +532,9 @@ impl<'a> Cx<'a> {
             }
             if !delim_set {
                 f.delimiter = b',';
+            }
+            if !escape_set {
+                f.escape = f.quote;
             }
         }
         f

@@ -16,6 +16,7 @@
 pub mod catalog;
 pub mod detect;
 pub mod lineage;
+pub mod messages;
 pub mod relay;
 pub mod strict;
 

@@ -101,6 +101,12 @@ enum Scan {
     NullOnHit,
     /// binary int8: scanned as its decimal text; a hit makes it NULL.
     Int8Bin,
+    /// binary numeric: scanned as its decimal text; a hit makes it NULL.
+    NumericBin,
+    /// any other binary value (arrays, records, types pgward does not decode, COPY's
+    /// untyped fields): text inside it is stored as is, so its bytes are scanned, and as an
+    /// int8 when it has eight; a hit makes it NULL.
+    BinaryBytes,
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +133,10 @@ struct CopyState {
 
 const STRING_TYPES: &[u32] = &[25, 1043, 1042, 19, 705, 18];
 const NUMERIC_TYPES: &[u32] = &[20, 21, 23, 26, 700, 701, 1700, 790];
+const NUMERIC: u32 = 1700;
+/// Binary types too short or too structured to hold a detectable value (bool, int2, int4,
+/// oid, float4, float8, date, time, timestamp(tz), interval, uuid).
+const FIXED_BINARY: &[u32] = &[16, 21, 23, 26, 700, 701, 1082, 1083, 1114, 1184, 1186, 2950];
 /// Types whose binary form is their text (scanned in place).
 const TEXTLIKE_BIN: &[u32] = &[25, 1043, 1042, 19, 705, 18, 114, 142];
 
@@ -142,8 +152,12 @@ fn scan_kind(ty: u32, binary: bool) -> Scan {
             Scan::JsonbBin
         } else if ty == 20 {
             Scan::Int8Bin
-        } else {
+        } else if ty == NUMERIC {
+            Scan::NumericBin
+        } else if FIXED_BINARY.contains(&ty) {
             Scan::No
+        } else {
+            Scan::BinaryBytes
         }
     } else if ty == 17 {
         Scan::No
@@ -395,58 +409,13 @@ impl MaskRelay {
     /// `out` (DataRow, CopyData). Some: the frame the session goes on with — the same one, or
     /// an ErrorResponse / NoticeResponse whose text fields had detected values masked.
     pub fn on_server_frame(&mut self, f: Frame, front: Option<&Tag>, out: &mut BytesMut) -> Option<Frame> {
-        if matches!(f.tag, b'E' | b'N') {
+        if matches!(f.tag, b'E' | b'N' | b'A' | b'S' | b'V') {
             if f.tag == b'E' {
                 self.finish();
             }
-            return Some(self.scrub_message(f));
+            return Some(super::messages::scrub_message(f, &self.sess));
         }
         if self.on_frame(&f, front, out) { None } else { Some(f) }
-    }
-
-    /// Error and notice texts can carry values (`invalid input syntax for type integer:
-    /// "4242…"`, `RAISE NOTICE '%', card`): the content detectors run over their message,
-    /// detail, hint, context and query fields.
-    fn scrub_message(&self, f: Frame) -> Frame {
-        if !self.sess.has_content() {
-            return f;
-        }
-        let mut fields: Vec<(u8, Vec<u8>)> = Vec::new();
-        let mut b = f.body();
-        let mut changed = false;
-        while let Some((&t, rest)) = b.split_first() {
-            if t == 0 {
-                break;
-            }
-            let Some(nul) = rest.iter().position(|&c| c == 0) else { return f };
-            let v = &rest[..nul];
-            let new = if matches!(t, b'M' | b'D' | b'H' | b'W' | b'q' | b'p') {
-                scan_in_place(v, &self.sess).map(|n| n.unwrap_or_else(|| b"(masked)".to_vec()))
-            } else {
-                None
-            };
-            match new {
-                Some(n) => {
-                    changed = true;
-                    fields.push((t, n.into_iter().filter(|&c| c != 0).collect()));
-                }
-                None => fields.push((t, v.to_vec())),
-            }
-            b = &rest[nul + 1..];
-        }
-        if !changed {
-            return f;
-        }
-        let mut body = BytesMut::new();
-        for (t, v) in fields {
-            body.put_u8(t);
-            body.put_slice(&v);
-            body.put_u8(0);
-        }
-        body.put_u8(0);
-        let mut raw = BytesMut::new();
-        crate::wire::message(&mut raw, f.tag, &body);
-        Frame { tag: f.tag, raw: raw.freeze() }
     }
 
     fn on_frame(&mut self, f: &Frame, front: Option<&Tag>, out: &mut BytesMut) -> bool {
@@ -551,7 +520,7 @@ impl MaskRelay {
                     Some(Lin::Known(l)) => l.copy.clone(),
                     _ => None,
                 }
-                .unwrap_or(CopyFormat { format: CopyKind::Text, delimiter: b'\t', quote: b'"', null: b"\\N".to_vec(), header: false });
+                .unwrap_or_else(CopyFormat::text);
                 if overall == 1 {
                     fmt.format = CopyKind::Binary;
                 }
@@ -825,7 +794,47 @@ fn mask_value(v: Option<&[u8]>, plan: &ColPlan, sess: &SessionMask) -> Option<Op
             let s = i64::from_be_bytes(b).to_string();
             hits_any(s.as_bytes(), sess).then_some(None)
         }
+        // A numeric pgward cannot read is not passed on either.
+        Scan::NumericBin => numeric_text(v).is_none_or(|s| hits_any(s.as_bytes(), sess)).then_some(None),
+        Scan::BinaryBytes => binary_hits(v, sess).then_some(None),
     }
+}
+
+/// A binary value of unknown type: its bytes, and its value as an int8 when it has eight.
+fn binary_hits(v: &[u8], sess: &SessionMask) -> bool {
+    let as_int8 = <[u8; 8]>::try_from(v).ok().map(|b| i64::from_be_bytes(b).to_string());
+    hits_any(v, sess) || as_int8.is_some_and(|s| hits_any(s.as_bytes(), sess))
+}
+
+/// The digits of a binary `numeric` (ndigits, weight, sign, dscale, base-10000 digits) as
+/// decimal text: the integer part, and the fraction digits written.
+fn numeric_text(v: &[u8]) -> Option<String> {
+    let mut r = Reader::new(v);
+    let n = usize::try_from(r.i16().ok()?).ok()?;
+    let weight = r.i16().ok()?;
+    let sign = r.i16().ok()? as u16;
+    let _dscale = r.i16().ok()?;
+    let mut digits = Vec::with_capacity(n);
+    for _ in 0..n {
+        digits.push(r.i16().ok()?);
+    }
+    if r.remaining() != 0 || digits.iter().any(|d| !(0..10_000).contains(d)) {
+        return None;
+    }
+    let mut s = String::new();
+    if sign == 0x4000 {
+        s.push('-');
+    }
+    for (i, d) in digits.iter().enumerate() {
+        if i as i32 == i32::from(weight) + 1 {
+            s.push('.');
+        }
+        if i == 0 { s.push_str(&d.to_string()) } else { s.push_str(&format!("{d:04}")) }
+    }
+    for _ in digits.len() as i32..=i32::from(weight) {
+        s.push_str("0000");
+    }
+    Some(s)
 }
 
 fn hits_any(v: &[u8], sess: &SessionMask) -> bool {
@@ -902,7 +911,7 @@ fn rewrite_copy_text(data: &[u8], fmt: &CopyFormat, cols: &[ColPlan], sess: &Ses
     let mut rest = data;
     while !rest.is_empty() {
         let (line, nl) = match fmt.format {
-            CopyKind::Csv => csv_line_end(rest, fmt.quote),
+            CopyKind::Csv => csv_line_end(rest, fmt.quote, fmt.escape),
             _ => match rest.iter().position(|&b| b == b'\n') {
                 Some(p) => (p, true),
                 None => (rest.len(), false),
@@ -910,7 +919,7 @@ fn rewrite_copy_text(data: &[u8], fmt: &CopyFormat, cols: &[ColPlan], sess: &Ses
         };
         let row = &rest[..line];
         let fields = match fmt.format {
-            CopyKind::Csv => split_csv(row, fmt.delimiter, fmt.quote),
+            CopyKind::Csv => split_csv(row, fmt.delimiter, fmt.quote, fmt.escape),
             _ => split_text(row, fmt.delimiter),
         };
         let mut pos = 0;
@@ -970,22 +979,22 @@ fn split_text(row: &[u8], delim: u8) -> Vec<(std::ops::Range<usize>, bool)> {
 }
 
 /// Fields of a CSV row: (range of the content without the surrounding quotes, quoted).
-fn split_csv(row: &[u8], delim: u8, quote: u8) -> Vec<(std::ops::Range<usize>, bool)> {
+/// Inside quotes the escape character (the quote character by default) escapes a quote or
+/// itself.
+fn split_csv(row: &[u8], delim: u8, quote: u8, escape: u8) -> Vec<(std::ops::Range<usize>, bool)> {
     let mut out = Vec::new();
     let mut i = 0;
     loop {
         if i < row.len() && row[i] == quote {
             let start = i + 1;
             let mut j = start;
-            loop {
-                if j >= row.len() {
-                    break;
+            while j < row.len() {
+                let escaped_next = row.get(j + 1).is_some_and(|&n| n == quote || n == escape);
+                if row[j] == escape && escaped_next && (escape != quote || row[j + 1] == quote) {
+                    j += 2;
+                    continue;
                 }
                 if row[j] == quote {
-                    if j + 1 < row.len() && row[j + 1] == quote {
-                        j += 2;
-                        continue;
-                    }
                     break;
                 }
                 j += 1;
@@ -1009,14 +1018,21 @@ fn split_csv(row: &[u8], delim: u8, quote: u8) -> Vec<(std::ops::Range<usize>, b
 }
 
 /// End of the first CSV row (a newline outside quotes): (offset of the newline, found).
-fn csv_line_end(data: &[u8], quote: u8) -> (usize, bool) {
+fn csv_line_end(data: &[u8], quote: u8, escape: u8) -> (usize, bool) {
     let mut inq = false;
-    for (i, &b) in data.iter().enumerate() {
+    let mut i = 0;
+    while i < data.len() {
+        let b = data[i];
+        if inq && escape != quote && b == escape {
+            i += 2;
+            continue;
+        }
         if b == quote {
             inq = !inq;
         } else if b == b'\n' && !inq {
             return (i, true);
         }
+        i += 1;
     }
     (data.len(), false)
 }
@@ -1065,10 +1081,10 @@ fn rewrite_copy_binary_inner(
         for i in 0..n as usize {
             let len = r.i32().map_err(|_| ())?;
             let v = if len < 0 { None } else { Some(r.bytes(len as usize).map_err(|_| ())?) };
-            let plan = cols.get(i).cloned().unwrap_or(ColPlan { whole: None, scan: Scan::No });
+            let plan = cols.get(i).cloned().unwrap_or(ColPlan { whole: None, scan: Scan::BinaryBytes });
             let masked = match v {
                 None => false,
-                Some(v) => plan.whole.is_some() || (plan.scan != Scan::No && hits_any(v, sess)),
+                Some(v) => plan.whole.is_some() || (plan.scan != Scan::No && binary_hits(v, sess)),
             };
             if masked {
                 changed = true;
@@ -1146,13 +1162,41 @@ mod tests {
         let s = sess("[[mask]]\nname = \"c\"\ncolumns = [\"card\"]\ndetect = [\"card\"]\nstyle = \"null\"\n");
         let cols = vec![ColPlan { whole: None, scan: Scan::InPlace }, ColPlan { whole: Some((0, Style::Null)), scan: Scan::No }];
         let mut counts = vec![0; 2];
-        let text = CopyFormat { format: CopyKind::Text, delimiter: b'\t', quote: b'"', null: b"\\N".to_vec(), header: false };
+        let text = CopyFormat::text();
         let out = rewrite_copy_text(b"1\t4242424242424242\n", &text, &cols, &s, &mut counts).unwrap();
         assert_eq!(&out[..], b"1\t\\N\n");
-        let csv = CopyFormat { format: CopyKind::Csv, delimiter: b',', quote: b'"', null: Vec::new(), header: false };
+        let csv = CopyFormat { format: CopyKind::Csv, delimiter: b',', quote: b'"', escape: b'"', null: Vec::new(), header: false };
         let out = rewrite_copy_text(b"\"a,4242424242424242\",\"x\"\"y\"\n", &csv, &cols, &s, &mut counts).unwrap();
         assert_eq!(&out[..], b",\n");
-        assert_eq!(split_csv(b"a,\"b,c\",", b',', b'"').len(), 3);
+        assert_eq!(split_csv(b"a,\"b,c\",", b',', b'"', b'"').len(), 3);
+        // ESCAPE other than QUOTE: an escaped quote does not end the field.
+        let esc = CopyFormat { escape: b'\\', ..csv.clone() };
+        let fields = split_csv(b"\"x\\\",y\",4242424242424242", b',', b'"', b'\\');
+        assert_eq!(fields.len(), 2, "{fields:?}");
+        let out = rewrite_copy_text(b"\"x\\\",\n4242424242424242\",\"4242424242424242\"\n", &esc, &cols, &s, &mut counts).unwrap();
+        assert!(!out.windows(16).any(|w| w == b"4242424242424242"), "{:?}", String::from_utf8_lossy(&out));
+    }
+
+    #[test]
+    fn binary_numbers_and_unknown_binary_values() {
+        // 4111111111111111 as numeric: 4 base-10000 digits, weight 3.
+        let mut v = Vec::new();
+        for x in [4i16, 3, 0, 0, 4111, 1111, 1111, 1111] {
+            v.extend_from_slice(&x.to_be_bytes());
+        }
+        assert_eq!(numeric_text(&v).as_deref(), Some("4111111111111111"));
+        let mut frac = Vec::new();
+        for x in [2i16, 0, 0x4000u16 as i16, 1, 12, 5000] {
+            frac.extend_from_slice(&x.to_be_bytes());
+        }
+        assert_eq!(numeric_text(&frac).as_deref(), Some("-12.5000"));
+        let s = sess("[[mask]]\nname = \"c\"\ndetect = [\"card\"]\n");
+        let plan = ColPlan { whole: None, scan: scan_kind(1700, true) };
+        assert_eq!(mask_value(Some(&v), &plan, &s), Some(None));
+        // text[] in binary: the element bytes are the text.
+        let plan = ColPlan { whole: None, scan: scan_kind(1009, true) };
+        assert_eq!(mask_value(Some(b"\0\0\0\x014111111111111111"), &plan, &s), Some(None));
+        assert_eq!(mask_value(Some(b"\0\0\0\x01hello"), &plan, &s), None);
     }
 
     /// The session's lineage cache: one analysis for texts that differ only in literal values
