@@ -42,6 +42,7 @@ except_groups = ["pii_readers"]
 [[mask]]
 name = "ssn"
 columns = ["*.*.ssn"]
+detect = ["ssn"]
 style = "hash"
 except_groups = ["pii_readers"]
 
@@ -65,7 +66,19 @@ struct Env {
     db: String,
 }
 
+/// Best-effort masking (`strict = false` on every rule): results are masked, statements are
+/// not refused.
 fn env(prefix: &str) -> Env {
+    env_with(prefix, &POLICY.replace("[[mask]]\n", "[[mask]]\nstrict = false\n"))
+}
+
+/// Strict masking (the default).
+fn env_strict(prefix: &str) -> Env {
+    env_with(prefix, POLICY)
+}
+
+fn env_with(prefix: &str, policy: &str) -> Env {
+    let policy = policy.to_string();
     let c = cluster();
     let db = c.create_database(prefix);
     c.fixture_table(
@@ -84,9 +97,10 @@ fn env(prefix: &str) -> Env {
     );
     c.svc_sql(&db, "CREATE FUNCTION get_card(int) RETURNS text LANGUAGE sql AS 'SELECT card FROM customers WHERE id = $1'");
     c.svc_sql(&db, "CREATE VIEW customer_cards AS SELECT id, card FROM customers");
+    c.svc_sql(&db, "CREATE TABLE loot (v text)");
     let pw = Pgward::builder()
-        .with_dir(|dir: &Path, t: &mut toml::Table| {
-            std::fs::write(dir.join("mask-policy.toml"), POLICY).unwrap();
+        .with_dir(move |dir: &Path, t: &mut toml::Table| {
+            std::fs::write(dir.join("mask-policy.toml"), &policy).unwrap();
             toml_set(t, "policy.files", vec![toml::Value::from("mask-policy.toml")]);
         })
         .start();
@@ -536,4 +550,124 @@ fn catalog_follows_ddl() {
     let msgs = c.simple_query("SELECT v.* FROM vault v").unwrap();
     assert_eq!(text_rows(&msgs)[0], vec![None, Some("2".into())]);
     assert!(!contains(&c.received, "topsecret-vault"));
+}
+
+/// Strict masking: what an analyst who wants raw values would try, refused with 42501 naming the
+/// mask rule, the session usable after each, nothing raw on the wire, and nothing written
+/// upstream.
+#[test]
+fn strict_masking_refuses_what_it_cannot_prove() {
+    let e = env_strict("mask_strict");
+    let mut c = e.support().raw().expect("login");
+    let attacks = [
+        ("SELECT pg_notify('ch', card) FROM customers", "cards"),
+        ("SELECT set_config('application_name', card, false) FROM customers", "cards"),
+        ("SELECT pg_advisory_lock(hashtext(card)) FROM customers", "cards"),
+        ("SELECT * FROM customers c, jsonb_each_text(to_jsonb(c))", "cards"),
+        ("SELECT regexp_split_to_table(card, '') FROM customers", "cards"),
+        ("SELECT length(notes) FROM customers", "notes"),
+        ("SELECT id FROM customers WHERE card LIKE '4242%'", "cards"),
+        ("SELECT id FROM customers WHERE substr(card, 1, 1) = '4'", "cards"),
+        ("SELECT id FROM customers ORDER BY ssn", "ssn"),
+        ("SELECT card::int FROM customers", "cards"),
+        ("SELECT ssn::jsonb FROM customers", "ssn"),
+        ("SELECT U&\"c\\0061rd\" || '' FROM customers ORDER BY 1", "cards"),
+        ("WITH RECURSIVE r(x) AS (SELECT card FROM customers UNION ALL SELECT substr(x, 2) FROM r WHERE x <> '') SELECT length(x) FROM r", "cards"),
+        ("SELECT 1; SELECT md5(email) FROM customers", "emails"),
+        ("INSERT INTO loot SELECT card FROM customers", "cards"),
+        ("UPDATE customers SET name = card", "cards"),
+        ("CREATE TABLE loot2 AS SELECT email FROM customers", "emails"),
+        ("CREATE TEMP VIEW v AS SELECT card FROM customers", "cards"),
+        ("COPY (SELECT notes FROM customers) TO STDOUT", "notes"),
+        ("UPDATE customers SET name = name WHERE id = 1 RETURNING card", "cards"),
+        ("SELECT card FROM customers INTERSECT SELECT name FROM customers", "cards"),
+        ("SELECT count(*) FROM customers JOIN loot ON loot.v = customers.card", "cards"),
+        ("DO $$BEGIN RAISE NOTICE '%', (SELECT card FROM customers LIMIT 1); END$$", "cards"),
+        ("DO $$BEGIN EXECUTE 'SELECT 1'; END$$", "cards"),
+        ("SELECT query_to_xml('SELECT card FROM customers', true, true, '')", "cards"),
+        ("SELECT most_common_vals::text FROM pg_stats WHERE attname = 'card'", "cards"),
+    ];
+    for (q, rule) in attacks {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        let m = &err.fields()[&'M'];
+        assert!(m.contains("mask:") && m.contains(rule) && m.contains("strict masking"), "{q}: {m}");
+        assert!(text_rows(&msgs).is_empty(), "{q}: rows came back");
+        let ok = c.simple_query("SELECT 1").unwrap();
+        assert!(raw::first_error(&ok).is_none(), "{q}: session unusable after the refusal");
+        assert_no_leak(&c.received[before..], q);
+    }
+    // Nothing reached Postgres: no rows copied, no table created, no name overwritten.
+    let pg = cluster();
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM loot").trim(), "0");
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_class WHERE relname = 'loot2'").trim(), "0");
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM customers WHERE name = card").trim(), "0");
+    // Refusals are audited as denials naming the mask rule.
+    let recs = e.pw.audit_records();
+    assert!(
+        recs.iter().any(|r| r["decision"] == "deny" && r["rule"].as_str().is_some_and(|x| x.starts_with("mask:")) && r["sql"].as_str().is_some_and(|s| s.contains("pg_notify"))),
+        "no denial record for pg_notify"
+    );
+}
+
+/// Strict masking lets through what it can prove masked, and masks it.
+#[test]
+fn strict_masking_keeps_analyst_queries_working() {
+    let e = env_strict("mask_strict_ok");
+    let mut c = e.support().raw().expect("login");
+    let queries = [
+        ("SELECT id, name, card, email FROM customers ORDER BY id", 3),
+        ("SELECT * FROM customers WHERE id = 1", 1),
+        ("SELECT name FROM customers WHERE card = '4242424242424242'", 1),
+        ("SELECT count(card), count(DISTINCT ssn) FROM customers", 1),
+        ("SELECT upper(card), coalesce(email, '-') FROM customers", 3),
+        ("SELECT card, count(*) FROM customers GROUP BY card", 3),
+        ("SELECT id FROM customers WHERE card IS NOT NULL AND email IN ('amy@ex.io', 'x@y.z')", 1),
+        ("SELECT x.k FROM (SELECT card AS k FROM customers) x", 3),
+        ("SELECT k.card FROM customer_cards k WHERE id = 2", 1),
+        ("SELECT get_card(1)", 1),
+        ("SELECT memo FROM orders", 2),
+    ];
+    for (q, n) in queries {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+        assert_eq!(text_rows(&msgs).len(), n, "{q}");
+        assert_no_leak(&c.received[before..], q);
+    }
+    let msgs = c.simple_query("SELECT card FROM customers WHERE card = '4242424242424242'").unwrap();
+    assert_eq!(text_rows(&msgs)[0][0].as_deref(), Some("************4242"));
+    // Extended protocol: refused at Parse, the pipeline goes on after Sync.
+    let msgs = c.extended_query("SELECT length(card) FROM customers WHERE id = $1", &[Some("1")]).unwrap();
+    assert_eq!(raw::first_error(&msgs).and_then(|e| e.sqlstate()).as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
+    let msgs = c.extended_query("SELECT card FROM customers WHERE id = $1", &[Some("1")]).unwrap();
+    assert_eq!(text_rows(&msgs)[0][0].as_deref(), Some("************4242"));
+    // An exempt group is not subject to the rules at all.
+    let mut x = e.login(&["support", "pii_readers"]).raw().expect("login");
+    let msgs = x.simple_query("SELECT length(card) FROM customers WHERE id = 1").unwrap();
+    assert_eq!(text_rows(&msgs)[0][0].as_deref(), Some("16"));
+    assert_no_leak(&c.received, "strict analyst");
+}
+
+/// Best-effort masking still scrubs every message that carries values: notifications,
+/// parameter status, every field of errors raised by PL/pgSQL, SSN-shaped values in any area.
+#[test]
+fn messages_other_than_rows_are_scrubbed() {
+    let e = env("mask_messages");
+    let mut c = e.support().raw().expect("login");
+    let mut all = Vec::new();
+    all.extend(c.simple_query("LISTEN ch").unwrap());
+    all.extend(c.simple_query("SELECT pg_notify('ch', card) FROM customers WHERE id = 1").unwrap());
+    assert!(all.iter().any(|m| m.tag == b'A'), "no notification: {}", raw::describe_all(&all));
+    let msgs = c.simple_query("SELECT set_config('application_name', email, false) FROM customers WHERE id = 1").unwrap();
+    assert!(msgs.iter().any(|m| m.tag == b'S'), "no ParameterStatus: {}", raw::describe_all(&msgs));
+    let msgs = c
+        .simple_query("DO $$BEGIN RAISE EXCEPTION 'x' USING COLUMN = (SELECT card FROM customers WHERE id = 2), TABLE = (SELECT email FROM customers WHERE id = 3), DETAIL = '912-34-5678'; END$$")
+        .unwrap();
+    let err = raw::first_error(&msgs).expect("raised");
+    assert_eq!(err.sqlstate().as_deref(), Some("P0001"));
+    assert!(!contains(&c.received, "912-34-5678"), "an SSN in a never-issued area reached the client");
+    assert_no_leak(&c.received, "messages");
 }

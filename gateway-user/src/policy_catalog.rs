@@ -32,7 +32,7 @@ impl FunctionCatalogs {
     /// Make sure the policy has a catalog for `db`: load it now if it has none, reload it in
     /// the background if it is old.
     pub async fn ensure(&self, shared: &Arc<Shared>, db: &str) {
-        if !shared.policy.uses_function_classes() {
+        if !needed(shared) {
             return;
         }
         let age = self.loaded.lock().unwrap_or_else(PoisonError::into_inner).get(db).map(Instant::elapsed);
@@ -51,7 +51,7 @@ impl FunctionCatalogs {
 
     /// Reload `db`'s catalog in the background (after DDL that may have changed functions).
     pub fn reload(&self, shared: &Arc<Shared>, db: &str) {
-        if !shared.policy.uses_function_classes() {
+        if !needed(shared) {
             return;
         }
         if !self.reloading.lock().unwrap_or_else(PoisonError::into_inner).insert(db.to_string()) {
@@ -74,6 +74,12 @@ impl FunctionCatalogs {
         shared.policy.set_function_catalog(db, cat);
         self.loaded.lock().unwrap_or_else(PoisonError::into_inner).insert(db.to_string(), Instant::now());
     }
+}
+
+/// Catalogs are loaded for policy rules that name function classes and for strict masking
+/// (which refuses functions that run SQL from text, and functions it does not know).
+fn needed(shared: &Shared) -> bool {
+    shared.policy.uses_function_classes() || shared.masks.strict_rules() != 0
 }
 
 /// Whether a command tag says functions may have been created or changed.

@@ -181,6 +181,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         insert into customers values (1, 'Ada', '4242424242424242'), (2, 'Grace', '5555555555554444') on conflict do nothing;\n\
         \\echo '--- card numbers are masked for alice (whatever the alias or expression)'\n\
         select id, name, card, upper(card) as also_card from customers order by id;\n\
+        \\echo '--- strict masking refuses what it cannot prove masked (a pattern match on a card)'\n\
+        select id from customers where card like '4242%';\n\
         \\echo '--- DELETE without WHERE is blocked by the policy; the session goes on'\n\
         delete from customers;\n\
         begin; update customers set name = 'Ada L.' where id = 1; commit;\n\

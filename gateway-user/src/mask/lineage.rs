@@ -196,13 +196,50 @@ pub fn analyze(sql: &str, r: &dyn Resolver) -> Option<Vec<StmtKind>> {
 /// (`A_Const`) of the tree where the lexer found it (a constant that is structure — a COPY
 /// option's character or NULL string, a FETCH count — keeps the result to this text), and
 /// lineage read no constant's value.
+#[cfg(test)]
 pub(crate) fn analyze_normalized(sql: &str, r: &dyn Resolver, norm: &Normalized) -> (Option<Vec<StmtKind>>, bool) {
-    let Some(tree) = parse(sql) else { return (None, false) };
-    let (out, read) = run(&tree, r);
-    let mut consts = Vec::new();
-    const_locations(&tree, &mut consts);
-    let shareable = !read && norm.covered_by(&consts);
-    (Some(out), shareable)
+    let a = analyze_with(sql, r, None, Some(norm));
+    (a.stmts, a.shareable)
+}
+
+/// Lineage of a query string and, with `strict` (a resolver that reports only the rules
+/// strict masking applies to, and those rules' bits), strict masking's verdict.
+pub(crate) struct Analysis {
+    pub stmts: Option<Vec<StmtKind>>,
+    pub strict: Option<super::strict::Violation>,
+    /// Holds for every text with the same literal-normalized key (see [`analyze_normalized`]).
+    pub shareable: bool,
+}
+
+pub(crate) fn analyze_with(sql: &str, r: &dyn Resolver, strict: Option<(&dyn Resolver, u64)>, norm: Option<&Normalized>) -> Analysis {
+    let parsed = if sql.len() > crate::policy::MAX_PARSE_BYTES { Err(None) } else { pgparse::parse(sql).map_err(Some) };
+    let tree = match parsed {
+        Ok(t) => t,
+        Err(e) => {
+            // A syntax error is the server's too: nothing runs. A text over pgward's bounds
+            // may run, unchecked.
+            let strict = strict.and_then(|(_, bits)| match e {
+                Some(pgparse::ParseError::Syntax { .. }) => None,
+                _ => Some(super::strict::Violation {
+                    rules: bits,
+                    reason: "the statement is larger or deeper than pgward analyzes, so where masked values go cannot be proven".into(),
+                }),
+            });
+            return Analysis { stmts: None, strict, shareable: false };
+        }
+    };
+    let (stmts, mut read) = run(&tree, r);
+    let strict = strict.and_then(|(sr, bits)| {
+        let (verdict, strict_read) = super::strict::check(raw_stmts(&tree), sr, bits);
+        read |= strict_read;
+        verdict.err()
+    });
+    let shareable = norm.is_some_and(|n| {
+        let mut consts = Vec::new();
+        const_locations(&tree, &mut consts);
+        !read && n.covered_by(&consts)
+    });
+    Analysis { stmts: Some(stmts), strict, shareable }
 }
 
 /// An `alias` field: the alias and its column names.
@@ -375,7 +412,7 @@ impl Rel {
 pub(super) struct Cx<'a> {
     pub(super) r: &'a dyn Resolver,
     /// The result depended on a constant's value.
-    read: Cell<bool>,
+    pub(super) read: Cell<bool>,
 }
 
 impl<'a> Cx<'a> {

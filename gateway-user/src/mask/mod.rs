@@ -53,6 +53,10 @@ struct MaskSpec {
     except_groups: Vec<String>,
     #[serde(default)]
     except_users: Vec<String>,
+    /// Strict masking (default on): statements that use the rule's columns other than in
+    /// ways pgward can prove masked are refused (`mask::strict`).
+    #[serde(default)]
+    strict: Option<bool>,
 }
 
 /// `schema.table.column` glob pattern (case-insensitive).
@@ -105,6 +109,7 @@ pub struct MaskRule {
     pub users: Vec<String>,
     pub except_groups: Vec<String>,
     pub except_users: Vec<String>,
+    pub strict: bool,
 }
 
 impl MaskRule {
@@ -206,6 +211,30 @@ impl MaskPolicy {
         b
     }
 
+    /// Column rules (bits) under strict masking.
+    pub fn strict_rules(&self) -> u64 {
+        let mut b = 0;
+        for (i, r) in self.rules.iter().enumerate() {
+            if r.strict && !r.columns.is_empty() {
+                b |= 1 << i;
+            }
+        }
+        b
+    }
+
+    /// Rules whose columns an identifier in an opaque body may name: a masked column's name
+    /// or a rule table's name (patterns with a `*` table match by column only).
+    pub fn ident_rules(&self, ident: &str) -> u64 {
+        let mut b = 0;
+        for (i, r) in self.rules.iter().enumerate() {
+            let hit = r.columns.iter().any(|p| glob(&p.column, ident) || (p.table != "*" && glob(&p.table, ident)));
+            if hit {
+                b |= 1 << i;
+            }
+        }
+        b
+    }
+
     /// Rules covering `schema.table.column` (column None: any column of the table).
     pub fn rules_for(&self, schema: Option<&str>, table: &str, column: Option<&str>) -> u64 {
         let mut b = 0;
@@ -260,6 +289,7 @@ fn compile(s: &MaskSpec) -> Result<MaskRule, String> {
         users: s.users.clone(),
         except_groups: s.except_groups.clone(),
         except_users: s.except_users.clone(),
+        strict: s.strict.unwrap_or(true),
     })
 }
 
@@ -284,6 +314,16 @@ impl SessionMask {
     }
     pub fn column_rules(&self) -> u64 {
         self.policy.column_rules() & self.active
+    }
+    /// Active column rules under strict masking.
+    pub fn strict_rules(&self) -> u64 {
+        self.policy.strict_rules() & self.active
+    }
+    /// The names of the rules in `bits`, comma-separated.
+    pub fn rule_names(&self, bits: u64) -> String {
+        let names: Vec<&str> =
+            self.policy.rules.iter().enumerate().filter(|(i, _)| bits & (1 << i) != 0).map(|(_, r)| r.name.as_str()).collect();
+        names.join(", ")
     }
 }
 

@@ -30,6 +30,9 @@ use super::catalog::{Access, Snapshot};
 use super::detect::{Style, apply_style, mask_content};
 use super::lineage::{self, CopyFormat, CopyKind, Lineage, Resolver, StmtKind, Taint};
 use super::SessionMask;
+use super::strict::Violation;
+use crate::policy::QName;
+use crate::policy::functions::FunctionCatalog;
 use crate::wire::{Frame, Reader};
 
 /// One column of a RowDescription.
@@ -177,18 +180,40 @@ fn derived_style(s: Style) -> Style {
     }
 }
 
+/// The session's function catalog (strict masking reads function classes).
+pub type FunctionSource = Arc<dyn Fn() -> Option<Arc<FunctionCatalog>> + Send + Sync>;
+
 struct Res<'a> {
     sess: &'a SessionMask,
     snap: Option<&'a Snapshot>,
+    /// The rules reported: the session's active ones, or (for strict masking) its strict ones.
+    bits: u64,
+    funcs: Option<&'a FunctionCatalog>,
 }
 
 impl Resolver for Res<'_> {
     fn rules_for(&self, schema: Option<&str>, table: &str, column: Option<&str>) -> u64 {
         let views = self.snap.map(|s| s.view_rules(schema, table, column)).unwrap_or(0);
-        (self.sess.policy.rules_for(schema, table, column) | views) & self.sess.active
+        (self.sess.policy.rules_for(schema, table, column) | views) & self.bits
     }
     fn columns_of(&self, schema: Option<&str>, table: &str) -> Option<Vec<String>> {
         self.snap?.columns_of(schema, table)
+    }
+    fn function_classes(&self, schema: Option<&str>, name: &str) -> u8 {
+        match self.funcs {
+            Some(c) => c.classes_of(&QName::new(schema.map(str::to_string), name.to_string())),
+            None => crate::policy::functions::ALL,
+        }
+    }
+    fn is_function(&self, name: &str) -> bool {
+        self.funcs.is_none_or(|c| c.has(name))
+    }
+    fn builtin_function(&self, name: &str) -> bool {
+        self.funcs.is_some_and(|c| c.only_builtin(name))
+    }
+    fn ident_rules(&self, ident: &str) -> u64 {
+        let views = self.snap.map(|s| s.view_rules(None, ident, None)).unwrap_or(0);
+        (self.sess.policy.ident_rules(ident) | views) & self.bits
     }
 }
 
@@ -216,10 +241,19 @@ struct CachedLineage {
     key: Box<str>,
     normalized: bool,
     snap: Option<Arc<Snapshot>>,
+    funcs: Option<Arc<FunctionCatalog>>,
     stmts: Option<Vec<StmtKind>>,
+    strict: Option<Violation>,
 }
 
+/// What the cache gives: lineage per statement, and strict masking's verdict.
+type Analyzed = (Option<Vec<StmtKind>>, Option<Violation>);
+
 fn same_snapshot(a: &Option<Arc<Snapshot>>, b: &Option<Arc<Snapshot>>) -> bool {
+    same_arc(a, b)
+}
+
+fn same_arc<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
     match (a, b) {
         (None, None) => true,
         (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -228,11 +262,20 @@ fn same_snapshot(a: &Option<Arc<Snapshot>>, b: &Option<Arc<Snapshot>>) -> bool {
 }
 
 impl LineageCache {
-    /// Lineage of `sql` with `r`, which resolves names through `snap`.
-    fn analyze(&mut self, sql: &str, snap: &Option<Arc<Snapshot>>, r: &dyn Resolver) -> Option<Vec<StmtKind>> {
+    /// Lineage of `sql` with `r`, which resolves names through `snap`, and with `strict`
+    /// (which reads `funcs` too) strict masking's verdict.
+    fn analyze(
+        &mut self,
+        sql: &str,
+        snap: &Option<Arc<Snapshot>>,
+        funcs: &Option<Arc<FunctionCatalog>>,
+        r: &dyn Resolver,
+        strict: Option<(&dyn Resolver, u64)>,
+    ) -> Analyzed {
         if sql.len() > LINEAGE_CACHE_MAX_SQL {
             self.analyses += 1;
-            return lineage::analyze(sql, r);
+            let a = lineage::analyze_with(sql, r, strict, None);
+            return (a.stmts, a.strict);
         }
         // Shared entries are keyed by the server lexer's literal-normalized text.
         let norm = crate::policy::normalize::normalize(sql);
@@ -246,23 +289,21 @@ impl LineageCache {
                 && c.normalized == normalized
                 && &*c.key == key
                 && same_snapshot(&c.snap, snap)
+                && same_arc(&c.funcs, funcs)
             {
                 self.hits += 1;
-                return c.stmts.clone();
+                return (c.stmts.clone(), c.strict.clone());
             }
         }
         self.analyses += 1;
-        let (stmts, shareable) = match &norm {
-            Some(n) => lineage::analyze_normalized(sql, r, n),
-            None => (lineage::analyze(sql, r), false),
-        };
+        let lineage::Analysis { stmts, strict, shareable } = lineage::analyze_with(sql, r, strict, norm.as_ref());
         let (normalized, key): (bool, Box<str>) = match norm {
             Some(n) if shareable => (true, n.key.into_boxed_str()),
             _ => (false, sql.into()),
         };
         let h = hasher.hash_one((normalized, &*key));
-        map.put(h, CachedLineage { key, normalized, snap: snap.clone(), stmts: stmts.clone() });
-        stmts
+        map.put(h, CachedLineage { key, normalized, snap: snap.clone(), funcs: funcs.clone(), stmts: stmts.clone(), strict: strict.clone() });
+        (stmts, strict)
     }
 }
 
@@ -270,6 +311,7 @@ impl LineageCache {
 pub struct MaskRelay {
     sess: SessionMask,
     access: Access,
+    functions: FunctionSource,
     snap: Option<Arc<Snapshot>>,
     prepared: HashMap<String, Arc<PreparedInfo>>,
     portals: HashMap<String, Arc<PortalInfo>>,
@@ -294,6 +336,7 @@ impl MaskRelay {
         identity: &crate::auth::Identity,
         database: &str,
         access: Access,
+        functions: FunctionSource,
     ) -> Option<MaskRelay> {
         let active = policy.active_for(identity);
         if active == 0 {
@@ -304,6 +347,7 @@ impl MaskRelay {
         Some(MaskRelay {
             sess,
             access,
+            functions,
             snap,
             prepared: HashMap::new(),
             portals: HashMap::new(),
@@ -318,11 +362,30 @@ impl MaskRelay {
         })
     }
 
-    fn analyze(&mut self, sql: &str) -> Option<Vec<StmtKind>> {
+    fn analyze(&mut self, sql: &str) -> Analyzed {
         let current = self.sess.policy.catalog.current(&self.sess.policy, &self.access, &self.sess.database);
         let snap = current.or_else(|| self.snap.clone());
-        let res = Res { sess: &self.sess, snap: snap.as_deref() };
-        self.lineage_cache.analyze(sql, &snap, &res)
+        let strict_bits = self.sess.strict_rules();
+        let funcs = if strict_bits != 0 { (self.functions)() } else { None };
+        let res = Res { sess: &self.sess, snap: snap.as_deref(), bits: self.sess.active, funcs: funcs.as_deref() };
+        let strict_res = Res { bits: strict_bits, ..res };
+        let strict = (strict_bits != 0).then_some((&strict_res as &dyn Resolver, strict_bits));
+        self.lineage_cache.analyze(sql, &snap, &funcs, &res, strict)
+    }
+
+    /// Strict masking's verdict on a Query's or Parse's text: None when it may run (or no
+    /// strict rule applies to the session). The statement's lineage is cached on the way.
+    pub fn strict_check(&mut self, sql: &str) -> Option<Violation> {
+        if self.sess.strict_rules() == 0 {
+            return None;
+        }
+        self.analyze(sql).1
+    }
+
+    /// A refusal as a policy verdict names it: the rule (`mask:NAME[, NAME…]`) and why.
+    pub fn refusal_message(&self, v: &Violation) -> (String, String) {
+        let rules = self.sess.rule_names(v.rules);
+        (format!("mask:{rules}"), format!("strict masking: {}", v.reason))
     }
 
     fn remember(&mut self, stmts: &[StmtKind]) {
@@ -344,7 +407,7 @@ impl MaskRelay {
         match f.tag {
             b'Q' => {
                 let Ok(sql) = Reader::new(f.body()).cstr() else { return Tag::None };
-                let stmts = self.analyze(&sql);
+                let stmts = self.analyze(&sql).0;
                 if let Some(s) = &stmts {
                     self.remember(s);
                 }
@@ -353,7 +416,7 @@ impl MaskRelay {
             b'P' => {
                 let mut r = Reader::new(f.body());
                 let (Ok(name), Ok(sql)) = (r.cstr(), r.cstr()) else { return Tag::None };
-                let lineage = match self.analyze(&sql) {
+                let lineage = match self.analyze(&sql).0 {
                     Some(mut v) if v.len() == 1 => {
                         let s = v.remove(0);
                         self.remember(std::slice::from_ref(&s));
@@ -1218,29 +1281,33 @@ mod tests {
         };
         let (s1, s2) = (snap(1), snap(2));
         let mut c = LineageCache::default();
-        let r1 = Res { sess: &s, snap: s1.as_deref() };
-        let first = c.analyze("select card from customers where id = 1", &s1, &r1);
+        let r1 = Res { sess: &s, snap: s1.as_deref(), bits: s.active, funcs: None };
+        let first = lin(&mut c, "select card from customers where id = 1", &s1, &r1);
         assert!(matches!(&first.as_deref(), Some([StmtKind::Rows(l)]) if l.any == 1), "{first:?}");
         for id in 2..50 {
-            let again = c.analyze(&format!("select card from customers where id = {id}"), &s1, &r1);
+            let again = lin(&mut c, &format!("select card from customers where id = {id}"), &s1, &r1);
             assert_eq!(again, first);
         }
         assert_eq!((c.analyses, c.hits), (1, 48));
         // literal-dependent (COPY options): by exact text
-        let pipe = c.analyze("copy customers to stdout (format csv, delimiter '|')", &s1, &r1);
-        let comma = c.analyze("copy customers to stdout (format csv, delimiter ',')", &s1, &r1);
+        let pipe = lin(&mut c, "copy customers to stdout (format csv, delimiter '|')", &s1, &r1);
+        let comma = lin(&mut c, "copy customers to stdout (format csv, delimiter ',')", &s1, &r1);
         assert_ne!(pipe, comma);
-        assert_eq!(c.analyze("copy customers to stdout (format csv, delimiter '|')", &s1, &r1), pipe);
+        assert_eq!(lin(&mut c, "copy customers to stdout (format csv, delimiter '|')", &s1, &r1), pipe);
         assert_eq!((c.analyses, c.hits), (3, 49));
         // another snapshot: analyzed again
-        let r2 = Res { sess: &s, snap: s2.as_deref() };
-        c.analyze("select card from customers where id = 1", &s2, &r2);
-        c.analyze("select card from v1 where id = 1", &s2, &r2);
+        let r2 = Res { sess: &s, snap: s2.as_deref(), bits: s.active, funcs: None };
+        lin(&mut c, "select card from customers where id = 1", &s2, &r2);
+        lin(&mut c, "select card from v1 where id = 1", &s2, &r2);
         assert_eq!((c.analyses, c.hits), (5, 49));
         // unparsable texts are cached too (as such)
-        assert_eq!(c.analyze("selec nonsense (", &s2, &r2), None);
-        assert_eq!(c.analyze("selec nonsense (", &s2, &r2), None);
+        assert_eq!(lin(&mut c, "selec nonsense (", &s2, &r2), None);
+        assert_eq!(lin(&mut c, "selec nonsense (", &s2, &r2), None);
         assert_eq!((c.analyses, c.hits), (6, 50));
+    }
+
+    fn lin(c: &mut LineageCache, sql: &str, snap: &Option<Arc<Snapshot>>, r: &dyn Resolver) -> Option<Vec<StmtKind>> {
+        c.analyze(sql, snap, &None, r, None).0
     }
 
     /// The measured loop (callgrind: `--toggle-collect='*callgrind_lineage_loop*'`): lineage
@@ -1248,9 +1315,9 @@ mod tests {
     /// parsed every time.
     #[inline(never)]
     fn callgrind_lineage_loop(cache: Option<&mut LineageCache>, s: &SessionMask, texts: &[String]) -> usize {
-        let r = Res { sess: s, snap: None };
+        let r = Res { sess: s, snap: None, bits: s.active, funcs: None };
         match cache {
-            Some(c) => texts.iter().filter(|t| c.analyze(t, &None, &r).is_some()).count(),
+            Some(c) => texts.iter().filter(|t| lin(c, t, &None, &r).is_some()).count(),
             None => texts.iter().filter(|t| lineage::analyze(t, &r).is_some()).count(),
         }
     }

@@ -137,16 +137,16 @@ const MAX_BODY_DEPTH: usize = 4;
 
 type Check = Result<(), Violation>;
 
-/// Check every statement of a parse tree's raw statements; the first violation.
-pub(super) fn check(stmts: &[Value], r: &dyn Resolver, all_rules: u64) -> Check {
+/// Check every statement of a parse tree's raw statements: the first violation, and whether
+/// the verdict depended on a constant's value (`ORDER BY 2`).
+pub(super) fn check(stmts: &[Value], r: &dyn Resolver, all_rules: u64) -> (Check, bool) {
     let cx = Cx::new(r);
     let s = Strict { cx: &cx, r, all: all_rules };
-    for raw in stmts {
-        let Some(stmt) = raw.get("stmt") else { continue };
+    let verdict = stmts.iter().filter_map(|raw| raw.get("stmt")).try_for_each(|stmt| {
         s.everywhere(stmt)?;
-        s.statement(stmt)?;
-    }
-    Ok(())
+        s.statement(stmt)
+    });
+    (verdict, cx.read.get())
 }
 
 struct Strict<'a> {
@@ -312,6 +312,10 @@ impl Strict<'_> {
             let outputs = self.cx.select(b, env.parent);
             for s in sorts {
                 let Some(node) = typed(s, "SortBy").and_then(|s| s.get("node")) else { continue };
+                if node.get("A_Const").is_some() {
+                    // Which column `ORDER BY n` names is the constant's value.
+                    self.cx.read.set(true);
+                }
                 if let Some((_, Item::Col(t))) = output_named(&outputs, node)
                     && !t.is_none()
                 {

@@ -154,6 +154,17 @@ impl FunctionCatalog {
         if found { bits } else { ALL }
     }
 
+    /// Whether the catalog has a function of this name (any schema).
+    pub fn has(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// Whether every function of this name is in `pg_catalog` (none in a schema someone can
+    /// create functions in).
+    pub fn only_builtin(&self, name: &str) -> bool {
+        self.by_name.get(name).is_some_and(|l| l.iter().all(|(s, _)| s == "pg_catalog"))
+    }
+
     /// From [`CATALOG_SQL`]'s output as `psql -At -F '<tab>'` prints it (NULL as empty).
     pub fn from_tsv(text: &str) -> Result<FunctionCatalog, String> {
         let mut rows = Vec::new();

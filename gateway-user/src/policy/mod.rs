@@ -401,6 +401,12 @@ impl Policy {
         g.insert(database.to_string(), (generation, Arc::new(catalog)));
     }
 
+    /// The function catalog set for `database`, if any (whether or not rules name classes).
+    pub fn function_catalog(&self, database: &str) -> Option<Arc<functions::FunctionCatalog>> {
+        let g = self.catalogs.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.get(database).map(|(_, c)| c.clone())
+    }
+
     fn catalog_for(&self, database: &str) -> CatalogRef {
         if !self.class_rules {
             return None;

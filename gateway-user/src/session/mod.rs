@@ -293,6 +293,10 @@ async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String
             user: shared.cfg.upstream.user.clone(),
             password: shared.upstream_password.clone(),
         },
+        {
+            let (shared, database) = (shared.clone(), database.clone());
+            Arc::new(move || shared.policy.function_catalog(&database))
+        },
     )
     .await
     .map(Box::new);
@@ -878,7 +882,7 @@ impl Relay {
                 let mut rec = self.record(Kind::Statement);
                 rec.protocol = Some("simple".into());
                 let mut p = Pending::new(PendKind::Query);
-                let verdict = self.decide(&sql);
+                let verdict = self.strict_masking(&sql, self.decide(&sql));
                 rec.sql = Some(sql.to_string());
                 let allowed = Self::apply_verdict(&mut rec, &mut p, &verdict);
                 if allowed {
@@ -896,7 +900,7 @@ impl Relay {
                     }
                     r => r.map_err(bad)?,
                 };
-                let verdict = self.decide(&sql);
+                let verdict = self.strict_masking(&sql, self.decide(&sql));
                 if verdict.is_allowed() {
                     self.note_prepared(&verdict);
                     let prepared =
@@ -1012,6 +1016,18 @@ impl Relay {
             Some((_, a)) => self.shared.policy.decide_analyzed(a, &self.policy_identity, &self.database, now, &lookup),
             None => self.shared.policy.decide_with_prepared(&self.policy_identity, &self.database, sql, now, &lookup),
         }
+    }
+
+    /// A statement the policy allows may still be refused by strict masking (`mask::strict`):
+    /// the verdict then names the mask rules and why.
+    fn strict_masking(&mut self, sql: &str, verdict: Arc<Verdict>) -> Arc<Verdict> {
+        if !verdict.is_allowed() {
+            return verdict;
+        }
+        let Some(m) = self.mask.as_mut() else { return verdict };
+        let Some(v) = m.strict_check(sql) else { return verdict };
+        let (rule, reason) = m.refusal_message(&v);
+        Arc::new(Verdict { decision: crate::policy::Action::Deny, rule, reason, ..(*verdict).clone() })
     }
 
     /// Analyze the long Query and Parse texts among the complete frames in `cbuf` that the
