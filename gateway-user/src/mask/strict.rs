@@ -8,12 +8,14 @@
 //!   masks the output;
 //! * in an equality (`=`, `<>`, `IS [NOT] DISTINCT FROM`, `IN (…)`) between the bare column and
 //!   a literal or parameter, or in `IS [NOT] NULL`;
-//! * in `GROUP BY`, `PARTITION BY`, `DISTINCT ON` as a bare column, and as the argument of
-//!   `count`, positions that return no value.
+//! * as the argument of `count`, and anywhere in an `EXISTS` subquery's select list: positions
+//!   that return no value.
 //!
 //! Anything else that touches one is a [`Violation`]: an argument to any other function
 //! (which covers `set_config`, `pg_notify`, advisory locks, set-returning functions), any other
-//! comparison (ranges, `LIKE`, `~`), `ORDER BY`, `LIMIT`, `RETURNING`, values written to a
+//! comparison (ranges, `LIKE`, `~`), `ORDER BY`, grouping (`GROUP BY`, `DISTINCT`, `PARTITION
+//! BY`: sorted plans return rows in the column's order; `min`/`max` likewise rank values),
+//! `LIMIT`, `RETURNING`, values written to a
 //! table (`INSERT … SELECT`, `UPDATE … SET`, `CREATE TABLE AS`, `SELECT INTO`), views,
 //! `COPY (query)` and `COPY table TO` a file or program, set operations that compare values
 //! (`UNION`, `INTERSECT`, `EXCEPT`) or mix masked and unmasked values in one column, `DO` blocks
@@ -53,8 +55,6 @@ enum Ctx {
     Predicate,
     /// An operand of equality or a null test: the bare column itself.
     Operand,
-    /// `GROUP BY`, `PARTITION BY`, `DISTINCT ON`: bare columns only.
-    Group,
     /// Nothing masked may reach here.
     Deny(Why),
 }
@@ -65,6 +65,7 @@ enum Why {
     Argument,
     Comparison,
     Order,
+    Grouping,
     Limit,
     Returning,
     Written,
@@ -83,6 +84,7 @@ impl Why {
             Why::Argument => "is passed to a function that is not a value-preserving built-in",
             Why::Comparison => "is compared other than by equality with a literal or parameter",
             Why::Order => "orders rows (ORDER BY)",
+            Why::Grouping => "groups rows (GROUP BY, DISTINCT, PARTITION BY), which sorts them by its values",
             Why::Limit => "is used in LIMIT/OFFSET",
             Why::Returning => "is returned by RETURNING",
             Why::Written => "is written to a table",
@@ -100,8 +102,8 @@ impl Why {
 /// Built-in functions whose result is the argument's value, or a piece of it, and that have
 /// no side effects: allowed on masked columns in output columns (lineage masks the result).
 const VALUE_FUNCTIONS: &[&str] = &[
-    "upper", "lower", "initcap", "btrim", "ltrim", "rtrim", "concat", "concat_ws", "coalesce", "nullif", "text", "min", "max",
-    "string_agg", "array_agg", "substr", "substring", "left", "right",
+    "upper", "lower", "initcap", "btrim", "ltrim", "rtrim", "concat", "concat_ws", "coalesce", "nullif", "text", "string_agg",
+    "array_agg", "substr", "substring", "left", "right",
 ];
 
 /// Catalog relations whose rows hold column values (histograms, most common values).
@@ -115,7 +117,6 @@ const HARMLESS: &[&str] = &[
     "VacuumStmt",
     "GrantStmt",
     "DropStmt",
-    "ClusterStmt",
     "ReindexStmt",
     "CommentStmt",
     "TransactionStmt",
@@ -293,13 +294,19 @@ impl Strict<'_> {
         self.expr_opt(b.get("whereClause"), Ctx::Predicate, &here)?;
         self.expr_opt(b.get("havingClause"), Ctx::Predicate, &here)?;
         for g in list(b, "groupClause").iter().chain(list(b, "distinctClause")) {
-            self.expr(g, Ctx::Group, &here)?;
+            self.expr(g, Ctx::Deny(Why::Grouping), &here)?;
         }
         for w in list(b, "windowClause") {
-            self.expr(w, Ctx::Group, &here)?;
+            self.expr(w, Ctx::Deny(Why::Grouping), &here)?;
         }
         for t in list(b, "targetList") {
             self.expr(t, ctx, &here)?;
+        }
+        if !list(b, "distinctClause").is_empty() {
+            // SELECT DISTINCT: every output column is a key.
+            if let Some(t) = self.first_taint(list(b, "targetList"), &here) {
+                return self.deny(t, Why::Grouping);
+            }
         }
         self.tail(b, &here)
     }
@@ -581,7 +588,7 @@ impl Strict<'_> {
             }
             "TypeCast" | "CollateClause" => {
                 let inner = match ctx {
-                    Ctx::Output | Ctx::Discard | Ctx::Group => ctx,
+                    Ctx::Output | Ctx::Discard => ctx,
                     Ctx::Predicate | Ctx::Operand => Ctx::Deny(Why::Comparison),
                     Ctx::Deny(w) => Ctx::Deny(w),
                 };
@@ -618,7 +625,7 @@ impl Strict<'_> {
             "GroupingFunc" => self.exprs(list(b, "args"), Ctx::Discard, env),
             "SortBy" => self.expr_opt(b.get("node"), Ctx::Deny(Why::Order), env),
             "WindowDef" => {
-                self.exprs(list(b, "partitionClause"), Ctx::Group, env)?;
+                self.exprs(list(b, "partitionClause"), Ctx::Deny(Why::Grouping), env)?;
                 self.exprs(list(b, "orderClause"), Ctx::Deny(Why::Order), env)?;
                 self.expr_opt(b.get("startOffset"), Ctx::Deny(Why::Limit), env)?;
                 self.expr_opt(b.get("endOffset"), Ctx::Deny(Why::Limit), env)
@@ -639,7 +646,7 @@ impl Strict<'_> {
             return Ok(());
         }
         match ctx {
-            Ctx::Output | Ctx::Discard | Ctx::Group => Ok(()),
+            Ctx::Output | Ctx::Discard => Ok(()),
             Ctx::Predicate | Ctx::Operand if t.direct => Ok(()),
             Ctx::Predicate | Ctx::Operand => self.deny(t, Why::Comparison),
             Ctx::Deny(w) => self.deny(t, w),
@@ -652,7 +659,7 @@ impl Strict<'_> {
         let builtin = (n.len() == 1 || n[0] == "pg_catalog") && self.r.builtin_function(name);
         self.expr_opt(b.get("agg_filter"), Ctx::Predicate, env)?;
         self.exprs(list(b, "agg_order"), Ctx::Deny(Why::Order), env)?;
-        self.expr_opt(b.get("over"), Ctx::Group, env)?;
+        self.expr_opt(b.get("over"), Ctx::Deny(Why::Grouping), env)?;
         let windowed = b.get("over").is_some_and(|o| !o.is_null());
         let args = list(b, "args");
         let inner = if builtin && name == "count" {
@@ -687,10 +694,10 @@ impl Strict<'_> {
         }
         let equality = matches!(kind, "AEXPR_DISTINCT" | "AEXPR_NOT_DISTINCT")
             || (kind == "AEXPR_OP" && matches!(op.as_str(), "=" | "<>" | "!="));
-        if equality && ctx != Ctx::Group {
+        if equality {
             return self.equality(l, r, env);
         }
-        if kind == "AEXPR_IN" && ctx != Ctx::Group {
+        if kind == "AEXPR_IN" {
             let items = r.and_then(|r| typed(r, "List")).map(|l| list(l, "items")).or_else(|| r.and_then(Value::as_array).map(Vec::as_slice));
             let literals = items.is_some_and(|items| items.iter().all(is_literal));
             self.expr_opt(l, if literals { Ctx::Operand } else { Ctx::Deny(Why::Comparison) }, env)?;

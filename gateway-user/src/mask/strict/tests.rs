@@ -85,10 +85,6 @@ fn allowed() {
         "select coalesce(card, 'none'), card::text, nullif(card, '') from customers",
         "select count(card), count(distinct ssn), count(*) from customers",
         "select exists (select 1 from customers where card = 'x')",
-        "select card, count(*) from customers group by card",
-        "select distinct card from customers",
-        "select distinct on (card) card, id from customers",
-        "select min(card), max(ssn), string_agg(email, ',') from customers",
         "select x.k from (select card as k from customers) x",
         "with t as (select card from customers) select card from t",
         "select card from customers union all select card from customers",
@@ -119,9 +115,11 @@ fn allowed() {
         "select id from customers c join customers d using (id) where c.card = '1'",
         "select id from customers where id in (select id from customers where card = '1')",
         "select card from customers for update",
+        "select string_agg(email, ',') from customers",
+        "select name, count(*) from customers group by name",
+        "select distinct name from customers",
         "select card::varchar(20), card::text from customers order by id",
         "select id from customers join customers c2 using (id)",
-        "select row_number() over (partition by card) from customers",
     ];
     let mut bad = Vec::new();
     for sql in ok {
@@ -228,6 +226,15 @@ fn refused() {
         // recursive CTEs
         "with recursive r(x) as (select card from customers union all select substr(x, 2) from r where x <> '') select length(x) from r",
         "with recursive r(x) as (select card from customers union all select substr(x, 2) from r where x > '') select x from r",
+        // grouping (sorted plans order rows by the key), ranking
+        "select card, count(*) from customers group by card",
+        "select id from customers group by card, id",
+        "select distinct card from customers",
+        "select distinct card, id from customers",
+        "select distinct on (card) card, id from customers",
+        "select count(*) over (partition by card) from customers",
+        "select min(card), max(ssn) from customers",
+        "cluster customers using customers_card_idx",
         // ordering by an output column's position or name
         "select card from customers order by 1",
         "select card as x from customers order by x",
