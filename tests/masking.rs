@@ -673,3 +673,40 @@ fn messages_other_than_rows_are_scrubbed() {
     assert!(!contains(&c.received, "912-34-5678"), "an SSN in a never-issued area reached the client");
     assert_no_leak(&c.received, "messages");
 }
+
+/// Lineage follows what the server did: the statement after another in one query string gets
+/// its own lineage, and a DECLARE or Parse that failed does not replace what its name meant.
+#[test]
+fn lineage_follows_what_the_server_did() {
+    let e = env_strict("mask_lineage_state");
+    let mut c = e.support().raw().expect("login");
+    // `notes` has no content detector: only lineage can mask upper(notes).
+    let msgs = c.simple_query("SET application_name = 'a'; SELECT upper(notes) AS u FROM customers").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    assert_eq!(text_rows(&msgs).len(), 3);
+    let msgs = c.simple_query("DECLARE h CURSOR WITH HOLD FOR SELECT upper(notes) FROM customers").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    let msgs = c.simple_query("DECLARE h CURSOR WITH HOLD FOR SELECT 'plain'::text").unwrap();
+    assert_eq!(raw::first_error(&msgs).and_then(|e| e.sqlstate()).as_deref(), Some("42P03"), "{}", raw::describe_all(&msgs));
+    let msgs = c.simple_query("FETCH ALL FROM h").unwrap();
+    assert_eq!(text_rows(&msgs).len(), 3, "{}", raw::describe_all(&msgs));
+    // A named statement, then a failed Parse of the same name.
+    let mut batch = raw::fe::parse("s1", "SELECT upper(notes) FROM customers");
+    batch.extend(raw::fe::sync());
+    c.send(&batch).unwrap();
+    let msgs = c.recv_until_ready().unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    let mut batch = raw::fe::parse("s1", "SELECT 'plain'::text");
+    batch.extend(raw::fe::sync());
+    c.send(&batch).unwrap();
+    let msgs = c.recv_until_ready().unwrap();
+    assert_eq!(raw::first_error(&msgs).and_then(|e| e.sqlstate()).as_deref(), Some("42P05"), "{}", raw::describe_all(&msgs));
+    let mut batch = raw::fe::bind_text("", "s1", &[]);
+    batch.extend(raw::fe::execute("", 0));
+    batch.extend(raw::fe::sync());
+    c.send(&batch).unwrap();
+    let msgs = c.recv_until_ready().unwrap();
+    assert_eq!(text_rows(&msgs).len(), 3, "{}", raw::describe_all(&msgs));
+    assert!(!contains(&c.received, "SECRET-NOTE"), "upper(notes) reached the client unmasked");
+    assert_no_leak(&c.received, "lineage state");
+}

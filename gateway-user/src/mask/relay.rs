@@ -89,6 +89,8 @@ pub enum Tag {
     None,
     Query(Arc<QueryInfo>),
     DescribeStmt(Arc<PreparedInfo>),
+    /// A Parse of this name, and what the name meant before (restored if the Parse fails).
+    Parse(String, Option<Arc<PreparedInfo>>),
     DescribePortal(Arc<PortalInfo>),
     Execute(Arc<PortalInfo>),
 }
@@ -407,11 +409,9 @@ impl MaskRelay {
         match f.tag {
             b'Q' => {
                 let Ok(sql) = Reader::new(f.body()).cstr() else { return Tag::None };
-                let stmts = self.analyze(&sql).0;
-                if let Some(s) = &stmts {
-                    self.remember(s);
-                }
-                Tag::Query(Arc::new(QueryInfo { stmts }))
+                // DECLARE and PREPARE are remembered when they complete (a failed one does
+                // not replace what the name meant).
+                Tag::Query(Arc::new(QueryInfo { stmts: self.analyze(&sql).0 }))
             }
             b'P' => {
                 let mut r = Reader::new(f.body());
@@ -425,8 +425,9 @@ impl MaskRelay {
                     Some(v) if v.is_empty() => Some(StmtKind::Other),
                     _ => Some(StmtKind::Unknown),
                 };
-                self.prepared.insert(name.into_owned(), Arc::new(PreparedInfo { lineage, desc: Mutex::new(None) }));
-                Tag::None
+                let name = name.into_owned();
+                let before = self.prepared.insert(name.clone(), Arc::new(PreparedInfo { lineage, desc: Mutex::new(None) }));
+                Tag::Parse(name, before)
             }
             b'B' => {
                 let Some((portal, stmt, formats)) = decode_bind_formats(f.body()) else { return Tag::None };
@@ -475,6 +476,13 @@ impl MaskRelay {
         if matches!(f.tag, b'E' | b'N' | b'A' | b'S' | b'V') {
             if f.tag == b'E' {
                 self.finish();
+                if let Some(Tag::Parse(name, before)) = front {
+                    // The Parse failed: the name keeps its previous statement.
+                    match before {
+                        Some(b) => self.prepared.insert(name.clone(), b.clone()),
+                        None => self.prepared.remove(name),
+                    };
+                }
             }
             return Some(super::messages::scrub_message(f, &self.sess));
         }
@@ -598,6 +606,13 @@ impl MaskRelay {
             }
             b'C' | b's' => {
                 if f.tag == b'C' {
+                    if let Some(Tag::Query(q)) = front {
+                        self.sync_query(q);
+                        let done = q.stmts.as_ref().and_then(|v| v.get(self.query_idx)).cloned();
+                        if let Some(s) = done {
+                            self.remember(std::slice::from_ref(&s));
+                        }
+                    }
                     self.after_command(f);
                 }
                 self.finish();
