@@ -78,7 +78,6 @@ fn env_strict(prefix: &str) -> Env {
 }
 
 fn env_with(prefix: &str, policy: &str) -> Env {
-    let policy = policy.to_string();
     let c = cluster();
     let db = c.create_database(prefix);
     c.fixture_table(
@@ -98,13 +97,17 @@ fn env_with(prefix: &str, policy: &str) -> Env {
     c.svc_sql(&db, "CREATE FUNCTION get_card(int) RETURNS text LANGUAGE sql AS 'SELECT card FROM customers WHERE id = $1'");
     c.svc_sql(&db, "CREATE VIEW customer_cards AS SELECT id, card FROM customers");
     c.svc_sql(&db, "CREATE TABLE loot (v text)");
-    let pw = Pgward::builder()
+    Env { pw: start_with(policy), db }
+}
+
+fn start_with(policy: &str) -> Pgward {
+    let policy = policy.to_string();
+    Pgward::builder()
         .with_dir(move |dir: &Path, t: &mut toml::Table| {
             std::fs::write(dir.join("mask-policy.toml"), &policy).unwrap();
             toml_set(t, "policy.files", vec![toml::Value::from("mask-policy.toml")]);
         })
-        .start();
-    Env { pw, db }
+        .start()
 }
 
 impl Env {
@@ -709,4 +712,30 @@ fn lineage_follows_what_the_server_did() {
     assert_eq!(text_rows(&msgs).len(), 3, "{}", raw::describe_all(&msgs));
     assert!(!contains(&c.received, "SECRET-NOTE"), "upper(notes) reached the client unmasked");
     assert_no_leak(&c.received, "lineage state");
+}
+
+/// A table that inherits from a rule table (a partition, a child) holds the parent's data
+/// under another name: its columns are masked and strict masking knows them.
+#[test]
+fn children_and_partitions_of_rule_tables() {
+    let e = env_strict("mask_children");
+    let pg = cluster();
+    pg.svc_sql(&e.db, "CREATE TABLE customers_child () INHERITS (customers)");
+    pg.svc_sql(&e.db, "INSERT INTO customers_child (id, name, card, notes) VALUES (9, 'Kid', '4000056655665556', 'secret-note-alpha')");
+    pg.svc_sql(&e.db, "CREATE TABLE pv (k int, notes text) PARTITION BY RANGE (k)");
+    pg.svc_sql(&e.db, "CREATE TABLE pv_1 PARTITION OF pv FOR VALUES FROM (0) TO (100)");
+    pg.svc_sql(&e.db, "INSERT INTO pv VALUES (1, 'secret-note-bravo')");
+    let policy = POLICY.replace("\"public.vault.secret\"", "\"public.vault.secret\", \"public.pv.notes\"");
+    let e = Env { db: e.db.clone(), pw: { drop(e.pw); start_with(&policy) } };
+    let mut c = e.support().raw().expect("login");
+    for q in ["SELECT notes, card FROM customers_child", "SELECT * FROM pv_1", "SELECT upper(notes) FROM customers_child"] {
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+        assert_eq!(text_rows(&msgs).len(), 1, "{q}");
+    }
+    for q in ["SELECT length(notes) FROM customers_child", "SELECT id FROM pv_1 WHERE notes LIKE 'secret%'"] {
+        let msgs = c.simple_query(q).unwrap();
+        assert_eq!(raw::first_error(&msgs).and_then(|e| e.sqlstate()).as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+    }
+    assert_no_leak(&c.received, "children");
 }

@@ -32,7 +32,9 @@ pub struct Snapshot {
     /// Columns of views (and materialized views) computed from masked columns, not plain
     /// references: they are masked as derived values.
     pub derived: std::collections::HashSet<(u32, i16)>,
-    /// (schema, view) → (column, rule bits) for views over masked columns (for lineage).
+    /// (schema, relation) → (column, rule bits) for views over masked columns and for tables
+    /// that inherit from a rule table (partitions, children): their names are not the rule's,
+    /// their columns are (for lineage and strict masking).
     pub views: HashMap<(String, String), Vec<(String, u64)>>,
     pub loaded: Option<Instant>,
 }
@@ -300,6 +302,8 @@ async fn load(policy: &MaskPolicy, access: &Access, db: &str) -> Result<Snapshot
         let (mut up, mut buf) = connect(&access.target, &access.user, access.password.as_deref(), db).await?;
         let mut snap = Snapshot::default();
         let mut masked_oids: Vec<u32> = Vec::new();
+        // OID → (column, rule bits) of every rule table, for its children.
+        let mut by_oid: HashMap<u32, Vec<(String, u64)>> = HashMap::new();
         for row in rows(&mut up, &mut buf, &sql).await? {
             let [Some(oid), Some(attnum), Some(schema), Some(table), Some(column)] = row.as_slice() else {
                 return Err("unexpected catalog row".to_string());
@@ -307,6 +311,7 @@ async fn load(policy: &MaskPolicy, access: &Access, db: &str) -> Result<Snapshot
             let oid: u32 = oid.parse().map_err(|_| "bad oid")?;
             let attnum: i16 = attnum.parse().map_err(|_| "bad attnum")?;
             let bits = policy.rules_for(Some(schema), table, Some(column));
+            by_oid.entry(oid).or_default().push((column.to_lowercase(), bits));
             if bits != 0 {
                 snap.cols.insert((oid, attnum), bits);
                 if !masked_oids.contains(&oid) {
@@ -325,6 +330,7 @@ async fn load(policy: &MaskPolicy, access: &Access, db: &str) -> Result<Snapshot
             .map(|(k, _)| k.clone())
             .collect();
         snap.tables.retain(|k, _| masked_tables.contains(k));
+        inherit(&mut up, &mut buf, &mut snap, &mut masked_oids, &by_oid).await?;
 
         // Views over masked columns (and views over those, a few levels): a view's columns
         // carry the view's OID in RowDescription, so each view definition goes through lineage.
@@ -391,6 +397,42 @@ async fn load(policy: &MaskPolicy, access: &Access, db: &str) -> Result<Snapshot
         Ok(r) => r,
         Err(_) => Err("timed out".into()),
     }
+}
+
+/// Tables that inherit from a rule table (partitions, at any depth) carry its rules on the
+/// columns of the same name: `SELECT card FROM customers_2024` is the parent's data.
+async fn inherit(
+    up: &mut upstream::Upstream,
+    buf: &mut BytesMut,
+    snap: &mut Snapshot,
+    masked_oids: &mut Vec<u32>,
+    by_oid: &HashMap<u32, Vec<(String, u64)>>,
+) -> Result<(), String> {
+    if masked_oids.is_empty() {
+        return Ok(());
+    }
+    let list = masked_oids.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(",");
+    let q = format!(
+        "WITH RECURSIVE kids(oid, root) AS (SELECT i.inhrelid, i.inhparent FROM pg_catalog.pg_inherits i            WHERE i.inhparent IN ({list})            UNION SELECT i.inhrelid, k.root FROM pg_catalog.pg_inherits i JOIN kids k ON i.inhparent = k.oid)          SELECT k.oid, k.root, a.attnum, n.nspname, c.relname, a.attname FROM kids k          JOIN pg_catalog.pg_class c ON c.oid = k.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace          JOIN pg_catalog.pg_attribute a ON a.attrelid = k.oid WHERE a.attnum > 0 AND NOT a.attisdropped          ORDER BY k.oid, a.attnum"
+    );
+    for row in rows(up, buf, &q).await? {
+        let [Some(oid), Some(root), Some(attnum), Some(schema), Some(table), Some(column)] = row.as_slice() else {
+            return Err("unexpected catalog row".to_string());
+        };
+        let (Ok(oid), Ok(root), Ok(attnum)) = (oid.parse::<u32>(), root.parse::<u32>(), attnum.parse::<i16>()) else {
+            return Err("unexpected catalog row".to_string());
+        };
+        let column = column.to_lowercase();
+        let bits = by_oid.get(&root).and_then(|cols| cols.iter().find(|(c, _)| *c == column)).map_or(0, |(_, b)| *b);
+        if bits != 0 {
+            snap.cols.insert((oid, attnum), bits);
+            if !masked_oids.contains(&oid) {
+                masked_oids.push(oid);
+            }
+        }
+        snap.views.entry((schema.to_lowercase(), table.to_lowercase())).or_default().push((column, bits));
+    }
+    Ok(())
 }
 
 /// A DataRow's columns as text (None = NULL).
