@@ -176,7 +176,7 @@ impl Log {
     /// False if the record was refused (its waiter has the error).
     pub(super) fn queue(&mut self, rec: Record, reply: Option<Reply>) -> bool {
         let seq = self.next_seq;
-        let event = Some(crate::metrics::Event::of(&rec));
+        let event = Some(rec.metrics_event());
         let ts = now_ts(&mut self.ts_cache);
         match self.encode(rec, ts) {
             Ok(hash) => {
