@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::analyze::{ClassSet, ModSet, Modifier, StatementClass};
+use super::class::{ClassSet, ModSet, Modifier, StatementClass};
 use super::window::{Window, WindowSpec};
 use super::{Action, PolicyError};
 
