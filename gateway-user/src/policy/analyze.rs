@@ -374,49 +374,15 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
     // In a statement's place, not a subquery.
     let top = field.is_none_or(|f| STATEMENT_FIELDS.contains(&f));
     match ty {
-        "SelectStmt" => {
-            if b.get("lockingClause").is_some_and(|l| l.as_array().is_some_and(|a| !a.is_empty())) {
-                info.classes.insert(Write);
-                info.modifiers.insert(Modifier::ForUpdate);
-            }
-            if b.contains_key("intoClause") {
-                // SELECT … INTO t creates and fills a table.
-                info.classes.insert(Ddl);
-                info.classes.insert(Write);
-                info.add_command("select into");
-            }
-            if top {
-                info.classes.insert(Read);
-                info.add_command("select");
-            }
-        }
-        "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
-            info.classes.insert(Write);
-            let cmd = ty.trim_end_matches("Stmt").to_ascii_lowercase();
-            if matches!(ty, "UpdateStmt" | "DeleteStmt") && no_where(b, &mut info.literal_dependent) {
-                info.modifiers.insert(Modifier::NoWhere);
-            }
-            if field == Some("ctequery") {
-                info.modifiers.insert(Modifier::CteWrite);
-            }
-            info.add_command(cmd);
-        }
+        "SelectStmt" => classify_select(b, top, info),
+        "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => classify_dml(ty, b, field, info),
         "CommonTableExpr" => {}
         "TruncateStmt" => {
             info.classes.insert(Write);
             info.add_command("truncate");
             info.modifiers.insert(Modifier::NoWhere);
         }
-        "CopyStmt" => {
-            info.add_command("copy");
-            let from = b.get("is_from").and_then(Value::as_bool) == Some(true);
-            info.classes.insert(if from { Write } else { Read });
-            if b.contains_key("filename") {
-                info.classes.insert(Admin);
-                let program = b.get("is_program").and_then(Value::as_bool) == Some(true);
-                info.modifiers.insert(if program { Modifier::CopyProgram } else { Modifier::CopyFile });
-            }
-        }
+        "CopyStmt" => classify_copy(b, info),
         "DiscardStmt" => {
             info.classes.insert(Session);
             info.add_command("discard");
@@ -433,16 +399,7 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
                 None => PreparedOp::DeallocateAll,
             });
         }
-        "TransactionStmt" => {
-            info.classes.insert(Transaction);
-            let cmd = match str_field(b, "kind") {
-                Some("TRANS_STMT_PREPARE") => "prepare transaction".to_string(),
-                Some("TRANS_STMT_COMMIT_PREPARED") => "commit prepared".to_string(),
-                Some("TRANS_STMT_ROLLBACK_PREPARED") => "rollback prepared".to_string(),
-                _ => leading_words(&info.text, 1),
-            };
-            info.add_command(cmd);
-        }
+        "TransactionStmt" => classify_transaction(b, info),
         "DeclareCursorStmt" | "FetchStmt" => {
             info.classes.insert(Read);
             let mv = b.get("ismove").and_then(Value::as_bool) == Some(true);
@@ -497,31 +454,7 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
             info.classes.insert(Dcl);
             info.add_leading_words(2);
         }
-        "DropStmt" => {
-            let kind = object_kind(str_field(b, "removeType"));
-            info.add_command(format!("drop {kind}"));
-            match kind.as_str() {
-                "policy" => info.classes.insert(Dcl),
-                "schema" => {
-                    info.classes.insert(Ddl);
-                    // DROP SCHEMA's objects are name lists of one part.
-                    for o in list(b, "objects") {
-                        if let Some(s) = node(o, "String").and_then(|s| str_field(s, "sval")) {
-                            info.schemas.push(s.to_lowercase());
-                        }
-                    }
-                }
-                "table" | "view" | "materialized view" | "index" | "sequence" | "foreign table" => {
-                    info.classes.insert(Ddl);
-                    for o in list(b, "objects") {
-                        if let Some(q) = node(o, "List").and_then(|l| qname(&name_list(l.get("items")))) {
-                            info.tables.push(q);
-                        }
-                    }
-                }
-                _ => info.classes.insert(Ddl),
-            }
-        }
+        "DropStmt" => classify_drop(b, info),
         "CreateSchemaStmt" => {
             info.classes.insert(Ddl);
             info.add_command("create schema");
@@ -535,16 +468,7 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
             let matview = str_field(b, "objtype") == Some("OBJECT_MATVIEW");
             info.add_command(if matview { "create materialized view" } else { "create table" });
         }
-        "RenameStmt" | "AlterObjectSchemaStmt" | "AlterOwnerStmt" => {
-            info.classes.insert(Ddl);
-            let kind = object_kind(str_field(b, "renameType").or(str_field(b, "objectType")));
-            info.add_command(format!("alter {kind}"));
-            if str_field(b, "renameType") == Some("OBJECT_SCHEMA")
-                && let Some(s) = str_field(b, "subname")
-            {
-                info.schemas.push(s.to_lowercase());
-            }
-        }
+        "RenameStmt" | "AlterObjectSchemaStmt" | "AlterOwnerStmt" => classify_alter_object(b, info),
         "CommentStmt" | "SecLabelStmt" => {
             info.classes.insert(Ddl);
             info.add_leading_words(1);
@@ -553,17 +477,119 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
             info.classes.insert(Ddl);
             info.add_leading_words(2);
         }
-        other if other.ends_with("Stmt") && other != "RawStmt" && other != "VariableSetStmt" => {
-            let cmd = leading_words(&info.text, 2);
-            if cmd.starts_with("create ") || cmd.starts_with("alter ") || cmd.starts_with("drop ") || cmd.starts_with("import ") {
-                info.classes.insert(Ddl);
-            } else {
-                info.classes.insert(Admin);
-            }
-            info.add_command(cmd);
-        }
+        other if other.ends_with("Stmt") && other != "RawStmt" && other != "VariableSetStmt" => classify_other(info),
         _ => {}
     }
+}
+
+/// SELECT: FOR UPDATE/SHARE writes (locks rows), SELECT … INTO creates a table; in a
+/// statement's place (`top`) it reads.
+fn classify_select(b: &Map<String, Value>, top: bool, info: &mut StatementInfo) {
+    use StatementClass::*;
+    if b.get("lockingClause").is_some_and(|l| l.as_array().is_some_and(|a| !a.is_empty())) {
+        info.classes.insert(Write);
+        info.modifiers.insert(Modifier::ForUpdate);
+    }
+    if b.contains_key("intoClause") {
+        // SELECT … INTO t creates and fills a table.
+        info.classes.insert(Ddl);
+        info.classes.insert(Write);
+        info.add_command("select into");
+    }
+    if top {
+        info.classes.insert(Read);
+        info.add_command("select");
+    }
+}
+
+/// INSERT, UPDATE, DELETE, MERGE: writes; UPDATE/DELETE without WHERE and writes in a CTE
+/// are modifiers.
+fn classify_dml(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut StatementInfo) {
+    info.classes.insert(StatementClass::Write);
+    let cmd = ty.trim_end_matches("Stmt").to_ascii_lowercase();
+    if matches!(ty, "UpdateStmt" | "DeleteStmt") && no_where(b, &mut info.literal_dependent) {
+        info.modifiers.insert(Modifier::NoWhere);
+    }
+    if field == Some("ctequery") {
+        info.modifiers.insert(Modifier::CteWrite);
+    }
+    info.add_command(cmd);
+}
+
+/// COPY FROM writes, COPY TO reads; to or from a file or program on the server it is admin.
+fn classify_copy(b: &Map<String, Value>, info: &mut StatementInfo) {
+    use StatementClass::*;
+    info.add_command("copy");
+    let from = b.get("is_from").and_then(Value::as_bool) == Some(true);
+    info.classes.insert(if from { Write } else { Read });
+    if b.contains_key("filename") {
+        info.classes.insert(Admin);
+        let program = b.get("is_program").and_then(Value::as_bool) == Some(true);
+        info.modifiers.insert(if program { Modifier::CopyProgram } else { Modifier::CopyFile });
+    }
+}
+
+/// BEGIN, COMMIT, … and the two-phase commit statements.
+fn classify_transaction(b: &Map<String, Value>, info: &mut StatementInfo) {
+    info.classes.insert(StatementClass::Transaction);
+    let cmd = match str_field(b, "kind") {
+        Some("TRANS_STMT_PREPARE") => "prepare transaction".to_string(),
+        Some("TRANS_STMT_COMMIT_PREPARED") => "commit prepared".to_string(),
+        Some("TRANS_STMT_ROLLBACK_PREPARED") => "rollback prepared".to_string(),
+        _ => leading_words(&info.text, 1),
+    };
+    info.add_command(cmd);
+}
+
+/// DROP: DDL (DROP POLICY: DCL), with the schemas or tables it drops.
+fn classify_drop(b: &Map<String, Value>, info: &mut StatementInfo) {
+    use StatementClass::*;
+    let kind = object_kind(str_field(b, "removeType"));
+    info.add_command(format!("drop {kind}"));
+    match kind.as_str() {
+        "policy" => info.classes.insert(Dcl),
+        "schema" => {
+            info.classes.insert(Ddl);
+            // DROP SCHEMA's objects are name lists of one part.
+            for o in list(b, "objects") {
+                if let Some(s) = node(o, "String").and_then(|s| str_field(s, "sval")) {
+                    info.schemas.push(s.to_lowercase());
+                }
+            }
+        }
+        "table" | "view" | "materialized view" | "index" | "sequence" | "foreign table" => {
+            info.classes.insert(Ddl);
+            for o in list(b, "objects") {
+                if let Some(q) = node(o, "List").and_then(|l| qname(&name_list(l.get("items")))) {
+                    info.tables.push(q);
+                }
+            }
+        }
+        _ => info.classes.insert(Ddl),
+    }
+}
+
+/// ALTER … RENAME / SET SCHEMA / OWNER TO: DDL, with the schema a schema rename touches.
+fn classify_alter_object(b: &Map<String, Value>, info: &mut StatementInfo) {
+    info.classes.insert(StatementClass::Ddl);
+    let kind = object_kind(str_field(b, "renameType").or(str_field(b, "objectType")));
+    info.add_command(format!("alter {kind}"));
+    if str_field(b, "renameType") == Some("OBJECT_SCHEMA")
+        && let Some(s) = str_field(b, "subname")
+    {
+        info.schemas.push(s.to_lowercase());
+    }
+}
+
+/// Any other statement: DDL if its first words say create/alter/drop/import, else admin.
+fn classify_other(info: &mut StatementInfo) {
+    let cmd = leading_words(&info.text, 2);
+    if cmd.starts_with("create ") || cmd.starts_with("alter ") || cmd.starts_with("drop ") || cmd.starts_with("import ") {
+        info.classes.insert(StatementClass::Ddl);
+    } else {
+        info.classes.insert(StatementClass::Admin);
+    }
+    info.add_command(cmd);
 }
 
 /// Scan the string bodies of a DO block or a function (`AS '…'`) for what they call: they
