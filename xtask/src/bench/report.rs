@@ -135,6 +135,29 @@ impl Report {
                 m.login_secs
             );
         }
+        self.render_ebpf(&mut o, s);
+        if let Some((u, m)) = &self.mask {
+            let _ = writeln!(o, "\n== mask: {} ==", MASK_WORKLOAD);
+            match (u.median(), m.median()) {
+                (Some(a), Some(b)) => {
+                    let _ = writeln!(o, "  unmasked {a:.1} ms, masked {b:.1} ms: {:.3}× ({} run(s) each)", b / a, m.samples.len());
+                }
+                _ => {
+                    let _ = writeln!(o, "  not measured ({} error(s))", u.errors.len() + m.errors.len());
+                }
+            }
+        }
+        if let Some(c) = &self.callgrind {
+            c.render(&mut o);
+        }
+        self.render_micro(&mut o);
+        self.render_budget(&mut o);
+        o
+    }
+
+    /// The ebpf section: the table, or why it was skipped.
+    fn render_ebpf(&self, o: &mut String, s: &Settings) {
+        use std::fmt::Write as _;
         match &self.ebpf {
             Some(ebpf::Outcome::Skipped(why)) => {
                 let _ = writeln!(o, "\n== ebpf: eBPF redirect vs connecting to pgward's port ==\n  skipped: {why}");
@@ -146,7 +169,7 @@ impl Report {
                     ebpf::FSYNC,
                     ebpf::DIRECT
                 );
-                render_table(&mut o, t);
+                render_table(o, t);
                 for (name, what) in ebpf::TARGETS {
                     let _ = writeln!(o, "  {name:<18} {what}");
                 }
@@ -164,20 +187,11 @@ impl Report {
             }
             None => {}
         }
-        if let Some((u, m)) = &self.mask {
-            let _ = writeln!(o, "\n== mask: {} ==", MASK_WORKLOAD);
-            match (u.median(), m.median()) {
-                (Some(a), Some(b)) => {
-                    let _ = writeln!(o, "  unmasked {a:.1} ms, masked {b:.1} ms: {:.3}× ({} run(s) each)", b / a, m.samples.len());
-                }
-                _ => {
-                    let _ = writeln!(o, "  not measured ({} error(s))", u.errors.len() + m.errors.len());
-                }
-            }
-        }
-        if let Some(c) = &self.callgrind {
-            c.render(&mut o);
-        }
+    }
+
+    /// The micro-benchmark tests' printed lines.
+    fn render_micro(&self, o: &mut String) {
+        use std::fmt::Write as _;
         if let Some(runs) = &self.micro {
             let _ = writeln!(o, "\n== micro: gateway-user micro-benchmarks (#[ignore] tests, release build) ==");
             for r in runs {
@@ -190,6 +204,11 @@ impl Report {
                 }
             }
         }
+    }
+
+    /// The budget lines, PASS/FAIL/N/A.
+    fn render_budget(&self, o: &mut String) {
+        use std::fmt::Write as _;
         let checks = self.budget();
         if !checks.is_empty() {
             let _ = writeln!(o, "\n== budget ==");
@@ -204,7 +223,6 @@ impl Report {
                 let _ = writeln!(o, "  {verdict}  {}{}  {}", c.name, " ".repeat(pad), c.detail);
             }
         }
-        o
     }
 
     /// The measured flush latency and what it allows pgward with `fsync = group`.
