@@ -283,7 +283,7 @@ impl InterceptConfig {
     }
 }
 
-/// `[access]`: see src/access.rs and the README ("Access and revocation").
+/// `[access]`: see src/access/ and the README ("Access and revocation").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccessConfig {
