@@ -126,6 +126,18 @@ pub struct AuthConfig {
     pub max_ttl: Duration,
 }
 
+/// `audit.export`: where copies of durable audit records go (see `audit::export`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportKind {
+    #[default]
+    None,
+    /// RFC 5424 over the unix datagram socket `audit.syslog_socket`.
+    Syslog,
+    /// One JSON record per line on stdout.
+    Stdout,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum FsyncPolicy {
@@ -170,13 +182,13 @@ pub struct AuditConfig {
     /// Also copy every durable record to the host's log pipeline: "none", "syslog" (RFC 5424
     /// over `syslog_socket`) or "stdout" (JSON lines, for journald).
     #[serde(default, skip_serializing_if = "is_default_export")]
-    pub export: crate::audit::ExportKind,
+    pub export: ExportKind,
     #[serde(default = "default_syslog_socket", skip_serializing_if = "is_default_syslog_socket")]
     pub syslog_socket: PathBuf,
 }
 
-fn is_default_export(k: &crate::audit::ExportKind) -> bool {
-    *k == crate::audit::ExportKind::None
+fn is_default_export(k: &ExportKind) -> bool {
+    *k == ExportKind::None
 }
 fn default_syslog_socket() -> PathBuf {
     PathBuf::from("/dev/log")
@@ -271,7 +283,7 @@ impl InterceptConfig {
     }
 }
 
-/// `[access]`: see src/access.rs and the README ("Access and revocation").
+/// `[access]`: see src/access/ and the README ("Access and revocation").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccessConfig {

@@ -14,7 +14,6 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::audit::{Kind, Record};
 use crate::config::Config;
 
 pub struct Metrics {
@@ -43,24 +42,29 @@ pub struct Metrics {
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
-/// What the metrics need of one audit record (taken before the record is consumed).
-#[derive(Debug, Clone, Copy)]
+/// What the metrics need of one durable audit record. The audit writer makes it from the
+/// record (see `audit::Record::metrics_event`), so the metrics need not know the record type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Event {
-    kind: Kind,
-    denied: bool,
-    error: bool,
-    masked: u64,
+    pub kind: EventKind,
+    /// A statement the policy denied.
+    pub denied: bool,
+    /// A result that ended in an error (a SQLSTATE).
+    pub error: bool,
+    /// Result values masked.
+    pub masked: u64,
 }
 
-impl Event {
-    pub fn of(r: &Record) -> Event {
-        Event {
-            kind: r.kind,
-            denied: r.decision.as_deref() == Some("deny"),
-            error: r.sqlstate.as_deref().is_some_and(|s| !s.is_empty()),
-            masked: r.meta.as_ref().and_then(|m| m.get("masked_values")).and_then(|v| v.as_u64()).unwrap_or(0),
-        }
-    }
+/// The kinds of audit record the counters tell apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Login,
+    LoginFailed,
+    Statement,
+    Result,
+    SessionEnd,
+    /// Any other record: counted in `audit_records` only.
+    Other,
 }
 
 impl Metrics {
@@ -115,32 +119,27 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Account one durable audit record.
-    pub fn record(&self, r: &Record) {
-        self.event(Event::of(r));
-    }
-
     /// Account one durable audit record from its summary.
     pub fn event(&self, e: Event) {
         self.audit_records.inc();
         match e.kind {
-            Kind::Login => {
+            EventKind::Login => {
                 self.logins.inc();
                 self.sessions_active.inc();
             }
-            Kind::SessionEnd => {
+            EventKind::SessionEnd => {
                 self.sessions_active.dec();
             }
-            Kind::LoginFailed => {
+            EventKind::LoginFailed => {
                 self.logins_failed.inc();
             }
-            Kind::Statement => {
+            EventKind::Statement => {
                 self.statements.inc();
                 if e.denied {
                     self.statements_denied.inc();
                 }
             }
-            Kind::Result => {
+            EventKind::Result => {
                 if e.error {
                     self.statement_errors.inc();
                 }
@@ -213,15 +212,17 @@ pub async fn serve(cfg: Arc<Config>, listener: tokio::net::TcpListener) {
 mod tests {
     use super::*;
 
+    fn event(kind: EventKind) -> Event {
+        Event { kind, denied: false, error: false, masked: 0 }
+    }
+
     #[test]
-    fn records_drive_the_counters() {
+    fn events_drive_the_counters() {
         let m = Metrics::new();
-        let mut r = Record { kind: Kind::Statement, decision: Some("deny".into()), ..Default::default() };
-        m.record(&r);
-        r.decision = Some("allow".into());
-        m.record(&r);
-        m.record(&Record { kind: Kind::Login, ..Default::default() });
-        m.record(&Record { kind: Kind::Result, sqlstate: Some("22012".into()), ..Default::default() });
+        m.event(Event { denied: true, ..event(EventKind::Statement) });
+        m.event(event(EventKind::Statement));
+        m.event(event(EventKind::Login));
+        m.event(Event { error: true, ..event(EventKind::Result) });
         let mut text = String::new();
         encode(&mut text, &m.registry).unwrap();
         for want in [

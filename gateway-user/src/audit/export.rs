@@ -9,19 +9,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 
-use serde::{Deserialize, Serialize};
-
-/// `audit.export`
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum ExportKind {
-    #[default]
-    None,
-    /// RFC 5424 over the unix datagram socket `audit.syslog_socket`.
-    Syslog,
-    /// One JSON record per line on stdout.
-    Stdout,
-}
+pub use crate::config::ExportKind;
 
 /// Queue depth in batches; beyond it batches are dropped (and counted), never waited for.
 const QUEUE: usize = 1024;

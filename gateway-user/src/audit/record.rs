@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::metrics::{Event, EventKind};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
@@ -227,6 +229,26 @@ impl Record {
     }
 }
 
+impl Record {
+    /// What the metrics count of this record once it is durable (see [`crate::metrics`]).
+    pub(crate) fn metrics_event(&self) -> Event {
+        let kind = match self.kind {
+            Kind::Login => EventKind::Login,
+            Kind::LoginFailed => EventKind::LoginFailed,
+            Kind::Statement => EventKind::Statement,
+            Kind::Result => EventKind::Result,
+            Kind::SessionEnd => EventKind::SessionEnd,
+            _ => EventKind::Other,
+        };
+        Event {
+            kind,
+            denied: self.decision.as_deref() == Some("deny"),
+            error: self.sqlstate.as_deref().is_some_and(|s| !s.is_empty()),
+            masked: self.meta.as_ref().and_then(|m| m.get("masked_values")).and_then(|v| v.as_u64()).unwrap_or(0),
+        }
+    }
+}
+
 /// `v` as serde_json writes it (objects in the map's own order, numbers by serde_json).
 fn write_value(out: &mut Vec<u8>, v: &serde_json::Value) -> Result<(), serde_json::Error> {
     use serde_json::Value;
@@ -402,6 +424,23 @@ pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_event_of_a_record() {
+        let ev = |r: Record| r.metrics_event();
+        let denied = Record { kind: Kind::Statement, decision: Some("deny".into()), ..Default::default() };
+        assert_eq!(ev(denied), Event { kind: EventKind::Statement, denied: true, error: false, masked: 0 });
+        let allowed = Record { kind: Kind::Statement, decision: Some("allow".into()), ..Default::default() };
+        assert!(!ev(allowed).denied);
+        let failed = Record { kind: Kind::Result, sqlstate: Some("22012".into()), ..Default::default() };
+        assert!(ev(failed).error);
+        let ok = Record { kind: Kind::Result, sqlstate: Some(String::new()), ..Default::default() };
+        assert!(!ev(ok).error);
+        let masked = Record { kind: Kind::Result, meta: Some(serde_json::json!({"masked_values": 3})), ..Default::default() };
+        assert_eq!(ev(masked).masked, 3);
+        assert_eq!(ev(Record { kind: Kind::Login, ..Default::default() }).kind, EventKind::Login);
+        assert_eq!(ev(Record { kind: Kind::Checkpoint, ..Default::default() }).kind, EventKind::Other);
+    }
 
     fn serde_bytes(r: &Record) -> Vec<u8> {
         serde_json::to_vec(r).expect("serde")

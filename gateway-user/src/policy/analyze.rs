@@ -10,233 +10,16 @@
 //! same way. Bodies the grammar keeps as strings (DO blocks, function bodies) are scanned
 //! lexically ([`super::lexical`]).
 
-use std::fmt;
-
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::class::{ClassSet, ModSet, Modifier, QName, StatementClass};
 use super::lexical;
 use super::limits;
 use super::normalize::Normalized;
 use super::pgparse;
 use super::pgtree::{const_locations, list, name_list, node, raw_stmts, str_field, wrapped_map as wrapped};
+use super::settings::setting_change;
 
-/// What kind of statement this is. A statement can be in several classes (`WITH d AS (DELETE
-/// …) SELECT …` is read and write); its *primary* class is the most significant one, in the
-/// order of this enum (later = more significant).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StatementClass {
-    /// SELECT, VALUES, TABLE, FETCH, COPY … TO STDOUT, EXPLAIN of a read.
-    Read,
-    /// SET/RESET/SHOW of settings, DISCARD, LISTEN/UNLISTEN, DEALLOCATE, CLOSE.
-    #[serde(alias = "set")]
-    Session,
-    /// BEGIN, COMMIT, ROLLBACK, SAVEPOINT, SET TRANSACTION.
-    Transaction,
-    /// INSERT, UPDATE, DELETE, MERGE, TRUNCATE, COPY … FROM, LOCK, NOTIFY, REFRESH MATERIALIZED
-    /// VIEW, SELECT … FOR UPDATE/SHARE, data-modifying CTEs, EXECUTE of an unknown statement.
-    Write,
-    /// DO blocks and CALL.
-    Procedural,
-    /// CREATE/ALTER/DROP of tables, views, functions, schemas, extensions …; COMMENT; SELECT INTO.
-    Ddl,
-    /// GRANT/REVOKE, roles and users, row-level security policies, default privileges.
-    Dcl,
-    /// VACUUM, ANALYZE, CHECKPOINT, LOAD, ALTER SYSTEM, COPY to/from server files or programs.
-    #[serde(alias = "utility")]
-    Admin,
-    /// A statement pgward could not parse and whose leading word says nothing.
-    Unknown,
-}
-
-impl StatementClass {
-    pub const ALL: [StatementClass; 9] = [
-        StatementClass::Read,
-        StatementClass::Session,
-        StatementClass::Transaction,
-        StatementClass::Write,
-        StatementClass::Procedural,
-        StatementClass::Ddl,
-        StatementClass::Dcl,
-        StatementClass::Admin,
-        StatementClass::Unknown,
-    ];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StatementClass::Read => "read",
-            StatementClass::Session => "session",
-            StatementClass::Transaction => "transaction",
-            StatementClass::Write => "write",
-            StatementClass::Procedural => "procedural",
-            StatementClass::Ddl => "ddl",
-            StatementClass::Dcl => "dcl",
-            StatementClass::Admin => "admin",
-            StatementClass::Unknown => "unknown",
-        }
-    }
-}
-
-impl fmt::Display for StatementClass {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
-/// A set of [`StatementClass`]es.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct ClassSet(pub(crate) u16);
-
-impl ClassSet {
-    pub fn insert(&mut self, c: StatementClass) {
-        self.0 |= 1 << c as u16;
-    }
-    pub fn contains(self, c: StatementClass) -> bool {
-        self.0 & (1 << c as u16) != 0
-    }
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-    pub fn iter(self) -> impl Iterator<Item = StatementClass> {
-        StatementClass::ALL.into_iter().filter(move |c| self.contains(*c))
-    }
-    /// The most significant class (`unknown` for an empty set).
-    pub fn primary(self) -> StatementClass {
-        self.iter().last().unwrap_or(StatementClass::Unknown)
-    }
-}
-
-/// Facts about a statement beyond its class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Modifier {
-    /// UPDATE or DELETE without WHERE (or with a trivially true one: TRUE, x = x, … OR TRUE);
-    /// also TRUNCATE.
-    NoWhere,
-    /// The query string holds more than one statement.
-    MultiStatement,
-    /// SELECT … FOR UPDATE / FOR SHARE (row locks).
-    ForUpdate,
-    /// A data-modifying statement inside WITH.
-    CteWrite,
-    /// COPY … TO/FROM PROGRAM.
-    CopyProgram,
-    /// COPY … TO/FROM a file on the database server.
-    CopyFile,
-    /// Changes search_path (SET, set_config, function SET clauses, ALTER ROLE … SET).
-    SearchPath,
-    /// Changes the session's identity (SET ROLE, RESET ROLE, SET SESSION AUTHORIZATION,
-    /// set_config('role', …), DISCARD ALL, writes to pg_settings). Always denied (built-in).
-    IdentityChange,
-    /// Turns standard_conforming_strings off, or switches to a client encoding whose
-    /// multibyte characters can contain a backslash byte (SJIS, BIG5, GBK, GB18030, JOHAB) —
-    /// either would make Postgres read string literals differently from pgward's parser.
-    /// Always denied (built-in).
-    ProtectedSetting,
-    /// The statement does not parse (Postgres rejects it too) or nests deeper than pgward
-    /// reads; what is known comes from a lexical scan.
-    Unparsable,
-    /// EXECUTE of a prepared statement whose text the engine was not given.
-    UnknownPrepared,
-    /// A protocol-level function call (FunctionCall message): only the function's OID is known.
-    Fastpath,
-    /// The text is longer than pgward parses or scans (`limits::MAX_PARSE_BYTES`). Always
-    /// denied (built-in).
-    TooLarge,
-    /// A DO block or function body that runs SQL text built at run time (`EXECUTE` of
-    /// anything but a string constant): pgward cannot see what it will run.
-    DynamicSql,
-}
-
-impl Modifier {
-    pub const ALL: [Modifier; 14] = [
-        Modifier::NoWhere,
-        Modifier::MultiStatement,
-        Modifier::ForUpdate,
-        Modifier::CteWrite,
-        Modifier::CopyProgram,
-        Modifier::CopyFile,
-        Modifier::SearchPath,
-        Modifier::IdentityChange,
-        Modifier::ProtectedSetting,
-        Modifier::Unparsable,
-        Modifier::UnknownPrepared,
-        Modifier::Fastpath,
-        Modifier::TooLarge,
-        Modifier::DynamicSql,
-    ];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Modifier::NoWhere => "no_where",
-            Modifier::MultiStatement => "multi_statement",
-            Modifier::ForUpdate => "for_update",
-            Modifier::CteWrite => "cte_write",
-            Modifier::CopyProgram => "copy_program",
-            Modifier::CopyFile => "copy_file",
-            Modifier::SearchPath => "search_path",
-            Modifier::IdentityChange => "identity_change",
-            Modifier::ProtectedSetting => "protected_setting",
-            Modifier::Unparsable => "unparsable",
-            Modifier::UnknownPrepared => "unknown_prepared",
-            Modifier::Fastpath => "fastpath",
-            Modifier::TooLarge => "too_large",
-            Modifier::DynamicSql => "dynamic_sql",
-        }
-    }
-}
-
-impl fmt::Display for Modifier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
-/// A set of [`Modifier`]s.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct ModSet(pub(crate) u32);
-
-impl ModSet {
-    pub fn insert(&mut self, m: Modifier) {
-        self.0 |= 1 << m as u32;
-    }
-    pub fn contains(self, m: Modifier) -> bool {
-        self.0 & (1 << m as u32) != 0
-    }
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-    pub fn iter(self) -> impl Iterator<Item = Modifier> {
-        Modifier::ALL.into_iter().filter(move |m| self.contains(*m))
-    }
-}
-
-impl std::ops::BitOrAssign for ModSet {
-    fn bitor_assign(&mut self, rhs: ModSet) {
-        self.0 |= rhs.0;
-    }
-}
-
-/// A possibly schema-qualified name, lowercased (matching is case-insensitive).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct QName {
-    pub schema: Option<String>,
-    pub name: String,
-}
-
-impl QName {
-    pub fn new(schema: Option<String>, name: String) -> QName {
-        QName { schema, name }
-    }
-}
-
-impl fmt::Display for QName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.schema {
-            Some(s) => write!(f, "{s}.{}", self.name),
-            None => f.write_str(&self.name),
-        }
-    }
-}
 
 /// Everything the policy engine knows about one statement.
 #[derive(Debug, Clone, Default)]
@@ -322,50 +105,6 @@ pub enum PreparedOp {
     DeallocateAll,
 }
 
-/// The modifiers a change of setting `name` (lowercase) to `value` (lowercase literal, if
-/// known; `default` for RESET and `SET … TO DEFAULT`) implies. The lexical settings must stay
-/// what pgward parses with (standard_conforming_strings on, a UTF-8 client encoding,
-/// backslash_quote safe_encoding): setting one to anything else is a protected setting. The
-/// session starts upstream with those values, so RESET and DEFAULT restore them.
-pub(crate) fn setting_change(name: &str, value: Option<&str>) -> ModSet {
-    let mut m = ModSet::default();
-    let keeps = match name {
-        "role" | "session_authorization" => {
-            m.insert(Modifier::IdentityChange);
-            true
-        }
-        "search_path" => {
-            m.insert(Modifier::SearchPath);
-            true
-        }
-        "standard_conforming_strings" => value.is_some_and(|v| v == "default" || bool_true(v)),
-        "client_encoding" | "names" => value.is_some_and(|v| v == "default" || utf8_encoding(v)),
-        "backslash_quote" => matches!(value, Some("default" | "safe_encoding")),
-        _ => true,
-    };
-    if !keeps {
-        m.insert(Modifier::ProtectedSetting);
-    }
-    m
-}
-
-/// A value Postgres reads as boolean true (`parse_bool`: unique prefixes of true/yes, on, 1).
-fn bool_true(v: &str) -> bool {
-    let v = v.trim();
-    (!v.is_empty() && ("true".starts_with(v) || "yes".starts_with(v))) || v == "on" || v == "1"
-}
-
-/// An encoding name Postgres reads as UTF8 (case and punctuation ignored, as Postgres does).
-pub fn utf8_encoding(name: &str) -> bool {
-    matches!(crate::wire::encoding_key(name).as_str(), "utf8" | "unicode")
-}
-
-/// A client encoding pgward relays: UTF8, SQL_ASCII (which a UTF8 server checks as UTF-8),
-/// or LATIN1 — those whose text pgward decodes exactly as the server converts it
-/// (`wire::ClientEncoding`).
-pub fn supported_client_encoding(name: &str) -> bool {
-    crate::wire::ClientEncoding::from_name(name).is_some()
-}
 
 /// The last two parts of a name list, lowercased (matching is case-insensitive).
 fn qname(parts: &[String]) -> Option<QName> {
@@ -635,49 +374,15 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
     // In a statement's place, not a subquery.
     let top = field.is_none_or(|f| STATEMENT_FIELDS.contains(&f));
     match ty {
-        "SelectStmt" => {
-            if b.get("lockingClause").is_some_and(|l| l.as_array().is_some_and(|a| !a.is_empty())) {
-                info.classes.insert(Write);
-                info.modifiers.insert(Modifier::ForUpdate);
-            }
-            if b.contains_key("intoClause") {
-                // SELECT … INTO t creates and fills a table.
-                info.classes.insert(Ddl);
-                info.classes.insert(Write);
-                info.add_command("select into");
-            }
-            if top {
-                info.classes.insert(Read);
-                info.add_command("select");
-            }
-        }
-        "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
-            info.classes.insert(Write);
-            let cmd = ty.trim_end_matches("Stmt").to_ascii_lowercase();
-            if matches!(ty, "UpdateStmt" | "DeleteStmt") && no_where(b, &mut info.literal_dependent) {
-                info.modifiers.insert(Modifier::NoWhere);
-            }
-            if field == Some("ctequery") {
-                info.modifiers.insert(Modifier::CteWrite);
-            }
-            info.add_command(cmd);
-        }
+        "SelectStmt" => classify_select(b, top, info),
+        "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => classify_dml(ty, b, field, info),
         "CommonTableExpr" => {}
         "TruncateStmt" => {
             info.classes.insert(Write);
             info.add_command("truncate");
             info.modifiers.insert(Modifier::NoWhere);
         }
-        "CopyStmt" => {
-            info.add_command("copy");
-            let from = b.get("is_from").and_then(Value::as_bool) == Some(true);
-            info.classes.insert(if from { Write } else { Read });
-            if b.contains_key("filename") {
-                info.classes.insert(Admin);
-                let program = b.get("is_program").and_then(Value::as_bool) == Some(true);
-                info.modifiers.insert(if program { Modifier::CopyProgram } else { Modifier::CopyFile });
-            }
-        }
+        "CopyStmt" => classify_copy(b, info),
         "DiscardStmt" => {
             info.classes.insert(Session);
             info.add_command("discard");
@@ -694,16 +399,7 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
                 None => PreparedOp::DeallocateAll,
             });
         }
-        "TransactionStmt" => {
-            info.classes.insert(Transaction);
-            let cmd = match str_field(b, "kind") {
-                Some("TRANS_STMT_PREPARE") => "prepare transaction".to_string(),
-                Some("TRANS_STMT_COMMIT_PREPARED") => "commit prepared".to_string(),
-                Some("TRANS_STMT_ROLLBACK_PREPARED") => "rollback prepared".to_string(),
-                _ => leading_words(&info.text, 1),
-            };
-            info.add_command(cmd);
-        }
+        "TransactionStmt" => classify_transaction(b, info),
         "DeclareCursorStmt" | "FetchStmt" => {
             info.classes.insert(Read);
             let mv = b.get("ismove").and_then(Value::as_bool) == Some(true);
@@ -758,31 +454,7 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
             info.classes.insert(Dcl);
             info.add_leading_words(2);
         }
-        "DropStmt" => {
-            let kind = object_kind(str_field(b, "removeType"));
-            info.add_command(format!("drop {kind}"));
-            match kind.as_str() {
-                "policy" => info.classes.insert(Dcl),
-                "schema" => {
-                    info.classes.insert(Ddl);
-                    // DROP SCHEMA's objects are name lists of one part.
-                    for o in list(b, "objects") {
-                        if let Some(s) = node(o, "String").and_then(|s| str_field(s, "sval")) {
-                            info.schemas.push(s.to_lowercase());
-                        }
-                    }
-                }
-                "table" | "view" | "materialized view" | "index" | "sequence" | "foreign table" => {
-                    info.classes.insert(Ddl);
-                    for o in list(b, "objects") {
-                        if let Some(q) = node(o, "List").and_then(|l| qname(&name_list(l.get("items")))) {
-                            info.tables.push(q);
-                        }
-                    }
-                }
-                _ => info.classes.insert(Ddl),
-            }
-        }
+        "DropStmt" => classify_drop(b, info),
         "CreateSchemaStmt" => {
             info.classes.insert(Ddl);
             info.add_command("create schema");
@@ -796,16 +468,7 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
             let matview = str_field(b, "objtype") == Some("OBJECT_MATVIEW");
             info.add_command(if matview { "create materialized view" } else { "create table" });
         }
-        "RenameStmt" | "AlterObjectSchemaStmt" | "AlterOwnerStmt" => {
-            info.classes.insert(Ddl);
-            let kind = object_kind(str_field(b, "renameType").or(str_field(b, "objectType")));
-            info.add_command(format!("alter {kind}"));
-            if str_field(b, "renameType") == Some("OBJECT_SCHEMA")
-                && let Some(s) = str_field(b, "subname")
-            {
-                info.schemas.push(s.to_lowercase());
-            }
-        }
+        "RenameStmt" | "AlterObjectSchemaStmt" | "AlterOwnerStmt" => classify_alter_object(b, info),
         "CommentStmt" | "SecLabelStmt" => {
             info.classes.insert(Ddl);
             info.add_leading_words(1);
@@ -814,17 +477,119 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
             info.classes.insert(Ddl);
             info.add_leading_words(2);
         }
-        other if other.ends_with("Stmt") && other != "RawStmt" && other != "VariableSetStmt" => {
-            let cmd = leading_words(&info.text, 2);
-            if cmd.starts_with("create ") || cmd.starts_with("alter ") || cmd.starts_with("drop ") || cmd.starts_with("import ") {
-                info.classes.insert(Ddl);
-            } else {
-                info.classes.insert(Admin);
-            }
-            info.add_command(cmd);
-        }
+        other if other.ends_with("Stmt") && other != "RawStmt" && other != "VariableSetStmt" => classify_other(info),
         _ => {}
     }
+}
+
+/// SELECT: FOR UPDATE/SHARE writes (locks rows), SELECT … INTO creates a table; in a
+/// statement's place (`top`) it reads.
+fn classify_select(b: &Map<String, Value>, top: bool, info: &mut StatementInfo) {
+    use StatementClass::*;
+    if b.get("lockingClause").is_some_and(|l| l.as_array().is_some_and(|a| !a.is_empty())) {
+        info.classes.insert(Write);
+        info.modifiers.insert(Modifier::ForUpdate);
+    }
+    if b.contains_key("intoClause") {
+        // SELECT … INTO t creates and fills a table.
+        info.classes.insert(Ddl);
+        info.classes.insert(Write);
+        info.add_command("select into");
+    }
+    if top {
+        info.classes.insert(Read);
+        info.add_command("select");
+    }
+}
+
+/// INSERT, UPDATE, DELETE, MERGE: writes; UPDATE/DELETE without WHERE and writes in a CTE
+/// are modifiers.
+fn classify_dml(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut StatementInfo) {
+    info.classes.insert(StatementClass::Write);
+    let cmd = ty.trim_end_matches("Stmt").to_ascii_lowercase();
+    if matches!(ty, "UpdateStmt" | "DeleteStmt") && no_where(b, &mut info.literal_dependent) {
+        info.modifiers.insert(Modifier::NoWhere);
+    }
+    if field == Some("ctequery") {
+        info.modifiers.insert(Modifier::CteWrite);
+    }
+    info.add_command(cmd);
+}
+
+/// COPY FROM writes, COPY TO reads; to or from a file or program on the server it is admin.
+fn classify_copy(b: &Map<String, Value>, info: &mut StatementInfo) {
+    use StatementClass::*;
+    info.add_command("copy");
+    let from = b.get("is_from").and_then(Value::as_bool) == Some(true);
+    info.classes.insert(if from { Write } else { Read });
+    if b.contains_key("filename") {
+        info.classes.insert(Admin);
+        let program = b.get("is_program").and_then(Value::as_bool) == Some(true);
+        info.modifiers.insert(if program { Modifier::CopyProgram } else { Modifier::CopyFile });
+    }
+}
+
+/// BEGIN, COMMIT, … and the two-phase commit statements.
+fn classify_transaction(b: &Map<String, Value>, info: &mut StatementInfo) {
+    info.classes.insert(StatementClass::Transaction);
+    let cmd = match str_field(b, "kind") {
+        Some("TRANS_STMT_PREPARE") => "prepare transaction".to_string(),
+        Some("TRANS_STMT_COMMIT_PREPARED") => "commit prepared".to_string(),
+        Some("TRANS_STMT_ROLLBACK_PREPARED") => "rollback prepared".to_string(),
+        _ => leading_words(&info.text, 1),
+    };
+    info.add_command(cmd);
+}
+
+/// DROP: DDL (DROP POLICY: DCL), with the schemas or tables it drops.
+fn classify_drop(b: &Map<String, Value>, info: &mut StatementInfo) {
+    use StatementClass::*;
+    let kind = object_kind(str_field(b, "removeType"));
+    info.add_command(format!("drop {kind}"));
+    match kind.as_str() {
+        "policy" => info.classes.insert(Dcl),
+        "schema" => {
+            info.classes.insert(Ddl);
+            // DROP SCHEMA's objects are name lists of one part.
+            for o in list(b, "objects") {
+                if let Some(s) = node(o, "String").and_then(|s| str_field(s, "sval")) {
+                    info.schemas.push(s.to_lowercase());
+                }
+            }
+        }
+        "table" | "view" | "materialized view" | "index" | "sequence" | "foreign table" => {
+            info.classes.insert(Ddl);
+            for o in list(b, "objects") {
+                if let Some(q) = node(o, "List").and_then(|l| qname(&name_list(l.get("items")))) {
+                    info.tables.push(q);
+                }
+            }
+        }
+        _ => info.classes.insert(Ddl),
+    }
+}
+
+/// ALTER … RENAME / SET SCHEMA / OWNER TO: DDL, with the schema a schema rename touches.
+fn classify_alter_object(b: &Map<String, Value>, info: &mut StatementInfo) {
+    info.classes.insert(StatementClass::Ddl);
+    let kind = object_kind(str_field(b, "renameType").or(str_field(b, "objectType")));
+    info.add_command(format!("alter {kind}"));
+    if str_field(b, "renameType") == Some("OBJECT_SCHEMA")
+        && let Some(s) = str_field(b, "subname")
+    {
+        info.schemas.push(s.to_lowercase());
+    }
+}
+
+/// Any other statement: DDL if its first words say create/alter/drop/import, else admin.
+fn classify_other(info: &mut StatementInfo) {
+    let cmd = leading_words(&info.text, 2);
+    if cmd.starts_with("create ") || cmd.starts_with("alter ") || cmd.starts_with("drop ") || cmd.starts_with("import ") {
+        info.classes.insert(StatementClass::Ddl);
+    } else {
+        info.classes.insert(StatementClass::Admin);
+    }
+    info.add_command(cmd);
 }
 
 /// Scan the string bodies of a DO block or a function (`AS '…'`) for what they call: they
@@ -952,33 +717,4 @@ pub(crate) fn analyze_sql_with(sql: &str, norm: Option<&Normalized>) -> (Vec<Sta
         out.iter().all(|i| !i.literal_dependent) && n.covered_by(&consts)
     });
     (out, shareable)
-}
-
-/// Decode Postgres Unicode escapes (`\XXXX`, `\+XXXXXX`, doubled escape character).
-pub(crate) fn decode_unicode_escapes(s: &str, esc: char) -> Option<String> {
-    let mut out = String::with_capacity(s.len());
-    let mut it = s.chars().peekable();
-    while let Some(c) = it.next() {
-        if c != esc {
-            out.push(c);
-            continue;
-        }
-        if it.peek() == Some(&esc) {
-            it.next();
-            out.push(esc);
-            continue;
-        }
-        let n = if it.peek() == Some(&'+') {
-            it.next();
-            6
-        } else {
-            4
-        };
-        let hex: String = (0..n).filter_map(|_| it.next()).collect();
-        if hex.len() != n || !hex.chars().all(|h| h.is_ascii_hexdigit()) {
-            return None;
-        }
-        out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
-    }
-    Some(out)
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::analyze::{ClassSet, ModSet, Modifier, StatementClass};
+use super::class::{ClassSet, ModSet, Modifier, StatementClass};
 use super::window::{Window, WindowSpec};
 use super::{Action, PolicyError};
 
@@ -328,186 +328,19 @@ pub(crate) fn parse_file(text: &str, source: &Path) -> Result<PolicyFile, Policy
 /// Merge files in order and compile. Later files override `[defaults]` fields, windows and
 /// function sets of the same name, and group fields of the same group; rules are appended.
 pub(crate) fn compile(files: Vec<(PathBuf, PolicyFile)>) -> Result<Compiled, PolicyError> {
-    let mut defaults = DefaultsSpec::default();
-    let mut sets: BTreeMap<String, (Vec<String>, PathBuf)> = BTreeMap::new();
-    let mut windows: BTreeMap<String, (WindowSpec, PathBuf)> = BTreeMap::new();
-    let mut groups: Vec<(GroupSpec, PathBuf)> = Vec::new();
-    let mut rules: Vec<(RuleSpec, PathBuf)> = Vec::new();
-    let mut sources = Vec::new();
-    let mut last_path = PathBuf::from("<policy>");
-
-    for (path, f) in files {
-        let bad = |msg: String| PolicyError::Invalid { path: path.clone(), msg };
-        if let Some(v) = f.version
-            && v != 1
-        {
-            return Err(bad(format!("version = {v} is not supported (this pgward reads version 1)")));
-        }
-        if let Some(d) = f.defaults {
-            if d.action.is_some() {
-                defaults.action = d.action;
-            }
-            if d.unparsable.is_some() {
-                defaults.unparsable = d.unparsable;
-            }
-            if d.role.is_some() {
-                defaults.role = d.role;
-            }
-            if d.search_path.is_some() {
-                defaults.search_path = d.search_path;
-            }
-        }
-        for (k, v) in f.function_sets {
-            sets.insert(k, (v, path.clone()));
-        }
-        for (k, v) in f.windows {
-            windows.insert(k, (v, path.clone()));
-        }
-        for g in f.group {
-            if g.name.trim().is_empty() {
-                return Err(bad("a [[group]] has an empty name".into()));
-            }
-            match groups.iter_mut().find(|(x, _)| x.name == g.name) {
-                Some((x, _)) => {
-                    if g.role.is_some() {
-                        x.role = g.role;
-                    }
-                    if g.default.is_some() {
-                        x.default = g.default;
-                    }
-                    if g.unparsable.is_some() {
-                        x.unparsable = g.unparsable;
-                    }
-                }
-                None => groups.push((g, path.clone())),
-            }
-        }
-        for r in f.rule {
-            rules.push((r, path.clone()));
-        }
-        sources.push(path.display().to_string());
-        last_path = path;
-    }
+    let Merged { defaults, sets, windows, groups, rules, sources, last_path } = merge(files)?;
 
     let default_action = defaults.action.ok_or_else(|| PolicyError::Invalid {
         path: last_path.clone(),
         msg: "no file sets [defaults] action = \"allow\" or \"deny\"".into(),
     })?;
-
-    let mut win_list = Vec::new();
-    for (name, (spec, path)) in &windows {
-        let w = Window::compile(spec)
-            .map_err(|msg| PolicyError::Invalid { path: path.clone(), msg: format!("[windows.{name}]: {msg}") })?;
-        win_list.push((name.clone(), w));
-    }
-    if win_list.len() > 64 {
-        return Err(PolicyError::Invalid { path: last_path, msg: "at most 64 windows".into() });
-    }
-    let window_bits = |list: &Option<OneOrMany>, rule: &str, path: &Path| -> Result<u64, PolicyError> {
-        let mut bits = 0u64;
-        for n in list.iter().flat_map(OneOrMany::list) {
-            let i = win_list.iter().position(|(w, _)| *w == n).ok_or_else(|| PolicyError::Invalid {
-                path: path.to_owned(),
-                msg: format!("rule {rule:?}: unknown window {n:?} (define it as [windows.{n}])"),
-            })?;
-            bits |= 1 << i;
-        }
-        Ok(bits)
-    };
-
-    for (name, (list, path)) in &sets {
-        if BUILTIN_SETS.iter().any(|(b, _)| b == name) || super::functions::CLASS_NAMES.iter().any(|(b, _)| b == name) {
-            return Err(PolicyError::Invalid {
-                path: path.clone(),
-                msg: format!("function set {name:?} is built in; choose another name"),
-            });
-        }
-        if list.iter().any(|f| f.starts_with('@')) {
-            return Err(PolicyError::Invalid {
-                path: path.clone(),
-                msg: format!("function set {name:?} cannot refer to other sets"),
-            });
-        }
-    }
+    let win_list = compile_windows(&windows, last_path)?;
+    check_function_sets(&sets)?;
 
     let mut seen = std::collections::HashSet::new();
     let mut compiled_rules = Vec::new();
     for (r, path) in rules {
-        let bad = |msg: String| PolicyError::Invalid { path: path.clone(), msg: format!("rule {:?}: {msg}", r.name) };
-        if r.name.trim().is_empty() {
-            return Err(PolicyError::Invalid { path: path.clone(), msg: "a [[rule]] has an empty name".into() });
-        }
-        if reserved_rule_name(&r.name) {
-            return Err(bad("this name is reserved (default, empty, default:*, builtin:*, unparsable*)".into()));
-        }
-        if !seen.insert(r.name.clone()) {
-            return Err(bad("duplicate rule name (names must be unique across all policy files)".into()));
-        }
-        let mut classes = ClassSet::default();
-        for c in &r.classes {
-            classes.insert(*c);
-        }
-        let mut modifiers = ModSet::default();
-        for m in &r.modifiers {
-            modifiers.insert(*m);
-        }
-        let tables = r.tables.iter().map(|t| NamePat::parse(t)).collect::<Result<Vec<_>, _>>().map_err(bad)?;
-        let mut functions = Vec::new();
-        let mut fn_classes = 0u8;
-        for f in &r.functions {
-            if let Some(set) = f.strip_prefix('@') {
-                let class = super::functions::CLASS_NAMES.iter().find(|(n, _)| *n == set).map(|(_, b)| *b);
-                if let Some(bits) = class {
-                    if r.action != Action::Deny {
-                        return Err(bad(format!("the catalog function class {f:?} can only be used in deny rules")));
-                    }
-                    fn_classes |= bits;
-                }
-                let list: Vec<String> = match BUILTIN_SETS.iter().find(|(n, _)| *n == set) {
-                    Some((_, l)) => l.iter().map(|s| s.to_string()).collect(),
-                    None => match sets.get(set) {
-                        Some((l, _)) => l.clone(),
-                        None if class.is_some() => Vec::new(),
-                        None => return Err(bad(format!("unknown function set {f:?}"))),
-                    },
-                };
-                for x in list {
-                    functions.push(NamePat::parse(&x).map_err(bad)?);
-                }
-            } else {
-                functions.push(NamePat::parse(f).map_err(bad)?);
-            }
-        }
-        let during = window_bits(&r.during, &r.name, &path)?;
-        let outside = window_bits(&r.outside, &r.name, &path)?;
-        let reason = r.reason.clone().unwrap_or_else(|| match r.action {
-            Action::Allow => String::new(),
-            Action::Deny => format!("denied by policy rule {:?}", r.name),
-        });
-        compiled_rules.push(Rule {
-            name: r.name.clone(),
-            action: r.action,
-            reason,
-            users: r.users.clone(),
-            groups: r.groups.clone(),
-            except_users: r.except_users.clone(),
-            except_groups: r.except_groups.clone(),
-            databases: r.databases.iter().map(|d| Glob::new(d, false)).collect(),
-            classes,
-            commands: r
-                .commands
-                .iter()
-                .map(|c| Glob::new(&c.split_whitespace().collect::<Vec<_>>().join(" "), true))
-                .collect(),
-            tables,
-            schemas: r.schemas.iter().map(|s| Glob::new(s, true)).collect(),
-            functions,
-            fn_classes,
-            modifiers,
-            during,
-            outside,
-            source: path.display().to_string(),
-        });
+        compiled_rules.push(compile_rule(&r, &path, &sets, &win_list, &mut seen)?);
     }
 
     let search_path = defaults
@@ -531,6 +364,236 @@ pub(crate) fn compile(files: Vec<(PathBuf, PolicyFile)>) -> Result<Compiled, Pol
         windows: win_list,
         sources,
     })
+}
+
+/// The policy files merged, each item with the file it came from: later files override
+/// defaults, function sets, windows and group settings; rules are kept in file order.
+struct Merged {
+    defaults: DefaultsSpec,
+    sets: BTreeMap<String, (Vec<String>, PathBuf)>,
+    windows: BTreeMap<String, (WindowSpec, PathBuf)>,
+    groups: Vec<(GroupSpec, PathBuf)>,
+    rules: Vec<(RuleSpec, PathBuf)>,
+    sources: Vec<String>,
+    /// The last file (errors about the merged whole name it).
+    last_path: PathBuf,
+}
+
+fn merge(files: Vec<(PathBuf, PolicyFile)>) -> Result<Merged, PolicyError> {
+    let mut m = Merged {
+        defaults: DefaultsSpec::default(),
+        sets: BTreeMap::new(),
+        windows: BTreeMap::new(),
+        groups: Vec::new(),
+        rules: Vec::new(),
+        sources: Vec::new(),
+        last_path: PathBuf::from("<policy>"),
+    };
+    for (path, f) in files {
+        let bad = |msg: String| PolicyError::Invalid { path: path.clone(), msg };
+        if let Some(v) = f.version
+            && v != 1
+        {
+            return Err(bad(format!("version = {v} is not supported (this pgward reads version 1)")));
+        }
+        if let Some(d) = f.defaults {
+            if d.action.is_some() {
+                m.defaults.action = d.action;
+            }
+            if d.unparsable.is_some() {
+                m.defaults.unparsable = d.unparsable;
+            }
+            if d.role.is_some() {
+                m.defaults.role = d.role;
+            }
+            if d.search_path.is_some() {
+                m.defaults.search_path = d.search_path;
+            }
+        }
+        for (k, v) in f.function_sets {
+            m.sets.insert(k, (v, path.clone()));
+        }
+        for (k, v) in f.windows {
+            m.windows.insert(k, (v, path.clone()));
+        }
+        for g in f.group {
+            if g.name.trim().is_empty() {
+                return Err(bad("a [[group]] has an empty name".into()));
+            }
+            match m.groups.iter_mut().find(|(x, _)| x.name == g.name) {
+                Some((x, _)) => {
+                    if g.role.is_some() {
+                        x.role = g.role;
+                    }
+                    if g.default.is_some() {
+                        x.default = g.default;
+                    }
+                    if g.unparsable.is_some() {
+                        x.unparsable = g.unparsable;
+                    }
+                }
+                None => m.groups.push((g, path.clone())),
+            }
+        }
+        for r in f.rule {
+            m.rules.push((r, path.clone()));
+        }
+        m.sources.push(path.display().to_string());
+        m.last_path = path;
+    }
+    Ok(m)
+}
+
+/// Compile the `[windows.*]` (at most 64: a rule's windows are a bit set).
+fn compile_windows(
+    windows: &BTreeMap<String, (WindowSpec, PathBuf)>,
+    last_path: PathBuf,
+) -> Result<Vec<(String, Window)>, PolicyError> {
+    let mut win_list = Vec::new();
+    for (name, (spec, path)) in windows {
+        let w = Window::compile(spec)
+            .map_err(|msg| PolicyError::Invalid { path: path.clone(), msg: format!("[windows.{name}]: {msg}") })?;
+        win_list.push((name.clone(), w));
+    }
+    if win_list.len() > 64 {
+        return Err(PolicyError::Invalid { path: last_path, msg: "at most 64 windows".into() });
+    }
+    Ok(win_list)
+}
+
+/// The bit set of the windows named in `list` (a rule's `during` or `outside`).
+fn window_bits(
+    win_list: &[(String, Window)],
+    list: &Option<OneOrMany>,
+    rule: &str,
+    path: &Path,
+) -> Result<u64, PolicyError> {
+    let mut bits = 0u64;
+    for n in list.iter().flat_map(OneOrMany::list) {
+        let i = win_list.iter().position(|(w, _)| *w == n).ok_or_else(|| PolicyError::Invalid {
+            path: path.to_owned(),
+            msg: format!("rule {rule:?}: unknown window {n:?} (define it as [windows.{n}])"),
+        })?;
+        bits |= 1 << i;
+    }
+    Ok(bits)
+}
+
+/// User-defined function sets may not take a built-in set's or class's name, nor refer to
+/// other sets.
+fn check_function_sets(sets: &BTreeMap<String, (Vec<String>, PathBuf)>) -> Result<(), PolicyError> {
+    for (name, (list, path)) in sets {
+        if BUILTIN_SETS.iter().any(|(b, _)| b == name) || super::functions::CLASS_NAMES.iter().any(|(b, _)| b == name) {
+            return Err(PolicyError::Invalid {
+                path: path.clone(),
+                msg: format!("function set {name:?} is built in; choose another name"),
+            });
+        }
+        if list.iter().any(|f| f.starts_with('@')) {
+            return Err(PolicyError::Invalid {
+                path: path.clone(),
+                msg: format!("function set {name:?} cannot refer to other sets"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Compile rule `r` (from `path`); `seen` holds the names of the rules compiled so far (names
+/// are unique across all files).
+fn compile_rule(
+    r: &RuleSpec,
+    path: &Path,
+    sets: &BTreeMap<String, (Vec<String>, PathBuf)>,
+    win_list: &[(String, Window)],
+    seen: &mut std::collections::HashSet<String>,
+) -> Result<Rule, PolicyError> {
+    let bad = |msg: String| PolicyError::Invalid { path: path.to_owned(), msg: format!("rule {:?}: {msg}", r.name) };
+    if r.name.trim().is_empty() {
+        return Err(PolicyError::Invalid { path: path.to_owned(), msg: "a [[rule]] has an empty name".into() });
+    }
+    if reserved_rule_name(&r.name) {
+        return Err(bad("this name is reserved (default, empty, default:*, builtin:*, unparsable*)".into()));
+    }
+    if !seen.insert(r.name.clone()) {
+        return Err(bad("duplicate rule name (names must be unique across all policy files)".into()));
+    }
+    let mut classes = ClassSet::default();
+    for c in &r.classes {
+        classes.insert(*c);
+    }
+    let mut modifiers = ModSet::default();
+    for m in &r.modifiers {
+        modifiers.insert(*m);
+    }
+    let tables = r.tables.iter().map(|t| NamePat::parse(t)).collect::<Result<Vec<_>, _>>().map_err(bad)?;
+    let (functions, fn_classes) = rule_functions(r, sets, &bad)?;
+    let during = window_bits(win_list, &r.during, &r.name, path)?;
+    let outside = window_bits(win_list, &r.outside, &r.name, path)?;
+    let reason = r.reason.clone().unwrap_or_else(|| match r.action {
+        Action::Allow => String::new(),
+        Action::Deny => format!("denied by policy rule {:?}", r.name),
+    });
+    Ok(Rule {
+        name: r.name.clone(),
+        action: r.action,
+        reason,
+        users: r.users.clone(),
+        groups: r.groups.clone(),
+        except_users: r.except_users.clone(),
+        except_groups: r.except_groups.clone(),
+        databases: r.databases.iter().map(|d| Glob::new(d, false)).collect(),
+        classes,
+        commands: r
+            .commands
+            .iter()
+            .map(|c| Glob::new(&c.split_whitespace().collect::<Vec<_>>().join(" "), true))
+            .collect(),
+        tables,
+        schemas: r.schemas.iter().map(|s| Glob::new(s, true)).collect(),
+        functions,
+        fn_classes,
+        modifiers,
+        during,
+        outside,
+        source: path.display().to_string(),
+    })
+}
+
+/// A rule's function patterns, with `@set`s expanded (built-in sets, then the policy's), and
+/// the catalog function classes it names (`@class`, deny rules only).
+fn rule_functions(
+    r: &RuleSpec,
+    sets: &BTreeMap<String, (Vec<String>, PathBuf)>,
+    bad: &dyn Fn(String) -> PolicyError,
+) -> Result<(Vec<NamePat>, u8), PolicyError> {
+    let mut functions = Vec::new();
+    let mut fn_classes = 0u8;
+    for f in &r.functions {
+        if let Some(set) = f.strip_prefix('@') {
+            let class = super::functions::CLASS_NAMES.iter().find(|(n, _)| *n == set).map(|(_, b)| *b);
+            if let Some(bits) = class {
+                if r.action != Action::Deny {
+                    return Err(bad(format!("the catalog function class {f:?} can only be used in deny rules")));
+                }
+                fn_classes |= bits;
+            }
+            let list: Vec<String> = match BUILTIN_SETS.iter().find(|(n, _)| *n == set) {
+                Some((_, l)) => l.iter().map(|s| s.to_string()).collect(),
+                None => match sets.get(set) {
+                    Some((l, _)) => l.clone(),
+                    None if class.is_some() => Vec::new(),
+                    None => return Err(bad(format!("unknown function set {f:?}"))),
+                },
+            };
+            for x in list {
+                functions.push(NamePat::parse(&x).map_err(bad)?);
+            }
+        } else {
+            functions.push(NamePat::parse(f).map_err(bad)?);
+        }
+    }
+    Ok((functions, fn_classes))
 }
 
 #[cfg(test)]

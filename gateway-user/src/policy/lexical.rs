@@ -7,7 +7,8 @@
 //! are strings). Everything it reports is a conservative guess: it may see a function call or
 //! an identity change that is not there, never the other way round for the forms it looks for.
 
-use super::analyze::{ClassSet, ModSet, Modifier, QName, StatementClass, decode_unicode_escapes, setting_change};
+use super::class::{ClassSet, ModSet, Modifier, QName, StatementClass};
+use super::settings::setting_change;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Lex {
@@ -463,6 +464,35 @@ pub(crate) fn guess_classes(lead: &[String], f: &Findings) -> (ClassSet, String)
         }
     };
     (set, command)
+}
+
+/// Decode Postgres Unicode escapes (`\XXXX`, `\+XXXXXX`, doubled escape character).
+pub(crate) fn decode_unicode_escapes(s: &str, esc: char) -> Option<String> {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c != esc {
+            out.push(c);
+            continue;
+        }
+        if it.peek() == Some(&esc) {
+            it.next();
+            out.push(esc);
+            continue;
+        }
+        let n = if it.peek() == Some(&'+') {
+            it.next();
+            6
+        } else {
+            4
+        };
+        let hex: String = (0..n).filter_map(|_| it.next()).collect();
+        if hex.len() != n || !hex.chars().all(|h| h.is_ascii_hexdigit()) {
+            return None;
+        }
+        out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
+    }
+    Some(out)
 }
 
 #[cfg(test)]

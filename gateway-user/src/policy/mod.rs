@@ -32,10 +32,12 @@
 //! then the exact text.
 
 mod analyze;
+mod class;
 mod file;
 pub mod functions;
 pub(crate) mod lexical;
 mod limits;
+mod settings;
 pub(crate) mod normalize;
 pub mod pgparse;
 pub mod pgtree;
@@ -57,10 +59,9 @@ use lru::LruCache;
 use serde::{Deserialize, Serialize};
 
 pub use limits::MAX_PARSE_BYTES;
-pub use analyze::{
-    ClassSet, ModSet, Modifier, PreparedOp, QName, StatementClass, StatementInfo, analyze_sql, supported_client_encoding,
-    utf8_encoding,
-};
+pub use analyze::{PreparedOp, StatementInfo, analyze_sql};
+pub use class::{ClassSet, ModSet, Modifier, QName, StatementClass};
+pub use settings::{supported_client_encoding, utf8_encoding};
 
 use crate::auth::Identity;
 use crate::config::Config;

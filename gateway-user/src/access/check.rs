@@ -1,0 +1,84 @@
+//! The decision for a session: whether its token (and the grant it runs under) still holds,
+//! checked before every statement.
+
+use super::rfc3339;
+use super::state::{Access, AccessRequest};
+use crate::auth::Identity;
+
+/// The grant a session runs under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionGrant {
+    pub id: String,
+    pub role: String,
+    pub expires_at: i64,
+}
+
+impl SessionGrant {
+    pub fn from_request(r: &AccessRequest) -> Option<SessionGrant> {
+        Some(SessionGrant { id: r.id.clone(), role: r.role.clone(), expires_at: r.expires_at? })
+    }
+}
+
+/// Why a session must end.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("pgward: your token has expired; log in again with a fresh token")]
+    TokenExpired,
+    #[error("pgward: your token has been revoked ({0}); log in again with a fresh token")]
+    TokenRevoked(String),
+    #[error("pgward: access grant {id} (role {role}) expired at {}; the session is closed", rfc3339(*.at))]
+    GrantExpired { id: String, role: String, at: i64 },
+    #[error("pgward: access grant {id} (role {role}) was revoked; the session is closed")]
+    GrantRevoked { id: String, role: String },
+}
+
+impl Refusal {
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            Refusal::TokenExpired | Refusal::TokenRevoked(_) => "28P01",
+            Refusal::GrantExpired { .. } | Refusal::GrantRevoked { .. } => "28000",
+        }
+    }
+}
+
+/// Per-session re-check of the token (and grant) before each statement.
+#[derive(Debug, Clone)]
+pub struct SessionCheck {
+    seen: u64,
+    /// `auth.leeway_secs`: a token is expired for a session exactly when it would be refused
+    /// at login.
+    leeway: i64,
+    pub grant: Option<SessionGrant>,
+}
+
+impl SessionCheck {
+    /// `generation` must be read *before* the snapshot the login was checked against.
+    pub fn new(generation: u64, grant: Option<SessionGrant>, leeway_secs: u64) -> SessionCheck {
+        SessionCheck { seen: generation, leeway: i64::try_from(leeway_secs).unwrap_or(i64::MAX), grant }
+    }
+
+    pub fn check(&mut self, access: &Access, identity: &Identity, now: i64) -> Result<(), Refusal> {
+        if now > identity.expires_at.saturating_add(self.leeway) {
+            return Err(Refusal::TokenExpired);
+        }
+        if let Some(g) = &self.grant
+            && now >= g.expires_at
+        {
+            return Err(Refusal::GrantExpired { id: g.id.clone(), role: g.role.clone(), at: g.expires_at });
+        }
+        let generation = access.generation();
+        if generation != self.seen {
+            let snap = access.snapshot();
+            if let Some(why) = snap.token_revoked(identity) {
+                return Err(Refusal::TokenRevoked(why));
+            }
+            if let Some(g) = &self.grant
+                && snap.request(&g.id).is_none_or(|r| r.revoked_at.is_some())
+            {
+                return Err(Refusal::GrantRevoked { id: g.id.clone(), role: g.role.clone() });
+            }
+            self.seen = generation;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,361 @@
+//! `serve`'s side: polling the state files, publishing snapshots, and auditing every event.
+
+use std::collections::{HashSet, VecDeque};
+use std::io::{Read as _, Seek as _, Write as _};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::state::{Access, AccessEvent, AccessRequest, Revocation, Rules, State};
+use super::store::{ensure_dir, parse_lines, state_dir};
+use super::{ACCESS_FILE, AccessError, CURSOR_FILE, POLL_INTERVAL, REVOKED_FILE, now_unix, rfc3339};
+use crate::audit::{AuditHandle, Kind, Record};
+use crate::config::Config;
+
+/// How far `serve` has audited each state file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Cursor {
+    #[serde(default)]
+    revoked: FilePos,
+    #[serde(default)]
+    access: FilePos,
+    /// Grants whose expiry has been audited.
+    #[serde(default)]
+    expired: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+struct FilePos {
+    ino: u64,
+    offset: u64,
+}
+
+/// One watched file: how far it has been read.
+struct Tail {
+    path: PathBuf,
+    /// Inode and offset read up to (whole lines).
+    pos: FilePos,
+    /// (len, mtime) last seen, to skip reading when nothing changed.
+    seen: Option<(u64, i64, i64)>,
+}
+
+impl Tail {
+    /// New complete lines since the last call: (bytes, offset of their start); `reset` when the
+    /// file was replaced or truncated (everything is read again from 0).
+    fn read_new(&mut self) -> std::io::Result<Option<(Vec<u8>, u64, bool)>> {
+        let m = match std::fs::metadata(&self.path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let reset = self.pos.offset > 0;
+                self.pos = FilePos::default();
+                self.seen = None;
+                return Ok(reset.then(|| (Vec::new(), 0, true)));
+            }
+            Err(e) => return Err(e),
+        };
+        let stamp = (m.len(), m.mtime(), m.mtime_nsec());
+        if self.seen == Some(stamp) && m.ino() == self.pos.ino {
+            return Ok(None);
+        }
+        let mut reset = false;
+        if (self.pos.ino != 0 && m.ino() != self.pos.ino) || m.len() < self.pos.offset {
+            tracing::warn!(file = %self.path.display(), "state file was replaced or truncated; reading it again from the start");
+            self.pos = FilePos { ino: m.ino(), offset: 0 };
+            reset = true;
+        }
+        self.pos.ino = m.ino();
+        let mut f = std::fs::File::open(&self.path)?;
+        f.seek(std::io::SeekFrom::Start(self.pos.offset))?;
+        let mut buf = Vec::new();
+        f.take(m.len().saturating_sub(self.pos.offset)).read_to_end(&mut buf)?;
+        let complete = buf.iter().rposition(|b| *b == b'\n').map(|p| p + 1).unwrap_or(0);
+        buf.truncate(complete);
+        let start = self.pos.offset;
+        self.pos.offset += complete as u64;
+        if complete == m.len().saturating_sub(start) as usize {
+            self.seen = Some(stamp);
+        }
+        Ok(Some((buf, start, reset)))
+    }
+}
+
+/// `serve`'s watcher: reads the state files, publishes snapshots, writes audit records.
+pub struct Watcher {
+    access: Arc<Access>,
+    audit: AuditHandle,
+    rules: Rules,
+    dir: PathBuf,
+    state: State,
+    revoked: Tail,
+    events: Tail,
+    cursor: Cursor,
+    cursor_dirty: bool,
+    /// Revocations read (and enforced) but not yet audited: (offset after its line, record).
+    unaudited_revocations: VecDeque<(u64, Record)>,
+    /// Access events read but not yet audited (they take effect once audited).
+    unaudited_events: VecDeque<(u64, AccessEvent)>,
+    expired: HashSet<String>,
+}
+
+impl Watcher {
+    /// Read the state files (creating the directory if needed) and build the first snapshot:
+    /// every revocation, and the access events up to where the previous run audited them. The
+    /// rest is audited (and applied) by the first [`Watcher::tick`].
+    /// A directory that cannot be created is not fatal (the CLI creates it when it first
+    /// writes); state files that exist but cannot be read are (revocations would be missed).
+    pub fn load(cfg: &Config, audit: AuditHandle) -> Result<(Watcher, Arc<Access>), AccessError> {
+        let dir = state_dir(cfg);
+        if let Err(e) = ensure_dir(&dir) {
+            tracing::warn!(error = %e, "cannot create the access state directory; watching for it");
+        }
+        let rules = Rules::from_config(cfg);
+        let cursor_path = dir.join(CURSOR_FILE);
+        let cursor: Cursor = match std::fs::read(&cursor_path) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::warn!(file = %cursor_path.display(), error = %e, "unreadable cursor; auditing the state files from the start");
+                Cursor::default()
+            }),
+            Err(_) => Cursor::default(),
+        };
+        let access = Arc::new(Access::new(State::default()));
+        let mut w = Watcher {
+            access: access.clone(),
+            audit,
+            rules,
+            revoked: Tail { path: dir.join(REVOKED_FILE), pos: FilePos::default(), seen: None },
+            events: Tail { path: dir.join(ACCESS_FILE), pos: FilePos::default(), seen: None },
+            dir,
+            state: State::default(),
+            expired: cursor.expired.iter().cloned().collect(),
+            cursor,
+            cursor_dirty: false,
+            unaudited_revocations: VecDeque::new(),
+            unaudited_events: VecDeque::new(),
+        };
+        w.read_files().map_err(|e| AccessError::io(&w.dir, e))?;
+        access.publish(w.state.clone());
+        Ok((w, access))
+    }
+
+    /// Read whatever is new. Revocations apply at once; access events up to the audited
+    /// cursor apply at once (audited by an earlier run), later ones wait for their record.
+    fn read_files(&mut self) -> std::io::Result<bool> {
+        let mut changed = false;
+        if let Some((bytes, start, reset)) = self.revoked.read_new()? {
+            if reset {
+                self.state.clear_revocations();
+                self.unaudited_revocations.clear();
+                changed = true;
+            }
+            let audited = if self.cursor.revoked.ino == self.revoked.pos.ino { self.cursor.revoked.offset } else { 0 };
+            for (r, end) in parse_lines::<Revocation>(&bytes, start, &self.revoked.path).0 {
+                if !r.valid() {
+                    tracing::warn!(id = %r.id, "revocation without exactly one of jti/user; ignored");
+                    continue;
+                }
+                self.state.apply_revocation(&r);
+                changed = true;
+                if end > audited {
+                    self.unaudited_revocations.push_back((end, r.audit_record()));
+                }
+            }
+            if self.unaudited_revocations.is_empty() && self.cursor.revoked != self.revoked.pos {
+                self.cursor.revoked = self.revoked.pos;
+                self.cursor_dirty = true;
+            }
+        }
+        if let Some((bytes, start, reset)) = self.events.read_new()? {
+            if reset {
+                self.state.clear_requests();
+                self.unaudited_events.clear();
+                changed = true;
+            }
+            let audited = if self.cursor.access.ino == self.events.pos.ino { self.cursor.access.offset } else { 0 };
+            for (ev, end) in parse_lines::<AccessEvent>(&bytes, start, &self.events.path).0 {
+                if end > audited {
+                    self.unaudited_events.push_back((end, ev));
+                } else {
+                    let _ = self.state.apply_access(&ev, &self.rules);
+                    changed = true;
+                }
+            }
+            if self.unaudited_events.is_empty() && self.cursor.access != self.events.pos {
+                self.cursor.access = self.events.pos;
+                self.cursor_dirty = true;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// The audit record for an access event (and whether it was valid).
+    fn event_record(&self, ev: &AccessEvent, verdict: &Result<(), String>, state: &State) -> Record {
+        let req = state.request(ev.id());
+        let (kind, user, jti, meta) = match ev {
+            AccessEvent::Request { id, user, role, ttl_secs, reason, by_uid, .. } => (
+                Kind::AccessRequest,
+                Some(user.clone()),
+                None,
+                serde_json::json!({
+                    "id": id, "role": role,
+                    "ttl": humantime::format_duration(Duration::from_secs(*ttl_secs)).to_string(),
+                    "reason": reason, "by_uid": by_uid,
+                }),
+            ),
+            AccessEvent::Approve { id, approver, approver_jti, approver_groups, .. } => (
+                Kind::AccessApprove,
+                req.map(|r| r.user.clone()),
+                Some(approver_jti.clone()),
+                serde_json::json!({
+                    "id": id, "role": req.map(|r| r.role.clone()),
+                    "approver": approver, "approver_groups": approver_groups,
+                    "expires_at": req.and_then(|r| r.expires_at).map(rfc3339),
+                }),
+            ),
+            AccessEvent::Revoke { id, reason, by_uid, .. } => (
+                Kind::AccessRevoke,
+                req.map(|r| r.user.clone()),
+                None,
+                serde_json::json!({ "id": id, "role": req.map(|r| r.role.clone()), "reason": reason, "by_uid": by_uid }),
+            ),
+        };
+        Record {
+            kind,
+            user,
+            jti,
+            meta: Some(meta),
+            error: verdict.as_ref().err().map(|e| format!("ignored: {e}")),
+            ..Default::default()
+        }
+    }
+
+    /// One round: read the files, enforce revocations, audit and apply access events, audit
+    /// grant expiries, publish, persist the cursor.
+    pub async fn tick(&mut self) {
+        let changed = match self.read_files() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read the access state files");
+                false
+            }
+        };
+        // Revocations are enforced before they are audited: they only take rights away.
+        if changed {
+            self.access.publish(self.state.clone());
+        }
+        self.audit_revocations().await;
+        // Access events take effect only once their record is durable.
+        if self.audit_events().await {
+            self.access.publish(self.state.clone());
+        }
+        self.audit_expiries().await;
+        if self.cursor_dirty {
+            match self.save_cursor() {
+                Ok(()) => self.cursor_dirty = false,
+                Err(e) => tracing::warn!(error = %e, "cannot save the access cursor"),
+            }
+        }
+    }
+
+    /// Audit the revocations read (and already enforced), in order, moving the cursor past
+    /// each; stops at the first that cannot be audited (retried next round).
+    async fn audit_revocations(&mut self) {
+        while let Some((end, rec)) = self.unaudited_revocations.front().cloned() {
+            if let Err(e) = self.audit.append_durable(rec).await {
+                tracing::error!(error = %e, "cannot audit a revocation; will retry");
+                break;
+            }
+            self.unaudited_revocations.pop_front();
+            self.cursor.revoked = FilePos { ino: self.revoked.pos.ino, offset: end };
+            self.cursor_dirty = true;
+        }
+        if self.unaudited_revocations.is_empty() && self.cursor.revoked != self.revoked.pos {
+            self.cursor.revoked = self.revoked.pos;
+            self.cursor_dirty = true;
+        }
+    }
+
+    /// Audit the access events read, in order, and apply each valid one once its record is
+    /// durable; stops at the first that cannot be audited (retried next round). Returns
+    /// whether the state changed.
+    async fn audit_events(&mut self) -> bool {
+        let mut changed = false;
+        while let Some((end, ev)) = self.unaudited_events.front().cloned() {
+            let mut next = self.state.clone();
+            let verdict = next.apply_access(&ev, &self.rules);
+            let rec = self.event_record(&ev, &verdict, &next);
+            if let Err(e) = self.audit.append_durable(rec).await {
+                tracing::error!(error = %e, "cannot audit an access event; will retry");
+                break;
+            }
+            match &verdict {
+                Ok(()) => tracing::info!(id = ev.id(), "access event applied"),
+                Err(why) => tracing::warn!(id = ev.id(), %why, "access event ignored"),
+            }
+            if verdict.is_ok() {
+                self.state = next;
+                changed = true;
+            }
+            self.unaudited_events.pop_front();
+            self.cursor.access = FilePos { ino: self.events.pos.ino, offset: end };
+            self.cursor_dirty = true;
+        }
+        if self.unaudited_events.is_empty() && self.cursor.access != self.events.pos {
+            self.cursor.access = self.events.pos;
+            self.cursor_dirty = true;
+        }
+        changed
+    }
+
+    /// One `grant_expired` record for each grant whose time ran out and was not audited yet.
+    async fn audit_expiries(&mut self) {
+        let now = now_unix();
+        let due: Vec<AccessRequest> = self
+            .state
+            .requests()
+            .iter()
+            .filter(|r| r.revoked_at.is_none() && r.expires_at.is_some_and(|e| e <= now) && !self.expired.contains(&r.id))
+            .cloned()
+            .collect();
+        for r in due {
+            let rec = Record {
+                kind: Kind::GrantExpired,
+                user: Some(r.user.clone()),
+                meta: Some(serde_json::json!({
+                    "id": r.id, "role": r.role, "expires_at": r.expires_at.map(rfc3339),
+                })),
+                ..Default::default()
+            };
+            if let Err(e) = self.audit.append_durable(rec).await {
+                tracing::error!(error = %e, "cannot audit a grant expiry; will retry");
+                break;
+            }
+            tracing::info!(id = %r.id, user = %r.user, role = %r.role, "access grant expired");
+            self.expired.insert(r.id.clone());
+            self.cursor.expired.push(r.id);
+            self.cursor_dirty = true;
+        }
+    }
+
+    fn save_cursor(&self) -> std::io::Result<()> {
+        let path = self.dir.join(CURSOR_FILE);
+        let tmp = self.dir.join(format!("{CURSOR_FILE}.tmp"));
+        let bytes = serde_json::to_vec(&self.cursor).map_err(std::io::Error::other)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    /// Poll forever (until the task is dropped).
+    pub async fn run(mut self) {
+        let mut iv = tokio::time::interval(POLL_INTERVAL);
+        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            iv.tick().await;
+            self.tick().await;
+        }
+    }
+}

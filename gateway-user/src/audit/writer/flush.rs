@@ -1,0 +1,169 @@
+//! The writer threads (group commit): they take the queued batch, write it under the log lock,
+//! sync it without the lock, and answer the records the sync covered.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::handle::{Reply, Waiter};
+use super::head::HeadSlot;
+use super::log::{Log, sync_ticket};
+use super::{AuditError, Counters};
+use crate::audit::record::{Kind, Record};
+use crate::config::FsyncPolicy;
+use crate::lock;
+
+/// Longest time a record appended with `append` (nobody waiting) stays in memory.
+pub(super) const LAZY_FLUSH: Duration = Duration::from_millis(100);
+
+/// State shared by the handles and the writer threads.
+pub(super) struct Shared {
+    pub(super) log: Mutex<Log>,
+    /// Writer threads wait here for work.
+    pub(super) work: Condvar,
+    /// Serializes HEAD rewrites; holds the seq of the checkpoint HEAD names.
+    pub(super) head_written: Mutex<u64>,
+    /// The next HEAD for the head thread to write (the newest wins), and its stop flag.
+    pub(super) head_slot: Mutex<HeadSlot>,
+    pub(super) head_cv: Condvar,
+    pub(super) dir: PathBuf,
+    pub(super) fsync: FsyncPolicy,
+    pub(super) counters: Arc<Counters>,
+}
+
+impl Shared {
+    /// Queue `rec`; false if it was refused at once (its waiter has the error).
+    pub(super) fn enqueue(&self, rec: Record, reply: Option<Reply>) -> bool {
+        let mut log = lock(&self.log);
+        if log.shutdown {
+            match reply {
+                Some(r) => {
+                    let _ = r.send(Err(AuditError::Closed));
+                }
+                None => tracing::warn!("audit record dropped: the writer has stopped"),
+            }
+            return false;
+        }
+        if matches!(rec.kind, Kind::Checkpoint | Kind::Start) {
+            let e = AuditError::InvalidRecord(format!("{:?} records are written by the writer itself", rec.kind));
+            match reply {
+                Some(r) => {
+                    let _ = r.send(Err(e));
+                }
+                None => tracing::error!("audit record dropped: {e}"),
+            }
+            return false;
+        }
+        let urgent = reply.is_some();
+        if !log.queue(rec, reply) {
+            return false;
+        }
+        if !urgent {
+            log.lazy_since.get_or_insert_with(Instant::now);
+            return true;
+        }
+        log.urgent = true;
+        if self.fsync == FsyncPolicy::Off {
+            // Nothing to wait for: write now, in the caller's thread (no handoff).
+            let _ = log.write_queued(0, None);
+            let head = log.due_head();
+            drop(log);
+            if let Some(h) = head {
+                self.post_head(h);
+            }
+        } else if log.idle > 0 {
+            drop(log);
+            self.work.notify_one();
+        }
+        // else: every writer thread is busy and takes this batch when it comes back.
+        true
+    }
+
+    /// Run the hooks of records made durable while the lock was held, then tell their
+    /// waiters — with the lock released (a hook may do a system call).
+    pub(super) fn run_deferred<'a>(&'a self, mut log: std::sync::MutexGuard<'a, Log>) -> std::sync::MutexGuard<'a, Log> {
+        if log.deferred.is_empty() {
+            return log;
+        }
+        let ready = std::mem::take(&mut log.deferred);
+        drop(log);
+        for (seq, r) in ready {
+            let w = Waiter { tx: r.tx, seq };
+            let untold = match &r.hook {
+                Some(h) => h.durable(w),
+                None => Some(w),
+            };
+            if let Some(w) = untold {
+                w.tell();
+            }
+        }
+        lock(&self.log)
+    }
+
+    /// Writer thread `id`: waits for records, writes them (under the lock, so the file holds
+    /// them in seq order), then fdatasyncs (without the lock, so another thread can write and
+    /// sync the next batch meanwhile), then answers every record the sync covered. Also
+    /// writes lazy records within `LAZY_FLUSH` and interval checkpoints.
+    pub(super) fn writer_thread(&self, id: usize) {
+        let mut log = lock(&self.log);
+        loop {
+            loop {
+                if log.shutdown {
+                    return;
+                }
+                if log.urgent {
+                    break;
+                }
+                // Lazy records are queued without a wakeup, so an idle thread looks again
+                // every LAZY_FLUSH.
+                let now = Instant::now();
+                let mut deadline = now + LAZY_FLUSH;
+                if let Some(t) = log.lazy_since {
+                    let due = t + LAZY_FLUSH;
+                    if due <= now {
+                        break;
+                    }
+                    deadline = deadline.min(due);
+                }
+                if let Some(due) = log.checkpoint_due_at() {
+                    if due <= now {
+                        log.encode_checkpoint();
+                        break;
+                    }
+                    deadline = deadline.min(due);
+                }
+                log.idle += 1;
+                log = self.work.wait_timeout(log, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+                log.idle -= 1;
+            }
+            // The path checks run without the lock (see `ProbeTarget`).
+            let probe = match log.probe_target() {
+                Some(t) => {
+                    drop(log);
+                    let p = t.run();
+                    log = lock(&self.log);
+                    Some(p)
+                }
+                None => None,
+            };
+            let written = log.write_queued(id, probe);
+            // (A segment rotation inside the write may have made records durable.)
+            log = self.run_deferred(log);
+            if let Ok(Some(ticket)) = written {
+                drop(log);
+                let started = Instant::now();
+                let res = sync_ticket(&ticket, &self.dir);
+                crate::metrics::METRICS.audit_fsync_seconds.observe(started.elapsed().as_secs_f64());
+                log = lock(&self.log);
+                match res {
+                    Ok(()) => log.synced(&ticket),
+                    Err(e) => log.sync_failed(&ticket, e),
+                }
+                log = self.run_deferred(log);
+            }
+            if let Some(h) = log.due_head() {
+                self.post_head(h);
+            }
+        }
+    }
+}

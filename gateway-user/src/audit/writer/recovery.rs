@@ -1,0 +1,325 @@
+//! Opening an existing log: find the last complete record, drop an interrupted write's
+//! fragment, continue the chain, and write the `start` record.
+
+use std::ffi::CString;
+use std::fs::{File, Metadata, OpenOptions};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use super::handle::Reply;
+use super::log::{Log, sync_ticket};
+use super::probe::path_cstring;
+use super::segment::{OpenSegment, open_sync_fds, preallocate};
+use super::{AuditError, Counters, WriterOptions};
+use crate::audit::chain::{self, GENESIS_HASH, HASH_HEX_LEN, HEAD_FILE, Head, SegmentFile};
+use crate::audit::record::{Kind, Record};
+use crate::config::FsyncPolicy;
+
+/// The last complete line of `file` (without `\n`) and the length up to and including its
+/// newline (bytes after it are an unterminated fragment).
+pub(super) fn read_last_line(file: &File, len: u64) -> io::Result<(Option<Vec<u8>>, u64)> {
+    const CHUNK: u64 = 64 * 1024;
+    let mut tail: Vec<u8> = Vec::new();
+    let mut pos = len;
+    loop {
+        // Enough once we have seen the last newline and the one before it (or the start).
+        let newlines = tail.iter().filter(|&&b| b == b'\n').count();
+        if newlines >= 2 || pos == 0 {
+            break;
+        }
+        let n = CHUNK.min(pos);
+        pos -= n;
+        let mut chunk = vec![0u8; n as usize];
+        file.read_exact_at(&mut chunk, pos)?;
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+    }
+    let Some(last_nl) = tail.iter().rposition(|&b| b == b'\n') else {
+        return Ok((None, 0));
+    };
+    let good_len = pos + last_nl as u64 + 1;
+    let start = tail[..last_nl].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    Ok((Some(tail[start..last_nl].to_vec()), good_len))
+}
+
+pub(super) fn is_hex_hash(s: &str) -> bool {
+    s.len() == HASH_HEX_LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The last complete line of the segment at `path` (its content ends at the first NUL; an
+/// unterminated fragment after the last newline is not a line).
+pub fn last_line(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let file = File::open(path)?;
+    let (content, _) = content_len(&file, file.metadata()?.len())?;
+    Ok(read_last_line(&file, content)?.0)
+}
+
+/// The content of a segment: the offset of its first NUL byte (or `size`), and whether any
+/// non-NUL byte follows it (an interrupted write that reached the disk out of order; never
+/// acknowledged, since a sync covers everything before it).
+pub(super) fn content_len(file: &File, size: u64) -> io::Result<(u64, bool)> {
+    const CHUNK: usize = 1 << 20;
+    let mut buf = vec![0u8; CHUNK];
+    let mut pos = 0u64;
+    let mut end: Option<u64> = None;
+    while pos < size {
+        let n = usize::try_from(size - pos).map_or(CHUNK, |r| r.min(CHUNK));
+        file.read_exact_at(&mut buf[..n], pos)?;
+        let chunk = &buf[..n];
+        match end {
+            None => {
+                if let Some(i) = chunk.iter().position(|&b| b == 0) {
+                    end = Some(pos + i as u64);
+                    if chunk[i..].iter().any(|&b| b != 0) {
+                        return Ok((pos + i as u64, true));
+                    }
+                }
+            }
+            Some(e) => {
+                if chunk.iter().any(|&b| b != 0) {
+                    return Ok((e, true));
+                }
+            }
+        }
+        pos += n as u64;
+    }
+    Ok((end.unwrap_or(size), false))
+}
+
+/// Where the existing segments leave the chain.
+struct ChainEnd {
+    /// The last record's seq and hash (None: the log holds no record yet).
+    last: Option<(u64, String)>,
+    /// The last segment, open for writing, and the seq its name says it starts at.
+    current: Option<(OpenSegment, u64)>,
+    /// What was found wrong on the way, for the `start` record.
+    warnings: Vec<String>,
+}
+
+/// The end of one segment's content.
+struct SegmentEnd {
+    file: File,
+    meta: Metadata,
+    /// The last complete line (without its newline).
+    line: Option<Vec<u8>>,
+    /// The length up to and including that line's newline.
+    good_len: u64,
+}
+
+impl Log {
+    /// Open the log in `opts.dir` (creating the directory) and continue its chain from the
+    /// last record of the last segment; the `start` record is durable before this returns.
+    pub(super) fn open(opts: WriterOptions, counters: Arc<Counters>, threads: usize) -> Result<Log, AuditError> {
+        create_dir(&opts.dir)?;
+        let dir_c = CString::new(opts.dir.as_os_str().as_bytes())
+            .map_err(|_| AuditError::Unwritable { path: opts.dir.clone(), reason: "path contains NUL".into() })?;
+        let segments =
+            chain::list_segments(&opts.dir).map_err(|e| AuditError::io(format!("listing {}", opts.dir.display()), e))?;
+        let ChainEnd { last, current, mut warnings } = find_chain_end(&segments, opts.segment_bytes, threads)?;
+        let (last_seq, prev_hash) = last.unwrap_or((0, GENESIS_HASH.to_owned()));
+
+        // Direct I/O needs the writes in order: one writer thread.
+        let direct = opts.direct_io && opts.fsync != FsyncPolicy::Off && threads == 1;
+        let seg = continue_segment(current, last_seq + 1, direct);
+        check_head(&opts.dir, last_seq, &mut warnings);
+
+        let mut log = Log::new(opts, Arc::new(dir_c), counters, threads, direct, seg, last_seq, prev_hash);
+        log.write_start(warnings)?;
+        Ok(log)
+    }
+
+    /// Write the `start` record (with what recovery found wrong) and make it durable.
+    fn write_start(&mut self, warnings: Vec<String>) -> Result<(), AuditError> {
+        let mut meta = serde_json::json!({
+            "pgward": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+        });
+        if !warnings.is_empty() {
+            meta["warnings"] = serde_json::json!(warnings);
+        }
+        let (tx, mut rx) = oneshot::channel();
+        self.queue(Record { kind: Kind::Start, meta: Some(meta), ..Record::default() }, Some(Reply { tx, hook: None }));
+        if let Some(ticket) = self.write_queued(0, None)? {
+            match sync_ticket(&ticket, &self.dir) {
+                Ok(()) => self.synced(&ticket),
+                Err(e) => self.sync_failed(&ticket, e),
+            }
+        }
+        match rx.try_recv() {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(AuditError::Closed),
+        }
+    }
+}
+
+/// Create the audit directory if it does not exist.
+fn create_dir(dir: &Path) -> Result<(), AuditError> {
+    if !dir.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)
+            .map_err(|e| AuditError::io(format!("creating {}", dir.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Walk the segments from the last one back to the first that holds a complete line: that
+/// line is the last record. The last segment is opened for writing, cut back to its last
+/// complete line.
+fn find_chain_end(segments: &[SegmentFile], segment_bytes: u64, threads: usize) -> Result<ChainEnd, AuditError> {
+    let mut end = ChainEnd { last: None, current: None, warnings: Vec::new() };
+    for (i, s) in segments.iter().enumerate().rev() {
+        let is_last = i + 1 == segments.len();
+        let SegmentEnd { file, meta, line, good_len } = segment_end(s, is_last, &mut end.warnings)?;
+        if is_last {
+            let seg = reopen_last_segment(s, file, &meta, good_len, segment_bytes, threads)?;
+            end.current = Some((seg, s.first_seq));
+        }
+        if let Some(line) = line {
+            end.last = Some(check_last_record(&s.path, &line, &mut end.warnings)?);
+            break;
+        }
+    }
+    Ok(end)
+}
+
+/// Open segment `s` (for writing if it is the last one) and find the end of its content;
+/// bytes after the last complete line are reported in `warnings`.
+fn segment_end(s: &SegmentFile, is_last: bool, warnings: &mut Vec<String>) -> Result<SegmentEnd, AuditError> {
+    let file = if is_last { OpenOptions::new().read(true).write(true).open(&s.path) } else { File::open(&s.path) }
+        .map_err(|e| AuditError::io(format!("opening {}", s.path.display()), e))?;
+    let meta = file.metadata().map_err(|e| AuditError::io(format!("stat {}", s.path.display()), e))?;
+    // The content ends at the first NUL (the rest is the preallocated tail).
+    let (content, gap) =
+        content_len(&file, meta.len()).map_err(|e| AuditError::io(format!("reading {}", s.path.display()), e))?;
+    let (line, good_len) =
+        read_last_line(&file, content).map_err(|e| AuditError::io(format!("reading {}", s.path.display()), e))?;
+    if good_len < content || gap {
+        let mut what = Vec::new();
+        if good_len < content {
+            what.push(format!("an unterminated fragment of {} bytes at the end", content - good_len));
+        }
+        if gap {
+            what.push("bytes written after a gap".to_owned());
+        }
+        let what = what.join(" and ");
+        if is_last {
+            let msg = format!("{}: dropped {what} (interrupted write)", s.path.display());
+            tracing::warn!("{msg}");
+            warnings.push(msg);
+        } else {
+            warnings.push(format!("{}: {what} in a non-final segment", s.path.display()));
+        }
+    }
+    Ok(SegmentEnd { file, meta, line, good_len })
+}
+
+/// The last segment as the open segment, durably cut back to `good_len` (its last complete
+/// line) when anything follows it.
+fn reopen_last_segment(
+    s: &SegmentFile,
+    file: File,
+    meta: &Metadata,
+    good_len: u64,
+    segment_bytes: u64,
+    threads: usize,
+) -> Result<OpenSegment, AuditError> {
+    let mut seg = OpenSegment {
+        file,
+        path: s.path.clone(),
+        path_c: path_cstring(&s.path),
+        id: 1,
+        len: good_len,
+        durable_len: good_len,
+        alloc: meta.len(),
+        reserve: segment_bytes,
+        zeroed: good_len,
+        dev: meta.dev(),
+        ino: meta.ino(),
+        dirty: false,
+        sync_fds: open_sync_fds(&s.path, threads)?,
+        direct_fd: None,
+        tail: Vec::new(),
+        tail_end: u64::MAX,
+    };
+    if good_len < meta.len() {
+        // Whatever follows the last complete line goes, durably, before the
+        // tail is preallocated again.
+        seg.file
+            .set_len(good_len)
+            .and_then(|()| seg.file.sync_all())
+            .map_err(|e| AuditError::io(format!("truncating {}", s.path.display()), e))?;
+        seg.alloc = good_len;
+    }
+    Ok(seg)
+}
+
+/// The seq and hash of the last record (`line`, in the segment at `path`). A record that does
+/// not parse or has no valid hash stops the start; one whose hash does not match its content
+/// is reported in `warnings` and the chain continues from the stored hash.
+fn check_last_record(path: &Path, line: &[u8], warnings: &mut Vec<String>) -> Result<(u64, String), AuditError> {
+    let rec: Record = serde_json::from_slice(line).map_err(|e| AuditError::Corrupt {
+        path: path.to_owned(),
+        reason: format!("last line does not parse ({e}); run `pgward audit verify`"),
+    })?;
+    if !is_hex_hash(&rec.hash) {
+        return Err(AuditError::Corrupt {
+            path: path.to_owned(),
+            reason: "last line has no valid hash; run `pgward audit verify`".into(),
+        });
+    }
+    match chain::recompute(line, &rec.prev_hash) {
+        Some((stored, computed)) if stored == computed => {}
+        _ => {
+            let msg = format!(
+                "{}: last record (seq {}) does not match its hash; continuing the chain from the stored hash",
+                path.display(),
+                rec.seq
+            );
+            tracing::error!("{msg}");
+            warnings.push(msg);
+        }
+    }
+    Ok((rec.seq, rec.hash))
+}
+
+/// The segment to keep appending to: the last one, unless it is empty and not named after
+/// `next_seq` (then the first batch opens a new one).
+fn continue_segment(current: Option<(OpenSegment, u64)>, next_seq: u64, direct: bool) -> Option<OpenSegment> {
+    match current {
+        Some((mut seg, first_seq)) if seg.len > 0 || first_seq == next_seq => {
+            seg.alloc = preallocate(&seg.file, seg.len, seg.reserve);
+            if direct {
+                seg.start_direct();
+            }
+            Some(seg)
+        }
+        _ => None,
+    }
+}
+
+/// Report in `warnings` a HEAD that names a checkpoint past the log's end (a cut-off tail) or
+/// that cannot be read.
+fn check_head(dir: &Path, last_seq: u64, warnings: &mut Vec<String>) {
+    match std::fs::read(dir.join(HEAD_FILE)) {
+        Ok(bytes) => match serde_json::from_slice::<Head>(&bytes) {
+            Ok(head) if head.seq > last_seq => {
+                let msg =
+                    format!("HEAD checkpoint is seq {} but the log ends at seq {last_seq} (truncated tail?)", head.seq);
+                tracing::error!("{msg}");
+                warnings.push(msg);
+            }
+            Ok(_) => {}
+            Err(e) => warnings.push(format!("HEAD does not parse: {e}")),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => warnings.push(format!("HEAD unreadable: {e}")),
+    }
+}
