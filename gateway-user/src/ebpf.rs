@@ -40,9 +40,6 @@ pub mod discover;
 mod nss;
 pub mod pins;
 
-#[path = "../../gateway-ebpf/src/shared.rs"]
-#[allow(clippy::all)]
-mod shared;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -59,13 +56,8 @@ use aya::{Ebpf, EbpfLoader};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, UnixSocketCheck};
-use shared::{ConnMeta, PeerKey, RuleKey};
-
-// SAFETY: plain #[repr(C)] integers, no padding holes (see shared.rs); any bit pattern is valid.
-unsafe impl aya::Pod for shared::Config {}
-unsafe impl aya::Pod for RuleKey {}
-unsafe impl aya::Pod for ConnMeta {}
-unsafe impl aya::Pod for PeerKey {}
+use gateway_common as common;
+use gateway_common::{ConnMeta, PeerKey, RuleKey};
 
 /// The kernel object, embedded at build time when `cargo xtask build-ebpf` has produced it.
 #[cfg(pgward_ebpf_object)]
@@ -108,9 +100,9 @@ pub struct Intercept {
     _gateway: GatewayCgroup,
     state_file: PathBuf,
     pin_dir: PathBuf,
-    config: Array<MapData, shared::Config>,
+    config: Array<MapData, common::Config>,
     rules: BpfHashMap<MapData, RuleKey, u32>,
-    kcfg: shared::Config,
+    kcfg: common::Config,
     listen: SocketAddr,
     cgroup: PathBuf,
     cgroup_root: PathBuf,
@@ -452,7 +444,7 @@ impl Plan {
 
     fn rule_entries(&self) -> Vec<(RuleKey, u32)> {
         let mut out: Vec<(RuleKey, u32)> = Vec::new();
-        for (list, action) in [(&self.guard, shared::ACTION_REFUSE), (&self.protected, shared::ACTION_REDIRECT)] {
+        for (list, action) in [(&self.guard, common::ACTION_REFUSE), (&self.protected, common::ACTION_REDIRECT)] {
             for a in list {
                 let key = rule_key(a);
                 out.retain(|(k, _)| *k != key); // protected wins over guard
@@ -474,11 +466,11 @@ impl Plan {
         out
     }
 
-    fn kernel_config(&self, netns_cookie: u64, gateway_cgroup_id: u64, exempt_uid: Option<u32>) -> shared::Config {
-        let mut c = shared::Config {
+    fn kernel_config(&self, netns_cookie: u64, gateway_cgroup_id: u64, exempt_uid: Option<u32>) -> common::Config {
+        let mut c = common::Config {
             host_netns_cookie: netns_cookie,
             gateway_cgroup_id,
-            exempt_uid: exempt_uid.unwrap_or(shared::NO_UID),
+            exempt_uid: exempt_uid.unwrap_or(common::NO_UID),
             ..Default::default()
         };
         if let Some(SocketAddr::V4(a)) = self.redirect4 {
@@ -824,10 +816,10 @@ pub fn status(cfg: &Config) -> anyhow::Result<Status> {
         });
     }
     if st.pinned
-        && let Ok(data) = pins::open_map(&pin_dir, shared::MAP_COUNTERS)
+        && let Ok(data) = pins::open_map(&pin_dir, common::MAP_COUNTERS)
     {
         let arr: PerCpuArray<MapData, u64> = Map::PerCpuArray(data).try_into()?;
-        for (i, (program, counter)) in shared::COUNTER_NAMES.iter().enumerate() {
+        for (i, (program, counter)) in common::COUNTER_NAMES.iter().enumerate() {
             let value = arr.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
             st.counters.push(CounterStatus { program: program.to_string(), counter: counter.to_string(), value });
         }
@@ -1012,8 +1004,8 @@ dir = "audit"
         let rules = plan.rule_entries();
         assert_eq!(rules.len(), 4);
         let any5432 = RuleKey { family: 4, port: 5432, addr: [0; 4] };
-        assert!(rules.contains(&(any5432, shared::ACTION_REDIRECT)));
-        assert!(rules.contains(&(RuleKey { family: 6, port: 5433, addr: [0; 4] }, shared::ACTION_REFUSE)));
+        assert!(rules.contains(&(any5432, common::ACTION_REDIRECT)));
+        assert!(rules.contains(&(RuleKey { family: 6, port: 5433, addr: [0; 4] }, common::ACTION_REFUSE)));
     }
 
     #[test]
@@ -1062,7 +1054,7 @@ dir = "audit"
         assert_eq!((k6.family, words_octets(&k6.addr)), (6, "fd00::2".parse::<Ipv6Addr>().unwrap().octets()));
         let c = Plan { protected: vec![], guard: vec![], redirect4: Some("127.0.0.1:6432".parse().unwrap()), redirect6: Some("[::ffff:127.0.0.1]:6432".parse().unwrap()) }
             .kernel_config(7, 9, None);
-        assert_eq!((c.redirect4_ip.to_ne_bytes(), c.redirect4_port, c.exempt_uid), ([127, 0, 0, 1], 6432, shared::NO_UID));
+        assert_eq!((c.redirect4_ip.to_ne_bytes(), c.redirect4_port, c.exempt_uid), ([127, 0, 0, 1], 6432, common::NO_UID));
         assert_eq!(words_octets(&c.redirect6_ip)[10..], [0xff, 0xff, 127, 0, 0, 1]);
     }
 
