@@ -38,6 +38,8 @@ use serde::{Deserialize, Serialize};
 use crate::audit::{AuditHandle, Kind, Record};
 use crate::auth::Identity;
 use crate::config::Config;
+use crate::host::accounts::effective_uid;
+use crate::host::clock::now_unix;
 
 pub const REVOKED_FILE: &str = "revoked.jsonl";
 pub const ACCESS_FILE: &str = "access.jsonl";
@@ -65,13 +67,6 @@ impl AccessError {
     }
 }
 
-pub fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// RFC 3339 (UTC, seconds) for unix seconds.
 pub fn rfc3339(t: i64) -> String {
     chrono::DateTime::<chrono::Utc>::from_timestamp(t, 0)
@@ -83,11 +78,6 @@ fn new_id(prefix: &str) -> String {
     let mut s = uuid::Uuid::new_v4().simple().to_string();
     s.truncate(12);
     format!("{prefix}-{s}")
-}
-
-fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
 }
 
 // ------------------------------------------------------------------------------ file records
@@ -512,7 +502,7 @@ fn ensure_dir(dir: &Path) -> Result<(), AccessError> {
     }
     std::fs::create_dir_all(dir).map_err(|e| AccessError::io(dir, e))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| AccessError::io(dir, e))?;
-    if euid() == 0
+    if effective_uid() == 0
         && let Some(parent) = dir.parent()
         && let Ok(m) = std::fs::metadata(parent)
         && m.uid() != 0
@@ -534,7 +524,7 @@ fn open_locked(path: &Path) -> Result<std::fs::File, AccessError> {
         .open(path)
         .map_err(|e| AccessError::io(path, e))?;
     if !existed
-        && euid() == 0
+        && effective_uid() == 0
         && let Some(dir) = path.parent()
         && let Ok(m) = std::fs::metadata(dir)
         && m.uid() != 0
@@ -611,7 +601,7 @@ impl Store {
             jti: jti.map(str::trim).map(str::to_owned),
             user: user.map(str::trim).map(str::to_owned),
             reason: reason.map(str::to_owned).filter(|r| !r.trim().is_empty()),
-            by_uid: euid(),
+            by_uid: effective_uid(),
         };
         if !r.valid() {
             return Err(AccessError::Invalid("give exactly one of --jti and --user, not empty".into()));
@@ -686,7 +676,7 @@ impl Store {
                 role: role.to_owned(),
                 ttl_secs: ttl.as_secs(),
                 reason: reason.to_owned(),
-                by_uid: euid(),
+                by_uid: effective_uid(),
             })
         })
     }
@@ -723,7 +713,7 @@ impl Store {
                 id: id.to_owned(),
                 at: now_unix(),
                 reason: reason.map(str::to_owned).filter(|r| !r.trim().is_empty()),
-                by_uid: euid(),
+                by_uid: effective_uid(),
             })
         })
     }

@@ -29,7 +29,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -40,6 +39,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
+use crate::host::accounts::{Accounts, effective_uid};
+use crate::host::cgroup::cgroup2_mount;
+use crate::host::clock::now_rfc3339;
+use crate::host::files::{clear_append_only_tree, is_append_only, set_append_only};
 
 pub const STATE_DIR: &str = "/var/lib/pgward";
 pub const MANIFEST: &str = "/var/lib/pgward/install-manifest.json";
@@ -60,8 +63,6 @@ const USER_CLUSTERS: &str = "/etc/postgresql-common/user_clusters";
 const BLOCK_BEGIN: &str = "# BEGIN pgward";
 const BLOCK_END: &str = "# END pgward";
 const MANIFEST_FORMAT: u32 = 1;
-/// FS_APPEND_FL (`chattr +a`).
-const FS_APPEND_FL: libc::c_int = 0x20;
 
 #[derive(Debug, clap::Args)]
 pub struct InstallArgs {
@@ -180,6 +181,10 @@ impl Root {
     fn host(&self) -> bool {
         self.dir == Path::new("/")
     }
+    /// The tree's /etc/passwd and /etc/group.
+    fn accounts(&self) -> Accounts {
+        Accounts::load_from(&self.p("/etc/passwd"), &self.p("/etc/group"))
+    }
     /// Where system path `sys` (absolute) is in this tree.
     fn p(&self, sys: impl AsRef<Path>) -> PathBuf {
         let s = sys.as_ref();
@@ -189,8 +194,7 @@ impl Root {
 }
 
 fn require_root() -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if effective_uid() != 0 {
         bail!("must run as root (it creates a system user and changes file ownership)");
     }
     Ok(())
@@ -456,7 +460,7 @@ fn plan(args: &InstallArgs) -> anyhow::Result<Plan> {
         bail!("--pg-listen {:?} is not a listen_addresses value", args.pg_listen);
     }
 
-    let accounts = Accounts::load(&root);
+    let accounts = root.accounts();
     let (pg_uid, pg_gid) = accounts.user(&args.pg_user).with_context(|| {
         format!("user {:?} (--pg-user) does not exist in {}", args.pg_user, root.p("/etc/passwd").display())
     })?;
@@ -495,6 +499,8 @@ fn plan(args: &InstallArgs) -> anyhow::Result<Plan> {
     let gateway_cgroup = match &args.gateway_cgroup {
         Some(g) => system_path("--gateway-cgroup", g)?,
         None => cgroup2_mount()
+            .ok()
+            .flatten()
             .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
             .join("system.slice")
             .join(UNIT_NAME)
@@ -537,7 +543,7 @@ fn install(args: &InstallArgs) -> anyhow::Result<String> {
         m: Manifest {
             format: MANIFEST_FORMAT,
             pgward_version: env!("CARGO_PKG_VERSION").into(),
-            installed_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            installed_at: now_rfc3339(),
             user: plan.user.clone(),
             pg_service: plan.pg_service.clone(),
             systemctl: plan.systemctl,
@@ -665,7 +671,7 @@ fn apply(plan: &Plan, j: &mut Journal, notes: &mut Vec<String>) -> anyhow::Resul
             "d {} 2775 {} {} - -",
             plan.socket_dir.display(),
             plan.pg_user,
-            Accounts::load(root).group_name(plan.pg_gid).unwrap_or_else(|| plan.pg_gid.to_string())
+            root.accounts().group_name(plan.pg_gid).unwrap_or_else(|| plan.pg_gid.to_string())
         );
     }
     j.mkdirs(Path::new("/etc/tmpfiles.d"), 0o755, 0, 0, false)?;
@@ -679,7 +685,7 @@ fn apply(plan: &Plan, j: &mut Journal, notes: &mut Vec<String>) -> anyhow::Resul
     // 8. The systemd unit.
     let socket_group = {
         let m = std::fs::metadata(&public).with_context(|| format!("stat {}", public.display()))?;
-        let accounts = Accounts::load(root);
+        let accounts = root.accounts();
         if m.mode() & 0o020 != 0 && m.gid() != 0 {
             accounts.group_name(m.gid())
         } else {
@@ -773,7 +779,7 @@ fn write_config(plan: &Plan, dir: &Path, gid: u32, notes: &mut Vec<String>) -> a
         ic.insert("cgroup".into(), s(c));
     }
     ic.insert("gateway_cgroup".into(), s(&plan.gateway_cgroup));
-    let accounts = Accounts::load(&plan.root);
+    let accounts = plan.root.accounts();
     if let Some((pgward_uid, _)) = accounts.user(&plan.user) {
         ic.insert("exempt_uid".into(), toml::Value::Integer(pgward_uid.into()));
     }
@@ -957,7 +963,7 @@ fn edit_user_clusters(plan: &Plan, j: &mut Journal, notes: &mut Vec<String>) -> 
 /// Create the system user (unless it exists), recording what useradd changed in /etc.
 fn ensure_user(plan: &Plan, j: &mut Journal) -> anyhow::Result<(u32, u32)> {
     let root = &plan.root;
-    let accounts = Accounts::load(root);
+    let accounts = root.accounts();
     if let Some(ids) = accounts.user(&plan.user) {
         return Ok(ids);
     }
@@ -1004,7 +1010,7 @@ fn ensure_user(plan: &Plan, j: &mut Journal) -> anyhow::Result<(u32, u32)> {
     }
     j.record(Change::Account { user: plan.user.clone(), group_created: !group_exists, files })?;
     result.with_context(|| format!("creating the system user {}", plan.user))?;
-    Accounts::load(root)
+    root.accounts()
         .user(&plan.user)
         .with_context(|| format!("useradd ran but {} has no user {}", root.p("/etc/passwd").display(), plan.user))
 }
@@ -1342,14 +1348,14 @@ fn undo(root: &Root, c: &Change, purge: bool, systemctl: bool) -> anyhow::Result
                 return Ok(None);
             }
             // Someone changed the account files since: remove just our user (and group).
-            if Accounts::load(root).user(user).is_some() {
+            if root.accounts().user(user).is_some() {
                 let mut cmd = Command::new("userdel");
                 if !root.host() {
                     cmd.arg("--prefix").arg(&root.dir);
                 }
                 run_cmd(cmd.arg(user)).with_context(|| format!("userdel {user}"))?;
             }
-            if *group_created && Accounts::load(root).group(user).is_some() {
+            if *group_created && root.accounts().group(user).is_some() {
                 let mut cmd = Command::new("groupdel");
                 if !root.host() {
                     cmd.arg("--prefix").arg(&root.dir);
@@ -1649,62 +1655,6 @@ fn run_systemctl(args: &[&str]) -> anyhow::Result<()> {
     run_cmd(Command::new("systemctl").args(args)).map(|_| ())
 }
 
-// ---- accounts ----------------------------------------------------------------------------
-
-/// /etc/passwd and /etc/group of a tree.
-pub struct Accounts {
-    /// (name, uid, primary gid)
-    pub users: Vec<(String, u32, u32)>,
-    /// (name, gid, members)
-    pub groups: Vec<(String, u32, Vec<String>)>,
-}
-
-impl Accounts {
-    fn load(root: &Root) -> Accounts {
-        Accounts::load_from(&root.p("/etc/passwd"), &root.p("/etc/group"))
-    }
-    pub fn load_from(passwd: &Path, group: &Path) -> Accounts {
-        let fields = |p: &Path| -> Vec<Vec<String>> {
-            std::fs::read_to_string(p)
-                .unwrap_or_default()
-                .lines()
-                .map(|l| l.split(':').map(String::from).collect())
-                .collect()
-        };
-        let users = fields(passwd)
-            .into_iter()
-            .filter_map(|f| Some((f.first()?.clone(), f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))
-            .collect();
-        let groups = fields(group)
-            .into_iter()
-            .filter_map(|f| {
-                let members = f
-                    .get(3)
-                    .map(|m| m.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
-                    .unwrap_or_default();
-                Some((f.first()?.clone(), f.get(2)?.parse().ok()?, members))
-            })
-            .collect();
-        Accounts { users, groups }
-    }
-    pub fn user(&self, name: &str) -> Option<(u32, u32)> {
-        self.users.iter().find(|u| u.0 == name).map(|u| (u.1, u.2))
-    }
-    pub fn user_name(&self, uid: u32) -> Option<String> {
-        self.users.iter().find(|u| u.1 == uid).map(|u| u.0.clone())
-    }
-    pub fn group(&self, name: &str) -> Option<u32> {
-        self.groups.iter().find(|g| g.0 == name).map(|g| g.1)
-    }
-    pub fn group_name(&self, gid: u32) -> Option<String> {
-        self.groups.iter().find(|g| g.1 == gid).map(|g| g.0.clone())
-    }
-    /// Whether user `name` (primary group `primary`) is in group `gid`.
-    pub fn in_group(&self, name: &str, primary: u32, gid: u32) -> bool {
-        primary == gid || self.groups.iter().any(|g| g.1 == gid && g.2.iter().any(|m| m == name))
-    }
-}
-
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 32
@@ -1777,49 +1727,6 @@ fn chown_tree_ids(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The inode flags (`lsattr`) of a file or directory.
-pub fn inode_flags(p: &Path) -> std::io::Result<libc::c_int> {
-    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW).open(p)?;
-    let mut flags: libc::c_int = 0;
-    // SAFETY: FS_IOC_GETFLAGS writes one int through the pointer.
-    if unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(flags)
-}
-
-pub fn is_append_only(p: &Path) -> std::io::Result<bool> {
-    inode_flags(p).map(|f| f & FS_APPEND_FL != 0)
-}
-
-/// `chattr +a` / `chattr -a`.
-pub fn set_append_only(p: &Path, on: bool) -> std::io::Result<()> {
-    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW).open(p)?;
-    let mut flags: libc::c_int = 0;
-    // SAFETY: FS_IOC_GETFLAGS / SETFLAGS read and write one int through the pointer.
-    if unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let new = if on { flags | FS_APPEND_FL } else { flags & !FS_APPEND_FL };
-    if new != flags && unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_SETFLAGS, &new) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Clear the append-only flag on everything under `p` (so it can be removed).
-fn clear_append_only_tree(p: &Path) {
-    let Ok(m) = std::fs::symlink_metadata(p) else { return };
-    if m.is_dir() {
-        let _ = set_append_only(p, false);
-        for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
-            clear_append_only_tree(&e.path());
-        }
-    } else if m.is_file() && is_append_only(p).unwrap_or(false) {
-        let _ = set_append_only(p, false);
-    }
-}
-
 // ---- small helpers -----------------------------------------------------------------------
 
 fn run_cmd(cmd: &mut Command) -> anyhow::Result<String> {
@@ -1834,18 +1741,6 @@ fn run_cmd(cmd: &mut Command) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Where the cgroup2 (unified) hierarchy is mounted.
-pub fn cgroup2_mount() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        if post.split(' ').next() != Some("cgroup2") {
-            return None;
-        }
-        pre.split(' ').nth(4).map(PathBuf::from)
-    })
 }
 
 fn url_escape(s: &str) -> String {

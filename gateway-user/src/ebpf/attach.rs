@@ -15,6 +15,7 @@ use aya::programs::links::FdLink;
 
 use super::discover::Found;
 use super::*;
+use crate::host::clock::now_rfc3339;
 
 /// Every program, its attach point as `pgward status` names it, and whether it is a cgroup
 /// sock_addr program (else: sock_ops, sk_lookup).
@@ -312,10 +313,6 @@ impl Drop for Intercept {
             self.attached
         );
     }
-}
-
-fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 fn mark_stopped(path: &Path) {
