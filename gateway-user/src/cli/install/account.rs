@@ -8,10 +8,11 @@ use std::process::Command;
 
 use anyhow::Context;
 
+use super::cmd::run_cmd;
 use super::files::sha256_hex;
 use super::manifest::{Change, Fallback, FileEdit, Journal, absent};
 use super::plan::Plan;
-use super::{Root, STATE_DIR, run_cmd};
+use super::tree::{Root, STATE_DIR};
 
 /// Create the system user (unless it exists), recording what useradd changed in /etc.
 pub(super) fn ensure_user(plan: &Plan, j: &mut Journal) -> anyhow::Result<(u32, u32)> {

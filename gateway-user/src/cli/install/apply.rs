@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, anyhow, bail};
@@ -11,17 +11,37 @@ use anyhow::{Context, anyhow, bail};
 use crate::config::Config;
 use crate::host::files::set_append_only;
 use super::account::ensure_user;
+use super::cmd::{run_cmd, run_systemctl, sh_quote};
 use super::files::{chown_tree, set_attrs, sha256_hex, write_file};
 use super::manifest::{Change, Fallback, FileEdit, Journal};
 use super::pg_conf::{edit_pg_conf, edit_user_clusters};
 use super::plan::Plan;
+use super::tree::{ACCESS_DIR, AUDIT_DIR, BACKUP_DIR, CONFIG_DIR, CONFIG_FILE, MANIFEST, STATE_DIR, STATE_FILE, TMPFILES_FILE, UNIT_FILE, UNIT_NAME};
 use super::unit::{UnitParams, unit_text};
-use super::{ACCESS_DIR, AUDIT_DIR, BACKUP_DIR, CONFIG_DIR, CONFIG_FILE, MANIFEST, STATE_DIR, STATE_FILE, TMPFILES_FILE, UNIT_FILE, UNIT_NAME, run_cmd, run_systemctl, sh_quote};
 
 /// Make the changes, recording each in the journal.
 pub(super) fn apply(plan: &Plan, j: &mut Journal, notes: &mut Vec<String>) -> anyhow::Result<()> {
+    state_dir(plan, j)?;
+    let (uid, gid) = ensure_user(plan, j)?;
+    set_attrs(&plan.root.p(STATE_DIR), 0o750, 0, gid)?;
+    install_binary(plan, j)?;
+    config_dir(plan, j, gid, notes)?;
+    data_dirs(plan, j, uid, gid, notes)?;
+    let public = socket_dirs(plan, j, gid)?;
+    // Postgres: loopback only, socket moved; Debian's client wrapper told about it.
+    edit_pg_conf(plan, j, notes)?;
+    edit_user_clusters(plan, j, notes)?;
+    write_unit(plan, j, &public, notes)?;
+    if plan.systemctl {
+        start_services(plan, j)?;
+    }
+    Ok(())
+}
+
+/// The state directory first: the manifest and the backups live there. From here on the
+/// journal is written to disk.
+fn state_dir(plan: &Plan, j: &mut Journal) -> anyhow::Result<()> {
     let root = &plan.root;
-    // 1. The state directory first: the manifest and the backups live there.
     let existing = std::fs::metadata(root.p(STATE_DIR)).ok();
     if existing.as_ref().is_some_and(|m| !m.is_dir()) {
         bail!("{} is not a directory", root.p(STATE_DIR).display());
@@ -35,12 +55,12 @@ pub(super) fn apply(plan: &Plan, j: &mut Journal, notes: &mut Vec<String>) -> an
     let backup = root.p(BACKUP_DIR);
     std::fs::create_dir_all(&backup).with_context(|| format!("creating {}", backup.display()))?;
     set_attrs(&backup, 0o700, 0, 0)?;
+    Ok(())
+}
 
-    // 2. The system user.
-    let (uid, gid) = ensure_user(plan, j)?;
-    set_attrs(&root.p(STATE_DIR), 0o750, 0, gid)?;
-
-    // 3. The binary.
+/// The binary, unless the target already is this file.
+fn install_binary(plan: &Plan, j: &mut Journal) -> anyhow::Result<()> {
+    let root = &plan.root;
     let dest_host = root.p(&plan.bin_dest);
     let same = plan.binary.canonicalize().ok().zip(dest_host.canonicalize().ok()).is_some_and(|(a, b)| a == b);
     if !same {
@@ -61,16 +81,23 @@ pub(super) fn apply(plan: &Plan, j: &mut Journal, notes: &mut Vec<String>) -> an
         }
         write_file(&dest_host, &bytes, 0o755, 0, 0)?;
     }
+    Ok(())
+}
 
-    // 4. The configuration directory.
+/// The configuration directory (recorded as a tree: uninstall removes all of it).
+fn config_dir(plan: &Plan, j: &mut Journal, gid: u32, notes: &mut Vec<String>) -> anyhow::Result<()> {
+    let root = &plan.root;
     let config_dir = root.p(CONFIG_DIR);
     if let Some(parent) = Path::new(CONFIG_DIR).parent() {
         j.mkdirs(parent, 0o755, 0, 0, false)?;
     }
     j.record(Change::Tree { path: CONFIG_DIR.into() })?;
-    write_config(plan, &config_dir, gid, notes)?;
+    write_config(plan, &config_dir, gid, notes)
+}
 
-    // 5. Audit log and access state.
+/// The audit log (append-only where the file system allows) and the access state.
+fn data_dirs(plan: &Plan, j: &mut Journal, uid: u32, gid: u32, notes: &mut Vec<String>) -> anyhow::Result<()> {
+    let root = &plan.root;
     j.mkdirs(Path::new(AUDIT_DIR), 0o750, uid, gid, true)?;
     if plan.append_only {
         match set_append_only(&root.p(AUDIT_DIR), true) {
@@ -80,8 +107,14 @@ pub(super) fn apply(plan: &Plan, j: &mut Journal, notes: &mut Vec<String>) -> an
         }
     }
     j.mkdirs(Path::new(ACCESS_DIR), 0o700, uid, gid, true)?;
+    Ok(())
+}
 
-    // 6. Socket directories.
+/// The real Postgres socket's directory (only Postgres and group pgward may enter), the
+/// clients' socket directory when it is missing, and the tmpfiles.d entry that recreates them
+/// at boot. Returns where the clients' directory is in the tree.
+fn socket_dirs(plan: &Plan, j: &mut Journal, gid: u32) -> anyhow::Result<PathBuf> {
+    let root = &plan.root;
     let mut tmpfiles = format!(
         "# pgward (written by `pgward install`): the real PostgreSQL socket lives where only\n\
          # {pg} and group {user} (pgward) can enter; clients' socket path is pgward's.\n\
@@ -121,13 +154,15 @@ pub(super) fn apply(plan: &Plan, j: &mut Journal, notes: &mut Vec<String>) -> an
     j.record(Change::File { path: TMPFILES_FILE.into() })?;
     write_file(&root.p(TMPFILES_FILE), tmpfiles.as_bytes(), 0o644, 0, 0)?;
 
-    // 7. Postgres: loopback only, socket moved; Debian's client wrapper told about it.
-    edit_pg_conf(plan, j, notes)?;
-    edit_user_clusters(plan, j, notes)?;
+    Ok(public)
+}
 
-    // 8. The systemd unit.
+/// The systemd unit, with the clients' socket directory's group as a supplementary group when
+/// pgward needs it to create its socket there.
+fn write_unit(plan: &Plan, j: &mut Journal, public: &Path, notes: &mut Vec<String>) -> anyhow::Result<()> {
+    let root = &plan.root;
     let socket_group = {
-        let m = std::fs::metadata(&public).with_context(|| format!("stat {}", public.display()))?;
+        let m = std::fs::metadata(public).with_context(|| format!("stat {}", public.display()))?;
         let accounts = root.accounts();
         if m.mode() & 0o020 != 0 && m.gid() != 0 {
             accounts.group_name(m.gid())
@@ -152,14 +187,16 @@ pub(super) fn apply(plan: &Plan, j: &mut Journal, notes: &mut Vec<String>) -> an
         pg_service: plan.pg_service.clone(),
     });
     write_file(&root.p(UNIT_FILE), unit.as_bytes(), 0o644, 0, 0)?;
+    Ok(())
+}
 
-    // 9. systemd.
-    if plan.systemctl {
-        run_systemctl(&["daemon-reload"])?;
-        run_systemctl(&["restart", &plan.pg_service])?;
-        j.record(Change::Enabled { unit: UNIT_NAME.into() })?;
-        run_systemctl(&["enable", "--now", UNIT_NAME])?;
-    }
+/// systemd picks up the unit, Postgres restarts with its new socket directory and address,
+/// pgward is enabled and started.
+fn start_services(plan: &Plan, j: &mut Journal) -> anyhow::Result<()> {
+    run_systemctl(&["daemon-reload"])?;
+    run_systemctl(&["restart", &plan.pg_service])?;
+    j.record(Change::Enabled { unit: UNIT_NAME.into() })?;
+    run_systemctl(&["enable", "--now", UNIT_NAME])?;
     Ok(())
 }
 
@@ -179,6 +216,26 @@ pub(super) fn write_config(plan: &Plan, dir: &Path, gid: u32, notes: &mut Vec<St
     let path = dir.join("pgward.toml");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut t: toml::Table = toml::from_str(&text).with_context(|| format!("{} (written by init)", path.display()))?;
+    appliance_settings(plan, &mut t, &path, dir, gid, notes)?;
+    write_checked(&path, &t, gid)?;
+    // init made an audit directory next to the config; the installed one is AUDIT_DIR.
+    let _ = std::fs::remove_dir(dir.join("audit"));
+    // Everything readable by group pgward only; nothing writable by it.
+    chown_tree(dir, 0, gid, 0o750, 0o640)?;
+    Ok(())
+}
+
+/// The appliance's settings in init's config `t` (read from `path`): pgward's socket where
+/// clients look, the service password (generated into DIR unless given), the audit directory,
+/// and interception of the Postgres port with the real socket checked.
+fn appliance_settings(
+    plan: &Plan,
+    t: &mut toml::Table,
+    path: &Path,
+    dir: &Path,
+    gid: u32,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<()> {
     let table = |t: &mut toml::Table, k: &str| -> anyhow::Result<toml::Table> {
         Ok(match t.remove(k) {
             Some(toml::Value::Table(x)) => x,
@@ -188,12 +245,12 @@ pub(super) fn write_config(plan: &Plan, dir: &Path, gid: u32, notes: &mut Vec<St
     };
     let s = |p: &Path| toml::Value::String(p.display().to_string());
 
-    let mut server = table(&mut t, "server")?;
+    let mut server = table(&mut *t, "server")?;
     server.insert("unix_socket_dir".into(), s(&plan.socket_dir));
     server.insert("unix_socket_port".into(), toml::Value::Integer(plan.pg_port.into()));
     t.insert("server".into(), server.into());
 
-    let mut upstream = table(&mut t, "upstream")?;
+    let mut upstream = table(&mut *t, "upstream")?;
     if plan.password_file.is_none() {
         let mut pw = [0u8; 18];
         getrandom::fill(&mut pw).map_err(|e| anyhow!("no randomness: {e}"))?;
@@ -212,7 +269,7 @@ pub(super) fn write_config(plan: &Plan, dir: &Path, gid: u32, notes: &mut Vec<St
     }
     t.insert("upstream".into(), upstream.into());
 
-    let mut audit = table(&mut t, "audit")?;
+    let mut audit = table(&mut *t, "audit")?;
     audit.insert("dir".into(), AUDIT_DIR.into());
     t.insert("audit".into(), audit.into());
 
@@ -235,6 +292,12 @@ pub(super) fn write_config(plan: &Plan, dir: &Path, gid: u32, notes: &mut Vec<St
     ic.insert("state_file".into(), STATE_FILE.into());
     t.insert("intercept".into(), ic.into());
 
+    Ok(())
+}
+
+/// Write the config with `[access]` pointing at the state directory, and check that it loads;
+/// a build whose config has no `[access]` gets the config without it.
+fn write_checked(path: &Path, t: &toml::Table, gid: u32) -> anyhow::Result<()> {
     // `[access]` (revocations, JIT grants) exists in builds that have it: its state must be
     // writable by the service, so it lives under /var/lib/pgward, not /etc.
     let mut with_access = t.clone();
@@ -248,20 +311,16 @@ pub(super) fn write_config(plan: &Plan, dir: &Path, gid: u32, notes: &mut Vec<St
     let header = "# pgward configuration, written by `pgward install` (see `pgward uninstall`).\n\
                   # Relative paths are resolved against the directory holding this file.\n\n";
     let body = format!("{header}{}", toml::to_string_pretty(&with_access)?);
-    write_file(&path, body.as_bytes(), 0o640, 0, gid)?;
-    if let Err(e) = Config::load(&path) {
+    write_file(path, body.as_bytes(), 0o640, 0, gid)?;
+    if let Err(e) = Config::load(path) {
         let msg = format!("{e}");
         if !msg.contains("access") {
             return Err(e).context("the installed config does not load (bug)");
         }
-        let body = format!("{header}{}", toml::to_string_pretty(&t)?);
-        write_file(&path, body.as_bytes(), 0o640, 0, gid)?;
-        Config::load(&path).context("the installed config does not load (bug)")?;
+        let body = format!("{header}{}", toml::to_string_pretty(t)?);
+        write_file(path, body.as_bytes(), 0o640, 0, gid)?;
+        Config::load(path).context("the installed config does not load (bug)")?;
     }
-    // init made an audit directory next to the config; the installed one is AUDIT_DIR.
-    let _ = std::fs::remove_dir(dir.join("audit"));
-    // Everything readable by group pgward only; nothing writable by it.
-    chown_tree(dir, 0, gid, 0o750, 0o640)?;
     Ok(())
 }
 

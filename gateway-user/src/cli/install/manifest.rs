@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use super::files::{set_attrs, write_file};
-use super::{BACKUP_DIR, MANIFEST, Root};
+use super::tree::{BACKUP_DIR, MANIFEST, Root};
 
 pub(super) const MANIFEST_FORMAT: u32 = 1;
 
@@ -196,7 +196,7 @@ pub(super) fn read_manifest(root: &Root) -> anyhow::Result<Manifest> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::AUDIT_DIR;
+    use super::super::tree::AUDIT_DIR;
     use super::*;
 
     #[test]

@@ -28,126 +28,30 @@
 
 mod account;
 mod apply;
+mod cmd;
 mod files;
 mod manifest;
 mod pg_conf;
+mod pg_settings;
 mod plan;
+mod tree;
 mod undo;
 mod unit;
 
-use std::path::{Component, Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 
-use anyhow::{Context, bail};
-
-use crate::host::accounts::{Accounts, effective_uid};
 use crate::host::clock::now_rfc3339;
 use apply::{apply, install_report};
 use manifest::{Journal, MANIFEST_FORMAT, Manifest};
 use plan::plan;
+use tree::{Root, require_root};
 use undo::{undo_all, uninstall};
 
-pub use pg_conf::{PgSetting, parse_pg_conf, pg_settings};
+pub use pg_settings::{PgSetting, parse_pg_conf, pg_settings};
+pub use plan::InstallArgs;
+pub use tree::{ACCESS_DIR, AUDIT_DIR, CONFIG_DIR, CONFIG_FILE, MANIFEST, RETIRED_DIR, RUNTIME_DIR, STATE_DIR, STATE_FILE, TMPFILES_FILE, UNIT_FILE, UNIT_NAME};
+pub use undo::UninstallArgs;
 pub use unit::{UnitParams, unit_text};
-
-pub const STATE_DIR: &str = "/var/lib/pgward";
-pub const MANIFEST: &str = "/var/lib/pgward/install-manifest.json";
-const BACKUP_DIR: &str = "/var/lib/pgward/install-backup";
-pub const RETIRED_DIR: &str = "/var/lib/pgward/retired";
-pub const CONFIG_DIR: &str = "/etc/pgward";
-pub const CONFIG_FILE: &str = "/etc/pgward/pgward.toml";
-pub const AUDIT_DIR: &str = "/var/lib/pgward/audit";
-pub const ACCESS_DIR: &str = "/var/lib/pgward/state";
-pub const UNIT_FILE: &str = "/etc/systemd/system/pgward.service";
-pub const UNIT_NAME: &str = "pgward.service";
-pub const TMPFILES_FILE: &str = "/etc/tmpfiles.d/pgward.conf";
-/// systemd's RuntimeDirectory= for the unit: the interception state file lives here.
-pub const RUNTIME_DIR: &str = "/run/pgward";
-pub const STATE_FILE: &str = "/run/pgward/intercept.state.json";
-
-#[derive(Debug, clap::Args)]
-pub struct InstallArgs {
-    /// Install into the tree under DIR instead of the running system (an image, a chroot, a test
-    /// root); every path below is then inside DIR. systemctl is only run when DIR is /.
-    #[arg(long, default_value = "/")]
-    pub root: PathBuf,
-    /// The real Postgres's postgresql.conf (a path on the target system). Default:
-    /// DATA/postgresql.conf with --pg-data, else /etc/postgresql/15/main/postgresql.conf.
-    #[arg(long)]
-    pub pg_conf: Option<PathBuf>,
-    /// Postgres's data directory (where postgresql.auto.conf is checked). Default: the config's
-    /// `data_directory`, else the directory holding postgresql.conf.
-    #[arg(long)]
-    pub pg_data: Option<PathBuf>,
-    /// The OS user Postgres runs as (owner of the moved socket directory).
-    #[arg(long, default_value = "postgres")]
-    pub pg_user: String,
-    /// systemd unit restarted so that Postgres picks up the new socket directory and address.
-    #[arg(long, default_value = "postgresql.service")]
-    pub pg_service: String,
-    /// `listen_addresses` for Postgres (loopback: remote clients reach port 5432 through pgward).
-    #[arg(long, default_value = "127.0.0.1")]
-    pub pg_listen: String,
-    /// Where the real Postgres socket moves: a directory only postgres and group pgward can enter.
-    #[arg(long, default_value = "/run/postgresql-real")]
-    pub real_socket_dir: PathBuf,
-    /// The directory clients look in (libpq's default); pgward listens there instead of Postgres.
-    #[arg(long, default_value = "/run/postgresql")]
-    pub socket_dir: PathBuf,
-    /// pgward's own TCP listener (connects to the Postgres port are steered here).
-    #[arg(long, default_value = "127.0.0.1:6432")]
-    pub listen: String,
-    /// System user (and group) pgward runs as; created unless it exists.
-    #[arg(long, default_value = "pgward")]
-    pub user: String,
-    /// pgward's role on the real Postgres (the service credential; see --upstream-password-file).
-    #[arg(long, default_value = "pgward_svc")]
-    pub service_role: String,
-    /// File holding the service role's password (first line). Without it a password is generated
-    /// into /etc/pgward/upstream.password and install prints how to create the role with it.
-    #[arg(long)]
-    pub upstream_password_file: Option<PathBuf>,
-    /// Database used when a client names none.
-    #[arg(long, default_value = "postgres")]
-    pub database: String,
-    /// The pgward binary to install (default: this executable).
-    #[arg(long)]
-    pub binary: Option<PathBuf>,
-    /// Where the binary goes (a path on the target system).
-    #[arg(long, default_value = "/usr/local/bin")]
-    pub bin_dir: PathBuf,
-    /// Write `[intercept] enabled = false` (no eBPF: clients must dial pgward themselves).
-    #[arg(long)]
-    pub no_intercept: bool,
-    /// cgroup v2 directory the eBPF programs attach to (default: the root of the cgroup2 mount,
-    /// i.e. every process on the host).
-    #[arg(long)]
-    pub intercept_cgroup: Option<PathBuf>,
-    /// cgroup pgward moves itself into (its connects are exempt). Default: `gateway` below the
-    /// unit's own (delegated) cgroup, `<cgroup2 mount>/system.slice/pgward.service/gateway`.
-    #[arg(long)]
-    pub gateway_cgroup: Option<PathBuf>,
-    /// Do not set the append-only attribute on the audit directory.
-    #[arg(long)]
-    pub no_append_only: bool,
-    /// Do not run systemctl (daemon-reload, Postgres restart, enable --now pgward).
-    #[arg(long)]
-    pub no_systemctl: bool,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct UninstallArgs {
-    /// The tree `pgward install --root` was applied to.
-    #[arg(long, default_value = "/")]
-    pub root: PathBuf,
-    /// Also delete the audit log and the access state (otherwise kept, owned by root, with a
-    /// config to verify the log: /var/lib/pgward/retired/pgward.toml).
-    #[arg(long)]
-    pub purge: bool,
-    /// Do not run systemctl (disable --now pgward, daemon-reload, Postgres restart).
-    #[arg(long)]
-    pub no_systemctl: bool,
-}
 
 pub fn run_install(args: InstallArgs) -> anyhow::Result<ExitCode> {
     let report = install(&args)?;
@@ -203,72 +107,3 @@ fn install(args: &InstallArgs) -> anyhow::Result<String> {
     }
 }
 
-/// The directory the system paths are applied under (`/` for the running system).
-#[derive(Debug, Clone)]
-struct Root {
-    dir: PathBuf,
-}
-
-impl Root {
-    fn new(p: &Path) -> anyhow::Result<Root> {
-        let dir = p.canonicalize().with_context(|| format!("--root {}", p.display()))?;
-        if !dir.is_dir() {
-            bail!("--root {} is not a directory", p.display());
-        }
-        Ok(Root { dir })
-    }
-    fn host(&self) -> bool {
-        self.dir == Path::new("/")
-    }
-    /// The tree's /etc/passwd and /etc/group.
-    fn accounts(&self) -> Accounts {
-        Accounts::load_from(&self.p("/etc/passwd"), &self.p("/etc/group"))
-    }
-    /// Where system path `sys` (absolute) is in this tree.
-    fn p(&self, sys: impl AsRef<Path>) -> PathBuf {
-        let s = sys.as_ref();
-        let rel = s.strip_prefix("/").unwrap_or(s);
-        if rel.as_os_str().is_empty() { self.dir.clone() } else { self.dir.join(rel) }
-    }
-}
-
-fn require_root() -> anyhow::Result<()> {
-    if effective_uid() != 0 {
-        bail!("must run as root (it creates a system user and changes file ownership)");
-    }
-    Ok(())
-}
-
-/// An absolute path without `..` (what every system path given on the command line must be).
-fn system_path(flag: &str, p: &Path) -> anyhow::Result<PathBuf> {
-    if !p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir)) {
-        bail!("{flag} {} must be an absolute path without '..'", p.display());
-    }
-    Ok(p.components().collect())
-}
-
-fn run_systemctl(args: &[&str]) -> anyhow::Result<()> {
-    run_cmd(Command::new("systemctl").args(args)).map(|_| ())
-}
-
-fn run_cmd(cmd: &mut Command) -> anyhow::Result<String> {
-    let what = format!("{cmd:?}");
-    let out = cmd.output().with_context(|| format!("running {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn sh_quote(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-:=@,+".contains(&b)) {
-        s.to_owned()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
-}

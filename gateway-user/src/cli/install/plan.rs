@@ -6,8 +6,78 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 
 use crate::host::cgroup::cgroup2_mount;
-use super::pg_conf::pg_settings_in;
-use super::{ACCESS_DIR, AUDIT_DIR, CONFIG_DIR, InstallArgs, MANIFEST, Root, TMPFILES_FILE, UNIT_FILE, UNIT_NAME, require_root, system_path};
+use super::pg_settings::pg_settings_in;
+use super::tree::{ACCESS_DIR, AUDIT_DIR, CONFIG_DIR, MANIFEST, Root, TMPFILES_FILE, UNIT_FILE, UNIT_NAME, require_root, system_path};
+
+#[derive(Debug, clap::Args)]
+pub struct InstallArgs {
+    /// Install into the tree under DIR instead of the running system (an image, a chroot, a test
+    /// root); every path below is then inside DIR. systemctl is only run when DIR is /.
+    #[arg(long, default_value = "/")]
+    pub root: PathBuf,
+    /// The real Postgres's postgresql.conf (a path on the target system). Default:
+    /// DATA/postgresql.conf with --pg-data, else /etc/postgresql/15/main/postgresql.conf.
+    #[arg(long)]
+    pub pg_conf: Option<PathBuf>,
+    /// Postgres's data directory (where postgresql.auto.conf is checked). Default: the config's
+    /// `data_directory`, else the directory holding postgresql.conf.
+    #[arg(long)]
+    pub pg_data: Option<PathBuf>,
+    /// The OS user Postgres runs as (owner of the moved socket directory).
+    #[arg(long, default_value = "postgres")]
+    pub pg_user: String,
+    /// systemd unit restarted so that Postgres picks up the new socket directory and address.
+    #[arg(long, default_value = "postgresql.service")]
+    pub pg_service: String,
+    /// `listen_addresses` for Postgres (loopback: remote clients reach port 5432 through pgward).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub pg_listen: String,
+    /// Where the real Postgres socket moves: a directory only postgres and group pgward can enter.
+    #[arg(long, default_value = "/run/postgresql-real")]
+    pub real_socket_dir: PathBuf,
+    /// The directory clients look in (libpq's default); pgward listens there instead of Postgres.
+    #[arg(long, default_value = "/run/postgresql")]
+    pub socket_dir: PathBuf,
+    /// pgward's own TCP listener (connects to the Postgres port are steered here).
+    #[arg(long, default_value = "127.0.0.1:6432")]
+    pub listen: String,
+    /// System user (and group) pgward runs as; created unless it exists.
+    #[arg(long, default_value = "pgward")]
+    pub user: String,
+    /// pgward's role on the real Postgres (the service credential; see --upstream-password-file).
+    #[arg(long, default_value = "pgward_svc")]
+    pub service_role: String,
+    /// File holding the service role's password (first line). Without it a password is generated
+    /// into /etc/pgward/upstream.password and install prints how to create the role with it.
+    #[arg(long)]
+    pub upstream_password_file: Option<PathBuf>,
+    /// Database used when a client names none.
+    #[arg(long, default_value = "postgres")]
+    pub database: String,
+    /// The pgward binary to install (default: this executable).
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
+    /// Where the binary goes (a path on the target system).
+    #[arg(long, default_value = "/usr/local/bin")]
+    pub bin_dir: PathBuf,
+    /// Write `[intercept] enabled = false` (no eBPF: clients must dial pgward themselves).
+    #[arg(long)]
+    pub no_intercept: bool,
+    /// cgroup v2 directory the eBPF programs attach to (default: the root of the cgroup2 mount,
+    /// i.e. every process on the host).
+    #[arg(long)]
+    pub intercept_cgroup: Option<PathBuf>,
+    /// cgroup pgward moves itself into (its connects are exempt). Default: `gateway` below the
+    /// unit's own (delegated) cgroup, `<cgroup2 mount>/system.slice/pgward.service/gateway`.
+    #[arg(long)]
+    pub gateway_cgroup: Option<PathBuf>,
+    /// Do not set the append-only attribute on the audit directory.
+    #[arg(long)]
+    pub no_append_only: bool,
+    /// Do not run systemctl (daemon-reload, Postgres restart, enable --now pgward).
+    #[arg(long)]
+    pub no_systemctl: bool,
+}
 
 /// Everything install needs to know, resolved and checked before anything is changed.
 pub(super) struct Plan {
@@ -39,27 +109,7 @@ pub(super) struct Plan {
 pub(super) fn plan(args: &InstallArgs) -> anyhow::Result<Plan> {
     let root = Root::new(&args.root)?;
     require_root()?;
-    if root.p(MANIFEST).exists() {
-        bail!(
-            "pgward is already installed in {} ({} exists); run `pgward uninstall` first",
-            root.dir.display(),
-            root.p(MANIFEST).display()
-        );
-    }
-    for p in [CONFIG_DIR, UNIT_FILE, TMPFILES_FILE] {
-        if root.p(p).exists() {
-            bail!("{} already exists; move it away first (pgward install does not overwrite it)", root.p(p).display());
-        }
-    }
-    for p in [AUDIT_DIR, ACCESS_DIR] {
-        if std::fs::read_dir(root.p(p)).is_ok_and(|mut d| d.next().is_some()) {
-            bail!(
-                "{} is not empty (data of an earlier installation?); move it away first (an \
-                 append-only directory needs `chattr -a` before it can be moved)",
-                root.p(p).display()
-            );
-        }
-    }
+    check_not_installed(&root)?;
     if !valid_name(&args.user) || !valid_name(&args.pg_user) {
         bail!("--user / --pg-user must be plain user names");
     }
@@ -80,20 +130,7 @@ pub(super) fn plan(args: &InstallArgs) -> anyhow::Result<Plan> {
         format!("user {:?} (--pg-user) does not exist in {}", args.pg_user, root.p("/etc/passwd").display())
     })?;
 
-    let pg_data = args.pg_data.as_deref().map(|p| system_path("--pg-data", p)).transpose()?;
-    let pg_conf = match (&args.pg_conf, &pg_data) {
-        (Some(c), _) => system_path("--pg-conf", c)?,
-        (None, Some(d)) => d.join("postgresql.conf"),
-        (None, None) => PathBuf::from("/etc/postgresql/15/main/postgresql.conf"),
-    };
-    if !root.p(&pg_conf).is_file() {
-        bail!("no postgresql.conf at {} (give --pg-conf FILE or --pg-data DIR)", root.p(&pg_conf).display());
-    }
-    let settings = pg_settings_in(&root, &pg_conf, pg_data.as_deref())?;
-    let pg_port = match settings.get("port") {
-        Some(s) => s.value.parse::<u16>().with_context(|| format!("port = {:?} in {}", s.value, s.file.display()))?,
-        None => 5432,
-    };
+    let (pg_conf, pg_data, pg_port) = postgres_config(&root, args)?;
     if let Some(p) = &args.upstream_password_file {
         std::fs::read(p).with_context(|| format!("cannot read --upstream-password-file {}", p.display()))?;
     }
@@ -148,6 +185,53 @@ pub(super) fn plan(args: &InstallArgs) -> anyhow::Result<Plan> {
         append_only: !args.no_append_only,
         pg_service: args.pg_service.clone(),
     })
+}
+
+/// The real Postgres's postgresql.conf and data directory (system paths), and the port its
+/// settings give.
+fn postgres_config(root: &Root, args: &InstallArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>, u16)> {
+    let pg_data = args.pg_data.as_deref().map(|p| system_path("--pg-data", p)).transpose()?;
+    let pg_conf = match (&args.pg_conf, &pg_data) {
+        (Some(c), _) => system_path("--pg-conf", c)?,
+        (None, Some(d)) => d.join("postgresql.conf"),
+        (None, None) => PathBuf::from("/etc/postgresql/15/main/postgresql.conf"),
+    };
+    if !root.p(&pg_conf).is_file() {
+        bail!("no postgresql.conf at {} (give --pg-conf FILE or --pg-data DIR)", root.p(&pg_conf).display());
+    }
+    let settings = pg_settings_in(root, &pg_conf, pg_data.as_deref())?;
+    let pg_port = match settings.get("port") {
+        Some(s) => s.value.parse::<u16>().with_context(|| format!("port = {:?} in {}", s.value, s.file.display()))?,
+        None => 5432,
+    };
+    Ok((pg_conf, pg_data, pg_port))
+}
+
+/// Nothing of an earlier installation is in the way: install never overwrites pgward's own
+/// files, and data directories must be empty.
+fn check_not_installed(root: &Root) -> anyhow::Result<()> {
+    if root.p(MANIFEST).exists() {
+        bail!(
+            "pgward is already installed in {} ({} exists); run `pgward uninstall` first",
+            root.dir.display(),
+            root.p(MANIFEST).display()
+        );
+    }
+    for p in [CONFIG_DIR, UNIT_FILE, TMPFILES_FILE] {
+        if root.p(p).exists() {
+            bail!("{} already exists; move it away first (pgward install does not overwrite it)", root.p(p).display());
+        }
+    }
+    for p in [AUDIT_DIR, ACCESS_DIR] {
+        if std::fs::read_dir(root.p(p)).is_ok_and(|mut d| d.next().is_some()) {
+            bail!(
+                "{} is not empty (data of an earlier installation?); move it away first (an \
+                 append-only directory needs `chattr -a` before it can be moved)",
+                root.p(p).display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The host pgward dials for a Postgres with these listen_addresses.

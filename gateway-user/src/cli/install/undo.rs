@@ -2,7 +2,7 @@
 //! the audit log kept (with a config to verify it) unless `--purge`.
 
 use std::fmt::Write as _;
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
@@ -10,11 +10,25 @@ use anyhow::{Context, bail};
 
 use crate::config::Config;
 use crate::host::files::{clear_append_only_tree, is_append_only, set_append_only};
+use super::cmd::{run_cmd, run_systemctl};
 use super::files::{chown_tree_ids, current_sha, replace_file_contents, set_attrs, write_file};
 use super::manifest::{Change, Fallback, FileEdit, Manifest, Saved, read_manifest, write_manifest};
-use super::pg_conf::strip_block;
-use super::{ACCESS_DIR, AUDIT_DIR, BACKUP_DIR, CONFIG_FILE, MANIFEST, RETIRED_DIR, Root, STATE_DIR, UNIT_NAME, run_cmd, run_systemctl};
-use super::pg_conf::DROPIN_NAME;
+use super::pg_conf::{DROPIN_NAME, strip_block};
+use super::tree::{ACCESS_DIR, AUDIT_DIR, BACKUP_DIR, CONFIG_FILE, MANIFEST, RETIRED_DIR, Root, STATE_DIR, UNIT_NAME};
+
+#[derive(Debug, clap::Args)]
+pub struct UninstallArgs {
+    /// The tree `pgward install --root` was applied to.
+    #[arg(long, default_value = "/")]
+    pub root: PathBuf,
+    /// Also delete the audit log and the access state (otherwise kept, owned by root, with a
+    /// config to verify the log: /var/lib/pgward/retired/pgward.toml).
+    #[arg(long)]
+    pub purge: bool,
+    /// Do not run systemctl (disable --now pgward, daemon-reload, Postgres restart).
+    #[arg(long)]
+    pub no_systemctl: bool,
+}
 
 /// Undo the manifest in `root`. Returns the report and whether everything was undone.
 pub(super) fn uninstall(root: &Root, purge: bool, systemctl: bool) -> anyhow::Result<(String, bool)> {
@@ -187,53 +201,7 @@ pub(super) fn undo(root: &Root, c: &Change, purge: bool, systemctl: bool) -> any
             }
             Ok(None)
         }
-        Change::Dir { path, data } => {
-            let p = root.p(path);
-            if !p.exists() {
-                return Ok(None);
-            }
-            if *data && !purge {
-                // Kept, handed to root (the user goes). An append-only inode's owner cannot
-                // change: lift the flag for the chown.
-                let append_only = is_append_only(&p).unwrap_or(false);
-                if append_only {
-                    set_append_only(&p, false).with_context(|| format!("chattr -a {}", p.display()))?;
-                }
-                let r = chown_tree_ids(&p, 0, 0);
-                if append_only {
-                    set_append_only(&p, true).with_context(|| format!("chattr +a {}", p.display()))?;
-                }
-                r?;
-                return Ok(None);
-            }
-            if *data {
-                clear_append_only_tree(&p);
-                std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
-                return Ok(None);
-            }
-            match std::fs::remove_dir(&p) {
-                Ok(()) => Ok(None),
-                Err(_) if Path::new(STATE_DIR).starts_with(path) && !purge => {
-                    // It holds the kept audit log.
-                    if path == Path::new(STATE_DIR) {
-                        set_attrs(&p, 0o750, 0, 0)?;
-                    }
-                    Ok(None)
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-                    let names: Vec<String> = std::fs::read_dir(&p)
-                        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).take(5).collect())
-                        .unwrap_or_default();
-                    bail!(
-                        "{} is not empty ({}); install created it — is a service still using it (Postgres \
-                         keeps its socket there until restarted)?",
-                        p.display(),
-                        names.join(", ")
-                    )
-                }
-                Err(e) => Err(e).with_context(|| format!("removing {}", p.display())),
-            }
-        }
+        Change::Dir { path, data } => undo_dir(root, path, *data, purge),
         Change::Attrs { path, mode, uid, gid } => {
             let p = root.p(path);
             if p.exists() {
@@ -250,34 +218,88 @@ pub(super) fn undo(root: &Root, c: &Change, purge: bool, systemctl: bool) -> any
             Ok(None)
         }
         Change::Edit(e) => undo_edit(root, e),
-        Change::Account { user, group_created, files } => {
-            let unchanged = files.iter().all(|f| current_sha(&root.p(&f.path)) == f.after);
-            if unchanged {
-                for f in files {
-                    restore(root, &f.path, &f.before)?;
-                }
-                return Ok(None);
-            }
-            // Someone changed the account files since: remove just our user (and group).
-            if root.accounts().user(user).is_some() {
-                let mut cmd = Command::new("userdel");
-                if !root.host() {
-                    cmd.arg("--prefix").arg(&root.dir);
-                }
-                run_cmd(cmd.arg(user)).with_context(|| format!("userdel {user}"))?;
-            }
-            if *group_created && root.accounts().group(user).is_some() {
-                let mut cmd = Command::new("groupdel");
-                if !root.host() {
-                    cmd.arg("--prefix").arg(&root.dir);
-                }
-                run_cmd(cmd.arg(user)).with_context(|| format!("groupdel {user}"))?;
-            }
-            Ok(Some(format!(
-                "the account files changed since install: removed user {user} with userdel (backups such as /etc/passwd- are left as they are)"
-            )))
-        }
+        Change::Account { user, group_created, files } => undo_account(root, user, *group_created, files),
     }
+}
+
+/// A directory install created: removed when empty; one holding data (the audit log, the
+/// access state) is kept and handed to root unless `purge`.
+fn undo_dir(root: &Root, path: &Path, data: bool, purge: bool) -> anyhow::Result<Option<String>> {
+    let p = root.p(path);
+    if !p.exists() {
+        return Ok(None);
+    }
+    if data && !purge {
+        // Kept, handed to root (the user goes). An append-only inode's owner cannot
+        // change: lift the flag for the chown.
+        let append_only = is_append_only(&p).unwrap_or(false);
+        if append_only {
+            set_append_only(&p, false).with_context(|| format!("chattr -a {}", p.display()))?;
+        }
+        let r = chown_tree_ids(&p, 0, 0);
+        if append_only {
+            set_append_only(&p, true).with_context(|| format!("chattr +a {}", p.display()))?;
+        }
+        r?;
+        return Ok(None);
+    }
+    if data {
+        clear_append_only_tree(&p);
+        std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
+        return Ok(None);
+    }
+    match std::fs::remove_dir(&p) {
+        Ok(()) => Ok(None),
+        Err(_) if Path::new(STATE_DIR).starts_with(path) && !purge => {
+            // It holds the kept audit log.
+            if path == Path::new(STATE_DIR) {
+                set_attrs(&p, 0o750, 0, 0)?;
+            }
+            Ok(None)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+            let names: Vec<String> = std::fs::read_dir(&p)
+                .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).take(5).collect())
+                .unwrap_or_default();
+            bail!(
+                "{} is not empty ({}); install created it — is a service still using it (Postgres \
+                 keeps its socket there until restarted)?",
+                p.display(),
+                names.join(", ")
+            )
+        }
+        Err(e) => Err(e).with_context(|| format!("removing {}", p.display())),
+    }
+}
+
+/// The account files restored when nobody changed them since install, else just pgward's user
+/// (and the group install created) removed.
+fn undo_account(root: &Root, user: &str, group_created: bool, files: &[FileEdit]) -> anyhow::Result<Option<String>> {
+    let unchanged = files.iter().all(|f| current_sha(&root.p(&f.path)) == f.after);
+    if unchanged {
+        for f in files {
+            restore(root, &f.path, &f.before)?;
+        }
+        return Ok(None);
+    }
+    // Someone changed the account files since: remove just our user (and group).
+    if root.accounts().user(user).is_some() {
+        let mut cmd = Command::new("userdel");
+        if !root.host() {
+            cmd.arg("--prefix").arg(&root.dir);
+        }
+        run_cmd(cmd.arg(user)).with_context(|| format!("userdel {user}"))?;
+    }
+    if group_created && root.accounts().group(user).is_some() {
+        let mut cmd = Command::new("groupdel");
+        if !root.host() {
+            cmd.arg("--prefix").arg(&root.dir);
+        }
+        run_cmd(cmd.arg(user)).with_context(|| format!("groupdel {user}"))?;
+    }
+    Ok(Some(format!(
+        "the account files changed since install: removed user {user} with userdel (backups such as /etc/passwd- are left as they are)"
+    )))
 }
 
 pub(super) fn undo_edit(root: &Root, e: &FileEdit) -> anyhow::Result<Option<String>> {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use super::{ACCESS_DIR, AUDIT_DIR, CONFIG_FILE};
+use super::tree::{ACCESS_DIR, AUDIT_DIR, CONFIG_FILE};
 
 pub struct UnitParams {
     pub exec: PathBuf,
