@@ -285,20 +285,8 @@ impl Drop for Tree {
             return;
         }
         // The audit directory is append-only: clear that first.
-        clear_append_only(&self.top);
+        pgward::host::files::clear_append_only_tree(&self.top);
         let _ = std::fs::remove_dir_all(&self.top);
-    }
-}
-
-fn clear_append_only(p: &Path) {
-    let Ok(m) = std::fs::symlink_metadata(p) else { return };
-    if (m.is_dir() || m.is_file()) && pgward::cli::install::is_append_only(p).unwrap_or(false) {
-        let _ = pgward::cli::install::set_append_only(p, false);
-    }
-    if m.is_dir() {
-        for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
-            clear_append_only(&e.path());
-        }
     }
 }
 
@@ -310,7 +298,7 @@ fn snapshot(root: &Path) -> BTreeMap<String, String> {
         let m = std::fs::symlink_metadata(p).unwrap();
         let rel = format!("/{}", p.strip_prefix(root).unwrap().display());
         let t = m.file_type();
-        let attr = if (t.is_dir() || t.is_file()) && pgward::cli::install::is_append_only(p).unwrap_or(false) {
+        let attr = if (t.is_dir() || t.is_file()) && pgward::host::files::is_append_only(p).unwrap_or(false) {
             " +a"
         } else {
             ""
@@ -526,7 +514,7 @@ struct TestCg {
 
 impl TestCg {
     fn new(name: &str) -> TestCg {
-        let root = pgward::cli::install::cgroup2_mount().expect("a cgroup2 (unified) hierarchy must be mounted");
+        let root = pgward::host::cgroup::cgroup2_mount().ok().flatten().expect("a cgroup2 (unified) hierarchy must be mounted");
         let path = root.join(format!("pgwt-{name}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst)));
         std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
         TestCg { path, root }
@@ -680,7 +668,7 @@ fn install_cli(args: &[&str]) -> CmdOut {
 }
 
 fn lsattr_has_a(p: &Path) -> bool {
-    pgward::cli::install::is_append_only(p).unwrap_or(false)
+    pgward::host::files::is_append_only(p).unwrap_or(false)
 }
 
 fn mode_owner(p: &Path) -> (u32, u32, u32) {

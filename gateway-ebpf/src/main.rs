@@ -21,11 +21,9 @@
 //!   while pgward is stopped any local process could listen where the redirect steers clients
 //!   (and, with SO_REUSEPORT, share pgward's port while it runs).
 //!
-//! Every decision is counted in `PGW_COUNTERS` (indexes in shared.rs).
+//! Every decision is counted in `PGW_COUNTERS` (indexes in gateway-common).
 #![no_std]
 #![no_main]
-
-mod shared;
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
@@ -41,7 +39,7 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, info};
-use shared::*;
+use gateway_common::*;
 
 /// cgroup_sock_addr verdicts: 1 lets the syscall proceed, 0 fails it with EPERM.
 const ALLOW: i32 = 1;

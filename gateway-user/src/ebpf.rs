@@ -37,12 +37,8 @@
 mod attach;
 pub use attach::Entered;
 pub mod discover;
-mod nss;
 pub mod pins;
 
-#[path = "../../gateway-ebpf/src/shared.rs"]
-#[allow(clippy::all)]
-mod shared;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -59,13 +55,10 @@ use aya::{Ebpf, EbpfLoader};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, UnixSocketCheck};
-use shared::{ConnMeta, PeerKey, RuleKey};
-
-// SAFETY: plain #[repr(C)] integers, no padding holes (see shared.rs); any bit pattern is valid.
-unsafe impl aya::Pod for shared::Config {}
-unsafe impl aya::Pod for RuleKey {}
-unsafe impl aya::Pod for ConnMeta {}
-unsafe impl aya::Pod for PeerKey {}
+use crate::host::accounts::{Accounts, effective_uid};
+use crate::host::{caps, cgroup, process, reach};
+use gateway_common as common;
+use gateway_common::{ConnMeta, PeerKey, RuleKey};
 
 /// The kernel object, embedded at build time when `cargo xtask build-ebpf` has produced it.
 #[cfg(pgward_ebpf_object)]
@@ -93,7 +86,6 @@ const CGROUP_PROGRAMS: [(&str, &str); 6] = [
 ];
 const SOCKOPS: &str = "pgw_sockops";
 const SK_LOOKUP: &str = "pgw_sk_lookup";
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
 /// Interception of this `serve`: the pinned programs (attached now, or adopted from an earlier
@@ -108,9 +100,9 @@ pub struct Intercept {
     _gateway: GatewayCgroup,
     state_file: PathBuf,
     pin_dir: PathBuf,
-    config: Array<MapData, shared::Config>,
+    config: Array<MapData, common::Config>,
     rules: BpfHashMap<MapData, RuleKey, u32>,
-    kcfg: shared::Config,
+    kcfg: common::Config,
     listen: SocketAddr,
     cgroup: PathBuf,
     cgroup_root: PathBuf,
@@ -275,7 +267,7 @@ pub fn lookup_peer(stream: &tokio::net::TcpStream) -> Option<PeerMeta> {
         gid: Some(m.gid),
         cgroup_id: Some(m.cgroup_id),
         cgroup,
-        comm: fs::read_to_string(format!("/proc/{}/comm", m.pid)).ok().map(|s| s.trim().to_string()),
+        comm: process::comm(m.pid),
     })
 }
 
@@ -321,26 +313,9 @@ fn attach_error(name: &str, hook: &str, target: &Path, e: ProgramError) -> anyho
 
 // ---- capabilities, rlimit, kernel log -------------------------------------------------------
 
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_BPF: u32 = 39;
-
-fn effective_caps() -> Option<u64> {
-    let status = fs::read_to_string("/proc/self/status").ok()?;
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
-    u64::from_str_radix(hex, 16).ok()
-}
-
 fn check_capabilities() -> anyhow::Result<()> {
-    let Some(caps) = effective_caps() else { return Ok(()) };
-    let has = |c: u32| caps & (1u64 << c) != 0;
-    let mut missing = Vec::new();
-    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
-        missing.push("CAP_BPF");
-    }
-    if !has(CAP_NET_ADMIN) && !has(CAP_SYS_ADMIN) {
-        missing.push("CAP_NET_ADMIN");
-    }
+    let Some(have) = caps::effective("self") else { return Ok(()) };
+    let missing = caps::missing_for_ebpf(have);
     if !missing.is_empty() {
         bail!(
             "intercept: pgward lacks {} (needed to load and attach the eBPF programs); run it as \
@@ -452,7 +427,7 @@ impl Plan {
 
     fn rule_entries(&self) -> Vec<(RuleKey, u32)> {
         let mut out: Vec<(RuleKey, u32)> = Vec::new();
-        for (list, action) in [(&self.guard, shared::ACTION_REFUSE), (&self.protected, shared::ACTION_REDIRECT)] {
+        for (list, action) in [(&self.guard, common::ACTION_REFUSE), (&self.protected, common::ACTION_REDIRECT)] {
             for a in list {
                 let key = rule_key(a);
                 out.retain(|(k, _)| *k != key); // protected wins over guard
@@ -474,11 +449,11 @@ impl Plan {
         out
     }
 
-    fn kernel_config(&self, netns_cookie: u64, gateway_cgroup_id: u64, exempt_uid: Option<u32>) -> shared::Config {
-        let mut c = shared::Config {
+    fn kernel_config(&self, netns_cookie: u64, gateway_cgroup_id: u64, exempt_uid: Option<u32>) -> common::Config {
+        let mut c = common::Config {
             host_netns_cookie: netns_cookie,
             gateway_cgroup_id,
-            exempt_uid: exempt_uid.unwrap_or(shared::NO_UID),
+            exempt_uid: exempt_uid.unwrap_or(common::NO_UID),
             ..Default::default()
         };
         if let Some(SocketAddr::V4(a)) = self.redirect4 {
@@ -667,26 +642,14 @@ fn netns_cookie(fd: std::os::fd::RawFd) -> Option<u64> {
 
 /// Where the cgroup2 (unified) hierarchy is mounted (/sys/fs/cgroup/unified on hybrid hosts).
 fn cgroup2_mount() -> anyhow::Result<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").context("intercept: reading /proc/self/mountinfo")?;
-    info.lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            if post.split(' ').next() != Some("cgroup2") {
-                return None;
-            }
-            pre.split(' ').nth(4).map(PathBuf::from)
-        })
+    cgroup::cgroup2_mount()
+        .context("intercept: reading /proc/self/mountinfo")?
         .context("intercept: no cgroup2 (unified) hierarchy is mounted")
 }
 
 fn require_cgroup2(dir: &Path) -> anyhow::Result<()> {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).context("cgroup path")?;
-    // SAFETY: statfs into a zeroed struct with a valid C path.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        bail!("intercept: cgroup {}: {}", dir.display(), std::io::Error::last_os_error());
-    }
-    if st.f_type as i64 != CGROUP2_SUPER_MAGIC {
+    let is_v2 = cgroup::is_cgroup2(dir).map_err(|e| anyhow!("intercept: cgroup {}: {e}", dir.display()))?;
+    if !is_v2 {
         bail!("intercept: {} is not a cgroup v2 directory (set intercept.cgroup to one under the cgroup2 mount)", dir.display());
     }
     Ok(())
@@ -702,9 +665,7 @@ struct GatewayCgroup {
 
 impl GatewayCgroup {
     fn enter(path: &Path, root: &Path) -> anyhow::Result<GatewayCgroup> {
-        let original = fs::read_to_string("/proc/self/cgroup")
-            .ok()
-            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(|p| root.join(p.trim_start_matches('/')))));
+        let original = cgroup::cgroup_of(std::process::id()).map(|p| root.join(p.trim_start_matches('/')));
         let created = !path.exists();
         if created {
             fs::create_dir(path).with_context(|| format!("intercept: creating gateway cgroup {}", path.display()))?;
@@ -730,8 +691,7 @@ impl Drop for GatewayCgroup {
 
 /// The client's cgroup path (relative to the cgroup2 root), checked against the kernel's id.
 fn cgroup_path_of(pid: u32, id: u64, root: &Path) -> Option<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?.to_string();
+    let rel = cgroup::cgroup_of(pid)?;
     let ino = fs::metadata(root.join(rel.trim_start_matches('/'))).ok()?.ino();
     (ino == id).then_some(rel)
 }
@@ -824,10 +784,10 @@ pub fn status(cfg: &Config) -> anyhow::Result<Status> {
         });
     }
     if st.pinned
-        && let Ok(data) = pins::open_map(&pin_dir, shared::MAP_COUNTERS)
+        && let Ok(data) = pins::open_map(&pin_dir, common::MAP_COUNTERS)
     {
         let arr: PerCpuArray<MapData, u64> = Map::PerCpuArray(data).try_into()?;
-        for (i, (program, counter)) in shared::COUNTER_NAMES.iter().enumerate() {
+        for (i, (program, counter)) in common::COUNTER_NAMES.iter().enumerate() {
             let value = arr.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
             st.counters.push(CounterStatus { program: program.to_string(), counter: counter.to_string(), value });
         }
@@ -838,7 +798,7 @@ pub fn status(cfg: &Config) -> anyhow::Result<Status> {
 
 /// `pid` is alive and is a pgward (not a process that reused the pid of one that died).
 fn is_pgward_process(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == PROCESS_NAME)
+    process::comm(pid).is_some_and(|c| c == PROCESS_NAME)
 }
 const PROCESS_NAME: &str = "pgward";
 
@@ -873,9 +833,8 @@ pub fn check_unix_sockets(cfg: &Config, found: Option<&discover::Found>) -> anyh
     if cfg.server.unix_socket_dir.is_none() {
         tracing::warn!("intercept: server.unix_socket_dir is not set; clients using the default unix socket path do not reach pgward");
     }
-    let mut users = nss::Users::load();
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
+    let mut users = Accounts::load_nss();
+    let me = effective_uid();
     for sock in socks {
         let problem = match fs::symlink_metadata(&sock) {
             Err(e) => {
@@ -883,11 +842,11 @@ pub fn check_unix_sockets(cfg: &Config, found: Option<&discover::Found>) -> anyh
                 continue;
             }
             Ok(m) => {
-                for gid in path_groups(&sock) {
+                for gid in reach::path_groups(&sock) {
                     users.add_group(gid);
                 }
                 let allowed = [0, me, m.uid()];
-                reachable_by_others(&sock, &allowed, &users)
+                reach::reachable_by_others(&sock, true, &allowed, &users)
             }
         };
         let Some(who) = problem else {
@@ -908,44 +867,9 @@ pub fn check_unix_sockets(cfg: &Config, found: Option<&discover::Found>) -> anyh
     Ok(())
 }
 
-/// Group ids of the socket and every directory above it.
-fn path_groups(sock: &Path) -> Vec<u32> {
-    sock.ancestors().filter_map(|p| fs::metadata(p).ok()).map(|m| m.gid()).collect()
-}
-
-/// Mode/owner of every directory on the way to `sock` (which needs `w`), or who else gets in.
-fn reachable_by_others(sock: &Path, allowed: &[u32], users: &nss::Users) -> Option<String> {
-    // (uid, gid, mode, bit shift: 0 = x for directories, 1 = w for the socket)
-    let mut steps = Vec::new();
-    let mut p = PathBuf::new();
-    for c in sock.parent()?.components() {
-        p.push(c);
-        let m = fs::metadata(&p).ok()?;
-        steps.push((m.uid(), m.gid(), m.mode(), 0u32));
-    }
-    let m = fs::symlink_metadata(sock).ok()?;
-    steps.push((m.uid(), m.gid(), m.mode(), 1));
-    let passes = |uid: u32, name: &str, primary: u32| {
-        steps.iter().all(|&(ou, og, mode, bit)| {
-            let class = if uid == ou { 6 } else if users.in_group(name, primary, og) { 3 } else { 0 };
-            mode & (1 << (class + bit)) != 0
-        })
-    };
-    if passes(u32::MAX - 1, "", u32::MAX - 1) {
-        return Some("every local user".into());
-    }
-    users
-        .users
-        .iter()
-        .filter(|(_, uid, _)| !allowed.contains(uid))
-        .find(|(name, uid, gid)| passes(*uid, name, *gid))
-        .map(|(name, uid, _)| format!("user {name} (uid {uid})"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     fn cfg(extra: &str) -> Config {
         let text = format!(
@@ -1012,8 +936,8 @@ dir = "audit"
         let rules = plan.rule_entries();
         assert_eq!(rules.len(), 4);
         let any5432 = RuleKey { family: 4, port: 5432, addr: [0; 4] };
-        assert!(rules.contains(&(any5432, shared::ACTION_REDIRECT)));
-        assert!(rules.contains(&(RuleKey { family: 6, port: 5433, addr: [0; 4] }, shared::ACTION_REFUSE)));
+        assert!(rules.contains(&(any5432, common::ACTION_REDIRECT)));
+        assert!(rules.contains(&(RuleKey { family: 6, port: 5433, addr: [0; 4] }, common::ACTION_REFUSE)));
     }
 
     #[test]
@@ -1062,39 +986,7 @@ dir = "audit"
         assert_eq!((k6.family, words_octets(&k6.addr)), (6, "fd00::2".parse::<Ipv6Addr>().unwrap().octets()));
         let c = Plan { protected: vec![], guard: vec![], redirect4: Some("127.0.0.1:6432".parse().unwrap()), redirect6: Some("[::ffff:127.0.0.1]:6432".parse().unwrap()) }
             .kernel_config(7, 9, None);
-        assert_eq!((c.redirect4_ip.to_ne_bytes(), c.redirect4_port, c.exempt_uid), ([127, 0, 0, 1], 6432, shared::NO_UID));
+        assert_eq!((c.redirect4_ip.to_ne_bytes(), c.redirect4_port, c.exempt_uid), ([127, 0, 0, 1], 6432, common::NO_UID));
         assert_eq!(words_octets(&c.redirect6_ip)[10..], [0xff, 0xff, 127, 0, 0, 1]);
-    }
-
-    #[test]
-    fn socket_reachability_from_mode_bits() {
-        use std::os::unix::net::UnixListener;
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("pg");
-        fs::create_dir(&dir).unwrap();
-        let sock = dir.join(".s.PGSQL.5432");
-        let _l = UnixListener::bind(&sock).unwrap();
-        fs::set_permissions(&sock, fs::Permissions::from_mode(0o777)).unwrap();
-        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        let users = nss::Users::default();
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        let everyone_can_traverse = sock.ancestors().skip(2).all(|a| fs::metadata(a).unwrap().mode() & 0o001 != 0);
-        if everyone_can_traverse {
-            assert_eq!(reachable_by_others(&sock, &[0, me], &users).as_deref(), Some("every local user"));
-        }
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
-        assert_eq!(reachable_by_others(&sock, &[0, me], &users), None);
-        // A stranger owning nothing, in no group, is not let in by 0750 either.
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o750)).unwrap();
-        let strangers = nss::Users { users: vec![("eve".into(), 4242, 4242)], groups: Default::default() };
-        assert_eq!(reachable_by_others(&sock, &[0, me], &strangers), None);
-        // ...unless she is in the directory's group.
-        let gid = fs::metadata(&dir).unwrap().gid();
-        let members = nss::Users { users: vec![("eve".into(), 4242, gid)], groups: Default::default() };
-        if everyone_can_traverse {
-            assert_eq!(reachable_by_others(&sock, &[0, me], &members).as_deref(), Some("user eve (uid 4242)"));
-        }
     }
 }

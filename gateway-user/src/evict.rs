@@ -120,7 +120,7 @@ fn decide(backend: Backend, scope: &Scope) -> Option<Eviction> {
     }
     let peer = procnet::backend_peer(backend.pid.max(0) as u32, scope.port);
     let cgroup = match &peer {
-        Some(Peer::Local { pid, .. }) => procnet::cgroup_of(*pid),
+        Some(Peer::Local { pid, .. }) => crate::host::cgroup::cgroup_of(*pid),
         _ => None,
     };
     if let (Some(Peer::Local { .. }), Some(cg)) = (&peer, &cgroup)

@@ -3,7 +3,8 @@
 //! Rooms (see docs/architecture.md): `config`, `cli`, `auth` (tokens), `tls`, `wire` (frames),
 //! `session` (per-connection state machine), `upstream` (connect + auth to the real Postgres,
 //! cancel map), `pool` (upstream session pooling), `server` (listeners), `policy`, `access` (token revocation, JIT grants),
-//! `audit` (records, writer, reader, verify), `ebpf`.
+//! `audit` (records, writer, reader, verify), `ebpf`, `host` (facts about the machine: accounts,
+//! cgroups, file attributes, capabilities, the clock).
 
 pub mod access;
 pub mod audit;
@@ -14,6 +15,7 @@ pub mod metrics;
 pub mod param_watch;
 pub mod ebpf;
 pub mod evict;
+pub mod host;
 pub mod mask;
 pub mod policy;
 pub mod policy_catalog;

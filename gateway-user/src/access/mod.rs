@@ -71,12 +71,7 @@ impl AccessError {
     }
 }
 
-pub fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+pub use crate::host::clock::now_unix;
 
 /// RFC 3339 (UTC, seconds) for unix seconds.
 pub fn rfc3339(t: i64) -> String {
@@ -91,7 +86,4 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}-{s}")
 }
 
-fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
+use crate::host::accounts::effective_uid as euid;

@@ -92,10 +92,7 @@ pub(crate) fn write_file_mode(
     Ok(())
 }
 
-/// Current Unix time in seconds.
+/// Current Unix time in seconds, as token claims count it.
 fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    crate::host::clock::now_unix().max(0) as u64
 }

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::access::{AccessError, AccessRequest, Store, now_unix, rfc3339};
+use crate::access::{AccessError, AccessRequest, Store, rfc3339};
+use crate::host::clock::now_unix;
 use crate::auth::{AuthError, Verifier};
 use crate::config::Config;
 

@@ -15,8 +15,9 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 
-use super::install::Accounts;
 use crate::config::Config;
+use crate::host::accounts::Accounts;
+use crate::host::{caps, cgroup, files, process, reach};
 
 #[derive(Debug, clap::Args)]
 pub struct DoctorArgs {
@@ -161,7 +162,7 @@ fn diagnose(args: &DoctorArgs) -> Report {
     let serve_pid = listener_pid(listen)
         .or_else(|| status.as_ref().filter(|s| s.running).and_then(|s| s.state.as_ref()).map(|s| s.pid));
     let accounts = Accounts::load_from(Path::new("/etc/passwd"), Path::new("/etc/group"));
-    let service = match serve_pid.and_then(proc_uid) {
+    let service = match serve_pid.and_then(process::euid) {
         Some(uid) => Some((uid, accounts.user_name(uid).unwrap_or_else(|| uid.to_string()))),
         None => cfg
             .intercept
@@ -169,7 +170,7 @@ fn diagnose(args: &DoctorArgs) -> Report {
             .map(|uid| (uid, accounts.user_name(uid).unwrap_or_else(|| uid.to_string())))
             .or_else(|| accounts.user(&args.service_user).map(|(uid, _)| (uid, args.service_user.clone()))),
     };
-    let mut service_uids: Vec<u32> = serve_pid.and_then(proc_uid).into_iter().collect();
+    let mut service_uids: Vec<u32> = serve_pid.and_then(process::euid).into_iter().collect();
     service_uids.extend(cfg.intercept.exempt_uid);
     service_uids.extend(accounts.user(&args.service_user).map(|(uid, _)| uid));
     let cx = Ctx { cfg, status, status_error, serve_pid, service, service_uids, accounts, unit: args.unit.clone() };
@@ -259,43 +260,6 @@ fn bpf_features(cx: &Ctx) -> Check {
 
 // ---- capabilities ------------------------------------------------------------------------
 
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
-fn cap_eff(pid: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
-    u64::from_str_radix(hex, 16).ok()
-}
-
-fn cap_names(caps: u64) -> Vec<&'static str> {
-    [
-        (CAP_BPF, "CAP_BPF"),
-        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
-        (CAP_PERFMON, "CAP_PERFMON"),
-        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
-    ]
-    .into_iter()
-    .filter(|(c, _)| caps & (1u64 << c) != 0)
-    .map(|(_, n)| n)
-    .collect()
-}
-
-/// CAP_BPF and CAP_NET_ADMIN (CAP_SYS_ADMIN stands in for either).
-fn missing_caps(caps: u64) -> Vec<&'static str> {
-    let has = |c: u32| caps & (1u64 << c) != 0;
-    let mut m = Vec::new();
-    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
-        m.push("CAP_BPF");
-    }
-    if !has(CAP_NET_ADMIN) && !has(CAP_SYS_ADMIN) {
-        m.push("CAP_NET_ADMIN");
-    }
-    m
-}
-
 /// Capabilities a unit file grants (AmbientCapabilities=, limited by CapabilityBoundingSet=).
 fn unit_caps(text: &str) -> Option<u64> {
     let names = |key: &str| -> Option<Vec<String>> {
@@ -309,10 +273,10 @@ fn unit_caps(text: &str) -> Option<u64> {
     let bits = |v: &[String]| {
         v.iter().fold(0u64, |acc, n| {
             acc | match n.as_str() {
-                "CAP_BPF" => 1 << CAP_BPF,
-                "CAP_NET_ADMIN" => 1 << CAP_NET_ADMIN,
-                "CAP_PERFMON" => 1 << CAP_PERFMON,
-                "CAP_SYS_ADMIN" => 1 << CAP_SYS_ADMIN,
+                "CAP_BPF" => 1 << caps::CAP_BPF,
+                "CAP_NET_ADMIN" => 1 << caps::CAP_NET_ADMIN,
+                "CAP_PERFMON" => 1 << caps::CAP_PERFMON,
+                "CAP_SYS_ADMIN" => 1 << caps::CAP_SYS_ADMIN,
                 _ => 0,
             }
         })
@@ -334,22 +298,22 @@ fn capabilities(cx: &Ctx) -> Check {
          AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON), or run pgward as root"
             .to_string(),
     );
-    let (whose, caps) = if let Some(pid) = cx.serve_pid {
-        match cap_eff(&pid.to_string()) {
+    let (whose, have) = if let Some(pid) = cx.serve_pid {
+        match caps::effective(&pid.to_string()) {
             Some(c) => (format!("pgward serve (pid {pid})"), c),
             None => return check(name, Outcome::Warn, format!("cannot read /proc/{pid}/status"), None),
         }
     } else if let Some(c) = std::fs::read_to_string(&cx.unit).ok().and_then(|t| unit_caps(&t)) {
         (format!("the unit {}", cx.unit.display()), c)
     } else {
-        match cap_eff("self") {
+        match caps::effective("self") {
             Some(c) => ("this process (no serve running, no unit)".to_string(), c),
             None => return check(name, Outcome::Warn, "cannot read /proc/self/status", None),
         }
     };
-    let missing = missing_caps(caps);
+    let missing = caps::missing_for_ebpf(have);
     if missing.is_empty() {
-        check(name, Outcome::Pass, format!("{whose}: {}", cap_names(caps).join(" ")), None)
+        check(name, Outcome::Pass, format!("{whose}: {}", caps::names(have).join(" ")), None)
     } else {
         check(name, Outcome::Fail, format!("{whose} lacks {}", missing.join(" and ")), fix)
     }
@@ -360,7 +324,7 @@ fn capabilities(cx: &Ctx) -> Check {
 fn cgroup_v2(cx: &Ctx) -> Check {
     let name = "cgroup v2";
     let severity = if cx.cfg.intercept.enabled { Outcome::Fail } else { Outcome::Warn };
-    let Some(mount) = super::install::cgroup2_mount() else {
+    let Some(mount) = cgroup::cgroup2_mount().ok().flatten() else {
         return check(
             name,
             severity,
@@ -369,7 +333,7 @@ fn cgroup_v2(cx: &Ctx) -> Check {
         );
     };
     let target = cx.cfg.intercept.cgroup.as_ref().map(|p| cx.cfg.resolve(p)).unwrap_or_else(|| mount.clone());
-    if !is_cgroup2(&target) {
+    if !cgroup::is_cgroup2(&target).unwrap_or(false) {
         return check(
             name,
             severity,
@@ -384,7 +348,7 @@ fn cgroup_v2(cx: &Ctx) -> Check {
         .as_ref()
         .map(|p| cx.cfg.resolve(p))
         .unwrap_or_else(|| target.join("pgward-gateway"));
-    let parent_ok = gateway.exists() || gateway.parent().is_some_and(is_cgroup2);
+    let parent_ok = gateway.exists() || gateway.parent().is_some_and(|p| cgroup::is_cgroup2(p).unwrap_or(false));
     if !parent_ok {
         let fix = if gateway.to_string_lossy().contains(".service/") {
             "start pgward with systemd (the unit has Delegate=yes: systemd creates its cgroup)".to_string()
@@ -430,14 +394,6 @@ fn listen_port(cx: &Ctx) -> Check {
         ),
         None => check(name, Outcome::Pass, format!("port {port} is outside the ephemeral range (or reserved); only pgward may bind it"), None),
     }
-}
-
-fn is_cgroup2(dir: &Path) -> bool {
-    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return false };
-    // SAFETY: statfs into a zeroed struct with a valid C path.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statfs(c.as_ptr(), &mut st) }) == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC
 }
 
 fn programs(cx: &Ctx) -> Check {
@@ -527,7 +483,7 @@ fn socket_lockdown(cx: &Ctx) -> Check {
         };
         let mut allowed = vec![0, owner];
         allowed.extend(&cx.service_uids);
-        match reachable_by_others(&target, is_sock, &allowed, &cx.accounts) {
+        match reach::reachable_by_others(&target, is_sock, &allowed, &cx.accounts) {
             Some(who) => problems.push((
                 format!("{} can be reached by {who}", target.display()),
                 format!(
@@ -618,45 +574,6 @@ fn allowed_names(uids: &[u32], cx: &Ctx) -> String {
     set.into_iter().map(|u| cx.accounts.user_name(u).unwrap_or_else(|| u.to_string())).collect::<Vec<_>>().join(", ")
 }
 
-/// Who other than `allowed` can reach `target`: search permission on every directory on the
-/// way, and write permission on the socket itself (`is_sock`) — mode bits and /etc/group, not ACLs.
-fn reachable_by_others(target: &Path, is_sock: bool, allowed: &[u32], accounts: &Accounts) -> Option<String> {
-    // (uid, gid, mode, bit: 0 = x, 1 = w)
-    let mut steps = Vec::new();
-    let mut p = PathBuf::new();
-    let dirs = if is_sock { target.parent()? } else { target };
-    for c in dirs.components() {
-        p.push(c);
-        let m = std::fs::metadata(&p).ok()?;
-        steps.push((m.uid(), m.gid(), m.mode(), 0u32));
-    }
-    if is_sock {
-        let m = std::fs::symlink_metadata(target).ok()?;
-        steps.push((m.uid(), m.gid(), m.mode(), 1));
-    }
-    let passes = |uid: u32, name: &str, primary: u32| {
-        steps.iter().all(|&(ou, og, mode, bit)| {
-            let class = if uid == ou {
-                6
-            } else if accounts.in_group(name, primary, og) {
-                3
-            } else {
-                0
-            };
-            mode & (1 << (class + bit)) != 0
-        })
-    };
-    if passes(u32::MAX - 1, "", u32::MAX - 1) {
-        return Some("every local user".into());
-    }
-    accounts
-        .users
-        .iter()
-        .filter(|(_, uid, _)| !allowed.contains(uid))
-        .find(|(name, uid, gid)| passes(*uid, name, *gid))
-        .map(|(name, uid, _)| format!("user {name} (uid {uid})"))
-}
-
 /// Processes holding the listening unix socket at `path` (from /proc/net/unix and /proc/*/fd).
 fn unix_socket_pids(path: &Path) -> Vec<u32> {
     let text = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
@@ -698,16 +615,10 @@ fn pids_with_sockets(inodes: &BTreeSet<u64>) -> Vec<u32> {
 fn describe_pids(pids: &[u32]) -> String {
     pids.iter()
         .map(|p| {
-            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
-            format!("{} (pid {p})", comm.trim())
+            format!("{} (pid {p})", process::comm(*p).unwrap_or_default())
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn proc_uid(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// TCP listeners of this network namespace: (address, socket inode).
@@ -890,7 +801,7 @@ fn audit_dir(cx: &Ctx) -> Check {
     }
     let owner = cx.accounts.user_name(m.uid()).unwrap_or_else(|| m.uid().to_string());
     let base = format!("{} owner {owner}, mode {mode:04o}", dir.display());
-    match super::install::is_append_only(&dir) {
+    match files::is_append_only(&dir) {
         Ok(true) => {
             check(name, Outcome::Pass, format!("{base}, append-only (segments cannot be deleted or renamed)"), None)
         }
@@ -1077,10 +988,10 @@ mod tests {
     fn unit_capabilities() {
         let u = "[Service]\nCapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON\nAmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON\n";
         let c = unit_caps(u).unwrap();
-        assert!(missing_caps(c).is_empty());
-        assert_eq!(cap_names(c), ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"]);
+        assert!(caps::missing_for_ebpf(c).is_empty());
+        assert_eq!(caps::names(c), ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"]);
         let bounded = "AmbientCapabilities=CAP_BPF CAP_NET_ADMIN\nCapabilityBoundingSet=CAP_BPF\n";
-        assert_eq!(missing_caps(unit_caps(bounded).unwrap()), ["CAP_NET_ADMIN"]);
+        assert_eq!(caps::missing_for_ebpf(unit_caps(bounded).unwrap()), ["CAP_NET_ADMIN"]);
         assert_eq!(unit_caps("[Service]\nUser=x\n"), None);
     }
 

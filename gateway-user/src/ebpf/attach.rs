@@ -15,6 +15,7 @@ use aya::programs::links::FdLink;
 
 use super::discover::Found;
 use super::*;
+use crate::host::clock::now_rfc3339;
 
 /// Every program, its attach point as `pgward status` names it, and whether it is a cgroup
 /// sock_addr program (else: sock_ops, sk_lookup).
@@ -30,17 +31,17 @@ pub(super) fn expected_programs(sk_lookup: bool) -> Vec<(&'static str, &'static 
 /// Maps a restarted pgward re-points or reads (all but the LRU connection records it only
 /// reads by 4-tuple, which it also needs: PEERS).
 const PINNED_MAPS: [&str; 7] = [
-    shared::MAP_CONFIG,
-    shared::MAP_RULES,
-    shared::MAP_PEERS,
-    shared::MAP_SOCKS,
-    shared::MAP_COUNTERS,
-    shared::MAP_TUPLES,
-    shared::MAP_BINDS,
+    common::MAP_CONFIG,
+    common::MAP_RULES,
+    common::MAP_PEERS,
+    common::MAP_SOCKS,
+    common::MAP_COUNTERS,
+    common::MAP_TUPLES,
+    common::MAP_BINDS,
 ];
 
 struct Maps {
-    config: Array<MapData, shared::Config>,
+    config: Array<MapData, common::Config>,
     rules: BpfHashMap<MapData, RuleKey, u32>,
     peers: BpfHashMap<MapData, PeerKey, ConnMeta>,
     socks: SockMap<MapData>,
@@ -60,7 +61,7 @@ pub struct Entered {
     object: &'static [u8],
     /// The adopted `PGW_CONFIG`, now exempting this process; cleared again when the
     /// [`Entered`] is dropped without becoming an [`Intercept`] (listening failed).
-    exempted: Option<Array<MapData, shared::Config>>,
+    exempted: Option<Array<MapData, common::Config>>,
 }
 
 impl Intercept {
@@ -114,11 +115,11 @@ impl Intercept {
         };
         let gateway = GatewayCgroup::enter(&gateway_path, &cgroup_root)?;
         let exempted = if adopt {
-            let mut config: Array<MapData, shared::Config> =
-                typed(map_of(pins::open_map(&pin_dir, shared::MAP_CONFIG)?, shared::MAP_CONFIG), shared::MAP_CONFIG)?;
+            let mut config: Array<MapData, common::Config> =
+                typed(map_of(pins::open_map(&pin_dir, common::MAP_CONFIG)?, common::MAP_CONFIG), common::MAP_CONFIG)?;
             let mut k = config.get(&0, 0).context("intercept: reading PGW_CONFIG")?;
             k.gateway_cgroup_id = gateway.id;
-            k.exempt_uid = ic.exempt_uid.unwrap_or(shared::NO_UID);
+            k.exempt_uid = ic.exempt_uid.unwrap_or(common::NO_UID);
             config.set(0, &k, 0).context("intercept: writing PGW_CONFIG")?;
             Some(config)
         } else {
@@ -133,7 +134,7 @@ impl Drop for Entered {
         if let Some(mut config) = self.exempted.take()
             && let Ok(k) = config.get(&0, 0)
         {
-            let closed = shared::Config { gateway_cgroup_id: shared::NO_CGROUP, exempt_uid: shared::NO_UID, ..k };
+            let closed = common::Config { gateway_cgroup_id: common::NO_CGROUP, exempt_uid: common::NO_UID, ..k };
             let _ = config.set(0, &closed, 0);
         }
     }
@@ -300,7 +301,7 @@ impl Drop for Intercept {
         }
         // The programs stay: no exemption for a process that is gone (its cgroup is removed
         // next); protected connects keep going to pgward's address, where nothing listens.
-        let closed = shared::Config { gateway_cgroup_id: shared::NO_CGROUP, exempt_uid: shared::NO_UID, ..self.kcfg };
+        let closed = common::Config { gateway_cgroup_id: common::NO_CGROUP, exempt_uid: common::NO_UID, ..self.kcfg };
         if let Err(e) = self.config.set(0, &closed, 0) {
             tracing::warn!(error = %e, "intercept: could not clear pgward's exemption");
         }
@@ -312,10 +313,6 @@ impl Drop for Intercept {
             self.attached
         );
     }
-}
-
-fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 fn mark_stopped(path: &Path) {
@@ -369,22 +366,22 @@ fn fresh_maps(ebpf: &mut Ebpf) -> anyhow::Result<Maps> {
         Ok(map_of(MapData::from_fd(fd).with_context(|| format!("intercept: opening map {name}"))?, name))
     };
     Ok(Maps {
-        config: typed(open(ebpf, shared::MAP_CONFIG)?, shared::MAP_CONFIG)?,
-        rules: typed(open(ebpf, shared::MAP_RULES)?, shared::MAP_RULES)?,
-        peers: typed(open(ebpf, shared::MAP_PEERS)?, shared::MAP_PEERS)?,
-        socks: typed(open(ebpf, shared::MAP_SOCKS)?, shared::MAP_SOCKS)?,
-        binds: typed(open(ebpf, shared::MAP_BINDS)?, shared::MAP_BINDS)?,
+        config: typed(open(ebpf, common::MAP_CONFIG)?, common::MAP_CONFIG)?,
+        rules: typed(open(ebpf, common::MAP_RULES)?, common::MAP_RULES)?,
+        peers: typed(open(ebpf, common::MAP_PEERS)?, common::MAP_PEERS)?,
+        socks: typed(open(ebpf, common::MAP_SOCKS)?, common::MAP_SOCKS)?,
+        binds: typed(open(ebpf, common::MAP_BINDS)?, common::MAP_BINDS)?,
     })
 }
 
 fn adopted_maps(dir: &Path) -> anyhow::Result<Maps> {
     let open = |name: &str| -> anyhow::Result<Map> { Ok(map_of(pins::open_map(dir, name)?, name)) };
     Ok(Maps {
-        config: typed(open(shared::MAP_CONFIG)?, shared::MAP_CONFIG)?,
-        rules: typed(open(shared::MAP_RULES)?, shared::MAP_RULES)?,
-        peers: typed(open(shared::MAP_PEERS)?, shared::MAP_PEERS)?,
-        socks: typed(open(shared::MAP_SOCKS)?, shared::MAP_SOCKS)?,
-        binds: typed(open(shared::MAP_BINDS)?, shared::MAP_BINDS)?,
+        config: typed(open(common::MAP_CONFIG)?, common::MAP_CONFIG)?,
+        rules: typed(open(common::MAP_RULES)?, common::MAP_RULES)?,
+        peers: typed(open(common::MAP_PEERS)?, common::MAP_PEERS)?,
+        socks: typed(open(common::MAP_SOCKS)?, common::MAP_SOCKS)?,
+        binds: typed(open(common::MAP_BINDS)?, common::MAP_BINDS)?,
     })
 }
 
@@ -398,13 +395,13 @@ fn map_fd(map: &Map) -> anyhow::Result<std::os::fd::OwnedFd> {
     Ok(fd)
 }
 
-/// The typed `Map` enum for a map's data, by its name (the kinds shared.rs declares).
+/// The typed `Map` enum for a map's data, by its name (the kinds gateway-common declares).
 fn map_of(data: MapData, name: &str) -> Map {
     match name {
-        shared::MAP_CONFIG => Map::Array(data),
-        shared::MAP_RULES | shared::MAP_BINDS => Map::HashMap(data),
-        shared::MAP_SOCKS => Map::SockMap(data),
-        shared::MAP_COUNTERS => Map::PerCpuArray(data),
+        common::MAP_CONFIG => Map::Array(data),
+        common::MAP_RULES | common::MAP_BINDS => Map::HashMap(data),
+        common::MAP_SOCKS => Map::SockMap(data),
+        common::MAP_COUNTERS => Map::PerCpuArray(data),
         _ => Map::LruHashMap(data),
     }
 }
@@ -425,7 +422,7 @@ fn sync_rules(rules: &mut BpfHashMap<MapData, RuleKey, u32>, want: &[(RuleKey, u
 /// Make the bind guard's map hold exactly `ports` (new ones first, like [`sync_rules`]).
 fn sync_binds(binds: &mut BpfHashMap<MapData, u32, u32>, ports: &[u16]) -> anyhow::Result<()> {
     for p in ports {
-        binds.insert(&(*p as u32), &shared::BIND_GUARDED, 0).context("intercept: writing PGW_BINDS")?;
+        binds.insert(&(*p as u32), &common::BIND_GUARDED, 0).context("intercept: writing PGW_BINDS")?;
     }
     let stale: Vec<u32> = binds.keys().filter_map(Result::ok).filter(|k| !ports.iter().any(|p| *p as u32 == *k)).collect();
     for k in stale {
@@ -452,12 +449,12 @@ fn warn_ephemeral(ports: &[u16]) {
 fn set_listener(socks: &mut SockMap<MapData>, listener: &tokio::net::TcpListener, listen: SocketAddr) -> anyhow::Result<()> {
     let fd = listener.as_fd();
     if listen.is_ipv4() || listen.ip().is_unspecified() {
-        socks.set(if listen.is_ipv4() { shared::SOCK_V4 } else { shared::SOCK_V6 }, &fd, 0)?;
+        socks.set(if listen.is_ipv4() { common::SOCK_V4 } else { common::SOCK_V6 }, &fd, 0)?;
     }
     if listen.is_ipv6() {
-        socks.set(shared::SOCK_V6, &fd, 0)?;
+        socks.set(common::SOCK_V6, &fd, 0)?;
         if listen.ip().is_unspecified() {
-            socks.set(shared::SOCK_V4, &fd, 0)?; // dual-stack [::] takes IPv4 too
+            socks.set(common::SOCK_V4, &fd, 0)?; // dual-stack [::] takes IPv4 too
         }
     }
     Ok(())

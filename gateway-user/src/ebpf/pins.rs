@@ -45,10 +45,7 @@ pub fn map_path(dir: &Path, map: &str) -> PathBuf {
 }
 
 fn is_bpffs(p: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else { return false };
-    // SAFETY: statfs into a zeroed struct with a valid C path.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statfs(c.as_ptr(), &mut st) }) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    crate::host::files::fs_type(p).is_ok_and(|t| t == BPF_FS_MAGIC)
 }
 
 /// bpffs at /sys/fs/bpf, mounted here if it is not (needs CAP_SYS_ADMIN).

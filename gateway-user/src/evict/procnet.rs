@@ -33,7 +33,7 @@ const BACKEND_COMM: &str = "postgres";
 /// The client of backend `pid`, if it can be found. None also when /proc/<pid> is not a
 /// Postgres backend listening on `port` (e.g. Postgres in another pid namespace).
 pub fn backend_peer(pid: u32, port: u16) -> Option<Peer> {
-    if fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim() != BACKEND_COMM {
+    if crate::host::process::comm(pid)? != BACKEND_COMM {
         return None;
     }
     let socks = socket_inodes(pid);
@@ -160,12 +160,6 @@ fn sockopt_int(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
     // SAFETY: getsockopt into an int of the advertised length.
     let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&mut v as *mut libc::c_int).cast(), &mut len) };
     (r == 0).then_some(v)
-}
-
-/// The cgroup v2 path of `pid` relative to the cgroup2 root ("/a/b"), if it is still alive.
-pub fn cgroup_of(pid: u32) -> Option<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_string)
 }
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ use crate::access::{Access, SessionCheck, SessionGrant};
 use crate::audit::{AuditHandle, Client, Kind, Record};
 use crate::auth::{Identity, Verifier};
 use crate::config::Config;
+use crate::host::clock::now_unix;
 use crate::policy::{Policy, Verdict};
 use crate::pool::PoolKey;
 use crate::upstream::{self, CancelMap, Target};
@@ -98,13 +99,6 @@ fn new_session_id() -> String {
         return uuid::Uuid::new_v4().simple().to_string()[..16].to_string();
     }
     hex::encode(b)
-}
-
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// Send a FATAL error to the client and flush (best effort).

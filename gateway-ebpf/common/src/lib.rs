@@ -1,11 +1,14 @@
 //! Map layouts shared by the kernel programs (gateway-ebpf) and the userspace loader
-//! (gateway-user/src/ebpf.rs includes this file with `#[path]`). `#[repr(C)]`, no padding holes,
-//! no dependencies: the same bytes on both sides.
+//! (gateway-user's `ebpf` module): names, keys, values and counter indexes. `#[repr(C)]`, no
+//! padding holes: the same bytes on both sides.
 //!
 //! Conventions: addresses are stored in network byte order exactly as the kernel's socket
 //! structs hold them (`[u32; 4]`, an IPv4 address in `addr[0]`, or v4-mapped where noted);
 //! ports are in host byte order.
-#![allow(dead_code)]
+//!
+//! `no_std` and without dependencies for the kernel side; the `user` feature adds the
+//! `aya::Pod` impls the loader needs to use these types as map keys and values.
+#![no_std]
 
 /// Map names (the kernel truncates names to 15 bytes; these fit).
 pub const MAP_CONFIG: &str = "PGW_CONFIG";
@@ -138,3 +141,13 @@ pub const COUNTER_NAMES: [(&str, &str); COUNTERS as usize] = [
     ("pgw_bind6", "refused"),
     ("pgw_bind6", "exempt"),
 ];
+
+// SAFETY: plain #[repr(C)] integers, no padding holes; any bit pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Config {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for RuleKey {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ConnMeta {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PeerKey {}

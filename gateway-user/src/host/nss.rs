@@ -1,13 +1,13 @@
-//! Users and groups as the system's name service sees them (NSS: files, LDAP, SSSD, …), for
-//! the unix-socket check: who besides root, pgward and Postgres can reach the real socket.
+//! [`Accounts`] as the system's name service sees them (NSS: files, LDAP, SSSD, …).
 //!
 //! Enumeration (getpwent/getgrent) lists what NSS is willing to list; directory services often
-//! do not enumerate, so the groups that matter (those on the socket's path) are also looked up
-//! by id (getgrgid_r), and their members by name (getpwnam_r).
+//! do not enumerate, so groups that matter (e.g. those on a socket's path) can also be looked
+//! up by id ([`Accounts::add_group`]: getgrgid_r), and their members by name (getpwnam_r).
 
-use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::sync::Mutex;
+
+use super::accounts::Accounts;
 
 /// getpwent/getgrent keep a process-wide cursor.
 static ENUM_LOCK: Mutex<()> = Mutex::new(());
@@ -15,18 +15,10 @@ static ENUM_LOCK: Mutex<()> = Mutex::new(());
 const NSS_BUF: usize = 16 * 1024;
 const NSS_BUF_MAX: usize = 1 << 20;
 
-#[derive(Default)]
-pub struct Users {
-    /// (name, uid, primary gid)
-    pub users: Vec<(String, u32, u32)>,
-    /// gid → member names
-    pub groups: HashMap<u32, Vec<String>>,
-}
-
-impl Users {
-    /// Everything NSS enumerates.
-    pub fn load() -> Users {
-        let mut u = Users::default();
+impl Accounts {
+    /// Everything NSS enumerates (a group id listed twice keeps its first entry).
+    pub fn load_nss() -> Accounts {
+        let mut u = Accounts::default();
         let _g = ENUM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the enumeration functions are used under ENUM_LOCK; every returned entry is
         // copied out before the next call.
@@ -46,7 +38,10 @@ impl Users {
                 if gr.is_null() {
                     break;
                 }
-                u.groups.entry((*gr).gr_gid).or_insert_with(|| members((*gr).gr_mem));
+                let gid = (*gr).gr_gid;
+                if !u.groups.iter().any(|g| g.1 == gid) {
+                    u.groups.push((cstr((*gr).gr_name), gid, members((*gr).gr_mem)));
+                }
             }
             libc::endgrent();
         }
@@ -62,22 +57,25 @@ impl Users {
     /// Make sure group `gid` and its members are known (looked up by id and name, which
     /// directory services answer even when they do not enumerate).
     pub fn add_group(&mut self, gid: u32) {
-        let Some(names) = group_members(gid) else { return };
+        let Some((group_name, names)) = group_by_id(gid) else { return };
         for n in &names {
             if let Some((uid, primary)) = user_by_name(n) {
                 self.add_user(n.clone(), uid, primary);
             }
         }
-        let known = self.groups.entry(gid).or_default();
+        let i = match self.groups.iter().position(|g| g.1 == gid) {
+            Some(i) => i,
+            None => {
+                self.groups.push((group_name, gid, Vec::new()));
+                self.groups.len() - 1
+            }
+        };
+        let known = &mut self.groups[i].2;
         for n in names {
             if !known.contains(&n) {
                 known.push(n);
             }
         }
-    }
-
-    pub fn in_group(&self, name: &str, primary: u32, gid: u32) -> bool {
-        primary == gid || self.groups.get(&gid).is_some_and(|m| m.iter().any(|x| x == name))
     }
 }
 
@@ -105,7 +103,8 @@ unsafe fn members(mem: *mut *mut libc::c_char) -> Vec<String> {
     }
 }
 
-fn group_members(gid: u32) -> Option<Vec<String>> {
+/// Name and member names of group `gid`.
+fn group_by_id(gid: u32) -> Option<(String, Vec<String>)> {
     let mut size = NSS_BUF;
     while size <= NSS_BUF_MAX {
         let mut buf = vec![0 as libc::c_char; size];
@@ -120,12 +119,13 @@ fn group_members(gid: u32) -> Option<Vec<String>> {
         if rc != 0 || res.is_null() {
             return None;
         }
-        // SAFETY: gr_mem points into `buf`, alive here.
-        return Some(unsafe { members(gr.gr_mem) });
+        // SAFETY: gr_name and gr_mem point into `buf`, alive here.
+        return Some(unsafe { (cstr(gr.gr_name), members(gr.gr_mem)) });
     }
     None
 }
 
+/// (uid, primary gid) of user `name`.
 fn user_by_name(name: &str) -> Option<(u32, u32)> {
     let c = CString::new(name).ok()?;
     let mut size = NSS_BUF;
@@ -153,11 +153,11 @@ mod tests {
 
     #[test]
     fn root_is_enumerated_and_its_group_resolved_by_id() {
-        let mut u = Users::load();
+        let mut u = Accounts::load_nss();
         assert!(u.users.iter().any(|(n, uid, _)| n == "root" && *uid == 0), "root via NSS");
         u.groups.clear();
         u.add_group(0);
-        assert!(u.groups.contains_key(&0), "group 0 looked up by id");
+        assert!(u.groups.iter().any(|g| g.1 == 0), "group 0 looked up by id");
         assert!(u.in_group("root", 0, 0));
     }
 }
