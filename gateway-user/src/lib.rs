@@ -3,7 +3,7 @@
 //! Rooms (see docs/architecture.md): `config`, `cli`, `auth` (tokens), `tls`, `wire` (frames),
 //! `session` (per-connection state machine), `upstream` (connect + auth to the real Postgres,
 //! cancel map), `pool` (upstream session pooling), `server` (listeners), `policy`, `access` (token revocation, JIT grants),
-//! `audit` (records, writer, reader, verify), `ebpf`.
+//! `audit` (records, writer, reader, verify), `sqlstate` (the error codes pgward uses), `ebpf`.
 
 pub mod access;
 pub mod audit;
@@ -20,6 +20,7 @@ pub mod policy_catalog;
 pub mod pool;
 pub mod server;
 pub mod session;
+pub mod sqlstate;
 pub mod tls;
 pub mod upstream;
 pub mod upstream_admin;
