@@ -30,34 +30,7 @@ use super::catalog::{Access, Snapshot};
 use super::detect::{Style, apply_style, mask_content};
 use super::lineage::{self, CopyFormat, CopyKind, Lineage, Resolver, StmtKind, Taint};
 use super::SessionMask;
-use crate::wire::{Frame, Reader};
-
-/// One column of a RowDescription.
-#[derive(Debug, Clone)]
-pub struct Field {
-    pub name: String,
-    pub table_oid: u32,
-    pub attnum: i16,
-    pub type_oid: u32,
-    pub format: i16,
-}
-
-pub fn parse_row_description(body: &[u8]) -> Option<Vec<Field>> {
-    let mut r = Reader::new(body);
-    let n = r.i16().ok()?;
-    let mut out = Vec::with_capacity(n.max(0) as usize);
-    for _ in 0..n {
-        let name = r.cstr().ok()?.into_owned();
-        let table_oid = r.i32().ok()? as u32;
-        let attnum = r.i16().ok()?;
-        let type_oid = r.i32().ok()? as u32;
-        r.i16().ok()?;
-        r.i32().ok()?;
-        let format = r.i16().ok()?;
-        out.push(Field { name, table_oid, attnum, type_oid, format });
-    }
-    Some(out)
-}
+use crate::wire::{Field, Frame, Reader};
 
 /// A Parse the session saw: its lineage and (after Describe S) its columns.
 #[derive(Debug, Default)]
@@ -352,9 +325,10 @@ impl MaskRelay {
                 Tag::None
             }
             b'B' => {
-                let Some((portal, stmt, formats)) = decode_bind_formats(f.body()) else { return Tag::None };
-                let info = PortalInfo { prepared: self.prepared.get(&stmt).cloned(), formats, desc: Mutex::new(None) };
-                self.portals.insert(portal, Arc::new(info));
+                let Ok(b) = crate::wire::decode_bind(f) else { return Tag::None };
+                let Some(formats) = b.result_formats else { return Tag::None };
+                let info = PortalInfo { prepared: self.prepared.get(b.statement.as_ref()).cloned(), formats: formats.to_vec(), desc: Mutex::new(None) };
+                self.portals.insert(b.portal.into_owned(), Arc::new(info));
                 Tag::None
             }
             b'D' => {
@@ -513,7 +487,7 @@ impl MaskRelay {
                 }
             }
             b'T' => {
-                let Some(fields) = parse_row_description(f.body()) else { return false };
+                let Ok(fields) = crate::wire::decode_row_description(f) else { return false };
                 match front {
                     Some(Tag::Query(q)) => {
                         self.sync_query(q);
@@ -536,9 +510,7 @@ impl MaskRelay {
             }
             b'H' => {
                 // CopyOutResponse: overall format, per-column formats.
-                let mut r = Reader::new(f.body());
-                let (Ok(overall), Ok(n)) = (r.u8(), r.i16()) else { return false };
-                let n = n.max(0) as usize;
+                let Ok((overall, n)) = crate::wire::decode_copy_out_response(f) else { return false };
                 let lin: Option<Lin> = match front {
                     Some(Tag::Query(q)) => {
                         self.sync_query(q);
@@ -774,30 +746,6 @@ enum Lin {
 fn data_row_width(body: &[u8]) -> Option<usize> {
     let n = Reader::new(body).i16().ok()?;
     (n >= 0).then_some(n as usize)
-}
-
-/// (portal, statement, result format codes) of a Bind.
-fn decode_bind_formats(body: &[u8]) -> Option<(String, String, Vec<i16>)> {
-    let mut r = Reader::new(body);
-    let portal = r.cstr().ok()?.into_owned();
-    let stmt = r.cstr().ok()?.into_owned();
-    let nfmt = r.i16().ok()?;
-    for _ in 0..nfmt.max(0) {
-        r.i16().ok()?;
-    }
-    let np = r.i16().ok()?;
-    for _ in 0..np.max(0) {
-        let len = r.i32().ok()?;
-        if len > 0 {
-            r.bytes(len as usize).ok()?;
-        }
-    }
-    let nres = r.i16().ok()?;
-    let mut formats = Vec::with_capacity(nres.max(0) as usize);
-    for _ in 0..nres.max(0) {
-        formats.push(r.i16().ok()?);
-    }
-    Some((portal, stmt, formats))
 }
 
 /// The new value of one column, or None when it stays as it is.
@@ -1237,21 +1185,5 @@ mod tests {
         let s = sess("[[mask]]\nname = \"c\"\ncolumns = [\"customers.card\"]\n");
         let texts = pgbench_select_texts();
         assert_eq!(callgrind_lineage_loop(None, &s, &texts), texts.len());
-    }
-
-    #[test]
-    fn row_description_roundtrip() {
-        let mut b = BytesMut::new();
-        b.put_i16(1);
-        b.put_slice(b"card\0");
-        b.put_i32(16400);
-        b.put_i16(3);
-        b.put_i32(25);
-        b.put_i16(-1);
-        b.put_i32(-1);
-        b.put_i16(0);
-        let f = parse_row_description(&b).unwrap();
-        assert_eq!((f[0].name.as_str(), f[0].table_oid, f[0].attnum, f[0].type_oid), ("card", 16400, 3, 25));
-        assert!(parse_row_description(&b[..5]).is_none());
     }
 }

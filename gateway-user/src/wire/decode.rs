@@ -1,6 +1,6 @@
 //! Zero-copy decoders of the messages pgward reads: from the client Query, Parse, Bind,
 //! Execute, Describe, Close, FunctionCall and the password; from the server CommandComplete,
-//! ErrorResponse/NoticeResponse and ParameterStatus.
+//! ErrorResponse/NoticeResponse, ParameterStatus, RowDescription and CopyOutResponse.
 
 use std::borrow::Cow;
 
@@ -45,6 +45,20 @@ pub struct Bind<'a> {
     pub statement: Cow<'a, str>,
     /// One entry per parameter: None for SQL NULL, with its format (0 text, 1 binary).
     pub params: Vec<(i16, Option<&'a [u8]>)>,
+    /// The result-column format codes, None when the message ends before them (Postgres
+    /// refuses such a Bind; the session forwards it and lets Postgres say so).
+    pub result_formats: Option<Formats<'a>>,
+}
+
+/// Format codes as they are on the wire (big-endian int16s), decoded when asked for: only
+/// masking reads result formats, so a Bind costs no allocation for them.
+#[derive(Debug, Clone, Copy)]
+pub struct Formats<'a>(&'a [u8]);
+
+impl Formats<'_> {
+    pub fn to_vec(self) -> Vec<i16> {
+        self.0.chunks_exact(2).map(|c| i16::from_be_bytes([c[0], c[1]])).collect()
+    }
 }
 
 pub fn decode_bind(f: &Frame) -> Result<Bind<'_>, WireError> {
@@ -77,7 +91,9 @@ pub fn decode_bind(f: &Frame) -> Result<Bind<'_>, WireError> {
         let v = if len < 0 { None } else { Some(r.bytes(len as usize)?) };
         params.push((fmt, v));
     }
-    Ok(Bind { portal, statement, params })
+    // A negative count reads as none.
+    let result_formats = r.i16().and_then(|n| r.bytes(n.max(0) as usize * 2)).ok().map(Formats);
+    Ok(Bind { portal, statement, params, result_formats })
 }
 
 /// Render a bound parameter for the audit log: text as is (lossy UTF-8), binary as `\x…` hex.
@@ -191,4 +207,41 @@ pub fn decode_error(f: &Frame) -> ErrorFields {
         }
     }
     out
+}
+
+/// One column of a RowDescription.
+#[derive(Debug, Clone)]
+pub struct Field {
+    pub name: String,
+    pub table_oid: u32,
+    pub attnum: i16,
+    pub type_oid: u32,
+    pub format: i16,
+}
+
+/// `T` (RowDescription): the result's columns.
+pub fn decode_row_description(f: &Frame) -> Result<Vec<Field>, WireError> {
+    let mut r = Reader::new(f.body());
+    let n = r.i16()?;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let name = r.cstr()?.into_owned();
+        let table_oid = r.i32()? as u32;
+        let attnum = r.i16()?;
+        let type_oid = r.i32()? as u32;
+        r.i16()?;
+        r.i32()?;
+        let format = r.i16()?;
+        out.push(Field { name, table_oid, attnum, type_oid, format });
+    }
+    Ok(out)
+}
+
+/// `H` (CopyOutResponse): the overall format (0 text, 1 binary) and the column count (a
+/// negative count reads as none).
+pub fn decode_copy_out_response(f: &Frame) -> Result<(u8, usize), WireError> {
+    let mut r = Reader::new(f.body());
+    let overall = r.u8()?;
+    let n = r.i16()?;
+    Ok((overall, n.max(0) as usize))
 }

@@ -153,3 +153,34 @@ fn error_response_roundtrip() {
     let e = decode_error(&f);
     assert_eq!((e.severity.as_str(), e.code.as_str(), e.message.as_str()), ("ERROR", "42501", "denied by rule x"));
 }
+
+#[test]
+fn row_description_roundtrip() {
+    let mut b = BytesMut::new();
+    b.put_i16(1);
+    b.put_slice(b"card\0");
+    b.put_i32(16400);
+    b.put_i16(3);
+    b.put_i32(25);
+    b.put_i16(-1);
+    b.put_i32(-1);
+    b.put_i16(0);
+    let f = decode_row_description(&frame(b'T', &b)).unwrap();
+    assert_eq!((f[0].name.as_str(), f[0].table_oid, f[0].attnum, f[0].type_oid), ("card", 16400, 3, 25));
+    assert!(decode_row_description(&frame(b'T', &b[..5])).is_err());
+}
+
+#[test]
+fn bind_result_formats_are_read_when_present() {
+    let mut body = BytesMut::new();
+    body.put_slice(b"p\0s\0");
+    body.put_i16(0);
+    body.put_i16(0);
+    let without = frame(b'B', &body);
+    assert!(decode_bind(&without).unwrap().result_formats.is_none(), "Postgres refuses it; pgward forwards it");
+    body.put_i16(2);
+    body.put_i16(1);
+    body.put_i16(0);
+    let with = frame(b'B', &body);
+    assert_eq!(decode_bind(&with).unwrap().result_formats.map(|f| f.to_vec()), Some(vec![1, 0]));
+}
