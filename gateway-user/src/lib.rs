@@ -1,9 +1,10 @@
 //! pgward: a token-authenticated, policy-checked, audited Postgres gateway.
 //!
-//! Rooms (see docs/architecture.md): `config`, `cli`, `auth` (tokens), `tls`, `wire` (frames),
-//! `session` (per-connection state machine), `upstream` (connect + auth to the real Postgres,
-//! cancel map), `pool` (upstream session pooling), `server` (listeners), `policy`, `access` (token revocation, JIT grants),
-//! `audit` (records, writer, reader, verify), `sqlstate` (the error codes pgward uses), `ebpf`.
+//! Rooms (see docs/architecture.md): `config`, `cli`, `auth` (tokens), `tls`, `wire` (frames,
+//! decoders, the protocol tracker), `session` (per-connection state machine), `upstream`
+//! (connect + auth to the real Postgres, cancel map), `pool` (upstream session pooling), `server`
+//! (listeners), `policy`, `access` (token revocation, JIT grants), `audit` (records, writer,
+//! reader, verify), `sqlstate` (the error codes pgward uses), `ebpf`.
 
 pub mod access;
 pub mod audit;

@@ -1,7 +1,9 @@
 //! The session side of masking: per-statement plans and the rewriting of DataRow and CopyData
-//! frames. The session calls [`MaskRelay::on_client_frame`] for every client frame (to learn
-//! statements, portals, result formats) and [`MaskRelay::on_server_frame`] for every server
-//! frame before its own bookkeeping.
+//! frames. The session tells masking of the Query, Parse and Bind messages it forwards
+//! ([`MaskRelay::query`], [`MaskRelay::parse`], [`MaskRelay::bind`]), decoded by `wire`'s
+//! decoders, and keeps what masking returns for statements and portals in its protocol tracker
+//! under their names; it calls [`MaskRelay::on_server_frame`] for every server frame before its
+//! own bookkeeping.
 //!
 //! Plans: a RowDescription (simple protocol, FETCH) or the Describe/Bind of a portal (extended
 //! protocol) gives each column's table OID, attribute number, type and format. A column is
@@ -32,14 +34,16 @@ use super::lineage::{self, CopyFormat, CopyKind, Lineage, Resolver, StmtKind, Ta
 use super::SessionMask;
 use crate::wire::{Field, Frame, Reader};
 
-/// A Parse the session saw: its lineage and (after Describe S) its columns.
+/// What masking knows of a prepared statement (kept in the session's tracker, under the
+/// statement's name): its lineage and (after Describe S) its columns.
 #[derive(Debug, Default)]
 pub struct PreparedInfo {
     lineage: Option<StmtKind>,
     desc: Mutex<Option<Arc<Vec<Field>>>>,
 }
 
-/// A Bind: the statement, result formats and (after Describe P) its columns.
+/// What masking knows of a portal (kept in the session's tracker, under the portal's name): the
+/// statement, result formats and (after Describe P) its columns.
 #[derive(Debug, Default)]
 pub struct PortalInfo {
     prepared: Option<Arc<PreparedInfo>>,
@@ -51,6 +55,9 @@ pub struct PortalInfo {
 pub struct QueryInfo {
     stmts: Option<Vec<StmtKind>>,
 }
+
+/// Finds what masking keeps of a protocol-level prepared statement, by name.
+pub type Statements<'a> = &'a dyn Fn(&str) -> Option<Arc<PreparedInfo>>;
 
 /// What a pending client frame means to masking (stored in the session's `Pending`).
 #[derive(Debug, Default, Clone)]
@@ -230,8 +237,6 @@ pub struct MaskRelay {
     sess: SessionMask,
     access: Access,
     snap: Option<Arc<Snapshot>>,
-    prepared: HashMap<String, Arc<PreparedInfo>>,
-    portals: HashMap<String, Arc<PortalInfo>>,
     sql_prepared: HashMap<String, Lineage>,
     cursors: HashMap<String, Lineage>,
     cur_query: Option<Arc<QueryInfo>>,
@@ -264,8 +269,6 @@ impl MaskRelay {
             sess,
             access,
             snap,
-            prepared: HashMap::new(),
-            portals: HashMap::new(),
             sql_prepared: HashMap::new(),
             cursors: HashMap::new(),
             cur_query: None,
@@ -298,66 +301,35 @@ impl MaskRelay {
         }
     }
 
-    /// A client frame the session is forwarding; returns the tag for its pending entry.
-    pub fn on_client_frame(&mut self, f: &Frame) -> Tag {
-        match f.tag {
-            b'Q' => {
-                let Ok(sql) = Reader::new(f.body()).cstr() else { return Tag::None };
-                let stmts = self.analyze(&sql);
-                if let Some(s) = &stmts {
-                    self.remember(s);
-                }
-                Tag::Query(Arc::new(QueryInfo { stmts }))
-            }
-            b'P' => {
-                let mut r = Reader::new(f.body());
-                let (Ok(name), Ok(sql)) = (r.cstr(), r.cstr()) else { return Tag::None };
-                let lineage = match self.analyze(&sql) {
-                    Some(mut v) if v.len() == 1 => {
-                        let s = v.remove(0);
-                        self.remember(std::slice::from_ref(&s));
-                        Some(s)
-                    }
-                    Some(v) if v.is_empty() => Some(StmtKind::Other),
-                    _ => Some(StmtKind::Unknown),
-                };
-                self.prepared.insert(name.into_owned(), Arc::new(PreparedInfo { lineage, desc: Mutex::new(None) }));
-                Tag::None
-            }
-            b'B' => {
-                let Ok(b) = crate::wire::decode_bind(f) else { return Tag::None };
-                let Some(formats) = b.result_formats else { return Tag::None };
-                let info = PortalInfo { prepared: self.prepared.get(b.statement.as_ref()).cloned(), formats: formats.to_vec(), desc: Mutex::new(None) };
-                self.portals.insert(b.portal.into_owned(), Arc::new(info));
-                Tag::None
-            }
-            b'D' => {
-                let mut r = Reader::new(f.body());
-                let (Ok(kind), Ok(name)) = (r.u8(), r.cstr()) else { return Tag::None };
-                if kind == b'S' {
-                    self.prepared.get(name.as_ref()).map(|p| Tag::DescribeStmt(p.clone())).unwrap_or_default()
-                } else {
-                    self.portals.get(name.as_ref()).map(|p| Tag::DescribePortal(p.clone())).unwrap_or_default()
-                }
-            }
-            b'E' => {
-                let Ok(portal) = Reader::new(f.body()).cstr() else { return Tag::None };
-                // A portal pgward did not see bound: Postgres answers 34000; an empty plan is fine.
-                Tag::Execute(self.portals.get(portal.as_ref()).cloned().unwrap_or_default())
-            }
-            b'C' => {
-                let mut r = Reader::new(f.body());
-                if let (Ok(kind), Ok(name)) = (r.u8(), r.cstr()) {
-                    if kind == b'S' {
-                        self.prepared.remove(name.as_ref());
-                    } else {
-                        self.portals.remove(name.as_ref());
-                    }
-                }
-                Tag::None
-            }
-            _ => Tag::None,
+    /// A Query the session is forwarding (its text as the server lexes it): the tag for its
+    /// pending entry.
+    pub fn query(&mut self, sql: &str) -> Tag {
+        let stmts = self.analyze(sql);
+        if let Some(s) = &stmts {
+            self.remember(s);
         }
+        Tag::Query(Arc::new(QueryInfo { stmts }))
+    }
+
+    /// A Parse the session is forwarding (or refusing: Postgres may then still have an older
+    /// statement of that name): what masking keeps of the statement.
+    pub fn parse(&mut self, sql: &str) -> Arc<PreparedInfo> {
+        let lineage = match self.analyze(sql) {
+            Some(mut v) if v.len() == 1 => {
+                let s = v.remove(0);
+                self.remember(std::slice::from_ref(&s));
+                Some(s)
+            }
+            Some(v) if v.is_empty() => Some(StmtKind::Other),
+            _ => Some(StmtKind::Unknown),
+        };
+        Arc::new(PreparedInfo { lineage, desc: Mutex::new(None) })
+    }
+
+    /// A Bind of `statement` (what masking keeps of it, if anything) with these result formats:
+    /// what masking keeps of the portal.
+    pub fn bind(statement: Option<&Arc<PreparedInfo>>, formats: Vec<i16>) -> Arc<PortalInfo> {
+        Arc::new(PortalInfo { prepared: statement.cloned(), formats, desc: Mutex::new(None) })
     }
 
     /// The mask counts of the result that just completed (for its audit record).
@@ -368,14 +340,16 @@ impl MaskRelay {
     /// A server frame, before the session's bookkeeping. None: the frame was rewritten into
     /// `out` (DataRow, CopyData). Some: the frame the session goes on with — the same one, or
     /// an ErrorResponse / NoticeResponse whose text fields had detected values masked.
-    pub fn on_server_frame(&mut self, f: Frame, front: Option<&Tag>, out: &mut BytesMut) -> Option<Frame> {
+    /// `statements` finds what masking keeps of a protocol-level prepared statement by name
+    /// (for `EXECUTE name`).
+    pub fn on_server_frame(&mut self, f: Frame, front: Option<&Tag>, out: &mut BytesMut, statements: Statements<'_>) -> Option<Frame> {
         if matches!(f.tag, b'E' | b'N') {
             if f.tag == b'E' {
                 self.finish();
             }
             return Some(self.scrub_message(f));
         }
-        if self.on_frame(&f, front, out) { None } else { Some(f) }
+        if self.on_frame(&f, front, out, statements) { None } else { Some(f) }
     }
 
     /// Error and notice texts can carry values (`invalid input syntax for type integer:
@@ -423,14 +397,14 @@ impl MaskRelay {
         Frame { tag: f.tag, raw: raw.freeze() }
     }
 
-    fn on_frame(&mut self, f: &Frame, front: Option<&Tag>, out: &mut BytesMut) -> bool {
+    fn on_frame(&mut self, f: &Frame, front: Option<&Tag>, out: &mut BytesMut, statements: Statements<'_>) -> bool {
         match f.tag {
             b'D' => {
                 if self.active.is_none() {
                     if let Some(Tag::Execute(p)) = front {
                         let p = p.clone();
                         let n = data_row_width(f.body()).unwrap_or(0);
-                        self.active = Some(self.plan_execute(&p, n));
+                        self.active = Some(self.plan_execute(&p, n, statements));
                     }
                 }
                 let Some(a) = self.active.as_mut() else { return false };
@@ -491,7 +465,7 @@ impl MaskRelay {
                 match front {
                     Some(Tag::Query(q)) => {
                         self.sync_query(q);
-                        let lin = self.query_lineage(q);
+                        let lin = self.query_lineage(q, statements);
                         self.active = Some(self.plan(&fields, fields.len(), &[], lin.as_ref()));
                     }
                     Some(Tag::DescribeStmt(p)) => {
@@ -514,9 +488,9 @@ impl MaskRelay {
                 let lin: Option<Lin> = match front {
                     Some(Tag::Query(q)) => {
                         self.sync_query(q);
-                        self.query_lineage(q)
+                        self.query_lineage(q, statements)
                     }
-                    Some(Tag::Execute(p)) => p.prepared.as_ref().and_then(|pp| self.resolve_kind(pp.lineage.as_ref())),
+                    Some(Tag::Execute(p)) => p.prepared.as_ref().and_then(|pp| self.resolve_kind(pp.lineage.as_ref(), statements)),
                     _ => None,
                 };
                 let mut fmt = match &lin {
@@ -601,14 +575,14 @@ impl MaskRelay {
         }
     }
 
-    fn query_lineage(&self, q: &QueryInfo) -> Option<Lin> {
+    fn query_lineage(&self, q: &QueryInfo, statements: Statements<'_>) -> Option<Lin> {
         match &q.stmts {
             None => Some(Lin::Unknown),
-            Some(v) => self.resolve_kind(v.get(self.query_idx)).or(Some(Lin::Unknown)),
+            Some(v) => self.resolve_kind(v.get(self.query_idx), statements).or(Some(Lin::Unknown)),
         }
     }
 
-    fn resolve_kind(&self, k: Option<&StmtKind>) -> Option<Lin> {
+    fn resolve_kind(&self, k: Option<&StmtKind>, statements: Statements<'_>) -> Option<Lin> {
         match k? {
             StmtKind::Rows(l) => Some(Lin::Known(l.clone())),
             StmtKind::Fetch(n) => Some(self.cursors.get(n).cloned().map(Lin::Known).unwrap_or(Lin::Unknown)),
@@ -616,7 +590,7 @@ impl MaskRelay {
                 self.sql_prepared
                     .get(n)
                     .cloned()
-                    .or_else(|| match self.prepared.get(n).and_then(|p| p.lineage.clone()) {
+                    .or_else(|| match statements(n).and_then(|p| p.lineage.clone()) {
                         Some(StmtKind::Rows(l)) => Some(l),
                         _ => None,
                     })
@@ -628,7 +602,7 @@ impl MaskRelay {
         }
     }
 
-    fn plan_execute(&self, p: &PortalInfo, n: usize) -> Active {
+    fn plan_execute(&self, p: &PortalInfo, n: usize, statements: Statements<'_>) -> Active {
         let desc = p
             .desc
             .lock()
@@ -636,7 +610,7 @@ impl MaskRelay {
             .and_then(|d| d.clone())
             .or_else(|| p.prepared.as_ref().and_then(|pp| pp.desc.lock().ok().and_then(|d| d.clone())));
         let lin = match &p.prepared {
-            Some(pp) => self.resolve_kind(pp.lineage.as_ref()),
+            Some(pp) => self.resolve_kind(pp.lineage.as_ref(), statements),
             None => Some(Lin::Unknown),
         };
         match desc {
