@@ -85,14 +85,12 @@ pub async fn run(conn: &mut AdminConn, scope: &Scope, audit: &AuditHandle) -> an
     Ok(ended)
 }
 
-/// SQLSTATE undefined_function: Postgres before 14 has no timeout argument.
-const UNDEFINED_FUNCTION: &str = "42883";
-
 /// pg_terminate_backend, waiting (Postgres 14+) until the backend is gone.
 async fn terminate(conn: &mut AdminConn, pid: i32) -> Result<bool, crate::upstream::UpstreamError> {
     let yes = |r: Rows| r.first().and_then(|row| row.first()).cloned().flatten().as_deref() == Some("t");
     match conn.query(&format!("SELECT pg_terminate_backend({pid}, {})", TERMINATE_WAIT.as_millis())).await {
-        Err(e) if e.sqlstate() == UNDEFINED_FUNCTION => conn.query(&format!("SELECT pg_terminate_backend({pid})")).await.map(yes),
+        // Postgres before 14 has no timeout argument.
+        Err(e) if e.sqlstate() == crate::sqlstate::UNDEFINED_FUNCTION => conn.query(&format!("SELECT pg_terminate_backend({pid})")).await.map(yes),
         r => r.map(yes),
     }
 }

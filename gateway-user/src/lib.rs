@@ -1,10 +1,11 @@
 //! pgward: a token-authenticated, policy-checked, audited Postgres gateway.
 //!
-//! Rooms (see docs/architecture.md): `config`, `cli`, `auth` (tokens), `tls`, `wire` (frames),
-//! `session` (per-connection state machine), `upstream` (connect + auth to the real Postgres,
-//! cancel map), `pool` (upstream session pooling), `server` (listeners), `policy`, `access` (token revocation, JIT grants),
-//! `audit` (records, writer, reader, verify), `ebpf`, `host` (facts about the machine: accounts,
-//! cgroups, file attributes, capabilities, the clock).
+//! Rooms (see docs/architecture.md): `config`, `cli`, `auth` (tokens), `tls`, `wire` (frames,
+//! decoders, the protocol tracker), `session` (per-connection state machine), `upstream`
+//! (connect + auth to the real Postgres, cancel map), `pool` (upstream session pooling), `server`
+//! (listeners), `policy`, `access` (token revocation, JIT grants), `audit` (records, writer,
+//! reader, verify), `sqlstate` (the error codes pgward uses), `ebpf`, `host` (facts about the
+//! machine: accounts, cgroups, file attributes, capabilities, the clock).
 
 pub mod access;
 pub mod audit;
@@ -22,6 +23,7 @@ pub mod policy_catalog;
 pub mod pool;
 pub mod server;
 pub mod session;
+pub mod sqlstate;
 pub mod tls;
 pub mod upstream;
 pub mod upstream_admin;

@@ -42,7 +42,7 @@ impl UpstreamError {
     pub fn sqlstate(&self) -> &str {
         match self {
             UpstreamError::Server { code, .. } => code,
-            _ => "08006",
+            _ => crate::sqlstate::CONNECTION_FAILURE,
         }
     }
 }

@@ -35,8 +35,8 @@ pub enum Refusal {
 impl Refusal {
     pub fn sqlstate(&self) -> &'static str {
         match self {
-            Refusal::TokenExpired | Refusal::TokenRevoked(_) => "28P01",
-            Refusal::GrantExpired { .. } | Refusal::GrantRevoked { .. } => "28000",
+            Refusal::TokenExpired | Refusal::TokenRevoked(_) => crate::sqlstate::INVALID_PASSWORD,
+            Refusal::GrantExpired { .. } | Refusal::GrantRevoked { .. } => crate::sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
         }
     }
 }

@@ -11,6 +11,8 @@
 mod signer;
 mod verifier;
 
+use crate::sqlstate;
+
 #[cfg(test)]
 mod tests;
 
@@ -47,9 +49,8 @@ pub enum AuthError {
 impl AuthError {
     pub fn sqlstate(&self) -> &'static str {
         match self {
-            AuthError::InvalidToken { .. } => "28P01",
-            AuthError::UserMismatch { .. } => "28000",
-            AuthError::Keys(_) => "28000",
+            AuthError::InvalidToken { .. } => sqlstate::INVALID_PASSWORD,
+            AuthError::UserMismatch { .. } | AuthError::Keys(_) => sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
         }
     }
     pub fn jti(&self) -> Option<&str> {

@@ -11,9 +11,6 @@ use crate::upstream_admin::AdminConn;
 
 const QUERY: &str = "SELECT current_setting('unix_socket_directories'), \
                      current_setting('listen_addresses'), current_setting('port')";
-/// SQLSTATE insufficient_privilege.
-const INSUFFICIENT_PRIVILEGE: &str = "42501";
-
 /// The server's own view of its listening sockets.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Found {
@@ -27,7 +24,7 @@ pub struct Found {
 
 pub async fn discover(conn: &mut AdminConn) -> anyhow::Result<Found> {
     let rows = conn.query(QUERY).await.map_err(|e| {
-        if e.sqlstate() == INSUFFICIENT_PRIVILEGE {
+        if e.sqlstate() == crate::sqlstate::INSUFFICIENT_PRIVILEGE {
             anyhow!(
                 "intercept: the service role may not read unix_socket_directories ({e}); \
                  GRANT pg_read_all_settings TO <service role>"

@@ -1,7 +1,9 @@
 //! The session side of masking: per-statement plans and the rewriting of DataRow and CopyData
-//! frames. The session calls [`MaskRelay::on_client_frame`] for every client frame (to learn
-//! statements, portals, result formats) and [`MaskRelay::on_server_frame`] for every server
-//! frame before its own bookkeeping.
+//! frames. The session tells masking of the Query, Parse and Bind messages it forwards
+//! ([`MaskRelay::query`], [`MaskRelay::parse`], [`MaskRelay::bind`]), decoded by `wire`'s
+//! decoders, and keeps what masking returns for statements and portals in its protocol tracker
+//! under their names; it calls [`MaskRelay::on_server_frame`] for every server frame before its
+//! own bookkeeping.
 //!
 //! Plans: a RowDescription (simple protocol, FETCH) or the Describe/Bind of a portal (extended
 //! protocol) gives each column's table OID, attribute number, type and format. A column is
@@ -33,43 +35,18 @@ use super::SessionMask;
 use super::strict::Violation;
 use crate::policy::QName;
 use crate::policy::functions::FunctionCatalog;
-use crate::wire::{Frame, Reader};
+use crate::wire::{Field, Frame, Reader};
 
-/// One column of a RowDescription.
-#[derive(Debug, Clone)]
-pub struct Field {
-    pub name: String,
-    pub table_oid: u32,
-    pub attnum: i16,
-    pub type_oid: u32,
-    pub format: i16,
-}
-
-pub fn parse_row_description(body: &[u8]) -> Option<Vec<Field>> {
-    let mut r = Reader::new(body);
-    let n = r.i16().ok()?;
-    let mut out = Vec::with_capacity(n.max(0) as usize);
-    for _ in 0..n {
-        let name = r.cstr().ok()?.into_owned();
-        let table_oid = r.i32().ok()? as u32;
-        let attnum = r.i16().ok()?;
-        let type_oid = r.i32().ok()? as u32;
-        r.i16().ok()?;
-        r.i32().ok()?;
-        let format = r.i16().ok()?;
-        out.push(Field { name, table_oid, attnum, type_oid, format });
-    }
-    Some(out)
-}
-
-/// A Parse the session saw: its lineage and (after Describe S) its columns.
+/// What masking knows of a prepared statement (kept in the session's tracker, under the
+/// statement's name): its lineage and (after Describe S) its columns.
 #[derive(Debug, Default)]
 pub struct PreparedInfo {
     lineage: Option<StmtKind>,
     desc: Mutex<Option<Arc<Vec<Field>>>>,
 }
 
-/// A Bind: the statement, result formats and (after Describe P) its columns.
+/// What masking knows of a portal (kept in the session's tracker, under the portal's name): the
+/// statement, result formats and (after Describe P) its columns.
 #[derive(Debug, Default)]
 pub struct PortalInfo {
     prepared: Option<Arc<PreparedInfo>>,
@@ -82,6 +59,9 @@ pub struct QueryInfo {
     stmts: Option<Vec<StmtKind>>,
 }
 
+/// Finds what masking keeps of a protocol-level prepared statement, by name.
+pub type Statements<'a> = &'a dyn Fn(&str) -> Option<Arc<PreparedInfo>>;
+
 /// What a pending client frame means to masking (stored in the session's `Pending`).
 #[derive(Debug, Default, Clone)]
 pub enum Tag {
@@ -89,8 +69,6 @@ pub enum Tag {
     None,
     Query(Arc<QueryInfo>),
     DescribeStmt(Arc<PreparedInfo>),
-    /// A Parse of this name, and what the name meant before (restored if the Parse fails).
-    Parse(String, Option<Arc<PreparedInfo>>),
     DescribePortal(Arc<PortalInfo>),
     Execute(Arc<PortalInfo>),
 }
@@ -315,8 +293,6 @@ pub struct MaskRelay {
     access: Access,
     functions: FunctionSource,
     snap: Option<Arc<Snapshot>>,
-    prepared: HashMap<String, Arc<PreparedInfo>>,
-    portals: HashMap<String, Arc<PortalInfo>>,
     sql_prepared: HashMap<String, Lineage>,
     cursors: HashMap<String, Lineage>,
     cur_query: Option<Arc<QueryInfo>>,
@@ -351,8 +327,6 @@ impl MaskRelay {
             access,
             functions,
             snap,
-            prepared: HashMap::new(),
-            portals: HashMap::new(),
             sql_prepared: HashMap::new(),
             cursors: HashMap::new(),
             cur_query: None,
@@ -404,64 +378,33 @@ impl MaskRelay {
         }
     }
 
-    /// A client frame the session is forwarding; returns the tag for its pending entry.
-    pub fn on_client_frame(&mut self, f: &Frame) -> Tag {
-        match f.tag {
-            b'Q' => {
-                let Ok(sql) = Reader::new(f.body()).cstr() else { return Tag::None };
-                // DECLARE and PREPARE are remembered when they complete (a failed one does
-                // not replace what the name meant).
-                Tag::Query(Arc::new(QueryInfo { stmts: self.analyze(&sql).0 }))
+    /// A Query the session is forwarding (its text as the server lexes it): the tag for its
+    /// pending entry.
+    /// DECLARE and PREPARE are remembered when they complete (a failed one does not replace
+    /// what the name meant).
+    pub fn query(&mut self, sql: &str) -> Tag {
+        Tag::Query(Arc::new(QueryInfo { stmts: self.analyze(sql).0 }))
+    }
+
+    /// A Parse the session is forwarding (or refusing: Postgres may then still have an older
+    /// statement of that name): what masking keeps of the statement.
+    pub fn parse(&mut self, sql: &str) -> Arc<PreparedInfo> {
+        let lineage = match self.analyze(sql).0 {
+            Some(mut v) if v.len() == 1 => {
+                let s = v.remove(0);
+                self.remember(std::slice::from_ref(&s));
+                Some(s)
             }
-            b'P' => {
-                let mut r = Reader::new(f.body());
-                let (Ok(name), Ok(sql)) = (r.cstr(), r.cstr()) else { return Tag::None };
-                let lineage = match self.analyze(&sql).0 {
-                    Some(mut v) if v.len() == 1 => {
-                        let s = v.remove(0);
-                        self.remember(std::slice::from_ref(&s));
-                        Some(s)
-                    }
-                    Some(v) if v.is_empty() => Some(StmtKind::Other),
-                    _ => Some(StmtKind::Unknown),
-                };
-                let name = name.into_owned();
-                let before = self.prepared.insert(name.clone(), Arc::new(PreparedInfo { lineage, desc: Mutex::new(None) }));
-                Tag::Parse(name, before)
-            }
-            b'B' => {
-                let Some((portal, stmt, formats)) = decode_bind_formats(f.body()) else { return Tag::None };
-                let info = PortalInfo { prepared: self.prepared.get(&stmt).cloned(), formats, desc: Mutex::new(None) };
-                self.portals.insert(portal, Arc::new(info));
-                Tag::None
-            }
-            b'D' => {
-                let mut r = Reader::new(f.body());
-                let (Ok(kind), Ok(name)) = (r.u8(), r.cstr()) else { return Tag::None };
-                if kind == b'S' {
-                    self.prepared.get(name.as_ref()).map(|p| Tag::DescribeStmt(p.clone())).unwrap_or_default()
-                } else {
-                    self.portals.get(name.as_ref()).map(|p| Tag::DescribePortal(p.clone())).unwrap_or_default()
-                }
-            }
-            b'E' => {
-                let Ok(portal) = Reader::new(f.body()).cstr() else { return Tag::None };
-                // A portal pgward did not see bound: Postgres answers 34000; an empty plan is fine.
-                Tag::Execute(self.portals.get(portal.as_ref()).cloned().unwrap_or_default())
-            }
-            b'C' => {
-                let mut r = Reader::new(f.body());
-                if let (Ok(kind), Ok(name)) = (r.u8(), r.cstr()) {
-                    if kind == b'S' {
-                        self.prepared.remove(name.as_ref());
-                    } else {
-                        self.portals.remove(name.as_ref());
-                    }
-                }
-                Tag::None
-            }
-            _ => Tag::None,
-        }
+            Some(v) if v.is_empty() => Some(StmtKind::Other),
+            _ => Some(StmtKind::Unknown),
+        };
+        Arc::new(PreparedInfo { lineage, desc: Mutex::new(None) })
+    }
+
+    /// A Bind of `statement` (what masking keeps of it, if anything) with these result formats:
+    /// what masking keeps of the portal.
+    pub fn bind(statement: Option<&Arc<PreparedInfo>>, formats: Vec<i16>) -> Arc<PortalInfo> {
+        Arc::new(PortalInfo { prepared: statement.cloned(), formats, desc: Mutex::new(None) })
     }
 
     /// The mask counts of the result that just completed (for its audit record).
@@ -472,31 +415,26 @@ impl MaskRelay {
     /// A server frame, before the session's bookkeeping. None: the frame was rewritten into
     /// `out` (DataRow, CopyData). Some: the frame the session goes on with — the same one, or
     /// an ErrorResponse / NoticeResponse whose text fields had detected values masked.
-    pub fn on_server_frame(&mut self, f: Frame, front: Option<&Tag>, out: &mut BytesMut) -> Option<Frame> {
+    /// `statements` finds what masking keeps of a protocol-level prepared statement by name
+    /// (for `EXECUTE name`).
+    pub fn on_server_frame(&mut self, f: Frame, front: Option<&Tag>, out: &mut BytesMut, statements: Statements<'_>) -> Option<Frame> {
         if matches!(f.tag, b'E' | b'N' | b'A' | b'S' | b'V') {
             if f.tag == b'E' {
                 self.finish();
-                if let Some(Tag::Parse(name, before)) = front {
-                    // The Parse failed: the name keeps its previous statement.
-                    match before {
-                        Some(b) => self.prepared.insert(name.clone(), b.clone()),
-                        None => self.prepared.remove(name),
-                    };
-                }
             }
             return Some(super::messages::scrub_message(f, &self.sess));
         }
-        if self.on_frame(&f, front, out) { None } else { Some(f) }
+        if self.on_frame(&f, front, out, statements) { None } else { Some(f) }
     }
 
-    fn on_frame(&mut self, f: &Frame, front: Option<&Tag>, out: &mut BytesMut) -> bool {
+    fn on_frame(&mut self, f: &Frame, front: Option<&Tag>, out: &mut BytesMut, statements: Statements<'_>) -> bool {
         match f.tag {
             b'D' => {
                 if self.active.is_none() {
                     if let Some(Tag::Execute(p)) = front {
                         let p = p.clone();
                         let n = data_row_width(f.body()).unwrap_or(0);
-                        self.active = Some(self.plan_execute(&p, n));
+                        self.active = Some(self.plan_execute(&p, n, statements));
                     }
                 }
                 let Some(a) = self.active.as_mut() else { return false };
@@ -553,11 +491,11 @@ impl MaskRelay {
                 }
             }
             b'T' => {
-                let Some(fields) = parse_row_description(f.body()) else { return false };
+                let Ok(fields) = crate::wire::decode_row_description(f) else { return false };
                 match front {
                     Some(Tag::Query(q)) => {
                         self.sync_query(q);
-                        let lin = self.query_lineage(q);
+                        let lin = self.query_lineage(q, statements);
                         self.active = Some(self.plan(&fields, fields.len(), &[], lin.as_ref()));
                     }
                     Some(Tag::DescribeStmt(p)) => {
@@ -576,15 +514,13 @@ impl MaskRelay {
             }
             b'H' => {
                 // CopyOutResponse: overall format, per-column formats.
-                let mut r = Reader::new(f.body());
-                let (Ok(overall), Ok(n)) = (r.u8(), r.i16()) else { return false };
-                let n = n.max(0) as usize;
+                let Ok((overall, n)) = crate::wire::decode_copy_out_response(f) else { return false };
                 let lin: Option<Lin> = match front {
                     Some(Tag::Query(q)) => {
                         self.sync_query(q);
-                        self.query_lineage(q)
+                        self.query_lineage(q, statements)
                     }
-                    Some(Tag::Execute(p)) => p.prepared.as_ref().and_then(|pp| self.resolve_kind(pp.lineage.as_ref())),
+                    Some(Tag::Execute(p)) => p.prepared.as_ref().and_then(|pp| self.resolve_kind(pp.lineage.as_ref(), statements)),
                     _ => None,
                 };
                 let mut fmt = match &lin {
@@ -676,14 +612,14 @@ impl MaskRelay {
         }
     }
 
-    fn query_lineage(&self, q: &QueryInfo) -> Option<Lin> {
+    fn query_lineage(&self, q: &QueryInfo, statements: Statements<'_>) -> Option<Lin> {
         match &q.stmts {
             None => Some(Lin::Unknown),
-            Some(v) => self.resolve_kind(v.get(self.query_idx)).or(Some(Lin::Unknown)),
+            Some(v) => self.resolve_kind(v.get(self.query_idx), statements).or(Some(Lin::Unknown)),
         }
     }
 
-    fn resolve_kind(&self, k: Option<&StmtKind>) -> Option<Lin> {
+    fn resolve_kind(&self, k: Option<&StmtKind>, statements: Statements<'_>) -> Option<Lin> {
         match k? {
             StmtKind::Rows(l) => Some(Lin::Known(l.clone())),
             StmtKind::Fetch(n) => Some(self.cursors.get(n).cloned().map(Lin::Known).unwrap_or(Lin::Unknown)),
@@ -691,7 +627,7 @@ impl MaskRelay {
                 self.sql_prepared
                     .get(n)
                     .cloned()
-                    .or_else(|| match self.prepared.get(n).and_then(|p| p.lineage.clone()) {
+                    .or_else(|| match statements(n).and_then(|p| p.lineage.clone()) {
                         Some(StmtKind::Rows(l)) => Some(l),
                         _ => None,
                     })
@@ -703,7 +639,7 @@ impl MaskRelay {
         }
     }
 
-    fn plan_execute(&self, p: &PortalInfo, n: usize) -> Active {
+    fn plan_execute(&self, p: &PortalInfo, n: usize, statements: Statements<'_>) -> Active {
         let desc = p
             .desc
             .lock()
@@ -711,7 +647,7 @@ impl MaskRelay {
             .and_then(|d| d.clone())
             .or_else(|| p.prepared.as_ref().and_then(|pp| pp.desc.lock().ok().and_then(|d| d.clone())));
         let lin = match &p.prepared {
-            Some(pp) => self.resolve_kind(pp.lineage.as_ref()),
+            Some(pp) => self.resolve_kind(pp.lineage.as_ref(), statements),
             None => Some(Lin::Unknown),
         };
         match desc {
@@ -821,30 +757,6 @@ enum Lin {
 fn data_row_width(body: &[u8]) -> Option<usize> {
     let n = Reader::new(body).i16().ok()?;
     (n >= 0).then_some(n as usize)
-}
-
-/// (portal, statement, result format codes) of a Bind.
-fn decode_bind_formats(body: &[u8]) -> Option<(String, String, Vec<i16>)> {
-    let mut r = Reader::new(body);
-    let portal = r.cstr().ok()?.into_owned();
-    let stmt = r.cstr().ok()?.into_owned();
-    let nfmt = r.i16().ok()?;
-    for _ in 0..nfmt.max(0) {
-        r.i16().ok()?;
-    }
-    let np = r.i16().ok()?;
-    for _ in 0..np.max(0) {
-        let len = r.i32().ok()?;
-        if len > 0 {
-            r.bytes(len as usize).ok()?;
-        }
-    }
-    let nres = r.i16().ok()?;
-    let mut formats = Vec::with_capacity(nres.max(0) as usize);
-    for _ in 0..nres.max(0) {
-        formats.push(r.i16().ok()?);
-    }
-    Some((portal, stmt, formats))
 }
 
 /// The new value of one column, or None when it stays as it is.
@@ -1363,21 +1275,5 @@ mod tests {
         let s = sess("[[mask]]\nname = \"c\"\ncolumns = [\"customers.card\"]\n");
         let texts = pgbench_select_texts();
         assert_eq!(callgrind_lineage_loop(None, &s, &texts), texts.len());
-    }
-
-    #[test]
-    fn row_description_roundtrip() {
-        let mut b = BytesMut::new();
-        b.put_i16(1);
-        b.put_slice(b"card\0");
-        b.put_i32(16400);
-        b.put_i16(3);
-        b.put_i32(25);
-        b.put_i16(-1);
-        b.put_i32(-1);
-        b.put_i16(0);
-        let f = parse_row_description(&b).unwrap();
-        assert_eq!((f[0].name.as_str(), f[0].table_oid, f[0].attnum, f[0].type_oid), ("card", 16400, 3, 25));
-        assert!(parse_row_description(&b[..5]).is_none());
     }
 }

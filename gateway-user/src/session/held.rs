@@ -1,13 +1,23 @@
-//! A batch of client frames held until its statement records are durable, and the hand-over
-//! that lets the audit writer thread send it upstream itself.
+//! A batch of client frames held until its statement records are durable, the hand-over
+//! that lets the audit writer thread send it upstream itself, and its release: forwarded as
+//! it is once durable, or with its statements replaced by failing markers when the audit log
+//! could not take their records.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
-use super::Pending;
+use super::Relay;
+use super::tracked::Pending;
 use crate::audit::{AuditError, Record};
+use crate::sqlstate;
 use crate::wire::{self, Frame};
+
+/// Resolves once every record of a batch is durable (their seqs), or at the first failure.
+pub(super) type DurableFuture = Pin<Box<dyn Future<Output = Result<Vec<u64>, String>> + Send>>;
 
 /// Client frames read in one go, waiting for their statement records to be durable.
 #[derive(Default)]
@@ -41,6 +51,12 @@ impl Batch {
         self.records.push(rec);
         p.rec_idx = self.records.len() - 1;
         self.frames.push((frame, Some(self.pendings.len())));
+        self.pendings.push(p);
+    }
+
+    /// A frame that runs nothing itself, and what it waits for from the server.
+    pub(super) fn forward(&mut self, frame: Frame, p: Pending) {
+        self.frames.push((frame, None));
         self.pendings.push(p);
     }
 
@@ -143,3 +159,190 @@ impl crate::audit::OnDurable for HeldSend {
     }
 }
 
+/// Take back a batch the writer sent and collect its records' outcome. Its records are
+/// durable (the writer sends only then), so the outcome is there or about to be: a waiter
+/// the writer kept is told by the claim. The records are polled once with a no-op waker
+/// first, so that telling them does not schedule this task again for nothing.
+pub(super) async fn claim_sent(mut f: DurableFuture, b: &mut Batch) -> Result<Vec<u64>, String> {
+    let now = {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let first = f.as_mut().poll(&mut cx);
+        b.claim();
+        match first {
+            std::task::Poll::Ready(r) => Some(r),
+            std::task::Poll::Pending => match f.as_mut().poll(&mut cx) {
+                std::task::Poll::Ready(r) => Some(r),
+                std::task::Poll::Pending => None,
+            },
+        }
+    };
+    match now {
+        Some(r) => r,
+        // The writer tells this waiter itself, any moment now.
+        None => f.await,
+    }
+}
+
+/// A future resolving once every record of the batch is durable (their seqs), or the
+/// first failure.
+pub(super) fn await_records(b: &mut Batch) -> DurableFuture {
+    let receivers = std::mem::take(&mut b.receivers);
+    Box::pin(async move {
+        let mut seqs = Vec::with_capacity(receivers.len());
+        for r in receivers {
+            match r.await {
+                Ok(Ok(seq)) => seqs.push(seq),
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("the audit writer stopped".to_string()),
+            }
+        }
+        Ok(seqs)
+    })
+}
+
+impl Relay {
+    /// Submit the batch's statement records in order. With `hold`, and a socket to send on, the
+    /// last record carries a [`HeldSend`] of the batch's frames — unless an earlier record was
+    /// refused at once (the later one could then be durable while it never is). `client_open`:
+    /// the client may still send (so the writer may keep quiet, see [`HeldState`]).
+    pub(super) fn submit_records(&self, batch: &mut Batch, hold: bool, client_open: bool) {
+        let n = batch.records.len();
+        let mut all_queued = true;
+        for (i, rec) in std::mem::take(&mut batch.records).into_iter().enumerate() {
+            let held = match &self.upstream_fd {
+                Some(fd) if hold && all_queued && i + 1 == n => {
+                    let len = batch.frames.iter().map(|(f, _)| f.raw.len()).sum();
+                    let mut bytes = BytesMut::with_capacity(len);
+                    append_unsent(&batch.frames, 0, &mut bytes);
+                    // Quiet only while the session still reads the client (which may owe
+                    // the Sync that makes Postgres answer).
+                    let quiet = client_open && !self.terminated;
+                    Some(Arc::new(HeldSend::new(fd.clone(), bytes.freeze(), quiet)))
+                }
+                _ => None,
+            };
+            let hook = held.clone().map(|h| h as Arc<dyn crate::audit::OnDurable>);
+            let (rx, queued) = self.shared.audit.submit_then(rec, hook);
+            all_queued &= queued;
+            if queued {
+                batch.held = held;
+            }
+            batch.receivers.push(rx);
+        }
+    }
+
+    /// The batch's records are durable (or failed): forward it.
+    pub(super) fn release_batch(&mut self, mut b: Batch, result: Result<Vec<u64>, String>, uout: &mut BytesMut) {
+        let sent = b.claim();
+        let frames = std::mem::take(&mut b.frames);
+        let mut pendings = std::mem::take(&mut b.pendings);
+        let result = match result {
+            Err(e) if sent > 0 => {
+                // Cannot happen (the writer sends only what is durable), but the frames are
+                // upstream: account for them as sent.
+                tracing::error!(error = %e, "audit reported a failure for a batch already sent upstream");
+                Ok(Vec::new())
+            }
+            r => r,
+        };
+        match result {
+            Ok(seqs) => {
+                for p in pendings.iter_mut() {
+                    if let Some(s) = seqs.get(p.rec_idx) {
+                        p.seq = *s;
+                    }
+                    p.started = Instant::now();
+                }
+                append_unsent(&frames, sent, uout);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit append failed; refusing statements");
+                let msg = format!("pgward: audit log unavailable, statement refused: {e}");
+                for (f, pi) in &frames {
+                    match pi {
+                        Some(i) => {
+                            let marker = match f.tag {
+                                b'Q' => self.marker_query(),
+                                b'E' => self.marker_execute(),
+                                b'P' => {
+                                    let name = wire::decode_parse(f, self.watch.encoding()).map(|(n, _)| n.into_owned()).unwrap_or_default();
+                                    self.marker_parse(&name)
+                                }
+                                _ => self.marker_function_call(),
+                            };
+                            if let Some(p) = pendings.get_mut(*i) {
+                                p.refusal = Some((sqlstate::IO_ERROR, msg.clone()));
+                            }
+                            uout.extend_from_slice(&marker.raw);
+                        }
+                        None => uout.extend_from_slice(&f.raw),
+                    }
+                }
+            }
+        }
+        self.tracker.expect(pendings);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_the_writer_did_not_send_follows_in_order() {
+        let frame = |s: &str| (Frame { tag: b'Q', raw: Bytes::copy_from_slice(s.as_bytes()) }, None);
+        let frames = vec![frame("abc"), frame("de"), frame("fghi")];
+        for (sent, want) in
+            [(0, "abcdefghi"), (1, "bcdefghi"), (3, "defghi"), (4, "efghi"), (5, "fghi"), (8, "i"), (9, ""), (12, "")]
+        {
+            let mut out = BytesMut::from(&b">"[..]);
+            append_unsent(&frames, sent, &mut out);
+            assert_eq!(&out[..], format!(">{want}").as_bytes(), "sent {sent}");
+        }
+    }
+
+    #[test]
+    fn a_held_batch_claimed_first_is_never_sent() {
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let fd = Arc::new(std::os::fd::OwnedFd::from(a));
+        let held = |s: &'static str, quiet: bool| HeldSend::new(fd.clone(), Bytes::from(s), quiet);
+        use crate::audit::{OnDurable as _, Waiter};
+        use std::io::Read as _;
+        use tokio::sync::oneshot::error::TryRecvError;
+
+        // Durable first, quiet: the writer sends it all and keeps the waiter untold; the
+        // session's claim says what was sent and tells the waiter.
+        let first = held("sent", true);
+        let (w, mut rx) = Waiter::for_test(7);
+        assert!(first.durable(w).is_none(), "kept");
+        assert!(matches!(rx.try_recv(), Err(TryRecvError::Empty)));
+        assert!(first.sent_or_ask());
+        assert_eq!(first.claim(), 4);
+        assert_eq!(rx.try_recv().expect("told at the claim").expect("durable"), 7);
+        let (w, _) = Waiter::for_test(8);
+        assert!(first.durable(w).is_some(), "claimed: never again, the writer tells");
+
+        // Not quiet (the client is gone), or asked to tell before the writer got to it: sent,
+        // and the writer tells.
+        for asked in [false, true] {
+            let h = held("told", asked);
+            if asked {
+                assert!(!h.sent_or_ask(), "still held");
+            }
+            let (w, _) = Waiter::for_test(9);
+            assert_eq!(h.durable(w).map(|w| w.seq()), Some(9));
+            assert_eq!(h.claim(), 4);
+        }
+
+        // Claimed first (the session ended or was answered): nothing goes out, ever.
+        let second = held("never", true);
+        assert_eq!(second.claim(), 0);
+        let (w, _) = Waiter::for_test(10);
+        assert!(second.durable(w).is_some());
+        // Every dup closed: the reader sees the end after what was sent.
+        drop((fd, first, second));
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).expect("read");
+        assert_eq!(got, b"senttoldtold");
+    }
+}

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-use super::{Peer, Shared, fatal, refuse_login};
+use super::login::refuse_login;
+use super::{Peer, Shared, fatal};
 use crate::audit::{Kind, Record};
 use crate::auth::Identity;
+use crate::sqlstate;
 use crate::upstream;
 use crate::wire::{self, BoxStream, StartupRequest, WireError};
 
@@ -82,14 +84,14 @@ pub(super) async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &
             Ok(p) => p,
             Err(WireError::Closed) => return None,
             Err(e) => {
-                fatal(&mut stream, "08P01", &format!("pgward: invalid startup packet: {e}")).await;
+                fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, &format!("pgward: invalid startup packet: {e}")).await;
                 return None;
             }
         };
         match wire::parse_startup(&pkt) {
             Ok(StartupRequest::Ssl) => {
                 if tls_on || !buf.is_empty() {
-                    fatal(&mut stream, "08P01", "pgward: unexpected data around SSLRequest").await;
+                    fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, "pgward: unexpected data around SSLRequest").await;
                     return None;
                 }
                 match &shared.tls {
@@ -135,7 +137,7 @@ pub(super) async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &
             }
             Ok(StartupRequest::Startup { version, params }) => break (version, params),
             Err(e) => {
-                fatal(&mut stream, "08P01", &format!("pgward: invalid startup packet: {e}")).await;
+                fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, &format!("pgward: invalid startup packet: {e}")).await;
                 return None;
             }
         }
@@ -143,7 +145,7 @@ pub(super) async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &
 
     let mut hello = BytesMut::new();
     if version >> 16 != 3 {
-        fatal(&mut stream, "0A000", &format!("pgward: unsupported frontend protocol {}.{}", version >> 16, version & 0xffff)).await;
+        fatal(&mut stream, sqlstate::FEATURE_NOT_SUPPORTED, &format!("pgward: unsupported frontend protocol {}.{}", version >> 16, version & 0xffff)).await;
         return None;
     }
     let unsupported: Vec<String> = params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
@@ -152,12 +154,12 @@ pub(super) async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &
     }
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let Some(user) = get("user").filter(|u| !u.is_empty()) else {
-        fatal(&mut stream, "28000", "pgward: no user name specified in the startup packet").await;
+        fatal(&mut stream, sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, "pgward: no user name specified in the startup packet").await;
         return None;
     };
     let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
     if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
-        fatal(&mut stream, "28000", "pgward: replication connections are not supported").await;
+        fatal(&mut stream, sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, "pgward: replication connections are not supported").await;
         return None;
     }
 
@@ -175,8 +177,8 @@ pub(super) async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &
 
     if !tls_on && !(peer.is_local() && shared.cfg.server.allow_plaintext_local) {
         let msg = "pgward accepts tokens only over TLS from this address (use sslmode=require)";
-        let _ = shared.audit.append_durable(failed(msg.into(), "28000", None, None)).await;
-        fatal(&mut stream, "28000", &format!("pgward: {msg}")).await;
+        let _ = shared.audit.append_durable(failed(msg.into(), sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, None, None)).await;
+        fatal(&mut stream, sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, &format!("pgward: {msg}")).await;
         return None;
     }
 
@@ -189,14 +191,14 @@ pub(super) async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &
         // psql hangs up here to prompt for a password; that is not a failed login.
         Err(WireError::Closed) => return None,
         Err(e) => {
-            fatal(&mut stream, "08P01", &format!("pgward: {e}")).await;
+            fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, &format!("pgward: {e}")).await;
             return None;
         }
     };
     let token = match wire::decode_password(&frame) {
         Ok(t) => t,
         Err(e) => {
-            fatal(&mut stream, "08P01", &format!("pgward: {e}")).await;
+            fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, &format!("pgward: {e}")).await;
             return None;
         }
     };
@@ -216,7 +218,7 @@ pub(super) async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &
             {
                 let msg = format!("pgward: client_encoding \"{enc}\" is not supported through pgward; use UTF8");
                 let mut stream = stream;
-                refuse_login(shared, &mut stream, session, peer, &identity, &database, "22023", msg, None).await;
+                refuse_login(shared, &mut stream, session, peer, &identity, &database, sqlstate::INVALID_PARAMETER_VALUE, msg, None).await;
                 return None;
             }
             let params = with_lexical_settings(params);
@@ -228,7 +230,7 @@ pub(super) async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &
             let rec = failed(e.to_string(), code, e.jti().map(str::to_string), e.sub().map(str::to_string));
             let _ = shared.audit.append_durable(rec).await;
             let msg = match code {
-                "28P01" => format!("pgward: token authentication failed for user \"{user}\": {e}"),
+                sqlstate::INVALID_PASSWORD => format!("pgward: token authentication failed for user \"{user}\": {e}"),
                 _ => format!("pgward: {e}"),
             };
             fatal(&mut stream, code, &msg).await;
@@ -237,3 +239,16 @@ pub(super) async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_settings_become_set_statements() {
+        assert_eq!(startup_setting_sql("Search_Path", "a, b").as_deref(), Some("SET search_path TO 'a, b'"));
+        assert_eq!(startup_setting_sql("myapp.x", "it's").as_deref(), Some("SET myapp.x TO 'it''s'"));
+        assert_eq!(startup_setting_sql("a;b", "x"), None);
+        assert_eq!(startup_setting_sql("a.b.c", "x"), None);
+        assert_eq!(startup_setting_sql("", "x"), None);
+    }
+}

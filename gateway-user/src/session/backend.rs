@@ -1,0 +1,197 @@
+//! Server frames: masked where masking applies, matched to the answers the session waits for
+//! (which is how `result` records find their statements), errors of refused statements
+//! rewritten into pgward's own, and ParameterStatus reports checked.
+
+use std::time::Instant;
+
+use bytes::BytesMut;
+
+use super::Relay;
+use super::tracked::Pending;
+use crate::audit::Kind;
+use crate::sqlstate;
+use crate::wire::{self, Awaited, Frame};
+
+/// The error a skipped Execute's result record carries.
+const NOT_EXECUTED: &str = "not executed: an earlier message in the pipeline failed";
+
+impl Relay {
+    /// Process complete server frames: bookkeeping, rewriting, and copying to `cout`.
+    pub(super) fn on_upstream_data(&mut self, ubuf: &mut BytesMut, cout: &mut BytesMut) {
+        loop {
+            let f = match wire::split_frame(ubuf, wire::MAX_FRAME) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "malformed message from the database server");
+                    wire::error_response(
+                        cout,
+                        "FATAL",
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "pgward: malformed message from the database server",
+                    );
+                    ubuf.clear();
+                    self.terminated = true;
+                    break;
+                }
+            };
+            let f = match self.mask.as_mut() {
+                // None: a DataRow / CopyData rewritten into `cout`. Some: the frame to go on with
+                // (an ErrorResponse / NoticeResponse may come back with detected values masked).
+                Some(m) => {
+                    let tracker = &self.tracker;
+                    let statements = |name: &str| tracker.statement(name).and_then(|s| s.mask.clone());
+                    match m.on_server_frame(f, tracker.front().map(|p| &p.mask), cout, &statements) {
+                        Some(f) => f,
+                        None => continue,
+                    }
+                }
+                None => f,
+            };
+            match f.tag {
+                b'1' => self.tracker.answered(Awaited::Parse),
+                b'2' => self.tracker.answered(Awaited::Bind),
+                b'3' => self.tracker.answered(Awaited::Close),
+                b'n' | b'T' => self.tracker.answered(Awaited::Describe),
+                b'C' | b'I' | b's' => self.on_command_done(&f),
+                b'V' => self.on_function_call_response(),
+                b'E' => {
+                    self.on_error_response(f, cout);
+                    continue;
+                }
+                b'S' => {
+                    if !self.on_parameter_status(&f) {
+                        ubuf.clear();
+                        break;
+                    }
+                }
+                b'Z' => self.on_ready_for_query(&f),
+                _ => {}
+            }
+            cout.extend_from_slice(&f.raw);
+        }
+    }
+
+    /// CommandComplete, EmptyQueryResponse, PortalSuspended: the statement's result record.
+    fn on_command_done(&mut self, f: &Frame) {
+        let (tag, rows) = match f.tag {
+            b'C' => match wire::decode_command_complete(f) {
+                Ok((t, r)) => (Some(t.into_owned()), r),
+                Err(_) => (None, None),
+            },
+            b'I' => (Some("EMPTY".to_string()), None),
+            _ => (Some("SUSPENDED".to_string()), None),
+        };
+        if tag.as_deref().is_some_and(crate::policy_catalog::changes_functions) {
+            self.shared.fn_catalogs.reload(&self.shared, &self.database);
+        }
+        let Some(p) = self.tracker.front() else { return };
+        match p.kind {
+            Awaited::Execute => {
+                self.result_record(p, tag.as_deref(), rows, None);
+                self.tracker.pop_front();
+            }
+            Awaited::Query => {
+                // One result per statement of the text: the next one starts now.
+                self.result_record(p, tag.as_deref(), rows, None);
+                if let Some(p) = self.tracker.front_mut() {
+                    p.started = Instant::now();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// FunctionCallResponse: the call's result record.
+    fn on_function_call_response(&self) {
+        if let Some(p) = self.tracker.front().filter(|p| p.kind == Awaited::FunctionCall) {
+            self.result_record(p, Some("FUNCTION CALL"), None, None);
+        }
+    }
+
+    /// ErrorResponse: the failed statement's result record (a refused statement's marker
+    /// error becomes pgward's own), and in the extended protocol the messages Postgres now
+    /// skips up to the Sync. The error (or its rewrite) goes to `cout`.
+    fn on_error_response(&mut self, f: Frame, cout: &mut BytesMut) {
+        let e = wire::decode_error(&f);
+        let mut rewritten = None;
+        if let Some((name, before)) = self.tracker.front_mut().and_then(|p| p.replaced.take()) {
+            match before {
+                Some(s) => self.tracker.insert_statement(&name, s),
+                None => {
+                    self.tracker.remove_statement(&name);
+                }
+            }
+        }
+        if let Some(p) = self.tracker.front() {
+            if let Some((code, msg)) = &p.refusal {
+                rewritten = Some(wire::error_response_bytes("ERROR", code, msg));
+                self.result_record(p, None, None, Some((code, msg)));
+            } else if matches!(p.kind, Awaited::Execute | Awaited::Query | Awaited::FunctionCall) {
+                self.result_record(p, None, None, Some((&e.code, &e.message)));
+            }
+            if !matches!(p.kind, Awaited::Query | Awaited::FunctionCall | Awaited::Sync) {
+                self.tracker.pop_front();
+                self.skip_to_sync();
+            }
+        }
+        match rewritten {
+            Some(b) => cout.extend_from_slice(&b),
+            None => cout.extend_from_slice(&f.raw),
+        }
+    }
+
+    /// ParameterStatus: checked against what the session must keep ([`crate::param_watch`]).
+    /// False: nothing after this report may reach the client; the relay loop ends the session
+    /// before it forwards another statement.
+    fn on_parameter_status(&mut self, f: &Frame) -> bool {
+        let (name, value) = wire::decode_parameter_status(f);
+        match self.watch.check(&name, &value) {
+            Ok(()) => true,
+            Err(msg) => {
+                tracing::error!(%msg, "server reported an unexpected setting; ending the session");
+                self.watch_violation = Some(msg);
+                false
+            }
+        }
+    }
+
+    /// ReadyForQuery: the transaction status, and the end of what the last sync point owed
+    /// (Executes Postgres skipped get their result records).
+    fn on_ready_for_query(&mut self, f: &Frame) {
+        self.tracker.ready_for_query(f.body().first().copied().unwrap_or(b'I'));
+        self.skip_to_sync();
+        self.tracker.pop_front();
+    }
+
+    /// Drop the entries Postgres skips after an error, up to the next sync point; the
+    /// Executes among them get result records saying they did not run.
+    fn skip_to_sync(&mut self) {
+        while let Some(q) = self.tracker.pop_before_sync() {
+            if q.kind == Awaited::Execute {
+                self.result_record(&q, None, None, Some(("", NOT_EXECUTED)));
+            }
+        }
+    }
+
+    fn result_record(&self, p: &Pending, tag: Option<&str>, rows: Option<u64>, err: Option<(&str, &str)>) {
+        let masked = self.mask.as_ref().and_then(|m| m.take_meta());
+        if p.seq == 0 {
+            return;
+        }
+        let mut rec = self.record(Kind::Result);
+        rec.statement_seq = Some(p.seq);
+        rec.tag = tag.map(str::to_string);
+        rec.rows = rows;
+        rec.duration_us = Some(p.started.elapsed().as_micros() as u64);
+        if let Some((code, msg)) = err {
+            rec.sqlstate = Some(code.to_string());
+            rec.error = Some(msg.to_string());
+        }
+        // Which columns were masked and how many values (never the values).
+        if let Some(meta) = masked {
+            rec.meta = Some(meta);
+        }
+        self.shared.audit.append(rec);
+    }
+}

@@ -1,0 +1,469 @@
+//! Client frames: each message read from the client is decided on (token re-check, policy),
+//! given its statement record and its entry among the answers the server owes, and put into
+//! the batch that goes upstream once its records are durable.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::held::Batch;
+use super::tracked::{Pending, Portal, Prepared, Statement};
+use super::{End, Relay, now_unix};
+use crate::audit::{Kind, Record};
+use crate::mask::relay::{MaskRelay, Tag};
+use crate::policy::Verdict;
+use crate::sqlstate;
+use crate::wire::{self, Awaited, Frame, WireError};
+
+/// Query and Parse texts at least this long that the policy has not analyzed yet are parsed
+/// on tokio's blocking pool, not on the event loop: parsing costs in the order of a
+/// microsecond per byte (a long multi-row INSERT would stall every other session on its
+/// loop), while handing a text over costs two thread wakeups, too much for short texts.
+const ANALYZE_AHEAD_BYTES: usize = 8 * 1024;
+
+/// A complete Query or Parse frame (tag, whole message) whose body is [`ANALYZE_AHEAD_BYTES`]
+/// or more: its text is worth analyzing off the loop ([`Relay::analyze_ahead`]).
+pub(super) fn is_long_text(tag: u8, raw: &[u8]) -> bool {
+    raw.len() >= 5 + ANALYZE_AHEAD_BYTES && matches!(tag, b'Q' | b'P')
+}
+
+/// A malformed client message ends the session.
+fn bad(e: WireError) -> End {
+    End::Fatal(e.sqlstate(), format!("pgward: {e}"))
+}
+
+/// What an allowed statement does to the session's SQL-level prepared statements.
+#[derive(Debug, PartialEq, Eq)]
+enum PreparedNote {
+    /// Name (as Postgres folds it) and the PREPARE statement's text.
+    Prepare(String, Arc<str>),
+    Deallocate(String),
+    DeallocateAll,
+}
+
+fn prepared_note(info: &crate::policy::StatementInfo) -> Option<PreparedNote> {
+    use crate::policy::PreparedOp;
+    match info.prepared.as_ref()? {
+        PreparedOp::Prepare(name) => Some(PreparedNote::Prepare(name.clone(), Arc::from(info.text.as_str()))),
+        PreparedOp::Deallocate(name) => Some(PreparedNote::Deallocate(name.clone())),
+        PreparedOp::DeallocateAll => Some(PreparedNote::DeallocateAll),
+    }
+}
+
+impl Relay {
+    /// Split the client's buffered bytes into frames and decide what to do with each.
+    /// Frames without records go straight into `uout` when nothing is staged; otherwise a
+    /// batch is returned that waits for durability.
+    pub(super) fn on_client_data(&mut self, cbuf: &mut BytesMut, uout: &mut BytesMut, client_open: bool) -> Result<Option<Batch>, End> {
+        let mut batch = Batch::default();
+        if let Err(e) = self.split_client_frames(cbuf, &mut batch) {
+            // What was read before the bad frame is still audited (it never runs).
+            self.submit_records(&mut batch, false, false);
+            return Err(e);
+        }
+        if batch.records.is_empty() && batch.pendings.iter().all(|p| p.rec_idx == usize::MAX) {
+            for (f, _) in &batch.frames {
+                uout.extend_from_slice(&f.raw);
+            }
+            self.tracker.expect(std::mem::take(&mut batch.pendings));
+            return Ok(None);
+        }
+        // The writer may send the batch only if it would go out first.
+        self.submit_records(&mut batch, uout.is_empty(), client_open);
+        Ok(Some(batch))
+    }
+
+    fn split_client_frames(&mut self, cbuf: &mut BytesMut, batch: &mut Batch) -> Result<(), End> {
+        loop {
+            let f = match wire::split_frame(cbuf, wire::MAX_FRAME) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return Err(End::Fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgward: {e}"))),
+            };
+            self.on_client_frame(f, batch)?;
+            if self.terminated {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_client_frame(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
+        self.tracker.client_message(f.tag);
+        match f.tag {
+            b'Q' => self.on_query(f, batch),
+            b'P' => self.on_parse(f, batch),
+            b'B' => self.on_bind(f, batch),
+            b'E' => self.on_execute(f, batch),
+            b'D' => self.on_describe(f, batch),
+            b'C' => self.on_close(f, batch),
+            b'S' => {
+                batch.forward(f, Pending::new(Awaited::Sync));
+                Ok(())
+            }
+            b'H' | b'd' | b'c' | b'f' => {
+                batch.frames.push((f, None));
+                Ok(())
+            }
+            b'F' => self.on_function_call(f, batch),
+            b'X' => {
+                self.on_terminate(f, batch);
+                Ok(())
+            }
+            other => Err(End::Fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("pgward: invalid frontend message type {:?}", other as char),
+            )),
+        }
+    }
+
+    /// `Q`: decided by the policy on its text; a denied text is replaced by a failing marker.
+    fn on_query(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
+        self.check_token()?;
+        let sql = match wire::decode_query(&f, self.watch.encoding()) {
+            Err(WireError::Encoding(at)) => {
+                self.refuse_undecodable(&f, at, batch);
+                return Ok(());
+            }
+            r => r.map_err(bad)?,
+        };
+        let mut rec = self.record(Kind::Statement);
+        rec.protocol = Some("simple".into());
+        let verdict = self.strict_masking(&sql, self.decide(&sql));
+        let tag = self.mask.as_mut().map_or(Tag::None, |m| m.query(&sql));
+        let mut p = Pending::with_mask(Awaited::Query, tag);
+        rec.sql = Some(sql.to_string());
+        let allowed = Self::apply_verdict(&mut rec, &mut p, &verdict);
+        if allowed {
+            self.note_prepared(&verdict);
+        }
+        let frame = if allowed { f } else { self.marker_query() };
+        batch.push_statement(frame, rec, p);
+        Ok(())
+    }
+
+    /// `P`: decided by the policy on its text. An allowed statement is remembered for the
+    /// Binds and Executes that use it; a denied one is audited now (it will never execute),
+    /// and the Parse is replaced by one that fails upstream so Postgres skips to Sync itself.
+    fn on_parse(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
+        self.check_token()?;
+        let (name, sql) = match wire::decode_parse(&f, self.watch.encoding()) {
+            Err(WireError::Encoding(at)) => {
+                self.refuse_undecodable(&f, at, batch);
+                return Ok(());
+            }
+            r => r.map_err(bad)?,
+        };
+        let verdict = self.strict_masking(&sql, self.decide(&sql));
+        let mask = self.mask.as_mut().map(|m| m.parse(&sql));
+        if verdict.is_allowed() {
+            self.note_prepared(&verdict);
+            let prepared =
+                Prepared { sql: Arc::from(sql.as_ref()), rule: Arc::from(verdict.rule.as_str()), unparsable: verdict.unparsable };
+            let before = self.tracker.remove_statement(&name);
+            self.tracker.insert_statement(&name, Statement { allowed: Some(prepared), mask });
+            let mut p = Pending::new(Awaited::Parse);
+            // A named statement survives a Parse of its name that fails (the unnamed one does
+            // not): put it back on the error.
+            p.replaced = Some((name.to_string(), before.filter(|_| !name.is_empty())));
+            batch.forward(f, p);
+        } else {
+            let mut rec = self.record(Kind::Statement);
+            rec.protocol = Some("extended".into());
+            rec.sql = Some(sql.to_string());
+            let mut p = Pending::new(Awaited::Parse);
+            Self::apply_verdict(&mut rec, &mut p, &verdict);
+            let marker = self.marker_parse(&name);
+            // The marker fails upstream: a named statement of this name stays as it was.
+            if name.is_empty() || self.tracker.statement(&name).is_none() {
+                self.refused_statement(&name, mask);
+            }
+            batch.push_statement(marker, rec, p);
+        }
+        Ok(())
+    }
+
+    /// The last Parse of `name` was refused: the policy's record of it goes, what masking
+    /// made of it (if masking is on) stays.
+    fn refused_statement(&mut self, name: &str, mask: Option<Arc<crate::mask::relay::PreparedInfo>>) {
+        match mask {
+            Some(mask) => self.tracker.insert_statement(name, Statement { allowed: None, mask: Some(mask) }),
+            None => {
+                self.tracker.remove_statement(name);
+            }
+        }
+    }
+
+    /// `B`: the portal remembers its statement and parameters, for the Execute's record.
+    fn on_bind(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
+        let b = wire::decode_bind(&f).map_err(bad)?;
+        let (stmt, stmt_mask) = match self.tracker.statement(&b.statement) {
+            Some(s) => (s.allowed.clone().unwrap_or_else(Prepared::unknown), s.mask.as_ref()),
+            None => (Prepared::unknown(), None),
+        };
+        let mask = match (&self.mask, b.result_formats) {
+            (None, _) => None,
+            (Some(_), Some(formats)) => Some(MaskRelay::bind(stmt_mask, formats.to_vec())),
+            // Masking learns nothing from a Bind without result formats (Postgres refuses it).
+            (Some(_), None) => self.tracker.portal(&b.portal).and_then(|p| p.mask.clone()),
+        };
+        let params = b.params.iter().map(|(fmt, v)| wire::render_param(*fmt, *v)).collect();
+        self.tracker.insert_portal(&b.portal, Portal { stmt, params, mask });
+        batch.forward(f, Pending::new(Awaited::Bind));
+        Ok(())
+    }
+
+    /// `E`: a statement record with the portal's statement and parameters.
+    fn on_execute(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
+        self.check_token()?;
+        let portal = wire::decode_execute(&f).map_err(bad)?;
+        let mut rec = self.record(Kind::Statement);
+        rec.protocol = Some("extended".into());
+        rec.decision = Some("allow".into());
+        let known = self.tracker.portal(&portal);
+        match known {
+            Some(p) => {
+                rec.sql = Some(p.stmt.sql.to_string());
+                rec.params = Some(p.params.clone());
+                rec.rule = Some(p.stmt.rule.to_string());
+                if p.stmt.unparsable {
+                    rec.meta = Some(serde_json::json!({ "unparsable": true }));
+                }
+            }
+            // Postgres will answer 34000 (no such portal); nothing runs.
+            None => {
+                rec.sql = Some(String::new());
+                rec.rule = Some("unknown-portal".into());
+            }
+        }
+        // A portal masking does not know gets an empty plan.
+        let tag = match &self.mask {
+            Some(_) => Tag::Execute(known.and_then(|p| p.mask.clone()).unwrap_or_default()),
+            None => Tag::None,
+        };
+        batch.push_statement(f, rec, Pending::with_mask(Awaited::Execute, tag));
+        Ok(())
+    }
+
+    /// `D`: masking learns the described statement's or portal's columns from the answer.
+    fn on_describe(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
+        let (kind, name) = wire::decode_close_or_describe(&f).map_err(bad)?;
+        let tag = match &self.mask {
+            None => Tag::None,
+            Some(_) if kind == b'S' => {
+                self.tracker.statement(&name).and_then(|s| s.mask.clone()).map_or(Tag::None, Tag::DescribeStmt)
+            }
+            Some(_) => self.tracker.portal(&name).and_then(|p| p.mask.clone()).map_or(Tag::None, Tag::DescribePortal),
+        };
+        batch.forward(f, Pending::with_mask(Awaited::Describe, tag));
+        Ok(())
+    }
+
+    /// `C`: the statement or portal is gone.
+    fn on_close(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
+        let (kind, name) = wire::decode_close_or_describe(&f).map_err(bad)?;
+        self.tracker.close(kind, &name);
+        batch.forward(f, Pending::new(Awaited::Close));
+        Ok(())
+    }
+
+    /// `F`: decided by the policy on the function's OID; a denied call is replaced by one
+    /// that fails upstream.
+    fn on_function_call(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
+        self.check_token()?;
+        let (oid, args) = wire::decode_function_call(&f).map_err(bad)?;
+        let mut rec = self.record(Kind::Statement);
+        rec.protocol = Some("function_call".into());
+        rec.sql = Some(format!("-- fastpath function call: oid {oid}"));
+        rec.params = Some(args);
+        let mut p = Pending::new(Awaited::FunctionCall);
+        let verdict = self.shared.policy.decide_function_call(&self.policy_identity, &self.database, oid, chrono::Utc::now());
+        let frame = if Self::apply_verdict(&mut rec, &mut p, &verdict) { f } else { self.marker_function_call() };
+        batch.push_statement(frame, rec, p);
+        Ok(())
+    }
+
+    /// `X`: the session ends. With pooling, a Terminate on its own with nothing outstanding is
+    /// not forwarded: the upstream goes back to the pool (reset there). Else Postgres gets it.
+    fn on_terminate(&mut self, f: Frame, batch: &mut Batch) {
+        self.terminated = true;
+        self.end_reason = None;
+        if self.keep_upstream && batch.frames.is_empty() && batch.pendings.is_empty() && self.tracker.is_clean() {
+            self.detach = true;
+        } else {
+            batch.frames.push((f, None));
+        }
+    }
+
+    /// Before any statement: the token is unexpired and not revoked, and a grant the session
+    /// runs under is neither expired nor revoked. Otherwise the session ends (FATAL).
+    fn check_token(&mut self) -> Result<(), End> {
+        self.check
+            .check(&self.shared.access, &self.identity, now_unix())
+            .map_err(|r| End::Fatal(r.sqlstate(), r.to_string()))
+    }
+
+    /// The text `EXECUTE name` runs, if the session knows it: an SQL-level PREPARE, else a
+    /// protocol-level Parse of that name (they share Postgres's namespace).
+    fn lookup_prepared(&self, name: &str) -> Option<String> {
+        match self.sql_prepared.get(name) {
+            Some(Some(t)) => Some(t.to_string()),
+            Some(None) => None,
+            None => self
+                .tracker
+                .statement(name)
+                .and_then(|s| s.allowed.as_ref())
+                .filter(|_| !name.is_empty())
+                .map(|p| p.sql.to_string()),
+        }
+    }
+
+    /// Remember the PREPAREs and DEALLOCATEs of an allowed (forwarded) query.
+    fn note_prepared(&mut self, v: &Verdict) {
+        for s in &v.statements {
+            match prepared_note(&s.info) {
+                Some(PreparedNote::Prepare(name, text)) => {
+                    let known = self.tracker.statement(&name).and_then(|s| s.allowed.as_ref()).map(|p| p.sql.clone());
+                    let e = self.sql_prepared.entry(name).or_insert_with(|| Some(text.clone()));
+                    if e.as_deref() != Some(&*text) || known.is_some_and(|k| *k != *text) {
+                        *e = None;
+                    }
+                }
+                Some(PreparedNote::Deallocate(name)) => {
+                    self.sql_prepared.remove(&name);
+                }
+                Some(PreparedNote::DeallocateAll) => self.sql_prepared.clear(),
+                None => {}
+            }
+        }
+    }
+
+    /// The policy's verdict on a Query's or Parse's text, for this session's effective
+    /// identity, with `EXECUTE name` resolved through the session's prepared statements.
+    fn decide(&self, sql: &str) -> Arc<Verdict> {
+        let lookup = |name: &str| self.lookup_prepared(name);
+        let now = chrono::Utc::now();
+        match self.analyzed.iter().find(|(text, _)| **text == *sql) {
+            Some((_, a)) => self.shared.policy.decide_analyzed(a, &self.policy_identity, &self.database, now, &lookup),
+            None => self.shared.policy.decide_with_prepared(&self.policy_identity, &self.database, sql, now, &lookup),
+        }
+    }
+
+    /// A statement the policy allows may still be refused by strict masking (`mask::strict`):
+    /// the verdict then names the mask rules and why.
+    fn strict_masking(&mut self, sql: &str, verdict: Arc<Verdict>) -> Arc<Verdict> {
+        if !verdict.is_allowed() {
+            return verdict;
+        }
+        let Some(m) = self.mask.as_mut() else { return verdict };
+        let Some(v) = m.strict_check(sql) else { return verdict };
+        let (rule, reason) = m.refusal_message(&v);
+        Arc::new(Verdict { decision: crate::policy::Action::Deny, rule, reason, ..(*verdict).clone() })
+    }
+
+    /// Analyze the long Query and Parse texts among the complete frames in `cbuf` that the
+    /// policy would parse ([`ANALYZE_AHEAD_BYTES`]) on tokio's blocking pool, while this
+    /// session waits and the loop relays the others; [`Relay::decide`] then decides them with
+    /// that analysis. Frames are only peeked at: `on_client_data` reads them as always (and
+    /// rejects what is malformed). A text whose analysis fails here is analyzed there.
+    pub(super) async fn analyze_ahead(&mut self, cbuf: &[u8]) {
+        for (tag, raw) in wire::complete_frames(cbuf).filter(|&(tag, raw)| is_long_text(tag, raw)) {
+            let f = Frame { tag, raw: Bytes::copy_from_slice(raw) };
+            let text: Arc<str> = match tag {
+                b'Q' => match wire::decode_query(&f, self.watch.encoding()) {
+                    Ok(t) => Arc::from(t.as_ref()),
+                    Err(_) => continue,
+                },
+                _ => match wire::decode_parse(&f, self.watch.encoding()) {
+                    Ok((_, t)) => Arc::from(t.as_ref()),
+                    Err(_) => continue,
+                },
+            };
+            if self.analyzed.iter().any(|(t, _)| *t == text) || !self.shared.policy.would_parse(&text) {
+                continue;
+            }
+            let (shared, t) = (self.shared.clone(), text.clone());
+            if let Ok(a) = tokio::task::spawn_blocking(move || shared.policy.analysis(&t)).await {
+                crate::metrics::METRICS.statements_analyzed_off_loop.inc();
+                self.analyzed.push((text, a));
+            }
+        }
+    }
+
+    /// A Query or Parse whose text is not valid in the client's encoding: never decided on and
+    /// never forwarded. In its place goes a marker that fails upstream, so Postgres does the
+    /// transaction and pipeline bookkeeping; the client gets ERROR 22021, as from Postgres
+    /// itself, and the session goes on. Audited as denied (`builtin:encoding`). Masking reads
+    /// the text byte for byte ([`wire::text`]), as it reads every text.
+    fn refuse_undecodable(&mut self, f: &Frame, at: usize, batch: &mut Batch) {
+        let (kind, name, raw) = if f.tag == b'Q' {
+            (Awaited::Query, String::new(), f.body())
+        } else {
+            let mut r = wire::Reader::new(f.body());
+            let name = r.cstr().map(|n| n.into_owned()).unwrap_or_default();
+            (Awaited::Parse, name, r.rest())
+        };
+        let text = raw.split(|&b| b == 0).next().unwrap_or(&[]);
+        let mut rec = self.record(Kind::Statement);
+        rec.protocol = Some(if kind == Awaited::Query { "simple" } else { "extended" }.into());
+        rec.sql = Some(String::from_utf8_lossy(text).into_owned());
+        rec.decision = Some("deny".into());
+        rec.rule = Some("builtin:encoding".into());
+        let mut p = Pending::new(kind);
+        let enc = self.watch.encoding_name();
+        p.refusal = Some((
+            sqlstate::CHARACTER_NOT_IN_REPERTOIRE,
+            format!("pgward: invalid byte sequence for encoding \"{enc}\" at byte {at} of the statement text"),
+        ));
+        let marker = if kind == Awaited::Query {
+            if let Some(m) = self.mask.as_mut() {
+                p.mask = m.query(&wire::text(text));
+            }
+            self.marker_query()
+        } else {
+            let mask = self.mask.as_mut().map(|m| m.parse(&wire::text(text)));
+            self.refused_statement(&name, mask);
+            self.marker_parse(&name)
+        };
+        batch.push_statement(marker, rec, p);
+    }
+
+    /// Put the verdict into the statement record; for a denial, set the pending's refusal
+    /// (42501 naming the rule). Returns whether the statement may go upstream as sent.
+    fn apply_verdict(rec: &mut Record, p: &mut Pending, v: &Verdict) -> bool {
+        rec.rule = Some(v.rule.clone());
+        if v.unparsable {
+            rec.meta = Some(serde_json::json!({ "unparsable": true }));
+        }
+        if v.is_allowed() {
+            rec.decision = Some("allow".into());
+            true
+        } else {
+            rec.decision = Some("deny".into());
+            p.refusal = Some((
+                sqlstate::INSUFFICIENT_PRIVILEGE,
+                format!("pgward: permission denied by policy rule \"{}\": {}", v.rule, v.reason),
+            ));
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notes(sql: &str) -> Vec<Option<PreparedNote>> {
+        crate::policy::analyze_sql(sql).iter().map(prepared_note).collect()
+    }
+
+    #[test]
+    fn prepare_and_deallocate_names_are_folded() {
+        let n = notes("PREPARE Q(int) AS SELECT $1; DEALLOCATE ALL; deallocate prepare \"X\"; EXECUTE q(1); PREPARE \"Mixed\" AS DELETE FROM t");
+        assert!(matches!(&n[0], Some(PreparedNote::Prepare(name, text)) if name == "q" && text.contains("SELECT $1")), "{n:?}");
+        assert_eq!(n[1], Some(PreparedNote::DeallocateAll));
+        assert_eq!(n[2], Some(PreparedNote::Deallocate("X".into())));
+        assert_eq!(n[3], None);
+        assert!(matches!(&n[4], Some(PreparedNote::Prepare(name, _)) if name == "Mixed"), "{n:?}");
+    }
+}

@@ -1,0 +1,79 @@
+//! What the session keeps in its protocol tracker ([`crate::wire::Tracker`]) per prepared
+//! statement, portal and awaited answer: the policy's verdict and the audit bookkeeping, next
+//! to what masking keeps of the same statement or portal.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::mask::relay::{PortalInfo, PreparedInfo, Tag};
+use crate::wire::tracker::{Await, Awaited, Tracker};
+
+pub(super) type SessionTracker = Tracker<Statement, Portal, Pending>;
+
+/// A Parse the policy allowed: its text and the rule that allowed it.
+#[derive(Debug, Clone)]
+pub(super) struct Prepared {
+    pub(super) sql: Arc<str>,
+    pub(super) rule: Arc<str>,
+    pub(super) unparsable: bool,
+}
+
+impl Prepared {
+    /// A statement the session does not know (Postgres will say whether it exists).
+    pub(super) fn unknown() -> Prepared {
+        Prepared { sql: Arc::from(""), rule: Arc::from("unknown-statement"), unparsable: false }
+    }
+}
+
+/// A prepared statement name the session saw parsed.
+#[derive(Debug)]
+pub(super) struct Statement {
+    /// The allowed Parse; None when the last Parse of the name was refused (Postgres then
+    /// has no statement of this text under the name).
+    pub(super) allowed: Option<Prepared>,
+    /// What masking keeps of the last Parse of the name (allowed or not), when masking is on.
+    pub(super) mask: Option<Arc<PreparedInfo>>,
+}
+
+/// A portal the session saw bound.
+#[derive(Debug)]
+pub(super) struct Portal {
+    pub(super) stmt: Prepared,
+    /// Its parameters as the audit log shows them.
+    pub(super) params: Vec<Option<String>>,
+    /// What masking keeps of it, when masking is on and the Bind carried its result formats.
+    pub(super) mask: Option<Arc<PortalInfo>>,
+}
+
+/// An answer the server owes for a forwarded client frame.
+#[derive(Debug)]
+pub(super) struct Pending {
+    pub(super) kind: Awaited,
+    /// seq of the statement record (Execute/Query/FunctionCall), 0 if none.
+    pub(super) seq: u64,
+    pub(super) started: Instant,
+    /// If set, the frame was replaced by a failing marker; rewrite its error into this.
+    pub(super) refusal: Option<(&'static str, String)>,
+    /// Index into the batch's record receivers (before durability), usize::MAX if none.
+    pub(super) rec_idx: usize,
+    /// What masking knows about this frame (statement lineage, portal, described statement).
+    pub(super) mask: Tag,
+    /// A forwarded Parse: the name and what it meant before, restored if the Parse fails.
+    pub(super) replaced: Option<(String, Option<Statement>)>,
+}
+
+impl Pending {
+    pub(super) fn new(kind: Awaited) -> Pending {
+        Pending { kind, seq: 0, started: Instant::now(), refusal: None, rec_idx: usize::MAX, mask: Tag::None, replaced: None }
+    }
+
+    pub(super) fn with_mask(kind: Awaited, mask: Tag) -> Pending {
+        Pending { mask, ..Pending::new(kind) }
+    }
+}
+
+impl Await for Pending {
+    fn awaited(&self) -> Awaited {
+        self.kind
+    }
+}

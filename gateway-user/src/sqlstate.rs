@@ -1,0 +1,23 @@
+//! The SQLSTATEs pgward answers with itself, and those it recognizes in the server's answers
+//! (PostgreSQL's codes, Appendix A of its documentation).
+
+/// Class 08: the connection to the database server was lost.
+pub const CONNECTION_FAILURE: &str = "08006";
+/// Class 08: a malformed message or a message out of order.
+pub const PROTOCOL_VIOLATION: &str = "08P01";
+/// Class 0A: an unsupported protocol version.
+pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+/// Class 22: SQL text that is not valid in the client's encoding.
+pub const CHARACTER_NOT_IN_REPERTOIRE: &str = "22021";
+/// Class 22: a startup parameter pgward does not accept.
+pub const INVALID_PARAMETER_VALUE: &str = "22023";
+/// Class 28: no such user, a user other than the token's, or an expired or withdrawn grant.
+pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
+/// Class 28: the token is invalid, expired or revoked.
+pub const INVALID_PASSWORD: &str = "28P01";
+/// Class 42: refused by the policy.
+pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+/// Class 42: the function does not exist.
+pub const UNDEFINED_FUNCTION: &str = "42883";
+/// Class 58: the audit log cannot take the record.
+pub const IO_ERROR: &str = "58030";

@@ -1,0 +1,24 @@
+//! Postgres wire protocol v3: reading whole messages as raw `Bytes` ([`frame`]), the
+//! zero-copy decoders of what pgward reads ([`decode`]), builders for the messages pgward sends
+//! itself ([`build`]), and the protocol state both directions of a session share ([`tracker`]:
+//! prepared statements, portals, the answers the server owes, the transaction status). `wire`
+//! knows frames, not policy.
+
+mod build;
+mod decode;
+mod frame;
+mod reader;
+mod startup;
+mod stream;
+pub mod tracker;
+
+pub use build::*;
+pub use decode::*;
+pub use frame::*;
+pub use reader::*;
+pub use startup::*;
+pub use stream::*;
+pub use tracker::{Awaited, Tracker};
+
+#[cfg(test)]
+mod tests;

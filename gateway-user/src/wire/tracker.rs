@@ -1,0 +1,196 @@
+//! The protocol state both directions of a session share: prepared statements and portals by
+//! name, the answers the server owes (one entry per forwarded message that gets one, in the
+//! order they were sent), whether an extended-protocol message still waits for its Sync, and
+//! the transaction status of the last ReadyForQuery.
+//!
+//! The tracker knows the protocol's rules: which server message answers which client message,
+//! where Postgres resumes after an error, when the connection is clean. What the session keeps
+//! per statement, portal and awaited answer (policy verdicts, audit sequence numbers, masking
+//! plans) is its own business: the tracker is generic over it.
+
+use std::collections::{HashMap, VecDeque};
+
+/// What a forwarded client message waits for from the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Awaited {
+    /// ParseComplete (or an error).
+    Parse,
+    /// BindComplete.
+    Bind,
+    /// RowDescription or NoData (after a ParameterDescription for a statement).
+    Describe,
+    /// CloseComplete.
+    Close,
+    /// CommandComplete, EmptyQueryResponse or PortalSuspended.
+    Execute,
+    /// One result per statement of the text, then ReadyForQuery.
+    Query,
+    /// FunctionCallResponse, then ReadyForQuery.
+    FunctionCall,
+    /// ReadyForQuery.
+    Sync,
+}
+
+impl Awaited {
+    /// Where Postgres resumes after an error: the extended protocol skips everything up to the
+    /// next Sync; a Query or FunctionCall is answered with ReadyForQuery on its own.
+    pub fn is_sync_point(self) -> bool {
+        matches!(self, Awaited::Sync | Awaited::Query | Awaited::FunctionCall)
+    }
+}
+
+/// An entry of the queue of awaited answers: what it waits for.
+pub trait Await {
+    fn awaited(&self) -> Awaited;
+}
+
+/// Prepared statements (`S`), portals (`P`) and awaited answers (`A`) of one connection.
+#[derive(Debug)]
+pub struct Tracker<S, P, A> {
+    statements: HashMap<String, S>,
+    portals: HashMap<String, P>,
+    pending: VecDeque<A>,
+    tx_status: u8,
+    unsynced: bool,
+}
+
+impl<S, P, A: Await> Tracker<S, P, A> {
+    /// A connection whose last ReadyForQuery said `tx_status`, with nothing outstanding.
+    pub fn new(tx_status: u8) -> Self {
+        Tracker { statements: HashMap::new(), portals: HashMap::new(), pending: VecDeque::new(), tx_status, unsynced: false }
+    }
+
+    /// A client message of this tag is forwarded: extended-protocol messages open a run that
+    /// only a Sync closes (the server may be inside an implicit transaction or a COPY until then).
+    pub fn client_message(&mut self, tag: u8) {
+        match tag {
+            b'P' | b'B' | b'E' | b'D' | b'C' => self.unsynced = true,
+            b'S' => self.unsynced = false,
+            _ => {}
+        }
+    }
+
+    pub fn statement(&self, name: &str) -> Option<&S> {
+        self.statements.get(name)
+    }
+
+    pub fn insert_statement(&mut self, name: &str, s: S) {
+        self.statements.insert(name.to_string(), s);
+    }
+
+    pub fn remove_statement(&mut self, name: &str) -> Option<S> {
+        self.statements.remove(name)
+    }
+
+    pub fn portal(&self, name: &str) -> Option<&P> {
+        self.portals.get(name)
+    }
+
+    pub fn insert_portal(&mut self, name: &str, p: P) {
+        self.portals.insert(name.to_string(), p);
+    }
+
+    pub fn remove_portal(&mut self, name: &str) -> Option<P> {
+        self.portals.remove(name)
+    }
+
+    /// Close (`kind` 'S' for a statement, 'P' for a portal): the name is gone.
+    pub fn close(&mut self, kind: u8, name: &str) {
+        if kind == b'S' {
+            self.statements.remove(name);
+        } else {
+            self.portals.remove(name);
+        }
+    }
+
+    /// Answers the server owes, oldest first, for messages now forwarded.
+    pub fn expect(&mut self, answers: impl IntoIterator<Item = A>) {
+        self.pending.extend(answers);
+    }
+
+    /// The oldest answer still owed.
+    pub fn front(&self) -> Option<&A> {
+        self.pending.front()
+    }
+
+    pub fn front_mut(&mut self) -> Option<&mut A> {
+        self.pending.front_mut()
+    }
+
+    pub fn pop_front(&mut self) -> Option<A> {
+        self.pending.pop_front()
+    }
+
+    /// The server answered a message of this kind: the oldest entry goes if it is one.
+    pub fn answered(&mut self, kind: Awaited) {
+        if self.pending.front().is_some_and(|p| p.awaited() == kind) {
+            self.pending.pop_front();
+        }
+    }
+
+    /// The oldest entry if it comes before the next sync point: after an error, Postgres
+    /// skips these messages without answering them.
+    pub fn pop_before_sync(&mut self) -> Option<A> {
+        if self.pending.front().is_some_and(|p| !p.awaited().is_sync_point()) { self.pending.pop_front() } else { None }
+    }
+
+    /// ReadyForQuery with this transaction status ('I' idle, 'T' in a block, 'E' failed).
+    pub fn ready_for_query(&mut self, status: u8) {
+        self.tx_status = status;
+    }
+
+    pub fn tx_status(&self) -> u8 {
+        self.tx_status
+    }
+
+    /// Nothing outstanding upstream: no answer owed, no extended-protocol message waiting for
+    /// its Sync, and idle (not in a transaction block or a failed one).
+    pub fn is_clean(&self) -> bool {
+        self.pending.is_empty() && !self.unsynced && self.tx_status == b'I'
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl Await for Awaited {
+        fn awaited(&self) -> Awaited {
+            *self
+        }
+    }
+
+    #[test]
+    fn an_error_skips_to_the_sync_point_and_ready_for_query_leaves_it_clean() {
+        let mut t: Tracker<(), (), Awaited> = Tracker::new(b'I');
+        for tag in [b'P', b'B', b'E', b'S'] {
+            t.client_message(tag);
+        }
+        t.expect([Awaited::Parse, Awaited::Bind, Awaited::Execute, Awaited::Sync]);
+        assert!(!t.is_clean());
+        t.answered(Awaited::Bind);
+        assert_eq!(t.front().copied(), Some(Awaited::Parse), "only the oldest entry is answered");
+        t.answered(Awaited::Parse);
+        let skipped: Vec<_> = std::iter::from_fn(|| t.pop_before_sync()).collect();
+        assert_eq!(skipped, [Awaited::Bind, Awaited::Execute]);
+        assert_eq!(t.pop_before_sync(), None, "the Sync stays");
+        t.ready_for_query(b'T');
+        assert_eq!(t.pop_front(), Some(Awaited::Sync));
+        assert!(!t.is_clean(), "inside a transaction block");
+        t.ready_for_query(b'I');
+        assert!(t.is_clean());
+        t.client_message(b'B');
+        assert!(!t.is_clean(), "a Bind without its Sync");
+    }
+
+    #[test]
+    fn close_forgets_the_statement_or_the_portal() {
+        let mut t: Tracker<u8, u8, Awaited> = Tracker::new(b'I');
+        t.insert_statement("s", 1);
+        t.insert_portal("s", 2);
+        t.close(b'P', "s");
+        assert_eq!((t.statement("s"), t.portal("s")), (Some(&1), None));
+        t.close(b'S', "s");
+        assert_eq!(t.statement("s"), None);
+    }
+}
