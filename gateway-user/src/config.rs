@@ -349,11 +349,16 @@ fn default_ttl() -> Duration {
 fn default_max_ttl() -> Duration {
     Duration::from_secs(12 * 3600)
 }
+/// `audit.checkpoint_every` when not set.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 1000;
+/// `audit.checkpoint_interval` when not set: records stay unanchored about this long.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
 fn default_checkpoint_every() -> u64 {
-    1000
+    DEFAULT_CHECKPOINT_EVERY
 }
 fn default_checkpoint_interval() -> Duration {
-    Duration::from_secs(10)
+    DEFAULT_CHECKPOINT_INTERVAL
 }
 fn default_sync_threads() -> usize {
     1

@@ -164,6 +164,11 @@ fn rewrite_and_rechain(dir: &Path, mut f: impl FnMut(&mut Record, &str)) {
     }
 }
 
+/// The verify policy matching `opts(_, every)`.
+fn policy(every: u64) -> verify::Policy {
+    verify::Policy { checkpoint_every: every, checkpoint_interval: Duration::from_secs(3600) }
+}
+
 fn problem(r: &VerifyReport) -> &verify::Problem {
     r.problem.as_ref().unwrap_or_else(|| panic!("expected a problem, got {}", r.summary()))
 }
@@ -240,7 +245,7 @@ fn group_commit_from_many_tasks_with(f: fn(WriterOptions) -> WriterOptions, dire
     assert_eq!(st.syncs, st.batches);
     assert!(st.batches < st.records, "no batching happened: {st:?}");
     h.shutdown();
-    let r = verify::verify(&d, &keys());
+    let r = verify::verify_with(&d, &keys(), &policy(1_000_000));
     assert!(r.is_ok(), "{}", r.summary());
     assert_eq!((r.records, r.checkpoints, r.last_anchored_seq), (2002, 1, Some(2001)));
 }
@@ -458,7 +463,14 @@ fn segments_rotate_and_verify() {
         let text = std::fs::read_to_string(&s.path).expect("read");
         let first: Record = serde_json::from_str(text.lines().next().expect("non-empty")).expect("parse");
         assert_eq!(first.seq, s.first_seq);
-        assert!(text.len() < 1000 + 400, "{} is {} bytes", s.path.display(), text.len());
+        assert!(text.len() < 1000 + 800, "{} is {} bytes", s.path.display(), text.len());
+    }
+    // Each closed segment ends with a checkpoint (written at rotation), the last one too
+    // (written at shutdown).
+    for s in &segs {
+        let text = std::fs::read_to_string(&s.path).expect("read");
+        let last: Record = serde_json::from_str(text.lines().last().expect("non-empty")).expect("parse");
+        assert_eq!(last.kind, Kind::Checkpoint, "{} does not end with a checkpoint", s.path.display());
     }
     let r = verify::verify(d, &keys());
     assert!(r.is_ok(), "{}", r.summary());
@@ -967,4 +979,215 @@ fn record_timestamps_match_chrono_across_seconds() {
         let t = base + chrono::Duration::microseconds(micros);
         assert_eq!(super::writer::format_ts(t, &mut cache), t.to_rfc3339_opts(SecondsFormat::Micros, true), "{t:?}");
     }
+}
+
+/// The time format of `ts`.
+fn fmt_ts(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// Append records to the last segment as someone with write access would: chained onto the
+/// last record, `ts` that many seconds after its `ts`. A checkpoint is signed with the test
+/// key (what only the writer can do: used to build logs the writer would not write).
+fn forge(dir: &Path, items: &[(Kind, i64)]) {
+    let path = segment_paths(dir).pop().expect("a segment");
+    let mut text = std::fs::read_to_string(&path).expect("read");
+    let last: Record = serde_json::from_str(text.lines().last().expect("a line")).expect("parse");
+    let base = chrono::DateTime::parse_from_rfc3339(&last.ts).expect("ts").with_timezone(&chrono::Utc);
+    let (mut seq, mut prev) = (last.seq, last.hash);
+    let signer = CheckpointSigner::new(KID, signing_key());
+    for &(kind, secs) in items {
+        seq += 1;
+        let mut rec = if kind == Kind::Statement { stmt(seq) } else { Record { kind, ..Record::default() } };
+        if kind == Kind::Checkpoint {
+            rec.anchor_seq = Some(seq - 1);
+            rec.anchor_hash = Some(prev.clone());
+            rec.sig = Some(signer.sign(seq - 1, &prev));
+            rec.kid = Some(KID.into());
+        }
+        rec.seq = seq;
+        rec.ts = fmt_ts(base + chrono::Duration::seconds(secs));
+        rec.prev_hash = prev.clone();
+        rec.hash.clear();
+        let c = serde_json::to_string(&rec).expect("ser");
+        let h = hex::encode(Sha256::new().chain_update(prev.as_bytes()).chain_update(c.as_bytes()).finalize());
+        text.push_str(&c[..c.len() - 1]);
+        text.push_str(&format!(",\"hash\":\"{h}\"}}\n"));
+        prev = h;
+    }
+    std::fs::write(&path, text).expect("write");
+}
+
+/// Keep only the records up to `seq`.
+fn cut_after(dir: &Path, seq: u64) {
+    let path = segment_paths(dir).pop().expect("a segment");
+    let text = std::fs::read_to_string(&path).expect("read");
+    let keep: String = text.lines().take(seq as usize).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&path, keep).expect("write");
+}
+
+/// Replace HEAD with one built from checkpoint record `seq` (all HEAD holds is copied from
+/// that record: no key needed).
+fn head_from(dir: &Path, seq: u64) {
+    let r = records(dir).into_iter().find(|r| r.seq == seq).expect("record");
+    assert_eq!(r.kind, Kind::Checkpoint);
+    let h = Head {
+        seq,
+        hash: r.hash,
+        anchor_seq: r.anchor_seq.expect("anchor_seq"),
+        anchor_hash: r.anchor_hash.expect("anchor_hash"),
+        sig: r.sig.expect("sig"),
+        kid: r.kid.expect("kid"),
+        ts: r.ts,
+    };
+    std::fs::write(dir.join("HEAD"), serde_json::to_vec(&h).expect("ser")).expect("write HEAD");
+}
+
+/// What `verify` says about logs changed by someone who can write the files but lacks the key.
+#[test]
+fn tampering_without_the_key_is_detected() {
+    use Kind::{Checkpoint as C, Start as S, Statement as St};
+    type Setup = fn(&Path);
+    let every3 = policy(3);
+    let second = verify::Policy { checkpoint_every: 3, checkpoint_interval: Duration::from_secs(1) };
+    // (name, change, policy, verify started this many seconds from now, expected problem:
+    // (seq, file, start of the reason)).
+    let cases: Vec<(&str, Setup, verify::Policy, i64, Option<(u64, &str, &str)>)> = vec![
+        ("a normal log", |_| {}, every3, 60, None),
+        ("a normal log, with the default policy", |_| {}, verify::Policy::default(), 60, None),
+        (
+            "HEAD deleted",
+            |d| std::fs::remove_file(d.join("HEAD")).expect("rm"),
+            every3,
+            60,
+            Some((11, "HEAD", "HEAD is missing, but the log holds checkpoint records (the newest at seq 11)")),
+        ),
+        (
+            "HEAD deleted and the tail cut at a checkpoint",
+            |d| {
+                std::fs::remove_file(d.join("HEAD")).expect("rm");
+                cut_after(d, 8);
+            },
+            every3,
+            60,
+            Some((8, "HEAD", "HEAD is missing")),
+        ),
+        (
+            "HEAD deleted moments ago (a checkpoint written while verify runs) is tolerated",
+            |d| std::fs::remove_file(d.join("HEAD")).expect("rm"),
+            every3,
+            0,
+            None,
+        ),
+        (
+            "older HEAD copy and the tail cut",
+            |d| {
+                head_from(d, 4);
+                cut_after(d, 10);
+            },
+            every3,
+            60,
+            Some((8, "HEAD", "HEAD names checkpoint seq 4, but the log holds a newer checkpoint at seq 8")),
+        ),
+        (
+            "older HEAD copy, log intact",
+            |d| head_from(d, 4),
+            every3,
+            60,
+            Some((8, "HEAD", "HEAD names checkpoint seq 4, but the log holds a newer checkpoint at seq 8")),
+        ),
+        (
+            "HEAD one checkpoint behind",
+            |d| head_from(d, 8),
+            every3,
+            60,
+            Some((11, "HEAD", "HEAD names checkpoint seq 8, but the log holds a newer checkpoint at seq 11")),
+        ),
+        ("HEAD one checkpoint behind, written moments ago", |d| head_from(d, 8), every3, 0, None),
+        ("HEAD beyond the log's end", |d| cut_after(d, 9), every3, 60, Some((11, "HEAD", "truncated: log ends at seq 9"))),
+        (
+            "forged tail longer than checkpoint_every",
+            |d| forge(d, &[(St, 0), (St, 0), (St, 0), (St, 0), (St, 0)]),
+            every3,
+            60,
+            Some((16, "audit-0000000000000001.jsonl", "5 records without a checkpoint (seq 12..16)")),
+        ),
+        ("unanchored tail within checkpoint_every", |d| forge(d, &[(St, 0), (St, 0)]), every3, 60, None),
+        (
+            "unanchored tail longer than checkpoint_interval",
+            |d| forge(d, &[(St, 0), (St, 10)]),
+            second,
+            60,
+            Some((13, "audit-0000000000000001.jsonl", "no checkpoint for 10.0 s of records (seq 12..12)")),
+        ),
+        (
+            "long gap without a checkpoint inside the log",
+            |d| forge(d, &[(St, 0), (C, 10), (St, 10)]),
+            second,
+            60,
+            Some((13, "audit-0000000000000001.jsonl", "no checkpoint for 10.0 s of records (seq 12..12)")),
+        ),
+        (
+            "a restart (start record) restarts the clock",
+            |d| forge(d, &[(St, 0), (S, 3600), (C, 3600)]),
+            second,
+            60,
+            None,
+        ),
+    ];
+    for (name, change, pol, at, expect) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        // 1 start, 2 3, 4 ckpt, 5 6 7, 8 ckpt, 9 10, 11 final ckpt (HEAD).
+        write_log(opts(d, 3), 7);
+        change(d);
+        let started = chrono::Utc::now() + chrono::Duration::seconds(at);
+        let r = verify::verify_at(d, &keys(), &pol, started);
+        match expect {
+            None => assert!(r.is_ok(), "{name}: {}", r.summary()),
+            Some((seq, file, reason)) => {
+                let p = r.problem.as_ref().unwrap_or_else(|| panic!("{name}: expected a problem, got {}", r.summary()));
+                assert_eq!(p.seq, Some(seq), "{name}: {p}");
+                let f = p.file.as_ref().and_then(|f| f.file_name()).map(|f| f.to_string_lossy().into_owned());
+                assert_eq!(f.as_deref(), Some(file), "{name}: {p}");
+                assert!(p.reason.starts_with(reason), "{name}: {p}");
+            }
+        }
+    }
+}
+
+#[test]
+fn clean_shutdown_and_restart_leave_the_log_anchored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // checkpoint_every far away: only the shutdown writes a checkpoint.
+    write_log(opts(d, 1000), 3);
+    let recs = records(d);
+    assert_eq!(recs.len(), 5);
+    assert_eq!(recs[4].kind, Kind::Checkpoint);
+    let head: Head = serde_json::from_slice(&std::fs::read(d.join("HEAD")).expect("HEAD")).expect("parse");
+    assert_eq!(head.seq, 5);
+    let later = chrono::Utc::now() + chrono::Duration::seconds(60);
+    let r = verify::verify_at(d, &keys(), &verify::Policy::default(), later);
+    assert!(r.is_ok(), "{}", r.summary());
+    assert_eq!((r.checkpoints, r.unanchored), (1, 0));
+
+    // A run that stopped with records after its last checkpoint (a crash): the next start
+    // anchors them at once.
+    forge(d, &[(Kind::Statement, 0), (Kind::Statement, 0)]);
+    let h = AuditHandle::start(opts(d, 1000)).expect("start");
+    let recs = records(d);
+    assert_eq!(recs.iter().map(|r| r.kind).collect::<Vec<_>>()[5..], [Kind::Statement, Kind::Statement, Kind::Start, Kind::Checkpoint]);
+    h.shutdown();
+    let r = verify::verify_at(d, &keys(), &verify::Policy::default(), later);
+    assert!(r.is_ok(), "{}", r.summary());
+    // ... and a run that stopped between its last checkpoint and HEAD: the next start
+    // rewrites HEAD.
+    head_from(d, 5);
+    let h = AuditHandle::start(opts(d, 1000)).expect("start");
+    h.shutdown();
+    let head: Head = serde_json::from_slice(&std::fs::read(d.join("HEAD")).expect("HEAD")).expect("parse");
+    assert_eq!(head.seq, records(d).len() as u64);
+    let r = verify::verify_at(d, &keys(), &verify::Policy::default(), later);
+    assert!(r.is_ok(), "{}", r.summary());
 }

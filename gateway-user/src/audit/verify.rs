@@ -6,12 +6,21 @@
 //! seq the segment's name announces; a checkpoint anchors the record before it and its
 //! signature verifies with the JWKS key named by its kid. Finally `HEAD` (the latest
 //! checkpoint, if present) must name a record that exists with the same hash and carry a
-//! valid signature, which detects a cut-off tail up to that checkpoint. Records after the
-//! last checkpoint are reported as unanchored (not an error).
+//! valid signature, which detects a cut-off tail up to that checkpoint.
+//!
+//! Because HEAD can be rebuilt from any checkpoint record without the key, the log must also
+//! look like what a running writer leaves (see [`Policy`]): HEAD exists once the log holds a
+//! checkpoint and names the newest one (lagging only by checkpoints written moments ago); no
+//! stretch of records without a checkpoint is longer than `checkpoint_every` records or
+//! `checkpoint_interval` of record time (plus [`TIME_GRACE`]) — the unanchored tail
+//! included. A `start` record restarts the clock (the writer was down in between).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, Utc};
 
 use base64::Engine as _;
 use ed25519_dalek::{Signature, VerifyingKey};
@@ -77,6 +86,52 @@ pub fn check_signature(
     let sig = Signature::from_slice(&bytes).map_err(|_| "checkpoint signature has the wrong length".to_string())?;
     let msg = chain::checkpoint_message(anchor_seq, anchor_hash);
     key.verify_strict(msg.as_bytes(), &sig).map_err(|_| format!("checkpoint signature does not verify (kid {kid:?})"))
+}
+
+/// How often the writer checkpoints, which bounds what `verify` accepts as a stretch without a
+/// checkpoint. `pgward audit verify --config` takes it from `[audit]`; [`Policy::default`] is the
+/// config's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub checkpoint_every: u64,
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            checkpoint_every: crate::config::DEFAULT_CHECKPOINT_EVERY,
+            checkpoint_interval: crate::config::DEFAULT_CHECKPOINT_INTERVAL,
+        }
+    }
+}
+
+impl Policy {
+    pub fn from_config(cfg: &crate::config::Config) -> Policy {
+        Policy { checkpoint_every: cfg.audit.checkpoint_every, checkpoint_interval: cfg.audit.checkpoint_interval }
+    }
+
+    /// Most non-checkpoint records allowed between two checkpoints: one more than
+    /// `checkpoint_every`, for the `start` record of a writer restarted after a crash.
+    fn max_records(&self) -> u64 {
+        self.checkpoint_every.max(1).saturating_add(1)
+    }
+
+    fn max_span(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.checkpoint_interval + TIME_GRACE).unwrap_or(chrono::Duration::MAX)
+    }
+}
+
+/// How much longer than `checkpoint_interval` (in record timestamps) a stretch without a
+/// checkpoint may be: the writer thread may be busy with a slow sync when one is due.
+pub const TIME_GRACE: Duration = Duration::from_secs(5);
+
+/// How long before `verify` started a checkpoint may have been written and still be missing
+/// from HEAD (HEAD is rewritten just after each checkpoint is durable).
+pub const HEAD_LAG_GRACE: Duration = Duration::from_secs(5);
+
+fn parse_ts(ts: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(ts).ok().map(|d| d.with_timezone(&Utc))
 }
 
 /// Where and why the log is broken.
@@ -163,14 +218,39 @@ impl VerifyReport {
     }
 }
 
-/// Verify the log in `dir` against the checkpoint keys in `keys`.
+/// Verify the log in `dir` against the checkpoint keys in `keys`, with the default [`Policy`].
 pub fn verify(dir: &Path, keys: &PublicKeys) -> VerifyReport {
+    verify_with(dir, keys, &Policy::default())
+}
+
+/// Verify the log in `dir` against the checkpoint keys in `keys` and the writer's `policy`.
+pub fn verify_with(dir: &Path, keys: &PublicKeys, policy: &Policy) -> VerifyReport {
+    verify_at(dir, keys, policy, SystemTime::now().into())
+}
+
+/// [`verify_with`] as if started at `started` (which decides what counts as a checkpoint
+/// written just now, see [`HEAD_LAG_GRACE`]).
+pub fn verify_at(dir: &Path, keys: &PublicKeys, policy: &Policy, started: DateTime<Utc>) -> VerifyReport {
     let mut report = VerifyReport::default();
-    report.problem = run(dir, keys, &mut report).err();
+    report.problem = run(dir, keys, policy, started, &mut report).err();
     report
 }
 
-fn run(dir: &Path, keys: &PublicKeys, report: &mut VerifyReport) -> Result<(), Problem> {
+/// A checkpoint after the one HEAD names (or any, without HEAD).
+struct NewerCheckpoint {
+    seq: u64,
+    file: PathBuf,
+    line: u64,
+    ts: Option<DateTime<Utc>>,
+}
+
+fn run(
+    dir: &Path,
+    keys: &PublicKeys,
+    policy: &Policy,
+    started: DateTime<Utc>,
+    report: &mut VerifyReport,
+) -> Result<(), Problem> {
     let whole = |file: Option<PathBuf>, seq: Option<u64>, reason: String| Problem { file, line: None, seq, reason };
     if !dir.is_dir() {
         return Err(whole(Some(dir.to_owned()), None, "audit directory does not exist".into()));
@@ -192,6 +272,12 @@ fn run(dir: &Path, keys: &PublicKeys, report: &mut VerifyReport) -> Result<(), P
     let mut prev_hash = GENESIS_HASH.to_owned();
     let mut expected = 1u64;
     let mut head_found = false;
+    // The stretch since the last checkpoint: its first record, and when its clock started.
+    let mut stretch_first: Option<u64> = None;
+    let mut stretch_clock: Option<DateTime<Utc>> = None;
+    let mut newer: Vec<NewerCheckpoint> = Vec::new();
+    let max_records = policy.max_records();
+    let max_span = policy.max_span();
 
     while let Some(line) = reader.next_line() {
         let line = line.map_err(|e| whole(None, None, e.to_string()))?;
@@ -241,6 +327,25 @@ fn run(dir: &Path, keys: &PublicKeys, report: &mut VerifyReport) -> Result<(), P
                 ),
             ));
         }
+        let ts = parse_ts(&rec.ts).ok_or_else(|| at(Some(seq), format!("ts {:?} is not an RFC 3339 time", rec.ts)))?;
+        // The stretch without a checkpoint that this record ends or extends.
+        if let Some(first) = stretch_first
+            && rec.kind != Kind::Start
+        {
+            let span = stretch_clock.map(|c| ts - c);
+            if span.is_some_and(|s| s > max_span) {
+                return Err(at(
+                    Some(seq),
+                    format!(
+                        "no checkpoint for {:.1} s of records (seq {first}..{}), more than checkpoint_interval {} s + {} s: checkpoints were removed or records forged",
+                        span.map_or(0.0, |s| s.num_milliseconds() as f64 / 1000.0),
+                        seq - 1,
+                        policy.checkpoint_interval.as_secs_f64(),
+                        TIME_GRACE.as_secs()
+                    ),
+                ));
+            }
+        }
         if rec.kind == Kind::Checkpoint {
             let anchor_seq = rec.anchor_seq.unwrap_or(0);
             let anchor_hash = rec.anchor_hash.as_deref().unwrap_or("");
@@ -252,8 +357,33 @@ fn run(dir: &Path, keys: &PublicKeys, report: &mut VerifyReport) -> Result<(), P
             report.checkpoints += 1;
             report.last_anchored_seq = Some(anchor_seq);
             report.unanchored = 0;
+            stretch_first = None;
+            stretch_clock = None;
+            if head.as_ref().is_none_or(|h| h.seq < seq) {
+                newer.push(NewerCheckpoint {
+                    seq,
+                    file: line.segment.to_path_buf(),
+                    line: line.line_no,
+                    ts: Some(ts),
+                });
+            }
         } else {
             report.unanchored += 1;
+            stretch_first.get_or_insert(seq);
+            if rec.kind == Kind::Start || stretch_clock.is_none() {
+                stretch_clock = Some(ts);
+            }
+            if report.unanchored > max_records {
+                return Err(at(
+                    Some(seq),
+                    format!(
+                        "{} records without a checkpoint (seq {}..{seq}), more than checkpoint_every {} allows: checkpoints were removed or records forged",
+                        report.unanchored,
+                        stretch_first.unwrap_or(seq),
+                        policy.checkpoint_every
+                    ),
+                ));
+            }
         }
         if let Some(h) = &head
             && h.seq == seq
@@ -273,6 +403,34 @@ fn run(dir: &Path, keys: &PublicKeys, report: &mut VerifyReport) -> Result<(), P
         expected += 1;
         report.records += 1;
         report.last_seq = Some(seq);
+    }
+
+    // Checkpoints HEAD does not name yet: tolerated only if written just before verify
+    // started (or while it ran). Anything else means HEAD was deleted or replaced by an older
+    // copy — or the writer died between making a checkpoint durable and rewriting HEAD; its
+    // next start rewrites HEAD.
+    let recent = started - chrono::Duration::from_std(HEAD_LAG_GRACE).unwrap_or(chrono::Duration::zero());
+    let have_head = matches!(head_status, Ok(Some(_)));
+    let newest = newer.last().map(|c| c.seq);
+    if let Some(c) = newer.iter().find(|c| c.ts.is_none_or(|t| t < recent)) {
+        let reason = match &head_status {
+            Ok(Some(h)) => format!(
+                "HEAD names checkpoint seq {}, but the log holds a newer checkpoint at seq {} ({}:{}): HEAD was replaced by an older copy",
+                h.seq,
+                c.seq,
+                c.file.file_name().map_or_else(|| c.file.display().to_string(), |n| n.to_string_lossy().into_owned()),
+                c.line
+            ),
+            _ => format!(
+                "HEAD is missing, but the log holds checkpoint records (the newest at seq {}): HEAD was deleted",
+                newest.unwrap_or(c.seq)
+            ),
+        };
+        if let Err(reason) = &head_status {
+            return Err(whole(Some(head_path), None, reason.clone()));
+        }
+        let seq = if have_head { c.seq } else { newest.unwrap_or(c.seq) };
+        return Err(whole(Some(head_path), Some(seq), reason));
     }
 
     match head_status {

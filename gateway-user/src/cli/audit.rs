@@ -349,7 +349,8 @@ fn format_human(s: &mut String, r: &Record) {
 fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let (cfg, dir) = load(&a.config)?;
     let keys = crate::audit::verify::load_jwks_ed25519(&cfg.resolve(&cfg.auth.jwks))?;
-    let report = crate::audit::verify::verify(&dir, &keys);
+    let policy = crate::audit::verify::Policy::from_config(&cfg);
+    let report = crate::audit::verify::verify_with(&dir, &keys, &policy);
     let mut out = io::stdout().lock();
     writeln!(out, "{}", report.summary())?;
     out.flush()?;

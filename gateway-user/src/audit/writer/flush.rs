@@ -111,12 +111,19 @@ impl Shared {
                 if log.shutdown {
                     return;
                 }
+                // Checked before `urgent`, so a steady stream of waited-for records cannot
+                // starve the interval checkpoint (`verify` bounds the time between two).
+                let now = Instant::now();
+                let ckpt_due = log.checkpoint_due_at();
+                if ckpt_due.is_some_and(|due| due <= now) {
+                    log.encode_checkpoint();
+                    break;
+                }
                 if log.urgent {
                     break;
                 }
                 // Lazy records are queued without a wakeup, so an idle thread looks again
                 // every LAZY_FLUSH.
-                let now = Instant::now();
                 let mut deadline = now + LAZY_FLUSH;
                 if let Some(t) = log.lazy_since {
                     let due = t + LAZY_FLUSH;
@@ -125,11 +132,7 @@ impl Shared {
                     }
                     deadline = deadline.min(due);
                 }
-                if let Some(due) = log.checkpoint_due_at() {
-                    if due <= now {
-                        log.encode_checkpoint();
-                        break;
-                    }
+                if let Some(due) = ckpt_due {
                     deadline = deadline.min(due);
                 }
                 log.idle += 1;

@@ -117,6 +117,11 @@ impl AuditHandle {
             .spawn(move || s.head_thread())
             .map_err(|e| AuditError::io("spawning the audit HEAD thread", e))?;
         *lock(&inner.head_thread) = Some(t);
+        // A HEAD recovery left to write (see `Log::open`).
+        let head = lock(&shared.log).due_head();
+        if let Some(h) = head {
+            shared.post_head(h);
+        }
         for id in 0..threads {
             let s = shared.clone();
             let t = std::thread::Builder::new()

@@ -220,7 +220,15 @@ impl Log {
             self.fail_queued(&e);
             return Err(e);
         }
-        let take = if self.fsync == FsyncPolicy::Always { 1 } else { self.queued.len() };
+        let mut take = if self.fsync == FsyncPolicy::Always { 1 } else { self.queued.len() };
+        if self.seg.as_ref().is_some_and(|s| s.len + self.queued[take - 1].end as u64 >= self.segment_bytes) {
+            // This batch fills the segment: the next one rotates. End the segment with a
+            // checkpoint (and so write everything queued now) so each closed segment is anchored.
+            if self.signer.is_some() && self.since_ckpt > 0 {
+                self.encode_checkpoint();
+            }
+            take = self.queued.len();
+        }
         let end = self.queued[take - 1].end;
         let Some(seg) = self.seg.as_mut() else {
             self.fail_queued(&AuditError::Closed);

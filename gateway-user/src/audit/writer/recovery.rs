@@ -95,6 +95,8 @@ pub(super) fn content_len(file: &File, size: u64) -> io::Result<(u64, bool)> {
 struct ChainEnd {
     /// The last record's seq and hash (None: the log holds no record yet).
     last: Option<(u64, String)>,
+    /// The last record itself.
+    last_record: Option<Record>,
     /// The last segment, open for writing, and the seq its name says it starts at.
     current: Option<(OpenSegment, u64)>,
     /// What was found wrong on the way, for the `start` record.
@@ -120,16 +122,44 @@ impl Log {
             .map_err(|_| AuditError::Unwritable { path: opts.dir.clone(), reason: "path contains NUL".into() })?;
         let segments =
             chain::list_segments(&opts.dir).map_err(|e| AuditError::io(format!("listing {}", opts.dir.display()), e))?;
-        let ChainEnd { last, current, mut warnings } = find_chain_end(&segments, opts.segment_bytes, threads)?;
+        let ChainEnd { last, last_record, current, mut warnings } =
+            find_chain_end(&segments, opts.segment_bytes, threads)?;
         let (last_seq, prev_hash) = last.unwrap_or((0, GENESIS_HASH.to_owned()));
 
         // Direct I/O needs the writes in order: one writer thread.
         let direct = opts.direct_io && opts.fsync != FsyncPolicy::Off && threads == 1;
         let seg = continue_segment(current, last_seq + 1, direct);
-        check_head(&opts.dir, last_seq, &mut warnings);
+        let head_seq = check_head(&opts.dir, last_seq, &mut warnings);
 
         let mut log = Log::new(opts, Arc::new(dir_c), counters, threads, direct, seg, last_seq, prev_hash);
         log.write_start(warnings)?;
+        match last_record {
+            // The last run stopped between making its last checkpoint durable and rewriting
+            // HEAD: name it now (the handle hands it to the HEAD thread).
+            Some(rec) if rec.kind == Kind::Checkpoint => {
+                if head_seq.is_none_or(|s| s < rec.seq)
+                    && let Some(h) = head_of(&rec)
+                    && log.head.is_none()
+                {
+                    log.head = Some(h);
+                }
+            }
+            // The last run stopped (crashed) with records after its last checkpoint: anchor
+            // them (and the start record) now, so no stretch without a checkpoint spans two
+            // runs' worth of records.
+            Some(_) if log.signer.is_some() => {
+                log.encode_checkpoint();
+                match log.write_queued(0, None) {
+                    Ok(Some(ticket)) => match sync_ticket(&ticket, &log.dir) {
+                        Ok(()) => log.synced(&ticket),
+                        Err(e) => log.sync_failed(&ticket, e),
+                    },
+                    Ok(None) => {}
+                    Err(e) => tracing::error!("audit: checkpoint after the previous run's tail failed: {e}"),
+                }
+            }
+            _ => {}
+        }
         Ok(log)
     }
 
@@ -174,7 +204,7 @@ fn create_dir(dir: &Path) -> Result<(), AuditError> {
 /// line is the last record. The last segment is opened for writing, cut back to its last
 /// complete line.
 fn find_chain_end(segments: &[SegmentFile], segment_bytes: u64, threads: usize) -> Result<ChainEnd, AuditError> {
-    let mut end = ChainEnd { last: None, current: None, warnings: Vec::new() };
+    let mut end = ChainEnd { last: None, last_record: None, current: None, warnings: Vec::new() };
     for (i, s) in segments.iter().enumerate().rev() {
         let is_last = i + 1 == segments.len();
         let SegmentEnd { file, meta, line, good_len } = segment_end(s, is_last, &mut end.warnings)?;
@@ -183,7 +213,9 @@ fn find_chain_end(segments: &[SegmentFile], segment_bytes: u64, threads: usize) 
             end.current = Some((seg, s.first_seq));
         }
         if let Some(line) = line {
-            end.last = Some(check_last_record(&s.path, &line, &mut end.warnings)?);
+            let rec = check_last_record(&s.path, &line, &mut end.warnings)?;
+            end.last = Some((rec.seq, rec.hash.clone()));
+            end.last_record = Some(rec);
             break;
         }
     }
@@ -264,7 +296,7 @@ fn reopen_last_segment(
 /// The seq and hash of the last record (`line`, in the segment at `path`). A record that does
 /// not parse or has no valid hash stops the start; one whose hash does not match its content
 /// is reported in `warnings` and the chain continues from the stored hash.
-fn check_last_record(path: &Path, line: &[u8], warnings: &mut Vec<String>) -> Result<(u64, String), AuditError> {
+fn check_last_record(path: &Path, line: &[u8], warnings: &mut Vec<String>) -> Result<Record, AuditError> {
     let rec: Record = serde_json::from_slice(line).map_err(|e| AuditError::Corrupt {
         path: path.to_owned(),
         reason: format!("last line does not parse ({e}); run `pgward audit verify`"),
@@ -287,7 +319,7 @@ fn check_last_record(path: &Path, line: &[u8], warnings: &mut Vec<String>) -> Re
             warnings.push(msg);
         }
     }
-    Ok((rec.seq, rec.hash))
+    Ok(rec)
 }
 
 /// The segment to keep appending to: the last one, unless it is empty and not named after
@@ -305,9 +337,22 @@ fn continue_segment(current: Option<(OpenSegment, u64)>, next_seq: u64, direct: 
     }
 }
 
-/// Report in `warnings` a HEAD that names a checkpoint past the log's end (a cut-off tail) or
-/// that cannot be read.
-fn check_head(dir: &Path, last_seq: u64, warnings: &mut Vec<String>) {
+/// The HEAD naming checkpoint record `rec` (None if it lacks a field).
+fn head_of(rec: &Record) -> Option<Head> {
+    Some(Head {
+        seq: rec.seq,
+        hash: rec.hash.clone(),
+        anchor_seq: rec.anchor_seq?,
+        anchor_hash: rec.anchor_hash.clone()?,
+        sig: rec.sig.clone()?,
+        kid: rec.kid.clone()?,
+        ts: rec.ts.clone(),
+    })
+}
+
+/// The seq HEAD names, if it can be read. Reports in `warnings` a HEAD that names a
+/// checkpoint past the log's end (a cut-off tail) or that cannot be read.
+fn check_head(dir: &Path, last_seq: u64, warnings: &mut Vec<String>) -> Option<u64> {
     match std::fs::read(dir.join(HEAD_FILE)) {
         Ok(bytes) => match serde_json::from_slice::<Head>(&bytes) {
             Ok(head) if head.seq > last_seq => {
@@ -315,11 +360,18 @@ fn check_head(dir: &Path, last_seq: u64, warnings: &mut Vec<String>) {
                     format!("HEAD checkpoint is seq {} but the log ends at seq {last_seq} (truncated tail?)", head.seq);
                 tracing::error!("{msg}");
                 warnings.push(msg);
+                Some(head.seq)
             }
-            Ok(_) => {}
-            Err(e) => warnings.push(format!("HEAD does not parse: {e}")),
+            Ok(head) => Some(head.seq),
+            Err(e) => {
+                warnings.push(format!("HEAD does not parse: {e}"));
+                None
+            }
         },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => warnings.push(format!("HEAD unreadable: {e}")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => {
+            warnings.push(format!("HEAD unreadable: {e}"));
+            None
+        }
     }
 }
