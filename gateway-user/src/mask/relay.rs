@@ -197,6 +197,10 @@ impl Resolver for Res<'_> {
     }
 }
 
+/// How long the statement after a session's own DDL waits for the catalog reload.
+const CATALOG_REFRESH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const CATALOG_REFRESH_POLL: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Statement texts whose lineage a session keeps (per session: lineage depends on the
 /// session's rules and the catalog snapshot).
 const LINEAGE_CACHE_ENTRIES: usize = 64;
@@ -356,6 +360,32 @@ impl MaskRelay {
             return None;
         }
         self.analyze(sql).1
+    }
+
+    /// The session's own DDL succeeded and no catalog snapshot read since has been seen.
+    pub fn ddl_pending(&self) -> bool {
+        self.ddl_at.is_some()
+    }
+
+    /// After the session's own DDL (CREATE VIEW, ALTER … RENAME, a new table), wait — at most
+    /// [`CATALOG_REFRESH_WAIT`] — for the catalog snapshot its DDL started reloading, so the
+    /// next statement is decided and masked with what the session just changed. Past the
+    /// wait, results are masked by name as well (over-masking) until the reload lands.
+    pub async fn refresh_after_ddl(&mut self) {
+        let Some(ddl) = self.ddl_at else { return };
+        let started = std::time::Instant::now();
+        loop {
+            let snap = self.sess.policy.catalog.current(&self.sess.policy, &self.access, &self.sess.database);
+            if snap.as_ref().is_some_and(|s| s.loaded.is_some_and(|t| t >= ddl)) {
+                self.snap = snap;
+                self.ddl_at = None;
+                return;
+            }
+            if started.elapsed() >= CATALOG_REFRESH_WAIT {
+                return;
+            }
+            tokio::time::sleep(CATALOG_REFRESH_POLL).await;
+        }
     }
 
     /// A refusal as a policy verdict names it: the rule (`mask:NAME[, NAME…]`) and why.

@@ -313,6 +313,13 @@ impl Relay {
             if unread && durable.is_none() {
                 unread = false;
                 if !cbuf.is_empty() {
+                    // After the session's own DDL: the next statement sees its effect on the
+                    // masking catalog.
+                    if let Some(m) = self.mask.as_mut()
+                        && m.ddl_pending()
+                    {
+                        m.refresh_after_ddl().await;
+                    }
                     // Checked before building analyze_ahead's future: off the common path.
                     if wire::complete_frames(&cbuf).any(|(tag, raw)| frontend::is_long_text(tag, raw)) {
                         self.analyze_ahead(&cbuf).await;
