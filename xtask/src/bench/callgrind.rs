@@ -324,10 +324,14 @@ fn one_run(work: &WorkDir, cluster: &Cluster, bin: &Path, fsync: &str, mode: &st
     // setup query, then the client) reuses the first one's backend is a race, and one SCRAM
     // key derivation (PBKDF2, 4096 rounds of soft SHA-256 here) is ~57M instructions, which then
     // would not cancel out between the two runs. The per-statement path is the same.
+    //
+    // Time-driven checkpoints are off too (count-driven ones stay): each is an Ed25519
+    // signature, and under valgrind's slowdown one a second of wall time would be charged to
+    // the statements, varying with how slow the run was rather than with the code.
     let opts = PgwardOpts {
         fsync,
         wrapper,
-        set: vec![("upstream", "pool", "false")],
+        set: vec![("upstream", "pool", "false"), ("audit", "checkpoint_interval", "\"1h\"")],
         start_timeout: Duration::from_secs(300),
         ..PgwardOpts::default()
     };
