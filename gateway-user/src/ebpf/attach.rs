@@ -9,43 +9,51 @@
 //! Dropping an [`Intercept`] leaves the programs pinned and attached (fail closed) and clears
 //! this process's exemption.
 
-use std::collections::BTreeSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::PathBuf;
 
-use aya::programs::links::FdLink;
+use anyhow::{Context, bail};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use aya::{Ebpf, EbpfLoader};
+use gateway_common::{self as common, RuleKey};
 
+use super::cgroups::{GatewayCgroup, cgroup2_mount, require_cgroup2};
 use super::discover::Found;
-use super::*;
+use super::kernel::{check_capabilities, kernel_log_level, raise_memlock, start_kernel_log};
+use super::maps::{PINNED_MAPS, adopted_maps, fresh_maps, map_of, set_listener, sync_binds, sync_rules, typed};
+use super::net::{ephemeral_ports, local_addresses, netns_cookie};
+use super::peer::{CgroupCache, PEERS, PeerState};
+use super::plan::Plan;
+use super::programs::{adopted_program_id, adopted_programs, attach_and_pin, check_pins_match};
+use super::state::{State, mark_stopped, write_state};
+use super::unix_sockets::check_unix_sockets;
+use super::{object, pins};
+use crate::config::Config;
 use crate::host::clock::now_rfc3339;
 
-/// Every program, its attach point as `pgward status` names it, and whether it is a cgroup
-/// sock_addr program (else: sock_ops, sk_lookup).
-pub(super) fn expected_programs(sk_lookup: bool) -> Vec<(&'static str, &'static str)> {
-    let mut v: Vec<(&str, &str)> = CGROUP_PROGRAMS.to_vec();
-    v.push((SOCKOPS, "sock_ops"));
-    if sk_lookup {
-        v.push((SK_LOOKUP, "sk_lookup"));
-    }
-    v
-}
-
-/// Maps a restarted pgward re-points or reads (all but the LRU connection records it only
-/// reads by 4-tuple, which it also needs: PEERS).
-const PINNED_MAPS: [&str; 7] = [
-    common::MAP_CONFIG,
-    common::MAP_RULES,
-    common::MAP_PEERS,
-    common::MAP_SOCKS,
-    common::MAP_COUNTERS,
-    common::MAP_TUPLES,
-    common::MAP_BINDS,
-];
-
-struct Maps {
+/// Interception of this `serve`: the pinned programs (attached now, or adopted from an earlier
+/// run), re-pointed at this process. Dropping it does NOT detach: the pins keep interception
+/// closed while no gateway serves (protected connects are refused); it clears this process's
+/// exemption and leaves the gateway cgroup. Detaching is `pgward intercept detach`.
+pub struct Intercept {
+    /// A freshly loaded object, until [`Intercept::finish`] has attached and pinned it.
+    ebpf: Option<Ebpf>,
+    log_task: Option<tokio::task::JoinHandle<()>>,
+    /// Dropped after the exemption is cleared: pgward leaves its cgroup.
+    _gateway: GatewayCgroup,
+    state_file: PathBuf,
+    pin_dir: PathBuf,
     config: Array<MapData, common::Config>,
     rules: BpfHashMap<MapData, RuleKey, u32>,
-    peers: BpfHashMap<MapData, PeerKey, ConnMeta>,
-    socks: SockMap<MapData>,
-    binds: BpfHashMap<MapData, u32, u32>,
+    kcfg: common::Config,
+    listen: SocketAddr,
+    cgroup: PathBuf,
+    cgroup_root: PathBuf,
+    /// Programs were pinned by an earlier run and taken over.
+    adopted: bool,
+    /// Programs are attached (pinned): from here on a drop leaves them closed, not gone.
+    attached: usize,
 }
 
 /// Interception's first step, taken before pgward binds its listener: pgward is in its gateway
@@ -315,122 +323,6 @@ impl Drop for Intercept {
     }
 }
 
-fn mark_stopped(path: &Path) {
-    let Ok(bytes) = fs::read(path) else { return };
-    let Ok(mut state) = serde_json::from_slice::<State>(&bytes) else { return };
-    if state.pid != std::process::id() {
-        return;
-    }
-    state.stopped = Some(now_rfc3339());
-    let _ = write_state(path, &state);
-}
-
-/// Pins from an earlier run fit this configuration: the same programs, the same cgroup.
-fn check_pins_match(dir: &Path, state_file: &Path, cgroup: &Path, sk_lookup: bool) -> anyhow::Result<()> {
-    let pinned: BTreeSet<String> = pins::pinned_links(dir).into_iter().map(|p| p.name).collect();
-    let wanted: BTreeSet<String> = expected_programs(sk_lookup).into_iter().map(|(n, _)| n.to_string()).collect();
-    let hint = || format!("run `pgward intercept detach --config <this config>` to remove them (pins in {})", dir.display());
-    if pinned != wanted {
-        bail!(
-            "intercept: the pinned programs {pinned:?} differ from what this configuration attaches \
-             {wanted:?}; {} and start again",
-            hint()
-        );
-    }
-    if let Ok(bytes) = fs::read(state_file)
-        && let Ok(state) = serde_json::from_slice::<State>(&bytes)
-        && state.cgroup != cgroup
-    {
-        bail!(
-            "intercept: the pinned programs are attached to {}, the configuration says {}; {} and start again",
-            state.cgroup.display(),
-            cgroup.display(),
-            hint()
-        );
-    }
-    Ok(())
-}
-
-fn typed<T>(map: Map, name: &str) -> anyhow::Result<T>
-where
-    T: TryFrom<Map, Error = aya::maps::MapError>,
-{
-    T::try_from(map).with_context(|| format!("intercept: map {name} has an unexpected type"))
-}
-
-fn fresh_maps(ebpf: &mut Ebpf) -> anyhow::Result<Maps> {
-    // Pinned (by name, from the Ebpf's own handles) in `finish`; these handles share the maps.
-    let open = |ebpf: &mut Ebpf, name: &str| -> anyhow::Result<Map> {
-        let data = ebpf.map(name).with_context(|| format!("intercept: map {name} missing in the eBPF object"))?;
-        let fd = map_fd(data)?;
-        Ok(map_of(MapData::from_fd(fd).with_context(|| format!("intercept: opening map {name}"))?, name))
-    };
-    Ok(Maps {
-        config: typed(open(ebpf, common::MAP_CONFIG)?, common::MAP_CONFIG)?,
-        rules: typed(open(ebpf, common::MAP_RULES)?, common::MAP_RULES)?,
-        peers: typed(open(ebpf, common::MAP_PEERS)?, common::MAP_PEERS)?,
-        socks: typed(open(ebpf, common::MAP_SOCKS)?, common::MAP_SOCKS)?,
-        binds: typed(open(ebpf, common::MAP_BINDS)?, common::MAP_BINDS)?,
-    })
-}
-
-fn adopted_maps(dir: &Path) -> anyhow::Result<Maps> {
-    let open = |name: &str| -> anyhow::Result<Map> { Ok(map_of(pins::open_map(dir, name)?, name)) };
-    Ok(Maps {
-        config: typed(open(common::MAP_CONFIG)?, common::MAP_CONFIG)?,
-        rules: typed(open(common::MAP_RULES)?, common::MAP_RULES)?,
-        peers: typed(open(common::MAP_PEERS)?, common::MAP_PEERS)?,
-        socks: typed(open(common::MAP_SOCKS)?, common::MAP_SOCKS)?,
-        binds: typed(open(common::MAP_BINDS)?, common::MAP_BINDS)?,
-    })
-}
-
-/// A second handle on a map of a loaded object (the object keeps its own, for pinning).
-fn map_fd(map: &Map) -> anyhow::Result<std::os::fd::OwnedFd> {
-    let data: &MapData = match map {
-        Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) | Map::SockMap(d) => d,
-        _ => bail!("intercept: unexpected map type"),
-    };
-    let fd = data.fd().as_fd().try_clone_to_owned().context("intercept: duplicating a map fd")?;
-    Ok(fd)
-}
-
-/// The typed `Map` enum for a map's data, by its name (the kinds gateway-common declares).
-fn map_of(data: MapData, name: &str) -> Map {
-    match name {
-        common::MAP_CONFIG => Map::Array(data),
-        common::MAP_RULES | common::MAP_BINDS => Map::HashMap(data),
-        common::MAP_SOCKS => Map::SockMap(data),
-        common::MAP_COUNTERS => Map::PerCpuArray(data),
-        _ => Map::LruHashMap(data),
-    }
-}
-
-/// Make the rules map hold exactly `want`: new entries first, then stale ones removed (never
-/// a moment with fewer rules than either the old or the new set).
-fn sync_rules(rules: &mut BpfHashMap<MapData, RuleKey, u32>, want: &[(RuleKey, u32)]) -> anyhow::Result<()> {
-    for (key, action) in want {
-        rules.insert(key, action, 0).context("intercept: writing PGW_RULES")?;
-    }
-    let stale: Vec<RuleKey> = rules.keys().filter_map(Result::ok).filter(|k| !want.iter().any(|(w, _)| w == k)).collect();
-    for k in stale {
-        rules.remove(&k).context("intercept: removing a stale rule from PGW_RULES")?;
-    }
-    Ok(())
-}
-
-/// Make the bind guard's map hold exactly `ports` (new ones first, like [`sync_rules`]).
-fn sync_binds(binds: &mut BpfHashMap<MapData, u32, u32>, ports: &[u16]) -> anyhow::Result<()> {
-    for p in ports {
-        binds.insert(&(*p as u32), &common::BIND_GUARDED, 0).context("intercept: writing PGW_BINDS")?;
-    }
-    let stale: Vec<u32> = binds.keys().filter_map(Result::ok).filter(|k| !ports.iter().any(|p| *p as u32 == *k)).collect();
-    for k in stale {
-        binds.remove(&k).context("intercept: removing a stale port from PGW_BINDS")?;
-    }
-    Ok(())
-}
-
 /// The bind guard sees the port a bind asks for; an ephemeral port is chosen after it (bind
 /// to port 0, listen or connect on an unbound socket). A port the kernel may hand out that way
 /// can be had by anyone while pgward is stopped: say so.
@@ -444,82 +336,4 @@ fn warn_ephemeral(ports: &[u16]) {
              reserve it: sysctl -w net.ipv4.ip_local_reserved_ports={p}"
         );
     }
-}
-
-fn set_listener(socks: &mut SockMap<MapData>, listener: &tokio::net::TcpListener, listen: SocketAddr) -> anyhow::Result<()> {
-    let fd = listener.as_fd();
-    if listen.is_ipv4() || listen.ip().is_unspecified() {
-        socks.set(if listen.is_ipv4() { common::SOCK_V4 } else { common::SOCK_V6 }, &fd, 0)?;
-    }
-    if listen.is_ipv6() {
-        socks.set(common::SOCK_V6, &fd, 0)?;
-        if listen.ip().is_unspecified() {
-            socks.set(common::SOCK_V4, &fd, 0)?; // dual-stack [::] takes IPv4 too
-        }
-    }
-    Ok(())
-}
-
-/// The program whose maps hold aya-log's ring buffer of the adopted programs (connect4).
-fn adopted_program_id(dir: &Path) -> Result<u32, String> {
-    pins::pinned_links(dir)
-        .into_iter()
-        .find(|p| p.name == CGROUP_PROGRAMS[0].0)
-        .and_then(|p| p.program_id)
-        .ok_or_else(|| "no pinned connect4 program".to_string())
-}
-
-/// Load, attach and pin every program of a fresh object.
-fn attach_and_pin(ebpf: &mut Ebpf, cfg: &Config, cgroup: &Path, dir: &Path) -> anyhow::Result<(Vec<ProgramState>, Option<PathBuf>)> {
-    let ic = &cfg.intercept;
-    let mut programs = Vec::new();
-    let cg_fd = fs::File::open(cgroup).with_context(|| format!("intercept: opening cgroup {}", cgroup.display()))?;
-    for (name, hook) in CGROUP_PROGRAMS {
-        let p: &mut CgroupSockAddr = program(ebpf, name)?;
-        p.load().map_err(|e| load_error(name, hook, ProgramType::CgroupSockAddr, e))?;
-        let id = p.attach(&cg_fd, CgroupAttachMode::Single).map_err(|e| attach_error(name, hook, cgroup, e))?;
-        let link = FdLink::try_from(p.take_link(id)?).with_context(|| format!("intercept: {name}'s link cannot be pinned"))?;
-        pins::pin_link(dir, name, link)?;
-        programs.push(ProgramState { name: name.into(), attach: hook.into(), target: cgroup.to_owned(), id: p.info()?.id() });
-    }
-    let p: &mut SockOps = program(ebpf, SOCKOPS)?;
-    p.load().map_err(|e| load_error(SOCKOPS, "sock_ops", ProgramType::SockOps, e))?;
-    let id = p.attach(&cg_fd, CgroupAttachMode::Single).map_err(|e| attach_error(SOCKOPS, "sock_ops", cgroup, e))?;
-    let link = FdLink::try_from(p.take_link(id)?).with_context(|| format!("intercept: {SOCKOPS}'s link cannot be pinned"))?;
-    pins::pin_link(dir, SOCKOPS, link)?;
-    programs.push(ProgramState { name: SOCKOPS.into(), attach: "sock_ops".into(), target: cgroup.to_owned(), id: p.info()?.id() });
-    let mut netns = None;
-    if ic.sk_lookup {
-        let path = cfg.resolve(&ic.netns);
-        let ns = fs::File::open(&path).with_context(|| format!("intercept: opening netns {}", path.display()))?;
-        let p: &mut SkLookup = program(ebpf, SK_LOOKUP)?;
-        p.load().map_err(|e| load_error(SK_LOOKUP, "sk_lookup", ProgramType::SkLookup, e))?;
-        let id = p.attach(ns).map_err(|e| attach_error(SK_LOOKUP, "sk_lookup", &path, e))?;
-        pins::pin_link(dir, SK_LOOKUP, FdLink::from(p.take_link(id)?))?;
-        programs.push(ProgramState { name: SK_LOOKUP.into(), attach: "sk_lookup".into(), target: netns_target(&path), id: p.info()?.id() });
-        netns = Some(path);
-    }
-    Ok((programs, netns))
-}
-
-/// e.g. "/proc/self/ns/net (net:[4026531840])": which namespace, not just the path.
-fn netns_target(path: &Path) -> PathBuf {
-    match fs::read_link(path) {
-        Ok(l) => PathBuf::from(format!("{} ({})", path.display(), l.display())),
-        Err(_) => path.to_owned(),
-    }
-}
-
-/// What an earlier run pinned, checked: every expected link is there and runs a loaded program.
-fn adopted_programs(dir: &Path, sk_lookup: bool, cgroup: &Path, cfg: &Config) -> anyhow::Result<(Vec<ProgramState>, Option<PathBuf>)> {
-    let pinned = pins::pinned_links(dir);
-    let mut programs = Vec::new();
-    for (name, hook) in expected_programs(sk_lookup) {
-        let p = pinned.iter().find(|p| p.name == name).with_context(|| format!("intercept: {name} is not pinned in {}", dir.display()))?;
-        let id = p.program_id.with_context(|| format!("intercept: the pinned link {} cannot be read", p.path.display()))?;
-        let target = if name == SK_LOOKUP { netns_target(&cfg.resolve(&cfg.intercept.netns)) } else { cgroup.to_owned() };
-        programs.push(ProgramState { name: name.into(), attach: hook.into(), target, id });
-    }
-    let netns = sk_lookup.then(|| cfg.resolve(&cfg.intercept.netns));
-    Ok((programs, netns))
 }
