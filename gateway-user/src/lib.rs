@@ -19,7 +19,6 @@ pub mod evict;
 pub mod host;
 pub mod mask;
 pub mod policy;
-pub mod policy_catalog;
 pub mod pool;
 pub mod server;
 pub mod session;

@@ -82,7 +82,7 @@ impl Relay {
             b'I' => (Some("EMPTY".to_string()), None),
             _ => (Some("SUSPENDED".to_string()), None),
         };
-        if tag.as_deref().is_some_and(crate::policy_catalog::changes_functions) {
+        if tag.as_deref().is_some_and(super::function_catalogs::changes_functions) {
             self.shared.fn_catalogs.reload(&self.shared, &self.database);
         }
         let Some(p) = self.tracker.front() else { return };
@@ -115,7 +115,7 @@ impl Relay {
     fn on_error_response(&mut self, f: Frame, cout: &mut BytesMut) {
         let e = wire::decode_error(&f);
         let mut rewritten = None;
-        if let Some((name, before)) = self.tracker.front_mut().and_then(|p| p.replaced.take()) {
+        if let Some((name, before)) = self.tracker.front_mut().and_then(|p| p.replaced.take()).map(|b| *b) {
             match before {
                 Some(s) => self.tracker.insert_statement(&name, s),
                 None => {

@@ -160,12 +160,17 @@ impl Relay {
             self.note_prepared(&verdict);
             let prepared =
                 Prepared { sql: Arc::from(sql.as_ref()), rule: Arc::from(verdict.rule.as_str()), unparsable: verdict.unparsable };
-            let before = self.tracker.remove_statement(&name);
-            self.tracker.insert_statement(&name, Statement { allowed: Some(prepared), mask });
             let mut p = Pending::new(Awaited::Parse);
-            // A named statement survives a Parse of its name that fails (the unnamed one does
-            // not): put it back on the error.
-            p.replaced = Some((name.to_string(), before.filter(|_| !name.is_empty())));
+            if name.is_empty() {
+                // A failed Parse leaves no unnamed statement behind.
+                self.tracker.insert_statement(&name, Statement { allowed: Some(prepared), mask });
+            } else {
+                // A named statement survives a Parse of its name that fails: put it back on the
+                // error.
+                let before = self.tracker.remove_statement(&name);
+                self.tracker.insert_statement(&name, Statement { allowed: Some(prepared), mask });
+                p.replaced = Some(Box::new((name.to_string(), before)));
+            }
             batch.forward(f, p);
         } else {
             let mut rec = self.record(Kind::Statement);

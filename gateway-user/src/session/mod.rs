@@ -41,6 +41,7 @@ use crate::wire::{self, BoxStream};
 
 mod backend;
 mod frontend;
+pub mod function_catalogs;
 mod held;
 mod login;
 mod marker;
@@ -68,7 +69,7 @@ pub struct Shared {
     /// Idle upstream connections for reuse (see `pool`).
     pub pool: Arc<crate::pool::Pool>,
     /// Function catalogs for policy rules that name catalog function classes.
-    pub fn_catalogs: crate::policy_catalog::FunctionCatalogs,
+    pub fn_catalogs: self::function_catalogs::FunctionCatalogs,
 }
 
 /// Who is on the other end of an accepted socket.

@@ -59,7 +59,8 @@ pub(super) struct Pending {
     /// What masking knows about this frame (statement lineage, portal, described statement).
     pub(super) mask: Tag,
     /// A forwarded Parse: the name and what it meant before, restored if the Parse fails.
-    pub(super) replaced: Option<(String, Option<Statement>)>,
+    /// (Boxed: rare, and the queue of pendings is on the per-frame path.)
+    pub(super) replaced: Option<Box<(String, Option<Statement>)>>,
 }
 
 impl Pending {

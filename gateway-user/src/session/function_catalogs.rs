@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::policy::functions::{CATALOG_SQL, FunctionCatalog, ProcRow};
-use crate::session::Shared;
+use super::Shared;
 
 /// A catalog older than this is reloaded (in the background) when a session starts.
 pub const MAX_AGE: Duration = Duration::from_secs(60);
