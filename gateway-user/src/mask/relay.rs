@@ -459,131 +459,11 @@ impl MaskRelay {
 
     fn on_frame(&mut self, f: &Frame, front: Option<&Tag>, out: &mut BytesMut, statements: Statements<'_>) -> bool {
         match f.tag {
-            b'D' => {
-                if self.active.is_none() {
-                    if let Some(Tag::Execute(p)) = front {
-                        let p = p.clone();
-                        let n = data_row_width(f.body()).unwrap_or(0);
-                        self.active = Some(self.plan_execute(&p, n, statements));
-                    }
-                }
-                let Some(a) = self.active.as_mut() else { return false };
-                if a.pass {
-                    return false;
-                }
-                match rewrite_row(f.body(), &a.cols, &self.sess, &mut a.counts) {
-                    Ok(None) => false,
-                    Ok(Some(body)) => {
-                        out.put_u8(b'D');
-                        out.put_u32(4 + body.len() as u32);
-                        out.extend_from_slice(&body);
-                        true
-                    }
-                    Err(()) => {
-                        // Cannot read the row: never relay it unmasked.
-                        tracing::error!("masking: malformed DataRow from the server; row replaced by NULLs");
-                        let n = data_row_width(f.body()).unwrap_or(0);
-                        let mut body = BytesMut::new();
-                        body.put_i16(n as i16);
-                        for _ in 0..n {
-                            body.put_i32(-1);
-                        }
-                        out.put_u8(b'D');
-                        out.put_u32(4 + body.len() as u32);
-                        out.extend_from_slice(&body);
-                        true
-                    }
-                }
-            }
-            b'd' => {
-                let Some(a) = self.active.as_mut() else { return false };
-                let Some(c) = a.copy.as_mut() else { return false };
-                if a.pass {
-                    return false;
-                }
-                if c.header_pending {
-                    c.header_pending = false;
-                    return false;
-                }
-                let data = &f.body();
-                let new = match c.fmt.format {
-                    CopyKind::Binary => rewrite_copy_binary(data, c, &a.cols, &self.sess, &mut a.counts),
-                    _ => rewrite_copy_text(data, &c.fmt, &a.cols, &self.sess, &mut a.counts),
-                };
-                match new {
-                    None => false,
-                    Some(body) => {
-                        out.put_u8(b'd');
-                        out.put_u32(4 + body.len() as u32);
-                        out.extend_from_slice(&body);
-                        true
-                    }
-                }
-            }
-            b'T' => {
-                let Ok(fields) = crate::wire::decode_row_description(f) else { return false };
-                match front {
-                    Some(Tag::Query(q)) => {
-                        self.sync_query(q);
-                        let lin = self.query_lineage(q, statements);
-                        self.active = Some(self.plan(&fields, fields.len(), &[], lin.as_ref()));
-                    }
-                    Some(Tag::DescribeStmt(p)) => {
-                        if let Ok(mut d) = p.desc.lock() {
-                            *d = Some(Arc::new(fields));
-                        }
-                    }
-                    Some(Tag::DescribePortal(p)) => {
-                        if let Ok(mut d) = p.desc.lock() {
-                            *d = Some(Arc::new(fields));
-                        }
-                    }
-                    _ => {}
-                }
-                false
-            }
-            b'H' => {
-                // CopyOutResponse: overall format, per-column formats.
-                let Ok((overall, n)) = crate::wire::decode_copy_out_response(f) else { return false };
-                let lin: Option<Lin> = match front {
-                    Some(Tag::Query(q)) => {
-                        self.sync_query(q);
-                        self.query_lineage(q, statements)
-                    }
-                    Some(Tag::Execute(p)) => p.prepared.as_ref().and_then(|pp| self.resolve_kind(pp.lineage.as_ref(), statements)),
-                    _ => None,
-                };
-                let mut fmt = match &lin {
-                    Some(Lin::Known(l)) => l.copy.clone(),
-                    _ => None,
-                }
-                .unwrap_or_else(CopyFormat::text);
-                if overall == 1 {
-                    fmt.format = CopyKind::Binary;
-                }
-                // COPY has no RowDescription: columns are unknown types (text for text/CSV).
-                let fields: Vec<Field> = (0..n)
-                    .map(|_| Field { name: String::new(), table_oid: 0, attnum: 0, type_oid: if overall == 1 { 1 } else { 25 }, format: overall as i16 })
-                    .collect();
-                let mut a = self.plan(&fields, n, &[], lin.as_ref());
-                a.copy = Some(CopyState { header_pending: fmt.header && fmt.format == CopyKind::Csv, fmt, binary_header_seen: false });
-                self.active = Some(a);
-                false
-            }
-            b'C' | b's' => {
-                if f.tag == b'C' {
-                    if let Some(Tag::Query(q)) = front {
-                        self.sync_query(q);
-                        let done = q.stmts.as_ref().and_then(|v| v.get(self.query_idx)).cloned();
-                        if let Some(s) = done {
-                            self.remember(std::slice::from_ref(&s));
-                        }
-                    }
-                    self.after_command(f);
-                }
-                self.finish();
-                false
-            }
+            b'D' => self.data_row(f, front, out, statements),
+            b'd' => self.copy_data(f, out),
+            b'T' => self.row_description(f, front, statements),
+            b'H' => self.copy_out(f, front, statements),
+            b'C' | b's' => self.command_complete(f, front),
             b'I' => {
                 self.active = None;
                 false
@@ -596,6 +476,145 @@ impl MaskRelay {
             }
             _ => false,
         }
+    }
+
+    /// DataRow: planned at the first row of an Execute without a RowDescription; rewritten into
+    /// `out` when a value changes.
+    fn data_row(&mut self, f: &Frame, front: Option<&Tag>, out: &mut BytesMut, statements: Statements<'_>) -> bool {
+        if self.active.is_none() {
+            if let Some(Tag::Execute(p)) = front {
+                let p = p.clone();
+                let n = data_row_width(f.body()).unwrap_or(0);
+                self.active = Some(self.plan_execute(&p, n, statements));
+            }
+        }
+        let Some(a) = self.active.as_mut() else { return false };
+        if a.pass {
+            return false;
+        }
+        match rewrite_row(f.body(), &a.cols, &self.sess, &mut a.counts) {
+            Ok(None) => false,
+            Ok(Some(body)) => {
+                out.put_u8(b'D');
+                out.put_u32(4 + body.len() as u32);
+                out.extend_from_slice(&body);
+                true
+            }
+            Err(()) => {
+                // Cannot read the row: never relay it unmasked.
+                tracing::error!("masking: malformed DataRow from the server; row replaced by NULLs");
+                let n = data_row_width(f.body()).unwrap_or(0);
+                let mut body = BytesMut::new();
+                body.put_i16(n as i16);
+                for _ in 0..n {
+                    body.put_i32(-1);
+                }
+                out.put_u8(b'D');
+                out.put_u32(4 + body.len() as u32);
+                out.extend_from_slice(&body);
+                true
+            }
+        }
+    }
+
+    /// CopyData of a COPY … TO STDOUT: rewritten into `out` when a value changes.
+    fn copy_data(&mut self, f: &Frame, out: &mut BytesMut) -> bool {
+        let Some(a) = self.active.as_mut() else { return false };
+        let Some(c) = a.copy.as_mut() else { return false };
+        if a.pass {
+            return false;
+        }
+        if c.header_pending {
+            c.header_pending = false;
+            return false;
+        }
+        let data = &f.body();
+        let new = match c.fmt.format {
+            CopyKind::Binary => rewrite_copy_binary(data, c, &a.cols, &self.sess, &mut a.counts),
+            _ => rewrite_copy_text(data, &c.fmt, &a.cols, &self.sess, &mut a.counts),
+        };
+        match new {
+            None => false,
+            Some(body) => {
+                out.put_u8(b'd');
+                out.put_u32(4 + body.len() as u32);
+                out.extend_from_slice(&body);
+                true
+            }
+        }
+    }
+
+    /// RowDescription: the plan of a simple Query's result, or the columns of a described statement
+    /// or portal.
+    fn row_description(&mut self, f: &Frame, front: Option<&Tag>, statements: Statements<'_>) -> bool {
+        let Ok(fields) = crate::wire::decode_row_description(f) else { return false };
+        match front {
+            Some(Tag::Query(q)) => {
+                self.sync_query(q);
+                let lin = self.query_lineage(q, statements);
+                self.active = Some(self.plan(&fields, fields.len(), &[], lin.as_ref()));
+            }
+            Some(Tag::DescribeStmt(p)) => {
+                if let Ok(mut d) = p.desc.lock() {
+                    *d = Some(Arc::new(fields));
+                }
+            }
+            Some(Tag::DescribePortal(p)) => {
+                if let Ok(mut d) = p.desc.lock() {
+                    *d = Some(Arc::new(fields));
+                }
+            }
+            _ => {}
+        }
+        false
+    }
+
+    /// CopyOutResponse: the plan of a COPY … TO STDOUT (no RowDescription: columns of unknown
+    /// types).
+    fn copy_out(&mut self, f: &Frame, front: Option<&Tag>, statements: Statements<'_>) -> bool {
+        // CopyOutResponse: overall format, per-column formats.
+        let Ok((overall, n)) = crate::wire::decode_copy_out_response(f) else { return false };
+        let lin: Option<Lin> = match front {
+            Some(Tag::Query(q)) => {
+                self.sync_query(q);
+                self.query_lineage(q, statements)
+            }
+            Some(Tag::Execute(p)) => p.prepared.as_ref().and_then(|pp| self.resolve_kind(pp.lineage.as_ref(), statements)),
+            _ => None,
+        };
+        let mut fmt = match &lin {
+            Some(Lin::Known(l)) => l.copy.clone(),
+            _ => None,
+        }
+        .unwrap_or_else(CopyFormat::text);
+        if overall == 1 {
+            fmt.format = CopyKind::Binary;
+        }
+        // COPY has no RowDescription: columns are unknown types (text for text/CSV).
+        let fields: Vec<Field> = (0..n)
+            .map(|_| Field { name: String::new(), table_oid: 0, attnum: 0, type_oid: if overall == 1 { 1 } else { 25 }, format: overall as i16 })
+            .collect();
+        let mut a = self.plan(&fields, n, &[], lin.as_ref());
+        a.copy = Some(CopyState { header_pending: fmt.header && fmt.format == CopyKind::Csv, fmt, binary_header_seen: false });
+        self.active = Some(a);
+        false
+    }
+
+    /// CommandComplete / PortalSuspended: a statement of a Query done (DECLARE and PREPARE
+    /// remembered now), the result's counts recorded.
+    fn command_complete(&mut self, f: &Frame, front: Option<&Tag>) -> bool {
+        if f.tag == b'C' {
+            if let Some(Tag::Query(q)) = front {
+                self.sync_query(q);
+                let done = q.stmts.as_ref().and_then(|v| v.get(self.query_idx)).cloned();
+                if let Some(s) = done {
+                    self.remember(std::slice::from_ref(&s));
+                }
+            }
+            self.after_command(f);
+        }
+        self.finish();
+        false
     }
 
     fn sync_query(&mut self, q: &Arc<QueryInfo>) {
