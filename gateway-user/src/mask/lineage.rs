@@ -169,12 +169,13 @@ pub enum StmtKind {
 
 use crate::policy::pgtree::{Obj, const_locations, list, names, raw_stmts, str_field, sval, typed, wrapped};
 
-/// The parse tree of `sql`, when it parses within pgward's bounds.
-fn parse(sql: &str) -> Option<Value> {
+/// The parse tree of `sql`, when it parses within pgward's bounds (Err(None): over the size
+/// bound; Err(Some): the parser's error).
+fn parse(sql: &str) -> Result<Value, Option<pgparse::ParseError>> {
     if sql.len() > crate::policy::MAX_PARSE_BYTES {
-        return None;
+        return Err(None);
     }
-    pgparse::parse(sql).ok()
+    pgparse::parse(sql).map_err(Some)
 }
 
 fn run(tree: &Value, r: &dyn Resolver) -> (Vec<StmtKind>, bool) {
@@ -186,7 +187,7 @@ fn run(tree: &Value, r: &dyn Resolver) -> (Vec<StmtKind>, bool) {
 /// Analyze a query string: one entry per statement, as Postgres splits it. None: the string
 /// does not parse (or is over pgward's bounds); callers treat each result as `Unknown`.
 pub fn analyze(sql: &str, r: &dyn Resolver) -> Option<Vec<StmtKind>> {
-    let tree = parse(sql)?;
+    let tree = parse(sql).ok()?;
     Some(run(&tree, r).0)
 }
 
@@ -212,8 +213,7 @@ pub(crate) struct Analysis {
 }
 
 pub(crate) fn analyze_with(sql: &str, r: &dyn Resolver, strict: Option<(&dyn Resolver, u64)>, norm: Option<&Normalized>) -> Analysis {
-    let parsed = if sql.len() > crate::policy::MAX_PARSE_BYTES { Err(None) } else { pgparse::parse(sql).map_err(Some) };
-    let tree = match parsed {
+    let tree = match parse(sql) {
         Ok(t) => t,
         Err(e) => {
             // A syntax error is the server's too: nothing runs. A text over pgward's bounds

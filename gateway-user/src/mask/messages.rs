@@ -8,7 +8,7 @@
 use bytes::{BufMut, BytesMut};
 
 use super::SessionMask;
-use super::detect::mask_content;
+use super::relay::{binary_hits, scan_in_place};
 use crate::wire::{self, Frame, Reader};
 
 /// The bytes of a NUL-terminated string at the front of `b`, which moves past it.
@@ -31,17 +31,12 @@ const MASKED: &[u8] = b"(masked)";
 /// rewritten.
 const UNSCRUBBED_PARAMETERS: &[&[u8]] = &[b"session_authorization"];
 
-/// `v` with the session's content detectors applied (None: unchanged).
+/// `v` with the session's content detectors applied, as in a row's text value (None:
+/// unchanged); a value a rule would make NULL becomes [`MASKED`].
 fn scrub(v: &[u8], sess: &SessionMask) -> Option<Vec<u8>> {
-    let mut cur: Option<Vec<u8>> = None;
-    for r in sess.content_rules() {
-        let input: &[u8] = cur.as_deref().unwrap_or(v);
-        if let Some((new, _)) = mask_content(&r.detectors, r.style, input, sess.policy.key()) {
-            cur = Some(new.unwrap_or_else(|| MASKED.to_vec()));
-        }
-    }
+    let new = scan_in_place(v, sess)?.unwrap_or_else(|| MASKED.to_vec());
     // A C string cannot hold NUL.
-    cur.map(|c| c.into_iter().filter(|&b| b != 0).collect())
+    Some(new.into_iter().filter(|&b| b != 0).collect())
 }
 
 fn frame(tag: u8, body: &[u8]) -> Frame {
@@ -187,9 +182,7 @@ fn function_result(body: &[u8], sess: &SessionMask) -> Rewrite {
     if r.remaining() != 0 {
         return Err(());
     }
-    let as_int8 = <[u8; 8]>::try_from(v).ok().map(|b| i64::from_be_bytes(b).to_string());
-    let hit = scrub(v, sess).is_some() || as_int8.is_some_and(|s| scrub(s.as_bytes(), sess).is_some());
-    if !hit {
+    if !binary_hits(v, sess) {
         return Ok(None);
     }
     let mut b = BytesMut::new();

@@ -187,13 +187,12 @@ impl MaskPolicy {
 
     /// Rules that apply to `id`, as bits (exemptions applied).
     pub fn active_for(&self, id: &Identity) -> u64 {
-        let mut bits = 0;
-        for (i, r) in self.rules.iter().enumerate() {
-            if r.applies_to(id) {
-                bits |= 1 << i;
-            }
-        }
-        bits
+        self.rule_bits(|r| r.applies_to(id))
+    }
+
+    /// The rules (bits) for which `pred` holds.
+    fn rule_bits(&self, pred: impl Fn(&MaskRule) -> bool) -> u64 {
+        self.rules.iter().enumerate().filter(|(_, r)| pred(r)).fold(0, |b, (i, _)| b | 1 << i)
     }
 
     pub fn key(&self) -> &[u8] {
@@ -202,52 +201,28 @@ impl MaskPolicy {
 
     /// Rules (bits) having column patterns.
     pub fn column_rules(&self) -> u64 {
-        let mut b = 0;
-        for (i, r) in self.rules.iter().enumerate() {
-            if !r.columns.is_empty() {
-                b |= 1 << i;
-            }
-        }
-        b
+        self.rule_bits(|r| !r.columns.is_empty())
     }
 
     /// Column rules (bits) under strict masking.
     pub fn strict_rules(&self) -> u64 {
-        let mut b = 0;
-        for (i, r) in self.rules.iter().enumerate() {
-            if r.strict && !r.columns.is_empty() {
-                b |= 1 << i;
-            }
-        }
-        b
+        self.rule_bits(|r| r.strict && !r.columns.is_empty())
     }
 
     /// Rules whose columns an identifier in an opaque body may name: a masked column's name
     /// or a rule table's name (patterns with a `*` table match by column only).
     pub fn ident_rules(&self, ident: &str) -> u64 {
-        let mut b = 0;
-        for (i, r) in self.rules.iter().enumerate() {
-            let hit = r.columns.iter().any(|p| glob(&p.column, ident) || (p.table != "*" && glob(&p.table, ident)));
-            if hit {
-                b |= 1 << i;
-            }
-        }
-        b
+        self.rule_bits(|r| r.columns.iter().any(|p| glob(&p.column, ident) || (p.table != "*" && glob(&p.table, ident))))
     }
 
     /// Rules covering `schema.table.column` (column None: any column of the table).
     pub fn rules_for(&self, schema: Option<&str>, table: &str, column: Option<&str>) -> u64 {
-        let mut b = 0;
-        for (i, r) in self.rules.iter().enumerate() {
-            let hit = r.columns.iter().any(|p| match column {
+        self.rule_bits(|r| {
+            r.columns.iter().any(|p| match column {
                 Some(c) => p.covers(schema, table, c),
                 None => p.covers_table(schema, table),
-            });
-            if hit {
-                b |= 1 << i;
-            }
-        }
-        b
+            })
+        })
     }
 }
 

@@ -233,10 +233,6 @@ struct CachedLineage {
 /// What the cache gives: lineage per statement, and strict masking's verdict.
 type Analyzed = (Option<Vec<StmtKind>>, Option<Violation>);
 
-fn same_snapshot(a: &Option<Arc<Snapshot>>, b: &Option<Arc<Snapshot>>) -> bool {
-    same_arc(a, b)
-}
-
 fn same_arc<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
     match (a, b) {
         (None, None) => true,
@@ -272,7 +268,7 @@ impl LineageCache {
             if let Some(c) = map.get(&hasher.hash_one((normalized, key)))
                 && c.normalized == normalized
                 && &*c.key == key
-                && same_snapshot(&c.snap, snap)
+                && same_arc(&c.snap, snap)
                 && same_arc(&c.funcs, funcs)
             {
                 self.hits += 1;
@@ -353,15 +349,6 @@ impl MaskRelay {
         self.lineage_cache.analyze(sql, &snap, &funcs, &res, strict)
     }
 
-    /// Strict masking's verdict on a Query's or Parse's text: None when it may run (or no
-    /// strict rule applies to the session). The statement's lineage is cached on the way.
-    pub fn strict_check(&mut self, sql: &str) -> Option<Violation> {
-        if self.sess.strict_rules() == 0 {
-            return None;
-        }
-        self.analyze(sql).1
-    }
-
     /// The session's own DDL succeeded and no catalog snapshot read since has been seen.
     pub fn ddl_pending(&self) -> bool {
         self.ddl_at.is_some()
@@ -412,14 +399,19 @@ impl MaskRelay {
     /// pending entry.
     /// DECLARE and PREPARE are remembered when they complete (a failed one does not replace
     /// what the name meant).
-    pub fn query(&mut self, sql: &str) -> Tag {
-        Tag::Query(Arc::new(QueryInfo { stmts: self.analyze(sql).0 }))
+    /// With it, strict masking's verdict on the text: None when it may run (or no strict rule
+    /// applies to the session).
+    pub fn query(&mut self, sql: &str) -> (Tag, Option<Violation>) {
+        let (stmts, strict) = self.analyze(sql);
+        (Tag::Query(Arc::new(QueryInfo { stmts })), strict)
     }
 
     /// A Parse the session is forwarding (or refusing: Postgres may then still have an older
     /// statement of that name): what masking keeps of the statement.
-    pub fn parse(&mut self, sql: &str) -> Arc<PreparedInfo> {
-        let lineage = match self.analyze(sql).0 {
+    /// With it, strict masking's verdict on the text, as for [`MaskRelay::query`].
+    pub fn parse(&mut self, sql: &str) -> (Arc<PreparedInfo>, Option<Violation>) {
+        let (stmts, strict) = self.analyze(sql);
+        let lineage = match stmts {
             Some(mut v) if v.len() == 1 => {
                 let s = v.remove(0);
                 self.remember(std::slice::from_ref(&s));
@@ -428,7 +420,7 @@ impl MaskRelay {
             Some(v) if v.is_empty() => Some(StmtKind::Other),
             _ => Some(StmtKind::Unknown),
         };
-        Arc::new(PreparedInfo { lineage, desc: Mutex::new(None) })
+        (Arc::new(PreparedInfo { lineage, desc: Mutex::new(None) }), strict)
     }
 
     /// A Bind of `statement` (what masking keeps of it, if anything) with these result formats:
@@ -840,7 +832,7 @@ fn mask_value(v: Option<&[u8]>, plan: &ColPlan, sess: &SessionMask) -> Option<Op
 }
 
 /// A binary value of unknown type: its bytes, and its value as an int8 when it has eight.
-fn binary_hits(v: &[u8], sess: &SessionMask) -> bool {
+pub(super) fn binary_hits(v: &[u8], sess: &SessionMask) -> bool {
     let as_int8 = <[u8; 8]>::try_from(v).ok().map(|b| i64::from_be_bytes(b).to_string());
     hits_any(v, sess) || as_int8.is_some_and(|s| hits_any(s.as_bytes(), sess))
 }
@@ -880,7 +872,7 @@ fn hits_any(v: &[u8], sess: &SessionMask) -> bool {
     sess.content_rules().any(|r| !r.detectors.find(v).is_empty())
 }
 
-fn scan_in_place(v: &[u8], sess: &SessionMask) -> Option<Option<Vec<u8>>> {
+pub(super) fn scan_in_place(v: &[u8], sess: &SessionMask) -> Option<Option<Vec<u8>>> {
     let mut cur: Option<Vec<u8>> = None;
     for r in sess.content_rules() {
         let input: &[u8] = cur.as_deref().unwrap_or(v);

@@ -11,6 +11,7 @@ use super::tracked::{Pending, Portal, Prepared, Statement};
 use super::{End, Relay, now_unix};
 use crate::audit::{Kind, Record};
 use crate::mask::relay::{MaskRelay, Tag};
+use crate::mask::strict::Violation;
 use crate::policy::Verdict;
 use crate::sqlstate;
 use crate::wire::{self, Awaited, Frame, WireError};
@@ -129,8 +130,8 @@ impl Relay {
         };
         let mut rec = self.record(Kind::Statement);
         rec.protocol = Some("simple".into());
-        let verdict = self.strict_masking(&sql, self.decide(&sql));
-        let tag = self.mask.as_mut().map_or(Tag::None, |m| m.query(&sql));
+        let (tag, strict) = self.mask.as_mut().map_or((Tag::None, None), |m| m.query(&sql));
+        let verdict = self.strict_masking(self.decide(&sql), strict);
         let mut p = Pending::with_mask(Awaited::Query, tag);
         rec.sql = Some(sql.to_string());
         let allowed = Self::apply_verdict(&mut rec, &mut p, &verdict);
@@ -154,8 +155,8 @@ impl Relay {
             }
             r => r.map_err(bad)?,
         };
-        let verdict = self.strict_masking(&sql, self.decide(&sql));
-        let mask = self.mask.as_mut().map(|m| m.parse(&sql));
+        let (mask, strict) = self.mask.as_mut().map(|m| m.parse(&sql)).unzip();
+        let verdict = self.strict_masking(self.decide(&sql), strict.flatten());
         if verdict.is_allowed() {
             self.note_prepared(&verdict);
             let prepared =
@@ -354,14 +355,14 @@ impl Relay {
         }
     }
 
-    /// A statement the policy allows may still be refused by strict masking (`mask::strict`):
-    /// the verdict then names the mask rules and why.
-    fn strict_masking(&mut self, sql: &str, verdict: Arc<Verdict>) -> Arc<Verdict> {
+    /// A statement the policy allows may still be refused by strict masking (`mask::strict`,
+    /// its `violation` found by masking's analysis of the text): the verdict then names the
+    /// mask rules and why.
+    fn strict_masking(&self, verdict: Arc<Verdict>, violation: Option<Violation>) -> Arc<Verdict> {
         if !verdict.is_allowed() {
             return verdict;
         }
-        let Some(m) = self.mask.as_mut() else { return verdict };
-        let Some(v) = m.strict_check(sql) else { return verdict };
+        let (Some(m), Some(v)) = (self.mask.as_ref(), violation) else { return verdict };
         let (rule, reason) = m.refusal_message(&v);
         Arc::new(Verdict { decision: crate::policy::Action::Deny, rule, reason, ..(*verdict).clone() })
     }
@@ -422,11 +423,11 @@ impl Relay {
         ));
         let marker = if kind == Awaited::Query {
             if let Some(m) = self.mask.as_mut() {
-                p.mask = m.query(&wire::text(text));
+                p.mask = m.query(&wire::text(text)).0;
             }
             self.marker_query()
         } else {
-            let mask = self.mask.as_mut().map(|m| m.parse(&wire::text(text)));
+            let mask = self.mask.as_mut().map(|m| m.parse(&wire::text(text)).0);
             self.refused_statement(&name, mask);
             self.marker_parse(&name)
         };
