@@ -151,12 +151,27 @@ pub enum FsyncPolicy {
     Off,
 }
 
+/// When a statement's record must be durable (docs/audit-log.md, "Durability").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Reads, and writes inside a transaction, go to Postgres while their records are made
+    /// durable; every reply, and whatever can commit, waits for the records.
+    #[default]
+    HoldReply,
+    /// Every statement waits for its record before it goes to Postgres.
+    WriteAhead,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     pub dir: PathBuf,
     #[serde(default)]
     pub fsync: FsyncPolicy,
+    /// "hold-reply" (default) or "write-ahead".
+    #[serde(default)]
+    pub durability: Durability,
     /// A signed checkpoint after this many records...
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,

@@ -15,4 +15,4 @@ mod writer;
 mod tests;
 
 pub use record::{Client, Kind, Record};
-pub use writer::{AuditError, AuditHandle, CheckpointSigner, OnDurable, Waiter, WriterOptions, WriterStats, last_line};
+pub use writer::{AuditError, AuditHandle, CheckpointSigner, OnDurable, Outcome, Waiter, WriterOptions, WriterStats, last_line};

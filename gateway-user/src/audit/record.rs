@@ -119,6 +119,11 @@ pub struct Record {
     /// statement: name of the policy rule that decided.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// statement: when the record was made durable relative to the statement's effects —
+    /// "write-ahead" (before the statement reached the server) or "hold-reply" (while the
+    /// server ran it, with every reply held until then; see docs/audit-log.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durability: Option<String>,
     /// result: seq of the statement record this result belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub statement_seq: Option<u64>,
@@ -208,6 +213,7 @@ impl Record {
         w.opt_str("protocol", &self.protocol);
         w.opt_str("decision", &self.decision);
         w.opt_str("rule", &self.rule);
+        w.opt_str("durability", &self.durability);
         w.opt_u64("statement_seq", self.statement_seq);
         w.opt_str("tag", &self.tag);
         w.opt_u64("rows", self.rows);
@@ -478,6 +484,7 @@ mod tests {
             protocol: Some("extended".into()),
             decision: Some("allow".into()),
             rule: Some(s.into()),
+            durability: Some(s.into()),
             statement_seq: Some(0),
             tag: Some("SELECT 1".into()),
             rows: Some(1),

@@ -902,7 +902,7 @@ fn a_hook_that_keeps_the_waiter_tells_it_when_it_likes() {
     let rt = rt();
     let hook = seen_at_hook(d, true);
     let (mut rx, queued) = h.submit_then(stmt(1), Some(hook.clone()));
-    assert!(queued);
+    assert!(queued.is_some());
     // A later hooked record is answered after the first record's hook was dealt with
     // (hooks run in order, each record answered after its own hook).
     let (rx2, _) = h.submit_then(stmt(2), Some(seen_at_hook(d, false)));
@@ -931,7 +931,7 @@ fn durable_hooks_run_before_the_answer_and_never_on_failure() {
         // Durable: the hook ran (the record already in the log) before the answer came.
         let hook = seen_at_hook(d, false);
         let (rx, queued) = h.submit_then(stmt(1), Some(hook.clone()));
-        assert!(queued);
+        assert!(queued.is_some());
         assert_eq!(rt.block_on(rx).expect("answered").expect("durable"), 2);
         let seen = hook.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
         assert_eq!(seen, Some(vec!["SELECT 1".to_string()]), "{policy:?}");
@@ -940,7 +940,7 @@ fn durable_hooks_run_before_the_answer_and_never_on_failure() {
         fault::fail_next_sync(d);
         let hook = seen_at_hook(d, false);
         let (rx, queued) = h.submit_then(stmt(2), Some(hook.clone()));
-        assert!(queued, "queued; the failure comes with the sync");
+        assert!(queued.is_some(), "queued; the failure comes with the sync");
         assert!(rt.block_on(rx).expect("answered").is_err(), "{policy:?}");
         assert_eq!(*hook.seen.lock().unwrap_or_else(|e| e.into_inner()), None, "{policy:?}");
 
@@ -948,7 +948,7 @@ fn durable_hooks_run_before_the_answer_and_never_on_failure() {
         let hook = seen_at_hook(d, false);
         let (mut rx, queued) =
             h.submit_then(Record { kind: Kind::Checkpoint, ..Record::default() }, Some(hook.clone()));
-        assert!(!queued);
+        assert!(queued.is_none());
         assert!(rx.try_recv().expect("answered at once").is_err());
         h.shutdown();
         assert_eq!(*hook.seen.lock().unwrap_or_else(|e| e.into_inner()), None);
@@ -963,7 +963,7 @@ fn durable_hooks_run_before_the_answer_and_never_on_failure() {
     assert!(!h.runs_hooks());
     let hook = seen_at_hook(d, false);
     let (mut rx, queued) = h.submit_then(stmt(1), Some(hook.clone()));
-    assert!(queued);
+    assert!(queued.is_some());
     assert_eq!(rx.try_recv().expect("answered at once").expect("written"), 2);
     assert_eq!(*hook.seen.lock().unwrap_or_else(|e| e.into_inner()), None);
     h.shutdown();

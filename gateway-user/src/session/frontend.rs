@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use super::durability::{self, Effect, Rule};
 use super::held::Batch;
 use super::tracked::{Pending, Portal, Prepared, Statement};
 use super::{End, Relay, now_unix};
@@ -52,9 +53,10 @@ fn prepared_note(info: &crate::policy::StatementInfo) -> Option<PreparedNote> {
 }
 
 impl Relay {
-    /// Split the client's buffered bytes into frames and decide what to do with each.
-    /// Frames without records go straight into `uout` when nothing is staged; otherwise a
-    /// batch is returned that waits for durability.
+    /// Split the client's buffered bytes into frames and decide what to do with each, submit
+    /// their records, and put into `uout` what may go upstream at once. Returns the rest, if
+    /// any: the batch from its first write-ahead frame on, held until every record of the
+    /// session is durable.
     pub(super) fn on_client_data(&mut self, cbuf: &mut BytesMut, uout: &mut BytesMut, client_open: bool) -> Result<Option<Batch>, End> {
         let mut batch = Batch::default();
         if let Err(e) = self.split_client_frames(cbuf, &mut batch) {
@@ -62,16 +64,56 @@ impl Relay {
             self.submit_records(&mut batch, false, false);
             return Err(e);
         }
-        if batch.records.is_empty() && batch.pendings.iter().all(|p| p.rec_idx == usize::MAX) {
-            for (f, _) in &batch.frames {
-                uout.extend_from_slice(&f.raw);
-            }
-            self.tracker.expect(std::mem::take(&mut batch.pendings));
+        // The writer may send the frames itself only if they are all held, and would go out
+        // first, after everything of the session's is durable.
+        let writer_sends = batch.gate == Some((0, 0)) && uout.is_empty() && self.inflight.is_empty();
+        if !self.submit_records(&mut batch, writer_sends, client_open) {
+            self.release_batch(batch, Err("a statement record was refused".into()), uout);
             return Ok(None);
         }
-        // The writer may send the batch only if it would go out first.
-        self.submit_records(&mut batch, uout.is_empty(), client_open);
-        Ok(Some(batch))
+        let (frames_now, pendings_now) = batch.gate.unwrap_or((batch.frames.len(), batch.pendings.len()));
+        for (f, _) in batch.frames.drain(..frames_now) {
+            uout.extend_from_slice(&f.raw);
+        }
+        let now = std::time::Instant::now();
+        let mut pendings: Vec<Pending> = batch.pendings.drain(..pendings_now).collect();
+        let mut forwarded = 0;
+        for p in pendings.iter_mut() {
+            forwarded = forwarded.max(p.seq);
+            p.started = now;
+        }
+        self.tracker.expect(pendings);
+        self.inflight.forwarded(forwarded);
+        // The held frames' pending indices now count from the first held pending.
+        for (_, i) in batch.frames.iter_mut() {
+            if let Some(i) = i {
+                *i -= pendings_now;
+            }
+        }
+        Ok(batch.gate.map(|_| batch))
+    }
+
+    /// The durability rule for a statement of this effect ([`durability`]), and the
+    /// session's projected transaction state after it. Everything is write-ahead when
+    /// configured so, or while the audit log refuses records (statements are then refused
+    /// before they reach Postgres, and the session stays usable).
+    fn durability_rule(&mut self, effect: Effect, execute: bool) -> Rule {
+        let effect = if self.write_ahead_only() { Effect::Other } else { effect };
+        if execute { self.tx.execute(effect) } else { self.tx.query(effect) }
+    }
+
+    fn write_ahead_only(&self) -> bool {
+        self.shared.cfg.audit.durability == crate::config::Durability::WriteAhead || !self.shared.audit.healthy()
+    }
+
+    /// What the statements of an allowed verdict can do ([`durability::Effect`]).
+    fn effect_of(&self, v: &Verdict) -> Effect {
+        if !v.is_allowed() {
+            // Replaced by a marker that fails: nothing runs.
+            return Effect::Read;
+        }
+        let cat = self.shared.policy.function_catalog(&self.database);
+        durability::combined(v.statements.iter().map(|s| durability::statement_effect(&s.info, cat.as_deref())))
     }
 
     fn split_client_frames(&mut self, cbuf: &mut BytesMut, batch: &mut Batch) -> Result<(), End> {
@@ -99,6 +141,9 @@ impl Relay {
             b'D' => self.on_describe(f, batch),
             b'C' => self.on_close(f, batch),
             b'S' => {
+                if self.tx.sync_waits() {
+                    batch.gate_here();
+                }
                 batch.forward(f, Pending::new(Awaited::Sync));
                 Ok(())
             }
@@ -138,8 +183,9 @@ impl Relay {
         if allowed {
             self.note_prepared(&verdict);
         }
+        let rule = if allowed { self.durability_rule(self.effect_of(&verdict), false) } else { Rule::HoldReply };
         let frame = if allowed { f } else { self.marker_query() };
-        batch.push_statement(frame, rec, p);
+        batch.push_statement(frame, rec, p, rule);
         Ok(())
     }
 
@@ -159,8 +205,12 @@ impl Relay {
         let verdict = self.strict_masking(self.decide(&sql), strict.flatten());
         if verdict.is_allowed() {
             self.note_prepared(&verdict);
-            let prepared =
-                Prepared { sql: Arc::from(sql.as_ref()), rule: Arc::from(verdict.rule.as_str()), unparsable: verdict.unparsable };
+            let prepared = Prepared {
+                sql: Arc::from(sql.as_ref()),
+                rule: Arc::from(verdict.rule.as_str()),
+                unparsable: verdict.unparsable,
+                effect: self.effect_of(&verdict),
+            };
             let mut p = Pending::new(Awaited::Parse);
             if name.is_empty() {
                 // A failed Parse leaves no unnamed statement behind.
@@ -184,7 +234,7 @@ impl Relay {
             if name.is_empty() || self.tracker.statement(&name).is_none() {
                 self.refused_statement(&name, mask);
             }
-            batch.push_statement(marker, rec, p);
+            batch.push_statement(marker, rec, p, Rule::HoldReply);
         }
         Ok(())
     }
@@ -227,6 +277,8 @@ impl Relay {
         rec.protocol = Some("extended".into());
         rec.decision = Some("allow".into());
         let known = self.tracker.portal(&portal);
+        // A portal the session does not know runs nothing (Postgres answers 34000).
+        let effect = known.map_or(Effect::Read, |p| p.stmt.effect);
         match known {
             Some(p) => {
                 rec.sql = Some(p.stmt.sql.to_string());
@@ -247,7 +299,8 @@ impl Relay {
             Some(_) => Tag::Execute(known.and_then(|p| p.mask.clone()).unwrap_or_default()),
             None => Tag::None,
         };
-        batch.push_statement(f, rec, Pending::with_mask(Awaited::Execute, tag));
+        let rule = self.durability_rule(effect, true);
+        batch.push_statement(f, rec, Pending::with_mask(Awaited::Execute, tag), rule);
         Ok(())
     }
 
@@ -284,8 +337,12 @@ impl Relay {
         rec.params = Some(args);
         let mut p = Pending::new(Awaited::FunctionCall);
         let verdict = self.shared.policy.decide_function_call(&self.policy_identity, &self.database, oid, chrono::Utc::now());
-        let frame = if Self::apply_verdict(&mut rec, &mut p, &verdict) { f } else { self.marker_function_call() };
-        batch.push_statement(frame, rec, p);
+        let (frame, rule) = if Self::apply_verdict(&mut rec, &mut p, &verdict) {
+            (f, self.durability_rule(Effect::Other, true))
+        } else {
+            (self.marker_function_call(), Rule::HoldReply)
+        };
+        batch.push_statement(frame, rec, p, rule);
         Ok(())
     }
 
@@ -431,7 +488,7 @@ impl Relay {
             self.refused_statement(&name, mask);
             self.marker_parse(&name)
         };
-        batch.push_statement(marker, rec, p);
+        batch.push_statement(marker, rec, p, Rule::HoldReply);
     }
 
     /// Put the verdict into the statement record; for a denial, set the pending's refusal

@@ -1,6 +1,6 @@
 //! The function catalogs of the databases sessions use, loaded for policy rules that name
 //! catalog function classes (`@volatile`, `@security_definer`, `@dynamic_sql`, `@outside`; the
-//! pure side is [`crate::policy::functions`]).
+//! pure side is [`crate::policy::functions`]), strict masking and the durability rule.
 //!
 //! pgward reads `pg_proc` on a connection of its own (the service role, `application_name =
 //! pgward:catalog`) to the session's database: before a session's first statement when the
@@ -76,10 +76,13 @@ impl FunctionCatalogs {
     }
 }
 
-/// Catalogs are loaded for policy rules that name function classes and for strict masking
-/// (which refuses functions that run SQL from text, and functions it does not know).
+/// Catalogs are loaded for policy rules that name function classes, for strict masking
+/// (which refuses functions that run SQL from text, and functions it does not know), and for
+/// the durability rule (a statement calling a volatile function is write-ahead).
 fn needed(shared: &Shared) -> bool {
-    shared.policy.uses_function_classes() || shared.masks.strict_rules() != 0
+    shared.policy.uses_function_classes()
+        || shared.masks.strict_rules() != 0
+        || shared.cfg.audit.durability == crate::config::Durability::HoldReply
 }
 
 /// Whether a command tag says functions may have been created or changed.

@@ -1,23 +1,21 @@
-//! A batch of client frames held until its statement records are durable, the hand-over
-//! that lets the audit writer thread send it upstream itself, and its release: forwarded as
-//! it is once durable, or with its statements replaced by failing markers when the audit log
-//! could not take their records.
+//! A batch of client frames: the frames that may go upstream at once and the rest, held from
+//! the first write-ahead frame until every record the session submitted is durable
+//! ([`super::durability`]); the hand-over that lets the audit writer thread send the held
+//! frames upstream itself, and their release: forwarded as they are once durable, or with
+//! their statements replaced by failing markers when the audit log could not take the
+//! records.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
 use super::Relay;
+use super::durability::Rule;
 use super::tracked::Pending;
-use crate::audit::{AuditError, Record};
+use crate::audit::Record;
 use crate::sqlstate;
 use crate::wire::{self, Frame};
-
-/// Resolves once every record of a batch is durable (their seqs), or at the first failure.
-pub(super) type DurableFuture = Pin<Box<dyn Future<Output = Result<Vec<u64>, String>> + Send>>;
 
 /// Client frames read in one go, waiting for their statement records to be durable.
 #[derive(Default)]
@@ -26,7 +24,11 @@ pub(super) struct Batch {
     pub(super) pendings: Vec<Pending>,
     /// Statement records, submitted together once the batch is complete.
     pub(super) records: Vec<Record>,
-    pub(super) receivers: Vec<tokio::sync::oneshot::Receiver<Result<u64, AuditError>>>,
+    /// The first write-ahead frame: its index among `frames` and among `pendings`. It and
+    /// everything after it wait for `needs`.
+    pub(super) gate: Option<(usize, usize)>,
+    /// The seq every record up to which must be durable before the held frames go.
+    pub(super) needs: u64,
     /// The frames, handed to the audit writer to send once the last record is durable.
     pub(super) held: Option<Arc<HeldSend>>,
     /// Bytes the writer sent, once claimed.
@@ -46,12 +48,25 @@ impl Batch {
     }
 
     /// A frame that runs a statement (or stands in for a refused one), its statement record
-    /// (submitted with the rest by `submit_records`) and what it waits for from the server.
-    pub(super) fn push_statement(&mut self, frame: Frame, rec: Record, mut p: Pending) {
+    /// (submitted with the rest by `submit_records`), what it waits for from the server, and
+    /// when its record must be durable (write-ahead also for everything after a gate).
+    pub(super) fn push_statement(&mut self, frame: Frame, mut rec: Record, mut p: Pending, rule: Rule) {
+        if rule == Rule::WriteAhead {
+            self.gate_here();
+        }
+        let applied = if self.gate.is_some() { Rule::WriteAhead } else { rule };
+        rec.durability = Some(applied.as_str().to_string());
         self.records.push(rec);
         p.rec_idx = self.records.len() - 1;
         self.frames.push((frame, Some(self.pendings.len())));
         self.pendings.push(p);
+    }
+
+    /// The next frame, and everything after it, waits for every record of the session.
+    pub(super) fn gate_here(&mut self) {
+        if self.gate.is_none() {
+            self.gate = Some((self.frames.len(), self.pendings.len()));
+        }
     }
 
     /// A frame that runs nothing itself, and what it waits for from the server.
@@ -159,80 +174,62 @@ impl crate::audit::OnDurable for HeldSend {
     }
 }
 
-/// Take back a batch the writer sent and collect its records' outcome. Its records are
-/// durable (the writer sends only then), so the outcome is there or about to be: a waiter
-/// the writer kept is told by the claim. The records are polled once with a no-op waker
-/// first, so that telling them does not schedule this task again for nothing.
-pub(super) async fn claim_sent(mut f: DurableFuture, b: &mut Batch) -> Result<Vec<u64>, String> {
-    let now = {
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let first = f.as_mut().poll(&mut cx);
-        b.claim();
-        match first {
-            std::task::Poll::Ready(r) => Some(r),
-            std::task::Poll::Pending => match f.as_mut().poll(&mut cx) {
-                std::task::Poll::Ready(r) => Some(r),
-                std::task::Poll::Pending => None,
-            },
-        }
-    };
-    match now {
-        Some(r) => r,
-        // The writer tells this waiter itself, any moment now.
-        None => f.await,
-    }
-}
-
-/// A future resolving once every record of the batch is durable (their seqs), or the
-/// first failure.
-pub(super) fn await_records(b: &mut Batch) -> DurableFuture {
-    let receivers = std::mem::take(&mut b.receivers);
-    Box::pin(async move {
-        let mut seqs = Vec::with_capacity(receivers.len());
-        for r in receivers {
-            match r.await {
-                Ok(Ok(seq)) => seqs.push(seq),
-                Ok(Err(e)) => return Err(e.to_string()),
-                Err(_) => return Err("the audit writer stopped".to_string()),
-            }
-        }
-        Ok(seqs)
-    })
-}
-
 impl Relay {
-    /// Submit the batch's statement records in order. With `hold`, and a socket to send on, the
-    /// last record carries a [`HeldSend`] of the batch's frames — unless an earlier record was
-    /// refused at once (the later one could then be durable while it never is). `client_open`:
-    /// the client may still send (so the writer may keep quiet, see [`HeldState`]).
-    pub(super) fn submit_records(&self, batch: &mut Batch, hold: bool, client_open: bool) {
-        let n = batch.records.len();
-        let mut all_queued = true;
-        for (i, rec) in std::mem::take(&mut batch.records).into_iter().enumerate() {
-            let held = match &self.upstream_fd {
-                Some(fd) if hold && all_queued && i + 1 == n => {
-                    let len = batch.frames.iter().map(|(f, _)| f.raw.len()).sum();
-                    let mut bytes = BytesMut::with_capacity(len);
-                    append_unsent(&batch.frames, 0, &mut bytes);
-                    // Quiet only while the session still reads the client (which may owe
-                    // the Sync that makes Postgres answer).
-                    let quiet = client_open && !self.terminated;
-                    Some(Arc::new(HeldSend::new(fd.clone(), bytes.freeze(), quiet)))
-                }
-                _ => None,
-            };
-            let hook = held.clone().map(|h| h as Arc<dyn crate::audit::OnDurable>);
-            let (rx, queued) = self.shared.audit.submit_then(rec, hook);
-            all_queued &= queued;
-            if queued {
-                batch.held = held;
-            }
-            batch.receivers.push(rx);
+    /// Submit the batch's statement records, back to back, and note them in the session's
+    /// [`Inflight`](super::inflight::Inflight). With `writer_sends` the last record carries a
+    /// [`HeldSend`] of the batch's frames (all of them held, nothing else of the session's
+    /// outstanding). `client_open`: the client may still send (so the writer may keep quiet,
+    /// see [`HeldState`]). False if a record was refused at once: the whole batch then
+    /// stays held (and is refused by the caller).
+    pub(super) fn submit_records(&mut self, batch: &mut Batch, writer_sends: bool, client_open: bool) -> bool {
+        let records = std::mem::take(&mut batch.records);
+        if records.is_empty() {
+            batch.needs = self.last_seq;
+            return true;
         }
+        let held = match &self.upstream_fd {
+            Some(fd) if writer_sends => {
+                let len = batch.frames.iter().map(|(f, _)| f.raw.len()).sum();
+                let mut bytes = BytesMut::with_capacity(len);
+                append_unsent(&batch.frames, 0, &mut bytes);
+                // Quiet only while the session still reads the client (which may owe the
+                // Sync that makes Postgres answer).
+                let quiet = client_open && !self.terminated;
+                Some(Arc::new(HeldSend::new(fd.clone(), bytes.freeze(), quiet)))
+            }
+            _ => None,
+        };
+        let hook = held.clone().map(|h| h as Arc<dyn crate::audit::OnDurable>);
+        let outcomes = self.shared.audit.submit_all(records, hook);
+        let mut seqs = Vec::with_capacity(outcomes.len());
+        let mut all_queued = true;
+        for (rx, seq) in outcomes {
+            match seq {
+                Some(seq) => {
+                    self.last_seq = self.last_seq.max(seq);
+                    self.inflight.push(seq, rx);
+                }
+                None => all_queued = false,
+            }
+            seqs.push(seq.unwrap_or(0));
+        }
+        for p in batch.pendings.iter_mut() {
+            if let Some(s) = seqs.get(p.rec_idx) {
+                p.seq = *s;
+            }
+        }
+        batch.needs = self.last_seq;
+        if all_queued {
+            batch.held = held;
+        } else {
+            batch.gate = Some((0, 0));
+        }
+        all_queued
     }
 
-    /// The batch's records are durable (or failed): forward it.
-    pub(super) fn release_batch(&mut self, mut b: Batch, result: Result<Vec<u64>, String>, uout: &mut BytesMut) {
+    /// The held frames may go (their records are durable), or the audit log refused a
+    /// record (`Err`): forward them, or their statements replaced by failing markers.
+    pub(super) fn release_batch(&mut self, mut b: Batch, result: Result<(), String>, uout: &mut BytesMut) {
         let sent = b.claim();
         let frames = std::mem::take(&mut b.frames);
         let mut pendings = std::mem::take(&mut b.pendings);
@@ -241,23 +238,22 @@ impl Relay {
                 // Cannot happen (the writer sends only what is durable), but the frames are
                 // upstream: account for them as sent.
                 tracing::error!(error = %e, "audit reported a failure for a batch already sent upstream");
-                Ok(Vec::new())
+                Ok(())
             }
             r => r,
         };
         match result {
-            Ok(seqs) => {
+            Ok(()) => {
+                let now = Instant::now();
                 for p in pendings.iter_mut() {
-                    if let Some(s) = seqs.get(p.rec_idx) {
-                        p.seq = *s;
-                    }
-                    p.started = Instant::now();
+                    p.started = now;
                 }
+                self.inflight.forwarded(b.needs);
                 append_unsent(&frames, sent, uout);
             }
             Err(e) => {
                 tracing::error!(error = %e, "audit append failed; refusing statements");
-                let msg = format!("pgward: audit log unavailable, statement refused: {e}");
+                let msg = "pgward: audit log unavailable, statement refused".to_string();
                 for (f, pi) in &frames {
                     match pi {
                         Some(i) => {

@@ -3,21 +3,28 @@
 //! (client frames in [`frontend`], server frames in [`backend`], batches held for durability in
 //! [`held`]), and one shutdown path. This module owns the protocol state machine, not policy.
 //!
-//! Relay invariants:
+//! Relay invariants (the durability contract, [`durability`]: no effect of a statement is
+//! observable before its audit record is durable):
 //! - Client frames are processed in batches (everything that arrived in one read). Frames that
-//!   execute something (`Q`, `E`, `F`) get a `statement` record; the batch goes upstream only
-//!   once all its records are durable. If the audit append fails, those frames are replaced by
-//!   markers that fail upstream (so Postgres does the transaction/pipeline bookkeeping) and
-//!   the resulting ErrorResponse is rewritten into pgward's own error.
+//!   execute something (`Q`, `E`, `F`) get a `statement` record. Frames up to the first
+//!   write-ahead one go upstream at once while their records are flushed; from it on the batch
+//!   is held until every record of the session is durable. If the audit log refuses a record
+//!   of a held frame, those frames are replaced by markers that fail upstream (so Postgres does
+//!   the transaction/pipeline bookkeeping) and the resulting ErrorResponse is rewritten into
+//!   pgward's own error; if it refuses one of a frame already sent, the session ends (FATAL
+//!   58030) and Postgres rolls its open transaction back.
+//! - Server bytes reach the client only once the records of every statement forwarded before
+//!   them are durable ([`inflight`]); until then they wait, and the server is not read past
+//!   the high-water mark.
 //! - With a plaintext upstream and a writer thread (`fsync` = group or always), the audit writer
 //!   sends a held batch upstream itself the moment its last record is durable ([`held::HeldSend`]),
 //!   instead of waking this session's event loop to do it: one thread hop less per statement.
-//!   Only when nothing else is waiting to go upstream, and never after a failed sync; the
-//!   session claims the batch back when told (sending whatever the writer could not), and
-//!   before anything else of its own goes upstream. When the writer sent all of it, it does
-//!   not wake the session either: the session claims the batch when Postgres answers or the
-//!   client sends more, whichever comes first (client bytes read while the batch is still
-//!   held wait, and the writer is then asked to tell).
+//!   Only when the whole batch is held and nothing else of the session is outstanding, and
+//!   never after a failed sync; the session claims the batch back when told (sending whatever
+//!   the writer could not), and before anything else of its own goes upstream. When the writer
+//!   sent all of it, it does not wake the session either: the session claims the batch when
+//!   Postgres answers or the client sends more, whichever comes first (client bytes read while
+//!   the batch is still held wait, and the writer is then asked to tell).
 //! - Every forwarded frame that expects an answer has a `Pending` entry in the protocol
 //!   tracker; server answers pop them in order, which is how results are matched to statements.
 
@@ -40,15 +47,18 @@ use crate::upstream::{self, CancelMap, Target};
 use crate::wire::{self, BoxStream};
 
 mod backend;
+mod durability;
 mod frontend;
 pub mod function_catalogs;
 mod held;
+mod inflight;
 mod login;
 mod marker;
 mod startup;
 mod tracked;
 
-use held::{Batch, DurableFuture};
+use held::Batch;
+use inflight::{Failure, Inflight};
 use login::LoggedIn;
 use tracked::SessionTracker;
 
@@ -216,6 +226,12 @@ struct Relay {
     /// ([`Relay::analyze_ahead`]).
     analyzed: Vec<(Arc<str>, crate::policy::Analysis)>,
     checkout: Checkout,
+    /// The transaction state as projected from what was forwarded ([`durability`]).
+    tx: durability::TxState,
+    /// Records not yet known durable, and the replies held for them.
+    inflight: Inflight,
+    /// The highest seq of a record the session submitted.
+    last_seq: u64,
 }
 
 impl Relay {
@@ -259,6 +275,9 @@ impl Relay {
             analyzed: Vec::new(),
             watch: l.watch,
             watch_violation: None,
+            tx: durability::TxState::default(),
+            inflight: Inflight::default(),
+            last_seq: 0,
             checkout: Checkout {
                 pool_key: l.pool_key,
                 params: up.params,
@@ -295,10 +314,9 @@ impl Relay {
         let mut cout = BytesMut::with_capacity(CLIENT_WRITE_BUF);
         let mut uout = BytesMut::with_capacity(UPSTREAM_WRITE_BUF);
         let mut batch: Option<Batch> = None;
-        let mut durable: Option<DurableFuture> = None;
         let mut client_eof = false;
-        // Client bytes (or its end) read while a batch was outstanding: dealt with once the
-        // batch is released (their records come after its records).
+        // Client bytes (or its end) read while a batch was held: dealt with once the batch is
+        // released (their records come after its records).
         let mut unread = !cbuf.is_empty();
 
         let mut end: Option<End> = None;
@@ -311,58 +329,38 @@ impl Relay {
         }
 
         while end.is_none() {
-            if unread && durable.is_none() {
+            if unread && batch.is_none() {
                 unread = false;
-                if !cbuf.is_empty() {
-                    // After the session's own DDL: the next statement sees its effect on the
-                    // masking catalog.
-                    if let Some(m) = self.mask.as_mut()
-                        && m.ddl_pending()
-                    {
-                        m.refresh_after_ddl().await;
-                    }
-                    // Checked before building analyze_ahead's future: off the common path.
-                    if wire::complete_frames(&cbuf).any(|(tag, raw)| frontend::is_long_text(tag, raw)) {
-                        self.analyze_ahead(&cbuf).await;
-                    }
-                    let r = self.on_client_data(&mut cbuf, &mut uout, !client_eof);
-                    self.analyzed.clear();
-                    match r {
-                        Ok(Some(mut b)) => {
-                            durable = Some(held::await_records(&mut b));
-                            batch = Some(b);
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            end = Some(e);
-                            break;
-                        }
-                    }
+                if let Err(e) = self.client_data(&mut cbuf, &mut uout, &mut batch, !client_eof).await {
+                    end = Some(e);
+                    break;
                 }
             }
-            if client_eof && durable.is_none() {
+            if let Err(e) = self.settle(&mut batch, &mut uout, &mut cout) {
+                end = Some(e);
+                break;
+            }
+            if client_eof && batch.is_none() {
                 end = Some(End::Client);
                 break;
             }
-            if self.detach && uout.is_empty() && durable.is_none() {
+            if self.detach && uout.is_empty() && batch.is_none() {
                 end = Some(End::Detach);
                 break;
             }
-            // While a batch is outstanding the client is still read (once): the writer may
-            // have sent the batch without waking this loop.
+            // While a batch is held the client is still read (once): the writer may have sent
+            // the batch without waking this loop.
             let read_client = !client_eof && !self.terminated && !unread && uout.len() < HIGH_WATER;
-            let read_upstream = cout.len() < HIGH_WATER;
+            let read_upstream = cout.len() + self.inflight.held_len() < HIGH_WATER;
+            let wait_records = batch.is_some() || self.inflight.holding();
             tokio::select! {
                 r = crd.read_buf(&mut cbuf), if read_client => {
                     if matches!(r, Ok(0) | Err(_)) {
                         client_eof = true;
                     }
                     // Claim a batch the writer sent; otherwise have it tell us.
-                    if batch.as_ref().is_some_and(Batch::sent_or_ask)
-                        && let (Some(f), Some(mut b)) = (durable.take(), batch.take())
-                    {
-                        let r = held::claim_sent(f, &mut b).await;
-                        self.release_batch(b, r, &mut uout);
+                    if batch.as_ref().is_some_and(Batch::sent_or_ask) {
+                        self.claim_sent(&mut batch, &mut uout);
                     }
                     unread = true;
                 },
@@ -370,26 +368,17 @@ impl Relay {
                     Ok(0) | Err(_) => end = Some(End::Upstream),
                     Ok(_) => {
                         // The writer sent the held batch and Postgres may already be answering
-                        // it: its pendings must be queued first. Its records are durable, so
-                        // the answer is (about to be) there.
-                        if batch.as_ref().is_some_and(Batch::was_sent)
-                            && let (Some(f), Some(mut b)) = (durable.take(), batch.take())
-                        {
-                            let r = held::claim_sent(f, &mut b).await;
-                            self.release_batch(b, r, &mut uout);
+                        // it: its pendings must be queued first.
+                        if batch.as_ref().is_some_and(Batch::was_sent) {
+                            self.claim_sent(&mut batch, &mut uout);
                         }
-                        self.on_upstream_data(&mut ubuf, &mut cout);
+                        self.server_data(&mut ubuf, &mut cout);
                         if let Some(msg) = self.watch_violation.take() {
                             end = Some(End::Fatal(sqlstate::INSUFFICIENT_PRIVILEGE, format!("pgward: {msg}")));
                         }
                     }
                 },
-                r = async { match durable.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if durable.is_some() => {
-                    durable = None;
-                    if let Some(b) = batch.take() {
-                        self.release_batch(b, r, &mut uout);
-                    }
-                },
+                () = self.inflight.next(), if wait_records => {},
                 r = cwr.write(&cout), if !cout.is_empty() => match r {
                     Ok(0) | Err(_) => end = Some(End::Client),
                     Ok(n) => {
@@ -408,11 +397,99 @@ impl Relay {
         }
 
         // Nothing of the session's own may go upstream ahead of (or after) a held batch the
-        // writer might still send: take it back first.
+        // writer might still send: take it back first. Held replies are never delivered.
+        let batch_held = batch.is_some();
         drop(batch);
-        let rest = Rest { cwr, cout, urd, uwr, ubuf, uout, cbuf_empty: cbuf.is_empty(), durable_pending: durable.is_some() };
+        self.inflight.drop_replies();
+        let rest = Rest { cwr, cout, urd, uwr, ubuf, uout, cbuf_empty: cbuf.is_empty(), durable_pending: batch_held };
         // The loop only stops with an end set; a client end is the one that assumes least.
         self.shutdown(end.unwrap_or(End::Client), rest).await;
+    }
+
+    /// Decide on the client's complete frames: what may go upstream now goes into `uout`,
+    /// the rest becomes the held `batch`.
+    async fn client_data(&mut self, cbuf: &mut BytesMut, uout: &mut BytesMut, batch: &mut Option<Batch>, client_open: bool) -> Result<(), End> {
+        if cbuf.is_empty() {
+            return Ok(());
+        }
+        // After the session's own DDL: the next statement sees its effect on the masking
+        // catalog.
+        if let Some(m) = self.mask.as_mut()
+            && m.ddl_pending()
+        {
+            m.refresh_after_ddl().await;
+        }
+        // Checked before building analyze_ahead's future: off the common path.
+        if wire::complete_frames(cbuf).any(|(tag, raw)| frontend::is_long_text(tag, raw)) {
+            self.analyze_ahead(cbuf).await;
+        }
+        let r = self.on_client_data(cbuf, uout, client_open);
+        self.analyzed.clear();
+        *batch = r?;
+        Ok(())
+    }
+
+    /// Server bytes: to the client, or held until the records before them are durable.
+    fn server_data(&mut self, ubuf: &mut BytesMut, cout: &mut BytesMut) {
+        self.inflight.poll_ready();
+        if self.inflight.replies_ready() {
+            self.on_upstream_data(ubuf, cout);
+        } else {
+            let mut held = self.inflight.take_held();
+            self.on_upstream_data(ubuf, &mut held);
+            self.inflight.put_held(held);
+        }
+    }
+
+    /// Take in the durability outcomes already there: release the held batch and the held
+    /// replies whose records are durable, and resync the projected transaction state when
+    /// nothing is outstanding.
+    fn settle(&mut self, batch: &mut Option<Batch>, uout: &mut BytesMut, cout: &mut BytesMut) -> Result<(), End> {
+        self.inflight.poll_ready();
+        if let Some(f) = self.inflight.take_failure() {
+            self.audit_failed(f, batch, uout)?;
+            self.inflight.poll_ready();
+        }
+        if batch.as_ref().is_some_and(|b| self.inflight.confirmed(b.needs))
+            && let Some(b) = batch.take()
+        {
+            self.release_batch(b, Ok(()), uout);
+        }
+        self.inflight.release_replies(cout);
+        if batch.is_none() && self.tracker.front().is_none() {
+            self.tx.ready(self.tracker.tx_status());
+        }
+        Ok(())
+    }
+
+    /// The writer sent the held batch (called only then: so every record of it, and before
+    /// it, is durable): take it back and account for it as forwarded.
+    fn claim_sent(&mut self, batch: &mut Option<Batch>, uout: &mut BytesMut) {
+        let Some(b) = batch.take() else { return };
+        self.inflight.durable_through(b.needs);
+        self.release_batch(b, Ok(()), uout);
+    }
+
+    /// The audit log refused a record. Its statement (or one before it) already went
+    /// upstream: the session ends (FATAL 58030), its held replies undelivered, and Postgres
+    /// rolls back whatever was open. Otherwise the held batch's statements are refused.
+    fn audit_failed(&mut self, f: Failure, batch: &mut Option<Batch>, uout: &mut BytesMut) -> Result<(), End> {
+        tracing::error!(error = %f.error, forwarded = f.forwarded, "audit log refused a statement record");
+        match batch.take() {
+            Some(b) if !f.forwarded => {
+                self.inflight.clear();
+                self.release_batch(b, Err(f.error), uout);
+                Ok(())
+            }
+            b => {
+                drop(b);
+                self.inflight.drop_replies();
+                Err(End::Fatal(
+                    sqlstate::IO_ERROR,
+                    "pgward: the audit log failed: the session is closed and its open transaction rolled back".into(),
+                ))
+            }
+        }
     }
 
     /// Every way a session ends: the last bytes to the client and the server, the upstream

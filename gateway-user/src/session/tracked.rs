@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::durability::Effect;
 use crate::mask::relay::{PortalInfo, PreparedInfo, Tag};
 use crate::wire::tracker::{Await, Awaited, Tracker};
 
@@ -16,12 +17,14 @@ pub(super) struct Prepared {
     pub(super) sql: Arc<str>,
     pub(super) rule: Arc<str>,
     pub(super) unparsable: bool,
+    /// What executing it can do, for the durability rule of its Executes.
+    pub(super) effect: Effect,
 }
 
 impl Prepared {
     /// A statement the session does not know (Postgres will say whether it exists).
     pub(super) fn unknown() -> Prepared {
-        Prepared { sql: Arc::from(""), rule: Arc::from("unknown-statement"), unparsable: false }
+        Prepared { sql: Arc::from(""), rule: Arc::from("unknown-statement"), unparsable: false, effect: Effect::Other }
     }
 }
 

@@ -32,35 +32,23 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    /// Queue `rec`; false if it was refused at once (its waiter has the error).
-    pub(super) fn enqueue(&self, rec: Record, reply: Option<Reply>) -> bool {
+    /// Queue `rec`: its seq, or None if it was refused at once (its waiter has the error).
+    pub(super) fn enqueue(&self, rec: Record, reply: Option<Reply>) -> Option<u64> {
+        let mut seq = None;
+        self.enqueue_all(std::iter::once((rec, reply)), |s| seq = s);
+        seq
+    }
+
+    /// Queue records back to back under one hold of the lock, so that no other record and no
+    /// failure comes between them; `each` is told each one's seq (None: refused at once).
+    pub(super) fn enqueue_all(&self, items: impl IntoIterator<Item = (Record, Option<Reply>)>, mut each: impl FnMut(Option<u64>)) {
         let mut log = lock(&self.log);
-        if log.shutdown {
-            match reply {
-                Some(r) => {
-                    let _ = r.send(Err(AuditError::Closed));
-                }
-                None => tracing::warn!("audit record dropped: the writer has stopped"),
-            }
-            return false;
-        }
-        if matches!(rec.kind, Kind::Checkpoint | Kind::Start) {
-            let e = AuditError::InvalidRecord(format!("{:?} records are written by the writer itself", rec.kind));
-            match reply {
-                Some(r) => {
-                    let _ = r.send(Err(e));
-                }
-                None => tracing::error!("audit record dropped: {e}"),
-            }
-            return false;
-        }
-        let urgent = reply.is_some();
-        if !log.queue(rec, reply) {
-            return false;
+        let mut urgent = false;
+        for (rec, reply) in items {
+            each(queue_one(&mut log, rec, reply, &mut urgent));
         }
         if !urgent {
-            log.lazy_since.get_or_insert_with(Instant::now);
-            return true;
+            return;
         }
         log.urgent = true;
         if self.fsync == FsyncPolicy::Off {
@@ -76,7 +64,6 @@ impl Shared {
             self.work.notify_one();
         }
         // else: every writer thread is busy and takes this batch when it comes back.
-        true
     }
 
     /// Run the hooks of records made durable while the lock was held, then tell their
@@ -169,4 +156,31 @@ impl Shared {
             }
         }
     }
+}
+
+/// Queue one record under the lock; `urgent` is set when someone waits for it.
+fn queue_one(log: &mut Log, rec: Record, reply: Option<Reply>, urgent: &mut bool) -> Option<u64> {
+    if log.shutdown {
+        match reply {
+            Some(r) => r.send(Err(AuditError::Closed)),
+            None => tracing::warn!("audit record dropped: the writer has stopped"),
+        }
+        return None;
+    }
+    if matches!(rec.kind, Kind::Checkpoint | Kind::Start) {
+        let e = AuditError::InvalidRecord(format!("{:?} records are written by the writer itself", rec.kind));
+        match reply {
+            Some(r) => r.send(Err(e)),
+            None => tracing::error!("audit record dropped: {e}"),
+        }
+        return None;
+    }
+    let waited = reply.is_some();
+    let seq = log.queue(rec, reply)?;
+    if waited {
+        *urgent = true;
+    } else {
+        log.lazy_since.get_or_insert_with(Instant::now);
+    }
+    Some(seq)
 }

@@ -51,6 +51,9 @@ impl Waiter {
     }
 }
 
+/// Says once whether a submitted record is durable (its seq) or refused.
+pub type Outcome = oneshot::Receiver<Result<u64, AuditError>>;
+
 /// Who waits for a record: the channel that tells it the outcome, and what to run first when
 /// the record is durable (never run when it fails).
 pub(super) struct Reply {
@@ -149,18 +152,46 @@ impl AuditHandle {
 
     /// [`submit`](Self::submit), and run `hook` on a writer thread once the record is durable,
     /// before the receiver resolves (never when it fails). With `fsync = off` there is no
-    /// writer thread to run it and the hook is dropped unrun. Also says whether the record
-    /// was queued: false means the receiver already holds its error (e.g. it could not be
+    /// writer thread to run it and the hook is dropped unrun. Also gives the record's seq if
+    /// it was queued: None means the receiver already holds its error (e.g. it could not be
     /// encoded), so later records of the caller's may be durable while this one never is.
     pub fn submit_then(
         &self,
         rec: Record,
         hook: Option<Arc<dyn OnDurable>>,
-    ) -> (oneshot::Receiver<Result<u64, AuditError>>, bool) {
+    ) -> (oneshot::Receiver<Result<u64, AuditError>>, Option<u64>) {
         let (tx, rx) = oneshot::channel();
         let hook = hook.filter(|_| self.runs_hooks());
         let queued = self.inner.shared.enqueue(rec, Some(Reply { tx, hook }));
         (rx, queued)
+    }
+
+    /// Submit records back to back, so that nothing comes between them in the log (no other
+    /// record, no failure): with `last_hook`, run on the last one once it is durable, the
+    /// earlier ones are durable too. Each record's receiver and seq (None: refused at once),
+    /// in order.
+    pub fn submit_all(
+        &self,
+        records: Vec<Record>,
+        last_hook: Option<Arc<dyn OnDurable>>,
+    ) -> Vec<(Outcome, Option<u64>)> {
+        let n = records.len();
+        let mut last_hook = last_hook.filter(|_| self.runs_hooks());
+        let mut rxs = Vec::with_capacity(n);
+        let items = records.into_iter().enumerate().map(|(i, rec)| {
+            let (tx, rx) = oneshot::channel();
+            rxs.push(rx);
+            let hook = if i + 1 == n { last_hook.take() } else { None };
+            (rec, Some(Reply { tx, hook }))
+        });
+        let mut seqs = Vec::with_capacity(n);
+        self.inner.shared.enqueue_all(items, |s| seqs.push(s));
+        rxs.into_iter().zip(seqs).collect()
+    }
+
+    /// Whether the log takes records: false from a refused batch until the next durable one.
+    pub fn healthy(&self) -> bool {
+        !self.inner.shared.counters.failing.load(Ordering::Relaxed)
     }
 
     /// Whether durable-hooks run (see [`submit_then`](Self::submit_then)): not with `fsync = off`.
@@ -172,7 +203,7 @@ impl AuditHandle {
     /// failures are logged. Wakes no thread: the record goes out with the next batch or
     /// within `LAZY_FLUSH`.
     pub fn append(&self, rec: Record) {
-        self.inner.shared.enqueue(rec, None);
+        let _ = self.inner.shared.enqueue(rec, None);
     }
 
     /// Write a final checkpoint, fsync, stop the threads. Blocks until the threads have

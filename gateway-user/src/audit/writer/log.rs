@@ -174,7 +174,9 @@ impl Log {
     /// Encode `rec` as the next record and queue it (plus a checkpoint when one is due by
     /// count). An encoding error is answered at once.
     /// False if the record was refused (its waiter has the error).
-    pub(super) fn queue(&mut self, rec: Record, reply: Option<Reply>) -> bool {
+    /// Queue `rec` as the next record: its seq, or None if it could not be encoded (its
+    /// waiter has the error).
+    pub(super) fn queue(&mut self, rec: Record, reply: Option<Reply>) -> Option<u64> {
         let seq = self.next_seq;
         let event = Some(rec.metrics_event());
         let ts = now_ts(&mut self.ts_cache);
@@ -185,7 +187,7 @@ impl Log {
                 if self.signer.is_some() && self.checkpoint_every > 0 && self.since_ckpt >= self.checkpoint_every {
                     self.encode_checkpoint();
                 }
-                true
+                Some(seq)
             }
             Err(e) => {
                 match reply {
@@ -194,7 +196,7 @@ impl Log {
                     }
                     None => tracing::error!("audit record dropped: {e}"),
                 }
-                false
+                None
             }
         }
     }
@@ -340,6 +342,7 @@ impl Log {
             let Some(c) = self.unsynced.pop_front() else { break };
             self.counters.records.fetch_add(c.lines, Ordering::Relaxed);
             self.counters.batches.fetch_add(1, Ordering::Relaxed);
+            self.counters.failing.store(false, Ordering::Relaxed);
             if let (Some(ex), Some(b)) = (&self.export, &c.bytes) {
                 ex.send(b);
             }
@@ -417,6 +420,7 @@ impl Log {
 
     pub(super) fn fail_items(&self, replies: impl Iterator<Item = Option<Reply>>, e: &AuditError) {
         self.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+        self.counters.failing.store(true, Ordering::Relaxed);
         crate::metrics::METRICS.audit_batches_failed.inc();
         let mut unanswered = 0usize;
         for r in replies {

@@ -76,7 +76,7 @@ mod ts;
 
 #[cfg(test)]
 pub(crate) use disk::fault;
-pub use handle::{AuditHandle, OnDurable, Waiter};
+pub use handle::{AuditHandle, OnDurable, Outcome, Waiter};
 pub use recovery::last_line;
 pub use signer::CheckpointSigner;
 #[cfg(test)]
@@ -167,4 +167,6 @@ struct Counters {
     batches: AtomicU64,
     syncs: AtomicU64,
     failed_batches: AtomicU64,
+    /// The last batch written was refused, and none has been durable since.
+    failing: std::sync::atomic::AtomicBool,
 }
