@@ -292,6 +292,11 @@ impl Pgward {
         Login::new(&dir.to_string_lossy(), port, user, Some(token), db)
     }
 
+    /// The running gateway's pid (our own child).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }

@@ -26,6 +26,9 @@ const FIRST_LOAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct FunctionCatalogs {
     loaded: Mutex<HashMap<String, Instant>>,
     reloading: Mutex<HashSet<String>>,
+    /// One first load per database: sessions that start together (after a restart, say)
+    /// wait for the same load instead of each running its own.
+    first_loads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl FunctionCatalogs {
@@ -35,9 +38,14 @@ impl FunctionCatalogs {
         if !needed(shared) {
             return;
         }
-        let age = self.loaded.lock().unwrap_or_else(PoisonError::into_inner).get(db).map(Instant::elapsed);
+        let age = self.age(db);
         match age {
             None => {
+                let gate = self.first_loads.lock().unwrap_or_else(PoisonError::into_inner).entry(db.to_string()).or_default().clone();
+                let _first = gate.lock().await;
+                if self.age(db).is_some() {
+                    return;
+                }
                 match tokio::time::timeout(FIRST_LOAD_TIMEOUT, load(shared, db)).await {
                     Ok(Ok(cat)) => self.set(shared, db, cat),
                     Ok(Err(e)) => tracing::warn!(database = db, error = %e, "function catalog not loaded; catalog function classes match every function"),
@@ -47,6 +55,11 @@ impl FunctionCatalogs {
             Some(a) if a > MAX_AGE => self.reload(shared, db),
             Some(_) => {}
         }
+    }
+
+    /// How old `db`'s catalog is, if it has one.
+    fn age(&self, db: &str) -> Option<Duration> {
+        self.loaded.lock().unwrap_or_else(PoisonError::into_inner).get(db).map(Instant::elapsed)
     }
 
     /// Reload `db`'s catalog in the background (after DDL that may have changed functions).

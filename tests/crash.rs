@@ -1,0 +1,186 @@
+//! The durability contract under kill -9: pgward is killed at random points while clients run
+//! a mixed load (autocommit and transactional writes, simple and extended protocol,
+//! pipelined statements, reads). Afterwards every row Postgres has (read as superuser) was
+//! written by a statement whose record is in the audit log, and `audit verify` passes once
+//! pgward has restarted. Rows are tagged uniquely in the statement text or its parameters.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{Pgward, cluster, within};
+use serde_json::Value;
+
+/// Rounds of load-then-kill.
+const ROUNDS: usize = 4;
+/// Concurrent clients per round.
+const CLIENTS: usize = 6;
+
+/// A small deterministic generator (xorshift), seeded per client and round.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("getrandom");
+    u64::from_le_bytes(b) | 1
+}
+
+/// One operation of the mixed load; any error ends the client (pgward is gone).
+async fn one_op(c: &tokio_postgres::Client, rng: &mut Rng, tag: &mut (dyn FnMut() -> String + Send)) -> Result<(), tokio_postgres::Error> {
+    match rng.next() % 8 {
+        0 => {
+            c.simple_query(&format!("INSERT INTO crash (tag) VALUES ('{}')", tag())).await?;
+        }
+        1 => {
+            c.simple_query("BEGIN").await?;
+            c.simple_query(&format!("INSERT INTO crash (tag) VALUES ('{}')", tag())).await?;
+            c.simple_query(&format!("INSERT INTO crash (tag) VALUES ('{}')", tag())).await?;
+            c.simple_query("COMMIT").await?;
+        }
+        2 => {
+            c.execute("INSERT INTO crash (tag) VALUES ($1)", &[&tag()]).await?;
+        }
+        3 => {
+            c.simple_query("BEGIN").await?;
+            c.execute("INSERT INTO crash (tag) VALUES ($1)", &[&tag()]).await?;
+            c.execute("UPDATE crash SET n = n + 1 WHERE tag = $1", &[&tag()]).await?;
+            c.simple_query("COMMIT").await?;
+        }
+        4 => {
+            // Pipelined: three Executes in flight on one connection.
+            let (a, b, d) = (tag(), tag(), tag());
+            let (x, y, z) = futures_util::future::join3(
+                c.execute("INSERT INTO crash (tag) VALUES ($1)", &[&a]),
+                c.execute("INSERT INTO crash (tag) VALUES ($1)", &[&b]),
+                c.execute("INSERT INTO crash (tag) VALUES ($1)", &[&d]),
+            )
+            .await;
+            x?;
+            y?;
+            z?;
+        }
+        5 => {
+            // One simple Query, two statements: one implicit transaction.
+            c.simple_query(&format!("INSERT INTO crash (tag) VALUES ('{}'); INSERT INTO crash (tag) VALUES ('{}')", tag(), tag()))
+                .await?;
+        }
+        6 => {
+            c.simple_query("SELECT count(*) FROM crash").await?;
+            c.query("SELECT tag FROM crash WHERE n > $1 LIMIT 5", &[&0i32]).await?;
+        }
+        _ => {
+            // A transaction rolled back: none of its rows may be there.
+            c.simple_query("BEGIN").await?;
+            c.simple_query(&format!("INSERT INTO crash (tag) VALUES ('{}')", tag())).await?;
+            c.simple_query("ROLLBACK").await?;
+        }
+    }
+    Ok(())
+}
+
+/// Every string an allowed statement record carries: its text and its parameters (as
+/// recorded, and decoded from hex where they were recorded as bytes).
+fn audited_texts(records: &[Value]) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in records.iter().filter(|r| r["kind"] == "statement" && r["decision"] == "allow") {
+        if let Some(s) = r["sql"].as_str() {
+            out.push(s.to_string());
+        }
+        for p in r["params"].as_array().into_iter().flatten() {
+            let Some(p) = p.as_str() else { continue };
+            out.push(p.to_string());
+            if let Some(h) = p.strip_prefix("\\x")
+                && let Ok(b) = hex::decode(h)
+            {
+                out.push(String::from_utf8_lossy(&b).into_owned());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_effect_seen_after_kill_9_has_its_record() {
+    let c = cluster();
+    let db = c.create_database("crash");
+    c.sql(&db, "CREATE TABLE crash (tag text PRIMARY KEY, n int NOT NULL DEFAULT 0); GRANT ALL ON crash TO PUBLIC");
+    let mut pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let login = pw.login("alice", &token, &db);
+    let mut master = Rng(seed());
+    let ops = Arc::new(AtomicU64::new(0));
+
+    let probe = login.connect().await.expect("connect");
+    probe.simple_query("select 1").await.expect("select 1");
+    drop(probe);
+    for round in 0..ROUNDS {
+        let mut tasks = Vec::new();
+        for client in 0..CLIENTS {
+            let login = login.clone();
+            let ops = ops.clone();
+            let mut rng = Rng(master.next() | 1);
+            tasks.push(tokio::spawn(async move {
+                let c = match login.connect().await {
+                    Ok(c) => c,
+                    Err(e) => return eprintln!("client {client}: connect: {e}"),
+                };
+                let mut n = 0u64;
+                let mut tag = move || {
+                    n += 1;
+                    format!("r{round}-c{client}-{n}")
+                };
+                loop {
+                    if let Err(e) = one_op(&c, &mut rng, &mut tag).await {
+                        eprintln!("client {client}: ended by {e}");
+                        break;
+                    }
+                    ops.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        // Kill at a random point of the load, once it runs.
+        let started = ops.load(Ordering::Relaxed);
+        within("the load starts", async {
+            while ops.load(Ordering::Relaxed) < started + CLIENTS as u64 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(master.next() % 500)).await;
+        let pid = pw.pid().expect("running");
+        // SAFETY: kill(2) on the pid of our own running child.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        let st = pw.stop();
+        assert!(st.is_some_and(|s| std::os::unix::process::ExitStatusExt::signal(&s) == Some(libc::SIGKILL)));
+        for t in tasks {
+            within("client ends after the kill", t).await.expect("client task");
+        }
+        pw.spawn();
+    }
+    assert!(ops.load(Ordering::Relaxed) > (ROUNDS * CLIENTS) as u64, "the load ran: {} operations\n{}", ops.load(Ordering::Relaxed), pw.stderr_log());
+
+    let rows: HashSet<String> = c.sql(&db, "SELECT tag FROM crash").lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+    assert!(!rows.is_empty(), "no row was committed");
+    let texts = audited_texts(&pw.audit_records());
+    let missing: Vec<&String> = rows
+        .iter()
+        .filter(|tag| !texts.iter().any(|t| t.contains(&format!("'{tag}'")) || *t == **tag))
+        .collect();
+    assert!(missing.is_empty(), "{} of {} committed rows have no statement record: {missing:?}", missing.len(), rows.len());
+    let (code, out) = pw.audit_verify();
+    assert_eq!(code, 0, "audit verify after {ROUNDS} kills: {out}");
+}
