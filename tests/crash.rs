@@ -1,8 +1,11 @@
-//! The durability contract under kill -9: pgward is killed at random points while clients run
-//! a mixed load (autocommit and transactional writes, simple and extended protocol,
-//! pipelined statements, reads). Afterwards every row Postgres has (read as superuser) was
-//! written by a statement whose record is in the audit log, and `audit verify` passes once
-//! pgward has restarted. Rows are tagged uniquely in the statement text or its parameters.
+//! The durability contract under a crash: pgward is killed (SIGKILL) at random points while
+//! clients run a mixed load (autocommit and transactional writes, simple and extended
+//! protocol, pipelined statements, reads), with the audit directory behind a power-failure
+//! shim (`common/lose_unsynced.c`, LD_PRELOAD): what pgward wrote but never synced is lost
+//! with the process, as a power failure would lose it. Afterwards every row Postgres has
+//! (read as superuser) was written by a statement whose record is in the audit log, and
+//! `audit verify` passes once pgward has restarted. Rows are tagged uniquely in the statement
+//! text or its parameters.
 
 mod common;
 
@@ -114,11 +117,25 @@ fn audited_texts(records: &[Value]) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_effect_seen_after_kill_9_has_its_record() {
+async fn every_effect_seen_after_a_crash_has_its_record() {
     let c = cluster();
     let db = c.create_database("crash");
     c.sql(&db, "CREATE TABLE crash (tag text PRIMARY KEY, n int NOT NULL DEFAULT 0); GRANT ALL ON crash TO PUBLIC");
-    let mut pw = Pgward::start();
+    let mut pw = Pgward::builder().init();
+    let shim = pw.dir.join("lose_unsynced.so");
+    let cc = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&shim)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/common/lose_unsynced.c"))
+        .args(["-ldl", "-lpthread"])
+        .status()
+        .expect("cc");
+    assert!(cc.success(), "building the power-failure shim");
+    std::fs::create_dir_all(pw.audit_dir()).unwrap();
+    let audit_dir = pw.audit_dir().canonicalize().unwrap();
+    pw.env.push(("LD_PRELOAD".into(), shim.display().to_string()));
+    pw.env.push(("LOSE_UNSYNCED_DIR".into(), audit_dir.display().to_string()));
+    pw.spawn();
     let token = pw.token("alice", &[], "15m");
     let login = pw.login("alice", &token, &db);
     let mut master = Rng(seed());

@@ -149,6 +149,7 @@ impl PgwardBuilder {
             dir,
             config_path,
             child: None,
+            env: Vec::new(),
             cluster: c,
             _tmp: tmp,
         };
@@ -181,6 +182,8 @@ pub struct Pgward {
     /// Where `serve` listens (127.0.0.1:free port).
     pub addr: SocketAddr,
     pub cluster: &'static PgCluster,
+    /// Extra environment for `serve` (set before [`Pgward::spawn`]).
+    pub env: Vec<(String, String)>,
     stderr_path: PathBuf,
     child: Option<Child>,
     _tmp: tempfile::TempDir,
@@ -220,6 +223,7 @@ impl Pgward {
             .arg(&self.config_path)
             .env("PGWARD_LOG", log_filter())
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::from(stderr.try_clone().unwrap()))
             .stderr(Stdio::from(stderr));
