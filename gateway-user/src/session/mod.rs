@@ -70,6 +70,8 @@ pub struct Shared {
     pub pool: Arc<crate::pool::Pool>,
     /// Function catalogs for policy rules that name catalog function classes.
     pub fn_catalogs: self::function_catalogs::FunctionCatalogs,
+    /// Room for large messages, shared by all sessions (`server.buffer_budget_bytes`).
+    pub budget: wire::budget::Budget,
 }
 
 /// Who is on the other end of an accepted socket.
@@ -98,8 +100,6 @@ impl Peer {
 
 /// Above this many buffered bytes in one direction, stop reading the other side.
 const HIGH_WATER: usize = 256 * 1024;
-/// Time a client gets from connecting to a verified token.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time the last bytes to either side get to go out when the session ends.
 const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Room reserved up front for bytes read from the client.
@@ -137,7 +137,8 @@ pub async fn handle(shared: Arc<Shared>, stream: BoxStream, peer: Peer) {
 }
 
 async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String) {
-    let started = match tokio::time::timeout(STARTUP_TIMEOUT, startup::startup(&shared, stream, &peer, &session)).await {
+    let limit = shared.cfg.server.startup_timeout;
+    let started = match tokio::time::timeout(limit, startup::startup(&shared, stream, &peer, &session)).await {
         Ok(Some(l)) => l,
         Ok(None) => return,
         Err(_) => {
@@ -216,6 +217,9 @@ struct Relay {
     /// ([`Relay::analyze_ahead`]).
     analyzed: Vec<(Arc<str>, crate::policy::Analysis)>,
     checkout: Checkout,
+    /// Message limits and budget charges of what the client sends, and of what the server sends.
+    client_in: wire::Inbound,
+    upstream_in: wire::Inbound,
 }
 
 impl Relay {
@@ -238,6 +242,9 @@ impl Relay {
         .await
         .map(Box::new);
         let up = l.upstream;
+        let (max, budget) = (shared.cfg.server.max_message_bytes, &shared.budget);
+        let client_in = wire::Inbound::new(wire::Side::Client, max, budget.clone(), CLIENT_READ_BUF, UPSTREAM_WRITE_BUF);
+        let upstream_in = wire::Inbound::new(wire::Side::Server, max, budget.clone(), UPSTREAM_READ_BUF, CLIENT_WRITE_BUF);
         let io = Io { client: l.stream, cbuf: l.buf, upstream: up.stream, ubuf: up.leftover };
         let relay = Relay {
             mask,
@@ -259,6 +266,8 @@ impl Relay {
             analyzed: Vec::new(),
             watch: l.watch,
             watch_violation: None,
+            client_in,
+            upstream_in,
             checkout: Checkout {
                 pool_key: l.pool_key,
                 params: up.params,
@@ -304,13 +313,18 @@ impl Relay {
         let mut end: Option<End> = None;
         if !ubuf.is_empty() {
             // Frames that arrived with the upstream's login.
-            self.on_upstream_data(&mut ubuf, &mut cout);
+            if let Err(e) = self.on_upstream_data(&mut ubuf, &mut cout) {
+                end = Some(e);
+            }
             if let Some(msg) = self.watch_violation.take() {
                 end = Some(End::Fatal(sqlstate::INSUFFICIENT_PRIVILEGE, format!("pgward: {msg}")));
             }
         }
 
         while end.is_none() {
+            // Large messages that have left pgward give their budget back.
+            self.client_in.settle(&mut uout, batch.is_none());
+            self.upstream_in.settle(&mut cout, true);
             if unread && durable.is_none() {
                 unread = false;
                 if !cbuf.is_empty() {
@@ -350,8 +364,8 @@ impl Relay {
             }
             // While a batch is outstanding the client is still read (once): the writer may
             // have sent the batch without waking this loop.
-            let read_client = !client_eof && !self.terminated && !unread && uout.len() < HIGH_WATER;
-            let read_upstream = cout.len() < HIGH_WATER;
+            let read_client = !client_eof && !self.terminated && !unread && uout.len() < HIGH_WATER && !self.client_in.blocked();
+            let read_upstream = cout.len() < HIGH_WATER && !self.upstream_in.blocked();
             tokio::select! {
                 r = crd.read_buf(&mut cbuf), if read_client => {
                     if matches!(r, Ok(0) | Err(_)) {
@@ -378,10 +392,23 @@ impl Relay {
                             let r = held::claim_sent(f, &mut b).await;
                             self.release_batch(b, r, &mut uout);
                         }
-                        self.on_upstream_data(&mut ubuf, &mut cout);
+                        if let Err(e) = self.on_upstream_data(&mut ubuf, &mut cout) {
+                            end = Some(e);
+                        }
                         if let Some(msg) = self.watch_violation.take() {
                             end = Some(End::Fatal(sqlstate::INSUFFICIENT_PRIVILEGE, format!("pgward: {msg}")));
                         }
+                    }
+                },
+                // A large message got its room in the budget: reading that side goes on.
+                c = self.client_in.budget(), if self.client_in.blocked() => {
+                    if let Err(e) = self.client_in.granted(c, &mut cbuf) {
+                        end = Some(End::Fatal(e.sqlstate(), format!("pgward: {e}")));
+                    }
+                },
+                c = self.upstream_in.budget(), if self.upstream_in.blocked() => {
+                    if let Err(e) = self.upstream_in.granted(c, &mut ubuf) {
+                        end = Some(End::Fatal(e.sqlstate(), format!("pgward: {e}")));
                     }
                 },
                 r = async { match durable.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if durable.is_some() => {
