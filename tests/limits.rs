@@ -155,6 +155,55 @@ async fn a_large_server_row_passes_through_in_pieces() {
     assert_eq!(n, 7);
 }
 
+/// Masking reads every server message whole: one mask rule that applies to everyone.
+const MASK_POLICY: &str = r#"
+version = 1
+
+[defaults]
+action = "allow"
+
+[[mask]]
+name = "cards"
+columns = ["public.cards.card"]
+detect = ["card"]
+style = "keep_last"
+keep = 4
+strict = false
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_masking_session_reads_large_rows_whole_within_the_limit() {
+    let c = cluster();
+    let db = c.create_database("limits_mask");
+    c.fixture_table(&db, "cards", "card text", "('4242424242424242')");
+    let pw = Pgward::builder()
+        .set("server.max_message_bytes", MIB as i64)
+        .with_dir(|dir: &std::path::Path, t: &mut toml::Table| {
+            std::fs::write(dir.join("mask-policy.toml"), MASK_POLICY).unwrap();
+            common::toml_set(t, "policy.files", vec![toml::Value::from("mask-policy.toml")]);
+        })
+        .start();
+    let token = pw.token("sam", &["support"], "15m");
+    let client = pw.login("sam", &token, &db).connect().await.unwrap();
+
+    // 400 kB: over what a session holds uncharged, under the limit; masked as a whole.
+    let sql = "select repeat('x', 400000) || ' 4242424242424242'";
+    let v: String = within("a large row", client.query_one(sql, &[]))
+        .await
+        .expect("the row arrives")
+        .get(0);
+    assert_eq!(v.len(), 400_017);
+    assert!(!v.contains("4242424242424242"), "the card number in a large row was not masked");
+    assert!(v.ends_with("4242"), "masked as keep_last 4: {}", &v[v.len() - 20..]);
+
+    // 2 MiB: over the limit, and masking cannot pass it on unread: the session ends.
+    let e = within("a row over the limit", client.query_one("select repeat('y', 2 * 1024 * 1024)", &[]))
+        .await
+        .expect_err("a row pgward cannot hold whole is not relayed");
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("54000"), "{e}");
+    assert!(client.is_closed() || within("after", client.simple_query("select 1")).await.is_err());
+}
+
 #[test]
 fn a_connection_that_sends_nothing_is_closed_after_startup_timeout() {
     let pw = Pgward::builder().set("server.startup_timeout", "1s").start();

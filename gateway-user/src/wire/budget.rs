@@ -8,8 +8,8 @@ use std::future::Future;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Messages up to this many bytes (length field) are read into a session's own buffers
-/// without a charge: they are about the size of what one read brings in anyway, and of the
-/// [`HIGH_WATER`](crate::session) mark past which a session stops reading.
+/// without a charge: the size of the out-buffer mark past which a session stops reading the
+/// other side, so a session holds a few of these at most.
 pub const UNCHARGED_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// Bytes pgward may hold, over all sessions, in messages larger than
