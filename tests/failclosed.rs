@@ -137,3 +137,44 @@ async fn no_effect_is_observable_when_the_audit_log_is_gone() {
     let (code, out) = pw.audit_verify();
     assert_eq!(code, 0, "audit verify after the failures: {out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refusal_does_not_tell_the_client_where_the_audit_log_is() {
+    let c = cluster();
+    let db = c.create_database("failclosed_msg");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let client = pw.login("alice", &token, &db).connect().await.unwrap();
+
+    // Broken as above: the writer's next file cannot be created under the audit directory.
+    let dir = pw.audit_dir();
+    std::fs::rename(&dir, dir.with_extension("moved")).unwrap();
+    std::fs::write(&dir, b"not a directory\n").unwrap();
+
+    let e = within("statement while broken", client.simple_query("select 1"))
+        .await
+        .expect_err("the statement is refused");
+    let db_err = e.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db_err.code().code(), "58030", "{db_err:?}");
+    let told = format!(
+        "{} {:?} {:?}",
+        db_err.message(),
+        db_err.detail(),
+        db_err.hint()
+    );
+    let root = pw.dir.parent().unwrap().to_string_lossy().to_string();
+    assert!(
+        !told.contains('/') && !told.contains(&root),
+        "the client was told a server path: {told}"
+    );
+    assert!(
+        told.contains("audit log unavailable"),
+        "the client is told why: {told}"
+    );
+    // The cause, with the path, is in pgward's own log.
+    let log = pw.stderr_log();
+    assert!(
+        log.lines().any(|l| l.contains("audit append failed") && l.contains(&root)),
+        "pgward's log must carry the cause:\n{log}"
+    );
+}

@@ -108,6 +108,13 @@ fn cases(db: &str) -> Vec<Case> {
             b"Q\xff\xff\xff\xff".to_vec(),
             "08P01",
         ),
+        // Postgres's own limit for a Sync (PQ_SMALL_MESSAGE_LIMIT), refused from the header.
+        case(
+            "Sync longer than Postgres's 10000-byte limit",
+            InSession,
+            cat(&[b"S", &20_000i32.to_be_bytes()]),
+            "08P01",
+        ),
         case(
             "Query string without terminator",
             InSession,

@@ -60,6 +60,19 @@ pub struct ServerConfig {
     /// 4 cores, at least one). Connections are placed round-robin and stay on their loop.
     #[serde(default)]
     pub worker_threads: usize,
+    /// Time a client gets from connecting to a verified token (Postgres's
+    /// `authentication_timeout`); the connection is then closed.
+    #[serde(default = "default_startup_timeout", with = "humantime_serde_compat")]
+    pub startup_timeout: Duration,
+    /// Largest message (its length field, as Postgres counts it) pgward reads whole, from the
+    /// client or, for a session that masks, from the server. Longer ones are refused from
+    /// their header (FATAL 54000) before anything is buffered.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Bytes all sessions together may hold in messages larger than a session's own
+    /// buffers; a session waiting for room stops reading (backpressure).
+    #[serde(default = "default_buffer_budget_bytes")]
+    pub buffer_budget_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -343,6 +356,21 @@ fn default_pg_port() -> u16 {
 fn default_database() -> String {
     "postgres".into()
 }
+/// `server.startup_timeout` when not set: Postgres's `authentication_timeout` default.
+fn default_startup_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+/// `server.max_message_bytes` when not set. Postgres accepts up to 1 GB, but through pgward a
+/// message also becomes an audit record (a Bind's values hex-encoded), so that much per
+/// connection is a denial of service; 64 MiB carries bytea values of documents and images,
+/// and COPY is unaffected (clients send COPY data in chunks of 64 KiB or less).
+fn default_max_message_bytes() -> usize {
+    64 << 20
+}
+/// `server.buffer_budget_bytes` when not set: four messages of the default largest size.
+fn default_buffer_budget_bytes() -> usize {
+    256 << 20
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -382,6 +410,9 @@ fn default_sync_threads() -> usize {
 fn default_segment_bytes() -> u64 {
     64 * 1024 * 1024
 }
+
+/// Smallest `server.max_message_bytes`: room for a statement of some size.
+const MIN_MESSAGE_LIMIT: usize = 64 * 1024;
 
 /// (De)serialize a Duration as a humantime string ("15m", "10s").
 mod humantime_serde_compat {
@@ -423,6 +454,19 @@ impl Config {
             if e.parse::<std::net::SocketAddr>().is_err() {
                 return Err(bad(format!("intercept: {e:?} is not ADDR:PORT (e.g. 0.0.0.0:5432, [::]:5432)")));
             }
+        }
+        let s = &self.server;
+        if !(MIN_MESSAGE_LIMIT..=crate::wire::PG_LARGE_MESSAGE_LIMIT).contains(&s.max_message_bytes) {
+            return Err(bad(format!(
+                "server.max_message_bytes must be between {MIN_MESSAGE_LIMIT} and {} (Postgres's own limit)",
+                crate::wire::PG_LARGE_MESSAGE_LIMIT
+            )));
+        }
+        if s.buffer_budget_bytes < s.max_message_bytes {
+            return Err(bad("server.buffer_budget_bytes must be at least server.max_message_bytes".into()));
+        }
+        if s.startup_timeout.is_zero() {
+            return Err(bad("server.startup_timeout must be more than 0".into()));
         }
         if self.audit.checkpoint_every == 0 {
             return Err(bad("audit.checkpoint_every must be at least 1".into()));

@@ -99,42 +99,17 @@ impl Loops {
     }
 }
 
+/// What `serve` runs besides the sessions: the audit writer, the access-state watcher, the
+/// pool reaper.
+struct Background {
+    audit: AuditHandle,
+    watcher: tokio::task::JoinHandle<()>,
+    reaper: Option<tokio::task::JoinHandle<()>>,
+}
 
 async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Result<()> {
-    let mut loops = Loops { others: loops, next: 0 };
     let cfg = Arc::new(cfg);
-    let verifier = Verifier::load(&cfg).context("loading token keys")?;
-    let tls = crate::tls::server_config(&cfg).context("loading the TLS certificate")?;
-    let upstream_password = cfg.upstream_password().context("reading upstream.password_file")?;
-    let policy = crate::policy::Policy::load(&cfg).context("loading the policy")?;
-    tracing::info!(sources = ?policy.sources(), rules = policy.rule_names().count(), "policy loaded");
-
-    let opts = WriterOptions::from_config(&cfg).context("loading the checkpoint signing key")?;
-    let audit = AuditHandle::start(opts).context("starting the audit log")?;
-
-    // Revocations and JIT grants: read the state files, audit what the last run did not, then
-    // watch them (sessions check the snapshot before every statement).
-    let (mut watcher, access) =
-        crate::access::Watcher::load(&cfg, audit.clone()).context("loading the access state (revocations, grants)")?;
-    watcher.tick().await;
-    let watcher = tokio::spawn(watcher.run());
-
-    let shared = Arc::new(Shared {
-        cfg: cfg.clone(),
-        verifier,
-        audit: audit.clone(),
-        tls: Some(tokio_rustls::TlsAcceptor::from(tls)),
-        cancels: CancelMap::default(),
-        policy,
-        target: Target::from_config(&cfg),
-        upstream_password,
-        access,
-        masks: crate::mask::load_for_serve(&cfg).context("loading the masking rules")?,
-        pool: Arc::new(crate::pool::Pool::from_config(&cfg)),
-        fn_catalogs: Default::default(),
-    });
-    let reaper = shared.pool.enabled().then(|| tokio::spawn(shared.pool.clone().reaper()));
-
+    let (shared, background) = start_shared(&cfg).await?;
     if let Some(m) = &cfg.server.metrics_listen {
         let l = tokio::net::TcpListener::bind(m.as_str()).await.with_context(|| format!("metrics: listening on {m}"))?;
         tracing::info!(addr = %m, "metrics on GET /metrics");
@@ -149,32 +124,93 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
     // [intercept]: eBPF programs attached and pinned (or adopted from an earlier run), the real
     // Postgres's sockets checked, and the sessions older than the switch-on ended. When dropped
     // (below) the programs stay pinned: interception stays closed while pgward is stopped.
-    let intercept = switch_on(&cfg, entered, &tcp, shared.upstream_password.as_deref(), &audit).await?;
+    let intercept = switch_on(&cfg, entered, &tcp, shared.upstream_password.as_deref(), &background.audit).await?;
+    let unix = bind_unix(&cfg, addr.port())?;
 
-    let unix = match &cfg.server.unix_socket_dir {
-        Some(dir) => {
-            let port = cfg.server.unix_socket_port.unwrap_or(addr.port());
-            let path = cfg.resolve(dir).join(format!(".s.PGSQL.{port}"));
-            if path.exists() {
-                // A stale socket from a previous run: only remove a socket, never a file.
-                use std::os::unix::fs::FileTypeExt;
-                if std::fs::symlink_metadata(&path).map(|m| m.file_type().is_socket()).unwrap_or(false) {
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
-            let l = tokio::net::UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
-            // Anyone may connect; the token is the authentication.
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777));
-            tracing::info!(path = %path.display(), "pgward listening on unix socket");
-            Some((l, path))
+    accept_until_signal(&shared, Loops { others: loops, next: 0 }, &tcp, unix.as_ref().map(|(l, _)| l)).await?;
+
+    drop(intercept);
+    background.watcher.abort();
+    if let Some(r) = background.reaper {
+        r.abort();
+    }
+    shared.pool.close_all().await;
+    if let Some((_, path)) = &unix {
+        let _ = std::fs::remove_file(path);
+    }
+    let a = background.audit.clone();
+    let _ = tokio::task::spawn_blocking(move || a.shutdown()).await;
+    Ok(())
+}
+
+/// Keys, TLS, the policy and masking rules, the audit writer, the access state: everything
+/// sessions share, and the tasks that keep it current.
+async fn start_shared(cfg: &Arc<Config>) -> anyhow::Result<(Arc<Shared>, Background)> {
+    let verifier = Verifier::load(cfg).context("loading token keys")?;
+    let tls = crate::tls::server_config(cfg).context("loading the TLS certificate")?;
+    let upstream_password = cfg.upstream_password().context("reading upstream.password_file")?;
+    let policy = crate::policy::Policy::load(cfg).context("loading the policy")?;
+    tracing::info!(sources = ?policy.sources(), rules = policy.rule_names().count(), "policy loaded");
+
+    let opts = WriterOptions::from_config(cfg).context("loading the checkpoint signing key")?;
+    let audit = AuditHandle::start(opts).context("starting the audit log")?;
+
+    // Revocations and JIT grants: read the state files, audit what the last run did not, then
+    // watch them (sessions check the snapshot before every statement).
+    let (mut watcher, access) =
+        crate::access::Watcher::load(cfg, audit.clone()).context("loading the access state (revocations, grants)")?;
+    watcher.tick().await;
+    let watcher = tokio::spawn(watcher.run());
+
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        verifier,
+        audit: audit.clone(),
+        tls: Some(tokio_rustls::TlsAcceptor::from(tls)),
+        cancels: CancelMap::default(),
+        policy,
+        target: Target::from_config(cfg),
+        upstream_password,
+        access,
+        masks: crate::mask::load_for_serve(cfg).context("loading the masking rules")?,
+        pool: Arc::new(crate::pool::Pool::from_config(cfg)),
+        fn_catalogs: Default::default(),
+        budget: crate::wire::budget::Budget::new(cfg.server.buffer_budget_bytes),
+    });
+    let reaper = shared.pool.enabled().then(|| tokio::spawn(shared.pool.clone().reaper()));
+    Ok((shared, Background { audit, watcher, reaper }))
+}
+
+/// pgward's unix socket `<server.unix_socket_dir>/.s.PGSQL.<port>`, when configured (a stale
+/// socket of an earlier run is replaced; anything else there is an error).
+fn bind_unix(cfg: &Config, listen_port: u16) -> anyhow::Result<Option<(tokio::net::UnixListener, std::path::PathBuf)>> {
+    let Some(dir) = &cfg.server.unix_socket_dir else { return Ok(None) };
+    let port = cfg.server.unix_socket_port.unwrap_or(listen_port);
+    let path = cfg.resolve(dir).join(format!(".s.PGSQL.{port}"));
+    if path.exists() {
+        // A stale socket from a previous run: only remove a socket, never a file.
+        use std::os::unix::fs::FileTypeExt;
+        if std::fs::symlink_metadata(&path).map(|m| m.file_type().is_socket()).unwrap_or(false) {
+            let _ = std::fs::remove_file(&path);
         }
-        None => None,
-    };
+    }
+    let l = tokio::net::UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
+    // Anyone may connect; the token is the authentication.
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777));
+    tracing::info!(path = %path.display(), "pgward listening on unix socket");
+    Ok(Some((l, path)))
+}
 
+/// Hand every accepted connection to a session until SIGTERM or SIGINT.
+async fn accept_until_signal(
+    shared: &Arc<Shared>,
+    mut loops: Loops,
+    tcp: &tokio::net::TcpListener,
+    unix: Option<&tokio::net::UnixListener>,
+) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-
     loop {
         tokio::select! {
             r = tcp.accept() => match r {
@@ -189,14 +225,14 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
                         tracing::debug!(%peer, meta = %v, "intercepted connection");
                         std::sync::Arc::new(v)
                     });
-                    loops.place_tcp(&shared, s, Peer::Tcp(peer, meta));
+                    loops.place_tcp(shared, s, Peer::Tcp(peer, meta));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_RETRY).await;
                 }
             },
-            r = async { match &unix { Some((l, _)) => l.accept().await, None => std::future::pending().await } } => match r {
+            r = async { match unix { Some(l) => l.accept().await, None => std::future::pending().await } } => match r {
                 Ok((s, _)) => {
                     let (uid, pid) = match s.peer_cred() {
                         Ok(c) => (c.uid(), c.pid().unwrap_or(0)),
@@ -206,26 +242,17 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "unix accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_RETRY).await;
                 }
             },
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
-            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(()); }
+            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(()); }
         }
     }
-    drop(intercept);
-    watcher.abort();
-    if let Some(r) = reaper {
-        r.abort();
-    }
-    shared.pool.close_all().await;
-    if let Some((_, path)) = &unix {
-        let _ = std::fs::remove_file(path);
-    }
-    let a = audit.clone();
-    let _ = tokio::task::spawn_blocking(move || a.shutdown()).await;
-    Ok(())
 }
+
+/// Pause after a failed accept (out of file descriptors, say) before the next one.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Interception, when configured: adopt or load the programs, ask the upstream where it
 /// listens, check its sockets and attach, then end the sessions that did not come through

@@ -19,5 +19,9 @@ pub const INVALID_PASSWORD: &str = "28P01";
 pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
 /// Class 42: the function does not exist.
 pub const UNDEFINED_FUNCTION: &str = "42883";
+/// Class 53: the gateway's buffer budget has no room for a message now.
+pub const OUT_OF_MEMORY: &str = "53200";
+/// Class 54: a message longer than `server.max_message_bytes`.
+pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 /// Class 58: the audit log cannot take the record.
 pub const IO_ERROR: &str = "58030";

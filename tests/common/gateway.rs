@@ -296,13 +296,25 @@ impl Pgward {
         Login::new(&dir.to_string_lossy(), port, user, Some(token), db)
     }
 
-    /// The running gateway's pid (our own child).
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(std::process::Child::id)
-    }
-
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Process id of the running `serve`.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("pgward serve is running").id()
+    }
+
+    /// A memory figure of the running `serve` from /proc/<pid>/status, in KiB: `VmRSS`
+    /// (resident now) or `VmHWM` (the most it was ever resident).
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        let path = format!("/proc/{}/status", self.pid());
+        let status = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in {path}:\n{status}"))
     }
 
     /// What `serve` printed so far.

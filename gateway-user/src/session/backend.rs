@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 
-use super::Relay;
+use super::{End, Relay};
 use super::tracked::Pending;
 use crate::audit::Kind;
 use crate::sqlstate;
@@ -16,24 +16,23 @@ use crate::wire::{self, Awaited, Frame};
 const NOT_EXECUTED: &str = "not executed: an earlier message in the pipeline failed";
 
 impl Relay {
-    /// Process complete server frames: bookkeeping, rewriting, and copying to `cout`.
-    pub(super) fn on_upstream_data(&mut self, ubuf: &mut BytesMut, cout: &mut BytesMut) {
+    /// Process complete server frames: bookkeeping, rewriting, and copying to `cout`. Large
+    /// messages pgward does not read (a session that masks nothing) go to `cout` in pieces as
+    /// they arrive. Err: the session ends (a malformed message, or one too large to hold).
+    pub(super) fn on_upstream_data(&mut self, ubuf: &mut BytesMut, cout: &mut BytesMut) -> Result<(), End> {
+        let masking = self.mask.is_some();
+        let client_engaged = self.client_in.engaged();
         loop {
-            let f = match wire::split_frame(ubuf, wire::MAX_FRAME) {
+            self.upstream_in.pass(ubuf, cout, |tag| masking || !wire::passes_unread(tag));
+            let f = match self.upstream_in.next(ubuf, client_engaged) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => {
+                Err(e @ wire::WireError::Malformed(_)) => {
                     tracing::error!(error = %e, "malformed message from the database server");
-                    wire::error_response(
-                        cout,
-                        "FATAL",
-                        sqlstate::PROTOCOL_VIOLATION,
-                        "pgward: malformed message from the database server",
-                    );
-                    ubuf.clear();
-                    self.terminated = true;
-                    break;
+                    let msg = "pgward: malformed message from the database server";
+                    return Err(End::Fatal(sqlstate::PROTOCOL_VIOLATION, msg.into()));
                 }
+                Err(e) => return Err(End::Fatal(e.sqlstate(), format!("pgward: {e}"))),
             };
             let f = match self.mask.as_mut() {
                 // None: a DataRow / CopyData rewritten into `cout`. Some: the frame to go on with
@@ -70,6 +69,7 @@ impl Relay {
             }
             cout.extend_from_slice(&f.raw);
         }
+        Ok(())
     }
 
     /// CommandComplete, EmptyQueryResponse, PortalSuspended: the statement's result record.

@@ -117,11 +117,12 @@ impl Relay {
     }
 
     fn split_client_frames(&mut self, cbuf: &mut BytesMut, batch: &mut Batch) -> Result<(), End> {
+        let upstream_engaged = self.upstream_in.engaged();
         loop {
-            let f = match wire::split_frame(cbuf, wire::MAX_FRAME) {
+            let f = match self.client_in.next(cbuf, upstream_engaged) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => return Err(End::Fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgward: {e}"))),
+                Err(e) => return Err(bad(e)),
             };
             self.on_client_frame(f, batch)?;
             if self.terminated {

@@ -253,7 +253,8 @@ impl Relay {
             }
             Err(e) => {
                 tracing::error!(error = %e, "audit append failed; refusing statements");
-                let msg = "pgward: audit log unavailable, statement refused".to_string();
+                // The cause (with the audit directory's path) stays in pgward's log.
+                let msg = "pgward: audit log unavailable, statement refused (the cause is in pgward's log)".to_string();
                 for (f, pi) in &frames {
                     match pi {
                         Some(i) => {

@@ -150,7 +150,7 @@ pub(super) async fn login(shared: &Arc<Shared>, peer: &Peer, session: &str, mut 
     login_rec.meta = login_meta(shared, &identity, &policy_identity, grant.as_ref(), up.backend_pid, reused);
     if let Err(e) = shared.audit.append_durable(login_rec).await {
         tracing::error!(error = %e, "audit append failed; refusing login");
-        fatal(&mut stream, sqlstate::IO_ERROR, &format!("pgward: audit log unavailable, login refused: {e}")).await;
+        fatal(&mut stream, sqlstate::IO_ERROR, "pgward: audit log unavailable, login refused (the cause is in pgward's log)").await;
         return None;
     }
 

@@ -80,6 +80,8 @@ pub struct Shared {
     pub pool: Arc<crate::pool::Pool>,
     /// Function catalogs for policy rules that name catalog function classes.
     pub fn_catalogs: self::function_catalogs::FunctionCatalogs,
+    /// Room for large messages, shared by all sessions (`server.buffer_budget_bytes`).
+    pub budget: wire::budget::Budget,
 }
 
 /// Who is on the other end of an accepted socket.
@@ -108,8 +110,6 @@ impl Peer {
 
 /// Above this many buffered bytes in one direction, stop reading the other side.
 const HIGH_WATER: usize = 256 * 1024;
-/// Time a client gets from connecting to a verified token.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time the last bytes to either side get to go out when the session ends.
 const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Room reserved up front for bytes read from the client.
@@ -147,7 +147,8 @@ pub async fn handle(shared: Arc<Shared>, stream: BoxStream, peer: Peer) {
 }
 
 async fn run(shared: Arc<Shared>, stream: BoxStream, peer: Peer, session: String) {
-    let started = match tokio::time::timeout(STARTUP_TIMEOUT, startup::startup(&shared, stream, &peer, &session)).await {
+    let limit = shared.cfg.server.startup_timeout;
+    let started = match tokio::time::timeout(limit, startup::startup(&shared, stream, &peer, &session)).await {
         Ok(Some(l)) => l,
         Ok(None) => return,
         Err(_) => {
@@ -232,6 +233,9 @@ struct Relay {
     inflight: Inflight,
     /// The highest seq of a record the session submitted.
     last_seq: u64,
+    /// Message limits and budget charges of what the client sends, and of what the server sends.
+    client_in: wire::Inbound,
+    upstream_in: wire::Inbound,
 }
 
 impl Relay {
@@ -254,6 +258,9 @@ impl Relay {
         .await
         .map(Box::new);
         let up = l.upstream;
+        let (max, budget) = (shared.cfg.server.max_message_bytes, &shared.budget);
+        let client_in = wire::Inbound::new(wire::Side::Client, max, budget.clone(), CLIENT_READ_BUF, UPSTREAM_WRITE_BUF);
+        let upstream_in = wire::Inbound::new(wire::Side::Server, max, budget.clone(), UPSTREAM_READ_BUF, CLIENT_WRITE_BUF);
         let io = Io { client: l.stream, cbuf: l.buf, upstream: up.stream, ubuf: up.leftover };
         let relay = Relay {
             mask,
@@ -278,6 +285,8 @@ impl Relay {
             tx: durability::TxState::default(),
             inflight: Inflight::default(),
             last_seq: 0,
+            client_in,
+            upstream_in,
             checkout: Checkout {
                 pool_key: l.pool_key,
                 params: up.params,
@@ -322,13 +331,18 @@ impl Relay {
         let mut end: Option<End> = None;
         if !ubuf.is_empty() {
             // Frames that arrived with the upstream's login.
-            self.on_upstream_data(&mut ubuf, &mut cout);
+            if let Err(e) = self.on_upstream_data(&mut ubuf, &mut cout) {
+                end = Some(e);
+            }
             if let Some(msg) = self.watch_violation.take() {
                 end = Some(End::Fatal(sqlstate::INSUFFICIENT_PRIVILEGE, format!("pgward: {msg}")));
             }
         }
 
         while end.is_none() {
+            // Large messages that have left pgward give their budget back.
+            self.client_in.settle(&mut uout, batch.is_none());
+            self.upstream_in.settle(&mut cout, !self.inflight.holding());
             if unread && batch.is_none() {
                 unread = false;
                 if let Err(e) = self.client_data(&mut cbuf, &mut uout, &mut batch, !client_eof).await {
@@ -350,8 +364,8 @@ impl Relay {
             }
             // While a batch is held the client is still read (once): the writer may have sent
             // the batch without waking this loop.
-            let read_client = !client_eof && !self.terminated && !unread && uout.len() < HIGH_WATER;
-            let read_upstream = cout.len() + self.inflight.held_len() < HIGH_WATER;
+            let read_client = !client_eof && !self.terminated && !unread && uout.len() < HIGH_WATER && !self.client_in.blocked();
+            let read_upstream = cout.len() + self.inflight.held_len() < HIGH_WATER && !self.upstream_in.blocked();
             let wait_records = batch.is_some() || self.inflight.holding();
             tokio::select! {
                 r = crd.read_buf(&mut cbuf), if read_client => {
@@ -372,13 +386,26 @@ impl Relay {
                         if batch.as_ref().is_some_and(Batch::was_sent) {
                             self.claim_sent(&mut batch, &mut uout);
                         }
-                        self.server_data(&mut ubuf, &mut cout);
+                        if let Err(e) = self.server_data(&mut ubuf, &mut cout) {
+                            end = Some(e);
+                        }
                         if let Some(msg) = self.watch_violation.take() {
                             end = Some(End::Fatal(sqlstate::INSUFFICIENT_PRIVILEGE, format!("pgward: {msg}")));
                         }
                     }
                 },
                 () = self.inflight.next(), if wait_records => {},
+                // A large message got its room in the budget: reading that side goes on.
+                c = self.client_in.budget(), if self.client_in.blocked() => {
+                    if let Err(e) = self.client_in.granted(c, &mut cbuf) {
+                        end = Some(End::Fatal(e.sqlstate(), format!("pgward: {e}")));
+                    }
+                },
+                c = self.upstream_in.budget(), if self.upstream_in.blocked() => {
+                    if let Err(e) = self.upstream_in.granted(c, &mut ubuf) {
+                        end = Some(End::Fatal(e.sqlstate(), format!("pgward: {e}")));
+                    }
+                },
                 r = cwr.write(&cout), if !cout.is_empty() => match r {
                     Ok(0) | Err(_) => end = Some(End::Client),
                     Ok(n) => {
@@ -430,15 +457,15 @@ impl Relay {
     }
 
     /// Server bytes: to the client, or held until the records before them are durable.
-    fn server_data(&mut self, ubuf: &mut BytesMut, cout: &mut BytesMut) {
+    fn server_data(&mut self, ubuf: &mut BytesMut, cout: &mut BytesMut) -> Result<(), End> {
         self.inflight.poll_ready();
         if self.inflight.replies_ready() {
-            self.on_upstream_data(ubuf, cout);
-        } else {
-            let mut held = self.inflight.take_held();
-            self.on_upstream_data(ubuf, &mut held);
-            self.inflight.put_held(held);
+            return self.on_upstream_data(ubuf, cout);
         }
+        let mut held = self.inflight.take_held();
+        let r = self.on_upstream_data(ubuf, &mut held);
+        self.inflight.put_held(held);
+        r
     }
 
     /// Take in the durability outcomes already there: release the held batch and the held
@@ -474,7 +501,6 @@ impl Relay {
     /// upstream: the session ends (FATAL 58030), its held replies undelivered, and Postgres
     /// rolls back whatever was open. Otherwise the held batch's statements are refused.
     fn audit_failed(&mut self, f: Failure, batch: &mut Option<Batch>, uout: &mut BytesMut) -> Result<(), End> {
-        tracing::error!(error = %f.error, forwarded = f.forwarded, "audit log refused a statement record");
         match batch.take() {
             Some(b) if !f.forwarded => {
                 self.inflight.clear();
@@ -483,10 +509,13 @@ impl Relay {
             }
             b => {
                 drop(b);
+                tracing::error!(error = %f.error, "audit append failed for a statement already sent; ending the session");
                 self.inflight.drop_replies();
                 Err(End::Fatal(
                     sqlstate::IO_ERROR,
-                    "pgward: the audit log failed: the session is closed and its open transaction rolled back".into(),
+                    "pgward: audit log unavailable: the session is closed and its open transaction rolled back \
+                     (the cause is in pgward's log)"
+                        .into(),
                 ))
             }
         }

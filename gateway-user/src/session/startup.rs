@@ -76,93 +76,10 @@ pub(super) fn startup_setting_sql(name: &str, value: &str) -> Option<String> {
 
 /// Startup phase: SSL negotiation, StartupMessage, token. Returns None when the connection is
 /// finished (cancel request, refused login, client gone).
-pub(super) async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &Peer, session: &str) -> Option<Login> {
-    let mut buf = BytesMut::with_capacity(1024);
-    let mut tls_on = false;
-    let (version, params) = loop {
-        let pkt = match wire::read_startup_packet(&mut stream, &mut buf).await {
-            Ok(p) => p,
-            Err(WireError::Closed) => return None,
-            Err(e) => {
-                fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, &format!("pgward: invalid startup packet: {e}")).await;
-                return None;
-            }
-        };
-        match wire::parse_startup(&pkt) {
-            Ok(StartupRequest::Ssl) => {
-                if tls_on || !buf.is_empty() {
-                    fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, "pgward: unexpected data around SSLRequest").await;
-                    return None;
-                }
-                match &shared.tls {
-                    Some(acc) => {
-                        if stream.write_all(b"S").await.is_err() || stream.flush().await.is_err() {
-                            return None;
-                        }
-                        match acc.accept(stream).await {
-                            Ok(t) => {
-                                stream = Box::new(t);
-                                tls_on = true;
-                            }
-                            Err(e) => {
-                                tracing::info!(error = %e, "TLS handshake failed");
-                                return None;
-                            }
-                        }
-                    }
-                    None => {
-                        if stream.write_all(b"N").await.is_err() {
-                            return None;
-                        }
-                    }
-                }
-            }
-            Ok(StartupRequest::GssEnc) => {
-                if stream.write_all(b"N").await.is_err() {
-                    return None;
-                }
-            }
-            Ok(StartupRequest::Cancel { pid, key }) => {
-                // Map pgward's key to the upstream's; unknown keys are ignored silently.
-                if let Some((upid, ukey)) = shared.cancels.lookup(pid, key) {
-                    if let Err(e) = upstream::cancel(&shared.target, upid, ukey).await {
-                        tracing::warn!(error = %e, "forwarding cancel request failed");
-                    } else {
-                        tracing::info!("cancel request forwarded");
-                    }
-                } else {
-                    tracing::info!("cancel request with unknown key ignored");
-                }
-                return None;
-            }
-            Ok(StartupRequest::Startup { version, params }) => break (version, params),
-            Err(e) => {
-                fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, &format!("pgward: invalid startup packet: {e}")).await;
-                return None;
-            }
-        }
-    };
-
+pub(super) async fn startup(shared: &Arc<Shared>, stream: BoxStream, peer: &Peer, session: &str) -> Option<Login> {
+    let Opened { mut stream, mut buf, tls_on, version, params } = negotiate(shared, stream).await?;
     let mut hello = BytesMut::new();
-    if version >> 16 != 3 {
-        fatal(&mut stream, sqlstate::FEATURE_NOT_SUPPORTED, &format!("pgward: unsupported frontend protocol {}.{}", version >> 16, version & 0xffff)).await;
-        return None;
-    }
-    let unsupported: Vec<String> = params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
-    if version & 0xffff != 0 || !unsupported.is_empty() {
-        wire::negotiate_protocol_version(&mut hello, &unsupported);
-    }
-    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let Some(user) = get("user").filter(|u| !u.is_empty()) else {
-        fatal(&mut stream, sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, "pgward: no user name specified in the startup packet").await;
-        return None;
-    };
-    let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
-    if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
-        fatal(&mut stream, sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, "pgward: replication connections are not supported").await;
-        return None;
-    }
-
+    let StartupNames { user, database } = check_startup(&mut stream, &mut hello, version, &params).await?;
     let failed = |reason: String, code: &str, jti: Option<String>, sub: Option<String>| Record {
         kind: Kind::LoginFailed,
         session: Some(session.to_string()),
@@ -181,35 +98,11 @@ pub(super) async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &
         fatal(&mut stream, sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, &format!("pgward: {msg}")).await;
         return None;
     }
-
-    wire::auth_cleartext(&mut hello);
-    if stream.write_all(&hello).await.is_err() || stream.flush().await.is_err() {
-        return None;
-    }
-    let frame = match wire::read_frame(&mut stream, &mut buf, wire::MAX_STARTUP_FRAME).await {
-        Ok(f) => f,
-        // psql hangs up here to prompt for a password; that is not a failed login.
-        Err(WireError::Closed) => return None,
-        Err(e) => {
-            fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, &format!("pgward: {e}")).await;
-            return None;
-        }
-    };
-    let token = match wire::decode_password(&frame) {
-        Ok(t) => t,
-        Err(e) => {
-            fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, &format!("pgward: {e}")).await;
-            return None;
-        }
-    };
+    let token = read_token(&mut stream, &mut buf, hello).await?;
     match shared.verifier.verify(&token, &user) {
         Ok(identity) => {
-            let app_name = get("application_name");
-            let params: Vec<(String, String)> = params
-                .iter()
-                .filter(|(k, _)| !STRIPPED_PARAMS.iter().any(|s| k.eq_ignore_ascii_case(s)) && !k.starts_with("_pq_."))
-                .cloned()
-                .collect();
+            let app_name = params.iter().find(|(n, _)| n == "application_name").map(|(_, v)| v.clone());
+            let params = upstream_params(&params);
             // pgward parses SQL as UTF-8: other client encodings would be converted by the
             // server into text pgward did not check.
             if let Some((_, enc)) = params
@@ -217,7 +110,6 @@ pub(super) async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &
                 .find(|(k, v)| k.eq_ignore_ascii_case("client_encoding") && !crate::policy::supported_client_encoding(v))
             {
                 let msg = format!("pgward: client_encoding \"{enc}\" is not supported through pgward; use UTF8");
-                let mut stream = stream;
                 refuse_login(shared, &mut stream, session, peer, &identity, &database, sqlstate::INVALID_PARAMETER_VALUE, msg, None).await;
                 return None;
             }
@@ -237,6 +129,151 @@ pub(super) async fn startup(shared: &Arc<Shared>, mut stream: BoxStream, peer: &
             None
         }
     }
+}
+
+/// A connection past its StartupMessage: the stream (TLS or not), bytes read past the
+/// packet, and what the packet asked for.
+struct Opened {
+    stream: BoxStream,
+    buf: BytesMut,
+    tls_on: bool,
+    version: u32,
+    params: Vec<(String, String)>,
+}
+
+/// Read startup packets until the StartupMessage: SSLRequest answered with TLS (or 'N'
+/// without a certificate), GSSENCRequest with 'N', a CancelRequest forwarded. None when the
+/// connection is finished.
+async fn negotiate(shared: &Arc<Shared>, mut stream: BoxStream) -> Option<Opened> {
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut tls_on = false;
+    loop {
+        let pkt = match wire::read_startup_packet(&mut stream, &mut buf).await {
+            Ok(p) => p,
+            Err(WireError::Closed) => return None,
+            Err(e) => {
+                fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, &format!("pgward: invalid startup packet: {e}")).await;
+                return None;
+            }
+        };
+        match wire::parse_startup(&pkt) {
+            Ok(StartupRequest::Ssl) => {
+                if tls_on || !buf.is_empty() {
+                    fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, "pgward: unexpected data around SSLRequest").await;
+                    return None;
+                }
+                stream = match &shared.tls {
+                    Some(acc) => {
+                        tls_on = true;
+                        start_tls(acc, stream).await?
+                    }
+                    None => {
+                        stream.write_all(b"N").await.ok()?;
+                        stream
+                    }
+                };
+            }
+            Ok(StartupRequest::GssEnc) => stream.write_all(b"N").await.ok()?,
+            Ok(StartupRequest::Cancel { pid, key }) => {
+                forward_cancel(shared, pid, key).await;
+                return None;
+            }
+            Ok(StartupRequest::Startup { version, params }) => return Some(Opened { stream, buf, tls_on, version, params }),
+            Err(e) => {
+                fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, &format!("pgward: invalid startup packet: {e}")).await;
+                return None;
+            }
+        }
+    }
+}
+
+/// Answer an SSLRequest with 'S' and run the TLS handshake; None if it failed.
+async fn start_tls(acc: &tokio_rustls::TlsAcceptor, mut stream: BoxStream) -> Option<BoxStream> {
+    if stream.write_all(b"S").await.is_err() || stream.flush().await.is_err() {
+        return None;
+    }
+    match acc.accept(stream).await {
+        Ok(t) => Some(Box::new(t)),
+        Err(e) => {
+            tracing::info!(error = %e, "TLS handshake failed");
+            None
+        }
+    }
+}
+
+/// A CancelRequest: pgward's key mapped to the upstream's; unknown keys are ignored silently.
+async fn forward_cancel(shared: &Shared, pid: i32, key: i32) {
+    let Some((upid, ukey)) = shared.cancels.lookup(pid, key) else {
+        tracing::info!("cancel request with unknown key ignored");
+        return;
+    };
+    match upstream::cancel(&shared.target, upid, ukey).await {
+        Ok(()) => tracing::info!("cancel request forwarded"),
+        Err(e) => tracing::warn!(error = %e, "forwarding cancel request failed"),
+    }
+}
+
+/// Who a StartupMessage names.
+struct StartupNames {
+    user: String,
+    database: String,
+}
+
+/// The StartupMessage's protocol version (a newer minor version or `_pq_.` options get a
+/// NegotiateProtocolVersion into `hello`), user and database; FATAL and None for what pgward
+/// does not serve.
+async fn check_startup(stream: &mut BoxStream, hello: &mut BytesMut, version: u32, params: &[(String, String)]) -> Option<StartupNames> {
+    if version >> 16 != 3 {
+        let msg = format!("pgward: unsupported frontend protocol {}.{}", version >> 16, version & 0xffff);
+        fatal(stream, sqlstate::FEATURE_NOT_SUPPORTED, &msg).await;
+        return None;
+    }
+    let unsupported: Vec<String> = params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
+    if version & 0xffff != 0 || !unsupported.is_empty() {
+        wire::negotiate_protocol_version(hello, &unsupported);
+    }
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let Some(user) = get("user").filter(|u| !u.is_empty()) else {
+        fatal(stream, sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, "pgward: no user name specified in the startup packet").await;
+        return None;
+    };
+    let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
+        fatal(stream, sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, "pgward: replication connections are not supported").await;
+        return None;
+    }
+    Some(StartupNames { user, database })
+}
+
+/// Ask for the password (after what `hello` holds) and read it: the token. None when the
+/// client hung up (psql does, to prompt for a password: not a failed login) or sent
+/// something else (FATAL 08P01).
+async fn read_token(stream: &mut BoxStream, buf: &mut BytesMut, mut hello: BytesMut) -> Option<String> {
+    wire::auth_cleartext(&mut hello);
+    if stream.write_all(&hello).await.is_err() || stream.flush().await.is_err() {
+        return None;
+    }
+    let decoded = match wire::read_frame(stream, buf, wire::MAX_STARTUP_FRAME).await {
+        Ok(frame) => wire::decode_password(&frame).map(|t| t.into_owned()),
+        Err(WireError::Closed) => return None,
+        Err(e) => Err(e),
+    };
+    match decoded {
+        Ok(t) => Some(t),
+        Err(e) => {
+            fatal(stream, sqlstate::PROTOCOL_VIOLATION, &format!("pgward: {e}")).await;
+            None
+        }
+    }
+}
+
+/// The client's startup parameters that may go upstream (see [`STRIPPED_PARAMS`]).
+fn upstream_params(params: &[(String, String)]) -> Vec<(String, String)> {
+    params
+        .iter()
+        .filter(|(k, _)| !STRIPPED_PARAMS.iter().any(|s| k.eq_ignore_ascii_case(s)) && !k.starts_with("_pq_."))
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]

@@ -6,10 +6,14 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::sqlstate;
 
-/// Largest message pgward accepts from either side (Postgres's own limit is 1 GiB).
+/// Largest message pgward reads from the server on its own connections (Postgres's own limit
+/// is 1 GiB); relayed sessions are bounded by [`super::Inbound`].
 pub const MAX_FRAME: usize = 1 << 30;
-/// Largest startup-phase message (startup packet, password, SASL).
-pub const MAX_STARTUP_FRAME: usize = 64 * 1024;
+/// Largest tagged startup-phase message: the password (the token) and SASL messages, as
+/// Postgres's `PG_MAX_AUTH_TOKEN_LENGTH`.
+pub const MAX_STARTUP_FRAME: usize = 65_535;
+/// Largest startup packet, as Postgres's `MAX_STARTUP_PACKET_LENGTH`.
+pub const MAX_STARTUP_PACKET: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -22,6 +26,20 @@ pub enum WireError {
     /// SQL text that is not valid in the session's client encoding (byte offset).
     #[error("invalid byte sequence for encoding \"UTF8\" at byte {0} of the statement text")]
     Encoding(usize),
+    /// A message longer than `server.max_message_bytes`, refused from its length field.
+    #[error("{} message {:?} of {len} bytes is larger than pgward accepts ({max} bytes, server.max_message_bytes)", side_name(*side), *tag as char)]
+    TooLarge { side: super::Side, tag: u8, len: usize, max: usize },
+    /// The gateway's buffer budget has no room now for a message of `len` bytes, and the
+    /// session may not wait for it (see [`super::Inbound`]).
+    #[error("no room in the gateway's buffer budget for a message of {len} bytes (server.buffer_budget_bytes)")]
+    BudgetBusy { len: usize },
+}
+
+fn side_name(side: super::Side) -> &'static str {
+    match side {
+        super::Side::Client => "client",
+        super::Side::Server => "database server",
+    }
 }
 
 impl WireError {
@@ -32,6 +50,8 @@ impl WireError {
     pub fn sqlstate(&self) -> &'static str {
         match self {
             WireError::Encoding(_) => sqlstate::CHARACTER_NOT_IN_REPERTOIRE,
+            WireError::TooLarge { .. } => sqlstate::PROGRAM_LIMIT_EXCEEDED,
+            WireError::BudgetBusy { .. } => sqlstate::OUT_OF_MEMORY,
             _ => sqlstate::PROTOCOL_VIOLATION,
         }
     }
@@ -104,7 +124,7 @@ pub async fn read_startup_packet<R: AsyncRead + Unpin>(
     loop {
         if buf.len() >= 4 {
             let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-            if !(8..=MAX_STARTUP_FRAME).contains(&len) {
+            if !(8..=MAX_STARTUP_PACKET).contains(&len) {
                 return Err(WireError::malformed(format!("startup packet length {len} is invalid")));
             }
             if buf.len() >= len {
