@@ -1,12 +1,15 @@
 //! Postgres wire protocol v3: reading whole messages as raw `Bytes` ([`frame`]), the
 //! zero-copy decoders of what pgward reads ([`decode`]), builders for the messages pgward sends
 //! itself ([`build`]), and the protocol state both directions of a session share ([`tracker`]:
-//! prepared statements, portals, the answers the server owes, the transaction status). `wire`
-//! knows frames, not policy.
+//! prepared statements, portals, the answers the server owes, the transaction status), with
+//! each prepared statement's parameter types ([`param_types`]), and binary-format values as
+//! Postgres prints them ([`binary`]). `wire` knows frames, not policy.
 
+pub mod binary;
 mod build;
 mod decode;
 mod frame;
+mod param_types;
 mod reader;
 mod startup;
 mod stream;
@@ -15,6 +18,7 @@ pub mod tracker;
 pub use build::*;
 pub use decode::*;
 pub use frame::*;
+pub use param_types::ParamTypes;
 pub use reader::*;
 pub use startup::*;
 pub use stream::*;
