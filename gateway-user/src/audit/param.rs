@@ -106,12 +106,7 @@ fn long(t: &str, oid: Option<u32>) -> Option<Param> {
     while !t.is_char_boundary(cut) {
         cut -= 1;
     }
-    Some(Param::Long {
-        oid,
-        prefix: format!("{}{CUT_MARKER}", &t[..cut]),
-        bytes: t.len() as u64,
-        sha256: hex::encode(Sha256::digest(t.as_bytes())),
-    })
+    Some(Param::Long { oid, prefix: format!("{}{CUT_MARKER}", &t[..cut]), bytes: t.len() as u64, sha256: hex::encode(Sha256::digest(t.as_bytes())) })
 }
 
 #[cfg(test)]
@@ -145,9 +140,7 @@ mod tests {
         assert_eq!(Param::of(0, Some(at_limit.as_bytes()), 0), Some(Param::Text(at_limit.clone())));
         // 'é' is two bytes: the prefix stops before one that would be cut in half.
         let text = format!("a{}", "é".repeat(LONG_BYTES));
-        let Some(Param::Long { oid: None, prefix, bytes, sha256 }) = Param::of(1, Some(text.as_bytes()), oid::TEXT) else {
-            panic!("not long")
-        };
+        let Some(Param::Long { oid: None, prefix, bytes, sha256 }) = Param::of(1, Some(text.as_bytes()), oid::TEXT) else { panic!("not long") };
         assert_eq!(prefix, format!("a{}…", "é".repeat((PREFIX_BYTES - 1) / 2)));
         assert_eq!(bytes, text.len() as u64);
         assert_eq!(sha256, hex::encode(Sha256::digest(text.as_bytes())));
