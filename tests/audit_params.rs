@@ -42,8 +42,16 @@ struct Case {
     recorded: Value,
 }
 
-fn case(ty: &'static str, value: impl ToSql + Sync + Send + 'static, recorded: impl Into<Value>) -> Case {
-    Case { ty, value: Box::new(value), recorded: recorded.into() }
+fn case(
+    ty: &'static str,
+    value: impl ToSql + Sync + Send + 'static,
+    recorded: impl Into<Value>,
+) -> Case {
+    Case {
+        ty,
+        value: Box::new(value),
+        recorded: recorded.into(),
+    }
 }
 
 /// `'text'` as an SQL literal.
@@ -52,7 +60,10 @@ fn literal(text: &str) -> String {
 }
 
 fn cases() -> Vec<Case> {
-    let ts = NaiveDate::from_ymd_opt(1999, 12, 31).unwrap().and_hms_milli_opt(23, 59, 59, 500).unwrap();
+    let ts = NaiveDate::from_ymd_opt(1999, 12, 31)
+        .unwrap()
+        .and_hms_milli_opt(23, 59, 59, 500)
+        .unwrap();
     let tstz = Utc.with_ymd_and_hms(1969, 7, 20, 20, 17, 40).unwrap();
     let uuid = uuid::Uuid::parse_str("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11").unwrap();
     vec![
@@ -74,43 +85,92 @@ fn cases() -> Vec<Case> {
         case("name", "relname", "relname"),
         case("bytea", vec![0u8, 0xff, 0x10], "\\x00ff10"),
         case("uuid", uuid, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
-        case("date", NaiveDate::from_ymd_opt(2024, 2, 29).unwrap(), "2024-02-29"),
-        case("time", chrono::NaiveTime::from_hms_milli_opt(13, 5, 0, 250).unwrap(), "13:05:00.25"),
+        case(
+            "date",
+            NaiveDate::from_ymd_opt(2024, 2, 29).unwrap(),
+            "2024-02-29",
+        ),
+        case(
+            "time",
+            chrono::NaiveTime::from_hms_milli_opt(13, 5, 0, 250).unwrap(),
+            "13:05:00.25",
+        ),
         case("timestamp", ts, "1999-12-31 23:59:59.5"),
         case("timestamptz", tstz, "1969-07-20 20:17:40+00"),
         // interval 1 year 2 mons 3 days 04:05:06.5 (µs, days, months)
-        case("interval", Binary("000000036c9361a0000000030000000e"), "1 year 2 mons 3 days 04:05:06.5"),
+        case(
+            "interval",
+            Binary("000000036c9361a0000000030000000e"),
+            "1 year 2 mons 3 days 04:05:06.5",
+        ),
         case("json", json!({"b": [1, "x"]}), r#"{"b":[1,"x"]}"#),
+        // jsonb: the JSON text as sent (Postgres prints it normalized, `{"b": [1, "x"]}`).
+        case("jsonb", json!({"b": [1, "x"]}), r#"{"b":[1,"x"]}"#),
         case("int4[]", vec![Some(1i32), None, Some(3)], "{1,NULL,3}"),
-        case("text[]", vec!["x y", "", "NULL", "a\"b", "c\\d", "plain"], r#"{"x y","","NULL","a\"b","c\\d",plain}"#),
+        case(
+            "text[]",
+            vec!["x y", "", "NULL", "a\"b", "c\\d", "plain"],
+            r#"{"x y","","NULL","a\"b","c\\d",plain}"#,
+        ),
         case("bytea[]", vec![vec![0u8]], r#"{"\\x00"}"#),
         case("timestamptz[]", vec![tstz], r#"{"1969-07-20 20:17:40+00"}"#),
         case("float8[]", vec![1e20f64, 0.5], "{1e+20,0.5}"),
-        case("uuid[]", vec![uuid], "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}"),
+        case(
+            "uuid[]",
+            vec![uuid],
+            "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}",
+        ),
         // Types pgward does not print: hex with the type's OID.
-        case("point", Binary("3ff00000000000004000000000000000"), json!({"oid": 600, "hex": "\\x3ff00000000000004000000000000000"})),
+        case(
+            "point",
+            Binary("3ff00000000000004000000000000000"),
+            json!({"oid": 600, "hex": "\\x3ff00000000000004000000000000000"}),
+        ),
         // int4range [1,5): flags (lower bound inclusive), then each bound's length and value.
-        case("int4range", Binary("0200000004000000010000000400000005"), json!({"oid": 3904, "hex": "\\x0200000004000000010000000400000005"})),
+        case(
+            "int4range",
+            Binary("0200000004000000010000000400000005"),
+            json!({"oid": 3904, "hex": "\\x0200000004000000010000000400000005"}),
+        ),
     ]
 }
 
 /// Each recorded text is what Postgres prints for the value that was bound: the server's
-/// text output of the recorded text read back as the type is that same text, and the bound
-/// value equals it.
+/// text output of the recorded text read back as the type is that same text (except jsonb,
+/// recorded as sent and printed normalized), and the bound value equals it.
 async fn postgres_prints_each_value_so(client: &tokio_postgres::Client, cases: &[Case]) {
     for c in cases {
-        let Some(text) = c.recorded.as_str() else { continue };
+        let Some(text) = c.recorded.as_str() else {
+            continue;
+        };
         let lit = format!("{}::{}", literal(text), c.ty);
-        let rows = within("server's text", client.simple_query(&format!("SELECT {lit}"))).await.unwrap();
+        let rows = within(
+            "server's text",
+            client.simple_query(&format!("SELECT {lit}")),
+        )
+        .await
+        .unwrap();
         let printed = rows.iter().find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
             _ => None,
         });
-        assert_eq!(printed.as_deref(), Some(text), "Postgres prints {lit} differently");
-        let same: bool = within("bound value", client.query_one(&format!("SELECT $1::{}::text = ({lit})::text", c.ty), &[&*c.value]))
-            .await
-            .unwrap()
-            .get(0);
+        if c.ty != "jsonb" {
+            assert_eq!(
+                printed.as_deref(),
+                Some(text),
+                "Postgres prints {lit} differently"
+            );
+        }
+        let same: bool = within(
+            "bound value",
+            client.query_one(
+                &format!("SELECT $1::{}::text = ({lit})::text", c.ty),
+                &[&*c.value],
+            ),
+        )
+        .await
+        .unwrap()
+        .get(0);
         assert!(same, "the bound {} value is not {text:?}", c.ty);
     }
 }
@@ -130,10 +190,19 @@ async fn binary_parameters_are_recorded_as_postgres_prints_them() {
     {
         let client = pw.login("alice", &token, &db).connect().await.unwrap();
         client.batch_execute("SET TimeZone = 'UTC'").await.unwrap();
-        let list: Vec<String> = cases.iter().enumerate().map(|(i, c)| format!("${}::{}", i + 1, c.ty)).collect();
+        let list: Vec<String> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("${}::{}", i + 1, c.ty))
+            .collect();
         let sql = format!("SELECT {} -- {m}", list.join(", "));
-        let params: Vec<&(dyn ToSql + Sync)> = cases.iter().map(|c| &*c.value as &(dyn ToSql + Sync)).collect();
-        let n = within("all the types", client.execute(&sql, &params)).await.unwrap();
+        let params: Vec<&(dyn ToSql + Sync)> = cases
+            .iter()
+            .map(|c| &*c.value as &(dyn ToSql + Sync))
+            .collect();
+        let n = within("all the types", client.execute(&sql, &params))
+            .await
+            .unwrap();
         assert_eq!(n, 1);
         postgres_prints_each_value_so(&client, &cases).await;
 
@@ -151,19 +220,31 @@ async fn binary_parameters_are_recorded_as_postgres_prints_them() {
         )
         .await
         .unwrap();
-        (server_text_sha, server_bytea_sha, server_bytea_len) = (row.get(0), row.get(1), row.get(2));
+        (server_text_sha, server_bytea_sha, server_bytea_len) =
+            (row.get(0), row.get(1), row.get(2));
     }
 
     let recs = pw.wait_audit("the statements with parameters", |r| {
         !rec::statements_with(r, &m).is_empty() && !rec::statements_with(r, &m_long).is_empty()
     });
-    let st = rec::statements_with(&recs, &m).into_iter().find(|s| s["sql"].as_str().is_some_and(|q| q.starts_with("SELECT $1"))).unwrap();
+    let st = rec::statements_with(&recs, &m)
+        .into_iter()
+        .find(|s| {
+            s["sql"]
+                .as_str()
+                .is_some_and(|q| q.starts_with("SELECT $1"))
+        })
+        .unwrap();
     let want: Vec<Value> = cases.iter().map(|c| c.recorded.clone()).collect();
     assert_eq!(st["params"], Value::Array(want), "{st}");
 
     let st = rec::statements_with(&recs, &m_long)[0];
     let sha = |s: &[u8]| hex::encode(Sha256::digest(s));
-    let text_prefix: String = long_text.char_indices().take_while(|(i, c)| i + c.len_utf8() <= 1024).map(|(_, c)| c).collect();
+    let text_prefix: String = long_text
+        .char_indices()
+        .take_while(|(i, c)| i + c.len_utf8() <= 1024)
+        .map(|(_, c)| c)
+        .collect();
     let hex = format!("\\x{}", hex::encode(&long_bytes));
     assert_eq!(
         st["params"],
@@ -173,18 +254,37 @@ async fn binary_parameters_are_recorded_as_postgres_prints_them() {
         ]),
         "{st}"
     );
-    assert_eq!(st["params"][0]["sha256"], server_text_sha, "the server's SHA-256 of the text");
-    assert_eq!(st["params"][1]["sha256"], server_bytea_sha, "the server's SHA-256 of the bytea's text");
+    assert_eq!(
+        st["params"][0]["sha256"], server_text_sha,
+        "the server's SHA-256 of the text"
+    );
+    assert_eq!(
+        st["params"][1]["sha256"], server_bytea_sha,
+        "the server's SHA-256 of the bytea's text"
+    );
     assert_eq!(st["params"][1]["bytes"], server_bytea_len);
 
     // replay shows the values; the chain still verifies.
     let session = st["session"].as_str().unwrap();
     let out = pw.audit_replay(session, "max");
     assert_eq!(out.code, Some(0), "{}", out.stderr);
-    for shown in ["'4100'", "'1969-07-20 20:17:40+00'", "'\\x3ff00000000000004000000000000000' (oid 600)"] {
-        assert!(out.stdout.contains(shown), "replay lacks {shown}: {}", out.stdout);
+    for shown in [
+        "'4100'",
+        "'1969-07-20 20:17:40+00'",
+        "'\\x3ff00000000000004000000000000000' (oid 600)",
+    ] {
+        assert!(
+            out.stdout.contains(shown),
+            "replay lacks {shown}: {}",
+            out.stdout
+        );
     }
-    assert!(out.stdout.contains(&format!("({} bytes, sha256 {server_bytea_sha})", hex.len())), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains(&format!("({} bytes, sha256 {server_bytea_sha})", hex.len())),
+        "{}",
+        out.stdout
+    );
     let (code, out) = pw.audit_verify();
     assert_eq!(code, 0, "{out}");
 }
@@ -225,8 +325,20 @@ fn declared_types_without_describe_and_unknown_ones() {
     let token = pw.token("alice", &[], "15m");
     let mut conn = pw.login("alice", &token, &db).raw().unwrap();
     let runs = [
-        (marker("declared"), vec![23u32], 4100i32.to_be_bytes().to_vec(), json!("4100"), "4101"),
-        (marker("undeclared"), vec![], 4100i32.to_be_bytes().to_vec(), json!({"oid": 0, "hex": "\\x00001004"}), "4101"),
+        (
+            marker("declared"),
+            vec![23u32],
+            4100i32.to_be_bytes().to_vec(),
+            json!("4100"),
+            "4101",
+        ),
+        (
+            marker("undeclared"),
+            vec![],
+            4100i32.to_be_bytes().to_vec(),
+            json!({"oid": 0, "hex": "\\x00001004"}),
+            "4101",
+        ),
     ];
     for (m, types, v, _, sum) in &runs {
         let mut batch = parse_typed(&format!("SELECT $1::int4 + 1 -- {m}"), types);
@@ -246,15 +358,28 @@ fn declared_types_without_describe_and_unknown_ones() {
     batch.extend(fe::sync());
     conn.send(&batch).unwrap();
     let msgs = conn.recv_until_ready().unwrap();
-    assert_eq!(common::raw::first_error(&msgs).and_then(|e| e.sqlstate()).as_deref(), Some("08P01"), "{msgs:?}");
+    assert_eq!(
+        common::raw::first_error(&msgs)
+            .and_then(|e| e.sqlstate())
+            .as_deref(),
+        Some("08P01"),
+        "{msgs:?}"
+    );
     conn.terminate().unwrap();
 
-    let recs = pw.wait_audit("the raw statements", |r| !rec::statements_with(r, &m_bad).is_empty());
+    let recs = pw.wait_audit("the raw statements", |r| {
+        !rec::statements_with(r, &m_bad).is_empty()
+    });
     for (m, _, _, recorded, _) in &runs {
         let st = rec::statements_with(&recs, m);
         assert_eq!(st.len(), 1, "{m}");
         assert_eq!(st[0]["params"], json!([recorded]), "{}", st[0]);
     }
     let st = rec::statements_with(&recs, &m_bad);
-    assert_eq!(st[0]["params"], json!([{"oid": 20, "hex": "\\x00001004"}]), "{}", st[0]);
+    assert_eq!(
+        st[0]["params"],
+        json!([{"oid": 20, "hex": "\\x00001004"}]),
+        "{}",
+        st[0]
+    );
 }

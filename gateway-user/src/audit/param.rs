@@ -8,6 +8,8 @@
 //! [`PREFIX_BYTES`] of it followed by `…`, its whole length in bytes, and the SHA-256 of
 //! its whole UTF-8 bytes.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -49,10 +51,10 @@ impl Param {
     pub fn of(format: i16, value: Option<&[u8]>, oid: u32) -> Option<Param> {
         let v = value?;
         if format == TEXT_FORMAT {
-            return Some(Param::text(&String::from_utf8_lossy(v)));
+            return Some(Param::text(String::from_utf8_lossy(v)));
         }
         Some(match binary::to_text(oid, v) {
-            Some(t) => Param::text(&t),
+            Some(t) => Param::text(Cow::Owned(t)),
             None => {
                 let hex = binary::bytea_hex(v);
                 match long(&hex, Some(oid)) {
@@ -63,8 +65,8 @@ impl Param {
         })
     }
 
-    fn text(t: &str) -> Param {
-        long(t, None).unwrap_or_else(|| Param::Text(t.to_string()))
+    fn text(t: Cow<'_, str>) -> Param {
+        long(&t, None).unwrap_or_else(|| Param::Text(t.into_owned()))
     }
 
     /// Append the JSON serde writes for the parameter.

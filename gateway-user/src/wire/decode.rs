@@ -57,16 +57,20 @@ pub fn decode_parse_typed(f: &Frame, enc: ClientEncoding) -> Result<Parse<'_>, W
 
 /// Big-endian 32-bit type OIDs, one after the other.
 fn oids(b: &[u8]) -> Vec<u32> {
-    b.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.as_chunks::<4>().0.iter().map(|c| u32::from_be_bytes(*c)).collect()
 }
+
+/// A value bound to a parameter (Bind) or passed to a function (FunctionCall): its format (0
+/// text, 1 binary) and its bytes, None for SQL NULL.
+pub type BoundValue<'a> = (i16, Option<&'a [u8]>);
 
 /// A decoded `B`.
 #[derive(Debug)]
 pub struct Bind<'a> {
     pub portal: Cow<'a, str>,
     pub statement: Cow<'a, str>,
-    /// One entry per parameter: None for SQL NULL, with its format (0 text, 1 binary).
-    pub params: Vec<(i16, Option<&'a [u8]>)>,
+    /// One entry per parameter.
+    pub params: Vec<BoundValue<'a>>,
     /// The result-column format codes, None when the message ends before them (Postgres
     /// refuses such a Bind; the session forwards it and lets Postgres say so).
     pub result_formats: Option<Formats<'a>>,
@@ -136,9 +140,8 @@ pub fn decode_close_or_describe(f: &Frame) -> Result<(u8, Cow<'_, str>), WireErr
     Ok((kind, r.cstr()?))
 }
 
-/// `F` (FunctionCall): the function's OID and its arguments, each with its format (0 text, 1
-/// binary), None for SQL NULL.
-pub fn decode_function_call(f: &Frame) -> Result<(i32, Vec<(i16, Option<&[u8]>)>), WireError> {
+/// `F` (FunctionCall): the function's OID and its arguments.
+pub fn decode_function_call(f: &Frame) -> Result<(i32, Vec<BoundValue<'_>>), WireError> {
     let mut r = Reader::new(f.body());
     let oid = r.i32()?;
     let nfmt = r.i16()?;
