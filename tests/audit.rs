@@ -136,21 +136,9 @@ async fn session_is_recorded_with_statements_params_results_and_end() {
     assert_eq!(res["rows"], 1);
 
     let (st, res) = check(&m_ext, "extended");
-    // tokio-postgres binds both parameters in binary: int4 41 and the text bytes.
-    let params: Vec<Option<String>> =
-        serde_json::from_value(st["params"].clone()).expect("params list");
-    let params: Vec<Option<String>> = params
-        .into_iter()
-        .map(|p| p.map(|s| s.to_lowercase()))
-        .collect();
-    assert_eq!(
-        params,
-        vec![
-            Some("\\x00000029".to_string()),
-            Some("\\x702d74657874".to_string())
-        ],
-        "{st}"
-    );
+    // tokio-postgres binds both parameters in binary (int4 41 and the text's bytes): the
+    // record shows them as Postgres prints them.
+    assert_eq!(st["params"], serde_json::json!(["41", "p-text"]), "{st}");
     assert_eq!(res["tag"], "SELECT 1");
     assert_eq!(res["rows"], 1);
 

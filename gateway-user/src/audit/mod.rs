@@ -5,6 +5,7 @@
 pub mod chain;
 pub mod reader;
 pub mod export;
+pub mod param;
 pub mod record;
 
 pub use export::{ExportKind, Exporter};
@@ -14,5 +15,6 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+pub use param::Param;
 pub use record::{Client, Kind, Record};
 pub use writer::{AuditError, AuditHandle, CheckpointSigner, OnDurable, Outcome, Waiter, WriterOptions, WriterStats, last_line};

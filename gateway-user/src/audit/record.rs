@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::Param;
 use crate::metrics::{Event, EventKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -107,9 +108,10 @@ pub struct Record {
     /// statement; for FunctionCall, a description).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sql: Option<String>,
-    /// statement (extended protocol): bound parameters, text or `\x…` hex for binary, null.
+    /// statement (extended protocol, function call): the bound parameters, None for SQL
+    /// NULL ([`Param`] says how each value is shown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub params: Option<Vec<Option<String>>>,
+    pub params: Option<Vec<Option<Param>>>,
     /// statement: "simple", "extended", "function_call".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
@@ -204,7 +206,7 @@ impl Record {
         if let Some(params) = &self.params {
             write_seq(w.key("params"), b'[', b']', params, |out, p| {
                 match p {
-                    Some(v) => write_str(out, v),
+                    Some(v) => v.write_json(out),
                     None => out.extend_from_slice(b"null"),
                 }
                 Ok(())
@@ -480,7 +482,14 @@ mod tests {
             database: Some(s.into()),
             jti: Some(s.into()),
             sql: Some(format!("select '{s}'")),
-            params: Some(vec![None, Some(s.into()), Some(String::new())]),
+            params: Some(vec![
+                None,
+                Some(Param::Text(s.into())),
+                Some(Param::Text(String::new())),
+                Some(Param::Raw { oid: 600, hex: format!("\\x{s}") }),
+                Param::of(1, Some(&[1; 5000]), 0),
+                Param::of(0, Some(format!("{s}{}", "€".repeat(2000)).as_bytes()), 0),
+            ]),
             protocol: Some("extended".into()),
             decision: Some("allow".into()),
             rule: Some(s.into()),

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 
 use crate::audit::reader::{ReadError, Reader};
-use crate::audit::{Client, Kind, Record};
+use crate::audit::{Client, Kind, Param, Record};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum AuditCommand {
@@ -211,11 +211,17 @@ fn fmt_duration_us(us: u64) -> String {
     if us < 1_000_000 { format!("{:.1} ms", us as f64 / 1000.0) } else { format!("{:.2} s", us as f64 / 1_000_000.0) }
 }
 
-fn fmt_params(params: &[Option<String>]) -> String {
+/// Parameters as `'text', NULL, '\x0a0b' (oid 600), 'abc…' (5000 bytes, sha256 …)`.
+fn fmt_params(params: &[Option<Param>]) -> String {
     let items: Vec<String> = params
         .iter()
         .map(|p| match p {
-            Some(v) => format!("'{}'", one_line(v)),
+            Some(Param::Text(v)) => format!("'{}'", one_line(v)),
+            Some(Param::Raw { oid, hex }) => format!("'{hex}' (oid {oid})"),
+            Some(Param::Long { oid, prefix, bytes, sha256 }) => {
+                let oid = oid.map(|o| format!("oid {o}, ")).unwrap_or_default();
+                format!("'{}' ({oid}{bytes} bytes, sha256 {sha256})", one_line(prefix))
+            }
             None => "NULL".to_string(),
         })
         .collect();

@@ -826,7 +826,7 @@ fn mask_value(v: Option<&[u8]>, plan: &ColPlan, sess: &SessionMask) -> Option<Op
             hits_any(s.as_bytes(), sess).then_some(None)
         }
         // A numeric pgward cannot read is not passed on either.
-        Scan::NumericBin => numeric_text(v).is_none_or(|s| hits_any(s.as_bytes(), sess)).then_some(None),
+        Scan::NumericBin => crate::wire::binary::numeric_text(v).is_none_or(|s| hits_any(s.as_bytes(), sess)).then_some(None),
         Scan::BinaryBytes => binary_hits(v, sess).then_some(None),
     }
 }
@@ -835,37 +835,6 @@ fn mask_value(v: Option<&[u8]>, plan: &ColPlan, sess: &SessionMask) -> Option<Op
 pub(super) fn binary_hits(v: &[u8], sess: &SessionMask) -> bool {
     let as_int8 = <[u8; 8]>::try_from(v).ok().map(|b| i64::from_be_bytes(b).to_string());
     hits_any(v, sess) || as_int8.is_some_and(|s| hits_any(s.as_bytes(), sess))
-}
-
-/// The digits of a binary `numeric` (ndigits, weight, sign, dscale, base-10000 digits) as
-/// decimal text: the integer part, and the fraction digits written.
-fn numeric_text(v: &[u8]) -> Option<String> {
-    let mut r = Reader::new(v);
-    let n = usize::try_from(r.i16().ok()?).ok()?;
-    let weight = r.i16().ok()?;
-    let sign = r.i16().ok()? as u16;
-    let _dscale = r.i16().ok()?;
-    let mut digits = Vec::with_capacity(n);
-    for _ in 0..n {
-        digits.push(r.i16().ok()?);
-    }
-    if r.remaining() != 0 || digits.iter().any(|d| !(0..10_000).contains(d)) {
-        return None;
-    }
-    let mut s = String::new();
-    if sign == 0x4000 {
-        s.push('-');
-    }
-    for (i, d) in digits.iter().enumerate() {
-        if i as i32 == i32::from(weight) + 1 {
-            s.push('.');
-        }
-        if i == 0 { s.push_str(&d.to_string()) } else { s.push_str(&format!("{d:04}")) }
-    }
-    for _ in digits.len() as i32..=i32::from(weight) {
-        s.push_str("0000");
-    }
-    Some(s)
 }
 
 fn hits_any(v: &[u8], sess: &SessionMask) -> bool {
@@ -1215,12 +1184,12 @@ mod tests {
         for x in [4i16, 3, 0, 0, 4111, 1111, 1111, 1111] {
             v.extend_from_slice(&x.to_be_bytes());
         }
-        assert_eq!(numeric_text(&v).as_deref(), Some("4111111111111111"));
+        assert_eq!(crate::wire::binary::numeric_text(&v).as_deref(), Some("4111111111111111"));
         let mut frac = Vec::new();
         for x in [2i16, 0, 0x4000u16 as i16, 1, 12, 5000] {
             frac.extend_from_slice(&x.to_be_bytes());
         }
-        assert_eq!(numeric_text(&frac).as_deref(), Some("-12.5000"));
+        assert_eq!(crate::wire::binary::numeric_text(&frac).as_deref(), Some("-12.5"));
         let s = sess("[[mask]]\nname = \"c\"\ndetect = [\"card\"]\n");
         let plan = ColPlan { whole: None, scan: scan_kind(1700, true) };
         assert_eq!(mask_value(Some(&v), &plan, &s), Some(None));

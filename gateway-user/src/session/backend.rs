@@ -51,6 +51,7 @@ impl Relay {
                 b'1' => self.tracker.answered(Awaited::Parse),
                 b'2' => self.tracker.answered(Awaited::Bind),
                 b'3' => self.tracker.answered(Awaited::Close),
+                b't' => self.on_parameter_description(&f),
                 b'n' | b'T' => self.tracker.answered(Awaited::Describe),
                 b'C' | b'I' | b's' => self.on_command_done(&f),
                 b'V' => self.on_function_call_response(),
@@ -99,6 +100,17 @@ impl Relay {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// ParameterDescription (first answer to a Describe of a statement): the statement's
+    /// parameter types, for the audit records of its Binds. A malformed one teaches nothing.
+    fn on_parameter_description(&self, f: &Frame) {
+        let Some(types) = self.tracker.front().filter(|p| p.kind == Awaited::Describe).and_then(|p| p.described.as_ref()) else {
+            return;
+        };
+        if let Ok(oids) = wire::decode_parameter_description(f) {
+            types.describe(oids);
         }
     }
 

@@ -10,12 +10,12 @@ use super::durability::{self, Effect, Rule};
 use super::held::Batch;
 use super::tracked::{Pending, Portal, Prepared, Statement};
 use super::{End, Relay, now_unix};
-use crate::audit::{Kind, Record};
+use crate::audit::{Kind, Param, Record};
 use crate::mask::relay::{MaskRelay, Tag};
 use crate::mask::strict::Violation;
 use crate::policy::Verdict;
 use crate::sqlstate;
-use crate::wire::{self, Awaited, Frame, WireError};
+use crate::wire::{self, Awaited, Frame, ParamTypes, WireError};
 
 /// Query and Parse texts at least this long that the policy has not analyzed yet are parsed
 /// on tokio's blocking pool, not on the event loop: parsing costs in the order of a
@@ -195,7 +195,7 @@ impl Relay {
     /// and the Parse is replaced by one that fails upstream so Postgres skips to Sync itself.
     fn on_parse(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
         self.check_token()?;
-        let (name, sql) = match wire::decode_parse(&f, self.watch.encoding()) {
+        let wire::Parse { name, sql, param_types } = match wire::decode_parse_typed(&f, self.watch.encoding()) {
             Err(WireError::Encoding(at)) => {
                 self.refuse_undecodable(&f, at, batch);
                 return Ok(());
@@ -211,6 +211,7 @@ impl Relay {
                 rule: Arc::from(verdict.rule.as_str()),
                 unparsable: verdict.unparsable,
                 effect: self.effect_of(&verdict),
+                types: Arc::new(ParamTypes::declared(param_types)),
             };
             let mut p = Pending::new(Awaited::Parse);
             if name.is_empty() {
@@ -264,7 +265,7 @@ impl Relay {
             // Masking learns nothing from a Bind without result formats (Postgres refuses it).
             (Some(_), None) => self.tracker.portal(&b.portal).and_then(|p| p.mask.clone()),
         };
-        let params = b.params.iter().map(|(fmt, v)| wire::render_param(*fmt, *v)).collect();
+        let params = b.params.iter().enumerate().map(|(i, (fmt, v))| Param::of(*fmt, *v, stmt.types.get(i))).collect();
         self.tracker.insert_portal(&b.portal, Portal { stmt, params, mask });
         batch.forward(f, Pending::new(Awaited::Bind));
         Ok(())
@@ -305,7 +306,8 @@ impl Relay {
         Ok(())
     }
 
-    /// `D`: masking learns the described statement's or portal's columns from the answer.
+    /// `D`: masking learns the described statement's or portal's columns from the answer; a
+    /// described statement's ParameterDescription gives its parameter types.
     fn on_describe(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
         let (kind, name) = wire::decode_close_or_describe(&f).map_err(bad)?;
         let tag = match &self.mask {
@@ -315,7 +317,11 @@ impl Relay {
             }
             Some(_) => self.tracker.portal(&name).and_then(|p| p.mask.clone()).map_or(Tag::None, Tag::DescribePortal),
         };
-        batch.forward(f, Pending::with_mask(Awaited::Describe, tag));
+        let mut p = Pending::with_mask(Awaited::Describe, tag);
+        if kind == b'S' {
+            p.described = self.tracker.statement(&name).and_then(|s| s.allowed.as_ref()).map(|s| s.types.clone());
+        }
+        batch.forward(f, p);
         Ok(())
     }
 
@@ -335,7 +341,8 @@ impl Relay {
         let mut rec = self.record(Kind::Statement);
         rec.protocol = Some("function_call".into());
         rec.sql = Some(format!("-- fastpath function call: oid {oid}"));
-        rec.params = Some(args);
+        // The argument types are the function's, which pgward does not look up.
+        rec.params = Some(args.iter().map(|(fmt, v)| Param::of(*fmt, *v, 0)).collect());
         let mut p = Pending::new(Awaited::FunctionCall);
         let verdict = self.shared.policy.decide_function_call(&self.policy_identity, &self.database, oid, chrono::Utc::now());
         let (frame, rule) = if Self::apply_verdict(&mut rec, &mut p, &verdict) {

@@ -6,12 +6,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::durability::Effect;
+use crate::audit::Param;
 use crate::mask::relay::{PortalInfo, PreparedInfo, Tag};
+use crate::wire::ParamTypes;
 use crate::wire::tracker::{Await, Awaited, Tracker};
 
 pub(super) type SessionTracker = Tracker<Statement, Portal, Pending>;
 
-/// A Parse the policy allowed: its text and the rule that allowed it.
+/// A Parse the policy allowed: its text, the rule that allowed it, and its parameter types
+/// (for the audit record's parameters).
 #[derive(Debug, Clone)]
 pub(super) struct Prepared {
     pub(super) sql: Arc<str>,
@@ -19,12 +22,19 @@ pub(super) struct Prepared {
     pub(super) unparsable: bool,
     /// What executing it can do, for the durability rule of its Executes.
     pub(super) effect: Effect,
+    pub(super) types: Arc<ParamTypes>,
 }
 
 impl Prepared {
     /// A statement the session does not know (Postgres will say whether it exists).
     pub(super) fn unknown() -> Prepared {
-        Prepared { sql: Arc::from(""), rule: Arc::from("unknown-statement"), unparsable: false, effect: Effect::Other }
+        Prepared {
+            sql: Arc::from(""),
+            rule: Arc::from("unknown-statement"),
+            unparsable: false,
+            effect: Effect::Other,
+            types: Arc::default(),
+        }
     }
 }
 
@@ -43,7 +53,7 @@ pub(super) struct Statement {
 pub(super) struct Portal {
     pub(super) stmt: Prepared,
     /// Its parameters as the audit log shows them.
-    pub(super) params: Vec<Option<String>>,
+    pub(super) params: Vec<Option<Param>>,
     /// What masking keeps of it, when masking is on and the Bind carried its result formats.
     pub(super) mask: Option<Arc<PortalInfo>>,
 }
@@ -64,11 +74,13 @@ pub(super) struct Pending {
     /// A forwarded Parse: the name and what it meant before, restored if the Parse fails.
     /// (Boxed: rare, and the queue of pendings is on the per-frame path.)
     pub(super) replaced: Option<Box<(String, Option<Statement>)>>,
+    /// A forwarded Describe of an allowed statement: where its ParameterDescription goes.
+    pub(super) described: Option<Arc<ParamTypes>>,
 }
 
 impl Pending {
     pub(super) fn new(kind: Awaited) -> Pending {
-        Pending { kind, seq: 0, started: Instant::now(), refusal: None, rec_idx: usize::MAX, mask: Tag::None, replaced: None }
+        Pending { kind, seq: 0, started: Instant::now(), refusal: None, rec_idx: usize::MAX, mask: Tag::None, replaced: None, described: None }
     }
 
     pub(super) fn with_mask(kind: Awaited, mask: Tag) -> Pending {

@@ -1,6 +1,7 @@
 //! Zero-copy decoders of the messages pgward reads: from the client Query, Parse, Bind,
 //! Execute, Describe, Close, FunctionCall and the password; from the server CommandComplete,
-//! ErrorResponse/NoticeResponse, ParameterStatus, RowDescription and CopyOutResponse.
+//! ErrorResponse/NoticeResponse, ParameterStatus, ParameterDescription, RowDescription and
+//! CopyOutResponse.
 
 use std::borrow::Cow;
 
@@ -24,8 +25,24 @@ pub fn decode_parameter_status(f: &Frame) -> (String, String) {
     (name, value)
 }
 
+/// A decoded `P`.
+#[derive(Debug)]
+pub struct Parse<'a> {
+    pub name: Cow<'a, str>,
+    /// The SQL text, in the client's encoding.
+    pub sql: Cow<'a, str>,
+    /// The parameter types the client declared, by position (0: left to the server; there
+    /// may be fewer than the statement has parameters).
+    pub param_types: Vec<u32>,
+}
+
 /// `P`: (statement name, SQL text in the client's encoding).
 pub fn decode_parse(f: &Frame, enc: ClientEncoding) -> Result<(Cow<'_, str>, Cow<'_, str>), WireError> {
+    decode_parse_typed(f, enc).map(|p| (p.name, p.sql))
+}
+
+/// `P` with the parameter types it declares.
+pub fn decode_parse_typed(f: &Frame, enc: ClientEncoding) -> Result<Parse<'_>, WireError> {
     let mut r = Reader::new(f.body());
     let name = r.cstr()?;
     let sql = r.sql(enc)?;
@@ -33,18 +50,27 @@ pub fn decode_parse(f: &Frame, enc: ClientEncoding) -> Result<(Cow<'_, str>, Cow
     if n < 0 {
         return Err(WireError::malformed("Parse with negative parameter type count"));
     }
-    r.bytes(n as usize * 4)?;
+    let param_types = oids(r.bytes(n as usize * 4)?);
     r.end("Parse")?;
-    Ok((name, sql))
+    Ok(Parse { name, sql, param_types })
 }
+
+/// Big-endian 32-bit type OIDs, one after the other.
+fn oids(b: &[u8]) -> Vec<u32> {
+    b.as_chunks::<4>().0.iter().map(|c| u32::from_be_bytes(*c)).collect()
+}
+
+/// A value bound to a parameter (Bind) or passed to a function (FunctionCall): its format (0
+/// text, 1 binary) and its bytes, None for SQL NULL.
+pub type BoundValue<'a> = (i16, Option<&'a [u8]>);
 
 /// A decoded `B`.
 #[derive(Debug)]
 pub struct Bind<'a> {
     pub portal: Cow<'a, str>,
     pub statement: Cow<'a, str>,
-    /// One entry per parameter: None for SQL NULL, with its format (0 text, 1 binary).
-    pub params: Vec<(i16, Option<&'a [u8]>)>,
+    /// One entry per parameter.
+    pub params: Vec<BoundValue<'a>>,
     /// The result-column format codes, None when the message ends before them (Postgres
     /// refuses such a Bind; the session forwards it and lets Postgres say so).
     pub result_formats: Option<Formats<'a>>,
@@ -96,20 +122,6 @@ pub fn decode_bind(f: &Frame) -> Result<Bind<'_>, WireError> {
     Ok(Bind { portal, statement, params, result_formats })
 }
 
-/// Render a bound parameter for the audit log: text as is (lossy UTF-8), binary as `\x…` hex.
-pub fn render_param(fmt: i16, v: Option<&[u8]>) -> Option<String> {
-    v.map(|b| {
-        if fmt == 0 {
-            String::from_utf8_lossy(b).into_owned()
-        } else {
-            let mut s = String::with_capacity(2 + b.len() * 2);
-            s.push_str("\\x");
-            s.push_str(&hex::encode(b));
-            s
-        }
-    })
-}
-
 /// `E`: portal name.
 pub fn decode_execute(f: &Frame) -> Result<Cow<'_, str>, WireError> {
     let mut r = Reader::new(f.body());
@@ -128,8 +140,8 @@ pub fn decode_close_or_describe(f: &Frame) -> Result<(u8, Cow<'_, str>), WireErr
     Ok((kind, r.cstr()?))
 }
 
-/// `F` (FunctionCall): the function's OID and its arguments rendered for the audit log.
-pub fn decode_function_call(f: &Frame) -> Result<(i32, Vec<Option<String>>), WireError> {
+/// `F` (FunctionCall): the function's OID and its arguments.
+pub fn decode_function_call(f: &Frame) -> Result<(i32, Vec<BoundValue<'_>>), WireError> {
     let mut r = Reader::new(f.body());
     let oid = r.i32()?;
     let nfmt = r.i16()?;
@@ -153,7 +165,7 @@ pub fn decode_function_call(f: &Frame) -> Result<(i32, Vec<Option<String>>), Wir
         };
         let len = r.i32()?;
         let v = if len < 0 { None } else { Some(r.bytes(len as usize)?) };
-        args.push(render_param(fmt, v));
+        args.push((fmt, v));
     }
     r.i16()?;
     Ok((oid, args))
@@ -171,6 +183,16 @@ pub fn decode_password(f: &Frame) -> Result<Cow<'_, str>, WireError> {
 }
 
 // ---------------------------------------------------------------- server message decoders
+
+/// `t` (ParameterDescription): the type OID of each parameter of the described statement.
+/// The count is read unsigned, as Postgres writes it (a statement may have up to 65535).
+pub fn decode_parameter_description(f: &Frame) -> Result<Vec<u32>, WireError> {
+    let mut r = Reader::new(f.body());
+    let n = r.i16()? as u16;
+    let types = oids(r.bytes(usize::from(n) * 4)?);
+    r.end("ParameterDescription")?;
+    Ok(types)
+}
 
 /// `C` (CommandComplete) from the server: the tag and the row count it carries, if any.
 pub fn decode_command_complete(f: &Frame) -> Result<(Cow<'_, str>, Option<u64>), WireError> {
