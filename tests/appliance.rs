@@ -752,8 +752,8 @@ fn prepare_postgres(tree: &Tree) -> (String, PathBuf) {
     let pwfile = tree.work.join("svc.password");
     write(&pwfile, &format!("{svc_password}\n"), 0o600, 0, 0);
     {
-        let ns = Ns::new(&tree);
-        let mut postgres = start_postgres(&ns, &tree);
+        let ns = Ns::new(tree);
+        let mut postgres = start_postgres(&ns, tree);
         let boot = postgres_log_since_last_start(&postgres);
         assert!(boot.contains("listening on IPv4 address \"0.0.0.0\", port 5432"), "{boot}");
         let su = |sql: &str| {
@@ -922,7 +922,7 @@ fn check_sessions(ns: &Ns, cg: &TestCg, svc_password: &str) -> String {
     assert!(status.success() && status.stdout.contains("interception: on"), "{}", status.describe());
 
     let token = ns_run(
-        &ns,
+        ns,
         PGWARD,
         &["token", "issue", "--config", CONFIG, "--user", "alice", "--groups", "analysts", "--ttl", "10m"],
     )

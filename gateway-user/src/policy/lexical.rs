@@ -277,8 +277,8 @@ fn scan_into(text: &str, depth: usize, f: &mut Findings) {
     let mut in_dml = false;
     let mut has_settings_table = false;
     let mut has_write_word = false;
-    for i in 0..toks.len() {
-        match &toks[i] {
+    for (i, tok) in toks.iter().enumerate() {
+        match tok {
             Lex::Punct(';') => in_dml = false,
             Lex::Str(s) => {
                 if depth < 3 {
