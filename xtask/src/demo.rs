@@ -80,7 +80,9 @@ impl Drop for Gateway {
 pub fn run(args: &DemoArgs) -> Result<()> {
     let root = util::workspace_root();
     util::run_timed("build pgward", util::cargo().args(["build", "-p", "gateway-user"]).current_dir(&root))?;
-    let pgward = root.join("target/debug/pgward");
+    // Where the build above put it: $CARGO_TARGET_DIR when set (as `bench` finds it).
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let pgward = target_dir.join("debug/pgward");
     let base = root.join("target/demo");
 
     step("starting a throwaway PostgreSQL 15");
