@@ -245,6 +245,7 @@ impl PgCluster {
         }
     }
 
+    /// A fresh data directory: UTF8, C locale, trust on the socket, SCRAM over TCP.
     fn initdb(&self) {
         let init = run_cmd(
             self.server_cmd("initdb")

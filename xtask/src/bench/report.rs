@@ -321,6 +321,7 @@ fn table_json(t: &Table, s: &Settings) -> Value {
     json!({ "targets": t.targets, "workloads": workloads })
 }
 
+/// The load the run was measured under.
 fn settings_json(s: &Settings) -> Value {
     json!({
         "pgbench_seconds": s.duration,
@@ -342,6 +343,7 @@ fn machine_json() -> Value {
     })
 }
 
+/// pgward's memory before, with and after the idle sessions.
 fn memory_json(m: &idle::IdleReport) -> Value {
     json!({
         "sessions": m.sessions,

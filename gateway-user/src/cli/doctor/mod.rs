@@ -5,7 +5,9 @@
 //! the TLS certificate; prints a table (PASS / WARN / FAIL / SKIP) and a fix for each problem.
 //! Works against a live `pgward serve` (found by its listening socket, or the interception state
 //! file) and without one. Exit 0 when nothing failed, 1 otherwise.
-
+//!
+//! Each group of checks has a file of its own; `report` holds the outcomes and their rendering,
+//! `proc_net` the /proc readers several checks share.
 
 mod audit;
 mod clock;

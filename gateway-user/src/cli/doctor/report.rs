@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+/// A check's result; any FAIL makes doctor exit 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
@@ -25,6 +26,7 @@ impl Outcome {
     }
 }
 
+/// One line of the report: what was checked, its outcome, what was found, and how to fix it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
     pub check: &'static str,
@@ -34,10 +36,12 @@ pub struct Check {
     pub fix: Option<String>,
 }
 
+/// A [`Check`] named `name`.
 pub(super) fn check(name: &'static str, result: Outcome, detail: impl Into<String>, fix: Option<String>) -> Check {
     Check { check: name, result, detail: detail.into(), fix }
 }
 
+/// Everything doctor found, as printed (table) or serialized (`--json`).
 #[derive(Debug, Serialize)]
 pub(super) struct Report {
     pub(super) config: PathBuf,
