@@ -688,13 +688,72 @@ fn install_session_uninstall_leaves_no_trace() {
     let cg = TestCg::new("appliance");
     let pg = tree.pg.clone();
 
-    // The admin's starting point: Postgres with pgward's service role and a database.
+    let (svc_password, pwfile) = prepare_postgres(&tree);
+    let before = snapshot(&tree.root);
+
+    // ---- install ------------------------------------------------------------------------
+    let root = tree.root.to_str().unwrap();
+    install(&tree, &pwfile, &cg);
+    check_installed_files(&tree);
+
+    // Install twice: refused, nothing changes.
+    let again =
+        install_cli(&["install", "--root", root, "--pg-data", DATA_DIR, "--pg-user", &pg.name, "--no-systemctl"]);
+    assert!(!again.success() && again.stderr.contains("already installed"), "{}", again.describe());
+
+    let ns = Ns::new(&tree);
+    check_unit_with_systemd(&ns);
+
+    // ---- run what was installed ---------------------------------------------------------
+    let mut postgres = start_postgres(&ns, &tree);
+    let boot = postgres_log_since_last_start(&postgres);
+    assert!(
+        boot.contains("listening on IPv4 address \"127.0.0.1\", port 5432"),
+        "Postgres is bound to loopback:\n{boot}"
+    );
+    assert!(!boot.contains("0.0.0.0"), "{boot}");
+    assert!(boot.contains("listening on Unix socket \"/run/postgresql-real/.s.PGSQL.5432\""), "{boot}");
+
+    check_doctor_without_gateway(&ns);
+    let mut gw = start_pgward(&ns, &tree, &cg);
+    check_doctor_with_gateway(&ns);
+    let marker = check_sessions(&ns, &cg, &svc_password);
+    check_audit_log(&ns, &tree, &marker);
+
+    // ---- stop (what systemctl stop does), uninstall ------------------------------------
+    stop_pgward(&mut gw, &tree);
+    assert!(!cg.svc().join("gateway").exists(), "pgward left its cgroup behind");
+    assert!(postgres.stop(libc::SIGINT).unwrap().success(), "{}", postgres.log_text());
+    drop(ns);
+
+    let out = install_cli(&["uninstall", "--root", root, "--purge", "--no-systemctl"]);
+    assert!(out.expect_ok().contains("pgward uninstalled"), "{}", out.describe());
+    let after = snapshot(&tree.root);
+    let diff = snapshot_diff(&before, &after);
+    assert!(diff.is_empty(), "uninstall left traces:\n{}", diff.join("\n"));
+
+    // And Postgres is as it was: every address, the default socket.
+    let ns = Ns::new(&tree);
+    let mut postgres = start_postgres(&ns, &tree);
+    let boot = postgres_log_since_last_start(&postgres);
+    assert!(
+        boot.contains("listening on IPv4 address \"0.0.0.0\", port 5432")
+            && boot.contains("\"/var/run/postgresql/.s.PGSQL.5432\""),
+        "{boot}"
+    );
+    assert!(postgres.stop(libc::SIGINT).unwrap().success());
+}
+
+/// The admin's starting point: Postgres with pgward's service role and a database. Returns the
+/// service password and the file holding it.
+fn prepare_postgres(tree: &Tree) -> (String, PathBuf) {
+    let pg = tree.pg.clone();
     let svc_password = common::rand_hex(24);
     let pwfile = tree.work.join("svc.password");
     write(&pwfile, &format!("{svc_password}\n"), 0o600, 0, 0);
     {
-        let ns = Ns::new(&tree);
-        let mut postgres = start_postgres(&ns, &tree);
+        let ns = Ns::new(tree);
+        let mut postgres = start_postgres(&ns, tree);
         let boot = postgres_log_since_last_start(&postgres);
         assert!(boot.contains("listening on IPv4 address \"0.0.0.0\", port 5432"), "{boot}");
         let su = |sql: &str| {
@@ -705,9 +764,12 @@ fn install_session_uninstall_leaves_no_trace() {
         su("CREATE DATABASE app OWNER pgward_svc").expect_ok();
         assert!(postgres.stop(libc::SIGINT).unwrap().success());
     }
-    let before = snapshot(&tree.root);
+    (svc_password, pwfile)
+}
 
-    // ---- install ------------------------------------------------------------------------
+/// `pgward install --root` into the tree, intercepting `cg`.
+fn install(tree: &Tree, pwfile: &Path, cg: &TestCg) {
+    let pg = &tree.pg;
     let root = tree.root.to_str().unwrap();
     let out = install_cli(&[
         "install",
@@ -730,7 +792,11 @@ fn install_session_uninstall_leaves_no_trace() {
     let report = out.expect_ok();
     assert!(report.contains("pgward installed into") && report.contains("Next: restart Postgres"), "{report}");
 
-    // What install did, as files.
+}
+
+/// What install did, as files: users, modes and owners, Postgres's settings, the config, the unit.
+fn check_installed_files(tree: &Tree) {
+    let pg = &tree.pg;
     let (uid, gid) = tree.user("pgward").expect("install created user pgward");
     let group = std::fs::read_to_string(tree.p("/etc/group")).unwrap();
     assert!(group.lines().any(|l| l.starts_with(&format!("pgward:x:{gid}:"))), "{group}");
@@ -772,15 +838,11 @@ fn install_session_uninstall_leaves_no_trace() {
         assert!(unit.contains(needle), "unit lacks {needle}:\n{unit}");
     }
 
-    // Install twice: refused, nothing changes.
-    let again =
-        install_cli(&["install", "--root", root, "--pg-data", DATA_DIR, "--pg-user", &pg.name, "--no-systemctl"]);
-    assert!(!again.success() && again.stderr.contains("already installed"), "{}", again.describe());
+}
 
-    let ns = Ns::new(&tree);
-
-    // The unit file, checked by systemd itself where it is /etc/systemd/system/pgward.service
-    // and its ExecStart= exists.
+/// The unit file, checked by systemd itself where it is /etc/systemd/system/pgward.service
+/// and its ExecStart= exists.
+fn check_unit_with_systemd(ns: &Ns) {
     if Path::new("/usr/bin/systemd-analyze").exists() {
         // (With a scratch /run: systemd-analyze leaves a marker file there.)
         let analyze = |args: &[&str]| {
@@ -794,7 +856,7 @@ fn install_session_uninstall_leaves_no_trace() {
                 "sh",
             ];
             a.extend_from_slice(args);
-            ns_run(&ns, "unshare", &a)
+            ns_run(ns, "unshare", &a)
         };
         let v = analyze(&["verify", "/etc/systemd/system/pgward.service"]);
         assert!(v.success() && v.stderr.trim().is_empty(), "systemd-analyze verify: {}", v.describe());
@@ -808,18 +870,11 @@ fn install_session_uninstall_leaves_no_trace() {
         assert!(level <= 3.0, "systemd-analyze security rates the unit {level} (want <= 3.0):\n{}", s.all_output());
     }
 
-    // ---- run what was installed ---------------------------------------------------------
-    let mut postgres = start_postgres(&ns, &tree);
-    let boot = postgres_log_since_last_start(&postgres);
-    assert!(
-        boot.contains("listening on IPv4 address \"127.0.0.1\", port 5432"),
-        "Postgres is bound to loopback:\n{boot}"
-    );
-    assert!(!boot.contains("0.0.0.0"), "{boot}");
-    assert!(boot.contains("listening on Unix socket \"/run/postgresql-real/.s.PGSQL.5432\""), "{boot}");
+}
 
-    // doctor without a running gateway: says so, with the fix.
-    let (code, checks, table) = doctor(&ns);
+/// doctor without a running gateway: says so, with the fix.
+fn check_doctor_without_gateway(ns: &Ns) {
+    let (code, checks, table) = doctor(ns);
     assert_eq!(code, Some(1), "{table}");
     assert_check(&checks, "programs attached", "fail", &table);
     assert!(table.contains("systemctl start pgward"), "{table}");
@@ -832,8 +887,11 @@ fn install_session_uninstall_leaves_no_trace() {
     assert_check(&checks, "token keys", "pass", &table);
     assert_check(&checks, "socket lockdown", "warn", &table); // the clients' path is not served yet
 
-    let mut gw = start_pgward(&ns, &tree, &cg);
-    let (code, checks, table) = doctor(&ns);
+}
+
+/// doctor with the gateway running: every check passes.
+fn check_doctor_with_gateway(ns: &Ns) {
+    let (code, checks, table) = doctor(ns);
     for c in [
         "config",
         "kernel",
@@ -854,11 +912,17 @@ fn install_session_uninstall_leaves_no_trace() {
     assert!(checks["capabilities"].1.contains("CAP_BPF CAP_NET_ADMIN CAP_PERFMON"), "{table}");
     assert!(!checks["capabilities"].1.contains("CAP_SYS_ADMIN"), "{table}");
 
-    let status = ns_run(&ns, PGWARD, &["status", "--config", CONFIG]);
+}
+
+/// Sessions through pgward by TCP to :5432 from the intercepted cgroup and by the default
+/// socket path; the real socket and the service password get nobody in. Returns the marker
+/// alice's statement carries.
+fn check_sessions(ns: &Ns, cg: &TestCg, svc_password: &str) -> String {
+    let status = ns_run(ns, PGWARD, &["status", "--config", CONFIG]);
     assert!(status.success() && status.stdout.contains("interception: on"), "{}", status.describe());
 
     let token = ns_run(
-        &ns,
+        ns,
         PGWARD,
         &["token", "issue", "--config", CONFIG, "--user", "alice", "--groups", "analysts", "--ttl", "10m"],
     )
@@ -868,7 +932,7 @@ fn install_session_uninstall_leaves_no_trace() {
     // 1. TCP to the Postgres port from the intercepted cgroup: lands in pgward.
     let tcp = "host=127.0.0.1 port=5432 user=alice dbname=app sslmode=require";
     let out = psql(
-        &ns,
+        ns,
         As::Root,
         Some(&cg.path),
         tcp,
@@ -887,7 +951,7 @@ fn install_session_uninstall_leaves_no_trace() {
 
     // 2. The default socket path, as an unprivileged user: pgward's socket.
     let out = psql(
-        &ns,
+        ns,
         As::User(65534, 65534),
         None,
         "host=/var/run/postgresql port=5432 user=alice dbname=app",
@@ -898,20 +962,20 @@ fn install_session_uninstall_leaves_no_trace() {
 
     // 3. Bypasses: the real socket is closed to others; the service password is not a token.
     let out = psql(
-        &ns,
+        ns,
         As::User(65534, 65534),
         None,
         "host=/run/postgresql-real port=5432 user=pgward_svc dbname=app",
-        Some(&svc_password),
+        Some(svc_password),
         "select 1",
     );
     assert!(!out.success() && out.stderr.contains("Permission denied"), "{}", out.describe());
     let out = psql(
-        &ns,
+        ns,
         As::User(65534, 65534),
         Some(&cg.path),
         "host=127.0.0.1 port=5432 user=pgward_svc dbname=app sslmode=require",
-        Some(&svc_password),
+        Some(svc_password),
         "select 1",
     );
     assert!(
@@ -920,12 +984,16 @@ fn install_session_uninstall_leaves_no_trace() {
         out.describe()
     );
 
-    // The audit log has alice's statement (with what the kernel saw), verifies, and its
-    // directory is append-only even for root.
-    let verify = ns_run(&ns, PGWARD, &["audit", "verify", "--config", CONFIG]);
+    marker
+}
+
+/// The audit log has alice's statement (with what the kernel saw), verifies, and its
+/// directory is append-only even for root.
+fn check_audit_log(ns: &Ns, tree: &Tree, marker: &str) {
+    let verify = ns_run(ns, PGWARD, &["audit", "verify", "--config", CONFIG]);
     assert!(verify.success(), "{}", verify.describe());
-    let tail = ns_run(&ns, PGWARD, &["audit", "tail", "--config", CONFIG, "--json"]).expect_ok();
-    assert!(tail.contains(&marker), "{tail}");
+    let tail = ns_run(ns, PGWARD, &["audit", "tail", "--config", CONFIG, "--json"]).expect_ok();
+    assert!(tail.contains(marker), "{tail}");
     assert!(tail.contains("\"via\":\"connect4\""), "the login record names the intercepted client: {tail}");
     let segment = std::fs::read_dir(tree.p("/var/lib/pgward/audit"))
         .unwrap()
@@ -936,28 +1004,6 @@ fn install_session_uninstall_leaves_no_trace() {
     let rm = std::fs::remove_file(&segment).unwrap_err();
     assert_eq!(rm.raw_os_error(), Some(libc::EPERM), "removing {} must fail: {rm}", segment.display());
 
-    // ---- stop (what systemctl stop does), uninstall ------------------------------------
-    stop_pgward(&mut gw, &tree);
-    assert!(!cg.svc().join("gateway").exists(), "pgward left its cgroup behind");
-    assert!(postgres.stop(libc::SIGINT).unwrap().success(), "{}", postgres.log_text());
-    drop(ns);
-
-    let out = install_cli(&["uninstall", "--root", root, "--purge", "--no-systemctl"]);
-    assert!(out.expect_ok().contains("pgward uninstalled"), "{}", out.describe());
-    let after = snapshot(&tree.root);
-    let diff = snapshot_diff(&before, &after);
-    assert!(diff.is_empty(), "uninstall left traces:\n{}", diff.join("\n"));
-
-    // And Postgres is as it was: every address, the default socket.
-    let ns = Ns::new(&tree);
-    let mut postgres = start_postgres(&ns, &tree);
-    let boot = postgres_log_since_last_start(&postgres);
-    assert!(
-        boot.contains("listening on IPv4 address \"0.0.0.0\", port 5432")
-            && boot.contains("\"/var/run/postgresql/.s.PGSQL.5432\""),
-        "{boot}"
-    );
-    assert!(postgres.stop(libc::SIGINT).unwrap().success());
 }
 
 /// vagrant/provision.sh in an isolated root with Debian's cluster layout (apt and systemctl

@@ -28,6 +28,15 @@ fn wait_session_end(pw: &Pgward, token: &str) -> (Vec<Value>, String) {
     (recs, session)
 }
 
+/// Unique texts in each statement of the session, to find its records.
+struct Markers {
+    simple: String,
+    ext: String,
+    ins: String,
+    sel: String,
+    err: String,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_is_recorded_with_statements_params_results_and_end() {
     let c = cluster();
@@ -36,73 +45,98 @@ async fn session_is_recorded_with_statements_params_results_and_end() {
     let pw = Pgward::start();
     let token = pw.token("alice", &["analysts", "dev"], "15m");
     let jti = jwt::jti_of(&token);
-    let m_simple = marker("audit-simple");
-    let m_ext = marker("audit-ext");
-    let m_ins = marker("audit-ins");
-    let m_sel = marker("audit-sel");
-    let m_err = marker("audit-err");
-
-    {
-        let client = pw.login("alice", &token, &db).connect().await.unwrap();
-        within(
-            "simple",
-            client.simple_query(&format!("select '{m_simple}'")),
-        )
-        .await
-        .unwrap();
-        let row = within(
-            "extended",
-            client.query_one(
-                &format!("select $1::int4 + 1 as n, $2::text as t -- {m_ext}"),
-                &[&41i32, &"p-text"],
-            ),
-        )
-        .await
-        .unwrap();
-        assert_eq!(row.get::<_, i32>(0), 42);
-        let n = within(
-            "insert",
-            client.execute(
-                &format!(
-                    "insert into audit_items select g, 'x' from generate_series(1, 3) g -- {m_ins}"
-                ),
-                &[],
-            ),
-        )
-        .await
-        .unwrap();
-        assert_eq!(n, 3);
-        let rows = within(
-            "select",
-            client.query(&format!("select * from audit_items -- {m_sel}"), &[]),
-        )
-        .await
-        .unwrap();
-        assert_eq!(rows.len(), 3);
-        let err = within(
-            "error",
-            client.simple_query(&format!("select 1/0 -- {m_err}")),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(sqlstate(&err).as_deref(), Some("22012"));
-    } // client dropped: the session ends
+    let m = Markers {
+        simple: marker("audit-simple"),
+        ext: marker("audit-ext"),
+        ins: marker("audit-ins"),
+        sel: marker("audit-sel"),
+        err: marker("audit-err"),
+    };
+    run_session(&pw, &token, &db, &m).await; // client dropped: the session ends
 
     let (recs, session) = wait_session_end(&pw, &token);
     let mine = rec::of_session(&recs, &session);
-    let login = rec::login_by_jti(&recs, &jti).unwrap();
+    check_who_and_order(&recs, &mine, &jti, &db);
+    check_statements(&recs, &session, &m);
 
-    // Who, from where, to what — on every record of the session.
+    let end = mine.last().unwrap();
+    assert!(mine.iter().all(|r| rec::seq(r) <= rec::seq(end)));
+    check_chain(&recs);
+    let (code, out) = pw.audit_verify();
+    assert_eq!(code, 0, "audit verify on the untouched log: {out}");
+
+    // The token is a secret: never in the audit files.
+    let audit = String::from_utf8_lossy(&pw.audit_bytes()).into_owned();
+    assert!(!audit.contains(&token), "token in the audit log");
+    assert!(
+        !audit.contains(jwt::signature_part(&token)),
+        "token signature in the audit log"
+    );
+}
+
+
+/// A session through pgward: a simple query, an extended one with parameters, an INSERT, a
+/// SELECT and an error, each carrying its marker.
+async fn run_session(pw: &Pgward, token: &str, db: &str, m: &Markers) {
+    let client = pw.login("alice", token, db).connect().await.unwrap();
+    within(
+        "simple",
+        client.simple_query(&format!("select '{}'", m.simple)),
+    )
+    .await
+    .unwrap();
+    let row = within(
+        "extended",
+        client.query_one(
+            &format!("select $1::int4 + 1 as n, $2::text as t -- {}", m.ext),
+            &[&41i32, &"p-text"],
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    let n = within(
+        "insert",
+        client.execute(
+            &format!(
+                "insert into audit_items select g, 'x' from generate_series(1, 3) g -- {}",
+                m.ins
+            ),
+            &[],
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(n, 3);
+    let rows = within(
+        "select",
+        client.query(&format!("select * from audit_items -- {}", m.sel), &[]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 3);
+    let err = within(
+        "error",
+        client.simple_query(&format!("select 1/0 -- {}", m.err)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("22012"));
+}
+
+/// Who, from where, to what — on every record of the session; login first, session_end last.
+fn check_who_and_order(recs: &[Value], mine: &[&Value], jti: &str, db: &str) {
+    let login = rec::login_by_jti(recs, jti).unwrap();
     assert_eq!(login["user"], "alice", "{login}");
     assert_eq!(rec::groups(login), vec!["analysts", "dev"], "{login}");
-    assert_eq!(login["database"].as_str(), Some(db.as_str()), "{login}");
+    assert_eq!(login["database"].as_str(), Some(db), "{login}");
     assert!(
         login["client"]["addr"]
             .as_str()
             .is_some_and(|a| a.starts_with("127.0.0.1:")),
         "login.client should be the TCP peer: {login}"
     );
-    for r in &mine {
+    for r in mine {
         for f in ["user", "groups", "client", "database"] {
             assert_eq!(r[f], login[f], "{f} differs between login and {r}");
         }
@@ -111,50 +145,57 @@ async fn session_is_recorded_with_statements_params_results_and_end() {
     assert_eq!(kinds.first(), Some(&"login"), "{kinds:?}");
     assert_eq!(kinds.last(), Some(&"session_end"), "{kinds:?}");
 
-    // Statements and their results.
-    let check = |needle: &str, protocol: &str| -> (Value, Value) {
-        let stmts = rec::statements_with(&recs, needle);
-        assert_eq!(
-            stmts.len(),
-            1,
-            "one statement record for {needle}: {stmts:?}"
-        );
-        let st = stmts[0].clone();
-        assert_eq!(st["session"].as_str(), Some(session.as_str()));
-        assert_eq!(st["protocol"].as_str(), Some(protocol), "{st}");
-        let res = rec::result_for(&recs, &st)
-            .unwrap_or_else(|| panic!("no result for {st}"))
-            .clone();
-        assert!(
-            rec::seq(&res) > rec::seq(&st),
-            "result must follow its statement: {st} / {res}"
-        );
-        (st, res)
-    };
-    let (_, res) = check(&m_simple, "simple");
+}
+
+/// The one statement record containing `needle`, sent with `protocol`, and its result (which
+/// follows it).
+#[track_caller]
+fn statement_and_result(recs: &[Value], session: &str, needle: &str, protocol: &str) -> (Value, Value) {
+    let stmts = rec::statements_with(recs, needle);
+    assert_eq!(
+        stmts.len(),
+        1,
+        "one statement record for {needle}: {stmts:?}"
+    );
+    let st = stmts[0].clone();
+    assert_eq!(st["session"].as_str(), Some(session));
+    assert_eq!(st["protocol"].as_str(), Some(protocol), "{st}");
+    let res = rec::result_for(recs, &st)
+        .unwrap_or_else(|| panic!("no result for {st}"))
+        .clone();
+    assert!(
+        rec::seq(&res) > rec::seq(&st),
+        "result must follow its statement: {st} / {res}"
+    );
+    (st, res)
+}
+
+/// Each statement's record (with bound parameters) and its result's tag, rows or SQLSTATE.
+fn check_statements(recs: &[Value], session: &str, m: &Markers) {
+    let (_, res) = statement_and_result(recs, session, &m.simple, "simple");
     assert_eq!(res["tag"], "SELECT 1");
     assert_eq!(res["rows"], 1);
 
-    let (st, res) = check(&m_ext, "extended");
+    let (st, res) = statement_and_result(recs, session, &m.ext, "extended");
     // tokio-postgres binds both parameters in binary (int4 41 and the text's bytes): the
     // record shows them as Postgres prints them.
     assert_eq!(st["params"], serde_json::json!(["41", "p-text"]), "{st}");
     assert_eq!(res["tag"], "SELECT 1");
     assert_eq!(res["rows"], 1);
 
-    let (_, res) = check(&m_ins, "extended");
+    let (_, res) = statement_and_result(recs, session, &m.ins, "extended");
     assert_eq!(res["tag"], "INSERT 0 3");
     assert_eq!(res["rows"], 3);
-    let (_, res) = check(&m_sel, "extended");
+    let (_, res) = statement_and_result(recs, session, &m.sel, "extended");
     assert_eq!(res["tag"], "SELECT 3");
     assert_eq!(res["rows"], 3);
-    let (_, res) = check(&m_err, "simple");
+    let (_, res) = statement_and_result(recs, session, &m.err, "simple");
     assert_eq!(res["sqlstate"], "22012", "{res}");
 
-    let end = mine.last().unwrap();
-    assert!(mine.iter().all(|r| rec::seq(r) <= rec::seq(end)));
+}
 
-    // The chain as stored: seq increases, each prev_hash is the previous record's hash.
+/// The chain as stored: seq increases, each prev_hash is the previous record's hash.
+fn check_chain(recs: &[Value]) {
     for w in recs.windows(2) {
         assert!(
             rec::seq(&w[1]) > rec::seq(&w[0]),
@@ -168,16 +209,6 @@ async fn session_is_recorded_with_statements_params_results_and_end() {
             w[0], w[1]
         );
     }
-    let (code, out) = pw.audit_verify();
-    assert_eq!(code, 0, "audit verify on the untouched log: {out}");
-
-    // The token is a secret: never in the audit files.
-    let audit = String::from_utf8_lossy(&pw.audit_bytes()).into_owned();
-    assert!(!audit.contains(&token), "token in the audit log");
-    assert!(
-        !audit.contains(jwt::signature_part(&token)),
-        "token signature in the audit log"
-    );
 }
 
 #[test]

@@ -83,6 +83,37 @@ struct BadCase {
     jti: Option<String>,
 }
 
+impl BadCase {
+    fn new(name: &'static str, user: &'static str, password: String, sqlstate: &'static str, jti: Option<String>) -> Self {
+        BadCase { name, user, password, sqlstate, jti }
+    }
+}
+
+/// What the bad tokens are made from: the claims the gateway issues, its signing key and kid,
+/// and a key it does not know.
+struct Minter {
+    base: Value,
+    key: EdKey,
+    kid: String,
+    stranger: EdKey,
+}
+
+impl Minter {
+    /// The issued claims with `edits` applied and a new jti, and that jti.
+    fn fresh(&self, edits: Value) -> (Value, String) {
+        let j = format!("bad-{}", common::rand_hex(16));
+        let mut e = edits;
+        e.as_object_mut().unwrap().insert("jti".into(), json!(j));
+        (jwt::edit_claims(&self.base, e), j)
+    }
+
+    /// Signed with the gateway's own key: refused for what the claims say.
+    fn own_key(&self, name: &'static str, user: &'static str, edits: Value, sqlstate: &'static str) -> BadCase {
+        let (cl, j) = self.fresh(edits);
+        BadCase::new(name, user, jwt::sign_eddsa(&cl, &self.kid, &self.key), sqlstate, Some(j))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_are_refused_with_sqlstate_and_audited_without_the_token() {
     let c = cluster();
@@ -98,21 +129,17 @@ async fn bad_tokens_are_refused_with_sqlstate_and_audited_without_the_token() {
             "issued token lacks {claim}: {base}"
         );
     }
-    let key = EdKey::from_pem_file(&pw.signing_key_path());
-    let kid = pw.signing_kid();
-    let stranger = EdKey::generate();
-    let now = jwt::now();
-    let fresh = |edits: Value| -> (Value, String) {
-        let j = format!("bad-{}", common::rand_hex(16));
-        let mut e = edits;
-        e.as_object_mut().unwrap().insert("jti".into(), json!(j));
-        (jwt::edit_claims(&base, e), j)
+    let m = Minter {
+        base,
+        key: EdKey::from_pem_file(&pw.signing_key_path()),
+        kid: pw.signing_kid(),
+        stranger: EdKey::generate(),
     };
 
     // Control: our own signing of the issued claims (with a new jti) is accepted, so every
     // refusal below is due to what the case changes, not to how the test signs.
-    let (claims, control_jti) = fresh(json!({}));
-    let control = jwt::sign_eddsa(&claims, &kid, &key);
+    let (claims, control_jti) = m.fresh(json!({}));
+    let control = jwt::sign_eddsa(&claims, &m.kid, &m.key);
     let client = pw
         .login("alice", &control, &db)
         .connect()
@@ -122,140 +149,84 @@ async fn bad_tokens_are_refused_with_sqlstate_and_audited_without_the_token() {
     assert_eq!(one, 1);
     drop(client);
 
-    let mut cases: Vec<BadCase> = Vec::new();
-    let mut add = |name, user, password: String, sqlstate, jti: Option<String>| {
-        cases.push(BadCase {
-            name,
-            user,
-            password,
-            sqlstate,
-            jti,
-        })
-    };
-    let (cl, j) = fresh(json!({"iat": now - 7200, "nbf": now - 7200, "exp": now - 3600}));
-    add(
-        "expired",
-        "alice",
-        jwt::sign_eddsa(&cl, &kid, &key),
-        "28P01",
-        Some(j),
+    let mut cases = claim_cases(&m);
+    cases.extend(signature_cases(&m));
+    cases.extend(not_a_token_cases(&c.svc_password));
+
+    let mut failures = try_logins(&pw, &db, &cases).await;
+    failures.extend(check_login_failed_records(&pw, &cases, &control_jti));
+    failures.extend(check_no_secrets(&pw, &cases, &control, &c.svc_password));
+    assert!(
+        failures.is_empty(),
+        "{} problem(s):\n{}",
+        failures.len(),
+        failures.join("\n")
     );
-    let (cl, j) = fresh(json!({"iat": now, "nbf": now + 3600, "exp": now + 7200}));
-    add(
-        "not yet valid",
-        "alice",
-        jwt::sign_eddsa(&cl, &kid, &key),
-        "28P01",
-        Some(j),
-    );
-    let (cl, j) = fresh(json!({"aud": "some-other-service"}));
-    add(
-        "wrong aud",
-        "alice",
-        jwt::sign_eddsa(&cl, &kid, &key),
-        "28P01",
-        Some(j),
-    );
-    let (cl, j) = fresh(json!({"iss": "https://evil.example"}));
-    add(
-        "wrong iss",
-        "alice",
-        jwt::sign_eddsa(&cl, &kid, &key),
-        "28P01",
-        Some(j),
-    );
-    let (cl, j) = fresh(json!({}));
-    add(
-        "unknown kid",
-        "alice",
-        jwt::sign_eddsa(&cl, "no-such-kid", &stranger),
-        "28P01",
-        Some(j),
-    );
-    let (cl, j) = fresh(json!({}));
-    add(
-        "known kid, stranger's key",
-        "alice",
-        jwt::sign_eddsa(&cl, &kid, &stranger),
-        "28P01",
-        Some(j),
-    );
+}
+
+/// Tokens signed with the gateway's key whose claims are wrong: out of their time, for another
+/// audience or issuer, for another user.
+fn claim_cases(m: &Minter) -> Vec<BadCase> {
+    let now = jwt::now();
+    vec![
+        m.own_key("expired", "alice", json!({"iat": now - 7200, "nbf": now - 7200, "exp": now - 3600}), "28P01"),
+        m.own_key("not yet valid", "alice", json!({"iat": now, "nbf": now + 3600, "exp": now + 7200}), "28P01"),
+        m.own_key("wrong aud", "alice", json!({"aud": "some-other-service"}), "28P01"),
+        m.own_key("wrong iss", "alice", json!({"iss": "https://evil.example"}), "28P01"),
+        m.own_key("sub differs from the startup user", "bob", json!({}), "28000"),
+    ]
+}
+
+/// Tokens whose signature is not the gateway's: unknown kid, a stranger's key, a tampered
+/// payload, `alg: none`, HS256 keyed with public material.
+fn signature_cases(m: &Minter) -> Vec<BadCase> {
+    let mut cases = Vec::new();
+    let (cl, j) = m.fresh(json!({}));
+    cases.push(BadCase::new("unknown kid", "alice", jwt::sign_eddsa(&cl, "no-such-kid", &m.stranger), "28P01", Some(j)));
+    let (cl, j) = m.fresh(json!({}));
+    cases.push(BadCase::new("known kid, stranger's key", "alice", jwt::sign_eddsa(&cl, &m.kid, &m.stranger), "28P01", Some(j)));
     {
-        let (cl, _) = fresh(json!({}));
-        let signed = jwt::sign_eddsa(&cl, &kid, &key);
-        let (tampered, j) = fresh(json!({"groups": ["admin", "superusers"]}));
-        add(
-            "tampered payload",
-            "alice",
-            jwt::with_payload(&signed, &tampered),
-            "28P01",
-            Some(j),
-        );
+        let (cl, _) = m.fresh(json!({}));
+        let signed = jwt::sign_eddsa(&cl, &m.kid, &m.key);
+        let (tampered, j) = m.fresh(json!({"groups": ["admin", "superusers"]}));
+        cases.push(BadCase::new("tampered payload", "alice", jwt::with_payload(&signed, &tampered), "28P01", Some(j)));
     }
-    let (cl, j) = fresh(json!({}));
-    add(
-        "alg none",
-        "alice",
-        jwt::alg_none(&cl, &kid),
-        "28P01",
-        Some(j),
-    );
+    let (cl, j) = m.fresh(json!({}));
+    cases.push(BadCase::new("alg none", "alice", jwt::alg_none(&cl, &m.kid), "28P01", Some(j)));
     for (what, secret) in [
         (
             "HS256 keyed with the public key's JWK x",
-            key.public_x().into_bytes(),
+            m.key.public_x().into_bytes(),
         ),
         (
             "HS256 keyed with the raw public key",
-            key.public_raw().to_vec(),
+            m.key.public_raw().to_vec(),
         ),
         (
             "HS256 keyed with the public key PEM",
-            key.public_pem().into_bytes(),
+            m.key.public_pem().into_bytes(),
         ),
     ] {
-        let (cl, j) = fresh(json!({}));
-        add(
-            what,
-            "alice",
-            jwt::sign_hs256(&cl, &kid, &secret),
-            "28P01",
-            Some(j),
-        );
+        let (cl, j) = m.fresh(json!({}));
+        cases.push(BadCase::new(what, "alice", jwt::sign_hs256(&cl, &m.kid, &secret), "28P01", Some(j)));
     }
-    let (cl, j) = fresh(json!({}));
-    add(
-        "sub differs from the startup user",
-        "bob",
-        jwt::sign_eddsa(&cl, &kid, &key),
-        "28000",
-        Some(j),
-    );
-    add(
-        "service role's real password, as the service role",
-        "pgward_svc",
-        c.svc_password.clone(),
-        "28P01",
-        None,
-    );
-    add(
-        "service role's real password, as a user",
-        "carol",
-        c.svc_password.clone(),
-        "28P01",
-        None,
-    );
-    add(
-        "not a JWT at all",
-        "dave",
-        "hunter2-not-a-token".into(),
-        "28P01",
-        None,
-    );
+    cases
+}
 
+/// Passwords that are not tokens; the startup user is unique to each and names its record.
+fn not_a_token_cases(svc_password: &str) -> Vec<BadCase> {
+    vec![
+        BadCase::new("service role's real password, as the service role", "pgward_svc", svc_password.to_string(), "28P01", None),
+        BadCase::new("service role's real password, as a user", "carol", svc_password.to_string(), "28P01", None),
+        BadCase::new("not a JWT at all", "dave", "hunter2-not-a-token".into(), "28P01", None),
+    ]
+}
+
+/// Every case's login is refused with its SQLSTATE (tokio-postgres) and psql gets nothing.
+async fn try_logins(pw: &Pgward, db: &str, cases: &[BadCase]) -> Vec<String> {
     let mut failures = Vec::new();
-    for case in &cases {
-        let login = pw.login(case.user, &case.password, &db);
+    for case in cases {
+        let login = pw.login(case.user, &case.password, db);
         // tokio-postgres: the SQLSTATE of the refusal.
         match login.connect().await {
             Ok(_) => failures.push(format!("[{}] login was accepted", case.name)),
@@ -275,8 +246,13 @@ async fn bad_tokens_are_refused_with_sqlstate_and_audited_without_the_token() {
             failures.push(format!("[{}] psql got in: {}", case.name, out.describe()));
         }
     }
+    failures
+}
 
-    // Audit: a login_failed record per case, carrying the token id and the SQLSTATE.
+/// A login_failed record per case, carrying the token id, the SQLSTATE and the user, and no
+/// login record for a refused token; the control token's login is there.
+fn check_login_failed_records(pw: &Pgward, cases: &[BadCase], control_jti: &str) -> Vec<String> {
+    let mut failures = Vec::new();
     // (Not panicking on timeout: the per-case report below says which records are missing.)
     let (_, recs) = pw.poll_audit(|recs| {
         cases.iter().filter_map(|c| c.jti.as_ref()).all(|j| {
@@ -284,7 +260,7 @@ async fn bad_tokens_are_refused_with_sqlstate_and_audited_without_the_token() {
                 .any(|r| rec::kind(r) == "login_failed" && r["jti"].as_str() == Some(j))
         })
     });
-    for case in &cases {
+    for case in cases {
         let failed: Vec<&Value> = rec::of_kind(&recs, "login_failed")
             .into_iter()
             .filter(|r| match &case.jti {
@@ -326,23 +302,27 @@ async fn bad_tokens_are_refused_with_sqlstate_and_audited_without_the_token() {
         }
     }
     // A successful login for the control token exists (so the absence checks above mean something).
-    if rec::login_by_jti(&recs, &control_jti).is_none() {
+    if rec::login_by_jti(&recs, control_jti).is_none() {
         failures.push("control token has no login record".into());
     }
+    failures
+}
 
-    // Never the secret itself: not a bad token, not its signature, not the service password,
-    // not the control token.
+/// Never the secret itself in the audit files: not a bad token, not its signature, not the
+/// service password, not the control token.
+fn check_no_secrets(pw: &Pgward, cases: &[BadCase], control: &str, svc_password: &str) -> Vec<String> {
+    let mut failures = Vec::new();
     let audit = pw.audit_bytes();
     let audit = String::from_utf8_lossy(&audit);
     let mut secrets: Vec<(String, String)> = vec![
-        ("control token".into(), control.clone()),
+        ("control token".into(), control.to_string()),
         (
             "control token signature".into(),
-            jwt::signature_part(&control).to_string(),
+            jwt::signature_part(control).to_string(),
         ),
-        ("service password".into(), c.svc_password.clone()),
+        ("service password".into(), svc_password.to_string()),
     ];
-    for case in &cases {
+    for case in cases {
         secrets.push((
             format!("[{}] password/token", case.name),
             case.password.clone(),
@@ -357,13 +337,7 @@ async fn bad_tokens_are_refused_with_sqlstate_and_audited_without_the_token() {
             failures.push(format!("{what} appears in the audit files"));
         }
     }
-
-    assert!(
-        failures.is_empty(),
-        "{} problem(s):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    failures
 }
 
 #[test]

@@ -70,9 +70,16 @@ fn unterminated_startup(db: &str) -> Vec<u8> {
 }
 
 fn cases(db: &str) -> Vec<Case> {
+    let mut v = session_cases();
+    v.extend(startup_cases(db));
+    v.extend(password_cases());
+    v
+}
+
+/// Bad frames in a logged-in session.
+fn session_cases() -> Vec<Case> {
     use Stage::*;
     vec![
-        // ---- in a session
         case(
             "frame length < 4",
             InSession,
@@ -121,7 +128,13 @@ fn cases(db: &str) -> Vec<Case> {
             fe::raw_msg(b'Q', b"select 1"),
             "08P01",
         ),
-        // ---- before / in the startup packet
+    ]
+}
+
+/// Bad bytes before or in the startup packet.
+fn startup_cases(db: &str) -> Vec<Case> {
+    use Stage::*;
+    vec![
         case(
             "garbage before startup (an HTTP request)",
             BeforeStartup,
@@ -170,7 +183,13 @@ fn cases(db: &str) -> Vec<Case> {
             ]),
             "08P01",
         ),
-        // ---- at the password step
+    ]
+}
+
+/// Bad frames at the password step.
+fn password_cases() -> Vec<Case> {
+    use Stage::*;
+    vec![
         case(
             "password frame length < 4",
             AtPassword,

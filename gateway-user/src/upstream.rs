@@ -165,68 +165,9 @@ pub async fn connect(
             b'R' => {
                 let mut r = Reader::new(f.body());
                 let code = r.i32()?;
-                let mut out = BytesMut::new();
-                match code {
-                    0 => continue,
-                    3 => {
-                        let pw = password.ok_or(UpstreamError::NoPassword)?;
-                        let mut body = BytesMut::new();
-                        body.put_slice(pw.as_bytes());
-                        body.put_u8(0);
-                        wire::message(&mut out, b'p', &body);
-                    }
-                    5 => {
-                        let pw = password.ok_or(UpstreamError::NoPassword)?;
-                        let salt = r.bytes(4)?;
-                        let salt = [salt[0], salt[1], salt[2], salt[3]];
-                        let hash = postgres_protocol::authentication::md5_hash(
-                            user.as_bytes(),
-                            pw.as_bytes(),
-                            salt,
-                        );
-                        let mut body = BytesMut::new();
-                        body.put_slice(hash.as_bytes());
-                        body.put_u8(0);
-                        wire::message(&mut out, b'p', &body);
-                    }
-                    10 => {
-                        let pw = password.ok_or(UpstreamError::NoPassword)?;
-                        let mut mechs = Vec::new();
-                        loop {
-                            let m = r.cstr()?;
-                            if m.is_empty() {
-                                break;
-                            }
-                            mechs.push(m);
-                        }
-                        if !mechs.iter().any(|m| m == SCRAM_SHA_256) {
-                            return Err(UpstreamError::Scram(format!(
-                                "server offers {mechs:?}, pgward supports {SCRAM_SHA_256}"
-                            )));
-                        }
-                        let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                        let first = s.message();
-                        let mut body = BytesMut::new();
-                        body.put_slice(SCRAM_SHA_256.as_bytes());
-                        body.put_u8(0);
-                        body.put_i32(first.len() as i32);
-                        body.put_slice(first);
-                        wire::message(&mut out, b'p', &body);
-                        scram = Some(s);
-                    }
-                    11 => {
-                        let s = scram.as_mut().ok_or_else(|| UpstreamError::Scram("unexpected SASLContinue".into()))?;
-                        s.update(r.rest()).map_err(|e| UpstreamError::Scram(e.to_string()))?;
-                        wire::message(&mut out, b'p', s.message());
-                    }
-                    12 => {
-                        let s = scram.as_mut().ok_or_else(|| UpstreamError::Scram("unexpected SASLFinal".into()))?;
-                        s.finish(r.rest()).map_err(|e| UpstreamError::Scram(e.to_string()))?;
-                        continue;
-                    }
-                    other => return Err(UpstreamError::UnsupportedAuth(other)),
+                if let Some(out) = auth_reply(code, &mut r, user, password, &mut scram)? {
+                    stream.write_all(&out).await.map_err(WireError::Io)?;
                 }
-                stream.write_all(&out).await.map_err(WireError::Io)?;
             }
             b'S' => {
                 let mut r = Reader::new(f.body());
@@ -263,6 +204,82 @@ pub async fn connect(
             }
         }
     }
+}
+
+/// Authentication request codes of the server's `AuthenticationXXX` messages.
+const AUTH_OK: i32 = 0;
+const AUTH_CLEARTEXT_PASSWORD: i32 = 3;
+const AUTH_MD5_PASSWORD: i32 = 5;
+const AUTH_SASL: i32 = 10;
+const AUTH_SASL_CONTINUE: i32 = 11;
+const AUTH_SASL_FINAL: i32 = 12;
+
+/// The answer to the server's authentication request `code` (its body after the code in `r`):
+/// the message to send, or None when there is nothing to send (ok, SCRAM's final check).
+/// `scram` carries the SCRAM exchange across its three requests.
+fn auth_reply(
+    code: i32,
+    r: &mut Reader<'_>,
+    user: &str,
+    password: Option<&str>,
+    scram: &mut Option<ScramSha256>,
+) -> Result<Option<BytesMut>, UpstreamError> {
+    let mut out = BytesMut::new();
+    match code {
+        AUTH_OK => return Ok(None),
+        AUTH_CLEARTEXT_PASSWORD => {
+            let pw = password.ok_or(UpstreamError::NoPassword)?;
+            let mut body = BytesMut::new();
+            body.put_slice(pw.as_bytes());
+            body.put_u8(0);
+            wire::message(&mut out, b'p', &body);
+        }
+        AUTH_MD5_PASSWORD => {
+            let pw = password.ok_or(UpstreamError::NoPassword)?;
+            let salt = r.bytes(4)?;
+            let salt = [salt[0], salt[1], salt[2], salt[3]];
+            let hash = postgres_protocol::authentication::md5_hash(user.as_bytes(), pw.as_bytes(), salt);
+            let mut body = BytesMut::new();
+            body.put_slice(hash.as_bytes());
+            body.put_u8(0);
+            wire::message(&mut out, b'p', &body);
+        }
+        AUTH_SASL => {
+            let pw = password.ok_or(UpstreamError::NoPassword)?;
+            let mut mechs = Vec::new();
+            loop {
+                let m = r.cstr()?;
+                if m.is_empty() {
+                    break;
+                }
+                mechs.push(m);
+            }
+            if !mechs.iter().any(|m| m == SCRAM_SHA_256) {
+                return Err(UpstreamError::Scram(format!("server offers {mechs:?}, pgward supports {SCRAM_SHA_256}")));
+            }
+            let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+            let first = s.message();
+            let mut body = BytesMut::new();
+            body.put_slice(SCRAM_SHA_256.as_bytes());
+            body.put_u8(0);
+            body.put_i32(first.len() as i32);
+            body.put_slice(first);
+            wire::message(&mut out, b'p', &body);
+            *scram = Some(s);
+        }
+        AUTH_SASL_CONTINUE => {
+            let s = scram.as_mut().ok_or_else(|| UpstreamError::Scram("unexpected SASLContinue".into()))?;
+            s.update(r.rest()).map_err(|e| UpstreamError::Scram(e.to_string()))?;
+            wire::message(&mut out, b'p', s.message());
+        }
+        AUTH_SASL_FINAL => {
+            let s = scram.as_mut().ok_or_else(|| UpstreamError::Scram("unexpected SASLFinal".into()))?;
+            s.finish(r.rest()).map_err(|e| UpstreamError::Scram(e.to_string()))?;
+            return Ok(None);
+        }
+        other => return Err(UpstreamError::UnsupportedAuth(other)),
+    }
+    Ok(Some(out))
 }
 
 impl Upstream {

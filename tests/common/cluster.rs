@@ -180,6 +180,19 @@ fn chown_tree(p: &Path, uid: u32, gid: u32) {
 
 impl PgCluster {
     fn start(opts: ClusterOptions) -> PgCluster {
+        let mut c = PgCluster::lay_out(opts);
+        c.initdb();
+        c.configure(opts);
+        c.start_server();
+        std::fs::create_dir_all(c.scratch_dir()).unwrap();
+        c.spawn_watchdog();
+        c.create_roles();
+        c
+    }
+
+    /// The temp dir with the data, socket and log paths and the service password file, owned
+    /// by the server's OS user; the socket directory private unless `opts.open_socket`.
+    fn lay_out(opts: ClusterOptions) -> PgCluster {
         let bin_dir = PathBuf::from(
             std::env::var("PGWARD_E2E_PG_BIN")
                 .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
@@ -217,7 +230,7 @@ impl PgCluster {
             std::fs::set_permissions(&socket_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         }
 
-        let mut c = PgCluster {
+        PgCluster {
             root,
             data_dir,
             socket_dir,
@@ -229,18 +242,25 @@ impl PgCluster {
             svc_password_file,
             run_as,
             db_counter: AtomicU32::new(0),
-        };
+        }
+    }
 
+    /// A fresh data directory: UTF8, C locale, trust on the socket, SCRAM over TCP.
+    fn initdb(&self) {
         let init = run_cmd(
-            c.server_cmd("initdb")
+            self.server_cmd("initdb")
                 .arg("-D")
-                .arg(&c.data_dir)
+                .arg(&self.data_dir)
                 .args(["-U", SUPERUSER, "-E", "UTF8", "--locale=C", "--no-sync"])
                 .args(["--auth-local=trust", "--auth-host=scram-sha-256"]),
             None,
             Duration::from_secs(180),
         );
         init.expect_ok();
+    }
+
+    /// The harness's settings in postgresql.conf (and TLS with `opts.ssl`).
+    fn configure(&self, opts: ClusterOptions) {
         // Settings that need no shell quoting go on the pg_ctl command line; these go here.
         let extra = "\n# pgward e2e harness\n\
             password_encryption = 'scram-sha-256'\n\
@@ -248,15 +268,18 @@ impl PgCluster {
             synchronous_commit = off\n\
             full_page_writes = off\n\
             max_connections = 200\n";
-        let conf = c.data_dir.join("postgresql.conf");
+        let conf = self.data_dir.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf).unwrap();
         text.push_str(extra);
         if opts.ssl {
-            c.make_server_certificate();
+            self.make_server_certificate();
             text.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
         }
         std::fs::write(&conf, text).unwrap();
+    }
 
+    /// `pg_ctl start` on a free port.
+    fn start_server(&mut self) {
         // A port can be taken between our probe and postgres' bind: retry with another.
         let mut last = None;
         for _ in 0..5 {
@@ -264,26 +287,26 @@ impl PgCluster {
             let opts = format!(
                 "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={} \
                  -c fsync=off -c log_statement=all -c logging_collector=off",
-                c.socket_dir.display()
+                self.socket_dir.display()
             );
             let out = run_cmd(
-                c.server_cmd("pg_ctl")
+                self.server_cmd("pg_ctl")
                     .arg("-D")
-                    .arg(&c.data_dir)
+                    .arg(&self.data_dir)
                     .arg("-l")
-                    .arg(&c.log_file)
+                    .arg(&self.log_file)
                     .args(["-w", "-t", "120", "-o", &opts, "start"]),
                 None,
                 Duration::from_secs(180),
             );
             if out.success() {
-                c.port = port;
+                self.port = port;
                 last = None;
                 break;
             }
             last = Some((
                 out,
-                std::fs::read_to_string(&c.log_file).unwrap_or_default(),
+                std::fs::read_to_string(&self.log_file).unwrap_or_default(),
             ));
         }
         if let Some((out, log)) = last {
@@ -292,27 +315,27 @@ impl PgCluster {
                 out.describe()
             );
         }
-        std::fs::create_dir_all(c.scratch_dir()).unwrap();
-        c.spawn_watchdog();
+    }
 
-        c.sql(
+    /// The service role (with what pgward with interception needs) and the app database.
+    fn create_roles(&self) {
+        self.sql(
             "postgres",
             &format!(
                 "CREATE ROLE {SVC_USER} LOGIN CREATEDB PASSWORD '{}'",
-                c.svc_password
+                self.svc_password
             ),
         );
-        c.sql(
+        self.sql(
             "postgres",
             &format!("CREATE DATABASE {APP_DB} OWNER {SVC_USER}"),
         );
         // pgward with interception asks where the server listens (unix_socket_directories is
         // for pg_read_all_settings) and ends sessions that did not come through it.
-        c.sql(
+        self.sql(
             "postgres",
             &format!("GRANT pg_signal_backend, pg_read_all_settings TO {SVC_USER}"),
         );
-        c
     }
 
     /// A command for a server-side binary, run as the server's OS user when we are root.

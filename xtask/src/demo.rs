@@ -80,13 +80,73 @@ impl Drop for Gateway {
 pub fn run(args: &DemoArgs) -> Result<()> {
     let root = util::workspace_root();
     util::run_timed("build pgward", util::cargo().args(["build", "-p", "gateway-user"]).current_dir(&root))?;
-    let pgward = root.join("target/debug/pgward");
+    // Where the build above put it: $CARGO_TARGET_DIR when set (as `bench` finds it).
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let pgward = target_dir.join("debug/pgward");
     let base = root.join("target/demo");
 
     step("starting a throwaway PostgreSQL 15");
     let cluster = Cluster::start(&base.join("pg"), &[])?;
     step(&format!("postgres on 127.0.0.1:{} (service role {})", cluster.port, pg::SERVICE_USER));
 
+    let setup = init_gateway(&pgward, &base, &cluster)?;
+    add_demo_policy(&setup)?;
+
+    // Interception: clients dial the real Postgres port and land in pgward. The demo Postgres
+    // listens on its own port (standing in for 5432) and stays there ("in place" layout).
+    let cgroup = DemoCgroup::create();
+    match &cgroup {
+        Some(cg) => enable_interception(&setup, cg, cluster.port)?,
+        None => step("interception skipped (needs root and cgroup v2 at /sys/fs/cgroup/unified); clients dial pgward directly"),
+    }
+
+    step(&format!("pgward serve --config {}", setup.config.display()));
+    let child = spawn_gateway(&pgward, &base, &setup)?;
+    let _detach = cgroup.is_some().then(|| Detach(pgward.clone(), setup.config.clone()));
+    let gw = Gateway(child);
+    wait_port(setup.port)?;
+    if cgroup.is_some() {
+        wait_attached(&setup)?;
+    }
+    // With interception, psql dials the *Postgres* port from inside the demo cgroup.
+    let dial_port = if cgroup.is_some() { cluster.port } else { setup.port };
+    let psql = |args: &[&str]| psql_command(cgroup.as_ref(), dial_port, args);
+
+    sample_sessions(&pgward, &setup.config, dial_port, psql)?;
+    if cgroup.is_some() {
+        step("pgward status");
+        print!("{}", run_ok(Command::new(&pgward).args(["status", "--config"]).arg(&setup.config))?);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    show_audit(&pgward, &setup.config)?;
+
+    if args.keep {
+        step(&format!(
+            "pgward is on 127.0.0.1:{port}; try: PGPASSWORD=$({} token issue --config {} --user alice) psql -h 127.0.0.1 -p {port} -U alice app   (Ctrl-C to stop)",
+            pgward.display(),
+            setup.config.display(),
+            port = setup.port,
+        ));
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    drop(gw);
+    drop(cgroup);
+    cluster.stop();
+    step("demo finished: pgward and Postgres stopped");
+    Ok(())
+}
+
+/// The demo's pgward: its directory (made by `pgward init`), config file and listen port.
+struct GatewaySetup {
+    dir: PathBuf,
+    config: PathBuf,
+    port: u16,
+}
+
+/// `pgward init` a fresh directory under `base`, pointed at the demo cluster's `app` database.
+fn init_gateway(pgward: &Path, base: &Path, cluster: &Cluster) -> Result<GatewaySetup> {
     let gw_dir = base.join("pgward");
     let _ = std::fs::remove_dir_all(&gw_dir);
     let pwfile = base.join("svc.password");
@@ -94,88 +154,86 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let port = pg::free_port()?;
     let listen = format!("127.0.0.1:{port}");
     let upstream = format!("postgres://{}@127.0.0.1:{}/app", pg::SERVICE_USER, cluster.port);
-    run_ok(Command::new(&pgward).args(["init", "--dir"]).arg(&gw_dir).args(["--listen", &listen, "--upstream", &upstream, "--upstream-password-file"]).arg(&pwfile))?;
+    run_ok(Command::new(pgward).args(["init", "--dir"]).arg(&gw_dir).args(["--listen", &listen, "--upstream", &upstream, "--upstream-password-file"]).arg(&pwfile))?;
     let config = gw_dir.join("pgward.toml");
+    Ok(GatewaySetup { dir: gw_dir, config, port })
+}
 
-    // A demo policy on top of the default one: no UPDATE/DELETE without WHERE, and card
-    // numbers masked for everyone but pii_readers.
+/// A demo policy on top of the default one: no UPDATE/DELETE without WHERE, and card
+/// numbers masked for everyone but pii_readers.
+fn add_demo_policy(setup: &GatewaySetup) -> Result<()> {
     std::fs::write(
-        gw_dir.join("policies/demo.toml"),
+        setup.dir.join("policies/demo.toml"),
         "[[rule]]\nname = \"no-unbounded-writes\"\naction = \"deny\"\nmodifiers = [\"no_where\"]\n\
          reason = \"UPDATE and DELETE need a WHERE clause\"\n\n\
          [[mask]]\nname = \"cards\"\ncolumns = [\"public.customers.card\"]\ndetect = [\"card\"]\n\
          style = \"keep_last\"\nkeep = 4\nexcept_groups = [\"pii_readers\"]\n",
     )?;
-    {
-        let text = std::fs::read_to_string(&config)?;
-        let text = text.replace(
-            "files = [\"policies/default.toml\"]",
-            "files = [\"policies/default.toml\", \"policies/demo.toml\"]",
-        );
-        std::fs::write(&config, text)?;
-    }
+    let text = std::fs::read_to_string(&setup.config)?;
+    let text = text.replace(
+        "files = [\"policies/default.toml\"]",
+        "files = [\"policies/default.toml\", \"policies/demo.toml\"]",
+    );
+    std::fs::write(&setup.config, text)?;
+    Ok(())
+}
 
-    // Interception: clients dial the real Postgres port and land in pgward. The demo Postgres
-    // listens on its own port (standing in for 5432) and stays there ("in place" layout).
-    let cgroup = DemoCgroup::create();
-    match &cgroup {
-        Some(cg) => {
-            let mut text = std::fs::read_to_string(&config)?;
-            text.push_str(&format!(
-                "\n[intercept]\nenabled = true\ncgroup = \"{}\"\nprotected = [\"0.0.0.0:{p}\", \"[::]:{p}\"]\nsk_lookup = false\n",
-                cg.0.display(),
-                p = cluster.port
-            ));
-            std::fs::write(&config, text)?;
-            step(&format!("interception on: connects to port {} from cgroup {} go to pgward", cluster.port, cg.0.display()));
-        }
-        None => step("interception skipped (needs root and cgroup v2 at /sys/fs/cgroup/unified); clients dial pgward directly"),
-    }
+/// Turn interception on for connects from `cg` to the demo Postgres port `pg_port`.
+fn enable_interception(setup: &GatewaySetup, cg: &DemoCgroup, pg_port: u16) -> Result<()> {
+    let mut text = std::fs::read_to_string(&setup.config)?;
+    text.push_str(&format!(
+        "\n[intercept]\nenabled = true\ncgroup = \"{}\"\nprotected = [\"0.0.0.0:{p}\", \"[::]:{p}\"]\nsk_lookup = false\n",
+        cg.0.display(),
+        p = pg_port
+    ));
+    std::fs::write(&setup.config, text)?;
+    step(&format!("interception on: connects to port {} from cgroup {} go to pgward", pg_port, cg.0.display()));
+    Ok(())
+}
 
-    step(&format!("pgward serve --config {}", config.display()));
+/// `pgward serve`, its log in `base/pgward.log`.
+fn spawn_gateway(pgward: &Path, base: &Path, setup: &GatewaySetup) -> Result<Child> {
     let log = std::fs::File::create(base.join("pgward.log"))?;
-    let child = Command::new(&pgward)
+    Command::new(pgward)
         .args(["serve", "--config"])
-        .arg(&config)
+        .arg(&setup.config)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .context("starting pgward serve")?;
-    let _detach = cgroup.is_some().then(|| Detach(pgward.clone(), config.clone()));
-    let gw = Gateway(child);
-    wait_port(port)?;
-    if cgroup.is_some() {
-        let state = gw_dir.join("intercept.state.json");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !state.exists() {
-            if Instant::now() > deadline {
-                bail!("pgward did not attach its eBPF programs; see target/demo/pgward.log");
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        .context("starting pgward serve")
+}
+
+/// Wait for pgward's interception state file: its eBPF programs are attached.
+fn wait_attached(setup: &GatewaySetup) -> Result<()> {
+    let state = setup.dir.join("intercept.state.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !state.exists() {
+        if Instant::now() > deadline {
+            bail!("pgward did not attach its eBPF programs; see target/demo/pgward.log");
         }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    // With interception, psql dials the *Postgres* port from inside the demo cgroup.
-    let dial_port = if cgroup.is_some() { cluster.port } else { port };
-    let psql = |args: &[&str]| -> Command {
-        let mut c = match &cgroup {
-            Some(cg) => {
-                let mut c = Command::new("sh");
-                c.arg("-c")
-                    .arg(format!("echo $$ > {}/cgroup.procs && exec psql \"$@\"", cg.0.display()))
-                    .arg("psql");
-                c
-            }
-            None => Command::new("psql"),
-        };
-        c.args(["-X", "-h", "127.0.0.1", "-p", &dial_port.to_string(), "-U", "alice", "-d", "app"]).args(args);
-        c
+    Ok(())
+}
+
+/// psql as alice to `app` on `dial_port`; with a demo cgroup, run from inside it.
+fn psql_command(cgroup: Option<&DemoCgroup>, dial_port: u16, args: &[&str]) -> Command {
+    let mut c = match cgroup {
+        Some(cg) => {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(format!("echo $$ > {}/cgroup.procs && exec psql \"$@\"", cg.0.display()))
+                .arg("psql");
+            c
+        }
+        None => Command::new("psql"),
     };
+    c.args(["-X", "-h", "127.0.0.1", "-p", &dial_port.to_string(), "-U", "alice", "-d", "app"]).args(args);
+    c
+}
 
-    let token = run_ok(Command::new(&pgward).args(["token", "issue", "--config"]).arg(&config).args(["--user", "alice", "--groups", "analysts", "--ttl", "15m"]))?;
-    let token = token.trim().to_string();
-    step(&format!("token for alice: {}…", &token[..token.len().min(40)]));
-
-    let sql = "\\echo '--- alice connects to pgward with a token as her password'\n\
+/// The statements of the sample session: masking, strict masking and a policy denial.
+const SAMPLE_SQL: &str = "\\echo '--- alice connects to pgward with a token as her password'\n\
         select current_setting('application_name') as upstream_application_name;\n\
         create table if not exists customers(id int primary key, name text, card text);\n\
         insert into customers values (1, 'Ada', '4242424242424242'), (2, 'Grace', '5555555555554444') on conflict do nothing;\n\
@@ -188,6 +246,13 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         begin; update customers set name = 'Ada L.' where id = 1; commit;\n\
         select count(*) from customers;\n\
         select 1/0;\n";
+
+/// Alice's session with a token, then a login with the service password (refused).
+fn sample_sessions(pgward: &Path, config: &Path, dial_port: u16, psql: impl Fn(&[&str]) -> Command) -> Result<()> {
+    let token = run_ok(Command::new(pgward).args(["token", "issue", "--config"]).arg(config).args(["--user", "alice", "--groups", "analysts", "--ttl", "15m"]))?;
+    let token = token.trim().to_string();
+    step(&format!("token for alice: {}…", &token[..token.len().min(40)]));
+
     step(&format!("psql -h 127.0.0.1 -p {dial_port} -U alice app   (a session through pgward)"));
     let out = psql(&["-v", "ON_ERROR_STOP=0"])
         .env("PGPASSWORD", &token)
@@ -199,7 +264,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         .and_then(|mut c| {
             use std::io::Write;
             if let Some(mut i) = c.stdin.take() {
-                i.write_all(sql.as_bytes())?;
+                i.write_all(SAMPLE_SQL.as_bytes())?;
             }
             c.wait_with_output()
         })?;
@@ -211,37 +276,21 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         .env("PGPASSWORD", pg::SERVICE_PASSWORD)
         .output()?;
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
 
-    if cgroup.is_some() {
-        step("pgward status");
-        print!("{}", run_ok(Command::new(&pgward).args(["status", "--config"]).arg(&config))?);
-    }
-    std::thread::sleep(Duration::from_millis(300));
+/// `pgward audit tail` and `pgward audit verify`; a failed verify fails the demo.
+fn show_audit(pgward: &Path, config: &Path) -> Result<()> {
     step("pgward audit tail");
-    let tail = run_ok(Command::new(&pgward).args(["audit", "tail", "--config"]).arg(&config))?;
+    let tail = run_ok(Command::new(pgward).args(["audit", "tail", "--config"]).arg(config))?;
     print!("{tail}");
     step("pgward audit verify");
-    let verify = Command::new(&pgward).args(["audit", "verify", "--config"]).arg(&config).output()?;
+    let verify = Command::new(pgward).args(["audit", "verify", "--config"]).arg(config).output()?;
     print!("{}", String::from_utf8_lossy(&verify.stdout));
     eprint!("{}", String::from_utf8_lossy(&verify.stderr));
     if !verify.status.success() {
         bail!("audit verify failed");
     }
-
-    if args.keep {
-        step(&format!(
-            "pgward is on 127.0.0.1:{port}; try: PGPASSWORD=$({} token issue --config {} --user alice) psql -h 127.0.0.1 -p {port} -U alice app   (Ctrl-C to stop)",
-            pgward.display(),
-            config.display()
-        ));
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
-        }
-    }
-    drop(gw);
-    drop(cgroup);
-    cluster.stop();
-    step("demo finished: pgward and Postgres stopped");
     Ok(())
 }
 

@@ -241,48 +241,8 @@ fn format_human(s: &mut String, r: &Record) {
     if let Some(x) = &r.database {
         let _ = write!(s, "  db={x}");
     }
-    let field = |s: &mut String, text: String| {
-        s.push_str("  ");
-        s.push_str(&text);
-    };
     match r.kind {
-        Kind::Login | Kind::LoginFailed => {
-            match &r.client {
-                Some(Client::Tcp { addr, meta }) => {
-                    field(s, format!("from={addr}"));
-                    // Intercepted connection: who the kernel saw and what it dialled.
-                    if let Some(m) = meta {
-                        let get = |k: &str| m.get(k).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
-                        let mut parts = Vec::new();
-                        if let Some(d) = get("original_dst") {
-                            parts.push(format!("dialled={d}"));
-                        }
-                        for k in ["comm", "pid", "uid", "cgroup"] {
-                            if let Some(v) = get(k) {
-                                parts.push(format!("{k}={v}"));
-                            }
-                        }
-                        if !parts.is_empty() {
-                            field(s, format!("[{}]", parts.join(" ")));
-                        }
-                    }
-                }
-                Some(Client::Unix { uid, pid }) => field(s, format!("from=unix(uid={uid},pid={pid})")),
-                None => {}
-            }
-            if let Some(g) = &r.groups {
-                field(s, format!("groups={}", g.join(",")));
-            }
-            if let Some(j) = &r.jti {
-                field(s, format!("jti={j}"));
-            }
-            if let Some(st) = &r.sqlstate {
-                field(s, format!("ERROR {st}"));
-            }
-            if let Some(e) = &r.error {
-                field(s, one_line(e));
-            }
-        }
+        Kind::Login | Kind::LoginFailed => format_login(s, r),
         Kind::Statement => {
             if r.decision.as_deref() == Some("deny") {
                 field(s, format!("DENIED({})", r.rule.as_deref().unwrap_or("?")));
@@ -294,26 +254,7 @@ fn format_human(s: &mut String, r: &Record) {
                 field(s, format!("[{}]", fmt_params(p)));
             }
         }
-        Kind::Result => {
-            if let Some(st) = r.statement_seq {
-                field(s, format!("-> #{st}"));
-            }
-            if let Some(t) = &r.tag {
-                field(s, t.clone());
-            }
-            if let Some(n) = r.rows {
-                field(s, format!("rows={n}"));
-            }
-            if let Some(us) = r.duration_us {
-                field(s, fmt_duration_us(us));
-            }
-            if let Some(st) = &r.sqlstate {
-                field(s, format!("ERROR {st}"));
-            }
-            if let Some(e) = &r.error {
-                field(s, one_line(e));
-            }
-        }
+        Kind::Result => format_result(s, r),
         Kind::SessionEnd => {
             if let Some(e) = &r.error {
                 field(s, one_line(e));
@@ -347,6 +288,77 @@ fn format_human(s: &mut String, r: &Record) {
         && let Some(m) = &r.meta
     {
         field(s, m.to_string());
+    }
+}
+
+/// Append `text` as one more field of a human-readable line.
+fn field(s: &mut String, text: String) {
+    s.push_str("  ");
+    s.push_str(&text);
+}
+
+/// A login's (or failed login's) client, groups, token id and error.
+fn format_login(s: &mut String, r: &Record) {
+    match &r.client {
+        Some(Client::Tcp { addr, meta }) => {
+            field(s, format!("from={addr}"));
+            if let Some(m) = meta {
+                format_intercepted(s, m);
+            }
+        }
+        Some(Client::Unix { uid, pid }) => field(s, format!("from=unix(uid={uid},pid={pid})")),
+        None => {}
+    }
+    if let Some(g) = &r.groups {
+        field(s, format!("groups={}", g.join(",")));
+    }
+    if let Some(j) = &r.jti {
+        field(s, format!("jti={j}"));
+    }
+    if let Some(st) = &r.sqlstate {
+        field(s, format!("ERROR {st}"));
+    }
+    if let Some(e) = &r.error {
+        field(s, one_line(e));
+    }
+}
+
+/// An intercepted connection: who the kernel saw and what it dialled.
+fn format_intercepted(s: &mut String, m: &serde_json::Value) {
+    let get = |k: &str| m.get(k).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+    let mut parts = Vec::new();
+    if let Some(d) = get("original_dst") {
+        parts.push(format!("dialled={d}"));
+    }
+    for k in ["comm", "pid", "uid", "cgroup"] {
+        if let Some(v) = get(k) {
+            parts.push(format!("{k}={v}"));
+        }
+    }
+    if !parts.is_empty() {
+        field(s, format!("[{}]", parts.join(" ")));
+    }
+}
+
+/// A result's statement number, command tag, rows, duration and error.
+fn format_result(s: &mut String, r: &Record) {
+    if let Some(st) = r.statement_seq {
+        field(s, format!("-> #{st}"));
+    }
+    if let Some(t) = &r.tag {
+        field(s, t.clone());
+    }
+    if let Some(n) = r.rows {
+        field(s, format!("rows={n}"));
+    }
+    if let Some(us) = r.duration_us {
+        field(s, fmt_duration_us(us));
+    }
+    if let Some(st) = &r.sqlstate {
+        field(s, format!("ERROR {st}"));
+    }
+    if let Some(e) = &r.error {
+        field(s, one_line(e));
     }
 }
 

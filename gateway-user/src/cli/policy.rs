@@ -278,12 +278,15 @@ mod tests {
         assert!(text.contains("no-dynamic-sql-functions"), "{text}");
     }
 
-    #[test]
-    fn exit_codes_and_output() {
-        let example = repo_file("policies/example.toml");
-        let p = example.to_str().unwrap();
-        let at = ["--at", "2025-06-10T12:00:00Z"];
+    /// `policies/example.toml`, and `--at` a fixed time so decisions do not depend on the clock.
+    fn example_policy() -> (std::path::PathBuf, [&'static str; 2]) {
+        (repo_file("policies/example.toml"), ["--at", "2025-06-10T12:00:00Z"])
+    }
 
+    #[test]
+    fn an_allowed_statement_exits_0_naming_its_rule_and_role() {
+        let (example, at) = example_policy();
+        let p = example.to_str().unwrap();
         let a = args(
             &[
                 &["--policy", p, "--user", "alice", "--groups", "analysts", "--database", "app"][..],
@@ -298,7 +301,12 @@ mod tests {
         assert!(out.contains("rule=analysts-read"), "{out}");
         assert!(out.contains("result: allow (rule analysts-read)"), "{out}");
         assert!(out.contains("role after login: analyst_ro"), "{out}");
+    }
 
+    #[test]
+    fn a_denied_statement_exits_1_with_its_class_and_modifiers() {
+        let (example, at) = example_policy();
+        let p = example.to_str().unwrap();
         let a = args(
             &[
                 &["--policy", p, "--user", "alice", "--groups", "analysts,hr", "--database", "app"][..],
@@ -312,8 +320,13 @@ mod tests {
         assert!(out.contains("statement 2: deny  class=write"), "{out}");
         assert!(out.contains("modifiers: no_where,multi_statement"), "{out}");
         assert!(out.contains("result: deny (rule analysts-single-statement)"), "{out}");
+    }
 
-        // The change window, via --at.
+    /// The engineers' change window, decided at the time `--at` gives.
+    #[test]
+    fn the_change_window_is_decided_at_the_given_time() {
+        let (example, _) = example_policy();
+        let p = example.to_str().unwrap();
         let a = args(&[
             "--policy",
             p,
@@ -344,8 +357,12 @@ mod tests {
             "CREATE TABLE t (id int)",
         ]);
         assert_eq!(check(&a).unwrap().0, 1);
+    }
 
-        // EXECUTE with a known prepared statement.
+    #[test]
+    fn execute_of_a_known_prepared_statement_is_decided_on_its_text() {
+        let (example, at) = example_policy();
+        let p = example.to_str().unwrap();
         let a = args(
             &[
                 &[
@@ -366,8 +383,12 @@ mod tests {
             .concat(),
         );
         assert_eq!(check(&a).unwrap().0, 0);
+    }
 
-        // JSON output.
+    #[test]
+    fn json_output_names_the_decision_rule_and_modifiers() {
+        let (example, at) = example_policy();
+        let p = example.to_str().unwrap();
         let a = args(
             &[
                 &["--policy", p, "--user", "alice", "--groups", "analysts", "--database", "app", "--json"][..],

@@ -292,6 +292,12 @@ impl super::lineage::Resolver for ViewResolver<'_> {
     }
 }
 
+/// How long a catalog load may take before it is given up (the snapshot stays as it was).
+const LOAD_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How many levels of views over views over masked columns are followed.
+const VIEW_DEPTH: usize = 4;
+
 async fn load(policy: &MaskPolicy, access: &Access, db: &str) -> Result<Snapshot, String> {
     let Some(sql) = catalog_sql(policy) else {
         return Ok(Snapshot { loaded: Some(Instant::now()), ..Default::default() });
@@ -301,91 +307,9 @@ async fn load(policy: &MaskPolicy, access: &Access, db: &str) -> Result<Snapshot
     let fut = async {
         let (mut up, mut buf) = connect(&access.target, &access.user, access.password.as_deref(), db).await?;
         let mut snap = Snapshot::default();
-        let mut masked_oids: Vec<u32> = Vec::new();
-        // OID → (column, rule bits) of every rule table, for its children.
-        let mut by_oid: HashMap<u32, Vec<(String, u64)>> = HashMap::new();
-        for row in rows(&mut up, &mut buf, &sql).await? {
-            let [Some(oid), Some(attnum), Some(schema), Some(table), Some(column)] = row.as_slice() else {
-                return Err("unexpected catalog row".to_string());
-            };
-            let oid: u32 = oid.parse().map_err(|_| "bad oid")?;
-            let attnum: i16 = attnum.parse().map_err(|_| "bad attnum")?;
-            let bits = policy.rules_for(Some(schema), table, Some(column));
-            by_oid.entry(oid).or_default().push((column.to_lowercase(), bits));
-            if bits != 0 {
-                snap.cols.insert((oid, attnum), bits);
-                if !masked_oids.contains(&oid) {
-                    masked_oids.push(oid);
-                }
-            }
-            if policy.rules_for(Some(schema), table, None) != 0 {
-                snap.tables.entry((schema.to_lowercase(), table.to_lowercase())).or_default().push(column.to_lowercase());
-            }
-        }
-        // Keep only tables that actually have a masked column.
-        let masked_tables: std::collections::HashSet<(String, String)> = snap
-            .tables
-            .iter()
-            .filter(|((s, t), cols)| cols.iter().any(|c| policy.rules_for(Some(s), t, Some(c)) != 0))
-            .map(|(k, _)| k.clone())
-            .collect();
-        snap.tables.retain(|k, _| masked_tables.contains(k));
+        let (mut masked_oids, by_oid) = rule_columns(policy, &mut up, &mut buf, &sql, &mut snap).await?;
         inherit(&mut up, &mut buf, &mut snap, &mut masked_oids, &by_oid).await?;
-
-        // Views over masked columns (and views over those, a few levels): a view's columns
-        // carry the view's OID in RowDescription, so each view definition goes through lineage.
-        let mut frontier = masked_oids.clone();
-        let mut seen: std::collections::HashSet<u32> = masked_oids.iter().copied().collect();
-        for _round in 0..4 {
-            if frontier.is_empty() {
-                break;
-            }
-            let list = frontier.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(",");
-            let q = format!(
-                "SELECT v.oid, n.nspname, v.relname, pg_catalog.pg_get_viewdef(v.oid), \
-                 pg_catalog.array_to_string(ARRAY(SELECT a.attname FROM pg_catalog.pg_attribute a \
-                   WHERE a.attrelid = v.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum), chr(31)) \
-                 FROM pg_catalog.pg_class v JOIN pg_catalog.pg_namespace n ON n.oid = v.relnamespace \
-                 WHERE v.relkind IN ('v', 'm') AND v.oid IN (SELECT r.ev_class FROM pg_catalog.pg_depend d \
-                   JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid \
-                   WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass \
-                   AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid IN ({list}))"
-            );
-            frontier.clear();
-            for row in rows(&mut up, &mut buf, &q).await? {
-                let [Some(oid), Some(schema), Some(name), Some(def), Some(cols)] = row.as_slice() else { continue };
-                let Ok(oid) = oid.parse::<u32>() else { continue };
-                if !seen.insert(oid) {
-                    continue;
-                }
-                let cols: Vec<String> = cols.split('\u{1f}').map(|c| c.to_lowercase()).collect();
-                let res = ViewResolver { policy, snap: &snap };
-                let taints = match super::lineage::analyze(def, &res).as_deref() {
-                    Some([super::lineage::StmtKind::Rows(l)]) => l.columns(cols.len()),
-                    _ => None,
-                };
-                let mut vcols = Vec::new();
-                for (i, c) in cols.iter().enumerate() {
-                    // A definition lineage cannot follow: every column may carry masked data.
-                    let t = match &taints {
-                        Some(t) => t.get(i).copied().unwrap_or_default(),
-                        None => super::lineage::Taint { rules: policy.rules_for(None, "*", None), direct: false },
-                    };
-                    vcols.push((c.clone(), t.rules));
-                    if t.rules != 0 {
-                        let attnum = (i + 1) as i16;
-                        snap.cols.insert((oid, attnum), t.rules);
-                        if !t.direct {
-                            snap.derived.insert((oid, attnum));
-                        }
-                    }
-                }
-                if vcols.iter().any(|(_, b)| *b != 0) {
-                    snap.views.insert((schema.to_lowercase(), name.to_lowercase()), vcols);
-                    frontier.push(oid);
-                }
-            }
-        }
+        views(policy, &mut up, &mut buf, &mut snap, &masked_oids).await?;
         let mut t = BytesMut::new();
         wire::message(&mut t, b'X', &[]);
         let _ = up.stream.write_all(&t).await;
@@ -393,10 +317,122 @@ async fn load(policy: &MaskPolicy, access: &Access, db: &str) -> Result<Snapshot
         snap.loaded = Some(started);
         Ok(snap)
     };
-    match tokio::time::timeout(Duration::from_secs(15), fut).await {
+    match tokio::time::timeout(LOAD_TIMEOUT, fut).await {
         Ok(r) => r,
         Err(_) => Err("timed out".into()),
     }
+}
+
+/// Columns of the policy's rule tables, by the catalog query `sql`: into `snap.cols` (masked
+/// ones) and `snap.tables` (tables with a masked column). Returns the OIDs of tables with a
+/// masked column, and OID → (column, rule bits) of every rule table, for its children.
+async fn rule_columns(
+    policy: &MaskPolicy,
+    up: &mut upstream::Upstream,
+    buf: &mut BytesMut,
+    sql: &str,
+    snap: &mut Snapshot,
+) -> Result<(Vec<u32>, HashMap<u32, Vec<(String, u64)>>), String> {
+    let mut masked_oids: Vec<u32> = Vec::new();
+    let mut by_oid: HashMap<u32, Vec<(String, u64)>> = HashMap::new();
+    for row in rows(up, buf, sql).await? {
+        let [Some(oid), Some(attnum), Some(schema), Some(table), Some(column)] = row.as_slice() else {
+            return Err("unexpected catalog row".to_string());
+        };
+        let oid: u32 = oid.parse().map_err(|_| "bad oid")?;
+        let attnum: i16 = attnum.parse().map_err(|_| "bad attnum")?;
+        let bits = policy.rules_for(Some(schema), table, Some(column));
+        by_oid.entry(oid).or_default().push((column.to_lowercase(), bits));
+        if bits != 0 {
+            snap.cols.insert((oid, attnum), bits);
+            if !masked_oids.contains(&oid) {
+                masked_oids.push(oid);
+            }
+        }
+        if policy.rules_for(Some(schema), table, None) != 0 {
+            snap.tables.entry((schema.to_lowercase(), table.to_lowercase())).or_default().push(column.to_lowercase());
+        }
+    }
+    // Keep only tables that actually have a masked column.
+    let masked_tables: std::collections::HashSet<(String, String)> = snap
+        .tables
+        .iter()
+        .filter(|((s, t), cols)| cols.iter().any(|c| policy.rules_for(Some(s), t, Some(c)) != 0))
+        .map(|(k, _)| k.clone())
+        .collect();
+    snap.tables.retain(|k, _| masked_tables.contains(k));
+    Ok((masked_oids, by_oid))
+}
+
+/// Views over masked columns (and views over those, [`VIEW_DEPTH`] levels): a view's columns
+/// carry the view's OID in RowDescription, so each view definition goes through lineage.
+async fn views(
+    policy: &MaskPolicy,
+    up: &mut upstream::Upstream,
+    buf: &mut BytesMut,
+    snap: &mut Snapshot,
+    masked_oids: &[u32],
+) -> Result<(), String> {
+    let mut frontier = masked_oids.to_vec();
+    let mut seen: std::collections::HashSet<u32> = masked_oids.iter().copied().collect();
+    for _round in 0..VIEW_DEPTH {
+        if frontier.is_empty() {
+            break;
+        }
+        let list = frontier.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(",");
+        let q = format!(
+            "SELECT v.oid, n.nspname, v.relname, pg_catalog.pg_get_viewdef(v.oid), \
+             pg_catalog.array_to_string(ARRAY(SELECT a.attname FROM pg_catalog.pg_attribute a \
+               WHERE a.attrelid = v.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum), chr(31)) \
+             FROM pg_catalog.pg_class v JOIN pg_catalog.pg_namespace n ON n.oid = v.relnamespace \
+             WHERE v.relkind IN ('v', 'm') AND v.oid IN (SELECT r.ev_class FROM pg_catalog.pg_depend d \
+               JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid \
+               WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass \
+               AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid IN ({list}))"
+        );
+        frontier.clear();
+        for row in rows(up, buf, &q).await? {
+            let [Some(oid), Some(schema), Some(name), Some(def), Some(cols)] = row.as_slice() else { continue };
+            let Ok(oid) = oid.parse::<u32>() else { continue };
+            if !seen.insert(oid) {
+                continue;
+            }
+            let cols: Vec<String> = cols.split('\u{1f}').map(|c| c.to_lowercase()).collect();
+            let vcols = view_columns(policy, snap, oid, def, &cols);
+            if vcols.iter().any(|(_, b)| *b != 0) {
+                snap.views.insert((schema.to_lowercase(), name.to_lowercase()), vcols);
+                frontier.push(oid);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The rule bits of each column `cols` of view `oid` (definition `def`), by lineage; masked
+/// ones go into `snap.cols`, and computed ones into `snap.derived`.
+fn view_columns(policy: &MaskPolicy, snap: &mut Snapshot, oid: u32, def: &str, cols: &[String]) -> Vec<(String, u64)> {
+    let res = ViewResolver { policy, snap };
+    let taints = match super::lineage::analyze(def, &res).as_deref() {
+        Some([super::lineage::StmtKind::Rows(l)]) => l.columns(cols.len()),
+        _ => None,
+    };
+    let mut vcols = Vec::new();
+    for (i, c) in cols.iter().enumerate() {
+        // A definition lineage cannot follow: every column may carry masked data.
+        let t = match &taints {
+            Some(t) => t.get(i).copied().unwrap_or_default(),
+            None => super::lineage::Taint { rules: policy.rules_for(None, "*", None), direct: false },
+        };
+        vcols.push((c.clone(), t.rules));
+        if t.rules != 0 {
+            let attnum = (i + 1) as i16;
+            snap.cols.insert((oid, attnum), t.rules);
+            if !t.direct {
+                snap.derived.insert((oid, attnum));
+            }
+        }
+    }
+    vcols
 }
 
 /// Tables that inherit from a rule table (partitions, at any depth) carry its rules on the

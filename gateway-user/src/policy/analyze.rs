@@ -391,6 +391,39 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
                 info.modifiers.insert(Modifier::IdentityChange);
             }
         }
+        "DeallocateStmt" | "PrepareStmt" | "ExecuteStmt" => classify_prepared(ty, b, info),
+        "TransactionStmt" => classify_transaction(b, info),
+        "DeclareCursorStmt" | "FetchStmt" => {
+            info.classes.insert(Read);
+            let mv = b.get("ismove").and_then(Value::as_bool) == Some(true);
+            info.add_command(if ty == "FetchStmt" { if mv { "move" } else { "fetch" } } else { "declare" });
+        }
+        "ExplainStmt" => info.add_command("explain"),
+        simple if let Some((_, class, command)) = SIMPLE_STATEMENTS.iter().find(|(t, _, _)| *t == simple) => {
+            info.classes.insert(*class);
+            info.add_command(*command);
+        }
+        "DoStmt" | "CreateFunctionStmt" => classify_procedural(ty, b, info),
+        "VacuumStmt" | "CheckPointStmt" | "LoadStmt" | "ClusterStmt" | "ReindexStmt" | "AlterSystemStmt" => {
+            classify_admin(ty, b, info)
+        }
+        "GrantStmt" | "GrantRoleStmt" | "CreateRoleStmt" | "AlterRoleStmt" | "AlterRoleSetStmt" | "DropRoleStmt"
+        | "AlterDefaultPrivilegesStmt" | "CreatePolicyStmt" | "AlterPolicyStmt" | "ReassignOwnedStmt"
+        | "DropOwnedStmt" => classify_dcl(ty, b, info),
+        "DropStmt" => classify_drop(b, info),
+        "CreateSchemaStmt" | "CreateTableAsStmt" | "CommentStmt" | "SecLabelStmt" | "CreatedbStmt" | "DropdbStmt"
+        | "AlterDatabaseStmt" | "AlterDatabaseSetStmt" | "AlterDatabaseRefreshCollStmt" => classify_ddl(ty, b, info),
+        "RenameStmt" | "AlterObjectSchemaStmt" | "AlterOwnerStmt" => classify_alter_object(b, info),
+        other if other.ends_with("Stmt") && other != "RawStmt" && other != "VariableSetStmt" => classify_other(info),
+        _ => {}
+    }
+}
+
+/// PREPARE, EXECUTE and DEALLOCATE: what the session must remember about named statements.
+/// (Any other type: [`classify_other`].)
+fn classify_prepared(ty: &str, b: &Map<String, Value>, info: &mut StatementInfo) {
+    use StatementClass::*;
+    match ty {
         "DeallocateStmt" => {
             info.classes.insert(Session);
             info.add_command("deallocate");
@@ -399,22 +432,11 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
                 None => PreparedOp::DeallocateAll,
             });
         }
-        "TransactionStmt" => classify_transaction(b, info),
-        "DeclareCursorStmt" | "FetchStmt" => {
-            info.classes.insert(Read);
-            let mv = b.get("ismove").and_then(Value::as_bool) == Some(true);
-            info.add_command(if ty == "FetchStmt" { if mv { "move" } else { "fetch" } } else { "declare" });
-        }
         "PrepareStmt" => {
             info.add_command("prepare");
             // The session keeps this statement's text to decide a later EXECUTE.
             info.literal_dependent = true;
             info.prepared = Some(PreparedOp::Prepare(str_field(b, "name").unwrap_or("").to_string()));
-        }
-        "ExplainStmt" => info.add_command("explain"),
-        simple if let Some((_, class, command)) = SIMPLE_STATEMENTS.iter().find(|(t, _, _)| *t == simple) => {
-            info.classes.insert(*class);
-            info.add_command(*command);
         }
         "ExecuteStmt" => {
             info.add_command("execute");
@@ -423,6 +445,15 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
             info.modifiers.insert(Modifier::UnknownPrepared);
             info.execute = Some(str_field(b, "name").unwrap_or("").to_string());
         }
+        _ => classify_other(info),
+    }
+}
+
+/// DO blocks and CREATE FUNCTION/PROCEDURE, whose string bodies are scanned.
+/// (Any other type: [`classify_other`].)
+fn classify_procedural(ty: &str, b: &Map<String, Value>, info: &mut StatementInfo) {
+    use StatementClass::*;
+    match ty {
         "DoStmt" => {
             info.classes.insert(Procedural);
             info.add_command("do");
@@ -435,6 +466,15 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
             // Bodies given as strings are opaque to the parser: scan them.
             scan_bodies(b, info);
         }
+        _ => classify_other(info),
+    }
+}
+
+/// Maintenance and server administration: VACUUM/ANALYZE, CHECKPOINT, LOAD, CLUSTER, REINDEX,
+/// ALTER SYSTEM. (Any other type: [`classify_other`].)
+fn classify_admin(ty: &str, b: &Map<String, Value>, info: &mut StatementInfo) {
+    use StatementClass::*;
+    match ty {
         "VacuumStmt" => {
             info.classes.insert(Admin);
             let vacuum = b.get("is_vacuumcmd").and_then(Value::as_bool) == Some(true);
@@ -444,6 +484,14 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
             info.classes.insert(Admin);
             info.add_leading_words(if ty == "AlterSystemStmt" { 2 } else { 1 });
         }
+        _ => classify_other(info),
+    }
+}
+
+/// Privileges, roles and row policies. (Any other type: [`classify_other`].)
+fn classify_dcl(ty: &str, b: &Map<String, Value>, info: &mut StatementInfo) {
+    use StatementClass::*;
+    match ty {
         "GrantStmt" | "GrantRoleStmt" => {
             info.classes.insert(Dcl);
             let grant = b.get("is_grant").and_then(Value::as_bool) == Some(true);
@@ -454,7 +502,15 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
             info.classes.insert(Dcl);
             info.add_leading_words(2);
         }
-        "DropStmt" => classify_drop(b, info),
+        _ => classify_other(info),
+    }
+}
+
+/// Schema, CREATE TABLE AS, comments and security labels, databases.
+/// (Any other type: [`classify_other`].)
+fn classify_ddl(ty: &str, b: &Map<String, Value>, info: &mut StatementInfo) {
+    use StatementClass::*;
+    match ty {
         "CreateSchemaStmt" => {
             info.classes.insert(Ddl);
             info.add_command("create schema");
@@ -468,7 +524,6 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
             let matview = str_field(b, "objtype") == Some("OBJECT_MATVIEW");
             info.add_command(if matview { "create materialized view" } else { "create table" });
         }
-        "RenameStmt" | "AlterObjectSchemaStmt" | "AlterOwnerStmt" => classify_alter_object(b, info),
         "CommentStmt" | "SecLabelStmt" => {
             info.classes.insert(Ddl);
             info.add_leading_words(1);
@@ -477,8 +532,7 @@ fn classify(ty: &str, b: &Map<String, Value>, field: Option<&str>, info: &mut St
             info.classes.insert(Ddl);
             info.add_leading_words(2);
         }
-        other if other.ends_with("Stmt") && other != "RawStmt" && other != "VariableSetStmt" => classify_other(info),
-        _ => {}
+        _ => classify_other(info),
     }
 }
 

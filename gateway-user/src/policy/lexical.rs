@@ -30,25 +30,9 @@ pub(crate) fn lex(text: &str) -> Vec<Lex> {
         if c.is_whitespace() {
             i += 1;
         } else if c == '-' && i + 1 < n && b[i + 1] == '-' {
-            while i < n && b[i] != '\n' {
-                i += 1;
-            }
+            i = skip_line_comment(&b, i);
         } else if c == '/' && i + 1 < n && b[i + 1] == '*' {
-            let mut depth = 0usize;
-            while i < n {
-                if b[i] == '/' && i + 1 < n && b[i + 1] == '*' {
-                    depth += 1;
-                    i += 2;
-                } else if b[i] == '*' && i + 1 < n && b[i + 1] == '/' {
-                    depth -= 1;
-                    i += 2;
-                    if depth == 0 {
-                        break;
-                    }
-                } else {
-                    i += 1;
-                }
-            }
+            i = skip_block_comment(&b, i);
         } else if c == '\'' {
             let (s, next) = quoted(&b, i + 1, '\'', false);
             out.push(Lex::Str(s));
@@ -74,39 +58,7 @@ pub(crate) fn lex(text: &str) -> Vec<Lex> {
             out.push(Lex::Word(s.to_lowercase()));
             i = next;
         } else if c == '$' {
-            // $n parameter, or $tag$ … $tag$ dollar quoting.
-            let mut j = i + 1;
-            if j < n && b[j].is_ascii_digit() {
-                while j < n && b[j].is_ascii_digit() {
-                    j += 1;
-                }
-                out.push(Lex::Punct('$'));
-                i = j;
-                continue;
-            }
-            while j < n && (b[j].is_alphanumeric() || b[j] == '_') {
-                j += 1;
-            }
-            if j < n && b[j] == '$' {
-                let tag: String = b[i..=j].iter().collect();
-                let tag: Vec<char> = tag.chars().collect();
-                let start = j + 1;
-                let mut k = start;
-                let mut end = None;
-                while k + tag.len() <= n {
-                    if b[k..k + tag.len()] == tag[..] {
-                        end = Some(k);
-                        break;
-                    }
-                    k += 1;
-                }
-                let stop = end.unwrap_or(n);
-                out.push(Lex::Str(b[start..stop].iter().collect()));
-                i = end.map(|e| e + tag.len()).unwrap_or(n);
-            } else {
-                out.push(Lex::Punct('$'));
-                i += 1;
-            }
+            i = dollar(&b, i, &mut out);
         } else if c.is_alphabetic() || c == '_' {
             let mut j = i;
             while j < n && (b[j].is_alphanumeric() || b[j] == '_' || b[j] == '$') {
@@ -124,6 +76,75 @@ pub(crate) fn lex(text: &str) -> Vec<Lex> {
         }
     }
     out
+}
+
+/// Skip a `--` comment starting at `i`: returns the index of the newline (or the end).
+fn skip_line_comment(b: &[char], mut i: usize) -> usize {
+    let n = b.len();
+    while i < n && b[i] != '\n' {
+        i += 1;
+    }
+    i
+}
+
+/// Skip a `/* … */` comment starting at `i`, nested comments included: returns the index
+/// after its end (or the end of the text).
+fn skip_block_comment(b: &[char], mut i: usize) -> usize {
+    let n = b.len();
+    let mut depth = 0usize;
+    while i < n {
+        if b[i] == '/' && i + 1 < n && b[i + 1] == '*' {
+            depth += 1;
+            i += 2;
+        } else if b[i] == '*' && i + 1 < n && b[i + 1] == '/' {
+            depth -= 1;
+            i += 2;
+            if depth == 0 {
+                break;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    i
+}
+
+/// At a `$` (index `i`): a `$n` parameter or a lone `$` (pushed as `Punct('$')`), or a
+/// `$tag$ … $tag$` dollar-quoted string (its contents pushed as `Str`). Returns the index
+/// after what it read.
+fn dollar(b: &[char], i: usize, out: &mut Vec<Lex>) -> usize {
+    let n = b.len();
+    let mut j = i + 1;
+    if j < n && b[j].is_ascii_digit() {
+        while j < n && b[j].is_ascii_digit() {
+            j += 1;
+        }
+        out.push(Lex::Punct('$'));
+        return j;
+    }
+    while j < n && (b[j].is_alphanumeric() || b[j] == '_') {
+        j += 1;
+    }
+    if j < n && b[j] == '$' {
+        let tag: String = b[i..=j].iter().collect();
+        let tag: Vec<char> = tag.chars().collect();
+        let start = j + 1;
+        let mut k = start;
+        let mut end = None;
+        while k + tag.len() <= n {
+            if b[k..k + tag.len()] == tag[..] {
+                end = Some(k);
+                break;
+            }
+            k += 1;
+        }
+        let stop = end.unwrap_or(n);
+        out.push(Lex::Str(b[start..stop].iter().collect()));
+        end.map(|e| e + tag.len()).unwrap_or(n)
+    } else {
+        out.push(Lex::Punct('$'));
+        i + 1
+    }
 }
 
 fn prev_is_ident(b: &[char], i: usize) -> bool {
@@ -250,20 +271,14 @@ fn scan_into(text: &str, depth: usize, f: &mut Findings) {
         f.lead =
             toks.iter().filter_map(|t| if let Lex::Word(w) = t { Some(w.clone()) } else { None }).take(3).collect();
     }
-    let word = |i: usize| -> Option<&str> {
-        match toks.get(i) {
-            Some(Lex::Word(w)) => Some(w.as_str()),
-            _ => None,
-        }
-    };
-    let punct = |i: usize, c: char| matches!(toks.get(i), Some(Lex::Punct(p)) if *p == c);
+    let t = Tokens(&toks);
     // Within the current (sub)statement: did we see UPDATE/INSERT (so `SET role = …` is a
     // column assignment, not SET ROLE)? Reset at `;` and block keywords.
     let mut in_dml = false;
     let mut has_settings_table = false;
     let mut has_write_word = false;
-    for i in 0..toks.len() {
-        match &toks[i] {
+    for (i, tok) in toks.iter().enumerate() {
+        match tok {
             Lex::Punct(';') => in_dml = false,
             Lex::Str(s) => {
                 if depth < 3 {
@@ -282,91 +297,11 @@ fn scan_into(text: &str, depth: usize, f: &mut Findings) {
                     "pg_settings" => has_settings_table = true,
                     _ => {}
                 }
-                // SET [SESSION|LOCAL] ROLE / SESSION AUTHORIZATION / <guc> …
                 if w == "set" && !in_dml {
-                    let mut j = i + 1;
-                    if matches!(word(j), Some("session" | "local")) && word(j + 1) != Some("authorization") {
-                        j += 1;
-                    }
-                    if let Some(name) = word(j) {
-                        let value = match (toks.get(j + 1), toks.get(j + 2)) {
-                            (Some(Lex::Punct('=')), Some(v)) => lex_value(v),
-                            (Some(Lex::Word(t)), Some(v)) if t == "to" => lex_value(v),
-                            _ => None,
-                        };
-                        let name = if name == "session" && word(j + 1) == Some("authorization") {
-                            "session_authorization"
-                        } else {
-                            name
-                        };
-                        f.modifiers |= setting_change(name, value.as_deref());
-                    }
+                    scan_set(&t, i, f);
                 }
-                if w == "reset" {
-                    let name = match (word(i + 1), word(i + 2)) {
-                        (Some("session"), Some("authorization")) => Some("session_authorization"),
-                        (Some(n), _) => Some(n),
-                        _ => None,
-                    };
-                    if let Some(n @ ("role" | "session_authorization")) = name {
-                        f.modifiers |= setting_change(n, None);
-                    }
-                }
-                if w == "session" && word(i + 1) == Some("authorization") {
-                    f.modifiers.insert(Modifier::IdentityChange);
-                }
-                if w == "discard" && word(i + 1) == Some("all") {
-                    f.modifiers.insert(Modifier::IdentityChange);
-                }
-                if w == "standard_conforming_strings" {
-                    // Assignments in ALTER ROLE/DATABASE … SET, or anything we cannot read:
-                    // only an explicit "= on" / "TO on" is harmless.
-                    let shown = i > 0 && matches!(word(i - 1), Some("show"));
-                    let value = match (toks.get(i + 1), toks.get(i + 2)) {
-                        (Some(Lex::Punct('=')), Some(v)) => lex_value(v),
-                        (Some(Lex::Word(t)), Some(v)) if t == "to" => lex_value(v),
-                        _ => None,
-                    };
-                    if !shown {
-                        f.modifiers |= setting_change(w, Some(value.as_deref().unwrap_or("?")));
-                    }
-                }
-                if w == "search_path" {
-                    f.modifiers.insert(Modifier::SearchPath);
-                }
-                // PL/pgSQL `EXECUTE <expression>`: SQL text built at run time, unless the
-                // expression is a single string constant (whose contents are scanned above).
-                if w == "execute" && depth == 0 {
-                    let constant = matches!(toks.get(i + 1), Some(Lex::Str(_)))
-                        && matches!(toks.get(i + 2), None | Some(Lex::Punct(';')) | Some(Lex::Word(_)));
-                    if !constant {
-                        f.modifiers.insert(Modifier::DynamicSql);
-                    }
-                }
-                if w == "set_config" && punct(i + 1, '(') {
-                    match (toks.get(i + 2), toks.get(i + 3)) {
-                        (Some(Lex::Str(name)), Some(Lex::Punct(','))) => {
-                            let value = toks.get(i + 4).and_then(lex_value);
-                            f.modifiers |= setting_change(&name.to_lowercase(), value.as_deref());
-                        }
-                        (Some(Lex::Str(name)), Some(Lex::Punct(')'))) => {
-                            f.modifiers |= setting_change(&name.to_lowercase(), None);
-                        }
-                        // A computed parameter name could be anything, including 'role'.
-                        _ => f.modifiers.insert(Modifier::IdentityChange),
-                    }
-                }
-                // Function calls: word( or schema.word(
-                if punct(i + 1, '(') && !NOT_FUNCTIONS.contains(&w) {
-                    let schema = if i >= 2 && punct(i - 1, '.') { word(i - 2) } else { None };
-                    f.functions.push(QName::new(schema.map(str::to_owned), w.to_owned()));
-                } else if punct(i + 1, '.') {
-                    if let Some(n) = word(i + 2) {
-                        f.names.push(QName::new(Some(w.to_owned()), n.to_owned()));
-                    }
-                } else if !(i >= 1 && punct(i - 1, '.')) {
-                    f.names.push(QName::new(None, w.to_owned()));
-                }
+                scan_setting_word(&t, i, w, depth, f);
+                scan_call_or_name(&t, i, w, f);
             }
             Lex::Punct(_) => {}
         }
@@ -374,6 +309,120 @@ fn scan_into(text: &str, depth: usize, f: &mut Findings) {
     if has_settings_table && has_write_word {
         // UPDATE pg_settings … calls set_config() through the view's rule.
         f.modifiers.insert(Modifier::IdentityChange);
+    }
+}
+
+/// The tokens of one text being scanned, looked at by index (out of range: nothing).
+struct Tokens<'a>(&'a [Lex]);
+
+impl Tokens<'_> {
+    fn get(&self, i: usize) -> Option<&Lex> {
+        self.0.get(i)
+    }
+
+    fn word(&self, i: usize) -> Option<&str> {
+        match self.0.get(i) {
+            Some(Lex::Word(w)) => Some(w.as_str()),
+            _ => None,
+        }
+    }
+
+    fn punct(&self, i: usize, c: char) -> bool {
+        matches!(self.0.get(i), Some(Lex::Punct(p)) if *p == c)
+    }
+
+    /// The value of `name = v` / `name TO v` where `name` is token `i`.
+    fn assigned_value(&self, i: usize) -> Option<String> {
+        match (self.get(i + 1), self.get(i + 2)) {
+            (Some(Lex::Punct('=')), Some(v)) => lex_value(v),
+            (Some(Lex::Word(t)), Some(v)) if t == "to" => lex_value(v),
+            _ => None,
+        }
+    }
+}
+
+/// `SET [SESSION|LOCAL] ROLE / SESSION AUTHORIZATION / <guc> …` at token `i` (outside DML).
+fn scan_set(t: &Tokens<'_>, i: usize, f: &mut Findings) {
+    let mut j = i + 1;
+    if matches!(t.word(j), Some("session" | "local")) && t.word(j + 1) != Some("authorization") {
+        j += 1;
+    }
+    if let Some(name) = t.word(j) {
+        let value = t.assigned_value(j);
+        let name =
+            if name == "session" && t.word(j + 1) == Some("authorization") { "session_authorization" } else { name };
+        f.modifiers |= setting_change(name, value.as_deref());
+    }
+}
+
+/// Words other than `SET` that change (or may change) a setting pgward guards: RESET of the
+/// identity, SESSION AUTHORIZATION, DISCARD ALL, standard_conforming_strings, search_path,
+/// dynamic `EXECUTE` and `set_config(…)`.
+fn scan_setting_word(t: &Tokens<'_>, i: usize, w: &str, depth: usize, f: &mut Findings) {
+    if w == "reset" {
+        let name = match (t.word(i + 1), t.word(i + 2)) {
+            (Some("session"), Some("authorization")) => Some("session_authorization"),
+            (Some(n), _) => Some(n),
+            _ => None,
+        };
+        if let Some(n @ ("role" | "session_authorization")) = name {
+            f.modifiers |= setting_change(n, None);
+        }
+    }
+    if w == "session" && t.word(i + 1) == Some("authorization") {
+        f.modifiers.insert(Modifier::IdentityChange);
+    }
+    if w == "discard" && t.word(i + 1) == Some("all") {
+        f.modifiers.insert(Modifier::IdentityChange);
+    }
+    if w == "standard_conforming_strings" {
+        // Assignments in ALTER ROLE/DATABASE … SET, or anything we cannot read:
+        // only an explicit "= on" / "TO on" is harmless.
+        let shown = i > 0 && matches!(t.word(i - 1), Some("show"));
+        let value = t.assigned_value(i);
+        if !shown {
+            f.modifiers |= setting_change(w, Some(value.as_deref().unwrap_or("?")));
+        }
+    }
+    if w == "search_path" {
+        f.modifiers.insert(Modifier::SearchPath);
+    }
+    // PL/pgSQL `EXECUTE <expression>`: SQL text built at run time, unless the
+    // expression is a single string constant (whose contents are scanned as well).
+    if w == "execute" && depth == 0 {
+        let constant = matches!(t.get(i + 1), Some(Lex::Str(_)))
+            && matches!(t.get(i + 2), None | Some(Lex::Punct(';')) | Some(Lex::Word(_)));
+        if !constant {
+            f.modifiers.insert(Modifier::DynamicSql);
+        }
+    }
+    if w == "set_config" && t.punct(i + 1, '(') {
+        match (t.get(i + 2), t.get(i + 3)) {
+            (Some(Lex::Str(name)), Some(Lex::Punct(','))) => {
+                let value = t.get(i + 4).and_then(lex_value);
+                f.modifiers |= setting_change(&name.to_lowercase(), value.as_deref());
+            }
+            (Some(Lex::Str(name)), Some(Lex::Punct(')'))) => {
+                f.modifiers |= setting_change(&name.to_lowercase(), None);
+            }
+            // A computed parameter name could be anything, including 'role'.
+            _ => f.modifiers.insert(Modifier::IdentityChange),
+        }
+    }
+}
+
+/// Word `w` at token `i` as a function call (`word(` or `schema.word(`), a qualified name
+/// (`w.name`), or a bare name that might be a table.
+fn scan_call_or_name(t: &Tokens<'_>, i: usize, w: &str, f: &mut Findings) {
+    if t.punct(i + 1, '(') && !NOT_FUNCTIONS.contains(&w) {
+        let schema = if i >= 2 && t.punct(i - 1, '.') { t.word(i - 2) } else { None };
+        f.functions.push(QName::new(schema.map(str::to_owned), w.to_owned()));
+    } else if t.punct(i + 1, '.') {
+        if let Some(n) = t.word(i + 2) {
+            f.names.push(QName::new(Some(w.to_owned()), n.to_owned()));
+        }
+    } else if !(i >= 1 && t.punct(i - 1, '.')) {
+        f.names.push(QName::new(None, w.to_owned()));
     }
 }
 

@@ -48,7 +48,6 @@ const INT4_MAX: u64 = i32::MAX as u64;
 /// what this reader models (see the module doc), None to leave it to the lexer.
 fn plain(sql: &str) -> Option<Option<Normalized>> {
     let b = sql.as_bytes();
-    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$';
     let (mut key, mut ranges) = (String::new(), Vec::new());
     let (mut i, mut copied) = (0usize, 0usize);
     while i < b.len() {
@@ -66,48 +65,12 @@ fn plain(sql: &str) -> Option<Option<Normalized>> {
                 continue;
             }
             b'0'..=b'9' => {
-                while i < b.len() && b[i].is_ascii_digit() {
-                    i += 1;
-                }
-                let mut kind = 'i';
-                if b.get(i) == Some(&b'.') {
-                    kind = 'f';
-                    i += 1;
-                    while i < b.len() && b[i].is_ascii_digit() {
-                        i += 1;
-                    }
-                }
-                // `1e5`, `12abc`, `1.2.3`: forms the lexer reads in ways not modelled here.
-                if b.get(i).is_some_and(|&n| ident(n) || n == b'.') {
-                    return None;
-                }
-                if kind == 'i' && sql[start..i].parse::<u64>().map_or(true, |v| v > INT4_MAX) {
-                    kind = 'f';
-                }
+                let (kind, end) = plain_number(sql, start)?;
+                i = end;
                 kind
             }
             b'\'' => {
-                // '…' with '' for a quote; standard_conforming_strings is on, so a backslash
-                // is an ordinary character.
-                i += 1;
-                loop {
-                    match b.get(i) {
-                        None => return None,
-                        Some(b'\'') if b.get(i + 1) == Some(&b'\'') => i += 2,
-                        Some(b'\'') => break,
-                        Some(&ch) if ch >= 0x80 || ch == 0 => return None,
-                        Some(_) => i += 1,
-                    }
-                }
-                i += 1;
-                // 'a' <newline> 'b' is one constant to the lexer: not modelled here.
-                let mut j = i;
-                while j < b.len() && matches!(b[j], b' ' | b'\t' | b'\n' | b'\r' | b'\x0c') {
-                    j += 1;
-                }
-                if b.get(j) == Some(&b'\'') && b[i..j].iter().any(|&w| w == b'\n' || w == b'\r') {
-                    return None;
-                }
+                i = plain_string(b, start)?;
                 's'
             }
             b'$' => {
@@ -146,6 +109,65 @@ fn plain(sql: &str) -> Option<Option<Normalized>> {
     key.push_str(&sql[copied..]);
     let consts = ranges.iter().map(|r| (r.start, r.start)).collect();
     Some(Some(Normalized { key, consts, ranges }))
+}
+
+/// A byte that continues an identifier.
+fn ident(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'$'
+}
+
+/// The number starting at byte `start` of `sql`: its kind (`i` integer, `f` numeric) and the
+/// index after it; None for forms left to the server's lexer.
+fn plain_number(sql: &str, start: usize) -> Option<(char, usize)> {
+    let b = sql.as_bytes();
+    let mut i = start;
+    while i < b.len() && b[i].is_ascii_digit() {
+        i += 1;
+    }
+    let mut kind = 'i';
+    if b.get(i) == Some(&b'.') {
+        kind = 'f';
+        i += 1;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+    }
+    // `1e5`, `12abc`, `1.2.3`: forms the lexer reads in ways not modelled here.
+    if b.get(i).is_some_and(|&n| ident(n) || n == b'.') {
+        return None;
+    }
+    if kind == 'i' && sql[start..i].parse::<u64>().map_or(true, |v| v > INT4_MAX) {
+        kind = 'f';
+    }
+    Some((kind, i))
+}
+
+/// The `'…'` string starting at byte `start`: the index after it; None for forms left to the
+/// server's lexer.
+fn plain_string(b: &[u8], start: usize) -> Option<usize> {
+    let mut i = start;
+    // '…' with '' for a quote; standard_conforming_strings is on, so a backslash
+    // is an ordinary character.
+    i += 1;
+    loop {
+        match b.get(i) {
+            None => return None,
+            Some(b'\'') if b.get(i + 1) == Some(&b'\'') => i += 2,
+            Some(b'\'') => break,
+            Some(&ch) if ch >= 0x80 || ch == 0 => return None,
+            Some(_) => i += 1,
+        }
+    }
+    i += 1;
+    // 'a' <newline> 'b' is one constant to the lexer: not modelled here.
+    let mut j = i;
+    while j < b.len() && matches!(b[j], b' ' | b'\t' | b'\n' | b'\r' | b'\x0c') {
+        j += 1;
+    }
+    if b.get(j) == Some(&b'\'') && b[i..j].iter().any(|&w| w == b'\n' || w == b'\r') {
+        return None;
+    }
+    Some(i)
 }
 
 /// [`normalize`] with the server's lexer.

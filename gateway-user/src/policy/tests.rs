@@ -1179,6 +1179,25 @@ fn depth_and_size_bounds() {
     assert!(infos[0].text.len() < 300);
 }
 
+/// Decisions checked together: every one that differs from what is wanted is collected, and
+/// all are reported at the end.
+#[derive(Default)]
+struct Decisions(Vec<String>);
+
+impl Decisions {
+    /// `sql` as `who` must be decided `want`, by one of `rules` (empty: any rule).
+    fn expect(&mut self, p: &Policy, who: &Identity, sql: &str, want: Action, rules: &[&str]) {
+        let v = p.decide(who, "app", sql, noon());
+        if v.decision != want || !(rules.is_empty() || rules.contains(&v.rule.as_str())) {
+            self.0.push(format!("{}: {sql:?}: {:?} by {} (want {want:?} by {rules:?})", who.user, v.decision, v.rule));
+        }
+    }
+
+    fn assert_all_met(self) {
+        assert!(self.0.is_empty(), "{}", self.0.join("\n"));
+    }
+}
+
 /// Attempts to walk past the engine with a read-only identity: statements Postgres runs that a
 /// parser reading differently would have taken for a harmless SELECT, and identity or lexical
 /// changes in positions a select-list check would miss. Every one must be denied (the rule
@@ -1231,21 +1250,21 @@ fn evasion_attempts_are_denied() {
         ("RESET SESSION AUTHORIZATION", "builtin:identity-change"),
         ("DO $$BEGIN PERFORM set_config('role', 'postgres', false); END$$", "builtin:identity-change"),
     ];
-    let mut failures = Vec::new();
-    // `rules`: the rules that may decide (empty: any).
-    let mut expect = |p: &Policy, who: &Identity, sql: &str, want: Action, rules: &[&str]| {
-        let v = p.decide(who, "app", sql, noon());
-        if v.decision != want || !(rules.is_empty() || rules.contains(&v.rule.as_str())) {
-            failures.push(format!("{}: {sql:?}: {:?} by {} (want {want:?} by {rules:?})", who.user, v.decision, v.rule));
-        }
-    };
+    let mut d = Decisions::default();
     for (sql, rule) in builtin {
         // The example policy may deny by its own rule first (analysts: one statement per
         // string); the default policy leaves only the built-in denial.
-        expect(&ex, &analyst, sql, Deny, &[]);
-        expect(&dflt, &anyone, sql, Deny, &[rule]);
+        d.expect(&ex, &analyst, sql, Deny, &[]);
+        d.expect(&dflt, &anyone, sql, Deny, &[rule]);
     }
-    // What a read-only analyst must not get through: writes and server access dressed as reads.
+    d.assert_all_met();
+}
+
+/// What a read-only analyst must not get through: writes and server access dressed as reads.
+#[test]
+fn writes_dressed_as_reads_are_denied() {
+    let ex = example();
+    let analyst = id("ann", A);
     #[rustfmt::skip]
     let writes: &[&str] = &[
         "SELECT 1 #-- '\n2; DELETE FROM orders",
@@ -1263,11 +1282,20 @@ fn evasion_attempts_are_denied() {
         "SELECT lo_import('/etc/passwd')",
         "DECLARE c CURSOR FOR SELECT pg_terminate_backend(1)",
     ];
+    let mut d = Decisions::default();
     for sql in writes {
-        expect(&ex, &analyst, sql, Deny, &[]);
+        d.expect(&ex, &analyst, sql, Deny, &[]);
     }
-    // SQL built at run time inside a body: denied to non-admins by the default policy, whatever
-    // the string pieces say; a constant EXECUTE is read like any statement.
+    d.assert_all_met();
+}
+
+/// SQL built at run time inside a body: denied to non-admins by the default policy, whatever
+/// the string pieces say; a constant EXECUTE is read like any statement.
+#[test]
+fn sql_built_at_run_time_is_denied() {
+    let dflt = default_policy();
+    let anyone = id("eve", NONE);
+    let mut d = Decisions::default();
     for sql in [
         "DO $$BEGIN EXECUTE 'SE' || 'T ROLE postgres'; END$$",
         "DO $$DECLARE r text := 'ROLE'; BEGIN EXECUTE format('SET %s postgres', r); END$$",
@@ -1275,18 +1303,26 @@ fn evasion_attempts_are_denied() {
         "CREATE PROCEDURE p() LANGUAGE plpgsql AS 'BEGIN OPEN c FOR EXECUTE q; END'",
         "SELECT query_to_xml('SET ROLE postgres', true, false, '')",
     ] {
-        expect(&dflt, &anyone, sql, Deny, &["no-dynamic-sql", "no-dynamic-sql-functions"]);
-        expect(&dflt, &id("root", &["pgward_admins"]), sql, Allow, &[]);
+        d.expect(&dflt, &anyone, sql, Deny, &["no-dynamic-sql", "no-dynamic-sql-functions"]);
+        d.expect(&dflt, &id("root", &["pgward_admins"]), sql, Allow, &[]);
     }
     for sql in [
         "DO $$BEGIN EXECUTE 'SET ROLE postgres'; END$$",
         "DO $$DECLARE r text := 'postgres'; BEGIN EXECUTE format('SET ROLE %I', r); END$$",
         "CREATE FUNCTION g() RETURNS void LANGUAGE plpgsql AS $$BEGIN EXECUTE 'SELECT set_config(''role'', ''x'', false)'; END$$",
     ] {
-        expect(&dflt, &anyone, sql, Deny, &["builtin:identity-change"]);
+        d.expect(&dflt, &anyone, sql, Deny, &["builtin:identity-change"]);
     }
-    expect(&dflt, &anyone, "DO $$BEGIN EXECUTE 'SELECT 1' INTO x; INSERT INTO t(a) VALUES (1); END$$", Allow, &[]);
-    // Things that stay allowed: keeping a setting at the value pgward parses with.
+    d.expect(&dflt, &anyone, "DO $$BEGIN EXECUTE 'SELECT 1' INTO x; INSERT INTO t(a) VALUES (1); END$$", Allow, &[]);
+    d.assert_all_met();
+}
+
+/// Things that stay allowed: keeping a setting at the value pgward parses with.
+#[test]
+fn keeping_lexical_settings_is_allowed() {
+    let dflt = default_policy();
+    let anyone = id("eve", NONE);
+    let mut d = Decisions::default();
     for sql in [
         "SET standard_conforming_strings = on",
         "SET client_encoding = 'UTF8'",
@@ -1295,9 +1331,9 @@ fn evasion_attempts_are_denied() {
         "SELECT set_config('application_name', 'x', false)",
         "SELECT 'set role x', $$RESET ROLE$$",
     ] {
-        expect(&dflt, &anyone, sql, Allow, &[]);
+        d.expect(&dflt, &anyone, sql, Allow, &[]);
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    d.assert_all_met();
 }
 
 /// Rules naming catalog function classes: decided with the database's catalog; a function the

@@ -109,11 +109,25 @@ fn draw_inner(
     Ok(())
 }
 
-fn draw_panel(
-    root: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
-    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
-    panel: &Panel,
-) -> Result<(), Box<dyn std::error::Error>> {
+type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+type Chart<'a, 'b> = ChartContext<'a, BitMapBackend<'b>, Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>>;
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Where the bars of a panel go: group `gi`'s bar for series `si` starts at `x0(gi, si)`.
+struct BarLayout {
+    group_w: f64,
+    bar_w: f64,
+    /// The top of the y axis; taller bars are cut there.
+    ymax: f64,
+}
+
+impl BarLayout {
+    fn x0(&self, gi: usize, si: usize) -> f64 {
+        gi as f64 + (1.0 - self.group_w) / 2.0 + si as f64 * self.bar_w
+    }
+}
+
+fn draw_panel(root: &Area<'_>, area: &Area<'_>, panel: &Panel) -> DrawResult {
     let n = panel.groups.len().max(1);
     let k = panel.series.len().max(1);
     let vmax = panel.groups.iter().flat_map(|g| g.values.iter().flatten()).fold(1.0f64, |a, &b| a.max(b));
@@ -121,7 +135,20 @@ fn draw_panel(
     // into the bottom tenth: the axis stops at Y_CAP and taller bars are drawn broken.
     let ymax = (vmax * 1.12).clamp(1.2, Y_CAP);
 
-    // Panel title on the left, a one-line legend on the right, then the chart below them.
+    draw_title_and_legend(root, area, panel)?;
+    let mut chart = build_chart(area, n, ymax)?;
+
+    // Narrower groups when there are few of them, so a lone group is not a wall of colour.
+    let group_w = if n < 3 { 0.45 } else { 0.78 };
+    let layout = BarLayout { group_w, bar_w: group_w / k as f64, ymax };
+    draw_bars(&mut chart, panel, &layout)?;
+    chart.draw_series(LineSeries::new(vec![(0.0, 1.0), (n as f64, 1.0)], BLACK.stroke_width(2)))?;
+    draw_value_labels(root, &chart, panel, &layout)?;
+    draw_group_labels(root, &chart, panel)
+}
+
+/// Panel title on the left, a one-line legend on the right (the chart goes below them).
+fn draw_title_and_legend(root: &Area<'_>, area: &Area<'_>, panel: &Panel) -> DrawResult {
     let (x0, y0) = area.get_base_pixel();
     let (w, _) = area.dim_in_pixel();
     root.draw_text(&panel.title, &(FONT, 21).into_font().color(&BLACK), (x0 + 100, y0 + 8))?;
@@ -140,7 +167,11 @@ fn draw_panel(
         root.draw_text(name, &legend_font, (lx + 22, ly))?;
         lx += wd;
     }
+    Ok(())
+}
 
+/// The axes and mesh for `n` groups and a y axis up to `ymax`.
+fn build_chart<'a, 'b>(area: &'a Area<'b>, n: usize, ymax: f64) -> Result<Chart<'a, 'b>, Box<dyn std::error::Error>> {
     let mut chart = ChartBuilder::on(area)
         .margin_left(20)
         .margin_right(30)
@@ -162,16 +193,17 @@ fn draw_panel(
         .axis_desc_style((FONT, 16))
         .light_line_style(RGBColor(240, 240, 240))
         .draw()?;
+    Ok(chart)
+}
 
-    // Narrower groups when there are few of them, so a lone group is not a wall of colour.
-    let group_w = if n < 3 { 0.45 } else { 0.78 };
-    let bar_w = group_w / k as f64;
-    let value_style = (FONT, 14).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Bottom));
+/// One bar per measured value, cut at the top of the axis with a break mark.
+fn draw_bars(chart: &mut Chart<'_, '_>, panel: &Panel, layout: &BarLayout) -> DrawResult {
+    let BarLayout { bar_w, ymax, .. } = *layout;
     for (si, _) in panel.series.iter().enumerate() {
         let color = PALETTE[si % PALETTE.len()];
         let bars = panel.groups.iter().enumerate().filter_map(|(gi, g)| {
             let v = (*g.values.get(si)?)?;
-            let x0 = gi as f64 + (1.0 - group_w) / 2.0 + si as f64 * bar_w;
+            let x0 = layout.x0(gi, si);
             Some(Rectangle::new([(x0 + bar_w * 0.04, 0.0), (x0 + bar_w * 0.96, v.min(ymax))], color.filled()))
         });
         chart.draw_series(bars)?;
@@ -179,19 +211,24 @@ fn draw_panel(
         let breaks = panel.groups.iter().enumerate().filter_map(|(gi, g)| {
             let v = (*g.values.get(si)?)?;
             (v > ymax).then(|| {
-                let x0 = gi as f64 + (1.0 - group_w) / 2.0 + si as f64 * bar_w;
+                let x0 = layout.x0(gi, si);
                 Rectangle::new([(x0, ymax * 0.90), (x0 + bar_w, ymax * 0.92)], WHITE.filled())
             })
         });
         chart.draw_series(breaks)?;
     }
-    chart.draw_series(LineSeries::new(vec![(0.0, 1.0), (n as f64, 1.0)], BLACK.stroke_width(2)))?;
-    // Value labels last, on a white patch so the 1.0 line does not run through them.
+    Ok(())
+}
+
+/// Value labels, drawn after the 1.0 line on a white patch so the line does not run through
+/// them; `n/a` for a value not measured.
+fn draw_value_labels(root: &Area<'_>, chart: &Chart<'_, '_>, panel: &Panel, layout: &BarLayout) -> DrawResult {
+    let value_style = (FONT, 14).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Bottom));
     for si in 0..panel.series.len() {
         for (gi, g) in panel.groups.iter().enumerate() {
-            let xc = gi as f64 + (1.0 - group_w) / 2.0 + (si as f64 + 0.5) * bar_w;
+            let xc = gi as f64 + (1.0 - layout.group_w) / 2.0 + (si as f64 + 0.5) * layout.bar_w;
             let (text, y) = match g.values.get(si).copied().flatten() {
-                Some(v) => (format!("{v:.2}"), v.min(ymax)),
+                Some(v) => (format!("{v:.2}"), v.min(layout.ymax)),
                 None => ("n/a".to_string(), 0.0),
             };
             let (px, py) = chart.backend_coord(&(xc, y));
@@ -200,7 +237,11 @@ fn draw_panel(
             root.draw_text(&text, &value_style, (px, py - 3))?;
         }
     }
+    Ok(())
+}
 
+/// Each group's label and sublabel under its bars.
+fn draw_group_labels(root: &Area<'_>, chart: &Chart<'_, '_>, panel: &Panel) -> DrawResult {
     let label_style = (FONT, 16).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Top));
     let sub_style = (FONT, 13).into_font().color(&RGBColor(90, 90, 90)).pos(Pos::new(HPos::Center, VPos::Top));
     for (gi, g) in panel.groups.iter().enumerate() {

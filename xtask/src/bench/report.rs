@@ -258,40 +258,6 @@ impl Report {
     }
 
     pub(super) fn json(&self, s: &Settings, sections: &[Section], iso: &str, secs: f64) -> Value {
-        let table_json = |t: &Table| -> Value {
-            // main and fsync: ratios to direct Postgres; ebpf: to its own baseline target.
-            let ratio_key = if t.baseline() == "direct" { "ratio_to_direct" } else { "ratio_to_baseline" };
-            let workloads: Vec<Value> = t
-                .workloads
-                .iter()
-                .map(|&w| {
-                    let mut results = serde_json::Map::new();
-                    for name in &t.targets {
-                        let cell = t.cell(w, name).cloned().unwrap_or_default();
-                        results.insert(
-                            name.clone(),
-                            json!({
-                                "median": cell.median(),
-                                "cpu_us_per_txn": median(&cell.cpu_us),
-                                "cpu_us_per_txn_samples": cell.cpu_us,
-                                ratio_key: t.ratio(w, name),
-                                "relative_performance": t.relative(w, name),
-                                "samples": cell.samples,
-                                "errors": cell.errors,
-                            }),
-                        );
-                    }
-                    json!({
-                        "name": w.name(),
-                        "unit": w.unit(),
-                        "better": if w.higher_is_better() { "higher" } else { "lower" },
-                        "command": w.describe(s),
-                        "results": results,
-                    })
-                })
-                .collect();
-            json!({ "targets": t.targets, "workloads": workloads })
-        };
         let budget: Vec<Value> =
             self.budget().iter().map(|c| json!({ "check": c.name, "pass": c.pass, "detail": c.detail })).collect();
         json!({
@@ -299,66 +265,128 @@ impl Report {
             "duration_secs": secs,
             "quick": s.quick,
             "sections": sections.iter().map(|x| format!("{x:?}").to_lowercase()).collect::<Vec<_>>(),
-            "settings": {
-                "pgbench_seconds": s.duration,
-                "cycles": s.cycles,
-                "clients": s.clients,
-                "threads": s.threads,
-                "scale": s.scale,
-                "rows_reps_per_cycle": s.rows_reps,
-                "idle_sessions": s.idle_sessions,
-            },
-            "machine": {
-                "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-                "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-                "cpuidle": cpuidle(),
-            },
+            "settings": settings_json(s),
+            "machine": machine_json(),
             "flush_latency": self.flush.iter().map(|(label, f)| json!({
                 "when": label, "p50_us": f.p50_us, "p90_us": f.p90_us, "samples": f.samples, "direct": f.direct,
             })).collect::<Vec<_>>(),
-            "main": self.main.as_ref().map(table_json),
-            "fsync": self.fsync.as_ref().map(table_json),
-            "memory": self.memory.as_ref().map(|m| json!({
-                "sessions": m.sessions,
-                "rss_before_kib": m.rss_before_kib,
-                "rss_after_kib": m.rss_after_kib,
-                "rss_after_close_kib": m.rss_closed_kib,
-                "rss_anon_before_kib": m.anon_before_kib,
-                "rss_anon_after_kib": m.anon_after_kib,
-                "kib_per_session": m.per_session_kib(),
-                "anon_kib_per_session": m.anon_per_session_kib(),
-                "login_secs": m.login_secs,
-            })),
-            "mask": self.mask.as_ref().map(|(u, m)| json!({
-                "workload": MASK_WORKLOAD,
-                "unmasked_ms": { "median": u.median(), "samples": u.samples, "errors": u.errors },
-                "masked_ms": { "median": m.median(), "samples": m.samples, "errors": m.errors },
-                "ratio": match (u.median(), m.median()) { (Some(a), Some(b)) => Some(b / a), _ => None },
-            })),
+            "main": self.main.as_ref().map(|t| table_json(t, s)),
+            "fsync": self.fsync.as_ref().map(|t| table_json(t, s)),
+            "memory": self.memory.as_ref().map(memory_json),
+            "mask": self.mask.as_ref().map(|(u, m)| mask_json(u, m)),
             "ebpf": match &self.ebpf {
                 None => Value::Null,
-                Some(ebpf::Outcome::Skipped(why)) => json!({ "status": "skipped", "reason": why }),
-                Some(ebpf::Outcome::Measured(t)) => {
-                    let mut v = table_json(t);
-                    v["status"] = json!("measured");
-                    v["baseline"] = json!(ebpf::DIRECT);
-                    v["pgward_fsync"] = json!(ebpf::FSYNC);
-                    v["targets_described"] =
-                        ebpf::TARGETS.iter().map(|(n, w)| (n.to_string(), json!(w))).collect::<serde_json::Map<_, _>>().into();
-                    v["redirect_ratio"] = ebpf::WORKLOADS
-                        .iter()
-                        .map(|&w| (w.name().to_string(), json!(t.ratio(w, ebpf::REDIRECTED))))
-                        .collect::<serde_json::Map<_, _>>()
-                        .into();
-                    v
-                }
+                Some(outcome) => ebpf_json(outcome, s),
             },
             "callgrind": self.callgrind.as_ref().map(callgrind::Report::json),
             "micro": self.micro.as_ref().map(|v| v.iter().map(micro::TestRun::json).collect::<Vec<_>>()),
             "budget": budget,
         })
     }
+}
 
+/// The JSON of one table: per workload, each target's samples, median, CPU and ratio.
+fn table_json(t: &Table, s: &Settings) -> Value {
+    // main and fsync: ratios to direct Postgres; ebpf: to its own baseline target.
+    let ratio_key = if t.baseline() == "direct" { "ratio_to_direct" } else { "ratio_to_baseline" };
+    let workloads: Vec<Value> = t
+        .workloads
+        .iter()
+        .map(|&w| {
+            let mut results = serde_json::Map::new();
+            for name in &t.targets {
+                let cell = t.cell(w, name).cloned().unwrap_or_default();
+                results.insert(
+                    name.clone(),
+                    json!({
+                        "median": cell.median(),
+                        "cpu_us_per_txn": median(&cell.cpu_us),
+                        "cpu_us_per_txn_samples": cell.cpu_us,
+                        ratio_key: t.ratio(w, name),
+                        "relative_performance": t.relative(w, name),
+                        "samples": cell.samples,
+                        "errors": cell.errors,
+                    }),
+                );
+            }
+            json!({
+                "name": w.name(),
+                "unit": w.unit(),
+                "better": if w.higher_is_better() { "higher" } else { "lower" },
+                "command": w.describe(s),
+                "results": results,
+            })
+        })
+        .collect();
+    json!({ "targets": t.targets, "workloads": workloads })
+}
+
+/// The load the run was measured under.
+fn settings_json(s: &Settings) -> Value {
+    json!({
+        "pgbench_seconds": s.duration,
+        "cycles": s.cycles,
+        "clients": s.clients,
+        "threads": s.threads,
+        "scale": s.scale,
+        "rows_reps_per_cycle": s.rows_reps,
+        "idle_sessions": s.idle_sessions,
+    })
+}
+
+/// What the run's numbers depend on: CPUs, kernel, and whether idle CPUs halt.
+fn machine_json() -> Value {
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "cpuidle": cpuidle(),
+    })
+}
+
+/// pgward's memory before, with and after the idle sessions.
+fn memory_json(m: &idle::IdleReport) -> Value {
+    json!({
+        "sessions": m.sessions,
+        "rss_before_kib": m.rss_before_kib,
+        "rss_after_kib": m.rss_after_kib,
+        "rss_after_close_kib": m.rss_closed_kib,
+        "rss_anon_before_kib": m.anon_before_kib,
+        "rss_anon_after_kib": m.anon_after_kib,
+        "kib_per_session": m.per_session_kib(),
+        "anon_kib_per_session": m.anon_per_session_kib(),
+        "login_secs": m.login_secs,
+    })
+}
+
+/// The masked run against the unmasked one (`ratio`: masked / unmasked median).
+fn mask_json(u: &Cell, m: &Cell) -> Value {
+    json!({
+        "workload": MASK_WORKLOAD,
+        "unmasked_ms": { "median": u.median(), "samples": u.samples, "errors": u.errors },
+        "masked_ms": { "median": m.median(), "samples": m.samples, "errors": m.errors },
+        "ratio": match (u.median(), m.median()) { (Some(a), Some(b)) => Some(b / a), _ => None },
+    })
+}
+
+/// The eBPF section: the reason it was skipped, or its table with what each target is.
+fn ebpf_json(outcome: &ebpf::Outcome, s: &Settings) -> Value {
+    match outcome {
+        ebpf::Outcome::Skipped(why) => json!({ "status": "skipped", "reason": why }),
+        ebpf::Outcome::Measured(t) => {
+            let mut v = table_json(t, s);
+            v["status"] = json!("measured");
+            v["baseline"] = json!(ebpf::DIRECT);
+            v["pgward_fsync"] = json!(ebpf::FSYNC);
+            v["targets_described"] =
+                ebpf::TARGETS.iter().map(|(n, w)| (n.to_string(), json!(w))).collect::<serde_json::Map<_, _>>().into();
+            v["redirect_ratio"] = ebpf::WORKLOADS
+                .iter()
+                .map(|&w| (w.name().to_string(), json!(t.ratio(w, ebpf::REDIRECTED))))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+            v
+        }
+    }
 }
 
 /// When and under what load a run started (for the JSON and the file names).

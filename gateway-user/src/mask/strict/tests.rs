@@ -130,11 +130,22 @@ fn allowed() {
     assert!(bad.is_empty(), "refused:\n{}", bad.join("\n"));
 }
 
-/// Ways to get a masked value out other than as a masked output column.
+/// Each of `attacks` must be refused: a way to get a masked value out other than as a masked
+/// output column.
+fn assert_refused(attacks: &[&str]) {
+    let mut passed = Vec::new();
+    for sql in attacks {
+        if verdict(sql).is_ok() {
+            passed.push(*sql);
+        }
+    }
+    assert!(passed.is_empty(), "allowed:\n{}", passed.join("\n"));
+}
+
+/// Functions that are not value-preserving built-ins.
 #[test]
-fn refused() {
-    let attacks = [
-        // functions that are not value-preserving built-ins
+fn functions_that_are_not_value_preserving_are_refused() {
+    assert_refused(&[
         "select length(card) from customers",
         "select md5(card) from customers",
         "select ascii(substr(card, 1, 1)) from customers",
@@ -150,7 +161,13 @@ fn refused() {
         "select myfunc(card) from customers",
         "select public.upper(card) from customers",
         "select upper(card) over () from customers",
-        // comparisons other than equality with a literal
+    ]);
+}
+
+/// Comparisons other than equality with a literal.
+#[test]
+fn comparisons_other_than_equality_with_a_literal_are_refused() {
+    assert_refused(&[
         "select id from customers where card like '4%'",
         "select id from customers where card < '5'",
         "select id from customers where card between '4' and '5'",
@@ -166,12 +183,39 @@ fn refused() {
         "select greatest(card, '5') from customers",
         "select id from (select substr(card, 1, 1) as d from customers) s where d = '4'",
         "select id from customers having max(card) > '4'",
+    ]);
+}
+
+/// Ordering, limits, grouping and ranking by masked columns: sorted output orders rows by the value.
+#[test]
+fn ordering_grouping_and_ranking_by_masked_columns_are_refused() {
+    assert_refused(&[
         // ordering and limits
         "select id from customers order by card",
         "select id from customers order by ssn desc limit 1",
         "select string_agg(name, ',' order by card) from customers",
         "select row_number() over (order by card) from customers",
         "select id from customers limit (select length(card) from customers limit 1)",
+        // grouping (sorted plans order rows by the key), ranking
+        "select card, count(*) from customers group by card",
+        "select id from customers group by card, id",
+        "select distinct card from customers",
+        "select distinct card, id from customers",
+        "select distinct on (card) card, id from customers",
+        "select count(*) over (partition by card) from customers",
+        "select min(card), max(ssn) from customers",
+        "cluster customers using customers_card_idx",
+        // ordering by an output column's position or name
+        "select card from customers order by 1",
+        "select card as x from customers order by x",
+        "select id, ssn from customers union all select id, ssn from customers order by 2",
+    ]);
+}
+
+/// Writing masked values elsewhere: other tables, RETURNING, COPY.
+#[test]
+fn writing_masked_values_elsewhere_is_refused() {
+    assert_refused(&[
         // writing values elsewhere
         "insert into t2 select id, card from customers",
         "insert into t2 (b) values ((select card from customers limit 1))",
@@ -191,6 +235,13 @@ fn refused() {
         "copy (select card from customers) to stdout",
         "copy customers to '/tmp/x'",
         "copy customers to program 'cat'",
+    ]);
+}
+
+/// Set operations over masked columns, bodies and SQL built at run time.
+#[test]
+fn set_operations_bodies_and_dynamic_sql_are_refused() {
+    assert_refused(&[
         // set operations
         "select card from customers intersect select name from customers",
         "select card from customers except select '4111'",
@@ -209,6 +260,14 @@ fn refused() {
         "select run_sql('x')",
         "select unknown_function(1)",
         "create operator === (leftarg = text, rightarg = text, function = texteq)",
+    ]);
+}
+
+/// Statistics, DDL over masked columns, names as the server reads them, recursive CTEs, casts
+/// whose errors echo the value, joins comparing columns, and later statements of a string.
+#[test]
+fn statistics_ddl_names_casts_and_joins_are_refused() {
+    assert_refused(&[
         // statistics
         "select most_common_vals from pg_stats where attname = 'card'",
         "select * from pg_catalog.pg_statistic",
@@ -226,19 +285,6 @@ fn refused() {
         // recursive CTEs
         "with recursive r(x) as (select card from customers union all select substr(x, 2) from r where x <> '') select length(x) from r",
         "with recursive r(x) as (select card from customers union all select substr(x, 2) from r where x > '') select x from r",
-        // grouping (sorted plans order rows by the key), ranking
-        "select card, count(*) from customers group by card",
-        "select id from customers group by card, id",
-        "select distinct card from customers",
-        "select distinct card, id from customers",
-        "select distinct on (card) card, id from customers",
-        "select count(*) over (partition by card) from customers",
-        "select min(card), max(ssn) from customers",
-        "cluster customers using customers_card_idx",
-        // ordering by an output column's position or name
-        "select card from customers order by 1",
-        "select card as x from customers order by x",
-        "select id, ssn from customers union all select id, ssn from customers order by 2",
         // casts whose errors echo the value
         "select card::int from customers",
         "select card::text[] from customers",
@@ -250,14 +296,7 @@ fn refused() {
         // statements after one that is fine
         "select 1; select length(card) from customers",
         "select 1; select length(card) from customers",
-    ];
-    let mut passed = Vec::new();
-    for sql in attacks {
-        if verdict(sql).is_ok() {
-            passed.push(sql);
-        }
-    }
-    assert!(passed.is_empty(), "allowed:\n{}", passed.join("\n"));
+    ]);
 }
 
 /// The message names what was refused and the rules are the columns' own.

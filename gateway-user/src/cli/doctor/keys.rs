@@ -1,0 +1,94 @@
+//! The token keys (sign, then verify against the JWKS) and the TLS certificate.
+
+use std::os::unix::fs::MetadataExt;
+
+use super::Ctx;
+use super::report::{Check, Outcome, check};
+
+pub(super) fn token_keys(cx: &Ctx) -> Check {
+    let name = "token keys";
+    let cfg = &cx.cfg;
+    let verifier = match crate::auth::Verifier::load(cfg) {
+        Ok(v) => v,
+        Err(e) => {
+            return check(
+                name,
+                Outcome::Fail,
+                format!("JWKS {}: {e}", cfg.resolve(&cfg.auth.jwks).display()),
+                Some("point auth.jwks at a JWKS file (pgward init writes keys/jwks.json)".into()),
+            );
+        }
+    };
+    let key_path = cfg.resolve(&cfg.auth.signing_key);
+    let signer = match crate::auth::Signer::load(cfg) {
+        Ok(s) => s,
+        Err(e) => return check(
+            name,
+            Outcome::Fail,
+            format!("signing key {}: {e}", key_path.display()),
+            Some(
+                "auth.signing_key must be a PKCS#8 Ed25519 key (pgward init writes one); it signs audit checkpoints"
+                    .into(),
+            ),
+        ),
+    };
+    if let Ok(m) = std::fs::metadata(&key_path)
+        && m.mode() & 0o027 != 0
+    {
+        return check(
+            name,
+            Outcome::Fail,
+            format!(
+                "{} is {} (mode {:04o})",
+                key_path.display(),
+                if m.mode() & 0o007 != 0 { "readable by everyone" } else { "group-writable" },
+                m.mode() & 0o7777
+            ),
+            Some(format!("chmod 0640 {} (owner root, group pgward)", key_path.display())),
+        );
+    }
+    let token = match signer.issue(
+        "pgward-doctor",
+        &[],
+        std::time::Duration::from_secs(60),
+        &cfg.auth.issuer,
+        &cfg.auth.audience,
+    ) {
+        Ok(t) => t,
+        Err(e) => return check(name, Outcome::Fail, format!("cannot sign: {e}"), None),
+    };
+    if let Err(e) = verifier.verify(&token, "pgward-doctor") {
+        return check(
+            name,
+            Outcome::Fail,
+            format!("a token signed with kid {} does not verify: {e}", cfg.auth.signing_kid),
+            Some(format!(
+                "put the signing key's public half (kid {}) into {}",
+                cfg.auth.signing_kid,
+                cfg.resolve(&cfg.auth.jwks).display()
+            )),
+        );
+    }
+    check(
+        name,
+        Outcome::Pass,
+        format!("kid {} signs; a token issued with it verifies against the JWKS", cfg.auth.signing_kid),
+        None,
+    )
+}
+
+pub(super) fn tls(cx: &Ctx) -> Check {
+    let name = "tls certificate";
+    match crate::tls::server_config(&cx.cfg) {
+        Ok(_) => {
+            let key = cx.cfg.resolve(&cx.cfg.server.tls_key);
+            if let Ok(m) = std::fs::metadata(&key)
+                && m.mode() & 0o007 != 0
+            {
+                return check(name, Outcome::Fail, format!("{} is readable by everyone", key.display()), Some(format!("chmod 0640 {}", key.display())));
+            }
+            check(name, Outcome::Pass, format!("{} and its key load", cx.cfg.resolve(&cx.cfg.server.tls_cert).display()), None)
+        }
+        Err(e) => check(name, Outcome::Fail, format!("{e}"), Some("server.tls_cert / server.tls_key must be a PEM certificate chain and key (pgward init writes a self-signed pair)".into())),
+    }
+}
