@@ -191,7 +191,9 @@ fn syslog_tls_export_reaches_rsyslog_once_in_order_across_a_receiver_restart() {
         .expect("the statement")["seq"]
         .as_u64()
         .unwrap();
-    rewrite_with_key(&copy_dir.path().join("audit"), target, &pw.signing_key_path(), &pw.signing_kid(), |r| {
+    let key = pw.config_path_value("audit.checkpoint_key");
+    let kid = pw.config_str("audit.checkpoint_kid");
+    rewrite_with_key(&copy_dir.path().join("audit"), target, &key, &kid, |r| {
         r.sql = Some("select 'nothing to see'".into());
     });
     let (code, out) = common::gateway::audit_verify_config(&cfg);

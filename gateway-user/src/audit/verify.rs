@@ -80,12 +80,21 @@ pub fn check_signature(
     anchor_hash: &str,
 ) -> Result<(), String> {
     let kid = kid.ok_or("checkpoint has no kid")?;
-    let key = keys.get(kid).ok_or_else(|| format!("checkpoint signed by unknown key kid {kid:?}"))?;
+    let key = keys.get(kid).ok_or_else(|| {
+        let mut known: Vec<&str> = keys.keys().map(String::as_str).collect();
+        known.sort_unstable();
+        format!(
+            "checkpoint signed by unknown key kid {kid:?}; the checkpoint JWKS holds {}: the log was signed with another key (not the one audit.checkpoint_jwks publishes)",
+            if known.is_empty() { "no key".to_string() } else { format!("kid {}", known.join(", ")) }
+        )
+    })?;
     let sig = sig.ok_or("checkpoint has no signature")?;
     let bytes = decode_b64url(sig).ok_or("checkpoint signature is not base64url")?;
     let sig = Signature::from_slice(&bytes).map_err(|_| "checkpoint signature has the wrong length".to_string())?;
     let msg = chain::checkpoint_message(anchor_seq, anchor_hash);
-    key.verify_strict(msg.as_bytes(), &sig).map_err(|_| format!("checkpoint signature does not verify (kid {kid:?})"))
+    key.verify_strict(msg.as_bytes(), &sig).map_err(|_| {
+        format!("checkpoint signature does not verify (kid {kid:?}): signed with another key than the one the checkpoint JWKS holds, or altered")
+    })
 }
 
 /// How often the writer checkpoints, which bounds what `verify` accepts as a stretch without a

@@ -353,7 +353,11 @@ fn format_human(s: &mut String, r: &Record) {
 
 fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let (cfg, dir) = load(&a.config)?;
-    let keys = crate::audit::verify::load_jwks_ed25519(&cfg.resolve(&cfg.auth.jwks))?;
+    let jwks = cfg.audit.checkpoint_jwks.as_ref().context(
+        "audit.checkpoint_jwks is not set: checkpoints are verified against the public half of \
+         audit.checkpoint_key (pgward init writes keys/checkpoint-jwks.json)",
+    )?;
+    let keys = crate::audit::verify::load_jwks_ed25519(&cfg.resolve(jwks))?;
     let policy = crate::audit::verify::Policy::from_config(&cfg);
     let report = crate::audit::verify::verify_with(&dir, &keys, &policy);
     let mut out = io::stdout().lock();

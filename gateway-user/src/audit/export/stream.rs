@@ -1,11 +1,12 @@
 //! Syslog over TCP (RFC 6587, octet counting: `LEN SP MSG`) and over TLS (RFC 5425, the same
 //! framing inside TLS). Plain syslog has no application-level acknowledgement, so a record
 //! counts as acknowledged when its bytes were flushed to the socket, the receiver's TCP stack
-//! acknowledged them (the socket's send queue, `SIOCOUTQ`, is empty) and the receiver has not
-//! closed or reset the connection. What is lost beyond that — bytes the receiving daemon had
-//! in its socket buffer or memory when it died — is the limit of the protocol; a receiver
-//! that restarts cleanly closes the connection first, which makes the exporter send again
-//! everything after the cursor.
+//! acknowledged them (the socket's send queue, `SIOCOUTQ`, is empty) and the receiver did not
+//! reset the connection. A receiver that stops cleanly closes the connection after reading
+//! what it was sent (Linux answers data that arrives at, or is unread in, a closed socket
+//! with a reset, which the exporter sees as a failure and answers by sending everything after
+//! the cursor again). What a receiving daemon had read but not yet stored when it was killed
+//! is beyond what the protocol can tell; a receiver with a disk-assisted queue keeps it.
 
 use std::io::{self, Read as _, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -43,28 +44,20 @@ impl Conn {
     }
 
     /// Consume what the receiver sent (syslog receivers send nothing but TLS housekeeping);
-    /// `Err` when it closed the connection.
-    fn drain_incoming(&mut self) -> io::Result<()> {
-        let closed = || io::Error::new(io::ErrorKind::ConnectionReset, "the receiver closed the connection");
+    /// true when it has closed its side of the connection.
+    fn drain_incoming(&mut self) -> io::Result<bool> {
         let mut buf = [0u8; 4096];
         match self {
-            Conn::Plain(s) => {
-                if s.read(&mut buf)? == 0 {
-                    return Err(closed());
-                }
-            }
+            Conn::Plain(s) => Ok(s.read(&mut buf)? == 0),
             Conn::Tls(s) => {
                 if s.conn.read_tls(&mut s.sock)? == 0 {
-                    return Err(closed());
+                    return Ok(true);
                 }
                 let state = s.conn.process_new_packets().map_err(io::Error::other)?;
-                if state.peer_has_closed() {
-                    return Err(closed());
-                }
                 while s.conn.reader().read(&mut buf).is_ok_and(|n| n > 0) {}
+                Ok(state.peer_has_closed())
             }
         }
-        Ok(())
     }
 }
 
@@ -86,6 +79,8 @@ impl Write for Conn {
 pub(super) struct StreamSink {
     out: io::BufWriter<Conn>,
     header: Header,
+    /// The receiver closed its side: nothing more can be sent on this connection.
+    closed: bool,
 }
 
 impl StreamSink {
@@ -108,30 +103,34 @@ impl StreamSink {
                 Conn::Tls(Box::new(s))
             }
         };
-        Ok(StreamSink { out: io::BufWriter::with_capacity(WRITE_BUFFER, conn), header: Header::new() })
+        Ok(StreamSink { out: io::BufWriter::with_capacity(WRITE_BUFFER, conn), header: Header::new(), closed: false })
     }
 
     fn fd(&self) -> RawFd {
         self.out.get_ref().tcp().as_raw_fd()
     }
 
-    /// `Err` if the receiver closed or reset the connection; consumes what it sent.
-    fn check_peer(&mut self, wait_ms: i32) -> io::Result<()> {
+    /// Whether the receiver closed its side of the connection (`Err` if it reset it or the
+    /// socket has an error); consumes what it sent. Waits up to `wait_ms` for news.
+    fn peer_closed(&mut self, wait_ms: i32) -> io::Result<bool> {
         let mut p = libc::pollfd { fd: self.fd(), events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
         // SAFETY: one valid pollfd.
         let n = unsafe { libc::poll(&mut p, 1, wait_ms) };
         if n < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted { Ok(()) } else { Err(e) };
+            return if e.kind() == io::ErrorKind::Interrupted { Ok(false) } else { Err(e) };
         }
-        if p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLRDHUP) != 0 {
-            let e = self.out.get_ref().tcp().take_error()?;
-            return Err(e.unwrap_or_else(|| io::Error::new(io::ErrorKind::ConnectionReset, "the receiver closed the connection")));
+        if let Some(e) = self.out.get_ref().tcp().take_error()? {
+            return Err(e);
         }
+        if p.revents & libc::POLLERR != 0 {
+            return Err(io::Error::new(io::ErrorKind::ConnectionReset, "socket error"));
+        }
+        let mut closed = p.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0;
         if p.revents & libc::POLLIN != 0 {
-            self.out.get_mut().drain_incoming()?;
+            closed |= self.out.get_mut().drain_incoming()?;
         }
-        Ok(())
+        Ok(closed)
     }
 
     /// Bytes written to the socket that the receiver's TCP has not acknowledged.
@@ -158,23 +157,46 @@ fn connect_tcp(addr: &str) -> io::Result<TcpStream> {
 
 impl Sink for StreamSink {
     fn send(&mut self, line: &[u8]) -> io::Result<()> {
+        if self.closed {
+            return Err(closed_error());
+        }
         let msg = rfc5424(&self.header.host, self.header.pid, line);
         write!(self.out, "{} ", msg.len())?;
         self.out.write_all(&msg)
     }
 
+    /// Acknowledged: the receiver's TCP took every byte (empty send queue) and did not reset
+    /// the connection. A receiver that closed its side after that had read everything (a
+    /// socket closed with unread data answers with a reset): the records count as delivered,
+    /// and the next send reconnects.
     fn confirm(&mut self) -> io::Result<bool> {
+        if self.closed {
+            return Err(closed_error());
+        }
         self.out.flush()?;
         let deadline = Instant::now() + CONFIRM_WAIT;
         loop {
-            self.check_peer(0)?;
-            if self.unacknowledged()? == 0 {
+            // The queue first: a reset that arrives after an empty queue was seen still
+            // leaves what it acknowledged acknowledged.
+            let queued = self.unacknowledged()?;
+            let closed = self.peer_closed(0)?;
+            if queued == 0 {
+                self.closed = closed;
                 return Ok(true);
+            }
+            if closed {
+                return Err(closed_error());
             }
             if Instant::now() >= deadline {
                 return Ok(false);
             }
-            self.check_peer(CONFIRM_STEP_MS)?;
+            if self.peer_closed(CONFIRM_STEP_MS)? {
+                self.closed = true;
+            }
         }
     }
+}
+
+fn closed_error() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionReset, "the receiver closed the connection")
 }

@@ -130,11 +130,10 @@ pub struct WriterOptions {
 }
 
 impl WriterOptions {
-    /// Options from the config: `[audit]` plus the checkpoint signer from `auth.signing_key`
-    /// / `auth.signing_kid`.
+    /// Options from the config: `[audit]`, with the checkpoint signer from
+    /// `audit.checkpoint_key` / `audit.checkpoint_kid`.
     pub fn from_config(cfg: &crate::config::Config) -> Result<WriterOptions, AuditError> {
-        let signer =
-            CheckpointSigner::from_pkcs8_pem_file(&cfg.resolve(&cfg.auth.signing_key), cfg.auth.signing_kid.clone())?;
+        let signer = CheckpointSigner::from_config(cfg)?;
         let export = match super::export::ExportSettings::from_config(cfg).map_err(AuditError::Export)? {
             Some(settings) => Some(super::Exporter::start(settings).map_err(AuditError::Export)?),
             None => None,
