@@ -40,11 +40,8 @@ impl TestCa {
         params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let cert = params.signed_by(&key, &issuer).expect("server cert");
-        let ca = TestCa {
-            ca_pem: dir.join("ca.pem"),
-            cert_pem: dir.join("server.pem"),
-            key_pem: dir.join("server.key"),
-        };
+        let ca =
+            TestCa { ca_pem: dir.join("ca.pem"), cert_pem: dir.join("server.pem"), key_pem: dir.join("server.key") };
         std::fs::write(&ca.ca_pem, ca_cert.pem()).expect("write CA");
         std::fs::write(&ca.cert_pem, cert.pem()).expect("write cert");
         std::fs::write(&ca.key_pem, key.serialize_pem()).expect("write key");

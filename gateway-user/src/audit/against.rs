@@ -164,7 +164,8 @@ pub fn compare(dir: &Path, copy: &ExportedCopy) -> Result<Comparison, String> {
         }
         match copy.records.get(&seq) {
             None => {
-                out.divergence = Some((seq, format!("in the local log ({}) but not in the copy", entry.line.location())));
+                out.divergence =
+                    Some((seq, format!("in the local log ({}) but not in the copy", entry.line.location())));
                 return Ok(out);
             }
             Some(e) if &e.hash != hash => {
@@ -192,7 +193,10 @@ pub fn compare(dir: &Path, copy: &ExportedCopy) -> Result<Comparison, String> {
     if let Some((&seq, e)) = copy.records.range(local_last + 1..).next() {
         out.divergence = Some((
             seq,
-            format!("in the copy (line {}, {}) but not in the local log, which ends at seq {local_last}: the local log was cut", e.line, e.kind),
+            format!(
+                "in the copy (line {}, {}) but not in the local log, which ends at seq {local_last}: the local log was cut",
+                e.line, e.kind
+            ),
         ));
     }
     Ok(out)

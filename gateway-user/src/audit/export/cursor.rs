@@ -36,7 +36,10 @@ impl Cursor {
             Ok(bytes) => match serde_json::from_slice::<Stored>(&bytes) {
                 Ok(s) if s.sink == sink => s.seq,
                 Ok(s) => {
-                    tracing::info!("audit export: the cursor is for {:?}, not {sink:?}: sending the log from seq 1", s.sink);
+                    tracing::info!(
+                        "audit export: the cursor is for {:?}, not {sink:?}: sending the log from seq 1",
+                        s.sink
+                    );
                     0
                 }
                 Err(e) => {
@@ -63,7 +66,8 @@ impl Cursor {
             return Ok(());
         }
         let tmp = self.dir.join(CURSOR_TMP);
-        let mut body = serde_json::to_vec(&Stored { sink: self.sink.clone(), seq: self.acked }).map_err(io::Error::other)?;
+        let mut body =
+            serde_json::to_vec(&Stored { sink: self.sink.clone(), seq: self.acked }).map_err(io::Error::other)?;
         body.push(b'\n');
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&body)?;

@@ -71,7 +71,10 @@ impl Feed {
                 break;
             }
             if seq != after + 1 && after > 0 {
-                tracing::warn!("audit export: the log goes from seq {after} to seq {seq} ({}); exporting what is there", line.location());
+                tracing::warn!(
+                    "audit export: the log goes from seq {after} to seq {seq} ({}); exporting what is there",
+                    line.location()
+                );
             }
             after = seq;
             out.push((seq, line.raw));

@@ -120,7 +120,9 @@ impl Drop for Exporter {
         lock(&self.shared).stop = true;
         self.shared.wake.notify_one();
         if self.done.recv_timeout(SHUTDOWN_GRACE).is_err() {
-            tracing::warn!("audit export: stopped before the sink took every record; the rest goes out after the next start");
+            tracing::warn!(
+                "audit export: stopped before the sink took every record; the rest goes out after the next start"
+            );
         }
     }
 }
@@ -164,7 +166,12 @@ impl Worker {
         let timeout = if self.failing_since.is_some() { self.retry } else { IDLE_WAKE };
         let ready = |st: &State| st.stop || (self.failing_since.is_none() && st.durable > self.sent);
         if !ready(&st) {
-            st = self.shared.wake.wait_timeout_while(st, timeout, |st| !ready(st)).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
+            st = self
+                .shared
+                .wake
+                .wait_timeout_while(st, timeout, |st| !ready(st))
+                .map(|r| r.0)
+                .unwrap_or_else(|e| e.into_inner().0);
         }
         (st.durable, st.stop)
     }
@@ -180,7 +187,11 @@ impl Worker {
             return false;
         }
         if self.failing_since.take().is_some() {
-            tracing::info!("audit export: {} reachable again; resumed after seq {}", self.settings.sink_id(), self.cursor.acked);
+            tracing::info!(
+                "audit export: {} reachable again; resumed after seq {}",
+                self.settings.sink_id(),
+                self.cursor.acked
+            );
         }
         self.retry = RETRY_MIN;
         let caught_up = self.cursor.acked >= durable;

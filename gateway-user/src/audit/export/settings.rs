@@ -41,7 +41,9 @@ impl ExportSettings {
     pub fn from_config(cfg: &Config) -> Result<Option<ExportSettings>, String> {
         let a = &cfg.audit;
         let address = || {
-            a.syslog_address.clone().ok_or_else(|| format!("audit.export = {:?} needs audit.syslog_address (HOST:PORT)", kind_name(a.export)))
+            a.syslog_address.clone().ok_or_else(|| {
+                format!("audit.export = {:?} needs audit.syslog_address (HOST:PORT)", kind_name(a.export))
+            })
         };
         let target = match a.export {
             ExportKind::None => return Ok(None),
@@ -50,11 +52,17 @@ impl ExportSettings {
             ExportKind::SyslogTcp => Target::Tcp { addr: address()? },
             ExportKind::SyslogTls => {
                 let addr = address()?;
-                let ca = a.syslog_ca.as_ref().ok_or("audit.export = \"syslog-tls\" needs audit.syslog_ca (PEM CA certificates)")?;
-                let config = crate::tls::client_config_insecure_or_roots(Some(&cfg.resolve(ca))).map_err(|e| e.to_string())?;
+                let ca = a
+                    .syslog_ca
+                    .as_ref()
+                    .ok_or("audit.export = \"syslog-tls\" needs audit.syslog_ca (PEM CA certificates)")?;
+                let config =
+                    crate::tls::client_config_insecure_or_roots(Some(&cfg.resolve(ca))).map_err(|e| e.to_string())?;
                 let host = match &a.syslog_server_name {
                     Some(n) => n.clone(),
-                    None => host_part(&addr).ok_or_else(|| format!("audit.syslog_address {addr:?} is not HOST:PORT"))?,
+                    None => {
+                        host_part(&addr).ok_or_else(|| format!("audit.syslog_address {addr:?} is not HOST:PORT"))?
+                    }
                 };
                 let name = ServerName::try_from(host.clone())
                     .map_err(|e| format!("audit.syslog_server_name {host:?} is not a DNS name or IP address: {e}"))?;

@@ -29,7 +29,9 @@ pub(super) fn connect(target: &Target) -> io::Result<Box<dyn Sink>> {
             Box::new(Datagram { sock, header: Header::new() })
         }
         Target::Tcp { addr } => Box::new(StreamSink::connect(addr, None)?),
-        Target::Tls { addr, name, config } => Box::new(StreamSink::connect(addr, Some((name.clone(), config.clone())))?),
+        Target::Tls { addr, name, config } => {
+            Box::new(StreamSink::connect(addr, Some((name.clone(), config.clone())))?)
+        }
     })
 }
 

@@ -99,7 +99,8 @@ fn tcp_frames_are_octet_counted_and_a_lost_connection_resends_from_the_cursor() 
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     append(dir.path(), 1, 1..=4);
-    let ex = Exporter::start(ExportSettings { dir: dir.path().to_owned(), target: Target::Tcp { addr } }).expect("start");
+    let ex =
+        Exporter::start(ExportSettings { dir: dir.path().to_owned(), target: Target::Tcp { addr } }).expect("start");
     ex.durable(4);
     let (conn, _) = listener.accept().expect("accept");
     conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
