@@ -55,6 +55,8 @@ struct Shared {
 struct State {
     /// The last seq that is durable in the log.
     durable: u64,
+    /// Where the log ended when the writer opened it (taken by the thread once).
+    opened_at: Option<u64>,
     stop: bool,
 }
 
@@ -78,7 +80,7 @@ impl Exporter {
     /// Start the export thread. It sends nothing until [`Exporter::durable`] says how far the
     /// log is durable.
     pub fn start(settings: ExportSettings) -> Result<Exporter, String> {
-        let shared = Arc::new(Shared { state: Mutex::new(State { durable: 0, stop: false }), wake: Condvar::new() });
+        let shared = Arc::new(Shared { state: Mutex::new(State { durable: 0, opened_at: None, stop: false }), wake: Condvar::new() });
         let (done_tx, done) = mpsc::channel();
         let cursor = Cursor::load(&settings.dir, &settings.sink_id());
         let worker = Worker {
@@ -100,6 +102,15 @@ impl Exporter {
             })
             .map_err(|e| format!("cannot start the audit export thread: {e}"))?;
         Ok(Exporter { shared, done })
+    }
+
+    /// The writer opened the log, which ends at `last_seq` (all of it durable).
+    pub fn log_opened(&self, last_seq: u64) {
+        let mut st = lock(&self.shared);
+        st.opened_at = Some(last_seq);
+        st.durable = st.durable.max(last_seq);
+        drop(st);
+        self.shared.wake.notify_one();
     }
 
     /// Everything up to `seq` is durable (never blocks beyond a short lock).
@@ -146,6 +157,10 @@ impl Worker {
     fn run(mut self) {
         loop {
             let (durable, stop) = self.wait();
+            let opened_at = lock(&self.shared).opened_at.take();
+            if let Some(end) = opened_at {
+                self.check_log_end(end);
+            }
             let caught_up = self.pass(durable);
             if stop {
                 self.persist();
@@ -160,11 +175,30 @@ impl Worker {
         }
     }
 
+    /// A cursor past the end of the log means the log lost records since they were exported
+    /// (a crash with `fsync = "off"`, or a replaced log): the records now written under those
+    /// seqs are new and are sent too, so the copy shows both versions.
+    fn check_log_end(&mut self, end: u64) {
+        if self.cursor.acked <= end {
+            return;
+        }
+        tracing::warn!(
+            "audit export: the cursor (seq {}) is past the end of the log (seq {end}): the log lost records since they were exported; exporting from seq {}",
+            self.cursor.acked,
+            end + 1
+        );
+        self.cursor.acked = end;
+        self.sent = end;
+        self.feed.rewind(end);
+        self.persist();
+    }
+
     /// Wait for work: a durable seq not yet sent, a stop, or the next retry / idle look.
     fn wait(&self) -> (u64, bool) {
         let mut st = lock(&self.shared);
         let timeout = if self.failing_since.is_some() { self.retry } else { IDLE_WAKE };
-        let ready = |st: &State| st.stop || (self.failing_since.is_none() && st.durable > self.sent);
+        let ready =
+            |st: &State| st.stop || st.opened_at.is_some() || (self.failing_since.is_none() && st.durable > self.sent);
         if !ready(&st) {
             st = self
                 .shared

@@ -123,3 +123,26 @@ fn tcp_frames_are_octet_counted_and_a_lost_connection_resends_from_the_cursor() 
     assert!(got[4..].iter().all(|&s| s >= 5), "only records after the acknowledged 4 are sent again: {got:?}");
     assert!(got.windows(2).all(|w| w[1] > w[0] || w[1] >= 5), "in order: {got:?}");
 }
+
+/// A log that ends before the cursor lost records after they were exported: what is written
+/// under those seqs now is sent too, not skipped.
+#[test]
+fn a_cursor_past_the_end_of_the_log_is_pulled_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock_path = dir.path().join("log");
+    let server = UnixDatagram::bind(&sock_path).expect("bind");
+    server.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let audit = dir.path().join("audit");
+    std::fs::create_dir(&audit).expect("mkdir");
+    let settings = ExportSettings { dir: audit.clone(), target: Target::Datagram(sock_path.clone()) };
+    let sink = format!("{{\"sink\":\"{}\",\"seq\":10}}\n", settings.sink_id());
+    std::fs::write(audit.join(CURSOR_FILE), sink).expect("cursor");
+    append(&audit, 1, 1..=3);
+    let ex = Exporter::start(settings).expect("start");
+    ex.log_opened(3);
+    append(&audit, 1, 4..=4);
+    ex.durable(4);
+    let mut buf = vec![0u8; 4096];
+    let n = server.recv(&mut buf).expect("a datagram");
+    assert_eq!(seq_of(&String::from_utf8_lossy(&buf[..n])), 4);
+}

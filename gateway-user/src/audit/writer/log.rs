@@ -136,7 +136,7 @@ impl Log {
         let start_pos = ChainPos { seq: last_seq, hash: prev_hash.clone(), since_ckpt: 0 };
         if let Some(ex) = &opts.export {
             // What recovery kept is the log: the exporter may send it.
-            ex.durable(last_seq);
+            ex.log_opened(last_seq);
         }
         Log {
             dir: opts.dir,
