@@ -202,3 +202,30 @@ fn syslog_tls_export_reaches_rsyslog_once_in_order_across_a_receiver_restart() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&format!("export DIVERGES at seq {target}:")), "{out}");
 }
+
+#[test]
+fn syslog_tcp_export_reaches_rsyslog_octet_counted() {
+    let db = cluster().create_database("export_rsyslog_tcp");
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(tmp.path());
+    let rsyslog = Rsyslog::start(tmp.path(), &ca);
+    let pw = Pgward::builder()
+        .set("audit.export", "syslog-tcp")
+        .set("audit.syslog_address", rsyslog.tcp_addr())
+        .start();
+    let token = pw.token("alice", &[], "15m");
+    // A statement longer than rsyslog's default 8 KiB message size (the test's rsyslog allows
+    // 256 KiB): one frame, not cut.
+    let long = "x".repeat(20_000);
+    let markers = run_statements(&pw, &token, &db, "plain-tcp", 5);
+    pw.login("alice", &token, &db).psql(&["-c", &format!("select '{long}' as long")]).expect_ok();
+    wait_delivered(&pw, &rsyslog, "rsyslog to have every record");
+    let arrived = rsyslog.seqs();
+    let local: Vec<u64> = pw.audit_records().iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(arrived, local, "each record once, in order");
+    let text = std::fs::read_to_string(&rsyslog.out).unwrap();
+    assert!(markers.iter().all(|m| text.contains(m.as_str())), "{text}");
+    let (code, out) = verify_against(&pw.config_path, &rsyslog.out);
+    assert_eq!(code, 0, "the 20 kB statement arrived whole: {out}");
+    assert!(out.contains("export matches"), "{out}");
+}

@@ -2,8 +2,9 @@
 //!
 //! - [`TestCa`]: a CA and a server certificate for 127.0.0.1, made with rcgen.
 //! - [`Rsyslog`]: Debian's real `rsyslogd`, run in the foreground by the test with its own
-//!   config, receiving syslog over TLS (imtcp with the gtls driver, RFC 5425 framing) on a
-//!   loopback port and writing pgward's messages to a file. Stopped (by pid) on Drop.
+//!   config, receiving syslog over TLS (imtcp with the gtls driver, RFC 5425) on one loopback
+//!   port and over plain TCP (imptcp, octet-counted framing, RFC 6587) on another, and writing
+//!   pgward's messages to a file. Stopped (by pid) on Drop.
 //! - [`rewrite_with_key`]: what someone holding the checkpoint key can do to a stopped
 //!   gateway's log: change a record, re-chain, re-sign every later checkpoint, rewrite HEAD.
 
@@ -49,10 +50,12 @@ impl TestCa {
     }
 }
 
-/// A real rsyslogd receiving RFC 5425 (TLS, octet-counted) on 127.0.0.1:`port`.
+/// A real rsyslogd receiving RFC 5425 (TLS) on 127.0.0.1:`port` and RFC 6587 (plain TCP,
+/// octet-counted) on 127.0.0.1:`tcp_port`.
 pub struct Rsyslog {
     pub dir: PathBuf,
     pub port: u16,
+    pub tcp_port: u16,
     /// What rsyslog wrote for pgward: one message per line.
     pub out: PathBuf,
     conf: PathBuf,
@@ -62,6 +65,7 @@ pub struct Rsyslog {
 impl Rsyslog {
     pub fn start(dir: &Path, ca: &TestCa) -> Rsyslog {
         let port = free_port();
+        let tcp_port = free_port();
         let work = dir.join("work");
         std::fs::create_dir_all(&work).expect("work dir");
         let out = dir.join("pgward.log");
@@ -75,6 +79,8 @@ impl Rsyslog {
        defaultNetstreamDriverKeyFile="{key}")
 module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1" streamDriver.authMode="anon")
 input(type="imtcp" address="127.0.0.1" port="{port}")
+module(load="imptcp")
+input(type="imptcp" address="127.0.0.1" port="{tcp_port}")
 template(name="pgward" type="string" string="%timereported:::date-rfc3339% %hostname% %app-name% %msgid% %msg%\n")
 if $app-name == "pgward" then {{
   action(type="omfile" file="{out}" template="pgward")
@@ -88,13 +94,19 @@ if $app-name == "pgward" then {{
             out = out.display(),
         );
         std::fs::write(&conf, text).expect("write rsyslog.conf");
-        let mut r = Rsyslog { dir: dir.to_owned(), port, out, conf, child: None };
+        let mut r = Rsyslog { dir: dir.to_owned(), port, tcp_port, out, conf, child: None };
         r.spawn();
         r
     }
 
+    /// Where the TLS input listens.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Where the plain TCP input listens.
+    pub fn tcp_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.tcp_port)
     }
 
     /// Run rsyslogd in the foreground (`-n`) and wait until it listens.
@@ -117,8 +129,10 @@ if $app-name == "pgward" then {{
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {RSYSLOGD} (apt package rsyslog, rsyslog-gnutls): {e}"));
         self.child = Some(child);
-        let port = self.port;
-        wait_for("rsyslogd to listen", Duration::from_secs(30), || listening(port).then_some(()));
+        let (port, tcp_port) = (self.port, self.tcp_port);
+        wait_for("rsyslogd to listen", Duration::from_secs(30), || {
+            (listening(port) && listening(tcp_port)).then_some(())
+        });
     }
 
     /// SIGTERM, and wait for it to exit.
