@@ -7,7 +7,9 @@
 //! In the copy, every line holding a stored record (`{"seq":…` to the end of the line, as in
 //! an RFC 5424 message or a JSON line) counts; other lines are skipped. A seq that is there
 //! twice with the same hash is a copy (export is at least once); with different hashes the
-//! copy itself is inconsistent. Each exported record's hash must recompute from its own bytes.
+//! copy itself is inconsistent. Each exported record's hash must recompute from its own bytes,
+//! except for the stub a datagram export sends for a record too large for a datagram
+//! (`{"seq":…,"kind":…,"hash":…,"oversize":…}`), whose hash is compared as it stands.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,6 +21,18 @@ use super::reader::Reader;
 
 /// Where a stored record starts in a line of the copy (records are written seq first).
 const RECORD_START: &[u8] = b"{\"seq\":";
+
+/// What a datagram export sends for a record too large for a datagram.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Stub {
+    seq: u64,
+    kind: String,
+    hash: String,
+    /// The record's size (required: it is what makes a line a stub).
+    #[serde(rename = "oversize")]
+    _oversize: u64,
+}
 
 /// One record of the copy.
 #[derive(Debug, Clone)]
@@ -63,23 +77,37 @@ impl ExportedCopy {
     fn add(&mut self, line: &[u8], no: u64) -> Result<(), String> {
         let Some(start) = line.windows(RECORD_START.len()).position(|w| w == RECORD_START) else { return Ok(()) };
         let raw = line[start..].trim_ascii_end();
-        let rec: super::Record =
-            serde_json::from_slice(raw).map_err(|e| format!("a record that does not parse: {e}"))?;
-        match chain::recompute(raw, &rec.prev_hash) {
-            Some((stored, computed)) if stored == computed => {}
-            _ => return Err(format!("seq {}: the exported record's hash does not recompute from its bytes", rec.seq)),
-        }
-        let new = Exported { hash: rec.hash, kind: rec.kind.as_str().to_string(), line: no };
-        match self.records.get(&rec.seq) {
+        let (seq, new) = match serde_json::from_slice::<Stub>(raw) {
+            Ok(stub) => (stub.seq, Exported { hash: stub.hash, kind: stub.kind, line: no }),
+            Err(_) => {
+                let rec: super::Record =
+                    serde_json::from_slice(raw).map_err(|e| format!("a record that does not parse: {e}"))?;
+                match chain::recompute(raw, &rec.prev_hash) {
+                    Some((stored, computed)) if stored == computed => {}
+                    _ => {
+                        return Err(format!(
+                            "seq {}: the exported record's hash does not recompute from its bytes (cut by the receiver? check its maximum message size)",
+                            rec.seq
+                        ));
+                    }
+                }
+                (rec.seq, Exported { hash: rec.hash, kind: rec.kind.as_str().to_string(), line: no })
+            }
+        };
+        self.add_record(seq, new)
+    }
+
+    fn add_record(&mut self, seq: u64, new: Exported) -> Result<(), String> {
+        match self.records.get(&seq) {
             Some(old) if old.hash == new.hash => self.copies += 1,
             Some(old) => {
                 return Err(format!(
-                    "seq {} is in the copy twice with different hashes (line {} and this one)",
-                    rec.seq, old.line
+                    "seq {seq} is in the copy twice with different hashes (line {} and this one)",
+                    old.line
                 ));
             }
             None => {
-                self.records.insert(rec.seq, new);
+                self.records.insert(seq, new);
             }
         }
         Ok(())

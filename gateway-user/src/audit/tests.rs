@@ -1289,3 +1289,29 @@ fn an_exported_copy_with_a_mangled_record_is_refused() {
     let e = ExportedCopy::load(&copy_path).expect_err("a record whose hash does not recompute");
     assert!(e.to_string().contains("hash does not recompute"), "{e}");
 }
+
+#[test]
+fn a_datagram_stub_in_the_copy_is_compared_by_its_hash() {
+    use crate::audit::against::{ExportedCopy, compare};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("audit");
+    write_log(opts(&d, 3), 2);
+    let stub = |r: &Record| format!("{{\"seq\":{},\"kind\":\"{}\",\"hash\":\"{}\",\"oversize\":70000}}", r.seq, r.kind.as_str(), r.hash);
+    let recs = records(&d);
+    let copy_path = dir.path().join("exported.log");
+    let write_copy = |second: String| {
+        let mut text = String::new();
+        for (i, (_, l)) in lines(&d).into_iter().enumerate() {
+            text.push_str(&format!("db1 pgward statement {}\n", if i == 1 { second.clone() } else { l }));
+        }
+        std::fs::write(&copy_path, text).expect("write copy");
+    };
+    write_copy(stub(&recs[1]));
+    let c = compare(&d, &ExportedCopy::load(&copy_path).expect("load")).expect("compare");
+    assert!(c.is_ok(), "{c}");
+    let mut forged = recs[1].clone();
+    forged.hash = "0".repeat(64);
+    write_copy(stub(&forged));
+    let c = compare(&d, &ExportedCopy::load(&copy_path).expect("load")).expect("compare");
+    assert_eq!(c.divergence.map(|d| d.0), Some(2));
+}

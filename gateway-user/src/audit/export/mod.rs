@@ -80,7 +80,10 @@ impl Exporter {
     /// Start the export thread. It sends nothing until [`Exporter::durable`] says how far the
     /// log is durable.
     pub fn start(settings: ExportSettings) -> Result<Exporter, String> {
-        let shared = Arc::new(Shared { state: Mutex::new(State { durable: 0, opened_at: None, stop: false }), wake: Condvar::new() });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { durable: 0, opened_at: None, stop: false }),
+            wake: Condvar::new(),
+        });
         let (done_tx, done) = mpsc::channel();
         let cursor = Cursor::load(&settings.dir, &settings.sink_id());
         let worker = Worker {

@@ -53,12 +53,38 @@ struct Datagram {
 }
 
 impl Sink for Datagram {
+    /// A record larger than a datagram can carry (`EMSGSIZE`: SQL texts go up to 1 MiB) is
+    /// sent as a stub with its `seq`, `kind`, `hash` and size, so the copy still shows it and
+    /// `verify --against` still compares its hash; the record itself stays in the log.
     fn send(&mut self, line: &[u8]) -> io::Result<()> {
-        self.sock.send(&rfc5424(&self.header.host, self.header.pid, line)).map(|_| ())
+        match self.sock.send(&rfc5424(&self.header.host, self.header.pid, line)) {
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                let stub = oversize_stub(line).ok_or(e)?;
+                tracing::warn!(
+                    "audit export: a record of {} bytes is too large for a datagram; sent as a stub",
+                    line.len()
+                );
+                self.sock.send(&rfc5424(&self.header.host, self.header.pid, &stub)).map(|_| ())
+            }
+            other => other.map(|_| ()),
+        }
     }
     fn confirm(&mut self) -> io::Result<bool> {
         Ok(true)
     }
+}
+
+/// `{"seq":…,"kind":…,"hash":…,"oversize":<bytes>}` for a stored line too large to send.
+pub(super) fn oversize_stub(line: &[u8]) -> Option<Vec<u8>> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        seq: u64,
+        kind: String,
+        hash: String,
+    }
+    let h: Head = serde_json::from_slice(line).ok()?;
+    let stub = serde_json::json!({ "seq": h.seq, "kind": h.kind, "hash": h.hash, "oversize": line.len() });
+    serde_json::to_vec(&stub).ok()
 }
 
 /// The HOSTNAME and PROCID of our syslog messages.

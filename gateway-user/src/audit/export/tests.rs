@@ -146,3 +146,32 @@ fn a_cursor_past_the_end_of_the_log_is_pulled_back() {
     let n = server.recv(&mut buf).expect("a datagram");
     assert_eq!(seq_of(&String::from_utf8_lossy(&buf[..n])), 4);
 }
+
+/// A record larger than a datagram goes out as a stub with its seq and hash (and the export
+/// goes on), which `verify --against` compares like a record.
+#[test]
+fn a_record_too_large_for_a_datagram_is_sent_as_a_stub() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock_path = dir.path().join("log");
+    let server = UnixDatagram::bind(&sock_path).expect("bind");
+    server.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let audit = dir.path().join("audit");
+    std::fs::create_dir(&audit).expect("mkdir");
+    let big = format!(
+        "{{\"seq\":1,\"ts\":\"t1\",\"prev_hash\":\"00\",\"kind\":\"statement\",\"sql\":\"{}\",\"hash\":\"h1\"}}\n",
+        "x".repeat(1 << 20)
+    );
+    let big_len = big.len() - 1;
+    std::fs::write(audit.join(chain::segment_name(1)), big).expect("segment");
+    append(&audit, 1, 2..=2);
+    let ex = Exporter::start(ExportSettings { dir: audit, target: Target::Datagram(sock_path) }).expect("start");
+    ex.durable(2);
+    let mut buf = vec![0u8; 65536];
+    let n = server.recv(&mut buf).expect("the stub");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let stub: serde_json::Value = serde_json::from_str(&msg[msg.find('{').expect("json")..]).expect("stub");
+    assert_eq!(stub, serde_json::json!({"seq": 1, "kind": "statement", "hash": "h1", "oversize": big_len}));
+    assert!(msg.starts_with("<38>1 - "), "{msg}");
+    let n = server.recv(&mut buf).expect("the next record");
+    assert_eq!(seq_of(&String::from_utf8_lossy(&buf[..n])), 2);
+}
