@@ -803,6 +803,8 @@ fn check_installed_files(tree: &Tree) {
     assert!(std::fs::read_to_string(tree.p("/etc/shadow")).unwrap().contains("pgward:"));
     assert_eq!(mode_owner(&tree.p("/etc/pgward")), (0o750, 0, gid));
     assert_eq!(mode_owner(&tree.p("/etc/pgward/keys/signing-key.pem")), (0o640, 0, gid));
+    // The checkpoint key is the service user's alone.
+    assert_eq!(mode_owner(&tree.p("/etc/pgward/keys/checkpoint-key.pem")), (0o400, uid, gid));
     assert_eq!(mode_owner(&tree.p("/etc/pgward/upstream.password")), (0o640, 0, gid));
     assert_eq!(mode_owner(&tree.p("/var/lib/pgward/audit")), (0o750, uid, gid));
     assert!(lsattr_has_a(&tree.p("/var/lib/pgward/audit")), "the audit directory is append-only");

@@ -1,10 +1,14 @@
 //! The audit log as its reader sees it: `pgward audit tail --json` shows login, statement (with
 //! bound parameters), result and session_end records carrying who/where; statements precede
 //! their results; `audit verify` passes on the real log and fails on an edited line, a deleted
-//! line and a cut-off tail; `tail` filters and `replay` work.
+//! line and a cut-off tail; checkpoints are signed with a key of their own, which the token key
+//! cannot stand in for; `tail` filters and `replay` work.
 
 mod common;
+#[path = "export_support.rs"]
+mod export_support;
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use common::gateway::{audit_tail_with, audit_verify_config, rec};
@@ -376,6 +380,48 @@ fn verify_detects_an_edited_record_and_names_its_seq() {
     assert!(
         contains_number(&out, seq),
         "verify output must name seq {seq}: {out}"
+    );
+}
+
+/// Checkpoints are signed with `audit.checkpoint_key` (0400, not the token key): someone who
+/// holds only the token key cannot re-sign a rewritten log, and verifying against the wrong
+/// public key says which key signed and which the JWKS holds.
+#[test]
+fn checkpoints_have_a_key_of_their_own_that_the_token_key_cannot_replace() {
+    let (pw, markers) = audited_workload("audit_ckpt_key", 4);
+    let key = pw.config_path_value("audit.checkpoint_key");
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o400);
+    let kid = pw.config_str("audit.checkpoint_kid");
+    assert_ne!(kid, pw.signing_kid());
+    let recs = pw.audit_records();
+    let ckpts = rec::of_kind(&recs, "checkpoint");
+    assert!(!ckpts.is_empty() && ckpts.iter().all(|c| c["kid"] == kid.as_str()), "{ckpts:?}");
+
+    // A rewrite re-signed with the token key (under the checkpoint kid) fails verify.
+    let (_tmp, cfg, dir) = verified_copy(&pw);
+    let target = recs
+        .iter()
+        .find(|r| rec::kind(r) == "statement" && r["sql"].as_str().is_some_and(|s| s.contains(&markers[1])))
+        .map(rec::seq)
+        .expect("the statement");
+    export_support::rewrite_with_key(&dir, target, &pw.signing_key_path(), &kid, |r| {
+        r.sql = Some("select 'nothing to see'".into());
+    });
+    let (code, out) = audit_verify_config(&cfg);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("checkpoint signature does not verify"), "{out}");
+
+    // The log checked against the token JWKS instead: a clear message, naming both kids.
+    let (_tmp, cfg, _) = verified_copy(&pw);
+    let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    let token_jwks = pw.config_path_value("auth.jwks");
+    common::toml_set(&mut t, "audit.checkpoint_jwks", token_jwks.display().to_string());
+    std::fs::write(&cfg, toml::to_string(&t).unwrap()).unwrap();
+    let (code, out) = audit_verify_config(&cfg);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("checkpoint signed by unknown key kid \"{kid}\"; the checkpoint JWKS holds kid {}", pw.signing_kid())),
+        "{out}"
     );
 }
 

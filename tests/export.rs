@@ -1,13 +1,19 @@
 //! Audit export for the host's log pipeline: with `audit.export = "syslog"` every durable record
 //! also arrives as an RFC 5424 message on the syslog socket, carrying the record exactly as it
-//! is in the hash-chained log; with "stdout" as a JSON line on pgward's stdout (journald).
+//! is in the hash-chained log; with "stdout" as a JSON line on pgward's stdout (journald); with
+//! "syslog-tls" at a real rsyslog over TLS — every record, in order, also after the receiver
+//! restarts — and `audit verify --against` that copy catches a rewrite by the key holder.
 
 mod common;
+#[path = "export_support.rs"]
+mod support;
 
 use std::os::unix::net::UnixDatagram;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{Pgward, cluster, marker};
+use common::{Pgward, cluster, marker, pgward_cli, wait_for};
+use support::{Rsyslog, TestCa, rewrite_with_key};
 use serde_json::Value;
 
 #[test]
@@ -80,4 +86,146 @@ fn stdout_export_prints_json_lines() {
         assert!(Instant::now() < deadline, "no JSON line with the statement on stdout:\n{log}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// One psql session running `n` statements, each with a marker.
+fn run_statements(pw: &Pgward, token: &str, db: &str, prefix: &str, n: usize) -> Vec<String> {
+    let markers: Vec<String> = (0..n).map(|i| marker(&format!("{prefix}-{i}"))).collect();
+    let sql: Vec<String> = markers.iter().map(|m| format!("select '{m}'")).collect();
+    let mut args = Vec::new();
+    for s in &sql {
+        args.push("-c");
+        args.push(s.as_str());
+    }
+    pw.login("alice", token, db).psql(&args).expect_ok();
+    markers
+}
+
+/// Wait until the local log is at rest (its last record is a checkpoint: the session ended and
+/// the interval checkpoint anchored it) and rsyslog wrote every one of its seqs. Returns the
+/// last local seq.
+fn wait_delivered(pw: &Pgward, rsyslog: &Rsyslog, what: &str) -> u64 {
+    wait_for(what, Duration::from_secs(60), || {
+        let local = pw.audit_records();
+        let last = local.last()?;
+        if last["kind"] != "checkpoint" {
+            return None;
+        }
+        let got: BTreeSet<u64> = rsyslog.seqs().into_iter().collect();
+        local.iter().all(|r| got.contains(&r["seq"].as_u64().unwrap_or(0))).then(|| last["seq"].as_u64().unwrap_or(0))
+    })
+}
+
+fn verify_against(config: &std::path::Path, copy: &std::path::Path) -> (i32, String) {
+    let out = pgward_cli(&[
+        "audit".as_ref(),
+        "verify".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--against".as_ref(),
+        copy.as_os_str(),
+    ] as &[&std::ffi::OsStr]);
+    (out.code.unwrap_or(-1), out.all_output())
+}
+
+#[test]
+fn syslog_tls_export_reaches_rsyslog_once_in_order_across_a_receiver_restart() {
+    let db = cluster().create_database("export_rsyslog");
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(tmp.path());
+    let mut rsyslog = Rsyslog::start(tmp.path(), &ca);
+    let mut pw = Pgward::builder()
+        .set("audit.export", "syslog-tls")
+        .set("audit.syslog_address", rsyslog.addr())
+        .set("audit.syslog_ca", ca.ca_pem.display().to_string())
+        .start();
+    let token = pw.token("alice", &["analysts"], "15m");
+    let before = run_statements(&pw, &token, &db, "before-restart", 20);
+    let acked = wait_delivered(&pw, &rsyslog, "rsyslog to have every record");
+
+    // The receiver goes away; statements keep running and are audited meanwhile.
+    rsyslog.stop();
+    let during = run_statements(&pw, &token, &db, "receiver-down", 20);
+    rsyslog.spawn();
+    wait_delivered(&pw, &rsyslog, "rsyslog, restarted, to have every record");
+    // A clean stop sends what is left (the shutdown checkpoint).
+    pw.stop();
+    let local: Vec<u64> = pw.audit_records().iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    let last = *local.last().unwrap();
+    wait_for("the shutdown checkpoint at rsyslog", Duration::from_secs(30), || {
+        rsyslog.seqs().contains(&last).then_some(())
+    });
+
+    let arrived = rsyslog.seqs();
+    let unique: BTreeSet<u64> = arrived.iter().copied().collect();
+    assert_eq!(unique.into_iter().collect::<Vec<_>>(), local, "every local record arrives, nothing else");
+    let mut max = 0;
+    for &s in &arrived {
+        if s > max {
+            assert_eq!(s, max + 1, "records arrive in order: {arrived:?}");
+            max = s;
+        } else {
+            assert!(s > acked, "seq {s} arrived twice, but rsyslog had it before the restart: {arrived:?}");
+        }
+    }
+    let text = std::fs::read_to_string(&rsyslog.out).unwrap();
+    for m in before.iter().chain(&during) {
+        assert!(text.contains(m.as_str()), "statement {m} at rsyslog");
+    }
+    let line = text.lines().find(|l| l.contains(&during[0])).unwrap();
+    assert!(line.contains(" pgward statement {\"seq\":"), "RFC 5424 APP-NAME and MSGID: {line}");
+
+    // verify --against: the untouched log matches the copy rsyslog wrote...
+    let (code, out) = verify_against(&pw.config_path, &rsyslog.out);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("audit log OK") && out.contains("export matches"), "{out}");
+
+    // ...and a rewrite by someone holding the checkpoint key passes verify alone, but not
+    // against the copy: the first divergence is the rewritten record.
+    let copy_dir = tempfile::tempdir().unwrap();
+    let cfg = pw.copy_with_audit(copy_dir.path());
+    let records = pw.audit_records();
+    let target = records
+        .iter()
+        .find(|r| r["kind"] == "statement" && r["sql"].as_str().is_some_and(|s| s.contains(&before[3])))
+        .expect("the statement")["seq"]
+        .as_u64()
+        .unwrap();
+    let key = pw.config_path_value("audit.checkpoint_key");
+    let kid = pw.config_str("audit.checkpoint_kid");
+    rewrite_with_key(&copy_dir.path().join("audit"), target, &key, &kid, |r| {
+        r.sql = Some("select 'nothing to see'".into());
+    });
+    let (code, out) = common::gateway::audit_verify_config(&cfg);
+    assert_eq!(code, 0, "a consistent rewrite with the key passes verify alone: {out}");
+    let (code, out) = verify_against(&cfg, &rsyslog.out);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("export DIVERGES at seq {target}:")), "{out}");
+}
+
+#[test]
+fn syslog_tcp_export_reaches_rsyslog_octet_counted() {
+    let db = cluster().create_database("export_rsyslog_tcp");
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(tmp.path());
+    let rsyslog = Rsyslog::start(tmp.path(), &ca);
+    let pw = Pgward::builder()
+        .set("audit.export", "syslog-tcp")
+        .set("audit.syslog_address", rsyslog.tcp_addr())
+        .start();
+    let token = pw.token("alice", &[], "15m");
+    // A statement longer than rsyslog's default 8 KiB message size (the test's rsyslog allows
+    // 256 KiB): one frame, not cut.
+    let long = "x".repeat(20_000);
+    let markers = run_statements(&pw, &token, &db, "plain-tcp", 5);
+    pw.login("alice", &token, &db).psql(&["-c", &format!("select '{long}' as long")]).expect_ok();
+    wait_delivered(&pw, &rsyslog, "rsyslog to have every record");
+    let arrived = rsyslog.seqs();
+    let local: Vec<u64> = pw.audit_records().iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(arrived, local, "each record once, in order");
+    let text = std::fs::read_to_string(&rsyslog.out).unwrap();
+    assert!(markers.iter().all(|m| text.contains(m.as_str())), "{text}");
+    let (code, out) = verify_against(&pw.config_path, &rsyslog.out);
+    assert_eq!(code, 0, "the 20 kB statement arrived whole: {out}");
+    assert!(out.contains("export matches"), "{out}");
 }

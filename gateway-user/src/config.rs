@@ -149,6 +149,12 @@ pub enum ExportKind {
     Syslog,
     /// One JSON record per line on stdout.
     Stdout,
+    /// RFC 5424 over TCP to `audit.syslog_address`, octet-counted (RFC 6587).
+    #[serde(rename = "syslog-tcp")]
+    SyslogTcp,
+    /// Like `syslog-tcp`, over TLS (RFC 5425) verified against `audit.syslog_ca`.
+    #[serde(rename = "syslog-tls")]
+    SyslogTls,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -213,6 +219,26 @@ pub struct AuditConfig {
     pub export: ExportKind,
     #[serde(default = "default_syslog_socket", skip_serializing_if = "is_default_syslog_socket")]
     pub syslog_socket: PathBuf,
+    /// `HOST:PORT` of the syslog receiver for `export = "syslog-tcp"` / `"syslog-tls"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syslog_address: Option<String>,
+    /// PEM CA certificates the receiver's certificate must chain to (`syslog-tls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syslog_ca: Option<PathBuf>,
+    /// Name the receiver's certificate must carry (`syslog-tls`); default: the host part of
+    /// `syslog_address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syslog_server_name: Option<String>,
+    /// Private key (PKCS#8 PEM, Ed25519) that signs checkpoints: only the writer reads it.
+    /// Separate from `auth.signing_key`, so a leaked token key cannot re-sign the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_key: Option<PathBuf>,
+    /// `kid` written into checkpoints signed with `checkpoint_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_kid: Option<String>,
+    /// JWKS holding the public half of `checkpoint_key` (what `audit verify` checks against).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_jwks: Option<PathBuf>,
 }
 
 fn is_default_export(k: &ExportKind) -> bool {

@@ -472,6 +472,8 @@ impl Pgward {
             "upstream.password_file",
             "auth.jwks",
             "auth.signing_key",
+            "audit.checkpoint_key",
+            "audit.checkpoint_jwks",
         ] {
             if let Some(s) = toml_get(&t, key).and_then(|v| v.as_str()).map(String::from) {
                 let p = PathBuf::from(&s);

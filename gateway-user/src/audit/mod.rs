@@ -2,6 +2,7 @@
 //! Sessions append through [`AuditHandle`]; writer threads write and sync the segment
 //! files (group commit). [`reader`] reads (and follows) the log, [`verify`] checks it.
 
+pub mod against;
 pub mod chain;
 pub mod reader;
 pub mod export;

@@ -131,6 +131,36 @@ impl Reader {
         self.hold_partial = hold;
     }
 
+    /// Before the first read: start with the segment that holds `seq` (the last one whose
+    /// name announces a seq at or before it), skipping the segments before it.
+    pub fn start_near(&mut self, seq: u64) {
+        if self.cur.is_none() {
+            self.idx = self.segments.iter().rposition(|s| s.first_seq <= seq).unwrap_or(0);
+        }
+    }
+
+    /// Go back to just before `line` (one this reader returned), so the next read returns it
+    /// again as it is then stored.
+    pub fn unread(&mut self, line: &Line) -> Result<(), ReadError> {
+        let in_current = self.cur.as_ref().is_some_and(|c| *c.path == *line.segment);
+        if !in_current {
+            let gone = || ReadError::Io {
+                path: line.segment.to_path_buf(),
+                source: io::Error::new(io::ErrorKind::NotFound, "segment no longer listed"),
+            };
+            self.idx = self.segments.iter().position(|s| s.first_seq == line.segment_first_seq).ok_or_else(gone)?;
+            self.open_current()?;
+        }
+        let Some(cur) = self.cur.as_mut() else { return Ok(()) };
+        cur.reader
+            .seek(SeekFrom::Start(line.offset))
+            .map_err(|source| ReadError::Io { path: line.segment.to_path_buf(), source })?;
+        self.line_no = line.line_no.saturating_sub(1);
+        self.offset = line.offset;
+        self.pending.clear();
+        Ok(())
+    }
+
     /// The segments known so far, in order.
     pub fn segments(&self) -> &[SegmentFile] {
         &self.segments

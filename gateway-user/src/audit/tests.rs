@@ -704,7 +704,7 @@ fn tampered_checkpoint_signature_is_detected() {
     });
     let p = problem(&verify::verify(d, &keys())).clone();
     assert_eq!(p.seq, Some(4));
-    assert_eq!(p.reason, format!("checkpoint signature does not verify (kid {KID:?})"));
+    assert!(p.reason.starts_with(&format!("checkpoint signature does not verify (kid {KID:?}): signed with another key")), "{}", p.reason);
 }
 
 #[test]
@@ -735,7 +735,10 @@ fn unknown_checkpoint_key_is_reported() {
     // 1 start, 2 statement, 3 final checkpoint
     let p = problem(&verify::verify(d, &PublicKeys::new())).clone();
     assert_eq!((p.seq, p.line), (Some(3), Some(3)));
-    assert_eq!(p.reason, "checkpoint signed by unknown key kid \"gw-test\"");
+    assert_eq!(
+        p.reason,
+        "checkpoint signed by unknown key kid \"gw-test\"; the checkpoint JWKS holds no key: the log was signed with another key (not the one audit.checkpoint_jwks publishes)"
+    );
 }
 
 #[test]
@@ -749,7 +752,7 @@ fn forged_head_is_detected() {
     std::fs::write(&head_path, serde_json::to_vec(&head).expect("ser")).expect("write");
     let p = problem(&verify::verify(d, &keys())).clone();
     assert_eq!(p.file.as_deref(), Some(head_path.as_path()));
-    assert_eq!(p.reason, format!("HEAD: checkpoint signature does not verify (kid {KID:?})"));
+    assert!(p.reason.starts_with(&format!("HEAD: checkpoint signature does not verify (kid {KID:?})")), "{}", p.reason);
     std::fs::write(&head_path, b"{").expect("write");
     assert!(problem(&verify::verify(d, &keys())).reason.starts_with("HEAD does not parse"));
 }
@@ -1190,4 +1193,125 @@ fn clean_shutdown_and_restart_leave_the_log_anchored() {
     assert_eq!(head.seq, records(d).len() as u64);
     let r = verify::verify_at(d, &keys(), &verify::Policy::default(), later);
     assert!(r.is_ok(), "{}", r.summary());
+}
+
+/// What someone holding the checkpoint key can do: change records, re-chain, re-sign every
+/// checkpoint and rewrite HEAD, so that `verify` alone finds nothing.
+fn rewrite_with_the_key(dir: &Path, mut f: impl FnMut(&mut Record)) {
+    let signer = CheckpointSigner::new(KID, signing_key());
+    rewrite_and_rechain(dir, |r, prev| {
+        f(r);
+        if r.kind == Kind::Checkpoint {
+            r.anchor_hash = Some(prev.to_string());
+            r.sig = Some(signer.sign(r.anchor_seq.unwrap_or(0), prev));
+        }
+    });
+    let last = records(dir).into_iter().rev().find(|r| r.kind == Kind::Checkpoint).expect("a checkpoint");
+    let head = Head {
+        seq: last.seq,
+        hash: last.hash,
+        anchor_seq: last.anchor_seq.unwrap_or(0),
+        anchor_hash: last.anchor_hash.unwrap_or_default(),
+        sig: last.sig.unwrap_or_default(),
+        kid: last.kid.unwrap_or_default(),
+        ts: last.ts,
+    };
+    std::fs::write(dir.join("HEAD"), serde_json::to_vec(&head).expect("ser")).expect("write HEAD");
+}
+
+/// The stored lines as a syslog receiver writes them (one message per line), a copy of seq 3
+/// included (export is at least once).
+fn syslog_copy(dir: &Path, to: &Path) {
+    let mut text = String::new();
+    for (_, l) in lines(dir) {
+        text.push_str(&format!("2026-12-01T10:00:00+00:00 db1 pgward 1 statement {l}\n"));
+        if l.starts_with("{\"seq\":3,") {
+            text.push_str(&format!("2026-12-01T10:00:00+00:00 db1 pgward 1 statement {l}\n"));
+        }
+    }
+    text.push_str("2026-12-01T10:00:01+00:00 db1 sshd[1]: unrelated line\n");
+    std::fs::write(to, text).expect("write copy");
+}
+
+#[test]
+fn exported_copy_catches_a_rewrite_by_the_key_holder() {
+    use crate::audit::against::{ExportedCopy, compare};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("audit");
+    write_log(opts(&d, 3), 6);
+    let copy_path = dir.path().join("exported.log");
+    syslog_copy(&d, &copy_path);
+    let copy = ExportedCopy::load(&copy_path).expect("load");
+    assert_eq!(copy.copies, 1);
+    let same = compare(&d, &copy).expect("compare");
+    assert!(same.is_ok(), "{same}");
+    assert_eq!((same.matched, same.first_exported), (copy.len() as u64, Some(1)));
+
+    rewrite_with_the_key(&d, |r| {
+        if r.seq == 5 {
+            r.sql = Some("SELECT 'innocent'".into());
+        }
+    });
+    let local = verify::verify_with(&d, &keys(), &policy(3));
+    assert!(local.is_ok(), "the rewrite passes verify alone: {}", local.summary());
+    let c = compare(&d, &copy).expect("compare");
+    let (seq, reason) = c.divergence.clone().expect("a divergence");
+    assert_eq!(seq, 5, "{c}");
+    assert!(reason.contains("rewritten after export"), "{reason}");
+
+    // A local log cut short (and re-anchored) is caught too: the copy holds more.
+    let all = records(&d);
+    let last = all.last().expect("records").seq;
+    let seg = segment_paths(&d).pop().expect("segment");
+    let text = std::fs::read_to_string(&seg).expect("read");
+    let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with(&format!("{{\"seq\":{last},"))).collect();
+    std::fs::write(&seg, kept.join("\n") + "\n").expect("write");
+    syslog_copy(&d, &copy_path); // a fresh copy of the rewritten log, then one record beyond it
+    let mut text = std::fs::read_to_string(&copy_path).expect("copy");
+    text.push_str("{\"seq\":99,\"ts\":\"x\",\"prev_hash\":\"00\",\"kind\":\"start\",\"hash\":\"");
+    text.push_str(&hex::encode(Sha256::new().chain_update(b"00").chain_update(b"{\"seq\":99,\"ts\":\"x\",\"prev_hash\":\"00\",\"kind\":\"start\"}").finalize()));
+    text.push_str("\"}\n");
+    std::fs::write(&copy_path, text).expect("write copy");
+    let c = compare(&d, &ExportedCopy::load(&copy_path).expect("load")).expect("compare");
+    assert_eq!(c.divergence.as_ref().map(|d| d.0), Some(99), "{c}");
+}
+
+#[test]
+fn an_exported_copy_with_a_mangled_record_is_refused() {
+    use crate::audit::against::ExportedCopy;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("audit");
+    write_log(opts(&d, 3), 2);
+    let copy_path = dir.path().join("exported.log");
+    syslog_copy(&d, &copy_path);
+    let text = std::fs::read_to_string(&copy_path).expect("copy").replacen("SELECT 1", "SELECT 2", 1);
+    std::fs::write(&copy_path, text).expect("write");
+    let e = ExportedCopy::load(&copy_path).expect_err("a record whose hash does not recompute");
+    assert!(e.to_string().contains("hash does not recompute"), "{e}");
+}
+
+#[test]
+fn a_datagram_stub_in_the_copy_is_compared_by_its_hash() {
+    use crate::audit::against::{ExportedCopy, compare};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("audit");
+    write_log(opts(&d, 3), 2);
+    let stub = |r: &Record| format!("{{\"seq\":{},\"kind\":\"{}\",\"hash\":\"{}\",\"oversize\":70000}}", r.seq, r.kind.as_str(), r.hash);
+    let recs = records(&d);
+    let copy_path = dir.path().join("exported.log");
+    let write_copy = |second: String| {
+        let mut text = String::new();
+        for (i, (_, l)) in lines(&d).into_iter().enumerate() {
+            text.push_str(&format!("db1 pgward statement {}\n", if i == 1 { second.clone() } else { l }));
+        }
+        std::fs::write(&copy_path, text).expect("write copy");
+    };
+    write_copy(stub(&recs[1]));
+    let c = compare(&d, &ExportedCopy::load(&copy_path).expect("load")).expect("compare");
+    assert!(c.is_ok(), "{c}");
+    let mut forged = recs[1].clone();
+    forged.hash = "0".repeat(64);
+    write_copy(stub(&forged));
+    let c = compare(&d, &ExportedCopy::load(&copy_path).expect("load")).expect("compare");
+    assert_eq!(c.divergence.map(|d| d.0), Some(2));
 }

@@ -26,8 +26,8 @@ use base64::Engine as _;
 use ed25519_dalek::{Signature, VerifyingKey};
 
 use super::chain::{self, GENESIS_HASH, HEAD_FILE, Head};
-use super::reader::Reader;
-use super::record::Kind;
+use super::reader::{Line, Reader};
+use super::record::{Kind, Record};
 
 /// Ed25519 public keys by `kid`.
 pub type PublicKeys = HashMap<String, VerifyingKey>;
@@ -80,12 +80,21 @@ pub fn check_signature(
     anchor_hash: &str,
 ) -> Result<(), String> {
     let kid = kid.ok_or("checkpoint has no kid")?;
-    let key = keys.get(kid).ok_or_else(|| format!("checkpoint signed by unknown key kid {kid:?}"))?;
+    let key = keys.get(kid).ok_or_else(|| {
+        let mut known: Vec<&str> = keys.keys().map(String::as_str).collect();
+        known.sort_unstable();
+        format!(
+            "checkpoint signed by unknown key kid {kid:?}; the checkpoint JWKS holds {}: the log was signed with another key (not the one audit.checkpoint_jwks publishes)",
+            if known.is_empty() { "no key".to_string() } else { format!("kid {}", known.join(", ")) }
+        )
+    })?;
     let sig = sig.ok_or("checkpoint has no signature")?;
     let bytes = decode_b64url(sig).ok_or("checkpoint signature is not base64url")?;
     let sig = Signature::from_slice(&bytes).map_err(|_| "checkpoint signature has the wrong length".to_string())?;
     let msg = chain::checkpoint_message(anchor_seq, anchor_hash);
-    key.verify_strict(msg.as_bytes(), &sig).map_err(|_| format!("checkpoint signature does not verify (kid {kid:?})"))
+    key.verify_strict(msg.as_bytes(), &sig).map_err(|_| {
+        format!("checkpoint signature does not verify (kid {kid:?}): signed with another key than the one the checkpoint JWKS holds, or altered")
+    })
 }
 
 /// How often the writer checkpoints, which bounds what `verify` accepts as a stretch without a
@@ -244,6 +253,25 @@ struct NewerCheckpoint {
     ts: Option<DateTime<Utc>>,
 }
 
+/// A problem about a whole file (the directory, HEAD), not one line.
+fn whole(file: Option<PathBuf>, seq: Option<u64>, reason: String) -> Problem {
+    Problem { file, line: None, seq, reason }
+}
+
+/// A problem at a line of a segment.
+fn at(line: &Line, seq: Option<u64>, reason: String) -> Problem {
+    Problem { file: Some(line.segment.to_path_buf()), line: Some(line.line_no), seq, reason }
+}
+
+/// What `HEAD` says: `Ok(None)` when there is none, `Err` when it cannot be read.
+fn read_head(path: &Path) -> Result<Option<Head>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| format!("HEAD does not parse: {e}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("HEAD unreadable: {e}")),
+    }
+}
+
 fn run(
     dir: &Path,
     keys: &PublicKeys,
@@ -251,75 +279,120 @@ fn run(
     started: DateTime<Utc>,
     report: &mut VerifyReport,
 ) -> Result<(), Problem> {
-    let whole = |file: Option<PathBuf>, seq: Option<u64>, reason: String| Problem { file, line: None, seq, reason };
     if !dir.is_dir() {
         return Err(whole(Some(dir.to_owned()), None, "audit directory does not exist".into()));
     }
-
     // HEAD problems are reported after the records: a bad record is the more precise finding.
     let head_path = dir.join(HEAD_FILE);
-    let head: Result<Option<Head>, String> = match std::fs::read(&head_path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| format!("HEAD does not parse: {e}")),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("HEAD unreadable: {e}")),
-    };
-    let head_status = head.clone();
-    let head = head.ok().flatten();
+    let head_status = read_head(&head_path);
+    let head = head_status.clone().ok().flatten();
     report.head_seq = head.as_ref().map(|h| h.seq);
 
     let mut reader = Reader::open(dir).map_err(|e| whole(Some(dir.to_owned()), None, e.to_string()))?;
     report.segments = reader.segments().len();
-    let mut prev_hash = GENESIS_HASH.to_owned();
-    let mut expected = 1u64;
-    let mut head_found = false;
-    // The stretch since the last checkpoint: its first record, and when its clock started.
-    let mut stretch_first: Option<u64> = None;
-    let mut stretch_clock: Option<DateTime<Utc>> = None;
-    let mut newer: Vec<NewerCheckpoint> = Vec::new();
-    let max_records = policy.max_records();
-    let max_span = policy.max_span();
-
+    let mut walk = Walk::new(keys, policy, head.as_ref(), report);
     while let Some(line) = reader.next_line() {
         let line = line.map_err(|e| whole(None, None, e.to_string()))?;
-        let at = |seq: Option<u64>, reason: String| Problem {
-            file: Some(line.segment.to_path_buf()),
-            line: Some(line.line_no),
-            seq,
-            reason,
-        };
+        walk.line(&line)?;
+    }
+    let Walk { newer, head_found, .. } = walk;
+    check_newer_checkpoints(&newer, &head_status, &head_path, started)?;
+    check_head(keys, head_status, &head_path, head_found, report)
+}
+
+/// The walk over the records: the chain so far and the stretch since the last checkpoint.
+struct Walk<'a> {
+    keys: &'a PublicKeys,
+    head: Option<&'a Head>,
+    report: &'a mut VerifyReport,
+    prev_hash: String,
+    expected: u64,
+    head_found: bool,
+    /// The stretch since the last checkpoint: its first record, and when its clock started.
+    stretch_first: Option<u64>,
+    stretch_clock: Option<DateTime<Utc>>,
+    newer: Vec<NewerCheckpoint>,
+    max_records: u64,
+    max_span: chrono::Duration,
+    policy: &'a Policy,
+}
+
+impl<'a> Walk<'a> {
+    fn new(keys: &'a PublicKeys, policy: &'a Policy, head: Option<&'a Head>, report: &'a mut VerifyReport) -> Walk<'a> {
+        Walk {
+            keys,
+            head,
+            report,
+            prev_hash: GENESIS_HASH.to_owned(),
+            expected: 1,
+            head_found: false,
+            stretch_first: None,
+            stretch_clock: None,
+            newer: Vec::new(),
+            max_records: policy.max_records(),
+            max_span: policy.max_span(),
+            policy,
+        }
+    }
+
+    /// Check one stored line and move the chain on.
+    fn line(&mut self, line: &Line) -> Result<(), Problem> {
+        let expected = self.expected;
         if !line.complete {
             return Err(at(
+                line,
                 Some(expected),
                 "incomplete line (no trailing newline): interrupted write or truncation".into(),
             ));
         }
-        let rec =
-            line.parse().map_err(|e| at(Some(expected), format!("line does not parse as an audit record: {e}")))?;
-        let seq = rec.seq;
+        let rec = line
+            .parse()
+            .map_err(|e| at(line, Some(expected), format!("line does not parse as an audit record: {e}")))?;
+        self.chain(line, &rec)?;
+        let ts = parse_ts(&rec.ts).ok_or_else(|| at(line, Some(rec.seq), format!("ts {:?} is not an RFC 3339 time", rec.ts)))?;
+        self.stretch_span(line, &rec, ts)?;
+        if rec.kind == Kind::Checkpoint {
+            self.checkpoint(line, &rec, ts)?;
+        } else {
+            self.unanchored(line, &rec, ts)?;
+        }
+        self.head_match(line, &rec)?;
+        self.prev_hash = rec.hash;
+        self.expected += 1;
+        self.report.records += 1;
+        self.report.last_seq = Some(rec.seq);
+        Ok(())
+    }
+
+    /// seq continuity, the stored hash, the link to the previous record, the segment name.
+    fn chain(&self, line: &Line, rec: &Record) -> Result<(), Problem> {
+        let (seq, expected) = (rec.seq, self.expected);
         if seq != expected {
             let reason = if seq > expected {
                 format!("seq gap: expected seq {expected}, found {seq} (records {expected}..{} missing)", seq - 1)
             } else {
                 format!("seq out of order: expected seq {expected}, found {seq} (duplicated or reordered record)")
             };
-            return Err(at(Some(seq), reason));
+            return Err(at(line, Some(seq), reason));
         }
         match chain::recompute(&line.raw, &rec.prev_hash) {
-            None => return Err(at(Some(seq), "line does not end with a well-formed \"hash\" field".into())),
+            None => return Err(at(line, Some(seq), "line does not end with a well-formed \"hash\" field".into())),
             Some((stored, computed)) if stored != computed => {
                 return Err(at(
+                    line,
                     Some(seq),
                     format!("hash mismatch: the record was altered (stored {stored}, computed {computed})"),
                 ));
             }
             Some(_) => {}
         }
-        if rec.prev_hash != prev_hash {
+        if rec.prev_hash != self.prev_hash {
             let what = if seq == 1 { "the genesis hash".to_string() } else { format!("the hash of seq {}", seq - 1) };
-            return Err(at(Some(seq), format!("prev_hash does not match {what} (chain broken)")));
+            return Err(at(line, Some(seq), format!("prev_hash does not match {what} (chain broken)")));
         }
         if line.line_no == 1 && seq != line.segment_first_seq {
             return Err(at(
+                line,
                 Some(seq),
                 format!(
                     "segment name says it starts at seq {}, but its first record is seq {seq}",
@@ -327,130 +400,147 @@ fn run(
                 ),
             ));
         }
-        let ts = parse_ts(&rec.ts).ok_or_else(|| at(Some(seq), format!("ts {:?} is not an RFC 3339 time", rec.ts)))?;
-        // The stretch without a checkpoint that this record ends or extends.
-        if let Some(first) = stretch_first
-            && rec.kind != Kind::Start
-        {
-            let span = stretch_clock.map(|c| ts - c);
-            if span.is_some_and(|s| s > max_span) {
-                return Err(at(
-                    Some(seq),
-                    format!(
-                        "no checkpoint for {:.1} s of records (seq {first}..{}), more than checkpoint_interval {} s + {} s: checkpoints were removed or records forged",
-                        span.map_or(0.0, |s| s.num_milliseconds() as f64 / 1000.0),
-                        seq - 1,
-                        policy.checkpoint_interval.as_secs_f64(),
-                        TIME_GRACE.as_secs()
-                    ),
-                ));
-            }
-        }
-        if rec.kind == Kind::Checkpoint {
-            let anchor_seq = rec.anchor_seq.unwrap_or(0);
-            let anchor_hash = rec.anchor_hash.as_deref().unwrap_or("");
-            if anchor_seq + 1 != seq || anchor_hash != prev_hash {
-                return Err(at(Some(seq), "checkpoint does not anchor the record before it".into()));
-            }
-            check_signature(keys, rec.kid.as_deref(), rec.sig.as_deref(), anchor_seq, anchor_hash)
-                .map_err(|r| at(Some(seq), r))?;
-            report.checkpoints += 1;
-            report.last_anchored_seq = Some(anchor_seq);
-            report.unanchored = 0;
-            stretch_first = None;
-            stretch_clock = None;
-            if head.as_ref().is_none_or(|h| h.seq < seq) {
-                newer.push(NewerCheckpoint {
-                    seq,
-                    file: line.segment.to_path_buf(),
-                    line: line.line_no,
-                    ts: Some(ts),
-                });
-            }
-        } else {
-            report.unanchored += 1;
-            stretch_first.get_or_insert(seq);
-            if rec.kind == Kind::Start || stretch_clock.is_none() {
-                stretch_clock = Some(ts);
-            }
-            if report.unanchored > max_records {
-                return Err(at(
-                    Some(seq),
-                    format!(
-                        "{} records without a checkpoint (seq {}..{seq}), more than checkpoint_every {} allows: checkpoints were removed or records forged",
-                        report.unanchored,
-                        stretch_first.unwrap_or(seq),
-                        policy.checkpoint_every
-                    ),
-                ));
-            }
-        }
-        if let Some(h) = &head
-            && h.seq == seq
-        {
-            if rec.kind != Kind::Checkpoint || rec.hash != h.hash {
-                return Err(at(
-                    Some(seq),
-                    format!(
-                        "HEAD names checkpoint seq {seq} with hash {}, but the log has a different record there",
-                        h.hash
-                    ),
-                ));
-            }
-            head_found = true;
-        }
-        prev_hash = rec.hash;
-        expected += 1;
-        report.records += 1;
-        report.last_seq = Some(seq);
+        Ok(())
     }
 
-    // Checkpoints HEAD does not name yet: tolerated only if written just before verify
-    // started (or while it ran). Anything else means HEAD was deleted or replaced by an older
-    // copy — or the writer died between making a checkpoint durable and rewriting HEAD; its
-    // next start rewrites HEAD.
+    /// The stretch without a checkpoint that this record ends or extends must not be longer
+    /// than `checkpoint_interval` (+ grace) of record time.
+    fn stretch_span(&self, line: &Line, rec: &Record, ts: DateTime<Utc>) -> Result<(), Problem> {
+        let Some(first) = self.stretch_first else { return Ok(()) };
+        if rec.kind == Kind::Start {
+            return Ok(());
+        }
+        let span = self.stretch_clock.map(|c| ts - c);
+        if span.is_some_and(|s| s > self.max_span) {
+            return Err(at(
+                line,
+                Some(rec.seq),
+                format!(
+                    "no checkpoint for {:.1} s of records (seq {first}..{}), more than checkpoint_interval {} s + {} s: checkpoints were removed or records forged",
+                    span.map_or(0.0, |s| s.num_milliseconds() as f64 / 1000.0),
+                    rec.seq - 1,
+                    self.policy.checkpoint_interval.as_secs_f64(),
+                    TIME_GRACE.as_secs()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A checkpoint anchors the record before it with a valid signature; it ends the stretch.
+    fn checkpoint(&mut self, line: &Line, rec: &Record, ts: DateTime<Utc>) -> Result<(), Problem> {
+        let seq = rec.seq;
+        let anchor_seq = rec.anchor_seq.unwrap_or(0);
+        let anchor_hash = rec.anchor_hash.as_deref().unwrap_or("");
+        if anchor_seq + 1 != seq || anchor_hash != self.prev_hash {
+            return Err(at(line, Some(seq), "checkpoint does not anchor the record before it".into()));
+        }
+        check_signature(self.keys, rec.kid.as_deref(), rec.sig.as_deref(), anchor_seq, anchor_hash)
+            .map_err(|r| at(line, Some(seq), r))?;
+        self.report.checkpoints += 1;
+        self.report.last_anchored_seq = Some(anchor_seq);
+        self.report.unanchored = 0;
+        self.stretch_first = None;
+        self.stretch_clock = None;
+        if self.head.is_none_or(|h| h.seq < seq) {
+            self.newer.push(NewerCheckpoint { seq, file: line.segment.to_path_buf(), line: line.line_no, ts: Some(ts) });
+        }
+        Ok(())
+    }
+
+    /// Any other record extends the stretch, which may hold at most `max_records`.
+    fn unanchored(&mut self, line: &Line, rec: &Record, ts: DateTime<Utc>) -> Result<(), Problem> {
+        let seq = rec.seq;
+        self.report.unanchored += 1;
+        self.stretch_first.get_or_insert(seq);
+        if rec.kind == Kind::Start || self.stretch_clock.is_none() {
+            self.stretch_clock = Some(ts);
+        }
+        if self.report.unanchored > self.max_records {
+            return Err(at(
+                line,
+                Some(seq),
+                format!(
+                    "{} records without a checkpoint (seq {}..{seq}), more than checkpoint_every {} allows: checkpoints were removed or records forged",
+                    self.report.unanchored,
+                    self.stretch_first.unwrap_or(seq),
+                    self.policy.checkpoint_every
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The record HEAD names must be that checkpoint.
+    fn head_match(&mut self, line: &Line, rec: &Record) -> Result<(), Problem> {
+        let Some(h) = self.head.filter(|h| h.seq == rec.seq) else { return Ok(()) };
+        if rec.kind != Kind::Checkpoint || rec.hash != h.hash {
+            return Err(at(
+                line,
+                Some(rec.seq),
+                format!(
+                    "HEAD names checkpoint seq {} with hash {}, but the log has a different record there",
+                    rec.seq, h.hash
+                ),
+            ));
+        }
+        self.head_found = true;
+        Ok(())
+    }
+}
+
+/// Checkpoints HEAD does not name yet: tolerated only if written just before verify started
+/// (or while it ran). Anything else means HEAD was deleted or replaced by an older copy — or
+/// the writer died between making a checkpoint durable and rewriting HEAD; its next start
+/// rewrites HEAD.
+fn check_newer_checkpoints(
+    newer: &[NewerCheckpoint],
+    head_status: &Result<Option<Head>, String>,
+    head_path: &Path,
+    started: DateTime<Utc>,
+) -> Result<(), Problem> {
     let recent = started - chrono::Duration::from_std(HEAD_LAG_GRACE).unwrap_or(chrono::Duration::zero());
-    let have_head = matches!(head_status, Ok(Some(_)));
+    let Some(c) = newer.iter().find(|c| c.ts.is_none_or(|t| t < recent)) else { return Ok(()) };
     let newest = newer.last().map(|c| c.seq);
-    if let Some(c) = newer.iter().find(|c| c.ts.is_none_or(|t| t < recent)) {
-        let reason = match &head_status {
-            Ok(Some(h)) => format!(
-                "HEAD names checkpoint seq {}, but the log holds a newer checkpoint at seq {} ({}:{}): HEAD was replaced by an older copy",
-                h.seq,
-                c.seq,
-                c.file.file_name().map_or_else(|| c.file.display().to_string(), |n| n.to_string_lossy().into_owned()),
-                c.line
-            ),
-            _ => format!(
-                "HEAD is missing, but the log holds checkpoint records (the newest at seq {}): HEAD was deleted",
-                newest.unwrap_or(c.seq)
-            ),
-        };
-        if let Err(reason) = &head_status {
-            return Err(whole(Some(head_path), None, reason.clone()));
-        }
-        let seq = if have_head { c.seq } else { newest.unwrap_or(c.seq) };
-        return Err(whole(Some(head_path), Some(seq), reason));
-    }
+    let reason = match head_status {
+        Err(reason) => return Err(whole(Some(head_path.to_owned()), None, reason.clone())),
+        Ok(Some(h)) => format!(
+            "HEAD names checkpoint seq {}, but the log holds a newer checkpoint at seq {} ({}:{}): HEAD was replaced by an older copy",
+            h.seq,
+            c.seq,
+            c.file.file_name().map_or_else(|| c.file.display().to_string(), |n| n.to_string_lossy().into_owned()),
+            c.line
+        ),
+        Ok(None) => format!(
+            "HEAD is missing, but the log holds checkpoint records (the newest at seq {}): HEAD was deleted",
+            newest.unwrap_or(c.seq)
+        ),
+    };
+    let seq = if matches!(head_status, Ok(Some(_))) { c.seq } else { newest.unwrap_or(c.seq) };
+    Err(whole(Some(head_path.to_owned()), Some(seq), reason))
+}
 
-    match head_status {
-        Err(reason) => return Err(whole(Some(head_path), None, reason)),
-        Ok(None) => {}
-        Ok(Some(h)) => {
-            check_signature(keys, Some(&h.kid), Some(&h.sig), h.anchor_seq, &h.anchor_hash)
-                .map_err(|r| whole(Some(head_path.clone()), Some(h.seq), format!("HEAD: {r}")))?;
-            if !head_found {
-                return Err(whole(
-                    Some(head_path),
-                    Some(h.seq),
-                    format!(
-                        "truncated: log ends at seq {} but HEAD checkpoint is seq {}",
-                        report.last_seq.unwrap_or(0),
-                        h.seq
-                    ),
-                ));
-            }
-        }
+/// HEAD's own signature, and that the log still reaches the checkpoint it names.
+fn check_head(
+    keys: &PublicKeys,
+    head_status: Result<Option<Head>, String>,
+    head_path: &Path,
+    head_found: bool,
+    report: &VerifyReport,
+) -> Result<(), Problem> {
+    let h = match head_status {
+        Err(reason) => return Err(whole(Some(head_path.to_owned()), None, reason)),
+        Ok(None) => return Ok(()),
+        Ok(Some(h)) => h,
+    };
+    check_signature(keys, Some(&h.kid), Some(&h.sig), h.anchor_seq, &h.anchor_hash)
+        .map_err(|r| whole(Some(head_path.to_owned()), Some(h.seq), format!("HEAD: {r}")))?;
+    if !head_found {
+        return Err(whole(
+            Some(head_path.to_owned()),
+            Some(h.seq),
+            format!("truncated: log ends at seq {} but HEAD checkpoint is seq {}", report.last_seq.unwrap_or(0), h.seq),
+        ));
     }
     Ok(())
 }

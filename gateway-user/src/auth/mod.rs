@@ -16,7 +16,7 @@ use crate::sqlstate;
 #[cfg(test)]
 mod tests;
 
-pub use signer::{JWKS_FILE, SIGNING_KEY_FILE, Signer, generate_signing_key, signing_key_pem_path};
+pub use signer::{JWKS_FILE, SIGNING_KEY_FILE, Signer, generate_signing_key, signing_key_pem_path, write_ed25519_key};
 pub use verifier::Verifier;
 
 /// Who a session belongs to, from a verified token.

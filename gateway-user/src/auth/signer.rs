@@ -1,5 +1,6 @@
 //! Issuing tokens with the gateway's own Ed25519 key, and creating that key.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -112,13 +113,22 @@ impl Signer {
 /// `dir/jwks.json` holding its public half as an OKP JWK with the given `kid`. Creates `dir`
 /// if needed and overwrites existing files.
 pub fn generate_signing_key(dir: &Path, kid: &str) -> Result<(), AuthError> {
+    write_ed25519_key(&dir.join(SIGNING_KEY_FILE), &dir.join(JWKS_FILE), kid, 0o600)
+}
+
+/// Create a fresh Ed25519 key at `key_path` (PKCS#8 v1 PEM, mode `key_mode`) and a JWKS at
+/// `jwks_path` holding its public half with the given `kid`. Creates the directories if needed
+/// and overwrites existing files.
+pub fn write_ed25519_key(key_path: &Path, jwks_path: &Path, kid: &str, key_mode: u32) -> Result<(), AuthError> {
     if kid.is_empty() {
         return Err(AuthError::Keys("kid must not be empty".into()));
     }
     let io = |what: &str, p: &Path, e: std::io::Error| {
         AuthError::Keys(format!("cannot write {what} {}: {e}", p.display()))
     };
-    std::fs::create_dir_all(dir).map_err(|e| io("directory", dir, e))?;
+    for dir in [key_path.parent(), jwks_path.parent()].into_iter().flatten() {
+        std::fs::create_dir_all(dir).map_err(|e| io("directory", dir, e))?;
+    }
 
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret)
@@ -133,9 +143,10 @@ pub fn generate_signing_key(dir: &Path, kid: &str) -> Result<(), AuthError> {
         .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
         .map_err(|e| AuthError::Keys(format!("cannot encode key: {e}")))?;
 
-    let key_path = dir.join(SIGNING_KEY_FILE);
-    write_file_mode(&key_path, pem.as_bytes(), 0o600)
-        .map_err(|e| io("signing key", &key_path, e))?;
+    // Written owner-writable (also over an existing read-only key), then given its mode.
+    write_file_mode(key_path, pem.as_bytes(), 0o600).map_err(|e| io("signing key", key_path, e))?;
+    std::fs::set_permissions(key_path, std::fs::Permissions::from_mode(key_mode))
+        .map_err(|e| io("signing key", key_path, e))?;
 
     let jwks = serde_json::json!({
         "keys": [{
@@ -150,7 +161,6 @@ pub fn generate_signing_key(dir: &Path, kid: &str) -> Result<(), AuthError> {
     let mut text = serde_json::to_string_pretty(&jwks)
         .map_err(|e| AuthError::Keys(format!("cannot encode JWKS: {e}")))?;
     text.push('\n');
-    let jwks_path = dir.join(JWKS_FILE);
-    write_file_mode(&jwks_path, text.as_bytes(), 0o644).map_err(|e| io("JWKS", &jwks_path, e))?;
+    write_file_mode(jwks_path, text.as_bytes(), 0o644).map_err(|e| io("JWKS", jwks_path, e))?;
     Ok(())
 }

@@ -17,6 +17,7 @@ pub enum AuditCommand {
     /// Print audit records (optionally following new ones).
     Tail(TailArgs),
     /// Check the hash chain and checkpoint signatures; exit 1 naming the first bad record.
+    /// With --against, also compare the log with an exported copy.
     Verify(VerifyArgs),
     /// Replay one session's statements and outcomes with the original timing scaled.
     Replay(ReplayArgs),
@@ -48,6 +49,10 @@ pub struct TailArgs {
 pub struct VerifyArgs {
     #[arg(long)]
     pub config: PathBuf,
+    /// An exported copy (a syslog receiver's file, or JSON lines): every record in it must be
+    /// in the local log with the same hash; exit 1 naming the first seq that differs.
+    #[arg(long, value_name = "FILE")]
+    pub against: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -366,13 +371,30 @@ fn format_result(s: &mut String, r: &Record) {
 
 fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let (cfg, dir) = load(&a.config)?;
-    let keys = crate::audit::verify::load_jwks_ed25519(&cfg.resolve(&cfg.auth.jwks))?;
+    let jwks = cfg.audit.checkpoint_jwks.as_ref().context(
+        "audit.checkpoint_jwks is not set: checkpoints are verified against the public half of \
+         audit.checkpoint_key (pgward init writes keys/checkpoint-jwks.json)",
+    )?;
+    let keys = crate::audit::verify::load_jwks_ed25519(&cfg.resolve(jwks))?;
     let policy = crate::audit::verify::Policy::from_config(&cfg);
     let report = crate::audit::verify::verify_with(&dir, &keys, &policy);
     let mut out = io::stdout().lock();
     writeln!(out, "{}", report.summary())?;
+    let mut ok = report.is_ok();
+    if let Some(copy) = &a.against {
+        let comparison = compare_with_copy(&dir, copy)?;
+        writeln!(out, "{comparison}")?;
+        ok &= comparison.is_ok();
+    }
     out.flush()?;
-    Ok(if report.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// `verify --against FILE`: the local log next to an exported copy.
+fn compare_with_copy(dir: &Path, copy: &Path) -> anyhow::Result<crate::audit::against::Comparison> {
+    use crate::audit::against::{ExportedCopy, compare};
+    let exported = ExportedCopy::load(copy)?;
+    compare(dir, &exported).map_err(|e| anyhow::anyhow!("reading the audit log in {}: {e}", dir.display()))
 }
 
 // -------------------------------------------------------------------------------- replay

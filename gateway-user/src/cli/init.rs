@@ -3,8 +3,10 @@
 //! ```text
 //! DIR/pgward.toml             the config (relative paths)
 //! DIR/tls/cert.pem, key.pem   self-signed server certificate (key 0600)
-//! DIR/keys/signing-key.pem    Ed25519 token + checkpoint signing key (0600)
+//! DIR/keys/signing-key.pem    Ed25519 token signing key (0600)
 //! DIR/keys/jwks.json          its public key
+//! DIR/keys/checkpoint-key.pem Ed25519 audit checkpoint key, only for the writer (0400)
+//! DIR/keys/checkpoint-jwks.json its public key (what `audit verify` checks against)
 //! DIR/policies/default.toml   default policy
 //! DIR/audit/                  audit log directory (0750)
 //! DIR/upstream.password       copy of --upstream-password-file (0600), if given
@@ -47,6 +49,11 @@ const CONFIG_FILE: &str = "pgward.toml";
 const TLS_CERT: &str = "tls/cert.pem";
 const TLS_KEY: &str = "tls/key.pem";
 const KEYS_DIR: &str = "keys";
+/// The checkpoint key and its public half (inside `KEYS_DIR`).
+pub const CHECKPOINT_KEY_FILE: &str = "checkpoint-key.pem";
+pub const CHECKPOINT_JWKS_FILE: &str = "checkpoint-jwks.json";
+/// Mode of the checkpoint key: read by its owner (the service user after `install`) only.
+pub const CHECKPOINT_KEY_MODE: u32 = 0o400;
 const POLICY_FILE: &str = "policies/default.toml";
 const AUDIT_DIR: &str = "audit";
 const PASSWORD_FILE: &str = "upstream.password";
@@ -93,19 +100,25 @@ fn init(args: &InitArgs) -> anyhow::Result<String> {
     write(&dir.join(TLS_CERT), cert_pem.as_bytes(), 0o644)?;
     write(&dir.join(TLS_KEY), key_pem.as_bytes(), 0o600)?;
 
-    // Token (and audit checkpoint) signing key.
-    let mut rnd = [0u8; 4];
-    getrandom::fill(&mut rnd).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    let kid = format!("pgward-{}", hex::encode(rnd));
+    // Token signing key.
+    let kid = format!("pgward-{}", random_hex()?);
     crate::auth::generate_signing_key(&dir.join(KEYS_DIR), &kid)?;
+    // Audit checkpoint key: a key of its own, so the token key cannot re-sign the log.
+    let ckpt_kid = format!("pgward-ckpt-{}", random_hex()?);
+    crate::auth::write_ed25519_key(
+        &dir.join(KEYS_DIR).join(CHECKPOINT_KEY_FILE),
+        &dir.join(KEYS_DIR).join(CHECKPOINT_JWKS_FILE),
+        &ckpt_kid,
+        CHECKPOINT_KEY_MODE,
+    )?;
 
     // Audit log directory.
     let audit = dir.join(AUDIT_DIR);
     mkdir(&audit, 0o750)?;
     if std::fs::read_dir(&audit).map(|mut d| d.next().is_some()).unwrap_or(false) {
         notes.push(format!(
-            "{} is not empty: checkpoints in it were signed with the previous key, which \
-             keys/jwks.json no longer contains",
+            "{} is not empty: checkpoints in it were signed with the previous checkpoint key, \
+             which keys/checkpoint-jwks.json no longer contains",
             audit.display()
         ));
     }
@@ -130,6 +143,9 @@ fn init(args: &InitArgs) -> anyhow::Result<String> {
 
     // The config itself, last: a failed init leaves no config behind.
     let mut cfg = base_config(&args.listen, &up, &kid)?;
+    cfg.audit.checkpoint_key = Some(PathBuf::from(KEYS_DIR).join(CHECKPOINT_KEY_FILE));
+    cfg.audit.checkpoint_kid = Some(ckpt_kid);
+    cfg.audit.checkpoint_jwks = Some(PathBuf::from(KEYS_DIR).join(CHECKPOINT_JWKS_FILE));
     cfg.upstream.password_file = password.as_ref().map(|_| PathBuf::from(PASSWORD_FILE));
     let body = toml::to_string_pretty(&cfg).context("cannot serialize the config")?;
     let text = format!(
@@ -270,6 +286,13 @@ fn percent_decode(s: &str) -> anyhow::Result<String> {
         }
     }
     String::from_utf8(out).with_context(|| format!("{s:?} is not UTF-8 after percent-decoding"))
+}
+
+/// 8 random hex digits (for key ids).
+fn random_hex() -> anyhow::Result<String> {
+    let mut rnd = [0u8; 4];
+    getrandom::fill(&mut rnd).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    Ok(hex::encode(rnd))
 }
 
 /// A full config for the given listen address, upstream and signing kid, with every other
@@ -503,6 +526,17 @@ mod tests {
 
         assert_eq!(mode(&cfg.resolve(&cfg.server.tls_key)), 0o600);
         assert_eq!(mode(&cfg.resolve(&cfg.auth.signing_key)), 0o600);
+        // The checkpoint key is a key of its own, read-only for its owner, and its public
+        // half (not the token JWKS) verifies checkpoints.
+        let ckpt = cfg.resolve(cfg.audit.checkpoint_key.as_ref().unwrap());
+        assert_eq!(mode(&ckpt), 0o400);
+        let ckpt_kid = cfg.audit.checkpoint_kid.clone().unwrap();
+        assert!(ckpt_kid.starts_with("pgward-ckpt-"), "{ckpt_kid}");
+        let signer = crate::audit::CheckpointSigner::from_pkcs8_pem_file(&ckpt, ckpt_kid.clone()).unwrap();
+        let ckpt_keys = crate::audit::verify::load_jwks_ed25519(&cfg.resolve(cfg.audit.checkpoint_jwks.as_ref().unwrap())).unwrap();
+        assert_eq!(ckpt_keys.get(&ckpt_kid), Some(&signer.verifying_key()));
+        let token_keys = crate::audit::verify::load_jwks_ed25519(&cfg.resolve(&cfg.auth.jwks)).unwrap();
+        assert!(token_keys.values().all(|k| *k != signer.verifying_key()), "not the token key");
         assert_eq!(mode(&cfg.resolve(&cfg.audit.dir)), 0o750);
         let policy = std::fs::read_to_string(dir.join(POLICY_FILE)).unwrap();
         assert_eq!(policy, DEFAULT_POLICY);

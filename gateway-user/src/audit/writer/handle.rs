@@ -259,5 +259,8 @@ impl Inner {
         if let Some(h) = head {
             self.shared.write_head(&h);
         }
+        // Dropped outside the lock: it waits (briefly) for the sink to take what is durable.
+        let export = lock(&self.shared.log).export.take();
+        drop(export);
     }
 }

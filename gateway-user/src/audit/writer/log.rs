@@ -49,8 +49,6 @@ pub(super) struct Chunk {
     pub(super) last_seq: u64,
     pub(super) items: Vec<(u64, Option<Reply>, Option<crate::metrics::Event>)>,
     pub(super) lines: u64,
-    /// A copy of the lines for the exporter (only when exporting).
-    pub(super) bytes: Option<Vec<u8>>,
 }
 
 /// What a syncer needs to make a write durable without holding the lock.
@@ -136,6 +134,10 @@ impl Log {
         prev_hash: String,
     ) -> Log {
         let start_pos = ChainPos { seq: last_seq, hash: prev_hash.clone(), since_ckpt: 0 };
+        if let Some(ex) = &opts.export {
+            // What recovery kept is the log: the exporter may send it.
+            ex.log_opened(last_seq);
+        }
         Log {
             dir: opts.dir,
             dir_c,
@@ -279,7 +281,6 @@ impl Log {
 
         // One line per queued record (JSON escapes newlines inside values).
         let lines = take as u64;
-        let bytes = self.export.is_some().then(|| self.buf[..end].to_vec());
         self.buf.drain(..end);
         let mut items = Vec::with_capacity(take);
         let mut last: Option<([u8; HASH_HEX_LEN], u64, u64)> = None;
@@ -293,7 +294,7 @@ impl Log {
         if let Some((hash, seq, since_ckpt)) = last {
             self.written = ChainPos { seq, hash: String::from_utf8_lossy(&hash).into_owned(), since_ckpt };
         }
-        self.unsynced.push_back(Chunk { last_seq: self.written.seq, items, lines, bytes });
+        self.unsynced.push_back(Chunk { last_seq: self.written.seq, items, lines });
         if self.queued.is_empty() {
             self.urgent = false;
             self.lazy_since = None;
@@ -338,14 +339,14 @@ impl Log {
             return;
         }
         self.durable = pos;
+        if let Some(ex) = &self.export {
+            ex.durable(self.durable.seq);
+        }
         while self.unsynced.front().is_some_and(|c| c.last_seq <= self.durable.seq) {
             let Some(c) = self.unsynced.pop_front() else { break };
             self.counters.records.fetch_add(c.lines, Ordering::Relaxed);
             self.counters.batches.fetch_add(1, Ordering::Relaxed);
             self.counters.failing.store(false, Ordering::Relaxed);
-            if let (Some(ex), Some(b)) = (&self.export, &c.bytes) {
-                ex.send(b);
-            }
             for (seq, reply, event) in c.items {
                 if let Some(e) = event {
                     crate::metrics::METRICS.event(e);

@@ -98,6 +98,8 @@ pub enum AuditError {
     Corrupt { path: PathBuf, reason: String },
     #[error("checkpoint signing key {}: {reason}", path.display())]
     Key { path: PathBuf, reason: String },
+    #[error("audit export: {0}")]
+    Export(String),
     #[error("invalid audit record: {0}")]
     InvalidRecord(String),
     #[error("the audit writer is not running")]
@@ -123,16 +125,19 @@ pub struct WriterOptions {
     /// [`direct`]); falls back to the page cache where the filesystem refuses it.
     pub direct_io: bool,
     pub signer: Option<CheckpointSigner>,
-    /// Copies of durable lines for syslog/journald (best effort).
+    /// Sends durable records to syslog/journald (told how far the log is durable).
     pub export: Option<super::Exporter>,
 }
 
 impl WriterOptions {
-    /// Options from the config: `[audit]` plus the checkpoint signer from `auth.signing_key`
-    /// / `auth.signing_kid`.
+    /// Options from the config: `[audit]`, with the checkpoint signer from
+    /// `audit.checkpoint_key` / `audit.checkpoint_kid`.
     pub fn from_config(cfg: &crate::config::Config) -> Result<WriterOptions, AuditError> {
-        let signer =
-            CheckpointSigner::from_pkcs8_pem_file(&cfg.resolve(&cfg.auth.signing_key), cfg.auth.signing_kid.clone())?;
+        let signer = CheckpointSigner::from_config(cfg)?;
+        let export = match super::export::ExportSettings::from_config(cfg).map_err(AuditError::Export)? {
+            Some(settings) => Some(super::Exporter::start(settings).map_err(AuditError::Export)?),
+            None => None,
+        };
         Ok(WriterOptions {
             dir: cfg.resolve(&cfg.audit.dir),
             fsync: cfg.audit.fsync,
@@ -142,7 +147,7 @@ impl WriterOptions {
             sync_threads: cfg.audit.sync_threads,
             direct_io: cfg.audit.direct_io,
             signer: Some(signer),
-            export: super::Exporter::start(cfg.audit.export, cfg.audit.syslog_socket.clone()),
+            export,
         })
     }
 }

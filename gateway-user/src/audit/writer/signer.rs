@@ -1,6 +1,7 @@
-//! The key that signs checkpoints (see [`super::checkpoint`]).
+//! The key that signs checkpoints (see [`super::checkpoint`]): `audit.checkpoint_key`, a key
+//! of its own (not the token key), read only by the writer.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use ed25519_dalek::pkcs8::DecodePrivateKey as _;
@@ -9,7 +10,7 @@ use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use super::AuditError;
 use crate::audit::chain;
 
-/// Signs checkpoints with the gateway's Ed25519 key.
+/// Signs checkpoints with the gateway's Ed25519 checkpoint key.
 pub struct CheckpointSigner {
     kid: String,
     key: SigningKey,
@@ -33,6 +34,17 @@ impl CheckpointSigner {
         let key = SigningKey::from_pkcs8_pem(&pem)
             .map_err(|e| AuditError::Key { path: path.to_owned(), reason: e.to_string() })?;
         Ok(CheckpointSigner::new(kid, key))
+    }
+
+    /// The key `audit.checkpoint_key` names, with kid `audit.checkpoint_kid`.
+    pub fn from_config(cfg: &crate::config::Config) -> Result<CheckpointSigner, AuditError> {
+        let unset = |key: &str| AuditError::Key {
+            path: PathBuf::from(format!("audit.{key}")),
+            reason: "not set: checkpoints need a key of their own (`pgward init` writes keys/checkpoint-key.pem and sets audit.checkpoint_key, audit.checkpoint_kid and audit.checkpoint_jwks)".into(),
+        };
+        let path = cfg.audit.checkpoint_key.as_ref().ok_or_else(|| unset("checkpoint_key"))?;
+        let kid = cfg.audit.checkpoint_kid.clone().ok_or_else(|| unset("checkpoint_kid"))?;
+        CheckpointSigner::from_pkcs8_pem_file(&cfg.resolve(path), kid)
     }
 
     /// Same as [`CheckpointSigner::from_pkcs8_pem_file`].

@@ -27,7 +27,7 @@ pub(super) fn token_keys(cx: &Ctx) -> Check {
             Outcome::Fail,
             format!("signing key {}: {e}", key_path.display()),
             Some(
-                "auth.signing_key must be a PKCS#8 Ed25519 key (pgward init writes one); it signs audit checkpoints"
+                "auth.signing_key must be a PKCS#8 Ed25519 key (pgward init writes one); it signs tokens"
                     .into(),
             ),
         ),

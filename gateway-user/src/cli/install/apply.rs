@@ -25,7 +25,7 @@ pub(super) fn apply(plan: &Plan, j: &mut Journal, notes: &mut Vec<String>) -> an
     let (uid, gid) = ensure_user(plan, j)?;
     set_attrs(&plan.root.p(STATE_DIR), 0o750, 0, gid)?;
     install_binary(plan, j)?;
-    config_dir(plan, j, gid, notes)?;
+    config_dir(plan, j, uid, gid, notes)?;
     data_dirs(plan, j, uid, gid, notes)?;
     let public = socket_dirs(plan, j, gid)?;
     // Postgres: loopback only, socket moved; Debian's client wrapper told about it.
@@ -85,14 +85,14 @@ fn install_binary(plan: &Plan, j: &mut Journal) -> anyhow::Result<()> {
 }
 
 /// The configuration directory (recorded as a tree: uninstall removes all of it).
-fn config_dir(plan: &Plan, j: &mut Journal, gid: u32, notes: &mut Vec<String>) -> anyhow::Result<()> {
+fn config_dir(plan: &Plan, j: &mut Journal, uid: u32, gid: u32, notes: &mut Vec<String>) -> anyhow::Result<()> {
     let root = &plan.root;
     let config_dir = root.p(CONFIG_DIR);
     if let Some(parent) = Path::new(CONFIG_DIR).parent() {
         j.mkdirs(parent, 0o755, 0, 0, false)?;
     }
     j.record(Change::Tree { path: CONFIG_DIR.into() })?;
-    write_config(plan, &config_dir, gid, notes)
+    write_config(plan, &config_dir, uid, gid, notes)
 }
 
 /// The audit log (append-only where the file system allows) and the access state.
@@ -201,7 +201,9 @@ fn start_services(plan: &Plan, j: &mut Journal) -> anyhow::Result<()> {
 }
 
 /// `pgward init` (this binary, as a child process) into DIR, then the appliance settings.
-pub(super) fn write_config(plan: &Plan, dir: &Path, gid: u32, notes: &mut Vec<String>) -> anyhow::Result<()> {
+/// The checkpoint key is then the service user's (`uid`) alone, mode 0400: root and the
+/// writer read it, the group pgward and `pgward token issue` do not need it.
+pub(super) fn write_config(plan: &Plan, dir: &Path, uid: u32, gid: u32, notes: &mut Vec<String>) -> anyhow::Result<()> {
     let mut cmd = Command::new(&plan.binary);
     cmd.arg("init")
         .arg("--dir")
@@ -222,6 +224,10 @@ pub(super) fn write_config(plan: &Plan, dir: &Path, gid: u32, notes: &mut Vec<St
     let _ = std::fs::remove_dir(dir.join("audit"));
     // Everything readable by group pgward only; nothing writable by it.
     chown_tree(dir, 0, gid, 0o750, 0o640)?;
+    let cfg = crate::config::Config::load(&path).with_context(|| format!("{} (written by install)", path.display()))?;
+    if let Some(key) = &cfg.audit.checkpoint_key {
+        set_attrs(&cfg.resolve(key), crate::cli::init::CHECKPOINT_KEY_MODE, uid, gid)?;
+    }
     Ok(())
 }
 

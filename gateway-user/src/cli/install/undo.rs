@@ -103,14 +103,15 @@ pub(super) fn retire_config(root: &Root) -> anyhow::Result<()> {
     let text = std::fs::read(&cfg)?;
     write_file(&dir.join("pgward.toml"), &text, 0o640, 0, 0)?;
     let loaded = Config::load(&cfg)?;
-    let jwks = loaded.resolve(&loaded.auth.jwks);
-    let rel = loaded.auth.jwks.clone();
-    if rel.is_relative() && !rel.components().any(|c| matches!(c, Component::ParentDir)) {
-        let dst = dir.join(&rel);
-        if let Some(p) = dst.parent() {
-            std::fs::create_dir_all(p)?;
+    // The public keys: the checkpoint JWKS is what `audit verify` checks the log against.
+    for rel in [Some(&loaded.auth.jwks), loaded.audit.checkpoint_jwks.as_ref()].into_iter().flatten() {
+        if rel.is_relative() && !rel.components().any(|c| matches!(c, Component::ParentDir)) {
+            let dst = dir.join(rel);
+            if let Some(p) = dst.parent() {
+                std::fs::create_dir_all(p)?;
+            }
+            write_file(&dst, &std::fs::read(loaded.resolve(rel))?, 0o640, 0, 0)?;
         }
-        write_file(&dst, &std::fs::read(&jwks)?, 0o640, 0, 0)?;
     }
     Ok(())
 }
