@@ -206,22 +206,7 @@ async fn binary_parameters_are_recorded_as_postgres_prints_them() {
         assert_eq!(n, 1);
         postgres_prints_each_value_so(&client, &cases).await;
 
-        // Long values, and the SHA-256 Postgres computes over their text.
-        let row = within(
-            "long values",
-            client.query_one(
-                &format!(
-                    "SELECT encode(sha256(convert_to($1::text, 'UTF8')), 'hex'), \
-                     encode(sha256(convert_to($2::bytea::text, 'UTF8')), 'hex'), \
-                     octet_length($2::bytea::text) -- {m_long}"
-                ),
-                &[&long_text, &long_bytes],
-            ),
-        )
-        .await
-        .unwrap();
-        (server_text_sha, server_bytea_sha, server_bytea_len) =
-            (row.get(0), row.get(1), row.get(2));
+        (server_text_sha, server_bytea_sha, server_bytea_len) = server_sha256(&client, &m_long, &long_text, &long_bytes).await;
     }
 
     let recs = pw.wait_audit("the statements with parameters", |r| {
@@ -239,13 +224,48 @@ async fn binary_parameters_are_recorded_as_postgres_prints_them() {
     assert_eq!(st["params"], Value::Array(want), "{st}");
 
     let st = rec::statements_with(&recs, &m_long)[0];
-    let sha = |s: &[u8]| hex::encode(Sha256::digest(s));
-    let text_prefix: String = long_text
-        .char_indices()
-        .take_while(|(i, c)| i + c.len_utf8() <= 1024)
-        .map(|(_, c)| c)
-        .collect();
     let hex = format!("\\x{}", hex::encode(&long_bytes));
+    long_values_are_prefix_length_and_hash(st, &long_text, &hex);
+    assert_eq!(st["params"][0]["sha256"], server_text_sha, "the server's SHA-256 of the text");
+    assert_eq!(st["params"][1]["sha256"], server_bytea_sha, "the server's SHA-256 of the bytea's text");
+    assert_eq!(st["params"][1]["bytes"], server_bytea_len);
+
+    // replay shows the values; the chain still verifies.
+    let session = st["session"].as_str().unwrap();
+    let out = pw.audit_replay(session, "max");
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    for shown in ["'4100'", "'1969-07-20 20:17:40+00'", "'\\x3ff00000000000004000000000000000' (oid 600)"] {
+        assert!(out.stdout.contains(shown), "replay lacks {shown}: {}", out.stdout);
+    }
+    assert!(out.stdout.contains(&format!("({} bytes, sha256 {server_bytea_sha})", hex.len())), "{}", out.stdout);
+    let (code, out) = pw.audit_verify();
+    assert_eq!(code, 0, "{out}");
+}
+
+/// The SHA-256 Postgres computes over the long values' text (text; bytea), and the bytea
+/// text's length.
+async fn server_sha256(client: &tokio_postgres::Client, m_long: &str, long_text: &str, long_bytes: &[u8]) -> (String, String, i32) {
+    let row = within(
+        "long values",
+        client.query_one(
+            &format!(
+                "SELECT encode(sha256(convert_to($1::text, 'UTF8')), 'hex'), \
+                 encode(sha256(convert_to($2::bytea::text, 'UTF8')), 'hex'), \
+                 octet_length($2::bytea::text) -- {m_long}"
+            ),
+            &[&long_text, &long_bytes],
+        ),
+    )
+    .await
+    .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// The long text and the long bytea (as `hex`) are recorded as prefix, length and SHA-256.
+fn long_values_are_prefix_length_and_hash(st: &Value, long_text: &str, hex: &str) {
+    let sha = |s: &[u8]| hex::encode(Sha256::digest(s));
+    let text_prefix: String =
+        long_text.char_indices().take_while(|(i, c)| i + c.len_utf8() <= 1024).map(|(_, c)| c).collect();
     assert_eq!(
         st["params"],
         json!([
@@ -254,39 +274,6 @@ async fn binary_parameters_are_recorded_as_postgres_prints_them() {
         ]),
         "{st}"
     );
-    assert_eq!(
-        st["params"][0]["sha256"], server_text_sha,
-        "the server's SHA-256 of the text"
-    );
-    assert_eq!(
-        st["params"][1]["sha256"], server_bytea_sha,
-        "the server's SHA-256 of the bytea's text"
-    );
-    assert_eq!(st["params"][1]["bytes"], server_bytea_len);
-
-    // replay shows the values; the chain still verifies.
-    let session = st["session"].as_str().unwrap();
-    let out = pw.audit_replay(session, "max");
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
-    for shown in [
-        "'4100'",
-        "'1969-07-20 20:17:40+00'",
-        "'\\x3ff00000000000004000000000000000' (oid 600)",
-    ] {
-        assert!(
-            out.stdout.contains(shown),
-            "replay lacks {shown}: {}",
-            out.stdout
-        );
-    }
-    assert!(
-        out.stdout
-            .contains(&format!("({} bytes, sha256 {server_bytea_sha})", hex.len())),
-        "{}",
-        out.stdout
-    );
-    let (code, out) = pw.audit_verify();
-    assert_eq!(code, 0, "{out}");
 }
 
 /// Parse message declaring `types`.

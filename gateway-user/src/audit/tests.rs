@@ -1046,16 +1046,37 @@ fn head_from(dir: &Path, seq: u64) {
     std::fs::write(dir.join("HEAD"), serde_json::to_vec(&h).expect("ser")).expect("write HEAD");
 }
 
-/// What `verify` says about logs changed by someone who can write the files but lacks the key.
+/// A change to a log, the verify policy, when verify starts (seconds from now), and the
+/// problem expected: (seq, file, start of the reason).
+type TamperCase = (&'static str, fn(&Path), verify::Policy, i64, Option<(u64, &'static str, &'static str)>);
+
+/// Run each case on a fresh log: 1 start, 2 3, 4 ckpt, 5 6 7, 8 ckpt, 9 10, 11 final ckpt (HEAD).
+fn check_tampering(cases: Vec<TamperCase>) {
+    for (name, change, pol, at, expect) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        write_log(opts(d, 3), 7);
+        change(d);
+        let started = chrono::Utc::now() + chrono::Duration::seconds(at);
+        let r = verify::verify_at(d, &keys(), &pol, started);
+        match expect {
+            None => assert!(r.is_ok(), "{name}: {}", r.summary()),
+            Some((seq, file, reason)) => {
+                let p = r.problem.as_ref().unwrap_or_else(|| panic!("{name}: expected a problem, got {}", r.summary()));
+                assert_eq!(p.seq, Some(seq), "{name}: {p}");
+                let f = p.file.as_ref().and_then(|f| f.file_name()).map(|f| f.to_string_lossy().into_owned());
+                assert_eq!(f.as_deref(), Some(file), "{name}: {p}");
+                assert!(p.reason.starts_with(reason), "{name}: {p}");
+            }
+        }
+    }
+}
+
+/// What `verify` says about a HEAD changed by someone who can write the files but lacks the key.
 #[test]
-fn tampering_without_the_key_is_detected() {
-    use Kind::{Checkpoint as C, Start as S, Statement as St};
-    type Setup = fn(&Path);
+fn head_tampering_without_the_key_is_detected() {
     let every3 = policy(3);
-    let second = verify::Policy { checkpoint_every: 3, checkpoint_interval: Duration::from_secs(1) };
-    // (name, change, policy, verify started this many seconds from now, expected problem:
-    // (seq, file, start of the reason)).
-    let cases: Vec<(&str, Setup, verify::Policy, i64, Option<(u64, &str, &str)>)> = vec![
+    check_tampering(vec![
         ("a normal log", |_| {}, every3, 60, None),
         ("a normal log, with the default policy", |_| {}, verify::Policy::default(), 60, None),
         (
@@ -1108,6 +1129,16 @@ fn tampering_without_the_key_is_detected() {
         ),
         ("HEAD one checkpoint behind, written moments ago", |d| head_from(d, 8), every3, 0, None),
         ("HEAD beyond the log's end", |d| cut_after(d, 9), every3, 60, Some((11, "HEAD", "truncated: log ends at seq 9"))),
+    ]);
+}
+
+/// What `verify` says about records forged or left without checkpoints.
+#[test]
+fn unanchored_records_are_detected() {
+    use Kind::{Checkpoint as C, Start as S, Statement as St};
+    let every3 = policy(3);
+    let second = verify::Policy { checkpoint_every: 3, checkpoint_interval: Duration::from_secs(1) };
+    check_tampering(vec![
         (
             "forged tail longer than checkpoint_every",
             |d| forge(d, &[(St, 0), (St, 0), (St, 0), (St, 0), (St, 0)]),
@@ -1137,26 +1168,7 @@ fn tampering_without_the_key_is_detected() {
             60,
             None,
         ),
-    ];
-    for (name, change, pol, at, expect) in cases {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let d = dir.path();
-        // 1 start, 2 3, 4 ckpt, 5 6 7, 8 ckpt, 9 10, 11 final ckpt (HEAD).
-        write_log(opts(d, 3), 7);
-        change(d);
-        let started = chrono::Utc::now() + chrono::Duration::seconds(at);
-        let r = verify::verify_at(d, &keys(), &pol, started);
-        match expect {
-            None => assert!(r.is_ok(), "{name}: {}", r.summary()),
-            Some((seq, file, reason)) => {
-                let p = r.problem.as_ref().unwrap_or_else(|| panic!("{name}: expected a problem, got {}", r.summary()));
-                assert_eq!(p.seq, Some(seq), "{name}: {p}");
-                let f = p.file.as_ref().and_then(|f| f.file_name()).map(|f| f.to_string_lossy().into_owned());
-                assert_eq!(f.as_deref(), Some(file), "{name}: {p}");
-                assert!(p.reason.starts_with(reason), "{name}: {p}");
-            }
-        }
-    }
+    ]);
 }
 
 #[test]

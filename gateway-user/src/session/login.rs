@@ -84,15 +84,7 @@ pub(super) async fn login(shared: &Arc<Shared>, peer: &Peer, session: &str, mut 
     }
     let grant = snap.active_grant(&login.identity.user, now_unix()).and_then(SessionGrant::from_request);
     drop(snap);
-    // Under a grant, statements are decided as a member of the policy groups that have the
-    // granted role (if any has it), not of the token's groups.
-    let policy_identity = match &grant {
-        Some(g) => {
-            let groups = shared.policy.groups_with_role(&g.role);
-            if groups.is_empty() { login.identity.clone() } else { Identity { groups, ..login.identity.clone() } }
-        }
-        None => login.identity.clone(),
-    };
+    let policy_identity = policy_identity(shared, &login.identity, grant.as_ref());
 
     if let Some((code, msg, rule)) = refused_startup_setting(shared, &login, &policy_identity) {
         refuse_login(shared, &mut login.stream, session, peer, &login.identity, &login.database, code, msg, rule).await;
@@ -122,12 +114,7 @@ pub(super) async fn login(shared: &Arc<Shared>, peer: &Peer, session: &str, mut 
     let (up, reused) = match up {
         Ok(a) => (a.up, a.reused),
         Err(e) => {
-            tracing::warn!(error = %e, "upstream login failed");
-            let mut rec = identity_record(Kind::LoginFailed, session, peer, &identity, &database);
-            rec.sqlstate = Some(e.sqlstate().to_string());
-            rec.error = Some(format!("upstream: {e}"));
-            let _ = shared.audit.append_durable(rec).await;
-            fatal(&mut stream, e.sqlstate(), &format!("pgward: {e}")).await;
+            refuse_upstream(shared, &mut stream, session, peer, &identity, &database, e).await;
             return None;
         }
     };
@@ -154,18 +141,8 @@ pub(super) async fn login(shared: &Arc<Shared>, peer: &Peer, session: &str, mut 
         return None;
     }
 
-    let (pid, key) = shared.cancels.register(up.backend_pid, up.backend_key);
-    let mut hello = BytesMut::new();
-    wire::auth_ok(&mut hello);
-    for (k, v) in &up.params {
-        wire::parameter_status(&mut hello, k, v);
-    }
-    wire::backend_key_data(&mut hello, pid, key);
-    wire::ready_for_query(&mut hello, up.tx_status);
-    if stream.write_all(&hello).await.is_err() || stream.flush().await.is_err() {
-        shared.cancels.remove(pid, key);
-        return None;
-    }
+    let (bytes, cancel) = hello(shared, &up);
+    let (pid, key) = greet(shared, &mut stream, bytes, cancel).await?;
     tracing::info!(user = %identity.user, database = %database, "session started");
     Some(LoggedIn {
         check: SessionCheck::new(access_generation, grant, shared.cfg.auth.leeway_secs),
@@ -179,6 +156,59 @@ pub(super) async fn login(shared: &Arc<Shared>, peer: &Peer, session: &str, mut 
         cancel: (pid, key),
         watch,
     })
+}
+
+/// Whom the policy decides for: under a grant, a member of the policy groups that have the
+/// granted role (if any has it), not of the token's groups.
+fn policy_identity(shared: &Shared, identity: &Identity, grant: Option<&SessionGrant>) -> Identity {
+    match grant {
+        Some(g) => {
+            let groups = shared.policy.groups_with_role(&g.role);
+            if groups.is_empty() { identity.clone() } else { Identity { groups, ..identity.clone() } }
+        }
+        None => identity.clone(),
+    }
+}
+
+/// The upstream login failed: audited (durably, best effort) and told to the client.
+async fn refuse_upstream(
+    shared: &Shared,
+    stream: &mut BoxStream,
+    session: &str,
+    peer: &Peer,
+    identity: &Identity,
+    database: &str,
+    e: crate::upstream::UpstreamError,
+) {
+    tracing::warn!(error = %e, "upstream login failed");
+    let mut rec = identity_record(Kind::LoginFailed, session, peer, identity, database);
+    rec.sqlstate = Some(e.sqlstate().to_string());
+    rec.error = Some(format!("upstream: {e}"));
+    let _ = shared.audit.append_durable(rec).await;
+    fatal(stream, e.sqlstate(), &format!("pgward: {e}")).await;
+}
+
+/// AuthenticationOk, the server's parameters, pgward's cancel key for the session (registered
+/// now) and ReadyForQuery: what lets the client act.
+fn hello(shared: &Shared, up: &crate::upstream::Upstream) -> (BytesMut, (i32, i32)) {
+    let (pid, key) = shared.cancels.register(up.backend_pid, up.backend_key);
+    let mut hello = BytesMut::new();
+    wire::auth_ok(&mut hello);
+    for (k, v) in &up.params {
+        wire::parameter_status(&mut hello, k, v);
+    }
+    wire::backend_key_data(&mut hello, pid, key);
+    wire::ready_for_query(&mut hello, up.tx_status);
+    (hello, (pid, key))
+}
+
+/// Send the [`hello`]; None (the cancel key withdrawn) if the client went away.
+async fn greet(shared: &Shared, stream: &mut BoxStream, hello: BytesMut, (pid, key): (i32, i32)) -> Option<(i32, i32)> {
+    if stream.write_all(&hello).await.is_err() || stream.flush().await.is_err() {
+        shared.cancels.remove(pid, key);
+        return None;
+    }
+    Some((pid, key))
 }
 
 /// The first startup setting the session may not have: (SQLSTATE, message, policy rule).

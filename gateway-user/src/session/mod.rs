@@ -312,125 +312,133 @@ impl Relay {
 
     /// Relay until the session ends, then end it ([`Relay::shutdown`]).
     async fn run(mut self, io: Io) {
-        let Io { client, mut cbuf, upstream, mut ubuf } = io;
+        let Io { client, cbuf, upstream, ubuf } = io;
         if self.shared.audit.runs_hooks() {
             self.upstream_fd = upstream.plain_fd().and_then(|fd| fd.try_clone_to_owned().ok()).map(Arc::new);
         }
         let (mut crd, mut cwr) = tokio::io::split(client);
         let (mut urd, mut uwr) = tokio::io::split(upstream);
-        cbuf.reserve(CLIENT_READ_BUF);
-        ubuf.reserve(UPSTREAM_READ_BUF);
-        let mut cout = BytesMut::with_capacity(CLIENT_WRITE_BUF);
-        let mut uout = BytesMut::with_capacity(UPSTREAM_WRITE_BUF);
-        let mut batch: Option<Batch> = None;
-        let mut client_eof = false;
-        // Client bytes (or its end) read while a batch was held: dealt with once the batch is
-        // released (their records come after its records).
-        let mut unread = !cbuf.is_empty();
-
-        let mut end: Option<End> = None;
-        if !ubuf.is_empty() {
-            // Frames that arrived with the upstream's login.
-            if let Err(e) = self.on_upstream_data(&mut ubuf, &mut cout) {
-                end = Some(e);
-            }
-            if let Some(msg) = self.watch_violation.take() {
-                end = Some(End::Fatal(sqlstate::INSUFFICIENT_PRIVILEGE, format!("pgward: {msg}")));
-            }
-        }
-
+        let mut p = Pumps::new(cbuf, ubuf);
+        let mut end = self.login_leftover(&mut p);
         while end.is_none() {
-            // Large messages that have left pgward give their budget back.
-            self.client_in.settle(&mut uout, batch.is_none());
-            self.upstream_in.settle(&mut cout, !self.inflight.holding());
-            if unread && batch.is_none() {
-                unread = false;
-                if let Err(e) = self.client_data(&mut cbuf, &mut uout, &mut batch, !client_eof).await {
-                    end = Some(e);
-                    break;
-                }
-            }
-            if let Err(e) = self.settle(&mut batch, &mut uout, &mut cout) {
+            if let Err(e) = self.before_wait(&mut p).await {
                 end = Some(e);
                 break;
             }
-            if client_eof && batch.is_none() {
-                end = Some(End::Client);
-                break;
-            }
-            if self.detach && uout.is_empty() && batch.is_none() {
-                end = Some(End::Detach);
-                break;
-            }
-            // While a batch is held the client is still read (once): the writer may have sent
-            // the batch without waking this loop.
-            let read_client = !client_eof && !self.terminated && !unread && uout.len() < HIGH_WATER && !self.client_in.blocked();
-            let read_upstream = cout.len() + self.inflight.held_len() < HIGH_WATER && !self.upstream_in.blocked();
-            let wait_records = batch.is_some() || self.inflight.holding();
-            tokio::select! {
-                r = crd.read_buf(&mut cbuf), if read_client => {
-                    if matches!(r, Ok(0) | Err(_)) {
-                        client_eof = true;
-                    }
-                    // Claim a batch the writer sent; otherwise have it tell us.
-                    if batch.as_ref().is_some_and(Batch::sent_or_ask) {
-                        self.claim_sent(&mut batch, &mut uout);
-                    }
-                    unread = true;
-                },
-                r = urd.read_buf(&mut ubuf), if read_upstream => match r {
-                    Ok(0) | Err(_) => end = Some(End::Upstream),
-                    Ok(_) => {
-                        // The writer sent the held batch and Postgres may already be answering
-                        // it: its pendings must be queued first.
-                        if batch.as_ref().is_some_and(Batch::was_sent) {
-                            self.claim_sent(&mut batch, &mut uout);
-                        }
-                        if let Err(e) = self.server_data(&mut ubuf, &mut cout) {
-                            end = Some(e);
-                        }
-                        if let Some(msg) = self.watch_violation.take() {
-                            end = Some(End::Fatal(sqlstate::INSUFFICIENT_PRIVILEGE, format!("pgward: {msg}")));
-                        }
-                    }
-                },
-                () = self.inflight.next(), if wait_records => {},
-                // A large message got its room in the budget: reading that side goes on.
-                c = self.client_in.budget(), if self.client_in.blocked() => {
-                    if let Err(e) = self.client_in.granted(c, &mut cbuf) {
-                        end = Some(End::Fatal(e.sqlstate(), format!("pgward: {e}")));
-                    }
-                },
-                c = self.upstream_in.budget(), if self.upstream_in.blocked() => {
-                    if let Err(e) = self.upstream_in.granted(c, &mut ubuf) {
-                        end = Some(End::Fatal(e.sqlstate(), format!("pgward: {e}")));
-                    }
-                },
-                r = cwr.write(&cout), if !cout.is_empty() => match r {
-                    Ok(0) | Err(_) => end = Some(End::Client),
-                    Ok(n) => {
-                        let _ = cout.split_to(n);
-                        if cout.is_empty() && cwr.flush().await.is_err() { end = Some(End::Client); }
-                    }
-                },
-                r = uwr.write(&uout), if !uout.is_empty() => match r {
-                    Ok(0) | Err(_) => end = Some(End::Upstream),
-                    Ok(n) => {
-                        let _ = uout.split_to(n);
-                        if uout.is_empty() && uwr.flush().await.is_err() { end = Some(End::Upstream); }
-                    }
-                },
-            }
+            end = self.wait(&mut p, &mut crd, &mut cwr, &mut urd, &mut uwr).await;
         }
 
         // Nothing of the session's own may go upstream ahead of (or after) a held batch the
         // writer might still send: take it back first. Held replies are never delivered.
+        let Pumps { cbuf, ubuf, cout, uout, batch, .. } = p;
         let batch_held = batch.is_some();
         drop(batch);
         self.inflight.drop_replies();
         let rest = Rest { cwr, cout, urd, uwr, ubuf, uout, cbuf_empty: cbuf.is_empty(), durable_pending: batch_held };
         // The loop only stops with an end set; a client end is the one that assumes least.
         self.shutdown(end.unwrap_or(End::Client), rest).await;
+    }
+
+    /// Frames that arrived with the upstream's login.
+    fn login_leftover(&mut self, p: &mut Pumps) -> Option<End> {
+        if p.ubuf.is_empty() {
+            return None;
+        }
+        let mut end = self.on_upstream_data(&mut p.ubuf, &mut p.cout).err();
+        if let Some(msg) = self.watch_violation.take() {
+            end = Some(End::Fatal(sqlstate::INSUFFICIENT_PRIVILEGE, format!("pgward: {msg}")));
+        }
+        end
+    }
+
+    /// Everything the loop does before it waits: budget given back, the client's bytes
+    /// decided on, durability outcomes taken in; an end when the session is over.
+    async fn before_wait(&mut self, p: &mut Pumps) -> Result<(), End> {
+        // Large messages that have left pgward give their budget back.
+        self.client_in.settle(&mut p.uout, p.batch.is_none());
+        self.upstream_in.settle(&mut p.cout, !self.inflight.holding());
+        if p.unread && p.batch.is_none() {
+            p.unread = false;
+            self.client_data(&mut p.cbuf, &mut p.uout, &mut p.batch, !p.client_eof).await?;
+        }
+        self.settle(&mut p.batch, &mut p.uout, &mut p.cout)?;
+        if p.client_eof && p.batch.is_none() {
+            return Err(End::Client);
+        }
+        if self.detach && p.uout.is_empty() && p.batch.is_none() {
+            return Err(End::Detach);
+        }
+        Ok(())
+    }
+
+    /// Wait for the next thing to do and do it: bytes from either side, a record's outcome,
+    /// room in the budget, a socket ready for the bytes waiting for it.
+    async fn wait(
+        &mut self,
+        p: &mut Pumps,
+        crd: &mut tokio::io::ReadHalf<BoxStream>,
+        cwr: &mut tokio::io::WriteHalf<BoxStream>,
+        urd: &mut tokio::io::ReadHalf<BoxStream>,
+        uwr: &mut tokio::io::WriteHalf<BoxStream>,
+    ) -> Option<End> {
+        // While a batch is held the client is still read (once): the writer may have sent
+        // the batch without waking this loop.
+        let read_client = !p.client_eof && !self.terminated && !p.unread && p.uout.len() < HIGH_WATER && !self.client_in.blocked();
+        let read_upstream = p.cout.len() + self.inflight.held_len() < HIGH_WATER && !self.upstream_in.blocked();
+        let wait_records = p.batch.is_some() || self.inflight.holding();
+        tokio::select! {
+            r = crd.read_buf(&mut p.cbuf), if read_client => {
+                if matches!(r, Ok(0) | Err(_)) {
+                    p.client_eof = true;
+                }
+                // Claim a batch the writer sent; otherwise have it tell us.
+                if p.batch.as_ref().is_some_and(Batch::sent_or_ask) {
+                    self.claim_sent(&mut p.batch, &mut p.uout);
+                }
+                p.unread = true;
+                None
+            },
+            r = urd.read_buf(&mut p.ubuf), if read_upstream => match r {
+                Ok(0) | Err(_) => Some(End::Upstream),
+                Ok(_) => self.upstream_read(p),
+            },
+            () = self.inflight.next(), if wait_records => None,
+            // A large message got its room in the budget: reading that side goes on.
+            c = self.client_in.budget(), if self.client_in.blocked() => {
+                self.client_in.granted(c, &mut p.cbuf).err().map(|e| End::Fatal(e.sqlstate(), format!("pgward: {e}")))
+            },
+            c = self.upstream_in.budget(), if self.upstream_in.blocked() => {
+                self.upstream_in.granted(c, &mut p.ubuf).err().map(|e| End::Fatal(e.sqlstate(), format!("pgward: {e}")))
+            },
+            r = cwr.write(&p.cout), if !p.cout.is_empty() => match r {
+                Ok(0) | Err(_) => Some(End::Client),
+                Ok(n) => {
+                    let _ = p.cout.split_to(n);
+                    (p.cout.is_empty() && cwr.flush().await.is_err()).then_some(End::Client)
+                }
+            },
+            r = uwr.write(&p.uout), if !p.uout.is_empty() => match r {
+                Ok(0) | Err(_) => Some(End::Upstream),
+                Ok(n) => {
+                    let _ = p.uout.split_to(n);
+                    (p.uout.is_empty() && uwr.flush().await.is_err()).then_some(End::Upstream)
+                }
+            },
+        }
+    }
+
+    /// Bytes read from the server.
+    fn upstream_read(&mut self, p: &mut Pumps) -> Option<End> {
+        // The writer sent the held batch and Postgres may already be answering it: its
+        // pendings must be queued first.
+        if p.batch.as_ref().is_some_and(Batch::was_sent) {
+            self.claim_sent(&mut p.batch, &mut p.uout);
+        }
+        let mut end = self.server_data(&mut p.ubuf, &mut p.cout).err();
+        if let Some(msg) = self.watch_violation.take() {
+            end = Some(End::Fatal(sqlstate::INSUFFICIENT_PRIVILEGE, format!("pgward: {msg}")));
+        }
+        end
     }
 
     /// Decide on the client's complete frames: what may go upstream now goes into `uout`,
@@ -621,6 +629,41 @@ impl Relay {
             }
         }
         None
+    }
+}
+
+/// The relay loop's buffers and where it stands.
+struct Pumps {
+    /// Bytes read from the client, not yet decided on.
+    cbuf: BytesMut,
+    /// Bytes read from the server, not yet processed.
+    ubuf: BytesMut,
+    /// Bytes going to the client.
+    cout: BytesMut,
+    /// Bytes going to the server.
+    uout: BytesMut,
+    /// Frames held until the session's records are durable.
+    batch: Option<Batch>,
+    client_eof: bool,
+    /// Client bytes (or its end) read while a batch was held: dealt with once the batch is
+    /// released (their records come after its records).
+    unread: bool,
+}
+
+impl Pumps {
+    fn new(mut cbuf: BytesMut, mut ubuf: BytesMut) -> Pumps {
+        cbuf.reserve(CLIENT_READ_BUF);
+        ubuf.reserve(UPSTREAM_READ_BUF);
+        let unread = !cbuf.is_empty();
+        Pumps {
+            cbuf,
+            ubuf,
+            cout: BytesMut::with_capacity(CLIENT_WRITE_BUF),
+            uout: BytesMut::with_capacity(UPSTREAM_WRITE_BUF),
+            batch: None,
+            client_eof: false,
+            unread,
+        }
     }
 }
 
