@@ -506,7 +506,7 @@ pub(super) fn chart_from_json(v: &Value, path: &Path) -> Result<bool> {
         Some(chart::Panel { title: title.into(), series, groups })
     };
     let panels: Vec<chart::Panel> = [
-        panel("main", "direct vs direct + pgaudit (log = all) vs PgBouncer (session) vs splice proxy vs pgward (audit fsync = group)"),
+        panel("main", "main (pgaudit log = all, PgBouncer session, pgward fsync = group)"),
         panel("fsync", "pgward audit fsync policy (pgbench -S simple; single-client latency)"),
     ]
     .into_iter()

@@ -163,8 +163,30 @@ impl Cell {
     }
 }
 
-/// User + system CPU time of process `pid` (all its threads), in seconds.
+/// CPU time of process `pid` (all its threads, exited ones included), in seconds: the
+/// kernel's process CPU clock (nanoseconds, so a single 100 ms psql run is measured too), or
+/// where that cannot be read /proc's user + system time (10 ms ticks).
 pub(super) fn process_cpu_secs(pid: u32) -> Option<f64> {
+    process_clock_secs(pid).or_else(|| proc_stat_cpu_secs(pid))
+}
+
+/// The process CPU clock of `pid` (`clock_getcpuclockid`), in seconds.
+pub(super) fn process_clock_secs(pid: u32) -> Option<f64> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: both calls write only to the locals they are given.
+    if unsafe { libc::clock_getcpuclockid(pid, &mut clock) } != 0 {
+        return None;
+    }
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9)
+}
+
+/// User + system CPU time of process `pid` from /proc/<pid>/stat, in seconds.
+pub(super) fn proc_stat_cpu_secs(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start at field 3 (state).
     let rest = stat.get(stat.rfind(')')? + 2..)?;

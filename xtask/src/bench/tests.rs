@@ -46,6 +46,9 @@ fn reads_a_process_cpu_time() {
     let after = process_cpu_secs(std::process::id()).expect("own /proc stat");
     assert!(after - before >= 0.03, "a 60 ms busy loop shows as CPU time: {before} -> {after}");
     assert_eq!(process_cpu_secs(u32::MAX), None);
+    // The nanosecond clock and /proc's 10 ms ticks tell the same time.
+    let (clock, stat) = (process_clock_secs(std::process::id()).unwrap(), proc_stat_cpu_secs(std::process::id()).unwrap());
+    assert!((clock - stat).abs() < 0.05, "clock {clock} s, /proc stat {stat} s");
 }
 
 #[test]
