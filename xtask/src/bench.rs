@@ -365,6 +365,7 @@ fn show_logs(work: &WorkDir) {
         .unwrap_or_default();
     logs.sort();
     logs.push(work.join("pg/postgres.log"));
+    logs.push(work.join("pg-pgaudit/postgres.log"));
     for p in logs.iter().filter(|p| p.is_file()) {
         eprintln!("--- last lines of {}:\n{}", p.display(), procs::tail(p, 10));
     }
