@@ -1,14 +1,17 @@
-//! `cargo xtask bench`: pgward against direct Postgres, PgBouncer (session mode) and a bare
-//! splice proxy, on one throwaway PostgreSQL 15 cluster.
+//! `cargo xtask bench`: pgward against direct Postgres, Postgres with pgaudit, PgBouncer
+//! (session mode) and a bare splice proxy, on throwaway PostgreSQL 15 clusters.
 //!
 //! Sections (all by default; `--quick` leaves out callgrind and micro unless named in `--only`;
 //! pick with `--only main,fsync,memory,ebpf,mask,callgrind,micro`):
 //!
-//! - `main`: the targets A B C D (direct, pgbouncer, splice, pgward) run interleaved — for each
-//!   cycle, for each workload, every target in turn — on pgbench -S in simple, extended and
-//!   prepared modes, TPC-B, single-client latency, connection churn (-C) and a 100k-row ×
-//!   5-column result through psql. Medians over the cycles, with the ratio to direct, then the
-//!   budget (PASS/FAIL per line).
+//! - `main`: the targets A B C D E (direct, direct+pgaudit, pgbouncer, splice, pgward) run
+//!   interleaved — for each cycle, for each workload, every target in turn — on pgbench -S in
+//!   simple, extended and prepared modes, TPC-B, single-client latency, connection churn (-C)
+//!   and a 100k-row × 5-column result through psql. direct+pgaudit is a second cluster with the
+//!   same data and pgaudit logging every statement (bench/pgaudit.rs; skipped, with the reason,
+//!   where pgaudit is not installed). Medians over the cycles, with the ratio to direct and the
+//!   proxies' CPU per statement (PgBouncer's beside pgward's), then the budget (PASS/FAIL per
+//!   line).
 //! - `fsync`: pgward with audit.fsync = always, group, off (and direct) on pgbench -S simple.
 //! - `memory`: pgward's RSS per idle session with N (500) sessions open.
 //! - `ebpf`: what the eBPF redirect costs (bench/ebpf.rs): one pgward with `[intercept]` on a
@@ -40,6 +43,7 @@ mod disk;
 mod ebpf;
 mod idle;
 mod micro;
+mod pgaudit;
 mod procs;
 mod report;
 mod run;
@@ -185,8 +189,6 @@ fn check_interrupted() -> Result<()> {
 
 // ---------------------------------------------------------------------------------- running
 
-// ---------------------------------------------------------------------------------- running
-
 pub fn run(args: &BenchArgs) -> Result<()> {
     if let Some(json_path) = &args.replot {
         return report::replot(json_path);
@@ -248,6 +250,10 @@ fn sections(args: &BenchArgs) -> Vec<Section> {
     }
 }
 
+/// Settings of the bench's PostgreSQL clusters (the main one, and the pgaudit one of the
+/// main section): room for the memory section's idle sessions behind pgward.
+const PG_CONF: [&str; 2] = ["max_connections = 700", "shared_buffers = 256MB"];
+
 /// The binaries the sections run.
 struct Binaries {
     pgward: PathBuf,
@@ -306,14 +312,12 @@ fn run_sections(
         return Ok(());
     }
     step(&format!("starting a throwaway PostgreSQL 15 in {}", work.path.display()));
-    let cluster = Cluster::start(&work.join("pg"), &["max_connections = 700", "shared_buffers = 256MB"])?;
+    let cluster = Cluster::start(&work.join("pg"), &PG_CONF)?;
     run::prepare_data(&cluster, s)?;
     for sec in sections {
         check_interrupted()?;
         match sec {
-            Section::Main => {
-                run::section_main(s, work, &cluster, &bins.pgward, &bins.splice, &mut report.main, &mut report.flush)?
-            }
+            Section::Main => main_section(s, work, &cluster, bins, report)?,
             Section::Fsync => run::section_fsync(s, work, &cluster, &bins.pgward, &mut report.fsync)?,
             Section::Memory => report.memory = Some(run::section_memory(s, work, &cluster, &bins.pgward)?),
             Section::Ebpf => ebpf::section(s, work, &cluster, &bins.pgward, &mut report.ebpf)?,
@@ -334,6 +338,26 @@ fn run_sections(
     Ok(())
 }
 
+/// The main section, with the `direct+pgaudit` target's cluster running beside `cluster` for
+/// its duration (or the reason it is skipped, in the report).
+fn main_section(s: &Settings, work: &WorkDir, cluster: &Cluster, bins: &Binaries, report: &mut Report) -> Result<()> {
+    let audited = match pgaudit::setup(s, work, &PG_CONF) {
+        Ok(a) => Some(a),
+        Err(status) => {
+            step(&format!("main: {}", status.line()));
+            report.pgaudit = Some(status);
+            None
+        }
+    };
+    let target = audited.as_ref().map(pgaudit::Audited::target);
+    let res = run::section_main(s, work, cluster, target.as_ref(), bins, &mut report.main, &mut report.flush);
+    if let Some(a) = audited {
+        report.pgaudit = Some(a.status());
+        // Dropping it stops the cluster.
+    }
+    res
+}
+
 /// After an error: the ends of the logs in the work directory, which goes with them.
 fn show_logs(work: &WorkDir) {
     let mut logs: Vec<PathBuf> = std::fs::read_dir(&work.path)
@@ -341,6 +365,7 @@ fn show_logs(work: &WorkDir) {
         .unwrap_or_default();
     logs.sort();
     logs.push(work.join("pg/postgres.log"));
+    logs.push(work.join("pg-pgaudit/postgres.log"));
     for p in logs.iter().filter(|p| p.is_file()) {
         eprintln!("--- last lines of {}:\n{}", p.display(), procs::tail(p, 10));
     }

@@ -6,8 +6,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use super::run::{Cell, FLUSH_SAMPLES, MASK_WORKLOAD, Table, Workload, median};
-use super::{Section, Settings, callgrind, chart, disk, ebpf, idle, micro};
+use super::run::{Cell, FLUSH_SAMPLES, MASK_WORKLOAD, TPCB_STATEMENTS, Table, Workload, median};
+use super::{Section, Settings, callgrind, chart, disk, ebpf, idle, micro, pgaudit};
 
 #[derive(Default)]
 pub(super) struct Report {
@@ -22,6 +22,8 @@ pub(super) struct Report {
     /// The work directory's flush latency (where pgward's audit log lives), before and after
     /// the main section.
     pub(super) flush: Vec<(&'static str, disk::Flush)>,
+    /// The main section's `direct+pgaudit` target: measured, or why not.
+    pub(super) pgaudit: Option<pgaudit::Status>,
 }
 
 /// One budget line.
@@ -46,6 +48,7 @@ impl Report {
             }
             + self.callgrind.as_ref().map_or(0, callgrind::Report::errors)
             + self.micro.as_ref().map_or(0, |v| v.iter().filter(|r| r.error.is_some()).count())
+            + self.pgaudit.as_ref().map_or(0, pgaudit::Status::errors)
     }
 
     pub(super) fn budget(&self) -> Vec<Check> {
@@ -102,7 +105,9 @@ impl Report {
         if let Some(t) = &self.main {
             let _ = writeln!(o, "\n== main: value (ratio to direct) ==");
             render_table(&mut o, t);
-            render_cpu(&mut o, t);
+            if let Some(p) = &self.pgaudit {
+                let _ = writeln!(o, "{}", p.line());
+            }
             let _ = writeln!(o, "\nworkloads:");
             for w in &t.workloads {
                 let _ = writeln!(o, "  {:<16} {}", w.name(), w.describe(s));
@@ -112,7 +117,6 @@ impl Report {
         if let Some(t) = &self.fsync {
             let _ = writeln!(o, "\n== fsync: pgward audit.fsync policy on pgbench -S simple and single-client latency (ratio to direct) ==");
             render_table(&mut o, t);
-            render_cpu(&mut o, t);
             if let (Some(a), Some(g), Some(f)) = (
                 t.median(Workload::SelectSimple, "fsync=always"),
                 t.median(Workload::SelectSimple, "fsync=group"),
@@ -271,6 +275,7 @@ impl Report {
                 "when": label, "p50_us": f.p50_us, "p90_us": f.p90_us, "samples": f.samples, "direct": f.direct,
             })).collect::<Vec<_>>(),
             "main": self.main.as_ref().map(|t| table_json(t, s)),
+            "pgaudit": self.pgaudit.as_ref().map(pgaudit::Status::json),
             "fsync": self.fsync.as_ref().map(|t| table_json(t, s)),
             "memory": self.memory.as_ref().map(memory_json),
             "mask": self.mask.as_ref().map(|(u, m)| mask_json(u, m)),
@@ -301,6 +306,7 @@ fn table_json(t: &Table, s: &Settings) -> Value {
                     json!({
                         "median": cell.median(),
                         "cpu_us_per_txn": median(&cell.cpu_us),
+                        "cpu_us_per_statement": t.cpu_per_statement(w, name),
                         "cpu_us_per_txn_samples": cell.cpu_us,
                         ratio_key: t.ratio(w, name),
                         "relative_performance": t.relative(w, name),
@@ -314,6 +320,7 @@ fn table_json(t: &Table, s: &Settings) -> Value {
                 "unit": w.unit(),
                 "better": if w.higher_is_better() { "higher" } else { "lower" },
                 "command": w.describe(s),
+                "statements_per_txn": w.statements_per_txn(),
                 "results": results,
             })
         })
@@ -499,7 +506,7 @@ pub(super) fn chart_from_json(v: &Value, path: &Path) -> Result<bool> {
         Some(chart::Panel { title: title.into(), series, groups })
     };
     let panels: Vec<chart::Panel> = [
-        panel("main", "direct vs PgBouncer (session) vs splice proxy vs pgward (audit fsync = group)"),
+        panel("main", "main (pgaudit log = all, PgBouncer session, pgward fsync = group)"),
         panel("fsync", "pgward audit fsync policy (pgbench -S simple; single-client latency)"),
     ]
     .into_iter()
@@ -544,56 +551,103 @@ pub(super) fn missing(name: String) -> Check {
     Check { name, pass: None, detail: "not measured".into() }
 }
 
+/// A section's table: per workload, each target's median (with its ratio to the baseline),
+/// then each proxy's CPU per statement (`<target> cpu`, µs) — PgBouncer's first, pgward's
+/// beside it — and a legend for those columns.
 pub(super) fn render_table(o: &mut String, t: &Table) {
-    use std::fmt::Write as _;
-    let cw = 22;
-    let _ = write!(o, "{:<16} {:<5}", "workload", "unit");
-    for name in &t.targets {
-        let _ = write!(o, " {name:>cw$}");
+    let cpu = cpu_columns(t);
+    let mut header = vec!["workload".to_string(), "unit".to_string()];
+    header.extend(t.targets.iter().cloned());
+    if !cpu.is_empty() {
+        header.push("|".into());
+        header.extend(cpu.iter().map(|&i| format!("{} cpu", t.targets[i])));
     }
-    o.push('\n');
+    let mut rows = vec![header];
     for &w in &t.workloads {
-        let _ = write!(o, "{:<16} {:<5}", w.name(), w.unit());
-        for name in &t.targets {
-            let cellstr = match (t.median(w, name), t.ratio(w, name)) {
-                (Some(v), _) if name == t.baseline() => fmt_value(v),
-                (Some(v), Some(r)) => format!("{} ({r:.2}×)", fmt_value(v)),
-                (Some(v), None) => fmt_value(v),
-                (None, _) if t.cell(w, name).is_some_and(|c| !c.errors.is_empty()) => "ERROR".to_string(),
-                (None, _) => "-".to_string(),
-            };
-            let _ = write!(o, " {cellstr:>cw$}");
+        let mut row = vec![w.name().to_string(), w.unit().to_string()];
+        row.extend(t.targets.iter().map(|name| value_cell(t, w, name)));
+        if !cpu.is_empty() {
+            row.push("|".into());
+            row.extend(cpu.iter().map(|&i| t.cpu_per_statement(w, &t.targets[i]).map_or_else(|| "-".to_string(), fmt_value)));
         }
-        o.push('\n');
+        rows.push(row);
+    }
+    o.push_str(&grid(&rows, 2));
+    if !cpu.is_empty() {
+        o.push_str(&cpu_legend(&t.workloads));
     }
 }
 
-/// The proxies' CPU time per transaction (medians), for the targets and workloads that have it.
-pub(super) fn render_cpu(o: &mut String, t: &Table) {
-    use std::fmt::Write as _;
+/// What the `<target> cpu` columns are, with a note for each of `workloads` whose statements
+/// are counted differently.
+pub(super) fn cpu_legend(workloads: &[Workload]) -> String {
+    let mut o = String::from(
+        "<target> cpu: µs of user + system CPU of that proxy's process per SQL statement \
+         (over each run, / (transactions × statements per transaction))\n",
+    );
+    for w in workloads {
+        let note = match w {
+            Workload::Tpcb => format!("{} statements per transaction", TPCB_STATEMENTS),
+            Workload::Churn => "each statement's connection and login included".into(),
+            Workload::Rows => "one psql run (one statement), its login included".into(),
+            _ => continue,
+        };
+        o.push_str(&format!("  {}: {note}\n", w.name()));
+    }
+    o
+}
+
+/// One value cell: the median, with its ratio to the baseline; ERROR or `-` when not measured.
+fn value_cell(t: &Table, w: Workload, name: &str) -> String {
+    match (t.median(w, name), t.ratio(w, name)) {
+        (Some(v), _) if name == t.baseline() => fmt_value(v),
+        (Some(v), Some(r)) => format!("{} ({r:.2}×)", fmt_value(v)),
+        (Some(v), None) => fmt_value(v),
+        (None, _) if t.cell(w, name).is_some_and(|c| !c.errors.is_empty()) => "ERROR".to_string(),
+        (None, _) => "-".to_string(),
+    }
+}
+
+/// The targets with CPU samples (the proxies), as indexes into `t.targets`: PgBouncer, then
+/// pgward's, then the others, each group in table order.
+pub(super) fn cpu_columns(t: &Table) -> Vec<usize> {
     let has = |ti: usize| t.cells.iter().any(|(&(_, i), c)| i == ti && !c.cpu_us.is_empty());
-    let cols: Vec<usize> = (0..t.targets.len()).filter(|&i| has(i)).collect();
-    if cols.is_empty() {
-        return;
-    }
-    let cw = 22;
-    let _ = writeln!(o, "proxy CPU per transaction, µs (user+system of the process over each pgbench run / transactions):");
-    let _ = write!(o, "{:<16} {:<5}", "workload", "");
-    for &i in &cols {
-        let _ = write!(o, " {:>cw$}", t.targets[i]);
-    }
-    o.push('\n');
-    for (wi, &w) in t.workloads.iter().enumerate() {
-        let cells: Vec<Option<f64>> = cols.iter().map(|&i| t.cells.get(&(wi, i)).and_then(|c| median(&c.cpu_us))).collect();
-        if cells.iter().all(Option::is_none) {
-            continue;
+    let rank = |name: &str| match name {
+        "pgbouncer" => 0,
+        n if n.starts_with("pgward") => 1,
+        _ => 2,
+    };
+    let mut cols: Vec<usize> = (0..t.targets.len()).filter(|&i| has(i)).collect();
+    cols.sort_by_key(|&i| rank(&t.targets[i]));
+    cols
+}
+
+/// Rows of cells as aligned text: the first `left` columns left-aligned, the others right-
+/// aligned, one space between columns, no trailing spaces.
+pub(super) fn grid(rows: &[Vec<String>], left: usize) -> String {
+    let ncols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..ncols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|x| x.chars().count()).max().unwrap_or(0)).collect();
+    let mut o = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            let pad = " ".repeat(widths[c] - cell.chars().count());
+            if c > 0 {
+                line.push(' ');
+            }
+            if c < left {
+                line.push_str(cell);
+                line.push_str(&pad);
+            } else {
+                line.push_str(&pad);
+                line.push_str(cell);
+            }
         }
-        let _ = write!(o, "{:<16} {:<5}", w.name(), "µs");
-        for c in cells {
-            let _ = write!(o, " {:>cw$}", c.map_or_else(|| "-".to_string(), |v| format!("{v:.1}")));
-        }
+        o.push_str(line.trim_end());
         o.push('\n');
     }
+    o
 }
 
 pub(super) fn fmt_value(v: f64) -> String {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::procs::{self, Pgward, Proc, WorkDir};
-use super::{Settings, check_interrupted, disk, idle, interrupted};
+use super::{Binaries, Settings, check_interrupted, disk, idle, interrupted};
 use crate::pg::{self, Cluster};
 use crate::util::step;
 
@@ -118,6 +118,15 @@ impl Workload {
             _ => "tps",
         }
     }
+    /// SQL statements per transaction (pgbench's) or per run (psql's): what the proxies' CPU
+    /// per transaction is divided by for their CPU per statement. TPC-B is pgbench's built-in
+    /// script: BEGIN, three UPDATEs, a SELECT, an INSERT, END.
+    pub(super) fn statements_per_txn(self) -> u32 {
+        match self {
+            Workload::Tpcb => TPCB_STATEMENTS,
+            _ => 1,
+        }
+    }
     pub(super) fn higher_is_better(self) -> bool {
         !matches!(self, Workload::Latency | Workload::Rows)
     }
@@ -135,12 +144,16 @@ impl Workload {
     }
 }
 
+/// Statements in one transaction of pgbench's built-in TPC-B-like script.
+pub(super) const TPCB_STATEMENTS: u32 = 7;
+
 /// Samples of one (workload, target) cell.
 #[derive(Default, Clone)]
 pub(super) struct Cell {
     pub(super) samples: Vec<f64>,
     pub(super) errors: Vec<String>,
-    /// CPU time of the target's proxy process per transaction (µs), per run.
+    /// CPU time of the target's proxy process per transaction (µs), per run (per psql run for
+    /// the 100k-row result).
     pub(super) cpu_us: Vec<f64>,
 }
 
@@ -150,8 +163,30 @@ impl Cell {
     }
 }
 
-/// User + system CPU time of process `pid` (all its threads), in seconds.
+/// CPU time of process `pid` (all its threads, exited ones included), in seconds: the
+/// kernel's process CPU clock (nanoseconds, so a single 100 ms psql run is measured too), or
+/// where that cannot be read /proc's user + system time (10 ms ticks).
 pub(super) fn process_cpu_secs(pid: u32) -> Option<f64> {
+    process_clock_secs(pid).or_else(|| proc_stat_cpu_secs(pid))
+}
+
+/// The process CPU clock of `pid` (`clock_getcpuclockid`), in seconds.
+pub(super) fn process_clock_secs(pid: u32) -> Option<f64> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: both calls write only to the locals they are given.
+    if unsafe { libc::clock_getcpuclockid(pid, &mut clock) } != 0 {
+        return None;
+    }
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9)
+}
+
+/// User + system CPU time of process `pid` from /proc/<pid>/stat, in seconds.
+pub(super) fn proc_stat_cpu_secs(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start at field 3 (state).
     let rest = stat.get(stat.rfind(')')? + 2..)?;
@@ -205,6 +240,10 @@ impl Table {
     }
     pub(super) fn errors(&self) -> usize {
         self.cells.values().map(|c| c.errors.len()).sum()
+    }
+    /// Median CPU time (µs) of `target`'s proxy process per SQL statement of `w`.
+    pub(super) fn cpu_per_statement(&self, w: Workload, target: &str) -> Option<f64> {
+        median(&self.cell(w, target)?.cpu_us).map(|us| us / f64::from(w.statements_per_txn()))
     }
 }
 
@@ -323,12 +362,14 @@ pub(super) fn run_interleaved(
     Ok(())
 }
 
+/// The main section: every workload on direct, direct+pgaudit (when `audited` runs), PgBouncer,
+/// the splice proxy and pgward, interleaved; the audit disk's flush latency before and after.
 pub(super) fn section_main(
     s: &Settings,
     work: &WorkDir,
     cluster: &Cluster,
-    bin: &Path,
-    splice_bin: &Path,
+    audited: Option<&Target>,
+    bins: &Binaries,
     slot: &mut Option<Table>,
     flush: &mut Vec<(&'static str, disk::Flush)>,
 ) -> Result<()> {
@@ -342,14 +383,15 @@ pub(super) fn section_main(
     probe("before", flush);
     step("main: starting pgbouncer (session mode), the splice proxy and pgward (audit fsync = group)");
     let (mut bouncer, bouncer_port) = procs::start_pgbouncer(work, cluster)?;
-    let (mut splice, splice_port) = procs::start_splice(splice_bin, work, cluster)?;
-    let mut gw = procs::start_pgward(bin, work, "pgward-main", cluster, "group")?;
-    let targets = vec![
-        Target::service("direct", cluster.port),
+    let (mut splice, splice_port) = procs::start_splice(&bins.splice, work, cluster)?;
+    let mut gw = procs::start_pgward(&bins.pgward, work, "pgward-main", cluster, "group")?;
+    let mut targets = vec![Target::service("direct", cluster.port)];
+    targets.extend(audited.cloned());
+    targets.extend([
         Target::service("pgbouncer", bouncer_port).charged(bouncer.pid()),
         Target::service("splice", splice_port).charged(splice.pid()),
         Target::pgward("pgward", &gw),
-    ];
+    ]);
     step(&format!(
         "main: {} cycle(s) x {} workloads x {} targets, -T {} s",
         s.cycles,
@@ -463,7 +505,8 @@ pub(super) fn measure(w: Workload, t: &Target, s: &Settings) -> Result<(f64, Opt
         Workload::Tpcb => vec!["-M", "simple", "-c", &c, "-j", &j],
         Workload::Latency => vec!["-n", "-S", "-M", "simple", "-c", "1", "-j", "1"],
         Workload::Churn => vec!["-n", "-S", "-C", "-M", "simple", "-c", &c, "-j", &j],
-        Workload::Rows => return rows_once(t).map(|v| (v, None)),
+        // One psql run: one statement (and one login), its CPU charged as one "transaction".
+        Workload::Rows => return rows_once(t).map(|v| (v, Some(1))),
     };
     let r = pgbench(t, s, &extra)?;
     let v = match w {

@@ -46,6 +46,9 @@ fn reads_a_process_cpu_time() {
     let after = process_cpu_secs(std::process::id()).expect("own /proc stat");
     assert!(after - before >= 0.03, "a 60 ms busy loop shows as CPU time: {before} -> {after}");
     assert_eq!(process_cpu_secs(u32::MAX), None);
+    // The nanosecond clock and /proc's 10 ms ticks tell the same time.
+    let (clock, stat) = (process_clock_secs(std::process::id()).unwrap(), proc_stat_cpu_secs(std::process::id()).unwrap());
+    assert!((clock - stat).abs() < 0.05, "clock {clock} s, /proc stat {stat} s");
 }
 
 #[test]
@@ -106,22 +109,171 @@ fn flush_ceiling_is_compared_with_pgbouncer() {
     assert!(o.contains("select-extended     26667 tps (0.67× direct)\n"), "{o}");
 }
 
+/// One filled cell: (workload index, target index), samples, CPU µs per transaction.
+type CellSpec<'a> = ((usize, usize), &'a [f64], &'a [f64]);
+
+/// A table of `workloads` × `targets` with the given cells.
+fn table_of(workloads: &[Workload], targets: &[&str], cells: &[CellSpec]) -> Table {
+    let ts: Vec<Target> = targets.iter().map(|n| Target::service(n, 1)).collect();
+    let mut t = Table::new(workloads, &ts);
+    for (at, samples, cpu) in cells {
+        t.cells.insert(*at, Cell { samples: samples.to_vec(), cpu_us: cpu.to_vec(), ..Cell::default() });
+    }
+    t
+}
+
 #[test]
-fn cpu_table_lists_only_targets_with_cpu_samples() {
-    let targets = [Target::service("direct", 1), Target::service("pgward", 2)];
-    let mut t = Table::new(&[Workload::SelectSimple, Workload::Rows], &targets);
-    t.cells.insert((0, 0), Cell { samples: vec![100.0], ..Cell::default() });
-    t.cells.insert((0, 1), Cell { samples: vec![80.0], cpu_us: vec![31.0, 29.0, 40.0], ..Cell::default() });
-    t.cells.insert((1, 1), Cell { samples: vec![125.0], ..Cell::default() });
+fn statements_per_transaction() {
+    for (w, n) in [
+        (Workload::SelectSimple, 1),
+        (Workload::SelectExtended, 1),
+        (Workload::SelectPrepared, 1),
+        (Workload::Tpcb, 7),
+        (Workload::Latency, 1),
+        (Workload::Churn, 1),
+        (Workload::Rows, 1),
+    ] {
+        assert_eq!(w.statements_per_txn(), n, "{}", w.name());
+    }
+}
+
+#[test]
+fn cpu_per_statement_divides_the_median_per_transaction() {
+    let t = table_of(
+        &[Workload::SelectSimple, Workload::Tpcb, Workload::Rows],
+        &["direct", "pgward"],
+        &[((0, 1), &[1.0], &[31.0, 29.0, 40.0]), ((1, 1), &[1.0], &[700.0, 350.0]), ((2, 1), &[1.0], &[])],
+    );
+    for (w, target, want) in [
+        (Workload::SelectSimple, "pgward", Some(31.0)),
+        (Workload::Tpcb, "pgward", Some(75.0)),
+        (Workload::Rows, "pgward", None),
+        (Workload::SelectSimple, "direct", None),
+        (Workload::SelectSimple, "nobody", None),
+    ] {
+        assert_eq!(t.cpu_per_statement(w, target), want, "{} {target}", w.name());
+    }
+}
+
+#[test]
+fn grid_aligns_columns() {
+    let rows = |r: &[&[&str]]| -> Vec<Vec<String>> { r.iter().map(|x| x.iter().map(|c| c.to_string()).collect()).collect() };
+    for (rows, left, want) in [
+        (rows(&[&["a", "bb", "c"], &["ccc", "d", "ee"]]), 1, "a   bb  c\nccc  d ee\n"),
+        (rows(&[&["a", "bb", "c"], &["ccc", "d", "ee"]]), 2, "a   bb  c\nccc d  ee\n"),
+        // µs and × are one column each; a left column's padding is not left at the line's end.
+        (rows(&[&["µs", "1.00×"], &["tps", "12"]]), 2, "µs  1.00×\ntps 12\n"),
+        (rows(&[&["x", ""], &["yy"]]), 1, "x\nyy\n"),
+        (Vec::new(), 1, ""),
+    ] {
+        assert_eq!(grid(&rows, left), want);
+    }
+}
+
+#[test]
+fn table_shows_cpu_per_statement_pgbouncer_then_pgward() {
+    let targets = ["direct", "direct+pgaudit", "pgbouncer", "splice", "pgward"];
+    let t = table_of(
+        &[Workload::SelectSimple, Workload::Tpcb],
+        &targets,
+        &[
+            ((0, 0), &[40000.0], &[]),
+            ((0, 1), &[30000.0], &[]),
+            ((0, 2), &[20000.0], &[18.5]),
+            ((0, 3), &[22000.0], &[19.6]),
+            ((0, 4), &[10000.0], &[47.1]),
+            ((1, 0), &[3000.0], &[]),
+            ((1, 2), &[2000.0], &[140.0]),
+            ((1, 4), &[1200.0], &[385.0]),
+        ],
+    );
     let mut o = String::new();
-    render_cpu(&mut o, &t);
+    render_table(&mut o, &t);
     let lines: Vec<&str> = o.lines().collect();
-    assert_eq!(lines.len(), 3, "{o}");
-    assert!(lines[1].trim_end().ends_with("pgward") && !lines[1].contains("direct"), "{o}");
-    assert!(lines[2].starts_with("select-simple") && lines[2].trim_end().ends_with("31.0"), "{o}");
-    let mut none = String::new();
-    render_cpu(&mut none, &Table::new(&[Workload::SelectSimple], &targets));
-    assert!(none.is_empty());
+    let words = |l: &str| l.split_whitespace().map(String::from).collect::<Vec<_>>();
+    for (line, want) in [
+        (0, "workload unit direct direct+pgaudit pgbouncer splice pgward | pgbouncer cpu pgward cpu splice cpu"),
+        (1, "select-simple tps 40000 30000 (0.75×) 20000 (0.50×) 22000 (0.55×) 10000 (0.25×) | 18.5 47.1 19.6"),
+        // TPC-B: per statement = per transaction / 7; no splice sample, no pgaudit run.
+        (2, "tpc-b tps 3000 - 2000 (0.67×) - 1200 (0.40×) | 20.0 55.0 -"),
+        (3, "<target> cpu: µs of user + system CPU of that proxy's process per SQL statement (over each run, / (transactions × statements per transaction))"),
+        (4, "tpc-b: 7 statements per transaction"),
+    ] {
+        assert_eq!(words(lines[line]).join(" "), want, "line {line} of:\n{o}");
+    }
+    assert_eq!(lines.len(), 5, "{o}");
+    // Columns line up: each header ends where its values end (in characters: µ and × are one).
+    let end = |l: &str, word: &str| l.find(word).map(|i| l[..i].chars().count() + word.chars().count());
+    assert_eq!(end(lines[0], "pgward cpu"), end(lines[1], "47.1"), "{o}");
+    assert_eq!(end(lines[0], "direct+pgaudit"), end(lines[1], "30000 (0.75×)"), "{o}");
+}
+
+#[test]
+fn table_without_cpu_samples_has_no_cpu_columns() {
+    let t = table_of(&[Workload::Rows], &["direct", "pgward"], &[((0, 0), &[300.0], &[]), ((0, 1), &[320.0], &[])]);
+    let mut o = String::new();
+    render_table(&mut o, &t);
+    assert_eq!(o, "workload  unit direct        pgward\nrows-100k ms    300.0 320.0 (1.07×)\n");
+}
+
+#[test]
+fn cpu_legend_notes_the_workloads_counted_differently() {
+    for (workloads, notes) in [
+        (vec![Workload::SelectSimple, Workload::Latency], vec![]),
+        (vec![Workload::Tpcb], vec!["  tpc-b: 7 statements per transaction"]),
+        (
+            MAIN_WORKLOADS.to_vec(),
+            vec![
+                "  tpc-b: 7 statements per transaction",
+                "  churn: each statement's connection and login included",
+                "  rows-100k: one psql run (one statement), its login included",
+            ],
+        ),
+    ] {
+        let legend = cpu_legend(&workloads);
+        let lines: Vec<&str> = legend.lines().collect();
+        assert!(lines[0].starts_with("<target> cpu: µs of user + system CPU"), "{legend}");
+        assert_eq!(lines[1..], notes[..], "{legend}");
+    }
+}
+
+#[test]
+fn pgaudit_status_in_the_report() {
+    use super::pgaudit::{PACKAGE, Status, fmt_bytes, missing_files};
+    let measured = Status::Measured { version: "1.7".into(), log_bytes: 3 * 1024 * 1024 };
+    let missing = Status::NotInstalled(format!("pgaudit is not installed; install the Debian package {PACKAGE}"));
+    let failed = Status::Failed("setting up pgaudit: boom".into());
+    for (st, errors, json_status, line_has) in [
+        (&measured, 0, "measured", "pgaudit 1.7 (pgaudit.log = 'all', logging_collector = on, clients connect directly); it wrote 3.0 MiB of log"),
+        (&missing, 0, "skipped", "direct+pgaudit: skipped: pgaudit is not installed; install the Debian package postgresql-15-pgaudit"),
+        (&failed, 1, "failed", "direct+pgaudit: skipped after an ERROR: setting up pgaudit: boom"),
+    ] {
+        assert_eq!(st.errors(), errors);
+        assert_eq!(st.json()["status"], json_status);
+        assert!(st.line().contains(line_has), "{}", st.line());
+    }
+    assert_eq!(measured.json()["log_bytes"], 3 * 1024 * 1024);
+    assert_eq!(measured.json()["pgaudit_log"], "all");
+    // A failed setup is a failed measurement of the whole report.
+    let r = Report { pgaudit: Some(Status::Failed("x".into())), ..Report::default() };
+    assert_eq!(r.errors(), 1);
+
+    for (n, want) in [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (5 << 20, "5.0 MiB"), (3 << 30, "3.00 GiB")] {
+        assert_eq!(fmt_bytes(n), want);
+    }
+
+    let dir = std::env::temp_dir().join(format!("pgward-pgaudit-test-{}", std::process::id()));
+    let (lib, share) = (dir.join("lib"), dir.join("share"));
+    std::fs::create_dir_all(share.join("extension")).unwrap();
+    std::fs::create_dir_all(&lib).unwrap();
+    let err = missing_files(&lib, &share).unwrap_err();
+    assert!(err.contains("pgaudit.so") && err.contains(PACKAGE), "{err}");
+    std::fs::write(lib.join("pgaudit.so"), "").unwrap();
+    let err = missing_files(&lib, &share).unwrap_err();
+    assert!(err.contains("extension/pgaudit.control"), "{err}");
+    std::fs::write(share.join("extension/pgaudit.control"), "").unwrap();
+    assert_eq!(missing_files(&lib, &share), Ok(()));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
