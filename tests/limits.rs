@@ -221,3 +221,48 @@ fn a_connection_that_sends_nothing_is_closed_after_startup_timeout() {
     assert!(msgs.iter().all(|m| !m.is_error()), "{}", raw::describe_all(&msgs));
     assert!(pw.stderr_log().contains("startup timed out"), "{}", pw.stderr_log());
 }
+
+/// Prepared statements and portals a session keeps are bounded by
+/// `server.max_session_state_bytes`: closed ones stop counting; the Parse that goes over ends
+/// the session (FATAL 54000, audited), and other sessions go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_a_session_keeps_are_bounded() {
+    const STATE: i64 = 128 * 1024;
+    let c = cluster();
+    let db = c.create_database("limits_state");
+    let pw = Pgward::builder()
+        .set("server.max_message_bytes", 65536)
+        .set("server.max_session_state_bytes", STATE)
+        .start();
+    let token = pw.token("alice", &[], "15m");
+    let login = pw.login("alice", &token, &db);
+    let bystander = login.connect().await.unwrap();
+    let client = login.connect().await.unwrap();
+    // Each text keeps ~10 KiB: twelve fit, fourteen do not.
+    let text = |i: usize| format!("SELECT {i} /* {} */", "x".repeat(10 * 1024));
+
+    // Prepared and closed again (tokio-postgres closes a statement when it is dropped): the
+    // session never keeps more than a few at a time.
+    for i in 0..30 {
+        let st = within("prepare and close", client.prepare(&text(i))).await.unwrap();
+        drop(st);
+        within("a round trip", client.simple_query("SELECT 1")).await.unwrap();
+    }
+
+    // Kept: the one that goes over ends the session.
+    let mut kept = Vec::new();
+    let err = loop {
+        let i = kept.len();
+        assert!(i < 20, "{i} statements of 10 KiB kept with a limit of {STATE} bytes");
+        match within("prepare", client.prepare(&text(i))).await {
+            Ok(st) => kept.push(st),
+            Err(e) => break e,
+        }
+    };
+    assert!((11..=13).contains(&kept.len()), "kept {} statements", kept.len());
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("54000"), "{err}");
+    assert!(client.simple_query("SELECT 1").await.is_err(), "the session is over");
+    within("bystander", bystander.simple_query("SELECT 1")).await.expect("other sessions go on");
+    let recs = pw.wait_audit("the session's end", |r| r.iter().any(|x| rec::kind(x) == "session_end" && x["error"].as_str().is_some_and(|e| e.starts_with("54000"))));
+    assert!(recs.iter().any(|x| rec::kind(x) == "session_end"));
+}

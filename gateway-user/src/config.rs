@@ -73,6 +73,10 @@ pub struct ServerConfig {
     /// buffers; a session waiting for room stops reading (backpressure).
     #[serde(default = "default_buffer_budget_bytes")]
     pub buffer_budget_bytes: usize,
+    /// Bytes one session may keep in named prepared statements and portals (their texts and
+    /// bound values): a Parse, Bind or PREPARE that goes over it ends the session (FATAL 54000).
+    #[serde(default = "default_max_session_state_bytes")]
+    pub max_session_state_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -397,6 +401,10 @@ fn default_max_message_bytes() -> usize {
 fn default_buffer_budget_bytes() -> usize {
     256 << 20
 }
+/// `server.max_session_state_bytes` when not set: one message of the default largest size.
+fn default_max_session_state_bytes() -> usize {
+    64 << 20
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -490,6 +498,9 @@ impl Config {
         }
         if s.buffer_budget_bytes < s.max_message_bytes {
             return Err(bad("server.buffer_budget_bytes must be at least server.max_message_bytes".into()));
+        }
+        if s.max_session_state_bytes < s.max_message_bytes {
+            return Err(bad("server.max_session_state_bytes must be at least server.max_message_bytes".into()));
         }
         if s.startup_timeout.is_zero() {
             return Err(bad("server.startup_timeout must be more than 0".into()));

@@ -46,6 +46,15 @@ pub enum Param {
 }
 
 impl Param {
+    /// Bytes this value keeps in memory (its texts).
+    pub fn retained_bytes(&self) -> usize {
+        match self {
+            Param::Text(t) => t.len(),
+            Param::Raw { hex, .. } => hex.len(),
+            Param::Long { prefix, sha256, .. } => prefix.len() + sha256.len(),
+        }
+    }
+
     /// The parameter a client bound in `format` with the bytes `value` (None: NULL), its
     /// type `oid` as far as pgward knows it (0: unknown).
     pub fn of(format: i16, value: Option<&[u8]>, oid: u32) -> Option<Param> {

@@ -183,6 +183,7 @@ impl Relay {
         let allowed = Self::apply_verdict(&mut rec, &mut p, &verdict);
         if allowed {
             self.note_prepared(&verdict);
+            self.check_retained()?;
         }
         let rule = if allowed { self.durability_rule(self.effect_of(&verdict), false) } else { Rule::HoldReply };
         let frame = if allowed { f } else { self.marker_query() };
@@ -224,6 +225,7 @@ impl Relay {
                 self.tracker.insert_statement(&name, Statement { allowed: Some(prepared), mask });
                 p.replaced = Some(Box::new((name.to_string(), before)));
             }
+            self.check_retained()?;
             batch.forward(f, p);
         } else {
             let mut rec = self.record(Kind::Statement);
@@ -267,6 +269,7 @@ impl Relay {
         };
         let params = b.params.iter().enumerate().map(|(i, (fmt, v))| Param::of(*fmt, *v, stmt.types.get(i))).collect();
         self.tracker.insert_portal(&b.portal, Portal { stmt, params, mask });
+        self.check_retained()?;
         batch.forward(f, Pending::new(Awaited::Bind));
         Ok(())
     }
@@ -364,6 +367,28 @@ impl Relay {
         } else {
             batch.frames.push((f, None));
         }
+    }
+
+    /// The session keeps at most `server.max_session_state_bytes` in prepared statements and
+    /// portals (protocol-level and SQL-level): past it the session ends (FATAL 54000) before
+    /// the message that went over is forwarded.
+    fn check_retained(&self) -> Result<(), End> {
+        let max = self.shared.cfg.server.max_session_state_bytes;
+        let mut kept = self.tracker.retained();
+        if kept <= max && self.sql_prepared.is_empty() {
+            return Ok(());
+        }
+        kept += self.sql_prepared.iter().map(|(n, t)| n.len() + t.as_ref().map_or(0, |t| t.len())).sum::<usize>();
+        if kept <= max {
+            return Ok(());
+        }
+        Err(End::Fatal(
+            sqlstate::PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "pgward: the session keeps {kept} bytes of prepared statements and portals, more than \
+                 server.max_session_state_bytes ({max}); close some (Close, DEALLOCATE)"
+            ),
+        ))
     }
 
     /// Before any statement: the token is unexpired and not revoked, and a grant the session

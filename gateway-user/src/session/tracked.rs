@@ -9,7 +9,7 @@ use super::durability::Effect;
 use crate::audit::Param;
 use crate::mask::relay::{PortalInfo, PreparedInfo, Tag};
 use crate::wire::ParamTypes;
-use crate::wire::tracker::{Await, Awaited, Tracker};
+use crate::wire::tracker::{Await, Awaited, Retained, Tracker};
 
 pub(super) type SessionTracker = Tracker<Statement, Portal, Pending>;
 
@@ -91,5 +91,20 @@ impl Pending {
 impl Await for Pending {
     fn awaited(&self) -> Awaited {
         self.kind
+    }
+}
+
+impl Retained for Statement {
+    /// The allowed text (masking's analysis of the same text is counted with it).
+    fn retained_bytes(&self) -> usize {
+        self.allowed.as_ref().map_or(0, |p| p.sql.len())
+    }
+}
+
+impl Retained for Portal {
+    /// The bound values as kept for the audit record (the statement's text is counted with
+    /// the statement).
+    fn retained_bytes(&self) -> usize {
+        self.params.iter().map(|p| p.as_ref().map_or(0, crate::audit::Param::retained_bytes)).sum()
     }
 }

@@ -44,6 +44,11 @@ pub trait Await {
     fn awaited(&self) -> Awaited;
 }
 
+/// What a kept statement or portal costs in memory beyond its name (its texts and values).
+pub trait Retained {
+    fn retained_bytes(&self) -> usize;
+}
+
 /// Prepared statements (`S`), portals (`P`) and awaited answers (`A`) of one connection.
 #[derive(Debug)]
 pub struct Tracker<S, P, A> {
@@ -52,12 +57,26 @@ pub struct Tracker<S, P, A> {
     pending: VecDeque<A>,
     tx_status: u8,
     unsynced: bool,
+    /// Bytes the statements and portals keep ([`Retained`] plus their names).
+    retained: usize,
 }
 
-impl<S, P, A: Await> Tracker<S, P, A> {
+impl<S: Retained, P: Retained, A: Await> Tracker<S, P, A> {
     /// A connection whose last ReadyForQuery said `tx_status`, with nothing outstanding.
     pub fn new(tx_status: u8) -> Self {
-        Tracker { statements: HashMap::new(), portals: HashMap::new(), pending: VecDeque::new(), tx_status, unsynced: false }
+        Tracker {
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            pending: VecDeque::new(),
+            tx_status,
+            unsynced: false,
+            retained: 0,
+        }
+    }
+
+    /// Bytes the prepared statements and portals keep.
+    pub fn retained(&self) -> usize {
+        self.retained
     }
 
     /// A client message of this tag is forwarded: extended-protocol messages open a run that
@@ -75,11 +94,16 @@ impl<S, P, A: Await> Tracker<S, P, A> {
     }
 
     pub fn insert_statement(&mut self, name: &str, s: S) {
-        self.statements.insert(name.to_string(), s);
+        self.retained += name.len() + s.retained_bytes();
+        if let Some(old) = self.statements.insert(name.to_string(), s) {
+            self.retained -= name.len() + old.retained_bytes();
+        }
     }
 
     pub fn remove_statement(&mut self, name: &str) -> Option<S> {
-        self.statements.remove(name)
+        let old = self.statements.remove(name)?;
+        self.retained -= name.len() + old.retained_bytes();
+        Some(old)
     }
 
     pub fn portal(&self, name: &str) -> Option<&P> {
@@ -87,19 +111,24 @@ impl<S, P, A: Await> Tracker<S, P, A> {
     }
 
     pub fn insert_portal(&mut self, name: &str, p: P) {
-        self.portals.insert(name.to_string(), p);
+        self.retained += name.len() + p.retained_bytes();
+        if let Some(old) = self.portals.insert(name.to_string(), p) {
+            self.retained -= name.len() + old.retained_bytes();
+        }
     }
 
     pub fn remove_portal(&mut self, name: &str) -> Option<P> {
-        self.portals.remove(name)
+        let old = self.portals.remove(name)?;
+        self.retained -= name.len() + old.retained_bytes();
+        Some(old)
     }
 
     /// Close (`kind` 'S' for a statement, 'P' for a portal): the name is gone.
     pub fn close(&mut self, kind: u8, name: &str) {
         if kind == b'S' {
-            self.statements.remove(name);
+            self.remove_statement(name);
         } else {
-            self.portals.remove(name);
+            self.remove_portal(name);
         }
     }
 
@@ -135,8 +164,14 @@ impl<S, P, A: Await> Tracker<S, P, A> {
     }
 
     /// ReadyForQuery with this transaction status ('I' idle, 'T' in a block, 'E' failed).
+    /// Idle: the transaction ended, and Postgres dropped its portals with it.
     pub fn ready_for_query(&mut self, status: u8) {
         self.tx_status = status;
+        if status == b'I' && !self.portals.is_empty() {
+            let gone: usize = self.portals.iter().map(|(n, p)| n.len() + p.retained_bytes()).sum();
+            self.retained -= gone;
+            self.portals.clear();
+        }
     }
 
     pub fn tx_status(&self) -> u8 {
@@ -157,6 +192,19 @@ mod tests {
     impl Await for Awaited {
         fn awaited(&self) -> Awaited {
             *self
+        }
+    }
+
+    impl Retained for () {
+        fn retained_bytes(&self) -> usize {
+            0
+        }
+    }
+
+    /// A test value that keeps as many bytes as it says.
+    impl Retained for u8 {
+        fn retained_bytes(&self) -> usize {
+            usize::from(*self)
         }
     }
 
@@ -192,5 +240,27 @@ mod tests {
         assert_eq!((t.statement("s"), t.portal("s")), (Some(&1), None));
         t.close(b'S', "s");
         assert_eq!(t.statement("s"), None);
+    }
+
+    #[test]
+    fn retained_bytes_follow_inserts_replacements_and_closes() {
+        let mut t: Tracker<u8, u8, Awaited> = Tracker::new(b'I');
+        t.insert_statement("ab", 10);
+        t.insert_portal("", 5);
+        assert_eq!(t.retained(), 2 + 10 + 5);
+        t.insert_statement("ab", 3);
+        assert_eq!(t.retained(), 2 + 3 + 5, "a replaced statement no longer counts");
+        t.close(b'P', "");
+        t.close(b'P', "missing");
+        assert_eq!(t.retained(), 5);
+        assert_eq!(t.remove_statement("ab"), Some(3));
+        assert_eq!(t.retained(), 0);
+        // Portals end with their transaction, statements stay.
+        t.insert_statement("s", 4);
+        t.insert_portal("p", 6);
+        t.ready_for_query(b'T');
+        assert_eq!((t.retained(), t.portal("p")), (1 + 4 + 1 + 6, Some(&6)));
+        t.ready_for_query(b'I');
+        assert_eq!((t.retained(), t.portal("p"), t.statement("s")), (1 + 4, None, Some(&4)));
     }
 }

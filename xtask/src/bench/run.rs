@@ -301,6 +301,15 @@ pub(super) fn warm(t: &Target, s: &Settings) {
     );
 }
 
+/// Write back what the last run left dirty (pgaudit's log, Postgres's WAL and data, pgward's
+/// audit segments) before the next run starts: otherwise the kernel writes it back during
+/// the next target's run, and on a disk with a volatile write cache every fdatasync there
+/// (pgward's audit flush, a commit's WAL flush) waits for those writes too.
+fn settle_disk() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
 /// Run every workload on every target, interleaved: for each cycle, for each workload, each
 /// target in order. Samples go into `slot` as they come, so an interrupted run keeps them.
 pub(super) fn run_interleaved(
@@ -332,6 +341,7 @@ pub(super) fn run_interleaved(
                     let cpu_before = t.pid.and_then(process_cpu_secs);
                     let r = measure(w, t, s);
                     let cpu = cpu_before.zip(t.pid.and_then(process_cpu_secs)).map(|(a, b)| b - a);
+                    settle_disk();
                     check_interrupted()?;
                     let cell = table.cells.entry((wi, ti)).or_default();
                     match r {
