@@ -717,6 +717,7 @@ fn install_session_uninstall_leaves_no_trace() {
     check_doctor_without_gateway(&ns);
     let mut gw = start_pgward(&ns, &tree, &cg);
     check_doctor_with_gateway(&ns);
+    check_doctor_checkpoint_key_mode(&ns, &tree);
     let marker = check_sessions(&ns, &cg, &svc_password);
     check_audit_log(&ns, &tree, &marker);
 
@@ -887,6 +888,7 @@ fn check_doctor_without_gateway(ns: &Ns) {
     assert_check(&checks, "postgres loopback", "pass", &table);
     assert_check(&checks, "audit directory", "pass", &table);
     assert_check(&checks, "token keys", "pass", &table);
+    assert_check(&checks, "checkpoint key", "pass", &table);
     assert_check(&checks, "socket lockdown", "warn", &table); // the clients' path is not served yet
 
 }
@@ -905,6 +907,7 @@ fn check_doctor_with_gateway(ns: &Ns) {
         "postgres loopback",
         "audit directory",
         "token keys",
+        "checkpoint key",
         "tls certificate",
     ] {
         assert_check(&checks, c, "pass", &table);
@@ -914,6 +917,20 @@ fn check_doctor_with_gateway(ns: &Ns) {
     assert!(checks["capabilities"].1.contains("CAP_BPF CAP_NET_ADMIN CAP_PERFMON"), "{table}");
     assert!(!checks["capabilities"].1.contains("CAP_SYS_ADMIN"), "{table}");
 
+}
+
+/// doctor fails a checkpoint key others can read, naming the fix; passes again once fixed.
+fn check_doctor_checkpoint_key_mode(ns: &Ns, tree: &Tree) {
+    use std::os::unix::fs::PermissionsExt;
+    let key = tree.p("/etc/pgward/keys/checkpoint-key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o440)).unwrap();
+    let (code, checks, table) = doctor(ns);
+    assert_eq!(code, Some(1), "{table}");
+    assert_check(&checks, "checkpoint key", "fail", &table);
+    assert!(table.contains("chmod 0400"), "{table}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let (_, checks, table) = doctor(ns);
+    assert_check(&checks, "checkpoint key", "pass", &table);
 }
 
 /// Sessions through pgward by TCP to :5432 from the intercepted cgroup and by the default

@@ -1,4 +1,5 @@
-//! The token keys (sign, then verify against the JWKS) and the TLS certificate.
+//! The token keys (sign, then verify against the JWKS), the checkpoint key (only its owner
+//! reads it; its signatures verify against the checkpoint JWKS) and the TLS certificate.
 
 use std::os::unix::fs::MetadataExt;
 
@@ -75,6 +76,54 @@ pub(super) fn token_keys(cx: &Ctx) -> Check {
         format!("kid {} signs; a token issued with it verifies against the JWKS", cfg.auth.signing_kid),
         None,
     )
+}
+
+pub(super) fn checkpoint_key(cx: &Ctx) -> Check {
+    let name = "checkpoint key";
+    let cfg = &cx.cfg;
+    let signer = match crate::audit::CheckpointSigner::from_config(cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            return check(
+                name,
+                Outcome::Fail,
+                e.to_string(),
+                Some("run `pgward init` (or `pgward install`) to write keys/checkpoint-key.pem and its JWKS".into()),
+            );
+        }
+    };
+    if let Some(path) = cfg.audit.checkpoint_key.as_ref().map(|p| cfg.resolve(p))
+        && let Ok(m) = std::fs::metadata(&path)
+        && m.mode() & 0o077 != 0
+    {
+        return check(
+            name,
+            Outcome::Fail,
+            format!("{} is readable or writable by others than its owner (mode {:04o})", path.display(), m.mode() & 0o7777),
+            Some(format!("chmod 0400 {} (owner: the service user, which signs checkpoints)", path.display())),
+        );
+    }
+    let Some(jwks) = cfg.audit.checkpoint_jwks.as_ref().map(|p| cfg.resolve(p)) else {
+        return check(
+            name,
+            Outcome::Fail,
+            "audit.checkpoint_jwks is not set",
+            Some("point it at the key's public JWKS (pgward init writes keys/checkpoint-jwks.json)".into()),
+        );
+    };
+    let keys = match crate::audit::verify::load_jwks_ed25519(&jwks) {
+        Ok(k) => k,
+        Err(e) => return check(name, Outcome::Fail, format!("checkpoint JWKS {}: {e}", jwks.display()), None),
+    };
+    if keys.get(signer.kid()) != Some(&signer.verifying_key()) {
+        return check(
+            name,
+            Outcome::Fail,
+            format!("{} does not publish the checkpoint key (kid {}): `audit verify` would refuse its checkpoints", jwks.display(), signer.kid()),
+            Some("put the checkpoint key's public half into audit.checkpoint_jwks".into()),
+        );
+    }
+    check(name, Outcome::Pass, format!("kid {} signs checkpoints; its JWKS publishes it", signer.kid()), None)
 }
 
 pub(super) fn tls(cx: &Ctx) -> Check {

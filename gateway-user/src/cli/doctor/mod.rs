@@ -127,6 +127,7 @@ fn diagnose(args: &DoctorArgs) -> Report {
     checks.push(audit::audit_dir(&cx));
     checks.push(clock::clock(&cx));
     checks.push(keys::token_keys(&cx));
+    checks.push(keys::checkpoint_key(&cx));
     checks.push(keys::tls(&cx));
     Report { config: args.config.clone(), serve_pid, checks }
 }
