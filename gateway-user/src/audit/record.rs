@@ -125,7 +125,7 @@ pub struct Record {
     /// "write-ahead" (before the statement reached the server) or "hold-reply" (while the
     /// server ran it, with every reply held until then; see docs/audit-log.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub durability: Option<String>,
+    pub durability: Option<std::borrow::Cow<'static, str>>,
     /// result: seq of the statement record this result belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub statement_seq: Option<u64>,
@@ -215,7 +215,9 @@ impl Record {
         w.opt_str("protocol", &self.protocol);
         w.opt_str("decision", &self.decision);
         w.opt_str("rule", &self.rule);
-        w.opt_str("durability", &self.durability);
+        if let Some(d) = &self.durability {
+            w.str("durability", d);
+        }
         w.opt_u64("statement_seq", self.statement_seq);
         w.opt_str("tag", &self.tag);
         w.opt_u64("rows", self.rows);
@@ -493,7 +495,7 @@ mod tests {
             protocol: Some("extended".into()),
             decision: Some("allow".into()),
             rule: Some(s.into()),
-            durability: Some(s.into()),
+            durability: Some(s.to_string().into()),
             statement_seq: Some(0),
             tag: Some("SELECT 1".into()),
             rows: Some(1),

@@ -112,7 +112,9 @@ impl Relay {
             // Replaced by a marker that fails: nothing runs.
             return Effect::Read;
         }
-        let cat = self.shared.policy.function_catalog(&self.database);
+        // The catalog is looked up only for statements that call functions.
+        let calls = v.statements.iter().any(|s| !s.info.functions.is_empty());
+        let cat = if calls { self.shared.policy.function_catalog(&self.database) } else { None };
         durability::combined(v.statements.iter().map(|s| durability::statement_effect(&s.info, cat.as_deref())))
     }
 

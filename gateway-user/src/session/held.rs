@@ -55,7 +55,7 @@ impl Batch {
             self.gate_here();
         }
         let applied = if self.gate.is_some() { Rule::WriteAhead } else { rule };
-        rec.durability = Some(applied.as_str().to_string());
+        rec.durability = Some(applied.as_str().into());
         self.records.push(rec);
         p.rec_idx = self.records.len() - 1;
         self.frames.push((frame, Some(self.pendings.len())));
