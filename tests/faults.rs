@@ -39,7 +39,9 @@ use std::time::{Duration, Instant};
 use common::gateway::rec;
 use common::raw::{self, Msg, RawConn, fe};
 use common::tmpfs::SmallFs;
-use common::{Login, Pgward, cluster, free_port, jwt, marker, rand_hex, restartable_cluster, wait_for, within};
+use common::{
+    Login, Pgward, cluster, free_port, jwt, marker, rand_hex, restartable_cluster, wait_for, within,
+};
 use serde_json::Value;
 
 const KIB: u64 = 1024;
@@ -63,10 +65,18 @@ fn recv_until_ready_or_eof(conn: &mut RawConn) -> (Vec<Msg>, bool) {
                     return (out, false);
                 }
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
                 return (out, true);
             }
-            Err(e) => panic!("reading from pgward: {e}; so far:\n{}", raw::describe_all(&out)),
+            Err(e) => panic!(
+                "reading from pgward: {e}; so far:\n{}",
+                raw::describe_all(&out)
+            ),
         }
     }
 }
@@ -74,14 +84,21 @@ fn recv_until_ready_or_eof(conn: &mut RawConn) -> (Vec<Msg>, bool) {
 /// Severity and SQLSTATE of an ErrorResponse.
 fn severity_and_code(m: &Msg) -> (String, String) {
     let f = m.fields();
-    (f.get(&'S').cloned().unwrap_or_default(), f.get(&'C').cloned().unwrap_or_default())
+    (
+        f.get(&'S').cloned().unwrap_or_default(),
+        f.get(&'C').cloned().unwrap_or_default(),
+    )
 }
 
 /// A sample of pgward's OpenMetrics page on `port` (`name` with its labels); 0 when absent.
 fn metric(port: u16, name: &str) -> f64 {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     text.lines()
@@ -93,8 +110,14 @@ fn metric(port: u16, name: &str) -> f64 {
 /// 58030.
 #[track_caller]
 fn assert_refused(e: &tokio_postgres::Error) {
-    let db = e.as_db_error().unwrap_or_else(|| panic!("not an error from the server: {e}"));
-    assert_eq!((db.severity(), db.code().code()), ("ERROR", AUDIT_UNAVAILABLE), "{db:?}");
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not an error from the server: {e}"));
+    assert_eq!(
+        (db.severity(), db.code().code()),
+        ("ERROR", AUDIT_UNAVAILABLE),
+        "{db:?}"
+    );
 }
 
 /// The row count of `table` in `db`, read as superuser.
@@ -155,11 +178,18 @@ async fn audit_log_on_a_full_disk(direct_io: bool) {
     let extended = login.connect().await.unwrap();
     let mut filling = login.raw().expect("login");
     let control = marker("diskfull-control");
-    within("control", writer.simple_query(&format!("INSERT INTO t VALUES ('{control}')"))).await.unwrap();
+    within(
+        "control",
+        writer.simple_query(&format!("INSERT INTO t VALUES ('{control}')")),
+    )
+    .await
+    .unwrap();
     assert_eq!(count_rows(c, &db, "t"), "1");
     // Its result record too is written before the disk fills.
     pw.wait_audit("the control statement's records", |r| {
-        rec::statements_with(r, &control).first().is_some_and(|s| rec::result_for(r, s).is_some())
+        rec::statements_with(r, &control)
+            .first()
+            .is_some_and(|s| rec::result_for(r, s).is_some())
     });
 
     let free_before = fs.free_bytes();
@@ -181,29 +211,58 @@ async fn audit_log_on_a_full_disk(direct_io: bool) {
         "the read whose record the full disk refused: {}",
         raw::describe_all(&msgs)
     );
-    assert!(raw::rows(&msgs).is_empty(), "rows of an unrecorded read reached the client: {}", raw::describe_all(&msgs));
+    assert!(
+        raw::rows(&msgs).is_empty(),
+        "rows of an unrecorded read reached the client: {}",
+        raw::describe_all(&msgs)
+    );
 
     let refused = refused_while_full(&login, &writer, &reader, &extended).await;
-    assert!(pw.is_running(), "pgward exited when the disk filled up:\n{}", pw.stderr_log());
+    assert!(
+        pw.is_running(),
+        "pgward exited when the disk filled up:\n{}",
+        pw.stderr_log()
+    );
     let log = c.log_after_barrier();
     for m in &refused {
-        assert!(!log.contains(m.as_str()), "{m} reached Postgres although it could not be audited");
+        assert!(
+            !log.contains(m.as_str()),
+            "{m} reached Postgres although it could not be audited"
+        );
     }
-    assert_eq!(count_rows(c, &db, "t"), "1", "rows of statements that could not be audited were committed");
+    assert_eq!(
+        count_rows(c, &db, "t"),
+        "1",
+        "rows of statements that could not be audited were committed"
+    );
 
     // Room again: a fresh session works, and so do the sessions that were refused.
     std::fs::remove_file(&filler).unwrap();
     assert!(fs.free_bytes() > 0);
-    let fresh = login.connect().await.expect("a new session once the disk has room");
+    let fresh = login
+        .connect()
+        .await
+        .expect("a new session once the disk has room");
     let after = marker("diskfull-after");
-    within("insert after", fresh.simple_query(&format!("INSERT INTO t VALUES ('{after}')")))
-        .await
-        .expect("statements work again once the disk has room");
-    let back = within("read after", reader.query_one("SELECT count(*) FROM t WHERE v = $1", &[&after]))
-        .await
-        .expect("a refused session works again");
+    within(
+        "insert after",
+        fresh.simple_query(&format!("INSERT INTO t VALUES ('{after}')")),
+    )
+    .await
+    .expect("statements work again once the disk has room");
+    let back = within(
+        "read after",
+        reader.query_one("SELECT count(*) FROM t WHERE v = $1", &[&after]),
+    )
+    .await
+    .expect("a refused session works again");
     assert_eq!(back.get::<_, i64>(0), 1);
-    within("write after", writer.simple_query("INSERT INTO t VALUES ('writer-after')")).await.expect("the refused writer works again");
+    within(
+        "write after",
+        writer.simple_query("INSERT INTO t VALUES ('writer-after')"),
+    )
+    .await
+    .expect("the refused writer works again");
     assert_eq!(count_rows(c, &db, "t"), "3");
     let (code, out) = pw.audit_verify();
     assert_eq!(code, 0, "audit verify after the disk was full: {out}");
@@ -220,7 +279,10 @@ fn fill_the_segment(pw: &Pgward, conn: &mut RawConn) -> Vec<Msg> {
     let tag = marker("diskfull-fill");
     let dir = pw.audit_dir();
     let (mut len, alloc) = live_segment(&dir);
-    assert_eq!(alloc, FULL_SEGMENT_BYTES, "the live segment is preallocated to audit.segment_bytes");
+    assert_eq!(
+        alloc, FULL_SEGMENT_BYTES,
+        "the live segment is preallocated to audit.segment_bytes"
+    );
     // What a read's records take besides its padding (measured).
     let mut overhead: Option<u64> = None;
     for i in 0..MAX_FILL_STATEMENTS {
@@ -230,11 +292,14 @@ fn fill_the_segment(pw: &Pgward, conn: &mut RawConn) -> Vec<Msg> {
             None => FILL_PAD as u64,
             Some(o) if room >= FILL_PAD as u64 + 2 * o + 2 * KIB => FILL_PAD as u64,
             // The landing read: leaves about LEFTOVER_AIM bytes.
-            Some(o) => room.checked_sub(o + LEFTOVER_AIM).expect("room for the landing read"),
+            Some(o) => room
+                .checked_sub(o + LEFTOVER_AIM)
+                .expect("room for the landing read"),
         };
         let m = format!("{tag}-{i:04}");
         let pad = "x".repeat(usize::try_from(pad).unwrap());
-        conn.send(&fe::query(&format!("SELECT '{m}', '{pad}'"))).unwrap();
+        conn.send(&fe::query(&format!("SELECT '{m}', '{pad}'")))
+            .unwrap();
         let (msgs, _) = recv_until_ready_or_eof(conn);
         assert_eq!(
             raw::rows(&msgs),
@@ -244,19 +309,39 @@ fn fill_the_segment(pw: &Pgward, conn: &mut RawConn) -> Vec<Msg> {
         );
         let quoted = format!("'{m}'");
         pw.wait_audit(&format!("the records of {m}"), |r| {
-            rec::statements_with(r, &quoted).first().is_some_and(|s| rec::result_for(r, s).is_some())
+            rec::statements_with(r, &quoted)
+                .first()
+                .is_some_and(|s| rec::result_for(r, s).is_some())
         });
         let (now, _) = live_segment(&dir);
         overhead = Some(now - len - pad.len() as u64);
         len = now;
     }
     let room = alloc - len;
-    assert!(room < LEFTOVER_MAX, "the segment was not filled to within {LEFTOVER_MAX} bytes: {room} left");
+    eprintln!(
+        "disk full: segment filled to {len} of {alloc} bytes ({overhead:?} bytes of records per read besides its padding)"
+    );
+    assert!(
+        room < LEFTOVER_MAX,
+        "the segment was not filled to within {LEFTOVER_MAX} bytes: {room} left"
+    );
     let m = format!("{tag}-last");
-    conn.send(&fe::query(&format!("SELECT '{m}', '{}'", "y".repeat(KIB as usize)))).unwrap();
+    conn.send(&fe::query(&format!(
+        "SELECT '{m}', '{}'",
+        "y".repeat(KIB as usize)
+    )))
+    .unwrap();
     let (msgs, ended) = recv_until_ready_or_eof(conn);
-    assert!(raw::first_error(&msgs).is_some(), "a read was answered with {room} bytes of room: {}", raw::describe_all(&msgs));
-    assert!(ended, "the session goes on after a read whose record was refused: {}", raw::describe_all(&msgs));
+    assert!(
+        raw::first_error(&msgs).is_some(),
+        "a read was answered with {room} bytes of room: {}",
+        raw::describe_all(&msgs)
+    );
+    assert!(
+        ended,
+        "the session goes on after a read whose record was refused: {}",
+        raw::describe_all(&msgs)
+    );
     msgs
 }
 
@@ -264,7 +349,11 @@ fn fill_the_segment(pw: &Pgward, conn: &mut RawConn) -> Vec<Msg> {
 fn live_segment(dir: &Path) -> (u64, u64) {
     let seg = common::files_under(dir)
         .into_iter()
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("audit-") && n.ends_with(".jsonl")))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("audit-") && n.ends_with(".jsonl"))
+        })
         .max()
         .unwrap_or_else(|| panic!("no audit segment in {}", dir.display()));
     let bytes = std::fs::read(&seg).unwrap_or_else(|e| panic!("{}: {e}", seg.display()));
@@ -284,30 +373,53 @@ async fn refused_while_full(
     let mut refused = Vec::new();
     for round in 0..2 {
         let m_write = marker(&format!("diskfull-write{round}"));
-        let e = within("write while full", writer.simple_query(&format!("INSERT INTO t VALUES ('{m_write}')")))
-            .await
-            .expect_err("a write was answered although it could not be audited");
+        let e = within(
+            "write while full",
+            writer.simple_query(&format!("INSERT INTO t VALUES ('{m_write}')")),
+        )
+        .await
+        .expect_err("a write was answered although it could not be audited");
         assert_refused(&e);
         let m_read = marker(&format!("diskfull-read{round}"));
-        let e = within("read while full", reader.simple_query(&format!("SELECT '{m_read}'")))
-            .await
-            .expect_err("a read was answered although it could not be audited");
+        let e = within(
+            "read while full",
+            reader.simple_query(&format!("SELECT '{m_read}'")),
+        )
+        .await
+        .expect_err("a read was answered although it could not be audited");
         assert_refused(&e);
         let m_ext = marker(&format!("diskfull-extended{round}"));
-        let e = within("extended while full", extended.query(&format!("SELECT $1::text || '{m_ext}'"), &[&"x"]))
-            .await
-            .expect_err("an extended query was answered although it could not be audited");
+        let e = within(
+            "extended while full",
+            extended.query(&format!("SELECT $1::text || '{m_ext}'"), &[&"x"]),
+        )
+        .await
+        .expect_err("an extended query was answered although it could not be audited");
         assert_refused(&e);
         refused.extend([m_write, m_read, m_ext]);
     }
-    for (what, client) in [("writer", writer), ("reader", reader), ("extended", extended)] {
-        assert!(!client.is_closed(), "the {what} session was closed by a refusal (ERROR, not FATAL)");
+    for (what, client) in [
+        ("writer", writer),
+        ("reader", reader),
+        ("extended", extended),
+    ] {
+        assert!(
+            !client.is_closed(),
+            "the {what} session was closed by a refusal (ERROR, not FATAL)"
+        );
     }
     // A session opened now gets no statement through either (its login cannot be recorded).
     let m_new = marker("diskfull-new-session");
     if let Ok(client) = login.connect().await {
-        let r = within("new session while full", client.simple_query(&format!("SELECT '{m_new}'"))).await;
-        assert!(r.is_err(), "a session opened while the disk was full ran a statement: {r:?}");
+        let r = within(
+            "new session while full",
+            client.simple_query(&format!("SELECT '{m_new}'")),
+        )
+        .await;
+        assert!(
+            r.is_err(),
+            "a session opened while the disk was full ran a statement: {r:?}"
+        );
     }
     refused.push(m_new);
     refused
@@ -337,12 +449,24 @@ async fn an_upstream_restart_ends_open_sessions_and_new_ones_work() {
     c.restart_fast();
 
     // Each open session is told and closed: no hang.
-    for (name, mut conn) in ["idle", "in a transaction", "running a statement"].into_iter().zip(open) {
+    for (name, mut conn) in ["idle", "in a transaction", "running a statement"]
+        .into_iter()
+        .zip(open)
+    {
         let msgs = conn
             .read_until_eof(Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("the session {name} was not closed after the restart: {e}"));
-        let errors: Vec<(String, String)> = msgs.iter().filter(|m| m.is_error()).map(severity_and_code).collect();
-        assert!(!errors.is_empty(), "the session {name} was closed without an error: {}", raw::describe_all(&msgs));
+        let errors: Vec<(String, String)> = msgs
+            .iter()
+            .filter(|m| m.is_error())
+            .map(severity_and_code)
+            .collect();
+        eprintln!("upstream restart: the session {name} got {errors:?}");
+        assert!(
+            !errors.is_empty(),
+            "the session {name} was closed without an error: {}",
+            raw::describe_all(&msgs)
+        );
         for (sev, code) in &errors {
             assert!(
                 sev == "FATAL" && ["57P01", "08006"].contains(&code.as_str()),
@@ -351,23 +475,51 @@ async fn an_upstream_restart_ends_open_sessions_and_new_ones_work() {
             );
         }
     }
-    assert!(pw.is_running() && !pw.log_has_panic(), "pgward did not survive the restart:\n{}", pw.stderr_log());
+    assert!(
+        pw.is_running() && !pw.log_has_panic(),
+        "pgward did not survive the restart:\n{}",
+        pw.stderr_log()
+    );
 
     // New sessions, one after another, each working at its first statement: the pool hands
     // out no connection that died idle.
     for i in 0..=POOLED {
-        let mut s = login.raw().unwrap_or_else(|e| panic!("login {i} after the restart: {e:?}"));
+        let mut s = login
+            .raw()
+            .unwrap_or_else(|e| panic!("login {i} after the restart: {e:?}"));
         let m = marker("restart-new");
         let msgs = s.simple_query(&format!("SELECT '{m}'")).unwrap();
-        assert_eq!(raw::rows(&msgs), vec![vec![Some(m)]], "session {i} after the restart: {}", raw::describe_all(&msgs));
+        assert_eq!(
+            raw::rows(&msgs),
+            vec![vec![Some(m)]],
+            "session {i} after the restart: {}",
+            raw::describe_all(&msgs)
+        );
         s.terminate().unwrap();
     }
-    let dead = metric(metrics_port, "pgward_upstream_pool_discards_total{reason=\"dead\"}")
-        + metric(metrics_port, "pgward_upstream_pool_discards_total{reason=\"setup_failed\"}");
-    assert_eq!(dead, POOLED as f64, "every pooled connection the restart killed is discarded");
+    let dead = metric(
+        metrics_port,
+        "pgward_upstream_pool_discards_total{reason=\"dead\"}",
+    ) + metric(
+        metrics_port,
+        "pgward_upstream_pool_discards_total{reason=\"setup_failed\"}",
+    );
+    assert_eq!(
+        dead, POOLED as f64,
+        "every pooled connection the restart killed is discarded"
+    );
     let client = login.connect().await.unwrap();
-    within("insert after the restart", client.simple_query("INSERT INTO r VALUES ('after')")).await.unwrap();
-    assert_eq!(c.sql(&db, "SELECT string_agg(v, ',') FROM r"), "after", "the transaction open at the restart was rolled back");
+    within(
+        "insert after the restart",
+        client.simple_query("INSERT INTO r VALUES ('after')"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        c.sql(&db, "SELECT string_agg(v, ',') FROM r"),
+        "after",
+        "the transaction open at the restart was rolled back"
+    );
 
     // Each session's end is recorded, and the log verifies.
     let sessions: Vec<String> = {
@@ -380,7 +532,9 @@ async fn an_upstream_restart_ends_open_sessions_and_new_ones_work() {
             })
             .collect()
     };
-    pw.wait_audit("the end of every session open at the restart", |r| sessions.iter().all(|s| rec::has_session_end(r, s)));
+    pw.wait_audit("the end of every session open at the restart", |r| {
+        sessions.iter().all(|s| rec::has_session_end(r, s))
+    });
     let (code, out) = pw.audit_verify();
     assert_eq!(code, 0, "audit verify after the upstream restart: {out}");
 }
@@ -390,15 +544,27 @@ async fn an_upstream_restart_ends_open_sessions_and_new_ones_work() {
 /// connections.
 fn sessions_open_across_the_restart(pw: &Pgward, db: &str) -> (Vec<String>, Vec<RawConn>) {
     let tokens: Vec<String> = (0..3).map(|_| pw.token("alice", &[], "15m")).collect();
-    let mut open: Vec<RawConn> = tokens.iter().map(|t| pw.login("alice", t, db).raw().expect("login")).collect();
+    let mut open: Vec<RawConn> = tokens
+        .iter()
+        .map(|t| pw.login("alice", t, db).raw().expect("login"))
+        .collect();
     open[0].simple_query("SELECT 1").unwrap();
     let m_tx = marker("restart-tx");
-    for sql in ["BEGIN".to_string(), format!("INSERT INTO r VALUES ('{m_tx}')")] {
+    for sql in [
+        "BEGIN".to_string(),
+        format!("INSERT INTO r VALUES ('{m_tx}')"),
+    ] {
         let msgs = open[1].simple_query(&sql).unwrap();
-        assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+        assert!(
+            raw::first_error(&msgs).is_none(),
+            "{}",
+            raw::describe_all(&msgs)
+        );
     }
     let m_busy = marker("restart-busy");
-    open[2].send(&fe::query(&format!("SELECT pg_sleep(60), '{m_busy}'"))).unwrap();
+    open[2]
+        .send(&fe::query(&format!("SELECT pg_sleep(60), '{m_busy}'")))
+        .unwrap();
     pw.cluster.wait_active_query(&m_busy);
     (tokens, open)
 }
@@ -413,9 +579,11 @@ fn fill_the_pool(login: &Login, metrics_port: u16) {
     for p in pooled {
         p.terminate().unwrap();
     }
-    wait_for("the pool to hold the clean sessions' connections", Duration::from_secs(20), || {
-        (metric(metrics_port, "pgward_upstream_pool_idle") == POOLED as f64).then_some(())
-    });
+    wait_for(
+        "the pool to hold the clean sessions' connections",
+        Duration::from_secs(20),
+        || (metric(metrics_port, "pgward_upstream_pool_idle") == POOLED as f64).then_some(()),
+    );
 }
 
 // ---- slow client ------------------------------------------------------------------------
@@ -426,6 +594,8 @@ const SLOW_ROWS: usize = 25_000;
 const SLOW_ROW_BYTES: usize = 4000;
 /// The slow client reads one row (about 4 KB), then pauses this long.
 const SLOW_PAUSE: Duration = Duration::from_millis(50);
+/// Rows the slow client reads, slowly, between the two looks at the server.
+const SLOW_MORE_ROWS: usize = 40;
 /// What pgward's peak resident memory may grow by while relaying the result: a session's
 /// buffers in flight (about 1.5 MiB) and a margin. Holding the result would be 100 MB.
 const SLOW_GROWTH_BOUND_KIB: u64 = 8 * 1024;
@@ -440,14 +610,18 @@ fn a_slow_client_holds_back_the_server_not_pgward_memory() {
     let mut bystander = login.raw().expect("bystander login");
     let mut slow = login.raw().expect("login");
     // Warm-up: a large result read at full speed, so the baseline holds what relaying one costs.
-    let warm = slow.simple_query("SELECT repeat('w', 4000) FROM generate_series(1, 2000)").unwrap();
+    let warm = slow
+        .simple_query("SELECT repeat('w', 4000) FROM generate_series(1, 2000)")
+        .unwrap();
     assert_eq!(raw::rows(&warm).len(), 2000);
     slow.received.clear();
     bystander.simple_query("SELECT 1").unwrap();
     let before = pw.memory_kib("VmHWM");
 
     let m = marker("slow-client");
-    let sql = format!("SELECT g, '{m}', repeat('x', {SLOW_ROW_BYTES}) FROM generate_series(1, {SLOW_ROWS}) g");
+    let sql = format!(
+        "SELECT g, '{m}', repeat('x', {SLOW_ROW_BYTES}) FROM generate_series(1, {SLOW_ROWS}) g"
+    );
     slow.send(&fe::query(&sql)).unwrap();
     let fast = AtomicBool::new(false);
     let rows_read = AtomicUsize::new(0);
@@ -456,28 +630,43 @@ fn a_slow_client_holds_back_the_server_not_pgward_memory() {
         // Should the checks below fail, the reader finishes at full speed (the scope waits
         // for it).
         let _speed_up = SpeedUp(&fast);
-        // Postgres waits to write: the client's slowness reached the server.
-        wait_for("the server to wait writing the result (ClientWrite)", Duration::from_secs(30), || {
-            let n = c.sql(
-                "postgres",
-                &format!(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'ClientWrite' \
-                     AND position('{m}' in query) > 0 AND pid <> pg_backend_pid()"
-                ),
-            );
-            (n == "1").then_some(())
-        });
+        // Postgres waits to write: the client's slowness reached the server. It still does
+        // once the client has read a few more rows slowly: pgward did not take the result off
+        // the server meanwhile (it would have had the time to take all of it).
+        wait_client_write(c, &m);
+        let first = rows_read.load(Ordering::Relaxed);
+        wait_for(
+            "the slow client to read some more rows",
+            Duration::from_secs(60),
+            || (rows_read.load(Ordering::Relaxed) >= first + SLOW_MORE_ROWS).then_some(()),
+        );
+        wait_client_write(c, &m);
         let held_kib = pw.memory_kib("VmHWM").saturating_sub(before);
         // Another session is answered meanwhile, in either protocol.
         let b = marker("slow-bystander");
         let msgs = bystander.simple_query(&format!("SELECT '{b}'")).unwrap();
-        assert_eq!(raw::rows(&msgs), vec![vec![Some(b.clone())]], "{}", raw::describe_all(&msgs));
-        let msgs = bystander.extended_query("SELECT $1::text || '-x'", &[Some(b.as_str())]).unwrap();
-        assert_eq!(raw::rows(&msgs), vec![vec![Some(format!("{b}-x"))]], "{}", raw::describe_all(&msgs));
+        assert_eq!(
+            raw::rows(&msgs),
+            vec![vec![Some(b.clone())]],
+            "{}",
+            raw::describe_all(&msgs)
+        );
+        let msgs = bystander
+            .extended_query("SELECT $1::text || '-x'", &[Some(b.as_str())])
+            .unwrap();
+        assert_eq!(
+            raw::rows(&msgs),
+            vec![vec![Some(format!("{b}-x"))]],
+            "{}",
+            raw::describe_all(&msgs)
+        );
         let read_then = rows_read.load(Ordering::Relaxed);
         fast.store(true, Ordering::Relaxed);
         (reader.join().expect("reader thread"), held_kib, read_then)
     });
+    eprintln!(
+        "slow client: {read_then} rows read when the server waited; peak memory grew by {held_kib} KiB"
+    );
     assert!(
         read_then < SLOW_ROWS / 4,
         "the client had read {read_then} of {SLOW_ROWS} rows when the server waited: not slow"
@@ -487,10 +676,37 @@ fn a_slow_client_holds_back_the_server_not_pgward_memory() {
         "pgward's peak memory grew by {held_kib} KiB while a slow client held back a {} MB result",
         SLOW_ROWS * SLOW_ROW_BYTES / 1_000_000
     );
-    assert_eq!(result, (SLOW_ROWS, Some(format!("SELECT {SLOW_ROWS}"))), "the whole result arrives");
+    assert_eq!(
+        result,
+        (SLOW_ROWS, Some(format!("SELECT {SLOW_ROWS}"))),
+        "the whole result arrives"
+    );
     let grown = pw.memory_kib("VmHWM").saturating_sub(before);
-    assert!(grown < SLOW_GROWTH_BOUND_KIB, "pgward's peak memory grew by {grown} KiB relaying the result");
+    assert!(
+        grown < SLOW_GROWTH_BOUND_KIB,
+        "pgward's peak memory grew by {grown} KiB relaying the result"
+    );
     slow.terminate().unwrap();
+}
+
+/// Wait (bounded) until the backend running the query marked `m` waits to write to its
+/// client (pgward).
+#[track_caller]
+fn wait_client_write(c: &common::PgCluster, m: &str) {
+    wait_for(
+        "the server to wait writing the result (ClientWrite)",
+        Duration::from_secs(30),
+        || {
+            let n = c.sql(
+                "postgres",
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'ClientWrite' \
+                 AND position('{m}' in query) > 0 AND pid <> pg_backend_pid()"
+                ),
+            );
+            (n == "1").then_some(())
+        },
+    );
 }
 
 /// Sets the flag on Drop: the slow reader goes on at full speed.
@@ -504,7 +720,11 @@ impl Drop for SpeedUp<'_> {
 
 /// Read a simple query's result: one DataRow per `SLOW_PAUSE` until `fast` is set, then at
 /// full speed. Returns (rows, command tag).
-fn read_result(conn: &mut RawConn, fast: &AtomicBool, rows_read: &AtomicUsize) -> (usize, Option<String>) {
+fn read_result(
+    conn: &mut RawConn,
+    fast: &AtomicBool,
+    rows_read: &AtomicUsize,
+) -> (usize, Option<String>) {
     let (mut rows, mut tag) = (0, None);
     loop {
         let m = conn.recv().expect("the result");
@@ -548,7 +768,11 @@ struct SoakLog {
 
 impl SoakLog {
     /// Note the outcome of the statement tagged `tag`.
-    fn note<T>(&mut self, tag: &str, r: Result<T, tokio_postgres::Error>) -> Result<T, tokio_postgres::Error> {
+    fn note<T>(
+        &mut self,
+        tag: &str,
+        r: Result<T, tokio_postgres::Error>,
+    ) -> Result<T, tokio_postgres::Error> {
         self.sent.push((tag.to_string(), r.is_ok()));
         r
     }
@@ -584,7 +808,12 @@ impl Tags {
 }
 
 /// One operation of the soak: every statement it sends carries a tag of its own.
-async fn soak_op(c: &tokio_postgres::Client, pick: u64, tags: &mut Tags, log: &mut SoakLog) -> Result<(), tokio_postgres::Error> {
+async fn soak_op(
+    c: &tokio_postgres::Client,
+    pick: u64,
+    tags: &mut Tags,
+    log: &mut SoakLog,
+) -> Result<(), tokio_postgres::Error> {
     let ins = |t: &str| format!("INSERT INTO soak (tag) VALUES ('{t}')");
     const INS_PARAM: &str = "INSERT INTO soak (tag) VALUES ($1)";
     match pick % 8 {
@@ -600,18 +829,30 @@ async fn soak_op(c: &tokio_postgres::Client, pick: u64, tags: &mut Tags, log: &m
         }
         2 => {
             let t = tags.next();
-            log.note(&t, c.simple_query(&format!("SELECT count(*) FROM soak WHERE tag <> '{t}'")).await)?;
+            log.note(
+                &t,
+                c.simple_query(&format!("SELECT count(*) FROM soak WHERE tag <> '{t}'"))
+                    .await,
+            )?;
         }
         3 => {
             let t = tags.next();
-            let row = log.note(&t, c.query_one("SELECT $1::text, count(*) FROM soak", &[&t]).await)?;
+            let row = log.note(
+                &t,
+                c.query_one("SELECT $1::text, count(*) FROM soak", &[&t])
+                    .await,
+            )?;
             assert_eq!(row.get::<_, String>(0), t, "a reply to another statement");
         }
         4 | 5 => {
             let (b, x, y, e) = (tags.next(), tags.next(), tags.next(), tags.next());
             log.note(&b, c.simple_query(&format!("BEGIN /* {b} */")).await)?;
             log.note(&x, c.simple_query(&ins(&x)).await)?;
-            log.note(&y, c.execute("UPDATE soak SET n = n + 1 WHERE tag = $1", &[&y]).await)?;
+            log.note(
+                &y,
+                c.execute("UPDATE soak SET n = n + 1 WHERE tag = $1", &[&y])
+                    .await,
+            )?;
             if pick % 8 == 4 {
                 log.note(&e, c.simple_query(&format!("COMMIT /* {e} */")).await)?;
                 log.committed.push(x);
@@ -622,8 +863,12 @@ async fn soak_op(c: &tokio_postgres::Client, pick: u64, tags: &mut Tags, log: &m
         _ => {
             // Pipelined: three Executes in flight on one connection.
             let (x, y, z) = (tags.next(), tags.next(), tags.next());
-            let (rx, ry, rz) =
-                futures_util::future::join3(c.execute(INS_PARAM, &[&x]), c.execute(INS_PARAM, &[&y]), c.execute(INS_PARAM, &[&z])).await;
+            let (rx, ry, rz) = futures_util::future::join3(
+                c.execute(INS_PARAM, &[&x]),
+                c.execute(INS_PARAM, &[&y]),
+                c.execute(INS_PARAM, &[&z]),
+            )
+            .await;
             for (t, r) in [(x, rx), (y, ry), (z, rz)] {
                 log.note(&t, r)?;
                 log.committed.push(t);
@@ -635,7 +880,13 @@ async fn soak_op(c: &tokio_postgres::Client, pick: u64, tags: &mut Tags, log: &m
 }
 
 /// One soak session: operations until `until`; a failed statement ends it.
-async fn soak_session(login: Login, session: usize, run: String, seed: u64, until: Instant) -> SoakLog {
+async fn soak_session(
+    login: Login,
+    session: usize,
+    run: String,
+    seed: u64,
+    until: Instant,
+) -> SoakLog {
     let mut log = SoakLog::default();
     let c = match login.connect().await {
         Ok(c) => c,
@@ -646,7 +897,12 @@ async fn soak_session(login: Login, session: usize, run: String, seed: u64, unti
     };
     let (mut rng, mut tags) = (Rng(seed), Tags { run, session, n: 0 });
     while Instant::now() < until {
-        if let Err(e) = within("a soak operation", soak_op(&c, rng.next(), &mut tags, &mut log)).await {
+        if let Err(e) = within(
+            "a soak operation",
+            soak_op(&c, rng.next(), &mut tags, &mut log),
+        )
+        .await
+        {
             log.error = Some(e.to_string());
             break;
         }
@@ -665,31 +921,82 @@ async fn a_soak_of_mixed_sessions_leaves_one_record_per_statement() {
     let run = rand_hex(10);
     let until = Instant::now() + SOAK_FOR;
     let tasks: Vec<_> = (0..SOAK_SESSIONS)
-        .map(|s| tokio::spawn(soak_session(login.clone(), s, run.clone(), SOAK_SEED.wrapping_mul(s as u64 + 1) | 1, until)))
+        .map(|s| {
+            tokio::spawn(soak_session(
+                login.clone(),
+                s,
+                run.clone(),
+                SOAK_SEED.wrapping_mul(s as u64 + 1) | 1,
+                until,
+            ))
+        })
         .collect();
     let mut logs = Vec::new();
     for t in tasks {
         logs.push(within("a soak session", t).await.expect("soak task"));
     }
-    let failed: Vec<String> = logs.iter().enumerate().filter_map(|(i, l)| l.error.as_ref().map(|e| format!("session {i}: {e}"))).collect();
+    let failed: Vec<String> = logs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.error.as_ref().map(|e| format!("session {i}: {e}")))
+        .collect();
     assert!(failed.is_empty(), "soak sessions failed: {failed:?}");
     for (i, l) in logs.iter().enumerate() {
-        assert!(l.ops >= SOAK_MIN_OPS, "soak session {i} completed only {} operations", l.ops);
+        assert!(
+            l.ops >= SOAK_MIN_OPS,
+            "soak session {i} completed only {} operations",
+            l.ops
+        );
     }
 
-    let sent: HashSet<&str> = logs.iter().flat_map(|l| l.sent.iter().map(|(t, _)| t.as_str())).collect();
-    let succeeded: Vec<&str> = logs.iter().flat_map(|l| l.sent.iter().filter(|(_, ok)| *ok).map(|(t, _)| t.as_str())).collect();
-    assert_eq!(sent.len(), succeeded.len(), "every statement succeeded, and every tag is unique");
+    let sent: HashSet<&str> = logs
+        .iter()
+        .flat_map(|l| l.sent.iter().map(|(t, _)| t.as_str()))
+        .collect();
+    let succeeded: Vec<&str> = logs
+        .iter()
+        .flat_map(|l| l.sent.iter().filter(|(_, ok)| *ok).map(|(t, _)| t.as_str()))
+        .collect();
+    assert_eq!(
+        sent.len(),
+        succeeded.len(),
+        "every statement succeeded, and every tag is unique"
+    );
+    let ops: u64 = logs.iter().map(|l| l.ops).sum();
+    eprintln!(
+        "soak: {ops} operations, {} statements in {SOAK_SESSIONS} sessions",
+        sent.len()
+    );
     let jti = jwt::jti_of(&token);
-    let recs = pw.wait_audit("a result record for every soak statement", |r| soak_records(r, &jti).all_answered());
+    let recs = pw.wait_audit("a result record for every soak statement", |r| {
+        soak_records(r, &jti).all_answered()
+    });
     let index = soak_records(&recs, &jti);
-    assert_eq!(index.sessions, SOAK_SESSIONS, "a login record per soak session");
+    assert_eq!(
+        index.sessions, SOAK_SESSIONS,
+        "a login record per soak session"
+    );
     check_soak_records(&index, &run, &sent, &succeeded);
 
-    let committed: HashSet<String> = logs.iter().flat_map(|l| l.committed.iter().cloned()).collect();
-    let rows: HashSet<String> = c.sql(&db, "SELECT tag FROM soak").lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
-    assert_eq!(rows.len(), committed.len(), "rows in the table vs rows committed by the clients");
-    assert!(rows == committed, "the table's rows are not those the clients committed");
+    let committed: HashSet<String> = logs
+        .iter()
+        .flat_map(|l| l.committed.iter().cloned())
+        .collect();
+    let rows: HashSet<String> = c
+        .sql(&db, "SELECT tag FROM soak")
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        rows.len(),
+        committed.len(),
+        "rows in the table vs rows committed by the clients"
+    );
+    assert!(
+        rows == committed,
+        "the table's rows are not those the clients committed"
+    );
     let (code, out) = pw.audit_verify();
     assert_eq!(code, 0, "audit verify after the soak: {out}");
 }
@@ -706,7 +1013,9 @@ struct SoakRecords<'a> {
 
 impl SoakRecords<'_> {
     fn all_answered(&self) -> bool {
-        self.statements.iter().all(|s| self.results.contains_key(&rec::seq(s)))
+        self.statements
+            .iter()
+            .all(|s| self.results.contains_key(&rec::seq(s)))
     }
 }
 
@@ -717,14 +1026,22 @@ fn soak_records<'a>(recs: &'a [Value], jti: &str) -> SoakRecords<'a> {
         .filter_map(|r| rec::s(r, "session"))
         .collect();
     let of_soak = |r: &&Value| r["session"].as_str().is_some_and(|s| sessions.contains(s));
-    let statements: Vec<&Value> = recs.iter().filter(|r| rec::kind(r) == "statement").filter(of_soak).collect();
+    let statements: Vec<&Value> = recs
+        .iter()
+        .filter(|r| rec::kind(r) == "statement")
+        .filter(of_soak)
+        .collect();
     let mut results: HashMap<u64, Vec<&Value>> = HashMap::new();
     for r in recs.iter().filter(|r| rec::kind(r) == "result") {
         if let Some(sq) = r["statement_seq"].as_u64() {
             results.entry(sq).or_default().push(r);
         }
     }
-    SoakRecords { sessions: sessions.len(), statements, results }
+    SoakRecords {
+        sessions: sessions.len(),
+        statements,
+        results,
+    }
 }
 
 /// Every soak statement record is allowed and carries exactly one tag a client sent; every
@@ -735,19 +1052,51 @@ fn check_soak_records(index: &SoakRecords, run: &str, sent: &HashSet<&str>, succ
     let mut by_tag: HashMap<String, Vec<&Value>> = HashMap::new();
     for &s in &index.statements {
         let mut texts: Vec<&str> = s["sql"].as_str().into_iter().collect();
-        texts.extend(s["params"].as_array().into_iter().flatten().filter_map(Value::as_str));
-        let tags: Vec<&str> = texts.iter().flat_map(|t| tag_re.find_iter(t).map(|m| m.as_str())).collect();
-        assert_eq!(tags.len(), 1, "a statement record that is not one statement a client sent: {s}");
-        assert!(sent.contains(tags[0]), "a statement record for a statement no client sent: {s}");
+        texts.extend(
+            s["params"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str),
+        );
+        let tags: Vec<&str> = texts
+            .iter()
+            .flat_map(|t| tag_re.find_iter(t).map(|m| m.as_str()))
+            .collect();
+        assert_eq!(
+            tags.len(),
+            1,
+            "a statement record that is not one statement a client sent: {s}"
+        );
+        assert!(
+            sent.contains(tags[0]),
+            "a statement record for a statement no client sent: {s}"
+        );
         assert_eq!(s["decision"], "allow", "{s}");
         by_tag.entry(tags[0].to_string()).or_default().push(s);
     }
-    assert_eq!(index.statements.len(), sent.len(), "statement records of the soak vs statements sent");
+    assert_eq!(
+        index.statements.len(),
+        sent.len(),
+        "statement records of the soak vs statements sent"
+    );
     for t in succeeded {
         let stmts = by_tag.get(*t).map(Vec::as_slice).unwrap_or_default();
-        assert_eq!(stmts.len(), 1, "statement records for {t}, which the client saw succeed: {stmts:?}");
-        let results = index.results.get(&rec::seq(stmts[0])).map(Vec::as_slice).unwrap_or_default();
+        assert_eq!(
+            stmts.len(),
+            1,
+            "statement records for {t}, which the client saw succeed: {stmts:?}"
+        );
+        let results = index
+            .results
+            .get(&rec::seq(stmts[0]))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         assert_eq!(results.len(), 1, "result records for {t}: {results:?}");
-        assert!(results[0].get("sqlstate").is_none(), "the result of {t}, which succeeded, has an error: {}", results[0]);
+        assert!(
+            results[0].get("sqlstate").is_none(),
+            "the result of {t}, which succeeded, has an error: {}",
+            results[0]
+        );
     }
 }

@@ -21,7 +21,7 @@ pub struct SmallFs {
 
 impl SmallFs {
     /// Mount a tmpfs of `bytes` (mode 0700, no huge pages) on a new directory under the system
-/// temp dir.
+    /// temp dir.
     #[track_caller]
     pub fn mount(bytes: u64) -> SmallFs {
         let dir = tempfile::Builder::new()
@@ -85,7 +85,13 @@ pub fn free_bytes(path: &Path) -> u64 {
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: statvfs with a valid C string and a struct it fills.
     let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    assert_eq!(rc, 0, "statvfs {}: {}", path.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "statvfs {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
     st.f_bavail as u64 * st.f_frsize as u64
 }
 
@@ -93,11 +99,23 @@ impl Drop for SmallFs {
     fn drop(&mut self) {
         let Some(dir) = self.dir.take() else { return };
         let path = dir.path().to_path_buf();
-        let out = run_cmd(Command::new("umount").arg(&path), None, Duration::from_secs(30));
+        let out = run_cmd(
+            Command::new("umount").arg(&path),
+            None,
+            Duration::from_secs(30),
+        );
         if !out.success() {
             // Something still has a file open there: detach it now, freed when closed.
-            eprintln!("warning: umount {} failed ({}); detaching it lazily", path.display(), out.stderr.trim());
-            let _ = run_cmd(Command::new("umount").arg("-l").arg(&path), None, Duration::from_secs(30));
+            eprintln!(
+                "warning: umount {} failed ({}); detaching it lazily",
+                path.display(),
+                out.stderr.trim()
+            );
+            let _ = run_cmd(
+                Command::new("umount").arg("-l").arg(&path),
+                None,
+                Duration::from_secs(30),
+            );
         }
         // The empty mount point goes with the TempDir.
         drop(dir);
