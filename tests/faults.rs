@@ -224,7 +224,10 @@ async fn audit_log_on_a_full_disk(direct_io: bool) {
         pw.stderr_log()
     );
     let log = c.log_after_barrier();
-    assert!(log.contains(&control), "the control statement is missing from the server log");
+    assert!(
+        log.contains(&control),
+        "the control statement is missing from the server log"
+    );
     for m in &refused {
         assert!(
             !log.contains(m.as_str()),
