@@ -66,6 +66,10 @@ static TLS_CLUSTER: ClusterCell = OnceLock::new();
 /// A cluster whose unix socket every local user can reach, for the interception test that
 /// pgward finds such a socket by asking the server (started only by the binary that asks).
 static OPEN_SOCKET_CLUSTER: ClusterCell = OnceLock::new();
+/// A cluster for the one test of a binary that restarts its server (see
+/// [`PgCluster::restart_fast`]): the shared [`cluster()`] must stay up for the tests running
+/// beside it.
+static RESTARTABLE_CLUSTER: ClusterCell = OnceLock::new();
 
 /// The test binary's cluster (started on first call). If starting failed, every later call
 /// fails at once with the same message instead of trying again.
@@ -93,6 +97,18 @@ pub fn open_socket_cluster() -> &'static PgCluster {
         &OPEN_SOCKET_CLUSTER,
         ClusterOptions { open_socket: true, ..Default::default() },
         stop_open_socket_cluster_at_exit,
+    )
+}
+
+/// A cluster of this test binary that the test using it may restart
+/// ([`PgCluster::restart_fast`]); only one test of a binary may use it. Same lifetime rules as
+/// [`cluster()`].
+#[track_caller]
+pub fn restartable_cluster() -> &'static PgCluster {
+    cluster_in(
+        &RESTARTABLE_CLUSTER,
+        ClusterOptions::default(),
+        stop_restartable_cluster_at_exit,
     )
 }
 
@@ -133,6 +149,10 @@ extern "C" fn stop_tls_cluster_at_exit() {
 
 extern "C" fn stop_open_socket_cluster_at_exit() {
     stop_and_remove(&OPEN_SOCKET_CLUSTER);
+}
+
+extern "C" fn stop_restartable_cluster_at_exit() {
+    stop_and_remove(&RESTARTABLE_CLUSTER);
 }
 
 fn stop_and_remove(cell: &ClusterCell) {
@@ -394,6 +414,30 @@ case "$3" in */pgward-e2e-pg-*) rm -rf -- "$3" ;; esac"#;
                 .args(["stop", "-m", "immediate", "-w"]),
             None,
             Duration::from_secs(60),
+        );
+    }
+
+    /// `pg_ctl restart -m fast`, waiting until the server accepts connections again: every
+    /// backend is terminated (its client gets FATAL 57P01) and the server comes back on the
+    /// same port with the same options (pg_ctl reuses postmaster.opts), logging to the same
+    /// file.
+    #[track_caller]
+    pub fn restart_fast(&self) {
+        let out = run_cmd(
+            self.server_cmd("pg_ctl")
+                .arg("-D")
+                .arg(&self.data_dir)
+                .arg("-l")
+                .arg(&self.log_file)
+                .args(["-w", "-t", "120", "-m", "fast", "restart"]),
+            None,
+            Duration::from_secs(180),
+        );
+        assert!(
+            out.success(),
+            "pg_ctl restart failed: {}\n--- server log ---\n{}",
+            out.describe(),
+            self.server_log()
         );
     }
 

@@ -11,6 +11,8 @@
 //! - [`Login`]: how a client reaches a server (pgward or Postgres): psql, tokio-postgres, and a
 //!   minimal raw wire-protocol client ([`raw::RawConn`]) for facts libraries hide
 //!   (BackendKeyData, ParameterStatus, CancelRequest with chosen keys, Terminate).
+//! - [`tmpfs::SmallFs`]: a size-limited tmpfs a test mounts (tests run as root) and fills,
+//!   for a full disk under the audit log.
 //! - [`Target`]: what relay/cancel tests talk to. Normally a fresh pgward in front of a fresh
 //!   database; with `PGWARD_E2E_DIRECT=1` the same tests run straight against Postgres, which is
 //!   how the suite's own expectations are checked against the real server.
@@ -30,6 +32,7 @@ pub mod cluster;
 pub mod gateway;
 pub mod jwt;
 pub mod raw;
+pub mod tmpfs;
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -37,7 +40,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use clients::{Login, sqlstate, within};
-pub use cluster::{ClusterOptions, PgCluster, cluster, tls_cluster};
+pub use cluster::{ClusterOptions, PgCluster, cluster, restartable_cluster, tls_cluster};
 pub use gateway::{Pgward, PgwardBuilder, pgward_cli, toml_set};
 
 /// Send `sig` to our own unreaped child (by pid), wait up to `grace` for it to exit, then
