@@ -243,6 +243,20 @@ async fn audit_log_on_a_full_disk(direct_io: bool) {
     // Room again: a fresh session works, and so do the sessions that were refused.
     std::fs::remove_file(&filler).unwrap();
     assert!(fs.free_bytes() > 0);
+    works_again(c, &db, &pw, &login, &writer, &reader).await;
+    pw.stop();
+}
+
+/// After the disk has room again: a fresh session works, so do the refused ones, and verify
+/// passes.
+async fn works_again(
+    c: &common::PgCluster,
+    db: &str,
+    pw: &Pgward,
+    login: &common::Login,
+    writer: &tokio_postgres::Client,
+    reader: &tokio_postgres::Client,
+) {
     let fresh = login
         .connect()
         .await
@@ -267,11 +281,9 @@ async fn audit_log_on_a_full_disk(direct_io: bool) {
     )
     .await
     .expect("the refused writer works again");
-    assert_eq!(count_rows(c, &db, "t"), "3");
+    assert_eq!(count_rows(c, db, "t"), "3");
     let (code, out) = pw.audit_verify();
     assert_eq!(code, 0, "audit verify after the disk was full: {out}");
-    drop(fresh);
-    pw.stop();
 }
 
 /// Fill the live audit segment with padded reads on `conn` until fewer than
@@ -435,24 +447,8 @@ async fn refused_while_full(
 /// the pool.
 const POOLED: usize = 3;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_restart_ends_open_sessions_and_new_ones_work() {
-    let c = restartable_cluster();
-    let db = c.create_database("faults_restart");
-    c.sql(&db, "CREATE TABLE r (v text); GRANT ALL ON r TO PUBLIC");
-    let metrics_port = free_port();
-    let mut pw = Pgward::builder_on(c)
-        .set("server.metrics_listen", format!("127.0.0.1:{metrics_port}"))
-        .start();
-
-    let (tokens, open) = sessions_open_across_the_restart(&pw, &db);
-    let token = pw.token("alice", &[], "15m");
-    let login = pw.login("alice", &token, &db);
-    fill_the_pool(&login, metrics_port);
-
-    c.restart_fast();
-
-    // Each open session is told and closed: no hang.
+/// Each session open at an upstream restart is told (FATAL 57P01 / 08006) and closed: no hang.
+fn each_open_session_is_told_and_closed(open: impl IntoIterator<Item = raw::RawConn>) {
     for (name, mut conn) in ["idle", "in a transaction", "running a statement"]
         .into_iter()
         .zip(open)
@@ -479,6 +475,26 @@ async fn an_upstream_restart_ends_open_sessions_and_new_ones_work() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_restart_ends_open_sessions_and_new_ones_work() {
+    let c = restartable_cluster();
+    let db = c.create_database("faults_restart");
+    c.sql(&db, "CREATE TABLE r (v text); GRANT ALL ON r TO PUBLIC");
+    let metrics_port = free_port();
+    let mut pw = Pgward::builder_on(c)
+        .set("server.metrics_listen", format!("127.0.0.1:{metrics_port}"))
+        .start();
+
+    let (tokens, open) = sessions_open_across_the_restart(&pw, &db);
+    let token = pw.token("alice", &[], "15m");
+    let login = pw.login("alice", &token, &db);
+    fill_the_pool(&login, metrics_port);
+
+    c.restart_fast();
+
+    each_open_session_is_told_and_closed(open);
     assert!(
         pw.is_running() && !pw.log_has_panic(),
         "pgward did not survive the restart:\n{}",
