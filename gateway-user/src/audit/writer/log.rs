@@ -194,7 +194,7 @@ impl Log {
             Err(e) => {
                 match reply {
                     Some(r) => {
-                        let _ = r.send(Err(e));
+                        r.send(Err(e));
                     }
                     None => tracing::error!("audit record dropped: {e}"),
                 }
@@ -427,7 +427,7 @@ impl Log {
         for r in replies {
             match r {
                 Some(r) => {
-                    let _ = r.send(Err(e.clone()));
+                    r.send(Err(e.clone()));
                 }
                 None => unanswered += 1,
             }
