@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use common::rng::{Rng, seed};
 use common::{Pgward, cluster, within};
 use serde_json::Value;
 
@@ -22,25 +23,7 @@ const ROUNDS: usize = 4;
 /// Concurrent clients per round.
 const CLIENTS: usize = 6;
 
-/// A small deterministic generator (xorshift), seeded per client and round.
-struct Rng(u64);
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
-
-fn seed() -> u64 {
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).expect("getrandom");
-    u64::from_le_bytes(b) | 1
-}
 
 /// One operation of the mixed load; any error ends the client (pgward is gone).
 async fn one_op(c: &tokio_postgres::Client, rng: &mut Rng, tag: &mut (dyn FnMut() -> String + Send)) -> Result<(), tokio_postgres::Error> {

@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use common::gateway::rec;
 use common::raw::{self, Msg, RawConn, fe};
+use common::rng::Rng;
 use common::tmpfs::SmallFs;
 use common::{
     Login, Pgward, cluster, free_port, jwt, marker, rand_hex, restartable_cluster, wait_for, within,
@@ -798,19 +799,6 @@ impl SoakLog {
     }
 }
 
-/// A small deterministic generator (xorshift).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
 
 /// Unique statement tags of one session: `<run>-<session>-<n>`, fixed width, so no tag
 /// contains another.

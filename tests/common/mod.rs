@@ -32,6 +32,7 @@ pub mod cluster;
 pub mod gateway;
 pub mod jwt;
 pub mod raw;
+pub mod rng;
 pub mod tmpfs;
 
 use std::io::{Read, Write};

@@ -42,18 +42,33 @@ fn seq_of(msg: &str) -> u64 {
     serde_json::from_str::<serde_json::Value>(json).expect("json")["seq"].as_u64().expect("seq")
 }
 
+/// A unix datagram receiver (what syslog's socket is) and an audit directory exporting to it.
+struct DatagramSink {
+    _dir: tempfile::TempDir,
+    server: UnixDatagram,
+    audit: std::path::PathBuf,
+    settings: ExportSettings,
+}
+
+impl DatagramSink {
+    fn new() -> DatagramSink {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock_path = dir.path().join("log");
+        let server = UnixDatagram::bind(&sock_path).expect("bind");
+        server.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let audit = dir.path().join("audit");
+        std::fs::create_dir(&audit).expect("mkdir");
+        let settings = ExportSettings { dir: audit.clone(), target: Target::Datagram(sock_path) };
+        DatagramSink { _dir: dir, server, audit, settings }
+    }
+}
+
 /// Only durable records leave, read from the segments (across a rotation), and a restarted
 /// exporter continues after its cursor.
 #[test]
 fn datagrams_follow_the_durable_seq_and_resume_after_the_cursor() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sock_path = dir.path().join("log");
-    let server = UnixDatagram::bind(&sock_path).expect("bind");
-    server.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    let audit = dir.path().join("audit");
-    std::fs::create_dir(&audit).expect("mkdir");
+    let DatagramSink { _dir, server, audit, settings } = DatagramSink::new();
     append(&audit, 1, 1..=3);
-    let settings = ExportSettings { dir: audit.clone(), target: Target::Datagram(sock_path.clone()) };
     let ex = Exporter::start(settings.clone()).expect("start");
     ex.durable(2);
     let mut buf = vec![0u8; 4096];
@@ -128,13 +143,7 @@ fn tcp_frames_are_octet_counted_and_a_lost_connection_resends_from_the_cursor() 
 /// under those seqs now is sent too, not skipped.
 #[test]
 fn a_cursor_past_the_end_of_the_log_is_pulled_back() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sock_path = dir.path().join("log");
-    let server = UnixDatagram::bind(&sock_path).expect("bind");
-    server.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    let audit = dir.path().join("audit");
-    std::fs::create_dir(&audit).expect("mkdir");
-    let settings = ExportSettings { dir: audit.clone(), target: Target::Datagram(sock_path.clone()) };
+    let DatagramSink { _dir, server, audit, settings } = DatagramSink::new();
     let sink = format!("{{\"sink\":\"{}\",\"seq\":10}}\n", settings.sink_id());
     std::fs::write(audit.join(CURSOR_FILE), sink).expect("cursor");
     append(&audit, 1, 1..=3);
@@ -151,12 +160,7 @@ fn a_cursor_past_the_end_of_the_log_is_pulled_back() {
 /// goes on), which `verify --against` compares like a record.
 #[test]
 fn a_record_too_large_for_a_datagram_is_sent_as_a_stub() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sock_path = dir.path().join("log");
-    let server = UnixDatagram::bind(&sock_path).expect("bind");
-    server.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    let audit = dir.path().join("audit");
-    std::fs::create_dir(&audit).expect("mkdir");
+    let DatagramSink { _dir, server, audit, settings } = DatagramSink::new();
     let big = format!(
         "{{\"seq\":1,\"ts\":\"t1\",\"prev_hash\":\"00\",\"kind\":\"statement\",\"sql\":\"{}\",\"hash\":\"h1\"}}\n",
         "x".repeat(1 << 20)
@@ -164,7 +168,7 @@ fn a_record_too_large_for_a_datagram_is_sent_as_a_stub() {
     let big_len = big.len() - 1;
     std::fs::write(audit.join(chain::segment_name(1)), big).expect("segment");
     append(&audit, 1, 2..=2);
-    let ex = Exporter::start(ExportSettings { dir: audit, target: Target::Datagram(sock_path) }).expect("start");
+    let ex = Exporter::start(settings).expect("start");
     ex.durable(2);
     let mut buf = vec![0u8; 65536];
     let n = server.recv(&mut buf).expect("the stub");
