@@ -376,11 +376,7 @@ impl Relay {
     /// the message that went over is forwarded.
     fn check_retained(&self) -> Result<(), End> {
         let max = self.shared.cfg.server.max_session_state_bytes;
-        let mut kept = self.tracker.retained();
-        if kept <= max && self.sql_prepared.is_empty() {
-            return Ok(());
-        }
-        kept += self.sql_prepared.iter().map(|(n, t)| n.len() + t.as_ref().map_or(0, |t| t.len())).sum::<usize>();
+        let kept = self.tracker.retained() + self.sql_prepared_bytes;
         if kept <= max {
             return Ok(());
         }
@@ -418,19 +414,28 @@ impl Relay {
 
     /// Remember the PREPAREs and DEALLOCATEs of an allowed (forwarded) query.
     fn note_prepared(&mut self, v: &Verdict) {
+        let size = |name: &str, text: &Option<Arc<str>>| name.len() + text.as_ref().map_or(0, |t| t.len());
         for s in &v.statements {
             match prepared_note(&s.info) {
                 Some(PreparedNote::Prepare(name, text)) => {
                     let known = self.tracker.statement(&name).and_then(|s| s.allowed.as_ref()).map(|p| p.sql.clone());
-                    let e = self.sql_prepared.entry(name).or_insert_with(|| Some(text.clone()));
+                    let e = self.sql_prepared.entry(name.clone()).or_insert_with(|| {
+                        self.sql_prepared_bytes += name.len() + text.len();
+                        Some(text.clone())
+                    });
                     if e.as_deref() != Some(&*text) || known.is_some_and(|k| *k != *text) {
-                        *e = None;
+                        self.sql_prepared_bytes -= e.take().map_or(0, |t| t.len());
                     }
                 }
                 Some(PreparedNote::Deallocate(name)) => {
-                    self.sql_prepared.remove(&name);
+                    if let Some(t) = self.sql_prepared.remove(&name) {
+                        self.sql_prepared_bytes -= size(&name, &t);
+                    }
                 }
-                Some(PreparedNote::DeallocateAll) => self.sql_prepared.clear(),
+                Some(PreparedNote::DeallocateAll) => {
+                    self.sql_prepared.clear();
+                    self.sql_prepared_bytes = 0;
+                }
                 None => {}
             }
         }

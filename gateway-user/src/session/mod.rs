@@ -203,6 +203,8 @@ struct Relay {
     /// it); None once a name was prepared again with another text (which one Postgres kept is
     /// unknown, so `EXECUTE name` is then decided as an unknown prepared statement).
     sql_prepared: HashMap<String, Option<Arc<str>>>,
+    /// Bytes `sql_prepared` keeps (names and texts), for `server.max_session_state_bytes`.
+    sql_prepared_bytes: usize,
     database: String,
     client: Client,
     /// Prepared statements, portals, the answers the server owes, the transaction status.
@@ -271,6 +273,7 @@ impl Relay {
             policy_identity: l.policy_identity,
             check: l.check,
             sql_prepared: HashMap::new(),
+            sql_prepared_bytes: 0,
             database: l.database,
             client: peer.audit_client(),
             tracker: SessionTracker::new(up.tx_status),
