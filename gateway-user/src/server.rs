@@ -110,6 +110,12 @@ struct Background {
 async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let (shared, background) = start_shared(&cfg).await?;
+    // Each event loop writes and syncs the audit batches its own sessions wait for.
+    background.audit.flush_on_this_loop();
+    for l in &loops {
+        let a = background.audit.clone();
+        l.spawn(async move { a.flush_on_this_loop() });
+    }
     if let Some(m) = &cfg.server.metrics_listen {
         let l = tokio::net::TcpListener::bind(m.as_str()).await.with_context(|| format!("metrics: listening on {m}"))?;
         tracing::info!(addr = %m, "metrics on GET /metrics");

@@ -15,6 +15,8 @@ mod writer;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod loop_tests;
 
 pub use param::Param;
 pub use record::{Client, Kind, Record};

@@ -13,19 +13,19 @@ use super::writer::fault;
 use super::*;
 use crate::config::FsyncPolicy;
 
-const KID: &str = "gw-test";
+pub(super) const KID: &str = "gw-test";
 
 fn signing_key() -> SigningKey {
     SigningKey::from_bytes(&[7u8; 32])
 }
 
-fn keys() -> PublicKeys {
+pub(super) fn keys() -> PublicKeys {
     let mut k = PublicKeys::new();
     k.insert(KID.into(), signing_key().verifying_key());
     k
 }
 
-fn opts(dir: &Path, every: u64) -> WriterOptions {
+pub(super) fn opts(dir: &Path, every: u64) -> WriterOptions {
     WriterOptions {
         export: None,
         dir: dir.to_owned(),
@@ -44,7 +44,7 @@ fn buffered(o: WriterOptions) -> WriterOptions {
     WriterOptions { sync_threads: 2, direct_io: false, ..o }
 }
 
-fn stmt(n: u64) -> Record {
+pub(super) fn stmt(n: u64) -> Record {
     Record {
         kind: Kind::Statement,
         session: Some("s1".into()),
@@ -108,7 +108,7 @@ fn lines(dir: &Path) -> Vec<(PathBuf, String)> {
     out
 }
 
-fn records(dir: &Path) -> Vec<Record> {
+pub(super) fn records(dir: &Path) -> Vec<Record> {
     Reader::open(dir).expect("reader").map(|e| e.expect("entry").record).collect()
 }
 
@@ -165,7 +165,7 @@ fn rewrite_and_rechain(dir: &Path, mut f: impl FnMut(&mut Record, &str)) {
 }
 
 /// The verify policy matching `opts(_, every)`.
-fn policy(every: u64) -> verify::Policy {
+pub(super) fn policy(every: u64) -> verify::Policy {
     verify::Policy { checkpoint_every: every, checkpoint_interval: Duration::from_secs(3600) }
 }
 

@@ -59,6 +59,10 @@ impl Shared {
             if let Some(h) = head {
                 self.post_head(h);
             }
+        } else if let Some(wake) = super::loop_flush::this_loops(self, &log) {
+            // This event loop writes the batch itself once its ready sessions have run.
+            drop(log);
+            wake.notify_one();
         } else if log.idle > 0 {
             drop(log);
             self.work.notify_one();
@@ -94,69 +98,102 @@ impl Shared {
     pub(super) fn writer_thread(&self, id: usize) {
         let mut log = lock(&self.log);
         loop {
-            loop {
-                if log.shutdown {
-                    return;
-                }
-                // Checked before `urgent`, so a steady stream of waited-for records cannot
-                // starve the interval checkpoint (`verify` bounds the time between two).
-                let now = Instant::now();
-                let ckpt_due = log.checkpoint_due_at();
-                if ckpt_due.is_some_and(|due| due <= now) {
-                    log.encode_checkpoint();
-                    break;
-                }
-                if log.urgent {
-                    break;
-                }
-                // Lazy records are queued without a wakeup, so an idle thread looks again
-                // every LAZY_FLUSH.
-                let mut deadline = now + LAZY_FLUSH;
-                if let Some(t) = log.lazy_since {
-                    let due = t + LAZY_FLUSH;
-                    if due <= now {
-                        break;
-                    }
-                    deadline = deadline.min(due);
-                }
-                if let Some(due) = ckpt_due {
-                    deadline = deadline.min(due);
-                }
-                log.idle += 1;
-                log = self.work.wait_timeout(log, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
-                log.idle -= 1;
-            }
-            // The path checks run without the lock (see `ProbeTarget`).
-            let probe = match log.probe_target() {
-                Some(t) => {
-                    drop(log);
-                    let p = t.run();
-                    log = lock(&self.log);
-                    Some(p)
-                }
-                None => None,
+            log = match self.wait_for_work(log) {
+                Some(log) => log,
+                None => return,
             };
-            let written = log.write_queued(id, probe);
-            // (A segment rotation inside the write may have made records durable.)
-            log = self.run_deferred(log);
-            if let Ok(Some(ticket)) = written {
-                drop(log);
-                let started = Instant::now();
-                let res = sync_ticket(&ticket, &self.dir);
-                crate::metrics::METRICS.audit_fsync_seconds.observe(started.elapsed().as_secs_f64());
-                log = lock(&self.log);
-                match res {
-                    Ok(()) => log.synced(&ticket),
-                    Err(e) => log.sync_failed(&ticket, e),
-                }
-                log = self.run_deferred(log);
-            }
-            if let Some(h) = log.due_head() {
-                self.post_head(h);
-            }
+            log = self.flush_batch(log, id);
         }
     }
+
+    /// Wait until there is a batch to write (or a checkpoint due): the lock, or None at
+    /// shutdown.
+    fn wait_for_work<'a>(&'a self, mut log: std::sync::MutexGuard<'a, Log>) -> Option<std::sync::MutexGuard<'a, Log>> {
+        loop {
+            if log.shutdown {
+                return None;
+            }
+            let now = Instant::now();
+            let ckpt_due = log.checkpoint_due_at();
+            // Another flusher (an event loop, see `loop_flush`) has a batch in flight: the
+            // next one waits for it, and is told when it is done.
+            if !log.busy {
+                // Checked before `urgent`, so a steady stream of waited-for records cannot
+                // starve the interval checkpoint (`verify` bounds the time between two).
+                if ckpt_due.is_some_and(|due| due <= now) {
+                    log.encode_checkpoint();
+                    return Some(log);
+                }
+                if log.urgent {
+                    return Some(log);
+                }
+            }
+            // Lazy records are queued without a wakeup, so an idle thread looks again
+            // every LAZY_FLUSH.
+            let mut deadline = now + LAZY_FLUSH;
+            if let Some(t) = log.lazy_since {
+                let due = t + LAZY_FLUSH;
+                if due <= now && !log.busy {
+                    return Some(log);
+                }
+                deadline = deadline.min(due.max(now + BUSY_RECHECK));
+            }
+            if let Some(due) = ckpt_due {
+                deadline = deadline.min(due.max(now + BUSY_RECHECK));
+            }
+            log.idle += 1;
+            log = self.work.wait_timeout(log, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            log.idle -= 1;
+        }
+    }
+
+    /// Write the queued batch, sync it, answer the records the sync covered (running their
+    /// hooks), and hand HEAD its next checkpoint. Called and returns with the lock held;
+    /// releases it for the path checks, the sync and the hooks. While it runs, `busy` keeps
+    /// the other flushers of a one-thread log off the segment (see `loop_flush`).
+    pub(super) fn flush_batch<'a>(&'a self, mut log: std::sync::MutexGuard<'a, Log>, id: usize) -> std::sync::MutexGuard<'a, Log> {
+        let exclusive = log.threads == 1;
+        if exclusive {
+            log.busy = true;
+        }
+        // The path checks run without the lock (see `ProbeTarget`).
+        let probe = match log.probe_target() {
+            Some(t) => {
+                drop(log);
+                let p = t.run();
+                log = lock(&self.log);
+                Some(p)
+            }
+            None => None,
+        };
+        let written = log.write_queued(id, probe);
+        // (A segment rotation inside the write may have made records durable.)
+        log = self.run_deferred(log);
+        if let Ok(Some(ticket)) = written {
+            drop(log);
+            let started = Instant::now();
+            let res = sync_ticket(&ticket, &self.dir);
+            crate::metrics::METRICS.audit_fsync_seconds.observe(started.elapsed().as_secs_f64());
+            log = lock(&self.log);
+            match res {
+                Ok(()) => log.synced(&ticket),
+                Err(e) => log.sync_failed(&ticket, e),
+            }
+            log = self.run_deferred(log);
+        }
+        if let Some(h) = log.due_head() {
+            self.post_head(h);
+        }
+        if exclusive {
+            log.busy = false;
+        }
+        log
+    }
 }
+
+/// How soon a writer thread that found another flusher busy looks again for a due lazy
+/// record or checkpoint (the flusher wakes it when records wait; lazy ones do not).
+const BUSY_RECHECK: Duration = Duration::from_millis(1);
 
 /// Queue one record under the lock; `urgent` is set when someone waits for it.
 fn queue_one(log: &mut Log, rec: Record, reply: Option<Reply>, urgent: &mut bool) -> Option<u64> {

@@ -189,6 +189,14 @@ impl AuditHandle {
         rxs.into_iter().zip(seqs).collect()
     }
 
+    /// Have the calling event loop (a current-thread tokio runtime: call it from a task on
+    /// the loop) write and sync the batches its own sessions wait for, instead of handing
+    /// them to the writer thread (see [`super::loop_flush`]). False, and nothing changes,
+    /// unless `fsync = "group"` with one sync thread.
+    pub fn flush_on_this_loop(&self) -> bool {
+        super::loop_flush::start(&self.inner.shared)
+    }
+
     /// Whether the log takes records: false from a refused batch until the next durable one.
     pub fn healthy(&self) -> bool {
         !self.inner.shared.counters.failing.load(Ordering::Relaxed)
@@ -254,6 +262,10 @@ impl Inner {
             tracing::error!("the audit HEAD thread panicked");
         }
         let mut log = lock(&self.shared.log);
+        // An event loop's flush in flight finishes first (it wakes us: see `loop_flush`).
+        while log.busy {
+            log = self.shared.work.wait(log).unwrap_or_else(|e| e.into_inner());
+        }
         let head = log.final_flush();
         drop(self.shared.run_deferred(log));
         if let Some(h) = head {

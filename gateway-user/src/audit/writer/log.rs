@@ -111,6 +111,9 @@ pub(super) struct Log {
     pub(super) deferred: Vec<(u64, Reply)>,
     /// Writer threads waiting for work.
     pub(super) idle: usize,
+    /// With one writer thread: a flusher (that thread or an event loop) has taken a batch
+    /// and not settled its sync yet; no other flusher takes the next one meanwhile.
+    pub(super) busy: bool,
     pub(super) shutdown: bool,
     /// What HEAD should say once the checkpoint it names is durable.
     pub(super) head: Option<Head>,
@@ -165,6 +168,7 @@ impl Log {
             durable: start_pos,
             epoch: 0,
             idle: 0,
+            busy: false,
             deferred: Vec::new(),
             shutdown: false,
             head: None,

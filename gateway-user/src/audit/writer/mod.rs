@@ -49,7 +49,7 @@
 //! Files: [`handle`] (what sessions call: submit a record, await durability), [`log`] (the
 //! in-memory chain and the batch written to the segment), [`flush`] (the writer threads: group
 //! commit), [`segment`] (segment files and rotation), [`probe`] (the directory and path checks),
-//! [`direct`] (O_DIRECT batches), [`disk`] (the write and sync calls), [`recovery`] (opening an
+//! [`loop_flush`] (event loops that flush their own sessions' batches), [`direct`] (O_DIRECT batches), [`disk`] (the write and sync calls), [`recovery`] (opening an
 //! existing log), [`checkpoint`] and [`signer`] (signed checkpoints), [`head`] (the HEAD file),
 //! [`ts`] (record timestamps).
 
@@ -68,6 +68,7 @@ mod flush;
 mod handle;
 mod head;
 mod log;
+mod loop_flush;
 mod probe;
 mod recovery;
 mod segment;
