@@ -308,6 +308,7 @@ fn table_json(t: &Table, s: &Settings) -> Value {
                         "cpu_us_per_txn": median(&cell.cpu_us),
                         "cpu_us_per_statement": t.cpu_per_statement(w, name),
                         "cpu_us_per_txn_samples": cell.cpu_us,
+                        "context_switches_per_statement": t.switches_per_statement(w, name),
                         ratio_key: t.ratio(w, name),
                         "relative_performance": t.relative(w, name),
                         "samples": cell.samples,
@@ -561,6 +562,8 @@ pub(super) fn render_table(o: &mut String, t: &Table) {
     if !cpu.is_empty() {
         header.push("|".into());
         header.extend(cpu.iter().map(|&i| format!("{} cpu", t.targets[i])));
+        header.push("|".into());
+        header.extend(cpu.iter().map(|&i| format!("{} cs", t.targets[i])));
     }
     let mut rows = vec![header];
     for &w in &t.workloads {
@@ -569,6 +572,10 @@ pub(super) fn render_table(o: &mut String, t: &Table) {
         if !cpu.is_empty() {
             row.push("|".into());
             row.extend(cpu.iter().map(|&i| t.cpu_per_statement(w, &t.targets[i]).map_or_else(|| "-".to_string(), fmt_value)));
+            row.push("|".into());
+            row.extend(cpu.iter().map(|&i| {
+                t.switches_per_statement(w, &t.targets[i]).map_or_else(|| "-".to_string(), |n| format!("{n:.2}"))
+            }));
         }
         rows.push(row);
     }
@@ -583,7 +590,9 @@ pub(super) fn render_table(o: &mut String, t: &Table) {
 pub(super) fn cpu_legend(workloads: &[Workload]) -> String {
     let mut o = String::from(
         "<target> cpu: µs of user + system CPU of that proxy's process per SQL statement \
-         (over each run, / (transactions × statements per transaction))\n",
+         (over each run, / (transactions × statements per transaction))\n\
+         <target> cs: context switches of that proxy's threads per SQL statement (each time a \
+         thread slept and was woken, or was preempted), counted the same way\n",
     );
     for w in workloads {
         let note = match w {

@@ -155,6 +155,9 @@ pub(super) struct Cell {
     /// CPU time of the target's proxy process per transaction (µs), per run (per psql run for
     /// the 100k-row result).
     pub(super) cpu_us: Vec<f64>,
+    /// Context switches of the proxy's threads per transaction, per run: how often it slept
+    /// and was woken (or was preempted) for each transaction.
+    pub(super) switches: Vec<f64>,
 }
 
 impl Cell {
@@ -183,6 +186,24 @@ pub(super) fn process_clock_secs(pid: u32) -> Option<f64> {
         return None;
     }
     Some(ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9)
+}
+
+/// Context switches (voluntary + involuntary) of process `pid`'s live threads, from
+/// /proc/<pid>/task/*/status.
+pub(super) fn process_switches(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0;
+    for t in tasks.flatten() {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        for line in status.lines() {
+            if let Some(v) =
+                line.strip_prefix("voluntary_ctxt_switches:").or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Some(total)
 }
 
 /// User + system CPU time of process `pid` from /proc/<pid>/stat, in seconds.
@@ -244,6 +265,10 @@ impl Table {
     /// Median CPU time (µs) of `target`'s proxy process per SQL statement of `w`.
     pub(super) fn cpu_per_statement(&self, w: Workload, target: &str) -> Option<f64> {
         median(&self.cell(w, target)?.cpu_us).map(|us| us / f64::from(w.statements_per_txn()))
+    }
+    /// Median context switches of `target`'s proxy process per SQL statement of `w`.
+    pub(super) fn switches_per_statement(&self, w: Workload, target: &str) -> Option<f64> {
+        median(&self.cell(w, target)?.switches).map(|n| n / f64::from(w.statements_per_txn()))
     }
 }
 
@@ -339,8 +364,11 @@ pub(super) fn run_interleaved(
                         p.check_alive()?;
                     }
                     let cpu_before = t.pid.and_then(process_cpu_secs);
+                    let switches_before = t.pid.and_then(process_switches);
                     let r = measure(w, t, s);
                     let cpu = cpu_before.zip(t.pid.and_then(process_cpu_secs)).map(|(a, b)| b - a);
+                    let switches =
+                        switches_before.zip(t.pid.and_then(process_switches)).map(|(a, b)| b.saturating_sub(a));
                     settle_disk();
                     check_interrupted()?;
                     let cell = table.cells.entry((wi, ti)).or_default();
@@ -359,6 +387,8 @@ pub(super) fn run_interleaved(
                             );
                             cell.samples.push(v);
                             cell.cpu_us.extend(per_txn);
+                            cell.switches
+                                .extend(switches.zip(txns.filter(|&n| n > 0)).map(|(c, n)| c as f64 / n as f64));
                         }
                         Err(e) => {
                             eprintln!("    [{label} {}/{}] {:<16} {:<width$} ERROR: {e:#}", cycle + 1, s.cycles, w.name(), t.name);

@@ -117,7 +117,9 @@ fn table_of(workloads: &[Workload], targets: &[&str], cells: &[CellSpec]) -> Tab
     let ts: Vec<Target> = targets.iter().map(|n| Target::service(n, 1)).collect();
     let mut t = Table::new(workloads, &ts);
     for (at, samples, cpu) in cells {
-        t.cells.insert(*at, Cell { samples: samples.to_vec(), cpu_us: cpu.to_vec(), ..Cell::default() });
+        // Context switches: a tenth of the CPU µs, distinct numbers for their columns.
+        let switches = cpu.iter().map(|c| c / 10.0).collect();
+        t.cells.insert(*at, Cell { samples: samples.to_vec(), cpu_us: cpu.to_vec(), switches, ..Cell::default() });
     }
     t
 }
@@ -192,16 +194,17 @@ fn table_shows_cpu_per_statement_pgbouncer_then_pgward() {
     let lines: Vec<&str> = o.lines().collect();
     let words = |l: &str| l.split_whitespace().map(String::from).collect::<Vec<_>>();
     for (line, want) in [
-        (0, "workload unit direct direct+pgaudit pgbouncer splice pgward | pgbouncer cpu pgward cpu splice cpu"),
-        (1, "select-simple tps 40000 30000 (0.75×) 20000 (0.50×) 22000 (0.55×) 10000 (0.25×) | 18.5 47.1 19.6"),
+        (0, "workload unit direct direct+pgaudit pgbouncer splice pgward | pgbouncer cpu pgward cpu splice cpu | pgbouncer cs pgward cs splice cs"),
+        (1, "select-simple tps 40000 30000 (0.75×) 20000 (0.50×) 22000 (0.55×) 10000 (0.25×) | 18.5 47.1 19.6 | 1.85 4.71 1.96"),
         // TPC-B: per statement = per transaction / 7; no splice sample, no pgaudit run.
-        (2, "tpc-b tps 3000 - 2000 (0.67×) - 1200 (0.40×) | 20.0 55.0 -"),
+        (2, "tpc-b tps 3000 - 2000 (0.67×) - 1200 (0.40×) | 20.0 55.0 - | 2.00 5.50 -"),
         (3, "<target> cpu: µs of user + system CPU of that proxy's process per SQL statement (over each run, / (transactions × statements per transaction))"),
-        (4, "tpc-b: 7 statements per transaction"),
+        (4, "<target> cs: context switches of that proxy's threads per SQL statement (each time a thread slept and was woken, or was preempted), counted the same way"),
+        (5, "tpc-b: 7 statements per transaction"),
     ] {
         assert_eq!(words(lines[line]).join(" "), want, "line {line} of:\n{o}");
     }
-    assert_eq!(lines.len(), 5, "{o}");
+    assert_eq!(lines.len(), 6, "{o}");
     // Columns line up: each header ends where its values end (in characters: µ and × are one).
     let end = |l: &str, word: &str| l.find(word).map(|i| l[..i].chars().count() + word.chars().count());
     assert_eq!(end(lines[0], "pgward cpu"), end(lines[1], "47.1"), "{o}");
@@ -233,7 +236,8 @@ fn cpu_legend_notes_the_workloads_counted_differently() {
         let legend = cpu_legend(&workloads);
         let lines: Vec<&str> = legend.lines().collect();
         assert!(lines[0].starts_with("<target> cpu: µs of user + system CPU"), "{legend}");
-        assert_eq!(lines[1..], notes[..], "{legend}");
+        assert!(lines[1].starts_with("<target> cs: context switches"), "{legend}");
+        assert_eq!(lines[2..], notes[..], "{legend}");
     }
 }
 
