@@ -158,7 +158,7 @@ async fn start_shared(cfg: &Arc<Config>) -> anyhow::Result<(Arc<Shared>, Backgro
     // Revocations and JIT grants: read the state files, audit what the last run did not, then
     // watch them (sessions check the snapshot before every statement).
     let (mut watcher, access) =
-        crate::access::Watcher::load(cfg, audit.clone()).context("loading the access state (revocations, grants)")?;
+        crate::access::Watcher::load(cfg, audit.clone()).await.context("loading the access state (revocations, grants)")?;
     watcher.tick().await;
     let watcher = tokio::spawn(watcher.run());
 

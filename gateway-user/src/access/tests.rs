@@ -127,7 +127,7 @@ fn session_check_sees_new_generation_only() {
 #[test]
 fn store_appends_and_validates() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store { dir: tmp.path().to_owned(), rules: rules() };
+    let store = Store::in_dir(tmp.path().to_owned(), rules());
     let req = store.request("alice", "app_rw", Duration::from_secs(60), "incident 42").unwrap();
     assert!(req.id.starts_with("jit-"));
     assert!(matches!(store.request("alice", "postgres", Duration::from_secs(60), "x"), Err(AccessError::Refused(_))));
