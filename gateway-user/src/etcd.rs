@@ -11,9 +11,14 @@
 //!
 //! Nothing pgward writes is ever modified or deleted by pgward.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, GetOptions, GetResponse, Identity, TlsOptions, Txn, TxnResponse, WatchOptions,
+    WatchStream,
+};
 
 use crate::config::{Config, EtcdConfig};
 
@@ -71,19 +76,23 @@ impl Keys {
     }
 }
 
-/// A connected client, with the settings every call needs.
+/// The cluster: one client per member, made when first used. A request goes to the member
+/// that answered last and, when that one fails or does not answer within `timeout`, to the
+/// next — so a member that is down costs one failed attempt, not the request. (etcd's own
+/// client balances over all members and keeps sending to a dead one.)
 #[derive(Clone)]
 pub struct Etcd {
-    pub client: Client,
+    endpoints: Arc<Vec<String>>,
+    options: ConnectOptions,
+    clients: Arc<Mutex<Vec<Option<Client>>>>,
+    current: Arc<AtomicUsize>,
     pub keys: Keys,
     pub timeout: Duration,
-    endpoints: String,
 }
 
 impl Etcd {
-    /// Connect with `[access.etcd]` (TLS when the endpoints are https or a CA/cert is given,
-    /// user/password when configured). Without a user nothing is sent yet: the first request
-    /// finds out whether the cluster answers.
+    /// The cluster of `[access.etcd]` (TLS for https endpoints, user/password when
+    /// configured). Nothing is sent yet: the first request finds out whether it answers.
     pub async fn connect(cfg: &Config) -> Result<Etcd, EtcdError> {
         let e = cfg.access.etcd.as_ref().ok_or(EtcdError::NotConfigured)?;
         Self::connect_to(cfg, e, &e.endpoints).await
@@ -91,37 +100,105 @@ impl Etcd {
 
     /// Like [`Etcd::connect`], to `endpoints` only (doctor asks each member on its own).
     pub async fn connect_to(cfg: &Config, e: &EtcdConfig, endpoints: &[String]) -> Result<Etcd, EtcdError> {
-        let names = endpoints.join(",");
-        let mut opts = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(e.timeout)
             .with_timeout(e.timeout)
             .with_keep_alive(KEEP_ALIVE_INTERVAL, e.timeout)
             .with_keep_alive_while_idle(true);
         if let Some(tls) = tls_options(cfg, e)? {
-            opts = opts.with_tls(tls);
+            options = options.with_tls(tls);
         }
         if let (Some(user), Some(pw)) = (&e.user, &e.password_file) {
             let text = read(cfg, pw)?;
             let password = text.lines().next().unwrap_or("").to_string();
-            opts = opts.with_user(user.clone(), password).with_auto_token_refresh(true);
+            options = options.with_user(user.clone(), password).with_auto_token_refresh(true);
         }
-        let connect = Client::connect(endpoints, Some(opts));
-        let client = match tokio::time::timeout(e.timeout, connect).await {
-            Ok(r) => r.map_err(|source| EtcdError::Client { endpoints: names.clone(), source })?,
-            Err(_) => return Err(EtcdError::Timeout { endpoints: names, timeout: e.timeout }),
-        };
-        Ok(Etcd { client, keys: Keys::new(e), timeout: e.timeout, endpoints: names })
+        Ok(Etcd {
+            endpoints: Arc::new(endpoints.to_vec()),
+            options,
+            clients: Arc::new(Mutex::new(vec![None; endpoints.len()])),
+            current: Arc::new(AtomicUsize::new(0)),
+            keys: Keys::new(e),
+            timeout: e.timeout,
+        })
     }
 
-    /// Run one request with the configured timeout, naming the endpoints in the error.
-    pub async fn call<T>(
-        &self,
-        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, EtcdError> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(r) => r.map_err(|source| EtcdError::Client { endpoints: self.endpoints.clone(), source }),
-            Err(_) => Err(EtcdError::Timeout { endpoints: self.endpoints.clone(), timeout: self.timeout }),
+    /// The client of member `i`, connecting it first if needed (with a user, connecting
+    /// authenticates: a request).
+    async fn member(&self, i: usize) -> Result<Client, EtcdError> {
+        if let Some(c) = crate::lock(&self.clients).get(i).cloned().flatten() {
+            return Ok(c);
         }
+        let ep = &self.endpoints[i];
+        let connect = Client::connect([ep.as_str()], Some(self.options.clone()));
+        let c = match tokio::time::timeout(self.timeout, connect).await {
+            Ok(r) => r.map_err(|source| EtcdError::Client { endpoints: ep.clone(), source })?,
+            Err(_) => {
+                return Err(EtcdError::Timeout { endpoints: ep.clone(), timeout: self.timeout });
+            }
+        };
+        if let Some(slot) = crate::lock(&self.clients).get_mut(i) {
+            *slot = Some(c.clone());
+        }
+        Ok(c)
+    }
+
+    /// Run `request` against one member after the other, starting with the one that answered
+    /// last, until one answers; the last error if none does.
+    pub async fn call<T, F, Fut>(&self, request: F) -> Result<T, EtcdError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let n = self.endpoints.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = EtcdError::NotConfigured;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let ep = &self.endpoints[i];
+            let client = match self.member(i).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            match tokio::time::timeout(self.timeout, request(client)).await {
+                Ok(Ok(v)) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Ok(Err(source)) => last = EtcdError::Client { endpoints: ep.clone(), source },
+                Err(_) => last = EtcdError::Timeout { endpoints: ep.clone(), timeout: self.timeout },
+            }
+            tracing::debug!(endpoint = %ep, error = %last, "etcd member did not answer; trying the next");
+        }
+        Err(last)
+    }
+
+    /// A linearizable range read (failing over like [`Etcd::call`]).
+    pub async fn get(&self, key: String, opts: Option<GetOptions>) -> Result<GetResponse, EtcdError> {
+        self.call(|mut c| {
+            let (key, opts) = (key.clone(), opts.clone());
+            async move { c.get(key, opts).await }
+        })
+        .await
+    }
+
+    pub async fn txn(&self, txn: Txn) -> Result<TxnResponse, EtcdError> {
+        self.call(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+    }
+
+    pub async fn watch(&self, key: String, opts: WatchOptions) -> Result<WatchStream, EtcdError> {
+        self.call(|mut c| {
+            let (key, opts) = (key.clone(), opts.clone());
+            async move { c.watch(key, Some(opts)).await }
+        })
+        .await
     }
 }
 

@@ -9,6 +9,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use etcd_client::{WatchOptions, WatchStream};
 
@@ -19,10 +20,15 @@ use super::state::{AccessEvent, Revocation};
 use crate::config::Config;
 use crate::etcd::{Etcd, EtcdError};
 
+/// How long after the watch broke it is set up again.
+const WATCH_RETRY: Duration = Duration::from_secs(1);
+
 pub(super) struct EtcdSource {
     cfg: Config,
     etcd: Option<Etcd>,
     watch: Option<WatchStream>,
+    /// When the watch last ended or failed.
+    watch_broken_at: Option<Instant>,
     /// The cluster read from (a different cluster: everything is read again).
     cluster: u64,
     /// The revision read up to.
@@ -37,6 +43,7 @@ impl EtcdSource {
             cfg: cfg.clone(),
             etcd: None,
             watch: None,
+            watch_broken_at: None,
             cluster: 0,
             revision: 0,
             freshness: Arc::new(Freshness::new(cfg.access.max_staleness, status)),
@@ -78,7 +85,11 @@ impl EtcdSource {
         let mut read = read_since(&etcd, self.revision + 1).await?;
         let reset = self.cluster != 0 && read.cluster != self.cluster;
         if reset {
-            tracing::warn!(old = self.cluster, new = read.cluster, "etcd cluster id changed; reading the access state again");
+            tracing::warn!(
+                old = self.cluster,
+                new = read.cluster,
+                "etcd cluster id changed; reading the access state again"
+            );
             read = read_since(&etcd, 1).await?;
         }
         self.cluster = read.cluster;
@@ -91,13 +102,16 @@ impl EtcdSource {
     }
 
     /// Resolves when the watch reports a change under `<prefix>/state/` (or ends: the next
-    /// poll finds out why). Pending while there is no watch and it cannot be set up.
+    /// poll finds out why). Pending while there is no watch and it cannot be set up (or, after
+    /// the watch broke, until [`WATCH_RETRY`] passed: the polls carry on meanwhile).
     pub(super) async fn changed(&mut self) {
         if self.watch.is_none() {
-            let Some(etcd) = self.etcd.clone() else { return std::future::pending().await };
+            let retry_later = self.watch_broken_at.is_some_and(|t| t.elapsed() < WATCH_RETRY);
+            let Some(etcd) = self.etcd.clone().filter(|_| !retry_later) else {
+                return std::future::pending().await;
+            };
             let opts = WatchOptions::new().with_prefix().with_start_revision(self.revision + 1);
-            let mut w = etcd.client.watch_client();
-            match etcd.call(w.watch(etcd.keys.state(), Some(opts))).await {
+            match etcd.watch(etcd.keys.state(), opts).await {
                 Ok(stream) => self.watch = Some(stream),
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot watch etcd; polling only");
@@ -105,10 +119,15 @@ impl EtcdSource {
                 }
             }
         }
-        let Some(stream) = self.watch.as_mut() else { return };
+        let Some(stream) = self.watch.as_mut() else {
+            return;
+        };
         match stream.message().await {
             Ok(Some(_)) => {}
-            Ok(None) | Err(_) => self.watch = None,
+            Ok(None) | Err(_) => {
+                self.watch = None;
+                self.watch_broken_at = Some(Instant::now());
+            }
         }
     }
 }
@@ -122,12 +141,11 @@ struct Read {
 }
 
 async fn read_since(etcd: &Etcd, since: i64) -> Result<Read, EtcdError> {
-    let mut kv = etcd.client.kv_client();
-    let revoked = etcd.call(kv.get(etcd.keys.revoked_dir(), Some(by_creation().with_min_create_revision(since)))).await?;
+    let revoked = etcd.get(etcd.keys.revoked_dir(), Some(by_creation().with_min_create_revision(since))).await?;
     let header = revoked.header().ok_or_else(|| EtcdError::Data("a response without header".into()))?;
     let (cluster, revision) = (header.cluster_id(), header.revision());
     let opts = by_creation().with_min_create_revision(since).with_revision(revision);
-    let events = etcd.call(kv.get(etcd.keys.access_dir(), Some(opts))).await?;
+    let events = etcd.get(etcd.keys.access_dir(), Some(opts)).await?;
     Ok(Read { cluster, revision, revoked: items(revoked.kvs()), events: items(events.kvs()) })
 }
 

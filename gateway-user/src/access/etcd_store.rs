@@ -58,11 +58,12 @@ impl EtcdStore {
     pub(super) fn append_revocation(&self, r: &Revocation) -> Result<(), AccessError> {
         let key = self.etcd.keys.revoked(&r.id);
         let value = serde_json::to_vec(r).map_err(|e| AccessError::Invalid(format!("cannot encode: {e}")))?;
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), value, None)]);
-        let mut kv = self.etcd.client.kv_client();
-        let resp = self.rt.block_on(self.etcd.call(kv.txn(txn)))?;
+        let txn = Txn::new().when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
+            key.clone(),
+            value,
+            None,
+        )]);
+        let resp = self.rt.block_on(self.etcd.txn(txn))?;
         if !resp.succeeded() {
             return Err(AccessError::Invalid(format!("etcd already holds {key}")));
         }
@@ -88,15 +89,12 @@ impl EtcdStore {
                 return Ok((state, ev));
             }
         }
-        Err(AccessError::Invalid(format!(
-            "etcd: {MAX_CAS_ATTEMPTS} attempts lost to concurrent writers; try again"
-        )))
+        Err(AccessError::Invalid(format!("etcd: {MAX_CAS_ATTEMPTS} attempts lost to concurrent writers; try again")))
     }
 
     /// The events and `access-seq` (its value and mod revision) at one revision.
     async fn read_events(&self, rules: &Rules) -> Result<(State, (u64, i64)), EtcdError> {
-        let mut kv = self.etcd.client.kv_client();
-        let seq_resp = self.etcd.call(kv.get(self.etcd.keys.access_seq(), None)).await?;
+        let seq_resp = self.etcd.get(self.etcd.keys.access_seq(), None).await?;
         let rev = seq_resp.header().map(|h| h.revision()).unwrap_or(0);
         let last = match seq_resp.kvs().first() {
             Some(k) => {
@@ -115,25 +113,21 @@ impl EtcdStore {
         let value = serde_json::to_vec(ev).map_err(|e| AccessError::Invalid(format!("cannot encode: {e}")))?;
         let keys = &self.etcd.keys;
         let next = last.0 + 1;
-        let txn = Txn::new()
-            .when([Compare::mod_revision(keys.access_seq(), CompareOp::Equal, last.1)])
-            .and_then([
-                TxnOp::put(keys.access_seq(), next.to_string(), None::<PutOptions>),
-                TxnOp::put(keys.access(next), value, None),
-            ]);
-        let mut kv = self.etcd.client.kv_client();
-        Ok(self.etcd.call(kv.txn(txn)).await?.succeeded())
+        let txn = Txn::new().when([Compare::mod_revision(keys.access_seq(), CompareOp::Equal, last.1)]).and_then([
+            TxnOp::put(keys.access_seq(), next.to_string(), None::<PutOptions>),
+            TxnOp::put(keys.access(next), value, None),
+        ]);
+        Ok(self.etcd.txn(txn).await?.succeeded())
     }
 }
 
 /// Every revocation and access event in etcd (at `revision`, 0: the newest), applied in the
 /// order they were written; also the revision read.
 pub(super) async fn load_state(etcd: &Etcd, rules: &Rules, revision: i64) -> Result<(State, i64), EtcdError> {
-    let mut kv = etcd.client.kv_client();
-    let opts = || if revision > 0 { by_creation().with_revision(revision) } else { by_creation() };
-    let revoked = etcd.call(kv.get(etcd.keys.revoked_dir(), Some(opts()))).await?;
+    let opts = if revision > 0 { by_creation().with_revision(revision) } else { by_creation() };
+    let revoked = etcd.get(etcd.keys.revoked_dir(), Some(opts)).await?;
     let at = revoked.header().map(|h| h.revision()).unwrap_or(revision);
-    let events = etcd.call(kv.get(etcd.keys.access_dir(), Some(by_creation().with_revision(at)))).await?;
+    let events = etcd.get(etcd.keys.access_dir(), Some(by_creation().with_revision(at))).await?;
     let mut state = State::default();
     for r in revoked.kvs().iter().filter_map(decode::<Revocation>) {
         if r.valid() {

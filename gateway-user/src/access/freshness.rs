@@ -95,7 +95,9 @@ impl Freshness {
         let at = self.synced_at_ms.load(Ordering::Acquire);
         let bound = humantime::format_duration(self.max_staleness);
         if at == 0 {
-            return Some(format!("the access state has not been read from etcd yet (new logins wait for it; [access] max_staleness = {bound})"));
+            return Some(format!(
+                "the access state has not been read from etcd yet (new logins wait for it; [access] max_staleness = {bound})"
+            ));
         }
         let age = now_ms().saturating_sub(at);
         if age > i64::try_from(self.max_staleness.as_millis()).unwrap_or(i64::MAX) {

@@ -50,7 +50,12 @@ impl Store {
     }
 
     /// Revoke token `jti` or every token of `user` issued until now.
-    pub fn revoke(&self, jti: Option<&str>, user: Option<&str>, reason: Option<&str>) -> Result<Revocation, AccessError> {
+    pub fn revoke(
+        &self,
+        jti: Option<&str>,
+        user: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<Revocation, AccessError> {
         let r = Revocation {
             id: new_id("rev"),
             at: now_unix(),

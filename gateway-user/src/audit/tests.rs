@@ -28,6 +28,7 @@ fn keys() -> PublicKeys {
 fn opts(dir: &Path, every: u64) -> WriterOptions {
     WriterOptions {
         export: None,
+        on_checkpoint: None,
         dir: dir.to_owned(),
         fsync: FsyncPolicy::Group,
         checkpoint_every: every,
