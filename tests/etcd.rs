@@ -45,8 +45,9 @@ fn with_etcd(b: PgwardBuilder, endpoints: &[String], prefix: &str, node: &str) -
 }
 
 /// A second gateway in front of the same Postgres, with `a`'s policy, roles and token keys
-/// (a token issued for one is good for both), sharing `a`'s etcd state.
-fn second_gateway(a: &Env, endpoints: &[String], prefix: &str, node: &str) -> Pgward {
+/// (a token issued for one is good for both), sharing `a`'s etcd state; metrics on
+/// `metrics_port`.
+fn second_gateway(a: &Env, endpoints: &[String], prefix: &str, node: &str, metrics_port: u16) -> Pgward {
     let policy = a.pw.dir.join("test-policy.toml");
     let jwks = a.pw.config_path_value("auth.jwks");
     let rw = a.rw.clone();
@@ -55,6 +56,7 @@ fn second_gateway(a: &Env, endpoints: &[String], prefix: &str, node: &str) -> Pg
         toml_set(t, "auth.jwks", jwks.display().to_string());
         toml_set(t, "access.approver_groups", vec![toml::Value::from("approvers")]);
         toml_set(t, "access.grantable_roles", vec![toml::Value::from(rw)]);
+        toml_set(t, "server.metrics_listen", format!("127.0.0.1:{metrics_port}"));
     });
     with_etcd(b, endpoints, prefix, node).start()
 }
@@ -126,7 +128,10 @@ async fn revokes_and_approvals_reach_every_gateway_and_an_outage_keeps_the_last_
         let (eps, prefix) = (eps.clone(), prefix.clone());
         move |b| with_etcd(b, &eps, &prefix, "gw-a")
     });
-    let b = second_gateway(&a, &eps, &prefix, "gw-b");
+    let metrics_port = common::free_port();
+    let b = second_gateway(&a, &eps, &prefix, "gw-b", metrics_port);
+    assert_eq!(sample(&metrics(metrics_port), "pgward_access_backend_connected"), Some(1.0));
+    assert_eq!(doctor_access(&b), "pass");
 
     // A token revoked with A's CLI: B ends its live session and refuses it.
     let (leaked, _) = a.login("alice", &["analysts"], "15m");
@@ -174,6 +179,10 @@ async fn revokes_and_approvals_reach_every_gateway_and_an_outage_keeps_the_last_
     assert_eq!(sqlstate(&refused).as_deref(), Some("28P01"), "{refused}");
     let status = wait_status(&b, "UNREACHABLE");
     assert!(status.contains("etcd"), "{status}");
+    let text = metrics(metrics_port);
+    assert_eq!(sample(&text, "pgward_access_backend_connected"), Some(0.0), "{text}");
+    assert!(sample(&text, "pgward_access_state_age_seconds").is_some_and(|v| v > 0.0), "{text}");
+    assert_eq!(doctor_access(&b), "fail");
 
     // Past max_staleness: new logins are refused, sessions already in keep running.
     let fresh = a.pw.token("frank", &["analysts"], "15m");
@@ -189,7 +198,33 @@ async fn revokes_and_approvals_reach_every_gateway_and_an_outage_keeps_the_last_
     assert_eq!(current_user(&frank).await.unwrap(), a.ro);
     let refused = leaked_on_b.connect().await.expect_err("still revoked");
     assert_eq!(sqlstate(&refused).as_deref(), Some("28P01"), "{refused}");
+    assert_eq!(sample(&metrics(metrics_port), "pgward_access_backend_connected"), Some(1.0));
     assert!(!a.pw.log_has_panic() && !b.log_has_panic());
+}
+
+/// `GET /metrics` on 127.0.0.1:`port`.
+fn metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of a sample line `name value`.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+}
+
+/// The result (`pass`, `warn`, `fail`) of `pgward doctor`'s access backend check for `gw`.
+fn doctor_access(gw: &Pgward) -> String {
+    let out = cli(gw, &["doctor", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.describe()));
+    let check = report["checks"].as_array().and_then(|c| c.iter().find(|c| c["check"] == "access backend")).cloned();
+    let check = check.unwrap_or_else(|| panic!("no access backend check: {report}"));
+    check["result"].as_str().unwrap_or_default().to_string()
 }
 
 /// `pgward status` of `gw`, polled until it mentions `needle`.

@@ -96,8 +96,8 @@ impl EtcdSource {
         self.revision = read.revision;
         let pos = Pos { ino: read.cluster, offset: read.revision.max(0) as u64 };
         Ok(Delta {
-            revoked: (reset || !read.revoked.is_empty()).then(|| Batch { items: read.revoked, reset, pos }),
-            events: (reset || !read.events.is_empty()).then(|| Batch { items: read.events, reset, pos }),
+            revoked: (reset || !read.revoked.is_empty()).then_some(Batch { items: read.revoked, reset, pos }),
+            events: (reset || !read.events.is_empty()).then_some(Batch { items: read.events, reset, pos }),
         })
     }
 

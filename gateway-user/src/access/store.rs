@@ -21,7 +21,7 @@ pub fn state_dir(cfg: &Config) -> PathBuf {
 /// Where the access state is written.
 enum Backend {
     File(FileStore),
-    Etcd(EtcdStore),
+    Etcd(Box<EtcdStore>),
 }
 
 /// Validated appends of revocations and access events.
@@ -34,7 +34,7 @@ impl Store {
     pub fn open(cfg: &Config) -> Result<Store, AccessError> {
         let backend = match cfg.access.backend {
             AccessBackend::File => Backend::File(FileStore::open(state_dir(cfg))?),
-            AccessBackend::Etcd => Backend::Etcd(EtcdStore::open(cfg)?),
+            AccessBackend::Etcd => Backend::Etcd(Box::new(EtcdStore::open(cfg)?)),
         };
         Ok(Store { rules: Rules::from_config(cfg), backend })
     }

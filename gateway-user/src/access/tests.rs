@@ -148,3 +148,24 @@ fn store_appends_and_validates() {
     let req3 = store.request("carol", "app_rw", Duration::from_secs(60), "torn").unwrap();
     assert_eq!(store.load().unwrap().request(&req3.id).unwrap().user, "carol");
 }
+
+#[test]
+fn staleness_refuses_logins_not_sessions() {
+    let f = std::sync::Arc::new(Freshness::new(Duration::from_secs(3600), None));
+    let mut s = State::default();
+    s.set_freshness(f.clone());
+    let id = ident("alice", &[], "j1", 10);
+    let why = s.token_revoked(&id).expect("nothing read yet: logins wait");
+    assert!(why.contains("not been read"), "{why}");
+    assert!(s.revoked_in_state(&id).is_none(), "sessions run on the last state");
+    f.synced();
+    assert!(s.token_revoked(&id).is_none());
+    f.failed("etcd down");
+    assert!(s.token_revoked(&id).is_none(), "within max_staleness the last state holds");
+    let short = std::sync::Arc::new(Freshness::new(Duration::from_millis(1), None));
+    short.synced();
+    std::thread::sleep(Duration::from_millis(20));
+    let mut s = State::default();
+    s.set_freshness(short);
+    assert!(s.token_revoked(&id).is_some_and(|w| w.contains("stale")));
+}
