@@ -365,3 +365,55 @@ async fn etcd_over_tls_with_client_certificates() {
     wait_refused(&login, "revoked").await;
     assert_fatal(current_user(&live).await, "28P01", "revoked");
 }
+
+/// Turn on etcd's auth on `endpoints`: `root`, and `user` with read-write on `prefix` only.
+async fn enable_auth(endpoints: &[String], prefix: &str, user: &str, password: &str) {
+    let mut c = etcd_client::Client::connect(endpoints, None).await.expect("etcd client");
+    c.user_add("root", "root-secret", None).await.expect("add root");
+    c.user_grant_role("root", "root").await.expect("root role");
+    c.role_add("pgward-rw").await.expect("add role");
+    let perm = etcd_client::Permission::read_write(prefix.to_string()).with_prefix();
+    c.role_grant_permission("pgward-rw", perm).await.expect("grant prefix");
+    c.user_add(user, password, None).await.expect("add user");
+    c.user_grant_role(user, "pgward-rw").await.expect("grant role");
+    c.auth_enable().await.expect("auth enable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_with_auth_user_and_password() {
+    let cluster = EtcdCluster::start(1);
+    let eps = cluster.endpoints();
+    let prefix = format!("/pgward-test-{}", rand_hex(8));
+    enable_auth(&eps, &prefix, "pgward", "s3cret-pw").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let (good, bad) = (secrets.path().join("good"), secrets.path().join("bad"));
+    std::fs::write(&good, "s3cret-pw\n").unwrap();
+    std::fs::write(&bad, "wrong\n").unwrap();
+    let db = common::cluster().create_database("etcd_auth");
+    let good_path = good.display().to_string();
+    let pw = with_etcd(Pgward::builder(), &eps, &prefix, "gw-auth")
+        .config(move |t| {
+            toml_set(t, "access.etcd.user", "pgward");
+            toml_set(t, "access.etcd.password_file", good_path);
+        })
+        .start();
+    let token = pw.token("alice", &[], "15m");
+    let login = pw.login("alice", &token, &db);
+    let live = wait_accepted(&login).await;
+
+    // A wrong password: the CLI fails (exit 2) and nothing is revoked.
+    let mut t = pw.config();
+    toml_set(&mut t, "access.etcd.password_file", bad.display().to_string());
+    let bad_cfg = pw.dir.join("bad-password.toml");
+    std::fs::write(&bad_cfg, toml::to_string(&t).unwrap()).unwrap();
+    let jti = jwt::jti_of(&token);
+    let out = common::pgward_cli(&["token", "revoke", "--jti", &jti, "--config", &bad_cfg.display().to_string()]);
+    assert_eq!(out.code, Some(2), "{}", out.describe());
+    assert!(out.stderr.contains("etcd"), "{}", out.describe());
+    assert!(!current_user(&live).await.unwrap().is_empty(), "the session runs on");
+
+    // The right one: the revocation goes through and ends the session.
+    cli(&pw, &["token", "revoke", "--jti", &jti]).expect_ok();
+    wait_refused(&login, "revoked").await;
+    assert_fatal(current_user(&live).await, "28P01", "revoked");
+}
