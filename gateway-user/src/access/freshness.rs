@@ -44,6 +44,8 @@ pub struct Freshness {
     /// Unix milliseconds of the last complete read; 0: never.
     synced_at_ms: AtomicI64,
     connected: AtomicBool,
+    /// A failure was reported already (the first one is, even before any read succeeded).
+    failure_reported: AtomicBool,
     last_error: Mutex<Option<String>>,
     status_path: Option<PathBuf>,
 }
@@ -59,6 +61,7 @@ impl Freshness {
             max_staleness,
             synced_at_ms: AtomicI64::new(0),
             connected: AtomicBool::new(false),
+            failure_reported: AtomicBool::new(false),
             last_error: Mutex::new(None),
             status_path,
         }
@@ -70,6 +73,7 @@ impl Freshness {
         *lock(&self.last_error) = None;
         crate::metrics::METRICS.access_backend_connected.set(1);
         crate::metrics::METRICS.access_synced_at_ms.store(now_ms(), Ordering::Relaxed);
+        self.failure_reported.store(false, Ordering::Release);
         if !self.connected.swap(true, Ordering::AcqRel) {
             tracing::info!("access backend: etcd reachable, state current");
             self.write_status();
@@ -80,7 +84,8 @@ impl Freshness {
     pub fn failed(&self, error: &str) {
         *lock(&self.last_error) = Some(error.to_string());
         crate::metrics::METRICS.access_backend_connected.set(0);
-        if self.connected.swap(false, Ordering::AcqRel) || self.synced_at_ms.load(Ordering::Acquire) == 0 {
+        let was_connected = self.connected.swap(false, Ordering::AcqRel);
+        if !self.failure_reported.swap(true, Ordering::AcqRel) || was_connected {
             tracing::error!(%error, "access backend: etcd unreachable; keeping the last known access state");
             self.write_status();
         }
