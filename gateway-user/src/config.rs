@@ -357,7 +357,141 @@ pub struct AccessConfig {
     /// A request not approved within this long lapses.
     #[serde(with = "humantime_serde_compat")]
     pub request_ttl: Duration,
+    /// Where the access state lives: this host's files, or etcd (fleet-wide).
+    pub backend: AccessBackend,
+    /// With `backend = "etcd"`: how long after the last successful read of etcd new logins
+    /// are still accepted on the last known state. Sessions already logged in keep running.
+    #[serde(with = "humantime_serde_compat")]
+    pub max_staleness: Duration,
+    /// `[access.etcd]`: the cluster (used when `backend = "etcd"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdConfig>,
 }
+
+// ---- [access] backend = "etcd" ------------------------------------------------------------
+
+/// Where revocations, access requests, approvals and grants live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessBackend {
+    /// `revoked.jsonl` / `access.jsonl` in `state_dir`: one host.
+    #[default]
+    File,
+    /// Keys under `[access.etcd] prefix`: every gateway of the fleet watches them.
+    Etcd,
+}
+
+/// `[access.etcd]`: the etcd cluster (v3 API) holding the fleet's access state and the audit
+/// checkpoint anchors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client URLs, e.g. `["https://10.0.0.1:2379", "https://10.0.0.2:2379"]`.
+    pub endpoints: Vec<String>,
+    /// Key prefix of everything pgward stores.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// CA bundle (PEM) the servers' certificates are checked against (https endpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM), when etcd runs with `--client-cert-auth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// etcd user (auth enabled); its password is the first line of `password_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Longest wait for one request (and for a connection).
+    #[serde(default = "default_etcd_timeout", with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Write each durable audit checkpoint to etcd (`<prefix>/anchors/<node_name>/`).
+    #[serde(default = "default_true")]
+    pub anchors: bool,
+    /// This gateway's name among the fleet's anchors (default: the host name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+}
+
+fn default_etcd_prefix() -> String {
+    "/pgward".into()
+}
+/// `[access.etcd] timeout` when not set: well under the default staleness bound.
+fn default_etcd_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+/// `[access] max_staleness` when not set.
+pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(30);
+
+impl EtcdConfig {
+    /// `node_name`, or the host name.
+    pub fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into())
+        })
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.endpoints.is_empty() {
+            return Err("access.etcd.endpoints is empty".into());
+        }
+        if !self.prefix.starts_with('/') || self.prefix.ends_with('/') || self.prefix.len() < 2 {
+            return Err(format!("access.etcd.prefix {:?} must start with '/' and not end with it", self.prefix));
+        }
+        let https = self.endpoints.iter().filter(|u| u.starts_with("https://")).count();
+        let http = self.endpoints.iter().filter(|u| u.starts_with("http://")).count();
+        if https + http != self.endpoints.len() || (https > 0 && http > 0) {
+            return Err("access.etcd.endpoints must all be https://HOST:PORT (or all http://HOST:PORT)".into());
+        }
+        if https > 0 && self.ca_file.is_none() {
+            return Err("access.etcd: https endpoints need ca_file (the CA that signed the etcd servers' certificates)".into());
+        }
+        if https == 0 && (self.ca_file.is_some() || self.cert_file.is_some()) {
+            return Err("access.etcd: ca_file and cert_file need https:// endpoints".into());
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err("access.etcd: cert_file and key_file go together".into());
+        }
+        if self.user.is_some() != self.password_file.is_some() {
+            return Err("access.etcd: user and password_file go together".into());
+        }
+        if self.timeout.is_zero() {
+            return Err("access.etcd.timeout must be more than 0".into());
+        }
+        if self.node_name.as_deref().is_some_and(|n| n.is_empty() || n.contains('/')) {
+            return Err("access.etcd.node_name must be non-empty and without '/'".into());
+        }
+        Ok(())
+    }
+}
+
+impl AccessConfig {
+    /// The `[access]` checks `Config::load` runs.
+    fn validate(&self) -> Result<(), String> {
+        match (&self.backend, &self.etcd) {
+            (AccessBackend::Etcd, None) => Err("access.backend = \"etcd\" needs an [access.etcd] section".into()),
+            (_, Some(e)) => e.validate(),
+            _ => Ok(()),
+        }?;
+        if self.max_staleness.is_zero() {
+            return Err("access.max_staleness must be more than 0".into());
+        }
+        Ok(())
+    }
+
+    /// `[access.etcd]` when the backend is etcd.
+    pub fn etcd(&self) -> Option<&EtcdConfig> {
+        self.etcd.as_ref().filter(|_| self.backend == AccessBackend::Etcd)
+    }
+}
+
+// ---- end of [access] backend = "etcd" -----------------------------------------------------
 
 impl Default for AccessConfig {
     fn default() -> Self {
@@ -367,6 +501,9 @@ impl Default for AccessConfig {
             grantable_roles: Vec::new(),
             max_ttl: Duration::from_secs(8 * 3600),
             request_ttl: Duration::from_secs(24 * 3600),
+            backend: AccessBackend::File,
+            max_staleness: DEFAULT_MAX_STALENESS,
+            etcd: None,
         }
     }
 }
@@ -508,6 +645,7 @@ impl Config {
         if self.audit.checkpoint_every == 0 {
             return Err(bad("audit.checkpoint_every must be at least 1".into()));
         }
+        self.access.validate().map_err(bad)?;
         Ok(())
     }
 

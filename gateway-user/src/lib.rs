@@ -12,6 +12,7 @@ pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod etcd;
 pub mod metrics;
 pub mod param_watch;
 pub mod ebpf;

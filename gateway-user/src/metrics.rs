@@ -38,6 +38,12 @@ pub struct Metrics {
     /// Long statement texts parsed on the blocking pool instead of the event loop (session).
     pub statements_analyzed_off_loop: Counter,
     ebpf: Family<Vec<(String, String)>, Gauge>,
+    /// The access state backend (`[access] backend`): 1 while it answers (always with the file
+    /// backend), and the age of the state in force, refreshed at scrape time from
+    /// `access_synced_at_ms` (unix ms of the last complete read of etcd; 0: never).
+    pub access_backend_connected: Gauge,
+    pub access_synced_at_ms: std::sync::atomic::AtomicI64,
+    access_state_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -90,6 +96,9 @@ impl Metrics {
             pool_discards: Family::default(),
             pool_idle: Gauge::default(),
             ebpf: Family::default(),
+            access_backend_connected: Gauge::default(),
+            access_synced_at_ms: std::sync::atomic::AtomicI64::new(0),
+            access_state_age_seconds: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("logins", "Successful logins (token verified, upstream connected)", m.logins.clone());
@@ -116,6 +125,16 @@ impl Metrics {
         );
         registry.register("upstream_pool_idle", "Idle upstream connections in the pool", m.pool_idle.clone());
         registry.register("ebpf", "eBPF program counters (from the kernel maps)", m.ebpf.clone());
+        registry.register(
+            "access_backend_connected",
+            "1 while the access state backend answers (etcd; always 1 with the file backend)",
+            m.access_backend_connected.clone(),
+        );
+        registry.register(
+            "access_state_age_seconds",
+            "Seconds since the access state was last read in full from etcd (0 with the file backend; -1: never)",
+            m.access_state_age_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -167,11 +186,27 @@ impl Metrics {
                     .set(i64::try_from(c.value).unwrap_or(i64::MAX));
             }
         }
+        self.refresh_access_age(cfg);
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
         out
+    }
+}
+
+impl Metrics {
+    /// `access_state_age_seconds` as of now.
+    fn refresh_access_age(&self, cfg: &Config) {
+        use std::sync::atomic::Ordering;
+        if cfg.access.etcd().is_none() {
+            self.access_backend_connected.set(1);
+            self.access_state_age_seconds.set(0.0);
+            return;
+        }
+        let at = self.access_synced_at_ms.load(Ordering::Relaxed);
+        let age = if at == 0 { -1.0 } else { (chrono::Utc::now().timestamp_millis() - at).max(0) as f64 / 1000.0 };
+        self.access_state_age_seconds.set(age);
     }
 }
 

@@ -158,13 +158,15 @@ async fn start_shared(cfg: &Arc<Config>) -> anyhow::Result<(Arc<Shared>, Backgro
     let policy = crate::policy::Policy::load(cfg).context("loading the policy")?;
     tracing::info!(sources = ?policy.sources(), rules = policy.rule_names().count(), "policy loaded");
 
-    let opts = WriterOptions::from_config(cfg).context("loading the checkpoint signing key")?;
+    let mut opts = WriterOptions::from_config(cfg).context("loading the checkpoint signing key")?;
+    // [access] backend = "etcd": every durable checkpoint is anchored off the host as well.
+    opts.on_checkpoint = crate::audit::anchor::start(cfg);
     let audit = AuditHandle::start(opts).context("starting the audit log")?;
 
     // Revocations and JIT grants: read the state files, audit what the last run did not, then
     // watch them (sessions check the snapshot before every statement).
     let (mut watcher, access) =
-        crate::access::Watcher::load(cfg, audit.clone()).context("loading the access state (revocations, grants)")?;
+        crate::access::Watcher::load(cfg, audit.clone()).await.context("loading the access state (revocations, grants)")?;
     watcher.tick().await;
     let watcher = tokio::spawn(watcher.run());
 

@@ -69,7 +69,7 @@ impl SessionCheck {
         let generation = access.generation();
         if generation != self.seen {
             let snap = access.snapshot();
-            if let Some(why) = snap.token_revoked(identity) {
+            if let Some(why) = snap.revoked_in_state(identity) {
                 return Err(Refusal::TokenRevoked(why));
             }
             if let Some(g) = &self.grant

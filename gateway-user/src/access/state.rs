@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::freshness::Freshness;
 use super::rfc3339;
 use crate::audit::{Kind, Record};
 use crate::auth::Identity;
@@ -159,6 +160,9 @@ impl AccessRequest {
 /// Revocations and requests as read from the state files.
 #[derive(Debug, Clone, Default)]
 pub struct State {
+    /// With a remote backend: how current this state is (new logins are refused once it is
+    /// older than `[access] max_staleness`).
+    freshness: Option<Arc<Freshness>>,
     revoked_jti: HashMap<String, i64>,
     /// user → latest user revocation time.
     revoked_user: HashMap<String, i64>,
@@ -261,8 +265,18 @@ impl State {
         }
     }
 
-    /// Why `identity`'s token is revoked, if it is.
+    /// Why `identity`'s token may not log in: it is revoked, or (remote backend) the state is
+    /// too stale to tell. `None`: it may.
     pub fn token_revoked(&self, identity: &Identity) -> Option<String> {
+        if let Some(why) = self.freshness.as_ref().and_then(|f| f.stale()) {
+            return Some(why);
+        }
+        self.revoked_in_state(identity)
+    }
+
+    /// Why `identity`'s token is revoked in this state, if it is (whatever its age: a session
+    /// already logged in keeps running on the last known state).
+    pub fn revoked_in_state(&self, identity: &Identity) -> Option<String> {
         if let Some(at) = self.revoked_jti.get(&identity.jti) {
             return Some(format!("token {} was revoked at {}", identity.jti, rfc3339(*at)));
         }
@@ -291,6 +305,10 @@ impl State {
     /// Every request, in the order they were made.
     pub fn requests(&self) -> &[AccessRequest] {
         &self.requests
+    }
+
+    pub(super) fn set_freshness(&mut self, f: Arc<Freshness>) {
+        self.freshness = Some(f);
     }
 
     pub(super) fn clear_revocations(&mut self) {

@@ -127,7 +127,7 @@ fn session_check_sees_new_generation_only() {
 #[test]
 fn store_appends_and_validates() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store { dir: tmp.path().to_owned(), rules: rules() };
+    let store = Store::in_dir(tmp.path().to_owned(), rules());
     let req = store.request("alice", "app_rw", Duration::from_secs(60), "incident 42").unwrap();
     assert!(req.id.starts_with("jit-"));
     assert!(matches!(store.request("alice", "postgres", Duration::from_secs(60), "x"), Err(AccessError::Refused(_))));
@@ -147,4 +147,25 @@ fn store_appends_and_validates() {
     std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"event\":\"req").unwrap();
     let req3 = store.request("carol", "app_rw", Duration::from_secs(60), "torn").unwrap();
     assert_eq!(store.load().unwrap().request(&req3.id).unwrap().user, "carol");
+}
+
+#[test]
+fn staleness_refuses_logins_not_sessions() {
+    let f = std::sync::Arc::new(Freshness::new(Duration::from_secs(3600), None));
+    let mut s = State::default();
+    s.set_freshness(f.clone());
+    let id = ident("alice", &[], "j1", 10);
+    let why = s.token_revoked(&id).expect("nothing read yet: logins wait");
+    assert!(why.contains("not been read"), "{why}");
+    assert!(s.revoked_in_state(&id).is_none(), "sessions run on the last state");
+    f.synced();
+    assert!(s.token_revoked(&id).is_none());
+    f.failed("etcd down");
+    assert!(s.token_revoked(&id).is_none(), "within max_staleness the last state holds");
+    let short = std::sync::Arc::new(Freshness::new(Duration::from_millis(1), None));
+    short.synced();
+    std::thread::sleep(Duration::from_millis(20));
+    let mut s = State::default();
+    s.set_freshness(short);
+    assert!(s.token_revoked(&id).is_some_and(|w| w.contains("stale")));
 }

@@ -1,99 +1,49 @@
-//! `serve`'s side: polling the state files, publishing snapshots, and auditing every event.
+//! `serve`'s side: reading the access state from its backend ([`Source`]: the state files,
+//! or etcd), publishing snapshots, and auditing every event in this gateway's log.
 
 use std::collections::{HashSet, VecDeque};
-use std::io::{Read as _, Seek as _, Write as _};
-use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::state::{Access, AccessEvent, AccessRequest, Revocation, Rules, State};
-use super::store::{ensure_dir, parse_lines, state_dir};
-use super::{ACCESS_FILE, AccessError, CURSOR_FILE, POLL_INTERVAL, REVOKED_FILE, now_unix, rfc3339};
+use super::file_store::ensure_dir;
+use super::source::{Delta, Pos, Source};
+use super::state::{Access, AccessEvent, AccessRequest, Rules, State};
+use super::store::state_dir;
+use super::{AccessError, POLL_INTERVAL, now_unix, rfc3339};
 use crate::audit::{AuditHandle, Kind, Record};
 use crate::config::Config;
 
-/// How far `serve` has audited each state file.
+/// How far `serve` has audited each stream of the backend.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Cursor {
     #[serde(default)]
-    revoked: FilePos,
+    revoked: Pos,
     #[serde(default)]
-    access: FilePos,
+    access: Pos,
     /// Grants whose expiry has been audited.
     #[serde(default)]
     expired: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-struct FilePos {
-    ino: u64,
-    offset: u64,
-}
-
-/// One watched file: how far it has been read.
-struct Tail {
-    path: PathBuf,
-    /// Inode and offset read up to (whole lines).
-    pos: FilePos,
-    /// (len, mtime) last seen, to skip reading when nothing changed.
-    seen: Option<(u64, i64, i64)>,
-}
-
-impl Tail {
-    /// New complete lines since the last call: (bytes, offset of their start); `reset` when the
-    /// file was replaced or truncated (everything is read again from 0).
-    fn read_new(&mut self) -> std::io::Result<Option<(Vec<u8>, u64, bool)>> {
-        let m = match std::fs::metadata(&self.path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let reset = self.pos.offset > 0;
-                self.pos = FilePos::default();
-                self.seen = None;
-                return Ok(reset.then(|| (Vec::new(), 0, true)));
-            }
-            Err(e) => return Err(e),
-        };
-        let stamp = (m.len(), m.mtime(), m.mtime_nsec());
-        if self.seen == Some(stamp) && m.ino() == self.pos.ino {
-            return Ok(None);
-        }
-        let mut reset = false;
-        if (self.pos.ino != 0 && m.ino() != self.pos.ino) || m.len() < self.pos.offset {
-            tracing::warn!(file = %self.path.display(), "state file was replaced or truncated; reading it again from the start");
-            self.pos = FilePos { ino: m.ino(), offset: 0 };
-            reset = true;
-        }
-        self.pos.ino = m.ino();
-        let mut f = std::fs::File::open(&self.path)?;
-        f.seek(std::io::SeekFrom::Start(self.pos.offset))?;
-        let mut buf = Vec::new();
-        f.take(m.len().saturating_sub(self.pos.offset)).read_to_end(&mut buf)?;
-        let complete = buf.iter().rposition(|b| *b == b'\n').map(|p| p + 1).unwrap_or(0);
-        buf.truncate(complete);
-        let start = self.pos.offset;
-        self.pos.offset += complete as u64;
-        if complete == m.len().saturating_sub(start) as usize {
-            self.seen = Some(stamp);
-        }
-        Ok(Some((buf, start, reset)))
-    }
-}
-
-/// `serve`'s watcher: reads the state files, publishes snapshots, writes audit records.
+/// `serve`'s watcher: reads the backend, publishes snapshots, writes audit records.
 pub struct Watcher {
     access: Arc<Access>,
     audit: AuditHandle,
     rules: Rules,
     dir: PathBuf,
+    source: Source,
     state: State,
-    revoked: Tail,
-    events: Tail,
+    /// Where each stream has been read up to.
+    revoked_pos: Pos,
+    events_pos: Pos,
     cursor: Cursor,
     cursor_dirty: bool,
-    /// Revocations read (and enforced) but not yet audited: (offset after its line, record).
+    /// Revocations read (and enforced) but not yet audited: (position after it, record).
     unaudited_revocations: VecDeque<(u64, Record)>,
     /// Access events read but not yet audited (they take effect once audited).
     unaudited_events: VecDeque<(u64, AccessEvent)>,
@@ -101,57 +51,71 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// Read the state files (creating the directory if needed) and build the first snapshot:
-    /// every revocation, and the access events up to where the previous run audited them. The
-    /// rest is audited (and applied) by the first [`Watcher::tick`].
+    /// Read the backend (creating the state directory if needed) and build the first
+    /// snapshot: every revocation, and the access events up to where the previous run
+    /// audited them. The rest is audited (and applied) by the first [`Watcher::tick`].
     /// A directory that cannot be created is not fatal (the CLI creates it when it first
     /// writes); state files that exist but cannot be read are (revocations would be missed).
-    pub fn load(cfg: &Config, audit: AuditHandle) -> Result<(Watcher, Arc<Access>), AccessError> {
+    /// etcd that cannot be reached is not: the gateway starts with nothing known, and refuses
+    /// logins until the first read succeeds (see `Freshness`).
+    pub async fn load(cfg: &Config, audit: AuditHandle) -> Result<(Watcher, Arc<Access>), AccessError> {
         let dir = state_dir(cfg);
         if let Err(e) = ensure_dir(&dir) {
             tracing::warn!(error = %e, "cannot create the access state directory; watching for it");
         }
-        let rules = Rules::from_config(cfg);
-        let cursor_path = dir.join(CURSOR_FILE);
+        let (source, freshness) = Source::new(cfg, &dir);
+        let cursor_path = dir.join(source.cursor_file());
         let cursor: Cursor = match std::fs::read(&cursor_path) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-                tracing::warn!(file = %cursor_path.display(), error = %e, "unreadable cursor; auditing the state files from the start");
+                tracing::warn!(file = %cursor_path.display(), error = %e, "unreadable cursor; auditing the access state from the start");
                 Cursor::default()
             }),
             Err(_) => Cursor::default(),
         };
-        let access = Arc::new(Access::new(State::default()));
+        let mut state = State::default();
+        if let Some(f) = freshness {
+            state.set_freshness(f);
+        }
+        let access = Arc::new(Access::new(state.clone()));
         let mut w = Watcher {
             access: access.clone(),
             audit,
-            rules,
-            revoked: Tail { path: dir.join(REVOKED_FILE), pos: FilePos::default(), seen: None },
-            events: Tail { path: dir.join(ACCESS_FILE), pos: FilePos::default(), seen: None },
+            rules: Rules::from_config(cfg),
+            source,
             dir,
-            state: State::default(),
+            state,
+            revoked_pos: Pos::default(),
+            events_pos: Pos::default(),
             expired: cursor.expired.iter().cloned().collect(),
             cursor,
             cursor_dirty: false,
             unaudited_revocations: VecDeque::new(),
             unaudited_events: VecDeque::new(),
         };
-        w.read_files().map_err(|e| AccessError::io(&w.dir, e))?;
+        match w.source.poll().await {
+            Ok(d) => {
+                w.apply_delta(d);
+            }
+            Err(e) if matches!(w.source, Source::File(_)) => return Err(AccessError::io(&w.dir, std::io::Error::other(e))),
+            Err(e) => tracing::error!(error = %e, "cannot read the access state from etcd; new logins are refused until it answers"),
+        }
         access.publish(w.state.clone());
         Ok((w, access))
     }
 
-    /// Read whatever is new. Revocations apply at once; access events up to the audited
-    /// cursor apply at once (audited by an earlier run), later ones wait for their record.
-    fn read_files(&mut self) -> std::io::Result<bool> {
+    /// Take in what the backend read. Revocations apply at once; access events up to the
+    /// audited cursor apply at once (audited by an earlier run), later ones wait for their
+    /// record.
+    fn apply_delta(&mut self, d: Delta) -> bool {
         let mut changed = false;
-        if let Some((bytes, start, reset)) = self.revoked.read_new()? {
-            if reset {
+        if let Some(b) = d.revoked {
+            if b.reset {
                 self.state.clear_revocations();
                 self.unaudited_revocations.clear();
                 changed = true;
             }
-            let audited = if self.cursor.revoked.ino == self.revoked.pos.ino { self.cursor.revoked.offset } else { 0 };
-            for (r, end) in parse_lines::<Revocation>(&bytes, start, &self.revoked.path).0 {
+            let audited = if self.cursor.revoked.ino == b.pos.ino { self.cursor.revoked.offset } else { 0 };
+            for (r, end) in b.items {
                 if !r.valid() {
                     tracing::warn!(id = %r.id, "revocation without exactly one of jti/user; ignored");
                     continue;
@@ -162,19 +126,20 @@ impl Watcher {
                     self.unaudited_revocations.push_back((end, r.audit_record()));
                 }
             }
-            if self.unaudited_revocations.is_empty() && self.cursor.revoked != self.revoked.pos {
-                self.cursor.revoked = self.revoked.pos;
+            self.revoked_pos = b.pos;
+            if self.unaudited_revocations.is_empty() && self.cursor.revoked != self.revoked_pos {
+                self.cursor.revoked = self.revoked_pos;
                 self.cursor_dirty = true;
             }
         }
-        if let Some((bytes, start, reset)) = self.events.read_new()? {
-            if reset {
+        if let Some(b) = d.events {
+            if b.reset {
                 self.state.clear_requests();
                 self.unaudited_events.clear();
                 changed = true;
             }
-            let audited = if self.cursor.access.ino == self.events.pos.ino { self.cursor.access.offset } else { 0 };
-            for (ev, end) in parse_lines::<AccessEvent>(&bytes, start, &self.events.path).0 {
+            let audited = if self.cursor.access.ino == b.pos.ino { self.cursor.access.offset } else { 0 };
+            for (ev, end) in b.items {
                 if end > audited {
                     self.unaudited_events.push_back((end, ev));
                 } else {
@@ -182,12 +147,13 @@ impl Watcher {
                     changed = true;
                 }
             }
-            if self.unaudited_events.is_empty() && self.cursor.access != self.events.pos {
-                self.cursor.access = self.events.pos;
+            self.events_pos = b.pos;
+            if self.unaudited_events.is_empty() && self.cursor.access != self.events_pos {
+                self.cursor.access = self.events_pos;
                 self.cursor_dirty = true;
             }
         }
-        Ok(changed)
+        changed
     }
 
     /// The audit record for an access event (and whether it was valid).
@@ -231,13 +197,13 @@ impl Watcher {
         }
     }
 
-    /// One round: read the files, enforce revocations, audit and apply access events, audit
+    /// One round: read the backend, enforce revocations, audit and apply access events, audit
     /// grant expiries, publish, persist the cursor.
     pub async fn tick(&mut self) {
-        let changed = match self.read_files() {
-            Ok(c) => c,
+        let changed = match self.source.poll().await {
+            Ok(d) => self.apply_delta(d),
             Err(e) => {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read the access state files");
+                tracing::debug!(dir = %self.dir.display(), error = %e, "cannot read the access state");
                 false
             }
         };
@@ -268,11 +234,11 @@ impl Watcher {
                 break;
             }
             self.unaudited_revocations.pop_front();
-            self.cursor.revoked = FilePos { ino: self.revoked.pos.ino, offset: end };
+            self.cursor.revoked = Pos { ino: self.revoked_pos.ino, offset: end };
             self.cursor_dirty = true;
         }
-        if self.unaudited_revocations.is_empty() && self.cursor.revoked != self.revoked.pos {
-            self.cursor.revoked = self.revoked.pos;
+        if self.unaudited_revocations.is_empty() && self.cursor.revoked != self.revoked_pos {
+            self.cursor.revoked = self.revoked_pos;
             self.cursor_dirty = true;
         }
     }
@@ -299,11 +265,11 @@ impl Watcher {
                 changed = true;
             }
             self.unaudited_events.pop_front();
-            self.cursor.access = FilePos { ino: self.events.pos.ino, offset: end };
+            self.cursor.access = Pos { ino: self.events_pos.ino, offset: end };
             self.cursor_dirty = true;
         }
-        if self.unaudited_events.is_empty() && self.cursor.access != self.events.pos {
-            self.cursor.access = self.events.pos;
+        if self.unaudited_events.is_empty() && self.cursor.access != self.events_pos {
+            self.cursor.access = self.events_pos;
             self.cursor_dirty = true;
         }
         changed
@@ -340,8 +306,9 @@ impl Watcher {
     }
 
     fn save_cursor(&self) -> std::io::Result<()> {
-        let path = self.dir.join(CURSOR_FILE);
-        let tmp = self.dir.join(format!("{CURSOR_FILE}.tmp"));
+        let name = self.source.cursor_file();
+        let path = self.dir.join(name);
+        let tmp = self.dir.join(format!("{name}.tmp"));
         let bytes = serde_json::to_vec(&self.cursor).map_err(std::io::Error::other)?;
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
         f.write_all(&bytes)?;
@@ -349,12 +316,12 @@ impl Watcher {
         std::fs::rename(&tmp, &path)
     }
 
-    /// Poll forever (until the task is dropped).
+    /// Poll (and, with etcd, watch) forever, until the task is dropped.
     pub async fn run(mut self) {
         let mut iv = tokio::time::interval(POLL_INTERVAL);
         iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            iv.tick().await;
+            self.source.next(&mut iv).await;
             self.tick().await;
         }
     }

@@ -3,6 +3,7 @@
 //! files (group commit). [`reader`] reads (and follows) the log, [`verify`] checks it.
 
 pub mod against;
+pub mod anchor;
 pub mod chain;
 pub mod reader;
 pub mod export;
@@ -20,4 +21,4 @@ mod loop_tests;
 
 pub use param::Param;
 pub use record::{Client, Kind, Record};
-pub use writer::{AuditError, AuditHandle, CheckpointSigner, OnDurable, Outcome, Waiter, WriterOptions, WriterStats, last_line};
+pub use writer::{AuditError, AuditHandle, CheckpointHook, CheckpointSigner, OnDurable, Outcome, Waiter, WriterOptions, WriterStats, last_line};

@@ -28,6 +28,7 @@ pub(super) fn keys() -> PublicKeys {
 pub(super) fn opts(dir: &Path, every: u64) -> WriterOptions {
     WriterOptions {
         export: None,
+        on_checkpoint: None,
         dir: dir.to_owned(),
         fsync: FsyncPolicy::Group,
         checkpoint_every: every,
@@ -1326,4 +1327,40 @@ fn a_datagram_stub_in_the_copy_is_compared_by_its_hash() {
     write_copy(stub(&forged));
     let c = compare(&d, &ExportedCopy::load(&copy_path).expect("load")).expect("compare");
     assert_eq!(c.divergence.map(|d| d.0), Some(2));
+}
+
+/// The checkpoint hook is told each durable checkpoint; the local log matches those anchors,
+/// and `anchor::check` names the seq where a changed hash or a cut log contradicts them.
+#[test]
+fn checkpoint_hook_feeds_anchors_that_catch_rewrites_and_cuts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<Head>>> = Default::default();
+    let sink = seen.clone();
+    let hook = CheckpointHook(std::sync::Arc::new(move |h: &Head| sink.lock().unwrap().push(h.clone())));
+    let h = AuditHandle::start(WriterOptions { on_checkpoint: Some(hook), ..opts(tmp.path(), 3) }).unwrap();
+    append_from_tasks(&h, 1, 10);
+    h.shutdown();
+    let anchors: std::collections::BTreeMap<u64, Head> = seen.lock().unwrap().iter().map(|h| (h.seq, h.clone())).collect();
+    assert!(anchors.len() >= 3, "{anchors:?}");
+    let ok = anchor::check(tmp.path(), &anchors).unwrap();
+    assert!(ok.is_ok() && ok.matched == anchors.len() as u64, "{ok}");
+
+    let (&first, _) = anchors.iter().next().unwrap();
+    let mut rewritten = anchors.clone();
+    rewritten.get_mut(&first).unwrap().hash = "0".repeat(64);
+    let bad = anchor::check(tmp.path(), &rewritten).unwrap();
+    assert_eq!(bad.mismatch.as_ref().map(|m| m.0), Some(first), "{bad}");
+    assert!(bad.to_string().contains(&format!("at seq {first}")), "{bad}");
+
+    let mut beyond = anchors.clone();
+    let last = *anchors.keys().next_back().unwrap();
+    let mut extra = anchors[&last].clone();
+    extra.seq = last + 1000;
+    beyond.insert(extra.seq, extra);
+    let cut = anchor::check(tmp.path(), &beyond).unwrap();
+    assert_eq!(cut.mismatch.as_ref().map(|m| m.0), Some(last + 1000), "{cut}");
+    assert!(!cut.is_ok() && cut.to_string().contains("no record"), "{cut}");
+
+    let none = anchor::check(tmp.path(), &Default::default()).unwrap();
+    assert!(!none.is_ok(), "a log with checkpoints and no anchors fails: {none}");
 }

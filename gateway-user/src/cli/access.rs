@@ -1,7 +1,8 @@
 //! `pgward access …`: just-in-time access requests, approvals, the list, and withdrawal.
 //!
-//! The commands append to the state files in `[access] state_dir` (see `crate::access`); a
-//! running `serve` notices within a second, writes the audit records and applies the grant.
+//! The commands write to the `[access] backend` — the state files in `[access] state_dir`, or
+//! etcd, shared by every gateway (see `crate::access`); each running `serve` notices within a
+//! second, writes the audit records and applies the grant.
 //! Exit status: 0 done, 1 refused (not allowed by the rules), 2 error.
 
 use std::io::{Read as _, Write as _};

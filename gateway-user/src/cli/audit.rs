@@ -53,6 +53,16 @@ pub struct VerifyArgs {
     /// in the local log with the same hash; exit 1 naming the first seq that differs.
     #[arg(long, value_name = "FILE")]
     pub against: Option<PathBuf>,
+    /// Off-host anchors to check the log against: `etcd` ([access.etcd], this node's anchors).
+    /// Every anchor's seq must hold the anchored hash locally; exit 1 naming the seq if not.
+    #[arg(long, value_enum, value_name = "STORE")]
+    pub anchors: Option<AnchorStore>,
+}
+
+/// Where `verify --anchors` reads the anchors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AnchorStore {
+    Etcd,
 }
 
 #[derive(Debug, clap::Args)]
@@ -386,8 +396,24 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         writeln!(out, "{comparison}")?;
         ok &= comparison.is_ok();
     }
+    if let Some(AnchorStore::Etcd) = a.anchors {
+        let check = check_etcd_anchors(&cfg, &dir)?;
+        writeln!(out, "{check}")?;
+        ok &= check.is_ok();
+    }
     out.flush()?;
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// `verify --anchors etcd`: the local log against this node's anchors in etcd.
+fn check_etcd_anchors(cfg: &crate::config::Config, dir: &Path) -> anyhow::Result<crate::audit::anchor::AnchorCheck> {
+    let e = cfg.access.etcd.as_ref().context("--anchors etcd needs [access.etcd] in the config")?;
+    let node = e.node_name();
+    let anchors = crate::etcd::block_on(async {
+        let etcd = crate::etcd::Etcd::connect(cfg).await?;
+        crate::audit::anchor::load(&etcd, &node).await
+    })??;
+    crate::audit::anchor::check(dir, &anchors).map_err(|e| anyhow::anyhow!("reading the audit log in {}: {e}", dir.display()))
 }
 
 /// `verify --against FILE`: the local log next to an exported copy.

@@ -23,10 +23,70 @@ pub struct StatusArgs {
 pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let cfg = crate::config::Config::load(&args.config)?;
     let st = crate::ebpf::status(&cfg).context("reading interception status")?;
+    let access = access_view(&cfg);
     let healthy = st.running && !st.programs.is_empty() && st.programs.iter().all(|p| p.attached);
-    let text = if args.json { serde_json::to_string_pretty(&st)? + "\n" } else { table(&st, healthy) };
+    let logins_ok = access.as_ref().is_none_or(|a| !a.logins_refused);
+    let text = if args.json {
+        let mut v = serde_json::to_value(&st)?;
+        if let (Some(o), Some(a)) = (v.as_object_mut(), &access) {
+            o.insert("access".into(), serde_json::to_value(a)?);
+        }
+        serde_json::to_string_pretty(&v)? + "\n"
+    } else {
+        let mut t = table(&st, healthy);
+        if let Some(a) = &access {
+            t.push_str(&access_line(a));
+        }
+        t
+    };
     super::print_quietly(&text)?;
-    Ok(if healthy { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if healthy && logins_ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// The etcd access backend as the running `serve` sees it (from the status file it writes
+/// when etcd comes or goes).
+#[derive(Debug, serde::Serialize)]
+struct AccessView {
+    backend: &'static str,
+    endpoints: Vec<String>,
+    /// What the serve that wrote the status file reported (None: no serve running).
+    serve: Option<crate::access::BackendStatus>,
+    /// The state is older than `[access] max_staleness`: new logins are refused.
+    logins_refused: bool,
+}
+
+fn access_view(cfg: &crate::config::Config) -> Option<AccessView> {
+    let e = cfg.access.etcd()?;
+    let serve = crate::access::BackendStatus::read(&crate::access::state_dir(cfg))
+        .filter(|s| std::path::Path::new(&format!("/proc/{}", s.pid)).exists());
+    let logins_refused = serve.as_ref().is_some_and(|s| {
+        let last = s.last_sync.as_deref().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        let age = last.map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds());
+        !s.connected && age.is_none_or(|a| a > s.max_staleness_secs as i64)
+    });
+    Some(AccessView { backend: "etcd", endpoints: e.endpoints.clone(), serve, logins_refused })
+}
+
+fn access_line(a: &AccessView) -> String {
+    let eps = a.endpoints.join(", ");
+    let Some(s) = &a.serve else {
+        return format!("\naccess: etcd ({eps}); no `pgward serve` is reading it\n");
+    };
+    let last = s.last_sync.as_deref().unwrap_or("never");
+    let mut o = if s.connected {
+        format!("\naccess: etcd ({eps}): connected since {} (pid {})\n", s.since, s.pid)
+    } else {
+        format!("\naccess: etcd ({eps}): UNREACHABLE since {} (pid {}); last complete read {last}\n", s.since, s.pid)
+    };
+    if let Some(err) = &s.last_error {
+        let _ = writeln!(o, "  last error      {err}");
+    }
+    if a.logins_refused {
+        let _ = writeln!(o, "  new logins      REFUSED: the state is older than [access] max_staleness = {}s", s.max_staleness_secs);
+    } else if !s.connected {
+        let _ = writeln!(o, "  new logins      accepted on the last known state until it is {}s old", s.max_staleness_secs);
+    }
+    o
 }
 
 fn headline(st: &Status, healthy: bool) -> String {

@@ -29,6 +29,8 @@ pub(super) struct Shared {
     pub(super) dir: PathBuf,
     pub(super) fsync: FsyncPolicy,
     pub(super) counters: Arc<Counters>,
+    /// Told each checkpoint once HEAD names it.
+    pub(super) on_checkpoint: Option<super::CheckpointHook>,
 }
 
 impl Shared {

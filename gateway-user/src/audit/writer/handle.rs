@@ -101,6 +101,7 @@ impl AuditHandle {
         let counters = Arc::new(Counters::default());
         let fsync = opts.fsync;
         let dir = opts.dir.clone();
+        let on_checkpoint = opts.on_checkpoint.clone();
         let threads = if fsync == FsyncPolicy::Group { opts.sync_threads.clamp(1, 16) } else { 1 };
         let log = Log::open(opts, counters.clone(), threads)?;
         let shared = Arc::new(Shared {
@@ -112,6 +113,7 @@ impl AuditHandle {
             dir,
             fsync,
             counters,
+            on_checkpoint,
         });
         let inner = Inner { shared: shared.clone(), threads: Mutex::new(Vec::new()), head_thread: Mutex::new(None) };
         let s = shared.clone();

@@ -58,6 +58,10 @@ impl Shared {
             Ok(()) => *written = head.seq,
             Err(e) => tracing::error!("audit: writing HEAD failed: {e}"),
         }
+        // The checkpoint is durable either way (HEAD only names it).
+        if let Some(hook) = &self.on_checkpoint {
+            (hook.0)(head);
+        }
     }
 }
 

@@ -128,6 +128,19 @@ pub struct WriterOptions {
     pub signer: Option<CheckpointSigner>,
     /// Sends durable records to syslog/journald (told how far the log is durable).
     pub export: Option<super::Exporter>,
+    /// Told each durable checkpoint (the off-host anchors, `audit::anchor`).
+    pub on_checkpoint: Option<CheckpointHook>,
+}
+
+/// Called with each durable checkpoint, from the HEAD thread after it rewrote HEAD. It must
+/// not block: it hands the checkpoint on (the anchor sink keeps only the newest).
+#[derive(Clone)]
+pub struct CheckpointHook(pub Arc<dyn Fn(&crate::audit::chain::Head) + Send + Sync>);
+
+impl std::fmt::Debug for CheckpointHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CheckpointHook")
+    }
 }
 
 impl WriterOptions {
@@ -149,6 +162,7 @@ impl WriterOptions {
             direct_io: cfg.audit.direct_io,
             signer: Some(signer),
             export,
+            on_checkpoint: None,
         })
     }
 }

@@ -1,14 +1,15 @@
 //! `pgward doctor`: is this host set up for pgward, and is the running gateway doing its job?
 //!
 //! Checks kernel features, capabilities, cgroup v2, eBPF program attachment, the unix socket
-//! lockdown, Postgres's listen addresses, the audit directory, the clock, the token keys and
-//! the TLS certificate; prints a table (PASS / WARN / FAIL / SKIP) and a fix for each problem.
+//! lockdown, Postgres's listen addresses, the audit directory, the clock, the token keys,
+//! the TLS certificate and the access state backend (etcd: members, reads, serve current); prints a table (PASS / WARN / FAIL / SKIP) and a fix for each problem.
 //! Works against a live `pgward serve` (found by its listening socket, or the interception state
 //! file) and without one. Exit 0 when nothing failed, 1 otherwise.
 //!
 //! Each group of checks has a file of its own; `report` holds the outcomes and their rendering,
 //! `proc_net` the /proc readers several checks share.
 
+mod access;
 mod audit;
 mod clock;
 mod interception;
@@ -129,5 +130,6 @@ fn diagnose(args: &DoctorArgs) -> Report {
     checks.push(keys::token_keys(&cx));
     checks.push(keys::checkpoint_key(&cx));
     checks.push(keys::tls(&cx));
+    checks.push(access::access_backend(&cx));
     Report { config: args.config.clone(), serve_pid, checks }
 }
