@@ -3,7 +3,8 @@
 //! State lives in two append-only JSON-lines files in `[access] state_dir` (default
 //! `<config dir>/state`):
 //!
-//! * `revoked.jsonl` — one [`Revocation`] per line: a token id (`jti`), or a user whose tokens
+//! * `revoked.jsonl` — one [`Revocation`] per line: a token id (`jti`, or `sha256:` and the
+//!   token's hash for a token without one — see `auth::token_id`), or a user whose tokens
 //!   issued at or before the revocation are dead.
 //! * `access.jsonl` — one [`AccessEvent`] per line: `request`, `approve`, `revoke` (of a grant).
 //!
