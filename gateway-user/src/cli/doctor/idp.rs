@@ -12,19 +12,19 @@ pub(super) fn provider_keys(cx: &Ctx) -> Check {
     if !cfg.auth.remote_keys() {
         return check(name, Outcome::Skip, "tokens are verified against a JWKS file (auth.jwks)", None);
     }
+    let serve = cx.serve_pid.and_then(|_| KeyStatus::read(&crate::access::state_dir(cfg)));
     let now = match crate::auth::Verifier::load(cfg) {
         Ok(v) => v.key_status(),
         Err(e) => {
-            return check(
-                name,
-                Outcome::Fail,
-                e.to_string(),
-                Some("check auth.jwks_url / auth.issuer (discovery), that this host reaches the provider over HTTPS, and auth.jwks_ca for a private CA".into()),
-            );
+            let fix = "check auth.jwks_url / auth.issuer (discovery), that this host reaches the provider over HTTPS, and auth.jwks_ca for a private CA";
+            // The running serve may still hold good keys from an earlier fetch.
+            return match serve.filter(|st| st.fetched_at.is_some()) {
+                Some(st) => check(name, Outcome::Warn, format!("{e}; serve: {}", st.summary()), Some(fix.into())),
+                None => check(name, Outcome::Fail, e.to_string(), Some(fix.into())),
+            };
         }
     };
     let fetched_now = format!("{} key(s) ({}) fetched now from {}", now.kids.len(), now.kids.join(", "), now.source);
-    let serve = cx.serve_pid.and_then(|_| KeyStatus::read(&crate::access::state_dir(cfg)));
     match serve {
         None => check(name, Outcome::Pass, fetched_now, None),
         Some(st) if st.fetched_at.is_none() => check(
