@@ -139,6 +139,7 @@ impl Verifier {
             _ => return Err(fail("token has no key id (kid)")),
         };
         let Some(keys) = self.keys.current() else {
+            self.keys.unknown_kid();
             return Err(AuthError::Keys(NO_KEYS_YET.into()));
         };
         let Some(entry) = keys.get(kid) else {
