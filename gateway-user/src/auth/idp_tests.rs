@@ -269,3 +269,37 @@ fn key_jwk(key: &EncodingKey) -> Value {
 fn jwks_of(jwk: &Value) -> String {
     json!({ "keys": [jwk] }).to_string()
 }
+
+/// One key a provider publishes that pgward cannot use (too small, duplicate kid) is skipped,
+/// not a reason to refuse the provider's whole set; in a JWKS file it is an error.
+#[test]
+fn a_providers_unusable_key_is_skipped_a_files_is_an_error() {
+    use super::keyset::{KeySet, Strictness};
+    let cfg = auth("i", "a", "");
+    let (key, _) = key_and_verifier(Algorithm::ES256, "k", &cfg);
+    let good = key_jwk(&key);
+    let small_rsa = json!({"kty": "RSA", "kid": "small", "use": "sig", "n": "AQAB", "e": "AQAB"});
+    let text = json!({ "keys": [small_rsa, good, good] }).to_string();
+    let checks = Checks::from_config(&cfg);
+    let set = KeySet::from_jwks(&text, &checks, Strictness::Provider).unwrap();
+    assert_eq!(set.kids(), [("k".to_string(), Algorithm::ES256)]);
+    let e = KeySet::from_jwks(&text, &checks, Strictness::File).unwrap_err();
+    assert!(e.to_string().contains("RSA key too small"), "{e}");
+    let only_bad = json!({ "keys": [{"kty": "RSA", "kid": "small", "n": "AQAB", "e": "AQAB"}] }).to_string();
+    assert!(KeySet::from_jwks(&only_bad, &checks, Strictness::Provider).is_err(), "no usable key at all");
+}
+
+/// RFC 7515: a token with critical header extensions pgward does not know is refused.
+#[test]
+fn critical_header_extensions_are_refused() {
+    let cfg = auth("i", "a", "");
+    let (key, v) = key_and_verifier(Algorithm::ES256, "k", &cfg);
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some("k".into());
+    h.crit = Some(vec!["exp-policy".into()]);
+    let token = jsonwebtoken::encode(&h, &json!({"iss": "i", "aud": "a", "sub": "u", "exp": now() + 60}), &key).unwrap();
+    match v.verify(&token, "u") {
+        Err(AuthError::InvalidToken { reason, .. }) => assert!(reason.contains("crit"), "{reason}"),
+        other => panic!("wanted a refusal, got {other:?}"),
+    }
+}

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::claims::Checks;
 use super::jwks_fetch::Fetcher;
-use super::keyset::KeySet;
+use super::keyset::{KeySet, Strictness};
 use crate::access::rfc3339;
 use crate::host::clock::now_unix;
 
@@ -153,16 +153,21 @@ impl Refresher {
     /// One fetch: publish the keys, or keep the last good ones and record why not.
     pub async fn refresh_once(&self) -> bool {
         let outcome = match self.fetcher.fetch().await {
-            Ok(f) => KeySet::from_jwks(&f.body, &self.checks)
+            Ok(f) => KeySet::from_jwks(&f.body, &self.checks, Strictness::Provider)
                 .map(|k| (k, f.jwks_url.clone()))
                 .map_err(|e| format!("{}: {e}", f.jwks_url)),
             Err(e) => Err(e),
         };
         let ok = match outcome {
             Ok((keys, url)) => {
-                let kids = keys.kids();
-                self.store.publish(keys, url);
-                tracing::info!(source = %self.fetcher.describe(), ?kids, "token keys fetched from the identity provider");
+                let kids: Vec<String> = keys.kids().into_iter().map(|(k, _)| k).collect();
+                let before = self.store.status();
+                self.store.publish(keys, url.clone());
+                if before.kids != kids || before.last_error.is_some() {
+                    tracing::info!(source = %url, ?kids, "token keys fetched from the identity provider");
+                } else {
+                    tracing::debug!(source = %url, "token keys fetched from the identity provider (unchanged)");
+                }
                 true
             }
             Err(e) => {

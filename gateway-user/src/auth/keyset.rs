@@ -18,6 +18,15 @@ use super::claims::Checks;
 /// Smallest RSA modulus accepted.
 const MIN_RSA_BITS: usize = 2048;
 
+/// What a key that cannot be used does to the whole key set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strictness {
+    /// The set is refused (a JWKS file: its author should know).
+    File,
+    /// The key is skipped with a warning (an identity provider's set).
+    Provider,
+}
+
 /// The keys of one JWKS, by `kid`.
 pub struct KeySet {
     keys: HashMap<String, KeyEntry>,
@@ -41,9 +50,10 @@ impl KeySet {
     /// Keys meant for encryption (`"use":"enc"`), keys without a `kid`, symmetric (`oct`) keys
     /// and unsupported key types/curves are skipped with a warning (identity providers publish
     /// such keys next to their signing keys). A malformed key of a supported type, a duplicate
-    /// `kid`, or a declared `alg` that does not fit the key is an error, as is a JWKS with no
-    /// usable key.
-    pub fn from_jwks(jwks_json: &str, checks: &Checks) -> Result<KeySet, AuthError> {
+    /// `kid`, or a declared `alg` that does not fit the key is an error with [`Strictness::File`]
+    /// (the operator's file) and skipped with a warning with [`Strictness::Provider`] (one odd
+    /// key of a provider must not cost every login). A JWKS with no usable key is an error.
+    pub fn from_jwks(jwks_json: &str, checks: &Checks, strictness: Strictness) -> Result<KeySet, AuthError> {
         #[derive(Deserialize)]
         struct RawSet {
             keys: Vec<Value>,
@@ -53,9 +63,17 @@ impl KeySet {
 
         let mut keys = HashMap::new();
         for (i, raw) in set.keys.into_iter().enumerate() {
-            let Some((kid, entry)) = parse_key(i, raw, checks)? else { continue };
-            if keys.insert(kid.clone(), entry).is_some() {
-                return Err(AuthError::Keys(format!("duplicate kid {kid:?}")));
+            let parsed = parse_key(i, raw, checks).and_then(|k| match k {
+                Some((kid, _)) if keys.contains_key(&kid) => Err(AuthError::Keys(format!("duplicate kid {kid:?}"))),
+                other => Ok(other),
+            });
+            match (parsed, strictness) {
+                (Ok(Some((kid, entry))), _) => {
+                    keys.insert(kid, entry);
+                }
+                (Ok(None), _) => {}
+                (Err(e), Strictness::File) => return Err(e),
+                (Err(e), Strictness::Provider) => tracing::warn!(index = i, error = %e, "skipping JWKS key"),
             }
         }
         if keys.is_empty() {

@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use super::claims::{Checks, token_hash};
 use super::jwks_fetch::Fetcher;
 use super::key_store::{KeyStatus, KeyStore, Refresher};
-use super::keyset::KeySet;
+use super::keyset::{KeySet, Strictness};
 use super::{AuthError, Identity, now_secs};
 use crate::config::Config;
 
@@ -60,7 +60,7 @@ impl Verifier {
             .unwrap_or_else(|_| Err("the fetch thread panicked".into()))
         })
         .map_err(|e| AuthError::Keys(format!("cannot fetch the identity provider's keys: {e}")))?;
-        let keys = KeySet::from_jwks(&fetched.body, &checks)
+        let keys = KeySet::from_jwks(&fetched.body, &checks, Strictness::Provider)
             .map_err(|e| AuthError::Keys(format!("JWKS {}: {e}", fetched.jwks_url)))?;
         Ok(Verifier { keys: Arc::new(KeyStore::fixed(keys, fetched.jwks_url)), checks })
     }
@@ -89,7 +89,7 @@ impl Verifier {
         let path = cfg.resolve(file);
         let text = std::fs::read_to_string(&path)
             .map_err(|e| AuthError::Keys(format!("cannot read JWKS {}: {e}", path.display())))?;
-        let keys = KeySet::from_jwks(&text, &checks).map_err(|e| match e {
+        let keys = KeySet::from_jwks(&text, &checks, Strictness::File).map_err(|e| match e {
             AuthError::Keys(m) => AuthError::Keys(format!("JWKS {}: {m}", path.display())),
             other => other,
         })?;
@@ -98,7 +98,7 @@ impl Verifier {
 
     /// A verifier from JWKS text (`{"keys":[...]}`) with `checks`.
     pub fn from_jwks(jwks_json: &str, checks: Checks) -> Result<Verifier, AuthError> {
-        let keys = KeySet::from_jwks(jwks_json, &checks)?;
+        let keys = KeySet::from_jwks(jwks_json, &checks, Strictness::File)?;
         Ok(Verifier { keys: Arc::new(KeyStore::fixed(keys, "(inline)".into())), checks })
     }
 
@@ -134,6 +134,11 @@ impl Verifier {
         let Ok(alg) = alg_name.parse::<Algorithm>() else {
             return Err(fail(&format!("unsupported algorithm {}", printable(alg_name))));
         };
+        if header.contains_key("crit") {
+            // RFC 7515 §4.1.11: a token whose critical extensions are not understood must be
+            // refused, and pgward understands none.
+            return Err(fail("critical header extensions (crit) are not supported"));
+        }
         let kid = match header.get("kid") {
             Some(Value::String(k)) if !k.is_empty() => k.as_str(),
             _ => return Err(fail("token has no key id (kid)")),
