@@ -127,8 +127,10 @@ pub struct UpstreamConfig {
 pub struct AuthConfig {
     pub issuer: String,
     pub audience: String,
-    /// JWKS file with the public keys tokens are verified against (`kid` selects).
-    pub jwks: PathBuf,
+    /// JWKS file with the public keys tokens are verified against (`kid` selects). Exactly one
+    /// of `jwks`, `jwks_url` and `discovery` names where the keys come from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<PathBuf>,
     /// Private key `pgward token issue` signs with (PKCS#8 PEM, Ed25519). Also signs audit
     /// checkpoints.
     pub signing_key: PathBuf,
@@ -141,6 +143,119 @@ pub struct AuthConfig {
     /// Longest lifetime `pgward token issue` accepts.
     #[serde(default = "default_max_ttl", with = "humantime_serde_compat")]
     pub max_ttl: Duration,
+    // Identity-provider interop (tokens of Keycloak, Entra ID, Okta, Google): where remote
+    // keys come from, which claims a token must carry, which claims name the user and their
+    // groups. Every one has a default that keeps a config written by `pgward init` working.
+    /// `https://` URL of the provider's JWKS (e.g. Okta's `/oauth2/default/v1/keys`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// Find the JWKS through OIDC discovery: `<issuer>/.well-known/openid-configuration`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub discovery: bool,
+    /// PEM file of the CA certificates the provider's HTTPS certificate must chain to, instead
+    /// of the system's trust store (a private CA, or a test CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_ca: Option<PathBuf>,
+    /// Remote keys are fetched again this often.
+    #[serde(default = "default_jwks_refresh", with = "humantime_serde_compat", skip_serializing_if = "is_default_jwks_refresh")]
+    pub jwks_refresh: Duration,
+    /// A token naming a key id the cached keys lack makes pgward fetch the keys at once, but
+    /// no sooner than this after the previous fetch (so junk key ids cannot flood the provider).
+    #[serde(default = "default_jwks_min_refresh", with = "humantime_serde_compat", skip_serializing_if = "is_default_jwks_min_refresh")]
+    pub jwks_min_refresh: Duration,
+    /// Registered claims a token must carry besides `iss`, `aud` and the user claim: `exp`
+    /// always, any of `iat`, `nbf`, `jti`. Present ones are validated either way.
+    #[serde(default = "default_required_claims", skip_serializing_if = "is_default_required_claims")]
+    pub required_claims: Vec<String>,
+    /// The claim holding the name a user connects as: a top-level claim name (`sub`,
+    /// `preferred_username`, `email`, `upn`) or a JSON pointer (`/ext/login`).
+    #[serde(default = "default_username_claim", skip_serializing_if = "is_default_username_claim")]
+    pub username_claim: String,
+    /// JSON pointer (RFC 6901) to the user's groups: `/groups`, `/roles`,
+    /// `/realm_access/roles`; a top-level claim name is taken as `/<name>`.
+    #[serde(default = "default_groups_claim", skip_serializing_if = "is_default_groups_claim")]
+    pub groups_claim: String,
+}
+
+/// `auth.jwks_refresh` when not set.
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(15 * 60);
+/// `auth.jwks_min_refresh` when not set.
+pub const DEFAULT_JWKS_MIN_REFRESH: Duration = Duration::from_secs(30);
+/// Claims `auth.required_claims` may name.
+pub const REQUIRABLE_CLAIMS: [&str; 4] = ["exp", "iat", "nbf", "jti"];
+
+fn default_jwks_refresh() -> Duration {
+    DEFAULT_JWKS_REFRESH
+}
+fn default_jwks_min_refresh() -> Duration {
+    DEFAULT_JWKS_MIN_REFRESH
+}
+fn default_required_claims() -> Vec<String> {
+    vec!["exp".into()]
+}
+fn default_username_claim() -> String {
+    "sub".into()
+}
+fn default_groups_claim() -> String {
+    "/groups".into()
+}
+fn is_default_jwks_refresh(d: &Duration) -> bool {
+    *d == DEFAULT_JWKS_REFRESH
+}
+fn is_default_jwks_min_refresh(d: &Duration) -> bool {
+    *d == DEFAULT_JWKS_MIN_REFRESH
+}
+fn is_default_required_claims(v: &[String]) -> bool {
+    v == ["exp"]
+}
+fn is_default_username_claim(s: &str) -> bool {
+    s == "sub"
+}
+fn is_default_groups_claim(s: &str) -> bool {
+    s == "/groups"
+}
+
+impl AuthConfig {
+    /// What is wrong with the identity-provider settings, if anything.
+    fn idp_problem(&self) -> Option<String> {
+        let issuer = &self.issuer;
+        let sources = [self.jwks.is_some(), self.jwks_url.is_some(), self.discovery];
+        if sources.iter().filter(|s| **s).count() != 1 {
+            return Some("set exactly one of auth.jwks (a file), auth.jwks_url, auth.discovery = true".into());
+        }
+        if let Some(u) = &self.jwks_url
+            && !is_https_url(u)
+        {
+            return Some(format!("auth.jwks_url {u:?} is not an https:// URL"));
+        }
+        if self.discovery && !is_https_url(issuer) {
+            return Some(format!("auth.discovery needs auth.issuer to be an https:// URL (got {issuer:?})"));
+        }
+        if self.jwks_refresh < Duration::from_secs(1) {
+            return Some("auth.jwks_refresh must be at least 1s".into());
+        }
+        if !self.required_claims.iter().any(|c| c == "exp") {
+            return Some("auth.required_claims must include \"exp\" (tokens without an end are never accepted)".into());
+        }
+        if let Some(c) = self.required_claims.iter().find(|c| !REQUIRABLE_CLAIMS.contains(&c.as_str())) {
+            return Some(format!("auth.required_claims: {c:?} is not one of {REQUIRABLE_CLAIMS:?}"));
+        }
+        for (key, v) in [("auth.username_claim", &self.username_claim), ("auth.groups_claim", &self.groups_claim)] {
+            if v.is_empty() || v == "/" {
+                return Some(format!("{key} must name a claim"));
+            }
+        }
+        None
+    }
+
+    /// Whether keys come from the identity provider over HTTPS (and not from a file).
+    pub fn remote_keys(&self) -> bool {
+        self.jwks_url.is_some() || self.discovery
+    }
+}
+
+fn is_https_url(s: &str) -> bool {
+    url::Url::parse(s).is_ok_and(|u| u.scheme() == "https" && u.host().is_some())
 }
 
 /// `audit.export`: where copies of durable audit records go (see `audit::export`).
@@ -641,6 +756,9 @@ impl Config {
         }
         if s.startup_timeout.is_zero() {
             return Err(bad("server.startup_timeout must be more than 0".into()));
+        }
+        if let Some(msg) = self.auth.idp_problem() {
+            return Err(bad(msg));
         }
         if self.audit.checkpoint_every == 0 {
             return Err(bad("audit.checkpoint_every must be at least 1".into()));

@@ -105,6 +105,8 @@ struct Background {
     audit: AuditHandle,
     watcher: tokio::task::JoinHandle<()>,
     reaper: Option<tokio::task::JoinHandle<()>>,
+    /// Keeps the identity provider's keys current (remote keys only).
+    key_refresher: Option<tokio::task::JoinHandle<()>>,
 }
 
 async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Result<()> {
@@ -137,6 +139,9 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
 
     drop(intercept);
     background.watcher.abort();
+    if let Some(r) = background.key_refresher {
+        r.abort();
+    }
     if let Some(r) = background.reaper {
         r.abort();
     }
@@ -152,7 +157,6 @@ async fn serve(cfg: Config, loops: Vec<tokio::runtime::Handle>) -> anyhow::Resul
 /// Keys, TLS, the policy and masking rules, the audit writer, the access state: everything
 /// sessions share, and the tasks that keep it current.
 async fn start_shared(cfg: &Arc<Config>) -> anyhow::Result<(Arc<Shared>, Background)> {
-    let verifier = Verifier::load(cfg).context("loading token keys")?;
     let tls = crate::tls::server_config(cfg).context("loading the TLS certificate")?;
     let upstream_password = cfg.upstream_password().context("reading upstream.password_file")?;
     let policy = crate::policy::Policy::load(cfg).context("loading the policy")?;
@@ -169,6 +173,9 @@ async fn start_shared(cfg: &Arc<Config>) -> anyhow::Result<(Arc<Shared>, Backgro
         crate::access::Watcher::load(cfg, audit.clone()).await.context("loading the access state (revocations, grants)")?;
     watcher.tick().await;
     let watcher = tokio::spawn(watcher.run());
+    // Token keys: the JWKS file, or the identity provider's (fetched now, then kept current by
+    // a task on this runtime; after the state directory exists, which holds its status file).
+    let (verifier, key_refresher) = Verifier::start(cfg).await.context("loading token keys")?;
 
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
@@ -186,7 +193,7 @@ async fn start_shared(cfg: &Arc<Config>) -> anyhow::Result<(Arc<Shared>, Backgro
         budget: crate::wire::budget::Budget::new(cfg.server.buffer_budget_bytes),
     });
     let reaper = shared.pool.enabled().then(|| tokio::spawn(shared.pool.clone().reaper()));
-    Ok((shared, Background { audit, watcher, reaper }))
+    Ok((shared, Background { audit, watcher, reaper, key_refresher }))
 }
 
 /// pgward's unix socket `<server.unix_socket_dir>/.s.PGSQL.<port>`, when configured (a stale

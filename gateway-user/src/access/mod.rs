@@ -3,8 +3,9 @@
 //! The state is two append-only streams of events, kept by the backend `[access] backend`
 //! names:
 //!
-//! * revocations — one [`Revocation`] each: a token id (`jti`), or a user whose tokens issued
-//!   at or before the revocation are dead;
+//! * revocations — one [`Revocation`] each: a token id (`jti`, or `sha256:` and the token's
+//!   hash for a token without one — see `auth::token_id`), or a user whose tokens issued at or
+//!   before the revocation are dead;
 //! * access events — one [`AccessEvent`] each: `request`, `approve`, `revoke` (of a grant).
 //!
 //! `file` (the default, one host): `revoked.jsonl` and `access.jsonl` in `[access] state_dir`

@@ -1,13 +1,22 @@
-//! Identity tokens: verify a JWT (the client's password) against the configured JWKS, and issue
+//! Identity tokens: verify a JWT (the client's password) against the configured keys, and issue
 //! tokens with the gateway's own signing key.
 //!
-//! * [`Verifier`] — built once from `auth.jwks`; `verify` runs once per connection.
+//! * [`Verifier`] — built once from `[auth]`; `verify` runs once per connection.
+//! * `claims` — which claims a token must carry and how they map to an [`Identity`]
+//!   (`auth.required_claims`, `auth.username_claim`, `auth.groups_claim`), and the token id.
+//! * `keyset` — the keys of one JWKS document, prepared for verifying.
+//! * `jwks_fetch` — an identity provider's JWKS over HTTPS (`auth.jwks_url`, OIDC discovery).
+//! * `key_store` — the keys sessions read, and the task that keeps remote keys current.
 //! * [`Signer`] — `pgward token issue`: EdDSA tokens signed with `auth.signing_key`.
 //! * [`generate_signing_key`] — `pgward init`: a fresh Ed25519 key (PKCS#8 PEM) + its JWKS.
 //!
 //! The same Ed25519 key also signs audit checkpoints (the audit module reads the PEM and the
 //! OKP entry of the JWKS itself).
 
+mod claims;
+mod jwks_fetch;
+mod key_store;
+mod keyset;
 mod signer;
 mod verifier;
 
@@ -15,19 +24,27 @@ use crate::sqlstate;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod idp_tests;
 
 pub use signer::{JWKS_FILE, SIGNING_KEY_FILE, Signer, generate_signing_key, signing_key_pem_path, write_ed25519_key};
+pub use claims::{Checks, TOKEN_HASH_PREFIX, token_hash, token_id};
+pub use key_store::{KEY_STATUS_FILE, KeyStatus};
 pub use verifier::Verifier;
 
 /// Who a session belongs to, from a verified token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
+    /// The name the user connects as (`auth.username_claim`, `sub` by default).
     pub user: String,
     pub groups: Vec<String>,
+    /// The token id: its `jti`, or `sha256:` and the SHA-256 of the token when it has none
+    /// ([`token_id`]); revocations and audit records name tokens by it.
     pub jti: String,
     /// Unix seconds.
     pub expires_at: i64,
-    /// The token's `iat` (unix seconds): a revocation by user kills tokens issued at or before it.
+    /// The token's `iat` (unix seconds; its `nbf` when it has no `iat`, 0 with neither): a
+    /// revocation by user kills tokens issued at or before it.
     pub issued_at: i64,
 }
 
@@ -39,7 +56,7 @@ pub enum AuthError {
     #[error("invalid token: {reason}")]
     InvalidToken { reason: String, jti: Option<String>, sub: Option<String> },
     /// Token is valid but the startup user is not its subject. SQLSTATE 28000.
-    #[error("token subject {sub:?} does not match user {user:?}")]
+    #[error("token user {sub:?} does not match user {user:?}")]
     UserMismatch { sub: String, user: String, jti: String },
     /// Keys could not be loaded / key material problem (server side).
     #[error("key error: {0}")]

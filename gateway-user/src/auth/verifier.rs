@@ -1,19 +1,22 @@
-//! Token verification against a JWKS file.
+//! Token verification against the current keys (a JWKS file, or the identity provider's keys
+//! kept current by [`super::key_store::Refresher`]).
 //!
-//! Everything that can be prepared is prepared at load time: one [`DecodingKey`] and one
-//! [`Validation`] (allowing exactly the key's algorithm) per `kid`. `verify` then does a cheap
-//! header pre-check (alg/kid) before any cryptography, so junk passwords cost almost nothing.
+//! `verify` does a cheap header pre-check (alg/kid) before any cryptography, so junk passwords
+//! cost almost nothing, then the signature and the claims ([`Checks`]). It never waits: a key id
+//! the current keys lack refuses the token and asks for a fetch of remote keys.
 
-use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
-use serde_json::Value;
+use jsonwebtoken::Algorithm;
+use serde_json::{Map, Value};
 
+use super::claims::{Checks, token_hash};
+use super::jwks_fetch::Fetcher;
+use super::key_store::{KeyStatus, KeyStore, Refresher};
+use super::keyset::{KeySet, Strictness};
 use super::{AuthError, Identity, now_secs};
 use crate::config::Config;
 
@@ -21,128 +24,87 @@ use crate::config::Config;
 const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// Longest jti/sub copied from an *unverified* payload into an error (audit only).
 const MAX_UNVERIFIED_ID_LEN: usize = 200;
+/// What a client is told while no remote keys were ever fetched (the cause is in the log).
+const NO_KEYS_YET: &str =
+    "the identity provider's token keys have not been fetched yet; logins are refused until they are (see pgward's log)";
 
-/// Verifies tokens against the JWKS from the config.
+/// Verifies tokens against the keys from the config.
 pub struct Verifier {
-    keys: HashMap<String, KeyEntry>,
-    leeway: u64,
-}
-
-struct KeyEntry {
-    alg: Algorithm,
-    key: DecodingKey,
-    validation: Validation,
+    keys: Arc<KeyStore>,
+    checks: Checks,
 }
 
 impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut kids: Vec<(&str, Algorithm)> =
-            self.keys.iter().map(|(k, e)| (k.as_str(), e.alg)).collect();
-        kids.sort_by(|a, b| a.0.cmp(b.0));
-        f.debug_struct("Verifier").field("keys", &kids).field("leeway", &self.leeway).finish()
+        f.debug_struct("Verifier").field("keys", &self.keys.current()).field("checks", &self.checks).finish()
     }
-}
-
-/// The claims we read after the signature and the standard claims were checked. Everything is
-/// a raw `Value` so a strange claim type gives a precise error instead of a generic JSON one.
-#[derive(Deserialize)]
-struct Claims {
-    #[serde(default)]
-    sub: Option<Value>,
-    #[serde(default)]
-    jti: Option<Value>,
-    #[serde(default)]
-    iat: Option<Value>,
-    #[serde(default)]
-    exp: Option<Value>,
-    #[serde(default)]
-    groups: Option<Value>,
 }
 
 impl Verifier {
-    /// Load the JWKS named by `auth.jwks` (relative to the config file).
+    /// The keys named by `[auth]`: the JWKS file (relative to the config file), or one fetch of
+    /// the identity provider's keys now (for the CLI; `serve` uses [`Verifier::start`]).
     pub fn load(cfg: &Config) -> Result<Verifier, AuthError> {
-        let path = cfg.resolve(&cfg.auth.jwks);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| AuthError::Keys(format!("cannot read JWKS {}: {e}", path.display())))?;
-        Verifier::from_jwks(&text, &cfg.auth.issuer, &cfg.auth.audience, cfg.auth.leeway_secs)
-            .map_err(|e| match e {
-                AuthError::Keys(m) => AuthError::Keys(format!("JWKS {}: {m}", path.display())),
-                other => other,
+        let checks = Checks::from_config(&cfg.auth);
+        let Some(fetcher) = Fetcher::from_config(cfg)? else {
+            return Verifier::load_file(cfg, checks);
+        };
+        let fetched = std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("cannot start a runtime: {e}"))?;
+                rt.block_on(fetcher.fetch())
             })
+            .join()
+            .unwrap_or_else(|_| Err("the fetch thread panicked".into()))
+        })
+        .map_err(|e| AuthError::Keys(format!("cannot fetch the identity provider's keys: {e}")))?;
+        let keys = KeySet::from_jwks(&fetched.body, &checks, Strictness::Provider)
+            .map_err(|e| AuthError::Keys(format!("JWKS {}: {e}", fetched.jwks_url)))?;
+        Ok(Verifier { keys: Arc::new(KeyStore::fixed(keys, fetched.jwks_url)), checks })
     }
 
-    /// Build a verifier from JWKS text (`{"keys":[...]}`).
-    ///
-    /// Keys meant for encryption (`"use":"enc"`), keys without a `kid`, symmetric (`oct`) keys
-    /// and unsupported key types/curves are skipped with a warning. A malformed key of a
-    /// supported type, a duplicate `kid`, or a declared `alg` that does not fit the key is an
-    /// error, as is a JWKS with no usable key.
-    pub fn from_jwks(
-        jwks_json: &str,
-        issuer: &str,
-        audience: &str,
-        leeway_secs: u64,
-    ) -> Result<Verifier, AuthError> {
-        #[derive(Deserialize)]
-        struct RawSet {
-            keys: Vec<Value>,
-        }
-        let set: RawSet = serde_json::from_str(jwks_json)
-            .map_err(|e| AuthError::Keys(format!("not a JWKS ({{\"keys\": [...]}}): {e}")))?;
+    /// For `serve`: the JWKS file, or the identity provider's keys — fetched once now (a
+    /// failure is logged and every login refused until a fetch succeeds) and then kept current
+    /// by a task on the current runtime, whose handle is returned.
+    pub async fn start(cfg: &Config) -> Result<(Verifier, Option<tokio::task::JoinHandle<()>>), AuthError> {
+        let checks = Checks::from_config(&cfg.auth);
+        let Some(fetcher) = Fetcher::from_config(cfg)? else {
+            return Ok((Verifier::load_file(cfg, checks)?, None));
+        };
+        let store = Arc::new(KeyStore::remote(fetcher.describe()));
+        let status_dir = Some(crate::access::state_dir(cfg)).filter(|d| d.is_dir());
+        let a = &cfg.auth;
+        let refresher = Refresher::new(store.clone(), fetcher, checks.clone(), a.jwks_refresh, a.jwks_min_refresh, status_dir);
+        let ok = refresher.refresh_once().await;
+        let task = tokio::spawn(refresher.run(ok));
+        Ok((Verifier { keys: store, checks }, Some(task)))
+    }
 
-        let mut keys = HashMap::new();
-        for (i, raw) in set.keys.into_iter().enumerate() {
-            let jwk: Jwk = match serde_json::from_value(raw) {
-                Ok(j) => j,
-                Err(e) => {
-                    tracing::warn!(index = i, error = %e, "skipping unparseable JWKS entry");
-                    continue;
-                }
-            };
-            let Some(kid) = jwk.common.key_id.clone().filter(|k| !k.is_empty()) else {
-                tracing::warn!(index = i, "skipping JWKS key without kid");
-                continue;
-            };
-            if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
-                tracing::debug!(kid, "skipping JWKS key with use=enc");
-                continue;
-            }
-            let Some(alg) =
-                key_algorithm(&jwk).map_err(|m| AuthError::Keys(format!("key {kid:?}: {m}")))?
-            else {
-                tracing::warn!(
-                    kid,
-                    "skipping JWKS key of unsupported type (only RSA, EC P-256/P-384, Ed25519)"
-                );
-                continue;
-            };
-            let key = DecodingKey::from_jwk(&jwk)
-                .map_err(|e| AuthError::Keys(format!("key {kid:?}: {e}")))?;
-            // Constructing the verifier parses the key (EC point / Ed25519 point); a dummy
-            // verification surfaces a broken key now instead of on the first connection.
-            jsonwebtoken::crypto::verify("AA", b"", &key, alg)
-                .map_err(|e| AuthError::Keys(format!("key {kid:?} is unusable: {e}")))?;
+    fn load_file(cfg: &Config, checks: Checks) -> Result<Verifier, AuthError> {
+        let Some(file) = &cfg.auth.jwks else {
+            return Err(AuthError::Keys("auth.jwks is not set".into()));
+        };
+        let path = cfg.resolve(file);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| AuthError::Keys(format!("cannot read JWKS {}: {e}", path.display())))?;
+        let keys = KeySet::from_jwks(&text, &checks, Strictness::File).map_err(|e| match e {
+            AuthError::Keys(m) => AuthError::Keys(format!("JWKS {}: {m}", path.display())),
+            other => other,
+        })?;
+        Ok(Verifier { keys: Arc::new(KeyStore::fixed(keys, path.display().to_string())), checks })
+    }
 
-            let mut validation = Validation::new(alg);
-            validation.leeway = leeway_secs;
-            validation.validate_exp = true;
-            validation.validate_nbf = true;
-            validation.validate_aud = true;
-            validation.set_issuer(&[issuer]);
-            validation.set_audience(&[audience]);
-            validation.set_required_spec_claims(&["exp", "nbf", "sub", "iss", "aud"]);
+    /// A verifier from JWKS text (`{"keys":[...]}`) with `checks`.
+    pub fn from_jwks(jwks_json: &str, checks: Checks) -> Result<Verifier, AuthError> {
+        let keys = KeySet::from_jwks(jwks_json, &checks, Strictness::File)?;
+        Ok(Verifier { keys: Arc::new(KeyStore::fixed(keys, "(inline)".into())), checks })
+    }
 
-            if keys.insert(kid.clone(), KeyEntry { alg, key, validation }).is_some() {
-                return Err(AuthError::Keys(format!("duplicate kid {kid:?}")));
-            }
-        }
-        if keys.is_empty() {
-            return Err(AuthError::Keys(
-                "no usable signing key (RSA, EC or Ed25519 with a kid)".into(),
-            ));
-        }
-        Ok(Verifier { keys, leeway: leeway_secs })
+    /// Where the keys came from and when (for `pgward doctor`).
+    pub fn key_status(&self) -> KeyStatus {
+        self.keys.status()
     }
 
     /// Verify `token` for a client that sent `startup_user` in its StartupMessage.
@@ -154,7 +116,7 @@ impl Verifier {
         let Some(header) = decode_json_segment(parts.header) else {
             return Err(invalid("password is not a valid token", None));
         };
-        let fail = |reason: &str| invalid(reason, Some(parts.payload));
+        let fail = |reason: &str| invalid(reason, Some(self.unverified_ids(parts.payload, token)));
 
         // Header pre-checks: decide on alg and key before touching any cryptography.
         let alg_name = match header.get("alg") {
@@ -172,176 +134,60 @@ impl Verifier {
         let Ok(alg) = alg_name.parse::<Algorithm>() else {
             return Err(fail(&format!("unsupported algorithm {}", printable(alg_name))));
         };
+        if header.contains_key("crit") {
+            // RFC 7515 §4.1.11: a token whose critical extensions are not understood must be
+            // refused, and pgward understands none.
+            return Err(fail("critical header extensions (crit) are not supported"));
+        }
         let kid = match header.get("kid") {
             Some(Value::String(k)) if !k.is_empty() => k.as_str(),
             _ => return Err(fail("token has no key id (kid)")),
         };
-        let Some(entry) = self.keys.get(kid) else {
+        let Some(keys) = self.keys.current() else {
+            self.keys.unknown_kid();
+            return Err(AuthError::Keys(NO_KEYS_YET.into()));
+        };
+        let Some(entry) = keys.get(kid) else {
+            self.keys.unknown_kid();
             return Err(fail("unknown key id"));
         };
         if alg != entry.alg {
-            return Err(fail(&format!(
-                "algorithm {alg:?} does not match key (expects {:?})",
-                entry.alg
-            )));
+            return Err(fail(&format!("algorithm {alg:?} does not match key (expects {:?})", entry.alg)));
         }
 
-        // Signature, then exp/nbf (with leeway), iss, aud, presence of sub/exp/nbf/iss/aud.
-        let data = jsonwebtoken::decode::<Claims>(token, &entry.key, &entry.validation)
+        // Signature, then exp/nbf (with leeway), iss, aud; then the rest of the claims.
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &entry.key, &entry.validation)
             .map_err(|e| fail(&reason_for(&e)))?;
-        let claims = data.claims;
-
-        // The rest of the required claims, now that the token is known to be authentic.
-        let sub = match claims.sub {
-            Some(Value::String(s)) if !s.is_empty() => s,
-            _ => return Err(fail("missing required claim sub")),
-        };
-        let jti = match claims.jti {
-            Some(Value::String(s)) if !s.is_empty() => s,
-            Some(Value::String(_)) | None => return Err(fail("missing required claim jti")),
-            Some(_) => return Err(fail("malformed claim jti")),
-        };
-        let iat = match claims.iat {
-            None => return Err(fail("missing required claim iat")),
-            Some(v) => numeric_date(&v).ok_or_else(|| fail("malformed claim iat"))?,
-        };
-        if iat > now_secs().saturating_add(self.leeway) {
-            return Err(fail("token issued in the future"));
+        let identity = self.checks.identity(&data.claims, token, now_secs()).map_err(|r| fail(&r))?;
+        if identity.user != startup_user {
+            return Err(AuthError::UserMismatch { sub: identity.user, user: startup_user.to_owned(), jti: identity.jti });
         }
-        let expires_at = claims
-            .exp
-            .as_ref()
-            .and_then(numeric_date)
-            .ok_or_else(|| fail("malformed claim exp"))?;
-        let groups = match claims.groups {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => {
-                let mut groups = Vec::with_capacity(items.len());
-                for item in items {
-                    match item {
-                        Value::String(g) => groups.push(g),
-                        _ => {
-                            return Err(fail(
-                                "malformed claim groups (must be an array of strings)",
-                            ));
-                        }
-                    }
-                }
-                groups
-            }
-            Some(_) => return Err(fail("malformed claim groups (must be an array of strings)")),
-        };
+        Ok(identity)
+    }
 
-        if sub != startup_user {
-            return Err(AuthError::UserMismatch { sub, user: startup_user.to_owned(), jti });
-        }
-        Ok(Identity {
-            user: sub,
-            groups,
-            jti,
-            expires_at: i64::try_from(expires_at).unwrap_or(i64::MAX),
-            issued_at: i64::try_from(iat).unwrap_or(i64::MAX),
-        })
+    /// The token id and user name from an unverified payload, for the audit record of a failed
+    /// login only.
+    fn unverified_ids(&self, payload: &str, token: &str) -> (Option<String>, Option<String>) {
+        let Some(claims) = decode_json_segment(payload) else {
+            return (None, None);
+        };
+        let jti = match claims.get("jti") {
+            Some(Value::String(s)) if !s.is_empty() => truncate(s, MAX_UNVERIFIED_ID_LEN),
+            _ => token_hash(token),
+        };
+        let user = self.checks.user_claim(&claims).map(|u| truncate(u, MAX_UNVERIFIED_ID_LEN));
+        (Some(jti), user)
     }
 }
 
-/// The algorithm tokens signed by `jwk` must use, `Ok(None)` for keys we skip, `Err` for keys
-/// that are broken or contradict themselves.
-fn key_algorithm(jwk: &Jwk) -> Result<Option<Algorithm>, String> {
-    if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
-        tracing::warn!("symmetric (oct) key in JWKS is ignored: HS* tokens are never accepted");
-        return Ok(None);
-    }
-    let declared = jwk.common.key_algorithm;
-    let declared_alg = match declared {
-        None => None,
-        Some(KeyAlgorithm::UNKNOWN_ALGORITHM) => return Err("unknown alg".into()),
-        Some(ka) => match Algorithm::try_from(ka) {
-            Ok(a) => Some(a),
-            // RSA1_5 / RSA-OAEP: an encryption key without use=enc; not for us.
-            Err(_) => return Ok(None),
-        },
-    };
-    if declared_alg.is_some_and(|a| a.family() == jsonwebtoken::AlgorithmFamily::Hmac) {
-        return Err(format!("symmetric alg {declared:?} is never accepted"));
-    }
-    let check = |natural: Algorithm, allowed: &[Algorithm]| -> Result<Option<Algorithm>, String> {
-        match declared_alg {
-            None => Ok(Some(natural)),
-            Some(a) if allowed.contains(&a) => Ok(Some(a)),
-            Some(a) => Err(format!("declared alg {a:?} does not fit the key type")),
-        }
-    };
-    match &jwk.algorithm {
-        AlgorithmParameters::RSA(p) => {
-            let n = b64(&p.n).ok_or("RSA modulus n is not base64url")?;
-            let e = b64(&p.e).ok_or("RSA exponent e is not base64url")?;
-            let bits = significant_bits(&n);
-            if bits < 2048 {
-                return Err(format!("RSA key too small ({bits} bits; need at least 2048)"));
-            }
-            if e.iter().all(|b| *b == 0) {
-                return Err("RSA exponent is zero".into());
-            }
-            check(
-                Algorithm::RS256,
-                &[
-                    Algorithm::RS256,
-                    Algorithm::RS384,
-                    Algorithm::RS512,
-                    Algorithm::PS256,
-                    Algorithm::PS384,
-                    Algorithm::PS512,
-                ],
-            )
-        }
-        AlgorithmParameters::EllipticCurve(p) => {
-            let (natural, len) = match p.curve {
-                EllipticCurve::P256 => (Algorithm::ES256, 32),
-                EllipticCurve::P384 => (Algorithm::ES384, 48),
-                _ => return Ok(None),
-            };
-            let x = b64(&p.x).ok_or("EC x is not base64url")?;
-            let y = b64(&p.y).ok_or("EC y is not base64url")?;
-            if x.len() != len || y.len() != len {
-                return Err(format!("EC coordinates must be {len} bytes"));
-            }
-            check(natural, &[natural])
-        }
-        AlgorithmParameters::OctetKeyPair(p) => {
-            if p.curve != EllipticCurve::Ed25519 {
-                return Ok(None);
-            }
-            // Checked here: jsonwebtoken slices the key to 32 bytes and would panic on less.
-            let x = b64(&p.x).ok_or("OKP x is not base64url")?;
-            if x.len() != 32 {
-                return Err("Ed25519 public key must be 32 bytes".into());
-            }
-            check(Algorithm::EdDSA, &[Algorithm::EdDSA])
-        }
-        _ => Ok(None),
-    }
-}
-
-fn b64(s: &str) -> Option<Vec<u8>> {
-    URL_SAFE_NO_PAD.decode(s.trim_end_matches('=')).ok()
-}
-
-fn significant_bits(be: &[u8]) -> usize {
-    match be.iter().position(|b| *b != 0) {
-        None => 0,
-        Some(i) => (be.len() - i - 1) * 8 + (8 - be[i].leading_zeros() as usize),
-    }
-}
-
-struct JwtParts<'a> {
-    header: &'a str,
-    payload: &'a str,
+pub(super) struct JwtParts<'a> {
+    pub header: &'a str,
+    pub payload: &'a str,
 }
 
 /// `header.payload.signature` with base64url segments (the signature may be empty, as in
 /// `alg: none` tokens, so those can be reported as such).
-fn split_jwt(token: &str) -> Option<JwtParts<'_>> {
+pub(super) fn split_jwt(token: &str) -> Option<JwtParts<'_>> {
     if token.is_empty() || token.len() > MAX_TOKEN_LEN {
         return None;
     }
@@ -358,7 +204,7 @@ fn split_jwt(token: &str) -> Option<JwtParts<'_>> {
 }
 
 /// A base64url JSON object segment.
-fn decode_json_segment(seg: &str) -> Option<serde_json::Map<String, Value>> {
+pub(super) fn decode_json_segment(seg: &str) -> Option<serde_json::Map<String, Value>> {
     let bytes = URL_SAFE_NO_PAD.decode(seg).ok()?;
     match serde_json::from_slice(&bytes).ok()? {
         Value::Object(m) => Some(m),
@@ -366,21 +212,9 @@ fn decode_json_segment(seg: &str) -> Option<serde_json::Map<String, Value>> {
     }
 }
 
-fn invalid(reason: &str, payload: Option<&str>) -> AuthError {
-    let (jti, sub) = payload.map(unverified_ids).unwrap_or((None, None));
+fn invalid(reason: &str, ids: Option<(Option<String>, Option<String>)>) -> AuthError {
+    let (jti, sub) = ids.unwrap_or((None, None));
     AuthError::InvalidToken { reason: reason.to_owned(), jti, sub }
-}
-
-/// jti and sub from an unverified payload, for the audit record of a failed login only.
-fn unverified_ids(payload: &str) -> (Option<String>, Option<String>) {
-    let Some(claims) = decode_json_segment(payload) else {
-        return (None, None);
-    };
-    let get = |name: &str| match claims.get(name) {
-        Some(Value::String(s)) if !s.is_empty() => Some(truncate(s, MAX_UNVERIFIED_ID_LEN)),
-        _ => None,
-    };
-    (get("jti"), get("sub"))
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -398,18 +232,6 @@ fn truncate(s: &str, max: usize) -> String {
 fn printable(s: &str) -> String {
     let t = truncate(s, 32);
     if t.bytes().all(|b| b.is_ascii_graphic()) { t } else { format!("{t:?}") }
-}
-
-/// A JWT NumericDate as whole seconds (non-negative).
-fn numeric_date(v: &Value) -> Option<u64> {
-    match v {
-        Value::Number(n) => n.as_u64().or_else(|| {
-            n.as_f64()
-                .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
-                .map(|f| f as u64)
-        }),
-        _ => None,
-    }
 }
 
 fn reason_for(e: &jsonwebtoken::errors::Error) -> String {

@@ -489,7 +489,7 @@ mod tests {
         assert_eq!(cfg.auth.audience, "pgward");
         assert!(cfg.auth.signing_kid.starts_with("pgward-") && cfg.auth.signing_kid.len() == 15);
         assert_eq!(cfg.policy.files, vec![PathBuf::from(POLICY_FILE)]);
-        assert!(cfg.server.tls_cert.is_relative() && cfg.auth.jwks.is_relative());
+        assert!(cfg.server.tls_cert.is_relative() && cfg.auth.jwks.as_ref().unwrap().is_relative());
 
         let signer = Signer::load(&cfg).unwrap();
         let verifier = Verifier::load(&cfg).unwrap();
@@ -535,7 +535,7 @@ mod tests {
         let signer = crate::audit::CheckpointSigner::from_pkcs8_pem_file(&ckpt, ckpt_kid.clone()).unwrap();
         let ckpt_keys = crate::audit::verify::load_jwks_ed25519(&cfg.resolve(cfg.audit.checkpoint_jwks.as_ref().unwrap())).unwrap();
         assert_eq!(ckpt_keys.get(&ckpt_kid), Some(&signer.verifying_key()));
-        let token_keys = crate::audit::verify::load_jwks_ed25519(&cfg.resolve(&cfg.auth.jwks)).unwrap();
+        let token_keys = crate::audit::verify::load_jwks_ed25519(&cfg.resolve(cfg.auth.jwks.as_ref().unwrap())).unwrap();
         assert!(token_keys.values().all(|k| *k != signer.verifying_key()), "not the token key");
         assert_eq!(mode(&cfg.resolve(&cfg.audit.dir)), 0o750);
         let policy = std::fs::read_to_string(dir.join(POLICY_FILE)).unwrap();

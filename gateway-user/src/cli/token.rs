@@ -14,20 +14,25 @@ use crate::config::Config;
 pub enum TokenCommand {
     /// Print a signed JWT for USER on stdout (and nothing else).
     Issue(IssueArgs),
-    /// Revoke one token (--jti) or every token of a user issued until now (--user). A running
+    /// Revoke one token (--jti, or the token itself with --token-file) or every token of a user
+    /// issued until now (--user). A running
     /// `serve` refuses them from its next look at the revocation file (within a second): live
     /// sessions end at their next statement, new logins are refused.
     Revoke(RevokeArgs),
 }
 
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("what").required(true).args(["jti", "user"])))]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["jti", "user", "token_file"])))]
 pub struct RevokeArgs {
     #[arg(long)]
     pub config: PathBuf,
     /// The token's id (`jti`; audit records show it).
     #[arg(long)]
     pub jti: Option<String>,
+    /// A file holding the token to revoke (`-`: stdin), e.g. one found leaked: its `jti`, or,
+    /// for a token without one, `sha256:` and its hash (the id audit records show for it).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
     /// Every token of this user issued at or before now.
     #[arg(long)]
     pub user: Option<String>,
@@ -70,14 +75,30 @@ pub fn run(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
 /// Append the revocation; the message for stdout.
 fn revoke(args: &RevokeArgs) -> anyhow::Result<String> {
     let cfg = Config::load(&args.config)?;
+    let from_token = args.token_file.as_deref().map(token_id_from_file).transpose()?;
+    let jti = from_token.as_deref().or(args.jti.as_deref());
     let store = crate::access::Store::open(&cfg)?;
-    let r = store.revoke(args.jti.as_deref(), args.user.as_deref(), args.reason.as_deref())?;
+    let r = store.revoke(jti, args.user.as_deref(), args.reason.as_deref())?;
     let when = crate::access::rfc3339(r.at);
     Ok(match (&r.jti, &r.user) {
         (Some(j), _) => format!("revoked token {j} ({}, at {when})\n", r.id),
         (_, Some(u)) => format!("revoked every token of user {u} issued at or before {when} ({})\n", r.id),
         _ => format!("revoked ({}, at {when})\n", r.id),
     })
+}
+
+/// The id of the token in `path` (`-`: stdin), read without verifying it: whatever token an
+/// operator holds can be revoked, also one already expired or signed by a retired key.
+fn token_id_from_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("cannot read the token from stdin")?;
+        s
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+    };
+    crate::auth::token_id(&text)
+        .with_context(|| format!("{} does not hold a JWT (header.payload.signature)", path.display()))
 }
 
 /// The token for `pgward token issue` (everything except printing it).
@@ -96,6 +117,12 @@ fn issue(args: &IssueArgs) -> anyhow::Result<String> {
 
     // The gateway verifies with auth.jwks; warn (on stderr) if that would not accept this
     // token, e.g. because the JWKS does not contain the signing key.
+    if cfg.auth.remote_keys() {
+        eprintln!(
+            "pgward: warning: the gateway verifies tokens against the identity provider's keys (auth.jwks_url / auth.discovery) and will not accept this token"
+        );
+        return Ok(token);
+    }
     match Verifier::load(&cfg).and_then(|v| v.verify(&token, user)) {
         Ok(_) => {}
         Err(e) => eprintln!("pgward: warning: the gateway would not accept this token: {e}"),

@@ -9,16 +9,22 @@ use super::report::{Check, Outcome, check};
 pub(super) fn token_keys(cx: &Ctx) -> Check {
     let name = "token keys";
     let cfg = &cx.cfg;
-    let verifier = match crate::auth::Verifier::load(cfg) {
-        Ok(v) => v,
-        Err(e) => {
-            return check(
-                name,
-                Outcome::Fail,
-                format!("JWKS {}: {e}", cfg.resolve(&cfg.auth.jwks).display()),
-                Some("point auth.jwks at a JWKS file (pgward init writes keys/jwks.json)".into()),
-            );
-        }
+    // With an identity provider's keys, `idp::provider_keys` checks those; here only that
+    // pgward's own signing key signs (`pgward token issue`).
+    let jwks_file = cfg.auth.jwks.as_ref().map(|p| cfg.resolve(p));
+    let verifier = match &jwks_file {
+        None => None,
+        Some(path) => match crate::auth::Verifier::load(cfg) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                return check(
+                    name,
+                    Outcome::Fail,
+                    format!("JWKS {}: {e}", path.display()),
+                    Some("point auth.jwks at a JWKS file (pgward init writes keys/jwks.json)".into()),
+                );
+            }
+        },
     };
     let key_path = cfg.resolve(&cfg.auth.signing_key);
     let signer = match crate::auth::Signer::load(cfg) {
@@ -58,16 +64,23 @@ pub(super) fn token_keys(cx: &Ctx) -> Check {
         Ok(t) => t,
         Err(e) => return check(name, Outcome::Fail, format!("cannot sign: {e}"), None),
     };
+    let (Some(verifier), Some(path)) = (verifier, jwks_file) else {
+        return check(
+            name,
+            Outcome::Pass,
+            format!(
+                "kid {} signs; tokens are verified against the identity provider's keys, so `pgward token issue` tokens are not accepted",
+                cfg.auth.signing_kid
+            ),
+            None,
+        );
+    };
     if let Err(e) = verifier.verify(&token, "pgward-doctor") {
         return check(
             name,
             Outcome::Fail,
             format!("a token signed with kid {} does not verify: {e}", cfg.auth.signing_kid),
-            Some(format!(
-                "put the signing key's public half (kid {}) into {}",
-                cfg.auth.signing_kid,
-                cfg.resolve(&cfg.auth.jwks).display()
-            )),
+            Some(format!("put the signing key's public half (kid {}) into {}", cfg.auth.signing_kid, path.display())),
         );
     }
     check(

@@ -1,8 +1,10 @@
 //! `pgward doctor`: is this host set up for pgward, and is the running gateway doing its job?
 //!
 //! Checks kernel features, capabilities, cgroup v2, eBPF program attachment, the unix socket
-//! lockdown, Postgres's listen addresses, the audit directory, the clock, the token keys,
-//! the TLS certificate and the access state backend (etcd: members, reads, serve current); prints a table (PASS / WARN / FAIL / SKIP) and a fix for each problem.
+//! lockdown, Postgres's listen addresses, the audit directory, the clock, the token keys (and
+//! an identity provider's, fetched now and as the running serve last fetched them), the TLS
+//! certificate and the access state backend (etcd: members, reads, serve current); prints a
+//! table (PASS / WARN / FAIL / SKIP) and a fix for each problem.
 //! Works against a live `pgward serve` (found by its listening socket, or the interception state
 //! file) and without one. Exit 0 when nothing failed, 1 otherwise.
 //!
@@ -12,6 +14,7 @@
 mod access;
 mod audit;
 mod clock;
+mod idp;
 mod interception;
 mod kernel;
 mod keys;
@@ -128,6 +131,7 @@ fn diagnose(args: &DoctorArgs) -> Report {
     checks.push(audit::audit_dir(&cx));
     checks.push(clock::clock(&cx));
     checks.push(keys::token_keys(&cx));
+    checks.push(idp::provider_keys(&cx));
     checks.push(keys::checkpoint_key(&cx));
     checks.push(keys::tls(&cx));
     checks.push(access::access_backend(&cx));

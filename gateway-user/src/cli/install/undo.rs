@@ -104,7 +104,7 @@ pub(super) fn retire_config(root: &Root) -> anyhow::Result<()> {
     write_file(&dir.join("pgward.toml"), &text, 0o640, 0, 0)?;
     let loaded = Config::load(&cfg)?;
     // The public keys: the checkpoint JWKS is what `audit verify` checks the log against.
-    for rel in [Some(&loaded.auth.jwks), loaded.audit.checkpoint_jwks.as_ref()].into_iter().flatten() {
+    for rel in [loaded.auth.jwks.as_ref(), loaded.audit.checkpoint_jwks.as_ref()].into_iter().flatten() {
         if rel.is_relative() && !rel.components().any(|c| matches!(c, Component::ParentDir)) {
             let dst = dir.join(rel);
             if let Some(p) = dst.parent() {
