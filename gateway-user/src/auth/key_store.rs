@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use super::claims::Checks;
@@ -35,6 +35,9 @@ pub struct KeyStore {
     /// Woken when a token names an unknown key id (remote keys only).
     wake: Notify,
     remote: bool,
+    /// Fetch attempts so far, successful or not: a login waiting for the fetch its unknown key
+    /// id asked for watches it.
+    attempts: watch::Sender<u64>,
 }
 
 /// How the keys were got: for the log, `pgward doctor`, and the status file.
@@ -88,13 +91,19 @@ impl KeyStore {
             fetches: 1,
             ..KeyStatus::default()
         };
-        KeyStore { current: RwLock::new(Some(Arc::new(keys))), status: Mutex::new(status), wake: Notify::new(), remote: false }
+        KeyStore {
+            current: RwLock::new(Some(Arc::new(keys))),
+            status: Mutex::new(status),
+            wake: Notify::new(),
+            remote: false,
+            attempts: watch::Sender::new(0),
+        }
     }
 
     /// No keys yet; a [`Refresher`] fills them in.
     pub fn remote(source: String) -> KeyStore {
         let status = KeyStatus { source, ..KeyStatus::default() };
-        KeyStore { current: RwLock::new(None), status: Mutex::new(status), wake: Notify::new(), remote: true }
+        KeyStore { current: RwLock::new(None), status: Mutex::new(status), wake: Notify::new(), remote: true, attempts: watch::Sender::new(0) }
     }
 
     /// The current keys (`None`: never fetched).
@@ -104,6 +113,16 @@ impl KeyStore {
 
     pub fn status(&self) -> KeyStatus {
         crate::lock(&self.status).clone()
+    }
+
+    /// Whether the keys are fetched (and may change), not read from a file.
+    pub fn is_remote(&self) -> bool {
+        self.remote
+    }
+
+    /// Watches the count of fetch attempts: changes when one finished, successful or not.
+    pub fn attempts(&self) -> watch::Receiver<u64> {
+        self.attempts.subscribe()
     }
 
     /// A token named a key id the current keys lack: ask the refresher for a fetch (it decides
@@ -124,6 +143,8 @@ impl KeyStore {
         st.kids = kids;
         st.last_error = None;
         st.fetches += 1;
+        drop(st);
+        self.attempts.send_modify(|n| *n += 1);
     }
 
     fn failed(&self, error: String) {
@@ -131,6 +152,8 @@ impl KeyStore {
         st.last_attempt = Some(now_unix());
         st.last_error = Some(error);
         st.failures += 1;
+        drop(st);
+        self.attempts.send_modify(|n| *n += 1);
     }
 }
 

@@ -3,7 +3,9 @@
 //!
 //! `verify` does a cheap header pre-check (alg/kid) before any cryptography, so junk passwords
 //! cost almost nothing, then the signature and the claims ([`Checks`]). It never waits: a key id
-//! the current keys lack refuses the token and asks for a fetch of remote keys.
+//! the current keys lack refuses the token and asks for a fetch of remote keys. A login uses
+//! `verify_login`, which then waits (at most `LOGIN_KEY_WAIT`) for that fetch and verifies
+//! again, so the first token signed with a provider's new key logs in.
 
 use std::fmt;
 use std::sync::Arc;
@@ -27,6 +29,10 @@ const MAX_UNVERIFIED_ID_LEN: usize = 200;
 /// What a client is told while no remote keys were ever fetched (the cause is in the log).
 const NO_KEYS_YET: &str =
     "the identity provider's token keys have not been fetched yet; logins are refused until they are (see pgward's log)";
+
+/// Longest a login whose token names a key id the current keys lack waits for the fetch that
+/// asks for (the refresher fetches no sooner than `auth.jwks_min_refresh` after the last one).
+const LOGIN_KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Verifies tokens against the keys from the config.
 pub struct Verifier {
@@ -105,6 +111,36 @@ impl Verifier {
     /// Where the keys came from and when (for `pgward doctor`).
     pub fn key_status(&self) -> KeyStatus {
         self.keys.status()
+    }
+
+    /// [`verify`](Self::verify) for a login: when the token names a key id the current remote
+    /// keys lack (an identity provider that rotated its keys), wait for the fetch that asks for
+    /// — at most `LOGIN_KEY_WAIT` — and verify once more. The session's own task waits; the
+    /// event loop goes on.
+    pub async fn verify_login(&self, token: &str, startup_user: &str) -> Result<Identity, AuthError> {
+        let mut attempts = self.keys.attempts();
+        let first = self.verify(token, startup_user);
+        if first.is_ok() || !self.keys.is_remote() || !self.names_unknown_kid(token) {
+            return first;
+        }
+        let before = *attempts.borrow_and_update();
+        match tokio::time::timeout(LOGIN_KEY_WAIT, attempts.wait_for(|n| *n > before)).await {
+            Ok(Ok(_)) => self.verify(token, startup_user),
+            _ => first,
+        }
+    }
+
+    /// Whether `token`'s header names a key id the current keys lack (or there are none yet).
+    fn names_unknown_kid(&self, token: &str) -> bool {
+        let kid = split_jwt(token.trim_ascii()).and_then(|p| decode_json_segment(p.header)).and_then(|h| match h.get("kid") {
+            Some(Value::String(k)) if !k.is_empty() => Some(k.clone()),
+            _ => None,
+        });
+        match (kid, self.keys.current()) {
+            (Some(_), None) => true,
+            (Some(kid), Some(keys)) => keys.get(&kid).is_none(),
+            (None, _) => false,
+        }
     }
 
     /// Verify `token` for a client that sent `startup_user` in its StartupMessage.

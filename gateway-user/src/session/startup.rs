@@ -99,7 +99,7 @@ pub(super) async fn startup(shared: &Arc<Shared>, stream: BoxStream, peer: &Peer
         return None;
     }
     let token = read_token(&mut stream, &mut buf, hello).await?;
-    match shared.verifier.verify(&token, &user) {
+    match shared.verifier.verify_login(&token, &user).await {
         Ok(identity) => {
             let app_name = params.iter().find(|(n, _)| n == "application_name").map(|(_, v)| v.clone());
             let params = upstream_params(&params);
