@@ -151,8 +151,11 @@ impl HostMemory {
         out
     }
 
-    fn landed_on(&self, attrs: TargetSessionAttrs, host: usize) {
-        self.landed[attrs.index()].store(host, Ordering::Relaxed);
+    /// Remember where a connection for `attrs` landed; true if that is another host than the
+    /// last one (a failover, as far as these sessions are concerned).
+    fn landed_on(&self, attrs: TargetSessionAttrs, host: usize) -> bool {
+        let before = self.landed[attrs.index()].swap(host, Ordering::Relaxed);
+        before != host
     }
 
     /// A connection for `attrs` turned out not to fit (a pooled one at checkout): walk from
@@ -258,7 +261,9 @@ pub async fn connect(
 }
 
 fn landed(target: &Target, attrs: TargetSessionAttrs, host: usize, up: Upstream) -> Upstream {
-    target.memory.landed_on(attrs, host);
+    if target.memory.landed_on(attrs, host) && target.endpoints.len() > 1 {
+        tracing::info!(host = %target.endpoints[host].describe(), target_session_attrs = attrs.name(), "upstream: new connections go to this host");
+    }
     target
         .memory
         .remember_backend(up.backend_pid, up.backend_key, host);
@@ -356,7 +361,8 @@ mod tests {
     fn the_host_landed_on_is_tried_first_until_forgotten() {
         let m = HostMemory::default();
         assert_eq!(m.order(A::ReadWrite, 3), [0, 1, 2]);
-        m.landed_on(A::ReadWrite, 2);
+        assert!(m.landed_on(A::ReadWrite, 2), "another host than before");
+        assert!(!m.landed_on(A::ReadWrite, 2), "the same host");
         assert_eq!(m.order(A::ReadWrite, 3), [2, 0, 1]);
         assert_eq!(
             m.order(A::PreferStandby, 3),
