@@ -1128,6 +1128,106 @@ fn provision_script_in_isolated_root() {
     assert!(!again.success() && again.stderr.contains("not installed"), "{}", again.describe());
 }
 
+// ---- the Debian package ----------------------------------------------------------------------
+
+/// The .deb, built by `cargo xtask package`'s code from this pgward and the eBPF object.
+fn build_deb(out: &Path) -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let object = workspace.join("target/bpf/gateway-ebpf.o");
+    assert!(object.is_file(), "no eBPF object at {} (cargo xtask build-ebpf)", object.display());
+    let inputs = xtask::deb::Inputs {
+        workspace,
+        binary: pgward_bin().into(),
+        object,
+        version: "0.0.0~test".into(),
+        arch: xtask::deb::host_arch().expect("dpkg --print-architecture"),
+    };
+    xtask::deb::build(&inputs, out).unwrap_or_else(|e| panic!("building the .deb: {e:#}"))
+}
+
+/// `dpkg --root=TREE ARGS…`, maintainer scripts run outside a chroot with `$DPKG_ROOT` = the
+/// tree (the tree has no shell of its own), dependencies not checked (the tree's dpkg database
+/// knows no libc6), dpkg's log outside the tree.
+fn dpkg(tree: &Tree, args: &[&str]) -> CmdOut {
+    let mut cmd = Command::new("dpkg");
+    cmd.arg(format!("--root={}", tree.root.display()))
+        .arg(format!("--log={}", tree.work.join("dpkg.log").display()))
+        .args(["--force-script-chrootless", "--force-depends"])
+        .args(args)
+        .env("PGWARD_LOG", "warn");
+    run_cmd(&mut cmd, None, Duration::from_secs(300))
+}
+
+/// The Debian package in an isolated root: dpkg installs the binary, the eBPF object, the unit
+/// template and the default config (modes, owners, bytes) and starts nothing (no unit, nothing
+/// under /etc); `pgward install` run from the package's binary uses it in place (the unit runs
+/// /usr/bin/pgward, nothing copied to /usr/local/bin); `dpkg -r` runs the prerm, which undoes
+/// the install: every file, mode and owner as before, but the audit log `uninstall` keeps and
+/// dpkg's own database.
+#[test]
+fn deb_installs_files_only_and_removing_it_undoes_pgward_install() {
+    require_root();
+    let tree = Tree::new(Layout::Debian);
+    for d in ["/var/lib/dpkg", "/var/lib/dpkg/info", "/var/lib/dpkg/updates", "/var/lib/dpkg/triggers"] {
+        mkdir(&tree.p(d), 0o755, 0, 0);
+    }
+    write(&tree.p("/var/lib/dpkg/status"), "", 0o644, 0, 0);
+    let deb = build_deb(&tree.work);
+    let before = snapshot(&tree.root);
+
+    let out = dpkg(&tree, &["-i", deb.to_str().unwrap()]);
+    assert!(out.success(), "dpkg -i: {}", out.describe());
+    let object = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bpf/gateway-ebpf.o");
+    for (path, mode, same_as) in [
+        ("/usr/bin/pgward", 0o755, Some(PathBuf::from(pgward_bin()))),
+        ("/usr/lib/pgward/gateway-ebpf.o", 0o644, Some(object)),
+        ("/usr/share/pgward/pgward.service", 0o644, None),
+        ("/usr/share/pgward/pgward.toml", 0o644, None),
+        ("/usr/share/doc/pgward/copyright", 0o644, None),
+    ] {
+        assert_eq!(mode_owner(&tree.p(path)), (mode, 0, 0), "{path}");
+        if let Some(src) = same_as {
+            assert!(std::fs::read(tree.p(path)).unwrap() == std::fs::read(&src).unwrap(), "{path} is not {}", src.display());
+        }
+    }
+    let verify = dpkg(&tree, &["--verify", "pgward"]);
+    assert!(verify.success() && verify.stdout.trim().is_empty(), "dpkg --verify: {}", verify.describe());
+    let template = std::fs::read_to_string(tree.p("/usr/share/pgward/pgward.service")).unwrap();
+    assert!(template.contains("ExecStart=/usr/bin/pgward serve --config /etc/pgward/pgward.toml"), "{template}");
+    let added: Vec<String> = snapshot_diff(&before, &snapshot(&tree.root))
+        .into_iter()
+        .filter(|d| !d.contains(" /var/lib/dpkg"))
+        .filter(|d| !(d.starts_with("+ /usr/bin") || d.starts_with("+ /usr/lib") || d.starts_with("+ /usr/share")))
+        .collect();
+    assert!(added.is_empty(), "the package touched more than /usr: {added:?}");
+
+    // pgward install, from the package's binary.
+    let pwfile = tree.work.join("svc.password");
+    write(&pwfile, "package-test-password\n", 0o600, 0, 0);
+    let mut cmd = Command::new(tree.p("/usr/bin/pgward"));
+    cmd.args(["install", "--root", tree.root.to_str().unwrap(), "--pg-user", &tree.pg.name])
+        .args(["--upstream-password-file", pwfile.to_str().unwrap(), "--database", "app"])
+        .env("PGWARD_LOG", "warn");
+    let out = run_cmd(&mut cmd, None, Duration::from_secs(120));
+    assert!(out.success() && out.stdout.contains("pgward installed into"), "{}", out.describe());
+    let unit = std::fs::read_to_string(tree.p("/etc/systemd/system/pgward.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/bin/pgward serve"), "the unit runs the package's binary:\n{unit}");
+    assert!(!tree.p("/usr/local/bin/pgward").exists(), "install copied the package's binary");
+    assert!(tree.user("pgward").is_some());
+
+    // Removing the package undoes the install (prerm: pgward uninstall).
+    let out = dpkg(&tree, &["-r", "pgward"]);
+    assert!(out.success() && out.stdout.contains("pgward uninstalled"), "dpkg -r: {}", out.describe());
+    let left: Vec<String> = snapshot_diff(&before, &snapshot(&tree.root))
+        .into_iter()
+        .filter(|d| !d.contains(" /var/lib/dpkg"))
+        .filter(|d| !d.starts_with("+ /var/lib/pgward"))
+        .collect();
+    assert!(left.is_empty(), "removing the package left traces:\n{}", left.join("\n"));
+    assert!(tree.p("/var/lib/pgward/audit").is_dir(), "the audit log is kept");
+    assert!(tree.user("pgward").is_none());
+}
+
 /// A failed install (postgresql.auto.conf would override the socket directory) changes nothing.
 #[test]
 fn failed_install_leaves_no_trace() {

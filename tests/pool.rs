@@ -487,7 +487,8 @@ impl Drop for EventLoop {
 
 /// A pool as `pgward serve` makes it, and the key of a login to `db` as the service role.
 fn lib_pool(c: &PgCluster, host: &str, tls: pgward::config::UpstreamTls, db: &str) -> (Arc<Pool>, Target, PoolKey) {
-    let target = Target { host: host.to_string(), port: c.port, tls, connect_timeout: Duration::from_secs(10) };
+    let endpoint = pgward::upstream::Endpoint { host: host.to_string(), port: c.port };
+    let target = Target::new(vec![endpoint], tls, Duration::from_secs(10));
     let key = PoolKey::new(&target, &c.svc_user, db, &[("TimeZone".to_string(), "UTC".to_string())]);
     (Arc::new(Pool::new(true, 4, 8, Duration::from_secs(300), Duration::from_secs(10))), target, key)
 }

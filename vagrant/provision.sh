@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Provision a pgward appliance on Debian 12: PostgreSQL 15, pgward installed with
-# `pgward install` (the same path as on any other host), a demo database and a demo OS user whose
-# psql lands in pgward with a token.
+# Provision a pgward appliance on Debian 12: PostgreSQL 15, pgward from its Debian package and
+# set up with `pgward install` (the same path as on any other host), a demo database and a demo
+# OS user whose psql lands in pgward with a token.
 #
 # Vagrant runs it as root (see Vagrantfile). It can be run again: what is there is kept.
 # tests/appliance.rs runs it in an isolated root (mount + network namespace) with these knobs:
 #   PGWARD_PROVISION_SKIP_APT=1    do not run apt-get (the packages must already be there)
 #   PGWARD_PROVISION_NO_SYSTEMD=1  no systemctl: `pgward install --no-systemctl`; the caller
 #                                  starts Postgres, restarts it after install, and runs pgward
-#   PGWARD_BIN=FILE                install this pgward binary (default: build from PGWARD_SRC,
-#                                  or use PGWARD_SRC/target/release/pgward if it runs here)
+#   PGWARD_DEB=FILE                install this pgward .deb (default: PGWARD_SRC/target/debian's,
+#                                  else one built there with `cargo xtask package`)
+#   PGWARD_BIN=FILE                no package: `pgward install` copies this binary to
+#                                  /usr/local/bin (how the isolated-root test runs it)
 #   PGWARD_SRC=DIR                 pgward's source tree (default: the repository holding this file)
 #   PGWARD_PG_USER=NAME            Postgres's OS user, also its superuser role (default postgres)
 #   PGWARD_PG_CONF=FILE            its postgresql.conf (default /etc/postgresql/15/main/postgresql.conf)
@@ -30,7 +32,6 @@ CONFIG=/etc/pgward/pgward.toml
 MANIFEST=/var/lib/pgward/install-manifest.json
 REAL_SOCKET_DIR=/run/postgresql-real
 SOCKET_DIR=/var/run/postgresql
-PGWARD=/usr/local/bin/pgward
 NO_SYSTEMD=${PGWARD_PROVISION_NO_SYSTEMD:-0}
 
 say() { printf '==> provision: %s\n' "$*"; }
@@ -53,27 +54,40 @@ for tool in psql setpriv useradd; do
   command -v "$tool" >/dev/null || die "$tool is missing (install postgresql-client-$PG_MAJOR, util-linux, passwd)"
 done
 
-# ---- 2. the pgward binary ------------------------------------------------------------------
+# ---- 2. the pgward package -----------------------------------------------------------------
 runs_here() { [ -x "$1" ] && "$1" --version >/dev/null 2>&1; }
-build_pgward() {
+build_package() {
   # The CI recipe: pinned toolchains, bpf-linker, LLVM 22 (Debian 12 security archive), then
-  # the eBPF object and the binary that embeds it. ~10 minutes on a fresh VM.
+  # `cargo xtask package`: the eBPF object, the release binary that embeds it, the .deb.
+  # ~10 minutes on a fresh VM.
   export PATH="$HOME/.cargo/bin:$PATH"
   if ! command -v rustup >/dev/null; then
     say "installing rustup"
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain none
   fi
-  say "building pgward from $SRC"
-  (cd "$SRC" && bash .ci/run --install-only && cargo xtask build-ebpf && cargo build --release -p gateway-user)
+  say "building the pgward package from $SRC"
+  (cd "$SRC" && bash .ci/run --install-only && cargo xtask package)
 }
+newest_deb() { ls -t "$SRC"/target/debian/pgward_*.deb 2>/dev/null | head -n 1; }
 if [ -n "${PGWARD_BIN:-}" ]; then
   BIN=$PGWARD_BIN
   runs_here "$BIN" || die "PGWARD_BIN=$BIN does not run here"
-elif runs_here "$SRC/target/release/pgward"; then
-  BIN=$SRC/target/release/pgward
+  PGWARD=/usr/local/bin/pgward
 else
-  build_pgward
-  BIN=$SRC/target/release/pgward
+  DEB=${PGWARD_DEB:-$(newest_deb)}
+  if [ -z "$DEB" ]; then
+    build_package
+    DEB=$(newest_deb)
+  fi
+  [ -f "$DEB" ] || die "no pgward package (${PGWARD_DEB:-$SRC/target/debian/pgward_*.deb})"
+  say "installing $DEB"
+  if [ "${PGWARD_PROVISION_SKIP_APT:-0}" = 1 ]; then
+    dpkg -i "$DEB"
+  else
+    apt-get install -y -q "$(realpath "$DEB")"
+  fi
+  BIN=/usr/bin/pgward
+  PGWARD=$BIN
 fi
 say "pgward binary: $BIN ($("$BIN" --version))"
 

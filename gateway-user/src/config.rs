@@ -91,10 +91,23 @@ pub enum UpstreamTls {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// Hostname/IP, or an absolute directory holding Postgres's unix socket.
+    /// Hostname/IP, or an absolute directory holding Postgres's unix socket; or several of
+    /// them, comma-separated (libpq's multi-host form), tried in order for each new connection
+    /// (see [`UpstreamConfig::endpoints`] and `upstream_hosts`).
     pub host: String,
-    #[serde(default = "default_pg_port")]
-    pub port: u16,
+    /// One port for every host, or a comma-separated string of one port per host.
+    #[serde(default)]
+    pub port: Ports,
+    /// Which server of `host` a connection may use (libpq's `target_session_attrs`).
+    #[serde(default, skip_serializing_if = "TargetSessionAttrs::is_any")]
+    pub target_session_attrs: TargetSessionAttrs,
+    /// Database roles (a policy group's `role`, or a just-in-time grant's) whose sessions
+    /// connect with `standby_session_attrs` instead: read-only roles can be served by standbys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub standby_roles: Vec<String>,
+    /// `target_session_attrs` for the sessions of `standby_roles`.
+    #[serde(default = "default_standby_session_attrs", skip_serializing_if = "is_default_standby_session_attrs")]
+    pub standby_session_attrs: TargetSessionAttrs,
     /// pgward's own (service) role on the real Postgres. Clients never see its credential.
     pub user: String,
     /// File holding the service role's password (first line). Optional for trust auth.
@@ -120,6 +133,112 @@ pub struct UpstreamConfig {
     /// An idle pooled connection older than this is closed.
     #[serde(default = "default_pool_idle_timeout", with = "humantime_serde_compat")]
     pub pool_idle_timeout: Duration,
+}
+
+// ---- upstream: several hosts and which of them to use -------------------------------------
+
+/// `upstream.target_session_attrs`, libpq's values: which server a new connection may use,
+/// judged by what the server reports at login (`in_hot_standby`, `default_transaction_read_only`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetSessionAttrs {
+    /// The first server that accepts the login.
+    #[default]
+    Any,
+    /// A server that accepts writes: not in recovery, `default_transaction_read_only` off.
+    ReadWrite,
+    /// A server that does not accept writes by default (a standby, or a read-only primary).
+    ReadOnly,
+    /// A server not in recovery.
+    Primary,
+    /// A server in recovery (a hot standby).
+    Standby,
+    /// A standby if one is reachable, else any server.
+    PreferStandby,
+}
+
+impl TargetSessionAttrs {
+    fn is_any(&self) -> bool {
+        *self == TargetSessionAttrs::Any
+    }
+}
+
+fn default_standby_session_attrs() -> TargetSessionAttrs {
+    TargetSessionAttrs::PreferStandby
+}
+fn is_default_standby_session_attrs(a: &TargetSessionAttrs) -> bool {
+    *a == default_standby_session_attrs()
+}
+
+/// `upstream.port`: one port for every host (an integer), or one per host (libpq's list form, a
+/// string: `"5432,5433"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ports(pub Vec<u16>);
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports(vec![default_pg_port()])
+    }
+}
+
+impl Ports {
+    /// The first port: the port of a single-host upstream.
+    pub fn first(&self) -> u16 {
+        self.0.first().copied().unwrap_or_else(default_pg_port)
+    }
+}
+
+impl std::fmt::Display for Ports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list: Vec<String> = self.0.iter().map(u16::to_string).collect();
+        f.write_str(&list.join(","))
+    }
+}
+
+impl Serialize for Ports {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => s.serialize_u16(*one),
+            _ => s.serialize_str(&self.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Ports {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            One(u16),
+            List(String),
+        }
+        match Form::deserialize(d)? {
+            Form::One(p) => Ok(Ports(vec![p])),
+            Form::List(s) => s
+                .split(',')
+                .map(|p| p.trim().parse::<u16>().map_err(|_| format!("upstream.port: {p:?} is not a port number")))
+                .collect::<Result<Vec<u16>, String>>()
+                .map(Ports)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// `host` and `port` as (host, port) pairs, in order: libpq's rules — a single port applies
+    /// to every host, otherwise there must be one port per host; no empty host.
+    pub fn endpoints(&self) -> Result<Vec<(String, u16)>, String> {
+        let hosts: Vec<&str> = self.host.split(',').map(str::trim).collect();
+        if hosts.iter().any(|h| h.is_empty()) {
+            return Err(format!("upstream.host {:?} has an empty entry", self.host));
+        }
+        let ports = &self.port.0;
+        match ports.len() {
+            1 => Ok(hosts.iter().map(|h| (h.to_string(), ports[0])).collect()),
+            n if n == hosts.len() => Ok(hosts.iter().zip(ports).map(|(h, p)| (h.to_string(), *p)).collect()),
+            n => Err(format!("upstream.port lists {n} ports for {} hosts (give one, or one per host)", hosts.len())),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -760,6 +879,7 @@ impl Config {
         if let Some(msg) = self.auth.idp_problem() {
             return Err(bad(msg));
         }
+        self.upstream.endpoints().map_err(bad)?;
         if self.audit.checkpoint_every == 0 {
             return Err(bad("audit.checkpoint_every must be at least 1".into()));
         }
@@ -790,5 +910,42 @@ impl Config {
 
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod upstream_tests {
+    use super::*;
+
+    fn upstream(extra: &str) -> Result<UpstreamConfig, toml::de::Error> {
+        toml::from_str(&format!("user = \"svc\"\n{extra}"))
+    }
+
+    #[test]
+    fn hosts_and_ports_pair_up_as_in_libpq() {
+        let u = upstream("host = \"a\"").unwrap();
+        assert_eq!(u.endpoints().unwrap(), [("a".to_string(), 5432)]);
+        assert!(u.port == Ports(vec![5432]) && u.target_session_attrs == TargetSessionAttrs::Any);
+        let u = upstream("host = \"a, b,/run/pg\"\nport = 5433").unwrap();
+        assert_eq!(u.endpoints().unwrap(), [("a".into(), 5433), ("b".into(), 5433), ("/run/pg".to_string(), 5433)]);
+        let u = upstream("host = \"a,b\"\nport = \"5433,5434\"\ntarget_session_attrs = \"read-write\"").unwrap();
+        assert_eq!(u.endpoints().unwrap(), [("a".to_string(), 5433), ("b".to_string(), 5434)]);
+        assert_eq!(u.target_session_attrs, TargetSessionAttrs::ReadWrite);
+        assert!(upstream("host = \"a,b,c\"\nport = \"1,2\"").unwrap().endpoints().unwrap_err().contains("2 ports for 3 hosts"));
+        assert!(upstream("host = \"a,,b\"").unwrap().endpoints().unwrap_err().contains("empty entry"));
+        assert!(upstream("host = \"a\"\nport = \"5432,x\"").is_err());
+        assert!(upstream("host = \"a\"\nport = 70000").is_err());
+    }
+
+    #[test]
+    fn ports_and_attrs_are_written_back_in_their_own_form() {
+        let u = upstream("host = \"a,b\"\nport = \"1,2\"\nstandby_roles = [\"ro\"]").unwrap();
+        let text = toml::to_string(&u).unwrap();
+        assert!(text.contains("port = \"1,2\"") && text.contains("standby_roles = [\"ro\"]"), "{text}");
+        assert!(!text.contains("target_session_attrs") && !text.contains("standby_session_attrs"), "defaults are not written: {text}");
+        let one = toml::to_string(&upstream("host = \"a\"").unwrap()).unwrap();
+        assert!(one.contains("port = 5432"), "{one}");
+        let back: UpstreamConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back.endpoints(), u.endpoints());
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Rooms (see docs/architecture.md): `config`, `cli`, `auth` (tokens), `tls`, `wire` (frames,
 //! decoders, the protocol tracker), `session` (per-connection state machine), `upstream`
-//! (connect + auth to the real Postgres, cancel map), `pool` (upstream session pooling), `server`
+//! (connect + auth to the real Postgres, cancel map; `upstream_hosts`: several hosts and which
+//! to use, `upstream_state`: what a server is), `pool` (upstream session pooling), `server`
 //! (listeners), `policy`, `access` (token revocation, JIT grants), `audit` (records, writer,
 //! reader, verify), `sqlstate` (the error codes pgward uses), `ebpf`, `host` (facts about the
 //! machine: accounts, cgroups, file attributes, capabilities, the clock).
@@ -27,6 +28,8 @@ pub mod sqlstate;
 pub mod tls;
 pub mod upstream;
 pub mod upstream_admin;
+pub mod upstream_hosts;
+pub mod upstream_state;
 pub mod wire;
 
 /// Lock a mutex, taking the data even if a thread panicked while holding it: every mutex here

@@ -20,6 +20,19 @@
 //!   `SET application_name TO …; SET ROLE …` names the new user and sets their role. A
 //!   pooled connection whose setup fails for any reason but a server error is closed and the
 //!   next one (or a new connection) is tried.
+//! - **Which server.** With several upstream hosts (`upstream_hosts`) a pooled connection must
+//!   still be on a server the new session may use: after a failover the pool must never hand
+//!   out a connection to a server that is now a standby or read-only. Checked at checkout, at
+//!   no cost: the checkout Query's answer carries the server's current `in_hot_standby` and
+//!   `default_transaction_read_only` (Postgres reports them again whenever they change, before
+//!   the ReadyForQuery — see `upstream_state`), and a connection whose server does not fit the
+//!   session's `target_session_attrs` is closed (`wrong_server`) and the host memory of the
+//!   walk forgotten. A check on a timer instead would leave a window between a promotion and
+//!   the next tick, and would cost queries on idle connections; the checkout check has no
+//!   window and no cost. A demoted primary restarts (its connections end, and `is_quiet`
+//!   finds them dead). Idle connections remember whether their server was a standby when
+//!   pooled: sessions that need a primary skip those, and `prefer-standby` sessions take only
+//!   those unless the last walk found no standby.
 //! - Pooled connections log in with `application_name = 'pgward:'` (no user): that is what
 //!   `DISCARD ALL` / `RESET ALL` returns it to, so a session never shows the previous user's
 //!   name, and an idle pooled backend is recognisable in `pg_stat_activity`.
@@ -40,9 +53,11 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
-use crate::config::{Config, UpstreamTls};
+use crate::config::{Config, TargetSessionAttrs, UpstreamTls};
 use crate::metrics::METRICS;
-use crate::upstream::{self, Target, Upstream, UpstreamError};
+use crate::upstream::{Target, Upstream, UpstreamError};
+use crate::upstream_hosts;
+use crate::upstream_state::ServerState;
 use crate::wire::{self, BoxStream, StdStream, WireError};
 
 /// `application_name` in the startup packet of connections that may be pooled.
@@ -71,6 +86,8 @@ pub enum Discard {
     Setup(UpstreamError),
     #[error("setting up the pooled connection for the new session timed out")]
     SetupTimeout,
+    #[error("the server is not one the session may use (target_session_attrs {0})")]
+    WrongServer(&'static str),
     #[error("pgward is shutting down")]
     Shutdown,
 }
@@ -86,19 +103,20 @@ impl Discard {
             Discard::Expired => "expired",
             Discard::Dead => "dead",
             Discard::Setup(_) | Discard::SetupTimeout => "setup_failed",
+            Discard::WrongServer(_) => "wrong_server",
             Discard::Shutdown => "shutdown",
         }
     }
 }
 
 /// Everything that shapes an upstream backend at login. Two logins share connections only
-/// when their keys are equal.
+/// when their keys are equal. Which host of a multi-host upstream a connection is on is not
+/// part of it: checkout checks the server itself (see the module doc).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub database: String,
     pub user: String,
-    host: String,
-    port: u16,
+    hosts: String,
     tls: UpstreamTls,
     /// Startup parameters passed on (name lower-cased, as Postgres compares them; sorted by
     /// name, keeping the client's order among repeats, since the last one wins).
@@ -113,8 +131,7 @@ impl PoolKey {
         PoolKey {
             database: database.to_string(),
             user: user.to_string(),
-            host: target.host.clone(),
-            port: target.port,
+            hosts: target.describe(),
             tls: target.tls,
             params,
         }
@@ -142,6 +159,8 @@ struct Idle {
     /// The loop (its OS thread) a [`Parked::Local`] socket belongs to; None for a free one.
     home: Option<ThreadId>,
     since: Instant,
+    /// Its server was a standby when it was pooled (None: the server does not report it).
+    standby: Option<bool>,
     conn: Conn,
 }
 
@@ -165,6 +184,7 @@ impl Idle {
     /// Park a reset connection: a plain socket leaves the current event loop (it must be the
     /// one that registered it), anything else stays with it. An error: the socket is closed.
     fn park(up: Upstream) -> std::io::Result<Idle> {
+        let standby = ServerState::from_params(&up.params).map(|s| s.in_recovery);
         let Upstream { stream, leftover, params, backend_pid, backend_key, tx_status } = up;
         let (sock, home) = match stream.into_std() {
             Ok(Ok(s)) => (Parked::Free(s), None),
@@ -172,7 +192,20 @@ impl Idle {
             Err(stream) => (Parked::Local(stream), Some(std::thread::current().id())),
         };
         let conn = Conn { leftover, params, backend_pid, backend_key, tx_status };
-        Ok(Idle { sock, home, since: Instant::now(), conn })
+        Ok(Idle { sock, home, since: Instant::now(), standby, conn })
+    }
+
+    /// Whether a session with `attrs` should look at this connection (the last word is the
+    /// check after the checkout Query): connections last seen on a standby are skipped by
+    /// sessions that need a primary; `standby` sessions, and `prefer-standby` ones while a
+    /// standby is reachable (`no_standby` false), take only connections last seen on one.
+    fn may_suit(&self, attrs: TargetSessionAttrs, no_standby: bool) -> bool {
+        match attrs {
+            TargetSessionAttrs::ReadWrite | TargetSessionAttrs::Primary => self.standby != Some(true),
+            TargetSessionAttrs::Standby => self.standby != Some(false),
+            TargetSessionAttrs::PreferStandby => no_standby || self.standby != Some(false),
+            TargetSessionAttrs::Any | TargetSessionAttrs::ReadOnly => true,
+        }
     }
 
     /// Whether the event loop running on thread `here` may check this connection out.
@@ -229,9 +262,11 @@ impl Pool {
     }
 
     /// An upstream connection for a login to `key`, named after the user (`app_name`) and
-    /// with the user's role set (`role_sql`, a `SET ROLE …`): a pooled one if one is alive,
-    /// else a new login as the service role. With pooling off, exactly the old path: a new
-    /// connection with `app_name` in its startup packet, then `role_sql`.
+    /// with the user's role set (`role_sql`, a `SET ROLE …`): a pooled one if one is alive and
+    /// on a server the session may use, else a new login as the service role. The session's
+    /// `target_session_attrs` follow its role ([`Target::attrs_for`]). With pooling off,
+    /// exactly the old path: a new connection with `app_name` in its startup packet, then
+    /// `role_sql`.
     pub async fn acquire(
         &self,
         target: &Target,
@@ -240,8 +275,9 @@ impl Pool {
         app_name: &str,
         role_sql: Option<&str>,
     ) -> Result<Acquired, UpstreamError> {
+        let attrs = target.attrs_for(role_sql.and_then(role_of).as_deref());
         if !self.enabled {
-            let mut up = connect(target, key, password, app_name).await?;
+            let mut up = connect(target, attrs, key, password, app_name).await?;
             if let Some(sql) = role_sql {
                 up.setup_query(sql).await?;
             }
@@ -249,14 +285,21 @@ impl Pool {
         }
 
         let setup = setup_sql(app_name, role_sql);
-        while let Some(idle) = self.take(key) {
+        while let Some(idle) = self.take(key, attrs, target.memory.no_standby()) {
             let Some(mut up) = self.adopt(idle) else { continue };
             match tokio::time::timeout(self.op_timeout, up.setup_query(&setup)).await {
-                Ok(Ok(())) if up.tx_status == b'I' => {
-                    METRICS.pool_hits.inc();
-                    tracing::debug!(backend = up.backend_pid, "reusing a pooled upstream connection");
-                    return Ok(Acquired { up, reused: true });
-                }
+                Ok(Ok(())) if up.tx_status == b'I' => match self.fits(&mut up, attrs).await {
+                    Ok(true) => {
+                        METRICS.pool_hits.inc();
+                        tracing::debug!(backend = up.backend_pid, "reusing a pooled upstream connection");
+                        return Ok(Acquired { up, reused: true });
+                    }
+                    Ok(false) => {
+                        target.memory.forget(attrs);
+                        self.discard(up, Discard::WrongServer(attrs.name()));
+                    }
+                    Err(e) => self.discard(up, Discard::Setup(e)),
+                },
                 Ok(Ok(())) => {
                     let why = UpstreamError::Reset(format!("transaction status {:?} after setup", up.tx_status as char));
                     self.discard(up, Discard::Setup(why));
@@ -272,14 +315,29 @@ impl Pool {
             }
         }
         METRICS.pool_misses.inc();
-        let mut up = connect(target, key, password, POOLED_APPLICATION_NAME).await?;
+        let mut up = connect(target, attrs, key, password, POOLED_APPLICATION_NAME).await?;
         up.setup_query(&setup).await?;
         Ok(Acquired { up, reused: false })
     }
 
+    /// Whether a checked-out connection's server (as its answer to the checkout Query just
+    /// reported it) is one a session with `attrs` may use. A server that does not report its
+    /// state is asked (bounded by the checkout timeout).
+    async fn fits(&self, up: &mut Upstream, attrs: TargetSessionAttrs) -> Result<bool, UpstreamError> {
+        if attrs == TargetSessionAttrs::Any {
+            return Ok(true);
+        }
+        match tokio::time::timeout(self.op_timeout, ServerState::of(up)).await {
+            Ok(state) => Ok(attrs.accepts(state?)),
+            Err(_) => Err(UpstreamError::Reset("asking the server for its state timed out".into())),
+        }
+    }
+
     /// The newest idle connection for `key` that the current event loop may use (a free one,
-    /// or a loop-local one of this loop), closing the expired ones on the way.
-    fn take(&self, key: &PoolKey) -> Option<Idle> {
+    /// or a loop-local one of this loop) and that may suit `attrs` (a standby's first for
+    /// `prefer-standby`; `no_standby`: see [`Idle::may_suit`]), closing the expired ones on
+    /// the way.
+    fn take(&self, key: &PoolKey, attrs: TargetSessionAttrs, no_standby: bool) -> Option<Idle> {
         let now = Instant::now();
         let here = std::thread::current().id();
         let (got, expired) = {
@@ -287,7 +345,12 @@ impl Pool {
             let list = inner.idle.get_mut(key)?;
             let n = list.iter().take_while(|i| now.duration_since(i.since) >= self.idle_timeout).count();
             let expired: Vec<Idle> = list.drain(..n).collect();
-            let got = list.iter().rposition(|i| i.usable_on(here)).map(|at| list.remove(at));
+            let usable = |i: &Idle| i.usable_on(here) && i.may_suit(attrs, no_standby);
+            let standby_first = match attrs {
+                TargetSessionAttrs::PreferStandby => list.iter().rposition(|i| usable(i) && i.standby == Some(true)),
+                _ => None,
+            };
+            let got = standby_first.or_else(|| list.iter().rposition(usable)).map(|at| list.remove(at));
             if list.is_empty() {
                 inner.idle.remove(key);
             }
@@ -474,11 +537,34 @@ fn terminate() -> BytesMut {
     t
 }
 
-/// A new login as the service role, with `application_name` and the key's startup parameters.
-async fn connect(target: &Target, key: &PoolKey, password: Option<&str>, app: &str) -> Result<Upstream, UpstreamError> {
+/// A new login as the service role on a host that fits `attrs`, with `application_name` and
+/// the key's startup parameters.
+async fn connect(
+    target: &Target,
+    attrs: TargetSessionAttrs,
+    key: &PoolKey,
+    password: Option<&str>,
+    app: &str,
+) -> Result<Upstream, UpstreamError> {
     let mut params: Vec<(&str, &str)> = vec![("application_name", app)];
     params.extend(key.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    upstream::connect(target, &key.user, password, &key.database, &params).await
+    upstream_hosts::connect(target, attrs, &key.user, password, &key.database, &params).await
+}
+
+/// The role a checkout's `SET ROLE "…"` names — the form sessions build, a double-quoted
+/// identifier with `"` doubled — for routing by `upstream.standby_roles`; None for any other
+/// text (the session then uses `upstream.target_session_attrs`).
+fn role_of(role_sql: &str) -> Option<String> {
+    let quoted = role_sql.strip_prefix("SET ROLE \"")?.strip_suffix('"')?;
+    let mut out = String::with_capacity(quoted.len());
+    let mut chars = quoted.chars();
+    while let Some(c) = chars.next() {
+        if c == '"' && chars.next() != Some('"') {
+            return None;
+        }
+        out.push(c);
+    }
+    Some(out)
 }
 
 /// The checkout Query: the user's application_name (as Postgres would store it from a startup
@@ -501,8 +587,14 @@ mod tests {
     use bytes::{BufMut, BytesMut};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
+    const A: TargetSessionAttrs = TargetSessionAttrs::Any;
+
     fn target() -> Target {
-        Target { host: "db".into(), port: 5432, tls: UpstreamTls::Disable, connect_timeout: Duration::from_secs(1) }
+        Target::new(
+            vec![crate::upstream::Endpoint { host: "db".into(), port: 5432 }],
+            UpstreamTls::Disable,
+            Duration::from_secs(1),
+        )
     }
 
     fn kv(p: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -521,6 +613,12 @@ mod tests {
         assert_ne!(a, PoolKey::new(&t, "svc2", "app", &kv(&[("TimeZone", "UTC"), ("client_encoding", "UTF8")])));
         let mut t2 = target();
         t2.tls = UpstreamTls::Require;
+        let other_hosts = Target::new(
+            vec![crate::upstream::Endpoint { host: "db2".into(), port: 5432 }],
+            UpstreamTls::Disable,
+            Duration::from_secs(1),
+        );
+        assert_ne!(a, PoolKey::new(&other_hosts, "svc", "app", &kv(&[("TimeZone", "UTC"), ("client_encoding", "UTF8")])));
         assert_ne!(a, PoolKey::new(&t2, "svc", "app", &kv(&[("TimeZone", "UTC"), ("client_encoding", "UTF8")])));
         // Repeats keep their order (the last one wins in Postgres).
         assert_ne!(
@@ -537,6 +635,47 @@ mod tests {
             "SET application_name TO E'pgward:o\\'neil:a\\\\b'; SET ROLE \"r\""
         );
         assert_eq!(setup_sql("pgward:zoë\n", None), "SET application_name TO E'pgward:zo??'");
+    }
+
+    #[test]
+    fn the_role_of_a_set_role() {
+        assert_eq!(role_of("SET ROLE \"analyst\"").as_deref(), Some("analyst"));
+        assert_eq!(role_of("SET ROLE \"a\"\"b\"").as_deref(), Some("a\"b"));
+        assert_eq!(role_of("SET ROLE analyst"), None);
+        assert_eq!(role_of("SET ROLE \"a\"b\""), None, "an undoubled quote");
+    }
+
+    /// A fake backend whose server reported `in_hot_standby`.
+    fn fake_on(pid: i32, standby: bool) -> (Upstream, DuplexStream) {
+        let (mut up, srv) = fake(pid);
+        let hot = if standby { "on" } else { "off" };
+        up.params.push(("in_hot_standby".into(), hot.into()));
+        up.params.push(("default_transaction_read_only".into(), hot.into()));
+        (up, srv)
+    }
+
+    #[tokio::test]
+    async fn take_matches_the_server_kind_to_the_session() {
+        use TargetSessionAttrs as T;
+        let k = PoolKey::new(&target(), "svc", "a", &[]);
+        let pool = Pool::new(true, 8, 8, Duration::from_secs(60), Duration::from_secs(1));
+        let mut peers = Vec::new();
+        for (pid, standby) in [(1, true), (2, false), (3, true), (4, false)] {
+            let (up, s) = fake_on(pid, standby);
+            peers.push(s);
+            pool.put(k.clone(), up);
+        }
+        let (up, s) = fake(5);
+        peers.push(s);
+        pool.put(k.clone(), up);
+        let pid = |i: Option<Idle>| i.map(|i| i.conn.backend_pid);
+        assert_eq!(pid(pool.take(&k, T::PreferStandby, false)), Some(3), "the newest standby connection first");
+        assert_eq!(pid(pool.take(&k, T::ReadWrite, false)), Some(5), "unknown kind: checked after checkout");
+        assert_eq!(pid(pool.take(&k, T::ReadWrite, false)), Some(4), "never a standby's");
+        assert_eq!(pid(pool.take(&k, T::Standby, false)), Some(1));
+        assert_eq!(pid(pool.take(&k, T::Standby, false)), None, "never a primary's");
+        assert_eq!(pid(pool.take(&k, T::PreferStandby, false)), None, "not a primary's while a standby is reachable");
+        assert_eq!(pid(pool.take(&k, T::PreferStandby, true)), Some(2), "a primary's when the walk found no standby");
     }
 
     /// A fake backend: the pool side gets an Upstream over a duplex pipe; the test plays the
@@ -659,10 +798,10 @@ mod tests {
         peers.push(s);
         pool.put(k2.clone(), up);
         assert_eq!(pool.idle(), 3, "total limit");
-        assert_eq!(pool.take(&k1).map(|i| i.conn.backend_pid), Some(2), "newest first");
-        assert_eq!(pool.take(&k1).map(|i| i.conn.backend_pid), Some(1));
-        assert!(pool.take(&k1).is_none());
-        assert_eq!(pool.take(&k2).map(|i| i.conn.backend_pid), Some(10), "never another key's");
+        assert_eq!(pool.take(&k1, A, false).map(|i| i.conn.backend_pid), Some(2), "newest first");
+        assert_eq!(pool.take(&k1, A, false).map(|i| i.conn.backend_pid), Some(1));
+        assert!(pool.take(&k1, A, false).is_none());
+        assert_eq!(pool.take(&k2, A, false).map(|i| i.conn.backend_pid), Some(10), "never another key's");
         assert_eq!(pool.idle(), 0);
 
         let short = Pool::new(true, 4, 4, Duration::from_millis(30), Duration::from_secs(1));
@@ -670,7 +809,7 @@ mod tests {
         peers.push(s);
         short.put(k1.clone(), up);
         tokio::time::sleep(Duration::from_millis(60)).await;
-        assert!(short.take(&k1).is_none(), "expired on checkout");
+        assert!(short.take(&k1, A, false).is_none(), "expired on checkout");
         let (up, s) = fake(21);
         peers.push(s);
         short.put(k1.clone(), up);
@@ -759,7 +898,7 @@ mod tests {
         let (p, k) = (pool.clone(), key.clone());
         let client = std::thread::spawn(move || {
             current_thread_rt().block_on(async move {
-                let idle = p.take(&k).expect("a free connection is usable on any loop");
+                let idle = p.take(&k, A, false).expect("a free connection is usable on any loop");
                 let mut up = p.adopt(idle).expect("still quiet");
                 // The server answers only after a while: the task must be woken by this
                 // runtime's reactor.
@@ -792,10 +931,10 @@ mod tests {
         let (p, k) = (pool.clone(), key.clone());
         let other = std::thread::spawn(move || {
             current_thread_rt().block_on(async move {
-                let none = p.take(&k).is_none();
+                let none = p.take(&k, A, false).is_none();
                 let (up, srv) = fake(51);
                 p.put(k.clone(), up);
-                (none, srv, p.take(&k).map(|i| i.conn.backend_pid))
+                (none, srv, p.take(&k, A, false).map(|i| i.conn.backend_pid))
             })
         });
         let (none, _srv2, theirs) = other.join().unwrap();
@@ -803,7 +942,7 @@ mod tests {
         assert_eq!(theirs, Some(51), "its own loop-local connection, pooled despite the per-key limit of 1");
         assert_eq!(pool.idle(), 1, "skipped, not closed");
         rt.block_on(async {
-            assert_eq!(pool.take(&key).map(|i| i.conn.backend_pid), Some(50), "its own loop gets it");
+            assert_eq!(pool.take(&key, A, false).map(|i| i.conn.backend_pid), Some(50), "its own loop gets it");
         });
     }
 }

@@ -1,6 +1,7 @@
-//! The real Postgres: connect (TCP or unix socket, optional TLS), log in with pgward's own
-//! service credential (trust, cleartext, md5, SCRAM-SHA-256), collect the session parameters,
-//! and forward CancelRequests. The client never sees the credential.
+//! The real Postgres: connect (TCP or unix socket, optional TLS; one host or several, see
+//! `upstream_hosts`), log in with pgward's own service credential (trust, cleartext, md5,
+//! SCRAM-SHA-256), collect the session parameters, and forward CancelRequests. The client never
+//! sees the credential.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,9 +9,11 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
-use crate::config::{Config, UpstreamTls};
+use crate::config::{Config, TargetSessionAttrs, UpstreamTls};
+pub use crate::upstream_hosts::Endpoint;
+use crate::upstream_hosts::{self, HostMemory};
 use crate::wire::{self, BoxStream, Reader, WireError};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +35,9 @@ pub enum UpstreamError {
     Wire(#[from] WireError),
     #[error("SCRAM: {0}")]
     Scram(String),
+    /// No host of the upstream is a server the session may use.
+    #[error("no database server of the upstream is {wanted} (target_session_attrs); tried {tried}")]
+    NoServer { wanted: &'static str, tried: String },
     /// A pooled connection's reset (`RESET ROLE`, `DISCARD ALL`) did not end as it must.
     #[error("resetting the connection: {0}")]
     Reset(String),
@@ -58,88 +64,72 @@ pub struct Upstream {
     pub tx_status: u8,
 }
 
-/// Where to reach the upstream, for connects and cancels.
-#[derive(Debug, Clone)]
+/// Where to reach the upstream, for connects and cancels: its hosts (one, or several tried in
+/// order — see `upstream_hosts`), TLS mode, per-host connect timeout, and which server each
+/// session may use. Clones share what the host walks learn.
+#[derive(Clone)]
 pub struct Target {
-    pub host: String,
-    pub port: u16,
+    pub endpoints: Arc<[Endpoint]>,
     pub tls: UpstreamTls,
     pub connect_timeout: Duration,
+    /// `upstream.target_session_attrs`.
+    pub attrs: TargetSessionAttrs,
+    /// `upstream.standby_roles` and the attributes their sessions use.
+    standby_roles: Arc<[String]>,
+    standby_attrs: TargetSessionAttrs,
+    pub(crate) memory: Arc<HostMemory>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target").field("hosts", &self.describe()).field("attrs", &self.attrs.name()).finish()
+    }
 }
 
 impl Target {
-    pub fn from_config(cfg: &Config) -> Target {
+    /// Hosts tried in order, any server accepted, no standby routing.
+    pub fn new(endpoints: Vec<Endpoint>, tls: UpstreamTls, connect_timeout: Duration) -> Target {
         Target {
-            host: cfg.upstream.host.clone(),
-            port: cfg.upstream.port,
-            tls: cfg.upstream.tls,
-            connect_timeout: cfg.upstream.connect_timeout,
+            endpoints: endpoints.into(),
+            tls,
+            connect_timeout,
+            attrs: TargetSessionAttrs::Any,
+            standby_roles: Arc::new([]),
+            standby_attrs: TargetSessionAttrs::PreferStandby,
+            memory: Arc::default(),
         }
     }
 
-    fn describe(&self) -> String {
-        if self.is_unix() {
-            format!("{}/.s.PGSQL.{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
+    pub fn from_config(cfg: &Config) -> Target {
+        let u = &cfg.upstream;
+        // `Config::load` validated the list; a config built otherwise falls back to the first port.
+        let pairs = u.endpoints().unwrap_or_else(|_| vec![(u.host.clone(), u.port.first())]);
+        let endpoints = pairs.into_iter().map(|(host, port)| Endpoint { host, port }).collect();
+        Target {
+            attrs: u.target_session_attrs,
+            standby_roles: u.standby_roles.clone().into(),
+            standby_attrs: u.standby_session_attrs,
+            ..Target::new(endpoints, u.tls, u.connect_timeout)
         }
     }
 
-    fn is_unix(&self) -> bool {
-        self.host.starts_with('/')
+    /// The hosts, comma-separated, as `upstream.host` lists them (with their ports).
+    pub fn describe(&self) -> String {
+        self.endpoints.iter().map(Endpoint::describe).collect::<Vec<_>>().join(",")
     }
 
-    /// Open a raw socket (no TLS, no startup).
-    async fn open_raw(&self) -> Result<BoxStream, UpstreamError> {
-        let addr = self.describe();
-        let fut = async {
-            if self.is_unix() {
-                let s = tokio::net::UnixStream::connect(&addr).await?;
-                Ok::<BoxStream, std::io::Error>(Box::new(s))
-            } else {
-                let s = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
-                s.set_nodelay(true)?;
-                Ok::<BoxStream, std::io::Error>(Box::new(s))
-            }
-        };
-        match tokio::time::timeout(self.connect_timeout, fut).await {
-            Err(_) => Err(UpstreamError::Timeout(addr)),
-            Ok(Err(source)) => Err(UpstreamError::Connect { addr, source }),
-            Ok(Ok(s)) => Ok(s),
-        }
-    }
-
-    /// Open a socket and negotiate TLS per the config.
-    async fn open(&self) -> Result<BoxStream, UpstreamError> {
-        let mut s = self.open_raw().await?;
-        if self.tls == UpstreamTls::Disable || self.is_unix() {
-            return Ok(s);
-        }
-        let mut req = BytesMut::new();
-        req.put_u32(8);
-        req.put_u32(wire::SSL_REQUEST);
-        s.write_all(&req).await.map_err(WireError::Io)?;
-        let mut answer = [0u8; 1];
-        s.read_exact(&mut answer).await.map_err(WireError::Io)?;
-        match answer[0] {
-            b'S' => {
-                let cfg = crate::tls::upstream_client_config();
-                let connector = tokio_rustls::TlsConnector::from(cfg);
-                let name = rustls_pki_types::ServerName::try_from(self.host.clone())
-                    .map_err(|e| UpstreamError::Tls(e.to_string()))?;
-                let tls = connector.connect(name, s).await.map_err(|e| UpstreamError::Tls(e.to_string()))?;
-                Ok(Box::new(tls))
-            }
-            _ if self.tls == UpstreamTls::Require => {
-                Err(UpstreamError::Tls("the database server does not accept TLS".into()))
-            }
-            _ => Ok(s),
+    /// The `target_session_attrs` for a session that runs as database role `role`.
+    pub fn attrs_for(&self, role: Option<&str>) -> TargetSessionAttrs {
+        match role {
+            Some(r) if self.standby_roles.iter().any(|s| s == r) => self.standby_attrs,
+            _ => self.attrs,
         }
     }
 }
 
-/// Connect and log in as the service role to `database`. `params` are extra startup
-/// parameters (application_name, client_encoding, ...).
+/// Connect and log in as the service role to `database`, on a host of `target` that fits its
+/// `target_session_attrs`. `params` are extra startup parameters (application_name,
+/// client_encoding, ...).
 pub async fn connect(
     target: &Target,
     user: &str,
@@ -147,7 +137,20 @@ pub async fn connect(
     database: &str,
     params: &[(&str, &str)],
 ) -> Result<Upstream, UpstreamError> {
-    let mut stream = target.open().await?;
+    upstream_hosts::connect(target, target.attrs, user, password, database, params).await
+}
+
+/// Connect to one host and log in as the service role to `database`.
+pub(crate) async fn login(
+    endpoint: &Endpoint,
+    tls: UpstreamTls,
+    connect_timeout: Duration,
+    user: &str,
+    password: Option<&str>,
+    database: &str,
+    params: &[(&str, &str)],
+) -> Result<Upstream, UpstreamError> {
+    let mut stream = endpoint.open(tls, connect_timeout).await?;
     let mut startup: Vec<(&str, &str)> = vec![("user", user), ("database", database)];
     startup.extend_from_slice(params);
     let mut out = BytesMut::new();
@@ -308,6 +311,48 @@ impl Upstream {
     }
 }
 
+/// A text-format result: rows of nullable column values.
+pub type Rows = Vec<Vec<Option<String>>>;
+
+impl Upstream {
+    /// Run one simple-protocol statement of pgward's own; its rows, or the server's error.
+    pub async fn query_rows(&mut self, sql: &str) -> Result<Rows, UpstreamError> {
+        let mut out = BytesMut::new();
+        wire::query(&mut out, sql);
+        self.stream.write_all(&out).await.map_err(WireError::Io)?;
+        let mut rows = Vec::new();
+        let mut failure = None;
+        loop {
+            let f = wire::read_frame(&mut self.stream, &mut self.leftover, wire::MAX_FRAME).await?;
+            match f.tag {
+                b'D' => rows.push(data_row(f.body())?),
+                b'E' => {
+                    let e = wire::decode_error(&f);
+                    failure = Some(UpstreamError::Server { code: e.code, message: e.message });
+                }
+                b'S' => self.note_parameter_status(&f)?,
+                b'Z' => {
+                    self.tx_status = f.body().first().copied().unwrap_or(b'I');
+                    return failure.map_or(Ok(rows), Err);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A DataRow's text-format values.
+fn data_row(body: &[u8]) -> Result<Vec<Option<String>>, WireError> {
+    let mut r = Reader::new(body);
+    let n = r.i16()?;
+    let mut row = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = r.i32()?;
+        row.push(if len < 0 { None } else { Some(String::from_utf8_lossy(r.bytes(len as usize)?).into_owned()) });
+    }
+    Ok(row)
+}
+
 impl Upstream {
     /// Put the connection back to what a fresh login gives, for session pooling: `RESET ROLE`,
     /// then `DISCARD ALL` (temp tables, prepared statements, cursors, session settings back to
@@ -399,19 +444,9 @@ impl Upstream {
     }
 }
 
-/// Send a CancelRequest for (pid, key) to the upstream.
+/// Send a CancelRequest for (pid, key) to the upstream host that runs the backend.
 pub async fn cancel(target: &Target, pid: i32, key: i32) -> Result<(), UpstreamError> {
-    // CancelRequests go over a fresh plain connection (Postgres accepts them before TLS too).
-    let mut plain = target.clone();
-    plain.tls = UpstreamTls::Disable;
-    let mut s = plain.open_raw().await?;
-    let mut out = BytesMut::new();
-    wire::cancel_request(&mut out, pid, key);
-    s.write_all(&out).await.map_err(WireError::Io)?;
-    // Postgres closes the connection after reading the request.
-    let mut sink = [0u8; 16];
-    let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut sink)).await;
-    Ok(())
+    upstream_hosts::cancel(target, pid, key).await
 }
 
 /// pgward's own cancel keys handed to clients, mapped to the upstream's, and whether a
@@ -465,5 +500,19 @@ impl CancelMap {
     pub fn remove(&self, pid: i32, key: i32) -> bool {
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         m.remove(&(pid, key)).is_some_and(|e| e.cancelled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn data_rows_decode_nulls_and_text() {
+        let mut body = Vec::new();
+        body.extend_from_slice(&2i16.to_be_bytes());
+        body.extend_from_slice(&(-1i32).to_be_bytes());
+        body.extend_from_slice(&3i32.to_be_bytes());
+        body.extend_from_slice(b"abc");
+        assert_eq!(super::data_row(&body).unwrap(), vec![None, Some("abc".to_string())]);
+        assert!(super::data_row(&body[..7]).is_err(), "truncated");
     }
 }

@@ -166,6 +166,47 @@ fn stop_and_remove(cell: &ClusterCell) {
     }
 }
 
+/// The `pg_ctl -o` options every harness server runs with: loopback TCP on `port`, its unix
+/// socket in `socket_dir`, no fsync, every statement logged.
+pub(super) fn server_options(port: u16, socket_dir: &Path) -> String {
+    format!(
+        "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={} \
+         -c fsync=off -c log_statement=all -c logging_collector=off",
+        socket_dir.display()
+    )
+}
+
+/// Stops the server of `data_dir` and removes `root` (a `pgward-e2e-pg-` temp dir or a
+/// directory inside one) if this test process dies without running atexit handlers (SIGKILL,
+/// Ctrl-C). Runs as the test's own user: it stops the postmaster we started with SIGQUIT (what
+/// `pg_ctl stop -m immediate` sends), by the pid in the data dir's postmaster.pid.
+pub(super) fn spawn_watchdog(data_dir: &Path, root: &Path) {
+    if std::env::var_os("PGWARD_E2E_KEEP").is_some() {
+        return;
+    }
+    let script = r#"while [ -d "/proc/$1" ]; do sleep 1; done
+pid=$(head -n 1 "$2/postmaster.pid" 2>/dev/null)
+if [ -n "$pid" ] && kill -QUIT "$pid" 2>/dev/null; then
+  n=0; while kill -0 "$pid" 2>/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+fi
+case "$3" in */pgward-e2e-pg-*) rm -rf -- "$3" ;; esac"#;
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(script)
+        .arg("pgward-e2e-watchdog")
+        .arg(std::process::id().to_string())
+        .arg(data_dir)
+        .arg(root)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // own process group: a Ctrl-C to the test's terminal must not kill the cleaner
+        .process_group(0);
+    // Not waited for: it outlives this process on purpose and exits by itself.
+    let _ = cmd.spawn();
+}
+
 /// Serializes read-modify-write of server config files + reload (tests run in parallel).
 static CONFIG_LOCK: Mutex<()> = Mutex::new(());
 
@@ -304,11 +345,7 @@ impl PgCluster {
         let mut last = None;
         for _ in 0..5 {
             let port = free_port();
-            let opts = format!(
-                "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={} \
-                 -c fsync=off -c log_statement=all -c logging_collector=off",
-                self.socket_dir.display()
-            );
+            let opts = server_options(port, &self.socket_dir);
             let out = run_cmd(
                 self.server_cmd("pg_ctl")
                     .arg("-D")
@@ -359,7 +396,7 @@ impl PgCluster {
     }
 
     /// A command for a server-side binary, run as the server's OS user when we are root.
-    fn server_cmd(&self, prog: &str) -> Command {
+    pub(super) fn server_cmd(&self, prog: &str) -> Command {
         let mut cmd = Command::new(self.bin_dir.join(prog));
         scrub_pg_env(&mut cmd);
         cmd.current_dir(&self.root);
@@ -370,34 +407,9 @@ impl PgCluster {
     }
 
     /// Stops the cluster (and removes the temp dir, including the gateways' dirs under `gw/`)
-    /// if this test process dies without running atexit handlers. Runs as the test's own user:
-    /// it stops the postmaster we started with SIGQUIT (what `pg_ctl stop -m immediate` sends),
-    /// by the pid in our own data dir's postmaster.pid.
+    /// if this test process dies without running atexit handlers (see [`spawn_watchdog`]).
     fn spawn_watchdog(&self) {
-        if std::env::var_os("PGWARD_E2E_KEEP").is_some() {
-            return;
-        }
-        let script = r#"while [ -d "/proc/$1" ]; do sleep 1; done
-pid=$(head -n 1 "$2/postmaster.pid" 2>/dev/null)
-if [ -n "$pid" ] && kill -QUIT "$pid" 2>/dev/null; then
-  n=0; while kill -0 "$pid" 2>/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
-fi
-case "$3" in */pgward-e2e-pg-*) rm -rf -- "$3" ;; esac"#;
-        let mut cmd = Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg(script)
-            .arg("pgward-e2e-watchdog")
-            .arg(std::process::id().to_string())
-            .arg(&self.data_dir)
-            .arg(&self.root)
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            // own process group: a Ctrl-C to the test's terminal must not kill the cleaner
-            .process_group(0);
-        // Not waited for: it outlives this process on purpose and exits by itself.
-        let _ = cmd.spawn();
+        spawn_watchdog(&self.data_dir, &self.root);
     }
 
     /// Where gateways put their config dirs (inside the cluster's temp dir, so that the

@@ -11,6 +11,7 @@
 //! - [`Login`]: how a client reaches a server (pgward or Postgres): psql, tokio-postgres, and a
 //!   minimal raw wire-protocol client ([`raw::RawConn`]) for facts libraries hide
 //!   (BackendKeyData, ParameterStatus, CancelRequest with chosen keys, Terminate).
+//! - [`replica::Replica`]: a streaming replica of a cluster (pg_basebackup), for failover.
 //! - [`tmpfs::SmallFs`]: a size-limited tmpfs a test mounts (tests run as root) and fills,
 //!   for a full disk under the audit log.
 //! - [`Target`]: what relay/cancel tests talk to. Normally a fresh pgward in front of a fresh
@@ -32,6 +33,7 @@ pub mod cluster;
 pub mod gateway;
 pub mod jwt;
 pub mod raw;
+pub mod replica;
 pub mod rng;
 pub mod tmpfs;
 

@@ -2,12 +2,14 @@
 //!
 //! - `build-ebpf`: build the kernel programs (gateway-ebpf) into `target/bpf/gateway-ebpf.o`.
 //! - `test`: build-ebpf, build the workspace, run the workspace tests (the README's test command).
+//! - `package`: the Debian package (package.rs, and deb.rs in the library).
 //! - `demo`, `bench`: see demo.rs and bench.rs (`splice-proxy`, hidden, is the bench's baseline
 //!   proxy).
 
 mod bench;
 mod demo;
 mod ebpf;
+mod package;
 mod pg;
 mod splice;
 mod util;
@@ -35,6 +37,8 @@ enum Command {
     /// Arguments before `--` go to `cargo test` (e.g. `-p gateway-user`, a test name filter);
     /// arguments after `--` go to the test binaries, after `--test-threads=N`.
     Test(TestArgs),
+    /// Build the Debian package (build-ebpf, release build, .deb in target/debian).
+    Package(package::PackageArgs),
     /// Run the end-to-end demo.
     Demo(demo::DemoArgs),
     /// Run the benchmarks: pgward vs direct, PgBouncer and a bare proxy (see bench.rs).
@@ -70,6 +74,7 @@ fn main() {
     let result = match cli.command {
         Command::BuildEbpf(args) => ebpf::build(&args).map(|_| ()),
         Command::Test(args) => test(args, passthrough),
+        Command::Package(args) => package::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::SpliceProxy(args) => splice::run(&args),

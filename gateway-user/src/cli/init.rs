@@ -564,7 +564,7 @@ mod tests {
         let cfg = check_dir(&dir);
         assert_eq!(cfg.server.listen, "127.0.0.1:6543");
         assert_eq!(cfg.upstream.host, "db.example");
-        assert_eq!(cfg.upstream.port, 5433);
+        assert_eq!(cfg.upstream.port.first(), 5433);
         assert_eq!(cfg.upstream.user, "svc");
         assert_eq!(cfg.upstream.default_database, "app");
         assert_eq!(cfg.upstream.tls, UpstreamTls::Require);
@@ -586,7 +586,7 @@ mod tests {
         init(&args(&dir, "postgresql://svc@/appdb?host=/var/run/postgresql", None, false)).unwrap();
         let cfg = check_dir(&dir);
         assert_eq!(cfg.upstream.host, "/var/run/postgresql");
-        assert_eq!(cfg.upstream.port, 5432);
+        assert_eq!(cfg.upstream.port.first(), 5432);
         assert_eq!(cfg.upstream.default_database, "appdb");
         assert_eq!(cfg.upstream.tls, UpstreamTls::Disable);
         assert_eq!(cfg.upstream.password_file, None);

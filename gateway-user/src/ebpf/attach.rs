@@ -284,16 +284,17 @@ impl Intercept {
     }
 }
 
-/// The upstream is a unix socket or an address of this host.
+/// Every host of the upstream is a unix socket or an address of this host.
 fn upstream_is_local(cfg: &Config) -> bool {
-    let up = &cfg.upstream;
-    if up.host.starts_with('/') {
-        return true;
-    }
     let local = local_addresses();
-    (up.host.as_str(), up.port)
-        .to_socket_addrs()
-        .is_ok_and(|mut a| a.all(|a| a.ip().is_loopback() || a.ip().is_unspecified() || local.contains(&a.ip())))
+    let endpoints = cfg.upstream.endpoints().unwrap_or_default();
+    !endpoints.is_empty()
+        && endpoints.iter().all(|(host, port)| {
+            host.starts_with('/')
+                || (host.as_str(), *port).to_socket_addrs().is_ok_and(|mut a| {
+                    a.all(|a| a.ip().is_loopback() || a.ip().is_unspecified() || local.contains(&a.ip()))
+                })
+        })
 }
 
 impl Drop for Intercept {

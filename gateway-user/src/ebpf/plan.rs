@@ -108,11 +108,11 @@ fn default_redirects(listen: SocketAddr) -> (Option<SocketAddr>, Option<SocketAd
 }
 
 /// The real upstream: any address on its port when it is local (a local Postgres listening on
-/// `*` is reachable through every local address), else exactly. With `found` (what the server
-/// said): the port it really listens on, also when the configured upstream is a unix socket,
-/// unless it listens on no TCP address at all.
+/// `*` is reachable through every local address), else exactly — for every host of a
+/// multi-host upstream. With `found` (what the server said): the port it really listens on,
+/// also when the configured upstream is a unix socket, unless it listens on no TCP address at
+/// all.
 fn default_guard(cfg: &Config, local: &[IpAddr], found: Option<&discover::Found>) -> Vec<SocketAddr> {
-    let up = &cfg.upstream;
     let mut out = Vec::new();
     let mut push = |e: SocketAddr| {
         if !out.contains(&e) {
@@ -121,31 +121,33 @@ fn default_guard(cfg: &Config, local: &[IpAddr], found: Option<&discover::Found>
     };
     let any = |port: u16| -> [SocketAddr; 2] { [(Ipv4Addr::UNSPECIFIED, port).into(), (Ipv6Addr::UNSPECIFIED, port).into()] };
     let listens_tcp = found.is_some_and(|f| !f.listen_addresses.is_empty());
-    if up.host.starts_with('/') {
-        // A unix-socket upstream is local: whatever TCP port it also has is guarded everywhere.
-        if let Some(f) = found.filter(|_| listens_tcp) {
-            any(f.port).into_iter().for_each(&mut push);
+    for (host, port) in cfg.upstream.endpoints().unwrap_or_default() {
+        if host.starts_with('/') {
+            // A unix-socket upstream is local: whatever TCP port it also has is guarded everywhere.
+            if let Some(f) = found.filter(|_| listens_tcp) {
+                any(f.port).into_iter().for_each(&mut push);
+            }
+            continue;
         }
-        return out;
-    }
-    let addrs: Vec<SocketAddr> = match (up.host.as_str(), up.port).to_socket_addrs() {
-        Ok(a) => a.collect(),
-        Err(e) => {
-            tracing::warn!(host = %up.host, error = %e, "intercept: cannot resolve the upstream for the guard");
-            return out;
-        }
-    };
-    let ports: Vec<u16> = match found.filter(|_| listens_tcp) {
-        Some(f) if f.port != up.port => vec![up.port, f.port],
-        _ => vec![up.port],
-    };
-    for a in addrs {
-        let ip = a.ip();
-        for &port in &ports {
-            if ip.is_loopback() || ip.is_unspecified() || local.contains(&ip) {
-                any(port).into_iter().for_each(&mut push);
-            } else {
-                push(SocketAddr::new(ip, port));
+        let addrs: Vec<SocketAddr> = match (host.as_str(), port).to_socket_addrs() {
+            Ok(a) => a.collect(),
+            Err(e) => {
+                tracing::warn!(host = %host, error = %e, "intercept: cannot resolve the upstream for the guard");
+                continue;
+            }
+        };
+        let ports: Vec<u16> = match found.filter(|_| listens_tcp) {
+            Some(f) if f.port != port => vec![port, f.port],
+            _ => vec![port],
+        };
+        for a in addrs {
+            let ip = a.ip();
+            for &port in &ports {
+                if ip.is_loopback() || ip.is_unspecified() || local.contains(&ip) {
+                    any(port).into_iter().for_each(&mut push);
+                } else {
+                    push(SocketAddr::new(ip, port));
+                }
             }
         }
     }
@@ -237,7 +239,7 @@ dir = "audit"
     fn upstream_on_a_protected_port_is_not_guarded() {
         // The in-place layout: Postgres stays on the protected port; pgward is exempt.
         let mut c = cfg("[intercept]\nenabled = true\nprotected = [\"0.0.0.0:5433\", \"[::]:5433\"]\n");
-        c.upstream.port = 5433;
+        c.upstream.port = crate::config::Ports(vec![5433]);
         let plan = Plan::new(&c, "127.0.0.1:6432".parse().unwrap(), None).unwrap();
         assert!(plan.guard.is_empty(), "{:?}", plan.guard);
         c.upstream.host = "/var/run/postgresql".into();

@@ -28,7 +28,7 @@ pub fn check_unix_sockets(cfg: &Config, found: Option<&discover::Found>) -> anyh
         None => Vec::new(),
     }
     .into_iter()
-    .map(|d| d.join(format!(".s.PGSQL.{}", cfg.upstream.port)))
+    .map(|d| d.join(format!(".s.PGSQL.{}", cfg.upstream.port.first())))
     .collect();
     if let Some(f) = found {
         for d in &f.socket_dirs {

@@ -79,7 +79,7 @@ impl Findings {
 /// Who can reach the real Postgres socket in `dir` (or `dir` itself when there is no socket):
 /// only root, its owner and pgward's users may.
 fn upstream_socket(cx: &Ctx, dir: &Path, f: &mut Findings) {
-    let sock = dir.join(format!(".s.PGSQL.{}", cx.cfg.upstream.port));
+    let sock = dir.join(format!(".s.PGSQL.{}", cx.cfg.upstream.port.first()));
     let (target, is_sock) = match std::fs::symlink_metadata(&sock) {
         Ok(_) => (sock.clone(), true),
         Err(_) => (dir.to_path_buf(), false),
@@ -123,7 +123,7 @@ fn clients_path(cx: &Ctx, dirs: &[PathBuf], f: &mut Findings) {
     let dir = cfg.resolve(d);
     let port = cfg.server.unix_socket_port.unwrap_or(cfg.listen_addr().port());
     let path = dir.join(format!(".s.PGSQL.{port}"));
-    if dirs.contains(&dir) && port == cfg.upstream.port {
+    if dirs.contains(&dir) && port == cfg.upstream.port.first() {
         f.problems.push((
             format!("clients' socket path {} is the real Postgres socket", path.display()),
             "move Postgres's socket (unix_socket_directories) to a private directory".into(),

@@ -20,13 +20,14 @@ pub(super) fn postgres_loopback(cx: &Ctx) -> Check {
             return check(name, Outcome::Skip, format!("the upstream {} is on another host", up.host), None);
         }
     }
-    let listeners: Vec<SocketAddr> =
-        tcp_listeners().into_iter().map(|(a, _)| a).filter(|a| a.port() == up.port).collect();
+    // A local upstream is a single host: its port is the first (only) one.
+    let port = up.port.first();
+    let listeners: Vec<SocketAddr> = tcp_listeners().into_iter().map(|(a, _)| a).filter(|a| a.port() == port).collect();
     if listeners.is_empty() {
         return check(
             name,
             Outcome::Warn,
-            format!("nothing listens on TCP port {} (Postgres not running?)", up.port),
+            format!("nothing listens on TCP port {port} (Postgres not running?)"),
             Some("start Postgres".into()),
         );
     }
@@ -35,7 +36,7 @@ pub(super) fn postgres_loopback(cx: &Ctx) -> Check {
         return check(
             name,
             Outcome::Fail,
-            format!("port {} is listened on at {} (not loopback only)", up.port, open.join(", ")),
+            format!("port {port} is listened on at {} (not loopback only)", open.join(", ")),
             Some(
                 "listen_addresses = '127.0.0.1' in postgresql.conf (pgward install sets it), then restart Postgres"
                     .into(),
@@ -43,5 +44,5 @@ pub(super) fn postgres_loopback(cx: &Ctx) -> Check {
         );
     }
     let list: Vec<String> = listeners.iter().map(|a| a.to_string()).collect();
-    check(name, Outcome::Pass, format!("port {}: {} only", up.port, list.join(", ")), None)
+    check(name, Outcome::Pass, format!("port {port}: {} only", list.join(", ")), None)
 }

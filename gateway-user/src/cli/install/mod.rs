@@ -6,7 +6,7 @@
 //! | what | where |
 //! |---|---|
 //! | system user + group `pgward` (`useradd --system`) | /etc/passwd, group, shadow, gshadow |
-//! | the binary | /usr/local/bin/pgward |
+//! | the binary (`--bin-dir`; run from the Debian package's /usr/bin/pgward, that one is used in place) | /usr/local/bin/pgward |
 //! | configuration (`pgward init` + the appliance settings), `0750/0640 root:pgward` | /etc/pgward/ |
 //! | audit log, `pgward:pgward 0750`, append-only (`chattr +a`) where the file system allows | /var/lib/pgward/audit |
 //! | access state (revocations, JIT grants), `pgward:pgward 0700` | /var/lib/pgward/state |
@@ -31,6 +31,8 @@ mod apply;
 mod cmd;
 mod files;
 mod manifest;
+#[cfg(test)]
+mod packaging;
 mod pg_conf;
 mod pg_settings;
 mod plan;

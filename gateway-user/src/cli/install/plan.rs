@@ -7,7 +7,10 @@ use anyhow::{Context, bail};
 
 use crate::host::cgroup::cgroup2_mount;
 use super::pg_settings::pg_settings_in;
-use super::tree::{ACCESS_DIR, AUDIT_DIR, CONFIG_DIR, MANIFEST, Root, TMPFILES_FILE, UNIT_FILE, UNIT_NAME, require_root, system_path};
+use super::tree::{
+    ACCESS_DIR, AUDIT_DIR, CONFIG_DIR, DEFAULT_BIN_DIR, MANIFEST, PACKAGE_BIN_DIR, Root, TMPFILES_FILE, UNIT_FILE, UNIT_NAME,
+    require_root, system_path,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct InstallArgs {
@@ -57,9 +60,11 @@ pub struct InstallArgs {
     /// The pgward binary to install (default: this executable).
     #[arg(long)]
     pub binary: Option<PathBuf>,
-    /// Where the binary goes (a path on the target system).
-    #[arg(long, default_value = "/usr/local/bin")]
-    pub bin_dir: PathBuf,
+    /// Where the binary goes (a path on the target system). Default: /usr/bin when the binary
+    /// already is the target's /usr/bin/pgward (the Debian package's: used in place), else
+    /// /usr/local/bin.
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
     /// Write `[intercept] enabled = false` (no eBPF: clients must dial pgward themselves).
     #[arg(long)]
     pub no_intercept: bool,
@@ -118,7 +123,6 @@ pub(super) fn plan(args: &InstallArgs) -> anyhow::Result<Plan> {
     if real_socket_dir == socket_dir {
         bail!("--real-socket-dir and --socket-dir must differ: clients' socket path is pgward's");
     }
-    let bin_dir = system_path("--bin-dir", &args.bin_dir)?;
     let listen: std::net::SocketAddr =
         args.listen.parse().with_context(|| format!("--listen {:?} is not HOST:PORT", args.listen))?;
     if args.pg_listen.is_empty() || args.pg_listen.contains('\'') {
@@ -141,6 +145,10 @@ pub(super) fn plan(args: &InstallArgs) -> anyhow::Result<Plan> {
     if !binary.is_file() {
         bail!("--binary {} is not a file", binary.display());
     }
+    let bin_dir = match &args.bin_dir {
+        Some(d) => system_path("--bin-dir", d)?,
+        None => default_bin_dir(&root, &binary),
+    };
     let upstream_host = pg_loopback_host(&args.pg_listen);
     let upstream_url = format!(
         "postgres://{}@{}:{pg_port}/{}",
@@ -185,6 +193,14 @@ pub(super) fn plan(args: &InstallArgs) -> anyhow::Result<Plan> {
         append_only: !args.no_append_only,
         pg_service: args.pg_service.clone(),
     })
+}
+
+/// `--bin-dir` when not given: the package's directory when `binary` is the target's
+/// /usr/bin/pgward (installed by the Debian package, which owns it), else /usr/local/bin.
+fn default_bin_dir(root: &Root, binary: &std::path::Path) -> PathBuf {
+    let packaged = root.p(PACKAGE_BIN_DIR).join("pgward");
+    let same = binary.canonicalize().ok().zip(packaged.canonicalize().ok()).is_some_and(|(a, b)| a == b);
+    PathBuf::from(if same { PACKAGE_BIN_DIR } else { DEFAULT_BIN_DIR })
 }
 
 /// The real Postgres's postgresql.conf and data directory (system paths), and the port its

@@ -21,6 +21,11 @@ pub const TMPFILES_FILE: &str = "/etc/tmpfiles.d/pgward.conf";
 /// systemd's RuntimeDirectory= for the unit: the interception state file lives here.
 pub const RUNTIME_DIR: &str = "/run/pgward";
 pub const STATE_FILE: &str = "/run/pgward/intercept.state.json";
+/// Where the Debian package puts the binary: `pgward install` run from there uses it in place
+/// (dpkg owns it), instead of copying it to `--bin-dir`'s default.
+pub const PACKAGE_BIN_DIR: &str = "/usr/bin";
+/// `--bin-dir` for any other binary.
+pub const DEFAULT_BIN_DIR: &str = "/usr/local/bin";
 
 /// The directory the system paths are applied under (`/` for the running system).
 #[derive(Debug, Clone)]
