@@ -1178,8 +1178,13 @@ fn deb_installs_files_only_and_removing_it_undoes_pgward_install() {
     let out = dpkg(&tree, &["-i", deb.to_str().unwrap()]);
     assert!(out.success(), "dpkg -i: {}", out.describe());
     let object = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bpf/gateway-ebpf.o");
+    // The package ships the binary without its debug information, as Debian packages do.
+    let stripped = deb.with_extension("pgward-stripped");
+    let strip = std::process::Command::new("strip").arg("--strip-debug").arg("-o").arg(&stripped).arg(pgward_bin()).status();
+    assert!(strip.is_ok_and(|s| s.success()), "strip --strip-debug {}", pgward_bin());
+    assert!(std::fs::metadata(&stripped).unwrap().len() < std::fs::metadata(pgward_bin()).unwrap().len());
     for (path, mode, same_as) in [
-        ("/usr/bin/pgward", 0o755, Some(PathBuf::from(pgward_bin()))),
+        ("/usr/bin/pgward", 0o755, Some(stripped.clone())),
         ("/usr/lib/pgward/gateway-ebpf.o", 0o644, Some(object)),
         ("/usr/share/pgward/pgward.service", 0o644, None),
         ("/usr/share/pgward/pgward.toml", 0o644, None),

@@ -8,7 +8,7 @@
 //!
 //! | file | mode | what |
 //! |---|---|---|
-//! | /usr/bin/pgward | 0755 | the binary (the eBPF object embedded) |
+//! | /usr/bin/pgward | 0755 | the binary (the eBPF object embedded), its debug information stripped |
 //! | /usr/lib/pgward/gateway-ebpf.o | 0644 | the eBPF object, for inspection (bpftool, llvm-objdump) |
 //! | /usr/share/pgward/pgward.service | 0644 | the unit `pgward install` writes (a template: not enabled, nothing starts) |
 //! | /usr/share/pgward/pgward.toml | 0644 | the configuration `pgward install` writes, for reference |
@@ -75,6 +75,7 @@ pub fn build(inputs: &Inputs, out: &Path) -> Result<PathBuf> {
     }
     let src = inputs.workspace.join(PACKAGING_DIR);
     stage(&staging, BIN_PATH, &inputs.binary, EXECUTABLE)?;
+    strip_debug_info(&staging.join(BIN_PATH))?;
     stage(&staging, OBJECT_PATH, &inputs.object, DATA)?;
     stage(&staging, UNIT_TEMPLATE_PATH, &src.join("pgward.service"), DATA)?;
     stage(&staging, CONFIG_PATH, &src.join("pgward.toml"), DATA)?;
@@ -107,6 +108,21 @@ pub fn build(inputs: &Inputs, out: &Path) -> Result<PathBuf> {
         bail!("dpkg-deb --build failed: {}", String::from_utf8_lossy(&result.stderr).trim());
     }
     Ok(deb)
+}
+
+/// Drop the debug information of the staged binary (`strip --strip-debug`, binutils), as
+/// Debian packages ship binaries: the release build keeps line tables for profiling, which
+/// would make most of the package.
+fn strip_debug_info(binary: &Path) -> Result<()> {
+    let result = Command::new("strip")
+        .arg("--strip-debug")
+        .arg(binary)
+        .output()
+        .context("running strip (Debian's binutils package)")?;
+    if !result.status.success() {
+        bail!("strip --strip-debug {} failed: {}", binary.display(), String::from_utf8_lossy(&result.stderr).trim());
+    }
+    Ok(())
 }
 
 /// The first `@NAME@` (capitals and underscores) in `text`.
