@@ -153,6 +153,72 @@ fn wait_all_pooled(metrics_port: u16) {
     );
 }
 
+/// Phase 2: the primary fenced read-only (`default_transaction_read_only = on`): no write
+/// reaches it, its pooled connection is caught at checkout, readers stay on the standby.
+async fn fenced_primary_takes_no_writes(p: &'static PgCluster, pw: &Pgward, metrics_port: u16, replica_port: &str) {
+    p.alter_system("default_transaction_read_only", "'on'");
+    let fenced = marker("fenced");
+    let refused = write(pw, &fenced)
+        .await
+        .expect_err("no server takes writes");
+    assert!(
+        refused.starts_with("08006") && refused.contains("read-write"),
+        "{refused}"
+    );
+    assert!(
+        metric(
+            metrics_port,
+            "pgward_upstream_pool_discards_total{reason=\"wrong_server\"}"
+        ) >= 1.0,
+        "the pooled connection to the fenced primary was discarded at checkout"
+    );
+    assert!(
+        !p.log_after_barrier().contains(&fenced),
+        "no write reached the fenced primary"
+    );
+    let row = session(pw, "rita", "readers", WHERE_SQL)
+        .await
+        .expect("reader session while fenced");
+    assert_eq!(row[..2], [replica_port, "true"]);
+}
+
+/// Phase 4: the old primary returns as a standby, first in the host list: writers of the
+/// running pgward and of a new one never land on it; a new pgward's reader is served by it.
+/// The new pgward and the tags written.
+async fn demoted_primary_takes_no_writes(
+    p: &'static PgCluster,
+    r: &Replica,
+    pw: &Pgward,
+    reader: &str,
+    primary_port: &str,
+    replica_port: &str,
+) -> (Pgward, Vec<String>) {
+    p.start_as_standby();
+    let metrics2 = common::free_port();
+    let pw2 = gateway(p, r, reader, metrics2);
+    let mut demoted_tags = Vec::new();
+    for i in 0..3 {
+        for (gw, name) in [(pw, "pw"), (&pw2, "pw2")] {
+            let tag = marker(&format!("demoted-{name}-{i}"));
+            assert_eq!(
+                write(gw, &tag).await,
+                Ok(replica_port.to_string()),
+                "{name}: a writer never lands on the demoted server"
+            );
+            demoted_tags.push(tag);
+        }
+    }
+    let row = session(&pw2, "rita", "readers", WHERE_SQL)
+        .await
+        .expect("reader session on the demoted server");
+    assert_eq!(
+        row,
+        [primary_port, "true", "3"],
+        "a reader of a new pgward is served by the demoted server"
+    );
+    (pw2, demoted_tags)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_follow_the_primary_and_never_use_a_demoted_server() {
     let p = restartable_cluster();
@@ -197,31 +263,7 @@ async fn sessions_follow_the_primary_and_never_use_a_demoted_server() {
     }
     wait_all_pooled(metrics_port);
 
-    // 2. The primary fenced read-only: its pooled connection is caught at checkout.
-    p.alter_system("default_transaction_read_only", "'on'");
-    let fenced = marker("fenced");
-    let refused = write(&pw, &fenced)
-        .await
-        .expect_err("no server takes writes");
-    assert!(
-        refused.starts_with("08006") && refused.contains("read-write"),
-        "{refused}"
-    );
-    assert!(
-        metric(
-            metrics_port,
-            "pgward_upstream_pool_discards_total{reason=\"wrong_server\"}"
-        ) >= 1.0,
-        "the pooled connection to the fenced primary was discarded at checkout"
-    );
-    assert!(
-        !p.log_after_barrier().contains(&fenced),
-        "no write reached the fenced primary"
-    );
-    let row = session(&pw, "rita", "readers", WHERE_SQL)
-        .await
-        .expect("reader session while fenced");
-    assert_eq!(row[..2], [replica_port.as_str(), "true"]);
+    fenced_primary_takes_no_writes(p, &pw, metrics_port, &replica_port).await;
 
     // 3. Failover: the primary stops, the replica is promoted.
     p.stop_fast();
@@ -242,30 +284,7 @@ async fn sessions_follow_the_primary_and_never_use_a_demoted_server() {
         "no standby left: prefer-standby takes the primary"
     );
 
-    // 4. The old primary returns as a standby, first in the list.
-    p.start_as_standby();
-    let metrics2 = common::free_port();
-    let pw2 = gateway(p, &r, &reader, metrics2);
-    let mut demoted_tags = Vec::new();
-    for i in 0..3 {
-        for (gw, name) in [(&pw, "pw"), (&pw2, "pw2")] {
-            let tag = marker(&format!("demoted-{name}-{i}"));
-            assert_eq!(
-                write(gw, &tag).await,
-                Ok(replica_port.clone()),
-                "{name}: a writer never lands on the demoted server"
-            );
-            demoted_tags.push(tag);
-        }
-    }
-    let row = session(&pw2, "rita", "readers", WHERE_SQL)
-        .await
-        .expect("reader session on the demoted server");
-    assert_eq!(
-        row,
-        [primary_port.as_str(), "true", "3"],
-        "a reader of a new pgward is served by the demoted server"
-    );
+    let (pw2, demoted_tags) = demoted_primary_takes_no_writes(p, &r, &pw, &reader, &primary_port, &replica_port).await;
 
     let total = r.sql(APP_DB, "SELECT count(*) FROM events");
     assert_eq!(total, "12", "every write landed on the new primary");
