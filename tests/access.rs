@@ -10,22 +10,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use common::gateway::rec;
-use common::{jwt, sqlstate, within};
+use common::{current_user, jwt, sqlstate, within};
 use serde_json::Value;
 use support::{env, token_exp, wait_past};
-use tokio_postgres::Client;
 
-/// Run `select current_user` (simple protocol); Ok(user) or the error.
-async fn current_user(c: &Client) -> Result<String, tokio_postgres::Error> {
-    let msgs = within("select current_user", c.simple_query("select current_user")).await?;
-    Ok(msgs
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(String::from),
-            _ => None,
-        })
-        .unwrap_or_default())
-}
 
 /// The next statement must end the session: FATAL with `code`, message containing `needle`.
 #[track_caller]

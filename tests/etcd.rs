@@ -19,7 +19,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::gateway::rec;
-use common::{Login, Pgward, PgwardBuilder, jwt, rand_hex, sqlstate, toml_set, within};
+use common::metrics::{sample, text as metrics};
+use common::{Login, Pgward, PgwardBuilder, current_user, jwt, rand_hex, sqlstate, toml_set, within};
 use etcd::EtcdCluster;
 use support::{Env, env};
 use tokio_postgres::Client;
@@ -61,16 +62,6 @@ fn second_gateway(a: &Env, endpoints: &[String], prefix: &str, node: &str, metri
     with_etcd(b, endpoints, prefix, node).start()
 }
 
-async fn current_user(c: &Client) -> Result<String, tokio_postgres::Error> {
-    let msgs = within("select current_user", c.simple_query("select current_user")).await?;
-    Ok(msgs
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(String::from),
-            _ => None,
-        })
-        .unwrap_or_default())
-}
 
 /// `pgward ARGS… --config <gw's config>`.
 fn cli(gw: &Pgward, args: &[&str]) -> common::CmdOut {
@@ -202,21 +193,6 @@ async fn revokes_and_approvals_reach_every_gateway_and_an_outage_keeps_the_last_
     assert!(!a.pw.log_has_panic() && !b.log_has_panic());
 }
 
-/// `GET /metrics` on 127.0.0.1:`port`.
-fn metrics(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-/// The value of a sample line `name value`.
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
-}
 
 /// The result (`pass`, `warn`, `fail`) of `pgward doctor`'s access backend check for `gw`.
 fn doctor_access(gw: &Pgward) -> String {

@@ -16,12 +16,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
 use common::cluster::APP_DB;
+use common::metrics::value as metric;
 use common::replica::Replica;
 use common::{
     PgCluster, Pgward, marker, rand_hex, restartable_cluster, sqlstate, toml_set, wait_for, within,
@@ -74,22 +73,6 @@ fn gateway(
             );
         })
         .start()
-}
-
-/// A sample of pgward's OpenMetrics page on `port` (`name` with its labels); 0 when absent.
-fn metric(port: u16, name: &str) -> f64 {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// The values of the first row of `sql`, run in a session of its own as `user` in `group`

@@ -30,13 +30,12 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::gateway::rec;
+use common::metrics::value as metric;
 use common::raw::{self, Msg, RawConn, fe};
 use common::rng::Rng;
 use common::tmpfs::SmallFs;
@@ -89,22 +88,6 @@ fn severity_and_code(m: &Msg) -> (String, String) {
         f.get(&'S').cloned().unwrap_or_default(),
         f.get(&'C').cloned().unwrap_or_default(),
     )
-}
-
-/// A sample of pgward's OpenMetrics page on `port` (`name` with its labels); 0 when absent.
-fn metric(port: u16, name: &str) -> f64 {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// `e` is pgward's refusal of a statement it could not audit: ERROR (the session goes on)

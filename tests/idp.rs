@@ -14,7 +14,7 @@ mod support;
 use std::time::Duration;
 
 use common::gateway::rec;
-use common::{Login, Pgward, PgwardBuilder, cluster, jwt, pgward_cli, wait_for, within};
+use common::{Login, Pgward, PgwardBuilder, cluster, current_user, jwt, pgward_cli, wait_for};
 use export_support::TestCa;
 use serde_json::{Value, json};
 use support::{Idp, IdpKey, token_file};
@@ -42,16 +42,6 @@ fn gateway(idp: &Idp, ca: &TestCa, source: &str, issuer: &str, audience: &str, e
     b.start()
 }
 
-async fn current_user(c: &tokio_postgres::Client) -> Result<String, tokio_postgres::Error> {
-    let msgs = within("select current_user", c.simple_query("select current_user")).await?;
-    Ok(msgs
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(String::from),
-            _ => None,
-        })
-        .unwrap_or_default())
-}
 
 /// A login that must be refused: its SQLSTATE and message.
 async fn refused(login: &Login) -> (String, String) {

@@ -442,18 +442,8 @@ fn long_statements_are_analyzed_off_the_event_loop_and_decided_the_same() {
     assert_eq!(raw::rows(&again), vec![vec![Some("3".to_string())]], "{}", raw::describe_all(&again));
 
     // Four long texts went to the blocking pool (not the short PREPARE, nor the repeat).
-    let metrics = {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    };
-    let n = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("pgward_statements_analyzed_off_loop_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok());
+    let metrics = common::metrics::text(port);
+    let n = common::metrics::sample(&metrics, "pgward_statements_analyzed_off_loop_total");
     assert_eq!(n, Some(4.0), "{metrics}");
     assert!(!e.pw.log_has_panic());
 }

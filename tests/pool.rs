@@ -13,8 +13,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -97,12 +95,7 @@ impl Env {
 
     /// The OpenMetrics text.
     fn metrics(&self) -> String {
-        let mut s = TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
+        common::metrics::text(self.metrics_port)
     }
     /// A sample's value (`name` with its labels, e.g. `x_total{reason="dead"}`); 0 if absent.
     fn sample(&self, name: &str) -> f64 {
@@ -128,9 +121,7 @@ impl Env {
 }
 
 fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
+    common::metrics::sample(text, name).unwrap_or(0.0)
 }
 
 /// First column of the first row of a simple query (None for SQL NULL or no row).

@@ -168,6 +168,18 @@ impl Login {
 }
 
 /// The SQLSTATE of a tokio-postgres error that came from the server.
+/// Run `select current_user` (simple protocol); Ok(user) or the error.
+pub async fn current_user(c: &Client) -> Result<String, tokio_postgres::Error> {
+    let msgs = within("select current_user", c.simple_query("select current_user")).await?;
+    Ok(msgs
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(String::from),
+            _ => None,
+        })
+        .unwrap_or_default())
+}
+
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_string())
 }

@@ -32,6 +32,7 @@ pub mod clients;
 pub mod cluster;
 pub mod gateway;
 pub mod jwt;
+pub mod metrics;
 pub mod raw;
 pub mod replica;
 pub mod rng;
@@ -42,7 +43,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use clients::{Login, sqlstate, within};
+pub use clients::{Login, current_user, sqlstate, within};
 pub use cluster::{ClusterOptions, PgCluster, cluster, restartable_cluster, tls_cluster};
 pub use gateway::{Pgward, PgwardBuilder, pgward_cli, toml_set};
 
