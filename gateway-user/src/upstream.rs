@@ -289,25 +289,7 @@ impl Upstream {
     /// Run one statement of pgward's own (e.g. `SET ROLE`) before the client is attached;
     /// anything but success (an ErrorResponse) is an error carrying the server's SQLSTATE.
     pub async fn setup_query(&mut self, sql: &str) -> Result<(), UpstreamError> {
-        let mut out = BytesMut::new();
-        wire::query(&mut out, sql);
-        self.stream.write_all(&out).await.map_err(WireError::Io)?;
-        let mut failure = None;
-        loop {
-            let f = wire::read_frame(&mut self.stream, &mut self.leftover, wire::MAX_FRAME).await?;
-            match f.tag {
-                b'E' => {
-                    let e = wire::decode_error(&f);
-                    failure = Some(UpstreamError::Server { code: e.code, message: e.message });
-                }
-                b'S' => self.note_parameter_status(&f)?,
-                b'Z' => {
-                    self.tx_status = f.body().first().copied().unwrap_or(b'I');
-                    return failure.map_or(Ok(()), Err);
-                }
-                _ => {}
-            }
-        }
+        self.simple_query(sql, |_| Ok(())).await
     }
 }
 
@@ -317,15 +299,31 @@ pub type Rows = Vec<Vec<Option<String>>>;
 impl Upstream {
     /// Run one simple-protocol statement of pgward's own; its rows, or the server's error.
     pub async fn query_rows(&mut self, sql: &str) -> Result<Rows, UpstreamError> {
+        let mut rows = Vec::new();
+        self.simple_query(sql, |body| {
+            rows.push(data_row(body)?);
+            Ok(())
+        })
+        .await?;
+        Ok(rows)
+    }
+
+    /// Send `sql` as a simple Query and read up to its ReadyForQuery: each DataRow's body to
+    /// `on_row`, ParameterStatus noted, the transaction status kept; the server's error if it
+    /// sent one.
+    async fn simple_query(
+        &mut self,
+        sql: &str,
+        mut on_row: impl FnMut(&[u8]) -> Result<(), UpstreamError>,
+    ) -> Result<(), UpstreamError> {
         let mut out = BytesMut::new();
         wire::query(&mut out, sql);
         self.stream.write_all(&out).await.map_err(WireError::Io)?;
-        let mut rows = Vec::new();
         let mut failure = None;
         loop {
             let f = wire::read_frame(&mut self.stream, &mut self.leftover, wire::MAX_FRAME).await?;
             match f.tag {
-                b'D' => rows.push(data_row(f.body())?),
+                b'D' => on_row(f.body())?,
                 b'E' => {
                     let e = wire::decode_error(&f);
                     failure = Some(UpstreamError::Server { code: e.code, message: e.message });
@@ -333,7 +331,7 @@ impl Upstream {
                 b'S' => self.note_parameter_status(&f)?,
                 b'Z' => {
                     self.tx_status = f.body().first().copied().unwrap_or(b'I');
-                    return failure.map_or(Ok(rows), Err);
+                    return failure.map_or(Ok(()), Err);
                 }
                 _ => {}
             }
