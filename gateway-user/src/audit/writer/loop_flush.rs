@@ -4,9 +4,9 @@
 //! [`AuditHandle::flush_on_this_loop`](super::AuditHandle::flush_on_this_loop) takes the
 //! batch its sessions wait for itself, instead of waking the writer thread and being woken
 //! back when the sync is done: a session that queues a waited-for record wakes the loop's
-//! flusher task (same thread: no system call), the flusher first lets every other task that
-//! is ready on the loop run — and the reactor be polled — so that the batch holds all of this
-//! round's records, then writes and fdatasyncs it right there, blocking the loop, and answers
+//! flusher task (same thread: no system call), the flusher first lets the loop make a few
+//! passes — running every task that is ready and polling the reactor — so that the batch holds
+//! all of this round's records, then writes and fdatasyncs it right there, blocking the loop, and answers
 //! the records (the sessions' tasks are woken on the same thread). Statements that went
 //! upstream before their record was durable (`session::durability`) are executed by Postgres
 //! meanwhile, so the flush overlaps Postgres's work; the loop has nothing else to do then
@@ -30,6 +30,13 @@ use super::flush::Shared;
 use super::log::Log;
 use crate::config::FsyncPolicy;
 use crate::lock;
+
+/// Passes of the event loop a flusher lets go by between being woken and taking the batch
+/// (see [`flusher`]). One pass only catches the statements already waiting in the reactor; a
+/// few more let the clients whose replies were just released send their next statement first,
+/// so batches are larger and each statement shares its flush with more others. A pass with
+/// nothing ready costs one non-blocking reactor poll, so a lone client does not wait for it.
+const GATHER_PASSES: usize = 4;
 
 thread_local! {
     /// The logs this thread's event loop flushes, and how to wake its flusher for each.
@@ -82,9 +89,12 @@ pub(super) fn start(shared: &Arc<Shared>) -> bool {
 async fn flusher(shared: Weak<Shared>, wake: Arc<Notify>) {
     loop {
         wake.notified().await;
-        // Woken again only after the tasks that are ready now have run and the reactor was
-        // polled: their records join this batch.
-        tokio::task::yield_now().await;
+        // Let the loop make a few passes first — each runs the tasks that are ready and polls
+        // the reactor without blocking — so that the records of statements arriving right
+        // now join this batch instead of waiting a whole flush for the next one.
+        for _ in 0..GATHER_PASSES {
+            tokio::task::yield_now().await;
+        }
         let Some(shared) = shared.upgrade() else {
             break;
         };
