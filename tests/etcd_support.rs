@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::common::tls::TestAuthority;
 use crate::common::{free_port, rand_hex, stop_child, wait_for};
 
 /// Where Debian's etcd-server package installs the daemon.
@@ -28,25 +29,10 @@ pub struct EtcdTls {
 impl EtcdTls {
     /// A CA, a server certificate for 127.0.0.1 and a client certificate, written to `dir`.
     pub fn new(dir: &Path) -> EtcdTls {
-        let ca_key = rcgen::KeyPair::generate().expect("CA key");
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "pgward etcd test CA");
-        ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-        let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let leaf = |cn: &str, sans: Vec<String>, usage: Vec<rcgen::ExtendedKeyUsagePurpose>| {
-            let key = rcgen::KeyPair::generate().expect("key");
-            let mut p = rcgen::CertificateParams::new(sans).expect("params");
-            p.distinguished_name.push(rcgen::DnType::CommonName, cn);
-            p.extended_key_usages = usage;
-            let cert = p.signed_by(&key, &issuer).expect("cert");
-            (cert.pem(), key.serialize_pem())
-        };
         use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
-        let (scert, skey) =
-            leaf("127.0.0.1", vec!["127.0.0.1".into(), "localhost".into()], vec![ServerAuth, ClientAuth]);
-        let (ccert, ckey) = leaf("pgward", vec![], vec![ClientAuth]);
+        let authority = TestAuthority::new("pgward etcd test CA");
+        let (scert, skey) = authority.leaf("127.0.0.1", &["127.0.0.1", "localhost"], vec![ServerAuth, ClientAuth]);
+        let (ccert, ckey) = authority.leaf("pgward", &[], vec![ClientAuth]);
         let t = EtcdTls {
             ca: dir.join("ca.pem"),
             server_cert: dir.join("server.pem"),
@@ -55,7 +41,7 @@ impl EtcdTls {
             client_key: dir.join("client.key"),
         };
         for (p, text) in [
-            (&t.ca, ca_cert.pem()),
+            (&t.ca, authority.pem().to_owned()),
             (&t.server_cert, scert),
             (&t.server_key, skey),
             (&t.client_cert, ccert),

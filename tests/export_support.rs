@@ -1,6 +1,6 @@
 //! Shared by tests/export.rs (included with `#[path]`, not a test binary of its own).
 //!
-//! - [`TestCa`]: a CA and a server certificate for 127.0.0.1, made with rcgen.
+//! - [`TestCa`] (from `common::tls`): a CA and a server certificate for 127.0.0.1.
 //! - [`Rsyslog`]: Debian's real `rsyslogd`, run in the foreground by the test with its own
 //!   config, receiving syslog over TLS (imtcp with the gtls driver, RFC 5425) on one loopback
 //!   port and over plain TCP (imptcp, octet-counted framing, RFC 6587) on another, and writing
@@ -14,41 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+pub use crate::common::tls::TestCa;
 use crate::common::{free_port, stop_child, wait_for};
 
 /// Where Debian's rsyslog package installs the daemon.
 pub const RSYSLOGD: &str = "/usr/sbin/rsyslogd";
-
-pub struct TestCa {
-    pub ca_pem: PathBuf,
-    pub cert_pem: PathBuf,
-    pub key_pem: PathBuf,
-}
-
-impl TestCa {
-    /// A CA and a server certificate for `127.0.0.1` / `localhost`, written to `dir`.
-    pub fn new(dir: &Path) -> TestCa {
-        let ca_key = rcgen::KeyPair::generate().expect("CA key");
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "pgward test CA");
-        ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-        let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let key = rcgen::KeyPair::generate().expect("server key");
-        let mut params =
-            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).expect("params");
-        params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = params.signed_by(&key, &issuer).expect("server cert");
-        let ca =
-            TestCa { ca_pem: dir.join("ca.pem"), cert_pem: dir.join("server.pem"), key_pem: dir.join("server.key") };
-        std::fs::write(&ca.ca_pem, ca_cert.pem()).expect("write CA");
-        std::fs::write(&ca.cert_pem, cert.pem()).expect("write cert");
-        std::fs::write(&ca.key_pem, key.serialize_pem()).expect("write key");
-        ca
-    }
-}
 
 /// A real rsyslogd receiving RFC 5425 (TLS) on 127.0.0.1:`port` and RFC 6587 (plain TCP,
 /// octet-counted) on 127.0.0.1:`tcp_port`.

@@ -6,8 +6,6 @@
 //! revoked by the token itself (`pgward token revoke --token-file`).
 
 mod common;
-#[path = "export_support.rs"]
-mod export_support;
 #[path = "idp_support.rs"]
 mod support;
 
@@ -15,7 +13,7 @@ use std::time::Duration;
 
 use common::gateway::rec;
 use common::{Login, Pgward, PgwardBuilder, cluster, current_user, jwt, pgward_cli, wait_for};
-use export_support::TestCa;
+use common::tls::TestCa;
 use serde_json::{Value, json};
 use support::{Idp, IdpKey, token_file};
 

@@ -21,7 +21,7 @@ use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
-use super::export_support::TestCa;
+use crate::common::tls::TestCa;
 
 /// The RSA key the unit tests sign with (2048 bits, PKCS#1).
 const RSA_PEM: &str = include_str!("../gateway-user/src/auth/testdata/rsa-2048.pem");

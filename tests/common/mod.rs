@@ -12,6 +12,8 @@
 //!   minimal raw wire-protocol client ([`raw::RawConn`]) for facts libraries hide
 //!   (BackendKeyData, ParameterStatus, CancelRequest with chosen keys, Terminate).
 //! - [`replica::Replica`]: a streaming replica of a cluster (pg_basebackup), for failover.
+//! - [`tls::TestAuthority`], [`tls::TestCa`]: a throwaway CA (rcgen) for the TLS peers tests
+//!   start (syslog receivers, an identity provider, etcd).
 //! - [`tmpfs::SmallFs`]: a size-limited tmpfs a test mounts (tests run as root) and fills,
 //!   for a full disk under the audit log.
 //! - [`Target`]: what relay/cancel tests talk to. Normally a fresh pgward in front of a fresh
@@ -36,6 +38,7 @@ pub mod metrics;
 pub mod raw;
 pub mod replica;
 pub mod rng;
+pub mod tls;
 pub mod tmpfs;
 
 use std::io::{Read, Write};
