@@ -347,9 +347,7 @@ impl PgCluster {
             let port = free_port();
             let opts = server_options(port, &self.socket_dir);
             let out = run_cmd(
-                self.server_cmd("pg_ctl")
-                    .arg("-D")
-                    .arg(&self.data_dir)
+                self.pg_ctl(&self.data_dir)
                     .arg("-l")
                     .arg(&self.log_file)
                     .args(["-w", "-t", "120", "-o", &opts, "start"]),
@@ -406,6 +404,13 @@ impl PgCluster {
         cmd
     }
 
+    /// `pg_ctl -D <data_dir>`, run as the server's OS user; the caller adds the action.
+    pub(super) fn pg_ctl(&self, data_dir: &Path) -> Command {
+        let mut cmd = self.server_cmd("pg_ctl");
+        cmd.arg("-D").arg(data_dir);
+        cmd
+    }
+
     /// Stops the cluster (and removes the temp dir, including the gateways' dirs under `gw/`)
     /// if this test process dies without running atexit handlers (see [`spawn_watchdog`]).
     fn spawn_watchdog(&self) {
@@ -420,9 +425,7 @@ impl PgCluster {
 
     fn stop(&self) {
         let _ = run_cmd(
-            self.server_cmd("pg_ctl")
-                .arg("-D")
-                .arg(&self.data_dir)
+            self.pg_ctl(&self.data_dir)
                 .args(["stop", "-m", "immediate", "-w"]),
             None,
             Duration::from_secs(60),
@@ -436,9 +439,7 @@ impl PgCluster {
     #[track_caller]
     pub fn restart_fast(&self) {
         let out = run_cmd(
-            self.server_cmd("pg_ctl")
-                .arg("-D")
-                .arg(&self.data_dir)
+            self.pg_ctl(&self.data_dir)
                 .arg("-l")
                 .arg(&self.log_file)
                 .args(["-w", "-t", "120", "-m", "fast", "restart"]),

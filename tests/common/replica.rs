@@ -141,10 +141,7 @@ impl Replica {
     #[track_caller]
     pub fn promote(&self) {
         let out = run_cmd(
-            self.primary
-                .server_cmd("pg_ctl")
-                .arg("-D")
-                .arg(&self.data_dir)
+            self.primary.pg_ctl(&self.data_dir)
                 .args(["-w", "-t", "120", "promote"]),
             None,
             PG_TOOL_TIMEOUT,
@@ -161,10 +158,7 @@ impl Replica {
 impl Drop for Replica {
     fn drop(&mut self) {
         let _ = run_cmd(
-            self.primary
-                .server_cmd("pg_ctl")
-                .arg("-D")
-                .arg(&self.data_dir)
+            self.primary.pg_ctl(&self.data_dir)
                 .args(["stop", "-m", "immediate", "-w"]),
             None,
             PG_TOOL_TIMEOUT,
@@ -182,9 +176,7 @@ fn start_server(
 ) -> Option<String> {
     let opts = server_options(port, &c.socket_dir);
     let out = run_cmd(
-        c.server_cmd("pg_ctl")
-            .arg("-D")
-            .arg(data_dir)
+        c.pg_ctl(data_dir)
             .arg("-l")
             .arg(log)
             .args(["-w", "-t", "120", "-o", &opts, "start"]),
@@ -200,9 +192,7 @@ impl PgCluster {
     #[track_caller]
     pub fn stop_fast(&self) {
         let out = run_cmd(
-            self.server_cmd("pg_ctl")
-                .arg("-D")
-                .arg(&self.data_dir)
+            self.pg_ctl(&self.data_dir)
                 .args(["-w", "-t", "120", "-m", "fast", "stop"]),
             None,
             PG_TOOL_TIMEOUT,
