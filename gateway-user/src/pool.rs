@@ -262,29 +262,29 @@ impl Pool {
     }
 
     /// An upstream connection for a login to `key`, named after the user (`app_name`) and
-    /// with the user's role set (`role_sql`, a `SET ROLE …`): a pooled one if one is alive and
+    /// with the user's database role set (`role`, by `SET ROLE`): a pooled one if one is alive and
     /// on a server the session may use, else a new login as the service role. The session's
     /// `target_session_attrs` follow its role ([`Target::attrs_for`]). With pooling off,
     /// exactly the old path: a new connection with `app_name` in its startup packet, then
-    /// `role_sql`.
+    /// `SET ROLE`.
     pub async fn acquire(
         &self,
         target: &Target,
         key: &PoolKey,
         password: Option<&str>,
         app_name: &str,
-        role_sql: Option<&str>,
+        role: Option<&str>,
     ) -> Result<Acquired, UpstreamError> {
-        let attrs = target.attrs_for(role_sql.and_then(role_of).as_deref());
+        let attrs = target.attrs_for(role);
         if !self.enabled {
             let mut up = connect(target, attrs, key, password, app_name).await?;
-            if let Some(sql) = role_sql {
-                up.setup_query(sql).await?;
+            if let Some(r) = role {
+                up.setup_query(&set_role_sql(r)).await?;
             }
             return Ok(Acquired { up, reused: false });
         }
 
-        let setup = setup_sql(app_name, role_sql);
+        let setup = setup_sql(app_name, role);
         while let Some(idle) = self.take(key, attrs, target.memory.no_standby()) {
             let Some(mut up) = self.adopt(idle) else { continue };
             match tokio::time::timeout(self.op_timeout, up.setup_query(&setup)).await {
@@ -551,32 +551,22 @@ async fn connect(
     upstream_hosts::connect(target, attrs, &key.user, password, &key.database, &params).await
 }
 
-/// The role a checkout's `SET ROLE "…"` names — the form sessions build, a double-quoted
-/// identifier with `"` doubled — for routing by `upstream.standby_roles`; None for any other
-/// text (the session then uses `upstream.target_session_attrs`).
-fn role_of(role_sql: &str) -> Option<String> {
-    let quoted = role_sql.strip_prefix("SET ROLE \"")?.strip_suffix('"')?;
-    let mut out = String::with_capacity(quoted.len());
-    let mut chars = quoted.chars();
-    while let Some(c) = chars.next() {
-        if c == '"' && chars.next() != Some('"') {
-            return None;
-        }
-        out.push(c);
-    }
-    Some(out)
+/// `SET ROLE "<role>"`: the role as a quoted identifier (used exactly as written, `"`
+/// doubled).
+pub fn set_role_sql(role: &str) -> String {
+    format!("SET ROLE \"{}\"", role.replace('"', "\"\""))
 }
 
 /// The checkout Query: the user's application_name (as Postgres would store it from a startup
 /// packet: printable ASCII, anything else as '?', so the literal is plain ASCII in every
 /// client_encoding) in an escape string literal, then the role.
-fn setup_sql(app_name: &str, role_sql: Option<&str>) -> String {
+fn setup_sql(app_name: &str, role: Option<&str>) -> String {
     let clean: String = app_name.chars().map(|c| if (' '..='~').contains(&c) { c } else { '?' }).collect();
     let lit = clean.replace('\\', "\\\\").replace('\'', "\\'");
     let mut sql = format!("SET application_name TO E'{lit}'");
-    if let Some(r) = role_sql {
+    if let Some(r) = role {
         sql.push_str("; ");
-        sql.push_str(r);
+        sql.push_str(&set_role_sql(r));
     }
     sql
 }
@@ -631,18 +621,16 @@ mod tests {
     fn setup_sql_escapes_and_sets_role_in_one_query() {
         assert_eq!(setup_sql("pgward:bob", None), "SET application_name TO E'pgward:bob'");
         assert_eq!(
-            setup_sql("pgward:o'neil:a\\b", Some("SET ROLE \"r\"")),
+            setup_sql("pgward:o'neil:a\\b", Some("r")),
             "SET application_name TO E'pgward:o\\'neil:a\\\\b'; SET ROLE \"r\""
         );
         assert_eq!(setup_sql("pgward:zoë\n", None), "SET application_name TO E'pgward:zo??'");
     }
 
     #[test]
-    fn the_role_of_a_set_role() {
-        assert_eq!(role_of("SET ROLE \"analyst\"").as_deref(), Some("analyst"));
-        assert_eq!(role_of("SET ROLE \"a\"\"b\"").as_deref(), Some("a\"b"));
-        assert_eq!(role_of("SET ROLE analyst"), None);
-        assert_eq!(role_of("SET ROLE \"a\"b\""), None, "an undoubled quote");
+    fn set_role_quotes_the_role() {
+        assert_eq!(set_role_sql("analyst"), "SET ROLE \"analyst\"");
+        assert_eq!(set_role_sql("a\"b"), "SET ROLE \"a\"\"b\"");
     }
 
     /// A fake backend whose server reported `in_hot_standby`.

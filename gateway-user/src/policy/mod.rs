@@ -484,12 +484,6 @@ impl Policy {
             .or_else(|| self.c.default_role.clone())
     }
 
-    /// `SET ROLE "<role>"` for [`Policy::role_for`] (quoted identifier: the role name is used
-    /// exactly as written in the policy).
-    pub fn set_role_sql(&self, identity: &Identity) -> Option<String> {
-        self.role_for(identity).map(|r| format!("SET ROLE \"{}\"", r.replace('"', "\"\"")))
-    }
-
     /// The `[[group]]`s whose `role` is exactly `role`, in policy order (a session running
     /// under a just-in-time grant of `role` is decided as a member of these).
     pub fn groups_with_role(&self, role: &str) -> Vec<String> {

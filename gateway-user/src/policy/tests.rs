@@ -364,7 +364,10 @@ fn roles_and_groups() {
     assert_eq!(p.role_for(&id("a", &["hr", "engineers"])).as_deref(), Some("app_rw"));
     assert_eq!(p.role_for(&id("a", &["hr"])), None);
     assert_eq!(p.role_for(&id("a", &[])), None);
-    assert_eq!(p.set_role_sql(&id("a", &["dba"])).as_deref(), Some("SET ROLE \"dba\""));
+    assert_eq!(
+        p.role_for(&id("a", &["dba"])).map(|r| crate::pool::set_role_sql(&r)).as_deref(),
+        Some("SET ROLE \"dba\"")
+    );
     // Default action with several groups: deny wins.
     let v = p.decide(&id("a", &["dba", "analysts"]), "app", "DELETE FROM orders WHERE id = 1", noon());
     assert_eq!((v.decision, v.rule.as_str()), (Deny, "default:analysts"));

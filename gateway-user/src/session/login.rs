@@ -101,15 +101,15 @@ pub(super) async fn login(shared: &Arc<Shared>, peer: &Peer, session: &str, mut 
     let Login { identity, database, mut stream, buf, .. } = login;
     // The identity's database role (policy groups → roles, or the grant's), set before the
     // client can act.
-    let role_sql = match &grant {
-        Some(g) => Some(format!("SET ROLE \"{}\"", g.role.replace('"', "\"\""))),
-        None => shared.policy.set_role_sql(&identity),
+    let role = match &grant {
+        Some(g) => Some(g.role.clone()),
+        None => shared.policy.role_for(&identity),
     };
     // A pooled connection (reset at check-in) or a new one; either way named after this user
     // and with this user's role before the client can act.
     let up = shared
         .pool
-        .acquire(&shared.target, &pool_key, shared.upstream_password.as_deref(), &app_name, role_sql.as_deref())
+        .acquire(&shared.target, &pool_key, shared.upstream_password.as_deref(), &app_name, role.as_deref())
         .await;
     let (up, reused) = match up {
         Ok(a) => (a.up, a.reused),
