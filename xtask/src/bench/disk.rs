@@ -4,6 +4,11 @@
 //! clients `N / (flush + direct per-statement time)` is a ceiling on its throughput, whatever
 //! the relay costs. On a VM the flush latency moves with the host; measuring it in the same
 //! run is what makes the group-mode numbers readable.
+//!
+//! The probe also measures the CPU time one flush costs the thread that issues it (the write
+//! and the cache flush are system calls; on a VM each device request is a notification to
+//! the host and an interrupt back). With N closed-loop clients a flush covers at most N
+//! statements, so that cost divided by N is CPU every statement pays on top of relaying it.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -18,6 +23,8 @@ use anyhow::{Context, Result};
 pub struct Flush {
     pub p50_us: f64,
     pub p90_us: f64,
+    /// Mean CPU time of the probing thread per flush (user + system), µs.
+    pub cpu_us: f64,
     pub samples: usize,
     /// The writes went with O_DIRECT (otherwise through the page cache: the filesystem
     /// refused direct I/O, and so would pgward's writer).
@@ -49,12 +56,23 @@ pub fn measure(dir: &Path, n: usize) -> Result<Flush> {
     }
     let res = probe(&path, n, size);
     let _ = std::fs::remove_file(&path);
-    let (mut us, direct) = res?;
+    let (mut us, cpu_us, direct) = res?;
     us.sort_by(f64::total_cmp);
-    Ok(Flush { p50_us: percentile(&us, 0.5), p90_us: percentile(&us, 0.9), samples: us.len(), direct })
+    Ok(Flush { p50_us: percentile(&us, 0.5), p90_us: percentile(&us, 0.9), cpu_us, samples: us.len(), direct })
 }
 
-fn probe(path: &Path, n: usize, size: usize) -> Result<(Vec<f64>, bool)> {
+/// CPU time the calling thread has used so far, µs.
+fn thread_cpu_us() -> Result<f64> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    }
+    Ok(ts.tv_sec as f64 * 1e6 + ts.tv_nsec as f64 / 1e3)
+}
+
+/// The samples (wall µs each), the mean CPU µs per sample, and whether O_DIRECT was used.
+fn probe(path: &Path, n: usize, size: usize) -> Result<(Vec<f64>, f64, bool)> {
     let (f, direct) = match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
         Ok(f) => (f, true),
         Err(_) => (OpenOptions::new().write(true).open(path)?, false),
@@ -64,6 +82,7 @@ fn probe(path: &Path, n: usize, size: usize) -> Result<(Vec<f64>, bool)> {
     let off = raw.as_ptr().align_offset(BLOCK).min(BLOCK);
     let mut us = Vec::with_capacity(n);
     let mut end = 0usize;
+    let cpu_start = thread_cpu_us()?;
     for _ in 0..n {
         let at = end - end % BLOCK;
         end += BATCH;
@@ -77,7 +96,14 @@ fn probe(path: &Path, n: usize, size: usize) -> Result<(Vec<f64>, bool)> {
         f.sync_data()?;
         us.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    Ok((us, direct))
+    let cpu_us = (thread_cpu_us()? - cpu_start) / us.len().max(1) as f64;
+    Ok((us, cpu_us, direct))
+}
+
+/// CPU per statement the audit I/O costs at least when every flush covers one statement of
+/// each of `clients` closed-loop clients (the most a flush can cover), µs.
+pub fn io_cpu_floor_per_statement(clients: u32, cpu_per_flush_us: f64) -> f64 {
+    cpu_per_flush_us / f64::from(clients.max(1))
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -110,6 +136,12 @@ mod tests {
     }
 
     #[test]
+    fn io_floor_math() {
+        assert!((io_cpu_floor_per_statement(8, 40.0) - 5.0).abs() < 1e-9);
+        assert!((io_cpu_floor_per_statement(0, 40.0) - 40.0).abs() < 1e-9);
+    }
+
+    #[test]
     fn percentiles() {
         let v: Vec<f64> = (1..=10).map(f64::from).collect();
         assert_eq!(percentile(&v, 0.5), 6.0);
@@ -126,6 +158,8 @@ mod tests {
         // The same filesystem takes the audit writer's direct writes (its unit tests say so).
         assert!(f.direct, "O_DIRECT refused in {}", dir.display());
         assert!(f.p50_us > 0.0 && f.p90_us >= f.p50_us);
+        // A write and a sync are system calls: the probing thread spends CPU on each.
+        assert!(f.cpu_us > 0.0, "no CPU time measured for {} flushes", f.samples);
         assert!(!dir.join("flush-probe.log").exists());
         let _ = std::fs::remove_dir(&dir);
     }

@@ -36,6 +36,10 @@ pub(super) struct Check {
 pub(super) const LATENCY_BUDGET_US: f64 = 60.0;
 pub(super) const ROWS_BUDGET_RATIO: f64 = 1.15;
 pub(super) const IDLE_BUDGET_KIB: f64 = 64.0;
+/// CPU per select statement pgward may spend, as a multiple of PgBouncer's.
+pub(super) const CPU_BUDGET_RATIO: f64 = 1.3;
+/// TPC-B throughput pgward must reach, as a share of PgBouncer's.
+pub(super) const TPCB_BUDGET_SHARE: f64 = 0.8;
 
 impl Report {
     pub(super) fn errors(&self) -> usize {
@@ -55,10 +59,12 @@ impl Report {
         let mut v = Vec::new();
         if let Some(t) = &self.main {
             for w in [Workload::SelectSimple, Workload::SelectExtended, Workload::SelectPrepared] {
-                for other in ["splice", "pgbouncer"] {
+                for other in ["splice", "pgbouncer", pgaudit::TARGET] {
                     v.push(at_least(t, w, "pgward", other));
                 }
+                v.push(cpu_at_most(t, w, "pgward", "pgbouncer", CPU_BUDGET_RATIO));
             }
+            v.push(at_least_share(t, Workload::Tpcb, "pgward", "pgbouncer", TPCB_BUDGET_SHARE));
             let lat = match (t.median(Workload::Latency, "pgward"), t.median(Workload::Latency, "direct")) {
                 (Some(p), Some(d)) => Check {
                     name: format!("latency-1c: pgward ≤ direct + {LATENCY_BUDGET_US:.0} µs"),
@@ -229,7 +235,8 @@ impl Report {
         }
     }
 
-    /// The measured flush latency and what it allows pgward with `fsync = group`.
+    /// The measured flush latency and CPU per flush, and what they allow pgward with
+    /// `fsync = group`.
     pub(super) fn render_flush(&self, o: &mut String, t: &Table, s: &Settings) {
         use std::fmt::Write as _;
         if self.flush.is_empty() {
@@ -238,16 +245,23 @@ impl Report {
         let how = if self.flush.iter().all(|(_, f)| f.direct) { "O_DIRECT" } else { "page cache (O_DIRECT refused)" };
         let _ = writeln!(
             o,
-            "\naudit disk flush latency (one ~1.2 KB batch as pgward writes it: in place, 4 KiB blocks, {how}, + fdatasync; {FLUSH_SAMPLES} samples):"
+            "\naudit disk flush (one ~1.2 KB batch as pgward writes it: in place, 4 KiB blocks, {how}, + fdatasync; {FLUSH_SAMPLES} samples):"
         );
         for (label, f) in &self.flush {
-            let _ = writeln!(o, "  {label:<7} p50 {:>7.0} µs   p90 {:>7.0} µs", f.p50_us, f.p90_us);
+            let _ = writeln!(
+                o,
+                "  {label:<7} p50 {:>7.0} µs   p90 {:>7.0} µs   CPU {:>5.1} µs per flush",
+                f.p50_us, f.p90_us, f.cpu_us
+            );
         }
-        let p50 = self.flush.iter().map(|(_, f)| f.p50_us).sum::<f64>() / self.flush.len() as f64;
+        let n = self.flush.len() as f64;
+        let p50 = self.flush.iter().map(|(_, f)| f.p50_us).sum::<f64>() / n;
+        let cpu = self.flush.iter().map(|(_, f)| f.cpu_us).sum::<f64>() / n;
         let _ = writeln!(
             o,
-            "  write-ahead audit: every statement waits ~one flush, so with fsync = group pgward's single-client\n  \
-             latency is ≥ direct + {p50:.0} µs, and {} closed-loop clients can reach at most:",
+            "  every reply waits for its statement's record to be durable, so with fsync = group\n  \
+             pgward's single-client latency is ≥ direct + ~{p50:.0} µs less what Postgres does meanwhile, and {} closed-loop\n  \
+             clients, each waiting ~one flush per statement, can reach at most:",
             s.clients
         );
         for w in [Workload::SelectSimple, Workload::SelectExtended, Workload::SelectPrepared, Workload::Tpcb] {
@@ -257,6 +271,31 @@ impl Report {
                 // would lose to it in this run.
                 let vs_pgb = t.median(w, "pgbouncer").map(|b| format!(", {:.2}× PgBouncer", c / b)).unwrap_or_default();
                 let _ = writeln!(o, "    {:<16} {:>8.0} tps ({:.2}× direct{vs_pgb})", w.name(), c, c / d);
+            }
+        }
+        self.render_io_floor(o, t, s, cpu);
+    }
+
+    /// The CPU the audit I/O alone adds to each statement, beside PgBouncer's whole CPU per
+    /// statement and the CPU budget.
+    fn render_io_floor(&self, o: &mut String, t: &Table, s: &Settings, cpu_per_flush: f64) {
+        use std::fmt::Write as _;
+        let floor = disk::io_cpu_floor_per_statement(s.clients, cpu_per_flush);
+        let _ = writeln!(
+            o,
+            "  a flush covers at most one statement per client: the audit I/O alone costs ≥ {floor:.1} µs CPU per statement\n  \
+             at {} clients (CPU budget: ≤ {CPU_BUDGET_RATIO}× PgBouncer's whole CPU per statement):",
+            s.clients
+        );
+        for w in [Workload::SelectSimple, Workload::SelectExtended, Workload::SelectPrepared] {
+            if let Some(b) = t.cpu_per_statement(w, "pgbouncer") {
+                let _ = writeln!(
+                    o,
+                    "    {:<16} PgBouncer {b:>5.1} µs, budget {:>5.1} µs, audit I/O floor {:.0}% of the budget",
+                    w.name(),
+                    b * CPU_BUDGET_RATIO,
+                    100.0 * floor / (b * CPU_BUDGET_RATIO)
+                );
             }
         }
     }
@@ -272,7 +311,7 @@ impl Report {
             "settings": settings_json(s),
             "machine": machine_json(),
             "flush_latency": self.flush.iter().map(|(label, f)| json!({
-                "when": label, "p50_us": f.p50_us, "p90_us": f.p90_us, "samples": f.samples, "direct": f.direct,
+                "when": label, "p50_us": f.p50_us, "p90_us": f.p90_us, "cpu_us_per_flush": f.cpu_us, "samples": f.samples, "direct": f.direct,
             })).collect::<Vec<_>>(),
             "main": self.main.as_ref().map(|t| table_json(t, s)),
             "pgaudit": self.pgaudit.as_ref().map(pgaudit::Status::json),
@@ -544,6 +583,28 @@ pub(super) fn at_least(t: &Table, w: Workload, a: &str, b: &str) -> Check {
     let name = format!("{}: {a} ≥ {b}", w.name());
     match (t.median(w, a), t.median(w, b)) {
         (Some(x), Some(y)) => Check { name, pass: Some(x >= y), detail: format!("{:.3}× ({x:.0} vs {y:.0} {})", x / y, w.unit()) },
+        _ => missing(name),
+    }
+}
+
+/// `a`'s throughput on `w` is at least `share` × `b`'s.
+pub(super) fn at_least_share(t: &Table, w: Workload, a: &str, b: &str, share: f64) -> Check {
+    let name = format!("{}: {a} ≥ {share}× {b}", w.name());
+    match (t.median(w, a), t.median(w, b)) {
+        (Some(x), Some(y)) => {
+            Check { name, pass: Some(x >= share * y), detail: format!("{:.3}× ({x:.0} vs {y:.0} {})", x / y, w.unit()) }
+        }
+        _ => missing(name),
+    }
+}
+
+/// `a`'s CPU per statement of `w` is at most `ratio` × `b`'s.
+pub(super) fn cpu_at_most(t: &Table, w: Workload, a: &str, b: &str, ratio: f64) -> Check {
+    let name = format!("{}: {a} CPU per statement ≤ {ratio}× {b}'s", w.name());
+    match (t.cpu_per_statement(w, a), t.cpu_per_statement(w, b)) {
+        (Some(x), Some(y)) if y > 0.0 => {
+            Check { name, pass: Some(x <= ratio * y), detail: format!("{:.2}× ({x:.1} vs {y:.1} µs)", x / y) }
+        }
         _ => missing(name),
     }
 }

@@ -87,7 +87,7 @@ fn flush_ceiling_is_compared_with_pgbouncer() {
     t.cells.insert((0, 1), Cell { samples: vec![20000.0], ..Cell::default() });
     t.cells.insert((1, 0), Cell { samples: vec![40000.0], ..Cell::default() });
     let r = Report {
-        flush: vec![("before", disk::Flush { p50_us: 100.0, p90_us: 120.0, samples: 100, direct: true })],
+        flush: vec![("before", disk::Flush { p50_us: 100.0, p90_us: 120.0, cpu_us: 40.0, samples: 100, direct: true })],
         ..Report::default()
     };
     let s = Settings {
@@ -107,6 +107,55 @@ fn flush_ceiling_is_compared_with_pgbouncer() {
     assert!(o.contains("select-simple       26667 tps (0.67× direct, 1.33× PgBouncer)\n"), "{o}");
     // No PgBouncer figure: the ratio to direct only.
     assert!(o.contains("select-extended     26667 tps (0.67× direct)\n"), "{o}");
+}
+
+#[test]
+fn flush_report_shows_the_audit_io_cpu_floor() {
+    let t = table_of(
+        &[Workload::SelectSimple, Workload::SelectExtended],
+        &["direct", "pgbouncer", "pgward"],
+        &[((0, 0), &[40000.0], &[]), ((0, 1), &[20000.0], &[10.0])],
+    );
+    let r = Report {
+        flush: vec![
+            ("before", disk::Flush { p50_us: 100.0, p90_us: 120.0, cpu_us: 36.0, samples: 100, direct: true }),
+            ("after", disk::Flush { p50_us: 100.0, p90_us: 120.0, cpu_us: 44.0, samples: 100, direct: true }),
+        ],
+        ..Report::default()
+    };
+    let s = Settings { quick: true, duration: 5, cycles: 1, clients: 8, threads: 2, scale: 1, rows_reps: 1, warmup: 1, idle_sessions: 10 };
+    let mut o = String::new();
+    r.render_flush(&mut o, &t, &s);
+    assert!(o.contains("CPU  36.0 µs per flush") && o.contains("CPU  44.0 µs per flush"), "{o}");
+    // Mean 40 µs per flush over at most 8 statements: 5 µs; budget 1.3 × 10 µs = 13 µs.
+    assert!(o.contains("costs ≥ 5.0 µs CPU per statement"), "{o}");
+    assert!(o.contains("select-simple    PgBouncer  10.0 µs, budget  13.0 µs, audit I/O floor 38% of the budget"), "{o}");
+    // No PgBouncer CPU for extended: no line for it.
+    assert!(!o.contains("select-extended  PgBouncer"), "{o}");
+}
+
+#[test]
+fn budget_checks_cpu_pgaudit_and_tpcb() {
+    let t = table_of(
+        &[Workload::SelectSimple, Workload::Tpcb],
+        &["direct", "direct+pgaudit", "pgbouncer", "splice", "pgward"],
+        &[
+            ((0, 1), &[30000.0], &[]),
+            ((0, 2), &[20000.0], &[10.0]),
+            ((0, 4), &[25000.0], &[14.0]),
+            ((1, 2), &[1000.0], &[70.0]),
+            ((1, 4), &[790.0], &[140.0]),
+        ],
+    );
+    let r = Report { main: Some(t), ..Report::default() };
+    let checks = r.budget();
+    let pass = |name: &str| checks.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no check {name}")).pass;
+    assert_eq!(pass("select-simple: pgward ≥ pgbouncer"), Some(true));
+    assert_eq!(pass("select-simple: pgward ≥ direct+pgaudit"), Some(false));
+    // 14 µs ≤ 1.3 × 10 µs fails; nothing measured for extended.
+    assert_eq!(pass("select-simple: pgward CPU per statement ≤ 1.3× pgbouncer's"), Some(false));
+    assert_eq!(pass("select-extended: pgward CPU per statement ≤ 1.3× pgbouncer's"), None);
+    assert_eq!(pass("tpc-b: pgward ≥ 0.8× pgbouncer"), Some(false));
 }
 
 /// One filled cell: (workload index, target index), samples, CPU µs per transaction.
