@@ -29,4 +29,6 @@ pub use stream::*;
 pub use tracker::{Awaited, Tracker};
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;
