@@ -489,6 +489,47 @@ async fn a_write_after_a_begin_postgres_skipped_waits_for_its_record() {
     pw.stop();
 }
 
+/// FETCH runs its cursor's query, which an earlier DECLARE gave: `nextval` there advances the
+/// sequence when the FETCH runs, outside any transaction. The FETCH must wait for its record.
+/// The segment full, that record is refused: the FETCH is refused (ERROR 58030) and the
+/// sequence, read as superuser, was never advanced (were the FETCH forwarded early, it would
+/// have been, for good: a rollback does not undo nextval).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_whose_cursor_calls_nextval_waits_for_its_record() {
+    let c = cluster();
+    let db = c.create_database("faults_fetch_nextval");
+    c.sql(&db, "CREATE SEQUENCE s; GRANT ALL ON s TO PUBLIC");
+    let fs = SmallFs::mount(FULL_FS_BYTES);
+    let mut pw = Pgward::builder()
+        .set("audit.dir", fs.path().join("audit").display().to_string())
+        .set("audit.segment_bytes", FULL_SEGMENT_BYTES as i64)
+        .set("audit.checkpoint_interval", "1h")
+        .start();
+    let token = pw.token("alice", &[], "15m");
+    let login = pw.login("alice", &token, &db);
+    let mut filling = login.raw().expect("login");
+    let mut attacker = login.raw().expect("login");
+    for sql in ["BEGIN", "DECLARE c CURSOR FOR SELECT nextval('s')"] {
+        let msgs = attacker.simple_query(sql).expect("answered");
+        assert!(raw::first_error(&msgs).is_none(), "{sql}: {}", raw::describe_all(&msgs));
+    }
+    let (filler, _) = fs.fill("filler");
+    fill_to_the_brim(&pw, &mut filling);
+
+    attacker.send(&fe::query("FETCH 1 FROM c")).unwrap();
+    let (msgs, _) = recv_until_ready_or_eof(&mut attacker);
+    assert_eq!(
+        c.sql(&db, "SELECT is_called FROM s"),
+        "f",
+        "the FETCH advanced the sequence before its record was durable"
+    );
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("answered: {}", raw::describe_all(&msgs)));
+    assert_eq!(severity_and_code(err), ("ERROR".to_string(), AUDIT_UNAVAILABLE.to_string()), "{}", err.describe());
+    assert!(raw::rows(&msgs).is_empty(), "rows of an unrecorded FETCH: {}", raw::describe_all(&msgs));
+    std::fs::remove_file(&filler).unwrap();
+    pw.stop();
+}
+
 // ---- upstream restart -------------------------------------------------------------------
 
 /// Sessions that end cleanly before the restart, leaving their upstream connections idle in

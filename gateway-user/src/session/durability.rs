@@ -8,7 +8,8 @@
 //! own transaction before that transaction commits, and whatever can commit the transaction
 //! is itself held back until every record of it is durable:
 //! - reads that call only built-in (`pg_catalog`) functions the catalog says are neither
-//!   volatile nor reach outside the database ([`Effect::Read`]);
+//!   volatile nor reach outside the database ([`Effect::Read`]); not FETCH or MOVE, which run
+//!   a cursor's query that another statement gave;
 //! - INSERT, UPDATE, DELETE, MERGE and locking reads with the same function restriction
 //!   ([`Effect::TxWrite`]), inside an explicit transaction block or in the extended
 //!   protocol's implicit transaction (which only a Sync, a simple Query or a transaction
@@ -67,8 +68,11 @@ const EFFECT_CLASSES: u8 = functions::VOLATILE | functions::OUTSIDE | functions:
 /// Commands of the write class whose changes are transactional row changes.
 const TX_WRITE_COMMANDS: &[&str] = &["insert", "update", "delete", "merge", "select"];
 
-/// Commands of the read class that run nothing but the read (EXPLAIN may ANALYZE).
-const READ_COMMANDS: &[&str] = &["select", "values", "table", "declare", "fetch", "move", "copy"];
+/// Commands of the read class that run nothing but the read (EXPLAIN may ANALYZE). FETCH and
+/// MOVE are not among them: they run the query of a cursor an earlier statement declared (or
+/// a function opened), which may call volatile functions (nextval, advisory locks, dblink)
+/// that this statement's text does not show.
+const READ_COMMANDS: &[&str] = &["select", "values", "table", "declare", "copy"];
 
 /// The effect of one analyzed statement.
 pub(super) fn statement_effect(info: &StatementInfo, catalog: Option<&FunctionCatalog>) -> Effect {
@@ -235,6 +239,10 @@ mod tests {
             ("values (1), (2)", Read),
             ("table t", Read),
             ("copy t to stdout", Read),
+            ("declare c cursor for select 1", Read),
+            ("declare c cursor for select nextval('s')", Other),
+            ("fetch 10 from c", Other),
+            ("move forward 5 in c", Other),
             ("select 1; select 2", Read),
             ("", Read),
             ("select random()", Other),
