@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use common::gateway::{audit_tail_with, audit_verify_config, rec};
 use common::jwt;
+use common::raw::fe;
 use common::{Pgward, cluster, contains_number, marker, sqlstate, within};
 use serde_json::Value;
 
@@ -254,6 +255,63 @@ fn text_parameters_and_client_address_from_the_raw_protocol() {
     );
     let res = rec::result_for(&recs, st[0]).expect("result record");
     assert_eq!(res["tag"], "SELECT 1");
+}
+
+/// After an extended-protocol error Postgres ignores every message up to the Sync, a simple
+/// Query and a BEGIN in it included: the ignored Query gets a "not executed" result record,
+/// the statements after the Sync get their own results, and a write after a BEGIN that never
+/// ran is recorded write-ahead (it autocommits).
+#[test]
+fn queries_postgres_skips_after_a_pipeline_error_are_recorded_as_not_executed() {
+    let c = cluster();
+    let db = c.create_database("audit_skipped");
+    c.sql(&db, "CREATE TABLE t (v text); GRANT ALL ON t TO PUBLIC");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let m = marker("audit-skipped");
+    let mut conn = pw.login("alice", &token, &db).raw().unwrap();
+    let pipeline = [
+        fe::parse("", &format!("SELECT 1/0 -- {m}-fails")),
+        fe::bind_text("", "", &[]),
+        fe::execute("", 0),
+        fe::query(&format!("SELECT '{m}-ignored'")),
+        fe::query(&format!("BEGIN -- {m}-begin")),
+        fe::sync(),
+        fe::query(&format!("INSERT INTO t VALUES ('{m}-insert')")),
+        fe::query(&format!("SELECT '{m}-after'")),
+    ]
+    .concat();
+    conn.send(&pipeline).unwrap();
+    let mut msgs = Vec::new();
+    for _ in 0..3 {
+        msgs.extend(conn.recv_until_ready().expect("answered"));
+    }
+    assert_eq!(
+        common::raw::tags(&msgs),
+        ["INSERT 0 1", "SELECT 1"],
+        "{}",
+        common::raw::describe_all(&msgs)
+    );
+    assert_eq!(common::raw::rows(&msgs), vec![vec![Some(format!("{m}-after"))]]);
+    assert_eq!(c.sql(&db, "SELECT count(*) FROM t"), "1", "the INSERT autocommitted");
+    conn.terminate().unwrap();
+
+    let (recs, _) = wait_session_end(&pw, &token);
+    let result = |needle: &str| {
+        let st = rec::statements_with(&recs, needle);
+        assert_eq!(st.len(), 1, "{needle}");
+        let r = rec::result_for(&recs, st[0]).unwrap_or_else(|| panic!("no result for {needle}"));
+        (st[0].clone(), r.clone())
+    };
+    for skipped in ["-ignored", "-begin"] {
+        let (_, r) = result(&format!("{m}{skipped}"));
+        assert!(r["error"].as_str().unwrap_or("").contains("not executed"), "{skipped}: {r}");
+    }
+    let (st, r) = result(&format!("{m}-insert"));
+    assert_eq!(r["tag"], "INSERT 0 1", "{r}");
+    assert_eq!(st["durability"], "write-ahead", "{st}");
+    let (_, r) = result(&format!("{m}-after"));
+    assert_eq!(r["tag"], "SELECT 1", "{r}");
 }
 
 // ---- tampering ------------------------------------------------------------------------------

@@ -253,3 +253,52 @@ fn fastpath_set_config_is_denied() {
     assert!(err.describe().contains("builtin:identity-change"), "{}", err.describe());
     assert_eq!(current_user(&mut c), e.rw);
 }
+
+/// A group that may run DDL binds functions by name for Postgres to call later under another
+/// name: an aggregate whose transition function is set_config (`SELECT pick('<role>', false)`
+/// would switch the session's role), an operator or aggregate over a server-administration or
+/// server-file function. pgward decides the binding as a call: the identity change is denied
+/// to everyone, the server functions by the policy's rule, and none of them reaches Postgres,
+/// while an aggregate over an ordinary built-in is created and works.
+#[test]
+fn functions_bound_by_ddl_are_decided_as_calls() {
+    const DDL_POLICY: &str = "version = 1\n\
+        [[rule]]\nname = \"no-server-functions\"\naction = \"deny\"\n\
+        functions = [\"@server_files\", \"@server_admin\", \"@remote\"]\nreason = \"server functions\"\n\
+        [[rule]]\nname = \"writers-ddl\"\naction = \"allow\"\ngroups = [\"writers\"]\nclasses = [\"ddl\"]\n";
+    let e = env("enf_bound", |b| {
+        b.with_dir(|dir, t| {
+            std::fs::write(dir.join("ddl.toml"), DDL_POLICY).unwrap();
+            common::toml_set(t, "policy.files", vec![toml::Value::from("ddl.toml"), toml::Value::from("test-policy.toml")]);
+        })
+    });
+    cluster().sql(&e.db, &format!("GRANT CREATE ON SCHEMA public TO {}", e.rw));
+    let (_, login) = e.login("wendy", &["writers"], "15m");
+    let mut c = RawConn::connect(&login, &[]).expect("login");
+    let m = never_marker();
+    let attacks = [
+        (format!("CREATE AGGREGATE public.pick(text, bool) (sfunc = set_config, stype = text, initcond = 'role') /* {m} */"), "builtin:identity-change"),
+        (format!("CREATE AGGREGATE public.pick(text, bool) (SFUNC = 'set_config', STYPE = text) /* {m} */"), "builtin:identity-change"),
+        (format!("CREATE OPERATOR public.=== (function = pg_terminate_backend, leftarg = int4, rightarg = int8) /* {m} */"), "no-server-functions"),
+        (format!("CREATE OPERATOR public.### (procedure = pg_catalog.pg_read_file, rightarg = text) /* {m} */"), "no-server-functions"),
+        (format!("CREATE AGGREGATE public.rf(int8, int8) (sfunc = pg_read_file, stype = text, initcond = '/etc/hostname') /* {m} */"), "no-server-functions"),
+        (format!("DO $$BEGIN CREATE AGGREGATE public.pick(text, bool) (sfunc = set_config, stype = text); END$$ /* {m} */"), "builtin:identity-change"),
+    ];
+    for (sql, rule) in &attacks {
+        for (how, msgs) in [("simple", c.simple_query(sql)), ("extended", c.extended_query(sql, &[]))] {
+            let msgs = msgs.expect("answered");
+            let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{how} {sql:?}: allowed: {}", raw::describe_all(&msgs)));
+            assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{how} {sql:?}: {}", err.describe());
+            assert!(err.describe().contains(rule), "{how} {sql:?}: {}", err.describe());
+        }
+    }
+    // DDL as such is allowed: an aggregate over an ordinary built-in is created and works.
+    let msgs = c.simple_query("CREATE AGGREGATE public.total(int4) (sfunc = int4pl, stype = int4)").expect("answered");
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    let msgs = c.simple_query("SELECT public.total(id) FROM items").expect("answered");
+    assert_eq!(raw::rows(&msgs), vec![vec![Some("6".to_string())]], "{}", raw::describe_all(&msgs));
+    assert_never_reached_postgres(&m);
+    let bound = "SELECT count(*) FROM pg_proc WHERE proname IN ('pick', 'rf') OR oid IN (SELECT oprcode FROM pg_operator WHERE oprname IN ('===', '###'))";
+    assert_eq!(cluster().sql(&e.db, bound), "0");
+    assert_eq!(current_user(&mut c), e.rw, "still the writers' role");
+}

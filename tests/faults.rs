@@ -270,12 +270,37 @@ async fn works_again(
     assert_eq!(code, 0, "audit verify after the disk was full: {out}");
 }
 
+/// [`fill_to_the_brim`], then one more read, whose record cannot be written: returns what it
+/// got.
+fn fill_the_segment(pw: &Pgward, conn: &mut RawConn) -> Vec<Msg> {
+    let (tag, room) = fill_to_the_brim(pw, conn);
+    let m = format!("{tag}-last");
+    conn.send(&fe::query(&format!(
+        "SELECT '{m}', '{}'",
+        "y".repeat(KIB as usize)
+    )))
+    .unwrap();
+    let (msgs, ended) = recv_until_ready_or_eof(conn);
+    assert!(
+        raw::first_error(&msgs).is_some(),
+        "a read was answered with {room} bytes of room: {}",
+        raw::describe_all(&msgs)
+    );
+    assert!(
+        ended,
+        "the session goes on after a read whose record was refused: {}",
+        raw::describe_all(&msgs)
+    );
+    msgs
+}
+
 /// Fill the live audit segment with padded reads on `conn` until fewer than
 /// [`LEFTOVER_MAX`] bytes of it are left; the disk being full, its preallocated room is all
 /// the log has. Before each read every record of the previous one is written (so each batch is
-/// one record), and the last read's padding is sized from what the earlier ones took. Then one
-/// more read, whose record cannot be written: returns what it got.
-fn fill_the_segment(pw: &Pgward, conn: &mut RawConn) -> Vec<Msg> {
+/// one record), and the last read's padding is sized from what the earlier ones took. The log
+/// refuses nothing yet; the next record will not fit. Returns the reads' marker and the room
+/// left.
+fn fill_to_the_brim(pw: &Pgward, conn: &mut RawConn) -> (String, u64) {
     let tag = marker("diskfull-fill");
     let dir = pw.audit_dir();
     let (mut len, alloc) = live_segment(&dir);
@@ -325,24 +350,7 @@ fn fill_the_segment(pw: &Pgward, conn: &mut RawConn) -> Vec<Msg> {
         room < LEFTOVER_MAX,
         "the segment was not filled to within {LEFTOVER_MAX} bytes: {room} left"
     );
-    let m = format!("{tag}-last");
-    conn.send(&fe::query(&format!(
-        "SELECT '{m}', '{}'",
-        "y".repeat(KIB as usize)
-    )))
-    .unwrap();
-    let (msgs, ended) = recv_until_ready_or_eof(conn);
-    assert!(
-        raw::first_error(&msgs).is_some(),
-        "a read was answered with {room} bytes of room: {}",
-        raw::describe_all(&msgs)
-    );
-    assert!(
-        ended,
-        "the session goes on after a read whose record was refused: {}",
-        raw::describe_all(&msgs)
-    );
-    msgs
+    (tag, room)
 }
 
 /// The live (newest) segment in `dir`: (content length up to the first NUL, file size).
@@ -423,6 +431,103 @@ async fn refused_while_full(
     }
     refused.push(m_new);
     refused
+}
+
+/// A BEGIN Postgres skips opens no block: after an extended-protocol error Postgres ignores
+/// every message up to the Sync, a simple-query `BEGIN` included, so an INSERT sent after the
+/// Sync in the same write autocommits. It must wait for its record like any autocommit write.
+/// The segment full, that record is refused: the session ends with FATAL 58030 and the row
+/// never exists (were the INSERT forwarded early, Postgres would have committed it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_a_begin_postgres_skipped_waits_for_its_record() {
+    let c = cluster();
+    let db = c.create_database("faults_skipped_begin");
+    c.sql(&db, "CREATE TABLE t (v text); GRANT ALL ON t TO PUBLIC");
+    let fs = SmallFs::mount(FULL_FS_BYTES);
+    let mut pw = Pgward::builder()
+        .set("audit.dir", fs.path().join("audit").display().to_string())
+        .set("audit.segment_bytes", FULL_SEGMENT_BYTES as i64)
+        .set("audit.checkpoint_interval", "1h")
+        .start();
+    let token = pw.token("alice", &[], "15m");
+    let login = pw.login("alice", &token, &db);
+    let mut filling = login.raw().expect("login");
+    let mut attacker = login.raw().expect("login");
+    let (filler, _) = fs.fill("filler");
+    fill_to_the_brim(&pw, &mut filling);
+
+    let m = marker("skipped-begin");
+    let pipeline = [
+        fe::parse("", "SELECT 1/0"),
+        fe::bind_text("", "", &[]),
+        fe::execute("", 0),
+        fe::query("BEGIN"),
+        fe::sync(),
+        fe::query(&format!("INSERT INTO t VALUES ('{m}')")),
+    ]
+    .concat();
+    attacker.send(&pipeline).unwrap();
+    let msgs = attacker
+        .read_until_eof(Duration::from_secs(30))
+        .expect("the session ends");
+    let fatal = msgs
+        .iter()
+        .find(|m| severity_and_code(m).0 == "FATAL")
+        .unwrap_or_else(|| panic!("no FATAL: {}", raw::describe_all(&msgs)));
+    assert_eq!(severity_and_code(fatal).1, AUDIT_UNAVAILABLE, "{}", fatal.describe());
+    assert!(
+        raw::tags(&msgs).iter().all(|t| !t.starts_with("INSERT")),
+        "the INSERT was answered: {}",
+        raw::describe_all(&msgs)
+    );
+    assert_eq!(
+        c.sql(&db, &format!("SELECT count(*) FROM t WHERE v = '{m}'")),
+        "0",
+        "an autocommit INSERT was committed before its record was durable"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    pw.stop();
+}
+
+/// FETCH runs its cursor's query, which an earlier DECLARE gave: `nextval` there advances the
+/// sequence when the FETCH runs, outside any transaction. The FETCH must wait for its record.
+/// The segment full, that record is refused: the FETCH is refused (ERROR 58030) and the
+/// sequence, read as superuser, was never advanced (were the FETCH forwarded early, it would
+/// have been, for good: a rollback does not undo nextval).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_whose_cursor_calls_nextval_waits_for_its_record() {
+    let c = cluster();
+    let db = c.create_database("faults_fetch_nextval");
+    c.sql(&db, "CREATE SEQUENCE s; GRANT ALL ON s TO PUBLIC");
+    let fs = SmallFs::mount(FULL_FS_BYTES);
+    let mut pw = Pgward::builder()
+        .set("audit.dir", fs.path().join("audit").display().to_string())
+        .set("audit.segment_bytes", FULL_SEGMENT_BYTES as i64)
+        .set("audit.checkpoint_interval", "1h")
+        .start();
+    let token = pw.token("alice", &[], "15m");
+    let login = pw.login("alice", &token, &db);
+    let mut filling = login.raw().expect("login");
+    let mut attacker = login.raw().expect("login");
+    for sql in ["BEGIN", "DECLARE c CURSOR FOR SELECT nextval('s')"] {
+        let msgs = attacker.simple_query(sql).expect("answered");
+        assert!(raw::first_error(&msgs).is_none(), "{sql}: {}", raw::describe_all(&msgs));
+    }
+    let (filler, _) = fs.fill("filler");
+    fill_to_the_brim(&pw, &mut filling);
+
+    attacker.send(&fe::query("FETCH 1 FROM c")).unwrap();
+    let (msgs, _) = recv_until_ready_or_eof(&mut attacker);
+    assert_eq!(
+        c.sql(&db, "SELECT is_called FROM s"),
+        "f",
+        "the FETCH advanced the sequence before its record was durable"
+    );
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("answered: {}", raw::describe_all(&msgs)));
+    assert_eq!(severity_and_code(err), ("ERROR".to_string(), AUDIT_UNAVAILABLE.to_string()), "{}", err.describe());
+    assert!(raw::rows(&msgs).is_empty(), "rows of an unrecorded FETCH: {}", raw::describe_all(&msgs));
+    std::fs::remove_file(&filler).unwrap();
+    pw.stop();
 }
 
 // ---- upstream restart -------------------------------------------------------------------

@@ -12,6 +12,7 @@
 
 use serde_json::{Map, Value};
 
+use super::bound;
 use super::class::{ClassSet, ModSet, Modifier, QName, StatementClass};
 use super::lexical;
 use super::limits;
@@ -253,6 +254,14 @@ impl Walker<'_> {
 
     fn typed(&mut self, ty: &str, b: &Map<String, Value>, field: Option<&str>) {
         classify(ty, b, field, self.info);
+        // Functions bound for later implicit calls count as called by this statement; bound
+        // set_config is an identity change (whatever it will be called with).
+        for q in bound::functions(ty, b).iter().filter_map(|p| qname(p)) {
+            if q.name == "set_config" {
+                self.info.modifiers.insert(Modifier::IdentityChange);
+            }
+            self.info.functions.push(q);
+        }
     }
 
     /// A VariableSetStmt: as a statement (SET/RESET) or inside another (ALTER ROLE … SET,

@@ -301,6 +301,7 @@ fn scan_into(text: &str, depth: usize, f: &mut Findings) {
                     scan_set(&t, i, f);
                 }
                 scan_setting_word(&t, i, w, depth, f);
+                scan_bound_function(&t, i, w, f);
                 scan_call_or_name(&t, i, w, f);
             }
             Lex::Punct(_) => {}
@@ -409,6 +410,31 @@ fn scan_setting_word(t: &Tokens<'_>, i: usize, w: &str, depth: usize, f: &mut Fi
             _ => f.modifiers.insert(Modifier::IdentityChange),
         }
     }
+}
+
+/// `<option> = [schema.]name` (or `= 'name'`) where the option binds a function for Postgres
+/// to call later ([`super::bound::FUNCTION_OPTIONS`]: `sfunc = …` in CREATE AGGREGATE,
+/// `function = …` in CREATE OPERATOR, …): the name counts as a function the body calls.
+/// `set_config` named other than in a call may be bound that way: an identity change.
+fn scan_bound_function(t: &Tokens<'_>, i: usize, w: &str, f: &mut Findings) {
+    if w == "set_config" && !t.punct(i + 1, '(') {
+        f.modifiers.insert(Modifier::IdentityChange);
+    }
+    if !super::bound::FUNCTION_OPTIONS.contains(&w) || !t.punct(i + 1, '=') {
+        return;
+    }
+    let name = match t.get(i + 2) {
+        Some(Lex::Word(n)) => match t.word(i + 4).filter(|_| t.punct(i + 3, '.')) {
+            Some(q) => QName::new(Some(n.clone()), q.to_owned()),
+            None => QName::new(None, n.clone()),
+        },
+        Some(Lex::Str(n)) => QName::new(None, n.to_lowercase()),
+        _ => return,
+    };
+    if name.name == "set_config" {
+        f.modifiers.insert(Modifier::IdentityChange);
+    }
+    f.functions.push(name);
 }
 
 /// Word `w` at token `i` as a function call (`word(` or `schema.word(`), a qualified name
@@ -578,5 +604,19 @@ mod tests {
         assert!(f.functions.contains(&QName::new(None, "pg_read_file".into())), "{:?}", f.functions);
         let f = scan("DO $$BEGIN PERFORM pg_catalog.pg_read_file('/etc/passwd'); END$$");
         assert!(f.functions.contains(&QName::new(Some("pg_catalog".into()), "pg_read_file".into())));
+    }
+
+    #[test]
+    fn finds_functions_bound_in_bodies() {
+        let f = scan("DO $$BEGIN CREATE AGGREGATE a(text, bool) (sfunc = set_config, stype = text); END$$");
+        assert!(f.modifiers.contains(Modifier::IdentityChange));
+        let f = scan("DO $$BEGIN EXECUTE 'CREATE AGGREGATE a(text, bool) (sfunc = pg_catalog . set_config, stype = text)'; END$$");
+        assert!(f.modifiers.contains(Modifier::IdentityChange));
+        let f = scan("DO $$BEGIN CREATE OPERATOR === (FUNCTION = pg_catalog.pg_terminate_backend, leftarg = int4); END$$");
+        assert!(f.functions.contains(&QName::new(Some("pg_catalog".into()), "pg_terminate_backend".into())), "{:?}", f.functions);
+        let f = scan("DO $$BEGIN CREATE OPERATOR ### (procedure = 'pg_read_file', rightarg = text); END$$");
+        assert!(f.functions.contains(&QName::new(None, "pg_read_file".into())), "{:?}", f.functions);
+        let f = scan("DO $$BEGIN PERFORM set_config('application_name', 'x', false); END$$");
+        assert!(!f.modifiers.contains(Modifier::IdentityChange));
     }
 }

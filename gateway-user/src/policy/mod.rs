@@ -32,6 +32,7 @@
 //! then the exact text.
 
 mod analyze;
+mod bound;
 mod class;
 mod file;
 pub mod functions;

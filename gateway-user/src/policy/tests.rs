@@ -1252,6 +1252,13 @@ fn evasion_attempts_are_denied() {
         ("SET SESSION ROLE NONE", "builtin:identity-change"),
         ("RESET SESSION AUTHORIZATION", "builtin:identity-change"),
         ("DO $$BEGIN PERFORM set_config('role', 'postgres', false); END$$", "builtin:identity-change"),
+        // set_config bound by DDL, to be called later under another name
+        ("CREATE AGGREGATE a(text, bool) (sfunc = set_config, stype = text, initcond = 'role')", "builtin:identity-change"),
+        ("CREATE AGGREGATE a(text, bool) (SFUNC = pg_catalog.set_config, STYPE = text)", "builtin:identity-change"),
+        ("CREATE AGGREGATE a(text, bool) (sfunc = 'set_config', stype = text)", "builtin:identity-change"),
+        ("CREATE AGGREGATE a (basetype = text, sfunc1 = set_config, stype1 = text)", "builtin:identity-change"),
+        ("CREATE AGGREGATE a(text) (sfunc = textcat, stype = text, finalfunc = set_config)", "builtin:identity-change"),
+        ("CREATE CAST (t AS text) WITH FUNCTION set_config(text, text, bool)", "builtin:identity-change"),
     ];
     let mut d = Decisions::default();
     for (sql, rule) in builtin {
@@ -1259,6 +1266,49 @@ fn evasion_attempts_are_denied() {
         // string); the default policy leaves only the built-in denial.
         d.expect(&ex, &analyst, sql, Deny, &[]);
         d.expect(&dflt, &anyone, sql, Deny, &[rule]);
+    }
+    d.assert_all_met();
+}
+
+/// Server functions bound by DDL for Postgres to call later without naming them (operators,
+/// aggregates, casts, types, conversions, handlers, operator classes, internal functions) are
+/// decided as calls by the statement that binds them; binding an ordinary built-in is not.
+#[test]
+fn functions_bound_by_ddl_are_decided_as_calls() {
+    let dflt = default_policy();
+    let anyone = id("eve", NONE);
+    #[rustfmt::skip]
+    let bound: &[&str] = &[
+        "CREATE OPERATOR public.=== (function = pg_terminate_backend, leftarg = int4, rightarg = int8)",
+        "CREATE OPERATOR ### (PROCEDURE = pg_catalog.pg_read_file, RIGHTARG = text)",
+        "CREATE OPERATOR ### (procedure = 'pg_read_file', rightarg = text)",
+        "ALTER OPERATOR === (int4, int8) SET (RESTRICT = pg_terminate_backend)",
+        "CREATE AGGREGATE rf(int8, int8) (sfunc = pg_read_file, stype = text, initcond = '/etc/passwd')",
+        "CREATE AGGREGATE k(int8) (sfunc = int4pl, stype = int4, finalfunc = pg_cancel_backend)",
+        "CREATE CAST (int4 AS bool) WITH FUNCTION pg_terminate_backend(int4)",
+        "CREATE TYPE r AS RANGE (subtype = float8, subtype_diff = pg_terminate_backend)",
+        "CREATE TYPE b (input = lo_import, output = textout)",
+        "ALTER TYPE b SET (receive = lo_import)",
+        "CREATE CONVERSION c FOR 'LATIN1' TO 'UTF8' FROM pg_read_file",
+        "CREATE OPERATOR CLASS oc FOR TYPE int4 USING btree AS FUNCTION 1 pg_terminate_backend(int4, int4)",
+        "ALTER OPERATOR FAMILY f USING btree ADD FUNCTION 1 (int4, int4) pg_terminate_backend(int4, int4)",
+        "CREATE FOREIGN DATA WRAPPER w HANDLER dblink_fdw_validator",
+        "CREATE FUNCTION k(int4, int8) RETURNS bool LANGUAGE internal AS 'pg_terminate_backend'",
+        "CREATE FUNCTION k(int4, int8) RETURNS bool LANGUAGE c AS '$libdir/dblink', 'dblink_exec'",
+    ];
+    let mut d = Decisions::default();
+    for sql in bound {
+        d.expect(&dflt, &anyone, sql, Deny, &["no-server-functions", "no-dynamic-sql-functions"]);
+    }
+    #[rustfmt::skip]
+    let harmless: &[&str] = &[
+        "CREATE OPERATOR public.#+# (function = int4pl, leftarg = int4, rightarg = int4)",
+        "CREATE AGGREGATE s(int4) (sfunc = int4pl, stype = int4)",
+        "CREATE TYPE r AS RANGE (subtype = float8, subtype_diff = float8mi)",
+        "EXPLAIN (ANALYZE true, VERBOSE) SELECT 1",
+    ];
+    for sql in harmless {
+        d.expect(&dflt, &anyone, sql, Allow, &[]);
     }
     d.assert_all_met();
 }

@@ -144,6 +144,7 @@ impl Relay {
             }
             if !matches!(p.kind, Awaited::Query | Awaited::FunctionCall | Awaited::Sync) {
                 self.tracker.pop_front();
+                self.tracker.extended_error();
                 self.skip_to_sync();
             }
         }
@@ -177,10 +178,11 @@ impl Relay {
     }
 
     /// Drop the entries Postgres skips after an error, up to the next sync point; the
-    /// Executes among them get result records saying they did not run.
+    /// Executes, Queries and FunctionCalls among them get result records saying they did not
+    /// run.
     fn skip_to_sync(&mut self) {
         while let Some(q) = self.tracker.pop_before_sync() {
-            if q.kind == Awaited::Execute {
+            if matches!(q.kind, Awaited::Execute | Awaited::Query | Awaited::FunctionCall) {
                 self.result_record(&q, None, None, Some(("", NOT_EXECUTED)));
             }
         }

@@ -8,7 +8,8 @@
 //! own transaction before that transaction commits, and whatever can commit the transaction
 //! is itself held back until every record of it is durable:
 //! - reads that call only built-in (`pg_catalog`) functions the catalog says are neither
-//!   volatile nor reach outside the database ([`Effect::Read`]);
+//!   volatile nor reach outside the database ([`Effect::Read`]); not FETCH or MOVE, which run
+//!   a cursor's query that another statement gave;
 //! - INSERT, UPDATE, DELETE, MERGE and locking reads with the same function restriction
 //!   ([`Effect::TxWrite`]), inside an explicit transaction block or in the extended
 //!   protocol's implicit transaction (which only a Sync, a simple Query or a transaction
@@ -17,7 +18,11 @@
 //!
 //! Commit points wait ([`TxState`]): COMMIT and every other transaction command are
 //! write-ahead; a Sync or a simple Query that would end an implicit transaction holding
-//! writes waits for their records. Everything else — autocommit writes, DDL, COPY FROM,
+//! writes waits for their records. A block counts as open only once Postgres has said so
+//! (ReadyForQuery): a BEGIN sent is not a block opened — Postgres skips every message after
+//! an extended-protocol error up to the Sync, a simple-query BEGIN included, and a BEGIN can
+//! fail — and a write taken for one inside a block would autocommit before its record is
+//! durable. Everything else — autocommit writes, DDL, COPY FROM,
 //! session commands, user-defined or volatile functions, what does not parse — is
 //! write-ahead. If pgward dies while a transaction is open, its upstream connection dies
 //! with it and Postgres rolls the transaction back.
@@ -63,8 +68,11 @@ const EFFECT_CLASSES: u8 = functions::VOLATILE | functions::OUTSIDE | functions:
 /// Commands of the write class whose changes are transactional row changes.
 const TX_WRITE_COMMANDS: &[&str] = &["insert", "update", "delete", "merge", "select"];
 
-/// Commands of the read class that run nothing but the read (EXPLAIN may ANALYZE).
-const READ_COMMANDS: &[&str] = &["select", "values", "table", "declare", "fetch", "move", "copy"];
+/// Commands of the read class that run nothing but the read (EXPLAIN may ANALYZE). FETCH and
+/// MOVE are not among them: they run the query of a cursor an earlier statement declared (or
+/// a function opened), which may call volatile functions (nextval, advisory locks, dblink)
+/// that this statement's text does not show.
+const READ_COMMANDS: &[&str] = &["select", "values", "table", "declare", "copy"];
 
 /// The effect of one analyzed statement.
 pub(super) fn statement_effect(info: &StatementInfo, catalog: Option<&FunctionCatalog>) -> Effect {
@@ -125,7 +133,8 @@ fn functions_are_plain(info: &StatementInfo, catalog: Option<&FunctionCatalog>) 
 /// frame is forwarded (Postgres's own status arrives later, with ReadyForQuery).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct TxState {
-    /// An explicit transaction block is open (or failed): statements do not commit.
+    /// An explicit transaction block is open (or failed), as Postgres's last ReadyForQuery
+    /// said and nothing forwarded since may have ended: statements do not commit.
     pub(super) in_block: bool,
     /// Writes were forwarded before their records were durable, and have not been followed
     /// by a write-ahead frame (which waits for every earlier record).
@@ -139,11 +148,8 @@ impl TxState {
         // messages with it.
         let commits_earlier = self.unsettled && !self.in_block;
         let rule = match effect {
-            Effect::Read if !commits_earlier => Rule::HoldReply,
-            Effect::Begin if !commits_earlier => {
-                self.in_block = true;
-                Rule::HoldReply
-            }
+            // BEGIN opens no block until ReadyForQuery says so (Postgres may skip it).
+            Effect::Read | Effect::Begin if !commits_earlier => Rule::HoldReply,
             Effect::TxWrite if self.in_block => Rule::HoldReply,
             _ => Rule::WriteAhead,
         };
@@ -155,11 +161,7 @@ impl TxState {
     /// the implicit transaction that the next Sync ends).
     pub(super) fn execute(&mut self, effect: Effect) -> Rule {
         let rule = match effect {
-            Effect::Read | Effect::TxWrite => Rule::HoldReply,
-            Effect::Begin => {
-                self.in_block = true;
-                Rule::HoldReply
-            }
+            Effect::Read | Effect::TxWrite | Effect::Begin => Rule::HoldReply,
             Effect::Other => Rule::WriteAhead,
         };
         self.after(effect, rule);
@@ -237,6 +239,10 @@ mod tests {
             ("values (1), (2)", Read),
             ("table t", Read),
             ("copy t to stdout", Read),
+            ("declare c cursor for select 1", Read),
+            ("declare c cursor for select nextval('s')", Other),
+            ("fetch 10 from c", Other),
+            ("move forward 5 in c", Other),
             ("select 1; select 2", Read),
             ("", Read),
             ("select random()", Other),
@@ -295,8 +301,11 @@ mod tests {
         let mut tx = TxState::default();
         assert_eq!(tx.query(Read), HoldReply);
         assert_eq!(tx.query(TxWrite), WriteAhead);
-        // A block: BEGIN and its writes overlap; COMMIT waits; after it, autocommit again.
+        // A block: BEGIN overlaps; the writes after it too once Postgres says the block is
+        // open; COMMIT waits; after it, autocommit again.
         assert_eq!(tx.query(Begin), HoldReply);
+        assert_eq!(tx.query(TxWrite), WriteAhead, "the BEGIN may not have run (skipped after an error, failed)");
+        tx.ready(b'T');
         assert_eq!(tx.query(TxWrite), HoldReply);
         assert_eq!(tx.query(Read), HoldReply);
         assert_eq!(tx.query(Other), WriteAhead);
@@ -316,6 +325,11 @@ mod tests {
         assert_eq!(tx.query(Read), WriteAhead);
         assert_eq!(tx.execute(TxWrite), HoldReply);
         assert_eq!(tx.query(Begin), WriteAhead);
+        // A BEGIN Executed is not a block yet: the Sync after it still waits for the writes.
+        let mut tx = TxState::default();
+        assert_eq!(tx.execute(Begin), HoldReply);
+        assert_eq!(tx.execute(TxWrite), HoldReply);
+        assert!(tx.sync_waits());
         // Inside a block a Sync commits nothing.
         let mut tx = TxState::default();
         tx.ready(b'T');

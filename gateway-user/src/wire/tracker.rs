@@ -32,8 +32,9 @@ pub enum Awaited {
 }
 
 impl Awaited {
-    /// Where Postgres resumes after an error: the extended protocol skips everything up to the
-    /// next Sync; a Query or FunctionCall is answered with ReadyForQuery on its own.
+    /// Where Postgres resumes after an error in this message: a Query or FunctionCall is
+    /// answered with ReadyForQuery on its own; after an extended-protocol message Postgres
+    /// skips everything up to the next Sync (Queries and FunctionCalls included).
     pub fn is_sync_point(self) -> bool {
         matches!(self, Awaited::Sync | Awaited::Query | Awaited::FunctionCall)
     }
@@ -57,6 +58,9 @@ pub struct Tracker<S, P, A> {
     pending: VecDeque<A>,
     tx_status: u8,
     unsynced: bool,
+    /// An extended-protocol message failed: Postgres ignores every message up to the next
+    /// Sync, whose ReadyForQuery ends this.
+    skipping: bool,
     /// Bytes the statements and portals keep ([`Retained`] plus their names).
     retained: usize,
 }
@@ -70,6 +74,7 @@ impl<S: Retained, P: Retained, A: Await> Tracker<S, P, A> {
             pending: VecDeque::new(),
             tx_status,
             unsynced: false,
+            skipping: false,
             retained: 0,
         }
     }
@@ -146,8 +151,13 @@ impl<S: Retained, P: Retained, A: Await> Tracker<S, P, A> {
         self.pending.front_mut()
     }
 
+    /// The oldest answer is in; a Sync's ends the skipping after an error.
     pub fn pop_front(&mut self) -> Option<A> {
-        self.pending.pop_front()
+        let a = self.pending.pop_front();
+        if a.as_ref().is_some_and(|a| a.awaited() == Awaited::Sync) {
+            self.skipping = false;
+        }
+        a
     }
 
     /// The server answered a message of this kind: the oldest entry goes if it is one.
@@ -157,10 +167,18 @@ impl<S: Retained, P: Retained, A: Await> Tracker<S, P, A> {
         }
     }
 
-    /// The oldest entry if it comes before the next sync point: after an error, Postgres
-    /// skips these messages without answering them.
+    /// An extended-protocol message failed: from here to the next Sync Postgres answers
+    /// nothing ([`Self::pop_before_sync`]).
+    pub fn extended_error(&mut self) {
+        self.skipping = true;
+    }
+
+    /// The oldest entry if Postgres skips it without an answer: after an extended-protocol
+    /// error every entry before the next Sync (a Query or FunctionCall too), else every entry
+    /// before the next sync point.
     pub fn pop_before_sync(&mut self) -> Option<A> {
-        if self.pending.front().is_some_and(|p| !p.awaited().is_sync_point()) { self.pending.pop_front() } else { None }
+        let skipped = |a: Awaited| if self.skipping { a != Awaited::Sync } else { !a.is_sync_point() };
+        if self.pending.front().is_some_and(|p| skipped(p.awaited())) { self.pending.pop_front() } else { None }
     }
 
     /// ReadyForQuery with this transaction status ('I' idle, 'T' in a block, 'E' failed).
@@ -229,6 +247,20 @@ mod tests {
         assert!(t.is_clean());
         t.client_message(b'B');
         assert!(!t.is_clean(), "a Bind without its Sync");
+    }
+
+    #[test]
+    fn an_extended_error_skips_queries_and_function_calls_up_to_the_sync() {
+        let mut t: Tracker<(), (), Awaited> = Tracker::new(b'I');
+        t.expect([Awaited::Execute, Awaited::Query, Awaited::FunctionCall, Awaited::Sync, Awaited::Query]);
+        t.pop_front();
+        t.extended_error();
+        let skipped: Vec<_> = std::iter::from_fn(|| t.pop_before_sync()).collect();
+        assert_eq!(skipped, [Awaited::Query, Awaited::FunctionCall]);
+        t.ready_for_query(b'I');
+        assert_eq!(t.pop_front(), Some(Awaited::Sync));
+        assert_eq!(t.pop_before_sync(), None, "after the Sync a Query is answered again");
+        assert_eq!(t.front().copied(), Some(Awaited::Query));
     }
 
     #[test]
