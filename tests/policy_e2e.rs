@@ -447,3 +447,128 @@ fn long_statements_are_analyzed_off_the_event_loop_and_decided_the_same() {
     assert_eq!(n, Some(4.0), "{metrics}");
     assert!(!e.pw.log_has_panic());
 }
+
+/// A window that is open now and closes at the next full minute (UTC), as a policy
+/// `[windows.NAME]` table; first waits, if need be, until at least `setup` of the minute is left
+/// so that the test's set-up runs inside the window.
+fn window_closing_this_minute(name: &str, setup: std::time::Duration) -> String {
+    use chrono::Timelike as _;
+    let mut now = chrono::Utc::now();
+    if 60 - i64::from(now.second()) < setup.as_secs() as i64 {
+        std::thread::sleep(std::time::Duration::from_secs(u64::from(61 - now.second())));
+        now = chrono::Utc::now();
+    }
+    let minute = now.hour() * 60 + now.minute();
+    let hhmm = |m: u32| format!("{:02}:{:02}", m / 60, m % 60);
+    format!("\n[windows.{name}]\nstart = \"{}\"\nend = \"{}\"\nutc_offset = \"+00:00\"\n", hhmm(minute), hhmm(minute + 1))
+}
+
+/// Wait until the minute `window_closing_this_minute` was made in has passed.
+fn wait_for_the_next_minute(made_in: chrono::DateTime<chrono::Utc>) {
+    use chrono::Timelike as _;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let minute = |t: chrono::DateTime<chrono::Utc>| t.timestamp() / 60;
+    while minute(chrono::Utc::now()) == minute(made_in) {
+        assert!(std::time::Instant::now() < deadline, "the clock did not pass minute {}", made_in.minute());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// A statement Parsed while a time window allowed it is decided again when it is Executed
+/// (protocol level) after the window closed: a prepared statement carries no allowance past
+/// its window. The denied Execute gets 42501 naming the rule, writes nothing, is audited as
+/// denied, and the session stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execute_after_its_window_closed_is_decided_again() {
+    let window = window_closing_this_minute("shift", std::time::Duration::from_secs(25));
+    let made_in = chrono::Utc::now();
+    let extra = format!(
+        "{window}
+[[group]]
+name = \"shift\"
+role = \"RW\"
+default = \"deny\"
+
+[[rule]]
+name = \"shift-read\"
+action = \"allow\"
+groups = [\"shift\"]
+classes = [\"read\", \"session\", \"transaction\"]
+
+[[rule]]
+name = \"shift-writes-in-window\"
+action = \"allow\"
+groups = [\"shift\"]
+classes = [\"write\"]
+during = \"shift\"
+"
+    );
+    let e = env("pe_window_exec", move |b| {
+        b.with_dir(move |dir, _| {
+            let path = dir.join("test-policy.toml");
+            let policy = std::fs::read_to_string(&path).unwrap();
+            // RW was replaced by the env's role name in the groups above; the same for shift.
+            let rw = policy.split("name = \"writers\"\nrole = \"").nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
+            std::fs::write(&path, policy + &extra.replace("\"RW\"", &format!("\"{rw}\""))).unwrap();
+        })
+    });
+    let (_, login) = e.login("sam", &["shift"], "15m");
+    let client = login.connect().await.unwrap();
+    let insert = client.prepare("insert into items values ($1, $2)").await.unwrap();
+    let (m_in, m_after, m_ok) = (marker("in-window"), never_marker(), marker("after-window-read"));
+    // Inside the window: the prepared insert runs.
+    assert!(chrono::Utc::now().timestamp() / 60 == made_in.timestamp() / 60, "set-up took past the window");
+    client.execute(&insert, &[&10i32, &m_in]).await.unwrap();
+    assert_eq!(cluster().sql(&e.db, &format!("select count(*) from items where name = '{m_in}'")), "1");
+
+    wait_for_the_next_minute(made_in);
+    // After it: the same prepared statement, bound and executed again, is refused.
+    let err = client.execute(&insert, &[&11i32, &m_after]).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err}");
+    assert!(err.as_db_error().unwrap().message().contains("policy rule \"default:shift\""), "{err}");
+    assert_eq!(cluster().sql(&e.db, "select count(*) from items where id = 11"), "0");
+    // Reads are still allowed, on the same connection.
+    let row = client.query_one(&format!("select '{m_ok}'::text"), &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), m_ok);
+    drop(client);
+
+    let recs = e.pw.wait_audit("the refused Execute", |r| {
+        r.iter().any(|x| x["kind"] == "statement" && x["decision"] == "deny" && x["protocol"] == "extended")
+    });
+    let denied: Vec<_> = recs.iter().filter(|x| x["kind"] == "statement" && x["decision"] == "deny").collect();
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    let s = denied[0];
+    assert_eq!((s["rule"].as_str(), s["sql"].as_str()), (Some("default:shift"), Some("insert into items values ($1, $2)")), "{s}");
+    assert_eq!(s["params"][1].as_str(), Some(m_after.as_str()), "{s}");
+    let r = rec::result_for(&recs, s).expect("result record of the refused Execute");
+    assert_eq!(r["sqlstate"], "42501", "{r}");
+    assert!(!e.pw.log_has_panic());
+}
+
+/// A protocol-level Bind of a name made by SQL `PREPARE` runs that statement: its Execute is
+/// audited with the `PREPARE` that made it, and decided on it again.
+#[test]
+fn binding_a_sql_prepared_statement_is_audited_and_decided_on_its_text() {
+    let e = env("pe_bind_sql_prepared", |b| b);
+    let (_, login) = e.login("alice", &["analysts"], "15m");
+    let mut conn = login.raw().expect("raw login");
+    let m = marker("sql-prepared");
+    let prepared = format!("PREPARE counted AS select count(*) from items where name <> '{m}'");
+    let msgs = conn.simple_query(&prepared).unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    let mut batch = fe::bind_text("", "counted", &[]);
+    batch.extend(fe::execute("", 0));
+    batch.extend(fe::sync());
+    conn.send(&batch).unwrap();
+    let msgs = conn.recv_until_ready().unwrap();
+    assert_eq!(raw::rows(&msgs), vec![vec![Some("3".to_string())]], "{}", raw::describe_all(&msgs));
+    let _ = conn.terminate();
+    let recs = e.pw.wait_audit("the Execute of the SQL-prepared statement and its result", |r| {
+        r.iter().any(|x| {
+            x["kind"] == "statement" && x["protocol"] == "extended" && x["sql"] == prepared.as_str() && rec::result_for(r, x).is_some()
+        })
+    });
+    let s = recs.iter().find(|x| x["protocol"] == "extended" && x["sql"] == prepared.as_str()).unwrap();
+    assert_eq!((s["decision"].as_str(), s["rule"].as_str()), (Some("allow"), Some("analysts-read")), "{s}");
+    assert_eq!(rec::result_for(&recs, s).expect("result")["tag"], "SELECT 1");
+}

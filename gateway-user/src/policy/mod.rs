@@ -120,6 +120,13 @@ pub struct StatementVerdict {
     pub info: Arc<StatementInfo>,
 }
 
+/// See [`Policy::decision_stamp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecisionStamp {
+    windows: u64,
+    catalog: u64,
+}
+
 /// The decision for a whole query string.
 #[derive(Debug, Clone)]
 pub struct Verdict {
@@ -674,6 +681,14 @@ impl Policy {
             }
         }
         Stmt { info, content: content.into_boxed_slice() }
+    }
+
+    /// What a verdict depends on besides the text, the identity and the database: which
+    /// time windows are open at `now` and the generation of `database`'s function catalog.
+    /// For the same text, identity and database, equal stamps mean the same verdict — unless
+    /// the text runs a prepared statement by name (`EXECUTE`), whose text can change.
+    pub fn decision_stamp(&self, database: &str, now: DateTime<Utc>) -> DecisionStamp {
+        DecisionStamp { windows: self.window_bits(now), catalog: self.catalog_for(database).map_or(0, |(g, _)| g) }
     }
 
     fn window_bits(&self, now: DateTime<Utc>) -> u64 {

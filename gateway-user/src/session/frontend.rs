@@ -206,15 +206,20 @@ impl Relay {
             r => r.map_err(bad)?,
         };
         let (mask, strict) = self.mask.as_mut().map(|m| m.parse(&sql)).unzip();
+        // Taken before deciding: a window or catalog that changes meanwhile makes the first
+        // Execute decide again, never the other way round.
+        let stamp = self.shared.policy.decision_stamp(&self.database, chrono::Utc::now());
         let verdict = self.strict_masking(self.decide(&sql), strict.flatten());
         if verdict.is_allowed() {
             self.note_prepared(&verdict);
+            let runs_by_name = verdict.statements.iter().any(|s| s.info.execute.is_some());
             let prepared = Prepared {
                 sql: Arc::from(sql.as_ref()),
                 rule: Arc::from(verdict.rule.as_str()),
                 unparsable: verdict.unparsable,
                 effect: self.effect_of(&verdict),
                 types: Arc::new(ParamTypes::declared(param_types)),
+                stamp: (!runs_by_name).then_some(stamp),
             };
             let mut p = Pending::new(Awaited::Parse);
             if name.is_empty() {
@@ -261,7 +266,7 @@ impl Relay {
         let b = wire::decode_bind(&f).map_err(bad)?;
         let (stmt, stmt_mask) = match self.tracker.statement(&b.statement) {
             Some(s) => (s.allowed.clone().unwrap_or_else(Prepared::unknown), s.mask.as_ref()),
-            None => (Prepared::unknown(), None),
+            None => (self.sql_prepared_statement(&b.statement), None),
         };
         let mask = match (&self.mask, b.result_formats) {
             (None, _) => None,
@@ -276,7 +281,43 @@ impl Relay {
         Ok(())
     }
 
-    /// `E`: a statement record with the portal's statement and parameters.
+    /// A statement Bind names that no Parse of this session made: one made by SQL `PREPARE`
+    /// (they share Postgres's namespace), with the text the policy allowed then — decided
+    /// again at every Execute — or one the session does not know.
+    fn sql_prepared_statement(&self, name: &str) -> Prepared {
+        match self.sql_prepared.get(name) {
+            Some(Some(text)) if !name.is_empty() => {
+                let verdict = self.decide(text);
+                Prepared {
+                    sql: text.clone(),
+                    rule: Arc::from(verdict.rule.as_str()),
+                    unparsable: verdict.unparsable,
+                    effect: if verdict.is_allowed() { self.effect_of(&verdict) } else { Effect::Other },
+                    types: Arc::default(),
+                    stamp: None,
+                }
+            }
+            _ => Prepared::unknown(),
+        }
+    }
+
+    /// The policy's verdict for executing `stmt` now, when it may differ from the one its
+    /// Parse got (see [`Prepared::stamp`]); None when that one stands.
+    fn redecide(&self, stmt: &Prepared) -> Option<Arc<Verdict>> {
+        if stmt.sql.is_empty() {
+            return None;
+        }
+        if let Some(stamp) = stmt.stamp
+            && stamp == self.shared.policy.decision_stamp(&self.database, chrono::Utc::now())
+        {
+            return None;
+        }
+        Some(self.decide(&stmt.sql))
+    }
+
+    /// `E`: a statement record with the portal's statement and parameters. The statement is
+    /// decided again when what its Parse was decided on has changed (a time window closed);
+    /// a denied Execute is replaced by one that fails upstream.
     fn on_execute(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
         self.check_token()?;
         let portal = wire::decode_execute(&f).map_err(bad)?;
@@ -284,6 +325,7 @@ impl Relay {
         rec.protocol = Some("extended".into());
         rec.decision = Some("allow".into());
         let known = self.tracker.portal(&portal);
+        let verdict = known.and_then(|p| self.redecide(&p.stmt));
         // A portal the session does not know runs nothing (Postgres answers 34000).
         let effect = known.map_or(Effect::Read, |p| p.stmt.effect);
         match known {
@@ -306,8 +348,15 @@ impl Relay {
             Some(_) => Tag::Execute(known.and_then(|p| p.mask.clone()).unwrap_or_default()),
             None => Tag::None,
         };
+        let mut p = Pending::with_mask(Awaited::Execute, tag);
+        if let Some(v) = verdict
+            && !Self::apply_verdict(&mut rec, &mut p, &v)
+        {
+            batch.push_statement(self.marker_execute(), rec, p, Rule::HoldReply);
+            return Ok(());
+        }
         let rule = self.durability_rule(effect, true);
-        batch.push_statement(f, rec, Pending::with_mask(Awaited::Execute, tag), rule);
+        batch.push_statement(f, rec, p, rule);
         Ok(())
     }
 

@@ -8,6 +8,7 @@ use std::time::Instant;
 use super::durability::Effect;
 use crate::audit::Param;
 use crate::mask::relay::{PortalInfo, PreparedInfo, Tag};
+use crate::policy::DecisionStamp;
 use crate::wire::ParamTypes;
 use crate::wire::tracker::{Await, Awaited, Retained, Tracker};
 
@@ -23,6 +24,11 @@ pub(super) struct Prepared {
     /// What executing it can do, for the durability rule of its Executes.
     pub(super) effect: Effect,
     pub(super) types: Arc<ParamTypes>,
+    /// What the policy's verdict at Parse rested on besides the text ([`DecisionStamp`]): an
+    /// Execute under another stamp (a time window opened or closed, the function catalog
+    /// changed) is decided again. None: every Execute is decided again (the text runs a
+    /// prepared statement by name, or was prepared by SQL `PREPARE`).
+    pub(super) stamp: Option<DecisionStamp>,
 }
 
 impl Prepared {
@@ -34,6 +40,7 @@ impl Prepared {
             unparsable: false,
             effect: Effect::Other,
             types: Arc::default(),
+            stamp: None,
         }
     }
 }
