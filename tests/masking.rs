@@ -744,3 +744,29 @@ fn children_and_partitions_of_rule_tables() {
     }
     assert_no_leak(&c.received, "children");
 }
+
+/// Masked columns holding letters of other scripts, full-width digits or accented letters:
+/// `full` and `keep_last` hide every character, not only ASCII letters and digits.
+#[test]
+fn non_ascii_values_of_masked_columns_are_hidden() {
+    let e = env_strict("mask_unicode");
+    let pg = cluster();
+    pg.svc_sql(
+        &e.db,
+        "INSERT INTO customers (id, name, card, email) VALUES \
+         (7, 'Ivan', '４２４２４２４２４２４２４２４２', 'иван@пример.рф'), (8, 'José', 'José Müller-Ⅻ', 'josé@exämple.com')",
+    );
+    let mut c = e.support().raw().expect("login");
+    for q in ["SELECT card, email FROM customers WHERE id IN (7, 8)", "SELECT upper(card), email || '' FROM customers WHERE id IN (7, 8)"] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+        assert_eq!(text_rows(&msgs).len(), 2, "{q}");
+        let got = &c.received[before..];
+        for raw_piece in ["４２４２４２", "иван", "пример", "José", "Müller", "josé", "exämple", "é", "ü"] {
+            assert!(!contains(got, raw_piece), "{q}: {raw_piece:?} reached the client: {}", raw::describe_all(&msgs));
+        }
+    }
+    let msgs = c.simple_query("SELECT card FROM customers WHERE id = 7").unwrap();
+    assert_eq!(text_rows(&msgs)[0][0].as_deref(), Some("************４２４２"), "keep_last 4 of a full-width number");
+}
