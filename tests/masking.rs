@@ -770,3 +770,46 @@ fn non_ascii_values_of_masked_columns_are_hidden() {
     let msgs = c.simple_query("SELECT card FROM customers WHERE id = 7").unwrap();
     assert_eq!(text_rows(&msgs)[0][0].as_deref(), Some("************４２４２"), "keep_last 4 of a full-width number");
 }
+
+/// A `DECLARE` or `PREPARE` that was only parsed (extended protocol, never executed) names no
+/// cursor or statement on the server: it must not replace what pgward knows the name runs.
+#[test]
+fn declare_and_prepare_parsed_but_not_run_keep_the_names_lineage() {
+    let e = env_strict("mask_parse_names");
+    let mut c = e.support().raw().expect("login");
+    // `notes` has no content detector: only lineage masks upper(notes) and notes || ''.
+    for q in [
+        "DECLARE c CURSOR WITH HOLD FOR SELECT upper(notes), notes || '' FROM customers",
+        "PREPARE p AS SELECT upper(notes), notes || '' FROM customers",
+    ] {
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+    }
+    for (name, q) in [
+        ("x", "DECLARE c CURSOR WITH HOLD FOR SELECT 'plain'::text, 'p'::text"),
+        ("y", "PREPARE p AS SELECT 'plain'::text, 'p'::text"),
+    ] {
+        let mut batch = raw::fe::parse(name, q);
+        batch.extend(raw::fe::sync());
+        c.send(&batch).unwrap();
+        let msgs = c.recv_until_ready().unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+    }
+    for q in ["FETCH ALL FROM c", "EXECUTE p"] {
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+        assert_eq!(text_rows(&msgs).len(), 3, "{q}: {}", raw::describe_all(&msgs));
+    }
+    // Executed, the parsed DECLARE does name the cursor: its plain values come back as they are.
+    let mut batch = raw::fe::parse("z", "DECLARE d CURSOR WITH HOLD FOR SELECT 'plain'::text");
+    batch.extend(raw::fe::bind_text("", "z", &[]));
+    batch.extend(raw::fe::execute("", 0));
+    batch.extend(raw::fe::sync());
+    c.send(&batch).unwrap();
+    let msgs = c.recv_until_ready().unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    let msgs = c.simple_query("FETCH ALL FROM d").unwrap();
+    assert_eq!(text_rows(&msgs), vec![vec![Some("plain".to_string())]], "{}", raw::describe_all(&msgs));
+    assert!(!contains(&c.received, "SECRET-NOTE"), "upper(notes) reached the client unmasked");
+    assert_no_leak(&c.received, "parsed DECLARE/PREPARE");
+}
