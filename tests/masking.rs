@@ -745,6 +745,21 @@ fn children_and_partitions_of_rule_tables() {
     assert_no_leak(&c.received, "children");
 }
 
+/// A FunctionCall message with text arguments and a text result.
+fn function_call(oid: i32, args: &[&str]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&oid.to_be_bytes());
+    body.extend_from_slice(&1i16.to_be_bytes()); // one format code: text for all
+    body.extend_from_slice(&0i16.to_be_bytes());
+    body.extend_from_slice(&(args.len() as i16).to_be_bytes());
+    for a in args {
+        body.extend_from_slice(&(a.len() as i32).to_be_bytes());
+        body.extend_from_slice(a.as_bytes());
+    }
+    body.extend_from_slice(&0i16.to_be_bytes());
+    raw::fe::raw_msg(b'F', &body)
+}
+
 /// Masked columns holding letters of other scripts, full-width digits or accented letters:
 /// `full` and `keep_last` hide every character, not only ASCII letters and digits.
 #[test]
@@ -769,6 +784,33 @@ fn non_ascii_values_of_masked_columns_are_hidden() {
     }
     let msgs = c.simple_query("SELECT card FROM customers WHERE id = 7").unwrap();
     assert_eq!(text_rows(&msgs)[0][0].as_deref(), Some("************４２４２"), "keep_last 4 of a full-width number");
+}
+
+/// A fastpath call names its function by OID and passes bytes: under strict masking it cannot
+/// run SQL given as text (`query_to_xml`) or anything else but the large-object functions,
+/// whatever the policy allows.
+#[test]
+fn fastpath_calls_are_refused_under_strict_masking() {
+    let e = env_strict("mask_fastpath");
+    let mut c = e.support().raw().expect("login");
+    let sql = "select notes, encode(card::bytea, 'hex') as h from customers";
+    c.send(&function_call(2924, &[sql, "t", "f", ""])).unwrap(); // pg_catalog.query_to_xml
+    let msgs = c.recv_until_ready().unwrap();
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("query_to_xml ran: {}", raw::describe_all(&msgs)));
+    assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
+    assert!(err.fields()[&'M'].contains("mask:") && err.fields()[&'M'].contains("fastpath"), "{}", raw::describe_all(&msgs));
+    assert!(!contains(&c.received, "secret-note") && !contains(&c.received, "34323432"), "values reached the client");
+    // Large objects, which libpq reads and writes this way, still work.
+    c.send(&function_call(957, &["393216"])).unwrap(); // lo_creat(INV_READ | INV_WRITE)
+    let msgs = c.recv_until_ready().unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    assert!(msgs.iter().any(|m| m.tag == b'V'), "{}", raw::describe_all(&msgs));
+    // The refusal is audited as a denial naming the mask rule.
+    let recs = e.pw.wait_audit("fastpath denial", |r| {
+        r.iter().any(|x| x["protocol"] == "function_call" && x["decision"] == "deny")
+    });
+    let denial = recs.iter().find(|x| x["protocol"] == "function_call" && x["decision"] == "deny").unwrap();
+    assert!(denial["rule"].as_str().is_some_and(|r| r.starts_with("mask:")), "{denial}");
 }
 
 /// A `DECLARE` or `PREPARE` that was only parsed (extended protocol, never executed) names no

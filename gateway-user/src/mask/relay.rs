@@ -421,6 +421,12 @@ impl MaskRelay {
         (Arc::new(PreparedInfo { lineage, desc: Mutex::new(None) }), strict)
     }
 
+    /// Strict masking's verdict on a fastpath call of the function `oid`: None when it may
+    /// run ([`super::fastpath`]).
+    pub fn function_call(&self, oid: i32) -> Option<Violation> {
+        super::fastpath::check(oid, self.sess.strict_rules())
+    }
+
     /// A Bind of `statement` (what masking keeps of it, if anything) with these result formats:
     /// what masking keeps of the portal.
     pub fn bind(statement: Option<&Arc<PreparedInfo>>, formats: Vec<i16>) -> Arc<PortalInfo> {
