@@ -745,6 +745,7 @@ fn children_and_partitions_of_rule_tables() {
     assert_no_leak(&c.received, "children");
 }
 
+
 /// A FunctionCall message with text arguments and a text result.
 fn function_call(oid: i32, args: &[&str]) -> Vec<u8> {
     let mut body = Vec::new();
@@ -854,4 +855,34 @@ fn declare_and_prepare_parsed_but_not_run_keep_the_names_lineage() {
     assert_eq!(text_rows(&msgs), vec![vec![Some("plain".to_string())]], "{}", raw::describe_all(&msgs));
     assert!(!contains(&c.received, "SECRET-NOTE"), "upper(notes) reached the client unmasked");
     assert_no_leak(&c.received, "parsed DECLARE/PREPARE");
+}
+
+/// Constraint violations echo the row (`Failing row contains (…)`, `Key (…)=(…)`), masked
+/// columns included: in a session with column rules their DETAIL is withheld.
+#[test]
+fn constraint_errors_do_not_echo_masked_rows() {
+    let e = env_strict("mask_constraint_detail");
+    let pg = cluster();
+    pg.svc_sql(&e.db, "CREATE UNIQUE INDEX ON customers (name, notes)");
+    pg.svc_sql(&e.db, "ALTER TABLE customers ADD CONSTRAINT short_names CHECK (length(name) < 20)");
+    pg.svc_sql(&e.db, "UPDATE customers SET notes = 'secret-note-alpha' WHERE id = 2");
+    let mut c = e.support().raw().expect("login");
+    for (q, code) in [
+        ("UPDATE customers SET id = NULL WHERE id = 1", "23502"),
+        ("UPDATE customers SET name = 'a name longer than twenty' WHERE id = 1", "23514"),
+        ("UPDATE customers SET name = 'Jane Roe' WHERE id = 2", "23505"),
+    ] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: no error: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some(code), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields().get(&'D').is_some_and(|d| d.contains("withheld")), "{q}: {}", raw::describe_all(&msgs));
+        let got = &c.received[before..];
+        assert!(!contains(got, "secret-note") && !contains(got, "123)"), "{q}: {}", raw::describe_all(&msgs));
+        assert_no_leak(got, q);
+    }
+    // An exempt session still gets the server's detail.
+    let mut x = e.login(&["support", "pii_readers"]).raw().expect("login");
+    let msgs = x.simple_query("UPDATE customers SET id = NULL WHERE id = 1").unwrap();
+    assert!(raw::first_error(&msgs).and_then(|e| e.fields().get(&'D').cloned()).is_some_and(|d| d.contains("Failing row contains")));
 }
