@@ -574,3 +574,31 @@ fn replay_prints_the_sessions_statements_in_order() {
         "replay of alice's session shows bob's statement"
     );
 }
+
+/// A client picks the startup user and database of a failed login, and pgward records them:
+/// `audit tail` must show them as text on the record's own line, not as terminal commands —
+/// no carriage return or escape sequence that erases the line, no line break that starts a
+/// forged record, no right-to-left override that reorders it.
+#[test]
+fn tail_shows_client_chosen_texts_without_obeying_them() {
+    let pw = Pgward::start();
+    let forged = "#1 login  alice  from=10.0.0.1";
+    let user = format!("mallory\r\x1b[2K\n2026-01-01T00:00:00.000000Z  {forged}");
+    let login = pw.login(&user, "not-a-token", "app\u{202e}evil");
+    match common::raw::RawConn::connect(&login, &[]) {
+        Err(common::raw::RawError::Server(m)) => assert_eq!(m.sqlstate().as_deref(), Some("28P01"), "{}", m.describe()),
+        other => panic!("a bad token must be refused with 28P01: {:?}", other.err()),
+    }
+    let recs = pw.wait_audit("login_failed", |r| rec::of_kind(r, "login_failed").iter().any(|x| rec::s(x, "user") == Some(user.as_str())));
+    assert!(!rec::of_kind(&recs, "login_failed").is_empty());
+    let out = common::pgward_cli(&["audit", "tail", "--config", pw.config_path.to_str().unwrap()]);
+    let stdout = out.expect_ok();
+    assert!(!stdout.contains('\r') && !stdout.contains('\x1b') && !stdout.contains('\u{202e}'), "{}", out.describe());
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), recs.len(), "one line per record: {}", out.describe());
+    assert!(lines.iter().all(|l| !l.contains(&format!("Z  {forged}")) || l.contains("login_failed")), "{}", out.describe());
+    let failed = lines.iter().find(|l| l.contains("login_failed")).expect("the failed login's line");
+    assert!(failed.contains("mallory") && failed.contains(forged) && failed.contains("db=app\\u{202e}evil"), "{failed}");
+    // pgward's own log quotes the refused user too.
+    assert!(!pw.stderr_log().contains("\n2026-01-01T00:00:00.000000Z"), "pgward's log holds the forged line");
+}
