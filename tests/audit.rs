@@ -602,3 +602,38 @@ fn tail_shows_client_chosen_texts_without_obeying_them() {
     // pgward's own log quotes the refused user too.
     assert!(!pw.stderr_log().contains("\n2026-01-01T00:00:00.000000Z"), "pgward's log holds the forged line");
 }
+
+/// Someone who can write the log's files but not read the checkpoint key appends a forged
+/// record while pgward is down. The restart continues the chain from it and its checkpoint
+/// anchors it; `verify` must name the records the restart anchored for a run that did not,
+/// and the `start` record says which they are.
+#[test]
+fn records_appended_while_down_are_named_by_verify_after_the_restart() {
+    use sha2::{Digest, Sha256};
+    let (mut pw, _) = audited_workload("audit_append_down", 2);
+    let segs = segments(&pw.audit_dir());
+    let (path, lines) = segs.last().expect("a segment");
+    let last: Value = serde_json::from_str(lines.last().expect("a record")).unwrap();
+    assert_eq!(rec::kind(&last), "checkpoint", "a clean stop ends with a checkpoint");
+    let seq = rec::seq(&last) + 1;
+    let (ts, prev) = (last["ts"].as_str().unwrap(), last["hash"].as_str().unwrap());
+    let body = format!(
+        r#"{{"seq":{seq},"ts":"{ts}","prev_hash":"{prev}","kind":"statement","session":"forged","user":"alice","database":"app","sql":"DROP TABLE payroll","protocol":"simple","decision":"allow","rule":"default"}}"#
+    );
+    let hash = hex::encode(Sha256::new().chain_update(prev.as_bytes()).chain_update(body.as_bytes()).finalize());
+    let mut forged = lines.clone();
+    forged.push(format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1]));
+    write_lines(path, &forged);
+    // Down, the forged record is the unanchored tail a crash would leave: verify says so.
+    let (code, out) = pw.audit_verify();
+    assert!(code == 0 && out.contains("1 unanchored record"), "{out}");
+
+    pw.spawn();
+    pw.stop();
+    let (code, out) = pw.audit_verify();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("seq {seq}..{seq} were anchored by the restart")), "verify does not name the forged record: {out}");
+    let recs = pw.audit_records();
+    let start = recs.iter().find(|r| rec::kind(r) == "start" && rec::seq(r) == seq + 1).expect("the restart's start record");
+    assert_eq!(start["meta"]["unanchored_tail"], serde_json::json!({ "first": seq, "last": seq }), "{start}");
+}
