@@ -886,3 +886,31 @@ fn constraint_errors_do_not_echo_masked_rows() {
     let msgs = x.simple_query("UPDATE customers SET id = NULL WHERE id = 1").unwrap();
     assert!(raw::first_error(&msgs).and_then(|e| e.fields().get(&'D').cloned()).is_some_and(|d| d.contains("Failing row contains")));
 }
+
+/// Each literal compared with a masked column is a guess. One statement can combine many:
+/// scalar subqueries counting the rows that match different halves of a candidate list
+/// name the matching candidate bit by bit. Strict masking bounds the guesses per statement.
+#[test]
+fn strict_masking_bounds_the_guesses_per_statement() {
+    let e = env_strict("mask_guesses");
+    let mut c = e.support().raw().expect("login");
+    // 64 candidates for customer 1's card, the real one among them; column k counts the
+    // rows matching the candidates whose index has bit k set.
+    let candidates: Vec<String> = (0..64).map(|i| if i == 37 { "4242424242424242".to_string() } else { format!("5{i:015}") }).collect();
+    let bits: Vec<String> = (0..6)
+        .map(|k| {
+            let half: Vec<String> = candidates.iter().enumerate().filter(|(i, _)| i >> k & 1 == 1).map(|(_, v)| format!("'{v}'")).collect();
+            format!("(SELECT count(*) FROM customers WHERE id = 1 AND card IN ({})) AS b{k}", half.join(", "))
+        })
+        .collect();
+    let q = format!("SELECT {}", bits.join(", "));
+    let msgs = c.simple_query(&q).unwrap();
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("the bit-split guesses ran: {}", raw::describe_all(&msgs)));
+    assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
+    assert!(err.fields()[&'M'].contains("mask:cards") && err.fields()[&'M'].contains("guess"), "{}", raw::describe_all(&msgs));
+    assert!(text_rows(&msgs).is_empty());
+    // A short list still works.
+    let msgs = c.simple_query("SELECT id FROM customers WHERE email IN ('amy@ex.io', 'x@y.z', 'jane@example.com') ORDER BY id").unwrap();
+    assert_eq!(text_rows(&msgs), vec![vec![Some("1".to_string())], vec![Some("3".to_string())]], "{}", raw::describe_all(&msgs));
+    assert_no_leak(&c.received, "guesses");
+}

@@ -7,7 +7,8 @@
 //!   and operators (casts, `||`, `coalesce`, `upper`, `min`, `string_agg`, …): lineage then
 //!   masks the output;
 //! * in an equality (`=`, `<>`, `IS [NOT] DISTINCT FROM`, `IN (…)`) between the bare column and
-//!   a literal or parameter, or in `IS [NOT] NULL`;
+//!   a literal or parameter — at most [`MAX_GUESSES`] of those per query string — or in
+//!   `IS [NOT] NULL`;
 //! * as the argument of `count`, and anywhere in an `EXISTS` subquery's select list: positions
 //!   that return no value.
 //!
@@ -136,13 +137,21 @@ const HARMLESS: &[&str] = &[
 /// How deep string bodies inside string bodies are scanned.
 const MAX_BODY_DEPTH: usize = 4;
 
+/// How many literals or parameters one query string may compare masked columns with (in
+/// equalities, `IN` lists and simple `CASE` arms, all statements of the string together).
+/// Each one is a guess at a value, and one statement can combine its answers: scalar
+/// subqueries that count the rows matching different halves of a candidate list name the
+/// matching candidate among 2^k in k columns. The bound keeps a dictionary attack at a
+/// handful of guesses per statement, each statement in the audit log.
+pub const MAX_GUESSES: usize = 16;
+
 type Check = Result<(), Violation>;
 
 /// Check every statement of a parse tree's raw statements: the first violation, and whether
 /// the verdict depended on a constant's value (`ORDER BY 2`).
 pub(super) fn check(stmts: &[Value], r: &dyn Resolver, all_rules: u64) -> (Check, bool) {
     let cx = Cx::new(r);
-    let s = Strict { cx: &cx, r, all: all_rules };
+    let s = Strict { cx: &cx, r, all: all_rules, guesses: std::cell::Cell::new(0) };
     let verdict = stmts.iter().filter_map(|raw| raw.get("stmt")).try_for_each(|stmt| {
         s.everywhere(stmt)?;
         s.statement(stmt)
@@ -154,6 +163,8 @@ struct Strict<'a> {
     cx: &'a Cx<'a>,
     r: &'a dyn Resolver,
     all: u64,
+    /// Literals and parameters compared with masked columns so far ([`MAX_GUESSES`]).
+    guesses: std::cell::Cell<usize>,
 }
 
 fn empty_env() -> Env<'static> {
@@ -167,6 +178,19 @@ impl Strict<'_> {
 
     fn deny(&self, t: Taint, why: Why) -> Check {
         self.refuse(t.rules, format!("a masked column {}", why.text()))
+    }
+
+    /// `n` more literals or parameters compared with a masked column of taint `t`.
+    fn guess(&self, t: Taint, n: usize) -> Check {
+        let total = self.guesses.get().saturating_add(n);
+        self.guesses.set(total);
+        if total > MAX_GUESSES {
+            return self.refuse(
+                t.rules,
+                format!("masked columns are compared with more than {MAX_GUESSES} literals or parameters in one statement (each is a guess at a value)"),
+            );
+        }
+        Ok(())
     }
 
     /// Checks that hold at every position of a statement: statistics catalogs and functions
@@ -701,6 +725,10 @@ impl Strict<'_> {
             let items = r.and_then(|r| typed(r, "List")).map(|l| list(l, "items")).or_else(|| r.and_then(Value::as_array).map(Vec::as_slice));
             let literals = items.is_some_and(|items| items.iter().all(is_literal));
             self.expr_opt(l, if literals { Ctx::Operand } else { Ctx::Deny(Why::Comparison) }, env)?;
+            let t = l.map_or(Taint::NONE, |l| self.cx.walk_taint(l, env));
+            if !t.is_none() {
+                self.guess(t, items.map_or(0, <[Value]>::len))?;
+            }
             return self.expr_opt(r, Ctx::Deny(Why::Comparison), env);
         }
         let preserving = ctx == Ctx::Output && ((kind == "AEXPR_OP" && op == "||") || kind == "AEXPR_NULLIF");
@@ -718,6 +746,9 @@ impl Strict<'_> {
         let (lt, rt) = (self.cx.walk_taint(l, env), self.cx.walk_taint(r, env));
         let ok_pair = |col: &Value, other: &Value| col.get("ColumnRef").is_some() && is_literal(other);
         if (!lt.is_none() && ok_pair(l, r)) || (!rt.is_none() && ok_pair(r, l)) || (lt.is_none() && rt.is_none()) {
+            if !lt.is_none() || !rt.is_none() {
+                self.guess(if lt.is_none() { rt } else { lt }, 1)?;
+            }
             self.expr(l, Ctx::Operand, env)?;
             return self.expr(r, Ctx::Operand, env);
         }
@@ -747,6 +778,10 @@ impl Strict<'_> {
         let literals = whens.iter().all(|w| typed(w, "CaseWhen").and_then(|w| w.get("expr")).is_some_and(is_literal));
         let arg_ctx = deny.unwrap_or(if literals { Ctx::Operand } else { Ctx::Deny(Why::Comparison) });
         self.expr_opt(b.get("arg"), arg_ctx, env)?;
+        let t = b.get("arg").map_or(Taint::NONE, |a| self.cx.walk_taint(a, env));
+        if simple && !t.is_none() {
+            self.guess(t, whens.len())?;
+        }
         let result_ctx = match ctx {
             Ctx::Output | Ctx::Discard => ctx,
             Ctx::Deny(w) => Ctx::Deny(w),

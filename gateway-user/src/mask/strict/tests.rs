@@ -312,3 +312,26 @@ fn violations_say_why() {
     assert_eq!(v.rules, 7);
 }
 
+
+/// Literals compared with masked columns are guesses: a statement may hold a handful, not a
+/// candidate list that subqueries split into bits.
+#[test]
+fn a_statement_holds_a_bounded_number_of_guesses() {
+    let list = |n: usize| (0..n).map(|i| format!("'41111111111111{i:02}'")).collect::<Vec<_>>().join(", ");
+    assert_eq!(verdict(&format!("select id from customers where card in ({})", list(MAX_GUESSES))), Ok(()));
+    assert_eq!(verdict(&format!("select id from customers where id in ({})", (0..100).map(|i| i.to_string()).collect::<Vec<_>>().join(", "))), Ok(()));
+    let too_many = [
+        format!("select id from customers where card in ({})", list(MAX_GUESSES + 1)),
+        format!(
+            "select (select count(*) from customers where card in ({a})), (select count(*) from customers where card in ({a}))",
+            a = list(MAX_GUESSES / 2 + 1)
+        ),
+        format!("select id from customers where {}", (0..=MAX_GUESSES).map(|i| format!("card = '{i}'")).collect::<Vec<_>>().join(" or ")),
+        format!("select count(case card {} end) from customers", (0..=MAX_GUESSES).map(|i| format!("when '{i}' then 1")).collect::<Vec<_>>().join(" ")),
+        format!("select id from customers where ssn in ({a}); select id from customers where card in ({a})", a = list(MAX_GUESSES / 2 + 1)),
+    ];
+    for sql in &too_many {
+        let v = verdict(sql).unwrap_err();
+        assert!(v.reason.contains("guess"), "{sql}: {}", v.reason);
+    }
+}
