@@ -914,3 +914,31 @@ fn strict_masking_bounds_the_guesses_per_statement() {
     assert_eq!(text_rows(&msgs), vec![vec![Some("1".to_string())], vec![Some("3".to_string())]], "{}", raw::describe_all(&msgs));
     assert_no_leak(&c.received, "guesses");
 }
+
+/// Value-preserving functions whose other arguments compare the value's characters: the
+/// masked result's length or NULL would tell them apart. Refused; plain positions still work.
+#[test]
+fn value_functions_cannot_compare_characters() {
+    let e = env_strict("mask_value_oracles");
+    let mut c = e.support().raw().expect("login");
+    for q in [
+        // empty exactly when the second digit is 2
+        "SELECT id, ltrim(substr(card, 2, 1), '2') FROM customers",
+        "SELECT id, rtrim(notes, 'a') FROM customers",
+        // NULL unless the card starts with 42
+        "SELECT id, substring(card, '^42') FROM customers",
+        "SELECT id, substring(card SIMILAR '42%' ESCAPE '#') FROM customers",
+        // NULL exactly when card equals name
+        "SELECT id, nullif(card, name) FROM customers",
+    ] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("strict masking"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(text_rows(&msgs).is_empty(), "{q}");
+        assert_no_leak(&c.received[before..], q);
+    }
+    let msgs = c.simple_query("SELECT substr(card, 1, 6), left(card, -4), btrim(email) FROM customers WHERE id = 1").unwrap();
+    assert_eq!(text_rows(&msgs), vec![vec![Some("******".to_string()), Some("************".to_string()), Some("****@*******.***".to_string())]], "{}", raw::describe_all(&msgs));
+}

@@ -699,6 +699,10 @@ impl Strict<'_> {
             (Ctx::Deny(Why::Argument), Some(t)) => {
                 self.refuse(t.rules, format!("a masked column is passed to {}, which is not a value-preserving built-in", n.join(".")))
             }
+            (Ctx::Output, Some(t)) if !value_preserving_form(name, args) => self.refuse(
+                t.rules,
+                format!("a masked column is passed to {} with a character set, pattern or position other than an integer literal, which compares its characters", n.join(".")),
+            ),
             _ => self.exprs(args, inner, env),
         }
     }
@@ -731,7 +735,11 @@ impl Strict<'_> {
             }
             return self.expr_opt(r, Ctx::Deny(Why::Comparison), env);
         }
-        let preserving = ctx == Ctx::Output && ((kind == "AEXPR_OP" && op == "||") || kind == "AEXPR_NULLIF");
+        if kind == "AEXPR_NULLIF" {
+            // NULLIF(a, b) is NULL exactly when a = b: an equality, whatever it returns.
+            return self.equality(l, r, env);
+        }
+        let preserving = ctx == Ctx::Output && kind == "AEXPR_OP" && op == "||";
         let inner = if preserving { Ctx::Output } else { Ctx::Deny(Why::Comparison) };
         self.expr_opt(l, inner, env)?;
         self.expr_opt(r, inner, env)
@@ -794,6 +802,44 @@ impl Strict<'_> {
             self.expr_opt(w.get("result"), result_ctx, env)?;
         }
         self.expr_opt(b.get("defresult"), result_ctx, env)
+    }
+}
+
+/// Value-preserving functions whose arguments after the first are positions and lengths
+/// (`substr(card, 1, 6)`): with a text there (`substring(card, '^42')`, the regular-expression
+/// forms) the result's NULL or length tells whether the value matched.
+const POSITION_FUNCTIONS: &[&str] = &["substr", "substring", "left", "right"];
+
+/// Trims: with a second argument, a set of characters to strip, so the masked result's
+/// length tells which characters the value has at its ends (`ltrim(substr(card, 2, 1), '5')`
+/// is empty exactly when the second digit is 5).
+const TRIM_FUNCTIONS: &[&str] = &["btrim", "ltrim", "rtrim"];
+
+/// Integer types a position argument may be cast to.
+const INTEGER_TYPES: &[&str] = &["int2", "int4", "int8", "smallint", "integer", "int", "bigint"];
+
+/// A call of value function `name` with `args` whose result compares nothing: trims without
+/// a character set, positions and lengths that are integer literals (or parameters and
+/// literals cast to an integer type).
+fn value_preserving_form(name: &str, args: &[Value]) -> bool {
+    if TRIM_FUNCTIONS.contains(&name) {
+        return args.len() <= 1;
+    }
+    if POSITION_FUNCTIONS.contains(&name) {
+        return args.iter().skip(1).all(is_integer_literal);
+    }
+    true
+}
+
+/// An integer constant, or a literal or parameter cast to an integer type.
+fn is_integer_literal(v: &Value) -> bool {
+    match wrapped(v) {
+        Some(("A_Const", b)) => b.get("ival").is_some(),
+        Some(("TypeCast", b)) => {
+            let ty = b.get("typeName").and_then(|t| typed(t, "TypeName")).map(|t| names(list(t, "names"))).unwrap_or_default();
+            ty.last().is_some_and(|t| INTEGER_TYPES.contains(&t.as_str())) && b.get("arg").is_some_and(is_literal)
+        }
+        _ => false,
     }
 }
 

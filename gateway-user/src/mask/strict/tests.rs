@@ -335,3 +335,31 @@ fn a_statement_holds_a_bounded_number_of_guesses() {
         assert!(v.reason.contains("guess"), "{sql}: {}", v.reason);
     }
 }
+
+/// Value functions whose extra arguments compare the value's characters are oracles:
+/// trims with a character set, the regular-expression forms of substring, NULLIF.
+#[test]
+fn value_functions_with_comparing_arguments_are_refused() {
+    for sql in [
+        "select ltrim(substr(card, 2, 1), '5') from customers",
+        "select btrim(card, '0123') from customers",
+        "select rtrim(email, 'm') from customers",
+        "select substring(card, '^42') from customers",
+        "select substring(card similar '4%' escape '#') from customers",
+        "select substring(card, $1) from customers",
+        "select left(card, name) from customers",
+        "select nullif(card, name) from customers",
+        "select nullif(upper(card), 'X') from customers",
+    ] {
+        let v = verdict(sql).unwrap_err();
+        assert_eq!(v.rules & 1 | v.rules & 4, v.rules, "{sql}");
+    }
+    for sql in [
+        "select substr(card, 1, 6), left(card, -4), right(card, 4), substring(card from 2 for 3) from customers",
+        "select substr(card, $1::int, 2), btrim(card), ltrim(email) from customers",
+        "select nullif(card, '4111111111111111') from customers",
+        "select ltrim(name, 'J'), substring(name, '^J') from customers",
+    ] {
+        assert_eq!(verdict(sql), Ok(()), "{sql}");
+    }
+}
