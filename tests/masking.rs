@@ -942,3 +942,36 @@ fn value_functions_cannot_compare_characters() {
     let msgs = c.simple_query("SELECT substr(card, 1, 6), left(card, -4), btrim(email) FROM customers WHERE id = 1").unwrap();
     assert_eq!(text_rows(&msgs), vec![vec![Some("******".to_string()), Some("************".to_string()), Some("****@*******.***".to_string())]], "{}", raw::describe_all(&msgs));
 }
+
+/// A function or domain named like a built-in strict masking trusts (`initcap`, `text`),
+/// reached through `search_path = public, pg_catalog`, would receive the masked value and
+/// RAISE it — in the same query string as its CREATE, before pgward's catalog knows it, and
+/// for a type at any time. Creating or renaming such objects is refused.
+#[test]
+fn functions_and_types_cannot_shadow_trusted_built_ins() {
+    let e = env_strict("mask_shadow");
+    let mut c = e.support().raw().expect("login");
+    let peek = "CREATE FUNCTION public.peek(x text) RETURNS boolean LANGUAGE plpgsql AS $$BEGIN RAISE NOTICE 'peek %', x; RETURN true; END$$";
+    let msgs = c.simple_query(peek).unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    for q in [
+        "CREATE FUNCTION public.initcap(x text) RETURNS text LANGUAGE plpgsql AS $$BEGIN RAISE NOTICE 'leak %', x; RETURN x; END$$; \
+         SET search_path = public, pg_catalog; SELECT initcap(notes) FROM customers",
+        "CREATE DOMAIN public.text AS pg_catalog.text CHECK (public.peek(VALUE))",
+        "CREATE DOMAIN public.t2 AS pg_catalog.text CHECK (public.peek(VALUE)); ALTER DOMAIN public.t2 RENAME TO text",
+    ] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("built-in"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(!contains(&c.received[before..], "secret-note"), "{q}: {}", raw::describe_all(&msgs));
+    }
+    // Nothing of the refused strings ran, so the casts and calls below are the built-ins.
+    let msgs = c.simple_query("SET search_path = public, pg_catalog; SELECT notes::text, initcap(notes) FROM customers").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    assert!(!msgs.iter().any(|m| m.tag == b'N'), "a notice came back: {}", raw::describe_all(&msgs));
+    assert!(!contains(&c.received, "secret-note"), "a note reached the client");
+    let pg = cluster();
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_type WHERE typname IN ('text', 't2') AND typnamespace = 'public'::regnamespace").trim(), "0");
+}

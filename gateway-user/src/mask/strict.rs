@@ -102,7 +102,7 @@ impl Why {
 
 /// Built-in functions whose result is the argument's value, or a piece of it, and that have
 /// no side effects: allowed on masked columns in output columns (lineage masks the result).
-const VALUE_FUNCTIONS: &[&str] = &[
+pub(super) const VALUE_FUNCTIONS: &[&str] = &[
     "upper", "lower", "initcap", "btrim", "ltrim", "rtrim", "concat", "concat_ws", "coalesce", "nullif", "text", "string_agg",
     "array_agg", "substr", "substring", "left", "right",
 ];
@@ -224,6 +224,12 @@ impl Strict<'_> {
     /// One raw statement.
     fn statement(&self, s: &Value) -> Check {
         let Some((ty, b)) = wrapped(s) else { return Ok(()) };
+        if let Some(name) = shadow::shadowing_name(ty, b) {
+            return self.refuse(
+                0,
+                format!("a function or type named {name:?} would stand in for the built-in strict masking trusts (under a search_path that puts pg_catalog after it)"),
+            );
+        }
         match ty {
             "SelectStmt" => self.select(b, None, Ctx::Output),
             "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => self.modify(ty, b, None),
@@ -816,7 +822,7 @@ const POSITION_FUNCTIONS: &[&str] = &["substr", "substring", "left", "right"];
 const TRIM_FUNCTIONS: &[&str] = &["btrim", "ltrim", "rtrim"];
 
 /// Integer types a position argument may be cast to.
-const INTEGER_TYPES: &[&str] = &["int2", "int4", "int8", "smallint", "integer", "int", "bigint"];
+pub(super) const INTEGER_TYPES: &[&str] = &["int2", "int4", "int8", "smallint", "integer", "int", "bigint"];
 
 /// A call of value function `name` with `args` whose result compares nothing: trims without
 /// a character set, positions and lengths that are integer literals (or parameters and
@@ -844,7 +850,7 @@ fn is_integer_literal(v: &Value) -> bool {
 }
 
 /// Types a cast to which cannot fail on a string's content.
-const TEXT_TYPES: &[&str] = &["text", "varchar", "bpchar", "char", "name", "citext"];
+pub(super) const TEXT_TYPES: &[&str] = &["text", "varchar", "bpchar", "char", "name", "citext"];
 
 /// A cast to a text type (not an array of one).
 fn text_cast(b: &Obj) -> bool {
@@ -914,6 +920,8 @@ fn command_name(ty: &str) -> String {
     }
     out
 }
+
+mod shadow;
 
 #[cfg(test)]
 mod tests;

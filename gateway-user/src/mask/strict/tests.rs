@@ -363,3 +363,34 @@ fn value_functions_with_comparing_arguments_are_refused() {
         assert_eq!(verdict(sql), Ok(()), "{sql}");
     }
 }
+
+/// A function or type a session creates (or renames) under a name strict masking trusts to be
+/// the built-in would be called instead of it under `search_path = public, pg_catalog` — in
+/// the same query string before pgward's catalog knows it, or for types at any time.
+#[test]
+fn objects_named_like_trusted_built_ins_are_refused() {
+    for sql in [
+        "create function public.initcap(x text) returns text language sql as 'select x'",
+        "create or replace function s.count(x text) returns bigint language sql as 'select 1'",
+        "create procedure upper(x int) language sql as 'select 1'",
+        "create domain public.text as pg_catalog.text check (value <> '')",
+        "create type public.name as (a int)",
+        "create type s.citext as enum ('a')",
+        "create type s.int4 as range (subtype = int8)",
+        "alter function f(int) rename to upper",
+        "alter type t rename to text",
+        "alter domain d rename to varchar",
+        "alter function s.substr(int) set schema public",
+    ] {
+        let v = verdict(sql).unwrap_err();
+        assert!(v.reason.contains("built-in"), "{sql}: {}", v.reason);
+    }
+    for sql in [
+        "create function public.shout(x text) returns text language sql as 'select upper(x)'",
+        "create domain public.cardno as pg_catalog.text",
+        "alter schema s rename to upper",
+        "alter function f(int) rename to g",
+    ] {
+        assert_eq!(verdict(sql), Ok(()), "{sql}");
+    }
+}
