@@ -96,7 +96,17 @@ pub fn apply_style(style: Style, v: &[u8], key: &[u8]) -> Option<Vec<u8>> {
             out.extend_from_slice(hex::encode(&mac[..8]).as_bytes());
             Some(out)
         }
-        Style::Full => Some(units(v).map(|(u, hide)| if hide { b"*".as_slice() } else { &v[u] }).collect::<Vec<_>>().concat()),
+        Style::Full => {
+            let mut out = Vec::with_capacity(v.len());
+            for (u, hide) in units(v) {
+                if hide {
+                    out.push(b'*');
+                } else {
+                    out.extend_from_slice(&v[u]);
+                }
+            }
+            Some(out)
+        }
         Style::KeepLast(n) => {
             if let Some(at) = email_at(v) {
                 let mut out = Vec::with_capacity(v.len());

@@ -187,7 +187,7 @@ impl Strict<'_> {
         if total > MAX_GUESSES {
             return self.refuse(
                 t.rules,
-                format!("masked columns are compared with more than {MAX_GUESSES} literals or parameters in one statement (each is a guess at a value)"),
+                format!("masked columns are compared with more than {MAX_GUESSES} literals or parameters in one query string (each is a guess at a value)"),
             );
         }
         Ok(())
