@@ -632,3 +632,66 @@ fn replay_prints_the_sessions_statements_in_order() {
         "replay of alice's session shows bob's statement"
     );
 }
+
+/// A client picks the startup user and database of a failed login, and pgward records them:
+/// `audit tail` must show them as text on the record's own line, not as terminal commands —
+/// no carriage return or escape sequence that erases the line, no line break that starts a
+/// forged record, no right-to-left override that reorders it.
+#[test]
+fn tail_shows_client_chosen_texts_without_obeying_them() {
+    let pw = Pgward::start();
+    let forged = "#1 login  alice  from=10.0.0.1";
+    let user = format!("mallory\r\x1b[2K\n2026-01-01T00:00:00.000000Z  {forged}");
+    let login = pw.login(&user, "not-a-token", "app\u{202e}evil");
+    match common::raw::RawConn::connect(&login, &[]) {
+        Err(common::raw::RawError::Server(m)) => assert_eq!(m.sqlstate().as_deref(), Some("28P01"), "{}", m.describe()),
+        other => panic!("a bad token must be refused with 28P01: {:?}", other.err()),
+    }
+    let recs = pw.wait_audit("login_failed", |r| rec::of_kind(r, "login_failed").iter().any(|x| rec::s(x, "user") == Some(user.as_str())));
+    assert!(!rec::of_kind(&recs, "login_failed").is_empty());
+    let out = common::pgward_cli(&["audit", "tail", "--config", pw.config_path.to_str().unwrap()]);
+    let stdout = out.expect_ok();
+    assert!(!stdout.contains('\r') && !stdout.contains('\x1b') && !stdout.contains('\u{202e}'), "{}", out.describe());
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), recs.len(), "one line per record: {}", out.describe());
+    assert!(lines.iter().all(|l| !l.contains(&format!("Z  {forged}")) || l.contains("login_failed")), "{}", out.describe());
+    let failed = lines.iter().find(|l| l.contains("login_failed")).expect("the failed login's line");
+    assert!(failed.contains("mallory") && failed.contains(forged) && failed.contains("db=app\\u{202e}evil"), "{failed}");
+    // pgward's own log quotes the refused user too.
+    assert!(!pw.stderr_log().contains("\n2026-01-01T00:00:00.000000Z"), "pgward's log holds the forged line");
+}
+
+/// Someone who can write the log's files but not read the checkpoint key appends a forged
+/// record while pgward is down. The restart continues the chain from it and its checkpoint
+/// anchors it; `verify` must name the records the restart anchored for a run that did not,
+/// and the `start` record says which they are.
+#[test]
+fn records_appended_while_down_are_named_by_verify_after_the_restart() {
+    use sha2::{Digest, Sha256};
+    let (mut pw, _) = audited_workload("audit_append_down", 2);
+    let segs = segments(&pw.audit_dir());
+    let (path, lines) = segs.last().expect("a segment");
+    let last: Value = serde_json::from_str(lines.last().expect("a record")).unwrap();
+    assert_eq!(rec::kind(&last), "checkpoint", "a clean stop ends with a checkpoint");
+    let seq = rec::seq(&last) + 1;
+    let (ts, prev) = (last["ts"].as_str().unwrap(), last["hash"].as_str().unwrap());
+    let body = format!(
+        r#"{{"seq":{seq},"ts":"{ts}","prev_hash":"{prev}","kind":"statement","session":"forged","user":"alice","database":"app","sql":"DROP TABLE payroll","protocol":"simple","decision":"allow","rule":"default"}}"#
+    );
+    let hash = hex::encode(Sha256::new().chain_update(prev.as_bytes()).chain_update(body.as_bytes()).finalize());
+    let mut forged = lines.clone();
+    forged.push(format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1]));
+    write_lines(path, &forged);
+    // Down, the forged record is the unanchored tail a crash would leave: verify says so.
+    let (code, out) = pw.audit_verify();
+    assert!(code == 0 && out.contains("1 unanchored record"), "{out}");
+
+    pw.spawn();
+    pw.stop();
+    let (code, out) = pw.audit_verify();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("seq {seq}..{seq} were anchored by the restart")), "verify does not name the forged record: {out}");
+    let recs = pw.audit_records();
+    let start = recs.iter().find(|r| rec::kind(r) == "start" && rec::seq(r) == seq + 1).expect("the restart's start record");
+    assert_eq!(start["meta"]["unanchored_tail"], serde_json::json!({ "first": seq, "last": seq }), "{start}");
+}

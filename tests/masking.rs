@@ -744,3 +744,234 @@ fn children_and_partitions_of_rule_tables() {
     }
     assert_no_leak(&c.received, "children");
 }
+
+
+/// A FunctionCall message with text arguments and a text result.
+fn function_call(oid: i32, args: &[&str]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&oid.to_be_bytes());
+    body.extend_from_slice(&1i16.to_be_bytes()); // one format code: text for all
+    body.extend_from_slice(&0i16.to_be_bytes());
+    body.extend_from_slice(&(args.len() as i16).to_be_bytes());
+    for a in args {
+        body.extend_from_slice(&(a.len() as i32).to_be_bytes());
+        body.extend_from_slice(a.as_bytes());
+    }
+    body.extend_from_slice(&0i16.to_be_bytes());
+    raw::fe::raw_msg(b'F', &body)
+}
+
+/// Masked columns holding letters of other scripts, full-width digits or accented letters:
+/// `full` and `keep_last` hide every character, not only ASCII letters and digits.
+#[test]
+fn non_ascii_values_of_masked_columns_are_hidden() {
+    let e = env_strict("mask_unicode");
+    let pg = cluster();
+    pg.svc_sql(
+        &e.db,
+        "INSERT INTO customers (id, name, card, email) VALUES \
+         (7, 'Ivan', '４２４２４２４２４２４２４２４２', 'иван@пример.рф'), (8, 'José', 'José Müller-Ⅻ', 'josé@exämple.com')",
+    );
+    let mut c = e.support().raw().expect("login");
+    for q in ["SELECT card, email FROM customers WHERE id IN (7, 8)", "SELECT upper(card), email || '' FROM customers WHERE id IN (7, 8)"] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+        assert_eq!(text_rows(&msgs).len(), 2, "{q}");
+        let got = &c.received[before..];
+        for raw_piece in ["４２４２４２", "иван", "пример", "José", "Müller", "josé", "exämple", "é", "ü"] {
+            assert!(!contains(got, raw_piece), "{q}: {raw_piece:?} reached the client: {}", raw::describe_all(&msgs));
+        }
+    }
+    let msgs = c.simple_query("SELECT card FROM customers WHERE id = 7").unwrap();
+    assert_eq!(text_rows(&msgs)[0][0].as_deref(), Some("************４２４２"), "keep_last 4 of a full-width number");
+}
+
+/// A fastpath call names its function by OID and passes bytes: under strict masking it cannot
+/// run SQL given as text (`query_to_xml`) or anything else but the large-object functions,
+/// whatever the policy allows.
+#[test]
+fn fastpath_calls_are_refused_under_strict_masking() {
+    let e = env_strict("mask_fastpath");
+    let mut c = e.support().raw().expect("login");
+    let sql = "select notes, encode(card::bytea, 'hex') as h from customers";
+    c.send(&function_call(2924, &[sql, "t", "f", ""])).unwrap(); // pg_catalog.query_to_xml
+    let msgs = c.recv_until_ready().unwrap();
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("query_to_xml ran: {}", raw::describe_all(&msgs)));
+    assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
+    assert!(err.fields()[&'M'].contains("mask:") && err.fields()[&'M'].contains("fastpath"), "{}", raw::describe_all(&msgs));
+    assert!(!contains(&c.received, "secret-note") && !contains(&c.received, "34323432"), "values reached the client");
+    // Large objects, which libpq reads and writes this way, still work.
+    c.send(&function_call(957, &["393216"])).unwrap(); // lo_creat(INV_READ | INV_WRITE)
+    let msgs = c.recv_until_ready().unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    assert!(msgs.iter().any(|m| m.tag == b'V'), "{}", raw::describe_all(&msgs));
+    // The refusal is audited as a denial naming the mask rule.
+    let recs = e.pw.wait_audit("fastpath denial", |r| {
+        r.iter().any(|x| x["protocol"] == "function_call" && x["decision"] == "deny")
+    });
+    let denial = recs.iter().find(|x| x["protocol"] == "function_call" && x["decision"] == "deny").unwrap();
+    assert!(denial["rule"].as_str().is_some_and(|r| r.starts_with("mask:")), "{denial}");
+}
+
+/// A `DECLARE` or `PREPARE` that was only parsed (extended protocol, never executed) names no
+/// cursor or statement on the server: it must not replace what pgward knows the name runs.
+#[test]
+fn declare_and_prepare_parsed_but_not_run_keep_the_names_lineage() {
+    let e = env_strict("mask_parse_names");
+    let mut c = e.support().raw().expect("login");
+    // `notes` has no content detector: only lineage masks upper(notes) and notes || ''.
+    for q in [
+        "DECLARE c CURSOR WITH HOLD FOR SELECT upper(notes), notes || '' FROM customers",
+        "PREPARE p AS SELECT upper(notes), notes || '' FROM customers",
+    ] {
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+    }
+    for (name, q) in [
+        ("x", "DECLARE c CURSOR WITH HOLD FOR SELECT 'plain'::text, 'p'::text"),
+        ("y", "PREPARE p AS SELECT 'plain'::text, 'p'::text"),
+    ] {
+        let mut batch = raw::fe::parse(name, q);
+        batch.extend(raw::fe::sync());
+        c.send(&batch).unwrap();
+        let msgs = c.recv_until_ready().unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+    }
+    for q in ["FETCH ALL FROM c", "EXECUTE p"] {
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+        assert_eq!(text_rows(&msgs).len(), 3, "{q}: {}", raw::describe_all(&msgs));
+    }
+    // Executed, the parsed DECLARE does name the cursor: its plain values come back as they are.
+    let mut batch = raw::fe::parse("z", "DECLARE d CURSOR WITH HOLD FOR SELECT 'plain'::text");
+    batch.extend(raw::fe::bind_text("", "z", &[]));
+    batch.extend(raw::fe::execute("", 0));
+    batch.extend(raw::fe::sync());
+    c.send(&batch).unwrap();
+    let msgs = c.recv_until_ready().unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    let msgs = c.simple_query("FETCH ALL FROM d").unwrap();
+    assert_eq!(text_rows(&msgs), vec![vec![Some("plain".to_string())]], "{}", raw::describe_all(&msgs));
+    assert!(!contains(&c.received, "SECRET-NOTE"), "upper(notes) reached the client unmasked");
+    assert_no_leak(&c.received, "parsed DECLARE/PREPARE");
+}
+
+/// Constraint violations echo the row (`Failing row contains (…)`, `Key (…)=(…)`), masked
+/// columns included: in a session with column rules their DETAIL is withheld.
+#[test]
+fn constraint_errors_do_not_echo_masked_rows() {
+    let e = env_strict("mask_constraint_detail");
+    let pg = cluster();
+    pg.svc_sql(&e.db, "CREATE UNIQUE INDEX ON customers (name, notes)");
+    pg.svc_sql(&e.db, "ALTER TABLE customers ADD CONSTRAINT short_names CHECK (length(name) < 20)");
+    pg.svc_sql(&e.db, "UPDATE customers SET notes = 'secret-note-alpha' WHERE id = 2");
+    let mut c = e.support().raw().expect("login");
+    for (q, code) in [
+        ("UPDATE customers SET id = NULL WHERE id = 1", "23502"),
+        ("UPDATE customers SET name = 'a name longer than twenty' WHERE id = 1", "23514"),
+        ("UPDATE customers SET name = 'Jane Roe' WHERE id = 2", "23505"),
+    ] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: no error: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some(code), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields().get(&'D').is_some_and(|d| d.contains("withheld")), "{q}: {}", raw::describe_all(&msgs));
+        let got = &c.received[before..];
+        assert!(!contains(got, "secret-note") && !contains(got, "123)"), "{q}: {}", raw::describe_all(&msgs));
+        assert_no_leak(got, q);
+    }
+    // An exempt session still gets the server's detail.
+    let mut x = e.login(&["support", "pii_readers"]).raw().expect("login");
+    let msgs = x.simple_query("UPDATE customers SET id = NULL WHERE id = 1").unwrap();
+    assert!(raw::first_error(&msgs).and_then(|e| e.fields().get(&'D').cloned()).is_some_and(|d| d.contains("Failing row contains")));
+}
+
+/// Each literal compared with a masked column is a guess. One statement can combine many:
+/// scalar subqueries counting the rows that match different halves of a candidate list
+/// name the matching candidate bit by bit. Strict masking bounds the guesses per statement.
+#[test]
+fn strict_masking_bounds_the_guesses_per_statement() {
+    let e = env_strict("mask_guesses");
+    let mut c = e.support().raw().expect("login");
+    // 64 candidates for customer 1's card, the real one among them; column k counts the
+    // rows matching the candidates whose index has bit k set.
+    let candidates: Vec<String> = (0..64).map(|i| if i == 37 { "4242424242424242".to_string() } else { format!("5{i:015}") }).collect();
+    let bits: Vec<String> = (0..6)
+        .map(|k| {
+            let half: Vec<String> = candidates.iter().enumerate().filter(|(i, _)| i >> k & 1 == 1).map(|(_, v)| format!("'{v}'")).collect();
+            format!("(SELECT count(*) FROM customers WHERE id = 1 AND card IN ({})) AS b{k}", half.join(", "))
+        })
+        .collect();
+    let q = format!("SELECT {}", bits.join(", "));
+    let msgs = c.simple_query(&q).unwrap();
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("the bit-split guesses ran: {}", raw::describe_all(&msgs)));
+    assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
+    assert!(err.fields()[&'M'].contains("mask:cards") && err.fields()[&'M'].contains("guess"), "{}", raw::describe_all(&msgs));
+    assert!(text_rows(&msgs).is_empty());
+    // A short list still works.
+    let msgs = c.simple_query("SELECT id FROM customers WHERE email IN ('amy@ex.io', 'x@y.z', 'jane@example.com') ORDER BY id").unwrap();
+    assert_eq!(text_rows(&msgs), vec![vec![Some("1".to_string())], vec![Some("3".to_string())]], "{}", raw::describe_all(&msgs));
+    assert_no_leak(&c.received, "guesses");
+}
+
+/// Value-preserving functions whose other arguments compare the value's characters: the
+/// masked result's length or NULL would tell them apart. Refused; plain positions still work.
+#[test]
+fn value_functions_cannot_compare_characters() {
+    let e = env_strict("mask_value_oracles");
+    let mut c = e.support().raw().expect("login");
+    for q in [
+        // empty exactly when the second digit is 2
+        "SELECT id, ltrim(substr(card, 2, 1), '2') FROM customers",
+        "SELECT id, rtrim(notes, 'a') FROM customers",
+        // NULL unless the card starts with 42
+        "SELECT id, substring(card, '^42') FROM customers",
+        "SELECT id, substring(card SIMILAR '42%' ESCAPE '#') FROM customers",
+        // NULL exactly when card equals name
+        "SELECT id, nullif(card, name) FROM customers",
+    ] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("strict masking"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(text_rows(&msgs).is_empty(), "{q}");
+        assert_no_leak(&c.received[before..], q);
+    }
+    let msgs = c.simple_query("SELECT substr(card, 1, 6), left(card, -4), btrim(email) FROM customers WHERE id = 1").unwrap();
+    assert_eq!(text_rows(&msgs), vec![vec![Some("******".to_string()), Some("************".to_string()), Some("****@*******.***".to_string())]], "{}", raw::describe_all(&msgs));
+}
+
+/// A function or domain named like a built-in strict masking trusts (`initcap`, `text`),
+/// reached through `search_path = public, pg_catalog`, would receive the masked value and
+/// RAISE it — in the same query string as its CREATE, before pgward's catalog knows it, and
+/// for a type at any time. Creating or renaming such objects is refused.
+#[test]
+fn functions_and_types_cannot_shadow_trusted_built_ins() {
+    let e = env_strict("mask_shadow");
+    let mut c = e.support().raw().expect("login");
+    let peek = "CREATE FUNCTION public.peek(x text) RETURNS boolean LANGUAGE plpgsql AS $$BEGIN RAISE NOTICE 'peek %', x; RETURN true; END$$";
+    let msgs = c.simple_query(peek).unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    for q in [
+        "CREATE FUNCTION public.initcap(x text) RETURNS text LANGUAGE plpgsql AS $$BEGIN RAISE NOTICE 'leak %', x; RETURN x; END$$; \
+         SET search_path = public, pg_catalog; SELECT initcap(notes) FROM customers",
+        "CREATE DOMAIN public.text AS pg_catalog.text CHECK (public.peek(VALUE))",
+        "CREATE DOMAIN public.t2 AS pg_catalog.text CHECK (public.peek(VALUE)); ALTER DOMAIN public.t2 RENAME TO text",
+    ] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("built-in"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(!contains(&c.received[before..], "secret-note"), "{q}: {}", raw::describe_all(&msgs));
+    }
+    // Nothing of the refused strings ran, so the casts and calls below are the built-ins.
+    let msgs = c.simple_query("SET search_path = public, pg_catalog; SELECT notes::text, initcap(notes) FROM customers").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    assert!(!msgs.iter().any(|m| m.tag == b'N'), "a notice came back: {}", raw::describe_all(&msgs));
+    assert!(!contains(&c.received, "secret-note"), "a note reached the client");
+    let pg = cluster();
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_type WHERE typname IN ('text', 't2') AND typnamespace = 'public'::regnamespace").trim(), "0");
+}

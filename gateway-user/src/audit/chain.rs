@@ -1,6 +1,7 @@
 //! The pieces of the line format that the writer and `verify` must agree on byte for byte:
 //! the genesis hash, how a line's hash is computed and stripped, the checkpoint message,
-//! segment file names and the `HEAD` file.
+//! segment file names, the `HEAD` file and the `start` record's note of a previous run's
+//! unanchored records.
 //!
 //! A stored line is `c` (the canonical JSON of the record without `hash`) with its final `}`
 //! replaced by `,"hash":"<hex>"}`, then `\n`, where
@@ -19,6 +20,13 @@ pub const HASH_HEX_LEN: usize = 64;
 
 /// What precedes the hex hash at the end of a stored line.
 pub const HASH_PREFIX: &[u8] = b",\"hash\":\"";
+
+/// The `start` record's meta key naming the records the previous run left after its last
+/// checkpoint (`{"first": seq, "last": seq}`): the restart's checkpoint anchors them, but only
+/// their hash chain vouches for them — they may be a crashed run's last records, or records
+/// someone who can write the log's files (not the checkpoint key) appended or replaced while
+/// pgward was down. `verify` lists these ranges, so a restart never anchors them silently.
+pub const UNANCHORED_TAIL: &str = "unanchored_tail";
 
 /// Name of the file holding the latest checkpoint.
 pub const HEAD_FILE: &str = "HEAD";

@@ -188,6 +188,10 @@ pub struct VerifyReport {
     pub unanchored: u64,
     /// The seq of the checkpoint `HEAD` names, if there is a HEAD.
     pub head_seq: Option<u64>,
+    /// Records a restart anchored that the run before it had left unanchored: (first seq,
+    /// last seq, the seq of the `start` record that names them). Only the hash chain
+    /// vouches for them (see [`chain::UNANCHORED_TAIL`]).
+    pub restart_anchored: Vec<(u64, u64, u64)>,
     /// The first thing wrong, if anything.
     pub problem: Option<Problem>,
 }
@@ -222,6 +226,11 @@ impl VerifyReport {
                 plural(self.unanchored, "unanchored record", "unanchored records")
             )),
             None => {}
+        }
+        for (first, last, start) in &self.restart_anchored {
+            s.push_str(&format!(
+                "; seq {first}..{last} were anchored by the restart at seq {start}, not by the run that wrote them (a crash, or records written while pgward was down)"
+            ));
         }
         s
     }
@@ -351,6 +360,12 @@ impl<'a> Walk<'a> {
         self.chain(line, &rec)?;
         let ts = parse_ts(&rec.ts).ok_or_else(|| at(line, Some(rec.seq), format!("ts {:?} is not an RFC 3339 time", rec.ts)))?;
         self.stretch_span(line, &rec, ts)?;
+        if rec.kind == Kind::Start
+            && let Some(t) = rec.meta.as_ref().and_then(|m| m.get(chain::UNANCHORED_TAIL))
+        {
+            let seq_of = |k: &str| t.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            self.report.restart_anchored.push((seq_of("first"), seq_of("last"), rec.seq));
+        }
         if rec.kind == Kind::Checkpoint {
             self.checkpoint(line, &rec, ts)?;
         } else {

@@ -199,8 +199,18 @@ fn stdout_open() -> bool {
     !(n > 0 && fds.revents & (libc::POLLERR | libc::POLLHUP) != 0)
 }
 
+/// Characters a terminal does not show as themselves but that reorder, hide or break what it
+/// shows: bidirectional controls (a right-to-left override turns `SELECT 1 -- x` around),
+/// zero-width characters and the Unicode line and paragraph separators. Shown escaped.
+fn is_invisible(c: char) -> bool {
+    matches!(c, '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
 /// Control characters as spaces (a line break and the indentation after it as one space),
-/// so one record stays one line.
+/// and [`is_invisible`] characters as `\u{…}`, so one record stays one line and shows what
+/// it holds: every text in a human-readable line can come from a client (the startup user
+/// and database of a failed login, SQL, a process name), and a terminal would obey the
+/// escape sequences, carriage returns and line breaks in it.
 fn one_line(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut after_break = false;
@@ -213,6 +223,9 @@ fn one_line(s: &str) -> String {
         } else if after_break && (c == ' ' || c == '\t') {
         } else if c.is_control() {
             out.push(' ');
+            after_break = false;
+        } else if is_invisible(c) {
+            out.push_str(&c.escape_unicode().to_string());
             after_break = false;
         } else {
             out.push(c);
@@ -243,8 +256,17 @@ fn fmt_params(params: &[Option<Param>]) -> String {
     items.join(", ")
 }
 
-/// `2026-11-29T14:00:00.123456Z  #42 statement  alice  sess=ab12  db=app  SELECT 1`
+/// `2026-11-29T14:00:00.123456Z  #42 statement  alice  sess=ab12  db=app  SELECT 1`, every
+/// field through [`one_line`].
 fn format_human(s: &mut String, r: &Record) {
+    let start = s.len();
+    format_fields(s, r);
+    let clean = one_line(&s[start..]);
+    s.truncate(start);
+    s.push_str(&clean);
+}
+
+fn format_fields(s: &mut String, r: &Record) {
     use std::fmt::Write as _;
     let _ = write!(s, "{}  #{} {}", r.ts, r.seq, r.kind.as_str());
     if let Some(u) = &r.user {
@@ -512,7 +534,7 @@ fn replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
             }
             _ => "(no result recorded)".to_string(),
         };
-        writeln!(out, "[+{offset:.3}s] {who}@{on}: {sql} -> {outcome}")?;
+        writeln!(out, "{}", one_line(&format!("[+{offset:.3}s] {who}@{on}: {sql} -> {outcome}")))?;
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
@@ -569,5 +591,18 @@ mod tests {
         assert_eq!(fmt_outcome(&r), "SELECT 3 (3 rows, 1.2 ms)");
         let e = Record { sqlstate: Some("42501".into()), error: Some("denied\nby rule".into()), ..Record::default() };
         assert_eq!(fmt_outcome(&e), "ERROR 42501 denied by rule");
+        // Client-chosen texts (a failed login's startup user and database) cannot break the
+        // line, move the cursor or reorder what the terminal shows.
+        let r = Record {
+            seq: 44,
+            ts: "t".into(),
+            kind: Kind::LoginFailed,
+            user: Some("m\r\x1b[2K\nt  #1 login  alice".into()),
+            database: Some("app\u{202e}live".into()),
+            ..Record::default()
+        };
+        s.clear();
+        format_human(&mut s, &r);
+        assert_eq!(s, "t  #44 login_failed  m  [2K t  #1 login  alice  db=app\\u{202e}live");
     }
 }

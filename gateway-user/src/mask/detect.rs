@@ -37,7 +37,8 @@ impl Detector {
 /// How a value (or a detected part of one) is replaced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Style {
-    /// Every letter and digit becomes `*` (separators such as `-`, `@`, `.` and spaces stay).
+    /// Every letter and digit, and every non-ASCII character, becomes `*` (ASCII separators
+    /// such as `-`, `@`, `.` and spaces stay).
     Full,
     /// Like `Full`, but the last N letters/digits stay. For an e-mail address: the first
     /// character of the local part and the whole domain stay (`j***@example.com`).
@@ -95,7 +96,17 @@ pub fn apply_style(style: Style, v: &[u8], key: &[u8]) -> Option<Vec<u8>> {
             out.extend_from_slice(hex::encode(&mac[..8]).as_bytes());
             Some(out)
         }
-        Style::Full => Some(v.iter().map(|&b| if is_alnum(b) { b'*' } else { b }).collect()),
+        Style::Full => {
+            let mut out = Vec::with_capacity(v.len());
+            for (u, hide) in units(v) {
+                if hide {
+                    out.push(b'*');
+                } else {
+                    out.extend_from_slice(&v[u]);
+                }
+            }
+            Some(out)
+        }
         Style::KeepLast(n) => {
             if let Some(at) = email_at(v) {
                 let mut out = Vec::with_capacity(v.len());
@@ -106,23 +117,44 @@ pub fn apply_style(style: Style, v: &[u8], key: &[u8]) -> Option<Vec<u8>> {
                 out.extend_from_slice(&v[at..]);
                 return Some(out);
             }
-            let total = v.iter().filter(|&&b| is_alnum(b)).count();
+            let total = units(v).filter(|(_, hide)| *hide).count();
             let hide = total.saturating_sub(n);
             let mut seen = 0;
-            Some(
-                v.iter()
-                    .map(|&b| {
-                        if is_alnum(b) {
-                            seen += 1;
-                            if seen <= hide { b'*' } else { b }
-                        } else {
-                            b
-                        }
-                    })
-                    .collect(),
-            )
+            let mut out = Vec::with_capacity(v.len());
+            for (u, hideable) in units(v) {
+                if hideable {
+                    seen += 1;
+                }
+                if hideable && seen <= hide {
+                    out.push(b'*');
+                } else {
+                    out.extend_from_slice(&v[u]);
+                }
+            }
+            Some(out)
         }
     }
+}
+
+/// The pieces of `v` the `full` and `keep_last` styles walk, each with whether it is one the
+/// styles hide: an ASCII letter or digit (hidden), another ASCII byte (a separator, kept),
+/// or a non-ASCII character — a byte of 0x80 or more with the UTF-8 continuation bytes after
+/// it — which is hidden whatever it is: a letter of another script, a full-width digit or a
+/// byte of another encoding carries the value as much as `a` or `4` does.
+fn units(v: &[u8]) -> impl Iterator<Item = (Range<usize>, bool)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let &b = v.get(i)?;
+        let start = i;
+        i += 1;
+        if b < 0x80 {
+            return Some((start..i, is_alnum(b)));
+        }
+        while v.get(i).is_some_and(|c| (0x80..0xC0).contains(c)) {
+            i += 1;
+        }
+        Some((start..i, true))
+    })
 }
 
 /// `v` is exactly one e-mail address: the position of its `@`.
@@ -490,6 +522,11 @@ mod tests {
             (Style::KeepLast(0), "abc", Some("***")),
             (Style::Full, "jo@ex.com", Some("**@**.***")),
             (Style::Null, "x", None),
+            // Non-ASCII characters are hidden one `*` each, whatever their script.
+            (Style::Full, "Иван Петров", Some("**** ******")),
+            (Style::Full, "\u{ff14}\u{ff12}\u{ff14}\u{ff12}", Some("****")),
+            (Style::KeepLast(2), "José-Ⅻ", Some("***é-Ⅻ")),
+            (Style::KeepLast(4), "иван@пример.рф", Some("****@****ер.рф")),
         ];
         for (style, input, want) in cases {
             let got = apply_style(*style, input.as_bytes(), key).map(|v| s(&v));

@@ -2,8 +2,9 @@
 //! field: PL/pgSQL's `RAISE … USING COLUMN = …` puts any text in the column, table, schema,
 //! datatype and constraint fields), NotificationResponse (`pg_notify(…, card)`),
 //! ParameterStatus (`set_config('application_name', card, false)`) and FunctionCallResponse.
-//! The content detectors of the session's rules run over each; a message that cannot be read
-//! is replaced, never passed on.
+//! The content detectors of the session's rules run over each, and with column rules the
+//! detail of an error that echoes a table row is withheld; a message that cannot be read is
+//! replaced, never passed on.
 
 use bytes::{BufMut, BytesMut};
 
@@ -27,6 +28,16 @@ const FIXED_FIELDS: &[u8] = b"SVCPpLFR";
 /// cannot keep in place (style `null`), or a message pgward cannot read.
 const MASKED: &[u8] = b"(masked)";
 
+/// SQLSTATE classes whose errors echo a row's values in their DETAIL: integrity constraint
+/// violations (23: "Failing row contains (…)", "Key (…)=(…) already exists", a partition
+/// key) and WITH CHECK OPTION violations (44). The row is the table's, masked columns
+/// included, and the detectors know nothing of a column without a detectable shape.
+const ROW_ECHOING_CLASSES: &[&[u8]] = &[b"23", b"44"];
+
+/// The DETAIL that replaces one of a [`ROW_ECHOING_CLASSES`] error in a session with column
+/// rules.
+const WITHHELD_DETAIL: &[u8] = b"pgward: the detail (a row's values) was withheld by masking";
+
 /// The ParameterStatus whose value pgward itself checks (`param_watch`): a role name is not
 /// rewritten.
 const UNSCRUBBED_PARAMETERS: &[&[u8]] = &[b"session_authorization"];
@@ -48,7 +59,8 @@ fn frame(tag: u8, body: &[u8]) -> Frame {
 /// A message of one of the kinds this module scrubs, with detected values masked. Other
 /// frames come back as they are.
 pub fn scrub_message(f: Frame, sess: &SessionMask) -> Frame {
-    if !sess.has_content() {
+    let errors = matches!(f.tag, b'E' | b'N') && sess.column_rules() != 0;
+    if !sess.has_content() && !errors {
         return f;
     }
     let rewritten = match f.tag {
@@ -97,7 +109,8 @@ fn unreadable(tag: u8) -> Frame {
 
 type Rewrite = Result<Option<BytesMut>, ()>;
 
-/// ErrorResponse / NoticeResponse: every free-text field.
+/// ErrorResponse / NoticeResponse: every free-text field; in a session with column rules,
+/// the DETAIL of an error that echoes a row ([`ROW_ECHOING_CLASSES`]) is withheld.
 fn error_fields(body: &[u8], sess: &SessionMask) -> Rewrite {
     let mut fields: Vec<(u8, &[u8], Option<Vec<u8>>)> = Vec::new();
     let mut rest = body;
@@ -114,6 +127,12 @@ fn error_fields(body: &[u8], sess: &SessionMask) -> Rewrite {
         let new = if FIXED_FIELDS.contains(&t) { None } else { scrub(v, sess) };
         fields.push((t, v, new));
         rest = &tail[nul + 1..];
+    }
+    let echoes_row = fields.iter().any(|(t, v, _)| *t == b'C' && ROW_ECHOING_CLASSES.iter().any(|c| v.starts_with(c)));
+    if echoes_row && sess.column_rules() != 0 {
+        for f in fields.iter_mut().filter(|f| f.0 == b'D') {
+            f.2 = Some(WITHHELD_DETAIL.to_vec());
+        }
     }
     if fields.iter().all(|f| f.2.is_none()) {
         return Ok(None);
@@ -267,6 +286,23 @@ mod tests {
         let mut v = 8i32.to_be_bytes().to_vec();
         v.extend_from_slice(&4111111111111111i64.to_be_bytes());
         assert_eq!(body_of(&scrub_message(frame(b'V', &v), &s)), (-1i32).to_be_bytes());
+    }
+
+    #[test]
+    fn row_echoing_details_are_withheld_under_column_rules() {
+        let text = "[[mask]]\nname = \"notes\"\ncolumns = [\"t.notes\"]\nstyle = \"null\"\n";
+        let p = Arc::new(MaskPolicy::from_sources(&[(PathBuf::from("t"), text.into())], b"k").unwrap());
+        let s = SessionMask { active: 1, policy: p, database: "db".into() };
+        let row = "Failing row contains (null, secret-note-alpha).";
+        for code in ["23502", "23514", "23505", "44000"] {
+            let f = scrub_message(frame(b'E', &fields(&[(b'S', "ERROR"), (b'C', code), (b'M', "m"), (b'D', row)])), &s);
+            assert!(!has(&f, "secret-note-alpha") && has(&f, "withheld") && has(&f, code), "{code}");
+        }
+        // Other errors keep their detail; a session without column rules keeps every detail.
+        let other = fields(&[(b'S', "ERROR"), (b'C', "22012"), (b'M', "m"), (b'D', row)]);
+        assert!(has(&scrub_message(frame(b'E', &other), &s), "secret-note-alpha"));
+        let unique = fields(&[(b'S', "ERROR"), (b'C', "23505"), (b'M', "m"), (b'D', "Key (id)=(1) already exists.")]);
+        assert!(has(&scrub_message(frame(b'E', &unique), &sess()), "Key (id)=(1)"));
     }
 
     #[test]

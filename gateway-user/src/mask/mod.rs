@@ -12,9 +12,12 @@
 //!   Describe/Bind for the extended protocol, CopyOutResponse for COPY) and the DataRow /
 //!   CopyData rewriting. A session none of whose rules apply has no mask state at all, and a
 //!   result none of whose columns needs masking or scanning is relayed without decoding rows.
+//! * [`strict`] and [`fastpath`]: which statements and fastpath calls a session under a
+//!   strict rule may run.
 
 pub mod catalog;
 pub mod detect;
+pub mod fastpath;
 pub mod lineage;
 pub mod messages;
 pub mod relay;

@@ -407,20 +407,24 @@ impl MaskRelay {
     }
 
     /// A Parse the session is forwarding (or refusing: Postgres may then still have an older
-    /// statement of that name): what masking keeps of the statement.
+    /// statement of that name): what masking keeps of the statement. A `DECLARE` or `PREPARE`
+    /// parsed here names nothing yet: it is remembered when an Execute of it completes, as a
+    /// simple Query's is ([`MaskRelay::command_complete`]).
     /// With it, strict masking's verdict on the text, as for [`MaskRelay::query`].
     pub fn parse(&mut self, sql: &str) -> (Arc<PreparedInfo>, Option<Violation>) {
         let (stmts, strict) = self.analyze(sql);
         let lineage = match stmts {
-            Some(mut v) if v.len() == 1 => {
-                let s = v.remove(0);
-                self.remember(std::slice::from_ref(&s));
-                Some(s)
-            }
+            Some(mut v) if v.len() == 1 => Some(v.remove(0)),
             Some(v) if v.is_empty() => Some(StmtKind::Other),
             _ => Some(StmtKind::Unknown),
         };
         (Arc::new(PreparedInfo { lineage, desc: Mutex::new(None) }), strict)
+    }
+
+    /// Strict masking's verdict on a fastpath call of the function `oid`: None when it may
+    /// run ([`super::fastpath`]).
+    pub fn function_call(&self, oid: i32) -> Option<Violation> {
+        super::fastpath::check(oid, self.sess.strict_rules())
     }
 
     /// A Bind of `statement` (what masking keeps of it, if anything) with these result formats:
@@ -592,16 +596,21 @@ impl MaskRelay {
         false
     }
 
-    /// CommandComplete / PortalSuspended: a statement of a Query done (DECLARE and PREPARE
-    /// remembered now), the result's counts recorded.
+    /// CommandComplete / PortalSuspended: a statement of a Query, or an Execute, done (a
+    /// DECLARE or PREPARE is remembered now: only one the server ran names a cursor or
+    /// statement), the result's counts recorded.
     fn command_complete(&mut self, f: &Frame, front: Option<&Tag>) -> bool {
         if f.tag == b'C' {
-            if let Some(Tag::Query(q)) = front {
-                self.sync_query(q);
-                let done = q.stmts.as_ref().and_then(|v| v.get(self.query_idx)).cloned();
-                if let Some(s) = done {
-                    self.remember(std::slice::from_ref(&s));
+            let done = match front {
+                Some(Tag::Query(q)) => {
+                    self.sync_query(q);
+                    q.stmts.as_ref().and_then(|v| v.get(self.query_idx)).cloned()
                 }
+                Some(Tag::Execute(p)) => p.prepared.as_ref().and_then(|pp| pp.lineage.clone()),
+                _ => None,
+            };
+            if let Some(s) = done {
+                self.remember(std::slice::from_ref(&s));
             }
             self.after_command(f);
         }

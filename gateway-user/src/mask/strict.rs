@@ -7,7 +7,8 @@
 //!   and operators (casts, `||`, `coalesce`, `upper`, `min`, `string_agg`, …): lineage then
 //!   masks the output;
 //! * in an equality (`=`, `<>`, `IS [NOT] DISTINCT FROM`, `IN (…)`) between the bare column and
-//!   a literal or parameter, or in `IS [NOT] NULL`;
+//!   a literal or parameter — at most [`MAX_GUESSES`] of those per query string — or in
+//!   `IS [NOT] NULL`;
 //! * as the argument of `count`, and anywhere in an `EXISTS` subquery's select list: positions
 //!   that return no value.
 //!
@@ -101,7 +102,7 @@ impl Why {
 
 /// Built-in functions whose result is the argument's value, or a piece of it, and that have
 /// no side effects: allowed on masked columns in output columns (lineage masks the result).
-const VALUE_FUNCTIONS: &[&str] = &[
+pub(super) const VALUE_FUNCTIONS: &[&str] = &[
     "upper", "lower", "initcap", "btrim", "ltrim", "rtrim", "concat", "concat_ws", "coalesce", "nullif", "text", "string_agg",
     "array_agg", "substr", "substring", "left", "right",
 ];
@@ -136,13 +137,21 @@ const HARMLESS: &[&str] = &[
 /// How deep string bodies inside string bodies are scanned.
 const MAX_BODY_DEPTH: usize = 4;
 
+/// How many literals or parameters one query string may compare masked columns with (in
+/// equalities, `IN` lists and simple `CASE` arms, all statements of the string together).
+/// Each one is a guess at a value, and one statement can combine its answers: scalar
+/// subqueries that count the rows matching different halves of a candidate list name the
+/// matching candidate among 2^k in k columns. The bound keeps a dictionary attack at a
+/// handful of guesses per statement, each statement in the audit log.
+pub const MAX_GUESSES: usize = 16;
+
 type Check = Result<(), Violation>;
 
 /// Check every statement of a parse tree's raw statements: the first violation, and whether
 /// the verdict depended on a constant's value (`ORDER BY 2`).
 pub(super) fn check(stmts: &[Value], r: &dyn Resolver, all_rules: u64) -> (Check, bool) {
     let cx = Cx::new(r);
-    let s = Strict { cx: &cx, r, all: all_rules };
+    let s = Strict { cx: &cx, r, all: all_rules, guesses: std::cell::Cell::new(0) };
     let verdict = stmts.iter().filter_map(|raw| raw.get("stmt")).try_for_each(|stmt| {
         s.everywhere(stmt)?;
         s.statement(stmt)
@@ -154,6 +163,8 @@ struct Strict<'a> {
     cx: &'a Cx<'a>,
     r: &'a dyn Resolver,
     all: u64,
+    /// Literals and parameters compared with masked columns so far ([`MAX_GUESSES`]).
+    guesses: std::cell::Cell<usize>,
 }
 
 fn empty_env() -> Env<'static> {
@@ -167,6 +178,19 @@ impl Strict<'_> {
 
     fn deny(&self, t: Taint, why: Why) -> Check {
         self.refuse(t.rules, format!("a masked column {}", why.text()))
+    }
+
+    /// `n` more literals or parameters compared with a masked column of taint `t`.
+    fn guess(&self, t: Taint, n: usize) -> Check {
+        let total = self.guesses.get().saturating_add(n);
+        self.guesses.set(total);
+        if total > MAX_GUESSES {
+            return self.refuse(
+                t.rules,
+                format!("masked columns are compared with more than {MAX_GUESSES} literals or parameters in one query string (each is a guess at a value)"),
+            );
+        }
+        Ok(())
     }
 
     /// Checks that hold at every position of a statement: statistics catalogs and functions
@@ -200,6 +224,12 @@ impl Strict<'_> {
     /// One raw statement.
     fn statement(&self, s: &Value) -> Check {
         let Some((ty, b)) = wrapped(s) else { return Ok(()) };
+        if let Some(name) = shadow::shadowing_name(ty, b) {
+            return self.refuse(
+                0,
+                format!("a function or type named {name:?} would stand in for the built-in strict masking trusts (under a search_path that puts pg_catalog after it)"),
+            );
+        }
         match ty {
             "SelectStmt" => self.select(b, None, Ctx::Output),
             "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => self.modify(ty, b, None),
@@ -675,6 +705,10 @@ impl Strict<'_> {
             (Ctx::Deny(Why::Argument), Some(t)) => {
                 self.refuse(t.rules, format!("a masked column is passed to {}, which is not a value-preserving built-in", n.join(".")))
             }
+            (Ctx::Output, Some(t)) if !value_preserving_form(name, args) => self.refuse(
+                t.rules,
+                format!("a masked column is passed to {} with a character set, pattern or position other than an integer literal, which compares its characters", n.join(".")),
+            ),
             _ => self.exprs(args, inner, env),
         }
     }
@@ -701,9 +735,17 @@ impl Strict<'_> {
             let items = r.and_then(|r| typed(r, "List")).map(|l| list(l, "items")).or_else(|| r.and_then(Value::as_array).map(Vec::as_slice));
             let literals = items.is_some_and(|items| items.iter().all(is_literal));
             self.expr_opt(l, if literals { Ctx::Operand } else { Ctx::Deny(Why::Comparison) }, env)?;
+            let t = l.map_or(Taint::NONE, |l| self.cx.walk_taint(l, env));
+            if !t.is_none() {
+                self.guess(t, items.map_or(0, <[Value]>::len))?;
+            }
             return self.expr_opt(r, Ctx::Deny(Why::Comparison), env);
         }
-        let preserving = ctx == Ctx::Output && ((kind == "AEXPR_OP" && op == "||") || kind == "AEXPR_NULLIF");
+        if kind == "AEXPR_NULLIF" {
+            // NULLIF(a, b) is NULL exactly when a = b: an equality, whatever it returns.
+            return self.equality(l, r, env);
+        }
+        let preserving = ctx == Ctx::Output && kind == "AEXPR_OP" && op == "||";
         let inner = if preserving { Ctx::Output } else { Ctx::Deny(Why::Comparison) };
         self.expr_opt(l, inner, env)?;
         self.expr_opt(r, inner, env)
@@ -718,6 +760,9 @@ impl Strict<'_> {
         let (lt, rt) = (self.cx.walk_taint(l, env), self.cx.walk_taint(r, env));
         let ok_pair = |col: &Value, other: &Value| col.get("ColumnRef").is_some() && is_literal(other);
         if (!lt.is_none() && ok_pair(l, r)) || (!rt.is_none() && ok_pair(r, l)) || (lt.is_none() && rt.is_none()) {
+            if !lt.is_none() || !rt.is_none() {
+                self.guess(if lt.is_none() { rt } else { lt }, 1)?;
+            }
             self.expr(l, Ctx::Operand, env)?;
             return self.expr(r, Ctx::Operand, env);
         }
@@ -747,6 +792,10 @@ impl Strict<'_> {
         let literals = whens.iter().all(|w| typed(w, "CaseWhen").and_then(|w| w.get("expr")).is_some_and(is_literal));
         let arg_ctx = deny.unwrap_or(if literals { Ctx::Operand } else { Ctx::Deny(Why::Comparison) });
         self.expr_opt(b.get("arg"), arg_ctx, env)?;
+        let t = b.get("arg").map_or(Taint::NONE, |a| self.cx.walk_taint(a, env));
+        if simple && !t.is_none() {
+            self.guess(t, whens.len())?;
+        }
         let result_ctx = match ctx {
             Ctx::Output | Ctx::Discard => ctx,
             Ctx::Deny(w) => Ctx::Deny(w),
@@ -762,8 +811,46 @@ impl Strict<'_> {
     }
 }
 
+/// Value-preserving functions whose arguments after the first are positions and lengths
+/// (`substr(card, 1, 6)`): with a text there (`substring(card, '^42')`, the regular-expression
+/// forms) the result's NULL or length tells whether the value matched.
+const POSITION_FUNCTIONS: &[&str] = &["substr", "substring", "left", "right"];
+
+/// Trims: with a second argument, a set of characters to strip, so the masked result's
+/// length tells which characters the value has at its ends (`ltrim(substr(card, 2, 1), '5')`
+/// is empty exactly when the second digit is 5).
+const TRIM_FUNCTIONS: &[&str] = &["btrim", "ltrim", "rtrim"];
+
+/// Integer types a position argument may be cast to.
+pub(super) const INTEGER_TYPES: &[&str] = &["int2", "int4", "int8", "smallint", "integer", "int", "bigint"];
+
+/// A call of value function `name` with `args` whose result compares nothing: trims without
+/// a character set, positions and lengths that are integer literals (or parameters and
+/// literals cast to an integer type).
+fn value_preserving_form(name: &str, args: &[Value]) -> bool {
+    if TRIM_FUNCTIONS.contains(&name) {
+        return args.len() <= 1;
+    }
+    if POSITION_FUNCTIONS.contains(&name) {
+        return args.iter().skip(1).all(is_integer_literal);
+    }
+    true
+}
+
+/// An integer constant, or a literal or parameter cast to an integer type.
+fn is_integer_literal(v: &Value) -> bool {
+    match wrapped(v) {
+        Some(("A_Const", b)) => b.get("ival").is_some(),
+        Some(("TypeCast", b)) => {
+            let ty = b.get("typeName").and_then(|t| typed(t, "TypeName")).map(|t| names(list(t, "names"))).unwrap_or_default();
+            ty.last().is_some_and(|t| INTEGER_TYPES.contains(&t.as_str())) && b.get("arg").is_some_and(is_literal)
+        }
+        _ => false,
+    }
+}
+
 /// Types a cast to which cannot fail on a string's content.
-const TEXT_TYPES: &[&str] = &["text", "varchar", "bpchar", "char", "name", "citext"];
+pub(super) const TEXT_TYPES: &[&str] = &["text", "varchar", "bpchar", "char", "name", "citext"];
 
 /// A cast to a text type (not an array of one).
 fn text_cast(b: &Obj) -> bool {
@@ -833,6 +920,8 @@ fn command_name(ty: &str) -> String {
     }
     out
 }
+
+mod shadow;
 
 #[cfg(test)]
 mod tests;

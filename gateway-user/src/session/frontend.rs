@@ -387,8 +387,9 @@ impl Relay {
         Ok(())
     }
 
-    /// `F`: decided by the policy on the function's OID; a denied call is replaced by one
-    /// that fails upstream.
+    /// `F`: decided by the policy on the function's OID, and under strict masking refused
+    /// unless it is a large-object function; a denied call is replaced by one that fails
+    /// upstream.
     fn on_function_call(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
         self.check_token()?;
         let (oid, args) = wire::decode_function_call(&f).map_err(bad)?;
@@ -399,6 +400,7 @@ impl Relay {
         rec.params = Some(args.iter().map(|(fmt, v)| Param::of(*fmt, *v, 0)).collect());
         let mut p = Pending::new(Awaited::FunctionCall);
         let verdict = self.shared.policy.decide_function_call(&self.policy_identity, &self.database, oid, chrono::Utc::now());
+        let verdict = self.strict_masking(verdict, self.mask.as_ref().and_then(|m| m.function_call(oid)));
         let (frame, rule) = if Self::apply_verdict(&mut rec, &mut p, &verdict) {
             (f, self.durability_rule(Effect::Other, true))
         } else {

@@ -46,7 +46,8 @@ pub(super) async fn refuse_login(
     msg: String,
     rule: Option<String>,
 ) {
-    tracing::info!(user = %identity.user, code, %msg, "login refused");
+    // The message quotes the client's texts (user, database, encoding): escaped (`?`).
+    tracing::info!(user = ?identity.user, code, msg = ?msg, "login refused");
     let mut rec = identity_record(Kind::LoginFailed, session, peer, identity, database);
     rec.rule = rule;
     rec.sqlstate = Some(code.to_string());

@@ -118,7 +118,9 @@ pub(super) async fn startup(shared: &Arc<Shared>, stream: BoxStream, peer: &Peer
         }
         Err(e) => {
             let code = e.sqlstate();
-            tracing::info!(user = %user, error = %e, "login refused");
+            // The startup user is the client's text: quoted and escaped (`?`), so a line
+            // break or escape sequence in it cannot forge or hide lines of pgward's log.
+            tracing::info!(user = ?user, error = %e, "login refused");
             let rec = failed(e.to_string(), code, e.jti().map(str::to_string), e.sub().map(str::to_string));
             let _ = shared.audit.append_durable(rec).await;
             let msg = match code {

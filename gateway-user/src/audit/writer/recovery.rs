@@ -16,7 +16,7 @@ use super::log::{Log, sync_ticket};
 use super::probe::path_cstring;
 use super::segment::{OpenSegment, open_sync_fds, preallocate};
 use super::{AuditError, Counters, WriterOptions};
-use crate::audit::chain::{self, GENESIS_HASH, HASH_HEX_LEN, HEAD_FILE, Head, SegmentFile};
+use crate::audit::chain::{self, GENESIS_HASH, HASH_HEX_LEN, HEAD_FILE, Head, SegmentFile, UNANCHORED_TAIL};
 use crate::audit::record::{Kind, Record};
 use crate::config::FsyncPolicy;
 
@@ -97,6 +97,8 @@ struct ChainEnd {
     last: Option<(u64, String)>,
     /// The last record itself.
     last_record: Option<Record>,
+    /// The records the last run left after its last checkpoint: first and last seq.
+    unanchored: Option<(u64, u64)>,
     /// The last segment, open for writing, and the seq its name says it starts at.
     current: Option<(OpenSegment, u64)>,
     /// What was found wrong on the way, for the `start` record.
@@ -122,7 +124,7 @@ impl Log {
             .map_err(|_| AuditError::Unwritable { path: opts.dir.clone(), reason: "path contains NUL".into() })?;
         let segments =
             chain::list_segments(&opts.dir).map_err(|e| AuditError::io(format!("listing {}", opts.dir.display()), e))?;
-        let ChainEnd { last, last_record, current, mut warnings } =
+        let ChainEnd { last, last_record, unanchored, current, mut warnings } =
             find_chain_end(&segments, opts.segment_bytes, threads)?;
         let (last_seq, prev_hash) = last.unwrap_or((0, GENESIS_HASH.to_owned()));
 
@@ -132,7 +134,7 @@ impl Log {
         let head_seq = check_head(&opts.dir, last_seq, &mut warnings);
 
         let mut log = Log::new(opts, Arc::new(dir_c), counters, threads, direct, seg, last_seq, prev_hash);
-        log.write_start(warnings)?;
+        log.write_start(warnings, unanchored)?;
         match last_record {
             // The last run stopped between making its last checkpoint durable and rewriting
             // HEAD: name it now (the handle hands it to the HEAD thread).
@@ -163,14 +165,18 @@ impl Log {
         Ok(log)
     }
 
-    /// Write the `start` record (with what recovery found wrong) and make it durable.
-    fn write_start(&mut self, warnings: Vec<String>) -> Result<(), AuditError> {
+    /// Write the `start` record (with what recovery found wrong, and the records the last run
+    /// left unanchored, which the checkpoint after this record anchors) and make it durable.
+    fn write_start(&mut self, warnings: Vec<String>, unanchored: Option<(u64, u64)>) -> Result<(), AuditError> {
         let mut meta = serde_json::json!({
             "pgward": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
         });
         if !warnings.is_empty() {
             meta["warnings"] = serde_json::json!(warnings);
+        }
+        if let Some((first, last)) = unanchored {
+            meta[UNANCHORED_TAIL] = serde_json::json!({ "first": first, "last": last });
         }
         let (tx, mut rx) = oneshot::channel();
         self.queue(Record { kind: Kind::Start, meta: Some(meta), ..Record::default() }, Some(Reply { tx, hook: None }));
@@ -204,22 +210,65 @@ fn create_dir(dir: &Path) -> Result<(), AuditError> {
 /// line is the last record. The last segment is opened for writing, cut back to its last
 /// complete line.
 fn find_chain_end(segments: &[SegmentFile], segment_bytes: u64, threads: usize) -> Result<ChainEnd, AuditError> {
-    let mut end = ChainEnd { last: None, last_record: None, current: None, warnings: Vec::new() };
+    let mut end = ChainEnd { last: None, last_record: None, unanchored: None, current: None, warnings: Vec::new() };
     for (i, s) in segments.iter().enumerate().rev() {
         let is_last = i + 1 == segments.len();
         let SegmentEnd { file, meta, line, good_len } = segment_end(s, is_last, &mut end.warnings)?;
+        let rec = match &line {
+            Some(line) => Some(check_last_record(&s.path, line, &mut end.warnings)?),
+            None => None,
+        };
+        if rec.as_ref().is_some_and(|r| r.kind != Kind::Checkpoint) {
+            end.unanchored = unanchored_tail(&file, good_len)
+                .map_err(|e| AuditError::io(format!("reading {}", s.path.display()), e))?;
+        }
         if is_last {
             let seg = reopen_last_segment(s, file, &meta, good_len, segment_bytes, threads)?;
             end.current = Some((seg, s.first_seq));
         }
-        if let Some(line) = line {
-            let rec = check_last_record(&s.path, &line, &mut end.warnings)?;
+        if let Some(rec) = rec {
             end.last = Some((rec.seq, rec.hash.clone()));
             end.last_record = Some(rec);
             break;
         }
     }
     Ok(end)
+}
+
+/// How much of a segment's end is read at first when looking for its last checkpoint
+/// (doubled until one is found or the whole segment is read).
+const TAIL_WINDOW: u64 = 256 * 1024;
+
+/// The first and last seq of the records after the last checkpoint among the first
+/// `content` bytes of `file` (complete lines), or of all its records when it holds no
+/// checkpoint. None when it holds no record after one.
+fn unanchored_tail(file: &File, content: u64) -> io::Result<Option<(u64, u64)>> {
+    let mut window = TAIL_WINDOW.min(content);
+    loop {
+        let start = content - window;
+        let mut buf = vec![0u8; usize::try_from(window).unwrap_or(usize::MAX)];
+        file.read_exact_at(&mut buf, start)?;
+        // A line cut by the window's start is not whole: skip it (unless the window starts
+        // the file).
+        let mut lines = buf.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect::<Vec<_>>();
+        if start > 0 && !lines.is_empty() {
+            lines.remove(0);
+        }
+        let (mut first, mut last, mut anchored) = (None, None, false);
+        for line in lines.iter().rev() {
+            let Ok(rec) = serde_json::from_slice::<Record>(line) else { break };
+            if rec.kind == Kind::Checkpoint {
+                anchored = true;
+                break;
+            }
+            last.get_or_insert(rec.seq);
+            first = Some(rec.seq);
+        }
+        if anchored || window == content {
+            return Ok(first.zip(last));
+        }
+        window = window.saturating_mul(2).min(content);
+    }
 }
 
 /// Open segment `s` (for writing if it is the last one) and find the end of its content;

@@ -312,3 +312,85 @@ fn violations_say_why() {
     assert_eq!(v.rules, 7);
 }
 
+
+/// Literals compared with masked columns are guesses: a statement may hold a handful, not a
+/// candidate list that subqueries split into bits.
+#[test]
+fn a_statement_holds_a_bounded_number_of_guesses() {
+    let list = |n: usize| (0..n).map(|i| format!("'41111111111111{i:02}'")).collect::<Vec<_>>().join(", ");
+    assert_eq!(verdict(&format!("select id from customers where card in ({})", list(MAX_GUESSES))), Ok(()));
+    assert_eq!(verdict(&format!("select id from customers where id in ({})", (0..100).map(|i| i.to_string()).collect::<Vec<_>>().join(", "))), Ok(()));
+    let too_many = [
+        format!("select id from customers where card in ({})", list(MAX_GUESSES + 1)),
+        format!(
+            "select (select count(*) from customers where card in ({a})), (select count(*) from customers where card in ({a}))",
+            a = list(MAX_GUESSES / 2 + 1)
+        ),
+        format!("select id from customers where {}", (0..=MAX_GUESSES).map(|i| format!("card = '{i}'")).collect::<Vec<_>>().join(" or ")),
+        format!("select count(case card {} end) from customers", (0..=MAX_GUESSES).map(|i| format!("when '{i}' then 1")).collect::<Vec<_>>().join(" ")),
+        format!("select id from customers where ssn in ({a}); select id from customers where card in ({a})", a = list(MAX_GUESSES / 2 + 1)),
+    ];
+    for sql in &too_many {
+        let v = verdict(sql).unwrap_err();
+        assert!(v.reason.contains("guess"), "{sql}: {}", v.reason);
+    }
+}
+
+/// Value functions whose extra arguments compare the value's characters are oracles:
+/// trims with a character set, the regular-expression forms of substring, NULLIF.
+#[test]
+fn value_functions_with_comparing_arguments_are_refused() {
+    for sql in [
+        "select ltrim(substr(card, 2, 1), '5') from customers",
+        "select btrim(card, '0123') from customers",
+        "select rtrim(email, 'm') from customers",
+        "select substring(card, '^42') from customers",
+        "select substring(card similar '4%' escape '#') from customers",
+        "select substring(card, $1) from customers",
+        "select left(card, name) from customers",
+        "select nullif(card, name) from customers",
+        "select nullif(upper(card), 'X') from customers",
+    ] {
+        let v = verdict(sql).unwrap_err();
+        assert_eq!(v.rules & 1 | v.rules & 4, v.rules, "{sql}");
+    }
+    for sql in [
+        "select substr(card, 1, 6), left(card, -4), right(card, 4), substring(card from 2 for 3) from customers",
+        "select substr(card, $1::int, 2), btrim(card), ltrim(email) from customers",
+        "select nullif(card, '4111111111111111') from customers",
+        "select ltrim(name, 'J'), substring(name, '^J') from customers",
+    ] {
+        assert_eq!(verdict(sql), Ok(()), "{sql}");
+    }
+}
+
+/// A function or type a session creates (or renames) under a name strict masking trusts to be
+/// the built-in would be called instead of it under `search_path = public, pg_catalog` — in
+/// the same query string before pgward's catalog knows it, or for types at any time.
+#[test]
+fn objects_named_like_trusted_built_ins_are_refused() {
+    for sql in [
+        "create function public.initcap(x text) returns text language sql as 'select x'",
+        "create or replace function s.count(x text) returns bigint language sql as 'select 1'",
+        "create procedure upper(x int) language sql as 'select 1'",
+        "create domain public.text as pg_catalog.text check (value <> '')",
+        "create type public.name as (a int)",
+        "create type s.citext as enum ('a')",
+        "create type s.int4 as range (subtype = int8)",
+        "alter function f(int) rename to upper",
+        "alter type t rename to text",
+        "alter domain d rename to varchar",
+        "alter function s.substr(int) set schema public",
+    ] {
+        let v = verdict(sql).unwrap_err();
+        assert!(v.reason.contains("built-in"), "{sql}: {}", v.reason);
+    }
+    for sql in [
+        "create function public.shout(x text) returns text language sql as 'select upper(x)'",
+        "create domain public.cardno as pg_catalog.text",
+        "alter schema s rename to upper",
+        "alter function f(int) rename to g",
+    ] {
+        assert_eq!(verdict(sql), Ok(()), "{sql}");
+    }
+}
