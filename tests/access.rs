@@ -96,6 +96,42 @@ async fn revoking_a_token_by_jti_ends_its_live_session_within_a_second() {
     assert_eq!(code, 0, "{report}");
 }
 
+/// A COPY FROM STDIN is one statement whose data keeps writing: rows sent after the token was
+/// revoked must not reach Postgres, nor may CopyDone complete the COPY — the session ends at
+/// its next CopyData and the COPY leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_token_mid_copy_ends_the_copy_before_its_next_data() {
+    use futures_util::{SinkExt, pin_mut};
+    let e = env("acc_revoke_copy", |b| b);
+    let (token, login) = e.login("bob", &["writers"], "15m");
+    let client = login.connect().await.unwrap();
+    assert_eq!(current_user(&client).await.unwrap(), e.rw);
+    let jti = jwt::jti_of(&token);
+
+    let sink = within("copy_in", client.copy_in("copy items from stdin")).await.unwrap();
+    pin_mut!(sink);
+    within("rows before the revocation", sink.send(bytes::Bytes::from("100\tbefore\n"))).await.unwrap();
+    let out = e.cli(&["token", "revoke", "--jti", &jti, "--reason", "mid-copy"]);
+    assert!(out.expect_ok().contains(&jti), "{}", out.describe());
+    // serve enforces a revocation before it writes its record: once the record is there,
+    // every session sees it.
+    e.pw.wait_audit("revoke record", |r| rec::of_kind(r, "revoke").iter().any(|x| x["jti"] == jti.as_str()));
+
+    let after = within("rows after the revocation", async {
+        sink.send(bytes::Bytes::from("101\tafter\n")).await?;
+        sink.as_mut().finish().await
+    })
+    .await;
+    assert!(after.is_err(), "the COPY completed after the token was revoked: {after:?}");
+    let rows = common::cluster().sql(&e.db, "SELECT count(*) FROM items WHERE id >= 100");
+    assert_eq!(rows.trim(), "0", "rows of a COPY cut off by a revocation reached the table");
+
+    let session = session_of(&e.pw, &jti);
+    let recs = e.pw.wait_audit("session_end", |r| rec::has_session_end(r, &session));
+    let end = rec::of_session(&recs, &session).into_iter().find(|r| rec::kind(r) == "session_end").unwrap().clone();
+    assert!(end["error"].as_str().unwrap_or("").contains("revoked"), "{end}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_user_ends_all_their_sessions_and_old_tokens() {
     let e = env("acc_revoke_user", |b| b);
