@@ -332,3 +332,37 @@ async fn changes_while_serve_is_down_are_audited_once() {
     let (code, report) = e.pw.audit_verify();
     assert_eq!(code, 0, "{report}");
 }
+
+/// The state directory belongs to the user `serve` runs as, and operators run the CLI as root:
+/// a state file that is a symbolic link (planted by that user) must not make root create or
+/// append to the file it points at (say `/etc/ld.so.preload`, which root would then hand to
+/// the directory's owner). The CLI refuses, and the link's target stays untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_does_not_follow_a_state_file_that_is_a_symlink() {
+    let e = env("acc_symlink", |b| b);
+    let state = e.pw.dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let existing = outside.path().join("existing");
+    std::fs::write(&existing, "root's file\n").unwrap();
+    let missing = outside.path().join("missing");
+    let cases: [(&str, &[&str], &std::path::Path); 4] = [
+        ("revoked.jsonl", &["token", "revoke", "--user", "mallory"], &missing),
+        ("revoked.jsonl", &["token", "revoke", "--user", "mallory"], &existing),
+        ("access.jsonl", &["access", "request", "--user", "mallory", "--role", &e.rw, "--ttl", "5m", "--reason", "x"], &missing),
+        ("access.jsonl", &["access", "request", "--user", "mallory", "--role", &e.rw, "--ttl", "5m", "--reason", "x"], &existing),
+    ];
+    for (file, args, target) in cases {
+        let link = state.join(file);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(target, &link).unwrap();
+        let out = e.cli(args);
+        assert!(!out.success(), "{file} -> {}: the CLI wrote through the link: {}", target.display(), out.describe());
+        assert!(out.stderr.contains(file), "the error names the file: {}", out.describe());
+        assert!(!missing.exists(), "{file}: root created the link's target");
+        assert_eq!(std::fs::read_to_string(&existing).unwrap(), "root's file\n", "{file}: root appended to the link's target");
+        std::fs::remove_file(&link).unwrap();
+    }
+    // With the links gone the same commands work.
+    e.cli(&["token", "revoke", "--user", "mallory"]).expect_ok();
+}
