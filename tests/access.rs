@@ -366,3 +366,34 @@ async fn the_cli_does_not_follow_a_state_file_that_is_a_symlink() {
     // With the links gone the same commands work.
     e.cli(&["token", "revoke", "--user", "mallory"]).expect_ok();
 }
+
+/// A session needs no statement to receive data: a LISTEN gets every NOTIFY while idle. Once
+/// the token is revoked nothing more may reach its client — the session ends instead of
+/// delivering the next notification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_idle_listener_gets_no_more_notifications() {
+    let e = env("acc_revoke_listen", |b| b);
+    let (token, login) = e.login("alice", &["analysts"], "15m");
+    let (listener, mut rx) = login.connect_with_messages().await.unwrap();
+    within("LISTEN", listener.batch_execute("LISTEN payroll")).await.unwrap();
+    common::cluster().sql(&e.db, "NOTIFY payroll, 'before-revocation'");
+    match within("the first notification", rx.recv()).await {
+        Some(tokio_postgres::AsyncMessage::Notification(n)) => assert_eq!(n.payload(), "before-revocation"),
+        other => panic!("expected the notification sent before the revocation, got {other:?}"),
+    }
+
+    let jti = jwt::jti_of(&token);
+    e.cli(&["token", "revoke", "--jti", &jti]).expect_ok();
+    e.pw.wait_audit("revoke record", |r| rec::of_kind(r, "revoke").iter().any(|x| x["jti"] == jti.as_str()));
+    common::cluster().sql(&e.db, "NOTIFY payroll, 'after-revocation'");
+    // The listener's connection must end without delivering it.
+    while let Some(m) = within("the listener's end", rx.recv()).await {
+        if let tokio_postgres::AsyncMessage::Notification(n) = m {
+            panic!("a revoked session received a notification: {:?}", n.payload());
+        }
+    }
+    let session = session_of(&e.pw, &jti);
+    let recs = e.pw.wait_audit("session_end", |r| rec::has_session_end(r, &session));
+    let end = rec::of_session(&recs, &session).into_iter().find(|r| rec::kind(r) == "session_end").unwrap().clone();
+    assert!(end["error"].as_str().unwrap_or("").contains("revoked"), "{end}");
+}

@@ -447,11 +447,12 @@ impl Relay {
         ))
     }
 
-    /// Before any statement, COPY data and Sync: the token is unexpired and not revoked, and a
-    /// grant the session runs under is neither expired nor revoked. Otherwise the session ends
-    /// (FATAL) before the message is forwarded, and what it left unfinished (a COPY, an implicit
-    /// transaction) is rolled back with the upstream connection.
-    fn check_token(&mut self) -> Result<(), End> {
+    /// Before any statement, COPY data and Sync, and before the server's bytes reach the
+    /// client: the token is unexpired and not revoked, and a grant the session runs under is
+    /// neither expired nor revoked. Otherwise the session ends (FATAL) before the message is
+    /// forwarded, and what it left unfinished (a COPY, an implicit transaction) is rolled back
+    /// with the upstream connection.
+    pub(super) fn check_token(&mut self) -> Result<(), End> {
         self.check
             .check(&self.shared.access, &self.identity, now_unix())
             .map_err(|r| End::Fatal(r.sqlstate(), r.to_string()))
