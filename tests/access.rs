@@ -96,6 +96,42 @@ async fn revoking_a_token_by_jti_ends_its_live_session_within_a_second() {
     assert_eq!(code, 0, "{report}");
 }
 
+/// A COPY FROM STDIN is one statement whose data keeps writing: rows sent after the token was
+/// revoked must not reach Postgres, nor may CopyDone complete the COPY — the session ends at
+/// its next CopyData and the COPY leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_token_mid_copy_ends_the_copy_before_its_next_data() {
+    use futures_util::{SinkExt, pin_mut};
+    let e = env("acc_revoke_copy", |b| b);
+    let (token, login) = e.login("bob", &["writers"], "15m");
+    let client = login.connect().await.unwrap();
+    assert_eq!(current_user(&client).await.unwrap(), e.rw);
+    let jti = jwt::jti_of(&token);
+
+    let sink = within("copy_in", client.copy_in("copy items from stdin")).await.unwrap();
+    pin_mut!(sink);
+    within("rows before the revocation", sink.send(bytes::Bytes::from("100\tbefore\n"))).await.unwrap();
+    let out = e.cli(&["token", "revoke", "--jti", &jti, "--reason", "mid-copy"]);
+    assert!(out.expect_ok().contains(&jti), "{}", out.describe());
+    // serve enforces a revocation before it writes its record: once the record is there,
+    // every session sees it.
+    e.pw.wait_audit("revoke record", |r| rec::of_kind(r, "revoke").iter().any(|x| x["jti"] == jti.as_str()));
+
+    let after = within("rows after the revocation", async {
+        sink.send(bytes::Bytes::from("101\tafter\n")).await?;
+        sink.as_mut().finish().await
+    })
+    .await;
+    assert!(after.is_err(), "the COPY completed after the token was revoked: {after:?}");
+    let rows = common::cluster().sql(&e.db, "SELECT count(*) FROM items WHERE id >= 100");
+    assert_eq!(rows.trim(), "0", "rows of a COPY cut off by a revocation reached the table");
+
+    let session = session_of(&e.pw, &jti);
+    let recs = e.pw.wait_audit("session_end", |r| rec::has_session_end(r, &session));
+    let end = rec::of_session(&recs, &session).into_iter().find(|r| rec::kind(r) == "session_end").unwrap().clone();
+    assert!(end["error"].as_str().unwrap_or("").contains("revoked"), "{end}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_user_ends_all_their_sessions_and_old_tokens() {
     let e = env("acc_revoke_user", |b| b);
@@ -295,4 +331,69 @@ async fn changes_while_serve_is_down_are_audited_once() {
     assert_eq!(rec::of_kind(&recs, "access_approve").len(), 1);
     let (code, report) = e.pw.audit_verify();
     assert_eq!(code, 0, "{report}");
+}
+
+/// The state directory belongs to the user `serve` runs as, and operators run the CLI as root:
+/// a state file that is a symbolic link (planted by that user) must not make root create or
+/// append to the file it points at (say `/etc/ld.so.preload`, which root would then hand to
+/// the directory's owner). The CLI refuses, and the link's target stays untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_does_not_follow_a_state_file_that_is_a_symlink() {
+    let e = env("acc_symlink", |b| b);
+    let state = e.pw.dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let existing = outside.path().join("existing");
+    std::fs::write(&existing, "root's file\n").unwrap();
+    let missing = outside.path().join("missing");
+    let cases: [(&str, &[&str], &std::path::Path); 4] = [
+        ("revoked.jsonl", &["token", "revoke", "--user", "mallory"], &missing),
+        ("revoked.jsonl", &["token", "revoke", "--user", "mallory"], &existing),
+        ("access.jsonl", &["access", "request", "--user", "mallory", "--role", &e.rw, "--ttl", "5m", "--reason", "x"], &missing),
+        ("access.jsonl", &["access", "request", "--user", "mallory", "--role", &e.rw, "--ttl", "5m", "--reason", "x"], &existing),
+    ];
+    for (file, args, target) in cases {
+        let link = state.join(file);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(target, &link).unwrap();
+        let out = e.cli(args);
+        assert!(!out.success(), "{file} -> {}: the CLI wrote through the link: {}", target.display(), out.describe());
+        assert!(out.stderr.contains(file), "the error names the file: {}", out.describe());
+        assert!(!missing.exists(), "{file}: root created the link's target");
+        assert_eq!(std::fs::read_to_string(&existing).unwrap(), "root's file\n", "{file}: root appended to the link's target");
+        std::fs::remove_file(&link).unwrap();
+    }
+    // With the links gone the same commands work.
+    e.cli(&["token", "revoke", "--user", "mallory"]).expect_ok();
+}
+
+/// A session needs no statement to receive data: a LISTEN gets every NOTIFY while idle. Once
+/// the token is revoked nothing more may reach its client — the session ends instead of
+/// delivering the next notification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_idle_listener_gets_no_more_notifications() {
+    let e = env("acc_revoke_listen", |b| b);
+    let (token, login) = e.login("alice", &["analysts"], "15m");
+    let (listener, mut rx) = login.connect_with_messages().await.unwrap();
+    within("LISTEN", listener.batch_execute("LISTEN payroll")).await.unwrap();
+    common::cluster().sql(&e.db, "NOTIFY payroll, 'before-revocation'");
+    match within("the first notification", rx.recv()).await {
+        Some(tokio_postgres::AsyncMessage::Notification(n)) => assert_eq!(n.payload(), "before-revocation"),
+        other => panic!("expected the notification sent before the revocation, got {other:?}"),
+    }
+
+    let jti = jwt::jti_of(&token);
+    e.cli(&["token", "revoke", "--jti", &jti]).expect_ok();
+    e.pw.wait_audit("revoke record", |r| rec::of_kind(r, "revoke").iter().any(|x| x["jti"] == jti.as_str()));
+    common::cluster().sql(&e.db, "NOTIFY payroll, 'after-revocation'");
+    // The listener's connection must end without delivering it.
+    while let Some(m) = within("the listener's end", rx.recv()).await {
+        if let tokio_postgres::AsyncMessage::Notification(n) = m {
+            panic!("a revoked session received a notification: {:?}", n.payload());
+        }
+    }
+    let session = session_of(&e.pw, &jti);
+    let recs = e.pw.wait_audit("session_end", |r| rec::has_session_end(r, &session));
+    let end = rec::of_session(&recs, &session).into_iter().find(|r| rec::kind(r) == "session_end").unwrap().clone();
+    assert!(end["error"].as_str().unwrap_or("").contains("revoked"), "{end}");
 }

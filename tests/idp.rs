@@ -15,7 +15,7 @@ use common::gateway::rec;
 use common::{Login, Pgward, PgwardBuilder, cluster, current_user, jwt, pgward_cli, wait_for};
 use common::tls::TestCa;
 use serde_json::{Value, json};
-use support::{Idp, IdpKey, token_file};
+use support::{Idp, IdpKey, malleate_es256, token_file};
 
 /// How long pgward may take to pick up what the provider publishes (a fact to wait for, not a
 /// performance bound).
@@ -169,6 +169,47 @@ async fn entra_token_without_jti_is_revoked_by_the_token_itself() {
     assert!(db_err.message().contains("revoked"), "{e}");
     let (code, msg) = refused(&login).await;
     assert_eq!((code.as_str(), msg.contains("revoked")), ("28P01", true), "{msg}");
+}
+
+/// A token without `jti` is named by a hash; the holder of an ES256 token can re-sign it without
+/// the key (ECDSA signatures are malleable: (r, n - s) verifies too). Revoking the token must
+/// hold for every signature of the same header and claims, so the id must not depend on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn es256_token_without_jti_stays_revoked_when_its_signature_is_malleated() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let key = IdpKey::es256("oidc-es-1");
+    let idp = Idp::start(&ca, "/oidc", "/oidc/jwks", &[&key]);
+    let db = cluster().create_database("idp_malleate");
+    let pw = gateway(&idp, &ca, "jwks_url", &idp.issuer, "pgward", &[]);
+    let t = jwt::now();
+    let token = key.sign(&json!({"iss": idp.issuer, "aud": "pgward", "sub": "dave", "iat": t, "exp": t + 3600}));
+    let twin = malleate_es256(&token);
+    assert_ne!(twin, token);
+
+    // Both signatures are valid: the twin logs in, and its audit id is the original's.
+    let twin_login = pw.login("dave", &twin, &db);
+    let client = twin_login.connect().await.expect("the malleated token is authentic");
+    assert!(!current_user(&client).await.unwrap().is_empty());
+
+    let file = token_file(dir.path(), "leaked.jwt", &token);
+    let out = pgward_cli(&["token", "revoke", "--config", pw.config_path.to_str().unwrap(), "--token-file", file.to_str().unwrap()]);
+    assert!(out.success(), "{}", out.describe());
+    let id = out.stdout.split_whitespace().nth(2).unwrap_or_default().to_string();
+    assert!(id.starts_with("sha256:"), "revoked id: {}", out.describe());
+    let recs = pw.wait_audit("the twin's login record", |r| rec::of_kind(r, "login").iter().any(|x| x["user"] == "dave"));
+    let twin_rec = rec::of_kind(&recs, "login").into_iter().find(|x| x["user"] == "dave").unwrap();
+    assert_eq!(twin_rec["jti"], id.as_str(), "the twin's session must carry the id revoked for the original: {twin_rec}");
+    pw.wait_audit("the revoke record", |r| rec::of_kind(r, "revoke").iter().any(|x| x["jti"] == id.as_str()));
+
+    // The twin's live session ends, and neither signature logs in again.
+    let e = wait_for("the revocation to reach the twin's session", PICKUP, || futures_block_on(current_user(&client)).err());
+    let db_err = e.as_db_error().unwrap_or_else(|| panic!("not a server error: {e}"));
+    assert_eq!((db_err.code().code(), db_err.message().contains("revoked")), ("28P01", true), "{e}");
+    for (what, t) in [("original", &token), ("malleated", &twin)] {
+        let (code, msg) = refused(&pw.login("dave", t, &db)).await;
+        assert_eq!((code.as_str(), msg.contains("revoked")), ("28P01", true), "{what}: {msg}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

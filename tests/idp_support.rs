@@ -232,3 +232,28 @@ pub fn token_file(dir: &Path, name: &str, token: &str) -> std::path::PathBuf {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
 }
+
+/// The order n of the P-256 group, big-endian.
+const P256_ORDER: [u8; 32] = [
+    0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
+];
+
+/// The same ES256 token with its signature (r, s) replaced by (r, n - s): also a valid
+/// signature of the same header and claims (ECDSA signatures are malleable), made without the
+/// key — what the holder of a token can do to change its bytes.
+pub fn malleate_es256(token: &str) -> String {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let (signed, sig) = token.rsplit_once('.').expect("a compact JWS");
+    let mut sig = URL_SAFE_NO_PAD.decode(sig).expect("a base64url signature");
+    assert_eq!(sig.len(), 64, "an ES256 signature is r || s, 32 bytes each");
+    let s: [u8; 32] = sig[32..].try_into().unwrap();
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let d = P256_ORDER[i] as i16 - s[i] as i16 - borrow;
+        borrow = i16::from(d < 0);
+        sig[32 + i] = d.rem_euclid(256) as u8;
+    }
+    format!("{signed}.{}", URL_SAFE_NO_PAD.encode(&sig))
+}

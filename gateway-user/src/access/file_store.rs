@@ -29,17 +29,33 @@ pub(super) fn ensure_dir(dir: &Path) -> Result<(), AccessError> {
     Ok(())
 }
 
+/// Open a state file, never through a symbolic link, and only if it is a regular file. The
+/// state directory belongs to the user `serve` runs as while operators run the CLI as root: a
+/// link planted there would otherwise have root create or append to any file (and hand a
+/// created one to the directory's owner).
+fn open_state_file(path: &Path, opts: &mut std::fs::OpenOptions) -> Result<std::fs::File, AccessError> {
+    let f = opts.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) => AccessError::io(path, std::io::Error::other("is a symbolic link; refusing to follow it")),
+        _ => AccessError::io(path, e),
+    })?;
+    let m = f.metadata().map_err(|e| AccessError::io(path, e))?;
+    if !m.file_type().is_file() {
+        return Err(AccessError::io(path, std::io::Error::other("is not a regular file")));
+    }
+    Ok(f)
+}
+
+/// Read a whole state file (see [`open_state_file`]).
+fn read_state_file(path: &Path) -> Result<Vec<u8>, AccessError> {
+    let mut f = open_state_file(path, std::fs::OpenOptions::new().read(true))?;
+    read_all(&mut f, path)
+}
+
 /// Open `path` for appending (created 0600; when running as root, handed to the owner of the
 /// directory so a `serve` running as another user can read it) and take an exclusive lock.
 fn open_locked(path: &Path) -> Result<std::fs::File, AccessError> {
-    let existed = path.exists();
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| AccessError::io(path, e))?;
+    let existed = path.symlink_metadata().is_ok();
+    let f = open_state_file(path, std::fs::OpenOptions::new().read(true).append(true).create(true).mode(0o600))?;
     if !existed
         && euid() == 0
         && let Some(dir) = path.parent()
@@ -114,8 +130,8 @@ impl FileStore {
     pub(super) fn load(&self, rules: &Rules) -> Result<State, AccessError> {
         let mut state = State::default();
         let path = self.path(REVOKED_FILE);
-        if path.exists() {
-            let bytes = std::fs::read(&path).map_err(|e| AccessError::io(&path, e))?;
+        if path.symlink_metadata().is_ok() {
+            let bytes = read_state_file(&path)?;
             for (r, _) in parse_lines::<Revocation>(&bytes, 0, &path).0 {
                 if r.valid() {
                     state.apply_revocation(&r);
@@ -123,8 +139,8 @@ impl FileStore {
             }
         }
         let path = self.path(ACCESS_FILE);
-        if path.exists() {
-            let bytes = std::fs::read(&path).map_err(|e| AccessError::io(&path, e))?;
+        if path.symlink_metadata().is_ok() {
+            let bytes = read_state_file(&path)?;
             apply_all(&mut state, &bytes, &path, rules);
         }
         Ok(state)

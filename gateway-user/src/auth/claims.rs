@@ -135,8 +135,8 @@ impl Checks {
 }
 
 /// The id of a token for revocation and audit records: its `jti`, or [`TOKEN_HASH_PREFIX`] and
-/// the SHA-256 of the token when it has none. Read without verifying anything (the CLI's
-/// `token revoke --token`); `None` when `token` is not a JWS in compact form.
+/// the SHA-256 of its signed part when it has none ([`token_hash`]). Read without verifying
+/// anything (the CLI's `token revoke --token`); `None` when `token` is not a JWS in compact form.
 pub fn token_id(token: &str) -> Option<String> {
     let token = token.trim_ascii();
     let parts = super::verifier::split_jwt(token)?;
@@ -147,9 +147,14 @@ pub fn token_id(token: &str) -> Option<String> {
     })
 }
 
-/// [`TOKEN_HASH_PREFIX`] + hex SHA-256 of the compact token.
+/// [`TOKEN_HASH_PREFIX`] + hex SHA-256 of the compact token's signed part, `header.payload`
+/// (the whole text when it has no signature part). The signature is left out because it is not
+/// unique: an ECDSA signature (r, s) of ES256/ES384 can be turned into another valid one,
+/// (r, n - s), without the key, and a provider may sign the same claims twice. An id over the
+/// signature would let the holder of a revoked token log in again under a new id.
 pub fn token_hash(token: &str) -> String {
-    format!("{TOKEN_HASH_PREFIX}{}", hex::encode(sha2::Sha256::digest(token.as_bytes())))
+    let signed = token.rsplit_once('.').map_or(token, |(signed, _signature)| signed);
+    format!("{TOKEN_HASH_PREFIX}{}", hex::encode(sha2::Sha256::digest(signed.as_bytes())))
 }
 
 /// A claim setting as a JSON pointer: `/a/b` stays, a bare name `n` becomes `/n` (with `~` and

@@ -223,6 +223,10 @@ fn token_id_is_the_jti_or_the_hash_and_none_for_non_tokens() {
     assert_eq!(token_id(&with_jti).as_deref(), Some("j-1"));
     let without = sign(Algorithm::ES256, "k", &json!({"exp": 1}), &key);
     assert_eq!(token_id(&without), Some(token_hash(&without)));
+    // Another signature of the same header and claims (ECDSA's (r, n - s), a re-signing) is the
+    // same token: the id does not depend on the signature.
+    let (signed, _) = without.rsplit_once('.').unwrap();
+    assert_eq!(token_id(&format!("{signed}.AAAA")), token_id(&without));
     for junk in ["", "hunter2", "a.b", "a.b.c.d", "!!.??.--"] {
         assert_eq!(token_id(junk), None, "{junk:?}");
     }

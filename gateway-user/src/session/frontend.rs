@@ -144,13 +144,22 @@ impl Relay {
             b'D' => self.on_describe(f, batch),
             b'C' => self.on_close(f, batch),
             b'S' => {
+                // A Sync commits the implicit transaction of the Executes before it.
+                self.check_token()?;
                 if self.tx.sync_waits() {
                     batch.gate_here();
                 }
                 batch.forward(f, Pending::new(Awaited::Sync));
                 Ok(())
             }
-            b'H' | b'd' | b'c' | b'f' => {
+            b'd' | b'c' => {
+                // COPY FROM STDIN data writes rows, and CopyDone completes them: a COPY
+                // started before the token expired or was revoked must not go on writing.
+                self.check_token()?;
+                batch.frames.push((f, None));
+                Ok(())
+            }
+            b'H' | b'f' => {
                 batch.frames.push((f, None));
                 Ok(())
             }
@@ -440,9 +449,12 @@ impl Relay {
         ))
     }
 
-    /// Before any statement: the token is unexpired and not revoked, and a grant the session
-    /// runs under is neither expired nor revoked. Otherwise the session ends (FATAL).
-    fn check_token(&mut self) -> Result<(), End> {
+    /// Before any statement, COPY data and Sync, and before the server's bytes reach the
+    /// client: the token is unexpired and not revoked, and a grant the session runs under is
+    /// neither expired nor revoked. Otherwise the session ends (FATAL) before the message is
+    /// forwarded, and what it left unfinished (a COPY, an implicit transaction) is rolled back
+    /// with the upstream connection.
+    pub(super) fn check_token(&mut self) -> Result<(), End> {
         self.check
             .check(&self.shared.access, &self.identity, now_unix())
             .map_err(|r| End::Fatal(r.sqlstate(), r.to_string()))

@@ -430,8 +430,13 @@ impl Relay {
         }
     }
 
-    /// Bytes read from the server.
+    /// Bytes read from the server. Nothing more reaches the client of a token that expired or
+    /// was revoked (or of a grant that ended): not the rest of a long result, nor what an idle
+    /// session receives without asking (notifications of a LISTEN).
     fn upstream_read(&mut self, p: &mut Pumps) -> Option<End> {
+        if let Err(end) = self.check_token() {
+            return Some(end);
+        }
         // The writer sent the held batch and Postgres may already be answering it: its
         // pendings must be queued first.
         if p.batch.as_ref().is_some_and(Batch::was_sent) {
