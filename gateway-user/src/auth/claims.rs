@@ -147,6 +147,15 @@ pub fn token_id(token: &str) -> Option<String> {
     })
 }
 
+/// For a token without `jti` (its id is a [`token_hash`]): the id pgward gave it before ids
+/// left the signature out — [`TOKEN_HASH_PREFIX`] + hex SHA-256 of the whole compact token —
+/// so that a revocation recorded under that id still refuses the token's logins.
+pub fn former_token_hash(identity: &super::Identity, token: &str) -> Option<String> {
+    identity.jti.starts_with(TOKEN_HASH_PREFIX).then(|| {
+        format!("{TOKEN_HASH_PREFIX}{}", hex::encode(sha2::Sha256::digest(token.trim_ascii().as_bytes())))
+    })
+}
+
 /// [`TOKEN_HASH_PREFIX`] + hex SHA-256 of the compact token's signed part, `header.payload`
 /// (the whole text when it has no signature part). The signature is left out because it is not
 /// unique: an ECDSA signature (r, s) of ES256/ES384 can be turned into another valid one,

@@ -28,7 +28,7 @@ mod tests;
 mod idp_tests;
 
 pub use signer::{JWKS_FILE, SIGNING_KEY_FILE, Signer, generate_signing_key, signing_key_pem_path, write_ed25519_key};
-pub use claims::{Checks, TOKEN_HASH_PREFIX, token_hash, token_id};
+pub use claims::{Checks, TOKEN_HASH_PREFIX, former_token_hash, token_hash, token_id};
 pub use key_store::{KEY_STATUS_FILE, KeyStatus};
 pub use verifier::Verifier;
 

@@ -77,7 +77,8 @@ pub(super) async fn login(shared: &Arc<Shared>, peer: &Peer, session: &str, mut 
     // published after this check is seen by the session's first statement.
     let access_generation = shared.access.generation();
     let snap = shared.access.snapshot();
-    if let Some(why) = snap.token_revoked(&login.identity) {
+    let former = login.former_id.as_ref().map(|id| Identity { jti: id.clone(), ..login.identity.clone() });
+    if let Some(why) = snap.token_revoked(&login.identity).or_else(|| former.and_then(|f| snap.revoked_in_state(&f))) {
         let msg = format!("pgward: token authentication failed for user \"{}\": {why}", login.identity.user);
         refuse_login(shared, &mut login.stream, session, peer, &login.identity, &login.database, sqlstate::INVALID_PASSWORD, msg, None)
             .await;

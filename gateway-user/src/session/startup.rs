@@ -22,6 +22,9 @@ pub(super) struct Login {
     pub(super) app_name: Option<String>,
     /// Client startup parameters passed on to the upstream (client_encoding, DateStyle, ...).
     pub(super) params: Vec<(String, String)>,
+    /// For a token without `jti`: the id older pgward versions gave it (the hash of the whole
+    /// token, see [`crate::auth::former_token_hash`]), which revocations made by them name.
+    pub(super) former_id: Option<String>,
 }
 
 /// Startup parameters never passed upstream: identity and connection routing are pgward's,
@@ -114,7 +117,8 @@ pub(super) async fn startup(shared: &Arc<Shared>, stream: BoxStream, peer: &Peer
                 return None;
             }
             let params = with_lexical_settings(params);
-            Some(Login { identity, database, stream, buf, app_name, params })
+            let former_id = crate::auth::former_token_hash(&identity, &token);
+            Some(Login { identity, database, stream, buf, app_name, params, former_id })
         }
         Err(e) => {
             let code = e.sqlstate();
