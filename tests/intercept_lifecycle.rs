@@ -328,6 +328,40 @@ fn world_reachable_socket_is_found_without_configuration() {
     assert_eq!(nobody.expect_ok(), c.svc_user, "the world-reachable socket really lets uid 65534 in");
 }
 
+/// Postgres 14+ can listen on an abstract-namespace unix socket (`unix_socket_directories =
+/// '@name'`): no file, no permission bits, every process of the network namespace can connect.
+/// pgward finds it by asking the server and refuses to start; the attack it stops is a
+/// non-root process of the protected cgroup logging in there with the service password.
+#[test]
+fn abstract_namespace_socket_refuses_start() {
+    let cg = TestCgroup::new("unixabs");
+    let c = common::cluster::abstract_socket_cluster();
+    let cgp = cg.path.display().to_string();
+    let pw = Pgward::builder_on(c)
+        .config(move |t| {
+            toml_set(t, "intercept.enabled", true);
+            toml_set(t, "intercept.cgroup", cgp);
+            toml_set(t, "intercept.protected", any_port(common::free_port()));
+            toml_set(t, "intercept.sk_lookup", false);
+        })
+        .init();
+    let out = serve_fails(&pw, &[]);
+    let want = format!("the real Postgres socket {}/.s.PGSQL.{} is in the abstract namespace", c.abstract_socket(), c.port);
+    assert!(out.stderr.contains(&want) && out.stderr.contains("unix_socket_check = \"refuse\""), "{}", out.describe());
+    assert!(!cg.gateway().exists(), "refused before attaching anything");
+    assert!(!support::pinned_anything(&pw), "nothing pinned");
+    // What the refusal protects: uid 65534 inside the protected cgroup gets in there.
+    let conninfo = format!("host={} port={} user={} dbname=postgres sslmode=disable", c.abstract_socket(), c.port, c.svc_user);
+    let psql = common::clients::psql_bin();
+    let mut cmd = Client::in_cgroup(&cg).command(
+        "setpriv",
+        &["--reuid=65534", "--regid=65534", "--clear-groups", "--", &psql, "-X", "-At", "-w", "-c", "select current_user", "-d", &conninfo],
+    );
+    common::scrub_pg_env(&mut cmd).env("PGPASSWORD", &c.svc_password);
+    let nobody = run_cmd(&mut cmd, None, Duration::from_secs(30));
+    assert_eq!(nobody.expect_ok(), c.svc_user, "the abstract socket really lets uid 65534 in");
+}
+
 /// A session opened straight to the real Postgres with the service password before pgward
 /// switched interception on (from inside the protected cgroup) is ended when it does — and
 /// audited; one from a process outside the protected cgroup is not pgward's to end.
