@@ -424,6 +424,56 @@ fn sessions_older_than_the_switch_on_are_evicted() {
     assert_eq!(ev["client"]["pid"], ev["meta"]["client_pid"], "{ev}");
 }
 
+/// Copies (pidfd_getfd) of every socket `pid` has open, into this process.
+fn take_sockets_of(pid: u32) -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open with a plain pid; the returned fd is owned at once.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    assert!(pidfd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let is_socket = std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+        let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: pidfd_getfd on an owned pidfd; the returned fd is owned at once.
+        let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(&pidfd), fd, 0) };
+        assert!(dup >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
+        out.push(unsafe { OwnedFd::from_raw_fd(dup as i32) });
+    }
+    out
+}
+
+/// A process of the protected cgroup that opened a session to the real Postgres before the
+/// switch-on and handed a copy of its socket to a process outside the cgroup (as a service
+/// manager's file-descriptor store would hold it) still has its session ended: the copy
+/// outside does not make the session a bystander's.
+#[test]
+fn a_session_whose_socket_is_also_held_outside_is_evicted() {
+    let cg = TestCgroup::new("evictdup");
+    let c = cluster();
+    let db = c.create_database("icpt_evictdup");
+    let app = format!("fdstore-{}", std::process::id());
+    let mut inside = Client::in_cgroup(&cg).hold_session(v4(c.port), &c.svc_user, &c.svc_password, &db, &app);
+    let backend = || c.sql("postgres", &format!("select pid from pg_stat_activity where application_name = '{app}'"));
+    wait_until("the session opens", || !backend().is_empty());
+    let pid: i64 = backend().trim().parse().unwrap();
+    // This test process (outside every test cgroup, and older than the client) holds a copy.
+    let copies = take_sockets_of(inside.id());
+    assert!(!copies.is_empty(), "psql holds its connection socket");
+
+    let pw = intercepting(&cg, any_port(c.port), |_| {});
+    wait_log(&pw, "sessions older than the switch-on that did not come through pgward");
+    assert_eq!(backend(), "", "the session of the protected cgroup must be ended");
+    assert!(!support::wait_child(&mut inside, Duration::from_secs(10)).success());
+    let recs = pw.wait_audit("an evicted record", |r| r.iter().any(|r| r["kind"] == "evicted" && r["meta"]["pid"] == pid));
+    let ev = recs.iter().find(|r| r["kind"] == "evicted" && r["meta"]["pid"] == pid).unwrap();
+    assert_eq!((&ev["meta"]["client_pid"], &ev["meta"]["client_cgroup"]), (&serde_json::json!(inside.id()), &serde_json::json!(cg.rel())), "{ev}");
+    drop(copies);
+}
+
 #[test]
 fn private_real_socket_passes_and_group_members_count_as_others() {
     let cg = TestCgroup::new("unixok");
