@@ -474,6 +474,43 @@ fn a_session_whose_socket_is_also_held_outside_is_evicted() {
     drop(copies);
 }
 
+/// `intercept.cgroup` below a cgroup delegated to a user (its `cgroup.procs` theirs, as in a
+/// systemd user manager's subtree): a process of that user in the protected cgroup can move
+/// itself to a sibling cgroup it owns, out of interception. `serve` refuses to start there.
+#[test]
+fn a_protected_cgroup_its_users_can_leave_refuses_start() {
+    const NOBODY: u32 = 65534;
+    let parent = TestCgroup::new("deleg");
+    let chown = |p: &Path| std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    chown(&parent.path);
+    chown(&parent.procs());
+    let protected = TestCgroup { path: parent.path.join("protected") };
+    std::fs::create_dir(&protected.path).unwrap();
+    let side = parent.path.join("side");
+    std::fs::create_dir(&side).unwrap();
+    chown(&side);
+    chown(&side.join("cgroup.procs"));
+    let cgp = protected.path.display().to_string();
+    let pw = Pgward::builder()
+        .config(move |t| {
+            toml_set(t, "intercept.enabled", true);
+            toml_set(t, "intercept.cgroup", cgp);
+            toml_set(t, "intercept.protected", any_port(common::free_port()));
+            toml_set(t, "intercept.sk_lookup", false);
+        })
+        .init();
+    let out = serve_fails(&pw, &[]);
+    let want = format!("a user other than root can move processes out of {}", protected.path.display());
+    assert!(out.stderr.contains(&want) && out.stderr.contains(&parent.procs().display().to_string()), "{}", out.describe());
+    assert!(!protected.gateway().exists(), "refused before entering the gateway cgroup");
+    assert!(!support::pinned_anything(&pw), "nothing pinned");
+    // What the refusal protects: uid 65534 inside the protected cgroup leaves it.
+    let script = format!("echo $$ > {}/cgroup.procs && cat /proc/self/cgroup", side.display());
+    let mut cmd = Client::in_cgroup(&protected).command("setpriv", &["--reuid=65534", "--regid=65534", "--clear-groups", "--", "/bin/sh", "-c", &script]);
+    let moved = run_cmd(&mut cmd, None, Duration::from_secs(30));
+    assert!(moved.expect_ok().ends_with("/side"), "uid 65534 really moves out: {}", moved.describe());
+}
+
 #[test]
 fn private_real_socket_passes_and_group_members_count_as_others() {
     let cg = TestCgroup::new("unixok");
