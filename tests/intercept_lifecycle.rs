@@ -328,6 +328,40 @@ fn world_reachable_socket_is_found_without_configuration() {
     assert_eq!(nobody.expect_ok(), c.svc_user, "the world-reachable socket really lets uid 65534 in");
 }
 
+/// Postgres 14+ can listen on an abstract-namespace unix socket (`unix_socket_directories =
+/// '@name'`): no file, no permission bits, every process of the network namespace can connect.
+/// pgward finds it by asking the server and refuses to start; the attack it stops is a
+/// non-root process of the protected cgroup logging in there with the service password.
+#[test]
+fn abstract_namespace_socket_refuses_start() {
+    let cg = TestCgroup::new("unixabs");
+    let c = common::cluster::abstract_socket_cluster();
+    let cgp = cg.path.display().to_string();
+    let pw = Pgward::builder_on(c)
+        .config(move |t| {
+            toml_set(t, "intercept.enabled", true);
+            toml_set(t, "intercept.cgroup", cgp);
+            toml_set(t, "intercept.protected", any_port(common::free_port()));
+            toml_set(t, "intercept.sk_lookup", false);
+        })
+        .init();
+    let out = serve_fails(&pw, &[]);
+    let want = format!("the real Postgres socket {}/.s.PGSQL.{} is in the abstract namespace", c.abstract_socket(), c.port);
+    assert!(out.stderr.contains(&want) && out.stderr.contains("unix_socket_check = \"refuse\""), "{}", out.describe());
+    assert!(!cg.gateway().exists(), "refused before attaching anything");
+    assert!(!support::pinned_anything(&pw), "nothing pinned");
+    // What the refusal protects: uid 65534 inside the protected cgroup gets in there.
+    let conninfo = format!("host={} port={} user={} dbname=postgres sslmode=disable", c.abstract_socket(), c.port, c.svc_user);
+    let psql = common::clients::psql_bin();
+    let mut cmd = Client::in_cgroup(&cg).command(
+        "setpriv",
+        &["--reuid=65534", "--regid=65534", "--clear-groups", "--", &psql, "-X", "-At", "-w", "-c", "select current_user", "-d", &conninfo],
+    );
+    common::scrub_pg_env(&mut cmd).env("PGPASSWORD", &c.svc_password);
+    let nobody = run_cmd(&mut cmd, None, Duration::from_secs(30));
+    assert_eq!(nobody.expect_ok(), c.svc_user, "the abstract socket really lets uid 65534 in");
+}
+
 /// A session opened straight to the real Postgres with the service password before pgward
 /// switched interception on (from inside the protected cgroup) is ended when it does — and
 /// audited; one from a process outside the protected cgroup is not pgward's to end.
@@ -388,6 +422,93 @@ fn sessions_older_than_the_switch_on_are_evicted() {
     assert_eq!((&ev["meta"]["application_name"], &ev["meta"]["client_cgroup"]), (&serde_json::json!(unix_app), &serde_json::json!(cg.rel())), "{ev}");
     assert_eq!(ev["client"]["uid"], 0, "a unix-socket client is named by its credentials: {ev}");
     assert_eq!(ev["client"]["pid"], ev["meta"]["client_pid"], "{ev}");
+}
+
+/// Copies (pidfd_getfd) of every socket `pid` has open, into this process.
+fn take_sockets_of(pid: u32) -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open with a plain pid; the returned fd is owned at once.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    assert!(pidfd >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let is_socket = std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+        let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: pidfd_getfd on an owned pidfd; the returned fd is owned at once.
+        let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(&pidfd), fd, 0) };
+        assert!(dup >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
+        out.push(unsafe { OwnedFd::from_raw_fd(dup as i32) });
+    }
+    out
+}
+
+/// A process of the protected cgroup that opened a session to the real Postgres before the
+/// switch-on and handed a copy of its socket to a process outside the cgroup (as a service
+/// manager's file-descriptor store would hold it) still has its session ended: the copy
+/// outside does not make the session a bystander's.
+#[test]
+fn a_session_whose_socket_is_also_held_outside_is_evicted() {
+    let cg = TestCgroup::new("evictdup");
+    let c = cluster();
+    let db = c.create_database("icpt_evictdup");
+    let app = format!("fdstore-{}", std::process::id());
+    let mut inside = Client::in_cgroup(&cg).hold_session(v4(c.port), &c.svc_user, &c.svc_password, &db, &app);
+    let backend = || c.sql("postgres", &format!("select pid from pg_stat_activity where application_name = '{app}'"));
+    wait_until("the session opens", || !backend().is_empty());
+    let pid: i64 = backend().trim().parse().unwrap();
+    // This test process (outside every test cgroup, and older than the client) holds a copy.
+    let copies = take_sockets_of(inside.id());
+    assert!(!copies.is_empty(), "psql holds its connection socket");
+
+    let pw = intercepting(&cg, any_port(c.port), |_| {});
+    wait_log(&pw, "sessions older than the switch-on that did not come through pgward");
+    assert_eq!(backend(), "", "the session of the protected cgroup must be ended");
+    assert!(!support::wait_child(&mut inside, Duration::from_secs(10)).success());
+    let recs = pw.wait_audit("an evicted record", |r| r.iter().any(|r| r["kind"] == "evicted" && r["meta"]["pid"] == pid));
+    let ev = recs.iter().find(|r| r["kind"] == "evicted" && r["meta"]["pid"] == pid).unwrap();
+    assert_eq!((&ev["meta"]["client_pid"], &ev["meta"]["client_cgroup"]), (&serde_json::json!(inside.id()), &serde_json::json!(cg.rel())), "{ev}");
+    drop(copies);
+}
+
+/// `intercept.cgroup` below a cgroup delegated to a user (its `cgroup.procs` theirs, as in a
+/// systemd user manager's subtree): a process of that user in the protected cgroup can move
+/// itself to a sibling cgroup it owns, out of interception. `serve` refuses to start there.
+#[test]
+fn a_protected_cgroup_its_users_can_leave_refuses_start() {
+    const NOBODY: u32 = 65534;
+    let parent = TestCgroup::new("deleg");
+    let chown = |p: &Path| std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    chown(&parent.path);
+    chown(&parent.procs());
+    let protected = TestCgroup { path: parent.path.join("protected") };
+    std::fs::create_dir(&protected.path).unwrap();
+    let side = parent.path.join("side");
+    std::fs::create_dir(&side).unwrap();
+    chown(&side);
+    chown(&side.join("cgroup.procs"));
+    let cgp = protected.path.display().to_string();
+    let pw = Pgward::builder()
+        .config(move |t| {
+            toml_set(t, "intercept.enabled", true);
+            toml_set(t, "intercept.cgroup", cgp);
+            toml_set(t, "intercept.protected", any_port(common::free_port()));
+            toml_set(t, "intercept.sk_lookup", false);
+        })
+        .init();
+    let out = serve_fails(&pw, &[]);
+    let want = format!("a user other than root can move processes out of {}", protected.path.display());
+    assert!(out.stderr.contains(&want) && out.stderr.contains(&parent.procs().display().to_string()), "{}", out.describe());
+    assert!(!protected.gateway().exists(), "refused before entering the gateway cgroup");
+    assert!(!support::pinned_anything(&pw), "nothing pinned");
+    // What the refusal protects: uid 65534 inside the protected cgroup leaves it.
+    let script = format!("echo $$ > {}/cgroup.procs && cat /proc/self/cgroup", side.display());
+    let mut cmd = Client::in_cgroup(&protected).command("setpriv", &["--reuid=65534", "--regid=65534", "--clear-groups", "--", "/bin/sh", "-c", &script]);
+    let moved = run_cmd(&mut cmd, None, Duration::from_secs(30));
+    assert!(moved.expect_ok().ends_with("/side"), "uid 65534 really moves out: {}", moved.describe());
 }
 
 #[test]

@@ -55,6 +55,8 @@ struct Backend {
 struct Eviction {
     backend: Backend,
     peer: Option<Peer>,
+    /// The local client process that puts the session in scope, and its cgroup.
+    client_pid: Option<u32>,
     cgroup: Option<String>,
 }
 
@@ -111,22 +113,21 @@ fn backends(rows: &Rows) -> Vec<Backend> {
         .collect()
 }
 
-/// Some(eviction) when the session is in scope.
+/// Some(eviction) when the session is in scope: a local client is left alone only when every
+/// process holding its socket is known to be outside the intercepted cgroup (one inside could
+/// have handed a copy to a process outside, e.g. a service manager's file-descriptor store).
 fn decide(backend: Backend, scope: &Scope) -> Option<Eviction> {
     if !scope.upstream_local {
-        return Some(Eviction { backend, peer: None, cgroup: None });
+        return Some(Eviction { backend, peer: None, client_pid: None, cgroup: None });
     }
     let peer = procnet::backend_peer(backend.pid.max(0) as u32, scope.port);
-    let cgroup = match &peer {
-        Some(Peer::Local { pid, .. }) => crate::host::cgroup::cgroup_of(*pid),
-        _ => None,
+    let Some(Peer::Local { pids, .. }) = &peer else {
+        return Some(Eviction { backend, peer, client_pid: None, cgroup: None });
     };
-    if let (Some(Peer::Local { .. }), Some(cg)) = (&peer, &cgroup)
-        && !within(&scope.cgroup_root, cg, &scope.cgroup)
-    {
-        return None;
-    }
-    Some(Eviction { backend, peer, cgroup })
+    let holders: Vec<(u32, Option<String>)> = pids.iter().map(|&p| (p, crate::host::cgroup::cgroup_of(p))).collect();
+    let inside = holders.iter().find(|(_, cg)| cg.as_deref().is_none_or(|cg| within(&scope.cgroup_root, cg, &scope.cgroup)));
+    let (client_pid, cgroup) = inside.cloned()?;
+    Some(Eviction { backend, peer, client_pid: Some(client_pid), cgroup })
 }
 
 /// Whether cgroup `rel` (as /proc/<pid>/cgroup shows it) is `cgroup` or below it.
@@ -144,10 +145,7 @@ fn client_text(ev: &Eviction) -> Option<String> {
 
 fn record(ev: &Eviction, terminated: bool, error: Option<&str>) -> Record {
     let b = &ev.backend;
-    let client_pid = match &ev.peer {
-        Some(Peer::Local { pid, .. }) => Some(*pid),
-        _ => None,
-    };
+    let client_pid = ev.client_pid;
     let client = match (client_text(ev), client_pid) {
         (Some(addr), _) => Some(Client::Tcp { addr, meta: None }),
         (None, Some(pid)) => Some(Client::Unix { uid: uid_of(pid).unwrap_or(u32::MAX), pid: pid as i32 }),

@@ -55,6 +55,9 @@ pub struct ClusterOptions {
     /// pgward's interception refuses). Otherwise it is 0700, owned by the server's user: only
     /// that user and root (the tests, pgward) can reach the socket.
     pub open_socket: bool,
+    /// A second unix socket in the abstract namespace (`unix_socket_directories` entry
+    /// [`PgCluster::abstract_socket`]): no file, so every local user can connect to it.
+    pub abstract_socket: bool,
 }
 
 type ClusterCell = OnceLock<Result<PgCluster, String>>;
@@ -66,6 +69,9 @@ static TLS_CLUSTER: ClusterCell = OnceLock::new();
 /// A cluster whose unix socket every local user can reach, for the interception test that
 /// pgward finds such a socket by asking the server (started only by the binary that asks).
 static OPEN_SOCKET_CLUSTER: ClusterCell = OnceLock::new();
+/// A cluster that also listens on an abstract-namespace unix socket (started only by the
+/// binary that asks).
+static ABSTRACT_SOCKET_CLUSTER: ClusterCell = OnceLock::new();
 /// A cluster for the one test of a binary that restarts its server (see
 /// [`PgCluster::restart_fast`]): the shared [`cluster()`] must stay up for the tests running
 /// beside it.
@@ -97,6 +103,17 @@ pub fn open_socket_cluster() -> &'static PgCluster {
         &OPEN_SOCKET_CLUSTER,
         ClusterOptions { open_socket: true, ..Default::default() },
         stop_open_socket_cluster_at_exit,
+    )
+}
+
+/// A cluster that also listens on an abstract unix socket ([`ClusterOptions::abstract_socket`]).
+/// Same lifetime rules as [`cluster()`].
+#[track_caller]
+pub fn abstract_socket_cluster() -> &'static PgCluster {
+    cluster_in(
+        &ABSTRACT_SOCKET_CLUSTER,
+        ClusterOptions { abstract_socket: true, ..Default::default() },
+        stop_abstract_socket_cluster_at_exit,
     )
 }
 
@@ -149,6 +166,10 @@ extern "C" fn stop_tls_cluster_at_exit() {
 
 extern "C" fn stop_open_socket_cluster_at_exit() {
     stop_and_remove(&OPEN_SOCKET_CLUSTER);
+}
+
+extern "C" fn stop_abstract_socket_cluster_at_exit() {
+    stop_and_remove(&ABSTRACT_SOCKET_CLUSTER);
 }
 
 extern "C" fn stop_restartable_cluster_at_exit() {
@@ -244,7 +265,7 @@ impl PgCluster {
         let mut c = PgCluster::lay_out(opts);
         c.initdb();
         c.configure(opts);
-        c.start_server();
+        c.start_server(opts);
         std::fs::create_dir_all(c.scratch_dir()).unwrap();
         c.spawn_watchdog();
         c.create_roles();
@@ -340,12 +361,18 @@ impl PgCluster {
     }
 
     /// `pg_ctl start` on a free port.
-    fn start_server(&mut self) {
+    fn start_server(&mut self, cluster: ClusterOptions) {
         // A port can be taken between our probe and postgres' bind: retry with another.
         let mut last = None;
         for _ in 0..5 {
             let port = free_port();
-            let opts = server_options(port, &self.socket_dir);
+            let mut opts = server_options(port, &self.socket_dir);
+            if cluster.abstract_socket {
+                opts = opts.replace(
+                    &format!("unix_socket_directories={}", self.socket_dir.display()),
+                    &format!("unix_socket_directories={},{}", self.socket_dir.display(), self.abstract_socket()),
+                );
+            }
             let out = run_cmd(
                 self.pg_ctl(&self.data_dir)
                     .arg("-l")
@@ -402,6 +429,13 @@ impl PgCluster {
             cmd.uid(uid).gid(gid);
         }
         cmd
+    }
+
+    /// The abstract-namespace socket directory of a cluster started with
+    /// [`ClusterOptions::abstract_socket`] (`@name`, as libpq's `host` takes it).
+    pub fn abstract_socket(&self) -> String {
+        let name = self.root.file_name().expect("cluster root has a name").to_string_lossy();
+        format!("@{name}")
     }
 
     /// `pg_ctl -D <data_dir>`, run as the server's OS user; the caller adds the action.

@@ -18,7 +18,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use aya::{Ebpf, EbpfLoader};
 use gateway_common::{self as common, RuleKey};
 
-use super::cgroups::{GatewayCgroup, cgroup2_mount, require_cgroup2};
+use super::cgroups::{GatewayCgroup, cgroup2_mount, movable_by_others, require_cgroup2};
 use super::discover::Found;
 use super::kernel::{check_capabilities, kernel_log_level, raise_memlock, start_kernel_log};
 use super::maps::{PINNED_MAPS, adopted_maps, fresh_maps, map_of, set_listener, sync_binds, sync_rules, typed};
@@ -121,6 +121,9 @@ impl Intercept {
             Some(p) => cfg.resolve(p),
             None => cgroup.join("pgward-gateway"),
         };
+        if let Some(why) = movable_by_others(&cgroup, &gateway_path, &cgroup_root) {
+            bail!("intercept: {why}; interception cannot hold against that user (set intercept.cgroup to a cgroup whose ancestors only root may write)");
+        }
         let gateway = GatewayCgroup::enter(&gateway_path, &cgroup_root)?;
         let exempted = if adopt {
             let mut config: Array<MapData, common::Config> =

@@ -24,6 +24,37 @@ pub(super) fn require_cgroup2(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether a user other than root could move processes out of the protected cgroup `cgroup`
+/// (past interception) or into pgward's exempt `gateway` cgroup. Moving a process needs write
+/// access to the destination's `cgroup.procs` and to that of the common ancestor: a cgroup above
+/// `cgroup` (up to the hierarchy's `root`) delegated to a user (its `cgroup.procs` theirs, or
+/// writable by group or others, as a systemd user manager's subtree is) lets that user move
+/// its processes from the protected cgroup to a sibling it owns; a pre-existing gateway cgroup
+/// of theirs lets them join pgward's exemption. Some(why) names the first such cgroup.
+pub(super) fn movable_by_others(cgroup: &Path, gateway: &Path, root: &Path) -> Option<String> {
+    let open = |dir: &Path| -> Option<String> {
+        let procs = dir.join("cgroup.procs");
+        match fs::metadata(&procs) {
+            Ok(m) if m.uid() == 0 && m.mode() & 0o022 == 0 => None,
+            Ok(m) => Some(format!("{} (owner uid {}, mode {:o})", procs.display(), m.uid(), m.mode() & 0o7777)),
+            // Unknown is not private.
+            Err(e) => Some(format!("{} ({e})", procs.display())),
+        }
+    };
+    let above = cgroup.ancestors().skip(1).take_while(|a| a.starts_with(root));
+    for dir in above {
+        if let Some(why) = open(dir) {
+            return Some(format!("a user other than root can move processes out of {} through the cgroup above it: {why}", cgroup.display()));
+        }
+    }
+    if gateway.exists()
+        && let Some(why) = open(gateway)
+    {
+        return Some(format!("a user other than root can move processes into pgward's exempt gateway cgroup: {why}"));
+    }
+    None
+}
+
 /// pgward's own cgroup: entered at start (created if needed), left at exit.
 pub(super) struct GatewayCgroup {
     pub(super) path: PathBuf,

@@ -245,7 +245,7 @@ dir = "audit"
         c.upstream.host = "/var/run/postgresql".into();
         assert!(default_guard(&c, &[], None).is_empty());
         // ...but a TCP port the server says it listens on is guarded even then.
-        let found = discover::Found { socket_dirs: vec![], listen_addresses: vec!["*".into()], port: 5499 };
+        let found = discover::Found { socket_dirs: vec![], unchecked_socket_dirs: vec![], listen_addresses: vec!["*".into()], port: 5499 };
         assert_eq!(default_guard(&c, &[], Some(&found)), ["0.0.0.0:5499".parse::<SocketAddr>().unwrap(), "[::]:5499".parse().unwrap()]);
         let no_tcp = discover::Found { listen_addresses: vec![], ..found };
         assert!(default_guard(&c, &[], Some(&no_tcp)).is_empty());

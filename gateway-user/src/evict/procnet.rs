@@ -13,8 +13,10 @@ const TCP_ESTABLISHED: &str = "01";
 /// The far end of a backend's client connection.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Peer {
-    /// A local process (found by its socket), and how it reached Postgres.
-    Local { pid: u32, addr: Option<SocketAddr> },
+    /// Local processes (found by their socket: every process holding the client's end, which
+    /// may have been passed on or duplicated; for a unix socket the one that connected), and
+    /// how they reached Postgres. Never empty.
+    Local { pids: Vec<u32>, addr: Option<SocketAddr> },
     /// A TCP client that is not a socket of this host's namespace (another host, a container).
     Remote { addr: SocketAddr },
 }
@@ -47,13 +49,11 @@ pub fn backend_peer(pid: u32, port: u16) -> Option<Peer> {
         }
         // The client's socket: local and remote swapped, in the same table.
         let theirs = rows.iter().find(|r| r.local == mine.remote && r.remote == mine.local);
-        return Some(match theirs.and_then(|t| owner_of(t.inode)) {
-            Some(owner) => Peer::Local { pid: owner, addr: Some(mine.remote) },
-            None => Peer::Remote { addr: mine.remote },
-        });
+        let holders = theirs.map(|t| holders_of(t.inode)).unwrap_or_default();
+        return Some(if holders.is_empty() { Peer::Remote { addr: mine.remote } } else { Peer::Local { pids: holders, addr: Some(mine.remote) } });
     }
     let unix = unix_inodes(pid);
-    socks.iter().filter(|(ino, _)| unix.contains(ino)).find_map(|(_, fd)| unix_peer_pid(pid, *fd)).map(|p| Peer::Local { pid: p, addr: None })
+    socks.iter().filter(|(ino, _)| unix.contains(ino)).find_map(|(_, fd)| unix_peer_pid(pid, *fd)).map(|p| Peer::Local { pids: vec![p], addr: None })
 }
 
 /// socket inode → fd number, for every socket `pid` has open.
@@ -117,17 +117,20 @@ fn unix_inodes(pid: u32) -> HashSet<u64> {
     text.lines().skip(1).filter_map(|l| l.split_whitespace().nth(6)?.parse().ok()).collect()
 }
 
-/// The process that has a socket with this inode open (the first found).
-fn owner_of(inode: u64) -> Option<u32> {
+/// Every process that has a socket with this inode open (a socket passed over SCM_RIGHTS or
+/// inherited is held by several; which of them uses it cannot be told from here).
+fn holders_of(inode: u64) -> Vec<u32> {
     let want = format!("socket:[{inode}]");
-    for p in fs::read_dir("/proc").ok()?.flatten() {
+    let Ok(procs) = fs::read_dir("/proc") else { return Vec::new() };
+    let mut out = Vec::new();
+    for p in procs.flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
         let Ok(fds) = fs::read_dir(p.path().join("fd")) else { continue };
         if fds.flatten().any(|fd| fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str())) {
-            return Some(pid);
+            out.push(pid);
         }
     }
-    None
+    out
 }
 
 /// SO_PEERCRED of backend `pid`'s connected stream socket `fd` (not a listening one).
