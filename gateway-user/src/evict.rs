@@ -147,7 +147,7 @@ fn record(ev: &Eviction, terminated: bool, error: Option<&str>) -> Record {
     let b = &ev.backend;
     let client_pid = ev.client_pid;
     let client = match (client_text(ev), client_pid) {
-        (Some(addr), _) => Some(Client::Tcp { addr, meta: None }),
+        (Some(addr), _) => Some(Client::Tcp { addr: addr.into(), meta: None }),
         (None, Some(pid)) => Some(Client::Unix { uid: uid_of(pid).unwrap_or(u32::MAX), pid: pid as i32 }),
         (None, None) => None,
     };
@@ -166,7 +166,7 @@ fn record(ev: &Eviction, terminated: bool, error: Option<&str>) -> Record {
     }
     Record {
         kind: Kind::Evicted,
-        user: b.user.clone(),
+        user: b.user.as_deref().map(Into::into),
         client,
         error: error.map(str::to_string),
         meta: Some(meta),

@@ -45,7 +45,7 @@ impl Revocation {
     pub fn audit_record(&self) -> Record {
         Record {
             kind: Kind::Revoke,
-            user: self.user.clone(),
+            user: self.user.as_deref().map(Into::into),
             jti: self.jti.clone(),
             meta: Some(serde_json::json!({
                 "id": self.id,

@@ -189,7 +189,7 @@ impl Watcher {
         };
         Record {
             kind,
-            user,
+            user: user.map(Into::into),
             jti,
             meta: Some(meta),
             error: verdict.as_ref().err().map(|e| format!("ignored: {e}")),
@@ -288,7 +288,7 @@ impl Watcher {
         for r in due {
             let rec = Record {
                 kind: Kind::GrantExpired,
-                user: Some(r.user.clone()),
+                user: Some(r.user.as_str().into()),
                 meta: Some(serde_json::json!({
                     "id": r.id, "role": r.role, "expires_at": r.expires_at.map(rfc3339),
                 })),

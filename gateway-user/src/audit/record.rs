@@ -74,7 +74,7 @@ pub enum Client {
     /// kernel saw (original_dst, via, pid, uid, gid, cgroup_id, cgroup, comm). Shared: every
     /// record of the session carries it, and a clone per record would copy the whole map.
     Tcp {
-        addr: String,
+        addr: Arc<str>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         meta: Option<Arc<serde_json::Value>>,
     },
@@ -92,15 +92,15 @@ pub struct Record {
     pub prev_hash: String,
     pub kind: Kind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session: Option<String>,
+    pub session: Option<Arc<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
+    pub user: Option<Arc<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub groups: Option<Vec<String>>,
+    pub groups: Option<Arc<[String]>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<Client>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub database: Option<String>,
+    pub database: Option<Arc<str>>,
     /// login: token id; login_failed: token id if it could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jti: Option<String>,
@@ -177,7 +177,7 @@ impl Record {
         w.opt_str("session", &self.session);
         w.opt_str("user", &self.user);
         if let Some(groups) = &self.groups {
-            write_seq(w.key("groups"), b'[', b']', groups, |out, g| {
+            write_seq(w.key("groups"), b'[', b']', groups.iter(), |out, g| {
                 write_str(out, g);
                 Ok(())
             })?;
@@ -327,9 +327,9 @@ impl<'a> JsonObject<'a> {
         write_str(self.key(k), v);
     }
 
-    fn opt_str(&mut self, k: &str, v: &Option<String>) {
+    fn opt_str<S: AsRef<str>>(&mut self, k: &str, v: &Option<S>) {
         if let Some(v) = v {
-            self.str(k, v);
+            self.str(k, v.as_ref());
         }
     }
 
@@ -471,11 +471,11 @@ mod tests {
             ts: "2026-12-02T06:56:11.161423Z".into(),
             prev_hash: "ab".repeat(32),
             kind: Kind::Statement,
-            session: Some(format!("sess{s}")),
-            user: Some(format!("user{s}")),
-            groups: Some(vec![String::new(), s.into(), "g".into()]),
+            session: Some(format!("sess{s}").into()),
+            user: Some(format!("user{s}").into()),
+            groups: Some(vec![String::new(), s.into(), "g".into()].into()),
             client: Some(Client::Tcp {
-                addr: format!("127.0.0.1:1{s}"),
+                addr: format!("127.0.0.1:1{s}").into(),
                 meta: Some(Arc::new(serde_json::json!({
                     "pid": 7, "comm": s, "z": [1, null, {"a": -1.5, "b": true, "c": false}], "u": u64::MAX, "i": i64::MIN,
                     "e": {}, "f": [], "q\"k\n": 1e300
@@ -534,8 +534,8 @@ mod tests {
         cases.push(Record { client: Some(Client::Unix { uid: u32::MAX, pid: -1 }), ..full("u") });
         cases.push(Record { client: Some(Client::Unix { uid: 0, pid: i32::MIN }), ..Record::default() });
         cases.push(Record { client: Some(Client::Tcp { addr: "a".into(), meta: None }), ..Record::default() });
-        cases.push(Record { groups: Some(vec![]), params: Some(vec![]), ..Record::default() });
-        cases.push(Record { groups: Some(vec!["only".into()]), params: Some(vec![None]), ..Record::default() });
+        cases.push(Record { groups: Some(Vec::new().into()), params: Some(vec![]), ..Record::default() });
+        cases.push(Record { groups: Some(vec!["only".into()].into()), params: Some(vec![None]), ..Record::default() });
         cases.push(Record { meta: Some(serde_json::Value::Null), ..Record::default() });
         for r in &cases {
             assert_eq!(String::from_utf8_lossy(&ours(r)), String::from_utf8_lossy(&serde_bytes(r)));
@@ -562,7 +562,7 @@ mod tests {
             let mut ours = Vec::new();
             write_str(&mut ours, t);
             assert_eq!(ours, serde_json::to_vec(t).expect("serde"), "{t:?}");
-            let r = Record { sql: Some(t.clone()), groups: Some(vec![t.clone()]), ..full(t) };
+            let r = Record { sql: Some(t.clone()), groups: Some(vec![t.clone()].into()), ..full(t) };
             assert_eq!(super::tests::ours(&r), serde_bytes(&r), "{t:?}");
         }
     }

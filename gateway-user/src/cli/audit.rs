@@ -113,8 +113,8 @@ struct Filter {
 
 impl Filter {
     fn matches(&self, r: &Record) -> bool {
-        self.user.as_ref().is_none_or(|u| r.user.as_ref() == Some(u))
-            && self.session.as_ref().is_none_or(|s| r.session.as_ref() == Some(s))
+        self.user.as_ref().is_none_or(|u| r.user.as_deref() == Some(u.as_str()))
+            && self.session.as_ref().is_none_or(|s| r.session.as_deref() == Some(s.as_str()))
             && self.since.is_none_or(|since| parse_ts(&r.ts).is_some_and(|t| t >= since))
     }
 }
@@ -481,10 +481,10 @@ fn replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
         }
         found = true;
         if user.is_none() {
-            user = rec.user.clone();
+            user = rec.user.as_deref().map(str::to_string);
         }
         if db.is_none() {
-            db = rec.database.clone();
+            db = rec.database.as_deref().map(str::to_string);
         }
         match rec.kind {
             Kind::Statement => statements.push(rec),

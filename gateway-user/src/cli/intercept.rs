@@ -76,7 +76,7 @@ fn audit_detach(cfg: &Config, dir: &std::path::Path, programs: &[&str], reason: 
     let uid = unsafe { libc::getuid() };
     let rec = Record {
         kind: Kind::InterceptDetach,
-        user: std::env::var("SUDO_USER").ok().or_else(|| std::env::var("USER").ok()),
+        user: std::env::var("SUDO_USER").ok().or_else(|| std::env::var("USER").ok()).map(Into::into),
         meta: Some(json!({
             "uid": uid,
             "pin_dir": dir,

@@ -60,11 +60,11 @@ pub(super) async fn refuse_login(
 fn identity_record(kind: Kind, session: &str, peer: &Peer, identity: &Identity, database: &str) -> Record {
     Record {
         kind,
-        session: Some(session.to_string()),
-        user: Some(identity.user.clone()),
-        groups: Some(identity.groups.clone()),
+        session: Some(session.into()),
+        user: Some(identity.user.as_str().into()),
+        groups: Some(identity.groups.as_slice().into()),
         client: Some(peer.audit_client()),
-        database: Some(database.to_string()),
+        database: Some(database.into()),
         jti: Some(identity.jti.clone()),
         ..Default::default()
     }

@@ -102,7 +102,7 @@ impl Peer {
     }
     fn audit_client(&self) -> Client {
         match self {
-            Peer::Tcp(a, meta) => Client::Tcp { addr: a.to_string(), meta: meta.clone() },
+            Peer::Tcp(a, meta) => Client::Tcp { addr: a.to_string().into(), meta: meta.clone() },
             Peer::Unix { uid, pid } => Client::Unix { uid: *uid, pid: *pid },
         }
     }
@@ -189,9 +189,16 @@ struct Io {
     ubuf: BytesMut,
 }
 
+/// The session's fields of its audit records (see [`Relay::record`]).
+struct RecordIds {
+    session: Arc<str>,
+    user: Arc<str>,
+    groups: Arc<[String]>,
+    database: Arc<str>,
+}
+
 struct Relay {
     shared: Arc<Shared>,
-    session: String,
     /// Who the token says the user is (what the audit records carry).
     identity: Identity,
     /// Whom the policy decides for: `identity`, or under a JIT grant, with the policy groups
@@ -207,6 +214,8 @@ struct Relay {
     sql_prepared_bytes: usize,
     database: String,
     client: Client,
+    /// What every record of the session carries, shared by them (no copy per record).
+    ids: RecordIds,
     /// Prepared statements, portals, the answers the server owes, the transaction status.
     tracker: SessionTracker,
     nonce: String,
@@ -264,11 +273,17 @@ impl Relay {
         let client_in = wire::Inbound::new(wire::Side::Client, max, budget.clone(), CLIENT_READ_BUF, UPSTREAM_WRITE_BUF);
         let upstream_in = wire::Inbound::new(wire::Side::Server, max, budget.clone(), UPSTREAM_READ_BUF, CLIENT_WRITE_BUF);
         let io = Io { client: l.stream, cbuf: l.buf, upstream: up.stream, ubuf: up.leftover };
+        let ids = RecordIds {
+            session: session.as_str().into(),
+            user: l.identity.user.as_str().into(),
+            groups: l.identity.groups.as_slice().into(),
+            database: l.database.as_str().into(),
+        };
         let relay = Relay {
             mask,
             keep_upstream: shared.pool.enabled(),
             shared,
-            session,
+            ids,
             identity: l.identity,
             policy_identity: l.policy_identity,
             check: l.check,
@@ -304,11 +319,11 @@ impl Relay {
     fn record(&self, kind: Kind) -> Record {
         Record {
             kind,
-            session: Some(self.session.clone()),
-            user: Some(self.identity.user.clone()),
-            groups: Some(self.identity.groups.clone()),
+            session: Some(self.ids.session.clone()),
+            user: Some(self.ids.user.clone()),
+            groups: Some(self.ids.groups.clone()),
             client: Some(self.client.clone()),
-            database: Some(self.database.clone()),
+            database: Some(self.ids.database.clone()),
             ..Default::default()
         }
     }

@@ -85,10 +85,10 @@ pub(super) async fn startup(shared: &Arc<Shared>, stream: BoxStream, peer: &Peer
     let StartupNames { user, database } = check_startup(&mut stream, &mut hello, version, &params).await?;
     let failed = |reason: String, code: &str, jti: Option<String>, sub: Option<String>| Record {
         kind: Kind::LoginFailed,
-        session: Some(session.to_string()),
-        user: Some(sub.unwrap_or_else(|| user.clone())),
+        session: Some(session.into()),
+        user: Some(sub.unwrap_or_else(|| user.clone()).into()),
         client: Some(peer.audit_client()),
-        database: Some(database.clone()),
+        database: Some(database.as_str().into()),
         jti,
         sqlstate: Some(code.to_string()),
         error: Some(reason),
