@@ -394,6 +394,32 @@ async fn idle_connections_expire() {
     e.wait_discards("expired", 1);
 }
 
+/// The random generator's seed is backend state `DISCARD ALL` keeps (the `seed` setting is
+/// outside `RESET ALL`): a user who seeds it and leaves must not know the next user's
+/// `random()` values on the reused backend — by `setseed()` or by `SET seed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_planted_by_one_user_does_not_predict_the_next_users_random() {
+    let e = env("pool_seed", |b| b);
+    // What random() returns first after seeding with 0.5, on any backend.
+    let known = cluster().sql("postgres", "with s as materialized (select setseed(0.5)) select random() from s");
+    for plant in ["select setseed(0.5)", "set seed = 0.5"] {
+        let (_, alice) = e.login("alice", "team_a");
+        let (_, bob) = e.login("bob", "team_b");
+        let a = alice.connect().await.unwrap();
+        let pid1 = backend_pid(&a).await;
+        within(plant, a.simple_query(plant)).await.unwrap();
+        drop(a);
+        e.wait_idle(1);
+
+        let b = bob.connect().await.unwrap();
+        assert_eq!(backend_pid(&b).await, pid1, "{plant}: the backend is reused");
+        let got = one(&b, "select random()").await.unwrap();
+        assert_ne!(got, known, "{plant}: alice's seed predicts bob's random()");
+        drop(b);
+        e.wait_idle(1);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_off_means_a_new_backend_per_login() {
     let e = env("pool_off", |b| b.set("upstream.pool", false));

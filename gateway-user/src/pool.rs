@@ -13,8 +13,9 @@
 //!   transaction either), and no CancelRequest was forwarded for the session. Anything else
 //!   closes the connection (Postgres rolls back what was open).
 //! - **Reset** at check-in, in a spawned task (off the next client's path): `RESET ROLE`, then
-//!   `DISCARD ALL`, as two Queries, each verified to answer CommandComplete + ReadyForQuery
-//!   'I' ([`Upstream::reset`]); on any error or timeout the connection is closed.
+//!   `DISCARD ALL`, then a fresh `random()` seed (which `DISCARD ALL` keeps), as separate
+//!   Queries, each verified to answer CommandComplete + ReadyForQuery 'I'
+//!   ([`Upstream::reset`]); on any error or timeout the connection is closed.
 //! - **Checkout**: expired connections are closed, a connection that has anything to read
 //!   (the server spoke while idle: terminated, timed out, EOF) is closed, then one Query
 //!   `SET application_name TO …; SET ROLE …` names the new user and sets their role. A
@@ -707,7 +708,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reset_runs_two_queries_and_verifies_each() {
+    async fn reset_runs_three_queries_and_verifies_each() {
         let (mut up, mut srv) = fake(1);
         let server = tokio::spawn(async move {
             assert_eq!(read_query(&mut srv).await, "RESET ROLE");
@@ -721,12 +722,17 @@ mod tests {
             out.extend(complete("DISCARD ALL"));
             out.extend(ready(b'I'));
             srv.write_all(&out).await.unwrap();
-            srv
+            let seed = read_query(&mut srv).await;
+            let v: f64 = seed.strip_prefix("SET seed TO ").unwrap().parse().unwrap();
+            assert!((-1.0..=1.0).contains(&v), "{seed}");
+            srv.write_all(&[complete("SET"), ready(b'I')].concat()).await.unwrap();
+            (srv, seed)
         });
         up.reset().await.unwrap();
         assert!(up.params.contains(&("is_superuser".into(), "off".into())));
-        let _srv = server.await.unwrap();
+        let (_srv, seed) = server.await.unwrap();
         assert!(up.is_quiet(), "nothing left to read");
+        assert_ne!(crate::upstream::reseed_sql().unwrap(), seed, "a new seed each time");
     }
 
     #[tokio::test]
@@ -749,6 +755,19 @@ mod tests {
             assert!(up.reset().await.is_err(), "{what}: reset must fail");
             let _ = server.await.unwrap();
         }
+        // The new seed refused: the reset failed too (the old seed may still be in place).
+        let (mut up, mut srv) = fake(2);
+        let server = tokio::spawn(async move {
+            for (sql, tag) in [("RESET ROLE", "RESET"), ("DISCARD ALL", "DISCARD ALL")] {
+                assert_eq!(read_query(&mut srv).await, sql);
+                srv.write_all(&[complete(tag), ready(b'I')].concat()).await.unwrap();
+            }
+            assert!(read_query(&mut srv).await.starts_with("SET seed TO "));
+            srv.write_all(&[msg(b'E', b"SERROR\0C57014\0Mcanceling statement\0\0"), ready(b'I')].concat()).await.unwrap();
+            srv
+        });
+        assert!(up.reset().await.is_err(), "seed: reset must fail");
+        let _ = server.await.unwrap();
         // A connection not idle at check-in is never reset.
         let (mut up, _srv) = fake(3);
         up.tx_status = b'T';
