@@ -420,6 +420,51 @@ async fn a_seed_planted_by_one_user_does_not_predict_the_next_users_random() {
     }
 }
 
+/// Postgres reads `SET ROLE "none"` — quoted or not — as `SET ROLE NONE`, the session user;
+/// no role can be named `none`. A group whose role is written "none" must not log its users
+/// in as the service role (with every role the service role may switch to): the login is
+/// refused like one whose role does not exist, and nothing ran upstream as the service role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_role_named_none_is_refused_not_the_service_role() {
+    let e = env("pool_role_none", |b| {
+        b.with_dir(|dir: &Path, _t: &mut toml::Table| {
+            let policy = POLICY.replace("\"RB\"", "\"none\"").replace("\"RA\"", "\"none\"");
+            std::fs::write(dir.join("test-policy.toml"), policy).unwrap();
+        })
+    });
+    let m = marker("pool-role-none");
+    for round in 0..2 {
+        // The second login finds a pooled connection (left by the control session below) when
+        // the first did not get one.
+        let (token, bob) = e.login("bob", "team_b");
+        match bob.connect().await {
+            Ok(c) => {
+                let who = one(&c, "select current_user").await.unwrap();
+                let _ = c.simple_query(&format!("insert into items values ('{m}')")).await;
+                panic!("round {round}: logged in as {who:?} (the service role is {})", cluster().svc_user);
+            }
+            Err(err) => {
+                let db = err.as_db_error().unwrap_or_else(|| panic!("a server error: {err}"));
+                assert_eq!((db.severity(), db.code().code()), ("FATAL", "22023"), "{err}");
+                assert!(db.message().contains("\"none\""), "{err}");
+            }
+        }
+        let jti = jwt::jti_of(&token);
+        let recs = e.pw.wait_audit("login_failed", |r| {
+            r.iter().any(|x| x["kind"] == "login_failed" && x["jti"] == jti.as_str())
+        });
+        assert!(rec::login_by_jti(&recs, &jti).is_none(), "no login record");
+        // A control session as the service role leaves a pooled connection behind.
+        if round == 0 {
+            let c = e.pw.login("carol", &e.pw.token("carol", &[], "15m"), &e.db).connect().await.unwrap();
+            assert_eq!(one(&c, "select current_user").await.unwrap(), cluster().svc_user);
+            drop(c);
+            e.wait_idle(1);
+        }
+    }
+    assert_eq!(cluster().sql(&e.db, &format!("select count(*) from items where id = '{m}'")), "0");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_off_means_a_new_backend_per_login() {
     let e = env("pool_off", |b| b.set("upstream.pool", false));

@@ -276,6 +276,9 @@ impl Pool {
         app_name: &str,
         role: Option<&str>,
     ) -> Result<Acquired, UpstreamError> {
+        if let Some(r) = role {
+            settable_role(r)?;
+        }
         let attrs = target.attrs_for(role);
         if !self.enabled {
             let mut up = connect(target, attrs, key, password, app_name).await?;
@@ -552,6 +555,26 @@ async fn connect(
     upstream_hosts::connect(target, attrs, &key.user, password, &key.database, &params).await
 }
 
+/// The name Postgres's `SET ROLE` does not look up: it reads `SET ROLE "none"` (quoted or not)
+/// as `SET ROLE NONE`, back to the session user — the service role — and no role can be named
+/// so (`CREATE ROLE` refuses it).
+const SET_ROLE_NONE: &str = "none";
+
+/// Refuse a role that `SET ROLE` would not switch to: a policy group or grant naming `none`
+/// would otherwise run its sessions as the service role. Refused as Postgres refuses
+/// `SET ROLE` to a role that does not exist (22023), before any connection is used.
+fn settable_role(role: &str) -> Result<(), UpstreamError> {
+    if role == SET_ROLE_NONE {
+        return Err(UpstreamError::Server {
+            code: crate::sqlstate::INVALID_PARAMETER_VALUE.to_string(),
+            message: format!(
+                "role \"{role}\" does not exist (Postgres reads SET ROLE \"{role}\" as SET ROLE NONE, the service role)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// `SET ROLE "<role>"`: the role as a quoted identifier (used exactly as written, `"`
 /// doubled).
 pub fn set_role_sql(role: &str) -> String {
@@ -626,6 +649,21 @@ mod tests {
             "SET application_name TO E'pgward:o\\'neil:a\\\\b'; SET ROLE \"r\""
         );
         assert_eq!(setup_sql("pgward:zoë\n", None), "SET application_name TO E'pgward:zo??'");
+    }
+
+    #[tokio::test]
+    async fn a_role_set_role_reads_as_none_is_refused_before_any_connection() {
+        let key = PoolKey::new(&target(), "svc", "a", &[]);
+        for enabled in [true, false] {
+            let pool = Pool::new(enabled, 4, 4, Duration::from_secs(60), Duration::from_secs(1));
+            let err = match pool.acquire(&target(), &key, None, "pgward:u", Some("none")).await {
+                Err(e) => e,
+                Ok(_) => panic!("pool {enabled}: acquired a connection for role none"),
+            };
+            assert_eq!(err.sqlstate(), "22023", "pool {enabled}: {err}");
+        }
+        assert!(settable_role("NONE").is_ok(), "a real role (SET ROLE looks it up)");
+        assert!(settable_role("none ").is_ok());
     }
 
     #[test]
