@@ -1,10 +1,12 @@
 //! Upstream session pooling, as users, a DBA and an auditor see it: a backend is reused by the
 //! next login to the same database (same `pg_backend_pid()`), and the second user finds it as a
 //! fresh login would leave it — their own role and application_name, no temp table, prepared
-//! statement, session setting, advisory lock or LISTEN of the first. Never across databases;
-//! never after a session that ended in a transaction, with an unsynced extended-protocol
-//! pipeline or after a cancel; a pooled backend that was terminated is not handed out; idle
-//! ones expire; `pool = false` turns it off. The audit `login` record says whether the
+//! statement, session setting, advisory lock, LISTEN or `random()` seed of the first. Never
+//! across databases; never after a session that ended in a transaction, with an unsynced
+//! extended-protocol pipeline or after a cancel; a pooled backend that was terminated is not
+//! handed out; idle ones expire; `pool = false` turns it off. A group role that `SET ROLE`
+//! cannot set (missing, or `none`) refuses the login and never leaves a session as the
+//! service role. The audit `login` record says whether the
 //! connection was reused, and every statement keeps its own user.
 //!
 //! Whether a connection is back in the pool is read from pgward's metrics
@@ -463,6 +465,38 @@ async fn a_group_role_named_none_is_refused_not_the_service_role() {
         }
     }
     assert_eq!(cluster().sql(&e.db, &format!("select count(*) from items where id = '{m}'")), "0");
+}
+
+/// A group whose role does not exist: the checkout's `SET ROLE` fails on the pooled backend,
+/// the login is refused with Postgres's answer, and the backend — which ran the failed setup —
+/// is closed rather than pooled again or handed to the session without its role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_role_is_missing_is_refused_and_the_backend_closed() {
+    let missing = format!("pool_missing_{}", rand_hex(8));
+    let policy = POLICY.replace("\"RB\"", &format!("\"{missing}\""));
+    let e = env("pool_role_missing", move |b| {
+        b.with_dir(move |dir: &Path, _t: &mut toml::Table| std::fs::write(dir.join("test-policy.toml"), policy).unwrap())
+    });
+    // A service-role session leaves a pooled backend behind.
+    let c = e.pw.login("carol", &e.pw.token("carol", &[], "15m"), &e.db).connect().await.unwrap();
+    let pid1 = backend_pid(&c).await;
+    drop(c);
+    e.wait_idle(1);
+
+    let (token, bob) = e.login("bob", "team_b");
+    let err = match bob.connect().await {
+        Ok(c) => panic!("logged in as {:?}", one(&c, "select current_user").await),
+        Err(err) => err,
+    };
+    let db = err.as_db_error().unwrap_or_else(|| panic!("a server error: {err}"));
+    assert_eq!((db.severity(), db.code().code()), ("FATAL", "22023"), "{err}");
+    assert!(db.message().contains(&missing), "{err}");
+    e.wait_discards("setup_failed", 1);
+    wait_for("the backend to exit", Duration::from_secs(20), || (!backend_alive(&pid1)).then_some(()));
+    assert_eq!(e.sample("pgward_upstream_pool_idle"), 0.0);
+    let jti = jwt::jti_of(&token);
+    let recs = e.pw.wait_audit("login_failed", |r| r.iter().any(|x| x["kind"] == "login_failed" && x["jti"] == jti.as_str()));
+    assert!(rec::login_by_jti(&recs, &jti).is_none(), "no login record");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
