@@ -1,10 +1,12 @@
 //! Upstream session pooling, as users, a DBA and an auditor see it: a backend is reused by the
 //! next login to the same database (same `pg_backend_pid()`), and the second user finds it as a
 //! fresh login would leave it — their own role and application_name, no temp table, prepared
-//! statement, session setting, advisory lock or LISTEN of the first. Never across databases;
-//! never after a session that ended in a transaction, with an unsynced extended-protocol
-//! pipeline or after a cancel; a pooled backend that was terminated is not handed out; idle
-//! ones expire; `pool = false` turns it off. The audit `login` record says whether the
+//! statement, session setting, advisory lock, LISTEN or `random()` seed of the first. Never
+//! across databases; never after a session that ended in a transaction, with an unsynced
+//! extended-protocol pipeline or after a cancel; a pooled backend that was terminated is not
+//! handed out; idle ones expire; `pool = false` turns it off. A group role that `SET ROLE`
+//! cannot set (missing, or `none`) refuses the login and never leaves a session as the
+//! service role. The audit `login` record says whether the
 //! connection was reused, and every statement keeps its own user.
 //!
 //! Whether a connection is back in the pool is read from pgward's metrics
@@ -392,6 +394,109 @@ async fn idle_connections_expire() {
     assert!(t0.elapsed() < Duration::from_secs(15));
     wait_for("the expired backend to exit", Duration::from_secs(20), || (!backend_alive(&pid1)).then_some(()));
     e.wait_discards("expired", 1);
+}
+
+/// The random generator's seed is backend state `DISCARD ALL` keeps (the `seed` setting is
+/// outside `RESET ALL`): a user who seeds it and leaves must not know the next user's
+/// `random()` values on the reused backend — by `setseed()` or by `SET seed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_planted_by_one_user_does_not_predict_the_next_users_random() {
+    let e = env("pool_seed", |b| b);
+    // What random() returns first after seeding with 0.5, on any backend.
+    let known = cluster().sql("postgres", "with s as materialized (select setseed(0.5)) select random() from s");
+    for plant in ["select setseed(0.5)", "set seed = 0.5"] {
+        let (_, alice) = e.login("alice", "team_a");
+        let (_, bob) = e.login("bob", "team_b");
+        let a = alice.connect().await.unwrap();
+        let pid1 = backend_pid(&a).await;
+        within(plant, a.simple_query(plant)).await.unwrap();
+        drop(a);
+        e.wait_idle(1);
+
+        let b = bob.connect().await.unwrap();
+        assert_eq!(backend_pid(&b).await, pid1, "{plant}: the backend is reused");
+        let got = one(&b, "select random()").await.unwrap();
+        assert_ne!(got, known, "{plant}: alice's seed predicts bob's random()");
+        drop(b);
+        e.wait_idle(1);
+    }
+}
+
+/// Postgres reads `SET ROLE "none"` — quoted or not — as `SET ROLE NONE`, the session user;
+/// no role can be named `none`. A group whose role is written "none" must not log its users
+/// in as the service role (with every role the service role may switch to): the login is
+/// refused like one whose role does not exist, and nothing ran upstream as the service role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_role_named_none_is_refused_not_the_service_role() {
+    let e = env("pool_role_none", |b| {
+        b.with_dir(|dir: &Path, _t: &mut toml::Table| {
+            let policy = POLICY.replace("\"RB\"", "\"none\"").replace("\"RA\"", "\"none\"");
+            std::fs::write(dir.join("test-policy.toml"), policy).unwrap();
+        })
+    });
+    let m = marker("pool-role-none");
+    for round in 0..2 {
+        // The second login finds a pooled connection (left by the control session below) when
+        // the first did not get one.
+        let (token, bob) = e.login("bob", "team_b");
+        match bob.connect().await {
+            Ok(c) => {
+                let who = one(&c, "select current_user").await.unwrap();
+                let _ = c.simple_query(&format!("insert into items values ('{m}')")).await;
+                panic!("round {round}: logged in as {who:?} (the service role is {})", cluster().svc_user);
+            }
+            Err(err) => {
+                let db = err.as_db_error().unwrap_or_else(|| panic!("a server error: {err}"));
+                assert_eq!((db.severity(), db.code().code()), ("FATAL", "22023"), "{err}");
+                assert!(db.message().contains("\"none\""), "{err}");
+            }
+        }
+        let jti = jwt::jti_of(&token);
+        let recs = e.pw.wait_audit("login_failed", |r| {
+            r.iter().any(|x| x["kind"] == "login_failed" && x["jti"] == jti.as_str())
+        });
+        assert!(rec::login_by_jti(&recs, &jti).is_none(), "no login record");
+        // A control session as the service role leaves a pooled connection behind.
+        if round == 0 {
+            let c = e.pw.login("carol", &e.pw.token("carol", &[], "15m"), &e.db).connect().await.unwrap();
+            assert_eq!(one(&c, "select current_user").await.unwrap(), cluster().svc_user);
+            drop(c);
+            e.wait_idle(1);
+        }
+    }
+    assert_eq!(cluster().sql(&e.db, &format!("select count(*) from items where id = '{m}'")), "0");
+}
+
+/// A group whose role does not exist: the checkout's `SET ROLE` fails on the pooled backend,
+/// the login is refused with Postgres's answer, and the backend — which ran the failed setup —
+/// is closed rather than pooled again or handed to the session without its role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_role_is_missing_is_refused_and_the_backend_closed() {
+    let missing = format!("pool_missing_{}", rand_hex(8));
+    let policy = POLICY.replace("\"RB\"", &format!("\"{missing}\""));
+    let e = env("pool_role_missing", move |b| {
+        b.with_dir(move |dir: &Path, _t: &mut toml::Table| std::fs::write(dir.join("test-policy.toml"), policy).unwrap())
+    });
+    // A service-role session leaves a pooled backend behind.
+    let c = e.pw.login("carol", &e.pw.token("carol", &[], "15m"), &e.db).connect().await.unwrap();
+    let pid1 = backend_pid(&c).await;
+    drop(c);
+    e.wait_idle(1);
+
+    let (token, bob) = e.login("bob", "team_b");
+    let err = match bob.connect().await {
+        Ok(c) => panic!("logged in as {:?}", one(&c, "select current_user").await),
+        Err(err) => err,
+    };
+    let db = err.as_db_error().unwrap_or_else(|| panic!("a server error: {err}"));
+    assert_eq!((db.severity(), db.code().code()), ("FATAL", "22023"), "{err}");
+    assert!(db.message().contains(&missing), "{err}");
+    e.wait_discards("setup_failed", 1);
+    wait_for("the backend to exit", Duration::from_secs(20), || (!backend_alive(&pid1)).then_some(()));
+    assert_eq!(e.sample("pgward_upstream_pool_idle"), 0.0);
+    let jti = jwt::jti_of(&token);
+    let recs = e.pw.wait_audit("login_failed", |r| r.iter().any(|x| x["kind"] == "login_failed" && x["jti"] == jti.as_str()));
+    assert!(rec::login_by_jti(&recs, &jti).is_none(), "no login record");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,8 +13,9 @@
 //!   transaction either), and no CancelRequest was forwarded for the session. Anything else
 //!   closes the connection (Postgres rolls back what was open).
 //! - **Reset** at check-in, in a spawned task (off the next client's path): `RESET ROLE`, then
-//!   `DISCARD ALL`, as two Queries, each verified to answer CommandComplete + ReadyForQuery
-//!   'I' ([`Upstream::reset`]); on any error or timeout the connection is closed.
+//!   `DISCARD ALL`, then a fresh `random()` seed (which `DISCARD ALL` keeps), as separate
+//!   Queries, each verified to answer CommandComplete + ReadyForQuery 'I'
+//!   ([`Upstream::reset`]); on any error or timeout the connection is closed.
 //! - **Checkout**: expired connections are closed, a connection that has anything to read
 //!   (the server spoke while idle: terminated, timed out, EOF) is closed, then one Query
 //!   `SET application_name TO …; SET ROLE …` names the new user and sets their role. A
@@ -275,6 +276,9 @@ impl Pool {
         app_name: &str,
         role: Option<&str>,
     ) -> Result<Acquired, UpstreamError> {
+        if let Some(r) = role {
+            settable_role(r)?;
+        }
         let attrs = target.attrs_for(role);
         if !self.enabled {
             let mut up = connect(target, attrs, key, password, app_name).await?;
@@ -551,6 +555,26 @@ async fn connect(
     upstream_hosts::connect(target, attrs, &key.user, password, &key.database, &params).await
 }
 
+/// The name Postgres's `SET ROLE` does not look up: it reads `SET ROLE "none"` (quoted or not)
+/// as `SET ROLE NONE`, back to the session user — the service role — and no role can be named
+/// so (`CREATE ROLE` refuses it).
+const SET_ROLE_NONE: &str = "none";
+
+/// Refuse a role that `SET ROLE` would not switch to: a policy group or grant naming `none`
+/// would otherwise run its sessions as the service role. Refused as Postgres refuses
+/// `SET ROLE` to a role that does not exist (22023), before any connection is used.
+fn settable_role(role: &str) -> Result<(), UpstreamError> {
+    if role == SET_ROLE_NONE {
+        return Err(UpstreamError::Server {
+            code: crate::sqlstate::INVALID_PARAMETER_VALUE.to_string(),
+            message: format!(
+                "role \"{role}\" does not exist (Postgres reads SET ROLE \"{role}\" as SET ROLE NONE, the service role)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// `SET ROLE "<role>"`: the role as a quoted identifier (used exactly as written, `"`
 /// doubled).
 pub fn set_role_sql(role: &str) -> String {
@@ -625,6 +649,21 @@ mod tests {
             "SET application_name TO E'pgward:o\\'neil:a\\\\b'; SET ROLE \"r\""
         );
         assert_eq!(setup_sql("pgward:zoë\n", None), "SET application_name TO E'pgward:zo??'");
+    }
+
+    #[tokio::test]
+    async fn a_role_set_role_reads_as_none_is_refused_before_any_connection() {
+        let key = PoolKey::new(&target(), "svc", "a", &[]);
+        for enabled in [true, false] {
+            let pool = Pool::new(enabled, 4, 4, Duration::from_secs(60), Duration::from_secs(1));
+            let err = match pool.acquire(&target(), &key, None, "pgward:u", Some("none")).await {
+                Err(e) => e,
+                Ok(_) => panic!("pool {enabled}: acquired a connection for role none"),
+            };
+            assert_eq!(err.sqlstate(), "22023", "pool {enabled}: {err}");
+        }
+        assert!(settable_role("NONE").is_ok(), "a real role (SET ROLE looks it up)");
+        assert!(settable_role("none ").is_ok());
     }
 
     #[test]
@@ -707,7 +746,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reset_runs_two_queries_and_verifies_each() {
+    async fn reset_runs_three_queries_and_verifies_each() {
         let (mut up, mut srv) = fake(1);
         let server = tokio::spawn(async move {
             assert_eq!(read_query(&mut srv).await, "RESET ROLE");
@@ -721,12 +760,17 @@ mod tests {
             out.extend(complete("DISCARD ALL"));
             out.extend(ready(b'I'));
             srv.write_all(&out).await.unwrap();
-            srv
+            let seed = read_query(&mut srv).await;
+            let v: f64 = seed.strip_prefix("SET seed TO ").unwrap().parse().unwrap();
+            assert!((-1.0..=1.0).contains(&v), "{seed}");
+            srv.write_all(&[complete("SET"), ready(b'I')].concat()).await.unwrap();
+            (srv, seed)
         });
         up.reset().await.unwrap();
         assert!(up.params.contains(&("is_superuser".into(), "off".into())));
-        let _srv = server.await.unwrap();
+        let (_srv, seed) = server.await.unwrap();
         assert!(up.is_quiet(), "nothing left to read");
+        assert_ne!(crate::upstream::reseed_sql().unwrap(), seed, "a new seed each time");
     }
 
     #[tokio::test]
@@ -749,6 +793,19 @@ mod tests {
             assert!(up.reset().await.is_err(), "{what}: reset must fail");
             let _ = server.await.unwrap();
         }
+        // The new seed refused: the reset failed too (the old seed may still be in place).
+        let (mut up, mut srv) = fake(2);
+        let server = tokio::spawn(async move {
+            for (sql, tag) in [("RESET ROLE", "RESET"), ("DISCARD ALL", "DISCARD ALL")] {
+                assert_eq!(read_query(&mut srv).await, sql);
+                srv.write_all(&[complete(tag), ready(b'I')].concat()).await.unwrap();
+            }
+            assert!(read_query(&mut srv).await.starts_with("SET seed TO "));
+            srv.write_all(&[msg(b'E', b"SERROR\0C57014\0Mcanceling statement\0\0"), ready(b'I')].concat()).await.unwrap();
+            srv
+        });
+        assert!(up.reset().await.is_err(), "seed: reset must fail");
+        let _ = server.await.unwrap();
         // A connection not idle at check-in is never reset.
         let (mut up, _srv) = fake(3);
         up.tx_status = b'T';

@@ -9,7 +9,7 @@ pub const PROTOCOL_VIOLATION: &str = "08P01";
 pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
 /// Class 22: SQL text that is not valid in the client's encoding.
 pub const CHARACTER_NOT_IN_REPERTOIRE: &str = "22021";
-/// Class 22: a startup parameter pgward does not accept.
+/// Class 22: a startup parameter pgward does not accept, or a role `SET ROLE` cannot set.
 pub const INVALID_PARAMETER_VALUE: &str = "22023";
 /// Class 28: no such user, a user other than the token's, or an expired or withdrawn grant.
 pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";

@@ -339,6 +339,19 @@ impl Upstream {
     }
 }
 
+/// `SET seed TO <random>`: the seed of `random()` is backend state that `DISCARD ALL` keeps
+/// (`setseed()`, or `SET seed`, which `RESET ALL` skips), so a session that seeded it would
+/// know every `random()` value of the next session on the backend. The new seed comes from
+/// the OS's random source (an error if it fails: the connection is then not reused); 53
+/// random bits, spread over the seed's range [-1, 1]. (`SHOW seed` answers "unavailable".)
+pub(crate) fn reseed_sql() -> Result<String, UpstreamError> {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).map_err(|e| UpstreamError::Reset(format!("no random seed: {e}")))?;
+    let bits = u64::from_le_bytes(b) >> 11;
+    let seed = bits as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+    Ok(format!("SET seed TO {seed}"))
+}
+
 /// A DataRow's text-format values.
 fn data_row(body: &[u8]) -> Result<Vec<Option<String>>, WireError> {
     let mut r = Reader::new(body);
@@ -354,14 +367,16 @@ fn data_row(body: &[u8]) -> Result<Vec<Option<String>>, WireError> {
 impl Upstream {
     /// Put the connection back to what a fresh login gives, for session pooling: `RESET ROLE`,
     /// then `DISCARD ALL` (temp tables, prepared statements, cursors, session settings back to
-    /// the startup values, advisory locks, LISTEN, cached plans, sequences). Two Queries:
-    /// `DISCARD ALL` refuses to run in a transaction block, and a multi-statement Query is one.
-    /// Each must answer exactly CommandComplete + ReadyForQuery 'I' (ParameterStatus, notices
-    /// and stray notifications of the previous session are read and dropped); anything else
-    /// is an error and the connection must not be reused.
+    /// the startup values, advisory locks, LISTEN, cached plans, sequences), then a fresh
+    /// random seed ([`reseed_sql`]). Separate Queries: `DISCARD ALL` refuses to run in a
+    /// transaction block, and a multi-statement Query is one. Each must answer exactly
+    /// CommandComplete + ReadyForQuery 'I' (ParameterStatus, notices and stray notifications
+    /// of the previous session are read and dropped); anything else is an error and the
+    /// connection must not be reused.
     pub async fn reset(&mut self) -> Result<(), UpstreamError> {
         self.expect_command("RESET ROLE", "RESET").await?;
-        self.expect_command("DISCARD ALL", "DISCARD ALL").await
+        self.expect_command("DISCARD ALL", "DISCARD ALL").await?;
+        self.expect_command(&reseed_sql()?, "SET").await
     }
 
     async fn expect_command(&mut self, sql: &str, tag: &str) -> Result<(), UpstreamError> {
