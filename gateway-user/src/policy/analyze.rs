@@ -244,11 +244,30 @@ impl Walker<'_> {
                 if q.name == "set_config" {
                     self.info.modifiers |= set_config_call(b, &mut self.info.literal_dependent);
                 }
+                if runs_sql_text(&q) {
+                    self.scan_sql_text_args(b);
+                }
                 self.info.functions.push(q);
             }
         }
         if str_field(b, "kind").is_some_and(|k| k.starts_with("VAR_")) {
             self.setting(b, field);
+        }
+    }
+
+    /// A call of a built-in that runs SQL given to it as text: its string-constant arguments
+    /// are read as SQL, as a DO body's constant `EXECUTE` is — an identity change there is
+    /// one here, whoever may call the function. (Arguments built at run time are what the
+    /// `@dynamic_sql` class is for.)
+    fn scan_sql_text_args(&mut self, call: &Map<String, Value>) {
+        for arg in list(call, "args") {
+            let text = node(arg, "A_Const").and_then(|c| c.get("sval")).and_then(|s| s.get("sval")).and_then(Value::as_str);
+            if let Some(text) = text {
+                self.info.literal_dependent = true;
+                let f = lexical::scan(text);
+                self.info.modifiers |= f.modifiers;
+                self.info.body_functions.extend(f.functions);
+            }
         }
     }
 
@@ -653,6 +672,15 @@ fn classify_other(info: &mut StatementInfo) {
         info.classes.insert(StatementClass::Admin);
     }
     info.add_command(cmd);
+}
+
+/// Built-in functions that execute SQL text passed as an argument (the `query_to_xml` family,
+/// `ts_stat`, `ts_rewrite`, tablefunc's `crosstab`/`connectby`, dblink), by name in any schema
+/// (a function of another schema with such a name has its text arguments read too).
+fn runs_sql_text(q: &QName) -> bool {
+    const NAMES: &[&str] = &["query_to_xml", "query_to_xml_and_xmlschema", "query_to_xmlschema", "ts_stat", "ts_rewrite"];
+    const PREFIXES: &[&str] = &["crosstab", "connectby", "dblink"];
+    NAMES.contains(&q.name.as_str()) || PREFIXES.iter().any(|p| q.name.starts_with(p))
 }
 
 /// Scan the string bodies of a DO block or a function (`AS '…'`) for what they call: they

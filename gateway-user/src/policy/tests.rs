@@ -1354,7 +1354,7 @@ fn sql_built_at_run_time_is_denied() {
         "DO $$DECLARE r text := 'ROLE'; BEGIN EXECUTE format('SET %s postgres', r); END$$",
         "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$BEGIN EXECUTE 'RESET ' || 'ROLE'; END$$",
         "CREATE PROCEDURE p() LANGUAGE plpgsql AS 'BEGIN OPEN c FOR EXECUTE q; END'",
-        "SELECT query_to_xml('SET ROLE postgres', true, false, '')",
+        "SELECT query_to_xml('SELECT 1', true, false, '')",
     ] {
         d.expect(&dflt, &anyone, sql, Deny, &["no-dynamic-sql", "no-dynamic-sql-functions"]);
         d.expect(&dflt, &id("root", &["pgward_admins"]), sql, Allow, &[]);
@@ -1363,8 +1363,14 @@ fn sql_built_at_run_time_is_denied() {
         "DO $$BEGIN EXECUTE 'SET ROLE postgres'; END$$",
         "DO $$DECLARE r text := 'postgres'; BEGIN EXECUTE format('SET ROLE %I', r); END$$",
         "CREATE FUNCTION g() RETURNS void LANGUAGE plpgsql AS $$BEGIN EXECUTE 'SELECT set_config(''role'', ''x'', false)'; END$$",
+        // Built-ins that run their text argument: a constant text is read like a constant
+        // EXECUTE, and an identity change in it is denied to admins too.
+        "SELECT query_to_xml('SET ROLE postgres', true, false, '')",
+        "SELECT pg_catalog.query_to_xmlschema('select set_config(''role'', ''x'', false)', true, false, '')",
+        "SELECT * FROM ts_stat('RESET ROLE')",
     ] {
         d.expect(&dflt, &anyone, sql, Deny, &["builtin:identity-change"]);
+        d.expect(&dflt, &id("root", &["pgward_admins"]), sql, Deny, &["builtin:identity-change"]);
     }
     d.expect(&dflt, &anyone, "DO $$BEGIN EXECUTE 'SELECT 1' INTO x; INSERT INTO t(a) VALUES (1); END$$", Allow, &[]);
     d.assert_all_met();
