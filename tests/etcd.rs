@@ -220,6 +220,29 @@ async fn anchored_seqs(endpoints: &[String], prefix: &str, node: &str) -> Vec<u6
     resp.kvs().iter().map(|kv| kv.key_str().unwrap()[key.len()..].parse().unwrap()).collect()
 }
 
+/// Write two anchors pgward never wrote, from the genuine anchor of `seq`: one claiming a seq far
+/// past the log, one a verbatim copy under another seq. Returns their keys.
+async fn forge_anchors(endpoints: &[String], prefix: &str, node: &str, seq: u64) -> Vec<String> {
+    let mut c = etcd_client::Client::connect(endpoints, None).await.expect("etcd client");
+    let dir = format!("{prefix}/anchors/{node}/");
+    let resp = c.get(format!("{dir}{seq:020}"), None).await.expect("get anchor");
+    let genuine: serde_json::Value = serde_json::from_slice(resp.kvs()[0].value()).expect("anchor JSON");
+    let far = seq + 1_000_000;
+    let mut moved = genuine.clone();
+    moved["seq"] = far.into();
+    let keys = vec![format!("{dir}{far:020}"), format!("{dir}{:020}", far + 1)];
+    c.put(keys[0].clone(), moved.to_string(), None).await.expect("put");
+    c.put(keys[1].clone(), genuine.to_string(), None).await.expect("put");
+    keys
+}
+
+async fn remove_keys(endpoints: &[String], keys: &[String]) {
+    let mut c = etcd_client::Client::connect(endpoints, None).await.expect("etcd client");
+    for k in keys {
+        c.delete(k.clone(), None).await.expect("delete");
+    }
+}
+
 /// `pgward audit verify --anchors etcd --config <config>`: (exit code, output).
 fn verify_anchors(config: &Path) -> (i32, String) {
     let out = common::pgward_cli(&["audit", "verify", "--anchors", "etcd", "--config", &config.display().to_string()]);
@@ -251,6 +274,17 @@ async fn checkpoints_anchored_in_etcd_catch_a_rewritten_or_rolled_back_log() {
     let (code, out) = verify_anchors(&pw.config_path);
     assert_eq!(code, 0, "the untouched log passes: {out}");
     assert!(out.contains("etcd anchors match"), "{out}");
+
+    // Someone who can write etcd but not read the checkpoint key: an anchor far past the log
+    // (a genuine one with its seq changed) and a genuine one copied under another seq. Neither
+    // is signed for where it stands: reported as forged, and the untouched log is not called
+    // rolled back or rewritten.
+    let forged = forge_anchors(&eps, &prefix, "gw-anchor", seqs[0]).await;
+    let (code, out) = verify_anchors(&pw.config_path);
+    assert_eq!(code, 1, "forged anchors are reported: {out}");
+    assert!(out.contains("etcd anchors match") && out.contains("FORGED: 2 not written by pgward"), "{out}");
+    assert!(!out.contains("CONTRADICT"), "forged anchors do not make the log look rolled back: {out}");
+    remove_keys(&eps, &forged).await;
     pw.stop();
 
     // Rolled back: the log cut before the newest anchor (HEAD removed).
@@ -273,7 +307,7 @@ async fn checkpoints_anchored_in_etcd_catch_a_rewritten_or_rolled_back_log() {
     assert_eq!(code, 0, "a consistent rewrite with the key passes verify alone: {out}");
     let (code, out) = verify_anchors(&pw.config_path);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains(&format!("at seq {first}")) && out.contains("rewritten"), "{out}");
+    assert!(out.contains(&format!("at seq {target}")) && out.contains("rewritten"), "{out}");
 }
 
 /// Cut the log in `dir` so that its last record is `seq - 1`, and remove HEAD.

@@ -229,3 +229,93 @@ fn syslog_tcp_export_reaches_rsyslog_octet_counted() {
     assert_eq!(code, 0, "the 20 kB statement arrived whole: {out}");
     assert!(out.contains("export matches"), "{out}");
 }
+
+/// One RFC 5424 message, octet-counted, to a syslog TCP input: what any local user (or anyone
+/// who reaches the receiver) can send with `logger -t pgward`.
+fn inject(addr: &str, msgid: &str, body: &str) {
+    use std::io::Write as _;
+    let msg = format!("<38>1 2026-12-01T10:00:00.000000Z host pgward 1 {msgid} - {body}");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(format!("{} {msg}", msg.len()).as_bytes()).unwrap();
+}
+
+/// A record for `seq` that is self-consistent (its hash recomputes from its bytes) and links to
+/// the genuine record before it, but says something else: forgeable without any key.
+fn forged_line(genuine: &Value, edit: impl Fn(&mut pgward::audit::Record)) -> String {
+    let mut rec: pgward::audit::Record = serde_json::from_value(genuine.clone()).unwrap();
+    edit(&mut rec);
+    rec.hash.clear();
+    let mut c = Vec::new();
+    rec.write_json(&mut c).unwrap();
+    let h = pgward::audit::chain::chain_hash(rec.prev_hash.as_bytes(), &c, b"");
+    c.pop();
+    format!("{},\"hash\":\"{}\"}}", String::from_utf8(c).unwrap(), String::from_utf8(h.to_vec()).unwrap())
+}
+
+/// The receiver takes messages from anyone, so its copy holds lines pgward never sent. Lines
+/// forged without the checkpoint key — another version of a statement, a record past the log's
+/// end, a stub, text that does not parse — neither make an untouched log look rewritten nor
+/// keep `verify --against` from catching a rewrite by the key holder.
+#[test]
+fn lines_forged_into_the_receiver_neither_accuse_nor_hide() {
+    let db = cluster().create_database("export_forged_lines");
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(tmp.path());
+    let rsyslog = Rsyslog::start(tmp.path(), &ca);
+    let mut pw = Pgward::builder()
+        .set("audit.export", "syslog-tcp")
+        .set("audit.syslog_address", rsyslog.tcp_addr())
+        .start();
+    let token = pw.token("alice", &[], "15m");
+    let markers = run_statements(&pw, &token, &db, "forged-lines", 6);
+    wait_delivered(&pw, &rsyslog, "rsyslog to have every record");
+    pw.stop();
+    let last = *rsyslog.seqs().iter().max().unwrap();
+    wait_for("the shutdown checkpoint at rsyslog", Duration::from_secs(30), || {
+        let local = pw.audit_records();
+        (rsyslog.seqs().iter().max() == local.last().and_then(|r| r["seq"].as_u64()).as_ref()).then_some(())
+    });
+    let records = pw.audit_records();
+    let statement = |m: &str| {
+        records.iter().find(|r| r["kind"] == "statement" && r["sql"].as_str().is_some_and(|s| s.contains(m))).unwrap()
+    };
+    let victim = statement(&markers[1]);
+    let forged = forged_line(victim, |r| {
+        r.user = Some("mallory".into());
+        r.sql = Some("drop table payroll".into());
+    });
+    let tail = records.last().unwrap();
+    let past_end = forged_line(tail, |r| {
+        r.seq += 1;
+        r.prev_hash = "f".repeat(64);
+    });
+    let stub_seq = statement(&markers[2])["seq"].as_u64().unwrap();
+    let stub = format!("{{\"seq\":{stub_seq},\"kind\":\"statement\",\"hash\":\"{}\",\"oversize\":1}}", "0".repeat(64));
+    inject(&rsyslog.tcp_addr(), "statement", &forged);
+    inject(&rsyslog.tcp_addr(), "statement", &past_end);
+    inject(&rsyslog.tcp_addr(), "statement", &stub);
+    inject(&rsyslog.tcp_addr(), "statement", "{\"seq\":");
+    wait_for("the forged lines at rsyslog", Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&rsyslog.out).unwrap_or_default();
+        (text.contains("drop table payroll") && text.contains("{\"seq\":\n")).then_some(())
+    });
+    assert!(last >= victim["seq"].as_u64().unwrap());
+
+    let (code, out) = verify_against(&pw.config_path, &rsyslog.out);
+    assert_eq!(code, 0, "the untouched log matches what pgward sent: {out}");
+    assert!(out.contains("export matches"), "{out}");
+    assert!(out.contains("4 lines of the copy are not pgward's records"), "{out}");
+
+    // The key holder rewrites another statement: still the first divergence, forged lines or not.
+    let copy_dir = tempfile::tempdir().unwrap();
+    let cfg = pw.copy_with_audit(copy_dir.path());
+    let target = statement(&markers[4])["seq"].as_u64().unwrap();
+    let key = pw.config_path_value("audit.checkpoint_key");
+    let kid = pw.config_str("audit.checkpoint_kid");
+    rewrite_with_key(&copy_dir.path().join("audit"), target, &key, &kid, |r| {
+        r.sql = Some("select 'nothing to see'".into());
+    });
+    let (code, out) = verify_against(&cfg, &rsyslog.out);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("export DIVERGES at seq {target}:")), "{out}");
+}
