@@ -319,3 +319,36 @@ fn lines_forged_into_the_receiver_neither_accuse_nor_hide() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&format!("export DIVERGES at seq {target}:")), "{out}");
 }
+
+/// Someone who can write the audit directory (not the key) puts an empty segment file there,
+/// named for the seq after the export cursor, while the receiver is away. The exporter, which
+/// finds the segment to resume in by name, still delivers every record once the receiver is
+/// back — none skipped, none stalled — and `verify` names the file.
+#[test]
+fn a_planted_segment_name_neither_stalls_nor_thins_the_export() {
+    let db = cluster().create_database("export_planted_segment");
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(tmp.path());
+    let mut rsyslog = Rsyslog::start(tmp.path(), &ca);
+    let mut pw = Pgward::builder()
+        .set("audit.export", "syslog-tcp")
+        .set("audit.syslog_address", rsyslog.tcp_addr())
+        .start();
+    let token = pw.token("alice", &[], "15m");
+    run_statements(&pw, &token, &db, "before-plant", 3);
+    wait_delivered(&pw, &rsyslog, "rsyslog to have every record");
+    rsyslog.stop();
+    let during = run_statements(&pw, &token, &db, "receiver-down", 5);
+    let cursor: Value = serde_json::from_slice(&std::fs::read(pw.audit_dir().join("export.cursor")).unwrap()).unwrap();
+    let acked = cursor["seq"].as_u64().unwrap();
+    let planted = pw.audit_dir().join(pgward::audit::chain::segment_name(acked + 1));
+    std::fs::write(&planted, b"").unwrap();
+    rsyslog.spawn();
+    wait_delivered(&pw, &rsyslog, "rsyslog, restarted, to have every record");
+    let text = std::fs::read_to_string(&rsyslog.out).unwrap();
+    assert!(during.iter().all(|m| text.contains(m.as_str())), "{text}");
+    pw.stop();
+    let (code, out) = common::gateway::audit_verify_config(&pw.config_path);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&pgward::audit::chain::segment_name(acked + 1)) && out.contains("no records"), "{out}");
+}

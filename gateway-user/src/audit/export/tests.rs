@@ -179,3 +179,35 @@ fn a_record_too_large_for_a_datagram_is_sent_as_a_stub() {
     let n = server.recv(&mut buf).expect("the next record");
     assert_eq!(seq_of(&String::from_utf8_lossy(&buf[..n])), 2);
 }
+
+/// A segment file someone else put in the directory, empty and named for a seq inside the real
+/// segment, neither stalls the export nor makes it skip the records the names lead past.
+#[test]
+fn a_planted_segment_name_does_not_make_the_export_skip_records() {
+    let DatagramSink { _dir, server, audit, settings } = DatagramSink::new();
+    append(&audit, 1, 1..=6);
+    let sink = format!("{{\"sink\":\"{}\",\"seq\":2}}\n", settings.sink_id());
+    std::fs::write(audit.join(CURSOR_FILE), &sink).expect("cursor");
+    std::fs::write(audit.join(chain::segment_name(3)), b"").expect("planted segment");
+    let ex = Exporter::start(settings.clone()).expect("start");
+    ex.durable(6);
+    let mut buf = vec![0u8; 4096];
+    let mut recv = || {
+        let n = server.recv(&mut buf).expect("a datagram");
+        seq_of(&String::from_utf8_lossy(&buf[..n]))
+    };
+    assert_eq!((recv(), recv(), recv(), recv()), (3, 4, 5, 6), "nothing skipped, nothing stalled");
+    // The writer goes on in its own segment, which the planted one's name follows.
+    append(&audit, 1, 7..=7);
+    ex.durable(7);
+    assert_eq!(recv(), 7, "records after the planted name are read where they are");
+    drop(ex);
+
+    // Planted before a later segment: the records the names lead past are not skipped either.
+    std::fs::write(audit.join(CURSOR_FILE), &sink).expect("cursor");
+    append(&audit, 8, 8..=9);
+    let ex = Exporter::start(settings).expect("restart");
+    ex.durable(9);
+    let got: Vec<u64> = (0..7).map(|_| recv()).collect();
+    assert_eq!(got, vec![3, 4, 5, 6, 7, 8, 9]);
+}
