@@ -427,3 +427,56 @@ async fn etcd_with_auth_user_and_password() {
     wait_refused(&login, "revoked").await;
     assert_fatal(current_user(&live).await, "28P01", "revoked");
 }
+
+/// Wait until etcd holds an anchor for `node` past seq `after`; all the anchored seqs.
+async fn wait_anchor_after(endpoints: &[String], prefix: &str, node: &str, after: u64) -> Vec<u64> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let s = anchored_seqs(endpoints, prefix, node).await;
+        if s.iter().any(|&x| x > after) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "no anchor past seq {after} in etcd after {DEADLINE:?}: {s:?}");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Someone who can write the audit directory but not read the checkpoint key replaces `HEAD`
+/// while the gateway is down, naming a checkpoint far ahead. The restarted gateway anchors the
+/// last run's HEAD only when its log holds that checkpoint, signed with its key: nothing lands
+/// in etcd under pgward's name for that seq, and the new run's checkpoints are anchored as
+/// usual (the one waiting to be written is replaced only by a newer seq, so a HEAD far ahead
+/// held every later anchor back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_head_is_not_anchored_and_holds_no_anchor_back() {
+    let cluster = EtcdCluster::start(1);
+    let eps = cluster.endpoints();
+    let prefix = format!("/pgward-test-{}", rand_hex(8));
+    let db = common::cluster().create_database("etcd_head_replaced");
+    let mut pw = with_etcd(Pgward::builder(), &eps, &prefix, "gw-head").start();
+    let token = pw.token("alice", &[], "15m");
+    let c = pw.login("alice", &token, &db).connect().await.expect("login");
+    within("select", c.simple_query("select 1")).await.expect("select");
+    drop(c);
+    wait_anchor_after(&eps, &prefix, "gw-head", 0).await;
+    pw.stop();
+    let last_local = pw.audit_records().last().and_then(|r| r["seq"].as_u64()).unwrap();
+
+    let head_path = pw.audit_dir().join("HEAD");
+    let mut head: serde_json::Value = serde_json::from_slice(&std::fs::read(&head_path).unwrap()).unwrap();
+    let far = last_local + 1_000_000;
+    head["seq"] = far.into();
+    head["anchor_seq"] = (far - 1).into();
+    std::fs::write(&head_path, head.to_string()).unwrap();
+
+    pw.spawn();
+    let c = pw.login("alice", &token, &db).connect().await.expect("login after the restart");
+    within("select", c.simple_query("select 2")).await.expect("select");
+    drop(c);
+    let seqs = wait_anchor_after(&eps, &prefix, "gw-head", last_local).await;
+    assert!(!seqs.contains(&far), "the replaced HEAD was anchored: {seqs:?}");
+    assert!(seqs.iter().any(|&s| s > last_local && s < far), "the new run's checkpoints are anchored: {seqs:?}");
+    let (code, out) = verify_anchors(&pw.config_path);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("etcd anchors match") && !out.contains("FORGED"), "{out}");
+}

@@ -22,7 +22,7 @@ use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
 use super::chain::{HEAD_FILE, Head};
 use super::reader::Reader;
 use super::verify::{PublicKeys, check_signature};
-use super::writer::CheckpointHook;
+use super::writer::{CheckpointHook, CheckpointSigner};
 use crate::config::Config;
 use crate::etcd::{Etcd, EtcdError};
 
@@ -30,14 +30,15 @@ use crate::etcd::{Etcd, EtcdError};
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Start the anchor task (when `[access] backend = "etcd"` and `[access.etcd] anchors`);
-/// the hook to give the audit writer. Must run inside the tokio runtime.
-pub fn start(cfg: &Config) -> Option<CheckpointHook> {
+/// the hook to give the audit writer. `signer` is the writer's checkpoint key, which the last
+/// run's HEAD must be signed with to be anchored. Must run inside the tokio runtime.
+pub fn start(cfg: &Config, signer: Option<&CheckpointSigner>) -> Option<CheckpointHook> {
     let e = cfg.access.etcd().filter(|e| e.anchors)?;
     let node = e.node_name();
     let (tx, rx) = tokio::sync::watch::channel::<Option<Head>>(None);
     // The HEAD of the last run: anchored too, in case etcd was away when it was written.
-    let head_path = cfg.resolve(&cfg.audit.dir).join(HEAD_FILE);
-    if let Some(h) = std::fs::read(&head_path).ok().and_then(|b| serde_json::from_slice::<Head>(&b).ok()) {
+    let keys: PublicKeys = signer.map(|s| (s.kid().to_string(), s.verifying_key())).into_iter().collect();
+    if let Some(h) = last_run_head(&cfg.resolve(&cfg.audit.dir), &keys) {
         tx.send_replace(Some(h));
     }
     tokio::spawn(run(cfg.clone(), node, rx));
@@ -50,6 +51,33 @@ pub fn start(cfg: &Config) -> Option<CheckpointHook> {
             true
         });
     })))
+}
+
+/// The last run's `HEAD`, if it names the checkpoint the log holds there, signed with this
+/// gateway's key. HEAD is a file whoever can write the log directory can replace, and an
+/// anchor is created once and never overwritten: a HEAD taken on trust would put their anchor
+/// in etcd under pgward's name, and one naming a seq far ahead would hold back every genuine
+/// anchor after it (only a newer checkpoint replaces the one waiting).
+fn last_run_head(dir: &Path, keys: &PublicKeys) -> Option<Head> {
+    let bytes = std::fs::read(dir.join(HEAD_FILE)).ok()?;
+    let h: Head = serde_json::from_slice(&bytes).ok()?;
+    let refuse = |why: String| {
+        tracing::warn!(seq = h.seq, "audit: not anchoring HEAD of the last run: {why}");
+        None
+    };
+    if let Some(why) = forged(keys, &h.seq.to_string(), &h) {
+        return refuse(why);
+    }
+    let mut reader = match Reader::open(dir) {
+        Ok(r) => r,
+        Err(e) => return refuse(e.to_string()),
+    };
+    reader.start_near(h.seq);
+    let at = reader.filter_map(Result::ok).map(|e| e.record).find(|r| r.seq >= h.seq);
+    match at {
+        Some(r) if r.seq == h.seq && r.kind == super::Kind::Checkpoint && r.hash == h.hash => Some(h),
+        _ => refuse(format!("the log holds no checkpoint seq {} with hash {}", h.seq, h.hash)),
+    }
 }
 
 /// Write the newest checkpoint handed over, until the channel closes.
