@@ -212,10 +212,11 @@ fn syslog_tcp_export_reaches_rsyslog_octet_counted() {
     let pw = Pgward::builder()
         .set("audit.export", "syslog-tcp")
         .set("audit.syslog_address", rsyslog.tcp_addr())
+        .set("audit.syslog_max_message", support::RSYSLOG_MAX_MESSAGE as i64)
         .start();
     let token = pw.token("alice", &[], "15m");
     // A statement longer than rsyslog's default 8 KiB message size (the test's rsyslog allows
-    // 256 KiB): one frame, not cut.
+    // 256 KiB, and pgward is told so): one frame, not cut.
     let long = "x".repeat(20_000);
     let markers = run_statements(&pw, &token, &db, "plain-tcp", 5);
     pw.login("alice", &token, &db).psql(&["-c", &format!("select '{long}' as long")]).expect_ok();
@@ -351,4 +352,50 @@ fn a_planted_segment_name_neither_stalls_nor_thins_the_export() {
     let (code, out) = common::gateway::audit_verify_config(&pw.config_path);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&pgward::audit::chain::segment_name(acked + 1)) && out.contains("no records"), "{out}");
+}
+
+/// A client decides how long its statement record is. One longer than the receiver takes whole
+/// (`audit.syslog_max_message`, set to what rsyslog is configured with) is sent as a stub with
+/// its seq and hash instead of arriving cut: the copy stays evidence, `verify --against`
+/// compares the stub's hash, and a rewrite of that record by the key holder still shows.
+#[test]
+fn a_record_longer_than_the_receiver_takes_arrives_as_a_stub_not_cut() {
+    let db = cluster().create_database("export_long_record");
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(tmp.path());
+    let rsyslog = Rsyslog::start(tmp.path(), &ca);
+    let mut pw = Pgward::builder()
+        .set("audit.export", "syslog-tcp")
+        .set("audit.syslog_address", rsyslog.tcp_addr())
+        .set("audit.syslog_max_message", support::RSYSLOG_MAX_MESSAGE as i64)
+        .start();
+    let token = pw.token("alice", &[], "15m");
+    let m = marker("long-record");
+    let long = format!("{m}{}", "x".repeat(support::RSYSLOG_MAX_MESSAGE + 1000));
+    // Through stdin: one argument may not be that long.
+    let sql = format!("select '{long}' as long;\n");
+    pw.login("alice", &token, &db).psql_with_stdin(&[], Some(sql.as_bytes())).expect_ok();
+    wait_delivered(&pw, &rsyslog, "rsyslog to have every record");
+    pw.stop();
+    let records = pw.audit_records();
+    let target = records
+        .iter()
+        .find(|r| r["kind"] == "statement" && r["sql"].as_str().is_some_and(|s| s.contains(&m)))
+        .unwrap();
+    let seq = target["seq"].as_u64().unwrap();
+    let text = std::fs::read_to_string(&rsyslog.out).unwrap();
+    let line = text.lines().find(|l| l.contains(&format!("{{\"seq\":{seq},"))).expect("the record at rsyslog");
+    assert!(line.contains("\"oversize\":") && line.contains(target["hash"].as_str().unwrap()), "{line}");
+    let (code, out) = verify_against(&pw.config_path, &rsyslog.out);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("export matches") && !out.contains("not pgward's records"), "{out}");
+
+    let copy_dir = tempfile::tempdir().unwrap();
+    let cfg = pw.copy_with_audit(copy_dir.path());
+    let key = pw.config_path_value("audit.checkpoint_key");
+    let kid = pw.config_str("audit.checkpoint_kid");
+    rewrite_with_key(&copy_dir.path().join("audit"), seq, &key, &kid, |r| r.sql = Some("select 1".into()));
+    let (code, out) = verify_against(&cfg, &rsyslog.out);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("export DIVERGES at seq {seq}:")), "{out}");
 }
