@@ -230,13 +230,14 @@ pub fn check(dir: &Path, keys: &PublicKeys, stored: &[(String, Head)]) -> Result
     }
     out.forged = forgeries.first().map(|why| (forgeries.len(), why.clone()));
     out.last_anchor = anchors.keys().next_back().copied();
-    // The record each anchor's signature covers, then the checkpoint record itself.
+    // The checkpoint record itself (its hash is not signed), then the record each anchor's
+    // signature covers: where both name a seq (consecutive checkpoints), the signed hash.
     let mut wanted: BTreeMap<u64, (&str, &Head)> = BTreeMap::new();
     for h in anchors.values() {
-        wanted.entry(h.anchor_seq).or_insert((&h.anchor_hash, h));
+        wanted.insert(h.seq, (&h.hash, h));
     }
     for h in anchors.values() {
-        wanted.insert(h.seq, (&h.hash, h));
+        wanted.insert(h.anchor_seq, (&h.anchor_hash, h));
     }
     let mut found = std::collections::BTreeSet::new();
     let reader = Reader::open(dir).map_err(|e| e.to_string())?;
