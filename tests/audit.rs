@@ -695,3 +695,28 @@ fn records_appended_while_down_are_named_by_verify_after_the_restart() {
     let start = recs.iter().find(|r| rec::kind(r) == "start" && rec::seq(r) == seq + 1).expect("the restart's start record");
     assert_eq!(start["meta"]["unanchored_tail"], serde_json::json!({ "first": seq, "last": seq }), "{start}");
 }
+
+/// Someone who can write the audit directory puts a FIFO, or a symlink to a device, under a
+/// segment's name. Opening a FIFO blocks and a device reads without end: `verify` and `tail`
+/// refuse the file by name and exit, instead of hanging where an auditor's check would never
+/// report.
+#[test]
+fn a_segment_name_that_is_not_a_regular_file_is_refused_not_waited_on() {
+    let (pw, _markers) = audited_workload("audit_fifo", 2);
+    let (_tmp, cfg, dir) = verified_copy(&pw);
+    let name = dir.join("audit-0000000000009999.jsonl");
+    let c_name = std::ffi::CString::new(name.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_name.as_ptr(), 0o600) }, 0, "mkfifo");
+    let check = |what: &str| {
+        let (code, out) = audit_verify_config(&cfg);
+        assert_eq!(code, 1, "{what}: {out}");
+        assert!(out.contains("audit-0000000000009999.jsonl") && out.contains("not a regular file"), "{what}: {out}");
+        let tail = common::pgward_cli(&["audit", "tail", "--config", cfg.to_str().unwrap(), "--json"]);
+        assert!(!tail.success() && tail.all_output().contains("not a regular file"), "{what}: {}", tail.describe());
+    };
+    check("a FIFO");
+    std::fs::remove_file(&name).unwrap();
+    std::os::unix::fs::symlink("/dev/urandom", &name).unwrap();
+    check("a symlink to /dev/urandom");
+}

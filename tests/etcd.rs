@@ -220,6 +220,29 @@ async fn anchored_seqs(endpoints: &[String], prefix: &str, node: &str) -> Vec<u6
     resp.kvs().iter().map(|kv| kv.key_str().unwrap()[key.len()..].parse().unwrap()).collect()
 }
 
+/// Write two anchors pgward never wrote, from the genuine anchor of `seq`: one claiming a seq far
+/// past the log, one a verbatim copy under another seq. Returns their keys.
+async fn forge_anchors(endpoints: &[String], prefix: &str, node: &str, seq: u64) -> Vec<String> {
+    let mut c = etcd_client::Client::connect(endpoints, None).await.expect("etcd client");
+    let dir = format!("{prefix}/anchors/{node}/");
+    let resp = c.get(format!("{dir}{seq:020}"), None).await.expect("get anchor");
+    let genuine: serde_json::Value = serde_json::from_slice(resp.kvs()[0].value()).expect("anchor JSON");
+    let far = seq + 1_000_000;
+    let mut moved = genuine.clone();
+    moved["seq"] = far.into();
+    let keys = vec![format!("{dir}{far:020}"), format!("{dir}{:020}", far + 1)];
+    c.put(keys[0].clone(), moved.to_string(), None).await.expect("put");
+    c.put(keys[1].clone(), genuine.to_string(), None).await.expect("put");
+    keys
+}
+
+async fn remove_keys(endpoints: &[String], keys: &[String]) {
+    let mut c = etcd_client::Client::connect(endpoints, None).await.expect("etcd client");
+    for k in keys {
+        c.delete(k.clone(), None).await.expect("delete");
+    }
+}
+
 /// `pgward audit verify --anchors etcd --config <config>`: (exit code, output).
 fn verify_anchors(config: &Path) -> (i32, String) {
     let out = common::pgward_cli(&["audit", "verify", "--anchors", "etcd", "--config", &config.display().to_string()]);
@@ -251,6 +274,17 @@ async fn checkpoints_anchored_in_etcd_catch_a_rewritten_or_rolled_back_log() {
     let (code, out) = verify_anchors(&pw.config_path);
     assert_eq!(code, 0, "the untouched log passes: {out}");
     assert!(out.contains("etcd anchors match"), "{out}");
+
+    // Someone who can write etcd but not read the checkpoint key: an anchor far past the log
+    // (a genuine one with its seq changed) and a genuine one copied under another seq. Neither
+    // is signed for where it stands: reported as forged, and the untouched log is not called
+    // rolled back or rewritten.
+    let forged = forge_anchors(&eps, &prefix, "gw-anchor", seqs[0]).await;
+    let (code, out) = verify_anchors(&pw.config_path);
+    assert_eq!(code, 1, "forged anchors are reported: {out}");
+    assert!(out.contains("etcd anchors match") && out.contains("FORGED: 2 not written by pgward"), "{out}");
+    assert!(!out.contains("CONTRADICT"), "forged anchors do not make the log look rolled back: {out}");
+    remove_keys(&eps, &forged).await;
     pw.stop();
 
     // Rolled back: the log cut before the newest anchor (HEAD removed).
@@ -273,7 +307,7 @@ async fn checkpoints_anchored_in_etcd_catch_a_rewritten_or_rolled_back_log() {
     assert_eq!(code, 0, "a consistent rewrite with the key passes verify alone: {out}");
     let (code, out) = verify_anchors(&pw.config_path);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains(&format!("at seq {first}")) && out.contains("rewritten"), "{out}");
+    assert!(out.contains(&format!("at seq {target}")) && out.contains("rewritten"), "{out}");
 }
 
 /// Cut the log in `dir` so that its last record is `seq - 1`, and remove HEAD.
@@ -392,4 +426,57 @@ async fn etcd_with_auth_user_and_password() {
     cli(&pw, &["token", "revoke", "--jti", &jti]).expect_ok();
     wait_refused(&login, "revoked").await;
     assert_fatal(current_user(&live).await, "28P01", "revoked");
+}
+
+/// Wait until etcd holds an anchor for `node` past seq `after`; all the anchored seqs.
+async fn wait_anchor_after(endpoints: &[String], prefix: &str, node: &str, after: u64) -> Vec<u64> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let s = anchored_seqs(endpoints, prefix, node).await;
+        if s.iter().any(|&x| x > after) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "no anchor past seq {after} in etcd after {DEADLINE:?}: {s:?}");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Someone who can write the audit directory but not read the checkpoint key replaces `HEAD`
+/// while the gateway is down, naming a checkpoint far ahead. The restarted gateway anchors the
+/// last run's HEAD only when its log holds that checkpoint, signed with its key: nothing lands
+/// in etcd under pgward's name for that seq, and the new run's checkpoints are anchored as
+/// usual (the one waiting to be written is replaced only by a newer seq, so a HEAD far ahead
+/// held every later anchor back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_head_is_not_anchored_and_holds_no_anchor_back() {
+    let cluster = EtcdCluster::start(1);
+    let eps = cluster.endpoints();
+    let prefix = format!("/pgward-test-{}", rand_hex(8));
+    let db = common::cluster().create_database("etcd_head_replaced");
+    let mut pw = with_etcd(Pgward::builder(), &eps, &prefix, "gw-head").start();
+    let token = pw.token("alice", &[], "15m");
+    let c = pw.login("alice", &token, &db).connect().await.expect("login");
+    within("select", c.simple_query("select 1")).await.expect("select");
+    drop(c);
+    wait_anchor_after(&eps, &prefix, "gw-head", 0).await;
+    pw.stop();
+    let last_local = pw.audit_records().last().and_then(|r| r["seq"].as_u64()).unwrap();
+
+    let head_path = pw.audit_dir().join("HEAD");
+    let mut head: serde_json::Value = serde_json::from_slice(&std::fs::read(&head_path).unwrap()).unwrap();
+    let far = last_local + 1_000_000;
+    head["seq"] = far.into();
+    head["anchor_seq"] = (far - 1).into();
+    std::fs::write(&head_path, head.to_string()).unwrap();
+
+    pw.spawn();
+    let c = pw.login("alice", &token, &db).connect().await.expect("login after the restart");
+    within("select", c.simple_query("select 2")).await.expect("select");
+    drop(c);
+    let seqs = wait_anchor_after(&eps, &prefix, "gw-head", last_local).await;
+    assert!(!seqs.contains(&far), "the replaced HEAD was anchored: {seqs:?}");
+    assert!(seqs.iter().any(|&s| s > last_local && s < far), "the new run's checkpoints are anchored: {seqs:?}");
+    let (code, out) = verify_anchors(&pw.config_path);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("etcd anchors match") && !out.contains("FORGED"), "{out}");
 }

@@ -212,10 +212,11 @@ fn syslog_tcp_export_reaches_rsyslog_octet_counted() {
     let pw = Pgward::builder()
         .set("audit.export", "syslog-tcp")
         .set("audit.syslog_address", rsyslog.tcp_addr())
+        .set("audit.syslog_max_message", support::RSYSLOG_MAX_MESSAGE as i64)
         .start();
     let token = pw.token("alice", &[], "15m");
     // A statement longer than rsyslog's default 8 KiB message size (the test's rsyslog allows
-    // 256 KiB): one frame, not cut.
+    // 256 KiB, and pgward is told so): one frame, not cut.
     let long = "x".repeat(20_000);
     let markers = run_statements(&pw, &token, &db, "plain-tcp", 5);
     pw.login("alice", &token, &db).psql(&["-c", &format!("select '{long}' as long")]).expect_ok();
@@ -228,4 +229,173 @@ fn syslog_tcp_export_reaches_rsyslog_octet_counted() {
     let (code, out) = verify_against(&pw.config_path, &rsyslog.out);
     assert_eq!(code, 0, "the 20 kB statement arrived whole: {out}");
     assert!(out.contains("export matches"), "{out}");
+}
+
+/// One RFC 5424 message, octet-counted, to a syslog TCP input: what any local user (or anyone
+/// who reaches the receiver) can send with `logger -t pgward`.
+fn inject(addr: &str, msgid: &str, body: &str) {
+    use std::io::Write as _;
+    let msg = format!("<38>1 2026-12-01T10:00:00.000000Z host pgward 1 {msgid} - {body}");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(format!("{} {msg}", msg.len()).as_bytes()).unwrap();
+}
+
+/// A record for `seq` that is self-consistent (its hash recomputes from its bytes) and links to
+/// the genuine record before it, but says something else: forgeable without any key.
+fn forged_line(genuine: &Value, edit: impl Fn(&mut pgward::audit::Record)) -> String {
+    let mut rec: pgward::audit::Record = serde_json::from_value(genuine.clone()).unwrap();
+    edit(&mut rec);
+    rec.hash.clear();
+    let mut c = Vec::new();
+    rec.write_json(&mut c).unwrap();
+    let h = pgward::audit::chain::chain_hash(rec.prev_hash.as_bytes(), &c, b"");
+    c.pop();
+    format!("{},\"hash\":\"{}\"}}", String::from_utf8(c).unwrap(), String::from_utf8(h.to_vec()).unwrap())
+}
+
+/// The receiver takes messages from anyone, so its copy holds lines pgward never sent. Lines
+/// forged without the checkpoint key — another version of a statement, a record past the log's
+/// end, a stub, text that does not parse — neither make an untouched log look rewritten nor
+/// keep `verify --against` from catching a rewrite by the key holder.
+#[test]
+fn lines_forged_into_the_receiver_neither_accuse_nor_hide() {
+    let db = cluster().create_database("export_forged_lines");
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(tmp.path());
+    let rsyslog = Rsyslog::start(tmp.path(), &ca);
+    let mut pw = Pgward::builder()
+        .set("audit.export", "syslog-tcp")
+        .set("audit.syslog_address", rsyslog.tcp_addr())
+        .start();
+    let token = pw.token("alice", &[], "15m");
+    let markers = run_statements(&pw, &token, &db, "forged-lines", 6);
+    wait_delivered(&pw, &rsyslog, "rsyslog to have every record");
+    pw.stop();
+    let last = *rsyslog.seqs().iter().max().unwrap();
+    wait_for("the shutdown checkpoint at rsyslog", Duration::from_secs(30), || {
+        let local = pw.audit_records();
+        (rsyslog.seqs().iter().max() == local.last().and_then(|r| r["seq"].as_u64()).as_ref()).then_some(())
+    });
+    let records = pw.audit_records();
+    let statement = |m: &str| {
+        records.iter().find(|r| r["kind"] == "statement" && r["sql"].as_str().is_some_and(|s| s.contains(m))).unwrap()
+    };
+    let victim = statement(&markers[1]);
+    let forged = forged_line(victim, |r| {
+        r.user = Some("mallory".into());
+        r.sql = Some("drop table payroll".into());
+    });
+    let tail = records.last().unwrap();
+    let past_end = forged_line(tail, |r| {
+        r.seq += 1;
+        r.prev_hash = "f".repeat(64);
+    });
+    let stub_seq = statement(&markers[2])["seq"].as_u64().unwrap();
+    let stub = format!("{{\"seq\":{stub_seq},\"kind\":\"statement\",\"hash\":\"{}\",\"oversize\":1}}", "0".repeat(64));
+    inject(&rsyslog.tcp_addr(), "statement", &forged);
+    inject(&rsyslog.tcp_addr(), "statement", &past_end);
+    inject(&rsyslog.tcp_addr(), "statement", &stub);
+    inject(&rsyslog.tcp_addr(), "statement", "{\"seq\":");
+    wait_for("the forged lines at rsyslog", Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&rsyslog.out).unwrap_or_default();
+        (text.contains("drop table payroll") && text.contains("{\"seq\":\n")).then_some(())
+    });
+    assert!(last >= victim["seq"].as_u64().unwrap());
+
+    let (code, out) = verify_against(&pw.config_path, &rsyslog.out);
+    assert_eq!(code, 0, "the untouched log matches what pgward sent: {out}");
+    assert!(out.contains("export matches"), "{out}");
+    assert!(out.contains("4 lines of the copy are not pgward's records"), "{out}");
+
+    // The key holder rewrites another statement: still the first divergence, forged lines or not.
+    let copy_dir = tempfile::tempdir().unwrap();
+    let cfg = pw.copy_with_audit(copy_dir.path());
+    let target = statement(&markers[4])["seq"].as_u64().unwrap();
+    let key = pw.config_path_value("audit.checkpoint_key");
+    let kid = pw.config_str("audit.checkpoint_kid");
+    rewrite_with_key(&copy_dir.path().join("audit"), target, &key, &kid, |r| {
+        r.sql = Some("select 'nothing to see'".into());
+    });
+    let (code, out) = verify_against(&cfg, &rsyslog.out);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("export DIVERGES at seq {target}:")), "{out}");
+}
+
+/// Someone who can write the audit directory (not the key) puts an empty segment file there,
+/// named for the seq after the export cursor, while the receiver is away. The exporter, which
+/// finds the segment to resume in by name, still delivers every record once the receiver is
+/// back — none skipped, none stalled — and `verify` names the file.
+#[test]
+fn a_planted_segment_name_neither_stalls_nor_thins_the_export() {
+    let db = cluster().create_database("export_planted_segment");
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(tmp.path());
+    let mut rsyslog = Rsyslog::start(tmp.path(), &ca);
+    let mut pw = Pgward::builder()
+        .set("audit.export", "syslog-tcp")
+        .set("audit.syslog_address", rsyslog.tcp_addr())
+        .start();
+    let token = pw.token("alice", &[], "15m");
+    run_statements(&pw, &token, &db, "before-plant", 3);
+    wait_delivered(&pw, &rsyslog, "rsyslog to have every record");
+    rsyslog.stop();
+    let during = run_statements(&pw, &token, &db, "receiver-down", 5);
+    let cursor: Value = serde_json::from_slice(&std::fs::read(pw.audit_dir().join("export.cursor")).unwrap()).unwrap();
+    let acked = cursor["seq"].as_u64().unwrap();
+    let planted = pw.audit_dir().join(pgward::audit::chain::segment_name(acked + 1));
+    std::fs::write(&planted, b"").unwrap();
+    rsyslog.spawn();
+    wait_delivered(&pw, &rsyslog, "rsyslog, restarted, to have every record");
+    let text = std::fs::read_to_string(&rsyslog.out).unwrap();
+    assert!(during.iter().all(|m| text.contains(m.as_str())), "{text}");
+    pw.stop();
+    let (code, out) = common::gateway::audit_verify_config(&pw.config_path);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&pgward::audit::chain::segment_name(acked + 1)) && out.contains("no records"), "{out}");
+}
+
+/// A client decides how long its statement record is. One longer than the receiver takes whole
+/// (`audit.syslog_max_message`, set to what rsyslog is configured with) is sent as a stub with
+/// its seq and hash instead of arriving cut: the copy stays evidence, `verify --against`
+/// compares the stub's hash, and a rewrite of that record by the key holder still shows.
+#[test]
+fn a_record_longer_than_the_receiver_takes_arrives_as_a_stub_not_cut() {
+    let db = cluster().create_database("export_long_record");
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(tmp.path());
+    let rsyslog = Rsyslog::start(tmp.path(), &ca);
+    let mut pw = Pgward::builder()
+        .set("audit.export", "syslog-tcp")
+        .set("audit.syslog_address", rsyslog.tcp_addr())
+        .set("audit.syslog_max_message", support::RSYSLOG_MAX_MESSAGE as i64)
+        .start();
+    let token = pw.token("alice", &[], "15m");
+    let m = marker("long-record");
+    let long = format!("{m}{}", "x".repeat(support::RSYSLOG_MAX_MESSAGE + 1000));
+    // Through stdin: one argument may not be that long.
+    let sql = format!("select '{long}' as long;\n");
+    pw.login("alice", &token, &db).psql_with_stdin(&[], Some(sql.as_bytes())).expect_ok();
+    wait_delivered(&pw, &rsyslog, "rsyslog to have every record");
+    pw.stop();
+    let records = pw.audit_records();
+    let target = records
+        .iter()
+        .find(|r| r["kind"] == "statement" && r["sql"].as_str().is_some_and(|s| s.contains(&m)))
+        .unwrap();
+    let seq = target["seq"].as_u64().unwrap();
+    let text = std::fs::read_to_string(&rsyslog.out).unwrap();
+    let line = text.lines().find(|l| l.contains(&format!("{{\"seq\":{seq},"))).expect("the record at rsyslog");
+    assert!(line.contains("\"oversize\":") && line.contains(target["hash"].as_str().unwrap()), "{line}");
+    let (code, out) = verify_against(&pw.config_path, &rsyslog.out);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("export matches") && !out.contains("not pgward's records"), "{out}");
+
+    let copy_dir = tempfile::tempdir().unwrap();
+    let cfg = pw.copy_with_audit(copy_dir.path());
+    let key = pw.config_path_value("audit.checkpoint_key");
+    let kid = pw.config_str("audit.checkpoint_kid");
+    rewrite_with_key(&copy_dir.path().join("audit"), seq, &key, &kid, |r| r.sql = Some("select 1".into()));
+    let (code, out) = verify_against(&cfg, &rsyslog.out);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("export DIVERGES at seq {seq}:")), "{out}");
 }

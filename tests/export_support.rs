@@ -17,6 +17,10 @@ use std::time::Duration;
 pub use crate::common::tls::TestCa;
 use crate::common::{free_port, stop_child, wait_for};
 
+/// The `maxMessageSize` the test's rsyslog is configured with (256 KiB; audit records with
+/// their SQL are longer than rsyslog's 8 KiB default).
+pub const RSYSLOG_MAX_MESSAGE: usize = 256 * 1024;
+
 /// Where Debian's rsyslog package installs the daemon.
 pub const RSYSLOGD: &str = "/usr/sbin/rsyslogd";
 
@@ -40,9 +44,8 @@ impl Rsyslog {
         std::fs::create_dir_all(&work).expect("work dir");
         let out = dir.join("pgward.log");
         let conf = dir.join("rsyslog.conf");
-        // maxMessageSize: audit records (with their SQL) are longer than rsyslog's 8k default.
         let text = format!(
-            r#"global(workDirectory="{work}" maxMessageSize="256k"
+            r#"global(workDirectory="{work}" maxMessageSize="{RSYSLOG_MAX_MESSAGE}"
        defaultNetstreamDriver="gtls"
        defaultNetstreamDriverCAFile="{ca}"
        defaultNetstreamDriverCertFile="{cert}"

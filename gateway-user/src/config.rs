@@ -467,6 +467,12 @@ pub struct AuditConfig {
     /// `syslog_address`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub syslog_server_name: Option<String>,
+    /// The longest syslog message the receiver takes whole (rsyslog: `maxMessageSize`). A
+    /// record whose message would be longer — its size is the client's choice — is sent as a
+    /// stub with its seq, kind and hash, which `verify --against` compares, instead of
+    /// arriving cut.
+    #[serde(default = "default_syslog_max_message", skip_serializing_if = "is_default_syslog_max_message")]
+    pub syslog_max_message: usize,
     /// Private key (PKCS#8 PEM, Ed25519) that signs checkpoints: only the writer reads it.
     /// Separate from `auth.signing_key`, so a leaked token key cannot re-sign the log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -481,6 +487,16 @@ pub struct AuditConfig {
 
 fn is_default_export(k: &ExportKind) -> bool {
     *k == ExportKind::None
+}
+/// rsyslog's default `maxMessageSize`.
+pub const DEFAULT_SYSLOG_MAX_MESSAGE: usize = 8 * 1024;
+/// Shorter than a stub's message: every record could only be sent as a stub.
+pub const MIN_SYSLOG_MAX_MESSAGE: usize = 480;
+fn default_syslog_max_message() -> usize {
+    DEFAULT_SYSLOG_MAX_MESSAGE
+}
+fn is_default_syslog_max_message(n: &usize) -> bool {
+    *n == DEFAULT_SYSLOG_MAX_MESSAGE
 }
 fn default_syslog_socket() -> PathBuf {
     PathBuf::from("/dev/log")
@@ -880,6 +896,9 @@ impl Config {
             return Err(bad(msg));
         }
         self.upstream.endpoints().map_err(bad)?;
+        if self.audit.syslog_max_message < MIN_SYSLOG_MAX_MESSAGE {
+            return Err(bad(format!("audit.syslog_max_message must be at least {MIN_SYSLOG_MAX_MESSAGE}")));
+        }
         if self.audit.checkpoint_every == 0 {
             return Err(bad("audit.checkpoint_every must be at least 1".into()));
         }

@@ -164,7 +164,7 @@ async fn start_shared(cfg: &Arc<Config>) -> anyhow::Result<(Arc<Shared>, Backgro
 
     let mut opts = WriterOptions::from_config(cfg).context("loading the checkpoint signing key")?;
     // [access] backend = "etcd": every durable checkpoint is anchored off the host as well.
-    opts.on_checkpoint = crate::audit::anchor::start(cfg);
+    opts.on_checkpoint = crate::audit::anchor::start(cfg, opts.signer.as_ref());
     let audit = AuditHandle::start(opts).context("starting the audit log")?;
 
     // Revocations and JIT grants: read the state files, audit what the last run did not, then

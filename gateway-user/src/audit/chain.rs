@@ -102,7 +102,10 @@ pub struct SegmentFile {
     pub first_seq: u64,
 }
 
-/// Every segment in `dir`, ordered by first seq. Other files are ignored.
+/// Every segment in `dir`, ordered by first seq. Other files are ignored. A segment name that
+/// is not a regular file (a FIFO, a device, a directory — directly or through a symlink) is an
+/// error: opening a FIFO blocks and a device reads without end, so every reader of the log
+/// would hang on it instead of reporting it.
 pub fn list_segments(dir: &Path) -> std::io::Result<Vec<SegmentFile>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir)? {
@@ -110,7 +113,14 @@ pub fn list_segments(dir: &Path) -> std::io::Result<Vec<SegmentFile>> {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         if let Some(first_seq) = parse_segment_name(name) {
-            out.push(SegmentFile { path: entry.path(), first_seq });
+            let path = entry.path();
+            if !std::fs::metadata(&path)?.is_file() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} is not a regular file: not a segment pgward wrote", path.display()),
+                ));
+            }
+            out.push(SegmentFile { path, first_seq });
         }
     }
     out.sort_by_key(|s| s.first_seq);

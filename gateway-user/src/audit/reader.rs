@@ -168,7 +168,7 @@ impl Reader {
 
     fn open_current(&mut self) -> Result<(), ReadError> {
         let Some(seg) = self.segments.get(self.idx) else { return Ok(()) };
-        let file = File::open(&seg.path).map_err(|source| ReadError::Io { path: seg.path.clone(), source })?;
+        let file = open_regular(&seg.path).map_err(|source| ReadError::Io { path: seg.path.clone(), source })?;
         self.cur = Some(Current {
             reader: BufReader::with_capacity(64 * 1024, file),
             path: Arc::from(seg.path.as_path()),
@@ -295,6 +295,17 @@ impl Reader {
             }
         }
     }
+}
+
+/// Open a segment for reading without blocking on what is not a regular file (a FIFO put
+/// under a segment's name after the directory was listed), and refuse it.
+fn open_regular(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a regular file: not a segment pgward wrote"));
+    }
+    Ok(file)
 }
 
 /// Like `read_until(b'\n')`, but a NUL byte ends the content: the writer preallocates

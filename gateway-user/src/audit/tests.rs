@@ -1254,7 +1254,7 @@ fn exported_copy_catches_a_rewrite_by_the_key_holder() {
     write_log(opts(&d, 3), 6);
     let copy_path = dir.path().join("exported.log");
     syslog_copy(&d, &copy_path);
-    let copy = ExportedCopy::load(&copy_path).expect("load");
+    let copy = ExportedCopy::load(&copy_path, &keys()).expect("load");
     assert_eq!(copy.copies, 1);
     let same = compare(&d, &copy).expect("compare");
     assert!(same.is_ok(), "{same}");
@@ -1272,35 +1272,43 @@ fn exported_copy_catches_a_rewrite_by_the_key_holder() {
     assert_eq!(seq, 5, "{c}");
     assert!(reason.contains("rewritten after export"), "{reason}");
 
-    // A local log cut short (and re-anchored) is caught too: the copy holds more.
-    let all = records(&d);
-    let last = all.last().expect("records").seq;
-    let seg = segment_paths(&d).pop().expect("segment");
-    let text = std::fs::read_to_string(&seg).expect("read");
-    let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with(&format!("{{\"seq\":{last},"))).collect();
-    std::fs::write(&seg, kept.join("\n") + "\n").expect("write");
-    syslog_copy(&d, &copy_path); // a fresh copy of the rewritten log, then one record beyond it
+    // A local log cut short is caught too: the copy holds the record cut off, which continues
+    // the local chain. A record past the end that neither continues it nor is vouched for by
+    // a signed checkpoint is someone else's line, not evidence of a cut.
+    syslog_copy(&d, &copy_path); // a fresh copy of the rewritten log
     let mut text = std::fs::read_to_string(&copy_path).expect("copy");
     text.push_str("{\"seq\":99,\"ts\":\"x\",\"prev_hash\":\"00\",\"kind\":\"start\",\"hash\":\"");
     text.push_str(&hex::encode(Sha256::new().chain_update(b"00").chain_update(b"{\"seq\":99,\"ts\":\"x\",\"prev_hash\":\"00\",\"kind\":\"start\"}").finalize()));
     text.push_str("\"}\n");
-    std::fs::write(&copy_path, text).expect("write copy");
-    let c = compare(&d, &ExportedCopy::load(&copy_path).expect("load")).expect("compare");
-    assert_eq!(c.divergence.as_ref().map(|d| d.0), Some(99), "{c}");
+    std::fs::write(&copy_path, &text).expect("write copy");
+    let c = compare(&d, &ExportedCopy::load(&copy_path, &keys()).expect("load")).expect("compare");
+    assert!(c.is_ok(), "{c}");
+    assert_eq!(c.foreign_lines.len(), 1, "{c}");
+    let last = records(&d).last().expect("records").seq;
+    let seg = segment_paths(&d).pop().expect("segment");
+    let stored = std::fs::read_to_string(&seg).expect("read");
+    let kept: Vec<&str> = stored.lines().filter(|l| !l.starts_with(&format!("{{\"seq\":{last},"))).collect();
+    std::fs::write(&seg, kept.join("\n") + "\n").expect("write");
+    let c = compare(&d, &ExportedCopy::load(&copy_path, &keys()).expect("load")).expect("compare");
+    assert_eq!(c.divergence.as_ref().map(|d| d.0), Some(last), "{c}");
+    assert!(c.to_string().contains("the local log was cut"), "{c}");
 }
 
 #[test]
 fn an_exported_copy_with_a_mangled_record_is_refused() {
-    use crate::audit::against::ExportedCopy;
+    use crate::audit::against::{ExportedCopy, compare};
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().join("audit");
     write_log(opts(&d, 3), 2);
     let copy_path = dir.path().join("exported.log");
     syslog_copy(&d, &copy_path);
-    let text = std::fs::read_to_string(&copy_path).expect("copy").replacen("SELECT 1", "SELECT 2", 1);
+    let text = std::fs::read_to_string(&copy_path).expect("copy").replace("SELECT 1", "SELECT 2");
     std::fs::write(&copy_path, text).expect("write");
-    let e = ExportedCopy::load(&copy_path).expect_err("a record whose hash does not recompute");
-    assert!(e.to_string().contains("hash does not recompute"), "{e}");
+    let copy = ExportedCopy::load(&copy_path, &keys()).expect("load");
+    let c = compare(&d, &copy).expect("compare");
+    let (seq, reason) = c.divergence.clone().expect("the mangled record is not in the copy");
+    assert!(reason.contains("unreadable") && reason.contains("hash does not recompute"), "{c}");
+    assert!(records(&d).iter().any(|r| r.seq == seq && r.sql.as_deref() == Some("SELECT 1")), "{c}");
 }
 
 #[test]
@@ -1320,12 +1328,12 @@ fn a_datagram_stub_in_the_copy_is_compared_by_its_hash() {
         std::fs::write(&copy_path, text).expect("write copy");
     };
     write_copy(stub(&recs[1]));
-    let c = compare(&d, &ExportedCopy::load(&copy_path).expect("load")).expect("compare");
+    let c = compare(&d, &ExportedCopy::load(&copy_path, &keys()).expect("load")).expect("compare");
     assert!(c.is_ok(), "{c}");
     let mut forged = recs[1].clone();
     forged.hash = "0".repeat(64);
     write_copy(stub(&forged));
-    let c = compare(&d, &ExportedCopy::load(&copy_path).expect("load")).expect("compare");
+    let c = compare(&d, &ExportedCopy::load(&copy_path, &keys()).expect("load")).expect("compare");
     assert_eq!(c.divergence.map(|d| d.0), Some(2));
 }
 
@@ -1340,27 +1348,43 @@ fn checkpoint_hook_feeds_anchors_that_catch_rewrites_and_cuts() {
     let h = AuditHandle::start(WriterOptions { on_checkpoint: Some(hook), ..opts(tmp.path(), 3) }).unwrap();
     append_from_tasks(&h, 1, 10);
     h.shutdown();
-    let anchors: std::collections::BTreeMap<u64, Head> = seen.lock().unwrap().iter().map(|h| (h.seq, h.clone())).collect();
+    let stored = |hs: &[Head]| -> Vec<(String, Head)> { hs.iter().map(|h| (format!("{:020}", h.seq), h.clone())).collect() };
+    let anchors: Vec<Head> = seen.lock().unwrap().clone();
     assert!(anchors.len() >= 3, "{anchors:?}");
-    let ok = anchor::check(tmp.path(), &anchors).unwrap();
+    let ok = anchor::check(tmp.path(), &keys(), &stored(&anchors)).unwrap();
     assert!(ok.is_ok() && ok.matched == anchors.len() as u64, "{ok}");
 
-    let (&first, _) = anchors.iter().next().unwrap();
+    let first = anchors[0].seq;
     let mut rewritten = anchors.clone();
-    rewritten.get_mut(&first).unwrap().hash = "0".repeat(64);
-    let bad = anchor::check(tmp.path(), &rewritten).unwrap();
+    rewritten[0].hash = "0".repeat(64);
+    let bad = anchor::check(tmp.path(), &keys(), &stored(&rewritten)).unwrap();
     assert_eq!(bad.mismatch.as_ref().map(|m| m.0), Some(first), "{bad}");
     assert!(bad.to_string().contains(&format!("at seq {first}")), "{bad}");
 
+    // A signed anchor past the log's end: the log was cut.
+    let last = anchors.last().unwrap().clone();
+    let mut extra = last.clone();
+    extra.seq = last.seq + 1000;
+    extra.anchor_seq = extra.seq - 1;
+    extra.sig = CheckpointSigner::new(KID, signing_key()).sign(extra.anchor_seq, &extra.anchor_hash);
     let mut beyond = anchors.clone();
-    let last = *anchors.keys().next_back().unwrap();
-    let mut extra = anchors[&last].clone();
-    extra.seq = last + 1000;
-    beyond.insert(extra.seq, extra);
-    let cut = anchor::check(tmp.path(), &beyond).unwrap();
-    assert_eq!(cut.mismatch.as_ref().map(|m| m.0), Some(last + 1000), "{cut}");
+    beyond.push(extra.clone());
+    let cut = anchor::check(tmp.path(), &keys(), &stored(&beyond)).unwrap();
+    assert_eq!(cut.mismatch.as_ref().map(|m| m.0), Some(extra.anchor_seq), "{cut}");
     assert!(!cut.is_ok() && cut.to_string().contains("no record"), "{cut}");
 
-    let none = anchor::check(tmp.path(), &Default::default()).unwrap();
+    // The same anchor without the key's signature, and a genuine one under another seq: forged,
+    // not compared, and reported.
+    let mut unsigned = extra;
+    unsigned.sig = last.sig.clone();
+    let mut forged = stored(&anchors);
+    forged.push((format!("{:020}", unsigned.seq), unsigned));
+    forged.push((format!("{:020}", last.seq + 5000), last));
+    let f = anchor::check(tmp.path(), &keys(), &forged).unwrap();
+    assert!(f.mismatch.is_none() && f.matched == anchors.len() as u64, "{f}");
+    assert_eq!(f.forged.as_ref().map(|x| x.0), Some(2), "{f}");
+    assert!(!f.is_ok() && f.to_string().contains("FORGED"), "{f}");
+
+    let none = anchor::check(tmp.path(), &keys(), &[]).unwrap();
     assert!(!none.is_ok(), "a log with checkpoints and no anchors fails: {none}");
 }

@@ -304,7 +304,8 @@ fn run(
         let line = line.map_err(|e| whole(None, None, e.to_string()))?;
         walk.line(&line)?;
     }
-    let Walk { newer, head_found, .. } = walk;
+    let Walk { newer, head_found, read_from, .. } = walk;
+    check_empty_segments(reader.segments(), &read_from, report.last_seq)?;
     check_newer_checkpoints(&newer, &head_status, &head_path, started)?;
     check_head(keys, head_status, &head_path, head_found, report)
 }
@@ -324,6 +325,8 @@ struct Walk<'a> {
     max_records: u64,
     max_span: chrono::Duration,
     policy: &'a Policy,
+    /// The segments that held at least one line.
+    read_from: std::collections::HashSet<PathBuf>,
 }
 
 impl<'a> Walk<'a> {
@@ -341,11 +344,15 @@ impl<'a> Walk<'a> {
             max_records: policy.max_records(),
             max_span: policy.max_span(),
             policy,
+            read_from: std::collections::HashSet::new(),
         }
     }
 
     /// Check one stored line and move the chain on.
     fn line(&mut self, line: &Line) -> Result<(), Problem> {
+        if line.line_no == 1 {
+            self.read_from.insert(line.segment.to_path_buf());
+        }
         let expected = self.expected;
         if !line.complete {
             return Err(at(
@@ -501,6 +508,35 @@ impl<'a> Walk<'a> {
         }
         self.head_found = true;
         Ok(())
+    }
+}
+
+/// Every segment holds records, except a last one named for the seq after the last record
+/// (just rotated to): the writer names a segment for the seq it starts with and fills it
+/// before the next. Any other empty one was put there by someone else, and readers that go by
+/// the names (the exporter resuming at its cursor, `tail -f` moving on to a newer segment)
+/// would skip the records it claims to start.
+fn check_empty_segments(
+    segments: &[chain::SegmentFile],
+    read_from: &std::collections::HashSet<PathBuf>,
+    last_seq: Option<u64>,
+) -> Result<(), Problem> {
+    let next = last_seq.map_or(1, |s| s.saturating_add(1));
+    let n = segments.len();
+    let planted = segments
+        .iter()
+        .enumerate()
+        .find(|(i, s)| !read_from.contains(&s.path) && !(i + 1 == n && s.first_seq == next));
+    match planted {
+        Some((_, s)) => Err(whole(
+            Some(s.path.clone()),
+            Some(s.first_seq),
+            format!(
+                "segment holds no records but is named for seq {} (the log's next seq is {next}): not written by pgward",
+                s.first_seq
+            ),
+        )),
+        None => Ok(()),
     }
 }
 

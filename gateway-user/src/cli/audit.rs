@@ -414,12 +414,12 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     writeln!(out, "{}", report.summary())?;
     let mut ok = report.is_ok();
     if let Some(copy) = &a.against {
-        let comparison = compare_with_copy(&dir, copy)?;
+        let comparison = compare_with_copy(&dir, copy, &keys)?;
         writeln!(out, "{comparison}")?;
         ok &= comparison.is_ok();
     }
     if let Some(AnchorStore::Etcd) = a.anchors {
-        let check = check_etcd_anchors(&cfg, &dir)?;
+        let check = check_etcd_anchors(&cfg, &dir, &keys)?;
         writeln!(out, "{check}")?;
         ok &= check.is_ok();
     }
@@ -428,20 +428,28 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `verify --anchors etcd`: the local log against this node's anchors in etcd.
-fn check_etcd_anchors(cfg: &crate::config::Config, dir: &Path) -> anyhow::Result<crate::audit::anchor::AnchorCheck> {
+fn check_etcd_anchors(
+    cfg: &crate::config::Config,
+    dir: &Path,
+    keys: &crate::audit::verify::PublicKeys,
+) -> anyhow::Result<crate::audit::anchor::AnchorCheck> {
     let e = cfg.access.etcd.as_ref().context("--anchors etcd needs [access.etcd] in the config")?;
     let node = e.node_name();
     let anchors = crate::etcd::block_on(async {
         let etcd = crate::etcd::Etcd::connect(cfg).await?;
         crate::audit::anchor::load(&etcd, &node).await
     })??;
-    crate::audit::anchor::check(dir, &anchors).map_err(|e| anyhow::anyhow!("reading the audit log in {}: {e}", dir.display()))
+    crate::audit::anchor::check(dir, keys, &anchors).map_err(|e| anyhow::anyhow!("reading the audit log in {}: {e}", dir.display()))
 }
 
 /// `verify --against FILE`: the local log next to an exported copy.
-fn compare_with_copy(dir: &Path, copy: &Path) -> anyhow::Result<crate::audit::against::Comparison> {
+fn compare_with_copy(
+    dir: &Path,
+    copy: &Path,
+    keys: &crate::audit::verify::PublicKeys,
+) -> anyhow::Result<crate::audit::against::Comparison> {
     use crate::audit::against::{ExportedCopy, compare};
-    let exported = ExportedCopy::load(copy)?;
+    let exported = ExportedCopy::load(copy, keys)?;
     compare(dir, &exported).map_err(|e| anyhow::anyhow!("reading the audit log in {}: {e}", dir.display()))
 }
 

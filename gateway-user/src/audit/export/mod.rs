@@ -240,7 +240,8 @@ impl Worker {
 
     fn send_until(&mut self, durable: u64) -> Result<(), String> {
         if self.sink.is_none() {
-            let sink = sink::connect(&self.settings.target).map_err(|e| format!("connecting: {e}"))?;
+            let sink = sink::connect(&self.settings.target, self.settings.max_message)
+                .map_err(|e| format!("connecting: {e}"))?;
             self.sink = Some(sink);
         }
         loop {

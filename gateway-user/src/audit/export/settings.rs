@@ -28,6 +28,8 @@ pub struct ExportSettings {
     /// The audit directory (segments and the cursor file).
     pub dir: PathBuf,
     pub target: Target,
+    /// The longest syslog message the receiver takes whole (`audit.syslog_max_message`).
+    pub max_message: usize,
 }
 
 impl std::fmt::Debug for ExportSettings {
@@ -69,7 +71,7 @@ impl ExportSettings {
                 Target::Tls { addr, name, config }
             }
         };
-        Ok(Some(ExportSettings { dir: cfg.resolve(&a.dir), target }))
+        Ok(Some(ExportSettings { dir: cfg.resolve(&a.dir), target, max_message: a.syslog_max_message }))
     }
 
     /// Names the sink in logs and in the cursor file: a cursor for another sink is not used.

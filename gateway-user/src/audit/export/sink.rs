@@ -20,17 +20,18 @@ pub(super) trait Sink: Send {
     fn confirm(&mut self) -> io::Result<bool>;
 }
 
-pub(super) fn connect(target: &Target) -> io::Result<Box<dyn Sink>> {
+pub(super) fn connect(target: &Target, max_message: usize) -> io::Result<Box<dyn Sink>> {
+    let header = Header::new(max_message);
     Ok(match target {
         Target::Stdout => Box::new(Stdout(io::BufWriter::new(io::stdout()))),
         Target::Datagram(path) => {
             let sock = UnixDatagram::unbound()?;
             sock.connect(path)?;
-            Box::new(Datagram { sock, header: Header::new() })
+            Box::new(Datagram { sock, header })
         }
-        Target::Tcp { addr } => Box::new(StreamSink::connect(addr, None)?),
+        Target::Tcp { addr } => Box::new(StreamSink::connect(addr, None, header)?),
         Target::Tls { addr, name, config } => {
-            Box::new(StreamSink::connect(addr, Some((name.clone(), config.clone())))?)
+            Box::new(StreamSink::connect(addr, Some((name.clone(), config.clone())), header)?)
         }
     })
 }
@@ -57,7 +58,7 @@ impl Sink for Datagram {
     /// sent as a stub with its `seq`, `kind`, `hash` and size, so the copy still shows it and
     /// `verify --against` still compares its hash; the record itself stays in the log.
     fn send(&mut self, line: &[u8]) -> io::Result<()> {
-        match self.sock.send(&rfc5424(&self.header.host, self.header.pid, line)) {
+        match self.sock.send(&self.header.message(line)?) {
             Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
                 let stub = oversize_stub(line).ok_or(e)?;
                 tracing::warn!(
@@ -74,7 +75,9 @@ impl Sink for Datagram {
     }
 }
 
-/// `{"seq":…,"kind":…,"hash":…,"oversize":<bytes>}` for a stored line too large to send.
+/// `{"seq":…,"kind":…,"hash":…,"oversize":<bytes>}` for a stored line too large to send, in
+/// that order: a copy's record is found by its leading `{"seq":` (a `json!` map would sort
+/// the keys and put `hash` first).
 pub(super) fn oversize_stub(line: &[u8]) -> Option<Vec<u8>> {
     #[derive(serde::Deserialize)]
     struct Head {
@@ -82,20 +85,45 @@ pub(super) fn oversize_stub(line: &[u8]) -> Option<Vec<u8>> {
         kind: String,
         hash: String,
     }
+    #[derive(serde::Serialize)]
+    struct Stub<'a> {
+        seq: u64,
+        kind: &'a str,
+        hash: &'a str,
+        oversize: usize,
+    }
     let h: Head = serde_json::from_slice(line).ok()?;
-    let stub = serde_json::json!({ "seq": h.seq, "kind": h.kind, "hash": h.hash, "oversize": line.len() });
-    serde_json::to_vec(&stub).ok()
+    serde_json::to_vec(&Stub { seq: h.seq, kind: &h.kind, hash: &h.hash, oversize: line.len() }).ok()
 }
 
-/// The HOSTNAME and PROCID of our syslog messages.
+/// The HOSTNAME and PROCID of our syslog messages, and the longest message the receiver takes
+/// whole.
 pub(super) struct Header {
     pub(super) host: String,
     pub(super) pid: u32,
+    max_message: usize,
 }
 
 impl Header {
-    pub(super) fn new() -> Header {
-        Header { host: hostname(), pid: std::process::id() }
+    pub(super) fn new(max_message: usize) -> Header {
+        Header { host: hostname(), pid: std::process::id(), max_message }
+    }
+
+    /// The syslog message for a stored line; a stub (see [`oversize_stub`]) when the record's
+    /// message would be longer than the receiver takes whole: a receiver cuts it, and a cut
+    /// record in the copy is no evidence at all, while the stub's hash is compared.
+    pub(super) fn message(&self, line: &[u8]) -> io::Result<Vec<u8>> {
+        let msg = rfc5424(&self.host, self.pid, line);
+        if msg.len() <= self.max_message {
+            return Ok(msg);
+        }
+        let stub = oversize_stub(line).ok_or_else(|| io::Error::other("a stored line that is not a record"))?;
+        tracing::warn!(
+            "audit export: a record of {} bytes is longer than audit.syslog_max_message ({}); sent as a stub",
+            line.len(),
+            self.max_message
+        );
+        Ok(rfc5424(&self.host, self.pid, &stub))
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use rustls_pki_types::ServerName;
 
-use super::sink::{Header, Sink, rfc5424};
+use super::sink::{Header, Sink};
 
 /// Connecting and the TLS handshake give up after this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -86,7 +86,11 @@ pub(super) struct StreamSink {
 impl StreamSink {
     /// Connect to `addr` (and with `tls`, complete the handshake, so a certificate problem
     /// shows up here).
-    pub(super) fn connect(addr: &str, tls: Option<(ServerName<'static>, Arc<ClientConfig>)>) -> io::Result<StreamSink> {
+    pub(super) fn connect(
+        addr: &str,
+        tls: Option<(ServerName<'static>, Arc<ClientConfig>)>,
+        header: Header,
+    ) -> io::Result<StreamSink> {
         let tcp = connect_tcp(addr)?;
         tcp.set_nodelay(true)?;
         tcp.set_write_timeout(Some(WRITE_TIMEOUT))?;
@@ -103,7 +107,7 @@ impl StreamSink {
                 Conn::Tls(Box::new(s))
             }
         };
-        Ok(StreamSink { out: io::BufWriter::with_capacity(WRITE_BUFFER, conn), header: Header::new(), closed: false })
+        Ok(StreamSink { out: io::BufWriter::with_capacity(WRITE_BUFFER, conn), header, closed: false })
     }
 
     fn fd(&self) -> RawFd {
@@ -160,7 +164,7 @@ impl Sink for StreamSink {
         if self.closed {
             return Err(closed_error());
         }
-        let msg = rfc5424(&self.header.host, self.header.pid, line);
+        let msg = self.header.message(line)?;
         write!(self.out, "{} ", msg.len())?;
         self.out.write_all(&msg)
     }
