@@ -631,6 +631,12 @@ fn replay_prints_the_sessions_statements_in_order() {
         !stdout.contains(&m_bob),
         "replay of alice's session shows bob's statement"
     );
+    // A speed that would make a gap longer than any sleep is refused up front, not a panic.
+    for speed in ["1e-300", "0", "nan", "fast"] {
+        let out = pw.audit_replay(&session, speed);
+        assert!(!out.success() && out.code.is_some(), "--speed {speed}: {}", out.describe());
+        assert!(out.stderr.contains("--speed") && !out.stderr.contains("panicked"), "--speed {speed}: {}", out.describe());
+    }
 }
 
 /// A client picks the startup user and database of a failed login, and pgward records them:

@@ -455,14 +455,17 @@ fn compare_with_copy(
 
 // -------------------------------------------------------------------------------- replay
 
+/// Slowest `replay --speed`: a thousandth of real time.
+const MIN_REPLAY_SPEED: f64 = 0.001;
+
 fn replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
     let speed: Option<f64> = match a.speed.trim() {
         "max" => None,
         s => Some(
             s.parse::<f64>()
                 .ok()
-                .filter(|v| v.is_finite() && *v > 0.0)
-                .with_context(|| format!("--speed {s:?}: expected a positive number or `max`"))?,
+                .filter(|v| v.is_finite() && *v >= MIN_REPLAY_SPEED)
+                .with_context(|| format!("--speed {s:?}: expected a number ≥ {MIN_REPLAY_SPEED} or `max`"))?,
         ),
     };
     let (_cfg, dir) = load(&a.config)?;
@@ -519,7 +522,8 @@ fn replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
             let wait = gap.as_secs_f64() / speed;
             if wait > 0.0 {
                 out.flush()?;
-                std::thread::sleep(Duration::from_secs_f64(wait));
+                // A gap the log's timestamps make absurdly long is not worth a panic.
+                std::thread::sleep(Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX));
             }
         }
         if t.is_some() {
