@@ -137,6 +137,16 @@ async fn a_full_disk_refuses_statements_until_it_has_room_through_the_page_cache
     audit_log_on_a_full_disk(false).await;
 }
 
+/// A gateway whose audit log lives on `fs`, in segments of [`FULL_SEGMENT_BYTES`]. No
+/// time-triggered checkpoint: the first batch the full disk refuses holds only what the test
+/// sent.
+fn on_the_small_disk(fs: &SmallFs) -> common::PgwardBuilder {
+    Pgward::builder()
+        .set("audit.dir", fs.path().join("audit").display().to_string())
+        .set("audit.segment_bytes", FULL_SEGMENT_BYTES as i64)
+        .set("audit.checkpoint_interval", "1h")
+}
+
 /// The disk-full scenario (see the module doc), with `audit.direct_io = direct_io`.
 async fn audit_log_on_a_full_disk(direct_io: bool) {
     let c = cluster();
@@ -144,15 +154,7 @@ async fn audit_log_on_a_full_disk(direct_io: bool) {
     c.sql(&db, "CREATE TABLE t (v text); GRANT ALL ON t TO PUBLIC");
     // Declared before the gateway: dropped (unmounted) after it has stopped.
     let fs = SmallFs::mount(FULL_FS_BYTES);
-    let audit_dir = fs.path().join("audit");
-    let mut pw = Pgward::builder()
-        .set("audit.dir", audit_dir.display().to_string())
-        .set("audit.segment_bytes", FULL_SEGMENT_BYTES as i64)
-        .set("audit.direct_io", direct_io)
-        // No time-triggered checkpoint: the first batch the full disk refuses holds only
-        // what the test sent.
-        .set("audit.checkpoint_interval", "1h")
-        .start();
+    let mut pw = on_the_small_disk(&fs).set("audit.direct_io", direct_io).start();
     let token = pw.token("alice", &[], "15m");
     let login = pw.login("alice", &token, &db);
 
@@ -444,11 +446,7 @@ async fn a_write_after_a_begin_postgres_skipped_waits_for_its_record() {
     let db = c.create_database("faults_skipped_begin");
     c.sql(&db, "CREATE TABLE t (v text); GRANT ALL ON t TO PUBLIC");
     let fs = SmallFs::mount(FULL_FS_BYTES);
-    let mut pw = Pgward::builder()
-        .set("audit.dir", fs.path().join("audit").display().to_string())
-        .set("audit.segment_bytes", FULL_SEGMENT_BYTES as i64)
-        .set("audit.checkpoint_interval", "1h")
-        .start();
+    let mut pw = on_the_small_disk(&fs).start();
     let token = pw.token("alice", &[], "15m");
     let login = pw.login("alice", &token, &db);
     let mut filling = login.raw().expect("login");
@@ -500,11 +498,7 @@ async fn a_fetch_whose_cursor_calls_nextval_waits_for_its_record() {
     let db = c.create_database("faults_fetch_nextval");
     c.sql(&db, "CREATE SEQUENCE s; GRANT ALL ON s TO PUBLIC");
     let fs = SmallFs::mount(FULL_FS_BYTES);
-    let mut pw = Pgward::builder()
-        .set("audit.dir", fs.path().join("audit").display().to_string())
-        .set("audit.segment_bytes", FULL_SEGMENT_BYTES as i64)
-        .set("audit.checkpoint_interval", "1h")
-        .start();
+    let mut pw = on_the_small_disk(&fs).start();
     let token = pw.token("alice", &[], "15m");
     let login = pw.login("alice", &token, &db);
     let mut filling = login.raw().expect("login");
