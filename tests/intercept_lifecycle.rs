@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{CmdOut, Pgward, cluster, run_cmd, toml_set};
-use support::{Client, TestCgroup, any_port, counter, intercepting, program_loaded, state, status, wait_attached};
+use support::{Client, TestCgroup, any_port, counter, intercept_settings, intercepting, program_loaded, state, status, wait_attached};
 
 #[test]
 fn intercept_helper() {
@@ -259,13 +259,10 @@ fn fake_socket(dir: &Path, port: u16) -> std::os::unix::net::UnixListener {
 }
 
 fn with_socket_check(cg: &TestCgroup, dir: &Path, mode: &'static str) -> Pgward {
-    let (cgp, dir) = (cg.path.display().to_string(), dir.display().to_string());
+    let dir = dir.display().to_string();
     Pgward::builder()
+        .config(intercept_settings(cg, any_port(common::free_port())))
         .config(move |t| {
-            toml_set(t, "intercept.enabled", true);
-            toml_set(t, "intercept.cgroup", cgp);
-            toml_set(t, "intercept.protected", any_port(common::free_port()));
-            toml_set(t, "intercept.sk_lookup", false);
             toml_set(t, "intercept.upstream_socket_dirs", vec![dir]);
             toml_set(t, "intercept.unix_socket_check", mode);
         })
@@ -304,14 +301,8 @@ fn world_reachable_socket_is_found_without_configuration() {
     let cg = TestCgroup::new("unixfound");
     let c = common::cluster::open_socket_cluster();
     let sock = c.socket_dir.join(format!(".s.PGSQL.{}", c.port));
-    let cgp = cg.path.display().to_string();
     let pw = Pgward::builder_on(c)
-        .config(move |t| {
-            toml_set(t, "intercept.enabled", true);
-            toml_set(t, "intercept.cgroup", cgp);
-            toml_set(t, "intercept.protected", any_port(common::free_port()));
-            toml_set(t, "intercept.sk_lookup", false);
-        })
+        .config(intercept_settings(&cg, any_port(common::free_port())))
         .init();
     let text = std::fs::read_to_string(&pw.config_path).unwrap();
     assert!(!text.contains("upstream_socket_dirs") && !text.contains("unix_socket_check"), "nothing configured:\n{text}");
@@ -336,14 +327,8 @@ fn world_reachable_socket_is_found_without_configuration() {
 fn abstract_namespace_socket_refuses_start() {
     let cg = TestCgroup::new("unixabs");
     let c = common::cluster::abstract_socket_cluster();
-    let cgp = cg.path.display().to_string();
     let pw = Pgward::builder_on(c)
-        .config(move |t| {
-            toml_set(t, "intercept.enabled", true);
-            toml_set(t, "intercept.cgroup", cgp);
-            toml_set(t, "intercept.protected", any_port(common::free_port()));
-            toml_set(t, "intercept.sk_lookup", false);
-        })
+        .config(intercept_settings(&cg, any_port(common::free_port())))
         .init();
     let out = serve_fails(&pw, &[]);
     let want = format!("the real Postgres socket {}/.s.PGSQL.{} is in the abstract namespace", c.abstract_socket(), c.port);
@@ -490,14 +475,8 @@ fn a_protected_cgroup_its_users_can_leave_refuses_start() {
     std::fs::create_dir(&side).unwrap();
     chown(&side);
     chown(&side.join("cgroup.procs"));
-    let cgp = protected.path.display().to_string();
     let pw = Pgward::builder()
-        .config(move |t| {
-            toml_set(t, "intercept.enabled", true);
-            toml_set(t, "intercept.cgroup", cgp);
-            toml_set(t, "intercept.protected", any_port(common::free_port()));
-            toml_set(t, "intercept.sk_lookup", false);
-        })
+        .config(intercept_settings(&protected, any_port(common::free_port())))
         .init();
     let out = serve_fails(&pw, &[]);
     let want = format!("a user other than root can move processes out of {}", protected.path.display());

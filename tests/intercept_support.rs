@@ -554,17 +554,26 @@ pub fn any_port(port: u16) -> Vec<String> {
     vec![format!("0.0.0.0:{port}"), format!("[::]:{port}")]
 }
 
+/// The config edit for `[intercept]` on, attached to `cg`, steering `protected`, sk_lookup off
+/// (it is per network namespace: tests running in parallel must not overlap in what it matches).
+pub fn intercept_settings(cg: &TestCgroup, protected: Vec<String>) -> impl FnOnce(&mut toml::Table) + 'static {
+    let cg = cg.path.display().to_string();
+    move |t| {
+        toml_set(t, "intercept.enabled", true);
+        toml_set(t, "intercept.cgroup", cg);
+        toml_set(t, "intercept.protected", protected);
+        toml_set(t, "intercept.sk_lookup", false);
+    }
+}
+
 /// A pgward in front of the shared cluster with `[intercept]` on, attached to `cg`, steering
 /// `protected`; sk_lookup off unless the edit turns it on (it is per network namespace, so
 /// tests running in parallel must not overlap in what it matches).
 pub fn intercepting(cg: &TestCgroup, protected: Vec<String>, edit: impl FnOnce(&mut toml::Table) + 'static) -> Pgward {
-    let cg = cg.path.display().to_string();
+    let on = intercept_settings(cg, protected);
     let pw = Pgward::builder()
         .config(move |t| {
-            toml_set(t, "intercept.enabled", true);
-            toml_set(t, "intercept.cgroup", cg);
-            toml_set(t, "intercept.protected", protected);
-            toml_set(t, "intercept.sk_lookup", false);
+            on(t);
             edit(t);
         })
         .start();
