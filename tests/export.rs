@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::{Pgward, cluster, marker, pgward_cli, wait_for};
-use support::{Rsyslog, TestCa, rewrite_with_key};
+use support::{Rsyslog, TestCa, key_holder_rewrite};
 use serde_json::Value;
 
 #[test]
@@ -182,8 +182,6 @@ fn syslog_tls_export_reaches_rsyslog_once_in_order_across_a_receiver_restart() {
 
     // ...and a rewrite by someone holding the checkpoint key passes verify alone, but not
     // against the copy: the first divergence is the rewritten record.
-    let copy_dir = tempfile::tempdir().unwrap();
-    let cfg = pw.copy_with_audit(copy_dir.path());
     let records = pw.audit_records();
     let target = records
         .iter()
@@ -191,11 +189,7 @@ fn syslog_tls_export_reaches_rsyslog_once_in_order_across_a_receiver_restart() {
         .expect("the statement")["seq"]
         .as_u64()
         .unwrap();
-    let key = pw.config_path_value("audit.checkpoint_key");
-    let kid = pw.config_str("audit.checkpoint_kid");
-    rewrite_with_key(&copy_dir.path().join("audit"), target, &key, &kid, |r| {
-        r.sql = Some("select 'nothing to see'".into());
-    });
+    let (_copy_dir, cfg) = key_holder_rewrite(&pw, target, |r| r.sql = Some("select 'nothing to see'".into()));
     let (code, out) = common::gateway::audit_verify_config(&cfg);
     assert_eq!(code, 0, "a consistent rewrite with the key passes verify alone: {out}");
     let (code, out) = verify_against(&cfg, &rsyslog.out);
@@ -308,14 +302,8 @@ fn lines_forged_into_the_receiver_neither_accuse_nor_hide() {
     assert!(out.contains("4 lines of the copy are not pgward's records"), "{out}");
 
     // The key holder rewrites another statement: still the first divergence, forged lines or not.
-    let copy_dir = tempfile::tempdir().unwrap();
-    let cfg = pw.copy_with_audit(copy_dir.path());
     let target = statement(&markers[4])["seq"].as_u64().unwrap();
-    let key = pw.config_path_value("audit.checkpoint_key");
-    let kid = pw.config_str("audit.checkpoint_kid");
-    rewrite_with_key(&copy_dir.path().join("audit"), target, &key, &kid, |r| {
-        r.sql = Some("select 'nothing to see'".into());
-    });
+    let (_copy_dir, cfg) = key_holder_rewrite(&pw, target, |r| r.sql = Some("select 'nothing to see'".into()));
     let (code, out) = verify_against(&cfg, &rsyslog.out);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&format!("export DIVERGES at seq {target}:")), "{out}");
@@ -390,11 +378,7 @@ fn a_record_longer_than_the_receiver_takes_arrives_as_a_stub_not_cut() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("export matches") && !out.contains("not pgward's records"), "{out}");
 
-    let copy_dir = tempfile::tempdir().unwrap();
-    let cfg = pw.copy_with_audit(copy_dir.path());
-    let key = pw.config_path_value("audit.checkpoint_key");
-    let kid = pw.config_str("audit.checkpoint_kid");
-    rewrite_with_key(&copy_dir.path().join("audit"), seq, &key, &kid, |r| r.sql = Some("select 1".into()));
+    let (_copy_dir, cfg) = key_holder_rewrite(&pw, seq, |r| r.sql = Some("select 1".into()));
     let (code, out) = verify_against(&cfg, &rsyslog.out);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&format!("export DIVERGES at seq {seq}:")), "{out}");

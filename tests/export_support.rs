@@ -6,7 +6,8 @@
 //!   port and over plain TCP (imptcp, octet-counted framing, RFC 6587) on another, and writing
 //!   pgward's messages to a file. Stopped (by pid) on Drop.
 //! - [`rewrite_with_key`]: what someone holding the checkpoint key can do to a stopped
-//!   gateway's log: change a record, re-chain, re-sign every later checkpoint, rewrite HEAD.
+//!   gateway's log: change a record, re-chain, re-sign every later checkpoint, rewrite HEAD;
+//!   [`key_holder_rewrite`] does it to a copy of a running gateway's log.
 
 #![allow(dead_code)]
 
@@ -145,6 +146,22 @@ fn listening(port: u16) -> bool {
         let f: Vec<&str> = l.split_whitespace().collect();
         f.len() > 3 && f[1] == want && f[3] == "0A"
     })
+}
+
+/// A copy of `pw`'s audit log (in the returned directory, with a config naming it) in which
+/// the holder of the checkpoint key rewrote the record with seq `target` with `edit`
+/// ([`rewrite_with_key`]).
+pub fn key_holder_rewrite(
+    pw: &crate::common::Pgward,
+    target: u64,
+    edit: impl Fn(&mut pgward::audit::Record),
+) -> (tempfile::TempDir, PathBuf) {
+    let copy_dir = tempfile::tempdir().unwrap();
+    let cfg = pw.copy_with_audit(copy_dir.path());
+    let key = pw.config_path_value("audit.checkpoint_key");
+    let kid = pw.config_str("audit.checkpoint_kid");
+    rewrite_with_key(&copy_dir.path().join("audit"), target, &key, &kid, edit);
+    (copy_dir, cfg)
 }
 
 /// Rewrite the record with seq `target` in the log at `dir` with `edit`, then do what only the
