@@ -291,10 +291,12 @@ impl Report {
             if let Some(b) = t.cpu_per_statement(w, "pgbouncer") {
                 let _ = writeln!(
                     o,
-                    "    {:<16} PgBouncer {b:>5.1} µs, budget {:>5.1} µs, audit I/O floor {:.0}% of the budget",
+                    "    {:<16} PgBouncer {b:>5.1} µs, budget {:>5.1} µs, audit I/O floor {:.0}% of the budget; \
+                     left for all pgward does beyond PgBouncer's relay: {:.1} µs",
                     w.name(),
                     b * CPU_BUDGET_RATIO,
-                    100.0 * floor / (b * CPU_BUDGET_RATIO)
+                    100.0 * floor / (b * CPU_BUDGET_RATIO),
+                    b * CPU_BUDGET_RATIO - b - floor
                 );
             }
         }

@@ -130,6 +130,8 @@ fn flush_report_shows_the_audit_io_cpu_floor() {
     // Mean 40 µs per flush over at most 8 statements: 5 µs; budget 1.3 × 10 µs = 13 µs.
     assert!(o.contains("costs ≥ 5.0 µs CPU per statement"), "{o}");
     assert!(o.contains("select-simple    PgBouncer  10.0 µs, budget  13.0 µs, audit I/O floor 38% of the budget"), "{o}");
+    // 13 − 10 − 5: nothing is left for pgward's own work (parsing, policy, the record's hash).
+    assert!(o.contains("left for all pgward does beyond PgBouncer's relay: -2.0 µs"), "{o}");
     // No PgBouncer CPU for extended: no line for it.
     assert!(!o.contains("select-extended  PgBouncer"), "{o}");
 }
