@@ -9,9 +9,14 @@ mod common;
 mod support;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::process::Command;
+use std::time::Duration;
 
-use common::Pgward;
-use support::{Client, Job, Outcome, TestCgroup, any_port, counter, intercepting, job_result, state, status, wait_bound, wait_log};
+use common::{Pgward, toml_set};
+use support::{
+    Client, Job, Netns, Outcome, TestCgroup, any_port, counter, intercept_settings, intercepting, job_result, state, status, wait_attached,
+    wait_bound, wait_log,
+};
 
 #[test]
 fn intercept_helper() {
@@ -81,10 +86,9 @@ fn only_pgward_binds_its_port_running_stopped_killed_and_restarted() {
     }
     let text = common::pgward_cli(&["status".as_ref(), "--config".as_ref(), pw.config_path.as_os_str()] as &[&std::ffi::OsStr]);
     assert!(text.stdout.contains(&format!("bind guard      port {port}: only pgward may bind")), "{}", text.describe());
-    // The test's port is a random one, from the ephemeral range: serve says what that means.
-    if !pw_port_reserved(port) {
-        wait_log(&pw, "is in the kernel's ephemeral range");
-    }
+    // The port is below the ephemeral range: nothing to reserve, the host's sysctl untouched.
+    assert!(pgward::ebpf::ephemeral_ports(&[port]).is_empty(), "port {port}");
+    assert!(!pw.stderr_log().contains("reserved pgward's port"), "{}", pw.stderr_log());
 
     // While pgward runs: a second socket on its port (SO_REUSEPORT would share its
     // connections) is refused on every address, before the kernel even looks for a conflict.
@@ -127,6 +131,74 @@ fn only_pgward_binds_its_port_running_stopped_killed_and_restarted() {
     assert_eq!(c.errno, None, "{c:?}");
 }
 
-fn pw_port_reserved(port: u16) -> bool {
-    pgward::ebpf::ephemeral_ports(&[port]).is_empty()
+/// `cat FILE` inside network namespace `ns`.
+#[track_caller]
+fn read_in_netns(ns: &Netns, file: &str) -> String {
+    let out = common::run_cmd(Command::new("ip").args(["netns", "exec", &ns.name, "cat", file]), None, Duration::from_secs(20));
+    assert!(out.success(), "{}", out.describe());
+    out.stdout.trim().to_string()
+}
+
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+/// A port the test's namespace already reserved before pgward starts (kept by pgward).
+const ALREADY_RESERVED: u16 = 7777;
+/// pgward's port in the test's namespace: inside the kernel's default ephemeral range.
+const NS_PGWARD_PORT: u16 = 45432;
+/// The protected port in the test's namespace (nothing listens there).
+const NS_PROTECTED_PORT: u16 = 5432;
+
+/// While pgward is stopped its port is free. The bind guard sees the port a bind asks for, but
+/// not the one the kernel picks for a bind to port 0 or a listen on an unbound socket — and the
+/// `IP_LOCAL_PORT_RANGE` socket option narrows that pick to pgward's port. `serve` reserves its
+/// port in `net.ipv4.ip_local_reserved_ports` of its network namespace before attaching, so
+/// the kernel never hands it out; steered clients get ECONNREFUSED, never a squatter. pgward
+/// runs in a network namespace of the test's own (its sysctls are not the host's), reaching
+/// the real Postgres over its unix socket.
+#[test]
+fn pgwards_port_is_never_handed_out_as_an_ephemeral_port() {
+    let ns = Netns::new();
+    let cg = TestCgroup::new("ephemeral");
+    let range = read_in_netns(&ns, "/proc/sys/net/ipv4/ip_local_port_range");
+    let (lo, hi) = range.split_once('\t').map(|(a, b)| (a.parse::<u16>().unwrap(), b.trim().parse::<u16>().unwrap())).unwrap();
+    assert!((lo..=hi).contains(&NS_PGWARD_PORT), "{NS_PGWARD_PORT} is an ephemeral port in the namespace ({range})");
+    let set = common::run_cmd(
+        Command::new("ip").args(["netns", "exec", &ns.name, "sh", "-c", &format!("echo {ALREADY_RESERVED} > {RESERVED_PORTS}")]),
+        None,
+        Duration::from_secs(20),
+    );
+    assert!(set.success(), "{}", set.describe());
+
+    let c = common::cluster();
+    let socket_dir = c.socket_dir.display().to_string();
+    let on = intercept_settings(&cg, vec![format!("127.0.0.1:{NS_PROTECTED_PORT}")]);
+    let mut pw = Pgward::builder()
+        .config(move |t| {
+            on(t);
+            toml_set(t, "server.listen", format!("127.0.0.1:{NS_PGWARD_PORT}"));
+            toml_set(t, "upstream.host", socket_dir);
+        })
+        .init();
+    pw.netns = Some(ns.name.clone());
+    pw.spawn();
+    wait_attached(&pw);
+    wait_log(&pw, &format!("reserved pgward's port(s) [{NS_PGWARD_PORT}]"));
+    assert_eq!(read_in_netns(&ns, RESERVED_PORTS), format!("{ALREADY_RESERVED},{NS_PGWARD_PORT}"), "kept what was there");
+    // Steering works in the namespace: a client there dialling the protected port lands in pgward.
+    let client = Client::in_cgroup(&cg).in_netns(&ns);
+    let o = client.connect(v4(NS_PROTECTED_PORT));
+    assert_eq!((o.errno, o.peer), (None, Some(v4(NS_PROTECTED_PORT))), "{o:?}");
+
+    assert!(pw.stop().unwrap().success(), "{}", pw.stderr_log());
+    assert_eq!(read_in_netns(&ns, RESERVED_PORTS), format!("{ALREADY_RESERVED},{NS_PGWARD_PORT}"), "stays while pgward is stopped");
+    for listen_unbound in [false, true] {
+        let job = Job::EphemeralSquat { port: NS_PGWARD_PORT, listen_unbound, uid: Some(NOBODY), wait_ms: 1500 };
+        let mut squatter = client.spawn(&job);
+        wait_bound(&mut squatter);
+        let victim = client.connect(v4(NS_PROTECTED_PORT));
+        let o = job_result(squatter);
+        assert_eq!(o.failure, None, "{o:?}");
+        assert_eq!((o.accepted, o.local), (0, None), "the kernel handed pgward's port to a squatter ({job:?}): {o:?}");
+        assert!(o.binds.len() == 2 && o.binds.iter().all(Option::is_some), "no port for either family: {o:?}");
+        assert_eq!(victim.errno, Some(libc::ECONNREFUSED), "the steered client reaches nobody: {victim:?}");
+    }
 }

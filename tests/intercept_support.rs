@@ -193,6 +193,19 @@ pub enum Job {
         #[serde(default)]
         wait_ms: u64,
     },
+    /// An attacker asking the kernel for `port` as an ephemeral port: drops to `uid` first,
+    /// then for each of IPv4 and IPv6 a socket narrowed to that one port (`IP_LOCAL_PORT_RANGE`)
+    /// that `bind`s to the wildcard with port 0 and listens (`listen_unbound`: listens without
+    /// binding, so the kernel binds it). Reports each socket's errno (`binds`) and the port it got
+    /// (`local`, the last one), prints `ICPT-BOUND`, then accepts for `wait_ms` (`accepted`).
+    EphemeralSquat {
+        port: u16,
+        #[serde(default)]
+        listen_unbound: bool,
+        uid: Option<u32>,
+        #[serde(default)]
+        wait_ms: u64,
+    },
 }
 
 /// The job's outcome (`errno` set when the connect failed).
@@ -360,6 +373,7 @@ pub fn helper_main() {
         },
         Job::Login { addr, user, password, db, query } => login_job(&mut o, addr, &user, &password, &db, query.as_deref()),
         Job::Squat { addrs, reuseport, mptcp, uid, wait_ms } => squat_job(&mut o, &addrs, reuseport, mptcp, uid, wait_ms),
+        Job::EphemeralSquat { port, listen_unbound, uid, wait_ms } => ephemeral_squat_job(&mut o, port, listen_unbound, uid, wait_ms),
     }
     println!("ICPT-RESULT {}", serde_json::to_string(&o).unwrap());
 }
@@ -383,19 +397,94 @@ fn mptcp_connect(addr: SocketAddr) -> std::io::Result<std::net::TcpStream> {
     Ok(s)
 }
 
-fn squat_job(o: &mut Outcome, addrs: &[SocketAddr], reuseport: bool, mptcp: bool, uid: Option<u32>, wait_ms: u64) {
+/// Become `uid` (and gid `uid`, no supplementary groups); false (with `o.failure` set and
+/// `ICPT-BOUND` printed, so a waiting test goes on) when that fails.
+fn drop_to(o: &mut Outcome, uid: Option<u32>) -> bool {
+    let Some(uid) = uid else { return true };
+    // SAFETY: plain syscalls dropping this (single-threaded helper) process's privileges.
+    let ok = unsafe {
+        libc::setgroups(0, std::ptr::null()) == 0 && libc::setresgid(uid, uid, uid) == 0 && libc::setresuid(uid, uid, uid) == 0
+    };
+    if !ok || unsafe { libc::geteuid() } != uid {
+        o.failure = Some(format!("could not become uid {uid}: {}", std::io::Error::last_os_error()));
+        println!("ICPT-BOUND");
+        return false;
+    }
+    true
+}
+
+/// Print `ICPT-BOUND`, then accept (and close) connections on `held` for `wait_ms`.
+fn accept_for(o: &mut Outcome, held: &[std::os::fd::OwnedFd], wait_ms: u64) {
     use std::io::Write;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    if let Some(uid) = uid {
-        // SAFETY: plain syscalls dropping this (single-threaded helper) process's privileges.
-        let ok = unsafe {
-            libc::setgroups(0, std::ptr::null()) == 0 && libc::setresgid(uid, uid, uid) == 0 && libc::setresuid(uid, uid, uid) == 0
-        };
-        if !ok || unsafe { libc::geteuid() } != uid {
-            o.failure = Some(format!("could not become uid {uid}: {}", std::io::Error::last_os_error()));
-            println!("ICPT-BOUND");
-            return;
+    use std::os::fd::AsRawFd;
+    println!("ICPT-BOUND");
+    let _ = std::io::stdout().flush();
+    let deadline = Instant::now() + Duration::from_millis(wait_ms);
+    while Instant::now() < deadline {
+        for fd in held {
+            // SAFETY: accept(2) on a non-blocking listening socket; a returned fd is closed.
+            let c = unsafe { libc::accept(fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
+            if c >= 0 {
+                o.accepted += 1;
+                unsafe { libc::close(c) };
+            }
         }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `IP_LOCAL_PORT_RANGE` (Linux 6.3): the socket's own ephemeral range, low | high << 16.
+const IP_LOCAL_PORT_RANGE: libc::c_int = 51;
+
+fn ephemeral_squat_job(o: &mut Outcome, port: u16, listen_unbound: bool, uid: Option<u32>, wait_ms: u64) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    if !drop_to(o, uid) {
+        return;
+    }
+    let mut held: Vec<OwnedFd> = Vec::new();
+    for any in [SocketAddr::from(([0, 0, 0, 0], 0)), SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))] {
+        let family = if any.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+        // SAFETY: socket(2); the fd is owned at once.
+        let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) };
+        if fd < 0 {
+            o.binds.push(std::io::Error::last_os_error().raw_os_error());
+            continue;
+        }
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let range: u32 = u32::from(port) | (u32::from(port) << 16);
+        let (storage, len) = sockaddr(any);
+        // SAFETY: setsockopt with a u32 option of the advertised length; bind(2) with a
+        // sockaddr of the given length; listen(2).
+        let ok = unsafe {
+            libc::setsockopt(fd.as_raw_fd(), libc::IPPROTO_IP, IP_LOCAL_PORT_RANGE, (&range as *const u32).cast(), 4) == 0
+                && (listen_unbound || libc::bind(fd.as_raw_fd(), (&storage as *const libc::sockaddr_storage).cast(), len) == 0)
+                && libc::listen(fd.as_raw_fd(), 16) == 0
+        };
+        if !ok {
+            o.binds.push(std::io::Error::last_os_error().raw_os_error());
+            continue;
+        }
+        o.binds.push(None);
+        o.local = local_addr(fd.as_raw_fd());
+        held.push(fd);
+    }
+    accept_for(o, &held, wait_ms);
+}
+
+/// getsockname(2) as a SocketAddr.
+fn local_addr(fd: std::os::fd::RawFd) -> Option<SocketAddr> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // Borrow the fd as a listener just long enough to ask; never close it here.
+    let l = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    let a = l.local_addr().ok();
+    let _ = l.into_raw_fd();
+    a
+}
+
+fn squat_job(o: &mut Outcome, addrs: &[SocketAddr], reuseport: bool, mptcp: bool, uid: Option<u32>, wait_ms: u64) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    if !drop_to(o, uid) {
+        return;
     }
     let mut held: Vec<OwnedFd> = Vec::new();
     for &addr in addrs {
@@ -422,20 +511,7 @@ fn squat_job(o: &mut Outcome, addrs: &[SocketAddr], reuseport: bool, mptcp: bool
         o.binds.push(None);
         held.push(fd);
     }
-    println!("ICPT-BOUND");
-    let _ = std::io::stdout().flush();
-    let deadline = Instant::now() + Duration::from_millis(wait_ms);
-    while Instant::now() < deadline {
-        for fd in &held {
-            // SAFETY: accept(2) on a non-blocking listening socket; a returned fd is closed.
-            let c = unsafe { libc::accept(fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
-            if c >= 0 {
-                o.accepted += 1;
-                unsafe { libc::close(c) };
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    accept_for(o, &held, wait_ms);
 }
 
 /// Wait for a spawned [`Job::Squat`] to hold (or fail to hold) its sockets.
@@ -554,11 +630,36 @@ pub fn any_port(port: u16) -> Vec<String> {
     vec![format!("0.0.0.0:{port}"), format!("[::]:{port}")]
 }
 
+/// Lowest port [`port_outside_ephemeral`] picks (above the well-known and common service ports).
+const OWN_PORTS_FROM: u16 = 20000;
+
+/// A free loopback port below the host's ephemeral range (`net.ipv4.ip_local_port_range`).
+/// `serve` with interception reserves its port in `net.ipv4.ip_local_reserved_ports` when the
+/// kernel could hand it out; a port outside the range needs no reservation, so tests that run
+/// pgward in the host's network namespace leave the host's sysctls alone.
+#[track_caller]
+pub fn port_outside_ephemeral() -> u16 {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let lo: u16 = range.split_whitespace().next().and_then(|w| w.parse().ok()).unwrap_or(0);
+    assert!(lo > OWN_PORTS_FROM + 1000, "the ephemeral range {range:?} leaves no room below it for test ports");
+    for _ in 0..1000 {
+        let r = u16::from_str_radix(&crate::common::rand_hex(4), 16).unwrap_or(0);
+        let p = OWN_PORTS_FROM + r % (lo - OWN_PORTS_FROM);
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port below the ephemeral range {range:?}");
+}
+
 /// The config edit for `[intercept]` on, attached to `cg`, steering `protected`, sk_lookup off
 /// (it is per network namespace: tests running in parallel must not overlap in what it matches).
+/// pgward listens on a port outside the ephemeral range ([`port_outside_ephemeral`]).
 pub fn intercept_settings(cg: &TestCgroup, protected: Vec<String>) -> impl FnOnce(&mut toml::Table) + 'static {
     let cg = cg.path.display().to_string();
+    let listen = format!("127.0.0.1:{}", port_outside_ephemeral());
     move |t| {
+        toml_set(t, "server.listen", listen);
         toml_set(t, "intercept.enabled", true);
         toml_set(t, "intercept.cgroup", cg);
         toml_set(t, "intercept.protected", protected);

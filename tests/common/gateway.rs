@@ -150,6 +150,7 @@ impl PgwardBuilder {
             config_path,
             child: None,
             env: Vec::new(),
+            netns: None,
             cluster: c,
             _tmp: tmp,
         };
@@ -173,6 +174,22 @@ impl PgwardBuilder {
     }
 }
 
+/// Whether `addr` accepts a TCP connection, dialled from network namespace `netns` (a
+/// thread of its own enters it) or from the test's own.
+fn accepts(netns: Option<&str>, addr: SocketAddr) -> bool {
+    let dial = move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
+    let Some(ns) = netns else { return dial() };
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let Ok(f) = std::fs::File::open(&path) else { return false };
+        // SAFETY: setns(2) moves only this short-lived thread into the namespace.
+        let entered = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } == 0;
+        entered && dial()
+    })
+    .join()
+    .unwrap_or(false)
+}
+
 /// A pgward instance: its config dir (in a temp dir removed on Drop) and its `serve` process.
 /// Field order matters: the child is stopped in Drop before the temp dir goes.
 pub struct Pgward {
@@ -184,6 +201,9 @@ pub struct Pgward {
     pub cluster: &'static PgCluster,
     /// Extra environment for `serve` (set before [`Pgward::spawn`]).
     pub env: Vec<(String, String)>,
+    /// The named network namespace (`ip netns`, one the test created) `serve` runs in;
+    /// None: the test's own.
+    pub netns: Option<String>,
     stderr_path: PathBuf,
     child: Option<Child>,
     _tmp: tempfile::TempDir,
@@ -227,12 +247,20 @@ impl Pgward {
             .stdin(Stdio::null())
             .stdout(Stdio::from(stderr.try_clone().unwrap()))
             .stderr(Stdio::from(stderr));
-        // SAFETY: prctl is async-signal-safe. If the test process dies without running Drop,
-        // the kernel kills the gateway (we start it from the test's own thread, which outlives
-        // the instance).
+        let netns = self.netns.as_ref().map(|n| std::ffi::CString::new(format!("/run/netns/{n}")).unwrap());
+        // SAFETY: prctl, open, setns and close are async-signal-safe, on prepared data. If the
+        // test process dies without running Drop, the kernel kills the gateway (we start it
+        // from the test's own thread, which outlives the instance).
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if let Some(ns) = &netns {
+                    let fd = libc::open(ns.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                    if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                }
                 Ok(())
             });
         }
@@ -250,7 +278,7 @@ impl Pgward {
                     self.stderr_log()
                 );
             }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            if accepts(self.netns.as_deref(), self.addr) {
                 return;
             }
             if Instant::now() > deadline {

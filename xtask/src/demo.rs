@@ -151,7 +151,7 @@ fn init_gateway(pgward: &Path, base: &Path, cluster: &Cluster) -> Result<Gateway
     let _ = std::fs::remove_dir_all(&gw_dir);
     let pwfile = base.join("svc.password");
     std::fs::write(&pwfile, format!("{}\n", pg::SERVICE_PASSWORD))?;
-    let port = pg::free_port()?;
+    let port = pg::gateway_port()?;
     let listen = format!("127.0.0.1:{port}");
     let upstream = format!("postgres://{}@127.0.0.1:{}/app", pg::SERVICE_USER, cluster.port);
     run_ok(Command::new(pgward).args(["init", "--dir"]).arg(&gw_dir).args(["--listen", &listen, "--upstream", &upstream, "--upstream-password-file"]).arg(&pwfile))?;

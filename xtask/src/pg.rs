@@ -46,6 +46,29 @@ pub fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// Lowest port [`gateway_port`] picks.
+const GATEWAY_PORTS_FROM: u16 = 20000;
+
+/// A free loopback port for pgward below the kernel's ephemeral range: `serve` with
+/// interception reserves a port inside the range in `net.ipv4.ip_local_reserved_ports` (until
+/// a reboot), and the demo and the bench leave the host's sysctls alone.
+pub fn gateway_port() -> Result<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let lo: u16 = range.split_whitespace().next().and_then(|w| w.parse().ok()).unwrap_or(0);
+    if lo <= GATEWAY_PORTS_FROM {
+        return free_port();
+    }
+    let span = u32::from(lo - GATEWAY_PORTS_FROM);
+    let start = std::process::id() % span;
+    for i in 0..span {
+        let port = GATEWAY_PORTS_FROM + ((start + i) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port below the ephemeral range {range:?}")
+}
+
 pub struct Cluster {
     pub dir: PathBuf,
     pub port: u16,

@@ -22,10 +22,11 @@ use super::cgroups::{GatewayCgroup, cgroup2_mount, movable_by_others, require_cg
 use super::discover::Found;
 use super::kernel::{check_capabilities, kernel_log_level, raise_memlock, start_kernel_log};
 use super::maps::{PINNED_MAPS, adopted_maps, fresh_maps, map_of, set_listener, sync_binds, sync_rules, typed};
-use super::net::{ephemeral_ports, local_addresses, netns_cookie};
+use super::net::{local_addresses, netns_cookie};
 use super::peer::{CgroupCache, PEERS, PeerState};
 use super::plan::Plan;
 use super::programs::{adopted_program_id, adopted_programs, attach_and_pin, check_pins_match};
+use super::reserve::reserve_ports;
 use super::state::{State, mark_stopped, write_state};
 use super::unix_sockets::check_unix_sockets;
 use super::{object, pins};
@@ -163,6 +164,10 @@ impl Entered {
         let netns_cookie = netns_cookie(listener.as_fd().as_raw_fd()).unwrap_or(0);
         let kcfg = plan.kernel_config(netns_cookie, gateway.id, ic.exempt_uid);
 
+        // Before anything is attached: the kernel must never hand pgward's ports to anyone.
+        let bind_ports = plan.bind_ports(listen);
+        reserve(&bind_ports)?;
+
         let (ebpf, log_task, mut maps) = if adopt {
             let log_task = match adopted_program_id(&pin_dir) {
                 Ok(id) => start_kernel_log(aya_log::EbpfLogger::init_from_id(id), |l| l.flush()),
@@ -183,9 +188,7 @@ impl Entered {
         // can enter).
         maps.config.set(0, &kcfg, 0).context("intercept: writing PGW_CONFIG")?;
         self.exempted = None;
-        let bind_ports = plan.bind_ports(listen);
         sync_binds(&mut maps.binds, &bind_ports)?;
-        warn_ephemeral(&bind_ports);
         if ic.sk_lookup {
             set_listener(&mut maps.socks, listener, listen)?;
         }
@@ -327,17 +330,23 @@ impl Drop for Intercept {
     }
 }
 
-/// The bind guard sees the port a bind asks for; an ephemeral port is chosen after it (bind
-/// to port 0, listen or connect on an unbound socket). A port the kernel may hand out that way
-/// can be had by anyone while pgward is stopped: say so.
-fn warn_ephemeral(ports: &[u16]) {
-    for p in ephemeral_ports(ports) {
-        tracing::warn!(
-            port = p,
-            "intercept: pgward's port {p} is in the kernel's ephemeral range (net.ipv4.ip_local_port_range) \
-             and not reserved: while pgward is stopped, another local process can be given it without \
-             binding it explicitly (the bind guard cannot see that); use a port outside the range, or \
-             reserve it: sysctl -w net.ipv4.ip_local_reserved_ports={p}"
+/// Reserve pgward's ports (listener and redirect targets) in its network namespace, so the
+/// kernel never hands one out as an ephemeral port while pgward is stopped: the bind guard
+/// sees the port a bind asks for, not the one the kernel picks for port 0 ([`super::reserve`]).
+fn reserve(ports: &[u16]) -> anyhow::Result<()> {
+    let added = reserve_ports(ports).context(
+        "intercept: cannot keep pgward's port(s) out of the kernel's ephemeral ports (while pgward is stopped \
+         another local process could be handed one and receive the steered clients); run serve where \
+         /proc/sys/net/ipv4/ip_local_reserved_ports is writable, or listen on a port outside \
+         net.ipv4.ip_local_port_range",
+    )?;
+    if !added.is_empty() {
+        tracing::info!(
+            ports = ?added,
+            "intercept: reserved pgward's port(s) {added:?} in net.ipv4.ip_local_reserved_ports of its network \
+             namespace (the kernel never hands them out as ephemeral ports; they stay reserved while pgward is \
+             stopped, until a reboot)"
         );
     }
+    Ok(())
 }

@@ -13,6 +13,8 @@
 //!   other local process can listen where the redirect steers clients, while pgward is stopped
 //!   or (SO_REUSEPORT) while it runs. pgward binds its listener from its gateway cgroup
 //!   ([`Intercept::enter`] runs first), which a restarted pgward re-points the exemption at.
+//!   A port the kernel picks itself (bind to port 0) is chosen after the guard ran: `serve`
+//!   adds its ports to `net.ipv4.ip_local_reserved_ports` before attaching ([`reserve`]).
 //! - sock_ops: records who connected (pid, uid, gid, cgroup, original destination) by 4-tuple;
 //!   [`lookup_peer`] hands that to the session for the login record.
 //! - sk_lookup (in `intercept.netns`): connections from other hosts to a protected port land on
@@ -37,7 +39,7 @@
 //! Files: `attach` (the [`Intercept`] lifecycle), `programs` (names, load, attach, adoption
 //! checks), `maps` (opening and syncing the maps), `plan` (what to steer where, pure), `peer`
 //! ([`lookup_peer`]), `cgroups`, `kernel` (capabilities, memlock, kernel log), `net` (host
-//! network facts), `addr` (kernel address layout), `state` (the state file), `status`,
+//! network facts), `reserve` (pgward's ports out of ephemeral allocation), `addr` (kernel address layout), `state` (the state file), `status`,
 //! `unix_sockets`, `discover`, `pins`.
 
 mod addr;
@@ -51,12 +53,13 @@ mod peer;
 pub mod pins;
 mod plan;
 mod programs;
+mod reserve;
 mod state;
 mod status;
 mod unix_sockets;
 
 pub use attach::{Entered, Intercept};
-pub use net::ephemeral_ports;
+pub use reserve::ephemeral_ports;
 pub use peer::{PeerMeta, lookup_peer};
 pub use state::{ProgramState, State};
 pub use status::{CounterStatus, ProgramStatus, Status, status};

@@ -1,36 +1,9 @@
-//! Facts about this host's network: the ephemeral port range, local interface addresses and
-//! a socket's network namespace cookie.
+//! Facts about this host's network: local interface addresses and a socket's network
+//! namespace cookie.
 
-use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 const SO_NETNS_COOKIE: libc::c_int = 71;
-
-/// Those of `ports` the kernel may hand out as ephemeral ports (bind to port 0, listen or
-/// connect on an unbound socket): inside `net.ipv4.ip_local_port_range` (which IPv6 uses too)
-/// and not in `net.ipv4.ip_local_reserved_ports`. Empty when the sysctls cannot be read.
-pub fn ephemeral_ports(ports: &[u16]) -> Vec<u16> {
-    let read = |name: &str| fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).unwrap_or_default();
-    in_ephemeral_range(ports, &read("ip_local_port_range"), &read("ip_local_reserved_ports"))
-}
-
-fn in_ephemeral_range(ports: &[u16], range: &str, reserved: &str) -> Vec<u16> {
-    let mut r = range.split_whitespace().filter_map(|w| w.parse::<u16>().ok());
-    let (Some(lo), Some(hi)) = (r.next(), r.next()) else { return Vec::new() };
-    let reserved: Vec<(u16, u16)> = reserved
-        .trim()
-        .split(',')
-        .filter_map(|item| {
-            let (a, b) = item.split_once('-').unwrap_or((item, item));
-            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
-        })
-        .collect();
-    ports
-        .iter()
-        .copied()
-        .filter(|p| (lo..=hi).contains(p) && !reserved.iter().any(|(a, b)| (*a..=*b).contains(p)))
-        .collect()
-}
 
 /// Every address configured on this host's interfaces.
 pub(super) fn local_addresses() -> Vec<IpAddr> {
@@ -70,19 +43,4 @@ pub(super) fn netns_cookie(fd: std::os::fd::RawFd) -> Option<u64> {
     // SAFETY: getsockopt into a u64 of the advertised length.
     let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len) };
     (r == 0).then_some(cookie)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ephemeral_range_and_reserved_ports() {
-        let ports = [80, 6432, 40000, 40001, 61000];
-        assert_eq!(in_ephemeral_range(&ports, "32768\t60999\n", "\n"), [40000, 40001]);
-        assert_eq!(in_ephemeral_range(&ports, "32768\t60999\n", "40000\n"), [40001]);
-        assert_eq!(in_ephemeral_range(&ports, "32768\t60999\n", "8080,39990-40005\n"), Vec::<u16>::new());
-        assert_eq!(in_ephemeral_range(&ports, "1024 65535", ""), [6432, 40000, 40001, 61000]);
-        assert_eq!(in_ephemeral_range(&ports, "", ""), Vec::<u16>::new());
-    }
 }

@@ -222,7 +222,7 @@ pub fn start_pgward_opts(bin: &Path, work: &WorkDir, name: &str, cluster: &Clust
     let dir = work.join(name);
     let pwfile = work.join("svc.password");
     std::fs::write(&pwfile, format!("{}\n", pg::SERVICE_PASSWORD))?;
-    let port = pg::free_port()?;
+    let port = pg::gateway_port()?;
     let listen = format!("127.0.0.1:{port}");
     let upstream = format!("postgres://{}@127.0.0.1:{}/app", pg::SERVICE_USER, cluster.port);
     run_ok(

@@ -56,30 +56,36 @@ pub(super) fn cgroup_v2(cx: &Ctx) -> Check {
     )
 }
 
-/// The bind guard refuses explicit binds to pgward's port; the kernel can still hand it out
-/// as an ephemeral port (bind to port 0, listen on an unbound socket) while pgward is stopped.
+/// The bind guard refuses explicit binds to pgward's port; the kernel could still hand it out
+/// as an ephemeral port (bind to port 0, listen on an unbound socket) while pgward is stopped,
+/// unless it is in `net.ipv4.ip_local_reserved_ports`, which `serve` sees to at every start.
 pub(super) fn listen_port(cx: &Ctx) -> Check {
     let name = "listen port";
     if !cx.cfg.intercept.enabled {
         return check(name, Outcome::Skip, "interception is off", None);
     }
     let port = cx.cfg.listen_addr().port();
-    match crate::ebpf::ephemeral_ports(&[port]).first() {
-        Some(p) => check(
-            name,
-            Outcome::Warn,
-            format!(
-                "port {p} (server.listen) is in the ephemeral range (net.ipv4.ip_local_port_range): while pgward \
-                 is stopped another local process can be given it without binding it explicitly, and receive the \
-                 clients interception steers there"
-            ),
-            Some(format!(
-                "use a port outside the range, or reserve it: sysctl -w net.ipv4.ip_local_reserved_ports={p} \
-                 (persist it in /etc/sysctl.d)"
-            )),
-        ),
-        None => check(name, Outcome::Pass, format!("port {port} is outside the ephemeral range (or reserved); only pgward may bind it"), None),
+    let Some(p) = crate::ebpf::ephemeral_ports(&[port]).first().copied() else {
+        return check(name, Outcome::Pass, format!("port {port} is outside the ephemeral range or reserved; only pgward may bind it"), None);
+    };
+    let risk = format!(
+        "port {p} (server.listen) is in the ephemeral range (net.ipv4.ip_local_port_range) and not in \
+         net.ipv4.ip_local_reserved_ports: another local process can be given it without binding it explicitly, \
+         and receive the clients interception steers there while pgward is stopped"
+    );
+    if cx.serve_pid.is_some() {
+        // serve reserved it before attaching: someone removed the reservation since.
+        return check(name, Outcome::Fail, risk, Some("restart pgward (serve reserves its ports at start)".into()));
     }
+    check(
+        name,
+        Outcome::Warn,
+        risk,
+        Some(format!(
+            "start pgward (serve reserves its ports at start; the reservation lasts until a reboot), or use a port \
+             outside the range, or reserve it: sysctl -w net.ipv4.ip_local_reserved_ports={p} (persist it in /etc/sysctl.d)"
+        )),
+    )
 }
 
 pub(super) fn programs(cx: &Ctx) -> Check {
