@@ -454,3 +454,149 @@ async fn wrong_upstream_password_is_an_error_and_a_login_failed_record() {
         "the wrong password is in the audit log"
     );
 }
+
+// ---- an impostor on the upstream port ----------------------------------------------------------
+
+/// How [`Impostor`] answers pgward's login.
+#[derive(Clone, Copy, Debug)]
+enum Ploy {
+    /// AuthenticationCleartextPassword: the password itself, if pgward sends it.
+    Cleartext,
+    /// SCRAM-SHA-256 up to the client's proof, then AuthenticationOk without the server's
+    /// signature (which needs the role's verifier, which the impostor lacks).
+    ScramWithoutProof,
+    /// AuthenticationOk at once, as a server trusting the connection would.
+    Trust,
+}
+
+/// A process listening on the upstream's TCP port in Postgres's place (any local user can
+/// while Postgres is stopped): it plays a server for each connection pgward opens, records
+/// every byte pgward sends, and once "logged in" answers every query with a command tag.
+struct Impostor {
+    port: u16,
+    received: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    /// Queries pgward ran on the impostor after it believed the login.
+    queries: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Impostor {
+    fn start(ploy: Ploy) -> Impostor {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let queries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (r, q) = (received.clone(), queries.clone());
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let (r, q) = (r.clone(), q.clone());
+                std::thread::spawn(move || {
+                    let _ = impostor_session(s, ploy, &r, &q);
+                });
+            }
+        });
+        Impostor { port, received, queries }
+    }
+}
+
+fn impostor_session(
+    mut s: std::net::TcpStream,
+    ploy: Ploy,
+    received: &std::sync::Mutex<Vec<u8>>,
+    queries: &std::sync::atomic::AtomicUsize,
+) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // One message: (tag or 0 for a startup packet, body); every byte is recorded.
+    let read_msg = |s: &mut std::net::TcpStream, tagged: bool| -> std::io::Result<(u8, Vec<u8>)> {
+        let mut tag = [0u8; 1];
+        if tagged {
+            s.read_exact(&mut tag)?;
+        }
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len)?;
+        let n = (u32::from_be_bytes(len) as usize).saturating_sub(4).min(1 << 20);
+        let mut body = vec![0u8; n];
+        s.read_exact(&mut body)?;
+        let mut all = received.lock().unwrap();
+        all.extend_from_slice(&tag[..usize::from(tagged)]);
+        all.extend_from_slice(&len);
+        all.extend_from_slice(&body);
+        Ok((tag[0], body))
+    };
+    let msg = |tag: u8, body: &[u8]| -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    };
+    let auth = |code: u32, rest: &[u8]| msg(b'R', &[&code.to_be_bytes()[..], rest].concat());
+    let (_, first) = read_msg(&mut s, false)?;
+    if first.len() == 4 && u32::from_be_bytes(first[..4].try_into().unwrap()) == 80877103 {
+        s.write_all(b"N")?; // SSLRequest: no TLS here
+        read_msg(&mut s, false)?;
+    }
+    match ploy {
+        Ploy::Cleartext => {
+            s.write_all(&auth(3, &[]))?;
+            read_msg(&mut s, true)?; // the password, if pgward sends it
+        }
+        Ploy::ScramWithoutProof => {
+            s.write_all(&auth(10, b"SCRAM-SHA-256\0\0"))?;
+            let (_, client_first) = read_msg(&mut s, true)?;
+            // SASLInitialResponse: mechanism\0, i32 length, "n,,n=,r=<nonce>".
+            let text = String::from_utf8_lossy(&client_first).into_owned();
+            let nonce = text.rsplit("r=").next().unwrap_or_default().to_string();
+            let server_first = format!("r={nonce}impostor,s=c2FsdHNhbHRzYWx0c2FsdA==,i=4096");
+            s.write_all(&auth(11, server_first.as_bytes()))?;
+            read_msg(&mut s, true)?; // client-final with the proof
+        }
+        Ploy::Trust => {}
+    }
+    s.write_all(&[auth(0, &[]), msg(b'K', &[0, 0, 0, 7, 0, 0, 0, 7]), msg(b'Z', b"I")].concat())?;
+    loop {
+        let (tag, _) = read_msg(&mut s, true)?;
+        match tag {
+            b'Q' => {
+                queries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                s.write_all(&[msg(b'C', b"SET\0"), msg(b'Z', b"I")].concat())?;
+            }
+            b'X' => return Ok(()),
+            _ => {}
+        }
+    }
+}
+
+/// While Postgres is stopped, a local process can listen on its TCP port and wait for pgward's
+/// next upstream login. pgward never sends it the service password in cleartext, and believes
+/// no AuthenticationOk that did not come after the server proved it knows the password (SCRAM's
+/// server signature) or at least asked for it: the client's login fails (08006), nothing runs
+/// on the impostor, and the failure is audited.
+#[test]
+fn an_impostor_on_the_upstream_port_gets_neither_the_password_nor_the_session() {
+    let c = cluster();
+    for ploy in [Ploy::Cleartext, Ploy::ScramWithoutProof, Ploy::Trust] {
+        let imp = Impostor::start(ploy);
+        let pw = Pgward::builder().set("upstream.port", i64::from(imp.port)).start();
+        let token = pw.token("alice", &[], "15m");
+        let login = pw.login("alice", &token, "app");
+        let mut conn = RawConn::open(&login).unwrap();
+        let err = match conn.startup(&login, &[]) {
+            Ok(()) => panic!("{ploy:?}: a session started on the impostor"),
+            Err(RawError::Server(m)) => m,
+            Err(e) => panic!("{ploy:?}: expected an ErrorResponse, got {e:?}"),
+        };
+        assert_eq!(err.sqlstate().as_deref(), Some("08006"), "{ploy:?}: {:?}", err.fields());
+        assert!(
+            err.fields().get(&'M').is_some_and(|m| m.contains("not trusted")),
+            "{ploy:?}: {:?}",
+            err.fields()
+        );
+        let jti = jwt::jti_of(&token);
+        pw.wait_audit("login_failed", |r| r.iter().any(|x| rec::kind(x) == "login_failed" && x["jti"].as_str() == Some(jti.as_str())));
+        drop(pw);
+        let sent = imp.received.lock().unwrap().clone();
+        assert!(!sent.is_empty(), "{ploy:?}: pgward never reached the impostor: the test would prove nothing");
+        assert!(!contains_bytes(&sent, c.svc_password.as_bytes()), "{ploy:?}: the service password reached the impostor");
+        assert_eq!(imp.queries.load(std::sync::atomic::Ordering::SeqCst), 0, "{ploy:?}: pgward ran statements on the impostor");
+    }
+}

@@ -1,7 +1,8 @@
 //! The real Postgres: connect (TCP or unix socket, optional TLS; one host or several, see
 //! `upstream_hosts`), log in with pgward's own service credential (trust, cleartext, md5,
 //! SCRAM-SHA-256), collect the session parameters, and forward CancelRequests. The client never
-//! sees the credential.
+//! sees the credential, and over TCP neither does a server that is not the real one
+//! ([`AuthProgress`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,6 +36,9 @@ pub enum UpstreamError {
     Wire(#[from] WireError),
     #[error("SCRAM: {0}")]
     Scram(String),
+    /// The server's authentication could be an impostor's (see [`AuthProgress`]).
+    #[error("the database server's authentication is not trusted: {0}")]
+    Untrusted(&'static str),
     /// No host of the upstream is a server the session may use.
     #[error("no database server of the upstream is {wanted} (target_session_attrs); tried {tried}")]
     NoServer { wanted: &'static str, tried: String },
@@ -158,7 +162,7 @@ pub(crate) async fn login(
     stream.write_all(&out).await.map_err(WireError::Io)?;
 
     let mut buf = BytesMut::with_capacity(8192);
-    let mut scram: Option<ScramSha256> = None;
+    let mut auth = AuthProgress { over_tcp: !endpoint.is_unix(), has_password: password.is_some(), ..AuthProgress::default() };
     let mut up_params = Vec::new();
     let mut pid = 0;
     let mut key = 0;
@@ -168,7 +172,7 @@ pub(crate) async fn login(
             b'R' => {
                 let mut r = Reader::new(f.body());
                 let code = r.i32()?;
-                if let Some(out) = auth_reply(code, &mut r, user, password, &mut scram)? {
+                if let Some(out) = auth_reply(code, &mut r, user, password, &mut auth)? {
                     stream.write_all(&out).await.map_err(WireError::Io)?;
                 }
             }
@@ -189,6 +193,9 @@ pub(crate) async fn login(
             }
             b'N' | b'v' => {}
             b'Z' => {
+                if !auth.ok {
+                    return Err(UpstreamError::Untrusted("the server said it was ready before it let pgward in"));
+                }
                 let status = f.body().first().copied().unwrap_or(b'I');
                 return Ok(Upstream {
                     stream,
@@ -217,21 +224,72 @@ const AUTH_SASL: i32 = 10;
 const AUTH_SASL_CONTINUE: i32 = 11;
 const AUTH_SASL_FINAL: i32 = 12;
 
+/// Where the service login stands, to tell the real server from an impostor listening on its
+/// TCP port (while Postgres is stopped any local user may bind it; the connect guard keeps
+/// others from dialling the real one, not from taking its place). Over TCP the upstream TLS
+/// does not verify the server's certificate, so:
+/// - the password is never sent in cleartext (an impostor asking for it would have it);
+/// - a SCRAM exchange must end with the server's signature, which only a server holding the
+///   role's verifier can compute, before AuthenticationOk is believed;
+/// - with a password configured, a server that lets pgward in without asking for it is not
+///   believed either (the real one asks: the password is configured because it does).
+///
+/// Over the unix socket (a directory only Postgres's user, pgward's and root may enter when
+/// interception checks it) the server's word is taken.
+#[derive(Default)]
+struct AuthProgress {
+    over_tcp: bool,
+    has_password: bool,
+    /// A SCRAM exchange under way (until the server's signature is verified).
+    scram: Option<ScramSha256>,
+    /// The server asked for the password, and for SCRAM proved it knows the verifier.
+    challenged: bool,
+    /// AuthenticationOk was received and believed.
+    ok: bool,
+}
+
+impl AuthProgress {
+    /// Whether AuthenticationOk may be believed now (see [`AuthProgress`]).
+    fn accept_ok(&self) -> Result<(), UpstreamError> {
+        if self.scram.is_some() {
+            return Err(UpstreamError::Untrusted("the server ended the SCRAM exchange without proving it knows the password"));
+        }
+        if self.over_tcp && self.has_password && !self.challenged {
+            return Err(UpstreamError::Untrusted(
+                "the server let pgward in without asking for the password (if the server trusts pgward's connection, \
+                 remove upstream.password_file)",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The answer to the server's authentication request `code` (its body after the code in `r`):
 /// the message to send, or None when there is nothing to send (ok, SCRAM's final check).
-/// `scram` carries the SCRAM exchange across its three requests.
+/// `auth` carries the exchange across requests.
 fn auth_reply(
     code: i32,
     r: &mut Reader<'_>,
     user: &str,
     password: Option<&str>,
-    scram: &mut Option<ScramSha256>,
+    auth: &mut AuthProgress,
 ) -> Result<Option<BytesMut>, UpstreamError> {
     let mut out = BytesMut::new();
     match code {
-        AUTH_OK => return Ok(None),
+        AUTH_OK => {
+            auth.accept_ok()?;
+            auth.ok = true;
+            return Ok(None);
+        }
+        AUTH_CLEARTEXT_PASSWORD if auth.over_tcp => {
+            return Err(UpstreamError::Untrusted(
+                "the server asked for the password in cleartext over TCP, which pgward never sends there \
+                 (use scram-sha-256 in pg_hba.conf, or the unix socket)",
+            ));
+        }
         AUTH_CLEARTEXT_PASSWORD => {
             let pw = password.ok_or(UpstreamError::NoPassword)?;
+            auth.challenged = true;
             let mut body = BytesMut::new();
             body.put_slice(pw.as_bytes());
             body.put_u8(0);
@@ -242,6 +300,7 @@ fn auth_reply(
             let salt = r.bytes(4)?;
             let salt = [salt[0], salt[1], salt[2], salt[3]];
             let hash = postgres_protocol::authentication::md5_hash(user.as_bytes(), pw.as_bytes(), salt);
+            auth.challenged = true;
             let mut body = BytesMut::new();
             body.put_slice(hash.as_bytes());
             body.put_u8(0);
@@ -268,16 +327,17 @@ fn auth_reply(
             body.put_i32(first.len() as i32);
             body.put_slice(first);
             wire::message(&mut out, b'p', &body);
-            *scram = Some(s);
+            auth.scram = Some(s);
         }
         AUTH_SASL_CONTINUE => {
-            let s = scram.as_mut().ok_or_else(|| UpstreamError::Scram("unexpected SASLContinue".into()))?;
+            let s = auth.scram.as_mut().ok_or_else(|| UpstreamError::Scram("unexpected SASLContinue".into()))?;
             s.update(r.rest()).map_err(|e| UpstreamError::Scram(e.to_string()))?;
             wire::message(&mut out, b'p', s.message());
         }
         AUTH_SASL_FINAL => {
-            let s = scram.as_mut().ok_or_else(|| UpstreamError::Scram("unexpected SASLFinal".into()))?;
+            let mut s = auth.scram.take().ok_or_else(|| UpstreamError::Scram("unexpected SASLFinal".into()))?;
             s.finish(r.rest()).map_err(|e| UpstreamError::Scram(e.to_string()))?;
+            auth.challenged = true;
             return Ok(None);
         }
         other => return Err(UpstreamError::UnsupportedAuth(other)),
