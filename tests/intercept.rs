@@ -15,7 +15,7 @@ mod support;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use common::{Pgward, cluster, toml_set};
-use support::{Client, Netns, TestCgroup, any_port, counter, host_ipv4, intercepting, wait_log};
+use support::{Client, Job, Netns, TestCgroup, any_port, counter, host_ipv4, intercepting, wait_log};
 
 /// Authentication request codes: what pgward asks for, and what the real Postgres asks of its
 /// SCRAM service role.
@@ -177,6 +177,15 @@ fn direct_connect_to_the_real_upstream_is_eperm() {
     for dst in [v4(pg_port), v6(pg_port), addr(host_ipv4(), pg_port)] {
         let o = client.connect(dst);
         assert_eq!(o.errno, Some(libc::EPERM), "{dst}: {o:?}");
+        // TCP Fast Open connects inside sendto(MSG_FASTOPEN): the same hook refuses it.
+        let o = client.run(&Job::FastOpen { addr: dst });
+        assert_eq!(o.errno, Some(libc::EPERM), "{dst}: Fast Open: {o:?}");
+    }
+    // Through the protected port, Fast Open lands in pgward too: it asks for a password in
+    // cleartext (the token), where Postgres would have asked for SCRAM.
+    for dst in [v4(protected), v6(protected)] {
+        let o = client.run(&Job::FastOpen { addr: dst });
+        assert_eq!((o.errno, o.auth.as_slice(), o.peer), (None, [CLEARTEXT].as_slice(), Some(dst)), "{dst}: Fast Open: {o:?}");
     }
     // The same client through the protected port gets pgward, and pgward (exempt from the
     // guard) gets the real Postgres.
@@ -184,8 +193,8 @@ fn direct_connect_to_the_real_upstream_is_eperm() {
     let token = pw.token("alice", &[], "15m");
     let o = client.login(v4(protected), "alice", &token, &db, Some("show application_name"));
     assert_eq!(o.rows, [[Some("pgward:alice".to_string())]], "{o:?}");
-    assert!(counter(&pw, "pgw_connect4", "refused") >= 2);
-    assert_eq!(counter(&pw, "pgw_connect6", "refused"), 1);
+    assert!(counter(&pw, "pgw_connect4", "refused") >= 4);
+    assert_eq!(counter(&pw, "pgw_connect6", "refused"), 2);
     // Kernel log lines reach pgward's log (aya-log → tracing, target gateway_ebpf).
     wait_log(&pw, &format!("connect4: 127.0.0.1:{pg_port} refused (EPERM)"));
     // A process outside the attached cgroup is not affected.

@@ -193,6 +193,10 @@ pub enum Job {
         #[serde(default)]
         wait_ms: u64,
     },
+    /// TCP Fast Open: `sendto(MSG_FASTOPEN)` on an unconnected socket carries a StartupMessage
+    /// in the SYN (connect and send in one call); reports errno, getpeername and the first
+    /// authentication request code the server answers with (`auth`).
+    FastOpen { addr: SocketAddr },
     /// An attacker asking the kernel for `port` as an ephemeral port: drops to `uid` first,
     /// then for each of IPv4 and IPv6 a socket narrowed to that one port (`IP_LOCAL_PORT_RANGE`)
     /// that `bind`s to the wildcard with port 0 and listens (`listen_unbound`: listens without
@@ -373,6 +377,7 @@ pub fn helper_main() {
         },
         Job::Login { addr, user, password, db, query } => login_job(&mut o, addr, &user, &password, &db, query.as_deref()),
         Job::Squat { addrs, reuseport, mptcp, uid, wait_ms } => squat_job(&mut o, &addrs, reuseport, mptcp, uid, wait_ms),
+        Job::FastOpen { addr } => fast_open_job(&mut o, addr),
         Job::EphemeralSquat { port, listen_unbound, uid, wait_ms } => ephemeral_squat_job(&mut o, port, listen_unbound, uid, wait_ms),
     }
     println!("ICPT-RESULT {}", serde_json::to_string(&o).unwrap());
@@ -430,6 +435,38 @@ fn accept_for(o: &mut Outcome, held: &[std::os::fd::OwnedFd], wait_ms: u64) {
             }
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn fast_open_job(o: &mut Outcome, addr: SocketAddr) {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: socket(2); the fd is owned at once.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        o.errno = std::io::Error::last_os_error().raw_os_error();
+        return;
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let startup = crate::common::raw::fe::startup(&[("user", "tfo"), ("database", "tfo")]);
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: sendto(2) of a buffer of the given length to a sockaddr of the given length.
+    let n = unsafe {
+        libc::sendto(fd.as_raw_fd(), startup.as_ptr().cast(), startup.len(), libc::MSG_FASTOPEN, (&storage as *const libc::sockaddr_storage).cast(), len)
+    };
+    if n < 0 {
+        o.errno = std::io::Error::last_os_error().raw_os_error();
+        return;
+    }
+    let mut s = unsafe { std::net::TcpStream::from_raw_fd(fd.into_raw_fd()) };
+    o.peer = s.peer_addr().ok();
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut head = [0u8; 9];
+    match s.read_exact(&mut head) {
+        Ok(()) if head[0] == b'R' => o.auth.push(i32::from_be_bytes(head[5..9].try_into().unwrap())),
+        Ok(()) => o.failure = Some(format!("first message {:?}", head[0] as char)),
+        Err(e) => o.failure = Some(e.to_string()),
     }
 }
 
