@@ -511,3 +511,71 @@ fn invalid_utf8_from_utf8_client_is_postgres_error_22021_and_session_continues()
     assert_eq!(rows, vec![vec![Some(b"42".to_vec())]], "{}", raw::describe_all(&msgs));
     conn.terminate().unwrap();
 }
+
+/// The answer to `sql` after a COPY episode: its rows, and the result record the audit log
+/// matched to its statement (the tag says whether answers and statements are still paired).
+fn query_after_copy(pw: &Pgward, conn: &mut RawConn, what: &str) {
+    let m = marker(what);
+    let msgs = conn.simple_query(&format!("SELECT '{m}' FROM generate_series(1, 3)")).unwrap();
+    assert_eq!(raw::rows(&msgs).len(), 3, "{what}: {}", raw::describe_all(&msgs));
+    pw.wait_audit(&format!("{what}: the result of the statement after the COPY"), |recs| {
+        rec::statements_with(recs, &m)
+            .first()
+            .and_then(|s| rec::result_for(recs, s))
+            .is_some_and(|r| rec::s(r, "tag") == Some("SELECT 3"))
+    });
+}
+
+/// COPY FROM STDIN and the Syncs a client sends before its data (tokio-postgres sends one
+/// right after the COPY's Execute): Postgres ignores such a Sync while it copies and answers
+/// it when the COPY failed before it started. Either way the session's answers stay matched
+/// to its statements; a statement sent in the middle of a COPY ends the session before
+/// Postgres reads it.
+#[test]
+fn syncs_and_statements_sent_during_copy_from_stdin() {
+    let c = cluster();
+    let db = c.create_database("proto_copy_sync");
+    c.fixture_table(&db, "t", "v text", "");
+    c.svc_sql(&db, "CREATE VIEW v AS SELECT v FROM t");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let login = pw.login("alice", &token, &db);
+    let mut conn = RawConn::connect(&login, &[]).unwrap();
+    let copy_start = |sql: &str| {
+        let mut b = fe::parse("", sql);
+        b.extend(fe::bind_text("", "", &[]));
+        b.extend(fe::execute("", 0));
+        b.extend(fe::sync());
+        b
+    };
+
+    // The COPY fails before it starts: the Sync is answered, as Postgres answers it.
+    conn.send(&copy_start("COPY missing FROM STDIN")).unwrap();
+    let msgs = conn.recv_until_ready().unwrap();
+    assert_eq!(raw::first_error(&msgs).and_then(Msg::sqlstate).as_deref(), Some("42P01"), "{}", raw::describe_all(&msgs));
+    query_after_copy(&pw, &mut conn, "copy-missing");
+
+    // The COPY fails right after it started (a view): the Sync sent before it is not
+    // answered, the one after the client's CopyDone is.
+    conn.send(&copy_start("COPY v FROM STDIN")).unwrap();
+    let mut msgs = vec![conn.recv().unwrap(), conn.recv().unwrap(), conn.recv().unwrap()];
+    assert_eq!(msgs.iter().map(|m| m.tag).collect::<Vec<_>>(), b"12G", "{}", raw::describe_all(&msgs));
+    let mut done = fe::raw_msg(b'd', b"x\n");
+    done.extend(fe::raw_msg(b'c', b""));
+    done.extend(fe::sync());
+    conn.send(&done).unwrap();
+    msgs.extend(conn.recv_until_ready().unwrap());
+    assert_eq!(raw::first_error(&msgs).and_then(Msg::sqlstate).as_deref(), Some("42809"), "{}", raw::describe_all(&msgs));
+    query_after_copy(&pw, &mut conn, "copy-view");
+
+    // A statement in the middle of a COPY: FATAL 08P01, and Postgres never runs it.
+    conn.send(&fe::query("COPY t FROM STDIN")).unwrap();
+    assert_eq!(conn.recv().unwrap().tag, b'G');
+    let mut mid = fe::raw_msg(b'd', b"kept\n");
+    mid.extend(fe::query("INSERT INTO t VALUES ('sneaked')"));
+    conn.send(&mid).unwrap();
+    let msgs = conn.read_until_eof(Duration::from_secs(30)).unwrap();
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("no error: {}", raw::describe_all(&msgs)));
+    assert_eq!((err.fields()[&'S'].as_str(), err.sqlstate().as_deref()), ("FATAL", Some("08P01")), "{}", raw::describe_all(&msgs));
+    assert_eq!(c.sql(&db, "SELECT count(*) FROM t").trim(), "0", "neither the COPY nor the INSERT ran");
+}

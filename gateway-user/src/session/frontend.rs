@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use super::copy_in::{Route, copies_from_client};
 use super::durability::{self, Effect, Rule};
 use super::held::Batch;
 use super::tracked::{Pending, Portal, Prepared, Statement};
@@ -27,6 +28,11 @@ const ANALYZE_AHEAD_BYTES: usize = 8 * 1024;
 /// or more: its text is worth analyzing off the loop ([`Relay::analyze_ahead`]).
 pub(super) fn is_long_text(tag: u8, raw: &[u8]) -> bool {
     raw.len() >= 5 + ANALYZE_AHEAD_BYTES && matches!(tag, b'Q' | b'P')
+}
+
+/// How many statements of an allowed verdict are COPY … FROM STDIN.
+fn copies_in(v: &Verdict) -> usize {
+    v.statements.iter().filter(|s| copies_from_client(&s.info)).count()
 }
 
 /// A malformed client message ends the session.
@@ -135,6 +141,21 @@ impl Relay {
     }
 
     fn on_client_frame(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
+        match self.copy_in.client(f.tag) {
+            Route::Forward => {}
+            Route::Hold => {
+                self.check_token()?;
+                batch.frames.push((super::copy_in::flush_frame(), None));
+                return Ok(());
+            }
+            Route::Drop => return self.check_token(),
+            Route::Refuse => {
+                return Err(End::Fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!("pgward: unexpected message type {:?} during COPY from stdin", f.tag as char),
+                ));
+            }
+        }
         self.tracker.client_message(f.tag);
         match f.tag {
             b'Q' => self.on_query(f, batch),
@@ -197,6 +218,10 @@ impl Relay {
             self.check_retained()?;
         }
         let rule = if allowed { self.durability_rule(self.effect_of(&verdict), false) } else { Rule::HoldReply };
+        if allowed {
+            p.copy_in = copies_in(&verdict) > 0;
+            self.copy_in.started(copies_in(&verdict));
+        }
         let frame = if allowed { f } else { self.marker_query() };
         batch.push_statement(frame, rec, p, rule);
         Ok(())
@@ -229,6 +254,7 @@ impl Relay {
                 effect: self.effect_of(&verdict),
                 types: Arc::new(ParamTypes::declared(param_types)),
                 stamp: (!runs_by_name).then_some(stamp),
+                copies_in: copies_in(&verdict) > 0,
             };
             let mut p = Pending::new(Awaited::Parse);
             if name.is_empty() {
@@ -304,6 +330,7 @@ impl Relay {
                     effect: if verdict.is_allowed() { self.effect_of(&verdict) } else { Effect::Other },
                     types: Arc::default(),
                     stamp: None,
+                    copies_in: false,
                 }
             }
             _ => Prepared::unknown(),
@@ -363,6 +390,10 @@ impl Relay {
         {
             batch.push_statement(self.marker_execute(), rec, p, Rule::HoldReply);
             return Ok(());
+        }
+        if known.is_some_and(|k| k.stmt.copies_in) {
+            p.copy_in = true;
+            self.copy_in.started(1);
         }
         let rule = self.durability_rule(effect, true);
         batch.push_statement(f, rec, p, rule);

@@ -142,6 +142,11 @@ impl<S: Retained, P: Retained, A: Await> Tracker<S, P, A> {
         self.pending.extend(answers);
     }
 
+    /// The answers still owed, oldest first.
+    pub fn pending(&self) -> impl Iterator<Item = &A> {
+        self.pending.iter()
+    }
+
     /// The oldest answer still owed.
     pub fn front(&self) -> Option<&A> {
         self.pending.front()
