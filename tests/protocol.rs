@@ -579,3 +579,73 @@ fn syncs_and_statements_sent_during_copy_from_stdin() {
     assert_eq!((err.fields()[&'S'].as_str(), err.sqlstate().as_deref()), ("FATAL", Some("08P01")), "{}", raw::describe_all(&msgs));
     assert_eq!(c.sql(&db, "SELECT count(*) FROM t").trim(), "0", "neither the COPY nor the INSERT ran");
 }
+
+/// Parse `sql` as statement `name`, bind and execute it, Sync: every answer.
+fn parse_and_run(conn: &mut RawConn, name: &str, sql: &str) -> Vec<Msg> {
+    let mut b = fe::parse(name, sql);
+    b.extend(fe::bind_text("", name, &[]));
+    b.extend(fe::execute("", 0));
+    b.extend(fe::sync());
+    conn.send(&b).unwrap();
+    conn.recv_until_ready().unwrap()
+}
+
+/// A Parse of a name the session already has a statement under: Postgres refuses it (42P05)
+/// and keeps the old statement. A Bind sent after the next Sync, before that answer is back,
+/// binds the old statement — so the audit record of its Execute must carry the old text, not
+/// the refused one. pgward refuses such a Parse itself; a statement deallocated (and only one
+/// Postgres really deallocated) may be parsed again.
+#[test]
+fn a_parse_of_a_name_in_use_cannot_pass_for_the_statement_that_runs() {
+    let c = cluster();
+    let db = c.create_database("proto_dup_parse");
+    c.fixture_table(&db, "t", "v text", "('a'), ('b'), ('c')");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let login = pw.login("alice", &token, &db);
+    let mut conn = RawConn::connect(&login, &[]).unwrap();
+    let innocent = marker("innocent");
+    let swap = |name: &str| {
+        let mut b = fe::parse(name, &format!("SELECT '{innocent}'"));
+        b.extend(fe::sync());
+        b.extend(fe::bind_text("", name, &[]));
+        b.extend(fe::execute("", 0));
+        b.extend(fe::sync());
+        b
+    };
+
+    // A protocol-level statement, and one SQL PREPARE made (they share Postgres's namespace).
+    let mut b = fe::parse("s1", "DELETE FROM t WHERE v = 'a'");
+    b.extend(fe::sync());
+    conn.send(&b).unwrap();
+    conn.recv_until_ready().unwrap();
+    assert!(raw::first_error(&conn.simple_query("PREPARE s2 AS DELETE FROM t WHERE v = 'b'").unwrap()).is_none());
+    for name in ["s1", "s2"] {
+        conn.send(&swap(name)).unwrap();
+        let refused = conn.recv_until_ready().unwrap();
+        let err = raw::first_error(&refused).unwrap_or_else(|| panic!("{name}: {}", raw::describe_all(&refused)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42P05"), "{name}: {}", raw::describe_all(&refused));
+        let ran = conn.recv_until_ready().unwrap();
+        assert_eq!(raw::tags(&ran), ["DELETE 1"], "{name}: {}", raw::describe_all(&ran));
+    }
+    assert_eq!(c.sql(&db, "SELECT string_agg(v, ',') FROM t").trim(), "c");
+    let recs = pw.wait_audit("results of both DELETEs", |recs| {
+        rec::of_kind(recs, "result").iter().filter(|r| rec::s(r, "tag") == Some("DELETE 1")).count() == 2
+    });
+    for r in rec::of_kind(&recs, "result").into_iter().filter(|r| rec::s(r, "tag") == Some("DELETE 1")) {
+        let stmt = recs.iter().find(|s| rec::kind(s) == "statement" && rec::seq(s) == r["statement_seq"].as_u64().unwrap()).unwrap();
+        // (A statement SQL PREPARE made is recorded as that PREPARE.)
+        assert!(rec::s(stmt, "sql").is_some_and(|s| s.contains("DELETE FROM t WHERE")), "the DELETE is recorded as {stmt}");
+    }
+
+    // Postgres really deallocated s1: the name is free again. A DEALLOCATE that failed (in an
+    // aborted transaction) leaves s2 in place, and a Parse of it is still refused.
+    assert!(raw::first_error(&conn.simple_query("DEALLOCATE s1").unwrap()).is_none());
+    let msgs = parse_and_run(&mut conn, "s1", "SELECT 1");
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    let msgs = conn.simple_query("BEGIN; SELECT 1/0; DEALLOCATE s2").unwrap();
+    assert_eq!(raw::first_error(&msgs).and_then(Msg::sqlstate).as_deref(), Some("22012"));
+    conn.simple_query("ROLLBACK").unwrap();
+    let msgs = parse_and_run(&mut conn, "s2", "SELECT 2");
+    assert_eq!(raw::first_error(&msgs).and_then(Msg::sqlstate).as_deref(), Some("42P05"), "{}", raw::describe_all(&msgs));
+}

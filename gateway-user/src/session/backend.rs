@@ -114,12 +114,23 @@ impl Relay {
             Awaited::Query => {
                 // One result per statement of the text: the next one starts now.
                 self.result_record(p, tag.as_deref(), rows, None);
+                if tag.as_deref().is_some_and(|t| t.starts_with("DEALLOCATE")) {
+                    self.deallocated();
+                }
                 if let Some(p) = self.tracker.front_mut() {
                     p.started = Instant::now();
                 }
             }
             _ => {}
         }
+    }
+
+    /// A DEALLOCATE of the Query at the front completed: the first one it was waiting for.
+    fn deallocated(&mut self) {
+        let Some(which) = self.tracker.front_mut().and_then(|p| p.deallocates.as_mut()).and_then(|d| d.pop_front()) else {
+            return;
+        };
+        self.forget_prepared(which.as_deref());
     }
 
     /// ParameterDescription (first answer to a Describe of a statement): the statement's

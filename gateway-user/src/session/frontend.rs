@@ -214,7 +214,10 @@ impl Relay {
         rec.sql = Some(sql.to_string());
         let allowed = Self::apply_verdict(&mut rec, &mut p, &verdict);
         if allowed {
-            self.note_prepared(&verdict);
+            let deallocates = self.note_prepared(&verdict);
+            if !deallocates.is_empty() {
+                p.deallocates = Some(Box::new(deallocates.into()));
+            }
             self.check_retained()?;
         }
         let rule = if allowed { self.durability_rule(self.effect_of(&verdict), false) } else { Rule::HoldReply };
@@ -239,13 +242,19 @@ impl Relay {
             }
             r => r.map_err(bad)?,
         };
+        if !name.is_empty() && self.prepared_exists(&name) {
+            self.refuse_existing_name(&name, &sql, batch);
+            return Ok(());
+        }
         let (mask, strict) = self.mask.as_mut().map(|m| m.parse(&sql)).unzip();
         // Taken before deciding: a window or catalog that changes meanwhile makes the first
         // Execute decide again, never the other way round.
         let stamp = self.shared.policy.decision_stamp(&self.database, chrono::Utc::now());
         let verdict = self.strict_masking(self.decide(&sql), strict.flatten());
         if verdict.is_allowed() {
-            self.note_prepared(&verdict);
+            // A DEALLOCATE run through Parse/Execute is not followed: its name stays known
+            // (a later Parse of it is refused, never taken for another text).
+            let _ = self.note_prepared(&verdict);
             let runs_by_name = verdict.statements.iter().any(|s| s.info.execute.is_some());
             let prepared = Prepared {
                 sql: Arc::from(sql.as_ref()),
@@ -506,9 +515,11 @@ impl Relay {
         }
     }
 
-    /// Remember the PREPAREs and DEALLOCATEs of an allowed (forwarded) query.
-    fn note_prepared(&mut self, v: &Verdict) {
-        let size = |name: &str, text: &Option<Arc<str>>| name.len() + text.as_ref().map_or(0, |t| t.len());
+    /// Remember the PREPAREs of an allowed (forwarded) statement; its DEALLOCATEs in order
+    /// (None: `DEALLOCATE ALL`), applied once Postgres ran them ([`Relay::forget_prepared`]):
+    /// one that fails (in an aborted transaction, say) leaves the statement in place.
+    fn note_prepared(&mut self, v: &Verdict) -> Vec<Option<String>> {
+        let mut deallocates = Vec::new();
         for s in &v.statements {
             match prepared_note(&s.info) {
                 Some(PreparedNote::Prepare(name, text)) => {
@@ -521,18 +532,54 @@ impl Relay {
                         self.sql_prepared_bytes -= e.take().map_or(0, |t| t.len());
                     }
                 }
-                Some(PreparedNote::Deallocate(name)) => {
-                    if let Some(t) = self.sql_prepared.remove(&name) {
-                        self.sql_prepared_bytes -= size(&name, &t);
-                    }
-                }
-                Some(PreparedNote::DeallocateAll) => {
-                    self.sql_prepared.clear();
-                    self.sql_prepared_bytes = 0;
-                }
+                Some(PreparedNote::Deallocate(name)) => deallocates.push(Some(name)),
+                Some(PreparedNote::DeallocateAll) => deallocates.push(None),
                 None => {}
             }
         }
+        deallocates
+    }
+
+    /// Postgres ran a `DEALLOCATE` (`name`, or ALL for None): the statement is gone, whether
+    /// SQL `PREPARE` or a protocol-level Parse made it (they share Postgres's namespace).
+    pub(super) fn forget_prepared(&mut self, name: Option<&str>) {
+        match name {
+            Some(name) => {
+                if let Some(t) = self.sql_prepared.remove(name) {
+                    self.sql_prepared_bytes -= name.len() + t.as_ref().map_or(0, |t| t.len());
+                }
+                if !name.is_empty() {
+                    self.tracker.remove_statement(name);
+                }
+            }
+            None => {
+                self.sql_prepared.clear();
+                self.sql_prepared_bytes = 0;
+                self.tracker.remove_named_statements();
+            }
+        }
+    }
+
+    /// Whether Postgres has a prepared statement named `name` as far as the session knows:
+    /// an allowed Parse of it, or an SQL `PREPARE`, not deallocated since.
+    fn prepared_exists(&self, name: &str) -> bool {
+        self.tracker.statement(name).is_some_and(|s| s.allowed.is_some()) || self.sql_prepared.contains_key(name)
+    }
+
+    /// A Parse of a name the session already has a statement under: Postgres refuses it (42P05)
+    /// and keeps the old statement, but a Bind sent after the next Sync — before that answer is
+    /// back — would be taken for one of the new text (its record, its masking plan, its
+    /// decision). So pgward refuses it itself, as Postgres would, and nothing changes.
+    fn refuse_existing_name(&mut self, name: &str, sql: &str, batch: &mut Batch) {
+        let mut rec = self.record(Kind::Statement);
+        rec.protocol = Some("extended".into());
+        rec.sql = Some(sql.to_string());
+        rec.decision = Some("deny".into());
+        rec.rule = Some("builtin:duplicate-statement".into());
+        let mut p = Pending::new(Awaited::Parse);
+        p.refusal = Some((sqlstate::DUPLICATE_PREPARED_STATEMENT, format!("prepared statement \"{name}\" already exists")));
+        let marker = self.marker_parse(name);
+        batch.push_statement(marker, rec, p, Rule::HoldReply);
     }
 
     /// The policy's verdict on a Query's or Parse's text, for this session's effective

@@ -111,6 +111,14 @@ impl<S: Retained, P: Retained, A: Await> Tracker<S, P, A> {
         Some(old)
     }
 
+    /// `DEALLOCATE ALL`: every named statement is gone (the unnamed one stays).
+    pub fn remove_named_statements(&mut self) {
+        let named: Vec<String> = self.statements.keys().filter(|n| !n.is_empty()).cloned().collect();
+        for n in named {
+            self.remove_statement(&n);
+        }
+    }
+
     pub fn portal(&self, name: &str) -> Option<&P> {
         self.portals.get(name)
     }
