@@ -127,7 +127,7 @@ impl Relay {
 
     /// A DEALLOCATE of the Query at the front completed: the first one it was waiting for.
     fn deallocated(&mut self) {
-        let Some(which) = self.tracker.front_mut().and_then(|p| p.deallocates.as_mut()).and_then(|d| d.pop_front()) else {
+        let Some(which) = self.tracker.front_mut().filter(|p| !p.deallocates.is_empty()).map(|p| p.deallocates.remove(0)) else {
             return;
         };
         self.forget_prepared(which.as_deref());

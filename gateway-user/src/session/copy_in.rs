@@ -149,7 +149,7 @@ mod tests {
         assert_eq!(c.client(b'S'), Route::Hold);
         assert_eq!(c.client(b'H'), Route::Forward);
         assert_eq!(c.client(b'd'), Route::Forward);
-        for tag in [b'Q', b'P', b'B', b'E', b'D', b'C', b'F', b'c', b'f'] {
+        for tag in *b"QPBEDCFcf" {
             assert_eq!(c.client(tag), Route::Refuse, "{}", tag as char);
         }
         assert_eq!(c.client(b'S'), Route::Hold);

@@ -214,10 +214,7 @@ impl Relay {
         rec.sql = Some(sql.to_string());
         let allowed = Self::apply_verdict(&mut rec, &mut p, &verdict);
         if allowed {
-            let deallocates = self.note_prepared(&verdict);
-            if !deallocates.is_empty() {
-                p.deallocates = Some(Box::new(deallocates.into()));
-            }
+            p.deallocates = self.note_prepared(&verdict);
             self.check_retained()?;
         }
         let rule = if allowed { self.durability_rule(self.effect_of(&verdict), false) } else { Rule::HoldReply };

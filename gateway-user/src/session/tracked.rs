@@ -89,13 +89,13 @@ pub(super) struct Pending {
     /// A forwarded Query or Execute that starts COPY FROM STDIN ([`super::copy_in`]).
     pub(super) copy_in: bool,
     /// A forwarded Query's DEALLOCATEs not yet run, in order (None: ALL); applied as Postgres
-    /// completes each. (Boxed: rare.)
-    pub(super) deallocates: Option<Box<std::collections::VecDeque<Option<String>>>>,
+    /// completes each.
+    pub(super) deallocates: Vec<Option<String>>,
 }
 
 impl Pending {
     pub(super) fn new(kind: Awaited) -> Pending {
-        Pending { kind, seq: 0, started: Instant::now(), refusal: None, rec_idx: usize::MAX, mask: Tag::None, replaced: None, described: None, copy_in: false, deallocates: None }
+        Pending { kind, seq: 0, started: Instant::now(), refusal: None, rec_idx: usize::MAX, mask: Tag::None, replaced: None, described: None, copy_in: false, deallocates: Vec::new() }
     }
 
     pub(super) fn with_mask(kind: Awaited, mask: Tag) -> Pending {
