@@ -975,3 +975,48 @@ fn functions_and_types_cannot_shadow_trusted_built_ins() {
     let pg = cluster();
     assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_type WHERE typname IN ('text', 't2') AND typnamespace = 'public'::regnamespace").trim(), "0");
 }
+
+/// Postgres ignores a Sync that arrives while it copies FROM STDIN (libraries send one right
+/// after the COPY's Execute, tokio-postgres does), so such a Sync gets no ReadyForQuery. The
+/// results of the statements after the COPY must still be matched to those statements and
+/// masked: a row reaching the client unplanned would carry raw values.
+#[test]
+fn syncs_inside_copy_from_stdin_do_not_unmask_later_results() {
+    let e = env_strict("mask_copy_sync");
+    let mut c = e.support().raw().expect("login");
+    // Simple protocol: a Sync inside the COPY, then the data.
+    c.send(&raw::fe::query("COPY loot FROM STDIN")).unwrap();
+    let g = c.recv().unwrap();
+    assert_eq!(g.tag, b'G', "{}", g.describe());
+    let mut copy = raw::fe::sync();
+    copy.extend(raw::fe::raw_msg(b'd', b"one\n"));
+    copy.extend(raw::fe::raw_msg(b'c', b""));
+    c.send(&copy).unwrap();
+    let msgs = c.recv_until_ready().unwrap();
+    assert_eq!(raw::tags(&msgs), ["COPY 1"], "{}", raw::describe_all(&msgs));
+    // Extended protocol the way tokio-postgres does it: Bind, Execute, Sync before the data.
+    let mut start = raw::fe::parse("", "COPY loot FROM STDIN");
+    start.extend(raw::fe::bind_text("", "", &[]));
+    start.extend(raw::fe::execute("", 0));
+    start.extend(raw::fe::sync());
+    c.send(&start).unwrap();
+    let (one, two) = (c.recv().unwrap(), c.recv().unwrap());
+    let g = c.recv().unwrap();
+    assert_eq!([one.tag, two.tag, g.tag], [b'1', b'2', b'G'], "{}", g.describe());
+    let mut copy = raw::fe::raw_msg(b'd', b"two\n");
+    copy.extend(raw::fe::raw_msg(b'c', b""));
+    copy.extend(raw::fe::sync());
+    c.send(&copy).unwrap();
+    let msgs = c.recv_until_ready().unwrap();
+    assert_eq!(raw::tags(&msgs), ["COPY 1"], "{}", raw::describe_all(&msgs));
+
+    let before = c.received.len();
+    let msgs = c.simple_query("SELECT notes, card FROM customers ORDER BY id").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    assert_eq!(text_rows(&msgs).len(), 3, "{}", raw::describe_all(&msgs));
+    assert_no_leak(&c.received[before..], "after COPY with a Sync inside");
+    let msgs = c.extended_query("SELECT notes FROM customers WHERE id = $1", &[Some("1")]).unwrap();
+    assert_eq!(text_rows(&msgs), [[None]], "{}", raw::describe_all(&msgs));
+    assert_no_leak(&c.received, "after COPY with a Sync inside");
+    assert_eq!(cluster().sql(&e.db, "SELECT string_agg(v, ',' ORDER BY v) FROM loot").trim(), "one,two");
+}

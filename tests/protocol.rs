@@ -511,3 +511,141 @@ fn invalid_utf8_from_utf8_client_is_postgres_error_22021_and_session_continues()
     assert_eq!(rows, vec![vec![Some(b"42".to_vec())]], "{}", raw::describe_all(&msgs));
     conn.terminate().unwrap();
 }
+
+/// The answer to `sql` after a COPY episode: its rows, and the result record the audit log
+/// matched to its statement (the tag says whether answers and statements are still paired).
+fn query_after_copy(pw: &Pgward, conn: &mut RawConn, what: &str) {
+    let m = marker(what);
+    let msgs = conn.simple_query(&format!("SELECT '{m}' FROM generate_series(1, 3)")).unwrap();
+    assert_eq!(raw::rows(&msgs).len(), 3, "{what}: {}", raw::describe_all(&msgs));
+    pw.wait_audit(&format!("{what}: the result of the statement after the COPY"), |recs| {
+        rec::statements_with(recs, &m)
+            .first()
+            .and_then(|s| rec::result_for(recs, s))
+            .is_some_and(|r| rec::s(r, "tag") == Some("SELECT 3"))
+    });
+}
+
+/// COPY FROM STDIN and the Syncs a client sends before its data (tokio-postgres sends one
+/// right after the COPY's Execute): Postgres ignores such a Sync while it copies and answers
+/// it when the COPY failed before it started. Either way the session's answers stay matched
+/// to its statements; a statement sent in the middle of a COPY ends the session before
+/// Postgres reads it.
+#[test]
+fn syncs_and_statements_sent_during_copy_from_stdin() {
+    let c = cluster();
+    let db = c.create_database("proto_copy_sync");
+    c.fixture_table(&db, "t", "v text", "");
+    c.svc_sql(&db, "CREATE VIEW v AS SELECT v FROM t");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let login = pw.login("alice", &token, &db);
+    let mut conn = RawConn::connect(&login, &[]).unwrap();
+    let copy_start = |sql: &str| {
+        let mut b = fe::parse("", sql);
+        b.extend(fe::bind_text("", "", &[]));
+        b.extend(fe::execute("", 0));
+        b.extend(fe::sync());
+        b
+    };
+
+    // The COPY fails before it starts: the Sync is answered, as Postgres answers it.
+    conn.send(&copy_start("COPY missing FROM STDIN")).unwrap();
+    let msgs = conn.recv_until_ready().unwrap();
+    assert_eq!(raw::first_error(&msgs).and_then(Msg::sqlstate).as_deref(), Some("42P01"), "{}", raw::describe_all(&msgs));
+    query_after_copy(&pw, &mut conn, "copy-missing");
+
+    // The COPY fails right after it started (a view): the Sync sent before it is not
+    // answered, the one after the client's CopyDone is.
+    conn.send(&copy_start("COPY v FROM STDIN")).unwrap();
+    let mut msgs = vec![conn.recv().unwrap(), conn.recv().unwrap(), conn.recv().unwrap()];
+    assert_eq!(msgs.iter().map(|m| m.tag).collect::<Vec<_>>(), b"12G", "{}", raw::describe_all(&msgs));
+    let mut done = fe::raw_msg(b'd', b"x\n");
+    done.extend(fe::raw_msg(b'c', b""));
+    done.extend(fe::sync());
+    conn.send(&done).unwrap();
+    msgs.extend(conn.recv_until_ready().unwrap());
+    assert_eq!(raw::first_error(&msgs).and_then(Msg::sqlstate).as_deref(), Some("42809"), "{}", raw::describe_all(&msgs));
+    query_after_copy(&pw, &mut conn, "copy-view");
+
+    // A statement in the middle of a COPY: FATAL 08P01, and Postgres never runs it.
+    conn.send(&fe::query("COPY t FROM STDIN")).unwrap();
+    assert_eq!(conn.recv().unwrap().tag, b'G');
+    let mut mid = fe::raw_msg(b'd', b"kept\n");
+    mid.extend(fe::query("INSERT INTO t VALUES ('sneaked')"));
+    conn.send(&mid).unwrap();
+    let msgs = conn.read_until_eof(Duration::from_secs(30)).unwrap();
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("no error: {}", raw::describe_all(&msgs)));
+    assert_eq!((err.fields()[&'S'].as_str(), err.sqlstate().as_deref()), ("FATAL", Some("08P01")), "{}", raw::describe_all(&msgs));
+    assert_eq!(c.sql(&db, "SELECT count(*) FROM t").trim(), "0", "neither the COPY nor the INSERT ran");
+}
+
+/// Parse `sql` as statement `name`, bind and execute it, Sync: every answer.
+fn parse_and_run(conn: &mut RawConn, name: &str, sql: &str) -> Vec<Msg> {
+    let mut b = fe::parse(name, sql);
+    b.extend(fe::bind_text("", name, &[]));
+    b.extend(fe::execute("", 0));
+    b.extend(fe::sync());
+    conn.send(&b).unwrap();
+    conn.recv_until_ready().unwrap()
+}
+
+/// A Parse of a name the session already has a statement under: Postgres refuses it (42P05)
+/// and keeps the old statement. A Bind sent after the next Sync, before that answer is back,
+/// binds the old statement — so the audit record of its Execute must carry the old text, not
+/// the refused one. pgward refuses such a Parse itself; a statement deallocated (and only one
+/// Postgres really deallocated) may be parsed again.
+#[test]
+fn a_parse_of_a_name_in_use_cannot_pass_for_the_statement_that_runs() {
+    let c = cluster();
+    let db = c.create_database("proto_dup_parse");
+    c.fixture_table(&db, "t", "v text", "('a'), ('b'), ('c')");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let login = pw.login("alice", &token, &db);
+    let mut conn = RawConn::connect(&login, &[]).unwrap();
+    let innocent = marker("innocent");
+    let swap = |name: &str| {
+        let mut b = fe::parse(name, &format!("SELECT '{innocent}'"));
+        b.extend(fe::sync());
+        b.extend(fe::bind_text("", name, &[]));
+        b.extend(fe::execute("", 0));
+        b.extend(fe::sync());
+        b
+    };
+
+    // A protocol-level statement, and one SQL PREPARE made (they share Postgres's namespace).
+    let mut b = fe::parse("s1", "DELETE FROM t WHERE v = 'a'");
+    b.extend(fe::sync());
+    conn.send(&b).unwrap();
+    conn.recv_until_ready().unwrap();
+    assert!(raw::first_error(&conn.simple_query("PREPARE s2 AS DELETE FROM t WHERE v = 'b'").unwrap()).is_none());
+    for name in ["s1", "s2"] {
+        conn.send(&swap(name)).unwrap();
+        let refused = conn.recv_until_ready().unwrap();
+        let err = raw::first_error(&refused).unwrap_or_else(|| panic!("{name}: {}", raw::describe_all(&refused)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42P05"), "{name}: {}", raw::describe_all(&refused));
+        let ran = conn.recv_until_ready().unwrap();
+        assert_eq!(raw::tags(&ran), ["DELETE 1"], "{name}: {}", raw::describe_all(&ran));
+    }
+    assert_eq!(c.sql(&db, "SELECT string_agg(v, ',') FROM t").trim(), "c");
+    let recs = pw.wait_audit("results of both DELETEs", |recs| {
+        rec::of_kind(recs, "result").iter().filter(|r| rec::s(r, "tag") == Some("DELETE 1")).count() == 2
+    });
+    for r in rec::of_kind(&recs, "result").into_iter().filter(|r| rec::s(r, "tag") == Some("DELETE 1")) {
+        let stmt = recs.iter().find(|s| rec::kind(s) == "statement" && rec::seq(s) == r["statement_seq"].as_u64().unwrap()).unwrap();
+        // (A statement SQL PREPARE made is recorded as that PREPARE.)
+        assert!(rec::s(stmt, "sql").is_some_and(|s| s.contains("DELETE FROM t WHERE")), "the DELETE is recorded as {stmt}");
+    }
+
+    // Postgres really deallocated s1: the name is free again. A DEALLOCATE that failed (in an
+    // aborted transaction) leaves s2 in place, and a Parse of it is still refused.
+    assert!(raw::first_error(&conn.simple_query("DEALLOCATE s1").unwrap()).is_none());
+    let msgs = parse_and_run(&mut conn, "s1", "SELECT 1");
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    let msgs = conn.simple_query("BEGIN; SELECT 1/0; DEALLOCATE s2").unwrap();
+    assert_eq!(raw::first_error(&msgs).and_then(Msg::sqlstate).as_deref(), Some("22012"));
+    conn.simple_query("ROLLBACK").unwrap();
+    let msgs = parse_and_run(&mut conn, "s2", "SELECT 2");
+    assert_eq!(raw::first_error(&msgs).and_then(Msg::sqlstate).as_deref(), Some("42P05"), "{}", raw::describe_all(&msgs));
+}

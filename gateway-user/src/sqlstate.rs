@@ -17,6 +17,8 @@ pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
 pub const INVALID_PASSWORD: &str = "28P01";
 /// Class 42: refused by the policy.
 pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+/// duplicate_prepared_statement: a Parse of a name the session already has a statement under.
+pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
 /// Class 42: the function does not exist.
 pub const UNDEFINED_FUNCTION: &str = "42883";
 /// Class 53: the gateway's buffer budget has no room for a message now.

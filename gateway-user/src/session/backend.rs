@@ -66,11 +66,30 @@ impl Relay {
                     }
                 }
                 b'Z' => self.on_ready_for_query(&f),
+                b'G' if !self.copy_in.server_copies() => {
+                    tracing::error!("the server started a COPY FROM STDIN pgward did not expect");
+                    let msg = "pgward: the server started a COPY FROM STDIN pgward did not expect";
+                    return Err(End::Fatal(sqlstate::PROTOCOL_VIOLATION, msg.into()));
+                }
                 _ => {}
             }
             cout.extend_from_slice(&f.raw);
         }
         Ok(())
+    }
+
+    /// Once the statement that started COPY FROM STDIN is answered in full, the Syncs held for
+    /// it go upstream ([`super::copy_in`]). Called with no batch held (nothing of the session's
+    /// may go ahead of one).
+    pub(super) fn settle_copy_in(&mut self, uout: &mut BytesMut) {
+        if !self.copy_in.watching() || self.tracker.pending().any(|p| p.copy_in) {
+            return;
+        }
+        for _ in 0..self.copy_in.statement_over() {
+            self.tracker.client_message(b'S');
+            super::copy_in::sync_bytes(uout);
+            self.tracker.expect([Pending::new(Awaited::Sync)]);
+        }
     }
 
     /// CommandComplete, EmptyQueryResponse, PortalSuspended: the statement's result record.
@@ -95,12 +114,23 @@ impl Relay {
             Awaited::Query => {
                 // One result per statement of the text: the next one starts now.
                 self.result_record(p, tag.as_deref(), rows, None);
+                if tag.as_deref().is_some_and(|t| t.starts_with("DEALLOCATE")) {
+                    self.deallocated();
+                }
                 if let Some(p) = self.tracker.front_mut() {
                     p.started = Instant::now();
                 }
             }
             _ => {}
         }
+    }
+
+    /// A DEALLOCATE of the Query at the front completed: the first one it was waiting for.
+    fn deallocated(&mut self) {
+        let Some(which) = self.tracker.front_mut().filter(|p| !p.deallocates.is_empty()).map(|p| p.deallocates.remove(0)) else {
+            return;
+        };
+        self.forget_prepared(which.as_deref());
     }
 
     /// ParameterDescription (first answer to a Describe of a statement): the statement's

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use super::copy_in::{Route, copies_from_client};
 use super::durability::{self, Effect, Rule};
 use super::held::Batch;
 use super::tracked::{Pending, Portal, Prepared, Statement};
@@ -27,6 +28,11 @@ const ANALYZE_AHEAD_BYTES: usize = 8 * 1024;
 /// or more: its text is worth analyzing off the loop ([`Relay::analyze_ahead`]).
 pub(super) fn is_long_text(tag: u8, raw: &[u8]) -> bool {
     raw.len() >= 5 + ANALYZE_AHEAD_BYTES && matches!(tag, b'Q' | b'P')
+}
+
+/// How many statements of an allowed verdict are COPY … FROM STDIN.
+fn copies_in(v: &Verdict) -> usize {
+    v.statements.iter().filter(|s| copies_from_client(&s.info)).count()
 }
 
 /// A malformed client message ends the session.
@@ -135,6 +141,21 @@ impl Relay {
     }
 
     fn on_client_frame(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
+        match self.copy_in.client(f.tag) {
+            Route::Forward => {}
+            Route::Hold => {
+                self.check_token()?;
+                batch.frames.push((super::copy_in::flush_frame(), None));
+                return Ok(());
+            }
+            Route::Drop => return self.check_token(),
+            Route::Refuse => {
+                return Err(End::Fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!("pgward: unexpected message type {:?} during COPY from stdin", f.tag as char),
+                ));
+            }
+        }
         self.tracker.client_message(f.tag);
         match f.tag {
             b'Q' => self.on_query(f, batch),
@@ -193,10 +214,14 @@ impl Relay {
         rec.sql = Some(sql.to_string());
         let allowed = Self::apply_verdict(&mut rec, &mut p, &verdict);
         if allowed {
-            self.note_prepared(&verdict);
+            p.deallocates = self.note_prepared(&verdict);
             self.check_retained()?;
         }
         let rule = if allowed { self.durability_rule(self.effect_of(&verdict), false) } else { Rule::HoldReply };
+        if allowed {
+            p.copy_in = copies_in(&verdict) > 0;
+            self.copy_in.started(copies_in(&verdict));
+        }
         let frame = if allowed { f } else { self.marker_query() };
         batch.push_statement(frame, rec, p, rule);
         Ok(())
@@ -214,13 +239,19 @@ impl Relay {
             }
             r => r.map_err(bad)?,
         };
+        if !name.is_empty() && self.prepared_exists(&name) {
+            self.refuse_existing_name(&name, &sql, batch);
+            return Ok(());
+        }
         let (mask, strict) = self.mask.as_mut().map(|m| m.parse(&sql)).unzip();
         // Taken before deciding: a window or catalog that changes meanwhile makes the first
         // Execute decide again, never the other way round.
         let stamp = self.shared.policy.decision_stamp(&self.database, chrono::Utc::now());
         let verdict = self.strict_masking(self.decide(&sql), strict.flatten());
         if verdict.is_allowed() {
-            self.note_prepared(&verdict);
+            // A DEALLOCATE run through Parse/Execute is not followed: its name stays known
+            // (a later Parse of it is refused, never taken for another text).
+            let _ = self.note_prepared(&verdict);
             let runs_by_name = verdict.statements.iter().any(|s| s.info.execute.is_some());
             let prepared = Prepared {
                 sql: Arc::from(sql.as_ref()),
@@ -229,6 +260,7 @@ impl Relay {
                 effect: self.effect_of(&verdict),
                 types: Arc::new(ParamTypes::declared(param_types)),
                 stamp: (!runs_by_name).then_some(stamp),
+                copies_in: copies_in(&verdict) > 0,
             };
             let mut p = Pending::new(Awaited::Parse);
             if name.is_empty() {
@@ -304,6 +336,7 @@ impl Relay {
                     effect: if verdict.is_allowed() { self.effect_of(&verdict) } else { Effect::Other },
                     types: Arc::default(),
                     stamp: None,
+                    copies_in: false,
                 }
             }
             _ => Prepared::unknown(),
@@ -363,6 +396,10 @@ impl Relay {
         {
             batch.push_statement(self.marker_execute(), rec, p, Rule::HoldReply);
             return Ok(());
+        }
+        if known.is_some_and(|k| k.stmt.copies_in) {
+            p.copy_in = true;
+            self.copy_in.started(1);
         }
         let rule = self.durability_rule(effect, true);
         batch.push_statement(f, rec, p, rule);
@@ -475,9 +512,11 @@ impl Relay {
         }
     }
 
-    /// Remember the PREPAREs and DEALLOCATEs of an allowed (forwarded) query.
-    fn note_prepared(&mut self, v: &Verdict) {
-        let size = |name: &str, text: &Option<Arc<str>>| name.len() + text.as_ref().map_or(0, |t| t.len());
+    /// Remember the PREPAREs of an allowed (forwarded) statement; its DEALLOCATEs in order
+    /// (None: `DEALLOCATE ALL`), applied once Postgres ran them ([`Relay::forget_prepared`]):
+    /// one that fails (in an aborted transaction, say) leaves the statement in place.
+    fn note_prepared(&mut self, v: &Verdict) -> Vec<Option<String>> {
+        let mut deallocates = Vec::new();
         for s in &v.statements {
             match prepared_note(&s.info) {
                 Some(PreparedNote::Prepare(name, text)) => {
@@ -490,18 +529,54 @@ impl Relay {
                         self.sql_prepared_bytes -= e.take().map_or(0, |t| t.len());
                     }
                 }
-                Some(PreparedNote::Deallocate(name)) => {
-                    if let Some(t) = self.sql_prepared.remove(&name) {
-                        self.sql_prepared_bytes -= size(&name, &t);
-                    }
-                }
-                Some(PreparedNote::DeallocateAll) => {
-                    self.sql_prepared.clear();
-                    self.sql_prepared_bytes = 0;
-                }
+                Some(PreparedNote::Deallocate(name)) => deallocates.push(Some(name)),
+                Some(PreparedNote::DeallocateAll) => deallocates.push(None),
                 None => {}
             }
         }
+        deallocates
+    }
+
+    /// Postgres ran a `DEALLOCATE` (`name`, or ALL for None): the statement is gone, whether
+    /// SQL `PREPARE` or a protocol-level Parse made it (they share Postgres's namespace).
+    pub(super) fn forget_prepared(&mut self, name: Option<&str>) {
+        match name {
+            Some(name) => {
+                if let Some(t) = self.sql_prepared.remove(name) {
+                    self.sql_prepared_bytes -= name.len() + t.as_ref().map_or(0, |t| t.len());
+                }
+                if !name.is_empty() {
+                    self.tracker.remove_statement(name);
+                }
+            }
+            None => {
+                self.sql_prepared.clear();
+                self.sql_prepared_bytes = 0;
+                self.tracker.remove_named_statements();
+            }
+        }
+    }
+
+    /// Whether Postgres has a prepared statement named `name` as far as the session knows:
+    /// an allowed Parse of it, or an SQL `PREPARE`, not deallocated since.
+    fn prepared_exists(&self, name: &str) -> bool {
+        self.tracker.statement(name).is_some_and(|s| s.allowed.is_some()) || self.sql_prepared.contains_key(name)
+    }
+
+    /// A Parse of a name the session already has a statement under: Postgres refuses it (42P05)
+    /// and keeps the old statement, but a Bind sent after the next Sync — before that answer is
+    /// back — would be taken for one of the new text (its record, its masking plan, its
+    /// decision). So pgward refuses it itself, as Postgres would, and nothing changes.
+    fn refuse_existing_name(&mut self, name: &str, sql: &str, batch: &mut Batch) {
+        let mut rec = self.record(Kind::Statement);
+        rec.protocol = Some("extended".into());
+        rec.sql = Some(sql.to_string());
+        rec.decision = Some("deny".into());
+        rec.rule = Some("builtin:duplicate-statement".into());
+        let mut p = Pending::new(Awaited::Parse);
+        p.refusal = Some((sqlstate::DUPLICATE_PREPARED_STATEMENT, format!("prepared statement \"{name}\" already exists")));
+        let marker = self.marker_parse(name);
+        batch.push_statement(marker, rec, p, Rule::HoldReply);
     }
 
     /// The policy's verdict on a Query's or Parse's text, for this session's effective

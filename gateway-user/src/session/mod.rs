@@ -47,6 +47,7 @@ use crate::upstream::{self, CancelMap, Target};
 use crate::wire::{self, BoxStream};
 
 mod backend;
+mod copy_in;
 mod durability;
 mod frontend;
 pub mod function_catalogs;
@@ -244,6 +245,8 @@ struct Relay {
     inflight: Inflight,
     /// The highest seq of a record the session submitted.
     last_seq: u64,
+    /// A COPY FROM STDIN under way, for the Syncs and messages the client sends during it.
+    copy_in: copy_in::CopyIn,
     /// Message limits and budget charges of what the client sends, and of what the server sends.
     client_in: wire::Inbound,
     upstream_in: wire::Inbound,
@@ -303,6 +306,7 @@ impl Relay {
             tx: durability::TxState::default(),
             inflight: Inflight::default(),
             last_seq: 0,
+            copy_in: copy_in::CopyIn::default(),
             client_in,
             upstream_in,
             checkout: Checkout {
@@ -380,6 +384,9 @@ impl Relay {
             self.client_data(&mut p.cbuf, &mut p.uout, &mut p.batch, !p.client_eof).await?;
         }
         self.settle(&mut p.batch, &mut p.uout, &mut p.cout)?;
+        if p.batch.is_none() {
+            self.settle_copy_in(&mut p.uout);
+        }
         if p.client_eof && p.batch.is_none() {
             return Err(End::Client);
         }

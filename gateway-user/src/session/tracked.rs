@@ -29,6 +29,8 @@ pub(super) struct Prepared {
     /// changed) is decided again. None: every Execute is decided again (the text runs a
     /// prepared statement by name, or was prepared by SQL `PREPARE`).
     pub(super) stamp: Option<DecisionStamp>,
+    /// It is a COPY … FROM STDIN ([`super::copy_in`]).
+    pub(super) copies_in: bool,
 }
 
 impl Prepared {
@@ -41,6 +43,7 @@ impl Prepared {
             effect: Effect::Other,
             types: Arc::default(),
             stamp: None,
+            copies_in: false,
         }
     }
 }
@@ -83,11 +86,16 @@ pub(super) struct Pending {
     pub(super) replaced: Option<Box<(String, Option<Statement>)>>,
     /// A forwarded Describe of an allowed statement: where its ParameterDescription goes.
     pub(super) described: Option<Arc<ParamTypes>>,
+    /// A forwarded Query or Execute that starts COPY FROM STDIN ([`super::copy_in`]).
+    pub(super) copy_in: bool,
+    /// A forwarded Query's DEALLOCATEs not yet run, in order (None: ALL); applied as Postgres
+    /// completes each.
+    pub(super) deallocates: Vec<Option<String>>,
 }
 
 impl Pending {
     pub(super) fn new(kind: Awaited) -> Pending {
-        Pending { kind, seq: 0, started: Instant::now(), refusal: None, rec_idx: usize::MAX, mask: Tag::None, replaced: None, described: None }
+        Pending { kind, seq: 0, started: Instant::now(), refusal: None, rec_idx: usize::MAX, mask: Tag::None, replaced: None, described: None, copy_in: false, deallocates: Vec::new() }
     }
 
     pub(super) fn with_mask(kind: Awaited, mask: Tag) -> Pending {

@@ -111,6 +111,14 @@ impl<S: Retained, P: Retained, A: Await> Tracker<S, P, A> {
         Some(old)
     }
 
+    /// `DEALLOCATE ALL`: every named statement is gone (the unnamed one stays).
+    pub fn remove_named_statements(&mut self) {
+        let named: Vec<String> = self.statements.keys().filter(|n| !n.is_empty()).cloned().collect();
+        for n in named {
+            self.remove_statement(&n);
+        }
+    }
+
     pub fn portal(&self, name: &str) -> Option<&P> {
         self.portals.get(name)
     }
@@ -140,6 +148,11 @@ impl<S: Retained, P: Retained, A: Await> Tracker<S, P, A> {
     /// Answers the server owes, oldest first, for messages now forwarded.
     pub fn expect(&mut self, answers: impl IntoIterator<Item = A>) {
         self.pending.extend(answers);
+    }
+
+    /// The answers still owed, oldest first.
+    pub fn pending(&self) -> impl Iterator<Item = &A> {
+        self.pending.iter()
     }
 
     /// The oldest answer still owed.
