@@ -302,3 +302,51 @@ fn functions_bound_by_ddl_are_decided_as_calls() {
     assert_eq!(cluster().sql(&e.db, bound), "0");
     assert_eq!(current_user(&mut c), e.rw, "still the writers' role");
 }
+
+/// Code in the database can PREPARE (a `LANGUAGE sql` function's body is enough), so a
+/// session can hold a prepared statement whose text pgward never saw. Executing it — SQL
+/// `EXECUTE` or a protocol Bind/Execute of the name — is decided like an unparsable text:
+/// denied to a group the policy restricts, and recorded under the name. Without that, a
+/// writer ran an unbounded DELETE the policy denies and read a table it may not.
+#[test]
+fn statements_prepared_out_of_sight_do_not_run_unchecked() {
+    let e = env("enf_unseen_prep", |b| b);
+    cluster().sql(
+        &e.db,
+        "CREATE FUNCTION public.prep_delete() RETURNS void LANGUAGE sql AS 'PREPARE wipe AS DELETE FROM items'; \
+         CREATE FUNCTION public.prep_peek() RETURNS void LANGUAGE sql AS 'PREPARE peek AS SELECT v FROM secrets'; \
+         GRANT EXECUTE ON FUNCTION public.prep_delete(), public.prep_peek() TO PUBLIC",
+    );
+    // Only the policy (rule no-secrets) keeps the writers from the secrets table.
+    cluster().sql(&e.db, &format!("GRANT SELECT ON secrets TO {}", e.rw));
+    let (_, login) = e.login("wendy", &["writers"], "15m");
+    let mut c = RawConn::connect(&login, &[]).expect("login");
+    for sql in ["SELECT public.prep_delete()", "SELECT public.prep_peek()"] {
+        let msgs = c.simple_query(sql).expect("answered");
+        assert!(raw::first_error(&msgs).is_none(), "{sql}: {}", raw::describe_all(&msgs));
+    }
+    let denied = |msgs: &[raw::Msg], what: &str| {
+        let err = raw::first_error(msgs).unwrap_or_else(|| panic!("{what}: allowed: {}", raw::describe_all(msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{what}: {}", err.describe());
+        assert!(err.describe().contains("unparsable"), "{what}: {}", err.describe());
+        assert!(!raw::describe_all(msgs).contains("hunter2"), "{what}: {}", raw::describe_all(msgs));
+    };
+    for sql in ["EXECUTE wipe", "EXECUTE peek"] {
+        denied(&c.simple_query(sql).expect("answered"), sql);
+    }
+    for name in ["wipe", "peek"] {
+        let mut b = fe::bind_text("", name, &[]);
+        b.extend(fe::execute("", 0));
+        b.extend(fe::sync());
+        c.send(&b).expect("send");
+        denied(&c.recv_until_ready().expect("answered"), name);
+    }
+    assert_eq!(cluster().sql(&e.db, "SELECT count(*) FROM items"), "3", "the DELETE ran");
+    let recs = e.pw.wait_audit("the protocol-level denial", |recs| {
+        common::gateway::rec::of_kind(recs, "statement").iter().any(|r| common::gateway::rec::s(r, "sql") == Some("EXECUTE \"peek\""))
+    });
+    let r = common::gateway::rec::of_kind(&recs, "statement").into_iter().find(|r| common::gateway::rec::s(r, "sql") == Some("EXECUTE \"wipe\"")).expect("recorded under its name");
+    assert_eq!(common::gateway::rec::s(r, "decision"), Some("deny"), "{r}");
+    // The session goes on.
+    assert_eq!(current_user(&mut c), e.rw);
+}

@@ -810,6 +810,18 @@ impl Policy {
                 );
             }
         }
+        // EXECUTE of a prepared statement pgward did not see prepared (code in the database
+        // can PREPARE): what it runs is as unknown as an unparsable text's.
+        if info.modifiers.contains(Modifier::UnknownPrepared) {
+            let (action, rule) = self.unparsable_for(identity);
+            if action == Action::Deny {
+                return (
+                    Action::Deny,
+                    rule,
+                    "pgward did not see this prepared statement prepared, so it cannot check what it runs, and the policy denies statements it cannot check".into(),
+                );
+            }
+        }
         let classes_of = |f: &QName| match cat {
             Some((_, Some(c))) => c.classes_of(f),
             _ => functions::ALL,

@@ -163,7 +163,10 @@ const CASES: &[Case] = &[
     (Ex, E, "app", Noon, "CALL refresh_all()", Deny, "no-dangerous-functions"),
     (Ex, A, "app", Noon, "PREPARE p AS DELETE FROM orders WHERE id = $1", Deny, "default:analysts"),
     (Ex, A, "app", Noon, "PREPARE q AS SELECT * FROM orders WHERE id = $1", Allow, "analysts-read"),
-    (Ex, A, "app", Noon, "EXECUTE q(1)", Deny, "default:analysts"),
+    // A prepared statement pgward did not see prepared (the session resolves the ones it saw):
+    // as unchecked as an unparsable text.
+    (Ex, A, "app", Noon, "EXECUTE q(1)", Deny, "unparsable:analysts"),
+    (Ex, DBA, "app", Noon, "EXECUTE q(1)", Allow, "default:dba"),
     (Ex, E, "app", Noon, "PREPARE r AS SELECT pg_read_file($1)", Deny, "no-dangerous-functions"),
     // --- identity changes: denied to everyone, in every form ---
     (Ex, A, "app", Noon, "SET ROLE postgres", Deny, "builtin:identity-change"),
@@ -209,6 +212,8 @@ const CASES: &[Case] = &[
     (Dflt, A, "app", Noon, "SET ROLE postgres", Deny, "builtin:identity-change"),
     (Dflt, A, "app", Noon, "CHECKPOINT NOW", Deny, "unparsable"),
     (Dflt, ADM, "app", Noon, "CHECKPOINT NOW", Allow, "default:pgward_admins"),
+    (Dflt, A, "app", Noon, "EXECUTE q", Deny, "unparsable"),
+    (Dflt, ADM, "app", Noon, "EXECUTE q", Allow, "default:pgward_admins"),
 ];
 
 #[test]
@@ -348,10 +353,10 @@ fn execute_uses_the_prepared_statement_when_the_session_knows_it() {
     let v = p.decide_with_prepared(&alice, "app", "EXECUTE \"Mixed\"", noon(), &lookup);
     assert_eq!(v.decision, Allow);
     let v = p.decide_with_prepared(&alice, "app", "EXECUTE Mixed", noon(), &lookup);
-    assert_eq!((v.decision, v.rule.as_str()), (Deny, "default:analysts"));
-    // Unknown name: conservative write.
+    assert_eq!((v.decision, v.rule.as_str()), (Deny, "unparsable:analysts"));
+    // Unknown name: what it runs is unknown, decided like an unparsable text (and a write).
     let v = p.decide_with_prepared(&alice, "app", "EXECUTE nope", noon(), &lookup);
-    assert_eq!((v.decision, v.rule.as_str()), (Deny, "default:analysts"));
+    assert_eq!((v.decision, v.rule.as_str()), (Deny, "unparsable:analysts"));
     assert!(v.statements[0].info.modifiers.contains(Modifier::UnknownPrepared));
 }
 
@@ -750,7 +755,7 @@ const PAIRS: &[Pair] = &[
     (Ex, A, Noon, "SELECT 'orders'::regclass", "analysts-read", "SELECT 'hr.salaries'::regclass", "analysts-read", true),
     (Ex, A, Noon, "SELECT nextval('s1')", "analysts-read", "SELECT nextval('hr.seq')", "analysts-read", true),
     (Ex, A, Noon, "SELECT pg_read_file('/etc/passwd')", "no-dangerous-functions", "SELECT pg_read_file('/tmp/x')", "no-dangerous-functions", true),
-    (Ex, A, Noon, "EXECUTE q(1)", "default:analysts", "EXECUTE q(2)", "default:analysts", true),
+    (Ex, A, Noon, "EXECUTE q(1)", "unparsable:analysts", "EXECUTE q(2)", "unparsable:analysts", true),
     (Ex, E, Noon, "UPDATE pg_settings SET setting = 'dba' WHERE name = 'role'", "builtin:identity-change", "UPDATE pg_settings SET setting = 'xy' WHERE name = 'work_mem'", "builtin:identity-change", true),
     (Ex, A, Noon, "SELECT 1; SELECT 2", "analysts-single-statement", "SELECT 3; SELECT 4", "analysts-single-statement", true),
 ];

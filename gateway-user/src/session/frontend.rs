@@ -306,7 +306,7 @@ impl Relay {
     fn on_bind(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
         let b = wire::decode_bind(&f).map_err(bad)?;
         let (stmt, stmt_mask) = match self.tracker.statement(&b.statement) {
-            Some(s) => (s.allowed.clone().unwrap_or_else(Prepared::unknown), s.mask.as_ref()),
+            Some(s) => (s.allowed.clone().unwrap_or_else(|| Prepared::unknown(&b.statement)), s.mask.as_ref()),
             None => (self.sql_prepared_statement(&b.statement), None),
         };
         let mask = match (&self.mask, b.result_formats) {
@@ -339,7 +339,7 @@ impl Relay {
                     copies_in: false,
                 }
             }
-            _ => Prepared::unknown(),
+            _ => Prepared::unknown(name),
         }
     }
 

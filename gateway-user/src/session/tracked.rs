@@ -34,10 +34,13 @@ pub(super) struct Prepared {
 }
 
 impl Prepared {
-    /// A statement the session does not know (Postgres will say whether it exists).
-    pub(super) fn unknown() -> Prepared {
+    /// A statement the session does not know under `name` (Postgres will say whether it
+    /// exists: code in the database can PREPARE one). A named one is decided at every Execute
+    /// as SQL `EXECUTE "name"` would be — a statement whose text pgward never saw.
+    pub(super) fn unknown(name: &str) -> Prepared {
+        let sql = if name.is_empty() { String::new() } else { format!("EXECUTE \"{}\"", name.replace('"', "\"\"")) };
         Prepared {
-            sql: Arc::from(""),
+            sql: Arc::from(sql),
             rule: Arc::from("unknown-statement"),
             unparsable: false,
             effect: Effect::Other,
