@@ -48,11 +48,15 @@ impl Relay {
                 None => f,
             };
             match f.tag {
-                b'1' => self.tracker.answered(Awaited::Parse),
-                b'2' => self.tracker.answered(Awaited::Bind),
-                b'3' => self.tracker.answered(Awaited::Close),
+                b'1' => self.answer_exactly(Awaited::Parse)?,
+                b'2' => self.answer_exactly(Awaited::Bind)?,
+                b'3' => self.answer_exactly(Awaited::Close)?,
                 b't' => self.on_parameter_description(&f),
-                b'n' | b'T' => self.tracker.answered(Awaited::Describe),
+                b'n' => self.answer_exactly(Awaited::Describe)?,
+                // (Also the first answer to a simple Query.)
+                b'T' => {
+                    self.tracker.answered(Awaited::Describe);
+                }
                 b'C' | b'I' | b's' => self.on_command_done(&f),
                 b'V' => self.on_function_call_response(),
                 b'E' => {
@@ -76,6 +80,19 @@ impl Relay {
             cout.extend_from_slice(&f.raw);
         }
         Ok(())
+    }
+
+    /// ParseComplete, BindComplete, CloseComplete and NoData answer one kind of client message
+    /// each. One that does not fit the oldest message awaiting an answer means the pairing of
+    /// answers with messages — which result records and masking plans rest on — no longer
+    /// holds: the session ends rather than mask or record by a wrong pairing.
+    fn answer_exactly(&mut self, kind: Awaited) -> Result<(), End> {
+        if self.tracker.answered(kind) {
+            return Ok(());
+        }
+        tracing::error!(answer = ?kind, "the database server's answer does not fit the message awaiting one");
+        let msg = "pgward: the database server's answers no longer match the client's messages";
+        Err(End::Fatal(sqlstate::PROTOCOL_VIOLATION, msg.into()))
     }
 
     /// Once the statement that started COPY FROM STDIN is answered in full, the Syncs held for

@@ -173,11 +173,14 @@ impl<S: Retained, P: Retained, A: Await> Tracker<S, P, A> {
         a
     }
 
-    /// The server answered a message of this kind: the oldest entry goes if it is one.
-    pub fn answered(&mut self, kind: Awaited) {
-        if self.pending.front().is_some_and(|p| p.awaited() == kind) {
+    /// The server answered a message of this kind: the oldest entry goes if it is one. False
+    /// when it is not (the answer does not fit the oldest message awaiting one).
+    pub fn answered(&mut self, kind: Awaited) -> bool {
+        let fits = self.pending.front().is_some_and(|p| p.awaited() == kind);
+        if fits {
             self.pending.pop_front();
         }
+        fits
     }
 
     /// An extended-protocol message failed: from here to the next Sync Postgres answers
@@ -247,9 +250,9 @@ mod tests {
         }
         t.expect([Awaited::Parse, Awaited::Bind, Awaited::Execute, Awaited::Sync]);
         assert!(!t.is_clean());
-        t.answered(Awaited::Bind);
+        assert!(!t.answered(Awaited::Bind), "a BindComplete does not answer a Parse");
         assert_eq!(t.front().copied(), Some(Awaited::Parse), "only the oldest entry is answered");
-        t.answered(Awaited::Parse);
+        assert!(t.answered(Awaited::Parse));
         let skipped: Vec<_> = std::iter::from_fn(|| t.pop_before_sync()).collect();
         assert_eq!(skipped, [Awaited::Bind, Awaited::Execute]);
         assert_eq!(t.pop_before_sync(), None, "the Sync stays");
