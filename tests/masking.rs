@@ -975,3 +975,40 @@ fn functions_and_types_cannot_shadow_trusted_built_ins() {
     let pg = cluster();
     assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_type WHERE typname IN ('text', 't2') AND typnamespace = 'public'::regnamespace").trim(), "0");
 }
+
+/// A cursor the session declared over a masked column is a portal any PL/pgSQL code can read
+/// by name: a refcursor set to `'cc'` FETCHes its raw rows without the body naming the column
+/// or its table, and RAISEs them or writes them to a table of its own. Strict masking refuses
+/// bodies that FETCH; the cursor itself still returns masked rows.
+#[test]
+fn bodies_cannot_fetch_from_the_sessions_cursors() {
+    let e = env_strict("mask_body_fetch");
+    let mut c = e.support().raw().expect("login");
+    for q in ["BEGIN", "DECLARE cc CURSOR FOR SELECT notes, card FROM customers ORDER BY id"] {
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+    }
+    let do_block = "DO $$DECLARE r refcursor := 'cc'; x text; y text; BEGIN \
+                    FETCH r INTO x, y; INSERT INTO loot VALUES (x), (y); RAISE NOTICE 'got % %', x, y; END$$";
+    let reader = "CREATE FUNCTION rd(r refcursor) RETURNS text LANGUAGE plpgsql AS \
+                  $$DECLARE x text; BEGIN FETCH r INTO x; RETURN x; END$$";
+    for q in [do_block, reader] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("FETCH"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(!contains(&c.received[before..], "secret-note"), "{q}: {}", raw::describe_all(&msgs));
+        let msgs = c.simple_query("ROLLBACK; BEGIN; DECLARE cc CURSOR FOR SELECT notes, card FROM customers ORDER BY id").unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    }
+    // The cursor itself: masked rows.
+    let msgs = c.simple_query("FETCH ALL FROM cc").unwrap();
+    assert_eq!(text_rows(&msgs)[0], vec![None, Some("************4242".to_string())], "{}", raw::describe_all(&msgs));
+    let msgs = c.simple_query("COMMIT").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    assert_no_leak(&c.received, "body FETCH");
+    let pg = cluster();
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM loot").trim(), "0", "the DO block ran upstream");
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_proc WHERE proname = 'rd'").trim(), "0");
+}

@@ -515,7 +515,9 @@ impl Strict<'_> {
     }
 
     /// DO blocks and function bodies: refused when they name a masked column, a rule table or
-    /// a masked view, call a function that runs SQL from text, or run `EXECUTE`.
+    /// a masked view, call a function that runs SQL from text, or run `EXECUTE` or `FETCH`
+    /// (a refcursor holding the name of a cursor the session declared over a masked column
+    /// reads its raw rows without naming the column).
     fn bodies(&self, ty: &str, b: &Obj) -> Check {
         if let Some(sql_body) = b.get("sql_body").filter(|v| !v.is_null()) {
             let bits = self.names_rule_table(sql_body) | self.names_masked_column(sql_body);
@@ -550,6 +552,9 @@ impl Strict<'_> {
                 Lex::Word(w) => {
                     if w == "execute" {
                         return self.refuse(0, "a DO block or function body runs EXECUTE, which pgward cannot follow".into());
+                    }
+                    if w == "fetch" {
+                        return self.refuse(0, "a DO block or function body runs FETCH, which reads the rows of a cursor or portal the session opened over masked columns".into());
                     }
                     let bits = self.r.ident_rules(&w);
                     if bits != 0 {
