@@ -1012,3 +1012,38 @@ fn bodies_cannot_fetch_from_the_sessions_cursors() {
     assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM loot").trim(), "0", "the DO block ran upstream");
     assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_proc WHERE proname = 'rd'").trim(), "0");
 }
+
+/// An aggregate's DISTINCT compares values: mixing a masked value with candidates the query
+/// makes up (`CASE WHEN c.id = 1 THEN c.notes ELSE g END`) makes `count(DISTINCT …)` a
+/// membership test of a whole candidate list in one statement, and `string_agg(DISTINCT …)`
+/// returns the mix sorted, ranking the value among chosen strings. Refused; a bare column's
+/// `count(DISTINCT …)` still runs.
+#[test]
+fn aggregate_distinct_compares_only_a_columns_own_values() {
+    let e = env_strict("mask_agg_distinct");
+    let mut c = e.support().raw().expect("login");
+    let member = |guess: &str| {
+        format!(
+            "SELECT 'member' FROM customers c, (VALUES ('{guess}'), ('zzz')) v(g) \
+             HAVING count(DISTINCT CASE WHEN c.id = 1 THEN c.notes ELSE g END) = 2"
+        )
+    };
+    for q in [
+        member("secret-note-alpha"),
+        member("secret-note-bravo"),
+        "SELECT string_agg(DISTINCT CASE WHEN c.id = 1 THEN c.card COLLATE \"C\" ELSE g END, ',') \
+         FROM customers c, (VALUES ('3'), ('4-'), ('5--')) v(g)"
+            .to_string(),
+    ] {
+        let before = c.received.len();
+        let msgs = c.simple_query(&q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("DISTINCT"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(text_rows(&msgs).is_empty(), "{q}: {}", raw::describe_all(&msgs));
+        assert_no_leak(&c.received[before..], &q);
+    }
+    let msgs = c.simple_query("SELECT count(DISTINCT ssn), count(DISTINCT c.card) FROM customers c").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    assert_eq!(text_rows(&msgs).len(), 1);
+}

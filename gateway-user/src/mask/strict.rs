@@ -697,6 +697,9 @@ impl Strict<'_> {
         self.expr_opt(b.get("over"), Ctx::Deny(Why::Grouping), env)?;
         let windowed = b.get("over").is_some_and(|o| !o.is_null());
         let args = list(b, "args");
+        if b.get("agg_distinct").and_then(Value::as_bool) == Some(true) {
+            self.distinct_args(name, builtin, args, env)?;
+        }
         let inner = if builtin && name == "count" {
             Ctx::Discard
         } else if builtin && !windowed && ctx == Ctx::Output && VALUE_FUNCTIONS.contains(&name) {
@@ -716,6 +719,27 @@ impl Strict<'_> {
             ),
             _ => self.exprs(args, inner, env),
         }
+    }
+
+    /// An aggregate's `DISTINCT` compares its arguments' values with each other. Only
+    /// `count(DISTINCT col)` of bare masked columns may do so: the column's own values are
+    /// compared among themselves. A value mixed with others (`CASE WHEN id = 1 THEN card ELSE
+    /// g END` over candidates `g`) makes the count a membership test of the masked value, and
+    /// `string_agg(DISTINCT …)` returns the values sorted, ranking it among chosen strings.
+    fn distinct_args(&self, name: &str, builtin: bool, args: &[Value], env: &Env<'_>) -> Check {
+        for a in args {
+            let t = self.cx.walk_taint(a, env);
+            if t.is_none() {
+                continue;
+            }
+            if !(builtin && name == "count" && t.direct && a.get("ColumnRef").is_some()) {
+                return self.refuse(
+                    t.rules,
+                    "a masked column is compared by an aggregate's DISTINCT other than as a bare column of count(DISTINCT …)".into(),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The taint of the first tainted value among `vs`, for messages.

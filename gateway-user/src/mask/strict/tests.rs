@@ -84,6 +84,7 @@ fn allowed() {
         "select upper(card), lower(email) || '!' from customers",
         "select coalesce(card, 'none'), card::text, nullif(card, '') from customers",
         "select count(card), count(distinct ssn), count(*) from customers",
+        "select count(distinct c.card), count(distinct x.k) from customers c, (select card as k from customers) x",
         "select exists (select 1 from customers where card = 'x')",
         "select x.k from (select card as k from customers) x",
         "with t as (select card from customers) select card from t",
@@ -204,6 +205,13 @@ fn ordering_grouping_and_ranking_by_masked_columns_are_refused() {
         "select distinct on (card) card, id from customers",
         "select count(*) over (partition by card) from customers",
         "select min(card), max(ssn) from customers",
+        // DISTINCT in an aggregate: a membership test, a sorted list
+        "select 1 from customers having count(distinct case when id = 1 then card else name end) = 2",
+        "select count(distinct coalesce(card, name)) from customers",
+        "select count(distinct x.v) from (select case when id = 1 then card else name end as v from customers) x",
+        "select count(distinct (card, name)) from customers",
+        "select string_agg(distinct card, ',') from customers",
+        "select array_agg(distinct card)::text from customers",
         "cluster customers using customers_card_idx",
         // ordering by an output column's position or name
         "select card from customers order by 1",
