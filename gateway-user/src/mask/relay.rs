@@ -152,12 +152,28 @@ fn scan_kind(ty: u32, binary: bool) -> Scan {
 }
 
 /// Style for a value derived from a masked column (not the column itself): keeping the last N
-/// characters of `substr(card, 1, 6)` would show digits that are not the card's last ones.
+/// characters of `substr(card, 1, 6)` would show digits that are not the card's last ones, and
+/// a hash of a value the query computed is a hash of whatever it chose — `substr(ssn, 1, 1)`
+/// hashes one digit, `CASE WHEN false THEN ssn ELSE g::text END` hashes chosen strings, and
+/// comparing the two names the digit. Only `null` stays.
 fn derived_style(s: Style) -> Style {
     match s {
-        Style::KeepLast(_) | Style::Full => Style::Full,
-        other => other,
+        Style::Null => Style::Null,
+        Style::KeepLast(_) | Style::Full | Style::Hash => Style::Full,
     }
+}
+
+/// The rule and style an output column masked for `rules` gets: `null` when any of them is a
+/// `null` rule (a value derived from a card and a note must not show the note's length and
+/// punctuation under the card's style), else the first rule's style, derived as above.
+fn column_style(s: &SessionMask, rules: u64, direct: bool) -> (usize, Style) {
+    let null = (0..super::MAX_RULES).find(|&i| rules & (1 << i) != 0 && s.rule(i).style == Style::Null);
+    if let Some(i) = null {
+        return (i, Style::Null);
+    }
+    let ri = rules.trailing_zeros() as usize;
+    let base = s.rule(ri).style;
+    (ri, if direct { base } else { derived_style(base) })
 }
 
 /// The session's function catalog (strict masking reads function classes).
@@ -769,9 +785,7 @@ impl MaskRelay {
                 }
             }
             let whole = if rules != 0 {
-                let ri = rules.trailing_zeros() as usize;
-                let base = s.rule(ri).style;
-                let mut style = if direct { base } else { derived_style(base) };
+                let (ri, mut style) = column_style(s, rules, direct);
                 if !is_string(ty, binary) {
                     style = Style::Null;
                 }
@@ -850,11 +864,22 @@ fn hits_any(v: &[u8], sess: &SessionMask) -> bool {
     sess.content_rules().any(|r| !r.detectors.find(v).is_empty())
 }
 
+/// Style for a value a content detector found: the detectors scan everything the server
+/// sends, strings the query made up included, so a hash of a hit would be a hash of a chosen
+/// string under the key that hashes the rule's columns — `SELECT to_char(g, 'FM000-00-0000')
+/// FROM generate_series(…) g` would hash every SSN for comparison with a hashed `ssn`.
+fn content_style(s: Style) -> Style {
+    match s {
+        Style::Hash => Style::Full,
+        other => other,
+    }
+}
+
 pub(super) fn scan_in_place(v: &[u8], sess: &SessionMask) -> Option<Option<Vec<u8>>> {
     let mut cur: Option<Vec<u8>> = None;
     for r in sess.content_rules() {
         let input: &[u8] = cur.as_deref().unwrap_or(v);
-        if let Some((new, _)) = mask_content(&r.detectors, r.style, input, sess.policy.key()) {
+        if let Some((new, _)) = mask_content(&r.detectors, content_style(r.style), input, sess.policy.key()) {
             match new {
                 None => return Some(None),
                 Some(n) => cur = Some(n),
