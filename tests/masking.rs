@@ -1086,3 +1086,29 @@ fn hashes_are_of_column_values_only() {
     assert_eq!(text_rows(&msgs)[0][0].as_deref(), Some(target.as_str()));
     assert_no_leak(&c.received, "hash oracle");
 }
+
+/// Text COPY writes a delimiter that occurs in a value as a backslash and the delimiter.
+/// With `DELIMITER '-'`, `secret-note-alpha` is `secret\-note\-alpha`: split at every `-`,
+/// only its first piece would be masked and the rest would pass as other columns' values.
+#[test]
+fn copy_text_fields_are_split_as_the_server_wrote_them() {
+    let e = env_strict("mask_copy_delim");
+    let mut c = e.support().raw().expect("login");
+    let cases: &[(&str, &[u8])] = &[
+        ("COPY customers (notes, id) TO STDOUT (DELIMITER '-')", b"\\N-1\n\\N-2\n\\N-3\n"),
+        ("COPY customers (card, id) TO STDOUT (DELIMITER '-')", b"****\\-****\\-****\\-4444-2\n"),
+        ("COPY customers (email, id) TO STDOUT (DELIMITER '@')", b"e.com@1\n"),
+    ];
+    for (q, expect) in cases {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+        let data: Vec<u8> = msgs.iter().filter(|m| m.tag == b'd').flat_map(|m| m.body.clone()).collect();
+        assert!(data.windows(expect.len()).any(|w| w == *expect), "{q}: {}", String::from_utf8_lossy(&data));
+        let got = &c.received[before..];
+        for piece in ["alpha", "bravo", "charlie", "note", "5555", "jane"] {
+            assert!(!contains(got, piece), "{q}: {piece:?} came back: {}", String::from_utf8_lossy(&data));
+        }
+        assert_no_leak(got, q);
+    }
+}

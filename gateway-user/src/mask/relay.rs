@@ -998,15 +998,23 @@ fn rewrite_copy_text(data: &[u8], fmt: &CopyFormat, cols: &[ColPlan], sess: &Ses
     changed.then(|| out.freeze())
 }
 
-/// Fields of a text-format COPY row (the delimiter never appears unescaped in data).
+/// Fields of a text-format COPY row. The server writes a delimiter that occurs in a value as
+/// a backslash and the delimiter (and a backslash as two), so a byte after a backslash never
+/// ends a field: `COPY … (DELIMITER '-')` of `secret-note` is `secret\-note`, one field.
 fn split_text(row: &[u8], delim: u8) -> Vec<(std::ops::Range<usize>, bool)> {
     let mut out = Vec::new();
     let mut start = 0;
-    for (i, &b) in row.iter().enumerate() {
-        if b == delim {
+    let mut i = 0;
+    while i < row.len() {
+        if row[i] == b'\\' {
+            i += 2;
+            continue;
+        }
+        if row[i] == delim {
             out.push((start..i, false));
             start = i + 1;
         }
+        i += 1;
     }
     out.push((start..row.len(), false));
     out
