@@ -1112,3 +1112,19 @@ fn copy_text_fields_are_split_as_the_server_wrote_them() {
         assert_no_leak(got, q);
     }
 }
+
+/// Text COPY writes a value equal to the NULL string as that string, which passes unmasked
+/// like a NULL: a NULL string is a guess at a value, counted with the others.
+#[test]
+fn copy_null_strings_count_as_guesses() {
+    let e = env_strict("mask_copy_null");
+    let mut c = e.support().raw().expect("login");
+    let msgs = c.simple_query("COPY customers (notes) TO STDOUT (NULL 'secret-note-alpha')").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    // Seventeen NULL strings, each a guess at a note, in one query string.
+    let q: Vec<String> = (0..17).map(|i| format!("COPY customers (notes) TO STDOUT (NULL 'secret-note-{i}')")).collect();
+    let msgs = c.simple_query(&q.join("; ")).unwrap();
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("17 NULL guesses ran: {}", raw::describe_all(&msgs)));
+    assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
+    assert!(err.fields()[&'M'].contains("guess"), "{}", raw::describe_all(&msgs));
+}

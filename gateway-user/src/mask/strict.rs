@@ -511,6 +511,11 @@ impl Strict<'_> {
         if !from && !to_client && bits != 0 {
             return self.refuse(bits, "COPY of a table with masked columns to a server file or program".into());
         }
+        if !from && bits != 0 && has_option(b, "null") {
+            // Text format writes a value equal to the NULL string as that string: it passes
+            // unmasked, as a NULL would, exactly when the value equals it.
+            self.guess(Taint { rules: bits, direct: false }, 1)?;
+        }
         Ok(())
     }
 
@@ -886,6 +891,11 @@ fn text_cast(b: &Obj) -> bool {
     let Some(t) = b.get("typeName").and_then(|t| typed(t, "TypeName")) else { return false };
     let n = names(list(t, "names"));
     list(t, "arrayBounds").is_empty() && n.last().is_some_and(|l| TEXT_TYPES.contains(&l.as_str()))
+}
+
+/// Whether a statement's `options` (COPY's `WITH (…)`) set `name`.
+fn has_option(b: &Obj, name: &str) -> bool {
+    list(b, "options").iter().any(|o| o.get("DefElem").and_then(Value::as_object).is_some_and(|d| str_field(d, "defname") == Some(name)))
 }
 
 /// A RangeVar's body: wrapped in a Node position, bare in a typed field (`relation`).
