@@ -1128,3 +1128,26 @@ fn copy_null_strings_count_as_guesses() {
     assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
     assert!(err.fields()[&'M'].contains("guess"), "{}", raw::describe_all(&msgs));
 }
+
+/// Catalog statistics hold column values (`pg_stats.histogram_bounds` lists a column's values
+/// after ANALYZE). A DO block can read them without naming the column or its table in a way
+/// a scan sees (`tablename = 'cust' || 'omers'`): bodies that name a statistics relation are
+/// refused like statements that do.
+#[test]
+fn bodies_cannot_read_catalog_statistics() {
+    let e = env_strict("mask_body_stats");
+    cluster().svc_sql(&e.db, "ANALYZE customers");
+    let mut c = e.support().raw().expect("login");
+    for q in [
+        "DO $$BEGIN RAISE NOTICE '%', (SELECT string_agg(histogram_bounds::text, ' ') FROM pg_stats WHERE tablename = 'cust' || 'omers'); END$$",
+        "DO $$BEGIN RAISE NOTICE '%', (SELECT string_agg(s.histogram_bounds::text, ' ') FROM pg_catalog.pg_stats s); END$$",
+    ] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("pg_stats"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(!contains(&c.received[before..], "secret-note"), "{q}: {}", raw::describe_all(&msgs));
+    }
+    assert_no_leak(&c.received, "statistics in bodies");
+}

@@ -519,8 +519,9 @@ impl Strict<'_> {
         Ok(())
     }
 
-    /// DO blocks and function bodies: refused when they name a masked column, a rule table or
-    /// a masked view, call a function that runs SQL from text, or run `EXECUTE` or `FETCH`
+    /// DO blocks and function bodies: refused when they name a masked column, a rule table, a
+    /// masked view or a statistics catalog (whose rows a body can pick by a table name it
+    /// builds from pieces), call a function that runs SQL from text, or run `EXECUTE` or `FETCH`
     /// (a refcursor holding the name of a cursor the session declared over a masked column
     /// reads its raw rows without naming the column).
     fn bodies(&self, ty: &str, b: &Obj) -> Check {
@@ -564,6 +565,9 @@ impl Strict<'_> {
                     let bits = self.r.ident_rules(&w);
                     if bits != 0 {
                         return self.refuse(bits, format!("a DO block or function body names {w:?}, a masked column or a table with masked columns"));
+                    }
+                    if STATISTICS.contains(&w.as_str()) {
+                        return self.refuse(0, format!("a DO block or function body reads catalog statistics ({w}), which hold values of masked columns"));
                     }
                     if self.r.function_classes(None, &w) & DYNAMIC_SQL != 0 && self.r.is_function(&w) {
                         return self.refuse(0, format!("a DO block or function body calls {w}, which runs SQL given as text"));

@@ -258,6 +258,7 @@ fn set_operations_bodies_and_dynamic_sql_are_refused() {
         // bodies and dynamic SQL
         "do $$ begin raise notice '%', (select card from customers limit 1); end $$",
         "do $$ begin execute 'select 1'; end $$",
+        "do $$ begin raise notice '%', (select histogram_bounds::text from pg_stats where tablename = 'cust' || 'omers' limit 1); end $$",
         "do $$ declare r refcursor := 'c'; x text; begin fetch r into x; raise notice '%', x; end $$",
         "create function rd(r refcursor) returns text language plpgsql as $$ declare x text; begin fetch next from r into x; return x; end $$",
         "do $$ begin perform query_to_xml('select 1', true, true, ''); end $$",
