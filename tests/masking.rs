@@ -1151,3 +1151,32 @@ fn bodies_cannot_read_catalog_statistics() {
     }
     assert_no_leak(&c.received, "statistics in bodies");
 }
+
+/// The text of other sessions' statements holds the values they compare and write
+/// (`… WHERE notes = 'secret-note-alpha'` of an exempt application), and every session of
+/// the service role reads it in `pg_stat_activity`. Strict masking refuses the relations and
+/// functions that return statement texts, in statements and in bodies.
+#[test]
+fn other_sessions_statement_texts_are_not_readable() {
+    let e = env_strict("mask_activity");
+    let mut x = e.login(&["support", "pii_readers"]).raw().expect("login");
+    let msgs = x.simple_query("SELECT id FROM customers WHERE notes = 'secret-note-alpha'").unwrap();
+    assert_eq!(text_rows(&msgs), vec![vec![Some("1".to_string())]], "{}", raw::describe_all(&msgs));
+    let mut c = e.support().raw().expect("login");
+    for q in [
+        "SELECT query FROM pg_stat_activity",
+        "SELECT a.query FROM pg_catalog.pg_stat_activity a WHERE a.pid <> pg_backend_pid()",
+        "SELECT query FROM pg_stat_get_activity(NULL)",
+        "SELECT pg_stat_get_backend_activity(s) FROM pg_stat_get_backend_idset() s",
+        "SELECT query FROM pg_stat_statements",
+        "DO $$BEGIN RAISE NOTICE '%', (SELECT string_agg(query, ' ') FROM pg_stat_activity); END$$",
+    ] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("statement texts"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(!contains(&c.received[before..], "secret-note"), "{q}: {}", raw::describe_all(&msgs));
+    }
+    assert_no_leak(&c.received, "statement texts");
+}

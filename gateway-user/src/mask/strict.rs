@@ -110,6 +110,11 @@ pub(super) const VALUE_FUNCTIONS: &[&str] = &[
 /// Catalog relations whose rows hold column values (histograms, most common values).
 const STATISTICS: &[&str] = &["pg_stats", "pg_statistic", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic_ext_data", "pg_statistic_ext"];
 
+/// Catalog relations and functions that return the text of other sessions' statements (every
+/// session of the service role reads them), with the literals those statements compare and
+/// write: `… WHERE notes = 'secret'` of an exempt application.
+const STATEMENT_TEXTS: &[&str] = &["pg_stat_activity", "pg_stat_statements", "pg_stat_get_activity", "pg_stat_get_backend_activity"];
+
 /// Statement kinds that name tables but evaluate no expression over their rows.
 const HARMLESS: &[&str] = &[
     "CreateStmt",
@@ -205,10 +210,16 @@ impl Strict<'_> {
                     if schema.is_none_or(|s| s == "pg_catalog") && STATISTICS.contains(&rel) {
                         return self.refuse(0, format!("catalog statistics ({rel}) hold values of masked columns"));
                     }
+                    if STATEMENT_TEXTS.contains(&rel) {
+                        return self.statement_texts(rel);
+                    }
                 }
                 if let Some(fc) = m.get("FuncCall").and_then(Value::as_object) {
                     let n = names(list(fc, "funcname"));
                     if let Some(name) = n.last() {
+                        if STATEMENT_TEXTS.contains(&name.as_str()) {
+                            return self.statement_texts(name);
+                        }
                         let schema = (n.len() > 1).then(|| n[n.len() - 2].as_str());
                         if self.r.function_classes(schema, name) & DYNAMIC_SQL != 0 {
                             return self.refuse(0, format!("{} runs SQL given as text, which pgward cannot follow (or is a function pgward's catalog does not know yet)", n.join(".")));
@@ -219,6 +230,12 @@ impl Strict<'_> {
             }
             _ => Ok(()),
         }
+    }
+
+    /// A relation or function of [`STATEMENT_TEXTS`] (in any schema: an extension's view
+    /// lives where it was installed).
+    fn statement_texts(&self, name: &str) -> Check {
+        self.refuse(0, format!("{name} returns other sessions' statement texts, which hold the values they compare and write"))
     }
 
     /// One raw statement.
@@ -568,6 +585,9 @@ impl Strict<'_> {
                     }
                     if STATISTICS.contains(&w.as_str()) {
                         return self.refuse(0, format!("a DO block or function body reads catalog statistics ({w}), which hold values of masked columns"));
+                    }
+                    if STATEMENT_TEXTS.contains(&w.as_str()) {
+                        return self.statement_texts(&w);
                     }
                     if self.r.function_classes(None, &w) & DYNAMIC_SQL != 0 && self.r.is_function(&w) {
                         return self.refuse(0, format!("a DO block or function body calls {w}, which runs SQL given as text"));

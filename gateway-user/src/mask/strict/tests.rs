@@ -283,6 +283,11 @@ fn statistics_ddl_names_casts_and_joins_are_refused() {
         "select most_common_vals from pg_stats where attname = 'card'",
         "select * from pg_catalog.pg_statistic",
         "select * from pg_stats_ext",
+        "select query from pg_stat_activity",
+        "select query from pg_catalog.pg_stat_get_activity(null)",
+        "select pg_stat_get_backend_activity(s) from pg_stat_get_backend_idset() s",
+        "select query from public.pg_stat_statements",
+        "do $$ begin raise notice '%', (select string_agg(query, ' ') from pg_stat_activity); end $$",
         // DDL with expressions over masked columns
         "alter table customers add constraint c check (card < '5')",
         "create index on customers (substr(card, 1, 1))",
