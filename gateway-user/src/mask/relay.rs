@@ -543,6 +543,11 @@ impl MaskRelay {
         let data = &f.body();
         let new = match c.fmt.format {
             CopyKind::Binary => rewrite_copy_binary(data, c, &a.cols, &self.sess, &mut a.counts),
+            // Fields pgward cannot find are never relayed.
+            _ if c.fmt.other_encoding => {
+                tracing::error!("masking: COPY data in an encoding other than UTF-8; dropped");
+                Some(Bytes::new())
+            }
             _ => rewrite_copy_text(data, &c.fmt, &a.cols, &self.sess, &mut a.counts),
         };
         match new {
@@ -1207,7 +1212,7 @@ mod tests {
         let text = CopyFormat::text();
         let out = rewrite_copy_text(b"1\t4242424242424242\n", &text, &cols, &s, &mut counts).unwrap();
         assert_eq!(&out[..], b"1\t\\N\n");
-        let csv = CopyFormat { format: CopyKind::Csv, delimiter: b',', quote: b'"', escape: b'"', null: Vec::new(), header: false };
+        let csv = CopyFormat { format: CopyKind::Csv, delimiter: b',', quote: b'"', escape: b'"', null: Vec::new(), header: false, other_encoding: false };
         let out = rewrite_copy_text(b"\"a,4242424242424242\",\"x\"\"y\"\n", &csv, &cols, &s, &mut counts).unwrap();
         assert_eq!(&out[..], b",\n");
         assert_eq!(split_csv(b"a,\"b,c\",", b',', b'"', b'"').len(), 3);

@@ -31,7 +31,7 @@
 
 use serde_json::Value;
 
-use super::lineage::{Cx, Env, Item, Out, RelKind, Resolver, Taint};
+use super::lineage::{Cx, Env, Item, Out, RelKind, Resolver, Taint, other_encoding};
 use crate::policy::functions::DYNAMIC_SQL;
 use crate::policy::lexical::{Lex, lex};
 use crate::policy::pgtree::{Obj, list, names, str_field, sval, typed, wrapped};
@@ -528,6 +528,9 @@ impl Strict<'_> {
         if !from && !to_client && bits != 0 {
             return self.refuse(bits, "COPY of a table with masked columns to a server file or program".into());
         }
+        if !from && bits != 0 && option_text(b, "encoding").is_some_and(|e| e.as_deref().is_none_or(other_encoding)) {
+            return self.refuse(bits, "COPY of a table with masked columns in an ENCODING other than UTF8, which pgward cannot split into fields".into());
+        }
         if !from && bits != 0 && has_option(b, "null") {
             // Text format writes a value equal to the NULL string as that string: it passes
             // unmasked, as a NULL would, exactly when the value equals it.
@@ -919,7 +922,14 @@ fn text_cast(b: &Obj) -> bool {
 
 /// Whether a statement's `options` (COPY's `WITH (…)`) set `name`.
 fn has_option(b: &Obj, name: &str) -> bool {
-    list(b, "options").iter().any(|o| o.get("DefElem").and_then(Value::as_object).is_some_and(|d| str_field(d, "defname") == Some(name)))
+    option_text(b, name).is_some()
+}
+
+/// Option `name` of a statement's `options`: None when not set, Some(None) when set to
+/// something other than a string.
+fn option_text<'a>(b: &'a Obj, name: &str) -> Option<Option<&'a str>> {
+    let d = list(b, "options").iter().filter_map(|o| o.get("DefElem").and_then(Value::as_object)).find(|d| str_field(d, "defname") == Some(name))?;
+    Some(d.get("arg").and_then(sval))
 }
 
 /// A RangeVar's body: wrapped in a Node position, bare in a typed field (`relation`).
