@@ -1217,3 +1217,19 @@ fn copy_in_another_encoding_is_not_split_as_utf8() {
         assert!(contains(&data, "2\t****-****-****-4444\n"), "{}", String::from_utf8_lossy(&data));
     }
 }
+
+/// A DO block is scanned lexically for the names of masked columns and rule tables. Postgres
+/// reads `U&"!006eotes" UESCAPE '!'` as `notes`: the scan decodes Unicode escapes with the
+/// escape character UESCAPE names, not only the default backslash.
+#[test]
+fn bodies_cannot_hide_names_behind_uescape() {
+    let e = env_strict("mask_body_uescape");
+    let mut c = e.support().raw().expect("login");
+    let q = "DO $$BEGIN RAISE NOTICE '%', (SELECT string_agg(U&\"!006eotes\" UESCAPE '!', ',') \
+             FROM U&\"!0063ustomers\" UESCAPE '!'); END$$";
+    let msgs = c.simple_query(q).unwrap();
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("not refused: {}", raw::describe_all(&msgs)));
+    assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
+    assert!(err.fields()[&'M'].contains("notes"), "{}", raw::describe_all(&msgs));
+    assert_no_leak(&c.received, "UESCAPE in a body");
+}

@@ -47,10 +47,18 @@ pub(crate) fn lex(text: &str) -> Vec<Lex> {
             && (b[i + 2] == '"' || b[i + 2] == '\'')
             && !prev_is_ident(&b, i)
         {
-            // U&"…" / U&'…' with Unicode escapes: what Postgres sees is the decoded text.
+            // U&"…" / U&'…' with Unicode escapes: what Postgres sees is the decoded text,
+            // with the escape character a following `UESCAPE 'c'` names.
             let q = b[i + 2];
-            let (s, next) = quoted(&b, i + 3, q, false);
-            let s = decode_unicode_escapes(&s, '\\').unwrap_or(s);
+            let (s, mut next) = quoted(&b, i + 3, q, false);
+            let esc = match uescape(&b, next) {
+                Some((c, after)) => {
+                    next = after;
+                    c
+                }
+                None => '\\',
+            };
+            let s = decode_unicode_escapes(&s, esc).unwrap_or(s);
             out.push(if q == '"' { Lex::Word(s.to_lowercase()) } else { Lex::Str(s) });
             i = next;
         } else if c == '"' {
@@ -76,6 +84,44 @@ pub(crate) fn lex(text: &str) -> Vec<Lex> {
         }
     }
     out
+}
+
+/// A `UESCAPE 'c'` clause at `i` (after whitespace and comments): the escape character and
+/// the index after the clause.
+fn uescape(b: &[char], i: usize) -> Option<(char, usize)> {
+    let n = b.len();
+    let mut j = skip_space(b, i);
+    let word: String = b.get(j..j + 7)?.iter().collect();
+    if !word.eq_ignore_ascii_case("uescape") || b.get(j + 7).is_some_and(|c| c.is_alphanumeric() || *c == '_') {
+        return None;
+    }
+    j = skip_space(b, j + 7);
+    if j >= n || b[j] != '\'' {
+        return None;
+    }
+    let (s, next) = quoted(b, j + 1, '\'', false);
+    let mut chars = s.chars();
+    match (chars.next(), chars.next()) {
+        (Some(c), None) => Some((c, next)),
+        _ => None,
+    }
+}
+
+/// The index of the first character at or after `i` that is neither whitespace nor in a
+/// comment.
+fn skip_space(b: &[char], mut i: usize) -> usize {
+    let n = b.len();
+    loop {
+        if i < n && b[i].is_whitespace() {
+            i += 1;
+        } else if i + 1 < n && b[i] == '-' && b[i + 1] == '-' {
+            i = skip_line_comment(b, i);
+        } else if i + 1 < n && b[i] == '/' && b[i + 1] == '*' {
+            i = skip_block_comment(b, i);
+        } else {
+            return i;
+        }
+    }
 }
 
 /// Skip a `--` comment starting at `i`: returns the index of the newline (or the end).
@@ -590,6 +636,25 @@ mod tests {
                 Lex::Punct('$'),
             ]
         );
+    }
+
+    /// `U&"…" UESCAPE 'c'` decodes with `c`, as Postgres does; the clause is not a word.
+    #[test]
+    fn uescape_names_the_escape_character() {
+        let t = lex("SELECT U&\"!006eotes\" UESCAPE '!', U&'x!0041' /* c */ uescape\n'!' FROM U&\"d\\0061ta\"");
+        assert_eq!(
+            t,
+            vec![
+                Lex::Word("select".into()),
+                Lex::Word("notes".into()),
+                Lex::Punct(','),
+                Lex::Str("xA".into()),
+                Lex::Word("from".into()),
+                Lex::Word("data".into()),
+            ]
+        );
+        let f = scan("DO $$BEGIN PERFORM U&\"!0070g_read_file\" UESCAPE '!'('/etc/passwd'); END$$");
+        assert!(f.functions.contains(&QName::new(None, "pg_read_file".into())), "{:?}", f.functions);
     }
 
     #[test]
