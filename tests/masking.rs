@@ -1047,6 +1047,16 @@ fn aggregate_distinct_compares_only_a_columns_own_values() {
     let msgs = c.simple_query("SELECT count(DISTINCT ssn), count(DISTINCT c.card) FROM customers c").unwrap();
     assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
     assert_eq!(text_rows(&msgs).len(), 1);
+    // A table of the session's own whose column the glob rule `*.*.ssn` covers holds the
+    // candidates; UNION ALL of two masked columns is allowed, DISTINCT over it is not.
+    let msgs = c.simple_query("CREATE TEMP TABLE cand (ssn text); INSERT INTO cand VALUES ('123-45-6789'), ('000-00-0000')").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    let q = "SELECT 'member' FROM (SELECT ssn FROM customers WHERE id = 1 UNION ALL SELECT ssn FROM cand) x \
+             HAVING count(DISTINCT x.ssn) = 2";
+    let msgs = c.simple_query(q).unwrap();
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+    assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+    assert!(text_rows(&msgs).is_empty(), "{q}: {}", raw::describe_all(&msgs));
 }
 
 /// The keyed hash is stable so that a column's values can be joined; a hash of anything else

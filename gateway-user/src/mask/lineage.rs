@@ -351,6 +351,10 @@ impl<'p> Env<'p> {
     pub(super) fn find(&self, name: &str) -> Option<&Rel> {
         self.levels().find_map(|e| e.rels.iter().find(|r| r.name == name))
     }
+    /// Every relation in scope, innermost level first.
+    pub(super) fn levels_rels(&self) -> impl Iterator<Item = &Rel> {
+        self.levels().flat_map(|e| e.rels.iter())
+    }
 }
 
 fn find_in(env: Option<&Env<'_>>, name: &str) -> Option<Rel> {

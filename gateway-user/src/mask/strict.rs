@@ -31,7 +31,7 @@
 
 use serde_json::Value;
 
-use super::lineage::{Cx, Env, Item, Out, RelKind, Resolver, Taint, other_encoding};
+use super::lineage::{Cx, Env, Item, Out, Rel, RelKind, Resolver, Taint, other_encoding};
 use crate::policy::functions::DYNAMIC_SQL;
 use crate::policy::lexical::{Lex, lex};
 use crate::policy::pgtree::{Obj, list, names, str_field, sval, typed, wrapped};
@@ -754,17 +754,19 @@ impl Strict<'_> {
     }
 
     /// An aggregate's `DISTINCT` compares its arguments' values with each other. Only
-    /// `count(DISTINCT col)` of bare masked columns may do so: the column's own values are
-    /// compared among themselves. A value mixed with others (`CASE WHEN id = 1 THEN card ELSE
-    /// g END` over candidates `g`) makes the count a membership test of the masked value, and
-    /// `string_agg(DISTINCT …)` returns the values sorted, ranking it among chosen strings.
+    /// `count(DISTINCT col)` of a masked column of a table (not of a derived table or CTE,
+    /// whose `UNION ALL` or `CASE` can bring in other values) may do so: the column's own
+    /// values are compared among themselves. A value mixed with others (`CASE WHEN id = 1
+    /// THEN card ELSE g END` over candidates `g`) makes the count a membership test of the
+    /// masked value, and `string_agg(DISTINCT …)` returns the values sorted, ranking it among
+    /// chosen strings.
     fn distinct_args(&self, name: &str, builtin: bool, args: &[Value], env: &Env<'_>) -> Check {
         for a in args {
             let t = self.cx.walk_taint(a, env);
             if t.is_none() {
                 continue;
             }
-            if !(builtin && name == "count" && t.direct && a.get("ColumnRef").is_some()) {
+            if !(builtin && name == "count" && t.direct && self.base_column(a, env)) {
                 return self.refuse(
                     t.rules,
                     "a masked column is compared by an aggregate's DISTINCT other than as a bare column of count(DISTINCT …)".into(),
@@ -772,6 +774,22 @@ impl Strict<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Whether `v` is a column reference that names a column of a base table: `t.col` with
+    /// `t` a table in scope, or `col` found only in tables.
+    fn base_column(&self, v: &Value, env: &Env<'_>) -> bool {
+        let Some(cr) = v.get("ColumnRef").and_then(Value::as_object) else { return false };
+        let fields = names(list(cr, "fields"));
+        let is_base = |r: &Rel| matches!(r.kind, RelKind::Base { .. });
+        match fields.as_slice() {
+            [rel, _] => env.find(rel).is_some_and(is_base),
+            [col] => {
+                let mut found = env.levels_rels().filter(|r| !r.col_with(col, self.r, false).is_none()).peekable();
+                found.peek().is_some() && found.all(is_base)
+            }
+            _ => false,
+        }
     }
 
     /// The taint of the first tainted value among `vs`, for messages.
