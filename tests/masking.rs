@@ -1047,10 +1047,9 @@ fn aggregate_distinct_compares_only_a_columns_own_values() {
     let msgs = c.simple_query("SELECT count(DISTINCT ssn), count(DISTINCT c.card) FROM customers c").unwrap();
     assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
     assert_eq!(text_rows(&msgs).len(), 1);
-    // A table of the session's own whose column the glob rule `*.*.ssn` covers holds the
-    // candidates; UNION ALL of two masked columns is allowed, DISTINCT over it is not.
-    let msgs = c.simple_query("CREATE TEMP TABLE cand (ssn text); INSERT INTO cand VALUES ('123-45-6789'), ('000-00-0000')").unwrap();
-    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    // Another table whose column the glob rule `*.*.ssn` covers holds candidates; UNION ALL
+    // of two masked columns is allowed, DISTINCT over it is not.
+    cluster().svc_sql(&e.db, "CREATE TABLE cand (ssn text); INSERT INTO cand VALUES ('123-45-6789'), ('000-00-0000')");
     let q = "SELECT 'member' FROM (SELECT ssn FROM customers WHERE id = 1 UNION ALL SELECT ssn FROM cand) x \
              HAVING count(DISTINCT x.ssn) = 2";
     let msgs = c.simple_query(q).unwrap();
@@ -1242,4 +1241,44 @@ fn bodies_cannot_hide_names_behind_uescape() {
     assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
     assert!(err.fields()[&'M'].contains("notes"), "{}", raw::describe_all(&msgs));
     assert_no_leak(&c.received, "UESCAPE in a body");
+}
+
+/// A column's hash is the same in every table, so a value the session puts into a column a
+/// `hash` rule covers comes back as the hash it would have as an SSN of a customer: under the
+/// glob `*.*.ssn`, `CREATE TEMP TABLE t (ssn text)` and one INSERT over `generate_series`
+/// hash a million candidates. Strict masking refuses writes to such columns and creating,
+/// renaming or moving a relation so that a hash rule covers one of its columns.
+#[test]
+fn hashed_columns_take_no_chosen_values() {
+    let e = env_strict("mask_hash_writes");
+    let mut c = e.support().raw().expect("login");
+    let msgs = c.simple_query("SELECT ssn FROM customers WHERE id = 1").unwrap();
+    let target = text_rows(&msgs)[0][0].clone().expect("hashed ssn");
+    let msgs = c.simple_query("CREATE TEMP TABLE t (x text); INSERT INTO t VALUES ('123-45-6789'), ('078-05-1120')").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    for q in [
+        "CREATE TEMP TABLE cand (ssn text)",
+        "CREATE TEMP TABLE cand AS SELECT x AS ssn FROM t",
+        "SELECT x AS ssn INTO TEMP cand FROM t",
+        "CREATE TEMP VIEW cand AS SELECT x AS ssn FROM t",
+        "CREATE TEMP TABLE cand (LIKE customers)",
+        "ALTER TABLE t RENAME COLUMN x TO ssn",
+        "INSERT INTO customers (id, ssn) SELECT 100 + row_number() OVER (), x FROM t",
+        "UPDATE customers SET ssn = '123-45-6789' WHERE id = 2",
+        "INSERT INTO customers VALUES (9, 'x', NULL, NULL, '123-45-6789', NULL, NULL)",
+    ] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("hash rule"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(!contains(&c.received[before..], &target), "{q}");
+    }
+    // Other columns of the rule table are still written.
+    let msgs = c.simple_query("INSERT INTO customers (id, name, card) VALUES (9, 'New', '4000056655665556')").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    let pg = cluster();
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM customers WHERE ssn IN ('123-45-6789', '078-05-1120')").trim(), "2", "an SSN was written");
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_attribute WHERE attname = 'ssn' AND attrelid <> 'customers'::regclass AND NOT attisdropped").trim(), "0");
+    assert_no_leak(&c.received, "hash writes");
 }

@@ -78,6 +78,15 @@ pub trait Resolver {
     fn ident_rules(&self, _ident: &str) -> u64 {
         u64::MAX
     }
+    /// Strict masking: the rules (of those this resolver reports) whose style is `hash`.
+    fn hashed_rules(&self) -> u64 {
+        0
+    }
+    /// Strict masking: rules that may cover tables of schema `schema` (a pattern without a
+    /// schema, or one whose schema part matches).
+    fn schema_rules(&self, _schema: &str) -> u64 {
+        u64::MAX
+    }
 }
 
 /// One item of a statement's output list.

@@ -211,6 +211,12 @@ impl Resolver for Res<'_> {
         let views = self.snap.map(|s| s.view_rules(None, ident, None)).unwrap_or(0);
         (self.sess.policy.ident_rules(ident) | views) & self.bits
     }
+    fn hashed_rules(&self) -> u64 {
+        self.sess.policy.hashed_rules() & self.bits
+    }
+    fn schema_rules(&self, schema: &str) -> u64 {
+        self.sess.policy.schema_rules(schema) & self.bits
+    }
 }
 
 /// How long the statement after a session's own DDL waits for the catalog reload.

@@ -247,6 +247,8 @@ impl Strict<'_> {
                 format!("a function or type named {name:?} would stand in for the built-in strict masking trusts (under a search_path that puts pg_catalog after it)"),
             );
         }
+        self.hashed_creation(ty, b)?;
+        self.hashed_rename(ty, b)?;
         match ty {
             "SelectStmt" => self.select(b, None, Ctx::Output),
             "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => self.modify(ty, b, None),
@@ -460,6 +462,7 @@ impl Strict<'_> {
 
     /// INSERT/UPDATE/DELETE/MERGE.
     fn modify(&self, ty: &str, b: &Obj, env: Option<&Env<'_>>) -> Check {
+        self.hashed_writes(ty, b)?;
         let ctes = self.cx.ctes(b, env);
         let cenv = Env { rels: &ctes, parent: env };
         self.with_clause(b, &cenv)?;
@@ -514,6 +517,7 @@ impl Strict<'_> {
     /// COPY: a table to the client is masked on the way out; a query, or a table to a server
     /// file or program, is not.
     fn copy(&self, b: &Obj) -> Check {
+        self.hashed_copy_from(b)?;
         if let Some(q) = b.get("query") {
             return self.query(q, None, Ctx::Deny(Why::CopyQuery));
         }
@@ -1012,6 +1016,7 @@ fn command_name(ty: &str) -> String {
     out
 }
 
+mod hashed;
 mod shadow;
 
 #[cfg(test)]
