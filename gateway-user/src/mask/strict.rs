@@ -532,7 +532,7 @@ impl Strict<'_> {
         if !from && !to_client && bits != 0 {
             return self.refuse(bits, "COPY of a table with masked columns to a server file or program".into());
         }
-        if !from && bits != 0 && option_text(b, "encoding").is_some_and(|e| e.as_deref().is_none_or(other_encoding)) {
+        if !from && bits != 0 && option_text(b, "encoding").is_some_and(|e| e.is_none_or(other_encoding)) {
             return self.refuse(bits, "COPY of a table with masked columns in an ENCODING other than UTF8, which pgward cannot split into fields".into());
         }
         if !from && bits != 0 && has_option(b, "null") {
