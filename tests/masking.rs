@@ -1282,3 +1282,25 @@ fn hashed_columns_take_no_chosen_values() {
     assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_attribute WHERE attname = 'ssn' AND attrelid <> 'customers'::regclass AND NOT attisdropped").trim(), "0");
     assert_no_leak(&c.received, "hash writes");
 }
+
+/// Bodies are scanned for the names of masked columns and tables as SQL and PL/pgSQL write
+/// them. A body in another language (PL/Perl, PL/Python, …, wherever one is installed) runs
+/// SQL it concatenates at run time — `spi_exec_query('SELECT no' . 'tes FROM cust' . 'omers')`
+/// — which no scan follows: refused by pgward before the server sees it.
+#[test]
+fn bodies_in_other_languages_are_refused() {
+    let e = env_strict("mask_body_language");
+    let mut c = e.support().raw().expect("login");
+    for q in [
+        "DO LANGUAGE plperl $$ my $r = spi_exec_query('SELECT no' . 'tes FROM cust' . 'omers'); elog(NOTICE, join(',', values %{$r->{rows}[0]})); $$",
+        "CREATE FUNCTION f() RETURNS text LANGUAGE plpython3u AS $$ return str(plpy.execute('SELECT no' + 'tes FROM cust' + 'omers')[0]) $$",
+    ] {
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: no error: {}", raw::describe_all(&msgs)));
+        // 42501 from pgward, not the server's 42704 (language does not exist): it never ran.
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("language"), "{q}: {}", raw::describe_all(&msgs));
+    }
+    let msgs = c.simple_query("DO LANGUAGE plpgsql $$BEGIN RAISE NOTICE 'hello'; END$$").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+}

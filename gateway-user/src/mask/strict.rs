@@ -139,6 +139,12 @@ const HARMLESS: &[&str] = &[
     "CheckPointStmt",
 ];
 
+/// Languages whose bodies the lexical scan reads as the server runs them: SQL and PL/pgSQL,
+/// whose SQL is written in the body (or built by EXECUTE, which is refused). In PL/Perl,
+/// PL/Python, PL/Tcl, PL/v8, … a body runs SQL through its own calls on strings it
+/// concatenates (`spi_exec_query("SELECT no" . "tes FROM …")`), which no scan follows.
+const SCANNED_LANGUAGES: &[&str] = &["sql", "plpgsql"];
+
 /// How deep string bodies inside string bodies are scanned.
 const MAX_BODY_DEPTH: usize = 4;
 
@@ -558,6 +564,12 @@ impl Strict<'_> {
         let key = if ty == "DoStmt" { "args" } else { "options" };
         for opt in list(b, key) {
             let Some(d) = opt.get("DefElem").and_then(Value::as_object) else { continue };
+            if str_field(d, "defname") == Some("language") {
+                let lang = d.get("arg").and_then(sval).unwrap_or("").to_lowercase();
+                if !SCANNED_LANGUAGES.contains(&lang.as_str()) {
+                    return self.refuse(0, format!("a DO block or function body in language {lang:?}, whose SQL pgward cannot scan (it is built at run time)"));
+                }
+            }
             if str_field(d, "defname") != Some("as") {
                 continue;
             }

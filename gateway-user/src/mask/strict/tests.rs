@@ -113,6 +113,8 @@ fn allowed() {
         "select set_config('application_name', 'x', false)",
         "begin; select card from customers; commit",
         "do $$ begin raise notice 'hello'; end $$",
+        "do language plpgsql $$ begin raise notice 'hello'; end $$",
+        "create function g(int) returns int language SQL as 'select $1'",
         "create function f(int) returns int language sql as 'select $1 + 1'",
         "create table t2 (a int, b text)",
         "create table t3 as select name from customers",
@@ -305,6 +307,9 @@ fn set_operations_bodies_and_dynamic_sql_are_refused() {
         // bodies and dynamic SQL
         "do $$ begin raise notice '%', (select card from customers limit 1); end $$",
         "do $$ begin execute 'select 1'; end $$",
+        "do language plperl $$ my $r = spi_exec_query('select no' . 'tes from cust' . 'omers'); elog(NOTICE, join(',', values %{$r->{rows}[0]})); $$",
+        "create function f() returns text language plpython3u as $$ return str(plpy.execute('select no' + 'tes from cust' + 'omers')[0]) $$",
+        "create function f() returns text as $$ return 1 $$ language 'pltcl'",
         "do $$ begin raise notice '%', (select histogram_bounds::text from pg_stats where tablename = 'cust' || 'omers' limit 1); end $$",
         "do $$ declare r refcursor := 'c'; x text; begin fetch r into x; raise notice '%', x; end $$",
         "create function rd(r refcursor) returns text language plpgsql as $$ declare x text; begin fetch next from r into x; return x; end $$",
