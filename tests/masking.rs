@@ -1304,3 +1304,21 @@ fn bodies_in_other_languages_are_refused() {
     let msgs = c.simple_query("DO LANGUAGE plpgsql $$BEGIN RAISE NOTICE 'hello'; END$$").unwrap();
     assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
 }
+
+/// Postgres cuts an identifier longer than 63 bytes to 63: a 70-character spelling of a
+/// 63-character rule table names that table. The lexical scan of bodies cuts them too.
+#[test]
+fn bodies_cannot_hide_long_names_behind_a_longer_spelling() {
+    let table = "t".repeat(63);
+    let policy = format!("{POLICY}\n[[mask]]\nname = \"long\"\ncolumns = [\"public.{table}.secret\"]\nstyle = \"null\"\n");
+    let e = env_with("mask_long_ident", &policy);
+    cluster().svc_sql(&e.db, &format!("CREATE TABLE {table} (id int, secret text); INSERT INTO {table} VALUES (1, 'secret-note-delta')"));
+    let mut c = e.support().raw().expect("login");
+    let msgs = c.simple_query(&format!("SELECT secret FROM {table}")).unwrap();
+    assert_eq!(text_rows(&msgs), vec![vec![None]], "{}", raw::describe_all(&msgs));
+    let q = format!("DO $$BEGIN RAISE NOTICE '%', (SELECT string_agg(v::text, ',') FROM {table}ttttttt v); END$$");
+    let msgs = c.simple_query(&q).unwrap();
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("not refused: {}", raw::describe_all(&msgs)));
+    assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
+    assert!(!contains(&c.received, "secret-note-delta"), "{}", raw::describe_all(&msgs));
+}

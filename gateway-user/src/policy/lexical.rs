@@ -59,11 +59,11 @@ pub(crate) fn lex(text: &str) -> Vec<Lex> {
                 None => '\\',
             };
             let s = decode_unicode_escapes(&s, esc).unwrap_or(s);
-            out.push(if q == '"' { Lex::Word(s.to_lowercase()) } else { Lex::Str(s) });
+            out.push(if q == '"' { word(&s) } else { Lex::Str(s) });
             i = next;
         } else if c == '"' {
             let (s, next) = quoted(&b, i + 1, '"', false);
-            out.push(Lex::Word(s.to_lowercase()));
+            out.push(word(&s));
             i = next;
         } else if c == '$' {
             i = dollar(&b, i, &mut out);
@@ -72,7 +72,7 @@ pub(crate) fn lex(text: &str) -> Vec<Lex> {
             while j < n && (b[j].is_alphanumeric() || b[j] == '_' || b[j] == '$') {
                 j += 1;
             }
-            out.push(Lex::Word(b[i..j].iter().collect::<String>().to_lowercase()));
+            out.push(word(&b[i..j].iter().collect::<String>()));
             i = j;
         } else if c.is_ascii_digit() {
             while i < n && (b[i].is_ascii_alphanumeric() || b[i] == '.' || b[i] == '_') {
@@ -84,6 +84,24 @@ pub(crate) fn lex(text: &str) -> Vec<Lex> {
         }
     }
     out
+}
+
+/// Postgres's longest identifier, in bytes (NAMEDATALEN - 1): a longer one is cut to it.
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// An identifier as the server names it: lowercased (quoted ones too, see [`Lex::Word`]) and
+/// cut to [`MAX_IDENTIFIER_BYTES`] at a character boundary, so that a 70-character spelling
+/// of a 63-character masked column is that column.
+fn word(s: &str) -> Lex {
+    let mut w = s.to_lowercase();
+    if w.len() > MAX_IDENTIFIER_BYTES {
+        let mut end = MAX_IDENTIFIER_BYTES;
+        while !w.is_char_boundary(end) {
+            end -= 1;
+        }
+        w.truncate(end);
+    }
+    Lex::Word(w)
 }
 
 /// A `UESCAPE 'c'` clause at `i` (after whitespace and comments): the escape character and
@@ -636,6 +654,16 @@ mod tests {
                 Lex::Punct('$'),
             ]
         );
+    }
+
+    /// Identifiers longer than 63 bytes are cut as the server cuts them.
+    #[test]
+    fn long_identifiers_are_truncated() {
+        let long = format!("{}tail", "n".repeat(63));
+        assert_eq!(lex(&long), vec![Lex::Word("n".repeat(63))]);
+        assert_eq!(lex(&format!("\"{}\"", "N".repeat(70))), vec![Lex::Word("n".repeat(63))]);
+        // A two-byte character is not cut in half.
+        assert_eq!(lex(&format!("{}é", "x".repeat(62))), vec![Lex::Word("x".repeat(62))]);
     }
 
     /// `U&"…" UESCAPE 'c'` decodes with `c`, as Postgres does; the clause is not a word.
