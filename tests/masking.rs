@@ -1322,3 +1322,26 @@ fn bodies_cannot_hide_long_names_behind_a_longer_spelling() {
     assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
     assert!(!contains(&c.received, "secret-note-delta"), "{}", raw::describe_all(&msgs));
 }
+
+/// `CREATE TABLE … AS EXECUTE p` writes the rows of a prepared statement into a table of the
+/// session's: `PREPARE p AS SELECT notes FROM customers` is allowed (its output is masked),
+/// its rows written elsewhere are not. Strict masking refuses CREATE TABLE AS EXECUTE.
+#[test]
+fn create_table_as_execute_is_refused() {
+    // No hash rule: the ssn rule hashes nothing here, so only this check can refuse.
+    let e = env_with("mask_ctas_execute", &POLICY.replace("style = \"hash\"", "style = \"full\""));
+    let mut c = e.support().raw().expect("login");
+    let msgs = c.simple_query("PREPARE p AS SELECT notes, card FROM customers").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    for q in ["CREATE TABLE loot3 AS EXECUTE p", "CREATE TEMP TABLE loot4 AS EXECUTE p", "EXPLAIN ANALYZE CREATE TABLE loot5 AS EXECUTE p"] {
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("EXECUTE"), "{q}: {}", raw::describe_all(&msgs));
+    }
+    let msgs = c.simple_query("EXECUTE p").unwrap();
+    assert_eq!(text_rows(&msgs).len(), 3, "{}", raw::describe_all(&msgs));
+    assert_no_leak(&c.received, "CREATE TABLE AS EXECUTE");
+    let pg = cluster();
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_class WHERE relname IN ('loot3', 'loot5')").trim(), "0");
+}

@@ -264,6 +264,10 @@ impl Strict<'_> {
                 Some(q) => self.statement(q),
                 None => Ok(()),
             },
+            // The rows of a prepared statement are not in this tree: refused unread.
+            "CreateTableAsStmt" if b.get("query").and_then(wrapped).is_some_and(|(t, _)| t == "ExecuteStmt") => {
+                self.refuse(0, "CREATE TABLE AS EXECUTE writes a prepared statement's rows, which may hold masked values, to a table".into())
+            }
             "CreateTableAsStmt" => self.query_opt(b.get("query"), None, Ctx::Deny(Why::Written)),
             "ViewStmt" => self.query_opt(b.get("query"), None, Ctx::Deny(Why::View)),
             "CallStmt" => match b.get("funccall") {

@@ -242,6 +242,8 @@ fn writing_masked_values_elsewhere_is_refused() {
         "update customers set name = c2.card from customers c2 where c2.id = customers.id",
         "create table t4 as select card from customers",
         "select card into t5 from customers",
+        "create table t6 as execute p",
+        "explain analyze create temp table t7 as execute p(1)",
         "create view v2 as select card from customers",
         "create materialized view mv as select ssn from customers",
         "insert into customers (id) values (1) on conflict (id) do update set name = excluded.card",
