@@ -1345,3 +1345,30 @@ fn create_table_as_execute_is_refused() {
     let pg = cluster();
     assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_class WHERE relname IN ('loot3', 'loot5')").trim(), "0");
 }
+
+/// Rules name tables by pattern: renaming the schema of `public.customers` (the service role
+/// owns `public` when it owns the database), or making the table a member of an extension and
+/// moving the extension, leaves no table the patterns cover, and after the catalog reload
+/// every column read raw. Strict masking refuses those statements.
+#[test]
+fn rule_tables_cannot_be_moved_out_of_their_rules() {
+    // No hash rule, whose own checks would refuse a rename into `*.*.ssn` by accident.
+    let e = env_with("mask_moves", &POLICY.replace("style = \"hash\"", "style = \"full\""));
+    let mut c = e.support().raw().expect("login");
+    let msgs = c.simple_query("CREATE EXTENSION hstore; CREATE SCHEMA hidden").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    for q in ["ALTER SCHEMA public RENAME TO hidden2", "ALTER EXTENSION hstore ADD TABLE customers", "ALTER EXTENSION hstore SET SCHEMA hidden"] {
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+    }
+    for q in ["SELECT notes FROM public.customers", "SELECT notes FROM hidden.customers", "SELECT notes FROM hidden2.customers"] {
+        let _ = c.simple_query(q).unwrap();
+    }
+    assert!(!contains(&c.received, "secret-note"), "a note came back raw");
+    let pg = cluster();
+    assert_eq!(pg.sql(&e.db, "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE relname = 'customers'").trim(), "public");
+    // A schema no rule names by itself is renamed as before.
+    let msgs = c.simple_query("ALTER SCHEMA hidden RENAME TO scratch").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+}

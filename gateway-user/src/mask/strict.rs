@@ -255,6 +255,7 @@ impl Strict<'_> {
         }
         self.hashed_creation(ty, b)?;
         self.hashed_rename(ty, b)?;
+        self.moves(ty, b)?;
         match ty {
             "SelectStmt" => self.select(b, None, Ctx::Output),
             "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => self.modify(ty, b, None),
@@ -1033,6 +1034,7 @@ fn command_name(ty: &str) -> String {
 }
 
 mod hashed;
+mod moves;
 mod shadow;
 
 #[cfg(test)]

@@ -297,6 +297,18 @@ fn writing_or_creating_hashed_columns_is_refused() {
     }
 }
 
+/// Taking a rule table out of its patterns without naming it.
+#[test]
+fn moving_rule_tables_out_of_their_rules_is_refused() {
+    assert_refused(&[
+        "alter schema public rename to hidden",
+        "alter extension hstore add table customers",
+        "alter extension hstore drop table customers",
+        "alter extension hstore set schema hidden",
+    ]);
+    assert!(verdict("alter schema scratch rename to scratch2").is_ok());
+}
+
 /// Set operations over masked columns, bodies and SQL built at run time.
 #[test]
 fn set_operations_bodies_and_dynamic_sql_are_refused() {
