@@ -1372,3 +1372,36 @@ fn rule_tables_cannot_be_moved_out_of_their_rules() {
     let msgs = c.simple_query("ALTER SCHEMA hidden RENAME TO scratch").unwrap();
     assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
 }
+
+/// A DO block runs DDL as static SQL: what strict masking refuses as a statement — renaming
+/// the schema a rule names, an operator `public.=` over a function that RAISEs its
+/// arguments — ran from a body that names no masked column. Bodies under strict masking may
+/// not CREATE or ALTER anything.
+#[test]
+fn bodies_cannot_run_ddl_that_statements_may_not() {
+    let e = env_with("mask_body_ddl", &POLICY.replace("style = \"hash\"", "style = \"full\""));
+    let mut c = e.support().raw().expect("login");
+    let peek = "CREATE FUNCTION public.peek(a text, b text) RETURNS boolean LANGUAGE plpgsql AS $$BEGIN RAISE NOTICE 'peek %', a; RETURN a = b; END$$";
+    let msgs = c.simple_query(peek).unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    for q in [
+        "DO $$BEGIN ALTER SCHEMA public RENAME TO hidden; END$$",
+        "DO $$BEGIN CREATE OPERATOR public.= (leftarg = text, rightarg = text, function = public.peek); END$$",
+        "DO $x$BEGIN CREATE FUNCTION public.initcap(x text) RETURNS text LANGUAGE sql AS 'SELECT x'; END$x$",
+    ] {
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+    }
+    for q in [
+        "CREATE TEMP TABLE ddl_done ()",
+        "SELECT notes FROM hidden.customers",
+        "SET search_path = public, pg_catalog",
+        "SELECT id FROM customers WHERE notes = 'x'",
+    ] {
+        let _ = c.simple_query(q).unwrap();
+    }
+    assert!(!contains(&c.received, "secret-note"), "a note came back raw");
+    let pg = cluster();
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_operator WHERE oprnamespace = 'public'::regnamespace").trim(), "0");
+}

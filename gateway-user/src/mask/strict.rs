@@ -145,6 +145,12 @@ const HARMLESS: &[&str] = &[
 /// concatenates (`spi_exec_query("SELECT no" . "tes FROM …")`), which no scan follows.
 const SCANNED_LANGUAGES: &[&str] = &["sql", "plpgsql"];
 
+/// Words that start DDL in a body. PL/pgSQL runs DDL as static SQL, where strict masking
+/// never sees it as a statement: an operator `public.=` over a function that RAISEs its
+/// arguments, a schema rename that takes a rule table out of its pattern, a function named
+/// like a trusted built-in, a view or table over masked columns.
+const DDL_WORDS: &[&str] = &["create", "alter", "import"];
+
 /// How deep string bodies inside string bodies are scanned.
 const MAX_BODY_DEPTH: usize = 4;
 
@@ -556,7 +562,7 @@ impl Strict<'_> {
 
     /// DO blocks and function bodies: refused when they name a masked column, a rule table, a
     /// masked view or a statistics catalog (whose rows a body can pick by a table name it
-    /// builds from pieces), call a function that runs SQL from text, or run `EXECUTE` or `FETCH`
+    /// builds from pieces), call a function that runs SQL from text, run DDL, or run `EXECUTE` or `FETCH`
     /// (a refcursor holding the name of a cursor the session declared over a masked column
     /// reads its raw rows without naming the column).
     fn bodies(&self, ty: &str, b: &Obj) -> Check {
@@ -599,6 +605,9 @@ impl Strict<'_> {
                 Lex::Word(w) => {
                     if w == "execute" {
                         return self.refuse(0, "a DO block or function body runs EXECUTE, which pgward cannot follow".into());
+                    }
+                    if DDL_WORDS.contains(&w.as_str()) {
+                        return self.refuse(0, format!("a DO block or function body runs DDL ({}), which strict masking decides only as a statement", w.to_uppercase()));
                     }
                     if w == "fetch" {
                         return self.refuse(0, "a DO block or function body runs FETCH, which reads the rows of a cursor or portal the session opened over masked columns".into());

@@ -321,6 +321,9 @@ fn set_operations_bodies_and_dynamic_sql_are_refused() {
         // bodies and dynamic SQL
         "do $$ begin raise notice '%', (select card from customers limit 1); end $$",
         "do $$ begin execute 'select 1'; end $$",
+        "do $$ begin create operator public.= (leftarg = text, rightarg = text, function = public.peek); end $$",
+        "do $$ begin alter schema public rename to hidden; end $$",
+        "create function mk() returns void language plpgsql as $$ begin create view v as select 1; end $$",
         "do language plperl $$ my $r = spi_exec_query('select no' . 'tes from cust' . 'omers'); elog(NOTICE, join(',', values %{$r->{rows}[0]})); $$",
         "create function f() returns text language plpython3u as $$ return str(plpy.execute('select no' + 'tes from cust' + 'omers')[0]) $$",
         "create function f() returns text as $$ return 1 $$ language 'pltcl'",
