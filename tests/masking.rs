@@ -1405,3 +1405,31 @@ fn bodies_cannot_run_ddl_that_statements_may_not() {
     let pg = cluster();
     assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_operator WHERE oprnamespace = 'public'::regnamespace").trim(), "0");
 }
+
+/// A generated column computed from a masked column (`notes_upper GENERATED ALWAYS AS
+/// (upper(notes))`, `card_tail … right(card, 8)`) holds the masked value under a name no rule
+/// names. The catalog read follows generated columns to the columns they are computed from:
+/// they are masked as derived values, and strict masking treats them as masked columns.
+#[test]
+fn generated_columns_of_masked_columns_are_masked() {
+    let e = env_strict("mask_generated");
+    let pg = cluster();
+    pg.svc_sql(&e.db, "ALTER TABLE customers ADD COLUMN notes_upper text GENERATED ALWAYS AS (upper(notes)) STORED");
+    pg.svc_sql(&e.db, "ALTER TABLE customers ADD COLUMN card_tail text GENERATED ALWAYS AS (right(card, 8)) STORED");
+    // A gateway started after the DDL reads it at once.
+    let e = Env { db: e.db.clone(), pw: { drop(e.pw); start_with(POLICY) } };
+    let mut c = e.support().raw().expect("login");
+    for q in ["SELECT notes_upper, card_tail FROM customers", "SELECT * FROM customers", "SELECT x.notes_upper FROM (SELECT notes_upper FROM customers) x"] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+        assert_eq!(text_rows(&msgs).len(), 3, "{q}");
+        let got = &c.received[before..];
+        assert!(!contains(got, "SECRET-NOTE") && !contains(got, "42424242") && !contains(got, "55-4444"), "{q}: {}", raw::describe_all(&msgs));
+    }
+    let msgs = c.simple_query("SELECT notes_upper, card_tail FROM customers WHERE id = 1").unwrap();
+    assert_eq!(text_rows(&msgs), vec![vec![None, Some("********".to_string())]], "{}", raw::describe_all(&msgs));
+    let msgs = c.simple_query("SELECT length(notes_upper) FROM customers").unwrap();
+    assert_eq!(raw::first_error(&msgs).and_then(|e| e.sqlstate()).as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
+    assert_no_leak(&c.received, "generated columns");
+}

@@ -1266,6 +1266,7 @@ mod tests {
                 views: (0..n)
                     .map(|i| (("public".to_string(), format!("v{i}")), vec![("card".to_string(), 1)]))
                     .collect(),
+                generated: HashMap::new(),
                 loaded: None,
             }))
         };
