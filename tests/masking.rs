@@ -387,8 +387,8 @@ async fn tokio_postgres_binary_prepared_and_extended() {
         assert_eq!(r.get::<_, String>(3), "****************");
         assert!(r.get::<_, String>(4).starts_with("h:"));
         assert_eq!(r.get::<_, Option<i32>>(5), None, "binary int4 of a masked column: NULL");
-        // whole-row text of a table with masked columns: derived, masked as a whole ("full")
-        assert!(r.get::<_, String>(6).starts_with("(*,\"**** ***\",****************,"), "{:?}", r.get::<_, String>(6));
+        // whole-row text of a table with a `null` rule's column (notes): NULL
+        assert_eq!(r.get::<_, Option<String>>(6), None);
         assert_eq!(r.get::<_, String>(7), "Jane Roe");
     }
     // Parameters, the unnamed statement, a function (content detection in binary text).
@@ -422,7 +422,8 @@ fn copy_to_stdout_text_csv_binary() {
         ("COPY (SELECT id, upper(card), notes FROM customers ORDER BY id) TO STDOUT WITH (FORMAT csv)", "1,****************,\n"),
         ("COPY (SELECT memo FROM orders ORDER BY id) TO STDOUT", "paid with **** **** **** 5556"),
         ("COPY customers TO STDOUT WITH (FORMAT binary)", "PGCOPY"),
-        ("COPY (SELECT row_to_json(c) FROM customers c) TO STDOUT", "{\"**\":*,"),
+        ("COPY (SELECT row_to_json(x) FROM (SELECT id, card FROM customers) x) TO STDOUT", "{\"**\":*,"),
+        ("COPY (SELECT row_to_json(c) FROM customers c) TO STDOUT", "\\N\n"),
     ];
     for (q, expect) in cases {
         let before = c.received.len();
@@ -1019,4 +1020,461 @@ fn syncs_inside_copy_from_stdin_do_not_unmask_later_results() {
     assert_eq!(text_rows(&msgs), [[None]], "{}", raw::describe_all(&msgs));
     assert_no_leak(&c.received, "after COPY with a Sync inside");
     assert_eq!(cluster().sql(&e.db, "SELECT string_agg(v, ',' ORDER BY v) FROM loot").trim(), "one,two");
+}
+
+/// A cursor the session declared over a masked column is a portal any PL/pgSQL code can read
+/// by name: a refcursor set to `'cc'` FETCHes its raw rows without the body naming the column
+/// or its table, and RAISEs them or writes them to a table of its own. Strict masking refuses
+/// bodies that FETCH; the cursor itself still returns masked rows.
+#[test]
+fn bodies_cannot_fetch_from_the_sessions_cursors() {
+    let e = env_strict("mask_body_fetch");
+    let mut c = e.support().raw().expect("login");
+    for q in ["BEGIN", "DECLARE cc CURSOR FOR SELECT notes, card FROM customers ORDER BY id"] {
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+    }
+    let do_block = "DO $$DECLARE r refcursor := 'cc'; x text; y text; BEGIN \
+                    FETCH r INTO x, y; INSERT INTO loot VALUES (x), (y); RAISE NOTICE 'got % %', x, y; END$$";
+    let reader = "CREATE FUNCTION rd(r refcursor) RETURNS text LANGUAGE plpgsql AS \
+                  $$DECLARE x text; BEGIN FETCH r INTO x; RETURN x; END$$";
+    for q in [do_block, reader] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("FETCH"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(!contains(&c.received[before..], "secret-note"), "{q}: {}", raw::describe_all(&msgs));
+        let msgs = c.simple_query("ROLLBACK; BEGIN; DECLARE cc CURSOR FOR SELECT notes, card FROM customers ORDER BY id").unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    }
+    // The cursor itself: masked rows.
+    let msgs = c.simple_query("FETCH ALL FROM cc").unwrap();
+    assert_eq!(text_rows(&msgs)[0], vec![None, Some("************4242".to_string())], "{}", raw::describe_all(&msgs));
+    let msgs = c.simple_query("COMMIT").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    assert_no_leak(&c.received, "body FETCH");
+    let pg = cluster();
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM loot").trim(), "0", "the DO block ran upstream");
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_proc WHERE proname = 'rd'").trim(), "0");
+}
+
+/// An aggregate's DISTINCT compares values: mixing a masked value with candidates the query
+/// makes up (`CASE WHEN c.id = 1 THEN c.notes ELSE g END`) makes `count(DISTINCT …)` a
+/// membership test of a whole candidate list in one statement, and `string_agg(DISTINCT …)`
+/// returns the mix sorted, ranking the value among chosen strings. Refused; a bare column's
+/// `count(DISTINCT …)` still runs.
+#[test]
+fn aggregate_distinct_compares_only_a_columns_own_values() {
+    let e = env_strict("mask_agg_distinct");
+    let mut c = e.support().raw().expect("login");
+    let member = |guess: &str| {
+        format!(
+            "SELECT 'member' FROM customers c, (VALUES ('{guess}'), ('zzz')) v(g) \
+             HAVING count(DISTINCT CASE WHEN c.id = 1 THEN c.notes ELSE g END) = 2"
+        )
+    };
+    for q in [
+        member("secret-note-alpha"),
+        member("secret-note-bravo"),
+        "SELECT string_agg(DISTINCT CASE WHEN c.id = 1 THEN c.card COLLATE \"C\" ELSE g END, ',') \
+         FROM customers c, (VALUES ('3'), ('4-'), ('5--')) v(g)"
+            .to_string(),
+    ] {
+        let before = c.received.len();
+        let msgs = c.simple_query(&q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("DISTINCT"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(text_rows(&msgs).is_empty(), "{q}: {}", raw::describe_all(&msgs));
+        assert_no_leak(&c.received[before..], &q);
+    }
+    let msgs = c.simple_query("SELECT count(DISTINCT ssn), count(DISTINCT c.card) FROM customers c").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    assert_eq!(text_rows(&msgs).len(), 1);
+    // Another table whose column the glob rule `*.*.ssn` covers holds candidates; UNION ALL
+    // of two masked columns is allowed, DISTINCT over it is not.
+    cluster().svc_sql(&e.db, "CREATE TABLE cand (ssn text); INSERT INTO cand VALUES ('123-45-6789'), ('000-00-0000')");
+    let q = "SELECT 'member' FROM (SELECT ssn FROM customers WHERE id = 1 UNION ALL SELECT ssn FROM cand) x \
+             HAVING count(DISTINCT x.ssn) = 2";
+    let msgs = c.simple_query(q).unwrap();
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+    assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+    assert!(text_rows(&msgs).is_empty(), "{q}: {}", raw::describe_all(&msgs));
+}
+
+/// The keyed hash is stable so that a column's values can be joined; a hash of anything else
+/// is a hash of what the query chose. `substr(ssn, 1, 1)` hashed is one digit, told apart by
+/// the hashes of the ten digits a `CASE` arm (or a literal a content detector finds) brings
+/// under the same key: nine statements name the SSN. Only a rule column's own values are
+/// hashed; derived values and detector hits are masked `full`. A value derived from a `null`
+/// rule's column is NULL, not `full` under another rule's style (which shows its length and
+/// punctuation).
+#[test]
+fn hashes_are_of_column_values_only() {
+    let e = env_strict("mask_hash_oracle");
+    let mut c = e.support().raw().expect("login");
+    let msgs = c.simple_query("SELECT ssn FROM customers WHERE id = 1").unwrap();
+    let target = text_rows(&msgs)[0][0].clone().expect("hashed ssn");
+    assert!(target.starts_with("h:"), "{target}");
+    // The hash of each first digit, and of every string the query makes up.
+    let probes = [
+        ("SELECT substr(ssn, 1, 1), upper(ssn), ssn || '' FROM customers WHERE id = 1", vec![vec![Some("*"), Some("***-**-****"), Some("***-**-****")]]),
+        ("SELECT CASE WHEN c.id < 0 THEN c.ssn ELSE '123-45-6789' END FROM customers c WHERE c.id = 1", vec![vec![Some("***-**-****")]]),
+        ("SELECT '123-45-6789'::text, 'x 123-45-6789 y'::text", vec![vec![Some("***-**-****"), Some("x ***-**-**** y")]]),
+        ("SELECT concat(card, '|', notes), card || notes FROM customers WHERE id = 1", vec![vec![None, None]]),
+        ("SELECT CASE WHEN id = 1 THEN notes ELSE card END FROM customers WHERE id = 1", vec![vec![None]]),
+    ];
+    for (q, want) in probes {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+        let want: Vec<Vec<Option<String>>> = want.into_iter().map(|r| r.into_iter().map(|v| v.map(String::from)).collect()).collect();
+        assert_eq!(text_rows(&msgs), want, "{q}");
+        assert!(!contains(&c.received[before..], &target), "{q}: the SSN's hash came back");
+        assert!(!contains(&c.received[before..], "h:"), "{q}: a hash came back: {}", raw::describe_all(&msgs));
+        assert!(!contains(&c.received[before..], "-note-"), "{q}: a note's shape came back");
+    }
+    // A column's own values still hash alike, across tables (joins still work).
+    let msgs = c.simple_query("SELECT x.ssn FROM (SELECT ssn FROM customers WHERE id = 1) x").unwrap();
+    assert_eq!(text_rows(&msgs)[0][0].as_deref(), Some(target.as_str()));
+    assert_no_leak(&c.received, "hash oracle");
+}
+
+/// Text COPY writes a delimiter that occurs in a value as a backslash and the delimiter.
+/// With `DELIMITER '-'`, `secret-note-alpha` is `secret\-note\-alpha`: split at every `-`,
+/// only its first piece would be masked and the rest would pass as other columns' values.
+#[test]
+fn copy_text_fields_are_split_as_the_server_wrote_them() {
+    let e = env_strict("mask_copy_delim");
+    let mut c = e.support().raw().expect("login");
+    let cases: &[(&str, &[u8])] = &[
+        ("COPY customers (notes, id) TO STDOUT (DELIMITER '-')", b"\\N-1\n\\N-2\n\\N-3\n"),
+        ("COPY customers (card, id) TO STDOUT (DELIMITER '-')", b"****\\-****\\-****\\-4444-2\n"),
+        ("COPY customers (email, id) TO STDOUT (DELIMITER '@')", b"e.com@1\n"),
+    ];
+    for (q, expect) in cases {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+        let data: Vec<u8> = msgs.iter().filter(|m| m.tag == b'd').flat_map(|m| m.body.clone()).collect();
+        assert!(data.windows(expect.len()).any(|w| w == *expect), "{q}: {}", String::from_utf8_lossy(&data));
+        let got = &c.received[before..];
+        for piece in ["alpha", "bravo", "charlie", "note", "5555", "jane"] {
+            assert!(!contains(got, piece), "{q}: {piece:?} came back: {}", String::from_utf8_lossy(&data));
+        }
+        assert_no_leak(got, q);
+    }
+}
+
+/// Text COPY writes a value equal to the NULL string as that string, which passes unmasked
+/// like a NULL: a NULL string is a guess at a value, counted with the others.
+#[test]
+fn copy_null_strings_count_as_guesses() {
+    let e = env_strict("mask_copy_null");
+    let mut c = e.support().raw().expect("login");
+    let msgs = c.simple_query("COPY customers (notes) TO STDOUT (NULL 'secret-note-alpha')").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    // Seventeen NULL strings, each a guess at a note, in one query string.
+    let q: Vec<String> = (0..17).map(|i| format!("COPY customers (notes) TO STDOUT (NULL 'secret-note-{i}')")).collect();
+    let msgs = c.simple_query(&q.join("; ")).unwrap();
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("17 NULL guesses ran: {}", raw::describe_all(&msgs)));
+    assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
+    assert!(err.fields()[&'M'].contains("guess"), "{}", raw::describe_all(&msgs));
+}
+
+/// Catalog statistics hold column values (`pg_stats.histogram_bounds` lists a column's values
+/// after ANALYZE). A DO block can read them without naming the column or its table in a way
+/// a scan sees (`tablename = 'cust' || 'omers'`): bodies that name a statistics relation are
+/// refused like statements that do.
+#[test]
+fn bodies_cannot_read_catalog_statistics() {
+    let e = env_strict("mask_body_stats");
+    cluster().svc_sql(&e.db, "ANALYZE customers");
+    let mut c = e.support().raw().expect("login");
+    for q in [
+        "DO $$BEGIN RAISE NOTICE '%', (SELECT string_agg(histogram_bounds::text, ' ') FROM pg_stats WHERE tablename = 'cust' || 'omers'); END$$",
+        "DO $$BEGIN RAISE NOTICE '%', (SELECT string_agg(s.histogram_bounds::text, ' ') FROM pg_catalog.pg_stats s); END$$",
+    ] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("pg_stats"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(!contains(&c.received[before..], "secret-note"), "{q}: {}", raw::describe_all(&msgs));
+    }
+    assert_no_leak(&c.received, "statistics in bodies");
+}
+
+/// The text of other sessions' statements holds the values they compare and write
+/// (`… WHERE notes = 'secret-note-alpha'` of an exempt application), and every session of
+/// the service role reads it in `pg_stat_activity`. Strict masking refuses the relations and
+/// functions that return statement texts, in statements and in bodies.
+#[test]
+fn other_sessions_statement_texts_are_not_readable() {
+    let e = env_strict("mask_activity");
+    let mut x = e.login(&["support", "pii_readers"]).raw().expect("login");
+    let msgs = x.simple_query("SELECT id FROM customers WHERE notes = 'secret-note-alpha'").unwrap();
+    assert_eq!(text_rows(&msgs), vec![vec![Some("1".to_string())]], "{}", raw::describe_all(&msgs));
+    let mut c = e.support().raw().expect("login");
+    for q in [
+        "SELECT query FROM pg_stat_activity",
+        "SELECT a.query FROM pg_catalog.pg_stat_activity a WHERE a.pid <> pg_backend_pid()",
+        "SELECT query FROM pg_stat_get_activity(NULL)",
+        "SELECT pg_stat_get_backend_activity(s) FROM pg_stat_get_backend_idset() s",
+        "SELECT query FROM pg_stat_statements",
+        "DO $$BEGIN RAISE NOTICE '%', (SELECT string_agg(query, ' ') FROM pg_stat_activity); END$$",
+    ] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("statement texts"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(!contains(&c.received[before..], "secret-note"), "{q}: {}", raw::describe_all(&msgs));
+    }
+    assert_no_leak(&c.received, "statement texts");
+}
+
+/// COPY's ENCODING option converts the data to another encoding, in which a byte after the
+/// first of a character may be a backslash or the delimiter (Shift-JIS `ソ` is 0x83 0x5C, `ポ`
+/// 0x83 0x7C). The server writes such characters whole; split byte by byte, a name set to
+/// `ソ` joins the next field to it and moves the note into a column that is not masked.
+/// Strict masking refuses a COPY of a rule table in another encoding; under best-effort
+/// masking the data pgward cannot split is not relayed.
+#[test]
+fn copy_in_another_encoding_is_not_split_as_utf8() {
+    let cases = [
+        ("UPDATE customers SET name = 'ソ' WHERE id = 1", "COPY customers (name, notes, id) TO STDOUT (ENCODING 'SJIS')"),
+        ("UPDATE customers SET name = 'ポ' WHERE id = 1", "COPY customers (name, notes, id) TO STDOUT (FORMAT csv, DELIMITER '|', ENCODING 'sjis')"),
+    ];
+    for strict in [true, false] {
+        let e = if strict { env_strict("mask_copy_enc") } else { env("mask_copy_enc_be") };
+        let mut c = e.support().raw().expect("login");
+        for (update, copy) in cases {
+            let msgs = c.simple_query(update).unwrap();
+            assert!(raw::first_error(&msgs).is_none(), "{update}: {}", raw::describe_all(&msgs));
+            let before = c.received.len();
+            let msgs = c.simple_query(copy).unwrap();
+            if strict {
+                let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{copy}: not refused: {}", raw::describe_all(&msgs)));
+                assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{copy}: {}", raw::describe_all(&msgs));
+                assert!(err.fields()[&'M'].contains("ENCODING"), "{copy}: {}", raw::describe_all(&msgs));
+            }
+            let data: Vec<u8> = msgs.iter().filter(|m| m.tag == b'd').flat_map(|m| m.body.clone()).collect();
+            assert!(!contains(&c.received[before..], "secret-note"), "{copy}: {}", String::from_utf8_lossy(&data));
+            assert_no_leak(&c.received[before..], copy);
+        }
+        // UTF-8 named any way PostgreSQL accepts is split as before.
+        let msgs = c.simple_query("COPY customers (id, card) TO STDOUT (ENCODING 'utf-8')").unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+        let data: Vec<u8> = msgs.iter().filter(|m| m.tag == b'd').flat_map(|m| m.body.clone()).collect();
+        assert!(contains(&data, "2\t****-****-****-4444\n"), "{}", String::from_utf8_lossy(&data));
+    }
+}
+
+/// A DO block is scanned lexically for the names of masked columns and rule tables. Postgres
+/// reads `U&"!006eotes" UESCAPE '!'` as `notes`: the scan decodes Unicode escapes with the
+/// escape character UESCAPE names, not only the default backslash.
+#[test]
+fn bodies_cannot_hide_names_behind_uescape() {
+    let e = env_strict("mask_body_uescape");
+    let mut c = e.support().raw().expect("login");
+    let q = "DO $$BEGIN RAISE NOTICE '%', (SELECT string_agg(U&\"!006eotes\" UESCAPE '!', ',') \
+             FROM U&\"!0063ustomers\" UESCAPE '!'); END$$";
+    let msgs = c.simple_query(q).unwrap();
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("not refused: {}", raw::describe_all(&msgs)));
+    assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
+    assert!(err.fields()[&'M'].contains("notes"), "{}", raw::describe_all(&msgs));
+    assert_no_leak(&c.received, "UESCAPE in a body");
+}
+
+/// A column's hash is the same in every table, so a value the session puts into a column a
+/// `hash` rule covers comes back as the hash it would have as an SSN of a customer: under the
+/// glob `*.*.ssn`, `CREATE TEMP TABLE t (ssn text)` and one INSERT over `generate_series`
+/// hash a million candidates. Strict masking refuses writes to such columns and creating,
+/// renaming or moving a relation so that a hash rule covers one of its columns.
+#[test]
+fn hashed_columns_take_no_chosen_values() {
+    let e = env_strict("mask_hash_writes");
+    let mut c = e.support().raw().expect("login");
+    let msgs = c.simple_query("SELECT ssn FROM customers WHERE id = 1").unwrap();
+    let target = text_rows(&msgs)[0][0].clone().expect("hashed ssn");
+    let msgs = c.simple_query("CREATE TEMP TABLE t (x text); INSERT INTO t VALUES ('123-45-6789'), ('078-05-1120')").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    for q in [
+        "CREATE TEMP TABLE cand (ssn text)",
+        "CREATE TEMP TABLE cand AS SELECT x AS ssn FROM t",
+        "SELECT x AS ssn INTO TEMP cand FROM t",
+        "CREATE TEMP VIEW cand AS SELECT x AS ssn FROM t",
+        "CREATE TEMP TABLE cand (LIKE customers)",
+        "ALTER TABLE t RENAME COLUMN x TO ssn",
+        "INSERT INTO customers (id, ssn) SELECT 100 + row_number() OVER (), x FROM t",
+        "UPDATE customers SET ssn = '123-45-6789' WHERE id = 2",
+        "INSERT INTO customers VALUES (9, 'x', NULL, NULL, '123-45-6789', NULL, NULL)",
+    ] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("hash rule"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(!contains(&c.received[before..], &target), "{q}");
+    }
+    // Other columns of the rule table are still written.
+    let msgs = c.simple_query("INSERT INTO customers (id, name, card) VALUES (9, 'New', '4000056655665556')").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    let pg = cluster();
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM customers WHERE ssn IN ('123-45-6789', '078-05-1120')").trim(), "2", "an SSN was written");
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_attribute WHERE attname = 'ssn' AND attrelid <> 'customers'::regclass AND NOT attisdropped").trim(), "0");
+    assert_no_leak(&c.received, "hash writes");
+}
+
+/// Bodies are scanned for the names of masked columns and tables as SQL and PL/pgSQL write
+/// them. A body in another language (PL/Perl, PL/Python, …, wherever one is installed) runs
+/// SQL it concatenates at run time — `spi_exec_query('SELECT no' . 'tes FROM cust' . 'omers')`
+/// — which no scan follows: refused by pgward before the server sees it.
+#[test]
+fn bodies_in_other_languages_are_refused() {
+    let e = env_strict("mask_body_language");
+    let mut c = e.support().raw().expect("login");
+    for q in [
+        "DO LANGUAGE plperl $$ my $r = spi_exec_query('SELECT no' . 'tes FROM cust' . 'omers'); elog(NOTICE, join(',', values %{$r->{rows}[0]})); $$",
+        "CREATE FUNCTION f() RETURNS text LANGUAGE plpython3u AS $$ return str(plpy.execute('SELECT no' + 'tes FROM cust' + 'omers')[0]) $$",
+    ] {
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: no error: {}", raw::describe_all(&msgs)));
+        // 42501 from pgward, not the server's 42704 (language does not exist): it never ran.
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("language"), "{q}: {}", raw::describe_all(&msgs));
+    }
+    let msgs = c.simple_query("DO LANGUAGE plpgsql $$BEGIN RAISE NOTICE 'hello'; END$$").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+}
+
+/// Postgres cuts an identifier longer than 63 bytes to 63: a 70-character spelling of a
+/// 63-character rule table names that table. The lexical scan of bodies cuts them too.
+#[test]
+fn bodies_cannot_hide_long_names_behind_a_longer_spelling() {
+    let table = "t".repeat(63);
+    let policy = format!("{POLICY}\n[[mask]]\nname = \"long\"\ncolumns = [\"public.{table}.secret\"]\nstyle = \"null\"\n");
+    let e = env_with("mask_long_ident", &policy);
+    cluster().svc_sql(&e.db, &format!("CREATE TABLE {table} (id int, secret text); INSERT INTO {table} VALUES (1, 'secret-note-delta')"));
+    let mut c = e.support().raw().expect("login");
+    let msgs = c.simple_query(&format!("SELECT secret FROM {table}")).unwrap();
+    assert_eq!(text_rows(&msgs), vec![vec![None]], "{}", raw::describe_all(&msgs));
+    let q = format!("DO $$BEGIN RAISE NOTICE '%', (SELECT string_agg(v::text, ',') FROM {table}ttttttt v); END$$");
+    let msgs = c.simple_query(&q).unwrap();
+    let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("not refused: {}", raw::describe_all(&msgs)));
+    assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
+    assert!(!contains(&c.received, "secret-note-delta"), "{}", raw::describe_all(&msgs));
+}
+
+/// `CREATE TABLE … AS EXECUTE p` writes the rows of a prepared statement into a table of the
+/// session's: `PREPARE p AS SELECT notes FROM customers` is allowed (its output is masked),
+/// its rows written elsewhere are not. Strict masking refuses CREATE TABLE AS EXECUTE.
+#[test]
+fn create_table_as_execute_is_refused() {
+    // No hash rule: the ssn rule hashes nothing here, so only this check can refuse.
+    let e = env_with("mask_ctas_execute", &POLICY.replace("style = \"hash\"", "style = \"full\""));
+    let mut c = e.support().raw().expect("login");
+    let msgs = c.simple_query("PREPARE p AS SELECT notes, card FROM customers").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    for q in ["CREATE TABLE loot3 AS EXECUTE p", "CREATE TEMP TABLE loot4 AS EXECUTE p", "EXPLAIN ANALYZE CREATE TABLE loot5 AS EXECUTE p"] {
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+        assert!(err.fields()[&'M'].contains("EXECUTE"), "{q}: {}", raw::describe_all(&msgs));
+    }
+    let msgs = c.simple_query("EXECUTE p").unwrap();
+    assert_eq!(text_rows(&msgs).len(), 3, "{}", raw::describe_all(&msgs));
+    assert_no_leak(&c.received, "CREATE TABLE AS EXECUTE");
+    let pg = cluster();
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_class WHERE relname IN ('loot3', 'loot5')").trim(), "0");
+}
+
+/// Rules name tables by pattern: renaming the schema of `public.customers` (the service role
+/// owns `public` when it owns the database), or making the table a member of an extension and
+/// moving the extension, leaves no table the patterns cover, and after the catalog reload
+/// every column read raw. Strict masking refuses those statements.
+#[test]
+fn rule_tables_cannot_be_moved_out_of_their_rules() {
+    // No hash rule, whose own checks would refuse a rename into `*.*.ssn` by accident.
+    let e = env_with("mask_moves", &POLICY.replace("style = \"hash\"", "style = \"full\""));
+    let mut c = e.support().raw().expect("login");
+    let msgs = c.simple_query("CREATE EXTENSION hstore; CREATE SCHEMA hidden").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    for q in ["ALTER SCHEMA public RENAME TO hidden2", "ALTER EXTENSION hstore ADD TABLE customers", "ALTER EXTENSION hstore SET SCHEMA hidden"] {
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+    }
+    for q in ["SELECT notes FROM public.customers", "SELECT notes FROM hidden.customers", "SELECT notes FROM hidden2.customers"] {
+        let _ = c.simple_query(q).unwrap();
+    }
+    assert!(!contains(&c.received, "secret-note"), "a note came back raw");
+    let pg = cluster();
+    assert_eq!(pg.sql(&e.db, "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE relname = 'customers'").trim(), "public");
+    // A schema no rule names by itself is renamed as before.
+    let msgs = c.simple_query("ALTER SCHEMA hidden RENAME TO scratch").unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+}
+
+/// A DO block runs DDL as static SQL: what strict masking refuses as a statement — renaming
+/// the schema a rule names, an operator `public.=` over a function that RAISEs its
+/// arguments — ran from a body that names no masked column. Bodies under strict masking may
+/// not CREATE or ALTER anything.
+#[test]
+fn bodies_cannot_run_ddl_that_statements_may_not() {
+    let e = env_with("mask_body_ddl", &POLICY.replace("style = \"hash\"", "style = \"full\""));
+    let mut c = e.support().raw().expect("login");
+    let peek = "CREATE FUNCTION public.peek(a text, b text) RETURNS boolean LANGUAGE plpgsql AS $$BEGIN RAISE NOTICE 'peek %', a; RETURN a = b; END$$";
+    let msgs = c.simple_query(peek).unwrap();
+    assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+    for q in [
+        "DO $$BEGIN ALTER SCHEMA public RENAME TO hidden; END$$",
+        "DO $$BEGIN CREATE OPERATOR public.= (leftarg = text, rightarg = text, function = public.peek); END$$",
+        "DO $x$BEGIN CREATE FUNCTION public.initcap(x text) RETURNS text LANGUAGE sql AS 'SELECT x'; END$x$",
+    ] {
+        let msgs = c.simple_query(q).unwrap();
+        let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
+        assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
+    }
+    for q in [
+        "CREATE TEMP TABLE ddl_done ()",
+        "SELECT notes FROM hidden.customers",
+        "SET search_path = public, pg_catalog",
+        "SELECT id FROM customers WHERE notes = 'x'",
+    ] {
+        let _ = c.simple_query(q).unwrap();
+    }
+    assert!(!contains(&c.received, "secret-note"), "a note came back raw");
+    let pg = cluster();
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_operator WHERE oprnamespace = 'public'::regnamespace").trim(), "0");
+}
+
+/// A generated column computed from a masked column (`notes_upper GENERATED ALWAYS AS
+/// (upper(notes))`, `card_tail … right(card, 8)`) holds the masked value under a name no rule
+/// names. The catalog read follows generated columns to the columns they are computed from:
+/// they are masked as derived values, and strict masking treats them as masked columns.
+#[test]
+fn generated_columns_of_masked_columns_are_masked() {
+    let e = env_strict("mask_generated");
+    let pg = cluster();
+    pg.svc_sql(&e.db, "ALTER TABLE customers ADD COLUMN notes_upper text GENERATED ALWAYS AS (upper(notes)) STORED");
+    pg.svc_sql(&e.db, "ALTER TABLE customers ADD COLUMN card_tail text GENERATED ALWAYS AS (right(card, 8)) STORED");
+    // A gateway started after the DDL reads it at once.
+    let e = Env { db: e.db.clone(), pw: { drop(e.pw); start_with(POLICY) } };
+    let mut c = e.support().raw().expect("login");
+    for q in ["SELECT notes_upper, card_tail FROM customers", "SELECT * FROM customers", "SELECT x.notes_upper FROM (SELECT notes_upper FROM customers) x"] {
+        let before = c.received.len();
+        let msgs = c.simple_query(q).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+        assert_eq!(text_rows(&msgs).len(), 3, "{q}");
+        let got = &c.received[before..];
+        assert!(!contains(got, "SECRET-NOTE") && !contains(got, "42424242") && !contains(got, "55-4444"), "{q}: {}", raw::describe_all(&msgs));
+    }
+    let msgs = c.simple_query("SELECT notes_upper, card_tail FROM customers WHERE id = 1").unwrap();
+    assert_eq!(text_rows(&msgs), vec![vec![None, Some("********".to_string())]], "{}", raw::describe_all(&msgs));
+    let msgs = c.simple_query("SELECT length(notes_upper) FROM customers").unwrap();
+    assert_eq!(raw::first_error(&msgs).and_then(|e| e.sqlstate()).as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
+    assert_no_leak(&c.received, "generated columns");
 }

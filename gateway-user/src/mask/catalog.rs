@@ -36,6 +36,10 @@ pub struct Snapshot {
     /// that inherit from a rule table (partitions, children): their names are not the rule's,
     /// their columns are (for lineage and strict masking).
     pub views: HashMap<(String, String), Vec<(String, u64)>>,
+    /// (schema, table) → (column, rule bits) for generated columns computed from masked
+    /// columns (`GENERATED ALWAYS AS (upper(notes))`): masked as derived values, and named
+    /// in lineage and strict masking like masked columns.
+    pub generated: HashMap<(String, String), Vec<(String, u64)>>,
     pub loaded: Option<Instant>,
 }
 
@@ -49,7 +53,7 @@ impl Snapshot {
     /// Rule bits of a view's column (column None: any column), by name.
     pub fn view_rules(&self, schema: Option<&str>, view: &str, column: Option<&str>) -> u64 {
         let mut b = 0;
-        for ((s, v), cols) in &self.views {
+        for ((s, v), cols) in self.views.iter().chain(&self.generated) {
             if v != view || schema.is_some_and(|x| x != s) {
                 continue;
             }
@@ -309,6 +313,7 @@ async fn load(policy: &MaskPolicy, access: &Access, db: &str) -> Result<Snapshot
         let mut snap = Snapshot::default();
         let (mut masked_oids, by_oid) = rule_columns(policy, &mut up, &mut buf, &sql, &mut snap).await?;
         inherit(&mut up, &mut buf, &mut snap, &mut masked_oids, &by_oid).await?;
+        generated(&mut up, &mut buf, &mut snap, &masked_oids).await?;
         views(policy, &mut up, &mut buf, &mut snap, &masked_oids).await?;
         let mut t = BytesMut::new();
         wire::message(&mut t, b'X', &[]);
@@ -362,6 +367,44 @@ async fn rule_columns(
         .collect();
     snap.tables.retain(|k, _| masked_tables.contains(k));
     Ok((masked_oids, by_oid))
+}
+
+/// Generated columns of tables with masked columns that are computed from a masked column
+/// (the dependencies of their expressions, `pg_depend` of `pg_attrdef`): masked as derived
+/// values of the rules of the columns they are computed from.
+async fn generated(up: &mut upstream::Upstream, buf: &mut BytesMut, snap: &mut Snapshot, masked_oids: &[u32]) -> Result<(), String> {
+    if masked_oids.is_empty() {
+        return Ok(());
+    }
+    let list = masked_oids.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(",");
+    let q = format!(
+        "SELECT ad.adrelid, ad.adnum, d.refobjsubid, n.nspname, c.relname, a.attname FROM pg_catalog.pg_attrdef ad \
+         JOIN pg_catalog.pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum AND a.attgenerated <> '' \
+         JOIN pg_catalog.pg_class c ON c.oid = ad.adrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND d.objid = ad.oid \
+         AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid = ad.adrelid \
+         WHERE ad.adrelid IN ({list}) ORDER BY 1, 2"
+    );
+    for row in rows(up, buf, &q).await? {
+        let [Some(oid), Some(attnum), Some(source), Some(schema), Some(table), Some(column)] = row.as_slice() else {
+            return Err("unexpected catalog row".to_string());
+        };
+        let (Ok(oid), Ok(attnum), Ok(source)) = (oid.parse::<u32>(), attnum.parse::<i16>(), source.parse::<i16>()) else {
+            return Err("unexpected catalog row".to_string());
+        };
+        let bits = snap.rules_at(oid, source);
+        if bits == 0 {
+            continue;
+        }
+        *snap.cols.entry((oid, attnum)).or_default() |= bits;
+        snap.derived.insert((oid, attnum));
+        let cols = snap.generated.entry((schema.to_lowercase(), table.to_lowercase())).or_default();
+        match cols.iter_mut().find(|(c, _)| *c == column.to_lowercase()) {
+            Some((_, b)) => *b |= bits,
+            None => cols.push((column.to_lowercase(), bits)),
+        }
+    }
+    Ok(())
 }
 
 /// Views over masked columns (and views over those, [`VIEW_DEPTH`] levels): a view's columns

@@ -78,6 +78,15 @@ pub trait Resolver {
     fn ident_rules(&self, _ident: &str) -> u64 {
         u64::MAX
     }
+    /// Strict masking: the rules (of those this resolver reports) whose style is `hash`.
+    fn hashed_rules(&self) -> u64 {
+        0
+    }
+    /// Strict masking: rules that may cover tables of schema `schema` (a pattern without a
+    /// schema, or one whose schema part matches).
+    fn schema_rules(&self, _schema: &str) -> u64 {
+        u64::MAX
+    }
 }
 
 /// One item of a statement's output list.
@@ -132,13 +141,25 @@ pub struct CopyFormat {
     pub null: Vec<u8>,
     /// CSV HEADER: the first CopyData is the header line (not masked).
     pub header: bool,
+    /// ENCODING: the data is converted to an encoding other than the session's UTF-8, in
+    /// which a byte after a character's first may equal a delimiter, quote or backslash
+    /// (Shift-JIS, Big5, GBK, …): pgward cannot split it into fields.
+    pub other_encoding: bool,
 }
 
 impl CopyFormat {
     /// COPY's defaults: text format, tab, `\N`.
     pub fn text() -> CopyFormat {
-        CopyFormat { format: CopyKind::Text, delimiter: b'\t', quote: b'"', escape: b'"', null: b"\\N".to_vec(), header: false }
+        CopyFormat { format: CopyKind::Text, delimiter: b'\t', quote: b'"', escape: b'"', null: b"\\N".to_vec(), header: false, other_encoding: false }
     }
+}
+
+/// Whether COPY's `ENCODING` value names an encoding other than UTF-8 (or SQL_ASCII, which
+/// passes the server's UTF-8 bytes as they are). Names are compared as PostgreSQL's
+/// `clean_encoding_name` does: lower case, letters and digits only (`UTF-8` is `utf8`).
+pub fn other_encoding(name: &str) -> bool {
+    let clean: String = name.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).collect();
+    !matches!(clean.as_str(), "utf8" | "unicode" | "sqlascii")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -338,6 +359,10 @@ impl<'p> Env<'p> {
     }
     pub(super) fn find(&self, name: &str) -> Option<&Rel> {
         self.levels().find_map(|e| e.rels.iter().find(|r| r.name == name))
+    }
+    /// Every relation in scope, innermost level first.
+    pub(super) fn levels_rels(&self) -> impl Iterator<Item = &Rel> {
+        self.levels().flat_map(|e| e.rels.iter())
     }
 }
 
@@ -553,6 +578,7 @@ impl<'a> Cx<'a> {
                     }
                 }
                 // defGetCopyHeaderChoice: no value is true; 0/1, true/false/on/off.
+                "encoding" => f.other_encoding = text.as_deref().is_none_or(other_encoding),
                 "header" => {
                     f.header = match (arg, text.as_deref().map(str::to_ascii_lowercase).as_deref()) {
                         (None, _) => true,
@@ -1332,6 +1358,11 @@ mod tests {
         assert_eq!(f.format, CopyKind::Binary);
         let f = fmt("copy customers to stdout (format csv, header false, quote '''')").unwrap();
         assert_eq!((f.header, f.quote, f.delimiter), (false, b'\'', b','));
+        for (enc, other) in [("SJIS", true), ("big5", true), ("LATIN1", true), ("UTF-8", false), ("utf8", false), ("Unicode", false)] {
+            let f = fmt(&format!("copy customers to stdout (encoding '{enc}')")).unwrap();
+            assert_eq!(f.other_encoding, other, "{enc}");
+        }
+        assert!(!fmt("copy customers to stdout").unwrap().other_encoding);
         assert_eq!(analyze("copy customers to '/tmp/x'", &R), Some(vec![StmtKind::Other]));
         assert_eq!(analyze("copy customers from stdin", &R), Some(vec![StmtKind::Other]));
     }

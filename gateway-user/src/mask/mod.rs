@@ -207,6 +207,17 @@ impl MaskPolicy {
         self.rule_bits(|r| !r.columns.is_empty())
     }
 
+    /// Rules (bits) with a column pattern that may cover a table of `schema`.
+    pub fn schema_rules(&self, schema: &str) -> u64 {
+        let schema = schema.to_lowercase();
+        self.rule_bits(|r| r.columns.iter().any(|p| p.schema.as_deref().is_none_or(|s| glob(s, &schema))))
+    }
+
+    /// Rules (bits) of style `hash`.
+    pub fn hashed_rules(&self) -> u64 {
+        self.rule_bits(|r| r.style == Style::Hash)
+    }
+
     /// Column rules (bits) under strict masking.
     pub fn strict_rules(&self) -> u64 {
         self.rule_bits(|r| r.strict && !r.columns.is_empty())

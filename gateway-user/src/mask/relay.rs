@@ -152,12 +152,28 @@ fn scan_kind(ty: u32, binary: bool) -> Scan {
 }
 
 /// Style for a value derived from a masked column (not the column itself): keeping the last N
-/// characters of `substr(card, 1, 6)` would show digits that are not the card's last ones.
+/// characters of `substr(card, 1, 6)` would show digits that are not the card's last ones, and
+/// a hash of a value the query computed is a hash of whatever it chose — `substr(ssn, 1, 1)`
+/// hashes one digit, `CASE WHEN false THEN ssn ELSE g::text END` hashes chosen strings, and
+/// comparing the two names the digit. Only `null` stays.
 fn derived_style(s: Style) -> Style {
     match s {
-        Style::KeepLast(_) | Style::Full => Style::Full,
-        other => other,
+        Style::Null => Style::Null,
+        Style::KeepLast(_) | Style::Full | Style::Hash => Style::Full,
     }
+}
+
+/// The rule and style an output column masked for `rules` gets: `null` when any of them is a
+/// `null` rule (a value derived from a card and a note must not show the note's length and
+/// punctuation under the card's style), else the first rule's style, derived as above.
+fn column_style(s: &SessionMask, rules: u64, direct: bool) -> (usize, Style) {
+    let null = (0..super::MAX_RULES).find(|&i| rules & (1 << i) != 0 && s.rule(i).style == Style::Null);
+    if let Some(i) = null {
+        return (i, Style::Null);
+    }
+    let ri = rules.trailing_zeros() as usize;
+    let base = s.rule(ri).style;
+    (ri, if direct { base } else { derived_style(base) })
 }
 
 /// The session's function catalog (strict masking reads function classes).
@@ -194,6 +210,12 @@ impl Resolver for Res<'_> {
     fn ident_rules(&self, ident: &str) -> u64 {
         let views = self.snap.map(|s| s.view_rules(None, ident, None)).unwrap_or(0);
         (self.sess.policy.ident_rules(ident) | views) & self.bits
+    }
+    fn hashed_rules(&self) -> u64 {
+        self.sess.policy.hashed_rules() & self.bits
+    }
+    fn schema_rules(&self, schema: &str) -> u64 {
+        self.sess.policy.schema_rules(schema) & self.bits
     }
 }
 
@@ -527,6 +549,11 @@ impl MaskRelay {
         let data = &f.body();
         let new = match c.fmt.format {
             CopyKind::Binary => rewrite_copy_binary(data, c, &a.cols, &self.sess, &mut a.counts),
+            // Fields pgward cannot find are never relayed.
+            _ if c.fmt.other_encoding => {
+                tracing::error!("masking: COPY data in an encoding other than UTF-8; dropped");
+                Some(Bytes::new())
+            }
             _ => rewrite_copy_text(data, &c.fmt, &a.cols, &self.sess, &mut a.counts),
         };
         match new {
@@ -769,9 +796,7 @@ impl MaskRelay {
                 }
             }
             let whole = if rules != 0 {
-                let ri = rules.trailing_zeros() as usize;
-                let base = s.rule(ri).style;
-                let mut style = if direct { base } else { derived_style(base) };
+                let (ri, mut style) = column_style(s, rules, direct);
                 if !is_string(ty, binary) {
                     style = Style::Null;
                 }
@@ -850,11 +875,22 @@ fn hits_any(v: &[u8], sess: &SessionMask) -> bool {
     sess.content_rules().any(|r| !r.detectors.find(v).is_empty())
 }
 
+/// Style for a value a content detector found: the detectors scan everything the server
+/// sends, strings the query made up included, so a hash of a hit would be a hash of a chosen
+/// string under the key that hashes the rule's columns — `SELECT to_char(g, 'FM000-00-0000')
+/// FROM generate_series(…) g` would hash every SSN for comparison with a hashed `ssn`.
+fn content_style(s: Style) -> Style {
+    match s {
+        Style::Hash => Style::Full,
+        other => other,
+    }
+}
+
 pub(super) fn scan_in_place(v: &[u8], sess: &SessionMask) -> Option<Option<Vec<u8>>> {
     let mut cur: Option<Vec<u8>> = None;
     for r in sess.content_rules() {
         let input: &[u8] = cur.as_deref().unwrap_or(v);
-        if let Some((new, _)) = mask_content(&r.detectors, r.style, input, sess.policy.key()) {
+        if let Some((new, _)) = mask_content(&r.detectors, content_style(r.style), input, sess.policy.key()) {
             match new {
                 None => return Some(None),
                 Some(n) => cur = Some(n),
@@ -973,15 +1009,23 @@ fn rewrite_copy_text(data: &[u8], fmt: &CopyFormat, cols: &[ColPlan], sess: &Ses
     changed.then(|| out.freeze())
 }
 
-/// Fields of a text-format COPY row (the delimiter never appears unescaped in data).
+/// Fields of a text-format COPY row. The server writes a delimiter that occurs in a value as
+/// a backslash and the delimiter (and a backslash as two), so a byte after a backslash never
+/// ends a field: `COPY … (DELIMITER '-')` of `secret-note` is `secret\-note`, one field.
 fn split_text(row: &[u8], delim: u8) -> Vec<(std::ops::Range<usize>, bool)> {
     let mut out = Vec::new();
     let mut start = 0;
-    for (i, &b) in row.iter().enumerate() {
-        if b == delim {
+    let mut i = 0;
+    while i < row.len() {
+        if row[i] == b'\\' {
+            i += 2;
+            continue;
+        }
+        if row[i] == delim {
             out.push((start..i, false));
             start = i + 1;
         }
+        i += 1;
     }
     out.push((start..row.len(), false));
     out
@@ -1174,7 +1218,7 @@ mod tests {
         let text = CopyFormat::text();
         let out = rewrite_copy_text(b"1\t4242424242424242\n", &text, &cols, &s, &mut counts).unwrap();
         assert_eq!(&out[..], b"1\t\\N\n");
-        let csv = CopyFormat { format: CopyKind::Csv, delimiter: b',', quote: b'"', escape: b'"', null: Vec::new(), header: false };
+        let csv = CopyFormat { format: CopyKind::Csv, delimiter: b',', quote: b'"', escape: b'"', null: Vec::new(), header: false, other_encoding: false };
         let out = rewrite_copy_text(b"\"a,4242424242424242\",\"x\"\"y\"\n", &csv, &cols, &s, &mut counts).unwrap();
         assert_eq!(&out[..], b",\n");
         assert_eq!(split_csv(b"a,\"b,c\",", b',', b'"', b'"').len(), 3);
@@ -1222,6 +1266,7 @@ mod tests {
                 views: (0..n)
                     .map(|i| (("public".to_string(), format!("v{i}")), vec![("card".to_string(), 1)]))
                     .collect(),
+                generated: HashMap::new(),
                 loaded: None,
             }))
         };

@@ -31,7 +31,7 @@
 
 use serde_json::Value;
 
-use super::lineage::{Cx, Env, Item, Out, RelKind, Resolver, Taint};
+use super::lineage::{Cx, Env, Item, Out, Rel, RelKind, Resolver, Taint, other_encoding};
 use crate::policy::functions::DYNAMIC_SQL;
 use crate::policy::lexical::{Lex, lex};
 use crate::policy::pgtree::{Obj, list, names, str_field, sval, typed, wrapped};
@@ -110,6 +110,11 @@ pub(super) const VALUE_FUNCTIONS: &[&str] = &[
 /// Catalog relations whose rows hold column values (histograms, most common values).
 const STATISTICS: &[&str] = &["pg_stats", "pg_statistic", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic_ext_data", "pg_statistic_ext"];
 
+/// Catalog relations and functions that return the text of other sessions' statements (every
+/// session of the service role reads them), with the literals those statements compare and
+/// write: `… WHERE notes = 'secret'` of an exempt application.
+const STATEMENT_TEXTS: &[&str] = &["pg_stat_activity", "pg_stat_statements", "pg_stat_get_activity", "pg_stat_get_backend_activity"];
+
 /// Statement kinds that name tables but evaluate no expression over their rows.
 const HARMLESS: &[&str] = &[
     "CreateStmt",
@@ -133,6 +138,18 @@ const HARMLESS: &[&str] = &[
     "ExecuteStmt",
     "CheckPointStmt",
 ];
+
+/// Languages whose bodies the lexical scan reads as the server runs them: SQL and PL/pgSQL,
+/// whose SQL is written in the body (or built by EXECUTE, which is refused). In PL/Perl,
+/// PL/Python, PL/Tcl, PL/v8, … a body runs SQL through its own calls on strings it
+/// concatenates (`spi_exec_query("SELECT no" . "tes FROM …")`), which no scan follows.
+const SCANNED_LANGUAGES: &[&str] = &["sql", "plpgsql"];
+
+/// Words that start DDL in a body. PL/pgSQL runs DDL as static SQL, where strict masking
+/// never sees it as a statement: an operator `public.=` over a function that RAISEs its
+/// arguments, a schema rename that takes a rule table out of its pattern, a function named
+/// like a trusted built-in, a view or table over masked columns.
+const DDL_WORDS: &[&str] = &["create", "alter", "import"];
 
 /// How deep string bodies inside string bodies are scanned.
 const MAX_BODY_DEPTH: usize = 4;
@@ -205,10 +222,16 @@ impl Strict<'_> {
                     if schema.is_none_or(|s| s == "pg_catalog") && STATISTICS.contains(&rel) {
                         return self.refuse(0, format!("catalog statistics ({rel}) hold values of masked columns"));
                     }
+                    if STATEMENT_TEXTS.contains(&rel) {
+                        return self.statement_texts(rel);
+                    }
                 }
                 if let Some(fc) = m.get("FuncCall").and_then(Value::as_object) {
                     let n = names(list(fc, "funcname"));
                     if let Some(name) = n.last() {
+                        if STATEMENT_TEXTS.contains(&name.as_str()) {
+                            return self.statement_texts(name);
+                        }
                         let schema = (n.len() > 1).then(|| n[n.len() - 2].as_str());
                         if self.r.function_classes(schema, name) & DYNAMIC_SQL != 0 {
                             return self.refuse(0, format!("{} runs SQL given as text, which pgward cannot follow (or is a function pgward's catalog does not know yet)", n.join(".")));
@@ -221,6 +244,12 @@ impl Strict<'_> {
         }
     }
 
+    /// A relation or function of [`STATEMENT_TEXTS`] (in any schema: an extension's view
+    /// lives where it was installed).
+    fn statement_texts(&self, name: &str) -> Check {
+        self.refuse(0, format!("{name} returns other sessions' statement texts, which hold the values they compare and write"))
+    }
+
     /// One raw statement.
     fn statement(&self, s: &Value) -> Check {
         let Some((ty, b)) = wrapped(s) else { return Ok(()) };
@@ -230,6 +259,9 @@ impl Strict<'_> {
                 format!("a function or type named {name:?} would stand in for the built-in strict masking trusts (under a search_path that puts pg_catalog after it)"),
             );
         }
+        self.hashed_creation(ty, b)?;
+        self.hashed_rename(ty, b)?;
+        self.moves(ty, b)?;
         match ty {
             "SelectStmt" => self.select(b, None, Ctx::Output),
             "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => self.modify(ty, b, None),
@@ -239,6 +271,10 @@ impl Strict<'_> {
                 Some(q) => self.statement(q),
                 None => Ok(()),
             },
+            // The rows of a prepared statement are not in this tree: refused unread.
+            "CreateTableAsStmt" if b.get("query").and_then(wrapped).is_some_and(|(t, _)| t == "ExecuteStmt") => {
+                self.refuse(0, "CREATE TABLE AS EXECUTE writes a prepared statement's rows, which may hold masked values, to a table".into())
+            }
             "CreateTableAsStmt" => self.query_opt(b.get("query"), None, Ctx::Deny(Why::Written)),
             "ViewStmt" => self.query_opt(b.get("query"), None, Ctx::Deny(Why::View)),
             "CallStmt" => match b.get("funccall") {
@@ -443,6 +479,7 @@ impl Strict<'_> {
 
     /// INSERT/UPDATE/DELETE/MERGE.
     fn modify(&self, ty: &str, b: &Obj, env: Option<&Env<'_>>) -> Check {
+        self.hashed_writes(ty, b)?;
         let ctes = self.cx.ctes(b, env);
         let cenv = Env { rels: &ctes, parent: env };
         self.with_clause(b, &cenv)?;
@@ -497,6 +534,7 @@ impl Strict<'_> {
     /// COPY: a table to the client is masked on the way out; a query, or a table to a server
     /// file or program, is not.
     fn copy(&self, b: &Obj) -> Check {
+        self.hashed_copy_from(b)?;
         if let Some(q) = b.get("query") {
             return self.query(q, None, Ctx::Deny(Why::CopyQuery));
         }
@@ -511,11 +549,22 @@ impl Strict<'_> {
         if !from && !to_client && bits != 0 {
             return self.refuse(bits, "COPY of a table with masked columns to a server file or program".into());
         }
+        if !from && bits != 0 && option_text(b, "encoding").is_some_and(|e| e.is_none_or(other_encoding)) {
+            return self.refuse(bits, "COPY of a table with masked columns in an ENCODING other than UTF8, which pgward cannot split into fields".into());
+        }
+        if !from && bits != 0 && has_option(b, "null") {
+            // Text format writes a value equal to the NULL string as that string: it passes
+            // unmasked, as a NULL would, exactly when the value equals it.
+            self.guess(Taint { rules: bits, direct: false }, 1)?;
+        }
         Ok(())
     }
 
-    /// DO blocks and function bodies: refused when they name a masked column, a rule table or
-    /// a masked view, call a function that runs SQL from text, or run `EXECUTE`.
+    /// DO blocks and function bodies: refused when they name a masked column, a rule table, a
+    /// masked view or a statistics catalog (whose rows a body can pick by a table name it
+    /// builds from pieces), call a function that runs SQL from text, run DDL, or run `EXECUTE` or `FETCH`
+    /// (a refcursor holding the name of a cursor the session declared over a masked column
+    /// reads its raw rows without naming the column).
     fn bodies(&self, ty: &str, b: &Obj) -> Check {
         if let Some(sql_body) = b.get("sql_body").filter(|v| !v.is_null()) {
             let bits = self.names_rule_table(sql_body) | self.names_masked_column(sql_body);
@@ -526,6 +575,12 @@ impl Strict<'_> {
         let key = if ty == "DoStmt" { "args" } else { "options" };
         for opt in list(b, key) {
             let Some(d) = opt.get("DefElem").and_then(Value::as_object) else { continue };
+            if str_field(d, "defname") == Some("language") {
+                let lang = d.get("arg").and_then(sval).unwrap_or("").to_lowercase();
+                if !SCANNED_LANGUAGES.contains(&lang.as_str()) {
+                    return self.refuse(0, format!("a DO block or function body in language {lang:?}, whose SQL pgward cannot scan (it is built at run time)"));
+                }
+            }
             if str_field(d, "defname") != Some("as") {
                 continue;
             }
@@ -551,9 +606,21 @@ impl Strict<'_> {
                     if w == "execute" {
                         return self.refuse(0, "a DO block or function body runs EXECUTE, which pgward cannot follow".into());
                     }
+                    if DDL_WORDS.contains(&w.as_str()) {
+                        return self.refuse(0, format!("a DO block or function body runs DDL ({}), which strict masking decides only as a statement", w.to_uppercase()));
+                    }
+                    if w == "fetch" {
+                        return self.refuse(0, "a DO block or function body runs FETCH, which reads the rows of a cursor or portal the session opened over masked columns".into());
+                    }
                     let bits = self.r.ident_rules(&w);
                     if bits != 0 {
                         return self.refuse(bits, format!("a DO block or function body names {w:?}, a masked column or a table with masked columns"));
+                    }
+                    if STATISTICS.contains(&w.as_str()) {
+                        return self.refuse(0, format!("a DO block or function body reads catalog statistics ({w}), which hold values of masked columns"));
+                    }
+                    if STATEMENT_TEXTS.contains(&w.as_str()) {
+                        return self.statement_texts(&w);
                     }
                     if self.r.function_classes(None, &w) & DYNAMIC_SQL != 0 && self.r.is_function(&w) {
                         return self.refuse(0, format!("a DO block or function body calls {w}, which runs SQL given as text"));
@@ -692,6 +759,9 @@ impl Strict<'_> {
         self.expr_opt(b.get("over"), Ctx::Deny(Why::Grouping), env)?;
         let windowed = b.get("over").is_some_and(|o| !o.is_null());
         let args = list(b, "args");
+        if b.get("agg_distinct").and_then(Value::as_bool) == Some(true) {
+            self.distinct_args(name, builtin, args, env)?;
+        }
         let inner = if builtin && name == "count" {
             Ctx::Discard
         } else if builtin && !windowed && ctx == Ctx::Output && VALUE_FUNCTIONS.contains(&name) {
@@ -710,6 +780,45 @@ impl Strict<'_> {
                 format!("a masked column is passed to {} with a character set, pattern or position other than an integer literal, which compares its characters", n.join(".")),
             ),
             _ => self.exprs(args, inner, env),
+        }
+    }
+
+    /// An aggregate's `DISTINCT` compares its arguments' values with each other. Only
+    /// `count(DISTINCT col)` of a masked column of a table (not of a derived table or CTE,
+    /// whose `UNION ALL` or `CASE` can bring in other values) may do so: the column's own
+    /// values are compared among themselves. A value mixed with others (`CASE WHEN id = 1
+    /// THEN card ELSE g END` over candidates `g`) makes the count a membership test of the
+    /// masked value, and `string_agg(DISTINCT …)` returns the values sorted, ranking it among
+    /// chosen strings.
+    fn distinct_args(&self, name: &str, builtin: bool, args: &[Value], env: &Env<'_>) -> Check {
+        for a in args {
+            let t = self.cx.walk_taint(a, env);
+            if t.is_none() {
+                continue;
+            }
+            if !(builtin && name == "count" && t.direct && self.base_column(a, env)) {
+                return self.refuse(
+                    t.rules,
+                    "a masked column is compared by an aggregate's DISTINCT other than as a bare column of count(DISTINCT …)".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `v` is a column reference that names a column of a base table: `t.col` with
+    /// `t` a table in scope, or `col` found only in tables.
+    fn base_column(&self, v: &Value, env: &Env<'_>) -> bool {
+        let Some(cr) = v.get("ColumnRef").and_then(Value::as_object) else { return false };
+        let fields = names(list(cr, "fields"));
+        let is_base = |r: &Rel| matches!(r.kind, RelKind::Base { .. });
+        match fields.as_slice() {
+            [rel, _] => env.find(rel).is_some_and(is_base),
+            [col] => {
+                let mut found = env.levels_rels().filter(|r| !r.col_with(col, self.r, false).is_none()).peekable();
+                found.peek().is_some() && found.all(is_base)
+            }
+            _ => false,
         }
     }
 
@@ -859,6 +968,18 @@ fn text_cast(b: &Obj) -> bool {
     list(t, "arrayBounds").is_empty() && n.last().is_some_and(|l| TEXT_TYPES.contains(&l.as_str()))
 }
 
+/// Whether a statement's `options` (COPY's `WITH (…)`) set `name`.
+fn has_option(b: &Obj, name: &str) -> bool {
+    option_text(b, name).is_some()
+}
+
+/// Option `name` of a statement's `options`: None when not set, Some(None) when set to
+/// something other than a string.
+fn option_text<'a>(b: &'a Obj, name: &str) -> Option<Option<&'a str>> {
+    let d = list(b, "options").iter().filter_map(|o| o.get("DefElem").and_then(Value::as_object)).find(|d| str_field(d, "defname") == Some(name))?;
+    Some(d.get("arg").and_then(sval))
+}
+
 /// A RangeVar's body: wrapped in a Node position, bare in a typed field (`relation`).
 fn range_var(m: &Obj) -> Option<&Obj> {
     match m.get("RangeVar") {
@@ -921,6 +1042,8 @@ fn command_name(ty: &str) -> String {
     out
 }
 
+mod hashed;
+mod moves;
 mod shadow;
 
 #[cfg(test)]

@@ -47,15 +47,23 @@ pub(crate) fn lex(text: &str) -> Vec<Lex> {
             && (b[i + 2] == '"' || b[i + 2] == '\'')
             && !prev_is_ident(&b, i)
         {
-            // U&"…" / U&'…' with Unicode escapes: what Postgres sees is the decoded text.
+            // U&"…" / U&'…' with Unicode escapes: what Postgres sees is the decoded text,
+            // with the escape character a following `UESCAPE 'c'` names.
             let q = b[i + 2];
-            let (s, next) = quoted(&b, i + 3, q, false);
-            let s = decode_unicode_escapes(&s, '\\').unwrap_or(s);
-            out.push(if q == '"' { Lex::Word(s.to_lowercase()) } else { Lex::Str(s) });
+            let (s, mut next) = quoted(&b, i + 3, q, false);
+            let esc = match uescape(&b, next) {
+                Some((c, after)) => {
+                    next = after;
+                    c
+                }
+                None => '\\',
+            };
+            let s = decode_unicode_escapes(&s, esc).unwrap_or(s);
+            out.push(if q == '"' { word(&s) } else { Lex::Str(s) });
             i = next;
         } else if c == '"' {
             let (s, next) = quoted(&b, i + 1, '"', false);
-            out.push(Lex::Word(s.to_lowercase()));
+            out.push(word(&s));
             i = next;
         } else if c == '$' {
             i = dollar(&b, i, &mut out);
@@ -64,7 +72,7 @@ pub(crate) fn lex(text: &str) -> Vec<Lex> {
             while j < n && (b[j].is_alphanumeric() || b[j] == '_' || b[j] == '$') {
                 j += 1;
             }
-            out.push(Lex::Word(b[i..j].iter().collect::<String>().to_lowercase()));
+            out.push(word(&b[i..j].iter().collect::<String>()));
             i = j;
         } else if c.is_ascii_digit() {
             while i < n && (b[i].is_ascii_alphanumeric() || b[i] == '.' || b[i] == '_') {
@@ -76,6 +84,62 @@ pub(crate) fn lex(text: &str) -> Vec<Lex> {
         }
     }
     out
+}
+
+/// Postgres's longest identifier, in bytes (NAMEDATALEN - 1): a longer one is cut to it.
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// An identifier as the server names it: lowercased (quoted ones too, see [`Lex::Word`]) and
+/// cut to [`MAX_IDENTIFIER_BYTES`] at a character boundary, so that a 70-character spelling
+/// of a 63-character masked column is that column.
+fn word(s: &str) -> Lex {
+    let mut w = s.to_lowercase();
+    if w.len() > MAX_IDENTIFIER_BYTES {
+        let mut end = MAX_IDENTIFIER_BYTES;
+        while !w.is_char_boundary(end) {
+            end -= 1;
+        }
+        w.truncate(end);
+    }
+    Lex::Word(w)
+}
+
+/// A `UESCAPE 'c'` clause at `i` (after whitespace and comments): the escape character and
+/// the index after the clause.
+fn uescape(b: &[char], i: usize) -> Option<(char, usize)> {
+    let n = b.len();
+    let mut j = skip_space(b, i);
+    let word: String = b.get(j..j + 7)?.iter().collect();
+    if !word.eq_ignore_ascii_case("uescape") || b.get(j + 7).is_some_and(|c| c.is_alphanumeric() || *c == '_') {
+        return None;
+    }
+    j = skip_space(b, j + 7);
+    if j >= n || b[j] != '\'' {
+        return None;
+    }
+    let (s, next) = quoted(b, j + 1, '\'', false);
+    let mut chars = s.chars();
+    match (chars.next(), chars.next()) {
+        (Some(c), None) => Some((c, next)),
+        _ => None,
+    }
+}
+
+/// The index of the first character at or after `i` that is neither whitespace nor in a
+/// comment.
+fn skip_space(b: &[char], mut i: usize) -> usize {
+    let n = b.len();
+    loop {
+        if i < n && b[i].is_whitespace() {
+            i += 1;
+        } else if i + 1 < n && b[i] == '-' && b[i + 1] == '-' {
+            i = skip_line_comment(b, i);
+        } else if i + 1 < n && b[i] == '/' && b[i + 1] == '*' {
+            i = skip_block_comment(b, i);
+        } else {
+            return i;
+        }
+    }
 }
 
 /// Skip a `--` comment starting at `i`: returns the index of the newline (or the end).
@@ -590,6 +654,35 @@ mod tests {
                 Lex::Punct('$'),
             ]
         );
+    }
+
+    /// Identifiers longer than 63 bytes are cut as the server cuts them.
+    #[test]
+    fn long_identifiers_are_truncated() {
+        let long = format!("{}tail", "n".repeat(63));
+        assert_eq!(lex(&long), vec![Lex::Word("n".repeat(63))]);
+        assert_eq!(lex(&format!("\"{}\"", "N".repeat(70))), vec![Lex::Word("n".repeat(63))]);
+        // A two-byte character is not cut in half.
+        assert_eq!(lex(&format!("{}é", "x".repeat(62))), vec![Lex::Word("x".repeat(62))]);
+    }
+
+    /// `U&"…" UESCAPE 'c'` decodes with `c`, as Postgres does; the clause is not a word.
+    #[test]
+    fn uescape_names_the_escape_character() {
+        let t = lex("SELECT U&\"!006eotes\" UESCAPE '!', U&'x!0041' /* c */ uescape\n'!' FROM U&\"d\\0061ta\"");
+        assert_eq!(
+            t,
+            vec![
+                Lex::Word("select".into()),
+                Lex::Word("notes".into()),
+                Lex::Punct(','),
+                Lex::Str("xA".into()),
+                Lex::Word("from".into()),
+                Lex::Word("data".into()),
+            ]
+        );
+        let f = scan("DO $$BEGIN PERFORM U&\"!0070g_read_file\" UESCAPE '!'('/etc/passwd'); END$$");
+        assert!(f.functions.contains(&QName::new(None, "pg_read_file".into())), "{:?}", f.functions);
     }
 
     #[test]

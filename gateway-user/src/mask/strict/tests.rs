@@ -52,6 +52,13 @@ impl Resolver for R {
     fn builtin_function(&self, name: &str) -> bool {
         BUILTINS.contains(&name)
     }
+    /// ssn is a `hash` rule.
+    fn hashed_rules(&self) -> u64 {
+        2
+    }
+    fn schema_rules(&self, schema: &str) -> u64 {
+        if schema == "public" { 7 } else { 4 }
+    }
     fn ident_rules(&self, ident: &str) -> u64 {
         match ident {
             "card" | "customers" | "cust_v" | "k" => 1,
@@ -84,6 +91,7 @@ fn allowed() {
         "select upper(card), lower(email) || '!' from customers",
         "select coalesce(card, 'none'), card::text, nullif(card, '') from customers",
         "select count(card), count(distinct ssn), count(*) from customers",
+        "select count(distinct c.card), count(distinct ssn) from customers c where c.id > 2",
         "select exists (select 1 from customers where card = 'x')",
         "select x.k from (select card as k from customers) x",
         "with t as (select card from customers) select card from t",
@@ -105,6 +113,8 @@ fn allowed() {
         "select set_config('application_name', 'x', false)",
         "begin; select card from customers; commit",
         "do $$ begin raise notice 'hello'; end $$",
+        "do language plpgsql $$ begin raise notice 'hello'; end $$",
+        "create function g(int) returns int language SQL as 'select $1'",
         "create function f(int) returns int language sql as 'select $1 + 1'",
         "create table t2 (a int, b text)",
         "create table t3 as select name from customers",
@@ -204,6 +214,15 @@ fn ordering_grouping_and_ranking_by_masked_columns_are_refused() {
         "select distinct on (card) card, id from customers",
         "select count(*) over (partition by card) from customers",
         "select min(card), max(ssn) from customers",
+        // DISTINCT in an aggregate: a membership test, a sorted list
+        "select 1 from customers having count(distinct case when id = 1 then card else name end) = 2",
+        "select count(distinct coalesce(card, name)) from customers",
+        "select count(distinct x.v) from (select case when id = 1 then card else name end as v from customers) x",
+        "select count(distinct x.k) from (select card as k from customers union all select card from customers) x",
+        "with u as (select card from customers union all select card from customers) select count(distinct card) from u",
+        "select count(distinct (card, name)) from customers",
+        "select string_agg(distinct card, ',') from customers",
+        "select array_agg(distinct card)::text from customers",
         "cluster customers using customers_card_idx",
         // ordering by an output column's position or name
         "select card from customers order by 1",
@@ -223,6 +242,8 @@ fn writing_masked_values_elsewhere_is_refused() {
         "update customers set name = c2.card from customers c2 where c2.id = customers.id",
         "create table t4 as select card from customers",
         "select card into t5 from customers",
+        "create table t6 as execute p",
+        "explain analyze create temp table t7 as execute p(1)",
         "create view v2 as select card from customers",
         "create materialized view mv as select ssn from customers",
         "insert into customers (id) values (1) on conflict (id) do update set name = excluded.card",
@@ -238,6 +259,56 @@ fn writing_masked_values_elsewhere_is_refused() {
     ]);
 }
 
+/// Values of the session's choice into a hash rule's column: read back hashed, each is a
+/// guess at a real value.
+#[test]
+fn writing_or_creating_hashed_columns_is_refused() {
+    assert_refused(&[
+        "insert into customers (id, ssn) values (1, '123-45-6789')",
+        "insert into customers values (1, 'a', 'c', '123-45-6789')",
+        "insert into customers (id) values (1) on conflict (id) do update set ssn = 'x'",
+        "update customers set ssn = 'x' where id = 1",
+        "merge into customers c using (select 1 as id) s on c.id = s.id when not matched then insert values (1, 'a', 'c', 'x')",
+        "merge into customers c using (select 1 as id) s on c.id = s.id when matched then update set ssn = 'x'",
+        "copy customers (id, ssn) from stdin",
+        "copy customers from stdin",
+        "with w as (insert into customers (ssn) values ('x') returning 1) select 1",
+        "create temp table customers (id int, ssn text)",
+        "create table customers (like other)",
+        "create table customers as select '1'::text as ssn",
+        "create table customers (ssn) as select 1",
+        "create table customers as select * from other",
+        "select '1'::text as ssn into customers",
+        "create view customers as select '1'::text as ssn",
+        "create view customers (ssn) as select 1",
+        "alter table t rename to customers",
+        "alter table s.customers set schema public",
+        "alter schema s rename to public",
+    ]);
+    for ok in [
+        "insert into customers (id, card) values (1, '4111')",
+        "update customers set card = '1' where id = 1",
+        "create table t (ssn text)",
+        "create table customers2 as select '1'::text as ssn",
+        "copy customers (id, card) from stdin",
+        "alter schema s rename to s2",
+    ] {
+        assert!(verdict(ok).is_ok(), "{ok}: {:?}", verdict(ok));
+    }
+}
+
+/// Taking a rule table out of its patterns without naming it.
+#[test]
+fn moving_rule_tables_out_of_their_rules_is_refused() {
+    assert_refused(&[
+        "alter schema public rename to hidden",
+        "alter extension hstore add table customers",
+        "alter extension hstore drop table customers",
+        "alter extension hstore set schema hidden",
+    ]);
+    assert!(verdict("alter schema scratch rename to scratch2").is_ok());
+}
+
 /// Set operations over masked columns, bodies and SQL built at run time.
 #[test]
 fn set_operations_bodies_and_dynamic_sql_are_refused() {
@@ -250,6 +321,15 @@ fn set_operations_bodies_and_dynamic_sql_are_refused() {
         // bodies and dynamic SQL
         "do $$ begin raise notice '%', (select card from customers limit 1); end $$",
         "do $$ begin execute 'select 1'; end $$",
+        "do $$ begin create operator public.= (leftarg = text, rightarg = text, function = public.peek); end $$",
+        "do $$ begin alter schema public rename to hidden; end $$",
+        "create function mk() returns void language plpgsql as $$ begin create view v as select 1; end $$",
+        "do language plperl $$ my $r = spi_exec_query('select no' . 'tes from cust' . 'omers'); elog(NOTICE, join(',', values %{$r->{rows}[0]})); $$",
+        "create function f() returns text language plpython3u as $$ return str(plpy.execute('select no' + 'tes from cust' + 'omers')[0]) $$",
+        "create function f() returns text as $$ return 1 $$ language 'pltcl'",
+        "do $$ begin raise notice '%', (select histogram_bounds::text from pg_stats where tablename = 'cust' || 'omers' limit 1); end $$",
+        "do $$ declare r refcursor := 'c'; x text; begin fetch r into x; raise notice '%', x; end $$",
+        "create function rd(r refcursor) returns text language plpgsql as $$ declare x text; begin fetch next from r into x; return x; end $$",
         "do $$ begin perform query_to_xml('select 1', true, true, ''); end $$",
         "create function leak() returns text language sql as 'select card from customers'",
         "create function leak2() returns text language plpgsql as $$ begin return (select \"ssn\" from customers limit 1); end $$",
@@ -272,6 +352,11 @@ fn statistics_ddl_names_casts_and_joins_are_refused() {
         "select most_common_vals from pg_stats where attname = 'card'",
         "select * from pg_catalog.pg_statistic",
         "select * from pg_stats_ext",
+        "select query from pg_stat_activity",
+        "select query from pg_catalog.pg_stat_get_activity(null)",
+        "select pg_stat_get_backend_activity(s) from pg_stat_get_backend_idset() s",
+        "select query from public.pg_stat_statements",
+        "do $$ begin raise notice '%', (select string_agg(query, ' ') from pg_stat_activity); end $$",
         // DDL with expressions over masked columns
         "alter table customers add constraint c check (card < '5')",
         "create index on customers (substr(card, 1, 1))",
