@@ -253,6 +253,28 @@ fn execute_is_decided_as_the_prepared_statement() {
 }
 
 #[test]
+fn create_table_as_execute_is_ddl_whatever_the_prepared_statement_reads() {
+    let e = env("pe_ctas_execute", |b| b);
+    let (_, login) = e.login("alice", &["analysts"], "15m");
+    let m = never_marker();
+    let out = psql_all(
+        &login,
+        &[
+            "PREPARE counted AS select count(*) from items",
+            &format!("CREATE TEMP TABLE made_by_analyst /* {m} */ AS EXECUTE counted"),
+            "select count(*) from pg_class where relname = 'made_by_analyst'",
+        ],
+    );
+    // The analysts may read, not create tables (their role may: TEMP is granted to PUBLIC).
+    assert_eq!(out.sqlstates(), vec!["42501"], "{}", out.describe());
+    assert!(out.stderr.contains("policy rule \"default:analysts\""), "{}", out.describe());
+    assert_eq!(out.stdout.trim(), "PREPARE\n0", "{}", out.describe());
+    assert_never_reached_postgres(&m);
+    let (s, _) = statement_and_result(&e.pw, &m);
+    assert_eq!(s["decision"], "deny", "{s}");
+}
+
+#[test]
 fn startup_parameters_cannot_get_around_the_policy() {
     let e = env("pe_startup", |b| b);
     let (_, login) = e.login("alice", &["analysts"], "15m");

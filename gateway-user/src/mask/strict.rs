@@ -239,7 +239,14 @@ impl Strict<'_> {
                 Some(q) => self.statement(q),
                 None => Ok(()),
             },
-            "CreateTableAsStmt" => self.query_opt(b.get("query"), None, Ctx::Deny(Why::Written)),
+            "CreateTableAsStmt" => match b.get("query").and_then(wrapped) {
+                // What the prepared statement returns — masked columns too — would be written
+                // to the table, where no output mask follows it.
+                Some(("ExecuteStmt", _)) => {
+                    self.refuse(0, "CREATE TABLE … AS EXECUTE writes what a prepared statement returns to a table".into())
+                }
+                _ => self.query_opt(b.get("query"), None, Ctx::Deny(Why::Written)),
+            },
             "ViewStmt" => self.query_opt(b.get("query"), None, Ctx::Deny(Why::View)),
             "CallStmt" => match b.get("funccall") {
                 Some(f) => self.expr(f, Ctx::Deny(Why::Argument), &empty_env()),

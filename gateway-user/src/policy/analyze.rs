@@ -46,6 +46,10 @@ pub struct StatementInfo {
     pub body_functions: Vec<QName>,
     /// `EXECUTE name`: the prepared statement's name (as Postgres folds it).
     pub execute: Option<String>,
+    /// What the statement around an `EXECUTE` does itself (`CREATE TABLE … AS EXECUTE`,
+    /// `EXPLAIN ANALYZE EXECUTE`): its classes and commands, kept when the EXECUTE is
+    /// resolved to the prepared text. Empty for a plain EXECUTE.
+    pub execute_wrapper: (ClassSet, Vec<String>),
     /// PREPARE / DEALLOCATE: what it does to the session's prepared statements.
     pub prepared: Option<PreparedOp>,
     pub unparsable: bool,
@@ -467,6 +471,9 @@ fn classify_prepared(ty: &str, b: &Map<String, Value>, info: &mut StatementInfo)
             info.prepared = Some(PreparedOp::Prepare(str_field(b, "name").unwrap_or("").to_string()));
         }
         "ExecuteStmt" => {
+            // The walk classifies a node before its children: what is recorded so far is
+            // the wrapping statement's own doing.
+            info.execute_wrapper = (info.classes, info.commands.clone());
             info.add_command("execute");
             // Until the session tells us what it runs: a write.
             info.classes.insert(Write);

@@ -758,6 +758,12 @@ impl Policy {
                     let mut info = (*p.info).clone();
                     info.text = format!("{} /* prepared: {} */", exec.text, p.info.text);
                     info.commands.insert(0, "execute".into());
+                    // `CREATE TABLE t AS EXECUTE p` creates and writes a table whatever p reads.
+                    let (wrapper_classes, wrapper_commands) = &exec.execute_wrapper;
+                    info.classes.0 |= wrapper_classes.0;
+                    for c in wrapper_commands.iter().rev() {
+                        info.commands.insert(0, c.clone());
+                    }
                     info.functions.extend(exec.functions.iter().cloned());
                     info.tables.extend(exec.tables.iter().cloned());
                     let mut m = exec.modifiers;

@@ -356,6 +356,35 @@ fn execute_uses_the_prepared_statement_when_the_session_knows_it() {
 }
 
 #[test]
+fn a_statement_around_execute_keeps_its_own_classes() {
+    let p = example();
+    let prepared: HashMap<&str, &str> = [("q", "SELECT 1")].into_iter().collect();
+    let lookup = |n: &str| prepared.get(n).map(|s| s.to_string());
+    // CREATE TABLE … AS EXECUTE creates and fills a table, whatever the prepared text reads:
+    // DDL for analysts, and outside the change window for everyone.
+    for (who, groups) in [("alice", A), ("erin", E), ("dora", DBA)] {
+        for sql in ["CREATE TABLE evil AS EXECUTE q", "CREATE TEMP TABLE evil AS EXECUTE q WITH NO DATA"] {
+            let v = p.decide_with_prepared(&id(who, groups), "app", sql, noon(), &lookup);
+            assert_eq!(v.decision, Deny, "{who}: {sql}: {v:?}");
+            let info = &v.statements[0].info;
+            assert!(info.classes.contains(StatementClass::Ddl) && info.classes.contains(StatementClass::Write), "{sql}: {info:?}");
+            assert_eq!(info.commands[0], "create table", "{sql}: {info:?}");
+        }
+    }
+    // Decided as the same statement with the prepared text written out, at any time.
+    for (who, groups) in [("alice", A), ("erin", E), ("dora", DBA)] {
+        for at in [noon(), evening()] {
+            let v = p.decide_with_prepared(&id(who, groups), "app", "CREATE TABLE t2 AS EXECUTE q", at, &lookup);
+            let plain = p.decide(&id(who, groups), "app", "CREATE TABLE t2 AS SELECT 1", at);
+            assert_eq!((v.decision, &v.rule), (plain.decision, &plain.rule), "{who} at {at}");
+        }
+    }
+    // EXPLAIN adds no class of its own: EXPLAIN EXECUTE of a read is a read.
+    let v = p.decide_with_prepared(&id("alice", A), "app", "EXPLAIN ANALYZE EXECUTE q", noon(), &lookup);
+    assert_eq!((v.decision, v.rule.as_str()), (Allow, "analysts-read"));
+}
+
+#[test]
 fn roles_and_groups() {
     let p = example();
     assert_eq!(p.role_for(&id("a", &["analysts"])).as_deref(), Some("analyst_ro"));
