@@ -300,6 +300,8 @@ pub struct Policy {
     fastpath: Arc<Entry>,
     /// A fastpath call of set_config (an identity or lexical change pgward cannot read).
     fastpath_set_config: Arc<Entry>,
+    /// An Execute of a portal bound to a statement the session does not know.
+    unknown_statement: Arc<Entry>,
     /// Function catalogs by database, for rules that name catalog function classes:
     /// (generation, catalog). A database without one: every function is in every class.
     catalogs: std::sync::RwLock<std::collections::HashMap<String, (u64, Arc<functions::FunctionCatalog>)>>,
@@ -376,6 +378,7 @@ impl Policy {
             cache: Cache::new(DEFAULT_CACHE_ENTRIES),
             fastpath: Arc::new(Entry::empty()),
             fastpath_set_config: Arc::new(Entry::empty()),
+            unknown_statement: Arc::new(Entry::empty()),
         };
         let fastpath = |set_config: bool| {
             let mut info = StatementInfo { text: "<fastpath function call>".into(), ..Default::default() };
@@ -393,6 +396,12 @@ impl Policy {
         let (plain, set_config) = (p.stmt(Arc::new(fastpath(false))), p.stmt(Arc::new(fastpath(true))));
         p.fastpath = Arc::new(Entry { stmts: vec![plain], ..Entry::empty() });
         p.fastpath_set_config = Arc::new(Entry { stmts: vec![set_config], ..Entry::empty() });
+        let mut unknown = StatementInfo { text: "<execute of a statement pgward does not know>".into(), ..Default::default() };
+        unknown.classes.insert(StatementClass::Write);
+        unknown.modifiers.insert(Modifier::UnknownPrepared);
+        unknown.commands.push("execute".into());
+        let unknown = p.stmt(Arc::new(unknown));
+        p.unknown_statement = Arc::new(Entry { stmts: vec![unknown], ..Entry::empty() });
         p
     }
 
@@ -526,6 +535,14 @@ impl Policy {
         let windows = self.window_bits(now);
         let entry = if oid == SET_CONFIG_OID { &self.fastpath_set_config } else { &self.fastpath };
         self.memoized(entry, identity, database, windows, None)
+    }
+
+    /// A protocol-level Execute of a statement the session does not know (Postgres may still
+    /// hold one under that name, made where pgward could not follow): decided as `EXECUTE`
+    /// of an unknown prepared statement — class `write`, modifier `unknown_prepared`.
+    pub fn decide_unknown_statement(&self, identity: &Identity, database: &str, now: DateTime<Utc>) -> Arc<Verdict> {
+        let windows = self.window_bits(now);
+        self.memoized(&self.unknown_statement, identity, database, windows, None)
     }
 
     /// The analysis of `sql` (cached), without deciding anything.

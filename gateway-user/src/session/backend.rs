@@ -48,9 +48,12 @@ impl Relay {
                 None => f,
             };
             match f.tag {
-                b'1' => self.tracker.answered(Awaited::Parse),
+                b'1' => self.on_parse_complete(),
                 b'2' => self.tracker.answered(Awaited::Bind),
-                b'3' => self.tracker.answered(Awaited::Close),
+                b'3' => {
+                    self.confirm_next_change(Awaited::Close);
+                    self.tracker.answered(Awaited::Close);
+                }
                 b't' => self.on_parameter_description(&f),
                 b'n' | b'T' => self.tracker.answered(Awaited::Describe),
                 b'C' | b'I' | b's' => self.on_command_done(&f),
@@ -86,6 +89,10 @@ impl Relay {
         if tag.as_deref().is_some_and(super::function_catalogs::changes_functions) {
             self.shared.fn_catalogs.reload(&self.shared, &self.database);
         }
+        if f.tag == b'C' {
+            self.confirm_next_change(Awaited::Query);
+            self.confirm_next_change(Awaited::Execute);
+        }
         let Some(p) = self.tracker.front() else { return };
         match p.kind {
             Awaited::Execute => {
@@ -101,6 +108,31 @@ impl Relay {
             }
             _ => {}
         }
+    }
+
+    /// ParseComplete: a named statement Parse made exists now, so none SQL `PREPARE` made
+    /// under that name does (Postgres refuses a Parse of a name that exists).
+    fn on_parse_complete(&mut self) {
+        if let Some((name, _)) = self.tracker.front().filter(|p| p.kind == Awaited::Parse).and_then(|p| p.replaced.as_deref()) {
+            let name = name.clone();
+            self.sql_prepared.parsed(&name);
+        }
+        self.tracker.answered(Awaited::Parse);
+    }
+
+    /// The server completed the front entry's next statement, if that entry is of `kind`:
+    /// what it does to the SQL-level prepared statements takes effect. A PREPARE or
+    /// DEALLOCATE also ends a protocol-level statement the session knew under that name
+    /// (Postgres had none when PREPARE succeeded; DEALLOCATE drops either kind).
+    fn confirm_next_change(&mut self, kind: Awaited) {
+        let Some(p) = self.tracker.front_mut().filter(|p| p.kind == kind) else { return };
+        let Some(Some(change)) = p.changes.as_mut().and_then(|c| c.pop_front()) else { return };
+        if kind != Awaited::Close
+            && let Some(name) = super::sql_prepared::SqlPrepared::changed_name(&change)
+        {
+            self.tracker.remove_statement(name);
+        }
+        self.sql_prepared.confirm(change);
     }
 
     /// ParameterDescription (first answer to a Describe of a statement): the statement's

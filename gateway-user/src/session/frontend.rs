@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::durability::{self, Effect, Rule};
 use super::held::Batch;
+use super::sql_prepared::{Change, Lookup, PreparedNote};
 use super::tracked::{Pending, Portal, Prepared, Statement};
 use super::{End, Relay, now_unix};
 use crate::audit::{Kind, Param, Record};
@@ -34,23 +35,6 @@ fn bad(e: WireError) -> End {
     End::Fatal(e.sqlstate(), format!("pgward: {e}"))
 }
 
-/// What an allowed statement does to the session's SQL-level prepared statements.
-#[derive(Debug, PartialEq, Eq)]
-enum PreparedNote {
-    /// Name (as Postgres folds it) and the PREPARE statement's text.
-    Prepare(String, Arc<str>),
-    Deallocate(String),
-    DeallocateAll,
-}
-
-fn prepared_note(info: &crate::policy::StatementInfo) -> Option<PreparedNote> {
-    use crate::policy::PreparedOp;
-    match info.prepared.as_ref()? {
-        PreparedOp::Prepare(name) => Some(PreparedNote::Prepare(name.clone(), Arc::from(info.text.as_str()))),
-        PreparedOp::Deallocate(name) => Some(PreparedNote::Deallocate(name.clone())),
-        PreparedOp::DeallocateAll => Some(PreparedNote::DeallocateAll),
-    }
-}
 
 impl Relay {
     /// Split the client's buffered bytes into frames and decide what to do with each, submit
@@ -193,7 +177,7 @@ impl Relay {
         rec.sql = Some(sql.to_string());
         let allowed = Self::apply_verdict(&mut rec, &mut p, &verdict);
         if allowed {
-            self.note_prepared(&verdict);
+            p.changes = self.begin_changes(verdict.statements.iter().map(|s| PreparedNote::of(&s.info)));
             self.check_retained()?;
         }
         let rule = if allowed { self.durability_rule(self.effect_of(&verdict), false) } else { Rule::HoldReply };
@@ -220,7 +204,6 @@ impl Relay {
         let stamp = self.shared.policy.decision_stamp(&self.database, chrono::Utc::now());
         let verdict = self.strict_masking(self.decide(&sql), strict.flatten());
         if verdict.is_allowed() {
-            self.note_prepared(&verdict);
             let runs_by_name = verdict.statements.iter().any(|s| s.info.execute.is_some());
             let prepared = Prepared {
                 sql: Arc::from(sql.as_ref()),
@@ -229,6 +212,8 @@ impl Relay {
                 effect: self.effect_of(&verdict),
                 types: Arc::new(ParamTypes::declared(param_types)),
                 stamp: (!runs_by_name).then_some(stamp),
+                // Taken when an Execute of it completes.
+                note: verdict.statements.first().and_then(|s| PreparedNote::of(&s.info)),
             };
             let mut p = Pending::new(Awaited::Parse);
             if name.is_empty() {
@@ -273,9 +258,10 @@ impl Relay {
     /// `B`: the portal remembers its statement and parameters, for the Execute's record.
     fn on_bind(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
         let b = wire::decode_bind(&f).map_err(bad)?;
+        let by_sql = self.sql_prepared.lookup(&b.statement) != Lookup::NotPrepared;
         let (stmt, stmt_mask) = match self.tracker.statement(&b.statement) {
-            Some(s) => (s.allowed.clone().unwrap_or_else(Prepared::unknown), s.mask.as_ref()),
-            None => (self.sql_prepared_statement(&b.statement), None),
+            Some(s) if !by_sql => (s.allowed.clone().unwrap_or_else(Prepared::unknown), s.mask.as_ref()),
+            _ => (self.sql_prepared_statement(&b.statement), None),
         };
         let mask = match (&self.mask, b.result_formats) {
             (None, _) => None,
@@ -294,9 +280,9 @@ impl Relay {
     /// (they share Postgres's namespace), with the text the policy allowed then — decided
     /// again at every Execute — or one the session does not know.
     fn sql_prepared_statement(&self, name: &str) -> Prepared {
-        match self.sql_prepared.get(name) {
-            Some(Some(text)) if !name.is_empty() => {
-                let verdict = self.decide(text);
+        match self.sql_prepared.lookup(name) {
+            Lookup::Known(text) if !name.is_empty() => {
+                let verdict = self.decide(&text);
                 Prepared {
                     sql: text.clone(),
                     rule: Arc::from(verdict.rule.as_str()),
@@ -304,6 +290,7 @@ impl Relay {
                     effect: if verdict.is_allowed() { self.effect_of(&verdict) } else { Effect::Other },
                     types: Arc::default(),
                     stamp: None,
+                    note: None,
                 }
             }
             _ => Prepared::unknown(),
@@ -314,7 +301,10 @@ impl Relay {
     /// Parse got (see [`Prepared::stamp`]); None when that one stands.
     fn redecide(&self, stmt: &Prepared) -> Option<Arc<Verdict>> {
         if stmt.sql.is_empty() {
-            return None;
+            // A statement the session does not know: Postgres may hold one of that name that
+            // pgward could not follow (made in a function, or kept by a Close it skipped).
+            let now = chrono::Utc::now();
+            return Some(self.shared.policy.decide_unknown_statement(&self.policy_identity, &self.database, now));
         }
         if let Some(stamp) = stmt.stamp
             && stamp == self.shared.policy.decision_stamp(&self.database, chrono::Utc::now())
@@ -335,8 +325,9 @@ impl Relay {
         rec.decision = Some("allow".into());
         let known = self.tracker.portal(&portal);
         let verdict = known.and_then(|p| self.redecide(&p.stmt));
-        // A portal the session does not know runs nothing (Postgres answers 34000).
-        let effect = known.map_or(Effect::Read, |p| p.stmt.effect);
+        // A portal the session did not bind runs nothing (Postgres answers 34000) — unless it
+        // is a cursor DECLARE opened (a portal of that name), whose query runs like a FETCH's.
+        let effect = known.map_or(Effect::Other, |p| p.stmt.effect);
         match known {
             Some(p) => {
                 rec.sql = Some(p.stmt.sql.to_string());
@@ -358,12 +349,14 @@ impl Relay {
             None => Tag::None,
         };
         let mut p = Pending::with_mask(Awaited::Execute, tag);
+        let note = known.and_then(|k| k.stmt.note.clone());
         if let Some(v) = verdict
             && !Self::apply_verdict(&mut rec, &mut p, &v)
         {
             batch.push_statement(self.marker_execute(), rec, p, Rule::HoldReply);
             return Ok(());
         }
+        p.changes = self.begin_changes(std::iter::once(note));
         let rule = self.durability_rule(effect, true);
         batch.push_statement(f, rec, p, rule);
         Ok(())
@@ -392,7 +385,11 @@ impl Relay {
     fn on_close(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
         let (kind, name) = wire::decode_close_or_describe(&f).map_err(bad)?;
         self.tracker.close(kind, &name);
-        batch.forward(f, Pending::new(Awaited::Close));
+        let mut p = Pending::new(Awaited::Close);
+        if kind == b'S' {
+            p.changes = Some(Box::new([Some(self.sql_prepared.begin_close(&name))].into()));
+        }
+        batch.forward(f, p);
         Ok(())
     }
 
@@ -436,7 +433,7 @@ impl Relay {
     /// the message that went over is forwarded.
     fn check_retained(&self) -> Result<(), End> {
         let max = self.shared.cfg.server.max_session_state_bytes;
-        let kept = self.tracker.retained() + self.sql_prepared_bytes;
+        let kept = self.tracker.retained() + self.sql_prepared.bytes();
         if kept <= max {
             return Ok(());
         }
@@ -463,10 +460,10 @@ impl Relay {
     /// The text `EXECUTE name` runs, if the session knows it: an SQL-level PREPARE, else a
     /// protocol-level Parse of that name (they share Postgres's namespace).
     fn lookup_prepared(&self, name: &str) -> Option<String> {
-        match self.sql_prepared.get(name) {
-            Some(Some(t)) => Some(t.to_string()),
-            Some(None) => None,
-            None => self
+        match self.sql_prepared.lookup(name) {
+            Lookup::Known(t) => Some(t.to_string()),
+            Lookup::Unknown => None,
+            Lookup::NotPrepared => self
                 .tracker
                 .statement(name)
                 .and_then(|s| s.allowed.as_ref())
@@ -475,33 +472,16 @@ impl Relay {
         }
     }
 
-    /// Remember the PREPAREs and DEALLOCATEs of an allowed (forwarded) query.
-    fn note_prepared(&mut self, v: &Verdict) {
-        let size = |name: &str, text: &Option<Arc<str>>| name.len() + text.as_ref().map_or(0, |t| t.len());
-        for s in &v.statements {
-            match prepared_note(&s.info) {
-                Some(PreparedNote::Prepare(name, text)) => {
-                    let known = self.tracker.statement(&name).and_then(|s| s.allowed.as_ref()).map(|p| p.sql.clone());
-                    let e = self.sql_prepared.entry(name.clone()).or_insert_with(|| {
-                        self.sql_prepared_bytes += name.len() + text.len();
-                        Some(text.clone())
-                    });
-                    if e.as_deref() != Some(&*text) || known.is_some_and(|k| *k != *text) {
-                        self.sql_prepared_bytes -= e.take().map_or(0, |t| t.len());
-                    }
-                }
-                Some(PreparedNote::Deallocate(name)) => {
-                    if let Some(t) = self.sql_prepared.remove(&name) {
-                        self.sql_prepared_bytes -= size(&name, &t);
-                    }
-                }
-                Some(PreparedNote::DeallocateAll) => {
-                    self.sql_prepared.clear();
-                    self.sql_prepared_bytes = 0;
-                }
-                None => {}
-            }
+    /// The PREPAREs and DEALLOCATEs of a forwarded Query (one entry per statement) or
+    /// Execute: their names are unknown until the server completes them (a statement of the
+    /// string that fails, an aborted transaction, a name that exists — then nothing changed).
+    /// None when there are none.
+    fn begin_changes(&mut self, notes: impl Iterator<Item = Option<PreparedNote>>) -> Option<Box<std::collections::VecDeque<Option<Change>>>> {
+        let notes: Vec<Option<PreparedNote>> = notes.collect();
+        if notes.iter().all(Option::is_none) {
+            return None;
         }
+        Some(Box::new(notes.into_iter().map(|n| n.map(|n| self.sql_prepared.begin(n))).collect()))
     }
 
     /// The policy's verdict on a Query's or Parse's text, for this session's effective
@@ -620,7 +600,7 @@ mod tests {
     use super::*;
 
     fn notes(sql: &str) -> Vec<Option<PreparedNote>> {
-        crate::policy::analyze_sql(sql).iter().map(prepared_note).collect()
+        crate::policy::analyze_sql(sql).iter().map(PreparedNote::of).collect()
     }
 
     #[test]

@@ -5,7 +5,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::collections::VecDeque;
+
 use super::durability::Effect;
+use super::sql_prepared::{Change, PreparedNote};
 use crate::audit::Param;
 use crate::mask::relay::{PortalInfo, PreparedInfo, Tag};
 use crate::policy::DecisionStamp;
@@ -29,6 +32,8 @@ pub(super) struct Prepared {
     /// changed) is decided again. None: every Execute is decided again (the text runs a
     /// prepared statement by name, or was prepared by SQL `PREPARE`).
     pub(super) stamp: Option<DecisionStamp>,
+    /// The text is a PREPARE or DEALLOCATE: what executing it does to the SQL-level names.
+    pub(super) note: Option<PreparedNote>,
 }
 
 impl Prepared {
@@ -41,6 +46,7 @@ impl Prepared {
             effect: Effect::Other,
             types: Arc::default(),
             stamp: None,
+            note: None,
         }
     }
 }
@@ -83,11 +89,24 @@ pub(super) struct Pending {
     pub(super) replaced: Option<Box<(String, Option<Statement>)>>,
     /// A forwarded Describe of an allowed statement: where its ParameterDescription goes.
     pub(super) described: Option<Arc<ParamTypes>>,
+    /// What a forwarded Query (per statement, in order), Execute or Close changes in the
+    /// SQL-level prepared statements once the server completes it.
+    pub(super) changes: Option<Box<VecDeque<Option<Change>>>>,
 }
 
 impl Pending {
     pub(super) fn new(kind: Awaited) -> Pending {
-        Pending { kind, seq: 0, started: Instant::now(), refusal: None, rec_idx: usize::MAX, mask: Tag::None, replaced: None, described: None }
+        Pending {
+            kind,
+            seq: 0,
+            started: Instant::now(),
+            refusal: None,
+            rec_idx: usize::MAX,
+            mask: Tag::None,
+            replaced: None,
+            described: None,
+            changes: None,
+        }
     }
 
     pub(super) fn with_mask(kind: Awaited, mask: Tag) -> Pending {

@@ -1,0 +1,196 @@
+//! The statements SQL `PREPARE` named in the server's session, as the server confirmed them:
+//! what `EXECUTE name` (and a Bind of that name) runs, for the policy to decide it on.
+//!
+//! A PREPARE, DEALLOCATE or protocol-level Close changes the server's names only if the server
+//! runs it: one that follows a failed statement of its query string, one in an aborted
+//! transaction, a PREPARE of a name that exists, a Parse of `DEALLOCATE p` never executed, a
+//! Close skipped after a pipeline error — all leave the name as it was. So a change is taken
+//! only when the server's answer confirms it ([`SqlPrepared::confirm`]); while one is on its
+//! way ([`Change`], held by the answer the session waits for) the name is unknown, and an
+//! `EXECUTE` of it is decided as a statement pgward does not know.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// What an allowed statement does to the session's SQL-level prepared statements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum PreparedNote {
+    /// Name (as Postgres folds it) and the PREPARE statement's text.
+    Prepare(String, Arc<str>),
+    Deallocate(String),
+    DeallocateAll,
+}
+
+impl PreparedNote {
+    pub(super) fn of(info: &crate::policy::StatementInfo) -> Option<PreparedNote> {
+        use crate::policy::PreparedOp;
+        match info.prepared.as_ref()? {
+            PreparedOp::Prepare(name) => Some(PreparedNote::Prepare(name.clone(), Arc::from(info.text.as_str()))),
+            PreparedOp::Deallocate(name) => Some(PreparedNote::Deallocate(name.clone())),
+            PreparedOp::DeallocateAll => Some(PreparedNote::DeallocateAll),
+        }
+    }
+}
+
+/// A change forwarded and not answered yet. While it exists its name (or, for DEALLOCATE
+/// ALL, every name) is unknown; dropping it without [`SqlPrepared::confirm`] (the server
+/// failed or skipped the statement) leaves the name as it was.
+#[derive(Debug)]
+pub(super) struct Change {
+    op: Op,
+    _in_flight: Arc<()>,
+}
+
+#[derive(Debug)]
+enum Op {
+    Note(PreparedNote),
+    /// A protocol-level Close of a statement of this name.
+    Close(String),
+}
+
+/// What the session knows of a name.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Lookup {
+    /// SQL `PREPARE` made it with this text (the PREPARE statement's).
+    Known(Arc<str>),
+    /// It may exist with a text pgward cannot tell: decide as an unknown statement.
+    Unknown,
+    /// No SQL `PREPARE` made it (a protocol-level Parse may have).
+    NotPrepared,
+}
+
+/// The session's SQL-level prepared statements.
+#[derive(Debug, Default)]
+pub(super) struct SqlPrepared {
+    /// Confirmed names and their PREPARE statements' texts.
+    names: HashMap<String, Arc<str>>,
+    /// Bytes `names` keeps, for `server.max_session_state_bytes`.
+    bytes: usize,
+    /// Per name, a counter of changes on their way (strong count above one).
+    in_flight: HashMap<String, Arc<()>>,
+    /// The same for DEALLOCATE ALL, which changes every name.
+    all_in_flight: Arc<()>,
+}
+
+/// Entries of `in_flight` beyond which finished ones are dropped.
+const IN_FLIGHT_PRUNE: usize = 64;
+
+impl SqlPrepared {
+    pub(super) fn lookup(&self, name: &str) -> Lookup {
+        let busy = Arc::strong_count(&self.all_in_flight) > 1
+            || self.in_flight.get(name).is_some_and(|c| Arc::strong_count(c) > 1);
+        match self.names.get(name) {
+            _ if busy => Lookup::Unknown,
+            Some(t) => Lookup::Known(t.clone()),
+            None => Lookup::NotPrepared,
+        }
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// A PREPARE or DEALLOCATE is forwarded: its name is unknown until [`Self::confirm`].
+    pub(super) fn begin(&mut self, note: PreparedNote) -> Change {
+        let guard = match &note {
+            PreparedNote::Prepare(n, _) | PreparedNote::Deallocate(n) => self.guard(n),
+            PreparedNote::DeallocateAll => self.all_in_flight.clone(),
+        };
+        Change { op: Op::Note(note), _in_flight: guard }
+    }
+
+    /// A protocol-level Close of statement `name` is forwarded.
+    pub(super) fn begin_close(&mut self, name: &str) -> Change {
+        Change { op: Op::Close(name.to_string()), _in_flight: self.guard(name) }
+    }
+
+    fn guard(&mut self, name: &str) -> Arc<()> {
+        if self.in_flight.len() > IN_FLIGHT_PRUNE {
+            self.in_flight.retain(|_, c| Arc::strong_count(c) > 1);
+        }
+        self.in_flight.entry(name.to_string()).or_default().clone()
+    }
+
+    /// The server completed the statement of `change`. (A protocol-level statement the
+    /// session knows under its name is gone or stale either way — Postgres had none of that
+    /// name when a PREPARE succeeded — and is the caller's to drop: [`Self::changed_name`].)
+    pub(super) fn confirm(&mut self, change: Change) {
+        match change.op {
+            Op::Note(PreparedNote::Prepare(name, text)) => {
+                self.remove(&name);
+                self.bytes += name.len() + text.len();
+                self.names.insert(name, text);
+            }
+            Op::Note(PreparedNote::Deallocate(name)) | Op::Close(name) => self.remove(&name),
+            Op::Note(PreparedNote::DeallocateAll) => {
+                self.names.clear();
+                self.bytes = 0;
+            }
+        }
+    }
+
+    /// A protocol-level Parse of `name` succeeded: Postgres had no statement of that name, so
+    /// none SQL `PREPARE` made.
+    pub(super) fn parsed(&mut self, name: &str) {
+        self.remove(name);
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(t) = self.names.remove(name) {
+            self.bytes -= name.len() + t.len();
+        }
+    }
+
+    /// The name the change confirms a statement under or removes (None: every name).
+    pub(super) fn changed_name(change: &Change) -> Option<&str> {
+        match &change.op {
+            Op::Note(PreparedNote::Prepare(n, _) | PreparedNote::Deallocate(n)) | Op::Close(n) => Some(n),
+            Op::Note(PreparedNote::DeallocateAll) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prepare(name: &str, text: &str) -> PreparedNote {
+        PreparedNote::Prepare(name.into(), Arc::from(text))
+    }
+
+    #[test]
+    fn only_confirmed_changes_count_and_names_are_unknown_meanwhile() {
+        let mut s = SqlPrepared::default();
+        let c = s.begin(prepare("p", "PREPARE p AS DELETE FROM t"));
+        assert_eq!(s.lookup("p"), Lookup::Unknown);
+        s.confirm(c);
+        assert_eq!(s.lookup("p"), Lookup::Known(Arc::from("PREPARE p AS DELETE FROM t")));
+        // A DEALLOCATE the server skipped, a PREPARE it refused: p stays.
+        drop(s.begin(PreparedNote::Deallocate("p".into())));
+        drop(s.begin(prepare("p", "PREPARE p AS SELECT 1")));
+        assert_eq!(s.lookup("p"), Lookup::Known(Arc::from("PREPARE p AS DELETE FROM t")));
+        // DEALLOCATE ALL on its way: every name is unknown.
+        let all = s.begin(PreparedNote::DeallocateAll);
+        assert_eq!(s.lookup("p"), Lookup::Unknown);
+        assert_eq!(s.lookup("q"), Lookup::Unknown);
+        s.confirm(all);
+        assert_eq!(s.lookup("p"), Lookup::NotPrepared);
+        assert_eq!(s.bytes(), 0);
+    }
+
+    #[test]
+    fn a_close_or_a_parse_of_the_name_removes_it() {
+        let mut s = SqlPrepared::default();
+        let c = s.begin(prepare("p", "PREPARE p AS SELECT 1"));
+        s.confirm(c);
+        let close = s.begin_close("p");
+        assert_eq!(s.lookup("p"), Lookup::Unknown);
+        s.confirm(close);
+        assert_eq!(s.lookup("p"), Lookup::NotPrepared);
+        let c = s.begin(prepare("p", "PREPARE p AS SELECT 1"));
+        s.confirm(c);
+        s.parsed("p");
+        assert_eq!(s.lookup("p"), Lookup::NotPrepared);
+        assert_eq!(s.bytes(), 0);
+    }
+}
