@@ -69,6 +69,32 @@ fn denied_statements_get_42501_naming_the_rule_and_the_session_stays_usable() {
 }
 
 #[test]
+fn built_ins_that_write_are_writes_for_a_read_only_group() {
+    let e = env("pe_writing_builtins", |b| b);
+    cluster().sql(&e.db, &format!("CREATE SEQUENCE counter; GRANT ALL ON counter TO {}", e.ro));
+    let (_, login) = e.login("alice", &["analysts"], "15m");
+    let m = never_marker();
+    let out = psql_all(
+        &login,
+        &[
+            // The analysts' role may create large objects (no privilege needed) and advance a
+            // sequence it was granted; the policy says read-only.
+            &format!("select lo_from_bytea(0, convert_to('{m}', 'UTF8'))"),
+            &format!("select setval('counter', 42) /* {m} */"),
+            &format!("select pg_notify('jobs', '{m}')"),
+            &format!("select id from items where pg_try_advisory_lock(id) /* {m} */"),
+            "select currval('counter') is null",
+        ],
+    );
+    // currval reads (and fails: no nextval in this session), everything else is refused.
+    assert_eq!(out.sqlstates(), vec!["42501", "42501", "42501", "42501", "55000"], "{}", out.describe());
+    assert_eq!(out.stderr.matches("policy rule \"default:analysts\"").count(), 4, "{}", out.describe());
+    assert_never_reached_postgres(&m);
+    assert_eq!(cluster().sql(&e.db, "select count(*) from pg_largeobject_metadata"), "0");
+    assert_eq!(cluster().sql(&e.db, "select last_value from counter"), "1");
+}
+
+#[test]
 fn unbounded_writes_are_denied_and_bounded_ones_run() {
     let e = env("pe_nowhere", |b| b);
     let (_, login) = e.login("wendy", &["writers"], "15m");

@@ -20,6 +20,7 @@ use super::normalize::Normalized;
 use super::pgparse;
 use super::pgtree::{const_locations, list, name_list, node, raw_stmts, str_field, wrapped_map as wrapped};
 use super::settings::setting_change;
+use super::writes;
 
 
 /// Everything the policy engine knows about one statement.
@@ -250,6 +251,9 @@ impl Walker<'_> {
                 }
                 if runs_sql_text(&q) {
                     self.scan_sql_text_args(b);
+                }
+                if writes::writes(&q.name) {
+                    self.info.classes.insert(StatementClass::Write);
                 }
                 self.info.functions.push(q);
             }

@@ -43,6 +43,7 @@ pub(crate) mod normalize;
 pub mod pgparse;
 pub mod pgtree;
 mod window;
+mod writes;
 
 #[cfg(test)]
 mod tests;
