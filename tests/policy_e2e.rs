@@ -95,6 +95,34 @@ fn built_ins_that_write_are_writes_for_a_read_only_group() {
 }
 
 #[test]
+fn a_schema_rule_covers_the_functions_of_the_schema() {
+    let e = env("pe_schema_functions", |b| {
+        b.with_dir(|dir, _| {
+            let path = dir.join("test-policy.toml");
+            let policy = std::fs::read_to_string(&path).unwrap();
+            let rule = "[[rule]]\nname = \"payroll-schema\"\naction = \"deny\"\nschemas = [\"payroll\"]\nreason = \"payroll is off limits\"\n\n";
+            std::fs::write(&path, policy.replacen("[[rule]]", &format!("{rule}[[rule]]"), 1)).unwrap();
+        })
+    });
+    // A function of the schema that writes; its owner's rights (SECURITY DEFINER), callable
+    // by everyone (functions are executable by PUBLIC unless revoked).
+    cluster().sql(
+        &e.db,
+        &format!(
+            "CREATE SCHEMA payroll; GRANT USAGE ON SCHEMA payroll TO {ro}; \
+             CREATE FUNCTION payroll.rename_all() RETURNS int LANGUAGE sql SECURITY DEFINER \
+             AS $$ UPDATE items SET name = 'renamed' WHERE id > 0 RETURNING 1 $$",
+            ro = e.ro
+        ),
+    );
+    let (_, login) = e.login("alice", &["analysts"], "15m");
+    let out = psql_all(&login, &["select payroll.rename_all()", "select * from PayRoll.rename_all()", "select 1"]);
+    assert_eq!(out.sqlstates(), vec!["42501", "42501"], "{}", out.describe());
+    assert_eq!(out.stderr.matches("policy rule \"payroll-schema\"").count(), 2, "{}", out.describe());
+    assert_eq!(cluster().sql(&e.db, "select count(*) from items where name = 'renamed'"), "0");
+}
+
+#[test]
 fn unbounded_writes_are_denied_and_bounded_ones_run() {
     let e = env("pe_nowhere", |b| b);
     let (_, login) = e.login("wendy", &["writers"], "15m");

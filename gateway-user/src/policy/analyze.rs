@@ -18,7 +18,7 @@ use super::lexical;
 use super::limits;
 use super::normalize::Normalized;
 use super::pgparse;
-use super::pgtree::{const_locations, list, name_list, node, raw_stmts, str_field, wrapped_map as wrapped};
+use super::pgtree::{const_locations, list, name_list, names, node, raw_stmts, str_field, wrapped_map as wrapped};
 use super::settings::setting_change;
 use super::writes;
 
@@ -38,7 +38,9 @@ pub struct StatementInfo {
     pub modifiers: ModSet,
     /// Relations named (tables, views, sequences; CTE names too — conservatively).
     pub tables: Vec<QName>,
-    /// Schemas named explicitly (schema-qualified names, CREATE/DROP/ALTER SCHEMA).
+    /// Schemas named explicitly: schema-qualified names of relations, functions, operators,
+    /// types and collations (not `pg_catalog` for those but relations), CREATE/DROP/ALTER
+    /// SCHEMA, GRANT … IN SCHEMA, ALTER DEFAULT PRIVILEGES IN SCHEMA.
     pub schemas: Vec<String>,
     pub functions: Vec<QName>,
     /// Functions a lexical scan of a body (DO, CREATE FUNCTION … AS '…') names: matched by
@@ -203,6 +205,12 @@ fn no_where(body: &Map<String, Value>, dep: &mut bool) -> bool {
     body.get("whereClause").is_none_or(|w| trivially_true(w, dep))
 }
 
+/// Node fields that hold a possibly qualified name of something other than a relation, as a
+/// list of strings: FuncCall and CREATE FUNCTION (`funcname`), TypeName (`names`), an
+/// operator in A_Expr (`name`) or a subquery comparison (`operName`), ObjectWithArgs
+/// (`objname`), CREATE OPERATOR/AGGREGATE/… (`defnames`), COLLATE (`collname`).
+const NAME_LIST_FIELDS: &[&str] = &["funcname", "names", "name", "operName", "objname", "defnames", "collname"];
+
 /// Node fields that hold a statement in a statement's place (EXPLAIN, PREPARE, COPY, DECLARE,
 /// CREATE TABLE AS / VIEW, WITH): a SELECT there is read as a statement of its own.
 const STATEMENT_FIELDS: &[&str] = &["stmt", "query", "ctequery"];
@@ -260,6 +268,24 @@ impl Walker<'_> {
         }
         if str_field(b, "kind").is_some_and(|k| k.starts_with("VAR_")) {
             self.setting(b, field);
+        }
+        self.qualified_names(b);
+    }
+
+    /// The schemas of qualified names other than relations': functions called or defined,
+    /// operators (`OPERATOR(hr.+)`), types, collations and objects named by signature (`DROP
+    /// FUNCTION hr.f(int)`). `pg_catalog` is left out: the grammar writes it into SQL-standard
+    /// syntax (`CAST(x AS int)` is `pg_catalog.int4`, `EXTRACT` is `pg_catalog.extract`).
+    fn qualified_names(&mut self, b: &Map<String, Value>) {
+        for key in NAME_LIST_FIELDS {
+            let Some(Value::Array(parts)) = b.get(*key) else { continue };
+            let parts = names(parts);
+            if let [.., schema, _] = parts.as_slice() {
+                let schema = schema.to_lowercase();
+                if schema != "pg_catalog" {
+                    self.info.schemas.push(schema);
+                }
+            }
         }
     }
 
@@ -535,8 +561,23 @@ fn classify_dcl(ty: &str, b: &Map<String, Value>, info: &mut StatementInfo) {
             info.classes.insert(Dcl);
             let grant = b.get("is_grant").and_then(Value::as_bool) == Some(true);
             info.add_command(if grant { "grant" } else { "revoke" });
+            // GRANT … ON ALL TABLES IN SCHEMA hr: the objects are schema names.
+            if str_field(b, "targtype") == Some("ACL_TARGET_ALL_IN_SCHEMA") {
+                info.schemas.extend(names(list(b, "objects")).into_iter().map(|s| s.to_lowercase()));
+            }
         }
-        "CreateRoleStmt" | "AlterRoleStmt" | "AlterRoleSetStmt" | "DropRoleStmt" | "AlterDefaultPrivilegesStmt"
+        "AlterDefaultPrivilegesStmt" => {
+            info.classes.insert(Dcl);
+            info.add_leading_words(2);
+            // ALTER DEFAULT PRIVILEGES IN SCHEMA hr …
+            for opt in list(b, "options").iter().filter_map(|o| node(o, "DefElem")) {
+                if str_field(opt, "defname") == Some("schemas") {
+                    let items = opt.get("arg").and_then(|a| node(a, "List")).map(|l| name_list(l.get("items")));
+                    info.schemas.extend(items.unwrap_or_default().into_iter().map(|s| s.to_lowercase()));
+                }
+            }
+        }
+        "CreateRoleStmt" | "AlterRoleStmt" | "AlterRoleSetStmt" | "DropRoleStmt"
         | "CreatePolicyStmt" | "AlterPolicyStmt" | "ReassignOwnedStmt" | "DropOwnedStmt" => {
             info.classes.insert(Dcl);
             info.add_leading_words(2);

@@ -95,6 +95,17 @@ const CASES: &[Case] = &[
     (Ex, A, "app", Noon, "DELETE FROM orders WHERE id = 1", Deny, "default:analysts"),
     (Ex, A, "app", Noon, "insert into orders values (1)", Deny, "default:analysts"),
     (Ex, A, "app", Noon, "COPY orders FROM STDIN", Deny, "default:analysts"),
+    // a schema rule covers functions, operators and types of the schema, not only tables
+    // (functions of hr are covered too: the catalog-less functions here are denied earlier as
+    // unknown to the catalog; tests/policy_e2e.rs calls one the catalog knows)
+    (Ex, A, "app", Noon, "SELECT 1 OPERATOR(hr.+) 1", Deny, "hr-schema"),
+    (Ex, A, "app", Noon, "SELECT 1 FROM orders WHERE id = ANY(SELECT 1) OR id OPERATOR(\"HR\".=) 2", Deny, "hr-schema"),
+    (Ex, A, "app", Noon, "SELECT NULL::hr.salary_t", Deny, "hr-schema"),
+    (Ex, A, "app", Noon, "SELECT id FROM orders WHERE note COLLATE hr.c = 'x'", Deny, "hr-schema"),
+    (Ex, AHR, "app", Noon, "SELECT 1 OPERATOR(hr.+) 1", Allow, "analysts-read"),
+    (Ex, A, "app", Noon, "SELECT CAST(1 AS int), extract(year from now()), 1 OPERATOR(pg_catalog.+) 1", Allow, "analysts-read"),
+    (Ex, E, "app", Evening, "DROP FUNCTION hr.give_raise(int)", Deny, "hr-schema"),
+    (Ex, E, "app", Evening, "DROP TYPE hr.salary_t", Deny, "hr-schema"),
     // built-ins that write are writes in any statement
     (Ex, A, "app", Noon, "SELECT setval('orders_id_seq', 1)", Deny, "default:analysts"),
     (Ex, A, "app", Noon, "SELECT nextval('orders_id_seq')", Deny, "default:analysts"),
@@ -1520,4 +1531,13 @@ reason = "functions that run SQL from text or reach outside the database"
     // Classes are for deny rules.
     let bad = Policy::from_toml("b.toml", "[[rule]]\nname = \"a\"\naction = \"allow\"\nfunctions = [\"@volatile\"]\n");
     assert!(bad.is_err());
+}
+
+
+#[test]
+fn schemas_named_by_grants_and_default_privileges() {
+    for sql in ["GRANT SELECT ON ALL TABLES IN SCHEMA hr TO x", "ALTER DEFAULT PRIVILEGES IN SCHEMA HR GRANT SELECT ON TABLES TO x"] {
+        let infos = analyze_sql(sql);
+        assert_eq!(infos[0].schemas, vec!["hr".to_string()], "{sql}");
+    }
 }
