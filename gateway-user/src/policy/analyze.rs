@@ -47,6 +47,10 @@ pub struct StatementInfo {
     /// name patterns like `functions`, but not looked up for catalog classes (the body is not
     /// run by this statement, and a scan also reports words that are not functions).
     pub body_functions: Vec<QName>,
+    /// Words and `a.b` pairs of such a body that might name tables: matched by table
+    /// patterns like `tables` (a qualified one's schema counts as touched), so a table rule
+    /// sees `LANGUAGE sql AS 'SELECT … FROM salaries'` as it sees a `BEGIN ATOMIC` body.
+    pub body_tables: Vec<QName>,
     /// `EXECUTE name`: the prepared statement's name (as Postgres folds it).
     pub execute: Option<String>,
     /// What the statement around an `EXECUTE` does itself (`CREATE TABLE … AS EXECUTE`,
@@ -83,7 +87,7 @@ impl StatementInfo {
         if self.classes.contains(StatementClass::Write) && self.tables.iter().any(|t| t.name == "pg_settings") {
             self.modifiers.insert(Modifier::IdentityChange);
         }
-        for t in &self.tables {
+        for t in self.tables.iter().chain(&self.body_tables) {
             if let Some(s) = &t.schema {
                 self.schemas.push(s.clone());
             }
@@ -94,6 +98,8 @@ impl StatementInfo {
         self.functions.dedup();
         self.body_functions.sort();
         self.body_functions.dedup();
+        self.body_tables.sort();
+        self.body_tables.dedup();
         self.schemas.sort();
         self.schemas.dedup();
         if self.classes.is_empty() {
@@ -756,6 +762,7 @@ fn scan_bodies(b: &Map<String, Value>, info: &mut StatementInfo) {
             let f = lexical::scan(body);
             info.modifiers |= f.modifiers;
             info.body_functions.extend(f.functions);
+            info.body_tables.extend(f.names.into_iter().map(|q| QName::new(q.schema.map(|s| s.to_lowercase()), q.name.to_lowercase())));
         }
     }
 }

@@ -991,10 +991,12 @@ fn content_matches(
     if !r.commands.is_empty() && !check(&info.commands, deny, |c| r.commands.iter().any(|g| g.matches(c))) {
         return false;
     }
-    if !r.tables.is_empty()
-        && !check(&info.tables, deny, |t| r.tables.iter().any(|p| name_matches(p, t, deny, search_path)))
-    {
-        return false;
+    if !r.tables.is_empty() {
+        let listed = |t: &QName| r.tables.iter().any(|p| name_matches(p, t, deny, search_path));
+        let (named, in_bodies) = (check(&info.tables, deny, listed), check(&info.body_tables, deny, listed));
+        if !(if deny { named || in_bodies } else { named && in_bodies }) {
+            return false;
+        }
     }
     if !r.schemas.is_empty() {
         // Schemas touched: explicit ones, and for unqualified tables the search_path.

@@ -1541,3 +1541,38 @@ fn schemas_named_by_grants_and_default_privileges() {
         assert_eq!(infos[0].schemas, vec!["hr".to_string()], "{sql}");
     }
 }
+
+#[test]
+fn table_and_schema_rules_see_what_bodies_name() {
+    let toml = r#"
+version = 1
+[defaults]
+action = "allow"
+
+[[rule]]
+name = "no-salaries"
+action = "deny"
+tables = ["hr.salaries"]
+
+[[rule]]
+name = "no-payroll"
+action = "deny"
+schemas = ["payroll"]
+"#;
+    let p = with_catalogs(Policy::from_toml("bodies.toml", toml).expect("compiles"));
+    let who = id("e", E);
+    let cases = [
+        // A string body names the table as a BEGIN ATOMIC body does.
+        ("CREATE FUNCTION peek() RETURNS text LANGUAGE sql AS 'SELECT string_agg(amount::text, '','') FROM salaries'", Deny, "no-salaries"),
+        ("CREATE FUNCTION peek() RETURNS text LANGUAGE sql BEGIN ATOMIC SELECT string_agg(amount::text, ',') FROM salaries; END", Deny, "no-salaries"),
+        ("CREATE PROCEDURE p() LANGUAGE plpgsql AS $b$BEGIN DELETE FROM Salaries; END$b$", Deny, "no-salaries"),
+        ("DO $$BEGIN PERFORM 1 FROM hr.salaries; END$$", Deny, "no-salaries"),
+        ("DO $$BEGIN PERFORM count(*) FROM payroll.runs; END$$", Deny, "no-payroll"),
+        ("CREATE FUNCTION fine() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM orders'", Allow, "default"),
+        ("DO $$BEGIN PERFORM count(*) FROM orders; END$$", Allow, "default"),
+    ];
+    for (sql, decision, rule) in cases {
+        let v = p.decide(&who, "app", sql, noon());
+        assert_eq!((v.decision, v.rule.as_str()), (decision, rule), "{sql}");
+    }
+}
