@@ -631,10 +631,11 @@ fn classify_select(b: &Map<String, Value>, top: bool, info: &mut StatementInfo) 
         info.modifiers.insert(Modifier::ForUpdate);
     }
     if b.contains_key("intoClause") {
-        // SELECT … INTO t creates and fills a table.
+        // SELECT … INTO t creates and fills a table: a `create table` as CREATE TABLE AS is.
         info.classes.insert(Ddl);
         info.classes.insert(Write);
         info.add_command("select into");
+        info.add_command("create table");
     }
     if top {
         info.classes.insert(Read);

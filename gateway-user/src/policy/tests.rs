@@ -1576,3 +1576,24 @@ schemas = ["payroll"]
         assert_eq!((v.decision, v.rule.as_str()), (decision, rule), "{sql}");
     }
 }
+
+#[test]
+fn select_into_is_a_create_table_for_command_rules() {
+    let toml = r#"
+version = 1
+[defaults]
+action = "allow"
+
+[[rule]]
+name = "no-new-tables"
+action = "deny"
+commands = ["create table"]
+"#;
+    let p = with_catalogs(Policy::from_toml("commands.toml", toml).expect("compiles"));
+    for sql in ["CREATE TABLE t2 AS SELECT 1", "SELECT 1 AS x INTO t2", "WITH w AS (SELECT 1) SELECT * INTO TEMP t2 FROM w", "CREATE TABLE t2 (x int)"] {
+        let v = p.decide(&id("e", E), "app", sql, noon());
+        assert_eq!((v.decision, v.rule.as_str()), (Deny, "no-new-tables"), "{sql}");
+    }
+    let v = p.decide(&id("e", E), "app", "SELECT 1 AS x", noon());
+    assert_eq!(v.decision, Allow);
+}
