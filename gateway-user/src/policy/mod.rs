@@ -222,8 +222,10 @@ pub struct CacheStats {
     pub shared: u64,
 }
 
-/// How the session resolves `EXECUTE name` to the prepared statement's text.
-pub type PreparedLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+/// How the session resolves `EXECUTE name` to the prepared statement's text: the texts the
+/// name may run (several when a PREPARE of the name is on its way and may or may not
+/// succeed: the EXECUTE is allowed only if each is); none when the session does not know.
+pub type PreparedLookup<'a> = &'a dyn Fn(&str) -> Vec<String>;
 
 struct Cache {
     hasher: RandomState,
@@ -524,7 +526,7 @@ impl Policy {
         database: &str,
         sql: &str,
         now: DateTime<Utc>,
-        lookup: &dyn Fn(&str) -> Option<String>,
+        lookup: PreparedLookup<'_>,
     ) -> Arc<Verdict> {
         self.decide_entry(&self.entry(sql), identity, database, now, Some(lookup))
     }
@@ -658,7 +660,7 @@ impl Policy {
         identity: &Identity,
         database: &str,
         now: DateTime<Utc>,
-        lookup: &dyn Fn(&str) -> Option<String>,
+        lookup: PreparedLookup<'_>,
     ) -> Arc<Verdict> {
         self.decide_entry(&analysis.0, identity, database, now, Some(lookup))
     }
@@ -731,7 +733,7 @@ impl Policy {
         let mut out: Vec<StatementVerdict> = Vec::with_capacity(entry.stmts.len());
         for s in &entry.stmts {
             if let (Some(name), Some(lookup)) = (&s.info.execute, lookup)
-                && let Some(resolved) = lookup(name).and_then(|text| self.resolve_execute(&s.info, &text))
+                && let Some(resolved) = self.resolve_candidates(&s.info, &lookup(name))
             {
                 // The EXECUTE is allowed only if everything the prepared text does is.
                 let mut verdicts: Vec<StatementVerdict> = resolved
@@ -759,6 +761,16 @@ impl Policy {
             });
         }
         combine(out)
+    }
+
+    /// EXECUTE resolved to every text the name may run: all their statements; None when
+    /// there is none or one does not resolve (then it is an unknown prepared statement).
+    fn resolve_candidates(&self, exec: &StatementInfo, texts: &[String]) -> Option<Vec<Stmt>> {
+        let mut all = Vec::new();
+        for text in texts {
+            all.extend(self.resolve_execute(exec, text)?);
+        }
+        (!all.is_empty()).then_some(all)
     }
 
     /// EXECUTE resolved to a prepared text: its statements, carrying the EXECUTE's own

@@ -356,7 +356,7 @@ fn execute_uses_the_prepared_statement_when_the_session_knows_it() {
     ]
     .into_iter()
     .collect();
-    let lookup = |n: &str| prepared.get(n).map(|s| s.to_string());
+    let lookup = |n: &str| prepared.get(n).map(|s| s.to_string()).into_iter().collect::<Vec<_>>();
     let v = p.decide_with_prepared(&alice, "app", "EXECUTE q(1)", noon(), &lookup);
     assert_eq!((v.decision, v.rule.as_str()), (Allow, "analysts-read"));
     assert_eq!(v.classes, vec![StatementClass::Read]);
@@ -374,13 +374,20 @@ fn execute_uses_the_prepared_statement_when_the_session_knows_it() {
     let v = p.decide_with_prepared(&alice, "app", "EXECUTE nope", noon(), &lookup);
     assert_eq!((v.decision, v.rule.as_str()), (Deny, "default:analysts"));
     assert!(v.statements[0].info.modifiers.contains(Modifier::UnknownPrepared));
+    // A name with several possible texts (a PREPARE on its way): allowed only if each is.
+    let both = |_: &str| vec!["PREPARE q AS SELECT 1".to_string(), "DELETE FROM orders WHERE id = $1".to_string()];
+    let v = p.decide_with_prepared(&alice, "app", "EXECUTE q", noon(), &both);
+    assert_eq!((v.decision, v.rule.as_str()), (Deny, "default:analysts"));
+    let reads = |_: &str| vec!["PREPARE q AS SELECT 1".to_string(), "SELECT 2".to_string()];
+    let v = p.decide_with_prepared(&alice, "app", "EXECUTE q", noon(), &reads);
+    assert_eq!((v.decision, v.rule.as_str()), (Allow, "analysts-read"));
 }
 
 #[test]
 fn a_statement_around_execute_keeps_its_own_classes() {
     let p = example();
     let prepared: HashMap<&str, &str> = [("q", "SELECT 1")].into_iter().collect();
-    let lookup = |n: &str| prepared.get(n).map(|s| s.to_string());
+    let lookup = |n: &str| prepared.get(n).map(|s| s.to_string()).into_iter().collect::<Vec<_>>();
     // CREATE TABLE … AS EXECUTE creates and fills a table, whatever the prepared text reads:
     // DDL for analysts, and outside the change window for everyone.
     for (who, groups) in [("alice", A), ("erin", E), ("dora", DBA)] {
@@ -1101,7 +1108,7 @@ fn shareable_analyses_do_not_depend_on_literal_values() {
 fn normalized_path_decides_like_a_fresh_parse() {
     let ex = example();
     let df = default_policy();
-    let prepared = |n: &str| (n == "q").then(|| "SELECT * FROM orders WHERE id = $1".to_string());
+    let prepared = |n: &str| (n == "q").then(|| "SELECT * FROM orders WHERE id = $1".to_string()).into_iter().collect::<Vec<_>>();
     let mut failures = Vec::new();
     let mut compared = 0;
     for (pk, groups, t, sql) in corpus() {

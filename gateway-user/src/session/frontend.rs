@@ -457,18 +457,22 @@ impl Relay {
             .map_err(|r| End::Fatal(r.sqlstate(), r.to_string()))
     }
 
-    /// The text `EXECUTE name` runs, if the session knows it: an SQL-level PREPARE, else a
+    /// The texts `EXECUTE name` may run, if the session knows them: an SQL-level PREPARE, else a
     /// protocol-level Parse of that name (they share Postgres's namespace).
-    fn lookup_prepared(&self, name: &str) -> Option<String> {
+    /// While a PREPARE or DEALLOCATE of the name is on its way: every text the name may
+    /// then run (none known: unknown).
+    fn lookup_prepared(&self, name: &str) -> Vec<String> {
+        let parsed = || {
+            self.tracker.statement(name).and_then(|s| s.allowed.as_ref()).filter(|_| !name.is_empty()).map(|p| p.sql.to_string())
+        };
         match self.sql_prepared.lookup(name) {
-            Lookup::Known(t) => Some(t.to_string()),
-            Lookup::Unknown => None,
-            Lookup::NotPrepared => self
-                .tracker
-                .statement(name)
-                .and_then(|s| s.allowed.as_ref())
-                .filter(|_| !name.is_empty())
-                .map(|p| p.sql.to_string()),
+            Lookup::Known(t) => vec![t.to_string()],
+            Lookup::Unknown => Vec::new(),
+            Lookup::NotPrepared => parsed().into_iter().collect(),
+            Lookup::InFlight { prepares, base } => {
+                let now = base.map(|t| t.to_string()).or_else(parsed);
+                prepares.iter().map(|t| t.to_string()).chain(now).collect()
+            }
         }
     }
 

@@ -5,12 +5,13 @@
 //! runs it: one that follows a failed statement of its query string, one in an aborted
 //! transaction, a PREPARE of a name that exists, a Parse of `DEALLOCATE p` never executed, a
 //! Close skipped after a pipeline error — all leave the name as it was. So a change is taken
-//! only when the server's answer confirms it ([`SqlPrepared::confirm`]); while one is on its
-//! way ([`Change`], held by the answer the session waits for) the name is unknown, and an
-//! `EXECUTE` of it is decided as a statement pgward does not know.
+//! only when the server's answer confirms it ([`SqlPrepared::confirm`]). While one is on its
+//! way ([`Change`], held by the answer the session waits for) the name may end up as it was or
+//! as any PREPARE on the way makes it ([`Lookup::InFlight`]): an `EXECUTE` sent meanwhile (a
+//! client pipelining PREPARE and EXECUTE) is allowed only if every one of them is.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 /// What an allowed statement does to the session's SQL-level prepared statements.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,8 +39,12 @@ impl PreparedNote {
 #[derive(Debug)]
 pub(super) struct Change {
     op: Op,
-    _in_flight: Arc<()>,
+    _in_flight: Guard,
 }
+
+/// Held by a [`Change`] while it is on its way: the text a PREPARE gives its name (None for a
+/// DEALLOCATE or Close).
+type Guard = Arc<Option<Arc<str>>>;
 
 #[derive(Debug)]
 enum Op {
@@ -53,10 +58,14 @@ enum Op {
 pub(super) enum Lookup {
     /// SQL `PREPARE` made it with this text (the PREPARE statement's).
     Known(Arc<str>),
-    /// It may exist with a text pgward cannot tell: decide as an unknown statement.
+    /// It may exist with a text pgward cannot tell (a DEALLOCATE ALL is on its way): decide as
+    /// an unknown statement.
     Unknown,
     /// No SQL `PREPARE` made it (a protocol-level Parse may have).
     NotPrepared,
+    /// Changes are on their way: the name will hold one of the PREPAREs' texts, or stay as it
+    /// is — `base`, the confirmed text (None: no SQL `PREPARE` made it), or gone.
+    InFlight { prepares: Vec<Arc<str>>, base: Option<Arc<str>> },
 }
 
 /// The session's SQL-level prepared statements.
@@ -66,10 +75,10 @@ pub(super) struct SqlPrepared {
     names: HashMap<String, Arc<str>>,
     /// Bytes `names` keeps, for `server.max_session_state_bytes`.
     bytes: usize,
-    /// Per name, a counter of changes on their way (strong count above one).
-    in_flight: HashMap<String, Arc<()>>,
-    /// The same for DEALLOCATE ALL, which changes every name.
-    all_in_flight: Arc<()>,
+    /// Per name, the changes on their way (those whose [`Change`] still exists).
+    in_flight: HashMap<String, Vec<Weak<Option<Arc<str>>>>>,
+    /// DEALLOCATE ALLs on their way (strong count above one): they change every name.
+    all_in_flight: Guard,
 }
 
 /// Entries of `in_flight` beyond which finished ones are dropped.
@@ -77,10 +86,15 @@ const IN_FLIGHT_PRUNE: usize = 64;
 
 impl SqlPrepared {
     pub(super) fn lookup(&self, name: &str) -> Lookup {
-        let busy = Arc::strong_count(&self.all_in_flight) > 1
-            || self.in_flight.get(name).is_some_and(|c| Arc::strong_count(c) > 1);
+        if Arc::strong_count(&self.all_in_flight) > 1 {
+            return Lookup::Unknown;
+        }
+        let live: Vec<Guard> = self.in_flight.get(name).map_or_else(Vec::new, |v| v.iter().filter_map(Weak::upgrade).collect());
         match self.names.get(name) {
-            _ if busy => Lookup::Unknown,
+            _ if !live.is_empty() => Lookup::InFlight {
+                prepares: live.iter().filter_map(|g| g.as_ref().clone()).collect(),
+                base: self.names.get(name).cloned(),
+            },
             Some(t) => Lookup::Known(t.clone()),
             None => Lookup::NotPrepared,
         }
@@ -93,7 +107,8 @@ impl SqlPrepared {
     /// A PREPARE or DEALLOCATE is forwarded: its name is unknown until [`Self::confirm`].
     pub(super) fn begin(&mut self, note: PreparedNote) -> Change {
         let guard = match &note {
-            PreparedNote::Prepare(n, _) | PreparedNote::Deallocate(n) => self.guard(n),
+            PreparedNote::Prepare(n, text) => self.guard(n, Some(text.clone())),
+            PreparedNote::Deallocate(n) => self.guard(n, None),
             PreparedNote::DeallocateAll => self.all_in_flight.clone(),
         };
         Change { op: Op::Note(note), _in_flight: guard }
@@ -101,14 +116,18 @@ impl SqlPrepared {
 
     /// A protocol-level Close of statement `name` is forwarded.
     pub(super) fn begin_close(&mut self, name: &str) -> Change {
-        Change { op: Op::Close(name.to_string()), _in_flight: self.guard(name) }
+        Change { op: Op::Close(name.to_string()), _in_flight: self.guard(name, None) }
     }
 
-    fn guard(&mut self, name: &str) -> Arc<()> {
+    fn guard(&mut self, name: &str, text: Option<Arc<str>>) -> Guard {
         if self.in_flight.len() > IN_FLIGHT_PRUNE {
-            self.in_flight.retain(|_, c| Arc::strong_count(c) > 1);
+            self.in_flight.retain(|_, v| v.iter().any(|w| w.strong_count() > 0));
         }
-        self.in_flight.entry(name.to_string()).or_default().clone()
+        let guard = Arc::new(text);
+        let changes = self.in_flight.entry(name.to_string()).or_default();
+        changes.retain(|w| w.strong_count() > 0);
+        changes.push(Arc::downgrade(&guard));
+        guard
     }
 
     /// The server completed the statement of `change`. (A protocol-level statement the
@@ -162,9 +181,14 @@ mod tests {
     fn only_confirmed_changes_count_and_names_are_unknown_meanwhile() {
         let mut s = SqlPrepared::default();
         let c = s.begin(prepare("p", "PREPARE p AS DELETE FROM t"));
-        assert_eq!(s.lookup("p"), Lookup::Unknown);
+        assert_eq!(s.lookup("p"), Lookup::InFlight { prepares: vec![Arc::from("PREPARE p AS DELETE FROM t")], base: None });
         s.confirm(c);
         assert_eq!(s.lookup("p"), Lookup::Known(Arc::from("PREPARE p AS DELETE FROM t")));
+        // While a PREPARE of the name is on its way: either text.
+        let c = s.begin(prepare("p", "PREPARE p AS SELECT 1"));
+        let both = vec![Arc::from("PREPARE p AS SELECT 1")];
+        assert_eq!(s.lookup("p"), Lookup::InFlight { prepares: both, base: Some(Arc::from("PREPARE p AS DELETE FROM t")) });
+        drop(c);
         // A DEALLOCATE the server skipped, a PREPARE it refused: p stays.
         drop(s.begin(PreparedNote::Deallocate("p".into())));
         drop(s.begin(prepare("p", "PREPARE p AS SELECT 1")));
@@ -184,7 +208,7 @@ mod tests {
         let c = s.begin(prepare("p", "PREPARE p AS SELECT 1"));
         s.confirm(c);
         let close = s.begin_close("p");
-        assert_eq!(s.lookup("p"), Lookup::Unknown);
+        assert_eq!(s.lookup("p"), Lookup::InFlight { prepares: vec![], base: Some(Arc::from("PREPARE p AS SELECT 1")) });
         s.confirm(close);
         assert_eq!(s.lookup("p"), Lookup::NotPrepared);
         let c = s.begin(prepare("p", "PREPARE p AS SELECT 1"));
