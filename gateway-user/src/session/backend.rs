@@ -126,7 +126,7 @@ impl Relay {
     /// (Postgres had none when PREPARE succeeded; DEALLOCATE drops either kind).
     fn confirm_next_change(&mut self, kind: Awaited) {
         let Some(p) = self.tracker.front_mut().filter(|p| p.kind == kind) else { return };
-        let Some(Some(change)) = p.changes.as_mut().and_then(|c| c.pop_front()) else { return };
+        let Some(Some(change)) = p.changes.pop_front() else { return };
         if kind != Awaited::Close
             && let Some(name) = super::sql_prepared::SqlPrepared::changed_name(&change)
         {

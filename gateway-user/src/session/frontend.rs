@@ -2,6 +2,7 @@
 //! given its statement record and its entry among the answers the server owes, and put into
 //! the batch that goes upstream once its records are durable.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -387,7 +388,7 @@ impl Relay {
         self.tracker.close(kind, &name);
         let mut p = Pending::new(Awaited::Close);
         if kind == b'S' {
-            p.changes = Some(Box::new([Some(self.sql_prepared.begin_close(&name))].into()));
+            p.changes = [Some(self.sql_prepared.begin_close(&name))].into();
         }
         batch.forward(f, p);
         Ok(())
@@ -479,13 +480,13 @@ impl Relay {
     /// The PREPAREs and DEALLOCATEs of a forwarded Query (one entry per statement) or
     /// Execute: their names are unknown until the server completes them (a statement of the
     /// string that fails, an aborted transaction, a name that exists — then nothing changed).
-    /// None when there are none.
-    fn begin_changes(&mut self, notes: impl Iterator<Item = Option<PreparedNote>>) -> Option<Box<std::collections::VecDeque<Option<Change>>>> {
+    /// Empty when there are none.
+    fn begin_changes(&mut self, notes: impl Iterator<Item = Option<PreparedNote>>) -> VecDeque<Option<Change>> {
         let notes: Vec<Option<PreparedNote>> = notes.collect();
         if notes.iter().all(Option::is_none) {
-            return None;
+            return VecDeque::new();
         }
-        Some(Box::new(notes.into_iter().map(|n| n.map(|n| self.sql_prepared.begin(n))).collect()))
+        notes.into_iter().map(|n| n.map(|n| self.sql_prepared.begin(n))).collect()
     }
 
     /// The policy's verdict on a Query's or Parse's text, for this session's effective

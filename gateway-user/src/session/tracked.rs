@@ -91,7 +91,7 @@ pub(super) struct Pending {
     pub(super) described: Option<Arc<ParamTypes>>,
     /// What a forwarded Query (per statement, in order), Execute or Close changes in the
     /// SQL-level prepared statements once the server completes it.
-    pub(super) changes: Option<Box<VecDeque<Option<Change>>>>,
+    pub(super) changes: VecDeque<Option<Change>>,
 }
 
 impl Pending {
@@ -105,7 +105,7 @@ impl Pending {
             mask: Tag::None,
             replaced: None,
             described: None,
-            changes: None,
+            changes: VecDeque::new(),
         }
     }
 
