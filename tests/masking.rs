@@ -983,3 +983,33 @@ fn functions_and_types_cannot_shadow_trusted_built_ins() {
     let pg = cluster();
     assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_type WHERE typname IN ('text', 't2') AND typnamespace = 'public'::regnamespace").trim(), "0");
 }
+
+/// A name SQL `PREPARE` gave a harmless statement, then dropped (DEALLOCATE, or a protocol
+/// Close) and reused by a Parse of a statement over a masked column: `EXECUTE name` runs the
+/// Parse's statement, and its output is masked by that statement's lineage.
+#[test]
+fn a_prepared_name_dropped_and_parsed_again_is_masked_as_the_new_statement() {
+    let e = env_strict("mask_prepared_reuse");
+    let mut c = e.support().raw().expect("login");
+    // `notes` has no content detector: only lineage masks notes || ''.
+    for (name, drop) in [("by_deallocate", "deallocate"), ("by_close", "close")] {
+        let msgs = c.simple_query(&format!("PREPARE {name} AS SELECT id, name || '' AS n FROM customers")).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+        let mut batch = Vec::new();
+        if drop == "deallocate" {
+            let msgs = c.simple_query(&format!("DEALLOCATE {name}")).unwrap();
+            assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+        } else {
+            batch.extend(raw::fe::raw_msg(b'C', format!("S{name}\0").as_bytes()));
+        }
+        batch.extend(raw::fe::parse(name, "SELECT id, notes || '' AS n FROM customers"));
+        batch.extend(raw::fe::sync());
+        c.send(&batch).unwrap();
+        let msgs = c.recv_until_ready().unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{name}: {}", raw::describe_all(&msgs));
+        let before = c.received.len();
+        let msgs = c.simple_query(&format!("EXECUTE {name}")).unwrap();
+        assert_eq!(text_rows(&msgs).len(), 3, "{name}: {}", raw::describe_all(&msgs));
+        assert_no_leak(&c.received[before..], name);
+    }
+}

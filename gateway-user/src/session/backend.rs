@@ -116,6 +116,9 @@ impl Relay {
         if let Some((name, _)) = self.tracker.front().filter(|p| p.kind == Awaited::Parse).and_then(|p| p.replaced.as_deref()) {
             let name = name.clone();
             self.sql_prepared.parsed(&name);
+            if let Some(m) = self.mask.as_mut() {
+                m.forget_prepared(Some(&name));
+            }
         }
         self.tracker.answered(Awaited::Parse);
     }
@@ -123,14 +126,26 @@ impl Relay {
     /// The server completed the front entry's next statement, if that entry is of `kind`:
     /// what it does to the SQL-level prepared statements takes effect. A PREPARE or
     /// DEALLOCATE also ends a protocol-level statement the session knew under that name
-    /// (Postgres had none when PREPARE succeeded; DEALLOCATE drops either kind).
+    /// (Postgres had none when PREPARE succeeded; DEALLOCATE drops either kind), and
+    /// masking forgets the lineage of a SQL-level statement that is gone.
     fn confirm_next_change(&mut self, kind: Awaited) {
+        use super::sql_prepared::{Changed, SqlPrepared};
         let Some(p) = self.tracker.front_mut().filter(|p| p.kind == kind) else { return };
         let Some(Some(change)) = p.changes.pop_front() else { return };
-        if kind != Awaited::Close
-            && let Some(name) = super::sql_prepared::SqlPrepared::changed_name(&change)
-        {
-            self.tracker.remove_statement(name);
+        let gone = match SqlPrepared::changed(&change) {
+            Changed::Prepared(name) => {
+                self.tracker.remove_statement(name);
+                None
+            }
+            Changed::Deallocated(name) => {
+                self.tracker.remove_statement(name);
+                Some(Some(name))
+            }
+            Changed::Closed(name) => Some(Some(name)),
+            Changed::All => Some(None),
+        };
+        if let (Some(name), Some(m)) = (gone, self.mask.as_mut()) {
+            m.forget_prepared(name);
         }
         self.sql_prepared.confirm(change);
     }

@@ -53,6 +53,19 @@ enum Op {
     Close(String),
 }
 
+/// What a confirmed [`Change`] did to a name.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Changed<'a> {
+    /// SQL `PREPARE` made a statement of this name.
+    Prepared(&'a str),
+    /// DEALLOCATE dropped the statement of this name, whichever made it.
+    Deallocated(&'a str),
+    /// A protocol-level Close dropped it.
+    Closed(&'a str),
+    /// DEALLOCATE ALL dropped every statement.
+    All,
+}
+
 /// What the session knows of a name.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Lookup {
@@ -160,11 +173,13 @@ impl SqlPrepared {
         }
     }
 
-    /// The name the change confirms a statement under or removes (None: every name).
-    pub(super) fn changed_name(change: &Change) -> Option<&str> {
+    /// What the change does to the server's names once confirmed.
+    pub(super) fn changed(change: &Change) -> Changed<'_> {
         match &change.op {
-            Op::Note(PreparedNote::Prepare(n, _) | PreparedNote::Deallocate(n)) | Op::Close(n) => Some(n),
-            Op::Note(PreparedNote::DeallocateAll) => None,
+            Op::Note(PreparedNote::Prepare(n, _)) => Changed::Prepared(n),
+            Op::Note(PreparedNote::Deallocate(n)) => Changed::Deallocated(n),
+            Op::Close(n) => Changed::Closed(n),
+            Op::Note(PreparedNote::DeallocateAll) => Changed::All,
         }
     }
 }
