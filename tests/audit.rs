@@ -314,6 +314,35 @@ fn queries_postgres_skips_after_a_pipeline_error_are_recorded_as_not_executed() 
     assert_eq!(r["tag"], "SELECT 1", "{r}");
 }
 
+/// A protocol-level Execute can name a cursor DECLARE opened (its portal) instead of a portal
+/// Bind made: it runs the cursor's query like FETCH does — here `nextval`, whose effect no
+/// rollback undoes — so its record is durable before it reaches Postgres, as FETCH's is.
+#[test]
+fn an_execute_of_a_cursor_portal_is_write_ahead_like_fetch() {
+    let c = cluster();
+    let db = c.create_database("audit_cursor_execute");
+    c.sql(&db, "CREATE SEQUENCE s; GRANT ALL ON s TO PUBLIC");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let m = marker("audit-cursor");
+    let mut conn = pw.login("alice", &token, &db).raw().unwrap();
+    for sql in ["BEGIN".to_string(), format!("DECLARE cur CURSOR FOR SELECT nextval('s') -- {m}")] {
+        let msgs = conn.simple_query(&sql).unwrap();
+        assert!(common::raw::first_error(&msgs).is_none(), "{sql}: {}", common::raw::describe_all(&msgs));
+    }
+    conn.send(&[fe::execute("cur", 1), fe::sync()].concat()).unwrap();
+    let msgs = conn.recv_until_ready().unwrap();
+    assert_eq!(common::raw::rows(&msgs), vec![vec![Some("1".to_string())]], "{}", common::raw::describe_all(&msgs));
+    conn.simple_query("COMMIT").unwrap();
+    conn.terminate().unwrap();
+    assert_eq!(c.sql(&db, "SELECT last_value FROM s"), "1", "the cursor's query ran");
+
+    let (recs, _) = wait_session_end(&pw, &token);
+    let exec: Vec<&Value> = recs.iter().filter(|r| r["kind"] == "statement" && r["protocol"] == "extended").collect();
+    assert_eq!(exec.len(), 1, "{exec:?}");
+    assert_eq!(exec[0]["durability"], "write-ahead", "{}", exec[0]);
+}
+
 // ---- tampering ------------------------------------------------------------------------------
 
 /// A gateway with frequent checkpoints, one psql session running `markers` as separate

@@ -597,10 +597,18 @@ fn strict_masking_refuses_what_it_cannot_prove() {
         ("DO $$BEGIN EXECUTE 'SELECT 1'; END$$", "cards"),
         ("SELECT query_to_xml('SELECT card FROM customers', true, true, '')", "cards"),
         ("SELECT most_common_vals::text FROM pg_stats WHERE attname = 'card'", "cards"),
+        // The prepared statement's output is masked; a table made from it would not be.
+        ("PREPARE notes_of AS SELECT notes FROM customers", ""),
+        ("CREATE TABLE loot3 AS EXECUTE notes_of", "notes"),
     ];
     for (q, rule) in attacks {
         let before = c.received.len();
         let msgs = c.simple_query(q).unwrap();
+        if rule.is_empty() {
+            // A step the attack builds on, allowed.
+            assert!(raw::first_error(&msgs).is_none(), "{q}: {}", raw::describe_all(&msgs));
+            continue;
+        }
         let err = raw::first_error(&msgs).unwrap_or_else(|| panic!("{q}: not refused: {}", raw::describe_all(&msgs)));
         assert_eq!(err.sqlstate().as_deref(), Some("42501"), "{q}: {}", raw::describe_all(&msgs));
         let m = &err.fields()[&'M'];
@@ -613,7 +621,7 @@ fn strict_masking_refuses_what_it_cannot_prove() {
     // Nothing reached Postgres: no rows copied, no table created, no name overwritten.
     let pg = cluster();
     assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM loot").trim(), "0");
-    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_class WHERE relname = 'loot2'").trim(), "0");
+    assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_class WHERE relname IN ('loot2', 'loot3')").trim(), "0");
     assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM customers WHERE name = card").trim(), "0");
     // Refusals are audited as denials naming the mask rule.
     let recs = e.pw.audit_records();
@@ -1477,4 +1485,34 @@ fn generated_columns_of_masked_columns_are_masked() {
     let msgs = c.simple_query("SELECT length(notes_upper) FROM customers").unwrap();
     assert_eq!(raw::first_error(&msgs).and_then(|e| e.sqlstate()).as_deref(), Some("42501"), "{}", raw::describe_all(&msgs));
     assert_no_leak(&c.received, "generated columns");
+}
+
+/// A name SQL `PREPARE` gave a harmless statement, then dropped (DEALLOCATE, or a protocol
+/// Close) and reused by a Parse of a statement over a masked column: `EXECUTE name` runs the
+/// Parse's statement, and its output is masked by that statement's lineage.
+#[test]
+fn a_prepared_name_dropped_and_parsed_again_is_masked_as_the_new_statement() {
+    let e = env_strict("mask_prepared_reuse");
+    let mut c = e.support().raw().expect("login");
+    // `notes` has no content detector: only lineage masks notes || ''.
+    for (name, drop) in [("by_deallocate", "deallocate"), ("by_close", "close")] {
+        let msgs = c.simple_query(&format!("PREPARE {name} AS SELECT id, name || '' AS n FROM customers")).unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+        let mut batch = Vec::new();
+        if drop == "deallocate" {
+            let msgs = c.simple_query(&format!("DEALLOCATE {name}")).unwrap();
+            assert!(raw::first_error(&msgs).is_none(), "{}", raw::describe_all(&msgs));
+        } else {
+            batch.extend(raw::fe::raw_msg(b'C', format!("S{name}\0").as_bytes()));
+        }
+        batch.extend(raw::fe::parse(name, "SELECT id, notes || '' AS n FROM customers"));
+        batch.extend(raw::fe::sync());
+        c.send(&batch).unwrap();
+        let msgs = c.recv_until_ready().unwrap();
+        assert!(raw::first_error(&msgs).is_none(), "{name}: {}", raw::describe_all(&msgs));
+        let before = c.received.len();
+        let msgs = c.simple_query(&format!("EXECUTE {name}")).unwrap();
+        assert_eq!(text_rows(&msgs).len(), 3, "{name}: {}", raw::describe_all(&msgs));
+        assert_no_leak(&c.received[before..], name);
+    }
 }

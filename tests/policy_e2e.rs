@@ -11,7 +11,7 @@ mod support;
 use common::gateway::rec;
 use common::raw::{self, fe};
 use common::{cluster, marker, sqlstate, within};
-use support::{assert_never_reached_postgres, env, never_marker, statement_and_result};
+use support::{Env, assert_never_reached_postgres, env, never_marker, statement_and_result};
 
 /// psql without ON_ERROR_STOP: every -c runs, errors are printed with their SQLSTATE.
 fn psql_all(login: &common::Login, cmds: &[&str]) -> common::CmdOut {
@@ -66,6 +66,60 @@ fn denied_statements_get_42501_naming_the_rule_and_the_session_stays_usable() {
     let (s, _) = statement_and_result(&e.pw, &m_ok);
     assert_eq!(s["decision"], "allow", "{s}");
     assert!(!e.pw.log_has_panic());
+}
+
+#[test]
+fn built_ins_that_write_are_writes_for_a_read_only_group() {
+    let e = env("pe_writing_builtins", |b| b);
+    cluster().sql(&e.db, &format!("CREATE SEQUENCE counter; GRANT ALL ON counter TO {}", e.ro));
+    let (_, login) = e.login("alice", &["analysts"], "15m");
+    let m = never_marker();
+    let out = psql_all(
+        &login,
+        &[
+            // The analysts' role may create large objects (no privilege needed) and advance a
+            // sequence it was granted; the policy says read-only.
+            &format!("select lo_from_bytea(0, convert_to('{m}', 'UTF8'))"),
+            &format!("select setval('counter', 42) /* {m} */"),
+            &format!("select pg_notify('jobs', '{m}')"),
+            &format!("select id from items where pg_try_advisory_lock(id) /* {m} */"),
+            "select currval('counter') is null",
+        ],
+    );
+    // currval reads (and fails: no nextval in this session), everything else is refused.
+    assert_eq!(out.sqlstates(), vec!["42501", "42501", "42501", "42501", "55000"], "{}", out.describe());
+    assert_eq!(out.stderr.matches("policy rule \"default:analysts\"").count(), 4, "{}", out.describe());
+    assert_never_reached_postgres(&m);
+    assert_eq!(cluster().sql(&e.db, "select count(*) from pg_largeobject_metadata"), "0");
+    assert_eq!(cluster().sql(&e.db, "select last_value from counter"), "1");
+}
+
+#[test]
+fn a_schema_rule_covers_the_functions_of_the_schema() {
+    let e = env("pe_schema_functions", |b| {
+        b.with_dir(|dir, _| {
+            let path = dir.join("test-policy.toml");
+            let policy = std::fs::read_to_string(&path).unwrap();
+            let rule = "[[rule]]\nname = \"payroll-schema\"\naction = \"deny\"\nschemas = [\"payroll\"]\nreason = \"payroll is off limits\"\n\n";
+            std::fs::write(&path, policy.replacen("[[rule]]", &format!("{rule}[[rule]]"), 1)).unwrap();
+        })
+    });
+    // A function of the schema that writes; its owner's rights (SECURITY DEFINER), callable
+    // by everyone (functions are executable by PUBLIC unless revoked).
+    cluster().sql(
+        &e.db,
+        &format!(
+            "CREATE SCHEMA payroll; GRANT USAGE ON SCHEMA payroll TO {ro}; \
+             CREATE FUNCTION payroll.rename_all() RETURNS int LANGUAGE sql SECURITY DEFINER \
+             AS $$ UPDATE items SET name = 'renamed' WHERE id > 0 RETURNING 1 $$",
+            ro = e.ro
+        ),
+    );
+    let (_, login) = e.login("alice", &["analysts"], "15m");
+    let out = psql_all(&login, &["select payroll.rename_all()", "select * from PayRoll.rename_all()", "select 1"]);
+    assert_eq!(out.sqlstates(), vec!["42501", "42501"], "{}", out.describe());
+    assert_eq!(out.stderr.matches("policy rule \"payroll-schema\"").count(), 2, "{}", out.describe());
+    assert_eq!(cluster().sql(&e.db, "select count(*) from items where name = 'renamed'"), "0");
 }
 
 #[test]
@@ -250,6 +304,73 @@ fn execute_is_decided_as_the_prepared_statement() {
     assert_eq!((s["decision"].as_str(), s["rule"].as_str()), (Some("allow"), Some("analysts-read")), "{s}");
     assert_eq!(r["tag"], "SELECT 1");
     assert_eq!(cluster().sql(&e.db, "select count(*) from items"), "3");
+}
+
+/// A simple query on a raw connection, asserting the SQLSTATE of its error (None: none); its
+/// command tags.
+fn query_expecting(c: &mut raw::RawConn, sql: &str, want: Option<&str>) -> Vec<String> {
+    let msgs = c.simple_query(sql).unwrap();
+    assert_eq!(raw::first_error(&msgs).and_then(|m| m.sqlstate()).as_deref(), want, "{sql}: {}", raw::describe_all(&msgs));
+    raw::tags(&msgs)
+}
+
+/// Extended-protocol messages and a Sync; the SQLSTATE of the first error, if any.
+fn pipeline(c: &mut raw::RawConn, msgs: &[Vec<u8>]) -> Option<String> {
+    let mut batch: Vec<u8> = msgs.concat();
+    batch.extend(fe::sync());
+    c.send(&batch).unwrap();
+    let answers = c.recv_until_ready().unwrap();
+    raw::first_error(&answers).and_then(|m| m.sqlstate())
+}
+
+#[test]
+fn a_bind_of_a_name_sql_prepare_reused_runs_and_is_audited_as_the_prepare() {
+    let e = env("pe_prepared_truth", |b| b);
+    let (_, login) = e.login("wendy", &["writers"], "15m");
+    let mut c = login.raw().expect("raw login");
+    // SQL DEALLOCATE drops a protocol-level statement too; PREPARE then reuses its name.
+    assert_eq!(pipeline(&mut c, &[fe::parse("reused", "select 'harmless'")]), None);
+    query_expecting(&mut c, "DEALLOCATE reused", None);
+    query_expecting(&mut c, "PREPARE reused AS insert into items values (4, 'inserted through reused')", None);
+    let mut batch = fe::bind_text("", "reused", &[]);
+    batch.extend(fe::execute("", 0));
+    batch.extend(fe::sync());
+    c.send(&batch).unwrap();
+    let msgs = c.recv_until_ready().unwrap();
+    assert_eq!(raw::tags(&msgs), vec!["INSERT 0 1"], "{}", raw::describe_all(&msgs));
+    let _ = c.terminate();
+    assert_eq!(cluster().sql(&e.db, "select count(*) from items where id = 4"), "1");
+    // The Execute's record carries the statement that ran, not the one the name had before.
+    let recs = e.pw.wait_audit("the Execute of reused", |r| {
+        r.iter().any(|x| x["kind"] == "statement" && x["protocol"] == "extended" && rec::result_for(r, x).is_some_and(|r| r["tag"] == "INSERT 0 1"))
+    });
+    let exec = recs
+        .iter()
+        .find(|x| x["kind"] == "statement" && x["protocol"] == "extended" && rec::result_for(&recs, x).is_some_and(|r| r["tag"] == "INSERT 0 1"))
+        .unwrap();
+    assert!(exec["sql"].as_str().unwrap_or("").contains("insert into items"), "{exec}");
+}
+
+#[test]
+fn create_table_as_execute_is_ddl_whatever_the_prepared_statement_reads() {
+    let e = env("pe_ctas_execute", |b| b);
+    let (_, login) = e.login("alice", &["analysts"], "15m");
+    let m = never_marker();
+    let out = psql_all(
+        &login,
+        &[
+            "PREPARE counted AS select count(*) from items",
+            &format!("CREATE TEMP TABLE made_by_analyst /* {m} */ AS EXECUTE counted"),
+            "select count(*) from pg_class where relname = 'made_by_analyst'",
+        ],
+    );
+    // The analysts may read, not create tables (their role may: TEMP is granted to PUBLIC).
+    assert_eq!(out.sqlstates(), vec!["42501"], "{}", out.describe());
+    assert!(out.stderr.contains("policy rule \"default:analysts\""), "{}", out.describe());
+    assert_eq!(out.stdout.trim(), "PREPARE\n0", "{}", out.describe());
+    assert_never_reached_postgres(&m);
+    let (s, _) = statement_and_result(&e.pw, &m);
+    assert_eq!(s["decision"], "deny", "{s}");
 }
 
 #[test]
@@ -478,8 +599,10 @@ fn wait_for_the_next_minute(made_in: chrono::DateTime<chrono::Utc>) {
 /// (protocol level) after the window closed: a prepared statement carries no allowance past
 /// its window. The denied Execute gets 42501 naming the rule, writes nothing, is audited as
 /// denied, and the session stays usable.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_execute_after_its_window_closed_is_decided_again() {
+/// The test policy plus a group `shift` (the writers' role) that may read at any time and
+/// write only inside a window that closes at the end of this minute; returns the
+/// environment and when the window was made.
+fn shift_env(prefix: &str) -> (Env, chrono::DateTime<chrono::Utc>) {
     let window = window_closing_this_minute("shift", std::time::Duration::from_secs(25));
     let made_in = chrono::Utc::now();
     let extra = format!(
@@ -503,7 +626,7 @@ classes = [\"write\"]
 during = \"shift\"
 "
     );
-    let e = env("pe_window_exec", move |b| {
+    let e = env(prefix, move |b| {
         b.with_dir(move |dir, _| {
             let path = dir.join("test-policy.toml");
             let policy = std::fs::read_to_string(&path).unwrap();
@@ -512,6 +635,12 @@ during = \"shift\"
             std::fs::write(&path, policy + &extra.replace("\"RW\"", &format!("\"{rw}\""))).unwrap();
         })
     });
+    (e, made_in)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execute_after_its_window_closed_is_decided_again() {
+    let (e, made_in) = shift_env("pe_window_exec");
     let (_, login) = e.login("sam", &["shift"], "15m");
     let client = login.connect().await.unwrap();
     let insert = client.prepare("insert into items values ($1, $2)").await.unwrap();
@@ -571,4 +700,45 @@ fn binding_a_sql_prepared_statement_is_audited_and_decided_on_its_text() {
     let s = recs.iter().find(|x| x["protocol"] == "extended" && x["sql"] == prepared.as_str()).unwrap();
     assert_eq!((s["decision"].as_str(), s["rule"].as_str()), (Some("allow"), Some("analysts-read")), "{s}");
     assert_eq!(rec::result_for(&recs, s).expect("result")["tag"], "SELECT 1");
+}
+
+/// A prepared statement's name keeps what Postgres did with it, not what the client sent: a
+/// DEALLOCATE Postgres skipped (an earlier statement of its string failed), a PREPARE it
+/// refused (the name exists), a Close of a SQL-prepared name followed by a Parse of it, a
+/// Parse of `DEALLOCATE` never executed, a Close skipped after a pipeline error. Each leaves
+/// a write under the name, prepared inside the window; after it, executing the name is
+/// refused like the write it runs.
+#[test]
+fn prepared_names_follow_what_postgres_did_across_a_window() {
+    let (e, made_in) = shift_env("pe_prepared_swap");
+    let (_, login) = e.login("sam", &["shift"], "15m");
+    let mut c = login.raw().expect("raw login");
+    let q = query_expecting;
+    q(&mut c, "PREPARE swap_a AS insert into items values (21, 'a')", None);
+    q(&mut c, "select 1/0; DEALLOCATE swap_a", Some("22012"));
+    q(&mut c, "PREPARE swap_a AS select 'harmless'", Some("42P05"));
+
+    q(&mut c, "PREPARE swap_b AS select 'harmless'", None);
+    assert_eq!(pipeline(&mut c, &[fe::raw_msg(b'C', b"Sswap_b\0"), fe::parse("swap_b", "insert into items values (22, 'b')")]), None);
+
+    q(&mut c, "PREPARE swap_c AS insert into items values (23, 'c')", None);
+    assert_eq!(pipeline(&mut c, &[fe::parse("", "DEALLOCATE swap_c")]), None);
+    q(&mut c, "PREPARE swap_c AS select 'harmless'", Some("42P05"));
+
+    assert_eq!(pipeline(&mut c, &[fe::parse("swap_d", "insert into items values (24, 'd')")]), None);
+    let failing = [fe::parse("", "select 1/0"), fe::bind_text("", "", &[]), fe::execute("", 0), fe::raw_msg(b'C', b"Sswap_d\0")];
+    assert_eq!(pipeline(&mut c, &failing).as_deref(), Some("22012"));
+    assert!(chrono::Utc::now().timestamp() / 60 == made_in.timestamp() / 60, "set-up took past the window");
+
+    wait_for_the_next_minute(made_in);
+    for name in ["swap_a", "swap_b", "swap_c"] {
+        q(&mut c, &format!("EXECUTE {name}"), Some("42501"));
+    }
+    let bound = [fe::bind_text("", "swap_d", &[]), fe::execute("", 0)];
+    assert_eq!(pipeline(&mut c, &bound).as_deref(), Some("42501"));
+    // Still the same session, and nothing was written.
+    assert_eq!(q(&mut c, "select 1", None), vec!["SELECT 1"]);
+    let _ = c.terminate();
+    assert_eq!(cluster().sql(&e.db, "select count(*) from items where id > 20"), "0");
+    assert!(!e.pw.log_has_panic());
 }

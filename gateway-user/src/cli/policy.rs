@@ -144,7 +144,7 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<(u8, String)> {
         prepared.push((name.trim().to_string(), sql.to_string()));
     }
     let sql = args.sql.join(" ");
-    let lookup = |n: &str| prepared.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let lookup = |n: &str| prepared.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()).into_iter().collect::<Vec<_>>();
     let verdict = policy.decide_with_prepared(&identity, &database, &sql, now, &lookup);
     let mut text = if args.json { render_json(&verdict, &policy, &identity) } else { render(&verdict, &policy, &identity) };
     text.push_str(&note);

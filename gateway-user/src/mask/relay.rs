@@ -417,6 +417,19 @@ impl MaskRelay {
         }
     }
 
+    /// Postgres no longer holds a statement SQL `PREPARE` named `name` (None: any): a
+    /// DEALLOCATE or a protocol-level Close of it completed, or a Parse reused the name. An
+    /// `EXECUTE` of the name then runs the statement a Parse gave it, whose lineage masking
+    /// finds with that statement's.
+    pub fn forget_prepared(&mut self, name: Option<&str>) {
+        match name {
+            Some(n) => {
+                self.sql_prepared.remove(n);
+            }
+            None => self.sql_prepared.clear(),
+        }
+    }
+
     /// A Query the session is forwarding (its text as the server lexes it): the tag for its
     /// pending entry.
     /// DECLARE and PREPARE are remembered when they complete (a failed one does not replace

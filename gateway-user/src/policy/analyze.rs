@@ -18,8 +18,9 @@ use super::lexical;
 use super::limits;
 use super::normalize::Normalized;
 use super::pgparse;
-use super::pgtree::{const_locations, list, name_list, node, raw_stmts, str_field, wrapped_map as wrapped};
+use super::pgtree::{const_locations, list, name_list, names, node, raw_stmts, str_field, wrapped_map as wrapped};
 use super::settings::setting_change;
+use super::writes;
 
 
 /// Everything the policy engine knows about one statement.
@@ -37,15 +38,25 @@ pub struct StatementInfo {
     pub modifiers: ModSet,
     /// Relations named (tables, views, sequences; CTE names too — conservatively).
     pub tables: Vec<QName>,
-    /// Schemas named explicitly (schema-qualified names, CREATE/DROP/ALTER SCHEMA).
+    /// Schemas named explicitly: schema-qualified names of relations, functions, operators,
+    /// types and collations (not `pg_catalog` for those but relations), CREATE/DROP/ALTER
+    /// SCHEMA, GRANT … IN SCHEMA, ALTER DEFAULT PRIVILEGES IN SCHEMA.
     pub schemas: Vec<String>,
     pub functions: Vec<QName>,
     /// Functions a lexical scan of a body (DO, CREATE FUNCTION … AS '…') names: matched by
     /// name patterns like `functions`, but not looked up for catalog classes (the body is not
     /// run by this statement, and a scan also reports words that are not functions).
     pub body_functions: Vec<QName>,
+    /// Words and `a.b` pairs of such a body that might name tables: matched by table
+    /// patterns like `tables` (a qualified one's schema counts as touched), so a table rule
+    /// sees `LANGUAGE sql AS 'SELECT … FROM salaries'` as it sees a `BEGIN ATOMIC` body.
+    pub body_tables: Vec<QName>,
     /// `EXECUTE name`: the prepared statement's name (as Postgres folds it).
     pub execute: Option<String>,
+    /// What the statement around an `EXECUTE` does itself (`CREATE TABLE … AS EXECUTE`,
+    /// `EXPLAIN ANALYZE EXECUTE`): its classes and commands, kept when the EXECUTE is
+    /// resolved to the prepared text. Empty for a plain EXECUTE.
+    pub execute_wrapper: (ClassSet, Vec<String>),
     /// PREPARE / DEALLOCATE: what it does to the session's prepared statements.
     pub prepared: Option<PreparedOp>,
     pub unparsable: bool,
@@ -76,7 +87,7 @@ impl StatementInfo {
         if self.classes.contains(StatementClass::Write) && self.tables.iter().any(|t| t.name == "pg_settings") {
             self.modifiers.insert(Modifier::IdentityChange);
         }
-        for t in &self.tables {
+        for t in self.tables.iter().chain(&self.body_tables) {
             if let Some(s) = &t.schema {
                 self.schemas.push(s.clone());
             }
@@ -87,6 +98,8 @@ impl StatementInfo {
         self.functions.dedup();
         self.body_functions.sort();
         self.body_functions.dedup();
+        self.body_tables.sort();
+        self.body_tables.dedup();
         self.schemas.sort();
         self.schemas.dedup();
         if self.classes.is_empty() {
@@ -198,6 +211,12 @@ fn no_where(body: &Map<String, Value>, dep: &mut bool) -> bool {
     body.get("whereClause").is_none_or(|w| trivially_true(w, dep))
 }
 
+/// Node fields that hold a possibly qualified name of something other than a relation, as a
+/// list of strings: FuncCall and CREATE FUNCTION (`funcname`), TypeName (`names`), an
+/// operator in A_Expr (`name`) or a subquery comparison (`operName`), ObjectWithArgs
+/// (`objname`), CREATE OPERATOR/AGGREGATE/… (`defnames`), COLLATE (`collname`).
+const NAME_LIST_FIELDS: &[&str] = &["funcname", "names", "name", "operName", "objname", "defnames", "collname"];
+
 /// Node fields that hold a statement in a statement's place (EXPLAIN, PREPARE, COPY, DECLARE,
 /// CREATE TABLE AS / VIEW, WITH): a SELECT there is read as a statement of its own.
 const STATEMENT_FIELDS: &[&str] = &["stmt", "query", "ctequery"];
@@ -247,11 +266,32 @@ impl Walker<'_> {
                 if runs_sql_text(&q) {
                     self.scan_sql_text_args(b);
                 }
+                if writes::writes(&q.name) {
+                    self.info.classes.insert(StatementClass::Write);
+                }
                 self.info.functions.push(q);
             }
         }
         if str_field(b, "kind").is_some_and(|k| k.starts_with("VAR_")) {
             self.setting(b, field);
+        }
+        self.qualified_names(b);
+    }
+
+    /// The schemas of qualified names other than relations': functions called or defined,
+    /// operators (`OPERATOR(hr.+)`), types, collations and objects named by signature (`DROP
+    /// FUNCTION hr.f(int)`). `pg_catalog` is left out: the grammar writes it into SQL-standard
+    /// syntax (`CAST(x AS int)` is `pg_catalog.int4`, `EXTRACT` is `pg_catalog.extract`).
+    fn qualified_names(&mut self, b: &Map<String, Value>) {
+        for key in NAME_LIST_FIELDS {
+            let Some(Value::Array(parts)) = b.get(*key) else { continue };
+            let parts = names(parts);
+            if let [.., schema, _] = parts.as_slice() {
+                let schema = schema.to_lowercase();
+                if schema != "pg_catalog" {
+                    self.info.schemas.push(schema);
+                }
+            }
         }
     }
 
@@ -467,6 +507,9 @@ fn classify_prepared(ty: &str, b: &Map<String, Value>, info: &mut StatementInfo)
             info.prepared = Some(PreparedOp::Prepare(str_field(b, "name").unwrap_or("").to_string()));
         }
         "ExecuteStmt" => {
+            // The walk classifies a node before its children: what is recorded so far is
+            // the wrapping statement's own doing.
+            info.execute_wrapper = (info.classes, info.commands.clone());
             info.add_command("execute");
             // Until the session tells us what it runs: a write.
             info.classes.insert(Write);
@@ -524,8 +567,23 @@ fn classify_dcl(ty: &str, b: &Map<String, Value>, info: &mut StatementInfo) {
             info.classes.insert(Dcl);
             let grant = b.get("is_grant").and_then(Value::as_bool) == Some(true);
             info.add_command(if grant { "grant" } else { "revoke" });
+            // GRANT … ON ALL TABLES IN SCHEMA hr: the objects are schema names.
+            if str_field(b, "targtype") == Some("ACL_TARGET_ALL_IN_SCHEMA") {
+                info.schemas.extend(names(list(b, "objects")).into_iter().map(|s| s.to_lowercase()));
+            }
         }
-        "CreateRoleStmt" | "AlterRoleStmt" | "AlterRoleSetStmt" | "DropRoleStmt" | "AlterDefaultPrivilegesStmt"
+        "AlterDefaultPrivilegesStmt" => {
+            info.classes.insert(Dcl);
+            info.add_leading_words(2);
+            // ALTER DEFAULT PRIVILEGES IN SCHEMA hr …
+            for opt in list(b, "options").iter().filter_map(|o| node(o, "DefElem")) {
+                if str_field(opt, "defname") == Some("schemas") {
+                    let items = opt.get("arg").and_then(|a| node(a, "List")).map(|l| name_list(l.get("items")));
+                    info.schemas.extend(items.unwrap_or_default().into_iter().map(|s| s.to_lowercase()));
+                }
+            }
+        }
+        "CreateRoleStmt" | "AlterRoleStmt" | "AlterRoleSetStmt" | "DropRoleStmt"
         | "CreatePolicyStmt" | "AlterPolicyStmt" | "ReassignOwnedStmt" | "DropOwnedStmt" => {
             info.classes.insert(Dcl);
             info.add_leading_words(2);
@@ -573,10 +631,11 @@ fn classify_select(b: &Map<String, Value>, top: bool, info: &mut StatementInfo) 
         info.modifiers.insert(Modifier::ForUpdate);
     }
     if b.contains_key("intoClause") {
-        // SELECT … INTO t creates and fills a table.
+        // SELECT … INTO t creates and fills a table: a `create table` as CREATE TABLE AS is.
         info.classes.insert(Ddl);
         info.classes.insert(Write);
         info.add_command("select into");
+        info.add_command("create table");
     }
     if top {
         info.classes.insert(Read);
@@ -704,6 +763,7 @@ fn scan_bodies(b: &Map<String, Value>, info: &mut StatementInfo) {
             let f = lexical::scan(body);
             info.modifiers |= f.modifiers;
             info.body_functions.extend(f.functions);
+            info.body_tables.extend(f.names.into_iter().map(|q| QName::new(q.schema.map(|s| s.to_lowercase()), q.name.to_lowercase())));
         }
     }
 }

@@ -21,7 +21,8 @@ pub enum StatementClass {
     /// BEGIN, COMMIT, ROLLBACK, SAVEPOINT, SET TRANSACTION.
     Transaction,
     /// INSERT, UPDATE, DELETE, MERGE, TRUNCATE, COPY … FROM, LOCK, NOTIFY, REFRESH MATERIALIZED
-    /// VIEW, SELECT … FOR UPDATE/SHARE, data-modifying CTEs, EXECUTE of an unknown statement.
+    /// VIEW, SELECT … FOR UPDATE/SHARE, data-modifying CTEs, EXECUTE of an unknown statement,
+    /// calls of built-ins that write (`writes`).
     Write,
     /// DO blocks and CALL.
     Procedural,

@@ -43,6 +43,7 @@ pub(crate) mod normalize;
 pub mod pgparse;
 pub mod pgtree;
 mod window;
+mod writes;
 
 #[cfg(test)]
 mod tests;
@@ -221,8 +222,10 @@ pub struct CacheStats {
     pub shared: u64,
 }
 
-/// How the session resolves `EXECUTE name` to the prepared statement's text.
-pub type PreparedLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+/// How the session resolves `EXECUTE name` to the prepared statement's text: the texts the
+/// name may run (several when a PREPARE of the name is on its way and may or may not
+/// succeed: the EXECUTE is allowed only if each is); none when the session does not know.
+pub type PreparedLookup<'a> = &'a dyn Fn(&str) -> Vec<String>;
 
 struct Cache {
     hasher: RandomState,
@@ -300,6 +303,8 @@ pub struct Policy {
     fastpath: Arc<Entry>,
     /// A fastpath call of set_config (an identity or lexical change pgward cannot read).
     fastpath_set_config: Arc<Entry>,
+    /// An Execute of a portal bound to a statement the session does not know.
+    unknown_statement: Arc<Entry>,
     /// Function catalogs by database, for rules that name catalog function classes:
     /// (generation, catalog). A database without one: every function is in every class.
     catalogs: std::sync::RwLock<std::collections::HashMap<String, (u64, Arc<functions::FunctionCatalog>)>>,
@@ -376,6 +381,7 @@ impl Policy {
             cache: Cache::new(DEFAULT_CACHE_ENTRIES),
             fastpath: Arc::new(Entry::empty()),
             fastpath_set_config: Arc::new(Entry::empty()),
+            unknown_statement: Arc::new(Entry::empty()),
         };
         let fastpath = |set_config: bool| {
             let mut info = StatementInfo { text: "<fastpath function call>".into(), ..Default::default() };
@@ -393,6 +399,12 @@ impl Policy {
         let (plain, set_config) = (p.stmt(Arc::new(fastpath(false))), p.stmt(Arc::new(fastpath(true))));
         p.fastpath = Arc::new(Entry { stmts: vec![plain], ..Entry::empty() });
         p.fastpath_set_config = Arc::new(Entry { stmts: vec![set_config], ..Entry::empty() });
+        let mut unknown = StatementInfo { text: "<execute of a statement pgward does not know>".into(), ..Default::default() };
+        unknown.classes.insert(StatementClass::Write);
+        unknown.modifiers.insert(Modifier::UnknownPrepared);
+        unknown.commands.push("execute".into());
+        let unknown = p.stmt(Arc::new(unknown));
+        p.unknown_statement = Arc::new(Entry { stmts: vec![unknown], ..Entry::empty() });
         p
     }
 
@@ -514,7 +526,7 @@ impl Policy {
         database: &str,
         sql: &str,
         now: DateTime<Utc>,
-        lookup: &dyn Fn(&str) -> Option<String>,
+        lookup: PreparedLookup<'_>,
     ) -> Arc<Verdict> {
         self.decide_entry(&self.entry(sql), identity, database, now, Some(lookup))
     }
@@ -526,6 +538,14 @@ impl Policy {
         let windows = self.window_bits(now);
         let entry = if oid == SET_CONFIG_OID { &self.fastpath_set_config } else { &self.fastpath };
         self.memoized(entry, identity, database, windows, None)
+    }
+
+    /// A protocol-level Execute of a statement the session does not know (Postgres may still
+    /// hold one under that name, made where pgward could not follow): decided as `EXECUTE`
+    /// of an unknown prepared statement — class `write`, modifier `unknown_prepared`.
+    pub fn decide_unknown_statement(&self, identity: &Identity, database: &str, now: DateTime<Utc>) -> Arc<Verdict> {
+        let windows = self.window_bits(now);
+        self.memoized(&self.unknown_statement, identity, database, windows, None)
     }
 
     /// The analysis of `sql` (cached), without deciding anything.
@@ -640,7 +660,7 @@ impl Policy {
         identity: &Identity,
         database: &str,
         now: DateTime<Utc>,
-        lookup: &dyn Fn(&str) -> Option<String>,
+        lookup: PreparedLookup<'_>,
     ) -> Arc<Verdict> {
         self.decide_entry(&analysis.0, identity, database, now, Some(lookup))
     }
@@ -713,7 +733,7 @@ impl Policy {
         let mut out: Vec<StatementVerdict> = Vec::with_capacity(entry.stmts.len());
         for s in &entry.stmts {
             if let (Some(name), Some(lookup)) = (&s.info.execute, lookup)
-                && let Some(resolved) = lookup(name).and_then(|text| self.resolve_execute(&s.info, &text))
+                && let Some(resolved) = self.resolve_candidates(&s.info, &lookup(name))
             {
                 // The EXECUTE is allowed only if everything the prepared text does is.
                 let mut verdicts: Vec<StatementVerdict> = resolved
@@ -743,6 +763,16 @@ impl Policy {
         combine(out)
     }
 
+    /// EXECUTE resolved to every text the name may run: all their statements; None when
+    /// there is none or one does not resolve (then it is an unknown prepared statement).
+    fn resolve_candidates(&self, exec: &StatementInfo, texts: &[String]) -> Option<Vec<Stmt>> {
+        let mut all = Vec::new();
+        for text in texts {
+            all.extend(self.resolve_execute(exec, text)?);
+        }
+        (!all.is_empty()).then_some(all)
+    }
+
     /// EXECUTE resolved to a prepared text: its statements, carrying the EXECUTE's own
     /// parameters' functions and the outer string's modifiers.
     fn resolve_execute(&self, exec: &StatementInfo, text: &str) -> Option<Vec<Stmt>> {
@@ -758,6 +788,12 @@ impl Policy {
                     let mut info = (*p.info).clone();
                     info.text = format!("{} /* prepared: {} */", exec.text, p.info.text);
                     info.commands.insert(0, "execute".into());
+                    // `CREATE TABLE t AS EXECUTE p` creates and writes a table whatever p reads.
+                    let (wrapper_classes, wrapper_commands) = &exec.execute_wrapper;
+                    info.classes.0 |= wrapper_classes.0;
+                    for c in wrapper_commands.iter().rev() {
+                        info.commands.insert(0, c.clone());
+                    }
                     info.functions.extend(exec.functions.iter().cloned());
                     info.tables.extend(exec.tables.iter().cloned());
                     let mut m = exec.modifiers;
@@ -979,10 +1015,12 @@ fn content_matches(
     if !r.commands.is_empty() && !check(&info.commands, deny, |c| r.commands.iter().any(|g| g.matches(c))) {
         return false;
     }
-    if !r.tables.is_empty()
-        && !check(&info.tables, deny, |t| r.tables.iter().any(|p| name_matches(p, t, deny, search_path)))
-    {
-        return false;
+    if !r.tables.is_empty() {
+        let listed = |t: &QName| r.tables.iter().any(|p| name_matches(p, t, deny, search_path));
+        let (named, in_bodies) = (check(&info.tables, deny, listed), check(&info.body_tables, deny, listed));
+        if !(if deny { named || in_bodies } else { named && in_bodies }) {
+            return false;
+        }
     }
     if !r.schemas.is_empty() {
         // Schemas touched: explicit ones, and for unqualified tables the search_path.

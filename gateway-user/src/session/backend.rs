@@ -48,9 +48,12 @@ impl Relay {
                 None => f,
             };
             match f.tag {
-                b'1' => self.answer_exactly(Awaited::Parse)?,
+                b'1' => self.on_parse_complete()?,
                 b'2' => self.answer_exactly(Awaited::Bind)?,
-                b'3' => self.answer_exactly(Awaited::Close)?,
+                b'3' => {
+                    self.confirm_next_change(Awaited::Close);
+                    self.answer_exactly(Awaited::Close)?;
+                }
                 b't' => self.on_parameter_description(&f),
                 b'n' => self.answer_exactly(Awaited::Describe)?,
                 // (Also the first answer to a simple Query.)
@@ -122,6 +125,10 @@ impl Relay {
         if tag.as_deref().is_some_and(super::function_catalogs::changes_functions) {
             self.shared.fn_catalogs.reload(&self.shared, &self.database);
         }
+        if f.tag == b'C' {
+            self.confirm_next_change(Awaited::Query);
+            self.confirm_next_change(Awaited::Execute);
+        }
         let Some(p) = self.tracker.front() else { return };
         match p.kind {
             Awaited::Execute => {
@@ -131,9 +138,6 @@ impl Relay {
             Awaited::Query => {
                 // One result per statement of the text: the next one starts now.
                 self.result_record(p, tag.as_deref(), rows, None);
-                if tag.as_deref().is_some_and(|t| t.starts_with("DEALLOCATE")) {
-                    self.deallocated();
-                }
                 if let Some(p) = self.tracker.front_mut() {
                     p.started = Instant::now();
                 }
@@ -142,12 +146,44 @@ impl Relay {
         }
     }
 
-    /// A DEALLOCATE of the Query at the front completed: the first one it was waiting for.
-    fn deallocated(&mut self) {
-        let Some(which) = self.tracker.front_mut().filter(|p| !p.deallocates.is_empty()).map(|p| p.deallocates.remove(0)) else {
-            return;
+    /// ParseComplete: a named statement Parse made exists now, so none SQL `PREPARE` made
+    /// under that name does (Postgres refuses a Parse of a name that exists).
+    fn on_parse_complete(&mut self) -> Result<(), End> {
+        if let Some((name, _)) = self.tracker.front().filter(|p| p.kind == Awaited::Parse).and_then(|p| p.replaced.as_deref()) {
+            let name = name.clone();
+            self.sql_prepared.parsed(&name);
+            if let Some(m) = self.mask.as_mut() {
+                m.forget_prepared(Some(&name));
+            }
+        }
+        self.answer_exactly(Awaited::Parse)
+    }
+
+    /// The server completed the front entry's next statement, if that entry is of `kind`:
+    /// what it does to the SQL-level prepared statements takes effect. A PREPARE or
+    /// DEALLOCATE also ends a protocol-level statement the session knew under that name
+    /// (Postgres had none when PREPARE succeeded; DEALLOCATE drops either kind), and
+    /// masking forgets the lineage of a SQL-level statement that is gone.
+    fn confirm_next_change(&mut self, kind: Awaited) {
+        use super::sql_prepared::{Changed, SqlPrepared};
+        let Some(p) = self.tracker.front_mut().filter(|p| p.kind == kind) else { return };
+        let Some(Some(change)) = p.changes.pop_front() else { return };
+        let gone = match SqlPrepared::changed(&change) {
+            Changed::Prepared(name) => {
+                self.tracker.remove_statement(name);
+                None
+            }
+            Changed::Deallocated(name) => {
+                self.tracker.remove_statement(name);
+                Some(Some(name))
+            }
+            Changed::Closed(name) => Some(Some(name)),
+            Changed::All => Some(None),
         };
-        self.forget_prepared(which.as_deref());
+        if let (Some(name), Some(m)) = (gone, self.mask.as_mut()) {
+            m.forget_prepared(name);
+        }
+        self.sql_prepared.confirm(change);
     }
 
     /// ParameterDescription (first answer to a Describe of a statement): the statement's

@@ -2,6 +2,7 @@
 //! given its statement record and its entry among the answers the server owes, and put into
 //! the batch that goes upstream once its records are durable.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -9,6 +10,7 @@ use bytes::{Bytes, BytesMut};
 use super::copy_in::{Route, copies_from_client};
 use super::durability::{self, Effect, Rule};
 use super::held::Batch;
+use super::sql_prepared::{Change, Lookup, PreparedNote};
 use super::tracked::{Pending, Portal, Prepared, Statement};
 use super::{End, Relay, now_unix};
 use crate::audit::{Kind, Param, Record};
@@ -40,23 +42,6 @@ fn bad(e: WireError) -> End {
     End::Fatal(e.sqlstate(), format!("pgward: {e}"))
 }
 
-/// What an allowed statement does to the session's SQL-level prepared statements.
-#[derive(Debug, PartialEq, Eq)]
-enum PreparedNote {
-    /// Name (as Postgres folds it) and the PREPARE statement's text.
-    Prepare(String, Arc<str>),
-    Deallocate(String),
-    DeallocateAll,
-}
-
-fn prepared_note(info: &crate::policy::StatementInfo) -> Option<PreparedNote> {
-    use crate::policy::PreparedOp;
-    match info.prepared.as_ref()? {
-        PreparedOp::Prepare(name) => Some(PreparedNote::Prepare(name.clone(), Arc::from(info.text.as_str()))),
-        PreparedOp::Deallocate(name) => Some(PreparedNote::Deallocate(name.clone())),
-        PreparedOp::DeallocateAll => Some(PreparedNote::DeallocateAll),
-    }
-}
 
 impl Relay {
     /// Split the client's buffered bytes into frames and decide what to do with each, submit
@@ -214,7 +199,7 @@ impl Relay {
         rec.sql = Some(sql.to_string());
         let allowed = Self::apply_verdict(&mut rec, &mut p, &verdict);
         if allowed {
-            p.deallocates = self.note_prepared(&verdict);
+            p.changes = self.begin_changes(verdict.statements.iter().map(|s| PreparedNote::of(&s.info)));
             self.check_retained()?;
         }
         let rule = if allowed { self.durability_rule(self.effect_of(&verdict), false) } else { Rule::HoldReply };
@@ -239,19 +224,12 @@ impl Relay {
             }
             r => r.map_err(bad)?,
         };
-        if !name.is_empty() && self.prepared_exists(&name) {
-            self.refuse_existing_name(&name, &sql, batch);
-            return Ok(());
-        }
         let (mask, strict) = self.mask.as_mut().map(|m| m.parse(&sql)).unzip();
         // Taken before deciding: a window or catalog that changes meanwhile makes the first
         // Execute decide again, never the other way round.
         let stamp = self.shared.policy.decision_stamp(&self.database, chrono::Utc::now());
         let verdict = self.strict_masking(self.decide(&sql), strict.flatten());
         if verdict.is_allowed() {
-            // A DEALLOCATE run through Parse/Execute is not followed: its name stays known
-            // (a later Parse of it is refused, never taken for another text).
-            let _ = self.note_prepared(&verdict);
             let runs_by_name = verdict.statements.iter().any(|s| s.info.execute.is_some());
             let prepared = Prepared {
                 sql: Arc::from(sql.as_ref()),
@@ -261,6 +239,8 @@ impl Relay {
                 types: Arc::new(ParamTypes::declared(param_types)),
                 stamp: (!runs_by_name).then_some(stamp),
                 copies_in: copies_in(&verdict) > 0,
+                // Taken when an Execute of it completes.
+                note: verdict.statements.first().and_then(|s| PreparedNote::of(&s.info)),
             };
             let mut p = Pending::new(Awaited::Parse);
             if name.is_empty() {
@@ -305,9 +285,10 @@ impl Relay {
     /// `B`: the portal remembers its statement and parameters, for the Execute's record.
     fn on_bind(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
         let b = wire::decode_bind(&f).map_err(bad)?;
+        let by_sql = self.sql_prepared.lookup(&b.statement) != Lookup::NotPrepared;
         let (stmt, stmt_mask) = match self.tracker.statement(&b.statement) {
-            Some(s) => (s.allowed.clone().unwrap_or_else(|| Prepared::unknown(&b.statement)), s.mask.as_ref()),
-            None => (self.sql_prepared_statement(&b.statement), None),
+            Some(s) if !by_sql => (s.allowed.clone().unwrap_or_else(|| Prepared::unknown(&b.statement)), s.mask.as_ref()),
+            _ => (self.sql_prepared_statement(&b.statement), None),
         };
         let mask = match (&self.mask, b.result_formats) {
             (None, _) => None,
@@ -326,9 +307,9 @@ impl Relay {
     /// (they share Postgres's namespace), with the text the policy allowed then — decided
     /// again at every Execute — or one the session does not know.
     fn sql_prepared_statement(&self, name: &str) -> Prepared {
-        match self.sql_prepared.get(name) {
-            Some(Some(text)) if !name.is_empty() => {
-                let verdict = self.decide(text);
+        match self.sql_prepared.lookup(name) {
+            Lookup::Known(text) if !name.is_empty() => {
+                let verdict = self.decide(&text);
                 Prepared {
                     sql: text.clone(),
                     rule: Arc::from(verdict.rule.as_str()),
@@ -337,6 +318,7 @@ impl Relay {
                     types: Arc::default(),
                     stamp: None,
                     copies_in: false,
+                    note: None,
                 }
             }
             _ => Prepared::unknown(name),
@@ -347,7 +329,10 @@ impl Relay {
     /// Parse got (see [`Prepared::stamp`]); None when that one stands.
     fn redecide(&self, stmt: &Prepared) -> Option<Arc<Verdict>> {
         if stmt.sql.is_empty() {
-            return None;
+            // A statement the session does not know: Postgres may hold one of that name that
+            // pgward could not follow (made in a function, or kept by a Close it skipped).
+            let now = chrono::Utc::now();
+            return Some(self.shared.policy.decide_unknown_statement(&self.policy_identity, &self.database, now));
         }
         if let Some(stamp) = stmt.stamp
             && stamp == self.shared.policy.decision_stamp(&self.database, chrono::Utc::now())
@@ -368,8 +353,9 @@ impl Relay {
         rec.decision = Some("allow".into());
         let known = self.tracker.portal(&portal);
         let verdict = known.and_then(|p| self.redecide(&p.stmt));
-        // A portal the session does not know runs nothing (Postgres answers 34000).
-        let effect = known.map_or(Effect::Read, |p| p.stmt.effect);
+        // A portal the session did not bind runs nothing (Postgres answers 34000) — unless it
+        // is a cursor DECLARE opened (a portal of that name), whose query runs like a FETCH's.
+        let effect = known.map_or(Effect::Other, |p| p.stmt.effect);
         match known {
             Some(p) => {
                 rec.sql = Some(p.stmt.sql.to_string());
@@ -391,6 +377,7 @@ impl Relay {
             None => Tag::None,
         };
         let mut p = Pending::with_mask(Awaited::Execute, tag);
+        let note = known.and_then(|k| k.stmt.note.clone());
         if let Some(v) = verdict
             && !Self::apply_verdict(&mut rec, &mut p, &v)
         {
@@ -401,6 +388,7 @@ impl Relay {
             p.copy_in = true;
             self.copy_in.started(1);
         }
+        p.changes = self.begin_changes(std::iter::once(note));
         let rule = self.durability_rule(effect, true);
         batch.push_statement(f, rec, p, rule);
         Ok(())
@@ -429,7 +417,11 @@ impl Relay {
     fn on_close(&mut self, f: Frame, batch: &mut Batch) -> Result<(), End> {
         let (kind, name) = wire::decode_close_or_describe(&f).map_err(bad)?;
         self.tracker.close(kind, &name);
-        batch.forward(f, Pending::new(Awaited::Close));
+        let mut p = Pending::new(Awaited::Close);
+        if kind == b'S' {
+            p.changes = [Some(self.sql_prepared.begin_close(&name))].into();
+        }
+        batch.forward(f, p);
         Ok(())
     }
 
@@ -473,7 +465,7 @@ impl Relay {
     /// the message that went over is forwarded.
     fn check_retained(&self) -> Result<(), End> {
         let max = self.shared.cfg.server.max_session_state_bytes;
-        let kept = self.tracker.retained() + self.sql_prepared_bytes;
+        let kept = self.tracker.retained() + self.sql_prepared.bytes();
         if kept <= max {
             return Ok(());
         }
@@ -497,86 +489,35 @@ impl Relay {
             .map_err(|r| End::Fatal(r.sqlstate(), r.to_string()))
     }
 
-    /// The text `EXECUTE name` runs, if the session knows it: an SQL-level PREPARE, else a
+    /// The texts `EXECUTE name` may run, if the session knows them: an SQL-level PREPARE, else a
     /// protocol-level Parse of that name (they share Postgres's namespace).
-    fn lookup_prepared(&self, name: &str) -> Option<String> {
-        match self.sql_prepared.get(name) {
-            Some(Some(t)) => Some(t.to_string()),
-            Some(None) => None,
-            None => self
-                .tracker
-                .statement(name)
-                .and_then(|s| s.allowed.as_ref())
-                .filter(|_| !name.is_empty())
-                .map(|p| p.sql.to_string()),
-        }
-    }
-
-    /// Remember the PREPAREs of an allowed (forwarded) statement; its DEALLOCATEs in order
-    /// (None: `DEALLOCATE ALL`), applied once Postgres ran them ([`Relay::forget_prepared`]):
-    /// one that fails (in an aborted transaction, say) leaves the statement in place.
-    fn note_prepared(&mut self, v: &Verdict) -> Vec<Option<String>> {
-        let mut deallocates = Vec::new();
-        for s in &v.statements {
-            match prepared_note(&s.info) {
-                Some(PreparedNote::Prepare(name, text)) => {
-                    let known = self.tracker.statement(&name).and_then(|s| s.allowed.as_ref()).map(|p| p.sql.clone());
-                    let e = self.sql_prepared.entry(name.clone()).or_insert_with(|| {
-                        self.sql_prepared_bytes += name.len() + text.len();
-                        Some(text.clone())
-                    });
-                    if e.as_deref() != Some(&*text) || known.is_some_and(|k| *k != *text) {
-                        self.sql_prepared_bytes -= e.take().map_or(0, |t| t.len());
-                    }
-                }
-                Some(PreparedNote::Deallocate(name)) => deallocates.push(Some(name)),
-                Some(PreparedNote::DeallocateAll) => deallocates.push(None),
-                None => {}
-            }
-        }
-        deallocates
-    }
-
-    /// Postgres ran a `DEALLOCATE` (`name`, or ALL for None): the statement is gone, whether
-    /// SQL `PREPARE` or a protocol-level Parse made it (they share Postgres's namespace).
-    pub(super) fn forget_prepared(&mut self, name: Option<&str>) {
-        match name {
-            Some(name) => {
-                if let Some(t) = self.sql_prepared.remove(name) {
-                    self.sql_prepared_bytes -= name.len() + t.as_ref().map_or(0, |t| t.len());
-                }
-                if !name.is_empty() {
-                    self.tracker.remove_statement(name);
-                }
-            }
-            None => {
-                self.sql_prepared.clear();
-                self.sql_prepared_bytes = 0;
-                self.tracker.remove_named_statements();
+    /// While a PREPARE or DEALLOCATE of the name is on its way: every text the name may
+    /// then run (none known: unknown).
+    fn lookup_prepared(&self, name: &str) -> Vec<String> {
+        let parsed = || {
+            self.tracker.statement(name).and_then(|s| s.allowed.as_ref()).filter(|_| !name.is_empty()).map(|p| p.sql.to_string())
+        };
+        match self.sql_prepared.lookup(name) {
+            Lookup::Known(t) => vec![t.to_string()],
+            Lookup::Unknown => Vec::new(),
+            Lookup::NotPrepared => parsed().into_iter().collect(),
+            Lookup::InFlight { prepares, base } => {
+                let now = base.map(|t| t.to_string()).or_else(parsed);
+                prepares.iter().map(|t| t.to_string()).chain(now).collect()
             }
         }
     }
 
-    /// Whether Postgres has a prepared statement named `name` as far as the session knows:
-    /// an allowed Parse of it, or an SQL `PREPARE`, not deallocated since.
-    fn prepared_exists(&self, name: &str) -> bool {
-        self.tracker.statement(name).is_some_and(|s| s.allowed.is_some()) || self.sql_prepared.contains_key(name)
-    }
-
-    /// A Parse of a name the session already has a statement under: Postgres refuses it (42P05)
-    /// and keeps the old statement, but a Bind sent after the next Sync — before that answer is
-    /// back — would be taken for one of the new text (its record, its masking plan, its
-    /// decision). So pgward refuses it itself, as Postgres would, and nothing changes.
-    fn refuse_existing_name(&mut self, name: &str, sql: &str, batch: &mut Batch) {
-        let mut rec = self.record(Kind::Statement);
-        rec.protocol = Some("extended".into());
-        rec.sql = Some(sql.to_string());
-        rec.decision = Some("deny".into());
-        rec.rule = Some("builtin:duplicate-statement".into());
-        let mut p = Pending::new(Awaited::Parse);
-        p.refusal = Some((sqlstate::DUPLICATE_PREPARED_STATEMENT, format!("prepared statement \"{name}\" already exists")));
-        let marker = self.marker_parse(name);
-        batch.push_statement(marker, rec, p, Rule::HoldReply);
+    /// The PREPAREs and DEALLOCATEs of a forwarded Query (one entry per statement) or
+    /// Execute: their names are unknown until the server completes them (a statement of the
+    /// string that fails, an aborted transaction, a name that exists — then nothing changed).
+    /// Empty when there are none.
+    fn begin_changes(&mut self, notes: impl Iterator<Item = Option<PreparedNote>>) -> VecDeque<Option<Change>> {
+        let notes: Vec<Option<PreparedNote>> = notes.collect();
+        if notes.iter().all(Option::is_none) {
+            return VecDeque::new();
+        }
+        notes.into_iter().map(|n| n.map(|n| self.sql_prepared.begin(n))).collect()
     }
 
     /// The policy's verdict on a Query's or Parse's text, for this session's effective
@@ -695,7 +636,7 @@ mod tests {
     use super::*;
 
     fn notes(sql: &str) -> Vec<Option<PreparedNote>> {
-        crate::policy::analyze_sql(sql).iter().map(prepared_note).collect()
+        crate::policy::analyze_sql(sql).iter().map(PreparedNote::of).collect()
     }
 
     #[test]

@@ -28,7 +28,6 @@
 //! - Every forwarded frame that expects an answer has a `Pending` entry in the protocol
 //!   tracker; server answers pop them in order, which is how results are matched to statements.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +54,7 @@ mod held;
 mod inflight;
 mod login;
 mod marker;
+mod sql_prepared;
 mod startup;
 mod tracked;
 
@@ -207,12 +207,8 @@ struct Relay {
     policy_identity: Identity,
     /// Token expiry, revocation, grant expiry: checked before every statement.
     check: SessionCheck,
-    /// SQL-level `PREPARE name AS …` texts the session saw allowed (name as Postgres folds
-    /// it); None once a name was prepared again with another text (which one Postgres kept is
-    /// unknown, so `EXECUTE name` is then decided as an unknown prepared statement).
-    sql_prepared: HashMap<String, Option<Arc<str>>>,
-    /// Bytes `sql_prepared` keeps (names and texts), for `server.max_session_state_bytes`.
-    sql_prepared_bytes: usize,
+    /// SQL-level `PREPARE name AS …` texts the server confirmed (name as Postgres folds it).
+    sql_prepared: sql_prepared::SqlPrepared,
     database: String,
     client: Client,
     /// What every record of the session carries, shared by them (no copy per record).
@@ -290,8 +286,7 @@ impl Relay {
             identity: l.identity,
             policy_identity: l.policy_identity,
             check: l.check,
-            sql_prepared: HashMap::new(),
-            sql_prepared_bytes: 0,
+            sql_prepared: sql_prepared::SqlPrepared::default(),
             database: l.database,
             client: peer.audit_client(),
             tracker: SessionTracker::new(up.tx_status),

@@ -5,7 +5,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::collections::VecDeque;
+
 use super::durability::Effect;
+use super::sql_prepared::{Change, PreparedNote};
 use crate::audit::Param;
 use crate::mask::relay::{PortalInfo, PreparedInfo, Tag};
 use crate::policy::DecisionStamp;
@@ -31,6 +34,8 @@ pub(super) struct Prepared {
     pub(super) stamp: Option<DecisionStamp>,
     /// It is a COPY … FROM STDIN ([`super::copy_in`]).
     pub(super) copies_in: bool,
+    /// The text is a PREPARE or DEALLOCATE: what executing it does to the SQL-level names.
+    pub(super) note: Option<PreparedNote>,
 }
 
 impl Prepared {
@@ -47,6 +52,7 @@ impl Prepared {
             types: Arc::default(),
             stamp: None,
             copies_in: false,
+            note: None,
         }
     }
 }
@@ -91,14 +97,25 @@ pub(super) struct Pending {
     pub(super) described: Option<Arc<ParamTypes>>,
     /// A forwarded Query or Execute that starts COPY FROM STDIN ([`super::copy_in`]).
     pub(super) copy_in: bool,
-    /// A forwarded Query's DEALLOCATEs not yet run, in order (None: ALL); applied as Postgres
-    /// completes each.
-    pub(super) deallocates: Vec<Option<String>>,
+    /// What a forwarded Query (per statement, in order), Execute or Close changes in the
+    /// SQL-level prepared statements once the server completes it.
+    pub(super) changes: VecDeque<Option<Change>>,
 }
 
 impl Pending {
     pub(super) fn new(kind: Awaited) -> Pending {
-        Pending { kind, seq: 0, started: Instant::now(), refusal: None, rec_idx: usize::MAX, mask: Tag::None, replaced: None, described: None, copy_in: false, deallocates: Vec::new() }
+        Pending {
+            kind,
+            seq: 0,
+            started: Instant::now(),
+            refusal: None,
+            rec_idx: usize::MAX,
+            mask: Tag::None,
+            replaced: None,
+            described: None,
+            copy_in: false,
+            changes: VecDeque::new(),
+        }
     }
 
     pub(super) fn with_mask(kind: Awaited, mask: Tag) -> Pending {
