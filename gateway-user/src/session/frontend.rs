@@ -224,6 +224,10 @@ impl Relay {
             }
             r => r.map_err(bad)?,
         };
+        if !name.is_empty() && self.prepared_exists(&name) {
+            self.refuse_existing_name(&name, &sql, batch);
+            return Ok(());
+        }
         let (mask, strict) = self.mask.as_mut().map(|m| m.parse(&sql)).unzip();
         // Taken before deciding: a window or catalog that changes meanwhile makes the first
         // Execute decide again, never the other way round.
@@ -506,6 +510,35 @@ impl Relay {
                 prepares.iter().map(|t| t.to_string()).chain(now).collect()
             }
         }
+    }
+
+    /// Whether Postgres has a prepared statement named `name` as far as the session knows: an
+    /// allowed Parse of it, or a SQL `PREPARE` made or on its way. (A name only a DEALLOCATE or
+    /// Close on its way may free is taken as free: Postgres runs them before a Parse sent
+    /// after them, and one it skips skips that Parse too.)
+    fn prepared_exists(&self, name: &str) -> bool {
+        self.tracker.statement(name).is_some_and(|s| s.allowed.is_some())
+            || match self.sql_prepared.lookup(name) {
+                Lookup::Known(_) | Lookup::Unknown => true,
+                Lookup::InFlight { prepares, .. } => !prepares.is_empty(),
+                Lookup::NotPrepared => false,
+            }
+    }
+
+    /// A Parse of a name the session already has a statement under: Postgres refuses it (42P05)
+    /// and keeps the old statement, but a Bind sent after the next Sync — before that answer is
+    /// back — would be taken for one of the new text (its record, its masking plan, its
+    /// decision). So pgward refuses it itself, as Postgres would, and nothing changes.
+    fn refuse_existing_name(&mut self, name: &str, sql: &str, batch: &mut Batch) {
+        let mut rec = self.record(Kind::Statement);
+        rec.protocol = Some("extended".into());
+        rec.sql = Some(sql.to_string());
+        rec.decision = Some("deny".into());
+        rec.rule = Some("builtin:duplicate-statement".into());
+        let mut p = Pending::new(Awaited::Parse);
+        p.refusal = Some((sqlstate::DUPLICATE_PREPARED_STATEMENT, format!("prepared statement \"{name}\" already exists")));
+        let marker = self.marker_parse(name);
+        batch.push_statement(marker, rec, p, Rule::HoldReply);
     }
 
     /// The PREPAREs and DEALLOCATEs of a forwarded Query (one entry per statement) or
