@@ -540,6 +540,31 @@ fn dir_replaced_by_a_file_fails_closed_and_recovers() {
     assert_eq!((r.records, r.segments), (4, 2));
 }
 
+/// The live segment cut short while pgward runs (`logrotate` with `copytruncate`, `>` on the
+/// file): the next batch would land after a hole of zeros, where every reader stops and the
+/// next start's recovery drops it — records answered durable, then gone. The writer refuses
+/// the batch and moves on to a new segment, like for a removed one.
+#[test]
+fn truncated_segment_fails_then_continues_in_a_new_segment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let h = AuditHandle::start(opts(d, 100)).expect("start");
+    let rt = rt();
+    assert_eq!(rt.block_on(h.append_durable(stmt(1))).expect("append"), 2);
+    let first = d.join(chain::segment_name(1));
+    std::fs::OpenOptions::new().write(true).open(&first).expect("open").set_len(0).expect("truncate");
+    let err = rt.block_on(h.append_durable(stmt(2))).expect_err("must fail closed");
+    assert!(matches!(err, AuditError::SegmentGone { .. }), "{err:?}");
+    assert_eq!(rt.block_on(h.append_durable(stmt(3))).expect("continues"), 3);
+    h.shutdown();
+    assert_eq!(std::fs::metadata(&first).expect("stat").len(), 0, "written after the cut");
+    let recs = records(d);
+    assert_eq!(recs.first().map(|r| r.seq), Some(3), "{recs:?}");
+    // The loss shows up as a gap where the new segment starts.
+    let p = verify::verify(d, &keys()).problem.expect("gap");
+    assert!(p.reason.starts_with("seq gap: expected seq 1, found 3"), "{}", p.reason);
+}
+
 #[test]
 fn removed_segment_fails_then_continues_in_a_new_segment() {
     let dir = tempfile::tempdir().expect("tempdir");
