@@ -486,6 +486,49 @@ fn segments_rotate_and_verify() {
     assert!(p.reason.starts_with(&format!("seq gap: expected seq {}", gone.first_seq)), "{}", p.reason);
 }
 
+/// Someone who can write the log's files appends a NUL and forged lines to a closed segment.
+/// Every pgward reader stops at the NUL (the live segment's preallocated tail starts with
+/// one), so the chain still checks out; tools that drop NULs (`tr -d '\0'`) show the forged
+/// lines. A closed segment is trimmed to its lines at rotation: `verify` refuses a NUL in one.
+#[test]
+fn a_nul_in_a_closed_segment_is_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mut o = opts(d, 10);
+    o.segment_bytes = 1000;
+    write_log(o, 30);
+    let segs = chain::list_segments(d).expect("list");
+    assert!(segs.len() >= 3, "{segs:?}");
+    let r = verify::verify(d, &keys());
+    assert!(r.is_ok(), "{}", r.summary());
+    for (i, s) in segs.iter().enumerate() {
+        let bytes = std::fs::read(&s.path).expect("read");
+        assert!(!bytes.contains(&0) || i + 1 == segs.len(), "{} holds a NUL", s.path.display());
+    }
+    let closed = &segs[1].path;
+    let len = std::fs::metadata(closed).expect("stat").len();
+    let mut f = std::fs::OpenOptions::new().append(true).open(closed).expect("open");
+    std::io::Write::write_all(&mut f, b"\0{\"seq\":999,\"kind\":\"statement\",\"sql\":\"forged\"}\n").expect("append");
+    drop(f);
+    let r = verify::verify(d, &keys());
+    let p = problem(&r);
+    assert_eq!(p.file.as_deref(), Some(closed.as_path()), "{}", r.summary());
+    assert!(p.reason.contains(&format!("bytes hidden after a NUL at offset {len} of a closed segment")), "{}", p.reason);
+    // A tail of NULs alone (a segment abandoned while in use) hides nothing.
+    let f = std::fs::OpenOptions::new().write(true).open(closed).expect("open");
+    f.set_len(len).and_then(|()| f.set_len(len + 4096)).expect("zeros");
+    assert!(verify::verify(d, &keys()).is_ok());
+    // The live segment's preallocated tail is not one.
+    std::fs::OpenOptions::new().write(true).open(closed).expect("open").set_len(len).expect("cut");
+    assert!(verify::verify(d, &keys()).is_ok());
+    let last = &segs.last().expect("a segment").path;
+    let f = std::fs::OpenOptions::new().write(true).open(last).expect("open");
+    let live = f.metadata().expect("stat").len();
+    f.set_len(live + 4096).expect("preallocate");
+    let r = verify::verify(d, &keys());
+    assert!(r.is_ok(), "{}", r.summary());
+}
+
 #[test]
 fn removed_dir_fails_closed_and_recovers() {
     let dir = tempfile::tempdir().expect("tempdir");

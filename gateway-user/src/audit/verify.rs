@@ -6,7 +6,8 @@
 //! seq the segment's name announces; a checkpoint anchors the record before it and its
 //! signature verifies with the JWKS key named by its kid. Finally `HEAD` (the latest
 //! checkpoint, if present) must name a record that exists with the same hash and carry a
-//! valid signature, which detects a cut-off tail up to that checkpoint.
+//! valid signature, which detects a cut-off tail up to that checkpoint. A segment followed by
+//! another holds nothing but NULs after its first NUL (see [`Reader::cut_short`]).
 //!
 //! Because HEAD can be rebuilt from any checkpoint record without the key, the log must also
 //! look like what a running writer leaves (see [`Policy`]): HEAD exists once the log holds a
@@ -306,6 +307,15 @@ fn run(
     }
     let Walk { newer, head_found, read_from, .. } = walk;
     check_empty_segments(reader.segments(), &read_from, report.last_seq)?;
+    if let Some((path, at)) = reader.cut_short().first() {
+        return Err(whole(
+            Some(path.clone()),
+            None,
+            format!(
+                "bytes hidden after a NUL at offset {at} of a closed segment: a closed segment holds its lines and nothing after them but NULs (every reader of the log stops at the first NUL, tools that drop NULs do not)"
+            ),
+        ));
+    }
     check_newer_checkpoints(&newer, &head_status, &head_path, started)?;
     check_head(keys, head_status, &head_path, head_found, report)
 }
