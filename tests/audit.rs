@@ -726,3 +726,66 @@ fn a_segment_name_that_is_not_a_regular_file_is_refused_not_waited_on() {
     std::os::unix::fs::symlink("/dev/urandom", &name).unwrap();
     check("a symlink to /dev/urandom");
 }
+
+/// Build the LD_PRELOAD shim `common/NAME.c` into `dir`; returns its path.
+fn build_shim(dir: &Path, name: &str) -> PathBuf {
+    let so = dir.join(format!("{name}.so"));
+    let src = format!("{}/../tests/common/{name}.c", env!("CARGO_MANIFEST_DIR"));
+    let st = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&so)
+        .arg(&src)
+        .arg("-ldl")
+        .status()
+        .expect("cc");
+    assert!(st.success(), "building {src}");
+    so
+}
+
+/// Step pgward's wall clock (through `common/clock_offset.c`) to `secs` ahead of the real one.
+fn step_clock(file: &Path, secs: i64) {
+    use std::os::unix::fs::FileExt as _;
+    let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    f.write_all_at(&secs.to_ne_bytes(), 0).unwrap();
+}
+
+/// The wall clock of pgward's host steps forward while it runs (NTP correcting a drifted
+/// clock, a VM resumed after a pause). The interval checkpoint is timed by the monotonic
+/// clock, so the records on either side of the step would fall into one stretch without a
+/// checkpoint that spans hours of record time — which `verify` refuses as "checkpoints were
+/// removed or records forged". An honest log must verify: the record after the step waits
+/// behind a checkpoint of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_step_forward_leaves_a_log_that_verifies() {
+    const STEP_SECS: i64 = 2 * 3600;
+    let c = cluster();
+    let db = c.create_database("audit_clock_step");
+    // No interval checkpoint of its own between the two statements: only the step can bring one.
+    let mut pw = Pgward::builder().set("audit.checkpoint_interval", "1h").init();
+    let shim = build_shim(&pw.dir, "clock_offset");
+    let offset = pw.dir.join("clock-offset");
+    std::fs::write(&offset, 0i64.to_ne_bytes()).unwrap();
+    pw.env.push(("LD_PRELOAD".into(), shim.display().to_string()));
+    pw.env.push(("CLOCK_OFFSET_FILE".into(), offset.display().to_string()));
+    pw.spawn();
+    let token = pw.token("alice", &[], "8h");
+    let client = pw.login("alice", &token, &db).connect().await.expect("login");
+    let (before, after) = (marker("clock-before"), marker("clock-after"));
+    within("before the step", client.simple_query(&format!("SELECT '{before}'"))).await.unwrap();
+    step_clock(&offset, STEP_SECS);
+    within("after the step", client.simple_query(&format!("SELECT '{after}'"))).await.unwrap();
+    drop(client);
+    pw.stop();
+
+    let recs = pw.audit_records();
+    let ts_of = |needle: &str| {
+        let s = rec::statements_with(&recs, needle);
+        let ts = s.first().unwrap_or_else(|| panic!("no record of {needle}"))["ts"].as_str().unwrap().to_string();
+        chrono::DateTime::parse_from_rfc3339(&ts).unwrap()
+    };
+    let gap = ts_of(&after) - ts_of(&before);
+    assert!(gap.num_seconds() >= STEP_SECS, "the clock did not step: {gap}");
+    let (code, out) = pw.audit_verify();
+    assert_eq!(code, 0, "verify after a step of the wall clock: {out}");
+}
+

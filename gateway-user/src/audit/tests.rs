@@ -1225,10 +1225,22 @@ fn unanchored_records_are_detected() {
         ),
         (
             "long gap without a checkpoint inside the log",
-            |d| forge(d, &[(St, 0), (C, 10), (St, 10)]),
+            |d| forge(d, &[(St, 0), (St, 10), (C, 10), (St, 10)]),
             second,
             60,
             Some((13, "audit-0000000000000001.jsonl", "no checkpoint for 10.0 s of records (seq 12..12)")),
+        ),
+        (
+            // What the writer leaves after a step of the wall clock or a stalled disk: the
+            // record after the gap waits behind a checkpoint of its own.
+            "a checkpoint that comes late ends the stretch",
+            |d| {
+                forge(d, &[(St, 0), (C, 10), (St, 10)]);
+                head_from(d, 13);
+            },
+            second,
+            60,
+            None,
         ),
         (
             "a restart (start record) restarts the clock",

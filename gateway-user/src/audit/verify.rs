@@ -435,11 +435,14 @@ impl<'a> Walk<'a> {
         Ok(())
     }
 
-    /// The stretch without a checkpoint that this record ends or extends must not be longer
-    /// than `checkpoint_interval` (+ grace) of record time.
+    /// The stretch without a checkpoint that this record extends must not be longer than
+    /// `checkpoint_interval` (+ grace) of record time. The checkpoint that ends it may come
+    /// later: it is signed, so no one without the key adds one, and the writer checkpoints
+    /// before a record that would stretch it further (after a step of the wall clock, or a
+    /// stall of the disk that held up the interval checkpoint).
     fn stretch_span(&self, line: &Line, rec: &Record, ts: DateTime<Utc>) -> Result<(), Problem> {
         let Some(first) = self.stretch_first else { return Ok(()) };
-        if rec.kind == Kind::Start {
+        if matches!(rec.kind, Kind::Start | Kind::Checkpoint) {
             return Ok(());
         }
         let span = self.stretch_clock.map(|c| ts - c);
