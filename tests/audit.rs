@@ -789,3 +789,62 @@ async fn a_wall_clock_step_forward_leaves_a_log_that_verifies() {
     assert_eq!(code, 0, "verify after a step of the wall clock: {out}");
 }
 
+/// The extended protocol's Bind plans the statement, and the planner runs immutable
+/// functions with constant arguments (and stable ones, to estimate selectivity) — trusting the
+/// volatility a function's owner declared. A user-defined function declared immutable that
+/// advances a sequence (or calls dblink, or signals a backend) therefore takes effect at the
+/// Bind. Parse, Bind, Sync without an Execute ran it with no statement record at all, and
+/// while the audit log refused records the Bind still went upstream ahead of the refused
+/// Execute. A Bind that plans user code is write-ahead: it has a record (its Execute's, or
+/// one of its own) durable before it reaches Postgres, and while the log refuses records it
+/// never does.
+#[test]
+fn a_bind_that_runs_user_code_while_planning_has_a_durable_record_first() {
+    use common::raw::{self, fe};
+    let c = cluster();
+    let db = c.create_database("audit_bind_plans");
+    c.sql(
+        &db,
+        "CREATE SEQUENCE planted_calls; GRANT ALL ON SEQUENCE planted_calls TO PUBLIC;
+         CREATE FUNCTION planted(t text) RETURNS int LANGUAGE plpgsql IMMUTABLE
+           AS $$ BEGIN PERFORM nextval('planted_calls'); RETURN length(t); END $$;",
+    );
+    let calls = || c.sql(&db, "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM planted_calls").trim().to_string();
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let login = pw.login("alice", &token, &db);
+
+    // Parse, Bind, Sync: the function runs while the Bind plans, and no Execute follows.
+    let m = marker("bind-only");
+    let mut conn = login.raw().unwrap();
+    let mut msgs = fe::parse("", &format!("SELECT planted('{m}')"));
+    msgs.extend(fe::bind_text("", "", &[]));
+    msgs.extend(fe::sync());
+    conn.send(&msgs).unwrap();
+    let got = conn.recv_until_ready().unwrap();
+    assert!(raw::first_error(&got).is_none(), "{}", raw::describe_all(&got));
+    assert_eq!(calls(), "1", "the function did not run at the Bind: the test shows nothing");
+    let recs = pw.wait_audit("a record of the Bind", |r| !rec::statements_with(r, &m).is_empty());
+    let st = rec::statements_with(&recs, &m);
+    assert_eq!(st.len(), 1, "{st:?}");
+    assert_eq!(st[0]["meta"]["stage"], "bind", "{}", st[0]);
+    assert_eq!(st[0]["durability"], "write-ahead", "{}", st[0]);
+
+    // Parse, Bind, Execute, Sync: one record, the Execute's.
+    let m2 = marker("bind-exec");
+    let rows = conn.extended_query(&format!("SELECT planted('{m2}')"), &[]).unwrap();
+    assert_eq!(raw::rows(&rows), vec![vec![Some(m2.len().to_string())]], "{}", raw::describe_all(&rows));
+    let recs = pw.wait_audit("the Execute's record", |r| !rec::statements_with(r, &m2).is_empty());
+    let st = rec::statements_with(&recs, &m2);
+    assert_eq!(st.len(), 1, "{st:?}");
+    assert!(st[0]["meta"].get("stage").is_none(), "{}", st[0]);
+    let before = calls();
+
+    // The audit log refuses records (its directory is gone): the Bind must not run the function.
+    std::fs::remove_dir_all(pw.audit_dir()).unwrap();
+    let m3 = marker("bind-refused");
+    let got = conn.extended_query(&format!("SELECT planted('{m3}')"), &[]).unwrap();
+    let err = raw::first_error(&got).unwrap_or_else(|| panic!("answered without a record: {}", raw::describe_all(&got)));
+    assert_eq!(err.sqlstate().as_deref(), Some("58030"), "{}", raw::describe_all(&got));
+    assert_eq!(calls(), before, "the Bind ran the function although its record was refused");
+}
