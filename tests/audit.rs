@@ -848,3 +848,39 @@ fn a_bind_that_runs_user_code_while_planning_has_a_durable_record_first() {
     assert_eq!(err.sqlstate().as_deref(), Some("58030"), "{}", raw::describe_all(&got));
     assert_eq!(calls(), before, "the Bind ran the function although its record was refused");
 }
+
+/// Postgres echoes a value it refuses in its error message (`invalid input syntax for type
+/// integer: "…"`). A statement of a few dozen bytes makes it answer with an error of megabytes,
+/// which the result record kept whole: each such statement added that much to the audit log
+/// (and its export) — a cheap way to fill the disk every statement's record needs, after
+/// which pgward refuses everyone's statements. The record keeps the start of a long error
+/// text, its length and its SHA-256; the client still gets the whole message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_postgres_echoes_at_length_is_recorded_bounded() {
+    use sha2::{Digest, Sha256};
+    const ECHO_BYTES: usize = 8 << 20;
+    let c = cluster();
+    let db = c.create_database("audit_error_echo");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let client = pw.login("alice", &token, &db).connect().await.expect("login");
+    let m = marker("error-echo");
+    let sql = format!("SELECT ('{m}' || repeat('x', {ECHO_BYTES}))::int");
+    let e = within("the echoing error", client.simple_query(&sql)).await.expect_err("not an integer");
+    let msg = e.as_db_error().expect("a server error").message().to_string();
+    assert_eq!(sqlstate(&e).as_deref(), Some("22P02"), "{e}");
+    assert!(msg.len() > ECHO_BYTES, "the client gets the whole message ({} bytes)", msg.len());
+
+    let recs = pw.wait_audit("the result record", |r| {
+        rec::statements_with(r, &m).first().is_some_and(|s| rec::result_for(r, s).is_some())
+    });
+    let st = rec::statements_with(&recs, &m);
+    let res = rec::result_for(&recs, st[0]).unwrap();
+    let err = res["error"].as_str().expect("error text");
+    let sha = hex::encode(Sha256::digest(msg.as_bytes()));
+    assert!(err.len() < 8 << 10, "the record keeps {} bytes of the error", err.len());
+    assert!(err.ends_with(&format!("… ({} bytes, sha256 {sha})", msg.len())), "{err}");
+    assert!(msg.starts_with(err.split('…').next().unwrap()), "{err}");
+    let log: usize = pw.audit_records().iter().map(|r| r.to_string().len()).sum();
+    assert!(log < ECHO_BYTES, "the audit log holds {log} bytes of records");
+}

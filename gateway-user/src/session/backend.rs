@@ -200,7 +200,7 @@ impl Relay {
         rec.duration_us = Some(p.started.elapsed().as_micros() as u64);
         if let Some((code, msg)) = err {
             rec.sqlstate = Some(code.to_string());
-            rec.error = Some(msg.to_string());
+            rec.error = Some(crate::audit::param::error_text(msg));
         }
         // Which columns were masked and how many values (never the values).
         if let Some(meta) = masked {

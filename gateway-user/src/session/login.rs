@@ -51,7 +51,7 @@ pub(super) async fn refuse_login(
     let mut rec = identity_record(Kind::LoginFailed, session, peer, identity, database);
     rec.rule = rule;
     rec.sqlstate = Some(code.to_string());
-    rec.error = Some(msg.clone());
+    rec.error = Some(crate::audit::param::error_text(&msg));
     let _ = shared.audit.append_durable(rec).await;
     fatal(stream, code, &msg).await;
 }
@@ -185,7 +185,7 @@ async fn refuse_upstream(
     tracing::warn!(error = %e, "upstream login failed");
     let mut rec = identity_record(Kind::LoginFailed, session, peer, identity, database);
     rec.sqlstate = Some(e.sqlstate().to_string());
-    rec.error = Some(format!("upstream: {e}"));
+    rec.error = Some(crate::audit::param::error_text(&format!("upstream: {e}")));
     let _ = shared.audit.append_durable(rec).await;
     fatal(stream, e.sqlstate(), &format!("pgward: {e}")).await;
 }
