@@ -884,3 +884,44 @@ async fn an_error_postgres_echoes_at_length_is_recorded_bounded() {
     let log: usize = pw.audit_records().iter().map(|r| r.to_string().len()).sum();
     assert!(log < ECHO_BYTES, "the audit log holds {log} bytes of records");
 }
+
+/// `COPY … FROM STDIN` through the extended protocol as tokio-postgres sends it: Bind,
+/// Execute and Sync first, then the data, CopyDone and another Sync. Postgres ignores a Sync
+/// that arrives in copy-in mode, so it answers the two Syncs with one ReadyForQuery; pgward
+/// waited for two, and from then on took each answer for the message before: the next
+/// statements' parameter types were lost (bound values recorded as untyped hex) and a
+/// statement that ran got the result "not executed". After the COPY, the session's records
+/// must still say what ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_after_an_extended_protocol_copy_say_what_ran() {
+    use futures_util::SinkExt as _;
+    let c = cluster();
+    let db = c.create_database("audit_copy_sync");
+    c.sql(&db, "CREATE TABLE t (v text); GRANT ALL ON t TO PUBLIC");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let client = pw.login("alice", &token, &db).connect().await.expect("login");
+    let copied = marker("copied");
+    let sink = client.copy_in("COPY t (v) FROM STDIN").await.expect("copy in");
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(format!("{copied}\n"))).await.expect("data");
+    assert_eq!(sink.finish().await.expect("copy done"), 1);
+    let after: Vec<String> = (0..3).map(|i| marker(&format!("after-copy-{i}"))).collect();
+    for a in &after {
+        let n = within("insert after the copy", client.execute("INSERT INTO t VALUES ($1)", &[a])).await.expect("insert");
+        assert_eq!(n, 1);
+    }
+    assert_eq!(c.sql(&db, "SELECT count(*) FROM t").trim(), "4");
+    drop(client);
+
+    let (recs, _) = wait_session_end(&pw, &token);
+    for a in &after {
+        let st: Vec<&Value> = recs
+            .iter()
+            .filter(|r| rec::kind(r) == "statement" && r["params"] == serde_json::json!([a]))
+            .collect();
+        assert_eq!(st.len(), 1, "the INSERT of {a} with its value as text: {st:?}");
+        let res = rec::result_for(&recs, st[0]).unwrap_or_else(|| panic!("no result for {}", st[0]));
+        assert_eq!(res["tag"], "INSERT 0 1", "{res}");
+    }
+}

@@ -975,3 +975,29 @@ fn functions_and_types_cannot_shadow_trusted_built_ins() {
     let pg = cluster();
     assert_eq!(pg.sql(&e.db, "SELECT count(*) FROM pg_type WHERE typname IN ('text', 't2') AND typnamespace = 'public'::regnamespace").trim(), "0");
 }
+
+/// tokio-postgres runs COPY FROM STDIN as Bind, Execute, Sync, then the data, CopyDone and
+/// another Sync; Postgres answers the Sync sent in copy-in mode with nothing. Masking finds
+/// the plan for each reply in the session's queue of answers owed: counted one off, every
+/// result after the COPY reached the client unmasked, through either protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_after_a_pipelined_copy_from_stdin_are_masked() {
+    use futures_util::SinkExt as _;
+    let e = env("mask_after_copy");
+    let login = e.support();
+    let cap = Capture::new(gw_addr(&login));
+    let client = cap.login(&login).connect().await.expect("connect");
+    let sink = within("copy in", client.copy_in("COPY loot (v) FROM STDIN")).await.expect("copy in");
+    futures_util::pin_mut!(sink);
+    within("copy data", sink.send(bytes::Bytes::from("x\n"))).await.expect("data");
+    assert_eq!(within("copy done", sink.as_mut().finish()).await.expect("copy done"), 1);
+    for _ in 0..2 {
+        let rows = within("query", client.query("SELECT card, email FROM customers ORDER BY id", &[])).await.unwrap();
+        assert_eq!(rows[0].get::<_, String>(0), "************4242");
+        assert_eq!(rows[0].get::<_, String>(1), "j***@example.com");
+        let msgs = within("simple", client.simple_query("SELECT card FROM customers ORDER BY id")).await.unwrap();
+        assert!(msgs.len() >= 4);
+    }
+    drop(client);
+    assert_no_leak(&cap.bytes(), "tokio-postgres stream after a COPY FROM STDIN");
+}

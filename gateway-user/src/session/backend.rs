@@ -66,6 +66,7 @@ impl Relay {
                     }
                 }
                 b'Z' => self.on_ready_for_query(&f),
+                b'G' => self.tracker.copy_in_started(),
                 _ => {}
             }
             cout.extend_from_slice(&f.raw);
@@ -125,6 +126,7 @@ impl Relay {
     /// error becomes pgward's own), and in the extended protocol the messages Postgres now
     /// skips up to the Sync. The error (or its rewrite) goes to `cout`.
     fn on_error_response(&mut self, f: Frame, cout: &mut BytesMut) {
+        self.tracker.copy_in_ended();
         let e = wire::decode_error(&f);
         let mut rewritten = None;
         if let Some((name, before)) = self.tracker.front_mut().and_then(|p| p.replaced.take()).map(|b| *b) {

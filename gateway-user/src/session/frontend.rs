@@ -156,6 +156,12 @@ impl Relay {
             b'E' => self.on_execute(f, batch),
             b'D' => self.on_describe(f, batch),
             b'C' => self.on_close(f, batch),
+            b'S' if self.tracker.syncs_ignored() => {
+                // Postgres is in copy-in mode: it ignores the Sync, which commits nothing.
+                self.check_token()?;
+                batch.frames.push((f, None));
+                Ok(())
+            }
             b'S' => {
                 // A Sync commits the implicit transaction of the Executes before it.
                 self.check_token()?;
@@ -165,14 +171,24 @@ impl Relay {
                 batch.forward(f, Pending::new(Awaited::Sync));
                 Ok(())
             }
-            b'd' | b'c' => {
-                // COPY FROM STDIN data writes rows, and CopyDone completes them: a COPY
-                // started before the token expired or was revoked must not go on writing.
+            b'd' => {
+                // COPY FROM STDIN data writes rows: a COPY started before the token expired
+                // or was revoked must not go on writing.
                 self.check_token()?;
                 batch.frames.push((f, None));
                 Ok(())
             }
-            b'H' | b'f' => {
+            b'c' | b'f' => {
+                // CopyDone completes the rows (the token is checked as for data); both end
+                // copy-in mode, and mark where it ends among the answers owed.
+                if f.tag == b'c' {
+                    self.check_token()?;
+                }
+                self.tracker.copy_in_ended();
+                batch.forward(f, Pending::new(Awaited::CopyEnd));
+                Ok(())
+            }
+            b'H' => {
                 batch.frames.push((f, None));
                 Ok(())
             }
