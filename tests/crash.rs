@@ -5,7 +5,8 @@
 //! with the process, as a power failure would lose it. Afterwards every row Postgres has
 //! (read as superuser) was written by a statement whose record is in the audit log, and
 //! `audit verify` passes once pgward has restarted. Rows are tagged uniquely in the statement
-//! text or its parameters.
+//! text or its parameters; rows COPY writes carry their tag in a comment of the COPY
+//! statement, rows a function writes in its argument, and tables DDL creates in their name.
 
 mod common;
 
@@ -27,7 +28,7 @@ const CLIENTS: usize = 6;
 
 /// One operation of the mixed load; any error ends the client (pgward is gone).
 async fn one_op(c: &tokio_postgres::Client, rng: &mut Rng, tag: &mut (dyn FnMut() -> String + Send)) -> Result<(), tokio_postgres::Error> {
-    match rng.next() % 8 {
+    match rng.next() % 11 {
         0 => {
             c.simple_query(&format!("INSERT INTO crash (tag) VALUES ('{}')", tag())).await?;
         }
@@ -68,6 +69,24 @@ async fn one_op(c: &tokio_postgres::Client, rng: &mut Rng, tag: &mut (dyn FnMut(
             c.simple_query("SELECT count(*) FROM crash").await?;
             c.query("SELECT tag FROM crash WHERE n > $1 LIMIT 5", &[&0i32]).await?;
         }
+        7 => {
+            // COPY FROM STDIN (Bind, Execute and Sync before the data): the row's tag is in
+            // the statement's text too.
+            use futures_util::SinkExt as _;
+            let t = tag();
+            let sink = c.copy_in(&format!("COPY crash (tag) FROM STDIN /* '{t}' */")).await?;
+            futures_util::pin_mut!(sink);
+            sink.send(bytes::Bytes::from(format!("{t}\n"))).await?;
+            sink.finish().await?;
+        }
+        8 => {
+            // DDL: the table's name is the tag.
+            c.simple_query(&format!("CREATE TABLE \"{DDL_PREFIX}{}\" (n int)", tag())).await?;
+        }
+        9 => {
+            // A user-defined function writes the row (extended protocol, the tag bound).
+            c.execute("SELECT crash_put($1)", &[&tag()]).await?;
+        }
         _ => {
             // A transaction rolled back: none of its rows may be there.
             c.simple_query("BEGIN").await?;
@@ -77,6 +96,9 @@ async fn one_op(c: &tokio_postgres::Client, rng: &mut Rng, tag: &mut (dyn FnMut(
     }
     Ok(())
 }
+
+/// Tables the load creates are named this and a tag.
+const DDL_PREFIX: &str = "ddl_";
 
 /// Every string an allowed statement record carries: its text and its parameters (as
 /// recorded, and decoded from hex where they were recorded as bytes).
@@ -103,7 +125,12 @@ fn audited_texts(records: &[Value]) -> Vec<String> {
 async fn every_effect_seen_after_a_crash_has_its_record() {
     let c = cluster();
     let db = c.create_database("crash");
-    c.sql(&db, "CREATE TABLE crash (tag text PRIMARY KEY, n int NOT NULL DEFAULT 0); GRANT ALL ON crash TO PUBLIC");
+    c.sql(
+        &db,
+        "CREATE TABLE crash (tag text PRIMARY KEY, n int NOT NULL DEFAULT 0); GRANT ALL ON crash TO PUBLIC;
+         GRANT CREATE ON SCHEMA public TO PUBLIC;
+         CREATE FUNCTION crash_put(t text) RETURNS void LANGUAGE sql AS $$ INSERT INTO crash (tag) VALUES (t) $$",
+    );
     let mut pw = Pgward::builder().init();
     let shim = pw.dir.join("lose_unsynced.so");
     let cc = std::process::Command::new("cc")
@@ -181,6 +208,15 @@ async fn every_effect_seen_after_a_crash_has_its_record() {
         .filter(|tag| !texts.iter().any(|t| t.contains(&format!("'{tag}'")) || *t == **tag))
         .collect();
     assert!(missing.is_empty(), "{} of {} committed rows have no statement record: {missing:?}", missing.len(), rows.len());
+    let tables: Vec<String> = c
+        .sql(&db, &format!("SELECT relname FROM pg_class WHERE relname LIKE '{DDL_PREFIX}%'"))
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert!(!tables.is_empty(), "no table was created");
+    let unrecorded: Vec<&String> = tables.iter().filter(|t| !texts.iter().any(|x| x.contains(t.as_str()))).collect();
+    assert!(unrecorded.is_empty(), "{} of {} tables created have no statement record: {unrecorded:?}", unrecorded.len(), tables.len());
     let (code, out) = pw.audit_verify();
     assert_eq!(code, 0, "audit verify after {ROUNDS} kills: {out}");
 }
