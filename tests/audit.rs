@@ -925,3 +925,40 @@ async fn records_after_an_extended_protocol_copy_say_what_ran() {
         assert_eq!(res["tag"], "INSERT 0 1", "{res}");
     }
 }
+
+/// `tail` and `replay` print records as they read them. Someone who can write the log's files
+/// changes who ran a statement and what it was; without a word, `tail --user` and `replay`
+/// showed the forgery like any record. They check the chain as they read: they say on stderr
+/// where it breaks and exit 1, and still show what is there.
+#[test]
+fn tail_and_replay_say_where_the_chain_breaks() {
+    let (pw, markers) = audited_workload("audit_tail_links", 6);
+    let (_tmp, cfg, dir) = verified_copy(&pw);
+    let cfg_s = cfg.to_str().unwrap();
+    let mut segs = segments(&dir);
+    let target = &markers[3];
+    let (fi, li, v) = find_line(&segs, |v| {
+        rec::kind(v) == "statement" && v["sql"].as_str().is_some_and(|s| s.contains(target.as_str()))
+    })
+    .expect("the statement record");
+    let (seq, session) = (rec::seq(&v), v["session"].as_str().unwrap().to_string());
+    let tail = || common::pgward_cli(&["audit", "tail", "--config", cfg_s]);
+    let replay = || common::pgward_cli(&["audit", "replay", "--config", cfg_s, "--speed", "max", &session]);
+    // Control: the untouched copy.
+    for out in [tail(), replay()] {
+        assert!(out.success() && !out.all_output().contains("WARNING"), "{}", out.describe());
+    }
+    let line = segs[fi].1[li].replacen("\"user\":\"alice\"", "\"user\":\"bob\"", 1).replacen(target.as_str(), "DROP TABLE payroll", 1);
+    assert_ne!(line, segs[fi].1[li]);
+    segs[fi].1[li] = line;
+    write_lines(&segs[fi].0, &segs[fi].1);
+    for (what, out) in [("tail", tail()), ("replay", replay())] {
+        assert_eq!(out.code, Some(1), "{what}: {}", out.describe());
+        assert!(out.stdout.contains("DROP TABLE payroll"), "{what} still shows what is there: {}", out.describe());
+        assert!(
+            out.stderr.contains(&format!("chain breaks at seq {seq} (")) && out.stderr.contains("altered"),
+            "{what}: {}",
+            out.describe()
+        );
+    }
+}
