@@ -962,3 +962,24 @@ fn tail_and_replay_say_where_the_chain_breaks() {
         );
     }
 }
+
+/// Startup parameters other than pgward's own go upstream as the session's settings, as `SET`
+/// statements would (decided by the policy as such). `search_path` decides which function a
+/// name in every later statement calls, yet no record showed it: the login record names the
+/// settings the session was opened with.
+#[test]
+fn the_login_record_names_the_startup_settings() {
+    let c = cluster();
+    let db = c.create_database("audit_startup_settings");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let path = "audit_elsewhere, public";
+    let mut conn = pw.login("alice", &token, &db).raw_with(&[("search_path", path), ("statement_timeout", "12345")]).expect("login");
+    let msgs = conn.simple_query("SHOW search_path").unwrap();
+    assert_eq!(common::raw::rows(&msgs), vec![vec![Some(path.to_string())]], "the setting reached the session");
+    conn.terminate().unwrap();
+    let (recs, _) = wait_session_end(&pw, &token);
+    let login = rec::login_by_jti(&recs, &jwt::jti_of(&token)).expect("login record");
+    assert_eq!(login["meta"]["settings"]["search_path"], path, "{login}");
+    assert_eq!(login["meta"]["settings"]["statement_timeout"], "12345", "{login}");
+}
