@@ -1252,6 +1252,41 @@ fn unanchored_records_are_detected() {
     ]);
 }
 
+/// Someone who can write the log's files cuts its tail off while pgward is down, at a
+/// checkpoint or not, or replaces it with records of their own. Before a restart `verify`
+/// names the cut (HEAD is past the log's end, or names a record that is not its checkpoint);
+/// the restart's first checkpoint rewrote HEAD and the log verified again. The restart's
+/// `start` record names the checkpoint HEAD named, and `verify` fails on it.
+#[test]
+fn a_tail_cut_or_replaced_while_down_is_not_laundered_by_the_restart() {
+    use Kind::Statement as St;
+    type Tamper = fn(&Path);
+    let cases: Vec<(&str, Tamper)> = vec![
+        ("cut at a checkpoint", |d| cut_after(d, 12)),
+        ("cut after a statement", |d| cut_after(d, 10)),
+        ("replaced by unanchored records", |d| {
+            cut_after(d, 12);
+            forge(d, &[(St, 0), (St, 0), (St, 0), (St, 0)]);
+        }),
+    ];
+    for (what, tamper) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        // seq 1 start, statements, checkpoints at seq 4, 8, 12 (every 3 records) and 15 (the
+        // shutdown's).
+        write_log(opts(d, 3), 10);
+        assert_eq!(records(d).last().map(|r| (r.seq, r.kind)), Some((15, Kind::Checkpoint)), "{what}");
+        tamper(d);
+        assert!(verify::verify(d, &keys()).problem.is_some(), "{what}: verify names the cut before a restart");
+        write_log(opts(d, 3), 2);
+        let r = verify::verify(d, &keys());
+        let p = r.problem.clone().unwrap_or_else(|| panic!("{what}: verify passed after the restart: {}", r.summary()));
+        assert!(p.reason.contains("found HEAD naming checkpoint seq 15 that the log did not hold"), "{what}: {}", p.reason);
+        let start = records(d).into_iter().rfind(|r| r.kind == Kind::Start).expect("the restart's start record");
+        assert_eq!(p.seq, Some(start.seq), "{what}");
+    }
+}
+
 #[test]
 fn clean_shutdown_and_restart_leave_the_log_anchored() {
     let dir = tempfile::tempdir().expect("tempdir");

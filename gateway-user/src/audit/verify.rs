@@ -14,7 +14,8 @@
 //! checkpoint and names the newest one (lagging only by checkpoints written moments ago); no
 //! stretch of records without a checkpoint is longer than `checkpoint_every` records or
 //! `checkpoint_interval` of record time (plus [`TIME_GRACE`]) — the unanchored tail
-//! included. A `start` record restarts the clock (the writer was down in between).
+//! included. A `start` record restarts the clock (the writer was down in between); one that
+//! says the previous run's HEAD named a checkpoint the log no longer held fails.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -377,6 +378,21 @@ impl<'a> Walk<'a> {
         self.chain(line, &rec)?;
         let ts = parse_ts(&rec.ts).ok_or_else(|| at(line, Some(rec.seq), format!("ts {:?} is not an RFC 3339 time", rec.ts)))?;
         self.stretch_span(line, &rec, ts)?;
+        if rec.kind == Kind::Start
+            && let Some(lost) = rec.meta.as_ref().and_then(|m| m.get(chain::HEAD_LOST))
+        {
+            let n = |k: &str| lost.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            return Err(at(
+                line,
+                Some(rec.seq),
+                format!(
+                    "the restart at seq {} found HEAD naming checkpoint seq {} that the log did not hold (it ended at seq {}): records were cut off or replaced while pgward was down",
+                    rec.seq,
+                    n("seq"),
+                    n("log_end")
+                ),
+            ));
+        }
         if rec.kind == Kind::Start
             && let Some(t) = rec.meta.as_ref().and_then(|m| m.get(chain::UNANCHORED_TAIL))
         {
