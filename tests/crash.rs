@@ -1,6 +1,7 @@
 //! The durability contract under a crash: pgward is killed (SIGKILL) at random points while
 //! clients run a mixed load (autocommit and transactional writes, simple and extended
-//! protocol, pipelined statements, reads), with the audit directory behind a power-failure
+//! protocol, pipelined statements, several writes before one Sync, COPY FROM STDIN, DDL,
+//! function calls, reads), with the audit directory behind a power-failure
 //! shim (`common/lose_unsynced.c`, LD_PRELOAD): what pgward wrote but never synced is lost
 //! with the process, as a power failure would lose it. Afterwards every row Postgres has
 //! (read as superuser) was written by a statement whose record is in the audit log, and
@@ -97,6 +98,34 @@ async fn one_op(c: &tokio_postgres::Client, rng: &mut Rng, tag: &mut (dyn FnMut(
     Ok(())
 }
 
+/// A raw-protocol client sending, until pgward is gone, pipelines of two INSERTs (Parse,
+/// Bind, Execute each) and one Sync: one implicit transaction whose writes go to Postgres
+/// while their records are flushed (`hold-reply`), committed by the Sync, which waits for
+/// them. Returns the thread; it ends with the count of pipelines answered.
+fn implicit_transactions(login: common::Login, round: usize) -> std::thread::JoinHandle<u64> {
+    use common::raw::{self, fe};
+    std::thread::spawn(move || {
+        let Ok(mut conn) = login.raw() else { return 0 };
+        let mut n = 0;
+        loop {
+            let mut msgs = Vec::new();
+            for part in ["a", "b"] {
+                msgs.extend(fe::parse("", &format!("INSERT INTO crash (tag) VALUES ('r{round}-p-{n}{part}')")));
+                msgs.extend(fe::bind_text("", "", &[]));
+                msgs.extend(fe::execute("", 0));
+            }
+            msgs.extend(fe::sync());
+            if conn.send(&msgs).is_err() {
+                return n;
+            }
+            match conn.recv_until_ready() {
+                Ok(m) if raw::first_error(&m).is_none() => n += 1,
+                _ => return n,
+            }
+        }
+    })
+}
+
 /// Tables the load creates are named this and a tag.
 const DDL_PREFIX: &str = "ddl_";
 
@@ -156,6 +185,7 @@ async fn every_effect_seen_after_a_crash_has_its_record() {
     drop(probe);
     for round in 0..ROUNDS {
         let mut tasks = Vec::new();
+        let pipeline = implicit_transactions(login.clone(), round);
         for client in 0..CLIENTS {
             let login = login.clone();
             let ops = ops.clone();
@@ -196,6 +226,11 @@ async fn every_effect_seen_after_a_crash_has_its_record() {
         for t in tasks {
             within("client ends after the kill", t).await.expect("client task");
         }
+        let pipelines = within("the pipelining client ends after the kill", tokio::task::spawn_blocking(move || pipeline.join()))
+            .await
+            .expect("join")
+            .expect("pipelining client");
+        eprintln!("round {round}: {pipelines} pipelines of two INSERTs and one Sync");
         pw.spawn();
     }
     assert!(ops.load(Ordering::Relaxed) > (ROUNDS * CLIENTS) as u64, "the load ran: {} operations\n{}", ops.load(Ordering::Relaxed), pw.stderr_log());
