@@ -1001,3 +1001,35 @@ async fn results_after_a_pipelined_copy_from_stdin_are_masked() {
     drop(client);
     assert_no_leak(&cap.bytes(), "tokio-postgres stream after a COPY FROM STDIN");
 }
+
+/// A client that sends a Sync between CopyData messages: Postgres ignores it if it reads it in
+/// copy-in mode, and answers it if a bad row ended the COPY first — when depends on the
+/// server's reading, so the answers after it cannot be matched to their messages. Pipelined
+/// behind a bad row, a Sync and a query of masked columns got the query's rows unmasked. The
+/// session ends at such a Sync (no client library sends one), before it reaches Postgres.
+#[test]
+fn a_sync_inside_copy_data_ends_the_session() {
+    use raw::fe;
+    let e = env("mask_copy_sync");
+    let mut conn = e.support().raw().unwrap();
+    let mut m = fe::parse("", "COPY loot (v) FROM STDIN");
+    m.extend(fe::bind_text("", "", &[]));
+    m.extend(fe::execute("", 0));
+    m.extend(fe::sync());
+    conn.send(&m).unwrap();
+    let first: Vec<u8> = (0..3).map(|_| conn.recv().unwrap().tag).collect();
+    assert_eq!(first, b"12G", "ParseComplete, BindComplete, CopyInResponse");
+    // A row with one column too many fails the COPY; the Sync after it is then answered.
+    let mut m = fe::raw_msg(b'd', b"a\tb\n");
+    m.extend(fe::sync());
+    m.extend(fe::parse("", "SELECT card, email FROM customers ORDER BY id"));
+    m.extend(fe::bind_text("", "", &[]));
+    m.extend(fe::execute("", 0));
+    m.extend(fe::sync());
+    conn.send(&m).unwrap();
+    let got = conn.read_until_eof(Duration::from_secs(10)).expect("the session ends");
+    let fatal = got.iter().find(|m| m.is_error() && m.fields().get(&'S').map(String::as_str) == Some("FATAL"));
+    assert_eq!(fatal.and_then(|m| m.sqlstate()).as_deref(), Some("08P01"), "{}", raw::describe_all(&got));
+    assert!(raw::rows(&got).is_empty(), "{}", raw::describe_all(&got));
+    assert_no_leak(&conn.received, "a Sync inside COPY data");
+}

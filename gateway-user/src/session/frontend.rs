@@ -156,6 +156,10 @@ impl Relay {
             b'E' => self.on_execute(f, batch),
             b'D' => self.on_describe(f, batch),
             b'C' => self.on_close(f, batch),
+            b'S' if self.tracker.sync_inside_copy_data() => Err(End::Fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "pgward: Sync inside COPY data (before CopyDone or CopyFail)".into(),
+            )),
             b'S' if self.tracker.syncs_ignored() => {
                 // Postgres is in copy-in mode: it ignores the Sync, which commits nothing.
                 self.check_token()?;

@@ -70,6 +70,8 @@ pub struct Tracker<S, P, A> {
     /// The server is in copy-in mode and the client has not ended the COPY yet: Postgres
     /// ignores the Syncs it sends meanwhile, so they are owed no answer.
     copy_in: bool,
+    /// The client sent CopyData and no CopyDone or CopyFail since.
+    copy_data: bool,
 }
 
 impl<S: Retained, P: Retained, A: Await> Tracker<S, P, A> {
@@ -84,6 +86,7 @@ impl<S: Retained, P: Retained, A: Await> Tracker<S, P, A> {
             skipping: false,
             retained: 0,
             copy_in: false,
+            copy_data: false,
         }
     }
 
@@ -98,8 +101,18 @@ impl<S: Retained, P: Retained, A: Await> Tracker<S, P, A> {
         match tag {
             b'P' | b'B' | b'E' | b'D' | b'C' => self.unsynced = true,
             b'S' => self.unsynced = false,
+            b'd' => self.copy_data = true,
+            b'c' | b'f' => self.copy_data = false,
             _ => {}
         }
+    }
+
+    /// A Sync sent now would follow CopyData the client has not ended: whether Postgres
+    /// ignores it (read in copy-in mode) or answers it (read after a bad row ended the COPY
+    /// with an error) depends on when the server reads it, so no one can tell which answers
+    /// follow. No client library sends one; the session refuses it.
+    pub fn sync_inside_copy_data(&self) -> bool {
+        self.copy_data
     }
 
     pub fn statement(&self, name: &str) -> Option<&S> {
@@ -330,6 +343,18 @@ mod tests {
         assert_eq!(t.pop_front(), Some(Execute));
         assert_eq!(t.pop_front(), Some(Sync));
         assert_eq!(t.front().copied(), Some(Query));
+
+        // CopyData the client has not ended: a Sync now is refused.
+        let mut t: Tracker<(), (), Awaited> = Tracker::new(b'I');
+        t.client_message(b'd');
+        assert!(t.sync_inside_copy_data());
+        t.client_message(b'H');
+        assert!(t.sync_inside_copy_data());
+        t.client_message(b'c');
+        assert!(!t.sync_inside_copy_data());
+        t.client_message(b'd');
+        t.client_message(b'f');
+        assert!(!t.sync_inside_copy_data());
 
         // A COPY that fails before copy-in mode (no CopyInResponse): every Sync is answered.
         let mut t: Tracker<(), (), Awaited> = Tracker::new(b'I');
