@@ -1285,6 +1285,19 @@ fn a_tail_cut_or_replaced_while_down_is_not_laundered_by_the_restart() {
         let start = records(d).into_iter().rfind(|r| r.kind == Kind::Start).expect("the restart's start record");
         assert_eq!(p.seq, Some(start.seq), "{what}");
     }
+
+    // A HEAD someone replaced (it names a checkpoint far ahead, its signature no longer
+    // matches) says nothing about what the last run wrote: the restart is not flagged for it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write_log(opts(d, 3), 4);
+    let mut head: Head = serde_json::from_slice(&std::fs::read(d.join("HEAD")).expect("HEAD")).expect("parse");
+    head.seq += 1_000_000;
+    head.anchor_seq += 1_000_000;
+    std::fs::write(d.join("HEAD"), serde_json::to_vec(&head).expect("ser")).expect("write");
+    write_log(opts(d, 3), 2);
+    let r = verify::verify(d, &keys());
+    assert!(r.is_ok(), "{}", r.summary());
 }
 
 #[test]

@@ -135,7 +135,10 @@ impl Log {
         let seg = continue_segment(current, last_seq + 1, direct);
         let head = read_head(&opts.dir, &mut warnings);
         let head_seq = head.as_ref().map(|h| h.seq);
-        let head_lost = head.as_ref().and_then(|h| head_not_in_log(h, last_seq, last_checkpoint.as_ref(), &mut warnings));
+        let head_lost = head
+            .as_ref()
+            .filter(|h| signed_by(h, opts.signer.as_ref()))
+            .and_then(|h| head_not_in_log(h, last_seq, last_checkpoint.as_ref(), &mut warnings));
 
         let mut log = Log::new(opts, Arc::new(dir_c), counters, threads, direct, seg, last_seq, prev_hash);
         log.write_start(warnings, unanchored, head_lost)?;
@@ -443,7 +446,17 @@ fn read_head(dir: &Path, warnings: &mut Vec<String>) -> Option<Head> {
     }
 }
 
-/// The last run's HEAD names a checkpoint it made durable. When the log no longer holds it
+/// Whether `head` is one this gateway wrote: it names the checkpoint right after the record
+/// it anchors, signed with `signer`'s key. HEAD is a file whoever can write the log directory
+/// can replace; only a genuine one says which checkpoint the last run made durable.
+fn signed_by(head: &Head, signer: Option<&super::CheckpointSigner>) -> bool {
+    let Some(signer) = signer else { return false };
+    let keys = crate::audit::verify::PublicKeys::from([(signer.kid().to_owned(), signer.verifying_key())]);
+    head.anchor_seq.checked_add(1) == Some(head.seq)
+        && crate::audit::verify::check_signature(&keys, Some(&head.kid), Some(&head.sig), head.anchor_seq, &head.anchor_hash).is_ok()
+}
+
+/// The last run's HEAD (a genuine one, [`signed_by`]) names a checkpoint it made durable. When the log no longer holds it
 /// — it ends before `head.seq` (a cut-off tail), or its last checkpoint (`last_checkpoint`)
 /// is an older one or another record at that seq (a tail replaced) — records were lost or
 /// removed while pgward was down. The start record says so (`meta.head_lost`, which
