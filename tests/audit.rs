@@ -755,3 +755,260 @@ fn a_segment_name_that_is_not_a_regular_file_is_refused_not_waited_on() {
     std::os::unix::fs::symlink("/dev/urandom", &name).unwrap();
     check("a symlink to /dev/urandom");
 }
+
+/// Build the LD_PRELOAD shim `common/NAME.c` into `dir`; returns its path.
+fn build_shim(dir: &Path, name: &str) -> PathBuf {
+    let so = dir.join(format!("{name}.so"));
+    let src = format!("{}/../tests/common/{name}.c", env!("CARGO_MANIFEST_DIR"));
+    let st = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&so)
+        .arg(&src)
+        .arg("-ldl")
+        .status()
+        .expect("cc");
+    assert!(st.success(), "building {src}");
+    so
+}
+
+/// Step pgward's wall clock (through `common/clock_offset.c`) to `secs` ahead of the real one.
+fn step_clock(file: &Path, secs: i64) {
+    use std::os::unix::fs::FileExt as _;
+    let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    f.write_all_at(&secs.to_ne_bytes(), 0).unwrap();
+}
+
+/// The wall clock of pgward's host steps forward while it runs (NTP correcting a drifted
+/// clock, a VM resumed after a pause). The interval checkpoint is timed by the monotonic
+/// clock, so the records on either side of the step would fall into one stretch without a
+/// checkpoint that spans hours of record time — which `verify` refuses as "checkpoints were
+/// removed or records forged". An honest log must verify: the record after the step waits
+/// behind a checkpoint of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_step_forward_leaves_a_log_that_verifies() {
+    const STEP_SECS: i64 = 2 * 3600;
+    let c = cluster();
+    let db = c.create_database("audit_clock_step");
+    // No interval checkpoint of its own between the two statements: only the step can bring one.
+    let mut pw = Pgward::builder().set("audit.checkpoint_interval", "1h").init();
+    let shim = build_shim(&pw.dir, "clock_offset");
+    let offset = pw.dir.join("clock-offset");
+    std::fs::write(&offset, 0i64.to_ne_bytes()).unwrap();
+    pw.env.push(("LD_PRELOAD".into(), shim.display().to_string()));
+    pw.env.push(("CLOCK_OFFSET_FILE".into(), offset.display().to_string()));
+    pw.spawn();
+    let token = pw.token("alice", &[], "8h");
+    let client = pw.login("alice", &token, &db).connect().await.expect("login");
+    let (before, after) = (marker("clock-before"), marker("clock-after"));
+    within("before the step", client.simple_query(&format!("SELECT '{before}'"))).await.unwrap();
+    step_clock(&offset, STEP_SECS);
+    within("after the step", client.simple_query(&format!("SELECT '{after}'"))).await.unwrap();
+    drop(client);
+    pw.stop();
+
+    let recs = pw.audit_records();
+    let ts_of = |needle: &str| {
+        let s = rec::statements_with(&recs, needle);
+        let ts = s.first().unwrap_or_else(|| panic!("no record of {needle}"))["ts"].as_str().unwrap().to_string();
+        chrono::DateTime::parse_from_rfc3339(&ts).unwrap()
+    };
+    let gap = ts_of(&after) - ts_of(&before);
+    assert!(gap.num_seconds() >= STEP_SECS, "the clock did not step: {gap}");
+    let (code, out) = pw.audit_verify();
+    assert_eq!(code, 0, "verify after a step of the wall clock: {out}");
+}
+
+/// The extended protocol's Bind plans the statement, and the planner runs immutable
+/// functions with constant arguments (and stable ones, to estimate selectivity) — trusting the
+/// volatility a function's owner declared. A user-defined function declared immutable that
+/// advances a sequence (or calls dblink, or signals a backend) therefore takes effect at the
+/// Bind. Parse, Bind, Sync without an Execute ran it with no statement record at all, and
+/// while the audit log refused records the Bind still went upstream ahead of the refused
+/// Execute. A Bind that plans user code is write-ahead: it has a record (its Execute's, or
+/// one of its own) durable before it reaches Postgres, and while the log refuses records it
+/// never does.
+#[test]
+fn a_bind_that_runs_user_code_while_planning_has_a_durable_record_first() {
+    use common::raw::{self, fe};
+    let c = cluster();
+    let db = c.create_database("audit_bind_plans");
+    c.sql(
+        &db,
+        "CREATE SEQUENCE planted_calls; GRANT ALL ON SEQUENCE planted_calls TO PUBLIC;
+         CREATE FUNCTION planted(t text) RETURNS int LANGUAGE plpgsql IMMUTABLE
+           AS $$ BEGIN PERFORM nextval('planted_calls'); RETURN length(t); END $$;",
+    );
+    let calls = || c.sql(&db, "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM planted_calls").trim().to_string();
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let login = pw.login("alice", &token, &db);
+
+    // Parse, Bind, Sync: the function runs while the Bind plans, and no Execute follows.
+    let m = marker("bind-only");
+    let mut conn = login.raw().unwrap();
+    let mut msgs = fe::parse("", &format!("SELECT planted('{m}')"));
+    msgs.extend(fe::bind_text("", "", &[]));
+    msgs.extend(fe::sync());
+    conn.send(&msgs).unwrap();
+    let got = conn.recv_until_ready().unwrap();
+    assert!(raw::first_error(&got).is_none(), "{}", raw::describe_all(&got));
+    assert_eq!(calls(), "1", "the function did not run at the Bind: the test shows nothing");
+    let recs = pw.wait_audit("a record of the Bind", |r| !rec::statements_with(r, &m).is_empty());
+    let st = rec::statements_with(&recs, &m);
+    assert_eq!(st.len(), 1, "{st:?}");
+    assert_eq!(st[0]["meta"]["stage"], "bind", "{}", st[0]);
+    assert_eq!(st[0]["durability"], "write-ahead", "{}", st[0]);
+
+    // Parse, Bind, Execute, Sync: one record, the Execute's.
+    let m2 = marker("bind-exec");
+    let rows = conn.extended_query(&format!("SELECT planted('{m2}')"), &[]).unwrap();
+    assert_eq!(raw::rows(&rows), vec![vec![Some(m2.len().to_string())]], "{}", raw::describe_all(&rows));
+    let recs = pw.wait_audit("the Execute's record", |r| !rec::statements_with(r, &m2).is_empty());
+    let st = rec::statements_with(&recs, &m2);
+    assert_eq!(st.len(), 1, "{st:?}");
+    assert!(st[0]["meta"].get("stage").is_none(), "{}", st[0]);
+    let before = calls();
+
+    // The audit log refuses records (its directory is gone): the Bind must not run the function.
+    std::fs::remove_dir_all(pw.audit_dir()).unwrap();
+    let m3 = marker("bind-refused");
+    let got = conn.extended_query(&format!("SELECT planted('{m3}')"), &[]).unwrap();
+    let err = raw::first_error(&got).unwrap_or_else(|| panic!("answered without a record: {}", raw::describe_all(&got)));
+    assert_eq!(err.sqlstate().as_deref(), Some("58030"), "{}", raw::describe_all(&got));
+    assert_eq!(calls(), before, "the Bind ran the function although its record was refused");
+}
+
+/// Postgres echoes a value it refuses in its error message (`invalid input syntax for type
+/// integer: "…"`). A statement of a few dozen bytes makes it answer with an error of megabytes,
+/// which the result record kept whole: each such statement added that much to the audit log
+/// (and its export) — a cheap way to fill the disk every statement's record needs, after
+/// which pgward refuses everyone's statements. The record keeps the start of a long error
+/// text, its length and its SHA-256; the client still gets the whole message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_postgres_echoes_at_length_is_recorded_bounded() {
+    use sha2::{Digest, Sha256};
+    const ECHO_BYTES: usize = 8 << 20;
+    let c = cluster();
+    let db = c.create_database("audit_error_echo");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let client = pw.login("alice", &token, &db).connect().await.expect("login");
+    let m = marker("error-echo");
+    let sql = format!("SELECT ('{m}' || repeat('x', {ECHO_BYTES}))::int");
+    let e = within("the echoing error", client.simple_query(&sql)).await.expect_err("not an integer");
+    let msg = e.as_db_error().expect("a server error").message().to_string();
+    assert_eq!(sqlstate(&e).as_deref(), Some("22P02"), "{e}");
+    assert!(msg.len() > ECHO_BYTES, "the client gets the whole message ({} bytes)", msg.len());
+
+    let recs = pw.wait_audit("the result record", |r| {
+        rec::statements_with(r, &m).first().is_some_and(|s| rec::result_for(r, s).is_some())
+    });
+    let st = rec::statements_with(&recs, &m);
+    let res = rec::result_for(&recs, st[0]).unwrap();
+    let err = res["error"].as_str().expect("error text");
+    let sha = hex::encode(Sha256::digest(msg.as_bytes()));
+    assert!(err.len() < 8 << 10, "the record keeps {} bytes of the error", err.len());
+    assert!(err.ends_with(&format!("… ({} bytes, sha256 {sha})", msg.len())), "{err}");
+    assert!(msg.starts_with(err.split('…').next().unwrap()), "{err}");
+    let log: usize = pw.audit_records().iter().map(|r| r.to_string().len()).sum();
+    assert!(log < ECHO_BYTES, "the audit log holds {log} bytes of records");
+}
+
+/// `COPY … FROM STDIN` through the extended protocol as tokio-postgres sends it: Bind,
+/// Execute and Sync first, then the data, CopyDone and another Sync. Postgres ignores a Sync
+/// that arrives in copy-in mode, so it answers the two Syncs with one ReadyForQuery; pgward
+/// waited for two, and from then on took each answer for the message before: the next
+/// statements' parameter types were lost (bound values recorded as untyped hex) and a
+/// statement that ran got the result "not executed". After the COPY, the session's records
+/// must still say what ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_after_an_extended_protocol_copy_say_what_ran() {
+    use futures_util::SinkExt as _;
+    let c = cluster();
+    let db = c.create_database("audit_copy_sync");
+    c.sql(&db, "CREATE TABLE t (v text); GRANT ALL ON t TO PUBLIC");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let client = pw.login("alice", &token, &db).connect().await.expect("login");
+    let copied = marker("copied");
+    let sink = client.copy_in("COPY t (v) FROM STDIN").await.expect("copy in");
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(format!("{copied}\n"))).await.expect("data");
+    assert_eq!(sink.finish().await.expect("copy done"), 1);
+    let after: Vec<String> = (0..3).map(|i| marker(&format!("after-copy-{i}"))).collect();
+    for a in &after {
+        let n = within("insert after the copy", client.execute("INSERT INTO t VALUES ($1)", &[a])).await.expect("insert");
+        assert_eq!(n, 1);
+    }
+    assert_eq!(c.sql(&db, "SELECT count(*) FROM t").trim(), "4");
+    drop(client);
+
+    let (recs, _) = wait_session_end(&pw, &token);
+    for a in &after {
+        let st: Vec<&Value> = recs
+            .iter()
+            .filter(|r| rec::kind(r) == "statement" && r["params"] == serde_json::json!([a]))
+            .collect();
+        assert_eq!(st.len(), 1, "the INSERT of {a} with its value as text: {st:?}");
+        let res = rec::result_for(&recs, st[0]).unwrap_or_else(|| panic!("no result for {}", st[0]));
+        assert_eq!(res["tag"], "INSERT 0 1", "{res}");
+    }
+}
+
+/// `tail` and `replay` print records as they read them. Someone who can write the log's files
+/// changes who ran a statement and what it was; without a word, `tail --user` and `replay`
+/// showed the forgery like any record. They check the chain as they read: they say on stderr
+/// where it breaks and exit 1, and still show what is there.
+#[test]
+fn tail_and_replay_say_where_the_chain_breaks() {
+    let (pw, markers) = audited_workload("audit_tail_links", 6);
+    let (_tmp, cfg, dir) = verified_copy(&pw);
+    let cfg_s = cfg.to_str().unwrap();
+    let mut segs = segments(&dir);
+    let target = &markers[3];
+    let (fi, li, v) = find_line(&segs, |v| {
+        rec::kind(v) == "statement" && v["sql"].as_str().is_some_and(|s| s.contains(target.as_str()))
+    })
+    .expect("the statement record");
+    let (seq, session) = (rec::seq(&v), v["session"].as_str().unwrap().to_string());
+    let tail = || common::pgward_cli(&["audit", "tail", "--config", cfg_s]);
+    let replay = || common::pgward_cli(&["audit", "replay", "--config", cfg_s, "--speed", "max", &session]);
+    // Control: the untouched copy.
+    for out in [tail(), replay()] {
+        assert!(out.success() && !out.all_output().contains("WARNING"), "{}", out.describe());
+    }
+    let line = segs[fi].1[li].replacen("\"user\":\"alice\"", "\"user\":\"bob\"", 1).replacen(target.as_str(), "DROP TABLE payroll", 1);
+    assert_ne!(line, segs[fi].1[li]);
+    segs[fi].1[li] = line;
+    write_lines(&segs[fi].0, &segs[fi].1);
+    for (what, out) in [("tail", tail()), ("replay", replay())] {
+        assert_eq!(out.code, Some(1), "{what}: {}", out.describe());
+        assert!(out.stdout.contains("DROP TABLE payroll"), "{what} still shows what is there: {}", out.describe());
+        assert!(
+            out.stderr.contains(&format!("chain breaks at seq {seq} (")) && out.stderr.contains("altered"),
+            "{what}: {}",
+            out.describe()
+        );
+    }
+}
+
+/// Startup parameters other than pgward's own go upstream as the session's settings, as `SET`
+/// statements would (decided by the policy as such). `search_path` decides which function a
+/// name in every later statement calls, yet no record showed it: the login record names the
+/// settings the session was opened with.
+#[test]
+fn the_login_record_names_the_startup_settings() {
+    let c = cluster();
+    let db = c.create_database("audit_startup_settings");
+    let pw = Pgward::start();
+    let token = pw.token("alice", &[], "15m");
+    let path = "audit_elsewhere, public";
+    let mut conn = pw.login("alice", &token, &db).raw_with(&[("search_path", path), ("statement_timeout", "12345")]).expect("login");
+    let msgs = conn.simple_query("SHOW search_path").unwrap();
+    assert_eq!(common::raw::rows(&msgs), vec![vec![Some(path.to_string())]], "the setting reached the session");
+    conn.terminate().unwrap();
+    let (recs, _) = wait_session_end(&pw, &token);
+    let login = rec::login_by_jti(&recs, &jwt::jti_of(&token)).expect("login record");
+    assert_eq!(login["meta"]["settings"]["search_path"], path, "{login}");
+    assert_eq!(login["meta"]["settings"]["statement_timeout"], "12345", "{login}");
+}

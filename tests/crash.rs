@@ -1,11 +1,13 @@
 //! The durability contract under a crash: pgward is killed (SIGKILL) at random points while
 //! clients run a mixed load (autocommit and transactional writes, simple and extended
-//! protocol, pipelined statements, reads), with the audit directory behind a power-failure
+//! protocol, pipelined statements, several writes before one Sync, COPY FROM STDIN, DDL,
+//! function calls, reads), with the audit directory behind a power-failure
 //! shim (`common/lose_unsynced.c`, LD_PRELOAD): what pgward wrote but never synced is lost
 //! with the process, as a power failure would lose it. Afterwards every row Postgres has
 //! (read as superuser) was written by a statement whose record is in the audit log, and
 //! `audit verify` passes once pgward has restarted. Rows are tagged uniquely in the statement
-//! text or its parameters.
+//! text or its parameters; rows COPY writes carry their tag in a comment of the COPY
+//! statement, rows a function writes in its argument, and tables DDL creates in their name.
 
 mod common;
 
@@ -27,7 +29,7 @@ const CLIENTS: usize = 6;
 
 /// One operation of the mixed load; any error ends the client (pgward is gone).
 async fn one_op(c: &tokio_postgres::Client, rng: &mut Rng, tag: &mut (dyn FnMut() -> String + Send)) -> Result<(), tokio_postgres::Error> {
-    match rng.next() % 8 {
+    match rng.next() % 11 {
         0 => {
             c.simple_query(&format!("INSERT INTO crash (tag) VALUES ('{}')", tag())).await?;
         }
@@ -68,6 +70,24 @@ async fn one_op(c: &tokio_postgres::Client, rng: &mut Rng, tag: &mut (dyn FnMut(
             c.simple_query("SELECT count(*) FROM crash").await?;
             c.query("SELECT tag FROM crash WHERE n > $1 LIMIT 5", &[&0i32]).await?;
         }
+        7 => {
+            // COPY FROM STDIN (Bind, Execute and Sync before the data): the row's tag is in
+            // the statement's text too.
+            use futures_util::SinkExt as _;
+            let t = tag();
+            let sink = c.copy_in(&format!("COPY crash (tag) FROM STDIN /* '{t}' */")).await?;
+            futures_util::pin_mut!(sink);
+            sink.send(bytes::Bytes::from(format!("{t}\n"))).await?;
+            sink.finish().await?;
+        }
+        8 => {
+            // DDL: the table's name is the tag.
+            c.simple_query(&format!("CREATE TABLE \"{DDL_PREFIX}{}\" (n int)", tag())).await?;
+        }
+        9 => {
+            // A user-defined function writes the row (extended protocol, the tag bound).
+            c.execute("SELECT crash_put($1)", &[&tag()]).await?;
+        }
         _ => {
             // A transaction rolled back: none of its rows may be there.
             c.simple_query("BEGIN").await?;
@@ -77,6 +97,37 @@ async fn one_op(c: &tokio_postgres::Client, rng: &mut Rng, tag: &mut (dyn FnMut(
     }
     Ok(())
 }
+
+/// A raw-protocol client sending, until pgward is gone, pipelines of two INSERTs (Parse,
+/// Bind, Execute each) and one Sync: one implicit transaction whose writes go to Postgres
+/// while their records are flushed (`hold-reply`), committed by the Sync, which waits for
+/// them. Returns the thread; it ends with the count of pipelines answered.
+fn implicit_transactions(login: common::Login, round: usize) -> std::thread::JoinHandle<u64> {
+    use common::raw::{self, fe};
+    std::thread::spawn(move || {
+        let Ok(mut conn) = login.raw() else { return 0 };
+        let mut n = 0;
+        loop {
+            let mut msgs = Vec::new();
+            for part in ["a", "b"] {
+                msgs.extend(fe::parse("", &format!("INSERT INTO crash (tag) VALUES ('r{round}-p-{n}{part}')")));
+                msgs.extend(fe::bind_text("", "", &[]));
+                msgs.extend(fe::execute("", 0));
+            }
+            msgs.extend(fe::sync());
+            if conn.send(&msgs).is_err() {
+                return n;
+            }
+            match conn.recv_until_ready() {
+                Ok(m) if raw::first_error(&m).is_none() => n += 1,
+                _ => return n,
+            }
+        }
+    })
+}
+
+/// Tables the load creates are named this and a tag.
+const DDL_PREFIX: &str = "ddl_";
 
 /// Every string an allowed statement record carries: its text and its parameters (as
 /// recorded, and decoded from hex where they were recorded as bytes).
@@ -103,7 +154,12 @@ fn audited_texts(records: &[Value]) -> Vec<String> {
 async fn every_effect_seen_after_a_crash_has_its_record() {
     let c = cluster();
     let db = c.create_database("crash");
-    c.sql(&db, "CREATE TABLE crash (tag text PRIMARY KEY, n int NOT NULL DEFAULT 0); GRANT ALL ON crash TO PUBLIC");
+    c.sql(
+        &db,
+        "CREATE TABLE crash (tag text PRIMARY KEY, n int NOT NULL DEFAULT 0); GRANT ALL ON crash TO PUBLIC;
+         GRANT CREATE ON SCHEMA public TO PUBLIC;
+         CREATE FUNCTION crash_put(t text) RETURNS void LANGUAGE sql AS $$ INSERT INTO crash (tag) VALUES (t) $$",
+    );
     let mut pw = Pgward::builder().init();
     let shim = pw.dir.join("lose_unsynced.so");
     let cc = std::process::Command::new("cc")
@@ -129,6 +185,7 @@ async fn every_effect_seen_after_a_crash_has_its_record() {
     drop(probe);
     for round in 0..ROUNDS {
         let mut tasks = Vec::new();
+        let pipeline = implicit_transactions(login.clone(), round);
         for client in 0..CLIENTS {
             let login = login.clone();
             let ops = ops.clone();
@@ -169,6 +226,11 @@ async fn every_effect_seen_after_a_crash_has_its_record() {
         for t in tasks {
             within("client ends after the kill", t).await.expect("client task");
         }
+        let pipelines = within("the pipelining client ends after the kill", tokio::task::spawn_blocking(move || pipeline.join()))
+            .await
+            .expect("join")
+            .expect("pipelining client");
+        eprintln!("round {round}: {pipelines} pipelines of two INSERTs and one Sync");
         pw.spawn();
     }
     assert!(ops.load(Ordering::Relaxed) > (ROUNDS * CLIENTS) as u64, "the load ran: {} operations\n{}", ops.load(Ordering::Relaxed), pw.stderr_log());
@@ -181,6 +243,15 @@ async fn every_effect_seen_after_a_crash_has_its_record() {
         .filter(|tag| !texts.iter().any(|t| t.contains(&format!("'{tag}'")) || *t == **tag))
         .collect();
     assert!(missing.is_empty(), "{} of {} committed rows have no statement record: {missing:?}", missing.len(), rows.len());
+    let tables: Vec<String> = c
+        .sql(&db, &format!("SELECT relname FROM pg_class WHERE relname LIKE '{DDL_PREFIX}%'"))
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert!(!tables.is_empty(), "no table was created");
+    let unrecorded: Vec<&String> = tables.iter().filter(|t| !texts.iter().any(|x| x.contains(t.as_str()))).collect();
+    assert!(unrecorded.is_empty(), "{} of {} tables created have no statement record: {unrecorded:?}", unrecorded.len(), tables.len());
     let (code, out) = pw.audit_verify();
     assert_eq!(code, 0, "audit verify after {ROUNDS} kills: {out}");
 }

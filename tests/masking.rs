@@ -1516,3 +1516,61 @@ fn a_prepared_name_dropped_and_parsed_again_is_masked_as_the_new_statement() {
         assert_no_leak(&c.received[before..], name);
     }
 }
+
+/// tokio-postgres runs COPY FROM STDIN as Bind, Execute, Sync, then the data, CopyDone and
+/// another Sync; Postgres answers the Sync sent in copy-in mode with nothing. Masking finds
+/// the plan for each reply in the session's queue of answers owed: counted one off, every
+/// result after the COPY reached the client unmasked, through either protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_after_a_pipelined_copy_from_stdin_are_masked() {
+    use futures_util::SinkExt as _;
+    let e = env("mask_after_copy");
+    let login = e.support();
+    let cap = Capture::new(gw_addr(&login));
+    let client = cap.login(&login).connect().await.expect("connect");
+    let sink = within("copy in", client.copy_in("COPY loot (v) FROM STDIN")).await.expect("copy in");
+    futures_util::pin_mut!(sink);
+    within("copy data", sink.send(bytes::Bytes::from("x\n"))).await.expect("data");
+    assert_eq!(within("copy done", sink.as_mut().finish()).await.expect("copy done"), 1);
+    for _ in 0..2 {
+        let rows = within("query", client.query("SELECT card, email FROM customers ORDER BY id", &[])).await.unwrap();
+        assert_eq!(rows[0].get::<_, String>(0), "************4242");
+        assert_eq!(rows[0].get::<_, String>(1), "j***@example.com");
+        let msgs = within("simple", client.simple_query("SELECT card FROM customers ORDER BY id")).await.unwrap();
+        assert!(msgs.len() >= 4);
+    }
+    drop(client);
+    assert_no_leak(&cap.bytes(), "tokio-postgres stream after a COPY FROM STDIN");
+}
+
+/// A client that sends a Sync between CopyData messages: Postgres ignores it if it reads it in
+/// copy-in mode, and answers it if a bad row ended the COPY first — when depends on the
+/// server's reading, so the answers after it cannot be matched to their messages. Pipelined
+/// behind a bad row, a Sync and a query of masked columns got the query's rows unmasked. The
+/// session ends at such a Sync (no client library sends one), before it reaches Postgres.
+#[test]
+fn a_sync_inside_copy_data_ends_the_session() {
+    use raw::fe;
+    let e = env("mask_copy_sync");
+    let mut conn = e.support().raw().unwrap();
+    let mut m = fe::parse("", "COPY loot (v) FROM STDIN");
+    m.extend(fe::bind_text("", "", &[]));
+    m.extend(fe::execute("", 0));
+    m.extend(fe::sync());
+    conn.send(&m).unwrap();
+    let first: Vec<u8> = (0..3).map(|_| conn.recv().unwrap().tag).collect();
+    assert_eq!(first, b"12G", "ParseComplete, BindComplete, CopyInResponse");
+    // A row with one column too many fails the COPY; the Sync after it is then answered.
+    let mut m = fe::raw_msg(b'd', b"a\tb\n");
+    m.extend(fe::sync());
+    m.extend(fe::parse("", "SELECT card, email FROM customers ORDER BY id"));
+    m.extend(fe::bind_text("", "", &[]));
+    m.extend(fe::execute("", 0));
+    m.extend(fe::sync());
+    conn.send(&m).unwrap();
+    let got = conn.read_until_eof(Duration::from_secs(10)).expect("the session ends");
+    let fatal = got.iter().find(|m| m.is_error() && m.fields().get(&'S').map(String::as_str) == Some("FATAL"));
+    assert_eq!(fatal.and_then(|m| m.sqlstate()).as_deref(), Some("08P01"), "{}", raw::describe_all(&got));
+    assert!(raw::rows(&got).is_empty(), "{}", raw::describe_all(&got));
+    assert_no_leak(&conn.received, "a Sync inside COPY data");
+}

@@ -28,6 +28,12 @@ pub const HASH_PREFIX: &[u8] = b",\"hash\":\"";
 /// pgward was down. `verify` lists these ranges, so a restart never anchors them silently.
 pub const UNANCHORED_TAIL: &str = "unanchored_tail";
 
+/// The `start` record's meta key naming the checkpoint the previous run's HEAD named when
+/// the log no longer holds it (`{"seq": N, "hash": …, "log_end": M}`): records were cut off or
+/// replaced while pgward was down. `verify` fails on it (the restart's checkpoints rewrite
+/// HEAD, which would otherwise erase the evidence).
+pub const HEAD_LOST: &str = "head_lost";
+
 /// Name of the file holding the latest checkpoint.
 pub const HEAD_FILE: &str = "HEAD";
 

@@ -5,6 +5,7 @@
 pub mod against;
 pub mod anchor;
 pub mod chain;
+pub mod links;
 pub mod reader;
 pub mod export;
 pub mod param;

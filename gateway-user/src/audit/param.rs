@@ -113,17 +113,47 @@ fn long(t: &str, oid: Option<u32>) -> Option<Param> {
     if t.len() <= LONG_BYTES {
         return None;
     }
-    let mut cut = PREFIX_BYTES;
+    Some(Param::Long { oid, prefix: prefix(t), bytes: t.len() as u64, sha256: hex::encode(Sha256::digest(t.as_bytes())) })
+}
+
+/// The first [`PREFIX_BYTES`] of `t` (cut at a character boundary) and [`CUT_MARKER`].
+fn prefix(t: &str) -> String {
+    let mut cut = PREFIX_BYTES.min(t.len());
     while !t.is_char_boundary(cut) {
         cut -= 1;
     }
-    Some(Param::Long { oid, prefix: format!("{}{CUT_MARKER}", &t[..cut]), bytes: t.len() as u64, sha256: hex::encode(Sha256::digest(t.as_bytes())) })
+    format!("{}{CUT_MARKER}", &t[..cut])
+}
+
+/// An error text as a record keeps it (`error`): whole up to [`LONG_BYTES`], else its
+/// first [`PREFIX_BYTES`], [`CUT_MARKER`] and ` (N bytes, sha256 HEX)` of the whole text.
+/// Postgres echoes refused values in its messages (`invalid input syntax for type integer:
+/// "…"`), so a short statement can draw an error of up to `server.max_message_bytes`; kept
+/// whole, every such statement would add that much to the log (and to its export), filling
+/// the disk that every statement's record needs.
+pub fn error_text(t: &str) -> String {
+    if t.len() <= LONG_BYTES {
+        return t.to_owned();
+    }
+    format!("{} ({} bytes, sha256 {})", prefix(t), t.len(), hex::encode(Sha256::digest(t.as_bytes())))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::wire::binary::oid;
+
+    #[test]
+    fn long_error_texts_are_cut_with_their_length_and_hash() {
+        assert_eq!(error_text("short"), "short");
+        let exact = "é".repeat(LONG_BYTES / 2);
+        assert_eq!(error_text(&exact), exact, "at the limit: whole");
+        let long = format!("x{}", "é".repeat(LONG_BYTES));
+        let got = error_text(&long);
+        let sha = hex::encode(Sha256::digest(long.as_bytes()));
+        let want = format!("x{}{CUT_MARKER} ({} bytes, sha256 {sha})", "é".repeat((PREFIX_BYTES - 1) / 2), long.len());
+        assert_eq!(got, want);
+    }
 
     fn json(p: &Option<Param>) -> String {
         serde_json::to_string(p).expect("serde")

@@ -83,6 +83,9 @@ pub struct Reader {
     follow: Option<Duration>,
     hold_partial: bool,
     keep_following: Option<Box<dyn FnMut() -> bool + Send>>,
+    /// Segments followed by another whose content ended at a NUL byte with other bytes after
+    /// it, and the offset of that NUL (see [`Reader::cut_short`]).
+    cut_short: Vec<(PathBuf, u64)>,
 }
 
 impl Reader {
@@ -100,6 +103,7 @@ impl Reader {
             follow: None,
             hold_partial: false,
             keep_following: None,
+            cut_short: Vec::new(),
         })
     }
 
@@ -159,6 +163,15 @@ impl Reader {
         self.offset = line.offset;
         self.pending.clear();
         Ok(())
+    }
+
+    /// Segments read so far, each followed by another, whose content ended at a NUL byte with
+    /// bytes other than NULs after it, and that NUL's offset. A closed segment holds its lines
+    /// (rotation trims the preallocated tail) or, abandoned while in use, its lines and NULs.
+    /// Anything after a NUL is hidden from every reader of the log (they stop there) but not
+    /// from tools that drop the NULs.
+    pub fn cut_short(&self) -> &[(PathBuf, u64)] {
+        &self.cut_short
     }
 
     /// The segments known so far, in order.
@@ -287,6 +300,11 @@ impl Reader {
                 }
                 return self.take_line(false).map(Ok);
             }
+            if let Some(cur) = self.cur.as_mut()
+                && bytes_after_nuls(&mut cur.reader)
+            {
+                self.cut_short.push((path.to_path_buf(), self.offset + self.pending.len() as u64));
+            }
             let fragment = if self.pending.is_empty() { None } else { self.take_line(false) };
             self.cur = None;
             self.idx += 1;
@@ -306,6 +324,28 @@ fn open_regular(path: &Path) -> io::Result<File> {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "not a regular file: not a segment pgward wrote"));
     }
     Ok(file)
+}
+
+/// Whether anything but NUL bytes follows in `reader` (consumed to the end, or to the first
+/// such byte). A segment abandoned while in use (removed, or its directory moved away, and
+/// then put back) keeps its preallocated tail of NULs; bytes after them are hidden content.
+fn bytes_after_nuls(reader: &mut BufReader<File>) -> bool {
+    loop {
+        let rest = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // Unreadable: the next read of this segment reports it.
+            Err(_) => return false,
+        };
+        if rest.is_empty() {
+            return false;
+        }
+        if rest.iter().any(|&b| b != 0) {
+            return true;
+        }
+        let n = rest.len();
+        reader.consume(n);
+    }
 }
 
 /// Like `read_until(b'\n')`, but a NUL byte ends the content: the writer preallocates

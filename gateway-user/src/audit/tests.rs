@@ -486,6 +486,49 @@ fn segments_rotate_and_verify() {
     assert!(p.reason.starts_with(&format!("seq gap: expected seq {}", gone.first_seq)), "{}", p.reason);
 }
 
+/// Someone who can write the log's files appends a NUL and forged lines to a closed segment.
+/// Every pgward reader stops at the NUL (the live segment's preallocated tail starts with
+/// one), so the chain still checks out; tools that drop NULs (`tr -d '\0'`) show the forged
+/// lines. A closed segment is trimmed to its lines at rotation: `verify` refuses a NUL in one.
+#[test]
+fn a_nul_in_a_closed_segment_is_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mut o = opts(d, 10);
+    o.segment_bytes = 1000;
+    write_log(o, 30);
+    let segs = chain::list_segments(d).expect("list");
+    assert!(segs.len() >= 3, "{segs:?}");
+    let r = verify::verify(d, &keys());
+    assert!(r.is_ok(), "{}", r.summary());
+    for (i, s) in segs.iter().enumerate() {
+        let bytes = std::fs::read(&s.path).expect("read");
+        assert!(!bytes.contains(&0) || i + 1 == segs.len(), "{} holds a NUL", s.path.display());
+    }
+    let closed = &segs[1].path;
+    let len = std::fs::metadata(closed).expect("stat").len();
+    let mut f = std::fs::OpenOptions::new().append(true).open(closed).expect("open");
+    std::io::Write::write_all(&mut f, b"\0{\"seq\":999,\"kind\":\"statement\",\"sql\":\"forged\"}\n").expect("append");
+    drop(f);
+    let r = verify::verify(d, &keys());
+    let p = problem(&r);
+    assert_eq!(p.file.as_deref(), Some(closed.as_path()), "{}", r.summary());
+    assert!(p.reason.contains(&format!("bytes hidden after a NUL at offset {len} of a closed segment")), "{}", p.reason);
+    // A tail of NULs alone (a segment abandoned while in use) hides nothing.
+    let f = std::fs::OpenOptions::new().write(true).open(closed).expect("open");
+    f.set_len(len).and_then(|()| f.set_len(len + 4096)).expect("zeros");
+    assert!(verify::verify(d, &keys()).is_ok());
+    // The live segment's preallocated tail is not one.
+    std::fs::OpenOptions::new().write(true).open(closed).expect("open").set_len(len).expect("cut");
+    assert!(verify::verify(d, &keys()).is_ok());
+    let last = &segs.last().expect("a segment").path;
+    let f = std::fs::OpenOptions::new().write(true).open(last).expect("open");
+    let live = f.metadata().expect("stat").len();
+    f.set_len(live + 4096).expect("preallocate");
+    let r = verify::verify(d, &keys());
+    assert!(r.is_ok(), "{}", r.summary());
+}
+
 #[test]
 fn removed_dir_fails_closed_and_recovers() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -538,6 +581,31 @@ fn dir_replaced_by_a_file_fails_closed_and_recovers() {
     let r = verify::verify(&d, &keys());
     assert!(r.is_ok(), "{}", r.summary());
     assert_eq!((r.records, r.segments), (4, 2));
+}
+
+/// The live segment cut short while pgward runs (`logrotate` with `copytruncate`, `>` on the
+/// file): the next batch would land after a hole of zeros, where every reader stops and the
+/// next start's recovery drops it — records answered durable, then gone. The writer refuses
+/// the batch and moves on to a new segment, like for a removed one.
+#[test]
+fn truncated_segment_fails_then_continues_in_a_new_segment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let h = AuditHandle::start(opts(d, 100)).expect("start");
+    let rt = rt();
+    assert_eq!(rt.block_on(h.append_durable(stmt(1))).expect("append"), 2);
+    let first = d.join(chain::segment_name(1));
+    std::fs::OpenOptions::new().write(true).open(&first).expect("open").set_len(0).expect("truncate");
+    let err = rt.block_on(h.append_durable(stmt(2))).expect_err("must fail closed");
+    assert!(matches!(err, AuditError::SegmentGone { .. }), "{err:?}");
+    assert_eq!(rt.block_on(h.append_durable(stmt(3))).expect("continues"), 3);
+    h.shutdown();
+    assert_eq!(std::fs::metadata(&first).expect("stat").len(), 0, "written after the cut");
+    let recs = records(d);
+    assert_eq!(recs.first().map(|r| r.seq), Some(3), "{recs:?}");
+    // The loss shows up as a gap where the new segment starts.
+    let p = verify::verify(d, &keys()).problem.expect("gap");
+    assert!(p.reason.starts_with("seq gap: expected seq 1, found 3"), "{}", p.reason);
 }
 
 #[test]
@@ -1157,10 +1225,22 @@ fn unanchored_records_are_detected() {
         ),
         (
             "long gap without a checkpoint inside the log",
-            |d| forge(d, &[(St, 0), (C, 10), (St, 10)]),
+            |d| forge(d, &[(St, 0), (St, 10), (C, 10), (St, 10)]),
             second,
             60,
             Some((13, "audit-0000000000000001.jsonl", "no checkpoint for 10.0 s of records (seq 12..12)")),
+        ),
+        (
+            // What the writer leaves after a step of the wall clock or a stalled disk: the
+            // record after the gap waits behind a checkpoint of its own.
+            "a checkpoint that comes late ends the stretch",
+            |d| {
+                forge(d, &[(St, 0), (C, 10), (St, 10)]);
+                head_from(d, 13);
+            },
+            second,
+            60,
+            None,
         ),
         (
             "a restart (start record) restarts the clock",
@@ -1170,6 +1250,54 @@ fn unanchored_records_are_detected() {
             None,
         ),
     ]);
+}
+
+/// Someone who can write the log's files cuts its tail off while pgward is down, at a
+/// checkpoint or not, or replaces it with records of their own. Before a restart `verify`
+/// names the cut (HEAD is past the log's end, or names a record that is not its checkpoint);
+/// the restart's first checkpoint rewrote HEAD and the log verified again. The restart's
+/// `start` record names the checkpoint HEAD named, and `verify` fails on it.
+#[test]
+fn a_tail_cut_or_replaced_while_down_is_not_laundered_by_the_restart() {
+    use Kind::Statement as St;
+    type Tamper = fn(&Path);
+    let cases: Vec<(&str, Tamper)> = vec![
+        ("cut at a checkpoint", |d| cut_after(d, 12)),
+        ("cut after a statement", |d| cut_after(d, 10)),
+        ("replaced by unanchored records", |d| {
+            cut_after(d, 12);
+            forge(d, &[(St, 0), (St, 0), (St, 0), (St, 0)]);
+        }),
+    ];
+    for (what, tamper) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        // seq 1 start, statements, checkpoints at seq 4, 8, 12 (every 3 records) and 15 (the
+        // shutdown's).
+        write_log(opts(d, 3), 10);
+        assert_eq!(records(d).last().map(|r| (r.seq, r.kind)), Some((15, Kind::Checkpoint)), "{what}");
+        tamper(d);
+        assert!(verify::verify(d, &keys()).problem.is_some(), "{what}: verify names the cut before a restart");
+        write_log(opts(d, 3), 2);
+        let r = verify::verify(d, &keys());
+        let p = r.problem.clone().unwrap_or_else(|| panic!("{what}: verify passed after the restart: {}", r.summary()));
+        assert!(p.reason.contains("found HEAD naming checkpoint seq 15 that the log did not hold"), "{what}: {}", p.reason);
+        let start = records(d).into_iter().rfind(|r| r.kind == Kind::Start).expect("the restart's start record");
+        assert_eq!(p.seq, Some(start.seq), "{what}");
+    }
+
+    // A HEAD someone replaced (it names a checkpoint far ahead, its signature no longer
+    // matches) says nothing about what the last run wrote: the restart is not flagged for it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write_log(opts(d, 3), 4);
+    let mut head: Head = serde_json::from_slice(&std::fs::read(d.join("HEAD")).expect("HEAD")).expect("parse");
+    head.seq += 1_000_000;
+    head.anchor_seq += 1_000_000;
+    std::fs::write(d.join("HEAD"), serde_json::to_vec(&head).expect("ser")).expect("write");
+    write_log(opts(d, 3), 2);
+    let r = verify::verify(d, &keys());
+    assert!(r.is_ok(), "{}", r.summary());
 }
 
 #[test]

@@ -6,14 +6,16 @@
 //! seq the segment's name announces; a checkpoint anchors the record before it and its
 //! signature verifies with the JWKS key named by its kid. Finally `HEAD` (the latest
 //! checkpoint, if present) must name a record that exists with the same hash and carry a
-//! valid signature, which detects a cut-off tail up to that checkpoint.
+//! valid signature, which detects a cut-off tail up to that checkpoint. A segment followed by
+//! another holds nothing but NULs after its first NUL (see [`Reader::cut_short`]).
 //!
 //! Because HEAD can be rebuilt from any checkpoint record without the key, the log must also
 //! look like what a running writer leaves (see [`Policy`]): HEAD exists once the log holds a
 //! checkpoint and names the newest one (lagging only by checkpoints written moments ago); no
 //! stretch of records without a checkpoint is longer than `checkpoint_every` records or
 //! `checkpoint_interval` of record time (plus [`TIME_GRACE`]) — the unanchored tail
-//! included. A `start` record restarts the clock (the writer was down in between).
+//! included. A `start` record restarts the clock (the writer was down in between); one that
+//! says the previous run's HEAD named a checkpoint the log no longer held fails.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -306,6 +308,15 @@ fn run(
     }
     let Walk { newer, head_found, read_from, .. } = walk;
     check_empty_segments(reader.segments(), &read_from, report.last_seq)?;
+    if let Some((path, at)) = reader.cut_short().first() {
+        return Err(whole(
+            Some(path.clone()),
+            None,
+            format!(
+                "bytes hidden after a NUL at offset {at} of a closed segment: a closed segment holds its lines and nothing after them but NULs (every reader of the log stops at the first NUL, tools that drop NULs do not)"
+            ),
+        ));
+    }
     check_newer_checkpoints(&newer, &head_status, &head_path, started)?;
     check_head(keys, head_status, &head_path, head_found, report)
 }
@@ -368,6 +379,21 @@ impl<'a> Walk<'a> {
         let ts = parse_ts(&rec.ts).ok_or_else(|| at(line, Some(rec.seq), format!("ts {:?} is not an RFC 3339 time", rec.ts)))?;
         self.stretch_span(line, &rec, ts)?;
         if rec.kind == Kind::Start
+            && let Some(lost) = rec.meta.as_ref().and_then(|m| m.get(chain::HEAD_LOST))
+        {
+            let n = |k: &str| lost.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            return Err(at(
+                line,
+                Some(rec.seq),
+                format!(
+                    "the restart at seq {} found HEAD naming checkpoint seq {} that the log did not hold (it ended at seq {}): records were cut off or replaced while pgward was down",
+                    rec.seq,
+                    n("seq"),
+                    n("log_end")
+                ),
+            ));
+        }
+        if rec.kind == Kind::Start
             && let Some(t) = rec.meta.as_ref().and_then(|m| m.get(chain::UNANCHORED_TAIL))
         {
             let seq_of = |k: &str| t.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
@@ -425,11 +451,14 @@ impl<'a> Walk<'a> {
         Ok(())
     }
 
-    /// The stretch without a checkpoint that this record ends or extends must not be longer
-    /// than `checkpoint_interval` (+ grace) of record time.
+    /// The stretch without a checkpoint that this record extends must not be longer than
+    /// `checkpoint_interval` (+ grace) of record time. The checkpoint that ends it may come
+    /// later: it is signed, so no one without the key adds one, and the writer checkpoints
+    /// before a record that would stretch it further (after a step of the wall clock, or a
+    /// stall of the disk that held up the interval checkpoint).
     fn stretch_span(&self, line: &Line, rec: &Record, ts: DateTime<Utc>) -> Result<(), Problem> {
         let Some(first) = self.stretch_first else { return Ok(()) };
-        if rec.kind == Kind::Start {
+        if matches!(rec.kind, Kind::Start | Kind::Checkpoint) {
             return Ok(());
         }
         let span = self.stretch_clock.map(|c| ts - c);

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 
+use crate::audit::links::LinkCheck;
 use crate::audit::reader::{ReadError, Reader};
 use crate::audit::{Client, Kind, Param, Record};
 
@@ -103,6 +104,23 @@ fn parse_ts(ts: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(ts).ok().map(|d| d.with_timezone(&Utc))
 }
 
+/// The check of the chain `tail` and `replay` run as they read ([`LinkCheck`]), with the
+/// checkpoint JWKS when the config names one.
+fn link_check(cfg: &crate::config::Config) -> anyhow::Result<LinkCheck> {
+    let keys = match &cfg.audit.checkpoint_jwks {
+        Some(jwks) => Some(crate::audit::verify::load_jwks_ed25519(&cfg.resolve(jwks))?),
+        None => None,
+    };
+    Ok(LinkCheck::new(keys))
+}
+
+/// Say on stderr where the chain breaks, as soon as it is found.
+fn warn_broken(problem: &str) {
+    eprintln!(
+        "pgward: WARNING: the audit log's chain breaks at {problem}; the records from there on are not vouched for (run `pgward audit verify`)"
+    );
+}
+
 // ---------------------------------------------------------------------------------- tail
 
 struct Filter {
@@ -120,7 +138,8 @@ impl Filter {
 }
 
 fn tail(a: TailArgs) -> anyhow::Result<ExitCode> {
-    let (_cfg, dir) = load(&a.config)?;
+    let (cfg, dir) = load(&a.config)?;
+    let mut links = link_check(&cfg)?;
     let since = match &a.since {
         Some(s) => Some(parse_ts(s).with_context(|| format!("--since {s:?} is not an RFC 3339 time"))?),
         None => None,
@@ -143,12 +162,19 @@ fn tail(a: TailArgs) -> anyhow::Result<ExitCode> {
         out.write_all(b"\n")
     };
 
-    let next = |reader: &mut Reader| -> anyhow::Result<Option<(Vec<u8>, Record)>> {
+    let mut next = |reader: &mut Reader| -> anyhow::Result<Option<(Vec<u8>, Record)>> {
         loop {
             match reader.next() {
                 None => return Ok(None),
-                Some(Ok(e)) if filter.matches(&e.record) => return Ok(Some((e.line.raw, e.record))),
-                Some(Ok(_)) | Some(Err(ReadError::Incomplete { .. })) => {}
+                Some(Ok(e)) => {
+                    if let Some(p) = links.next(&e.line, &e.record) {
+                        warn_broken(p);
+                    }
+                    if filter.matches(&e.record) {
+                        return Ok(Some((e.line.raw, e.record)));
+                    }
+                }
+                Some(Err(ReadError::Incomplete { .. })) => {}
                 Some(Err(e @ ReadError::Parse { .. })) => eprintln!("pgward: warning: {e}"),
                 Some(Err(e)) => return Err(e.into()),
             }
@@ -187,7 +213,8 @@ fn tail(a: TailArgs) -> anyhow::Result<ExitCode> {
             out.flush()?;
         }
     }
-    Ok(ExitCode::SUCCESS)
+    drop(next);
+    Ok(if links.broken().is_some() { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 /// False once stdout is a pipe whose reader went away (`tail -f | head`), so an idle follow
@@ -468,8 +495,9 @@ fn replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("--speed {s:?}: expected a number ≥ {MIN_REPLAY_SPEED} or `max`"))?,
         ),
     };
-    let (_cfg, dir) = load(&a.config)?;
+    let (cfg, dir) = load(&a.config)?;
     let reader = Reader::open(&dir).with_context(|| format!("reading the audit log in {}", dir.display()))?;
+    let mut links = link_check(&cfg)?;
 
     let mut found = false;
     let (mut user, mut db): (Option<String>, Option<String>) = (None, None);
@@ -478,7 +506,12 @@ fn replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
     let mut results: HashMap<u64, Vec<Record>> = HashMap::new();
     for e in reader {
         let rec = match e {
-            Ok(e) => e.record,
+            Ok(e) => {
+                if let Some(p) = links.next(&e.line, &e.record) {
+                    warn_broken(p);
+                }
+                e.record
+            }
             Err(ReadError::Io { path, source }) => {
                 return Err(source).with_context(|| format!("reading {}", path.display()));
             }
@@ -549,6 +582,10 @@ fn replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
         writeln!(out, "{}", one_line(&format!("[+{offset:.3}s] {who}@{on}: {sql} -> {outcome}")))?;
     }
     out.flush()?;
+    if let Some(p) = links.broken() {
+        eprintln!("pgward: the replay above comes from a log whose chain breaks at {p}");
+        return Ok(ExitCode::from(1));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -208,6 +208,7 @@ impl Relay {
     /// error becomes pgward's own), and in the extended protocol the messages Postgres now
     /// skips up to the Sync. The error (or its rewrite) goes to `cout`.
     fn on_error_response(&mut self, f: Frame, cout: &mut BytesMut) {
+        self.tracker.copy_in_ended();
         let e = wire::decode_error(&f);
         let mut rewritten = None;
         if let Some((name, before)) = self.tracker.front_mut().and_then(|p| p.replaced.take()).map(|b| *b) {
@@ -283,7 +284,7 @@ impl Relay {
         rec.duration_us = Some(p.started.elapsed().as_micros() as u64);
         if let Some((code, msg)) = err {
             rec.sqlstate = Some(code.to_string());
-            rec.error = Some(msg.to_string());
+            rec.error = Some(crate::audit::param::error_text(msg));
         }
         // Which columns were masked and how many values (never the values).
         if let Some(meta) = masked {

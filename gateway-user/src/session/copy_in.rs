@@ -8,7 +8,9 @@
 //! - a Sync sent before the server said whether it copies (CopyInResponse, or the statement's
 //!   end without one) is held, with a Flush sent in its place so that the statement's answer
 //!   comes back; it is dropped if the server copies, and sent if it does not;
-//! - a Sync sent while the server copies is dropped (Postgres would ignore it);
+//! - a Sync sent while the server copies is dropped (Postgres would ignore it) — unless
+//!   CopyData went before it: a row may have failed the COPY, and then the server answers it;
+//!   which, depends on when it reads it, so the session ends (FATAL 08P01);
 //! - a statement message (Query, Parse, Bind, Execute, Describe, Close, FunctionCall), or a
 //!   CopyDone or CopyFail before the server started copying, ends the session (FATAL 08P01):
 //!   what Postgres makes of it depends on timing pgward cannot see.
@@ -49,10 +51,12 @@ pub(super) enum CopyIn {
     #[default]
     Idle,
     /// The statement went upstream; the server has not yet said whether it copies. `left`
-    /// COPY FROM STDIN statements of it may still start; `held` Syncs wait for the answer.
-    Starting { left: usize, held: usize },
-    /// The server copies (CopyInResponse); `left` more COPYs of the statement may follow.
-    Copying { left: usize },
+    /// COPY FROM STDIN statements of it may still start; `held` Syncs wait for the answer;
+    /// `data`: the client sent CopyData already.
+    Starting { left: usize, held: usize, data: bool },
+    /// The server copies (CopyInResponse); `left` more COPYs of the statement may follow;
+    /// `data`: the client sent CopyData already.
+    Copying { left: usize, data: bool },
     /// The server left the COPY (it failed), the client has not sent CopyDone/CopyFail yet.
     Over,
 }
@@ -74,7 +78,7 @@ impl CopyIn {
     /// A statement with `copies` COPY FROM STDIN statements in it was forwarded.
     pub(super) fn started(&mut self, copies: usize) {
         if copies > 0 {
-            *self = CopyIn::Starting { left: copies, held: 0 };
+            *self = CopyIn::Starting { left: copies, held: 0, data: false };
         }
     }
 
@@ -83,15 +87,26 @@ impl CopyIn {
         use CopyIn::*;
         match (*self, tag) {
             (Idle, _) | (_, b'X') => Route::Forward,
-            (Starting { left, held }, b'S') => {
-                *self = Starting { left, held: held + 1 };
+            // A Sync behind CopyData: if a row failed the COPY, the server answers it;
+            // otherwise it ignores it — which, depends on when it reads it.
+            (Starting { data: true, .. } | Copying { data: true, .. }, b'S') => Route::Refuse,
+            (Starting { left, held, data }, b'S') => {
+                *self = Starting { left, held: held + 1, data };
                 Route::Hold
             }
-            (Starting { .. } | Copying { .. }, b'd' | b'H') => Route::Forward,
+            (Starting { left, held, .. }, b'd') => {
+                *self = Starting { left, held, data: true };
+                Route::Forward
+            }
+            (Copying { left, .. }, b'd') => {
+                *self = Copying { left, data: true };
+                Route::Forward
+            }
+            (Starting { .. } | Copying { .. }, b'H') => Route::Forward,
             (Starting { .. }, _) => Route::Refuse,
             (Copying { .. }, b'S') => Route::Drop,
-            (Copying { left }, b'c' | b'f') => {
-                *self = if left > 0 { Starting { left, held: 0 } } else { Idle };
+            (Copying { left, .. }, b'c' | b'f') => {
+                *self = if left > 0 { Starting { left, held: 0, data: false } } else { Idle };
                 Route::Forward
             }
             (Copying { .. }, _) => Route::Refuse,
@@ -107,8 +122,8 @@ impl CopyIn {
     /// STDIN was expected.
     pub(super) fn server_copies(&mut self) -> bool {
         match *self {
-            CopyIn::Starting { left, .. } => {
-                *self = CopyIn::Copying { left: left.saturating_sub(1) };
+            CopyIn::Starting { left, data, .. } => {
+                *self = CopyIn::Copying { left: left.saturating_sub(1), data };
                 true
             }
             _ => false,
@@ -148,7 +163,6 @@ mod tests {
         c.started(1);
         assert_eq!(c.client(b'S'), Route::Hold);
         assert_eq!(c.client(b'H'), Route::Forward);
-        assert_eq!(c.client(b'd'), Route::Forward);
         for tag in *b"QPBEDCFcf" {
             assert_eq!(c.client(tag), Route::Refuse, "{}", tag as char);
         }
@@ -167,6 +181,7 @@ mod tests {
         assert!(c.server_copies(), "held Syncs are dropped");
         assert_eq!(c.client(b'S'), Route::Drop);
         assert_eq!(c.client(b'd'), Route::Forward);
+        assert_eq!(c.client(b'S'), Route::Refuse, "a Sync behind CopyData: answered or not, by timing");
         assert_eq!(c.client(b'Q'), Route::Refuse);
         assert_eq!(c.client(b'c'), Route::Forward);
         assert_eq!(c, CopyIn::Idle);
@@ -181,7 +196,7 @@ mod tests {
         c.started(2);
         assert!(c.server_copies());
         assert_eq!(c.client(b'c'), Route::Forward);
-        assert_eq!(c, CopyIn::Starting { left: 1, held: 0 }, "the statement's next COPY");
+        assert_eq!(c, CopyIn::Starting { left: 1, held: 0, data: false }, "the statement's next COPY");
         assert!(c.server_copies());
         assert_eq!(c.statement_over(), 0, "the COPY failed while copying");
         assert_eq!(c.client(b'S'), Route::Forward);

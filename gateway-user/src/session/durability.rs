@@ -115,6 +115,16 @@ pub(super) fn combined<I: IntoIterator<Item = Effect>>(effects: I) -> Effect {
     acc
 }
 
+/// Whether Postgres may run code that is not a plain built-in function while it plans the
+/// statement, which in the extended protocol it does at Bind, before any Execute: the
+/// planner evaluates immutable functions with constant arguments, and stable ones to
+/// estimate selectivity, trusting the volatility a function's owner declared. True for a
+/// call of any function that is not a plain built-in (user-defined ones included) and for
+/// what pgward cannot analyze.
+pub(super) fn plans_user_code(info: &StatementInfo, catalog: Option<&FunctionCatalog>) -> bool {
+    info.unparsable || !functions_are_plain(info, catalog)
+}
+
 /// Every function the statement calls is a built-in the catalog knows as neither volatile
 /// nor reaching outside the database. Without a catalog only statements without calls pass.
 fn functions_are_plain(info: &StatementInfo, catalog: Option<&FunctionCatalog>) -> bool {

@@ -50,7 +50,9 @@ impl Relay {
     /// session is durable.
     pub(super) fn on_client_data(&mut self, cbuf: &mut BytesMut, uout: &mut BytesMut, client_open: bool) -> Result<Option<Batch>, End> {
         let mut batch = Batch::default();
-        if let Err(e) = self.split_client_frames(cbuf, &mut batch) {
+        let split = self.split_client_frames(cbuf, &mut batch);
+        batch.close_binds();
+        if let Err(e) = split {
             // What was read before the bad frame is still audited (it never runs).
             self.submit_records(&mut batch, false, false);
             return Err(e);
@@ -109,6 +111,17 @@ impl Relay {
         durability::combined(v.statements.iter().map(|s| durability::statement_effect(&s.info, cat.as_deref())))
     }
 
+    /// Whether planning the statements of an allowed verdict may run user code
+    /// ([`durability::plans_user_code`]).
+    fn plans_user_code_of(&self, v: &Verdict) -> bool {
+        if v.unparsable {
+            return true;
+        }
+        let calls = v.statements.iter().any(|s| !s.info.functions.is_empty());
+        let cat = if calls { self.shared.policy.function_catalog(&self.database) } else { None };
+        v.statements.iter().any(|s| durability::plans_user_code(&s.info, cat.as_deref()))
+    }
+
     fn split_client_frames(&mut self, cbuf: &mut BytesMut, batch: &mut Batch) -> Result<(), End> {
         let upstream_engaged = self.upstream_in.engaged();
         loop {
@@ -149,6 +162,16 @@ impl Relay {
             b'E' => self.on_execute(f, batch),
             b'D' => self.on_describe(f, batch),
             b'C' => self.on_close(f, batch),
+            b'S' if self.tracker.sync_inside_copy_data() => Err(End::Fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "pgward: Sync inside COPY data (before CopyDone or CopyFail)".into(),
+            )),
+            b'S' if self.tracker.syncs_ignored() => {
+                // Postgres is in copy-in mode: it ignores the Sync, which commits nothing.
+                self.check_token()?;
+                batch.frames.push((f, None));
+                Ok(())
+            }
             b'S' => {
                 // A Sync commits the implicit transaction of the Executes before it.
                 self.check_token()?;
@@ -158,14 +181,24 @@ impl Relay {
                 batch.forward(f, Pending::new(Awaited::Sync));
                 Ok(())
             }
-            b'd' | b'c' => {
-                // COPY FROM STDIN data writes rows, and CopyDone completes them: a COPY
-                // started before the token expired or was revoked must not go on writing.
+            b'd' => {
+                // COPY FROM STDIN data writes rows: a COPY started before the token expired
+                // or was revoked must not go on writing.
                 self.check_token()?;
                 batch.frames.push((f, None));
                 Ok(())
             }
-            b'H' | b'f' => {
+            b'c' | b'f' => {
+                // CopyDone completes the rows (the token is checked as for data); both end
+                // copy-in mode, and mark where it ends among the answers owed.
+                if f.tag == b'c' {
+                    self.check_token()?;
+                }
+                self.tracker.copy_in_ended();
+                batch.forward(f, Pending::new(Awaited::CopyEnd));
+                Ok(())
+            }
+            b'H' => {
                 batch.frames.push((f, None));
                 Ok(())
             }
@@ -240,6 +273,7 @@ impl Relay {
                 rule: Arc::from(verdict.rule.as_str()),
                 unparsable: verdict.unparsable,
                 effect: self.effect_of(&verdict),
+                plans_user_code: self.plans_user_code_of(&verdict),
                 types: Arc::new(ParamTypes::declared(param_types)),
                 stamp: (!runs_by_name).then_some(stamp),
                 copies_in: copies_in(&verdict) > 0,
@@ -300,11 +334,46 @@ impl Relay {
             // Masking learns nothing from a Bind without result formats (Postgres refuses it).
             (Some(_), None) => self.tracker.portal(&b.portal).and_then(|p| p.mask.clone()),
         };
-        let params = b.params.iter().enumerate().map(|(i, (fmt, v))| Param::of(*fmt, *v, stmt.types.get(i))).collect();
-        self.tracker.insert_portal(&b.portal, Portal { stmt, params, mask });
+        let params: Vec<Option<Param>> =
+            b.params.iter().enumerate().map(|(i, (fmt, v))| Param::of(*fmt, *v, stmt.types.get(i))).collect();
+        // Planning may run functions the statement's text does not show (in a view, a column
+        // default): while every statement is write-ahead, so is every Bind.
+        let plans = stmt.plans_user_code || self.write_ahead_only();
+        let planned = plans.then(|| self.bind_record(&stmt, &params));
+        let verdict = if planned.is_some() { self.redecide(&stmt) } else { None };
+        let portal = b.portal.to_string();
+        self.tracker.insert_portal(&portal, Portal { stmt, params, mask });
         self.check_retained()?;
-        batch.forward(f, Pending::new(Awaited::Bind));
+        match planned {
+            None => batch.forward(f, Pending::new(Awaited::Bind)),
+            Some(mut rec) => {
+                let mut p = Pending::new(Awaited::Bind);
+                match verdict {
+                    Some(v) if !Self::apply_verdict(&mut rec, &mut p, &v) => {
+                        batch.push_statement(self.marker_bind(), rec, p, Rule::HoldReply)
+                    }
+                    _ => batch.push_bind(f, portal, rec),
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The statement record a Bind of `stmt` gets when no Execute of its portal follows
+    /// ([`Batch::push_bind`]): the statement and its parameters, `meta.stage` "bind".
+    fn bind_record(&self, stmt: &Prepared, params: &[Option<Param>]) -> Record {
+        let mut rec = self.record(Kind::Statement);
+        rec.protocol = Some("extended".into());
+        rec.decision = Some("allow".into());
+        rec.sql = Some(stmt.sql.to_string());
+        rec.params = Some(params.to_vec());
+        rec.rule = Some(stmt.rule.to_string());
+        let mut meta = serde_json::json!({ "stage": "bind" });
+        if stmt.unparsable {
+            meta["unparsable"] = serde_json::Value::Bool(true);
+        }
+        rec.meta = Some(meta);
+        rec
     }
 
     /// A statement Bind names that no Parse of this session made: one made by SQL `PREPARE`
@@ -319,6 +388,7 @@ impl Relay {
                     rule: Arc::from(verdict.rule.as_str()),
                     unparsable: verdict.unparsable,
                     effect: if verdict.is_allowed() { self.effect_of(&verdict) } else { Effect::Other },
+                    plans_user_code: !verdict.is_allowed() || self.plans_user_code_of(&verdict),
                     types: Arc::default(),
                     stamp: None,
                     copies_in: false,
@@ -393,6 +463,9 @@ impl Relay {
             self.copy_in.started(1);
         }
         p.changes = self.begin_changes(std::iter::once(note));
+        // Its record stands for a Bind of the portal held in this batch (not a refused one's:
+        // the Bind's own record says what ran while it was planned).
+        batch.executed(&portal);
         let rule = self.durability_rule(effect, true);
         batch.push_statement(f, rec, p, rule);
         Ok(())

@@ -33,6 +33,10 @@ pub(super) struct Batch {
     pub(super) held: Option<Arc<HeldSend>>,
     /// Bytes the writer sent, once claimed.
     pub(super) sent: usize,
+    /// Binds whose planning may run user code ([`Batch::push_bind`]) with no Execute of
+    /// their portal after them in this batch yet: the portal's name and the record the Bind
+    /// gets if none comes.
+    pub(super) binds: Vec<(String, Record)>,
 }
 
 impl Batch {
@@ -60,6 +64,32 @@ impl Batch {
         p.rec_idx = self.records.len() - 1;
         self.frames.push((frame, Some(self.pendings.len())));
         self.pendings.push(p);
+    }
+
+    /// A Bind whose planning may run user code: Postgres plans the statement at Bind, so the
+    /// Bind is write-ahead like the Execute that follows it, whose record then stands for
+    /// both. A Bind with no Execute of its portal after it in the batch gets `rec` (see
+    /// [`Batch::close_binds`]): a function that ran while it was planned is still in the log.
+    pub(super) fn push_bind(&mut self, frame: Frame, portal: String, rec: Record) {
+        self.gate_here();
+        self.frames.push((frame, Some(self.pendings.len())));
+        self.pendings.push(Pending::new(crate::wire::Awaited::Bind));
+        self.binds.push((portal, rec));
+    }
+
+    /// An Execute of `portal` follows a Bind of it in this batch: its record covers the Bind.
+    pub(super) fn executed(&mut self, portal: &str) {
+        if let Some(i) = self.binds.iter().rposition(|(p, _)| p == portal) {
+            self.binds.remove(i);
+        }
+    }
+
+    /// The batch is complete: the Binds no Execute followed get records of their own.
+    pub(super) fn close_binds(&mut self) {
+        for (_, mut rec) in self.binds.drain(..) {
+            rec.durability = Some(Rule::WriteAhead.as_str().into());
+            self.records.push(rec);
+        }
     }
 
     /// The next frame, and everything after it, waits for every record of the session.
@@ -261,6 +291,7 @@ impl Relay {
                             let marker = match f.tag {
                                 b'Q' => self.marker_query(),
                                 b'E' => self.marker_execute(),
+                                b'B' => self.marker_bind(),
                                 b'P' => {
                                     let name = wire::decode_parse(f, self.watch.encoding()).map(|(n, _)| n.into_owned()).unwrap_or_default();
                                     self.marker_parse(&name)

@@ -51,7 +51,7 @@ pub(super) async fn refuse_login(
     let mut rec = identity_record(Kind::LoginFailed, session, peer, identity, database);
     rec.rule = rule;
     rec.sqlstate = Some(code.to_string());
-    rec.error = Some(msg.clone());
+    rec.error = Some(crate::audit::param::error_text(&msg));
     let _ = shared.audit.append_durable(rec).await;
     fatal(stream, code, &msg).await;
 }
@@ -100,6 +100,7 @@ pub(super) async fn login(shared: &Arc<Shared>, peer: &Peer, session: &str, mut 
         _ => format!("pgward:{}", login.identity.user),
     };
     let pool_key = PoolKey::new(&shared.target, &shared.cfg.upstream.user, &login.database, &login.params);
+    let settings = startup_settings(&login.params);
     let Login { identity, database, mut stream, buf, .. } = login;
     // The identity's database role (policy groups → roles, or the grant's), set before the
     // client can act.
@@ -137,6 +138,9 @@ pub(super) async fn login(shared: &Arc<Shared>, peer: &Peer, session: &str, mut 
     // Write-ahead: the login is durable before the session can do anything.
     let mut login_rec = identity_record(Kind::Login, session, peer, &identity, &database);
     login_rec.meta = login_meta(shared, &identity, &policy_identity, grant.as_ref(), up.backend_pid, reused);
+    if let (Some(serde_json::Value::Object(m)), Some(s)) = (login_rec.meta.as_mut(), settings) {
+        m.insert("settings".into(), s);
+    }
     if let Err(e) = shared.audit.append_durable(login_rec).await {
         tracing::error!(error = %e, "audit append failed; refusing login");
         fatal(&mut stream, sqlstate::IO_ERROR, "pgward: audit log unavailable, login refused (the cause is in pgward's log)").await;
@@ -185,7 +189,7 @@ async fn refuse_upstream(
     tracing::warn!(error = %e, "upstream login failed");
     let mut rec = identity_record(Kind::LoginFailed, session, peer, identity, database);
     rec.sqlstate = Some(e.sqlstate().to_string());
-    rec.error = Some(format!("upstream: {e}"));
+    rec.error = Some(crate::audit::param::error_text(&format!("upstream: {e}")));
     let _ = shared.audit.append_durable(rec).await;
     fatal(stream, e.sqlstate(), &format!("pgward: {e}")).await;
 }
@@ -243,6 +247,18 @@ fn refused_startup_setting(
         }
     }
     None
+}
+
+/// `meta.settings` of the login record: the startup parameters the session's upstream
+/// connection was opened with, by name as the client sent them. They set the session's
+/// settings as `SET` statements would (`search_path` decides which function a name calls), but
+/// no statement record shows them. None when there are none.
+fn startup_settings(params: &[(String, String)]) -> Option<serde_json::Value> {
+    if params.is_empty() {
+        return None;
+    }
+    let m: serde_json::Map<String, serde_json::Value> = params.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
+    Some(serde_json::Value::Object(m))
 }
 
 /// `meta` of the login record: the role the session got, the grant that gave it, and the

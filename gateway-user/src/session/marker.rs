@@ -36,6 +36,21 @@ impl Relay {
         Frame { tag: b'E', raw: b.freeze() }
     }
 
+    /// A Bind of a statement that does not exist, standing in for a Bind whose record the
+    /// audit log could not take or that the policy now refuses.
+    pub(super) fn marker_bind(&self) -> Frame {
+        let mut body = BytesMut::new();
+        body.put_u8(0); // the unnamed portal
+        body.put_slice(format!("pgward_refused_{}", self.nonce).as_bytes());
+        body.put_u8(0);
+        body.put_i16(0); // no parameter formats
+        body.put_i16(0); // no parameters
+        body.put_i16(0); // no result formats
+        let mut b = BytesMut::new();
+        wire::message(&mut b, b'B', &body);
+        Frame { tag: b'B', raw: b.freeze() }
+    }
+
     /// A FunctionCall of OID 0, which fails with "function with OID 0 does not exist".
     pub(super) fn marker_function_call(&self) -> Frame {
         let mut b = BytesMut::new();

@@ -559,7 +559,7 @@ impl Relay {
     async fn shutdown(mut self, end: End, rest: Rest) {
         let kept = self.close(end, rest).await;
         let mut end_rec = self.record(Kind::SessionEnd);
-        end_rec.error = self.end_reason.clone();
+        end_rec.error = self.end_reason.as_deref().map(crate::audit::param::error_text);
         let Checkout { pool_key, params, backend_pid, backend_key, cancel } = self.checkout;
         let cancelled = self.shared.cancels.remove(cancel.0, cancel.1);
         let kept = kept.map(|(stream, leftover)| upstream::Upstream {

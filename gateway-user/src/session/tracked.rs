@@ -26,6 +26,9 @@ pub(super) struct Prepared {
     pub(super) unparsable: bool,
     /// What executing it can do, for the durability rule of its Executes.
     pub(super) effect: Effect,
+    /// Planning it may run code that is not a plain built-in ([`super::durability::plans_user_code`]):
+    /// its Binds are write-ahead.
+    pub(super) plans_user_code: bool,
     pub(super) types: Arc<ParamTypes>,
     /// What the policy's verdict at Parse rested on besides the text ([`DecisionStamp`]): an
     /// Execute under another stamp (a time window opened or closed, the function catalog
@@ -49,6 +52,7 @@ impl Prepared {
             rule: Arc::from("unknown-statement"),
             unparsable: false,
             effect: Effect::Other,
+            plans_user_code: true,
             types: Arc::default(),
             stamp: None,
             copies_in: false,

@@ -42,6 +42,7 @@ impl Log {
         match self.encode(rec, ts.clone()) {
             Ok(hash) => {
                 self.since_ckpt = 0;
+                self.stretch_from = None;
                 self.last_ckpt_at = Instant::now();
                 self.push(seq, None, None, hash);
                 self.head = Some(Head {

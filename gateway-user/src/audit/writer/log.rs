@@ -17,19 +17,23 @@ use super::disk::{direct_write, sync_batch, write_batch};
 use super::handle::Reply;
 use super::probe::PathProbe;
 use super::segment::OpenSegment;
-use super::ts::{TsCache, now_ts};
+use super::ts::{TsCache, format_ts};
 use super::{AuditError, CheckpointSigner, Counters, WriterOptions};
 use crate::audit::chain::{self, HASH_HEX_LEN, HASH_PREFIX, Head};
-use crate::audit::record::Record;
+use crate::audit::record::{Kind, Record};
 use crate::config::FsyncPolicy;
 
-/// A position in the chain: the last record at some point, and the count since the last
-/// checkpoint after it (what a rollback restores).
+/// A record's time (its `ts`).
+pub(super) type Stamp = chrono::DateTime<chrono::Utc>;
+
+/// A position in the chain: the last record at some point, the count since the last
+/// checkpoint before it and when that stretch began (what a rollback restores).
 #[derive(Clone)]
 pub(super) struct ChainPos {
     pub(super) seq: u64,
     pub(super) hash: String,
     pub(super) since_ckpt: u64,
+    pub(super) stretch_from: Option<Stamp>,
 }
 
 /// A record encoded into `Log::buf`, not written yet.
@@ -42,6 +46,7 @@ pub(super) struct Queued {
     /// The chain position after this record.
     pub(super) hash: [u8; HASH_HEX_LEN],
     pub(super) since_ckpt: u64,
+    pub(super) stretch_from: Option<Stamp>,
 }
 
 /// Records written to the segment (page cache) and waiting for a sync to cover them.
@@ -90,6 +95,8 @@ pub(super) struct Log {
     pub(super) next_seq: u64,
     pub(super) prev_hash: String,
     pub(super) since_ckpt: u64,
+    /// The `ts` of the first record after the last checkpoint (None: no record since).
+    pub(super) stretch_from: Option<Stamp>,
     pub(super) last_ckpt_at: Instant,
     /// Encoded lines not written yet, and their records.
     pub(super) buf: Vec<u8>,
@@ -136,7 +143,7 @@ impl Log {
         last_seq: u64,
         prev_hash: String,
     ) -> Log {
-        let start_pos = ChainPos { seq: last_seq, hash: prev_hash.clone(), since_ckpt: 0 };
+        let start_pos = ChainPos { seq: last_seq, hash: prev_hash.clone(), since_ckpt: 0, stretch_from: None };
         if let Some(ex) = &opts.export {
             // What recovery kept is the log: the exporter may send it.
             ex.log_opened(last_seq);
@@ -158,6 +165,7 @@ impl Log {
             next_seq: last_seq + 1,
             prev_hash,
             since_ckpt: 0,
+            stretch_from: None,
             last_ckpt_at: Instant::now(),
             buf: Vec::with_capacity(64 * 1024),
             queued: Vec::new(),
@@ -177,17 +185,24 @@ impl Log {
         }
     }
 
-    /// Encode `rec` as the next record and queue it (plus a checkpoint when one is due by
-    /// count). An encoding error is answered at once.
-    /// False if the record was refused (its waiter has the error).
-    /// Queue `rec` as the next record: its seq, or None if it could not be encoded (its
-    /// waiter has the error).
+    /// Queue `rec` as the next record (after a checkpoint when its time is past the stretch's
+    /// bound, see [`Log::stretch_overdue`]; followed by one when one is due by count): its
+    /// seq, or None if it could not be encoded (its waiter has the error).
     pub(super) fn queue(&mut self, rec: Record, reply: Option<Reply>) -> Option<u64> {
+        let mut now = chrono::Utc::now();
+        if rec.kind != Kind::Start && self.stretch_overdue(now) {
+            self.encode_checkpoint();
+            now = chrono::Utc::now();
+        }
         let seq = self.next_seq;
         let event = Some(rec.metrics_event());
-        let ts = now_ts(&mut self.ts_cache);
+        let starts_stretch = self.since_ckpt == 0 || rec.kind == Kind::Start;
+        let ts = format_ts(now, &mut self.ts_cache);
         match self.encode(rec, ts) {
             Ok(hash) => {
+                if starts_stretch {
+                    self.stretch_from = Some(now);
+                }
                 self.since_ckpt += 1;
                 self.push(seq, reply, event, hash);
                 if self.signer.is_some() && self.checkpoint_every > 0 && self.since_ckpt >= self.checkpoint_every {
@@ -209,8 +224,19 @@ impl Log {
 
     pub(super) fn push(&mut self, seq: u64, reply: Option<Reply>, event: Option<crate::metrics::Event>, hash: [u8; HASH_HEX_LEN]) {
         let end = self.buf.len();
-        let since_ckpt = self.since_ckpt;
-        self.queued.push(Queued { seq, reply, event, end, hash, since_ckpt });
+        let (since_ckpt, stretch_from) = (self.since_ckpt, self.stretch_from);
+        self.queued.push(Queued { seq, reply, event, end, hash, since_ckpt, stretch_from });
+    }
+
+    /// Whether a record made at `now` would end a stretch without a checkpoint longer than
+    /// `checkpoint_interval` of record time — which `verify` refuses (it cannot tell such a
+    /// stretch from one whose checkpoints were removed). The interval checkpoint is timed by
+    /// the monotonic clock and written by a writer thread, so it comes late when the wall
+    /// clock steps forward (NTP, a resumed VM) or every writer thread is stuck in a slow
+    /// fdatasync; the record then waits behind a checkpoint of its own.
+    fn stretch_overdue(&self, now: Stamp) -> bool {
+        let bound = chrono::Duration::from_std(self.checkpoint_interval).unwrap_or(chrono::Duration::MAX);
+        self.signer.is_some() && self.since_ckpt > 0 && self.stretch_from.is_some_and(|from| now - from > bound)
     }
 
     /// Write what is queued (one record with `fsync = always`) to the segment. With
@@ -287,16 +313,17 @@ impl Log {
         let lines = take as u64;
         self.buf.drain(..end);
         let mut items = Vec::with_capacity(take);
-        let mut last: Option<([u8; HASH_HEX_LEN], u64, u64)> = None;
+        let mut last: Option<([u8; HASH_HEX_LEN], u64, u64, Option<Stamp>)> = None;
         for q in self.queued.drain(..take) {
-            last = Some((q.hash, q.seq, q.since_ckpt));
+            last = Some((q.hash, q.seq, q.since_ckpt, q.stretch_from));
             items.push((q.seq, q.reply, q.event));
         }
         for q in &mut self.queued {
             q.end -= end;
         }
-        if let Some((hash, seq, since_ckpt)) = last {
-            self.written = ChainPos { seq, hash: String::from_utf8_lossy(&hash).into_owned(), since_ckpt };
+        if let Some((hash, seq, since_ckpt, stretch_from)) = last {
+            let hash = String::from_utf8_lossy(&hash).into_owned();
+            self.written = ChainPos { seq, hash, since_ckpt, stretch_from };
         }
         self.unsynced.push_back(Chunk { last_seq: self.written.seq, items, lines });
         if self.queued.is_empty() {
@@ -332,6 +359,7 @@ impl Log {
         self.next_seq = pos.seq + 1;
         self.prev_hash.clone_from(&pos.hash);
         self.since_ckpt = pos.since_ckpt;
+        self.stretch_from = pos.stretch_from;
         if self.head.as_ref().is_some_and(|h| h.seq > pos.seq) {
             self.head = None;
         }

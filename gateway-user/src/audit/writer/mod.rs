@@ -25,9 +25,10 @@
 //! Failure handling (fail closed):
 //! * Before every write the writer checks that the audit directory is writable
 //!   (`access(2)` with `W_OK`) and that the segment path still names the open file (same
-//!   device and inode) — a writer thread just before it takes the batch, without the log
-//!   lock (see `ProbeTarget`). If either fails, the whole batch is refused. A removed or replaced
-//!   segment is never written again: once the directory is usable, the next batch starts a
+//!   device and inode, not cut shorter than what was written to it) — a writer thread just
+//!   before it takes the batch, without the log lock (see `ProbeTarget`). If either fails,
+//!   the whole batch is refused. A removed, replaced or truncated segment is never written
+//!   again: once the directory is usable, the next batch starts a
 //!   new segment named after the next seq (so `verify` shows the gap, if any, honestly).
 //!   Note: root passes `access(W_OK)` whatever the mode bits, so for root only removing or
 //!   renaming the directory/segment makes the writer refuse.
@@ -93,7 +94,7 @@ pub enum AuditError {
     },
     #[error("audit directory {} is not writable: {reason}", path.display())]
     Unwritable { path: PathBuf, reason: String },
-    #[error("audit segment {} was removed or replaced while in use", path.display())]
+    #[error("audit segment {} was removed, replaced or truncated while in use", path.display())]
     SegmentGone { path: PathBuf },
     #[error("audit log {} is corrupt: {reason}", path.display())]
     Corrupt { path: PathBuf, reason: String },

@@ -16,20 +16,25 @@ use crate::config::FsyncPolicy;
 /// (their cost is small next to the fdatasync the batch waits for anyway).
 pub(super) const OFF_PATH_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 
-/// Whether `path` still names the file with this device and inode. Asks `statx` for the
-/// inode number only: a stat that includes the timestamps (as `std::fs::metadata` does)
+/// Whether `path` still names the file with this device and inode, at least `len` bytes long
+/// (the lines written to it so far). A file cut shorter (`logrotate` with `copytruncate`,
+/// `> segment`) would take the next batch after a hole of zeros, where every reader stops
+/// and the next start's recovery drops it. Asks `statx` for the inode number and size only: a
+/// stat that includes the timestamps (as `std::fs::metadata` does)
 /// marks them as observed, so Linux (6.13+, multigrain timestamps) gives the next write a
 /// fine-grained mtime, the inode is dirty after every batch, and every fdatasync writes the
 /// inode as well as the data (a second I/O per flush). Without the query, mtime moves once
 /// per clock tick.
-pub(super) fn names_file(c: &CStr, dev: u64, ino: u64) -> bool {
+pub(super) fn names_file(c: &CStr, dev: u64, ino: u64, len: u64) -> bool {
     // SAFETY: an all-zero statx is a valid value of this plain C struct.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is NUL-terminated and `stx` is writable for the duration of the call.
-    let r = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, libc::STATX_INO, &mut stx) };
+    let want = libc::STATX_INO | libc::STATX_SIZE;
+    let r = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, want, &mut stx) };
     r == 0
-        && stx.stx_mask & libc::STATX_INO != 0
+        && stx.stx_mask & want == want
         && stx.stx_ino == ino
+        && stx.stx_size >= len
         && libc::makedev(stx.stx_dev_major, stx.stx_dev_minor) == dev
 }
 
@@ -49,6 +54,8 @@ pub(super) struct ProbeTarget {
     pub(super) seg_c: Arc<CString>,
     pub(super) dev: u64,
     pub(super) ino: u64,
+    /// The segment's content length when the target was taken.
+    pub(super) len: u64,
 }
 
 /// The outcome of a [`ProbeTarget`]'s checks, for the segment it looked at.
@@ -67,7 +74,7 @@ pub(super) fn dir_writable(c: &CStr) -> io::Result<()> {
 impl ProbeTarget {
     pub(super) fn run(&self) -> PathProbe {
         let dir = dir_writable(&self.dir_c);
-        let same = dir.is_ok() && names_file(&self.seg_c, self.dev, self.ino);
+        let same = dir.is_ok() && names_file(&self.seg_c, self.dev, self.ino, self.len);
         PathProbe { seg_id: self.seg_id, dir, same }
     }
 }
@@ -86,6 +93,7 @@ impl Log {
             seg_c: seg.path_c.clone(),
             dev: seg.dev,
             ino: seg.ino,
+            len: seg.len,
         })
     }
 }

@@ -16,7 +16,7 @@ use super::log::{Log, sync_ticket};
 use super::probe::path_cstring;
 use super::segment::{OpenSegment, open_sync_fds, preallocate};
 use super::{AuditError, Counters, WriterOptions};
-use crate::audit::chain::{self, GENESIS_HASH, HASH_HEX_LEN, HEAD_FILE, Head, SegmentFile, UNANCHORED_TAIL};
+use crate::audit::chain::{self, GENESIS_HASH, HASH_HEX_LEN, HEAD_FILE, HEAD_LOST, Head, SegmentFile, UNANCHORED_TAIL};
 use crate::audit::record::{Kind, Record};
 use crate::config::FsyncPolicy;
 
@@ -99,6 +99,8 @@ struct ChainEnd {
     last_record: Option<Record>,
     /// The records the last run left after its last checkpoint: first and last seq.
     unanchored: Option<(u64, u64)>,
+    /// The last checkpoint in the last segment holding records: its seq and hash.
+    last_checkpoint: Option<(u64, String)>,
     /// The last segment, open for writing, and the seq its name says it starts at.
     current: Option<(OpenSegment, u64)>,
     /// What was found wrong on the way, for the `start` record.
@@ -124,17 +126,22 @@ impl Log {
             .map_err(|_| AuditError::Unwritable { path: opts.dir.clone(), reason: "path contains NUL".into() })?;
         let segments =
             chain::list_segments(&opts.dir).map_err(|e| AuditError::io(format!("listing {}", opts.dir.display()), e))?;
-        let ChainEnd { last, last_record, unanchored, current, mut warnings } =
+        let ChainEnd { last, last_record, unanchored, last_checkpoint, current, mut warnings } =
             find_chain_end(&segments, opts.segment_bytes, threads)?;
         let (last_seq, prev_hash) = last.unwrap_or((0, GENESIS_HASH.to_owned()));
 
         // Direct I/O needs the writes in order: one writer thread.
         let direct = opts.direct_io && opts.fsync != FsyncPolicy::Off && threads == 1;
         let seg = continue_segment(current, last_seq + 1, direct);
-        let head_seq = check_head(&opts.dir, last_seq, &mut warnings);
+        let head = read_head(&opts.dir, &mut warnings);
+        let head_seq = head.as_ref().map(|h| h.seq);
+        let head_lost = head
+            .as_ref()
+            .filter(|h| signed_by(h, opts.signer.as_ref()))
+            .and_then(|h| head_not_in_log(h, last_seq, last_checkpoint.as_ref(), &mut warnings));
 
         let mut log = Log::new(opts, Arc::new(dir_c), counters, threads, direct, seg, last_seq, prev_hash);
-        log.write_start(warnings, unanchored)?;
+        log.write_start(warnings, unanchored, head_lost)?;
         match last_record {
             // The last run stopped between making its last checkpoint durable and rewriting
             // HEAD: name it now (the handle hands it to the HEAD thread).
@@ -165,9 +172,15 @@ impl Log {
         Ok(log)
     }
 
-    /// Write the `start` record (with what recovery found wrong, and the records the last run
-    /// left unanchored, which the checkpoint after this record anchors) and make it durable.
-    fn write_start(&mut self, warnings: Vec<String>, unanchored: Option<(u64, u64)>) -> Result<(), AuditError> {
+    /// Write the `start` record (with what recovery found wrong, the records the last run
+    /// left unanchored, which the checkpoint after this record anchors, and the checkpoint
+    /// the last run's HEAD named when the log no longer holds it) and make it durable.
+    fn write_start(
+        &mut self,
+        warnings: Vec<String>,
+        unanchored: Option<(u64, u64)>,
+        head_lost: Option<serde_json::Value>,
+    ) -> Result<(), AuditError> {
         let mut meta = serde_json::json!({
             "pgward": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
@@ -177,6 +190,9 @@ impl Log {
         }
         if let Some((first, last)) = unanchored {
             meta[UNANCHORED_TAIL] = serde_json::json!({ "first": first, "last": last });
+        }
+        if let Some(lost) = head_lost {
+            meta[HEAD_LOST] = lost;
         }
         let (tx, mut rx) = oneshot::channel();
         self.queue(Record { kind: Kind::Start, meta: Some(meta), ..Record::default() }, Some(Reply { tx, hook: None }));
@@ -210,7 +226,14 @@ fn create_dir(dir: &Path) -> Result<(), AuditError> {
 /// line is the last record. The last segment is opened for writing, cut back to its last
 /// complete line.
 fn find_chain_end(segments: &[SegmentFile], segment_bytes: u64, threads: usize) -> Result<ChainEnd, AuditError> {
-    let mut end = ChainEnd { last: None, last_record: None, unanchored: None, current: None, warnings: Vec::new() };
+    let mut end = ChainEnd {
+        last: None,
+        last_record: None,
+        unanchored: None,
+        last_checkpoint: None,
+        current: None,
+        warnings: Vec::new(),
+    };
     for (i, s) in segments.iter().enumerate().rev() {
         let is_last = i + 1 == segments.len();
         let SegmentEnd { file, meta, line, good_len } = segment_end(s, is_last, &mut end.warnings)?;
@@ -218,9 +241,13 @@ fn find_chain_end(segments: &[SegmentFile], segment_bytes: u64, threads: usize) 
             Some(line) => Some(check_last_record(&s.path, line, &mut end.warnings)?),
             None => None,
         };
-        if rec.as_ref().is_some_and(|r| r.kind != Kind::Checkpoint) {
-            end.unanchored = unanchored_tail(&file, good_len)
-                .map_err(|e| AuditError::io(format!("reading {}", s.path.display()), e))?;
+        match &rec {
+            Some(r) if r.kind == Kind::Checkpoint => end.last_checkpoint = Some((r.seq, r.hash.clone())),
+            Some(_) => {
+                (end.unanchored, end.last_checkpoint) = unanchored_tail(&file, good_len)
+                    .map_err(|e| AuditError::io(format!("reading {}", s.path.display()), e))?;
+            }
+            None => {}
         }
         if is_last {
             let seg = reopen_last_segment(s, file, &meta, good_len, segment_bytes, threads)?;
@@ -241,8 +268,10 @@ const TAIL_WINDOW: u64 = 256 * 1024;
 
 /// The first and last seq of the records after the last checkpoint among the first
 /// `content` bytes of `file` (complete lines), or of all its records when it holds no
-/// checkpoint. None when it holds no record after one.
-fn unanchored_tail(file: &File, content: u64) -> io::Result<Option<(u64, u64)>> {
+/// checkpoint (None when it holds no record after one); and that checkpoint's seq and hash.
+type TailEnd = (Option<(u64, u64)>, Option<(u64, String)>);
+
+fn unanchored_tail(file: &File, content: u64) -> io::Result<TailEnd> {
     let mut window = TAIL_WINDOW.min(content);
     loop {
         let start = content - window;
@@ -254,18 +283,18 @@ fn unanchored_tail(file: &File, content: u64) -> io::Result<Option<(u64, u64)>> 
         if start > 0 && !lines.is_empty() {
             lines.remove(0);
         }
-        let (mut first, mut last, mut anchored) = (None, None, false);
+        let (mut first, mut last, mut anchor) = (None, None, None);
         for line in lines.iter().rev() {
             let Ok(rec) = serde_json::from_slice::<Record>(line) else { break };
             if rec.kind == Kind::Checkpoint {
-                anchored = true;
+                anchor = Some((rec.seq, rec.hash));
                 break;
             }
             last.get_or_insert(rec.seq);
             first = Some(rec.seq);
         }
-        if anchored || window == content {
-            return Ok(first.zip(last));
+        if anchor.is_some() || window == content {
+            return Ok((first.zip(last), anchor));
         }
         window = window.saturating_mul(2).min(content);
     }
@@ -399,19 +428,11 @@ fn head_of(rec: &Record) -> Option<Head> {
     })
 }
 
-/// The seq HEAD names, if it can be read. Reports in `warnings` a HEAD that names a
-/// checkpoint past the log's end (a cut-off tail) or that cannot be read.
-fn check_head(dir: &Path, last_seq: u64, warnings: &mut Vec<String>) -> Option<u64> {
+/// What HEAD says, if it can be read (what it cannot be is reported in `warnings`).
+fn read_head(dir: &Path, warnings: &mut Vec<String>) -> Option<Head> {
     match std::fs::read(dir.join(HEAD_FILE)) {
         Ok(bytes) => match serde_json::from_slice::<Head>(&bytes) {
-            Ok(head) if head.seq > last_seq => {
-                let msg =
-                    format!("HEAD checkpoint is seq {} but the log ends at seq {last_seq} (truncated tail?)", head.seq);
-                tracing::error!("{msg}");
-                warnings.push(msg);
-                Some(head.seq)
-            }
-            Ok(head) => Some(head.seq),
+            Ok(head) => Some(head),
             Err(e) => {
                 warnings.push(format!("HEAD does not parse: {e}"));
                 None
@@ -423,4 +444,44 @@ fn check_head(dir: &Path, last_seq: u64, warnings: &mut Vec<String>) -> Option<u
             None
         }
     }
+}
+
+/// Whether `head` is one this gateway wrote: it names the checkpoint right after the record
+/// it anchors, signed with `signer`'s key. HEAD is a file whoever can write the log directory
+/// can replace; only a genuine one says which checkpoint the last run made durable.
+fn signed_by(head: &Head, signer: Option<&super::CheckpointSigner>) -> bool {
+    let Some(signer) = signer else { return false };
+    let keys = crate::audit::verify::PublicKeys::from([(signer.kid().to_owned(), signer.verifying_key())]);
+    head.anchor_seq.checked_add(1) == Some(head.seq)
+        && crate::audit::verify::check_signature(&keys, Some(&head.kid), Some(&head.sig), head.anchor_seq, &head.anchor_hash).is_ok()
+}
+
+/// The last run's HEAD (a genuine one, [`signed_by`]) names a checkpoint it made durable. When the log no longer holds it
+/// — it ends before `head.seq` (a cut-off tail), or its last checkpoint (`last_checkpoint`)
+/// is an older one or another record at that seq (a tail replaced) — records were lost or
+/// removed while pgward was down. The start record says so (`meta.head_lost`, which
+/// `verify` reports): the next checkpoint rewrites HEAD, which would erase the evidence.
+fn head_not_in_log(
+    head: &Head,
+    last_seq: u64,
+    last_checkpoint: Option<&(u64, String)>,
+    warnings: &mut Vec<String>,
+) -> Option<serde_json::Value> {
+    let held = match last_checkpoint {
+        _ if head.seq > last_seq => false,
+        Some((seq, hash)) if *seq == head.seq => *hash == head.hash,
+        Some((seq, _)) => *seq > head.seq,
+        // No checkpoint in the last segment: HEAD names one before it.
+        None => true,
+    };
+    if held {
+        return None;
+    }
+    let msg = format!(
+        "HEAD names checkpoint seq {} but the log does not hold it (it ends at seq {last_seq}): records were cut or replaced",
+        head.seq
+    );
+    tracing::error!("{msg}");
+    warnings.push(msg);
+    Some(serde_json::json!({ "seq": head.seq, "hash": head.hash, "log_end": last_seq }))
 }

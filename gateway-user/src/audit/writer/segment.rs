@@ -207,11 +207,11 @@ impl Log {
         let mut rotate = false;
         if let Some(seg) = &mut self.seg {
             let same = !check_paths
-                || probed_same.unwrap_or_else(|| names_file(&seg.path_c, seg.dev, seg.ino));
+                || probed_same.unwrap_or_else(|| names_file(&seg.path_c, seg.dev, seg.ino, seg.len));
             if !same {
                 let path = seg.path.clone();
                 self.seg = None;
-                tracing::error!("audit: segment {} was removed or replaced", path.display());
+                tracing::error!("audit: segment {} was removed, replaced or truncated", path.display());
                 let e = AuditError::SegmentGone { path };
                 // What was written to it but not yet synced is gone with it.
                 self.rollback_to_durable(&e);
