@@ -519,7 +519,13 @@ impl MaskRelay {
                 self.active = Some(self.plan_execute(&p, n, statements));
             }
         }
-        let Some(a) = self.active.as_mut() else { return false };
+        let Some(a) = self.active.as_mut() else {
+            // A row no statement's plan covers (no RowDescription or Execute before it):
+            // never relay it unmasked.
+            tracing::error!("masking: DataRow from the server with no masking plan; row replaced by NULLs");
+            null_row(f, out);
+            return true;
+        };
         if a.pass {
             return false;
         }
@@ -534,15 +540,7 @@ impl MaskRelay {
             Err(()) => {
                 // Cannot read the row: never relay it unmasked.
                 tracing::error!("masking: malformed DataRow from the server; row replaced by NULLs");
-                let n = data_row_width(f.body()).unwrap_or(0);
-                let mut body = BytesMut::new();
-                body.put_i16(n as i16);
-                for _ in 0..n {
-                    body.put_i32(-1);
-                }
-                out.put_u8(b'D');
-                out.put_u32(4 + body.len() as u32);
-                out.extend_from_slice(&body);
+                null_row(f, out);
                 true
             }
         }
@@ -840,6 +838,20 @@ fn name_rules(s: &SessionMask, name: &str) -> u64 {
 enum Lin {
     Known(Lineage),
     Unknown,
+}
+
+/// A DataRow of as many NULLs as `f` has columns, into `out` (for rows masking cannot plan
+/// or read).
+fn null_row(f: &Frame, out: &mut BytesMut) {
+    let n = data_row_width(f.body()).unwrap_or(0);
+    let mut body = BytesMut::new();
+    body.put_i16(n as i16);
+    for _ in 0..n {
+        body.put_i32(-1);
+    }
+    out.put_u8(b'D');
+    out.put_u32(4 + body.len() as u32);
+    out.extend_from_slice(&body);
 }
 
 fn data_row_width(body: &[u8]) -> Option<usize> {
@@ -1221,6 +1233,19 @@ mod tests {
         let none = row(&[None, Some("nothing"), Some("2")]);
         assert!(rewrite_row(&none, &cols, &s, &mut counts).unwrap().is_none());
         assert!(rewrite_row(&[0, 2, 0, 0], &cols, &s, &mut counts).is_err());
+    }
+
+    #[test]
+    fn a_row_masking_cannot_plan_or_read_becomes_nulls_of_its_width() {
+        let body = row(&[Some("4242424242424242"), Some("x"), None]);
+        let mut raw = vec![b'D'];
+        raw.extend_from_slice(&(4 + body.len() as u32).to_be_bytes());
+        raw.extend_from_slice(&body);
+        let f = Frame { tag: b'D', raw: Bytes::from(raw) };
+        let mut out = BytesMut::new();
+        null_row(&f, &mut out);
+        assert_eq!(out[0], b'D');
+        assert_eq!(decode(&out[5..]), vec![None, None, None]);
     }
 
     #[test]
