@@ -1,6 +1,8 @@
 //! The decision for a session: whether its token (and the grant it runs under) still holds,
 //! checked before every statement.
 
+use std::time::Instant;
+
 use super::rfc3339;
 use super::state::{Access, AccessRequest};
 use crate::auth::Identity;
@@ -49,15 +51,33 @@ pub struct SessionCheck {
     /// at login.
     leeway: i64,
     pub grant: Option<SessionGrant>,
+    /// The wall clock at login and the monotonic instant it was read at: time a session has
+    /// run cannot be taken back by stepping the wall clock backwards (NTP, an operator, a
+    /// restored VM), so an expired token or grant stays expired.
+    login: (i64, Instant),
 }
 
 impl SessionCheck {
-    /// `generation` must be read *before* the snapshot the login was checked against.
-    pub fn new(generation: u64, grant: Option<SessionGrant>, leeway_secs: u64) -> SessionCheck {
-        SessionCheck { seen: generation, leeway: i64::try_from(leeway_secs).unwrap_or(i64::MAX), grant }
+    /// `generation` must be read *before* the snapshot the login was checked against; `now`
+    /// is the wall clock the login was checked with.
+    pub fn new(generation: u64, grant: Option<SessionGrant>, leeway_secs: u64, now: i64) -> SessionCheck {
+        Self::started_at(generation, grant, leeway_secs, now, Instant::now())
+    }
+
+    /// As [`Self::new`], for a login checked at wall time `now` at monotonic instant `at`.
+    pub fn started_at(generation: u64, grant: Option<SessionGrant>, leeway_secs: u64, now: i64, at: Instant) -> SessionCheck {
+        SessionCheck { seen: generation, leeway: i64::try_from(leeway_secs).unwrap_or(i64::MAX), grant, login: (now, at) }
+    }
+
+    /// The later of the wall clock `now` and the login's wall time plus the monotonic time
+    /// since.
+    fn effective_now(&self, now: i64) -> i64 {
+        let ran = i64::try_from(self.login.1.elapsed().as_secs()).unwrap_or(i64::MAX);
+        now.max(self.login.0.saturating_add(ran))
     }
 
     pub fn check(&mut self, access: &Access, identity: &Identity, now: i64) -> Result<(), Refusal> {
+        let now = self.effective_now(now);
         if now > identity.expires_at.saturating_add(self.leeway) {
             return Err(Refusal::TokenExpired);
         }

@@ -106,7 +106,7 @@ fn revocations() {
 fn session_check_sees_new_generation_only() {
     let access = Access::new(State::default());
     let id = ident("alice", &[], "j1", 10);
-    let mut c = SessionCheck::new(access.generation(), None, 0);
+    let mut c = SessionCheck::new(access.generation(), None, 0, 0);
     c.check(&access, &id, 20).unwrap();
     let mut s = State::default();
     s.apply_revocation(&Revocation { id: "r".into(), at: 30, jti: Some("j1".into()), user: None, reason: None, by_uid: 0 });
@@ -114,14 +114,35 @@ fn session_check_sees_new_generation_only() {
     assert!(matches!(c.check(&access, &id, 40), Err(Refusal::TokenRevoked(_))));
     let mut expired = ident("alice", &[], "j5", 1);
     expired.expires_at = 5;
-    assert_eq!(SessionCheck::new(0, None, 0).check(&access, &expired, 6), Err(Refusal::TokenExpired));
-    SessionCheck::new(0, None, 30).check(&access, &expired, 35).unwrap();
-    assert_eq!(SessionCheck::new(0, None, 30).check(&access, &expired, 36), Err(Refusal::TokenExpired));
+    assert_eq!(SessionCheck::new(0, None, 0, 0).check(&access, &expired, 6), Err(Refusal::TokenExpired));
+    SessionCheck::new(0, None, 30, 0).check(&access, &expired, 35).unwrap();
+    assert_eq!(SessionCheck::new(0, None, 30, 0).check(&access, &expired, 36), Err(Refusal::TokenExpired));
     let g = SessionGrant { id: "g".into(), role: "app_rw".into(), expires_at: 50 };
-    let mut c = SessionCheck::new(access.generation(), Some(g), 30);
+    let mut c = SessionCheck::new(access.generation(), Some(g), 30, 0);
     let other = ident("alice", &[], "j9", 10);
     c.check(&access, &other, 49).unwrap_or_else(|e| panic!("{e}"));
     assert!(matches!(c.check(&access, &other, 50), Err(Refusal::GrantExpired { .. })));
+}
+
+/// A wall clock stepped backwards (NTP, an operator, a restored VM) does not make a session's
+/// expired token or grant valid again: the time the session has run counts.
+#[test]
+fn a_clock_stepped_back_does_not_revive_an_expired_token_or_grant() {
+    let access = Access::new(State::default());
+    let ran = Duration::from_secs(5);
+    let started = std::time::Instant::now().checked_sub(ran).expect("a monotonic clock over 5 s");
+    // Logged in at wall time 1050, 5 s ago; the token ended at 1052, the grant at 1053. The
+    // wall clock now says 1051 (stepped back).
+    let mut id = ident("alice", &[], "j1", 1000);
+    id.expires_at = 1052;
+    let mut c = SessionCheck::started_at(access.generation(), None, 0, 1050, started);
+    assert_eq!(c.check(&access, &id, 1051), Err(Refusal::TokenExpired));
+    let g = SessionGrant { id: "g".into(), role: "app_rw".into(), expires_at: 1053 };
+    let mut c = SessionCheck::started_at(access.generation(), Some(g), 0, 1050, started);
+    assert!(matches!(c.check(&access, &ident("alice", &[], "j2", 1000), 1051), Err(Refusal::GrantExpired { .. })));
+    // Logged in just now: the wall clock is what counts.
+    let mut c = SessionCheck::new(access.generation(), None, 0, 1050);
+    c.check(&access, &id, 1051).unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]

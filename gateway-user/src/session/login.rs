@@ -151,7 +151,7 @@ pub(super) async fn login(shared: &Arc<Shared>, peer: &Peer, session: &str, mut 
     let (pid, key) = greet(shared, &mut stream, bytes, cancel).await?;
     tracing::info!(user = %identity.user, database = %database, "session started");
     Some(LoggedIn {
-        check: SessionCheck::new(access_generation, grant, shared.cfg.auth.leeway_secs),
+        check: SessionCheck::new(access_generation, grant, shared.cfg.auth.leeway_secs, now_unix()),
         identity,
         policy_identity,
         database,
