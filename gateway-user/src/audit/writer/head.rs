@@ -71,7 +71,9 @@ fn write_head(dir: &Path, fsync: FsyncPolicy, head: &Head) -> io::Result<()> {
     let tmp = dir.join("HEAD.tmp");
     let json = serde_json::to_vec(head).map_err(io::Error::other)?;
     {
-        let mut f = OpenOptions::new().create(true).write(true).truncate(true).mode(0o640).open(&tmp)?;
+        // Never through a link someone planted under the name (it would write where it points).
+        let mut f =
+            OpenOptions::new().create(true).write(true).truncate(true).mode(0o640).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
         f.write_all(&json)?;
         f.write_all(b"\n")?;
         if fsync != FsyncPolicy::Off {
@@ -86,8 +88,13 @@ fn write_head(dir: &Path, fsync: FsyncPolicy, head: &Head) -> io::Result<()> {
             let mut line = json;
             line.push(b'\n');
             // No truncate on open: the new line is written over the old one, then cut to size.
-            let f =
-                OpenOptions::new().create(true).write(true).truncate(false).mode(0o640).open(dir.join(HEAD_FILE))?;
+            let f = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .mode(0o640)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(dir.join(HEAD_FILE))?;
             f.write_all_at(&line, 0)?;
             f.set_len(line.len() as u64)?;
             if fsync != FsyncPolicy::Off {
@@ -102,3 +109,30 @@ fn write_head(dir: &Path, fsync: FsyncPolicy, head: &Head) -> io::Result<()> {
     Ok(())
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A link planted as `HEAD.tmp` is not written through: the file it points to is left as it
+    /// was, and the HEAD write fails (the writer logs it; HEAD stays the last one written).
+    #[test]
+    fn head_tmp_is_never_written_through_a_link() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"keep me\n").expect("write");
+        std::os::unix::fs::symlink(&target, dir.path().join("HEAD.tmp")).expect("symlink");
+        let head = Head {
+            seq: 2,
+            hash: "h".into(),
+            anchor_seq: 1,
+            anchor_hash: "a".into(),
+            sig: "s".into(),
+            kid: "k".into(),
+            ts: "2026-01-01T00:00:00Z".into(),
+        };
+        assert!(write_head(dir.path(), FsyncPolicy::Off, &head).is_err());
+        assert_eq!(std::fs::read(&target).expect("read"), b"keep me\n");
+        assert!(!dir.path().join(HEAD_FILE).exists());
+    }
+}
