@@ -208,7 +208,6 @@ impl Relay {
     /// error becomes pgward's own), and in the extended protocol the messages Postgres now
     /// skips up to the Sync. The error (or its rewrite) goes to `cout`.
     fn on_error_response(&mut self, f: Frame, cout: &mut BytesMut) {
-        self.tracker.copy_in_ended();
         let e = wire::decode_error(&f);
         let mut rewritten = None;
         if let Some((name, before)) = self.tracker.front_mut().and_then(|p| p.replaced.take()).map(|b| *b) {

@@ -166,12 +166,6 @@ impl Relay {
                 sqlstate::PROTOCOL_VIOLATION,
                 "pgward: Sync inside COPY data (before CopyDone or CopyFail)".into(),
             )),
-            b'S' if self.tracker.syncs_ignored() => {
-                // Postgres is in copy-in mode: it ignores the Sync, which commits nothing.
-                self.check_token()?;
-                batch.frames.push((f, None));
-                Ok(())
-            }
             b'S' => {
                 // A Sync commits the implicit transaction of the Executes before it.
                 self.check_token()?;
@@ -189,12 +183,10 @@ impl Relay {
                 Ok(())
             }
             b'c' | b'f' => {
-                // CopyDone completes the rows (the token is checked as for data); both end
-                // copy-in mode, and mark where it ends among the answers owed.
+                // CopyDone completes the rows (the token is checked as for data).
                 if f.tag == b'c' {
                     self.check_token()?;
                 }
-                self.tracker.copy_in_ended();
                 batch.forward(f, Pending::new(Awaited::CopyEnd));
                 Ok(())
             }

@@ -29,8 +29,7 @@ pub enum Awaited {
     FunctionCall,
     /// ReadyForQuery.
     Sync,
-    /// Nothing: the client ended a COPY FROM STDIN (CopyDone or CopyFail). The entry marks
-    /// where copy-in mode ends among the others ([`Tracker::copy_in_started`]) and leaves
+    /// Nothing: the client ended a COPY FROM STDIN (CopyDone or CopyFail). The entry leaves
     /// the queue as soon as it is the oldest.
     CopyEnd,
 }
@@ -67,9 +66,6 @@ pub struct Tracker<S, P, A> {
     skipping: bool,
     /// Bytes the statements and portals keep ([`Retained`] plus their names).
     retained: usize,
-    /// The server is in copy-in mode and the client has not ended the COPY yet: Postgres
-    /// ignores the Syncs it sends meanwhile, so they are owed no answer.
-    copy_in: bool,
     /// The client sent CopyData and no CopyDone or CopyFail since.
     copy_data: bool,
 }
@@ -85,7 +81,6 @@ impl<S: Retained, P: Retained, A: Await> Tracker<S, P, A> {
             unsynced: false,
             skipping: false,
             retained: 0,
-            copy_in: false,
             copy_data: false,
         }
     }
@@ -170,40 +165,6 @@ impl<S: Retained, P: Retained, A: Await> Tracker<S, P, A> {
     pub fn expect(&mut self, answers: impl IntoIterator<Item = A>) {
         self.pending.extend(answers);
         self.drop_copy_ends();
-    }
-
-    /// CopyInResponse: the oldest entry (an Execute or a Query) started a COPY FROM STDIN.
-    /// Postgres ignores a Sync that arrives in copy-in mode — clients that pipeline send Bind,
-    /// Execute and Sync before the data (tokio-postgres does), then CopyDone and another
-    /// Sync — so the Syncs sent after the COPY's message and before its CopyDone/CopyFail
-    /// get no ReadyForQuery. Taken for owed, every later answer would be matched to the
-    /// message before its own. They go; if the client has not ended the COPY yet, so do the
-    /// Syncs it sends until it does ([`Tracker::syncs_ignored`]).
-    pub fn copy_in_started(&mut self) {
-        if !self.pending.front().is_some_and(|a| matches!(a.awaited(), Awaited::Execute | Awaited::Query)) {
-            return;
-        }
-        let end = self.pending.iter().position(|a| a.awaited() == Awaited::CopyEnd);
-        let stop = end.unwrap_or(self.pending.len());
-        let mut i = 0;
-        self.pending.retain(|a| {
-            let keep = i == 0 || i >= stop || a.awaited() != Awaited::Sync;
-            i += 1;
-            keep
-        });
-        self.copy_in = end.is_none();
-    }
-
-    /// Copy-in mode is over, if the server was in it: the client sent CopyDone or CopyFail, or
-    /// the server failed the COPY (ErrorResponse; in the extended protocol it then waits for a
-    /// Sync, which it answers).
-    pub fn copy_in_ended(&mut self) {
-        self.copy_in = false;
-    }
-
-    /// A Sync the client sends now reaches a server in copy-in mode, which ignores it.
-    pub fn syncs_ignored(&self) -> bool {
-        self.copy_in
     }
 
     /// CopyEnd entries await nothing: gone once they are the oldest.
@@ -332,34 +293,11 @@ mod tests {
         assert!(!t.is_clean(), "a Bind without its Sync");
     }
 
-    /// tokio-postgres's COPY FROM STDIN: Bind, Execute, Sync, then data, CopyDone, Sync.
-    /// Postgres ignores the Sync sent in copy-in mode: one ReadyForQuery for both.
+    /// Syncs behind CopyData the client has not ended are refused; a COPY that fails before
+    /// copy-in mode answers every Sync.
     #[test]
-    fn a_sync_sent_in_copy_in_mode_is_owed_nothing() {
+    fn copy_data_and_copy_ends() {
         use Awaited::*;
-        // The CopyInResponse comes before the client ends the COPY.
-        let mut t: Tracker<(), (), Awaited> = Tracker::new(b'I');
-        t.expect([Bind, Execute, Sync]);
-        t.answered(Bind);
-        t.copy_in_started();
-        assert!(t.syncs_ignored());
-        t.copy_in_ended();
-        assert!(!t.syncs_ignored());
-        t.expect([CopyEnd, Sync, Parse]);
-        assert_eq!(t.pop_front(), Some(Execute), "CommandComplete");
-        assert_eq!(t.front().copied(), Some(Sync));
-        assert_eq!(t.pop_front(), Some(Sync), "the one ReadyForQuery");
-        assert_eq!(t.front().copied(), Some(Parse), "the next answer is the next message's");
-
-        // The client pipelined everything: the Syncs up to its CopyDone go, the one after stays.
-        let mut t: Tracker<(), (), Awaited> = Tracker::new(b'I');
-        t.expect([Execute, Sync, Sync, CopyEnd, Sync, Query]);
-        t.copy_in_started();
-        assert!(!t.syncs_ignored());
-        assert_eq!(t.pop_front(), Some(Execute));
-        assert_eq!(t.pop_front(), Some(Sync));
-        assert_eq!(t.front().copied(), Some(Query));
-
         // CopyData the client has not ended: a Sync now is refused.
         let mut t: Tracker<(), (), Awaited> = Tracker::new(b'I');
         t.client_message(b'd');
